@@ -1,0 +1,37 @@
+"""The `codelane` command: one entry point, a subcommand per job.
+
+Each subcommand's module is imported only when it runs, so `codelane worker` on a GPU host does
+not load the server, and `codelane run` does not load the tools.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with a `main(argv) -> int`, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: codelane SUBCOMMAND [options]\n\nsubcommands:")
+        for name, (_, help_text) in SUBCOMMANDS.items():
+            print(f"  {name:<12} {help_text}")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from codelane import __version__
+
+        print(f"codelane {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"codelane: unknown subcommand {name!r}; see codelane --help", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

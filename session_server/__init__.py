@@ -1,0 +1,1 @@
+"""The codelane session server: agent loop, lane scheduler, worker hub, providers, store."""
