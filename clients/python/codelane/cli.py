@@ -10,7 +10,11 @@ import importlib
 import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "server": ("session_server.main", "run a session server (with local tool workers)"),
+    "worker": ("tool_worker.worker", "run a tool worker that dials a session server"),
+    "mock-llm": ("session_server.mock_llm", "serve a scripted model over the OpenAI and Anthropic wire formats"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,56 @@
+"""Bearer-token authentication: one token for clients (sessions, admin), one for workers."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+WORKER_HUB_PREFIX = "/codelane.v1.WorkerHubService/"
+# Health checks and reflection stay open, as load balancers and grpcurl expect.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` against the client or the worker token."""
+
+    def __init__(self, client_token: str | None, worker_token: str | None) -> None:
+        self._client = f"Bearer {client_token}" if client_token else None
+        self._worker = f"Bearer {worker_token}" if worker_token else None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        is_worker = method.startswith(WORKER_HUB_PREFIX)
+        expected = self._worker if is_worker else self._client
+        if expected is None or method.startswith(OPEN_PREFIXES):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), expected.encode()):
+            return await continuation(details)
+        handler = await continuation(details)
+        who = "worker" if is_worker else "client"
+        flag = "--token of `codelane worker`" if is_worker else "the client's token"
+        reason = "missing" if not given else "wrong"
+        return _rejecting_handler(handler, f"{reason} {who} bearer token: check {flag}")

@@ -1,0 +1,224 @@
+"""Session events as plain domain types, mirroring the `Event.kind` oneof of
+codelane/v1/events.proto, and their JSON form in the store.
+
+The api layer converts these to and from proto messages; everything else uses them directly.
+Times are epoch seconds and durations are seconds, as floats; enums are their lower-case names
+("query", "end_turn", "approved", ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+from session_server.llm.base import Usage
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One tool call of a model response, as events and history record it."""
+
+    call_id: str
+    tool_name: str
+    arguments_json: str
+    lane: str
+    # Position of the call among the calls of its model response, from 0.
+    index: int
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    user_text: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    step: int
+
+
+@dataclass(frozen=True)
+class ModelResponded:
+    step: int
+    tool_calls: list[CallInfo]
+    usage: Usage
+    stop_reason: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    call: CallInfo
+    lane: str
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ToolCallFinished:
+    call_id: str
+    tool_name: str
+    result: ToolResult
+    queue_wait: float
+    run_time: float
+
+
+@dataclass(frozen=True)
+class ConfirmationRequired:
+    call: CallInfo
+    deadline: float
+
+
+@dataclass(frozen=True)
+class ConfirmationResolved:
+    call_id: str
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExternalTaskPending:
+    task: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExternalTaskCompleted:
+    task_id: str
+    call_id: str
+    result: ToolResult
+    client_id: str
+
+
+@dataclass(frozen=True)
+class CallRetried:
+    call_id: str
+    attempt: int
+    reason: str
+    previous_worker_id: str
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    worker_id: str
+    reason: str
+    call_ids: list[str]
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    stop_reason: str
+    usage: Usage
+    model_requests: int
+    tool_calls: int
+    final_text: str
+
+
+@dataclass(frozen=True)
+class ErrorOccurred:
+    reason: str
+    message: str
+    fatal: bool
+
+
+EventPayload = (
+    TurnStarted
+    | TextDelta
+    | ModelResponded
+    | ToolCallStarted
+    | ToolCallFinished
+    | ConfirmationRequired
+    | ConfirmationResolved
+    | ExternalTaskPending
+    | ExternalTaskCompleted
+    | CallRetried
+    | WorkerLost
+    | TurnFinished
+    | ErrorOccurred
+)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as stored and sent: its payload plus its place in the session's log."""
+
+    session_id: str
+    # From 1, gap-free and strictly increasing within the session.
+    sequence: int
+    time: float
+    # Empty for events outside a turn.
+    turn_id: str
+    payload: EventPayload
+
+
+# Kind names are the proto oneof field names, so the store, the api layer and clients agree.
+_KIND_OF: dict[type, str] = {
+    TurnStarted: "turn_started",
+    TextDelta: "text_delta",
+    ToolCallStarted: "tool_call_started",
+    ToolCallFinished: "tool_call_finished",
+    ConfirmationRequired: "confirmation_required",
+    ConfirmationResolved: "confirmation_resolved",
+    ExternalTaskPending: "external_task_pending",
+    ExternalTaskCompleted: "external_task_completed",
+    CallRetried: "call_retried",
+    WorkerLost: "worker_lost",
+    TurnFinished: "turn_finished",
+    ErrorOccurred: "error",
+    ModelResponded: "model_responded",
+}
+_TYPE_OF: dict[str, type] = {kind: cls for cls, kind in _KIND_OF.items()}
+
+EVENT_KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
+
+
+def call_from_dict(data: dict[str, Any]) -> CallInfo:
+    return CallInfo(**data)
+
+
+def result_from_dict(data: dict[str, Any]) -> ToolResult:
+    kind = data.get("error_kind")
+    return ToolResult(**{**data, "error_kind": ErrorKind(kind) if kind else None})
+
+
+def _nested_decoder(hint: Any) -> Callable[[Any], Any] | None:
+    if hint is CallInfo:
+        return call_from_dict
+    if hint == list[CallInfo]:
+        return lambda items: [call_from_dict(item) for item in items]
+    if hint is Usage:
+        return lambda data: Usage(**data)
+    if hint is ToolResult:
+        return result_from_dict
+    return None
+
+
+def _field_decoders(cls: type) -> dict[str, Callable[[Any], Any]]:
+    hints = get_type_hints(cls)
+    decoders = {f.name: _nested_decoder(hints[f.name]) for f in dataclasses.fields(cls)}
+    return {name: decode for name, decode in decoders.items() if decode is not None}
+
+
+# Worked out once from the annotations, so decoding an event is a few dict lookups.
+_DECODERS: dict[type, dict[str, Callable[[Any], Any]]] = {cls: _field_decoders(cls) for cls in _KIND_OF}
+
+
+def payload_to_json(payload: EventPayload) -> tuple[str, str]:
+    """The payload's kind (its proto oneof field name) and its JSON text."""
+    kind = _KIND_OF[type(payload)]
+    return kind, json.dumps(dataclasses.asdict(payload), separators=(",", ":"))
+
+
+def payload_from_json(kind: str, text: str) -> EventPayload:
+    """Rebuild a payload from `payload_to_json`'s output."""
+    cls = _TYPE_OF.get(kind)
+    if cls is None:
+        raise ValueError(
+            f"unknown event kind {kind!r}: the event was written by a newer codelane; upgrade this server to read it"
+        )
+    data = json.loads(text)
+    for name, decode in _DECODERS[cls].items():
+        data[name] = decode(data[name])
+    return cls(**data)

@@ -1,0 +1,1 @@
+"""LLM providers: OpenAI-compatible Chat Completions, Anthropic Messages, and a scripted model."""

@@ -1,0 +1,130 @@
+"""Anthropic Messages API, streamed over httpx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+
+from session_server.llm.anthropic_accumulator import AnthropicAccumulator
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
+from session_server.llm.retry import RetryPolicy
+from session_server.llm.sse import iter_sse
+from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, stream_with_retries
+
+KEY_ENV = "ANTHROPIC_API_KEY"
+API_VERSION = "2023-06-01"
+
+# The API rejects empty text blocks, but an empty assistant turn must stay in the history (a
+# scripted model picks its response by counting assistant turns).
+_EMPTY_TURN = "(no output)"
+
+
+class AnthropicProvider:
+    """`base_url` excludes the version, e.g. https://api.anthropic.com. A given `client` is used as
+    is (and not closed); otherwise the provider owns one."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient | None = None,
+        max_retries: int = 2,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        headers = {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
+        self._endpoint = Endpoint(
+            "Anthropic", f"{base_url.rstrip('/')}/v1/messages", headers, api_key, KEY_ENV
+        )
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+        self._policy = retry_policy or RetryPolicy(max_retries=max_retries)
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
+        return stream_with_retries(self._client, self._endpoint, request_body(request), self._policy, _decode)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def request_body(request: ModelRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "messages": to_anthropic_messages(request.messages),
+        "stream": True,
+    }
+    if request.system:
+        body["system"] = request.system
+    if request.tools:
+        body["tools"] = [
+            {"name": t.name, "description": t.description, "input_schema": dict(t.parameters)}
+            for t in request.tools
+        ]
+    return body
+
+
+def to_anthropic_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The history as content blocks. Tool results become `tool_result` blocks of a user message;
+    consecutive user-side messages merge into one, so every result of a turn lands in the very
+    next user message, as the API requires."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "assistant":
+            blocks = [{"type": "text", "text": message.text}] if message.text else []
+            blocks += [
+                {"type": "tool_use", "id": c.call_id, "name": c.name, "input": _input(c.arguments_json)}
+                for c in message.tool_calls
+            ]
+            out.append({"role": "assistant", "content": blocks or [{"type": "text", "text": _EMPTY_TURN}]})
+            continue
+        if message.role == "tool":
+            block: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id,
+                "content": message.text,
+            }
+            if message.is_error:
+                block["is_error"] = True
+        else:
+            block = {"type": "text", "text": message.text or _EMPTY_TURN}
+        if out and out[-1]["role"] == "user":
+            out[-1]["content"].append(block)
+        else:
+            out.append({"role": "user", "content": [block]})
+    return out
+
+
+def _input(arguments_json: str) -> dict[str, Any]:
+    """`input` must be an object; arguments that were not one were already answered with an error
+    result, so the call is replayed with empty input."""
+    try:
+        value = json.loads(arguments_json)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+    accumulator = AnthropicAccumulator()
+    async for event in iter_sse(lines):
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            raise ModelError(
+                "STREAM_ERROR", f"Anthropic stream sent malformed data: {event.data[:200]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ModelError("STREAM_ERROR", f"Anthropic stream sent non-object data: {event.data[:200]!r}")
+        for item in accumulator.feed(event.event, data):
+            yield item
+        if data.get("type") == "message_stop":
+            break
+    tail, response = accumulator.finish()
+    for item in tail:
+        yield item
+    yield response

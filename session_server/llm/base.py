@@ -1,0 +1,113 @@
+"""What the agent loop needs from a model provider, as plain domain types (no grpc, no httpx).
+
+A provider turns a `ModelRequest` into an async stream of `TextChunk` and `ToolCallReady`
+items that ends with exactly one `ModelResponse` (the whole response, accumulated). Failures
+are raised as `ModelError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from tool_worker.tools.base import ToolSpec
+
+
+@dataclass(frozen=True)
+class ModelToolCall:
+    """One tool call as the model produced it. `arguments_json` may be invalid JSON: the loop
+    turns that into an error result for the model, never a crash."""
+
+    call_id: str
+    name: str
+    arguments_json: str
+
+
+@dataclass
+class ChatMessage:
+    """One history message, provider-neutral.
+
+    user: `text`. assistant: `text` and `tool_calls`. tool: `tool_call_id`, `text` (the result
+    output) and `is_error`.
+    """
+
+    role: Literal["user", "assistant", "tool"]
+    text: str = ""
+    tool_calls: list[ModelToolCall] = field(default_factory=list)
+    tool_call_id: str = ""
+    is_error: bool = False
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_input_tokens + other.cached_input_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    model: str
+    system: str
+    messages: Sequence[ChatMessage]
+    tools: Sequence[ToolSpec]
+    max_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A fragment of the model's text, as it streams."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallReady:
+    """A tool call whose arguments have finished streaming, before the response is complete.
+    The loop may dispatch a leading Query call on it. `index` is its position in the response."""
+
+    index: int
+    call: ModelToolCall
+
+
+@dataclass(frozen=True)
+class ModelResponse:
+    """The complete response: the last item of every stream."""
+
+    text: str
+    tool_calls: list[ModelToolCall]
+    usage: Usage
+    stop_reason: str
+
+
+StreamItem = TextChunk | ToolCallReady | ModelResponse
+
+
+class ModelError(Exception):
+    """A model request failed for good (after the provider's own retries).
+
+    `reason` is machine-readable (RATE_LIMITED, OVERLOADED, BAD_REQUEST, AUTHENTICATION,
+    SERVER_ERROR, CONNECTION, STREAM_ERROR, ...); the message is for a person and never holds an
+    API key.
+    """
+
+    def __init__(self, reason: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class ModelProvider(Protocol):
+    """A model backend. Implementations must be safe to use from many sessions at once."""
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]: ...
+
+    async def aclose(self) -> None: ...

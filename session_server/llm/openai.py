@@ -1,0 +1,122 @@
+"""OpenAI Chat Completions (and OpenAI-compatible servers: Ollama, vLLM, llama.cpp, LM Studio),
+streamed over httpx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
+from session_server.llm.openai_accumulator import OpenAIAccumulator
+from session_server.llm.retry import RetryPolicy
+from session_server.llm.sse import iter_sse
+from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, stream_with_retries
+from tool_worker.tools.base import ToolSpec
+
+KEY_ENV = "OPENAI_API_KEY"
+
+
+class OpenAIProvider:
+    """`base_url` includes the version, e.g. https://api.openai.com/v1 or http://localhost:11434/v1.
+    A given `client` is used as is (and not closed); otherwise the provider owns one."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient | None = None,
+        max_retries: int = 2,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._endpoint = Endpoint(
+            "OpenAI", f"{base_url.rstrip('/')}/chat/completions", headers, api_key, KEY_ENV
+        )
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+        self._policy = retry_policy or RetryPolicy(max_retries=max_retries)
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
+        return stream_with_retries(self._client, self._endpoint, request_body(request), self._policy, _decode)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def request_body(request: ModelRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": to_openai_messages(request.system, request.messages),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_completion_tokens": request.max_tokens,
+    }
+    if request.tools:
+        # parallel_tool_calls without tools is a 400.
+        body["tools"] = [_tool(spec) for spec in request.tools]
+        body["parallel_tool_calls"] = True
+    return body
+
+
+def to_openai_messages(system: str, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The history in Chat Completions form, system message first. Chat Completions has no error
+    flag on tool results: the result text itself says what failed."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in messages:
+        if message.role == "tool":
+            out.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text})
+        elif message.role == "assistant" and message.tool_calls:
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": message.text or None,
+                    "tool_calls": [
+                        {
+                            "id": c.call_id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments_json},
+                        }
+                        for c in message.tool_calls
+                    ],
+                }
+            )
+        else:
+            out.append({"role": message.role, "content": message.text})
+    return out
+
+
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": spec.name, "description": spec.description, "parameters": dict(spec.parameters)},
+    }
+
+
+async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+    accumulator = OpenAIAccumulator()
+    done = False
+    async for event in iter_sse(lines):
+        if event.data.strip() == "[DONE]":
+            done = True
+            break
+        for item in accumulator.feed(_parse(event.data)):
+            yield item
+    tail, response = accumulator.finish(done)
+    for item in tail:
+        yield item
+    yield response
+
+
+def _parse(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a malformed chunk: {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a non-object chunk: {data[:200]!r}")
+    return chunk

@@ -1,0 +1,172 @@
+"""Accumulating an OpenAI-compatible chat-completion stream into text and tool calls.
+
+Pure (no I/O) and tolerant of the quirks of OpenAI-compatible servers listed in LLM_WIRE.md:
+
+- calls are keyed by `index`, or by their position in the delta's list when `index` is missing;
+- at a key whose call already has complete JSON-object arguments, a delta opens a new call when
+  it brings a new non-empty id, or more non-whitespace arguments (Ollama reuses index 0 for
+  several whole calls, sometimes without ids: appending would only make invalid JSON). A new id
+  while the arguments are still incomplete continues the call (LM Studio sends one per chunk);
+- the first non-empty `name` wins (LM Studio sends `""`, vLLM repeats it); `id` may also come
+  inside `function` (old llama.cpp);
+- string arguments are concatenated, object arguments `json.dumps`ed, no arguments mean `"{}"`;
+- ids are generated when none come;
+- whether there are tool calls is decided from what accumulated, not from `finish_reason`.
+
+A call is reported ready (`ToolCallReady`) as soon as a later call opens, if it and every
+earlier call have a name and complete arguments: with complete JSON-object arguments nothing
+later can extend it (see the rule above). The rest are reported at the end, in order.
+
+A stream that ends with neither `[DONE]` nor a `finish_reason` was cut off. It is still accepted
+when it produced tool calls that are all complete (they can run, and the model sees their
+results); otherwise it is an error, since the text or arguments may be missing a tail.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady, Usage
+from session_server.llm.http_errors import model_error, parse_error_payload
+
+_STOP_REASONS = {"length": "max_tokens", "content_filter": "content_filter"}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class _Call:
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+    complete: bool = False  # arguments are a JSON object; only whitespace may follow
+    ready: ModelToolCall | None = None  # set once reported, then never changes
+
+    def is_complete(self) -> bool:
+        # Cheap check first: parsing every fragment of a long argument string would be quadratic.
+        if not self.complete and self.arguments.rstrip().endswith("}"):
+            try:
+                self.complete = isinstance(json.loads(self.arguments), dict)
+            except ValueError:
+                pass
+        return self.complete
+
+
+class OpenAIAccumulator:
+    """Feed it each parsed chunk, then call `finish`."""
+
+    def __init__(self, provider: str = "OpenAI", new_id: Callable[[], str] = new_call_id) -> None:
+        self._provider = provider
+        self._new_id = new_id
+        self._text: list[str] = []
+        self._calls: list[_Call] = []
+        self._by_key: dict[int, _Call] = {}
+        self._reported = 0
+        self._finish_reason: str | None = None
+        self._usage = Usage()
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[TextChunk | ToolCallReady]:
+        """Take one chunk; return the text and newly ready calls it produced."""
+        if chunk.get("error") or chunk.get("object") == "error":
+            raise model_error(
+                self._provider, parse_error_payload(chunk), status=None, secret=None, key_env=""
+            )
+        if isinstance(chunk.get("usage"), Mapping):
+            self._usage = _usage(chunk["usage"])
+        items: list[TextChunk | ToolCallReady] = []
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self._text.append(content)
+                items.append(TextChunk(content))
+            for position, entry in enumerate(delta.get("tool_calls") or []):
+                if self._add(position, entry):
+                    items.extend(self._report_ready())
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        return items
+
+    def finish(self, done: bool) -> tuple[list[ToolCallReady], ModelResponse]:
+        """End of stream (`done`: `[DONE]` was seen): the calls not yet reported, and the response."""
+        calls = [c for c in self._calls if c.name or c.arguments]
+        if not done and self._finish_reason is None and not (calls and all(c.is_complete() for c in calls)):
+            raise ModelError(
+                "STREAM_ERROR",
+                f"{self._provider} stream ended early (no finish_reason, no [DONE]) with an incomplete "
+                "response; try again",
+            )
+        tail = [
+            ToolCallReady(index, self._freeze(call)) for index, call in enumerate(calls) if not call.ready
+        ]
+        tool_calls = [self._freeze(call) for call in calls]
+        response = ModelResponse(
+            text="".join(self._text),
+            tool_calls=tool_calls,
+            usage=self._usage,
+            stop_reason="tool_use"
+            if tool_calls
+            else _STOP_REASONS.get(self._finish_reason or "", "end_turn"),
+        )
+        return tail, response
+
+    def _add(self, position: int, entry: Mapping[str, Any]) -> bool:
+        """Merge one tool-call delta; True when it opened a new call."""
+        function = entry.get("function") or {}
+        key = entry.get("index")
+        key = position if not isinstance(key, int) else key
+        call_id = entry.get("id") or function.get("id") or ""
+        arguments = function.get("arguments")
+        if isinstance(arguments, Mapping):
+            arguments = json.dumps(arguments)
+        elif not isinstance(arguments, str):
+            arguments = ""
+        call = self._by_key.get(key)
+        opened = call is None or (
+            call.is_complete() and ((call_id and call_id != call.call_id) or bool(arguments.strip()))
+        )
+        if opened:
+            call = _Call()
+            self._calls.append(call)
+            self._by_key[key] = call
+        assert call is not None
+        if call_id and not call.call_id:
+            call.call_id = call_id
+        if function.get("name") and not call.name:
+            call.name = function["name"]
+        call.arguments += arguments
+        return opened
+
+    def _report_ready(self) -> list[ToolCallReady]:
+        """Report, in order, the calls before the newest one that are finished."""
+        ready = []
+        for call in self._calls[self._reported : -1]:
+            if not (call.name and call.is_complete()):
+                break
+            ready.append(ToolCallReady(self._reported, self._freeze(call)))
+            self._reported += 1
+        return ready
+
+    def _freeze(self, call: _Call) -> ModelToolCall:
+        if call.ready is None:
+            call.ready = ModelToolCall(
+                call.call_id or self._new_id(), call.name, call.arguments.strip() or "{}"
+            )
+        return call.ready
+
+
+def _usage(usage: Mapping[str, Any]) -> Usage:
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        input_tokens=usage.get("prompt_tokens") or 0,
+        output_tokens=usage.get("completion_tokens") or 0,
+        cached_input_tokens=details.get("cached_tokens") or 0,
+    )

@@ -1,0 +1,101 @@
+"""One streaming POST to a model API, with the SDKs' retry rules, shared by both HTTP providers.
+
+A request is retried (per `RetryPolicy`) on retryable HTTP errors, connection errors and
+timeouts, but only while nothing has been yielded: once text or a tool call reached the caller,
+a retry would repeat it. Errors reported inside a 200 stream are not retried, as in the SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from session_server.llm.base import ModelError, StreamItem
+from session_server.llm.http_errors import model_error, parse_error_body, redact
+from session_server.llm.retry import RetryPolicy, should_retry
+
+# Reading a stream may pause for long while a big model thinks; connecting should be quick.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to POST, and how to describe failures."""
+
+    provider: str  # for messages: "OpenAI", "Anthropic"
+    url: str
+    headers: Mapping[str, str]
+    secret: str | None  # the API key, kept out of every message
+    key_env: str  # the variable a user sets the key in, for hints
+
+
+Decoder = Callable[[AsyncIterator[str]], AsyncIterator[StreamItem]]
+
+
+async def stream_with_retries(
+    client: httpx.AsyncClient,
+    endpoint: Endpoint,
+    body: Mapping[str, Any],
+    policy: RetryPolicy,
+    decode: Decoder,
+) -> AsyncIterator[StreamItem]:
+    """POST `body` and yield what `decode` makes of the response lines."""
+    retries = 0
+    while True:
+        yielded = False
+        try:
+            async with client.stream(
+                "POST", endpoint.url, json=body, headers=dict(endpoint.headers)
+            ) as response:
+                if response.status_code < 400:
+                    async for item in decode(response.aiter_lines()):
+                        yielded = True
+                        yield item
+                    return
+                await response.aread()
+                error = parse_error_body(response.content)
+                if retries >= policy.max_retries or not should_retry(
+                    response.status_code, response.headers, error.code or error.type
+                ):
+                    raise model_error(
+                        endpoint.provider,
+                        error,
+                        status=response.status_code,
+                        secret=endpoint.secret,
+                        key_env=endpoint.key_env,
+                        request_id=response.headers.get("x-request-id") or response.headers.get("request-id"),
+                        note=_attempts(retries),
+                    )
+                delay = policy.delay(retries, response.headers)
+        except httpx.HTTPError as exc:
+            failure = _transport_error(endpoint, exc, yielded, retries)
+            if yielded or retries >= policy.max_retries:
+                raise failure from exc
+            delay = policy.delay(retries)
+        retries += 1
+        await policy.sleep(delay)
+
+
+def _transport_error(endpoint: Endpoint, exc: httpx.HTTPError, yielded: bool, retries: int) -> ModelError:
+    timeout = isinstance(exc, httpx.TimeoutException)
+    what = "timed out" if timeout else f"connection failed ({type(exc).__name__}: {exc})"
+    if yielded:
+        # Output already reached the caller, so this is a broken stream, not a failed request.
+        reason, message = "STREAM_ERROR", f"{endpoint.provider} stream broke off after output began: {what}"
+    elif timeout:
+        reason, message = "TIMEOUT", f"{endpoint.provider} request to {endpoint.url} {what}"
+    else:
+        reason, message = (
+            "CONNECTION",
+            f"{endpoint.provider} request to {endpoint.url} {what}; check the base URL",
+        )
+    if retries:
+        message += f"; {_attempts(retries)}"
+    return ModelError(reason, redact(message, endpoint.secret))
+
+
+def _attempts(retries: int) -> str:
+    return f"gave up after {retries} retries" if retries else ""

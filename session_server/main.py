@@ -1,0 +1,89 @@
+"""`codelane server`: run a session server until SIGTERM/SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from session_server.server import CodelaneServer, ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codelane server", description="Run a codelane session server.")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--data-dir", type=Path, default=Path(".codelane"), help="where sessions and events are stored")
+    p.add_argument(
+        "--local-workers", type=int, default=2, help="tool-worker processes to start on this host (default 2)"
+    )
+    p.add_argument("--local-worker-slots", type=int, default=4, help="slots of each local worker (default 4)")
+    p.add_argument(
+        "--worker-tools",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="extra tool module loaded by the local workers (repeatable)",
+    )
+    p.add_argument(
+        "--model", default="", help="default model, provider:name (openai:..., anthropic:..., scripted:PATH)"
+    )
+    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"), help="bearer token clients must send")
+    p.add_argument(
+        "--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"), help="bearer token workers must send"
+    )
+    p.add_argument("--tls-cert", help="server certificate (enables TLS)")
+    p.add_argument("--tls-key", help="server private key")
+    p.add_argument("--tls-ca", help="CA for client certificates (enables mTLS)")
+    p.add_argument(
+        "--no-local-fallback",
+        action="store_true",
+        help="never run Query tools in-process when no worker can (calls then fail)",
+    )
+    p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("codelane server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        listen=args.listen,
+        data_dir=args.data_dir,
+        local_workers=args.local_workers,
+        local_worker_slots=args.local_worker_slots,
+        local_worker_tools=args.worker_tools,
+        model=args.model,
+        token=args.token,
+        worker_token=args.worker_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        local_fallback=not args.no_local_fallback,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(f"codelane server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: ServerConfig) -> None:
+    server = CodelaneServer(config)
+    await server.start()
+    print(f"codelane server listening on {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,5 @@
+import sys
+
+from session_server.mock_llm import main
+
+sys.exit(main())

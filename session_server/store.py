@@ -1,0 +1,422 @@
+"""Persistence of sessions, their history and their event log, in one SQLite file.
+
+Threading rule: a `Store` belongs to the thread that opened it, in the server the event loop
+thread, which calls its methods directly. sqlite3 enforces this (a call from another thread
+raises `sqlite3.ProgrammingError`). Calls are not sent to an executor on purpose: in WAL mode
+with synchronous=NORMAL a commit is a write to the WAL without an fsync and costs tens of
+microseconds, less than one hop to a worker thread and back.
+
+Durability: `append_event` commits before it returns, so an event the server then sends is in
+the file and survives a crash of the server process. With synchronous=NORMAL the last commits
+may be lost on a power failure or OS crash (SQLite fsyncs the WAL at checkpoints); that is the
+price of a fast hot path, and the log stays consistent either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from session_server.events import (
+    CallInfo,
+    EventPayload,
+    StoredEvent,
+    call_from_dict,
+    payload_from_json,
+    payload_to_json,
+    result_from_dict,
+)
+from tool_worker.tools.base import ToolResult
+
+SCHEMA_VERSION = 1
+# ListSessions: a page_size of 0 means the default; larger requests are cut to the maximum.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+SessionState = Literal["idle", "running"]
+Role = Literal["user", "assistant", "tool"]
+_STATES = ("idle", "running")
+_ROLES = ("user", "assistant", "tool")
+
+_SCHEMA = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    message_count INTEGER NOT NULL,
+    current_turn_id TEXT NOT NULL
+);
+CREATE INDEX sessions_by_created ON sessions (created, session_id);
+CREATE TABLE messages (
+    session_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    text TEXT NOT NULL,
+    tool_calls_json TEXT NOT NULL,
+    tool_call_id TEXT NOT NULL,
+    tool_result_json TEXT,
+    turn_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (session_id, idx)
+);
+CREATE TABLE events (
+    session_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    time REAL NOT NULL,
+    turn_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    PRIMARY KEY (session_id, sequence)
+);
+"""
+
+_SESSION_COLUMNS = (
+    "session_id, workspace, config_json, labels_json, state, created, updated, "
+    "last_sequence, message_count, current_turn_id"
+)
+_MESSAGE_COLUMNS = "idx, role, text, tool_calls_json, tool_call_id, tool_result_json, turn_id, created"
+
+
+class StoreError(Exception):
+    """The store file cannot be used; the message says why and what to do."""
+
+
+class UnknownSession(LookupError):
+    """No session has the given id."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session with id {session_id!r}")
+        self.session_id = session_id
+
+
+class SessionExists(ValueError):
+    """A session with the given id is already stored."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"a session with id {session_id!r} already exists")
+        self.session_id = session_id
+
+
+@dataclass
+class SessionRecord:
+    """A session as stored. Times are epoch seconds."""
+
+    session_id: str
+    workspace: str
+    config: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    state: SessionState = "idle"
+    created: float = 0.0
+    updated: float = 0.0
+    # Sequence of the session's last event; 0 before the first.
+    last_sequence: int = 0
+    message_count: int = 0
+    # Turn running now, or the last one that ran; empty before the first.
+    current_turn_id: str = ""
+
+
+@dataclass(kw_only=True)
+class StoredMessage:
+    """One history message. `idx` (its position, from 0) and `created` are assigned by
+    `Store.append_messages`; the values passed in are ignored."""
+
+    idx: int = -1
+    role: Role
+    text: str = ""
+    tool_calls: list[CallInfo] = field(default_factory=list)
+    tool_call_id: str = ""
+    tool_result: ToolResult | None = None
+    turn_id: str = ""
+    created: float = 0.0
+
+
+class Store:
+    """Sessions, messages and events in one SQLite file (see the module docstring for the
+    threading rule and the durability guarantee)."""
+
+    def __init__(self, path: Path) -> None:
+        # Autocommit mode: transactions are opened explicitly by `_transaction`, so each one is
+        # visible in the code and nothing is left open between calls.
+        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._open(path)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, path: Path) -> None:
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path} is not a codelane store ({exc}); point the server at another file") from exc
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer codelane (store schema v{version}; this server reads "
+                f"up to v{SCHEMA_VERSION}): upgrade codelane, or point the server at another file"
+            )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if version == 0:
+            with self._transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # Sessions
+
+    def create_session(self, record: SessionRecord) -> None:
+        """Store a new session. Raises `SessionExists` if the id is taken."""
+        if record.state not in _STATES:
+            raise ValueError(f"session state must be one of {_STATES}, not {record.state!r}")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.session_id,
+                        record.workspace,
+                        json.dumps(record.config),
+                        json.dumps(record.labels),
+                        record.state,
+                        record.created,
+                        record.updated,
+                        record.last_sequence,
+                        record.message_count,
+                        record.current_turn_id,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise SessionExists(record.session_id) from exc
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self._db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return _session_from_row(row) if row else None
+
+    def list_sessions(self, page_size: int = 0, page_token: str = "") -> tuple[list[SessionRecord], str]:
+        """One page of sessions, newest first, and the token of the next page ("" on the last).
+
+        `page_size` 0 means DEFAULT_PAGE_SIZE; more than MAX_PAGE_SIZE is cut to it. Raises
+        ValueError for a negative size or a token this method did not return.
+        """
+        if page_size < 0:
+            raise ValueError(f"page_size must not be negative, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        # One row more than the page tells whether another page follows.
+        if page_token:
+            created, session_id = _decode_page_token(page_token)
+            rows = self._db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (created, session_id) < (?, ?) "
+                "ORDER BY created DESC, session_id DESC LIMIT ?",
+                (created, session_id, size + 1),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY created DESC, session_id DESC LIMIT ?",
+                (size + 1,),
+            ).fetchall()
+        sessions = [_session_from_row(row) for row in rows[:size]]
+        next_token = _encode_page_token(sessions[-1]) if len(rows) > size else ""
+        return sessions, next_token
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session with its messages and events. False if there was no such session."""
+        with self._transaction() as db:
+            deleted = db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount
+            db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+        return deleted > 0
+
+    def set_session_state(self, session_id: str, state: SessionState, turn_id: str) -> None:
+        """Record that a turn started ("running") or ended ("idle"); `turn_id` becomes the
+        session's current turn."""
+        if state not in _STATES:
+            raise ValueError(f"session state must be one of {_STATES}, not {state!r}")
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE sessions SET state = ?, current_turn_id = ?, updated = ? WHERE session_id = ?",
+                (state, turn_id, time.time(), session_id),
+            ).rowcount
+        if not changed:
+            raise UnknownSession(session_id)
+
+    def interrupted_turns(self) -> list[tuple[str, str]]:
+        """(session_id, turn_id) of every session still marked running. Called at start-up,
+        when no turn can be running, so these are turns a stopped server left unfinished."""
+        return self._db.execute(
+            "SELECT session_id, current_turn_id FROM sessions WHERE state = 'running' ORDER BY created, session_id"
+        ).fetchall()
+
+    # Messages
+
+    def append_messages(self, session_id: str, messages: list[StoredMessage]) -> list[StoredMessage]:
+        """Append messages to the session's history, in order and atomically. Returns them
+        with `idx` (continuing from the session's message count) and `created` filled in."""
+        for message in messages:
+            if message.role not in _ROLES:
+                raise ValueError(f"message role must be one of {_ROLES}, not {message.role!r}")
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT message_count FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            if row is None:
+                raise UnknownSession(session_id)
+            stored = [
+                dataclasses.replace(message, idx=row[0] + offset, created=now)
+                for offset, message in enumerate(messages)
+            ]
+            db.executemany(
+                f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_message_row(session_id, message) for message in stored],
+            )
+            db.execute(
+                "UPDATE sessions SET message_count = ?, updated = ? WHERE session_id = ?",
+                (row[0] + len(stored), now, session_id),
+            )
+        return stored
+
+    def get_messages(self, session_id: str, offset: int = 0, limit: int | None = None) -> list[StoredMessage]:
+        """Messages with idx >= offset, in history order, at most `limit` (None: all)."""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
+            (session_id, offset, -1 if limit is None else limit),
+        ).fetchall()
+        return [_message_from_row(row) for row in rows]
+
+    # Events
+
+    def append_event(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
+        """Give the event the session's next sequence, store it and commit: when this returns,
+        the event may be sent. Raises `UnknownSession`."""
+        kind, payload_json = payload_to_json(payload)
+        now = time.time()
+        with self._transaction() as db:
+            # The counter lives on the session row, so the sequence is gap-free and the
+            # increment, the insert and the commit are one atomic step.
+            row = db.execute(
+                "UPDATE sessions SET last_sequence = last_sequence + 1, updated = ? WHERE session_id = ? "
+                "RETURNING last_sequence",
+                (now, session_id),
+            ).fetchone()
+            if row is None:
+                raise UnknownSession(session_id)
+            db.execute(
+                "INSERT INTO events (session_id, sequence, time, turn_id, kind, payload_json) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, row[0], now, turn_id, kind, payload_json),
+            )
+        return StoredEvent(session_id, row[0], now, turn_id, payload)
+
+    def events_after(self, session_id: str, after_sequence: int = 0, limit: int | None = None) -> list[StoredEvent]:
+        """Events with sequence > after_sequence, in order, at most `limit` (None: all)."""
+        rows = self._db.execute(
+            "SELECT sequence, time, turn_id, kind, payload_json FROM events "
+            "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            (session_id, after_sequence, -1 if limit is None else limit),
+        ).fetchall()
+        return [
+            StoredEvent(session_id, sequence, at, turn_id, payload_from_json(kind, text))
+            for sequence, at, turn_id, kind, text in rows
+        ]
+
+    def last_sequence(self, session_id: str) -> int:
+        """Sequence of the session's last event, 0 before the first. Raises `UnknownSession`."""
+        row = self._db.execute("SELECT last_sequence FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise UnknownSession(session_id)
+        return row[0]
+
+
+def _session_from_row(row: tuple[Any, ...]) -> SessionRecord:
+    session_id, workspace, config_json, labels_json, state, created, updated, last_seq, count, turn_id = row
+    return SessionRecord(
+        session_id=session_id,
+        workspace=workspace,
+        config=json.loads(config_json),
+        labels=json.loads(labels_json),
+        state=state,
+        created=created,
+        updated=updated,
+        last_sequence=last_seq,
+        message_count=count,
+        current_turn_id=turn_id,
+    )
+
+
+def _message_row(session_id: str, message: StoredMessage) -> tuple[Any, ...]:
+    result = message.tool_result
+    return (
+        session_id,
+        message.idx,
+        message.role,
+        message.text,
+        json.dumps([dataclasses.asdict(call) for call in message.tool_calls]),
+        message.tool_call_id,
+        None if result is None else json.dumps(dataclasses.asdict(result)),
+        message.turn_id,
+        message.created,
+    )
+
+
+def _message_from_row(row: tuple[Any, ...]) -> StoredMessage:
+    idx, role, text, calls_json, tool_call_id, result_json, turn_id, created = row
+    return StoredMessage(
+        idx=idx,
+        role=role,
+        text=text,
+        tool_calls=[call_from_dict(call) for call in json.loads(calls_json)],
+        tool_call_id=tool_call_id,
+        tool_result=None if result_json is None else result_from_dict(json.loads(result_json)),
+        turn_id=turn_id,
+        created=created,
+    )
+
+
+# Page tokens are opaque to clients; inside, the (created, session_id) of the page's last row,
+# from which the next page continues (keyset paging: stable while sessions are added).
+def _encode_page_token(last: SessionRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([last.created, last.session_id]).encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[float, str]:
+    try:
+        created, session_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
+        raise ValueError(_BAD_TOKEN.format(token=token)) from exc
+    if not isinstance(created, int | float) or isinstance(created, bool) or not isinstance(session_id, str):
+        raise ValueError(_BAD_TOKEN.format(token=token))
+    return float(created), session_id
+
+
+_BAD_TOKEN = (
+    "invalid page token {token!r}: pass the next_page_token of the previous ListSessions "
+    "response unchanged, or an empty token for the first page"
+)

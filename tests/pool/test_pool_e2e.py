@@ -1,0 +1,270 @@
+"""The worker pool with real worker processes over loopback gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc
+from session_server.pool import CallRetried, CallStarted, QueryCall
+from tests.pool.conftest import pid_alive, wait_for
+from tool_worker.tools.base import ErrorKind
+
+
+def call(
+    workspace: Path,
+    tool: str,
+    args: dict,
+    *,
+    session: str = "s1",
+    call_id: str = "c1",
+    timeout: float = 30.0,
+    events: list | None = None,
+) -> QueryCall:
+    return QueryCall(
+        session_id=session,
+        call_id=call_id,
+        tool_name=tool,
+        arguments_json=json.dumps(args),
+        workspace=str(workspace),
+        timeout=timeout,
+        on_event=events.append if events is not None else None,
+    )
+
+
+async def connected(server, *worker_ids: str) -> None:
+    await wait_for(lambda: {w.worker_id for w in server.pool.workers()} >= set(worker_ids), what=f"{worker_ids}")
+
+
+async def test_label_routing_sends_gpu_tool_only_to_gpu_worker(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "cpu-1")
+    workers.spawn(server.port, "gpu-1", labels="gpu=true")
+    await connected(server, "cpu-1", "gpu-1")
+    results = await asyncio.gather(
+        *(server.pool.dispatch(call(tmp_path, "gpu_info", {}, call_id=f"g{i}")) for i in range(6))
+    )
+    assert {r.worker_id for r in results} == {"gpu-1"}
+    assert not any(r.is_error for r in results)
+
+
+async def test_slots_are_never_exceeded(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=2)
+    workers.spawn(server.port, "w2", slots=3)
+    await connected(server, "w1", "w2")
+    results = await asyncio.gather(
+        *(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 40}, call_id=f"c{i}")) for i in range(30))
+    )
+    assert not any(r.is_error for r in results), [r.output for r in results if r.is_error]
+    concurrent_seen = {}
+    for r in results:
+        concurrent_seen[r.worker_id] = max(concurrent_seen.get(r.worker_id, 0), r.metadata["concurrent"])
+    # Measured on the workers themselves, and by the hub's own count.
+    assert concurrent_seen["w1"] <= 2 and concurrent_seen["w2"] <= 3
+    assert concurrent_seen["w1"] == 2 and concurrent_seen["w2"] == 3  # slots were used, too
+    snapshots = {w.worker_id: w for w in server.pool.workers()}
+    assert snapshots["w1"].max_in_flight_seen == 2 and snapshots["w2"].max_in_flight_seen == 3
+
+
+async def test_a_flooding_session_does_not_starve_another(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=2)
+    await connected(server, "w1")
+    start = time.monotonic()
+    finished: dict[str, float] = {}
+
+    async def run(session: str, call_id: str) -> None:
+        result = await server.pool.dispatch(call(tmp_path, "sleep", {"ms": 30}, session=session, call_id=call_id))
+        assert not result.is_error, result.output
+        finished[f"{session}/{call_id}"] = time.monotonic() - start
+
+    flood = [asyncio.create_task(run("A", f"a{i}")) for i in range(50)]
+    await asyncio.sleep(0.05)  # A's 50 calls are queued first
+    await asyncio.gather(run("B", "b1"), run("B", "b2"), *flood)
+    a_last = max(t for k, t in finished.items() if k.startswith("A/"))
+    b_last = max(t for k, t in finished.items() if k.startswith("B/"))
+    assert b_last < a_last / 3, (b_last, a_last)
+
+
+async def test_kill_9_mid_call_retries_on_another_worker(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=1)
+    workers.spawn(server.port, "w2", slots=1)
+    await connected(server, "w1", "w2")
+    events: list = []
+    task = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 1500}, events=events)))
+    await wait_for(lambda: any(isinstance(e, CallStarted) for e in events), what="the call to start")
+    first = next(e for e in events if isinstance(e, CallStarted))
+    workers.kill9(first.worker_id)
+    result = await asyncio.wait_for(task, 10)
+    assert not result.is_error, result.output
+    assert result.attempt == 2
+    assert result.worker_id != first.worker_id
+    retried = [e for e in events if isinstance(e, CallRetried)]
+    assert retried and retried[0].attempt == 2 and retried[0].previous_worker_id == first.worker_id
+
+
+async def test_all_workers_gone_ends_calls_with_errors_within_the_bound(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server(no_worker_wait=1.0)
+    workers.spawn(server.port, "w1", slots=2)
+    workers.spawn(server.port, "w2", slots=2)
+    await connected(server, "w1", "w2")
+    events: list = []
+    tasks = [
+        asyncio.create_task(
+            server.pool.dispatch(call(tmp_path, "sleep", {"ms": 20000}, call_id=f"c{i}", events=events))
+        )
+        for i in range(4)
+    ]
+    await wait_for(lambda: sum(isinstance(e, CallStarted) for e in events) >= 4, what="calls to start")
+    killed_at = time.monotonic()
+    workers.kill9("w1")
+    workers.kill9("w2")
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    elapsed = time.monotonic() - killed_at
+    assert all(r.is_error and r.error_kind is ErrorKind.NO_WORKER for r in results), [r.output for r in results]
+    assert "waited 1s" in results[0].output
+    assert elapsed < 4.0, elapsed
+
+
+async def test_drain_finishes_running_calls_then_the_worker_leaves(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    proc = workers.spawn(server.port, "w1", slots=2)
+    workers.spawn(server.port, "w2", slots=2)
+    await connected(server, "w1", "w2")
+    events: list = []
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 800}, events=events)))
+    await wait_for(lambda: bool(events), what="the call to start")
+    started_on = events[0].worker_id
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        reply = await admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id=started_on))
+        assert reply.worker.state == admin_pb2.WORKER_STATE_DRAINING
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id="nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    other = "w2" if started_on == "w1" else "w1"
+    # New calls avoid the draining worker.
+    more = await asyncio.gather(*(server.pool.dispatch(call(tmp_path, "noop", {}, call_id=f"n{i}")) for i in range(4)))
+    assert {r.worker_id for r in more} == {other}
+    result = await running
+    assert not result.is_error and result.worker_id == started_on
+    drained = workers.procs[started_on]
+    assert await asyncio.to_thread(drained.wait, 10) == 0
+    await wait_for(lambda: started_on not in {w.worker_id for w in server.pool.workers()}, what="the worker to leave")
+    assert proc is not None
+
+
+async def test_worker_reconnects_after_a_hub_restart(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    port = server.port
+    workers.spawn(port, "w1")
+    await connected(server, "w1")
+    await server.stop(grace=0.2)
+    again = await make_server(listen=f"127.0.0.1:{port}")
+    await connected(again, "w1")
+    result = await again.pool.dispatch(call(tmp_path, "noop", {}))
+    assert not result.is_error and result.worker_id == "w1"
+
+
+async def test_cancelling_a_call_kills_its_tool_process_on_the_worker(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "w1")
+    await connected(server, "w1")
+    pid_file = tmp_path / "pid"
+    task = asyncio.create_task(
+        server.pool.dispatch(call(tmp_path, "sleep_process", {"ms": 60000, "pid_file": str(pid_file)}))
+    )
+    await wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="the tool process")
+    pid = int(pid_file.read_text())
+    assert pid_alive(pid)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: not pid_alive(pid), within=5, what="the tool process to die")
+    # The slot comes back once the worker confirms.
+    await wait_for(lambda: server.pool.workers()[0].in_flight == 0, within=5, what="the slot to be released")
+
+
+async def test_a_call_past_its_deadline_names_the_worker_and_time(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    workers.spawn(server.port, "w1")
+    await connected(server, "w1")
+    result = await server.pool.dispatch(call(tmp_path, "sleep", {"ms": 5000}, timeout=0.3))
+    assert result.is_error and result.error_kind is ErrorKind.TIMEOUT
+    assert "w1" in result.output and "0.3s" in result.output
+
+
+def _hello(**overrides) -> worker_pb2.ConnectRequest:
+    spec = tools_pb2.ToolSpec(name="read", parameters_json_schema="{}", lane=tools_pb2.LANE_QUERY, idempotent=True)
+    hello = worker_pb2.Hello(worker_id="raw", slots=1, tools=[spec])
+    for key, value in overrides.items():
+        if key == "tools":
+            del hello.tools[:]
+            hello.tools.extend(value)
+        else:
+            setattr(hello, key, value)
+    return worker_pb2.ConnectRequest(hello=hello)
+
+
+@pytest.mark.parametrize(
+    ("request_message", "expected"),
+    [
+        (_hello(tools=[]), "at least one tool"),
+        (_hello(slots=0), "at least 1 slot"),
+        (_hello(tools=[tools_pb2.ToolSpec(name="grep", lane=tools_pb2.LANE_QUERY)] * 2), "twice"),
+        (_hello(worker_id=""), "worker_id is empty"),
+        (worker_pb2.ConnectRequest(heartbeat=worker_pb2.Heartbeat()), "must be a Hello"),
+    ],
+    ids=["no-tools", "zero-slots", "duplicate-tools", "no-id", "not-hello"],
+)
+async def test_bad_hello_is_invalid_argument(make_server, request_message, expected: str) -> None:
+    server = await make_server()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await stream.write(request_message)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stream.read()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in error.value.details()
+    assert server.pool.workers() == []
+
+
+async def test_wrong_worker_token_is_unauthenticated_and_the_worker_exits(make_server, workers) -> None:
+    server = await make_server(worker_token="s3cret")
+    proc = workers.spawn(server.port, "w1", token="wrong")
+    code = await asyncio.to_thread(proc.wait, 15)
+    stderr = proc.stderr.read().decode()
+    assert code == 3
+    assert "UNAUTHENTICATED" in stderr and "wrong worker bearer token" in stderr
+    good = workers.spawn(server.port, "w2", token="s3cret")
+    await connected(server, "w2")
+    assert good.poll() is None
+
+
+async def test_workspace_outside_a_workers_roots_is_not_routed_there(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    workers.spawn(server.port, "w1", roots=(str(elsewhere),))
+    await connected(server, "w1")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    result = await server.pool.dispatch(call(workspace, "noop", {}))
+    assert result.is_error and result.error_kind is ErrorKind.NO_WORKER
+    assert "outside the worker's roots" in result.output
+    inside = elsewhere / "project"
+    inside.mkdir()
+    ok = await server.pool.dispatch(call(inside, "noop", {}))
+    assert not ok.is_error and ok.worker_id == "w1"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        listed = await admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(admin_pb2.ListWorkersRequest())
+    views = {v.workspace: v for v in listed.workers[0].workspaces}
+    assert views[str(inside)].visible and not views[str(workspace)].visible
+    assert "roots" in views[str(workspace)].reason

@@ -1,0 +1,292 @@
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from session_server.events import CallInfo, TextDelta, ToolCallFinished, TurnFinished, TurnStarted
+from session_server.llm.base import Usage
+from session_server.store import (
+    SCHEMA_VERSION,
+    SessionExists,
+    SessionRecord,
+    Store,
+    StoredMessage,
+    StoreError,
+    UnknownSession,
+)
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "codelane.db"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[Store]:
+    store = Store(path)
+    yield store
+    store.close()
+
+
+def record(session_id: str, created: float = 1000.0, **extra) -> SessionRecord:
+    return SessionRecord(
+        session_id=session_id,
+        workspace="/ws",
+        config={"model": "scripted", "query_concurrency": 4, "nested": {"a": [1, 2]}},
+        labels={"team": "x"},
+        created=created,
+        updated=created,
+        **extra,
+    )
+
+
+def conversation() -> list[StoredMessage]:
+    call = CallInfo("c1", "read", '{"path": "a"}', "query", 0)
+    return [
+        StoredMessage(role="user", text="hi", turn_id="t1"),
+        StoredMessage(role="assistant", text="reading", tool_calls=[call], turn_id="t1"),
+        StoredMessage(
+            role="tool",
+            text="contents",
+            tool_call_id="c1",
+            tool_result=ToolResult.error(ErrorKind.TIMEOUT, "timed out", worker_id="w1"),
+            turn_id="t1",
+        ),
+    ]
+
+
+def test_wal_mode(store: Store, path: Path) -> None:
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_session_crud(store: Store) -> None:
+    rec = record("s1")
+    store.create_session(rec)
+    assert store.get_session("s1") == rec
+    assert store.get_session("nope") is None
+    with pytest.raises(SessionExists):
+        store.create_session(record("s1"))
+
+    store.set_session_state("s1", "running", "t1")
+    got = store.get_session("s1")
+    assert got is not None
+    assert (got.state, got.current_turn_id) == ("running", "t1")
+    assert got.updated > rec.updated
+    with pytest.raises(UnknownSession):
+        store.set_session_state("nope", "idle", "")
+    with pytest.raises(ValueError, match="state"):
+        store.set_session_state("s1", "sleeping", "t1")  # type: ignore[arg-type]
+
+    assert store.delete_session("s1") is True
+    assert store.delete_session("s1") is False
+    assert store.get_session("s1") is None
+
+
+def test_list_sessions_pages_newest_first(store: Store) -> None:
+    # Two sessions share a created time: the id breaks the tie, so none is skipped or repeated.
+    for i, created in enumerate([1.0, 2.0, 3.0, 3.0, 4.0, 5.0, 6.0]):
+        store.create_session(record(f"s{i}", created=created))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page, token = store.list_sessions(page_size=3, page_token=token)
+        pages += 1
+        seen += [s.session_id for s in page]
+        if not token:
+            break
+    assert pages == 3
+    assert seen == ["s6", "s5", "s4", "s3", "s2", "s1", "s0"]
+
+    everything, token = store.list_sessions()
+    assert len(everything) == 7 and token == ""
+
+    # A session created between pages appears on no later page; the walk stays consistent.
+    first, token = store.list_sessions(page_size=2)
+    store.create_session(record("new", created=10.0))
+    second, _ = store.list_sessions(page_size=2, page_token=token)
+    assert [s.session_id for s in first + second] == ["s6", "s5", "s4", "s3"]
+
+
+def test_exact_page_has_no_next_token(store: Store) -> None:
+    for i in range(4):
+        store.create_session(record(f"s{i}", created=float(i)))
+    page, token = store.list_sessions(page_size=4)
+    assert len(page) == 4 and token == ""
+
+
+@pytest.mark.parametrize("token", ["garbage!", "e30=", "WzEsMiwzXQ==", "WyJ4IiwgInkiXQ==", "\u00e9"])
+def test_bad_page_token(store: Store, token: str) -> None:
+    with pytest.raises(ValueError, match="invalid page token"):
+        store.list_sessions(page_size=10, page_token=token)
+
+
+def test_negative_page_size(store: Store) -> None:
+    with pytest.raises(ValueError, match="page_size"):
+        store.list_sessions(page_size=-1)
+
+
+def test_messages_get_idx_in_order(store: Store) -> None:
+    store.create_session(record("s1"))
+    first = store.append_messages("s1", conversation())
+    assert [m.idx for m in first] == [0, 1, 2]
+    second = store.append_messages("s1", [StoredMessage(role="user", text="again", turn_id="t2")])
+    assert [m.idx for m in second] == [3]
+
+    got = store.get_messages("s1")
+    assert got == first + second
+    assert got[2].tool_result is not None and got[2].tool_result.error_kind is ErrorKind.TIMEOUT
+    assert got[1].tool_calls == [CallInfo("c1", "read", '{"path": "a"}', "query", 0)]
+    assert [m.idx for m in store.get_messages("s1", offset=1, limit=2)] == [1, 2]
+    assert store.get_messages("s1", offset=4) == []
+    session = store.get_session("s1")
+    assert session is not None and session.message_count == 4
+
+
+def test_append_messages_is_atomic(store: Store) -> None:
+    store.create_session(record("s1"))
+    with pytest.raises(ValueError, match="role"):
+        store.append_messages("s1", [StoredMessage(role="user"), StoredMessage(role="robot")])  # type: ignore[arg-type]
+    with pytest.raises(UnknownSession):
+        store.append_messages("nope", [StoredMessage(role="user")])
+    assert store.get_messages("s1") == []
+    session = store.get_session("s1")
+    assert session is not None and session.message_count == 0
+
+
+def test_event_sequences_are_gap_free_and_monotonic(store: Store) -> None:
+    store.create_session(record("a"))
+    store.create_session(record("b"))
+    sequences: dict[str, list[int]] = {"a": [], "b": []}
+    for i in range(1000):
+        session_id = "a" if i % 3 else "b"
+        event = store.append_event(session_id, "t1", TextDelta(text=str(i), step=0))
+        sequences[session_id].append(event.sequence)
+    for session_id, seen in sequences.items():
+        assert seen == list(range(1, len(seen) + 1))
+        assert store.last_sequence(session_id) == len(seen)
+        stored = store.events_after(session_id)
+        assert [e.sequence for e in stored] == seen
+        assert all(e.session_id == session_id and e.turn_id == "t1" for e in stored)
+        times = [e.time for e in stored]
+        assert times == sorted(times)
+
+
+def test_events_after_and_limit(store: Store) -> None:
+    store.create_session(record("s1"))
+    sent = [store.append_event("s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]
+    assert store.events_after("s1", after_sequence=7) == sent[7:]
+    assert store.events_after("s1", after_sequence=2, limit=3) == sent[2:5]
+    assert store.events_after("s1", after_sequence=10) == []
+    assert store.events_after("nope") == []
+
+
+def test_append_event_to_unknown_session(store: Store) -> None:
+    with pytest.raises(UnknownSession):
+        store.append_event("nope", "t1", TurnStarted(user_text="hi"))
+    with pytest.raises(UnknownSession):
+        store.last_sequence("nope")
+
+
+def test_store_belongs_to_its_thread(store: Store) -> None:
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            store.get_session("s1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], sqlite3.ProgrammingError)
+
+
+def test_everything_survives_reopen(path: Path) -> None:
+    store = Store(path)
+    store.create_session(record("s1"))
+    store.create_session(record("s2", created=2000.0))
+    messages = store.append_messages("s1", conversation())
+    result = ToolResult(output="ok", exit_code=0, metadata={"k": [1]})
+    events = [
+        store.append_event("s1", "t1", TurnStarted(user_text="hi")),
+        store.append_event("s1", "t1", ToolCallFinished("c1", "read", result, 0.001, 0.2)),
+        store.append_event("s1", "t1", TurnFinished("end_turn", Usage(5, 6, 1), 1, 1, "done")),
+    ]
+    before = store.get_session("s1")
+    store.close()
+
+    store = Store(path)
+    try:
+        assert store.get_session("s1") == before
+        assert [s.session_id for s in store.list_sessions()[0]] == ["s2", "s1"]
+        assert store.get_messages("s1") == messages
+        assert store.events_after("s1") == events
+        # Sequences continue after a restart, without a gap or a repeat.
+        assert store.append_event("s1", "t2", TurnStarted(user_text="more")).sequence == 4
+        assert store.append_messages("s1", [StoredMessage(role="user")])[0].idx == 3
+    finally:
+        store.close()
+
+
+def test_interrupted_turns_after_reopen(path: Path) -> None:
+    store = Store(path)
+    store.create_session(record("busy"))
+    store.create_session(record("quiet"))
+    store.create_session(record("done"))
+    store.set_session_state("busy", "running", "t7")
+    store.set_session_state("done", "running", "t1")
+    store.set_session_state("done", "idle", "t1")
+    store.close()  # as if the server stopped mid-turn
+
+    store = Store(path)
+    try:
+        assert store.interrupted_turns() == [("busy", "t7")]
+        store.set_session_state("busy", "idle", "t7")
+        assert store.interrupted_turns() == []
+    finally:
+        store.close()
+
+
+def test_delete_cascades(store: Store, path: Path) -> None:
+    store.create_session(record("gone"))
+    store.create_session(record("kept"))
+    for session_id in ("gone", "kept"):
+        store.append_messages(session_id, conversation())
+        store.append_event(session_id, "t1", TurnStarted(user_text="hi"))
+    assert store.delete_session("gone")
+
+    assert store.get_messages("gone") == []
+    assert store.events_after("gone") == []
+    assert len(store.get_messages("kept")) == 3
+    assert len(store.events_after("kept")) == 1
+    db = sqlite3.connect(path)
+    for table in ("sessions", "messages", "events"):
+        assert db.execute(f"SELECT count(*) FROM {table} WHERE session_id = 'gone'").fetchone()[0] == 0
+    db.close()
+
+    # A new session with the old id starts from scratch.
+    store.create_session(record("gone"))
+    assert store.append_event("gone", "t1", TurnStarted(user_text="again")).sequence == 1
+
+
+def test_newer_schema_is_refused(path: Path) -> None:
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer codelane"):
+        Store(path)
+
+
+def test_not_a_database_is_refused(path: Path) -> None:
+    path.write_bytes(b"this is not sqlite, just some text that is long enough to have a header" * 10)
+    with pytest.raises(StoreError, match="not a codelane store"):
+        Store(path)

@@ -1,0 +1,144 @@
+"""The set of tools a process offers, and the one place where a call's arguments are checked.
+
+`execute` is on the hot path of every call, so the per-tool JSON-schema validator is compiled
+once at registration and the happy path is a dict lookup, `json.loads`, one validation and the
+tool itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+
+from tool_worker.tools import (
+    bash,
+    copy,
+    delete,
+    edit,
+    execute,
+    glob,
+    grep,
+    list_files,
+    ls,
+    move,
+    read,
+    search,
+    write,
+)
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+
+_BUILTIN_TOOLS: tuple[Tool, ...] = (
+    read.TOOL,
+    glob.TOOL,
+    grep.TOOL,
+    ls.TOOL,
+    list_files.TOOL,
+    search.TOOL,
+    bash.TOOL,
+    execute.TOOL,
+    write.TOOL,
+    edit.TOOL,
+    delete.TOOL,
+    move.TOOL,
+    copy.TOOL,
+)
+
+
+class ToolRegistry:
+    """Tools by name, each with its compiled argument validator."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._entries: dict[str, tuple[Tool, Draft202012Validator]] = {}
+        for tool in tools:
+            self.register(tool)
+
+    @classmethod
+    def builtin(cls) -> ToolRegistry:
+        """A registry holding every built-in tool, Query and Execute."""
+        return cls(_BUILTIN_TOOLS)
+
+    def register(self, tool: Tool) -> None:
+        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema."""
+        if tool.name in self._entries:
+            raise ValueError(f"a tool named {tool.name!r} is already registered")
+        try:
+            Draft202012Validator.check_schema(tool.spec.parameters)
+        except SchemaError as exc:
+            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from exc
+        self._entries[tool.name] = (tool, Draft202012Validator(tool.spec.parameters))
+
+    def load_module(self, module_name: str) -> None:
+        """Import a plugin module and register every tool in its `TOOLS: list[Tool]`.
+
+        Nothing is registered unless all of them can be: ValueError when the module has no TOOLS
+        list, when an entry is not a Tool, or when a name repeats (within it or with a tool
+        already here).
+        """
+        module = importlib.import_module(module_name)
+        tools = getattr(module, "TOOLS", None)
+        if tools is None:
+            raise ValueError(f"tool plugin {module_name!r} has no TOOLS attribute; define TOOLS: list[Tool]")
+        if not isinstance(tools, list | tuple) or not all(isinstance(tool, Tool) for tool in tools):
+            raise ValueError(f"{module_name}.TOOLS must be a list of Tool objects")
+        seen: set[str] = set()
+        for tool in tools:
+            if tool.name in self._entries or tool.name in seen:
+                raise ValueError(f"tool plugin {module_name!r}: a tool named {tool.name!r} already exists")
+            seen.add(tool.name)
+        for tool in tools:
+            self.register(tool)
+
+    def get(self, name: str) -> Tool | None:
+        entry = self._entries.get(name)
+        return entry[0] if entry else None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def specs(self, lane: Lane | None = None) -> list[ToolSpec]:
+        """Specs of the registered tools (only those of `lane`, if given), sorted by name."""
+        return [
+            tool.spec for name, (tool, _) in sorted(self._entries.items()) if lane is None or tool.spec.lane is lane
+        ]
+
+    async def execute(self, name: str, workspace: Path, arguments_json: str) -> ToolResult:
+        """Run one call. Every failure becomes an error result; only cancellation propagates."""
+        started = time.perf_counter()
+        result = await self._execute(name, workspace, arguments_json)
+        result.run_time = time.perf_counter() - started
+        return result
+
+    async def _execute(self, name: str, workspace: Path, arguments_json: str) -> ToolResult:
+        entry = self._entries.get(name)
+        if entry is None:
+            return ToolResult.error(
+                ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available tools: {', '.join(self.names())}"
+            )
+        tool, validator = entry
+        try:
+            arguments = json.loads(arguments_json) if arguments_json.strip() else {}
+        except json.JSONDecodeError as exc:
+            return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"arguments of {name} are not valid JSON: {exc}")
+        if not isinstance(arguments, dict):
+            return ToolResult.error(
+                ErrorKind.INVALID_ARGUMENTS,
+                f"arguments of {name} must be a JSON object, got {type(arguments).__name__}",
+            )
+        error = best_match(validator.iter_errors(arguments))
+        if error is not None:
+            where = f" at {error.json_path!r}" if error.path else ""
+            return ToolResult.error(
+                ErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {name}{where}: {error.message}"
+            )
+        try:
+            return await tool.run(ToolContext(workspace=workspace), arguments)
+        except ToolFailure as exc:
+            return ToolResult.error(exc.kind, str(exc))
+        except Exception as exc:
+            return ToolResult.error(ErrorKind.INTERNAL, f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""The built-in tools, one module each; `tool_worker.registry` collects them."""

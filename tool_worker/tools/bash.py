@@ -1,0 +1,51 @@
+"""bash: run a shell command in the workspace (Execute lane)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from tool_worker.tools import process
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolResult, ToolSpec
+
+# A login-free, rc-free shell; /bin/sh where bash is missing (slim containers).
+_SHELL = shutil.which("bash") or "/bin/sh"
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    # Deliberately not confined by the sandbox: a shell can reach any path the process can.
+    timeout_ms = args.get("timeout", process.DEFAULT_TIMEOUT_MS)
+    return await process.run_command([_SHELL, "-c", args["command"]], ctx.workspace, timeout_ms)
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="bash",
+        description=(
+            "Run a shell command with bash -c, in the workspace directory, and return its combined "
+            "stdout and stderr.\n"
+            "- No input is available (stdin is empty): do not run interactive programs.\n"
+            f"- Timeout in milliseconds: default {process.DEFAULT_TIMEOUT_MS}, max "
+            f"{process.MAX_TIMEOUT_MS}; on timeout the command and every process it started are "
+            "killed and the output so far is returned.\n"
+            "- Processes left running in the background are killed when the command finishes.\n"
+            f"- Output over {process.MAX_OUTPUT_CHARS} characters is cut from the middle; redirect "
+            "large output to a file and grep or read it instead.\n"
+            "- A non-zero exit code makes the result an error; the code is shown at the end.\n"
+            "- This is a real shell: it is NOT confined to the workspace by the path sandbox. "
+            "Prefer the read, grep, glob, ls, write and edit tools for files."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "command": {"type": "string", "minLength": 1, "description": "The shell command to run."},
+                "timeout": process.TIMEOUT_SCHEMA,
+            },
+            "required": ["command"],
+            "additionalProperties": False,
+        },
+        lane=Lane.EXECUTE,
+        idempotent=False,
+    ),
+    run=_run,
+)

@@ -1,0 +1,86 @@
+"""edit: replace an exact string in a file (Execute lane)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import atomic_write
+
+
+def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool) -> ToolResult:
+    if old == new:
+        raise ToolFailure("old_string and new_string are identical; nothing to change", ErrorKind.INVALID_ARGUMENTS)
+    try:
+        raw = target.read_bytes()
+    except FileNotFoundError as exc:
+        raise ToolFailure(f"file not found: {shown}; use write to create a new file") from exc
+    except IsADirectoryError as exc:
+        raise ToolFailure(f"{shown} is a directory, not a file") from exc
+    try:
+        # Bytes, not read_text: read_text would turn \r\n into \n and the write would change every line.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolFailure(f"{shown} is not UTF-8 text; edit only changes text files") from exc
+    count = text.count(old)
+    if count == 0:
+        raise ToolFailure(
+            f"old_string was not found in {shown}. It must match the file exactly, including "
+            "whitespace and indentation: read the file and copy the text from it."
+        )
+    if count > 1 and not replace_all:
+        raise ToolFailure(
+            f"old_string occurs {count} times in {shown}; it must be unique. Add surrounding lines "
+            "to old_string to pick one occurrence, or set replace_all=true to replace all of them."
+        )
+    try:
+        atomic_write(target, text.replace(old, new).encode("utf-8"))
+    except OSError as exc:
+        raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
+    noun = "occurrence" if count == 1 else "occurrences"
+    return ToolResult(output=f"Edited {shown}: replaced {count} {noun}")
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    target = resolve_in_workspace(ctx.workspace, args["file_path"])
+    return await asyncio.to_thread(
+        _edit,
+        target,
+        args["file_path"],
+        args["old_string"],
+        args["new_string"],
+        args.get("replace_all", False),
+    )
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="edit",
+        description=(
+            "Replace text in an existing file: old_string must occur in the file exactly as given "
+            "(whitespace and indentation included) and, unless replace_all is true, exactly once; "
+            "include enough surrounding lines to make it unique. Read the file first. The file is "
+            "rewritten atomically; line endings and everything else are kept as they are."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "file_path": {"type": "string", "minLength": 1, "description": "File to change."},
+                "old_string": {"type": "string", "minLength": 1, "description": "Exact text to replace."},
+                "new_string": {"type": "string", "description": "Text to put in its place."},
+                "replace_all": {
+                    "type": "boolean",
+                    "description": "Replace every occurrence instead of requiring exactly one (default false).",
+                },
+            },
+            "required": ["file_path", "old_string", "new_string"],
+            "additionalProperties": False,
+        },
+        lane=Lane.EXECUTE,
+        idempotent=False,
+    ),
+    run=_run,
+)

@@ -1,0 +1,200 @@
+"""grep: search file contents with a regular expression, via ripgrep (Query lane).
+
+rg runs with its parallel walk, which emits files in whatever order threads finish; the output
+is sorted here by path instead of with `rg --sort path`, which would force a single thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace, workspace_root
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.rg import RgOutput, run_rg, search_location
+
+DEFAULT_HEAD_LIMIT = 250
+# Longer lines (minified code, data) are shown as a preview: rg says how much it left out.
+MAX_LINE_CHARS = 500
+
+_MODE_ARGS = {
+    "files_with_matches": ["--files-with-matches", "--null"],
+    "count": ["--count", "--with-filename", "--null"],
+    # --heading with --null gives "path\0" + the file's lines, and a blank line between files:
+    # whole per-file blocks that can be sorted without parsing every line.
+    "content": [
+        "--heading",
+        "--with-filename",
+        "--null",
+        "--line-number",
+        f"--max-columns={MAX_LINE_CHARS}",
+        "--max-columns-preview",
+    ],
+}
+
+
+def rg_arguments(args: dict[str, Any]) -> list[str]:
+    """The rg flags for a grep call, without the path (the benchmark runs rg with these too)."""
+    mode = args.get("output_mode", "files_with_matches")
+    flags = list(_MODE_ARGS[mode])
+    if args.get("-i"):
+        flags.append("--ignore-case")
+    if args.get("multiline"):
+        flags += ["--multiline", "--multiline-dotall"]
+    if "glob" in args:
+        flags += ["--glob", args["glob"]]
+    if "type" in args:
+        flags += ["--type", args["type"]]
+    if mode == "content":
+        for option in ("-A", "-B", "-C"):
+            if option in args:
+                flags += [option, str(args[option])]
+    flags += ["--regexp", args["pattern"]]
+    return flags
+
+
+def _file_entries(out: RgOutput, prefix: str) -> list[str]:
+    return [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
+
+
+def _count_entries(out: RgOutput, prefix: str) -> list[str]:
+    entries = []
+    for line in sorted(out.stdout.split(b"\n")[:-1]):
+        name, _, count = line.partition(b"\0")
+        entries.append(f"{prefix}{name.decode('utf-8', 'replace')}:{count.decode()}")
+    return entries
+
+
+def _content_lines(out: RgOutput, prefix: str, numbered: bool, start: int, stop: int) -> tuple[list[str], int]:
+    """Lines [start, stop) of the path-sorted output, and how many lines there are in all.
+
+    Only the lines shown are decoded and formatted; the rest are just counted.
+    """
+    blocks = sorted(block.partition(b"\0")[::2] for block in out.stdout.split(b"\n\n") if block)
+    shown: list[str] = []
+    total = 0
+    for name, body in blocks:
+        # Not splitlines(): that would also split on a bare \r inside a line of text.
+        lines = body.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        if total + len(lines) > start and total < stop:
+            path = prefix + name.decode("utf-8", "replace")
+            for line in lines[max(0, start - total) : stop - total]:
+                shown.append(_format_line(path, line.decode("utf-8", "replace"), numbered))
+        total += len(lines)
+    return shown, total
+
+
+def _format_line(path: str, line: str, numbered: bool) -> str:
+    # rg prints "12:text" for a match and "12-text" for context, "--" between context groups.
+    if line == "--":
+        return line
+    digits = len(line) - len(line.lstrip("0123456789"))
+    separator = line[digits : digits + 1]
+    return f"{path}{separator}{line if numbered else line[digits + 1 :]}"
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    shown_path = args.get("path", ".")
+    target = resolve_in_workspace(ctx.workspace, shown_path)
+    if not target.exists():
+        raise ToolFailure(f"path not found: {shown_path}")
+    cwd, path_args, prefix = search_location(workspace_root(ctx.workspace), target)
+    out = await run_rg([*rg_arguments(args), *path_args], cwd)
+    if out.returncode == 2 and not out.stdout:
+        raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {out.stderr}")
+    if not out.stdout:
+        return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
+
+    mode = args.get("output_mode", "files_with_matches")
+    offset = args.get("offset", 0)
+    limit = args.get("head_limit", DEFAULT_HEAD_LIMIT)
+    if mode == "content":
+        lines, total = _content_lines(out, prefix, args.get("-n", True), offset, offset + limit)
+        unit = "lines"
+    else:
+        entries = _file_entries(out, prefix) if mode == "files_with_matches" else _count_entries(out, prefix)
+        lines, total = entries[offset : offset + limit], len(entries)
+        unit = "files"
+    if not lines:
+        raise ToolFailure(f"offset {offset} is past the end of the results ({total} {unit})")
+    notices = []
+    if offset + len(lines) < total:
+        notices.append(
+            f"[showing {unit} {offset + 1}-{offset + len(lines)} of {total}; use offset={offset + len(lines)} for more]"
+        )
+    if out.overflowed:
+        notices.append(
+            "[rg produced too much output and was stopped: results cover part of the tree only; "
+            "use a more specific pattern, path or glob]"
+        )
+    return ToolResult(
+        output="\n".join(lines + notices),
+        truncated=bool(notices),
+        metadata={"total": total},
+    )
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="grep",
+        description=(
+            "Search file contents with a regular expression (ripgrep, Rust regex syntax: escape "
+            "literal braces and parentheses, e.g. `interface\\{\\}`, `fn\\(`). Files ignored by "
+            ".gitignore, hidden files and binary files are skipped. Paths in the answer are relative "
+            "to the workspace root, sorted.\n"
+            "- output_mode: `files_with_matches` (default) lists matching files; `content` shows "
+            "matching lines as `path:line:text` (context lines use `-`); `count` gives matches per "
+            "file.\n"
+            "- Filter files with glob (`*.py`, `src/**/*.ts`) or type (`py`, `js`, `rust`, ...).\n"
+            "- -i ignores case; -A/-B/-C add context lines in content mode; multiline lets a "
+            "pattern (with `.` matching newlines) span lines.\n"
+            f"- Returns at most head_limit entries (default {DEFAULT_HEAD_LIMIT}); continue with "
+            f"offset. Lines longer than {MAX_LINE_CHARS} characters are shortened."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "pattern": {"type": "string", "minLength": 1, "description": "Regular expression to find."},
+                "path": {
+                    "type": "string",
+                    "description": "File or directory to search (default: the workspace root).",
+                },
+                "glob": {"type": "string", "description": "Only search files matching this glob."},
+                "type": {"type": "string", "description": "Only search files of this rg type, e.g. py."},
+                "output_mode": {
+                    "type": "string",
+                    "enum": ["files_with_matches", "content", "count"],
+                    "description": "What to return (default files_with_matches).",
+                },
+                "-i": {"type": "boolean", "description": "Case-insensitive search."},
+                "-n": {
+                    "type": "boolean",
+                    "description": "Show line numbers in content mode (default true).",
+                },
+                "-A": {"type": "integer", "minimum": 0, "description": "Lines of context after a match."},
+                "-B": {"type": "integer", "minimum": 0, "description": "Lines of context before a match."},
+                "-C": {"type": "integer", "minimum": 0, "description": "Lines of context around a match."},
+                "multiline": {
+                    "type": "boolean",
+                    "description": "Let the pattern span lines; `.` also matches newlines.",
+                },
+                "head_limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": f"At most this many entries (default {DEFAULT_HEAD_LIMIT}).",
+                },
+                "offset": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Skip this many entries first, to page through results (default 0).",
+                },
+            },
+            "required": ["pattern"],
+            "additionalProperties": False,
+        },
+        lane=Lane.QUERY,
+        idempotent=True,
+    ),
+    run=_run,
+)

@@ -1,0 +1,67 @@
+"""list_files: every file under a directory, recursively, honouring .gitignore (Query lane)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace, workspace_root
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.rg import run_rg, search_location
+
+MAX_ENTRIES = 1000
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    shown = args.get("path", ".")
+    target = resolve_in_workspace(ctx.workspace, shown)
+    if not target.is_dir():
+        raise ToolFailure(f"not a directory: {shown}")
+    cwd, _, prefix = search_location(workspace_root(ctx.workspace), target)
+    rg_args = ["--files", "--null"]
+    if "max_depth" in args:
+        rg_args += ["--max-depth", str(args["max_depth"])]
+    out = await run_rg(rg_args, cwd)
+    if out.returncode == 2 and not out.stdout:
+        raise ToolFailure(f"listing {shown} failed: {out.stderr}")
+    names = sorted(out.stdout.split(b"\0")[:-1])
+    if not names:
+        return ToolResult(output=f"No files under {shown} (after .gitignore)")
+    lines = [prefix + name.decode("utf-8", "replace") for name in names[:MAX_ENTRIES]]
+    truncated = len(names) > MAX_ENTRIES or out.overflowed
+    if truncated:
+        lines.append(
+            f"[showing the first {MAX_ENTRIES} of {len(names)}{'+' if out.overflowed else ''} files; "
+            "list a subdirectory, lower max_depth, or use glob to narrow it]"
+        )
+    return ToolResult(output="\n".join(lines), truncated=truncated, metadata={"files": len(names)})
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="list_files",
+        description=(
+            "List every file under a directory, recursively, sorted by path. Files ignored by "
+            ".gitignore and hidden files (names starting with a dot) are skipped. max_depth 1 lists "
+            f"only the directory's own files. At most {MAX_ENTRIES} paths, relative to the "
+            "workspace root. To see one directory with its subdirectories, use ls."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "path": {
+                    "type": "string",
+                    "description": "Directory to list, relative to the workspace root (default: the root).",
+                },
+                "max_depth": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "How many directory levels to descend (default: no limit).",
+                },
+            },
+            "additionalProperties": False,
+        },
+        lane=Lane.QUERY,
+        idempotent=True,
+    ),
+    run=_run,
+)

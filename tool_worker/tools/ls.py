@@ -1,0 +1,77 @@
+"""ls: list one directory, directories first (Query lane)."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+
+MAX_ENTRIES = 1000
+
+
+def _list(directory: Path, shown: str, ignore: list[str]) -> ToolResult:
+    try:
+        with os.scandir(directory) as scan:
+            entries = [
+                (entry.name, entry.is_dir())
+                for entry in scan
+                if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in ignore)
+            ]
+    except FileNotFoundError as exc:
+        raise ToolFailure(f"directory not found: {shown}") from exc
+    except NotADirectoryError as exc:
+        raise ToolFailure(f"{shown} is a file, not a directory; use read to see it") from exc
+    except PermissionError as exc:
+        raise ToolFailure(f"permission denied listing {shown}") from exc
+    dirs = sorted(name + "/" for name, is_dir in entries if is_dir)
+    files = sorted(name for name, is_dir in entries if not is_dir)
+    listing = dirs + files
+    if not listing:
+        return ToolResult(output=f"{shown} is empty" + (" (after ignore patterns)" if ignore else ""))
+    lines = listing[:MAX_ENTRIES]
+    truncated = len(listing) > MAX_ENTRIES
+    if truncated:
+        lines.append(f"[showing {MAX_ENTRIES} of {len(listing)} entries; use glob or ignore patterns to narrow it]")
+    return ToolResult(output="\n".join(lines), truncated=truncated, metadata={"entries": len(listing)})
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    shown = args.get("path", ".")
+    directory = resolve_in_workspace(ctx.workspace, shown)
+    return await asyncio.to_thread(_list, directory, shown, args.get("ignore", []))
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="ls",
+        description=(
+            "List the entries of one directory (not recursive): directories first, each ending "
+            "with `/`, then files, each group sorted by name. Hidden entries are included and "
+            f".gitignore is not applied. At most {MAX_ENTRIES} entries. For a recursive listing use "
+            "list_files; to find files by name use glob."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "path": {
+                    "type": "string",
+                    "description": "Directory to list, relative to the workspace root (default: the root).",
+                },
+                "ignore": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Glob patterns of entry names to leave out, such as `*.pyc` or `node_modules`.",
+                },
+            },
+            "additionalProperties": False,
+        },
+        lane=Lane.QUERY,
+        idempotent=True,
+    ),
+    run=_run,
+)

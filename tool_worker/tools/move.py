@@ -1,0 +1,65 @@
+"""move: rename or move a file or directory (Execute lane)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace, workspace_root
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import check_destination, remove_existing
+
+
+def _move(source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
+    if not source.exists() and not source.is_symlink():
+        raise ToolFailure(f"source not found: {shown[0]}")
+    check_destination(source, destination, shown[1], overwrite)
+    if destination.exists() or destination.is_symlink():
+        remove_existing(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, destination)
+    return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    # Both ends name entries, not what symlinks point to: moving a link moves the link.
+    source = resolve_in_workspace(ctx.workspace, args["source"], follow_final_symlink=False)
+    destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
+    if source == workspace_root(ctx.workspace):
+        raise ToolFailure("refusing to move the workspace root")
+    shown = (args["source"], args["destination"])
+    try:
+        return await asyncio.to_thread(_move, source, destination, shown, args.get("overwrite", False))
+    except OSError as exc:
+        raise ToolFailure(f"cannot move {shown[0]} to {shown[1]}: {exc.strerror or exc}") from exc
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="move",
+        description=(
+            "Move or rename a file or directory. destination is the new path itself (not a "
+            "directory to move into); missing parent directories are created. An existing "
+            "destination is an error unless overwrite=true, which replaces it (a directory with "
+            "all its contents). Paths are relative to the workspace root."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "source": {"type": "string", "minLength": 1, "description": "What to move."},
+                "destination": {"type": "string", "minLength": 1, "description": "Its new path."},
+                "overwrite": {
+                    "type": "boolean",
+                    "description": "Replace an existing destination (default false).",
+                },
+            },
+            "required": ["source", "destination"],
+            "additionalProperties": False,
+        },
+        lane=Lane.EXECUTE,
+        idempotent=False,
+    ),
+    run=_run,
+)

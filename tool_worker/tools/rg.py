@@ -1,0 +1,113 @@
+"""Locate and run ripgrep, shared by grep, glob, list_files and search.
+
+rg walks trees in parallel and honours .gitignore natively, which is why the listing tools
+use it rather than a Python walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tool_worker.tools.base import ErrorKind, ToolFailure
+
+# Read at most this much of rg's stdout; past it rg is stopped, so memory stays bounded even for
+# a pattern that matches every line of a huge tree.
+MAX_RG_OUTPUT_BYTES = 64 * 1024 * 1024
+_MAX_STDERR_BYTES = 16 * 1024
+_READ_CHUNK = 256 * 1024
+
+# --no-config: a user's RIPGREP_CONFIG_PATH must not change what tools return.
+# --no-require-git: honour .gitignore even when the workspace is not a git checkout.
+BASE_ARGS = ("--no-config", "--no-require-git", "--color=never", "--no-messages")
+
+
+@functools.cache
+def rg_binary() -> str:
+    """Path of the rg executable: the one installed beside this Python (the ripgrep wheel), else PATH."""
+    found = shutil.which(Path(sys.executable).parent / "rg") or shutil.which("rg")
+    if found is None:
+        raise ToolFailure(
+            "ripgrep (rg) is not installed: install the `ripgrep` package into this environment or put rg on PATH",
+            ErrorKind.INTERNAL,
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class RgOutput:
+    returncode: int
+    stdout: bytes
+    stderr: str
+    # True when stdout passed MAX_RG_OUTPUT_BYTES and rg was stopped early.
+    overflowed: bool
+
+
+async def run_rg(args: Sequence[str], cwd: Path, max_bytes: int = MAX_RG_OUTPUT_BYTES) -> RgOutput:
+    """Run rg with BASE_ARGS + `args` in `cwd`; rg is killed if the caller is cancelled."""
+    proc = await asyncio.create_subprocess_exec(
+        rg_binary(),
+        *BASE_ARGS,
+        *args,
+        cwd=cwd,
+        # Never a pipe: rg searches stdin instead of cwd when stdin is readable.
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        stdout, stderr = await asyncio.gather(
+            _read_capped(proc.stdout, max_bytes, stop=True),
+            _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False),
+        )
+        overflowed = len(stdout) > max_bytes
+        if overflowed:
+            proc.kill()
+        returncode = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return RgOutput(
+        returncode=returncode,
+        stdout=stdout[:max_bytes],
+        stderr=stderr.decode("utf-8", "replace").strip(),
+        overflowed=overflowed,
+    )
+
+
+async def _read_capped(stream: asyncio.StreamReader, cap: int, *, stop: bool) -> bytes:
+    """Read to EOF keeping a bit more than `cap` bytes at most.
+
+    With `stop`, return as soon as the cap is passed (the caller then kills rg); otherwise keep
+    draining and discarding, so rg never blocks on a full pipe.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(_READ_CHUNK):
+        if size <= cap:
+            chunks.append(chunk)
+        size += len(chunk)
+        if stop and size > cap:
+            break
+    return b"".join(chunks)
+
+
+def search_location(root: Path, target: Path) -> tuple[Path, list[str], str]:
+    """Where to run rg for a resolved `target` and how to show what it prints.
+
+    Returns (cwd, path arguments, prefix): a directory is searched from inside (so globs are
+    relative to it, as the model expects) and its relative path is the prefix of every output
+    path; a single file is searched from the workspace root by name.
+    """
+    if target.is_dir():
+        relative = os.path.relpath(target, root)
+        return target, [], "" if relative == "." else relative + "/"
+    return root, ["--", os.path.relpath(target, root)], ""

@@ -1,0 +1,52 @@
+"""write: create or overwrite a file with the given content (Execute lane)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from tool_worker.sandbox import resolve_in_workspace
+from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import atomic_write
+
+
+def _write(target: Path, shown: str, content: str) -> ToolResult:
+    existed = target.exists()
+    data = content.encode("utf-8")
+    try:
+        atomic_write(target, data)
+    except OSError as exc:
+        raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
+    verb = "Overwrote" if existed else "Created"
+    return ToolResult(output=f"{verb} {shown} ({len(data)} bytes)")
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    target = resolve_in_workspace(ctx.workspace, args["file_path"])
+    return await asyncio.to_thread(_write, target, args["file_path"], args["content"])
+
+
+TOOL = Tool(
+    spec=ToolSpec(
+        name="write",
+        description=(
+            "Write a file in the workspace, replacing it if it exists; missing parent directories "
+            "are created. The file is replaced atomically (never left half-written). To change part "
+            "of an existing file, prefer edit, which sends only the change. Paths are relative to "
+            "the workspace root (absolute paths must be inside it)."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {
+                "file_path": {"type": "string", "minLength": 1, "description": "File to write."},
+                "content": {"type": "string", "description": "The complete new content of the file."},
+            },
+            "required": ["file_path", "content"],
+            "additionalProperties": False,
+        },
+        lane=Lane.EXECUTE,
+        idempotent=False,
+    ),
+    run=_run,
+)

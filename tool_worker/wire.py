@@ -1,0 +1,99 @@
+"""Tool specs and results <-> their codelane.v1 protos. Shared by the worker and the hub."""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import duration_pb2
+
+from codelane.v1 import tools_pb2
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+
+LANE_TO_PROTO = {Lane.QUERY: tools_pb2.LANE_QUERY, Lane.EXECUTE: tools_pb2.LANE_EXECUTE}
+LANE_FROM_PROTO = {v: k for k, v in LANE_TO_PROTO.items()}
+
+ERROR_KIND_TO_PROTO = {kind: tools_pb2.ErrorKind.Value(f"ERROR_KIND_{kind.name}") for kind in ErrorKind}
+ERROR_KIND_FROM_PROTO = {v: k for k, v in ERROR_KIND_TO_PROTO.items()}
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def spec_to_proto(spec: ToolSpec) -> tools_pb2.ToolSpec:
+    return tools_pb2.ToolSpec(
+        name=spec.name,
+        description=spec.description,
+        parameters_json_schema=spec.parameters_json(),
+        lane=LANE_TO_PROTO[spec.lane],
+        idempotent=spec.idempotent,
+        required_labels=dict(spec.required_labels),
+    )
+
+
+def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
+    """Raises ValueError when the schema is not a JSON object or the lane is not QUERY/EXECUTE."""
+    try:
+        parameters = json.loads(msg.parameters_json_schema or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tool {msg.name!r}: parameters_json_schema is not valid JSON ({exc})") from None
+    if not isinstance(parameters, dict):
+        raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object")
+    if msg.lane not in LANE_FROM_PROTO:
+        raise ValueError(f"tool {msg.name!r}: lane must be LANE_QUERY or LANE_EXECUTE")
+    return ToolSpec(
+        name=msg.name,
+        description=msg.description,
+        parameters=parameters,
+        lane=LANE_FROM_PROTO[msg.lane],
+        idempotent=msg.idempotent,
+        required_labels=dict(msg.required_labels),
+    )
+
+
+def result_to_proto(result: ToolResult) -> tools_pb2.ToolResult:
+    msg = tools_pb2.ToolResult(
+        output=result.output,
+        is_error=result.is_error,
+        truncated=result.truncated,
+        worker_id=result.worker_id,
+        attempt=result.attempt,
+        metadata_json=json.dumps(result.metadata) if result.metadata else "",
+    )
+    if result.error_kind is not None:
+        msg.error_kind = ERROR_KIND_TO_PROTO[result.error_kind]
+    if result.exit_code is not None:
+        msg.exit_code = result.exit_code
+    if result.queue_wait:
+        msg.queue_wait.CopyFrom(duration(result.queue_wait))
+    if result.run_time:
+        msg.run_time.CopyFrom(duration(result.run_time))
+    return msg
+
+
+def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
+    try:
+        metadata = json.loads(msg.metadata_json) if msg.metadata_json else {}
+    except json.JSONDecodeError:
+        metadata = {"unparsed_metadata": msg.metadata_json}
+    error_kind = ERROR_KIND_FROM_PROTO.get(msg.error_kind)
+    if msg.is_error and error_kind is None:
+        error_kind = ErrorKind.TOOL_ERROR
+    return ToolResult(
+        output=msg.output,
+        is_error=msg.is_error,
+        error_kind=error_kind,
+        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
+        truncated=msg.truncated,
+        metadata=metadata if isinstance(metadata, dict) else {"metadata": metadata},
+        worker_id=msg.worker_id,
+        attempt=msg.attempt or 1,
+        queue_wait=seconds(msg.queue_wait),
+        run_time=seconds(msg.run_time),
+    )

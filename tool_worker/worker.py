@@ -1,0 +1,302 @@
+"""The tool-worker process: dials a hub, offers its Query tools, runs what it is assigned.
+
+    codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
+                    [--root DIR ...] [--tools python.module] [--id ID]
+
+One bidirectional stream carries everything. The worker reconnects with exponential backoff and
+jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
+exits 0. A hub that refuses its token or its Hello ends it with a non-zero exit and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from codelane import __version__
+from codelane.transport import bearer_metadata, create_channel
+from codelane.v1 import worker_pb2, worker_pb2_grpc
+from tool_worker import wire
+from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult
+
+log = logging.getLogger("codelane.worker")
+
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 10.0
+EXIT_UNAUTHENTICATED = 3
+EXIT_REJECTED = 2
+
+
+class WorkerRejected(Exception):
+    """The hub refused this worker for good (token or Hello): reconnecting will not help."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+@dataclass
+class WorkerConfig:
+    address: str
+    worker_id: str
+    slots: int = 4
+    token: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    roots: list[str] = field(default_factory=list)
+    tool_modules: list[str] = field(default_factory=list)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    parent_pid: int | None = None
+
+
+class ToolWorker:
+    def __init__(self, config: WorkerConfig, registry: ToolRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self._draining = asyncio.Event()
+        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._probes: set[asyncio.Task[None]] = set()
+
+    def request_drain(self) -> None:
+        self._draining.set()
+
+    def hello(self) -> worker_pb2.Hello:
+        return worker_pb2.Hello(
+            worker_id=self.config.worker_id,
+            version=__version__,
+            labels=self.config.labels,
+            tools=[wire.spec_to_proto(s) for s in self.registry.specs(Lane.QUERY)],
+            slots=self.config.slots,
+            workspace_roots=self.config.roots,
+            hostname=socket.gethostname(),
+        )
+
+    async def run(self) -> int:
+        """Connects, serves, reconnects; returns the process exit code."""
+        delay = BACKOFF_INITIAL
+        channel = create_channel(
+            self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
+        )
+        try:
+            while not self._draining.is_set():
+                started = time.monotonic()
+                try:
+                    await self._serve(channel)
+                    if self._draining.is_set():
+                        return 0
+                except WorkerRejected as exc:
+                    if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                        print(f"codelane worker: the hub refused our token (UNAUTHENTICATED): {exc}", file=sys.stderr)
+                        return EXIT_UNAUTHENTICATED
+                    print(f"codelane worker: the hub rejected this worker ({exc.code.name}): {exc}", file=sys.stderr)
+                    return EXIT_REJECTED
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
+                if time.monotonic() - started > BACKOFF_MAX:
+                    delay = BACKOFF_INITIAL  # the last connection was healthy for a while
+                # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._draining.wait(), random.uniform(0, delay))
+                delay = min(delay * 2, BACKOFF_MAX)
+            return 0
+        finally:
+            await channel.close()
+
+    async def _serve(self, channel: grpc.aio.Channel) -> None:
+        stub = worker_pb2_grpc.WorkerHubServiceStub(channel)
+        call = stub.Connect(metadata=bearer_metadata(self.config.token))
+        write_lock = asyncio.Lock()
+
+        async def send(message: worker_pb2.ConnectRequest) -> None:
+            async with write_lock:
+                await call.write(message)
+
+        await send(worker_pb2.ConnectRequest(hello=self.hello()))
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                raise WorkerRejected(exc.code(), exc.details() or "") from None
+            raise
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
+            code = await call.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                raise WorkerRejected(code, await call.details())
+            return
+        interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
+        log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
+        heartbeat = asyncio.create_task(self._heartbeat(send, interval))
+        drain_watch = asyncio.create_task(self._announce_drain(send, call, write_lock))
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    return
+                kind = message.WhichOneof("message")
+                if kind == "assign":
+                    self._start(message.assign, send)
+                elif kind == "cancel":
+                    task = self._running.get((message.cancel.call_id, message.cancel.attempt))
+                    if task is not None:
+                        task.cancel()
+                elif kind == "probe":
+                    probe = asyncio.create_task(self._probe(message.probe, send))
+                    self._probes.add(probe)
+                    probe.add_done_callback(self._probes.discard)
+                elif kind == "drain":
+                    log.info("hub asked us to drain: %s", message.drain.reason)
+                    self._draining.set()
+        finally:
+            heartbeat.cancel()
+            drain_watch.cancel()
+            for task in list(self._running.values()):
+                task.cancel()
+
+    def _start(self, assign: worker_pb2.Assign, send) -> None:
+        key = (assign.call_id, assign.attempt)
+        task = asyncio.create_task(self._run_call(assign, send))
+        self._running[key] = task
+        task.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    async def _run_call(self, assign: worker_pb2.Assign, send) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self.registry.execute(assign.tool_name, Path(assign.workspace), assign.arguments_json)
+        except asyncio.CancelledError:
+            result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker")
+            result.run_time = time.perf_counter() - started
+        report = worker_pb2.CallResult(
+            call_id=assign.call_id, attempt=assign.attempt, result=wire.result_to_proto(result)
+        )
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            await send(worker_pb2.ConnectRequest(result=report))
+
+    async def _probe(self, probe: worker_pb2.Probe, send) -> None:
+        answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)
+        try:
+            answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
+        except OSError as exc:
+            answer.error = str(exc)
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await send(worker_pb2.ConnectRequest(probe_result=answer))
+
+    async def _heartbeat(self, send, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
+                log.info("parent process is gone: draining")
+                self._draining.set()
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            await send(
+                worker_pb2.ConnectRequest(
+                    heartbeat=worker_pb2.Heartbeat(active_calls=len(self._running), load_average=load)
+                )
+            )
+
+    async def _announce_drain(self, send, call, write_lock: asyncio.Lock) -> None:
+        """On drain (SIGTERM or the hub's Drain): tell the hub, finish the running calls, then
+        half-close the stream; the hub then ends it and the read loop sees EOF."""
+        await self._draining.wait()
+        await send(worker_pb2.ConnectRequest(draining=worker_pb2.Draining(reason="worker draining")))
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+        async with write_lock:
+            await call.done_writing()
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codelane worker", description="Run a codelane tool worker.")
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="address of the session server's hub")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CODELANE_WORKER_TOKEN"),
+        help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
+    )
+    parser.add_argument("--slots", type=int, default=4, help="calls run at once (default 4)")
+    parser.add_argument("--labels", type=parse_labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
+    parser.add_argument("--root", action="append", default=[], help="workspace root this worker can read (repeat)")
+    parser.add_argument(
+        "--tools",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="Python module with extra tools (TOOLS = [...]); repeatable",
+    )
+    parser.add_argument(
+        "--id",
+        dest="worker_id",
+        default=f"{socket.gethostname()}/{os.getpid()}",
+        help="worker id, unique in the pool (default host/pid)",
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the hub (enables TLS)")
+    parser.add_argument("--tls-cert", help="client certificate for mTLS")
+    parser.add_argument("--tls-key", help="client key for mTLS")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
+    if args.slots < 1:
+        print("codelane worker: --slots must be at least 1", file=sys.stderr)
+        return 2
+    registry = ToolRegistry.builtin()
+    try:
+        for module in args.tools:
+            registry.load_module(module)
+    except (ImportError, ValueError) as exc:
+        print(f"codelane worker: cannot load tools: {exc}", file=sys.stderr)
+        return 2
+    config = WorkerConfig(
+        address=args.connect,
+        worker_id=args.worker_id,
+        slots=args.slots,
+        token=args.token,
+        labels=args.labels,
+        roots=[str(Path(r).resolve()) for r in args.root],
+        tool_modules=args.tools,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        parent_pid=args.parent_pid,
+    )
+    return asyncio.run(_run(config, registry))
+
+
+async def _run(config: WorkerConfig, registry: ToolRegistry) -> int:
+    worker = ToolWorker(config, registry)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_drain)
+    return await worker.run()
