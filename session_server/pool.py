@@ -334,7 +334,7 @@ class WorkerPool:
         self._queues.setdefault(call.session_id, deque()).append(pending)
         self._pump()
         try:
-            return await asyncio.shield(pending.future)
+            return await pending.future
         except asyncio.CancelledError:
             self._withdraw(pending, "the call was cancelled")
             raise

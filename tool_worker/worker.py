@@ -121,10 +121,22 @@ class ToolWorker:
         stub = worker_pb2_grpc.WorkerHubServiceStub(channel)
         call = stub.Connect(metadata=bearer_metadata(self.config.token))
         write_lock = asyncio.Lock()
+        self._unsent_results: list[worker_pb2.CallResult] = []
 
         async def send(message: worker_pb2.ConnectRequest) -> None:
             async with write_lock:
                 await call.write(message)
+
+        async def send_result(result: worker_pb2.CallResult) -> None:
+            # Results finishing while a write is under way go out together in the next write:
+            # no extra task in the quiet case, one message for many results under load.
+            self._unsent_results.append(result)
+            if write_lock.locked():
+                return
+            async with write_lock:
+                while self._unsent_results:
+                    batch, self._unsent_results = self._unsent_results, []
+                    await call.write(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=batch)))
 
         await send(worker_pb2.ConnectRequest(hello=self.hello()))
         try:
@@ -152,8 +164,9 @@ class ToolWorker:
                 if message is grpc.aio.EOF:
                     return
                 kind = message.WhichOneof("message")
-                if kind == "assign":
-                    self._start(message.assign, send)
+                if kind == "assignments":
+                    for assign in message.assignments.assigns:
+                        self._start(assign, send_result)
                 elif kind == "cancel":
                     task = self._running.get((message.cancel.call_id, message.cancel.attempt))
                     if task is not None:
@@ -171,13 +184,13 @@ class ToolWorker:
             for task in list(self._running.values()):
                 task.cancel()
 
-    def _start(self, assign: worker_pb2.Assign, send) -> None:
+    def _start(self, assign: worker_pb2.Assign, send_result) -> None:
         key = (assign.call_id, assign.attempt)
-        task = asyncio.create_task(self._run_call(assign, send))
+        task = asyncio.create_task(self._run_call(assign, send_result))
         self._running[key] = task
         task.add_done_callback(lambda _t: self._running.pop(key, None))
 
-    async def _run_call(self, assign: worker_pb2.Assign, send) -> None:
+    async def _run_call(self, assign: worker_pb2.Assign, send_result) -> None:
         started = time.perf_counter()
         try:
             result = await self.registry.execute(assign.tool_name, Path(assign.workspace), assign.arguments_json)
@@ -188,7 +201,7 @@ class ToolWorker:
             call_id=assign.call_id, attempt=assign.attempt, result=wire.result_to_proto(result)
         )
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            await send(worker_pb2.ConnectRequest(result=report))
+            await send_result(report)
 
     async def _probe(self, probe: worker_pb2.Probe, send) -> None:
         answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)

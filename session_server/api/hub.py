@@ -21,46 +21,70 @@ HELLO_TIMEOUT = 10.0
 
 
 class _StreamLink:
-    """A WorkerLink over one Connect stream: messages are queued and written by one task, since
-    grpc.aio allows a single writer at a time."""
+    """A WorkerLink over one Connect stream.
+
+    grpc.aio allows one write at a time and each write costs a trip through gRPC's core, so
+    messages are queued and one writer task sends them, coalescing every queued Assign into one
+    Assignments message: under load, one write carries many calls.
+    """
 
     def __init__(self) -> None:
-        self.outbox: asyncio.Queue[worker_pb2.ConnectResponse | None] = asyncio.Queue()
+        self._assigns: list[worker_pb2.Assign] = []
+        self._control: list[worker_pb2.ConnectResponse] = []
+        self._wake = asyncio.Event()
         self.closed_reason = ""
+        self._closed = False
 
     def assign(self, assignment: Assignment) -> None:
         deadline = timestamp_pb2.Timestamp()
         deadline.FromNanoseconds(int(assignment.deadline * 1e9))
-        self.outbox.put_nowait(
-            worker_pb2.ConnectResponse(
-                assign=worker_pb2.Assign(
-                    call_id=assignment.call_id,
-                    attempt=assignment.attempt,
-                    tool_name=assignment.tool_name,
-                    arguments_json=assignment.arguments_json,
-                    workspace=assignment.workspace,
-                    deadline=deadline,
-                    session_id=assignment.session_id,
-                )
+        self._assigns.append(
+            worker_pb2.Assign(
+                call_id=assignment.call_id,
+                attempt=assignment.attempt,
+                tool_name=assignment.tool_name,
+                arguments_json=assignment.arguments_json,
+                workspace=assignment.workspace,
+                deadline=deadline,
+                session_id=assignment.session_id,
             )
         )
+        self._wake.set()
+
+    def _send(self, message: worker_pb2.ConnectResponse) -> None:
+        self._control.append(message)
+        self._wake.set()
 
     def cancel(self, call_id: str, attempt: int, reason: str) -> None:
-        self.outbox.put_nowait(
+        self._send(
             worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(call_id=call_id, attempt=attempt, reason=reason))
         )
 
     def probe(self, probe_id: str, workspace: str) -> None:
-        self.outbox.put_nowait(
-            worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id=probe_id, workspace=workspace))
-        )
+        self._send(worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id=probe_id, workspace=workspace)))
 
     def drain(self, reason: str) -> None:
-        self.outbox.put_nowait(worker_pb2.ConnectResponse(drain=worker_pb2.Drain(reason=reason)))
+        self._send(worker_pb2.ConnectResponse(drain=worker_pb2.Drain(reason=reason)))
 
     def close(self, reason: str) -> None:
         self.closed_reason = reason
-        self.outbox.put_nowait(None)
+        self._closed = True
+        self._wake.set()
+
+    async def write_until_closed(self, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            # Assignments first, so a Cancel never overtakes the Assign it withdraws.
+            if self._assigns:
+                batch, self._assigns = self._assigns, []
+                await context.write(worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=batch)))
+            while self._control:
+                await context.write(self._control.pop(0))
+            if self._assigns or self._control or self._closed:
+                self._wake.set()
 
 
 def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistration:
@@ -113,7 +137,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         )
         await context.write(worker_pb2.ConnectResponse(welcome=welcome))
         reader = asyncio.create_task(self._read(worker_id, request_iterator))
-        writer = asyncio.create_task(self._write(link, context))
+        writer = asyncio.create_task(link.write_until_closed(context))
         reason = "the worker closed its stream"
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -134,9 +158,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         pool = self._pool
         async for request in request_iterator:
             kind = request.WhichOneof("message")
-            if kind == "result":
-                msg = request.result
-                pool.on_result(worker_id, msg.call_id, msg.attempt, wire.result_from_proto(msg.result))
+            if kind == "results":
+                for msg in request.results.results:
+                    pool.on_result(worker_id, msg.call_id, msg.attempt, wire.result_from_proto(msg.result))
             elif kind == "heartbeat":
                 pool.heartbeat(worker_id)
             elif kind == "probe_result":
@@ -145,7 +169,3 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             elif kind == "draining":
                 pool.worker_draining(worker_id)
             # A second Hello or an unknown message from a newer worker is ignored, not fatal.
-
-    async def _write(self, link: _StreamLink, context: grpc.aio.ServicerContext) -> None:
-        while (message := await link.outbox.get()) is not None:
-            await context.write(message)

@@ -28,7 +28,7 @@ class ConnectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HELLO_FIELD_NUMBER: _builtins.int
-    RESULT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     PROBE_RESULT_FIELD_NUMBER: _builtins.int
@@ -37,8 +37,8 @@ class ConnectRequest(_message.Message):
         """First message: who the worker is and what it offers."""
 
     @_builtins.property
-    def result(self) -> Global___CallResult:
-        """The end of an assigned call."""
+    def results(self) -> Global___CallResults:
+        """The end of one or more assigned calls."""
 
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat:
@@ -56,16 +56,16 @@ class ConnectRequest(_message.Message):
         self,
         *,
         hello: Global___Hello | None = ...,
-        result: Global___CallResult | None = ...,
+        results: Global___CallResults | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         draining: Global___Draining | None = ...,
         probe_result: Global___ProbeResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "result", "heartbeat", "draining", "probe_result"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "results", "heartbeat", "draining", "probe_result"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -78,7 +78,7 @@ class ConnectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
-    ASSIGN_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
@@ -87,8 +87,8 @@ class ConnectResponse(_message.Message):
         """The Hello was accepted."""
 
     @_builtins.property
-    def assign(self) -> Global___Assign:
-        """Run a call."""
+    def assignments(self) -> Global___Assignments:
+        """Run one or more calls."""
 
     @_builtins.property
     def cancel(self) -> Global___Cancel:
@@ -106,16 +106,16 @@ class ConnectResponse(_message.Message):
         self,
         *,
         welcome: Global___Welcome | None = ...,
-        assign: Global___Assign | None = ...,
+        assignments: Global___Assignments | None = ...,
         cancel: Global___Cancel | None = ...,
         drain: Global___Drain | None = ...,
         probe: Global___Probe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "drain", "probe"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "cancel", "drain", "probe"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -224,6 +224,28 @@ class Welcome(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Assignments(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assign]:
+        """The calls to run, in the order they were assigned."""
+
+    def __init__(
+        self,
+        *,
+        assigns: _abc.Iterable[Global___Assign] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigns", b"assigns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
 
 @_typing.final
 class Assign(_message.Message):
@@ -376,6 +398,28 @@ class ProbeResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProbeResult: _TypeAlias = ProbeResult  # noqa: Y015
+
+@_typing.final
+class CallResults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallResult]:
+        """Finished calls, in the order they finished."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CallResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallResults: _TypeAlias = CallResults  # noqa: Y015
 
 @_typing.final
 class CallResult(_message.Message):

@@ -34,12 +34,15 @@ class WorkerHubServiceStub:
     | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
     | <-------------------------------- Probe |  once per workspace, before its first call
     | ProbeResult ------------------------> |
-    | <------------------------------- Assign |  never more outstanding than `slots`
-    | Result -----------------------------> |  one per Assign (call_id + attempt)
+    | <-------------------------- Assignments |  never more outstanding than `slots`
+    | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
     | <------------------------------- Cancel |  withdraw a call; still answer with a Result
     | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
     | <-------------------------------- Drain |  stop taking calls, finish, close
     | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
@@ -69,12 +72,15 @@ class WorkerHubServiceServicer:
     | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
     | <-------------------------------- Probe |  once per workspace, before its first call
     | ProbeResult ------------------------> |
-    | <------------------------------- Assign |  never more outstanding than `slots`
-    | Result -----------------------------> |  one per Assign (call_id + attempt)
+    | <-------------------------- Assignments |  never more outstanding than `slots`
+    | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
     | <------------------------------- Cancel |  withdraw a call; still answer with a Result
     | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
     | <-------------------------------- Drain |  stop taking calls, finish, close
     | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
@@ -115,12 +121,15 @@ class WorkerHubService:
     | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
     | <-------------------------------- Probe |  once per workspace, before its first call
     | ProbeResult ------------------------> |
-    | <------------------------------- Assign |  never more outstanding than `slots`
-    | Result -----------------------------> |  one per Assign (call_id + attempt)
+    | <-------------------------- Assignments |  never more outstanding than `slots`
+    | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
     | <------------------------------- Cancel |  withdraw a call; still answer with a Result
     | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
     | <-------------------------------- Drain |  stop taking calls, finish, close
     | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same

@@ -35,12 +35,15 @@ class WorkerHubServiceStub:
         | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
-        | <------------------------------- Assign |  never more outstanding than `slots`
-        | Result -----------------------------> |  one per Assign (call_id + attempt)
+        | <-------------------------- Assignments |  never more outstanding than `slots`
+        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
         | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
@@ -67,12 +70,15 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
         | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
-        | <------------------------------- Assign |  never more outstanding than `slots`
-        | Result -----------------------------> |  one per Assign (call_id + attempt)
+        | <-------------------------- Assignments |  never more outstanding than `slots`
+        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
         | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
@@ -95,12 +101,15 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
-        | <------------------------------- Assign |  never more outstanding than `slots`
-        | Result -----------------------------> |  one per Assign (call_id + attempt)
+        | <-------------------------- Assignments |  never more outstanding than `slots`
+        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
         | Draining ---------------------------> |  (also sent on the worker's own SIGTERM)
+
+    Assignments and results travel in batches (one or more per message): under load one stream
+    message carries many calls, which is what lets one hub feed thousands of calls per second.
 
     When the hub is started with a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
