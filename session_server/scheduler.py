@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ScheduledCall:
-    """One tool call of a model response. `index` is its position in the response, from 0."""
+    """One tool call of a model response. `index` is its position in the response, from 0.
+
+    The scheduler orders by the sequence of `add()`; `index` is carried along for events.
+    """
 
     index: int
     call_id: str
@@ -61,7 +64,6 @@ class _Slot:
     added: float
     started: float | None = None
     result: ToolResult | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class TurnScheduler:
@@ -131,7 +133,6 @@ class TurnScheduler:
             deps = [*self._since_execute, *([self._last_execute] if self._last_execute is not None else [])]
         pending = [t for t in deps if not t.done()]
         task = asyncio.get_running_loop().create_task(self._run(slot, pending), name=f"tool-call-{call.call_id}")
-        slot.task = task
         self._tasks.append(task)
         if call.lane is Lane.QUERY:
             self._since_execute.append(task)

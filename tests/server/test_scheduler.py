@@ -118,15 +118,24 @@ async def test_read_after_write_sees_new_content(tmp_path: Path) -> None:
 
 
 async def test_results_in_model_order_whatever_completion_order() -> None:
+    rec = Recorder()
     finished: list[str] = []
+    done = {f"c{i}": asyncio.Event() for i in range(5)}
 
-    async def reverse(call: ScheduledCall) -> ToolResult:
-        await asyncio.sleep(0.002 * (5 - call.index))
-        return ToolResult(output=call.call_id)
+    def on_finish(call: ScheduledCall, result: ToolResult) -> None:
+        finished.append(call.call_id)
+        done[call.call_id].set()
 
-    sched = TurnScheduler(reverse, query_concurrency=8, on_finish=lambda c, r: finished.append(c.call_id))
-    results = await sched.run_all(calls(Q, Q, Q, Q, Q))
-    assert [r.output for r in results] == ["c0", "c1", "c2", "c3", "c4"]
+    sched = TurnScheduler(rec, query_concurrency=8, on_finish=on_finish)
+    for cid in done:
+        rec.gate(cid)
+    run = asyncio.create_task(sched.run_all(calls(Q, Q, Q, Q, Q)))
+    for cid in reversed(done):
+        rec.gate(cid).set()
+        await asyncio.wait_for(done[cid].wait(), WAIT)
+
+    results = await asyncio.wait_for(run, WAIT)
+    assert [r.output for r in results] == ["out c0", "out c1", "out c2", "out c3", "out c4"]
     assert finished == ["c4", "c3", "c2", "c1", "c0"]  # events come in completion order
 
 
@@ -206,6 +215,18 @@ async def test_cancel_while_still_streaming() -> None:
     assert not other_tasks()
 
 
+async def test_cancel_before_any_call_ran() -> None:
+    rec = Recorder()
+    sched = TurnScheduler(rec, query_concurrency=2)
+    for call in calls(Q, E):
+        sched.add(call)
+    sched.cancel()  # before the call tasks took their first step
+    results = await sched.results()
+    assert all(r.error_kind is ErrorKind.CANCELLED and "before it started" in r.output for r in results)
+    assert rec.log == []
+    assert not other_tasks()
+
+
 async def test_unknown_lane_never_executed() -> None:
     rec = Recorder()
     finished: list[tuple[str, ErrorKind | None]] = []
@@ -257,7 +278,7 @@ async def test_timings_recorded_unless_executor_set_them() -> None:
         return ToolResult(output="local")
 
     results = await TurnScheduler(executor, query_concurrency=1).run_all(calls(Q, Q, Q))
-    assert results[0].run_time >= 0.004 and results[0].queue_wait < 0.004
+    assert results[0].run_time >= 0.004 and results[0].queue_wait < results[1].queue_wait
     assert results[1].queue_wait >= 0.004  # waited for the single query slot
     assert (results[2].queue_wait, results[2].run_time) == (1.5, 2.5)
 
@@ -332,13 +353,15 @@ async def test_overhead_per_call_is_small() -> None:
     async def noop(call: ScheduledCall) -> ToolResult:
         return ToolResult(output="")
 
-    n = 2000
+    n = 1000
     lanes = [Q if i % 10 else E for i in range(n)]
     start = time.perf_counter()
     results = await TurnScheduler(noop, query_concurrency=16).run_all(calls(*lanes))
     per_call = (time.perf_counter() - start) / n
     assert len(results) == n
-    assert per_call < 500e-6, f"{per_call * 1e6:.0f} us per call"
+    # Tens of microseconds on a quiet machine; the bound leaves room for a loaded CI box and still
+    # fails on any polling or sleeping.
+    assert per_call < 1e-3, f"{per_call * 1e6:.0f} us per call"
 
 
 async def test_empty_turn_and_bad_concurrency() -> None:
