@@ -3,8 +3,10 @@
 Threading rule: a `Store` belongs to the thread that opened it, in the server the event loop
 thread, which calls its methods directly. sqlite3 enforces this (a call from another thread
 raises `sqlite3.ProgrammingError`). Calls are not sent to an executor on purpose: in WAL mode
-with synchronous=NORMAL a commit is a write to the WAL without an fsync and costs tens of
-microseconds, less than one hop to a worker thread and back.
+with synchronous=NORMAL a commit is a write to the WAL without an fsync, and a whole
+`append_event` costs about what a hop to a worker thread and back would add. The exception is
+the commit that triggers SQLite's automatic checkpoint (every ~1000 WAL pages): it fsyncs and
+takes milliseconds.
 
 Durability: `append_event` commits before it returns, so an event the server then sends is in
 the file and survives a crash of the server process. With synchronous=NORMAL the last commits
