@@ -36,9 +36,8 @@ class AnthropicProvider:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         headers = {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
-        self._endpoint = Endpoint(
-            "Anthropic", f"{base_url.rstrip('/')}/v1/messages", headers, api_key, KEY_ENV
-        )
+        self.url = f"{base_url.rstrip('/')}/v1/messages"
+        self._endpoint = Endpoint("Anthropic", self.url, headers, api_key, KEY_ENV)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout)
         self._policy = retry_policy or RetryPolicy(max_retries=max_retries)

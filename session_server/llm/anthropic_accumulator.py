@@ -45,7 +45,7 @@ class AnthropicAccumulator:
         """Take one event; return the text and the ready call it produced, if any."""
         kind = data.get("type") or event
         if kind == "error":
-            raise model_error("Anthropic", parse_error_payload(data), status=None, secret=None, key_env="")
+            raise model_error("Anthropic", parse_error_payload(data), status=None)
         if kind == "message_start":
             self._take_usage((data.get("message") or {}).get("usage") or {})
         elif kind == "content_block_start":

@@ -34,7 +34,7 @@ _REASON_BY_STATUS = {
 }
 
 _HINTS = {
-    "AUTHENTICATION": "check the API key ({key_env})",
+    "AUTHENTICATION": "check the API key{key_env}",
     "PERMISSION": "the API key may lack access to this model or endpoint",
     "NOT_FOUND": "check the model name and the base URL",
     "RATE_LIMITED": "wait and try again, or lower the server's limit on concurrent LLM requests",
@@ -99,8 +99,8 @@ def model_error(
     error: ProviderError,
     *,
     status: int | None,
-    secret: str | None,
-    key_env: str,
+    secret: str | None = None,
+    key_env: str = "",
     request_id: str | None = None,
     note: str = "",
 ) -> ModelError:
@@ -119,7 +119,7 @@ def model_error(
         else _HINTS.get(reason, "")
     )
     if hint:
-        parts.append(hint.format(key_env=key_env))
+        parts.append(hint.format(key_env=f" ({key_env})" if key_env else ""))
     return ModelError(reason, redact("; ".join(parts), secret), status)
 
 

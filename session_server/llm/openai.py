@@ -33,9 +33,8 @@ class OpenAIProvider:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._endpoint = Endpoint(
-            "OpenAI", f"{base_url.rstrip('/')}/chat/completions", headers, api_key, KEY_ENV
-        )
+        self.url = f"{base_url.rstrip('/')}/chat/completions"
+        self._endpoint = Endpoint("OpenAI", self.url, headers, api_key, KEY_ENV)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout)
         self._policy = retry_policy or RetryPolicy(max_retries=max_retries)

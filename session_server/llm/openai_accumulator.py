@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady, Usage
@@ -40,29 +40,72 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+class _Arguments:
+    """Argument text as it streams, with a linear-time answer to "is it a complete JSON object
+    yet?": brace depth is tracked outside strings, and the text is parsed only once it closes.
+    (Re-parsing on every fragment would be quadratic in a long `write` call.)"""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._depth = 0
+        self._in_string = self._escaped = False
+        self._closed = False  # the outermost object closed
+        self._malformed = False  # something other than whitespace outside the object
+        self._valid: bool | None = None  # json.loads verdict once closed
+
+    def append(self, text: str) -> None:
+        self._parts.append(text)
+        for char in text:
+            if self._depth == 0:
+                if char == "{" and not self._closed:
+                    self._depth = 1
+                elif not char.isspace():
+                    self._malformed = True
+            elif self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char == "{":
+                self._depth += 1
+            elif char == "}":
+                self._depth -= 1
+                self._closed = self._depth == 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def is_complete_object(self) -> bool:
+        if not self._closed or self._malformed:
+            return False
+        if self._valid is None:
+            try:
+                self._valid = isinstance(json.loads(self.text), dict)
+            except ValueError:
+                self._valid = False
+        return self._valid
+
+
 @dataclass
 class _Call:
     call_id: str = ""
     name: str = ""
-    arguments: str = ""
-    complete: bool = False  # arguments are a JSON object; only whitespace may follow
+    arguments: _Arguments = field(default_factory=_Arguments)
     ready: ModelToolCall | None = None  # set once reported, then never changes
 
     def is_complete(self) -> bool:
-        # Cheap check first: parsing every fragment of a long argument string would be quadratic.
-        if not self.complete and self.arguments.rstrip().endswith("}"):
-            try:
-                self.complete = isinstance(json.loads(self.arguments), dict)
-            except ValueError:
-                pass
-        return self.complete
+        return self.arguments.is_complete_object()
 
 
 class OpenAIAccumulator:
     """Feed it each parsed chunk, then call `finish`."""
 
-    def __init__(self, provider: str = "OpenAI", new_id: Callable[[], str] = new_call_id) -> None:
-        self._provider = provider
+    def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
         self._new_id = new_id
         self._text: list[str] = []
         self._calls: list[_Call] = []
@@ -74,9 +117,7 @@ class OpenAIAccumulator:
     def feed(self, chunk: Mapping[str, Any]) -> list[TextChunk | ToolCallReady]:
         """Take one chunk; return the text and newly ready calls it produced."""
         if chunk.get("error") or chunk.get("object") == "error":
-            raise model_error(
-                self._provider, parse_error_payload(chunk), status=None, secret=None, key_env=""
-            )
+            raise model_error("OpenAI", parse_error_payload(chunk), status=None)
         if isinstance(chunk.get("usage"), Mapping):
             self._usage = _usage(chunk["usage"])
         items: list[TextChunk | ToolCallReady] = []
@@ -97,26 +138,20 @@ class OpenAIAccumulator:
 
     def finish(self, done: bool) -> tuple[list[ToolCallReady], ModelResponse]:
         """End of stream (`done`: `[DONE]` was seen): the calls not yet reported, and the response."""
-        calls = [c for c in self._calls if c.name or c.arguments]
+        calls = [c for c in self._calls if c.name or c.arguments.text.strip()]
         if not done and self._finish_reason is None and not (calls and all(c.is_complete() for c in calls)):
             raise ModelError(
                 "STREAM_ERROR",
-                f"{self._provider} stream ended early (no finish_reason, no [DONE]) with an incomplete "
+                "OpenAI stream ended early (no finish_reason, no [DONE]) with an incomplete "
                 "response; try again",
             )
         tail = [
             ToolCallReady(index, self._freeze(call)) for index, call in enumerate(calls) if not call.ready
         ]
         tool_calls = [self._freeze(call) for call in calls]
-        response = ModelResponse(
-            text="".join(self._text),
-            tool_calls=tool_calls,
-            usage=self._usage,
-            stop_reason="tool_use"
-            if tool_calls
-            else _STOP_REASONS.get(self._finish_reason or "", "end_turn"),
-        )
-        return tail, response
+        # Decided by what accumulated: some servers end tool calls with finish_reason "stop".
+        stop_reason = "tool_use" if tool_calls else _STOP_REASONS.get(self._finish_reason or "", "end_turn")
+        return tail, ModelResponse("".join(self._text), tool_calls, self._usage, stop_reason)
 
     def _add(self, position: int, entry: Mapping[str, Any]) -> bool:
         """Merge one tool-call delta; True when it opened a new call."""
@@ -133,16 +168,14 @@ class OpenAIAccumulator:
         opened = call is None or (
             call.is_complete() and ((call_id and call_id != call.call_id) or bool(arguments.strip()))
         )
-        if opened:
-            call = _Call()
+        if call is None or opened:
+            call = self._by_key[key] = _Call()
             self._calls.append(call)
-            self._by_key[key] = call
-        assert call is not None
         if call_id and not call.call_id:
             call.call_id = call_id
         if function.get("name") and not call.name:
             call.name = function["name"]
-        call.arguments += arguments
+        call.arguments.append(arguments)
         return opened
 
     def _report_ready(self) -> list[ToolCallReady]:
@@ -158,7 +191,7 @@ class OpenAIAccumulator:
     def _freeze(self, call: _Call) -> ModelToolCall:
         if call.ready is None:
             call.ready = ModelToolCall(
-                call.call_id or self._new_id(), call.name, call.arguments.strip() or "{}"
+                call.call_id or self._new_id(), call.name, call.arguments.text.strip() or "{}"
             )
         return call.ready
 

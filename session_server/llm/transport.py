@@ -51,9 +51,13 @@ async def stream_with_retries(
                 "POST", endpoint.url, json=body, headers=dict(endpoint.headers)
             ) as response:
                 if response.status_code < 400:
-                    async for item in decode(response.aiter_lines()):
-                        yielded = True
-                        yield item
+                    try:
+                        async for item in decode(response.aiter_lines()):
+                            yielded = True
+                            yield item
+                    except ModelError as exc:
+                        # Error events quote the provider, which could echo the key back.
+                        raise ModelError(exc.reason, redact(str(exc), endpoint.secret), exc.status) from None
                     return
                 await response.aread()
                 error = parse_error_body(response.content)
@@ -72,7 +76,8 @@ async def stream_with_retries(
                 delay = policy.delay(retries, response.headers)
         except httpx.HTTPError as exc:
             failure = _transport_error(endpoint, exc, yielded, retries)
-            if yielded or retries >= policy.max_retries:
+            # A base URL without http(s):// fails the same way every time.
+            if yielded or retries >= policy.max_retries or isinstance(exc, httpx.UnsupportedProtocol):
                 raise failure from exc
             delay = policy.delay(retries)
         retries += 1

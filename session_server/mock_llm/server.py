@@ -177,7 +177,8 @@ async def start_mock_llm(
     if "quirks" in options:
         options["quirks"] = frozenset(options["quirks"])
     mock = MockLLM(script, MockOptions(**options))
-    runner = web.AppRunner(mock.app(), access_log=None)
+    # A mock needs no graceful shutdown, and a handler whose client left should stop pacing.
+    runner = web.AppRunner(mock.app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from session_server.llm.anthropic import AnthropicProvider
+from session_server.llm.base import ModelResponse
+from session_server.llm.factory import ModelSpec, create_provider, load_script, parse_model
+from session_server.llm.limiter import LimitedProvider
+from session_server.llm.openai import OpenAIProvider
+from session_server.llm.script import Script, ScriptError
+from session_server.llm.scripted import ScriptedProvider
+from tests.llm.conftest import collect, first_request
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("openai:gpt-4o", ModelSpec("openai", "gpt-4o")),
+        ("openai:qwen2.5:7b", ModelSpec("openai", "qwen2.5:7b")),
+        ("Anthropic:claude-sonnet-4-5", ModelSpec("anthropic", "claude-sonnet-4-5")),
+        ("scripted:tests/x.yaml", ModelSpec("scripted", "tests/x.yaml")),
+    ],
+)
+def test_parse_model(spec: str, expected: ModelSpec) -> None:
+    assert parse_model(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["gpt-4o", "openai:", "gemini:pro"])
+def test_parse_model_errors_name_the_known_providers(spec: str) -> None:
+    with pytest.raises(ValueError, match="known providers: openai, anthropic, scripted"):
+        parse_model(spec)
+
+
+async def test_create_http_providers_from_env() -> None:
+    openai_provider, name = create_provider("openai:gpt-4o", env={"OPENAI_API_KEY": "k"})
+    assert isinstance(openai_provider, OpenAIProvider) and name == "gpt-4o"
+    assert openai_provider.url == "https://api.openai.com/v1/chat/completions"
+    local, _ = create_provider("openai:llama3", env={"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1/"})
+    assert isinstance(local, OpenAIProvider) and local.url == "http://127.0.0.1:11434/v1/chat/completions"
+    claude, _ = create_provider("anthropic:claude", env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert isinstance(claude, AnthropicProvider) and claude.url == "http://127.0.0.1:9/v1/messages"
+    default_claude, _ = create_provider("anthropic:claude", env={})
+    assert isinstance(default_claude, AnthropicProvider)
+    assert default_claude.url == "https://api.anthropic.com/v1/messages"
+    for provider in (openai_provider, local, claude, default_claude):
+        await provider.aclose()
+
+
+def test_scripted_scripts_are_cached_until_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("responses: [{text: one}]\n")
+    provider, name = create_provider(f"scripted:{path}")
+    assert isinstance(provider, ScriptedProvider) and name == str(path)
+    assert load_script(path) is provider.script
+    path.write_text("responses: [{text: two}, {text: three}]\n")
+    os.utime(path, ns=(1, 1))
+    assert load_script(path).responses[0].text == "two"
+
+
+def test_missing_script_is_a_script_error(tmp_path: Path) -> None:
+    with pytest.raises(ScriptError, match="not found"):
+        create_provider(f"scripted:{tmp_path / 'missing.yaml'}")
+
+
+async def test_limited_provider_caps_concurrent_streams(script: Script) -> None:
+    semaphore = asyncio.Semaphore(2)
+    active = peak = 0
+
+    class Counting(ScriptedProvider):
+        async def stream(self, request):  # type: ignore[no-untyped-def, override]
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            try:
+                async for item in super().stream(request):
+                    yield item
+            finally:
+                active -= 1
+
+    providers = [LimitedProvider(Counting(script, latency=0.02), semaphore) for _ in range(3)]
+    results = await asyncio.gather(*(collect(p.stream(first_request())) for p in providers for _ in range(3)))
+    assert peak == 2 and all(isinstance(r[-1], ModelResponse) for r in results)
+
+
+async def test_limited_provider_frees_its_slot_when_a_stream_is_abandoned(script: Script) -> None:
+    semaphore = asyncio.Semaphore(1)
+    limited = LimitedProvider(ScriptedProvider(script), semaphore)
+    stream = limited.stream(first_request())
+    await anext(stream)
+    assert semaphore.locked()
+    await stream.aclose()
+    assert not semaphore.locked()
+    await limited.aclose()

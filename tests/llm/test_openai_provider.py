@@ -1,0 +1,315 @@
+"""OpenAIProvider against the mock LLM over real HTTP on 127.0.0.1, in every quirk and fault mode."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady
+from session_server.llm.openai import OpenAIProvider, request_body, to_openai_messages
+from session_server.llm.retry import RetryPolicy
+from session_server.llm.script import Script
+from session_server.mock_llm import QUIRKS
+from tests.llm.conftest import MockFactory, SleepRecorder, collect, first_request, second_request
+
+
+@pytest.fixture
+def provider(http: httpx.AsyncClient) -> Callable[[str, RetryPolicy], OpenAIProvider]:
+    def make(url: str, policy: RetryPolicy) -> OpenAIProvider:
+        return OpenAIProvider(f"{url}/v1", "sk-test-secret", client=http, retry_policy=policy)
+
+    return make
+
+
+Make = Callable[[str, RetryPolicy], OpenAIProvider]
+
+
+def calls_of(items: list[object]) -> list[tuple[str, dict[str, object]]]:
+    response = items[-1]
+    assert isinstance(response, ModelResponse)
+    return [(c.name, json.loads(c.arguments_json)) for c in response.tool_calls]
+
+
+EXPECTED_CALLS = [("grep", {"pattern": "def ", "path": "."}), ("read", {"file_path": "README.md"})]
+
+
+async def test_streams_text_calls_and_usage(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm()
+    items = await collect(provider(url, fast_policy).stream(first_request()))
+    text = "".join(i.text for i in items if isinstance(i, TextChunk))
+    ready = [i for i in items if isinstance(i, ToolCallReady)]
+    response = items[-1]
+    assert isinstance(response, ModelResponse)
+    assert text == response.text == "Looking around."
+    assert response.tool_calls == [
+        ModelToolCall("call_0_0", "grep", '{"pattern": "def ", "path": "."}'),
+        ModelToolCall("call_0_1", "read", '{"file_path": "README.md"}'),
+    ]
+    assert [r.call for r in ready] == response.tool_calls and [r.index for r in ready] == [0, 1]
+    assert response.stop_reason == "tool_use"
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+    sent = mock.requests[0]
+    assert sent.headers["Authorization"] == "Bearer sk-test-secret"
+    assert sent.body["stream"] is True and sent.body["stream_options"] == {"include_usage": True}
+    assert sent.body["parallel_tool_calls"] is True and sent.body["tools"][0]["function"]["name"] == "grep"
+
+
+async def test_follow_up_with_tool_results_passes_history_validation(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm()
+    items = await collect(provider(url, fast_policy).stream(second_request()))
+    response = items[-1]
+    assert isinstance(response, ModelResponse)
+    assert response.text == "All done, nothing else to change." and response.stop_reason == "end_turn"
+    roles = [m["role"] for m in mock.requests[0].body["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "tool"]
+
+
+@pytest.mark.parametrize(
+    "quirks",
+    [[q] for q in QUIRKS] + [["whole_arguments", "missing_index", "no_ids"], ["repeated_name", "no_ids"]],
+    ids=lambda q: "+".join(q),
+)
+async def test_every_quirk_yields_the_same_calls(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy, quirks: list[str]
+) -> None:
+    _, url = await mock_llm(quirks=quirks)
+    items = await collect(provider(url, fast_policy).stream(first_request()))
+    assert calls_of(items) == EXPECTED_CALLS
+    response = items[-1]
+    assert isinstance(response, ModelResponse) and response.stop_reason == "tool_use"
+    assert [i.call for i in items if isinstance(i, ToolCallReady)] == response.tool_calls
+    ids = [c.call_id for c in response.tool_calls]
+    assert len(set(ids)) == 2 and all(ids)
+
+
+async def test_429_then_success_honours_retry_after(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy, sleeps: SleepRecorder
+) -> None:
+    mock, url = await mock_llm(fault="429", fault_count=1, retry_after=0.05)
+    items = await collect(provider(url, fast_policy).stream(first_request()))
+    assert calls_of(items) == EXPECTED_CALLS
+    assert len(mock.requests) == 2 and sleeps.delays == [0.05]
+
+
+async def test_retry_after_is_really_waited(provider: Make, mock_llm: MockFactory) -> None:
+    _, url = await mock_llm(fault="429", fault_count=1, retry_after=0.1)
+    started = time.monotonic()
+    await collect(provider(url, RetryPolicy(base_delay=0.001)).stream(first_request()))
+    assert time.monotonic() - started >= 0.1
+
+
+async def test_429_beyond_the_retry_budget(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm(fault="429", fault_count=5, retry_after=0.01)
+    with pytest.raises(ModelError) as error:
+        await collect(provider(url, fast_policy).stream(first_request()))
+    assert error.value.reason == "RATE_LIMITED" and error.value.status == 429
+    assert "after 2 retries" in str(error.value) and "req_mock_3" in str(error.value)
+    assert len(mock.requests) == 3
+
+
+async def test_insufficient_quota_is_not_retried(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm(fault="quota")
+    with pytest.raises(ModelError) as error:
+        await collect(provider(url, fast_policy).stream(first_request()))
+    assert error.value.reason == "RATE_LIMITED" and "billing" in str(error.value)
+    assert len(mock.requests) == 1
+
+
+async def test_500_is_retried_with_backoff(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy, sleeps: SleepRecorder
+) -> None:
+    mock, url = await mock_llm(fault="500", fault_count=2)
+    items = await collect(provider(url, fast_policy).stream(first_request()))
+    assert calls_of(items) == EXPECTED_CALLS
+    assert len(mock.requests) == 3
+    assert 0.00075 <= sleeps.delays[0] <= 0.001 and 0.0015 <= sleeps.delays[1] <= 0.002
+
+
+async def test_500_every_time_is_a_server_error(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm(fault="500", fault_count=0)
+    with pytest.raises(ModelError) as error:
+        await collect(provider(url, fast_policy).stream(first_request()))
+    assert error.value.reason == "SERVER_ERROR" and len(mock.requests) == 3
+
+
+async def test_max_retries_zero(mock_llm: MockFactory, http: httpx.AsyncClient) -> None:
+    mock, url = await mock_llm(fault="500")
+    with pytest.raises(ModelError):
+        await collect(OpenAIProvider(f"{url}/v1", None, client=http, max_retries=0).stream(first_request()))
+    assert len(mock.requests) == 1 and "Authorization" not in mock.requests[0].headers
+
+
+async def test_error_mid_stream_after_output_is_not_retried(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm(fault="error_mid_stream")
+    items = []
+    with pytest.raises(ModelError) as error:
+        async for item in provider(url, fast_policy).stream(first_request()):
+            items.append(item)
+    assert items == [TextChunk("Looking ")]
+    assert error.value.reason == "SERVER_ERROR" and "stream error" in str(error.value)
+    assert len(mock.requests) == 1
+
+
+async def test_error_mid_stream_before_output_is_not_retried_either(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    # Errors inside a 200 stream are final, as in the official SDKs, even with nothing yielded yet.
+    tools_only = Script.from_data({"responses": [{"tool_calls": [{"name": "ls"}]}]})
+    mock, url = await mock_llm(tools_only, fault="error_mid_stream")
+    with pytest.raises(ModelError):
+        await collect(provider(url, fast_policy).stream(first_request()))
+    assert len(mock.requests) == 1
+
+
+async def test_cut_stream_with_complete_calls_is_accepted(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    _, url = await mock_llm(fault="cut_stream")
+    items = await collect(provider(url, fast_policy).stream(first_request()))
+    assert calls_of(items) == EXPECTED_CALLS
+    response = items[-1]
+    assert isinstance(response, ModelResponse) and response.usage.input_tokens == 0
+
+
+async def test_cut_stream_with_text_only_is_an_error(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm(fault="cut_stream")
+    with pytest.raises(ModelError) as error:
+        await collect(provider(url, fast_policy).stream(second_request()))
+    assert error.value.reason == "STREAM_ERROR" and len(mock.requests) == 1
+
+
+async def test_history_without_tool_results_is_a_400(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    mock, url = await mock_llm()
+    request = second_request()
+    broken = type(request)(request.model, request.system, request.messages[:3], request.tools)
+    with pytest.raises(ModelError) as error:
+        await collect(provider(url, fast_policy).stream(broken))
+    assert error.value.reason == "BAD_REQUEST" and error.value.status == 400
+    assert "call_0_1" in str(error.value) and len(mock.requests) == 1
+
+
+async def test_connection_refused_is_retried_then_reported(
+    provider: Make, fast_policy: RetryPolicy, sleeps: SleepRecorder
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ModelError) as error:
+        await collect(provider(f"http://127.0.0.1:{port}", fast_policy).stream(first_request()))
+    assert error.value.reason == "CONNECTION" and len(sleeps.delays) == 2
+    assert "sk-test-secret" not in str(error.value)
+
+
+async def test_slow_first_token_times_out(mock_llm: MockFactory, fast_policy: RetryPolicy) -> None:
+    mock, url = await mock_llm(latency=1.0)
+    llm = OpenAIProvider(f"{url}/v1", None, timeout=httpx.Timeout(0.05), retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    await llm.aclose()
+    assert error.value.reason == "TIMEOUT" and len(mock.requests) == 3
+
+
+async def test_key_never_appears_in_error_messages(fast_policy: RetryPolicy) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        return httpx.Response(
+            401,
+            json={
+                "error": {
+                    "message": f"Incorrect API key provided: {key}",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            },
+        )
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    llm = OpenAIProvider("http://127.0.0.1:1/v1", "sk-test-secret", client=client, retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert error.value.reason == "AUTHENTICATION"
+    assert "sk-test-secret" not in str(error.value) and "[redacted]" in str(error.value)
+    await client.aclose()
+
+
+async def test_broken_connection_after_output_is_not_retried(fast_policy: RetryPolicy) -> None:
+    requests = []
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+        raise httpx.ReadError("connection reset")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    items = []
+    with pytest.raises(ModelError) as error:
+        async for item in OpenAIProvider("http://x/v1", None, client=client, retry_policy=fast_policy).stream(
+            first_request()
+        ):
+            items.append(item)
+    assert items == [TextChunk("Hi")] and error.value.reason == "STREAM_ERROR" and len(requests) == 1
+    await client.aclose()
+
+
+def test_request_body_without_tools_omits_parallel_tool_calls() -> None:
+    request = first_request()
+    body = request_body(type(request)(request.model, "", request.messages, []))
+    assert "tools" not in body and "parallel_tool_calls" not in body
+    assert body["messages"][0]["role"] == "user" and body["max_completion_tokens"] == request.max_tokens
+
+
+def test_history_conversion() -> None:
+    messages = to_openai_messages("sys", second_request().messages)
+    assert messages[0] == {"role": "system", "content": "sys"}
+    assert messages[2]["tool_calls"][1] == {
+        "id": "call_0_1",
+        "type": "function",
+        "function": {"name": "read", "arguments": '{"file_path": "README.md"}'},
+    }
+    assert messages[4] == {"role": "tool", "tool_call_id": "call_0_1", "content": "no such file"}
+
+
+async def test_key_echoed_in_a_mid_stream_error_is_redacted(fast_policy: RetryPolicy) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        body = f'data: {{"error": {{"message": "bad key {key}", "type": "server_error"}}}}\n\n'
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        llm = OpenAIProvider("http://x/v1", "sk-test-secret", client=client, retry_policy=fast_policy)
+        with pytest.raises(ModelError) as error:
+            await collect(llm.stream(first_request()))
+    assert "sk-test-secret" not in str(error.value) and "bad key [redacted]" in str(error.value)
+
+
+async def test_base_url_without_scheme_fails_at_once(
+    http: httpx.AsyncClient, fast_policy: RetryPolicy
+) -> None:
+    llm = OpenAIProvider("localhost:8000/v1", None, client=http, retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert error.value.reason == "CONNECTION" and "check the base URL" in str(error.value)
