@@ -17,6 +17,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,6 +107,7 @@ async def _start_server(workers: int, slots: int) -> CodelaneServer:
         listen="127.0.0.1:0",
         local_workers=workers,
         local_worker_slots=slots,
+        data_dir=Path(tempfile.mkdtemp(prefix="codelane-bench-")),
         local_worker_tools=["benchmarks.plugin_tools"],
     )
     server = CodelaneServer(config)

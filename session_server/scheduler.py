@@ -51,6 +51,8 @@ class ScheduledCall:
     arguments_json: str
     # None: the tool is unknown or the arguments did not parse; the call is never executed.
     lane: Lane | None
+    # Why a lane-less call was refused, as the model will read it; a generic text when None.
+    rejection: ToolResult | None = None
 
 
 Executor = Callable[[ScheduledCall], Awaitable[ToolResult]]
@@ -118,7 +120,8 @@ class TurnScheduler:
         if call.lane is None:
             self._finish(
                 slot,
-                ToolResult.error(
+                call.rejection
+                or ToolResult.error(
                     ErrorKind.UNKNOWN_TOOL,
                     f"Tool call {call.call_id} was not run: {call.tool_name!r} is not an available tool "
                     "or its arguments are not valid JSON. Use one of the listed tools with JSON arguments.",

@@ -16,18 +16,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from codelane.transport import SERVER_OPTIONS
-from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
 from session_server.api.hub import WorkerHubServicer
+from session_server.api.sessions import SessionServicer
+from session_server.bus import SUBSCRIBER_BUFFER
 from session_server.pool import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_NO_WORKER_WAIT,
     WorkerPool,
 )
+from session_server.sessions import SessionManager
 from session_server.stats import LaneStats
+from session_server.store import Store
 from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.registry import ToolRegistry
 
 log = logging.getLogger("codelane.server")
 
@@ -51,6 +56,7 @@ class ServerConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
+    subscriber_buffer: int = SUBSCRIBER_BUFFER
 
 
 class CodelaneServer:
@@ -65,6 +71,11 @@ class CodelaneServer:
             no_worker_wait=config.no_worker_wait,
         )
         self.stats = LaneStats()
+        self.registry = ToolRegistry.builtin()
+        for module in config.local_worker_tools:
+            self.registry.load_module(module)
+        self.store: Store | None = None
+        self.sessions: SessionManager | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -76,11 +87,20 @@ class CodelaneServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> int:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.config.data_dir / "codelane.db")
+        self.sessions = SessionManager(
+            self.store, self.pool, self.registry, self.stats,
+            default_model=self.config.model, local_fallback=self.config.local_fallback,
+            subscriber_buffer=self.config.subscriber_buffer,
+        )
+        self.sessions.recover()
         self.pool.start()
         server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(self.config.token, self.config.worker_token)],
             options=SERVER_OPTIONS,
         )
+        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(WorkerHubServicer(self.pool), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -141,8 +161,11 @@ class CodelaneServer:
             self._workers.append(subprocess.Popen(argv, env=env))
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful: stop accepting, let streams finish for `grace` seconds, then stop workers."""
+        """Graceful: running turns end (marked interrupted, so their streams close), calls get
+        `grace` seconds to finish, then the workers are stopped and the store closed."""
         await self._health.enter_graceful_shutdown()
+        if self.sessions is not None:
+            await self.sessions.shutdown()
         for proc in self._workers:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -156,6 +179,9 @@ class CodelaneServer:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
         self._workers.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -1,11 +1,17 @@
-"""Domain objects -> codelane.v1 protos for the admin API (the session API adds its own here)."""
+"""Domain objects <-> codelane.v1 protos for the session and admin APIs: the one converter."""
 
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from codelane.v1 import admin_pb2
+from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
+from session_server import events as ev
+from session_server.config import SessionSettings, SettingsRequest
+from session_server.events import CallInfo, StoredEvent
+from session_server.llm.base import Usage
 from session_server.pool import WorkerSnapshot
+from session_server.store import SessionRecord, StoredMessage
+from tool_worker import wire
 
 
 def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
@@ -34,3 +40,162 @@ def worker_info(snapshot: WorkerSnapshot) -> admin_pb2.WorkerInfo:
         hostname=snapshot.hostname,
         peer=snapshot.peer,
     )
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+_LANES = {"query": tools_pb2.LANE_QUERY, "execute": tools_pb2.LANE_EXECUTE}
+_STOP_REASONS = {
+    "end_turn": events_pb2.STOP_REASON_END_TURN,
+    "max_turns": events_pb2.STOP_REASON_MAX_TURNS,
+    "cancelled": events_pb2.STOP_REASON_CANCELLED,
+    "error": events_pb2.STOP_REASON_ERROR,
+    "interrupted": events_pb2.STOP_REASON_INTERRUPTED,
+}
+_ROLES = {
+    "user": session_pb2.MESSAGE_ROLE_USER,
+    "assistant": session_pb2.MESSAGE_ROLE_ASSISTANT,
+    "tool": session_pb2.MESSAGE_ROLE_TOOL,
+}
+_OUTCOMES = {
+    "approved": events_pb2.CONFIRMATION_OUTCOME_APPROVED,
+    "rejected": events_pb2.CONFIRMATION_OUTCOME_REJECTED,
+    "timed_out_rejected": events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_REJECTED,
+    "timed_out_approved": events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_APPROVED,
+}
+
+
+def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
+    """The client's config as a domain request; unsupported options are listed by field name."""
+    request = SettingsRequest(
+        model=config.model,
+        system_prompt=config.system_prompt,
+        max_turns=config.max_turns,
+        query_concurrency=config.queue.query_concurrency,
+        max_attempts=config.queue.max_attempts,
+    )
+    for i, lane in enumerate(config.queue.lanes):
+        where = f"config.queue.lanes[{i}]"
+        if lane.mode not in (tools_pb2.LANE_MODE_UNSPECIFIED, tools_pb2.LANE_MODE_INTERNAL):
+            request.unsupported.append((f"{where}.mode", "only LANE_MODE_INTERNAL is available in this server"))
+        timeout = wire.seconds(lane.timeout) if lane.HasField("timeout") else None
+        if lane.lane == tools_pb2.LANE_QUERY:
+            request.query_timeout = timeout
+        elif lane.lane == tools_pb2.LANE_EXECUTE:
+            request.execute_timeout = timeout
+        else:
+            request.unsupported.append((f"{where}.lane", "must be LANE_QUERY or LANE_EXECUTE"))
+    if config.HasField("permissions") and config.permissions.ByteSize():
+        request.unsupported.append(("config.permissions", "permission policies are not available in this server"))
+    return request
+
+
+def session(record: SessionRecord, running: bool) -> session_pb2.Session:
+    settings = SessionSettings.from_dict(record.config)
+    config = session_pb2.SessionConfig(
+        model=settings.model,
+        system_prompt=settings.system_prompt,
+        max_turns=settings.max_turns,
+        queue=session_pb2.QueueConfig(
+            query_concurrency=settings.query_concurrency,
+            max_attempts=settings.max_attempts,
+            lanes=[
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=tools_pb2.LANE_MODE_INTERNAL,
+                                       timeout=wire.duration(settings.query_timeout)),
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE, mode=tools_pb2.LANE_MODE_INTERNAL,
+                                       timeout=wire.duration(settings.execute_timeout)),
+            ],
+        ),
+    )
+    return session_pb2.Session(
+        session_id=record.session_id,
+        workspace=record.workspace,
+        config=config,
+        state=session_pb2.SESSION_STATE_RUNNING if running else session_pb2.SESSION_STATE_IDLE,
+        create_time=timestamp(record.created),
+        update_time=timestamp(record.updated),
+        last_sequence=record.last_sequence,
+        message_count=record.message_count,
+        labels=record.labels,
+    )
+
+
+def tool_call(info: CallInfo) -> tools_pb2.ToolCall:
+    return tools_pb2.ToolCall(
+        call_id=info.call_id, tool_name=info.tool_name, arguments_json=info.arguments_json,
+        lane=_LANES.get(info.lane, tools_pb2.LANE_UNSPECIFIED), index=info.index,
+    )
+
+
+def usage(value: Usage) -> events_pb2.Usage:
+    return events_pb2.Usage(
+        input_tokens=value.input_tokens, output_tokens=value.output_tokens,
+        cached_input_tokens=value.cached_input_tokens,
+    )
+
+
+def message(stored: StoredMessage) -> session_pb2.Message:
+    msg = session_pb2.Message(
+        index=stored.idx + 1,
+        role=_ROLES[stored.role],
+        text=stored.text,
+        tool_calls=[tool_call(c) for c in stored.tool_calls],
+        tool_call_id=stored.tool_call_id,
+        turn_id=stored.turn_id,
+        create_time=timestamp(stored.created),
+    )
+    if stored.tool_result is not None:
+        msg.tool_result.CopyFrom(wire.result_to_proto(stored.tool_result))
+    return msg
+
+
+def event(stored: StoredEvent) -> events_pb2.Event:
+    msg = events_pb2.Event(
+        session_id=stored.session_id, sequence=stored.sequence, time=timestamp(stored.time), turn_id=stored.turn_id
+    )
+    p = stored.payload
+    if isinstance(p, ev.TurnStarted):
+        msg.turn_started.user_text = p.user_text
+    elif isinstance(p, ev.TextDelta):
+        msg.text_delta.CopyFrom(events_pb2.TextDelta(text=p.text, step=p.step))
+    elif isinstance(p, ev.ModelResponded):
+        msg.model_responded.CopyFrom(events_pb2.ModelResponded(
+            step=p.step, tool_calls=[tool_call(c) for c in p.tool_calls], usage=usage(p.usage),
+            stop_reason=p.stop_reason,
+        ))
+    elif isinstance(p, ev.ToolCallStarted):
+        msg.tool_call_started.CopyFrom(events_pb2.ToolCallStarted(
+            call=tool_call(p.call), lane=_LANES.get(p.lane, tools_pb2.LANE_UNSPECIFIED), worker_id=p.worker_id,
+            attempt=p.attempt,
+        ))
+    elif isinstance(p, ev.ToolCallFinished):
+        msg.tool_call_finished.CopyFrom(events_pb2.ToolCallFinished(
+            call_id=p.call_id, tool_name=p.tool_name, result=wire.result_to_proto(p.result),
+            queue_wait=wire.duration(p.queue_wait), run_time=wire.duration(p.run_time),
+        ))
+    elif isinstance(p, ev.ConfirmationRequired):
+        msg.confirmation_required.CopyFrom(events_pb2.ConfirmationRequired(
+            call=tool_call(p.call), deadline=timestamp(p.deadline)
+        ))
+    elif isinstance(p, ev.ConfirmationResolved):
+        msg.confirmation_resolved.CopyFrom(events_pb2.ConfirmationResolved(
+            call_id=p.call_id, outcome=_OUTCOMES.get(p.outcome, 0), reason=p.reason
+        ))
+    elif isinstance(p, ev.ExternalTaskCompleted):
+        msg.external_task_completed.CopyFrom(events_pb2.ExternalTaskCompleted(
+            task_id=p.task_id, call_id=p.call_id, result=wire.result_to_proto(p.result), client_id=p.client_id
+        ))
+    elif isinstance(p, ev.CallRetried):
+        msg.call_retried.CopyFrom(events_pb2.CallRetried(
+            call_id=p.call_id, attempt=p.attempt, reason=p.reason, previous_worker_id=p.previous_worker_id
+        ))
+    elif isinstance(p, ev.WorkerLost):
+        msg.worker_lost.CopyFrom(events_pb2.WorkerLost(worker_id=p.worker_id, reason=p.reason, call_ids=p.call_ids))
+    elif isinstance(p, ev.TurnFinished):
+        msg.turn_finished.CopyFrom(events_pb2.TurnFinished(
+            stop_reason=_STOP_REASONS.get(p.stop_reason, events_pb2.STOP_REASON_UNSPECIFIED), usage=usage(p.usage),
+            model_requests=p.model_requests, tool_calls=p.tool_calls, final_text=p.final_text,
+        ))
+    elif isinstance(p, ev.ErrorOccurred):
+        msg.error.CopyFrom(events_pb2.ErrorOccurred(reason=p.reason, message=p.message, fatal=p.fatal))
+    return msg

@@ -1,0 +1,132 @@
+"""SessionService: translates requests to SessionManager calls and domain errors to statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from codelane.v1 import session_pb2, session_pb2_grpc
+from session_server.api import convert
+from session_server.api.errors import abort
+from session_server.bus import SessionClosed, SubscriberOverflow
+from session_server.config import InvalidArgument
+from session_server.sessions import CaughtUp, SequenceOutOfRange, SessionManager, SessionNotFound, TurnInProgress
+
+NOT_AVAILABLE = "is not available in this server version"
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    async def _not_found(self, context, exc: SessionNotFound):
+        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
+
+    async def _session(self, context, session_id: str):
+        if not session_id:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty", "INVALID_ARGUMENT",
+                        field="session_id")
+        try:
+            return self._manager.get_session(session_id)
+        except SessionNotFound as exc:
+            await self._not_found(context, exc)
+
+    def _proto(self, record) -> session_pb2.Session:
+        return convert.session(record, self._manager.is_running(record.session_id))
+
+    async def CreateSession(self, request, context):
+        try:
+            record = self._manager.create_session(
+                request.workspace, convert.settings_request(request.config), dict(request.labels)
+            )
+        except InvalidArgument as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
+        return session_pb2.CreateSessionResponse(session=self._proto(record))
+
+    async def GetSession(self, request, context):
+        record = await self._session(context, request.session_id)
+        return session_pb2.GetSessionResponse(session=self._proto(record))
+
+    async def ListSessions(self, request, context):
+        try:
+            records, token = self._manager.list_sessions(request.page_size, request.page_token)
+        except ValueError as exc:
+            field = "page_token" if "token" in str(exc) else "page_size"
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=field)
+        return session_pb2.ListSessionsResponse(sessions=[self._proto(r) for r in records], next_page_token=token)
+
+    async def DeleteSession(self, request, context):
+        await self._session(context, request.session_id)
+        await self._manager.delete_session(request.session_id)
+        return session_pb2.DeleteSessionResponse()
+
+    async def SendMessage(self, request, context):
+        await self._session(context, request.session_id)
+        try:
+            _, events = self._manager.start_turn(request.session_id, request.text)
+        except TurnInProgress as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TURN_IN_PROGRESS",
+                        session_id=request.session_id)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="text")
+        try:
+            async for event in events:
+                yield session_pb2.SendMessageResponse(event=convert.event(event))
+        except SubscriberOverflow as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{exc}: the turn goes on; call WatchEvents with after_sequence={exc.last_sequence}",
+                        "SUBSCRIBER_TOO_SLOW", last_sequence=str(exc.last_sequence))
+        except SessionClosed:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted during the turn",
+                        "SESSION_NOT_FOUND", session_id=request.session_id)
+
+    async def WatchEvents(self, request, context):
+        await self._session(context, request.session_id)
+        try:
+            async for item in self._manager.watch(request.session_id, request.after_sequence, request.follow):
+                if isinstance(item, CaughtUp):
+                    yield session_pb2.WatchEventsResponse(
+                        caught_up=session_pb2.CaughtUp(last_sequence=item.last_sequence)
+                    )
+                else:
+                    yield session_pb2.WatchEventsResponse(event=convert.event(item))
+        except SequenceOutOfRange as exc:
+            await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(exc), "SEQUENCE_OUT_OF_RANGE",
+                        last_sequence=str(exc.last))
+        except SubscriberOverflow as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{exc}: call WatchEvents again with after_sequence={exc.last_sequence}",
+                        "SUBSCRIBER_TOO_SLOW", last_sequence=str(exc.last_sequence))
+        except SessionClosed:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted", "SESSION_NOT_FOUND",
+                        session_id=request.session_id)
+
+    async def CancelTurn(self, request, context):
+        await self._session(context, request.session_id)
+        return session_pb2.CancelTurnResponse(cancelled=self._manager.cancel_turn(request.session_id))
+
+    async def GetMessages(self, request, context):
+        await self._session(context, request.session_id)
+        try:
+            offset = int(request.page_token or 0)
+            if offset < 0:
+                raise ValueError
+        except ValueError:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"page_token {request.page_token!r} is not one this server issued", "INVALID_ARGUMENT",
+                        field="page_token")
+        try:
+            page, following = self._manager.messages(request.session_id, offset, request.page_size)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="page_size")
+        return session_pb2.GetMessagesResponse(
+            messages=[convert.message(m) for m in page], next_page_token=str(following) if following else ""
+        )
+
+    async def ConfirmToolCall(self, request, context):
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"ConfirmToolCall {NOT_AVAILABLE}", "UNIMPLEMENTED")
+
+    async def ClaimExternalTasks(self, request, context):
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"ClaimExternalTasks {NOT_AVAILABLE}", "UNIMPLEMENTED")
+
+    async def CompleteExternalTask(self, request, context):
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"CompleteExternalTask {NOT_AVAILABLE}", "UNIMPLEMENTED")

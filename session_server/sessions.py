@@ -1,0 +1,273 @@
+"""Sessions: their lifecycle, their turns, and their event streams. Domain logic, no grpc.
+
+Every event is appended to the store (which gives it its sequence) and only then published to
+live subscribers, so whatever a client saw can be replayed, and whatever it missed is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from session_server.agent import Turn, TurnContext
+from session_server.bus import SUBSCRIBER_BUFFER, EventBus
+from session_server.config import SessionSettings, SettingsRequest, build_settings, resolve_workspace
+from session_server.events import EventPayload, StoredEvent, TurnFinished
+from session_server.llm.base import ModelProvider, Usage
+from session_server.llm.factory import create_provider
+from session_server.llm.limiter import LimitedProvider
+from session_server.pool import WorkerPool
+from session_server.stats import LaneStats
+from session_server.store import SessionRecord, Store, StoredMessage
+from tool_worker.registry import ToolRegistry
+
+log = logging.getLogger("codelane.sessions")
+
+# Concurrent LLM requests across all sessions (the Generate lane).
+DEFAULT_GENERATE_LIMIT = 16
+REPLAY_PAGE = 500
+MAX_PAGE_SIZE = 1000
+DEFAULT_MESSAGES_PAGE = 200
+
+
+class SessionNotFound(LookupError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session {session_id!r}: it never existed or was deleted")
+        self.session_id = session_id
+
+
+class TurnInProgress(Exception):
+    """The session already runs a turn."""
+
+
+class SequenceOutOfRange(Exception):
+    def __init__(self, after: int, last: int) -> None:
+        super().__init__(f"after_sequence {after} is beyond the session's last event ({last})")
+        self.after = after
+        self.last = last
+
+
+@dataclass(frozen=True)
+class CaughtUp:
+    """Marks the end of a replay: everything up to last_sequence has been sent."""
+
+    last_sequence: int
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: Store,
+        pool: WorkerPool,
+        registry: ToolRegistry,
+        stats: LaneStats,
+        *,
+        default_model: str = "",
+        local_fallback: bool = True,
+        generate_limit: int = DEFAULT_GENERATE_LIMIT,
+        subscriber_buffer: int = SUBSCRIBER_BUFFER,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.registry = registry
+        self.stats = stats
+        self.default_model = default_model
+        self.local_fallback = local_fallback
+        self.bus = EventBus(subscriber_buffer)
+        self._generate = asyncio.Semaphore(generate_limit)
+        self._providers: dict[str, tuple[ModelProvider, str]] = {}
+        self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Marks turns cut off by a crash as interrupted. Returns how many there were."""
+        interrupted = self.store.interrupted_turns()
+        for session_id, turn_id in interrupted:
+            self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+            self.store.set_session_state(session_id, "idle", "")
+            log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
+        return len(interrupted)
+
+    async def shutdown(self) -> None:
+        """Ends running turns (marked interrupted) and closes the model providers."""
+        for turn, task in list(self._turns.values()):
+            turn.cancel_reason = "interrupted"
+            task.cancel()
+        await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
+        for provider, _ in self._providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+        self._providers.clear()
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def create_session(self, workspace: str, request: SettingsRequest, labels: dict[str, str]) -> SessionRecord:
+        """Raises config.InvalidArgument naming the bad field."""
+        path = resolve_workspace(workspace)
+        settings = build_settings(request, self.default_model)
+        now = time.time()
+        record = SessionRecord(
+            session_id=f"s_{uuid.uuid4().hex[:16]}",
+            workspace=str(path),
+            config=settings.to_dict(),
+            labels=dict(labels),
+            created=now,
+            updated=now,
+        )
+        self.store.create_session(record)
+        return record
+
+    def get_session(self, session_id: str) -> SessionRecord:
+        record = self.store.get_session(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        return record
+
+    def list_sessions(self, page_size: int, page_token: str) -> tuple[list[SessionRecord], str]:
+        """Raises ValueError for a bad page size or token."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"page_size {page_size} is out of range [0, {MAX_PAGE_SIZE}]")
+        return self.store.list_sessions(page_size, page_token)
+
+    async def delete_session(self, session_id: str) -> None:
+        self.get_session(session_id)
+        entry = self._turns.get(session_id)
+        if entry is not None:
+            entry[1].cancel()
+            await asyncio.gather(entry[1], return_exceptions=True)
+        self.store.delete_session(session_id)
+        self.bus.close_session(session_id)
+
+    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[StoredMessage], int]:
+        """A page of history and the offset of the next page (0 when this is the last)."""
+        record = self.get_session(session_id)
+        if limit < 0 or limit > MAX_PAGE_SIZE:
+            raise ValueError(f"page_size {limit} is out of range [0, {MAX_PAGE_SIZE}]")
+        limit = limit or DEFAULT_MESSAGES_PAGE
+        page = self.store.get_messages(session_id, offset, limit)
+        following = offset + len(page)
+        return page, following if following < record.message_count else 0
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self._turns
+
+    def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[StoredEvent]]:
+        """Starts a turn; returns its id and a stream of its events, ending after TurnFinished.
+
+        The turn runs on its own: dropping the stream does not stop it.
+        """
+        record = self.get_session(session_id)
+        if session_id in self._turns:
+            raise TurnInProgress(f"session {session_id} is already running a turn: wait for it or CancelTurn")
+        if not text.strip():
+            raise ValueError("text is empty: send the user's message")
+        settings = SessionSettings.from_dict(record.config)
+        provider, model_name = self._provider(settings.model)
+        turn_id = f"t_{uuid.uuid4().hex[:12]}"
+        subscription = self.bus.subscribe(session_id)
+        ctx = TurnContext(
+            session_id=session_id,
+            turn_id=turn_id,
+            workspace=Path(record.workspace),
+            settings=settings,
+            provider=provider,
+            model_name=model_name,
+            pool=self.pool,
+            registry=self.registry,
+            stats=self.stats,
+            local_fallback=self.local_fallback,
+            emit=lambda payload: self._emit(session_id, turn_id, payload),
+            load_history=lambda: self.store.get_messages(session_id),
+            save_messages=lambda messages: self.store.append_messages(session_id, messages),
+        )
+        turn = Turn(ctx)
+        self.store.set_session_state(session_id, "running", turn_id)
+        task = asyncio.create_task(self._run_turn(session_id, turn, text), name=f"turn-{turn_id}")
+        self._turns[session_id] = (turn, task)
+        return turn_id, self._turn_events(subscription, turn_id)
+
+    async def _run_turn(self, session_id: str, turn: Turn, text: str) -> None:
+        try:
+            await turn.run(text)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("session %s: turn failed unexpectedly", session_id)
+        finally:
+            self._turns.pop(session_id, None)
+            if self.store.get_session(session_id) is not None:
+                self.store.set_session_state(session_id, "idle", "")
+
+    @staticmethod
+    async def _turn_events(subscription, turn_id: str) -> AsyncIterator[StoredEvent]:
+        try:
+            async for event in subscription:
+                if event.turn_id != turn_id:
+                    continue
+                yield event
+                if isinstance(event.payload, TurnFinished):
+                    return
+        finally:
+            subscription.close()
+
+    def cancel_turn(self, session_id: str) -> bool:
+        self.get_session(session_id)
+        entry = self._turns.get(session_id)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    async def watch(self, session_id: str, after_sequence: int, follow: bool) -> AsyncIterator[StoredEvent | CaughtUp]:
+        """Stored events after `after_sequence`, a CaughtUp marker, then (if follow) live ones.
+
+        Raises SubscriberOverflow from bus when the consumer falls too far behind.
+        """
+        last = self.get_session(session_id).last_sequence
+        if after_sequence < 0 or after_sequence > last:
+            raise SequenceOutOfRange(after_sequence, last)
+        cursor = after_sequence
+        subscription = None
+        try:
+            while True:
+                page = self.store.events_after(session_id, cursor, REPLAY_PAGE)
+                if len(page) < REPLAY_PAGE:
+                    # Same synchronous step as the read: no event can fall between the two.
+                    subscription = self.bus.subscribe(session_id) if follow else None
+                    for event in page:
+                        yield event
+                    cursor = page[-1].sequence if page else cursor
+                    break
+                for event in page:
+                    yield event
+                cursor = page[-1].sequence
+            yield CaughtUp(cursor)
+            if subscription is None:
+                return
+            async for event in subscription:
+                if event.sequence > cursor:
+                    yield event
+        finally:
+            if subscription is not None:
+                subscription.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _emit(self, session_id: str, turn_id: str, payload: EventPayload) -> None:
+        event = self.store.append_event(session_id, turn_id, payload)
+        self.bus.publish(event)
+
+    def _provider(self, model: str) -> tuple[ModelProvider, str]:
+        if model not in self._providers:
+            provider, name = create_provider(model)
+            self._providers[model] = (LimitedProvider(provider, self._generate), name)
+        return self._providers[model]
