@@ -11,6 +11,8 @@ import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("session_server.demo", "run the whole system on a sample project with a scripted model"),
+    "run": ("codelane.commands.run", "create a session, send one prompt, print the turn's events"),
     "server": ("session_server.main", "run a session server (with local tool workers)"),
     "worker": ("tool_worker.worker", "run a tool worker that dials a session server"),
     "mock-llm": ("session_server.mock_llm", "serve a scripted model over the OpenAI and Anthropic wire formats"),

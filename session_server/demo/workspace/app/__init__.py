@@ -1,0 +1,1 @@
+"""The greeter app."""

@@ -1,0 +1,2 @@
+PUNCTUATION = "!"
+DEFAULT_NAME = "world"
