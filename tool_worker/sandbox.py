@@ -38,8 +38,3 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
     if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
         raise ToolFailure(f"path escapes the workspace: {user_path}", ErrorKind.PATH_ESCAPE)
     return Path(target)
-
-
-def display_path(root: Path, path: Path) -> str:
-    """How a resolved path is shown to the model: relative to the workspace root."""
-    return os.path.relpath(path, root)

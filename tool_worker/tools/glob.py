@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
-from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.globs import glob_to_regex
 from tool_worker.tools.rg import run_rg, search_location
 
 MAX_RESULTS = 100
+# rg walks with one thread fewer than there are cores: the stats of the paths it prints run
+# meanwhile on the core left over (os.stat releases the GIL).
+_WALK_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 
-def _newest_first(directory: str, names: list[bytes]) -> list[tuple[float, bytes]]:
-    """(-mtime, name) pairs, sorted: newest first, ties by path so the order is always the same."""
+def _stamp(directory: str, matches: Callable[[str], object], raw_names: list[bytes]) -> list[tuple[float, str]]:
+    """(-mtime, name) for each name that matches: once sorted, newest first and ties in path order."""
     stamped = []
-    # Relative stats against one directory descriptor: no path joins, fewer lookups.
+    # Stats relative to a descriptor of the directory: no path joins, fewer lookups.
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name in names:
+        for raw in raw_names:
+            name = raw.decode("utf-8", "surrogateescape")
+            if not matches(name):
+                continue
             try:
                 mtime = os.stat(name, dir_fd=dir_fd).st_mtime
             except OSError:
@@ -28,8 +36,39 @@ def _newest_first(directory: str, names: list[bytes]) -> list[tuple[float, bytes
             stamped.append((-mtime, name))
     finally:
         os.close(dir_fd)
-    stamped.sort()
     return stamped
+
+
+class _Stamper:
+    """Matches and stats the paths rg prints while rg is still walking.
+
+    Each chunk of rg's output becomes a batch for the default thread pool, so the stats
+    (thousands of syscalls) overlap the walk instead of following it, and the event loop stays
+    free.
+    """
+
+    def __init__(self, directory: str, pattern: str) -> None:
+        self._directory = directory
+        self._matches = glob_to_regex(pattern).fullmatch
+        self._partial = b""
+        self._batches: list[asyncio.Future[list[tuple[float, str]]]] = []
+        self._loop = asyncio.get_running_loop()
+
+    def feed(self, chunk: bytes) -> None:
+        *complete, self._partial = (self._partial + chunk).split(b"\0")
+        if complete:
+            batch = self._loop.run_in_executor(None, _stamp, self._directory, self._matches, complete)
+            self._batches.append(batch)
+
+    async def newest_first(self) -> list[tuple[float, str]]:
+        stamped = [pair for batch in await asyncio.gather(*self._batches) for pair in batch]
+        stamped.sort()
+        return stamped
+
+
+def _printable(name: str) -> str:
+    """A path as text the wire can carry: undecodable bytes become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
@@ -39,14 +78,16 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if not target.is_dir():
         raise ToolFailure(f"not a directory: {shown_dir}")
     cwd, _, prefix = search_location(root, target)
-    out = await run_rg(["--files", "--null", "--glob", args["pattern"]], cwd)
+    if args["pattern"].startswith("!"):
+        raise ToolFailure("a glob pattern cannot start with '!' (negation)", ErrorKind.INVALID_ARGUMENTS)
+    stamper = _Stamper(str(cwd), args["pattern"])
+    out = await run_rg(["--files", "--null", f"--threads={_WALK_THREADS}"], cwd, on_chunk=stamper.feed)
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"glob failed: {out.stderr}")
-    # Thousands of stats would stall the event loop; a thread keeps it serving other calls.
-    stamped = await asyncio.to_thread(_newest_first, str(cwd), out.stdout.split(b"\0")[:-1])
+    stamped = await stamper.newest_first()
     if not stamped:
         return ToolResult(output=f"No files match {args['pattern']!r} in {shown_dir}")
-    lines = [prefix + name.decode("utf-8", "replace") for _, name in stamped[:MAX_RESULTS]]
+    lines = [prefix + _printable(name) for _, name in stamped[:MAX_RESULTS]]
     truncated = len(stamped) > MAX_RESULTS or out.overflowed
     if truncated:
         lines.append(

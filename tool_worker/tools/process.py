@@ -84,7 +84,7 @@ async def run_command(argv: Sequence[str], cwd: Path, timeout_ms: int) -> ToolRe
     the output produced until then.
     """
     outcome = await _run(argv, cwd, timeout_ms / 1000)
-    output = outcome.output or "(no output)"
+    output = outcome.output.rstrip("\n") or "(no output)"
     common: dict[str, Any] = {"exit_code": outcome.exit_code, "truncated": outcome.omitted > 0}
     if outcome.timed_out:
         return ToolResult.error(
@@ -100,37 +100,58 @@ async def run_command(argv: Sequence[str], cwd: Path, timeout_ms: int) -> ToolRe
 
 
 async def _run(argv: Sequence[str], cwd: Path, limit_seconds: float) -> _Outcome:
+    # Our own pipe rather than stdout=PIPE: Process.wait() also waits for PIPE pipes to close,
+    # which a background child holding them would delay indefinitely; and a transport we own
+    # can be closed even if a process that left the group keeps the write end open.
+    read_fd, write_fd = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stdout=write_fd,
+            stderr=write_fd,
             start_new_session=True,
         )
     except OSError as exc:
+        os.close(read_fd)
         # exc.filename tells a missing program from a missing working directory.
         raise ToolFailure(f"cannot run {argv[0]}: {exc.strerror}: {exc.filename}") from exc
-    assert proc.stdout is not None
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    pipe = os.fdopen(read_fd, "rb", buffering=0)
+    transport: asyncio.ReadTransport | None = None
+    reader: asyncio.Task[None] | None = None
     capture = _HeadTail(MAX_OUTPUT_CHARS)
-    reader = asyncio.create_task(_pump(proc.stdout, capture))
     timed_out = False
     try:
+        stream = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream), pipe
+        )
+        reader = asyncio.create_task(_pump(stream, capture))
         async with asyncio.timeout(limit_seconds):
             await proc.wait()
-            # Output the command wrote just before exiting may still be in the pipe; background
+            # Output written just before the exit may still be in the pipe; background
             # processes holding the pipe open must not keep the call waiting.
             await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
     except TimeoutError:
-        timed_out = True
+        # The deadline may also pass while draining the pipe of a command that did finish.
+        timed_out = proc.returncode is None
     finally:
         _kill_group(proc.pid)
-        if not reader.done():
+        if reader is not None and not reader.done():
             # The group is dead so the pipe is at EOF, unless a process escaped it with setsid.
             await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
             reader.cancel()
             await asyncio.wait({reader})
+        if transport is not None:
+            transport.close()
+        else:
+            pipe.close()
         await proc.wait()
     return _Outcome(capture.text(), capture.omitted, None if timed_out else proc.returncode, timed_out)
 

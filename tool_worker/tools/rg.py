@@ -11,7 +11,7 @@ import functools
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ def rg_binary() -> str:
 
 @dataclass(frozen=True)
 class RgOutput:
+    """What one rg run printed; exit code 1 means no match, 2 an error."""
+
     returncode: int
     stdout: bytes
     stderr: str
@@ -49,8 +51,16 @@ class RgOutput:
     overflowed: bool
 
 
-async def run_rg(args: Sequence[str], cwd: Path, max_bytes: int = MAX_RG_OUTPUT_BYTES) -> RgOutput:
-    """Run rg with BASE_ARGS + `args` in `cwd`; rg is killed if the caller is cancelled."""
+async def run_rg(
+    args: Sequence[str],
+    cwd: Path,
+    max_bytes: int = MAX_RG_OUTPUT_BYTES,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> RgOutput:
+    """Run rg with BASE_ARGS + `args` in `cwd`; rg is killed if the caller is cancelled.
+
+    `on_chunk` sees stdout as it arrives, to start work while rg is still walking.
+    """
     proc = await asyncio.create_subprocess_exec(
         rg_binary(),
         *BASE_ARGS,
@@ -64,7 +74,7 @@ async def run_rg(args: Sequence[str], cwd: Path, max_bytes: int = MAX_RG_OUTPUT_
     assert proc.stdout is not None and proc.stderr is not None
     try:
         stdout, stderr = await asyncio.gather(
-            _read_capped(proc.stdout, max_bytes, stop=True),
+            _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk),
             _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False),
         )
         overflowed = len(stdout) > max_bytes
@@ -83,7 +93,9 @@ async def run_rg(args: Sequence[str], cwd: Path, max_bytes: int = MAX_RG_OUTPUT_
     )
 
 
-async def _read_capped(stream: asyncio.StreamReader, cap: int, *, stop: bool) -> bytes:
+async def _read_capped(
+    stream: asyncio.StreamReader, cap: int, *, stop: bool, on_chunk: Callable[[bytes], None] | None = None
+) -> bytes:
     """Read to EOF keeping a bit more than `cap` bytes at most.
 
     With `stop`, return as soon as the cap is passed (the caller then kills rg); otherwise keep
@@ -94,6 +106,8 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int, *, stop: bool) ->
     while chunk := await stream.read(_READ_CHUNK):
         if size <= cap:
             chunks.append(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
         size += len(chunk)
         if stop and size > cap:
             break

@@ -1,0 +1,138 @@
+"""write, edit, delete, move and copy."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tool_worker.tools.base import ErrorKind
+
+
+async def test_write_creates_parents_and_overwrites(call: Any, workspace: Path) -> None:
+    created = await call("write", file_path="new/deep/file.txt", content="héllo\n")
+    assert not created.is_error and created.output == "Created new/deep/file.txt (7 bytes)"
+    assert (workspace / "new" / "deep" / "file.txt").read_text() == "héllo\n"
+    os.chmod(workspace / "README.md", 0o755)
+    overwritten = await call("write", file_path="README.md", content="new")
+    assert overwritten.output.startswith("Overwrote README.md")
+    assert (workspace / "README.md").read_text() == "new"
+    assert stat.S_IMODE((workspace / "README.md").stat().st_mode) == 0o755
+    assert not [name for name in os.listdir(workspace) if name.endswith(".tmp")]
+
+
+async def test_write_errors(call: Any, workspace: Path) -> None:
+    assert (await call("write", file_path="src", content="x")).is_error
+    assert (await call("write", file_path="../escape.txt", content="x")).error_kind is ErrorKind.PATH_ESCAPE
+    assert not (workspace.parent / "escape.txt").exists()
+
+
+async def test_edit(call: Any, workspace: Path) -> None:
+    result = await call("edit", file_path="src/app.py", old_string="return path", new_string="return str(path)")
+    assert result.output == "Edited src/app.py: replaced 1 occurrence"
+    assert "    return str(path)\n" in (workspace / "src" / "app.py").read_text()
+
+
+async def test_edit_keeps_crlf(call: Any, workspace: Path) -> None:
+    (workspace / "dos.txt").write_bytes(b"one\r\ntwo\r\n")
+    await call("edit", file_path="dos.txt", old_string="two", new_string="2")
+    assert (workspace / "dos.txt").read_bytes() == b"one\r\n2\r\n"
+
+
+async def test_edit_not_unique_and_replace_all(call: Any, workspace: Path) -> None:
+    (workspace / "dup.txt").write_text("x = 1\nx = 1\nx = 1\n")
+    ambiguous = await call("edit", file_path="dup.txt", old_string="x = 1", new_string="x = 2")
+    assert ambiguous.is_error and "occurs 3 times" in ambiguous.output and "replace_all" in ambiguous.output
+    assert (workspace / "dup.txt").read_text() == "x = 1\nx = 1\nx = 1\n"
+    result = await call("edit", file_path="dup.txt", old_string="x = 1", new_string="x = 2", replace_all=True)
+    assert result.output == "Edited dup.txt: replaced 3 occurrences"
+    assert (workspace / "dup.txt").read_text() == "x = 2\nx = 2\nx = 2\n"
+
+
+async def test_edit_errors(call: Any) -> None:
+    missing_text = await call("edit", file_path="src/app.py", old_string="nowhere", new_string="x")
+    assert missing_text.is_error and "old_string was not found in src/app.py" in missing_text.output
+    missing_file = await call("edit", file_path="nope.py", old_string="a", new_string="b")
+    assert missing_file.is_error and "file not found: nope.py" in missing_file.output
+    same = await call("edit", file_path="src/app.py", old_string="def", new_string="def")
+    assert same.error_kind is ErrorKind.INVALID_ARGUMENTS
+
+
+async def test_delete(call: Any, workspace: Path) -> None:
+    assert (await call("delete", path="README.md")).output == "Deleted README.md"
+    assert not (workspace / "README.md").exists()
+    refused = await call("delete", path="src")
+    assert refused.is_error and "recursive=true" in refused.output and (workspace / "src").is_dir()
+    assert not (await call("delete", path="src", recursive=True)).is_error
+    assert not (workspace / "src").exists()
+    assert "does not exist" in (await call("delete", path="ghost")).output
+    assert (await call("delete", path=".", recursive=True)).is_error and (workspace / ".gitignore").exists()
+
+
+async def test_delete_symlink_removes_the_link_only(call: Any, workspace: Path, tmp_path: Path) -> None:
+    (workspace / "inner").symlink_to(workspace / "src")
+    (tmp_path / "keep.txt").write_text("keep")
+    (workspace / "outer").symlink_to(tmp_path / "keep.txt")
+    assert not (await call("delete", path="inner")).is_error
+    assert (workspace / "src" / "app.py").exists() and not (workspace / "inner").exists()
+    assert not (await call("delete", path="outer")).is_error
+    assert (tmp_path / "keep.txt").read_text() == "keep"
+
+
+async def test_move(call: Any, workspace: Path) -> None:
+    result = await call("move", source="src/app.py", destination="lib/main.py")
+    assert result.output == "Moved src/app.py to lib/main.py"
+    assert (workspace / "lib" / "main.py").exists() and not (workspace / "src" / "app.py").exists()
+    exists = await call("move", source="README.md", destination="lib/main.py")
+    assert exists.is_error and "overwrite=true" in exists.output
+    assert not (await call("move", source="README.md", destination="lib/main.py", overwrite=True)).is_error
+    assert (workspace / "lib" / "main.py").read_text() == "# Demo\n"
+    assert "source not found" in (await call("move", source="ghost", destination="x")).output
+    into_itself = await call("move", source="src", destination="src/pkg/inner")
+    assert into_itself.is_error and (workspace / "src").is_dir()
+
+
+async def test_copy(call: Any, workspace: Path) -> None:
+    assert (await call("copy", source="README.md", destination="docs/README.md")).output == (
+        "Copied README.md to docs/README.md"
+    )
+    assert (workspace / "docs" / "README.md").read_text() == "# Demo\n"
+    tree = await call("copy", source="src", destination="src_copy")
+    assert tree.output == "Copied directory src to src_copy"
+    assert (workspace / "src_copy" / "pkg" / "util.py").exists()
+    again = await call("copy", source="src", destination="src_copy")
+    assert again.is_error and "overwrite=true" in again.output
+    (workspace / "src_copy" / "stale.txt").write_text("stale")
+    assert not (await call("copy", source="src", destination="src_copy", overwrite=True)).is_error
+    assert not (workspace / "src_copy" / "stale.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("write", {"file_path": "/tmp/codelane-escape.txt", "content": "x"}),
+        ("edit", {"file_path": "../outside.txt", "old_string": "a", "new_string": "b"}),
+        ("delete", {"path": "../outside.txt"}),
+        ("move", {"source": "README.md", "destination": "../moved.txt"}),
+        ("move", {"source": "../outside.txt", "destination": "inside.txt"}),
+        ("copy", {"source": "../outside.txt", "destination": "inside.txt"}),
+        ("copy", {"source": "README.md", "destination": "../copied.txt"}),
+        ("copy", {"source": "out/secret.txt", "destination": "inside.txt"}),
+    ],
+)
+async def test_escapes_touch_nothing(call: Any, workspace: Path, tool: str, arguments: dict[str, Any]) -> None:
+    outside = workspace.parent / "outside.txt"
+    outside.write_text("a")
+    secret_dir = workspace.parent / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "secret.txt").write_text("s")
+    (workspace / "out").symlink_to(secret_dir)
+    before = sorted(os.listdir(workspace)), sorted(os.listdir(workspace.parent))
+    result = await call(tool, **arguments)
+    assert result.error_kind is ErrorKind.PATH_ESCAPE, result.output
+    assert outside.read_text() == "a" and (workspace / "README.md").exists()
+    assert "codelane-escape.txt" not in os.listdir("/tmp")
+    assert (sorted(os.listdir(workspace)), sorted(os.listdir(workspace.parent))) == before

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+
+QUERY_TOOLS = {"read", "glob", "grep", "ls", "list_files", "search"}
+EXECUTE_TOOLS = {"bash", "execute", "write", "edit", "delete", "move", "copy"}
+
+
+def _tool(name: str, run: Any) -> Tool:
+    spec = ToolSpec(
+        name=name,
+        description="test",
+        parameters={"type": "object", "properties": {"n": {"type": "integer"}}},
+        lane=Lane.QUERY,
+        idempotent=True,
+    )
+    return Tool(spec=spec, run=run)
+
+
+def test_builtin_specs(registry: ToolRegistry) -> None:
+    assert set(registry.names()) == QUERY_TOOLS | EXECUTE_TOOLS
+    assert registry.names() == sorted(registry.names())
+    assert {spec.name for spec in registry.specs(Lane.QUERY)} == QUERY_TOOLS
+    assert {spec.name for spec in registry.specs(Lane.EXECUTE)} == EXECUTE_TOOLS
+    assert [spec.name for spec in registry.specs()] == registry.names()
+    for spec in registry.specs():
+        assert spec.idempotent is (spec.lane is Lane.QUERY)
+        assert spec.parameters["type"] == "object"
+        assert len(spec.description) > 40
+    tool = registry.get("read")
+    assert tool is not None and tool.name == "read"
+    assert registry.get("nope") is None
+
+
+async def test_unknown_tool(registry: ToolRegistry, tmp_path: Path) -> None:
+    result = await registry.execute("nope", tmp_path, "{}")
+    assert result.is_error and result.error_kind is ErrorKind.UNKNOWN_TOOL
+    assert "nope" in result.output and "grep" in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments_json", "needle"),
+    [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"), ('"x"', "must be a JSON object")],
+)
+async def test_bad_json_never_runs_the_tool(arguments_json: str, needle: str, tmp_path: Path) -> None:
+    ran = False
+
+    async def run(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        nonlocal ran
+        ran = True
+        return ToolResult(output="ran")
+
+    registry = ToolRegistry([_tool("t", run)])
+    result = await registry.execute("t", tmp_path, arguments_json)
+    assert result.is_error and result.error_kind is ErrorKind.INVALID_ARGUMENTS
+    assert needle in result.output
+    assert not ran
+
+
+async def test_schema_violation_names_the_field(call: Any) -> None:
+    result = await call("read", file_path="README.md", offset="ten")
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS
+    assert "offset" in result.output and "'ten' is not of type 'integer'" in result.output
+    missing = await call("grep")
+    assert missing.error_kind is ErrorKind.INVALID_ARGUMENTS and "'pattern' is a required property" in missing.output
+    extra = await call("ls", colour=True)
+    assert extra.error_kind is ErrorKind.INVALID_ARGUMENTS and "colour" in extra.output
+
+
+async def test_failures_become_results(tmp_path: Path) -> None:
+    async def fail(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        raise ToolFailure("no such thing", ErrorKind.PERMISSION_DENIED)
+
+    async def crash(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        raise KeyError("boom")
+
+    registry = ToolRegistry([_tool("fail", fail), _tool("crash", crash)])
+    failed = await registry.execute("fail", tmp_path, "{}")
+    assert (failed.error_kind, failed.output) == (ErrorKind.PERMISSION_DENIED, "no such thing")
+    crashed = await registry.execute("crash", tmp_path, "{}")
+    assert crashed.error_kind is ErrorKind.INTERNAL and "KeyError" in crashed.output and "boom" in crashed.output
+    assert crashed.run_time > 0
+
+
+async def test_run_time_and_cancellation_propagates(tmp_path: Path) -> None:
+    cleaned = asyncio.Event()
+
+    async def slow(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.set()
+        return ToolResult(output="late")
+
+    async def quick(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+        await asyncio.sleep(0.02)
+        return ToolResult(output=str(args["n"]))
+
+    registry = ToolRegistry([_tool("slow", slow), _tool("quick", quick)])
+    result = await registry.execute("quick", tmp_path, '{"n": 3}')
+    assert result.output == "3" and 0.02 <= result.run_time < 1
+    task = asyncio.create_task(registry.execute("slow", tmp_path, "{}"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned.is_set()
+
+
+async def test_load_module(tmp_path: Path) -> None:
+    registry = ToolRegistry.builtin()
+    registry.load_module("tests.tools.plugin_tools")
+    assert "shout" in registry.names()
+    result = await registry.execute("shout", tmp_path, json.dumps({"text": "hi"}))
+    assert result.output == "HI"
+    with pytest.raises(ValueError, match="already exists"):
+        registry.load_module("tests.tools.plugin_tools")
+
+
+def test_load_module_errors() -> None:
+    registry = ToolRegistry()
+    with pytest.raises(ValueError, match="no TOOLS attribute"):
+        registry.load_module("json")
+    with pytest.raises(ModuleNotFoundError):
+        registry.load_module("tests.tools.no_such_plugin")
+    with pytest.raises(ValueError, match="already registered"):
+        ToolRegistry([_tool("a", None), _tool("a", None)])
+    bad_schema = Tool(
+        spec=ToolSpec(name="bad", description="", parameters={"type": 5}, lane=Lane.QUERY, idempotent=True),
+        run=None,  # type: ignore[arg-type]
+    )
+    with pytest.raises(ValueError, match="invalid parameters schema"):
+        ToolRegistry([bad_schema])
+
+
+async def test_execute_overhead_is_microseconds(tmp_path: Path) -> None:
+    async def noop(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        return ToolResult(output="ok")
+
+    registry = ToolRegistry([_tool("noop", noop)])
+    calls = 2000
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(calls):
+        await registry.execute("noop", tmp_path, '{"n": 1}')
+    per_call = (loop.time() - started) / calls
+    # Generous for loaded CI machines; typically ~10 µs.
+    assert per_call < 300e-6, f"{per_call * 1e6:.0f} µs per call"
