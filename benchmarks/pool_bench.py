@@ -52,37 +52,58 @@ class _PingServer(worker_pb2_grpc.WorkerHubServiceServicer):
         await self.done.wait()
 
 
-async def _raw_ping_pong(calls: int, workspace: str) -> list[float]:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = _PingServer()
-    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.pool_bench", "--echo-client", str(port)
-    )
+class _RawPeer:
+    """A bare bidi stream to a child process that echoes every message: the floor to compare to."""
+
+    async def start(self) -> None:
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._servicer = _PingServer()
+        worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(self._servicer, self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        self._child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.pool_bench", "--echo-client", str(port)
+        )
+        self._requests, self._context = await self._servicer.stream
+        await anext(self._requests)  # the child's first message
+
+    async def round_trip(self, i: int, workspace: str) -> float:
+        assign = worker_pb2.Assign(
+            call_id=f"c{i}", attempt=1, tool_name="noop", arguments_json="{}", workspace=workspace, session_id="bench"
+        )
+        message = worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[assign]))
+        started = time.perf_counter()
+        await self._context.write(message)
+        await anext(self._requests)
+        return time.perf_counter() - started
+
+    async def stop(self) -> None:
+        self._servicer.done.set()
+        await self._server.stop(0.5)
+        await asyncio.wait_for(self._child.wait(), 10)
+
+
+async def _round_trips(calls: int, workspace: str, batch: int = 100) -> tuple[list[float], list[float]]:
+    """Raw and hub round trips, measured in alternating batches so both see the same machine."""
+    raw_peer = _RawPeer()
+    await raw_peer.start()
+    server = await _start_server(1, 1)
+    raw: list[float] = []
+    hub: list[float] = []
     try:
-        request_iterator, context = await servicer.stream
-        samples = []
-        for i in range(calls):
-            assign = worker_pb2.Assign(
-                call_id=f"c{i}",
-                attempt=1,
-                tool_name="noop",
-                arguments_json="{}",
-                workspace=workspace,
-                session_id="bench",
-            )
-            message = worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[assign]))
-            started = time.perf_counter()
-            await context.write(message)
-            await anext(request_iterator)
-            samples.append(time.perf_counter() - started)
-        return samples
+        await server.pool.dispatch(_noop(workspace, -1))  # probe the workspace once
+        for first in range(0, calls, batch):
+            for i in range(first, min(first + batch, calls)):
+                raw.append(await raw_peer.round_trip(i, workspace))
+            for i in range(first, min(first + batch, calls)):
+                started = time.perf_counter()
+                result = await server.pool.dispatch(_noop(workspace, i))
+                hub.append(time.perf_counter() - started)
+                assert not result.is_error, result.output
+        return raw, hub
     finally:
-        servicer.done.set()
-        await server.stop(0.5)
-        await asyncio.wait_for(child.wait(), 10)
+        await server.stop(1)
+        await raw_peer.stop()
 
 
 async def _echo_client(port: int) -> None:
@@ -115,6 +136,7 @@ async def _start_server(workers: int, slots: int) -> CodelaneServer:
     deadline = time.monotonic() + 30
     while len(server.pool.workers()) < workers:
         if time.monotonic() > deadline:
+            await server.stop(1)
             raise SystemExit("workers did not connect within 30 s")
         await asyncio.sleep(0.05)
     return server
@@ -124,21 +146,6 @@ def _noop(workspace: str, i: int) -> QueryCall:
     return QueryCall(
         session_id=f"s{i % 8}", call_id=f"c{i}", tool_name="noop", arguments_json="{}", workspace=workspace
     )
-
-
-async def _hub_round_trips(calls: int, workspace: str) -> list[float]:
-    server = await _start_server(1, 1)
-    try:
-        await server.pool.dispatch(_noop(workspace, -1))  # probe the workspace once
-        samples = []
-        for i in range(calls):
-            started = time.perf_counter()
-            result = await server.pool.dispatch(_noop(workspace, i))
-            samples.append(time.perf_counter() - started)
-            assert not result.is_error, result.output
-        return samples
-    finally:
-        await server.stop(1)
 
 
 async def _throughput(calls: int, workers: int, workspace: str) -> float:
@@ -163,8 +170,7 @@ async def _throughput(calls: int, workers: int, workspace: str) -> float:
 
 async def run(calls: int, throughput_calls: int, workers: int) -> dict:
     workspace = str(Path.cwd())
-    raw = await _raw_ping_pong(calls, workspace)
-    hub = await _hub_round_trips(calls, workspace)
+    raw, hub = await _round_trips(calls, workspace)
     rate = await _throughput(throughput_calls, workers, workspace)
     figures = {
         "raw_p50_us": statistics.median(raw) * 1e6,

@@ -18,7 +18,7 @@ from pathlib import Path
 from session_server.agent import Turn, TurnContext
 from session_server.bus import SUBSCRIBER_BUFFER, EventBus
 from session_server.config import SessionSettings, SettingsRequest, build_settings, resolve_workspace
-from session_server.events import EventPayload, StoredEvent, TurnFinished
+from session_server.events import EventPayload, StoredEvent, ToolCallFinished, ToolCallStarted, TurnFinished
 from session_server.llm.base import ModelProvider, Usage
 from session_server.llm.factory import create_provider
 from session_server.llm.limiter import LimitedProvider
@@ -26,6 +26,7 @@ from session_server.pool import WorkerPool
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
 from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import ErrorKind, ToolResult
 
 log = logging.getLogger("codelane.sessions")
 
@@ -44,6 +45,14 @@ class SessionNotFound(LookupError):
 
 class TurnInProgress(Exception):
     """The session already runs a turn."""
+
+
+class ModelUnavailable(Exception):
+    """The session's model cannot be used now (e.g. its script file is gone)."""
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"model {model!r} is unavailable: {why}")
+        self.model = model
 
 
 class SequenceOutOfRange(Exception):
@@ -90,6 +99,21 @@ class SessionManager:
         """Marks turns cut off by a crash as interrupted. Returns how many there were."""
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
+            # Every started call gets its one ToolCallFinished, even when the server died under it.
+            started: dict[str, str] = {}
+            for event in self.store.events_after(session_id, 0):
+                if event.turn_id != turn_id:
+                    continue
+                if isinstance(event.payload, ToolCallStarted):
+                    started[event.payload.call.call_id] = event.payload.call.tool_name
+                elif isinstance(event.payload, ToolCallFinished):
+                    started.pop(event.payload.call_id, None)
+            for call_id, tool_name in started.items():
+                result = ToolResult.error(
+                    ErrorKind.CANCELLED,
+                    f"{tool_name} was interrupted: the session server stopped while it ran; its effects may be partial",
+                )
+                self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, result, 0.0, 0.0))
             self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
             self.store.set_session_state(session_id, "idle", "")
             log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
@@ -171,7 +195,10 @@ class SessionManager:
         if not text.strip():
             raise ValueError("text is empty: send the user's message")
         settings = SessionSettings.from_dict(record.config)
-        provider, model_name = self._provider(settings.model)
+        try:
+            provider, model_name = self._provider(settings.model)
+        except ValueError as exc:
+            raise ModelUnavailable(settings.model, str(exc)) from None
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
         subscription = self.bus.subscribe(session_id)
         ctx = TurnContext(
@@ -233,7 +260,9 @@ class SessionManager:
         Raises SubscriberOverflow from bus when the consumer falls too far behind.
         """
         last = self.get_session(session_id).last_sequence
-        if after_sequence < 0 or after_sequence > last:
+        if after_sequence < 0:
+            raise ValueError(f"after_sequence is {after_sequence}: it must be 0 (everything) or a seen sequence")
+        if after_sequence > last:
             raise SequenceOutOfRange(after_sequence, last)
         cursor = after_sequence
         subscription = None

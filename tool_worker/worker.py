@@ -37,6 +37,7 @@ log = logging.getLogger("codelane.worker")
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 10.0
+PARENT_CHECK_INTERVAL = 1.0
 EXIT_UNAUTHENTICATED = 3
 EXIT_REJECTED = 2
 
@@ -89,6 +90,7 @@ class ToolWorker:
     async def run(self) -> int:
         """Connects, serves, reconnects; returns the process exit code."""
         delay = BACKOFF_INITIAL
+        watchdog = asyncio.create_task(self._watch_parent()) if self.config.parent_pid is not None else None
         channel = create_channel(
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
@@ -115,28 +117,46 @@ class ToolWorker:
                 delay = min(delay * 2, BACKOFF_MAX)
             return 0
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             await channel.close()
+
+    async def _watch_parent(self) -> None:
+        """A local worker leaves with the server that started it, connected or not."""
+        while os.getppid() == self.config.parent_pid:  # noqa: ASYNC110 (no event exists for a parent's death)
+            await asyncio.sleep(PARENT_CHECK_INTERVAL)
+        log.info("parent process %s is gone: draining", self.config.parent_pid)
+        self._draining.set()
 
     async def _serve(self, channel: grpc.aio.Channel) -> None:
         stub = worker_pb2_grpc.WorkerHubServiceStub(channel)
         call = stub.Connect(metadata=bearer_metadata(self.config.token))
         write_lock = asyncio.Lock()
-        self._unsent_results: list[worker_pb2.CallResult] = []
+        unsent: list[worker_pb2.ConnectRequest] = []
+        unsent_results: list[worker_pb2.CallResult] = []
 
-        async def send(message: worker_pb2.ConnectRequest) -> None:
-            async with write_lock:
-                await call.write(message)
-
-        async def send_result(result: worker_pb2.CallResult) -> None:
-            # Results finishing while a write is under way go out together in the next write:
-            # no extra task in the quiet case, one message for many results under load.
-            self._unsent_results.append(result)
+        async def flush() -> None:
+            # One writer at a time (grpc.aio's rule). Whoever holds the lock writes everything
+            # queued before letting go, so a message queued meanwhile is never stranded; results
+            # that pile up during a write go out together in one CallResults.
             if write_lock.locked():
                 return
             async with write_lock:
-                while self._unsent_results:
-                    batch, self._unsent_results = self._unsent_results, []
-                    await call.write(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=batch)))
+                while unsent or unsent_results:
+                    if unsent:
+                        await call.write(unsent.pop(0))
+                    if unsent_results:
+                        batch = unsent_results[:]
+                        unsent_results.clear()
+                        await call.write(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=batch)))
+
+        async def send(message: worker_pb2.ConnectRequest) -> None:
+            unsent.append(message)
+            await flush()
+
+        async def send_result(result: worker_pb2.CallResult) -> None:
+            unsent_results.append(result)
+            await flush()
 
         await send(worker_pb2.ConnectRequest(hello=self.hello()))
         try:
@@ -215,9 +235,6 @@ class ToolWorker:
     async def _heartbeat(self, send, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
-                log.info("parent process is gone: draining")
-                self._draining.set()
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
             await send(
                 worker_pb2.ConnectRequest(

@@ -9,7 +9,14 @@ from session_server.api import convert
 from session_server.api.errors import abort
 from session_server.bus import SessionClosed, SubscriberOverflow
 from session_server.config import InvalidArgument
-from session_server.sessions import CaughtUp, SequenceOutOfRange, SessionManager, SessionNotFound, TurnInProgress
+from session_server.sessions import (
+    CaughtUp,
+    ModelUnavailable,
+    SequenceOutOfRange,
+    SessionManager,
+    SessionNotFound,
+    TurnInProgress,
+)
 
 NOT_AVAILABLE = "is not available in this server version"
 
@@ -66,6 +73,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except TurnInProgress as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TURN_IN_PROGRESS",
                         session_id=request.session_id)
+        except ModelUnavailable as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "MODEL_UNAVAILABLE", model=exc.model)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="text")
         try:
@@ -89,6 +98,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     )
                 else:
                     yield session_pb2.WatchEventsResponse(event=convert.event(item))
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="after_sequence")
         except SequenceOutOfRange as exc:
             await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(exc), "SEQUENCE_OUT_OF_RANGE",
                         last_sequence=str(exc.last))

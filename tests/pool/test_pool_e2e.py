@@ -268,3 +268,32 @@ async def test_workspace_outside_a_workers_roots_is_not_routed_there(make_server
     views = {v.workspace: v for v in listed.workers[0].workspaces}
     assert views[str(inside)].visible and not views[str(workspace)].visible
     assert "roots" in views[str(workspace)].reason
+
+
+async def test_results_are_never_stranded_behind_heartbeat_writes(make_server, workers, tmp_path: Path) -> None:
+    # Heartbeats every 5 ms keep the worker's stream busy: a result finishing during one must
+    # still be sent (it once waited for the next result, forever when none came).
+    server = await make_server(heartbeat_interval=0.005)
+    workers.spawn(server.port, "w1", slots=1)
+    await connected(server, "w1")
+    for i in range(300):
+        result = await server.pool.dispatch(call(tmp_path, "noop", {}, call_id=f"n{i}", timeout=5))
+        assert not result.is_error, result.output
+
+
+async def test_a_local_worker_leaves_when_its_server_process_dies(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A parent that starts a worker against a dead address, then exits without cleaning up.
+    script = (
+        "import subprocess, sys, os;"
+        "p = subprocess.Popen([sys.executable, '-m', 'tool_worker', '--connect', '127.0.0.1:9',"
+        " '--id', 'orphan', '--parent-pid', str(os.getpid())]);"
+        "print(p.pid, flush=True)"
+    )
+    parent = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    worker_pid = int(parent.stdout.strip())
+    await wait_for(lambda: not pid_alive(worker_pid), within=10, what="the orphaned worker to exit")

@@ -1,0 +1,377 @@
+"""Turns with the scripted model: order-preserving scheduling, one turn at a time, disconnecting
+clients, and cancellation in the middle of a batch of calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.session.conftest import (
+    Client,
+    assert_gap_free,
+    call,
+    error_details,
+    kind,
+    pid_alive,
+    read_rest,
+    read_until,
+    rpc_error,
+    scripted,
+    wait_until,
+)
+
+QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
+
+
+def _by_call(events: list[events_pb2.Event], event_kind: str) -> dict[str, events_pb2.Event]:
+    found: dict[str, events_pb2.Event] = {}
+    for e in events:
+        if kind(e) != event_kind:
+            continue
+        call_id = (
+            e.tool_call_started.call.call_id if event_kind == "tool_call_started" else e.tool_call_finished.call_id
+        )
+        assert call_id not in found, f"two {event_kind} events for {call_id}"
+        found[call_id] = e
+    return found
+
+
+def _assert_valid_history(history: list[session_pb2.Message]) -> None:
+    """Every assistant call is answered by one tool message, right after it, in call order."""
+    i = 0
+    while i < len(history):
+        message = history[i]
+        assert message.index == i + 1
+        i += 1
+        if message.role == session_pb2.MESSAGE_ROLE_ASSISTANT and message.tool_calls:
+            answers = history[i : i + len(message.tool_calls)]
+            assert [m.role for m in answers] == [session_pb2.MESSAGE_ROLE_TOOL] * len(message.tool_calls)
+            assert [m.tool_call_id for m in answers] == [c.call_id for c in message.tool_calls]
+            i += len(message.tool_calls)
+        else:
+            assert message.role != session_pb2.MESSAGE_ROLE_TOOL, f"stray tool message at {message.index}"
+
+
+async def test_mixed_batch_runs_in_model_order(client: Client, workspace: Path, tmp_path: Path) -> None:
+    calls = [
+        call("grep", "c0_grep", pattern="needle"),
+        call("read", "c1_read_old", file_path="a.txt"),
+        call("glob", "c2_glob", pattern="**/*.py"),
+        call("edit", "c3_edit", file_path="a.txt", old_string="old content", new_string="new content"),
+        call("read", "c4_read_new", file_path="a.txt"),
+        call("write", "c5_write", file_path="notes/b.txt", content="written by the model\n"),
+        call("read", "c6_read_written", file_path="notes/b.txt"),
+        call("grep", "c7_grep_written", pattern="written by", path="notes"),
+        call("ls", "c8_ls", path="."),
+    ]
+    model = scripted(tmp_path, [{"text": "Let me look around first.", "tool_calls": calls}, {"text": "All done."}])
+    session = await client.create(workspace, model)
+
+    events = await client.send(session.session_id, "Please update a.txt")
+
+    # Order of the stream: TurnStarted first, TurnFinished last, sequences 1..N gap-free.
+    assert_gap_free(events)
+    assert kind(events[0]) == "turn_started" and events[0].turn_started.user_text == "Please update a.txt"
+    assert kind(events[-1]) == "turn_finished"
+    assert [kind(e) for e in events].count("turn_finished") == 1
+    finished = events[-1].turn_finished
+    assert finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    assert finished.model_requests == 2 and finished.tool_calls == len(calls)
+    assert finished.final_text == "All done."
+    turn_id = events[0].turn_id
+    assert turn_id and all(e.turn_id == turn_id and e.session_id == session.session_id for e in events)
+    text = "".join(e.text_delta.text for e in events if kind(e) == "text_delta" and e.text_delta.step == 0)
+    assert text == "Let me look around first."
+
+    # Every call started once and finished exactly once; lanes as their specs say.
+    ids = [c["id"] for c in calls]
+    started, done = _by_call(events, "tool_call_started"), _by_call(events, "tool_call_finished")
+    assert set(started) == set(done) == set(ids)
+    for call_id, event in started.items():
+        assert event.tool_call_started.lane == (EXECUTE if call_id in ("c3_edit", "c5_write") else QUERY)
+        assert event.tool_call_started.worker_id == "local"
+        assert event.tool_call_started.attempt == 1
+        assert started[call_id].sequence < done[call_id].sequence
+    assert not any(d.tool_call_finished.result.is_error for d in done.values()), [
+        d.tool_call_finished.result.output for d in done.values() if d.tool_call_finished.result.is_error
+    ]
+
+    # Order-preserving: an Execute call starts after every earlier call finished, and the calls
+    # after it start after it finished.
+    def after(later: str, earlier: str) -> bool:
+        return started[later].sequence > done[earlier].sequence
+
+    for earlier in ("c0_grep", "c1_read_old", "c2_glob"):
+        assert after("c3_edit", earlier)
+    assert after("c4_read_new", "c3_edit") and after("c5_write", "c3_edit") and after("c5_write", "c4_read_new")
+    for later in ("c6_read_written", "c7_grep_written", "c8_ls"):
+        assert after(later, "c5_write")
+
+    # The model's response is announced with its calls, in model order.
+    responded = [e.model_responded for e in events if kind(e) == "model_responded"]
+    assert [[c.call_id for c in r.tool_calls] for r in responded] == [ids, []]
+    assert [c.index for c in responded[0].tool_calls] == list(range(len(calls)))
+
+    # History: user, assistant with the calls, their results in model order, final assistant.
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert [m.role for m in history] == [
+        session_pb2.MESSAGE_ROLE_USER,
+        session_pb2.MESSAGE_ROLE_ASSISTANT,
+        *[session_pb2.MESSAGE_ROLE_TOOL] * len(calls),
+        session_pb2.MESSAGE_ROLE_ASSISTANT,
+    ]
+    assert history[0].text == "Please update a.txt"
+    assert history[1].text == "Let me look around first."
+    assert [c.call_id for c in history[1].tool_calls] == ids
+    assert [c.tool_name for c in history[1].tool_calls] == [c["name"] for c in calls]
+    assert [json.loads(c.arguments_json) for c in history[1].tool_calls] == [c["arguments"] for c in calls]
+    results = {m.tool_call_id: m.tool_result for m in history[2:-1]}
+    assert [m.tool_call_id for m in history[2:-1]] == ids
+    assert history[-1].text == "All done."
+    assert all(m.turn_id == turn_id for m in history)
+
+    # Results match what each call saw: old content before the edit, new after, and the write.
+    assert "old content" in results["c1_read_old"].output
+    assert "new content" in results["c4_read_new"].output and "old content" not in results["c4_read_new"].output
+    assert "written by the model" in results["c6_read_written"].output
+    assert "b.txt" in results["c7_grep_written"].output
+    assert "alpha.py" in results["c0_grep"].output and "alpha.py" in results["c2_glob"].output
+    assert (workspace / "a.txt").read_text() == "new content\n"
+    # Events carry the same results as the history.
+    for call_id, event in done.items():
+        assert event.tool_call_finished.result.output == results[call_id].output
+
+    session = await client.get(session.session_id)
+    assert session.state == session_pb2.SESSION_STATE_IDLE
+    assert session.last_sequence == events[-1].sequence
+    assert session.message_count == len(history)
+
+
+async def test_bad_calls_get_error_results_without_disturbing_siblings(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    calls = [
+        call("read", "ok_1", file_path="README.md"),
+        call("no_such_tool", "unknown"),
+        {"name": "read", "id": "bad_json", "arguments_raw": '{"file_path": '},
+        call("read", "missing_file", file_path="nope.txt"),
+        call("read", "ok_2", file_path="src/beta.py"),
+    ]
+    model = scripted(tmp_path, [{"tool_calls": calls}, {"text": "ok"}])
+    session = await client.create(workspace, model)
+    events = await client.send(session.session_id, "go")
+    done = _by_call(events, "tool_call_finished")
+    assert set(done) == {c["id"] for c in calls}
+    kinds = {cid: e.tool_call_finished.result.error_kind for cid, e in done.items()}
+    assert kinds["ok_1"] == kinds["ok_2"] == tools_pb2.ERROR_KIND_UNSPECIFIED
+    assert kinds["unknown"] == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
+    assert kinds["bad_json"] == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert done["missing_file"].tool_call_finished.result.is_error
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == [c["id"] for c in calls]
+
+
+async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Path) -> None:
+    model = scripted(tmp_path, [{"text": "Waiting.", "tool_calls": [call("bash", command="sleep 5")]}, {"text": "ok"}])
+    session = await client.create(workspace, model)
+    other = await client.create(workspace, scripted(tmp_path, [{"text": "quick"}], name="quick.yaml"))
+
+    stream = client.send_stream(session.session_id, "first")
+    seen: list = []
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_started", seen)
+    assert (await client.get(session.session_id)).state == session_pb2.SESSION_STATE_RUNNING
+
+    error = await rpc_error(client.send(session.session_id, "second"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.reason == "TURN_IN_PROGRESS"
+    assert error.metadata == {"session_id": session.session_id}
+
+    # Another session is not held back by this one.
+    other_events = await client.send(other.session_id, "in parallel", within=10)
+    assert kind(other_events[-1]) == "turn_finished"
+
+    assert await client.cancel(session.session_id)
+    rest = await read_rest(stream)
+    assert kind(rest[-1].event) == "turn_finished"
+    assert rest[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+    await client.wait_idle(session.session_id)
+    # The refused message left no trace: one user message, one turn.
+    history = await client.history(session.session_id)
+    assert [m.text for m in history if m.role == session_pb2.MESSAGE_ROLE_USER] == ["first"]
+
+
+async def test_turn_survives_client_disconnect(client: Client, workspace: Path, tmp_path: Path) -> None:
+    model = scripted(
+        tmp_path,
+        [
+            {"text": "Working on it.", "tool_calls": [call("bash", "slow", command="sleep 1; echo slept")]},
+            {"text": "Finished without you."},
+        ],
+    )
+    session = await client.create(workspace, model)
+
+    stream = client.send_stream(session.session_id, "do it")
+    first = await asyncio.wait_for(stream.read(), 10)
+    assert kind(first.event) == "turn_started"
+    stream.cancel()
+    await asyncio.sleep(0.1)
+    assert (await client.get(session.session_id)).state == session_pb2.SESSION_STATE_RUNNING
+
+    watch = client.watch_stream(session.session_id, after=0, follow=True)
+    items: list = []
+    try:
+        last = await read_until(watch, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", items)
+    finally:
+        watch.cancel()
+    assert last.event.turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    assert last.event.turn_finished.final_text == "Finished without you."
+    events = [i.event for i in items if i.HasField("event")]
+    assert_gap_free(events)
+    assert events[0] == first.event
+    assert sum(1 for i in items if i.HasField("caught_up")) == 1
+    done = _by_call(events, "tool_call_finished")
+    assert done["slow"].tool_call_finished.result.output == "slept"
+
+    idle = await client.wait_idle(session.session_id)
+    assert idle.last_sequence == events[-1].sequence
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert history[-1].text == "Finished without you."
+
+
+async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path) -> None:
+    bash = "sleep 30 & echo $! > sleep.pid; echo $$ > bash.pid; wait"
+    calls = [
+        call("grep", "q1", pattern="needle"),
+        call("read", "q2", file_path="a.txt"),
+        call("bash", "long", command=bash),
+        call("read", "q3", file_path="README.md"),
+        call("grep", "q4", pattern="alpha"),
+    ]
+    model = scripted(tmp_path, [{"text": "Running.", "tool_calls": calls}, {"text": "Next turn."}])
+    session = await client.create(workspace, model)
+    assert not await client.cancel(session.session_id)  # idle: nothing to cancel
+
+    stream = client.send_stream(session.session_id, "run the long thing")
+    seen: list = []
+    await read_until(
+        stream,
+        lambda r: kind(r.event) == "tool_call_started" and r.event.tool_call_started.call.call_id == "long",
+        seen,
+    )
+    pid_files = (workspace / "bash.pid", workspace / "sleep.pid")
+    await wait_until(lambda: all(p.exists() and p.read_text().strip() for p in pid_files), what="bash pid files")
+    pids = [int(p.read_text()) for p in pid_files]
+    assert all(pid_alive(pid) for pid in pids)
+
+    cancelled_at = time.monotonic()
+    assert await client.cancel(session.session_id)
+    rest = [r.event for r in await read_rest(stream)]
+    took = time.monotonic() - cancelled_at
+    events = [r.event for r in seen] + rest
+    assert took < 5.0, f"the turn took {took:.1f}s to end after CancelTurn"
+
+    assert_gap_free(events)
+    assert kind(events[-1]) == "turn_finished"
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+    finished = Counter(e.tool_call_finished.call_id for e in events if kind(e) == "tool_call_finished")
+    assert finished == Counter({c["id"]: 1 for c in calls})
+    results = {
+        e.tool_call_finished.call_id: e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"
+    }
+    assert not results["q1"].is_error and not results["q2"].is_error
+    for call_id in ("long", "q3", "q4"):
+        assert results[call_id].error_kind == tools_pb2.ERROR_KIND_CANCELLED, call_id
+    assert "while running" in results["long"].output and "before it started" in results["q3"].output
+
+    # The bash process group is gone.
+    await wait_until(lambda: not any(pid_alive(pid) for pid in pids), within=3.0, what="bash to die")
+
+    # History stays valid: every call of the assistant message has its result, in order.
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert [m.role for m in history] == [
+        session_pb2.MESSAGE_ROLE_USER,
+        session_pb2.MESSAGE_ROLE_ASSISTANT,
+        *[session_pb2.MESSAGE_ROLE_TOOL] * len(calls),
+    ]
+    assert [m.tool_call_id for m in history[2:]] == [c["id"] for c in calls]
+    assert history[2 + 2].tool_result.error_kind == tools_pb2.ERROR_KIND_CANCELLED
+
+    await client.wait_idle(session.session_id)
+    assert not await client.cancel(session.session_id)
+    # The session is usable again, and the model sees the whole (valid) history.
+    events = await client.send(session.session_id, "carry on")
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    assert events[-1].turn_finished.final_text == "Next turn."
+
+
+async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, tmp_path: Path) -> None:
+    bash = "echo $$ > del.pid; sleep 30"
+    model = scripted(tmp_path, [{"text": "Slow.", "tool_calls": [call("bash", "long", command=bash)]}])
+    session = await client.create(workspace, model)
+    sid = session.session_id
+    watch = client.watch_stream(sid, after=0, follow=True)
+    stream = client.send_stream(sid, "go")
+    try:
+        assert (await asyncio.wait_for(watch.read(), 10)).caught_up.last_sequence == 0
+        await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
+        pid_file = workspace / "del.pid"
+        await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="bash to start")
+        pid = int(pid_file.read_text())
+
+        await asyncio.wait_for(
+            client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=sid), timeout=10), 10
+        )
+
+        rest = await read_rest(stream)
+        assert kind(rest[-1].event) == "turn_finished"
+        assert rest[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+        watched: list = []
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            while True:
+                item = await asyncio.wait_for(watch.read(), 10)
+                assert item is not grpc.aio.EOF
+                watched.append(item)
+        assert error_details(gone.value).code == grpc.StatusCode.NOT_FOUND
+        assert kind(watched[-1].event) == "turn_finished"
+    finally:
+        stream.cancel()
+        watch.cancel()
+    await wait_until(lambda: not pid_alive(pid), within=3.0, what="bash to die")
+    assert (await rpc_error(client.get(sid))).code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_max_turns_ends_the_turn(client: Client, workspace: Path, tmp_path: Path) -> None:
+    looping = {"text": "Again.", "tool_calls": [call("read", file_path="a.txt")]}
+    model = scripted(tmp_path, [looping, looping, looping, {"text": "never reached"}])
+    session = await client.create(workspace, model, max_turns=2)
+    assert session.config.max_turns == 2
+    events = await client.send(session.session_id, "loop")
+    finished = events[-1].turn_finished
+    assert finished.stop_reason == events_pb2.STOP_REASON_MAX_TURNS
+    assert finished.model_requests == 2 and finished.tool_calls == 2
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert len(history) == 1 + 2 * 2
+
+
+async def test_a_session_whose_script_vanished_is_failed_precondition(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    model = scripted(tmp_path, [{"text": "hi"}])
+    session = await client.create(workspace, model)
+    os.unlink(model.removeprefix("scripted:"))
+    error = await rpc_error(client.send(session.session_id, "hello"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.reason == "MODEL_UNAVAILABLE" and error.metadata == {"model": model}

@@ -1,0 +1,160 @@
+"""WatchEvents: replay, caught_up, live follow, resume from the middle, OUT_OF_RANGE, and a slow
+subscriber cut off with RESOURCE_EXHAUSTED that resumes without losing anything."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from codelane.v1 import events_pb2
+from tests.session.conftest import (
+    Client,
+    assert_gap_free,
+    call,
+    error_details,
+    kind,
+    read_until,
+    rpc_error,
+    scripted,
+)
+
+
+def _script(tmp_path: Path) -> str:
+    return scripted(
+        tmp_path,
+        [
+            {
+                "text": "First I look.",
+                "tool_calls": [call("grep", pattern="needle"), call("read", file_path="a.txt")],
+            },
+            {"text": "First turn done."},
+            {"text": "Second turn, one more look.", "tool_calls": [call("ls", path="src")]},
+            {"text": "Second turn done."},
+        ],
+    )
+
+
+async def test_replay_caught_up_follow_and_resume(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(workspace, _script(tmp_path))
+    sid = session.session_id
+
+    # An empty log: just the marker.
+    assert await client.watch(sid) == ([], 0)
+
+    turn1 = await client.send(sid, "turn one")
+    last = turn1[-1].sequence
+    assert_gap_free(turn1)
+
+    # follow=False: every stored event, the marker, the end.
+    replay, caught_up = await client.watch(sid, after=0)
+    assert replay == turn1 and caught_up == last
+
+    # Resume from the middle: exactly the rest.
+    middle = last // 2
+    rest, caught_up = await client.watch(sid, after=middle)
+    assert rest == turn1[middle:] and caught_up == last
+    assert await client.watch(sid, after=last) == ([], last)
+
+    # Beyond the end: OUT_OF_RANGE naming the last sequence.
+    for after in (last + 1, last + 100):
+        error = await rpc_error(client.watch(sid, after=after))
+        assert error.code == grpc.StatusCode.OUT_OF_RANGE
+        assert error.reason == "SEQUENCE_OUT_OF_RANGE"
+        assert error.metadata == {"last_sequence": str(last)}
+
+    # A negative sequence is a bad argument, not a range problem.
+    error = await rpc_error(client.watch(sid, after=-1))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": "after_sequence"}
+
+    # follow=True: replay, marker, then the live events of the next turn.
+    watch = client.watch_stream(sid, after=0, follow=True)
+    items: list = []
+    try:
+        marker = await read_until(watch, lambda r: r.HasField("caught_up"), items)
+        assert marker.caught_up.last_sequence == last
+        assert [i.event for i in items[:-1]] == turn1
+        turn2 = await client.send(sid, "turn two")
+        live: list = []
+        await read_until(watch, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", live)
+    finally:
+        watch.cancel()
+    assert all(i.HasField("event") for i in live)
+    assert [i.event for i in live] == turn2
+    assert_gap_free(turn1 + turn2)
+    assert turn2[0].turn_id != turn1[0].turn_id
+    assert turn2[-1].turn_finished.final_text == "Second turn done."
+
+    # Two watchers from different points agree with the log.
+    everything, caught_up = await client.watch(sid)
+    assert everything == turn1 + turn2 and caught_up == turn2[-1].sequence
+
+
+async def test_follow_from_the_end_sees_only_new_events(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(workspace, _script(tmp_path))
+    turn1 = await client.send(session.session_id, "turn one")
+    watch = client.watch_stream(session.session_id, after=turn1[-1].sequence, follow=True)
+    items: list = []
+    try:
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.caught_up.last_sequence == turn1[-1].sequence
+        turn2 = await client.send(session.session_id, "turn two")
+        await read_until(watch, lambda r: kind(r.event) == "turn_finished", items)
+    finally:
+        watch.cancel()
+    assert [i.event for i in items] == turn2
+
+
+async def test_slow_subscriber_is_cut_off_and_resumes(make_server, workspace: Path, tmp_path: Path) -> None:
+    client: Client = (await make_server(subscriber_buffer=5)).client
+    calls = [
+        call("read" if i % 2 else "grep", **({"file_path": "a.txt"} if i % 2 else {"pattern": "needle"}))
+        for i in range(30)
+    ]
+    long_text = " ".join(f"word{i}" for i in range(200))
+    model = scripted(tmp_path, [{"text": long_text, "tool_calls": calls}, {"text": long_text}])
+    session = await client.create(workspace, model)
+    sid = session.session_id
+
+    watch = client.watch_stream(sid, after=0, follow=True)
+    try:
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.caught_up.last_sequence == 0  # subscribed: now stop reading
+
+        # Start the turn and let it run to its end without reading the watch stream. The turn's
+        # own stream has the same small buffer and may be cut off too: that does not stop the turn.
+        send = client.send_stream(sid, "lots of events please")
+        try:
+            await asyncio.wait_for(send.read(), 10)
+        finally:
+            send.cancel()
+        final = await client.wait_idle(sid)
+        total = final.last_sequence
+        assert total > 60
+
+        received: list[events_pb2.Event] = []
+        try:
+            while True:
+                item = await asyncio.wait_for(watch.read(), 10)
+                assert item is not grpc.aio.EOF, "a follow stream of a slow subscriber must end with an error"
+                received.append(item.event)
+        except grpc.aio.AioRpcError as exc:
+            error = error_details(exc)
+    finally:
+        watch.cancel()
+
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == "SUBSCRIBER_TOO_SLOW"
+    last_seen = int(error.metadata["last_sequence"])
+    assert_gap_free(received)
+    assert last_seen == (received[-1].sequence if received else 0)
+    assert last_seen < total
+
+    rest, caught_up = await client.watch(sid, after=last_seen)
+    assert caught_up == total
+    assert_gap_free(received + rest)
+    assert kind(rest[-1]) == "turn_finished"
+    assert rest[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    everything, _ = await client.watch(sid)
+    assert received + rest == everything
