@@ -76,6 +76,9 @@ class WorkerLink(Protocol):
 
     def close(self, reason: str) -> None: ...
 
+    async def flush(self) -> None:
+        """Writes what is queued now, in the caller's task (the link also writes on its own)."""
+
 
 # Events the pool reports about a call, for the session's event log.
 @dataclass(frozen=True)
@@ -229,6 +232,9 @@ class WorkerPool:
         self._monitor: asyncio.Task[None] | None = None
         self._pumping = False
         self._closed = False
+        # Links given calls since the last flush: the task that caused the assignment writes
+        # them itself, which saves a hop to the link's writer task on every call's path.
+        self._dirty: set[WorkerLink] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -334,10 +340,16 @@ class WorkerPool:
         self._queues.setdefault(call.session_id, deque()).append(pending)
         self._pump()
         try:
+            await self.flush()
             return await pending.future
         except asyncio.CancelledError:
             self._withdraw(pending, "the call was cancelled")
             raise
+
+    async def flush(self) -> None:
+        """Writes the assignments made so far (see `_dirty`)."""
+        while self._dirty:
+            await self._dirty.pop().flush()
 
     def on_result(self, worker_id: str, call_id: str, attempt: int, result: ToolResult) -> None:
         worker = self._workers.get(worker_id)
@@ -451,6 +463,7 @@ class WorkerPool:
         worker.in_flight[(call.call_id, pending.attempt)] = pending
         worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))
         remaining = pending.enqueued + call.timeout - pending.started
+        self._dirty.add(worker.link)
         worker.link.assign(
             Assignment(
                 call_id=call.call_id,
@@ -586,6 +599,7 @@ class WorkerPool:
                         result.attempt = pending.attempt
                         self._finish(pending, result)
             self._pump()
+            await self.flush()
 
     def _snapshot(self, worker: _Worker) -> WorkerSnapshot:
         return WorkerSnapshot(

@@ -24,14 +24,17 @@ class _StreamLink:
     """A WorkerLink over one Connect stream.
 
     grpc.aio allows one write at a time and each write costs a trip through gRPC's core, so
-    messages are queued and one writer task sends them, coalescing every queued Assign into one
-    Assignments message: under load, one write carries many calls.
+    messages are queued and written under a lock, every queued Assign coalesced into one
+    Assignments message: under load, one write carries many calls. The pool flushes assignments
+    from the task that made them; a writer task sends control messages (cancel, probe, drain).
     """
 
     def __init__(self) -> None:
         self._assigns: list[worker_pb2.Assign] = []
         self._control: list[worker_pb2.ConnectResponse] = []
         self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._context: grpc.aio.ServicerContext | None = None
         self.closed_reason = ""
         self._closed = False
 
@@ -49,7 +52,8 @@ class _StreamLink:
                 session_id=assignment.session_id,
             )
         )
-        self._wake.set()
+        # No wake-up for the writer task: the pool flushes assignments from the task that made
+        # them, which keeps a loop iteration off every call's path.
 
     def _send(self, message: worker_pb2.ConnectResponse) -> None:
         self._control.append(message)
@@ -71,20 +75,32 @@ class _StreamLink:
         self._closed = True
         self._wake.set()
 
-    async def write_until_closed(self, context: grpc.aio.ServicerContext) -> None:
+    def bind(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def flush(self) -> None:
+        if self._context is None or self._write_lock.locked():
+            # Not welcomed yet (the Welcome goes first), or the holder writes everything queued
+            # before it lets go.
+            return
+        async with self._write_lock:
+            while (self._assigns or self._control) and not self._closed:
+                # Assignments first, so a Cancel never overtakes the Assign it withdraws.
+                if self._assigns:
+                    batch, self._assigns = self._assigns, []
+                    await self._context.write(
+                        worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=batch))
+                    )
+                while self._control:
+                    await self._context.write(self._control.pop(0))
+
+    async def write_until_closed(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._closed:
                 return
-            # Assignments first, so a Cancel never overtakes the Assign it withdraws.
-            if self._assigns:
-                batch, self._assigns = self._assigns, []
-                await context.write(worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=batch)))
-            while self._control:
-                await context.write(self._control.pop(0))
-            if self._assigns or self._control or self._closed:
-                self._wake.set()
+            await self.flush()
 
 
 def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistration:
@@ -136,8 +152,11 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             hub_version=__version__,
         )
         await context.write(worker_pb2.ConnectResponse(welcome=welcome))
+        # Calls assigned since register() waited for the Welcome to go first.
+        link.bind(context)
+        await link.flush()
         reader = asyncio.create_task(self._read(worker_id, request_iterator))
-        writer = asyncio.create_task(link.write_until_closed(context))
+        writer = asyncio.create_task(link.write_until_closed())
         reason = "the worker closed its stream"
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -152,6 +171,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._pool.unregister(worker_id, link, reason)
+            await self._pool.flush()  # its calls, retried on other workers
             log.info("worker %s disconnected: %s", worker_id, reason)
 
     async def _read(self, worker_id: str, request_iterator) -> None:
@@ -168,4 +188,5 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 pool.on_probe_result(worker_id, msg.probe_id, msg.fingerprint, msg.error)
             elif kind == "draining":
                 pool.worker_draining(worker_id)
+            await pool.flush()
             # A second Hello or an unknown message from a newer worker is ignored, not fatal.

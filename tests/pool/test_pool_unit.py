@@ -33,6 +33,9 @@ class FakeLink:
     def close(self, reason: str) -> None:
         self.closed = reason
 
+    async def flush(self) -> None:
+        pass
+
     def finish(self, index: int = 0, output: str = "ok") -> None:
         a = self.assigned[index]
         self.pool.on_result(self.worker_id, a.call_id, a.attempt, ToolResult(output=output))
