@@ -235,6 +235,10 @@ class WorkerPool:
         # Links given calls since the last flush: the task that caused the assignment writes
         # them itself, which saves a hop to the link's writer task on every call's path.
         self._dirty: set[WorkerLink] = set()
+        # Under load (a worker already busy), assignments wait one loop turn so that the calls
+        # dispatched together go out in one message; an idle worker is written to at once.
+        self._coalesce = False
+        self._flush_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -340,7 +344,10 @@ class WorkerPool:
         self._queues.setdefault(call.session_id, deque()).append(pending)
         self._pump()
         try:
-            await self.flush()
+            if self._coalesce:
+                self._flush_soon()
+            else:
+                await self.flush()
             return await pending.future
         except asyncio.CancelledError:
             self._withdraw(pending, "the call was cancelled")
@@ -348,8 +355,13 @@ class WorkerPool:
 
     async def flush(self) -> None:
         """Writes the assignments made so far (see `_dirty`)."""
+        self._coalesce = False
         while self._dirty:
             await self._dirty.pop().flush()
+
+    def _flush_soon(self) -> None:
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self.flush())
 
     def on_result(self, worker_id: str, call_id: str, attempt: int, result: ToolResult) -> None:
         worker = self._workers.get(worker_id)
@@ -464,6 +476,8 @@ class WorkerPool:
         worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))
         remaining = pending.enqueued + call.timeout - pending.started
         self._dirty.add(worker.link)
+        if len(worker.in_flight) > 1:
+            self._coalesce = True
         worker.link.assign(
             Assignment(
                 call_id=call.call_id,

@@ -156,6 +156,10 @@ class ToolWorker:
 
         async def send_result(result: worker_pb2.CallResult) -> None:
             unsent_results.append(result)
+            if len(self._running) > 1:
+                # Siblings are running: give those finishing in this same loop turn the chance
+                # to join this write. A lone call is answered at once.
+                await asyncio.sleep(0)
             await flush()
 
         await send(worker_pb2.ConnectRequest(hello=self.hello()))
