@@ -30,13 +30,15 @@ class WorkerProcs:
         labels: str = "",
         token: str | None = None,
         roots: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
     ) -> subprocess.Popen[bytes]:
         argv = [
             sys.executable,
             "-m",
             "tool_worker",
             "--connect",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "--id",
             worker_id,
             "--slots",
@@ -50,6 +52,7 @@ class WorkerProcs:
             argv += ["--token", token]
         for root in roots:
             argv += ["--root", root]
+        argv += list(extra)
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
         self.procs[worker_id] = proc
         return proc

@@ -297,3 +297,91 @@ async def test_a_local_worker_leaves_when_its_server_process_dies(tmp_path: Path
     )
     worker_pid = int(parent.stdout.strip())
     await wait_for(lambda: not pid_alive(worker_pid), within=10, what="the orphaned worker to exit")
+
+
+async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, tmp_path: Path) -> None:
+    import signal
+
+    server = await make_server()
+    proc = workers.spawn(server.port, "w1", slots=1)
+    await connected(server, "w1")
+    events: list = []
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 700}, events=events)))
+    await wait_for(lambda: bool(events), what="the call to start")
+    proc.send_signal(signal.SIGTERM)
+    await wait_for(lambda: server.pool.workers()[0].draining, within=5, what="the worker to say it drains")
+    result = await running
+    assert not result.is_error and result.worker_id == "w1"
+    assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, tmp_path: Path) -> None:
+    import signal
+
+    server = await make_server(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    workers.spawn(server.port, "w1", slots=1)
+    workers.spawn(server.port, "w2", slots=1)
+    await connected(server, "w1", "w2")
+    events: list = []
+    task = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 300}, events=events)))
+    await wait_for(lambda: bool(events), what="the call to start")
+    frozen = workers.procs[events[0].worker_id]
+    frozen.send_signal(signal.SIGSTOP)  # alive, stream open, but silent
+    try:
+        result = await asyncio.wait_for(task, 10)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert not result.is_error and result.attempt == 2 and result.worker_id != events[0].worker_id
+    lost = [e for e in events if type(e).__name__ == "WorkerLost"]
+    assert lost and "no heartbeat" in lost[0].reason
+
+
+async def test_queue_stats_count_calls_and_latencies(make_server, workers, tmp_path: Path) -> None:
+    from session_server.scheduler import ScheduledCall, TurnScheduler
+    from tool_worker.tools.base import Lane
+
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=2)
+    await connected(server, "w1")
+
+    async def execute(scheduled: ScheduledCall):
+        return await server.pool.dispatch(call(tmp_path, scheduled.tool_name, json.loads(scheduled.arguments_json),
+                                               call_id=scheduled.call_id))
+
+    scheduler = TurnScheduler(execute, query_concurrency=4, stats=server.stats)
+    calls = [ScheduledCall(i, f"c{i}", "sleep", json.dumps({"ms": 20}), Lane.QUERY) for i in range(5)]
+    calls.append(ScheduledCall(5, "c5", "sleep", json.dumps({"ms": -1}), Lane.QUERY))  # invalid: fails
+    results = await scheduler.run_all(calls)
+    assert [r.is_error for r in results] == [False] * 5 + [True]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stats = await admin_pb2_grpc.AdminServiceStub(channel).GetQueueStats(admin_pb2.GetQueueStatsRequest())
+    query = next(lane for lane in stats.lanes if lane.lane == tools_pb2.LANE_QUERY)
+    assert (query.completed, query.failed, query.pending, query.active) == (5, 1, 0, 0)
+    assert 0 < query.latency_p50.ToNanoseconds() <= query.latency_p99.ToNanoseconds()
+    assert stats.workers == 1 and stats.worker_slots == 2 and stats.worker_in_flight == 0
+    lanes = {lane.lane for lane in stats.lanes}
+    assert lanes == {tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE, tools_pb2.LANE_GENERATE}
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_workers_connect_over_tls(make_server, workers, tmp_path: Path) -> None:
+    cert, key = await asyncio.to_thread(_self_signed, tmp_path)
+    server = await make_server(tls_cert=str(cert), tls_key=str(key))
+    workers.spawn(server.port, "tls-1", host="localhost", extra=("--tls-ca", str(cert)))
+    await connected(server, "tls-1")
+    result = await server.pool.dispatch(call(tmp_path, "noop", {}))
+    assert not result.is_error and result.worker_id == "tls-1"
