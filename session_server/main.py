@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="never run Query tools in-process when no worker can (calls then fail)",
     )
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
+    p.add_argument("--max-llm-requests", type=int, default=16,
+                   help="concurrent model requests across all sessions (the Generate lane; default 16)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -53,6 +55,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("codelane server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.local_workers < 0 or args.max_llm_requests < 1:
+        print("codelane server: --local-workers must be >= 0 and --max-llm-requests >= 1", file=sys.stderr)
         return 2
     config = ServerConfig(
         listen=args.listen,
@@ -68,6 +73,7 @@ def main(argv: list[str]) -> int:
         tls_ca=args.tls_ca,
         local_fallback=not args.no_local_fallback,
         heartbeat_timeout=args.heartbeat_timeout,
+        max_llm_requests=args.max_llm_requests,
     )
     try:
         asyncio.run(_serve(config))

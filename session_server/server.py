@@ -28,7 +28,7 @@ from session_server.pool import (
     DEFAULT_NO_WORKER_WAIT,
     WorkerPool,
 )
-from session_server.sessions import SessionManager
+from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
 from session_server.stats import LaneStats
 from session_server.store import Store
 from tool_worker.fingerprint import workspace_fingerprint
@@ -57,6 +57,7 @@ class ServerConfig:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
+    max_llm_requests: int = DEFAULT_GENERATE_LIMIT
 
 
 class CodelaneServer:
@@ -93,6 +94,7 @@ class CodelaneServer:
             self.store, self.pool, self.registry, self.stats,
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             subscriber_buffer=self.config.subscriber_buffer,
+            generate_limit=self.config.max_llm_requests,
         )
         self.sessions.recover()
         self.pool.start()

@@ -1,0 +1,66 @@
+"""The server's outer surface: health, reflection, client tokens, graceful shutdown, CLI errors."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from codelane.v1 import session_pb2, session_pb2_grpc
+
+
+async def test_health_and_reflection_are_served(make_server) -> None:
+    server = await make_server(token="client-secret")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "codelane.v1.SessionService", "codelane.v1.WorkerHubService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        listed = [s.name async for reply in stream for s in reply.list_services_response.service]
+    assert {"codelane.v1.SessionService", "codelane.v1.AdminService", "codelane.v1.WorkerHubService"} <= set(listed)
+
+
+async def test_client_token_is_required_when_set(make_server, tmp_path: Path) -> None:
+    server = await make_server(token="client-secret")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = session_pb2_grpc.SessionServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.ListSessions(session_pb2.ListSessionsRequest(), metadata=metadata)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "client bearer token" in error.value.details()
+        reply = await stub.ListSessions(
+            session_pb2.ListSessionsRequest(), metadata=(("authorization", "Bearer client-secret"),)
+        )
+        assert list(reply.sessions) == []
+
+
+async def test_health_reports_not_serving_during_shutdown(make_server) -> None:
+    server = await make_server()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(server.stop(grace=1.0))
+        second = await asyncio.wait_for(watch.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
+
+
+def test_server_cli_rejects_bad_flags_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "codelane.cli", "server", "--tls-cert", "x.pem", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "codelane server: --tls-cert and --tls-key go together"
