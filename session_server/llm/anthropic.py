@@ -12,7 +12,7 @@ from session_server.llm.anthropic_accumulator import AnthropicAccumulator
 from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
 from session_server.llm.retry import RetryPolicy
 from session_server.llm.sse import iter_sse
-from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, stream_with_retries
+from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, HttpProvider
 
 KEY_ENV = "ANTHROPIC_API_KEY"
 API_VERSION = "2023-06-01"
@@ -22,7 +22,7 @@ API_VERSION = "2023-06-01"
 _EMPTY_TURN = "(no output)"
 
 
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     """`base_url` excludes the version, e.g. https://api.anthropic.com. A given `client` is used as
     is (and not closed); otherwise the provider owns one."""
 
@@ -36,18 +36,14 @@ class AnthropicProvider:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         headers = {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
-        self.url = f"{base_url.rstrip('/')}/v1/messages"
-        self._endpoint = Endpoint("Anthropic", self.url, headers, api_key, KEY_ENV)
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=timeout)
-        self._policy = retry_policy or RetryPolicy(max_retries=max_retries)
-
-    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
-        return stream_with_retries(self._client, self._endpoint, request_body(request), self._policy, _decode)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        super().__init__(
+            Endpoint("Anthropic", f"{base_url.rstrip('/')}/v1/messages", headers, api_key, KEY_ENV),
+            request_body,
+            _decode,
+            client=client,
+            timeout=timeout,
+            policy=retry_policy or RetryPolicy(max_retries=max_retries),
+        )
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:

@@ -13,13 +13,13 @@ from session_server.llm.base import ChatMessage, ModelError, ModelRequest, Strea
 from session_server.llm.openai_accumulator import OpenAIAccumulator
 from session_server.llm.retry import RetryPolicy
 from session_server.llm.sse import iter_sse
-from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, stream_with_retries
+from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, HttpProvider
 from tool_worker.tools.base import ToolSpec
 
 KEY_ENV = "OPENAI_API_KEY"
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """`base_url` includes the version, e.g. https://api.openai.com/v1 or http://localhost:11434/v1.
     A given `client` is used as is (and not closed); otherwise the provider owns one."""
 
@@ -33,18 +33,14 @@ class OpenAIProvider:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = f"{base_url.rstrip('/')}/chat/completions"
-        self._endpoint = Endpoint("OpenAI", self.url, headers, api_key, KEY_ENV)
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=timeout)
-        self._policy = retry_policy or RetryPolicy(max_retries=max_retries)
-
-    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
-        return stream_with_retries(self._client, self._endpoint, request_body(request), self._policy, _decode)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        super().__init__(
+            Endpoint("OpenAI", f"{base_url.rstrip('/')}/chat/completions", headers, api_key, KEY_ENV),
+            request_body,
+            _decode,
+            client=client,
+            timeout=timeout,
+            policy=retry_policy or RetryPolicy(max_retries=max_retries),
+        )
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from session_server.llm.base import ModelError, StreamItem
+from session_server.llm.base import ModelError, ModelRequest, StreamItem
 from session_server.llm.http_errors import model_error, parse_error_body, redact
 from session_server.llm.retry import RetryPolicy, should_retry
 
@@ -104,3 +104,33 @@ def _transport_error(endpoint: Endpoint, exc: httpx.HTTPError, yielded: bool, re
 
 def _attempts(retries: int) -> str:
     return f"gave up after {retries} retries" if retries else ""
+
+
+class HttpProvider:
+    """A provider that POSTs each request to one endpoint and decodes the streamed answer.
+    A given `client` is used as is (and not closed); otherwise the provider owns one."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        body: Callable[[ModelRequest], Mapping[str, Any]],
+        decode: Decoder,
+        *,
+        client: httpx.AsyncClient | None,
+        timeout: httpx.Timeout | float,
+        policy: RetryPolicy,
+    ) -> None:
+        self.url = endpoint.url
+        self._endpoint = endpoint
+        self._body = body
+        self._decode = decode
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+        self._policy = policy
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
+        return stream_with_retries(self._client, self._endpoint, self._body(request), self._policy, self._decode)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()

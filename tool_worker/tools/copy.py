@@ -9,7 +9,7 @@ from typing import Any
 
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import check_destination, remove_existing
+from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
 
 
 def _copy(source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
@@ -48,19 +48,7 @@ TOOL = Tool(
             "An existing destination is an error unless overwrite=true, which replaces it. "
             "Symlinks inside a copied directory stay symlinks. Paths are relative to the workspace root."
         ),
-        parameters={
-            "type": "object",
-            "properties": {
-                "source": {"type": "string", "minLength": 1, "description": "File or directory to copy."},
-                "destination": {"type": "string", "minLength": 1, "description": "Path of the copy."},
-                "overwrite": {
-                    "type": "boolean",
-                    "description": "Replace an existing destination (default false).",
-                },
-            },
-            "required": ["source", "destination"],
-            "additionalProperties": False,
-        },
+        parameters=source_destination_schema("File or directory to copy.", "Path of the copy."),
         lane=Lane.EXECUTE,
         idempotent=False,
     ),

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tool_worker.tools.base import ToolFailure
 
@@ -67,3 +68,17 @@ def check_destination(source: Path, destination: Path, shown: str, overwrite: bo
         raise ToolFailure(f"destination {shown} contains the source; replacing it would destroy the source")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
         raise ToolFailure(f"destination {shown} already exists; set overwrite=true to replace it")
+
+
+def source_destination_schema(source_help: str, destination_help: str) -> dict[str, Any]:
+    """Arguments of the tools that take a path to a new path (copy, move)."""
+    return {
+        "type": "object",
+        "properties": {
+            "source": {"type": "string", "minLength": 1, "description": source_help},
+            "destination": {"type": "string", "minLength": 1, "description": destination_help},
+            "overwrite": {"type": "boolean", "description": "Replace an existing destination (default false)."},
+        },
+        "required": ["source", "destination"],
+        "additionalProperties": False,
+    }

@@ -9,7 +9,7 @@ from typing import Any
 
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import check_destination, remove_existing
+from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
 
 
 def _move(source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
@@ -45,19 +45,7 @@ TOOL = Tool(
             "destination is an error unless overwrite=true, which replaces it (a directory with "
             "all its contents). Paths are relative to the workspace root."
         ),
-        parameters={
-            "type": "object",
-            "properties": {
-                "source": {"type": "string", "minLength": 1, "description": "What to move."},
-                "destination": {"type": "string", "minLength": 1, "description": "Its new path."},
-                "overwrite": {
-                    "type": "boolean",
-                    "description": "Replace an existing destination (default false).",
-                },
-            },
-            "required": ["source", "destination"],
-            "additionalProperties": False,
-        },
+        parameters=source_destination_schema("What to move.", "Its new path."),
         lane=Lane.EXECUTE,
         idempotent=False,
     ),
