@@ -1,0 +1,51 @@
+"""Leading Query calls start while the model is still streaming its response (mock LLM over HTTP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from session_server.llm.script import Script
+from session_server.mock_llm.server import start_mock_llm
+from tests.session.conftest import call, kind, write_script
+
+# Paced so that streaming the long last call takes well over the time the queries need.
+TOKENS_PER_SECOND = 200
+LONG_CONTENT = "word " * 40
+
+
+@pytest.fixture
+async def mock_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    script = write_script(tmp_path, [
+        {"text": "Reading, then writing.", "tool_calls": [
+            call("grep", pattern="needle", path="."),
+            call("read", file_path="README.md"),
+            call("write", file_path="out.txt", content=LONG_CONTENT),
+        ]},
+        {"text": "Done."},
+    ], name="stream.yaml")
+    runner, url = await start_mock_llm(Script.load(script), token_rate=TOKENS_PER_SECOND)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    yield
+    await runner.cleanup()
+
+
+async def test_leading_queries_run_before_the_response_has_finished_streaming(
+    mock_llm, make_server, workspace: Path
+) -> None:
+    client = (await make_server()).client
+    session = await client.create(workspace, "openai:mock")
+    events = await client.send(session.session_id, "go", within=30)
+    finished = {e.tool_call_finished.tool_name: e for e in events if kind(e) == "tool_call_finished"}
+    started = {e.tool_call_started.call.tool_name: e for e in events if kind(e) == "tool_call_started"}
+    assert set(finished) == {"grep", "read", "write"}
+    assert not any(e.tool_call_finished.result.is_error for e in finished.values())
+    # Both queries were done well before the write could start, which needs the whole response:
+    # they ran while the write's long arguments were still streaming.
+    write_started = started["write"].time.ToNanoseconds()
+    for query in ("grep", "read"):
+        gap = (write_started - finished[query].time.ToNanoseconds()) / 1e9
+        assert gap > 0.3, f"{query} finished only {gap:.3f}s before the write started"
+    assert (workspace / "out.txt").read_text() == LONG_CONTENT
