@@ -1,0 +1,587 @@
+// The codelane Node.js client: sessions, turns and replayable event streams over gRPC, as plain
+// JavaScript objects.
+//
+//   import { connect } from '@codelane/client';
+//   const client = connect('127.0.0.1:50051', { token: process.env.CODELANE_TOKEN });
+//   const session = await client.createSession({ workspace: '/path/to/repo' });
+//   for await (const ev of client.sendMessage(session.sessionId, 'Find the TODOs')) {
+//     console.log(ev.sequence, ev.kind);
+//   }
+//   client.close();
+//
+// The contract is loaded at run time from the repository's protos/ directory (no generated code)
+// with @grpc/proto-loader. Conventions of the objects this module returns (see README.md):
+//
+// - field names are lowerCamelCase (proto-loader keepCase: false): `sessionId`, `lastSequence`;
+// - a oneof is named by its proto field name, in snake_case, under the oneof's own name: an
+//   event has `kind: 'tool_call_finished'` and its payload under `toolCallFinished`;
+// - every 64-bit integer (sequences, message indexes, token counts, counters) is a BigInt, so
+//   nothing above 2^53 loses precision (proto-loader decodes them as decimal strings with
+//   `longs: String`; this module turns those into BigInt). Inputs accept a BigInt, a safe
+//   integer Number, or a decimal string;
+// - enums are their proto names as strings ('LANE_QUERY', 'STOP_REASON_END_TURN');
+// - google.protobuf.Timestamp is a Date (millisecond precision), google.protobuf.Duration is a
+//   Number of seconds (inputs accept the same, or {seconds, nanos});
+// - unset message fields are null, unset scalars their zero value, an absent proto3 `optional`
+//   field (ToolResult.exitCode) is undefined.
+
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+export { grpc };
+
+const PACKAGE = 'codelane.v1';
+const DEFAULT_PROTOS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
+const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
+const DEFAULT_CALL_TIMEOUT_MS = 30_000;
+
+const LOADER_OPTIONS = Object.freeze({
+  keepCase: false, // lowerCamelCase field names
+  longs: String, // int64 decoded as decimal strings, then turned into BigInt below: no precision loss
+  enums: String, // enum values as their names
+  defaults: true, // unset scalars get their zero value, unset messages null
+  oneofs: true, // virtual oneof fields naming the member that is set (renamed to snake_case below)
+});
+
+const INT64_TYPES = new Set(['TYPE_INT64', 'TYPE_UINT64', 'TYPE_SINT64', 'TYPE_FIXED64', 'TYPE_SFIXED64']);
+
+// ---------------------------------------------------------------------------------------------
+// Loading the contract
+
+const loaded = new Map(); // protos dir -> { packageDefinition, grpcObject }
+
+function load(protosDir) {
+  let entry = loaded.get(protosDir);
+  if (!entry) {
+    const packageDefinition = protoLoader.loadSync(PROTO_FILES, { ...LOADER_OPTIONS, includeDirs: [protosDir] });
+    const grpcObject = grpc.loadPackageDefinition(packageDefinition);
+    entry = { packageDefinition, grpcObject, codec: new Codec(packageDefinition) };
+    loaded.set(protosDir, entry);
+  }
+  return entry;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversion between proto-loader objects and this module's plain objects, driven by the
+// message descriptors proto-loader exposes (field names, types, map entries).
+
+function snakeCase(name) {
+  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
+/** Turns a BigInt, a safe-integer Number or a decimal string into the decimal string protobufjs takes. */
+function int64ToWire(value, where) {
+  if (typeof value === 'bigint') return value.toString();
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value)) {
+      throw new TypeError(`${where}: ${value} is not a safe integer; pass a BigInt or a decimal string`);
+    }
+    return String(value);
+  }
+  if (typeof value === 'string' && /^-?\d+$/.test(value)) return value;
+  throw new TypeError(`${where}: expected a BigInt, an integer or a decimal string, got ${typeof value} ${String(value)}`);
+}
+
+class Codec {
+  constructor(packageDefinition) {
+    this.defs = packageDefinition;
+    this.resolved = new Map(); // "scope typeName" -> {fullName, descriptor}
+  }
+
+  /** The descriptor of `typeName` as referenced from the message `scope` (full name). */
+  resolve(typeName, scope, scopeDescriptor) {
+    const key = `${scope} ${typeName}`;
+    let found = this.resolved.get(key);
+    if (!found) {
+      found = this.lookup(typeName, scope, scopeDescriptor);
+      this.resolved.set(key, found);
+    }
+    return found;
+  }
+
+  lookup(typeName, scope, scopeDescriptor) {
+    const name = typeName.replace(/^\./, '');
+    const nested = scopeDescriptor?.nestedType?.find((t) => t.name === name);
+    if (nested) return { fullName: `${scope}.${name}`, descriptor: nested };
+    // Walk outwards from the scope's package, as protobuf name resolution does.
+    const parts = scope.split('.');
+    for (let i = parts.length - 1; i >= 0; i--) {
+      const candidate = [...parts.slice(0, i), name].join('.');
+      const def = this.defs[candidate];
+      if (def && def.type) return { fullName: candidate, descriptor: def.type };
+    }
+    throw new Error(`codelane client: cannot resolve message type ${typeName} from ${scope}`);
+  }
+
+  descriptor(fullName) {
+    const def = this.defs[fullName];
+    if (!def || !def.type) throw new Error(`codelane client: unknown message type ${fullName}`);
+    return def.type;
+  }
+
+  /** A proto-loader decoded message of type `fullName` -> a plain object (BigInt, Date, ...). */
+  decode(fullName, value, descriptor = this.descriptor(fullName)) {
+    if (value === null || value === undefined) return null;
+    if (fullName === 'google.protobuf.Timestamp') {
+      return new Date(Number(value.seconds ?? 0) * 1000 + Math.floor((value.nanos ?? 0) / 1e6));
+    }
+    if (fullName === 'google.protobuf.Duration') {
+      return Number(value.seconds ?? 0) + (value.nanos ?? 0) / 1e9;
+    }
+    const out = {};
+    const fieldNames = new Set();
+    for (const field of descriptor.field) {
+      fieldNames.add(field.name);
+      const v = value[field.name];
+      if (v === undefined) continue; // unset oneof member or absent proto3 optional
+      out[field.name] = this.decodeField(field, v, fullName, descriptor);
+    }
+    // Remaining keys are proto-loader's virtual oneof fields: `kind: 'turnStarted'` for a real
+    // oneof, `_exitCode: 'exitCode'` for the synthetic oneof of a proto3 optional field.
+    for (const [key, v] of Object.entries(value)) {
+      if (fieldNames.has(key) || typeof v !== 'string') continue;
+      if (key.startsWith('_') && v === key.slice(1)) continue;
+      out[key] = snakeCase(v);
+    }
+    return out;
+  }
+
+  decodeField(field, v, scope, scopeDescriptor) {
+    if (field.type === 'TYPE_MESSAGE') {
+      const { fullName, descriptor } = this.resolve(field.typeName, scope, scopeDescriptor);
+      if (descriptor.options?.mapEntry) {
+        const valueField = descriptor.field.find((f) => f.name === 'value');
+        const out = {};
+        for (const [k, mv] of Object.entries(v)) out[k] = this.decodeField(valueField, mv, fullName, descriptor);
+        return out;
+      }
+      if (field.label === 'LABEL_REPEATED') return v.map((item) => this.decode(fullName, item, descriptor));
+      return this.decode(fullName, v, descriptor);
+    }
+    if (INT64_TYPES.has(field.type)) {
+      const toBig = (x) => BigInt(typeof x === 'object' && x !== null ? x.toString() : x);
+      return field.label === 'LABEL_REPEATED' ? v.map(toBig) : toBig(v);
+    }
+    return v;
+  }
+
+  /** A plain request object of type `fullName` -> what proto-loader's serializer takes. */
+  encode(fullName, value, descriptor = this.descriptor(fullName), where = fullName) {
+    if (value === null || value === undefined) return undefined;
+    if (fullName === 'google.protobuf.Timestamp') {
+      if (value instanceof Date) {
+        const ms = value.getTime();
+        const seconds = Math.floor(ms / 1000);
+        return { seconds: String(seconds), nanos: (ms - seconds * 1000) * 1e6 };
+      }
+      return { seconds: int64ToWire(value.seconds ?? 0, `${where}.seconds`), nanos: value.nanos ?? 0 };
+    }
+    if (fullName === 'google.protobuf.Duration') {
+      if (typeof value === 'number') {
+        if (!Number.isFinite(value)) throw new TypeError(`${where}: duration must be finite`);
+        const seconds = Math.trunc(value);
+        return { seconds: String(seconds), nanos: Math.round((value - seconds) * 1e9) };
+      }
+      return { seconds: int64ToWire(value.seconds ?? 0, `${where}.seconds`), nanos: value.nanos ?? 0 };
+    }
+    const out = {};
+    for (const field of descriptor.field) {
+      const v = value[field.name];
+      if (v === undefined || v === null) continue;
+      const at = `${where}.${field.name}`;
+      if (field.type === 'TYPE_MESSAGE') {
+        const { fullName: sub, descriptor: subDescriptor } = this.resolve(field.typeName, fullName, descriptor);
+        if (subDescriptor.options?.mapEntry) {
+          out[field.name] = Object.fromEntries(Object.entries(v).map(([k, mv]) => [k, String(mv)]));
+        } else if (field.label === 'LABEL_REPEATED') {
+          out[field.name] = v.map((item, i) => this.encode(sub, item, subDescriptor, `${at}[${i}]`));
+        } else {
+          out[field.name] = this.encode(sub, v, subDescriptor, at);
+        }
+      } else if (INT64_TYPES.has(field.type)) {
+        out[field.name] = field.label === 'LABEL_REPEATED'
+          ? v.map((x, i) => int64ToWire(x, `${at}[${i}]`))
+          : int64ToWire(v, at);
+      } else {
+        out[field.name] = v;
+      }
+    }
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: the grpc-js ServiceError itself (code, details, metadata), with the server's
+// google.rpc.ErrorInfo, when it sent one, as `errorInfo = {reason, domain, metadata}`.
+
+function readVarint(buf, pos) {
+  let result = 0n;
+  let shift = 0n;
+  for (;;) {
+    if (pos >= buf.length) throw new RangeError('truncated varint');
+    const byte = buf[pos++];
+    result |= BigInt(byte & 0x7f) << shift;
+    if ((byte & 0x80) === 0) return [result, pos];
+    shift += 7n;
+  }
+}
+
+/** Minimal protobuf wire reader: yields [fieldNumber, wireType, value] (value: BigInt or Buffer). */
+function* wireFields(buf) {
+  let pos = 0;
+  while (pos < buf.length) {
+    let key;
+    [key, pos] = readVarint(buf, pos);
+    const number = Number(key >> 3n);
+    const wireType = Number(key & 7n);
+    if (wireType === 0) {
+      let v;
+      [v, pos] = readVarint(buf, pos);
+      yield [number, wireType, v];
+    } else if (wireType === 2) {
+      let len;
+      [len, pos] = readVarint(buf, pos);
+      const end = pos + Number(len);
+      if (end > buf.length) throw new RangeError('truncated field');
+      yield [number, wireType, buf.subarray(pos, end)];
+      pos = end;
+    } else if (wireType === 1) {
+      pos += 8;
+    } else if (wireType === 5) {
+      pos += 4;
+    } else {
+      throw new RangeError(`unsupported wire type ${wireType}`);
+    }
+  }
+}
+
+const ERROR_INFO_TYPE_URL = 'type.googleapis.com/google.rpc.ErrorInfo';
+
+/** Decodes the ErrorInfo of a grpc-status-details-bin trailer (a google.rpc.Status), or null. */
+export function errorInfoFromStatusDetails(buf) {
+  try {
+    for (const [number, wireType, any] of wireFields(buf)) {
+      if (number !== 3 || wireType !== 2) continue; // Status.details (repeated Any)
+      let typeUrl = '';
+      let payload = null;
+      for (const [n, wt, v] of wireFields(any)) {
+        if (n === 1 && wt === 2) typeUrl = v.toString('utf8');
+        if (n === 2 && wt === 2) payload = v;
+      }
+      if (typeUrl !== ERROR_INFO_TYPE_URL || payload === null) continue;
+      const info = { reason: '', domain: '', metadata: {} };
+      for (const [n, wt, v] of wireFields(payload)) {
+        if (wt !== 2) continue;
+        if (n === 1) info.reason = v.toString('utf8');
+        else if (n === 2) info.domain = v.toString('utf8');
+        else if (n === 3) {
+          let k = '';
+          let val = '';
+          for (const [en, ewt, ev] of wireFields(v)) {
+            if (ewt !== 2) continue;
+            if (en === 1) k = ev.toString('utf8');
+            else if (en === 2) val = ev.toString('utf8');
+          }
+          info.metadata[k] = val;
+        }
+      }
+      return info;
+    }
+  } catch {
+    return null; // malformed details: keep the plain grpc error
+  }
+  return null;
+}
+
+function annotate(err) {
+  if (err && typeof err === 'object' && err.metadata instanceof grpc.Metadata && err.errorInfo === undefined) {
+    const [details] = err.metadata.get('grpc-status-details-bin');
+    const info = Buffer.isBuffer(details) ? errorInfoFromStatusDetails(details) : null;
+    if (info) err.errorInfo = info;
+  }
+  return err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+
+function quietCancel(call) {
+  call.on('error', () => {}); // the CANCELLED status must not become an unhandled 'error'
+  call.cancel(); // no-op when the call already ended
+}
+
+const HIGH_WATER = 256; // buffered messages before the stream is paused (gRPC flow control)
+const LOW_WATER = 64; // ... and resumed
+
+/**
+ * An async iterator over a started server-streaming call, with a `cancel()` method.
+ *
+ * Listeners are attached at once, so nothing is lost (and no error goes unhandled) when the
+ * caller starts iterating later. Messages received before a failure are yielded first, then the
+ * iteration throws the grpc error. Leaving a `for await` early (break, throw) cancels the call; a
+ * call cancelled by `cancel()` or the AbortSignal ends the iteration quietly.
+ */
+class CallIterator {
+  constructor(call, map, signal) {
+    this._call = call;
+    this._map = map;
+    this._queue = [];
+    this._error = null;
+    this._finished = false; // no more messages will arrive
+    this._closed = false; // the consumer is done: nothing more is yielded
+    this._cancelledByUser = false;
+    this._waiters = [];
+    this._signal = signal;
+    this._onAbort = () => this.cancel();
+
+    call.on('data', (message) => {
+      this._queue.push(message);
+      if (this._queue.length >= HIGH_WATER) call.pause();
+      this._notify();
+    });
+    call.on('end', () => {
+      this._finished = true;
+      this._notify();
+    });
+    call.on('error', (err) => {
+      this._error ??= err;
+      // grpc-js ends the readable side before it emits the error: drain what is still buffered
+      // and let 'end' finish the iteration; finish now when nothing is.
+      if (call.readableLength === 0) this._finished = true;
+      else call.resume();
+      this._notify();
+    });
+    if (signal) {
+      if (signal.aborted) this.cancel();
+      else signal.addEventListener('abort', this._onAbort, { once: true });
+    }
+  }
+
+  _notify() {
+    const waiters = this._waiters.splice(0);
+    for (const wake of waiters) wake();
+  }
+
+  _cleanup() {
+    this._closed = true;
+    this._queue.length = 0;
+    this._signal?.removeEventListener('abort', this._onAbort);
+    this._notify();
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  async next() {
+    for (;;) {
+      if (this._closed) return { value: undefined, done: true };
+      if (this._queue.length > 0) {
+        const message = this._queue.shift();
+        if (this._queue.length <= LOW_WATER && this._call.isPaused()) this._call.resume();
+        const value = this._map(message);
+        if (value !== undefined) return { value, done: false };
+        continue;
+      }
+      if (this._finished) {
+        const err = this._error;
+        this._cleanup();
+        if (err && !(this._cancelledByUser && err.code === grpc.status.CANCELLED)) throw annotate(err);
+        return { value: undefined, done: true };
+      }
+      await new Promise((resolve) => this._waiters.push(resolve));
+    }
+  }
+
+  /** Called when a `for await` loop is left early: cancels the call. */
+  async return(value) {
+    if (!this._finished) {
+      this._cancelledByUser = true;
+      quietCancel(this._call);
+    }
+    this._cleanup();
+    return { value, done: true };
+  }
+
+  /** Cancels the call; the iteration ends (quietly) after the messages already received. */
+  cancel() {
+    if (this._finished || this._cancelledByUser) return;
+    this._cancelledByUser = true;
+    quietCancel(this._call);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+function deadlineIn(ms) {
+  return ms && Number.isFinite(ms) && ms > 0 ? new Date(Date.now() + ms) : undefined;
+}
+
+/**
+ * Connects to a codelane server (the channel connects lazily, on the first call).
+ *
+ * @param {string} address  host:port, e.g. '127.0.0.1:50051'
+ * @param {object} [options]
+ * @param {string} [options.token]  bearer token, sent as `authorization: Bearer <token>`
+ * @param {grpc.ChannelCredentials} [options.credentials]  default: insecure (plaintext)
+ * @param {number} [options.callTimeoutMs=30000]  deadline of unary calls; 0 for none
+ * @param {object} [options.channelOptions]  grpc-js channel options
+ * @param {string} [options.protosDir]  directory holding codelane/v1/*.proto (default: the repo's protos/)
+ */
+export function connect(address, options = {}) {
+  return new CodelaneClient(address, options);
+}
+
+export class CodelaneClient {
+  constructor(address, { token, credentials, callTimeoutMs = DEFAULT_CALL_TIMEOUT_MS, channelOptions, protosDir } = {}) {
+    const { grpcObject, codec } = load(protosDir ? path.resolve(protosDir) : DEFAULT_PROTOS_DIR);
+    const pkg = grpcObject.codelane.v1;
+    const creds = credentials ?? grpc.credentials.createInsecure();
+    this.address = address;
+    this._codec = codec;
+    this._callTimeoutMs = callTimeoutMs;
+    this._sessions = new pkg.SessionService(address, creds, channelOptions);
+    // Share the first stub's channel.
+    this._admin = new pkg.AdminService(address, creds, { ...channelOptions, channelOverride: this._sessions.getChannel() });
+    this._token = token;
+  }
+
+  _metadata() {
+    const md = new grpc.Metadata();
+    if (this._token) md.set('authorization', `Bearer ${this._token}`);
+    return md;
+  }
+
+  async _unary(stub, method, requestType, request, responseType, { timeoutMs } = {}) {
+    const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
+    const deadline = deadlineIn(timeoutMs ?? this._callTimeoutMs);
+    return new Promise((resolve, reject) => {
+      stub[method](wire, this._metadata(), deadline ? { deadline } : {}, (err, response) => {
+        if (err) reject(annotate(err));
+        else resolve(this._codec.decode(`${PACKAGE}.${responseType}`, response));
+      });
+    });
+  }
+
+  _stream(method, requestType, request, responseType, { timeoutMs, signal } = {}, map) {
+    const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
+    const deadline = deadlineIn(timeoutMs);
+    const call = this._sessions[method](wire, this._metadata(), deadline ? { deadline } : {});
+    return new CallIterator(call, (message) => map(this._codec.decode(`${PACKAGE}.${responseType}`, message)), signal);
+  }
+
+  /**
+   * Creates a session. `workspace` is a directory on the server's machine. Config fields:
+   * model ('provider:name'), systemPrompt, maxTurns, queue, permissions (as in SessionConfig);
+   * `config` may also be given whole. Resolves to the Session.
+   */
+  async createSession({ workspace, model, systemPrompt, maxTurns, queue, permissions, config, labels } = {}, callOptions) {
+    const cfg = { ...(config ?? {}) };
+    if (model !== undefined) cfg.model = model;
+    if (systemPrompt !== undefined) cfg.systemPrompt = systemPrompt;
+    if (maxTurns !== undefined) cfg.maxTurns = maxTurns;
+    if (queue !== undefined) cfg.queue = queue;
+    if (permissions !== undefined) cfg.permissions = permissions;
+    const request = { workspace, config: Object.keys(cfg).length > 0 ? cfg : undefined, labels };
+    const response = await this._unary(this._sessions, 'CreateSession', 'CreateSessionRequest', request,
+      'CreateSessionResponse', callOptions);
+    return response.session;
+  }
+
+  /** Resolves to the Session; rejects with NOT_FOUND (5) for an unknown id. */
+  async getSession(sessionId, callOptions) {
+    const response = await this._unary(this._sessions, 'GetSession', 'GetSessionRequest', { sessionId },
+      'GetSessionResponse', callOptions);
+    return response.session;
+  }
+
+  /** One page of sessions, newest first: resolves to {sessions, nextPageToken} ('' on the last page). */
+  listSessions({ pageSize = 0, pageToken = '' } = {}, callOptions) {
+    return this._unary(this._sessions, 'ListSessions', 'ListSessionsRequest', { pageSize, pageToken },
+      'ListSessionsResponse', callOptions);
+  }
+
+  /** Deletes a session, its history and its event log (a running turn is cancelled first). */
+  async deleteSession(sessionId, callOptions) {
+    await this._unary(this._sessions, 'DeleteSession', 'DeleteSessionRequest', { sessionId },
+      'DeleteSessionResponse', callOptions);
+  }
+
+  /**
+   * Sends a user message; returns an async iterator of the turn's events, from turn_started to
+   * turn_finished (the stream then ends). Options: {signal, timeoutMs}. The turn keeps running
+   * if the iteration stops early; re-attach with watchEvents.
+   */
+  sendMessage(sessionId, text, streamOptions) {
+    return this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
+      streamOptions, (response) => response.event ?? undefined);
+  }
+
+  /**
+   * Events with sequence > afterSequence (stored ones first), then a
+   * {kind: 'caught_up', lastSequence} marker, then live events while `follow` is true (the
+   * default, as in the Python SDK); with follow: false the iteration ends after the marker.
+   * Options: {afterSequence = 0, follow = true, signal, timeoutMs}.
+   */
+  watchEvents(sessionId, { afterSequence = 0n, follow = true, signal, timeoutMs } = {}) {
+    return this._stream('WatchEvents', 'WatchEventsRequest', { sessionId, afterSequence, follow },
+      'WatchEventsResponse', { signal, timeoutMs }, (response) => {
+        if (response.item === 'caught_up') return { kind: 'caught_up', lastSequence: response.caughtUp.lastSequence };
+        return response.event ?? undefined;
+      });
+  }
+
+  /** Cancels the running turn; resolves to {cancelled} (false when the session was idle). */
+  cancelTurn(sessionId, { reason = '' } = {}, callOptions) {
+    return this._unary(this._sessions, 'CancelTurn', 'CancelTurnRequest', { sessionId, reason },
+      'CancelTurnResponse', callOptions);
+  }
+
+  /** The session's whole message history, in order (every page is fetched). */
+  async getMessages(sessionId, { pageSize = 0 } = {}, callOptions) {
+    const messages = [];
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._sessions, 'GetMessages', 'GetMessagesRequest',
+        { sessionId, pageSize, pageToken }, 'GetMessagesResponse', callOptions);
+      messages.push(...page.messages);
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    return messages;
+  }
+
+  /** Connected workers (WorkerInfo objects), by id. */
+  async listWorkers(callOptions) {
+    const response = await this._unary(this._admin, 'ListWorkers', 'ListWorkersRequest', {},
+      'ListWorkersResponse', callOptions);
+    return response.workers;
+  }
+
+  /** Asks a worker to drain; resolves to the WorkerInfo as it is now. */
+  async drainWorker(workerId, { reason = '' } = {}, callOptions) {
+    const response = await this._unary(this._admin, 'DrainWorker', 'DrainWorkerRequest', { workerId, reason },
+      'DrainWorkerResponse', callOptions);
+    return response.worker;
+  }
+
+  /** Per-lane counters and latencies: {lanes, workers, workerSlots, workerInFlight}. */
+  getQueueStats(callOptions) {
+    return this._unary(this._admin, 'GetQueueStats', 'GetQueueStatsRequest', {}, 'GetQueueStatsResponse',
+      callOptions);
+  }
+
+  /** Closes the channel; running streams end with CANCELLED. */
+  close() {
+    this._sessions.close();
+    this._admin.close();
+  }
+}
+
+/** A JSON.stringify replacer that writes BigInts as decimal strings. */
+export function jsonReplacer(_key, value) {
+  return typeof value === 'bigint' ? value.toString() : value;
+}
