@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -16,10 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from session_server.config import SessionSettings
+from session_server.config import LaneMode, SessionSettings
+from session_server.confirmations import Confirmations
 from session_server.events import (
     CallInfo,
     CallRetried,
+    ConfirmationRequired,
+    ConfirmationResolved,
     ErrorOccurred,
     EventPayload,
     ModelResponded,
@@ -30,6 +34,7 @@ from session_server.events import (
     TurnStarted,
     WorkerLost,
 )
+from session_server.external import ExternalTasks
 from session_server.llm.base import (
     ChatMessage,
     ModelError,
@@ -41,6 +46,7 @@ from session_server.llm.base import (
     ToolCallReady,
     Usage,
 )
+from session_server.permissions import Action, Decision, PermissionPolicy
 from session_server.pool import CallRetried as PoolCallRetried
 from session_server.pool import CallStarted as PoolCallStarted
 from session_server.pool import PoolEvent, QueryCall, WorkerPool
@@ -71,15 +77,25 @@ class TurnContext:
     emit: Callable[[EventPayload], None]
     load_history: Callable[[], list[StoredMessage]]
     save_messages: Callable[[list[StoredMessage]], None]
+    # Server-wide rendezvous for ConfirmToolCall and for external tasks.
+    confirmations: Confirmations
+    external: ExternalTasks
 
 
-def available_tools(registry: ToolRegistry, pool: WorkerPool, local_fallback: bool) -> dict[str, ToolSpec]:
-    """Execute tools run here; Query tools are those the workers offer (and ours, as fallback)."""
+def available_tools(
+    registry: ToolRegistry, pool: WorkerPool, local_fallback: bool, policy: PermissionPolicy | None = None
+) -> dict[str, ToolSpec]:
+    """Execute tools run here; Query tools are those the workers offer (and ours, as fallback).
+
+    With a `policy`, tools it could never let run (`PermissionPolicy.offers`) are left out.
+    """
     tools = {spec.name: spec for spec in registry.specs(Lane.EXECUTE)}
     if local_fallback:
         tools.update({spec.name: spec for spec in registry.specs(Lane.QUERY)})
     for name, spec in pool.offered_tools().items():
         tools.setdefault(name, spec)
+    if policy is not None:
+        tools = {name: spec for name, spec in tools.items() if policy.offers(name)}
     return dict(sorted(tools.items()))
 
 
@@ -112,6 +128,11 @@ class Turn:
         self.tool_calls = 0
         # Why a cancellation ends the turn: a user's CancelTurn, or the server stopping.
         self.cancel_reason = "cancelled"
+        # Per model response: when each call was handed to the scheduler (perf_counter), for
+        # queue waits the scheduler cannot see (confirmations, external claims); and the calls
+        # the policy says to ask about.
+        self._added_at: dict[ScheduledCall, float] = {}
+        self._asks: dict[ScheduledCall, Decision] = {}
 
     async def run(self, user_text: str) -> None:
         ctx = self.ctx
@@ -139,7 +160,9 @@ class Turn:
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
-        tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback)
+        tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
+        self._added_at.clear()
+        self._asks.clear()
         request = ModelRequest(
             model=ctx.model_name,
             system=ctx.settings.system_prompt,
@@ -222,6 +245,14 @@ class Turn:
     def _schedule(self, index: int, call: ModelToolCall, tools: dict[str, ToolSpec]) -> ScheduledCall:
         spec = tools.get(call.name)
         call_id = call.call_id or f"call_{uuid.uuid4().hex[:12]}"
+        policy = self.ctx.settings.permissions
+        if spec is None and self._exists(call.name) and not policy.offers(call.name):
+            rejection = ToolResult.error(
+                ErrorKind.PERMISSION_DENIED,
+                f"{call.name} was not run: this session's permission policy denies every {call.name} call, "
+                f"so it is not offered; available tools: {', '.join(tools)}",
+            )
+            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
         if spec is None:
             rejection = ToolResult.error(
                 ErrorKind.UNKNOWN_TOOL, f"unknown tool {call.name!r}; available tools: {', '.join(tools)}"
@@ -238,7 +269,22 @@ class Turn:
                 ErrorKind.INVALID_ARGUMENTS, f"{call.name} was not run: its arguments {problem}"
             )
             return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
-        return ScheduledCall(index, call_id, call.name, call.arguments_json, spec.lane)
+        decision = policy.decide(call.name, arguments, str(self.ctx.workspace))
+        if decision.action is Action.DENY:
+            rejection = ToolResult.error(
+                ErrorKind.PERMISSION_DENIED,
+                f"{call.name} was not run: this session's permission policy denies this call ({decision.describe()}). "
+                "Do not retry it; choose another way or ask the user.",
+            )
+            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
+        scheduled = ScheduledCall(index, call_id, call.name, call.arguments_json, spec.lane)
+        if decision.action is Action.ASK:
+            self._asks[scheduled] = decision
+        self._added_at[scheduled] = time.perf_counter()
+        return scheduled
+
+    def _exists(self, tool_name: str) -> bool:
+        return self.ctx.registry.get(tool_name) is not None or tool_name in self.ctx.pool.offered_tools()
 
     def _info(self, call: ScheduledCall) -> CallInfo:
         lane = call.lane.value if call.lane else ""
@@ -252,8 +298,61 @@ class Turn:
         self.ctx.emit(ToolCallFinished(call.call_id, call.tool_name, result, result.queue_wait, result.run_time))
 
     async def _execute(self, call: ScheduledCall, tools: dict[str, ToolSpec]) -> ToolResult:
+        """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
         spec = tools[call.tool_name]
+        assert call.lane is not None, "the scheduler never executes a call without a lane"
+        added = self._added_at.get(call, time.perf_counter())
+        decision = self._asks.pop(call, None)
+        if decision is not None:
+            refusal = await self._confirm(call, decision)
+            if refusal is not None:
+                return _timed(refusal, added, time.perf_counter())
+        mode = ctx.settings.lane_mode(call.lane)
+        if mode is LaneMode.EXTERNAL:
+            outcome = await ctx.external.run(
+                ctx.session_id, self._info(call), str(ctx.workspace), ctx.settings.external_task_timeout, ctx.emit
+            )
+            return _timed(outcome.result, added, outcome.claimed_at or time.perf_counter())
+        ready = time.perf_counter()
+        if mode is LaneMode.HYBRID:
+            result = await ctx.external.mirror(
+                ctx.session_id, self._info(call), str(ctx.workspace), ctx.settings.lane_timeout(call.lane), ctx.emit,
+                lambda: self._run_internal(call, spec),
+            )
+        else:
+            result = await self._run_internal(call, spec)
+        # Without a confirmation the scheduler measures the wait itself.
+        return _timed(result, added, ready) if decision is not None else result
+
+    async def _confirm(self, call: ScheduledCall, decision: Decision) -> ToolResult | None:
+        """Asks for a confirmation and waits for it; None when the call may run, else its refusal."""
+        ctx = self.ctx
+        policy = ctx.settings.permissions
+        within = policy.confirmation_timeout
+        ctx.emit(ConfirmationRequired(self._info(call), time.time() + within))
+        answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
+        if answer is None:
+            approved = policy.timeout_action is Action.ALLOW
+            outcome = "timed_out_approved" if approved else "timed_out_rejected"
+            reason = f"nobody confirmed the call within {within:g}s; the timeout action is {policy.timeout_action}"
+        else:
+            approved, reason = answer.approved, answer.reason
+            outcome = "approved" if approved else "rejected"
+        ctx.emit(ConfirmationResolved(call.call_id, outcome, reason))
+        if approved:
+            return None
+        if answer is None:
+            why = f"nobody confirmed it within {within:g}s, so it was refused"
+        else:
+            why = f"it was rejected: {reason}" if reason.strip() else "it was rejected (no reason given)"
+        return ToolResult.error(
+            ErrorKind.PERMISSION_DENIED,
+            f"{call.tool_name} was not run: it needed a confirmation ({decision.describe()}) and {why}.",
+        )
+
+    async def _run_internal(self, call: ScheduledCall, spec: ToolSpec) -> ToolResult:
+        ctx = self.ctx
         if call.lane is Lane.QUERY and call.tool_name not in ctx.pool.offered_tools() and not ctx.local_fallback:
             return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
         if call.lane is Lane.QUERY and call.tool_name in ctx.pool.offered_tools():
@@ -296,6 +395,16 @@ class Turn:
             ctx.emit(CallRetried(call.call_id, event.attempt, event.reason, event.previous_worker_id))
         elif isinstance(event, PoolWorkerLost):
             ctx.emit(WorkerLost(event.worker_id, event.reason, [call.call_id]))
+
+
+def _timed(result: ToolResult, added: float, started: float) -> ToolResult:
+    """`result` with queue_wait from `added` to `started` (lane slot, confirmation, external claim)
+    plus whatever wait the runner measured, and run_time from `started` unless the runner measured it."""
+    return dataclasses.replace(
+        result,
+        queue_wait=(started - added) + result.queue_wait,
+        run_time=result.run_time or (time.perf_counter() - started),
+    )
 
 
 @dataclass(frozen=True)

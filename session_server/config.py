@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import enum
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from session_server.external import DEFAULT_EXTERNAL_TASK_TIMEOUT
 from session_server.llm.factory import load_script, parse_model
 from session_server.llm.script import ScriptError
+from session_server.permissions import DEFAULT_CONFIRMATION_TIMEOUT, PermissionPolicy, PolicyError
+from tool_worker.tools.base import Lane
 
 DEFAULT_MAX_TURNS = 50
 MAX_MAX_TURNS = 1000
@@ -18,6 +22,8 @@ DEFAULT_EXECUTE_TIMEOUT = 600.0
 MAX_LANE_TIMEOUT = 24 * 3600.0
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_MAX_ATTEMPTS = 10
+MAX_EXTERNAL_TASK_TIMEOUT = 24 * 3600.0
+MAX_CONFIRMATION_TIMEOUT = 24 * 3600.0
 DEFAULT_SYSTEM_PROMPT = (
     "You are a coding agent working in a repository. Use the tools to inspect and change files. "
     "Call several read-only tools at once when you can: they run in parallel."
@@ -32,6 +38,17 @@ class InvalidArgument(ValueError):
         self.field = field_name
 
 
+class LaneMode(enum.StrEnum):
+    """Who runs the calls of a lane. Mirrors codelane.v1.LaneMode."""
+
+    # codelane runs them.
+    INTERNAL = "internal"
+    # Clients claim them as external tasks, run them, and complete them.
+    EXTERNAL = "external"
+    # codelane runs them and also announces them as external task events (not claimable).
+    HYBRID = "hybrid"
+
+
 @dataclass
 class SessionSettings:
     model: str
@@ -41,14 +58,49 @@ class SessionSettings:
     query_timeout: float = DEFAULT_QUERY_TIMEOUT
     execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    query_mode: LaneMode = LaneMode.INTERNAL
+    execute_mode: LaneMode = LaneMode.INTERNAL
+    external_task_timeout: float = DEFAULT_EXTERNAL_TASK_TIMEOUT
+    permissions: PermissionPolicy = field(default_factory=PermissionPolicy)
+
+    def lane_mode(self, lane: Lane) -> LaneMode:
+        return self.query_mode if lane is Lane.QUERY else self.execute_mode
+
+    def lane_timeout(self, lane: Lane) -> float:
+        return self.query_timeout if lane is Lane.QUERY else self.execute_timeout
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-ready form (the store keeps it as the session's config)."""
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["query_mode"] = self.query_mode.value
+        data["execute_mode"] = self.execute_mode.value
+        data["permissions"] = self.permissions.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
+        """Reads `to_dict`'s output; keys a newer or older server wrote are ignored or defaulted."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("query_mode", "execute_mode"):
+            if key in known:
+                known[key] = LaneMode(known[key])
+        if "permissions" in known:
+            known["permissions"] = PermissionPolicy.from_dict(known["permissions"])
         return cls(**known)
+
+
+@dataclass
+class PermissionsRequest:
+    """A permission policy as the client sent it; empty actions mean the defaults."""
+
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    ask: list[str] = field(default_factory=list)
+    # "allow", "deny", "ask"; "" means allow.
+    default_action: str = ""
+    confirmation_timeout: float | None = None
+    # "allow" or "deny"; "" means deny.
+    timeout_action: str = ""
 
 
 @dataclass
@@ -62,8 +114,11 @@ class SettingsRequest:
     query_timeout: float | None = None
     execute_timeout: float | None = None
     max_attempts: int = 0
-    # Lane modes other than internal, and permission rules, as the client sent them; each
-    # unsupported one is refused by name.
+    query_mode: LaneMode | None = None
+    execute_mode: LaneMode | None = None
+    external_task_timeout: float | None = None
+    permissions: PermissionsRequest | None = None
+    # Values the api layer could not even translate (an unknown lane or mode), refused by field name.
     unsupported: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -110,6 +165,9 @@ def build_settings(request: SettingsRequest, default_model: str) -> SessionSetti
         _bounded("config.queue.lanes.timeout", request.query_timeout, 0.001, MAX_LANE_TIMEOUT)
     if request.execute_timeout is not None:
         _bounded("config.queue.lanes.timeout", request.execute_timeout, 0.001, MAX_LANE_TIMEOUT)
+    if request.external_task_timeout is not None:
+        _bounded("config.queue.external_task_timeout", request.external_task_timeout, 0.001,
+                 MAX_EXTERNAL_TASK_TIMEOUT)
     return SessionSettings(
         model=model,
         system_prompt=request.system_prompt or DEFAULT_SYSTEM_PROMPT,
@@ -118,4 +176,28 @@ def build_settings(request: SettingsRequest, default_model: str) -> SessionSetti
         query_timeout=request.query_timeout or DEFAULT_QUERY_TIMEOUT,
         execute_timeout=request.execute_timeout or DEFAULT_EXECUTE_TIMEOUT,
         max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
+        query_mode=request.query_mode or LaneMode.INTERNAL,
+        execute_mode=request.execute_mode or LaneMode.INTERNAL,
+        external_task_timeout=request.external_task_timeout or DEFAULT_EXTERNAL_TASK_TIMEOUT,
+        permissions=build_policy(request.permissions),
     )
+
+
+def build_policy(request: PermissionsRequest | None) -> PermissionPolicy:
+    """The policy with defaults filled in. Raises InvalidArgument naming e.g. config.permissions.deny[1]."""
+    if request is None:
+        return PermissionPolicy()
+    timeout = request.confirmation_timeout
+    if timeout is not None:
+        _bounded("config.permissions.confirmation_timeout", timeout, 0.001, MAX_CONFIRMATION_TIMEOUT)
+    try:
+        return PermissionPolicy.parse(
+            allow=request.allow,
+            deny=request.deny,
+            ask=request.ask,
+            default_action=request.default_action or "allow",
+            confirmation_timeout=timeout or DEFAULT_CONFIRMATION_TIMEOUT,
+            timeout_action=request.timeout_action or "deny",
+        )
+    except PolicyError as exc:
+        raise InvalidArgument(f"config.permissions.{exc.field}", exc.message) from None

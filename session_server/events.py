@@ -80,8 +80,25 @@ class ConfirmationResolved:
 
 
 @dataclass(frozen=True)
+class ExternalTaskInfo:
+    """A call offered to clients as an external task (mirrors codelane.v1.ExternalTask)."""
+
+    task_id: str
+    session_id: str
+    call: CallInfo
+    lane: str
+    # Claim number, from 1; a lease that expires re-offers the task with the next number.
+    attempt: int
+    # When the current lease ends (epoch seconds); None while unclaimed.
+    lease_expire_time: float | None
+    # When the task ends with a timeout result if nobody completed it.
+    deadline: float
+    workspace: str
+
+
+@dataclass(frozen=True)
 class ExternalTaskPending:
-    task: dict[str, Any]
+    task: ExternalTaskInfo
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,8 @@ def _nested_decoder(hint: Any) -> Callable[[Any], Any] | None:
         return lambda data: Usage(**data)
     if hint is ToolResult:
         return result_from_dict
+    if hint is ExternalTaskInfo:
+        return lambda data: ExternalTaskInfo(**{**data, "call": call_from_dict(data["call"])})
     return None
 
 

@@ -17,8 +17,17 @@ from pathlib import Path
 
 from session_server.agent import Turn, TurnContext
 from session_server.bus import SUBSCRIBER_BUFFER, EventBus
-from session_server.config import SessionSettings, SettingsRequest, build_settings, resolve_workspace
-from session_server.events import EventPayload, StoredEvent, ToolCallFinished, ToolCallStarted, TurnFinished
+from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
+from session_server.confirmations import Confirmations
+from session_server.events import (
+    EventPayload,
+    ExternalTaskInfo,
+    StoredEvent,
+    ToolCallFinished,
+    ToolCallStarted,
+    TurnFinished,
+)
+from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.llm.base import ModelProvider, Usage
 from session_server.llm.factory import create_provider
 from session_server.llm.limiter import LimitedProvider
@@ -92,6 +101,8 @@ class SessionManager:
         self._generate = asyncio.Semaphore(generate_limit)
         self._providers: dict[str, tuple[ModelProvider, str]] = {}
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
+        self.confirmations = Confirmations()
+        self.external = ExternalTasks()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -166,6 +177,7 @@ class SessionManager:
         if entry is not None:
             entry[1].cancel()
             await asyncio.gather(entry[1], return_exceptions=True)
+        self.external.close_session(session_id)
         self.store.delete_session(session_id)
         self.bus.close_session(session_id)
 
@@ -215,6 +227,8 @@ class SessionManager:
             emit=lambda payload: self._emit(session_id, turn_id, payload),
             load_history=lambda: self.store.get_messages(session_id),
             save_messages=lambda messages: self.store.append_messages(session_id, messages),
+            confirmations=self.confirmations,
+            external=self.external,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)
@@ -253,6 +267,38 @@ class SessionManager:
             return False
         entry[1].cancel()
         return True
+
+    def confirm(self, session_id: str, call_id: str, approve: bool, reason: str) -> None:
+        """Answers a call waiting for confirmation. Raises SessionNotFound or ConfirmationNotFound."""
+        self.get_session(session_id)
+        self.confirmations.answer(session_id, call_id, approve, reason)
+
+    async def claim_external_tasks(
+        self, session_id: str, client_id: str, max_tasks: int, lease: float | None, wait: float | None
+    ) -> list[ExternalTaskInfo]:
+        """Leases pending external tasks to a client (see external.ExternalTasks.claim).
+
+        Raises SessionNotFound, or config.InvalidArgument naming the bad request field.
+        """
+        self.get_session(session_id)
+        if not client_id.strip():
+            raise InvalidArgument("client_id", "is empty: name the claiming client; only it may complete its tasks")
+        if not 0 <= max_tasks <= MAX_CLAIM_TASKS:
+            raise InvalidArgument("max_tasks", f"{max_tasks} is out of range [0, {MAX_CLAIM_TASKS}]")
+        lease = DEFAULT_LEASE if lease is None else lease
+        if not MIN_LEASE <= lease <= MAX_LEASE:
+            raise InvalidArgument("lease", f"{lease:g}s is out of range [{MIN_LEASE:g}s, {MAX_LEASE:g}s]")
+        wait = wait or 0.0
+        if not 0 <= wait <= MAX_CLAIM_WAIT:
+            raise InvalidArgument(
+                "wait", f"{wait:g}s is out of range [0s, {MAX_CLAIM_WAIT:g}s]; claim again to wait longer"
+            )
+        return await self.external.claim(session_id, client_id, max_tasks or 1, lease, wait)
+
+    def complete_external_task(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
+        """Raises SessionNotFound, external.TaskNotFound or external.LeaseNotHeld."""
+        self.get_session(session_id)
+        self.external.complete(session_id, task_id, client_id, result)
 
     async def watch(self, session_id: str, after_sequence: int, follow: bool) -> AsyncIterator[StoredEvent | CaughtUp]:
         """Stored events after `after_sequence`, a CaughtUp marker, then (if follow) live ones.

@@ -6,9 +6,10 @@ from google.protobuf import timestamp_pb2
 
 from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
 from session_server import events as ev
-from session_server.config import SessionSettings, SettingsRequest
-from session_server.events import CallInfo, StoredEvent
+from session_server.config import LaneMode, PermissionsRequest, SessionSettings, SettingsRequest
+from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
 from session_server.llm.base import Usage
+from session_server.permissions import Action, PermissionPolicy
 from session_server.pool import WorkerSnapshot
 from session_server.store import SessionRecord, StoredMessage
 from tool_worker import wire
@@ -65,8 +66,22 @@ _OUTCOMES = {
 }
 
 
+_LANE_MODES = {
+    tools_pb2.LANE_MODE_INTERNAL: LaneMode.INTERNAL,
+    tools_pb2.LANE_MODE_EXTERNAL: LaneMode.EXTERNAL,
+    tools_pb2.LANE_MODE_HYBRID: LaneMode.HYBRID,
+}
+_LANE_MODES_TO_PROTO = {mode: value for value, mode in _LANE_MODES.items()}
+_ACTIONS = {
+    session_pb2.PERMISSION_ACTION_ALLOW: Action.ALLOW,
+    session_pb2.PERMISSION_ACTION_DENY: Action.DENY,
+    session_pb2.PERMISSION_ACTION_ASK: Action.ASK,
+}
+_ACTIONS_TO_PROTO = {action: value for value, action in _ACTIONS.items()}
+
+
 def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
-    """The client's config as a domain request; unsupported options are listed by field name."""
+    """The client's config as a domain request; values without a domain meaning are listed by field name."""
     request = SettingsRequest(
         model=config.model,
         system_prompt=config.system_prompt,
@@ -76,18 +91,60 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
     )
     for i, lane in enumerate(config.queue.lanes):
         where = f"config.queue.lanes[{i}]"
-        if lane.mode not in (tools_pb2.LANE_MODE_UNSPECIFIED, tools_pb2.LANE_MODE_INTERNAL):
-            request.unsupported.append((f"{where}.mode", "only LANE_MODE_INTERNAL is available in this server"))
+        mode = _LANE_MODES.get(lane.mode)
+        if mode is None and lane.mode != tools_pb2.LANE_MODE_UNSPECIFIED:
+            request.unsupported.append((f"{where}.mode", f"{lane.mode} is not a LaneMode (INTERNAL, EXTERNAL, HYBRID)"))
         timeout = wire.seconds(lane.timeout) if lane.HasField("timeout") else None
         if lane.lane == tools_pb2.LANE_QUERY:
-            request.query_timeout = timeout
+            request.query_timeout, request.query_mode = timeout, mode
         elif lane.lane == tools_pb2.LANE_EXECUTE:
-            request.execute_timeout = timeout
+            request.execute_timeout, request.execute_mode = timeout, mode
         else:
             request.unsupported.append((f"{where}.lane", "must be LANE_QUERY or LANE_EXECUTE"))
-    if config.HasField("permissions") and config.permissions.ByteSize():
-        request.unsupported.append(("config.permissions", "permission policies are not available in this server"))
+    if config.queue.HasField("external_task_timeout"):
+        request.external_task_timeout = wire.seconds(config.queue.external_task_timeout)
+    if config.HasField("permissions"):
+        request.permissions = _permissions_request(config.permissions)
     return request
+
+
+def _permissions_request(policy: session_pb2.PermissionPolicy) -> PermissionsRequest:
+    def action(value: int) -> str:
+        # An unknown number passes through as text, for build_settings to refuse by field name.
+        return _ACTIONS[value].value if value in _ACTIONS else str(value) if value else ""
+
+    return PermissionsRequest(
+        allow=list(policy.allow),
+        deny=list(policy.deny),
+        ask=list(policy.ask),
+        default_action=action(policy.default_action),
+        confirmation_timeout=(
+            wire.seconds(policy.confirmation_timeout) if policy.HasField("confirmation_timeout") else None
+        ),
+        timeout_action=action(policy.timeout_action),
+    )
+
+
+def permission_policy(policy: PermissionPolicy) -> session_pb2.PermissionPolicy:
+    return session_pb2.PermissionPolicy(
+        allow=[r.text for r in policy.allow],
+        deny=[r.text for r in policy.deny],
+        ask=[r.text for r in policy.ask],
+        default_action=_ACTIONS_TO_PROTO[policy.default_action],
+        confirmation_timeout=wire.duration(policy.confirmation_timeout),
+        timeout_action=_ACTIONS_TO_PROTO[policy.timeout_action],
+    )
+
+
+def external_task(info: ExternalTaskInfo) -> events_pb2.ExternalTask:
+    msg = events_pb2.ExternalTask(
+        task_id=info.task_id, session_id=info.session_id, call=tool_call(info.call),
+        lane=_LANES.get(info.lane, tools_pb2.LANE_UNSPECIFIED), attempt=info.attempt,
+        deadline=timestamp(info.deadline), workspace=info.workspace,
+    )
+    if info.lease_expire_time is not None:
+        msg.lease_expire_time.CopyFrom(timestamp(info.lease_expire_time))
+    return msg
 
 
 def session(record: SessionRecord, running: bool) -> session_pb2.Session:
@@ -100,12 +157,15 @@ def session(record: SessionRecord, running: bool) -> session_pb2.Session:
             query_concurrency=settings.query_concurrency,
             max_attempts=settings.max_attempts,
             lanes=[
-                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=tools_pb2.LANE_MODE_INTERNAL,
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=_LANE_MODES_TO_PROTO[settings.query_mode],
                                        timeout=wire.duration(settings.query_timeout)),
-                session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE, mode=tools_pb2.LANE_MODE_INTERNAL,
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE,
+                                       mode=_LANE_MODES_TO_PROTO[settings.execute_mode],
                                        timeout=wire.duration(settings.execute_timeout)),
             ],
+            external_task_timeout=wire.duration(settings.external_task_timeout),
         ),
+        permissions=permission_policy(settings.permissions),
     )
     return session_pb2.Session(
         session_id=record.session_id,
@@ -181,6 +241,8 @@ def event(stored: StoredEvent) -> events_pb2.Event:
         msg.confirmation_resolved.CopyFrom(events_pb2.ConfirmationResolved(
             call_id=p.call_id, outcome=_OUTCOMES.get(p.outcome, 0), reason=p.reason
         ))
+    elif isinstance(p, ev.ExternalTaskPending):
+        msg.external_task_pending.task.CopyFrom(external_task(p.task))
     elif isinstance(p, ev.ExternalTaskCompleted):
         msg.external_task_completed.CopyFrom(events_pb2.ExternalTaskCompleted(
             task_id=p.task_id, call_id=p.call_id, result=wire.result_to_proto(p.result), client_id=p.client_id

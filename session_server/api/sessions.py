@@ -9,6 +9,8 @@ from session_server.api import convert
 from session_server.api.errors import abort
 from session_server.bus import SessionClosed, SubscriberOverflow
 from session_server.config import InvalidArgument
+from session_server.confirmations import ConfirmationNotFound
+from session_server.external import LeaseNotHeld, TaskNotFound
 from session_server.sessions import (
     CaughtUp,
     ModelUnavailable,
@@ -17,8 +19,7 @@ from session_server.sessions import (
     SessionNotFound,
     TurnInProgress,
 )
-
-NOT_AVAILABLE = "is not available in this server version"
+from tool_worker import wire
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -134,10 +135,44 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
 
     async def ConfirmToolCall(self, request, context):
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"ConfirmToolCall {NOT_AVAILABLE}", "UNIMPLEMENTED")
+        await self._session(context, request.session_id)
+        if not request.call_id:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "call_id is empty", "INVALID_ARGUMENT",
+                        field="call_id")
+        try:
+            self._manager.confirm(request.session_id, request.call_id, request.approve, request.reason)
+        except ConfirmationNotFound as exc:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "CONFIRMATION_NOT_FOUND",
+                        session_id=exc.session_id, call_id=exc.call_id)
+        return session_pb2.ConfirmToolCallResponse()
 
     async def ClaimExternalTasks(self, request, context):
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"ClaimExternalTasks {NOT_AVAILABLE}", "UNIMPLEMENTED")
+        await self._session(context, request.session_id)
+        try:
+            tasks = await self._manager.claim_external_tasks(
+                request.session_id,
+                request.client_id,
+                request.max_tasks,
+                wire.seconds(request.lease) if request.HasField("lease") else None,
+                wire.seconds(request.wait) if request.HasField("wait") else None,
+            )
+        except InvalidArgument as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
+        return session_pb2.ClaimExternalTasksResponse(tasks=[convert.external_task(t) for t in tasks])
 
     async def CompleteExternalTask(self, request, context):
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"CompleteExternalTask {NOT_AVAILABLE}", "UNIMPLEMENTED")
+        await self._session(context, request.session_id)
+        for name in ("task_id", "client_id"):
+            if not getattr(request, name):
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty", "INVALID_ARGUMENT",
+                            field=name)
+        try:
+            self._manager.complete_external_task(
+                request.session_id, request.task_id, request.client_id, wire.result_from_proto(request.result)
+            )
+        except TaskNotFound as exc:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "TASK_NOT_FOUND", task_id=exc.task_id)
+        except LeaseNotHeld as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "LEASE_NOT_HELD",
+                        task_id=exc.task_id, client_id=exc.client_id)
+        return session_pb2.CompleteExternalTaskResponse()

@@ -1,9 +1,10 @@
 """`codelane demo`: the whole system on one machine, on built-in defaults.
 
 Starts a session server with local tool workers and the scripted demo model, copies a small
-sample project to a temporary folder, runs one session on it and prints every event. The turn
-mixes parallel Query calls (fanned out to the workers) with Execute calls run in model order,
-including a read right after an edit of the same file.
+sample project to a temporary folder, runs one session on it and shows every event (live on a
+terminal, one line each otherwise). The turn mixes parallel Query calls (fanned out to the
+workers) with Execute calls run in model order, including a read right after an edit of the same
+file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sys
 import tempfile
 import time
 from importlib import resources
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from codelane import events as ev
 from codelane.client import Client
-from codelane.render import PlainRenderer, event_json
+from codelane.render import EventView
 from session_server.embedded import embedded_server
 
 PROMPT = "Fix the TODO in the greeter and note what you changed."
@@ -29,12 +29,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="codelane demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="local tool workers (default 2)")
-    parser.add_argument("--json", action="store_true", help="print events as JSON lines")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="print events as JSON lines")
+    view.add_argument("--plain", action="store_true", help="one line per event (the default off a terminal)")
+    view.add_argument("--live", action="store_true", help="the live view (the default on a terminal)")
     args = parser.parse_args(argv)
-    return asyncio.run(_demo(args.workers, args.json))
+    return asyncio.run(_demo(args.workers, EventView.choose(json=args.json, plain=args.plain, live=args.live)))
 
 
-async def _demo(workers: int, as_json: bool) -> int:
+async def _demo(workers: int, view: EventView) -> int:
     package = resources.files(__package__)
     with tempfile.TemporaryDirectory(prefix="codelane-demo-") as tmp:
         workspace = Path(tmp) / "greeter"
@@ -45,16 +48,15 @@ async def _demo(workers: int, as_json: bool) -> int:
             shutil.copyfile(script_file, script)
         started = time.perf_counter()
         async with embedded_server(model=f"scripted:{script}", local_workers=workers) as address:
-            print(f"codelane demo: server on {address} with {workers} local workers; workspace {workspace}",
-                  flush=True)
+            view.note(f"codelane demo: server on {address} with {workers} local workers; workspace {workspace}")
             async with Client(address) as client:
                 session = await client.create_session(workspace)
-                renderer = PlainRenderer(sys.stdout)
                 finished: ev.TurnFinished | None = None
-                async for event in session.send(PROMPT):
-                    print(event_json(event), flush=True) if as_json else renderer.show(event)
-                    if isinstance(event, ev.TurnFinished):
-                        finished = event
+                with view.running():
+                    async for event in session.send(PROMPT):
+                        view.show(event)
+                        if isinstance(event, ev.TurnFinished):
+                            finished = event
         elapsed = time.perf_counter() - started
         print(f"codelane demo: done in {elapsed:.1f}s; greet.py now reads:")
         print((workspace / "app" / "greet.py").read_text())

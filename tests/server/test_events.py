@@ -10,6 +10,7 @@ from session_server.events import (
     ErrorOccurred,
     EventPayload,
     ExternalTaskCompleted,
+    ExternalTaskInfo,
     ExternalTaskPending,
     ModelResponded,
     TextDelta,
@@ -43,7 +44,12 @@ SAMPLES: dict[str, EventPayload] = {
     "tool_call_finished": ToolCallFinished(call_id="c1", tool_name="read", result=OK, queue_wait=0.001, run_time=0.25),
     "confirmation_required": ConfirmationRequired(call=CALL, deadline=1_700_000_000.125),
     "confirmation_resolved": ConfirmationResolved(call_id="c1", outcome="timed_out_rejected", reason="no answer"),
-    "external_task_pending": ExternalTaskPending(task={"task_id": "t1", "call": {"call_id": "c1"}, "attempt": 1}),
+    "external_task_pending": ExternalTaskPending(
+        task=ExternalTaskInfo(
+            task_id="t1", session_id="s1", call=CALL, lane="query", attempt=1, lease_expire_time=None,
+            deadline=1_700_000_600.5, workspace="/ws",
+        )
+    ),
     "external_task_completed": ExternalTaskCompleted(task_id="t1", call_id="c1", result=FAILED, client_id=""),
     "call_retried": CallRetried(call_id="c1", attempt=2, reason="worker lost", previous_worker_id="w1"),
     "worker_lost": WorkerLost(worker_id="w1", reason="heartbeats missed", call_ids=["c1", "c3"]),
@@ -78,6 +84,9 @@ def test_nested_types_are_rebuilt() -> None:
     assert isinstance(back, ModelResponded)
     assert all(isinstance(call, CallInfo) for call in back.tool_calls)
     assert isinstance(back.usage, Usage)
+    back = payload_from_json(*payload_to_json(SAMPLES["external_task_pending"]))
+    assert isinstance(back, ExternalTaskPending)
+    assert isinstance(back.task, ExternalTaskInfo) and isinstance(back.task.call, CallInfo)
 
 
 def test_unknown_kind_says_what_to_do() -> None:

@@ -36,15 +36,15 @@ INVALID_CREATES = [
     ),
     ("max-turns-negative", lambda ws, good: _request(str(ws), model=good, max_turns=-1), "config.max_turns"),
     (
-        "external-lane",
+        "control-lane",
         lambda ws, good: _request(
             str(ws),
             model=good,
             queue=session_pb2.QueueConfig(
-                lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=tools_pb2.LANE_MODE_EXTERNAL)]
+                lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_CONTROL, mode=tools_pb2.LANE_MODE_EXTERNAL)]
             ),
         ),
-        "config.queue.lanes[0].mode",
+        "config.queue.lanes[0].lane",
     ),
 ]
 

@@ -12,10 +12,16 @@ import sys
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("session_server.demo", "run the whole system on a sample project with a scripted model"),
-    "run": ("codelane.commands.run", "create a session, send one prompt, print the turn's events"),
+    "run": ("codelane.commands.run", "create a session, send one prompt, show the turn as it happens"),
+    "watch": ("codelane.commands.watch", "replay a session's events, then follow new ones"),
+    "sessions": ("codelane.commands.sessions", "list the server's sessions"),
+    "workers": ("codelane.commands.workers", "list the connected tool workers and the workspaces they see"),
+    "stats": ("codelane.commands.stats", "show per-lane queue statistics and latencies"),
+    "drain": ("codelane.commands.drain", "drain a tool worker: finish its calls, take no more, disconnect"),
     "server": ("session_server.main", "run a session server (with local tool workers)"),
     "worker": ("tool_worker.worker", "run a tool worker that dials a session server"),
     "mock-llm": ("session_server.mock_llm", "serve a scripted model over the OpenAI and Anthropic wire formats"),
+    "bench": ("codelane.commands.bench", "benchmark parallel tool calls: modes, workers and peers, same calls"),
 }
 
 

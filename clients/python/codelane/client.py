@@ -8,20 +8,88 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from codelane.events import CaughtUp, Event, ToolCall, ToolResult, event_from_proto, session_state
+from codelane.events import CaughtUp, Event, ExternalTask, ToolCall, ToolResult, event_from_proto, session_state
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Extra deadline a long-polling claim gets beyond its wait, for the network and the server.
+CLAIM_DEADLINE_MARGIN = 30.0
+
+log = logging.getLogger("codelane.client")
+
+_ACTIONS = {
+    "allow": session_pb2.PERMISSION_ACTION_ALLOW,
+    "deny": session_pb2.PERMISSION_ACTION_DENY,
+    "ask": session_pb2.PERMISSION_ACTION_ASK,
+}
+_LANES = {"query": tools_pb2.LANE_QUERY, "execute": tools_pb2.LANE_EXECUTE}
+_LANE_MODES = {
+    "internal": tools_pb2.LANE_MODE_INTERNAL,
+    "external": tools_pb2.LANE_MODE_EXTERNAL,
+    "hybrid": tools_pb2.LANE_MODE_HYBRID,
+}
+_PERMISSION_KEYS = {"allow", "deny", "ask", "default", "confirmation_timeout", "timeout_action"}
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+    try:
+        return table[value.lower()]
+    except KeyError:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(table)}") from None
+
+
+def permission_policy(permissions: Mapping[str, Any]) -> session_pb2.PermissionPolicy:
+    """The PermissionPolicy of `Client.create_session(permissions=...)`'s dict:
+
+        {"allow": ["bash(git *)"], "deny": ["delete"], "ask": ["write(src/**)"],
+         "default": "allow", "confirmation_timeout": 60, "timeout_action": "deny"}
+
+    Every key is optional; rule syntax is checked by the server (INVALID_ARGUMENT naming the rule).
+    """
+    unknown = set(permissions) - _PERMISSION_KEYS
+    if unknown:
+        raise ValueError(f"unknown permissions keys {sorted(unknown)}; use {sorted(_PERMISSION_KEYS)}")
+    for key in ("allow", "deny", "ask"):
+        if isinstance(permissions.get(key), str):
+            raise ValueError(f"permissions[{key!r}] must be a list of rules, not one string")
+    policy = session_pb2.PermissionPolicy(
+        allow=list(permissions.get("allow", ())), deny=list(permissions.get("deny", ())),
+        ask=list(permissions.get("ask", ())),
+    )
+    if "default" in permissions:
+        policy.default_action = _choice(_ACTIONS, permissions["default"], "permissions default")
+    if "confirmation_timeout" in permissions:
+        policy.confirmation_timeout.CopyFrom(_duration(permissions["confirmation_timeout"]))
+    if "timeout_action" in permissions:
+        policy.timeout_action = _choice(_ACTIONS, permissions["timeout_action"], "permissions timeout_action")
+    return policy
+
+
+def lane_configs(lanes: Mapping[str, str]) -> list[session_pb2.LaneConfig]:
+    """LaneConfigs of `Client.create_session(lanes=...)`'s dict, e.g. {"execute": "external"}."""
+    return [
+        session_pb2.LaneConfig(lane=_choice(_LANES, lane, "lane"), mode=_choice(_LANE_MODES, mode, f"{lane} lane mode"))
+        for lane, mode in lanes.items()
+    ]
 
 
 class CodelaneError(Exception):
@@ -131,9 +199,12 @@ class Client:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        timeout: float | None = None,
     ) -> None:
+        """`timeout`: seconds allowed to each unary call (None: no deadline); streams never time out."""
         self.address = address
-        self._channel = create_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        self._channel = create_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                       unary_timeout=timeout)
         self._metadata = bearer_metadata(token)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
@@ -157,12 +228,26 @@ class Client:
         max_turns: int = 0,
         query_concurrency: int = 0,
         labels: dict[str, str] | None = None,
+        permissions: Mapping[str, Any] | None = None,
+        lanes: Mapping[str, str] | None = None,
+        external_task_timeout: float | None = None,
     ) -> Session:
-        """Creates a session on a workspace directory of the server's machine (0 / "" = defaults)."""
+        """Creates a session on a workspace directory of the server's machine (0 / "" = defaults).
+
+        `permissions`: a policy as a dict (see `permission_policy`), e.g.
+        `{"deny": ["bash(rm *)"], "ask": ["write"], "confirmation_timeout": 30}`; None allows every call.
+        `lanes`: lane name ("query", "execute") to mode ("internal", "external", "hybrid"), e.g.
+        `{"execute": "external"}` to run side-effecting calls yourself (`Session.run_external_tasks`).
+        `external_task_timeout`: seconds an external task may take overall (None: the server's 10 min).
+        """
         config = session_pb2.SessionConfig(
             model=model, system_prompt=system_prompt, max_turns=max_turns,
-            queue=session_pb2.QueueConfig(query_concurrency=query_concurrency),
+            queue=session_pb2.QueueConfig(query_concurrency=query_concurrency, lanes=lane_configs(lanes or {})),
         )
+        if external_task_timeout is not None:
+            config.queue.external_task_timeout.CopyFrom(_duration(external_task_timeout))
+        if permissions is not None:
+            config.permissions.CopyFrom(permission_policy(permissions))
         reply = await self._sessions.CreateSession(
             session_pb2.CreateSessionRequest(workspace=str(workspace), config=config, labels=labels or {}),
             metadata=self._metadata,
@@ -292,3 +377,106 @@ class Session:
             token = reply.next_page_token
             if not token:
                 return out
+
+    @_rpc
+    async def confirm(self, call_id: str, approve: bool, reason: str = "") -> None:
+        """Answers a ConfirmationRequired event: run the call (approve) or refuse it; a refused
+        call's `reason` is shown to the model. CodelaneError NOT_FOUND when no such call waits."""
+        await self._client._sessions.ConfirmToolCall(
+            session_pb2.ConfirmToolCallRequest(session_id=self.id, call_id=call_id, approve=approve, reason=reason),
+            metadata=self._client._metadata,
+        )
+
+    @_rpc
+    async def claim_external_tasks(
+        self, client_id: str, max_tasks: int = 1, lease: float = 30.0, wait: float = 0.0
+    ) -> list[ExternalTask]:
+        """Claims up to `max_tasks` pending external tasks, each leased to `client_id` for `lease`
+        seconds. With `wait` (at most 60 s), waits that long for a task when none is pending."""
+        request = session_pb2.ClaimExternalTasksRequest(
+            session_id=self.id, client_id=client_id, max_tasks=max_tasks, lease=_duration(lease)
+        )
+        if wait > 0:
+            request.wait.CopyFrom(_duration(wait))
+        reply = await self._client._sessions.ClaimExternalTasks(
+            request, metadata=self._client._metadata, timeout=wait + CLAIM_DEADLINE_MARGIN
+        )
+        return [ExternalTask.from_proto(t) for t in reply.tasks]
+
+    @_rpc
+    async def complete_external_task(self, task_id: str, client_id: str, result: ToolResult) -> None:
+        """Completes a claimed task with its result. CodelaneError FAILED_PRECONDITION when the
+        lease is no longer this client's (it expired: the task was offered again), NOT_FOUND when
+        the task is gone (completed, timed out, or its turn was cancelled)."""
+        await self._client._sessions.CompleteExternalTask(
+            session_pb2.CompleteExternalTaskRequest(
+                session_id=self.id, task_id=task_id, client_id=client_id, result=result.to_proto()
+            ),
+            metadata=self._client._metadata,
+        )
+
+    async def run_external_tasks(
+        self,
+        client_id: str,
+        handler: Callable[[ExternalTask], Awaitable[ToolResult]],
+        *,
+        stop: asyncio.Event | None = None,
+        max_tasks: int = 1,
+        lease: float = 30.0,
+        wait: float = 20.0,
+    ) -> int:
+        """Serves this session's external tasks until `stop` is set (or forever): claims with a
+        long-poll of `wait` seconds, runs `await handler(task)` for each claimed task (up to
+        `max_tasks` at once) and completes the task with the ToolResult it returns. An exception
+        from the handler completes the task with an error result saying what was raised.
+
+        Pick `lease` longer than the handler runs: a task whose lease expires is offered again and
+        this client's result is refused (logged, then the loop goes on). Returns how many tasks
+        this loop completed. Errors of the claim itself (server gone, session deleted) raise.
+        """
+        completed = 0
+        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        try:
+            while stopper is None or not stopper.done():
+                claim = asyncio.ensure_future(self.claim_external_tasks(client_id, max_tasks, lease, wait))
+                try:
+                    await asyncio.wait({claim} if stopper is None else {claim, stopper},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not claim.done():  # stopped (or cancelled) while waiting for a task
+                        claim.cancel()
+                        await asyncio.gather(claim, return_exceptions=True)
+                if claim.cancelled():
+                    break
+                tasks = claim.result()
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        runs = [group.create_task(self._serve_external_task(client_id, handler, t)) for t in tasks]
+                except* CodelaneError as failed:
+                    raise failed.exceptions[0] from None
+                completed += sum(run.result() for run in runs)
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+                await asyncio.gather(stopper, return_exceptions=True)
+        return completed
+
+    async def _serve_external_task(
+        self, client_id: str, handler: Callable[[ExternalTask], Awaitable[ToolResult]], task: ExternalTask
+    ) -> bool:
+        try:
+            result = await handler(task)
+        except Exception as exc:
+            log.exception("external task %s (%s): the handler raised", task.task_id, task.call.tool_name)
+            result = ToolResult(
+                output=f"{task.call.tool_name} failed in client {client_id}: {type(exc).__name__}: {exc}",
+                is_error=True, error_kind="tool_error",
+            )
+        try:
+            await self.complete_external_task(task.task_id, client_id, result)
+        except CodelaneError as exc:
+            if exc.code not in ("FAILED_PRECONDITION", "NOT_FOUND"):
+                raise
+            log.warning("external task %s: result not taken: %s", task.task_id, exc.message)
+            return False
+        return True

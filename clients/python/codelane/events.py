@@ -78,6 +78,32 @@ class ToolResult:
 
 
 @dataclass(frozen=True)
+class ExternalTask:
+    """A tool call offered to clients (lane mode EXTERNAL): claim it, run `call`, complete it
+    with a ToolResult before `lease_expire_time`, or it is offered again with the next attempt."""
+
+    task_id: str
+    session_id: str
+    call: ToolCall
+    lane: str
+    attempt: int
+    # Epoch seconds; None while the task is unclaimed.
+    lease_expire_time: float | None
+    # Epoch seconds: the call ends with a TIMEOUT result if nobody completed it by then.
+    deadline: float
+    workspace: str
+
+    @classmethod
+    def from_proto(cls, msg: events_pb2.ExternalTask) -> ExternalTask:
+        return cls(
+            task_id=msg.task_id, session_id=msg.session_id, call=ToolCall.from_proto(msg.call), lane=_lane(msg.lane),
+            attempt=msg.attempt,
+            lease_expire_time=_seconds(msg.lease_expire_time) if msg.HasField("lease_expire_time") else None,
+            deadline=_seconds(msg.deadline), workspace=msg.workspace,
+        )
+
+
+@dataclass(frozen=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
@@ -149,6 +175,8 @@ class ConfirmationResolved(Event):
 class ExternalTaskPending(Event):
     task_id: str = ""
     call: ToolCall | None = None
+    # The whole task (attempt, deadline, lane, ...).
+    task: ExternalTask | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +271,8 @@ def event_from_proto(msg: events_pb2.Event) -> Event:
         outcome = events_pb2.ConfirmationOutcome.Name(p.outcome).removeprefix("CONFIRMATION_OUTCOME_").lower()
         return ConfirmationResolved(**base, call_id=p.call_id, outcome=outcome, reason=p.reason)
     if kind == "external_task_pending":
-        return ExternalTaskPending(**base, task_id=p.task.task_id, call=_call(p.task.call))
+        return ExternalTaskPending(**base, task_id=p.task.task_id, call=_call(p.task.call),
+                                   task=ExternalTask.from_proto(p.task))
     if kind == "external_task_completed":
         return ExternalTaskCompleted(**base, task_id=p.task_id, call_id=p.call_id,
                                      result=ToolResult.from_proto(p.result), client_id=p.client_id)

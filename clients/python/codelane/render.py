@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 from typing import Any, TextIO
 
 from codelane import events as ev
@@ -74,3 +76,57 @@ class PlainRenderer:
                     f"{event.tool_calls} tool call(s), tokens in {event.usage.input_tokens} "
                     f"out {event.usage.output_tokens}")
         return f"{head} {event.kind}"
+
+
+class EventView:
+    """Where a command's events go: "json" lines, "plain" lines, or the "live" view (rich).
+    `choose()` picks from the usual --json/--plain/--live flags: live on a terminal by default."""
+
+    def __init__(self, mode: str, out: TextIO | None = None) -> None:
+        if mode not in ("json", "plain", "live"):
+            raise ValueError(f"unknown view {mode!r}: json, plain or live")
+        self.mode = mode
+        self._out = out or sys.stdout
+        self.plain = PlainRenderer(self._out)
+        self.live = None
+        if mode == "live":
+            from rich.console import Console
+
+            from codelane.live import LiveRenderer
+
+            self.live = LiveRenderer(Console(file=self._out))
+
+    @classmethod
+    def choose(cls, *, json: bool = False, plain: bool = False, live: bool = False) -> EventView:
+        if json:
+            return cls("json")
+        if live or (not plain and sys.stdout.isatty()):
+            return cls("live")
+        return cls("plain")
+
+    def note(self, text: str) -> None:
+        """A line about the run (not an event); JSON output carries events only."""
+        if self.mode == "json":
+            return
+        if self.live is not None:
+            self.live.console.print(text, style="dim", highlight=False, markup=False)
+        else:
+            self._out.write(text + "\n")
+            self._out.flush()
+
+    def show(self, event: ev.Event | ev.CaughtUp) -> None:
+        if self.mode == "json":
+            self._out.write(event_json(event) + "\n")
+            self._out.flush()
+        elif self.live is not None:
+            self.live.show(event)
+        else:
+            self.plain.show(event)
+
+    def running(self) -> contextlib.AbstractContextManager[Any]:
+        """The context in which events are shown (the live area runs in it)."""
+        return self.live if self.live is not None else contextlib.nullcontext()
+
+    def paused(self) -> contextlib.AbstractContextManager[Any]:
+        """A context without the live area, e.g. to ask a question on the terminal."""
+        return self.live.pause() if self.live is not None else contextlib.nullcontext()

@@ -39,19 +39,35 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    """Gives unary calls made without a timeout this one, so a silent server cannot hang a client.
+    Streams are left alone: a turn or a watch may rightly run for hours."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        if client_call_details.timeout is None:
+            client_call_details = client_call_details._replace(timeout=self.seconds)
+        return await continuation(client_call_details, request)
+
+
 def create_channel(
     address: str,
     *,
     tls_ca: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
+    unary_timeout: float | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel: TLS when a CA is given (mTLS when a client cert and key are too)."""
+    """An asyncio channel: TLS when a CA is given (mTLS when a client cert and key are too).
+    `unary_timeout` is the deadline of unary calls that do not set their own (None: no deadline)."""
+    interceptors = [DefaultDeadline(unary_timeout)] if unary_timeout is not None else None
     if tls_ca is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(tls_ca).read_bytes(),
         private_key=Path(tls_key).read_bytes() if tls_key else None,
         certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
     )
-    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)

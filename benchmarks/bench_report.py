@@ -1,0 +1,357 @@
+"""Figures, targets, and the three outputs of `codelane bench`: JSON, a markdown table, a PNG plot.
+
+Definitions (also in docs/performance.md):
+- wall: the median over runs of the tool phase (see bench_codelane / bench_peers);
+- speedup: wall of `sequential` / wall of the mode;
+- ideal: for R, ceil(N / slots) x service time; for L, H and M, the calls' run times measured in
+  `sequential` (alone on the machine), divided perfectly over min(slots, cores), Query runs in
+  parallel and Execute calls one at a time, in model order: the best this machine could do if
+  the work split perfectly and cost nothing to dispatch;
+- efficiency: ideal / wall;
+- queue wait/call: mean time a call waited for a free slot (ToolCallFinished.queue_wait);
+- transport/call: median of (finished - started - run_time): the dispatch round trip;
+- added/call: (wall - the makespan of the run's own measured run times list-scheduled on the
+  mode's slots) / N: the wall time the runtime added, per call, beyond running the tools.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+L_RATIO_TARGET = 1.05
+R_SPEEDUP_TARGET = 7.0
+R_TARGET_SLOTS = 8
+H_SPEEDUP_TARGET = 1.6
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def makespan(times: Sequence[float], slots: int) -> float:
+    """Greedy list scheduling of `times`, in order, on `slots` parallel slots."""
+    if not times:
+        return 0.0
+    free = [0.0] * max(1, min(slots, len(times)))
+    for t in times:
+        heapq.heappush(free, heapq.heappop(free) + t)
+    return max(free)
+
+
+def segmented(times: Sequence[float], lanes: Sequence[str], slots: int) -> float:
+    """Makespan with codelane's rule: runs of Query calls in parallel, Execute calls alone."""
+    total, run = 0.0, []
+    for t, lane in zip(times, lanes, strict=False):
+        if lane == "execute":
+            total += makespan(run, slots) + t
+            run = []
+        else:
+            run.append(t)
+    return total + makespan(run, slots)
+
+
+def ideal_wall(
+    workload: dict[str, Any], slots: int, cores: int, sequential_times: Sequence[float] | None
+) -> float | None:
+    n = workload["calls"]
+    if workload["kind"] == "wait":
+        return math.ceil(n / max(1, slots)) * workload["service_time"]
+    if not sequential_times:
+        return None
+    width = max(1, min(slots, cores))
+    total, run = 0.0, []
+    for t, lane in zip(sequential_times, workload["lanes"], strict=False):
+        if lane == "execute":
+            total += _perfect(run, width) + t
+            run = []
+        else:
+            run.append(t)
+    return total + _perfect(run, width)
+
+
+def _perfect(times: Sequence[float], width: int) -> float:
+    return max(max(times), sum(times) / width) if times else 0.0
+
+
+def summarize_entry(
+    runs: list[dict[str, Any]], workload: dict[str, Any], slots: int, lanes_known: bool
+) -> dict[str, Any]:
+    """The figures of one (workload, mode or peer) from its runs."""
+    walls = [r["wall"] for r in runs]
+    turns = [r["turn_wall"] for r in runs if r.get("turn_wall") is not None]
+    queue = [q for r in runs for q in r["queue_waits"]]
+    transports = [t for r in runs if r.get("transports") is not None for t in r["transports"]]
+    added = []
+    for r in runs:
+        if not r["calls"]:
+            continue
+        lanes = workload["lanes"] if lanes_known else ["query"] * len(r["run_times"])
+        added.append((r["wall"] - segmented(r["run_times"], lanes, slots)) / r["calls"])
+    signatures = sorted({r["signature"] for r in runs})
+    order = [r["order_ok"] for r in runs if r["order_ok"] is not None]
+    return {
+        "runs": len(runs),
+        "slots": slots,
+        "median_wall": _median(walls),
+        "min_wall": min(walls) if walls else None,
+        "max_wall": max(walls) if walls else None,
+        "median_turn_wall": _median(turns),
+        "queue_wait_per_call": statistics.fmean(queue) if queue else None,
+        # What a benchmark that sums queue waits and calls it "overhead" would report, per run.
+        "summed_queue_wait_per_run": sum(queue) / len(runs) if runs else None,
+        "transport_per_call": _median(transports),
+        "added_per_call": _median(added),
+        "median_run_time": _median([t for r in runs for t in r["run_times"]]),
+        "signatures": signatures,
+        "same_calls": signatures == [workload["signature"]] and all(r["calls"] == workload["calls"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "order_ok_runs": sum(order) if order else None,
+        "order_checked_runs": len(order) if order else None,
+        "problems": sorted({p for r in runs for p in r["problems"]})[:10],
+    }
+
+
+def finish_workload(entries: dict[str, dict[str, Any]], workload: dict[str, Any], cores: int) -> None:
+    """Adds speedup, ideal and efficiency to every entry, against `sequential`."""
+    sequential = entries.get("sequential")
+    seq_wall = sequential["median_wall"] if sequential else None
+    seq_turn = sequential["median_turn_wall"] if sequential else None
+    seq_times = None
+    if sequential and sequential["per_call_run_time"]:
+        seq_times = sequential["per_call_run_time"]
+    for entry in entries.values():
+        wall = entry["median_wall"]
+        entry["speedup"] = seq_wall / wall if seq_wall and wall else None
+        turn = entry["median_turn_wall"]
+        entry["turn_speedup"] = seq_turn / turn if seq_turn and turn else None
+        ideal = ideal_wall(workload, entry["slots"], cores, seq_times)
+        entry["ideal_wall"] = ideal
+        entry["efficiency"] = ideal / wall if ideal and wall else None
+
+
+def per_call_medians(runs: list[dict[str, Any]], calls: int) -> list[float] | None:
+    """Median run time of each call (by position), over runs that ran every call."""
+    complete = [r["run_times"] for r in runs if len(r["run_times"]) == calls]
+    if not complete:
+        return None
+    return [statistics.median(times[i] for times in complete) for i in range(calls)]
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+    workloads = report["workloads"]
+    codelane_modes = [m["name"] for m in report["config"]["modes"]]
+    parallel = [m for m in codelane_modes if m != "sequential"]
+
+    def entry(key: str, name: str) -> dict[str, Any] | None:
+        return workloads.get(key, {}).get("results", {}).get(name)
+
+    if "L" in workloads and parallel:
+        ratios = {m: 1 / e["speedup"] for m in parallel if (e := entry("L", m)) and e["speedup"]}
+        if ratios:
+            worst = max(ratios, key=ratios.__getitem__)
+            best = min(ratios, key=ratios.__getitem__)
+            targets.append({
+                "target": f"L: parallel / sequential wall <= {L_RATIO_TARGET}",
+                "value": ratios,
+                "summary": f"worst {worst} {ratios[worst]:.2f}, best {best} {ratios[best]:.2f}",
+                "met": ratios[worst] <= L_RATIO_TARGET,
+            })
+    if "R" in workloads:
+        eight = [m["name"] for m in report["config"]["modes"]
+                 if m["workers"] and m["concurrency"] == R_TARGET_SLOTS]
+        speedups = {m: e["speedup"] for m in eight if (e := entry("R", m)) and e["speedup"]}
+        if speedups:
+            best = max(speedups, key=speedups.__getitem__)
+            targets.append({
+                "target": f"R with {R_TARGET_SLOTS} worker slots: >= {R_SPEEDUP_TARGET:g}x faster than sequential",
+                "value": speedups,
+                "summary": f"{best}: {speedups[best]:.2f}x",
+                "met": speedups[best] >= R_SPEEDUP_TARGET,
+            })
+        else:
+            targets.append({"target": f"R with {R_TARGET_SLOTS} worker slots", "value": None,
+                            "summary": f"no mode with {R_TARGET_SLOTS} worker slots ran", "met": None})
+    if "H" in workloads and parallel:
+        speedups = {m: e["speedup"] for m in parallel if (e := entry("H", m)) and e["speedup"]}
+        if speedups:
+            best = max(speedups, key=speedups.__getitem__)
+            targets.append({
+                "target": f"H: >= {H_SPEEDUP_TARGET:g}x with {report['meta']['cpus']} cores",
+                "value": speedups,
+                "summary": f"best {best}: {speedups[best]:.2f}x",
+                "met": speedups[best] >= H_SPEEDUP_TARGET,
+            })
+    peers = [p for p, info in report["peers"].items() if info.get("measured")]
+    for key, data in workloads.items():
+        results = data["results"]
+        mine = {m: results[m]["median_wall"] for m in codelane_modes if m in results and results[m]["median_wall"]}
+        if not mine or not peers:
+            continue
+        best = min(mine, key=mine.__getitem__)
+        theirs = {p: results[p]["median_wall"] for p in peers if p in results and results[p]["median_wall"]}
+        if not theirs:
+            continue
+        slower_than = {p: w for p, w in theirs.items() if mine[best] > w}
+        targets.append({
+            "target": f"{key}: codelane at or under every peer's wall time",
+            "value": {"codelane_best_mode": best, "codelane_wall": mine[best], "peers": theirs},
+            "summary": f"codelane {best} {mine[best] * 1000:.1f} ms vs "
+            + ", ".join(f"{p} {w * 1000:.1f} ms" for p, w in theirs.items()),
+            "met": not slower_than,
+        })
+    return targets
+
+
+# -- markdown ----------------------------------------------------------------------------------
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * 1000:.{digits}f}"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta, config = report["meta"], report["config"]
+    lines = [
+        f"## codelane bench ({'quick' if config['quick'] else 'full'} run, {meta['started']})",
+        "",
+        f"{meta['cpus']} cores, Python {meta['python']}, {meta['platform']}; load average "
+        f"{meta['load_before']} before, {meta['load_after']} after. {config['repeat']} measured runs per "
+        f"workload and mode after {config['warmup']} warm-up, interleaved (round-robin, rotating order). "
+        f"Workers have {config['slots']} slot(s) each; parallel modes use query_concurrency="
+        f"{config['query_concurrency']}. Mock LLM: {config['llm_latency'] * 1000:g} ms before each response, "
+        "2 responses per turn.",
+        "",
+    ]
+    for key, data in report["workloads"].items():
+        tree = data.get("tree") or {}
+        where = f" ({tree['files']} files, {tree['mb']} MB)" if tree else ""
+        lines += [
+            f"### {key} ({data['title']}): {data['description']}{where}",
+            "",
+            "| mode | slots | wall ms | turn ms | speedup | ideal ms | efficiency | queue wait/call ms "
+            "| transport/call ms | added/call ms | same calls | errors | read-after-write |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        ]
+        for name, e in data["results"].items():
+            label = name if e["kind"] == "codelane" else f"peer: {name}"
+            order = "-" if e["order_checked_runs"] is None else f"{e['order_ok_runs']}/{e['order_checked_runs']}"
+            lines.append(
+                f"| {label} | {e['slots']} | {_ms(e['median_wall'])} | {_ms(e['median_turn_wall'], 0)} "
+                f"| {_x(e['speedup'])} | {_ms(e['ideal_wall'])} | {_pct(e['efficiency'])} "
+                f"| {_ms(e['queue_wait_per_call'], 2)} | {_ms(e['transport_per_call'], 2)} "
+                f"| {_ms(e['added_per_call'], 2)} | {'yes' if e['same_calls'] else 'NO'} | {e['errors']} | {order} |"
+            )
+        lines.append("")
+    r_data = report["workloads"].get("R")
+    if r_data:
+        lines += [
+            "### Queue wait is not overhead (R)",
+            "",
+            "Summing every call's queue wait, as a benchmark blaming \"queue overhead\" would, against what the "
+            "runtime actually added:",
+            "",
+            "| mode | wall s | summed queue wait per run s | transport/call ms | added/call ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, e in r_data["results"].items():
+            if e["kind"] != "codelane":
+                continue
+            summed = e["summed_queue_wait_per_run"]
+            lines.append(
+                f"| {name} | {_s(e['median_wall'])} | {_s(summed)} | {_ms(e['transport_per_call'], 2)} "
+                f"| {_ms(e['added_per_call'], 2)} |"
+            )
+        lines.append("")
+    unavailable = {p: i for p, i in report["peers"].items() if not i.get("measured")}
+    if unavailable:
+        lines.append("Peers not measured: " + "; ".join(f"{p}: {i.get('reason', '?')}" for p, i in unavailable.items()))
+        lines.append("")
+    if report["targets"]:
+        lines += ["### Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+        for t in report["targets"]:
+            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['target']} | {t['summary']} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- plot --------------------------------------------------------------------------------------
+
+
+def plot(report: dict[str, Any], path: str) -> str | None:
+    """Speedup against sequential by number of workers, one line per workload. Returns an error
+    text instead of raising when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
+    config, cores = report["config"], report["meta"]["cpus"]
+    workers = sorted(m["workers"] for m in config["modes"] if m["workers"])
+    fig, ax = plt.subplots(figsize=(8.6, 4.8), dpi=110)
+    local_x = 0.5
+    markers = {"L": "o", "H": "s", "R": "^", "M": "D"}
+    top = 2.0
+    lows: list[float] = []
+    for key, data in report["workloads"].items():
+        results = data["results"]
+        xs = [n for n in workers if f"workers-{n}" in results]
+        ys = [results[f"workers-{n}"]["speedup"] or 0 for n in xs]
+        (line,) = ax.plot(xs, ys, marker=markers.get(key, "o"), label=f"{key} ({data['title']})")
+        local = results.get("parallel-local")
+        if local and local["speedup"]:
+            ax.plot([local_x], [local["speedup"]], marker=markers.get(key, "o"), color=line.get_color(),
+                    fillstyle="none", linestyle="none")
+            ax.annotate(f"{local['speedup']:.2f}", (local_x, local["speedup"]), textcoords="offset points",
+                        xytext=(8, -3), fontsize=7, color=line.get_color())
+            top = max(top, local["speedup"])
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                        color=line.get_color())
+        top = max(top, *ys) if ys else top
+        lows += ys + ([local["speedup"]] if local and local["speedup"] else [])
+    if workers:
+        slots = config["slots"]
+        r_calls = report["workloads"].get("R", {}).get("calls", 16)
+        ax.plot(workers, [min(n * slots, r_calls) for n in workers], "k--", linewidth=0.8,
+                label="ideal for R (slots)")
+    ax.axhline(cores, color="grey", linestyle=":", linewidth=0.8, label=f"{cores} cores")
+    ax.axhline(1, color="grey", linewidth=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ticks = [local_x, *workers]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["in-process\n(hollow)", *[str(n) for n in workers]])
+    lowest = min([0.5, *(v for v in lows if v > 0)])
+    yticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if lowest / 2 <= t <= max(2 * top, 2)]
+    ax.set_yticks(yticks)
+    ax.set_yticklabels([f"{t:g}x" for t in yticks])
+    ax.set_ylim(max(lowest * 0.8, min(yticks)), max(2 * top, 2))
+    ax.set_xlabel(f"tool-worker processes ({config['slots']} slot{'s' if config['slots'] > 1 else ''} each)")
+    ax.set_ylabel("speedup vs sequential (tool phase)")
+    ax.set_title(f"codelane bench: speedup against workers ({cores} cores, median of {config['repeat']} runs)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None

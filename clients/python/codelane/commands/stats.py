@@ -1,0 +1,47 @@
+"""`codelane stats`: per lane, the calls pending, running, completed and failed, and their latency.
+
+    codelane stats [--server ADDR] [--token T] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from codelane.commands.common import add_server_options, add_token_option, connect, print_table, run_command
+
+PROG = "codelane stats"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Show the lanes' queue statistics.")
+    add_server_options(p)
+    add_token_option(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per lane (latencies in seconds)")
+    return p
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms"
+
+
+async def show_stats(args: argparse.Namespace) -> int:
+    async with connect(args.server, args.token) as client:
+        lanes = await client.queue_stats()
+    if args.json:
+        for lane in lanes:
+            print(json.dumps(dataclasses.asdict(lane)))
+        return 0
+    rows = [
+        (s.lane, str(s.pending), str(s.active), str(s.completed), str(s.failed), _ms(s.p50), _ms(s.p90), _ms(s.p99))
+        for s in lanes
+    ]
+    print_table(("LANE", "PENDING", "ACTIVE", "COMPLETED", "FAILED", "P50", "P90", "P99"), rows,
+                empty="no lanes reported")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, args.server, lambda: show_stats(args))

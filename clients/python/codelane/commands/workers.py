@@ -1,0 +1,57 @@
+"""`codelane workers`: the tool workers connected to the server, and which workspaces each can serve.
+
+    codelane workers [--server ADDR] [--token T] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from codelane.client import WorkerInfo
+from codelane.commands.common import add_server_options, add_token_option, connect, print_table, run_command
+
+PROG = "codelane workers"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="List the connected tool workers.")
+    add_server_options(p)
+    add_token_option(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per worker, for scripts")
+    return p
+
+
+def workspaces_cell(worker: WorkerInfo) -> str:
+    """Each workspace the server asked about: visible, or not and why."""
+    if not worker.workspaces:
+        return "-"
+    parts = []
+    for path, (visible, reason) in sorted(worker.workspaces.items()):
+        verdict = "visible" if visible else "not visible"
+        parts.append(f"{path}: {verdict}" + (f" ({reason})" if reason and not visible else ""))
+    return "; ".join(parts)
+
+
+async def list_workers(args: argparse.Namespace) -> int:
+    async with connect(args.server, args.token) as client:
+        workers = await client.list_workers()
+    if args.json:
+        for worker in workers:
+            print(json.dumps(dataclasses.asdict(worker), ensure_ascii=False))
+        return 0
+    rows = [
+        (w.worker_id, w.hostname or "-", ",".join(f"{k}={v}" for k, v in sorted(w.labels.items())) or "-",
+         ",".join(w.tools) or "-", str(w.slots), str(w.in_flight), "draining" if w.draining else "ready",
+         workspaces_cell(w))
+        for w in workers
+    ]
+    print_table(("ID", "HOST", "LABELS", "TOOLS", "SLOTS", "IN-FLIGHT", "STATE", "WORKSPACES"), rows,
+                empty=f"no workers connected to {args.server}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, args.server, lambda: list_workers(args))

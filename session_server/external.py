@@ -1,0 +1,277 @@
+"""External tasks: tool calls that clients claim, run in their own environment, and complete.
+
+Domain logic, no grpc. A call of a lane in EXTERNAL mode is offered here (`run`), and its turn
+waits until one of these ends it:
+- a client that holds the task's lease completes it (`complete`): its result is the call's;
+- the task's overall deadline passes: a TIMEOUT result;
+- the turn is cancelled (or the session deleted): the task is withdrawn, the call is CANCELLED.
+Each end emits one ExternalTaskCompleted event (client_id empty unless a client completed it).
+
+A claim (`claim`) leases a task to one client for `lease` seconds. A lease that expires before
+the task is completed re-offers the task with the next attempt number (and a new
+ExternalTaskPending event); the former holder can no longer complete it.
+
+Structures: every live task is in `_tasks` (by task id) and in `_by_session` (by session, in
+offer order, which is the order claims hand tasks out). Long-polling claims wait on futures in
+`_waiters`. `run` removes its task in a `finally`, so no task outlives the call awaiting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from session_server.events import (
+    CallInfo,
+    EventPayload,
+    ExternalTaskCompleted,
+    ExternalTaskInfo,
+    ExternalTaskPending,
+    ToolCallStarted,
+)
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXTERNAL_TASK_TIMEOUT = 600.0
+DEFAULT_LEASE = 30.0
+MIN_LEASE = 0.01
+MAX_LEASE = 3600.0
+# A claim's long-poll is bounded so that proxies and load balancers never see an idle call.
+MAX_CLAIM_WAIT = 60.0
+MAX_CLAIM_TASKS = 100
+
+
+class TaskNotFound(LookupError):
+    def __init__(self, session_id: str, task_id: str) -> None:
+        super().__init__(
+            f"no external task {task_id!r} in session {session_id}: it never existed, was completed, timed out, "
+            "or its turn was cancelled"
+        )
+        self.session_id = session_id
+        self.task_id = task_id
+
+
+class LeaseNotHeld(Exception):
+    """The client completing a task does not hold its lease (never claimed, expired, or another's)."""
+
+    def __init__(self, task_id: str, client_id: str, why: str) -> None:
+        super().__init__(f"client {client_id!r} does not hold the lease of task {task_id}: {why}")
+        self.task_id = task_id
+        self.client_id = client_id
+
+
+@dataclass(frozen=True)
+class ExternalOutcome:
+    """How an external task ended; `claimed_at` (perf_counter) is when its last lease began."""
+
+    result: ToolResult
+    claimed_at: float | None
+
+
+@dataclass
+class _Task:
+    info: ExternalTaskInfo
+    emit: Callable[[EventPayload], None]
+    future: asyncio.Future[ExternalOutcome]
+    client_id: str | None = None
+    claimed_at: float | None = None
+    lease_timer: asyncio.TimerHandle | None = None
+
+
+class ExternalTasks:
+    """Every external task of the server, by session. `clock` gives epoch seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._tasks: dict[str, _Task] = {}
+        self._by_session: dict[str, dict[str, _Task]] = {}
+        # Long-polling claims, by session: woken with False when a task becomes claimable, True when
+        # the session is closed.
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def pending(self, session_id: str) -> list[ExternalTaskInfo]:
+        """The live tasks of a session (claimed or not), in offer order."""
+        return [task.info for task in self._by_session.get(session_id, {}).values()]
+
+    async def run(
+        self,
+        session_id: str,
+        call: CallInfo,
+        workspace: str,
+        lifetime: float,
+        emit: Callable[[EventPayload], None],
+    ) -> ExternalOutcome:
+        """Offers `call` as a task and waits for its end; `lifetime` seconds is its overall deadline."""
+        info = self._new_info(session_id, call, workspace, lifetime)
+        task = _Task(info, emit, asyncio.get_running_loop().create_future())
+        self._tasks[info.task_id] = task
+        self._by_session.setdefault(session_id, {})[info.task_id] = task
+        try:
+            emit(ExternalTaskPending(info))
+            self._wake(session_id)
+            await asyncio.wait({task.future}, timeout=lifetime)
+            if task.future.done():
+                return task.future.result()
+            result = ToolResult.error(
+                ErrorKind.TIMEOUT,
+                f"{call.tool_name} was offered to clients as an external task, but none completed it within "
+                f"{lifetime:g}s ({task.info.attempt} claim attempt(s)); check that a client claims this session's "
+                "tasks (ClaimExternalTasks), or raise config.queue.external_task_timeout",
+                attempt=task.info.attempt,
+            )
+            self._end(task, result, "")
+            return ExternalOutcome(result, task.claimed_at)
+        finally:
+            if info.task_id in self._tasks:
+                self._end(task, replace(_withdrawn(call), attempt=task.info.attempt), "")
+
+    async def mirror(
+        self,
+        session_id: str,
+        call: CallInfo,
+        workspace: str,
+        lifetime: float,
+        emit: Callable[[EventPayload], None],
+        run: Callable[[], Awaitable[ToolResult]],
+    ) -> ToolResult:
+        """HYBRID mode: `run()` does the call here, announced by ExternalTaskPending and
+        ExternalTaskCompleted events (client_id: the worker that ran it). Nobody can claim it."""
+        info = self._new_info(session_id, call, workspace, lifetime)
+        emit(ExternalTaskPending(info))
+        try:
+            result = await run()
+        except asyncio.CancelledError:
+            emit(ExternalTaskCompleted(info.task_id, call.call_id, _withdrawn(call), ""))
+            raise
+        emit(ExternalTaskCompleted(info.task_id, call.call_id, result, result.worker_id))
+        return result
+
+    async def claim(
+        self, session_id: str, client_id: str, max_tasks: int, lease: float, wait: float
+    ) -> list[ExternalTaskInfo]:
+        """Leases up to `max_tasks` unclaimed tasks of a session to `client_id`, oldest first.
+
+        When none is unclaimed, waits up to `wait` seconds for one; returns [] if none comes.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait
+        while True:
+            free = [t for t in self._by_session.get(session_id, {}).values() if t.client_id is None]
+            if free:
+                return [self._lease(task, client_id, lease) for task in free[:max_tasks]]
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return []
+            waiter: asyncio.Future[bool] = loop.create_future()
+            waiters = self._waiters.setdefault(session_id, set())
+            waiters.add(waiter)
+            try:
+                await asyncio.wait({waiter}, timeout=remaining)
+            finally:
+                waiters.discard(waiter)
+                if not waiters and self._waiters.get(session_id) is waiters:
+                    del self._waiters[session_id]
+            if waiter.done() and waiter.result():
+                return []  # the session was closed
+
+    def complete(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
+        """Ends a task with a client's result. Raises TaskNotFound or LeaseNotHeld."""
+        task = self._tasks.get(task_id)
+        if task is None or task.info.session_id != session_id:
+            raise TaskNotFound(session_id, task_id)
+        if task.client_id is None:
+            raise LeaseNotHeld(task_id, client_id, "the task is not claimed (or its lease expired): claim it first")
+        if task.client_id != client_id:
+            raise LeaseNotHeld(task_id, client_id, "another client holds it")
+        expire = task.info.lease_expire_time
+        if expire is not None and self._clock() >= expire:
+            raise LeaseNotHeld(task_id, client_id, "the lease expired; the task is offered again")
+        # The client cannot know how long the call queued here; run_time is its own measure.
+        result = replace(result, worker_id=result.worker_id or client_id, attempt=task.info.attempt, queue_wait=0.0)
+        self._end(task, result, client_id)
+
+    def close_session(self, session_id: str) -> None:
+        """Withdraws whatever a session still has (its turn should have done so) and ends its claims."""
+        for task in list(self._by_session.get(session_id, {}).values()):
+            self._remove(task)
+            task.future.cancel()
+        for waiter in self._waiters.get(session_id, set()):
+            if not waiter.done():
+                waiter.set_result(True)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _new_info(self, session_id: str, call: CallInfo, workspace: str, lifetime: float) -> ExternalTaskInfo:
+        return ExternalTaskInfo(
+            task_id=f"task_{uuid.uuid4().hex[:16]}",
+            session_id=session_id,
+            call=call,
+            lane=call.lane,
+            attempt=1,
+            lease_expire_time=None,
+            deadline=self._clock() + lifetime,
+            workspace=workspace,
+        )
+
+    def _lease(self, task: _Task, client_id: str, lease: float) -> ExternalTaskInfo:
+        task.client_id = client_id
+        task.claimed_at = time.perf_counter()
+        task.info = replace(task.info, lease_expire_time=self._clock() + lease)
+        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
+        self._emit(task, ToolCallStarted(task.info.call, task.info.lane, client_id, task.info.attempt))
+        return task.info
+
+    def _expire(self, task: _Task, attempt: int) -> None:
+        if self._tasks.get(task.info.task_id) is not task or task.info.attempt != attempt:
+            return
+        task.client_id = None
+        task.claimed_at = None
+        task.lease_timer = None
+        task.info = replace(task.info, attempt=attempt + 1, lease_expire_time=None)
+        self._emit(task, ExternalTaskPending(task.info))
+        self._wake(task.info.session_id)
+
+    def _end(self, task: _Task, result: ToolResult, client_id: str) -> None:
+        self._remove(task)
+        self._emit(task, ExternalTaskCompleted(task.info.task_id, task.info.call.call_id, result, client_id))
+        if not task.future.done():
+            task.future.set_result(ExternalOutcome(result, task.claimed_at))
+
+    def _remove(self, task: _Task) -> None:
+        task_id, session_id = task.info.task_id, task.info.session_id
+        self._tasks.pop(task_id, None)
+        tasks = self._by_session.get(session_id)
+        if tasks is not None:
+            tasks.pop(task_id, None)
+            if not tasks:
+                del self._by_session[session_id]
+        if task.lease_timer is not None:
+            task.lease_timer.cancel()
+            task.lease_timer = None
+
+    def _wake(self, session_id: str) -> None:
+        for waiter in self._waiters.get(session_id, set()):
+            if not waiter.done():
+                waiter.set_result(False)
+
+    @staticmethod
+    def _emit(task: _Task, payload: EventPayload) -> None:
+        try:
+            task.emit(payload)
+        except Exception:
+            # A broken event sink must not strand the task: its call still gets its result.
+            log.exception("external task %s: emitting %s failed", task.info.task_id, type(payload).__name__)
+
+
+def _withdrawn(call: CallInfo) -> ToolResult:
+    return ToolResult.error(
+        ErrorKind.CANCELLED, f"{call.tool_name} was cancelled with its turn (CancelTurn, or the session was deleted)"
+    )

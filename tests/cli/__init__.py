@@ -1,0 +1,1 @@
+"""Tests of the codelane CLI and the sync SDK against real servers."""

@@ -1,0 +1,129 @@
+"""`codelane sessions`, `workers`, `stats`, `drain`, and how every client command reports errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from codelane.sync import Client
+from tests.cli.conftest import ThreadedServer, cli, cli_env, json_lines
+
+
+def _table(text: str) -> tuple[list[str], list[list[str]]]:
+    """A plain (piped) table: its header cells and its rows' cells."""
+    lines = [line.split() for line in text.splitlines()]
+    return lines[0], lines[1:]
+
+
+def test_sessions_lists_newest_first(server: ThreadedServer, workspace: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with Client(server.address, timeout=10) as client:
+        first = client.create_session(workspace)
+        turn = list(first.send("fix it"))
+        second = client.create_session(other, labels={"team": "x"})
+    out = cli("sessions", "--server", server.address)
+    assert out.returncode == 0, out.stderr
+    header, rows = _table(out.stdout)
+    assert header == ["ID", "WORKSPACE", "MODEL", "STATE", "EVENTS", "MESSAGES", "CREATED"]
+    assert [r[0] for r in rows] == [second.id, first.id]
+    assert rows[1][1:6] == [str(workspace), first.info.model, "idle", str(turn[-1].sequence), "9"]
+    assert rows[0][1:6] == [str(other), second.info.model, "idle", "0", "0"]
+    assert len(rows[0]) == 8  # CREATED is a date and a time
+
+    limited = cli("sessions", "--server", server.address, "--limit", "1", "--json")
+    assert limited.returncode == 0, limited.stderr
+    [only] = json_lines(limited.stdout)
+    assert only["session_id"] == second.id and only["labels"] == {"team": "x"}
+
+
+def test_sessions_on_an_empty_server(server: ThreadedServer) -> None:
+    out = cli("sessions", "--server", server.address)
+    assert out.returncode == 0 and out.stdout == f"no sessions on {server.address}\n"
+
+
+def test_server_and_token_come_from_the_environment(make_server, workspace: Path) -> None:
+    server = make_server(token="sekrit")
+    refused = cli("sessions", env=cli_env(CODELANE_SERVER=server.address))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(f"codelane sessions: the server at {server.address} refused the token")
+    assert "UNAUTHENTICATED" in refused.stderr and "--token" in refused.stderr
+    assert cli("sessions", "--token", "sekrit", env=cli_env(CODELANE_SERVER=server.address)).returncode == 0
+    ok = cli("sessions", env=cli_env(CODELANE_SERVER=server.address, CODELANE_TOKEN="sekrit"))
+    assert ok.returncode == 0 and ok.stdout.startswith("no sessions"), ok.stderr
+
+
+def test_workers_stats_and_drain(make_server, workspace: Path) -> None:
+    server = make_server(local_workers=2)
+    with Client(server.address, timeout=10) as client:
+        turn = list(client.create_session(workspace).send("fix it"))
+    assert turn[-1].stop_reason == "end_turn"
+
+    out = cli("workers", "--server", server.address)
+    assert out.returncode == 0, out.stderr
+    header, rows = _table(out.stdout)
+    assert header == ["ID", "HOST", "LABELS", "TOOLS", "SLOTS", "IN-FLIGHT", "STATE", "WORKSPACES"]
+    assert sorted(r[0] for r in rows) == ["local-1", "local-2"]
+    for row in rows:
+        assert row[2] == "-" and "read" in row[3].split(",") and "bash" not in row[3].split(",")
+        assert row[4:7] == ["4", "0", "ready"]
+        assert row[7:] == [f"{workspace}:", "visible"]
+    as_json = json_lines(cli("workers", "--server", server.address, "--json").stdout)
+    assert {w["worker_id"] for w in as_json} == {"local-1", "local-2"}
+
+    stats = cli("stats", "--server", server.address)
+    assert stats.returncode == 0, stats.stderr
+    header, rows = _table(stats.stdout)
+    assert header == ["LANE", "PENDING", "ACTIVE", "COMPLETED", "FAILED", "P50", "P90", "P99"]
+    by_lane = {r[0]: r for r in rows}
+    assert by_lane["query"][1:5] == ["0", "0", "3", "1"]  # the read of a missing file failed
+    assert by_lane["execute"][1:5] == ["0", "0", "1", "0"]
+    assert by_lane["generate"][1:5] == ["0", "0", "3", "0"]
+    assert all(cell.endswith("ms") for cell in by_lane["query"][5:])
+    lanes = json_lines(cli("stats", "--server", server.address, "--json").stdout)
+    assert {lane["lane"] for lane in lanes} == {"query", "execute", "generate"}
+
+    drained = cli("drain", "--server", server.address, "--reason", "maintenance", "local-2")
+    assert drained.returncode == 0, drained.stderr
+    assert drained.stdout.startswith("worker local-2 is draining")
+    deadline = time.monotonic() + 20
+    while True:  # an idle worker drains at once: it says so, then disconnects
+        rows = json_lines(cli("workers", "--server", server.address, "--json").stdout)
+        states = {w["worker_id"]: w["draining"] for w in rows}
+        if states.get("local-2", True) and states.get("local-1") is False:
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)
+
+    unknown = cli("drain", "--server", server.address, "nobody")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.startswith("codelane drain: NOT_FOUND: ") and "nobody" in unknown.stderr
+    assert unknown.stderr.count("\n") == 1
+
+
+def test_workers_on_a_server_without_workers(server: ThreadedServer) -> None:
+    out = cli("workers", "--server", server.address)
+    assert out.returncode == 0 and out.stdout == f"no workers connected to {server.address}\n"
+
+
+@pytest.mark.parametrize("command", [
+    ["sessions"], ["workers"], ["stats"], ["drain", "local-1"], ["watch", "s_1"],
+    ["run", "--workspace", ".", "hi"],
+])  # fmt: skip
+def test_unreachable_server_is_one_line_and_exit_1(command: list[str], unused_port: int) -> None:
+    address = f"127.0.0.1:{unused_port}"
+    out = cli(command[0], "--server", address, *command[1:], timeout=30)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane {command[0]}: cannot reach the server at {address} (UNAVAILABLE): "
+                          "is `codelane server` running?\n")
+
+
+def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> None:
+    with Client(server.address, timeout=10) as client:
+        client.create_session(workspace)
+    out = cli("sessions", "--server", server.address, "--json")
+    [info] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert info["workspace"] == str(workspace) and info["state"] == "idle"

@@ -1,0 +1,208 @@
+"""`codelane run`: --json, --plain, the live view off a terminal, Ctrl-C, and errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from codelane import events as ev
+from codelane.sync import Client
+from tests.cli.conftest import CLI_TIMEOUT, ThreadedServer, call, cli, cli_env, json_lines, write_script
+
+
+def test_run_json_is_one_event_per_line_in_order(server: ThreadedServer, workspace: Path) -> None:
+    out = cli("run", "--server", server.address, "--workspace", str(workspace), "--json", "fix it")
+    assert out.returncode == 0, out.stderr
+    events = json_lines(out.stdout)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "turn_started" and kinds[-1] == "turn_finished"
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["stop_reason"] == "end_turn"
+    assert kinds.count("tool_call_started") == kinds.count("tool_call_finished") == 5
+    assert kinds.count("model_responded") == 3
+    # Each call starts before it finishes, and every call of a step ends before the step's response.
+    for call_id in ("c_grep", "c_read", "c_missing", "c_edit", "c_reread"):
+        started = next(i for i, e in enumerate(events) if e["kind"] == "tool_call_started"
+                       and e["call"]["call_id"] == call_id)
+        finished = next(i for i, e in enumerate(events) if e.get("call_id") == call_id)
+        assert started < finished
+    first_response = kinds.index("model_responded")
+    assert {e["call_id"] for e in events[:first_response] if e["kind"] == "tool_call_finished"} == {
+        "c_grep", "c_read", "c_missing"}
+    assert len({e["session_id"] for e in events}) == 1
+    assert (workspace / "a.txt").read_text() == "new content\n"
+
+
+def test_run_plain_prints_one_line_per_event(server: ThreadedServer, workspace: Path) -> None:
+    out = cli("run", "--server", server.address, "--workspace", str(workspace), "--plain", "fix it")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("session s_") and str(workspace) in lines[0]
+    assert "turn started: 'fix it'" in lines[1]
+    assert any("-> grep" in line and "on local" in line for line in lines)
+    assert any("<- read" in line and " x " in line for line in lines)  # the missing file
+    assert any("model: Done." in line for line in lines)
+    assert "turn finished: end_turn, 3 model request(s), 5 tool call(s)" in lines[-1]
+
+
+def test_run_defaults_to_plain_off_a_terminal(server: ThreadedServer, workspace: Path) -> None:
+    out = cli("run", "--server", server.address, "--workspace", str(workspace), "fix it")
+    assert out.returncode == 0, out.stderr
+    assert "turn finished: end_turn, 3 model request(s)" in out.stdout.splitlines()[-1]
+
+
+def test_run_live_view_off_a_terminal(server: ThreadedServer, workspace: Path) -> None:
+    out = cli("run", "--server", server.address, "--workspace", str(workspace), "--live", "fix it")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "\x1b[" not in text  # rich sees a pipe: no colours, no cursor movement
+    assert "> fix it" in text and "Looking around." in text and "Done." in text
+    # Each step's final table stays: header, one row per call, final statuses.
+    assert text.count("tool") >= 2 and "duration" in text and "arguments" in text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["grep", "query", "local", "ok", "1"] in [r[:5] for r in rows]
+    assert ["read", "query", "local", "error", "1"] in [r[:5] for r in rows]
+    assert ["edit", "execute", "local", "ok", "1"] in [r[:5] for r in rows]
+    summary = text.splitlines()[-1] if text.splitlines()[-1].strip() else text.splitlines()[-2]
+    assert "turn finished: end_turn" in text and "5 tool call(s) (1 failed)" in text, summary
+
+
+def test_run_ctrl_c_cancels_the_turn_and_exits_130(make_server, tmp_path: Path, workspace: Path) -> None:
+    model = write_script(tmp_path / "slow.json", [
+        {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command="sleep 30")]},
+        {"text": "Never reached."},
+    ])  # fmt: skip
+    server = make_server()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "run", "--server", server.address, "--workspace", str(workspace),
+         "--model", model, "--json", "wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while '"tool_call_started"' not in (lines[-1] if lines else ""):
+            assert time.monotonic() < deadline, lines
+            line = proc.stdout.readline()
+            assert line, f"codelane run ended early: {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 15, "the sleep must not run to its end"
+    assert "interrupted; the turn was cancelled" in err and "Traceback" not in err
+    session_id = json_lines(lines[0])[0]["session_id"]
+    with Client(server.address, timeout=10) as client:
+        session = client.get_session(session_id)
+        finished = [e for e in session.watch(follow=False) if isinstance(e, ev.TurnFinished)]
+    assert [f.stop_reason for f in finished] == ["cancelled"]
+
+
+def test_run_reports_an_unreachable_server_in_one_line(unused_port: int, workspace: Path) -> None:
+    out = cli("run", "--server", f"127.0.0.1:{unused_port}", "--workspace", str(workspace), "hi")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane run: cannot reach the server at 127.0.0.1:{unused_port} (UNAVAILABLE): "
+                          "is `codelane server` running?\n")
+
+
+def test_run_embedded_needs_no_server(model: str, workspace: Path) -> None:
+    out = cli("run", "--embedded", "--workers", "1", "--workspace", str(workspace), "--model", model, "--json", "go")
+    assert out.returncode == 0, out.stderr
+    events = json_lines(out.stdout)
+    assert events[-1]["kind"] == "turn_finished" and events[-1]["stop_reason"] == "end_turn"
+    assert any(e["kind"] == "tool_call_started" and e["worker_id"] == "local-1" for e in events)
+
+
+def _run_with_a_terminal_stdin(server: ThreadedServer, workspace: Path, model: str, answer: bytes) -> tuple[
+        list[dict], str]:
+    """`codelane run --ask bash --json` with stdin on a pseudo-terminal; types `answer` at the prompt."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "run", "--server", server.address, "--workspace", str(workspace),
+         "--model", model, "--ask", "bash", "--json", "go"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while not lines or '"confirmation_required"' not in lines[-1]:
+            assert time.monotonic() < deadline, lines
+            line = proc.stdout.readline()
+            assert line, f"codelane run ended early: {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+        os.write(master, answer)
+        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    return json_lines("".join(lines) + rest), err
+
+
+def test_run_asks_for_confirmation_on_a_terminal(make_server, tmp_path: Path, workspace: Path) -> None:
+    model = write_script(tmp_path / "ask.json", [
+        {"text": "Running.", "tool_calls": [call("bash", "c_echo", command="echo confirmed")]},
+        {"text": "Done."},
+    ])  # fmt: skip
+    server = make_server()
+    events, err = _run_with_a_terminal_stdin(server, workspace, model, b"y\n")
+    assert "allow bash" in err and "[y/N]" in err and "Traceback" not in err
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("confirmation_required") < kinds.index("confirmation_resolved") < kinds.index(
+        "tool_call_finished")
+    resolved = next(e for e in events if e["kind"] == "confirmation_resolved")
+    assert resolved["call_id"] == "c_echo" and resolved["outcome"] == "approved"
+    finished = next(e for e in events if e["kind"] == "tool_call_finished")
+    assert finished["result"]["output"].strip() == "confirmed" and not finished["result"]["is_error"]
+
+    refused, _ = _run_with_a_terminal_stdin(server, workspace, model, b"n\n")
+    resolved = next(e for e in refused if e["kind"] == "confirmation_resolved")
+    assert resolved["outcome"] == "rejected"
+    finished = next(e for e in refused if e["kind"] == "tool_call_finished")
+    assert finished["result"]["is_error"] and "confirmed" not in finished["result"]["output"]
+
+
+def test_run_leaves_confirmations_alone_without_a_terminal(make_server, tmp_path: Path, workspace: Path) -> None:
+    model = write_script(tmp_path / "ask.json", [
+        {"text": "Running.", "tool_calls": [call("bash", "c_echo", command="echo confirmed")]},
+        {"text": "Done."},
+    ])  # fmt: skip
+    server = make_server()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "run", "--server", server.address, "--workspace", str(workspace),
+         "--model", model, "--ask", "bash", "--json", "go"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = json_lines(proc.stdout.readline())[0]
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while True:  # someone else answers: here, another client
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline
+            if '"confirmation_required"' in line:
+                break
+        with Client(server.address, timeout=10) as client:
+            client.get_session(first["session_id"]).confirm("c_echo", True)
+        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and err == ""
+    assert json_lines(rest)[-1]["stop_reason"] == "end_turn"

@@ -1,0 +1,94 @@
+"""`codelane watch`: replay after a sequence, caught_up, following live events, errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from codelane import events as ev
+from codelane.sync import Client
+from tests.cli.conftest import CLI_TIMEOUT, ThreadedServer, cli, cli_env, json_lines
+
+
+def _one_turn(server: ThreadedServer, workspace: Path) -> tuple[str, list[ev.Event]]:
+    with Client(server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        return session.id, list(session.send("fix it"))
+
+
+def test_watch_after_n_no_follow_json_prints_the_rest_then_caught_up(server: ThreadedServer, workspace: Path) -> None:
+    session_id, events = _one_turn(server, workspace)
+    last = events[-1].sequence
+    out = cli("watch", "--server", server.address, "--after", "5", "--no-follow", "--json", session_id)
+    assert out.returncode == 0, out.stderr
+    printed = json_lines(out.stdout)
+    assert [e["sequence"] for e in printed[:-1]] == list(range(6, last + 1))
+    assert [e["kind"] for e in printed[:-1]] == [e.kind for e in events[5:]]
+    assert printed[-1] == {"kind": "caught_up", "last_sequence": last}
+
+
+def test_watch_replays_everything_in_plain_lines(server: ThreadedServer, workspace: Path) -> None:
+    session_id, events = _one_turn(server, workspace)
+    out = cli("watch", "--server", server.address, "--no-follow", session_id)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "turn started: 'fix it'" in lines[0]
+    assert "turn finished: end_turn" in lines[-2]
+    assert lines[-1] == f"[----] caught up at sequence {events[-1].sequence}"
+
+
+def test_watch_after_the_last_event_prints_only_caught_up(server: ThreadedServer, workspace: Path) -> None:
+    session_id, events = _one_turn(server, workspace)
+    out = cli("watch", "--server", server.address, "--after", str(events[-1].sequence), "--no-follow", "--json",
+              session_id)
+    assert out.returncode == 0, out.stderr
+    assert json_lines(out.stdout) == [{"kind": "caught_up", "last_sequence": events[-1].sequence}]
+
+
+def test_watch_follows_a_new_turn_until_ctrl_c(server: ThreadedServer, workspace: Path) -> None:
+    session_id, events = _one_turn(server, workspace)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "watch", "--server", server.address, "--after",
+         str(events[-1].sequence), "--json", session_id],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while not lines:  # caught up: now following
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        with Client(server.address, timeout=10) as client:
+            second = list(client.get_session(session_id).send("again"))
+        while not any('"turn_finished"' in line for line in lines[1:]):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    reader.join(10)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    printed = json_lines("".join(lines))
+    assert printed[0] == {"kind": "caught_up", "last_sequence": events[-1].sequence}
+    assert [e["sequence"] for e in printed[1:]] == [e.sequence for e in second]
+
+
+def test_watch_unknown_session_is_one_line_with_not_found(server: ThreadedServer) -> None:
+    out = cli("watch", "--server", server.address, "--no-follow", "s_nope")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith("codelane watch: NOT_FOUND: ") and "s_nope" in out.stderr
+
+
+def test_watch_rejects_a_negative_after(server: ThreadedServer) -> None:
+    out = cli("watch", "--server", server.address, "--after", "-1", "s_x")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--after" in out.stderr

@@ -1,0 +1,191 @@
+"""External tasks and confirmations without a server: leases, re-offers, deadlines, cancellation,
+long-polls, and that nothing is left behind in any structure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from session_server.confirmations import Answer, ConfirmationNotFound, Confirmations
+from session_server.events import (
+    CallInfo,
+    EventPayload,
+    ExternalTaskCompleted,
+    ExternalTaskPending,
+    ToolCallStarted,
+)
+from session_server.external import ExternalTasks, LeaseNotHeld, TaskNotFound
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+CALL = CallInfo("c1", "bash", '{"command": "ls"}', "execute", 0)
+BOUND = 5.0  # bound on every wait in these tests
+
+
+class _Events(list[EventPayload]):
+    """The events a board emitted; `offered` is set by the first ExternalTaskPending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offered = asyncio.Event()
+
+    def append(self, event: EventPayload) -> None:
+        super().append(event)
+        if isinstance(event, ExternalTaskPending):
+            self.offered.set()
+
+
+def _board() -> tuple[ExternalTasks, _Events]:
+    return ExternalTasks(), _Events()
+
+
+def _empty(board: ExternalTasks) -> bool:
+    return len(board) == 0 and not board._by_session and not board._waiters
+
+
+async def _offered(events: _Events) -> None:
+    await asyncio.wait_for(events.offered.wait(), BOUND)
+
+
+async def test_claim_and_complete() -> None:
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    await _offered(events)
+    [task] = await board.claim("s1", "client-a", 5, 30.0, 0.0)
+    assert task.attempt == 1 and task.lease_expire_time is not None and task.call == CALL
+    assert await board.claim("s1", "client-b", 1, 30.0, 0.0) == []  # leased: not offered twice
+    board.complete("s1", task.task_id, "client-a", ToolResult("done", exit_code=0, queue_wait=9.0))
+    outcome = await asyncio.wait_for(run, BOUND)
+    assert outcome.result.output == "done"
+    assert outcome.result.worker_id == "client-a"
+    assert outcome.result.queue_wait == 0.0  # the client cannot know our queue
+    assert outcome.claimed_at is not None
+    assert [type(e) for e in events] == [ExternalTaskPending, ToolCallStarted, ExternalTaskCompleted]
+    assert isinstance(events[2], ExternalTaskCompleted) and events[2].client_id == "client-a"
+    assert _empty(board)
+    with pytest.raises(TaskNotFound):
+        board.complete("s1", task.task_id, "client-a", ToolResult("again"))
+
+
+async def test_complete_checks_session_and_lease_holder() -> None:
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    await _offered(events)
+    task_id = board.pending("s1")[0].task_id
+    with pytest.raises(LeaseNotHeld, match="not claimed"):
+        board.complete("s1", task_id, "client-a", ToolResult("x"))
+    await board.claim("s1", "client-a", 1, 30.0, 0.0)
+    with pytest.raises(TaskNotFound):
+        board.complete("s2", task_id, "client-a", ToolResult("x"))
+    with pytest.raises(LeaseNotHeld, match="another client"):
+        board.complete("s1", task_id, "client-b", ToolResult("x"))
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    assert _empty(board)
+
+
+async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    await _offered(events)
+    [first] = await board.claim("s1", "client-a", 1, 0.05, 0.0)
+    [second] = await board.claim("s1", "client-b", 1, 30.0, 2.0)  # long-poll until the lease expires
+    assert second.task_id == first.task_id and second.attempt == 2
+    with pytest.raises(LeaseNotHeld):
+        board.complete("s1", first.task_id, "client-a", ToolResult("late"))
+    board.complete("s1", second.task_id, "client-b", ToolResult("ok"))
+    outcome = await asyncio.wait_for(run, BOUND)
+    assert outcome.result.attempt == 2 and outcome.result.worker_id == "client-b"
+    pendings = [e for e in events if isinstance(e, ExternalTaskPending)]
+    assert [p.task.attempt for p in pendings] == [1, 2]
+    assert _empty(board)
+
+
+async def test_deadline_ends_the_task_with_a_timeout() -> None:
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 0.1, events.append))
+    await _offered(events)
+    await board.claim("s1", "client-a", 1, 30.0, 0.0)  # claimed, never completed
+    outcome = await asyncio.wait_for(run, BOUND)
+    assert outcome.result.error_kind is ErrorKind.TIMEOUT
+    assert "external_task_timeout" in outcome.result.output
+    completed = events[-1]
+    assert isinstance(completed, ExternalTaskCompleted) and completed.client_id == ""
+    assert _empty(board)
+
+
+async def test_cancelling_the_call_withdraws_the_task() -> None:
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    await _offered(events)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert _empty(board)
+    completed = events[-1]
+    assert isinstance(completed, ExternalTaskCompleted)
+    assert completed.result.error_kind is ErrorKind.CANCELLED
+    assert await board.claim("s1", "client-a", 1, 30.0, 0.0) == []
+
+
+async def test_long_poll_wakes_on_offer_and_on_close() -> None:
+    board, events = _board()
+    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, BOUND))
+    await asyncio.sleep(0.01)
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    [task] = await asyncio.wait_for(claim, BOUND)
+    assert task.call == CALL
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+
+    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, BOUND))
+    await asyncio.sleep(0.01)
+    board.close_session("s1")
+    assert await asyncio.wait_for(claim, BOUND) == []
+    assert _empty(board)
+
+
+async def test_long_poll_gives_up_after_wait() -> None:
+    board, _ = _board()
+    assert await asyncio.wait_for(board.claim("s1", "client-a", 1, 30.0, 0.05), BOUND) == []
+    assert _empty(board)
+
+
+async def test_mirror_announces_and_runs() -> None:
+    board, events = _board()
+
+    async def run() -> ToolResult:
+        return ToolResult("ran here", worker_id="local")
+
+    result = await board.mirror("s1", CALL, "/ws", 10.0, events.append, run)
+    assert result.output == "ran here"
+    assert [type(e) for e in events] == [ExternalTaskPending, ExternalTaskCompleted]
+    assert isinstance(events[1], ExternalTaskCompleted) and events[1].client_id == "local"
+    assert _empty(board)  # never claimable
+
+
+# -- confirmations -----------------------------------------------------------------------------
+
+
+async def test_confirmation_answered() -> None:
+    confirmations = Confirmations()
+    wait = asyncio.create_task(confirmations.wait("s1", "c1", BOUND))
+    await asyncio.sleep(0)
+    assert confirmations.waiting("s1") == ["c1"]
+    confirmations.answer("s1", "c1", False, "not now")
+    assert await wait == Answer(False, "not now")
+    assert confirmations.waiting("s1") == []
+    with pytest.raises(ConfirmationNotFound):
+        confirmations.answer("s1", "c1", True, "")
+
+
+async def test_confirmation_timeout_and_cancel_leave_nothing() -> None:
+    confirmations = Confirmations()
+    assert await confirmations.wait("s1", "c1", 0.01) is None
+    wait = asyncio.create_task(confirmations.wait("s1", "c2", BOUND))
+    await asyncio.sleep(0)
+    wait.cancel()
+    await asyncio.gather(wait, return_exceptions=True)
+    assert confirmations._waiting == {}
+    with pytest.raises(ConfirmationNotFound):
+        confirmations.answer("s1", "c2", True, "")

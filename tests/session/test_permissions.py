@@ -1,0 +1,285 @@
+"""Permission policies end to end: confirmations approved, rejected and timed out, denied calls,
+tools withheld from the model, ConfirmToolCall errors, cancellation while waiting, and the
+policy shown back by GetSession (also after a restart).
+
+A call to a tool the policy denies outright (a bare `deny` rule) gets a PERMISSION_DENIED result,
+not UNKNOWN_TOOL: the tool exists, the policy withholds it, and the model should be told so. The
+scripted model does not expose the tool list it received, so withholding is checked through that
+result, whose text lists the tools offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.session.conftest import Client, InProcess, call, kind, read_rest, read_until, rpc_error, scripted
+
+DENIED = tools_pb2.ERROR_KIND_PERMISSION_DENIED
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _policy(**fields: Any) -> session_pb2.PermissionPolicy:
+    if "confirmation_timeout" in fields:
+        fields["confirmation_timeout"] = _duration(fields["confirmation_timeout"])
+    return session_pb2.PermissionPolicy(**fields)
+
+
+def _of_kind(events: list[events_pb2.Event], name: str) -> list[events_pb2.Event]:
+    return [e for e in events if kind(e) == name]
+
+
+async def _tool_results(client: Client, session_id: str) -> dict[str, tools_pb2.ToolResult]:
+    history = await client.history(session_id)
+    return {m.tool_call_id: m.tool_result for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL}
+
+
+async def _confirm(client: Client, session_id: str, call_id: str, approve: bool, reason: str = "") -> None:
+    request = session_pb2.ConfirmToolCallRequest(session_id=session_id, call_id=call_id, approve=approve, reason=reason)
+    await client.sessions.ConfirmToolCall(request, timeout=10)
+
+
+async def _start_until_confirmation(
+    client: Client, session_id: str
+) -> tuple[Any, list[Any], events_pb2.Event]:
+    stream = client.send_stream(session_id, "go")
+    seen: list[Any] = []
+    required = await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+    return stream, seen, required.event
+
+
+WRITE_THEN_DONE = [
+    {"text": "Writing.", "tool_calls": [call("write", "c_write", file_path="out.txt", content="hello\n")]},
+    {"text": "Done."},
+]
+
+
+async def test_approved_confirmation_runs_the_call(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(
+        workspace, scripted(tmp_path, WRITE_THEN_DONE), permissions=_policy(ask=["write(*.txt)"])
+    )
+    stream, seen, required = await _start_until_confirmation(client, session.session_id)
+    assert required.confirmation_required.call.call_id == "c_write"
+    assert required.confirmation_required.call.tool_name == "write"
+    deadline = required.confirmation_required.deadline.ToNanoseconds() / 1e9
+    assert 50 < deadline - time.time() <= 60  # the default confirmation timeout
+    assert not (workspace / "out.txt").exists()  # nothing runs before the answer
+
+    await asyncio.sleep(0.2)
+    await _confirm(client, session.session_id, "c_write", True, "looks fine")
+    events = [r.event for r in seen + await read_rest(stream)]
+
+    [resolved] = _of_kind(events, "confirmation_resolved")
+    assert resolved.confirmation_resolved.outcome == events_pb2.CONFIRMATION_OUTCOME_APPROVED
+    assert resolved.confirmation_resolved.reason == "looks fine"
+    [finished] = _of_kind(events, "tool_call_finished")
+    assert not finished.tool_call_finished.result.is_error
+    # The wait for the confirmation is queue wait, not run time.
+    assert finished.tool_call_finished.queue_wait.ToNanoseconds() >= 0.2e9
+    assert finished.tool_call_finished.run_time.ToNanoseconds() < 0.2e9
+    order = [kind(e) for e in events]
+    assert order.index("confirmation_required") < order.index("confirmation_resolved") < order.index(
+        "tool_call_started"
+    )
+    assert (workspace / "out.txt").read_text() == "hello\n"
+
+
+async def test_rejected_confirmation_tells_the_model_why(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(workspace, scripted(tmp_path, WRITE_THEN_DONE), permissions=_policy(ask=["write"]))
+    stream, seen, _ = await _start_until_confirmation(client, session.session_id)
+    await _confirm(client, session.session_id, "c_write", False, "use notes/ instead")
+    events = [r.event for r in seen + await read_rest(stream)]
+
+    [resolved] = _of_kind(events, "confirmation_resolved")
+    assert resolved.confirmation_resolved.outcome == events_pb2.CONFIRMATION_OUTCOME_REJECTED
+    assert not _of_kind(events, "tool_call_started")
+    result = (await _tool_results(client, session.session_id))["c_write"]
+    assert result.is_error and result.error_kind == DENIED
+    assert "use notes/ instead" in result.output
+    assert "rule ask[0] `write`" in result.output
+    assert not (workspace / "out.txt").exists()
+    assert kind(events[-1]) == "turn_finished"
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+
+
+@pytest.mark.parametrize(
+    ("timeout_action", "outcome", "runs"),
+    [
+        (session_pb2.PERMISSION_ACTION_UNSPECIFIED, events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_REJECTED, False),
+        (session_pb2.PERMISSION_ACTION_DENY, events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_REJECTED, False),
+        (session_pb2.PERMISSION_ACTION_ALLOW, events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_APPROVED, True),
+    ],
+    ids=["default-deny", "deny", "allow"],
+)
+async def test_confirmation_timeout_takes_the_timeout_action(
+    client: Client, workspace: Path, tmp_path: Path, timeout_action: int, outcome: int, runs: bool
+) -> None:
+    policy = _policy(ask=["write"], confirmation_timeout=0.3, timeout_action=timeout_action)
+    session = await client.create(workspace, scripted(tmp_path, WRITE_THEN_DONE), permissions=policy)
+    started = time.monotonic()
+    events = await client.send(session.session_id, "go")
+    assert time.monotonic() - started >= 0.3
+
+    [resolved] = _of_kind(events, "confirmation_resolved")
+    assert resolved.confirmation_resolved.outcome == outcome
+    assert "0.3s" in resolved.confirmation_resolved.reason
+    [finished] = _of_kind(events, "tool_call_finished")
+    assert finished.tool_call_finished.queue_wait.ToNanoseconds() >= 0.3e9
+    result = finished.tool_call_finished.result
+    if runs:
+        assert not result.is_error
+        assert (workspace / "out.txt").exists()
+    else:
+        assert result.error_kind == DENIED and "within 0.3s" in result.output
+        assert not (workspace / "out.txt").exists()
+    error = await rpc_error(_confirm(client, session.session_id, "c_write", True))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_denied_calls_never_run(client: Client, workspace: Path, tmp_path: Path) -> None:
+    calls = [
+        call("bash", "c_rm", command="rm a.txt"),
+        call("bash", "c_chain", command="echo hi > b.txt && rm a.txt"),
+        call("bash", "c_ok", command="echo ok > c.txt"),
+        call("read", "c_env", file_path="config/.env"),
+    ]
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "Done."}])
+    policy = _policy(deny=["bash(rm *)", "read(**/.env)"])
+    session = await client.create(workspace, model, permissions=policy)
+    events = await client.send(session.session_id, "go")
+
+    results = await _tool_results(client, session.session_id)
+    for call_id in ("c_rm", "c_chain", "c_env"):
+        assert results[call_id].error_kind == DENIED, results[call_id]
+        assert "permission policy denies this call" in results[call_id].output
+    assert "deny[0] `bash(rm *)`" in results["c_rm"].output
+    assert "deny[1] `read(**/.env)`" in results["c_env"].output
+    assert not results["c_ok"].is_error
+    assert (workspace / "a.txt").exists() and not (workspace / "b.txt").exists()
+    assert (workspace / "c.txt").exists()
+    started = {e.tool_call_started.call.call_id for e in _of_kind(events, "tool_call_started")}
+    assert started == {"c_ok"}
+    assert not _of_kind(events, "confirmation_required")
+
+
+async def test_tool_denied_outright_is_withheld_from_the_model(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "c_bash", command="touch x")]}, {"text": "."}])
+    session = await client.create(workspace, model, permissions=_policy(deny=["bash"]))
+    await client.send(session.session_id, "go")
+    result = (await _tool_results(client, session.session_id))["c_bash"]
+    assert result.error_kind == DENIED
+    assert "denies every bash call, so it is not offered" in result.output
+    offered = result.output.split("available tools: ", 1)[1].split(", ")
+    assert "bash" not in offered and "write" in offered and "read" in offered
+    assert not (workspace / "x").exists()
+
+
+async def test_deny_default_offers_only_named_tools(client: Client, workspace: Path, tmp_path: Path) -> None:
+    calls = [call("read", "c_read", file_path="a.txt"), call("write", "c_write", file_path="w.txt", content="x")]
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
+    policy = _policy(allow=["read"], default_action=session_pb2.PERMISSION_ACTION_DENY)
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    assert not results["c_read"].is_error
+    assert results["c_write"].error_kind == DENIED
+    assert results["c_write"].output.split("available tools: ", 1)[1] == "read"
+
+
+async def test_confirm_unknown_call_is_not_found(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
+    error = await rpc_error(_confirm(client, session.session_id, "c_nope", True))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == "CONFIRMATION_NOT_FOUND"
+    assert error.metadata == {"session_id": session.session_id, "call_id": "c_nope"}
+
+    error = await rpc_error(_confirm(client, "s_does_not_exist", "c_nope", True))
+    assert error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
+    error = await rpc_error(_confirm(client, session.session_id, "", True))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": "call_id"}
+
+
+async def test_cancel_while_waiting_ends_the_wait(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    calls = [call("write", "c_write", file_path="out.txt", content="x"), call("read", "c_read", file_path="a.txt")]
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
+    session = await client.create(workspace, model, permissions=_policy(ask=["write"]))
+    stream, seen, _ = await _start_until_confirmation(client, session.session_id)
+    assert server.server.sessions.confirmations.waiting(session.session_id) == ["c_write"]
+
+    assert await client.cancel(session.session_id)
+    events = [r.event for r in seen + await read_rest(stream)]
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+    results = await _tool_results(client, session.session_id)
+    assert results["c_write"].error_kind == tools_pb2.ERROR_KIND_CANCELLED
+    assert results["c_read"].error_kind == tools_pb2.ERROR_KIND_CANCELLED  # it waited behind the write
+    assert server.server.sessions.confirmations.waiting(session.session_id) == []
+    error = await rpc_error(_confirm(client, session.session_id, "c_write", True))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert not (workspace / "out.txt").exists()
+
+
+async def test_policy_is_shown_back_and_survives_a_restart(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    first: InProcess = await make_server()
+    policy = _policy(
+        allow=["bash(git *)"], deny=["delete"], ask=["write(src/**)"],
+        default_action=session_pb2.PERMISSION_ACTION_ASK, confirmation_timeout=5.0,
+        timeout_action=session_pb2.PERMISSION_ACTION_ALLOW,
+    )
+    session = await first.client.create(workspace, scripted(tmp_path, [{"text": "hi"}]), permissions=policy)
+    assert session.config.permissions == policy
+    assert (await first.client.get(session.session_id)).config.permissions == policy
+
+    await first.server.stop(grace=0.5)
+    second: InProcess = await make_server(data_dir=first.server.config.data_dir)
+    assert (await second.client.get(session.session_id)).config.permissions == policy
+
+
+async def test_default_policy_is_filled_in(client: Client, workspace: Path, tmp_path: Path) -> None:
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
+    policy = session.config.permissions
+    assert list(policy.allow) == list(policy.deny) == list(policy.ask) == []
+    assert policy.default_action == session_pb2.PERMISSION_ACTION_ALLOW
+    assert policy.timeout_action == session_pb2.PERMISSION_ACTION_DENY
+    assert policy.confirmation_timeout.seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        (_policy(allow=["bash", "bash("]), "config.permissions.allow[1]"),
+        (_policy(deny=["write()"]), "config.permissions.deny[0]"),
+        (_policy(ask=["my_plugin(*)"]), "config.permissions.ask[0]"),
+        (_policy(timeout_action=session_pb2.PERMISSION_ACTION_ASK), "config.permissions.timeout_action"),
+        (_policy(confirmation_timeout=-1.0), "config.permissions.confirmation_timeout"),
+        (_policy(default_action=9), "config.permissions.default_action"),
+    ],
+    ids=["bad-syntax", "empty-glob", "glob-on-plugin", "ask-on-timeout", "negative-timeout", "unknown-action"],
+)
+async def test_bad_policy_is_invalid_naming_the_field(
+    client: Client, workspace: Path, tmp_path: Path, policy: session_pb2.PermissionPolicy, field: str
+) -> None:
+    error = await rpc_error(client.create(workspace, scripted(tmp_path, [{"text": "hi"}]), permissions=policy))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.metadata == {"field": field}
+    assert field in error.message
+    assert await client.count_sessions() == 0
