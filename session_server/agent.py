@@ -21,7 +21,6 @@ from session_server.config import LaneMode, SessionSettings
 from session_server.confirmations import Confirmations
 from session_server.events import (
     CallInfo,
-    CallRetried,
     ConfirmationRequired,
     ConfirmationResolved,
     ErrorOccurred,
@@ -32,7 +31,6 @@ from session_server.events import (
     ToolCallStarted,
     TurnFinished,
     TurnStarted,
-    WorkerLost,
 )
 from session_server.external import ExternalTasks
 from session_server.llm.base import (
@@ -47,10 +45,7 @@ from session_server.llm.base import (
     Usage,
 )
 from session_server.permissions import Action, Decision, PermissionPolicy
-from session_server.pool import CallRetried as PoolCallRetried
-from session_server.pool import CallStarted as PoolCallStarted
-from session_server.pool import PoolEvent, QueryCall, WorkerPool
-from session_server.pool import WorkerLost as PoolWorkerLost
+from session_server.pool import CallStarted, PoolEvent, QueryCall, WorkerPool
 from session_server.scheduler import ScheduledCall, TurnScheduler
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
@@ -201,7 +196,8 @@ class Turn:
             ok = True
         except asyncio.CancelledError:
             partial = ModelResponse("".join(texts), self._as_model_calls(added), Usage(), "cancelled")
-            await self._record(step, partial, scheduler, added, cancelled=True)
+            self._announce(step, partial, added)
+            await self._record(partial, scheduler, added, cancelled=True)
             raise
         except ModelError:
             scheduler.cancel()
@@ -214,12 +210,18 @@ class Turn:
         for index, call in enumerate(response.tool_calls[len(added):], start=len(added)):
             added.append(self._schedule(index, call, tools))
             scheduler.add(added[-1])
-        await self._record(step, response, scheduler, added, cancelled=False)
+        self._announce(step, response, added)
+        await self._record(response, scheduler, added, cancelled=False)
         if scheduler.cancelled:
             raise asyncio.CancelledError
         return _StepOutcome(response.text, None if response.tool_calls else "end_turn")
 
-    async def _record(self, step: int, response: ModelResponse, scheduler: TurnScheduler,
+    def _announce(self, step: int, response: ModelResponse, added: list[ScheduledCall]) -> None:
+        """The response is complete: say which calls it holds, before their results come in."""
+        infos = [self._info(c) for c in added]
+        self.ctx.emit(ModelResponded(step, infos, response.usage, response.stop_reason))
+
+    async def _record(self, response: ModelResponse, scheduler: TurnScheduler,
                       added: list[ScheduledCall], *, cancelled: bool) -> None:
         """Waits for every call's result, then writes the assistant message and the results."""
         ctx = self.ctx
@@ -229,7 +231,6 @@ class Turn:
             scheduler.close_input()
         results = await scheduler.results()
         infos = [self._info(c) for c in added]
-        ctx.emit(ModelResponded(step, infos, response.usage, response.stop_reason))
         messages = [StoredMessage(role="assistant", text=response.text, tool_calls=infos, turn_id=ctx.turn_id)]
         messages += [
             StoredMessage(role="tool", tool_call_id=c.call_id, tool_result=r, turn_id=ctx.turn_id)
@@ -389,12 +390,10 @@ class Turn:
 
     def _on_pool_event(self, call: ScheduledCall, event: PoolEvent) -> None:
         ctx = self.ctx
-        if isinstance(event, PoolCallStarted):
+        if isinstance(event, CallStarted):
             ctx.emit(ToolCallStarted(self._info(call), Lane.QUERY.value, event.worker_id, event.attempt))
-        elif isinstance(event, PoolCallRetried):
-            ctx.emit(CallRetried(call.call_id, event.attempt, event.reason, event.previous_worker_id))
-        elif isinstance(event, PoolWorkerLost):
-            ctx.emit(WorkerLost(event.worker_id, event.reason, [call.call_id]))
+        else:
+            ctx.emit(event)
 
 
 def _timed(result: ToolResult, added: float, started: float) -> ToolResult:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Protocol
 
+from session_server.events import CallRetried, WorkerLost
 from tool_worker.tools.base import ErrorKind, ToolResult, ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -80,24 +81,12 @@ class WorkerLink(Protocol):
         """Writes what is queued now, in the caller's task (the link also writes on its own)."""
 
 
-# Events the pool reports about a call, for the session's event log.
+# Events the pool reports about a call: the session's own CallRetried and WorkerLost, and
+# CallStarted, which the session completes into a ToolCallStarted.
 @dataclass(frozen=True)
 class CallStarted:
     worker_id: str
     attempt: int
-
-
-@dataclass(frozen=True)
-class CallRetried:
-    attempt: int
-    reason: str
-    previous_worker_id: str
-
-
-@dataclass(frozen=True)
-class WorkerLost:
-    worker_id: str
-    reason: str
 
 
 PoolEvent = CallStarted | CallRetried | WorkerLost
@@ -499,21 +488,21 @@ class WorkerPool:
             del self._probes[probe_id]
         orphans = list(worker.in_flight.values())
         worker.in_flight.clear()
-        notified: set[int] = set()
         for pending in orphans:
             if pending.future.done():
                 continue
-            if id(pending.call.on_event) not in notified:
-                notified.add(id(pending.call.on_event))
-                self._emit(pending, WorkerLost(worker.reg.worker_id, reason))
             call = pending.call
+            self._emit(pending, WorkerLost(worker.reg.worker_id, reason, [call.call_id]))
             idempotent = call.idempotent and worker.tools[call.tool_name].idempotent
             if idempotent and pending.attempt < call.max_attempts:
                 pending.attempt += 1
                 pending.worker = None
                 self._emit(
                     pending,
-                    CallRetried(pending.attempt, f"worker {worker.reg.worker_id} lost: {reason}", worker.reg.worker_id),
+                    CallRetried(
+                        call.call_id, pending.attempt, f"worker {worker.reg.worker_id} lost: {reason}",
+                        worker.reg.worker_id,
+                    ),
                 )
                 self._queues.setdefault(call.session_id, deque()).appendleft(pending)
                 self._queues.move_to_end(call.session_id, last=False)
