@@ -127,3 +127,14 @@ def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> 
     out = cli("sessions", "--server", server.address, "--json")
     [info] = [json.loads(line) for line in out.stdout.splitlines()]
     assert info["workspace"] == str(workspace) and info["state"] == "idle"
+
+
+def test_error_lines_say_what_to_do() -> None:
+    from codelane.client import CodelaneError
+    from codelane.commands.common import error_line
+
+    address = "10.0.0.1:50051"
+    assert error_line("codelane stats", CodelaneError("DEADLINE_EXCEEDED", "Deadline Exceeded"), address) == (
+        "codelane stats: the server at 10.0.0.1:50051 did not answer within 10s (DEADLINE_EXCEEDED)")
+    assert error_line("codelane run", CodelaneError("INVALID_ARGUMENT", "bad\nrule  'x'"), address) == (
+        "codelane run: INVALID_ARGUMENT: bad rule 'x'")  # always one line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from rich.console import Console
 
 from codelane import events as ev
@@ -95,21 +96,41 @@ def test_retries_show_in_the_row_and_the_progress_line() -> None:
     assert "0 running · 1 done · 0 failed · 1 retried" in area
 
 
-def test_steps_are_committed_and_the_turn_summarised() -> None:
+def _two_step_turn(response_first: bool) -> list[ev.Event]:
+    """A turn of three steps (grep; a failing edit; the last word). The server may send a step's
+    ModelResponded before its calls run or after they all finished: the view handles both."""
+
+    def step(number: int, text: str, calls: list[tuple[str, str, str]]) -> list[ev.Event]:
+        response = ev.ModelResponded(**_base(0), step=number,
+                                     tool_calls=tuple(_call(c, tool, lane) for c, tool, lane in calls))
+        run: list[ev.Event] = []
+        for call_id, tool, lane in calls:
+            worker = "local" if lane == "execute" else "w1"
+            run.append(_started(0, call_id, tool, worker=worker, lane=lane))
+            run.append(_finished(0, call_id, tool, worker=worker, error=tool == "edit"))
+        delta = ev.TextDelta(**_base(0), text=text, step=number)
+        return [delta, response, *run] if response_first else [delta, *run, response]
+
+    return [
+        ev.TurnStarted(**_base(0), user_text="fix it"),
+        *step(0, "Looking.", [("c1", "grep", "query")]),
+        *step(1, "Editing.", [("c2", "edit", "execute")]),
+        *step(2, "Done.", []),
+    ]
+
+
+@pytest.mark.parametrize("response_first", [True, False], ids=["response-then-calls", "calls-then-response"])
+def test_steps_are_committed_and_the_turn_summarised(response_first: bool) -> None:
     view, out, _, clock = make()
-    view.show(ev.TurnStarted(**_base(1), user_text="fix it"))
-    view.show(ev.TextDelta(**_base(2), text="Looking.", step=0))
-    view.show(_started(3, "c1", "grep"))
-    view.show(_finished(4, "c1", "grep"))
-    view.show(ev.ModelResponded(**_base(5), step=0, tool_calls=(_call("c1", "grep"),)))
-    assert "grep" not in live_area(view)  # the step's table moved to the scrollback
-    view.show(ev.TextDelta(**_base(6), text="Editing.", step=1))
-    view.show(_started(7, "c2", "edit", worker="local", lane="execute"))
-    view.show(_finished(8, "c2", "edit", worker="local", error=True))
-    view.show(ev.ModelResponded(**_base(9), step=1, tool_calls=(_call("c2", "edit", "execute"),)))
-    view.show(ev.TextDelta(**_base(10), text="Done.", step=2))
+    turn = _two_step_turn(response_first)
+    for event in turn[:5]:  # the turn's start and its first step, whole
+        view.show(event)
+    assert "grep" in live_area(view)  # its table stays live until the next step shows up
+    view.show(turn[5])
+    assert "grep" not in live_area(view) and "grep" in ANSI.sub("", out.getvalue())
+    for event in turn[6:]:
+        view.show(event)
     clock.now += 2.5
-    view.show(ev.ModelResponded(**_base(11), step=2))
     view.show(ev.TurnFinished(**_base(12), stop_reason="end_turn", usage=ev.Usage(120, 30), model_requests=3,
                               tool_calls=2, final_text="Done."))
     printed = ANSI.sub("", out.getvalue())

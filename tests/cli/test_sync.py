@@ -229,3 +229,29 @@ def test_external_tasks_served_by_a_plain_function(make_server, tmp_path: Path, 
         finished = next(e for e in events if isinstance(e, ev.ToolCallFinished))
         assert finished.result.output == "ran by the client"
         assert events[-1].stop_reason == "end_turn"
+
+
+def test_ctrl_c_while_waiting_stops_the_call_and_the_client_goes_on(server: ThreadedServer, workspace: Path) -> None:
+    import _thread
+
+    with Client(server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        for _ in range(2):
+            timer = threading.Timer(0.3, _thread.interrupt_main)  # as Ctrl-C would
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                for _event in session.watch(follow=True):  # blocks: nothing new will come
+                    pass
+            timer.join()
+        assert [e.kind for e in session.send("fix it")][-1] == "turn_finished"
+
+
+def test_errors_raised_by_the_async_call_come_through(server: ThreadedServer) -> None:
+    with Client(server.address, timeout=10) as client:
+
+        async def slow() -> None:
+            raise TimeoutError("from the coroutine")
+
+        client._target.slow = slow
+        with pytest.raises(TimeoutError, match="from the coroutine"):
+            client.slow()

@@ -13,7 +13,8 @@ protobuf) for the CLI and for tools that only want the version.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing would double this module's cost
 
 __version__ = "0.1.0"
 
@@ -77,7 +78,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'codelane' has no attribute {name!r}")

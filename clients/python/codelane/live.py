@@ -84,6 +84,7 @@ class LiveRenderer:
         self._live: Live | None = None
         self._text = ""  # the model's current unfinished line
         self._rows: dict[str, CallRow] = {}  # the current step's calls, in start order
+        self._step = 0  # the model step those calls belong to
         self._turn_started: float | None = None
         self._finished = False
         self._spinner = Spinner("dots", style="dim")  # one object: its frame follows its own clock
@@ -173,6 +174,7 @@ class LiveRenderer:
             return table
 
     def _print(self, renderable: RenderableType) -> None:
+        """Queues a renderable for `_flush`, which prints it once our lock is released."""
         self._outbox.append(renderable)
 
     def _flush(self) -> None:
@@ -195,6 +197,13 @@ class LiveRenderer:
             return
         if done:
             self._print(Text(done))
+
+    def _enter_step(self, step: int) -> None:
+        """A step's table stays live until the next step shows up (its text or its response):
+        whether the response event comes before or after the step's calls, they are all done then."""
+        if step != self._step:
+            self._commit_step()
+            self._step = step
 
     def _commit_step(self) -> None:
         self._commit_text(everything=True)
@@ -223,10 +232,11 @@ class LiveRenderer:
         if isinstance(event, ev.CaughtUp):
             self._print(Text(f"caught up at sequence {event.last_sequence}", style="dim"))
         elif isinstance(event, ev.TurnStarted):
-            self._turn_started, self._finished = self._clock(), False
+            self._turn_started, self._finished, self._step = self._clock(), False, 0
             self.done = self.failed = self.retried = 0
             self._print(Text(f"> {event.user_text}", style="bold cyan"))
         elif isinstance(event, ev.TextDelta):
+            self._enter_step(event.step)
             self._text += event.text
             self._commit_text(everything=False)
         elif isinstance(event, ev.ToolCallStarted) and event.call is not None:
@@ -252,7 +262,8 @@ class LiveRenderer:
             else:
                 self.done += 1
         elif isinstance(event, ev.ModelResponded):
-            self._commit_step()
+            self._enter_step(event.step)
+            self._commit_text(everything=True)  # the step's text is complete; its calls may still run
         elif isinstance(event, ev.ConfirmationRequired) and event.call is not None:
             self._commit_text(everything=True)
             row = self._row(event.call.call_id, event.call.tool_name)

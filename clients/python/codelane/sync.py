@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 CLOSE_TIMEOUT = 10.0  # bound on closing the channel and stopping the loop's thread
 STOP_POLL = 0.2  # how often a threading.Event given as `stop` is checked
+INTERRUPT_POLL = 0.2  # how often a waiting caller's thread checks for Ctrl-C
 
 
 class _LoopThread:
@@ -57,10 +58,6 @@ class _LoopThread:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -75,6 +72,10 @@ class _LoopThread:
             raise RuntimeError("a codelane.sync method was called from its own event loop; use codelane.client")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
+            while not future.done():
+                # Waiting in slices lets Ctrl-C in: a lock wait without a timeout is not always
+                # interrupted by a signal (never on Windows, nor when it lands on another thread).
+                concurrent.futures.wait([future], INTERRUPT_POLL)
             return future.result()
         except concurrent.futures.CancelledError:
             if self._closed:

@@ -86,11 +86,3 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty:
     sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
     sys.stdout.flush()
 
-
-def human_duration(seconds: float) -> str:
-    """A duration for humans: 850ms, 12.3s, 4m05s."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
