@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from tool_worker.tools.globs import translate_glob
+
 DEFAULT_CONFIRMATION_TIMEOUT = 60.0
 
 
@@ -351,32 +353,8 @@ def _normalise_rule_path(glob: str) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _path_glob(glob: str) -> re.Pattern[str]:
-    """A path glob as a regex: `*` and `?` within a segment, `**` across segments."""
-    out, i, n = [], 0, len(glob)
-    while i < n:
-        c = glob[i]
-        if glob.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif glob.startswith("/**", i) and i + 3 == n:
-            out.append("(?:/.*)?")
-            i += 3
-        elif glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[" and (end := glob.find("]", i + 2)) != -1:
-            body = glob[i + 1:end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append("[" + ("^/" if negate else "") + body.replace("\\", "\\\\") + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return re.compile("".join(out), re.DOTALL)
+    """A path glob as a regex, with the tools' glob rules (`*` and `?` within a segment, `**`
+    across segments, `[...]`, `{a,b}`); `dir/**` also matches `dir` itself."""
+    if glob.endswith("/**"):
+        return re.compile(f"{translate_glob(glob[:-3])}(?:/.*)?", re.DOTALL)
+    return re.compile(translate_glob(glob), re.DOTALL)

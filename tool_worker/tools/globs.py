@@ -19,11 +19,12 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     body = pattern.lstrip("/")
     if body.endswith("/"):
         body += "**"
-    regex = _translate(body)
+    regex = translate_glob(body)
     return re.compile(regex if anchored else f"(?:.*/)?{regex}", re.DOTALL)
 
 
-def _translate(glob: str) -> str:
+def translate_glob(glob: str) -> str:
+    """The regex source of a glob matched against a whole relative path (no anchoring rules)."""
     out: list[str] = []
     i = 0
     while i < len(glob):
@@ -48,7 +49,7 @@ def _translate(glob: str) -> str:
             i = end + 1
         elif char == "{" and (end := _closing_brace(glob, i)) != -1:
             alternatives = _split_top_level(glob[i + 1 : end])
-            out.append("(?:" + "|".join(_translate(alt) for alt in alternatives) + ")")
+            out.append("(?:" + "|".join(translate_glob(alt) for alt in alternatives) + ")")
             i = end + 1
         elif char == "\\" and i + 1 < len(glob):
             out.append(re.escape(glob[i + 1]))
