@@ -6,6 +6,9 @@
 //   const session = await client.createSession({ workspace: '/path/to/repo' });
 //   for await (const ev of client.sendMessage(session.sessionId, 'Find the TODOs')) {
 //     console.log(ev.sequence, ev.kind);
+//     if (ev.kind === 'confirmation_required') {
+//       await client.confirmToolCall(session.sessionId, ev.confirmationRequired.call.callId, true);
+//     }
 //   }
 //   client.close();
 //
@@ -114,6 +117,24 @@ class Codec {
       if (def && def.type) return { fullName: candidate, descriptor: def.type };
     }
     throw new Error(`codelane client: cannot resolve message type ${typeName} from ${scope}`);
+  }
+
+  /**
+   * An enum input -> its proto name. Takes the proto name ('LANE_MODE_EXTERNAL') or the name
+   * without the enum's prefix, in any case ('external'); anything else is a TypeError naming
+   * `where` and the accepted values.
+   */
+  enumValue(fullName, prefix, value, where) {
+    const def = this.defs[fullName];
+    if (!def || !def.type?.value) throw new Error(`codelane client: unknown enum ${fullName}`);
+    const names = def.type.value.map((v) => v.name).filter((n) => !n.endsWith('_UNSPECIFIED'));
+    if (typeof value === 'string') {
+      const upper = value.toUpperCase();
+      const name = upper.startsWith(prefix) ? upper : `${prefix}${upper}`;
+      if (names.includes(name)) return name;
+    }
+    const short = names.map((n) => `'${n.slice(prefix.length).toLowerCase()}'`).join(', ');
+    throw new TypeError(`${where}: ${JSON.stringify(value)} is not one of ${short} (or ${prefix}*)`);
   }
 
   descriptor(fullName) {
@@ -417,6 +438,15 @@ class CallIterator {
 // ---------------------------------------------------------------------------------------------
 // The client
 
+/** Calls runExternalTasks' onError hook; an exception of the hook itself is ignored. */
+function report(onError, err, task) {
+  try {
+    onError?.(err, task);
+  } catch {
+    // the hook is for logging: it must not stop the loop
+  }
+}
+
 function deadlineIn(ms) {
   return ms && Number.isFinite(ms) && ms > 0 ? new Date(Date.now() + ms) : undefined;
 }
@@ -456,14 +486,18 @@ export class CodelaneClient {
     return md;
   }
 
-  async _unary(stub, method, requestType, request, responseType, { timeoutMs } = {}) {
+  async _unary(stub, method, requestType, request, responseType, { timeoutMs, signal } = {}) {
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs ?? this._callTimeoutMs);
     return new Promise((resolve, reject) => {
-      stub[method](wire, this._metadata(), deadline ? { deadline } : {}, (err, response) => {
+      const onAbort = () => call.cancel(); // the callback then gets a CANCELLED error
+      const call = stub[method](wire, this._metadata(), deadline ? { deadline } : {}, (err, response) => {
+        signal?.removeEventListener('abort', onAbort);
         if (err) reject(annotate(err));
         else resolve(this._codec.decode(`${PACKAGE}.${responseType}`, response));
       });
+      if (signal?.aborted) onAbort();
+      else signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 
@@ -475,21 +509,88 @@ export class CodelaneClient {
   }
 
   /**
-   * Creates a session. `workspace` is a directory on the server's machine. Config fields:
-   * model ('provider:name'), systemPrompt, maxTurns, queue, permissions (as in SessionConfig);
-   * `config` may also be given whole. Resolves to the Session.
+   * Creates a session. `workspace` is a directory on the server's machine. Options:
+   *
+   * - model ('provider:name'), systemPrompt, maxTurns, labels;
+   * - permissions: the policy, `{allow, deny, ask, default, confirmationTimeout, timeoutAction}`:
+   *   rule lists like `['bash(git *)', 'write(src/**)']`, actions as 'allow' | 'deny' | 'ask'
+   *   (or PERMISSION_ACTION_*), the timeout in seconds; every key optional, unset allows every call;
+   * - lanes: lane -> mode, e.g. `{execute: 'external'}` (modes 'internal' | 'external' | 'hybrid',
+   *   or LANE_MODE_*), or lane -> `{mode, timeout}` (timeout in seconds);
+   * - externalTaskTimeout: seconds an external task may take overall (unset: the server's 10 min);
+   * - queue: a QueueConfig object (queryConcurrency, maxAttempts, ...); `lanes` entries are
+   *   appended to its `lanes`;
+   * - config: a whole SessionConfig, which the options above override.
+   *
+   * Resolves to the Session; a malformed permissions or lanes option rejects with a TypeError.
    */
-  async createSession({ workspace, model, systemPrompt, maxTurns, queue, permissions, config, labels } = {}, callOptions) {
+  async createSession({
+    workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, config, labels,
+  } = {}, callOptions) {
     const cfg = { ...(config ?? {}) };
     if (model !== undefined) cfg.model = model;
     if (systemPrompt !== undefined) cfg.systemPrompt = systemPrompt;
     if (maxTurns !== undefined) cfg.maxTurns = maxTurns;
     if (queue !== undefined) cfg.queue = queue;
-    if (permissions !== undefined) cfg.permissions = permissions;
+    if (permissions !== undefined && permissions !== null) cfg.permissions = this._permissionPolicy(permissions);
+    if ((lanes !== undefined && lanes !== null) || (externalTaskTimeout !== undefined && externalTaskTimeout !== null)) {
+      cfg.queue = { ...(cfg.queue ?? {}) };
+      if (lanes) cfg.queue.lanes = [...(cfg.queue.lanes ?? []), ...this._laneConfigs(lanes)];
+      if (externalTaskTimeout !== undefined && externalTaskTimeout !== null) {
+        cfg.queue.externalTaskTimeout = externalTaskTimeout;
+      }
+    }
     const request = { workspace, config: Object.keys(cfg).length > 0 ? cfg : undefined, labels };
     const response = await this._unary(this._sessions, 'CreateSession', 'CreateSessionRequest', request,
       'CreateSessionResponse', callOptions);
     return response.session;
+  }
+
+  /** createSession's `permissions` -> a PermissionPolicy (proto field names are accepted too). */
+  _permissionPolicy(permissions) {
+    if (typeof permissions !== 'object' || Array.isArray(permissions)) {
+      throw new TypeError('permissions: expected an object {allow, deny, ask, default, confirmationTimeout, timeoutAction}');
+    }
+    const known = ['allow', 'deny', 'ask', 'default', 'defaultAction', 'confirmationTimeout', 'timeoutAction'];
+    const unknown = Object.keys(permissions).filter((k) => !known.includes(k));
+    if (unknown.length > 0) {
+      throw new TypeError(`permissions: unknown keys ${unknown.join(', ')}; use ${known.filter((k) => k !== 'defaultAction').join(', ')}`);
+    }
+    const policy = {};
+    for (const key of ['allow', 'deny', 'ask']) {
+      const rules = permissions[key];
+      if (rules === undefined || rules === null) continue;
+      if (!Array.isArray(rules) || !rules.every((r) => typeof r === 'string')) {
+        throw new TypeError(`permissions.${key}: expected an array of rule strings like 'bash(git *)', got ${JSON.stringify(rules)}`);
+      }
+      policy[key] = rules;
+    }
+    const action = (value, where) => this._codec.enumValue(`${PACKAGE}.PermissionAction`, 'PERMISSION_ACTION_', value, where);
+    const defaultAction = permissions.default ?? permissions.defaultAction;
+    if (defaultAction !== undefined && defaultAction !== null) policy.defaultAction = action(defaultAction, 'permissions.default');
+    if (permissions.timeoutAction !== undefined && permissions.timeoutAction !== null) {
+      policy.timeoutAction = action(permissions.timeoutAction, 'permissions.timeoutAction');
+    }
+    if (permissions.confirmationTimeout !== undefined && permissions.confirmationTimeout !== null) {
+      policy.confirmationTimeout = permissions.confirmationTimeout;
+    }
+    return policy;
+  }
+
+  /** createSession's `lanes` ({execute: 'external'}) -> LaneConfig objects. */
+  _laneConfigs(lanes) {
+    if (typeof lanes !== 'object' || Array.isArray(lanes)) {
+      throw new TypeError("lanes: expected an object mapping a lane to its mode, e.g. {execute: 'external'}");
+    }
+    return Object.entries(lanes).map(([lane, setting]) => {
+      const { mode, timeout } = typeof setting === 'object' && setting !== null ? setting : { mode: setting };
+      const out = {
+        lane: this._codec.enumValue(`${PACKAGE}.Lane`, 'LANE_', lane, 'lanes key'),
+        mode: this._codec.enumValue(`${PACKAGE}.LaneMode`, 'LANE_MODE_', mode, `lanes.${lane}`),
+      };
+      if (timeout !== undefined && timeout !== null) out.timeout = timeout;
+      return out;
+    });
   }
 
   /** Resolves to the Session; rejects with NOT_FOUND (5) for an unknown id. */
@@ -552,6 +653,122 @@ export class CodelaneClient {
       pageToken = page.nextPageToken;
     } while (pageToken);
     return messages;
+  }
+
+  /**
+   * Answers a confirmation_required event: `approve` true runs the call, false refuses it (the
+   * call's result is then a PERMISSION_DENIED error showing `reason` to the model). Rejects with
+   * NOT_FOUND (5) when no such call waits (unknown id, already answered, or timed out).
+   */
+  async confirmToolCall(sessionId, callId, approve, { reason = '' } = {}, callOptions) {
+    await this._unary(this._sessions, 'ConfirmToolCall', 'ConfirmToolCallRequest',
+      { sessionId, callId, approve: Boolean(approve), reason }, 'ConfirmToolCallResponse', callOptions);
+  }
+
+  /**
+   * Claims up to `maxTasks` (default 1, at most 100) pending external tasks of a session, each
+   * leased to `clientId` for `leaseSeconds` (default 30). With `waitSeconds` (at most 60) it
+   * long-polls: waits that long for a task when none is pending. Resolves to the claimed
+   * ExternalTask objects (possibly none): {taskId, sessionId, call: {callId, toolName,
+   * argumentsJson, lane, index}, lane, attempt (a Number: int32), leaseExpireTime (Date),
+   * deadline (Date), workspace}. Its default deadline is `callTimeoutMs` plus the wait.
+   */
+  async claimExternalTasks(sessionId, { clientId, maxTasks = 1, leaseSeconds = 30, waitSeconds = 0 } = {},
+    callOptions = {}) {
+    const request = { sessionId, clientId, maxTasks, lease: leaseSeconds };
+    if (waitSeconds > 0) request.wait = waitSeconds;
+    const timeoutMs = callOptions.timeoutMs
+      ?? (this._callTimeoutMs ? this._callTimeoutMs + Math.max(0, waitSeconds) * 1000 : 0);
+    const response = await this._unary(this._sessions, 'ClaimExternalTasks', 'ClaimExternalTasksRequest', request,
+      'ClaimExternalTasksResponse', { ...callOptions, timeoutMs });
+    return response.tasks;
+  }
+
+  /**
+   * Completes a claimed external task with its result, a ToolResult object: {output, isError,
+   * exitCode, truncated, errorKind ('tool_error' or ERROR_KIND_*; an error without one is a
+   * TOOL_ERROR), metadataJson, runTime (seconds)}. Rejects with FAILED_PRECONDITION (9) when
+   * `clientId` does not hold the task's lease (never claimed, expired, or another client's), and
+   * NOT_FOUND (5) when the task is gone (completed, timed out, or its turn was cancelled).
+   */
+  async completeExternalTask(sessionId, taskId, clientId, result = {}, callOptions) {
+    await this._unary(this._sessions, 'CompleteExternalTask', 'CompleteExternalTaskRequest',
+      { sessionId, taskId, clientId, result: this._toolResult(result) }, 'CompleteExternalTaskResponse', callOptions);
+  }
+
+  _toolResult(result) {
+    if (typeof result !== 'object' || result === null || Array.isArray(result)) {
+      throw new TypeError(`result: expected a ToolResult object {output, isError, ...}, got ${String(result)}`);
+    }
+    const out = { ...result };
+    if (out.errorKind === undefined || out.errorKind === null || out.errorKind === '') delete out.errorKind;
+    else out.errorKind = this._codec.enumValue(`${PACKAGE}.ErrorKind`, 'ERROR_KIND_', out.errorKind, 'result.errorKind');
+    return out;
+  }
+
+  /**
+   * Serves a session's external tasks until `signal` aborts: claims with a long-poll of
+   * `waitSeconds` (default 20), runs `await handler(task, {signal})` for each claimed task (up to
+   * `maxTasks` at once, default 1) and completes the task with the result the handler returns (a
+   * ToolResult object as for completeExternalTask, or a string taken as the output; runTime
+   * defaults to the handler's duration). A handler that throws completes its task with an error
+   * result (isError true, ERROR_KIND_TOOL_ERROR) saying what was thrown.
+   *
+   * Aborting the signal cancels a pending claim at once; tasks already claimed are still run
+   * and completed, then the promise resolves to the number of tasks this loop completed. Pick
+   * `leaseSeconds` (default 30) longer than the handler runs: a result refused because the lease
+   * expired or the task is gone (FAILED_PRECONDITION, NOT_FOUND) is skipped and the loop goes
+   * on. `onError(err, task)`, if given, hears of handler exceptions and refused results. Other
+   * errors (server gone, session deleted, bad arguments) reject the promise.
+   */
+  async runExternalTasks(sessionId, clientId, handler,
+    { signal, maxTasks = 1, leaseSeconds = 30, waitSeconds = 20, onError } = {}) {
+    if (typeof handler !== 'function') throw new TypeError('runExternalTasks: handler must be a function');
+    let completed = 0;
+    while (!signal?.aborted) {
+      let tasks;
+      try {
+        tasks = await this.claimExternalTasks(sessionId, { clientId, maxTasks, leaseSeconds, waitSeconds }, { signal });
+      } catch (err) {
+        if (signal?.aborted && err?.code === grpc.status.CANCELLED) break;
+        throw err;
+      }
+      const outcomes = await Promise.allSettled(
+        tasks.map((task) => this._serveExternalTask(sessionId, clientId, handler, task, signal, onError)));
+      const failure = outcomes.find((o) => o.status === 'rejected');
+      if (failure) throw failure.reason;
+      completed += outcomes.filter((o) => o.value).length;
+    }
+    return completed;
+  }
+
+  async _serveExternalTask(sessionId, clientId, handler, task, signal, onError) {
+    const started = performance.now();
+    let result;
+    try {
+      const returned = await handler(task, { signal });
+      if (typeof returned === 'string') result = { output: returned };
+      else if (typeof returned === 'object' && returned !== null && !Array.isArray(returned)) result = { ...returned };
+      else throw new TypeError(`the handler returned ${String(returned)}, not a ToolResult object or a string`);
+      this._toolResult(result); // a bad errorKind is the handler's error too
+    } catch (err) {
+      report(onError, err, task);
+      const what = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+      result = {
+        output: `${task.call.toolName} failed in client ${clientId}: ${what}`,
+        isError: true,
+        errorKind: 'ERROR_KIND_TOOL_ERROR',
+      };
+    }
+    result.runTime ??= (performance.now() - started) / 1000;
+    try {
+      await this.completeExternalTask(sessionId, task.taskId, clientId, result);
+    } catch (err) {
+      if (err?.code !== grpc.status.FAILED_PRECONDITION && err?.code !== grpc.status.NOT_FOUND) throw err;
+      report(onError, err, task);
+      return false;
+    }
+    return true;
   }
 
   /** Connected workers (WorkerInfo objects), by id. */

@@ -43,6 +43,40 @@ const SCRIPT = `responses:
 `;
 const SCRIPT_TOOLS = ['grep', 'read', 'grep', 'read', 'write', 'read'];
 
+// Scripts of the permission and external-task sessions (JSON; one file each, chosen per session
+// with `model: 'scripted:<path>'`).
+const APPROVE_SCRIPT = {
+  responses: [
+    { text: 'Writing.', tool_calls: [{ name: 'write', arguments: { file_path: 'approved.txt', content: 'approved\n' } }] },
+    { text: 'Done.' },
+  ],
+};
+const REJECT_SCRIPT = {
+  responses: [
+    { text: 'Writing.', tool_calls: [{ name: 'write', arguments: { file_path: 'rejected.txt', content: 'rejected\n' } }] },
+    { text: 'Done.' },
+  ],
+};
+const EXTERNAL_SCRIPT = {
+  responses: [
+    {
+      text: 'Running outside.',
+      tool_calls: [
+        { name: 'bash', arguments: { command: 'echo from-the-server' } },
+        { name: 'write', arguments: { file_path: 'external.txt', content: 'never written here\n' } },
+      ],
+    },
+    { text: 'Done.' },
+  ],
+};
+const LEASE_SCRIPT = {
+  responses: [
+    { text: 'Writing.', tool_calls: [{ name: 'write', arguments: { file_path: 'leased.txt', content: 'x' } }] },
+    { text: 'Done.' },
+  ],
+};
+const scriptModels = {}; // name -> 'scripted:<path>'
+
 let tmp;
 let workspace;
 let server; // { child, address, output() }
@@ -148,6 +182,13 @@ before(async () => {
     'def greet(name):\n    # TODO: comma after Hello\n    return f"Hello {name}!"\n');
   const scriptPath = path.join(tmp, 'script.yaml');
   fs.writeFileSync(scriptPath, SCRIPT);
+  for (const [name, script] of Object.entries({
+    approve: APPROVE_SCRIPT, reject: REJECT_SCRIPT, external: EXTERNAL_SCRIPT, lease: LEASE_SCRIPT,
+  })) {
+    const file = path.join(tmp, `script-${name}.json`);
+    fs.writeFileSync(file, JSON.stringify(script));
+    scriptModels[name] = `scripted:${file}`;
+  }
   const port = await freePort();
   server = startServer(`${HOST}:${port}`, path.join(tmp, 'data'), scriptPath);
   await server.ready;
@@ -406,5 +447,232 @@ describe('admin', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.ok(execute.completed >= 1n);
     assert.equal(typeof execute.latencyP50, 'number');
     assert.equal(stats.workers, 1);
+  });
+});
+
+// The kind's payload: ev.toolCallFinished for kind 'tool_call_finished'.
+function payload(ev) {
+  return ev[ev.kind.replace(/_([a-z])/g, (_, c) => c.toUpperCase())];
+}
+
+describe('permissions and confirmations', { timeout: TEST_TIMEOUT_MS }, () => {
+  // Streams one turn of a session whose policy asks for `write`, answering the confirmation with
+  // `approve`; returns the session and the turn's events.
+  async function confirmedTurn(model, approve, reason) {
+    const session = await client.createSession({
+      workspace, model, permissions: { ask: ['write'], default: 'allow', confirmationTimeout: 10 },
+    });
+    const events = [];
+    for await (const ev of client.sendMessage(session.sessionId, 'Write the file.', { timeoutMs: STREAM_TIMEOUT_MS })) {
+      events.push(ev);
+      if (ev.kind === 'confirmation_required') {
+        const { call, deadline } = ev.confirmationRequired;
+        assert.equal(call.toolName, 'write');
+        assert.equal(call.lane, 'LANE_EXECUTE');
+        assert.ok(deadline instanceof Date && deadline > new Date(), 'deadline is a future Date');
+        await client.confirmToolCall(session.sessionId, call.callId, approve, { reason });
+      }
+    }
+    return { session, events };
+  }
+
+  test('createSession takes the policy in a plain shape; the Session echoes it', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.approve,
+      permissions: { allow: ['read'], deny: ['bash(rm *)'], ask: ['write'], default: 'ask', confirmationTimeout: 5,
+        timeoutAction: 'PERMISSION_ACTION_DENY' },
+    });
+    const policy = session.config.permissions;
+    assert.deepEqual([policy.allow, policy.deny, policy.ask], [['read'], ['bash(rm *)'], ['write']]);
+    assert.equal(policy.defaultAction, 'PERMISSION_ACTION_ASK');
+    assert.equal(policy.timeoutAction, 'PERMISSION_ACTION_DENY');
+    assert.equal(policy.confirmationTimeout, 5);
+    await client.deleteSession(session.sessionId);
+
+    await assert.rejects(client.createSession({ workspace, permissions: { ask: 'write' } }), TypeError);
+    await assert.rejects(client.createSession({ workspace, permissions: { default: 'maybe' } }), TypeError);
+    await assert.rejects(client.createSession({ workspace, permissions: { asks: ['write'] } }), TypeError);
+  });
+
+  test('an approved write runs: confirmation_required, confirmToolCall(approve), the file is written', async () => {
+    const { session, events } = await confirmedTurn(scriptModels.approve, true);
+    const required = events.filter((e) => e.kind === 'confirmation_required');
+    assert.equal(required.length, 1);
+    const { callId } = required[0].confirmationRequired.call;
+    const resolved = events.find((e) => e.kind === 'confirmation_resolved');
+    assert.equal(resolved.confirmationResolved.callId, callId);
+    assert.equal(resolved.confirmationResolved.outcome, 'CONFIRMATION_OUTCOME_APPROVED');
+    const finished = events.find((e) => e.kind === 'tool_call_finished');
+    assert.equal(finished.toolCallFinished.callId, callId);
+    assert.equal(finished.toolCallFinished.result.isError, false, finished.toolCallFinished.result.output);
+    assert.ok(required[0].sequence < resolved.sequence && resolved.sequence < finished.sequence);
+    assert.equal(events.at(-1).kind, 'turn_finished');
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    assert.equal(fs.readFileSync(path.join(workspace, 'approved.txt'), 'utf8'), 'approved\n');
+
+    // Already answered: nothing waits any more.
+    await assert.rejects(client.confirmToolCall(session.sessionId, callId, true),
+      (err) => err.code === grpc.status.NOT_FOUND);
+  });
+
+  test('a rejected write is a PERMISSION_DENIED error result carrying the reason', async () => {
+    const { session, events } = await confirmedTurn(scriptModels.reject, false, 'not in this sprint');
+    const resolved = events.find((e) => e.kind === 'confirmation_resolved');
+    assert.equal(resolved.confirmationResolved.outcome, 'CONFIRMATION_OUTCOME_REJECTED');
+    assert.equal(resolved.confirmationResolved.reason, 'not in this sprint');
+    const { result } = events.find((e) => e.kind === 'tool_call_finished').toolCallFinished;
+    assert.equal(result.isError, true);
+    assert.equal(result.errorKind, 'ERROR_KIND_PERMISSION_DENIED');
+    assert.match(result.output, /not in this sprint/);
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    assert.equal(fs.existsSync(path.join(workspace, 'rejected.txt')), false, 'the rejected write did not run');
+
+    const toolMessage = (await client.getMessages(session.sessionId)).find((m) => m.role === 'MESSAGE_ROLE_TOOL');
+    assert.equal(toolMessage.toolResult.errorKind, 'ERROR_KIND_PERMISSION_DENIED');
+  });
+
+  test('confirmToolCall for an unknown call (or session) rejects with NOT_FOUND', async () => {
+    const session = await client.createSession({ workspace, model: scriptModels.approve, permissions: { ask: ['write'] } });
+    await assert.rejects(client.confirmToolCall(session.sessionId, 'call_does_not_exist', true), (err) => {
+      assert.equal(err.code, grpc.status.NOT_FOUND);
+      assert.equal(err.code, 5);
+      assert.equal(err.errorInfo?.reason, 'CONFIRMATION_NOT_FOUND');
+      assert.equal(err.errorInfo?.metadata?.call_id, 'call_does_not_exist');
+      return true;
+    });
+    await assert.rejects(client.confirmToolCall('no-such-session', 'call_x', false),
+      (err) => err.code === grpc.status.NOT_FOUND);
+    await client.deleteSession(session.sessionId);
+  });
+});
+
+describe('external tasks', { timeout: TEST_TIMEOUT_MS }, () => {
+  const CLIENT_ID = 'node-runner';
+
+  test('createSession takes lane modes; a malformed one is a TypeError', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.external, lanes: { execute: 'external', query: { mode: 'internal', timeout: 30 } },
+      externalTaskTimeout: 12.5,
+    });
+    const { lanes, externalTaskTimeout } = session.config.queue;
+    assert.ok(lanes.some((l) => l.lane === 'LANE_EXECUTE' && l.mode === 'LANE_MODE_EXTERNAL'), JSON.stringify(lanes));
+    assert.ok(lanes.some((l) => l.lane === 'LANE_QUERY' && l.mode === 'LANE_MODE_INTERNAL' && l.timeout === 30));
+    assert.equal(externalTaskTimeout, 12.5);
+    await client.deleteSession(session.sessionId);
+
+    await assert.rejects(client.createSession({ workspace, lanes: { execute: 'sideways' } }), TypeError);
+    await assert.rejects(client.createSession({ workspace, lanes: { kitchen: 'external' } }), TypeError);
+  });
+
+  test('runExternalTasks runs the Execute calls of an EXTERNAL lane; their results reach the model', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.external, lanes: { execute: 'external' }, externalTaskTimeout: 15,
+    });
+    const seen = [];
+    const handlerErrors = [];
+    const controller = new AbortController();
+    const runner = client.runExternalTasks(session.sessionId, CLIENT_ID, async (task, { signal }) => {
+      seen.push(task);
+      assert.ok(signal instanceof AbortSignal);
+      if (task.call.toolName === 'write') throw new Error('disk full');
+      return { output: `ran ${JSON.parse(task.call.argumentsJson).command} outside`, exitCode: 0 };
+    }, { signal: controller.signal, waitSeconds: 10, leaseSeconds: 10, onError: (err) => handlerErrors.push(err) });
+
+    let events;
+    try {
+      events = await collect(client.sendMessage(session.sessionId, 'Run it elsewhere.', { timeoutMs: STREAM_TIMEOUT_MS }));
+    } finally {
+      controller.abort();
+    }
+    const startedAt = Date.now();
+    assert.equal(await runner, 2, 'two tasks completed');
+    assert.ok(Date.now() - startedAt < 2_000, 'aborting cancels the pending long-poll claim at once');
+
+    // The tasks, as the handler saw them, in the model's order (Execute calls run one at a time).
+    assert.deepEqual(seen.map((t) => t.call.toolName), ['bash', 'write']);
+    for (const task of seen) {
+      assert.match(task.taskId, /\S/);
+      assert.equal(task.sessionId, session.sessionId);
+      assert.equal(task.lane, 'LANE_EXECUTE');
+      assert.equal(task.call.lane, 'LANE_EXECUTE');
+      assert.equal(typeof task.call.index, 'number');
+      assert.equal(task.attempt, 1); // int32: a Number
+      assert.ok(task.leaseExpireTime instanceof Date && task.leaseExpireTime > task.deadline - 15_000);
+      assert.ok(task.deadline instanceof Date);
+      assert.equal(task.workspace, fs.realpathSync(workspace));
+    }
+    assert.deepEqual(handlerErrors.map((e) => e.message), ['disk full']);
+
+    // The events: pending, then completed by this client, for each call.
+    assert.equal(events.at(-1).kind, 'turn_finished');
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    const pending = events.filter((e) => e.kind === 'external_task_pending');
+    const completed = events.filter((e) => e.kind === 'external_task_completed');
+    assert.deepEqual(pending.map((e) => e.externalTaskPending.task.taskId), seen.map((t) => t.taskId));
+    assert.deepEqual(completed.map((e) => e.externalTaskCompleted.taskId), seen.map((t) => t.taskId));
+    assert.ok(completed.every((e) => e.externalTaskCompleted.clientId === CLIENT_ID));
+    for (const ev of events) assert.ok(payload(ev), `payload of ${ev.kind}`);
+
+    // The history: the handler's output as the bash result, the exception as the write's error.
+    const messages = await client.getMessages(session.sessionId);
+    const tools = messages.filter((m) => m.role === 'MESSAGE_ROLE_TOOL');
+    assert.equal(tools.length, 2);
+    assert.equal(tools[0].toolCallId, seen[0].call.callId);
+    assert.equal(tools[0].toolResult.output, 'ran echo from-the-server outside');
+    assert.equal(tools[0].toolResult.isError, false);
+    assert.equal(tools[0].toolResult.exitCode, 0);
+    assert.equal(tools[0].toolResult.workerId, CLIENT_ID);
+    assert.equal(tools[1].toolCallId, seen[1].call.callId);
+    assert.equal(tools[1].toolResult.isError, true);
+    assert.equal(tools[1].toolResult.errorKind, 'ERROR_KIND_TOOL_ERROR');
+    assert.match(tools[1].toolResult.output, /disk full/);
+    assert.equal(messages.at(-1).text, 'Done.');
+    assert.equal(fs.existsSync(path.join(workspace, 'external.txt')), false, 'the server did not run the write');
+  });
+
+  test('claim and complete by hand: only the lease holder may complete, once', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.lease, lanes: { execute: 'external' }, externalTaskTimeout: 15,
+    });
+    // Nothing pending yet: an immediate claim returns no task.
+    assert.deepEqual(await client.claimExternalTasks(session.sessionId, { clientId: 'a' }), []);
+
+    const turn = collect(client.sendMessage(session.sessionId, 'Write it.', { timeoutMs: STREAM_TIMEOUT_MS }));
+    try {
+      const tasks = await client.claimExternalTasks(session.sessionId,
+        { clientId: 'a', maxTasks: 5, leaseSeconds: 10, waitSeconds: 5 });
+      assert.equal(tasks.length, 1);
+      const [task] = tasks;
+      assert.equal(task.call.toolName, 'write');
+      assert.deepEqual(JSON.parse(task.call.argumentsJson), { file_path: 'leased.txt', content: 'x' });
+
+      await assert.rejects(
+        client.completeExternalTask(session.sessionId, task.taskId, 'b', { output: 'not mine' }),
+        (err) => {
+          assert.equal(err.code, grpc.status.FAILED_PRECONDITION);
+          assert.equal(err.code, 9);
+          assert.equal(err.errorInfo?.reason, 'LEASE_NOT_HELD');
+          return true;
+        },
+      );
+      await assert.rejects(client.completeExternalTask(session.sessionId, 'task_unknown', 'a', { output: '' }),
+        (err) => err.code === grpc.status.NOT_FOUND);
+      await assert.rejects(client.completeExternalTask(session.sessionId, task.taskId, 'a', { errorKind: 'oops' }),
+        TypeError);
+
+      await client.completeExternalTask(session.sessionId, task.taskId, 'a',
+        { output: 'written by hand', metadataJson: '{"bytes": 1}', errorKind: '' });
+      // Done once: the task is gone.
+      await assert.rejects(client.completeExternalTask(session.sessionId, task.taskId, 'a', { output: 'again' }),
+        (err) => err.code === grpc.status.NOT_FOUND);
+    } finally {
+      const events = await turn;
+      const finished = events.find((e) => e.kind === 'tool_call_finished');
+      assert.equal(finished?.toolCallFinished.result.output, 'written by hand');
+      assert.equal(events.at(-1).kind, 'turn_finished');
+    }
+    // An empty client id is refused by the server.
+    await assert.rejects(client.claimExternalTasks(session.sessionId, { clientId: '' }),
+      (err) => err.code === grpc.status.INVALID_ARGUMENT && err.errorInfo?.metadata?.field === 'client_id');
   });
 });
