@@ -32,7 +32,15 @@ from typing import Any
 from benchmarks import bench_peers, bench_report
 from benchmarks.bench_codelane import CodelaneHarness, Mode, RunRecord, make_modes
 from benchmarks.bench_peers import PEER_NAMES, Peer
-from benchmarks.bench_workloads import DEFAULT_CACHE, WORKLOAD_KEYS, Sizes, Workload, bench_registry, build_workloads
+from benchmarks.bench_workloads import (
+    DEFAULT_CACHE,
+    WORKLOAD_KEYS,
+    Sizes,
+    Workload,
+    bench_registry,
+    build_workloads,
+    calibrate,
+)
 
 FULL_MODES = ("sequential", "parallel-local", "workers-1", "workers-2", "workers-4", "workers-8")
 QUICK_MODES = ("sequential", "parallel-local", "workers-2", "workers-8")
@@ -65,6 +73,10 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     if config.repeat < 1:
         raise ValueError("--repeat must be at least 1")
     workloads = build_workloads(config.workloads, config.cache_dir, config.sizes, log)
+    clock = time.perf_counter()
+    calibrate(workloads)
+    cpu = ", ".join(f"{w.key} {w.cpu_seconds:.2f} s" for w in workloads if w.cpu_seconds is not None)
+    log(f"CPU time of the calls, alone: {cpu or '-'} (measured in {time.perf_counter() - clock:.1f} s)")
     modes = make_modes(config.modes, config.slots, config.query_concurrency)
     load_before = _load()
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -79,7 +91,7 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
 
 # -- measuring ---------------------------------------------------------------------------------
 
-Entry = tuple[str, Mode | Peer]  # ("codelane", mode) or ("peer", peer)
+Entry = Mode | Peer  # a codelane mode or a peer
 
 
 async def _measure(
@@ -109,21 +121,20 @@ async def _measure(
             info["start_seconds"] = round(time.perf_counter() - clock, 2)
             peers.append(peer)
         await harness.start(workloads)
-        entries: list[Entry] = [("codelane", m) for m in modes] + [("peer", p) for p in peers]
+        entries: list[Entry] = [*modes, *peers]
         failed: set[str] = set()
 
         async def one(entry: Entry, workload: Workload) -> RunRecord | None:
-            kind, target = entry
-            if kind == "codelane":
-                return await harness.run(target, workload)  # type: ignore[arg-type]
-            if target.name in failed:  # type: ignore[union-attr]
+            if isinstance(entry, Mode):
+                return await harness.run(entry, workload)  # a failure here ends the benchmark
+            if entry.name in failed:
                 return None
             try:
-                return await target.run(workload)  # type: ignore[union-attr]
-            except Exception as exc:
-                failed.add(target.name)  # type: ignore[union-attr]
-                peer_info[target.name]["reason"] = f"failed on {workload.key}: {type(exc).__name__}: {exc}"  # type: ignore[union-attr]
-                log(f"peer {target.name}: {peer_info[target.name]['reason']}")  # type: ignore[union-attr]
+                return await entry.run(workload)
+            except Exception as exc:  # a peer that breaks is reported as not measured, never faked
+                failed.add(entry.name)
+                peer_info[entry.name]["reason"] = f"failed on {workload.key}: {type(exc).__name__}: {exc}"
+                log(f"peer {entry.name}: {peer_info[entry.name]['reason']}")
                 return None
 
         clock = time.perf_counter()
@@ -132,7 +143,7 @@ async def _measure(
                 for entry in entries:
                     record = await one(entry, workload)
                     if record is not None and record.problems:
-                        log(f"warm-up {workload.key} {_name(entry)}: {'; '.join(record.problems[:3])}")
+                        log(f"warm-up {workload.key} {entry.name}: {'; '.join(record.problems[:3])}")
         log(f"warm-up done in {time.perf_counter() - clock:.1f} s; measuring {config.repeat} runs each")
         for rep in range(config.repeat):
             clock = time.perf_counter()
@@ -141,7 +152,7 @@ async def _measure(
                 for entry in entries[shift:] + entries[:shift]:
                     record = await one(entry, workload)
                     if record is not None:
-                        records[workload.key].setdefault(_name(entry), []).append(record)
+                        records[workload.key].setdefault(entry.name, []).append(record)
             log(f"run {rep + 1}/{config.repeat} done in {time.perf_counter() - clock:.1f} s")
         for peer in peers:
             peer_info[peer.name]["measured"] = peer.name not in failed
@@ -154,10 +165,6 @@ async def _measure(
                 log(f"peer {peer.name}: close failed: {exc}")
         bench_peers.shutdown()
     return records, peer_info
-
-
-def _name(entry: Entry) -> str:
-    return entry[1].name
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -188,6 +195,7 @@ def _build_report(
         data: dict[str, Any] = {
             "title": workload.title, "description": workload.description, "calls": len(workload.calls),
             "kind": workload.kind, "service_time": workload.service_time, "signature": workload.signature(),
+            "cpu_seconds": workload.cpu_seconds,
             "lanes": [lane.value for lane in workload.lanes(registry)], "tree": workload.tree,
             "workspace": str(workload.workspace),
             "call_list": [{"tool": c.name, "arguments": c.arguments} for c in workload.calls],

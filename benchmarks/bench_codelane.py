@@ -8,7 +8,11 @@ answers. Timing comes from the turn's events:
 
 - `wall` (the tool phase): from the first ToolCallStarted to the last ToolCallFinished, on the
   server's clock. It holds everything codelane does for the calls (scheduling, dispatch,
-  transport, the tools, event persistence) and nothing of the model;
+  transport, the tools, event persistence, and parsing the rest of the model's stream once the
+  first call is known: Query calls start as soon as their arguments are complete) and nothing
+  of the model's latency. Also recorded: `after_response`, from the moment the mock wrote the
+  end of its response to the last result, and `head_start`, how long before that end the first
+  call started (negative: after, i.e. the time the server took to read the response);
 - `turn_wall`: the client's view, from `send()` to TurnFinished (two model responses included);
 - per call: `queue_wait` and `run_time` from ToolCallFinished, and `transport` = (finished -
   started) - run_time: the hub->worker->hub round trip (or the in-process call path).
@@ -94,12 +98,18 @@ class RunRecord:
     queue_waits: list[float]  # in call order
     transports: list[float] | None = None  # codelane only
     turn_wall: float | None = None  # codelane only
+    # codelane only: from the end of the model's response (as the mock sent it) to the last result
+    after_response: float | None = None
+    # codelane only: how long before the response ended the first call started (negative: after)
+    head_start: float | None = None
     workers: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "wall": self.wall, "turn_wall": self.turn_wall, "calls": self.calls, "signature": self.signature,
+            "wall": self.wall, "turn_wall": self.turn_wall, "after_response": self.after_response,
+            "head_start": self.head_start,
+            "calls": self.calls, "signature": self.signature,
             "errors": self.errors, "order_ok": self.order_ok, "run_times": self.run_times,
             "queue_waits": self.queue_waits, "transports": self.transports, "workers": self.workers,
             "problems": self.problems,
@@ -116,6 +126,10 @@ class WorkloadMock(MockLLM):
     def __init__(self, scripts: Mapping[str, Script], options: MockOptions) -> None:
         super().__init__(next(iter(scripts.values())), options)
         self.scripts = dict(scripts)
+        # (step, epoch seconds) of every streamed response once its last frame was written: the
+        # moment the model "finished speaking". The benchmark runs one turn at a time.
+        self.responses_sent: list[tuple[int, float]] = []
+        self._step = 0
 
     def _response_for(self, messages: list[Any]) -> ScriptedResponse:
         first_user = next(
@@ -124,7 +138,14 @@ class WorkloadMock(MockLLM):
         text = first_user if isinstance(first_user, str) else str(first_user)
         key = text.rsplit(" ", 1)[-1]
         script = self.scripts.get(key, self.script)
-        return script.response_at(sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"))
+        self._step = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant")
+        return script.response_at(self._step)
+
+    async def _stream(self, request, frames, error, headers, faulty):  # type: ignore[no-untyped-def]
+        step = self._step
+        response = await super()._stream(request, frames, error, headers, faulty)
+        self.responses_sent.append((step, time.time()))
+        return response
 
 
 async def start_mock(workloads: Sequence[Workload], latency: float) -> tuple[web.AppRunner, str, WorkloadMock]:
@@ -233,16 +254,25 @@ class CodelaneHarness:
                 if isinstance(event, ev.TurnFinished):
                     finished = time.perf_counter()
 
+        if self._mock is not None:
+            self._mock.responses_sent.clear()
         await asyncio.wait_for(consume(), TURN_TIMEOUT)
+        response_end = None
         if self._mock is not None:
             self._mock.requests.clear()  # the mock records every request; nothing here reads them
-        record = parse_turn(events, workload, mode)
+            response_end = next((t for step, t in self._mock.responses_sent if step == 0), None)
+        record = parse_turn(events, workload, mode, response_end)
         record.turn_wall = (finished or time.perf_counter()) - started
         return record
 
 
-def parse_turn(events: Sequence[ev.Event], workload: Workload, mode: Mode) -> RunRecord:
-    """The run's figures from its events; anything unexpected is listed in `problems`."""
+def parse_turn(
+    events: Sequence[ev.Event], workload: Workload, mode: Mode, response_end: float | None = None
+) -> RunRecord:
+    """The run's figures from its events; anything unexpected is listed in `problems`.
+
+    `response_end` is when the mock model wrote the end of its tool-calling response (epoch
+    seconds), for `after_response` and `head_start`."""
     problems: list[str] = []
     calls: list[ev.ToolCall] = []
     for event in events:
@@ -283,8 +313,16 @@ def parse_turn(events: Sequence[ev.Event], workload: Workload, mode: Mode) -> Ru
         if mode.workers and call.lane == "query" and result.worker_id == "local":
             problems.append(f"call {call.call_id} ran in-process although the mode has workers")
     wall = (max(f.time for f in finished.values()) - min(started.values())) if finished and started else 0.0
+    after_response = head_start = None
+    if response_end is not None and finished and started:
+        after_response = max(f.time for f in finished.values()) - response_end
+        head_start = response_end - min(started.values())
+    elif response_end is None:
+        problems.append("the mock did not report the end of the model's response")
     return RunRecord(
         wall=wall,
+        after_response=after_response,
+        head_start=head_start,
         calls=len(calls),
         signature=signature(canonical(c.tool_name, c.arguments_json) for c in calls),
         errors=errors,

@@ -16,7 +16,10 @@ code path takes, from handing over the calls to having every result.
   bookkeeping: tool context, hooks, guardrail checks, result items. Tracing is disabled.
 - `ray`: a local Ray cluster (`ray.init(num_cpus=2, include_dashboard=False)`), one Ray task per
   call wrapping the tool; tasks ask for 1 CPU each (Ray's default), so at most 2 run at once.
-- `ray-8`: the same with `num_cpus=0.25` per task: 8 at once, like 8 codelane slots.
+- `ray-8`: the same with `num_cpus=0.25` per task: 8 at once, like 8 codelane slots. The cluster
+  keeps 8 worker processes warm (`num_workers_soft_limit=8`); Ray's default of num_cpus (2) has it
+  kill the 6 extra workers after a second idle and start them again for the next batch, which
+  costs seconds per run and measures Python start-up, not Ray.
 
 None of them orders calls: every call of M starts at once, writes included (see `order_ok`).
 """
@@ -28,7 +31,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -40,6 +45,8 @@ from benchmarks.bench_workloads import Workload, bench_registry, canonical, sign
 from tool_worker.registry import ToolRegistry
 
 PEER_NAMES = ("langgraph", "openai-agents", "ray", "ray-8")
+RAY_WARM_WORKERS = 8
+_ray_temp_dir: str | None = None
 
 _registry: ToolRegistry | None = None
 
@@ -246,9 +253,16 @@ class RayPeer(Peer):
 
         self._ray = ray
         if not ray.is_initialized():
+            global _ray_temp_dir
+            # Ray's sockets and logs go to a directory of ours, removed by shutdown() (not /tmp/ray).
+            _ray_temp_dir = tempfile.mkdtemp(prefix="codelane-bench-ray-")
             ray.init(
+                _temp_dir=_ray_temp_dir,
                 num_cpus=self.cluster_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
+                # Keep 8 worker processes warm for ray-8: by default Ray kills idle workers beyond
+                # num_cpus after a second and starts them again for the next batch (seconds each).
+                _system_config={"num_workers_soft_limit": RAY_WARM_WORKERS},
             )
         self._task = ray.remote(_ray_tool).options(num_cpus=self.cpus_per_task)
 
@@ -288,8 +302,12 @@ def make_peer(name: str) -> Peer:
 
 def shutdown() -> None:
     """Stops the local Ray cluster if a peer started one (ray and ray-8 share it)."""
+    global _ray_temp_dir
     ray = sys.modules.get("ray")
     if ray is not None:
         with contextlib.suppress(Exception):
             if ray.is_initialized():
                 ray.shutdown()
+    if _ray_temp_dir is not None:
+        shutil.rmtree(_ray_temp_dir, ignore_errors=True)
+        _ray_temp_dir = None

@@ -16,10 +16,12 @@ directory outside the repository and reused while their marker matches.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -78,6 +80,9 @@ class Workload:
     # Files that M writes (relative to the workspace), with the text that proves a read saw the write.
     writes: dict[str, str] = field(default_factory=dict)
     tree: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds (this process and its children, rg included) the calls take when run one after
+    # the other in-process; None until `calibrate()`; not measured for "wait" workloads.
+    cpu_seconds: float | None = None
 
     @property
     def prompt(self) -> str:
@@ -308,3 +313,30 @@ def bench_registry() -> ToolRegistry:
     registry = ToolRegistry.builtin()
     registry.load_module(PLUGIN_MODULE)
     return registry
+
+
+def _cpu_now() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+async def _calibrate(workloads: Sequence[Workload], passes: int) -> None:
+    registry = bench_registry()
+    for workload in workloads:
+        if workload.kind != "cpu":
+            continue
+        samples = []
+        for _ in range(passes + 1):  # the first pass warms the page cache and imports
+            workload.reset()
+            before = _cpu_now()
+            for call in workload.calls:
+                await registry.execute(call.name, workload.workspace, call.arguments_json)
+            samples.append(_cpu_now() - before)
+        workload.cpu_seconds = min(samples[1:])
+        workload.reset()
+
+
+def calibrate(workloads: Sequence[Workload], passes: int = 2) -> None:
+    """Measures each CPU-bound workload's CPU time: the floor of its wall time is that / cores,
+    whatever runs the calls (rg already runs one thread per core)."""
+    asyncio.run(_calibrate(workloads, passes))

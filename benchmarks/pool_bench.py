@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,7 +103,7 @@ async def _round_trips(calls: int, workspace: str, batch: int = 100) -> tuple[li
                 assert not result.is_error, result.output
         return raw, hub
     finally:
-        await server.stop(1)
+        await _stop_server(server)
         await raw_peer.stop()
 
 
@@ -136,10 +137,15 @@ async def _start_server(workers: int, slots: int) -> CodelaneServer:
     deadline = time.monotonic() + 30
     while len(server.pool.workers()) < workers:
         if time.monotonic() > deadline:
-            await server.stop(1)
+            await _stop_server(server)
             raise SystemExit("workers did not connect within 30 s")
         await asyncio.sleep(0.05)
     return server
+
+
+async def _stop_server(server: CodelaneServer) -> None:
+    await server.stop(1)
+    shutil.rmtree(server.config.data_dir, ignore_errors=True)
 
 
 def _noop(workspace: str, i: int) -> QueryCall:
@@ -165,7 +171,7 @@ async def _throughput(calls: int, workers: int, workspace: str) -> float:
         await asyncio.gather(*(one(i) for i in range(calls)))
         return calls / (time.perf_counter() - started)
     finally:
-        await server.stop(1)
+        await _stop_server(server)
 
 
 async def run(calls: int, throughput_calls: int, workers: int) -> dict:
