@@ -6,13 +6,10 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
-
 from session_server.llm.anthropic_accumulator import AnthropicAccumulator
 from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
-from session_server.llm.retry import RetryPolicy
 from session_server.llm.sse import iter_sse
-from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, HttpProvider
+from session_server.llm.transport import HttpProvider
 
 KEY_ENV = "ANTHROPIC_API_KEY"
 API_VERSION = "2023-06-01"
@@ -26,24 +23,21 @@ class AnthropicProvider(HttpProvider):
     """`base_url` excludes the version, e.g. https://api.anthropic.com. A given `client` is used as
     is (and not closed); otherwise the provider owns one."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None,
-        client: httpx.AsyncClient | None = None,
-        max_retries: int = 2,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        headers = {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
-        super().__init__(
-            Endpoint("Anthropic", f"{base_url.rstrip('/')}/v1/messages", headers, api_key, KEY_ENV),
-            request_body,
-            _decode,
-            client=client,
-            timeout=timeout,
-            policy=retry_policy or RetryPolicy(max_retries=max_retries),
-        )
+    PROVIDER = "Anthropic"
+    PATH = "/v1/messages"
+    KEY_ENV = KEY_ENV
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        return {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
+
+    @staticmethod
+    def request_body(request: ModelRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    @staticmethod
+    def decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+        return _decode(lines)
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:

@@ -7,13 +7,10 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
-
 from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
 from session_server.llm.openai_accumulator import OpenAIAccumulator
-from session_server.llm.retry import RetryPolicy
 from session_server.llm.sse import iter_sse
-from session_server.llm.transport import DEFAULT_TIMEOUT, Endpoint, HttpProvider
+from session_server.llm.transport import HttpProvider
 from tool_worker.tools.base import ToolSpec
 
 KEY_ENV = "OPENAI_API_KEY"
@@ -23,24 +20,21 @@ class OpenAIProvider(HttpProvider):
     """`base_url` includes the version, e.g. https://api.openai.com/v1 or http://localhost:11434/v1.
     A given `client` is used as is (and not closed); otherwise the provider owns one."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None,
-        client: httpx.AsyncClient | None = None,
-        max_retries: int = 2,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        super().__init__(
-            Endpoint("OpenAI", f"{base_url.rstrip('/')}/chat/completions", headers, api_key, KEY_ENV),
-            request_body,
-            _decode,
-            client=client,
-            timeout=timeout,
-            policy=retry_policy or RetryPolicy(max_retries=max_retries),
-        )
+    PROVIDER = "OpenAI"
+    PATH = "/chat/completions"
+    KEY_ENV = KEY_ENV
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    @staticmethod
+    def request_body(request: ModelRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    @staticmethod
+    def decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+        return _decode(lines)
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:

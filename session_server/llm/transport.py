@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -107,29 +107,43 @@ def _attempts(retries: int) -> str:
 
 
 class HttpProvider:
-    """A provider that POSTs each request to one endpoint and decodes the streamed answer.
-    A given `client` is used as is (and not closed); otherwise the provider owns one."""
+    """A provider that POSTs each request to `base_url + PATH` and decodes the streamed answer.
+    Subclasses name the API and give its headers, request body and decoder. A given `client` is
+    used as is (and not closed); otherwise the provider owns one."""
+
+    PROVIDER: ClassVar[str]  # for messages: "OpenAI", "Anthropic"
+    PATH: ClassVar[str]
+    KEY_ENV: ClassVar[str]  # the variable a user sets the key in, for hints
 
     def __init__(
         self,
-        endpoint: Endpoint,
-        body: Callable[[ModelRequest], Mapping[str, Any]],
-        decode: Decoder,
-        *,
-        client: httpx.AsyncClient | None,
-        timeout: httpx.Timeout | float,
-        policy: RetryPolicy,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient | None = None,
+        max_retries: int = 2,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
-        self.url = endpoint.url
-        self._endpoint = endpoint
-        self._body = body
-        self._decode = decode
+        self.url = f"{base_url.rstrip('/')}{self.PATH}"
+        self._endpoint = Endpoint(self.PROVIDER, self.url, self.headers(api_key), api_key, self.KEY_ENV)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout)
-        self._policy = policy
+        self._policy = retry_policy or RetryPolicy(max_retries=max_retries)
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        raise NotImplementedError
+
+    @staticmethod
+    def request_body(request: ModelRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+        raise NotImplementedError
 
     def stream(self, request: ModelRequest) -> AsyncIterator[StreamItem]:
-        return stream_with_retries(self._client, self._endpoint, self._body(request), self._policy, self._decode)
+        return stream_with_retries(self._client, self._endpoint, self.request_body(request), self._policy, self.decode)
 
     async def aclose(self) -> None:
         if self._owns_client:
