@@ -138,3 +138,23 @@ def test_error_lines_say_what_to_do() -> None:
         "codelane stats: the server at 10.0.0.1:50051 did not answer within 10s (DEADLINE_EXCEEDED)")
     assert error_line("codelane run", CodelaneError("INVALID_ARGUMENT", "bad\nrule  'x'"), address) == (
         "codelane run: INVALID_ARGUMENT: bad rule 'x'")  # always one line
+
+
+def test_client_commands_speak_tls(make_server, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    server = make_server(tls_cert=str(cert), tls_key=str(key))
+    address = f"localhost:{server.port}"
+    ok = cli("sessions", "--server", address, "--tls-ca", str(cert))
+    assert ok.returncode == 0 and ok.stdout.startswith("no sessions"), ok.stderr
+    plain = cli("sessions", "--server", address)
+    assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and plain.stderr.startswith("codelane sessions:")

@@ -23,13 +23,18 @@ def add_server_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def add_token_option(parser: argparse.ArgumentParser) -> None:
+    """--token (default $CODELANE_TOKEN) and the TLS options."""
     parser.add_argument("--token", default=os.environ.get("CODELANE_TOKEN") or None,
                         help="bearer token (default $CODELANE_TOKEN)")
+    parser.add_argument("--tls-ca", help="CA certificate of the server (turns TLS on)")
+    parser.add_argument("--tls-cert", help="client certificate, for mTLS")
+    parser.add_argument("--tls-key", help="client private key, for mTLS")
 
 
-def connect(address: str, token: str | None) -> Client:
-    """An async client whose unary calls give up after UNARY_TIMEOUT."""
-    return Client(address, token=token, timeout=UNARY_TIMEOUT)
+def connect(address: str, args: argparse.Namespace) -> Client:
+    """An async client (token and TLS from the options) whose unary calls give up after UNARY_TIMEOUT."""
+    return Client(address, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  timeout=UNARY_TIMEOUT)
 
 
 def error_line(prog: str, exc: CodelaneError, address: str) -> str:

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def drain(args: argparse.Namespace) -> int:
-    async with connect(args.server, args.token) as client:
+    async with connect(args.server, args) as client:
         await client.drain_worker(args.worker, args.reason)
     print(f"worker {args.worker} is draining: it finishes the calls it has, takes no new ones, then disconnects")
     return 0

@@ -100,7 +100,7 @@ async def _cancel_turn(session: Session) -> None:
 
 async def run_prompt(address: str, args: argparse.Namespace) -> int:
     view = EventView.choose(json=args.json, plain=args.plain, live=args.live)
-    async with connect(address, args.token) as client:
+    async with connect(address, args) as client:
         rules = {key: getattr(args, key) for key in ("allow", "deny", "ask") if getattr(args, key)}
         options = {"permissions": rules} if rules else {}
         session = await client.create_session(args.workspace.resolve(), model=args.model, **options)

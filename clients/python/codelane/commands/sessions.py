@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def list_sessions(args: argparse.Namespace) -> int:
-    async with connect(args.server, args.token) as client:
+    async with connect(args.server, args) as client:
         sessions = []
         async for info in client.list_sessions():
             sessions.append(info)

@@ -27,7 +27,7 @@ def _ms(seconds: float) -> str:
 
 
 async def show_stats(args: argparse.Namespace) -> int:
-    async with connect(args.server, args.token) as client:
+    async with connect(args.server, args) as client:
         lanes = await client.queue_stats()
     if args.json:
         for lane in lanes:

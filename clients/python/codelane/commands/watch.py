@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def watch(args: argparse.Namespace) -> int:
     renderer = PlainRenderer(sys.stdout)
-    async with connect(args.server, args.token) as client:
+    async with connect(args.server, args) as client:
         session = await client.get_session(args.session)
         async for event in session.watch(args.after, follow=args.follow):
             if args.json:

@@ -35,7 +35,7 @@ def workspaces_cell(worker: WorkerInfo) -> str:
 
 
 async def list_workers(args: argparse.Namespace) -> int:
-    async with connect(args.server, args.token) as client:
+    async with connect(args.server, args) as client:
         workers = await client.list_workers()
     if args.json:
         for worker in workers:
