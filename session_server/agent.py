@@ -285,7 +285,7 @@ class Turn:
         return scheduled
 
     def _exists(self, tool_name: str) -> bool:
-        return self.ctx.registry.get(tool_name) is not None or tool_name in self.ctx.pool.offered_tools()
+        return self.ctx.registry.get(tool_name) is not None or self.ctx.pool.offers(tool_name)
 
     def _info(self, call: ScheduledCall) -> CallInfo:
         lane = call.lane.value if call.lane else ""
@@ -354,9 +354,10 @@ class Turn:
 
     async def _run_internal(self, call: ScheduledCall, spec: ToolSpec) -> ToolResult:
         ctx = self.ctx
-        if call.lane is Lane.QUERY and call.tool_name not in ctx.pool.offered_tools() and not ctx.local_fallback:
+        on_workers = call.lane is Lane.QUERY and ctx.pool.offers(call.tool_name)
+        if call.lane is Lane.QUERY and not on_workers and not ctx.local_fallback:
             return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
-        if call.lane is Lane.QUERY and call.tool_name in ctx.pool.offered_tools():
+        if on_workers:
             result = await ctx.pool.dispatch(
                 QueryCall(
                     session_id=ctx.session_id,

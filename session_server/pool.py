@@ -296,6 +296,10 @@ class WorkerPool:
         worker = self._workers.get(worker_id)
         return self._snapshot(worker) if worker else None
 
+    def offers(self, tool_name: str) -> bool:
+        """Whether a ready worker offers the tool (cheap: asked once per call)."""
+        return any(not w.draining and tool_name in w.tools for w in self._workers.values())
+
     def offered_tools(self) -> dict[str, ToolSpec]:
         """Tools offered by at least one ready worker (first offer wins for the spec)."""
         offered: dict[str, ToolSpec] = {}
