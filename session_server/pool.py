@@ -309,9 +309,6 @@ class WorkerPool:
                     offered.setdefault(name, spec)
         return offered
 
-    def pending_count(self) -> int:
-        return sum(len(q) for q in self._queues.values())
-
     def capacity(self) -> tuple[int, int]:
         """(total slots, calls in flight) over connected workers."""
         return (

@@ -58,7 +58,6 @@ class WorkerConfig:
     token: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     roots: list[str] = field(default_factory=list)
-    tool_modules: list[str] = field(default_factory=list)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -319,7 +318,6 @@ def main(argv: list[str]) -> int:
         token=args.token,
         labels=args.labels,
         roots=[str(Path(r).resolve()) for r in args.root],
-        tool_modules=args.tools,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
