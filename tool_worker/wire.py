@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from codelane.v1 import tools_pb2
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
@@ -16,9 +16,27 @@ ERROR_KIND_TO_PROTO = {kind: tools_pb2.ErrorKind.Value(f"ERROR_KIND_{kind.name}"
 ERROR_KIND_FROM_PROTO = {v: k for k, v in ERROR_KIND_TO_PROTO.items()}
 
 
+NANOS_PER_SECOND = 1_000_000_000
+
+# protobuf's FromNanoseconds() is Python code that costs microseconds; every call's path sets a
+# deadline and two durations, so these do the same normalisation directly.
+
+
+def set_duration(msg: duration_pb2.Duration, seconds: float) -> None:
+    """Seconds and nanos take the value's sign, as Duration requires."""
+    nanos = int(seconds * 1e9)
+    whole, fraction = divmod(abs(nanos), NANOS_PER_SECOND)
+    msg.seconds, msg.nanos = (whole, fraction) if nanos >= 0 else (-whole, -fraction)
+
+
+def set_timestamp(msg: timestamp_pb2.Timestamp, epoch_seconds: float) -> None:
+    """Nanos stay in [0, 1e9), as Timestamp requires (floor division does it for negatives)."""
+    msg.seconds, msg.nanos = divmod(int(epoch_seconds * 1e9), NANOS_PER_SECOND)
+
+
 def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
+    set_duration(d, seconds)
     return d
 
 
@@ -57,23 +75,25 @@ def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
     )
 
 
-def result_to_proto(result: ToolResult) -> tools_pb2.ToolResult:
-    msg = tools_pb2.ToolResult(
-        output=result.output,
-        is_error=result.is_error,
-        truncated=result.truncated,
-        worker_id=result.worker_id,
-        attempt=result.attempt,
-        metadata_json=json.dumps(result.metadata) if result.metadata else "",
-    )
+def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None) -> tools_pb2.ToolResult:
+    """Fills `msg` (a field of an enclosing message, which saves a copy) or a new message."""
+    if msg is None:
+        msg = tools_pb2.ToolResult()
+    msg.output = result.output
+    msg.is_error = result.is_error
+    msg.truncated = result.truncated
+    msg.worker_id = result.worker_id
+    msg.attempt = result.attempt
+    if result.metadata:
+        msg.metadata_json = json.dumps(result.metadata)
     if result.error_kind is not None:
         msg.error_kind = ERROR_KIND_TO_PROTO[result.error_kind]
     if result.exit_code is not None:
         msg.exit_code = result.exit_code
     if result.queue_wait:
-        msg.queue_wait.CopyFrom(duration(result.queue_wait))
+        set_duration(msg.queue_wait, result.queue_wait)
     if result.run_time:
-        msg.run_time.CopyFrom(duration(result.run_time))
+        set_duration(msg.run_time, result.run_time)
     return msg
 
 

@@ -17,7 +17,7 @@ from tool_worker import wire
 
 def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(epoch_seconds * 1e9))
+    wire.set_timestamp(ts, epoch_seconds)
     return ts
 
 
@@ -205,7 +205,7 @@ def message(stored: StoredMessage) -> session_pb2.Message:
         create_time=timestamp(stored.created),
     )
     if stored.tool_result is not None:
-        msg.tool_result.CopyFrom(wire.result_to_proto(stored.tool_result))
+        wire.result_to_proto(stored.tool_result, msg.tool_result)
     return msg
 
 

@@ -1,0 +1,44 @@
+"""The proto conversions every call crosses: durations, timestamps and results."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from codelane.v1 import worker_pb2
+from tool_worker import wire
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5, 1.25, 59.999999999, 3600.000001, -0.5, -1.25, -2.0])
+def test_set_duration_matches_protobufs_own_normalisation(seconds: float) -> None:
+    ours, theirs = duration_pb2.Duration(), duration_pb2.Duration()
+    wire.set_duration(ours, seconds)
+    theirs.FromNanoseconds(int(seconds * 1e9))
+    assert (ours.seconds, ours.nanos) == (theirs.seconds, theirs.nanos)
+    assert wire.seconds(ours) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("epoch", [0.0, 1_764_000_000.123456, -1.25, -0.000001])
+def test_set_timestamp_matches_protobufs_own_normalisation(epoch: float) -> None:
+    ours, theirs = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    wire.set_timestamp(ours, epoch)
+    theirs.FromNanoseconds(int(epoch * 1e9))
+    assert (ours.seconds, ours.nanos) == (theirs.seconds, theirs.nanos)
+    assert 0 <= ours.nanos < 1_000_000_000
+
+
+def test_a_result_survives_the_round_trip_built_in_place() -> None:
+    result = ToolResult.error(ErrorKind.TIMEOUT, "too slow", exit_code=124, metadata={"pid": 7})
+    result.truncated, result.worker_id, result.attempt = True, "w1", 2
+    result.queue_wait, result.run_time = 0.25, 1.5
+    report = worker_pb2.CallResult(call_id="c1", attempt=2)
+    wire.result_to_proto(result, report.result)  # into the enclosing message: no copy
+    back = wire.result_from_proto(worker_pb2.CallResult.FromString(report.SerializeToString()).result)
+    assert back == result
+
+
+def test_an_empty_result_sets_no_optional_fields() -> None:
+    message = wire.result_to_proto(ToolResult(output="ok"))
+    assert not message.HasField("exit_code") and not message.HasField("run_time")
+    assert not message.HasField("queue_wait") and message.metadata_json == ""
