@@ -53,7 +53,7 @@ class WorkerRegistration:
     peer: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Assignment:
     call_id: str
     attempt: int
@@ -122,7 +122,7 @@ class WorkspaceView:
     probe_sent: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     call: QueryCall
     future: asyncio.Future[ToolResult]
@@ -141,6 +141,8 @@ class _Worker:
     connected_at: float
     last_seen: float
     tools: dict[str, ToolSpec]
+    # Tools whose required labels this worker carries: routing checks one set membership.
+    runnable: frozenset[str]
     in_flight: dict[tuple[str, int], _Pending] = field(default_factory=dict)
     draining: bool = False
     workspaces: dict[str, WorkspaceView] = field(default_factory=dict)
@@ -260,8 +262,16 @@ class WorkerPool:
             self._lose(old, "replaced by a new connection with the same worker id")
             old.link.close("replaced by a new connection with the same worker id")
         now = time.monotonic()
+        runnable = frozenset(
+            t.name for t in reg.tools if all(reg.labels.get(k) == v for k, v in t.required_labels.items())
+        )
         self._workers[reg.worker_id] = _Worker(
-            reg=reg, link=link, connected_at=time.time(), last_seen=now, tools={t.name: t for t in reg.tools}
+            reg=reg,
+            link=link,
+            connected_at=time.time(),
+            last_seen=now,
+            tools={t.name: t for t in reg.tools},
+            runnable=runnable,
         )
         self._pump()
 
@@ -309,6 +319,11 @@ class WorkerPool:
                     offered.setdefault(name, spec)
         return offered
 
+    def in_flight(self, worker_id: str) -> int:
+        """Calls outstanding on a worker (0 for an unknown one)."""
+        worker = self._workers.get(worker_id)
+        return len(worker.in_flight) if worker else 0
+
     def capacity(self) -> tuple[int, int]:
         """(total slots, calls in flight) over connected workers."""
         return (
@@ -327,12 +342,18 @@ class WorkerPool:
         if self._closed:
             return ToolResult.error(ErrorKind.CANCELLED, "the session server is shutting down")
         loop = asyncio.get_running_loop()
-        pending = _Pending(call=call, future=loop.create_future(), enqueued=time.monotonic())
-        if not any(self._capable(w, pending) for w in self._workers.values()):
+        # With no call waiting anywhere there is nobody to be fair to: the call goes straight to
+        # a free worker, off the queues (the common, latency-bound case).
+        worker = None if self._queues else self._pick(call)
+        if worker is None and not any(self._capable(w, call) for w in self._workers.values()):
             return self._no_worker_result(call)
+        pending = _Pending(call=call, future=loop.create_future(), enqueued=time.monotonic())
         pending.deadline_timer = loop.call_later(call.timeout, self._on_deadline, pending)
-        self._queues.setdefault(call.session_id, deque()).append(pending)
-        self._pump()
+        if worker is not None:
+            self._assign(worker, pending)
+        else:
+            self._queues.setdefault(call.session_id, deque()).append(pending)
+            self._pump()
         try:
             if self._coalesce:
                 self._flush_soon()
@@ -394,17 +415,15 @@ class WorkerPool:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _capable(self, worker: _Worker, pending: _Pending) -> bool:
+    def _capable(self, worker: _Worker, call: QueryCall) -> bool:
         """Could this worker ever run the call (ignoring its free slots)?"""
-        call = pending.call
-        if worker.draining or call.tool_name not in worker.tools:
+        if worker.draining or call.tool_name not in worker.runnable:
             return False
-        labels = worker.reg.labels
-        required = dict(worker.tools[call.tool_name].required_labels) | dict(call.required_labels)
-        if any(labels.get(k) != v for k, v in required.items()):
-            return False
-        view = self._view(worker, call.workspace)
-        return view.state is not Visibility.INVISIBLE
+        if call.required_labels:
+            labels = worker.reg.labels
+            if any(labels.get(k) != v for k, v in call.required_labels.items()):
+                return False
+        return self._view(worker, call.workspace).state is not Visibility.INVISIBLE
 
     def _view(self, worker: _Worker, workspace: str) -> WorkspaceView:
         view = worker.workspaces.get(workspace)
@@ -420,12 +439,12 @@ class WorkerPool:
             worker.workspaces[workspace] = view
         return view
 
-    def _pick(self, pending: _Pending) -> _Worker | None:
+    def _pick(self, call: QueryCall) -> _Worker | None:
         best: _Worker | None = None
         for worker in self._workers.values():
-            if worker.free_slots <= 0 or not self._capable(worker, pending):
+            if worker.free_slots <= 0 or not self._capable(worker, call):
                 continue
-            if worker.workspaces[pending.call.workspace].state is not Visibility.VISIBLE:
+            if worker.workspaces[call.workspace].state is not Visibility.VISIBLE:
                 continue
             if best is None or worker.free_slots > best.free_slots:
                 best = worker
@@ -444,7 +463,7 @@ class WorkerPool:
                     queue = self._queues[session_id]
                     assigned = False
                     for pending in queue:
-                        worker = self._pick(pending)
+                        worker = self._pick(pending.call)
                         if worker is not None:
                             queue.remove(pending)
                             self._assign(worker, pending)
@@ -479,7 +498,8 @@ class WorkerPool:
                 deadline=time.time() + max(remaining, 0.0),
             )
         )
-        self._emit(pending, CallStarted(worker.reg.worker_id, pending.attempt))
+        if call.on_event is not None:
+            call.on_event(CallStarted(worker.reg.worker_id, pending.attempt))
 
     def _lose(self, worker: _Worker, reason: str) -> None:
         """Removes a worker; its calls are retried elsewhere or end with an error."""
@@ -586,7 +606,7 @@ class WorkerPool:
                         view.state, view.reason = Visibility.INVISIBLE, f"no answer to the probe of {workspace}"
             for session_id in list(self._queues):
                 for pending in list(self._queues.get(session_id, ())):
-                    if any(self._capable(w, pending) for w in self._workers.values()):
+                    if any(self._capable(w, pending.call) for w in self._workers.values()):
                         pending.orphaned_since = None
                     elif pending.attempt == 1:
                         # Never ran anywhere (every probe said no): fail fast, the caller may
