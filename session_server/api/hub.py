@@ -7,7 +7,6 @@ import contextlib
 import logging
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from codelane import __version__
 from codelane.v1 import worker_pb2, worker_pb2_grpc
@@ -30,7 +29,8 @@ class _StreamLink:
     """
 
     def __init__(self) -> None:
-        self._assigns: list[worker_pb2.Assign] = []
+        # Assigns are built in place in the next message to go out (no copy when it is sent).
+        self._assignments: worker_pb2.ConnectResponse | None = None
         self._control: list[worker_pb2.ConnectResponse] = []
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -39,19 +39,17 @@ class _StreamLink:
         self._closed = False
 
     def assign(self, assignment: Assignment) -> None:
-        deadline = timestamp_pb2.Timestamp()
-        deadline.FromNanoseconds(int(assignment.deadline * 1e9))
-        self._assigns.append(
-            worker_pb2.Assign(
-                call_id=assignment.call_id,
-                attempt=assignment.attempt,
-                tool_name=assignment.tool_name,
-                arguments_json=assignment.arguments_json,
-                workspace=assignment.workspace,
-                deadline=deadline,
-                session_id=assignment.session_id,
-            )
+        if self._assignments is None:
+            self._assignments = worker_pb2.ConnectResponse()
+        message = self._assignments.assignments.assigns.add(
+            call_id=assignment.call_id,
+            attempt=assignment.attempt,
+            tool_name=assignment.tool_name,
+            arguments_json=assignment.arguments_json,
+            workspace=assignment.workspace,
+            session_id=assignment.session_id,
         )
+        wire.set_timestamp(message.deadline, assignment.deadline)
         # No wake-up for the writer task: the pool flushes assignments from the task that made
         # them, which keeps a loop iteration off every call's path.
 
@@ -84,13 +82,11 @@ class _StreamLink:
             # before it lets go.
             return
         async with self._write_lock:
-            while (self._assigns or self._control) and not self._closed:
+            while (self._assignments is not None or self._control) and not self._closed:
                 # Assignments first, so a Cancel never overtakes the Assign it withdraws.
-                if self._assigns:
-                    batch, self._assigns = self._assigns, []
-                    await self._context.write(
-                        worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=batch))
-                    )
+                if self._assignments is not None:
+                    message, self._assignments = self._assignments, None
+                    await self._context.write(message)
                 while self._control:
                     await self._context.write(self._control.pop(0))
 
@@ -188,5 +184,10 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 pool.on_probe_result(worker_id, msg.probe_id, msg.fingerprint, msg.error)
             elif kind == "draining":
                 pool.worker_draining(worker_id)
-            await pool.flush()
             # A second Hello or an unknown message from a newer worker is ignored, not fatal.
+            await pool.flush()
+            if kind == "results" and not pool.in_flight(worker_id):
+                # The worker is idle, so latency is what counts: the callers these results woke
+                # run before this task sets up its next read. (Under load this would only cost
+                # a loop turn per message.)
+                await asyncio.sleep(0)
