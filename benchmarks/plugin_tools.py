@@ -3,7 +3,8 @@
 - `noop`: returns at once (measures the dispatch path alone);
 - `sleep`: waits `ms` milliseconds without using a core (stands in for GPU inference or remote
   storage: a fixed service time);
-- `sleep_process`: runs `sleep` as a child process (to see that a cancelled call's process dies);
+- `sleep_process`: runs `sleep` as a child process (to see that a cancelled call's process dies,
+  or, with `timeout_ms`, that a tool's own timeout works on a worker);
 - `gpu_info`: only routed to workers labelled gpu=true; says which process ran it.
 """
 
@@ -44,7 +45,7 @@ async def _sleep(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
 async def _sleep_process(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     # The shell writes its own pid (the process group leader) so a test can check it is gone.
     script = f"echo $$ > {args['pid_file']}; exec sleep {args['ms'] / 1000}"
-    return await run_command(["sh", "-c", script], Path(ctx.workspace), timeout_ms=MAX_SLEEP_MS)
+    return await run_command(["sh", "-c", script], Path(ctx.workspace), timeout_ms=args.get("timeout_ms", MAX_SLEEP_MS))
 
 
 async def _gpu_info(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
@@ -67,7 +68,11 @@ TOOLS = [
             "Runs `sleep` in a child process for `ms` milliseconds, writing its pid to pid_file.",
             {
                 "type": "object",
-                "properties": {"ms": _SLEEP_SCHEMA["properties"]["ms"], "pid_file": {"type": "string"}},
+                "properties": {
+                    "ms": _SLEEP_SCHEMA["properties"]["ms"],
+                    "pid_file": {"type": "string"},
+                    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_SLEEP_MS},
+                },
                 "required": ["ms", "pid_file"],
             },
             Lane.QUERY,

@@ -7,6 +7,7 @@ costs tens of microseconds per call.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import time
@@ -57,6 +58,12 @@ def _integral(value: Any) -> Any:
 
 
 _Entry = tuple[Tool, Draft202012Validator, Callable[[dict[str, Any]], bool] | None]
+
+
+@functools.lru_cache(maxsize=256)
+def _context(workspace: Path) -> ToolContext:
+    # Contexts are immutable and a process serves a few workspaces: one per workspace.
+    return ToolContext(workspace=workspace)
 
 
 class ToolRegistry:
@@ -132,8 +139,12 @@ class ToolRegistry:
             )
         tool, validator, fast_check = entry
         try:
-            # Some model APIs send no argument text at all for a call without arguments.
-            arguments = {} if not arguments_json or arguments_json.isspace() else json.loads(arguments_json)
+            # Some model APIs send no argument text at all for a call without arguments; "{}" is
+            # the commonest text of all and skips the parser.
+            if arguments_json == "{}" or not arguments_json or arguments_json.isspace():
+                arguments = {}
+            else:
+                arguments = json.loads(arguments_json)
         except json.JSONDecodeError as exc:
             return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"arguments of {name} are not valid JSON: {exc}")
         if not isinstance(arguments, dict):
@@ -151,7 +162,7 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(ToolContext(workspace=workspace), arguments)
+            return await tool.run(_context(workspace), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
         except Exception as exc:

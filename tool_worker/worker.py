@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -64,6 +65,42 @@ class WorkerConfig:
     parent_pid: int | None = None
 
 
+class _Outbox:
+    """What the worker sends on one stream.
+
+    grpc.aio allows one write at a time. Whoever holds the lock writes everything queued before
+    letting go, so a message queued meanwhile is never stranded; results that pile up during a
+    write go out together in one CallResults, built in place in the message to be sent.
+    """
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+        self.lock = asyncio.Lock()
+        self._messages: list[worker_pb2.ConnectRequest] = []
+        self._results: worker_pb2.ConnectRequest | None = None
+
+    def add_result(self, call_id: str, attempt: int, result: ToolResult) -> None:
+        if self._results is None:
+            self._results = worker_pb2.ConnectRequest()
+        report = self._results.results.results.add(call_id=call_id, attempt=attempt)
+        wire.result_to_proto(result, report.result)
+
+    async def send(self, message: worker_pb2.ConnectRequest) -> None:
+        self._messages.append(message)
+        await self.flush()
+
+    async def flush(self) -> None:
+        if self.lock.locked():
+            return
+        async with self.lock:
+            while self._messages or self._results is not None:
+                if self._messages:
+                    await self._call.write(self._messages.pop(0))
+                if self._results is not None:
+                    message, self._results = self._results, None
+                    await self._call.write(message)
+
+
 class ToolWorker:
     def __init__(self, config: WorkerConfig, registry: ToolRegistry) -> None:
         self.config = config
@@ -71,6 +108,7 @@ class ToolWorker:
         self._draining = asyncio.Event()
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._probes: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
 
     def request_drain(self) -> None:
         self._draining.set()
@@ -130,38 +168,8 @@ class ToolWorker:
     async def _serve(self, channel: grpc.aio.Channel) -> None:
         stub = worker_pb2_grpc.WorkerHubServiceStub(channel)
         call = stub.Connect(metadata=bearer_metadata(self.config.token))
-        write_lock = asyncio.Lock()
-        unsent: list[worker_pb2.ConnectRequest] = []
-        unsent_results: list[worker_pb2.CallResult] = []
-
-        async def flush() -> None:
-            # One writer at a time (grpc.aio's rule). Whoever holds the lock writes everything
-            # queued before letting go, so a message queued meanwhile is never stranded; results
-            # that pile up during a write go out together in one CallResults.
-            if write_lock.locked():
-                return
-            async with write_lock:
-                while unsent or unsent_results:
-                    if unsent:
-                        await call.write(unsent.pop(0))
-                    if unsent_results:
-                        batch = unsent_results[:]
-                        unsent_results.clear()
-                        await call.write(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=batch)))
-
-        async def send(message: worker_pb2.ConnectRequest) -> None:
-            unsent.append(message)
-            await flush()
-
-        async def send_result(result: worker_pb2.CallResult) -> None:
-            unsent_results.append(result)
-            if len(self._running) > 1:
-                # Siblings are running: give those finishing in this same loop turn the chance
-                # to join this write. A lone call is answered at once.
-                await asyncio.sleep(0)
-            await flush()
-
-        await send(worker_pb2.ConnectRequest(hello=self.hello()))
+        outbox = _Outbox(call)
+        await outbox.send(worker_pb2.ConnectRequest(hello=self.hello()))
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
@@ -179,81 +187,124 @@ class ToolWorker:
             return
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
-        heartbeat = asyncio.create_task(self._heartbeat(send, interval))
-        drain_watch = asyncio.create_task(self._announce_drain(send, call, write_lock))
+        heartbeat = asyncio.create_task(self._heartbeat(outbox, interval))
+        drain_watch = asyncio.create_task(self._announce_drain(outbox, call))
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(call, outbox, ended))
         try:
-            while True:
-                message = await call.read()
-                if message is grpc.aio.EOF:
-                    return
-                kind = message.WhichOneof("message")
-                if kind == "assignments":
-                    for assign in message.assignments.assigns:
-                        self._start(assign, send_result)
-                elif kind == "cancel":
-                    task = self._running.get((message.cancel.call_id, message.cancel.attempt))
-                    if task is not None:
-                        task.cancel()
-                elif kind == "probe":
-                    probe = asyncio.create_task(self._probe(message.probe, send))
-                    self._probes.add(probe)
-                    probe.add_done_callback(self._probes.discard)
-                elif kind == "drain":
-                    log.info("hub asked us to drain: %s", message.drain.reason)
-                    self._draining.set()
+            await ended  # None when the hub ends the stream; the error if it broke
         finally:
             heartbeat.cancel()
             drain_watch.cancel()
-            for task in list(self._running.values()):
+            self._reader.cancel()
+            for task in self._running.values():
                 task.cancel()
+            self._running.clear()  # the calls of this stream: their results cannot be sent
 
-    def _start(self, assign: worker_pb2.Assign, send_result) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall, outbox: _Outbox, ended: asyncio.Future[None]) -> None:
+        """Reads the hub's messages until the stream ends, then resolves `ended`."""
+        while True:
+            try:
+                message = await call.read()
+            except Exception as exc:  # the stream broke: _serve raises it and run() reconnects
+                if not ended.done():
+                    ended.set_exception(exc)
+                return
+            if message is grpc.aio.EOF:
+                if not ended.done():
+                    ended.set_result(None)
+                return
+            kind = message.WhichOneof("message")
+            if kind == "assignments":
+                assigns = message.assignments.assigns
+                if len(assigns) == 1 and not self._running:
+                    # An idle worker given one call: latency is what counts. This task runs
+                    # the call at once and a new task takes over the reading, which saves the
+                    # call a trip through the event loop (Python 3.11 has no eager tasks); a
+                    # tool's asyncio.timeout() still binds to a task that is the call's alone.
+                    self._reader = asyncio.create_task(self._read(call, outbox, ended))
+                    self._running[(assigns[0].call_id, assigns[0].attempt)] = asyncio.current_task()
+                    await self._run_call(assigns[0], outbox)
+                    return
+                for assign in assigns:
+                    self._start(assign, outbox)
+                # The calls just started take their first step (a quick tool: its whole run
+                # and its result's write) before this task sets up its next read.
+                await asyncio.sleep(0)
+            elif kind == "cancel":
+                # Popped here too: a task cancelled before its first step never runs its
+                # `finally`.
+                task = self._running.pop((message.cancel.call_id, message.cancel.attempt), None)
+                if task is not None:
+                    task.cancel()
+            elif kind == "probe":
+                probe = asyncio.create_task(self._probe(message.probe, outbox))
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
+            elif kind == "drain":
+                log.info("hub asked us to drain: %s", message.drain.reason)
+                self._draining.set()
+
+    def _start(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
+        # The call's task leaves `_running` itself (a done-callback would cost every call an
+        # extra event-loop turn).
+        self._running[(assign.call_id, assign.attempt)] = asyncio.create_task(self._run_call(assign, outbox))
+
+    async def _run_call(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
         key = (assign.call_id, assign.attempt)
-        task = asyncio.create_task(self._run_call(assign, send_result))
-        self._running[key] = task
-        task.add_done_callback(lambda _t: self._running.pop(key, None))
-
-    async def _run_call(self, assign: worker_pb2.Assign, send_result) -> None:
-        started = time.perf_counter()
         try:
-            result = await self.registry.execute(assign.tool_name, Path(assign.workspace), assign.arguments_json)
-        except asyncio.CancelledError:
-            result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker")
-            result.run_time = time.perf_counter() - started
-        report = worker_pb2.CallResult(
-            call_id=assign.call_id, attempt=assign.attempt, result=wire.result_to_proto(result)
-        )
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            await send_result(report)
+            started = time.perf_counter()
+            try:
+                result = await self.registry.execute(
+                    assign.tool_name, _workspace_path(assign.workspace), assign.arguments_json
+                )
+            except asyncio.CancelledError:
+                result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker")
+                result.run_time = time.perf_counter() - started
+            outbox.add_result(assign.call_id, assign.attempt, result)
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                if len(self._running) > 1:
+                    # Siblings are running: give those finishing in this same loop turn the
+                    # chance to join this write. A lone call is answered at once.
+                    await asyncio.sleep(0)
+                await outbox.flush()
+        finally:
+            self._running.pop(key, None)
 
-    async def _probe(self, probe: worker_pb2.Probe, send) -> None:
+    async def _probe(self, probe: worker_pb2.Probe, outbox: _Outbox) -> None:
         answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)
         try:
             answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
         except OSError as exc:
             answer.error = str(exc)
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-            await send(worker_pb2.ConnectRequest(probe_result=answer))
+            await outbox.send(worker_pb2.ConnectRequest(probe_result=answer))
 
-    async def _heartbeat(self, send, interval: float) -> None:
+    async def _heartbeat(self, outbox: _Outbox, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-            await send(
+            await outbox.send(
                 worker_pb2.ConnectRequest(
                     heartbeat=worker_pb2.Heartbeat(active_calls=len(self._running), load_average=load)
                 )
             )
 
-    async def _announce_drain(self, send, call, write_lock: asyncio.Lock) -> None:
+    async def _announce_drain(self, outbox: _Outbox, call) -> None:
         """On drain (SIGTERM or the hub's Drain): tell the hub, finish the running calls, then
         half-close the stream; the hub then ends it and the read loop sees EOF."""
         await self._draining.wait()
-        await send(worker_pb2.ConnectRequest(draining=worker_pb2.Draining(reason="worker draining")))
+        await outbox.send(worker_pb2.ConnectRequest(draining=worker_pb2.Draining(reason="worker draining")))
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
-        async with write_lock:
+        async with outbox.lock:
             await call.done_writing()
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_path(workspace: str) -> Path:
+    # A worker serves a few workspaces; building a Path costs microseconds on every call.
+    return Path(workspace)
 
 
 def parse_labels(text: str) -> dict[str, str]:

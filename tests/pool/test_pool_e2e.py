@@ -192,6 +192,40 @@ async def test_cancelling_a_call_kills_its_tool_process_on_the_worker(make_serve
     await wait_for(lambda: server.pool.workers()[0].in_flight == 0, within=5, what="the slot to be released")
 
 
+async def test_a_tools_own_timeout_on_a_worker_ends_only_that_call(make_server, workers, tmp_path: Path) -> None:
+    # An idle worker runs a lone call in the task that read it (a new task takes over the
+    # reading): the tool's asyncio.timeout() must still end the call alone, not the stream.
+    server = await make_server()
+    workers.spawn(server.port, "w1")
+    await connected(server, "w1")
+    events: list = []
+    args = {"ms": 10000, "pid_file": str(tmp_path / "pid"), "timeout_ms": 300}
+    started = time.monotonic()
+    result = await server.pool.dispatch(call(tmp_path, "sleep_process", args, events=events))
+    assert result.is_error and result.error_kind is ErrorKind.TIMEOUT, result.output
+    assert "timed out after 300 ms" in result.output and result.worker_id == "w1"
+    assert time.monotonic() - started < 5
+    after = await server.pool.dispatch(call(tmp_path, "noop", {}, call_id="c2", events=events))
+    assert not after.is_error and after.worker_id == "w1"
+    assert [type(e).__name__ for e in events] == ["CallStarted", "CallStarted"]
+
+
+async def test_lone_calls_and_batches_alternate_without_loss(make_server, workers, tmp_path: Path) -> None:
+    # A lone call on an idle worker runs in its reader's task; calls that arrive together run
+    # in tasks of their own. Switching between the two must lose nothing.
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=4)
+    await connected(server, "w1")
+    for round_ in range(30):
+        alone = await server.pool.dispatch(call(tmp_path, "noop", {}, call_id=f"a{round_}"))
+        assert not alone.is_error, alone.output
+        together = await asyncio.gather(
+            *(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 2}, call_id=f"b{round_}-{i}")) for i in range(6))
+        )
+        assert all(not r.is_error for r in together), [r.output for r in together if r.is_error]
+    assert server.pool.workers()[0].in_flight == 0
+
+
 async def test_a_call_past_its_deadline_names_the_worker_and_time(make_server, workers, tmp_path: Path) -> None:
     server = await make_server()
     workers.spawn(server.port, "w1")
