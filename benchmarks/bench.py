@@ -195,7 +195,7 @@ def _build_report(
         data: dict[str, Any] = {
             "title": workload.title, "description": workload.description, "calls": len(workload.calls),
             "kind": workload.kind, "service_time": workload.service_time, "signature": workload.signature(),
-            "cpu_seconds": workload.cpu_seconds,
+            "cpu_seconds": workload.cpu_seconds, "rg_alone": workload.rg_alone,
             "lanes": [lane.value for lane in workload.lanes(registry)], "tree": workload.tree,
             "workspace": str(workload.workspace),
             "call_list": [{"tool": c.name, "arguments": c.arguments} for c in workload.calls],

@@ -207,7 +207,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             seq = h["results"].get("sequential")
             if h.get("cpu_seconds") and seq and seq["median_wall"]:
                 bound = seq["median_wall"] / (h["cpu_seconds"] / report["meta"]["cpus"])
-                ceiling = f" (estimated CPU-time ceiling on this machine: {bound:.2f}x)"
+                ceiling = f" (estimated CPU-time ceiling on this machine: {bound:.2f}x"
+                if rg := h.get("rg_alone"):
+                    gain = rg["sequential"] / rg["concurrent"]
+                    ceiling += f"; rg alone, all at once against one after another: {gain:.2f}x"
+                ceiling += ")"
             targets.append({
                 "target": f"H: >= {H_SPEEDUP_TARGET:g}x with {report['meta']['cpus']} cores",
                 "value": speedups,
@@ -285,6 +289,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"on {meta['cpus']} cores beats about {floor * 1000:.0f} ms: at most about "
                 f"{sequential['median_wall'] / floor:.2f}x over sequential's median (an estimate: CPU time "
                 "itself varies with the machine's load).",
+                "",
+            ]
+        if rg := data.get("rg_alone"):
+            lines += [
+                f"ripgrep alone, without codelane (the calls' own rg command lines, output read as the tool "
+                f"reads it): {rg['sequential'] * 1000:.0f} ms one after another, {rg['concurrent'] * 1000:.0f} ms "
+                f"all at once: {rg['sequential'] / rg['concurrent']:.2f}x. rg searches with one thread per core, "
+                "so one search already keeps every core busy and side by side they can only share them.",
                 "",
             ]
         lines += [

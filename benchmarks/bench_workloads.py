@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +32,13 @@ from typing import Any
 
 from benchmarks.tools_bench import generate_tree
 from tool_worker.registry import ToolRegistry
+from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane
+from tool_worker.tools.grep import rg_arguments
+from tool_worker.tools.rg import run_rg, search_location
 
 PLUGIN_MODULE = "benchmarks.plugin_tools"
+RG_ALONE_PASSES = 4
 TREE_VERSION = "codelane-bench-tree-v1"
 # Where the scratch files of M go: deep enough that the workspace fingerprint (which looks two
 # levels down) never sees them change.
@@ -83,6 +88,9 @@ class Workload:
     # CPU seconds (this process and its children, rg included) the calls take when run one after
     # the other in-process; None until `calibrate()`; not measured for "wait" workloads.
     cpu_seconds: float | None = None
+    # For a workload of grep calls: ripgrep alone (the tool's own rg command lines, no codelane),
+    # median seconds with the searches run one after another and all at once.
+    rg_alone: dict[str, float] | None = None
 
     @property
     def prompt(self) -> str:
@@ -334,6 +342,29 @@ async def _calibrate(workloads: Sequence[Workload], passes: int) -> None:
             samples.append(_cpu_now() - before)
         workload.cpu_seconds = min(samples[1:])
         workload.reset()
+        if workload.calls and all(call.name == "grep" for call in workload.calls):
+            workload.rg_alone = await _rg_alone(workload)
+
+
+async def _rg_alone(workload: Workload) -> dict[str, float]:
+    """Times the grep calls' own rg command lines, one after another and all at once: how much
+    running the searches side by side can gain when nothing but rg runs."""
+    root = workspace_root(workload.workspace)
+    commands = []
+    for call in workload.calls:
+        target = resolve_in_workspace(workload.workspace, call.arguments.get("path", "."))
+        cwd, path_args, _ = search_location(root, target)
+        commands.append(([*rg_arguments(call.arguments), *path_args], cwd))
+    sequential, concurrent = [], []
+    for _ in range(RG_ALONE_PASSES + 1):  # the first pass warms the page cache
+        started = time.perf_counter()
+        for args, cwd in commands:
+            await run_rg(args, cwd)
+        sequential.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await asyncio.gather(*(run_rg(args, cwd) for args, cwd in commands))
+        concurrent.append(time.perf_counter() - started)
+    return {"sequential": statistics.median(sequential[1:]), "concurrent": statistics.median(concurrent[1:])}
 
 
 def calibrate(workloads: Sequence[Workload], passes: int = 2) -> None:

@@ -54,6 +54,10 @@ def test_report_structure(report: dict) -> None:
             assert entry["errors"] == 0, (key, mode, entry["problems"])
             assert entry["problems"] == [], (key, mode)
         assert data["results"]["sequential"]["speedup"] == pytest.approx(1.0)
+    # Only H is all grep calls: its rg command lines are also timed without codelane.
+    assert [k for k, d in report["workloads"].items() if d["rg_alone"]] == ["H"]
+    assert set(report["workloads"]["H"]["rg_alone"]) == {"sequential", "concurrent"}
+    assert all(t > 0 for t in report["workloads"]["H"]["rg_alone"].values())
     for target in report["targets"]:
         assert {"target", "value", "summary", "met"} <= set(target)
     json.dumps(report)  # --json-out writes exactly this
@@ -97,6 +101,7 @@ def test_outputs(report: dict, tmp_path: Path) -> None:
         assert f"### {key} (" in table
     assert "| sequential | 1 |" in table
     assert "### Targets" in table
+    assert "ripgrep alone, without codelane" in table and "rg alone, all at once" in table
     if importlib.util.find_spec("matplotlib") is not None:
         png = tmp_path / "speedup.png"
         assert bench_report.plot(report, str(png)) is None
