@@ -165,7 +165,7 @@ class Turn:
             tools=list(tools.values()),
         )
         scheduler = TurnScheduler(
-            lambda call: self._execute(call, tools),
+            lambda call: self._execute(call, tools, scheduler),
             query_concurrency=ctx.settings.query_concurrency,
             stats=ctx.stats,
             on_finish=self._on_finish,
@@ -298,7 +298,7 @@ class Turn:
     def _on_finish(self, call: ScheduledCall, result: ToolResult) -> None:
         self.ctx.emit(ToolCallFinished(call.call_id, call.tool_name, result, result.queue_wait, result.run_time))
 
-    async def _execute(self, call: ScheduledCall, tools: dict[str, ToolSpec]) -> ToolResult:
+    async def _execute(self, call: ScheduledCall, tools: dict[str, ToolSpec], scheduler: TurnScheduler) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
         spec = tools[call.tool_name]
@@ -306,7 +306,9 @@ class Turn:
         added = self._added_at.get(call, time.perf_counter())
         decision = self._asks.pop(call, None)
         if decision is not None:
+            scheduler.waiting(call, "its confirmation")
             refusal = await self._confirm(call, decision)
+            scheduler.waiting(call, None)
             if refusal is not None:
                 return _timed(refusal, added, time.perf_counter())
         mode = ctx.settings.lane_mode(call.lane)

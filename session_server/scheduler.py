@@ -66,6 +66,8 @@ class _Slot:
     added: float
     started: float | None = None
     result: ToolResult | None = None
+    # What the executor said the started call waits for before it runs (see `waiting()`).
+    waiting_for: str | None = None
 
 
 class TurnScheduler:
@@ -98,6 +100,8 @@ class TurnScheduler:
         self._on_start = on_start
         self._on_finish = on_finish
         self._slots: list[_Slot] = []
+        # By identity: a ScheduledCall carrying a rejection is not hashable.
+        self._slot_of: dict[int, _Slot] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # The latest Execute call, and the Query calls added after it: what the next call waits for.
         self._last_execute: asyncio.Task[None] | None = None
@@ -117,6 +121,7 @@ class TurnScheduler:
             raise RuntimeError(f"cannot add call {call.call_id!r}: {reason}; add every call before closing input")
         slot = _Slot(call, time.perf_counter())
         self._slots.append(slot)
+        self._slot_of[id(call)] = slot
         if call.lane is None:
             self._finish(
                 slot,
@@ -142,6 +147,11 @@ class TurnScheduler:
         else:
             self._last_execute = task
             self._since_execute = []
+
+    def waiting(self, call: ScheduledCall, what: str | None) -> None:
+        """For the executor: `call` waits for `what` (e.g. "its confirmation") and has not begun
+        to run, or, with None, runs now. A cancellation's result says which."""
+        self._slot_of[id(call)].waiting_for = what
 
     def close_input(self) -> None:
         """No more calls will be added: `results()` may return once the added ones finish."""
@@ -258,6 +268,13 @@ class TurnScheduler:
 
 
 def _cancelled_result(slot: _Slot, now: float) -> ToolResult:
+    if slot.started is not None and slot.waiting_for is not None:
+        return ToolResult.error(
+            ErrorKind.CANCELLED,
+            f"Tool call {slot.call.call_id} ({slot.call.tool_name}) was cancelled while waiting for "
+            f"{slot.waiting_for}; it did not run.",
+            queue_wait=now - slot.added,
+        )
     if slot.started is None:
         return ToolResult.error(
             ErrorKind.CANCELLED,

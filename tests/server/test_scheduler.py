@@ -139,6 +139,28 @@ async def test_results_in_model_order_whatever_completion_order() -> None:
     assert finished == ["c4", "c3", "c2", "c1", "c0"]  # events come in completion order
 
 
+async def test_a_call_cancelled_while_it_waits_says_it_did_not_run() -> None:
+    # The executor may say a started call waits (for a confirmation) before it runs: its
+    # cancellation then says so, not "while running; its effects may be partial".
+    asking = asyncio.Event()
+    sched: TurnScheduler
+
+    async def confirm_then_run(call: ScheduledCall) -> ToolResult:
+        sched.waiting(call, "its confirmation")
+        asking.set()
+        await asyncio.Event().wait()  # nobody answers
+        raise AssertionError("unreachable")
+
+    sched = TurnScheduler(confirm_then_run, query_concurrency=2)
+    run = asyncio.create_task(sched.run_all(calls(E)))
+    await asyncio.wait_for(asking.wait(), WAIT)
+    sched.cancel()
+    [result] = await asyncio.wait_for(run, WAIT)
+    assert result.error_kind is ErrorKind.CANCELLED
+    assert "while waiting for its confirmation; it did not run" in result.output
+    assert result.run_time == 0 and result.queue_wait > 0
+
+
 async def test_query_concurrency_bound() -> None:
     rec = Recorder(delay=0.003)
     results = await TurnScheduler(rec, query_concurrency=3).run_all(calls(*[Q] * 10))

@@ -229,7 +229,9 @@ async def test_cancel_while_waiting_ends_the_wait(
     assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
     results = await _tool_results(client, session.session_id)
     assert results["c_write"].error_kind == tools_pb2.ERROR_KIND_CANCELLED
+    assert "while waiting for its confirmation; it did not run" in results["c_write"].output
     assert results["c_read"].error_kind == tools_pb2.ERROR_KIND_CANCELLED  # it waited behind the write
+    assert "before it started" in results["c_read"].output
     assert server.server.sessions.confirmations.waiting(session.session_id) == []
     error = await rpc_error(_confirm(client, session.session_id, "c_write", True))
     assert error.code == grpc.StatusCode.NOT_FOUND
