@@ -9,7 +9,8 @@ Each end emits one ExternalTaskCompleted event (client_id empty unless a client 
 
 A claim (`claim`) leases a task to one client for `lease` seconds. A lease that expires before
 the task is completed re-offers the task with the next attempt number (and a new
-ExternalTaskPending event); the former holder can no longer complete it.
+ExternalTaskPending event); the former holder can no longer complete it. The holder may extend
+its lease (`renew`) while it works, for as long as the task's overall deadline allows.
 
 Structures: every live task is in `_tasks` (by task id) and in `_by_session` (by session, in
 offer order, which is the order claims hand tasks out). Long-polling claims wait on futures in
@@ -184,19 +185,19 @@ class ExternalTasks:
 
     def complete(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
         """Ends a task with a client's result. Raises TaskNotFound or LeaseNotHeld."""
-        task = self._tasks.get(task_id)
-        if task is None or task.info.session_id != session_id:
-            raise TaskNotFound(session_id, task_id)
-        if task.client_id is None:
-            raise LeaseNotHeld(task_id, client_id, "the task is not claimed (or its lease expired): claim it first")
-        if task.client_id != client_id:
-            raise LeaseNotHeld(task_id, client_id, "another client holds it")
-        expire = task.info.lease_expire_time
-        if expire is not None and self._clock() >= expire:
-            raise LeaseNotHeld(task_id, client_id, "the lease expired; the task is offered again")
+        task = self._held(session_id, task_id, client_id)
         # The client cannot know how long the call queued here; run_time is its own measure.
         result = replace(result, worker_id=result.worker_id or client_id, attempt=task.info.attempt, queue_wait=0.0)
         self._end(task, result, client_id)
+
+    def renew(self, session_id: str, task_id: str, client_id: str, lease: float) -> ExternalTaskInfo:
+        """Extends a held lease to `lease` seconds from now. Raises TaskNotFound or LeaseNotHeld."""
+        task = self._held(session_id, task_id, client_id)
+        if task.lease_timer is not None:
+            task.lease_timer.cancel()
+        task.info = replace(task.info, lease_expire_time=self._clock() + lease)
+        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
+        return task.info
 
     def close_session(self, session_id: str) -> None:
         """Withdraws whatever a session still has (its turn should have done so) and ends its claims."""
@@ -220,6 +221,20 @@ class ExternalTasks:
             deadline=self._clock() + lifetime,
             workspace=workspace,
         )
+
+    def _held(self, session_id: str, task_id: str, client_id: str) -> _Task:
+        """The task, if `client_id` holds its lease now; else TaskNotFound or LeaseNotHeld."""
+        task = self._tasks.get(task_id)
+        if task is None or task.info.session_id != session_id:
+            raise TaskNotFound(session_id, task_id)
+        if task.client_id is None:
+            raise LeaseNotHeld(task_id, client_id, "the task is not claimed (or its lease expired): claim it first")
+        if task.client_id != client_id:
+            raise LeaseNotHeld(task_id, client_id, "another client holds it")
+        expire = task.info.lease_expire_time
+        if expire is not None and self._clock() >= expire:
+            raise LeaseNotHeld(task_id, client_id, "the lease expired; the task is offered again")
+        return task
 
     def _lease(self, task: _Task, client_id: str, lease: float) -> ExternalTaskInfo:
         task.client_id = client_id

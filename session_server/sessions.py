@@ -285,15 +285,20 @@ class SessionManager:
             raise InvalidArgument("client_id", "is empty: name the claiming client; only it may complete its tasks")
         if not 0 <= max_tasks <= MAX_CLAIM_TASKS:
             raise InvalidArgument("max_tasks", f"{max_tasks} is out of range [0, {MAX_CLAIM_TASKS}]")
-        lease = DEFAULT_LEASE if lease is None else lease
-        if not MIN_LEASE <= lease <= MAX_LEASE:
-            raise InvalidArgument("lease", f"{lease:g}s is out of range [{MIN_LEASE:g}s, {MAX_LEASE:g}s]")
+        lease = _checked_lease(lease)
         wait = wait or 0.0
         if not 0 <= wait <= MAX_CLAIM_WAIT:
             raise InvalidArgument(
                 "wait", f"{wait:g}s is out of range [0s, {MAX_CLAIM_WAIT:g}s]; claim again to wait longer"
             )
         return await self.external.claim(session_id, client_id, max_tasks or 1, lease, wait)
+
+    def renew_external_task_lease(
+        self, session_id: str, task_id: str, client_id: str, lease: float | None
+    ) -> ExternalTaskInfo:
+        """Raises SessionNotFound, config.InvalidArgument, external.TaskNotFound or external.LeaseNotHeld."""
+        self.get_session(session_id)
+        return self.external.renew(session_id, task_id, client_id, _checked_lease(lease))
 
     def complete_external_task(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
         """Raises SessionNotFound, external.TaskNotFound or external.LeaseNotHeld."""
@@ -346,3 +351,11 @@ class SessionManager:
             provider, name = create_provider(model)
             self._providers[model] = (LimitedProvider(provider, self._generate), name)
         return self._providers[model]
+
+
+def _checked_lease(lease: float | None) -> float:
+    """A requested lease in seconds (the default when unset); InvalidArgument when out of range."""
+    lease = DEFAULT_LEASE if lease is None else lease
+    if not MIN_LEASE <= lease <= MAX_LEASE:
+        raise InvalidArgument("lease", f"{lease:g}s is out of range [{MIN_LEASE:g}s, {MAX_LEASE:g}s]")
+    return lease

@@ -12,7 +12,8 @@ MODULES = ["tools", "events", "session", "worker", "admin"]
 EXPECTED_RPCS = {
     "codelane.v1.SessionService": {
         "CreateSession", "GetSession", "ListSessions", "DeleteSession", "SendMessage", "WatchEvents",
-        "CancelTurn", "ConfirmToolCall", "ClaimExternalTasks", "CompleteExternalTask", "GetMessages",
+        "CancelTurn", "ConfirmToolCall", "ClaimExternalTasks", "CompleteExternalTask",
+        "RenewExternalTaskLease", "GetMessages",
     },
     "codelane.v1.WorkerHubService": {"Connect"},
     "codelane.v1.AdminService": {"ListWorkers", "DrainWorker", "GetQueueStats"},

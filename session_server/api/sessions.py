@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from codelane.v1 import session_pb2, session_pb2_grpc
@@ -20,6 +22,26 @@ from session_server.sessions import (
     TurnInProgress,
 )
 from tool_worker import wire
+
+
+@contextlib.asynccontextmanager
+async def _held_task(context, request):
+    """Around an RPC on a claimed external task (its session already checked): checks the task and
+    client ids, and maps the errors to statuses."""
+    for name in ("task_id", "client_id"):
+        if not getattr(request, name):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty", "INVALID_ARGUMENT", field=name)
+    try:
+        yield
+    except SessionNotFound as exc:
+        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
+    except InvalidArgument as exc:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
+    except TaskNotFound as exc:
+        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "TASK_NOT_FOUND", task_id=exc.task_id)
+    except LeaseNotHeld as exc:
+        await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "LEASE_NOT_HELD",
+                    task_id=exc.task_id, client_id=exc.client_id)
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -162,17 +184,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def CompleteExternalTask(self, request, context):
         await self._session(context, request.session_id)
-        for name in ("task_id", "client_id"):
-            if not getattr(request, name):
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty", "INVALID_ARGUMENT",
-                            field=name)
-        try:
+        async with _held_task(context, request):
             self._manager.complete_external_task(
                 request.session_id, request.task_id, request.client_id, wire.result_from_proto(request.result)
             )
-        except TaskNotFound as exc:
-            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "TASK_NOT_FOUND", task_id=exc.task_id)
-        except LeaseNotHeld as exc:
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "LEASE_NOT_HELD",
-                        task_id=exc.task_id, client_id=exc.client_id)
         return session_pb2.CompleteExternalTaskResponse()
+
+    async def RenewExternalTaskLease(self, request, context):
+        await self._session(context, request.session_id)
+        async with _held_task(context, request):
+            task = self._manager.renew_external_task_lease(
+                request.session_id,
+                request.task_id,
+                request.client_id,
+                wire.seconds(request.lease) if request.HasField("lease") else None,
+            )
+        return session_pb2.RenewExternalTaskLeaseResponse(task=convert.external_task(task))

@@ -159,7 +159,10 @@ def test_async_methods_without_a_sync_twin_are_forwarded(server: ThreadedServer,
         assert "echo" in dir(session)
         with pytest.raises(AttributeError):
             session.no_such_method  # noqa: B018
-        for name in ("confirm", "claim_external_tasks", "complete_external_task", "run_external_tasks"):
+        for name in (
+            "confirm", "claim_external_tasks", "complete_external_task", "renew_external_task_lease",
+            "run_external_tasks",
+        ):
             assert hasattr(session, name) == hasattr(session._target, name)
             assert hasattr(client, name) == hasattr(client._target, name)
 

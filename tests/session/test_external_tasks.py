@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 from codelane.client import Client as SdkClient
 from codelane.events import ExternalTaskCompleted as SdkExternalTaskCompleted
 from codelane.events import ExternalTaskPending as SdkExternalTaskPending
+from codelane.events import ToolResult as SdkToolResult
 from codelane.events import TurnFinished as SdkTurnFinished
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from tests.session.conftest import (
@@ -67,6 +68,23 @@ async def _complete(client: Client, session_id: str, task_id: str, client_id: st
         session_id=session_id, task_id=task_id, client_id=client_id, result=tools_pb2.ToolResult(**result)
     )
     await client.sessions.CompleteExternalTask(request, timeout=10)
+
+
+async def _renew(
+    client: Client, session_id: str, task_id: str, client_id: str, lease: float
+) -> events_pb2.ExternalTask:
+    request = session_pb2.RenewExternalTaskLeaseRequest(
+        session_id=session_id, task_id=task_id, client_id=client_id, lease=_duration(lease)
+    )
+    return (await client.sessions.RenewExternalTaskLease(request, timeout=10)).task
+
+
+async def _start_one_external_write(client: Client, workspace: Path, tmp_path: Path) -> tuple[str, Any]:
+    """A session whose Execute lane is EXTERNAL, its turn started: one `write` call to claim."""
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("write", "c_w", file_path="x", content="x")]},
+                                {"text": "Done."}])
+    session = await client.create(workspace, model, queue=_queue(execute=EXTERNAL))
+    return session.session_id, client.send_stream(session.session_id, "go")
 
 
 def _of_kind(events: list[events_pb2.Event], name: str) -> list[events_pb2.Event]:
@@ -133,11 +151,7 @@ async def test_external_task_claimed_and_completed(make_server, workspace: Path,
 async def test_expired_lease_is_offered_again(make_server, workspace: Path, tmp_path: Path) -> None:
     server: InProcess = await make_server()
     client = server.client
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("write", "c_w", file_path="x", content="x")]},
-                                {"text": "Done."}])
-    session = await client.create(workspace, model, queue=_queue(execute=EXTERNAL))
-    sid = session.session_id
-    stream = client.send_stream(sid, "go")
+    sid, stream = await _start_one_external_write(client, workspace, tmp_path)
     [first] = await _claim(client, sid, "cli-a", lease=0.2, wait=10)
     assert first.attempt == 1
     [second] = await _claim(client, sid, "cli-b", wait=10)  # waits for the lease to expire
@@ -159,6 +173,65 @@ async def test_expired_lease_is_offered_again(make_server, workspace: Path, tmp_
     assert completed.external_task_completed.client_id == "cli-b"
     assert not (workspace / "x").exists()  # the server never ran it
     assert _empty(server)
+
+
+async def test_renewing_a_lease_keeps_the_task_past_its_first_lease(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    sid, stream = await _start_one_external_write(client, workspace, tmp_path)
+    [task] = await _claim(client, sid, "cli-a", lease=0.3, wait=10)
+    for _ in range(4):  # 0.6 s of work on a 0.3 s lease, renewed as it goes
+        await asyncio.sleep(0.15)
+        renewed = await _renew(client, sid, task.task_id, "cli-a", 0.3)
+        assert renewed.task_id == task.task_id and renewed.attempt == 1
+        assert 0.2 < renewed.lease_expire_time.ToNanoseconds() / 1e9 - time.time() <= 0.3
+    assert await _claim(client, sid, "cli-b") == []  # still cli-a's
+    error = await rpc_error(_renew(client, sid, task.task_id, "cli-b", 5))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "LEASE_NOT_HELD"
+    await _complete(client, sid, task.task_id, "cli-a", output="done by a")
+    events = [r.event for r in await read_rest(stream)]
+
+    result = (await _tool_results(client, sid))["c_w"]
+    assert result.output == "done by a" and result.attempt == 1
+    assert len(_of_kind(events, "external_task_pending")) == 1  # never offered again
+    assert _empty(server)
+
+
+async def test_an_expired_lease_cannot_be_renewed(make_server, workspace: Path, tmp_path: Path) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    sid, stream = await _start_one_external_write(client, workspace, tmp_path)
+    [task] = await _claim(client, sid, "cli-a", lease=0.1, wait=10)
+    [again] = await _claim(client, sid, "cli-b", wait=10)  # after the lease expired
+    error = await rpc_error(_renew(client, sid, task.task_id, "cli-a", 5))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.metadata == {"task_id": task.task_id, "client_id": "cli-a"}
+    await _complete(client, sid, again.task_id, "cli-b", output="b")
+    await read_rest(stream)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "detail"),
+    [
+        ({"task_id": "task_nope"}, grpc.StatusCode.NOT_FOUND, {"task_id": "task_nope"}),
+        ({"client_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, {"field": "client_id"}),
+        ({"task_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, {"field": "task_id"}),
+        ({"lease": _duration(0)}, grpc.StatusCode.INVALID_ARGUMENT, {"field": "lease"}),
+        ({"lease": _duration(7200)}, grpc.StatusCode.INVALID_ARGUMENT, {"field": "lease"}),
+        ({"session_id": "s_nope"}, grpc.StatusCode.NOT_FOUND, {"session_id": "s_nope"}),
+    ],
+)
+async def test_bad_renewal_is_refused_and_changes_nothing(
+    client: Client, workspace: Path, tmp_path: Path, fields: dict, code: grpc.StatusCode, detail: dict
+) -> None:
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]), queue=_queue(execute=EXTERNAL))
+    request = session_pb2.RenewExternalTaskLeaseRequest(
+        **{"session_id": session.session_id, "task_id": "task_1", "client_id": "cli-1", **fields}
+    )
+    error = await rpc_error(client.sessions.RenewExternalTaskLease(request))
+    assert error.code == code and error.metadata == detail
 
 
 async def test_overall_deadline_ends_the_call_with_a_timeout(make_server, workspace: Path, tmp_path: Path) -> None:
@@ -365,6 +438,35 @@ async def test_sdk_runs_external_bash_with_the_example_handler(
     done = [e for e in events if isinstance(e, SdkExternalTaskCompleted)]
     assert [d.client_id for d in done] == ["sdk-client", "sdk-client"]
     assert _empty(server)
+
+
+async def test_sdk_renews_the_lease_of_a_handler_that_outlasts_it(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server()
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "c_slow", command="x")]}, {"text": "."}])
+    leases: list[float] = []
+
+    async def slow(task: Any) -> Any:
+        await asyncio.sleep(1.0)  # five times the lease
+        return SdkToolResult(output=f"slow {task.call.call_id}")
+
+    async with SdkClient(server.client.address, timeout=10) as sdk:
+        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
+        stop = asyncio.Event()
+        runner = asyncio.create_task(session.run_external_tasks("sdk-client", slow, stop=stop, lease=0.2, wait=5))
+
+        async def turn() -> list:
+            return [e async for e in session.send("go")]
+
+        # Without renewals the task would be offered again every 0.2 s and never finish.
+        events = await asyncio.wait_for(turn(), 15)
+        stop.set()
+        assert await asyncio.wait_for(runner, 10) == 1
+        [result] = [m.tool_result for m in await session.messages() if m.role == "tool"]
+        leases = [e.task.attempt for e in events if isinstance(e, SdkExternalTaskPending) and e.task]
+    assert result is not None and result.output == "slow c_slow" and result.attempt == 1
+    assert leases == [1]  # never offered again: the lease was renewed while the handler ran
 
 
 async def test_sdk_handler_exception_becomes_an_error_result(

@@ -696,6 +696,18 @@ export class CodelaneClient {
       { sessionId, taskId, clientId, result: this._toolResult(result) }, 'CompleteExternalTaskResponse', callOptions);
   }
 
+  /**
+   * Extends `clientId`'s lease of a claimed task: it now ends `leaseSeconds` (default 30) from
+   * now. Resolves to the ExternalTask with its new leaseExpireTime. Rejects like
+   * completeExternalTask (FAILED_PRECONDITION when the lease is not this client's, NOT_FOUND
+   * when the task is gone). runExternalTasks renews the leases of the tasks it runs.
+   */
+  async renewExternalTaskLease(sessionId, taskId, clientId, { leaseSeconds = 30 } = {}, callOptions) {
+    const response = await this._unary(this._sessions, 'RenewExternalTaskLease', 'RenewExternalTaskLeaseRequest',
+      { sessionId, taskId, clientId, lease: leaseSeconds }, 'RenewExternalTaskLeaseResponse', callOptions);
+    return response.task;
+  }
+
   _toolResult(result) {
     if (typeof result !== 'object' || result === null || Array.isArray(result)) {
       throw new TypeError(`result: expected a ToolResult object {output, isError, ...}, got ${String(result)}`);
@@ -715,11 +727,13 @@ export class CodelaneClient {
    * result (isError true, ERROR_KIND_TOOL_ERROR) saying what was thrown.
    *
    * Aborting the signal cancels a pending claim at once; tasks already claimed are still run
-   * and completed, then the promise resolves to the number of tasks this loop completed. Pick
-   * `leaseSeconds` (default 30) longer than the handler runs: a result refused because the lease
-   * expired or the task is gone (FAILED_PRECONDITION, NOT_FOUND) is skipped and the loop goes
-   * on. `onError(err, task)`, if given, hears of handler exceptions and refused results. Other
-   * errors (server gone, session deleted, bad arguments) reject the promise.
+   * and completed, then the promise resolves to the number of tasks this loop completed. While
+   * a handler runs, its task's lease (`leaseSeconds`, default 30) is renewed every half lease,
+   * so a handler may run as long as the task's deadline allows; the lease is how soon another
+   * client gets the task if this one dies. A result refused all the same (the lease was lost,
+   * or the task is gone: FAILED_PRECONDITION, NOT_FOUND) is skipped and the loop goes on.
+   * `onError(err, task)`, if given, hears of handler exceptions, failed renewals and refused
+   * results. Other errors (server gone, session deleted, bad arguments) reject the promise.
    */
   async runExternalTasks(sessionId, clientId, handler,
     { signal, maxTasks = 1, leaseSeconds = 30, waitSeconds = 20, onError } = {}) {
@@ -734,7 +748,8 @@ export class CodelaneClient {
         throw err;
       }
       const outcomes = await Promise.allSettled(
-        tasks.map((task) => this._serveExternalTask(sessionId, clientId, handler, task, signal, onError)));
+        tasks.map((task) => this._serveExternalTask(sessionId, clientId, handler, task,
+          { signal, leaseSeconds, onError })));
       const failure = outcomes.find((o) => o.status === 'rejected');
       if (failure) throw failure.reason;
       completed += outcomes.filter((o) => o.value).length;
@@ -742,8 +757,9 @@ export class CodelaneClient {
     return completed;
   }
 
-  async _serveExternalTask(sessionId, clientId, handler, task, signal, onError) {
+  async _serveExternalTask(sessionId, clientId, handler, task, { signal, leaseSeconds, onError }) {
     const started = performance.now();
+    const stopRenewing = this._keepLease(sessionId, clientId, task, leaseSeconds, onError);
     let result;
     try {
       const returned = await handler(task, { signal });
@@ -759,6 +775,8 @@ export class CodelaneClient {
         isError: true,
         errorKind: 'ERROR_KIND_TOOL_ERROR',
       };
+    } finally {
+      stopRenewing();
     }
     result.runTime ??= (performance.now() - started) / 1000;
     try {
@@ -769,6 +787,29 @@ export class CodelaneClient {
       return false;
     }
     return true;
+  }
+
+  /** Renews a task's lease every half lease until the returned function is called. */
+  _keepLease(sessionId, clientId, task, leaseSeconds, onError) {
+    let stopped = false;
+    let timer;
+    const renew = async () => {
+      try {
+        await this.renewExternalTaskLease(sessionId, task.taskId, clientId, { leaseSeconds });
+      } catch (err) {
+        if (stopped) return; // the handler is done: the task may well be gone by now
+        report(onError, err, task);
+        // The lease is lost: the result will be refused. Anything else (the server unreachable
+        // for a moment) may pass before the lease runs out, so keep trying.
+        if (err?.code === grpc.status.FAILED_PRECONDITION || err?.code === grpc.status.NOT_FOUND) return;
+      }
+      if (!stopped) timer = setTimeout(renew, leaseSeconds * 500);
+    };
+    timer = setTimeout(renew, leaseSeconds * 500);
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+    };
   }
 
   /** Connected workers (WorkerInfo objects), by id. */

@@ -630,6 +630,44 @@ describe('external tasks', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.equal(fs.existsSync(path.join(workspace, 'external.txt')), false, 'the server did not run the write');
   });
 
+  test('runExternalTasks renews the lease of a handler that outlasts it; renewing by hand', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.lease, lanes: { execute: 'external' }, externalTaskTimeout: 15,
+    });
+    const attempts = [];
+    const errors = [];
+    const controller = new AbortController();
+    const runner = client.runExternalTasks(session.sessionId, CLIENT_ID, async (task) => {
+      attempts.push(task.attempt);
+      // By hand: the holder may renew; another client may not.
+      const renewed = await client.renewExternalTaskLease(session.sessionId, task.taskId, CLIENT_ID,
+        { leaseSeconds: 0.2 });
+      assert.equal(renewed.taskId, task.taskId);
+      assert.ok(renewed.leaseExpireTime instanceof Date && renewed.leaseExpireTime - Date.now() <= 200);
+      await assert.rejects(
+        client.renewExternalTaskLease(session.sessionId, task.taskId, 'someone-else', { leaseSeconds: 5 }),
+        (err) => err.code === grpc.status.FAILED_PRECONDITION && err.errorInfo?.reason === 'LEASE_NOT_HELD');
+      await new Promise((resolve) => { setTimeout(resolve, 1000); }); // five leases long
+      return 'slow but done';
+    }, { signal: controller.signal, waitSeconds: 10, leaseSeconds: 0.2, onError: (err) => errors.push(err) });
+
+    let events;
+    try {
+      events = await collect(client.sendMessage(session.sessionId, 'Write it.', { timeoutMs: STREAM_TIMEOUT_MS }));
+    } finally {
+      controller.abort();
+    }
+    assert.equal(await runner, 1);
+    assert.deepEqual(attempts, [1], 'never offered again: the lease was renewed while the handler ran');
+    assert.deepEqual(errors, []);
+    assert.equal(events.filter((e) => e.kind === 'external_task_pending').length, 1);
+    const finished = events.find((e) => e.kind === 'tool_call_finished');
+    assert.equal(finished?.toolCallFinished.result.output, 'slow but done');
+    await assert.rejects(
+      client.renewExternalTaskLease(session.sessionId, 'task_unknown', CLIENT_ID, { leaseSeconds: 5 }),
+      (err) => err.code === grpc.status.NOT_FOUND);
+  });
+
   test('claim and complete by hand: only the lease holder may complete, once', async () => {
     const session = await client.createSession({
       workspace, model: scriptModels.lease, lanes: { execute: 'external' }, externalTaskTimeout: 15,

@@ -415,6 +415,18 @@ class Session:
             metadata=self._client._metadata,
         )
 
+    @_rpc
+    async def renew_external_task_lease(self, task_id: str, client_id: str, lease: float = 30.0) -> ExternalTask:
+        """Extends this client's lease of a claimed task: it now ends `lease` seconds from now.
+        Same errors as complete_external_task. `run_external_tasks` does this for you."""
+        reply = await self._client._sessions.RenewExternalTaskLease(
+            session_pb2.RenewExternalTaskLeaseRequest(
+                session_id=self.id, task_id=task_id, client_id=client_id, lease=_duration(lease)
+            ),
+            metadata=self._client._metadata,
+        )
+        return ExternalTask.from_proto(reply.task)
+
     async def run_external_tasks(
         self,
         client_id: str,
@@ -430,9 +442,12 @@ class Session:
         `max_tasks` at once) and completes the task with the ToolResult it returns. An exception
         from the handler completes the task with an error result saying what was raised.
 
-        Pick `lease` longer than the handler runs: a task whose lease expires is offered again and
-        this client's result is refused (logged, then the loop goes on). Returns how many tasks
-        this loop completed. Errors of the claim itself (server gone, session deleted) raise.
+        While a handler runs, its task's lease is renewed every `lease / 2` seconds, so a handler
+        may run for as long as the task's deadline allows; `lease` is how soon another client gets
+        the task if this one dies. A task whose lease is lost all the same (the server was
+        unreachable for a whole lease) is offered again and this client's result is refused
+        (logged, then the loop goes on). Returns how many tasks this loop completed. Errors of
+        the claim itself (server gone, session deleted) raise.
         """
         completed = 0
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
@@ -451,7 +466,9 @@ class Session:
                 tasks = claim.result()
                 try:
                     async with asyncio.TaskGroup() as group:
-                        runs = [group.create_task(self._serve_external_task(client_id, handler, t)) for t in tasks]
+                        runs = [
+                            group.create_task(self._serve_external_task(client_id, handler, t, lease)) for t in tasks
+                        ]
                 except* CodelaneError as failed:
                     raise failed.exceptions[0] from None
                 completed += sum(run.result() for run in runs)
@@ -461,9 +478,28 @@ class Session:
                 await asyncio.gather(stopper, return_exceptions=True)
         return completed
 
+    async def _keep_lease(self, task: ExternalTask, client_id: str, lease: float) -> None:
+        """Renews a task's lease every `lease / 2` seconds until cancelled (its handler is done)."""
+        while True:
+            await asyncio.sleep(lease / 2)
+            try:
+                await self.renew_external_task_lease(task.task_id, client_id, lease)
+            except CodelaneError as exc:
+                if exc.code in ("FAILED_PRECONDITION", "NOT_FOUND"):
+                    log.warning("external task %s: lease lost, its result will be refused: %s", task.task_id,
+                                exc.message)
+                    return
+                # The server may be back before the lease runs out: keep trying.
+                log.warning("external task %s: could not renew the lease: %s", task.task_id, exc.message)
+
     async def _serve_external_task(
-        self, client_id: str, handler: Callable[[ExternalTask], Awaitable[ToolResult]], task: ExternalTask
+        self,
+        client_id: str,
+        handler: Callable[[ExternalTask], Awaitable[ToolResult]],
+        task: ExternalTask,
+        lease: float,
     ) -> bool:
+        renewing = asyncio.create_task(self._keep_lease(task, client_id, lease))
         try:
             result = await handler(task)
         except Exception as exc:
@@ -472,6 +508,9 @@ class Session:
                 output=f"{task.call.tool_name} failed in client {client_id}: {type(exc).__name__}: {exc}",
                 is_error=True, error_kind="tool_error",
             )
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
         try:
             await self.complete_external_task(task.task_id, client_id, result)
         except CodelaneError as exc:

@@ -80,7 +80,8 @@ class ToolResult:
 @dataclass(frozen=True)
 class ExternalTask:
     """A tool call offered to clients (lane mode EXTERNAL): claim it, run `call`, complete it
-    with a ToolResult before `lease_expire_time`, or it is offered again with the next attempt."""
+    with a ToolResult before `lease_expire_time` (renew the lease to take longer), or it is
+    offered again with the next attempt."""
 
     task_id: str
     session_id: str

@@ -37,8 +37,9 @@ SHELL = shutil.which("bash") or "/bin/sh"
 DEFAULT_TIMEOUT_MS = 120_000
 MAX_TIMEOUT_MS = 600_000
 MAX_OUTPUT_CHARS = 30_000
-# Longer than any command may run (MAX_TIMEOUT_MS), so a lease never expires under a running command.
-LEASE = MAX_TIMEOUT_MS / 1000 + 30
+# run_external_tasks renews the lease while a command runs; if this client dies, another client
+# gets the task within this many seconds.
+LEASE = 30.0
 # Execute tools this client does not run: withheld from the model by the session's policy.
 NOT_RUN_HERE = ["write", "edit", "delete", "move", "copy", "execute"]
 

@@ -936,6 +936,62 @@ class CompleteExternalTaskResponse(_message.Message):
 Global___CompleteExternalTaskResponse: _TypeAlias = CompleteExternalTaskResponse  # noqa: Y015
 
 @_typing.final
+class RenewExternalTaskLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session."""
+    task_id: _builtins.str
+    """Id of the task."""
+    client_id: _builtins.str
+    """The client that holds the lease."""
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """The new lease, counted from now. Unset means 30 s."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        lease: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "lease", b"lease", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewExternalTaskLeaseRequest: _TypeAlias = RenewExternalTaskLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RenewExternalTaskLeaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _events_pb2.ExternalTask:
+        """The task, with its new lease_expire_time."""
+
+    def __init__(
+        self,
+        *,
+        task: _events_pb2.ExternalTask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewExternalTaskLeaseResponse: _TypeAlias = RenewExternalTaskLeaseResponse  # noqa: Y015
+
+@_typing.final
 class GetMessagesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -91,6 +91,11 @@ class SessionServiceStub:
                 request_serializer=codelane_dot_v1_dot_session__pb2.CompleteExternalTaskRequest.SerializeToString,
                 response_deserializer=codelane_dot_v1_dot_session__pb2.CompleteExternalTaskResponse.FromString,
                 _registered_method=True)
+        self.RenewExternalTaskLease = channel.unary_unary(
+                '/codelane.v1.SessionService/RenewExternalTaskLease',
+                request_serializer=codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseRequest.SerializeToString,
+                response_deserializer=codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseResponse.FromString,
+                _registered_method=True)
         self.GetMessages = channel.unary_unary(
                 '/codelane.v1.SessionService/GetMessages',
                 request_serializer=codelane_dot_v1_dot_session__pb2.GetMessagesRequest.SerializeToString,
@@ -191,6 +196,14 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewExternalTaskLease(self, request, context):
+        """Extends the lease of a claimed external task: it now ends `lease` from now. For handlers
+        that run longer than a lease should be. Same errors as CompleteExternalTask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMessages(self, request, context):
         """Returns a session's message history, in order, a page at a time.
         """
@@ -250,6 +263,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.CompleteExternalTask,
                     request_deserializer=codelane_dot_v1_dot_session__pb2.CompleteExternalTaskRequest.FromString,
                     response_serializer=codelane_dot_v1_dot_session__pb2.CompleteExternalTaskResponse.SerializeToString,
+            ),
+            'RenewExternalTaskLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewExternalTaskLease,
+                    request_deserializer=codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseRequest.FromString,
+                    response_serializer=codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseResponse.SerializeToString,
             ),
             'GetMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMessages,
@@ -534,6 +552,33 @@ class SessionService:
             '/codelane.v1.SessionService/CompleteExternalTask',
             codelane_dot_v1_dot_session__pb2.CompleteExternalTaskRequest.SerializeToString,
             codelane_dot_v1_dot_session__pb2.CompleteExternalTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewExternalTaskLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/codelane.v1.SessionService/RenewExternalTaskLease',
+            codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseRequest.SerializeToString,
+            codelane_dot_v1_dot_session__pb2.RenewExternalTaskLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

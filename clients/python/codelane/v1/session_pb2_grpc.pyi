@@ -80,6 +80,10 @@ class SessionServiceStub:
     """Completes a claimed external task with its result. FAILED_PRECONDITION when the lease is
     not held by this client (expired, or claimed by another); NOT_FOUND for an unknown task.
     """
+    RenewExternalTaskLease: _grpc.UnaryUnaryMultiCallable[_session_pb2.RenewExternalTaskLeaseRequest, _session_pb2.RenewExternalTaskLeaseResponse]
+    """Extends the lease of a claimed external task: it now ends `lease` from now. For handlers
+    that run longer than a lease should be. Same errors as CompleteExternalTask.
+    """
     GetMessages: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetMessagesRequest, _session_pb2.GetMessagesResponse]
     """Returns a session's message history, in order, a page at a time."""
 
@@ -134,6 +138,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     CompleteExternalTask: _aio.UnaryUnaryMultiCallable[_session_pb2.CompleteExternalTaskRequest, _session_pb2.CompleteExternalTaskResponse]  # type: ignore[assignment]
     """Completes a claimed external task with its result. FAILED_PRECONDITION when the lease is
     not held by this client (expired, or claimed by another); NOT_FOUND for an unknown task.
+    """
+    RenewExternalTaskLease: _aio.UnaryUnaryMultiCallable[_session_pb2.RenewExternalTaskLeaseRequest, _session_pb2.RenewExternalTaskLeaseResponse]  # type: ignore[assignment]
+    """Extends the lease of a claimed external task: it now ends `lease` from now. For handlers
+    that run longer than a lease should be. Same errors as CompleteExternalTask.
     """
     GetMessages: _aio.UnaryUnaryMultiCallable[_session_pb2.GetMessagesRequest, _session_pb2.GetMessagesResponse]  # type: ignore[assignment]
     """Returns a session's message history, in order, a page at a time."""
@@ -246,6 +254,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.CompleteExternalTaskResponse, _abc.Awaitable[_session_pb2.CompleteExternalTaskResponse]]:
         """Completes a claimed external task with its result. FAILED_PRECONDITION when the lease is
         not held by this client (expired, or claimed by another); NOT_FOUND for an unknown task.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewExternalTaskLease(
+        self,
+        request: _session_pb2.RenewExternalTaskLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RenewExternalTaskLeaseResponse, _abc.Awaitable[_session_pb2.RenewExternalTaskLeaseResponse]]:
+        """Extends the lease of a claimed external task: it now ends `lease` from now. For handlers
+        that run longer than a lease should be. Same errors as CompleteExternalTask.
         """
 
     @_abc_1.abstractmethod
