@@ -334,7 +334,12 @@ class Turn:
         policy = ctx.settings.permissions
         within = policy.confirmation_timeout
         ctx.emit(ConfirmationRequired(self._info(call), time.time() + within))
-        answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
+        try:
+            answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
+        except asyncio.CancelledError:
+            # Every ConfirmationRequired ends with a ConfirmationResolved, so no client keeps asking.
+            ctx.emit(ConfirmationResolved(call.call_id, "cancelled", "the turn was cancelled before anyone answered"))
+            raise
         if answer is None:
             approved = policy.timeout_action is Action.ALLOW
             outcome = "timed_out_approved" if approved else "timed_out_rejected"

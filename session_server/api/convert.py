@@ -63,6 +63,7 @@ _OUTCOMES = {
     "rejected": events_pb2.CONFIRMATION_OUTCOME_REJECTED,
     "timed_out_rejected": events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_REJECTED,
     "timed_out_approved": events_pb2.CONFIRMATION_OUTCOME_TIMED_OUT_APPROVED,
+    "cancelled": events_pb2.CONFIRMATION_OUTCOME_CANCELLED,
 }
 
 

@@ -163,6 +163,18 @@ def test_confirmation_rows_and_notices() -> None:
     assert "1 running" in area
     view.show(ev.ConfirmationResolved(**_base(3), call_id="c1", outcome="approved"))
     assert "confirmation of c1: approved" in ANSI.sub("", out.getvalue())
+    assert ["bash", "execute", "approved"] == live_area(view).splitlines()[1].split()[:3]
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("rejected", "rejected"), ("timed_out_rejected", "rejected"),
+                                                 ("timed_out_approved", "approved"), ("cancelled", "cancelled")])
+def test_a_resolved_confirmation_shows_its_outcome(outcome: str, status: str) -> None:
+    view, out, _, _ = make()
+    view.show(ev.TurnStarted(**_base(1), user_text="x"))
+    view.show(ev.ConfirmationRequired(**_base(2), call=_call("c1", "bash", "execute", '{"command": "ls"}')))
+    view.show(ev.ConfirmationResolved(**_base(3), call_id="c1", outcome=outcome, reason="why"))
+    assert ["bash", "execute", status] == live_area(view).splitlines()[1].split()[:3]
+    assert f"confirmation of c1: {outcome} (why)" in ANSI.sub("", out.getvalue())
 
 
 def test_the_live_area_runs_and_stops_on_a_terminal() -> None:

@@ -230,6 +230,13 @@ async def test_cancel_while_waiting_ends_the_wait(
     results = await _tool_results(client, session.session_id)
     assert results["c_write"].error_kind == tools_pb2.ERROR_KIND_CANCELLED
     assert "while waiting for its confirmation; it did not run" in results["c_write"].output
+    # Every ConfirmationRequired ends with a ConfirmationResolved: here, CANCELLED, before the
+    # call's result.
+    [resolved] = _of_kind(events, "confirmation_resolved")
+    assert resolved.confirmation_resolved.call_id == "c_write"
+    assert resolved.confirmation_resolved.outcome == events_pb2.CONFIRMATION_OUTCOME_CANCELLED
+    finished = {e.tool_call_finished.call_id: e.sequence for e in _of_kind(events, "tool_call_finished")}
+    assert sorted(finished) == ["c_read", "c_write"] and resolved.sequence < finished["c_write"]
     assert results["c_read"].error_kind == tools_pb2.ERROR_KIND_CANCELLED  # it waited behind the write
     assert "before it started" in results["c_read"].output
     assert server.server.sessions.confirmations.waiting(session.session_id) == []

@@ -271,7 +271,10 @@ class LiveRenderer:
         elif isinstance(event, ev.ConfirmationResolved):
             row = self._rows.get(event.call_id)
             if row is not None and row.status == "confirm?":
-                row.status = "approved" if event.outcome.endswith("approved") else "rejected"
+                row.status = (
+                    "approved" if event.outcome.endswith("approved")
+                    else "cancelled" if event.outcome == "cancelled" else "rejected"
+                )
             self._print(Text(f"confirmation of {event.call_id}: {event.outcome}"
                              + (f" ({event.reason})" if event.reason else ""), style="cyan"))
         elif isinstance(event, ev.WorkerLost):

@@ -37,6 +37,8 @@ class _ConfirmationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_C
     """Nobody answered in time; the call was rejected (the default timeout action)."""
     CONFIRMATION_OUTCOME_TIMED_OUT_APPROVED: _ConfirmationOutcome.ValueType  # 4
     """Nobody answered in time; the call was approved (configured timeout action)."""
+    CONFIRMATION_OUTCOME_CANCELLED: _ConfirmationOutcome.ValueType  # 5
+    """The turn was cancelled before anyone answered; the call did not run."""
 
 class ConfirmationOutcome(_ConfirmationOutcome, metaclass=_ConfirmationOutcomeEnumTypeWrapper):
     """How a confirmation ended."""
@@ -50,6 +52,8 @@ CONFIRMATION_OUTCOME_TIMED_OUT_REJECTED: ConfirmationOutcome.ValueType  # 3
 """Nobody answered in time; the call was rejected (the default timeout action)."""
 CONFIRMATION_OUTCOME_TIMED_OUT_APPROVED: ConfirmationOutcome.ValueType  # 4
 """Nobody answered in time; the call was approved (configured timeout action)."""
+CONFIRMATION_OUTCOME_CANCELLED: ConfirmationOutcome.ValueType  # 5
+"""The turn was cancelled before anyone answered; the call did not run."""
 Global___ConfirmationOutcome: _TypeAlias = ConfirmationOutcome  # noqa: Y015
 
 class _StopReason:
