@@ -32,10 +32,9 @@ from typing import Any
 
 from benchmarks.tools_bench import generate_tree
 from tool_worker.registry import ToolRegistry
-from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane
-from tool_worker.tools.grep import rg_arguments
-from tool_worker.tools.rg import run_rg, search_location
+from tool_worker.tools.grep import rg_invocation
+from tool_worker.tools.rg import run_rg
 
 PLUGIN_MODULE = "benchmarks.plugin_tools"
 RG_ALONE_PASSES = 4
@@ -349,12 +348,7 @@ async def _calibrate(workloads: Sequence[Workload], passes: int) -> None:
 async def _rg_alone(workload: Workload) -> dict[str, float]:
     """Times the grep calls' own rg command lines, one after another and all at once: how much
     running the searches side by side can gain when nothing but rg runs."""
-    root = workspace_root(workload.workspace)
-    commands = []
-    for call in workload.calls:
-        target = resolve_in_workspace(workload.workspace, call.arguments.get("path", "."))
-        cwd, path_args, _ = search_location(root, target)
-        commands.append(([*rg_arguments(call.arguments), *path_args], cwd))
+    commands = [rg_invocation(workload.workspace, call.arguments)[:2] for call in workload.calls]
     sequential, concurrent = [], []
     for _ in range(RG_ALONE_PASSES + 1):  # the first pass warms the page cache
         started = time.perf_counter()

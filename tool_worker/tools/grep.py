@@ -6,6 +6,7 @@ is sorted here by path instead of with `rg --sort path`, which would force a sin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
@@ -94,13 +95,21 @@ def _format_line(path: str, line: str, numbered: bool) -> str:
     return f"{path}{separator}{line if numbered else line[digits + 1 :]}"
 
 
-async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+def rg_invocation(workspace: Path, args: dict[str, Any]) -> tuple[list[str], Path, str]:
+    """The rg arguments of a grep call, where to run them, and the prefix of the paths rg prints
+    (see search_location). The benchmark times these same command lines without the tool."""
     shown_path = args.get("path", ".")
-    target = resolve_in_workspace(ctx.workspace, shown_path)
+    target = resolve_in_workspace(workspace, shown_path)
     if not target.exists():
         raise ToolFailure(f"path not found: {shown_path}")
-    cwd, path_args, prefix = search_location(workspace_root(ctx.workspace), target)
-    out = await run_rg([*rg_arguments(args), *path_args], cwd)
+    cwd, path_args, prefix = search_location(workspace_root(workspace), target)
+    return [*rg_arguments(args), *path_args], cwd, prefix
+
+
+async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    shown_path = args.get("path", ".")
+    rg_args, cwd, prefix = rg_invocation(ctx.workspace, args)
+    out = await run_rg(rg_args, cwd)
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {out.stderr}")
     if not out.stdout:
