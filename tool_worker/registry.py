@@ -61,9 +61,10 @@ _Entry = tuple[Tool, Draft202012Validator, Callable[[dict[str, Any]], bool] | No
 
 
 @functools.lru_cache(maxsize=256)
-def _context(workspace: Path) -> ToolContext:
-    # Contexts are immutable and a process serves a few workspaces: one per workspace.
-    return ToolContext(workspace=workspace)
+def _context(workspace: Path | str) -> ToolContext:
+    # Contexts are immutable and a process serves a few workspaces: one per workspace (a worker
+    # passes the workspace as the string it received, which saves building a Path per call).
+    return ToolContext(workspace=Path(workspace))
 
 
 class ToolRegistry:
@@ -124,14 +125,14 @@ class ToolRegistry:
             tool.spec for _, (tool, _, _) in sorted(self._entries.items()) if lane is None or tool.spec.lane is lane
         ]
 
-    async def execute(self, name: str, workspace: Path, arguments_json: str) -> ToolResult:
+    async def execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
         """Run one call. Every failure becomes an error result; only cancellation propagates."""
         started = time.perf_counter()
         result = await self._execute(name, workspace, arguments_json)
         result.run_time = time.perf_counter() - started
         return result
 
-    async def _execute(self, name: str, workspace: Path, arguments_json: str) -> ToolResult:
+    async def _execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
         entry = self._entries.get(name)
         if entry is None:
             return ToolResult.error(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -255,9 +254,7 @@ class ToolWorker:
         try:
             started = time.perf_counter()
             try:
-                result = await self.registry.execute(
-                    assign.tool_name, _workspace_path(assign.workspace), assign.arguments_json
-                )
+                result = await self.registry.execute(assign.tool_name, assign.workspace, assign.arguments_json)
             except asyncio.CancelledError:
                 result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker")
                 result.run_time = time.perf_counter() - started
@@ -299,12 +296,6 @@ class ToolWorker:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         async with outbox.lock:
             await call.done_writing()
-
-
-@functools.lru_cache(maxsize=256)
-def _workspace_path(workspace: str) -> Path:
-    # A worker serves a few workspaces; building a Path costs microseconds on every call.
-    return Path(workspace)
 
 
 def parse_labels(text: str) -> dict[str, str]:
