@@ -24,6 +24,10 @@ from session_server.sessions import (
 from tool_worker import wire
 
 
+async def _session_not_found(context, exc: SessionNotFound):
+    await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
+
+
 @contextlib.asynccontextmanager
 async def _held_task(context, request):
     """Around an RPC on a claimed external task (its session already checked): checks the task and
@@ -34,7 +38,7 @@ async def _held_task(context, request):
     try:
         yield
     except SessionNotFound as exc:
-        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
+        await _session_not_found(context, exc)
     except InvalidArgument as exc:
         await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
     except TaskNotFound as exc:
@@ -48,9 +52,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, manager: SessionManager) -> None:
         self._manager = manager
 
-    async def _not_found(self, context, exc: SessionNotFound):
-        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
-
     async def _session(self, context, session_id: str):
         if not session_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty", "INVALID_ARGUMENT",
@@ -58,7 +59,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         try:
             return self._manager.get_session(session_id)
         except SessionNotFound as exc:
-            await self._not_found(context, exc)
+            await _session_not_found(context, exc)
 
     def _proto(self, record) -> session_pb2.Session:
         return convert.session(record, self._manager.is_running(record.session_id))
