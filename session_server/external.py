@@ -193,10 +193,7 @@ class ExternalTasks:
     def renew(self, session_id: str, task_id: str, client_id: str, lease: float) -> ExternalTaskInfo:
         """Extends a held lease to `lease` seconds from now. Raises TaskNotFound or LeaseNotHeld."""
         task = self._held(session_id, task_id, client_id)
-        if task.lease_timer is not None:
-            task.lease_timer.cancel()
-        task.info = replace(task.info, lease_expire_time=self._clock() + lease)
-        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
+        self._arm_lease(task, lease)
         return task.info
 
     def close_session(self, session_id: str) -> None:
@@ -239,10 +236,16 @@ class ExternalTasks:
     def _lease(self, task: _Task, client_id: str, lease: float) -> ExternalTaskInfo:
         task.client_id = client_id
         task.claimed_at = time.perf_counter()
-        task.info = replace(task.info, lease_expire_time=self._clock() + lease)
-        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
+        self._arm_lease(task, lease)
         self._emit(task, ToolCallStarted(task.info.call, task.info.lane, client_id, task.info.attempt))
         return task.info
+
+    def _arm_lease(self, task: _Task, lease: float) -> None:
+        """The held lease now ends `lease` seconds from now (the timer of the old end is dropped)."""
+        if task.lease_timer is not None:
+            task.lease_timer.cancel()
+        task.info = replace(task.info, lease_expire_time=self._clock() + lease)
+        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
 
     def _expire(self, task: _Task, attempt: int) -> None:
         if self._tasks.get(task.info.task_id) is not task or task.info.attempt != attempt:
