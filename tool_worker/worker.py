@@ -21,7 +21,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
@@ -78,10 +77,12 @@ class _Outbox:
         self._messages: list[worker_pb2.ConnectRequest] = []
         self._results: worker_pb2.ConnectRequest | None = None
 
-    def add_result(self, call_id: str, attempt: int, result: ToolResult) -> None:
+    def add_result(self, assign: worker_pb2.Assign, result: ToolResult) -> None:
         if self._results is None:
             self._results = worker_pb2.ConnectRequest()
-        report = self._results.results.results.add(call_id=call_id, attempt=attempt)
+        report = self._results.results.results.add(
+            dispatch_id=assign.dispatch_id, call_id=assign.call_id, attempt=assign.attempt
+        )
         wire.result_to_proto(result, report.result)
 
     async def send(self, message: worker_pb2.ConnectRequest) -> None:
@@ -105,9 +106,13 @@ class ToolWorker:
         self.config = config
         self.registry = registry
         self._draining = asyncio.Event()
-        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Calls running now, by the hub's dispatch id (model call ids repeat across sessions).
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._probes: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
+        # Given by the hub's Welcome: proves it is us when we reconnect after a broken stream.
+        self._reconnect_token = ""
+        self._roots = tuple(config.roots)
 
     def request_drain(self) -> None:
         self._draining.set()
@@ -121,6 +126,7 @@ class ToolWorker:
             slots=self.config.slots,
             workspace_roots=self.config.roots,
             hostname=socket.gethostname(),
+            reconnect_token=self._reconnect_token,
         )
 
     async def run(self) -> int:
@@ -130,20 +136,38 @@ class ToolWorker:
         channel = create_channel(
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
+        id_taken_since: float | None = None
         try:
             while not self._draining.is_set():
                 started = time.monotonic()
                 try:
                     await self._serve(channel)
+                    id_taken_since = None
                     if self._draining.is_set():
                         return 0
                 except WorkerRejected as exc:
                     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                         print(f"codelane worker: the hub refused our token (UNAUTHENTICATED): {exc}", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
-                    print(f"codelane worker: the hub rejected this worker ({exc.code.name}): {exc}", file=sys.stderr)
-                    return EXIT_REJECTED
+                    if exc.code == grpc.StatusCode.ALREADY_EXISTS:
+                        # Our own previous stream may still be held by a hub that has not noticed
+                        # it broke (it will within its heartbeat timeout); another live worker
+                        # with our id will not go away.
+                        id_taken_since = id_taken_since or time.monotonic()
+                        if time.monotonic() - id_taken_since > ID_TAKEN_PATIENCE:
+                            print(f"codelane worker: {exc}", file=sys.stderr)
+                            return EXIT_REJECTED
+                        log.warning("%s; retrying", exc)
+                    else:
+                        print(f"codelane worker: the hub rejected this worker ({exc.code.name}): {exc}",
+                              file=sys.stderr)
+                        return EXIT_REJECTED
                 except grpc.aio.AioRpcError as exc:
+                    refusal = tls_refusal(exc)
+                    if refusal is not None:
+                        print(f"codelane worker: the TLS handshake with {self.config.address} failed: {refusal}",
+                              file=sys.stderr)
+                        return EXIT_UNAUTHENTICATED
                     log.warning("hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
@@ -172,19 +196,16 @@ class ToolWorker:
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (
-                grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
+            if exc.code() in _REJECTIONS:
                 raise WorkerRejected(exc.code(), exc.details() or "") from None
             raise
         if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
             code = await call.code()
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+            if code in _REJECTIONS:
                 raise WorkerRejected(code, await call.details())
             return
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
+        self._reconnect_token = first.welcome.reconnect_token
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval))
         drain_watch = asyncio.create_task(self._announce_drain(outbox, call))
@@ -222,7 +243,7 @@ class ToolWorker:
                     # call a trip through the event loop (Python 3.11 has no eager tasks); a
                     # tool's asyncio.timeout() still binds to a task that is the call's alone.
                     self._reader = asyncio.create_task(self._read(call, outbox, ended))
-                    self._running[(assigns[0].call_id, assigns[0].attempt)] = asyncio.current_task()
+                    self._running[assigns[0].dispatch_id] = asyncio.current_task()
                     await self._run_call(assigns[0], outbox)
                     return
                 for assign in assigns:
@@ -233,7 +254,7 @@ class ToolWorker:
             elif kind == "cancel":
                 # Popped here too: a task cancelled before its first step never runs its
                 # `finally`.
-                task = self._running.pop((message.cancel.call_id, message.cancel.attempt), None)
+                task = self._running.pop(message.cancel.dispatch_id, None)
                 if task is not None:
                     task.cancel()
             elif kind == "probe":
@@ -247,18 +268,29 @@ class ToolWorker:
     def _start(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
         # The call's task leaves `_running` itself (a done-callback would cost every call an
         # extra event-loop turn).
-        self._running[(assign.call_id, assign.attempt)] = asyncio.create_task(self._run_call(assign, outbox))
+        self._running[assign.dispatch_id] = asyncio.create_task(self._run_call(assign, outbox))
 
     async def _run_call(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
-        key = (assign.call_id, assign.attempt)
+        key = assign.dispatch_id
         try:
             started = time.perf_counter()
             try:
-                result = await self.registry.execute(assign.tool_name, assign.workspace, assign.arguments_json)
+                if not self._within_roots(assign.workspace):
+                    result = ToolResult.error(
+                        ErrorKind.PATH_ESCAPE,
+                        f"{assign.tool_name} was not run: workspace {assign.workspace} is outside this worker's "
+                        f"--root ({', '.join(self._roots)})",
+                    )
+                else:
+                    result = await self.registry.execute(assign.tool_name, assign.workspace, assign.arguments_json)
             except asyncio.CancelledError:
-                result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker")
-                result.run_time = time.perf_counter() - started
-            outbox.add_result(assign.call_id, assign.attempt, result)
+                result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker",
+                                          run_time=time.perf_counter() - started)
+            except Exception as exc:  # never lose a call to a bug: the hub gets a result either way
+                log.exception("call %s (%s) failed", assign.call_id, assign.tool_name)
+                result = ToolResult.error(ErrorKind.INTERNAL, f"{assign.tool_name} failed on the worker: "
+                                          f"{type(exc).__name__}: {exc}", run_time=time.perf_counter() - started)
+            outbox.add_result(assign, result)
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 if len(self._running) > 1:
                     # Siblings are running: give those finishing in this same loop turn the
@@ -268,11 +300,18 @@ class ToolWorker:
         finally:
             self._running.pop(key, None)
 
+    def _within_roots(self, workspace: str) -> bool:
+        """Whatever the hub says, a worker reads only under its own --root (symlinks resolved)."""
+        return not self._roots or _under_roots(workspace, self._roots)
+
     async def _probe(self, probe: worker_pb2.Probe, outbox: _Outbox) -> None:
         answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)
         try:
-            answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
-        except OSError as exc:
+            if not self._within_roots(probe.workspace):
+                answer.error = f"the workspace is outside this worker's --root ({', '.join(self._roots)})"
+            else:
+                answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
+        except Exception as exc:
             answer.error = str(exc)
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
             await outbox.send(worker_pb2.ConnectRequest(probe_result=answer))
@@ -281,11 +320,16 @@ class ToolWorker:
         while True:
             await asyncio.sleep(interval)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-            await outbox.send(
-                worker_pb2.ConnectRequest(
-                    heartbeat=worker_pb2.Heartbeat(active_calls=len(self._running), load_average=load)
+            try:
+                await outbox.send(
+                    worker_pb2.ConnectRequest(
+                        heartbeat=worker_pb2.Heartbeat(active_calls=len(self._running), load_average=load)
+                    )
                 )
-            )
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                return  # the stream is gone: the reader sees it end, and we reconnect
+            except Exception:
+                log.exception("sending a heartbeat failed; trying again next interval")
 
     async def _announce_drain(self, outbox: _Outbox, call) -> None:
         """On drain (SIGTERM or the hub's Drain): tell the hub, finish the running calls, then
@@ -296,6 +340,32 @@ class ToolWorker:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         async with outbox.lock:
             await call.done_writing()
+
+
+_REJECTIONS = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
+# How long a worker keeps trying while the hub says its id is held by another stream.
+ID_TAKEN_PATIENCE = 60.0
+# What gRPC's transport says when a TLS handshake fails (either side refusing a certificate).
+_TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")
+
+
+def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:
+    """The handshake error, when the call failed because a TLS handshake did: retrying with the
+    same certificates cannot help."""
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(word in details.lower() for word in _TLS_FAILURES):
+        return details
+    return None
+
+
+def _under_roots(workspace: str, roots: tuple[str, ...]) -> bool:
+    real = os.path.realpath(workspace)
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -359,7 +429,7 @@ def main(argv: list[str]) -> int:
         slots=args.slots,
         token=args.token,
         labels=args.labels,
-        roots=[str(Path(r).resolve()) for r in args.root],
+        roots=[os.path.realpath(r) for r in args.root],
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

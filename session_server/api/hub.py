@@ -1,4 +1,10 @@
-"""WorkerHubService.Connect: one bidirectional stream per worker, translated to WorkerPool calls."""
+"""WorkerHubService.Connect: one bidirectional stream per worker, translated to WorkerPool calls.
+
+This is the pool's transport: it turns the pool's requests into stream messages and decides when
+to write them. grpc.aio allows one write at a time and each write is a trip through gRPC's core,
+so what is queued while a write is in flight goes out together in the next message: under load
+one write carries many calls, and an idle worker is written to at once.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,15 @@ import grpc
 
 from codelane import __version__
 from codelane.v1 import worker_pb2, worker_pb2_grpc
-from session_server.pool import Assignment, InvalidRegistration, WorkerPool, WorkerRegistration
+from session_server.api.errors import abort
+from session_server.pool import (
+    Assignment,
+    InvalidRegistration,
+    LinkFault,
+    WorkerIdTaken,
+    WorkerPool,
+    WorkerRegistration,
+)
 from tool_worker import wire
 
 log = logging.getLogger(__name__)
@@ -18,14 +32,21 @@ log = logging.getLogger(__name__)
 # A worker must say Hello this soon after opening its stream.
 HELLO_TIMEOUT = 10.0
 
+_FAULT_STATUS = {
+    LinkFault.HEARTBEAT_TIMEOUT: grpc.StatusCode.UNAVAILABLE,
+    LinkFault.REPLACED: grpc.StatusCode.ABORTED,
+    LinkFault.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
 
 class _StreamLink:
     """A WorkerLink over one Connect stream.
 
-    grpc.aio allows one write at a time and each write costs a trip through gRPC's core, so
-    messages are queued and written under a lock, every queued Assign coalesced into one
-    Assignments message: under load, one write carries many calls. The pool flushes assignments
-    from the task that made them; a writer task sends control messages (cancel, probe, drain).
+    `flush()` writes what is queued, under a lock; whoever holds the lock writes everything
+    queued before letting go, so nothing is stranded and Assigns queued meanwhile share one
+    Assignments message. The pool flushes a call it assigns at once from the dispatching task; a
+    writer task sends whatever nobody flushed (control messages, calls assigned from the queue).
+    A failed write closes the link; it never raises into the pool.
     """
 
     def __init__(self) -> None:
@@ -33,15 +54,18 @@ class _StreamLink:
         self._assignments: worker_pb2.ConnectResponse | None = None
         self._control: list[worker_pb2.ConnectResponse] = []
         self._wake = asyncio.Event()
+        self._kick_scheduled = False
         self._write_lock = asyncio.Lock()
         self._context: grpc.aio.ServicerContext | None = None
         self.closed_reason = ""
+        self.fault: LinkFault | None = None
         self._closed = False
 
     def assign(self, assignment: Assignment) -> None:
         if self._assignments is None:
             self._assignments = worker_pb2.ConnectResponse()
         message = self._assignments.assignments.assigns.add(
+            dispatch_id=assignment.dispatch_id,
             call_id=assignment.call_id,
             attempt=assignment.attempt,
             tool_name=assignment.tool_name,
@@ -50,17 +74,25 @@ class _StreamLink:
             session_id=assignment.session_id,
         )
         wire.set_timestamp(message.deadline, assignment.deadline)
-        # No wake-up for the writer task: the pool flushes assignments from the task that made
-        # them, which keeps a loop iteration off every call's path.
+        if not self._kick_scheduled:
+            # The writer is woken only if nobody flushed by the end of this loop turn: the usual
+            # dispatch flushes inline, and waking a task for nothing costs every call.
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._assignments is not None:
+            self._wake.set()
 
     def _send(self, message: worker_pb2.ConnectResponse) -> None:
         self._control.append(message)
         self._wake.set()
 
-    def cancel(self, call_id: str, attempt: int, reason: str) -> None:
-        self._send(
-            worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(call_id=call_id, attempt=attempt, reason=reason))
-        )
+    def cancel(self, assignment: Assignment, reason: str) -> None:
+        self._send(worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(
+            dispatch_id=assignment.dispatch_id, call_id=assignment.call_id, attempt=assignment.attempt, reason=reason,
+        )))
 
     def probe(self, probe_id: str, workspace: str) -> None:
         self._send(worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id=probe_id, workspace=workspace)))
@@ -68,8 +100,10 @@ class _StreamLink:
     def drain(self, reason: str) -> None:
         self._send(worker_pb2.ConnectResponse(drain=worker_pb2.Drain(reason=reason)))
 
-    def close(self, reason: str) -> None:
-        self.closed_reason = reason
+    def close(self, reason: str, fault: LinkFault | None = None) -> None:
+        if self._closed:
+            return
+        self.closed_reason, self.fault = reason, fault
         self._closed = True
         self._wake.set()
 
@@ -77,18 +111,21 @@ class _StreamLink:
         self._context = context
 
     async def flush(self) -> None:
-        if self._context is None or self._write_lock.locked():
+        if self._context is None or self._write_lock.locked() or self._closed:
             # Not welcomed yet (the Welcome goes first), or the holder writes everything queued
-            # before it lets go.
+            # before it lets go, or the stream is gone.
             return
         async with self._write_lock:
-            while (self._assignments is not None or self._control) and not self._closed:
-                # Assignments first, so a Cancel never overtakes the Assign it withdraws.
-                if self._assignments is not None:
-                    message, self._assignments = self._assignments, None
-                    await self._context.write(message)
-                while self._control:
-                    await self._context.write(self._control.pop(0))
+            try:
+                while (self._assignments is not None or self._control) and not self._closed:
+                    # Assignments first, so a Cancel never overtakes the Assign it withdraws.
+                    if self._assignments is not None:
+                        message, self._assignments = self._assignments, None
+                        await self._context.write(message)
+                    while self._control:
+                        await self._context.write(self._control.pop(0))
+            except Exception as exc:  # the stream is broken: the Connect handler ends it
+                self.close(f"writing to the worker failed: {exc}")
 
     async def write_until_closed(self) -> None:
         while True:
@@ -114,6 +151,7 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
         version=hello.version,
         hostname=hello.hostname,
         peer=peer,
+        reconnect_token=hello.reconnect_token,
     )
 
 
@@ -125,69 +163,83 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         try:
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
         except (TimeoutError, StopAsyncIteration):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello")
-        if first.WhichOneof("message") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello")
+            first = None
+        if first is None or first.WhichOneof("message") != "hello":
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello",
+                        "INVALID_HELLO")
         link = _StreamLink()
         try:
             reg = registration_from_hello(first.hello, context.peer())
-            self._pool.register(reg, link)
+            reconnect_token = self._pool.register(reg, link)
         except InvalidRegistration as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
+        except WorkerIdTaken as exc:
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
         worker_id = reg.worker_id
-        log.info(
-            "worker %s connected from %s (%d slots, tools: %s)",
-            worker_id,
-            reg.peer,
-            reg.slots,
-            ", ".join(t.name for t in reg.tools),
-        )
+        log.info("worker %s connected from %s (%d slots, tools: %s)", worker_id, reg.peer, reg.slots,
+                 ", ".join(t.name for t in reg.tools))
         welcome = worker_pb2.Welcome(
             worker_id=worker_id,
             heartbeat_interval=wire.duration(self._pool.heartbeat_interval),
+            heartbeat_timeout=wire.duration(self._pool.heartbeat_timeout),
             hub_version=__version__,
+            reconnect_token=reconnect_token,
         )
-        await context.write(worker_pb2.ConnectResponse(welcome=welcome))
-        # Calls assigned since register() waited for the Welcome to go first.
-        link.bind(context)
-        await link.flush()
-        reader = asyncio.create_task(self._read(worker_id, request_iterator))
-        writer = asyncio.create_task(link.write_until_closed())
-        reason = "the worker closed its stream"
+        reason = "the connection to the worker broke (its process died or the network failed)"
+        reader = writer = None
         try:
+            await context.write(worker_pb2.ConnectResponse(welcome=welcome))
+            # Calls assigned since register() waited for the Welcome to go first.
+            link.bind(context)
+            await link.flush()
+            reader = asyncio.create_task(self._read(worker_id, link, request_iterator))
+            writer = asyncio.create_task(link.write_until_closed())
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if writer in done:
-                reason = link.closed_reason or "stream write failed"
+                reason = link.closed_reason or "writing to the worker failed"
             elif reader.exception() is not None:
-                reason = f"stream broken: {reader.exception()}"
+                reason = f"the worker's stream broke: {reader.exception()}"
+            else:
+                reason = reader.result()
         finally:
             for task in (reader, writer):
-                task.cancel()
+                if task is not None:
+                    task.cancel()
             for task in (reader, writer):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             self._pool.unregister(worker_id, link, reason)
-            await self._pool.flush()  # its calls, retried on other workers
             log.info("worker %s disconnected: %s", worker_id, reason)
+        if link.fault is not None:
+            await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value, worker_id=worker_id)
 
-    async def _read(self, worker_id: str, request_iterator) -> None:
+    async def _read(self, worker_id: str, link: _StreamLink, request_iterator) -> str:
+        """Feeds the worker's messages to the pool until the worker half-closes; returns why it
+        ended. A message the pool chokes on is logged and skipped: one bad message never costs
+        the worker its stream."""
         pool = self._pool
+        drained = False
         async for request in request_iterator:
             kind = request.WhichOneof("message")
-            if kind == "results":
-                for msg in request.results.results:
-                    pool.on_result(worker_id, msg.call_id, msg.attempt, wire.result_from_proto(msg.result))
-            elif kind == "heartbeat":
-                pool.heartbeat(worker_id)
-            elif kind == "probe_result":
-                msg = request.probe_result
-                pool.on_probe_result(worker_id, msg.probe_id, msg.fingerprint, msg.error)
-            elif kind == "draining":
-                pool.worker_draining(worker_id)
-            # A second Hello or an unknown message from a newer worker is ignored, not fatal.
-            await pool.flush()
+            try:
+                if kind == "results":
+                    for msg in request.results.results:
+                        pool.on_result(worker_id, link, msg.dispatch_id, wire.result_from_proto(msg.result))
+                elif kind == "heartbeat":
+                    pool.heartbeat(worker_id, link)
+                elif kind == "probe_result":
+                    msg = request.probe_result
+                    pool.on_probe_result(worker_id, link, msg.probe_id, msg.fingerprint, msg.error)
+                elif kind == "draining":
+                    drained = True
+                    pool.worker_draining(worker_id, link)
+                # A second Hello or an unknown message from a newer worker is ignored, not fatal.
+            except Exception:
+                log.exception("worker %s: handling its %s message failed; the stream goes on", worker_id, kind)
             if kind == "results" and not pool.in_flight(worker_id):
                 # The worker is idle, so latency is what counts: the callers these results woke
                 # run before this task sets up its next read. (Under load this would only cost
                 # a loop turn per message.)
                 await asyncio.sleep(0)
+        return "the worker drained and closed its stream" if drained else "the worker closed its stream"

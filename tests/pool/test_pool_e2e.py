@@ -5,15 +5,49 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
 from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc
-from session_server.pool import CallRetried, CallStarted, QueryCall
+from session_server.pool import QueryCall
 from tests.pool.conftest import pid_alive, wait_for
 from tool_worker.tools.base import ErrorKind
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CallRetried:
+    attempt: int
+    previous_worker_id: str
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    worker_id: str
+    reason: str
+
+
+class Placements:
+    """A call's PlacementObserver that records what the pool reported, into a list."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def assigned(self, worker_id: str, attempt: int) -> None:
+        self.into.append(CallStarted(worker_id, attempt))
+
+    def lost(self, worker_id: str, reason: str, next_attempt: int | None) -> None:
+        self.into.append(WorkerLost(worker_id, reason))
+        if next_attempt is not None:
+            self.into.append(CallRetried(next_attempt, worker_id))
 
 
 def call(
@@ -33,7 +67,7 @@ def call(
         arguments_json=json.dumps(args),
         workspace=str(workspace),
         timeout=timeout,
-        on_event=events.append if events is not None else None,
+        observer=Placements(events) if events is not None else None,
     )
 
 
@@ -371,20 +405,27 @@ async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, 
 
 
 async def test_queue_stats_count_calls_and_latencies(make_server, workers, tmp_path: Path) -> None:
-    from session_server.scheduler import ScheduledCall, TurnScheduler
-    from tool_worker.tools.base import Lane
+    from session_server.calls import ToolCall
+    from session_server.events import CallInfo
+    from session_server.scheduler import TurnScheduler
+    from tool_worker.tools.base import Lane, ToolSpec
 
     server = await make_server()
     workers.spawn(server.port, "w1", slots=2)
     await connected(server, "w1")
 
-    async def execute(scheduled: ScheduledCall):
-        return await server.pool.dispatch(call(tmp_path, scheduled.tool_name, json.loads(scheduled.arguments_json),
-                                               call_id=scheduled.call_id))
+    async def execute(tool_call: ToolCall):
+        arguments = json.loads(tool_call.info.arguments_json)
+        return await server.pool.dispatch(call(tmp_path, tool_call.tool_name, arguments, call_id=tool_call.call_id))
 
-    scheduler = TurnScheduler(execute, query_concurrency=4, stats=server.stats)
-    calls = [ScheduledCall(i, f"c{i}", "sleep", json.dumps({"ms": 20}), Lane.QUERY) for i in range(5)]
-    calls.append(ScheduledCall(5, "c5", "sleep", json.dumps({"ms": -1}), Lane.QUERY))  # invalid: fails
+    def sleep_call(index: int, ms: int) -> ToolCall:
+        spec = ToolSpec("sleep", "", {}, Lane.QUERY, True)
+        info = CallInfo(f"c{index}", "sleep", json.dumps({"ms": ms}), "query", index)
+        return ToolCall(info, lambda event: None, spec=spec, stats=server.stats)
+
+    scheduler = TurnScheduler(execute, query_concurrency=4)
+    calls = [sleep_call(i, 20) for i in range(5)]
+    calls.append(sleep_call(5, -1))  # invalid: fails
     results = await scheduler.run_all(calls)
     assert [r.is_error for r in results] == [False] * 5 + [True]
     async with grpc.aio.insecure_channel(server.address) as channel:

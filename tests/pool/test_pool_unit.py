@@ -1,44 +1,70 @@
-"""WorkerPool logic with fake links: no network, milliseconds."""
+"""WorkerPool logic with fake links and a fake clock: no network, milliseconds."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from session_server.pool import Assignment, QueryCall, WorkerPool, WorkerRegistration
+import pytest
+
+from session_server.pool import (
+    Assignment,
+    InvalidRegistration,
+    LinkFault,
+    QueryCall,
+    WorkerIdTaken,
+    WorkerPool,
+    WorkerRegistration,
+)
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 READ = ToolSpec("read", "", {"type": "object"}, Lane.QUERY, True)
 WRITE_ONCE = ToolSpec("upload", "", {"type": "object"}, Lane.QUERY, False)
+BOUND = 5.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FakeLink:
     def __init__(self, pool: WorkerPool, worker_id: str, fingerprint: str = "fp") -> None:
         self.pool, self.worker_id, self.fingerprint = pool, worker_id, fingerprint
         self.assigned: list[Assignment] = []
-        self.cancelled: list[tuple[str, int]] = []
+        self.cancelled: list[str] = []
+        self.probes: list[str] = []
         self.closed = ""
+        self.fault: LinkFault | None = None
+        self.answer_probes = True
 
     def assign(self, assignment: Assignment) -> None:
         self.assigned.append(assignment)
 
-    def cancel(self, call_id: str, attempt: int, reason: str) -> None:
-        self.cancelled.append((call_id, attempt))
+    def cancel(self, assignment: Assignment, reason: str) -> None:
+        self.cancelled.append(assignment.dispatch_id)
 
     def probe(self, probe_id: str, workspace: str) -> None:
-        asyncio.get_running_loop().call_soon(self.pool.on_probe_result, self.worker_id, probe_id, self.fingerprint, "")
+        self.probes.append(probe_id)
+        if self.answer_probes:
+            asyncio.get_running_loop().call_soon(
+                self.pool.on_probe_result, self.worker_id, self, probe_id, self.fingerprint, ""
+            )
 
     def drain(self, reason: str) -> None:
         pass
 
-    def close(self, reason: str) -> None:
-        self.closed = reason
+    def close(self, reason: str, fault: LinkFault | None = None) -> None:
+        self.closed, self.fault = reason, fault
 
     async def flush(self) -> None:
         pass
 
     def finish(self, index: int = 0, output: str = "ok") -> None:
-        a = self.assigned[index]
-        self.pool.on_result(self.worker_id, a.call_id, a.attempt, ToolResult(output=output))
+        self.pool.on_result(self.worker_id, self, self.assigned[index].dispatch_id, ToolResult(output=output))
 
 
 def add_worker(
@@ -48,21 +74,30 @@ def add_worker(
     slots: int = 1,
     fingerprint: str = "fp",
     tools: tuple[ToolSpec, ...] = (READ, WRITE_ONCE),
+    reconnect_token: str = "",
 ) -> FakeLink:
     link = FakeLink(pool, worker_id, fingerprint)
-    pool.register(WorkerRegistration(worker_id=worker_id, tools=tools, slots=slots), link)
+    link.token = pool.register(
+        WorkerRegistration(worker_id=worker_id, tools=tools, slots=slots, reconnect_token=reconnect_token), link
+    )
     return link
 
 
-def query(call_id: str, tool: str = "read", session: str = "s") -> QueryCall:
+def query(call_id: str, tool: str = "read", session: str = "s", observer=None) -> QueryCall:
     return QueryCall(
-        session_id=session, call_id=call_id, tool_name=tool, arguments_json="{}", workspace="/ws", timeout=5
+        session_id=session, call_id=call_id, tool_name=tool, arguments_json="{}", workspace="/ws", timeout=5,
+        observer=observer,
     )
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+async def until(condition, what: str) -> None:
+    """Waits for `condition()`: loop turns first, and real time only for the fingerprint, which
+    the pool computes in a thread."""
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.001)
 
 
 async def test_a_worker_with_a_different_fingerprint_never_gets_the_workspace() -> None:
@@ -70,61 +105,163 @@ async def test_a_worker_with_a_different_fingerprint_never_gets_the_workspace() 
     stale = add_worker(pool, "stale", fingerprint="other")
     good = add_worker(pool, "good")
     task = asyncio.create_task(pool.dispatch(query("c1")))
-    await settle()
-    assert not stale.assigned and len(good.assigned) == 1
+    await until(lambda: good.assigned, "the good worker gets the call")
+    assert not stale.assigned
     good.finish()
     assert (await task).worker_id == "good"
-    views = {w.worker_id: w.workspaces["/ws"] for w in pool.workers()}
-    assert views["stale"][0] is False and "different or stale copy" in views["stale"][1]
+    await until(lambda: not pool.worker("stale").workspaces["/ws"][0] and pool.worker("stale").workspaces["/ws"][1]
+                != "probe sent", "the stale worker's verdict")
+    assert "different or stale copy" in pool.worker("stale").workspaces["/ws"][1]
+
+
+async def test_calls_with_the_same_model_id_from_two_sessions_never_meet() -> None:
+    # Two sessions replaying one script use the same call ids: each result reaches its own call.
+    pool = WorkerPool(lambda ws: "fp")
+    link = add_worker(pool, "w", slots=4)
+    a = asyncio.create_task(pool.dispatch(query("call_0", session="s1")))
+    b = asyncio.create_task(pool.dispatch(query("call_0", session="s2")))
+    await until(lambda: len(link.assigned) == 2, "both calls are assigned")
+    assert len({x.dispatch_id for x in link.assigned}) == 2
+    by_session = {x.session_id: x for x in link.assigned}
+    pool.on_result("w", link, by_session["s2"].dispatch_id, ToolResult(output="for s2"))
+    pool.on_result("w", link, by_session["s1"].dispatch_id, ToolResult(output="for s1"))
+    assert (await a).output == "for s1" and (await b).output == "for s2"
 
 
 async def test_credit_holds_after_cancel_until_the_worker_answers() -> None:
     pool = WorkerPool(lambda ws: "fp")
     link = add_worker(pool, "w", slots=1)
     first = asyncio.create_task(pool.dispatch(query("c1")))
-    await settle()
+    await until(lambda: link.assigned, "the first call is assigned")
     second = asyncio.create_task(pool.dispatch(query("c2")))
-    await settle()
+    await asyncio.sleep(0)
     first.cancel()
-    await settle()
-    assert link.cancelled == [("c1", 1)]
+    await until(lambda: link.cancelled, "the cancel is sent")
+    assert link.cancelled == [link.assigned[0].dispatch_id]
     assert len(link.assigned) == 1  # the slot is still taken: the worker has not answered
     link.finish(0, "cancelled")
-    await settle()
+    await until(lambda: len(link.assigned) == 2, "the second call gets the slot")
     assert [a.call_id for a in link.assigned] == ["c1", "c2"]
     link.finish(1)
     assert (await second).output == "ok"
 
 
+class Observer:
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def assigned(self, worker_id: str, attempt: int) -> None:
+        self.seen.append(("assigned", worker_id, attempt))
+
+    def lost(self, worker_id: str, reason: str, next_attempt: int | None) -> None:
+        self.seen.append(("lost", worker_id, next_attempt))
+
+
 async def test_lost_worker_retries_idempotent_calls_and_fails_others() -> None:
     pool = WorkerPool(lambda ws: "fp")
     first = add_worker(pool, "w1", slots=2)
-    idem = asyncio.create_task(pool.dispatch(query("c1")))
-    once = asyncio.create_task(pool.dispatch(query("c2", tool="upload")))
-    await settle()
-    assert len(first.assigned) == 2
+    idem_observer, once_observer = Observer(), Observer()
+    idem = asyncio.create_task(pool.dispatch(query("c1", observer=idem_observer)))
+    once = asyncio.create_task(pool.dispatch(query("c2", tool="upload", observer=once_observer)))
+    await until(lambda: len(first.assigned) == 2, "both calls are on w1")
     second = add_worker(pool, "w2", slots=2)
-    await settle()
     pool.unregister("w1", first, "stream broken")
-    await settle()
+    await until(lambda: second.assigned, "the idempotent call is retried on w2")
     assert [(a.call_id, a.attempt) for a in second.assigned] == [("c1", 2)]
     second.finish(0)
     assert (await idem).attempt == 2
     failed = await once
     assert failed.error_kind is ErrorKind.WORKER_LOST and "not idempotent" in failed.output
+    assert idem_observer.seen == [("assigned", "w1", 1), ("lost", "w1", 2), ("assigned", "w2", 2)]
+    assert once_observer.seen == [("assigned", "w1", 1), ("lost", "w1", None)]
 
 
-async def test_reconnect_with_the_same_id_replaces_the_old_stream() -> None:
+async def test_a_live_worker_id_cannot_be_taken_but_its_reconnection_takes_it_back() -> None:
     pool = WorkerPool(lambda ws: "fp")
     old = add_worker(pool, "w", slots=1)
     task = asyncio.create_task(pool.dispatch(query("c1")))
-    await settle()
-    new = add_worker(pool, "w", slots=1)
-    await settle()
-    assert old.closed and [(a.call_id, a.attempt) for a in new.assigned] == [("c1", 2)]
-    pool.unregister("w", old, "old stream ended")  # late end of the old stream changes nothing
+    await until(lambda: old.assigned, "the call is on the old stream")
+    with pytest.raises(WorkerIdTaken, match="held by a connected worker"):
+        add_worker(pool, "w")  # an impostor, or a second worker started with the same --id
+    with pytest.raises(WorkerIdTaken):
+        add_worker(pool, "w", reconnect_token="guessed")
+    assert not old.closed
+
+    new = add_worker(pool, "w", slots=1, reconnect_token=old.token)
+    await until(lambda: new.assigned, "the call is retried on the new stream")
+    assert old.closed and old.fault is LinkFault.REPLACED
+    assert [(a.call_id, a.attempt) for a in new.assigned] == [("c1", 2)]
+    # The old stream is fenced: its late result and its end change nothing.
+    pool.on_result("w", old, old.assigned[0].dispatch_id, ToolResult(output="stale"))
+    pool.unregister("w", old, "old stream ended")
     assert [w.worker_id for w in pool.workers()] == ["w"]
     new.finish(0)
+    assert (await task).output == "ok"
+
+
+def test_a_bad_hello_is_refused() -> None:
+    pool = WorkerPool(lambda ws: "fp")
+    for reg, match in [
+        (WorkerRegistration(worker_id=" ", tools=(READ,), slots=1), "worker_id is empty"),
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=0), "at least 1 slot"),
+        (WorkerRegistration(worker_id="w", tools=(), slots=1), "at least one tool"),
+        (WorkerRegistration(worker_id="w", tools=(READ, READ), slots=1), "twice"),
+    ]:
+        with pytest.raises(InvalidRegistration, match=match):
+            pool.register(reg, FakeLink(pool, "w"))
+    assert pool.workers() == []
+
+
+async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_reason() -> None:
+    clock = Clock()
+    pool = WorkerPool(lambda ws: "fp", heartbeat_timeout=6.0, clock=clock)
+    quiet = add_worker(pool, "quiet")
+    chatty = add_worker(pool, "chatty")
+    clock.now += 4
+    pool.heartbeat("chatty", chatty)
+    clock.now += 3
+    pool.check()
+    assert [w.worker_id for w in pool.workers()] == ["chatty"]
+    assert quiet.fault is LinkFault.HEARTBEAT_TIMEOUT and "no heartbeat" in quiet.closed
+    assert not chatty.closed
+
+
+async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_workers() -> None:
+    clock = Clock()
+    pool = WorkerPool(lambda ws: "fp", heartbeat_timeout=1.0, heartbeat_interval=0.01, clock=clock)
+
+    class BrokenLink(FakeLink):
+        def close(self, reason: str, fault: LinkFault | None = None) -> None:
+            raise RuntimeError("the stream is already finished")
+
+    broken = BrokenLink(pool, "broken")
+    pool.register(WorkerRegistration(worker_id="broken", tools=(READ,), slots=1), broken)
+    pool.start()
+    try:
+        clock.now += 2
+        await until(lambda: not pool.workers(), "the broken worker is dropped")
+        later = add_worker(pool, "later")
+        clock.now += 2
+        await until(lambda: later.closed, "a worker that goes silent afterwards is dropped too")
+        assert pool.workers() == []
+    finally:
+        await pool.close()
+
+
+async def test_a_verdict_is_checked_again_so_one_bad_probe_does_not_hide_a_worker_for_good() -> None:
+    clock = Clock()
+    pool = WorkerPool(lambda ws: "fp", clock=clock)
+    link = add_worker(pool, "w", fingerprint="racing")  # a file changed between the two fingerprints
+    result = await asyncio.wait_for(pool.dispatch(query("c1")), BOUND)
+    await until(lambda: pool.worker("w").workspaces["/ws"][1] != "probe sent", "the verdict")
+    assert not pool.worker("w").workspaces["/ws"][0]
+    assert result.error_kind is ErrorKind.NO_WORKER
+    link.fingerprint = "fp"  # the tree settled
+    clock.now += 60
+    task = asyncio.create_task(pool.dispatch(query("c2")))
+    await until(lambda: link.assigned, "the worker is probed again and gets the call")
+    assert len(link.probes) == 2
+    link.finish(0)
     assert (await task).worker_id == "w"
 
 
@@ -133,3 +270,32 @@ async def test_no_worker_for_a_tool_answers_at_once() -> None:
     add_worker(pool, "w")
     result = await asyncio.wait_for(pool.dispatch(query("c1", tool="grep")), 1)
     assert result.error_kind is ErrorKind.NO_WORKER and "grep" in result.output
+
+
+async def test_a_deadline_ends_the_call_with_a_timeout_naming_the_worker() -> None:
+    pool = WorkerPool(lambda ws: "fp")
+    link = add_worker(pool, "w")
+    call = query("c1")
+    call.timeout = 0.05
+    result = await asyncio.wait_for(pool.dispatch(call), BOUND)
+    assert result.error_kind is ErrorKind.TIMEOUT and "on worker w" in result.output
+    assert link.cancelled == [link.assigned[0].dispatch_id]
+
+
+async def test_fairness_round_robin_across_sessions() -> None:
+    pool = WorkerPool(lambda ws: "fp")
+    link = add_worker(pool, "w", slots=1)
+    first = asyncio.create_task(pool.dispatch(query("busy", session="hog")))
+    await until(lambda: link.assigned, "the first call holds the only slot")
+    hog = [asyncio.create_task(pool.dispatch(query(f"h{i}", session="hog"))) for i in range(5)]
+    await asyncio.sleep(0)
+    small = asyncio.create_task(pool.dispatch(query("s0", session="small")))
+    await asyncio.sleep(0)
+    for index in range(3):
+        link.finish(index)
+        await until(lambda i=index: len(link.assigned) > i + 1, "the slot is handed on")
+    order = [a.session_id for a in link.assigned[1:3]]
+    assert order == ["hog", "small"]  # the small session's call did not wait behind all of hog's
+    for task in [first, *hog, small]:
+        task.cancel()
+    await asyncio.gather(first, *hog, small, return_exceptions=True)

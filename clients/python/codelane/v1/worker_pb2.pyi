@@ -152,6 +152,7 @@ class Hello(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     WORKSPACE_ROOTS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    RECONNECT_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker, unique across the pool, e.g. "gpu-host-3/1". Reconnecting with the
     same id replaces the previous stream.
@@ -162,6 +163,11 @@ class Hello(_message.Message):
     """Maximum calls the worker runs at once; at least 1. The hub never has more outstanding."""
     hostname: _builtins.str
     """Host name, for display."""
+    reconnect_token: _builtins.str
+    """The reconnect_token of this worker id's previous Welcome, when reconnecting after a broken
+    connection: it lets this stream take the id over from a stream the hub still holds. Empty on
+    a first connection.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels used for routing, e.g. {"gpu": "true", "zone": "eu-1"}."""
@@ -186,10 +192,11 @@ class Hello(_message.Message):
         slots: _builtins.int = ...,
         workspace_roots: _abc.Iterable[_builtins.str] | None = ...,
         hostname: _builtins.str = ...,
+        reconnect_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "labels", b"labels", "slots", b"slots", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "labels", b"labels", "reconnect_token", b"reconnect_token", "slots", b"slots", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,13 +209,23 @@ class Welcome(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    RECONNECT_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker id as registered."""
     hub_version: _builtins.str
     """Version of the hub."""
+    reconnect_token: _builtins.str
+    """Secret for this worker id: present it as Hello.reconnect_token to take the id back after a
+    broken connection. Keep it in memory only.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send Heartbeat."""
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """Silence after which the hub declares the worker lost (a few heartbeat intervals)."""
 
     def __init__(
         self,
@@ -216,10 +233,12 @@ class Welcome(_message.Message):
         worker_id: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         hub_version: _builtins.str = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        reconnect_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "hub_version", b"hub_version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "hub_version", b"hub_version", "reconnect_token", b"reconnect_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,8 +277,9 @@ class Assign(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
-    """Id of the call (unique per session; with attempt, unique on the stream)."""
+    """The model's id of the call, for logs. Not unique: identify the call by dispatch_id."""
     attempt: _builtins.int
     """Attempt number, from 1; a retried call comes again with attempt + 1."""
     tool_name: _builtins.str
@@ -270,6 +290,10 @@ class Assign(_message.Message):
     """Absolute workspace path; tool paths resolve inside it."""
     session_id: _builtins.str
     """Session the call belongs to (for logs)."""
+    dispatch_id: _builtins.str
+    """The hub's id of this attempt of this call, unique for the hub's lifetime: the key of Cancel
+    and CallResult.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the hub gives up on the call; the worker should stop it by then."""
@@ -284,10 +308,11 @@ class Assign(_message.Message):
         workspace: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
+        dispatch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "session_id", b"session_id", "tool_name", b"tool_name", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,22 +325,26 @@ class Cancel(_message.Message):
     CALL_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
-    """Id of the call to stop."""
+    """The model's id of the call, for logs."""
     attempt: _builtins.int
-    """Attempt to stop."""
+    """Attempt number, for logs."""
     reason: _builtins.str
     """Why, for logs."""
+    dispatch_id: _builtins.str
+    """The Assign.dispatch_id of the call to stop. Unknown or finished ids are ignored."""
     def __init__(
         self,
         *,
         call_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         reason: _builtins.str = ...,
+        dispatch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call_id", b"call_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call_id", b"call_id", "dispatch_id", b"dispatch_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,13 +457,19 @@ class CallResult(_message.Message):
     CALL_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
-    """Id of the call."""
+    """The call's Assign.call_id, for logs."""
     attempt: _builtins.int
-    """Attempt the result belongs to."""
+    """The call's Assign.attempt, for logs."""
+    dispatch_id: _builtins.str
+    """The Assign.dispatch_id this result answers. Results for unknown or cancelled ids are dropped."""
     @_builtins.property
     def result(self) -> _tools_pb2.ToolResult:
-        """The result. Its run_time is measured on the worker."""
+        """The result. The worker fills output, is_error, error_kind, exit_code, truncated,
+        metadata_json and run_time (measured on the worker); the hub sets worker_id, attempt and
+        queue_wait itself, whatever the worker sent.
+        """
 
     def __init__(
         self,
@@ -442,10 +477,11 @@ class CallResult(_message.Message):
         call_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         result: _tools_pb2.ToolResult | None = ...,
+        dispatch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call_id", b"call_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call_id", b"call_id", "dispatch_id", b"dispatch_id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

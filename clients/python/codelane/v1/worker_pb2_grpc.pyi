@@ -32,11 +32,11 @@ class WorkerHubServiceStub:
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
-        | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
+        | <------------------------------ Welcome |  (or an error status: see Connect)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
-        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
+        | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
@@ -45,10 +45,19 @@ class WorkerHubServiceStub:
     Assignments and results travel in batches (one or more per message): under load one stream
     message carries many calls, which is what lets one hub feed thousands of calls per second.
 
-    When the hub is started with a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
-    worker_id replaces its previous stream. Calls of a worker that is lost (stream ends, or no
-    heartbeat for the hub's timeout) are retried elsewhere when their tool is idempotent.
+    Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
+    one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
+    a worker must never key its calls by call_id.
+
+    When the hub requires a worker token, the stream needs metadata
+    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
+    `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
+    connection broke); then the old stream is closed and whatever it still sends is ignored.
+
+    Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
     """
 
     @_typing.overload
@@ -56,8 +65,12 @@ class WorkerHubServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerHubServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]
-    """The worker's stream. INVALID_ARGUMENT for a bad Hello (no tools, zero slots, duplicate tool
-    names, empty worker_id, first message not a Hello).
+    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+    INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
+    empty worker_id, or a first message that is not a Hello;
+    ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
+    UNAUTHENTICATED when the token is missing or wrong;
+    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
     """
 
 @_typing.type_check_only
@@ -67,11 +80,11 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
-        | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
+        | <------------------------------ Welcome |  (or an error status: see Connect)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
-        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
+        | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
@@ -80,16 +93,29 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     Assignments and results travel in batches (one or more per message): under load one stream
     message carries many calls, which is what lets one hub feed thousands of calls per second.
 
-    When the hub is started with a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
-    worker_id replaces its previous stream. Calls of a worker that is lost (stream ends, or no
-    heartbeat for the hub's timeout) are retried elsewhere when their tool is idempotent.
+    Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
+    one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
+    a worker must never key its calls by call_id.
+
+    When the hub requires a worker token, the stream needs metadata
+    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
+    `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
+    connection broke); then the old stream is closed and whatever it still sends is ignored.
+
+    Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]  # type: ignore[assignment]
-    """The worker's stream. INVALID_ARGUMENT for a bad Hello (no tools, zero slots, duplicate tool
-    names, empty worker_id, first message not a Hello).
+    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+    INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
+    empty worker_id, or a first message that is not a Hello;
+    ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
+    UNAUTHENTICATED when the token is missing or wrong;
+    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
     """
 
 class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,11 +124,11 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
-        | <------------------------------ Welcome |  (or INVALID_ARGUMENT / UNAUTHENTICATED)
+        | <------------------------------ Welcome |  (or an error status: see Connect)
         | <-------------------------------- Probe |  once per workspace, before its first call
         | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
-        | CallResults ------------------------> |  one CallResult per Assign (call_id + attempt)
+        | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
         | <-------------------------------- Drain |  stop taking calls, finish, close
@@ -111,10 +137,19 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     Assignments and results travel in batches (one or more per message): under load one stream
     message carries many calls, which is what lets one hub feed thousands of calls per second.
 
-    When the hub is started with a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker that reconnects with the same
-    worker_id replaces its previous stream. Calls of a worker that is lost (stream ends, or no
-    heartbeat for the hub's timeout) are retried elsewhere when their tool is idempotent.
+    Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
+    one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
+    a worker must never key its calls by call_id.
+
+    When the hub requires a worker token, the stream needs metadata
+    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
+    `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
+    connection broke); then the old stream is closed and whatever it still sends is ignored.
+
+    Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
     """
 
     @_abc_1.abstractmethod
@@ -123,8 +158,12 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_worker_pb2.ConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.ConnectResponse], _abc.AsyncIterator[_worker_pb2.ConnectResponse]]:
-        """The worker's stream. INVALID_ARGUMENT for a bad Hello (no tools, zero slots, duplicate tool
-        names, empty worker_id, first message not a Hello).
+        """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+        INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
+        empty worker_id, or a first message that is not a Hello;
+        ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
+        UNAUTHENTICATED when the token is missing or wrong;
+        UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
         """
 
 def add_WorkerHubServiceServicer_to_server(servicer: WorkerHubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

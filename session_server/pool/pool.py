@@ -1,0 +1,418 @@
+"""The worker pool places Query calls on connected workers and gets each one its result.
+
+Domain logic only. The gRPC servicer (`session_server.api.hub`) registers each connected worker
+with a `WorkerLink` (how to send it messages) and feeds its messages in; `dispatch()` returns the
+call's result, always, within the call's deadline.
+
+The pool only places calls. Who owns a call hears where it went through its `PlacementObserver`;
+the pool emits no events and knows nothing of sessions beyond their id (for fairness).
+
+Guarantees:
+- credit: never more calls outstanding on a worker than its slots;
+- routing (`routing.Router`): only to workers offering the tool, carrying its required labels and
+  seeing the session's workspace;
+- fairness (`fairness.FairQueues`): free slots go round-robin across sessions;
+- identity: each attempt of each call has its own dispatch id, so calls whose model-given ids
+  collide (two sessions replaying one script) never meet;
+- loss: calls of a lost worker are re-dispatched when idempotent (bounded attempts), otherwise end
+  with an error; a call left with no capable worker ends after a bounded wait;
+- liveness (`check()`, run by a monitor task that survives its own failures): silent workers are
+  dropped, unanswered probes expire, orphaned calls give up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from session_server.pool.fairness import FairQueues
+from session_server.pool.routing import Router, Visibility
+from session_server.pool.types import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_NO_WORKER_WAIT,
+    DEFAULT_PROBE_TIMEOUT,
+    Assignment,
+    LinkFault,
+    QueryCall,
+    WorkerLink,
+    WorkerRegistration,
+    WorkerSnapshot,
+)
+from session_server.pool.workers import Worker, WorkerDirectory
+from tool_worker.tools.base import ErrorKind, ToolResult, ToolSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One call from dispatch to result, across its attempts."""
+
+    call: QueryCall
+    future: asyncio.Future[ToolResult]
+    enqueued: float
+    attempt: int = 1
+    # The current attempt on a worker, when it has one.
+    assignment: Assignment | None = None
+    worker: Worker | None = None
+    started: float = 0.0
+    orphaned_since: float | None = None
+    deadline_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.call.session_id
+
+
+class WorkerPool:
+    """Routes Query calls to connected workers. One per session server; one event loop.
+
+    `clock` (monotonic seconds) drives liveness and views; tests pass their own and call
+    `check()` instead of waiting for the monitor.
+    """
+
+    def __init__(
+        self,
+        fingerprint: Callable[[str], str],
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        no_worker_wait: float = DEFAULT_NO_WORKER_WAIT,
+        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.no_worker_wait = no_worker_wait
+        self._clock = clock
+        self._workers = WorkerDirectory(clock)
+        self._router = Router(fingerprint, clock=clock, probe_timeout=probe_timeout, on_change=self._views_changed)
+        self._queued: FairQueues[Pending] = FairQueues()
+        # Dispatch ids: this pool's random prefix, so ids never repeat across server restarts.
+        self._dispatch_prefix = secrets.token_hex(3)
+        self._dispatch_numbers = itertools.count(1)
+        self._monitor: asyncio.Task[None] | None = None
+        self._pumping = False
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="worker-pool-monitor")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._monitor:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        shutting_down = ToolResult.error(ErrorKind.CANCELLED, "the session server is shutting down")
+        for pending in list(self._queued):
+            self._finish(pending, shutting_down)
+        for worker in list(self._workers):
+            for pending in list(worker.in_flight.values()):
+                self._finish(pending, shutting_down)
+            worker.link.close("the session server is shutting down", LinkFault.SHUTTING_DOWN)
+            self._workers.remove(worker)
+        await self._router.close()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def register(self, reg: WorkerRegistration, link: WorkerLink) -> str:
+        """Adds a worker (after its Hello) and returns its reconnect token.
+
+        Raises InvalidRegistration for a bad Hello, WorkerIdTaken when a live stream holds the id.
+        """
+        old = self._workers.holder(reg)
+        if old is not None:
+            self._lose(old, "its connection was replaced by the worker's reconnection")
+            old.link.close("replaced by the worker's reconnection", LinkFault.REPLACED)
+        worker = self._workers.add(reg, link)
+        self._pump()
+        return worker.reconnect_token
+
+    def unregister(self, worker_id: str, link: WorkerLink, reason: str) -> None:
+        """The worker's stream ended. Ignored if that stream was already replaced."""
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.link is link:
+            self._lose(worker, reason)
+
+    def _live(self, worker_id: str, link: WorkerLink) -> Worker | None:
+        """The worker, if `link` is still its stream: a replaced stream is fenced off."""
+        worker = self._workers.get(worker_id)
+        return worker if worker is not None and worker.link is link else None
+
+    def heartbeat(self, worker_id: str, link: WorkerLink) -> None:
+        worker = self._live(worker_id, link)
+        if worker is not None:
+            worker.last_seen = self._clock()
+
+    def worker_draining(self, worker_id: str, link: WorkerLink) -> None:
+        worker = self._live(worker_id, link)
+        if worker is not None:
+            worker.draining = True
+            worker.last_seen = self._clock()
+
+    def drain(self, worker_id: str, reason: str = "drain requested") -> WorkerSnapshot:
+        """Asks a worker to drain. KeyError for an unknown worker."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise KeyError(worker_id)
+        worker.draining = True
+        worker.link.drain(reason)
+        return self._workers.snapshot(worker)
+
+    def workers(self) -> list[WorkerSnapshot]:
+        return [self._workers.snapshot(w) for w in sorted(self._workers, key=lambda w: w.id)]
+
+    def worker(self, worker_id: str) -> WorkerSnapshot | None:
+        worker = self._workers.get(worker_id)
+        return self._workers.snapshot(worker) if worker else None
+
+    def offers(self, tool_name: str) -> bool:
+        return self._workers.offers(tool_name)
+
+    def offered_tools(self) -> dict[str, ToolSpec]:
+        return self._workers.offered_tools()
+
+    def in_flight(self, worker_id: str) -> int:
+        """Calls outstanding on a worker (0 for an unknown one)."""
+        worker = self._workers.get(worker_id)
+        return len(worker.in_flight) if worker else 0
+
+    def capacity(self) -> tuple[int, int]:
+        return self._workers.capacity()
+
+    def on_probe_result(self, worker_id: str, link: WorkerLink, probe_id: str, fingerprint: str, error: str) -> None:
+        worker = self._live(worker_id, link)
+        if worker is not None:
+            worker.last_seen = self._clock()
+            self._router.on_probe_result(worker, probe_id, fingerprint, error)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def dispatch(self, call: QueryCall) -> ToolResult:
+        """Runs a call on a worker and returns its result (an error result on any failure).
+
+        Returns an ErrorKind.NO_WORKER result at once when no connected worker can run the call,
+        so the caller may run it itself. Cancelling the awaiting task withdraws the call.
+        """
+        if self._closed:
+            return ToolResult.error(ErrorKind.CANCELLED, "the session server is shutting down")
+        workers = tuple(self._workers)
+        # With no call waiting anywhere there is nobody to be fair to: the call goes straight to
+        # a free worker, off the queues (the common, latency-bound case).
+        worker = None if self._queued else self._router.pick(workers, call)
+        if worker is None and not any(self._router.capable(w, call) for w in workers):
+            return self._no_worker_result(call)
+        loop = asyncio.get_running_loop()
+        pending = Pending(call=call, future=loop.create_future(), enqueued=self._clock())
+        pending.deadline_timer = loop.call_later(call.timeout, self._on_deadline, pending)
+        if worker is not None:
+            self._assign(worker, pending)
+            # Written in this task rather than by the link's writer: a loop turn off the call's path.
+            await worker.link.flush()
+        else:
+            self._queued.push(pending)
+            self._pump()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._withdraw(pending, "the call was cancelled")
+            raise
+
+    def on_result(self, worker_id: str, link: WorkerLink, dispatch_id: str, result: ToolResult) -> None:
+        worker = self._live(worker_id, link)
+        if worker is None:
+            return
+        worker.last_seen = self._clock()
+        pending = worker.in_flight.pop(dispatch_id, None)
+        if pending is None:
+            return
+        worker.completed += 1
+        self._finish(
+            pending,
+            dataclasses.replace(
+                result, worker_id=worker_id, attempt=pending.attempt, queue_wait=pending.started - pending.enqueued
+            ),
+        )
+        self._pump()
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Drops silent workers, expires probes, and ends calls no worker can take. Each part is
+        contained: one failing never stops the others, nor the monitor."""
+        now = self._clock()
+        for worker in list(self._workers):
+            try:
+                silent = now - worker.last_seen
+                if silent > self.heartbeat_timeout:
+                    why = f"no heartbeat or message for {silent:.1f}s (timeout {self.heartbeat_timeout:g}s)"
+                    self._lose(worker, why)
+                    worker.link.close(f"no heartbeat for {silent:.1f}s", LinkFault.HEARTBEAT_TIMEOUT)
+                else:
+                    self._router.expire_probes(worker)
+            except Exception:
+                log.exception("checking worker %s failed", worker.id)
+        for pending in list(self._queued):
+            try:
+                self._check_orphan(pending, now)
+            except Exception:
+                log.exception("checking queued call %s failed", pending.call.call_id)
+        self._pump()
+
+    def _check_orphan(self, pending: Pending, now: float) -> None:
+        if any(self._router.capable(w, pending.call) for w in self._workers):
+            pending.orphaned_since = None
+        elif pending.attempt == 1:
+            # Never ran anywhere (every probe said no): fail fast, the caller may run it itself.
+            self._withdraw(pending, "no capable worker")
+            self._finish(pending, self._no_worker_result(pending.call))
+        elif pending.orphaned_since is None:
+            pending.orphaned_since = now
+        elif now - pending.orphaned_since >= self.no_worker_wait:
+            # Its worker was lost: a replacement had a bounded time to connect.
+            self._withdraw(pending, "no capable worker")
+            result = self._no_worker_result(pending.call)
+            self._finish(pending, dataclasses.replace(
+                result, output=f"{result.output} (waited {self.no_worker_wait:g}s for one to connect)",
+                attempt=pending.attempt,
+            ))
+
+    def _views_changed(self) -> None:
+        """A probe's verdict is in: queued calls may go, or learn at once that nobody can take them."""
+        now = self._clock()
+        for pending in list(self._queued):
+            self._check_orphan(pending, now)
+        self._pump()
+
+    async def _watch(self) -> None:
+        tick = min(self.heartbeat_interval, 0.25)
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                self.check()
+            except Exception:
+                log.exception("worker pool check failed; the monitor goes on")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hands free slots to queued calls, one call per session per round (round-robin)."""
+        if self._pumping or not self._queued:
+            return
+        self._pumping = True
+        try:
+            workers = tuple(self._workers)
+
+            def place(pending: Pending) -> bool:
+                worker = self._router.pick(workers, pending.call)
+                if worker is None:
+                    return False
+                self._assign(worker, pending)
+                return True
+
+            self._queued.serve(place, lambda: any(w.free_slots > 0 for w in workers))
+        finally:
+            self._pumping = False
+
+    def _assign(self, worker: Worker, pending: Pending) -> None:
+        call = pending.call
+        pending.worker = worker
+        pending.started = self._clock()
+        pending.orphaned_since = None
+        remaining = pending.enqueued + call.timeout - pending.started
+        pending.assignment = Assignment(
+            dispatch_id=f"{self._dispatch_prefix}-{next(self._dispatch_numbers)}",
+            call_id=call.call_id,
+            attempt=pending.attempt,
+            tool_name=call.tool_name,
+            arguments_json=call.arguments_json,
+            workspace=call.workspace,
+            session_id=call.session_id,
+            deadline=time.time() + max(remaining, 0.0),
+        )
+        worker.in_flight[pending.assignment.dispatch_id] = pending
+        worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))
+        worker.link.assign(pending.assignment)
+        if call.observer is not None:
+            call.observer.assigned(worker.id, pending.attempt)
+
+    def _lose(self, worker: Worker, reason: str) -> None:
+        """Removes a worker; its calls are retried elsewhere or end with an error."""
+        self._workers.remove(worker)
+        self._router.forget(worker)
+        orphans = list(worker.in_flight.values())
+        worker.in_flight.clear()
+        for pending in orphans:
+            if pending.future.done():
+                continue
+            call = pending.call
+            idempotent = call.idempotent and worker.tools[call.tool_name].idempotent
+            retry = idempotent and pending.attempt < call.max_attempts
+            if call.observer is not None:
+                call.observer.lost(worker.id, reason, pending.attempt + 1 if retry else None)
+            if retry:
+                pending.attempt += 1
+                pending.worker = pending.assignment = None
+                self._queued.push_first(pending)
+            else:
+                why = f"tried {pending.attempt} times" if idempotent else "its tool is not idempotent: not retried"
+                self._finish(
+                    pending,
+                    ToolResult.error(
+                        ErrorKind.WORKER_LOST,
+                        f"worker {worker.id} was lost while running {call.tool_name} ({reason}); {why}",
+                        worker_id=worker.id,
+                        attempt=pending.attempt,
+                    ),
+                )
+        self._pump()
+
+    def _withdraw(self, pending: Pending, reason: str) -> None:
+        """Takes a call back: out of its queue, or cancelled on its worker (whose slot stays
+        taken until the worker answers, so credit stays exact)."""
+        if not self._queued.remove(pending) and pending.worker is not None and pending.assignment is not None:
+            pending.worker.link.cancel(pending.assignment, reason)
+        if pending.deadline_timer:
+            pending.deadline_timer.cancel()
+
+    def _on_deadline(self, pending: Pending) -> None:
+        if pending.future.done():
+            return
+        call = pending.call
+        where = f"on worker {pending.worker.id}" if pending.worker else "waiting for a free worker"
+        result = ToolResult.error(
+            ErrorKind.TIMEOUT,
+            f"{call.tool_name} timed out after {call.timeout:g}s {where}",
+            worker_id=pending.worker.id if pending.worker else "",
+            attempt=pending.attempt,
+        )
+        self._withdraw(pending, f"deadline of {call.timeout:g}s exceeded")
+        self._finish(pending, result)
+
+    def _finish(self, pending: Pending, result: ToolResult) -> None:
+        if pending.deadline_timer:
+            pending.deadline_timer.cancel()
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+    def _no_worker_result(self, call: QueryCall) -> ToolResult:
+        reasons = []
+        for worker in self._workers:
+            view = worker.views.get(call.workspace)
+            if call.tool_name in worker.tools and view is not None and view.state is Visibility.INVISIBLE:
+                reasons.append(f"{worker.id}: {view.reason}")
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        return ToolResult.error(
+            ErrorKind.NO_WORKER,
+            f"no connected worker can run {call.tool_name} for workspace {call.workspace}{detail}",
+        )

@@ -1,0 +1,136 @@
+"""What the pool and its neighbours exchange: registrations, assignments, the link to a worker, and
+the call as the pool sees it. Domain types only, no grpc."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tool_worker.tools.base import ToolSpec
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_HEARTBEAT_INTERVAL = 2.0
+# A worker silent for this long is lost (three missed heartbeats).
+DEFAULT_HEARTBEAT_TIMEOUT = 6.0
+# How long a call whose worker was lost waits for another capable worker before failing.
+DEFAULT_NO_WORKER_WAIT = 5.0
+DEFAULT_PROBE_TIMEOUT = 10.0
+
+
+class InvalidRegistration(ValueError):
+    """A worker's Hello cannot be accepted; the message says why."""
+
+
+class WorkerIdTaken(Exception):
+    """A live stream holds the worker id, and the Hello does not prove it is that worker."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(
+            f"worker id {worker_id!r} is held by a connected worker: give this worker another --id, or stop the "
+            "other one (a worker reconnecting after a broken connection takes its id back with its reconnect token)"
+        )
+        self.worker_id = worker_id
+
+
+@dataclass(frozen=True)
+class WorkerRegistration:
+    worker_id: str
+    tools: Sequence[ToolSpec]
+    slots: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    workspace_roots: Sequence[str] = ()
+    version: str = ""
+    hostname: str = ""
+    peer: str = ""
+    # The secret of this id's previous Welcome, when the worker reconnects; empty otherwise.
+    reconnect_token: str = ""
+
+
+@dataclass(slots=True)
+class Assignment:
+    """One attempt of one call, as sent to a worker."""
+
+    # The pool's id of this attempt, unique for the pool's lifetime: Cancel and results use it.
+    dispatch_id: str
+    # The model's id of the call, for logs.
+    call_id: str
+    attempt: int
+    tool_name: str
+    arguments_json: str
+    workspace: str
+    session_id: str
+    deadline: float  # wall-clock seconds since the epoch
+
+
+class LinkFault(enum.Enum):
+    """Why the hub ends a worker's stream with an error status (the servicer maps it to one)."""
+
+    HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
+    REPLACED = "WORKER_REPLACED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+
+
+class WorkerLink(Protocol):
+    """How the pool talks to one worker. Every method but `flush` queues and returns at once; the
+    link writes what is queued on its own, and `flush` writes it now, in the caller's task."""
+
+    def assign(self, assignment: Assignment) -> None: ...
+
+    def cancel(self, assignment: Assignment, reason: str) -> None: ...
+
+    def probe(self, probe_id: str, workspace: str) -> None: ...
+
+    def drain(self, reason: str) -> None: ...
+
+    def close(self, reason: str, fault: LinkFault | None = None) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class PlacementObserver(Protocol):
+    """Who owns a call hears where the pool put it. Called synchronously; must not block."""
+
+    def assigned(self, worker_id: str, attempt: int) -> None:
+        """The call (attempt `attempt`) was handed to a worker."""
+
+    def lost(self, worker_id: str, reason: str, next_attempt: int | None) -> None:
+        """Its worker was lost; `next_attempt` is the retry's number, None when not retried."""
+
+
+@dataclass
+class QueryCall:
+    """One Query-lane call to run on a worker."""
+
+    session_id: str
+    call_id: str
+    tool_name: str
+    arguments_json: str
+    workspace: str
+    idempotent: bool = True
+    required_labels: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 60.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    observer: PlacementObserver | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """A worker as ListWorkers shows it."""
+
+    worker_id: str
+    version: str
+    hostname: str
+    peer: str
+    labels: dict[str, str]
+    tools: list[str]
+    slots: int
+    in_flight: int
+    workspace_roots: list[str]
+    draining: bool
+    connected_at: float  # epoch seconds
+    last_seen: float  # epoch seconds
+    workspaces: dict[str, tuple[bool, str]]
+    completed: int
+    max_in_flight_seen: int

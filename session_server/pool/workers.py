@@ -1,0 +1,161 @@
+"""The connected workers: who they are, what they offer, their credit, and who owns a worker id."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from session_server.pool.types import (
+    InvalidRegistration,
+    WorkerIdTaken,
+    WorkerLink,
+    WorkerRegistration,
+    WorkerSnapshot,
+)
+from tool_worker.tools.base import ToolSpec
+
+if TYPE_CHECKING:
+    from session_server.pool.pool import Pending
+    from session_server.pool.routing import WorkspaceView
+
+
+@dataclass(eq=False)
+class Worker:
+    """One connected worker, as long as its stream lives."""
+
+    reg: WorkerRegistration
+    link: WorkerLink
+    connected_at: float  # epoch seconds
+    last_seen: float  # the pool's clock
+    tools: dict[str, ToolSpec]
+    # Tools whose required labels this worker carries: routing checks one set membership.
+    runnable: frozenset[str]
+    reconnect_token: str
+    # Calls outstanding on it, by dispatch id: its credit is slots - len(in_flight).
+    in_flight: dict[str, Pending] = field(default_factory=dict)
+    draining: bool = False
+    views: dict[str, WorkspaceView] = field(default_factory=dict)
+    completed: int = 0
+    max_in_flight_seen: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.reg.worker_id
+
+    @property
+    def free_slots(self) -> int:
+        return self.reg.slots - len(self.in_flight)
+
+
+def validate_registration(reg: WorkerRegistration) -> None:
+    if not reg.worker_id.strip():
+        raise InvalidRegistration("hello.worker_id is empty: give each worker a unique id")
+    if reg.slots < 1:
+        raise InvalidRegistration(f"hello.slots is {reg.slots}: a worker needs at least 1 slot")
+    if not reg.tools:
+        raise InvalidRegistration("hello.tools is empty: a worker must offer at least one tool")
+    seen: set[str] = set()
+    for spec in reg.tools:
+        if not spec.name:
+            raise InvalidRegistration("hello.tools has a tool without a name")
+        if spec.name in seen:
+            raise InvalidRegistration(f"hello.tools offers {spec.name!r} twice: tool names must be unique")
+        seen.add(spec.name)
+
+
+class WorkerDirectory:
+    """Workers by id. An id belongs to one live stream (see `admit`)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._workers: dict[str, Worker] = {}
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self._workers.values())
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def holder(self, reg: WorkerRegistration) -> Worker | None:
+        """The live worker this registration would replace; WorkerIdTaken when it may not.
+
+        A live id is taken over only by a Hello carrying the holder's reconnect token: a worker
+        reconnecting after its connection broke, before the hub noticed. Anyone else (a second
+        worker started with the same --id, or an impostor) is refused.
+        """
+        validate_registration(reg)
+        old = self._workers.get(reg.worker_id)
+        if old is None:
+            return None
+        if reg.reconnect_token and hmac.compare_digest(reg.reconnect_token, old.reconnect_token):
+            return old
+        raise WorkerIdTaken(reg.worker_id)
+
+    def add(self, reg: WorkerRegistration, link: WorkerLink) -> Worker:
+        runnable = frozenset(
+            t.name for t in reg.tools if all(reg.labels.get(k) == v for k, v in t.required_labels.items())
+        )
+        worker = Worker(
+            reg=reg,
+            link=link,
+            connected_at=time.time(),
+            last_seen=self._clock(),
+            tools={t.name: t for t in reg.tools},
+            runnable=runnable,
+            reconnect_token=secrets.token_urlsafe(24),
+        )
+        self._workers[reg.worker_id] = worker
+        return worker
+
+    def remove(self, worker: Worker) -> bool:
+        """False when the worker was already gone (or its id now belongs to a newer stream)."""
+        if self._workers.get(worker.id) is worker:
+            del self._workers[worker.id]
+            return True
+        return False
+
+    def offers(self, tool_name: str) -> bool:
+        """Whether a ready worker offers the tool (cheap: asked once per call)."""
+        return any(not w.draining and tool_name in w.tools for w in self._workers.values())
+
+    def offered_tools(self) -> dict[str, ToolSpec]:
+        """Tools offered by at least one ready worker (first offer wins for the spec)."""
+        offered: dict[str, ToolSpec] = {}
+        for worker in self._workers.values():
+            if not worker.draining:
+                for name, spec in worker.tools.items():
+                    offered.setdefault(name, spec)
+        return offered
+
+    def capacity(self) -> tuple[int, int]:
+        """(total slots, calls in flight) over connected workers."""
+        return (
+            sum(w.reg.slots for w in self._workers.values()),
+            sum(len(w.in_flight) for w in self._workers.values()),
+        )
+
+    def snapshot(self, worker: Worker) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            worker_id=worker.id,
+            version=worker.reg.version,
+            hostname=worker.reg.hostname,
+            peer=worker.reg.peer,
+            labels=dict(worker.reg.labels),
+            tools=sorted(worker.tools),
+            slots=worker.reg.slots,
+            in_flight=len(worker.in_flight),
+            workspace_roots=list(worker.reg.workspace_roots),
+            draining=worker.draining,
+            connected_at=worker.connected_at,
+            last_seen=time.time() - (self._clock() - worker.last_seen),
+            workspaces={ws: (v.visible, v.reason) for ws, v in sorted(worker.views.items())},
+            completed=worker.completed,
+            max_in_flight_seen=worker.max_in_flight_seen,
+        )
