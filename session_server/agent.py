@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from session_server.calls import ToolCall
 from session_server.config import LaneMode, SessionSettings
 from session_server.confirmations import Confirmations
 from session_server.events import (
@@ -27,14 +29,12 @@ from session_server.events import (
     EventPayload,
     ModelResponded,
     TextDelta,
-    ToolCallFinished,
-    ToolCallStarted,
     TurnFinished,
     TurnStarted,
 )
 from session_server.external import ExternalTasks
+from session_server.history import History
 from session_server.llm.base import (
-    ChatMessage,
     ModelError,
     ModelProvider,
     ModelRequest,
@@ -45,12 +45,14 @@ from session_server.llm.base import (
     Usage,
 )
 from session_server.permissions import Action, Decision, PermissionPolicy
-from session_server.pool import CallStarted, PoolEvent, QueryCall, WorkerPool
-from session_server.scheduler import ScheduledCall, TurnScheduler
+from session_server.pool import QueryCall, WorkerPool
+from session_server.scheduler import TurnScheduler
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+
+log = logging.getLogger(__name__)
 
 LOCAL_WORKER_ID = "local"
 
@@ -70,8 +72,7 @@ class TurnContext:
     stats: LaneStats
     local_fallback: bool
     emit: Callable[[EventPayload], None]
-    load_history: Callable[[], list[StoredMessage]]
-    save_messages: Callable[[list[StoredMessage]], None]
+    history: History
     # Server-wide rendezvous for ConfirmToolCall and for external tasks.
     confirmations: Confirmations
     external: ExternalTasks
@@ -94,27 +95,6 @@ def available_tools(
     return dict(sorted(tools.items()))
 
 
-def history_to_chat(messages: Sequence[StoredMessage]) -> list[ChatMessage]:
-    chat = []
-    for m in messages:
-        if m.role == "assistant":
-            calls = [ModelToolCall(c.call_id, c.tool_name, c.arguments_json) for c in m.tool_calls]
-            chat.append(ChatMessage("assistant", text=m.text, tool_calls=calls))
-        elif m.role == "tool":
-            result = m.tool_result
-            chat.append(
-                ChatMessage(
-                    "tool",
-                    text=result.output if result else m.text,
-                    tool_call_id=m.tool_call_id,
-                    is_error=bool(result and result.is_error),
-                )
-            )
-        else:
-            chat.append(ChatMessage("user", text=m.text))
-    return chat
-
-
 class Turn:
     def __init__(self, ctx: TurnContext) -> None:
         self.ctx = ctx
@@ -123,19 +103,17 @@ class Turn:
         self.tool_calls = 0
         # Why a cancellation ends the turn: a user's CancelTurn, or the server stopping.
         self.cancel_reason = "cancelled"
-        # Per model response: when each call was handed to the scheduler (perf_counter), for
-        # queue waits the scheduler cannot see (confirmations, external claims); and the calls
-        # the policy says to ask about.
-        self._added_at: dict[ScheduledCall, float] = {}
-        self._asks: dict[ScheduledCall, Decision] = {}
 
     async def run(self, user_text: str) -> None:
+        """Runs the turn to its end. Whatever happens, it ends with one TurnFinished: a model
+        error or any other exception ends it with reason ERROR (and an ErrorOccurred saying why),
+        after its calls were cancelled and awaited, with the history left valid."""
         ctx = self.ctx
         ctx.emit(TurnStarted(user_text))
-        ctx.save_messages([StoredMessage(role="user", text=user_text, turn_id=ctx.turn_id)])
         final_text = ""
         stop = "max_turns"
         try:
+            ctx.history.append([StoredMessage(role="user", text=user_text, turn_id=ctx.turn_id)])
             for step in range(ctx.settings.max_turns):
                 outcome = await self._step(step)
                 final_text = outcome.text
@@ -148,6 +126,10 @@ class Turn:
         except asyncio.CancelledError:
             self._finish(self.cancel_reason, final_text)
             raise
+        except Exception as exc:
+            log.exception("session %s: turn %s failed", ctx.session_id, ctx.turn_id)
+            ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))
+            stop = "error"
         self._finish(stop, final_text)
 
     def _finish(self, stop: str, final_text: str) -> None:
@@ -156,26 +138,22 @@ class Turn:
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
-        self._added_at.clear()
-        self._asks.clear()
+        asks: dict[ToolCall, Decision] = {}
         request = ModelRequest(
             model=ctx.model_name,
             system=ctx.settings.system_prompt,
-            messages=history_to_chat(ctx.load_history()),
+            messages=ctx.history.messages,
             tools=list(tools.values()),
         )
         scheduler = TurnScheduler(
-            lambda call: self._execute(call, tools, scheduler),
-            query_concurrency=ctx.settings.query_concurrency,
-            stats=ctx.stats,
-            on_finish=self._on_finish,
+            lambda call: self._execute(call, asks), query_concurrency=ctx.settings.query_concurrency
         )
-        added: list[ScheduledCall] = []
+        calls: list[ToolCall] = []
         texts: list[str] = []
         response: ModelResponse | None = None
         self.model_requests += 1
         ctx.stats.enqueued(StatsLane.GENERATE)
-        started = time.monotonic()
+        started = asyncio.get_running_loop().time()
         ctx.stats.started(StatsLane.GENERATE)
         ok = False
         try:
@@ -188,41 +166,43 @@ class Turn:
                     elif isinstance(item, ToolCallReady):
                         # Only a leading run of Query calls starts before the response is complete:
                         # nothing with side effects runs on a response that may still fail.
-                        if len(added) == item.index and self._early_ok(item.call, tools, added):
-                            added.append(self._schedule(item.index, item.call, tools))
-                            scheduler.add(added[-1])
+                        if len(calls) == item.index and self._early_ok(item.call, tools, calls):
+                            calls.append(self._make_call(item.index, item.call, tools, asks))
+                            scheduler.add(calls[-1])
                     elif isinstance(item, ModelResponse):
                         response = item
+            if response is None:
+                raise ModelError("the model's response ended without its final message", "INCOMPLETE_RESPONSE")
             ok = True
         except asyncio.CancelledError:
-            partial = ModelResponse("".join(texts), self._as_model_calls(added), Usage(), "cancelled")
-            self._announce(step, partial, added)
-            await self._record(partial, scheduler, added, cancelled=True)
+            partial = ModelResponse("".join(texts), [_model_call(c) for c in calls], Usage(), "cancelled")
+            self._announce(step, partial, calls)
+            await self._record(partial, scheduler, calls, cancelled=True)
             raise
-        except ModelError:
+        except BaseException:
+            # The response never completed: the early Query calls (read-only) are stopped and
+            # their results dropped, so the history holds no call without its response.
             scheduler.cancel()
-            await scheduler.results()  # early Query calls: read-only, their results are dropped
+            await scheduler.results()
             raise
         finally:
-            ctx.stats.finished(StatsLane.GENERATE, ok, time.monotonic() - started)
-        assert response is not None, "a provider stream must end with a ModelResponse"
+            ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
         self.usage = self.usage + response.usage
-        for index, call in enumerate(response.tool_calls[len(added):], start=len(added)):
-            added.append(self._schedule(index, call, tools))
-            scheduler.add(added[-1])
-        self._announce(step, response, added)
-        await self._record(response, scheduler, added, cancelled=False)
+        for index, model_call in enumerate(response.tool_calls[len(calls):], start=len(calls)):
+            calls.append(self._make_call(index, model_call, tools, asks))
+            scheduler.add(calls[-1])
+        self._announce(step, response, calls)
+        await self._record(response, scheduler, calls, cancelled=False)
         if scheduler.cancelled:
             raise asyncio.CancelledError
         return _StepOutcome(response.text, None if response.tool_calls else "end_turn")
 
-    def _announce(self, step: int, response: ModelResponse, added: list[ScheduledCall]) -> None:
+    def _announce(self, step: int, response: ModelResponse, calls: list[ToolCall]) -> None:
         """The response is complete: say which calls it holds, before their results come in."""
-        infos = [self._info(c) for c in added]
-        self.ctx.emit(ModelResponded(step, infos, response.usage, response.stop_reason))
+        self.ctx.emit(ModelResponded(step, [c.info for c in calls], response.usage, response.stop_reason))
 
     async def _record(self, response: ModelResponse, scheduler: TurnScheduler,
-                      added: list[ScheduledCall], *, cancelled: bool) -> None:
+                      calls: list[ToolCall], *, cancelled: bool) -> None:
         """Waits for every call's result, then writes the assistant message and the results."""
         ctx = self.ctx
         if cancelled:
@@ -230,110 +210,109 @@ class Turn:
         else:
             scheduler.close_input()
         results = await scheduler.results()
-        infos = [self._info(c) for c in added]
-        messages = [StoredMessage(role="assistant", text=response.text, tool_calls=infos, turn_id=ctx.turn_id)]
+        messages = [StoredMessage(role="assistant", text=response.text, tool_calls=[c.info for c in calls],
+                                  turn_id=ctx.turn_id)]
         messages += [
             StoredMessage(role="tool", tool_call_id=c.call_id, tool_result=r, turn_id=ctx.turn_id)
-            for c, r in zip(added, results, strict=True)
+            for c, r in zip(calls, results, strict=True)
         ]
-        ctx.save_messages(messages)
-        self.tool_calls += len(added)
+        ctx.history.append(messages)
+        self.tool_calls += len(calls)
 
-    def _early_ok(self, call: ModelToolCall, tools: dict[str, ToolSpec], added: list[ScheduledCall]) -> bool:
+    def _early_ok(self, call: ModelToolCall, tools: dict[str, ToolSpec], calls: list[ToolCall]) -> bool:
         spec = tools.get(call.name)
-        return spec is not None and spec.lane is Lane.QUERY and all(c.lane is Lane.QUERY for c in added)
+        return spec is not None and spec.lane is Lane.QUERY and all(c.lane is Lane.QUERY for c in calls)
 
-    def _schedule(self, index: int, call: ModelToolCall, tools: dict[str, ToolSpec]) -> ScheduledCall:
-        spec = tools.get(call.name)
-        call_id = call.call_id or f"call_{uuid.uuid4().hex[:12]}"
-        policy = self.ctx.settings.permissions
-        if spec is None and self._exists(call.name) and not policy.offers(call.name):
-            rejection = ToolResult.error(
-                ErrorKind.PERMISSION_DENIED,
-                f"{call.name} was not run: this session's permission policy denies every {call.name} call, "
-                f"so it is not offered; available tools: {', '.join(tools)}",
-            )
-            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
+    def _make_call(self, index: int, model_call: ModelToolCall, tools: dict[str, ToolSpec],
+                   asks: dict[ToolCall, Decision]) -> ToolCall:
+        """The call's owner, with its rejection when it must not run."""
+        ctx = self.ctx
+        call_id = model_call.call_id or f"call_{uuid.uuid4().hex[:12]}"
+        spec = tools.get(model_call.name)
+        arguments, rejection, decision = None, None, None
         if spec is None:
-            rejection = ToolResult.error(
-                ErrorKind.UNKNOWN_TOOL, f"unknown tool {call.name!r}; available tools: {', '.join(tools)}"
-            )
-            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
-        try:
-            arguments = json.loads(call.arguments_json or "{}")
-        except json.JSONDecodeError as exc:
-            arguments, problem = None, f"are not valid JSON ({exc})"
+            rejection = self._unavailable(model_call.name, tools)
         else:
-            problem = "must be a JSON object"
-        if not isinstance(arguments, dict):
-            rejection = ToolResult.error(
-                ErrorKind.INVALID_ARGUMENTS, f"{call.name} was not run: its arguments {problem}"
-            )
-            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
-        decision = policy.decide(call.name, arguments, str(self.ctx.workspace))
-        if decision.action is Action.DENY:
-            rejection = ToolResult.error(
+            try:
+                arguments = json.loads(model_call.arguments_json or "{}")
+            except json.JSONDecodeError as exc:
+                arguments, problem = None, f"are not valid JSON ({exc})"
+            else:
+                problem = "must be a JSON object"
+            if not isinstance(arguments, dict):
+                rejection = ToolResult.error(
+                    ErrorKind.INVALID_ARGUMENTS, f"{model_call.name} was not run: its arguments {problem}"
+                )
+            else:
+                decision = ctx.settings.permissions.decide(model_call.name, arguments, str(ctx.workspace))
+                if decision.action is Action.DENY:
+                    rejection = ToolResult.error(
+                        ErrorKind.PERMISSION_DENIED,
+                        f"{model_call.name} was not run: this session's permission policy denies this call "
+                        f"({decision.describe()}). Do not retry it; choose another way or ask the user.",
+                    )
+        lane = spec.lane.value if spec is not None and rejection is None else ""
+        call = ToolCall(
+            CallInfo(call_id, model_call.name, model_call.arguments_json, lane, index),
+            ctx.emit,
+            spec=spec,
+            arguments=arguments,
+            rejection=rejection,
+            stats=ctx.stats,
+        )
+        if decision is not None and decision.action is Action.ASK and rejection is None:
+            asks[call] = decision
+        return call
+
+    def _unavailable(self, name: str, tools: dict[str, ToolSpec]) -> ToolResult:
+        """Why a tool the model named is not offered, as the model should read it."""
+        ctx = self.ctx
+        listed = ", ".join(tools)
+        builtin = ctx.registry.get(name)
+        if (builtin is not None or ctx.pool.offers(name)) and not ctx.settings.permissions.offers(name):
+            return ToolResult.error(
                 ErrorKind.PERMISSION_DENIED,
-                f"{call.name} was not run: this session's permission policy denies this call ({decision.describe()}). "
-                "Do not retry it; choose another way or ask the user.",
+                f"{name} was not run: this session's permission policy denies every {name} call, "
+                f"so it is not offered; available tools: {listed}",
             )
-            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
-        scheduled = ScheduledCall(index, call_id, call.name, call.arguments_json, spec.lane)
-        if decision.action is Action.ASK:
-            self._asks[scheduled] = decision
-        self._added_at[scheduled] = time.perf_counter()
-        return scheduled
+        if builtin is not None and builtin.spec.lane is Lane.QUERY and not ctx.local_fallback:
+            return ToolResult.error(
+                ErrorKind.NO_WORKER,
+                f"{name} was not run: no connected tool worker offers it, and this server runs Query tools "
+                "only on workers (--no-local-fallback). Start one with `codelane worker --connect ADDRESS`.",
+            )
+        return ToolResult.error(ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available tools: {listed}")
 
-    def _exists(self, tool_name: str) -> bool:
-        return self.ctx.registry.get(tool_name) is not None or self.ctx.pool.offers(tool_name)
-
-    def _info(self, call: ScheduledCall) -> CallInfo:
-        lane = call.lane.value if call.lane else ""
-        return CallInfo(call.call_id, call.tool_name, call.arguments_json, lane, call.index)
-
-    @staticmethod
-    def _as_model_calls(added: list[ScheduledCall]) -> list[ModelToolCall]:
-        return [ModelToolCall(c.call_id, c.tool_name, c.arguments_json) for c in added]
-
-    def _on_finish(self, call: ScheduledCall, result: ToolResult) -> None:
-        self.ctx.emit(ToolCallFinished(call.call_id, call.tool_name, result, result.queue_wait, result.run_time))
-
-    async def _execute(self, call: ScheduledCall, tools: dict[str, ToolSpec], scheduler: TurnScheduler) -> ToolResult:
+    async def _execute(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
-        spec = tools[call.tool_name]
         assert call.lane is not None, "the scheduler never executes a call without a lane"
-        added = self._added_at.get(call, time.perf_counter())
-        decision = self._asks.pop(call, None)
+        decision = asks.pop(call, None)
         if decision is not None:
-            scheduler.waiting(call, "its confirmation")
+            call.wait_for("its confirmation")
             refusal = await self._confirm(call, decision)
-            scheduler.waiting(call, None)
+            call.wait_for(None)
             if refusal is not None:
-                return _timed(refusal, added, time.perf_counter())
+                return refusal
         mode = ctx.settings.lane_mode(call.lane)
         if mode is LaneMode.EXTERNAL:
-            outcome = await ctx.external.run(
-                ctx.session_id, self._info(call), str(ctx.workspace), ctx.settings.external_task_timeout, ctx.emit
+            call.wait_for("a client to run it as an external task")
+            return await ctx.external.run(
+                ctx.session_id, call.info, str(ctx.workspace), ctx.settings.external_task_timeout, ctx.emit, call
             )
-            return _timed(outcome.result, added, outcome.claimed_at or time.perf_counter())
-        ready = time.perf_counter()
         if mode is LaneMode.HYBRID:
-            result = await ctx.external.mirror(
-                ctx.session_id, self._info(call), str(ctx.workspace), ctx.settings.lane_timeout(call.lane), ctx.emit,
-                lambda: self._run_internal(call, spec),
+            return await ctx.external.mirror(
+                ctx.session_id, call.info, str(ctx.workspace), ctx.settings.lane_timeout(call.lane), ctx.emit,
+                lambda: self._run_internal(call),
             )
-        else:
-            result = await self._run_internal(call, spec)
-        # Without a confirmation the scheduler measures the wait itself.
-        return _timed(result, added, ready) if decision is not None else result
+        return await self._run_internal(call)
 
-    async def _confirm(self, call: ScheduledCall, decision: Decision) -> ToolResult | None:
+    async def _confirm(self, call: ToolCall, decision: Decision) -> ToolResult | None:
         """Asks for a confirmation and waits for it; None when the call may run, else its refusal."""
         ctx = self.ctx
         policy = ctx.settings.permissions
         within = policy.confirmation_timeout
-        ctx.emit(ConfirmationRequired(self._info(call), time.time() + within))
+        ctx.emit(ConfirmationRequired(call.info, time.time() + within))
         try:
             answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
         except asyncio.CancelledError:
@@ -359,59 +338,43 @@ class Turn:
             f"{call.tool_name} was not run: it needed a confirmation ({decision.describe()}) and {why}.",
         )
 
-    async def _run_internal(self, call: ScheduledCall, spec: ToolSpec) -> ToolResult:
+    async def _run_internal(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
-        on_workers = call.lane is Lane.QUERY and ctx.pool.offers(call.tool_name)
-        if call.lane is Lane.QUERY and not on_workers and not ctx.local_fallback:
-            return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
-        if on_workers:
-            result = await ctx.pool.dispatch(
-                QueryCall(
-                    session_id=ctx.session_id,
-                    call_id=call.call_id,
-                    tool_name=call.tool_name,
-                    arguments_json=call.arguments_json,
-                    workspace=str(ctx.workspace),
-                    idempotent=spec.idempotent,
-                    timeout=ctx.settings.query_timeout,
-                    max_attempts=ctx.settings.max_attempts,
-                    on_event=lambda event: self._on_pool_event(call, event),
+        if call.lane is Lane.QUERY:
+            if ctx.pool.offers(call.tool_name):
+                result = await ctx.pool.dispatch(
+                    QueryCall(
+                        session_id=ctx.session_id,
+                        call_id=call.call_id,
+                        tool_name=call.tool_name,
+                        arguments_json=call.info.arguments_json,
+                        workspace=str(ctx.workspace),
+                        idempotent=call.spec.idempotent if call.spec else False,
+                        timeout=ctx.settings.query_timeout,
+                        max_attempts=ctx.settings.max_attempts,
+                        observer=call,
+                    )
                 )
-            )
-            if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
-                return result
+                if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
+                    return result
+            elif not ctx.local_fallback:
+                return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
         if ctx.registry.get(call.tool_name) is None:
             return ToolResult.error(ErrorKind.NO_WORKER, f"no worker offers {call.tool_name} any more")
-        ctx.emit(ToolCallStarted(self._info(call), call.lane.value if call.lane else "", LOCAL_WORKER_ID, 1))
-        timeout = ctx.settings.query_timeout if call.lane is Lane.QUERY else ctx.settings.execute_timeout
+        call.running(LOCAL_WORKER_ID)
+        timeout = ctx.settings.lane_timeout(call.lane)
         try:
-            result = await asyncio.wait_for(
-                ctx.registry.execute(call.tool_name, ctx.workspace, call.arguments_json), timeout
-            )
+            async with asyncio.timeout(timeout):
+                result = await ctx.registry.execute(call.tool_name, ctx.workspace, call.info.arguments_json)
         except TimeoutError:
-            return ToolResult.error(
+            result = ToolResult.error(
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",
-                worker_id=LOCAL_WORKER_ID,
             )
-        result.worker_id = LOCAL_WORKER_ID
-        return result
-
-    def _on_pool_event(self, call: ScheduledCall, event: PoolEvent) -> None:
-        ctx = self.ctx
-        if isinstance(event, CallStarted):
-            ctx.emit(ToolCallStarted(self._info(call), Lane.QUERY.value, event.worker_id, event.attempt))
-        else:
-            ctx.emit(event)
+        return dataclasses.replace(result, worker_id=LOCAL_WORKER_ID)
 
 
-def _timed(result: ToolResult, added: float, started: float) -> ToolResult:
-    """`result` with queue_wait from `added` to `started` (lane slot, confirmation, external claim)
-    plus whatever wait the runner measured, and run_time from `started` unless the runner measured it."""
-    return dataclasses.replace(
-        result,
-        queue_wait=(started - added) + result.queue_wait,
-        run_time=result.run_time or (time.perf_counter() - started),
-    )
+def _model_call(call: ToolCall) -> ModelToolCall:
+    return ModelToolCall(call.call_id, call.tool_name, call.info.arguments_json)
 
 
 @dataclass(frozen=True)

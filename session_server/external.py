@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from session_server.events import (
     CallInfo,
@@ -32,7 +33,6 @@ from session_server.events import (
     ExternalTaskCompleted,
     ExternalTaskInfo,
     ExternalTaskPending,
-    ToolCallStarted,
 )
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -66,21 +66,19 @@ class LeaseNotHeld(Exception):
         self.client_id = client_id
 
 
-@dataclass(frozen=True)
-class ExternalOutcome:
-    """How an external task ended; `claimed_at` (perf_counter) is when its last lease began."""
+class ClaimObserver(Protocol):
+    """Who owns the call hears when a client starts running it (see session_server.calls)."""
 
-    result: ToolResult
-    claimed_at: float | None
+    def running(self, worker_id: str, attempt: int = 1) -> None: ...
 
 
 @dataclass
 class _Task:
     info: ExternalTaskInfo
     emit: Callable[[EventPayload], None]
-    future: asyncio.Future[ExternalOutcome]
+    observer: ClaimObserver
+    future: asyncio.Future[ToolResult]
     client_id: str | None = None
-    claimed_at: float | None = None
     lease_timer: asyncio.TimerHandle | None = None
 
 
@@ -109,10 +107,12 @@ class ExternalTasks:
         workspace: str,
         lifetime: float,
         emit: Callable[[EventPayload], None],
-    ) -> ExternalOutcome:
-        """Offers `call` as a task and waits for its end; `lifetime` seconds is its overall deadline."""
+        observer: ClaimObserver,
+    ) -> ToolResult:
+        """Offers `call` as a task and returns its result; `lifetime` seconds is its overall
+        deadline. `observer.running()` hears each claim."""
         info = self._new_info(session_id, call, workspace, lifetime)
-        task = _Task(info, emit, asyncio.get_running_loop().create_future())
+        task = _Task(info, emit, observer, asyncio.get_running_loop().create_future())
         self._tasks[info.task_id] = task
         self._by_session.setdefault(session_id, {})[info.task_id] = task
         try:
@@ -129,7 +129,7 @@ class ExternalTasks:
                 attempt=task.info.attempt,
             )
             self._end(task, result, "")
-            return ExternalOutcome(result, task.claimed_at)
+            return result
         finally:
             if info.task_id in self._tasks:
                 self._end(task, replace(_withdrawn(call), attempt=task.info.attempt), "")
@@ -186,7 +186,8 @@ class ExternalTasks:
     def complete(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
         """Ends a task with a client's result. Raises TaskNotFound or LeaseNotHeld."""
         task = self._held(session_id, task_id, client_id)
-        # The client cannot know how long the call queued here; run_time is its own measure.
+        # The client cannot know how long the call queued here (the call's owner does); run_time
+        # is the client's own measure.
         result = replace(result, worker_id=result.worker_id or client_id, attempt=task.info.attempt, queue_wait=0.0)
         self._end(task, result, client_id)
 
@@ -235,9 +236,11 @@ class ExternalTasks:
 
     def _lease(self, task: _Task, client_id: str, lease: float) -> ExternalTaskInfo:
         task.client_id = client_id
-        task.claimed_at = time.perf_counter()
         self._arm_lease(task, lease)
-        self._emit(task, ToolCallStarted(task.info.call, task.info.lane, client_id, task.info.attempt))
+        try:
+            task.observer.running(client_id, task.info.attempt)
+        except Exception:
+            log.exception("external task %s: reporting its claim failed", task.info.task_id)
         return task.info
 
     def _arm_lease(self, task: _Task, lease: float) -> None:
@@ -251,7 +254,6 @@ class ExternalTasks:
         if self._tasks.get(task.info.task_id) is not task or task.info.attempt != attempt:
             return
         task.client_id = None
-        task.claimed_at = None
         task.lease_timer = None
         task.info = replace(task.info, attempt=attempt + 1, lease_expire_time=None)
         self._emit(task, ExternalTaskPending(task.info))
@@ -261,7 +263,7 @@ class ExternalTasks:
         self._remove(task)
         self._emit(task, ExternalTaskCompleted(task.info.task_id, task.info.call.call_id, result, client_id))
         if not task.future.done():
-            task.future.set_result(ExternalOutcome(result, task.claimed_at))
+            task.future.set_result(result)
 
     def _remove(self, task: _Task) -> None:
         task_id, session_id = task.info.task_id, task.info.session_id

@@ -15,6 +15,9 @@ Each call runs in its own task whose dependencies are the tasks it must wait for
 Execute call for a Query call, every earlier call for an Execute call. Nothing polls or sleeps,
 so scheduling costs microseconds per call.
 
+The scheduler only orders calls: each `ToolCall` (session_server.calls) owns its state, timings
+and events, and the executor decides where it runs.
+
 Cancellation (`cancel()`, or cancelling the task awaiting `results()`) cancels every running
 call, waits for those tasks to end, and gives each unfinished call a `CANCELLED` error result.
 `results()` then *returns* the complete list rather than raising: the caller still has to commit
@@ -26,82 +29,35 @@ the turn.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 
-from session_server.stats import LaneStats
+from session_server.calls import ToolCall
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ScheduledCall:
-    """One tool call of a model response. `index` is its position in the response, from 0.
-
-    The scheduler orders by the sequence of `add()`; `index` is carried along for events.
-    """
-
-    index: int
-    call_id: str
-    tool_name: str
-    arguments_json: str
-    # None: the tool is unknown or the arguments did not parse; the call is never executed.
-    lane: Lane | None
-    # Why a lane-less call was refused, as the model will read it; a generic text when None.
-    rejection: ToolResult | None = None
-
-
-Executor = Callable[[ScheduledCall], Awaitable[ToolResult]]
-OnStart = Callable[[ScheduledCall], None]
-OnFinish = Callable[[ScheduledCall, ToolResult], None]
-
-
-@dataclass
-class _Slot:
-    call: ScheduledCall
-    added: float
-    started: float | None = None
-    result: ToolResult | None = None
-    # What the executor said the started call waits for before it runs (see `waiting()`).
-    waiting_for: str | None = None
+Executor = Callable[[ToolCall], Awaitable[ToolResult]]
 
 
 class TurnScheduler:
     """Runs the tool calls of one model response of one session, in lanes, in model order.
 
     `executor(call)` runs one call (the server's dispatches Query calls to the worker pool and
-    runs Execute calls locally) and must honour cancellation. `on_start(call)` fires when a call
-    starts executing; `on_finish(call, result)` fires exactly once for every call, executed or
-    not, in completion order. Both are synchronous and must not block.
+    runs Execute calls locally) and must honour cancellation. Every call ends with exactly one
+    `ToolCall.finish()`, executed or not.
 
     Use once per response: `add()` each call, `close_input()`, `await results()`; or
     `await run_all(calls)`. If you stop before awaiting `results()`, call `cancel()` and still
     await `results()` so no task outlives the turn.
     """
 
-    def __init__(
-        self,
-        executor: Executor,
-        *,
-        query_concurrency: int,
-        stats: LaneStats | None = None,
-        on_start: OnStart | None = None,
-        on_finish: OnFinish | None = None,
-    ) -> None:
+    def __init__(self, executor: Executor, *, query_concurrency: int) -> None:
         if query_concurrency < 1:
             raise ValueError(f"query_concurrency is {query_concurrency}: it must be at least 1")
         self._executor = executor
         self._query_slots = asyncio.Semaphore(query_concurrency)
-        self._stats = stats
-        self._on_start = on_start
-        self._on_finish = on_finish
-        self._slots: list[_Slot] = []
-        # By identity: a ScheduledCall carrying a rejection is not hashable.
-        self._slot_of: dict[int, _Slot] = {}
+        self._calls: list[ToolCall] = []
         self._tasks: list[asyncio.Task[None]] = []
         # The latest Execute call, and the Query calls added after it: what the next call waits for.
         self._last_execute: asyncio.Task[None] | None = None
@@ -114,44 +70,31 @@ class TurnScheduler:
         """True once the turn was cancelled, by `cancel()` or by cancelling `results()`."""
         return self._cancelled
 
-    def add(self, call: ScheduledCall) -> None:
+    def add(self, call: ToolCall) -> None:
         """Schedule the next call in model order. Must be called from the event loop."""
         if self._input_closed.is_set():
             reason = "the turn was cancelled" if self._cancelled else "close_input() was called"
             raise RuntimeError(f"cannot add call {call.call_id!r}: {reason}; add every call before closing input")
-        slot = _Slot(call, time.perf_counter())
-        self._slots.append(slot)
-        self._slot_of[id(call)] = slot
+        self._calls.append(call)
         if call.lane is None:
-            self._finish(
-                slot,
-                call.rejection
-                or ToolResult.error(
-                    ErrorKind.UNKNOWN_TOOL,
-                    f"Tool call {call.call_id} was not run: {call.tool_name!r} is not an available tool "
-                    "or its arguments are not valid JSON. Use one of the listed tools with JSON arguments.",
-                ),
-            )
+            call.finish(call.rejection or ToolResult.error(
+                ErrorKind.UNKNOWN_TOOL,
+                f"Tool call {call.call_id} was not run: {call.tool_name!r} is not an available tool "
+                "or its arguments are not valid JSON. Use one of the listed tools with JSON arguments.",
+            ))
             return
-        if self._stats is not None:
-            self._stats.enqueued(call.lane)
         if call.lane is Lane.QUERY:
             deps = [self._last_execute] if self._last_execute is not None else []
         else:
             deps = [*self._since_execute, *([self._last_execute] if self._last_execute is not None else [])]
         pending = [t for t in deps if not t.done()]
-        task = asyncio.get_running_loop().create_task(self._run(slot, pending), name=f"tool-call-{call.call_id}")
+        task = asyncio.get_running_loop().create_task(self._run(call, pending), name=f"tool-call-{call.call_id}")
         self._tasks.append(task)
         if call.lane is Lane.QUERY:
             self._since_execute.append(task)
         else:
             self._last_execute = task
             self._since_execute = []
-
-    def waiting(self, call: ScheduledCall, what: str | None) -> None:
-        """For the executor: `call` waits for `what` (e.g. "its confirmation") and has not begun
-        to run, or, with None, runs now. A cancellation's result says which."""
-        self._slot_of[id(call)].waiting_for = what
 
     def close_input(self) -> None:
         """No more calls will be added: `results()` may return once the added ones finish."""
@@ -181,13 +124,12 @@ class TurnScheduler:
                 task.uncancel()
         if self._cancelled:
             # Tasks cancelled before their first step never ran their own bookkeeping.
-            now = time.perf_counter()
-            for slot in self._slots:
-                if slot.result is None:
-                    self._finish(slot, _cancelled_result(slot, now))
-        return [_result_of(slot) for slot in self._slots]
+            for call in self._calls:
+                if call.result is None:
+                    call.finish(call.cancelled_result())
+        return [_result_of(call) for call in self._calls]
 
-    async def run_all(self, calls: Iterable[ScheduledCall]) -> list[ToolResult]:
+    async def run_all(self, calls: Iterable[ToolCall]) -> list[ToolResult]:
         """Schedule `calls` (in model order) and return their results, in the same order."""
         for call in calls:
             self.add(call)
@@ -205,92 +147,35 @@ class TurnScheduler:
             except asyncio.CancelledError:
                 continue
 
-    async def _run(self, slot: _Slot, deps: list[asyncio.Task[None]]) -> None:
+    async def _run(self, call: ToolCall, deps: list[asyncio.Task[None]]) -> None:
         try:
             if deps:
                 await asyncio.wait(deps)
-            if slot.call.lane is Lane.QUERY:
+            if call.lane is Lane.QUERY:
                 async with self._query_slots:
-                    result = await self._execute(slot)
+                    result = await self._execute(call)
             else:
-                result = await self._execute(slot)
+                result = await self._execute(call)
         except asyncio.CancelledError:
-            self._finish(slot, _cancelled_result(slot, time.perf_counter()))
+            call.finish(call.cancelled_result())
             raise
-        self._finish(slot, result)
+        call.finish(result)
 
-    async def _execute(self, slot: _Slot) -> ToolResult:
-        call = slot.call
-        slot.started = time.perf_counter()
-        if self._stats is not None and call.lane is not None:
-            self._stats.started(call.lane)
-        self._notify(self._on_start, call)
+    async def _execute(self, call: ToolCall) -> ToolResult:
+        call.begin()
         try:
-            result = await self._executor(call)
+            return await self._executor(call)
         except Exception as exc:
             log.exception("tool call %s (%s) raised", call.call_id, call.tool_name)
-            result = ToolResult.error(
+            return ToolResult.error(
                 ErrorKind.INTERNAL,
                 f"Tool call {call.call_id} ({call.tool_name}) failed with an internal error: "
                 f"{type(exc).__name__}: {exc}. The other calls of this turn were not affected; "
                 "retry the call, and report the error if it persists.",
             )
-        ended = time.perf_counter()
-        updates: dict[str, float] = {}
-        if not result.queue_wait:
-            updates["queue_wait"] = slot.started - slot.added
-        if not result.run_time:
-            updates["run_time"] = ended - slot.started
-        # A copy, so an executor returning a shared result object is never mutated.
-        return dataclasses.replace(result, **updates) if updates else result
-
-    def _finish(self, slot: _Slot, result: ToolResult) -> None:
-        if slot.result is not None:
-            return
-        slot.result = result
-        lane = slot.call.lane
-        if self._stats is not None and lane is not None:
-            if slot.started is None:
-                self._stats.withdrawn(lane)
-            else:
-                self._stats.finished(lane, not result.is_error, result.queue_wait + result.run_time)
-        self._notify(self._on_finish, slot.call, result)
-
-    @staticmethod
-    def _notify(callback: Callable[..., None] | None, *args: object) -> None:
-        if callback is None:
-            return
-        try:
-            callback(*args)
-        except Exception:
-            # An event sink's bug must not lose a call's result or stall the turn.
-            log.exception("tool call event callback %r failed", callback)
 
 
-def _cancelled_result(slot: _Slot, now: float) -> ToolResult:
-    if slot.started is not None and slot.waiting_for is not None:
-        return ToolResult.error(
-            ErrorKind.CANCELLED,
-            f"Tool call {slot.call.call_id} ({slot.call.tool_name}) was cancelled while waiting for "
-            f"{slot.waiting_for}; it did not run.",
-            queue_wait=now - slot.added,
-        )
-    if slot.started is None:
-        return ToolResult.error(
-            ErrorKind.CANCELLED,
-            f"Tool call {slot.call.call_id} ({slot.call.tool_name}) was cancelled before it started.",
-            queue_wait=now - slot.added,
-        )
-    return ToolResult.error(
-        ErrorKind.CANCELLED,
-        f"Tool call {slot.call.call_id} ({slot.call.tool_name}) was cancelled while running; "
-        "its effects may be partial.",
-        queue_wait=slot.started - slot.added,
-        run_time=now - slot.started,
-    )
-
-
-def _result_of(slot: _Slot) -> ToolResult:
-    if slot.result is None:
-        raise AssertionError(f"call {slot.call.call_id} ended without a result")
-    return slot.result
+def _result_of(call: ToolCall) -> ToolResult:
+    if call.result is None:
+        raise AssertionError(f"call {call.call_id} ended without a result")
+    return call.result

@@ -7,6 +7,7 @@ costs tens of microseconds per call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -129,8 +130,7 @@ class ToolRegistry:
         """Run one call. Every failure becomes an error result; only cancellation propagates."""
         started = time.perf_counter()
         result = await self._execute(name, workspace, arguments_json)
-        result.run_time = time.perf_counter() - started
-        return result
+        return dataclasses.replace(result, run_time=time.perf_counter() - started)
 
     async def _execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
         entry = self._entries.get(name)

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from session_server.calls import ToolCall
 from session_server.confirmations import Answer, ConfirmationNotFound, Confirmations
 from session_server.events import (
     CallInfo,
@@ -16,7 +17,7 @@ from session_server.events import (
     ToolCallStarted,
 )
 from session_server.external import ExternalTasks, LeaseNotHeld, TaskNotFound
-from tool_worker.tools.base import ErrorKind, ToolResult
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 CALL = CallInfo("c1", "bash", '{"command": "ls"}', "execute", 0)
 BOUND = 5.0  # bound on every wait in these tests
@@ -35,6 +36,11 @@ class _Events(list[EventPayload]):
             self.offered.set()
 
 
+def _owner(events: _Events) -> ToolCall:
+    """The call's owner, which reports each claim as a ToolCallStarted into `events`."""
+    return ToolCall(CALL, events.append, spec=ToolSpec("bash", "", {}, Lane.EXECUTE, False))
+
+
 def _board() -> tuple[ExternalTasks, _Events]:
     return ExternalTasks(), _Events()
 
@@ -49,17 +55,16 @@ async def _offered(events: _Events) -> None:
 
 async def test_claim_and_complete() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
     [task] = await board.claim("s1", "client-a", 5, 30.0, 0.0)
     assert task.attempt == 1 and task.lease_expire_time is not None and task.call == CALL
     assert await board.claim("s1", "client-b", 1, 30.0, 0.0) == []  # leased: not offered twice
     board.complete("s1", task.task_id, "client-a", ToolResult("done", exit_code=0, queue_wait=9.0))
     outcome = await asyncio.wait_for(run, BOUND)
-    assert outcome.result.output == "done"
-    assert outcome.result.worker_id == "client-a"
-    assert outcome.result.queue_wait == 0.0  # the client cannot know our queue
-    assert outcome.claimed_at is not None
+    assert outcome.output == "done"
+    assert outcome.worker_id == "client-a"
+    assert outcome.queue_wait == 0.0  # the client cannot know our queue
     assert [type(e) for e in events] == [ExternalTaskPending, ToolCallStarted, ExternalTaskCompleted]
     assert isinstance(events[2], ExternalTaskCompleted) and events[2].client_id == "client-a"
     assert _empty(board)
@@ -69,7 +74,7 @@ async def test_claim_and_complete() -> None:
 
 async def test_complete_checks_session_and_lease_holder() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
     task_id = board.pending("s1")[0].task_id
     with pytest.raises(LeaseNotHeld, match="not claimed"):
@@ -86,7 +91,7 @@ async def test_complete_checks_session_and_lease_holder() -> None:
 
 async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
     [first] = await board.claim("s1", "client-a", 1, 0.05, 0.0)
     [second] = await board.claim("s1", "client-b", 1, 30.0, 2.0)  # long-poll until the lease expires
@@ -95,7 +100,7 @@ async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
         board.complete("s1", first.task_id, "client-a", ToolResult("late"))
     board.complete("s1", second.task_id, "client-b", ToolResult("ok"))
     outcome = await asyncio.wait_for(run, BOUND)
-    assert outcome.result.attempt == 2 and outcome.result.worker_id == "client-b"
+    assert outcome.attempt == 2 and outcome.worker_id == "client-b"
     pendings = [e for e in events if isinstance(e, ExternalTaskPending)]
     assert [p.task.attempt for p in pendings] == [1, 2]
     assert _empty(board)
@@ -103,12 +108,12 @@ async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
 
 async def test_deadline_ends_the_task_with_a_timeout() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 0.1, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 0.1, events.append, _owner(events)))
     await _offered(events)
     await board.claim("s1", "client-a", 1, 30.0, 0.0)  # claimed, never completed
     outcome = await asyncio.wait_for(run, BOUND)
-    assert outcome.result.error_kind is ErrorKind.TIMEOUT
-    assert "external_task_timeout" in outcome.result.output
+    assert outcome.error_kind is ErrorKind.TIMEOUT
+    assert "external_task_timeout" in outcome.output
     completed = events[-1]
     assert isinstance(completed, ExternalTaskCompleted) and completed.client_id == ""
     assert _empty(board)
@@ -116,7 +121,7 @@ async def test_deadline_ends_the_task_with_a_timeout() -> None:
 
 async def test_cancelling_the_call_withdraws_the_task() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -132,7 +137,7 @@ async def test_long_poll_wakes_on_offer_and_on_close() -> None:
     board, events = _board()
     claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, BOUND))
     await asyncio.sleep(0.01)
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     [task] = await asyncio.wait_for(claim, BOUND)
     assert task.call == CALL
     run.cancel()

@@ -1,33 +1,65 @@
-"""TurnScheduler with fake executors: ordering, bounds, failures, cancellation, streaming."""
+"""TurnScheduler and ToolCall with fake executors: ordering, bounds, failures, cancellation,
+streaming, and each call's events and timings. No test waits on time: `settle()` lets every
+runnable task run until the loop has nothing left to do, and timings come from a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
-from session_server.scheduler import ScheduledCall, TurnScheduler
+from session_server.calls import CallState, ToolCall
+from session_server.events import CallInfo, CallRetried, ToolCallFinished, ToolCallStarted, WorkerLost
+from session_server.scheduler import TurnScheduler
 from session_server.stats import LaneStats, StatsLane
-from tool_worker.tools.base import ErrorKind, Lane, ToolResult
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 Q, E = Lane.QUERY, Lane.EXECUTE
-WAIT = 2.0  # upper bound for anything that should happen at once; tests finish in milliseconds
+WAIT = 5.0  # bound on anything that happens at once: a hang fails the test instead of blocking it
 
 
-def calls(*lanes: Lane | None) -> list[ScheduledCall]:
-    return [ScheduledCall(i, f"c{i}", f"tool{i}", "{}", lane) for i, lane in enumerate(lanes)]
+async def settle() -> None:
+    """Runs the event loop until every task that can make progress has (a bounded number of
+    turns, no wall-clock time): what has not happened by then is waiting on something."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_call(index: int, lane: Lane | None, *, tool: str | None = None, sink=None, stats=None, clock=None,
+              arguments_json: str = "{}") -> ToolCall:
+    name = tool or f"tool{index}"
+    spec = ToolSpec(name, "", {"type": "object"}, lane, lane is Q) if lane is not None else None
+    rejection = None if lane is not None else ToolResult.error(ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}")
+    return ToolCall(
+        CallInfo(f"c{index}", name, arguments_json, lane.value if lane else "", index),
+        sink if sink is not None else (lambda event: None),
+        spec=spec,
+        rejection=rejection,
+        stats=stats,
+        **({"clock": clock} if clock is not None else {}),
+    )
+
+
+def calls(*lanes: Lane | None, **kwargs) -> list[ToolCall]:
+    return [make_call(i, lane, **kwargs) for i, lane in enumerate(lanes)]
 
 
 class Recorder:
     """An executor that logs start/end, optionally blocks each call on a gate, and tracks concurrency."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.log: list[tuple[str, str]] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.started: dict[str, asyncio.Event] = {}
-        self.delay = delay
         self.running = 0
         self.max_running = 0
         self.cancelled: list[str] = []
@@ -38,16 +70,17 @@ class Recorder:
     def started_event(self, call_id: str) -> asyncio.Event:
         return self.started.setdefault(call_id, asyncio.Event())
 
-    async def __call__(self, call: ScheduledCall) -> ToolResult:
+    async def __call__(self, call: ToolCall) -> ToolResult:
         self.log.append(("start", call.call_id))
+        call.running("local")
         self.started_event(call.call_id).set()
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
             if call.call_id in self.gates:
                 await self.gates[call.call_id].wait()
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            else:
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             self.cancelled.append(call.call_id)
             raise
@@ -71,17 +104,14 @@ async def test_query_run_together_execute_alone_in_order() -> None:
     sched = TurnScheduler(rec, query_concurrency=8)
     run = asyncio.create_task(sched.run_all(calls(Q, Q, E, Q)))
 
-    await asyncio.wait_for(rec.started_event("c0").wait(), WAIT)
-    await asyncio.wait_for(rec.started_event("c1").wait(), WAIT)
-    await asyncio.sleep(0.005)
+    await settle()
     assert rec.log == [("start", "c0"), ("start", "c1")]  # the execute call and the query after it wait
-
     rec.gate("c1").set()
-    await asyncio.sleep(0.005)
+    await settle()
     assert ("start", "c2") not in rec.log  # c0 still running
     rec.gate("c0").set()
     await asyncio.wait_for(rec.started_event("c2").wait(), WAIT)
-    await asyncio.sleep(0.005)
+    await settle()
     assert ("start", "c3") not in rec.log  # waits for the execute call
     rec.gate("c2").set()
     await asyncio.wait_for(rec.started_event("c3").wait(), WAIT)
@@ -97,22 +127,28 @@ async def test_query_run_together_execute_alone_in_order() -> None:
 async def test_read_after_write_sees_new_content(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
     target.write_text("old")
+    write_may_finish = asyncio.Event()
 
-    async def files(call: ScheduledCall) -> ToolResult:
+    async def files(call: ToolCall) -> ToolResult:
         if call.tool_name == "write":
-            await asyncio.sleep(0.01)  # a slow write: a read that did not wait for it would see "old"
-            target.write_text(call.arguments_json)
+            # A slow write: a read that did not wait for it would see the old content.
+            if call.call_id == "c1":
+                await write_may_finish.wait()
+            target.write_text(call.info.arguments_json)
             return ToolResult(output="wrote")
         return ToolResult(output=target.read_text())
 
     turn = [
-        ScheduledCall(0, "r0", "read", "", Q),
-        ScheduledCall(1, "w1", "write", "new", E),
-        ScheduledCall(2, "r2", "read", "", Q),
-        ScheduledCall(3, "w3", "write", "newer", E),
-        ScheduledCall(4, "r4", "read", "", Q),
+        make_call(0, Q, tool="read"),
+        make_call(1, E, tool="write", arguments_json="new"),
+        make_call(2, Q, tool="read"),
+        make_call(3, E, tool="write", arguments_json="newer"),
+        make_call(4, Q, tool="read"),
     ]
-    results = await TurnScheduler(files, query_concurrency=4).run_all(turn)
+    run = asyncio.create_task(TurnScheduler(files, query_concurrency=4).run_all(turn))
+    await settle()
+    write_may_finish.set()
+    results = await asyncio.wait_for(run, WAIT)
     assert [r.output for r in results] == ["old", "wrote", "new", "wrote", "newer"]
     assert target.read_text() == "newer"
 
@@ -122,14 +158,14 @@ async def test_results_in_model_order_whatever_completion_order() -> None:
     finished: list[str] = []
     done = {f"c{i}": asyncio.Event() for i in range(5)}
 
-    def on_finish(call: ScheduledCall, result: ToolResult) -> None:
-        finished.append(call.call_id)
-        done[call.call_id].set()
+    def sink(event) -> None:
+        if isinstance(event, ToolCallFinished):
+            finished.append(event.call_id)
+            done[event.call_id].set()
 
-    sched = TurnScheduler(rec, query_concurrency=8, on_finish=on_finish)
     for cid in done:
         rec.gate(cid)
-    run = asyncio.create_task(sched.run_all(calls(Q, Q, Q, Q, Q)))
+    run = asyncio.create_task(TurnScheduler(rec, query_concurrency=8).run_all(calls(Q, Q, Q, Q, Q, sink=sink)))
     for cid in reversed(done):
         rec.gate(cid).set()
         await asyncio.wait_for(done[cid].wait(), WAIT)
@@ -140,37 +176,38 @@ async def test_results_in_model_order_whatever_completion_order() -> None:
 
 
 async def test_a_call_cancelled_while_it_waits_says_it_did_not_run() -> None:
-    # The executor may say a started call waits (for a confirmation) before it runs: its
-    # cancellation then says so, not "while running; its effects may be partial".
+    # The executor may say a call waits (for a confirmation) before it runs: its cancellation
+    # then says so, not "while running; its effects may be partial".
     asking = asyncio.Event()
-    sched: TurnScheduler
+    clock = Clock()
 
-    async def confirm_then_run(call: ScheduledCall) -> ToolResult:
-        sched.waiting(call, "its confirmation")
+    async def confirm_then_run(call: ToolCall) -> ToolResult:
+        call.wait_for("its confirmation")
         asking.set()
         await asyncio.Event().wait()  # nobody answers
         raise AssertionError("unreachable")
 
     sched = TurnScheduler(confirm_then_run, query_concurrency=2)
-    run = asyncio.create_task(sched.run_all(calls(E)))
+    run = asyncio.create_task(sched.run_all(calls(E, clock=clock)))
     await asyncio.wait_for(asking.wait(), WAIT)
+    clock.now += 3
     sched.cancel()
     [result] = await asyncio.wait_for(run, WAIT)
     assert result.error_kind is ErrorKind.CANCELLED
     assert "while waiting for its confirmation; it did not run" in result.output
-    assert result.run_time == 0 and result.queue_wait > 0
+    assert (result.queue_wait, result.run_time) == (3.0, 0.0)
 
 
 async def test_query_concurrency_bound() -> None:
-    rec = Recorder(delay=0.003)
+    rec = Recorder()
     results = await TurnScheduler(rec, query_concurrency=3).run_all(calls(*[Q] * 10))
     assert len(results) == 10 and not any(r.is_error for r in results)
     assert rec.max_running == 3
 
 
 async def test_failures_leave_siblings_alone() -> None:
-    async def flaky(call: ScheduledCall) -> ToolResult:
-        await asyncio.sleep(0.001)
+    async def flaky(call: ToolCall) -> ToolResult:
+        await asyncio.sleep(0)
         if call.call_id == "c1":
             raise RuntimeError("disk on fire")
         if call.call_id == "c2":
@@ -189,10 +226,15 @@ async def test_cancel_mid_batch_gives_every_call_a_result() -> None:
     rec.gate("c1")
     rec.gate("c2")
     finished: list[str] = []
-    sched = TurnScheduler(rec, query_concurrency=8, on_finish=lambda c, r: finished.append(c.call_id))
-    run = asyncio.create_task(sched.run_all(calls(Q, Q, Q, E, Q)))
-    await asyncio.wait_for(rec.started_event("c2").wait(), WAIT)
-    await asyncio.sleep(0.002)  # c0 completes, c1 and c2 hang
+
+    def sink(event) -> None:
+        if isinstance(event, ToolCallFinished):
+            finished.append(event.call_id)
+
+    sched = TurnScheduler(rec, query_concurrency=8)
+    run = asyncio.create_task(sched.run_all(calls(Q, Q, Q, E, Q, sink=sink)))
+    await settle()  # c0 completes, c1 and c2 hang
+    assert finished == ["c0"]
 
     sched.cancel()
     results = await asyncio.wait_for(run, WAIT)
@@ -227,11 +269,11 @@ async def test_cancel_while_still_streaming() -> None:
     rec = Recorder()
     rec.gate("c0")
     sched = TurnScheduler(rec, query_concurrency=2)
-    sched.add(calls(Q)[0])
+    sched.add(make_call(0, Q))
     await asyncio.wait_for(rec.started_event("c0").wait(), WAIT)
     sched.cancel()
     with pytest.raises(RuntimeError, match="cancelled"):
-        sched.add(ScheduledCall(1, "c1", "tool1", "{}", Q))
+        sched.add(make_call(1, Q))
     results = await sched.results()
     assert [r.error_kind for r in results] == [ErrorKind.CANCELLED]
     assert not other_tasks()
@@ -249,11 +291,15 @@ async def test_cancel_before_any_call_ran() -> None:
     assert not other_tasks()
 
 
-async def test_unknown_lane_never_executed() -> None:
+async def test_a_call_without_a_lane_is_never_executed() -> None:
     rec = Recorder()
     finished: list[tuple[str, ErrorKind | None]] = []
-    sched = TurnScheduler(rec, query_concurrency=2, on_finish=lambda c, r: finished.append((c.call_id, r.error_kind)))
-    results = await sched.run_all(calls(Q, None, E))
+
+    def sink(event) -> None:
+        if isinstance(event, ToolCallFinished):
+            finished.append((event.call_id, event.result.error_kind))
+
+    results = await TurnScheduler(rec, query_concurrency=2).run_all(calls(Q, None, E, sink=sink))
     assert results[1].error_kind is ErrorKind.UNKNOWN_TOOL and "tool1" in results[1].output
     assert [r.output for r in (results[0], results[2])] == ["out c0", "out c2"]
     assert ("start", "c1") not in rec.log
@@ -271,96 +317,120 @@ async def test_streaming_leading_query_starts_before_input_closes() -> None:
     await asyncio.wait_for(rec.started_event("c0").wait(), WAIT)  # the model is still streaming
     sched.add(turn[1])
     sched.add(turn[2])
-    await asyncio.sleep(0.005)
+    await settle()
     assert rec.log == [("start", "c0")]  # the execute call waits for c0, the query after it for the execute
 
     rec.gate("c0").set()
     await asyncio.wait_for(rec.started_event("c1").wait(), WAIT)
-    await asyncio.sleep(0.005)
+    await settle()
     assert ("start", "c2") not in rec.log
     rec.gate("c1").set()
     await asyncio.wait_for(rec.started_event("c2").wait(), WAIT)
     rec.gate("c2").set()
 
     waiter = asyncio.create_task(sched.results())
-    await asyncio.sleep(0.005)
+    await settle()
     assert not waiter.done()  # results wait for close_input()
     sched.close_input()
     results = await asyncio.wait_for(waiter, WAIT)
     assert [r.output for r in results] == ["out c0", "out c1", "out c2"]
     with pytest.raises(RuntimeError, match="close_input"):
-        sched.add(ScheduledCall(3, "c3", "tool3", "{}", Q))
+        sched.add(make_call(3, Q))
 
 
-async def test_timings_recorded_unless_executor_set_them() -> None:
-    async def executor(call: ScheduledCall) -> ToolResult:
-        await asyncio.sleep(0.005)
-        if call.call_id == "c2":
-            return ToolResult(output="remote", queue_wait=1.5, run_time=2.5)
-        return ToolResult(output="local")
+async def test_timings_come_from_the_call_unless_the_runner_measured_the_run() -> None:
+    clock = Clock()
 
-    results = await TurnScheduler(executor, query_concurrency=1).run_all(calls(Q, Q, Q))
-    assert results[0].run_time >= 0.004 and results[0].queue_wait < results[1].queue_wait
-    assert results[1].queue_wait >= 0.004  # waited for the single query slot
-    assert (results[2].queue_wait, results[2].run_time) == (1.5, 2.5)
+    async def executor(call: ToolCall) -> ToolResult:
+        clock.now += 1  # waiting for a worker
+        call.running("w1")
+        clock.now += 2  # running
+        if call.call_id == "c1":
+            return ToolResult(output="remote", run_time=0.5, worker_id="w1")  # a worker timed the tool
+        return ToolResult(output="here")
+
+    c0, c1 = calls(Q, Q, clock=clock)
+    results = await TurnScheduler(executor, query_concurrency=1).run_all([c0, c1])
+    assert (results[0].queue_wait, results[0].run_time, results[0].worker_id) == (1.0, 2.0, "w1")
+    # c1 waited for c0's slot (3 s) and for its worker (1 s); the worker's own run time stands.
+    assert (results[1].queue_wait, results[1].run_time) == (4.0, 0.5)
 
 
-async def test_shared_result_object_not_mutated() -> None:
+async def test_a_shared_result_object_is_never_changed() -> None:
     shared = ToolResult(output="same")
 
-    async def executor(call: ScheduledCall) -> ToolResult:
+    async def executor(call: ToolCall) -> ToolResult:
         return shared
 
     results = await TurnScheduler(executor, query_concurrency=2).run_all(calls(Q, Q))
-    assert shared.run_time == 0.0 and shared.queue_wait == 0.0
+    assert shared.run_time == 0.0 and shared.queue_wait == 0.0 and shared.worker_id == ""
     assert all(r.output == "same" for r in results)
+    with pytest.raises(AttributeError):
+        shared.output = "changed"  # type: ignore[misc]
 
 
-async def test_on_start_and_events() -> None:
+async def test_each_call_emits_its_lifecycle_events() -> None:
     events: list[tuple[str, str]] = []
-    rec = Recorder()
-    sched = TurnScheduler(
-        rec,
-        query_concurrency=2,
-        on_start=lambda c: events.append(("start", c.call_id)),
-        on_finish=lambda c, r: events.append(("finish", c.call_id)),
-    )
-    await sched.run_all(calls(E, Q))
-    assert events == [("start", "c0"), ("finish", "c0"), ("start", "c1"), ("finish", "c1")]
+
+    def sink(event) -> None:
+        name = type(event).__name__
+        events.append((name, getattr(event, "call_id", None) or event.call.call_id))
+
+    await TurnScheduler(Recorder(), query_concurrency=2).run_all(calls(E, Q, sink=sink))
+    assert events == [("ToolCallStarted", "c0"), ("ToolCallFinished", "c0"),
+                      ("ToolCallStarted", "c1"), ("ToolCallFinished", "c1")]
 
 
-async def test_failing_callback_does_not_lose_results() -> None:
-    def boom(call: ScheduledCall, result: ToolResult) -> None:
+def test_a_lost_worker_is_reported_by_the_call_and_a_retry_is_a_new_attempt() -> None:
+    events = []
+    clock = Clock()
+    call = make_call(0, Q, sink=events.append, clock=clock)
+    call.assigned("w1", 1)
+    call.lost("w1", "stream broke", 2)
+    assert call.state is CallState.QUEUED
+    clock.now += 1
+    call.assigned("w2", 2)
+    result = call.finish(ToolResult(output="ok", worker_id="w2", attempt=2, run_time=0.25))
+    kinds = [type(e) for e in events]
+    assert kinds == [ToolCallStarted, WorkerLost, CallRetried, ToolCallStarted, ToolCallFinished]
+    assert events[2].attempt == 2 and events[2].previous_worker_id == "w1"
+    assert (result.worker_id, result.attempt, result.queue_wait, result.run_time) == ("w2", 2, 1.0, 0.25)
+    # Once finished, a call ignores later news.
+    assert call.finish(ToolResult(output="late")) is result
+    call.lost("w2", "gone", None)
+    assert len(events) == 5
+
+
+async def test_a_failing_event_sink_does_not_lose_results() -> None:
+    def boom(event) -> None:
         raise ValueError("sink broken")
 
-    results = await TurnScheduler(Recorder(), query_concurrency=2, on_finish=boom).run_all(calls(Q, E))
+    results = await TurnScheduler(Recorder(), query_concurrency=2).run_all(calls(Q, E, sink=boom))
     assert [r.output for r in results] == ["out c0", "out c1"]
 
 
 async def test_records_into_stats() -> None:
     stats = LaneStats()
 
-    async def executor(call: ScheduledCall) -> ToolResult:
-        await asyncio.sleep(0.002)
+    async def executor(call: ToolCall) -> ToolResult:
         if call.call_id == "c1":
             raise RuntimeError("x")
         return ToolResult(output="ok")
 
-    await TurnScheduler(executor, query_concurrency=4, stats=stats).run_all(calls(Q, Q, E, None))
+    await TurnScheduler(executor, query_concurrency=4).run_all(calls(Q, Q, E, None, stats=stats))
     snap = stats.snapshot()
     assert (snap[StatsLane.QUERY].completed, snap[StatsLane.QUERY].failed) == (1, 1)
     assert (snap[StatsLane.EXECUTE].completed, snap[StatsLane.EXECUTE].failed) == (1, 0)
     assert all(s.pending == 0 and s.active == 0 for s in snap.values())
-    assert snap[StatsLane.QUERY].p50 >= 0.001
 
 
 async def test_stats_for_cancelled_calls() -> None:
     stats = LaneStats()
     rec = Recorder()
     rec.gate("c0")
-    sched = TurnScheduler(rec, query_concurrency=4, stats=stats)
-    sched.add(calls(Q)[0])
-    sched.add(ScheduledCall(1, "c1", "tool1", "{}", E))
+    sched = TurnScheduler(rec, query_concurrency=4)
+    sched.add(make_call(0, Q, stats=stats))
+    sched.add(make_call(1, E, stats=stats))
     await asyncio.wait_for(rec.started_event("c0").wait(), WAIT)
     assert stats.snapshot()[StatsLane.QUERY].active == 1
     assert stats.snapshot()[StatsLane.EXECUTE].pending == 1
@@ -369,21 +439,6 @@ async def test_stats_for_cancelled_calls() -> None:
     snap = stats.snapshot()
     assert (snap[StatsLane.QUERY].active, snap[StatsLane.QUERY].failed) == (0, 1)
     assert (snap[StatsLane.EXECUTE].pending, snap[StatsLane.EXECUTE].failed) == (0, 1)
-
-
-async def test_overhead_per_call_is_small() -> None:
-    async def noop(call: ScheduledCall) -> ToolResult:
-        return ToolResult(output="")
-
-    n = 1000
-    lanes = [Q if i % 10 else E for i in range(n)]
-    start = time.perf_counter()
-    results = await TurnScheduler(noop, query_concurrency=16).run_all(calls(*lanes))
-    per_call = (time.perf_counter() - start) / n
-    assert len(results) == n
-    # Tens of microseconds on a quiet machine; the bound leaves room for a loaded CI box and still
-    # fails on any polling or sleeping.
-    assert per_call < 1e-3, f"{per_call * 1e6:.0f} us per call"
 
 
 async def test_empty_turn_and_bad_concurrency() -> None:

@@ -29,9 +29,8 @@ def test_set_timestamp_matches_protobufs_own_normalisation(epoch: float) -> None
 
 
 def test_a_result_survives_the_round_trip_built_in_place() -> None:
-    result = ToolResult.error(ErrorKind.TIMEOUT, "too slow", exit_code=124, metadata={"pid": 7})
-    result.truncated, result.worker_id, result.attempt = True, "w1", 2
-    result.queue_wait, result.run_time = 0.25, 1.5
+    result = ToolResult.error(ErrorKind.TIMEOUT, "too slow", exit_code=124, metadata={"pid": 7}, truncated=True,
+                              worker_id="w1", attempt=2, queue_wait=0.25, run_time=1.5)
     report = worker_pb2.CallResult(call_id="c1", attempt=2)
     wire.result_to_proto(result, report.result)  # into the enclosing message: no copy
     back = wire.result_from_proto(worker_pb2.CallResult.FromString(report.SerializeToString()).result)

@@ -51,9 +51,14 @@ class ToolSpec:
         return json.dumps(self.parameters, sort_keys=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToolResult:
-    """The outcome of one call. Errors are results too: the model reads `output` either way."""
+    """The outcome of one call. Errors are results too: the model reads `output` either way.
+
+    A value: frozen, so a tool may return a shared constant and nobody downstream can change it
+    for the next caller. Whoever adds to a result (timings, worker id) makes a copy with
+    `dataclasses.replace`.
+    """
 
     output: str
     is_error: bool = False
