@@ -1,54 +1,65 @@
-"""Live delivery of stored events to subscribers, each with a bounded buffer.
+"""Live delivery of stored events to subscribers.
 
-Events are published only after the store has them, so a subscriber that falls behind loses
-nothing: it is told it overflowed (and the client gets RESOURCE_EXHAUSTED), and resumes from
-the last sequence it saw.
+Events are published only after the store has them (see `eventlog`), so the store, not a
+subscriber's buffer, is what guarantees delivery. Each subscriber keeps a bounded buffer of live
+events; one that falls further behind (a slow client, a fast turn) drops its buffer and reads
+what it missed from the store, page by page, then goes on live. Nobody is cut off for being
+slow, memory stays bounded, and every event arrives once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import AsyncIterator
+import logging
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from session_server.events import StoredEvent
 
-# Events a subscriber may lag behind before it is cut off.
+# Live events a subscriber holds before it switches to reading from the store.
 SUBSCRIBER_BUFFER = 10_000
+# Events read from the store at a time by a subscriber catching up.
+REPLAY_PAGE = 500
 
+Replay = Callable[[str, int, int], list[StoredEvent]]
 
-class SubscriberOverflow(Exception):
-    """The subscriber fell more than its buffer behind; resume from `last_sequence`."""
-
-    def __init__(self, last_sequence: int) -> None:
-        super().__init__(f"subscriber fell behind; resume after sequence {last_sequence}")
-        self.last_sequence = last_sequence
+log = logging.getLogger(__name__)
 
 
 class SessionClosed(Exception):
     """The session was deleted while a subscriber watched it."""
 
 
-_CLOSED = object()
-
-
 class Subscription:
-    def __init__(self, bus: EventBus, session_id: str, buffer: int) -> None:
+    """Events of one session with sequence > `cursor`, in order, each once."""
+
+    def __init__(self, bus: EventBus, session_id: str, buffer: int, cursor: int) -> None:
         self._bus = bus
         self.session_id = session_id
-        self._queue: asyncio.Queue[object] = asyncio.Queue(buffer + 1)
         self._buffer = buffer
-        self.last_sequence = 0
-        self.overflowed = False
+        self._queue: deque[StoredEvent] = deque()
+        self._ready = asyncio.Event()
+        # Sequence of the last event delivered.
+        self.cursor = cursor
+        # True when live events were dropped: the next ones come from the store.
+        self._behind = False
+        self._closed = False
+        # Times this subscriber fell behind and caught up from the store (for tests and metrics).
+        self.catch_ups = 0
 
-    def _offer(self, event: object) -> None:
-        if self.overflowed:
+    def _offer(self, events: list[StoredEvent]) -> None:
+        if self._closed or self._behind:
             return
-        if self._queue.qsize() >= self._buffer and event is not _CLOSED:
-            self.overflowed = True
-            self._queue.put_nowait(_CLOSED)
-            return
-        self._queue.put_nowait(event)
+        if len(self._queue) + len(events) > self._buffer:
+            self._behind = True
+            self._queue.clear()
+        else:
+            self._queue.extend(events)
+        self._ready.set()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._ready.set()
 
     def close(self) -> None:
         self._bus._remove(self)
@@ -56,35 +67,66 @@ class Subscription:
     async def __aiter__(self) -> AsyncIterator[StoredEvent]:
         try:
             while True:
-                item = await self._queue.get()
-                if item is _CLOSED:
-                    if self.overflowed:
-                        raise SubscriberOverflow(self.last_sequence)
+                if self._behind:
+                    # Cleared before reading, so events published from now on are queued again
+                    # (the overlap with the store is skipped by sequence).
+                    self._behind = False
+                    self.catch_ups += 1
+                    while True:
+                        page = self._bus.replay(self.session_id, self.cursor, REPLAY_PAGE)
+                        for event in page:
+                            if event.sequence > self.cursor:
+                                self.cursor = event.sequence
+                                yield event
+                        if len(page) < REPLAY_PAGE or self._behind:
+                            break
+                    continue
+                if self._queue:
+                    event = self._queue.popleft()
+                    if event.sequence > self.cursor:
+                        self.cursor = event.sequence
+                        yield event
+                    continue
+                if self._closed:
                     raise SessionClosed(self.session_id)
-                assert isinstance(item, StoredEvent)
-                self.last_sequence = item.sequence
-                yield item
+                self._ready.clear()
+                await self._ready.wait()
         finally:
             self.close()
 
 
 class EventBus:
-    def __init__(self, buffer: int = SUBSCRIBER_BUFFER) -> None:
+    """Subscribers by session. `replay(session_id, after, limit)` reads stored events."""
+
+    def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER) -> None:
+        self.replay = replay
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._buffer = buffer
 
-    def subscribe(self, session_id: str) -> Subscription:
-        subscription = Subscription(self, session_id, self._buffer)
+    def subscribe(self, session_id: str, after: int) -> Subscription:
+        """Live events of the session with sequence > `after` (the caller has seen up to it)."""
+        subscription = Subscription(self, session_id, self._buffer, after)
         self._subscribers[session_id].add(subscription)
         return subscription
 
-    def publish(self, event: StoredEvent) -> None:
-        for subscription in tuple(self._subscribers.get(event.session_id, ())):
-            subscription._offer(event)
+    def subscribers(self) -> int:
+        return sum(len(s) for s in self._subscribers.values())
+
+    def publish_many(self, events: Iterable[StoredEvent]) -> None:
+        by_session: dict[str, list[StoredEvent]] = {}
+        for event in events:
+            by_session.setdefault(event.session_id, []).append(event)
+        for session_id, batch in by_session.items():
+            for subscription in tuple(self._subscribers.get(session_id, ())):
+                try:
+                    subscription._offer(batch)
+                except Exception:
+                    # One subscriber's failure is its own: the others, and the turn, go on.
+                    log.exception("delivering events to a subscriber of %s failed", session_id)
 
     def close_session(self, session_id: str) -> None:
         for subscription in self._subscribers.pop(session_id, set()):
-            subscription._offer(_CLOSED)
+            subscription._close()
 
     def _remove(self, subscription: Subscription) -> None:
         subscribers = self._subscribers.get(subscription.session_id)

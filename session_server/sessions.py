@@ -1,6 +1,6 @@
 """Sessions: their lifecycle, their turns, and their event streams. Domain logic, no grpc.
 
-Every event is appended to the store (which gives it its sequence) and only then published to
+Every event goes through the event log (`eventlog.EventLog`): stored first, then published to
 live subscribers, so whatever a client saw can be replayed, and whatever it missed is stored.
 """
 
@@ -16,18 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from session_server.agent import Turn, TurnContext
-from session_server.bus import SUBSCRIBER_BUFFER, EventBus
+from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
 from session_server.confirmations import Confirmations
+from session_server.eventlog import EventLog
 from session_server.events import (
     EventPayload,
     ExternalTaskInfo,
+    ModelResponded,
     StoredEvent,
     ToolCallFinished,
     ToolCallStarted,
     TurnFinished,
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
+from session_server.history import Histories
 from session_server.llm.base import ModelProvider, Usage
 from session_server.llm.factory import create_provider
 from session_server.llm.limiter import LimitedProvider
@@ -41,7 +44,6 @@ log = logging.getLogger("codelane.sessions")
 
 # Concurrent LLM requests across all sessions (the Generate lane).
 DEFAULT_GENERATE_LIMIT = 16
-REPLAY_PAGE = 500
 MAX_PAGE_SIZE = 1000
 DEFAULT_MESSAGES_PAGE = 200
 
@@ -97,7 +99,9 @@ class SessionManager:
         self.stats = stats
         self.default_model = default_model
         self.local_fallback = local_fallback
-        self.bus = EventBus(subscriber_buffer)
+        self.bus = EventBus(store.events_after, subscriber_buffer)
+        self.events = EventLog(store, self.bus)
+        self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
         self._providers: dict[str, tuple[ModelProvider, str]] = {}
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
@@ -107,28 +111,45 @@ class SessionManager:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Marks turns cut off by a crash as interrupted. Returns how many there were."""
+        """Ends the turns a crash cut off, as interrupted. Returns how many there were.
+
+        Every call the turn announced (in ModelResponded) or started gets its one
+        ToolCallFinished, whether it ran, waited behind another call, or never started.
+        """
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
-            # Every started call gets its one ToolCallFinished, even when the server died under it.
-            started: dict[str, str] = {}
-            for event in self.store.events_after(session_id, 0):
-                if event.turn_id != turn_id:
-                    continue
-                if isinstance(event.payload, ToolCallStarted):
-                    started[event.payload.call.call_id] = event.payload.call.tool_name
-                elif isinstance(event.payload, ToolCallFinished):
-                    started.pop(event.payload.call_id, None)
-            for call_id, tool_name in started.items():
+            unfinished: dict[str, str] = {}
+            for event in self._turn_events_stored(session_id, turn_id):
+                payload = event.payload
+                if isinstance(payload, ModelResponded):
+                    for call in payload.tool_calls:
+                        unfinished.setdefault(call.call_id, call.tool_name)
+                elif isinstance(payload, ToolCallStarted):
+                    unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
+                elif isinstance(payload, ToolCallFinished):
+                    unfinished.pop(payload.call_id, None)
+            for call_id, tool_name in unfinished.items():
                 result = ToolResult.error(
                     ErrorKind.CANCELLED,
-                    f"{tool_name} was interrupted: the session server stopped while it ran; its effects may be partial",
+                    f"{tool_name} was interrupted: the session server stopped before it finished; "
+                    "if it had started, its effects may be partial",
                 )
                 self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, result, 0.0, 0.0))
             self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
             self.store.set_session_state(session_id, "idle", "")
             log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
+        self.events.flush()
         return len(interrupted)
+
+    def _turn_events_stored(self, session_id: str, turn_id: str):
+        """The stored events of one turn, read a page at a time from the turn's start."""
+        cursor = 0
+        while True:
+            page = self.store.events_after(session_id, cursor, REPLAY_PAGE)
+            yield from (event for event in page if event.turn_id == turn_id)
+            if len(page) < REPLAY_PAGE:
+                return
+            cursor = page[-1].sequence
 
     async def shutdown(self) -> None:
         """Ends running turns (marked interrupted) and closes the model providers."""
@@ -136,6 +157,7 @@ class SessionManager:
             turn.cancel_reason = "interrupted"
             task.cancel()
         await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
+        self.events.flush()
         for provider, _ in self._providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
@@ -178,6 +200,8 @@ class SessionManager:
             entry[1].cancel()
             await asyncio.gather(entry[1], return_exceptions=True)
         self.external.close_session(session_id)
+        self.events.forget(session_id)
+        self.histories.forget(session_id)
         self.store.delete_session(session_id)
         self.bus.close_session(session_id)
 
@@ -212,7 +236,8 @@ class SessionManager:
         except ValueError as exc:
             raise ModelUnavailable(settings.model, str(exc)) from None
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
-        subscription = self.bus.subscribe(session_id)
+        # From the last event assigned, stored or not: the turn's own events all come after it.
+        subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id))
         ctx = TurnContext(
             session_id=session_id,
             turn_id=turn_id,
@@ -225,8 +250,7 @@ class SessionManager:
             stats=self.stats,
             local_fallback=self.local_fallback,
             emit=lambda payload: self._emit(session_id, turn_id, payload),
-            load_history=lambda: self.store.get_messages(session_id),
-            save_messages=lambda messages: self.store.append_messages(session_id, messages),
+            history=self.histories.get(session_id),
             confirmations=self.confirmations,
             external=self.external,
         )
@@ -308,7 +332,8 @@ class SessionManager:
     async def watch(self, session_id: str, after_sequence: int, follow: bool) -> AsyncIterator[StoredEvent | CaughtUp]:
         """Stored events after `after_sequence`, a CaughtUp marker, then (if follow) live ones.
 
-        Raises SubscriberOverflow from bus when the consumer falls too far behind.
+        A watcher that falls behind catches up from the store on its own (see `bus`); it is
+        never cut off for being slow.
         """
         last = self.get_session(session_id).last_sequence
         if after_sequence < 0:
@@ -321,11 +346,11 @@ class SessionManager:
             while True:
                 page = self.store.events_after(session_id, cursor, REPLAY_PAGE)
                 if len(page) < REPLAY_PAGE:
-                    # Same synchronous step as the read: no event can fall between the two.
-                    subscription = self.bus.subscribe(session_id) if follow else None
+                    cursor = page[-1].sequence if page else cursor
+                    # Same synchronous step as the read: every later event reaches the subscription.
+                    subscription = self.bus.subscribe(session_id, cursor) if follow else None
                     for event in page:
                         yield event
-                    cursor = page[-1].sequence if page else cursor
                     break
                 for event in page:
                     yield event
@@ -334,8 +359,7 @@ class SessionManager:
             if subscription is None:
                 return
             async for event in subscription:
-                if event.sequence > cursor:
-                    yield event
+                yield event
         finally:
             if subscription is not None:
                 subscription.close()
@@ -343,8 +367,7 @@ class SessionManager:
     # -- internals -----------------------------------------------------------------------------
 
     def _emit(self, session_id: str, turn_id: str, payload: EventPayload) -> None:
-        event = self.store.append_event(session_id, turn_id, payload)
-        self.bus.publish(event)
+        self.events.append(session_id, turn_id, payload)
 
     def _provider(self, model: str) -> tuple[ModelProvider, str]:
         if model not in self._providers:

@@ -3,15 +3,17 @@
 Threading rule: a `Store` belongs to the thread that opened it, in the server the event loop
 thread, which calls its methods directly. sqlite3 enforces this (a call from another thread
 raises `sqlite3.ProgrammingError`). Calls are not sent to an executor on purpose: in WAL mode
-with synchronous=NORMAL a commit is a write to the WAL without an fsync, and a whole
-`append_event` costs about what a hop to a worker thread and back would add. The exception is
-the commit that triggers SQLite's automatic checkpoint (every ~1000 WAL pages): it fsyncs and
-takes milliseconds.
+with synchronous=NORMAL a commit is a write to the WAL without an fsync, cheaper than a hop to a
+worker thread and back. The exception is the commit that triggers SQLite's automatic checkpoint
+(every ~1000 WAL pages): it fsyncs and takes milliseconds.
 
-Durability: `append_event` commits before it returns, so an event the server then sends is in
-the file and survives a crash of the server process. With synchronous=NORMAL the last commits
-may be lost on a power failure or OS crash (SQLite fsyncs the WAL at checkpoints); that is the
-price of a fast hot path, and the log stays consistent either way.
+Events are written in batches (`append_events`, one transaction per batch: see
+`session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
+
+Durability: a batch is committed before its events are sent to anyone, so an event a client saw
+survives a crash of the server process. With synchronous=NORMAL the last commits may be lost on
+a power failure or OS crash (SQLite fsyncs the WAL at checkpoints); that is the price of a fast
+hot path, and the log stays consistent either way.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from typing import Any, Literal
 
 from session_server.events import (
     CallInfo,
-    EventPayload,
     StoredEvent,
     call_from_dict,
     payload_from_json,
@@ -315,27 +316,35 @@ class Store:
 
     # Events
 
-    def append_event(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
-        """Give the event the session's next sequence, store it and commit: when this returns,
-        the event may be sent. Raises `UnknownSession`."""
-        kind, payload_json = payload_to_json(payload)
-        now = time.time()
+    def append_events(self, events: list[StoredEvent]) -> set[str]:
+        """Stores events whose sequences were assigned by the caller (gap-free per session, each
+        continuing the session's `last_sequence`), in one transaction. Returns the ids of sessions
+        that no longer exist; their events are dropped."""
+        gone: set[str] = set()
+        last: dict[str, tuple[int, float]] = {}
+        rows = []
+        for event in events:
+            if event.session_id in gone:
+                continue
+            if event.session_id not in last and self.get_session(event.session_id) is None:
+                gone.add(event.session_id)
+                continue
+            kind, payload_json = payload_to_json(event.payload)
+            rows.append((event.session_id, event.sequence, event.time, event.turn_id, kind, payload_json))
+            last[event.session_id] = (event.sequence, event.time)
+        if not rows:
+            return gone
         with self._transaction() as db:
-            # The counter lives on the session row, so the sequence is gap-free and the
-            # increment, the insert and the commit are one atomic step.
-            row = db.execute(
-                "UPDATE sessions SET last_sequence = last_sequence + 1, updated = ? WHERE session_id = ? "
-                "RETURNING last_sequence",
-                (now, session_id),
-            ).fetchone()
-            if row is None:
-                raise UnknownSession(session_id)
-            db.execute(
+            db.executemany(
                 "INSERT INTO events (session_id, sequence, time, turn_id, kind, payload_json) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (session_id, row[0], now, turn_id, kind, payload_json),
+                rows,
             )
-        return StoredEvent(session_id, row[0], now, turn_id, payload)
+            db.executemany(
+                "UPDATE sessions SET last_sequence = ?, updated = ? WHERE session_id = ?",
+                [(sequence, at, session_id) for session_id, (sequence, at) in last.items()],
+            )
+        return gone
 
     def events_after(self, session_id: str, after_sequence: int = 0, limit: int | None = None) -> list[StoredEvent]:
         """Events with sequence > after_sequence, in order, at most `limit` (None: all)."""

@@ -9,7 +9,7 @@ import grpc
 from codelane.v1 import session_pb2, session_pb2_grpc
 from session_server.api import convert
 from session_server.api.errors import abort
-from session_server.bus import SessionClosed, SubscriberOverflow
+from session_server.bus import SessionClosed
 from session_server.config import InvalidArgument
 from session_server.confirmations import ConfirmationNotFound
 from session_server.external import LeaseNotHeld, TaskNotFound
@@ -104,10 +104,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         try:
             async for event in events:
                 yield session_pb2.SendMessageResponse(event=convert.event(event))
-        except SubscriberOverflow as exc:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{exc}: the turn goes on; call WatchEvents with after_sequence={exc.last_sequence}",
-                        "SUBSCRIBER_TOO_SLOW", last_sequence=str(exc.last_sequence))
         except SessionClosed:
             await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted during the turn",
                         "SESSION_NOT_FOUND", session_id=request.session_id)
@@ -127,10 +123,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except SequenceOutOfRange as exc:
             await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(exc), "SEQUENCE_OUT_OF_RANGE",
                         last_sequence=str(exc.last))
-        except SubscriberOverflow as exc:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{exc}: call WatchEvents again with after_sequence={exc.last_sequence}",
-                        "SUBSCRIBER_TOO_SLOW", last_sequence=str(exc.last_sequence))
         except SessionClosed:
             await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted", "SESSION_NOT_FOUND",
                         session_id=request.session_id)

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from session_server.events import CallInfo, TextDelta, ToolCallFinished, TurnFinished, TurnStarted
+from session_server.events import (
+    CallInfo,
+    EventPayload,
+    StoredEvent,
+    TextDelta,
+    ToolCallFinished,
+    TurnFinished,
+    TurnStarted,
+)
 from session_server.llm.base import Usage
 from session_server.store import (
     SCHEMA_VERSION,
@@ -160,13 +168,20 @@ def test_append_messages_is_atomic(store: Store) -> None:
     assert session is not None and session.message_count == 0
 
 
+def append(store: Store, session_id: str, turn_id: str, payload: EventPayload, at: float = 0.0) -> StoredEvent:
+    """One event with the session's next sequence, as the event log assigns it."""
+    event = StoredEvent(session_id, store.last_sequence(session_id) + 1, at or 1.0, turn_id, payload)
+    assert store.append_events([event]) == set()
+    return event
+
+
 def test_event_sequences_are_gap_free_and_monotonic(store: Store) -> None:
     store.create_session(record("a"))
     store.create_session(record("b"))
     sequences: dict[str, list[int]] = {"a": [], "b": []}
     for i in range(1000):
         session_id = "a" if i % 3 else "b"
-        event = store.append_event(session_id, "t1", TextDelta(text=str(i), step=0))
+        event = append(store, session_id, "t1", TextDelta(text=str(i), step=0), at=1000.0 + i)
         sequences[session_id].append(event.sequence)
     for session_id, seen in sequences.items():
         assert seen == list(range(1, len(seen) + 1))
@@ -178,18 +193,32 @@ def test_event_sequences_are_gap_free_and_monotonic(store: Store) -> None:
         assert times == sorted(times)
 
 
+def test_a_batch_of_several_sessions_is_one_append(store: Store) -> None:
+    store.create_session(record("a"))
+    store.create_session(record("b"))
+    batch = [
+        StoredEvent("a", 1, 5.0, "t1", TurnStarted(user_text="hi")),
+        StoredEvent("b", 1, 5.0, "t9", TurnStarted(user_text="yo")),
+        StoredEvent("a", 2, 6.0, "t1", TextDelta(text="x", step=0)),
+        StoredEvent("gone", 1, 6.0, "t0", TextDelta(text="lost", step=0)),
+    ]
+    assert store.append_events(batch) == {"gone"}  # a deleted session's events are dropped
+    assert store.events_after("a") == [batch[0], batch[2]]
+    assert store.events_after("b") == [batch[1]]
+    assert (store.last_sequence("a"), store.last_sequence("b")) == (2, 1)
+    assert store.events_after("gone") == []
+
+
 def test_events_after_and_limit(store: Store) -> None:
     store.create_session(record("s1"))
-    sent = [store.append_event("s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]
+    sent = [append(store, "s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]
     assert store.events_after("s1", after_sequence=7) == sent[7:]
     assert store.events_after("s1", after_sequence=2, limit=3) == sent[2:5]
     assert store.events_after("s1", after_sequence=10) == []
     assert store.events_after("nope") == []
 
 
-def test_append_event_to_unknown_session(store: Store) -> None:
-    with pytest.raises(UnknownSession):
-        store.append_event("nope", "t1", TurnStarted(user_text="hi"))
+def test_an_unknown_session_has_no_sequence(store: Store) -> None:
     with pytest.raises(UnknownSession):
         store.last_sequence("nope")
 
@@ -216,9 +245,9 @@ def test_everything_survives_reopen(path: Path) -> None:
     messages = store.append_messages("s1", conversation())
     result = ToolResult(output="ok", exit_code=0, metadata={"k": [1]})
     events = [
-        store.append_event("s1", "t1", TurnStarted(user_text="hi")),
-        store.append_event("s1", "t1", ToolCallFinished("c1", "read", result, 0.001, 0.2)),
-        store.append_event("s1", "t1", TurnFinished("end_turn", Usage(5, 6, 1), 1, 1, "done")),
+        append(store, "s1", "t1", TurnStarted(user_text="hi")),
+        append(store, "s1", "t1", ToolCallFinished("c1", "read", result, 0.001, 0.2)),
+        append(store, "s1", "t1", TurnFinished("end_turn", Usage(5, 6, 1), 1, 1, "done")),
     ]
     before = store.get_session("s1")
     store.close()
@@ -230,7 +259,7 @@ def test_everything_survives_reopen(path: Path) -> None:
         assert store.get_messages("s1") == messages
         assert store.events_after("s1") == events
         # Sequences continue after a restart, without a gap or a repeat.
-        assert store.append_event("s1", "t2", TurnStarted(user_text="more")).sequence == 4
+        assert store.last_sequence("s1") == 3
         assert store.append_messages("s1", [StoredMessage(role="user")])[0].idx == 3
     finally:
         store.close()
@@ -260,7 +289,7 @@ def test_delete_cascades(store: Store, path: Path) -> None:
     store.create_session(record("kept"))
     for session_id in ("gone", "kept"):
         store.append_messages(session_id, conversation())
-        store.append_event(session_id, "t1", TurnStarted(user_text="hi"))
+        append(store, session_id, "t1", TurnStarted(user_text="hi"))
     assert store.delete_session("gone")
 
     assert store.get_messages("gone") == []
@@ -274,7 +303,7 @@ def test_delete_cascades(store: Store, path: Path) -> None:
 
     # A new session with the old id starts from scratch.
     store.create_session(record("gone"))
-    assert store.append_event("gone", "t1", TurnStarted(user_text="again")).sequence == 1
+    assert store.last_sequence("gone") == 0
 
 
 def test_newer_schema_is_refused(path: Path) -> None:

@@ -1,0 +1,261 @@
+"""What codelane itself costs per tool call: workload T (40 small reads and 10 small greps in one
+turn), with the in-process scripted model, in every placement mode side by side.
+
+    python -m benchmarks.overhead_bench [--rounds 15] [--modes sequential,parallel-local,workers-2]
+
+Each mode is its own session server process (its local workers with it), all started before the
+first measurement; rounds go through the modes in turn, so a noisy moment of this shared machine
+touches every mode alike. A round is one new session and two turns: T (the model asks for the 50
+calls, then answers) and a text-only turn (one model request, no calls).
+
+    overhead per call = (T's turn - 2 x the text-only turn - the tools' own time) / 50
+
+The text-only turn stands for what a model request costs the turn (T makes two); the tools' own
+time is the 50 calls run through `ToolRegistry.execute` in this process, with no server, at most
+as many at once as the mode runs (one after another for sequential): what a scheduler with no cost
+of its own would reach on this machine (the greps spawn ripgrep and compete for its cores). Turns
+are timed by the client, from sending the message to receiving TurnFinished, so event delivery
+counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from codelane import events as ev
+from codelane.client import Client
+from session_server.server import CodelaneServer, ServerConfig
+from tool_worker.registry import ToolRegistry
+
+READS = 40
+GREPS = 10
+READ_LINES = 50
+SLOTS = 4
+PARALLEL_CONCURRENCY = 16
+START_TIMEOUT = 60.0
+TURN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    workers: int
+    query_concurrency: int
+
+    @property
+    def concurrency(self) -> int:
+        return self.query_concurrency if not self.workers else min(self.query_concurrency, self.workers * SLOTS)
+
+
+def make_mode(name: str) -> Mode:
+    if name == "sequential":
+        return Mode(name, 0, 1)
+    if name == "parallel-local":
+        return Mode(name, 0, PARALLEL_CONCURRENCY)
+    if name.startswith("workers-") and name[8:].isdigit() and int(name[8:]) > 0:
+        return Mode(name, int(name[8:]), PARALLEL_CONCURRENCY)
+    raise argparse.ArgumentTypeError(f"unknown mode {name!r}: sequential, parallel-local or workers-N")
+
+
+def t_calls() -> list[dict]:
+    calls = [{"name": "read", "arguments": {"file_path": f"src/pkg{i % 4}/mod_{i}.py"}} for i in range(READS)]
+    calls += [
+        {"name": "grep",
+         "arguments": {"pattern": f"def func_{i}_", "path": f"src/pkg{i % 4}", "output_mode": "content"}}
+        for i in range(GREPS)
+    ]
+    return [{"id": f"call_{i}", **c} for i, c in enumerate(calls)]
+
+
+def make_workspace(root: Path) -> None:
+    for i in range(READS):
+        path = root / "src" / f"pkg{i % 4}" / f"mod_{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"def func_{i}_{n}(x):" if n % 5 == 0 else f"    return x + {n}  # line {n}" for n in range(READ_LINES)
+        ]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_script(path: Path) -> None:
+    script = {"responses": [
+        {"text": "Workload T.", "tool_calls": t_calls()},
+        {"text": "Done."},
+        {"text": "Noted."},
+    ]}
+    path.write_text(json.dumps(script), encoding="utf-8")
+
+
+async def tools_alone(workspace: Path, concurrency: int, passes: int = 7) -> float:
+    """Median seconds of the 50 calls run through the registry in this process, no server, at most
+    `concurrency` at once (1: one after another)."""
+    registry = ToolRegistry.builtin()
+    calls = [(c["name"], json.dumps(c["arguments"])) for c in t_calls()]
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(name: str, arguments: str) -> None:
+        async with slots:
+            result = await registry.execute(name, workspace, arguments)
+        if result.is_error:
+            raise RuntimeError(f"{name} failed: {result.output}")
+
+    await asyncio.gather(*(one(n, a) for n, a in calls))  # warm the caches, as a server's would be
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        await asyncio.gather(*(one(n, a) for n, a in calls))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+async def run_turn(client: Client, session_id: str, text: str) -> tuple[float, list[ev.Event]]:
+    session = await client.get_session(session_id)
+    events: list[ev.Event] = []
+    started = time.perf_counter()
+    async for event in session.send(text):
+        events.append(event)
+    return time.perf_counter() - started, events
+
+
+def check_t(events: list[ev.Event], mode: Mode) -> list[str]:
+    finished = [e for e in events if isinstance(e, ev.ToolCallFinished)]
+    problems = []
+    if len(finished) != READS + GREPS:
+        problems.append(f"{len(finished)} results, expected {READS + GREPS}")
+    errors = [e for e in finished if e.result.is_error]
+    if errors:
+        problems.append(f"{len(errors)} errors, e.g. {errors[0].result.output[:120]!r}")
+    local = sum(1 for e in finished if e.result.worker_id == "local")
+    if mode.workers and local:
+        problems.append(f"{local} calls ran in-process although the mode has workers")
+    return problems
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    modes: list[Mode] = args.modes
+    scratch = Path(tempfile.mkdtemp(prefix="codelane-overhead-"))
+    servers: dict[str, asyncio.subprocess.Process] = {}
+    clients: dict[str, Client] = {}
+    try:
+        workspace = scratch / "ws"
+        make_workspace(workspace)
+        script = scratch / "t.json"
+        write_script(script)
+        tools_time = {c: await tools_alone(workspace, c) for c in sorted({m.concurrency for m in modes})}
+        for mode in modes:
+            servers[mode.name] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
+                "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )
+        for mode in modes:
+            line = await asyncio.wait_for(servers[mode.name].stdout.readline(), START_TIMEOUT)
+            words = line.decode().split()
+            if len(words) != 2 or words[0] != "READY":
+                raise RuntimeError(f"server for {mode.name} did not start: {line!r}")
+            clients[mode.name] = Client(f"127.0.0.1:{words[1]}", timeout=10)
+        turns: dict[str, list[float]] = {m.name: [] for m in modes}
+        texts: dict[str, list[float]] = {m.name: [] for m in modes}
+        problems: dict[str, list[str]] = {m.name: [] for m in modes}
+        for round_ in range(args.warmup + args.rounds):
+            for mode in modes:
+                client = clients[mode.name]
+                session = await client.create_session(workspace, query_concurrency=mode.query_concurrency)
+                t_turn, events = await asyncio.wait_for(run_turn(client, session.id, "workload T"), TURN_TIMEOUT)
+                text_turn, _ = await asyncio.wait_for(run_turn(client, session.id, "and now?"), TURN_TIMEOUT)
+                problems[mode.name] += check_t(events, mode)
+                if round_ >= args.warmup:
+                    turns[mode.name].append(t_turn)
+                    texts[mode.name].append(text_turn)
+        calls = READS + GREPS
+        print(f"workload T: {READS} reads of {READ_LINES}-line files + {GREPS} greps, one turn; "
+              f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
+        alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
+        print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
+        print(f"{'mode':<16}{'T turn':>10}{'text turn':>11}{'ideal tools':>13}{'overhead/call':>15}"
+              f"{'vs sequential':>15}")
+        base = statistics.median(turns[modes[0].name])
+        for mode in modes:
+            t_turn = statistics.median(turns[mode.name])
+            text_turn = statistics.median(texts[mode.name])
+            ideal = tools_time[mode.concurrency]
+            overhead = (t_turn - 2 * text_turn - ideal) / calls
+            print(f"{mode.name:<16}{t_turn * 1000:>8.1f}ms{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms"
+                  f"{overhead * 1e6:>12.0f} us{base / t_turn:>14.2f}x")
+        for name, found in problems.items():
+            if found:
+                print(f"PROBLEMS in {name}: {sorted(set(found))[:5]}")
+                return 1
+        return 0
+    finally:
+        for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        for proc in servers.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in servers.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def serve(workers: int, script: Path, data_dir: Path) -> None:
+    """One server on the script, `workers` local workers; `READY <port>` once they are connected;
+    stops at EOF on stdin."""
+    server = CodelaneServer(ServerConfig(
+        listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
+        model=f"scripted:{script}", local_fallback=workers == 0,
+    ))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
+                     daemon=True).start()
+    await server.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(server.pool.workers()) < workers:
+            if time.monotonic() > deadline or stop.is_set():
+                return
+            await asyncio.sleep(0.05)
+        print(f"READY {server.port}", flush=True)
+        await stop.wait()
+    finally:
+        await server.stop(grace=2.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--modes", type=lambda s: [make_mode(n) for n in s.split(",")],
+                        default=[make_mode(n) for n in ("sequential", "parallel-local", "workers-2")])
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve is not None:
+        asyncio.run(serve(args.serve, args.script, args.data_dir))
+        return 0
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The session event log: every event is given its sequence at once, stored, and only then sent.
+
+Group commit: events appended during one event-loop turn are written in one SQLite transaction at
+the end of that turn, then handed to the live subscribers together. A turn's dozens of events per
+tool call cost one commit instead of dozens, and nothing is ever sent that is not stored, so
+whatever a client saw can be replayed and whatever it missed is there.
+
+Sequences are assigned in memory when an event is appended (continuing the session's stored last
+sequence), so `append` is cheap and never blocks; they are gap-free per session and the store
+keeps them. If a commit fails (disk full, I/O error), the batch is kept and retried, and nothing
+of it is sent until it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from session_server.bus import EventBus
+from session_server.events import EventPayload, StoredEvent
+from session_server.store import Store
+
+log = logging.getLogger(__name__)
+
+# Sessions whose next sequence is remembered; others read it from the store when they next emit.
+MAX_REMEMBERED_SESSIONS = 10_000
+# Wait before retrying a batch whose commit failed.
+RETRY_DELAY = 0.5
+
+
+class EventLog:
+    """Appends session events with group commit. Single event loop; not thread-safe."""
+
+    def __init__(self, store: Store, bus: EventBus) -> None:
+        self._store = store
+        self._bus = bus
+        self._pending: list[StoredEvent] = []
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._failing = False
+
+    def append(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
+        """Gives the event its sequence; it is stored and sent at the end of this loop turn.
+        Raises store.UnknownSession for a session that does not exist."""
+        sequence = self._next_sequence(session_id)
+        event = StoredEvent(session_id, sequence, time.time(), turn_id, payload)
+        self._pending.append(event)
+        if self._flush_handle is None and not self._failing:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        return event
+
+    def last_assigned(self, session_id: str) -> int:
+        """The session's last sequence given out, stored yet or not."""
+        last = self._last.get(session_id)
+        return last if last is not None else self._store.last_sequence(session_id)
+
+    def flush(self) -> None:
+        """Stores and sends what is pending now (at shutdown, and where a caller must read the
+        store right after appending)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._flush()
+
+    def forget(self, session_id: str) -> None:
+        """The session is being deleted: its pending events are dropped, its counter forgotten."""
+        self._pending = [e for e in self._pending if e.session_id != session_id]
+        self._last.pop(session_id, None)
+
+    def _next_sequence(self, session_id: str) -> int:
+        last = self._last.get(session_id)
+        if last is None:
+            last = self._store.last_sequence(session_id)
+        else:
+            self._last.move_to_end(session_id)
+        self._last[session_id] = last + 1
+        if len(self._last) > MAX_REMEMBERED_SESSIONS:
+            pending = {e.session_id for e in self._pending}
+            for old in list(self._last):
+                if len(self._last) <= MAX_REMEMBERED_SESSIONS:
+                    break
+                if old not in pending:
+                    del self._last[old]
+        return last + 1
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            gone = self._store.append_events(batch)
+        except Exception:
+            log.exception("storing %d events failed; retrying in %gs (none is sent until stored)", len(batch),
+                          RETRY_DELAY)
+            self._pending = batch + self._pending
+            self._failing = True
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry)
+            return
+        if gone:
+            for session_id in gone:
+                self._last.pop(session_id, None)
+            batch = [e for e in batch if e.session_id not in gone]
+        self._bus.publish_many(batch)
+
+    def _retry(self) -> None:
+        self._failing = False
+        self._flush()
