@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from session_server.server import CodelaneServer, ServerConfig
+from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,9 @@ def main(argv: list[str]) -> int:
     )
     try:
         asyncio.run(_serve(config))
+    except UnsafeConfig as exc:
+        print(f"codelane server: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"codelane server: {exc}", file=sys.stderr)
         return 1

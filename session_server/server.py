@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +39,21 @@ from tool_worker.registry import ToolRegistry
 log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
+
+
+class UnsafeConfig(ValueError):
+    """The server would run with a door open; the message says which flag closes it."""
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a listen address only accepts connections from this host."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -79,6 +96,12 @@ class CodelaneServer:
         self.sessions: SessionManager | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        # Local workers dial a hub of their own on an abstract unix socket: reachable from this
+        # host only, it serves nothing but the hub (so it never bypasses the clients' TLS or
+        # mTLS), and it wants a token only this process knows.
+        self._local_hub: grpc.aio.Server | None = None
+        self.local_hub_address = ""
+        self._local_token = config.worker_token or secrets.token_urlsafe(32)
         self._health = health.aio.HealthServicer()
         self._workers: list[subprocess.Popen[bytes]] = []
 
@@ -87,7 +110,26 @@ class CodelaneServer:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    def hub_token(self) -> str | None:
+        """The token the hub requires of workers on the public address (None: open).
+
+        The hub is never open while clients need a token, nor off loopback: there, without a
+        worker token or mTLS, `start()` refuses to run.
+        """
+        config = self.config
+        if config.worker_token:
+            return config.worker_token
+        if not is_loopback(config.listen) and not config.tls_ca:
+            raise UnsafeConfig(
+                f"the worker hub would accept any worker on {config.listen}: add --worker-token TOKEN "
+                "(or require client certificates with --tls-ca), or listen on 127.0.0.1"
+            )
+        if config.token:
+            return self._local_token
+        return None
+
     async def start(self) -> int:
+        hub_token = self.hub_token()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.config.data_dir / "codelane.db")
         self.sessions = SessionManager(
@@ -99,11 +141,12 @@ class CodelaneServer:
         self.sessions.recover()
         self.pool.start()
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(self.config.token, self.config.worker_token)],
+            interceptors=[BearerTokenInterceptor(self.config.token, hub_token)],
             options=SERVER_OPTIONS,
         )
+        hub = WorkerHubServicer(self.pool)
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
-        worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(WorkerHubServicer(self.pool), server)
+        worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [
@@ -122,6 +165,8 @@ class CodelaneServer:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
         self._server = server
+        if self.config.local_workers > 0:
+            await self._start_local_hub(hub)
         for name in [*names[:3], ""]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn_local_workers()
@@ -136,14 +181,23 @@ class CodelaneServer:
             require_client_auth=bool(config.tls_ca),
         )
 
+    async def _start_local_hub(self, hub: WorkerHubServicer) -> None:
+        local = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(None, self._local_token)], options=SERVER_OPTIONS
+        )
+        worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)
+        self.local_hub_address = f"unix-abstract:codelane-hub-{os.getpid()}-{secrets.token_hex(8)}"
+        if local.add_insecure_port(self.local_hub_address) == 0:
+            raise OSError(f"cannot listen on {self.local_hub_address} for the local workers")
+        await local.start()
+        self._local_hub = local
+
     def _spawn_local_workers(self) -> None:
         if self.config.local_workers <= 0:
             return
-        # Local workers always dial loopback, whatever address the server listens on.
-        target = f"127.0.0.1:{self.port}"
+        target = self.local_hub_address
         env = dict(os.environ)
-        if self.config.worker_token:
-            env["CODELANE_WORKER_TOKEN"] = self.config.worker_token
+        env["CODELANE_WORKER_TOKEN"] = self._local_token
         for i in range(self.config.local_workers):
             argv = [
                 sys.executable,
@@ -173,6 +227,8 @@ class CodelaneServer:
                 proc.terminate()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._local_hub is not None:
+            await self._local_hub.stop(grace)
         await self.pool.close()
         for proc in self._workers:
             try:

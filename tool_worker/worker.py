@@ -137,6 +137,7 @@ class ToolWorker:
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
         id_taken_since: float | None = None
+        closed_in_handshake = 0
         try:
             while not self._draining.is_set():
                 started = time.monotonic()
@@ -168,7 +169,16 @@ class ToolWorker:
                         print(f"codelane worker: the TLS handshake with {self.config.address} failed: {refusal}",
                               file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
-                    log.warning("hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
+                    # A hub that requires client certificates (mTLS) and refuses ours just closes
+                    # the connection during the handshake; a hub that is down refuses to connect.
+                    closed_in_handshake = closed_in_handshake + 1 if self._closed_in_handshake(exc) else 0
+                    if closed_in_handshake >= HANDSHAKE_CLOSES:
+                        print(f"codelane worker: the hub at {self.config.address} closed the connection during the "
+                              f"TLS handshake {HANDSHAKE_CLOSES} times in a row: it does not accept this worker's "
+                              f"certificate ({self._certificate_hint()})", file=sys.stderr)
+                        return EXIT_UNAUTHENTICATED
+                    log.log(logging.INFO if closed_in_handshake else logging.WARNING,
+                            "hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
@@ -180,6 +190,15 @@ class ToolWorker:
             if watchdog is not None:
                 watchdog.cancel()
             await channel.close()
+
+    def _closed_in_handshake(self, exc: grpc.aio.AioRpcError) -> bool:
+        details = (exc.details() or "").lower()
+        return bool(self.config.tls_ca) and "failed to connect" in details and "socket closed" in details
+
+    def _certificate_hint(self) -> str:
+        if not self.config.tls_cert:
+            return "it sent none: give one signed by the hub's --tls-ca with --tls-cert and --tls-key"
+        return f"{self.config.tls_cert} is not signed by a CA the hub trusts (its --tls-ca)"
 
     async def _watch_parent(self) -> None:
         """A local worker leaves with the server that started it, connected or not."""
@@ -350,6 +369,9 @@ _REJECTIONS = (
 )
 # How long a worker keeps trying while the hub says its id is held by another stream.
 ID_TAKEN_PATIENCE = 60.0
+# Connections the hub closes during the TLS handshake before the worker concludes it refuses the
+# worker's certificate (one could be a hub going down).
+HANDSHAKE_CLOSES = 3
 # What gRPC's transport says when a TLS handshake fails (either side refusing a certificate).
 _TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")
 

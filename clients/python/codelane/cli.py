@@ -7,6 +7,7 @@ not load the server, and `codelane run` does not load the tools.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"codelane: unknown subcommand {name!r}; see codelane --help", file=sys.stderr)
         return 2
+    # Before any command imports gRPC: its core logs transport details (each failed TLS
+    # handshake, say) to stderr itself; commands report errors in one line of their own.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -1,0 +1,237 @@
+"""The worker hub's boundary, played by an attacker: who may join as a worker, whose id it may
+take, what a worker does with an Assign outside its --root, and TLS for local and remote
+workers. Real servers and real worker processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.transport import CHANNEL_OPTIONS
+from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
+from session_server.main import main as server_main
+from session_server.pool import QueryCall
+from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
+from tests.certs import make_certs
+from tests.session.conftest import error_details
+from tool_worker import wire
+from tool_worker.tools.read import TOOL as READ
+
+BOUND = 20.0
+
+
+@pytest.fixture
+async def servers(tmp_path: Path) -> AsyncIterator[list[CodelaneServer]]:
+    started: list[CodelaneServer] = []
+    yield started
+    for server in started:
+        await server.stop(grace=0.5)
+
+
+async def start(servers: list[CodelaneServer], tmp_path: Path, **overrides) -> CodelaneServer:
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / f"data-{len(servers)}", local_workers=0,
+                          heartbeat_interval=0.5, heartbeat_timeout=3.0)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    server = CodelaneServer(config)
+    await server.start()
+    servers.append(server)
+    return server
+
+
+async def until(predicate, what: str) -> None:
+    deadline = time.monotonic() + BOUND
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def worker_process(address: str, worker_id: str, *extra: str, token: str | None = None) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "tool_worker", "--connect", address, "--id", worker_id, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "CODELANE_WORKER_TOKEN"}
+    if token:
+        env["CODELANE_WORKER_TOKEN"] = token
+    return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+
+
+async def exit_of(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        code = await asyncio.wait_for(asyncio.to_thread(proc.wait), BOUND)
+    except TimeoutError:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the worker kept retrying instead of exiting") from None
+    return code, proc.stderr.read()
+
+
+def read_call(workspace: Path, file_path: str, session: str = "s1") -> QueryCall:
+    return QueryCall(session_id=session, call_id="c1", tool_name="read",
+                     arguments_json=json.dumps({"file_path": file_path}), workspace=str(workspace), timeout=BOUND)
+
+
+async def test_a_server_that_requires_client_tokens_admits_no_worker_without_one(servers, tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "a.txt").write_text("hello\n")
+    server = await start(servers, tmp_path, token="client-secret", local_workers=1)
+    await until(lambda: [w.worker_id for w in server.pool.workers()] == ["local-1"], "the local worker")
+
+    rogue = worker_process(f"127.0.0.1:{server.port}", "rogue")
+    code, stderr = await exit_of(rogue)
+    assert code == 3 and "UNAUTHENTICATED" in stderr
+    assert [w.worker_id for w in server.pool.workers()] == ["local-1"]
+    # The local worker got a token of its own and serves the calls.
+    result = await server.pool.dispatch(read_call(tmp_path / "ws", "a.txt"))
+    assert not result.is_error and result.worker_id == "local-1"
+
+
+async def _hello(channel: grpc.aio.Channel, worker_id: str, token: str, reconnect_token: str = ""):
+    call = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect(metadata=(("authorization", f"Bearer {token}"),))
+    await call.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+        worker_id=worker_id, slots=1, tools=[wire.spec_to_proto(READ.spec)], reconnect_token=reconnect_token,
+    )))
+    return call
+
+
+async def test_a_worker_with_the_token_cannot_take_a_live_workers_id(servers, tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "a.txt").write_text("the real file\n")
+    server = await start(servers, tmp_path, worker_token="w-secret")
+    honest = worker_process(f"127.0.0.1:{server.port}", "w1", token="w-secret")
+    try:
+        await until(lambda: [w.worker_id for w in server.pool.workers()] == ["w1"], "the honest worker")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+            for guess in ("", "a-guessed-reconnect-token"):
+                rogue = await _hello(channel, "w1", "w-secret", guess)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(rogue.read(), BOUND)
+                error = error_details(caught.value)
+                assert error.code == grpc.StatusCode.ALREADY_EXISTS and error.reason == "WORKER_ID_TAKEN"
+        # The honest worker kept its stream, and the calls go to it.
+        [info] = server.pool.workers()
+        assert info.worker_id == "w1" and info.peer.startswith("ipv4:")
+        result = await server.pool.dispatch(read_call(tmp_path / "ws", "a.txt"))
+        assert not result.is_error and "the real file" in result.output and result.worker_id == "w1"
+    finally:
+        honest.kill()
+        honest.wait()
+
+
+async def test_a_reconnecting_worker_takes_its_id_back_and_the_old_stream_is_fenced(servers, tmp_path: Path) -> None:
+    server = await start(servers, tmp_path)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        first = await _hello(channel, "w1", "")
+        welcome = (await asyncio.wait_for(first.read(), BOUND)).welcome
+        assert welcome.reconnect_token and welcome.heartbeat_timeout.seconds == 3
+        second = await _hello(channel, "w1", "", welcome.reconnect_token)
+        assert (await asyncio.wait_for(second.read(), BOUND)).HasField("welcome")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await asyncio.wait_for(first.read(), BOUND)
+        assert error_details(caught.value).reason == "WORKER_REPLACED"
+        second.cancel()
+
+
+class _FakeHub(worker_pb2_grpc.WorkerHubServiceServicer):
+    """A hub that says whatever it likes: here, Assigns outside the worker's --root."""
+
+    def __init__(self, assigns: list[worker_pb2.Assign]) -> None:
+        self.assigns = assigns
+        self.results: asyncio.Queue[worker_pb2.CallResult] = asyncio.Queue()
+
+    async def Connect(self, request_iterator, context):
+        hello = await anext(request_iterator)
+        yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(worker_id=hello.hello.worker_id))
+        yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=self.assigns))
+        async for message in request_iterator:
+            for result in message.results.results:
+                await self.results.put(result)
+
+
+async def test_a_worker_refuses_an_assign_outside_its_root_whatever_the_hub_says(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("TOP-SECRET-CONTENT\n")
+    (root / "sneaky").symlink_to(outside)  # inside the root by name, outside it in fact
+    assigns = [
+        worker_pb2.Assign(dispatch_id=f"d{i}", call_id="c", attempt=1, tool_name="read", workspace=str(workspace),
+                          arguments_json=json.dumps({"file_path": "secret.txt"}))
+        for i, workspace in enumerate((outside, root / "sneaky"))
+    ]
+    hub = _FakeHub(assigns)
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    worker = worker_process(f"127.0.0.1:{port}", "w1", "--root", str(root))
+    try:
+        results = [await asyncio.wait_for(hub.results.get(), BOUND) for _ in assigns]
+    finally:
+        worker.kill()
+        worker.wait()
+        await grpc_server.stop(0)
+    assert sorted(r.dispatch_id for r in results) == ["d0", "d1"]
+    for result in results:
+        assert result.result.is_error and result.result.error_kind == tools_pb2.ERROR_KIND_PATH_ESCAPE
+        assert "outside this worker's --root" in result.result.output
+        assert "TOP-SECRET" not in result.result.output
+
+
+async def test_an_open_hub_off_loopback_is_refused_before_anything_listens(tmp_path: Path, capsys) -> None:
+    # 192.0.2.1 is a documentation address no host has: were the check missing, binding would
+    # fail instead (exit 1), and nothing ever listens off loopback.
+    code = await asyncio.to_thread(
+        server_main, ["--listen", "192.0.2.1:50051", "--data-dir", str(tmp_path / "d"), "--local-workers", "0"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--worker-token" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(UnsafeConfig):
+        CodelaneServer(ServerConfig(listen="[::]:0", token="t")).hub_token()
+    for safe in (ServerConfig(listen="[::]:0", worker_token="w"), ServerConfig(listen="0.0.0.0:0", tls_ca="ca.pem"),
+                 ServerConfig(listen="localhost:0")):
+        CodelaneServer(safe).hub_token()
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+async def test_local_workers_connect_when_the_server_speaks_tls(servers, tmp_path: Path, mutual: bool) -> None:
+    certs = await asyncio.to_thread(make_certs, tmp_path / "certs")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "a.txt").write_text("over tls\n")
+    server = await start(servers, tmp_path, local_workers=1, tls_cert=str(certs.server_cert),
+                         tls_key=str(certs.server_key), tls_ca=str(certs.ca) if mutual else None)
+    await until(lambda: [w.worker_id for w in server.pool.workers()] == ["local-1"], "the local worker")
+    result = await server.pool.dispatch(read_call(tmp_path / "ws", "a.txt"))
+    assert not result.is_error and result.worker_id == "local-1" and "over tls" in result.output
+
+
+@pytest.mark.parametrize("case", ["untrusted-server", "no-client-certificate"])
+async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers, tmp_path: Path, case: str) -> None:
+    certs = await asyncio.to_thread(make_certs, tmp_path / "certs")
+    server = await start(servers, tmp_path, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
+                         tls_ca=str(certs.ca))
+    trusted = certs.stranger_ca if case == "untrusted-server" else certs.ca
+    worker = worker_process(f"127.0.0.1:{server.port}", "w1", "--tls-ca", str(trusted))
+    code, stderr = await exit_of(worker)
+    assert code == 3, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "TLS handshake" in lines[0]
+    # With the right certificates the same worker joins.
+    good = worker_process(f"127.0.0.1:{server.port}", "w2", "--tls-ca", str(certs.ca),
+                          "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key))
+    try:
+        await until(lambda: [w.worker_id for w in server.pool.workers()] == ["w2"], "the worker with a certificate")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            good.kill()
+        good.wait()
