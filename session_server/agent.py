@@ -172,7 +172,7 @@ class Turn:
                     elif isinstance(item, ModelResponse):
                         response = item
             if response is None:
-                raise ModelError("the model's response ended without its final message", "INCOMPLETE_RESPONSE")
+                raise ModelError("INCOMPLETE_RESPONSE", "the model's response ended without its final message")
             ok = True
         except asyncio.CancelledError:
             partial = ModelResponse("".join(texts), [_model_call(c) for c in calls], Usage(), "cancelled")
@@ -187,11 +187,16 @@ class Turn:
             raise
         finally:
             ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
-        self.usage = self.usage + response.usage
-        for index, model_call in enumerate(response.tool_calls[len(calls):], start=len(calls)):
-            calls.append(self._make_call(index, model_call, tools, asks))
-            scheduler.add(calls[-1])
-        self._announce(step, response, calls)
+        try:
+            self.usage = self.usage + response.usage
+            for index, model_call in enumerate(response.tool_calls[len(calls):], start=len(calls)):
+                calls.append(self._make_call(index, model_call, tools, asks))
+                scheduler.add(calls[-1])
+            self._announce(step, response, calls)
+        except BaseException:
+            scheduler.cancel()
+            await scheduler.results()
+            raise
         await self._record(response, scheduler, calls, cancelled=False)
         if scheduler.cancelled:
             raise asyncio.CancelledError

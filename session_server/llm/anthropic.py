@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from session_server.llm.anthropic_accumulator import AnthropicAccumulator
-from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
 from session_server.llm.sse import iter_sse
 from session_server.llm.transport import HttpProvider
 
@@ -109,7 +109,7 @@ async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
             ) from None
         if not isinstance(data, dict):
             raise ModelError("STREAM_ERROR", f"Anthropic stream sent non-object data: {event.data[:200]!r}")
-        for item in accumulator.feed(event.event, data):
+        for item in fed_items(accumulator.feed, event.data, event.event, data):
             yield item
         if data.get("type") == "message_stop":
             break

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady, Usage
+from session_server.llm.base import (
+    ModelError,
+    ModelResponse,
+    ModelToolCall,
+    TextChunk,
+    ToolCallReady,
+    Usage,
+    token_count,
+)
 from session_server.llm.http_errors import model_error, parse_error_payload
 
 
@@ -100,7 +108,7 @@ class AnthropicAccumulator:
 
     def _take_usage(self, usage: Mapping[str, Any]) -> None:
         # message_delta repeats the counts cumulatively; a missing or null field keeps its value.
-        self._input = usage.get("input_tokens") or self._input
-        self._cache_read = usage.get("cache_read_input_tokens") or self._cache_read
-        self._cache_creation = usage.get("cache_creation_input_tokens") or self._cache_creation
-        self._output = usage.get("output_tokens") or self._output
+        self._input = token_count(usage.get("input_tokens")) or self._input
+        self._cache_read = token_count(usage.get("cache_read_input_tokens")) or self._cache_read
+        self._cache_creation = token_count(usage.get("cache_creation_input_tokens")) or self._cache_creation
+        self._output = token_count(usage.get("output_tokens")) or self._output

@@ -7,11 +7,13 @@ are raised as `ModelError`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from tool_worker.tools.base import ToolSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,18 @@ class ChatMessage:
     tool_calls: list[ModelToolCall] = field(default_factory=list)
     tool_call_id: str = ""
     is_error: bool = False
+
+
+def token_count(value: object) -> int:
+    """A token count as a server sent it: servers that send "12" for 12 exist; anything that is
+    not a count is 0 (usage is for accounting, never worth failing a turn over)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(0, value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return 0
 
 
 @dataclass
@@ -103,6 +117,18 @@ class ModelError(Exception):
         super().__init__(message)
         self.reason = reason
         self.status = status
+
+
+def fed_items(feed: Callable[..., Iterable[T]], raw: str, *args: object) -> list[T]:
+    """An accumulator's items for one streamed chunk. A chunk of the wrong shape (servers that
+    send `{"choices": ["x"]}` exist) is a ModelError saying so, never a crash of the turn."""
+    try:
+        return list(feed(*args))
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        raise ModelError(
+            "STREAM_ERROR",
+            f"the model server sent a chunk of the wrong shape ({type(exc).__name__}: {exc}): {raw[:200]!r}",
+        ) from None
 
 
 class ModelProvider(Protocol):

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
 from session_server.llm.openai_accumulator import OpenAIAccumulator
 from session_server.llm.sse import iter_sse
 from session_server.llm.transport import HttpProvider
@@ -93,7 +93,7 @@ async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
         if event.data.strip() == "[DONE]":
             done = True
             break
-        for item in accumulator.feed(_parse(event.data)):
+        for item in fed_items(accumulator.feed, event.data, _parse(event.data)):
             yield item
     tail, response = accumulator.finish(done)
     for item in tail:

@@ -30,7 +30,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady, Usage
+from session_server.llm.base import (
+    ModelError,
+    ModelResponse,
+    ModelToolCall,
+    TextChunk,
+    ToolCallReady,
+    Usage,
+    token_count,
+)
 from session_server.llm.http_errors import model_error, parse_error_payload
 
 _STOP_REASONS = {"length": "max_tokens", "content_filter": "content_filter"}
@@ -199,7 +207,7 @@ class OpenAIAccumulator:
 def _usage(usage: Mapping[str, Any]) -> Usage:
     details = usage.get("prompt_tokens_details") or {}
     return Usage(
-        input_tokens=usage.get("prompt_tokens") or 0,
-        output_tokens=usage.get("completion_tokens") or 0,
-        cached_input_tokens=details.get("cached_tokens") or 0,
+        input_tokens=token_count(usage.get("prompt_tokens")),
+        output_tokens=token_count(usage.get("completion_tokens")),
+        cached_input_tokens=token_count(details.get("cached_tokens") if isinstance(details, Mapping) else 0),
     )

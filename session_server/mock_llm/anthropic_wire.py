@@ -150,6 +150,11 @@ def error_frame() -> Frame:
     return event_frame(error_body("Overloaded", "overloaded_error"))
 
 
+def malformed_frame() -> Frame:
+    """A content_block_delta whose delta is a string where an object belongs."""
+    return event_frame({"type": "content_block_delta", "index": 0, "delta": "x"})
+
+
 def message_body(
     response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int
 ) -> dict[str, Any]:

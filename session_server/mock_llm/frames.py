@@ -38,3 +38,31 @@ def fragments(text: str, size: int = ARGUMENT_FRAGMENT) -> list[str]:
 def token_count(text: str) -> int:
     # Pacing needs at least one token per non-empty delta, or a token rate would not slow it.
     return max(1, estimate_tokens(text)) if text else 0
+
+
+def usage_as_strings(frame: Frame) -> Frame:
+    """The frame with every token count of its `usage` objects sent as a string ("12", not 12)."""
+    head, sep, payload = frame.data.decode().rpartition("data: ")
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return frame
+    if not _stringify_usage(body):
+        return frame
+    return Frame(f"{head}{sep}{json.dumps(body)}\n\n".encode(), frame.tokens, frame.final)
+
+
+def _stringify_usage(value: Any) -> bool:
+    changed = False
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "usage" and isinstance(item, dict):
+                for name, count in item.items():
+                    if isinstance(count, int) and not isinstance(count, bool):
+                        item[name] = str(count)
+                        changed = True
+            changed = _stringify_usage(item) or changed
+    elif isinstance(value, list):
+        for item in value:
+            changed = _stringify_usage(item) or changed
+    return changed

@@ -186,6 +186,11 @@ def error_frame() -> Frame:
     return data_frame({"error": MID_STREAM_ERROR})
 
 
+def malformed_frame() -> Frame:
+    """A chunk whose choice is a string where an object belongs."""
+    return data_frame({"id": "chatcmpl-malformed", "object": "chat.completion.chunk", "choices": ["x"]})
+
+
 def completion_body(
     response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int
 ) -> dict[str, Any]:

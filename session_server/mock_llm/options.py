@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 QUIRKS = ("whole_arguments", "missing_index", "repeated_name", "no_ids", "finish_stop")
 
 # HTTP errors (429 carries retry-after headers; quota is an exhausted account), an error event
-# after the first output, and a stream that ends without its final events.
-FAULTS = ("429", "quota", "500", "529", "error_mid_stream", "cut_stream")
+# after the first output, a stream that ends without its final events, a chunk of the wrong shape
+# (`{"choices": ["x"]}`), and token counts sent as strings: what broken servers send.
+FAULTS = ("429", "quota", "500", "529", "error_mid_stream", "cut_stream", "malformed_chunk", "string_usage")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from session_server.llm.script import Script, ScriptedResponse, estimate_tokens
 from session_server.mock_llm import anthropic_wire, openai_wire
-from session_server.mock_llm.frames import Frame
+from session_server.mock_llm.frames import Frame, usage_as_strings
 from session_server.mock_llm.options import MockOptions
 
 # Histories of long sessions are big; the aiohttp default of 1 MiB would reject them.
@@ -75,7 +75,9 @@ class MockLLM:
             include_usage=include_usage,
             quirks=self.options.quirks,
         )
-        return await self._stream(request, frames, openai_wire.error_frame(), headers, faulty)
+        return await self._stream(
+            request, frames, openai_wire.error_frame(), headers, faulty, openai_wire.malformed_frame()
+        )
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         body, number = await self._record(request)
@@ -106,7 +108,9 @@ class MockLLM:
         frames = anthropic_wire.stream_frames(
             response, model=model, request_id=request_id, prompt_tokens=prompt_tokens
         )
-        return await self._stream(request, frames, anthropic_wire.error_frame(), headers, faulty)
+        return await self._stream(
+            request, frames, anthropic_wire.error_frame(), headers, faulty, anthropic_wire.malformed_frame()
+        )
 
     async def _record(self, request: web.Request) -> tuple[Any, int]:
         try:
@@ -129,7 +133,13 @@ class MockLLM:
         return {"retry-after": f"{after:g}", "retry-after-ms": f"{after * 1000:g}"}
 
     async def _stream(
-        self, request: web.Request, frames: list[Frame], error: Frame, headers: dict[str, str], faulty: bool
+        self,
+        request: web.Request,
+        frames: list[Frame],
+        error: Frame,
+        headers: dict[str, str],
+        faulty: bool,
+        malformed: Frame,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -141,6 +151,10 @@ class MockLLM:
         await response.prepare(request)
         if faulty and self.options.fault == "cut_stream":
             frames = [frame for frame in frames if not frame.final]
+        elif faulty and self.options.fault == "malformed_chunk":
+            frames = [frames[0], malformed, *frames[1:]]
+        elif faulty and self.options.fault == "string_usage":
+            frames = [usage_as_strings(frame) for frame in frames]
         try:
             if self.options.latency:
                 await asyncio.sleep(self.options.latency)

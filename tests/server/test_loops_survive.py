@@ -1,0 +1,172 @@
+"""Every long-lived loop contains its own failures and goes on: the event bus, the event log's
+commit, the hub's reader (with a real worker process), and the worker's read loop (against a
+hub that sends it nonsense). Each test injects the failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
+from session_server.bus import EventBus
+from session_server.eventlog import EventLog
+from session_server.events import StoredEvent, TextDelta
+from session_server.pool import QueryCall
+from session_server.server import CodelaneServer, ServerConfig
+from session_server.store import SessionRecord, Store
+
+BOUND = 15.0
+
+
+async def until(predicate, what: str) -> None:
+    deadline = time.monotonic() + BOUND
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def spawn_worker(address: str, worker_id: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "tool_worker", "--connect", address, "--id", worker_id],
+                            stderr=subprocess.DEVNULL)
+
+
+def _event(sequence: int) -> StoredEvent:
+    return StoredEvent("s1", sequence, 1.0, "t1", TextDelta(f"d{sequence}", 0))
+
+
+async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
+    bus = EventBus(lambda session, after, limit: [])
+    broken, healthy = bus.subscribe("s1", 0), bus.subscribe("s1", 0)
+
+    def explode(events) -> None:
+        raise RuntimeError("this subscriber's buffer is broken")
+
+    broken._offer = explode
+    bus.publish_many([_event(1), _event(2)])
+    received = []
+    async for event in healthy:
+        received.append(event.sequence)
+        if len(received) == 2:
+            break
+    assert received == [1, 2]
+
+
+async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_stored(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
+    bus = EventBus(store.events_after)
+    log = EventLog(store, bus)
+    subscription = bus.subscribe("s1", 0)
+    real_append = store.append_events
+    failures = []
+
+    def disk_full_once(events):
+        if not failures:
+            failures.append(len(events))
+            raise OSError(28, "No space left on device")
+        return real_append(events)
+
+    store.append_events = disk_full_once
+    log.append("s1", "t1", TextDelta("a", 0))
+    log.append("s1", "t1", TextDelta("b", 0))
+    received = []
+    async for event in subscription:
+        received.append((event.sequence, event.payload.text))
+        assert store.last_sequence("s1") >= event.sequence  # stored before it was sent
+        if len(received) == 2:
+            break
+    assert failures == [2]
+    assert received == [(1, "a"), (2, "b")]
+    assert [e.sequence for e in store.events_after("s1")] == [1, 2]
+    store.close()
+
+
+async def test_the_hubs_reader_survives_a_message_the_pool_chokes_on(tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "a.txt").write_text("still here\n")
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "d", local_workers=0,
+                                         heartbeat_interval=0.1, heartbeat_timeout=5.0))
+    await server.start()
+    worker = spawn_worker(f"127.0.0.1:{server.port}", "w1")
+    try:
+        real_heartbeat, choked = server.pool.heartbeat, []
+
+        def choke_once(worker_id, link):
+            if not choked:
+                choked.append(worker_id)
+                raise RuntimeError("injected: the pool choked on a heartbeat")
+            real_heartbeat(worker_id, link)
+
+        server.pool.heartbeat = choke_once
+        await until(lambda: server.pool.worker("w1") is not None, "the worker")
+        connected_at = server.pool.worker("w1").connected_at
+        await until(lambda: choked, "the injected failure")
+        call = QueryCall(session_id="s", call_id="c", tool_name="read", arguments_json=json.dumps(
+            {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND)
+        result = await server.pool.dispatch(call)
+        assert not result.is_error and result.worker_id == "w1" and "still here" in result.output
+        assert server.pool.worker("w1").connected_at == connected_at  # the same stream, never dropped
+    finally:
+        worker.kill()
+        worker.wait()
+        await server.stop(grace=0.5)
+
+
+class _NonsenseHub(worker_pb2_grpc.WorkerHubServiceServicer):
+    """Sends a worker what no sane hub would, then one good call."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
+        self.results: asyncio.Queue[worker_pb2.CallResult] = asyncio.Queue()
+        self.probe_answers: asyncio.Queue[worker_pb2.ProbeResult] = asyncio.Queue()
+
+    async def Connect(self, request_iterator, context):
+        hello = await anext(request_iterator)
+        yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(worker_id=hello.hello.worker_id))
+        yield worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(dispatch_id="never-assigned"))
+        yield worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id="p1", workspace="/no/such/dir"))
+        yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[
+            worker_pb2.Assign(dispatch_id="d1", tool_name="no_such_tool", workspace=str(self.workspace)),
+            worker_pb2.Assign(dispatch_id="d2", tool_name="read", workspace=str(self.workspace),
+                              arguments_json="{not json"),
+        ]))
+        yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[
+            worker_pb2.Assign(dispatch_id="d3", tool_name="read", workspace=str(self.workspace),
+                              arguments_json=json.dumps({"file_path": "a.txt"})),
+        ]))
+        async for message in request_iterator:
+            for result in message.results.results:
+                await self.results.put(result)
+            if message.HasField("probe_result"):
+                await self.probe_answers.put(message.probe_result)
+
+
+async def test_the_workers_loops_answer_nonsense_and_go_on(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("fine\n")
+    hub = _NonsenseHub(tmp_path)
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    worker = spawn_worker(f"127.0.0.1:{port}", "w")
+    try:
+        probe = await asyncio.wait_for(hub.probe_answers.get(), BOUND)
+        results = {}
+        while len(results) < 3:
+            result = await asyncio.wait_for(hub.results.get(), BOUND)
+            results[result.dispatch_id] = result.result
+    finally:
+        worker.kill()
+        worker.wait()
+        await grpc_server.stop(0)
+    assert probe.error and not probe.fingerprint
+    assert results["d1"].error_kind == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
+    assert results["d2"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert not results["d3"].is_error and "fine" in results["d3"].output

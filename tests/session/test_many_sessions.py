@@ -1,0 +1,61 @@
+"""Sessions that share a server never see each other's calls: 50 sessions replay one script (so
+every call id repeats 50 times), 3 turns each of 8 Query calls and 1 Execute call, on 2 real
+worker processes. Every call gets its own result: each session reads files that only its own
+workspace holds, so a result crossing sessions would show."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.session.conftest import call, kind, scripted
+
+SESSIONS = 50
+TURNS = 3
+QUERIES = 8
+
+
+def _script_responses() -> list[dict]:
+    responses = []
+    for turn in range(TURNS):
+        calls = [call("read", f"read_{i}", file_path=f"f{i}.txt") for i in range(QUERIES)]
+        calls.append(call("write", "write_turn", file_path=f"turn-{turn}.txt", content=f"turn {turn}\n"))
+        responses += [{"text": f"Turn {turn}.", "tool_calls": calls}, {"text": f"Turn {turn} done."}]
+    return responses
+
+
+async def test_fifty_sessions_replaying_one_script_each_get_their_own_results(make_server, tmp_path: Path) -> None:
+    server = await make_server(local_workers=2, local_fallback=False)
+    client = server.client
+    await client.wait_workers("local-1", "local-2")
+    model = scripted(tmp_path, _script_responses())
+    workspaces = []
+    for k in range(SESSIONS):
+        root = tmp_path / f"ws{k}"
+        root.mkdir()
+        for i in range(QUERIES):
+            (root / f"f{i}.txt").write_text(f"session {k} file {i}\n")
+        workspaces.append(root)
+    sessions = [await client.create(root, model) for root in workspaces]
+
+    async def run(k: int) -> list:
+        results = []
+        for turn in range(TURNS):
+            events = await client.send(sessions[k].session_id, f"turn {turn}", within=120)
+            assert kind(events[-1]) == "turn_finished", events[-1]
+            results.append([e.tool_call_finished for e in events if kind(e) == "tool_call_finished"])
+        return results
+
+    everything = await asyncio.gather(*(run(k) for k in range(SESSIONS)))
+
+    for k, turns in enumerate(everything):
+        for turn, finished in enumerate(turns):
+            assert len(finished) == QUERIES + 1, f"session {k} turn {turn}: {len(finished)} results"
+            by_id = {f.call_id: f.result for f in finished}
+            for i in range(QUERIES):
+                result = by_id[f"read_{i}"]
+                assert not result.is_error, f"session {k} turn {turn} read_{i}: {result.output}"
+                assert f"session {k} file {i}" in result.output, f"session {k} got {result.output!r}"
+                assert result.worker_id in {"local-1", "local-2"}
+            assert not by_id["write_turn"].is_error
+        assert sorted(p.name for p in workspaces[k].glob("turn-*.txt")) == [f"turn-{t}.txt" for t in range(TURNS)]
