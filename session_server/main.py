@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
+from tool_worker.child_watcher import install_pidfd_child_watcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> int:
 
 
 async def _serve(config: ServerConfig) -> None:
+    install_pidfd_child_watcher()
     server = CodelaneServer(config)
     await server.start()
     print(f"codelane server listening on {server.address}", flush=True)

@@ -320,30 +320,28 @@ class Store:
         """Stores events whose sequences were assigned by the caller (gap-free per session, each
         continuing the session's `last_sequence`), in one transaction. Returns the ids of sessions
         that no longer exist; their events are dropped."""
-        gone: set[str] = set()
-        last: dict[str, tuple[int, float]] = {}
-        rows = []
+        by_session: dict[str, list[tuple[Any, ...]]] = {}
         for event in events:
-            if event.session_id in gone:
-                continue
-            if event.session_id not in last and self.get_session(event.session_id) is None:
-                gone.add(event.session_id)
-                continue
             kind, payload_json = payload_to_json(event.payload)
-            rows.append((event.session_id, event.sequence, event.time, event.turn_id, kind, payload_json))
-            last[event.session_id] = (event.sequence, event.time)
-        if not rows:
-            return gone
+            by_session.setdefault(event.session_id, []).append(
+                (event.session_id, event.sequence, event.time, event.turn_id, kind, payload_json)
+            )
+        gone: set[str] = set()
         with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO events (session_id, sequence, time, turn_id, kind, payload_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            db.executemany(
-                "UPDATE sessions SET last_sequence = ?, updated = ? WHERE session_id = ?",
-                [(sequence, at, session_id) for session_id, (sequence, at) in last.items()],
-            )
+            for session_id, rows in by_session.items():
+                last = rows[-1]
+                updated = db.execute(
+                    "UPDATE sessions SET last_sequence = ?, updated = ? WHERE session_id = ?",
+                    (last[1], last[2], session_id),
+                ).rowcount
+                if not updated:
+                    gone.add(session_id)
+                    continue
+                db.executemany(
+                    "INSERT INTO events (session_id, sequence, time, turn_id, kind, payload_json) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
         return gone
 
     def events_after(self, session_id: str, after_sequence: int = 0, limit: int | None = None) -> list[StoredEvent]:
