@@ -43,7 +43,7 @@ from session_server.llm.script import Script, ScriptedResponse
 from session_server.mock_llm.options import MockOptions
 from session_server.mock_llm.server import MockLLM
 from session_server.server import CodelaneServer, ServerConfig
-from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.child_watcher import pidfd_child_watcher
 
 MODEL = "openai:codelane-bench"
 WORKER_CONNECT_TIMEOUT = 90.0
@@ -342,7 +342,11 @@ def parse_turn(
 async def _serve(workers: int, slots: int, data_dir: Path) -> None:
     """One session server with `workers` local workers; prints `READY <port>` once they are all
     connected, and stops on EOF on stdin (the benchmark is done, or gone) or SIGTERM."""
-    install_pidfd_child_watcher()
+    with pidfd_child_watcher():
+        await _serve_until_stopped(workers, slots, data_dir)
+
+
+async def _serve_until_stopped(workers: int, slots: int, data_dir: Path) -> None:
     server = CodelaneServer(ServerConfig(
         listen="127.0.0.1:0",
         data_dir=data_dir,

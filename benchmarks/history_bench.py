@@ -25,7 +25,7 @@ from pathlib import Path
 
 from codelane.client import Client
 from session_server.server import CodelaneServer, ServerConfig
-from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.child_watcher import pidfd_child_watcher
 
 START_TIMEOUT = 60.0
 # Met when the largest history's step costs at most this much more than the smallest's.
@@ -85,7 +85,11 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 async def serve(script: Path, data_dir: Path) -> None:
-    install_pidfd_child_watcher()
+    with pidfd_child_watcher():
+        await _serve_until_stopped(script, data_dir)
+
+
+async def _serve_until_stopped(script: Path, data_dir: Path) -> None:
     server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=data_dir, model=f"scripted:{script}"))
     await server.start()
     print(f"READY {server.port}", flush=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from codelane import events as ev
 from codelane.client import Client
 from session_server.server import CodelaneServer, ServerConfig
-from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.registry import ToolRegistry
 
 READS = 40
@@ -220,7 +220,11 @@ async def main_async(args: argparse.Namespace) -> int:
 async def serve(workers: int, script: Path, data_dir: Path) -> None:
     """One server on the script, `workers` local workers; `READY <port>` once they are connected;
     stops at EOF on stdin."""
-    install_pidfd_child_watcher()
+    with pidfd_child_watcher():
+        await _serve_until_stopped(workers, script, data_dir)
+
+
+async def _serve_until_stopped(workers: int, script: Path, data_dir: Path) -> None:
     server = CodelaneServer(ServerConfig(
         listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
         model=f"scripted:{script}", local_fallback=workers == 0,

@@ -20,6 +20,8 @@ from session_server.events import StoredEvent
 SUBSCRIBER_BUFFER = 10_000
 # Events read from the store at a time by a subscriber catching up.
 REPLAY_PAGE = 500
+# Most events handed over at once (a stream message carries one batch, or less when it is big).
+BATCH_EVENTS = 500
 
 Replay = Callable[[str, int, int], list[StoredEvent]]
 
@@ -64,7 +66,9 @@ class Subscription:
     def close(self) -> None:
         self._bus._remove(self)
 
-    async def __aiter__(self) -> AsyncIterator[StoredEvent]:
+    async def batches(self, limit: int = BATCH_EVENTS) -> AsyncIterator[list[StoredEvent]]:
+        """The events, in order, as lists of at most `limit`: whatever is ready goes together,
+        and a lone event goes at once."""
         try:
             while True:
                 if self._behind:
@@ -74,18 +78,23 @@ class Subscription:
                     self.catch_ups += 1
                     while True:
                         page = self._bus.replay(self.session_id, self.cursor, REPLAY_PAGE)
-                        for event in page:
-                            if event.sequence > self.cursor:
-                                self.cursor = event.sequence
-                                yield event
+                        fresh = [event for event in page if event.sequence > self.cursor]
+                        for start in range(0, len(fresh), limit):
+                            chunk = fresh[start : start + limit]
+                            self.cursor = chunk[-1].sequence
+                            yield chunk
                         if len(page) < REPLAY_PAGE or self._behind:
                             break
                     continue
                 if self._queue:
-                    event = self._queue.popleft()
-                    if event.sequence > self.cursor:
-                        self.cursor = event.sequence
-                        yield event
+                    batch = []
+                    while self._queue and len(batch) < limit:
+                        event = self._queue.popleft()
+                        if event.sequence > self.cursor:
+                            self.cursor = event.sequence
+                            batch.append(event)
+                    if batch:
+                        yield batch
                     continue
                 if self._closed:
                     raise SessionClosed(self.session_id)

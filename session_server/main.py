@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
-from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.child_watcher import pidfd_child_watcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +88,11 @@ def main(argv: list[str]) -> int:
 
 
 async def _serve(config: ServerConfig) -> None:
-    install_pidfd_child_watcher()
+    with pidfd_child_watcher():
+        await _serve_until_stopped(config)
+
+
+async def _serve_until_stopped(config: ServerConfig) -> None:
     server = CodelaneServer(config)
     await server.start()
     print(f"codelane server listening on {server.address}", flush=True)

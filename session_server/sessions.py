@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from session_server.agent import Turn, TurnContext
-from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus
+from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
@@ -220,8 +220,8 @@ class SessionManager:
     def is_running(self, session_id: str) -> bool:
         return session_id in self._turns
 
-    def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[StoredEvent]]:
-        """Starts a turn; returns its id and a stream of its events, ending after TurnFinished.
+    def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
+        """Starts a turn; returns its id and its events in batches, the last ending with TurnFinished.
 
         The turn runs on its own: dropping the stream does not stop it.
         """
@@ -273,14 +273,16 @@ class SessionManager:
                 self.store.set_session_state(session_id, "idle", "")
 
     @staticmethod
-    async def _turn_events(subscription, turn_id: str) -> AsyncIterator[StoredEvent]:
+    async def _turn_events(subscription: Subscription, turn_id: str) -> AsyncIterator[list[StoredEvent]]:
         try:
-            async for event in subscription:
-                if event.turn_id != turn_id:
-                    continue
-                yield event
-                if isinstance(event.payload, TurnFinished):
+            async for batch in subscription.batches():
+                mine = [event for event in batch if event.turn_id == turn_id]
+                end = next((i for i, event in enumerate(mine) if isinstance(event.payload, TurnFinished)), None)
+                if end is not None:
+                    yield mine[: end + 1]
                     return
+                if mine:
+                    yield mine
         finally:
             subscription.close()
 
@@ -329,8 +331,11 @@ class SessionManager:
         self.get_session(session_id)
         self.external.complete(session_id, task_id, client_id, result)
 
-    async def watch(self, session_id: str, after_sequence: int, follow: bool) -> AsyncIterator[StoredEvent | CaughtUp]:
-        """Stored events after `after_sequence`, a CaughtUp marker, then (if follow) live ones.
+    async def watch(
+        self, session_id: str, after_sequence: int, follow: bool
+    ) -> AsyncIterator[list[StoredEvent] | CaughtUp]:
+        """Stored events after `after_sequence` (in batches), a CaughtUp marker, then (if follow)
+        live ones.
 
         A watcher that falls behind catches up from the store on its own (see `bus`); it is
         never cut off for being slow.
@@ -349,17 +354,16 @@ class SessionManager:
                     cursor = page[-1].sequence if page else cursor
                     # Same synchronous step as the read: every later event reaches the subscription.
                     subscription = self.bus.subscribe(session_id, cursor) if follow else None
-                    for event in page:
-                        yield event
+                    if page:
+                        yield page
                     break
-                for event in page:
-                    yield event
+                yield page
                 cursor = page[-1].sequence
             yield CaughtUp(cursor)
             if subscription is None:
                 return
-            async for event in subscription:
-                yield event
+            async for batch in subscription.batches():
+                yield batch
         finally:
             if subscription is not None:
                 subscription.close()

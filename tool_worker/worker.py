@@ -28,7 +28,7 @@ from codelane import __version__
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
-from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
@@ -462,7 +462,11 @@ def main(argv: list[str]) -> int:
 
 
 async def _run(config: WorkerConfig, registry: ToolRegistry) -> int:
-    install_pidfd_child_watcher()
+    with pidfd_child_watcher():
+        return await _run_until_stopped(config, registry)
+
+
+async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> int:
     worker = ToolWorker(config, registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
 from google.protobuf import timestamp_pb2
 
 from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
@@ -13,6 +16,30 @@ from session_server.permissions import Action, PermissionPolicy
 from session_server.pool import WorkerSnapshot
 from session_server.store import SessionRecord, StoredMessage
 from tool_worker import wire
+
+# A stream message carries a batch of events up to about this size (a single bigger event goes
+# alone): well under the channel's message limit, and small enough to start arriving at once.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+M = TypeVar("M")
+
+
+def batched(
+    events: list[StoredEvent], make: Callable[[], M], field: Callable[[M], Any]
+) -> Iterator[M]:
+    """The events as stream messages: each a `make()` whose repeated Event `field(message)` holds
+    consecutive events, split where a message would pass MAX_BATCH_BYTES."""
+    message, size = make(), 0
+    for stored in events:
+        proto = event(stored)
+        weight = proto.ByteSize()
+        if size and size + weight > MAX_BATCH_BYTES:
+            yield message
+            message, size = make(), 0
+        field(message).append(proto)
+        size += weight
+    if size:
+        yield message
 
 
 def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:

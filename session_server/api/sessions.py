@@ -102,8 +102,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="text")
         try:
-            async for event in events:
-                yield session_pb2.SendMessageResponse(event=convert.event(event))
+            async for batch in events:
+                for message in convert.batched(batch, session_pb2.SendMessageResponse, lambda m: m.events):
+                    yield message
         except SessionClosed:
             await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted during the turn",
                         "SESSION_NOT_FOUND", session_id=request.session_id)
@@ -117,7 +118,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         caught_up=session_pb2.CaughtUp(last_sequence=item.last_sequence)
                     )
                 else:
-                    yield session_pb2.WatchEventsResponse(event=convert.event(item))
+                    for message in convert.batched(item, session_pb2.WatchEventsResponse, lambda m: m.events.events):
+                        yield message
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="after_sequence")
         except SequenceOutOfRange as exc:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,54 @@ def events_of(responses: list[Any]) -> list[events_pb2.Event]:
     return [r.event for r in responses if r.HasField("event")]
 
 
+@dataclass(frozen=True)
+class StreamItem:
+    """One event (or a caught_up marker) of a SendMessage or WatchEvents stream: the server sends
+    events in batches, and these tests reason about them one at a time."""
+
+    event: events_pb2.Event | None = None
+    caught_up: session_pb2.CaughtUp | None = None
+
+    def HasField(self, name: str) -> bool:
+        return getattr(self, name) is not None
+
+
+class EventStream:
+    """A streaming call read one StreamItem at a time, with the call's `read()`/`cancel()`."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._pending: deque[StreamItem] = deque()
+        self.messages = 0
+
+    async def read(self) -> Any:
+        while not self._pending:
+            reply = await self.call.read()
+            if reply is grpc.aio.EOF:
+                return grpc.aio.EOF
+            self.messages += 1
+            if isinstance(reply, session_pb2.SendMessageResponse):
+                events = reply.events
+            elif reply.HasField("caught_up"):
+                self._pending.append(StreamItem(caught_up=reply.caught_up))
+                continue
+            else:
+                events = reply.events.events
+            assert events, "a stream message carries at least one event"
+            self._pending.extend(StreamItem(event=e) for e in events)
+        return self._pending.popleft()
+
+    def cancel(self) -> bool:
+        return self.call.cancel()
+
+    def __aiter__(self) -> AsyncIterator[StreamItem]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[StreamItem]:
+        while (item := await self.read()) is not grpc.aio.EOF:
+            yield item
+
+
 def assert_gap_free(events: list[events_pb2.Event], start: int = 1) -> None:
     sequences = [e.sequence for e in events]
     assert sequences == list(range(start, start + len(events))), sequences
@@ -181,16 +230,16 @@ class Client:
         )
         return len(response.sessions)
 
-    def send_stream(self, session_id: str, text: str) -> Any:
-        return self.sessions.SendMessage(session_pb2.SendMessageRequest(session_id=session_id, text=text))
+    def send_stream(self, session_id: str, text: str) -> EventStream:
+        return EventStream(self.sessions.SendMessage(session_pb2.SendMessageRequest(session_id=session_id, text=text)))
 
     async def send(self, session_id: str, text: str, within: float = STREAM_TIMEOUT) -> list[events_pb2.Event]:
         """Runs one turn; returns its events (the stream ends after TurnFinished)."""
         return [r.event for r in await collect(self.send_stream(session_id, text), within)]
 
-    def watch_stream(self, session_id: str, after: int = 0, follow: bool = False) -> Any:
+    def watch_stream(self, session_id: str, after: int = 0, follow: bool = False) -> EventStream:
         request = session_pb2.WatchEventsRequest(session_id=session_id, after_sequence=after, follow=follow)
-        return self.sessions.WatchEvents(request)
+        return EventStream(self.sessions.WatchEvents(request))
 
     async def watch(self, session_id: str, after: int = 0) -> tuple[list[events_pb2.Event], int]:
         """Replay (follow=False): the events and the caught_up marker's last_sequence."""

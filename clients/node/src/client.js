@@ -348,8 +348,9 @@ const LOW_WATER = 64; // ... and resumed
 class CallIterator {
   constructor(call, map, signal) {
     this._call = call;
-    this._map = map;
+    this._map = map; // a stream message -> the values it carries (events come in batches)
     this._queue = [];
+    this._ready = [];
     this._error = null;
     this._finished = false; // no more messages will arrive
     this._closed = false; // the consumer is done: nothing more is yielded
@@ -389,6 +390,7 @@ class CallIterator {
   _cleanup() {
     this._closed = true;
     this._queue.length = 0;
+    this._ready.length = 0;
     this._signal?.removeEventListener('abort', this._onAbort);
     this._notify();
   }
@@ -400,11 +402,11 @@ class CallIterator {
   async next() {
     for (;;) {
       if (this._closed) return { value: undefined, done: true };
+      if (this._ready.length > 0) return { value: this._ready.shift(), done: false };
       if (this._queue.length > 0) {
         const message = this._queue.shift();
         if (this._queue.length <= LOW_WATER && this._call.isPaused()) this._call.resume();
-        const value = this._map(message);
-        if (value !== undefined) return { value, done: false };
+        this._ready.push(...this._map(message));
         continue;
       }
       if (this._finished) {
@@ -619,7 +621,7 @@ export class CodelaneClient {
    */
   sendMessage(sessionId, text, streamOptions) {
     return this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
-      streamOptions, (response) => response.event ?? undefined);
+      streamOptions, (response) => response.events ?? []);
   }
 
   /**
@@ -631,8 +633,8 @@ export class CodelaneClient {
   watchEvents(sessionId, { afterSequence = 0n, follow = true, signal, timeoutMs } = {}) {
     return this._stream('WatchEvents', 'WatchEventsRequest', { sessionId, afterSequence, follow },
       'WatchEventsResponse', { signal, timeoutMs }, (response) => {
-        if (response.item === 'caught_up') return { kind: 'caught_up', lastSequence: response.caughtUp.lastSequence };
-        return response.event ?? undefined;
+        if (response.item === 'caught_up') return [{ kind: 'caught_up', lastSequence: response.caughtUp.lastSequence }];
+        return response.events?.events ?? [];
       });
   }
 

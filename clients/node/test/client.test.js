@@ -409,11 +409,14 @@ describe('int64 values are BigInts, exact beyond 2^53', () => {
 
   test('decoding: a sequence of 2^63-1 from the wire', () => {
     const { WatchEvents } = methods();
-    const bytes = WatchEvents.responseSerialize({ event: { sessionId: 's', sequence: MAX.toString(), turnStarted: {} } });
+    const bytes = WatchEvents.responseSerialize({
+      events: { events: [{ sessionId: 's', sequence: MAX.toString(), turnStarted: {} }] },
+    });
     const decoded = client._codec.decode('codelane.v1.WatchEventsResponse', WatchEvents.responseDeserialize(bytes));
-    assert.equal(decoded.item, 'event');
-    assert.equal(decoded.event.sequence, MAX);
-    assert.equal(decoded.event.kind, 'turn_started');
+    assert.equal(decoded.item, 'events');
+    const [event] = decoded.events.events;
+    assert.equal(event.sequence, MAX);
+    assert.equal(event.kind, 'turn_started');
   });
 
   test('encoding: afterSequence as BigInt, string or safe Number; unsafe Numbers refused', () => {

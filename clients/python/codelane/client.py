@@ -326,7 +326,8 @@ class Session:
         )
         try:
             async for reply in call:
-                yield event_from_proto(reply.event)
+                for event in reply.events:
+                    yield event_from_proto(event)
         except grpc.aio.AioRpcError as exc:
             raise CodelaneError.from_rpc_error(exc) from None
         finally:
@@ -343,7 +344,8 @@ class Session:
                 if reply.WhichOneof("item") == "caught_up":
                     yield CaughtUp(reply.caught_up.last_sequence)
                 else:
-                    yield event_from_proto(reply.event)
+                    for event in reply.events.events:
+                        yield event_from_proto(event)
         except grpc.aio.AioRpcError as exc:
             raise CodelaneError.from_rpc_error(exc) from None
         finally:

@@ -155,9 +155,10 @@ class SessionServiceServicer:
     def WatchEvents(self, request, context):
         """Streams a session's events after a sequence number: first the stored ones (replay), then a
         caught_up marker, then live events as they happen (unless follow is false, in which case the
-        stream ends after caught_up). A subscriber that falls too far behind gets
-        RESOURCE_EXHAUSTED and resumes from the last sequence it saw. OUT_OF_RANGE when
-        after_sequence is beyond the log's end.
+        stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
+        sequence order. A reader that is slower than the session is never cut off: the server keeps
+        its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
+        beyond the log's end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

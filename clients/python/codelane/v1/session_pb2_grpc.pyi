@@ -59,9 +59,10 @@ class SessionServiceStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]
     """Streams a session's events after a sequence number: first the stored ones (replay), then a
     caught_up marker, then live events as they happen (unless follow is false, in which case the
-    stream ends after caught_up). A subscriber that falls too far behind gets
-    RESOURCE_EXHAUSTED and resumes from the last sequence it saw. OUT_OF_RANGE when
-    after_sequence is beyond the log's end.
+    stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
+    sequence order. A reader that is slower than the session is never cut off: the server keeps
+    its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
+    beyond the log's end.
     """
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -118,9 +119,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams a session's events after a sequence number: first the stored ones (replay), then a
     caught_up marker, then live events as they happen (unless follow is false, in which case the
-    stream ends after caught_up). A subscriber that falls too far behind gets
-    RESOURCE_EXHAUSTED and resumes from the last sequence it saw. OUT_OF_RANGE when
-    after_sequence is beyond the log's end.
+    stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
+    sequence order. A reader that is slower than the session is never cut off: the server keeps
+    its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
+    beyond the log's end.
     """
     CancelTurn: _aio.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -210,9 +212,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_session_pb2.WatchEventsResponse], _abc.AsyncIterator[_session_pb2.WatchEventsResponse]]:
         """Streams a session's events after a sequence number: first the stored ones (replay), then a
         caught_up marker, then live events as they happen (unless follow is false, in which case the
-        stream ends after caught_up). A subscriber that falls too far behind gets
-        RESOURCE_EXHAUSTED and resumes from the last sequence it saw. OUT_OF_RANGE when
-        after_sequence is beyond the log's end.
+        stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
+        sequence order. A reader that is slower than the session is never cut off: the server keeps
+        its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
+        beyond the log's end.
         """
 
     @_abc_1.abstractmethod
