@@ -6,13 +6,15 @@ each response) replaying the same script, so every run makes exactly the same ca
 turn of a new session: the model asks for the workload's calls, codelane runs them, the model
 answers. Timing comes from the turn's events:
 
-- `wall` (the tool phase): from the first ToolCallStarted to the last ToolCallFinished, on the
-  server's clock. It holds everything codelane does for the calls (scheduling, dispatch,
-  transport, the tools, event persistence, and parsing the rest of the model's stream once the
-  first call is known: Query calls start as soon as their arguments are complete) and nothing
-  of the model's latency. Also recorded: `after_response`, from the moment the mock wrote the
-  end of its response to the last result, and `head_start`, how long before that end the first
-  call started (negative: after, i.e. the time the server took to read the response);
+- `wall` (the tool phase): from the moment every call of the response is known (ModelResponded:
+  the server has the whole response; or the first ToolCallStarted, if later) to the last
+  ToolCallFinished, on the server's clock. It holds everything codelane does for the calls
+  (scheduling, dispatch, transport, the tools, event persistence) and nothing of the model's
+  latency. Query calls start as soon as their arguments are complete, while the model still
+  streams: that head start is free, and the peers, given the whole list at once, have none.
+  Also recorded: `after_response`, from the moment the mock wrote the end of its response to the
+  last result, and `head_start`, how long before that end the first call started (negative:
+  after, i.e. the time the server took to read the response);
 - `turn_wall`: the client's view, from `send()` to TurnFinished (two model responses included);
 - per call: `queue_wait` and `run_time` from ToolCallFinished, and `transport` = (finished -
   started) - run_time: the hub->worker->hub round trip (or the in-process call path).
@@ -142,9 +144,9 @@ class WorkloadMock(MockLLM):
         self._step = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant")
         return script.response_at(self._step)
 
-    async def _stream(self, request, frames, error, headers, faulty):  # type: ignore[no-untyped-def]
+    async def _stream(self, request, *args):  # type: ignore[no-untyped-def]
         step = self._step
-        response = await super()._stream(request, frames, error, headers, faulty)
+        response = await super()._stream(request, *args)
         self.responses_sent.append((step, time.time()))
         return response
 
@@ -276,9 +278,11 @@ def parse_turn(
     seconds), for `after_response` and `head_start`."""
     problems: list[str] = []
     calls: list[ev.ToolCall] = []
+    responded: float | None = None
     for event in events:
         if isinstance(event, ev.ModelResponded) and event.step == 0:
             calls = list(event.tool_calls)
+            responded = event.time
     started: dict[str, float] = {}
     finished: dict[str, ev.ToolCallFinished] = {}
     for event in events:
@@ -313,7 +317,14 @@ def parse_turn(
         workers.append(result.worker_id)
         if mode.workers and call.lane == "query" and result.worker_id == "local":
             problems.append(f"call {call.call_id} ran in-process although the mode has workers")
-    wall = (max(f.time for f in finished.values()) - min(started.values())) if finished and started else 0.0
+    # The tool phase starts when every call of the response is known: when the server has the
+    # whole response (ModelResponded), or at the first call if none started before it. Calls
+    # dispatched while the model was still streaming have a head start that costs nothing; the
+    # peers, given the whole list at once, can have none.
+    wall = 0.0
+    if finished and started:
+        phase_start = max(min(started.values()), responded if responded is not None else 0.0)
+        wall = max(f.time for f in finished.values()) - phase_start
     after_response = head_start = None
     if response_end is not None and finished and started:
         after_response = max(f.time for f in finished.values()) - response_end

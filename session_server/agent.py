@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from session_server.calls import ToolCall
 from session_server.config import LaneMode, SessionSettings
@@ -49,6 +50,7 @@ from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
+from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
@@ -263,11 +265,20 @@ class Turn:
             spec=spec,
             arguments=arguments,
             rejection=rejection,
+            effects=self._effects(model_call.name, arguments) if rejection is None else EVERYTHING,
             stats=ctx.stats,
         )
         if decision is not None and decision.action is Action.ASK and rejection is None:
             asks[call] = decision
         return call
+
+    def _effects(self, tool_name: str, arguments: dict[str, Any] | None) -> Effects:
+        """What the call may touch, from its tool's declaration (one of ours; a tool only a worker
+        knows declares nothing here, so it is ordered against everything)."""
+        tool = self.ctx.registry.get(tool_name)
+        if tool is None or tool.effects is None or arguments is None:
+            return EVERYTHING
+        return in_workspace(tool.effects(arguments), str(self.ctx.workspace))
 
     def _unavailable(self, name: str, tools: dict[str, ToolSpec]) -> ToolResult:
         """Why a tool the model named is not offered, as the model should read it."""

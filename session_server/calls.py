@@ -29,6 +29,7 @@ from typing import Any
 
 from session_server.events import CallInfo, CallRetried, EventPayload, ToolCallFinished, ToolCallStarted, WorkerLost
 from session_server.stats import LaneStats
+from tool_worker.effects import EVERYTHING, Effects
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 EventSink = Callable[[EventPayload], None]
@@ -55,6 +56,9 @@ class ToolCall:
     spec: ToolSpec | None = None
     arguments: dict[str, Any] | None = None
     rejection: ToolResult | None = None
+    # What the call may read and write in the workspace: the scheduler orders it against the
+    # earlier calls it could observe or disturb (everything, unless its tool says less).
+    effects: Effects = EVERYTHING
     stats: LaneStats | None = None
     # Seconds, monotonic; tests give their own.
     clock: Callable[[], float] = time.perf_counter

@@ -1,19 +1,22 @@
 """Order-preserving scheduling of the tool calls of one model response.
 
-Walking the calls in model order:
-- a maximal run of consecutive Query calls runs together, at most `query_concurrency` at once;
-- an Execute call waits until every earlier call has finished, then runs alone, and every later
-  call waits for it; so `[write a, read a]` reads the new content;
+Every call sees the workspace exactly as if the calls ran one after another, in model order:
+- a call waits for each earlier, unfinished call it conflicts with: one of the two may write what
+  the other reads or writes (`ToolCall.effects`, declared by each tool; a tool that declares
+  nothing, like bash, conflicts with everything). Query calls never conflict with each other;
+- Execute calls run one at a time, in model order, whatever they touch;
+- so `[write a, read a]` reads the new content, `[read a, write a]` the old, and in
+  `[write a, read b]` the read need not wait for the write;
+- Query calls run at most `query_concurrency` at once;
 - a call without a lane (unknown tool, unparsable arguments) is never executed: it gets an
   `UNKNOWN_TOOL` error result at once and holds nobody back;
 - one call's failure never touches its siblings; only cancellation does.
 
 Calls can be fed while the model is still streaming (`add()` per call, then `close_input()`):
-Query calls ahead of the first Execute call start as soon as they are added.
+Query calls that conflict with no earlier call start as soon as they are added.
 
-Each call runs in its own task whose dependencies are the tasks it must wait for: the latest
-Execute call for a Query call, every earlier call for an Execute call. Nothing polls or sleeps,
-so scheduling costs microseconds per call.
+Each call runs in its own task whose dependencies are the tasks of the earlier calls it must
+wait for. Nothing polls or sleeps, so scheduling costs microseconds per call.
 
 The scheduler only orders calls: each `ToolCall` (session_server.calls) owns its state, timings
 and events, and the executor decides where it runs.
@@ -59,9 +62,8 @@ class TurnScheduler:
         self._query_slots = asyncio.Semaphore(query_concurrency)
         self._calls: list[ToolCall] = []
         self._tasks: list[asyncio.Task[None]] = []
-        # The latest Execute call, and the Query calls added after it: what the next call waits for.
-        self._last_execute: asyncio.Task[None] | None = None
-        self._since_execute: list[asyncio.Task[None]] = []
+        # The executed calls added so far, with their tasks: what a new call may have to wait for.
+        self._scheduled: list[tuple[ToolCall, asyncio.Task[None]]] = []
         self._input_closed = asyncio.Event()
         self._cancelled = False
 
@@ -83,18 +85,10 @@ class TurnScheduler:
                 "or its arguments are not valid JSON. Use one of the listed tools with JSON arguments.",
             ))
             return
-        if call.lane is Lane.QUERY:
-            deps = [self._last_execute] if self._last_execute is not None else []
-        else:
-            deps = [*self._since_execute, *([self._last_execute] if self._last_execute is not None else [])]
-        pending = [t for t in deps if not t.done()]
-        task = asyncio.get_running_loop().create_task(self._run(call, pending), name=f"tool-call-{call.call_id}")
+        deps = [task for earlier, task in self._scheduled if not task.done() and _must_follow(call, earlier)]
+        task = asyncio.get_running_loop().create_task(self._run(call, deps), name=f"tool-call-{call.call_id}")
         self._tasks.append(task)
-        if call.lane is Lane.QUERY:
-            self._since_execute.append(task)
-        else:
-            self._last_execute = task
-            self._since_execute = []
+        self._scheduled.append((call, task))
 
     def close_input(self) -> None:
         """No more calls will be added: `results()` may return once the added ones finish."""
@@ -173,6 +167,14 @@ class TurnScheduler:
                 f"{type(exc).__name__}: {exc}. The other calls of this turn were not affected; "
                 "retry the call, and report the error if it persists.",
             )
+
+
+def _must_follow(call: ToolCall, earlier: ToolCall) -> bool:
+    if call.lane is Lane.QUERY and earlier.lane is Lane.QUERY:
+        return False  # read-only both: they never disturb each other
+    if call.lane is Lane.EXECUTE and earlier.lane is Lane.EXECUTE:
+        return True  # the Execute lane runs one call at a time, in model order
+    return call.effects.conflicts_with(earlier.effects)
 
 
 def _result_of(call: ToolCall) -> ToolResult:

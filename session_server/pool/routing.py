@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 DEFAULT_RECHECK_AFTER = 30.0
 # Workspaces remembered per worker; the least recently checked is forgotten first.
 MAX_VIEWS_PER_WORKER = 256
+# Probes in a row whose fingerprints differ before a worker is taken not to see a workspace: a
+# file written between the two fingerprints makes them differ once, a stale copy every time.
+PROBES_BEFORE_STALE = 3
 
 
 class Visibility(enum.Enum):
@@ -42,6 +45,8 @@ class WorkspaceView:
     probe_sent: float = 0.0
     # When the verdict was reached (the pool's clock); 0 while the first probe is out.
     checked: float = 0.0
+    # Probes in a row that found the fingerprints different.
+    mismatches: int = 0
 
     @property
     def visible(self) -> bool:
@@ -148,6 +153,7 @@ class Router:
         task.add_done_callback(self._verifying.discard)
 
     async def _verify(self, worker: Worker, view: WorkspaceView, workspace: str, probe_id: str, theirs: str) -> None:
+        ours = None
         try:
             ours = await asyncio.to_thread(self._fingerprint, workspace)
         except OSError as exc:
@@ -161,8 +167,18 @@ class Router:
             else:
                 state = Visibility.INVISIBLE
                 reason = "the worker sees a different or stale copy of the workspace (fingerprint differs)"
-        if worker.views.get(workspace) is view and view.probe_id == probe_id:
-            self._settle(view, state, reason)
+        if worker.views.get(workspace) is not view or view.probe_id != probe_id:
+            return
+        if ours is not None and ours != theirs and view.mismatches + 1 < PROBES_BEFORE_STALE:
+            # Perhaps a write fell between the two fingerprints: ask again before judging.
+            view.mismatches += 1
+            new_id = f"p{next(self._probe_ids)}"
+            self._probes[new_id] = (worker, workspace)
+            view.probe_id, view.probe_sent = new_id, self._clock()
+            worker.link.probe(new_id, workspace)
+            return
+        view.mismatches = 0
+        self._settle(view, state, reason)
 
     def _settle(self, view: WorkspaceView, state: Visibility, reason: str) -> None:
         view.state, view.reason, view.checked = state, reason, self._clock()

@@ -251,16 +251,31 @@ async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_wor
 async def test_a_verdict_is_checked_again_so_one_bad_probe_does_not_hide_a_worker_for_good() -> None:
     clock = Clock()
     pool = WorkerPool(lambda ws: "fp", clock=clock)
-    link = add_worker(pool, "w", fingerprint="racing")  # a file changed between the two fingerprints
+    link = add_worker(pool, "w", fingerprint="stale")  # a copy that differs, probe after probe
     result = await asyncio.wait_for(pool.dispatch(query("c1")), BOUND)
     await until(lambda: pool.worker("w").workspaces["/ws"][1] != "probe sent", "the verdict")
     assert not pool.worker("w").workspaces["/ws"][0]
     assert result.error_kind is ErrorKind.NO_WORKER
-    link.fingerprint = "fp"  # the tree settled
+    assert len(link.probes) == 3  # a difference is confirmed before the worker is passed over
+    link.fingerprint = "fp"  # the copy was brought up to date
     clock.now += 60
     task = asyncio.create_task(pool.dispatch(query("c2")))
     await until(lambda: link.assigned, "the worker is probed again and gets the call")
-    assert len(link.probes) == 2
+    assert len(link.probes) == 4
+    link.finish(0)
+    assert (await task).worker_id == "w"
+
+
+async def test_one_racing_probe_does_not_hide_a_worker() -> None:
+    pool = WorkerPool(lambda ws: "fp")
+    link = add_worker(pool, "w")
+    link.answer_probes = False
+    task = asyncio.create_task(pool.dispatch(query("c1")))
+    await until(lambda: len(link.probes) == 1, "the probe")
+    pool.on_probe_result("w", link, link.probes[0], "mid-write", "")  # a file changed in between
+    await until(lambda: len(link.probes) == 2, "a second probe")
+    pool.on_probe_result("w", link, link.probes[1], "fp", "")
+    await until(lambda: link.assigned, "the call, once the second probe agrees")
     link.finish(0)
     assert (await task).worker_id == "w"
 

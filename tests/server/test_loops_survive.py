@@ -37,6 +37,12 @@ def spawn_worker(address: str, worker_id: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
+async def _first(batches):
+    async for batch in batches:
+        yield batch
+        return
+
+
 def _event(sequence: int) -> StoredEvent:
     return StoredEvent("s1", sequence, 1.0, "t1", TextDelta(f"d{sequence}", 0))
 
@@ -50,12 +56,8 @@ async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
 
     broken._offer = explode
     bus.publish_many([_event(1), _event(2)])
-    received = []
-    async for event in healthy:
-        received.append(event.sequence)
-        if len(received) == 2:
-            break
-    assert received == [1, 2]
+    [batch] = [batch async for batch in _first(healthy.batches())]
+    assert [event.sequence for event in batch] == [1, 2]
 
 
 async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_stored(tmp_path: Path) -> None:
@@ -77,9 +79,10 @@ async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_store
     log.append("s1", "t1", TextDelta("a", 0))
     log.append("s1", "t1", TextDelta("b", 0))
     received = []
-    async for event in subscription:
-        received.append((event.sequence, event.payload.text))
-        assert store.last_sequence("s1") >= event.sequence  # stored before it was sent
+    async for batch in subscription.batches():
+        for event in batch:
+            received.append((event.sequence, event.payload.text))
+            assert store.last_sequence("s1") >= event.sequence  # stored before it was sent
         if len(received) == 2:
             break
     assert failures == [2]

@@ -218,7 +218,8 @@ async def test_cancel_while_waiting_ends_the_wait(
 ) -> None:
     server: InProcess = await make_server()
     client = server.client
-    calls = [call("write", "c_write", file_path="out.txt", content="x"), call("read", "c_read", file_path="a.txt")]
+    # The read of the file the write creates waits behind it.
+    calls = [call("write", "c_write", file_path="out.txt", content="x"), call("read", "c_read", file_path="out.txt")]
     model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
     session = await client.create(workspace, model, permissions=_policy(ask=["write"]))
     stream, seen, _ = await _start_until_confirmation(client, session.session_id)

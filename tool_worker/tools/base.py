@@ -11,7 +11,10 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tool_worker.effects import EffectsFunction
 
 
 class Lane(enum.StrEnum):
@@ -97,10 +100,13 @@ ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[ToolResult]]
 
 @dataclass(frozen=True)
 class Tool:
-    """A spec plus its async implementation."""
+    """A spec plus its async implementation, and what a call of it may read and write in its
+    workspace (`tool_worker.effects`): with it, a call waits only for the earlier calls it could
+    observe or disturb. None: everything, so the call is ordered against every other one."""
 
     spec: ToolSpec
     run: ToolFunction
+    effects: EffectsFunction | None = None
 
     @property
     def name(self) -> str:

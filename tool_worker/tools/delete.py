@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 
@@ -61,4 +62,5 @@ TOOL = Tool(
         idempotent=False,
     ),
     run=_run,
+    effects=effects.writes("path"),
 )

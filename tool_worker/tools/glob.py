@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.globs import glob_to_regex
@@ -123,4 +124,5 @@ TOOL = Tool(
         idempotent=True,
     ),
     run=_run,
+    effects=effects.reads(("path", "."), pattern_argument="pattern"),
 )

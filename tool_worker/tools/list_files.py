@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.rg import run_rg, search_location
@@ -64,4 +65,5 @@ TOOL = Tool(
         idempotent=True,
     ),
     run=_run,
+    effects=effects.reads(("path", ".")),
 )

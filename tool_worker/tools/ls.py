@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 
@@ -74,4 +75,5 @@ TOOL = Tool(
         idempotent=True,
     ),
     run=_run,
+    effects=effects.reads(("path", ".")),
 )

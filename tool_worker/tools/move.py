@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
@@ -50,4 +51,5 @@ TOOL = Tool(
         idempotent=False,
     ),
     run=_run,
+    effects=effects.writes("source", "destination"),
 )

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import is_binary
@@ -105,4 +106,5 @@ TOOL = Tool(
         idempotent=True,
     ),
     run=_run,
+    effects=effects.reads(("file_path", None)),
 )

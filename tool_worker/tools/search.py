@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import is_binary
@@ -220,4 +221,5 @@ TOOL = Tool(
         idempotent=True,
     ),
     run=_run,
+    effects=effects.reads(("path", ".")),
 )

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import atomic_write
@@ -49,4 +50,5 @@ TOOL = Tool(
         idempotent=False,
     ),
     run=_run,
+    effects=effects.writes("file_path", files=True),
 )
