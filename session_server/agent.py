@@ -13,7 +13,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,15 @@ from session_server.events import (
     TurnStarted,
 )
 from session_server.external import ExternalTasks
+from session_server.limits import (
+    MAX_RESPONSE_ARGUMENTS_CHARS,
+    MAX_RESPONSE_TEXT_CHARS,
+    MAX_TOOL_ARGUMENTS_CHARS,
+    MAX_TOOL_CALLS_PER_RESPONSE,
+    OMITTED_ARGUMENTS,
+    bound_result,
+    cut,
+)
 from session_server.llm.base import (
     ChatMessage,
     ModelError,
@@ -53,6 +62,11 @@ from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 LOCAL_WORKER_ID = "local"
+# A model's call ids and tool names longer than this are not kept as they are.
+MAX_CALL_ID_CHARS = 256
+# Scheduling a response's calls gives the event loop a turn this often: a response with thousands
+# of calls must not stall every other session.
+_YIELD_EVERY = 64
 
 
 @dataclass
@@ -128,6 +142,8 @@ class Turn:
         # the policy says to ask about.
         self._added_at: dict[ScheduledCall, float] = {}
         self._asks: dict[ScheduledCall, Decision] = {}
+        # What the rest of the current response's calls may still add in arguments.
+        self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
 
     async def run(self, user_text: str) -> None:
         ctx = self.ctx
@@ -158,6 +174,7 @@ class Turn:
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         self._added_at.clear()
         self._asks.clear()
+        self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
         request = ModelRequest(
             model=ctx.model_name,
             system=ctx.settings.system_prompt,
@@ -165,7 +182,7 @@ class Turn:
             tools=list(tools.values()),
         )
         scheduler = TurnScheduler(
-            lambda call: self._execute(call, tools, scheduler),
+            lambda call: self._bounded(self._execute(call, tools, scheduler)),
             query_concurrency=ctx.settings.query_concurrency,
             stats=ctx.stats,
             on_finish=self._on_finish,
@@ -206,8 +223,12 @@ class Turn:
         finally:
             ctx.stats.finished(StatsLane.GENERATE, ok, time.monotonic() - started)
         assert response is not None, "a provider stream must end with a ModelResponse"
+        if len(response.text) > MAX_RESPONSE_TEXT_CHARS:
+            response = dataclasses.replace(response, text=cut(response.text, MAX_RESPONSE_TEXT_CHARS, "model text"))
         self.usage = self.usage + response.usage
         for index, call in enumerate(response.tool_calls[len(added):], start=len(added)):
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             added.append(self._schedule(index, call, tools))
             scheduler.add(added[-1])
         self._announce(step, response, added)
@@ -245,7 +266,13 @@ class Turn:
 
     def _schedule(self, index: int, call: ModelToolCall, tools: dict[str, ToolSpec]) -> ScheduledCall:
         spec = tools.get(call.name)
-        call_id = call.call_id or f"call_{uuid.uuid4().hex[:12]}"
+        call_id = call.call_id if 0 < len(call.call_id) <= MAX_CALL_ID_CHARS else f"call_{uuid.uuid4().hex[:12]}"
+        arguments_json, refusal = self._check_size(index, call)
+        if refusal is not None:
+            name = call.name[:MAX_CALL_ID_CHARS]
+            return ScheduledCall(index, call_id, name, arguments_json, None, refusal)
+        if spec is None and len(call.name) > MAX_CALL_ID_CHARS:
+            call = ModelToolCall(call.call_id, call.name[:MAX_CALL_ID_CHARS], call.arguments_json)
         policy = self.ctx.settings.permissions
         if spec is None and self._exists(call.name) and not policy.offers(call.name):
             rejection = ToolResult.error(
@@ -283,6 +310,33 @@ class Turn:
             self._asks[scheduled] = decision
         self._added_at[scheduled] = time.perf_counter()
         return scheduled
+
+    def _check_size(self, index: int, call: ModelToolCall) -> tuple[str, ToolResult | None]:
+        """The arguments to record for a call, and its error result when a limit refuses it: past
+        MAX_TOOL_CALLS_PER_RESPONSE calls, or arguments too large alone or with the response's
+        other calls. Arguments not kept are recorded as OMITTED_ARGUMENTS."""
+        size = len(call.arguments_json)
+        keep = size <= MAX_TOOL_ARGUMENTS_CHARS and size <= self._arguments_left
+        if keep:
+            self._arguments_left -= size
+        arguments = call.arguments_json if keep else OMITTED_ARGUMENTS
+        name = call.name[:MAX_CALL_ID_CHARS]
+        if index >= MAX_TOOL_CALLS_PER_RESPONSE:
+            why = (f"the response holds more than {MAX_TOOL_CALLS_PER_RESPONSE} tool calls, and this server runs "
+                   f"at most {MAX_TOOL_CALLS_PER_RESPONSE} per response; make fewer calls at a time")
+        elif size > MAX_TOOL_ARGUMENTS_CHARS:
+            why = (f"its arguments are {size:,} characters, over the limit of {MAX_TOOL_ARGUMENTS_CHARS:,}; "
+                   "write large content in several smaller calls (e.g. write, then edit to append)")
+        elif not keep:
+            why = (f"the arguments of this response's calls add up to more than {MAX_RESPONSE_ARGUMENTS_CHARS:,} "
+                   "characters; make fewer or smaller calls at a time")
+        else:
+            return arguments, None
+        return arguments, ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{name} was not run: {why}.")
+
+    @staticmethod
+    async def _bounded(running: Awaitable[ToolResult]) -> ToolResult:
+        return bound_result(await running)
 
     def _exists(self, tool_name: str) -> bool:
         return self.ctx.registry.get(tool_name) is not None or self.ctx.pool.offers(tool_name)
@@ -361,6 +415,7 @@ class Turn:
 
     async def _run_internal(self, call: ScheduledCall, spec: ToolSpec) -> ToolResult:
         ctx = self.ctx
+        denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
         on_workers = call.lane is Lane.QUERY and ctx.pool.offers(call.tool_name)
         if call.lane is Lane.QUERY and not on_workers and not ctx.local_fallback:
             return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
@@ -376,6 +431,7 @@ class Turn:
                     timeout=ctx.settings.query_timeout,
                     max_attempts=ctx.settings.max_attempts,
                     on_event=lambda event: self._on_pool_event(call, event),
+                    denied_paths=denied_paths,
                 )
             )
             if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
@@ -386,7 +442,7 @@ class Turn:
         timeout = ctx.settings.query_timeout if call.lane is Lane.QUERY else ctx.settings.execute_timeout
         try:
             result = await asyncio.wait_for(
-                ctx.registry.execute(call.tool_name, ctx.workspace, call.arguments_json), timeout
+                ctx.registry.execute(call.tool_name, ctx.workspace, call.arguments_json, denied_paths), timeout
             )
         except TimeoutError:
             return ToolResult.error(

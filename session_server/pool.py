@@ -62,6 +62,8 @@ class Assignment:
     workspace: str
     session_id: str
     deadline: float  # wall-clock seconds since the epoch
+    # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
+    denied_paths: tuple[str, ...] = ()
 
 
 class WorkerLink(Protocol):
@@ -106,6 +108,8 @@ class QueryCall:
     timeout: float = 60.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     on_event: Callable[[PoolEvent], None] | None = None
+    # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
+    denied_paths: tuple[str, ...] = ()
 
 
 class Visibility(enum.Enum):
@@ -496,6 +500,7 @@ class WorkerPool:
                 workspace=call.workspace,
                 session_id=call.session_id,
                 deadline=time.time() + max(remaining, 0.0),
+                denied_paths=call.denied_paths,
             )
         )
         if call.on_event is not None:

@@ -58,6 +58,10 @@ class ServerConfig:
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
+    # Directories clients may name `scripted:PATH` models in (none: clients name no script files).
+    scripts_dirs: list[Path] = field(default_factory=list)
+    # Directories sessions may open workspaces in (none: any directory the server can read).
+    workspace_roots: list[Path] = field(default_factory=list)
 
 
 class CodelaneServer:
@@ -95,6 +99,8 @@ class CodelaneServer:
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             subscriber_buffer=self.config.subscriber_buffer,
             generate_limit=self.config.max_llm_requests,
+            scripts_dirs=self.config.scripts_dirs,
+            workspace_roots=self.config.workspace_roots,
         )
         self.sessions.recover()
         self.pool.start()
@@ -114,12 +120,19 @@ class CodelaneServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        if self.config.tls_cert and self.config.tls_key:
-            self.port = server.add_secure_port(self.config.listen, self._server_credentials())
-        else:
-            self.port = server.add_insecure_port(self.config.listen)
+        try:
+            if self.config.tls_cert and self.config.tls_key:
+                self.port = server.add_secure_port(self.config.listen, self._server_credentials())
+            else:
+                self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            # SO_REUSEPORT is off (transport.SERVER_OPTIONS), so a port in use is refused here.
+            raise OSError(
+                f"cannot listen on {self.config.listen}: the address is in use (another codelane server?) "
+                "or not available on this host"
+            )
         await server.start()
         self._server = server
         for name in [*names[:3], ""]:

@@ -48,9 +48,10 @@ def normalise_relative(path: str) -> str:
 
 def ancestors_and_self(path: str) -> Iterable[str]:
     """`a/b/c`, then `a/b`, then `a`: what a deny of a directory also covers."""
-    while path and path not in (".", "/"):
+    yield path
+    while (parent := posixpath.dirname(path)) not in ("", path):
+        path = parent
         yield path
-        path = posixpath.dirname(path)
 
 
 def relative_to_root(root: str, path: str) -> str | None:

@@ -48,6 +48,7 @@ class _StreamLink:
             arguments_json=assignment.arguments_json,
             workspace=assignment.workspace,
             session_id=assignment.session_id,
+            denied_paths=assignment.denied_paths,
         )
         wire.set_timestamp(message.deadline, assignment.deadline)
         # No wake-up for the writer task: the pool flushes assignments from the task that made
