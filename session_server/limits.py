@@ -71,22 +71,32 @@ def bound_event(payload: _T) -> _T:
     return _shrink(payload)
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _size(value: Any, budget: int) -> int:
-    """Characters of the strings in `value`, counted until `budget` is passed."""
+    """Characters of the strings in `value`, counted until `budget` is passed. On the path of
+    every event, so it looks at types directly rather than through `dataclasses`."""
     kind = type(value)
     if kind is str:
         return len(value)
-    total = 0
-    if dataclasses.is_dataclass(value):
-        items: Any = value.__dict__.values()
+    if kind in _SCALARS:
+        return 0
+    if kind is dict:
+        items: Any = (*value, *value.values())
     elif kind is list or kind is tuple:
         items = value
-    elif kind is dict:
-        items = [*value.keys(), *value.values()]
+    elif hasattr(value, "__dataclass_fields__"):
+        items = _field_values(value).values()
     else:
         return 0
+    total = 0
     for item in items:
-        total += len(item) if type(item) is str else _size(item, budget - total)
+        item_kind = type(item)
+        if item_kind is str:
+            total += len(item)
+        elif item_kind not in _SCALARS:
+            total += _size(item, budget - total)
         if total > budget:
             break
     return total
@@ -96,10 +106,19 @@ def _shrink(value: Any) -> Any:
     kind = type(value)
     if kind is str:
         return cut(value, _CUT_STRING_CHARS, "event field")
-    if dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, **{k: _shrink(v) for k, v in value.__dict__.items() if _size(v, 0)})
+    if hasattr(value, "__dataclass_fields__"):
+        fields = {name: _shrink(item) for name, item in _field_values(value).items() if _size(item, 0)}
+        return dataclasses.replace(value, **fields)
     if kind is list or kind is tuple:
         return kind(_shrink(item) for item in value)
     if kind is dict:
         return {_shrink(k): _shrink(v) for k, v in value.items()}
     return value
+
+
+def _field_values(value: Any) -> dict[str, Any]:
+    """A dataclass's fields by name: its `__dict__` when it has one (fast), else by name (slots)."""
+    values = getattr(value, "__dict__", None)
+    if values is not None:
+        return values
+    return {name: getattr(value, name) for name in value.__dataclass_fields__}

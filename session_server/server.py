@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +39,32 @@ from tool_worker.registry import ToolRegistry
 log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
+
+
+def _refuse_port_in_use(listen: str) -> None:
+    """Raises OSError (one line) when another process listens on `listen` already.
+
+    gRPC would say so too, with SO_REUSEPORT off, but only after logging its own lines; this
+    checks first by binding the address the way gRPC will.
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0 or listen.startswith(("unix:", "unix-abstract:", "dns:")):
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # gRPC reports an unknown host itself
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"cannot listen on {listen}: the address is in use (is another codelane server running?)"
+                    ) from None
 
 
 @dataclass
@@ -120,6 +148,7 @@ class CodelaneServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
+        _refuse_port_in_use(self.config.listen)
         try:
             if self.config.tls_cert and self.config.tls_key:
                 self.port = server.add_secure_port(self.config.listen, self._server_credentials())
