@@ -23,7 +23,10 @@ from session_server.permissions import Action, PermissionPolicy
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ToolFailure
 
-PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# No example database: the suite leaves nothing behind in the checkout.
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +144,8 @@ def test_an_allowed_shell_line_runs_only_what_the_rule_names(tmp_path: Path) -> 
                                   f'printf "arg %s\\n" "$@" >> "{log}"\n')
         (stubs / name).chmod(0o755)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(TOKENS, max_size=9))
     def check(tokens: list[str]) -> None:
         command = " ".join(["git", *tokens])
