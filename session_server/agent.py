@@ -203,6 +203,8 @@ class Turn:
                         texts.append(item.text)
                         ctx.emit(TextDelta(item.text, step))
                     elif isinstance(item, ToolCallReady):
+                        if item.index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                            await asyncio.sleep(0)
                         # Only a leading run of Query calls starts before the response is complete:
                         # nothing with side effects runs on a response that may still fail.
                         if len(added) == item.index and self._early_ok(item.call, tools, added):
