@@ -211,8 +211,9 @@ class SessionManager:
         if not text.strip():
             raise ValueError("text is empty: send the user's message")
         check_prompt(text)
-        # A session created before the operator narrowed --workspace-root runs no more turns.
-        resolve_workspace(record.workspace, self.workspace_roots)
+        if self.workspace_roots:
+            # A session created before the operator narrowed --workspace-root runs no more turns.
+            resolve_workspace(record.workspace, self.workspace_roots)
         settings = SessionSettings.from_dict(record.config)
         try:
             provider, model_name = self.models.provider(settings.model)
