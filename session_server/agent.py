@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,15 @@ from session_server.events import (
 )
 from session_server.external import ExternalTasks
 from session_server.history import History
+from session_server.limits import (
+    MAX_RESPONSE_ARGUMENTS_CHARS,
+    MAX_RESPONSE_TEXT_CHARS,
+    MAX_TOOL_ARGUMENTS_CHARS,
+    MAX_TOOL_CALLS_PER_RESPONSE,
+    OMITTED_ARGUMENTS,
+    bound_result,
+    cut,
+)
 from session_server.llm.base import (
     ModelError,
     ModelProvider,
@@ -57,6 +66,11 @@ from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 log = logging.getLogger(__name__)
 
 LOCAL_WORKER_ID = "local"
+# A model's call ids and tool names longer than this are not kept as they are.
+MAX_CALL_ID_CHARS = 256
+# Scheduling a response's calls gives the event loop a turn this often: a response with thousands
+# of calls must not stall every other session.
+_YIELD_EVERY = 64
 
 
 @dataclass
@@ -105,6 +119,8 @@ class Turn:
         self.tool_calls = 0
         # Why a cancellation ends the turn: a user's CancelTurn, or the server stopping.
         self.cancel_reason = "cancelled"
+        # What the rest of the current response's calls may still add in arguments.
+        self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
 
     async def run(self, user_text: str) -> None:
         """Runs the turn to its end. Whatever happens, it ends with one TurnFinished: a model
@@ -141,6 +157,7 @@ class Turn:
         ctx = self.ctx
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         asks: dict[ToolCall, Decision] = {}
+        self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
         request = ModelRequest(
             model=ctx.model_name,
             system=ctx.settings.system_prompt,
@@ -148,7 +165,7 @@ class Turn:
             tools=list(tools.values()),
         )
         scheduler = TurnScheduler(
-            lambda call: self._execute(call, asks), query_concurrency=ctx.settings.query_concurrency
+            lambda call: self._bounded(self._execute(call, asks)), query_concurrency=ctx.settings.query_concurrency
         )
         calls: list[ToolCall] = []
         texts: list[str] = []
@@ -166,6 +183,8 @@ class Turn:
                         texts.append(item.text)
                         ctx.emit(TextDelta(item.text, step))
                     elif isinstance(item, ToolCallReady):
+                        if item.index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                            await asyncio.sleep(0)
                         # Only a leading run of Query calls starts before the response is complete:
                         # nothing with side effects runs on a response that may still fail.
                         if len(calls) == item.index and self._early_ok(item.call, tools, calls):
@@ -190,8 +209,14 @@ class Turn:
         finally:
             ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
         try:
+            if len(response.text) > MAX_RESPONSE_TEXT_CHARS:
+                response = dataclasses.replace(
+                    response, text=cut(response.text, MAX_RESPONSE_TEXT_CHARS, "model text")
+                )
             self.usage = self.usage + response.usage
             for index, model_call in enumerate(response.tool_calls[len(calls):], start=len(calls)):
+                if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
                 calls.append(self._make_call(index, model_call, tools, asks))
                 scheduler.add(calls[-1])
             self._announce(step, response, calls)
@@ -234,10 +259,17 @@ class Turn:
                    asks: dict[ToolCall, Decision]) -> ToolCall:
         """The call's owner, with its rejection when it must not run."""
         ctx = self.ctx
-        call_id = model_call.call_id or f"call_{uuid.uuid4().hex[:12]}"
+        call_id = model_call.call_id
+        if not 0 < len(call_id) <= MAX_CALL_ID_CHARS:
+            call_id = f"call_{uuid.uuid4().hex[:12]}"
+        arguments_json, refusal = self._check_size(index, model_call)
+        if refusal is not None or len(model_call.name) > MAX_CALL_ID_CHARS:
+            model_call = ModelToolCall(model_call.call_id, model_call.name[:MAX_CALL_ID_CHARS], arguments_json)
         spec = tools.get(model_call.name)
         arguments, rejection, decision = None, None, None
-        if spec is None:
+        if refusal is not None:
+            rejection = refusal
+        elif spec is None:
             rejection = self._unavailable(model_call.name, tools)
         else:
             try:
@@ -271,6 +303,33 @@ class Turn:
         if decision is not None and decision.action is Action.ASK and rejection is None:
             asks[call] = decision
         return call
+
+    def _check_size(self, index: int, call: ModelToolCall) -> tuple[str, ToolResult | None]:
+        """The arguments to record for a call, and its error result when a limit refuses it: past
+        MAX_TOOL_CALLS_PER_RESPONSE calls, or arguments too large alone or with the response's
+        other calls. Arguments not kept are recorded as OMITTED_ARGUMENTS."""
+        size = len(call.arguments_json)
+        keep = size <= MAX_TOOL_ARGUMENTS_CHARS and size <= self._arguments_left
+        if keep:
+            self._arguments_left -= size
+        arguments = call.arguments_json if keep else OMITTED_ARGUMENTS
+        name = call.name[:MAX_CALL_ID_CHARS]
+        if index >= MAX_TOOL_CALLS_PER_RESPONSE:
+            why = (f"the response holds more than {MAX_TOOL_CALLS_PER_RESPONSE} tool calls, and this server runs "
+                   f"at most {MAX_TOOL_CALLS_PER_RESPONSE} per response; make fewer calls at a time")
+        elif size > MAX_TOOL_ARGUMENTS_CHARS:
+            why = (f"its arguments are {size:,} characters, over the limit of {MAX_TOOL_ARGUMENTS_CHARS:,}; "
+                   "write large content in several smaller calls (e.g. write, then edit to append)")
+        elif not keep:
+            why = (f"the arguments of this response's calls add up to more than {MAX_RESPONSE_ARGUMENTS_CHARS:,} "
+                   "characters; make fewer or smaller calls at a time")
+        else:
+            return arguments, None
+        return arguments, ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{name} was not run: {why}.")
+
+    @staticmethod
+    async def _bounded(running: Awaitable[ToolResult]) -> ToolResult:
+        return bound_result(await running)
 
     def _effects(self, tool_name: str, arguments: dict[str, Any] | None) -> Effects:
         """What the call may touch, from its tool's declaration (one of ours; a tool only a worker
@@ -356,6 +415,7 @@ class Turn:
 
     async def _run_internal(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
+        denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
         if call.lane is Lane.QUERY:
             if ctx.pool.offers(call.tool_name):
                 result = await ctx.pool.dispatch(
@@ -369,6 +429,7 @@ class Turn:
                         timeout=ctx.settings.query_timeout,
                         max_attempts=ctx.settings.max_attempts,
                         observer=call,
+                        denied_paths=denied_paths,
                     )
                 )
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
@@ -381,7 +442,9 @@ class Turn:
         timeout = ctx.settings.lane_timeout(call.lane)
         try:
             async with asyncio.timeout(timeout):
-                result = await ctx.registry.execute(call.tool_name, ctx.workspace, call.info.arguments_json)
+                result = await ctx.registry.execute(
+                    call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths
+                )
         except TimeoutError:
             result = ToolResult.error(
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from session_server.external import DEFAULT_EXTERNAL_TASK_TIMEOUT
-from session_server.llm.factory import load_script, parse_model
-from session_server.llm.script import ScriptError
+from session_server.llm.factory import parse_model
 from session_server.permissions import DEFAULT_CONFIRMATION_TIMEOUT, PermissionPolicy, PolicyError
 from tool_worker.tools.base import Lane
 
@@ -122,27 +122,37 @@ class SettingsRequest:
     unsupported: list[tuple[str, str]] = field(default_factory=list)
 
 
-def resolve_workspace(workspace: str) -> Path:
+# Longer than any path the kernel accepts: refused before it reaches the file system.
+MAX_WORKSPACE_BYTES = 4096
+
+
+def resolve_workspace(workspace: str, roots: Sequence[Path] = ()) -> Path:
+    """The workspace with its symlinks resolved. With `roots` (the server's --workspace-root, each
+    already resolved), it must lie inside one of them, which is checked after resolving, so a link
+    cannot lead out. Raises InvalidArgument("workspace", ...)."""
     if not workspace.strip():
         raise InvalidArgument("workspace", "is empty: give the path of a directory on the server's machine")
+    if len(workspace.encode("utf-8", "surrogateescape")) > MAX_WORKSPACE_BYTES or "\0" in workspace:
+        raise InvalidArgument(
+            "workspace", f"is not a usable path (longer than {MAX_WORKSPACE_BYTES} bytes, or with a NUL byte)"
+        )
     path = Path(workspace).expanduser()
     if not path.is_absolute():
         raise InvalidArgument("workspace", f"{workspace!r} is not an absolute path")
-    if not path.is_dir():
-        raise InvalidArgument("workspace", f"{workspace} does not exist or is not a directory on the server")
-    return path.resolve()
-
-
-def validate_model(model: str) -> None:
     try:
-        spec = parse_model(model)
-    except ValueError as exc:
-        raise InvalidArgument("config.model", str(exc)) from None
-    if spec.provider == "scripted":
-        try:
-            load_script(spec.name)
-        except ScriptError as exc:
-            raise InvalidArgument("config.model", str(exc)) from None
+        real = path.resolve()
+        is_dir = real.is_dir()
+    except (OSError, RuntimeError):
+        is_dir = False
+    if roots and (not is_dir or not any(real == root or root in real.parents for root in roots)):
+        # Whether a path outside the roots exists is none of the client's business.
+        raise InvalidArgument(
+            "workspace", f"{workspace} is not inside a directory this server allows sessions in "
+            f"(--workspace-root: {', '.join(map(str, roots))})"
+        )
+    if not is_dir:
+        raise InvalidArgument("workspace", f"{workspace} does not exist or is not a directory on the server")
+    return real
 
 
 def _bounded(field_name: str, value: float, low: float, high: float) -> None:
@@ -150,14 +160,24 @@ def _bounded(field_name: str, value: float, low: float, high: float) -> None:
         raise InvalidArgument(field_name, f"{value:g} is out of range [{low:g}, {high:g}]")
 
 
-def build_settings(request: SettingsRequest, default_model: str) -> SessionSettings:
-    """Defaults filled in, every field checked. Raises InvalidArgument naming the field."""
+def build_settings(
+    request: SettingsRequest, default_model: str, known_tools: Collection[str] | None = None
+) -> SessionSettings:
+    """Defaults filled in, every field checked. Raises InvalidArgument naming the field.
+
+    The model string is checked for its form only; whether this client may use it, and whether
+    its script loads, is `session_server.models.Models.check`, which reads files (off the event
+    loop). With `known_tools`, permission rules must name one of them.
+    """
     for field_name, message in request.unsupported:
         raise InvalidArgument(field_name, message)
     model = request.model or default_model
     if not model:
         raise InvalidArgument("config.model", "is empty and the server has no default model (--model)")
-    validate_model(model)
+    try:
+        parse_model(model)
+    except ValueError as exc:
+        raise InvalidArgument("config.model", str(exc)) from None
     _bounded("config.max_turns", request.max_turns, 0, MAX_MAX_TURNS)
     _bounded("config.queue.query_concurrency", request.query_concurrency, 0, MAX_QUERY_CONCURRENCY)
     _bounded("config.queue.max_attempts", request.max_attempts, 0, MAX_MAX_ATTEMPTS)
@@ -179,11 +199,11 @@ def build_settings(request: SettingsRequest, default_model: str) -> SessionSetti
         query_mode=request.query_mode or LaneMode.INTERNAL,
         execute_mode=request.execute_mode or LaneMode.INTERNAL,
         external_task_timeout=request.external_task_timeout or DEFAULT_EXTERNAL_TASK_TIMEOUT,
-        permissions=build_policy(request.permissions),
+        permissions=build_policy(request.permissions, known_tools),
     )
 
 
-def build_policy(request: PermissionsRequest | None) -> PermissionPolicy:
+def build_policy(request: PermissionsRequest | None, known_tools: Collection[str] | None = None) -> PermissionPolicy:
     """The policy with defaults filled in. Raises InvalidArgument naming e.g. config.permissions.deny[1]."""
     if request is None:
         return PermissionPolicy()
@@ -198,6 +218,7 @@ def build_policy(request: PermissionsRequest | None) -> PermissionPolicy:
             default_action=request.default_action or "allow",
             confirmation_timeout=timeout or DEFAULT_CONFIRMATION_TIMEOUT,
             timeout_action=request.timeout_action or "deny",
+            known_tools=known_tools,
         )
     except PolicyError as exc:
         raise InvalidArgument(f"config.permissions.{exc.field}", exc.message) from None

@@ -10,13 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
+from codelane.transport import address_option
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tool_worker.child_watcher import pidfd_child_watcher
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codelane server", description="Run a codelane session server.")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--listen", default="127.0.0.1:50051", type=address_option,
+                   help="address to listen on, HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--data-dir", type=Path, default=Path(".codelane"), help="where sessions and events are stored")
     p.add_argument(
         "--local-workers", type=int, default=2, help="tool-worker processes to start on this host (default 2)"
@@ -35,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"), help="bearer token clients must send")
     p.add_argument(
         "--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"), help="bearer token workers must send"
+    )
+    p.add_argument(
+        "--scripts-dir", action="append", default=[], type=Path, metavar="DIR",
+        help="directory clients may name scripted:PATH models in (repeatable; default: none, clients name no "
+        "script files; --model's own script is always allowed)",
+    )
+    p.add_argument(
+        "--workspace-root", action="append", default=[], type=Path, metavar="DIR",
+        help="directory sessions may open workspaces in, symlinks resolved (repeatable; default: any directory "
+        "this server can read)",
     )
     p.add_argument("--tls-cert", help="server certificate (enables TLS)")
     p.add_argument("--tls-key", help="server private key")
@@ -60,6 +72,11 @@ def main(argv: list[str]) -> int:
     if args.local_workers < 0 or args.max_llm_requests < 1:
         print("codelane server: --local-workers must be >= 0 and --max-llm-requests >= 1", file=sys.stderr)
         return 2
+    for flag, directories in (("--scripts-dir", args.scripts_dir), ("--workspace-root", args.workspace_root)):
+        missing = [str(d) for d in directories if not d.is_dir()]
+        if missing:
+            print(f"codelane server: {flag} {missing[0]} is not a directory", file=sys.stderr)
+            return 2
     config = ServerConfig(
         listen=args.listen,
         data_dir=args.data_dir,
@@ -75,6 +92,8 @@ def main(argv: list[str]) -> int:
         local_fallback=not args.no_local_fallback,
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
+        scripts_dirs=args.scripts_dir,
+        workspace_roots=args.workspace_root,
     )
     try:
         asyncio.run(_serve(config))

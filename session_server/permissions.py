@@ -1,6 +1,7 @@
 """Permission policies: which tool calls run, which are refused, which wait for a confirmation.
 
-Pure domain logic: no grpc, no I/O, no clock.
+Pure domain logic: no grpc, no clock. The only I/O is resolving symlinks of the paths a call
+names, exactly as the tools' sandbox (`tool_worker.sandbox`) resolves them.
 
 A rule is `tool` (every call of the tool) or `tool(glob)`: calls whose *subject* matches the glob.
 The subject of a call is its main argument, given per tool by `SUBJECTS`:
@@ -8,7 +9,7 @@ The subject of a call is its main argument, given per tool by `SUBJECTS`:
 | tool                      | subject argument(s)             | kind    |
 | ------------------------- | ------------------------------- | ------- |
 | bash                      | command                         | command |
-| execute                   | argv (joined as a shell line)   | command |
+| execute                   | argv (joined with spaces)       | command |
 | read, write, edit         | file_path (or path)             | path    |
 | delete                    | path (or file_path)             | path    |
 | move, copy                | source and destination, both    | path    |
@@ -17,37 +18,54 @@ The subject of a call is its main argument, given per tool by `SUBJECTS`:
 | search                    | query                           | text    |
 
 Globs are fnmatch-style. For `command` and `text` subjects `*` matches anything, `/` included
-(`bash(git *)`, `grep(*password*)`). For `path` subjects `*` and `?` stay within one path
-segment and `**` crosses segments (`write(src/**)`, `read(**/*.env)`); `src/**` also matches
-`src` itself. Paths are normalised first: an absolute path inside the workspace is made
-relative to it, and `.` and `..` are resolved, so `src/../secrets/key` is `secrets/key`.
+(`bash(git *)`, `grep(*password*)`). For `path` subjects the glob syntax is that of
+`tool_worker.denied` (`*` and `?` within one segment, `**` across segments, `write(src/**)`,
+`read(**/*.env)`); `src/**` also matches `src` itself. Paths are normalised first (an absolute
+path inside the workspace is made relative to it; `.` and `..` are resolved) and checked twice:
+as named, and with every symlink resolved. A deny or ask rule matches when either form, or a
+directory above it, matches; an allow rule only when both forms do.
 
-A command is split at shell control operators (`;`, `&`, `&&`, `|`, `||`, newline) into
-segments. A deny or ask rule matches when it matches the whole command or any segment; an allow
-rule set matches only when every segment is matched by some allow glob, and never a command that
-substitutes another (`$(...)`, backticks, `<(...)`): `bash(git *)` allows `git status` but not
-`git status && rm -rf build`. The split ignores quoting, which can only make it stricter. Move
-and copy work the same way on their two paths: deny if either path matches, allow only if both
-do.
+Path rules protect what a call touches, not only the tool named: `read(glob)` and `write(glob)`
+deny and ask rules apply to every tool, by the paths the call reads or writes (`copy` reads its
+source and writes its destination, `edit` reads and writes, `grep`, `glob`, `ls`, `list_files`
+and `search` read their directory, a shell command reads and writes its redirections' files and
+may read any word it mentions). Listing and search tools also leave the paths denied by
+`read(glob)` out of their results: those globs travel with each call (`denied_paths`).
+
+Shell commands (`bash`) are read with a real parser (`session_server.shell`). Each simple
+command, in a list, a pipeline, a subshell or a substitution, is a piece of its own:
+- a deny or ask rule matches when it matches the whole line or any piece;
+- an allow rule set vouches for a line only when every piece is matched by some allow glob,
+  every file redirection by an allow `write(glob)` (output) or `read(glob)` (input) rule, and
+  nothing in it is known only at run time where a wildcard stands (a `$VAR`, a `> $OUT`);
+- a prefix rule never covers an option that writes or runs something where its wildcard stands:
+  `bash(git *)` allows `git status` but not `git status > x`, `git -c alias.x=... x`,
+  `git log --output=x` or `git status && rm -rf build` (`session_server.shell.WRITING_OPTIONS`).
+Move and copy work the same way on their two paths: deny if either path matches, allow only if
+both do.
 
 Precedence: deny beats allow beats ask beats the default action (ALLOW unless configured).
 Tools no call of which could ever run (a bare deny rule, or a DENY default and no allow or ask
-rule naming the tool) are not offered to the model at all (`offers`).
+rule naming the tool) are not offered to the model at all (`offers`). A rule naming a tool the
+server does not know is refused when the policy is parsed with `known_tools`.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
+import os
 import posixpath
 import re
-import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
-from tool_worker.tools.globs import translate_glob
+from session_server.shell import Access, ShellLine, SimpleCommand, argv_line, parse_shell, writing_option
+from tool_worker.denied import ancestors_and_self, compile_path_glob, normalise_relative, relative_to_root
+from tool_worker.sandbox import resolve_in_workspace
+from tool_worker.tools.base import ToolFailure
 
 DEFAULT_CONFIRMATION_TIMEOUT = 60.0
 
@@ -100,9 +118,12 @@ SUBJECTS: Mapping[str, tuple[SubjectArgument, ...]] = {
     "search": (SubjectArgument(("query",), _TEXT),),
 }
 
+# Rules on these tools' globs also apply to every other tool, by the paths a call reads or writes.
+ACCESS_RULES = {"read": Access.READ, "write": Access.WRITE}
+
 _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", re.DOTALL)
-_SHELL_SEPARATOR = re.compile(r"&&|\|\||[;&|\n]")
-_SHELL_SUBSTITUTION = re.compile(r"\$\(|`|<\(|>\(")
+# Where a command glob's wildcards start: words past it are covered by a wildcard.
+_WILDCARD = re.compile(r"[*?\[]")
 
 
 class PolicyError(ValueError):
@@ -124,8 +145,9 @@ class Rule:
     source: str
 
     @classmethod
-    def parse(cls, text: str, source: str) -> Rule:
-        """Raises PolicyError(source, ...) when `text` is not `tool` or `tool(glob)`."""
+    def parse(cls, text: str, source: str, known_tools: Collection[str] | None = None) -> Rule:
+        """Raises PolicyError(source, ...) when `text` is not `tool` or `tool(glob)`, or (given
+        `known_tools`) names a tool the server does not have."""
         stripped = text.strip()
         match = _RULE.fullmatch(stripped)
         if match is None:
@@ -134,6 +156,11 @@ class Rule:
                 "`write(src/**)`"
             )
         tool, glob = match["tool"], match["glob"]
+        if known_tools is not None and tool not in known_tools:
+            raise PolicyError(
+                source, f"{text!r} names an unknown tool {tool!r} (tool names are case-sensitive); known tools: "
+                f"{', '.join(sorted(known_tools))}"
+            )
         if glob is not None and not glob.strip():
             raise PolicyError(source, f"{text!r} has an empty glob: write `{tool}` to match every call of {tool}")
         if glob is not None and tool not in SUBJECTS:
@@ -141,13 +168,37 @@ class Rule:
                 source, f"{text!r}: {tool} has no argument a glob can match (globs work for "
                 f"{', '.join(sorted(SUBJECTS))}); write the bare rule `{tool}`"
             )
+        if glob is not None and SUBJECTS[tool][0].kind is SubjectKind.PATH:
+            glob = _normalise_rule_path(glob.strip())
         return cls(stripped, tool, glob.strip() if glob is not None else None, source)
 
-    def matches_piece(self, kind: SubjectKind, value: str) -> bool:
+    def matches_path(self, path: str) -> bool:
         assert self.glob is not None
-        if kind is SubjectKind.PATH:
-            return _path_glob(_normalise_rule_path(self.glob)).fullmatch(value) is not None
+        return compile_path_glob(self.glob).fullmatch(path) is not None
+
+    def denies_path(self, path: str) -> bool:
+        """The path, or a directory above it, matches: what a deny or ask rule protects."""
+        return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
+
+    def matches_text(self, value: str) -> bool:
+        assert self.glob is not None
         return fnmatchcase(value, self.glob)
+
+    def covers(self, command: SimpleCommand) -> bool:
+        """An allow glob vouching for one simple command: the glob matches its text, and no word
+        where the glob's wildcard stands writes, runs something, or is known only at run time."""
+        assert self.glob is not None
+        if not fnmatchcase(command.text, self.glob):
+            return False
+        wildcard = _WILDCARD.search(self.glob)
+        literal = wildcard.start() if wildcard else len(self.glob)
+        offset = 0
+        for word, expanded in zip(command.words, command.expanded, strict=True):
+            end = offset + len(word)
+            if end > literal and (expanded or writing_option(command, word)):
+                return False
+            offset = end + 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -166,12 +217,21 @@ class Decision:
 @dataclass(frozen=True)
 class _Subject:
     kind: SubjectKind
-    # The whole value: a path (normalised), a command line, a text.
-    whole: str
-    # What allow globs must each match: the command's segments, or just the whole value.
-    pieces: tuple[str, ...]
-    # A command substituting another: allow globs cannot vouch for it.
-    opaque: bool = False
+    # PATH: the path as named (normalised) and, when it differs, with symlinks resolved.
+    # TEXT: the value. COMMAND: the raw command line.
+    forms: tuple[str, ...]
+    # COMMAND only: the parsed line.
+    shell: ShellLine | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What the rules look at in one call."""
+
+    tool: str
+    subjects: tuple[_Subject, ...]
+    # Every path the call reads or writes (or, for a shell, may), each in its forms.
+    accesses: tuple[tuple[Access, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -202,12 +262,14 @@ class PermissionPolicy:
         default_action: Action | str = Action.ALLOW,
         confirmation_timeout: float = DEFAULT_CONFIRMATION_TIMEOUT,
         timeout_action: Action | str = Action.DENY,
+        known_tools: Collection[str] | None = None,
     ) -> PermissionPolicy:
-        """Raises PolicyError naming the bad field, e.g. "allow[1]"."""
+        """Raises PolicyError naming the bad field, e.g. "allow[1]". With `known_tools`, a rule
+        naming any other tool is an error (`--deny Bash` would otherwise deny nothing)."""
         return cls(
-            allow=_parse_rules(allow, "allow"),
-            deny=_parse_rules(deny, "deny"),
-            ask=_parse_rules(ask, "ask"),
+            allow=_parse_rules(allow, "allow", known_tools),
+            deny=_parse_rules(deny, "deny", known_tools),
+            ask=_parse_rules(ask, "ask", known_tools),
             default_action=_action(default_action, "default_action"),
             confirmation_timeout=float(confirmation_timeout),
             timeout_action=_action(timeout_action, "timeout_action"),
@@ -225,18 +287,34 @@ class PermissionPolicy:
             return any(r.tool == tool for r in (*self.allow, *self.ask))
         return True
 
+    def denied_paths(self, workspace: str | None = None) -> tuple[str, ...]:
+        """The globs of the `read(glob)` deny rules, relative to the workspace: what listing and
+        search tools leave out of their results (the syntax of `tool_worker.denied`)."""
+        globs = []
+        for rule in self.deny:
+            if rule.tool == "read" and rule.glob is not None:
+                glob = rule.glob
+                if workspace and glob.startswith("/"):
+                    inside = relative_to_root(posixpath.normpath(workspace), glob)
+                    if inside is None:
+                        continue  # outside the workspace: no tool lists it anyway
+                    glob = inside
+                globs.append(glob)
+        return tuple(dict.fromkeys(globs))
+
     def decide(self, tool: str, arguments: Mapping[str, Any], workspace: str | None = None) -> Decision:
-        """The action for one call. `workspace` makes absolute paths inside it relative."""
+        """The action for one call. `workspace` makes absolute paths inside it relative, and lets
+        symlinks be resolved as the tools will resolve them."""
         if self.allows_everything:
             return Decision(Action.ALLOW)
-        subjects = call_subjects(tool, arguments, workspace)
-        rule = _any_match(self.deny, tool, subjects)
+        call = _describe_call(tool, arguments, workspace)
+        rule = _any_match(self.deny, call)
         if rule is not None:
             return Decision(Action.DENY, rule)
-        rule = _every_match(self.allow, tool, subjects)
+        rule = _every_match(self.allow, call, workspace)
         if rule is not None:
             return Decision(Action.ALLOW, rule)
-        rule = _any_match(self.ask, tool, subjects)
+        rule = _any_match(self.ask, call)
         if rule is not None:
             return Decision(Action.ASK, rule)
         return Decision(self.default_action)
@@ -263,65 +341,155 @@ class PermissionPolicy:
         )
 
 
-def call_subjects(tool: str, arguments: Mapping[str, Any], workspace: str | None = None) -> list[_Subject]:
-    """The subjects of a call, per `SUBJECTS`; empty for tools without one or missing arguments."""
-    subjects = []
-    for argument in SUBJECTS.get(tool, ()):
+# What each tool reads and writes, by subject argument (in SUBJECTS order).
+_ACCESSES: Mapping[str, tuple[tuple[Access, ...], ...]] = {
+    "read": ((Access.READ,),),
+    "write": ((Access.WRITE,),),
+    "edit": ((Access.READ, Access.WRITE),),
+    "delete": ((Access.WRITE,),),
+    "move": ((Access.WRITE,), (Access.WRITE,)),
+    "copy": ((Access.READ,), (Access.WRITE,)),
+    "ls": ((Access.READ,),),
+    "list_files": ((Access.READ,),),
+}
+# Tools that read a directory whose argument is not their subject.
+_DIRECTORY_READERS = frozenset({"grep", "glob", "search"})
+
+
+def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | None) -> _Call:
+    subjects: list[_Subject] = []
+    accesses: list[tuple[Access, tuple[str, ...]]] = []
+    for position, argument in enumerate(SUBJECTS.get(tool, ())):
         value = next((arguments[n] for n in argument.names if arguments.get(n) not in (None, "")), argument.default)
         if value is None:
             continue
         if argument.kind is SubjectKind.COMMAND:
-            command = shlex.join(str(v) for v in value) if isinstance(value, list) else str(value)
-            subjects.append(_command_subject(command))
+            shell = argv_line(value) if isinstance(value, list) else parse_shell(str(value))
+            subjects.append(_Subject(SubjectKind.COMMAND, (shell.raw,), shell))
+            for redirection in shell.redirections:
+                if redirection.target is not None:
+                    accesses.append((redirection.access, _path_forms(redirection.target, workspace)))
+            accesses += [(Access.READ, _path_forms(word, workspace)) for word in shell.mentioned_paths()]
         elif argument.kind is SubjectKind.PATH:
-            path = _normalise_path(str(value), workspace)
-            subjects.append(_Subject(SubjectKind.PATH, path, (path,)))
+            forms = _path_forms(str(value), workspace)
+            subjects.append(_Subject(SubjectKind.PATH, forms))
+            accesses += [(access, forms) for access in _ACCESSES.get(tool, ((),))[position]]
         else:
-            subjects.append(_Subject(SubjectKind.TEXT, str(value), (str(value),)))
-    return subjects
+            subjects.append(_Subject(SubjectKind.TEXT, (str(value),)))
+    if tool in _DIRECTORY_READERS:
+        directory = arguments.get("path") or "."
+        accesses.append((Access.READ, _path_forms(str(directory), workspace)))
+    return _Call(tool, tuple(subjects), tuple(accesses))
 
 
-def _command_subject(command: str) -> _Subject:
-    whole = command.strip()
-    pieces = tuple(p.strip() for p in _SHELL_SEPARATOR.split(whole) if p.strip())
-    return _Subject(SubjectKind.COMMAND, whole, pieces or (whole,), _SHELL_SUBSTITUTION.search(whole) is not None)
+def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
+    """The path as named (normalised) and, when it differs, with its symlinks resolved the way the
+    sandbox resolves them (relative to the real workspace root; absolute when outside it)."""
+    named = _normalise_path(path, workspace)
+    if not workspace or len(path) > 4096 or "\0" in path:
+        return (named,)
+    try:
+        resolved = str(resolve_in_workspace(Path(workspace), path.strip()))
+    except ToolFailure:
+        return (named,)
+    relative = relative_to_root(os.path.realpath(workspace), resolved)
+    real = normalise_relative(relative) if relative is not None else resolved
+    return (named,) if real == named else (named, real)
 
 
-def _any_match(rules: Iterable[Rule], tool: str, subjects: list[_Subject]) -> Rule | None:
-    """The first rule matching the call at all: bare, or its glob on any subject or piece."""
+def _any_match(rules: Iterable[Rule], call: _Call) -> Rule | None:
+    """The first rule matching the call at all: bare, or its glob on any subject, piece or path."""
     for rule in rules:
-        if rule.tool != tool:
-            continue
         if rule.glob is None:
+            if rule.tool == call.tool:
+                return rule
+            continue
+        access = ACCESS_RULES.get(rule.tool)
+        if access is not None and any(
+            kind is access and any(rule.denies_path(form) for form in forms) for kind, forms in call.accesses
+        ):
             return rule
-        for subject in subjects:
-            if any(rule.matches_piece(subject.kind, v) for v in {subject.whole, *subject.pieces}):
+        if rule.tool != call.tool:
+            continue
+        for subject in call.subjects:
+            if subject.kind is SubjectKind.PATH:
+                if any(rule.denies_path(form) for form in subject.forms):
+                    return rule
+            elif subject.kind is SubjectKind.TEXT:
+                if rule.matches_text(subject.forms[0]):
+                    return rule
+            elif any(rule.matches_text(text) for text in _command_texts(subject)):
                 return rule
     return None
 
 
-def _every_match(rules: Sequence[Rule], tool: str, subjects: list[_Subject]) -> Rule | None:
+def _command_texts(subject: _Subject) -> Iterable[str]:
+    """What deny and ask command globs are matched against: the whole line, and each command as
+    written and with its program named without its directory (`/bin/rm` is `rm`)."""
+    yield subject.forms[0]
+    assert subject.shell is not None
+    for command in subject.shell.commands:
+        yield command.text
+        words = list(command.words)
+        while words and "=" in words[0] and words[0].partition("=")[0].isidentifier():
+            words.pop(0)
+        if words:
+            yield " ".join([posixpath.basename(words[0]), *words[1:]])
+
+
+def _every_match(rules: Sequence[Rule], call: _Call, workspace: str | None) -> Rule | None:
     """A rule set vouching for the whole call: a bare rule, or globs matching every piece."""
-    mine = [r for r in rules if r.tool == tool]
+    mine = [r for r in rules if r.tool == call.tool]
     bare = next((r for r in mine if r.glob is None), None)
     if bare is not None:
         return bare
-    if not subjects or any(s.opaque for s in subjects):
+    if not call.subjects:
         return None
     first: Rule | None = None
-    for subject in subjects:
-        for piece in subject.pieces:
-            rule = next((r for r in mine if r.matches_piece(subject.kind, piece)), None)
+    for subject in call.subjects:
+        if subject.kind is SubjectKind.COMMAND:
+            vouching = _vouch_for_shell(mine, rules, subject.shell, workspace)
+            if vouching is None:
+                return None
+            first = first or vouching
+            continue
+        for form in subject.forms:
+            if subject.kind is SubjectKind.PATH:
+                rule = next((r for r in mine if r.matches_path(form)), None)
+            else:
+                rule = next((r for r in mine if r.matches_text(form)), None)
             if rule is None:
                 return None
             first = first or rule
     return first
 
 
-def _parse_rules(texts: Sequence[str], name: str) -> tuple[Rule, ...]:
+def _vouch_for_shell(
+    mine: Sequence[Rule], rules: Sequence[Rule], shell: ShellLine | None, workspace: str | None
+) -> Rule | None:
+    """The first allow rule of a shell line every part of which some allow rule covers."""
+    if shell is None or shell.opaque is not None or not shell.commands:
+        return None
+    first: Rule | None = None
+    for command in shell.commands:
+        rule = next((r for r in mine if r.covers(command)), None)
+        if rule is None:
+            return None
+        first = first or rule
+    for redirection in shell.redirections:
+        if redirection.target is None:
+            return None
+        path_rules = [r for r in rules if r.glob is not None and ACCESS_RULES.get(r.tool) is redirection.access]
+        for form in _path_forms(redirection.target, workspace):
+            if not any(r.matches_path(form) for r in path_rules):
+                return None
+    return first
+
+
+def _parse_rules(texts: Sequence[str], name: str, known_tools: Collection[str] | None) -> tuple[Rule, ...]:
     if isinstance(texts, str):
         raise PolicyError(name, "must be a list of rules, not one string")
-    return tuple(Rule.parse(text, f"{name}[{i}]") for i, text in enumerate(texts))
+    return tuple(Rule.parse(text, f"{name}[{i}]", known_tools) for i, text in enumerate(texts))
 
 
 def _action(value: Action | str, name: str) -> Action:
@@ -334,27 +502,13 @@ def _action(value: Action | str, name: str) -> Action:
 def _normalise_path(path: str, workspace: str | None) -> str:
     path = path.strip()
     if workspace and path.startswith("/"):
-        root = posixpath.normpath(workspace)
-        normal = posixpath.normpath(path)
-        if normal == root:
-            return "."
-        if normal.startswith(root.rstrip("/") + "/"):
-            path = normal[len(root.rstrip("/")) + 1:]
-    normal = posixpath.normpath(path) if path else "."
-    # normpath keeps a leading "//"; one slash is the same directory.
-    return "/" + normal.lstrip("/") if normal.startswith("//") else normal
+        inside = relative_to_root(posixpath.normpath(workspace), posixpath.normpath(path))
+        if inside is not None:
+            path = inside
+    return normalise_relative(path)
 
 
 def _normalise_rule_path(glob: str) -> str:
     while glob.startswith("./"):
         glob = glob[2:]
     return glob or "."
-
-
-@functools.lru_cache(maxsize=1024)
-def _path_glob(glob: str) -> re.Pattern[str]:
-    """A path glob as a regex, with the tools' glob rules (`*` and `?` within a segment, `**`
-    across segments, `[...]`, `{a,b}`); `dir/**` also matches `dir` itself."""
-    if glob.endswith("/**"):
-        return re.compile(f"{translate_glob(glob[:-3])}(?:/.*)?", re.DOTALL)
-    return re.compile(translate_glob(glob), re.DOTALL)

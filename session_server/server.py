@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +56,30 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+def _refuse_port_in_use(listen: str) -> None:
+    """Raises OSError (one line) when another process listens on `listen` already.
+
+    gRPC would say so too, with SO_REUSEPORT off, but only after logging its own lines; this
+    checks first by binding the address the way gRPC will.
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0 or listen.startswith(("unix:", "unix-abstract:", "dns:")):
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # gRPC reports an unknown host itself
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"cannot listen on {listen}: the address is in use (is another codelane server running?)"
+                    ) from None
 
 
 @dataclass
@@ -75,6 +101,10 @@ class ServerConfig:
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
+    # Directories clients may name `scripted:PATH` models in (none: clients name no script files).
+    scripts_dirs: list[Path] = field(default_factory=list)
+    # Directories sessions may open workspaces in (none: any directory the server can read).
+    workspace_roots: list[Path] = field(default_factory=list)
 
 
 class CodelaneServer:
@@ -137,6 +167,8 @@ class CodelaneServer:
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             subscriber_buffer=self.config.subscriber_buffer,
             generate_limit=self.config.max_llm_requests,
+            scripts_dirs=self.config.scripts_dirs,
+            workspace_roots=self.config.workspace_roots,
         )
         self.sessions.recover()
         self.pool.start()
@@ -157,12 +189,20 @@ class CodelaneServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        if self.config.tls_cert and self.config.tls_key:
-            self.port = server.add_secure_port(self.config.listen, self._server_credentials())
-        else:
-            self.port = server.add_insecure_port(self.config.listen)
+        _refuse_port_in_use(self.config.listen)
+        try:
+            if self.config.tls_cert and self.config.tls_key:
+                self.port = server.add_secure_port(self.config.listen, self._server_credentials())
+            else:
+                self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            # SO_REUSEPORT is off (transport.SERVER_OPTIONS), so a port in use is refused here.
+            raise OSError(
+                f"cannot listen on {self.config.listen}: the address is in use (another codelane server?) "
+                "or not available on this host"
+            )
         await server.start()
         self._server = server
         if self.config.local_workers > 0:

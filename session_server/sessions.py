@@ -7,11 +7,11 @@ live subscribers, so whatever a client saw can be replayed, and whatever it miss
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from session_server.events import (
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
-from session_server.llm.base import ModelProvider, Usage
-from session_server.llm.factory import create_provider
-from session_server.llm.limiter import LimitedProvider
+from session_server.limits import bound_event, check_prompt
+from session_server.llm.base import Usage
+from session_server.models import Models
 from session_server.pool import WorkerPool
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
@@ -92,6 +92,8 @@ class SessionManager:
         local_fallback: bool = True,
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
+        scripts_dirs: Sequence[Path] = (),
+        workspace_roots: Sequence[Path] = (),
     ) -> None:
         self.store = store
         self.pool = pool
@@ -103,7 +105,9 @@ class SessionManager:
         self.events = EventLog(store, self.bus)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
-        self._providers: dict[str, tuple[ModelProvider, str]] = {}
+        self.models = Models(default_model, self._generate, scripts_dirs)
+        # Resolved once: workspaces are compared with their symlinks resolved.
+        self.workspace_roots = tuple(Path(os.path.realpath(root)) for root in workspace_roots)
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
         self.confirmations = Confirmations()
         self.external = ExternalTasks()
@@ -158,17 +162,17 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
         self.events.flush()
-        for provider, _ in self._providers.values():
-            with contextlib.suppress(Exception):
-                await provider.aclose()
-        self._providers.clear()
+        await self.models.aclose()
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def create_session(self, workspace: str, request: SettingsRequest, labels: dict[str, str]) -> SessionRecord:
+    async def create_session(
+        self, workspace: str, request: SettingsRequest, labels: dict[str, str]
+    ) -> SessionRecord:
         """Raises config.InvalidArgument naming the bad field."""
-        path = resolve_workspace(workspace)
-        settings = build_settings(request, self.default_model)
+        path = resolve_workspace(workspace, self.workspace_roots)
+        settings = build_settings(request, self.default_model, self.known_tools())
+        await self.models.check(settings.model)
         now = time.time()
         record = SessionRecord(
             session_id=f"s_{uuid.uuid4().hex[:16]}",
@@ -230,9 +234,13 @@ class SessionManager:
             raise TurnInProgress(f"session {session_id} is already running a turn: wait for it or CancelTurn")
         if not text.strip():
             raise ValueError("text is empty: send the user's message")
+        check_prompt(text)
+        if self.workspace_roots:
+            # A session created before the operator narrowed --workspace-root runs no more turns.
+            resolve_workspace(record.workspace, self.workspace_roots)
         settings = SessionSettings.from_dict(record.config)
         try:
-            provider, model_name = self._provider(settings.model)
+            provider, model_name = self.models.provider(settings.model)
         except ValueError as exc:
             raise ModelUnavailable(settings.model, str(exc)) from None
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
@@ -371,13 +379,11 @@ class SessionManager:
     # -- internals -----------------------------------------------------------------------------
 
     def _emit(self, session_id: str, turn_id: str, payload: EventPayload) -> None:
-        self.events.append(session_id, turn_id, payload)
+        self.events.append(session_id, turn_id, bound_event(payload))
 
-    def _provider(self, model: str) -> tuple[ModelProvider, str]:
-        if model not in self._providers:
-            provider, name = create_provider(model)
-            self._providers[model] = (LimitedProvider(provider, self._generate), name)
-        return self._providers[model]
+    def known_tools(self) -> set[str]:
+        """Tools a permission rule may name: this server's and those its workers offer now."""
+        return {*self.registry.names(), *self.pool.offered_tools()}
 
 
 def _checked_lease(lease: float | None) -> float:

@@ -62,10 +62,11 @@ _Entry = tuple[Tool, Draft202012Validator, Callable[[dict[str, Any]], bool] | No
 
 
 @functools.lru_cache(maxsize=256)
-def _context(workspace: Path | str) -> ToolContext:
-    # Contexts are immutable and a process serves a few workspaces: one per workspace (a worker
-    # passes the workspace as the string it received, which saves building a Path per call).
-    return ToolContext(workspace=Path(workspace))
+def _context(workspace: Path | str, denied_paths: tuple[str, ...]) -> ToolContext:
+    # Contexts are immutable and a process serves a few workspaces and policies: one per pair (a
+    # worker passes the workspace as the string it received, which saves building a Path per
+    # call). The denied paths are part of the key: two sessions of one workspace may differ.
+    return ToolContext(workspace=Path(workspace), denied_paths=denied_paths)
 
 
 class ToolRegistry:
@@ -126,13 +127,21 @@ class ToolRegistry:
             tool.spec for _, (tool, _, _) in sorted(self._entries.items()) if lane is None or tool.spec.lane is lane
         ]
 
-    async def execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
-        """Run one call. Every failure becomes an error result; only cancellation propagates."""
+    async def execute(
+        self, name: str, workspace: Path | str, arguments_json: str, denied_paths: tuple[str, ...] = ()
+    ) -> ToolResult:
+        """Run one call. Every failure becomes an error result; only cancellation propagates.
+
+        `denied_paths` are the globs of the paths the session's policy denies reading (see
+        `tool_worker.denied`): tools refuse to read them and leave them out of what they list.
+        """
         started = time.perf_counter()
-        result = await self._execute(name, workspace, arguments_json)
+        result = await self._execute(name, workspace, arguments_json, denied_paths)
         return dataclasses.replace(result, run_time=time.perf_counter() - started)
 
-    async def _execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
+    async def _execute(
+        self, name: str, workspace: Path | str, arguments_json: str, denied_paths: tuple[str, ...]
+    ) -> ToolResult:
         entry = self._entries.get(name)
         if entry is None:
             return ToolResult.error(
@@ -163,8 +172,12 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(_context(workspace), arguments)
+            return await tool.run(_context(workspace, denied_paths), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
+        except OSError as exc:
+            # The file system said no (a name too long, a file gone, a full disk): a plain error
+            # the model can act on, not an internal failure.
+            return ToolResult.error(ErrorKind.TOOL_ERROR, f"{name} failed: {exc.strerror or exc}")
         except Exception as exc:
             return ToolResult.error(ErrorKind.INTERNAL, f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")

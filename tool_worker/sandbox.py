@@ -6,10 +6,14 @@ link inside the workspace that points outside is an escape, and one that points 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 from tool_worker.tools.base import ErrorKind, ToolFailure
+
+# Linux's PATH_MAX: no longer path can be opened, so a longer argument is refused as it is.
+MAX_PATH_BYTES = 4096
 
 
 def workspace_root(workspace: Path) -> Path:
@@ -27,7 +31,13 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
     Raises ToolFailure(PATH_ESCAPE) when the result is outside the workspace.
     """
     if "\0" in user_path:
-        raise ToolFailure(f"path contains a NUL byte: {user_path!r}", ErrorKind.INVALID_ARGUMENTS)
+        raise ToolFailure(f"path contains a NUL byte: {user_path[:200]!r}", ErrorKind.INVALID_ARGUMENTS)
+    size = len(user_path.encode("utf-8", "surrogateescape"))
+    if size > MAX_PATH_BYTES:
+        raise ToolFailure(
+            f"path is {size} bytes long: at most {MAX_PATH_BYTES} are allowed ({user_path[:80]!r}...)",
+            ErrorKind.INVALID_ARGUMENTS,
+        )
     root = os.path.realpath(workspace)
     joined = os.path.join(root, user_path)
     name = os.path.basename(os.path.normpath(joined))
@@ -37,4 +47,24 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
         target = os.path.join(os.path.realpath(os.path.dirname(os.path.normpath(joined))), name)
     if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
         raise ToolFailure(f"path escapes the workspace: {user_path}", ErrorKind.PATH_ESCAPE)
+    if follow_final_symlink:
+        _refuse_symlink_loop(target, user_path)
     return Path(target)
+
+
+def _refuse_symlink_loop(target: str, user_path: str) -> None:
+    """realpath leaves a symlink loop unresolved rather than failing; whoever opened it next would
+    get ELOOP. Say so plainly instead, before any tool touches it."""
+    try:
+        os.stat(target)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ToolFailure(
+                f"{user_path} is a symlink loop (a link that leads back to itself): it names no file",
+                ErrorKind.PATH_ESCAPE,
+            ) from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ToolFailure(
+                f"a component of {user_path[:80]!r} is longer than the file system allows",
+                ErrorKind.INVALID_ARGUMENTS,
+            ) from None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from codelane import __version__
-from codelane.transport import bearer_metadata, create_channel
+from codelane.transport import address_option, bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.child_watcher import pidfd_child_watcher
@@ -302,7 +302,9 @@ class ToolWorker:
                         f"--root ({', '.join(self._roots)})",
                     )
                 else:
-                    result = await self.registry.execute(assign.tool_name, assign.workspace, assign.arguments_json)
+                    result = await self.registry.execute(
+                        assign.tool_name, assign.workspace, assign.arguments_json, tuple(assign.denied_paths)
+                    )
             except asyncio.CancelledError:
                 result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker",
                                           run_time=time.perf_counter() - started)
@@ -403,7 +405,9 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codelane worker", description="Run a codelane tool worker.")
-    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="address of the session server's hub")
+    parser.add_argument(
+        "--connect", required=True, metavar="HOST:PORT", type=address_option, help="address of the session server's hub"
+    )
     parser.add_argument(
         "--token",
         default=os.environ.get("CODELANE_WORKER_TOKEN"),

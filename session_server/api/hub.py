@@ -72,6 +72,7 @@ class _StreamLink:
             arguments_json=assignment.arguments_json,
             workspace=assignment.workspace,
             session_id=assignment.session_id,
+            denied_paths=assignment.denied_paths,
         )
         wire.set_timestamp(message.deadline, assignment.deadline)
         if not self._kick_scheduled:

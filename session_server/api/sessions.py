@@ -23,6 +23,9 @@ from session_server.sessions import (
 )
 from tool_worker import wire
 
+# A GetMessages page stops before it reaches this size, well below gRPC's 64 MiB message limit.
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+
 
 async def _session_not_found(context, exc: SessionNotFound):
     await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
@@ -66,7 +69,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def CreateSession(self, request, context):
         try:
-            record = self._manager.create_session(
+            record = await self._manager.create_session(
                 request.workspace, convert.settings_request(request.config), dict(request.labels)
             )
         except InvalidArgument as exc:
@@ -99,6 +102,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         session_id=request.session_id)
         except ModelUnavailable as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "MODEL_UNAVAILABLE", model=exc.model)
+        except InvalidArgument as exc:
+            # The session's workspace is no longer one the server allows (--workspace-root).
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "WORKSPACE_NOT_ALLOWED",
+                        field=exc.field)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="text")
         try:
@@ -147,9 +154,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             page, following = self._manager.messages(request.session_id, offset, request.page_size)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="page_size")
-        return session_pb2.GetMessagesResponse(
-            messages=[convert.message(m) for m in page], next_page_token=str(following) if following else ""
-        )
+        messages = []
+        size = 0
+        for stored in page:
+            message = convert.message(stored)
+            size += message.ByteSize()
+            if messages and size > MAX_PAGE_BYTES:
+                # The page would not fit in one gRPC message: the rest comes with the next page.
+                following = offset + len(messages)
+                break
+            messages.append(message)
+        return session_pb2.GetMessagesResponse(messages=messages, next_page_token=str(following) if following else "")
 
     async def ConfirmToolCall(self, request, context):
         await self._session(context, request.session_id)

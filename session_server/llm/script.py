@@ -9,13 +9,18 @@ so one script serves any number of sessions at once without state. Format (YAML 
           - {name: grep, arguments: {pattern: "def ", path: "."}}
           - {name: read, arguments_raw: '{"file_path": '}   # invalid JSON, on purpose
       - text: "Done."
+
+Errors name the file, the entry and the field, and never quote what the file holds: a client that
+names a file as a script must learn nothing of its content from the answer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,11 @@ from typing import Any
 import yaml
 
 from session_server.llm.base import ChatMessage, ModelToolCall
+
+# A script is a test fixture or a benchmark, not a corpus: a bigger file is refused unread.
+MAX_SCRIPT_BYTES = 16 * 1024 * 1024
+# O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for a regular file.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 _RESPONSE_KEYS = {"text", "tool_calls"}
 _CALL_KEYS = {"name", "arguments", "arguments_raw", "id"}
@@ -46,19 +56,25 @@ class Script:
 
     @classmethod
     def load(cls, path: str | Path) -> Script:
-        """Read a YAML (or JSON) script file."""
-        path = Path(path)
+        """Read a YAML (or JSON) script file (a regular file of at most MAX_SCRIPT_BYTES)."""
+        with open_script(path) as handle:
+            return cls.parse(read_script(handle, path), str(path))
+
+    @classmethod
+    def parse(cls, raw: bytes, source: str) -> Script:
+        """A script from the bytes of its file; `source` names it in errors."""
         try:
-            raw = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ScriptError(f"script file not found: {path}") from None
-        except OSError as exc:
-            raise ScriptError(f"cannot read script file {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ScriptError(f"{path}: not valid YAML or JSON: {exc}") from None
-        return cls.from_data(data, source=str(path))
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ScriptError(f"{source}: not UTF-8 text") from None
+        except yaml.MarkedYAMLError as exc:
+            # The position only: the parser's own message quotes the offending text.
+            mark = exc.problem_mark
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ScriptError(f"{source}: not valid YAML or JSON{where}") from None
+        except yaml.YAMLError:
+            raise ScriptError(f"{source}: not valid YAML or JSON") from None
+        return cls.from_data(data, source=source)
 
     @classmethod
     def from_data(cls, data: Any, source: str = "<script>") -> Script:
@@ -67,9 +83,7 @@ class Script:
             raise ScriptError(f"{source}: expected a mapping with a 'responses' list, got {_kind(data)}")
         unknown = set(data) - {"responses"}
         if unknown:
-            raise ScriptError(
-                f"{source}: unknown top-level keys {sorted(map(str, unknown))}; only 'responses' is allowed"
-            )
+            raise ScriptError(f"{source}: {_keys(unknown)} at the top level; only 'responses' is allowed")
         entries = data.get("responses")
         if not isinstance(entries, list):
             raise ScriptError(f"{source}: 'responses' must be a list, got {_kind(entries)}")
@@ -87,6 +101,37 @@ class Script:
     def response_for(self, messages: Sequence[ChatMessage]) -> ScriptedResponse:
         """The response for a request with this history."""
         return self.response_at(sum(1 for m in messages if m.role == "assistant"))
+
+
+def open_script(path: str | Path):
+    """Opens a script file for reading without ever blocking: only a regular file will do.
+
+    Raises ScriptError saying what is wrong (missing, unreadable, a FIFO or a device, a
+    directory); the caller reads it with `read_script`.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ScriptError(f"script file not found: {path}") from None
+    except OSError as exc:
+        raise ScriptError(f"cannot read script file {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+            raise ScriptError(f"script file {path} is {what}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_script(handle, path: str | Path) -> bytes:
+    """The bytes of an opened script, refused past MAX_SCRIPT_BYTES without reading the rest."""
+    raw = handle.read(MAX_SCRIPT_BYTES + 1)
+    if len(raw) > MAX_SCRIPT_BYTES:
+        raise ScriptError(f"script file {path} is larger than {MAX_SCRIPT_BYTES} bytes")
+    return raw
 
 
 def estimate_tokens(text: str) -> int:
@@ -147,8 +192,13 @@ def _parse_call(call: Any, step: int, index: int, where: str) -> ModelToolCall:
 def _reject_unknown(entry: Mapping[Any, Any], allowed: set[str], where: str) -> None:
     unknown = set(entry) - allowed
     if unknown:
-        raise ScriptError(f"{where}: unknown keys {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
+        raise ScriptError(f"{where}: {_keys(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _keys(unknown: set[Any]) -> str:
+    return "1 unknown key" if len(unknown) == 1 else f"{len(unknown)} unknown keys"
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    """The type of a value, never the value: it is the file's content."""
+    return "nothing" if value is None else type(value).__name__

@@ -339,6 +339,7 @@ class WorkerPool:
             workspace=call.workspace,
             session_id=call.session_id,
             deadline=time.time() + max(remaining, 0.0),
+            denied_paths=call.denied_paths,
         )
         worker.in_flight[pending.assignment.dispatch_id] = pending
         worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))

@@ -62,6 +62,8 @@ class Assignment:
     workspace: str
     session_id: str
     deadline: float  # wall-clock seconds since the epoch
+    # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
+    denied_paths: tuple[str, ...] = ()
 
 
 class LinkFault(enum.Enum):
@@ -113,6 +115,8 @@ class QueryCall:
     timeout: float = 60.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     observer: PlacementObserver | None = None
+    # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
+    denied_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

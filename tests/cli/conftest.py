@@ -111,7 +111,8 @@ def make_server(tmp_path: Path, model: str) -> Iterator[Callable[..., ThreadedSe
 
     def make(**overrides: Any) -> ThreadedServer:
         config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / f"data-{len(started)}", model=model,
-                              heartbeat_interval=0.5, heartbeat_timeout=3.0, no_worker_wait=1.0)
+                              heartbeat_interval=0.5, heartbeat_timeout=3.0, no_worker_wait=1.0,
+                              scripts_dirs=[tmp_path])
         for key, value in overrides.items():
             setattr(config, key, value)
         server = ThreadedServer(config)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from session_server.llm.anthropic import AnthropicProvider
-from session_server.llm.base import ModelResponse
-from session_server.llm.factory import ModelSpec, create_provider, load_script, parse_model
+from session_server.llm.base import ModelError, ModelResponse
+from session_server.llm.factory import ModelSpec, ScriptFileProvider, ScriptLibrary, create_provider, parse_model
 from session_server.llm.limiter import LimitedProvider
 from session_server.llm.openai import OpenAIProvider
-from session_server.llm.script import Script, ScriptError
+from session_server.llm.script import MAX_SCRIPT_BYTES, Script, ScriptError
 from session_server.llm.scripted import ScriptedProvider
 from tests.llm.conftest import collect, first_request
 
@@ -50,20 +50,64 @@ async def test_create_http_providers_from_env() -> None:
         await provider.aclose()
 
 
-def test_scripted_scripts_are_cached_until_the_file_changes(tmp_path: Path) -> None:
+async def test_scripted_scripts_are_read_when_streaming_and_cached_until_the_file_changes(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("responses: [{text: one}]\n")
-    provider, name = create_provider(f"scripted:{path}")
-    assert isinstance(provider, ScriptedProvider) and name == str(path)
-    assert load_script(path) is provider.script
+    library = ScriptLibrary()
+    provider, name = create_provider(f"scripted:{path}", scripts=library)
+    assert isinstance(provider, ScriptFileProvider) and name == str(path)
+    assert len(library) == 0  # creating the provider read nothing
+    assert (await collect(provider.stream(first_request())))[-1].text == "one"
+    assert library.load(path) is library.load(path)
     path.write_text("responses: [{text: two}, {text: three}]\n")
     os.utime(path, ns=(1, 1))
-    assert load_script(path).responses[0].text == "two"
+    assert (await collect(provider.stream(first_request())))[-1].text == "two"
 
 
-def test_missing_script_is_a_script_error(tmp_path: Path) -> None:
+async def test_a_missing_script_fails_the_request_not_the_provider(tmp_path: Path) -> None:
+    provider, _ = create_provider(f"scripted:{tmp_path / 'missing.yaml'}", scripts=ScriptLibrary())
+    with pytest.raises(ModelError, match="not found") as caught:
+        await collect(provider.stream(first_request()))
+    assert caught.value.reason == "SCRIPT_UNAVAILABLE"
     with pytest.raises(ScriptError, match="not found"):
-        create_provider(f"scripted:{tmp_path / 'missing.yaml'}")
+        ScriptLibrary().load(tmp_path / "missing.yaml")
+
+
+def test_the_script_library_is_bounded(tmp_path: Path) -> None:
+    library = ScriptLibrary(max_entries=3)
+    for i in range(10):
+        path = tmp_path / f"s{i}.yaml"
+        path.write_text(f"responses: [{{text: t{i}}}]\n")
+        assert library.load(path).responses[0].text == f"t{i}"
+    assert len(library) == 3
+
+
+def test_a_script_must_be_a_regular_file_of_bounded_size(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ScriptError, match="not a regular file"):
+        ScriptLibrary().load(fifo)  # returns at once: nothing ever writes to the FIFO
+    with pytest.raises(ScriptError, match="is a directory"):
+        ScriptLibrary().load(tmp_path)
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as handle:
+        handle.truncate(MAX_SCRIPT_BYTES + 1)
+    with pytest.raises(ScriptError, match="larger than"):
+        ScriptLibrary().load(big)
+
+
+def test_clients_may_name_scripts_only_in_allowed_directories(tmp_path: Path) -> None:
+    allowed = tmp_path / "scripts"
+    allowed.mkdir()
+    (allowed / "ok.yaml").write_text("responses: []\n")
+    os.symlink(tmp_path, allowed / "escape")
+    library = ScriptLibrary([allowed])
+    library.check(str(allowed / "ok.yaml"))
+    for path in ("/etc/passwd", str(allowed / "escape" / "x.yaml"), str(allowed / ".." / "x.yaml")):
+        with pytest.raises(ScriptError, match="outside the directories"):
+            library.check(path)
+    with pytest.raises(ScriptError, match="--scripts-dir"):
+        ScriptLibrary().check(str(allowed / "ok.yaml"))
 
 
 async def test_limited_provider_caps_concurrent_streams(script: Script) -> None:

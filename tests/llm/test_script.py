@@ -60,10 +60,10 @@ def test_response_chosen_by_assistant_count_then_exhausted(tmp_path: Path) -> No
         ("", "expected a mapping"),
         ("- a\n- b\n", "expected a mapping"),
         ("responses: 3\n", "'responses' must be a list"),
-        ("responses: []\nextra: 1\n", "unknown top-level keys ['extra']"),
+        ("responses: []\nextra: 1\n", "1 unknown key at the top level"),
         ("responses: [7]\n", "responses[0]: expected a mapping"),
         ("responses: [{text: 5}]\n", "responses[0].text: expected a string"),
-        ("responses: [{txt: hi}]\n", "responses[0]: unknown keys ['txt']"),
+        ("responses: [{txt: hi}]\n", "responses[0]: 1 unknown key; allowed: ['text', 'tool_calls']"),
         ("responses: [{text: a}, {tool_calls: {name: x}}]\n", "responses[1].tool_calls: expected a list"),
         (
             "responses: [{tool_calls: [{arguments: {}}]}]\n",

@@ -305,6 +305,8 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[I
             heartbeat_interval=0.5,
             heartbeat_timeout=3.0,
             no_worker_wait=1.0,
+            # Tests write the scripts their sessions name here.
+            scripts_dirs=[tmp_path],
         )
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -418,6 +420,7 @@ class Processes:
             "--data-dir", str(data_dir),
             "--local-workers", str(local_workers),
             "--model", model,
+            "--scripts-dir", str(self.tmp_path),
             "--log-level", "WARNING",
         ]  # fmt: skip
         proc = _spawn(argv, child_env, out, err)

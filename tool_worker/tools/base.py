@@ -7,7 +7,9 @@ and from the wire in `tool_worker.wire`.
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tool_worker.effects import EffectsFunction
+
+from tool_worker.denied import DeniedPaths, normalise_relative, relative_to_root
 
 
 class Lane(enum.StrEnum):
@@ -90,9 +94,40 @@ class ToolFailure(Exception):
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a running call may know: the workspace it is confined to."""
+    """What a running call may know: the workspace it is confined to, and the paths in it that
+    the session's policy denies reading (globs, see `tool_worker.denied`)."""
 
     workspace: Path
+    denied_paths: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def denied(self) -> DeniedPaths:
+        return DeniedPaths(self.denied_paths)
+
+    @functools.cached_property
+    def root(self) -> str:
+        """The workspace with every symlink resolved."""
+        return os.path.realpath(self.workspace)
+
+    def hides(self, relative: str) -> bool:
+        """Whether a path (relative to the workspace root) must be left out of a listing."""
+        return bool(self.denied) and self.denied.denies(self.root, relative) is not None
+
+    def check_readable(self, resolved: Path, shown: str) -> None:
+        """Raises PERMISSION_DENIED when the policy denies reading `resolved` (a path that
+        `resolve_in_workspace` returned for the argument `shown`)."""
+        if not self.denied:
+            return
+        relative = relative_to_root(self.root, str(resolved))
+        named = shown if not os.path.isabs(shown) else relative_to_root(self.root, os.path.normpath(shown))
+        for candidate in (named, relative):
+            glob = None if candidate is None else self.denied.matching(normalise_relative(candidate))
+            if glob is not None:
+                raise ToolFailure(
+                    f"{shown} is not readable: this session's permission policy denies reading it "
+                    f"(deny read({glob}))",
+                    ErrorKind.PERMISSION_DENIED,
+                )
 
 
 ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[ToolResult]]

@@ -2,28 +2,70 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import posixpath
 import shutil
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
+from tool_worker.tools.files import (
+    check_destination,
+    check_stop,
+    describe_file_type,
+    remove_existing,
+    run_stoppable,
+    source_destination_schema,
+)
 
 
-def _copy(source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
+def _copy(
+    ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, stop: threading.Event
+) -> ToolResult:
     if not source.exists():
         raise ToolFailure(f"source not found: {shown[0]}")
+    mode = source.stat().st_mode
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+        # Copying a FIFO would wait for a writer for ever.
+        raise ToolFailure(f"{shown[0]} is {describe_file_type(mode)}: copy only copies files and directories")
     check_destination(source, destination, shown[1], overwrite)
+    check_stop(stop)
     if destination.exists() or destination.is_symlink():
         remove_existing(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
+        left_out = 0
+
+        def ignore(directory: str, names: list[str]) -> set[str]:
+            # Entries the policy denies reading, and anything but files, directories and links.
+            nonlocal left_out
+            check_stop(stop)
+            base = relative_to_root(ctx.root, directory) or "."
+            skipped = set()
+            for name in names:
+                entry = os.lstat(os.path.join(directory, name)).st_mode
+                special = not (stat.S_ISDIR(entry) or stat.S_ISREG(entry) or stat.S_ISLNK(entry))
+                if special or ctx.hides(posixpath.join(base, name)):
+                    skipped.add(name)
+            left_out += len(skipped)
+            return skipped
+
+        def copy_file(src: str, dst: str) -> str:
+            check_stop(stop)
+            return shutil.copy2(src, dst)
+
         # Links inside the tree are copied as links: following them could read outside the workspace.
-        shutil.copytree(source, destination, symlinks=True)
-        return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}")
+        shutil.copytree(source, destination, symlinks=True, ignore=ignore, copy_function=copy_file)
+        notice = (
+            f"\n[{left_out} entries were not copied: special files (FIFOs, sockets, devices) and paths this "
+            "session's permission policy denies reading]" if left_out else ""
+        )
+        return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
     shutil.copy2(source, destination)
     return ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
 
@@ -33,9 +75,10 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     # destination names the new entry itself.
     source = resolve_in_workspace(ctx.workspace, args["source"])
     destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
+    ctx.check_readable(source, args["source"])
     shown = (args["source"], args["destination"])
     try:
-        return await asyncio.to_thread(_copy, source, destination, shown, args.get("overwrite", False))
+        return await run_stoppable(_copy, ctx, source, destination, shown, args.get("overwrite", False))
     except OSError as exc:
         raise ToolFailure(f"cannot copy {shown[0]} to {shown[1]}: {exc.strerror or exc}") from exc
 

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write
+from tool_worker.tools.files import atomic_write, check_stop, open_regular, run_stoppable
 
 
-def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool) -> ToolResult:
+def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop: threading.Event) -> ToolResult:
     if old == new:
         raise ToolFailure("old_string and new_string are identical; nothing to change", ErrorKind.INVALID_ARGUMENTS)
-    try:
-        raw = target.read_bytes()
-    except FileNotFoundError as exc:
-        raise ToolFailure(f"file not found: {shown}; use write to create a new file") from exc
-    except IsADirectoryError as exc:
-        raise ToolFailure(f"{shown} is a directory, not a file") from exc
+    if not os.path.lexists(target):
+        raise ToolFailure(f"file not found: {shown}; use write to create a new file")
+    with open_regular(target, shown) as handle:
+        raw = handle.read()
     try:
         # Bytes, not read_text: read_text would turn \r\n into \n and the write would change every line.
         text = raw.decode("utf-8")
@@ -37,8 +36,11 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool) -> To
             f"old_string occurs {count} times in {shown}; it must be unique. Add surrounding lines "
             "to old_string to pick one occurrence, or set replace_all=true to replace all of them."
         )
+    changed = text.replace(old, new).encode("utf-8")
+    # A call that timed out or was cancelled while this thread worked must change nothing.
+    check_stop(stop)
     try:
-        atomic_write(target, text.replace(old, new).encode("utf-8"))
+        atomic_write(target, changed)
     except OSError as exc:
         raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
     noun = "occurrence" if count == 1 else "occurrences"
@@ -47,7 +49,8 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool) -> To
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     target = resolve_in_workspace(ctx.workspace, args["file_path"])
-    return await asyncio.to_thread(
+    ctx.check_readable(target, args["file_path"])
+    return await run_stoppable(
         _edit,
         target,
         args["file_path"],

@@ -1,14 +1,93 @@
-"""Small file helpers shared by the write-side tools."""
+"""Small file helpers shared by the tools: opening only regular files, stoppable threads, writes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import stat
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from tool_worker.tools.base import ToolFailure
+
+_T = TypeVar("_T")
+
+# O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, for ever, holding a
+# thread of the pool that every tool shares. It changes nothing for a regular file.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+class Stopped(Exception):
+    """Raised inside a tool's thread when its call was cancelled or timed out."""
+
+
+async def run_stoppable(function: Callable[..., _T], *args: Any) -> _T:
+    """Runs `function(*args, stop)` in a thread; `stop` is set when the call ends for any reason.
+
+    A thread cannot be killed: a cancelled or timed-out call would otherwise go on reading (or
+    worse, writing) after its result was given. The function checks `stop` in its loops and
+    before any change it makes, and raises `Stopped` (or returns) when it is set.
+    """
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(function, *args, stop)
+    finally:
+        stop.set()
+
+
+def check_stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise Stopped
+
+
+def hidden_notice(count: int) -> str:
+    """What a listing says about the entries the session's policy left out (not which ones)."""
+    noun = "entry" if count == 1 else "entries"
+    return f"[{count} {noun} left out: this session's permission policy denies reading them]"
+
+
+def describe_file_type(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def open_regular(path: Path | str, shown: str) -> BinaryIO:
+    """Opens a regular file for reading, without ever blocking on a FIFO or a device.
+
+    Raises ToolFailure for anything else (FIFO, socket, device, directory), naming what it is,
+    and for a missing or unreadable file.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError as exc:
+        raise ToolFailure(f"file not found: {shown}") from exc
+    except IsADirectoryError as exc:
+        raise ToolFailure(f"{shown} is a directory; use ls or list_files to see what is in it") from exc
+    except PermissionError as exc:
+        raise ToolFailure(f"permission denied reading {shown}") from exc
+    except OSError as exc:
+        raise ToolFailure(f"cannot open {shown}: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ToolFailure(f"{shown} is a directory; use ls or list_files to see what is in it")
+        if not stat.S_ISREG(mode):
+            raise ToolFailure(f"{shown} is {describe_file_type(mode)}: tools only read regular files")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _current_umask() -> int:

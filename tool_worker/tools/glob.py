@@ -10,6 +10,7 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import hidden_notice
 from tool_worker.tools.globs import glob_to_regex
 from tool_worker.tools.rg import run_rg, search_location
 
@@ -76,6 +77,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     root = workspace_root(ctx.workspace)
     shown_dir = args.get("path", ".")
     target = resolve_in_workspace(ctx.workspace, shown_dir)
+    ctx.check_readable(target, shown_dir)
     if not target.is_dir():
         raise ToolFailure(f"not a directory: {shown_dir}")
     cwd, _, prefix = search_location(root, target)
@@ -86,8 +88,13 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"glob failed: {out.stderr}")
     stamped = await stamper.newest_first()
+    hidden = 0
+    if ctx.denied:
+        kept = [(stamp, name) for stamp, name in stamped if not ctx.hides(prefix + name)]
+        hidden, stamped = len(stamped) - len(kept), kept
+    notice = [hidden_notice(hidden)] if hidden else []
     if not stamped:
-        return ToolResult(output=f"No files match {args['pattern']!r} in {shown_dir}")
+        return ToolResult(output="\n".join([f"No files match {args['pattern']!r} in {shown_dir}", *notice]))
     lines = [prefix + _printable(name) for _, name in stamped[:MAX_RESULTS]]
     truncated = len(stamped) > MAX_RESULTS or out.overflowed
     if truncated:
@@ -95,7 +102,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
             f"[showing the {MAX_RESULTS} newest of {len(stamped)}{'+' if out.overflowed else ''} matching "
             "files; use a narrower pattern or path to see the others]"
         )
-    return ToolResult(output="\n".join(lines), truncated=truncated, metadata={"matches": len(stamped)})
+    return ToolResult(output="\n".join(lines + notice), truncated=truncated, metadata={"matches": len(stamped)})
 
 
 TOOL = Tool(

@@ -6,13 +6,18 @@ is sorted here by path instead of with `rg --sort path`, which would force a sin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import describe_file_type, hidden_notice
 from tool_worker.tools.rg import RgOutput, run_rg, search_location
+
+# Whether a path (relative to the workspace root) must be left out; None when nothing is denied.
+Hides = Callable[[str], bool] | None
 
 DEFAULT_HEAD_LIMIT = 250
 # Longer lines (minified code, data) are shown as a preview: rg says how much it left out.
@@ -54,24 +59,40 @@ def rg_arguments(args: dict[str, Any]) -> list[str]:
     return flags
 
 
-def _file_entries(out: RgOutput, prefix: str) -> list[str]:
-    return [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
+def _file_entries(out: RgOutput, prefix: str, hides: Hides) -> tuple[list[str], int]:
+    entries = [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
+    if hides is None:
+        return entries, 0
+    kept = [entry for entry in entries if not hides(entry)]
+    return kept, len(entries) - len(kept)
 
 
-def _count_entries(out: RgOutput, prefix: str) -> list[str]:
+def _count_entries(out: RgOutput, prefix: str, hides: Hides) -> tuple[list[str], int]:
     entries = []
+    hidden = 0
     for line in sorted(out.stdout.split(b"\n")[:-1]):
         name, _, count = line.partition(b"\0")
-        entries.append(f"{prefix}{name.decode('utf-8', 'replace')}:{count.decode()}")
-    return entries
+        path = prefix + name.decode("utf-8", "replace")
+        if hides is not None and hides(path):
+            hidden += 1
+            continue
+        entries.append(f"{path}:{count.decode()}")
+    return entries, hidden
 
 
-def _content_lines(out: RgOutput, prefix: str, numbered: bool, start: int, stop: int) -> tuple[list[str], int]:
-    """Lines [start, stop) of the path-sorted output, and how many lines there are in all.
+def _content_lines(
+    out: RgOutput, prefix: str, numbered: bool, start: int, stop: int, hides: Hides
+) -> tuple[list[str], int, int]:
+    """Lines [start, stop) of the path-sorted output, how many lines there are in all, and how
+    many files were left out because the policy denies them.
 
     Only the lines shown are decoded and formatted; the rest are just counted.
     """
     blocks = sorted(block.partition(b"\0")[::2] for block in out.stdout.split(b"\n\n") if block)
+    hidden = 0
+    if hides is not None:
+        kept = [(name, body) for name, body in blocks if not hides(prefix + name.decode("utf-8", "replace"))]
+        hidden, blocks = len(blocks) - len(kept), kept
     shown: list[str] = []
     total = 0
     for name, body in blocks:
@@ -84,7 +105,7 @@ def _content_lines(out: RgOutput, prefix: str, numbered: bool, start: int, stop:
             for line in lines[max(0, start - total) : stop - total]:
                 shown.append(_format_line(path, line.decode("utf-8", "replace"), numbered))
         total += len(lines)
-    return shown, total
+    return shown, total, hidden
 
 
 def _format_line(path: str, line: str, numbered: bool) -> str:
@@ -103,32 +124,50 @@ def rg_invocation(workspace: Path, args: dict[str, Any]) -> tuple[list[str], Pat
     target = resolve_in_workspace(workspace, shown_path)
     if not target.exists():
         raise ToolFailure(f"path not found: {shown_path}")
+    if not target.is_dir() and not target.is_file():
+        # rg would open it and wait on a FIFO for ever.
+        raise ToolFailure(f"{shown_path} is {describe_file_type(target.stat().st_mode)}: grep only reads regular files")
     cwd, path_args, prefix = search_location(workspace_root(workspace), target)
     return [*rg_arguments(args), *path_args], cwd, prefix
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown_path = args.get("path", ".")
+    ctx.check_readable(resolve_in_workspace(ctx.workspace, shown_path), shown_path)
     rg_args, cwd, prefix = rg_invocation(ctx.workspace, args)
     out = await run_rg(rg_args, cwd)
+    if out.returncode == 2 and not out.stdout and not out.stderr and ("glob" in args or "type" in args):
+        # rg exits 2 in silence (--no-messages) when its filters leave no file to search.
+        filters = " and ".join(
+            f"{name} {args[name]!r}" for name in ("glob", "type") if name in args
+        )
+        return ToolResult(output=f"No files in {shown_path} match {filters}, so nothing was searched")
     if out.returncode == 2 and not out.stdout:
-        raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {out.stderr}")
+        detail = out.stderr or "rg gave no reason"
+        raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {detail}")
     if not out.stdout:
         return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
 
     mode = args.get("output_mode", "files_with_matches")
     offset = args.get("offset", 0)
     limit = args.get("head_limit", DEFAULT_HEAD_LIMIT)
+    hides = ctx.hides if ctx.denied else None
     if mode == "content":
-        lines, total = _content_lines(out, prefix, args.get("-n", True), offset, offset + limit)
+        lines, total, hidden = _content_lines(out, prefix, args.get("-n", True), offset, offset + limit, hides)
         unit = "lines"
     else:
-        entries = _file_entries(out, prefix) if mode == "files_with_matches" else _count_entries(out, prefix)
+        if mode == "files_with_matches":
+            entries, hidden = _file_entries(out, prefix, hides)
+        else:
+            entries, hidden = _count_entries(out, prefix, hides)
         lines, total = entries[offset : offset + limit], len(entries)
         unit = "files"
+    if not lines and total == 0:
+        notice = [hidden_notice(hidden)] if hidden else []
+        return ToolResult(output="\n".join([f"No matches for {args['pattern']!r} in {shown_path}", *notice]))
     if not lines:
         raise ToolFailure(f"offset {offset} is past the end of the results ({total} {unit})")
-    notices = []
+    notices = [hidden_notice(hidden)] if hidden else []
     if offset + len(lines) < total:
         notices.append(
             f"[showing {unit} {offset + 1}-{offset + len(lines)} of {total}; use offset={offset + len(lines)} for more]"

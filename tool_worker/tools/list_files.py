@@ -7,6 +7,7 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import hidden_notice
 from tool_worker.tools.rg import run_rg, search_location
 
 MAX_ENTRIES = 1000
@@ -15,6 +16,7 @@ MAX_ENTRIES = 1000
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown = args.get("path", ".")
     target = resolve_in_workspace(ctx.workspace, shown)
+    ctx.check_readable(target, shown)
     if not target.is_dir():
         raise ToolFailure(f"not a directory: {shown}")
     cwd, _, prefix = search_location(workspace_root(ctx.workspace), target)
@@ -24,17 +26,22 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     out = await run_rg(rg_args, cwd)
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"listing {shown} failed: {out.stderr}")
-    names = sorted(out.stdout.split(b"\0")[:-1])
-    if not names:
-        return ToolResult(output=f"No files under {shown} (after .gitignore)")
-    lines = [prefix + name.decode("utf-8", "replace") for name in names[:MAX_ENTRIES]]
-    truncated = len(names) > MAX_ENTRIES or out.overflowed
+    paths = [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
+    hidden = 0
+    if ctx.denied:
+        kept = [path for path in paths if not ctx.hides(path)]
+        hidden, paths = len(paths) - len(kept), kept
+    notice = [hidden_notice(hidden)] if hidden else []
+    if not paths:
+        return ToolResult(output="\n".join([f"No files under {shown} (after .gitignore)", *notice]))
+    lines = paths[:MAX_ENTRIES]
+    truncated = len(paths) > MAX_ENTRIES or out.overflowed
     if truncated:
         lines.append(
-            f"[showing the first {MAX_ENTRIES} of {len(names)}{'+' if out.overflowed else ''} files; "
+            f"[showing the first {MAX_ENTRIES} of {len(paths)}{'+' if out.overflowed else ''} files; "
             "list a subdirectory, lower max_depth, or use glob to narrow it]"
         )
-    return ToolResult(output="\n".join(lines), truncated=truncated, metadata={"files": len(names)})
+    return ToolResult(output="\n".join(lines + notice), truncated=truncated, metadata={"files": len(paths)})
 
 
 TOOL = Tool(

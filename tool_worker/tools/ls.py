@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import os
+import posixpath
+import threading
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import check_stop, hidden_notice, run_stoppable
 
 MAX_ENTRIES = 1000
 
 
-def _list(directory: Path, shown: str, ignore: list[str]) -> ToolResult:
+def _list(ctx: ToolContext, directory: Path, shown: str, ignore: list[str], stop: threading.Event) -> ToolResult:
+    # Entries are checked against the policy by their path relative to the workspace root.
+    base = relative_to_root(ctx.root, str(directory)) or "."
+    hidden = 0
     try:
         with os.scandir(directory) as scan:
-            entries = [
-                (entry.name, entry.is_dir())
-                for entry in scan
-                if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in ignore)
-            ]
+            entries = []
+            for entry in scan:
+                check_stop(stop)
+                if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in ignore):
+                    continue
+                if ctx.hides(posixpath.join(base, entry.name)):
+                    hidden += 1
+                    continue
+                entries.append((entry.name, entry.is_dir()))
     except FileNotFoundError as exc:
         raise ToolFailure(f"directory not found: {shown}") from exc
     except NotADirectoryError as exc:
@@ -32,19 +42,23 @@ def _list(directory: Path, shown: str, ignore: list[str]) -> ToolResult:
     dirs = sorted(name + "/" for name, is_dir in entries if is_dir)
     files = sorted(name for name, is_dir in entries if not is_dir)
     listing = dirs + files
+    notice = [hidden_notice(hidden)] if hidden else []
     if not listing:
-        return ToolResult(output=f"{shown} is empty" + (" (after ignore patterns)" if ignore else ""))
+        return ToolResult(
+            output="\n".join([f"{shown} is empty" + (" (after ignore patterns)" if ignore else ""), *notice])
+        )
     lines = listing[:MAX_ENTRIES]
     truncated = len(listing) > MAX_ENTRIES
     if truncated:
         lines.append(f"[showing {MAX_ENTRIES} of {len(listing)} entries; use glob or ignore patterns to narrow it]")
-    return ToolResult(output="\n".join(lines), truncated=truncated, metadata={"entries": len(listing)})
+    return ToolResult(output="\n".join(lines + notice), truncated=truncated, metadata={"entries": len(listing)})
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown = args.get("path", ".")
     directory = resolve_in_workspace(ctx.workspace, shown)
-    return await asyncio.to_thread(_list, directory, shown, args.get("ignore", []))
+    ctx.check_readable(directory, shown)
+    return await run_stoppable(_list, ctx, directory, shown, args.get("ignore", []))
 
 
 TOOL = Tool(

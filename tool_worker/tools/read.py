@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import is_binary
+from tool_worker.tools.files import check_stop, is_binary, open_regular, run_stoppable
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
 # Bounds one answer even when every line is near MAX_LINE_CHARS.
 MAX_OUTPUT_CHARS = 256_000
 BINARY_SNIFF_BYTES = 8192
+# The file is read this much at a time: a line of any length costs at most this, plus the part
+# of it that is kept (a UTF-8 character is at most 4 bytes).
+READ_CHUNK = 64 * 1024
+_KEPT_LINE_BYTES = 4 * MAX_LINE_CHARS + 4
 
 
-def _read(path: Path, shown: str, offset: int, limit: int) -> ToolResult:
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError as exc:
-        raise ToolFailure(f"file not found: {shown}") from exc
-    except IsADirectoryError as exc:
-        raise ToolFailure(f"{shown} is a directory; use ls or list_files to see what is in it") from exc
-    except PermissionError as exc:
-        raise ToolFailure(f"permission denied reading {shown}") from exc
-    with handle:
+def _lines(handle, stop: threading.Event):
+    """(kept bytes, was cut) of each line, reading READ_CHUNK at a time: a 200 MB line is never
+    held, only its first _KEPT_LINE_BYTES."""
+    kept = bytearray()
+    cut = False
+    while piece := handle.readline(READ_CHUNK):
+        check_stop(stop)
+        ended = piece.endswith(b"\n")
+        room = _KEPT_LINE_BYTES - len(kept)
+        if room > 0:
+            kept += piece[:room]
+        if len(piece) > room:
+            cut = True
+        if ended:
+            yield bytes(kept), cut
+            kept.clear()
+            cut = False
+    if kept or cut:
+        yield bytes(kept), cut
+
+
+def _read(path: Path, shown: str, offset: int, limit: int, stop: threading.Event) -> ToolResult:
+    with open_regular(path, shown) as handle:
         if is_binary(handle.read(BINARY_SNIFF_BYTES)):
-            size = path.stat().st_size
+            size = os.fstat(handle.fileno()).st_size
             return ToolResult(output=f"{shown} is a binary file ({size} bytes); its content is not shown.")
         handle.seek(0)
         lines: list[str] = []
@@ -37,14 +55,12 @@ def _read(path: Path, shown: str, offset: int, limit: int) -> ToolResult:
         cut_lines = 0
         number = 0
         last_shown = offset - 1
-        for number, raw in enumerate(handle, start=1):
-            if number < offset:
-                continue
-            if number >= offset + limit or size >= MAX_OUTPUT_CHARS:
+        for number, (raw, cut) in enumerate(_lines(handle, stop), start=1):
+            if number < offset or number >= offset + limit or size >= MAX_OUTPUT_CHARS:
                 # Keep counting so the notice can say how long the file is.
                 continue
             text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            if len(text) > MAX_LINE_CHARS:
+            if cut or len(text) > MAX_LINE_CHARS:
                 text = f"{text[:MAX_LINE_CHARS]} [... line cut at {MAX_LINE_CHARS} characters]"
                 cut_lines += 1
             lines.append(f"{number:6}\t{text}")
@@ -66,9 +82,10 @@ def _read(path: Path, shown: str, offset: int, limit: int) -> ToolResult:
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     path = resolve_in_workspace(ctx.workspace, args["file_path"])
+    ctx.check_readable(path, args["file_path"])
     offset = args.get("offset", 1)
     limit = args.get("limit", DEFAULT_LINE_LIMIT)
-    return await asyncio.to_thread(_read, path, args["file_path"], offset, limit)
+    return await run_stoppable(_read, path, args["file_path"], offset, limit)
 
 
 TOOL = Tool(

@@ -7,7 +7,6 @@ keeps serving other calls; it only tokenizes files that contain a query word at 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import is_binary
+from tool_worker.tools.files import hidden_notice, is_binary, open_regular, run_stoppable
 from tool_worker.tools.rg import run_rg, search_location
 
 DEFAULT_RESULTS = 10
@@ -75,9 +74,9 @@ def _scan(directory: Path, names: list[str], terms: frozenset[str], stop: thread
         if stop.is_set():
             break
         try:
-            with open(directory / name, "rb") as handle:
+            with open_regular(directory / name, name) as handle:
                 data = handle.read(MAX_FILE_BYTES + 1)
-        except OSError:
+        except (OSError, ToolFailure):
             continue
         if len(data) > MAX_FILE_BYTES:
             scan.skipped_large += 1
@@ -125,8 +124,9 @@ def _rank(scan: _Scan) -> tuple[list[tuple[float, str]], dict[str, float]]:
 def _snippets(path: Path, terms: frozenset[str], idf_of: dict[str, float]) -> list[str]:
     """The file's lines richest in query words, in line order."""
     try:
-        text = path.read_bytes().decode("utf-8", "replace")
-    except OSError:
+        with open_regular(path, path.name) as handle:
+            text = handle.read(MAX_FILE_BYTES).decode("utf-8", "replace")
+    except (OSError, ToolFailure):
         return []
     scored = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -140,7 +140,7 @@ def _snippets(path: Path, terms: frozenset[str], idf_of: dict[str, float]) -> li
 
 
 def _search(
-    directory: Path, prefix: str, names: list[str], query: str, limit: int, stop: threading.Event
+    directory: Path, prefix: str, names: list[str], query: str, limit: int, hidden: int, stop: threading.Event
 ) -> ToolResult:
     words = frozenset(tokenize(query))
     # A query of only stopwords ("how to") still searches for them.
@@ -149,7 +149,7 @@ def _search(
         raise ToolFailure(f"query {query!r} has no searchable words", ErrorKind.INVALID_ARGUMENTS)
     scan = _scan(directory, sorted(names), terms, stop)
     ranked, idf = _rank(scan)
-    notices = []
+    notices = [hidden_notice(hidden)] if hidden else []
     if scan.skipped_large:
         notices.append(f"[{scan.skipped_large} files over {MAX_FILE_BYTES} bytes were not searched]")
     if scan.hit_total_cap:
@@ -171,19 +171,20 @@ def _search(
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown = args.get("path", ".")
     target = resolve_in_workspace(ctx.workspace, shown)
+    ctx.check_readable(target, shown)
     if not target.is_dir():
         raise ToolFailure(f"not a directory: {shown}")
     directory, _, prefix = search_location(workspace_root(ctx.workspace), target)
     listing = await run_rg(["--files", "--null"], directory)
     names = [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
-    stop = threading.Event()
-    try:
-        return await asyncio.to_thread(
-            _search, directory, prefix, names, args["query"], args.get("limit", DEFAULT_RESULTS), stop
-        )
-    finally:
-        # A cancelled call must not leave its thread reading the whole tree.
-        stop.set()
+    hidden = 0
+    if ctx.denied:
+        kept = [name for name in names if not ctx.hides(prefix + name)]
+        hidden, names = len(names) - len(kept), kept
+    # A cancelled call must not leave its thread reading the whole tree: run_stoppable stops it.
+    return await run_stoppable(
+        _search, directory, prefix, names, args["query"], args.get("limit", DEFAULT_RESULTS), hidden
+    )
 
 
 TOOL = Tool(

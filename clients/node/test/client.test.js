@@ -96,7 +96,9 @@ function freePort() {
 
 function startServer(address, dataDir, scriptPath) {
   const args = ['-m', 'codelane.cli', 'server', '--listen', address, '--data-dir', dataDir,
-    '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN];
+    '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN,
+    // The sessions of the tests name scripts of their own, written beside the default one.
+    '--scripts-dir', path.dirname(scriptPath)];
   const child = spawn(PYTHON, args, { cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   const ready = new Promise((resolve, reject) => {

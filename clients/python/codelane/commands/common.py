@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError
+from codelane.transport import address_option
 
 UNARY_TIMEOUT = 10.0  # deadline of every unary call the CLI makes; streams have none
 EXIT_ERROR = 1
@@ -19,7 +20,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 def add_server_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--server and --token, defaulting to $CODELANE_SERVER and $CODELANE_TOKEN."""
     parser.add_argument("--server", default=os.environ.get("CODELANE_SERVER") or DEFAULT_ADDRESS, metavar="ADDR",
-                        help=f"server address (default $CODELANE_SERVER or {DEFAULT_ADDRESS})")
+                        type=address_option, help=f"server address, HOST:PORT (default $CODELANE_SERVER or "
+                        f"{DEFAULT_ADDRESS})")
 
 
 def add_token_option(parser: argparse.ArgumentParser) -> None:

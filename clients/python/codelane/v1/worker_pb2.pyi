@@ -278,6 +278,7 @@ class Assign(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DISPATCH_ID_FIELD_NUMBER: _builtins.int
+    DENIED_PATHS_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The model's id of the call, for logs. Not unique: identify the call by dispatch_id."""
     attempt: _builtins.int
@@ -298,6 +299,38 @@ class Assign(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the hub gives up on the call; the worker should stop it by then."""
 
+    @_builtins.property
+    def denied_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Paths of the workspace the session's permission policy denies reading. The worker must not
+        read them, and must leave them out of every listing and search result (saying how many it
+        left out, never which). Empty: nothing is denied.
+
+        Each entry is a glob, matched against a path relative to the workspace root, written with
+        `/` between components, without a leading `./`, without `.` or `..` components and without
+        a trailing `/`; the root itself is `.`. A glob matches the whole path, case-sensitively,
+        character by character (Unicode code points of the UTF-8 path):
+          `*`   any run of characters other than `/`, possibly empty;
+          `?`   exactly one character other than `/`;
+          `**/` at the start of the glob or right after a `/`: zero or more whole components, each
+                followed by `/` (`**/*.env` matches `a.env` and `x/y/a.env`);
+          `**`  as the whole last component (the whole glob, or after its last `/`): any run of
+                characters, `/` included; a glob ending in `/**` also matches the path before it
+                (`build/**` matches `build` and `build/x/y`); any other `**` is two `*`;
+          `[`   starts a character class that ends at the first `]` after the character following
+                the `[` (so `[]a]` is the class of `]` and `a`); its members are single characters
+                and ranges `a-z`, `\\` inside it is a literal backslash, and a first `!` or `^` negates
+                it; a class may match `/`. A `[` without such a `]` is a literal `[`;
+          `{`   starts a set of alternatives that ends at the matching `}` (braces nest), split at
+                the commas not inside nested braces; each alternative is itself a glob. A `{`
+                without a matching `}` is a literal `{`;
+          `\\`   followed by any character matches that character literally;
+          anything else matches itself.
+        A path is denied when it, or any directory above it (each prefix that ends before a `/`),
+        matches one of the globs. Check each path twice: as the call names it or the listing shows
+        it, and with every symlink resolved, relative to the workspace root with its own symlinks
+        resolved; deny when either matches.
+        """
+
     def __init__(
         self,
         *,
@@ -309,10 +342,11 @@ class Assign(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
         dispatch_id: _builtins.str = ...,
+        denied_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "denied_paths", b"denied_paths", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

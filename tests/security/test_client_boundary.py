@@ -1,0 +1,114 @@
+"""A client must not reach the server's files: scripts, workspaces, and what error texts quote."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.v1 import session_pb2
+from session_server.llm.factory import MAX_CACHED_SCRIPTS
+from session_server.llm.script import Script
+from session_server.mock_llm.server import start_mock_llm
+from tests.session.conftest import RPC_TIMEOUT, kind, rpc_error, scripted
+
+SECRET = "hunter2-do-not-leak"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A file of the server's that no client should see: outside every directory it allows."""
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-server-secrets"
+    elsewhere.mkdir()
+    path = elsewhere / ".env"
+    path.write_text(f"API_KEY={SECRET}\n")
+    return path
+
+
+async def test_a_client_cannot_name_a_server_file_as_its_script(make_server, workspace, secret_file) -> None:
+    client = (await make_server()).client
+    for target in (secret_file, "/etc/passwd", "/dev/zero"):
+        error = await rpc_error(client.create(workspace, f"scripted:{target}"))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "config.model"
+        assert "outside the directories this server allows scripts from" in error.message
+        assert SECRET not in error.message and "root:" not in error.message
+
+
+async def test_without_scripts_dirs_clients_name_no_script_at_all(make_server, workspace, tmp_path) -> None:
+    client = (await make_server(scripts_dirs=[])).client
+    error = await rpc_error(client.create(workspace, scripted(tmp_path, [{"text": "hi"}])))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "--scripts-dir" in error.message
+
+
+async def test_a_script_error_never_quotes_the_file(make_server, workspace, tmp_path) -> None:
+    client = (await make_server()).client
+    for name, content in [("a.yaml", f"{SECRET}\n"), ("b.yaml", f"{SECRET}: [\n"), ("c.yaml", f"{SECRET}: 1\n"),
+                          ("d.yaml", f"responses: [{{{SECRET}: x}}]\n")]:
+        (tmp_path / name).write_text(content)
+        error = await rpc_error(client.create(workspace, f"scripted:{tmp_path / name}"))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert SECRET not in error.message, error.message
+
+
+async def test_a_fifo_script_is_refused_without_blocking_the_server(make_server, workspace, tmp_path) -> None:
+    client = (await make_server()).client
+    os.mkfifo(tmp_path / "fifo.yaml")
+    # Nothing ever writes to the FIFO: an open that waited for a writer would never return.
+    error = await rpc_error(client.create(workspace, f"scripted:{tmp_path / 'fifo.yaml'}"))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "not a regular file" in error.message
+    assert await client.count_sessions() == 0  # and the server still answers
+
+
+async def test_the_script_cache_and_the_providers_stay_bounded(make_server, workspace, tmp_path, monkeypatch) -> None:
+    server = await make_server()
+    for i in range(MAX_CACHED_SCRIPTS + 8):
+        await server.client.create(workspace, scripted(tmp_path, [{"text": "hi"}], name=f"s{i}.yaml"))
+    assert len(server.server.sessions.models.scripts) <= MAX_CACHED_SCRIPTS
+
+    runner, url = await start_mock_llm(Script.from_data({"responses": [{"text": "hi"}]}))
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+    try:
+        for i in range(20):
+            session = await server.client.create(workspace, f"openai:model-{i}")
+            events = await server.client.send(session.session_id, "hi")
+            assert kind(events[-1]) == "turn_finished"
+    finally:
+        await runner.cleanup()
+    # One HTTP client serves every model name of its provider.
+    assert server.server.sessions.models.provider_count() <= 2
+
+
+async def test_sessions_open_only_workspaces_under_the_roots(make_server, tmp_path) -> None:
+    root = tmp_path / "allowed"
+    (root / "project").mkdir(parents=True)
+    os.symlink("/etc", root / "project" / "etc-link")
+    client = (await make_server(workspace_roots=[root])).client
+    model = scripted(tmp_path, [{"text": "hi"}])
+    assert (await client.create(root / "project", model)).workspace == str((root / "project").resolve())
+    for outside in ("/etc", str(root / "project" / "etc-link"), str(root / ".." / "data-0"), str(tmp_path)):
+        error = await rpc_error(client.create(outside, model))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "workspace"
+        assert "--workspace-root" in error.message
+
+
+async def test_a_session_outside_the_new_roots_runs_no_more_turns(make_server, tmp_path, workspace) -> None:
+    first = await make_server()
+    session = await first.client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
+    await first.client.close()
+    await first.server.stop(grace=0.5)
+    narrowed = await make_server(data_dir=first.server.config.data_dir, workspace_roots=[tmp_path / "elsewhere"])
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    error = await rpc_error(narrowed.client.send(session.session_id, "hello"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
+
+
+async def test_a_huge_prompt_is_refused_and_changes_nothing(client, workspace, tmp_path) -> None:
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
+    error = await rpc_error(client.send(session.session_id, "x" * (2 * 1024 * 1024)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "text"
+    assert "at most" in error.message
+    assert (await client.get(session.session_id)).last_sequence == 0
+    request = session_pb2.GetMessagesRequest(session_id=session.session_id)
+    assert not (await client.sessions.GetMessages(request, timeout=RPC_TIMEOUT)).messages

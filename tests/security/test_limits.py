@@ -1,0 +1,71 @@
+"""Bounded inputs: a model's huge arguments or thousands of calls cannot break a session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codelane.v1 import tools_pb2
+from session_server.limits import MAX_TOOL_CALLS_PER_RESPONSE, OMITTED_ARGUMENTS
+from session_server.llm.script import Script
+from session_server.mock_llm.server import start_mock_llm
+from tests.session.conftest import assert_gap_free, call, kind, scripted
+
+HUGE = 70 * 1024 * 1024
+
+
+@pytest.fixture
+async def huge_write_model(monkeypatch: pytest.MonkeyPatch):
+    """An OpenAI-compatible model whose first answer is a `write` of 70 MB, sent in one piece."""
+    script = Script.from_data({"responses": [
+        {"text": "Writing.", "tool_calls": [call("write", "big", file_path="big.txt", content="x" * HUGE),
+                                            call("read", "small", file_path="a.txt")]},
+        {"text": "Done."},
+    ]})
+    runner, url = await start_mock_llm(script, quirks=["whole_arguments"])
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    yield "openai:mock"
+    await runner.cleanup()
+
+
+async def test_a_70_mb_argument_is_refused_and_the_session_stays_readable(
+    client, workspace, huge_write_model
+) -> None:
+    session = await client.create(workspace, huge_write_model)
+    events = await client.send(session.session_id, "write it", within=120)
+    assert kind(events[-1]) == "turn_finished"
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert results["big"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert "over the limit" in results["big"].output
+    assert not results["small"].is_error  # its sibling ran
+    assert not (workspace / "big.txt").exists()
+    # The stream, its replay from 0 and the history all still work.
+    replayed, last = await client.watch(session.session_id, 0)
+    assert_gap_free(replayed)
+    assert last == events[-1].sequence
+    history = await client.history(session.session_id)
+    calls = {c.call_id: c for m in history for c in m.tool_calls}
+    assert calls["big"].arguments_json == OMITTED_ARGUMENTS
+    assert json.loads(calls["small"].arguments_json) == {"file_path": "a.txt"}
+    assert sum(m.ByteSize() for m in history) < 1024 * 1024
+
+
+async def test_thousands_of_calls_in_one_response_are_capped(client, workspace, tmp_path) -> None:
+    count = 3000
+    model = scripted(tmp_path, [
+        {"tool_calls": [call("no_such_tool", f"c{i}", n=i) for i in range(count)]},
+        {"text": "done"},
+    ])
+    session = await client.create(workspace, model)
+    events = await client.send(session.session_id, "go", within=120)
+    assert kind(events[-1]) == "turn_finished"
+    results = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+    assert len(results) == count  # every call is answered
+    kinds = [r.error_kind for r in results]
+    assert kinds.count(tools_pb2.ERROR_KIND_UNKNOWN_TOOL) == MAX_TOOL_CALLS_PER_RESPONSE
+    over = [r for r in results if r.error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS]
+    assert len(over) == count - MAX_TOOL_CALLS_PER_RESPONSE
+    assert f"at most {MAX_TOOL_CALLS_PER_RESPONSE} per response" in over[0].output

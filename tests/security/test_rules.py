@@ -1,0 +1,94 @@
+"""Permission rules protect what a call touches, not its text: the model plays the attacker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.v1 import session_pb2, tools_pb2
+from tests.session.conftest import call, kind, rpc_error, scripted
+
+SECRET = "hunter2-do-not-leak"
+
+
+def finished(events) -> dict[str, tools_pb2.ToolResult]:
+    return {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+            if kind(e) == "tool_call_finished"}
+
+
+def started(events) -> dict[str, str]:
+    return {e.tool_call_started.call.call_id: e.tool_call_started.worker_id for e in events
+            if kind(e) == "tool_call_started"}
+
+
+async def test_a_prefix_rule_does_not_cover_redirections_or_writing_options(client, workspace, tmp_path) -> None:
+    attacks = {
+        "redirect": "git --version > ../escaped.txt",
+        "alias": "git -c alias.x='!touch ../aliased.txt' x",
+        "output": "git log --output=../output.txt",
+        "list": "git status && touch ../listed.txt",
+        "substitution": "git log $(touch ../substituted.txt)",
+    }
+    model = scripted(tmp_path, [
+        {"tool_calls": [call("bash", name, command=command) for name, command in attacks.items()]},
+        {"text": "done"},
+    ])
+    policy = session_pb2.PermissionPolicy(allow=["bash(git *)"], default_action=session_pb2.PERMISSION_ACTION_DENY)
+    session = await client.create(workspace, model, permissions=policy)
+    results = finished(await client.send(session.session_id, "go"))
+    for name in attacks:
+        assert results[name].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, results[name].output)
+    assert not list(workspace.parent.glob("*.txt")), "a denied command ran"
+
+
+async def test_a_read_deny_reaches_every_tool_on_real_workers(make_server, workspace, tmp_path) -> None:
+    (workspace / ".env").write_text(f"API_KEY={SECRET}\n")
+    (workspace / "config").mkdir()
+    (workspace / "config" / "prod.env").write_text(f"DB_PASSWORD={SECRET}\n")
+    (workspace / "link.txt").symlink_to("config/prod.env")
+    (workspace / "notes.md").write_text(f"the password is not {SECRET[:4]} here\n")
+    server = await make_server(local_workers=2, local_fallback=False)
+    await server.client.wait_workers("local-1", "local-2")
+    reads = {
+        "grep": call("grep", "grep", pattern="PASSWORD|API_KEY", output_mode="content", **{"-i": True}),
+        "grep_hidden": call("grep", "grep_hidden", pattern="KEY", path=".", glob="*", output_mode="content"),
+        "search": call("search", "search", query="password api key"),
+        "glob": call("glob", "glob", pattern="**/*"),
+        "list_files": call("list_files", "list_files"),
+        "ls": call("ls", "ls", path="config"),
+        "read_link": call("read", "read_link", file_path="link.txt"),
+    }
+    writes = {
+        "copy": call("copy", "copy", source="config/prod.env", destination="leak.txt"),
+        "copy_dir": call("copy", "copy_dir", source="config", destination="leaked_config"),
+        "bash": call("bash", "bash", command="cat config/prod.env"),
+    }
+    model = scripted(tmp_path, [{"tool_calls": list(reads.values())}, {"tool_calls": list(writes.values())},
+                                {"text": "done"}])
+    policy = session_pb2.PermissionPolicy(deny=["read(**/*.env)"])
+    session = await server.client.create(workspace, model, permissions=policy)
+    events = await server.client.send(session.session_id, "go", within=60)
+    results, workers = finished(events), started(events)
+    for name, result in results.items():
+        assert SECRET not in result.output, (name, result.output)
+        assert "prod.env" not in result.output or result.is_error, (name, result.output)
+    for name in ("grep", "search", "glob", "list_files", "ls"):
+        # Listed on a worker process: the denied paths travelled with the call.
+        assert workers[name].startswith("local-"), (name, workers[name])
+        assert "left out: this session's permission policy denies reading them" in results[name].output, name
+    for name in ("read_link", "copy", "bash"):
+        assert results[name].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, results[name].output)
+    assert not (workspace / "leak.txt").exists()
+    assert not (workspace / "leaked_config" / "prod.env").exists()
+
+
+@pytest.mark.parametrize("rule", ["Bash", "shell", "Read(**/*.env)"])
+async def test_a_rule_naming_an_unknown_tool_is_refused(client, workspace, tmp_path: Path, rule: str) -> None:
+    policy = session_pb2.PermissionPolicy(allow=["read"], deny=[rule])
+    error = await rpc_error(client.create(workspace, scripted(tmp_path, [{"text": "hi"}]), permissions=policy))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.metadata["field"] == "config.permissions.deny[0]"
+    assert "unknown tool" in error.message and rule.split("(")[0] in error.message
+    assert await client.count_sessions() == 0

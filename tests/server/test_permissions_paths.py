@@ -1,0 +1,159 @@
+"""Permission rules protect what a call touches: shell commands parsed, paths of every tool,
+symlinks resolved, unknown tools refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from session_server.permissions import Action, PermissionPolicy, PolicyError
+from session_server.shell import Access, parse_shell
+
+
+def decide(policy: PermissionPolicy, tool: str, workspace: Path | str = "/work/ws", **arguments) -> Action:
+    return policy.decide(tool, arguments, str(workspace)).action
+
+
+GIT = PermissionPolicy.parse(allow=["bash(git *)", "write(out/**)", "read(in/**)"], default_action="ask")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "git status",
+        "git log --oneline -5",
+        "git status && git log",
+        "(git status; git diff)",
+        "git log 2>/dev/null",
+        "git log 2>&1",
+        "git log > out/log.txt",
+        "git log < in/list",
+        "git commit -m 'a; rm -rf x'",  # one quoted argument, not a second command
+        "if git diff --quiet; then git status; fi",
+    ],
+)
+def test_a_prefix_rule_allows_what_it_names(command: str) -> None:
+    assert decide(GIT, "bash", command=command) is Action.ALLOW
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "git status > ../../x",  # an output redirection needs a write rule of its own
+        "git status >> notes.txt",
+        "git status &> all.txt",
+        "git log > $OUT",  # known only at run time
+        "git log < secrets",  # an input redirection needs a read rule
+        "git -c alias.x='!rm -rf ~' x",  # an option that runs something
+        "git -calias.x=!sh x",
+        "git log --output=/etc/cron.d/x",  # an option that writes
+        "git -C /etc status",
+        "git log | sh",
+        "git log | xargs rm",
+        "git status && rm -rf build",
+        "git log $(rm -rf build)",
+        "git log `rm -rf build`",
+        "git diff <(rm x)",
+        "git log $BRANCH",  # may expand to any option
+        "GIT_EXTERNAL_DIFF=/tmp/x git diff",
+        "git log 'unterminated",  # the parser cannot read it
+        "/usr/bin/git status; curl x",
+        "f() { rm -rf x; }; git status",
+    ],
+)
+def test_a_prefix_rule_never_covers_what_it_does_not_name(command: str) -> None:
+    assert decide(GIT, "bash", command=command) is Action.ASK
+
+
+def test_an_explicit_rule_may_name_an_option() -> None:
+    policy = PermissionPolicy.parse(allow=["bash(git -C sub *)"], default_action="deny")
+    assert decide(policy, "bash", command="git -C sub status") is Action.ALLOW
+    assert decide(policy, "bash", command="git -C sub -c x=y status") is Action.DENY
+
+
+def test_deny_sees_every_command_however_it_is_written() -> None:
+    policy = PermissionPolicy.parse(allow=["bash"], deny=["bash(rm *)"])
+    for command in ["ls; rm -rf x", "echo $(rm -rf x)", "/bin/rm -rf x", "X=1 rm -rf x", "(cd a && rm -rf b)",
+                    "for f in *; do rm $f; done", "ls | rm x", "echo 'a' && rm x"]:
+        assert decide(policy, "bash", command=command) is Action.DENY, command
+    assert decide(policy, "bash", command="echo rm") is Action.ALLOW
+    assert decide(policy, "bash", command="echo 'rm -rf x'") is Action.ALLOW
+
+
+def test_shell_redirections_are_reads_and_writes() -> None:
+    line = parse_shell("sort < in.txt > out.txt 2>/dev/null 2>&1 <<< here")
+    assert [(r.access, r.target) for r in line.redirections] == [(Access.READ, "in.txt"), (Access.WRITE, "out.txt")]
+    assert parse_shell("echo hi > $X").redirections[0].target is None
+    assert parse_shell("echo 'unterminated").opaque is not None
+
+
+# -- path rules apply to every tool, by the paths it touches ------------------------------------
+
+
+ENV = PermissionPolicy.parse(deny=["read(**/*.env)", "write(locked/**)"])
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("read", {"file_path": "config/prod.env"}),
+        ("grep", {"pattern": "KEY", "path": "prod.env"}),
+        ("search", {"query": "key", "path": "dir/x.env"}),
+        ("glob", {"pattern": "*", "path": "deploy.env"}),
+        ("ls", {"path": "a.env"}),
+        ("list_files", {"path": "a.env"}),
+        ("copy", {"source": "prod.env", "destination": "copy.txt"}),
+        ("edit", {"file_path": "prod.env", "old_string": "a", "new_string": "b"}),
+        ("bash", {"command": "cat prod.env"}),
+        ("bash", {"command": "wc -l < prod.env"}),
+        ("execute", {"argv": ["cat", "config/prod.env"]}),
+        ("write", {"file_path": "locked/a.txt", "content": "x"}),
+        ("edit", {"file_path": "locked/a.txt", "old_string": "a", "new_string": "b"}),
+        ("delete", {"path": "locked/a.txt"}),
+        ("move", {"source": "a.txt", "destination": "locked/a.txt"}),
+        ("copy", {"source": "a.txt", "destination": "locked/b.txt"}),
+        ("bash", {"command": "echo x > locked/a.txt"}),
+        ("delete", {"path": "locked"}),  # a directory holding denied paths
+    ],
+)
+def test_a_path_rule_applies_to_every_tool(tool: str, arguments: dict) -> None:
+    assert decide(ENV, tool, **arguments) is Action.DENY
+
+
+def test_listing_a_directory_is_allowed_and_its_denied_paths_travel() -> None:
+    assert decide(ENV, "grep", pattern="KEY") is Action.ALLOW
+    assert decide(ENV, "list_files") is Action.ALLOW
+    assert ENV.denied_paths("/work/ws") == ("**/*.env",)
+    absolute = PermissionPolicy.parse(deny=["read(/work/ws/secrets/**)", "read(/etc/**)", "read(./a/*)"])
+    assert absolute.denied_paths("/work/ws") == ("secrets/**", "a/*")
+
+
+def test_symlinks_are_resolved_as_the_sandbox_resolves_them(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    (workspace / "secrets").mkdir(parents=True)
+    (workspace / "secrets" / "key").write_text("k")
+    (workspace / "docs").mkdir()
+    os.symlink("../secrets/key", workspace / "docs" / "readme")
+    os.symlink("secrets", workspace / "innocent")
+    policy = PermissionPolicy.parse(deny=["read(secrets/**)"], allow=["read(docs/**)"], default_action="ask")
+    assert decide(policy, "read", workspace, file_path="docs/readme") is Action.DENY
+    assert decide(policy, "read", workspace, file_path="innocent/key") is Action.DENY
+    assert decide(policy, "grep", workspace, pattern="x", path="innocent") is Action.DENY
+    allow_only = PermissionPolicy.parse(allow=["read(docs/**)"], default_action="ask")
+    # Named inside the allowed tree, but really outside it: the allow does not vouch for it.
+    assert decide(allow_only, "read", workspace, file_path="docs/readme") is Action.ASK
+
+
+# -- unknown tools -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "rules"), [("deny[0]", {"deny": ["Bash"]}), ("allow[1]", {"allow": ["read", "shell(x)"]})]
+)
+def test_a_rule_naming_an_unknown_tool_is_refused(field: str, rules: dict) -> None:
+    with pytest.raises(PolicyError) as caught:
+        PermissionPolicy.parse(**rules, known_tools={"bash", "read", "write"})
+    assert caught.value.field == field
+    assert "unknown tool" in caught.value.message and "case-sensitive" in caught.value.message

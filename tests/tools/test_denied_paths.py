@@ -1,0 +1,102 @@
+"""Denied paths: tools refuse to read them and leave them out of listings and search results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tool_worker.denied import DeniedPaths
+from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import ErrorKind, ToolResult
+
+DENY = ("**/*.env", "secrets/**")
+
+
+@pytest.fixture
+def secret_workspace(workspace: Path) -> Path:
+    (workspace / "app.env").write_text("API_KEY=hunter2\n")
+    (workspace / "src" / "local.env").write_text("TOKEN=hunter2\n")
+    (workspace / "secrets").mkdir()
+    (workspace / "secrets" / "key.txt").write_text("hunter2 private key\n")
+    (workspace / "notes.txt").write_text("hunter2 is the example password in notes\n")
+    os.symlink("secrets/key.txt", workspace / "innocent.txt")
+    os.symlink("secrets", workspace / "vault")
+    return workspace
+
+
+async def run(registry: ToolRegistry, workspace: Path, tool: str, denied=DENY, **arguments) -> ToolResult:
+    return await registry.execute(tool, workspace, json.dumps(arguments), denied)
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("grep", {"pattern": "hunter2"}),
+        ("grep", {"pattern": "hunter2", "output_mode": "content"}),
+        ("grep", {"pattern": "hunter2", "output_mode": "count"}),
+        ("search", {"query": "hunter2"}),
+        ("glob", {"pattern": "**/*"}),
+        ("list_files", {}),
+        ("ls", {}),
+    ],
+)
+async def test_listings_leave_denied_paths_out(registry, secret_workspace, tool, arguments) -> None:
+    result = await run(registry, secret_workspace, tool, **arguments)
+    assert not result.is_error, result.output
+    for hidden in ("app.env", "local.env", "key.txt", "private key", "innocent.txt", "API_KEY", "TOKEN"):
+        assert hidden not in result.output, (tool, result.output)
+    assert "left out: this session's permission policy denies reading them" in result.output
+    if tool in ("grep", "search"):
+        assert "notes.txt" in result.output
+    # Without the policy everything is there: the filter, not the fixture, hid them.
+    open_result = await run(registry, secret_workspace, tool, (), **arguments)
+    assert "left out" not in open_result.output
+    assert "app.env" in open_result.output or tool in ("list_files", "glob", "search")
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("read", {"file_path": "app.env"}),
+        ("read", {"file_path": "innocent.txt"}),  # a link to a denied file
+        ("read", {"file_path": "vault/key.txt"}),  # through a link to a denied directory
+        ("read", {"file_path": "./src/../secrets/key.txt"}),
+        ("ls", {"path": "secrets"}),
+        ("ls", {"path": "vault"}),
+        ("grep", {"pattern": "x", "path": "secrets"}),
+        ("search", {"query": "key", "path": "vault"}),
+        ("list_files", {"path": "secrets"}),
+        ("glob", {"pattern": "*", "path": "vault"}),
+        ("copy", {"source": "secrets/key.txt", "destination": "out.txt"}),
+        ("edit", {"file_path": "app.env", "old_string": "API", "new_string": "X"}),
+    ],
+)
+async def test_reading_a_denied_path_is_refused(registry, secret_workspace, tool, arguments) -> None:
+    result = await run(registry, secret_workspace, tool, **arguments)
+    assert result.error_kind is ErrorKind.PERMISSION_DENIED, result.output
+    assert "hunter2" not in result.output
+
+
+async def test_absolute_paths_are_checked_too(registry, secret_workspace) -> None:
+    result = await run(registry, secret_workspace, "read", file_path=str(secret_workspace / "app.env"))
+    assert result.error_kind is ErrorKind.PERMISSION_DENIED
+
+
+async def test_a_copied_tree_leaves_denied_files_behind(registry, secret_workspace) -> None:
+    result = await run(registry, secret_workspace, "copy", source="src", destination="src_copy")
+    assert not result.is_error and "were not copied" in result.output
+    assert (secret_workspace / "src_copy" / "app.py").exists()
+    assert not (secret_workspace / "src_copy" / "local.env").exists()
+
+
+def test_a_directory_denies_everything_under_it(tmp_path: Path) -> None:
+    denied = DeniedPaths(["build", "docs/*.md"])
+    assert denied.matching("build") == "build"
+    assert denied.matching("build/deep/file.o") == "build"
+    assert denied.matching("docs/a.md") == "docs/*.md"
+    assert denied.matching("docs/sub/a.md") is None
+    assert denied.matching("src/build.py") is None
+    assert not DeniedPaths() and DeniedPaths().denies(str(tmp_path), "anything") is None

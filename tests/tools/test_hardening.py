@@ -1,0 +1,157 @@
+"""Tools that cannot be wedged: FIFOs, huge lines, symlink loops, long paths, stopped threads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tool_worker.tools import copy, edit, ls, read
+from tool_worker.tools.base import ErrorKind, ToolContext
+from tool_worker.tools.files import Stopped, run_stoppable
+
+
+@pytest.fixture
+def fifo(workspace: Path) -> Path:
+    path = workspace / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("read", {"file_path": "pipe"}),
+        ("grep", {"pattern": "x", "path": "pipe"}),
+        ("edit", {"file_path": "pipe", "old_string": "a", "new_string": "b"}),
+        ("copy", {"source": "pipe", "destination": "pipe2"}),
+    ],
+)
+async def test_a_fifo_is_refused_without_blocking(call: Any, fifo: Path, tool: str, arguments: dict) -> None:
+    # Nothing ever writes to the FIFO: a blocking open would never return.
+    result = await asyncio.wait_for(call(tool, **arguments), 10)
+    assert result.error_kind is ErrorKind.TOOL_ERROR, result.output
+    assert "FIFO" in result.output
+
+
+async def test_search_and_copy_of_a_tree_skip_a_fifo(call: Any, workspace: Path, fifo: Path) -> None:
+    (workspace / "notes.txt").write_text("pipe dreams\n")
+    found = await asyncio.wait_for(call("search", query="pipe dreams"), 10)
+    assert "notes.txt" in found.output
+    copied = await asyncio.wait_for(call("copy", source=".", destination="../copy_of_ws"), 10)
+    assert copied.error_kind is ErrorKind.PATH_ESCAPE  # the destination is outside; the source is fine
+    (workspace / "sub").mkdir()
+    os.mkfifo(workspace / "sub" / "inner_pipe")
+    (workspace / "sub" / "file.txt").write_text("kept\n")
+    copied = await asyncio.wait_for(call("copy", source="sub", destination="sub2"), 10)
+    assert not copied.is_error and "1 entries were not copied" in copied.output
+    assert (workspace / "sub2" / "file.txt").read_text() == "kept\n"
+    assert not (workspace / "sub2" / "inner_pipe").exists()
+
+
+async def test_a_200_mb_line_is_streamed_and_cut(call: Any, workspace: Path) -> None:
+    huge = workspace / "one_line.txt"
+    block = b"x" * (1024 * 1024)
+    with huge.open("wb") as handle:
+        for _ in range(200):
+            handle.write(block)
+        handle.write(b"\nsecond\n")
+    result = await call("read", file_path="one_line.txt")
+    lines = result.output.splitlines()
+    assert lines[0] == "     1\t" + "x" * read.MAX_LINE_CHARS + f" [... line cut at {read.MAX_LINE_CHARS} characters]"
+    assert lines[1] == "     2\tsecond"
+    assert result.truncated and result.metadata == {"total_lines": 2}
+
+
+async def test_a_cut_line_keeps_whole_characters(call: Any, workspace: Path) -> None:
+    (workspace / "wide.txt").write_text("é" * (read.READ_CHUNK * 2) + "\n", encoding="utf-8")
+    first = (await call("read", file_path="wide.txt")).output.splitlines()[0]
+    assert first == "     1\t" + "é" * read.MAX_LINE_CHARS + f" [... line cut at {read.MAX_LINE_CHARS} characters]"
+
+
+async def test_a_last_line_without_newline_counts(call: Any, workspace: Path) -> None:
+    (workspace / "tail.txt").write_bytes(b"a\nb")
+    assert (await call("read", file_path="tail.txt")).output == "     1\ta\n     2\tb"
+
+
+async def test_a_symlink_loop_is_a_plain_error(call: Any, workspace: Path) -> None:
+    os.symlink("loop", workspace / "loop")
+    calls = [("read", {"file_path": "loop"}), ("ls", {"path": "loop"}), ("grep", {"pattern": "x", "path": "loop"})]
+    for tool, arguments in calls:
+        result = await call(tool, **arguments)
+        assert result.error_kind is ErrorKind.PATH_ESCAPE, (tool, result.output)
+        assert "symlink loop" in result.output
+
+
+async def test_a_1_mb_path_is_a_plain_error(call: Any) -> None:
+    for tool, argument in [("read", "file_path"), ("ls", "path"), ("write", "file_path")]:
+        arguments = {argument: "a/" * 500_000}
+        if tool == "write":
+            arguments["content"] = "x"
+        result = await call(tool, **arguments)
+        assert result.error_kind is ErrorKind.INVALID_ARGUMENTS, (tool, result.output[:200])
+        assert "at most 4096" in result.output and len(result.output) < 500
+
+
+async def test_a_component_too_long_is_a_plain_error(call: Any) -> None:
+    result = await call("read", file_path="n" * 300)
+    assert result.error_kind in (ErrorKind.INVALID_ARGUMENTS, ErrorKind.TOOL_ERROR), result.output
+    assert "unexpectedly" not in result.output
+
+
+async def test_grep_says_when_its_glob_matches_no_file(call: Any) -> None:
+    result = await call("grep", pattern="def", glob="*.nothing")
+    assert not result.is_error
+    assert result.output == "No files in . match glob '*.nothing', so nothing was searched"
+
+
+# -- stop flags: a thread left behind by a timeout or a cancel stops, and changes nothing --------
+
+
+def _stopped() -> threading.Event:
+    stop = threading.Event()
+    stop.set()
+    return stop
+
+
+def test_a_stopped_edit_writes_nothing(workspace: Path) -> None:
+    target = workspace / "src" / "app.py"
+    before = target.read_text()
+    with pytest.raises(Stopped):
+        edit._edit(target, "src/app.py", "load_config", "changed", False, _stopped())
+    assert target.read_text() == before
+
+
+def test_a_stopped_copy_copies_nothing(workspace: Path) -> None:
+    ctx = ToolContext(workspace=workspace)
+    with pytest.raises(Stopped):
+        copy._copy(ctx, workspace / "src", workspace / "src_copy", ("src", "src_copy"), False, _stopped())
+    assert not (workspace / "src_copy").exists()
+
+
+def test_stopped_read_and_ls_end(workspace: Path) -> None:
+    with pytest.raises(Stopped):
+        read._read(workspace / "src" / "app.py", "src/app.py", 1, 10, _stopped())
+    with pytest.raises(Stopped):
+        ls._list(ToolContext(workspace=workspace), workspace / "src", "src", [], _stopped())
+
+
+async def test_run_stoppable_sets_the_flag_when_its_call_is_cancelled() -> None:
+    entered = threading.Event()
+    seen_stop = threading.Event()
+
+    def work(stop: threading.Event) -> None:
+        entered.set()
+        if stop.wait(30):
+            seen_stop.set()
+
+    task = asyncio.create_task(run_stoppable(work))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(seen_stop.wait, 10)

@@ -1,0 +1,95 @@
+"""Paths a session's policy denies reading, as the tools apply them to what they read and list.
+
+The session server sends these globs with every call (`Assign.denied_paths` in worker.proto, whose
+comment is the normative description of the syntax); tools refuse to read a denied path and
+leave denied paths out of listings and search results.
+
+A glob is matched against a path relative to the workspace root: components separated by `/`,
+no leading `./`, no `.` or `..` components, no trailing `/`, the root itself being `.`; on the
+whole path, case-sensitively. `*` matches any run of characters other than `/`, `?` one such
+character; `**/` at the start or after a `/` matches zero or more whole directories; `**` as the
+whole last component matches anything, `/` included; `dir/**` also matches `dir`; `[...]` is a
+character class (`[!...]` or `[^...]` negated) ending at the first `]` after its first member;
+`{a,b}` matches either glob; `\\` makes the next character literal; anything else matches itself.
+
+A path is denied when it, or a directory above it, matches; and it is checked twice: as named,
+and with its symlinks resolved (as `tool_worker.sandbox` resolves them) relative to the real
+workspace root. So a link to a denied file is denied, and so is everything in a denied directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+from collections.abc import Iterable
+
+from tool_worker.tools.globs import translate_glob
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_path_glob(glob: str) -> re.Pattern[str]:
+    """A path glob as a regex (see the module docstring); `dir/**` also matches `dir` itself."""
+    while glob.startswith("./"):
+        glob = glob[2:]
+    glob = glob or "."
+    if glob.endswith("/**"):
+        return re.compile(f"{translate_glob(glob[:-3])}(?:/.*)?", re.DOTALL)
+    return re.compile(translate_glob(glob), re.DOTALL)
+
+
+def normalise_relative(path: str) -> str:
+    """`path` (relative to the workspace root) in the form globs are matched against."""
+    normal = posixpath.normpath(path.strip() or ".")
+    # normpath keeps a leading "//"; one slash is the same directory.
+    return "/" + normal.lstrip("/") if normal.startswith("//") else normal
+
+
+def ancestors_and_self(path: str) -> Iterable[str]:
+    """`a/b/c`, then `a/b`, then `a`: what a deny of a directory also covers."""
+    yield path
+    while (parent := posixpath.dirname(path)) not in ("", path):
+        path = parent
+        yield path
+
+
+def relative_to_root(root: str, path: str) -> str | None:
+    """`path` (absolute) relative to `root`, or None when it lies outside it."""
+    if path == root:
+        return "."
+    base = root.rstrip(os.sep) + os.sep
+    return path[len(base):] if path.startswith(base) else None
+
+
+class DeniedPaths:
+    """A compiled set of deny globs. Empty (and falsy) when the policy denies no path."""
+
+    def __init__(self, globs: Iterable[str] = ()) -> None:
+        self.globs = tuple(globs)
+        self._patterns = tuple(compile_path_glob(g) for g in self.globs)
+
+    def __bool__(self) -> bool:
+        return bool(self._patterns)
+
+    def matching(self, relative: str) -> str | None:
+        """The glob denying `relative` (normalised, relative to the root) or a directory above it."""
+        for candidate in ancestors_and_self(relative):
+            for glob, pattern in zip(self.globs, self._patterns, strict=True):
+                if pattern.fullmatch(candidate):
+                    return glob
+        return None
+
+    def denies(self, root: str, relative: str) -> str | None:
+        """The glob denying the path `relative` (to the real workspace root `root`), as named or
+        with its symlinks resolved; None when it may be read."""
+        if not self._patterns:
+            return None
+        named = normalise_relative(relative)
+        glob = self.matching(named)
+        if glob is not None:
+            return glob
+        resolved = relative_to_root(root, os.path.realpath(os.path.join(root, named)))
+        if resolved is not None and resolved != named:
+            return self.matching(resolved)
+        return None
