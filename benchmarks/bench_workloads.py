@@ -8,7 +8,9 @@ same calls (`signature()` identifies the list; runs record what they actually ex
 - H (heavy): 8 `grep` calls over a large tree (~200 MB in a full run);
 - R (remote-like): 16 `sleep` calls with a fixed service time (200 ms by default): the plugin
   tool of `benchmarks.plugin_tools`, standing in for remote storage or GPU inference;
-- M (mixed): reads, two writes and a read of each written file right after its write.
+- M (mixed): reads, two writes and a read of each written file right after its write;
+- T (tiny): 40 reads of small files and 10 small greps: the calls coding agents make most,
+  where codelane's own cost per call is what decides whether running them in parallel pays.
 
 Trees are generated deterministically (`benchmarks.tools_bench.generate_tree`) into a cache
 directory outside the repository and reused while their marker matches.
@@ -282,7 +284,25 @@ def mixed(root: Path) -> Workload:
     )
 
 
-WORKLOAD_KEYS = ("L", "H", "R", "M")
+def tiny(root: Path) -> Workload:
+    files = _source_files(root, ".py", 40)
+    if len(files) < 40:
+        raise RuntimeError(f"the T tree {root} has fewer than 40 Python files")
+    directories = [*_top_dirs(root), "."]
+    patterns = ["def ", "return", "import", "class ", "retry", "lease", "slot", "TODO", "json", "self"]
+    calls = [Call("read", {"file_path": f}) for f in files]
+    calls += [
+        Call("grep", {"pattern": p, "path": directories[i % len(directories)], "output_mode": "content",
+                      "head_limit": 20})
+        for i, p in enumerate(patterns)
+    ]
+    return Workload(
+        "T", "tiny", "40 reads of small files and 10 small greps in one turn", root, calls, "cpu",
+        tree=_tree_stats(root),
+    )
+
+
+WORKLOAD_KEYS = ("L", "H", "R", "M", "T")
 
 
 def build_workloads(keys: Sequence[str], cache: Path, sizes: Sizes, log=print) -> list[Workload]:
@@ -310,6 +330,9 @@ def build_workloads(keys: Sequence[str], cache: Path, sizes: Sizes, log=print) -
             workload = mixed(root)
             workload.reset()
             out.append(workload)
+        elif key == "T":
+            # Read-only: the generated small tree itself.
+            out.append(tiny(ensure_tree(cache, sizes.m_mb, log)))
         else:
             raise ValueError(f"unknown workload {key!r}; known: {', '.join(WORKLOAD_KEYS)}")
     return out
