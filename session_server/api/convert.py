@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -20,6 +21,10 @@ from tool_worker import wire
 # A stream message carries a batch of events up to about this size (a single bigger event goes
 # alone): well under the channel's message limit, and small enough to start arriving at once.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Events converted lately, with their size: every live subscriber of a session sends the same
+# events, and converting one costs more than copying it.
+_RECENT_EVENTS = 4096
+_recent: OrderedDict[tuple[str, int], tuple[events_pb2.Event, int]] = OrderedDict()
 
 M = TypeVar("M")
 
@@ -31,8 +36,7 @@ def batched(
     consecutive events, split where a message would pass MAX_BATCH_BYTES."""
     message, size = make(), 0
     for stored in events:
-        proto = event(stored)
-        weight = proto.ByteSize()
+        proto, weight = _converted(stored)
         if size and size + weight > MAX_BATCH_BYTES:
             yield message
             message, size = make(), 0
@@ -40,6 +44,17 @@ def batched(
         size += weight
     if size:
         yield message
+
+
+def _converted(stored: StoredEvent) -> tuple[events_pb2.Event, int]:
+    key = (stored.session_id, stored.sequence)
+    found = _recent.get(key)
+    if found is None:
+        proto = event(stored)
+        found = _recent[key] = (proto, proto.ByteSize())
+        if len(_recent) > _RECENT_EVENTS:
+            _recent.popitem(last=False)
+    return found
 
 
 def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:

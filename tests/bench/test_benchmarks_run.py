@@ -1,0 +1,29 @@
+"""The benchmarks that print their figures run end to end (tiny sizes, one round): a benchmark
+that stopped working would otherwise only be noticed the next time someone measures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BOUND = 240
+
+
+@pytest.mark.parametrize(
+    ("module", "arguments", "expected"),
+    [
+        ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes", "sequential,parallel-local"],
+         ["overhead/call", "sequential", "parallel-local"]),
+        ("benchmarks.history_bench", ["--sizes", "2,20", "--samples", "2"], ["messages", "target: flat"]),
+        ("benchmarks.events_bench", ["--events", "1200", "--subscribers", "2", "--long-turn", "1200"],
+         ["fan-out:", "events/s in all", "long turn:", "gap-free and whole"]),
+    ],
+    ids=["overhead", "history", "events"],
+)
+def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for text in expected:
+        assert text in done.stdout, done.stdout
