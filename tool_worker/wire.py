@@ -1,4 +1,6 @@
-"""Tool specs and results <-> their codelane.v1 protos. Shared by the worker and the hub."""
+"""Tool specs and results <-> their codelane.v1 protos, and the duration and timestamp helpers:
+the one conversion of the tool library's types, shared by the worker process, the hub and the
+session API's converter (`session_server.api.convert`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Domain objects <-> codelane.v1 protos for the session and admin APIs: the one converter."""
+"""Domain objects <-> codelane.v1 protos for the session and admin APIs.
+
+Each proto message is converted in exactly one place: the tool library's types (ToolSpec,
+ToolResult, durations and timestamps) in `tool_worker.wire`, which worker processes share
+without loading the server; the worker stream's own messages in `session_server.api.hub` (the
+hub is their only reader and writer); everything the session and admin services send here.
+"""
 
 from __future__ import annotations
 
