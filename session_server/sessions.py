@@ -11,10 +11,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
 from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
@@ -32,11 +33,13 @@ from session_server.events import (
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
 from session_server.llm.base import ModelProvider, Usage
-from session_server.llm.factory import create_provider
+from session_server.llm.factory import create_provider, parse_model
 from session_server.llm.limiter import LimitedProvider
+from session_server.llm.observed import ObservedProvider
 from session_server.pool import WorkerPool
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
+from session_server.telemetry import Telemetry
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -92,6 +95,9 @@ class SessionManager:
         local_fallback: bool = True,
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
+        telemetry: Telemetry | None = None,
+        admission: Admission | None = None,
+        on_store_state: Callable[[bool, str], None] | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -99,14 +105,17 @@ class SessionManager:
         self.stats = stats
         self.default_model = default_model
         self.local_fallback = local_fallback
-        self.bus = EventBus(store.events_after, subscriber_buffer)
-        self.events = EventLog(store, self.bus)
+        self.telemetry = telemetry
+        self.admission = admission
+        metrics = telemetry.metrics if telemetry is not None else None
+        self.bus = EventBus(store.events_after, subscriber_buffer, metrics=metrics)
+        self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
         self._providers: dict[str, tuple[ModelProvider, str]] = {}
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
         self.confirmations = Confirmations()
-        self.external = ExternalTasks()
+        self.external = ExternalTasks(metrics=metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -151,8 +160,14 @@ class SessionManager:
                 return
             cursor = page[-1].sequence
 
-    async def shutdown(self) -> None:
-        """Ends running turns (marked interrupted) and closes the model providers."""
+    def running_turns(self) -> int:
+        return len(self._turns)
+
+    async def shutdown(self, grace: float = 0.0) -> None:
+        """Gives running turns `grace` seconds to finish, ends the others (marked interrupted),
+        and closes the model providers."""
+        if grace > 0 and self._turns:
+            await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
         for turn, task in list(self._turns.values()):
             turn.cancel_reason = "interrupted"
             task.cancel()
@@ -166,9 +181,11 @@ class SessionManager:
     # -- sessions ------------------------------------------------------------------------------
 
     def create_session(self, workspace: str, request: SettingsRequest, labels: dict[str, str]) -> SessionRecord:
-        """Raises config.InvalidArgument naming the bad field."""
+        """Raises config.InvalidArgument naming the bad field, admission.AtCapacity or ShuttingDown."""
         path = resolve_workspace(workspace)
         settings = build_settings(request, self.default_model)
+        if self.admission is not None:
+            self.admission.check_session()
         now = time.time()
         record = SessionRecord(
             session_id=f"s_{uuid.uuid4().hex[:16]}",
@@ -179,6 +196,8 @@ class SessionManager:
             updated=now,
         )
         self.store.create_session(record)
+        if self.admission is not None:
+            self.admission.session_added()
         return record
 
     def get_session(self, session_id: str) -> SessionRecord:
@@ -202,7 +221,8 @@ class SessionManager:
         self.external.close_session(session_id)
         self.events.forget(session_id)
         self.histories.forget(session_id)
-        self.store.delete_session(session_id)
+        if self.store.delete_session(session_id) and self.admission is not None:
+            self.admission.session_removed()
         self.bus.close_session(session_id)
 
     def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[StoredMessage], int]:
@@ -223,7 +243,8 @@ class SessionManager:
     def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         """Starts a turn; returns its id and its events in batches, the last ending with TurnFinished.
 
-        The turn runs on its own: dropping the stream does not stop it.
+        The turn runs on its own: dropping the stream does not stop it. Raises admission.AtCapacity
+        or ShuttingDown when no turn may start now.
         """
         record = self.get_session(session_id)
         if session_id in self._turns:
@@ -235,6 +256,18 @@ class SessionManager:
             provider, model_name = self._provider(settings.model)
         except ValueError as exc:
             raise ModelUnavailable(settings.model, str(exc)) from None
+        if self.admission is not None:
+            self.admission.acquire_turn()
+        try:
+            return self._start_turn(session_id, record, settings, provider, model_name, text)
+        except BaseException:
+            if self.admission is not None:
+                self.admission.release_turn()
+            raise
+
+    def _start_turn(self, session_id: str, record: SessionRecord, settings: SessionSettings,
+                    provider: ModelProvider, model_name: str, text: str
+                    ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
         # From the last event assigned, stored or not: the turn's own events all come after it.
         subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id))
@@ -253,6 +286,8 @@ class SessionManager:
             history=self.histories.get(session_id),
             confirmations=self.confirmations,
             external=self.external,
+            telemetry=self.telemetry,
+            admission=self.admission,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)
@@ -269,6 +304,8 @@ class SessionManager:
             log.exception("session %s: turn failed unexpectedly", session_id)
         finally:
             self._turns.pop(session_id, None)
+            if self.admission is not None:
+                self.admission.release_turn()
             if self.store.get_session(session_id) is not None:
                 self.store.set_session_state(session_id, "idle", "")
 
@@ -338,13 +375,16 @@ class SessionManager:
         live ones.
 
         A watcher that falls behind catches up from the store on its own (see `bus`); it is
-        never cut off for being slow.
+        never cut off for being slow. Raises admission.AtCapacity or ShuttingDown when no more
+        streams may open.
         """
         last = self.get_session(session_id).last_sequence
         if after_sequence < 0:
             raise ValueError(f"after_sequence is {after_sequence}: it must be 0 (everything) or a seen sequence")
         if after_sequence > last:
             raise SequenceOutOfRange(after_sequence, last)
+        if self.admission is not None:
+            self.admission.acquire_subscriber()
         cursor = after_sequence
         subscription = None
         try:
@@ -367,6 +407,8 @@ class SessionManager:
         finally:
             if subscription is not None:
                 subscription.close()
+            if self.admission is not None:
+                self.admission.release_subscriber()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -376,6 +418,8 @@ class SessionManager:
     def _provider(self, model: str) -> tuple[ModelProvider, str]:
         if model not in self._providers:
             provider, name = create_provider(model)
+            if self.telemetry is not None:
+                provider = ObservedProvider(provider, parse_model(model).provider, self.telemetry)
             self._providers[model] = (LimitedProvider(provider, self._generate), name)
         return self._providers[model]
 

@@ -62,6 +62,9 @@ class Assignment:
     workspace: str
     session_id: str
     deadline: float  # wall-clock seconds since the epoch
+    # W3C trace context of the call's span on the server ("" when it does not trace).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 class LinkFault(enum.Enum):
@@ -113,6 +116,9 @@ class QueryCall:
     timeout: float = 60.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     observer: PlacementObserver | None = None
+    # W3C trace context the worker continues ("" when the server does not trace).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 @dataclass(frozen=True)
