@@ -302,7 +302,8 @@ class CodelaneServer:
             self._health_server = None
         if self.telemetry.tracing is not None:
             # Sends the spans still buffered; bounded by the exporter's timeout, off the loop.
-            await asyncio.to_thread(self.telemetry.tracing.shutdown)
+            tracing, self.telemetry = self.telemetry.tracing, Telemetry(self.metrics)
+            await asyncio.to_thread(tracing.shutdown)
         if self.store is not None:
             self.store.close()
             self.store = None
