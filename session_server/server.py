@@ -48,6 +48,10 @@ from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
 log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
+# Once the turns are over, what the gRPC server still waits for at a stop: unary calls in flight
+# finish in it; the streams that never end on their own (WatchEvents that follow, health watches)
+# are cut when it runs out.
+RPC_STOP_GRACE = 2.0
 
 
 class UnsafeConfig(ValueError):
@@ -283,9 +287,9 @@ class CodelaneServer:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(min(grace, RPC_STOP_GRACE))
         if self._local_hub is not None:
-            await self._local_hub.stop(grace)
+            await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
         await self.pool.close()
         for proc in self._workers:
             try:
