@@ -208,11 +208,13 @@ class ToolCall:
         if self._admitted:
             self._admitted = False
             self.admission.release_query_call(self.session_id)
+        outcome = OK if not result.is_error else (result.error_kind or ErrorKind.TOOL_ERROR).value
         if self._series is not None:
-            outcome = OK if not result.is_error else (result.error_kind or ErrorKind.TOOL_ERROR).value
             self._series.finished(outcome, result.queue_wait, result.run_time, self._begun)
             if self._span is not None:
                 self._end_span(result, outcome)
+        log.debug("call %s (%s) %s on %s, attempt %d: queued %.2f ms, ran %.2f ms", self.call_id, self.tool_name,
+                  outcome, result.worker_id or "-", result.attempt, result.queue_wait * 1e3, result.run_time * 1e3)
         return result
 
     def _end_span(self, result: ToolResult, outcome: str) -> None:

@@ -6,6 +6,7 @@ span is guarded by that one check, so an untraced server does no tracing work pe
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING
 from session_server.llm.base import Usage
 from session_server.metrics import ServerMetrics
 from tool_worker.telemetry import logs as log_context
+
+log = logging.getLogger("codelane.turns")
 
 if TYPE_CHECKING:
     from tool_worker.telemetry.tracing import Tracing
@@ -63,9 +66,12 @@ class TurnObservation:
             log_context.trace_id.set(tracing.trace_id(self._span))
 
     def end(self, stop: str, usage: Usage, model_requests: int, tool_calls: int) -> None:
+        seconds = time.perf_counter() - self._started
+        log.info("turn ended: %s after %.3f s, %d model requests, %d tool calls, %d+%d tokens", stop, seconds,
+                 model_requests, tool_calls, usage.input_tokens, usage.output_tokens)
         metrics = self._telemetry.metrics
         metrics.turns.labels(stop).inc()
-        metrics.turn_duration.labels(stop).observe(time.perf_counter() - self._started)
+        metrics.turn_duration.labels(stop).observe(seconds)
         span, tracing = self._span, self._telemetry.tracing
         if span is None or tracing is None:
             return

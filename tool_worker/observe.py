@@ -10,6 +10,7 @@ The calls' series are bound once per (tool, outcome); a call whose Assign carrie
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from tool_worker.telemetry.tracing import Tracing
 
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+log = logging.getLogger("codelane.worker")
+
 PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -118,6 +121,8 @@ class CallObservation:
 
     def end(self, result: ToolResult) -> None:
         self._telemetry.metrics.call_finished(self._tool, result)
+        log.debug("call ran: %s %s in %.2f ms", self._tool, "failed" if result.is_error else "ok",
+                  result.run_time * 1e3)
         span = self._span
         if span is not None:
             if result.is_error:
