@@ -205,9 +205,11 @@ class StateCollector(Collector):
                                       "set.", labels=["labels"])
         views = GaugeMetricFamily("codelane_worker_workspaces", "Workspaces the workers were checked against, by "
                                   "verdict (visible: the worker sees the same files).", labels=["state"])
-        counts: dict[tuple[str, str], int] = {}
-        slot_sums: dict[str, int] = {}
-        flight_sums: dict[str, int] = {}
+        # The unlabelled series are always there: a query over them reads 0, not "no data", with
+        # no worker connected (what an autoscaler starting from zero workers sees).
+        counts: dict[tuple[str, str], int] = {("", "ready"): 0}
+        slot_sums: dict[str, int] = {"": 0}
+        flight_sums: dict[str, int] = {"": 0}
         verdicts = {"visible": 0, "invisible": 0}
         for snap in source.worker_snapshots():
             key = label_set(snap.labels)

@@ -131,8 +131,9 @@ async def test_backlog_is_kept_per_required_label_set(
     try:
         page = await scrape_until(
             server.server.metrics_port,
-            lambda p: p.value("codelane_backlog_calls", 0.0, lane="query", required_labels="gpu=true") == 2,
-            "two gpu=true calls waiting")
+            lambda p: p.value("codelane_backlog_calls", 0.0, lane="query", required_labels="gpu=true") == 2
+            and p.value("codelane_worker_calls_in_flight", labels="gpu=true") == 1,
+            "the sleep running, two gpu=true calls waiting")
         assert page.value("codelane_backlog_calls", lane="query", required_labels="") == 0
         assert page.value("codelane_workers", labels="gpu=true", state="ready") == 1
     finally:
