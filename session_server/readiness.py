@@ -52,7 +52,8 @@ class Readiness:
                 log.warning("%s is fine again", condition)
         elif condition not in self._problems:
             self._problems[condition] = why
-            log.warning("not ready: %s: %s", condition, why)
+            # A drain is asked for; anything else is trouble.
+            log.log(logging.INFO if condition == "draining" else logging.WARNING, "not ready: %s: %s", condition, why)
         if self.serving != was:
             self._on_change(self.serving)
 
