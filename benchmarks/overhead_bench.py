@@ -1,7 +1,7 @@
 """What codelane itself costs per tool call: workload T (40 small reads and 10 small greps in one
 turn), with the in-process scripted model, in every placement mode side by side.
 
-    python -m benchmarks.overhead_bench [--rounds 15] [--modes sequential,parallel-local,workers-2]
+    python -m benchmarks.overhead_bench [--rounds 15] [--modes sequential,parallel-local,workers-2,...]
 
 Each mode is its own session server process (its local workers with it), all started before the
 first measurement; rounds go through the modes in turn, so a noisy moment of this shared machine
@@ -16,6 +16,10 @@ as many at once as the mode runs (one after another for sequential): what a sche
 of its own would reach on this machine (the greps spawn ripgrep and compete for its cores). Turns
 are timed by the client, from sending the message to receiving TurnFinished, so event delivery
 counts.
+
+Every server keeps its metrics (they are always on). A mode named `...+traced` also traces: the
+server and its workers send their spans over OTLP/gRPC to a receiver in this process (which
+counts and drops them), so the cost of tracing shows beside the same mode untraced.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from codelane import events as ev
 from codelane.client import Client
@@ -55,6 +62,7 @@ class Mode:
     name: str
     workers: int
     query_concurrency: int
+    traced: bool = False
 
     @property
     def concurrency(self) -> int:
@@ -62,6 +70,9 @@ class Mode:
 
 
 def make_mode(name: str) -> Mode:
+    if name.endswith("+traced"):
+        untraced = make_mode(name.removesuffix("+traced"))
+        return Mode(name, untraced.workers, untraced.query_concurrency, traced=True)
     if name == "sequential":
         return Mode(name, 0, 1)
     if name == "parallel-local":
@@ -122,6 +133,26 @@ async def tools_alone(workspace: Path, concurrency: int, passes: int = 7) -> flo
     return statistics.median(times)
 
 
+class _SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver that counts what it is sent."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    async def Export(self, request, context):
+        self.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def start_span_sink() -> tuple[grpc.aio.Server, _SpanSink, str]:
+    server = grpc.aio.server()
+    sink = _SpanSink()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, sink, f"http://127.0.0.1:{port}"
+
+
 async def run_turn(client: Client, session_id: str, text: str) -> tuple[float, list[ev.Event]]:
     session = await client.get_session(session_id)
     events: list[ev.Event] = []
@@ -150,6 +181,7 @@ async def main_async(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="codelane-overhead-"))
     servers: dict[str, asyncio.subprocess.Process] = {}
     clients: dict[str, Client] = {}
+    sink_server, sink, endpoint = await start_span_sink()
     try:
         workspace = scratch / "ws"
         make_workspace(workspace)
@@ -160,6 +192,7 @@ async def main_async(args: argparse.Namespace) -> int:
             servers[mode.name] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
                 "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
+                *(["--otlp-endpoint", endpoint] if mode.traced else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
         for mode in modes:
@@ -186,7 +219,7 @@ async def main_async(args: argparse.Namespace) -> int:
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
         print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
-        print(f"{'mode':<16}{'T turn':>10}{'text turn':>11}{'ideal tools':>13}{'overhead/call':>15}"
+        print(f"{'mode':<24}{'T turn':>10}{'text turn':>11}{'ideal tools':>13}{'overhead/call':>15}"
               f"{'vs sequential':>15}")
         base = statistics.median(turns[modes[0].name])
         for mode in modes:
@@ -194,8 +227,14 @@ async def main_async(args: argparse.Namespace) -> int:
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
             overhead = (t_turn - 2 * text_turn - ideal) / calls
-            print(f"{mode.name:<16}{t_turn * 1000:>8.1f}ms{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms"
+            print(f"{mode.name:<24}{t_turn * 1000:>8.1f}ms{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms"
                   f"{overhead * 1e6:>12.0f} us{base / t_turn:>14.2f}x")
+        for mode in modes:
+            twin = next((m for m in modes if m.traced and m.name == f"{mode.name}+traced"), None)
+            if not mode.traced and twin is not None:
+                delta = statistics.median(turns[twin.name]) - statistics.median(turns[mode.name])
+                print(f"tracing on {mode.name}: {delta * 1e6 / calls:+.0f} us per call "
+                      f"(T turn traced - untraced, / {calls} calls; {sink.spans} spans received in all)")
         for name, found in problems.items():
             if found:
                 print(f"PROBLEMS in {name}: {sorted(set(found))[:5]}")
@@ -215,19 +254,20 @@ async def main_async(args: argparse.Namespace) -> int:
                 proc.kill()
                 await proc.wait()
         shutil.rmtree(scratch, ignore_errors=True)
+        await sink_server.stop(None)
 
 
-async def serve(workers: int, script: Path, data_dir: Path) -> None:
+async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
     """One server on the script, `workers` local workers; `READY <port>` once they are connected;
     stops at EOF on stdin."""
     with pidfd_child_watcher():
-        await _serve_until_stopped(workers, script, data_dir)
+        await _serve_until_stopped(workers, script, data_dir, otlp_endpoint)
 
 
-async def _serve_until_stopped(workers: int, script: Path, data_dir: Path) -> None:
+async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
     server = CodelaneServer(ServerConfig(
         listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
-        model=f"scripted:{script}", local_fallback=workers == 0,
+        model=f"scripted:{script}", local_fallback=workers == 0, otlp_endpoint=otlp_endpoint,
     ))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -252,13 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", type=lambda s: [make_mode(n) for n in s.split(",")],
-                        default=[make_mode(n) for n in ("sequential", "parallel-local", "workers-2")])
+                        default=[make_mode(n) for n in ("sequential", "parallel-local", "parallel-local+traced",
+                                                         "workers-2", "workers-2+traced")])
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.script, args.data_dir))
+        asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint))
         return 0
     return asyncio.run(main_async(args))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from session_server.admission import Admission
 from session_server.calls import ToolCall
 from session_server.config import LaneMode, SessionSettings
 from session_server.confirmations import Confirmations
@@ -59,8 +60,10 @@ from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
+from session_server.telemetry import Telemetry, TurnObservation
 from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.registry import ToolRegistry
+from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,9 @@ class TurnContext:
     # Server-wide rendezvous for ConfirmToolCall and for external tasks.
     confirmations: Confirmations
     external: ExternalTasks
+    # Metrics and tracing; admission of Query calls (None in tests that need neither).
+    telemetry: Telemetry | None = None
+    admission: Admission | None = None
 
 
 def available_tools(
@@ -121,12 +127,20 @@ class Turn:
         self.cancel_reason = "cancelled"
         # What the rest of the current response's calls may still add in arguments.
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
+        self._observation: TurnObservation | None = None
 
     async def run(self, user_text: str) -> None:
         """Runs the turn to its end. Whatever happens, it ends with one TurnFinished: a model
         error or any other exception ends it with reason ERROR (and an ErrorOccurred saying why),
         after its calls were cancelled and awaited, with the history left valid."""
         ctx = self.ctx
+        log_context.session_id.set(ctx.session_id)
+        log_context.turn_id.set(ctx.turn_id)
+        if ctx.telemetry is not None:
+            # In the turn's task: its invoke_agent span becomes current here, so the turn's model
+            # requests and calls are its children.
+            self._observation = TurnObservation(ctx.telemetry, ctx.session_id, ctx.turn_id, ctx.settings.model,
+                                                ctx.model_name)
         ctx.emit(TurnStarted(user_text))
         final_text = ""
         stop = "max_turns"
@@ -152,6 +166,8 @@ class Turn:
 
     def _finish(self, stop: str, final_text: str) -> None:
         self.ctx.emit(TurnFinished(stop, self.usage, self.model_requests, self.tool_calls, final_text))
+        if self._observation is not None:
+            self._observation.end(stop, self.usage, self.model_requests, self.tool_calls)
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
@@ -299,6 +315,9 @@ class Turn:
             rejection=rejection,
             effects=self._effects(model_call.name, arguments) if rejection is None else EVERYTHING,
             stats=ctx.stats,
+            telemetry=ctx.telemetry,
+            admission=ctx.admission,
+            session_id=ctx.session_id,
         )
         if decision is not None and decision.action is Action.ASK and rejection is None:
             asks[call] = decision
@@ -362,6 +381,8 @@ class Turn:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
         assert call.lane is not None, "the scheduler never executes a call without a lane"
+        # This runs in the call's own task: what it logs names the call.
+        log_context.call_id.set(call.call_id)
         decision = asks.pop(call, None)
         if decision is not None:
             call.wait_for("its confirmation")
@@ -373,7 +394,8 @@ class Turn:
         if mode is LaneMode.EXTERNAL:
             call.wait_for("a client to run it as an external task")
             return await ctx.external.run(
-                ctx.session_id, call.info, str(ctx.workspace), ctx.settings.external_task_timeout, ctx.emit, call
+                ctx.session_id, call.info, str(ctx.workspace), ctx.settings.external_task_timeout, ctx.emit, call,
+                trace_context=call.trace_context,
             )
         if mode is LaneMode.HYBRID:
             return await ctx.external.mirror(
@@ -418,6 +440,7 @@ class Turn:
         denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
         if call.lane is Lane.QUERY:
             if ctx.pool.offers(call.tool_name):
+                traceparent, tracestate = call.trace_context
                 result = await ctx.pool.dispatch(
                     QueryCall(
                         session_id=ctx.session_id,
@@ -430,6 +453,8 @@ class Turn:
                         max_attempts=ctx.settings.max_attempts,
                         observer=call,
                         denied_paths=denied_paths,
+                        traceparent=traceparent,
+                        tracestate=tracestate,
                     )
                 )
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):

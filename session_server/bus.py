@@ -13,8 +13,12 @@ import asyncio
 import logging
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from session_server.events import StoredEvent
+
+if TYPE_CHECKING:
+    from session_server.metrics import ServerMetrics
 
 # Live events a subscriber holds before it switches to reading from the store.
 SUBSCRIBER_BUFFER = 10_000
@@ -55,6 +59,8 @@ class Subscription:
         if len(self._queue) + len(events) > self._buffer:
             self._behind = True
             self._queue.clear()
+            if self._bus.metrics is not None:
+                self._bus.metrics.subscriber_catch_ups.inc()
         else:
             self._queue.extend(events)
         self._ready.set()
@@ -62,6 +68,10 @@ class Subscription:
     def _close(self) -> None:
         self._closed = True
         self._ready.set()
+
+    def _delivered(self, count: int) -> None:
+        if self._bus.metrics is not None:
+            self._bus.metrics.events_delivered.inc(count)
 
     def close(self) -> None:
         self._bus._remove(self)
@@ -82,6 +92,7 @@ class Subscription:
                         for start in range(0, len(fresh), limit):
                             chunk = fresh[start : start + limit]
                             self.cursor = chunk[-1].sequence
+                            self._delivered(len(chunk))
                             yield chunk
                         if len(page) < REPLAY_PAGE or self._behind:
                             break
@@ -94,6 +105,7 @@ class Subscription:
                             self.cursor = event.sequence
                             batch.append(event)
                     if batch:
+                        self._delivered(len(batch))
                         yield batch
                     continue
                 if self._closed:
@@ -107,8 +119,9 @@ class Subscription:
 class EventBus:
     """Subscribers by session. `replay(session_id, after, limit)` reads stored events."""
 
-    def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER) -> None:
+    def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER, metrics: ServerMetrics | None = None) -> None:
         self.replay = replay
+        self.metrics = metrics
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._buffer = buffer
 

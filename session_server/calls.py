@@ -15,6 +15,15 @@ how a call went:
 - `queue_wait` runs from the call's creation to the start of the attempt that produced the result;
   `run_time` is the runner's own measure when it has one (a worker times the tool), else the time
   since that start.
+
+It is also where a call is observed, in one place: its metrics (by lane, tool and outcome; queue
+wait and run time; retries) when it finishes, and, when the server traces, its `execute_tool
+{tool}` span, from its creation (a child of the turn's `invoke_agent` span, the current span
+where the turn makes its calls) to its result. The span's context travels with each attempt to
+the worker or external client that runs it (`trace_context`).
+
+Admission: a Query call counts against the server's pending Query call limits from its creation
+to its result; over a limit, it is created already rejected with an AT_CAPACITY result.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from session_server import telemetry as attrs
+from session_server.admission import Admission
 from session_server.events import CallInfo, CallRetried, EventPayload, ToolCallFinished, ToolCallStarted, WorkerLost
+from session_server.metrics import NO_LANE, OK, UNKNOWN_TOOL, CallSeries
 from session_server.stats import LaneStats
+from session_server.telemetry import Telemetry
 from tool_worker.effects import EVERYTHING, Effects
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
@@ -60,6 +73,9 @@ class ToolCall:
     # earlier calls it could observe or disturb (everything, unless its tool says less).
     effects: Effects = EVERYTHING
     stats: LaneStats | None = None
+    telemetry: Telemetry | None = None
+    admission: Admission | None = None
+    session_id: str = ""
     # Seconds, monotonic; tests give their own.
     clock: Callable[[], float] = time.perf_counter
     added: float = -1.0
@@ -70,12 +86,42 @@ class ToolCall:
     attempt: int = 1
     result: ToolResult | None = None
     _begun: bool = False
+    _admitted: bool = False
+    _series: CallSeries | None = None
+    # The execute_tool span (tracing on), and its W3C context once asked for.
+    _span: Any = None
+    _trace_context: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.added < 0:
             self.added = self.clock()
+        if self.lane is Lane.QUERY and self.admission is not None:
+            refusal = self.admission.admit_query_call(self.session_id)
+            if refusal is None:
+                self._admitted = True
+            else:
+                self.rejection = ToolResult.error(ErrorKind.AT_CAPACITY, f"{self.tool_name} was not run: {refusal}.")
         if self.lane is not None and self.stats is not None:
             self.stats.enqueued(self.lane)
+        if self.telemetry is not None:
+            self._observe(self.telemetry)
+
+    def _observe(self, telemetry: Telemetry) -> None:
+        tool = self.spec.name if self.spec is not None else UNKNOWN_TOOL
+        lane = self.lane
+        self._series = telemetry.metrics.calls(lane.value if lane is not None else NO_LANE, tool)
+        if telemetry.tracing is not None:
+            self._span = telemetry.tracing.start(
+                f"execute_tool {tool}",
+                attributes={
+                    attrs.OPERATION: "execute_tool",
+                    attrs.TOOL_NAME: self.tool_name,
+                    attrs.TOOL_CALL_ID: self.call_id,
+                    attrs.TOOL_TYPE: "function",
+                    attrs.CONVERSATION_ID: self.session_id,
+                    "codelane.lane": lane.value if lane is not None else NO_LANE,
+                },
+            )
 
     @property
     def call_id(self) -> str:
@@ -89,6 +135,16 @@ class ToolCall:
     def lane(self) -> Lane | None:
         """None for a call that never runs."""
         return None if self.rejection is not None or self.spec is None else self.spec.lane
+
+    @property
+    def trace_context(self) -> tuple[str, str]:
+        """W3C (traceparent, tracestate) of the call's span, for whoever runs it elsewhere; empty
+        strings when the server does not trace."""
+        if self._trace_context is None:
+            span, telemetry = self._span, self.telemetry
+            traced = span is not None and telemetry is not None and telemetry.tracing is not None
+            self._trace_context = telemetry.tracing.carrier(span) if traced else ("", "")
+        return self._trace_context
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -122,7 +178,11 @@ class ToolCall:
         if self.state is CallState.FINISHED:
             return
         self._emit(WorkerLost(worker_id, reason, [self.call_id]))
+        if self._span is not None:
+            self._span.add_event("worker_lost", {"codelane.worker.id": worker_id, "codelane.reason": reason})
         if next_attempt is not None:
+            if self._series is not None:
+                self._series.retries.inc()
             self.state = CallState.QUEUED
             self._emit(CallRetried(self.call_id, next_attempt, f"worker {worker_id} lost: {reason}", worker_id))
 
@@ -149,7 +209,28 @@ class ToolCall:
             else:
                 self.stats.withdrawn(self.lane)
         self._emit(ToolCallFinished(self.call_id, self.tool_name, result, result.queue_wait, result.run_time))
+        if self._admitted:
+            self._admitted = False
+            self.admission.release_query_call(self.session_id)
+        outcome = OK if not result.is_error else (result.error_kind or ErrorKind.TOOL_ERROR).value
+        if self._series is not None:
+            self._series.finished(outcome, result.queue_wait, result.run_time, self._begun)
+            if self._span is not None:
+                self._end_span(result, outcome)
+        log.debug("call %s (%s) %s on %s, attempt %d: queued %.2f ms, ran %.2f ms", self.call_id, self.tool_name,
+                  outcome, result.worker_id or "-", result.attempt, result.queue_wait * 1e3, result.run_time * 1e3)
         return result
+
+    def _end_span(self, result: ToolResult, outcome: str) -> None:
+        span = self._span
+        span.set_attribute("codelane.outcome", outcome)
+        if result.worker_id:
+            span.set_attribute("codelane.worker.id", result.worker_id)
+            span.set_attribute("codelane.attempt", result.attempt)
+        if result.is_error:
+            # The outcome only: a result's text may quote files, which a trace has no business holding.
+            self.telemetry.tracing.fail(span, outcome, f"{self.tool_name} ended with {outcome}")
+        span.end()
 
     def _emit(self, payload: EventPayload) -> None:
         try:

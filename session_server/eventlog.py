@@ -17,10 +17,15 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from session_server.bus import EventBus
 from session_server.events import EventPayload, StoredEvent
 from session_server.store import Store
+
+if TYPE_CHECKING:
+    from session_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +36,29 @@ RETRY_DELAY = 0.5
 
 
 class EventLog:
-    """Appends session events with group commit. Single event loop; not thread-safe."""
+    """Appends session events with group commit. Single event loop; not thread-safe.
 
-    def __init__(self, store: Store, bus: EventBus) -> None:
+    `on_store_state(ok, why)` hears when commits start failing and when they succeed again (the
+    server is not ready to take work meanwhile)."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        metrics: ServerMetrics | None = None,
+        on_store_state: Callable[[bool, str], None] | None = None,
+    ) -> None:
         self._store = store
         self._bus = bus
+        self._metrics = metrics
+        self._on_store_state = on_store_state
         self._pending: list[StoredEvent] = []
         self._last: OrderedDict[str, int] = OrderedDict()
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._failing = False
+        # A commit failed and none succeeded since (reported to on_store_state).
+        self._unhealthy = False
 
     def append(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
         """Gives the event its sequence; it is stored and sent at the end of this loop turn.
@@ -92,13 +111,21 @@ class EventLog:
         batch, self._pending = self._pending, []
         try:
             gone = self._store.append_events(batch)
-        except Exception:
+        except Exception as exc:
             log.exception("storing %d events failed; retrying in %gs (none is sent until stored)", len(batch),
                           RETRY_DELAY)
             self._pending = batch + self._pending
             self._failing = True
             self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry)
+            if self._metrics is not None:
+                self._metrics.event_commit_failures.inc()
+            self._report(False, f"storing events failed: {exc}")
             return
+        if self._metrics is not None:
+            self._metrics.event_commits.inc()
+            self._metrics.events_appended.inc(len(batch))
+        if self._unhealthy:
+            self._report(True, "")
         if gone:
             for session_id in gone:
                 self._last.pop(session_id, None)
@@ -108,3 +135,11 @@ class EventLog:
     def _retry(self) -> None:
         self._failing = False
         self._flush()
+
+    def _report(self, ok: bool, why: str) -> None:
+        self._unhealthy = not ok
+        if self._on_store_state is not None:
+            try:
+                self._on_store_state(ok, why)
+            except Exception:
+                log.exception("reporting the store's state failed")

@@ -94,6 +94,9 @@ class ExternalTaskInfo:
     # When the task ends with a timeout result if nobody completed it.
     deadline: float
     workspace: str
+    # W3C trace context of the call's span on the server; empty when it does not trace.
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 @dataclass(frozen=True)

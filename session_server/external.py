@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from session_server.events import (
     CallInfo,
@@ -35,6 +35,9 @@ from session_server.events import (
     ExternalTaskPending,
 )
 from tool_worker.tools.base import ErrorKind, ToolResult
+
+if TYPE_CHECKING:
+    from session_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,9 @@ class _Task:
 class ExternalTasks:
     """Every external task of the server, by session. `clock` gives epoch seconds."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, metrics: ServerMetrics | None = None) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._tasks: dict[str, _Task] = {}
         self._by_session: dict[str, dict[str, _Task]] = {}
         # Long-polling claims, by session: woken with False when a task becomes claimable, True when
@@ -95,6 +99,11 @@ class ExternalTasks:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def counts(self) -> dict[str, int]:
+        """Live tasks by state: unclaimed, claimed."""
+        claimed = sum(1 for task in self._tasks.values() if task.client_id is not None)
+        return {"unclaimed": len(self._tasks) - claimed, "claimed": claimed}
 
     def pending(self, session_id: str) -> list[ExternalTaskInfo]:
         """The live tasks of a session (claimed or not), in offer order."""
@@ -108,10 +117,13 @@ class ExternalTasks:
         lifetime: float,
         emit: Callable[[EventPayload], None],
         observer: ClaimObserver,
+        trace_context: tuple[str, str] = ("", ""),
     ) -> ToolResult:
         """Offers `call` as a task and returns its result; `lifetime` seconds is its overall
-        deadline. `observer.running()` hears each claim."""
+        deadline. `observer.running()` hears each claim. `trace_context` (W3C traceparent,
+        tracestate) travels with the task, for the client to continue the call's trace."""
         info = self._new_info(session_id, call, workspace, lifetime)
+        info = replace(info, traceparent=trace_context[0], tracestate=trace_context[1])
         task = _Task(info, emit, observer, asyncio.get_running_loop().create_future())
         self._tasks[info.task_id] = task
         self._by_session.setdefault(session_id, {})[info.task_id] = task
@@ -256,11 +268,16 @@ class ExternalTasks:
         task.client_id = None
         task.lease_timer = None
         task.info = replace(task.info, attempt=attempt + 1, lease_expire_time=None)
+        if self._metrics is not None:
+            self._metrics.external_task_lease_expirations.inc()
         self._emit(task, ExternalTaskPending(task.info))
         self._wake(task.info.session_id)
 
     def _end(self, task: _Task, result: ToolResult, client_id: str) -> None:
         self._remove(task)
+        if self._metrics is not None:
+            outcome = "completed" if client_id else "timeout" if result.error_kind is ErrorKind.TIMEOUT else "cancelled"
+            self._metrics.external_tasks_ended.labels(outcome).inc()
         self._emit(task, ExternalTaskCompleted(task.info.task_id, task.info.call.call_id, result, client_id))
         if not task.future.done():
             task.future.set_result(result)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
 from codelane.transport import address_option
+from session_server import admission
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tool_worker.child_watcher import pidfd_child_watcher
+from tool_worker.telemetry.config import split_address
+from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
+
+DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +63,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
     p.add_argument("--max-llm-requests", type=int, default=16,
                    help="concurrent model requests across all sessions (the Generate lane; default 16)")
-    p.add_argument("--log-level", default="INFO")
+    limits = p.add_argument_group("admission limits (0: none); work over a limit is refused, nothing is queued")
+    limits.add_argument("--max-sessions", type=int, default=admission.DEFAULT_MAX_SESSIONS, metavar="N",
+                        help="sessions stored (default %(default)s); CreateSession gets RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-running-turns", type=int, default=admission.DEFAULT_MAX_RUNNING_TURNS, metavar="N",
+                        help="turns running at once across sessions (default %(default)s); SendMessage gets "
+                             "RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-subscribers", type=int, default=admission.DEFAULT_MAX_SUBSCRIBERS, metavar="N",
+                        help="WatchEvents streams open at once (default %(default)s); WatchEvents gets "
+                             "RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-pending-query-calls", type=int, metavar="N",
+                        default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS,
+                        help="Query calls not yet finished, across sessions (default %(default)s); a call over it "
+                             "gets an AT_CAPACITY error result, the model reads why")
+    limits.add_argument("--max-pending-query-calls-per-session", type=int, metavar="N",
+                        default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
+                        help="the same, per session (default %(default)s)")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    ops.add_argument("--health-listen", metavar="HOST:PORT",
+                     help="also serve gRPC health, and only it, in plaintext on HOST:PORT (for probes that "
+                          "cannot use the main port's TLS)")
+    ops.add_argument("--otlp-endpoint", metavar="URL",
+                     help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
+                          "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
+    ops.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+                     help="on SIGTERM, how long running turns may go on before they are interrupted "
+                          "(default %(default)s)")
+    ops.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                     help="text, or json: one object per line with session_id, turn_id, call_id, worker_id and "
+                          "trace_id where they apply")
+    ops.add_argument("--log-level", default="INFO")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
+        limits = admission.Limits(
+            max_sessions=args.max_sessions,
+            max_running_turns=args.max_running_turns,
+            max_subscribers=args.max_subscribers,
+            max_pending_query_calls=args.max_pending_query_calls,
+            max_pending_query_calls_per_session=args.max_pending_query_calls_per_session,
+        )
+        for address in (args.metrics_listen, args.health_listen):
+            if address:
+                split_address(address)
+    except ValueError as exc:
+        print(f"codelane server: {exc}", file=sys.stderr)
+        return 2
+    if args.shutdown_grace < 0:
+        print("codelane server: --shutdown-grace must be 0 or more", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("codelane server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -94,9 +146,14 @@ def main(argv: list[str]) -> int:
         max_llm_requests=args.max_llm_requests,
         scripts_dirs=args.scripts_dir,
         workspace_roots=args.workspace_root,
+        limits=limits,
+        metrics_listen=args.metrics_listen,
+        health_listen=args.health_listen,
+        otlp_endpoint=args.otlp_endpoint,
+        log_format=args.log_format,
     )
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, args.shutdown_grace))
     except UnsafeConfig as exc:
         print(f"codelane server: {exc}", file=sys.stderr)
         return 2
@@ -106,18 +163,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-async def _serve(config: ServerConfig) -> None:
+async def _serve(config: ServerConfig, grace: float) -> None:
     with pidfd_child_watcher():
-        await _serve_until_stopped(config)
+        await _serve_until_stopped(config, grace)
 
 
-async def _serve_until_stopped(config: ServerConfig) -> None:
+async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     server = CodelaneServer(config)
     await server.start()
     print(f"codelane server listening on {server.address}", flush=True)
+    if server.metrics_port:
+        print(f"codelane server metrics on port {server.metrics_port}", flush=True)
+    if server.health_port:
+        print(f"codelane server health on port {server.health_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop()
+    await server.stop(grace)

@@ -21,7 +21,9 @@ from session_server.config import InvalidArgument
 from session_server.llm.base import ModelProvider
 from session_server.llm.factory import ScriptFileProvider, ScriptLibrary, create_provider, parse_model
 from session_server.llm.limiter import LimitedProvider
+from session_server.llm.observed import ObservedProvider
 from session_server.llm.script import ScriptError
+from session_server.telemetry import Telemetry
 
 # Scripted providers kept at once (they are cheap to make again).
 MAX_SCRIPTED_PROVIDERS = 64
@@ -31,11 +33,16 @@ class Models:
     """Checks model strings and hands out their providers, all behind the Generate lane's limit."""
 
     def __init__(
-        self, default_model: str, generate: asyncio.Semaphore, scripts_dirs: Sequence[str | Path] = ()
+        self,
+        default_model: str,
+        generate: asyncio.Semaphore,
+        scripts_dirs: Sequence[str | Path] = (),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.default_model = default_model
         self.scripts = ScriptLibrary(scripts_dirs)
         self._generate = generate
+        self._telemetry = telemetry
         self._http: dict[str, LimitedProvider] = {}
         self._scripted: OrderedDict[str, LimitedProvider] = OrderedDict()
 
@@ -63,7 +70,7 @@ class Models:
         if spec.provider != "scripted":
             if spec.provider not in self._http:
                 provider, _ = create_provider(model)
-                self._http[spec.provider] = LimitedProvider(provider, self._generate)
+                self._http[spec.provider] = LimitedProvider(self._observed(provider, spec.provider), self._generate)
             return self._http[spec.provider], spec.name
         try:
             self.scripts.available(spec.name, check=not self.trusted(model))
@@ -72,11 +79,15 @@ class Models:
         limited = self._scripted.get(model)
         if limited is None:
             scripted = ScriptFileProvider(spec.name, self.scripts, checked=not self.trusted(model))
-            limited = self._scripted[model] = LimitedProvider(scripted, self._generate)
+            limited = self._scripted[model] = LimitedProvider(self._observed(scripted, "scripted"), self._generate)
             while len(self._scripted) > MAX_SCRIPTED_PROVIDERS:
                 self._scripted.popitem(last=False)
         self._scripted.move_to_end(model)
         return limited, spec.name
+
+    def _observed(self, provider: ModelProvider, kind: str) -> ModelProvider:
+        # Inside the limiter: the figures are the model's, not the wait for a Generate slot.
+        return ObservedProvider(provider, kind, self._telemetry) if self._telemetry is not None else provider
 
     def provider_count(self) -> int:
         return len(self._http) + len(self._scripted)

@@ -1,4 +1,6 @@
-"""Assembles the session server: gRPC services, worker pool, local workers; starts and stops it."""
+"""Assembles the session server: gRPC services, worker pool, local workers, metrics, tracing and
+health; starts it, and stops it with shutdown going first (nothing new is admitted, what runs
+finishes or is interrupted, then everything closes)."""
 
 from __future__ import annotations
 
@@ -21,26 +23,37 @@ from grpc_reflection.v1alpha import reflection
 
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
+from session_server.admission import Admission, Limits
 from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
 from session_server.api.hub import WorkerHubServicer
+from session_server.api.observe import ObservingInterceptor
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.metrics import BacklogEntry, ServerMetrics, StateCollector, label_set
 from session_server.pool import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_NO_WORKER_WAIT,
     WorkerPool,
 )
+from session_server.readiness import DEFAULT_STORE_CHECK_INTERVAL, Readiness, watch_store
 from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
 from session_server.stats import LaneStats
 from session_server.store import Store
+from session_server.telemetry import Telemetry
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
+from tool_worker.telemetry.config import start_tracing
+from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
 
 log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
+# Once the turns are over, what the gRPC server still waits for at a stop: unary calls in flight
+# finish in it; the streams that never end on their own (WatchEvents that follow, health watches)
+# are cut when it runs out.
+RPC_STOP_GRACE = 2.0
 
 
 class UnsafeConfig(ValueError):
@@ -105,6 +118,15 @@ class ServerConfig:
     scripts_dirs: list[Path] = field(default_factory=list)
     # Directories sessions may open workspaces in (none: any directory the server can read).
     workspace_roots: list[Path] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    # Side endpoints: Prometheus /metrics over HTTP, and a plaintext port serving only gRPC health.
+    metrics_listen: str | None = None
+    health_listen: str | None = None
+    # OTLP/gRPC endpoint for traces; None: the standard OTEL_* variables decide (unset: off).
+    otlp_endpoint: str | None = None
+    store_check_interval: float = DEFAULT_STORE_CHECK_INTERVAL
+    # Passed on to the local workers.
+    log_format: str = "text"
 
 
 class CodelaneServer:
@@ -112,11 +134,13 @@ class CodelaneServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.metrics = ServerMetrics()
         self.pool = WorkerPool(
             workspace_fingerprint,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             no_worker_wait=config.no_worker_wait,
+            on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
         )
         self.stats = LaneStats()
         self.registry = ToolRegistry.builtin()
@@ -124,7 +148,15 @@ class CodelaneServer:
             self.registry.load_module(module)
         self.store: Store | None = None
         self.sessions: SessionManager | None = None
+        self.admission: Admission | None = None
+        self.telemetry = Telemetry(self.metrics)
+        self.readiness = Readiness(self._readiness_changed)
         self.port = 0
+        self.metrics_port = 0
+        self.health_port = 0
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
         # Local workers dial a hub of their own on an abstract unix socket: reachable from this
         # host only, it serves nothing but the hub (so it never bypasses the clients' TLS or
@@ -133,6 +165,7 @@ class CodelaneServer:
         self.local_hub_address = ""
         self._local_token = config.worker_token or secrets.token_urlsafe(32)
         self._health = health.aio.HealthServicer()
+        self._health_names: list[str] = []
         self._workers: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -162,6 +195,8 @@ class CodelaneServer:
         hub_token = self.hub_token()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.config.data_dir / "codelane.db")
+        self.telemetry = Telemetry(self.metrics, start_tracing(self.config.otlp_endpoint, "codelane-server"))
+        self.admission = Admission(self.config.limits, sessions=self.store.count_sessions(), metrics=self.metrics)
         self.sessions = SessionManager(
             self.store, self.pool, self.registry, self.stats,
             default_model=self.config.model, local_fallback=self.config.local_fallback,
@@ -169,11 +204,15 @@ class CodelaneServer:
             generate_limit=self.config.max_llm_requests,
             scripts_dirs=self.config.scripts_dirs,
             workspace_roots=self.config.workspace_roots,
+            telemetry=self.telemetry,
+            admission=self.admission,
+            on_store_state=lambda ok, why: self.readiness.set("event_log", ok, why),
         )
         self.sessions.recover()
         self.pool.start()
+        self.metrics.registry.register(StateCollector(_ServerState(self)))
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(self.config.token, hub_token)],
+            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(self.config.token, hub_token)],
             options=SERVER_OPTIONS,
         )
         hub = WorkerHubServicer(self.pool)
@@ -207,8 +246,17 @@ class CodelaneServer:
         self._server = server
         if self.config.local_workers > 0:
             await self._start_local_hub(hub)
-        for name in [*names[:3], ""]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen:
+            self._metrics_endpoint = MetricsEndpoint(self.config.metrics_listen, self.metrics.registry)
+            self.metrics_port = await self._metrics_endpoint.start()
+        if self.config.health_listen:
+            self._health_server, self.health_port = await serve_health(self.config.health_listen, self._health)
+        self._health_names = [*names[:3], ""]
+        await self._set_health(self.readiness.serving)
+        self._keep(asyncio.create_task(
+            watch_store(self.config.data_dir / "codelane.db", self.readiness, self.config.store_check_interval),
+            name="store-probe",
+        ))
         self._spawn_local_workers()
         log.info("codelane server listening on %s", self.address)
         return self.port
@@ -223,7 +271,8 @@ class CodelaneServer:
 
     async def _start_local_hub(self, hub: WorkerHubServicer) -> None:
         local = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(None, self._local_token)], options=SERVER_OPTIONS
+            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(None, self._local_token)],
+            options=SERVER_OPTIONS,
         )
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)
         self.local_hub_address = f"unix-abstract:codelane-hub-{os.getpid()}-{secrets.token_hex(8)}"
@@ -254,21 +303,33 @@ class CodelaneServer:
             ]
             for module in self.config.local_worker_tools:
                 argv += ["--tools", module]
+            argv += ["--log-format", self.config.log_format]
+            if self.config.otlp_endpoint:
+                argv += ["--otlp-endpoint", self.config.otlp_endpoint]
             self._workers.append(subprocess.Popen(argv, env=env))
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful: running turns end (marked interrupted, so their streams close), calls get
-        `grace` seconds to finish, then the workers are stopped and the store closed."""
+        """Graceful, shutdown first: health goes NOT_SERVING and nothing new is admitted (new
+        sessions, turns and event streams are refused with UNAVAILABLE, while calls on running work
+        are still served); running turns get `grace` seconds to finish, the rest are interrupted
+        (marked so, and their streams close); then the workers are stopped and the store closed."""
+        if self.admission is not None:
+            self.admission.close()
+        self.readiness.set("draining", False, "the server is stopping")
         await self._health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
         if self.sessions is not None:
-            await self.sessions.shutdown()
+            await self.sessions.shutdown(grace)
         for proc in self._workers:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(min(grace, RPC_STOP_GRACE))
         if self._local_hub is not None:
-            await self._local_hub.stop(grace)
+            await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
         await self.pool.close()
         for proc in self._workers:
             try:
@@ -277,10 +338,71 @@ class CodelaneServer:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
         self._workers.clear()
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
+        if self.telemetry.tracing is not None:
+            # Sends the spans still buffered; bounded by the exporter's timeout, off the loop.
+            tracing, self.telemetry = self.telemetry.tracing, Telemetry(self.metrics)
+            await asyncio.to_thread(tracing.shutdown)
         if self.store is not None:
             self.store.close()
             self.store = None
 
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _readiness_changed(self, serving: bool) -> None:
+        if self._health_names:
+            self._keep(asyncio.get_running_loop().create_task(self._set_health(serving)))
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._health_names:
+            await self._health.set(name, status)
+
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+class _ServerState:
+    """What the metrics' StateCollector reads of a started server."""
+
+    def __init__(self, server: CodelaneServer) -> None:
+        self._server = server
+
+    def worker_snapshots(self):
+        return self._server.pool.workers()
+
+    def backlog(self) -> list[BacklogEntry]:
+        # The unlabelled series is always there: an autoscaler reads 0, not "no data", when idle.
+        waiting: dict[str, tuple[int, float]] = {"": (0, 0.0)}
+        for labels, age in self._server.pool.waiting():
+            key = label_set(labels)
+            count, oldest = waiting.get(key, (0, 0.0))
+            waiting[key] = (count + 1, max(oldest, age))
+        return [BacklogEntry("query", key, count, oldest) for key, (count, oldest) in sorted(waiting.items())]
+
+    def subscribers(self) -> int:
+        sessions = self._server.sessions
+        return sessions.bus.subscribers() if sessions is not None else 0
+
+    def external_tasks(self) -> dict[str, int]:
+        sessions = self._server.sessions
+        return sessions.external.counts() if sessions is not None else {}
+
+    def running_turns(self) -> int:
+        sessions = self._server.sessions
+        return sessions.running_turns() if sessions is not None else 0
+
+    def admission(self) -> dict[str, tuple[int, int]]:
+        admission = self._server.admission
+        return admission.usage() if admission is not None else {}
+
+    def serving(self) -> dict[str, bool]:
+        return self._server.readiness.conditions()

@@ -11,10 +11,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
 from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
@@ -32,11 +33,12 @@ from session_server.events import (
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
 from session_server.limits import bound_event, check_prompt
-from session_server.llm.base import Usage
+from session_server.llm.base import ModelProvider, Usage
 from session_server.models import Models
 from session_server.pool import WorkerPool
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
+from session_server.telemetry import Telemetry
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -94,6 +96,9 @@ class SessionManager:
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
         scripts_dirs: Sequence[Path] = (),
         workspace_roots: Sequence[Path] = (),
+        telemetry: Telemetry | None = None,
+        admission: Admission | None = None,
+        on_store_state: Callable[[bool, str], None] | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -101,16 +106,19 @@ class SessionManager:
         self.stats = stats
         self.default_model = default_model
         self.local_fallback = local_fallback
-        self.bus = EventBus(store.events_after, subscriber_buffer)
-        self.events = EventLog(store, self.bus)
+        self.telemetry = telemetry
+        self.admission = admission
+        metrics = telemetry.metrics if telemetry is not None else None
+        self.bus = EventBus(store.events_after, subscriber_buffer, metrics=metrics)
+        self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
-        self.models = Models(default_model, self._generate, scripts_dirs)
+        self.models = Models(default_model, self._generate, scripts_dirs, telemetry)
         # Resolved once: workspaces are compared with their symlinks resolved.
         self.workspace_roots = tuple(Path(os.path.realpath(root)) for root in workspace_roots)
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
         self.confirmations = Confirmations()
-        self.external = ExternalTasks()
+        self.external = ExternalTasks(metrics=metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -155,8 +163,14 @@ class SessionManager:
                 return
             cursor = page[-1].sequence
 
-    async def shutdown(self) -> None:
-        """Ends running turns (marked interrupted) and closes the model providers."""
+    def running_turns(self) -> int:
+        return len(self._turns)
+
+    async def shutdown(self, grace: float = 0.0) -> None:
+        """Gives running turns `grace` seconds to finish, ends the others (marked interrupted),
+        and closes the model providers."""
+        if grace > 0 and self._turns:
+            await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
         for turn, task in list(self._turns.values()):
             turn.cancel_reason = "interrupted"
             task.cancel()
@@ -169,10 +183,12 @@ class SessionManager:
     async def create_session(
         self, workspace: str, request: SettingsRequest, labels: dict[str, str]
     ) -> SessionRecord:
-        """Raises config.InvalidArgument naming the bad field."""
+        """Raises config.InvalidArgument naming the bad field, admission.AtCapacity or ShuttingDown."""
         path = resolve_workspace(workspace, self.workspace_roots)
         settings = build_settings(request, self.default_model, self.known_tools())
         await self.models.check(settings.model)
+        if self.admission is not None:
+            self.admission.check_session()
         now = time.time()
         record = SessionRecord(
             session_id=f"s_{uuid.uuid4().hex[:16]}",
@@ -183,6 +199,8 @@ class SessionManager:
             updated=now,
         )
         self.store.create_session(record)
+        if self.admission is not None:
+            self.admission.session_added()
         return record
 
     def get_session(self, session_id: str) -> SessionRecord:
@@ -206,7 +224,8 @@ class SessionManager:
         self.external.close_session(session_id)
         self.events.forget(session_id)
         self.histories.forget(session_id)
-        self.store.delete_session(session_id)
+        if self.store.delete_session(session_id) and self.admission is not None:
+            self.admission.session_removed()
         self.bus.close_session(session_id)
 
     def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[StoredMessage], int]:
@@ -227,7 +246,8 @@ class SessionManager:
     def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         """Starts a turn; returns its id and its events in batches, the last ending with TurnFinished.
 
-        The turn runs on its own: dropping the stream does not stop it.
+        The turn runs on its own: dropping the stream does not stop it. Raises admission.AtCapacity
+        or ShuttingDown when no turn may start now.
         """
         record = self.get_session(session_id)
         if session_id in self._turns:
@@ -243,6 +263,18 @@ class SessionManager:
             provider, model_name = self.models.provider(settings.model)
         except ValueError as exc:
             raise ModelUnavailable(settings.model, str(exc)) from None
+        if self.admission is not None:
+            self.admission.acquire_turn()
+        try:
+            return self._start_turn(session_id, record, settings, provider, model_name, text)
+        except BaseException:
+            if self.admission is not None:
+                self.admission.release_turn()
+            raise
+
+    def _start_turn(self, session_id: str, record: SessionRecord, settings: SessionSettings,
+                    provider: ModelProvider, model_name: str, text: str
+                    ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
         # From the last event assigned, stored or not: the turn's own events all come after it.
         subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id))
@@ -261,6 +293,8 @@ class SessionManager:
             history=self.histories.get(session_id),
             confirmations=self.confirmations,
             external=self.external,
+            telemetry=self.telemetry,
+            admission=self.admission,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)
@@ -277,6 +311,8 @@ class SessionManager:
             log.exception("session %s: turn failed unexpectedly", session_id)
         finally:
             self._turns.pop(session_id, None)
+            if self.admission is not None:
+                self.admission.release_turn()
             if self.store.get_session(session_id) is not None:
                 self.store.set_session_state(session_id, "idle", "")
 
@@ -346,13 +382,16 @@ class SessionManager:
         live ones.
 
         A watcher that falls behind catches up from the store on its own (see `bus`); it is
-        never cut off for being slow.
+        never cut off for being slow. Raises admission.AtCapacity or ShuttingDown when no more
+        streams may open.
         """
         last = self.get_session(session_id).last_sequence
         if after_sequence < 0:
             raise ValueError(f"after_sequence is {after_sequence}: it must be 0 (everything) or a seen sequence")
         if after_sequence > last:
             raise SequenceOutOfRange(after_sequence, last)
+        if self.admission is not None:
+            self.admission.acquire_subscriber()
         cursor = after_sequence
         subscription = None
         try:
@@ -375,6 +414,8 @@ class SessionManager:
         finally:
             if subscription is not None:
                 subscription.close()
+            if self.admission is not None:
+                self.admission.release_subscriber()
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -251,6 +251,9 @@ class Store:
         next_token = _encode_page_token(sessions[-1]) if len(rows) > size else ""
         return sessions, next_token
 
+    def count_sessions(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
     def delete_session(self, session_id: str) -> bool:
         """Delete a session with its messages and events. False if there was no such session."""
         with self._transaction() as db:

@@ -2,6 +2,7 @@
 
     codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
                     [--root DIR ...] [--tools python.module] [--id ID]
+                    [--metrics-listen HOST:PORT] [--health-listen HOST:PORT] [--otlp-endpoint URL]
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
@@ -30,7 +31,12 @@ from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.observe import WorkerMetrics, WorkerTelemetry
 from tool_worker.registry import ToolRegistry
+from tool_worker.telemetry import logs as log_context
+from tool_worker.telemetry.config import split_address, start_tracing
+from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
+from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
 
 log = logging.getLogger("codelane.worker")
@@ -62,6 +68,9 @@ class WorkerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     parent_pid: int | None = None
+    metrics_listen: str | None = None
+    health_listen: str | None = None
+    otlp_endpoint: str | None = None
 
 
 class _Outbox:
@@ -103,9 +112,10 @@ class _Outbox:
 
 
 class ToolWorker:
-    def __init__(self, config: WorkerConfig, registry: ToolRegistry) -> None:
+    def __init__(self, config: WorkerConfig, registry: ToolRegistry, telemetry: WorkerTelemetry | None = None) -> None:
         self.config = config
         self.registry = registry
+        self.telemetry = telemetry
         self._draining = asyncio.Event()
         # Calls running now, by the hub's dispatch id (model call ids repeat across sessions).
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -117,6 +127,10 @@ class ToolWorker:
 
     def request_drain(self) -> None:
         self._draining.set()
+
+    @property
+    def active_calls(self) -> int:
+        return len(self._running)
 
     def hello(self) -> worker_pb2.Hello:
         return worker_pb2.Hello(
@@ -132,6 +146,7 @@ class ToolWorker:
 
     async def run(self) -> int:
         """Connects, serves, reconnects; returns the process exit code."""
+        log_context.worker_id.set(self.config.worker_id)
         delay = BACKOFF_INITIAL
         watchdog = asyncio.create_task(self._watch_parent()) if self.config.parent_pid is not None else None
         channel = create_channel(
@@ -148,6 +163,7 @@ class ToolWorker:
                     if self._draining.is_set():
                         return 0
                 except WorkerRejected as exc:
+                    self._count_connection("rejected")
                     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                         print(f"codelane worker: the hub refused our token (UNAUTHENTICATED): {exc}", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
@@ -165,6 +181,7 @@ class ToolWorker:
                               file=sys.stderr)
                         return EXIT_REJECTED
                 except grpc.aio.AioRpcError as exc:
+                    self._count_connection("unavailable")
                     refusal = tls_refusal(exc)
                     if refusal is not None:
                         print(f"codelane worker: the TLS handshake with {self.config.address} failed: {refusal}",
@@ -191,6 +208,10 @@ class ToolWorker:
             if watchdog is not None:
                 watchdog.cancel()
             await channel.close()
+
+    def _count_connection(self, result: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.metrics.connections.labels(result).inc()
 
     def _closed_in_handshake(self, exc: grpc.aio.AioRpcError) -> bool:
         details = (exc.details() or "").lower()
@@ -227,6 +248,9 @@ class ToolWorker:
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         self._reconnect_token = first.welcome.reconnect_token
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
+        self._count_connection("welcomed")
+        if self.telemetry is not None and not self._draining.is_set():
+            self.telemetry.set_ready(True)
         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval))
         drain_watch = asyncio.create_task(self._announce_drain(outbox, call))
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -234,6 +258,8 @@ class ToolWorker:
         try:
             await ended  # None when the hub ends the stream; the error if it broke
         finally:
+            if self.telemetry is not None:
+                self.telemetry.set_ready(False)
             heartbeat.cancel()
             drain_watch.cancel()
             self._reader.cancel()
@@ -292,6 +318,7 @@ class ToolWorker:
 
     async def _run_call(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
         key = assign.dispatch_id
+        observed = self.telemetry.call(assign) if self.telemetry is not None else None
         try:
             started = time.perf_counter()
             try:
@@ -313,6 +340,8 @@ class ToolWorker:
                 result = ToolResult.error(ErrorKind.INTERNAL, f"{assign.tool_name} failed on the worker: "
                                           f"{type(exc).__name__}: {exc}", run_time=time.perf_counter() - started)
             outbox.add_result(assign, result)
+            if observed is not None:
+                observed.end(result)
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 if len(self._running) > 1:
                     # Siblings are running: give those finishing in this same loop turn the
@@ -332,9 +361,14 @@ class ToolWorker:
             if not self._within_roots(probe.workspace):
                 answer.error = f"the workspace is outside this worker's --root ({', '.join(self._roots)})"
             else:
+                started = time.perf_counter()
                 answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
+                if self.telemetry is not None:
+                    self.telemetry.metrics.probe_time.observe(time.perf_counter() - started)
         except Exception as exc:
             answer.error = str(exc)
+        if self.telemetry is not None:
+            self.telemetry.metrics.probes.labels("error" if answer.error else "ok").inc()
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
             await outbox.send(worker_pb2.ConnectRequest(probe_result=answer))
 
@@ -357,6 +391,8 @@ class ToolWorker:
         """On drain (SIGTERM or the hub's Drain): tell the hub, finish the running calls, then
         half-close the stream; the hub then ends it and the read loop sees EOF."""
         await self._draining.wait()
+        if self.telemetry is not None:
+            self.telemetry.set_ready(False)
         await outbox.send(worker_pb2.ConnectRequest(draining=worker_pb2.Draining(reason="worker draining")))
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -433,13 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="client certificate for mTLS")
     parser.add_argument("--tls-key", help="client key for mTLS")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    parser.add_argument("--health-listen", metavar="HOST:PORT",
+                        help="serve gRPC health on HOST:PORT (plaintext): SERVING while connected to the hub and "
+                             "taking calls, for readiness probes (default: off)")
+    parser.add_argument("--otlp-endpoint", metavar="URL",
+                        help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
+                             "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text, or json: one object per line with worker_id, and call_id, session_id and "
+                             "trace_id while a call runs")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
+    try:
+        configure_logging(args.log_level, args.log_format, "%(asctime)s worker %(levelname)s %(message)s")
+        for address in (args.metrics_listen, args.health_listen):
+            if address:
+                split_address(address)
+    except ValueError as exc:
+        print(f"codelane worker: {exc}", file=sys.stderr)
+        return 2
     if args.slots < 1:
         print("codelane worker: --slots must be at least 1", file=sys.stderr)
         return 2
@@ -461,6 +515,9 @@ def main(argv: list[str]) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         parent_pid=args.parent_pid,
+        metrics_listen=args.metrics_listen,
+        health_listen=args.health_listen,
+        otlp_endpoint=args.otlp_endpoint,
     )
     return asyncio.run(_run(config, registry))
 
@@ -471,8 +528,32 @@ async def _run(config: WorkerConfig, registry: ToolRegistry) -> int:
 
 
 async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> int:
-    worker = ToolWorker(config, registry)
+    metrics = WorkerMetrics(config.slots)
+    telemetry = WorkerTelemetry(
+        config.worker_id, metrics, start_tracing(config.otlp_endpoint, "codelane-worker", config.worker_id)
+    )
+    worker = ToolWorker(config, registry, telemetry)
+    metrics.in_flight.set_function(lambda: worker.active_calls)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_drain)
-    return await worker.run()
+    endpoint = health_server = None
+    try:
+        if config.metrics_listen:
+            endpoint = MetricsEndpoint(config.metrics_listen, metrics.registry)
+            await endpoint.start()
+        if config.health_listen:
+            telemetry.set_ready(False)
+            health_server, _ = await serve_health(config.health_listen, telemetry.health)
+    except OSError as exc:
+        print(f"codelane worker: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    try:
+        return await worker.run()
+    finally:
+        if endpoint is not None:
+            await endpoint.stop()
+        if health_server is not None:
+            await health_server.stop(None)
+        if telemetry.tracing is not None:
+            await asyncio.to_thread(telemetry.tracing.shutdown)

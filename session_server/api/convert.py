@@ -193,6 +193,9 @@ def external_task(info: ExternalTaskInfo) -> events_pb2.ExternalTask:
     )
     if info.lease_expire_time is not None:
         msg.lease_expire_time.CopyFrom(timestamp(info.lease_expire_time))
+    if info.traceparent:
+        msg.trace_context.traceparent = info.traceparent
+        msg.trace_context.tracestate = info.tracestate
     return msg
 
 

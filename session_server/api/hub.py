@@ -26,11 +26,13 @@ from session_server.pool import (
     WorkerRegistration,
 )
 from tool_worker import wire
+from tool_worker.telemetry import logs as log_context
 
 log = logging.getLogger(__name__)
 
 # A worker must say Hello this soon after opening its stream.
 HELLO_TIMEOUT = 10.0
+_DRAINED = "the worker drained and closed its stream"
 
 _FAULT_STATUS = {
     LinkFault.HEARTBEAT_TIMEOUT: grpc.StatusCode.UNAVAILABLE,
@@ -75,6 +77,9 @@ class _StreamLink:
             denied_paths=assignment.denied_paths,
         )
         wire.set_timestamp(message.deadline, assignment.deadline)
+        if assignment.traceparent:
+            message.trace_context.traceparent = assignment.traceparent
+            message.trace_context.tracestate = assignment.tracestate
         if not self._kick_scheduled:
             # The writer is woken only if nobody flushed by the end of this loop turn: the usual
             # dispatch flushes inline, and waking a task for nothing costs every call.
@@ -177,6 +182,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         except WorkerIdTaken as exc:
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
         worker_id = reg.worker_id
+        log_context.worker_id.set(worker_id)
         log.info("worker %s connected from %s (%d slots, tools: %s)", worker_id, reg.peer, reg.slots,
                  ", ".join(t.name for t in reg.tools))
         welcome = worker_pb2.Welcome(
@@ -187,6 +193,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             reconnect_token=reconnect_token,
         )
         reason = "the connection to the worker broke (its process died or the network failed)"
+        cause = "stream_broken"
         reader = writer = None
         try:
             await context.write(worker_pb2.ConnectResponse(welcome=welcome))
@@ -202,6 +209,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 reason = f"the worker's stream broke: {reader.exception()}"
             else:
                 reason = reader.result()
+                cause = "drained" if reason == _DRAINED else "closed"
         finally:
             for task in (reader, writer):
                 if task is not None:
@@ -210,7 +218,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
-            self._pool.unregister(worker_id, link, reason)
+            self._pool.unregister(worker_id, link, reason, cause)
             log.info("worker %s disconnected: %s", worker_id, reason)
         if link.fault is not None:
             await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value, worker_id=worker_id)
@@ -243,4 +251,4 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 # run before this task sets up its next read. (Under load this would only cost
                 # a loop turn per message.)
                 await asyncio.sleep(0)
-        return "the worker drained and closed its stream" if drained else "the worker closed its stream"
+        return _DRAINED if drained else "the worker closed its stream"

@@ -7,6 +7,7 @@ import contextlib
 import grpc
 
 from codelane.v1 import session_pb2, session_pb2_grpc
+from session_server.admission import AtCapacity, ShuttingDown
 from session_server.api import convert
 from session_server.api.errors import abort
 from session_server.bus import SessionClosed
@@ -29,6 +30,16 @@ MAX_PAGE_BYTES = 16 * 1024 * 1024
 
 async def _session_not_found(context, exc: SessionNotFound):
     await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "SESSION_NOT_FOUND", session_id=exc.session_id)
+
+
+async def _refused(context, exc: AtCapacity | ShuttingDown):
+    """New work the server does not take now: over a limit, or while it stops."""
+    if isinstance(exc, ShuttingDown):
+        await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), "SHUTTING_DOWN", retry_after=exc.retry_after,
+                    retry_after_seconds=f"{exc.retry_after:g}")
+    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after {exc.retry_after:g}s", "AT_CAPACITY",
+                retry_after=exc.retry_after, limit=exc.limit, value=str(exc.value),
+                retry_after_seconds=f"{exc.retry_after:g}")
 
 
 @contextlib.asynccontextmanager
@@ -74,6 +85,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
         except InvalidArgument as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
+        except (AtCapacity, ShuttingDown) as exc:
+            await _refused(context, exc)
         return session_pb2.CreateSessionResponse(session=self._proto(record))
 
     async def GetSession(self, request, context):
@@ -108,6 +121,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         field=exc.field)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="text")
+        except (AtCapacity, ShuttingDown) as exc:
+            await _refused(context, exc)
         try:
             async for batch in events:
                 for message in convert.batched(batch, session_pb2.SendMessageResponse, lambda m: m.events):
@@ -135,6 +150,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except SessionClosed:
             await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted", "SESSION_NOT_FOUND",
                         session_id=request.session_id)
+        except (AtCapacity, ShuttingDown) as exc:
+            await _refused(context, exc)
 
     async def CancelTurn(self, request, context):
         await self._session(context, request.session_id)

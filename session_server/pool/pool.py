@@ -87,6 +87,7 @@ class WorkerPool:
         no_worker_wait: float = DEFAULT_NO_WORKER_WAIT,
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        on_worker_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -101,6 +102,8 @@ class WorkerPool:
         self._monitor: asyncio.Task[None] | None = None
         self._pumping = False
         self._closed = False
+        # Hears the cause of each worker that leaves (for metrics).
+        self._on_worker_lost = on_worker_lost
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -132,17 +135,18 @@ class WorkerPool:
         """
         old = self._workers.holder(reg)
         if old is not None:
-            self._lose(old, "its connection was replaced by the worker's reconnection")
+            self._lose(old, "its connection was replaced by the worker's reconnection", "replaced")
             old.link.close("replaced by the worker's reconnection", LinkFault.REPLACED)
         worker = self._workers.add(reg, link)
         self._pump()
         return worker.reconnect_token
 
-    def unregister(self, worker_id: str, link: WorkerLink, reason: str) -> None:
-        """The worker's stream ended. Ignored if that stream was already replaced."""
+    def unregister(self, worker_id: str, link: WorkerLink, reason: str, cause: str = "disconnected") -> None:
+        """The worker's stream ended (`cause`: a short code, e.g. "drained", "stream_broken").
+        Ignored if that stream was already replaced."""
         worker = self._workers.get(worker_id)
         if worker is not None and worker.link is link:
-            self._lose(worker, reason)
+            self._lose(worker, reason, cause)
 
     def _live(self, worker_id: str, link: WorkerLink) -> Worker | None:
         """The worker, if `link` is still its stream: a replaced stream is fenced off."""
@@ -189,6 +193,18 @@ class WorkerPool:
 
     def capacity(self) -> tuple[int, int]:
         return self._workers.capacity()
+
+    def waiting(self) -> list[tuple[dict[str, str], float]]:
+        """The calls waiting for a worker slot: the worker labels each needs (its own and its
+        tool's), and how long it has waited, in seconds."""
+        now = self._clock()
+        offered = self._workers.offered_tools()
+        waiting = []
+        for pending in self._queued:
+            spec = offered.get(pending.call.tool_name)
+            labels = {**(spec.required_labels if spec is not None else {}), **pending.call.required_labels}
+            waiting.append((labels, now - pending.enqueued))
+        return waiting
 
     def on_probe_result(self, worker_id: str, link: WorkerLink, probe_id: str, fingerprint: str, error: str) -> None:
         worker = self._live(worker_id, link)
@@ -256,7 +272,7 @@ class WorkerPool:
                 silent = now - worker.last_seen
                 if silent > self.heartbeat_timeout:
                     why = f"no heartbeat or message for {silent:.1f}s (timeout {self.heartbeat_timeout:g}s)"
-                    self._lose(worker, why)
+                    self._lose(worker, why, "heartbeat_timeout")
                     worker.link.close(f"no heartbeat for {silent:.1f}s", LinkFault.HEARTBEAT_TIMEOUT)
                 else:
                     self._router.expire_probes(worker)
@@ -340,6 +356,8 @@ class WorkerPool:
             session_id=call.session_id,
             deadline=time.time() + max(remaining, 0.0),
             denied_paths=call.denied_paths,
+            traceparent=call.traceparent,
+            tracestate=call.tracestate,
         )
         worker.in_flight[pending.assignment.dispatch_id] = pending
         worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))
@@ -347,8 +365,13 @@ class WorkerPool:
         if call.observer is not None:
             call.observer.assigned(worker.id, pending.attempt)
 
-    def _lose(self, worker: Worker, reason: str) -> None:
+    def _lose(self, worker: Worker, reason: str, cause: str) -> None:
         """Removes a worker; its calls are retried elsewhere or end with an error."""
+        if self._on_worker_lost is not None:
+            try:
+                self._on_worker_lost(cause)
+            except Exception:
+                log.exception("reporting the loss of worker %s failed", worker.id)
         self._workers.remove(worker)
         self._router.forget(worker)
         orphans = list(worker.in_flight.values())

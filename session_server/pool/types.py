@@ -64,6 +64,9 @@ class Assignment:
     deadline: float  # wall-clock seconds since the epoch
     # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
     denied_paths: tuple[str, ...] = ()
+    # W3C trace context of the call's span on the server ("" when it does not trace).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 class LinkFault(enum.Enum):
@@ -117,6 +120,9 @@ class QueryCall:
     observer: PlacementObserver | None = None
     # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
     denied_paths: tuple[str, ...] = ()
+    # W3C trace context the worker continues ("" when the server does not trace).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 @dataclass(frozen=True)

@@ -406,7 +406,8 @@ class Processes:
     groups: list[int] = field(default_factory=list)
 
     async def start_server(
-        self, data_dir: Path, *, model: str = "", env: dict[str, str] | None = None, local_workers: int = 2
+        self, data_dir: Path, *, model: str = "", env: dict[str, str] | None = None, local_workers: int = 2,
+        args: tuple[str, ...] = (),
     ) -> ServerProcess:
         port = free_port()
         n = len(self.servers)
@@ -422,6 +423,7 @@ class Processes:
             "--model", model,
             "--scripts-dir", str(self.tmp_path),
             "--log-level", "WARNING",
+            *args,
         ]  # fmt: skip
         proc = _spawn(argv, child_env, out, err)
         server = ServerProcess(proc, port, out, err)

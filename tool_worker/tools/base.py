@@ -41,6 +41,8 @@ class ErrorKind(enum.StrEnum):
     NO_WORKER = "no_worker"
     PERMISSION_DENIED = "permission_denied"
     INTERNAL = "internal"
+    # Never executed: the server was at an operator's limit (session_server.admission).
+    AT_CAPACITY = "at_capacity"
 
 
 @dataclass(frozen=True)

@@ -649,6 +649,7 @@ class ExternalTask(_message.Message):
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     WORKSPACE_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id (to complete it with)."""
     session_id: _builtins.str
@@ -671,6 +672,13 @@ class ExternalTask(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the task ends with a timeout error result if nobody completed it."""
 
+    @_builtins.property
+    def trace_context(self) -> _tools_pb2.TraceContext:
+        """The server's `execute_tool` span of the call, when the server traces (empty otherwise): a
+        client that runs the task and traces makes its span a child of it (W3C Trace Context; see
+        TraceContext), so the trace continues across the client.
+        """
+
     def __init__(
         self,
         *,
@@ -682,10 +690,11 @@ class ExternalTask(_message.Message):
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         workspace: _builtins.str = ...,
+        trace_context: _tools_pb2.TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "deadline", b"deadline", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "deadline", b"deadline", "lease_expire_time", b"lease_expire_time", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call", b"call", "deadline", b"deadline", "lane", b"lane", "lease_expire_time", b"lease_expire_time", "session_id", b"session_id", "task_id", b"task_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "call", b"call", "deadline", b"deadline", "lane", b"lane", "lease_expire_time", b"lease_expire_time", "session_id", b"session_id", "task_id", b"task_id", "trace_context", b"trace_context", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

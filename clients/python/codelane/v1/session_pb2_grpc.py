@@ -33,6 +33,19 @@ class SessionServiceStub:
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     def __init__(self, channel):
@@ -111,12 +124,27 @@ class SessionServiceServicer:
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     def CreateSession(self, request, context):
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
         queue config is out of range (the field is named in the message and ErrorInfo metadata).
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
+        as it allows: delete some, or retry later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +174,8 @@ class SessionServiceServicer:
     def SendMessage(self, request, context):
         """Sends a user message and streams the events of the turn it starts, ending after
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+        as it allows.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -158,7 +188,8 @@ class SessionServiceServicer:
         stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
         sequence order. A reader that is slower than the session is never cut off: the server keeps
         its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
-        beyond the log's end.
+        beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
+        has as many WatchEvents streams open as it allows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -291,6 +322,19 @@ class SessionService:
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     @staticmethod

@@ -34,6 +34,19 @@ class SessionServiceStub:
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     @_typing.overload
@@ -44,6 +57,8 @@ class SessionServiceStub:
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
     queue config is out of range (the field is named in the message and ErrorInfo metadata).
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
+    as it allows: delete some, or retry later.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.GetSessionResponse]
     """Returns one session. NOT_FOUND when it does not exist."""
@@ -54,6 +69,8 @@ class SessionServiceStub:
     SendMessage: _grpc.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+    as it allows.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]
@@ -62,7 +79,8 @@ class SessionServiceStub:
     stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
     sequence order. A reader that is slower than the session is never cut off: the server keeps
     its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
-    beyond the log's end.
+    beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
+    has as many WatchEvents streams open as it allows.
     """
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -97,6 +115,19 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -104,6 +135,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
     queue config is out of range (the field is named in the message and ErrorInfo metadata).
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
+    as it allows: delete some, or retry later.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns one session. NOT_FOUND when it does not exist."""
@@ -114,6 +147,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     SendMessage: _aio.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]  # type: ignore[assignment]
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+    as it allows.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]  # type: ignore[assignment]
@@ -122,7 +157,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
     sequence order. A reader that is slower than the session is never cut off: the server keeps
     its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
-    beyond the log's end.
+    beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
+    has as many WatchEvents streams open as it allows.
     """
     CancelTurn: _aio.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -156,6 +192,19 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+
+    Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
+    would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
+    AT_CAPACITY whose metadata holds `limit` (the limit's name: max_sessions, max_running_turns,
+    max_subscribers), `value` (the limit) and `retry_after_seconds`, and a google.rpc.RetryInfo
+    with the same delay: retry after it. A server that is stopping refuses the same calls
+    (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
+    retry on another server or after the restart. Calls on work already running (CancelTurn,
+    ConfirmToolCall, the external-task calls, reads) are always served.
+
+    Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
+    carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
+    `invoke_agent` span is then a child of the caller's span.
     """
 
     @_abc_1.abstractmethod
@@ -167,6 +216,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
         queue config is out of range (the field is named in the message and ErrorInfo metadata).
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
+        as it allows: delete some, or retry later.
         """
 
     @_abc_1.abstractmethod
@@ -201,6 +252,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_session_pb2.SendMessageResponse], _abc.AsyncIterator[_session_pb2.SendMessageResponse]]:
         """Sends a user message and streams the events of the turn it starts, ending after
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+        as it allows.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
         """
 
@@ -215,7 +268,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
         sequence order. A reader that is slower than the session is never cut off: the server keeps
         its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
-        beyond the log's end.
+        beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
+        has as many WatchEvents streams open as it allows.
         """
 
     @_abc_1.abstractmethod

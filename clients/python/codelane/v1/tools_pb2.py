@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63odelane/v1/tools.proto\x12\x0b\x63odelane.v1\x1a\x1egoogle/protobuf/duration.proto\"\xfd\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x1f\n\x04lane\x18\x04 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x42\n\x0frequired_labels\x18\x06 \x03(\x0b\x32).codelane.v1.ToolSpec.RequiredLabelsEntry\x1a\x35\n\x13RequiredLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x1f\n\x04lane\x18\x04 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\r\n\x05index\x18\x05 \x01(\x05\"\xaa\x02\n\nToolResult\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12*\n\nerror_kind\x18\x03 \x01(\x0e\x32\x16.codelane.v1.ErrorKind\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12-\n\nqueue_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08run_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x15\n\rmetadata_json\x18\n \x01(\tB\x0c\n\n_exit_code*c\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\x10\n\x0cLANE_CONTROL\x10\x01\x12\x0e\n\nLANE_QUERY\x10\x02\x12\x10\n\x0cLANE_EXECUTE\x10\x03\x12\x11\n\rLANE_GENERATE\x10\x04*k\n\x08LaneMode\x12\x19\n\x15LANE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12LANE_MODE_INTERNAL\x10\x01\x12\x16\n\x12LANE_MODE_EXTERNAL\x10\x02\x12\x14\n\x10LANE_MODE_HYBRID\x10\x03*\xc0\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_KIND_INVALID_ARGUMENTS\x10\x01\x12\x1b\n\x17\x45RROR_KIND_UNKNOWN_TOOL\x10\x02\x12\x19\n\x15\x45RROR_KIND_TOOL_ERROR\x10\x03\x12\x1a\n\x16\x45RROR_KIND_PATH_ESCAPE\x10\x04\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x05\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x06\x12\x1a\n\x16\x45RROR_KIND_WORKER_LOST\x10\x07\x12\x18\n\x14\x45RROR_KIND_NO_WORKER\x10\x08\x12 \n\x1c\x45RROR_KIND_PERMISSION_DENIED\x10\t\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63odelane/v1/tools.proto\x12\x0b\x63odelane.v1\x1a\x1egoogle/protobuf/duration.proto\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"\xfd\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x1f\n\x04lane\x18\x04 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x42\n\x0frequired_labels\x18\x06 \x03(\x0b\x32).codelane.v1.ToolSpec.RequiredLabelsEntry\x1a\x35\n\x13RequiredLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x1f\n\x04lane\x18\x04 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\r\n\x05index\x18\x05 \x01(\x05\"\xaa\x02\n\nToolResult\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12*\n\nerror_kind\x18\x03 \x01(\x0e\x32\x16.codelane.v1.ErrorKind\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12-\n\nqueue_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08run_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x15\n\rmetadata_json\x18\n \x01(\tB\x0c\n\n_exit_code*c\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\x10\n\x0cLANE_CONTROL\x10\x01\x12\x0e\n\nLANE_QUERY\x10\x02\x12\x10\n\x0cLANE_EXECUTE\x10\x03\x12\x11\n\rLANE_GENERATE\x10\x04*k\n\x08LaneMode\x12\x19\n\x15LANE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12LANE_MODE_INTERNAL\x10\x01\x12\x16\n\x12LANE_MODE_EXTERNAL\x10\x02\x12\x14\n\x10LANE_MODE_HYBRID\x10\x03*\xdc\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_KIND_INVALID_ARGUMENTS\x10\x01\x12\x1b\n\x17\x45RROR_KIND_UNKNOWN_TOOL\x10\x02\x12\x19\n\x15\x45RROR_KIND_TOOL_ERROR\x10\x03\x12\x1a\n\x16\x45RROR_KIND_PATH_ESCAPE\x10\x04\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x05\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x06\x12\x1a\n\x16\x45RROR_KIND_WORKER_LOST\x10\x07\x12\x18\n\x14\x45RROR_KIND_NO_WORKER\x10\x08\x12 \n\x1c\x45RROR_KIND_PERMISSION_DENIED\x10\t\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\n\x12\x1a\n\x16\x45RROR_KIND_AT_CAPACITY\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._loaded_options = None
   _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LANE']._serialized_start=749
-  _globals['_LANE']._serialized_end=848
-  _globals['_LANEMODE']._serialized_start=850
-  _globals['_LANEMODE']._serialized_end=957
-  _globals['_ERRORKIND']._serialized_start=960
-  _globals['_ERRORKIND']._serialized_end=1280
-  _globals['_TOOLSPEC']._serialized_start=73
-  _globals['_TOOLSPEC']._serialized_end=326
-  _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._serialized_start=273
-  _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._serialized_end=326
-  _globals['_TOOLCALL']._serialized_start=328
-  _globals['_TOOLCALL']._serialized_end=446
-  _globals['_TOOLRESULT']._serialized_start=449
-  _globals['_TOOLRESULT']._serialized_end=747
+  _globals['_LANE']._serialized_start=806
+  _globals['_LANE']._serialized_end=905
+  _globals['_LANEMODE']._serialized_start=907
+  _globals['_LANEMODE']._serialized_end=1014
+  _globals['_ERRORKIND']._serialized_start=1017
+  _globals['_ERRORKIND']._serialized_end=1365
+  _globals['_TRACECONTEXT']._serialized_start=72
+  _globals['_TRACECONTEXT']._serialized_end=127
+  _globals['_TOOLSPEC']._serialized_start=130
+  _globals['_TOOLSPEC']._serialized_end=383
+  _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._serialized_start=330
+  _globals['_TOOLSPEC_REQUIREDLABELSENTRY']._serialized_end=383
+  _globals['_TOOLCALL']._serialized_start=385
+  _globals['_TOOLCALL']._serialized_end=503
+  _globals['_TOOLRESULT']._serialized_start=506
+  _globals['_TOOLRESULT']._serialized_end=804
 # @@protoc_insertion_point(module_scope)

@@ -113,6 +113,11 @@ class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.V
     """The permission policy denied the call, or a confirmation was rejected or timed out."""
     ERROR_KIND_INTERNAL: _ErrorKind.ValueType  # 10
     """An unexpected failure inside codelane."""
+    ERROR_KIND_AT_CAPACITY: _ErrorKind.ValueType  # 11
+    """Never executed: the server was at a limit its operator set (e.g. pending Query calls per
+    session or in all, `codelane server --max-pending-query-calls`). The output says which; the
+    call may succeed if made again later, or with fewer calls at once.
+    """
 
 class ErrorKind(_ErrorKind, metaclass=_ErrorKindEnumTypeWrapper):
     """Why a tool result is an error. ERROR_KIND_UNSPECIFIED on a successful result."""
@@ -138,7 +143,46 @@ ERROR_KIND_PERMISSION_DENIED: ErrorKind.ValueType  # 9
 """The permission policy denied the call, or a confirmation was rejected or timed out."""
 ERROR_KIND_INTERNAL: ErrorKind.ValueType  # 10
 """An unexpected failure inside codelane."""
+ERROR_KIND_AT_CAPACITY: ErrorKind.ValueType  # 11
+"""Never executed: the server was at a limit its operator set (e.g. pending Query calls per
+session or in all, `codelane server --max-pending-query-calls`). The output says which; the
+call may succeed if made again later, or with fewer calls at once.
+"""
 Global___ErrorKind: _TypeAlias = ErrorKind  # noqa: Y015
+
+@_typing.final
+class TraceContext(_message.Message):
+    """A W3C Trace Context (https://www.w3.org/TR/trace-context/): the span a piece of work continues.
+    Carried inside messages where gRPC metadata cannot carry one per unit of work (an assignment
+    on a worker's long-lived stream, an external task). Both fields empty when the server does not
+    trace. To continue the trace, start your span as a child of the span named by `traceparent`
+    (OpenTelemetry: extract it with the W3C TraceContextTextMapPropagator from a carrier holding
+    these two entries under the keys "traceparent" and "tracestate").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
+    traceparent: _builtins.str
+    """The W3C `traceparent` header value: "00-<32 hex trace id>-<16 hex parent span id>-<2 hex
+    flags>", e.g. "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01". Empty: no trace.
+    """
+    tracestate: _builtins.str
+    """The W3C `tracestate` header value (vendor entries, "key=value,key=value"); often empty."""
+    def __init__(
+        self,
+        *,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceContext: _TypeAlias = TraceContext  # noqa: Y015
 
 @_typing.final
 class ToolSpec(_message.Message):

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63odelane/v1/worker.proto\x12\x0b\x63odelane.v1\x1a\x17\x63odelane/v1/tools.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.codelane.v1.HelloH\x00\x12+\n\x07results\x18\x02 \x01(\x0b\x32\x18.codelane.v1.CallResultsH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.codelane.v1.HeartbeatH\x00\x12)\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x15.codelane.v1.DrainingH\x00\x12\x30\n\x0cprobe_result\x18\x05 \x01(\x0b\x32\x18.codelane.v1.ProbeResultH\x00\x42\t\n\x07message\"\xe7\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.codelane.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.codelane.v1.AssignmentsH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codelane.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.codelane.v1.DrainH\x00\x12#\n\x05probe\x18\x05 \x01(\x0b\x32\x12.codelane.v1.ProbeH\x00\x42\t\n\x07message\"\x83\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.codelane.v1.Hello.LabelsEntry\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.codelane.v1.ToolSpec\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x06 \x03(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0freconnect_token\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bhub_version\x18\x03 \x01(\t\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freconnect_token\x18\x05 \x01(\t\"3\n\x0b\x41ssignments\x12$\n\x07\x61ssigns\x18\x01 \x03(\x0b\x32\x13.codelane.v1.Assign\"\xd5\x01\n\x06\x41ssign\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65nied_paths\x18\t \x03(\t\"O\n\x06\x43\x61ncel\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x05Probe\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\"V\n\x0bProbeResult\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"7\n\x0b\x43\x61llResults\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.codelane.v1.CallResult\"l\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.codelane.v1.ToolResult\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\x05\x12\x14\n\x0cload_average\x18\x02 \x01(\x01\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t2\\\n\x10WorkerHubService\x12H\n\x07\x43onnect\x12\x1b.codelane.v1.ConnectRequest\x1a\x1c.codelane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63odelane/v1/worker.proto\x12\x0b\x63odelane.v1\x1a\x17\x63odelane/v1/tools.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.codelane.v1.HelloH\x00\x12+\n\x07results\x18\x02 \x01(\x0b\x32\x18.codelane.v1.CallResultsH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.codelane.v1.HeartbeatH\x00\x12)\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x15.codelane.v1.DrainingH\x00\x12\x30\n\x0cprobe_result\x18\x05 \x01(\x0b\x32\x18.codelane.v1.ProbeResultH\x00\x42\t\n\x07message\"\xe7\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.codelane.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.codelane.v1.AssignmentsH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codelane.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.codelane.v1.DrainH\x00\x12#\n\x05probe\x18\x05 \x01(\x0b\x32\x12.codelane.v1.ProbeH\x00\x42\t\n\x07message\"\x83\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.codelane.v1.Hello.LabelsEntry\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.codelane.v1.ToolSpec\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x06 \x03(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0freconnect_token\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bhub_version\x18\x03 \x01(\t\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freconnect_token\x18\x05 \x01(\t\"3\n\x0b\x41ssignments\x12$\n\x07\x61ssigns\x18\x01 \x03(\x0b\x32\x13.codelane.v1.Assign\"\x87\x02\n\x06\x41ssign\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65nied_paths\x18\t \x03(\t\x12\x30\n\rtrace_context\x18\x0f \x01(\x0b\x32\x19.codelane.v1.TraceContext\"O\n\x06\x43\x61ncel\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x05Probe\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\"V\n\x0bProbeResult\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"7\n\x0b\x43\x61llResults\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.codelane.v1.CallResult\"l\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.codelane.v1.ToolResult\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\x05\x12\x14\n\x0cload_average\x18\x02 \x01(\x01\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t2\\\n\x10WorkerHubService\x12H\n\x07\x43onnect\x12\x1b.codelane.v1.ConnectRequest\x1a\x1c.codelane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,23 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENTS']._serialized_start=1063
   _globals['_ASSIGNMENTS']._serialized_end=1114
   _globals['_ASSIGN']._serialized_start=1117
-  _globals['_ASSIGN']._serialized_end=1330
-  _globals['_CANCEL']._serialized_start=1332
-  _globals['_CANCEL']._serialized_end=1411
-  _globals['_DRAIN']._serialized_start=1413
-  _globals['_DRAIN']._serialized_end=1436
-  _globals['_PROBE']._serialized_start=1438
-  _globals['_PROBE']._serialized_end=1482
-  _globals['_PROBERESULT']._serialized_start=1484
-  _globals['_PROBERESULT']._serialized_end=1570
-  _globals['_CALLRESULTS']._serialized_start=1572
-  _globals['_CALLRESULTS']._serialized_end=1627
-  _globals['_CALLRESULT']._serialized_start=1629
-  _globals['_CALLRESULT']._serialized_end=1737
-  _globals['_HEARTBEAT']._serialized_start=1739
-  _globals['_HEARTBEAT']._serialized_end=1794
-  _globals['_DRAINING']._serialized_start=1796
-  _globals['_DRAINING']._serialized_end=1822
-  _globals['_WORKERHUBSERVICE']._serialized_start=1824
-  _globals['_WORKERHUBSERVICE']._serialized_end=1916
+  _globals['_ASSIGN']._serialized_end=1380
+  _globals['_CANCEL']._serialized_start=1382
+  _globals['_CANCEL']._serialized_end=1461
+  _globals['_DRAIN']._serialized_start=1463
+  _globals['_DRAIN']._serialized_end=1486
+  _globals['_PROBE']._serialized_start=1488
+  _globals['_PROBE']._serialized_end=1532
+  _globals['_PROBERESULT']._serialized_start=1534
+  _globals['_PROBERESULT']._serialized_end=1620
+  _globals['_CALLRESULTS']._serialized_start=1622
+  _globals['_CALLRESULTS']._serialized_end=1677
+  _globals['_CALLRESULT']._serialized_start=1679
+  _globals['_CALLRESULT']._serialized_end=1787
+  _globals['_HEARTBEAT']._serialized_start=1789
+  _globals['_HEARTBEAT']._serialized_end=1844
+  _globals['_DRAINING']._serialized_start=1846
+  _globals['_DRAINING']._serialized_end=1872
+  _globals['_WORKERHUBSERVICE']._serialized_start=1874
+  _globals['_WORKERHUBSERVICE']._serialized_end=1966
 # @@protoc_insertion_point(module_scope)

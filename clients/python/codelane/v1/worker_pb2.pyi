@@ -279,6 +279,7 @@ class Assign(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DISPATCH_ID_FIELD_NUMBER: _builtins.int
     DENIED_PATHS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The model's id of the call, for logs. Not unique: identify the call by dispatch_id."""
     attempt: _builtins.int
@@ -331,6 +332,14 @@ class Assign(_message.Message):
         resolved; deny when either matches.
         """
 
+    @_builtins.property
+    def trace_context(self) -> _tools_pb2.TraceContext:
+        """The server's `execute_tool` span of this call, when the server traces (empty otherwise). A
+        worker that traces makes its span for running the call a child of it, so one trace follows
+        the call across the hop; every attempt carries the same parent. Metadata cannot carry it:
+        the stream outlives every call on it.
+        """
+
     def __init__(
         self,
         *,
@@ -343,10 +352,11 @@ class Assign(_message.Message):
         session_id: _builtins.str = ...,
         dispatch_id: _builtins.str = ...,
         denied_paths: _abc.Iterable[_builtins.str] | None = ...,
+        trace_context: _tools_pb2.TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "denied_paths", b"denied_paths", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "denied_paths", b"denied_paths", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "trace_context", b"trace_context", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,53 @@
+"""`--log-format json`: a server process and a worker process write one JSON object per line, and
+the lines written for a turn and a call carry the session, turn, call, worker and trace ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.ops.conftest import OtlpReceiver, Workers
+from tests.session.conftest import Processes, call, scripted, wait_until
+
+
+def _lines(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+    for entry in parsed:
+        assert {"time", "level", "logger", "message"} <= entry.keys(), entry
+    return parsed
+
+
+async def test_json_logs_name_the_session_turn_call_worker_and_trace(
+    processes: Processes, workspace: Path, tmp_path: Path, otlp: OtlpReceiver, worker_procs: Workers
+) -> None:
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("sleep", "c1", ms=1)]}, {"text": "Done."}])
+    server = await processes.start_server(
+        tmp_path / "data", model=model, local_workers=0,
+        args=("--log-format", "json", "--log-level", "DEBUG", "--otlp-endpoint", otlp.endpoint),
+    )
+    worker_procs.spawn(f"127.0.0.1:{server.port}", "w1", "--log-format", "json", "--log-level", "DEBUG",
+                       "--otlp-endpoint", otlp.endpoint)
+    await server.client.wait_workers("w1")
+    session = await server.client.create(workspace)
+    events = await server.client.send(session.session_id, "go")
+    turn_id = events[-1].turn_id
+
+    def server_logs() -> list[dict]:
+        return _lines(server.err.read_text(errors="replace"))
+
+    await wait_until(lambda: any(e["message"].startswith("turn ended") for e in server_logs()), what="the turn's log")
+    logs = server_logs()
+    turn = next(e for e in logs if e["message"].startswith("turn ended"))
+    assert turn["session_id"] == session.session_id and turn["turn_id"] == turn_id
+    assert len(turn["trace_id"]) == 32 and "call_id" not in turn
+    tool = next(e for e in logs if e["message"].startswith("call c1 (sleep) ok on w1"))
+    assert (tool["session_id"], tool["turn_id"], tool["call_id"], tool["trace_id"]) == (
+        session.session_id, turn_id, "c1", turn["trace_id"])
+    hub = next(e for e in logs if "worker w1 connected" in e["message"])
+    assert hub["worker_id"] == "w1" and "session_id" not in hub
+
+    await wait_until(lambda: "call ran" in worker_procs.log("w1"), what="the worker's log of the call")
+    ran = next(e for e in _lines(worker_procs.log("w1")) if e["message"].startswith("call ran"))
+    assert (ran["worker_id"], ran["session_id"], ran["call_id"], ran["trace_id"]) == (
+        "w1", session.session_id, "c1", turn["trace_id"])

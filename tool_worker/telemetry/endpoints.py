@@ -1,0 +1,62 @@
+"""Side endpoints of a server or worker process: Prometheus `/metrics` over HTTP, and a plaintext
+gRPC port that serves only the standard health service (for probes that speak neither the
+service's TLS nor its token, such as a kubelet's gRPC probe).
+
+`/metrics` is served from the process's event loop, not from a thread: the collectors read live
+domain state (the worker pool, the event bus), which only the loop's thread may touch.
+"""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from tool_worker.telemetry.config import split_address
+
+
+class MetricsEndpoint:
+    """`GET /metrics` for one registry. `await start()` returns the bound port."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
+        self._host, self._port = split_address(listen)
+        self._registry = registry
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot serve metrics on {self._host}:{self._port}: {exc.strerror or exc}") from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        return self.port
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(self._registry), headers={"Content-Type": content_type})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def serve_health(listen: str, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server on `listen` with only `servicer`; returns it and its port."""
+    split_address(listen)
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot serve gRPC health on {listen}")
+    await server.start()
+    return server, port

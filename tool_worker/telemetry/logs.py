@@ -1,0 +1,71 @@
+"""Log lines that say which session, turn, call, worker and trace they belong to.
+
+The ids live in context variables, set where a turn or a call runs (each runs in its own asyncio
+task, which copies its context from the task that created it): every log line written inside
+that task, and inside the tasks it starts, carries them. `--log-format json` writes one JSON
+object per line with `time`, `level`, `logger`, `message` and whichever ids apply; the text
+format stays the short human one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+
+from pythonjsonlogger.json import JsonFormatter
+
+session_id: ContextVar[str] = ContextVar("codelane_session_id", default="")
+turn_id: ContextVar[str] = ContextVar("codelane_turn_id", default="")
+call_id: ContextVar[str] = ContextVar("codelane_call_id", default="")
+worker_id: ContextVar[str] = ContextVar("codelane_worker_id", default="")
+trace_id: ContextVar[str] = ContextVar("codelane_trace_id", default="")
+
+# The record attribute each variable becomes (only when set: a line has the ids that apply).
+_FIELDS = (
+    ("session_id", session_id),
+    ("turn_id", turn_id),
+    ("call_id", call_id),
+    ("worker_id", worker_id),
+    ("trace_id", trace_id),
+)
+
+LOG_FORMATS = ("text", "json")
+
+
+class ContextFilter(logging.Filter):
+    """Copies the ids that are set onto each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in _FIELDS:
+            value = var.get()
+            if value:
+                setattr(record, name, value)
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, then the ids."""
+    return JsonFormatter(
+        "%(levelname)s %(name)s %(message)s",
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
+        json_ensure_ascii=False,
+    )
+
+
+def configure_logging(level: str, log_format: str, text_format: str) -> None:
+    """Sets up the root logger on stderr. Raises ValueError for an unknown level or format."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(text_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
