@@ -18,6 +18,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
+from tool_worker.confinement.launcher import Sandbox, default_sandbox
+from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.schema_check import compile_check
 from tool_worker.tools import (
     bash,
@@ -61,24 +63,27 @@ _Entry = tuple[Tool, Draft202012Validator, Callable[[dict[str, Any]], bool] | No
 
 
 @functools.lru_cache(maxsize=256)
-def _context(workspace: Path | str) -> ToolContext:
-    # Contexts are immutable and a process serves a few workspaces: one per workspace (a worker
-    # passes the workspace as the string it received, which saves building a Path per call).
-    return ToolContext(workspace=Path(workspace))
+def _context(workspace: Path | str, sandbox: Sandbox, policy: SandboxPolicy) -> ToolContext:
+    # Contexts are immutable and a process serves a few workspaces and policies: one per pair (a
+    # worker passes the workspace as the string it received, which saves building a Path per call).
+    return ToolContext(workspace=Path(workspace), sandbox=sandbox, policy=policy)
 
 
 class ToolRegistry:
-    """Tools by name, each with its compiled argument validators."""
+    """Tools by name, each with its compiled argument validators, and the sandbox their
+    processes run in (the process's default one unless given)."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), sandbox: Sandbox | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
+        self.sandbox = sandbox or default_sandbox()
+        self._default_policy = self.sandbox.settings.default_policy()
         for tool in tools:
             self.register(tool)
 
     @classmethod
-    def builtin(cls) -> ToolRegistry:
+    def builtin(cls, sandbox: Sandbox | None = None) -> ToolRegistry:
         """A registry holding every built-in tool, Query and Execute."""
-        return cls(_BUILTIN_TOOLS)
+        return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
         """Add one tool; ValueError if its name is taken or its parameters are not a valid schema."""
@@ -125,14 +130,27 @@ class ToolRegistry:
             tool.spec for _, (tool, _, _) in sorted(self._entries.items()) if lane is None or tool.spec.lane is lane
         ]
 
-    async def execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
-        """Run one call. Every failure becomes an error result; only cancellation propagates."""
+    async def execute(
+        self, name: str, workspace: Path | str, arguments_json: str, policy: SandboxPolicy | None = None
+    ) -> ToolResult:
+        """Run one call under a session's sandbox `policy` (the sandbox's default when None).
+        Every failure becomes an error result; only cancellation propagates.
+
+        Execute-lane results carry the policy's mode in `metadata["sandbox"]`, so that a call run
+        without a sandbox always says so.
+        """
         started = time.perf_counter()
-        result = await self._execute(name, workspace, arguments_json)
+        policy = policy or self._default_policy
+        result = await self._execute(name, workspace, arguments_json, policy)
         result.run_time = time.perf_counter() - started
+        entry = self._entries.get(name)
+        if entry is not None and entry[0].spec.lane is Lane.EXECUTE:
+            result.metadata["sandbox"] = policy.mode.value
         return result
 
-    async def _execute(self, name: str, workspace: Path | str, arguments_json: str) -> ToolResult:
+    async def _execute(
+        self, name: str, workspace: Path | str, arguments_json: str, policy: SandboxPolicy
+    ) -> ToolResult:
         entry = self._entries.get(name)
         if entry is None:
             return ToolResult.error(
@@ -163,7 +181,7 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(_context(workspace), arguments)
+            return await tool.run(_context(workspace, self.sandbox, policy), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
         except Exception as exc:

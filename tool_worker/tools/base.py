@@ -11,7 +11,12 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tool_worker.confinement.policy import SandboxPolicy
+
+if TYPE_CHECKING:
+    from tool_worker.confinement.launcher import Sandbox
 
 
 class Lane(enum.StrEnum):
@@ -34,6 +39,8 @@ class ErrorKind(enum.StrEnum):
     NO_WORKER = "no_worker"
     PERMISSION_DENIED = "permission_denied"
     INTERNAL = "internal"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    RESOURCE_LIMIT = "resource_limit"
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,20 @@ class ToolFailure(Exception):
         self.kind = kind
 
 
+def _default_sandbox() -> Sandbox:
+    from tool_worker.confinement.launcher import default_sandbox
+
+    return default_sandbox()
+
+
 @dataclass(frozen=True)
 class ToolContext:
-    """What a running call may know: the workspace it is confined to."""
+    """What a running call may know: the workspace it is confined to, how this process confines
+    the processes tools start, and the session's sandbox policy."""
 
     workspace: Path
+    sandbox: Sandbox = field(default_factory=_default_sandbox)
+    policy: SandboxPolicy = field(default_factory=SandboxPolicy)
 
 
 ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[ToolResult]]

@@ -109,7 +109,7 @@ def rg_invocation(workspace: Path, args: dict[str, Any]) -> tuple[list[str], Pat
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown_path = args.get("path", ".")
     rg_args, cwd, prefix = rg_invocation(ctx.workspace, args)
-    out = await run_rg(rg_args, cwd)
+    out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {out.stderr}")
     if not out.stdout:

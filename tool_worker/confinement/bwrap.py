@@ -1,0 +1,136 @@
+"""The bubblewrap command line that confines one call.
+
+Confined (workspace-write, read-only), in this order, later mounts covering earlier ones:
+- the whole filesystem read-only; a minimal /dev (null, zero, full, random, urandom, tty, shm);
+  a /proc of the call's own PID namespace;
+- empty private tmpfs on /tmp, /var/tmp and /run (the host's daemon sockets live in /run): they
+  vanish with the call;
+- each denied path that exists hidden under an empty read-only tmpfs (a directory) or /dev/null
+  (a file);
+- the workspace bound read-write (workspace-write) or read-only, then its protected paths bound
+  read-only over it, then the denied paths inside it hidden again;
+- new PID and IPC namespaces, a new network namespace unless the network is on, a new session
+  (no terminal to inject keystrokes into), every capability dropped, and SIGKILL for the whole
+  sandbox when the server dies (--die-with-parent).
+
+Off: the real filesystem, network and environment, in a PID namespace all the same, so that no
+process outlives its call.
+
+Every sandbox carries `CODELANE_SANDBOX_OWNER=<owner>` in its command line; a restarted server
+ends the ones with its own owner id (see launcher.reap_leftovers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tool_worker.confinement.policy import NetworkAccess, SandboxPolicy, SandboxSettings
+from tool_worker.confinement.protected import protected_targets, within
+
+OWNER_VARIABLE = "CODELANE_SANDBOX_OWNER"
+# Replaced by private, empty tmpfs in confined modes.
+TMPFS_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
+              ("/proc/self/fd/2", "stderr"))
+
+
+def confined_args(
+    bwrap: str,
+    command: Sequence[str],
+    *,
+    workspace: Path,
+    cwd: Path,
+    policy: SandboxPolicy,
+    settings: SandboxSettings,
+    info_fd: int,
+    block_fd: int,
+    as_root: bool,
+) -> list[str]:
+    """`workspace` and `cwd` are real paths (symlinks resolved)."""
+    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
+    if policy.network is NetworkAccess.OFF:
+        args.append("--unshare-net")
+    if as_root:
+        # As root, bubblewrap keeps every capability unless told otherwise.
+        args += ["--cap-drop", "ALL"]
+    args += ["--ro-bind", "/", "/", "--tmpfs", "/dev"]
+    for device in _DEVICES:
+        args += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
+    for target, name in _DEV_LINKS:
+        args += ["--symlink", target, f"/dev/{name}"]
+    size = str(policy.limits.memory_bytes)
+    args += ["--size", size, "--tmpfs", "/dev/shm", "--proc", "/proc"]
+    for directory in TMPFS_DIRS:
+        args += ["--size", size, "--tmpfs", str(directory)]
+    if policy.network is NetworkAccess.ON:
+        args += _resolver_args()
+    denied = [Path(os.path.realpath(p)) for p in settings.denied_paths()]
+    denied = [p for p in denied if os.path.lexists(p)]
+    outside = [p for p in denied if not within(p, workspace) and not any(within(p, t) for t in TMPFS_DIRS)]
+    inside = [p for p in denied if within(p, workspace) and p != workspace]
+    args += _hidden(outside)
+    if policy.writes_workspace:
+        args += ["--bind", str(workspace), str(workspace)]
+        for path in _protected_mounts(workspace, settings.protect):
+            args += ["--ro-bind", str(path), str(path)]
+    else:
+        args += ["--ro-bind", str(workspace), str(workspace)]
+    args += _hidden(inside)
+    args += [
+        "--chdir", str(cwd),
+        "--setenv", OWNER_VARIABLE, settings.owner,
+        "--info-fd", str(info_fd),
+        "--block-fd", str(block_fd),
+        "--", *command,
+    ]  # fmt: skip
+    return args
+
+
+def unconfined_args(
+    bwrap: str, command: Sequence[str], *, cwd: Path, settings: SandboxSettings, info_fd: int, block_fd: int
+) -> list[str]:
+    """Off: only the PID namespace (and death with the server), so nothing outlives the call."""
+    return [
+        bwrap, "--die-with-parent", "--unshare-pid", "--dev-bind", "/", "/",
+        "--chdir", str(cwd),
+        "--setenv", OWNER_VARIABLE, settings.owner,
+        "--info-fd", str(info_fd),
+        "--block-fd", str(block_fd),
+        "--", *command,
+    ]  # fmt: skip
+
+
+def _hidden(paths: list[Path]) -> list[str]:
+    args = []
+    for path in paths:
+        if path.is_dir():
+            args += ["--size", "4096", "--tmpfs", str(path), "--remount-ro", str(path)]
+        else:
+            args += ["--ro-bind", "/dev/null", str(path)]
+    return args
+
+
+def _protected_mounts(workspace: Path, patterns: Sequence[str]) -> list[Path]:
+    """What to bind read-only: each protected path that exists, else its nearest existing
+    ancestor below the workspace root (a repository without .git/hooks gets all of .git
+    read-only). A path whose whole parent chain is missing up to the root has nothing to bind."""
+    mounts = []
+    for target in protected_targets(workspace, patterns):
+        if not within(target, workspace) or target == workspace:
+            continue
+        while not os.path.lexists(target) and target.parent != workspace:
+            target = target.parent
+        if os.path.lexists(target) and target not in mounts:
+            mounts.append(target)
+    return mounts
+
+
+def _resolver_args() -> list[str]:
+    """With the network on, /etc/resolv.conf may point into /run, which the sandbox replaces."""
+    resolver = Path(os.path.realpath("/etc/resolv.conf"))
+    if resolver.exists() and any(within(resolver, t) for t in TMPFS_DIRS):
+        return ["--ro-bind", str(resolver), str(resolver)]
+    return []

@@ -1,0 +1,400 @@
+"""The sandbox of one server: probes what the host can enforce, starts each command confined,
+ends everything a call started, and on start-up ends what a crash left behind.
+
+Why bubblewrap, and not Landlock alone, for Execute commands: a writable workspace with
+read-only holes in it (.git/hooks) and a readable filesystem with unreadable holes in it (the
+deny list) are mounts over mounts; Landlock rights only ever add up down a tree, so it can express
+neither. bubblewrap also gives each call a PID namespace, the one thing no process of the call can
+leave: `setsid`, double forks and daemons all die with the namespace's first process.
+
+How a call starts, so that no command runs before its limits apply:
+1. bwrap is spawned with --info-fd and --block-fd; it builds the sandbox, reports the host pid of
+   the sandbox's first process on the info pipe, and waits on the block pipe;
+2. that process gets its rlimits (prlimit) and joins the call's cgroups;
+3. one byte on the block pipe lets it start the command.
+bwrap holds both ends of the block pipe, so if the server dies before step 3 the sandbox waits
+for ever instead of running unlimited, until the restarted server ends it (reap_leftovers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tool_worker.confinement import bwrap
+from tool_worker.confinement.cgroups import CallCgroups, CgroupsUnavailable, CgroupTree
+from tool_worker.confinement.policy import Limit, SandboxPolicy, SandboxSettings
+from tool_worker.confinement.readonly import ReadOnlyLauncher
+
+log = logging.getLogger("codelane.sandbox")
+
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_PROBE_TIMEOUT = 30.0
+_INSTALL_BWRAP = (
+    "bubblewrap (bwrap) is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap; "
+    "Fedora: dnf install bubblewrap), or run without a sandbox: --sandbox off --allow-unsandboxed"
+)
+
+
+class SandboxUnavailable(Exception):
+    """The host cannot enforce the session's policy; the message names what is missing and how to
+    enable it. Nothing was started."""
+
+
+@dataclass(frozen=True)
+class HostSupport:
+    """What this host can enforce, found once per process."""
+
+    bwrap: str | None
+    bwrap_version: str
+    # Why confined commands cannot run here; "" when they can.
+    problem: str
+    # How the processes and memory limits are enforced: "cgroup" (v1 pids and memory, as root)
+    # or "rlimit" (RLIMIT_NPROC in bubblewrap's user namespace and RLIMIT_AS per process).
+    limits: str
+
+
+class RunningCommand:
+    """A started command: its waitable process (bwrap's monitor, or the command itself when off
+    without bubblewrap), and what ends and accounts for everything it started."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, sandbox_pidfd: int | None,
+                 cgroups: CallCgroups | None, policy: SandboxPolicy) -> None:
+        self.proc = proc
+        self._pidfd = sandbox_pidfd
+        self._cgroups = cgroups
+        self.policy = policy
+        self._usage_hit: list[Limit] = []
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the call: the sandbox's first process takes its whole PID
+        namespace with it; without a sandbox, the process group."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self._pidfd is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            elif self.proc.returncode is None:
+                self.proc.kill()
+
+    async def close(self) -> None:
+        """Kills what is left, waits until every process of the call is gone, reads which limits
+        were hit and removes the call's cgroups."""
+        self.kill()
+        await self.proc.wait()
+        if self._pidfd is not None:
+            await _readable(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._cgroups is not None:
+            self._usage_hit = self._cgroups.usage().limits_hit()
+            self._cgroups.remove()
+            self._cgroups = None
+
+    def limits_hit(self, exit_code: int | None) -> list[Limit]:
+        """Which limits stopped the call (after close): the cgroups' counters, and SIGXCPU, the
+        signal of the CPU-time limit, as the command's own end (bwrap reports 128 + signal)."""
+        hit = list(self._usage_hit)
+        if exit_code in (128 + signal.SIGXCPU, -signal.SIGXCPU):
+            hit.append(Limit.CPU_TIME)
+        return hit
+
+
+class Sandbox:
+    """How this process runs commands under a SandboxPolicy: one per server (or worker)."""
+
+    def __init__(self, settings: SandboxSettings | None = None) -> None:
+        self.settings = settings or SandboxSettings(owner=f"pid{os.getpid()}")
+        self.read_only = ReadOnlyLauncher(allow_unconfined=self.settings.allow_unsandboxed)
+        self._as_root = os.geteuid() == 0
+        self._support: HostSupport | None = None
+        self._cgroups: CgroupTree | None = None
+        self._probe_lock = threading.Lock()
+
+    # -- the host ------------------------------------------------------------------------------
+
+    def support(self) -> HostSupport:
+        """What the host can enforce; probed on first use (a trial sandbox, about 10 ms)."""
+        with self._probe_lock:
+            if self._support is None:
+                self._support = self._probe()
+            return self._support
+
+    def start(self) -> HostSupport:
+        """For a server starting: ends the sandboxes a crash of the same server (same data dir)
+        left behind, then probes the host."""
+        ended = reap_leftovers(self.settings.owner)
+        if ended:
+            log.warning("ended %d sandboxed process(es) left behind by a previous run", ended)
+        return self.support()
+
+    def close(self) -> None:
+        """Removes this server's (empty) parent cgroups."""
+        if self._cgroups is not None:
+            self._cgroups.remove_parents()
+
+    def describe(self) -> str:
+        """One line for the server's start-up: which mechanism is active, or why none is."""
+        support = self.support()
+        settings = self.settings
+        default = f"default {settings.default_mode.value}"
+        network = "network allowed on request" if settings.allow_network else "no network"
+        if support.problem:
+            head = f"UNAVAILABLE ({support.problem}); bash and execute fail in confined sessions"
+        else:
+            limits = ("cgroup v1 pids+memory" if support.limits == "cgroup" else
+                      "RLIMIT_NPROC in a user namespace, RLIMIT_AS per process")
+            head = (f"bubblewrap {support.bwrap_version} (mount, PID, IPC and network namespaces); "
+                    f"limits: {limits}, CPU time and open files per process")
+        off = "; --sandbox off allowed" if settings.allow_unsandboxed else ""
+        return f"sandbox: {head}; {default}, {network}{off}; Query tools: {self.read_only.describe()}"
+
+    def _probe(self) -> HostSupport:
+        if not sys.platform.startswith("linux"):
+            return HostSupport(None, "", "the sandbox needs Linux (bubblewrap and namespaces)", "")
+        path = shutil.which("bwrap")
+        if path is None:
+            return HostSupport(None, "", _INSTALL_BWRAP, "")
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+        version = version.split()[-1] if version.split() else "?"
+        limits = "rlimit"
+        if self._as_root:
+            try:
+                tree = CgroupTree(self.settings.owner)
+                tree.prepare()
+                self._cgroups = tree
+                limits = "cgroup"
+            except (CgroupsUnavailable, OSError) as exc:
+                return HostSupport(path, version, (
+                    f"running as root, the process and memory limits need cgroups: {exc}; "
+                    "mount the v1 pids and memory controllers, or run the server as a non-root user "
+                    "(limits are then rlimits in a user namespace)"
+                ), "")
+        problem = self._trial(path)
+        return HostSupport(path, version, problem, limits)
+
+    def _trial(self, path: str) -> str:
+        """Runs `true` in a default sandbox; "" when it works, else why not."""
+        with tempfile.TemporaryDirectory(prefix="codelane-probe-") as workspace:
+            real = Path(os.path.realpath(workspace))
+            info_read, info_write = os.pipe()
+            block_read, block_write = os.pipe()
+            os.write(block_write, b"1")
+            argv = bwrap.confined_args(
+                path, ["true"], workspace=real, cwd=real, policy=self.settings.default_policy(),
+                settings=self.settings, info_fd=info_write, block_fd=block_read, as_root=self._as_root,
+            )
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=_PROBE_TIMEOUT,
+                                      pass_fds=(info_write, block_read), env=self._built_env(SandboxPolicy()))
+            finally:
+                for fd in (info_read, info_write, block_read, block_write):
+                    os.close(fd)
+        if done.returncode == 0:
+            return ""
+        reason = done.stderr.strip() or f"exit code {done.returncode}"
+        return (
+            f"bubblewrap cannot build a sandbox here ({reason}); it needs user namespaces when not run as root "
+            "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
+            "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap)"
+        )
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def start_command(self, argv: Sequence[str], *, workspace: Path, cwd: Path, policy: SandboxPolicy,
+                            output_fd: int) -> RunningCommand:
+        """Starts argv under `policy`, its stdout and stderr on output_fd, stdin empty.
+
+        Raises SandboxUnavailable when the policy cannot be enforced (nothing runs), OSError when
+        the command cannot start.
+        """
+        support = self.support()
+        if policy.confined and support.problem:
+            raise SandboxUnavailable(support.problem)
+        if not policy.confined:
+            log.info("%s runs WITHOUT a sandbox (sandbox off) in %s", argv[0], workspace)
+            if support.bwrap is None:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
+                    start_new_session=True, env=self._inherited_env(policy),
+                )
+                return RunningCommand(proc, None, None, policy)
+        assert support.bwrap is not None
+        info_read, info_write = os.pipe()
+        block_read, block_write = os.pipe()
+        try:
+            args, env = self._command_line(support.bwrap, argv, workspace, cwd, policy, info_write, block_read)
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
+                pass_fds=(info_write, block_read, block_write), start_new_session=True, env=env,
+            )
+        except BaseException:
+            for fd in (info_read, info_write, block_read, block_write):
+                os.close(fd)
+            raise
+        os.close(info_write)
+        os.close(block_read)
+        pidfd = None
+        cgroups = None
+        try:
+            info = await _read_all(info_read)
+            if not info:
+                # bwrap stopped before building anything; its message is in the output.
+                return RunningCommand(proc, None, None, policy)
+            pid = json.loads(info)["child-pid"]
+            pidfd = os.pidfd_open(pid)
+            if self._cgroups is not None:
+                cgroups = self._cgroups.create(policy.limits)
+                cgroups.join(pid)
+            self._apply_rlimits(pid, policy)
+            os.write(block_write, b"1")
+        except BaseException:
+            if pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.close(pidfd)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if cgroups is not None:
+                cgroups.remove()
+            raise
+        finally:
+            os.close(block_write)
+        return RunningCommand(proc, pidfd, cgroups, policy)
+
+    def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
+                      info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str]]:
+        """bwrap's arguments and environment for one call (a few stat calls: mounts need real paths)."""
+        if not policy.confined:
+            args = bwrap.unconfined_args(path, argv, cwd=cwd, settings=self.settings, info_fd=info_fd,
+                                         block_fd=block_fd)
+            return args, self._inherited_env(policy)
+        args = bwrap.confined_args(
+            path, argv, workspace=Path(os.path.realpath(workspace)), cwd=Path(os.path.realpath(cwd)),
+            policy=policy, settings=self.settings, info_fd=info_fd, block_fd=block_fd, as_root=self._as_root,
+        )
+        return args, self._built_env(policy)
+
+    def _apply_rlimits(self, pid: int, policy: SandboxPolicy) -> None:
+        limits = policy.limits
+        wanted = {
+            # soft < hard: SIGXCPU first, which results name; SIGKILL a second later if ignored.
+            resource.RLIMIT_CPU: (limits.cpu_seconds, limits.cpu_seconds + 1),
+            resource.RLIMIT_NOFILE: (limits.open_files, limits.open_files),
+            # SIGXCPU and the OOM killer must not leave core files in the workspace.
+            resource.RLIMIT_CORE: (0, 0),
+        }
+        if self._cgroups is None:
+            wanted[resource.RLIMIT_NPROC] = (limits.processes, limits.processes)
+            wanted[resource.RLIMIT_AS] = (limits.memory_bytes, limits.memory_bytes)
+        for which, (soft, hard) in wanted.items():
+            _, current_hard = resource.prlimit(pid, which)
+            if current_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, current_hard), min(hard, current_hard)
+            resource.prlimit(pid, which, (soft, hard))
+
+    @staticmethod
+    def _built_env(policy: SandboxPolicy) -> dict[str, str]:
+        """A confined command's environment: built, never the server's (its keys and tokens)."""
+        env = {
+            "PATH": os.environ.get("PATH", _DEFAULT_PATH),
+            "HOME": os.path.expanduser("~"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "TERM": os.environ.get("TERM", "dumb"),
+            "TMPDIR": "/tmp",
+        }
+        env.update(policy.env)
+        return env
+
+    @staticmethod
+    def _inherited_env(policy: SandboxPolicy) -> dict[str, str]:
+        return {**os.environ, **dict(policy.env)}
+
+
+_default: Sandbox | None = None
+_default_lock = threading.Lock()
+
+
+def default_sandbox() -> Sandbox:
+    """The sandbox of a process that made none (tools used as a library, tests): default settings."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Sandbox()
+            atexit.register(_default.close)
+        return _default
+
+
+def reap_leftovers(owner: str) -> int:
+    """SIGKILLs every sandbox process whose command line carries this owner's marker (bwrap's
+    monitor and each sandbox's first process: that ends its whole PID namespace). Returns how
+    many it found."""
+    if not owner:
+        return 0
+    marker = f"\0--setenv\0{bwrap.OWNER_VARIABLE}\0{owner}\0".encode()
+    ended = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if marker in cmdline:
+                os.kill(int(entry.name), signal.SIGKILL)
+                ended += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return ended
+
+
+async def _read_all(fd: int) -> bytes:
+    """Everything written to a pipe until its writers close it, without blocking the loop."""
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    done = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            chunks.append(chunk)
+        elif not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return b"".join(chunks)
+
+
+async def _readable(fd: int) -> None:
+    """Waits until a pidfd says its process has ended."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
