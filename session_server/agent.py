@@ -386,7 +386,7 @@ class Turn:
         timeout = ctx.settings.query_timeout if call.lane is Lane.QUERY else ctx.settings.execute_timeout
         try:
             result = await asyncio.wait_for(
-                ctx.registry.execute(call.tool_name, ctx.workspace, call.arguments_json), timeout
+                ctx.registry.execute(call.tool_name, ctx.workspace, call.arguments_json, ctx.settings.sandbox), timeout
             )
         except TimeoutError:
             return ToolResult.error(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -31,6 +32,8 @@ from session_server.pool import (
 from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
 from session_server.stats import LaneStats
 from session_server.store import Store
+from tool_worker.confinement.launcher import Sandbox
+from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
 
@@ -58,6 +61,31 @@ class ServerConfig:
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
+    # The sandbox of bash and execute (README "Sandbox"): sessions' default mode, whether they may
+    # turn it off or use the network, their limits, and what no command may read or change.
+    sandbox: SandboxMode = SandboxMode.WORKSPACE_WRITE
+    allow_unsandboxed: bool = False
+    sandbox_allow_network: bool = False
+    sandbox_limits: ResourceLimits = field(default_factory=ResourceLimits)
+    sandbox_deny_read: list[Path] = field(default_factory=list)
+    sandbox_protect: list[str] = field(default_factory=list)
+
+    def sandbox_settings(self) -> SandboxSettings:
+        """Raises ValueError when the default mode is off without --allow-unsandboxed."""
+        if self.sandbox is SandboxMode.OFF and not self.allow_unsandboxed:
+            raise ValueError("--sandbox off needs --allow-unsandboxed: commands would run unconfined")
+        data_dir = Path(os.path.realpath(self.data_dir))
+        tls = [Path(p) for p in (self.tls_cert, self.tls_key, self.tls_ca) if p]
+        return SandboxSettings(
+            default_mode=self.sandbox,
+            allow_unsandboxed=self.allow_unsandboxed,
+            allow_network=self.sandbox_allow_network,
+            limits=self.sandbox_limits,
+            deny_read=tuple(Path(os.path.abspath(p)) for p in [data_dir, *tls, *self.sandbox_deny_read]),
+            protect=(*DEFAULT_PROTECTED, *self.sandbox_protect),
+            # The data dir names the server: its restart finds what its crash left running.
+            owner=hashlib.sha256(str(data_dir).encode()).hexdigest()[:16],
+        )
 
 
 class CodelaneServer:
@@ -72,7 +100,8 @@ class CodelaneServer:
             no_worker_wait=config.no_worker_wait,
         )
         self.stats = LaneStats()
-        self.registry = ToolRegistry.builtin()
+        self.sandbox = Sandbox(config.sandbox_settings())
+        self.registry = ToolRegistry.builtin(self.sandbox)
         for module in config.local_worker_tools:
             self.registry.load_module(module)
         self.store: Store | None = None
@@ -89,6 +118,9 @@ class CodelaneServer:
 
     async def start(self) -> int:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything runs: end what a crash of this server left, and learn what the host enforces.
+        await asyncio.to_thread(self.sandbox.start)
+        log.info("%s", self.sandbox.describe())
         self.store = Store(self.config.data_dir / "codelane.db")
         self.sessions = SessionManager(
             self.store, self.pool, self.registry, self.stats,
@@ -160,6 +192,8 @@ class CodelaneServer:
             ]
             for module in self.config.local_worker_tools:
                 argv += ["--tools", module]
+            if self.config.allow_unsandboxed:
+                argv.append("--allow-unsandboxed")
             self._workers.append(subprocess.Popen(argv, env=env))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -184,6 +218,7 @@ class CodelaneServer:
         if self.store is not None:
             self.store.close()
             self.store = None
+        self.sandbox.close()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -146,7 +146,7 @@ class SessionManager:
     def create_session(self, workspace: str, request: SettingsRequest, labels: dict[str, str]) -> SessionRecord:
         """Raises config.InvalidArgument naming the bad field."""
         path = resolve_workspace(workspace)
-        settings = build_settings(request, self.default_model)
+        settings = build_settings(request, self.default_model, self.registry.sandbox.settings)
         now = time.time()
         record = SessionRecord(
             session_id=f"s_{uuid.uuid4().hex[:16]}",

@@ -29,6 +29,8 @@ from codelane import __version__
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
+from tool_worker.confinement.launcher import Sandbox
+from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
@@ -335,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", help="CA certificate to verify the hub (enables TLS)")
     parser.add_argument("--tls-cert", help="client certificate for mTLS")
     parser.add_argument("--tls-key", help="client key for mTLS")
+    parser.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="run Query tools' processes (ripgrep) unconfined on a host without Landlock (default: they fail)",
+    )
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING")
     return parser
@@ -346,7 +353,7 @@ def main(argv: list[str]) -> int:
     if args.slots < 1:
         print("codelane worker: --slots must be at least 1", file=sys.stderr)
         return 2
-    registry = ToolRegistry.builtin()
+    registry = ToolRegistry.builtin(Sandbox(SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)))
     try:
         for module in args.tools:
             registry.load_module(module)

@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
+
 
 def protected_targets(root: Path, patterns: Iterable[str]) -> Iterator[Path]:
     """Each protected path of the workspace whose real path is `root`, with `*` expanded among
@@ -30,3 +32,29 @@ def overlap(target: Path, guarded: Iterable[Path]) -> Path | None:
         if within(target, path) or within(path, target):
             return path
     return None
+
+
+def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) -> None:
+    """For the file tools: raises PERMISSION_DENIED, before anything changes, when the session's
+    sandbox is read-only, or when a target (a resolved path, and the path as the model gave it)
+    is, holds or lies inside a protected or denied path."""
+    if not ctx.policy.writes_workspace:
+        raise ToolFailure(
+            f"{tool} was not run: this session's sandbox is read-only, so no tool may change files",
+            ErrorKind.PERMISSION_DENIED,
+        )
+    root = Path(os.path.realpath(ctx.workspace))
+    settings = ctx.sandbox.settings
+    denied = (Path(os.path.realpath(p)) for p in settings.denied_paths())
+    # A denied directory that holds the whole workspace does not forbid the workspace itself (the
+    # sandbox's mounts make the same exception).
+    guarded = [*protected_targets(root, settings.protect), *(p for p in denied if not within(root, p))]
+    for target, shown in targets:
+        hit = overlap(target, guarded)
+        if hit is not None:
+            where = os.path.relpath(hit, root) if within(hit, root) else str(hit)
+            raise ToolFailure(
+                f"{tool} was not run: {shown} touches {where}, which is protected (no tool may change "
+                ".git/hooks, .git/config, the server's own files or the operator's protected paths)",
+                ErrorKind.PERMISSION_DENIED,
+            )

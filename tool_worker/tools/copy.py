@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
@@ -32,6 +33,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     # destination names the new entry itself.
     source = resolve_in_workspace(ctx.workspace, args["source"])
     destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
+    refuse_protected(ctx, "copy", (destination, args["destination"]))
     shown = (args["source"], args["destination"])
     try:
         return await asyncio.to_thread(_copy, source, destination, shown, args.get("overwrite", False))
