@@ -6,22 +6,14 @@ import asyncio
 import json
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.processes import all_gone, kill_all, marker, pids_with
+from tests.processes import all_gone, pids_with
 from tool_worker.tools import process
 from tool_worker.tools.base import ErrorKind
-
-
-@pytest.fixture
-def mark() -> Iterator[str]:
-    value = marker()
-    yield value
-    kill_all(value)
 
 
 async def test_bash_output_and_exit_code(call: Any) -> None:
