@@ -37,6 +37,16 @@ def pids_with(argument: str) -> list[int]:
     return found
 
 
+def command_names(argument: str) -> list[str]:
+    """The program names (/proc/PID/comm) of the processes carrying `argument`."""
+    names = []
+    for pid in pids_with(argument):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+                names.append(f.read().strip())
+    return names
+
+
 async def all_gone(argument: str, within: float = 10.0) -> bool:
     """True once no process carries `argument`: waits on each one's pidfd, not on a clock."""
     loop = asyncio.get_running_loop()

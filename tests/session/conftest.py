@@ -355,8 +355,15 @@ class Processes:
     groups: list[int] = field(default_factory=list)
 
     async def start_server(
-        self, data_dir: Path, *, model: str = "", env: dict[str, str] | None = None, local_workers: int = 2
+        self,
+        data_dir: Path,
+        *,
+        model: str = "",
+        env: dict[str, str] | None = None,
+        local_workers: int = 2,
+        args: tuple[str, ...] = (),
     ) -> ServerProcess:
+        """`args`: more `codelane server` flags."""
         port = free_port()
         n = len(self.servers)
         out, err = self.tmp_path / f"server-{n}.out", self.tmp_path / f"server-{n}.err"
@@ -370,6 +377,7 @@ class Processes:
             "--local-workers", str(local_workers),
             "--model", model,
             "--log-level", "WARNING",
+            *args,
         ]  # fmt: skip
         proc = _spawn(argv, child_env, out, err)
         server = ServerProcess(proc, port, out, err)

@@ -5,8 +5,8 @@ Confined (workspace-write, read-only), in this order, later mounts covering earl
   a /proc of the call's own PID namespace;
 - empty private tmpfs on /tmp, /var/tmp and /run (the host's daemon sockets live in /run): they
   vanish with the call;
-- each denied path that exists hidden under an empty read-only tmpfs (a directory) or /dev/null
-  (a file);
+- each denied path that exists replaced by an empty directory or file of mode 000, so that
+  reading it fails with "Permission denied" (capabilities are dropped: root is refused too);
 - the workspace bound read-write (workspace-write) or read-only, then its protected paths bound
   read-only over it, then the denied paths inside it hidden again;
 - new PID and IPC namespaces, a new network namespace unless the network is on, a new session
@@ -48,8 +48,10 @@ def confined_args(
     info_fd: int,
     block_fd: int,
     as_root: bool,
-) -> list[str]:
-    """`workspace` and `cwd` are real paths (symlinks resolved)."""
+) -> tuple[list[str], list[int]]:
+    """The arguments, and the file descriptors bwrap must inherit besides info_fd and block_fd
+    (the caller closes them once bwrap has started). `workspace` and `cwd` are real paths."""
+    fds: list[int] = []
     args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
     if policy.network is NetworkAccess.OFF:
         args.append("--unshare-net")
@@ -71,14 +73,14 @@ def confined_args(
     denied = [p for p in denied if os.path.lexists(p)]
     outside = [p for p in denied if not within(p, workspace) and not any(within(p, t) for t in TMPFS_DIRS)]
     inside = [p for p in denied if within(p, workspace) and p != workspace]
-    args += _hidden(outside)
+    args += _hidden(outside, fds)
     if policy.writes_workspace:
         args += ["--bind", str(workspace), str(workspace)]
         for path in _protected_mounts(workspace, settings.protect):
             args += ["--ro-bind", str(path), str(path)]
     else:
         args += ["--ro-bind", str(workspace), str(workspace)]
-    args += _hidden(inside)
+    args += _hidden(inside, fds)
     args += [
         "--chdir", str(cwd),
         "--setenv", OWNER_VARIABLE, settings.owner,
@@ -86,7 +88,7 @@ def confined_args(
         "--block-fd", str(block_fd),
         "--", *command,
     ]  # fmt: skip
-    return args
+    return args, fds
 
 
 def unconfined_args(
@@ -103,13 +105,16 @@ def unconfined_args(
     ]  # fmt: skip
 
 
-def _hidden(paths: list[Path]) -> list[str]:
+def _hidden(paths: list[Path], fds: list[int]) -> list[str]:
+    """Mode-000 stand-ins for denied paths; a file's is filled from an empty descriptor (opened
+    here, appended to `fds`)."""
     args = []
     for path in paths:
         if path.is_dir():
-            args += ["--size", "4096", "--tmpfs", str(path), "--remount-ro", str(path)]
+            args += ["--perms", "0000", "--size", "4096", "--tmpfs", str(path), "--remount-ro", str(path)]
         else:
-            args += ["--ro-bind", "/dev/null", str(path)]
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+            args += ["--perms", "0000", "--ro-bind-data", str(fds[-1]), str(path)]
     return args
 
 

@@ -195,15 +195,15 @@ class Sandbox:
             info_read, info_write = os.pipe()
             block_read, block_write = os.pipe()
             os.write(block_write, b"1")
-            argv = bwrap.confined_args(
+            argv, fds = bwrap.confined_args(
                 path, ["true"], workspace=real, cwd=real, policy=self.settings.default_policy(),
                 settings=self.settings, info_fd=info_write, block_fd=block_read, as_root=self._as_root,
             )
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=_PROBE_TIMEOUT,
-                                      pass_fds=(info_write, block_read), env=self._built_env(SandboxPolicy()))
+                                      pass_fds=(info_write, block_read, *fds), env=self._built_env(SandboxPolicy()))
             finally:
-                for fd in (info_read, info_write, block_read, block_write):
+                for fd in (info_read, info_write, block_read, block_write, *fds):
                     os.close(fd)
         if done.returncode == 0:
             return ""
@@ -237,16 +237,20 @@ class Sandbox:
         assert support.bwrap is not None
         info_read, info_write = os.pipe()
         block_read, block_write = os.pipe()
+        fds: list[int] = []
         try:
-            args, env = self._command_line(support.bwrap, argv, workspace, cwd, policy, info_write, block_read)
+            args, env, fds = self._command_line(support.bwrap, argv, workspace, cwd, policy, info_write, block_read)
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
-                pass_fds=(info_write, block_read, block_write), start_new_session=True, env=env,
+                pass_fds=(info_write, block_read, block_write, *fds), start_new_session=True, env=env,
             )
         except BaseException:
             for fd in (info_read, info_write, block_read, block_write):
                 os.close(fd)
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)
         os.close(info_write)
         os.close(block_read)
         pidfd = None
@@ -279,17 +283,18 @@ class Sandbox:
         return RunningCommand(proc, pidfd, cgroups, policy)
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
-                      info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str]]:
-        """bwrap's arguments and environment for one call (a few stat calls: mounts need real paths)."""
+                      info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
+        """bwrap's arguments, environment and extra descriptors for one call (a few stat calls:
+        mounts need real paths)."""
         if not policy.confined:
             args = bwrap.unconfined_args(path, argv, cwd=cwd, settings=self.settings, info_fd=info_fd,
                                          block_fd=block_fd)
-            return args, self._inherited_env(policy)
-        args = bwrap.confined_args(
+            return args, self._inherited_env(policy), []
+        args, fds = bwrap.confined_args(
             path, argv, workspace=Path(os.path.realpath(workspace)), cwd=Path(os.path.realpath(cwd)),
             policy=policy, settings=self.settings, info_fd=info_fd, block_fd=block_fd, as_root=self._as_root,
         )
-        return args, self._built_env(policy)
+        return args, self._built_env(policy), fds
 
     def _apply_rlimits(self, pid: int, policy: SandboxPolicy) -> None:
         limits = policy.limits

@@ -1,0 +1,134 @@
+"""No process outlives its call, its server's crash, or the restart after it (issue 12)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codelane.v1 import events_pb2
+from tests.processes import all_gone, command_names, pids_with
+from tests.sandbox.conftest import Host, bash
+from tests.session.conftest import Processes, kind, read_until, scripted, wait_until
+from tool_worker.confinement.cgroups import CgroupTree
+from tool_worker.confinement.policy import ResourceLimits
+
+# Starts a sandbox the way the server does, then dies before letting it run: the window between
+# spawning bwrap and unblocking it. Prints the host pid of the sandbox's first process.
+_DIES_BEFORE_UNBLOCKING = """
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+from session_server.server import ServerConfig
+from tool_worker.confinement import bwrap
+
+settings = ServerConfig(data_dir=Path(sys.argv[1])).sandbox_settings()
+workspace = Path(os.path.realpath(sys.argv[2]))
+info_read, info_write = os.pipe()
+block_read, block_write = os.pipe()
+args, fds = bwrap.confined_args(
+    shutil.which("bwrap"), ["sleep", sys.argv[3]], workspace=workspace, cwd=workspace,
+    policy=settings.default_policy(), settings=settings, info_fd=info_write, block_fd=block_read,
+    as_root=os.geteuid() == 0,
+)
+subprocess.Popen(args, pass_fds=(info_write, block_read, block_write, *fds), start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+os.close(info_write)
+info = b""
+while chunk := os.read(info_read, 4096):
+    info += chunk
+print(json.loads(info)["child-pid"], flush=True)
+os._exit(0)
+"""
+
+
+async def _ended(pid: int, within: float = 10.0) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await asyncio.wait_for(ended, within)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+async def test_kill9_of_the_server_ends_its_commands_and_a_restart_recovers(
+    start_host: Any, processes: Processes, tmp_path: Path, mark: str
+) -> None:
+    host: Host = await start_host()
+    slow = bash("slow", f"setsid sleep {mark} & sleep {mark}", timeout_ms=600_000)
+    model = scripted(tmp_path, [{"text": "Slow.", "tool_calls": [slow]}, {"text": "Done."}])
+    session = await host.client.create(host.workspace, model)
+    stream = host.client.send_stream(session.session_id, "go")
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
+    await wait_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
+
+    host.server.kill9()
+    stream.cancel()
+    assert await all_gone(mark), "a sandboxed process outlived the server"
+
+    restarted = await processes.start_server(host.data_dir, local_workers=0)
+    assert restarted.client is not None
+    events, _ = await restarted.client.watch(session.session_id)
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+    quick = scripted(tmp_path, [{"text": "Quick.", "tool_calls": [bash("quick", "echo back")]}, {"text": "Done."}],
+                     name="quick.yaml")
+    fresh = await restarted.client.create(host.workspace, quick)
+    turn = await restarted.client.send(fresh.session_id, "again")
+    finished = [e.tool_call_finished for e in turn if kind(e) == "tool_call_finished"]
+    assert [f.result.output for f in finished] == ["back"]
+
+
+async def test_restart_ends_a_sandbox_its_crashed_server_left_waiting(
+    processes: Processes, tmp_path: Path, mark: str
+) -> None:
+    data_dir, workspace = tmp_path / "data", tmp_path / "ws"
+    workspace.mkdir()
+    helper = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DIES_BEFORE_UNBLOCKING, str(data_dir), str(workspace), mark,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(helper.communicate(), 30)
+    assert helper.returncode == 0
+    left = int(stdout)
+    try:
+        # The sandbox outlived its parent, waiting on a block pipe it holds both ends of: its
+        # command never ran, and would not, however long it waits.
+        assert not await _ended(left, within=0.5)
+        commands = command_names(mark)
+        assert "sleep" not in commands and "bwrap" in commands
+        await processes.start_server(data_dir, local_workers=0)
+        assert await _ended(left), "the restarted server did not end the sandbox its crash left"
+    finally:
+        if not await _ended(left, within=0):
+            os.kill(left, 9)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-call cgroups are used when the server runs as root")
+async def test_restart_removes_the_cgroups_of_calls_a_crash_left(
+    processes: Processes, tmp_path: Path, mark: str
+) -> None:
+    data_dir = tmp_path / "data"
+    from session_server.server import ServerConfig
+
+    owner = ServerConfig(data_dir=data_dir).sandbox_settings().owner
+    tree = CgroupTree(owner)
+    tree.prepare()
+    leftover = tree.create(ResourceLimits())
+    sleeper = await asyncio.create_subprocess_exec("sleep", mark, start_new_session=True)
+    leftover.join(sleeper.pid)
+    directories = list(leftover._dirs.values())
+    await processes.start_server(data_dir, local_workers=0)
+    assert await asyncio.wait_for(sleeper.wait(), 10) == -9
+    assert [d for d in directories if d.exists()] == []
