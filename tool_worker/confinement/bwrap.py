@@ -1,10 +1,11 @@
 """The bubblewrap command line that confines one call.
 
 Confined (workspace-write, read-only), in this order, later mounts covering earlier ones:
-- the whole filesystem read-only; a minimal /dev (null, zero, full, random, urandom, tty, shm);
-  a /proc of the call's own PID namespace;
-- empty private tmpfs on /tmp, /var/tmp and /run (the host's daemon sockets live in /run): they
-  vanish with the call;
+- the whole filesystem read-only, and without devices (the host's /dev shows, but opening a
+  device there fails), then null, zero, full, random, urandom and tty bound back usable; a /proc
+  of the call's own PID namespace;
+- empty private tmpfs on /tmp, /var/tmp, /dev/shm and /run (where the host's daemons keep their
+  sockets): they vanish with the call, and count towards its memory limit;
 - each denied path that exists replaced by an empty directory or file of mode 000, so that
   reading it fails with "Permission denied" (capabilities are dropped: root is refused too);
 - the workspace bound read-write (workspace-write) or read-only, then its protected paths bound
@@ -33,8 +34,6 @@ OWNER_VARIABLE = "CODELANE_SANDBOX_OWNER"
 # Replaced by private, empty tmpfs in confined modes.
 TMPFS_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-_DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
-              ("/proc/self/fd/2", "stderr"))
 
 
 def confined_args(
@@ -58,11 +57,9 @@ def confined_args(
     if as_root:
         # As root, bubblewrap keeps every capability unless told otherwise.
         args += ["--cap-drop", "ALL"]
-    args += ["--ro-bind", "/", "/", "--tmpfs", "/dev"]
+    args += ["--ro-bind", "/", "/"]
     for device in _DEVICES:
         args += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
-    for target, name in _DEV_LINKS:
-        args += ["--symlink", target, f"/dev/{name}"]
     size = str(policy.limits.memory_bytes)
     args += ["--size", size, "--tmpfs", "/dev/shm", "--proc", "/proc"]
     for directory in TMPFS_DIRS:

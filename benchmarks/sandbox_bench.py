@@ -1,0 +1,153 @@
+"""What the sandbox adds to a call: confined beside unconfined, interleaved in one run.
+
+    python -m benchmarks.sandbox_bench [--runs 300] [--walk-runs 60]
+
+Cases, each started the way bash and execute start commands, from spawn to exit and clean-up:
+- `bash -c true`, and a `git status` of a 1,000-file repository (a walk of the whole tree):
+  unconfined (a plain process group, as before the sandbox), `--sandbox off` (a PID namespace
+  only), and workspace-write with the network off and on;
+- ripgrep over a small tree, as grep starts it: from a plain task, and from a Landlock-confined
+  thread (read-only, no TCP).
+Runs alternate between the variants, so load on the machine touches each alike. Prints p50 and
+p99 per case and what the sandbox adds at p50. Target: workspace-write adds <= 3 ms at p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tool_worker.confinement.launcher import Sandbox
+from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy, SandboxSettings
+from tool_worker.confinement.readonly import ReadOnlyLauncher
+from tool_worker.tools.rg import BASE_ARGS, rg_binary
+
+TARGET_ADDED_MS = 3.0
+BASH = shutil.which("bash") or "/bin/sh"
+
+
+async def _direct(argv: list[str], cwd: Path) -> None:
+    """The unconfined start, as process.py did before the sandbox: own session, output to /dev/null."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    await proc.wait()
+
+
+async def _sandboxed(sandbox: Sandbox, policy: SandboxPolicy, argv: list[str], cwd: Path) -> None:
+    with open(os.devnull, "wb") as sink:
+        command = await sandbox.start_command(argv, workspace=cwd, cwd=cwd, policy=policy, output_fd=sink.fileno())
+        await command.proc.wait()
+        await command.close()
+
+
+async def _rg_direct(argv: list[str], cwd: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    await proc.communicate()
+
+
+async def _rg_confined(launcher: ReadOnlyLauncher, argv: list[str], cwd: Path) -> None:
+    proc = await launcher.exec(*argv, cwd=cwd)
+    await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+    await proc.wait()
+
+
+def _repository(root: Path, files: int) -> Path:
+    repo = root / "repo"
+    for i in range(files):
+        path = repo / f"pkg{i % 20}" / f"module_{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"def f{i}():\n    return {i}\n")
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "tree"], cwd=repo, check=True)
+    return repo
+
+
+async def _interleaved(cases: dict[str, Callable[[], Awaitable[None]]], runs: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for name, run in cases.items():  # warm-up: page cache, first probes
+        await run()
+    for _ in range(runs):
+        for name, run in cases.items():
+            started = time.perf_counter()
+            await run()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def _p(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _print(title: str, times: dict[str, list[float]], baseline: str) -> None:
+    base = statistics.median(times[baseline])
+    print(f"\n{title}")
+    print(f"  {'variant':<34} {'p50 ms':>8} {'p99 ms':>8} {'added at p50':>13}")
+    for name, samples in times.items():
+        added = "" if name == baseline else f"{statistics.median(samples) - base:+.2f} ms"
+        print(f"  {name:<34} {_p(samples, 0.5):>8.2f} {_p(samples, 0.99):>8.2f} {added:>13}")
+
+
+async def main(runs: int, walk_runs: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="codelane-sandbox-bench-") as tmp:
+        root = Path(tmp)
+        workspace = root / "ws"
+        workspace.mkdir()
+        repo = _repository(root, 1000)
+        sandbox = Sandbox(SandboxSettings(allow_unsandboxed=True, allow_network=True, owner=f"bench{os.getpid()}"))
+        print(sandbox.describe())
+        if sandbox.support().problem:
+            print("the sandbox is unavailable here: nothing to measure")
+            return 1
+        policies = {
+            "sandbox off (PID namespace)": SandboxPolicy(mode=SandboxMode.OFF),
+            "workspace-write, network off": SandboxPolicy(),
+            "workspace-write, network on": SandboxPolicy(network=NetworkAccess.ON),
+        }
+
+        def variants(argv: list[str], cwd: Path) -> dict[str, Callable[[], Awaitable[None]]]:
+            cases: dict[str, Callable[[], Awaitable[None]]] = {"unconfined": lambda: _direct(argv, cwd)}
+            for name, policy in policies.items():
+                cases[name] = lambda policy=policy: _sandboxed(sandbox, policy, argv, cwd)
+            return cases
+
+        true = await _interleaved(variants([BASH, "-c", "true"], workspace), runs)
+        _print(f"bash -c true ({runs} runs each)", true, "unconfined")
+        walk = await _interleaved(variants(["git", "status", "--porcelain"], repo), walk_runs)
+        _print(f"git status of a 1,000-file repository ({walk_runs} runs each)", walk, "unconfined")
+
+        launcher = ReadOnlyLauncher()
+        rg = [rg_binary(), *BASE_ARGS, "--files-with-matches", "return 7"]
+        grep = await _interleaved(
+            {"rg, unconfined": lambda: _rg_direct(rg, repo), "rg, Landlock read-only": lambda: _rg_confined(launcher, rg, repo)},
+            runs,
+        )
+        _print(f"ripgrep over the 1,000 files, as grep starts it ({runs} runs each)", grep, "rg, unconfined")
+
+        sandbox.close()
+        added = statistics.median(true["workspace-write, network off"]) - statistics.median(true["unconfined"])
+        verdict = "met" if added <= TARGET_ADDED_MS else "NOT met"
+        print(f"\nworkspace-write adds {added:.2f} ms at p50 to bash -c true: target <= {TARGET_ADDED_MS:g} ms {verdict}")
+        return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--walk-runs", type=int, default=60)
+    arguments = parser.parse_args()
+    raise SystemExit(asyncio.run(main(arguments.runs, arguments.walk_runs)))
