@@ -45,9 +45,14 @@ async def main():
     policy = SandboxPolicy(limits=ResourceLimits(processes=16, memory_bytes=128 << 20, cpu_seconds=1,
                                                  open_files=64))
     out = {"describe": sandbox.describe()}
-    for name, command in [("id", "id -u; ulimit -u; ulimit -v; ulimit -t; ulimit -n"), ("write", "echo ok > f && cat f"),
-                          ("escape", "echo x > /etc/codelane-test"), ("spin", "while :; do :; done"),
-                          ("bomb", "b() { b | b & }; b; sleep 1; echo survived")]:
+    commands = [
+        ("id", "id -u; ulimit -u; ulimit -v; ulimit -t; ulimit -n"),
+        ("write", "echo ok > f && cat f"),
+        ("escape", "echo x > /etc/codelane-test"),
+        ("spin", "while :; do :; done"),
+        ("bomb", "b() { b | b & }; b; sleep 1; echo survived"),
+    ]
+    for name, command in commands:
         result = await registry.execute("bash", Path(sys.argv[1]), json.dumps({"command": command}), policy)
         out[name] = {"output": result.output, "kind": result.error_kind and result.error_kind.value,
                      "metadata": result.metadata}

@@ -79,10 +79,14 @@ class RunningCommand:
         self._cgroups = cgroups
         self.policy = policy
         self._usage_hit: list[Limit] = []
+        self._closed = False
 
     def kill(self) -> None:
         """SIGKILL to every process of the call: the sandbox's first process takes its whole PID
-        namespace with it; without a sandbox, the process group."""
+        namespace with it; without a sandbox, the process group. Nothing once closed: the ids may
+        name other processes by then."""
+        if self._closed:
+            return
         if self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
@@ -97,6 +101,7 @@ class RunningCommand:
         were hit and removes the call's cgroups."""
         self.kill()
         await self.proc.wait()
+        self._closed = True
         if self._pidfd is not None:
             await _readable(self._pidfd)
             os.close(self._pidfd)
@@ -119,7 +124,9 @@ class Sandbox:
     """How this process runs commands under a SandboxPolicy: one per server (or worker)."""
 
     def __init__(self, settings: SandboxSettings | None = None) -> None:
-        self.settings = settings or SandboxSettings(owner=f"pid{os.getpid()}")
+        settings = settings or SandboxSettings()
+        # Without a data dir to name it, a process's sandboxes are its own: they share no cgroups.
+        self.settings = settings if settings.owner else settings.with_owner(f"pid{os.getpid()}")
         self.read_only = ReadOnlyLauncher(allow_unconfined=self.settings.allow_unsandboxed)
         self._as_root = os.geteuid() == 0
         self._support: HostSupport | None = None
