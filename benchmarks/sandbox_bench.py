@@ -45,7 +45,7 @@ async def _direct(argv: list[str], cwd: Path) -> None:
 
 async def _sandboxed(sandbox: Sandbox, policy: SandboxPolicy, argv: list[str], cwd: Path, sink: int) -> None:
     command = await sandbox.start_command(argv, workspace=cwd, cwd=cwd, policy=policy, output_fd=sink)
-    await command.proc.wait()
+    await command.wait()
     await command.close()
 
 

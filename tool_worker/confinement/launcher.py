@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tool_worker.confinement import bwrap
 from tool_worker.confinement.cgroups import CallCgroups, CgroupsUnavailable, CgroupTree
+from tool_worker.confinement.children import fd_readable, start_child, wait_child
 from tool_worker.confinement.policy import Limit, SandboxPolicy, SandboxSettings
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 
@@ -69,10 +70,10 @@ class HostSupport:
 
 
 class RunningCommand:
-    """A started command: its waitable process (bwrap's monitor, or the command itself when off
-    without bubblewrap), and what ends and accounts for everything it started."""
+    """A started command: its process (bwrap's monitor, or the command itself when off without
+    bubblewrap), and what ends and accounts for everything it started."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, sandbox_pidfd: int | None,
+    def __init__(self, proc: subprocess.Popen[bytes], sandbox_pidfd: int | None,
                  cgroups: CallCgroups | None, policy: SandboxPolicy) -> None:
         self.proc = proc
         self._pidfd = sandbox_pidfd
@@ -96,16 +97,23 @@ class RunningCommand:
             elif self.proc.returncode is None:
                 self.proc.kill()
 
+    @property
+    def returncode(self) -> int | None:
+        """The command's exit code once it ended (bwrap reports a signal as 128 + its number)."""
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        return await wait_child(self.proc)
+
     async def close(self) -> None:
         """Kills what is left, waits until every process of the call is gone, reads which limits
         were hit and removes the call's cgroups."""
         self.kill()
-        await self.proc.wait()
+        await self.wait()
         self._closed = True
         if self._pidfd is not None:
-            await _readable(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+            pidfd, self._pidfd = self._pidfd, None
+            await fd_readable(pidfd, close=True)
         if self._cgroups is not None:
             self._usage_hit = self._cgroups.usage().limits_hit()
             self._cgroups.remove()
@@ -236,10 +244,8 @@ class Sandbox:
         if not policy.confined:
             log.info("%s runs WITHOUT a sandbox (sandbox off) in %s", argv[0], workspace)
             if support.bwrap is None:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
-                    start_new_session=True, env=self._inherited_env(policy),
-                )
+                proc = start_child(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
+                                   start_new_session=True, env=self._inherited_env(policy))
                 return RunningCommand(proc, None, None, policy)
         assert support.bwrap is not None
         info_read, info_write = os.pipe()
@@ -247,8 +253,8 @@ class Sandbox:
         fds: list[int] = []
         try:
             args, env, fds = self._command_line(support.bwrap, argv, workspace, cwd, policy, info_write, block_read)
-            proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
+            proc = start_child(
+                args, stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
                 pass_fds=(info_write, block_read, block_write, *fds), start_new_session=True, env=env,
             )
         except BaseException:
@@ -281,7 +287,7 @@ class Sandbox:
                 os.close(pidfd)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+            await wait_child(proc)
             if cgroups is not None:
                 cgroups.remove()
             raise
@@ -399,14 +405,3 @@ async def _read_all(fd: int) -> bytes:
         loop.remove_reader(fd)
         os.close(fd)
     return b"".join(chunks)
-
-
-async def _readable(fd: int) -> None:
-    """Waits until a pidfd says its process has ended."""
-    loop = asyncio.get_running_loop()
-    ended = loop.create_future()
-    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
-    try:
-        await ended
-    finally:
-        loop.remove_reader(fd)

@@ -20,6 +20,8 @@ from pathlib import Path
 import landlockpy
 from landlockpy import AccessFS, Ruleset, fs_for_abi, net_for_abi, scope_for_abi
 
+from tool_worker.confinement.children import wait_child
+
 _THREADS = 2
 _READ = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
 # Popen opens /dev/null read-write for a child's stdin.
@@ -72,21 +74,10 @@ class ReadOnlyProcess:
             self._popen.kill()
 
     async def wait(self) -> int:
-        """Waits for the exit without a thread: a pidfd becomes readable when the process ends."""
-        if self._popen.returncode is None:
-            loop = asyncio.get_running_loop()
-            pidfd = os.pidfd_open(self.pid)
-            exited = loop.create_future()
-            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-            try:
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-            self._popen.wait()
+        returncode = await wait_child(self._popen)
         for transport in self._transports:
             transport.close()
-        return self._popen.returncode
+        return returncode
 
 
 class ReadOnlyLauncher:

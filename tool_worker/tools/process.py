@@ -153,7 +153,6 @@ async def _run(argv: Sequence[str], ctx: ToolContext, limit_seconds: float) -> _
         raise
     finally:
         os.close(write_fd)
-    proc = command.proc
     pipe = os.fdopen(read_fd, "rb", buffering=0)
     transport: asyncio.ReadTransport | None = None
     reader: asyncio.Task[None] | None = None
@@ -166,13 +165,13 @@ async def _run(argv: Sequence[str], ctx: ToolContext, limit_seconds: float) -> _
         )
         reader = asyncio.create_task(_pump(stream, capture))
         async with asyncio.timeout(limit_seconds):
-            await proc.wait()
+            await command.wait()
             # Output written just before the exit may still be in the pipe; background
             # processes holding the pipe open must not keep the call waiting.
             await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
     except TimeoutError:
         # The deadline may also pass while draining the pipe of a command that did finish.
-        timed_out = proc.returncode is None
+        timed_out = command.returncode is None
     finally:
         command.kill()
         if reader is not None and not reader.done():
@@ -186,7 +185,7 @@ async def _run(argv: Sequence[str], ctx: ToolContext, limit_seconds: float) -> _
         else:
             pipe.close()
         await command.close()
-    exit_code = None if timed_out else proc.returncode
+    exit_code = None if timed_out else command.returncode
     return _Outcome(capture.text(), capture.omitted, exit_code, timed_out, command.limits_hit(exit_code))
 
 
