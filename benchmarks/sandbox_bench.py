@@ -6,7 +6,9 @@ Cases, each started the way bash and execute start commands, from spawn to exit 
 - `bash -c true`, and a `git status` of a 1,000-file repository (a walk of the whole tree):
   unconfined (a plain process group, as before the sandbox), `--sandbox off` (a PID namespace
   only), and workspace-write with the network off and on;
-- ripgrep over a small tree, as grep starts it: from a plain task, and from a Landlock-confined
+- the same two under bwrap alone with the workspace-write command line, run the plainest way:
+  the floor that bubblewrap itself sets, under the launcher's limits handshake and clean-up;
+- ripgrep over the same tree, as grep starts it: from a plain task, and from a Landlock-confined
   thread (read-only, no TCP).
 Runs alternate between the variants, so load on the machine touches each alike. Prints p50 and
 p99 per case and what the sandbox adds at p50. Target: workspace-write adds <= 3 ms at p50.
@@ -25,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from tool_worker.confinement import bwrap
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy, SandboxSettings
 from tool_worker.confinement.readonly import ReadOnlyLauncher
@@ -47,6 +50,28 @@ async def _sandboxed(sandbox: Sandbox, policy: SandboxPolicy, argv: list[str], c
     command = await sandbox.start_command(argv, workspace=cwd, cwd=cwd, policy=policy, output_fd=sink)
     await command.wait()
     await command.close()
+
+
+def _bwrap_alone(sandbox: Sandbox, argv: list[str], cwd: Path) -> Callable[[], Awaitable[None]]:
+    """bwrap with the workspace-write command line, run and waited for the plainest way (no limits
+    handshake, no cgroups, no event loop): the floor under the launcher's figures."""
+    info_read, info_write = os.pipe()
+    block_read, block_write = os.pipe()
+    real = Path(os.path.realpath(cwd))
+
+    async def run() -> None:
+        os.write(block_write, b"1")
+        args, fds = bwrap.confined_args(
+            sandbox.support().bwrap or "bwrap", argv, workspace=real, cwd=real, policy=SandboxPolicy(),
+            settings=sandbox.settings, info_fd=info_write, block_fd=block_read, as_root=os.geteuid() == 0,
+        )
+        subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # noqa: ASYNC221
+                       pass_fds=(info_write, block_read, *fds), check=True)
+        os.read(info_read, 4096)
+        for fd in fds:
+            os.close(fd)
+
+    return run
 
 
 async def _rg_direct(argv: list[str], cwd: Path) -> None:
@@ -123,6 +148,7 @@ async def main(runs: int, walk_runs: int) -> int:
             cases: dict[str, Callable[[], Awaitable[None]]] = {"unconfined": lambda: _direct(argv, cwd)}
             for name, policy in policies.items():
                 cases[name] = lambda policy=policy: _sandboxed(sandbox, policy, argv, cwd, sink)
+            cases["bwrap alone, workspace-write args"] = _bwrap_alone(sandbox, argv, cwd)
             return cases
 
         true = await _interleaved(variants([BASH, "-c", "true"], workspace), runs)
