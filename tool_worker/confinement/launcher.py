@@ -73,12 +73,10 @@ class RunningCommand:
     """A started command: its process (bwrap's monitor, or the command itself when off without
     bubblewrap), and what ends and accounts for everything it started."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sandbox_pidfd: int | None,
-                 cgroups: CallCgroups | None, policy: SandboxPolicy) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], sandbox_pidfd: int | None, cgroups: CallCgroups | None) -> None:
         self.proc = proc
         self._pidfd = sandbox_pidfd
         self._cgroups = cgroups
-        self.policy = policy
         self._usage_hit: list[Limit] = []
         self._closed = False
 
@@ -246,7 +244,7 @@ class Sandbox:
             if support.bwrap is None:
                 proc = start_child(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
                                    start_new_session=True, env=self._inherited_env(policy))
-                return RunningCommand(proc, None, None, policy)
+                return RunningCommand(proc, None, None)
         assert support.bwrap is not None
         info_read, info_write = os.pipe()
         block_read, block_write = os.pipe()
@@ -272,7 +270,7 @@ class Sandbox:
             info = await _read_all(info_read)
             if not info:
                 # bwrap stopped before building anything; its message is in the output.
-                return RunningCommand(proc, None, None, policy)
+                return RunningCommand(proc, None, None)
             pid = json.loads(info)["child-pid"]
             pidfd = os.pidfd_open(pid)
             if self._cgroups is not None:
@@ -293,7 +291,7 @@ class Sandbox:
             raise
         finally:
             os.close(block_write)
-        return RunningCommand(proc, pidfd, cgroups, policy)
+        return RunningCommand(proc, pidfd, cgroups)
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:

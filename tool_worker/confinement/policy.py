@@ -52,12 +52,12 @@ class NetworkAccess(enum.StrEnum):
 
 
 class Limit(enum.StrEnum):
-    """A resource limit of one call, by the name results use for it."""
+    """A limit that stopped a call, by the name results use for it ("limits_hit"). Running out of
+    open files is not among them: nothing counts it, the command just sees EMFILE."""
 
     PROCESSES = "processes"
     MEMORY = "memory"
     CPU_TIME = "cpu_time"
-    OPEN_FILES = "open_files"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,6 @@ class ReadOnlyProcess:
         self.stdout = stdout
         self.stderr = stderr
         self._transports = transports
-        self.pid = popen.pid
 
     @property
     def returncode(self) -> int | None:
