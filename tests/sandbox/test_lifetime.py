@@ -90,8 +90,9 @@ async def test_kill9_of_the_server_ends_its_commands_and_a_restart_recovers(
     assert [f.result.output for f in finished] == ["back"]
 
 
-async def test_restart_ends_a_sandbox_its_crashed_server_left_waiting(
-    processes: Processes, tmp_path: Path, mark: str
+@pytest.mark.parametrize("next_server", ["the same server, restarted", "any other server"])
+async def test_a_sandbox_its_crashed_server_left_waiting_is_ended(
+    processes: Processes, tmp_path: Path, mark: str, next_server: str
 ) -> None:
     data_dir, workspace = tmp_path / "data", tmp_path / "ws"
     workspace.mkdir()
@@ -108,8 +109,9 @@ async def test_restart_ends_a_sandbox_its_crashed_server_left_waiting(
         assert not await _ended(left, within=0.5)
         commands = command_names(mark)
         assert "sleep" not in commands and "bwrap" in commands
-        await processes.start_server(data_dir, local_workers=0)
-        assert await _ended(left), "the restarted server did not end the sandbox its crash left"
+        await processes.start_server(data_dir if next_server.startswith("the same") else tmp_path / "other",
+                                     local_workers=0)
+        assert await _ended(left), f"{next_server} did not end the sandbox a crash left"
     finally:
         if not await _ended(left, within=0):
             os.kill(left, 9)

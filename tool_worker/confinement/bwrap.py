@@ -17,8 +17,9 @@ Confined (workspace-write, read-only), in this order, later mounts covering earl
 Off: the real filesystem, network and environment, in a PID namespace all the same, so that no
 process outlives its call.
 
-Every sandbox carries `CODELANE_SANDBOX_OWNER=<owner>` in its command line; a restarted server
-ends the ones with its own owner id (see launcher.reap_leftovers).
+Every sandbox carries `CODELANE_SANDBOX_OWNER=<owner>/<server pid>.<its start time>` in its
+command line: a restarted server ends the ones of its own owner id, and any server ends those
+whose server is gone (see launcher.reap_leftovers).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def confined_args(
     args += _hidden(inside, fds)
     args += [
         "--chdir", str(cwd),
-        "--setenv", OWNER_VARIABLE, settings.owner,
+        "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
         "--info-fd", str(info_fd),
         "--block-fd", str(block_fd),
         "--", *command,
@@ -95,11 +96,26 @@ def unconfined_args(
     return [
         bwrap, "--die-with-parent", "--unshare-pid", "--dev-bind", "/", "/",
         "--chdir", str(cwd),
-        "--setenv", OWNER_VARIABLE, settings.owner,
+        "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
         "--info-fd", str(info_fd),
         "--block-fd", str(block_fd),
         "--", *command,
     ]  # fmt: skip
+
+
+def owner_marker(owner: str) -> str:
+    """The value each sandbox of this process carries: the owner id, and this process's identity."""
+    return f"{owner}/{process_identity(os.getpid())}"
+
+
+def process_identity(pid: int) -> str:
+    """pid.start-time: names one process, even after its pid is reused; "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Field 22 (start time) counts from the fields after the command name's ")".
+            return f"{pid}.{f.read().rsplit(b')', 1)[1].split()[19].decode()}"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
 
 
 def _hidden(paths: list[Path], fds: list[int]) -> list[str]:

@@ -4,8 +4,8 @@ together, and the counters that tell which limit stopped it.
 Used when the server runs as root, where RLIMIT_NPROC does not apply (root is exempt) and
 RLIMIT_AS would only bound each process on its own. Each call gets `<parent>/<call>` in both
 hierarchies; its sandbox's first process is moved in before the command starts, so everything
-the command forks is counted. `<parent>` is named by the server's owner id, so a restarted
-server removes what a crash left behind.
+the command forks is counted. `<parent>` is `codelane-sandbox/<owner id>`, so a restarted
+server removes what a crash left behind, and any server the empty parents of servers gone.
 """
 
 from __future__ import annotations
@@ -100,21 +100,24 @@ class CgroupTree:
                 f"the cgroup v1 {' and '.join(missing)} controller{'s are' if len(missing) > 1 else ' is'} "
                 "not mounted (codelane needs v1 pids and memory hierarchies, e.g. /sys/fs/cgroup/pids)"
             )
-        self._parents = {
-            c: mounts[c] / _own_path(c).lstrip("/") / f"codelane-sandbox-{owner}" for c in CONTROLLERS
-        }
+        self._parents = {c: mounts[c] / _own_path(c).lstrip("/") / "codelane-sandbox" / owner for c in CONTROLLERS}
         self._counter = 0
 
     def prepare(self) -> None:
-        """Creates the parents and removes children a previous run of this server left behind."""
+        """Creates the parents, removes the calls a previous run of this server left behind, and
+        the empty parents of servers gone (a running server re-creates its own when it needs it)."""
         for parent in self._parents.values():
             try:
-                parent.mkdir(exist_ok=True)
+                parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise CgroupsUnavailable(f"cannot create {parent}: {exc.strerror}") from None
             for child in parent.iterdir():
                 if child.is_dir():
                     _remove(child)
+            for other in parent.parent.iterdir():
+                if other.is_dir() and other != parent:
+                    with contextlib.suppress(OSError):
+                        other.rmdir()
 
     def remove_parents(self) -> None:
         """Removes the parents when no call is left in them (a server stopping)."""
@@ -129,7 +132,15 @@ class CgroupTree:
         try:
             for controller, parent in self._parents.items():
                 directory = parent / name
-                directory.mkdir()
+                for attempt in range(3):
+                    # Another server's start removes parents that are empty when it looks.
+                    parent.mkdir(exist_ok=True)
+                    try:
+                        directory.mkdir()
+                        break
+                    except FileNotFoundError:
+                        if attempt == 2:
+                            raise
                 dirs[controller] = directory
             (dirs["pids"] / "pids.max").write_text(str(limits.processes))
             memory = dirs["memory"]

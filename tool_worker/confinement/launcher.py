@@ -149,8 +149,8 @@ class Sandbox:
             return self._support
 
     def start(self) -> HostSupport:
-        """For a server starting: ends the sandboxes a crash of the same server (same data dir)
-        left behind, then probes the host."""
+        """For a server starting: ends the sandboxes a crash of the same server (same data dir), or
+        of any server now gone, left behind; then probes the host."""
         ended = reap_leftovers(self.settings.owner)
         if ended:
             log.warning("ended %d sandboxed process(es) left behind by a previous run", ended)
@@ -358,12 +358,11 @@ def default_sandbox() -> Sandbox:
 
 
 def reap_leftovers(owner: str) -> int:
-    """SIGKILLs every sandbox process whose command line carries this owner's marker (bwrap's
-    monitor and each sandbox's first process: that ends its whole PID namespace). Returns how
-    many it found."""
-    if not owner:
-        return 0
-    marker = f"\0--setenv\0{bwrap.OWNER_VARIABLE}\0{owner}\0".encode()
+    """SIGKILLs every sandbox process of this owner (a restart of the same server), and every one
+    whose server is gone (a server that died before it let its sandbox run leaves it waiting for
+    ever). Found by the marker in their command lines: bwrap's monitor, and each sandbox's first
+    process, whose end ends its whole PID namespace. Returns how many it ended."""
+    flag = f"\0--setenv\0{bwrap.OWNER_VARIABLE}\0".encode()
     ended = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -371,7 +370,13 @@ def reap_leftovers(owner: str) -> int:
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if marker in cmdline:
+            if flag not in cmdline:
+                continue
+            value = cmdline.split(flag, 1)[1].split(b"\0", 1)[0].decode(errors="replace")
+            their_owner, _, server = value.partition("/")
+            server_pid = server.partition(".")[0]
+            alive = server_pid.isdigit() and bwrap.process_identity(int(server_pid)) == server
+            if their_owner == owner or not alive:
                 os.kill(int(entry.name), signal.SIGKILL)
                 ended += 1
         except (FileNotFoundError, ProcessLookupError, PermissionError):
