@@ -100,7 +100,7 @@ class CodelaneServer:
             no_worker_wait=config.no_worker_wait,
         )
         self.stats = LaneStats()
-        self.sandbox = Sandbox(config.sandbox_settings())
+        self.sandbox = Sandbox(config.sandbox_settings(), keep_warm=True)
         self.registry = ToolRegistry.builtin(self.sandbox)
         for module in config.local_worker_tools:
             self.registry.load_module(module)
@@ -218,7 +218,7 @@ class CodelaneServer:
         if self.store is not None:
             self.store.close()
             self.store = None
-        self.sandbox.close()
+        await self.sandbox.aclose()
 
     async def wait(self) -> None:
         if self._server is not None:

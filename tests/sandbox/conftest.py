@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
-from tests.session.conftest import Client, Processes, ServerProcess, call, kind, scripted
+from tests.session.conftest import Client, Processes, ServerProcess, call, kind, make_server, scripted, workspace  # noqa: F401 (fixtures of this directory too)
 
 # Given to every server here; a confined command must never see it.
 FAKE_OPENAI_KEY = f"sk-codelane-fake-{uuid.uuid4().hex}"
@@ -70,17 +70,17 @@ def start_host(processes: Processes, tmp_path: Path) -> Any:
 
     async def start(*, off: bool = False, args: tuple[str, ...] = ()) -> Host:
         n = len(created)
-        workspace = tmp_path / f"ws-{n}"
-        (workspace / ".git" / "hooks").mkdir(parents=True)
-        (workspace / ".git" / "config").write_text("[core]\n")
-        (workspace / "README.md").write_text("# workspace\n")
+        ws = tmp_path / f"ws-{n}"
+        (ws / ".git" / "hooks").mkdir(parents=True)
+        (ws / ".git" / "config").write_text("[core]\n")
+        (ws / "README.md").write_text("# workspace\n")
         # Outside /tmp, which sandboxes replace with their own: there only a deny rule hides it.
         host_dir = Path.home() / ".cache" / "codelane-sandbox-tests" / uuid.uuid4().hex
         outside = host_dir / "outside"
         outside.mkdir(parents=True)
         created.append(host_dir)
         secret_text = f"top-secret-{uuid.uuid4().hex}"
-        secret = workspace / "credentials.txt"
+        secret = ws / "credentials.txt"
         secret.write_text(secret_text)
         flags = ["--sandbox-deny-read", str(secret), *args]
         if off:
@@ -89,7 +89,7 @@ def start_host(processes: Processes, tmp_path: Path) -> Any:
         server = await processes.start_server(
             data_dir, local_workers=0, env={"OPENAI_API_KEY": FAKE_OPENAI_KEY}, args=tuple(flags)
         )
-        return Host(server, data_dir, workspace, outside, secret, secret_text)
+        return Host(server, data_dir, ws, outside, secret, secret_text)
 
     yield start
     for path in created:

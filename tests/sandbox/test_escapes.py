@@ -131,3 +131,23 @@ async def test_file_tools_refuse_protected_paths(start_host: Any, tmp_path: Path
     assert (host.workspace / ".git" / "config").read_text() == "[core]\n"
     assert (host.workspace / ".git" / "hooks").is_dir() and not (host.workspace / "hooks-old").exists()
     assert (host.workspace / "deploy" / "prod.key").read_text() == "key\n"
+
+
+async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: Any, tmp_path: Path) -> None:
+    # The next call's sandbox is built once the previous call has ended, so it sees the new .git.
+    host: Host = await start_host()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    model_calls = [bash("init", "git init -q && ls .git/hooks | head -1"),
+                   bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit")]
+    from tests.session.conftest import kind, scripted
+
+    model = scripted(tmp_path, [{"text": "Init.", "tool_calls": model_calls[:1]},
+                                {"text": "Hook.", "tool_calls": model_calls[1:]}, {"text": "Done."}], name="git.yaml")
+    session = await host.client.create(fresh, model)
+    events = await host.client.send(session.session_id, "go", within=60)
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert not results["init"].is_error, results["init"]
+    assert "Read-only file system" in results["hook"].output
+    assert not (fresh / ".git" / "hooks" / "pre-commit").exists()

@@ -94,10 +94,10 @@ async def test_kill9_of_the_server_ends_its_commands_and_a_restart_recovers(
 async def test_a_sandbox_its_crashed_server_left_waiting_is_ended(
     processes: Processes, tmp_path: Path, mark: str, next_server: str
 ) -> None:
-    data_dir, workspace = tmp_path / "data", tmp_path / "ws"
-    workspace.mkdir()
+    data_dir, where = tmp_path / "data", tmp_path / "ws"
+    where.mkdir()
     helper = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _DIES_BEFORE_UNBLOCKING, str(data_dir), str(workspace), mark,
+        sys.executable, "-c", _DIES_BEFORE_UNBLOCKING, str(data_dir), str(where), mark,
         stdout=asyncio.subprocess.PIPE,
     )
     stdout, _ = await asyncio.wait_for(helper.communicate(), 30)
@@ -134,3 +134,24 @@ async def test_restart_removes_the_cgroups_of_calls_a_crash_left(
     await processes.start_server(data_dir, local_workers=0)
     assert await asyncio.wait_for(sleeper.wait(), 10) == -9
     assert [d for d in directories if d.exists()] == []
+
+
+async def test_a_stopped_server_leaves_no_sandbox_behind(make_server: Any, workspace: Path, tmp_path: Path) -> None:
+    started = await make_server()
+    model = scripted(tmp_path, [{"text": "Run.", "tool_calls": [bash("one", "echo one")]}, {"text": "Done."}])
+    session = await started.client.create(workspace, model)
+    events = await started.client.send(session.session_id, "go")
+    assert any(kind(e) == "tool_call_finished" for e in events)
+    owner = started.server.sandbox.settings.owner
+    # A sandbox was built ahead for the session's next call; stopping the server ends it.
+    await started.server.stop(grace=0.5)
+    leftovers = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit() and _carries(entry.name, owner)]
+    assert leftovers == []
+
+
+def _carries(pid: str, owner: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"CODELANE_SANDBOX_OWNER\0{owner}/".encode() in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 
 from codelane.v1 import session_pb2, tools_pb2
 from tests.sandbox.conftest import Host, bash
-from tests.session.conftest import Client, make_server, rpc_error, scripted, workspace  # noqa: F401 (fixtures)
+from tests.session.conftest import Client, rpc_error, scripted
 from tool_worker.confinement.policy import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PROCESSES
 
 S = session_pb2
@@ -53,7 +53,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("config", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 async def test_out_of_range_policies_are_refused_naming_the_field(
-    make_server: Any, workspace: Path, tmp_path: Path, config: dict[str, Any], field: str  # noqa: F811
+    make_server: Any, workspace: Path, tmp_path: Path, config: dict[str, Any], field: str
 ) -> None:
     client: Client = (await make_server()).client
     model = scripted(tmp_path, [{"text": "hi"}])
@@ -64,7 +64,7 @@ async def test_out_of_range_policies_are_refused_naming_the_field(
 
 
 async def test_defaults_are_filled_in_and_a_chosen_policy_round_trips(
-    make_server: Any, workspace: Path, tmp_path: Path  # noqa: F811
+    make_server: Any, workspace: Path, tmp_path: Path
 ) -> None:
     client: Client = (await make_server(allow_unsandboxed=True, sandbox_allow_network=True)).client
     model = scripted(tmp_path, [{"text": "hi"}])
@@ -102,7 +102,7 @@ async def test_session_env_reaches_commands_and_network_on_reaches_the_host(
     assert results["connect"].output == "connected" and listener.accepted == 1
 
 
-async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path: Path, workspace: Path) -> None:  # noqa: F811
+async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path: Path, workspace: Path) -> None:
     # A server that finds no bwrap on its PATH: as on a host where bubblewrap is not installed.
     server = await processes.start_server(tmp_path / "data", local_workers=0, env={"PATH": str(tmp_path / "empty")})
     assert "sandbox: UNAVAILABLE (bubblewrap (bwrap) is not installed" in server.out.read_text()

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,11 @@ from tool_worker.confinement.readonly import ReadOnlyLauncher
 log = logging.getLogger("codelane.sandbox")
 
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Sandboxes built ahead and kept waiting, at most (each is three sleeping processes).
+_MAX_WARM = 8
+_PIPE_BUFFER = 65536
+# The sandbox's shell: reads the command's NUL-separated argv from a pipe, then becomes it.
+_RUN_ARGV = 'mapfile -d "" -t argv <&{fd} && exec {fd}<&- && exec "${{argv[@]}}"'
 _PROBE_TIMEOUT = 30.0
 _INSTALL_BWRAP = (
     "bubblewrap (bwrap) is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap; "
@@ -73,10 +78,15 @@ class RunningCommand:
     """A started command: its process (bwrap's monitor, or the command itself when off without
     bubblewrap), and what ends and accounts for everything it started."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sandbox_pidfd: int | None, cgroups: CallCgroups | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], sandbox_pidfd: int | None, cgroups: CallCgroups | None,
+                 output_fd: int) -> None:
         self.proc = proc
         self._pidfd = sandbox_pidfd
         self._cgroups = cgroups
+        # The read end of the command's stdout and stderr, for the caller to read and close.
+        self.output_fd = output_fd
+        # Called once the call is over and cleaned up (a server then builds the next sandbox).
+        self.on_close: Callable[[], None] | None = None
         self._usage_hit: list[Limit] = []
         self._closed = False
 
@@ -116,6 +126,8 @@ class RunningCommand:
             self._usage_hit = self._cgroups.usage().limits_hit()
             self._cgroups.remove()
             self._cgroups = None
+        if self.on_close is not None:
+            self.on_close()
 
     def limits_hit(self, exit_code: int | None) -> list[Limit]:
         """Which limits stopped the call (after close): the cgroups' counters, and SIGXCPU, the
@@ -126,10 +138,42 @@ class RunningCommand:
         return hit
 
 
-class Sandbox:
-    """How this process runs commands under a SandboxPolicy: one per server (or worker)."""
+class _Prepared:
+    """A sandbox built ahead of its call: its shell waits for the command's argv on a pipe."""
 
-    def __init__(self, settings: SandboxSettings | None = None) -> None:
+    def __init__(self, command: RunningCommand, argv_fd: int) -> None:
+        self.command = command
+        self._argv_fd: int | None = argv_fd
+
+    async def start(self, argv: Sequence[str]) -> None:
+        data = b"".join(arg.encode() + b"\0" for arg in argv)
+        fd, self._argv_fd = self._argv_fd, None
+        assert fd is not None, "a prepared sandbox runs one command"
+        try:
+            if len(data) <= _PIPE_BUFFER:
+                os.write(fd, data)  # an empty pipe takes it whole, at once
+            else:
+                await asyncio.to_thread(_write_all, fd, data)
+        finally:
+            os.close(fd)
+
+    async def discard(self) -> None:
+        """Ends it unused: its shell reads an empty argv, runs nothing and exits."""
+        if self._argv_fd is not None:
+            os.close(self._argv_fd)
+            self._argv_fd = None
+        os.close(self.command.output_fd)
+        await self.command.close()
+
+
+class Sandbox:
+    """How this process runs commands under a SandboxPolicy: one per server (or worker).
+
+    With `keep_warm` (a server), the next sandbox of each workspace and policy is built as soon as
+    the previous call ends, so that a call only hands its argv to a sandbox already waiting.
+    """
+
+    def __init__(self, settings: SandboxSettings | None = None, *, keep_warm: bool = False) -> None:
         settings = settings or SandboxSettings()
         # Without a data dir to name it, a process's sandboxes are its own: they share no cgroups.
         self.settings = settings if settings.owner else settings.with_owner(f"pid{os.getpid()}")
@@ -138,6 +182,11 @@ class Sandbox:
         self._support: HostSupport | None = None
         self._cgroups: CgroupTree | None = None
         self._probe_lock = threading.Lock()
+        self._keep_warm = keep_warm
+        self._warm: dict[tuple[Path, Path, SandboxPolicy], asyncio.Task[_Prepared]] = {}
+        self._discarding: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._shell = shutil.which("bash") or ""
 
     # -- the host ------------------------------------------------------------------------------
 
@@ -183,6 +232,8 @@ class Sandbox:
         path = shutil.which("bwrap")
         if path is None:
             return HostSupport(None, "", _INSTALL_BWRAP, "")
+        if not self._shell:
+            return HostSupport(None, "", "the sandbox starts each command from bash, which is not installed", "")
         version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
         version = version.split()[-1] if version.split() else "?"
         limits = "rlimit"
@@ -229,48 +280,116 @@ class Sandbox:
 
     # -- commands ------------------------------------------------------------------------------
 
-    async def start_command(self, argv: Sequence[str], *, workspace: Path, cwd: Path, policy: SandboxPolicy,
-                            output_fd: int) -> RunningCommand:
-        """Starts argv under `policy`, its stdout and stderr on output_fd, stdin empty.
+    async def start_command(self, argv: Sequence[str], *, workspace: Path, cwd: Path,
+                            policy: SandboxPolicy) -> RunningCommand:
+        """Starts argv under `policy`, stdin empty; its stdout and stderr come out of the
+        command's `output_fd` (a pipe the caller reads and closes).
 
-        Raises SandboxUnavailable when the policy cannot be enforced (nothing runs), OSError when
-        the command cannot start.
+        With `keep_warm`, the sandbox was built ahead, after the previous call of the same
+        workspace and policy ended, and only waits for argv. Raises SandboxUnavailable when the
+        policy cannot be enforced (nothing runs), OSError when the command cannot start.
         """
         support = self.support()
         if policy.confined and support.problem:
             raise SandboxUnavailable(support.problem)
         if not policy.confined:
             log.info("%s runs WITHOUT a sandbox (sandbox off) in %s", argv[0], workspace)
-            if support.bwrap is None:
-                proc = start_child(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
-                                   start_new_session=True, env=self._inherited_env(policy))
-                return RunningCommand(proc, None, None)
+        if support.bwrap is None:
+            output_read, output_write = os.pipe()
+            try:
+                proc = start_child(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output_write,
+                                   stderr=output_write, start_new_session=True, env=self._inherited_env(policy))
+            except BaseException:
+                os.close(output_read)
+                raise
+            finally:
+                os.close(output_write)
+            return RunningCommand(proc, None, None, output_read)
+        key = (workspace, cwd, policy)
+        prepared = await self._take_warm(key) if self._keep_warm else None
+        if prepared is None:
+            prepared = await self._prepare(support.bwrap, workspace, cwd, policy)
+        if self._keep_warm:
+            prepared.command.on_close = lambda: self._warm_up(key)
+        await prepared.start(argv)
+        return prepared.command
+
+    async def aclose(self) -> None:
+        """For a server stopping: ends the sandboxes kept warm, then removes its cgroups."""
+        self._closing = True
+        warm = list(self._warm.values())
+        self._warm.clear()
+        for task in warm:
+            self._discard(task)
+        await asyncio.gather(*self._discarding, return_exceptions=True)
+        self.close()
+
+    async def _take_warm(self, key: tuple[Path, Path, SandboxPolicy]) -> _Prepared | None:
+        task = self._warm.pop(key, None)
+        if task is None:
+            return None
+        try:
+            prepared = await task
+        except Exception:
+            log.exception("a sandbox built ahead failed; building one now")
+            return None
+        if prepared.command.proc.poll() is not None:
+            self._discard(task)
+            return None
+        return prepared
+
+    def _warm_up(self, key: tuple[Path, Path, SandboxPolicy]) -> None:
+        """Builds the next sandbox of a workspace and policy, now that its previous call ended (so
+        its protected paths are found as that call left them); keeps at most _MAX_WARM."""
+        if self._closing:
+            return
+        support = self.support()
         assert support.bwrap is not None
+        workspace, cwd, policy = key
+        self._warm[key] = asyncio.create_task(self._prepare(support.bwrap, workspace, cwd, policy))
+        while len(self._warm) > _MAX_WARM:
+            self._discard(self._warm.pop(next(iter(self._warm))))
+
+    def _discard(self, task: asyncio.Task[_Prepared]) -> None:
+        """Ends a sandbox built ahead, or stops its building."""
+        if not task.done():
+            task.cancel()
+            return
+        if task.cancelled() or task.exception() is not None:
+            return
+        ending = asyncio.create_task(task.result().discard())
+        self._discarding.add(ending)
+        ending.add_done_callback(self._discarding.discard)
+
+    async def _prepare(self, path: str, workspace: Path, cwd: Path, policy: SandboxPolicy) -> _Prepared:
+        """Builds a sandbox whose shell waits for its command's argv on a pipe, limits applied."""
+        argv_read, argv_write = os.pipe()
+        output_read, output_write = os.pipe()
         info_read, info_write = os.pipe()
         block_read, block_write = os.pipe()
         fds: list[int] = []
+        # Runs argv once it arrives, NUL-separated; an empty pipe (a server gone) runs nothing.
+        waiting_shell = [self._shell, "-c", _RUN_ARGV.format(fd=argv_read)]
         try:
-            args, env, fds = self._command_line(support.bwrap, argv, workspace, cwd, policy, info_write, block_read)
+            args, env, fds = self._command_line(path, waiting_shell, workspace, cwd, policy, info_write, block_read)
             proc = start_child(
-                args, stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd,
-                pass_fds=(info_write, block_read, block_write, *fds), start_new_session=True, env=env,
+                args, stdin=subprocess.DEVNULL, stdout=output_write, stderr=output_write,
+                pass_fds=(argv_read, info_write, block_read, block_write, *fds), start_new_session=True, env=env,
             )
         except BaseException:
-            for fd in (info_read, info_write, block_read, block_write):
+            for fd in (argv_write, output_read, info_read, block_write):
                 os.close(fd)
             raise
         finally:
-            for fd in fds:
+            for fd in (argv_read, output_write, info_write, block_read, *fds):
                 os.close(fd)
-        os.close(info_write)
-        os.close(block_read)
         pidfd = None
         cgroups = None
         try:
             info = await _read_all(info_read)
             if not info:
                 # bwrap stopped before building anything; its message is in the output.
-                return RunningCommand(proc, None, None)
+                return _Prepared(RunningCommand(proc, None, None, output_read), argv_write)
             pid = json.loads(info)["child-pid"]
             pidfd = os.pidfd_open(pid)
             if self._cgroups is not None:
@@ -288,10 +407,12 @@ class Sandbox:
             await wait_child(proc)
             if cgroups is not None:
                 cgroups.remove()
+            os.close(argv_write)
+            os.close(output_read)
             raise
         finally:
             os.close(block_write)
-        return RunningCommand(proc, pidfd, cgroups)
+        return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write)
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
@@ -382,6 +503,12 @@ def reap_leftovers(owner: str) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return ended
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 async def _read_all(fd: int) -> bytes:

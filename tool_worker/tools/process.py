@@ -136,24 +136,18 @@ def _limit_text(limit: Limit, policy: SandboxPolicy) -> str:
 
 
 async def _run(argv: Sequence[str], ctx: ToolContext, limit_seconds: float) -> _Outcome:
-    # Our own pipe rather than stdout=PIPE: Process.wait() also waits for PIPE pipes to close,
-    # which a background child holding them would delay indefinitely; and a transport we own
-    # can be closed even if a process that left the group keeps the write end open.
-    read_fd, write_fd = os.pipe()
+    if any("\0" in arg for arg in argv):
+        raise ToolFailure(f"{argv[0]!r}: an argument contains a NUL character", ErrorKind.INVALID_ARGUMENTS)
     try:
         command: RunningCommand = await ctx.sandbox.start_command(
-            argv, workspace=ctx.workspace, cwd=ctx.workspace, policy=ctx.policy, output_fd=write_fd
+            argv, workspace=ctx.workspace, cwd=ctx.workspace, policy=ctx.policy
         )
     except OSError as exc:
-        os.close(read_fd)
         # exc.filename tells a missing program from a missing working directory.
         raise ToolFailure(f"cannot run {argv[0]}: {exc.strerror}: {exc.filename}") from exc
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    pipe = os.fdopen(read_fd, "rb", buffering=0)
+    # The output is a pipe of our own rather than stdout=PIPE: a transport we own can be closed
+    # even while a process of the call still holds the write end.
+    pipe = os.fdopen(command.output_fd, "rb", buffering=0)
     transport: asyncio.ReadTransport | None = None
     reader: asyncio.Task[None] | None = None
     capture = _HeadTail(MAX_OUTPUT_CHARS)
