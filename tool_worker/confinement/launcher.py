@@ -324,6 +324,11 @@ class Sandbox:
         await asyncio.gather(*self._discarding, return_exceptions=True)
         self.close()
 
+    async def warmed(self) -> None:
+        """Waits until the sandboxes being built ahead are ready (a benchmark times calls apart
+        from that work, which in a session happens while the model thinks)."""
+        await asyncio.gather(*self._warm.values(), return_exceptions=True)
+
     async def _take_warm(self, key: tuple[Path, Path, SandboxPolicy]) -> _Prepared | None:
         task = self._warm.pop(key, None)
         if task is None:
