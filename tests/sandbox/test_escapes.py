@@ -121,9 +121,11 @@ async def test_file_tools_refuse_protected_paths(start_host: Any, tmp_path: Path
                                                       "overwrite": True}},
         {"name": "write", "id": "operator", "arguments": {"file_path": "deploy/prod.key", "content": "x"}},
         {"name": "write", "id": "allowed", "arguments": {"file_path": ".git/info-note", "content": "fine"}},
+        {"name": "write", "id": "new_submodule", "arguments": {"file_path": ".git/modules/lib/hooks/post-checkout",
+                                                               "content": "x"}},
     ]
     results = await host.run(tmp_path, calls)
-    for call_id in ("hook", "config", "git_dir", "away", "over", "operator"):
+    for call_id in ("hook", "config", "git_dir", "away", "over", "operator", "new_submodule"):
         assert results[call_id].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (call_id, results[call_id])
         assert "protected" in results[call_id].output, call_id
     assert not results["allowed"].is_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,21 @@ def overlap(target: Path, guarded: Iterable[Path]) -> Path | None:
     return None
 
 
+def _matched(root: Path, target: Path, patterns: Iterable[str]) -> Path | None:
+    """A relative protected pattern that `target`, or a directory it lies in, matches by name:
+    a path that does not exist yet (a new submodule's hooks) is matched too."""
+    if not within(target, root):
+        return None
+    parts = target.relative_to(root).parts
+    for pattern in patterns:
+        if os.path.isabs(pattern):
+            continue
+        wanted = Path(pattern).parts
+        if len(parts) >= len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted)):
+            return root.joinpath(*parts[: len(wanted)])
+    return None
+
+
 def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) -> None:
     """For the file tools: raises PERMISSION_DENIED, before anything changes, when the session's
     sandbox is read-only, or when a target (a resolved path, and the path as the model gave it)
@@ -50,7 +66,7 @@ def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) ->
     # sandbox's mounts make the same exception).
     guarded = [*protected_targets(root, settings.protect), *(p for p in denied if not within(root, p))]
     for target, shown in targets:
-        hit = overlap(target, guarded)
+        hit = overlap(target, guarded) or _matched(root, target, settings.protect)
         if hit is not None:
             where = os.path.relpath(hit, root) if within(hit, root) else str(hit)
             raise ToolFailure(
