@@ -321,7 +321,8 @@ class Sandbox:
         self._warm.clear()
         for task in warm:
             self._discard(task)
-        await asyncio.gather(*self._discarding, return_exceptions=True)
+        # A build stopped half-way ends what it started before its task ends.
+        await asyncio.gather(*warm, *self._discarding, return_exceptions=True)
         self.close()
 
     async def warmed(self) -> None:
@@ -390,8 +391,9 @@ class Sandbox:
                 os.close(fd)
         pidfd = None
         cgroups = None
+        info = bytearray()
         try:
-            info = await _read_all(info_read)
+            await _read_all(info_read, info)
             if not info:
                 # bwrap stopped before building anything; its message is in the output.
                 return _Prepared(RunningCommand(proc, None, None, output_read), argv_write)
@@ -403,6 +405,11 @@ class Sandbox:
             self._apply_rlimits(pid, policy)
             os.write(block_write, b"1")
         except BaseException:
+            if pidfd is None:
+                # Cancelled before the sandbox was known: it waits for ever on its block pipe,
+                # whatever happens to bwrap's monitor, so it must be found and ended here. The
+                # monitor reports it right after cloning it.
+                pidfd = _sandbox_pidfd(info_read, info)
             if pidfd is not None:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -416,6 +423,7 @@ class Sandbox:
             os.close(output_read)
             raise
         finally:
+            os.close(info_read)
             os.close(block_write)
         return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write)
 
@@ -516,11 +524,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-async def _read_all(fd: int) -> bytes:
-    """Everything written to a pipe until its writers close it, without blocking the loop."""
+async def _read_all(fd: int, into: bytearray) -> None:
+    """Everything written to a pipe until its writers close it, without blocking the loop; what
+    came is in `into` even if the wait is cancelled."""
     os.set_blocking(fd, False)
     loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
     done = loop.create_future()
 
     def readable() -> None:
@@ -529,7 +537,7 @@ async def _read_all(fd: int) -> bytes:
         except BlockingIOError:
             return
         if chunk:
-            chunks.append(chunk)
+            into.extend(chunk)
         elif not done.done():
             done.set_result(None)
 
@@ -538,5 +546,15 @@ async def _read_all(fd: int) -> bytes:
         await done
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
-    return b"".join(chunks)
+
+
+def _sandbox_pidfd(info_fd: int, info: bytearray) -> int | None:
+    """The rest of bwrap's report, read blocking (bwrap writes it right after its clone, then
+    closes it), as a pidfd of the sandbox's first process; None when bwrap built none."""
+    os.set_blocking(info_fd, True)
+    while chunk := os.read(info_fd, 4096):
+        info.extend(chunk)
+    try:
+        return os.pidfd_open(json.loads(info)["child-pid"])
+    except (ValueError, KeyError, ProcessLookupError):
+        return None
