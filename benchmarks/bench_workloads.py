@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.tools_bench import generate_tree
+from tool_worker.confinement.launcher import default_sandbox
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import Lane
 from tool_worker.tools.grep import rg_invocation
@@ -372,14 +373,15 @@ async def _rg_alone(workload: Workload) -> dict[str, float]:
     """Times the grep calls' own rg command lines, one after another and all at once: how much
     running the searches side by side can gain when nothing but rg runs."""
     commands = [rg_invocation(workload.workspace, call.arguments)[:2] for call in workload.calls]
+    launcher = default_sandbox().read_only
     sequential, concurrent = [], []
     for _ in range(RG_ALONE_PASSES + 1):  # the first pass warms the page cache
         started = time.perf_counter()
         for args, cwd in commands:
-            await run_rg(args, cwd)
+            await run_rg(args, cwd, launcher)
         sequential.append(time.perf_counter() - started)
         started = time.perf_counter()
-        await asyncio.gather(*(run_rg(args, cwd) for args, cwd in commands))
+        await asyncio.gather(*(run_rg(args, cwd, launcher) for args, cwd in commands))
         concurrent.append(time.perf_counter() - started)
     return {"sequential": statistics.median(sequential[1:]), "concurrent": statistics.median(concurrent[1:])}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
+import shlex
 from typing import Any
 
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolResult, ToolSpec
@@ -43,9 +43,10 @@ async def _sleep(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
 
 
 async def _sleep_process(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
-    # The shell writes its own pid (the process group leader) so a test can check it is gone.
-    script = f"echo $$ > {args['pid_file']}; exec sleep {args['ms'] / 1000}"
-    return await run_command(["sh", "-c", script], Path(ctx.workspace), timeout_ms=args.get("timeout_ms", MAX_SLEEP_MS))
+    # The sleep is named `mark` (its argv[0]), so a test finds it on the host whatever PID
+    # namespace the sandbox gives it, and can check that it is gone.
+    script = f"exec -a {shlex.quote(args['mark'])} sleep {args['ms'] / 1000}"
+    return await run_command(["bash", "-c", script], ctx, timeout_ms=args.get("timeout_ms", MAX_SLEEP_MS))
 
 
 async def _gpu_info(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
@@ -65,15 +66,15 @@ TOOLS = [
     Tool(
         ToolSpec(
             "sleep_process",
-            "Runs `sleep` in a child process for `ms` milliseconds, writing its pid to pid_file.",
+            "Runs `sleep` in a child process for `ms` milliseconds, named `mark` (its argv[0]).",
             {
                 "type": "object",
                 "properties": {
                     "ms": _SLEEP_SCHEMA["properties"]["ms"],
-                    "pid_file": {"type": "string"},
+                    "mark": {"type": "string", "minLength": 1},
                     "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_SLEEP_MS},
                 },
-                "required": ["ms", "pid_file"],
+                "required": ["ms", "mark"],
             },
             Lane.QUERY,
             True,

@@ -468,7 +468,7 @@ class Turn:
         try:
             async with asyncio.timeout(timeout):
                 result = await ctx.registry.execute(
-                    call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths
+                    call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths, policy=ctx.settings.sandbox
                 )
         except TimeoutError:
             result = ToolResult.error(

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import enum
+import math
+import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from session_server.external import DEFAULT_EXTERNAL_TASK_TIMEOUT
 from session_server.llm.factory import parse_model
 from session_server.permissions import DEFAULT_CONFIRMATION_TIMEOUT, PermissionPolicy, PolicyError
+from tool_worker.confinement.policy import (
+    MIN_CPU_SECONDS,
+    MIN_MEMORY,
+    MIN_OPEN_FILES,
+    MIN_PROCESSES,
+    NetworkAccess,
+    ResourceLimits,
+    SandboxMode,
+    SandboxPolicy,
+    SandboxSettings,
+)
 from tool_worker.tools.base import Lane
 
 DEFAULT_MAX_TURNS = 50
@@ -24,6 +37,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_MAX_ATTEMPTS = 10
 MAX_EXTERNAL_TASK_TIMEOUT = 24 * 3600.0
 MAX_CONFIRMATION_TIMEOUT = 24 * 3600.0
+MAX_ENV_VARIABLES = 100
+MAX_ENV_BYTES = 64 * 1024
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_SYSTEM_PROMPT = (
     "You are a coding agent working in a repository. Use the tools to inspect and change files. "
     "Call several read-only tools at once when you can: they run in parallel."
@@ -62,6 +78,7 @@ class SessionSettings:
     execute_mode: LaneMode = LaneMode.INTERNAL
     external_task_timeout: float = DEFAULT_EXTERNAL_TASK_TIMEOUT
     permissions: PermissionPolicy = field(default_factory=PermissionPolicy)
+    sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
 
     def lane_mode(self, lane: Lane) -> LaneMode:
         return self.query_mode if lane is Lane.QUERY else self.execute_mode
@@ -75,6 +92,12 @@ class SessionSettings:
         data["query_mode"] = self.query_mode.value
         data["execute_mode"] = self.execute_mode.value
         data["permissions"] = self.permissions.to_dict()
+        data["sandbox"] = {
+            "mode": self.sandbox.mode.value,
+            "network": self.sandbox.network.value,
+            "limits": asdict(self.sandbox.limits),
+            "env": dict(self.sandbox.env),
+        }
         return data
 
     @classmethod
@@ -86,6 +109,14 @@ class SessionSettings:
                 known[key] = LaneMode(known[key])
         if "permissions" in known:
             known["permissions"] = PermissionPolicy.from_dict(known["permissions"])
+        if "sandbox" in known:
+            stored = known["sandbox"]
+            known["sandbox"] = SandboxPolicy(
+                mode=SandboxMode(stored["mode"]),
+                network=NetworkAccess(stored["network"]),
+                limits=ResourceLimits(**stored["limits"]),
+                env=tuple(sorted(stored["env"].items())),
+            )
         return cls(**known)
 
 
@@ -104,6 +135,19 @@ class PermissionsRequest:
 
 
 @dataclass
+class SandboxRequest:
+    """A sandbox policy as the client sent it; empty or zero values mean the server's defaults.
+    Modes are SandboxMode / NetworkAccess values; unknown numbers arrive as their text."""
+
+    mode: str = ""
+    network: str = ""
+    max_processes: int = 0
+    max_memory_bytes: int = 0
+    max_cpu_seconds: float | None = None
+    max_open_files: int = 0
+
+
+@dataclass
 class SettingsRequest:
     """What a client asked for; zero values mean "the default"."""
 
@@ -118,6 +162,8 @@ class SettingsRequest:
     execute_mode: LaneMode | None = None
     external_task_timeout: float | None = None
     permissions: PermissionsRequest | None = None
+    sandbox: SandboxRequest | None = None
+    env: dict[str, str] = field(default_factory=dict)
     # Values the api layer could not even translate (an unknown lane or mode), refused by field name.
     unsupported: list[tuple[str, str]] = field(default_factory=list)
 
@@ -161,9 +207,13 @@ def _bounded(field_name: str, value: float, low: float, high: float) -> None:
 
 
 def build_settings(
-    request: SettingsRequest, default_model: str, known_tools: Collection[str] | None = None
+    request: SettingsRequest,
+    default_model: str,
+    known_tools: Collection[str] | None = None,
+    sandbox: SandboxSettings | None = None,
 ) -> SessionSettings:
-    """Defaults filled in, every field checked. Raises InvalidArgument naming the field.
+    """Defaults filled in, every field checked, the sandbox policy within what the operator's
+    `sandbox` settings allow. Raises InvalidArgument naming the field.
 
     The model string is checked for its form only; whether this client may use it, and whether
     its script loads, is `session_server.models.Models.check`, which reads files (off the event
@@ -200,7 +250,82 @@ def build_settings(
         execute_mode=request.execute_mode or LaneMode.INTERNAL,
         external_task_timeout=request.external_task_timeout or DEFAULT_EXTERNAL_TASK_TIMEOUT,
         permissions=build_policy(request.permissions, known_tools),
+        sandbox=build_sandbox_policy(request.sandbox, request.env, sandbox or SandboxSettings()),
     )
+
+
+def build_sandbox_policy(
+    request: SandboxRequest | None, env: dict[str, str], server: SandboxSettings
+) -> SandboxPolicy:
+    """The session's sandbox policy: the server's defaults where unset, never beyond what the
+    server allows. Raises InvalidArgument naming e.g. config.sandbox.limits.max_processes."""
+    request = request or SandboxRequest()
+    mode = server.default_mode
+    if request.mode:
+        try:
+            mode = SandboxMode(request.mode)
+        except ValueError:
+            raise InvalidArgument(
+                "config.sandbox.mode", f"{request.mode} is not a SandboxMode (WORKSPACE_WRITE, READ_ONLY, OFF)"
+            ) from None
+    if mode is SandboxMode.OFF and not server.allow_unsandboxed:
+        raise InvalidArgument(
+            "config.sandbox.mode",
+            "OFF is not allowed: this server confines every command (its operator can allow OFF with "
+            "--allow-unsandboxed)",
+        )
+    network = NetworkAccess.OFF
+    if request.network:
+        try:
+            network = NetworkAccess(request.network)
+        except ValueError:
+            raise InvalidArgument(
+                "config.sandbox.network", f"{request.network} is not a SandboxNetwork (OFF, ON)"
+            ) from None
+    if network is NetworkAccess.ON and mode is not SandboxMode.OFF and not server.allow_network:
+        raise InvalidArgument(
+            "config.sandbox.network",
+            "ON is not allowed: this server gives commands no network (its operator can allow it with "
+            "--sandbox-allow-network)",
+        )
+    most = server.limits
+    cpu = request.max_cpu_seconds
+    limits = ResourceLimits(
+        processes=_limit("max_processes", request.max_processes, MIN_PROCESSES, most.processes),
+        memory_bytes=_limit("max_memory_bytes", request.max_memory_bytes, MIN_MEMORY, most.memory_bytes),
+        cpu_seconds=_limit("max_cpu_time", math.ceil(cpu) if cpu else 0, MIN_CPU_SECONDS, most.cpu_seconds),
+        open_files=_limit("max_open_files", request.max_open_files, MIN_OPEN_FILES, most.open_files),
+    )
+    return SandboxPolicy(mode=mode, network=network, limits=limits, env=_checked_env(env))
+
+
+def _limit(name: str, value: int, low: int, server_max: int) -> int:
+    """A requested limit (0: the server's); the server's value is also the most a session may ask."""
+    if value == 0:
+        return server_max
+    if not low <= value <= server_max:
+        raise InvalidArgument(
+            f"config.sandbox.limits.{name}", f"{value} is out of range [{low}, {server_max}] (the server's limit)"
+        )
+    return value
+
+
+def _checked_env(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    if len(env) > MAX_ENV_VARIABLES:
+        raise InvalidArgument("config.env", f"has {len(env)} variables; at most {MAX_ENV_VARIABLES}")
+    size = 0
+    for name, value in env.items():
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        if not _ENV_NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"config.env[{shown!r}]", "is not a variable name (letters, digits and _, not starting with a digit)"
+            )
+        if "\0" in value:
+            raise InvalidArgument(f"config.env[{shown!r}]", "contains a NUL character")
+        size += len(name.encode()) + len(value.encode()) + 2
+    if size > MAX_ENV_BYTES:
+        raise InvalidArgument("config.env", f"holds {size} bytes; at most {MAX_ENV_BYTES}")
+    return tuple(sorted(env.items()))
 
 
 def build_policy(request: PermissionsRequest | None, known_tools: Collection[str] | None = None) -> PermissionPolicy:

@@ -17,15 +17,18 @@ WORKER_CONNECT_TIMEOUT = 30.0
 
 @contextlib.asynccontextmanager
 async def embedded_server(
-    *, model: str = "", local_workers: int = 2, data_dir: Path | None = None, worker_tools: list[str] | None = None
+    *, model: str = "", local_workers: int = 2, data_dir: Path | None = None, worker_tools: list[str] | None = None,
+    allow_unsandboxed: bool = False, allow_network: bool = False,
 ) -> AsyncIterator[str]:
-    """Yields the server's address once its local workers have connected."""
+    """Yields the server's address once its local workers have connected. `allow_unsandboxed` and
+    `allow_network` are the server's --allow-unsandboxed and --sandbox-allow-network."""
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="codelane-")))
         server = CodelaneServer(ServerConfig(
             listen="127.0.0.1:0", data_dir=data_dir, local_workers=local_workers, model=model,
-            local_worker_tools=list(worker_tools or []),
+            local_worker_tools=list(worker_tools or []), allow_unsandboxed=allow_unsandboxed,
+            sandbox_allow_network=allow_network,
         ))
         await server.start()
         try:

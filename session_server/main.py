@@ -13,6 +13,16 @@ from codelane.transport import address_option
 from session_server import admission
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tool_worker.child_watcher import pidfd_child_watcher
+from tool_worker.confinement.policy import (
+    GIB,
+    MIB,
+    MIN_CPU_SECONDS,
+    MIN_MEMORY,
+    MIN_OPEN_FILES,
+    MIN_PROCESSES,
+    ResourceLimits,
+    SandboxMode,
+)
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 
@@ -63,6 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
     p.add_argument("--max-llm-requests", type=int, default=16,
                    help="concurrent model requests across all sessions (the Generate lane; default 16)")
+    box = p.add_argument_group("sandbox of bash and execute (see README \"Sandbox\")")
+    box.add_argument("--sandbox", type=SandboxMode, choices=list(SandboxMode), default=SandboxMode.WORKSPACE_WRITE,
+                     help="mode of sessions that do not choose one (default workspace-write)")
+    box.add_argument("--allow-unsandboxed", action="store_true",
+                     help="let sessions (and --sandbox) use mode off: commands then run unconfined")
+    box.add_argument("--sandbox-allow-network", action="store_true",
+                     help="let sessions give their confined commands the host's network")
+    box.add_argument("--sandbox-deny-read", action="append", type=Path, default=[], metavar="PATH",
+                     help="a path no command may read, besides the data dir, TLS files, ~/.ssh, ~/.aws and "
+                          "~/.config/gcloud (repeatable)")
+    box.add_argument("--sandbox-protect", action="append", default=[], metavar="PATH",
+                     help="a path kept read-only inside workspaces, besides .git/hooks and .git/config; "
+                          "relative to each workspace, `*` within one component (repeatable)")
+    defaults = ResourceLimits()
+    box.add_argument("--sandbox-max-processes", type=int, default=defaults.processes, metavar="N",
+                     help=f"processes of one call at once (default {defaults.processes})")
+    box.add_argument("--sandbox-max-memory", type=_size, default=defaults.memory_bytes, metavar="SIZE",
+                     help=f"memory of one call, e.g. 512M, 4G (default {defaults.memory_bytes // GIB}G)")
+    box.add_argument("--sandbox-max-cpu-seconds", type=int, default=defaults.cpu_seconds, metavar="S",
+                     help=f"CPU seconds of each process (default {defaults.cpu_seconds})")
+    box.add_argument("--sandbox-max-open-files", type=int, default=defaults.open_files, metavar="N",
+                     help=f"open files of each process (default {defaults.open_files})")
     limits = p.add_argument_group("admission limits (0: none); work over a limit is refused, nothing is queued")
     limits.add_argument("--max-sessions", type=int, default=admission.DEFAULT_MAX_SESSIONS, metavar="N",
                         help="sessions stored (default %(default)s); CreateSession gets RESOURCE_EXHAUSTED")
@@ -98,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> int:
+    """Bytes from "4G", "512M", "64K" or a plain number."""
+    units = {"K": 1024, "M": MIB, "G": GIB}
+    try:
+        if text[-1:].upper() in units:
+            return int(float(text[:-1]) * units[text[-1].upper()])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 4G") from None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -129,6 +172,18 @@ def main(argv: list[str]) -> int:
         if missing:
             print(f"codelane server: {flag} {missing[0]} is not a directory", file=sys.stderr)
             return 2
+    sandbox_limits = ResourceLimits(
+        processes=args.sandbox_max_processes,
+        memory_bytes=args.sandbox_max_memory,
+        cpu_seconds=args.sandbox_max_cpu_seconds,
+        open_files=args.sandbox_max_open_files,
+    )
+    if (sandbox_limits.processes < MIN_PROCESSES or sandbox_limits.memory_bytes < MIN_MEMORY
+            or sandbox_limits.cpu_seconds < MIN_CPU_SECONDS or sandbox_limits.open_files < MIN_OPEN_FILES):
+        print(f"codelane server: sandbox limits must be at least {MIN_PROCESSES} processes, "
+              f"{MIN_MEMORY // MIB}M of memory, {MIN_CPU_SECONDS} CPU second and {MIN_OPEN_FILES} open files",
+              file=sys.stderr)
+        return 2
     config = ServerConfig(
         listen=args.listen,
         data_dir=args.data_dir,
@@ -151,7 +206,18 @@ def main(argv: list[str]) -> int:
         health_listen=args.health_listen,
         otlp_endpoint=args.otlp_endpoint,
         log_format=args.log_format,
+        sandbox=args.sandbox,
+        allow_unsandboxed=args.allow_unsandboxed,
+        sandbox_allow_network=args.sandbox_allow_network,
+        sandbox_limits=sandbox_limits,
+        sandbox_deny_read=args.sandbox_deny_read,
+        sandbox_protect=args.sandbox_protect,
     )
+    try:
+        config.sandbox_settings()
+    except ValueError as exc:
+        print(f"codelane server: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(config, args.shutdown_grace))
     except UnsafeConfig as exc:
@@ -171,6 +237,7 @@ async def _serve(config: ServerConfig, grace: float) -> None:
 async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     server = CodelaneServer(config)
     await server.start()
+    print(server.sandbox.describe(), flush=True)
     print(f"codelane server listening on {server.address}", flush=True)
     if server.metrics_port:
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -42,6 +43,8 @@ from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
 from session_server.stats import LaneStats
 from session_server.store import Store
 from session_server.telemetry import Telemetry
+from tool_worker.confinement.launcher import Sandbox
+from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import start_tracing
@@ -127,6 +130,31 @@ class ServerConfig:
     store_check_interval: float = DEFAULT_STORE_CHECK_INTERVAL
     # Passed on to the local workers.
     log_format: str = "text"
+    # The sandbox of bash and execute (README "Sandbox"): sessions' default mode, whether they may
+    # turn it off or use the network, their limits, and what no command may read or change.
+    sandbox: SandboxMode = SandboxMode.WORKSPACE_WRITE
+    allow_unsandboxed: bool = False
+    sandbox_allow_network: bool = False
+    sandbox_limits: ResourceLimits = field(default_factory=ResourceLimits)
+    sandbox_deny_read: list[Path] = field(default_factory=list)
+    sandbox_protect: list[str] = field(default_factory=list)
+
+    def sandbox_settings(self) -> SandboxSettings:
+        """Raises ValueError when the default mode is off without --allow-unsandboxed."""
+        if self.sandbox is SandboxMode.OFF and not self.allow_unsandboxed:
+            raise ValueError("--sandbox off needs --allow-unsandboxed: commands would run unconfined")
+        data_dir = Path(os.path.realpath(self.data_dir))
+        tls = [Path(p) for p in (self.tls_cert, self.tls_key, self.tls_ca) if p]
+        return SandboxSettings(
+            default_mode=self.sandbox,
+            allow_unsandboxed=self.allow_unsandboxed,
+            allow_network=self.sandbox_allow_network,
+            limits=self.sandbox_limits,
+            deny_read=tuple(Path(os.path.abspath(p)) for p in [data_dir, *tls, *self.sandbox_deny_read]),
+            protect=(*DEFAULT_PROTECTED, *self.sandbox_protect),
+            # The data dir names the server: its restart finds what its crash left running.
+            owner=hashlib.sha256(str(data_dir).encode()).hexdigest()[:16],
+        )
 
 
 class CodelaneServer:
@@ -143,7 +171,8 @@ class CodelaneServer:
             on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
         )
         self.stats = LaneStats()
-        self.registry = ToolRegistry.builtin()
+        self.sandbox = Sandbox(config.sandbox_settings(), keep_warm=True)
+        self.registry = ToolRegistry.builtin(self.sandbox)
         for module in config.local_worker_tools:
             self.registry.load_module(module)
         self.store: Store | None = None
@@ -193,7 +222,12 @@ class CodelaneServer:
 
     async def start(self) -> int:
         hub_token = self.hub_token()
+        # First: a second server on a busy port says so in one line, having touched nothing.
+        _refuse_port_in_use(self.config.listen)
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything runs: end what a crash of this server left, and learn what the host enforces
+        # (`codelane server` prints it: `sandbox.describe()`).
+        await asyncio.to_thread(self.sandbox.start)
         self.store = Store(self.config.data_dir / "codelane.db")
         self.telemetry = Telemetry(self.metrics, start_tracing(self.config.otlp_endpoint, "codelane-server"))
         self.admission = Admission(self.config.limits, sessions=self.store.count_sessions(), metrics=self.metrics)
@@ -228,7 +262,6 @@ class CodelaneServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        _refuse_port_in_use(self.config.listen)
         try:
             if self.config.tls_cert and self.config.tls_key:
                 self.port = server.add_secure_port(self.config.listen, self._server_credentials())
@@ -306,6 +339,8 @@ class CodelaneServer:
             argv += ["--log-format", self.config.log_format]
             if self.config.otlp_endpoint:
                 argv += ["--otlp-endpoint", self.config.otlp_endpoint]
+            if self.config.allow_unsandboxed:
+                argv.append("--allow-unsandboxed")
             self._workers.append(subprocess.Popen(argv, env=env))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -351,6 +386,7 @@ class CodelaneServer:
         if self.store is not None:
             self.store.close()
             self.store = None
+        await self.sandbox.aclose()
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._background.add(task)

@@ -185,7 +185,7 @@ class SessionManager:
     ) -> SessionRecord:
         """Raises config.InvalidArgument naming the bad field, admission.AtCapacity or ShuttingDown."""
         path = resolve_workspace(workspace, self.workspace_roots)
-        settings = build_settings(request, self.default_model, self.known_tools())
+        settings = build_settings(request, self.default_model, self.known_tools(), self.registry.sandbox.settings)
         await self.models.check(settings.model)
         if self.admission is not None:
             self.admission.check_session()

@@ -19,6 +19,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
+from tool_worker.confinement.launcher import Sandbox, default_sandbox
+from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.schema_check import compile_check
 from tool_worker.tools import (
     bash,
@@ -62,25 +64,31 @@ _Entry = tuple[Tool, Draft202012Validator, Callable[[dict[str, Any]], bool] | No
 
 
 @functools.lru_cache(maxsize=256)
-def _context(workspace: Path | str, denied_paths: tuple[str, ...]) -> ToolContext:
-    # Contexts are immutable and a process serves a few workspaces and policies: one per pair (a
+def _context(
+    workspace: Path | str, denied_paths: tuple[str, ...], sandbox: Sandbox, policy: SandboxPolicy
+) -> ToolContext:
+    # Contexts are immutable and a process serves a few workspaces and policies: one per set (a
     # worker passes the workspace as the string it received, which saves building a Path per
-    # call). The denied paths are part of the key: two sessions of one workspace may differ.
-    return ToolContext(workspace=Path(workspace), denied_paths=denied_paths)
+    # call). The denied paths and the sandbox policy are part of the key: two sessions of one
+    # workspace may differ.
+    return ToolContext(workspace=Path(workspace), denied_paths=denied_paths, sandbox=sandbox, policy=policy)
 
 
 class ToolRegistry:
-    """Tools by name, each with its compiled argument validators."""
+    """Tools by name, each with its compiled argument validators, and the sandbox their
+    processes run in (the process's default one unless given)."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), sandbox: Sandbox | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
+        self.sandbox = sandbox or default_sandbox()
+        self._default_policy = self.sandbox.settings.default_policy()
         for tool in tools:
             self.register(tool)
 
     @classmethod
-    def builtin(cls) -> ToolRegistry:
+    def builtin(cls, sandbox: Sandbox | None = None) -> ToolRegistry:
         """A registry holding every built-in tool, Query and Execute."""
-        return cls(_BUILTIN_TOOLS)
+        return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
         """Add one tool; ValueError if its name is taken or its parameters are not a valid schema."""
@@ -128,19 +136,38 @@ class ToolRegistry:
         ]
 
     async def execute(
-        self, name: str, workspace: Path | str, arguments_json: str, denied_paths: tuple[str, ...] = ()
+        self,
+        name: str,
+        workspace: Path | str,
+        arguments_json: str,
+        denied_paths: tuple[str, ...] = (),
+        *,
+        policy: SandboxPolicy | None = None,
     ) -> ToolResult:
-        """Run one call. Every failure becomes an error result; only cancellation propagates.
+        """Run one call under a session's sandbox `policy` (the sandbox's default when None).
+        Every failure becomes an error result; only cancellation propagates.
 
         `denied_paths` are the globs of the paths the session's policy denies reading (see
         `tool_worker.denied`): tools refuse to read them and leave them out of what they list.
+        Execute-lane results carry the policy's mode in `metadata["sandbox"]`, so that a call run
+        without a sandbox always says so.
         """
         started = time.perf_counter()
-        result = await self._execute(name, workspace, arguments_json, denied_paths)
-        return dataclasses.replace(result, run_time=time.perf_counter() - started)
+        policy = policy or self._default_policy
+        result = await self._execute(name, workspace, arguments_json, denied_paths, policy)
+        updates: dict[str, Any] = {"run_time": time.perf_counter() - started}
+        entry = self._entries.get(name)
+        if entry is not None and entry[0].spec.lane is Lane.EXECUTE:
+            updates["metadata"] = {**result.metadata, "sandbox": policy.mode.value}
+        return dataclasses.replace(result, **updates)
 
     async def _execute(
-        self, name: str, workspace: Path | str, arguments_json: str, denied_paths: tuple[str, ...]
+        self,
+        name: str,
+        workspace: Path | str,
+        arguments_json: str,
+        denied_paths: tuple[str, ...],
+        policy: SandboxPolicy,
     ) -> ToolResult:
         entry = self._entries.get(name)
         if entry is None:
@@ -172,7 +199,7 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(_context(workspace, denied_paths), arguments)
+            return await tool.run(_context(workspace, denied_paths, self.sandbox, policy), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
         except OSError as exc:

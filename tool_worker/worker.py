@@ -30,6 +30,8 @@ from codelane.transport import address_option, bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.child_watcher import pidfd_child_watcher
+from tool_worker.confinement.launcher import Sandbox
+from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.observe import WorkerMetrics, WorkerTelemetry
 from tool_worker.registry import ToolRegistry
@@ -468,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", help="CA certificate to verify the hub (enables TLS)")
     parser.add_argument("--tls-cert", help="client certificate for mTLS")
     parser.add_argument("--tls-key", help="client key for mTLS")
+    parser.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="run Query tools' processes (ripgrep) unconfined on a host without Landlock (default: they fail)",
+    )
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
@@ -497,7 +504,7 @@ def main(argv: list[str]) -> int:
     if args.slots < 1:
         print("codelane worker: --slots must be at least 1", file=sys.stderr)
         return 2
-    registry = ToolRegistry.builtin()
+    registry = ToolRegistry.builtin(Sandbox(SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)))
     try:
         for module in args.tools:
             registry.load_module(module)

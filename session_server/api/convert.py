@@ -16,13 +16,14 @@ from google.protobuf import timestamp_pb2
 
 from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
 from session_server import events as ev
-from session_server.config import LaneMode, PermissionsRequest, SessionSettings, SettingsRequest
+from session_server.config import LaneMode, PermissionsRequest, SandboxRequest, SessionSettings, SettingsRequest
 from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
 from session_server.llm.base import Usage
 from session_server.permissions import Action, PermissionPolicy
 from session_server.pool import WorkerSnapshot
 from session_server.store import SessionRecord, StoredMessage
 from tool_worker import wire
+from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
 
 # A stream message carries a batch of events up to about this size (a single bigger event goes
 # alone): well under the channel's message limit, and small enough to start arriving at once.
@@ -127,6 +128,14 @@ _ACTIONS = {
     session_pb2.PERMISSION_ACTION_ASK: Action.ASK,
 }
 _ACTIONS_TO_PROTO = {action: value for value, action in _ACTIONS.items()}
+_SANDBOX_MODES = {
+    session_pb2.SANDBOX_MODE_WORKSPACE_WRITE: SandboxMode.WORKSPACE_WRITE,
+    session_pb2.SANDBOX_MODE_READ_ONLY: SandboxMode.READ_ONLY,
+    session_pb2.SANDBOX_MODE_OFF: SandboxMode.OFF,
+}
+_SANDBOX_MODES_TO_PROTO = {mode: value for value, mode in _SANDBOX_MODES.items()}
+_NETWORKS = {session_pb2.SANDBOX_NETWORK_OFF: NetworkAccess.OFF, session_pb2.SANDBOX_NETWORK_ON: NetworkAccess.ON}
+_NETWORKS_TO_PROTO = {network: value for value, network in _NETWORKS.items()}
 
 
 def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
@@ -154,7 +163,40 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
         request.external_task_timeout = wire.seconds(config.queue.external_task_timeout)
     if config.HasField("permissions"):
         request.permissions = _permissions_request(config.permissions)
+    if config.HasField("sandbox"):
+        request.sandbox = _sandbox_request(config.sandbox)
+    request.env = dict(config.env)
     return request
+
+
+def _sandbox_request(policy: session_pb2.SandboxPolicy) -> SandboxRequest:
+    def named(table: dict[int, str], value: int) -> str:
+        # An unknown number passes through as text, for build_settings to refuse by field name.
+        return table[value].value if value in table else str(value) if value else ""
+
+    limits = policy.limits
+    return SandboxRequest(
+        mode=named(_SANDBOX_MODES, policy.mode),
+        network=named(_NETWORKS, policy.network),
+        max_processes=limits.max_processes,
+        max_memory_bytes=limits.max_memory_bytes,
+        max_cpu_seconds=wire.seconds(limits.max_cpu_time) if limits.HasField("max_cpu_time") else None,
+        max_open_files=limits.max_open_files,
+    )
+
+
+def sandbox_policy(policy: SandboxPolicy) -> session_pb2.SandboxPolicy:
+    limits = policy.limits
+    return session_pb2.SandboxPolicy(
+        mode=_SANDBOX_MODES_TO_PROTO[policy.mode],
+        network=_NETWORKS_TO_PROTO[policy.network],
+        limits=session_pb2.SandboxLimits(
+            max_processes=limits.processes,
+            max_memory_bytes=limits.memory_bytes,
+            max_cpu_time=wire.duration(limits.cpu_seconds),
+            max_open_files=limits.open_files,
+        ),
+    )
 
 
 def _permissions_request(policy: session_pb2.PermissionPolicy) -> PermissionsRequest:
@@ -218,6 +260,8 @@ def session(record: SessionRecord, running: bool) -> session_pb2.Session:
             external_task_timeout=wire.duration(settings.external_task_timeout),
         ),
         permissions=permission_policy(settings.permissions),
+        sandbox=sandbox_policy(settings.sandbox),
+        env=dict(settings.sandbox.env),
     )
     return session_pb2.Session(
         session_id=record.session_id,

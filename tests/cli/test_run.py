@@ -207,3 +207,22 @@ def test_run_leaves_confirmations_alone_without_a_terminal(make_server, tmp_path
             proc.wait(10)
     assert proc.returncode == 0 and err == ""
     assert json_lines(rest)[-1]["stop_reason"] == "end_turn"
+
+
+def test_run_sandbox_flags_set_the_session_policy(tmp_path: Path, workspace: Path) -> None:
+    script = write_script(tmp_path / "sandbox.yaml", [
+        {"text": "Trying.", "tool_calls": [
+            call("bash", "c_env", command="printenv PROJECT_MODE"),
+            call("bash", "c_write", command="echo changed > a.txt"),
+        ]},
+        {"text": "Done."},
+    ])  # fmt: skip
+    out = cli("run", "--embedded", "--workers", "0", "--model", script, "--workspace", str(workspace), "--json",
+              "--sandbox", "read-only", "--env", "PROJECT_MODE=ci", "go")
+    assert out.returncode == 0, out.stderr
+    results = {e["call_id"]: e["result"] for e in json_lines(out.stdout) if e["kind"] == "tool_call_finished"}
+    assert results["c_env"]["output"] == "ci"
+    assert "Read-only file system" in results["c_write"]["output"]
+    assert (workspace / "a.txt").read_text() != "changed\n"
+    refused = cli("run", "--embedded", "--workers", "0", "--workspace", str(workspace), "--env", "no-equals", "go")
+    assert refused.returncode == 2 and "NAME=VALUE" in refused.stderr

@@ -14,6 +14,7 @@ import pytest
 from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc
 from session_server.pool import QueryCall
 from tests.pool.conftest import pid_alive, wait_for
+from tests.processes import all_gone, pids_with
 from tool_worker.tools.base import ErrorKind
 
 
@@ -207,21 +208,18 @@ async def test_worker_reconnects_after_a_hub_restart(make_server, workers, tmp_p
     assert not result.is_error and result.worker_id == "w1"
 
 
-async def test_cancelling_a_call_kills_its_tool_process_on_the_worker(make_server, workers, tmp_path: Path) -> None:
+async def test_cancelling_a_call_kills_its_tool_process_on_the_worker(
+    make_server, workers, tmp_path: Path, mark: str
+) -> None:
     server = await make_server()
     workers.spawn(server.port, "w1")
     await connected(server, "w1")
-    pid_file = tmp_path / "pid"
-    task = asyncio.create_task(
-        server.pool.dispatch(call(tmp_path, "sleep_process", {"ms": 60000, "pid_file": str(pid_file)}))
-    )
-    await wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="the tool process")
-    pid = int(pid_file.read_text())
-    assert pid_alive(pid)
+    task = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep_process", {"ms": 60000, "mark": mark})))
+    await wait_for(lambda: bool(pids_with(mark)), what="the tool process")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_for(lambda: not pid_alive(pid), within=5, what="the tool process to die")
+    assert await all_gone(mark, within=5), "the tool process outlived its cancelled call"
     # The slot comes back once the worker confirms.
     await wait_for(lambda: server.pool.workers()[0].in_flight == 0, within=5, what="the slot to be released")
 
@@ -233,7 +231,7 @@ async def test_a_tools_own_timeout_on_a_worker_ends_only_that_call(make_server, 
     workers.spawn(server.port, "w1")
     await connected(server, "w1")
     events: list = []
-    args = {"ms": 10000, "pid_file": str(tmp_path / "pid"), "timeout_ms": 300}
+    args = {"ms": 10000, "mark": "codelane-test-sleep", "timeout_ms": 300}
     started = time.monotonic()
     result = await server.pool.dispatch(call(tmp_path, "sleep_process", args, events=events))
     assert result.is_error and result.error_kind is ErrorKind.TIMEOUT, result.output

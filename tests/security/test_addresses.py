@@ -45,8 +45,11 @@ def test_a_second_server_on_a_port_in_use_is_refused(tmp_path: Path) -> None:
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert first.stdout is not None
-        ready = first.stdout.readline()  # "codelane server listening on ..." once bound
-        assert "listening" in ready, ready
+        # "codelane server listening on ..." once bound (after a line about its sandbox).
+        ready = ""
+        while "listening" not in ready:
+            ready = first.stdout.readline()
+            assert ready, "the first server exited before it listened"
         second = codelane("server", "--listen", f"127.0.0.1:{port}", "--local-workers", "0",
                           "--data-dir", str(tmp_path / "second"), cwd=tmp_path)
         assert second.returncode == 1

@@ -406,9 +406,15 @@ class Processes:
     groups: list[int] = field(default_factory=list)
 
     async def start_server(
-        self, data_dir: Path, *, model: str = "", env: dict[str, str] | None = None, local_workers: int = 2,
+        self,
+        data_dir: Path,
+        *,
+        model: str = "",
+        env: dict[str, str] | None = None,
+        local_workers: int = 2,
         args: tuple[str, ...] = (),
     ) -> ServerProcess:
+        """`args`: more `codelane server` flags."""
         port = free_port()
         n = len(self.servers)
         out, err = self.tmp_path / f"server-{n}.out", self.tmp_path / f"server-{n}.err"

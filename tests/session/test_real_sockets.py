@@ -12,6 +12,7 @@ import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.mock_llm import MOCK_LLM_KEY, MockLLM, start_mock_llm
+from tests.processes import all_gone, kill_all, marker, pids_with
 from tests.session.conftest import (
     Processes,
     assert_gap_free,
@@ -23,7 +24,9 @@ from tests.session.conftest import (
 )
 
 WORKERS = {"local-1", "local-2"}
-SLOW_BASH = "test -e slow.marker && echo resumed || { touch slow.marker; echo $$ > slow.pid; sleep 30; }"
+# The sleep's argument marks it on the host (the sandbox's PID namespace hides its real pid).
+SLOW_MARK = marker()
+SLOW_BASH = f"test -e slow.marker && echo resumed || {{ touch slow.marker; sleep {SLOW_MARK}; }}"
 
 
 @pytest.fixture
@@ -103,12 +106,15 @@ async def test_workers_crash_and_restart_over_http(
         lambda r: kind(r.event) == "tool_call_started" and r.event.tool_call_started.call.call_id == "slow_bash",
         seen,
     )
-    pid_file = workspace / "slow.pid"
-    await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="slow bash to start")
+    await wait_until(lambda: bool(pids_with(SLOW_MARK)), what="slow bash to start")
     turn2_seen = [r.event for r in seen]
     turn2_id = turn2_seen[0].turn_id
     server.kill9()
-    processes.kill_pid_file(pid_file)  # the orphaned sleep; the old workers die at teardown
+    try:
+        # The sandboxed bash and its sleep die with the server (the old workers die at teardown).
+        assert await all_gone(SLOW_MARK)
+    finally:
+        kill_all(SLOW_MARK)
     with pytest.raises(grpc.aio.AioRpcError) as cut:
         await asyncio.wait_for(stream.read(), 10)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE

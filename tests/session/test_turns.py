@@ -14,13 +14,13 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
     Client,
     assert_gap_free,
     call,
     error_details,
     kind,
-    pid_alive,
     read_rest,
     read_until,
     rpc_error,
@@ -253,8 +253,8 @@ async def test_turn_survives_client_disconnect(client: Client, workspace: Path, 
     assert history[-1].text == "Finished without you."
 
 
-async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path) -> None:
-    bash = "sleep 30 & echo $! > sleep.pid; echo $$ > bash.pid; wait"
+async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:
+    bash = f"sleep {mark} & setsid sleep {mark} & wait"
     calls = [
         call("grep", "q1", pattern="needle"),
         call("read", "q2", file_path="a.txt"),
@@ -273,10 +273,7 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path)
         lambda r: kind(r.event) == "tool_call_started" and r.event.tool_call_started.call.call_id == "long",
         seen,
     )
-    pid_files = (workspace / "bash.pid", workspace / "sleep.pid")
-    await wait_until(lambda: all(p.exists() and p.read_text().strip() for p in pid_files), what="bash pid files")
-    pids = [int(p.read_text()) for p in pid_files]
-    assert all(pid_alive(pid) for pid in pids)
+    await wait_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
 
     cancelled_at = time.monotonic()
     assert await client.cancel(session.session_id)
@@ -298,8 +295,8 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path)
         assert results[call_id].error_kind == tools_pb2.ERROR_KIND_CANCELLED, call_id
     assert "while running" in results["long"].output and "before it started" in results["q3"].output
 
-    # The bash process group is gone.
-    await wait_until(lambda: not any(pid_alive(pid) for pid in pids), within=3.0, what="bash to die")
+    # Every process of the bash call is gone, the one that left its process group included.
+    assert await all_gone(mark)
 
     # History stays valid: every call of the assistant message has its result, in order.
     history = await client.history(session.session_id)
@@ -320,8 +317,8 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path)
     assert events[-1].turn_finished.final_text == "Next turn."
 
 
-async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, tmp_path: Path) -> None:
-    bash = "echo $$ > del.pid; sleep 30"
+async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:
+    bash = f"sleep {mark}"
     model = scripted(tmp_path, [{"text": "Slow.", "tool_calls": [call("bash", "long", command=bash)]}])
     session = await client.create(workspace, model)
     sid = session.session_id
@@ -330,9 +327,7 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
     try:
         assert (await asyncio.wait_for(watch.read(), 10)).caught_up.last_sequence == 0
         await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
-        pid_file = workspace / "del.pid"
-        await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="bash to start")
-        pid = int(pid_file.read_text())
+        await wait_until(lambda: bool(pids_with(mark)), what="bash to start")
 
         await asyncio.wait_for(
             client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=sid), timeout=10), 10
@@ -352,7 +347,7 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
     finally:
         stream.cancel()
         watch.cancel()
-    await wait_until(lambda: not pid_alive(pid), within=3.0, what="bash to die")
+    assert await all_gone(mark)
     assert (await rpc_error(client.get(sid))).code == grpc.StatusCode.NOT_FOUND
 
 

@@ -11,25 +11,9 @@ from typing import Any
 
 import pytest
 
+from tests.processes import all_gone, pids_with
 from tool_worker.tools import process
 from tool_worker.tools.base import ErrorKind
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (PID 1 may be slow to reap orphans)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-async def _gone(pids: list[int]) -> bool:
-    for _ in range(100):
-        if not any(_alive(pid) for pid in pids):
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 async def test_bash_output_and_exit_code(call: Any) -> None:
@@ -52,22 +36,27 @@ async def test_execute_argv_without_shell(call: Any) -> None:
     assert (await call("execute", argv=[])).error_kind is ErrorKind.INVALID_ARGUMENTS
 
 
-async def test_timeout_kills_the_whole_group(call: Any) -> None:
+async def test_timeout_kills_the_whole_group(call: Any, mark: str) -> None:
     started = time.monotonic()
-    result = await call("bash", command="echo started; sleep 100 & echo $!; sleep 100 & echo $!; wait", timeout=500)
+    result = await call("bash", command=f"echo started; sleep {mark} & sleep {mark} & wait", timeout=500)
     assert time.monotonic() - started < 3
     assert result.error_kind is ErrorKind.TIMEOUT and result.exit_code is None
-    assert result.output.startswith("started\n")
+    assert result.output.startswith("started")
     assert "timed out after 500 ms" in result.output
-    grandchildren = [int(line) for line in result.output.splitlines()[1:3]]
-    assert await _gone(grandchildren)
+    assert await all_gone(mark)
 
 
-async def test_background_processes_do_not_outlive_the_call(call: Any) -> None:
+async def test_setsid_does_not_escape_the_timeout_kill(call: Any, mark: str) -> None:
+    result = await call("bash", command=f"setsid sleep {mark} & sleep {mark}", timeout=500)
+    assert result.error_kind is ErrorKind.TIMEOUT
+    assert await all_gone(mark)
+
+
+async def test_background_processes_do_not_outlive_the_call(call: Any, mark: str) -> None:
     started = time.monotonic()
-    result = await call("bash", command="sleep 100 & echo $!")
+    result = await call("bash", command=f"sleep {mark} & setsid sleep {mark} & nohup sleep {mark} >/dev/null 2>&1 &")
     assert time.monotonic() - started < 3 and result.exit_code == 0
-    assert await _gone([int(result.output)])
+    assert await all_gone(mark)
 
 
 async def test_large_output_cut_from_the_middle(call: Any) -> None:
@@ -87,19 +76,19 @@ async def test_large_output_cut_from_the_middle(call: Any) -> None:
     assert result.output.startswith("a" * 100) and result.output.endswith("a\nTHE-END")
 
 
-async def test_cancellation_kills_the_group(registry: Any, workspace: Path) -> None:
-    command = "sleep 100 & echo $! > pids; echo $$ >> pids; wait"
+async def test_cancellation_kills_the_group(registry: Any, workspace: Path, mark: str) -> None:
+    command = f"sleep {mark} & setsid sleep {mark} & echo started > flag; wait"
     task = asyncio.create_task(registry.execute("bash", workspace, json.dumps({"command": command})))
-    pid_file = workspace / "pids"
-    for _ in range(200):
-        if pid_file.exists() and len(pid_file.read_text().split()) == 2:
+    flag = workspace / "flag"
+    for _ in range(500):
+        if flag.exists() and len(pids_with(mark)) == 2:
             break
         await asyncio.sleep(0.01)
-    pids = [int(pid) for pid in pid_file.read_text().split()]
+    assert len(pids_with(mark)) == 2
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await _gone(pids)
+    assert await all_gone(mark)
 
 
 async def test_two_calls_run_concurrently(call: Any) -> None:

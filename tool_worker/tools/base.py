@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from tool_worker.effects import EffectsFunction
-
+from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.denied import DeniedPaths, normalise_relative, relative_to_root
+
+if TYPE_CHECKING:
+    from tool_worker.confinement.launcher import Sandbox
+    from tool_worker.effects import EffectsFunction
 
 
 class Lane(enum.StrEnum):
@@ -43,6 +45,8 @@ class ErrorKind(enum.StrEnum):
     INTERNAL = "internal"
     # Never executed: the server was at an operator's limit (session_server.admission).
     AT_CAPACITY = "at_capacity"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    RESOURCE_LIMIT = "resource_limit"
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,22 @@ class ToolFailure(Exception):
         self.kind = kind
 
 
+def _default_sandbox() -> Sandbox:
+    from tool_worker.confinement.launcher import default_sandbox
+
+    return default_sandbox()
+
+
 @dataclass(frozen=True)
 class ToolContext:
-    """What a running call may know: the workspace it is confined to, and the paths in it that
-    the session's policy denies reading (globs, see `tool_worker.denied`)."""
+    """What a running call may know: the workspace it is confined to, the paths in it that the
+    session's policy denies reading (globs, see `tool_worker.denied`), how this process confines
+    the processes tools start, and the session's sandbox policy."""
 
     workspace: Path
     denied_paths: tuple[str, ...] = ()
+    sandbox: Sandbox = field(default_factory=_default_sandbox)
+    policy: SandboxPolicy = field(default_factory=SandboxPolicy)
 
     @functools.cached_property
     def denied(self) -> DeniedPaths:

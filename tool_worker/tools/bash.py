@@ -13,9 +13,8 @@ _SHELL = shutil.which("bash") or "/bin/sh"
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
-    # Deliberately not confined by the sandbox: a shell can reach any path the process can.
     timeout_ms = args.get("timeout", process.DEFAULT_TIMEOUT_MS)
-    return await process.run_command([_SHELL, "-c", args["command"]], ctx.workspace, timeout_ms)
+    return await process.run_command([_SHELL, "-c", args["command"]], ctx, timeout_ms)
 
 
 TOOL = Tool(
@@ -32,8 +31,8 @@ TOOL = Tool(
             f"- Output over {process.MAX_OUTPUT_CHARS} characters is cut from the middle; redirect "
             "large output to a file and grep or read it instead.\n"
             "- A non-zero exit code makes the result an error; the code is shown at the end.\n"
-            "- This is a real shell: it is NOT confined to the workspace by the path sandbox. "
-            "Prefer the read, grep, glob, ls, write and edit tools for files."
+            f"{process.SANDBOX_NOTE}\n"
+            "- Prefer the read, grep, glob, ls, write and edit tools for files."
         ),
         parameters={
             "type": "object",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
@@ -76,6 +77,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     source = resolve_in_workspace(ctx.workspace, args["source"])
     destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
     ctx.check_readable(source, args["source"])
+    refuse_protected(ctx, "copy", (destination, args["destination"]))
     shown = (args["source"], args["destination"])
     try:
         return await run_stoppable(_copy, ctx, source, destination, shown, args.get("overwrite", False))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 
@@ -32,6 +33,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     target = resolve_in_workspace(ctx.workspace, args["path"], follow_final_symlink=False)
     if target == workspace_root(ctx.workspace):
         raise ToolFailure("refusing to delete the workspace root")
+    refuse_protected(ctx, "delete", (target, args["path"]))
     try:
         return await asyncio.to_thread(_delete, target, args["path"], args.get("recursive", False))
     except OSError as exc:

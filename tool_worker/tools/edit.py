@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import atomic_write, check_stop, open_regular, run_stoppable
@@ -50,6 +51,7 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     target = resolve_in_workspace(ctx.workspace, args["file_path"])
     ctx.check_readable(target, args["file_path"])
+    refuse_protected(ctx, "edit", (target, args["file_path"]))
     return await run_stoppable(
         _edit,
         target,

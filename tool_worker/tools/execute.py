@@ -10,7 +10,7 @@ from tool_worker.tools.base import Lane, Tool, ToolContext, ToolResult, ToolSpec
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     timeout_ms = args.get("timeout", process.DEFAULT_TIMEOUT_MS)
-    return await process.run_command(args["argv"], ctx.workspace, timeout_ms)
+    return await process.run_command(args["argv"], ctx, timeout_ms)
 
 
 TOOL = Tool(
@@ -24,7 +24,7 @@ TOOL = Tool(
             f"{process.MAX_TIMEOUT_MS}; on timeout the program and its children are killed.\n"
             f"- Output over {process.MAX_OUTPUT_CHARS} characters is cut from the middle.\n"
             "- A non-zero exit code makes the result an error; the code is shown at the end.\n"
-            "- Like bash, the program itself is not confined to the workspace."
+            f"{process.SANDBOX_NOTE}"
         ),
         parameters={
             "type": "object",

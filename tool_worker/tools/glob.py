@@ -84,7 +84,9 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if args["pattern"].startswith("!"):
         raise ToolFailure("a glob pattern cannot start with '!' (negation)", ErrorKind.INVALID_ARGUMENTS)
     stamper = _Stamper(str(cwd), args["pattern"])
-    out = await run_rg(["--files", "--null", f"--threads={_WALK_THREADS}"], cwd, on_chunk=stamper.feed)
+    out = await run_rg(
+        ["--files", "--null", f"--threads={_WALK_THREADS}"], cwd, ctx.sandbox.read_only, on_chunk=stamper.feed
+    )
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"glob failed: {out.stderr}")
     stamped = await stamper.newest_first()

@@ -135,7 +135,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     shown_path = args.get("path", ".")
     ctx.check_readable(resolve_in_workspace(ctx.workspace, shown_path), shown_path)
     rg_args, cwd, prefix = rg_invocation(ctx.workspace, args)
-    out = await run_rg(rg_args, cwd)
+    out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
     if out.returncode == 2 and not out.stdout and not out.stderr and ("glob" in args or "type" in args):
         # rg exits 2 in silence (--no-messages) when its filters leave no file to search.
         filters = " and ".join(

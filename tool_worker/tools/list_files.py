@@ -23,7 +23,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     rg_args = ["--files", "--null"]
     if "max_depth" in args:
         rg_args += ["--max-depth", str(args["max_depth"])]
-    out = await run_rg(rg_args, cwd)
+    out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
     if out.returncode == 2 and not out.stdout:
         raise ToolFailure(f"listing {shown} failed: {out.stderr}")
     paths = [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
@@ -30,6 +31,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
     if source == workspace_root(ctx.workspace):
         raise ToolFailure("refusing to move the workspace root")
+    refuse_protected(ctx, "move", (source, args["source"]), (destination, args["destination"]))
     shown = (args["source"], args["destination"])
     try:
         return await asyncio.to_thread(_move, source, destination, shown, args.get("overwrite", False))

@@ -1,8 +1,9 @@
-"""Run a command for bash and execute: own process group, bounded output, timeout, cancellation.
+"""Run a command for bash and execute: sandboxed, bounded output, timeout, cancellation.
 
-The command gets a new session (`start_new_session=True`), so it and everything it spawns share
-one process group that can be killed as a whole: on timeout, on cancellation of the call, and
-when the command itself has finished (background processes do not outlive their call).
+The command runs under the session's sandbox policy (`tool_worker.confinement`): in a PID
+namespace of its own, so everything it starts, `setsid` included, is killed as a whole: on
+timeout, on cancellation of the call, and when the command itself has finished (background
+processes do not outlive their call).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import os
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tool_worker.tools.base import ErrorKind, ToolFailure, ToolResult
+from tool_worker.confinement.launcher import RunningCommand, SandboxUnavailable
+from tool_worker.confinement.policy import Limit, SandboxPolicy
+from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure, ToolResult
 
 DEFAULT_TIMEOUT_MS = 120_000
 MAX_TIMEOUT_MS = 600_000
@@ -25,6 +26,15 @@ MAX_OUTPUT_CHARS = 30_000
 # After the command exits, how long output still in flight may take to arrive.
 _DRAIN_SECONDS = 0.5
 _READ_CHUNK = 64 * 1024
+
+# What the model is told about the sandbox (the session's mode may relax or tighten it).
+SANDBOX_NOTE = (
+    "- It runs in a sandbox (unless the session turned it off): it can write only inside the workspace "
+    "and /tmp (private to this call, emptied after it), .git/hooks and .git/config are read-only, there "
+    "is no network, the environment holds only PATH, HOME, LANG, TERM, TMPDIR and the session's own "
+    "variables, and processes, memory, CPU time and open files are limited; a result says which limit "
+    "stopped a command."
+)
 
 TIMEOUT_SCHEMA: dict[str, Any] = {
     "type": "integer",
@@ -75,17 +85,38 @@ class _Outcome:
     omitted: int
     exit_code: int | None
     timed_out: bool
+    limits_hit: list[Limit]
 
 
-async def run_command(argv: Sequence[str], cwd: Path, timeout_ms: int) -> ToolResult:
-    """Run `argv` in `cwd` and report merged stdout+stderr, exit code, truncation and timeout.
+_LIMIT_TEXT = {
+    Limit.PROCESSES: "the process limit ({limits.processes} processes) was reached: forks failed",
+    Limit.MEMORY: "the memory limit ({memory}) was reached: the kernel killed a process",
+    Limit.CPU_TIME: "a process used up its CPU-time limit ({limits.cpu_seconds} s) and was killed (SIGXCPU)",
+}
+
+
+async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) -> ToolResult:
+    """Run `argv` in the workspace under the session's sandbox policy and report merged
+    stdout+stderr, exit code, truncation, timeout, and the resource limits that stopped it.
 
     A non-zero exit code is an error result (TOOL_ERROR), a timeout a TIMEOUT result carrying
-    the output produced until then.
+    the output produced until then; a limit makes it RESOURCE_LIMIT, whatever else happened. A
+    policy the host cannot enforce is a SANDBOX_UNAVAILABLE result, and nothing runs.
     """
-    outcome = await _run(argv, cwd, timeout_ms / 1000)
+    try:
+        outcome = await _run(argv, ctx, timeout_ms / 1000)
+    except SandboxUnavailable as exc:
+        raise ToolFailure(f"{argv[0]} was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
     output = outcome.output.rstrip("\n") or "(no output)"
-    common: dict[str, Any] = {"exit_code": outcome.exit_code, "truncated": outcome.omitted > 0}
+    common: dict[str, Any] = {
+        "exit_code": outcome.exit_code,
+        "truncated": outcome.omitted > 0,
+    }
+    if outcome.limits_hit:
+        common["metadata"] = {"limits_hit": [limit.value for limit in outcome.limits_hit]}
+        notes = "; ".join(_limit_text(limit, ctx.policy) for limit in outcome.limits_hit)
+        ending = f"timed out after {timeout_ms} ms, " if outcome.timed_out else ""
+        return ToolResult.error(ErrorKind.RESOURCE_LIMIT, f"{output}\n\n[{ending}{notes}]", **common)
     if outcome.timed_out:
         return ToolResult.error(
             ErrorKind.TIMEOUT,
@@ -99,30 +130,24 @@ async def run_command(argv: Sequence[str], cwd: Path, timeout_ms: int) -> ToolRe
     return ToolResult(output=output, **common)
 
 
-async def _run(argv: Sequence[str], cwd: Path, limit_seconds: float) -> _Outcome:
-    # Our own pipe rather than stdout=PIPE: Process.wait() also waits for PIPE pipes to close,
-    # which a background child holding them would delay indefinitely; and a transport we own
-    # can be closed even if a process that left the group keeps the write end open.
-    read_fd, write_fd = os.pipe()
+def _limit_text(limit: Limit, policy: SandboxPolicy) -> str:
+    limits = policy.limits
+    return _LIMIT_TEXT[limit].format(limits=limits, memory=f"{limits.memory_bytes / 2**20:g} MiB")
+
+
+async def _run(argv: Sequence[str], ctx: ToolContext, limit_seconds: float) -> _Outcome:
+    if any("\0" in arg for arg in argv):
+        raise ToolFailure(f"{argv[0]!r}: an argument contains a NUL character", ErrorKind.INVALID_ARGUMENTS)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=write_fd,
-            stderr=write_fd,
-            start_new_session=True,
+        command: RunningCommand = await ctx.sandbox.start_command(
+            argv, workspace=ctx.workspace, cwd=ctx.workspace, policy=ctx.policy
         )
     except OSError as exc:
-        os.close(read_fd)
         # exc.filename tells a missing program from a missing working directory.
         raise ToolFailure(f"cannot run {argv[0]}: {exc.strerror}: {exc.filename}") from exc
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    pipe = os.fdopen(read_fd, "rb", buffering=0)
+    # The output is a pipe of our own rather than stdout=PIPE: a transport we own can be closed
+    # even while a process of the call still holds the write end.
+    pipe = os.fdopen(command.output_fd, "rb", buffering=0)
     transport: asyncio.ReadTransport | None = None
     reader: asyncio.Task[None] | None = None
     capture = _HeadTail(MAX_OUTPUT_CHARS)
@@ -134,17 +159,18 @@ async def _run(argv: Sequence[str], cwd: Path, limit_seconds: float) -> _Outcome
         )
         reader = asyncio.create_task(_pump(stream, capture))
         async with asyncio.timeout(limit_seconds):
-            await proc.wait()
+            await command.wait()
             # Output written just before the exit may still be in the pipe; background
             # processes holding the pipe open must not keep the call waiting.
             await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
     except TimeoutError:
         # The deadline may also pass while draining the pipe of a command that did finish.
-        timed_out = proc.returncode is None
+        timed_out = command.returncode is None
     finally:
-        _kill_group(proc.pid)
+        command.kill()
         if reader is not None and not reader.done():
-            # The group is dead so the pipe is at EOF, unless a process escaped it with setsid.
+            # Every process of the call is dead, so the pipe is at EOF (unless, without a
+            # sandbox, one left the process group with setsid).
             await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
             reader.cancel()
             await asyncio.wait({reader})
@@ -152,8 +178,9 @@ async def _run(argv: Sequence[str], cwd: Path, limit_seconds: float) -> _Outcome
             transport.close()
         else:
             pipe.close()
-        await proc.wait()
-    return _Outcome(capture.text(), capture.omitted, None if timed_out else proc.returncode, timed_out)
+        await command.close()
+    exit_code = None if timed_out else command.returncode
+    return _Outcome(capture.text(), capture.omitted, exit_code, timed_out, command.limits_hit(exit_code))
 
 
 async def _pump(stream: asyncio.StreamReader, capture: _HeadTail) -> None:
@@ -161,10 +188,3 @@ async def _pump(stream: asyncio.StreamReader, capture: _HeadTail) -> None:
     while chunk := await stream.read(_READ_CHUNK):
         capture.feed(decoder.decode(chunk))
     capture.feed(decoder.decode(b"", final=True))
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

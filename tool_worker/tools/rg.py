@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tool_worker.confinement.readonly import ConfinementUnavailable, ReadOnlyLauncher
 from tool_worker.tools.base import ErrorKind, ToolFailure
 
 # Read at most this much of rg's stdout; past it rg is stopped, so memory stays bounded even for
@@ -54,24 +55,20 @@ class RgOutput:
 async def run_rg(
     args: Sequence[str],
     cwd: Path,
+    launcher: ReadOnlyLauncher,
     max_bytes: int = MAX_RG_OUTPUT_BYTES,
     on_chunk: Callable[[bytes], None] | None = None,
 ) -> RgOutput:
-    """Run rg with BASE_ARGS + `args` in `cwd`; rg is killed if the caller is cancelled.
+    """Run rg with BASE_ARGS + `args` in `cwd`, read-only and without network (`launcher`); rg
+    is killed if the caller is cancelled.
 
     `on_chunk` sees stdout as it arrives, to start work while rg is still walking.
     """
-    proc = await asyncio.create_subprocess_exec(
-        rg_binary(),
-        *BASE_ARGS,
-        *args,
-        cwd=cwd,
-        # Never a pipe: rg searches stdin instead of cwd when stdin is readable.
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        # stdin is /dev/null, never a pipe: rg searches stdin instead of cwd when stdin is readable.
+        proc = await launcher.exec(rg_binary(), *BASE_ARGS, *args, cwd=cwd)
+    except ConfinementUnavailable as exc:
+        raise ToolFailure(f"ripgrep was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
     try:
         stdout, stderr = await asyncio.gather(
             _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
+from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import atomic_write
@@ -25,6 +26,7 @@ def _write(target: Path, shown: str, content: str) -> ToolResult:
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     target = resolve_in_workspace(ctx.workspace, args["file_path"])
+    refuse_protected(ctx, "write", (target, args["file_path"]))
     return await asyncio.to_thread(_write, target, args["file_path"], args["content"])
 
 

@@ -527,7 +527,7 @@ export class CodelaneClient {
    * Resolves to the Session; a malformed permissions or lanes option rejects with a TypeError.
    */
   async createSession({
-    workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, config, labels,
+    workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, sandbox, env, config, labels,
   } = {}, callOptions) {
     const cfg = { ...(config ?? {}) };
     if (model !== undefined) cfg.model = model;
@@ -535,6 +535,8 @@ export class CodelaneClient {
     if (maxTurns !== undefined) cfg.maxTurns = maxTurns;
     if (queue !== undefined) cfg.queue = queue;
     if (permissions !== undefined && permissions !== null) cfg.permissions = this._permissionPolicy(permissions);
+    if (sandbox !== undefined && sandbox !== null) cfg.sandbox = this._sandboxPolicy(sandbox);
+    if (env !== undefined && env !== null) cfg.env = env;
     if ((lanes !== undefined && lanes !== null) || (externalTaskTimeout !== undefined && externalTaskTimeout !== null)) {
       cfg.queue = { ...(cfg.queue ?? {}) };
       if (lanes) cfg.queue.lanes = [...(cfg.queue.lanes ?? []), ...this._laneConfigs(lanes)];
@@ -576,6 +578,33 @@ export class CodelaneClient {
     if (permissions.confirmationTimeout !== undefined && permissions.confirmationTimeout !== null) {
       policy.confirmationTimeout = permissions.confirmationTimeout;
     }
+    return policy;
+  }
+
+  /**
+   * createSession's `sandbox` -> a SandboxPolicy: {mode: 'workspace-write' | 'read-only' | 'off',
+   * network: 'off' | 'on', maxProcesses, maxMemoryBytes, maxCpuTime (seconds), maxOpenFiles}.
+   */
+  _sandboxPolicy(sandbox) {
+    if (typeof sandbox !== 'object' || Array.isArray(sandbox)) {
+      throw new TypeError("sandbox: expected an object like {mode: 'read-only', network: 'off', maxProcesses: 64}");
+    }
+    const limitKeys = ['maxProcesses', 'maxMemoryBytes', 'maxCpuTime', 'maxOpenFiles'];
+    const known = ['mode', 'network', ...limitKeys];
+    const unknown = Object.keys(sandbox).filter((k) => !known.includes(k));
+    if (unknown.length > 0) throw new TypeError(`sandbox: unknown keys ${unknown.join(', ')}; use ${known.join(', ')}`);
+    const named = (type, prefix, value, where) => this._codec.enumValue(
+      `${PACKAGE}.${type}`, prefix, typeof value === 'string' ? value.replace(/-/g, '_') : value, where);
+    const policy = {};
+    if (sandbox.mode !== undefined && sandbox.mode !== null) {
+      policy.mode = named('SandboxMode', 'SANDBOX_MODE_', sandbox.mode, 'sandbox.mode');
+    }
+    if (sandbox.network !== undefined && sandbox.network !== null) {
+      policy.network = named('SandboxNetwork', 'SANDBOX_NETWORK_', sandbox.network, 'sandbox.network');
+    }
+    const limits = Object.fromEntries(limitKeys.filter((k) => sandbox[k] !== undefined && sandbox[k] !== null)
+      .map((k) => [k, sandbox[k]]));
+    if (Object.keys(limits).length > 0) policy.limits = limits;
     return policy;
   }
 

@@ -499,6 +499,28 @@ describe('permissions and confirmations', { timeout: TEST_TIMEOUT_MS }, () => {
     await assert.rejects(client.createSession({ workspace, permissions: { asks: ['write'] } }), TypeError);
   });
 
+  test('createSession takes a sandbox policy and env in a plain shape; the Session echoes them', async () => {
+    const session = await client.createSession({
+      workspace, model: scriptModels.approve,
+      sandbox: { mode: 'read-only', maxProcesses: 64, maxMemoryBytes: 256 * 1024 * 1024, maxCpuTime: 30 },
+      env: { PROJECT_MODE: 'ci' },
+    });
+    const { sandbox } = session.config;
+    assert.equal(sandbox.mode, 'SANDBOX_MODE_READ_ONLY');
+    assert.equal(sandbox.network, 'SANDBOX_NETWORK_OFF');
+    assert.equal(sandbox.limits.maxProcesses, 64);
+    assert.equal(sandbox.limits.maxMemoryBytes, BigInt(256 * 1024 * 1024));
+    assert.equal(sandbox.limits.maxCpuTime, 30);
+    assert.deepEqual(session.config.env, { PROJECT_MODE: 'ci' });
+    await client.deleteSession(session.sessionId);
+
+    await assert.rejects(client.createSession({ workspace, sandbox: { mode: 'sealed' } }), TypeError);
+    await assert.rejects(client.createSession({ workspace, sandbox: { cpu: 3 } }), TypeError);
+    // The server refuses what its operator does not allow, naming the field.
+    await assert.rejects(client.createSession({ workspace, model: scriptModels.approve, sandbox: { mode: 'off' } }),
+      (err) => err.code === grpc.status.INVALID_ARGUMENT && err.errorInfo?.metadata?.field === 'config.sandbox.mode');
+  });
+
   test('an approved write runs: confirmation_required, confirmToolCall(approve), the file is written', async () => {
     const { session, events } = await confirmedTurn(scriptModels.approve, true);
     const required = events.filter((e) => e.kind === 'confirmation_required');

@@ -42,6 +42,14 @@ _LANE_MODES = {
     "hybrid": tools_pb2.LANE_MODE_HYBRID,
 }
 _PERMISSION_KEYS = {"allow", "deny", "ask", "default", "confirmation_timeout", "timeout_action"}
+_SANDBOX_MODES = {
+    "workspace-write": session_pb2.SANDBOX_MODE_WORKSPACE_WRITE,
+    "read-only": session_pb2.SANDBOX_MODE_READ_ONLY,
+    "off": session_pb2.SANDBOX_MODE_OFF,
+}
+_SANDBOX_NETWORKS = {"off": session_pb2.SANDBOX_NETWORK_OFF, "on": session_pb2.SANDBOX_NETWORK_ON}
+_SANDBOX_LIMITS = {"max_processes", "max_memory_bytes", "max_open_files"}
+_SANDBOX_KEYS = {"mode", "network", "max_cpu_time", *_SANDBOX_LIMITS}
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -81,6 +89,31 @@ def permission_policy(permissions: Mapping[str, Any]) -> session_pb2.PermissionP
         policy.confirmation_timeout.CopyFrom(_duration(permissions["confirmation_timeout"]))
     if "timeout_action" in permissions:
         policy.timeout_action = _choice(_ACTIONS, permissions["timeout_action"], "permissions timeout_action")
+    return policy
+
+
+def sandbox_policy(sandbox: Mapping[str, Any]) -> session_pb2.SandboxPolicy:
+    """The SandboxPolicy of `Client.create_session(sandbox=...)`'s dict:
+
+        {"mode": "read-only", "network": "on", "max_processes": 64, "max_memory_bytes": 1 << 30,
+         "max_cpu_time": 60, "max_open_files": 256}
+
+    mode: "workspace-write", "read-only" or "off"; network: "off" or "on"; max_cpu_time in seconds.
+    Every key is optional (the server's defaults); the server refuses what its operator does not
+    allow (INVALID_ARGUMENT naming the field).
+    """
+    unknown = set(sandbox) - _SANDBOX_KEYS
+    if unknown:
+        raise ValueError(f"unknown sandbox keys {sorted(unknown)}; use {sorted(_SANDBOX_KEYS)}")
+    policy = session_pb2.SandboxPolicy()
+    if "mode" in sandbox:
+        policy.mode = _choice(_SANDBOX_MODES, sandbox["mode"], "sandbox mode")
+    if "network" in sandbox:
+        policy.network = _choice(_SANDBOX_NETWORKS, sandbox["network"], "sandbox network")
+    for key in _SANDBOX_LIMITS & set(sandbox):
+        setattr(policy.limits, key, sandbox[key])
+    if "max_cpu_time" in sandbox:
+        policy.limits.max_cpu_time.CopyFrom(_duration(sandbox["max_cpu_time"]))
     return policy
 
 
@@ -125,11 +158,15 @@ class SessionInfo:
     message_count: int
     created: float
     labels: dict[str, str]
+    # The sandbox mode of its commands: "workspace-write", "read-only" or "off".
+    sandbox: str = ""
 
     @classmethod
     def from_proto(cls, msg: session_pb2.Session) -> SessionInfo:
+        sandbox = session_pb2.SandboxMode.Name(msg.config.sandbox.mode).removeprefix("SANDBOX_MODE_")
         return cls(msg.session_id, msg.workspace, msg.config.model, session_state(msg.state), msg.last_sequence,
-                   msg.message_count, msg.create_time.ToNanoseconds() / 1e9, dict(msg.labels))
+                   msg.message_count, msg.create_time.ToNanoseconds() / 1e9, dict(msg.labels),
+                   sandbox.lower().replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -231,6 +268,8 @@ class Client:
         permissions: Mapping[str, Any] | None = None,
         lanes: Mapping[str, str] | None = None,
         external_task_timeout: float | None = None,
+        sandbox: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Session:
         """Creates a session on a workspace directory of the server's machine (0 / "" = defaults).
 
@@ -239,6 +278,10 @@ class Client:
         `lanes`: lane name ("query", "execute") to mode ("internal", "external", "hybrid"), e.g.
         `{"execute": "external"}` to run side-effecting calls yourself (`Session.run_external_tasks`).
         `external_task_timeout`: seconds an external task may take overall (None: the server's 10 min).
+        `sandbox`: how bash and execute are confined, as a dict (see `sandbox_policy`), e.g.
+        `{"mode": "read-only"}`; None takes the server's defaults.
+        `env`: the session's own environment variables for its commands (a confined command gets
+        only PATH, HOME, LANG, TERM, TMPDIR and these).
         """
         config = session_pb2.SessionConfig(
             model=model, system_prompt=system_prompt, max_turns=max_turns,
@@ -248,6 +291,9 @@ class Client:
             config.queue.external_task_timeout.CopyFrom(_duration(external_task_timeout))
         if permissions is not None:
             config.permissions.CopyFrom(permission_policy(permissions))
+        if sandbox is not None:
+            config.sandbox.CopyFrom(sandbox_policy(sandbox))
+        config.env.update(env or {})
         reply = await self._sessions.CreateSession(
             session_pb2.CreateSessionRequest(workspace=str(workspace), config=config, labels=labels or {}),
             metadata=self._metadata,

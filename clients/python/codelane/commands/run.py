@@ -1,6 +1,7 @@
 """`codelane run`: create a session, send one prompt, show the turn as it happens.
 
-    codelane run [--server ADDR] [--token T] --workspace DIR [--model M] [--json|--plain|--live] "PROMPT"
+    codelane run [--server ADDR] [--token T] --workspace DIR [--model M] [--json|--plain|--live]
+                 [--sandbox MODE] [--network on|off] [--env NAME=VALUE ...] "PROMPT"
     codelane run --embedded --workspace DIR --model scripted:FILE "PROMPT"
 
 On a terminal the turn is shown live (streaming text, a table of tool calls, progress, summary);
@@ -41,12 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calls that wait for a confirmation (asked here when stdin is a terminal)")
     rules.add_argument("--deny", action="append", default=[], metavar="RULE", help="calls that are refused")
     rules.add_argument("--allow", action="append", default=[], metavar="RULE", help="calls that just run")
+    box = p.add_argument_group("sandbox of the session's bash and execute calls (default: the server's)")
+    box.add_argument("--sandbox", choices=["workspace-write", "read-only", "off"],
+                     help="what commands may change; off needs a server started with --allow-unsandboxed")
+    box.add_argument("--network", choices=["off", "on"],
+                     help="network for confined commands; on needs a server started with --sandbox-allow-network")
+    box.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", type=_variable,
+                     help="an environment variable of the session's commands (repeatable)")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
     view.add_argument("--plain", action="store_true", help="one line per event (the default off a terminal)")
     view.add_argument("--live", action="store_true", help="the live view (the default on a terminal)")
     p.add_argument("prompt")
     return p
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
 
 
 async def _read_line(within: float | None) -> str | None:
@@ -102,7 +117,13 @@ async def run_prompt(address: str, args: argparse.Namespace) -> int:
     view = EventView.choose(json=args.json, plain=args.plain, live=args.live)
     async with connect(address, args) as client:
         rules = {key: getattr(args, key) for key in ("allow", "deny", "ask") if getattr(args, key)}
-        options = {"permissions": rules} if rules else {}
+        options: dict = {"permissions": rules} if rules else {}
+        sandbox = {key: getattr(args, attr) for key, attr in (("mode", "sandbox"), ("network", "network"))
+                   if getattr(args, attr)}
+        if sandbox:
+            options["sandbox"] = sandbox
+        if args.env:
+            options["env"] = dict(args.env)
         session = await client.create_session(args.workspace.resolve(), model=args.model, **options)
         view.note(f"session {session.id} on {session.info.workspace} ({session.info.model})")
         stop = ""
@@ -125,7 +146,9 @@ async def _main(args: argparse.Namespace) -> int:
         return await run_prompt(args.server, args)
     from session_server.embedded import embedded_server
 
-    async with embedded_server(model=args.model, local_workers=args.workers) as address:
+    # The person running an embedded server is its operator: what they ask for is allowed.
+    async with embedded_server(model=args.model, local_workers=args.workers,
+                               allow_unsandboxed=args.sandbox == "off", allow_network=args.network == "on") as address:
         return await run_prompt(address, args)
 
 

@@ -49,6 +49,86 @@ PERMISSION_ACTION_ASK: PermissionAction.ValueType  # 3
 """Ask a client with ConfirmationRequired and wait for ConfirmToolCall."""
 Global___PermissionAction: _TypeAlias = PermissionAction  # noqa: Y015
 
+class _SandboxMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SandboxModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SANDBOX_MODE_UNSPECIFIED: _SandboxMode.ValueType  # 0
+    """The server's default (`codelane server --sandbox`, WORKSPACE_WRITE unless set)."""
+    SANDBOX_MODE_WORKSPACE_WRITE: _SandboxMode.ValueType  # 1
+    """Commands may write only inside the workspace (its protected paths, such as .git/hooks and
+    .git/config, excepted) and in a private /tmp that is removed after each call. They may read
+    the rest of the filesystem except the server's deny list (its data directory, TLS files,
+    ~/.ssh, ~/.aws, ~/.config/gcloud and what the operator adds).
+    """
+    SANDBOX_MODE_READ_ONLY: _SandboxMode.ValueType  # 2
+    """As WORKSPACE_WRITE, but the workspace is read-only too; the file tools (write, edit,
+    delete, move, copy) refuse every call.
+    """
+    SANDBOX_MODE_OFF: _SandboxMode.ValueType  # 3
+    """No confinement: commands run with the server's permissions, environment and network.
+    INVALID_ARGUMENT unless the server was started with --allow-unsandboxed. Every Execute
+    result then carries "sandbox": "off" in its metadata_json. Resource limits still apply,
+    and no process outlives its call.
+    """
+
+class SandboxMode(_SandboxMode, metaclass=_SandboxModeEnumTypeWrapper):
+    """How much of the server's machine a session's commands (bash, execute) may change."""
+
+SANDBOX_MODE_UNSPECIFIED: SandboxMode.ValueType  # 0
+"""The server's default (`codelane server --sandbox`, WORKSPACE_WRITE unless set)."""
+SANDBOX_MODE_WORKSPACE_WRITE: SandboxMode.ValueType  # 1
+"""Commands may write only inside the workspace (its protected paths, such as .git/hooks and
+.git/config, excepted) and in a private /tmp that is removed after each call. They may read
+the rest of the filesystem except the server's deny list (its data directory, TLS files,
+~/.ssh, ~/.aws, ~/.config/gcloud and what the operator adds).
+"""
+SANDBOX_MODE_READ_ONLY: SandboxMode.ValueType  # 2
+"""As WORKSPACE_WRITE, but the workspace is read-only too; the file tools (write, edit,
+delete, move, copy) refuse every call.
+"""
+SANDBOX_MODE_OFF: SandboxMode.ValueType  # 3
+"""No confinement: commands run with the server's permissions, environment and network.
+INVALID_ARGUMENT unless the server was started with --allow-unsandboxed. Every Execute
+result then carries "sandbox": "off" in its metadata_json. Resource limits still apply,
+and no process outlives its call.
+"""
+Global___SandboxMode: _TypeAlias = SandboxMode  # noqa: Y015
+
+class _SandboxNetwork:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SandboxNetworkEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxNetwork.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SANDBOX_NETWORK_UNSPECIFIED: _SandboxNetwork.ValueType  # 0
+    """OFF."""
+    SANDBOX_NETWORK_OFF: _SandboxNetwork.ValueType  # 1
+    """No network: commands get a network namespace of their own with only a loopback interface,
+    so nothing on the host or beyond (127.0.0.1 of the host included) can be reached.
+    """
+    SANDBOX_NETWORK_ON: _SandboxNetwork.ValueType  # 2
+    """The host's network. INVALID_ARGUMENT unless the server was started with
+    --sandbox-allow-network.
+    """
+
+class SandboxNetwork(_SandboxNetwork, metaclass=_SandboxNetworkEnumTypeWrapper):
+    """Whether a confined session's commands may use the network."""
+
+SANDBOX_NETWORK_UNSPECIFIED: SandboxNetwork.ValueType  # 0
+"""OFF."""
+SANDBOX_NETWORK_OFF: SandboxNetwork.ValueType  # 1
+"""No network: commands get a network namespace of their own with only a loopback interface,
+so nothing on the host or beyond (127.0.0.1 of the host included) can be reached.
+"""
+SANDBOX_NETWORK_ON: SandboxNetwork.ValueType  # 2
+"""The host's network. INVALID_ARGUMENT unless the server was started with
+--sandbox-allow-network.
+"""
+Global___SandboxNetwork: _TypeAlias = SandboxNetwork  # noqa: Y015
+
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -223,16 +303,119 @@ class QueueConfig(_message.Message):
 Global___QueueConfig: _TypeAlias = QueueConfig  # noqa: Y015
 
 @_typing.final
+class SandboxLimits(_message.Message):
+    """Resource limits of each Execute call. A call that passes one is stopped, and its result (error
+    kind RESOURCE_LIMIT) says which. 0 (or unset) means the server's default, which is also the
+    most a session may ask for: a larger value is INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_PROCESSES_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CPU_TIME_FIELD_NUMBER: _builtins.int
+    MAX_OPEN_FILES_FIELD_NUMBER: _builtins.int
+    max_processes: _builtins.int
+    """Processes (and threads) alive at once among everything the call started; a fork bomb ends
+    with failed forks. At least 8.
+    """
+    max_memory_bytes: _builtins.int
+    """Memory of everything the call started together (its private /tmp included), in bytes; past
+    it the kernel kills a process. At least 32 MiB.
+    """
+    max_open_files: _builtins.int
+    """Open files of each process (further opens fail with EMFILE). At least 32."""
+    @_builtins.property
+    def max_cpu_time(self) -> _duration_pb2.Duration:
+        """CPU time of each process; past it the process gets SIGXCPU and ends. At least 1 s, whole
+        seconds.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_processes: _builtins.int = ...,
+        max_memory_bytes: _builtins.int = ...,
+        max_cpu_time: _duration_pb2.Duration | None = ...,
+        max_open_files: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_cpu_time", b"max_cpu_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_cpu_time", b"max_cpu_time", "max_memory_bytes", b"max_memory_bytes", "max_open_files", b"max_open_files", "max_processes", b"max_processes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxLimits: _TypeAlias = SandboxLimits  # noqa: Y015
+
+@_typing.final
+class SandboxPolicy(_message.Message):
+    """How a session's commands (bash, execute) are confined. Query tools' processes (ripgrep) always
+    run read-only and without network, whatever the mode. When the host cannot enforce the policy
+    (no bubblewrap, no namespaces), each such call ends with error kind SANDBOX_UNAVAILABLE and
+    nothing runs: a policy never degrades silently.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    mode: Global___SandboxMode.ValueType
+    """What commands may change. Unspecified means the server's default."""
+    network: Global___SandboxNetwork.ValueType
+    """Network access of confined commands. Unspecified means OFF. Ignored when mode is OFF."""
+    @_builtins.property
+    def limits(self) -> Global___SandboxLimits:
+        """Per-call limits; unset fields take the server's defaults."""
+
+    def __init__(
+        self,
+        *,
+        mode: Global___SandboxMode.ValueType = ...,
+        network: Global___SandboxNetwork.ValueType = ...,
+        limits: Global___SandboxLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "mode", b"mode", "network", b"network"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxPolicy: _TypeAlias = SandboxPolicy  # noqa: Y015
+
+@_typing.final
 class SessionConfig(_message.Message):
     """Settings of a session, fixed at creation."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     MAX_TURNS_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     PERMISSIONS_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model as "provider:name", e.g. "openai:gpt-4o-mini", "anthropic:claude-sonnet-4-5",
     "scripted:/path/to/script.yaml". Empty means the server's default model.
@@ -249,6 +432,19 @@ class SessionConfig(_message.Message):
     def permissions(self) -> Global___PermissionPolicy:
         """Permission policy. Unset means every call is allowed."""
 
+    @_builtins.property
+    def sandbox(self) -> Global___SandboxPolicy:
+        """Sandbox of the session's commands. Unset means the server's defaults."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The session's own environment variables for its commands. A confined command's environment
+        is built, never inherited from the server: PATH, HOME, LANG, TERM and TMPDIR, then these
+        (which may override them). Names are letters, digits and underscores, not starting with a
+        digit; at most 100 variables and 64 KiB in all. Values are stored with the session and
+        returned by GetSession.
+        """
+
     def __init__(
         self,
         *,
@@ -257,10 +453,12 @@ class SessionConfig(_message.Message):
         max_turns: _builtins.int = ...,
         queue: Global___QueueConfig | None = ...,
         permissions: Global___PermissionPolicy | None = ...,
+        sandbox: Global___SandboxPolicy | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["permissions", b"permissions", "queue", b"queue"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["permissions", b"permissions", "queue", b"queue", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_turns", b"max_turns", "model", b"model", "permissions", b"permissions", "queue", b"queue", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "max_turns", b"max_turns", "model", b"model", "permissions", b"permissions", "queue", b"queue", "sandbox", b"sandbox", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

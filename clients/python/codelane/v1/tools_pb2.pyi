@@ -118,6 +118,16 @@ class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.V
     session or in all, `codelane server --max-pending-query-calls`). The output says which; the
     call may succeed if made again later, or with fewer calls at once.
     """
+    ERROR_KIND_SANDBOX_UNAVAILABLE: _ErrorKind.ValueType  # 12
+    """The host cannot confine the command as the session's SandboxPolicy requires (for example
+    bubblewrap is not installed, or Landlock is missing for a Query tool's ripgrep). Nothing ran;
+    the output names what is missing and how to enable it.
+    """
+    ERROR_KIND_RESOURCE_LIMIT: _ErrorKind.ValueType  # 13
+    """A resource limit of the sandbox stopped the command: too many processes, too much memory,
+    or a process's CPU time. The output says which, and metadata_json's "limits_hit" lists them
+    ("processes", "memory", "cpu_time").
+    """
 
 class ErrorKind(_ErrorKind, metaclass=_ErrorKindEnumTypeWrapper):
     """Why a tool result is an error. ERROR_KIND_UNSPECIFIED on a successful result."""
@@ -147,6 +157,16 @@ ERROR_KIND_AT_CAPACITY: ErrorKind.ValueType  # 11
 """Never executed: the server was at a limit its operator set (e.g. pending Query calls per
 session or in all, `codelane server --max-pending-query-calls`). The output says which; the
 call may succeed if made again later, or with fewer calls at once.
+"""
+ERROR_KIND_SANDBOX_UNAVAILABLE: ErrorKind.ValueType  # 12
+"""The host cannot confine the command as the session's SandboxPolicy requires (for example
+bubblewrap is not installed, or Landlock is missing for a Query tool's ripgrep). Nothing ran;
+the output names what is missing and how to enable it.
+"""
+ERROR_KIND_RESOURCE_LIMIT: ErrorKind.ValueType  # 13
+"""A resource limit of the sandbox stopped the command: too many processes, too much memory,
+or a process's CPU time. The output says which, and metadata_json's "limits_hit" lists them
+("processes", "memory", "cpu_time").
 """
 Global___ErrorKind: _TypeAlias = ErrorKind  # noqa: Y015
 
@@ -321,7 +341,11 @@ class ToolResult(_message.Message):
     attempt: _builtins.int
     """Attempt number that produced this result, from 1."""
     metadata_json: _builtins.str
-    """Tool-specific structured details (match counts, file lists, ...) as a JSON object string."""
+    """Tool-specific structured details (match counts, file lists, ...) as a JSON object string.
+    Every Execute-lane result has "sandbox": the session's sandbox mode ("workspace-write",
+    "read-only", or "off" when the call ran without confinement); bash and execute add
+    "limits_hit" when a resource limit stopped them.
+    """
     @_builtins.property
     def queue_wait(self) -> _duration_pb2.Duration:
         """Time the call waited for a lane slot or a worker, before it started running."""

@@ -1,0 +1,155 @@
+"""The escape suite: model-issued bash calls that try to leave the sandbox, through a real server.
+
+Each attempt must be denied with a result that says so, and leave nothing behind. The same
+commands on a server started with `--sandbox off --allow-unsandboxed` succeed: the sandbox, not
+the test's setup, is what stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from codelane.v1 import tools_pb2
+from tests.sandbox.conftest import FAKE_OPENAI_KEY, Host, Listener, bash
+
+
+def _attempts(host: Host, port: int) -> list[dict[str, Any]]:
+    outside = host.outside
+    return [
+        bash("write_absolute", f"echo pwned > {outside}/absolute.txt"),
+        bash("write_dotdot", f"echo pwned > {os.path.relpath(outside, host.workspace)}/dotdot.txt"),
+        bash("write_symlink", f"ln -s {outside} escape-link && echo pwned > escape-link/symlink.txt"),
+        bash("write_after_cd_root", f"cd / && echo pwned > {outside.relative_to('/')}/cd-root.txt"),
+        bash("git_hook", "printf '#!/bin/sh\\necho pwned\\n' > .git/hooks/pre-commit"),
+        bash("git_config", "echo '[core] hooksPath = /tmp' >> .git/config"),
+        bash("read_data_dir", f"head -c 15 {host.data_dir}/codelane.db"),
+        bash("read_denied_file", f"cat {host.secret}"),
+        bash("server_secret", "env; printenv OPENAI_API_KEY"),
+        bash("connect_localhost", f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"),
+    ]
+
+
+_WRITES = {
+    "write_absolute": "absolute.txt",
+    "write_dotdot": "dotdot.txt",
+    "write_symlink": "symlink.txt",
+    "write_after_cd_root": "cd-root.txt",
+}
+
+
+async def test_escapes_are_denied(start_host: Any, listener: Listener, tmp_path: Path) -> None:
+    host: Host = await start_host()
+    results = await host.run(tmp_path, _attempts(host, listener.port))
+    for call_id, result in results.items():
+        assert result.is_error, f"{call_id} was not denied: {result.output}"
+        assert json.loads(result.metadata_json)["sandbox"] == "workspace-write", call_id
+
+    for call_id, name in _WRITES.items():
+        assert "Read-only file system" in results[call_id].output, (call_id, results[call_id].output)
+        assert not (host.outside / name).exists(), call_id
+    assert "Read-only file system" in results["git_hook"].output
+    assert not (host.workspace / ".git" / "hooks" / "pre-commit").exists()
+    assert "Read-only file system" in results["git_config"].output
+    assert (host.workspace / ".git" / "config").read_text() == "[core]\n"
+
+    assert "Permission denied" in results["read_data_dir"].output
+    assert "SQLite" not in results["read_data_dir"].output
+    assert "Permission denied" in results["read_denied_file"].output
+    assert host.secret_text not in results["read_denied_file"].output
+
+    env = results["server_secret"].output
+    assert FAKE_OPENAI_KEY not in env and "OPENAI_API_KEY" not in env
+    assert "PATH=" in env and "HOME=" in env  # a built environment, not an empty one
+
+    assert "connected" not in results["connect_localhost"].output
+    assert listener.accepted == 0
+
+
+async def test_the_same_commands_succeed_without_the_sandbox(
+    start_host: Any, listener: Listener, tmp_path: Path
+) -> None:
+    host: Host = await start_host(off=True)
+    results = await host.run(tmp_path, _attempts(host, listener.port))
+    for call_id, result in results.items():
+        assert not result.is_error, f"{call_id} failed without a sandbox: {result.output}"
+        # Every result of an unconfined call says so.
+        assert json.loads(result.metadata_json)["sandbox"] == "off", call_id
+
+    for name in _WRITES.values():
+        assert (host.outside / name).read_text() == "pwned\n", name
+    assert (host.workspace / ".git" / "hooks" / "pre-commit").exists()
+    assert "hooksPath" in (host.workspace / ".git" / "config").read_text()
+    assert results["read_data_dir"].output.startswith("SQLite format 3")
+    assert host.secret_text in results["read_denied_file"].output
+    assert FAKE_OPENAI_KEY in results["server_secret"].output
+    assert "connected" in results["connect_localhost"].output
+    assert listener.accepted == 1
+
+
+async def test_read_only_mode_denies_workspace_writes_and_file_tools(start_host: Any, tmp_path: Path) -> None:
+    host: Host = await start_host()
+    calls = [
+        bash("write_in_workspace", "echo changed > README.md"),
+        bash("write_private_tmp", "echo scratch > /tmp/scratch && cat /tmp/scratch"),
+        {"name": "write", "id": "write_tool", "arguments": {"file_path": "new.txt", "content": "x"}},
+    ]
+    from codelane.v1 import session_pb2
+
+    read_only = session_pb2.SandboxPolicy(mode=session_pb2.SANDBOX_MODE_READ_ONLY)
+    results = await host.run(tmp_path, calls, sandbox=read_only)
+    assert "Read-only file system" in results["write_in_workspace"].output
+    assert (host.workspace / "README.md").read_text() == "# workspace\n"
+    assert not results["write_private_tmp"].is_error and results["write_private_tmp"].output == "scratch"
+    assert results["write_tool"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED
+    assert "read-only" in results["write_tool"].output and not (host.workspace / "new.txt").exists()
+
+
+async def test_file_tools_refuse_protected_paths(start_host: Any, tmp_path: Path) -> None:
+    host: Host = await start_host(args=("--sandbox-protect", "deploy/*.key"))
+    (host.workspace / "deploy").mkdir()
+    (host.workspace / "deploy" / "prod.key").write_text("key\n")
+    calls = [
+        {"name": "write", "id": "hook", "arguments": {"file_path": ".git/hooks/pre-commit", "content": "x"}},
+        {"name": "edit", "id": "config", "arguments": {"file_path": ".git/config", "old_string": "[core]",
+                                                        "new_string": "[core]\n\thooksPath = /tmp"}},
+        {"name": "delete", "id": "git_dir", "arguments": {"path": ".git", "recursive": True}},
+        {"name": "move", "id": "away", "arguments": {"source": ".git/hooks", "destination": "hooks-old"}},
+        {"name": "copy", "id": "over", "arguments": {"source": "README.md", "destination": ".git/config",
+                                                      "overwrite": True}},
+        {"name": "write", "id": "operator", "arguments": {"file_path": "deploy/prod.key", "content": "x"}},
+        {"name": "write", "id": "allowed", "arguments": {"file_path": ".git/info-note", "content": "fine"}},
+        {"name": "write", "id": "new_submodule", "arguments": {"file_path": ".git/modules/lib/hooks/post-checkout",
+                                                               "content": "x"}},
+    ]
+    results = await host.run(tmp_path, calls)
+    for call_id in ("hook", "config", "git_dir", "away", "over", "operator", "new_submodule"):
+        assert results[call_id].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (call_id, results[call_id])
+        assert "protected" in results[call_id].output, call_id
+    assert not results["allowed"].is_error
+    assert not (host.workspace / ".git" / "hooks" / "pre-commit").exists()
+    assert (host.workspace / ".git" / "config").read_text() == "[core]\n"
+    assert (host.workspace / ".git" / "hooks").is_dir() and not (host.workspace / "hooks-old").exists()
+    assert (host.workspace / "deploy" / "prod.key").read_text() == "key\n"
+
+
+async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: Any, tmp_path: Path) -> None:
+    # The next call's sandbox is built once the previous call has ended, so it sees the new .git.
+    host: Host = await start_host()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    model_calls = [bash("init", "git init -q && ls .git/hooks | head -1"),
+                   bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit")]
+    from tests.session.conftest import kind, scripted
+
+    model = scripted(tmp_path, [{"text": "Init.", "tool_calls": model_calls[:1]},
+                                {"text": "Hook.", "tool_calls": model_calls[1:]}, {"text": "Done."}], name="git.yaml")
+    session = await host.client.create(fresh, model)
+    events = await host.client.send(session.session_id, "go", within=60)
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert not results["init"].is_error, results["init"]
+    assert "Read-only file system" in results["hook"].output
+    assert not (fresh / ".git" / "hooks" / "pre-commit").exists()

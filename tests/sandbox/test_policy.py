@@ -1,0 +1,118 @@
+"""The sandbox policy over the API: defaults filled in and echoed, out-of-range requests refused
+with INVALID_ARGUMENT naming the field (and nothing created), and a host that cannot confine
+refusing every command instead of running it unconfined."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from codelane.v1 import session_pb2, tools_pb2
+from tests.sandbox.conftest import Host, bash
+from tests.session.conftest import Client, rpc_error, scripted
+from tool_worker.confinement.policy import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PROCESSES
+
+S = session_pb2
+
+
+def _policy(**fields: Any) -> S.SandboxPolicy:
+    limits = fields.pop("limits", None)
+    policy = S.SandboxPolicy(**fields)
+    if limits is not None:
+        policy.limits.CopyFrom(S.SandboxLimits(**limits))
+    return policy
+
+
+INVALID = [
+    ("off-not-allowed", {"sandbox": _policy(mode=S.SANDBOX_MODE_OFF)}, "config.sandbox.mode"),
+    ("unknown-mode", {"sandbox": _policy(mode=9)}, "config.sandbox.mode"),
+    ("network-not-allowed", {"sandbox": _policy(network=S.SANDBOX_NETWORK_ON)}, "config.sandbox.network"),
+    ("unknown-network", {"sandbox": _policy(network=7)}, "config.sandbox.network"),
+    ("too-many-processes", {"sandbox": _policy(limits={"max_processes": DEFAULT_MAX_PROCESSES + 1})},
+     "config.sandbox.limits.max_processes"),
+    ("too-few-processes", {"sandbox": _policy(limits={"max_processes": 2})}, "config.sandbox.limits.max_processes"),
+    ("negative-memory", {"sandbox": _policy(limits={"max_memory_bytes": -1})},
+     "config.sandbox.limits.max_memory_bytes"),
+    ("too-much-memory", {"sandbox": _policy(limits={"max_memory_bytes": DEFAULT_MAX_MEMORY * 2})},
+     "config.sandbox.limits.max_memory_bytes"),
+    ("cpu-over-the-server's", {"sandbox": _policy(limits={"max_cpu_time": duration_pb2.Duration(seconds=10**6)})},
+     "config.sandbox.limits.max_cpu_time"),
+    ("few-open-files", {"sandbox": _policy(limits={"max_open_files": 3})}, "config.sandbox.limits.max_open_files"),
+    ("env-bad-name", {"env": {"NOT A NAME": "x"}}, "config.env['NOT A NAME']"),
+    ("env-leading-digit", {"env": {"1X": "x"}}, "config.env['1X']"),
+    ("env-nul", {"env": {"X": "a\0b"}}, "config.env['X']"),
+    ("env-too-many", {"env": {f"V{i}": "x" for i in range(101)}}, "config.env"),
+    ("env-too-big", {"env": {"BIG": "x" * (65 * 1024)}}, "config.env"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+async def test_out_of_range_policies_are_refused_naming_the_field(
+    make_server: Any, workspace: Path, tmp_path: Path, config: dict[str, Any], field: str
+) -> None:
+    client: Client = (await make_server()).client
+    model = scripted(tmp_path, [{"text": "hi"}])
+    error = await rpc_error(client.create(workspace, model, **config))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.metadata == {"field": field}, error
+    assert await client.count_sessions() == 0
+
+
+async def test_defaults_are_filled_in_and_a_chosen_policy_round_trips(
+    make_server: Any, workspace: Path, tmp_path: Path
+) -> None:
+    client: Client = (await make_server(allow_unsandboxed=True, sandbox_allow_network=True)).client
+    model = scripted(tmp_path, [{"text": "hi"}])
+    plain = await client.create(workspace, model)
+    assert plain.config.sandbox.mode == S.SANDBOX_MODE_WORKSPACE_WRITE
+    assert plain.config.sandbox.network == S.SANDBOX_NETWORK_OFF
+    assert plain.config.sandbox.limits.max_processes == DEFAULT_MAX_PROCESSES
+    assert plain.config.sandbox.limits.max_memory_bytes == DEFAULT_MAX_MEMORY
+
+    chosen = _policy(mode=S.SANDBOX_MODE_READ_ONLY, network=S.SANDBOX_NETWORK_ON,
+                     limits={"max_processes": 64, "max_cpu_time": duration_pb2.Duration(seconds=5)})
+    session = await client.create(workspace, model, sandbox=chosen, env={"PROJECT_MODE": "ci"})
+    again = await client.get(session.session_id)
+    for got in (session, again):
+        assert got.config.sandbox.mode == S.SANDBOX_MODE_READ_ONLY
+        assert got.config.sandbox.network == S.SANDBOX_NETWORK_ON
+        assert got.config.sandbox.limits.max_processes == 64
+        assert got.config.sandbox.limits.max_cpu_time.seconds == 5
+        assert dict(got.config.env) == {"PROJECT_MODE": "ci"}
+    off = await client.create(workspace, model, sandbox=_policy(mode=S.SANDBOX_MODE_OFF))
+    assert off.config.sandbox.mode == S.SANDBOX_MODE_OFF
+
+
+async def test_session_env_reaches_commands_and_network_on_reaches_the_host(
+    start_host: Any, tmp_path: Path, listener: Any
+) -> None:
+    host: Host = await start_host(args=("--sandbox-allow-network",))
+    calls = [
+        bash("env", "printenv PROJECT_MODE"),
+        bash("connect", f"exec 3<>/dev/tcp/127.0.0.1/{listener.port} && echo connected"),
+    ]
+    results = await host.run(tmp_path, calls, env={"PROJECT_MODE": "ci"},
+                             sandbox=_policy(network=S.SANDBOX_NETWORK_ON))
+    assert results["env"].output == "ci"
+    assert results["connect"].output == "connected" and listener.accepted == 1
+
+
+async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path: Path, workspace: Path) -> None:
+    # A server that finds no bwrap on its PATH: as on a host where bubblewrap is not installed.
+    server = await processes.start_server(tmp_path / "data", local_workers=0, env={"PATH": str(tmp_path / "empty")})
+    assert "sandbox: UNAVAILABLE (bubblewrap (bwrap) is not installed" in server.out.read_text()
+    model = scripted(tmp_path, [{"text": "Try.", "tool_calls": [bash("try", f"touch {tmp_path}/ran")]},
+                                {"text": "Done."}])
+    assert server.client is not None
+    session = await server.client.create(workspace, model)
+    events = await server.client.send(session.session_id, "go")
+    result = next(e.tool_call_finished.result for e in events if e.WhichOneof("kind") == "tool_call_finished")
+    assert result.error_kind == tools_pb2.ERROR_KIND_SANDBOX_UNAVAILABLE
+    assert "apt-get install bubblewrap" in result.output and "--sandbox off --allow-unsandboxed" in result.output
+    assert json.loads(result.metadata_json)["sandbox"] == "workspace-write"
+    assert not (tmp_path / "ran").exists()

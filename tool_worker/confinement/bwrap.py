@@ -1,0 +1,154 @@
+"""The bubblewrap command line that confines one call.
+
+Confined (workspace-write, read-only), in this order, later mounts covering earlier ones:
+- the whole filesystem read-only, and without devices (the host's /dev shows, but opening a
+  device there fails), then null, zero, full, random, urandom and tty bound back usable; a /proc
+  of the call's own PID namespace;
+- empty private tmpfs on /tmp, /var/tmp, /dev/shm and /run (where the host's daemons keep their
+  sockets): they vanish with the call, and count towards its memory limit;
+- each denied path that exists replaced by an empty directory or file of mode 000, so that
+  reading it fails with "Permission denied" (capabilities are dropped: root is refused too);
+- the workspace bound read-write (workspace-write) or read-only, then its protected paths bound
+  read-only over it, then the denied paths inside it hidden again;
+- new PID and IPC namespaces, a new network namespace unless the network is on, a new session
+  (no terminal to inject keystrokes into), every capability dropped, and SIGKILL for the whole
+  sandbox when the server dies (--die-with-parent).
+
+Off: the real filesystem, network and environment, in a PID namespace all the same, so that no
+process outlives its call.
+
+Every sandbox carries `CODELANE_SANDBOX_OWNER=<owner>/<server pid>.<its start time>` in its
+command line: a restarted server ends the ones of its own owner id, and any server ends those
+whose server is gone (see launcher.reap_leftovers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tool_worker.confinement.policy import NetworkAccess, SandboxPolicy, SandboxSettings
+from tool_worker.confinement.protected import protected_targets, within
+
+OWNER_VARIABLE = "CODELANE_SANDBOX_OWNER"
+# Replaced by private, empty tmpfs in confined modes.
+TMPFS_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def confined_args(
+    bwrap: str,
+    command: Sequence[str],
+    *,
+    workspace: Path,
+    cwd: Path,
+    policy: SandboxPolicy,
+    settings: SandboxSettings,
+    info_fd: int,
+    block_fd: int,
+    as_root: bool,
+) -> tuple[list[str], list[int]]:
+    """The arguments, and the file descriptors bwrap must inherit besides info_fd and block_fd
+    (the caller closes them once bwrap has started). `workspace` and `cwd` are real paths."""
+    fds: list[int] = []
+    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
+    if policy.network is NetworkAccess.OFF:
+        args.append("--unshare-net")
+    if as_root:
+        # As root, bubblewrap keeps every capability unless told otherwise.
+        args += ["--cap-drop", "ALL"]
+    args += ["--ro-bind", "/", "/"]
+    for device in _DEVICES:
+        args += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
+    size = str(policy.limits.memory_bytes)
+    args += ["--size", size, "--tmpfs", "/dev/shm", "--proc", "/proc"]
+    for directory in TMPFS_DIRS:
+        args += ["--size", size, "--tmpfs", str(directory)]
+    if policy.network is NetworkAccess.ON:
+        args += _resolver_args()
+    denied = [Path(os.path.realpath(p)) for p in settings.denied_paths()]
+    denied = [p for p in denied if os.path.lexists(p)]
+    outside = [p for p in denied if not within(p, workspace) and not any(within(p, t) for t in TMPFS_DIRS)]
+    inside = [p for p in denied if within(p, workspace) and p != workspace]
+    args += _hidden(outside, fds)
+    if policy.writes_workspace:
+        args += ["--bind", str(workspace), str(workspace)]
+        for path in _protected_mounts(workspace, settings.protect):
+            args += ["--ro-bind", str(path), str(path)]
+    else:
+        args += ["--ro-bind", str(workspace), str(workspace)]
+    args += _hidden(inside, fds)
+    args += [
+        "--chdir", str(cwd),
+        "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
+        "--info-fd", str(info_fd),
+        "--block-fd", str(block_fd),
+        "--", *command,
+    ]  # fmt: skip
+    return args, fds
+
+
+def unconfined_args(
+    bwrap: str, command: Sequence[str], *, cwd: Path, settings: SandboxSettings, info_fd: int, block_fd: int
+) -> list[str]:
+    """Off: only the PID namespace (and death with the server), so nothing outlives the call."""
+    return [
+        bwrap, "--die-with-parent", "--unshare-pid", "--dev-bind", "/", "/",
+        "--chdir", str(cwd),
+        "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
+        "--info-fd", str(info_fd),
+        "--block-fd", str(block_fd),
+        "--", *command,
+    ]  # fmt: skip
+
+
+def owner_marker(owner: str) -> str:
+    """The value each sandbox of this process carries: the owner id, and this process's identity."""
+    return f"{owner}/{process_identity(os.getpid())}"
+
+
+def process_identity(pid: int) -> str:
+    """pid.start-time: names one process, even after its pid is reused; "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Field 22 (start time) counts from the fields after the command name's ")".
+            return f"{pid}.{f.read().rsplit(b')', 1)[1].split()[19].decode()}"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
+
+
+def _hidden(paths: list[Path], fds: list[int]) -> list[str]:
+    """Mode-000 stand-ins for denied paths; a file's is filled from an empty descriptor (opened
+    here, appended to `fds`)."""
+    args = []
+    for path in paths:
+        if path.is_dir():
+            args += ["--perms", "0000", "--size", "4096", "--tmpfs", str(path), "--remount-ro", str(path)]
+        else:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+            args += ["--perms", "0000", "--ro-bind-data", str(fds[-1]), str(path)]
+    return args
+
+
+def _protected_mounts(workspace: Path, patterns: Sequence[str]) -> list[Path]:
+    """What to bind read-only: each protected path that exists, else its nearest existing
+    ancestor below the workspace root (a repository without .git/hooks gets all of .git
+    read-only). A path whose whole parent chain is missing up to the root has nothing to bind."""
+    mounts = []
+    for target in protected_targets(workspace, patterns):
+        if not within(target, workspace) or target == workspace:
+            continue
+        while not os.path.lexists(target) and target.parent != workspace:
+            target = target.parent
+        if os.path.lexists(target) and target not in mounts:
+            mounts.append(target)
+    return mounts
+
+
+def _resolver_args() -> list[str]:
+    """With the network on, /etc/resolv.conf may point into /run, which the sandbox replaces."""
+    resolver = Path(os.path.realpath("/etc/resolv.conf"))
+    if resolver.exists() and any(within(resolver, t) for t in TMPFS_DIRS):
+        return ["--ro-bind", str(resolver), str(resolver)]
+    return []

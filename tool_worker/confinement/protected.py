@@ -1,0 +1,76 @@
+"""Protected and denied paths, as the file tools and the sandbox's mounts both see them."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
+
+
+def protected_targets(root: Path, patterns: Iterable[str]) -> Iterator[Path]:
+    """Each protected path of the workspace whose real path is `root`, with `*` expanded among
+    existing entries and symlinks resolved (a `.git/hooks` that links elsewhere protects where it
+    points). Entries that do not exist are given as their real parent plus the missing rest."""
+    for pattern in patterns:
+        path = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
+        matches = glob.glob(glob.escape(path).replace("[*]", "*")) if "*" in pattern else [path]
+        for match in matches:
+            yield Path(os.path.realpath(match))
+
+
+def within(path: Path, ancestor: Path) -> bool:
+    return path == ancestor or ancestor in path.parents
+
+
+def overlap(target: Path, guarded: Iterable[Path]) -> Path | None:
+    """The first guarded path that `target` is inside of, or that is inside `target` (changing a
+    parent changes what it holds); None when there is none."""
+    for path in guarded:
+        if within(target, path) or within(path, target):
+            return path
+    return None
+
+
+def _matched(root: Path, target: Path, patterns: Iterable[str]) -> Path | None:
+    """A relative protected pattern that `target`, or a directory it lies in, matches by name:
+    a path that does not exist yet (a new submodule's hooks) is matched too."""
+    if not within(target, root):
+        return None
+    parts = target.relative_to(root).parts
+    for pattern in patterns:
+        if os.path.isabs(pattern):
+            continue
+        wanted = Path(pattern).parts
+        if len(parts) >= len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted)):
+            return root.joinpath(*parts[: len(wanted)])
+    return None
+
+
+def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) -> None:
+    """For the file tools: raises PERMISSION_DENIED, before anything changes, when the session's
+    sandbox is read-only, or when a target (a resolved path, and the path as the model gave it)
+    is, holds or lies inside a protected or denied path."""
+    if not ctx.policy.writes_workspace:
+        raise ToolFailure(
+            f"{tool} was not run: this session's sandbox is read-only, so no tool may change files",
+            ErrorKind.PERMISSION_DENIED,
+        )
+    root = Path(os.path.realpath(ctx.workspace))
+    settings = ctx.sandbox.settings
+    denied = (Path(os.path.realpath(p)) for p in settings.denied_paths())
+    # A denied directory that holds the whole workspace does not forbid the workspace itself (the
+    # sandbox's mounts make the same exception).
+    guarded = [*protected_targets(root, settings.protect), *(p for p in denied if not within(root, p))]
+    for target, shown in targets:
+        hit = overlap(target, guarded) or _matched(root, target, settings.protect)
+        if hit is not None:
+            where = os.path.relpath(hit, root) if within(hit, root) else str(hit)
+            raise ToolFailure(
+                f"{tool} was not run: {shown} touches {where}, which is protected (no tool may change "
+                ".git/hooks, .git/config, the server's own files or the operator's protected paths)",
+                ErrorKind.PERMISSION_DENIED,
+            )
