@@ -333,7 +333,7 @@ class Turn:
         ctx = self.ctx
         policy = ctx.settings.permissions
         within = policy.confirmation_timeout
-        ctx.emit(ConfirmationRequired(self._info(call), time.time() + within))
+        ctx.emit(ConfirmationRequired(self._info(call), time.time() + within, decision.describe()))
         try:
             answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
         except asyncio.CancelledError:

@@ -21,11 +21,11 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
 from codelane import __version__
+from codelane.commands import args as types
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
@@ -298,27 +298,19 @@ class ToolWorker:
             await call.done_writing()
 
 
-def parse_labels(text: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codelane worker", description="Run a codelane tool worker.")
-    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="address of the session server's hub")
+    parser = types.parser("codelane worker", "Run a codelane tool worker.")
+    parser.add_argument("--connect", required=True, type=types.address, metavar="HOST:PORT",
+                        help="address of the session server's hub")
     parser.add_argument(
         "--token",
         default=os.environ.get("CODELANE_WORKER_TOKEN"),
         help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
     )
-    parser.add_argument("--slots", type=int, default=4, help="calls run at once (default 4)")
-    parser.add_argument("--labels", type=parse_labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
-    parser.add_argument("--root", action="append", default=[], help="workspace root this worker can read (repeat)")
+    parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once")
+    parser.add_argument("--labels", type=types.labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
+    parser.add_argument("--root", action="append", default=[], type=types.existing_dir,
+                        help="workspace root this worker can read (repeat)")
     parser.add_argument(
         "--tools",
         action="append",
@@ -332,20 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"{socket.gethostname()}/{os.getpid()}",
         help="worker id, unique in the pool (default host/pid)",
     )
-    parser.add_argument("--tls-ca", help="CA certificate to verify the hub (enables TLS)")
-    parser.add_argument("--tls-cert", help="client certificate for mTLS")
-    parser.add_argument("--tls-key", help="client key for mTLS")
+    parser.add_argument("--tls-ca", type=types.readable_file, help="CA certificate to verify the hub (enables TLS)")
+    parser.add_argument("--tls-cert", type=types.readable_file, help="client certificate for mTLS")
+    parser.add_argument("--tls-key", type=types.readable_file, help="client key for mTLS")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", type=types.log_level, default="INFO", metavar="LEVEL",
+                        help=f"what the worker logs to stderr ({', '.join(types.LOG_LEVELS)}); INFO says when it "
+                             "connects")
     return parser
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
-    if args.slots < 1:
-        print("codelane worker: --slots must be at least 1", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
     registry = ToolRegistry.builtin()
     try:
         for module in args.tools:
@@ -359,7 +353,7 @@ def main(argv: list[str]) -> int:
         slots=args.slots,
         token=args.token,
         labels=args.labels,
-        roots=[str(Path(r).resolve()) for r in args.root],
+        roots=[str(r) for r in args.root],
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

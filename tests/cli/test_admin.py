@@ -117,8 +117,8 @@ def test_unreachable_server_is_one_line_and_exit_1(command: list[str], unused_po
     address = f"127.0.0.1:{unused_port}"
     out = cli(command[0], "--server", address, *command[1:], timeout=30)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == (f"codelane {command[0]}: cannot reach the server at {address} (UNAVAILABLE): "
-                          "is `codelane server` running?\n")
+    assert out.stderr == (f"codelane {command[0]}: nothing listens at {address} (connection refused, UNAVAILABLE): "
+                          "is `codelane server` running there?\n")
 
 
 def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> None:
@@ -132,11 +132,13 @@ def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> 
 def test_error_lines_say_what_to_do() -> None:
     from codelane.client import CodelaneError
     from codelane.commands.common import error_line
+    from codelane.commands.config import Connection
 
-    address = "10.0.0.1:50051"
-    assert error_line("codelane stats", CodelaneError("DEADLINE_EXCEEDED", "Deadline Exceeded"), address) == (
-        "codelane stats: the server at 10.0.0.1:50051 did not answer within 10s (DEADLINE_EXCEEDED)")
-    assert error_line("codelane run", CodelaneError("INVALID_ARGUMENT", "bad\nrule  'x'"), address) == (
+    connection = Connection(server="10.0.0.1:50051")
+    assert error_line("codelane stats", CodelaneError("DEADLINE_EXCEEDED", "Deadline Exceeded"), connection) == (
+        "codelane stats: the server at 10.0.0.1:50051 did not answer within 10s (DEADLINE_EXCEEDED): is it a "
+        "codelane server, and is it overloaded?")
+    assert error_line("codelane run", CodelaneError("INVALID_ARGUMENT", "bad\nrule  'x'"), connection) == (
         "codelane run: INVALID_ARGUMENT: bad rule 'x'")  # always one line
 
 

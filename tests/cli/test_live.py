@@ -174,7 +174,7 @@ def test_a_resolved_confirmation_shows_its_outcome(outcome: str, status: str) ->
     view.show(ev.ConfirmationRequired(**_base(2), call=_call("c1", "bash", "execute", '{"command": "ls"}')))
     view.show(ev.ConfirmationResolved(**_base(3), call_id="c1", outcome=outcome, reason="why"))
     assert ["bash", "execute", status] == live_area(view).splitlines()[1].split()[:3]
-    assert f"confirmation of c1: {outcome} (why)" in ANSI.sub("", out.getvalue())
+    assert f"confirmation of c1: {outcome.replace('_', ' ')} (why)" in ANSI.sub("", out.getvalue())
 
 
 def test_the_live_area_runs_and_stops_on_a_terminal() -> None:

@@ -179,6 +179,18 @@ class WorkerInfo:
     draining: bool
     completed_calls: int
     workspaces: dict[str, tuple[bool, str]]
+    version: str = ""
+    # Network address of its stream, as the server sees it.
+    peer: str = ""
+    # When it connected (epoch seconds).
+    connected: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    # When the server started serving (epoch seconds).
+    started: float
 
 
 @dataclass(frozen=True)
@@ -321,9 +333,28 @@ class Client:
         return [
             WorkerInfo(w.worker_id, w.hostname, dict(w.labels), tuple(w.tools), w.slots, w.in_flight,
                        w.state == admin_pb2.WORKER_STATE_DRAINING, w.completed_calls,
-                       {v.workspace: (v.visible, v.reason) for v in w.workspaces})
+                       {v.workspace: (v.visible, v.reason) for v in w.workspaces}, w.version, w.peer,
+                       w.connect_time.ToNanoseconds() / 1e9)
             for w in reply.workers
         ]
+
+    @_rpc
+    async def server_info(self) -> ServerInfo:
+        """The server's version and start time."""
+        reply = await self._admin.GetServerInfo(admin_pb2.GetServerInfoRequest(), metadata=self._metadata)
+        return ServerInfo(reply.version, reply.start_time.ToNanoseconds() / 1e9)
+
+    @_rpc
+    async def health(self, service: str = "") -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the server (service
+        "") or of one of its services, e.g. "codelane.v1.SessionService"; CodelaneError NOT_FOUND
+        for a service it does not serve. Needs no token."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), metadata=self._metadata
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     @_rpc
     async def drain_worker(self, worker_id: str, reason: str = "") -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from codelane import client as aio
-from codelane.client import DEFAULT_ADDRESS, CodelaneError, LaneStats, Message, SessionInfo, WorkerInfo
+from codelane.client import DEFAULT_ADDRESS, CodelaneError, LaneStats, Message, ServerInfo, SessionInfo, WorkerInfo
 from codelane.events import CaughtUp, Event
 
 __all__ = ["DEFAULT_ADDRESS", "Client", "CodelaneError", "Session"]
@@ -282,6 +282,14 @@ class Client(_Facade):
     def queue_stats(self) -> list[LaneStats]:
         """Per lane: calls pending, active, completed, failed, and latency percentiles (seconds)."""
         return self._call("queue_stats")
+
+    def server_info(self) -> ServerInfo:
+        """The server's version and start time."""
+        return self._call("server_info")
+
+    def health(self, service: str = "") -> str:
+        """The gRPC health status ("SERVING", ...) of the server or of one of its services."""
+        return self._call("health", service)
 
 
 class Session(_Facade):
