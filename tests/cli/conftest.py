@@ -137,9 +137,9 @@ def server(make_server: Callable[..., ThreadedServer]) -> ThreadedServer:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: no inherited codelane settings or API keys."""
+    """The environment of a CLI subprocess: no inherited codelane settings, config file or API keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CODELANE_", "OPENAI_", "ANTHROPIC_"))}
-    env.update(PYTHONUNBUFFERED="1", COLUMNS="200", **extra)
+    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "CODELANE_CONFIG": os.devnull, **extra})
     return env
 
 

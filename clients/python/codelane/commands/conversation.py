@@ -153,13 +153,30 @@ class TurnConsole:
         assert me is not None
         outcome = TurnOutcome()
         cancelling: list[asyncio.Task[None]] = []
+        showing = True  # the turn's events are still being shown: stopping them is still useful
+
+        def stop_showing() -> None:
+            if showing:
+                me.cancel()
+
+        async def cancel_turn() -> None:
+            """After Ctrl-C: cancels the turn, then gives its last events CANCEL_WAIT seconds."""
+            try:
+                await asyncio.wait_for(self.session.cancel(f"interrupted (Ctrl-C) in {self.prog}"), CANCEL_TIMEOUT)
+            except (CodelaneError, TimeoutError) as exc:
+                if showing:  # (else the turn ended meanwhile, and this call was cancelled with it)
+                    outcome.cancel_error = str(exc) or f"no answer within {CANCEL_TIMEOUT:g}s"
+                    stop_showing()
+                return
+            await asyncio.sleep(CANCEL_WAIT)
+            stop_showing()
 
         def interrupt() -> None:
             if outcome.interrupted:  # a second Ctrl-C: stop waiting for the turn's end
-                me.cancel()
+                stop_showing()
                 return
             outcome.interrupted = True
-            cancelling.append(loop.create_task(self._cancel(me, outcome)))
+            cancelling.append(loop.create_task(cancel_turn()))
 
         loop.add_signal_handler(signal.SIGINT, interrupt)
         try:
@@ -173,6 +190,7 @@ class TurnConsole:
                 raise
             me.uncancel()  # we stopped waiting on purpose: the caller goes on
         finally:
+            showing = False
             loop.remove_signal_handler(signal.SIGINT)
             await self._close_question()
             for task in cancelling:
@@ -188,17 +206,6 @@ class TurnConsole:
                 sys.stderr.write(f"{self.prog}: interrupted; the turn was cancelled, its end was not awaited "
                                  f"(see it with `{command_line('codelane watch', self.session.id)}`)\n")
         return outcome
-
-    async def _cancel(self, consumer: asyncio.Task[Any], outcome: TurnOutcome) -> None:
-        """After Ctrl-C: cancels the turn, then gives its last events CANCEL_WAIT seconds to come."""
-        try:
-            await asyncio.wait_for(self.session.cancel(f"interrupted (Ctrl-C) in {self.prog}"), CANCEL_TIMEOUT)
-        except (CodelaneError, TimeoutError) as exc:
-            outcome.cancel_error = str(exc) or f"no answer within {CANCEL_TIMEOUT:g}s"
-            consumer.cancel()
-            return
-        await asyncio.sleep(CANCEL_WAIT)
-        consumer.cancel()
 
     # -- events and confirmations --------------------------------------------------------------
 
