@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -57,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _taken(listen: str) -> str | None:
+    """Why the address cannot be listened on, checked before gRPC tries (and logs its own lines);
+    None when it can, or when only gRPC can tell (a Unix socket, port 0)."""
+    if listen.startswith("unix:"):
+        return None
+    host, _, port = listen.rpartition(":")
+    if port == "0":
+        return None
+    try:
+        with socket.create_server((host.strip("[]"), int(port)), family=socket.AF_INET6 if ":" in host
+                                  else socket.AF_INET):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,6 +82,10 @@ def main(argv: list[str]) -> int:
     if args.tls_ca and not args.tls_cert:
         parser.error("--tls-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    why = _taken(args.listen)
+    if why is not None:
+        print(f"{PROG}: cannot listen on {args.listen}: {why}", file=sys.stderr)
+        return 1
     config = ServerConfig(
         listen=args.listen,
         data_dir=args.data_dir,

@@ -7,6 +7,7 @@ not load the server, and `codelane run` does not load the tools.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module with a `main(argv) -> int`, its parser's factory as "module:function", one-line help)
@@ -71,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"codelane: unknown subcommand {name!r}; see codelane --help", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module_name = SUBCOMMANDS[name][0]
+    if module_name.startswith("codelane.commands."):
+        # A client command reports a failure in one line of its own; gRPC's C core would add its
+        # log lines (a failed TLS handshake, for one) to stderr. Set before gRPC is loaded.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    module = importlib.import_module(module_name)
     return int(module.main(rest) or 0)
 
 
