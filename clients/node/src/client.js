@@ -37,6 +37,8 @@ import * as protoLoader from '@grpc/proto-loader';
 export { grpc };
 
 const PACKAGE = 'codelane.v1';
+/** The server address used when none is given, as in the Python SDK and the CLI. */
+export const DEFAULT_ADDRESS = '127.0.0.1:50051';
 const DEFAULT_PROTOS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
 const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
 const DEFAULT_CALL_TIMEOUT_MS = 30_000;
@@ -965,11 +967,31 @@ export class CodelaneClient {
       callOptions);
   }
 
+  /** The server's version and start time: {version, startTime (a Date)}. */
+  getServerInfo(callOptions) {
+    return this._unary(this._admin, 'GetServerInfo', 'GetServerInfoRequest', {}, 'GetServerInfoResponse',
+      callOptions);
+  }
+
   /** Closes the channel; running streams end with CANCELLED. */
   close() {
     this._sessions.close();
     this._admin.close();
   }
+}
+
+/**
+ * The server address named by the environment, as the CLI reads it: $CODELANE_SERVER, else
+ * DEFAULT_ADDRESS. $CODELANE_ADDRESS, the name earlier examples used, still works, with a
+ * deprecation warning on stderr.
+ */
+export function serverFromEnv(env = process.env) {
+  if (env.CODELANE_SERVER) return env.CODELANE_SERVER;
+  if (env.CODELANE_ADDRESS) {
+    process.emitWarning('$CODELANE_ADDRESS is deprecated: set $CODELANE_SERVER', 'DeprecationWarning');
+    return env.CODELANE_ADDRESS;
+  }
+  return DEFAULT_ADDRESS;
 }
 
 /** A JSON.stringify replacer that writes BigInts as decimal strings. */

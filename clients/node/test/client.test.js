@@ -16,7 +16,7 @@ import { after, before, describe, test } from 'node:test';
 
 import * as protoLoader from '@grpc/proto-loader';
 
-import { connect, grpc } from '../src/client.js';
+import { DEFAULT_ADDRESS, connect, grpc, serverFromEnv } from '../src/client.js';
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const PROTOS_DIR = fileURLToPath(new URL('../../../protos', import.meta.url));
@@ -94,9 +94,9 @@ function freePort() {
   });
 }
 
-function startServer(address, dataDir, scriptPath) {
+function startServer(address, dataDir, scriptPath, extraArgs = []) {
   const args = ['-m', 'codelane.cli', 'server', '--listen', address, '--data-dir', dataDir,
-    '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN];
+    '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN, ...extraArgs];
   const child = spawn(PYTHON, args, { cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   const ready = new Promise((resolve, reject) => {
@@ -120,7 +120,9 @@ function startServer(address, dataDir, scriptPath) {
       reject(new Error(`server exited early (code ${code}, signal ${signal}):\n${output}`));
     });
   });
-  return { child, address, ready, output: () => output };
+  const handle = { child, address, ready, output: () => output };
+  started.push(handle);
+  return handle;
 }
 
 function stopServer(child, graceMs = 5_000) {
@@ -139,10 +141,11 @@ function stopServer(child, graceMs = 5_000) {
   });
 }
 
-// Last resort if the runner exits without the after() hook (e.g. a crash): never leave a server.
+// Last resort if the runner exits without the after() hooks (e.g. a crash): never leave a server.
+const started = [];
 process.on('exit', () => {
-  if (server?.child && server.child.exitCode === null && server.child.signalCode === null) {
-    server.child.kill('SIGKILL');
+  for (const { child } of started) {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   }
 });
 
@@ -448,6 +451,17 @@ describe('admin', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.equal(typeof execute.latencyP50, 'number');
     assert.equal(stats.workers, 1);
   });
+
+  test('getServerInfo gives the server version and start time; serverFromEnv reads $CODELANE_SERVER', async () => {
+    const info = await client.getServerInfo();
+    const pyproject = fs.readFileSync(fileURLToPath(new URL('../../../pyproject.toml', import.meta.url)), 'utf8');
+    assert.equal(info.version, pyproject.match(/^version = "(.+)"$/m)[1]);
+    assert.ok(info.startTime instanceof Date && info.startTime <= new Date());
+
+    assert.equal(serverFromEnv({}), DEFAULT_ADDRESS);
+    assert.equal(serverFromEnv({ CODELANE_SERVER: 'a:1', CODELANE_ADDRESS: 'b:2' }), 'a:1');
+    assert.equal(serverFromEnv({ CODELANE_ADDRESS: 'b:2' }), 'b:2'); // the old name, with a warning
+  });
 });
 
 // The kind's payload: ev.toolCallFinished for kind 'tool_call_finished'.
@@ -712,5 +726,71 @@ describe('external tasks', { timeout: TEST_TIMEOUT_MS }, () => {
     // An empty client id is refused by the server.
     await assert.rejects(client.claimExternalTasks(session.sessionId, { clientId: '' }),
       (err) => err.code === grpc.status.INVALID_ARGUMENT && err.errorInfo?.metadata?.field === 'client_id');
+  });
+});
+
+// A server whose event streams may fall one event behind before it cuts them (RESOURCE_EXHAUSTED),
+// and a turn of many calls: its events come in bursts, so the cut really happens, every time.
+describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
+  const CALLS = 40;
+  let tiny;
+  let tinyClient;
+
+  before(async () => {
+    const script = path.join(tmp, 'script-many.json');
+    const step = {
+      text: 'Reading everything at once, in many small words so that the text streams.',
+      tool_calls: Array.from({ length: CALLS }, (_, i) => ({ id: `c_${i}`, name: 'read', arguments: { file_path: 'README.md' } })),
+    };
+    fs.writeFileSync(script, JSON.stringify({ responses: [step, { text: 'Done.' }] }));
+    const port = await freePort();
+    tiny = startServer(`${HOST}:${port}`, path.join(tmp, 'data-tiny'), script,
+      ['--local-workers', '0', '--subscriber-buffer', '1']);
+    await tiny.ready;
+    tinyClient = connect(tiny.address, { token: TOKEN, callTimeoutMs: 10_000 });
+  }, { timeout: SERVER_START_MS + 5_000 });
+
+  after(async () => {
+    tinyClient?.close();
+    await stopServer(tiny?.child);
+  });
+
+  test('sendMessage resumes after the server cuts it: no event missed or repeated', async () => {
+    const session = await tinyClient.createSession({ workspace });
+    const resumes = [];
+    const events = await collect(tinyClient.sendMessage(session.sessionId, 'go', {
+      timeoutMs: STREAM_TIMEOUT_MS,
+      onResume: (err, after) => resumes.push({ code: err.code, reason: err.errorInfo?.reason, after }),
+    }));
+    assertGapFree(events, 1n);
+    assert.equal(events.at(-1).kind, 'turn_finished');
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    assert.equal(events.filter((e) => e.kind === 'tool_call_finished').length, CALLS);
+    assert.ok(resumes.length > 0, 'the one-event buffer must have cut the stream');
+    for (const resume of resumes) {
+      assert.equal(resume.code, grpc.status.RESOURCE_EXHAUSTED);
+      assert.equal(resume.reason, 'SUBSCRIBER_TOO_SLOW');
+      assert.equal(typeof resume.after, 'bigint');
+    }
+    const stored = await collect(tinyClient.watchEvents(session.sessionId,
+      { follow: false, timeoutMs: STREAM_TIMEOUT_MS }));
+    assert.deepEqual(stored.slice(0, -1), events);
+  });
+
+  test('a following watchEvents resumes too, and marks caught_up once', async () => {
+    const session = await tinyClient.createSession({ workspace });
+    const resumes = [];
+    const watch = tinyClient.watchEvents(session.sessionId,
+      { follow: true, timeoutMs: STREAM_TIMEOUT_MS, onResume: (err) => resumes.push(err.code) });
+    const first = await watch.next();
+    assert.deepEqual(first.value, { kind: 'caught_up', lastSequence: 0n });
+    const sent = await collect(tinyClient.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+    const watched = [];
+    for await (const item of watch) {
+      watched.push(item);
+      if (item.kind === 'turn_finished') break;
+    }
+    assert.deepEqual(watched, sent);
+    assert.ok(resumes.length > 0, 'the one-event buffer must have cut the watch');
   });
 });
