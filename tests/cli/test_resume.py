@@ -1,6 +1,6 @@
 """Event streams that break are resumed by the SDK, with no event missed or repeated: a server
-with a one-event subscriber buffer cuts every reader that is not instantly there, and a server
-killed and restarted mid-turn drops the connection."""
+with a one-event subscriber buffer cuts every reader that is not instantly there, a proxy drops
+connections mid-turn, and a server killed and restarted mid-turn drops the connection."""
 
 from __future__ import annotations
 
@@ -17,7 +17,17 @@ import pytest
 
 from codelane import events as ev
 from codelane.client import Client
-from tests.cli.conftest import START_TIMEOUT, ThreadedServer, call, cli, cli_env, json_lines, write_script
+from tests.cli.conftest import (
+    CLI_TIMEOUT,
+    START_TIMEOUT,
+    DroppingProxy,
+    ThreadedServer,
+    call,
+    cli,
+    cli_env,
+    json_lines,
+    write_script,
+)
 
 # Per turn, one step of many Query calls (a burst of events), then the last word.
 MANY_CALLS = [
@@ -137,3 +147,70 @@ def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, works
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+# A turn whose bash call waits for a file the test creates: the stream is broken while the turn
+# runs, with events still to come.
+WAITING = [
+    {"text": "Reading, then waiting.", "tool_calls": [
+        *(call("read", f"c_{i}", file_path="README.md") for i in range(5)),
+        call("bash", "c_wait", command="while [ ! -e go ]; do sleep 0.05; done; echo went"),
+    ]},
+    {"text": "Done."},
+]  # fmt: skip
+
+
+@pytest.fixture
+def proxy(make_server, tmp_path: Path):
+    """A server with the default buffer, reached through a proxy whose connections the test drops."""
+    server = make_server(model=write_script(tmp_path / "waiting.json", WAITING))
+    proxy = DroppingProxy(server.port)
+    yield proxy
+    proxy.close()
+
+
+async def test_send_resumes_when_the_connection_drops(proxy: DroppingProxy, workspace: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="codelane.client")
+    async with Client(f"127.0.0.1:{proxy.port}", timeout=10) as client:
+        session = await client.create_session(workspace)
+        events = []
+        async for event in session.send("go"):
+            events.append(event)
+            if isinstance(event, ev.ToolCallStarted) and event.call.call_id == "c_wait":
+                proxy.drop()  # mid-turn: the bash waits for the file below
+                (workspace / "go").touch()
+        stored = [e async for e in session.watch(follow=False)]
+    _gap_free(events)
+    assert events == stored[:-1] and events[-1].stop_reason == "end_turn"
+    assert proxy.dropped >= 1
+    assert any("UNAVAILABLE" in line for line in _resumes(caplog))
+    finished = [e for e in events if isinstance(e, ev.ToolCallFinished)]
+    assert [e.call_id for e in finished][-1] == "c_wait" and finished[-1].result.output.strip() == "went"
+
+
+def test_run_resumes_when_the_connection_drops(proxy: DroppingProxy, workspace: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "run", "--server", f"127.0.0.1:{proxy.port}", "--workspace",
+         str(workspace), "--json", "go"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = []
+        while '"c_wait"' not in (lines[-1] if lines else ""):
+            line = proc.stdout.readline()
+            assert line, f"codelane run ended early: {proc.stderr.read()}"
+            lines.append(line)
+        proxy.drop()
+        (workspace / "go").touch()
+        lines += proc.stdout.readlines()
+        err = proc.stderr.read()
+        assert proc.wait(CLI_TIMEOUT) == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(CLI_TIMEOUT)
+    events = json_lines("".join(lines))
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["stop_reason"] == "end_turn" and proxy.dropped >= 1

@@ -227,11 +227,13 @@ def _resumable(error: CodelaneError) -> bool:
     return error.code in ("UNAVAILABLE", "INTERNAL")
 
 
-def _stream_item(reply: session_pb2.SendMessageResponse | session_pb2.WatchEventsResponse) -> Event | CaughtUp:
-    """The event (or the replay's end marker) of a SendMessage or WatchEvents reply."""
+def _stream_items(
+    reply: session_pb2.SendMessageResponse | session_pb2.WatchEventsResponse,
+) -> list[Event | CaughtUp]:
+    """What a SendMessage or WatchEvents reply carries: its event, or the replay's end marker."""
     if isinstance(reply, session_pb2.WatchEventsResponse) and reply.WhichOneof("item") == "caught_up":
-        return CaughtUp(reply.caught_up.last_sequence)
-    return event_from_proto(reply.event)
+        return [CaughtUp(reply.caught_up.last_sequence)]
+    return [event_from_proto(reply.event)]
 
 
 class Client:
@@ -433,16 +435,16 @@ class Session:
             while True:
                 try:
                     async for reply in call:
-                        item = _stream_item(reply)
-                        if isinstance(item, CaughtUp):
-                            if caught_up:
-                                continue
-                            caught_up = True
-                        elif item.sequence <= last:
-                            continue  # yielded before the resume
-                        else:
-                            last, progress_at, delay = item.sequence, loop.time(), 0.0
-                        yield item
+                        for item in _stream_items(reply):
+                            if isinstance(item, CaughtUp):
+                                if caught_up:
+                                    continue
+                                caught_up = True
+                            elif item.sequence <= last:
+                                continue  # yielded before the resume
+                            else:
+                                last, progress_at, delay = item.sequence, loop.time(), 0.0
+                            yield item
                     if caught_up and not follow:
                         return
                     error = CodelaneError("UNAVAILABLE", "the event stream ended early")

@@ -74,17 +74,18 @@ def create_channel(
 
 
 def parse_address(text: str, *, listen: bool = False) -> str:
-    """A gRPC address, checked: `HOST:PORT`, `[IPV6]:PORT`, or `unix:PATH`. The port must be given
+    """A gRPC address, checked: `HOST:PORT`, `[IPV6]:PORT`, `unix:PATH` or `unix-abstract:NAME`. The port must be given
     (gRPC would silently use 443), from 1 to 65535, or 0 when `listen`ing (any free port). Returns
     the address stripped; ValueError saying what is wrong and what to write instead."""
     address = text.strip()
     example = "e.g. 127.0.0.1:50051"
     if not address:
         raise ValueError(f"the address is empty: give HOST:PORT, {example}")
-    if address.startswith("unix:"):
-        if not address.removeprefix("unix:").strip("/"):
-            raise ValueError(f"{text!r} names no socket path: give unix:/path/to/socket")
-        return address
+    for scheme in ("unix:", "unix-abstract:"):
+        if address.startswith(scheme):
+            if not address.removeprefix(scheme).strip("/"):
+                raise ValueError(f"{text!r} names no socket: give {scheme}/path/to/socket")
+            return address
     if "://" in address:
         scheme, _, rest = address.partition("://")
         instead = rest.rstrip("/") or "host:50051"

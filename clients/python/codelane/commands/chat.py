@@ -103,6 +103,8 @@ def _talk(runner: asyncio.Runner, session: Session, args: argparse.Namespace) ->
             continue
         try:
             runner.run(console.send(line))
+        except KeyboardInterrupt:  # Ctrl-C before the turn began: nothing was sent
+            print()
         except CodelaneError as exc:
             print(error_line(PROG, exc, args.connection), file=sys.stderr)
             if exc.code in _FATAL:
