@@ -793,4 +793,85 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.deepEqual(watched, sent);
     assert.ok(resumes.length > 0, 'the one-event buffer must have cut the watch');
   });
+
+  test('sendMessage resumes when its connection drops mid-turn', async () => {
+    // The bash call waits for a file this test creates once it has dropped the connection, so
+    // the stream breaks while the turn runs, with events still to come.
+    const script = path.join(tmp, 'script-waiting.json');
+    fs.writeFileSync(script, JSON.stringify({
+      responses: [
+        {
+          text: 'Reading, then waiting.',
+          tool_calls: [
+            { id: 'c_read', name: 'read', arguments: { file_path: 'README.md' } },
+            { id: 'c_wait', name: 'bash', arguments: { command: 'while [ ! -e go-node ]; do sleep 0.05; done; echo went' } },
+          ],
+        },
+        { text: 'Done.' },
+      ],
+    }));
+    const proxy = await droppingProxy(Number(tiny.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace, model: `scripted:${script}` });
+      const resumes = [];
+      const events = [];
+      for await (const ev of viaProxy.sendMessage(session.sessionId, 'go', {
+        timeoutMs: STREAM_TIMEOUT_MS, onResume: (err) => resumes.push(err.code),
+      })) {
+        events.push(ev);
+        if (ev.kind === 'tool_call_started' && ev.toolCallStarted.call.callId === 'c_wait') {
+          proxy.drop();
+          fs.writeFileSync(path.join(workspace, 'go-node'), '');
+        }
+      }
+      assertGapFree(events, 1n);
+      assert.equal(events.at(-1).turnFinished?.stopReason, 'STOP_REASON_END_TURN');
+      const waited = events.find((e) => e.kind === 'tool_call_finished' && e.toolCallFinished.callId === 'c_wait');
+      assert.equal(waited.toolCallFinished.result.output.trim(), 'went');
+      assert.ok(proxy.dropped >= 1);
+      assert.ok(resumes.includes(grpc.status.UNAVAILABLE), `resumes: ${resumes}`);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+      fs.rmSync(path.join(workspace, 'go-node'), { force: true });
+    }
+  });
 });
+
+/** A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it. */
+function droppingProxy(targetPort) {
+  const open = new Set();
+  let dropped = 0;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(targetPort, HOST);
+    open.add(client);
+    open.add(upstream);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    for (const socket of [client, upstream]) {
+      socket.on('error', () => {}); // a dropped peer
+      socket.on('close', () => {
+        client.destroy();
+        upstream.destroy();
+        open.delete(client);
+        open.delete(upstream);
+      });
+    }
+  });
+  return new Promise((resolve) => server.listen(0, HOST, () => resolve({
+    port: server.address().port,
+    get dropped() {
+      return dropped;
+    },
+    drop() {
+      dropped += open.size / 2;
+      for (const socket of open) socket.destroy();
+      open.clear();
+    },
+    close() {
+      this.drop();
+      return new Promise((done) => server.close(done));
+    },
+  })));
+}
