@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events an event stream may fall behind before the server cuts it (RESOURCE_EXHAUSTED; "
                         "clients resume)")
     p.add_argument("--log-level", type=types.log_level, default="INFO", metavar="LEVEL",
-                   help=f"what the server logs to stderr: {', '.join(types.LOG_LEVELS)}")
+                   help=f"what the server logs to stderr: {', '.join(types.LOG_LEVELS)} (local workers log "
+                        "their warnings, and their debug lines at DEBUG)")
     return p
 
 
@@ -102,7 +103,8 @@ def main(argv: list[str]) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
         subscriber_buffer=args.subscriber_buffer,
-        local_worker_log_level=args.log_level,
+        # The hub logs each worker that connects or leaves: local workers need not say it too.
+        local_worker_log_level="DEBUG" if args.log_level == "DEBUG" else "WARNING",
     )
     try:
         asyncio.run(_serve(config))
