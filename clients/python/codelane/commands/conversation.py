@@ -203,8 +203,9 @@ class TurnConsole:
             elif outcome.stop_reason:
                 sys.stderr.write(f"{self.prog}: interrupted; the turn was cancelled\n")
             else:
+                watch = command_line("codelane watch", self.session.id, connection=self.connection)
                 sys.stderr.write(f"{self.prog}: interrupted; the turn was cancelled, its end was not awaited "
-                                 f"(see it with `{command_line('codelane watch', self.session.id)}`)\n")
+                                 f"(see it with `{watch}`)\n")
         return outcome
 
     # -- events and confirmations --------------------------------------------------------------
