@@ -63,7 +63,7 @@ def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
     ("host:port", False, "must be a number"),
     ("grpc://host:1", False, "is a URL"),
     ("", False, "is empty"),
-    ("unix:", False, "names no socket path"),
+    ("unix:", False, "names no socket"),
 ])  # fmt: skip
 def test_parse_address(text: str, listen: bool, error: str | None) -> None:
     if error is None:
@@ -106,7 +106,8 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
 def test_help_shows_defaults_and_says_what_each_option_is() -> None:
     server = cli("server", "--help").stdout
     assert "(default: .codelane)" in server and "(default: 6.0)" in server  # --data-dir, --heartbeat-timeout
-    assert "what the server logs to stderr: DEBUG, INFO, WARNING, ERROR (default: INFO)" in " ".join(server.split())
+    assert "what the server logs to stderr: DEBUG, INFO, WARNING, ERROR (local workers log" in " ".join(server.split())
+    assert "(default: INFO)" in server
     run = " ".join(cli("run", "--help").stdout.split())
     assert "prompt what to ask, in quotes" in run
     assert "--workers" not in run  # the old spelling works, but is not advertised
