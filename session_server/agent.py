@@ -409,7 +409,7 @@ class Turn:
         ctx = self.ctx
         policy = ctx.settings.permissions
         within = policy.confirmation_timeout
-        ctx.emit(ConfirmationRequired(call.info, time.time() + within))
+        ctx.emit(ConfirmationRequired(call.info, time.time() + within, decision.describe()))
         try:
             answer = await ctx.confirmations.wait(ctx.session_id, call.call_id, within)
         except asyncio.CancelledError:

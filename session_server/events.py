@@ -70,6 +70,8 @@ class ToolCallFinished:
 class ConfirmationRequired:
     call: CallInfo
     deadline: float
+    # Why the call waits: the rule that asked, or the default action (events stored without it: "").
+    rule: str = ""
 
 
 @dataclass(frozen=True)

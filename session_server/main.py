@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
-from codelane.transport import address_option
+from codelane.commands import args as types
 from session_server import admission
-from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
+from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
+from session_server.server import LOCAL_WORKER_SLOTS, CodelaneServer, ServerConfig, ServerConfigError
+from session_server.sessions import DEFAULT_GENERATE_LIMIT
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.confinement.policy import (
     GIB,
@@ -26,32 +31,30 @@ from tool_worker.confinement.policy import (
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 
+PROG = "codelane server"
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="codelane server", description="Run a codelane session server.")
-    p.add_argument("--listen", default="127.0.0.1:50051", type=address_option,
-                   help="address to listen on, HOST:PORT (default 127.0.0.1:50051)")
-    p.add_argument("--data-dir", type=Path, default=Path(".codelane"), help="where sessions and events are stored")
-    p.add_argument(
-        "--local-workers", type=int, default=2, help="tool-worker processes to start on this host (default 2)"
-    )
-    p.add_argument("--local-worker-slots", type=int, default=4, help="slots of each local worker (default 4)")
-    p.add_argument(
-        "--worker-tools",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="extra tool module loaded by the local workers (repeatable)",
-    )
-    p.add_argument(
-        "--model", default="", help="default model, provider:name (openai:..., anthropic:..., scripted:PATH)"
-    )
-    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"), help="bearer token clients must send")
-    p.add_argument(
-        "--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"), help="bearer token workers must send"
-    )
+    p = types.parser(PROG, "Run a codelane session server, with local tool workers.")
+    p.add_argument("--listen", type=types.listen_address, default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="address to listen on (port 0: any free port, printed at start)")
+    p.add_argument("--data-dir", type=Path, default=Path(".codelane"), metavar="DIR",
+                   help="where sessions and events are stored (created if missing)")
+    p.add_argument("--model", default="",
+                   help="default model, provider:name (openai:..., anthropic:..., scripted:PATH); checked at start")
+    p.add_argument("--local-workers", type=types.non_negative_int, default=2, metavar="N",
+                   help="tool-worker processes to start on this host; one that exits is replaced")
+    p.add_argument("--local-worker-slots", type=types.positive_int, default=LOCAL_WORKER_SLOTS, metavar="N",
+                   help="calls each local worker runs at once")
+    p.add_argument("--tools", action="append", default=[], metavar="MODULE",
+                   help="a module of extra tools (TOOLS = [...]) for the local workers and the server; repeatable")
+    p.add_argument("--worker-tools", dest="tools", action=types.Renamed, new="--tools", append=True)
+    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"),
+                   help="bearer token clients must send (default: $CODELANE_TOKEN; none: no check)")
+    p.add_argument("--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"),
+                   help="bearer token workers must send (default: $CODELANE_WORKER_TOKEN, or one generated for "
+                        "the local workers; see README \"Security\")")
     p.add_argument(
         "--scripts-dir", action="append", default=[], type=Path, metavar="DIR",
         help="directory clients may name scripted:PATH models in (repeatable; default: none, clients name no "
@@ -62,17 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory sessions may open workspaces in, symlinks resolved (repeatable; default: any directory "
         "this server can read)",
     )
-    p.add_argument("--tls-cert", help="server certificate (enables TLS)")
-    p.add_argument("--tls-key", help="server private key")
-    p.add_argument("--tls-ca", help="CA for client certificates (enables mTLS)")
+    p.add_argument("--tls-cert", type=types.readable_file, metavar="FILE", help="server certificate (turns TLS on)")
+    p.add_argument("--tls-key", type=types.readable_file, metavar="FILE", help="the certificate's private key")
+    p.add_argument("--tls-ca", type=types.readable_file, metavar="FILE",
+                   help="CA of client certificates (turns mTLS on)")
     p.add_argument(
         "--no-local-fallback",
         action="store_true",
         help="never run Query tools in-process when no worker can (calls then fail)",
     )
-    p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
-    p.add_argument("--max-llm-requests", type=int, default=16,
-                   help="concurrent model requests across all sessions (the Generate lane; default 16)")
+    p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
+                   metavar="SECONDS", help="worker silence after which it is lost")
+    p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",
+                   help="concurrent model requests across all sessions (the Generate lane)")
+    p.add_argument("--subscriber-buffer", type=types.positive_int, default=SUBSCRIBER_BUFFER, metavar="EVENTS",
+                   help="live events an event stream holds for a slow reader before it reads what the reader "
+                        "missed from the store instead (memory per stream; no reader is ever cut off)")
     box = p.add_argument_group("sandbox of bash and execute (see README \"Sandbox\")")
     box.add_argument("--sandbox", type=SandboxMode, choices=list(SandboxMode), default=SandboxMode.WORKSPACE_WRITE,
                      help="mode of sessions that do not choose one (default workspace-write)")
@@ -126,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                      help="text, or json: one object per line with session_id, turn_id, call_id, worker_id and "
                           "trace_id where they apply")
-    ops.add_argument("--log-level", default="INFO")
+    ops.add_argument("--log-level", type=types.log_level, default="INFO", metavar="LEVEL",
+                     help=f"what the server logs to stderr: {', '.join(types.LOG_LEVELS)} (local workers log "
+                          "their warnings, and everything at DEBUG)")
     return p
 
 
@@ -142,7 +152,8 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
         limits = admission.Limits(
@@ -162,11 +173,9 @@ def main(argv: list[str]) -> int:
         print("codelane server: --shutdown-grace must be 0 or more", file=sys.stderr)
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("codelane server: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    if args.local_workers < 0 or args.max_llm_requests < 1:
-        print("codelane server: --local-workers must be >= 0 and --max-llm-requests >= 1", file=sys.stderr)
-        return 2
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        parser.error("--tls-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
     for flag, directories in (("--scripts-dir", args.scripts_dir), ("--workspace-root", args.workspace_root)):
         missing = [str(d) for d in directories if not d.is_dir()]
         if missing:
@@ -189,7 +198,7 @@ def main(argv: list[str]) -> int:
         data_dir=args.data_dir,
         local_workers=args.local_workers,
         local_worker_slots=args.local_worker_slots,
-        local_worker_tools=args.worker_tools,
+        local_worker_tools=args.tools,
         model=args.model,
         token=args.token,
         worker_token=args.worker_token,
@@ -199,6 +208,7 @@ def main(argv: list[str]) -> int:
         local_fallback=not args.no_local_fallback,
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
+        subscriber_buffer=args.subscriber_buffer,
         scripts_dirs=args.scripts_dir,
         workspace_roots=args.workspace_root,
         limits=limits,
@@ -212,6 +222,8 @@ def main(argv: list[str]) -> int:
         sandbox_limits=sandbox_limits,
         sandbox_deny_read=args.sandbox_deny_read,
         sandbox_protect=args.sandbox_protect,
+        # The hub logs each worker that connects or leaves: local workers need not say it too.
+        local_worker_log_level="DEBUG" if args.log_level == "DEBUG" else "WARNING",
     )
     try:
         config.sandbox_settings()
@@ -220,11 +232,11 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         asyncio.run(_serve(config, args.shutdown_grace))
-    except UnsafeConfig as exc:
-        print(f"codelane server: {exc}", file=sys.stderr)
+    except ServerConfigError as exc:  # an open hub, a default model that cannot work, a TLS file
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"codelane server: {exc}", file=sys.stderr)
+    except (OSError, sqlite3.Error) as exc:  # the address is taken, the data directory unwritable, ...
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -235,9 +247,15 @@ async def _serve(config: ServerConfig, grace: float) -> None:
 
 
 async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
-    server = CodelaneServer(config)
+    try:
+        server = CodelaneServer(config)
+    except (ImportError, ValueError) as exc:  # a --tools module that does not load
+        raise ServerConfigError(f"cannot load tools: {exc}") from None
     await server.start()
-    print(server.sandbox.describe(), flush=True)
+    # stdout holds the one "listening" line that scripts wait for; what the sandbox enforces is
+    # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.
+    level = logging.WARNING if server.sandbox.support().problem else logging.INFO
+    logging.getLogger("codelane.server").log(level, "%s", server.sandbox.describe())
     print(f"codelane server listening on {server.address}", flush=True)
     if server.metrics_port:
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)

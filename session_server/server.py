@@ -12,9 +12,10 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
-import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.llm.factory import ScriptLibrary, create_provider, parse_model
 from session_server.metrics import BacklogEntry, ServerMetrics, StateCollector, label_set
 from session_server.pool import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -49,6 +51,7 @@ from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
+from tool_worker.worker import EXIT_REJECTED, EXIT_UNAUTHENTICATED
 
 log = logging.getLogger("codelane.server")
 
@@ -59,8 +62,30 @@ LOCAL_WORKER_SLOTS = 4
 RPC_STOP_GRACE = 2.0
 
 
-class UnsafeConfig(ValueError):
+# A local worker that exits is replaced. One that lived at least LOCAL_WORKER_HEALTHY seconds is
+# replaced at once; one that died younger waits LOCAL_WORKER_RESTART_DELAY, doubled per early
+# death up to LOCAL_WORKER_RESTART_MAX, so a worker that cannot start does not spin.
+LOCAL_WORKER_HEALTHY = 10.0
+LOCAL_WORKER_RESTART_DELAY = 0.5
+LOCAL_WORKER_RESTART_MAX = 30.0
+
+
+class ServerConfigError(ValueError):
+    """The server cannot start with this configuration (a model, a file, an address); the message
+    says which and why."""
+
+
+class UnsafeConfig(ServerConfigError):
     """The server would run with a door open; the message says which flag closes it."""
+
+
+def _check_tls_files(config: ServerConfig) -> None:
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ServerConfigError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    for what, path in (("TLS certificate", config.tls_cert), ("TLS key", config.tls_key),
+                       ("TLS client CA", config.tls_ca)):
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ServerConfigError(f"{what} {path}: not a readable file")
 
 
 def is_loopback(listen: str) -> bool:
@@ -139,6 +164,9 @@ class ServerConfig:
     sandbox_deny_read: list[Path] = field(default_factory=list)
     sandbox_protect: list[str] = field(default_factory=list)
 
+    # Local workers log their warnings (DEBUG: everything).
+    local_worker_log_level: str = "WARNING"
+
     def sandbox_settings(self) -> SandboxSettings:
         """Raises ValueError when the default mode is off without --allow-unsandboxed."""
         if self.sandbox is SandboxMode.OFF and not self.allow_unsandboxed:
@@ -195,7 +223,10 @@ class CodelaneServer:
         self._local_token = config.worker_token or secrets.token_urlsafe(32)
         self._health = health.aio.HealthServicer()
         self._health_names: list[str] = []
-        self._workers: list[subprocess.Popen[bytes]] = []
+        # Local workers by id: the process now running (None between two), and its supervisor.
+        self._local: dict[str, asyncio.subprocess.Process | None] = {}
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     @property
     def address(self) -> str:
@@ -222,8 +253,10 @@ class CodelaneServer:
 
     async def start(self) -> int:
         hub_token = self.hub_token()
-        # First: a second server on a busy port says so in one line, having touched nothing.
+        # First: a second server on a busy port, a default model that cannot work or a TLS file
+        # that does not load says so in one line, having touched nothing.
         _refuse_port_in_use(self.config.listen)
+        await self._check_config()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
         # (`codelane server` prints it: `sandbox.describe()`).
@@ -252,7 +285,7 @@ class CodelaneServer:
         hub = WorkerHubServicer(self.pool)
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats, time.time()), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
@@ -290,9 +323,22 @@ class CodelaneServer:
             watch_store(self.config.data_dir / "codelane.db", self.readiness, self.config.store_check_interval),
             name="store-probe",
         ))
-        self._spawn_local_workers()
-        log.info("codelane server listening on %s", self.address)
+        self._start_local_workers()
         return self.port
+
+    async def _check_config(self) -> None:
+        """What would otherwise fail later: the default model at the first turn, TLS files at bind."""
+        config = self.config
+        if config.model:
+            try:
+                provider, _ = create_provider(config.model)
+                if parse_model(config.model).provider == "scripted":
+                    # Providers load scripts lazily: the operator's own must load now, or say why.
+                    await ScriptLibrary(()).load_async(parse_model(config.model).name, check=False)
+            except ValueError as exc:  # a malformed model string, an unknown provider, a bad script
+                raise ServerConfigError(f"default model: {exc}") from None
+            await provider.aclose()
+        _check_tls_files(config)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         config = self.config
@@ -314,40 +360,89 @@ class CodelaneServer:
         await local.start()
         self._local_hub = local
 
-    def _spawn_local_workers(self) -> None:
-        if self.config.local_workers <= 0:
-            return
-        target = self.local_hub_address
+    async def _check_config(self) -> None:
+        """What would otherwise fail later: the default model at the first turn, TLS files at bind."""
+        config = self.config
+        if config.model:
+            try:
+                provider, _ = create_provider(config.model)
+                if parse_model(config.model).provider == "scripted":
+                    # Providers load scripts lazily: the operator's own must load now, or say why.
+                    await ScriptLibrary(()).load_async(parse_model(config.model).name, check=False)
+            except ValueError as exc:  # a malformed model string, an unknown provider, a bad script
+                raise ServerConfigError(f"default model: {exc}") from None
+            await provider.aclose()
+        _check_tls_files(config)
+
+    def _start_local_workers(self) -> None:
+        for i in range(self.config.local_workers):
+            worker_id = f"local-{i + 1}"
+            self._local[worker_id] = None
+            self._supervisors.append(
+                asyncio.create_task(self._keep_local_worker(worker_id), name=f"local-worker-{worker_id}")
+            )
+
+    def _local_worker_argv(self, worker_id: str) -> list[str]:
+        argv = [
+            sys.executable, "-m", "tool_worker",
+            "--connect", self.local_hub_address,
+            "--id", worker_id,
+            "--slots", str(self.config.local_worker_slots),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", self.config.local_worker_log_level,
+            "--log-format", self.config.log_format,
+        ]  # fmt: skip
+        for module in self.config.local_worker_tools:
+            argv += ["--tools", module]
+        if self.config.otlp_endpoint:
+            argv += ["--otlp-endpoint", self.config.otlp_endpoint]
+        if self.config.allow_unsandboxed:
+            argv.append("--allow-unsandboxed")
+        return argv
+
+    async def _keep_local_worker(self, worker_id: str) -> None:
+        """Runs one local worker for as long as the server runs: a worker that exits (drained,
+        crashed, killed) is reaped and replaced by a new process with the same id."""
         env = dict(os.environ)
         env["CODELANE_WORKER_TOKEN"] = self._local_token
-        for i in range(self.config.local_workers):
-            argv = [
-                sys.executable,
-                "-m",
-                "tool_worker",
-                "--connect",
-                target,
-                "--id",
-                f"local-{i + 1}",
-                "--slots",
-                str(self.config.local_worker_slots),
-                "--parent-pid",
-                str(os.getpid()),
-            ]
-            for module in self.config.local_worker_tools:
-                argv += ["--tools", module]
-            argv += ["--log-format", self.config.log_format]
-            if self.config.otlp_endpoint:
-                argv += ["--otlp-endpoint", self.config.otlp_endpoint]
-            if self.config.allow_unsandboxed:
-                argv.append("--allow-unsandboxed")
-            self._workers.append(subprocess.Popen(argv, env=env))
+        loop = asyncio.get_running_loop()
+        delay = LOCAL_WORKER_RESTART_DELAY
+        while not self._stopping:
+            try:
+                proc = await asyncio.create_subprocess_exec(*self._local_worker_argv(worker_id), env=env)
+            except OSError as exc:
+                log.error("cannot start local worker %s: %s", worker_id, exc)
+                return
+            self._local[worker_id] = proc
+            if self._stopping:  # stop() began while the process was starting: it saw no process
+                proc.terminate()
+            started = loop.time()
+            code = await proc.wait()
+            self._local[worker_id] = None
+            if self._stopping:
+                return
+            if code in (EXIT_UNAUTHENTICATED, EXIT_REJECTED):
+                log.error("local worker %s was refused by this server (exit %d): not replacing it", worker_id, code)
+                return
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+            if loop.time() - started >= LOCAL_WORKER_HEALTHY:
+                delay = LOCAL_WORKER_RESTART_DELAY
+                log.info("local worker %s %s; starting a new one", worker_id, how)
+                continue
+            log.warning("local worker %s %s; starting a new one in %.1fs", worker_id, how, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LOCAL_WORKER_RESTART_MAX)
+
+    def local_worker_pids(self) -> dict[str, int]:
+        """The process id of each local worker running now."""
+        return {worker_id: proc.pid for worker_id, proc in self._local.items() if proc is not None}
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful, shutdown first: health goes NOT_SERVING and nothing new is admitted (new
         sessions, turns and event streams are refused with UNAVAILABLE, while calls on running work
         are still served); running turns get `grace` seconds to finish, the rest are interrupted
         (marked so, and their streams close); then the workers are stopped and the store closed."""
+        self._stopping = True
         if self.admission is not None:
             self.admission.close()
         self.readiness.set("draining", False, "the server is stopping")
@@ -358,7 +453,8 @@ class CodelaneServer:
         self._background.clear()
         if self.sessions is not None:
             await self.sessions.shutdown(grace)
-        for proc in self._workers:
+        workers = [proc for proc in self._local.values() if proc is not None]
+        for proc in workers:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
         if self._server is not None:
@@ -366,13 +462,18 @@ class CodelaneServer:
         if self._local_hub is not None:
             await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
         await self.pool.close()
-        for proc in self._workers:
+        for proc in workers:
             try:
-                await asyncio.to_thread(proc.wait, grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-        self._workers.clear()
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for supervisor in self._supervisors:
+            supervisor.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        self._supervisors.clear()
+        self._local.clear()
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.stop()
             self._metrics_endpoint = None

@@ -16,7 +16,7 @@ EXPECTED_RPCS = {
         "RenewExternalTaskLease", "GetMessages",
     },
     "codelane.v1.WorkerHubService": {"Connect"},
-    "codelane.v1.AdminService": {"ListWorkers", "DrainWorker", "GetQueueStats"},
+    "codelane.v1.AdminService": {"ListWorkers", "DrainWorker", "GetQueueStats", "GetServerInfo"},
 }
 
 

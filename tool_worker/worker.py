@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from codelane import __version__
-from codelane.transport import address_option, bearer_metadata, create_channel
+from codelane.commands import args as types
+from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.child_watcher import pidfd_child_watcher
@@ -197,7 +198,7 @@ class ToolWorker:
                               f"TLS handshake {HANDSHAKE_CLOSES} times in a row: it does not accept this worker's "
                               f"certificate ({self._certificate_hint()})", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
-                    log.log(logging.INFO if closed_in_handshake else logging.WARNING,
+                    log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
                             "hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
@@ -431,29 +432,19 @@ def _under_roots(workspace: str, roots: tuple[str, ...]) -> bool:
     return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
-def parse_labels(text: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codelane worker", description="Run a codelane tool worker.")
-    parser.add_argument(
-        "--connect", required=True, metavar="HOST:PORT", type=address_option, help="address of the session server's hub"
-    )
+    parser = types.parser("codelane worker", "Run a codelane tool worker.")
+    parser.add_argument("--connect", required=True, type=types.address, metavar="HOST:PORT",
+                        help="address of the session server's hub")
     parser.add_argument(
         "--token",
         default=os.environ.get("CODELANE_WORKER_TOKEN"),
         help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
     )
-    parser.add_argument("--slots", type=int, default=4, help="calls run at once (default 4)")
-    parser.add_argument("--labels", type=parse_labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
-    parser.add_argument("--root", action="append", default=[], help="workspace root this worker can read (repeat)")
+    parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once")
+    parser.add_argument("--labels", type=types.labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
+    parser.add_argument("--root", action="append", default=[], type=types.existing_dir,
+                        help="workspace root this worker can read (repeat)")
     parser.add_argument(
         "--tools",
         action="append",
@@ -467,9 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"{socket.gethostname()}/{os.getpid()}",
         help="worker id, unique in the pool (default host/pid)",
     )
-    parser.add_argument("--tls-ca", help="CA certificate to verify the hub (enables TLS)")
-    parser.add_argument("--tls-cert", help="client certificate for mTLS")
-    parser.add_argument("--tls-key", help="client key for mTLS")
+    parser.add_argument("--tls-ca", type=types.readable_file, help="CA certificate to verify the hub (enables TLS)")
+    parser.add_argument("--tls-cert", type=types.readable_file, help="client certificate for mTLS")
+    parser.add_argument("--tls-key", type=types.readable_file, help="client key for mTLS")
     parser.add_argument(
         "--allow-unsandboxed",
         action="store_true",
@@ -487,12 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text, or json: one object per line with worker_id, and call_id, session_id and "
                              "trace_id while a call runs")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", type=types.log_level, default="INFO", metavar="LEVEL",
+                        help=f"what the worker logs to stderr ({', '.join(types.LOG_LEVELS)}); INFO says when it "
+                             "connects")
     return parser
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s worker %(levelname)s %(message)s")
         for address in (args.metrics_listen, args.health_listen):
@@ -500,9 +496,6 @@ def main(argv: list[str]) -> int:
                 split_address(address)
     except ValueError as exc:
         print(f"codelane worker: {exc}", file=sys.stderr)
-        return 2
-    if args.slots < 1:
-        print("codelane worker: --slots must be at least 1", file=sys.stderr)
         return 2
     registry = ToolRegistry.builtin(Sandbox(SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)))
     try:

@@ -331,7 +331,7 @@ def event(stored: StoredEvent) -> events_pb2.Event:
         ))
     elif isinstance(p, ev.ConfirmationRequired):
         msg.confirmation_required.CopyFrom(events_pb2.ConfirmationRequired(
-            call=tool_call(p.call), deadline=timestamp(p.deadline)
+            call=tool_call(p.call), deadline=timestamp(p.deadline), rule=p.rule
         ))
     elif isinstance(p, ev.ConfirmationResolved):
         msg.confirmation_resolved.CopyFrom(events_pb2.ConfirmationResolved(

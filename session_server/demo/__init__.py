@@ -19,22 +19,37 @@ from pathlib import Path
 
 from codelane import events as ev
 from codelane.client import Client
+from codelane.commands import args as types
 from codelane.render import EventView
 from session_server.embedded import embedded_server
 
 PROMPT = "Fix the TODO in the greeter and note what you changed."
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="codelane demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2, help="local tool workers (default 2)")
+class _Help(types.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module's docstring as it is written, and the options' defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = types.Parser(prog="codelane demo", description=__doc__, formatter_class=_Help)
+    parser.add_argument("--local-workers", type=types.non_negative_int, default=2, metavar="N",
+                        help="local tool workers")
+    parser.add_argument("--workers", dest="local_workers", type=types.non_negative_int, action=types.Renamed,
+                        new="--local-workers")
     view = parser.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="print events as JSON lines")
     view.add_argument("--plain", action="store_true", help="one line per event (the default off a terminal)")
     view.add_argument("--live", action="store_true", help="the live view (the default on a terminal)")
-    args = parser.parse_args(argv)
-    return asyncio.run(_demo(args.workers, EventView.choose(json=args.json, plain=args.plain, live=args.live)))
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    view = EventView.choose(json=args.json, plain=args.plain, live=args.live)
+    try:
+        return asyncio.run(_demo(args.local_workers, view))
+    except KeyboardInterrupt:
+        return 130
 
 
 async def _demo(workers: int, view: EventView) -> int:

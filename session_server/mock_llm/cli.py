@@ -7,32 +7,35 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from codelane.commands import args as types
 from session_server.llm.script import Script, ScriptError
 from session_server.mock_llm.options import FAULTS, QUIRKS
 from session_server.mock_llm.server import start_mock_llm
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mock-llm",
+    parser = types.Parser(
+        prog="codelane mock-llm",
         description="Serve a model script over the OpenAI (/v1/chat/completions) and Anthropic "
         "(/v1/messages) APIs.",
+        formatter_class=types.HelpFormatter,
     )
     parser.add_argument("--script", required=True, help="YAML or JSON script file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=0, help="port (default: any free port, printed on start)")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds before the first token")
+    parser.add_argument("--port", type=types.port, default=0, help="port (default: any free port, printed on start)")
+    parser.add_argument("--latency", type=types.non_negative_float, default=0.0, help="seconds before the first token")
     parser.add_argument(
-        "--token-rate", type=float, default=0.0, help="tokens per second (0: as fast as possible)"
+        "--token-rate", type=types.non_negative_float, default=0.0, help="tokens per second (0: as fast as possible)"
     )
     parser.add_argument(
         "--quirk", action="append", choices=QUIRKS, default=[], help="OpenAI stream quirk (repeatable)"
     )
     parser.add_argument("--fault", choices=FAULTS, help="fault to inject")
     parser.add_argument(
-        "--fault-count", type=int, default=1, help="requests the fault hits (0: all; default 1)"
+        "--fault-count", type=types.non_negative_int, default=1, help="requests the fault hits (0: all; default 1)"
     )
-    parser.add_argument("--retry-after", type=float, default=1.0, help="seconds a 429 asks clients to wait")
+    parser.add_argument("--retry-after", type=types.non_negative_float, default=1.0,
+                        help="seconds a 429 asks clients to wait")
     return parser
 
 
@@ -47,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_serve(script, args))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        print(f"mock-llm: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

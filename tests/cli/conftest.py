@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -138,9 +139,9 @@ def server(make_server: Callable[..., ThreadedServer]) -> ThreadedServer:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: no inherited codelane settings or API keys."""
+    """The environment of a CLI subprocess: no inherited codelane settings, config file or API keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CODELANE_", "OPENAI_", "ANTHROPIC_"))}
-    env.update(PYTHONUNBUFFERED="1", COLUMNS="200", **extra)
+    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "CODELANE_CONFIG": os.devnull, **extra})
     return env
 
 
@@ -163,3 +164,57 @@ def unused_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class DroppingProxy:
+    """A TCP proxy in front of a server, whose `drop()` closes every connection open through it,
+    mid-stream, as a network failure would. Connections made afterwards pass as usual."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self.dropped = 0  # connections closed by drop()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="dropping-proxy", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target, timeout=10)
+            except OSError:
+                return  # closed
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # dropped, or the other side went away
+
+    def _close(self, sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump threads blocked reading it
+            sock.close()
+
+    def drop(self) -> None:
+        with self._lock:
+            sockets, self._open = self._open, []
+            self.dropped += len(sockets) // 2
+        self._close(sockets)
+
+    def close(self) -> None:
+        self._close([self._listener])
+        self.drop()
+        self._acceptor.join(10)

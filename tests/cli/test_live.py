@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
@@ -174,7 +175,7 @@ def test_a_resolved_confirmation_shows_its_outcome(outcome: str, status: str) ->
     view.show(ev.ConfirmationRequired(**_base(2), call=_call("c1", "bash", "execute", '{"command": "ls"}')))
     view.show(ev.ConfirmationResolved(**_base(3), call_id="c1", outcome=outcome, reason="why"))
     assert ["bash", "execute", status] == live_area(view).splitlines()[1].split()[:3]
-    assert f"confirmation of c1: {outcome} (why)" in ANSI.sub("", out.getvalue())
+    assert f"confirmation of c1: {outcome.replace('_', ' ')} (why)" in ANSI.sub("", out.getvalue())
 
 
 def test_the_live_area_runs_and_stops_on_a_terminal() -> None:
@@ -230,3 +231,87 @@ def test_events_and_refreshes_from_two_threads_do_not_deadlock(monkeypatch) -> N
     feeder.join(30)
     assert not feeder.is_alive(), "the live view deadlocked"
     assert "200 tool call(s)" in ANSI.sub("", out.getvalue())
+
+
+def _indexed(call_id: str, tool: str, index: int, lane: str = "query", args: str = '{"path": "."}') -> ev.ToolCall:
+    return ev.ToolCall(call_id, tool, args, lane, index)
+
+
+def test_calls_behind_an_execute_call_show_as_queued_in_model_order() -> None:
+    view, out, _, _ = make()
+    calls = (_indexed("c1", "read", 0), _indexed("c2", "edit", 1, "execute", '{"file_path": "a"}'),
+             _indexed("c3", "read", 2), _indexed("c4", "grep", 3))
+    view.show(ev.TurnStarted(**_base(1), user_text="x"))
+    view.show(ev.ToolCallStarted(**_base(2), call=calls[0], lane="query", worker_id="w1"))
+    view.show(ev.ModelResponded(**_base(3), step=0, tool_calls=calls))
+    view.show(ev.ToolCallStarted(**_base(4), call=calls[1], lane="execute", worker_id="local"))
+    area = live_area(view)
+    rows = [line.split() for line in area.splitlines()[1:5]]
+    assert [r[0] for r in rows] == ["read", "edit", "read", "grep"]  # the model's order, not the start order
+    assert rows[0][:4] == ["read", "query", "w1", "running"] and rows[1][:4] == ["edit", "execute", "local", "running"]
+    assert rows[2][:3] == ["read", "query", "queued"] and rows[3][:3] == ["grep", "query", "queued"]  # no worker yet
+    assert "2 queued · 2 running · 0 done · 0 failed" in area
+    view.show(ev.ToolCallFinished(**_base(5), call_id="c2", tool_name="edit",
+                                  result=ev.ToolResult("x", is_error=True, error_kind="cancelled")))
+    view.show(ev.TurnFinished(**_base(6), stop_reason="cancelled", model_requests=1, tool_calls=4))
+    printed = ANSI.sub("", out.getvalue())
+    for tool in ("edit", "read", "grep"):  # what had not run is cancelled with the turn
+        assert re.search(rf"{tool}\s+(\S+\s+)*cancelled", printed), printed
+
+
+@pytest.mark.parametrize(("kind", "confirmed", "status"), [
+    ("cancelled", None, "cancelled"), ("timeout", None, "timed out"), ("permission_denied", None, "denied"),
+    ("permission_denied", "rejected", "rejected"), ("permission_denied", "timed_out_rejected", "rejected"),
+    ("tool_error", None, "error"),
+])  # fmt: skip
+def test_finished_calls_say_how_they_ended(kind: str, confirmed: str | None, status: str) -> None:
+    view, out, _, _ = make()
+    view.show(ev.TurnStarted(**_base(1), user_text="x"))
+    call = _call("c1", "bash", "execute", '{"command": "ls"}')
+    if confirmed is not None:
+        view.show(ev.ConfirmationRequired(**_base(2), call=call, rule="rule ask[0] `bash`"))
+        view.show(ev.ConfirmationResolved(**_base(3), call_id="c1", outcome=confirmed))
+    else:
+        view.show(ev.ToolCallStarted(**_base(2), call=call, lane="execute", worker_id="local"))
+    view.show(ev.ToolCallFinished(**_base(4), call_id="c1", tool_name="bash",
+                                  result=ev.ToolResult("why", is_error=True, error_kind=kind)))
+    row = live_area(view).splitlines()[1]
+    assert re.match(rf"bash\s+execute\s+(local\s+)?{status}\s", row), row
+    view.show(ev.TurnFinished(**_base(5), stop_reason="end_turn", model_requests=1, tool_calls=1))
+    summary = ANSI.sub("", out.getvalue()).strip().splitlines()[-1]
+    counted = {"cancelled": "1 cancelled", "denied": "1 refused", "rejected": "1 refused"}.get(status, "1 failed")
+    assert f"1 tool call(s) ({counted})" in summary
+
+
+def test_edits_and_writes_show_a_short_diff() -> None:
+    view, out, _, _ = make()
+    edit = _call("c1", "edit", "execute", '{"file_path": "app/greet.py", "old_string": "a\\nb\\nc", '
+                                          '"new_string": "a\\nB\\nc"}')
+    content = "\n".join(f"line {i}" for i in range(20))
+    write = _call("c2", "write", "execute", json.dumps({"file_path": "notes.md", "content": content}))
+    view.show(ev.TurnStarted(**_base(1), user_text="x"))
+    for seq, call in ((2, edit), (4, write)):
+        view.show(ev.ToolCallStarted(**_base(seq), call=call, lane="execute", worker_id="local"))
+        view.show(ev.ToolCallFinished(**_base(seq + 1), call_id=call.call_id, tool_name=call.tool_name,
+                                      result=ev.ToolResult("ok")))
+    printed = ANSI.sub("", out.getvalue())
+    assert "edit app/greet.py:\n a\n-b\n+B\n c\n" in printed
+    assert "write notes.md (20 line(s)):\n+line 0\n" in printed and "+line 11\n… 8 more line(s)\n" in printed
+    assert "+line 12" not in printed
+
+
+def test_the_plain_view_shows_what_a_confirmation_is_for_and_the_diffs() -> None:
+    from codelane.render import PlainRenderer
+
+    out = io.StringIO()
+    plain = PlainRenderer(out)
+    call = _call("c1", "edit", "execute", '{"file_path": "a.txt", "old_string": "old", "new_string": "new"}')
+    plain.show(ev.ConfirmationRequired(**_base(4), call=call, deadline=0.0, rule="rule ask[0] `edit`"))
+    plain.show(ev.ConfirmationResolved(**_base(5), call_id="c1", outcome="approved", reason="fine"))
+    plain.show(ev.ToolCallStarted(**_base(6), call=call, lane="execute", worker_id="local"))
+    plain.show(ev.ToolCallFinished(**_base(7), call_id="c1", tool_name="edit", result=ev.ToolResult("Edited")))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ('[   4] confirmation required: edit {"file_path": "a.txt", "old_string": "old", "new_string": '
+                        '"new"} [c1, rule ask[0] `edit`] until -')
+    assert lines[1] == "[   5] confirmation of c1: approved: fine"
+    assert lines[-3:] == ["       edit a.txt:", "       -old", "       +new"]

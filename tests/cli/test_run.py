@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import sys
@@ -111,8 +112,8 @@ def test_run_ctrl_c_cancels_the_turn_and_exits_130(make_server, tmp_path: Path, 
 def test_run_reports_an_unreachable_server_in_one_line(unused_port: int, workspace: Path) -> None:
     out = cli("run", "--server", f"127.0.0.1:{unused_port}", "--workspace", str(workspace), "hi")
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == (f"codelane run: cannot reach the server at 127.0.0.1:{unused_port} (UNAVAILABLE): "
-                          "is `codelane server` running?\n")
+    assert out.stderr == (f"codelane run: nothing listens at 127.0.0.1:{unused_port} (connection refused, "
+                          "UNAVAILABLE): is `codelane server` running there?\n")
 
 
 def test_run_embedded_needs_no_server(model: str, workspace: Path) -> None:
@@ -178,7 +179,8 @@ def test_run_asks_for_confirmation_on_a_terminal(make_server, tmp_path: Path, wo
     assert finished["result"]["is_error"] and "confirmed" not in finished["result"]["output"]
 
 
-def test_run_leaves_confirmations_alone_without_a_terminal(make_server, tmp_path: Path, workspace: Path) -> None:
+def test_run_without_a_terminal_prints_the_command_that_answers(make_server, tmp_path: Path,
+                                                                 workspace: Path) -> None:
     model = write_script(tmp_path / "ask.json", [
         {"text": "Running.", "tool_calls": [call("bash", "c_echo", command="echo confirmed")]},
         {"text": "Done."},
@@ -186,27 +188,29 @@ def test_run_leaves_confirmations_alone_without_a_terminal(make_server, tmp_path
     server = make_server()
     proc = subprocess.Popen(
         [sys.executable, "-m", "codelane.cli", "run", "--server", server.address, "--workspace", str(workspace),
-         "--model", model, "--ask", "bash", "--json", "go"],
+         "--model", model, "--ask", "bash", "--plain", "go"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        first = json_lines(proc.stdout.readline())[0]
-        deadline = time.monotonic() + CLI_TIMEOUT
-        while True:  # someone else answers: here, another client
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline
-            if '"confirmation_required"' in line:
-                break
-        with Client(server.address, timeout=10) as client:
-            client.get_session(first["session_id"]).confirm("c_echo", True)
-        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+        assert proc.stderr is not None and proc.stdout is not None
+        hint = proc.stderr.readline()  # the run can ask nobody: it says how to answer, then waits
+        assert "bash {\"command\": \"echo confirmed\"} waits for a confirmation (rule ask[0] `bash`)" in hint
+        command = hint.split("Answer it with: ", 1)[1].split("  (or --reject)")[0]
+        session_id = proc.stdout.readline().split()[1]
+        assert command == f"codelane confirm --server {server.address} {session_id} c_echo --approve"
+        answered = cli(*shlex.split(command)[1:])  # from a second process, as printed
+        assert answered.returncode == 0, answered.stderr
+        assert answered.stdout == f"call c_echo of session {session_id}: approved\n"
+        # Read through the pipes' buffers (communicate() would skip what readline() buffered).
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(CLI_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0 and err == ""
-    assert json_lines(rest)[-1]["stop_reason"] == "end_turn"
+    assert "confirmation required: bash" in rest and "confirmation of c_echo: approved" in rest
+    assert "turn finished: end_turn" in rest.splitlines()[-1]
 
 
 def test_run_sandbox_flags_set_the_session_policy(tmp_path: Path, workspace: Path) -> None:
@@ -217,12 +221,13 @@ def test_run_sandbox_flags_set_the_session_policy(tmp_path: Path, workspace: Pat
         ]},
         {"text": "Done."},
     ])  # fmt: skip
-    out = cli("run", "--embedded", "--workers", "0", "--model", script, "--workspace", str(workspace), "--json",
+    out = cli("run", "--embedded", "--local-workers", "0", "--model", script, "--workspace", str(workspace), "--json",
               "--sandbox", "read-only", "--env", "PROJECT_MODE=ci", "go")
     assert out.returncode == 0, out.stderr
     results = {e["call_id"]: e["result"] for e in json_lines(out.stdout) if e["kind"] == "tool_call_finished"}
     assert results["c_env"]["output"] == "ci"
     assert "Read-only file system" in results["c_write"]["output"]
     assert (workspace / "a.txt").read_text() != "changed\n"
-    refused = cli("run", "--embedded", "--workers", "0", "--workspace", str(workspace), "--env", "no-equals", "go")
+    refused = cli("run", "--embedded", "--local-workers", "0", "--workspace", str(workspace),
+                  "--env", "no-equals", "go")
     assert refused.returncode == 2 and "NAME=VALUE" in refused.stderr

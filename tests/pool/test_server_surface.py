@@ -58,9 +58,11 @@ async def test_health_reports_not_serving_during_shutdown(make_server) -> None:
 
 
 def test_server_cli_rejects_bad_flags_in_one_line(tmp_path: Path) -> None:
+    cert = tmp_path / "x.pem"
+    cert.write_text("a certificate")
     result = subprocess.run(
-        [sys.executable, "-m", "codelane.cli", "server", "--tls-cert", "x.pem", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "codelane.cli", "server", "--tls-cert", str(cert), "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "codelane server: --tls-cert and --tls-key go together"
+    assert result.stderr.strip() == "codelane server: --tls-cert and --tls-key go together (see codelane server --help)"

@@ -105,7 +105,7 @@ async def test_session_env_reaches_commands_and_network_on_reaches_the_host(
 async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path: Path, workspace: Path) -> None:
     # A server that finds no bwrap on its PATH: as on a host where bubblewrap is not installed.
     server = await processes.start_server(tmp_path / "data", local_workers=0, env={"PATH": str(tmp_path / "empty")})
-    assert "sandbox: UNAVAILABLE (bubblewrap (bwrap) is not installed" in server.out.read_text()
+    assert "sandbox: UNAVAILABLE (bubblewrap (bwrap) is not installed" in server.log()
     model = scripted(tmp_path, [{"text": "Try.", "tool_calls": [bash("try", f"touch {tmp_path}/ran")]},
                                 {"text": "Done."}])
     assert server.client is not None

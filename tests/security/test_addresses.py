@@ -35,7 +35,7 @@ def codelane(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_an_address_without_a_port_is_a_usage_error(tmp_path: Path, argv: tuple[str, ...]) -> None:
     result = codelane(*argv, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "has no port: write HOST:PORT" in result.stderr
+    assert "has no port: give HOST:PORT" in result.stderr
 
 
 def test_a_second_server_on_a_port_in_use_is_refused(tmp_path: Path) -> None:

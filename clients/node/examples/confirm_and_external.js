@@ -5,14 +5,15 @@
 //
 // Usage:
 //   node examples/confirm_and_external.js WORKSPACE [PROMPT] [--ask RULE]... [--reject]
-//        [--address HOST:PORT] [--token TOKEN] [--model MODEL]
+//        [--server HOST:PORT] [--token TOKEN] [--model MODEL]
 //
 //   WORKSPACE   a directory on the server's machine (the session's workspace)
 //   PROMPT      the user message (default: "Fix the greeting.")
 //   --ask       a permission rule whose calls wait for a confirmation, e.g. 'edit' or 'bash(git *)'
 //               (repeatable; default: edit)
 //   --reject    reject the confirmations instead of approving them
-//   --address   server address (default: $CODELANE_ADDRESS or 127.0.0.1:50051)
+//   --server    server address, HOST:PORT (default: $CODELANE_SERVER or 127.0.0.1:50051;
+//               --address and $CODELANE_ADDRESS, the old names, still work)
 //   --token     bearer token, if the server was started with --token (default: $CODELANE_TOKEN)
 //   --model     model as provider:name (default: the server's default model)
 //
@@ -29,7 +30,7 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { connect } from '../src/client.js';
+import { connect, serverFromEnv } from '../src/client.js';
 
 const CLIENT_ID = `node-example-${process.pid}`;
 
@@ -45,7 +46,8 @@ async function main() {
     options: {
       ask: { type: 'string', multiple: true },
       reject: { type: 'boolean', default: false },
-      address: { type: 'string', default: process.env.CODELANE_ADDRESS || '127.0.0.1:50051' },
+      server: { type: 'string' },
+      address: { type: 'string' }, // the old name of --server
       token: { type: 'string', default: process.env.CODELANE_TOKEN },
       model: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -53,14 +55,15 @@ async function main() {
   });
   if (values.help || positionals.length < 1 || positionals.length > 2) {
     console.error('usage: node examples/confirm_and_external.js WORKSPACE [PROMPT] [--ask RULE]... [--reject] '
-      + '[--address HOST:PORT] [--token TOKEN] [--model MODEL]');
+      + '[--server HOST:PORT] [--token TOKEN] [--model MODEL]');
     process.exit(values.help ? 0 : 2);
   }
   const workspace = path.resolve(positionals[0]);
   const prompt = positionals[1] ?? 'Fix the greeting.';
   const approve = !values.reject;
 
-  const client = connect(values.address, { token: values.token });
+  if (values.address) console.error('--address is deprecated: use --server');
+  const client = connect(values.server ?? values.address ?? serverFromEnv(), { token: values.token });
   const stop = new AbortController();
   let runner;
   try {

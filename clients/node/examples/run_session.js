@@ -2,11 +2,12 @@
 // Runs one codelane session turn and then resumes its event stream from the middle.
 //
 // Usage:
-//   node examples/run_session.js WORKSPACE [PROMPT] [--address HOST:PORT] [--token TOKEN] [--model MODEL]
+//   node examples/run_session.js WORKSPACE [PROMPT] [--server HOST:PORT] [--token TOKEN] [--model MODEL]
 //
 //   WORKSPACE   a directory on the server's machine (the session's workspace)
 //   PROMPT      the user message (default: "Look around this project and summarize it.")
-//   --address   server address (default: $CODELANE_ADDRESS or 127.0.0.1:50051)
+//   --server    server address, HOST:PORT (default: $CODELANE_SERVER or 127.0.0.1:50051;
+//               --address and $CODELANE_ADDRESS, the old names, still work)
 //   --token     bearer token, if the server was started with --token (default: $CODELANE_TOKEN)
 //   --model     model as provider:name (default: the server's default model)
 //
@@ -23,7 +24,7 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { connect } from '../src/client.js';
+import { connect, serverFromEnv } from '../src/client.js';
 
 function describe(ev) {
   switch (ev.kind) {
@@ -69,20 +70,22 @@ async function main() {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
     options: {
-      address: { type: 'string', default: process.env.CODELANE_ADDRESS || '127.0.0.1:50051' },
+      server: { type: 'string' },
+      address: { type: 'string' }, // the old name of --server
       token: { type: 'string', default: process.env.CODELANE_TOKEN },
       model: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
   if (values.help || positionals.length < 1 || positionals.length > 2) {
-    console.error('usage: node examples/run_session.js WORKSPACE [PROMPT] [--address HOST:PORT] [--token TOKEN] [--model MODEL]');
+    console.error('usage: node examples/run_session.js WORKSPACE [PROMPT] [--server HOST:PORT] [--token TOKEN] [--model MODEL]');
     process.exit(values.help ? 0 : 2);
   }
   const workspace = path.resolve(positionals[0]);
   const prompt = positionals[1] ?? 'Look around this project and summarize it.';
 
-  const client = connect(values.address, { token: values.token });
+  if (values.address) console.error('--address is deprecated: use --server');
+  const client = connect(values.server ?? values.address ?? serverFromEnv(), { token: values.token });
   try {
     const session = await client.createSession({ workspace, model: values.model });
     console.log(`session ${session.sessionId} on ${session.workspace} (${session.config.model})`);

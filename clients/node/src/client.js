@@ -37,6 +37,8 @@ import * as protoLoader from '@grpc/proto-loader';
 export { grpc };
 
 const PACKAGE = 'codelane.v1';
+/** The server address used when none is given, as in the Python SDK and the CLI. */
+export const DEFAULT_ADDRESS = '127.0.0.1:50051';
 const DEFAULT_PROTOS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
 const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
 const DEFAULT_CALL_TIMEOUT_MS = 30_000;
@@ -437,6 +439,126 @@ class CallIterator {
   }
 }
 
+// A sendMessage or watchEvents whose stream breaks goes on with a WatchEvents resumed after the
+// last event it yielded; it gives up (throwing the error) after RESUME_WITHIN_MS without a new
+// event, long enough for a server to restart. A resume right after progress is immediate; those
+// that follow without progress wait RESUME_BACKOFF_INITIAL_MS, doubled up to RESUME_BACKOFF_MAX_MS.
+const RESUME_WITHIN_MS = 20_000;
+const RESUME_BACKOFF_INITIAL_MS = 100;
+const RESUME_BACKOFF_MAX_MS = 2_000;
+// The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
+const SUBSCRIBER_TOO_SLOW = 'SUBSCRIBER_TOO_SLOW';
+
+/** Whether a broken event stream is mended by a new one: the server cut a reader that fell
+ * behind, the connection was lost, or the stream was reset. */
+function resumable(err) {
+  if (err?.code === grpc.status.RESOURCE_EXHAUSTED) return err.errorInfo?.reason === SUBSCRIBER_TOO_SLOW;
+  return err?.code === grpc.status.UNAVAILABLE || err?.code === grpc.status.INTERNAL;
+}
+
+/**
+ * The events of a stream (sendMessage's or watchEvents'), resumed after the last event yielded
+ * each time the stream breaks in a way a new one mends: no event is missed or repeated, and the
+ * caught_up marker comes once. A send (`turn: true`) yields only its own turn's events and ends
+ * at its turn_finished; a break before its first event is thrown (the turn may not have
+ * started). A watch that does not follow ends after its marker. `cancel()`, the AbortSignal and
+ * leaving a `for await` loop end it as a single stream's iteration does.
+ */
+class ResumingIterator {
+  constructor(first, reopen, { afterSequence, follow, turn, signal, onResume }) {
+    this._call = first;
+    this._reopen = reopen; // (afterSequence) => a CallIterator of WatchEvents
+    this._signal = signal;
+    this._onResume = onResume;
+    this._stopped = false;
+    this._wake = null; // ends a pause between resumes early
+    this._items = this._run(BigInt(afterSequence), follow, turn);
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  next() {
+    return this._items.next();
+  }
+
+  async return(value) {
+    this.cancel();
+    return this._items.return(value);
+  }
+
+  /** Ends the iteration (quietly) after the events already received. */
+  cancel() {
+    this._stopped = true;
+    this._call.cancel();
+    this._wake?.();
+  }
+
+  _ended() {
+    return this._stopped || Boolean(this._signal?.aborted);
+  }
+
+  async *_run(after, follow, turn) {
+    let last = after;
+    let caughtUp = false;
+    let turnId = '';
+    let progressAt = Date.now();
+    let delayMs = 0;
+    for (;;) {
+      let error;
+      try {
+        for await (const item of this._call) {
+          if (item.kind === 'caught_up') {
+            if (caughtUp || turn) continue;
+            caughtUp = true;
+          } else if (item.sequence <= last) {
+            continue; // yielded before the resume
+          } else {
+            last = item.sequence;
+            progressAt = Date.now();
+            delayMs = 0;
+            if (turn) {
+              turnId ||= item.turnId;
+              if (item.turnId !== turnId) continue;
+            }
+          }
+          yield item;
+          if (turn && item.kind === 'turn_finished') return;
+          if (!turn && !follow && item.kind === 'caught_up') return;
+        }
+        if (this._ended()) return;
+        error = Object.assign(new Error('the event stream ended early'),
+          { code: grpc.status.UNAVAILABLE, details: 'the event stream ended early' });
+      } catch (err) {
+        if (this._ended()) return;
+        error = err;
+      }
+      if (!resumable(error) || (turn && last === after) || Date.now() - progressAt > RESUME_WITHIN_MS) throw error;
+      try {
+        this._onResume?.(error, last);
+      } catch {
+        // the hook is for logging: it must not end the stream
+      }
+      if (delayMs > 0) {
+        await new Promise((resolve) => {
+          const timer = setTimeout(resolve, delayMs);
+          this._wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+          this._signal?.addEventListener('abort', this._wake, { once: true });
+        });
+        this._signal?.removeEventListener('abort', this._wake);
+        this._wake = null;
+        if (this._ended()) return;
+      }
+      delayMs = Math.min(Math.max(delayMs * 2, RESUME_BACKOFF_INITIAL_MS), RESUME_BACKOFF_MAX_MS);
+      this._call = this._reopen(last);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The client
 
@@ -645,23 +767,36 @@ export class CodelaneClient {
 
   /**
    * Sends a user message; returns an async iterator of the turn's events, from turn_started to
-   * turn_finished (the stream then ends). Options: {signal, timeoutMs}. The turn keeps running
-   * if the iteration stops early; re-attach with watchEvents.
+   * turn_finished (the iteration then ends). Options: {signal, timeoutMs, onResume}. If the
+   * stream breaks once the turn has started (the server cut this reader for falling behind,
+   * RESOURCE_EXHAUSTED; the connection was lost, UNAVAILABLE; the stream was reset), the events
+   * go on from a watchEvents resumed after the last one yielded, with none missed or repeated;
+   * `onResume(err, afterSequence)` hears of each resume. The turn keeps running if the
+   * iteration stops early; re-attach with watchEvents.
    */
-  sendMessage(sessionId, text, streamOptions) {
-    return this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
-      streamOptions, (response) => response.events ?? []);
+  sendMessage(sessionId, text, { signal, timeoutMs, onResume } = {}) {
+    const first = this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
+      { signal, timeoutMs }, (response) => response.events ?? []);
+    return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, true, { signal, timeoutMs }),
+      { afterSequence: 0n, follow: true, turn: true, signal, onResume });
   }
 
   /**
    * Events with sequence > afterSequence (stored ones first), then a
    * {kind: 'caught_up', lastSequence} marker, then live events while `follow` is true (the
    * default, as in the Python SDK); with follow: false the iteration ends after the marker.
-   * Options: {afterSequence = 0, follow = true, signal, timeoutMs}.
+   * Options: {afterSequence = 0, follow = true, signal, timeoutMs, onResume}. A stream that
+   * breaks is resumed after the last event yielded, as in sendMessage; the marker comes once.
    */
-  watchEvents(sessionId, { afterSequence = 0n, follow = true, signal, timeoutMs } = {}) {
+  watchEvents(sessionId, { afterSequence = 0n, follow = true, signal, timeoutMs, onResume } = {}) {
+    const first = this._watchStream(sessionId, afterSequence, follow, { signal, timeoutMs });
+    return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, follow, { signal, timeoutMs }),
+      { afterSequence, follow, turn: false, signal, onResume });
+  }
+
+  _watchStream(sessionId, afterSequence, follow, streamOptions) {
     return this._stream('WatchEvents', 'WatchEventsRequest', { sessionId, afterSequence, follow },
-      'WatchEventsResponse', { signal, timeoutMs }, (response) => {
+      'WatchEventsResponse', streamOptions, (response) => {
         if (response.item === 'caught_up') return [{ kind: 'caught_up', lastSequence: response.caughtUp.lastSequence }];
         return response.events?.events ?? [];
       });
@@ -863,11 +998,31 @@ export class CodelaneClient {
       callOptions);
   }
 
+  /** The server's version and start time: {version, startTime (a Date)}. */
+  getServerInfo(callOptions) {
+    return this._unary(this._admin, 'GetServerInfo', 'GetServerInfoRequest', {}, 'GetServerInfoResponse',
+      callOptions);
+  }
+
   /** Closes the channel; running streams end with CANCELLED. */
   close() {
     this._sessions.close();
     this._admin.close();
   }
+}
+
+/**
+ * The server address named by the environment, as the CLI reads it: $CODELANE_SERVER, else
+ * DEFAULT_ADDRESS. $CODELANE_ADDRESS, the name earlier examples used, still works, with a
+ * deprecation warning on stderr.
+ */
+export function serverFromEnv(env = process.env) {
+  if (env.CODELANE_SERVER) return env.CODELANE_SERVER;
+  if (env.CODELANE_ADDRESS) {
+    process.emitWarning('$CODELANE_ADDRESS is deprecated: set $CODELANE_SERVER', 'DeprecationWarning');
+    return env.CODELANE_ADDRESS;
+  }
+  return DEFAULT_ADDRESS;
 }
 
 /** A JSON.stringify replacer that writes BigInts as decimal strings. */

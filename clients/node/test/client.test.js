@@ -16,7 +16,7 @@ import { after, before, describe, test } from 'node:test';
 
 import * as protoLoader from '@grpc/proto-loader';
 
-import { connect, grpc } from '../src/client.js';
+import { DEFAULT_ADDRESS, connect, grpc, serverFromEnv } from '../src/client.js';
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const PROTOS_DIR = fileURLToPath(new URL('../../../protos', import.meta.url));
@@ -94,11 +94,11 @@ function freePort() {
   });
 }
 
-function startServer(address, dataDir, scriptPath) {
+function startServer(address, dataDir, scriptPath, extraArgs = []) {
   const args = ['-m', 'codelane.cli', 'server', '--listen', address, '--data-dir', dataDir,
     '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN,
     // The sessions of the tests name scripts of their own, written beside the default one.
-    '--scripts-dir', path.dirname(scriptPath)];
+    '--scripts-dir', path.dirname(scriptPath), ...extraArgs];
   const child = spawn(PYTHON, args, { cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   const ready = new Promise((resolve, reject) => {
@@ -122,7 +122,9 @@ function startServer(address, dataDir, scriptPath) {
       reject(new Error(`server exited early (code ${code}, signal ${signal}):\n${output}`));
     });
   });
-  return { child, address, ready, output: () => output };
+  const handle = { child, address, ready, output: () => output };
+  started.push(handle);
+  return handle;
 }
 
 function stopServer(child, graceMs = 5_000) {
@@ -141,10 +143,11 @@ function stopServer(child, graceMs = 5_000) {
   });
 }
 
-// Last resort if the runner exits without the after() hook (e.g. a crash): never leave a server.
+// Last resort if the runner exits without the after() hooks (e.g. a crash): never leave a server.
+const started = [];
 process.on('exit', () => {
-  if (server?.child && server.child.exitCode === null && server.child.signalCode === null) {
-    server.child.kill('SIGKILL');
+  for (const { child } of started) {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   }
 });
 
@@ -453,6 +456,17 @@ describe('admin', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.equal(typeof execute.latencyP50, 'number');
     assert.equal(stats.workers, 1);
   });
+
+  test('getServerInfo gives the server version and start time; serverFromEnv reads $CODELANE_SERVER', async () => {
+    const info = await client.getServerInfo();
+    const pyproject = fs.readFileSync(fileURLToPath(new URL('../../../pyproject.toml', import.meta.url)), 'utf8');
+    assert.equal(info.version, pyproject.match(/^version = "(.+)"$/m)[1]);
+    assert.ok(info.startTime instanceof Date && info.startTime <= new Date());
+
+    assert.equal(serverFromEnv({}), DEFAULT_ADDRESS);
+    assert.equal(serverFromEnv({ CODELANE_SERVER: 'a:1', CODELANE_ADDRESS: 'b:2' }), 'a:1');
+    assert.equal(serverFromEnv({ CODELANE_ADDRESS: 'b:2' }), 'b:2'); // the old name, with a warning
+  });
 });
 
 // The kind's payload: ev.toolCallFinished for kind 'tool_call_finished'.
@@ -741,3 +755,139 @@ describe('external tasks', { timeout: TEST_TIMEOUT_MS }, () => {
       (err) => err.code === grpc.status.INVALID_ARGUMENT && err.errorInfo?.metadata?.field === 'client_id');
   });
 });
+
+// A server whose event streams may fall one event behind before it cuts them (RESOURCE_EXHAUSTED),
+// and a turn of many calls: its events come in bursts, so the cut really happens, every time.
+describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
+  const CALLS = 40;
+  let tiny;
+  let tinyClient;
+
+  before(async () => {
+    const script = path.join(tmp, 'script-many.json');
+    const step = {
+      text: 'Reading everything at once, in many small words so that the text streams.',
+      tool_calls: Array.from({ length: CALLS }, (_, i) => ({ id: `c_${i}`, name: 'read', arguments: { file_path: 'README.md' } })),
+    };
+    fs.writeFileSync(script, JSON.stringify({ responses: [step, { text: 'Done.' }] }));
+    const port = await freePort();
+    tiny = startServer(`${HOST}:${port}`, path.join(tmp, 'data-tiny'), script,
+      ['--local-workers', '0', '--subscriber-buffer', '1']);
+    await tiny.ready;
+    tinyClient = connect(tiny.address, { token: TOKEN, callTimeoutMs: 10_000 });
+  }, { timeout: SERVER_START_MS + 5_000 });
+
+  after(async () => {
+    tinyClient?.close();
+    await stopServer(tiny?.child);
+  });
+
+  // The server catches a lagging stream up from its store instead of cutting it; the dropped
+  // connection below is what proves that a broken stream is resumed.
+  test('sendMessage through a one-event buffer: no event missed or repeated', async () => {
+    const session = await tinyClient.createSession({ workspace });
+    const events = await collect(tinyClient.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+    assertGapFree(events, 1n);
+    assert.equal(events.at(-1).kind, 'turn_finished');
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    assert.equal(events.filter((e) => e.kind === 'tool_call_finished').length, CALLS);
+    const stored = await collect(tinyClient.watchEvents(session.sessionId,
+      { follow: false, timeoutMs: STREAM_TIMEOUT_MS }));
+    assert.deepEqual(stored.slice(0, -1), events);
+  });
+
+  test('a following watchEvents through a one-event buffer marks caught_up once', async () => {
+    const session = await tinyClient.createSession({ workspace });
+    const watch = tinyClient.watchEvents(session.sessionId, { follow: true, timeoutMs: STREAM_TIMEOUT_MS });
+    const first = await watch.next();
+    assert.deepEqual(first.value, { kind: 'caught_up', lastSequence: 0n });
+    const sent = await collect(tinyClient.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+    const watched = [];
+    for await (const item of watch) {
+      watched.push(item);
+      if (item.kind === 'turn_finished') break;
+    }
+    assert.deepEqual(watched, sent);
+  });
+
+  test('sendMessage resumes when its connection drops mid-turn', async () => {
+    // The bash call waits for a file this test creates once it has dropped the connection, so
+    // the stream breaks while the turn runs, with events still to come.
+    const script = path.join(tmp, 'script-waiting.json');
+    fs.writeFileSync(script, JSON.stringify({
+      responses: [
+        {
+          text: 'Reading, then waiting.',
+          tool_calls: [
+            { id: 'c_read', name: 'read', arguments: { file_path: 'README.md' } },
+            { id: 'c_wait', name: 'bash', arguments: { command: 'while [ ! -e go-node ]; do sleep 0.05; done; echo went' } },
+          ],
+        },
+        { text: 'Done.' },
+      ],
+    }));
+    const proxy = await droppingProxy(Number(tiny.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace, model: `scripted:${script}` });
+      const resumes = [];
+      const events = [];
+      for await (const ev of viaProxy.sendMessage(session.sessionId, 'go', {
+        timeoutMs: STREAM_TIMEOUT_MS, onResume: (err) => resumes.push(err.code),
+      })) {
+        events.push(ev);
+        if (ev.kind === 'tool_call_started' && ev.toolCallStarted.call.callId === 'c_wait') {
+          proxy.drop();
+          fs.writeFileSync(path.join(workspace, 'go-node'), '');
+        }
+      }
+      assertGapFree(events, 1n);
+      assert.equal(events.at(-1).turnFinished?.stopReason, 'STOP_REASON_END_TURN');
+      const waited = events.find((e) => e.kind === 'tool_call_finished' && e.toolCallFinished.callId === 'c_wait');
+      assert.equal(waited.toolCallFinished.result.output.trim(), 'went');
+      assert.ok(proxy.dropped >= 1);
+      assert.ok(resumes.includes(grpc.status.UNAVAILABLE), `resumes: ${resumes}`);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+      fs.rmSync(path.join(workspace, 'go-node'), { force: true });
+    }
+  });
+});
+
+/** A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it. */
+function droppingProxy(targetPort) {
+  const open = new Set();
+  let dropped = 0;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(targetPort, HOST);
+    open.add(client);
+    open.add(upstream);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    for (const socket of [client, upstream]) {
+      socket.on('error', () => {}); // a dropped peer
+      socket.on('close', () => {
+        client.destroy();
+        upstream.destroy();
+        open.delete(client);
+        open.delete(upstream);
+      });
+    }
+  });
+  return new Promise((resolve) => server.listen(0, HOST, () => resolve({
+    port: server.address().port,
+    get dropped() {
+      return dropped;
+    },
+    drop() {
+      dropped += open.size / 2;
+      for (const socket of open) socket.destroy();
+      open.clear();
+    },
+    close() {
+      this.drop();
+      return new Promise((done) => server.close(done));
+    },
+  })));
+}

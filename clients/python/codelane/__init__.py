@@ -33,6 +33,7 @@ __all__ = [
     "LaneStats",
     "Message",
     "ModelResponded",
+    "ServerInfo",
     "Session",
     "SessionInfo",
     "TextDelta",
@@ -48,13 +49,23 @@ __all__ = [
     "__version__",
 ]
 # The async SDK's names; the others are event types from codelane.events.
-_CLIENT_NAMES = {"Client", "Session", "CodelaneError", "SessionInfo", "Message", "WorkerInfo", "LaneStats"}
+_CLIENT_NAMES = {"Client", "Session", "CodelaneError", "SessionInfo", "Message", "WorkerInfo", "LaneStats",
+                 "ServerInfo"}
 _LAZY: dict[str, str] = {
     name: "codelane.client" if name in _CLIENT_NAMES else "codelane.events" for name in __all__ if name != "__version__"
 }
 
 if TYPE_CHECKING:
-    from codelane.client import Client, CodelaneError, LaneStats, Message, Session, SessionInfo, WorkerInfo
+    from codelane.client import (
+        Client,
+        CodelaneError,
+        LaneStats,
+        Message,
+        ServerInfo,
+        Session,
+        SessionInfo,
+        WorkerInfo,
+    )
     from codelane.events import (
         CallRetried,
         CaughtUp,

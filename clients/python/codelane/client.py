@@ -20,13 +20,32 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from codelane.events import CaughtUp, Event, ExternalTask, ToolCall, ToolResult, event_from_proto, session_state
+from codelane.events import (
+    CaughtUp,
+    Event,
+    ExternalTask,
+    ToolCall,
+    ToolResult,
+    TurnFinished,
+    event_from_proto,
+    session_state,
+)
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Extra deadline a long-polling claim gets beyond its wait, for the network and the server.
 CLAIM_DEADLINE_MARGIN = 30.0
+# A send or watch whose stream breaks resumes with WatchEvents after the last event it yielded.
+# It gives up, raising the error, once this many seconds have passed without a new event (long
+# enough for a server to restart).
+RESUME_WITHIN = 20.0
+# Pause before a resume that follows another one without a new event in between, doubled each
+# time; the first resume after some progress is immediate.
+RESUME_BACKOFF_INITIAL = 0.1
+RESUME_BACKOFF_MAX = 2.0
+# The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
+SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
 log = logging.getLogger("codelane.client")
 
@@ -197,6 +216,18 @@ class WorkerInfo:
     draining: bool
     completed_calls: int
     workspaces: dict[str, tuple[bool, str]]
+    version: str = ""
+    # Network address of its stream, as the server sees it.
+    peer: str = ""
+    # When it connected (epoch seconds).
+    connected: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    # When the server started serving (epoch seconds).
+    started: float
 
 
 @dataclass(frozen=True)
@@ -223,6 +254,26 @@ def _rpc(fn):
     wrapper.__doc__ = fn.__doc__
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _resumable(error: CodelaneError) -> bool:
+    """Whether a broken event stream is mended by a new one: the server cut a reader that fell
+    behind, the connection was lost, or the stream was reset."""
+    if error.code == "RESOURCE_EXHAUSTED":
+        return error.reason == SUBSCRIBER_TOO_SLOW
+    return error.code in ("UNAVAILABLE", "INTERNAL")
+
+
+def _stream_items(
+    reply: session_pb2.SendMessageResponse | session_pb2.WatchEventsResponse,
+) -> list[Event | CaughtUp]:
+    """What a SendMessage or WatchEvents reply carries: its batch of events, or the replay's end
+    marker."""
+    if isinstance(reply, session_pb2.SendMessageResponse):
+        return [event_from_proto(event) for event in reply.events]
+    if reply.WhichOneof("item") == "caught_up":
+        return [CaughtUp(reply.caught_up.last_sequence)]
+    return [event_from_proto(event) for event in reply.events.events]
 
 
 class Client:
@@ -333,9 +384,28 @@ class Client:
         return [
             WorkerInfo(w.worker_id, w.hostname, dict(w.labels), tuple(w.tools), w.slots, w.in_flight,
                        w.state == admin_pb2.WORKER_STATE_DRAINING, w.completed_calls,
-                       {v.workspace: (v.visible, v.reason) for v in w.workspaces})
+                       {v.workspace: (v.visible, v.reason) for v in w.workspaces}, w.version, w.peer,
+                       w.connect_time.ToNanoseconds() / 1e9)
             for w in reply.workers
         ]
+
+    @_rpc
+    async def server_info(self) -> ServerInfo:
+        """The server's version and start time."""
+        reply = await self._admin.GetServerInfo(admin_pb2.GetServerInfoRequest(), metadata=self._metadata)
+        return ServerInfo(reply.version, reply.start_time.ToNanoseconds() / 1e9)
+
+    @_rpc
+    async def health(self, service: str = "") -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...) of the server (service
+        "") or of one of its services, e.g. "codelane.v1.SessionService"; CodelaneError NOT_FOUND
+        for a service it does not serve. Needs no token."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), metadata=self._metadata
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     @_rpc
     async def drain_worker(self, worker_id: str, reason: str = "") -> None:
@@ -365,35 +435,82 @@ class Session:
         return self.info.session_id
 
     async def send(self, text: str) -> AsyncIterator[Event]:
-        """Sends a user message; yields the turn's events, ending with TurnFinished. If this
-        stream breaks, the turn goes on: resume with `watch(after=last_sequence_seen)`."""
+        """Sends a user message; yields the turn's events, ending with TurnFinished.
+
+        If the stream breaks once the turn has started (the server cut it because this reader
+        fell behind, the connection dropped or was reset), the events go on from a WatchEvents
+        resumed after the last one yielded: none is missed or repeated. Leaving the loop stops
+        listening, not the turn: resume with `watch(after=last_sequence_seen)`."""
         call = self._client._sessions.SendMessage(
             session_pb2.SendMessageRequest(session_id=self.id, text=text), metadata=self._client._metadata
         )
-        try:
-            async for reply in call:
-                for event in reply.events:
-                    yield event_from_proto(event)
-        except grpc.aio.AioRpcError as exc:
-            raise CodelaneError.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        turn_id = ""
+        # Before the first event the turn is unknown (it may not have started): nothing to resume.
+        async for event in self._resuming(call, after=0, follow=True, resume_at_once=False):
+            if isinstance(event, CaughtUp):
+                continue  # a resumed watch's marker: not an event of the turn
+            turn_id = turn_id or event.turn_id
+            if event.turn_id == turn_id:
+                yield event
+                if isinstance(event, TurnFinished):
+                    return
 
     async def watch(self, after: int = 0, *, follow: bool = True) -> AsyncIterator[Event | CaughtUp]:
-        """Stored events with sequence > after, a CaughtUp marker, then live ones (if follow)."""
+        """Stored events with sequence > after, a CaughtUp marker, then live ones (if follow).
+        A stream that breaks is resumed after the last event yielded, as in `send`; the CaughtUp
+        marker comes once."""
         call = self._client._sessions.WatchEvents(
             session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=after, follow=follow),
             metadata=self._client._metadata,
         )
+        async for item in self._resuming(call, after=after, follow=follow, resume_at_once=True):
+            yield item
+
+    async def _resuming(
+        self, call: Any, *, after: int, follow: bool, resume_at_once: bool
+    ) -> AsyncIterator[Event | CaughtUp]:
+        """Yields the items of the stream `call`; each time it breaks in a way a new stream
+        mends (`_resumable`), goes on with a WatchEvents after the last event yielded. The first
+        CaughtUp marker is yielded, later ones (of resumed watches) are not. Ends when a watch
+        that does not follow has sent its marker and ended; a send's caller stops at its
+        TurnFinished. `resume_at_once`: whether a stream that breaks before its first event is
+        resumed too (else its error is raised)."""
+        loop = asyncio.get_running_loop()
+        last = after
+        caught_up = False
+        progress_at = loop.time()
+        delay = 0.0  # no pause before the first resume after progress
         try:
-            async for reply in call:
-                if reply.WhichOneof("item") == "caught_up":
-                    yield CaughtUp(reply.caught_up.last_sequence)
-                else:
-                    for event in reply.events.events:
-                        yield event_from_proto(event)
-        except grpc.aio.AioRpcError as exc:
-            raise CodelaneError.from_rpc_error(exc) from None
+            while True:
+                try:
+                    async for reply in call:
+                        for item in _stream_items(reply):
+                            if isinstance(item, CaughtUp):
+                                if caught_up:
+                                    continue
+                                caught_up = True
+                            elif item.sequence <= last:
+                                continue  # yielded before the resume
+                            else:
+                                last, progress_at, delay = item.sequence, loop.time(), 0.0
+                            yield item
+                    if caught_up and not follow:
+                        return
+                    error = CodelaneError("UNAVAILABLE", "the event stream ended early")
+                except grpc.aio.AioRpcError as exc:
+                    error = CodelaneError.from_rpc_error(exc)
+                if (not _resumable(error) or (last == after and not resume_at_once)
+                        or loop.time() - progress_at > RESUME_WITHIN):
+                    raise error
+                log.info("session %s: event stream broke (%s: %s); resuming after sequence %d", self.id, error.code,
+                         error.message, last)
+                call.cancel()
+                await asyncio.sleep(delay)
+                delay = min(max(delay * 2, RESUME_BACKOFF_INITIAL), RESUME_BACKOFF_MAX)
+                call = self._client._sessions.WatchEvents(
+                    session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=last, follow=follow),
+                    metadata=self._client._metadata,
+                )
         finally:
             call.cancel()
 

@@ -163,6 +163,8 @@ class ToolCallFinished(Event):
 class ConfirmationRequired(Event):
     call: ToolCall | None = None
     deadline: float = 0.0
+    # Why it waits, e.g. "rule ask[0] `bash`" (the policy's default action when no rule matched).
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def event_from_proto(msg: events_pb2.Event) -> Event:
                                 result=ToolResult.from_proto(p.result), queue_wait=_seconds(p.queue_wait),
                                 run_time=_seconds(p.run_time))
     if kind == "confirmation_required":
-        return ConfirmationRequired(**base, call=_call(p.call), deadline=_seconds(p.deadline))
+        return ConfirmationRequired(**base, call=_call(p.call), deadline=_seconds(p.deadline), rule=p.rule)
     if kind == "confirmation_resolved":
         outcome = events_pb2.ConfirmationOutcome.Name(p.outcome).removeprefix("CONFIRMATION_OUTCOME_").lower()
         return ConfirmationResolved(**base, call_id=p.call_id, outcome=outcome, reason=p.reason)

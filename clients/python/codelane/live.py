@@ -24,24 +24,43 @@ from rich.table import Table
 from rich.text import Text
 
 from codelane import events as ev
+from codelane.diffs import call_diff
 
 REFRESH_PER_SECOND = 8
 ARGUMENTS_PREVIEW_CHARS = 60
 
 STATUS_STYLES = {
+    "queued": "dim",
     "running": "yellow",
     "ok": "green",
     "error": "bold red",
+    "timed out": "bold red",
     "retried": "magenta",
     "confirm?": "bold cyan",
     "cancelled": "dim",
     "approved": "cyan",
     "rejected": "red",
+    "denied": "red",
 }
 
+# Statuses of a call that has not ended: "cancelled" if the turn ends first.
+_IN_PROGRESS = ("queued", "running", "retried", "confirm?", "approved")
+# ... of those, the ones that count as running (a queued call waits behind an Execute call).
+_RUNNING = ("running", "retried", "confirm?", "approved")
 
-# Statuses of a call that has not ended: counted as running, and "cancelled" if the turn ends first.
-_IN_PROGRESS = ("running", "retried", "confirm?", "approved")
+
+def finished_status(result: ev.ToolResult, confirmed: str | None) -> str:
+    """How a finished call shows: ok, or why not. `confirmed`: how its confirmation ended, if it
+    needed one ("approved", "rejected", "timed_out_rejected", ...)."""
+    if not result.is_error:
+        return "ok"
+    if result.error_kind == "cancelled":
+        return "cancelled"
+    if result.error_kind == "timeout":
+        return "timed out"
+    if result.error_kind == "permission_denied":
+        return "rejected" if confirmed is not None else "denied"
+    return "error"
 
 
 @dataclass
@@ -54,6 +73,7 @@ class CallRow:
     lane: str = ""
     worker: str = ""
     status: str = "running"
+    index: int = 1 << 30  # its place in the model's response; unknown until the call is seen
     attempt: int = 1
     started: float | None = None  # client clock, when it started (for a running duration)
     duration: float | None = None  # server-measured run time, once finished
@@ -88,8 +108,12 @@ class LiveRenderer:
         self._turn_started: float | None = None
         self._finished = False
         self._spinner = Spinner("dots", style="dim")  # one object: its frame follows its own clock
+        self._calls: dict[str, ev.ToolCall] = {}  # this turn's calls, for the diffs of edits and writes
+        self._confirmed: dict[str, str] = {}  # call id -> how its confirmation ended
         self.done = 0
         self.failed = 0
+        self.cancelled = 0
+        self.refused = 0  # denied by the policy, or rejected at confirmation
         self.retried = 0
 
     # -- the live area ------------------------------------------------------------------------
@@ -138,15 +162,22 @@ class LiveRenderer:
 
     @property
     def running(self) -> int:
-        return sum(1 for r in self._rows.values() if r.status in _IN_PROGRESS)
+        return sum(1 for r in self._rows.values() if r.status in _RUNNING)
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for r in self._rows.values() if r.status == "queued")
 
     def progress(self) -> str:
-        """E.g. "3 running · 5 done · 1 failed · 2.4 s"."""
+        """E.g. "2 queued · 3 running · 5 done · 1 failed · 2.4 s"."""
         with self._lock:
             parts = [f"{self.running} running", f"{self.done} done", f"{self.failed} failed"]
-            if self.retried:
-                parts.append(f"{self.retried} retried")
-            if not self.running:
+            if self.queued:
+                parts.insert(0, f"{self.queued} queued")
+            for count, what in ((self.cancelled, "cancelled"), (self.refused, "refused"), (self.retried, "retried")):
+                if count:
+                    parts.append(f"{count} {what}")
+            if not self.running and not self.queued:
                 parts.insert(0, "waiting for the model")
             if self._turn_started is not None:
                 parts.append(_duration(self._clock() - self._turn_started))
@@ -161,7 +192,7 @@ class LiveRenderer:
                 table.add_column(name, no_wrap=True)
             table.add_column("arguments", no_wrap=True, overflow="ellipsis", ratio=1)
             now = self._clock()
-            for row in self._rows.values():
+            for row in sorted(self._rows.values(), key=lambda r: r.index):
                 if row.duration is not None:
                     duration = _duration(row.duration)
                 elif row.started is not None and row.status == "running":
@@ -218,6 +249,25 @@ class LiveRenderer:
             row = self._rows[call_id] = CallRow(call_id, tool)
         return row
 
+    def _known_call(self, call: ev.ToolCall) -> CallRow:
+        """The row of a call the events just described in full (arguments, lane, place)."""
+        self._calls[call.call_id] = call
+        row = self._row(call.call_id, call.tool_name)
+        row.arguments, row.index = _preview(call.arguments_json), call.index
+        row.lane = row.lane or call.lane
+        return row
+
+    def _print_diff(self, call_id: str) -> None:
+        call = self._calls.get(call_id)
+        lines = call_diff(call) if call is not None else []
+        if not lines:
+            return
+        text = Text(lines[0], style="bold")
+        for line in lines[1:]:
+            style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
+            text.append("\n" + line, style=style)
+        self._print(text)
+
     # -- events --------------------------------------------------------------------------------
 
     def show(self, event: ev.Event | ev.CaughtUp) -> None:
@@ -233,7 +283,9 @@ class LiveRenderer:
             self._print(Text(f"caught up at sequence {event.last_sequence}", style="dim"))
         elif isinstance(event, ev.TurnStarted):
             self._turn_started, self._finished, self._step = self._clock(), False, 0
-            self.done = self.failed = self.retried = 0
+            self.done = self.failed = self.cancelled = self.refused = self.retried = 0
+            self._calls.clear()
+            self._confirmed.clear()
             self._print(Text(f"> {event.user_text}", style="bold cyan"))
         elif isinstance(event, ev.TextDelta):
             self._enter_step(event.step)
@@ -241,8 +293,7 @@ class LiveRenderer:
             self._commit_text(everything=False)
         elif isinstance(event, ev.ToolCallStarted) and event.call is not None:
             self._commit_text(everything=True)
-            row = self._row(event.call.call_id, event.call.tool_name)
-            row.arguments = _preview(event.call.arguments_json)
+            row = self._known_call(event.call)
             row.lane, row.worker, row.attempt = event.lane or event.call.lane, event.worker_id, event.attempt
             row.status, row.started, row.duration = "running", self._clock(), None
         elif isinstance(event, ev.CallRetried):
@@ -253,29 +304,40 @@ class LiveRenderer:
         elif isinstance(event, ev.ToolCallFinished):
             row = self._row(event.call_id, event.tool_name)
             result = event.result or ev.ToolResult("")
-            row.status = "error" if result.is_error else "ok"
+            row.status = finished_status(result, self._confirmed.get(event.call_id))
             row.duration = event.run_time
             row.worker = result.worker_id or row.worker
             row.attempt = max(row.attempt, result.attempt)
-            if result.is_error:
-                self.failed += 1
-            else:
+            if row.status == "ok":
                 self.done += 1
+                self._print_diff(event.call_id)
+            elif row.status == "cancelled":
+                self.cancelled += 1
+            elif row.status in ("rejected", "denied"):
+                self.refused += 1
+            else:
+                self.failed += 1
         elif isinstance(event, ev.ModelResponded):
             self._enter_step(event.step)
             self._commit_text(everything=True)  # the step's text is complete; its calls may still run
+            for call in event.tool_calls:
+                # Calls not started yet wait: behind an Execute call, or for a free slot.
+                row = self._known_call(call)
+                if row.status == "running" and row.started is None:
+                    row.status = "queued"
         elif isinstance(event, ev.ConfirmationRequired) and event.call is not None:
             self._commit_text(everything=True)
-            row = self._row(event.call.call_id, event.call.tool_name)
-            row.arguments, row.lane, row.status = _preview(event.call.arguments_json), event.call.lane, "confirm?"
+            row = self._known_call(event.call)
+            row.status = "confirm?"
         elif isinstance(event, ev.ConfirmationResolved):
+            self._confirmed[event.call_id] = event.outcome
             row = self._rows.get(event.call_id)
             if row is not None and row.status == "confirm?":
                 row.status = (
                     "approved" if event.outcome.endswith("approved")
                     else "cancelled" if event.outcome == "cancelled" else "rejected"
                 )
-            self._print(Text(f"confirmation of {event.call_id}: {event.outcome}"
+            self._print(Text(f"confirmation of {event.call_id}: {event.outcome.replace('_', ' ')}"
                              + (f" ({event.reason})" if event.reason else ""), style="cyan"))
         elif isinstance(event, ev.WorkerLost):
             self._print(Text(f"worker {event.worker_id} lost: {event.reason}", style="magenta"))
@@ -299,7 +361,8 @@ class LiveRenderer:
         """The turn in one line: how it ended, what it did, what it cost, how long it took."""
         style = "bold green" if event.stop_reason == "end_turn" else "bold yellow"
         calls = f"{event.tool_calls} tool call(s)"
-        extra = [f"{n} {what}" for n, what in ((self.failed, "failed"), (self.retried, "retried")) if n]
+        extra = [f"{n} {what}" for n, what in ((self.failed, "failed"), (self.cancelled, "cancelled"),
+                                                (self.refused, "refused"), (self.retried, "retried")) if n]
         if extra:
             calls += f" ({', '.join(extra)})"
         parts = [f"turn finished: {event.stop_reason}", f"{event.model_requests} model request(s)", calls,

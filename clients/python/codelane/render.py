@@ -6,9 +6,11 @@ import contextlib
 import dataclasses
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 from codelane import events as ev
+from codelane.diffs import call_diff
 
 OUTPUT_PREVIEW_CHARS = 80
 
@@ -29,6 +31,7 @@ class PlainRenderer:
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._in_text = False
+        self._calls: dict[str, ev.ToolCall] = {}  # for the diffs of edits and writes
 
     def _line(self, text: str) -> None:
         if self._in_text:
@@ -46,6 +49,14 @@ class PlainRenderer:
             self._out.flush()
             return
         self._line(self.describe(event))
+        if isinstance(event, (ev.ToolCallStarted, ev.ConfirmationRequired)) and event.call is not None:
+            self._calls[event.call.call_id] = event.call
+        elif isinstance(event, ev.ToolCallFinished) and event.result is not None and not event.result.is_error:
+            call = self._calls.pop(event.call_id, None)
+            for line in call_diff(call) if call is not None else []:
+                self._line("       " + line)
+        elif isinstance(event, ev.TurnFinished):
+            self._calls.clear()
 
     @staticmethod
     def describe(event: ev.Event | ev.CaughtUp) -> str:
@@ -65,6 +76,14 @@ class PlainRenderer:
                     f"{_preview(event.result.output)}")
         if isinstance(event, ev.ModelResponded):
             return f"{head} model asked for {len(event.tool_calls)} tool call(s) (step {event.step})"
+        if isinstance(event, ev.ConfirmationRequired) and event.call is not None:
+            until = time.strftime("%H:%M:%S", time.localtime(event.deadline)) if event.deadline else "-"
+            why = f", {event.rule}" if event.rule else ""
+            return (f"{head} confirmation required: {event.call.tool_name} {event.call.arguments_json} "
+                    f"[{event.call.call_id}{why}] until {until}")
+        if isinstance(event, ev.ConfirmationResolved):
+            reason = f": {event.reason}" if event.reason else ""
+            return f"{head} confirmation of {event.call_id}: {event.outcome.replace('_', ' ')}{reason}"
         if isinstance(event, ev.CallRetried):
             return f"{head} retry {event.call_id} attempt {event.attempt}: {event.reason}"
         if isinstance(event, ev.WorkerLost):

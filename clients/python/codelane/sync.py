@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from codelane import client as aio
-from codelane.client import DEFAULT_ADDRESS, CodelaneError, LaneStats, Message, SessionInfo, WorkerInfo
+from codelane.client import DEFAULT_ADDRESS, CodelaneError, LaneStats, Message, ServerInfo, SessionInfo, WorkerInfo
 from codelane.events import CaughtUp, Event
 
 __all__ = ["DEFAULT_ADDRESS", "Client", "CodelaneError", "Session"]
@@ -47,7 +47,13 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, name="codelane-sync-loop", daemon=True)
         self._closed = False
+        # Held while a coroutine is handed to the loop and while closing begins: every coroutine
+        # handed over before `_closed` is set reaches the loop before the shutdown does (the
+        # loop runs callbacks in order), so the shutdown sees and cancels its task.
         self._lock = threading.Lock()
+        # Futures of coroutines handed to the loop and not done yet: those the loop never got to
+        # run (it stopped first) are cancelled at close, so no caller waits for them for ever.
+        self._pending: set[concurrent.futures.Future[Any]] = set()
         self._thread.start()
 
     def _serve(self) -> None:
@@ -64,13 +70,16 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Runs `coro` on the loop and waits for its result. An interrupt (Ctrl-C) of the waiting
         thread cancels the coroutine before it propagates."""
-        if self._closed:
-            coro.close()
-            raise RuntimeError("this codelane.sync.Client is closed")
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError("a codelane.sync method was called from its own event loop; use codelane.client")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise RuntimeError("this codelane.sync.Client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
         try:
             while not future.done():
                 # Waiting in slices lets Ctrl-C in: a lock wait without a timeout is not always
@@ -105,7 +114,12 @@ class _LoopThread:
         if self.in_loop_thread():  # a garbage collection in the loop's own thread: cannot block here
             self.loop.create_task(aclose())
             return
-        self.run(aclose())
+        try:
+            self.run(aclose())
+        except (RuntimeError, CodelaneError):
+            if not self._closed:
+                raise
+            # Closed meanwhile: the shutdown cancelled the stream and its RPC already.
 
     def close(self, before: Coroutine[Any, Any, Any] | None = None) -> None:
         """Runs `before` (e.g. closing the channel), cancels what still runs, stops the loop and
@@ -118,13 +132,16 @@ class _LoopThread:
                     self.loop.stop()
                 self._closed = True
                 return
-            future = asyncio.run_coroutine_threadsafe(self._shutdown(before), self.loop)
+            # Set first: a caller whose call the shutdown cancels then sees a closed client.
             self._closed = True
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(before), self.loop)
         try:
             future.result(CLOSE_TIMEOUT)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(CLOSE_TIMEOUT)
+            for waiting in list(self._pending):
+                waiting.cancel()
             if not self._thread.is_alive():
                 self.loop.close()
 
@@ -265,6 +282,14 @@ class Client(_Facade):
     def queue_stats(self) -> list[LaneStats]:
         """Per lane: calls pending, active, completed, failed, and latency percentiles (seconds)."""
         return self._call("queue_stats")
+
+    def server_info(self) -> ServerInfo:
+        """The server's version and start time."""
+        return self._call("server_info")
+
+    def health(self, service: str = "") -> str:
+        """The gRPC health status ("SERVING", ...) of the server or of one of its services."""
+        return self._call("health", service)
 
 
 class Session(_Facade):

@@ -105,3 +105,41 @@ def create_channel(
         certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
     )
     return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def parse_address(text: str, *, listen: bool = False) -> str:
+    """A gRPC address, checked: `HOST:PORT`, `[IPV6]:PORT`, `unix:PATH` or `unix-abstract:NAME`. The port must be given
+    (gRPC would silently use 443), from 1 to 65535, or 0 when `listen`ing (any free port). Returns
+    the address stripped; ValueError saying what is wrong and what to write instead."""
+    address = text.strip()
+    example = "e.g. 127.0.0.1:50051"
+    if not address:
+        raise ValueError(f"the address is empty: give HOST:PORT, {example}")
+    for scheme in ("unix:", "unix-abstract:"):
+        if address.startswith(scheme):
+            if not address.removeprefix(scheme).strip("/"):
+                raise ValueError(f"{text!r} names no socket: give {scheme}/path/to/socket")
+            return address
+    if "://" in address:
+        scheme, _, rest = address.partition("://")
+        instead = rest.rstrip("/") or "host:50051"
+        raise ValueError(f"{text!r} is a URL: give HOST:PORT without {scheme}://, e.g. {instead}")
+    if any(c.isspace() for c in address) or "/" in address:
+        raise ValueError(f"{text!r} is not HOST:PORT, {example}")
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{text!r} has no port: give [IPV6]:PORT, e.g. [::1]:50051")
+        port = rest[1:]
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            raise ValueError(f"{text!r} has no port: give HOST:PORT, e.g. {address}:50051")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:50051")
+    if not host:
+        raise ValueError(f"{text!r} has no host: give HOST:PORT, {example}")
+    lowest = 0 if listen else 1
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from {lowest} to 65535")
+    return address

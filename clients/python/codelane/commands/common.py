@@ -1,70 +1,155 @@
-"""What the client subcommands share: the server options, one-line errors, exit codes, tables."""
+"""What the client subcommands share: the connection options, one-line errors, exit codes, tables."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError
-from codelane.transport import address_option
+from codelane.commands import args as types
+from codelane.commands.config import ENV_VARS, ConfigError, Connection, resolve
 
 UNARY_TIMEOUT = 10.0  # deadline of every unary call the CLI makes; streams have none
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # as argparse exits for a bad command line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def add_server_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--server and --token, defaulting to $CODELANE_SERVER and $CODELANE_TOKEN."""
-    parser.add_argument("--server", default=os.environ.get("CODELANE_SERVER") or DEFAULT_ADDRESS, metavar="ADDR",
-                        type=address_option, help=f"server address, HOST:PORT (default $CODELANE_SERVER or "
-                        f"{DEFAULT_ADDRESS})")
+def add_connection_options(parser: argparse.ArgumentParser, server_group: Any = None) -> None:
+    """--server, --profile, --token and the TLS files. Each defaults to its environment variable,
+    then to the profile in use of the config file (see codelane.commands.config). `server_group`:
+    where --server goes (e.g. a group that excludes --embedded)."""
+    where = server_group if server_group is not None else parser
+    where.add_argument("--server", type=types.address, metavar="HOST:PORT",
+                       help=f"the server (default: ${ENV_VARS['server']}, the profile's, or {DEFAULT_ADDRESS})")
+    group = parser.add_argument_group("connection (each defaults to its $CODELANE_* variable, then the profile)")
+    group.add_argument("--profile", metavar="NAME",
+                       help="a profile of ~/.config/codelane/config.toml (default: $CODELANE_PROFILE, or the "
+                            "file's `profile`)")
+    group.add_argument("--token", help="bearer token ($CODELANE_TOKEN)")
+    group.add_argument("--tls-ca", type=types.readable_file, metavar="FILE",
+                       help="CA certificate of the server; turns TLS on ($CODELANE_TLS_CA)")
+    group.add_argument("--tls-cert", type=types.readable_file, metavar="FILE",
+                       help="client certificate, for mTLS ($CODELANE_TLS_CERT)")
+    group.add_argument("--tls-key", type=types.readable_file, metavar="FILE",
+                       help="client private key, for mTLS ($CODELANE_TLS_KEY)")
 
 
-def add_token_option(parser: argparse.ArgumentParser) -> None:
-    """--token (default $CODELANE_TOKEN) and the TLS options."""
-    parser.add_argument("--token", default=os.environ.get("CODELANE_TOKEN") or None,
-                        help="bearer token (default $CODELANE_TOKEN)")
-    parser.add_argument("--tls-ca", help="CA certificate of the server (turns TLS on)")
-    parser.add_argument("--tls-cert", help="client certificate, for mTLS")
-    parser.add_argument("--tls-key", help="client private key, for mTLS")
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parses a client command's arguments and resolves its connection settings into
+    `args.connection` (and `args.server`); a setting that cannot be used is a usage error."""
+    args = parser.parse_args(argv)
+    flags = {setting: getattr(args, setting, None) for setting in ENV_VARS}
+    try:
+        args.connection = resolve(flags, getattr(args, "profile", None))
+    except ConfigError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: {exc}\n")
+    args.server = args.connection.server
+    return args
 
 
-def connect(address: str, args: argparse.Namespace) -> Client:
-    """An async client (token and TLS from the options) whose unary calls give up after UNARY_TIMEOUT."""
-    return Client(address, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                  timeout=UNARY_TIMEOUT)
+def connect(connection: Connection) -> Client:
+    """An async client whose unary calls give up after UNARY_TIMEOUT."""
+    return Client(connection.server, token=connection.token, tls_ca=connection.tls_ca, tls_cert=connection.tls_cert,
+                  tls_key=connection.tls_key, timeout=UNARY_TIMEOUT)
 
 
-def error_line(prog: str, exc: CodelaneError, address: str) -> str:
+def command_line(prog: str, *words: str, connection: Connection | None = None) -> str:
+    """A command another terminal can paste: `prog`, the options that reach the same server as
+    `connection` (never the token: that terminal needs its own), then `words`."""
+    parts = [prog]
+    if connection is not None:
+        def from_profile(setting: str) -> bool:
+            return connection.sources.get(setting, "").startswith("profile")
+
+        if connection.profile:
+            parts += ["--profile", connection.profile]
+        if connection.server != DEFAULT_ADDRESS and not from_profile("server"):
+            parts += ["--server", connection.server]
+        for setting in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(connection, setting)
+            if value and not from_profile(setting):
+                parts += ["--" + setting.replace("_", "-"), value]
+    return " ".join([*parts[:1], *(shlex.quote(part) for part in [*parts[1:], *words])])
+
+
+def _unreachable(address: str, message: str, tls: bool) -> str:
+    """The real cause of an UNAVAILABLE, from gRPC's own words, and what to do about it."""
+    text = message.lower()
+    if "connection refused" in text:
+        return f"nothing listens at {address} (connection refused, UNAVAILABLE): is `codelane server` running there?"
+    if "resolv" in text or "domain name not found" in text or "dns" in text:
+        host = address.rsplit(":", 1)[0]
+        return f"cannot resolve the host {host!r} of {address} (UNAVAILABLE): check the name"
+    if "http/2" in text or "http1" in text or "http/1" in text:
+        return f"{address} does not speak gRPC (it answered as an HTTP/1 server, UNAVAILABLE): check the port"
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return (f"the certificate of {address} is not signed by the CA of --tls-ca (TLS handshake failed, "
+                "UNAVAILABLE)")
+    if "wrong_version_number" in text or ("handshake" in text and tls):
+        return (f"the TLS handshake with {address} failed (UNAVAILABLE): does the server use TLS? Drop --tls-ca "
+                "if it does not")
+    if "socket closed" in text and not tls:
+        return f"{address} closed the connection (UNAVAILABLE): if the server uses TLS, pass --tls-ca"
+    detail = " ".join(message.split())
+    return f"cannot reach the server at {address} (UNAVAILABLE): {detail}"
+
+
+def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
     """One line saying what went wrong and, where there is one, what to do."""
+    address = connection.server
     if exc.code == "UNAVAILABLE":
-        text = f"cannot reach the server at {address} (UNAVAILABLE): is `codelane server` running?"
+        text = _unreachable(address, exc.message, connection.tls_ca is not None)
     elif exc.code == "DEADLINE_EXCEEDED":
-        text = f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED)"
+        text = (f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED): "
+                "is it a codelane server, and is it overloaded?")
     elif exc.code == "UNAUTHENTICATED":
-        text = f"the server at {address} refused the token ({exc}): pass --token or set $CODELANE_TOKEN"
+        text = (f"the server at {address} refused the token (UNAUTHENTICATED: {exc.message}): pass --token or "
+                "set $CODELANE_TOKEN")
+    elif exc.reason == "WORKER_NOT_FOUND":
+        text = f"{exc} (see `codelane workers`)"
+    elif exc.reason == "SESSION_NOT_FOUND":
+        text = f"{exc} (see `codelane sessions`)"
     else:
         text = str(exc)
     return f"{prog}: " + " ".join(text.split())
 
 
-def run_command(prog: str, address: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+def run_command(prog: str, connection: Connection, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Runs a subcommand's coroutine: a CodelaneError becomes one line on stderr and exit 1,
     Ctrl-C exit 130."""
     try:
         return asyncio.run(main())
     except CodelaneError as exc:
-        print(error_line(prog, exc, address), file=sys.stderr)
+        print(error_line(prog, exc, connection), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """The reader went away (`| head`): stop quietly, as Unix tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_ERROR
+
+
+def client_main(parser: argparse.ArgumentParser, argv: Sequence[str],
+                body: Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]]) -> int:
+    """The whole of a simple client command: parse, connect, run `body(client, args)`, report."""
+    args = parse(parser, argv)
+
+    async def main() -> int:
+        async with connect(args.connection) as client:
+            return await body(client, args)
+
+    return run_command(parser.prog, args.connection, main)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
@@ -92,4 +177,3 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty:
         console.print(table)
     sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
     sys.stdout.flush()
-

@@ -1,6 +1,6 @@
 """`codelane sessions`: the server's sessions, newest first.
 
-    codelane sessions [--server ADDR] [--token T] [--limit N] [--json]
+    codelane sessions [--server HOST:PORT] [--profile NAME] [--limit N] [--workspace DIR] [--json]
 """
 
 from __future__ import annotations
@@ -10,27 +10,31 @@ import dataclasses
 import json
 import time
 
-from codelane.commands.common import add_server_options, add_token_option, connect, print_table, run_command
+from codelane.client import Client
+from codelane.commands import args as types
+from codelane.commands.common import add_connection_options, client_main, print_table
 
 PROG = "codelane sessions"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="List the server's sessions, newest first.")
-    add_server_options(p)
-    add_token_option(p)
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="show at most N sessions (default: all)")
+    p = types.parser(PROG, "List the server's sessions, newest first.")
+    add_connection_options(p)
+    p.add_argument("--limit", type=types.non_negative_int, default=0, metavar="N",
+                   help="show at most N sessions (default: 0, all)")
+    p.add_argument("--workspace", metavar="DIR", help="only the sessions of this workspace (a path on the server)")
     p.add_argument("--json", action="store_true", help="one JSON object per session, for scripts")
     return p
 
 
-async def list_sessions(args: argparse.Namespace) -> int:
-    async with connect(args.server, args) as client:
-        sessions = []
-        async for info in client.list_sessions():
-            sessions.append(info)
-            if args.limit and len(sessions) >= args.limit:
-                break
+async def list_sessions(client: Client, args: argparse.Namespace) -> int:
+    sessions = []
+    async for info in client.list_sessions():
+        if args.workspace is not None and info.workspace != args.workspace:
+            continue
+        sessions.append(info)
+        if args.limit and len(sessions) >= args.limit:
+            break
     if args.json:
         for info in sessions:
             print(json.dumps(dataclasses.asdict(info), ensure_ascii=False))
@@ -46,5 +50,4 @@ async def list_sessions(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(PROG, args.server, lambda: list_sessions(args))
+    return client_main(build_parser(), argv, list_sessions)

@@ -1,6 +1,6 @@
 """`codelane stats`: per lane, the calls pending, running, completed and failed, and their latency.
 
-    codelane stats [--server ADDR] [--token T] [--json]
+    codelane stats [--server HOST:PORT] [--profile NAME] [--json]
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ import argparse
 import dataclasses
 import json
 
-from codelane.commands.common import add_server_options, add_token_option, connect, print_table, run_command
+from codelane.client import Client
+from codelane.commands import args as types
+from codelane.commands.common import add_connection_options, client_main, print_table
 
 PROG = "codelane stats"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Show the lanes' queue statistics.")
-    add_server_options(p)
-    add_token_option(p)
+    p = types.parser(PROG, "Show the lanes' queue statistics.")
+    add_connection_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per lane (latencies in seconds)")
     return p
 
@@ -26,9 +27,8 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
-async def show_stats(args: argparse.Namespace) -> int:
-    async with connect(args.server, args) as client:
-        lanes = await client.queue_stats()
+async def show_stats(client: Client, args: argparse.Namespace) -> int:
+    lanes = await client.queue_stats()
     if args.json:
         for lane in lanes:
             print(json.dumps(dataclasses.asdict(lane)))
@@ -43,5 +43,4 @@ async def show_stats(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(PROG, args.server, lambda: show_stats(args))
+    return client_main(build_parser(), argv, show_stats)

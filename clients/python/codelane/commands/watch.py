@@ -1,9 +1,10 @@
 """`codelane watch SESSION`: replay a session's events, then follow new ones as they happen.
 
-    codelane watch [--server ADDR] [--token T] [--after N] [--no-follow] [--json] SESSION
+    codelane watch [--server HOST:PORT] [--profile NAME] [--after N] [--no-follow] [--json] SESSION
 
 The replay ends with a "caught up" marker; with --no-follow the command stops there, otherwise it
-follows the session until Ctrl-C (which only stops watching: a running turn goes on).
+follows the session until Ctrl-C (which only stops watching: a running turn goes on). A stream
+that breaks is resumed after the last event shown.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codelane.commands.common import add_server_options, add_token_option, connect, run_command
+from codelane.client import Client
+from codelane.commands import args as types
+from codelane.commands.common import add_connection_options, client_main
 from codelane.render import PlainRenderer, event_json
 
 PROG = "codelane watch"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Replay and follow a session's events.")
-    add_server_options(p)
-    add_token_option(p)
-    p.add_argument("--after", type=int, default=0, metavar="N", help="start after event sequence N (default 0: all)")
+    p = types.parser(PROG, "Replay and follow a session's events.")
+    add_connection_options(p)
+    p.add_argument("--after", type=types.non_negative_int, default=0, metavar="N",
+                   help="start after event sequence N (default: 0, all)")
     p.add_argument("--no-follow", dest="follow", action="store_false",
                    help="stop once caught up instead of following new events")
     p.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
@@ -29,21 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def watch(args: argparse.Namespace) -> int:
+async def watch(client: Client, args: argparse.Namespace) -> int:
     renderer = PlainRenderer(sys.stdout)
-    async with connect(args.server, args) as client:
-        session = await client.get_session(args.session)
-        async for event in session.watch(args.after, follow=args.follow):
-            if args.json:
-                print(event_json(event), flush=True)
-            else:
-                renderer.show(event)
+    session = await client.get_session(args.session)
+    async for event in session.watch(args.after, follow=args.follow):
+        if args.json:
+            print(event_json(event), flush=True)
+        else:
+            renderer.show(event)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.after < 0:
-        print(f"{PROG}: --after must be 0 or more, got {args.after}", file=sys.stderr)
-        return 2
-    return run_command(PROG, args.server, lambda: watch(args))
+    return client_main(build_parser(), argv, watch)

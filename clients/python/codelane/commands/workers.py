@@ -1,6 +1,6 @@
 """`codelane workers`: the tool workers connected to the server, and which workspaces each can serve.
 
-    codelane workers [--server ADDR] [--token T] [--json]
+    codelane workers [--server HOST:PORT] [--profile NAME] [--json]
 """
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ import argparse
 import dataclasses
 import json
 
-from codelane.client import WorkerInfo
-from codelane.commands.common import add_server_options, add_token_option, connect, print_table, run_command
+from codelane.client import Client, WorkerInfo
+from codelane.commands import args as types
+from codelane.commands.common import add_connection_options, client_main, print_table
 
 PROG = "codelane workers"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="List the connected tool workers.")
-    add_server_options(p)
-    add_token_option(p)
+    p = types.parser(PROG, "List the connected tool workers.")
+    add_connection_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per worker, for scripts")
     return p
 
@@ -34,9 +34,8 @@ def workspaces_cell(worker: WorkerInfo) -> str:
     return "; ".join(parts)
 
 
-async def list_workers(args: argparse.Namespace) -> int:
-    async with connect(args.server, args) as client:
-        workers = await client.list_workers()
+async def list_workers(client: Client, args: argparse.Namespace) -> int:
+    workers = await client.list_workers()
     if args.json:
         for worker in workers:
             print(json.dumps(dataclasses.asdict(worker), ensure_ascii=False))
@@ -53,5 +52,4 @@ async def list_workers(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(PROG, args.server, lambda: list_workers(args))
+    return client_main(build_parser(), argv, list_workers)

@@ -50,6 +50,11 @@ class AdminServiceStub:
                 request_serializer=codelane_dot_v1_dot_admin__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=codelane_dot_v1_dot_admin__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/codelane.v1.AdminService/GetServerInfo',
+                request_serializer=codelane_dot_v1_dot_admin__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=codelane_dot_v1_dot_admin__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -78,6 +83,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """The server's version and start time, e.g. to check that a client and a server match.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=codelane_dot_v1_dot_admin__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=codelane_dot_v1_dot_admin__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=codelane_dot_v1_dot_admin__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=codelane_dot_v1_dot_admin__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class AdminService:
             '/codelane.v1.AdminService/GetQueueStats',
             codelane_dot_v1_dot_admin__pb2.GetQueueStatsRequest.SerializeToString,
             codelane_dot_v1_dot_admin__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/codelane.v1.AdminService/GetServerInfo',
+            codelane_dot_v1_dot_admin__pb2.GetServerInfoRequest.SerializeToString,
+            codelane_dot_v1_dot_admin__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,8 @@ class AdminServiceStub:
     """
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]
     """Per-lane queue counters and latency percentiles since the server started."""
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetServerInfoRequest, _admin_pb2.GetServerInfoResponse]
+    """The server's version and start time, e.g. to check that a client and a server match."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -55,6 +57,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """Per-lane queue counters and latency percentiles since the server started."""
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetServerInfoRequest, _admin_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """The server's version and start time, e.g. to check that a client and a server match."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService shows and steers the worker pool. Same authentication as SessionService."""
@@ -84,5 +88,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetQueueStatsResponse, _abc.Awaitable[_admin_pb2.GetQueueStatsResponse]]:
         """Per-lane queue counters and latency percentiles since the server started."""
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _admin_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetServerInfoResponse, _abc.Awaitable[_admin_pb2.GetServerInfoResponse]]:
+        """The server's version and start time, e.g. to check that a client and a server match."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -357,6 +357,11 @@ class ConfirmationRequired(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """Why the call waits, for a person: the policy rule that asked for it (e.g. "rule ask[0]
+    `bash`"), or the policy's default action when no rule matched.
+    """
     @_builtins.property
     def call(self) -> _tools_pb2.ToolCall:
         """The call to approve or reject."""
@@ -370,10 +375,11 @@ class ConfirmationRequired(_message.Message):
         *,
         call: _tools_pb2.ToolCall | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        rule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "deadline", b"deadline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "deadline", b"deadline", "rule", b"rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,207 @@
+"""Option types and help shared by every `codelane` subcommand: each value is checked when the
+command line is parsed, so a bad one is a one-line usage error (exit 2) before anything starts.
+
+Each type is a function from the option's text to its value that raises
+`argparse.ArgumentTypeError` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from codelane.transport import parse_address
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LANES = ("query", "execute")
+LANE_MODES = ("internal", "external", "hybrid")
+
+# Label keys and values: no spaces, commas or equals signs, which the `k=v,k=v` form cannot carry.
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]*")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help when it has a default worth showing and its help
+    does not already give one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default in (None, False, [], "", argparse.SUPPRESS)
+            or text == argparse.SUPPRESS
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (what is wrong, and where help is), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def parser(prog: str, description: str) -> Parser:
+    """A Parser with the shared help formatter."""
+    return Parser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def _type(name: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name  # argparse names the type in some messages
+    return convert
+
+
+address = _type("address", parse_address)
+listen_address = _type("address", lambda text: parse_address(text, listen=True))
+
+
+def _integer(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < lowest:
+        raise ValueError(f"{value} is too small: it must be {lowest} or more")
+    return value
+
+
+def _number(text: str, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{text!r} must be a {'positive' if positive else 'non-negative'} finite number")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _integer(text, 0)
+    if value > 65535:
+        raise ValueError(f"{value} is not a port: ports go from 0 to 65535")
+    return value
+
+
+port = _type("port", _port)
+positive_int = _type("positive_int", lambda text: _integer(text, 1))
+non_negative_int = _type("non_negative_int", lambda text: _integer(text, 0))
+positive_float = _type("positive_float", lambda text: _number(text, positive=True))
+non_negative_float = _type("non_negative_float", lambda text: _number(text, positive=False))
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"{text}: no such directory")
+    if not path.is_dir():
+        raise ValueError(f"{text}: not a directory")
+    return path.resolve()
+
+
+def _readable_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{text}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{text}: not readable (permission denied)")
+    return str(path)
+
+
+existing_dir = _type("existing_dir", _existing_dir)
+readable_file = _type("readable_file", _readable_file)
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{text!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+log_level = _type("log_level", _log_level)
+
+
+def parse_label(item: str) -> tuple[str, str]:
+    """One `key=value` label; ValueError naming the part that is wrong."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"label {item!r} is not key=value")
+    if not _LABEL_KEY.fullmatch(key):
+        raise ValueError(f"label key {key!r} (in {item!r}) must be letters, digits, '.', '_', '/' or '-'")
+    if not _LABEL_VALUE.fullmatch(value):
+        raise ValueError(f"label value {value!r} (in {item!r}) may not hold spaces, commas or '='")
+    return key, value
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k=v` labels; ValueError for an empty item, a repeated key or a malformed label."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        if not item:
+            raise ValueError(f"{text!r} has an empty label (two commas in a row, or one at an end)")
+        key, value = parse_label(item)
+        if key in labels:
+            raise ValueError(f"label {key!r} is given twice in {text!r}")
+        labels[key] = value
+    return labels
+
+
+labels = _type("labels", parse_labels)
+label = _type("label", parse_label)
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+variable = _type("variable", _variable)
+
+
+def _lane_mode(text: str) -> tuple[str, str]:
+    lane, sep, mode = text.partition("=")
+    lane, mode = lane.strip().lower(), mode.strip().lower()
+    if not sep or lane not in LANES or mode not in LANE_MODES:
+        raise ValueError(f"{text!r} is not LANE=MODE with LANE one of {', '.join(LANES)} and MODE one of "
+                         f"{', '.join(LANE_MODES)}, e.g. execute=external")
+    return lane, mode
+
+
+lane_mode = _type("lane_mode", _lane_mode)
+
+
+class Renamed(argparse.Action):
+    """An old spelling of an option that still works, with a line on stderr naming the new one.
+    Add it after the new option, with the same `dest` (`append=True` for a repeatable one)."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, append: bool = False,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+        self.append = append
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)

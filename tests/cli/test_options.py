@@ -1,0 +1,119 @@
+"""Every option value is checked when the command line is parsed, and a bad one is one line on
+stderr and exit 2, before anything starts; a server refuses at start what would fail later."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from codelane.transport import parse_address
+from tests.cli.conftest import cli
+
+MISSING = "/no/such/file.pem"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["sessions", "--server", "127.0.0.1"], "'127.0.0.1' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+    (["run", "--server", "http://127.0.0.1:50051", "hi"], "is a URL: give HOST:PORT without http://"),
+    (["workers", "--server", "127.0.0.1:0"], "the port must be a number from 1 to 65535"),
+    (["sessions", "--tls-ca", MISSING], f"argument --tls-ca: {MISSING}: no such file"),
+    (["sessions", "--limit", "-1"], "argument --limit: -1 is too small: it must be 0 or more"),
+    (["watch", "--after", "x", "s_1"], "argument --after: 'x' is not a whole number"),
+    (["run", "--label", "a=b c", "hi"], "label value 'b c' (in 'a=b c') may not hold spaces"),
+    (["run", "--lane", "execute=outside", "hi"], "is not LANE=MODE"),
+    (["run", "--max-turns", "-2", "hi"], "argument --max-turns: -2 is too small"),
+    (["run", "--session", "s_1", "--model", "openai:x", "hi"],
+     "--model set up a new session; --session continues one whose settings are fixed"),
+    (["run", "--session", "s_1", "--continue", "hi"], "not allowed with argument --session"),
+    (["confirm", "s_1", "c_1"], "one of the arguments --approve --reject is required"),
+    (["demo", "--local-workers", "-1"], "argument --local-workers: -1 is too small"),
+    (["server", "--listen", "127.0.0.1"], "argument --listen: '127.0.0.1' has no port"),
+    (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
+    (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
+    (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b c=d,,g=h"], "may not hold spaces"),
+    (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b,,g=h"], "has an empty label"),
+    (["worker", "--connect", "127.0.0.1:1", "--root", "/no/such/dir"], "argument --root: /no/such/dir: no such "
+                                                                      "directory"),
+    (["worker", "--connect", "127.0.0.1:1", "--slots", "0"], "argument --slots: 0 is too small"),
+    (["worker", "--connect", "gpu-host"], "'gpu-host' has no port: give HOST:PORT, e.g. gpu-host:50051"),
+    (["mock-llm", "--script", "x.yaml", "--port", "70000"], "70000 is not a port"),
+    (["completion", "fish"], "invalid choice: 'fish'"),
+])  # fmt: skip
+def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
+    out = cli(*argv, timeout=30)
+    assert out.returncode == 2, out
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"codelane {argv[0]}: ") and says in out.stderr, out.stderr
+    assert out.stderr.endswith(f"(see codelane {argv[0]} --help)\n")
+
+
+@pytest.mark.parametrize(("text", "listen", "error"), [
+    ("127.0.0.1:50051", False, None),
+    ("localhost:1", False, None),
+    ("[::1]:50051", False, None),
+    ("unix:/tmp/codelane.sock", False, None),
+    ("0.0.0.0:0", True, None),
+    ("127.0.0.1:0", False, "from 1 to 65535"),
+    ("::1:50051", False, "in brackets"),
+    ("[::1]", False, "has no port"),
+    (":50051", False, "has no host"),
+    ("host:port", False, "must be a number"),
+    ("grpc://host:1", False, "is a URL"),
+    ("", False, "is empty"),
+    ("unix:", False, "names no socket"),
+])  # fmt: skip
+def test_parse_address(text: str, listen: bool, error: str | None) -> None:
+    if error is None:
+        assert parse_address(text, listen=listen) == text
+    else:
+        with pytest.raises(ValueError, match=error):
+            parse_address(text, listen=listen)
+
+
+@pytest.mark.parametrize(("model", "says"), [
+    ("foo:bar", "default model: unknown model provider 'foo' in 'foo:bar'"),
+    ("scripted:/no/such/script.yaml", "default model: script file not found: /no/such/script.yaml"),
+    ("gpt-4o", "default model: model 'gpt-4o' is not of the form provider:name"),
+])  # fmt: skip
+def test_the_server_checks_its_default_model_at_start(model: str, says: str, tmp_path: Path) -> None:
+    out = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0",
+              "--model", model, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"codelane server: {says}" + out.stderr.split(says, 1)[1]
+    assert out.stderr.count("\n") == 1
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_busy_ports_are_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = cli("server", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+                     "--local-workers", "0", timeout=60)
+        script = tmp_path / "s.json"
+        script.write_text('{"responses": [{"text": "hi"}]}')
+        mock = cli("mock-llm", "--script", str(script), "--port", str(port), timeout=60)
+    assert server.returncode == 1 and server.stderr.count("\n") == 1
+    assert server.stderr.startswith(f"codelane server: cannot listen on 127.0.0.1:{port}: the address is in use")
+    assert mock.returncode == 1 and mock.stderr.count("\n") == 1
+    assert mock.stderr.startswith(f"mock-llm: cannot listen on 127.0.0.1:{port}") and "in use" in mock.stderr
+
+
+def test_help_shows_defaults_and_says_what_each_option_is() -> None:
+    server = cli("server", "--help").stdout
+    assert "(default: .codelane)" in server and "(default: 6.0)" in server  # --data-dir, --heartbeat-timeout
+    assert "what the server logs to stderr: DEBUG, INFO, WARNING, ERROR (local workers log" in " ".join(server.split())
+    assert "(default: INFO)" in server
+    run = " ".join(cli("run", "--help").stdout.split())
+    assert "prompt what to ask, in quotes" in run
+    assert "--workers" not in run  # the old spelling works, but is not advertised
+
+
+def test_old_spellings_still_work_with_a_deprecation_line(model: str, workspace: Path) -> None:
+    out = cli("run", "--embedded", "--workers", "0", "--workspace", str(workspace), "--model", model, "--json", "go")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "codelane run: --workers is deprecated: use --local-workers\n"
