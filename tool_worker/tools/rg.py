@@ -7,6 +7,7 @@ use it rather than a Python walk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
@@ -72,25 +73,41 @@ async def run_rg(
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
+
+    async def read_stdout() -> bytes:
+        assert proc.stdout is not None
+        out = await _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk)
+        if len(out) > max_bytes:
+            # At once: rg, blocked on the pipe nobody reads now, would never close its stderr.
+            proc.kill()
+        return out
+
     try:
         stdout, stderr = await asyncio.gather(
-            _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk),
-            _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False),
+            read_stdout(), _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False)
         )
         overflowed = len(stdout) > max_bytes
         if overflowed:
-            proc.kill()
+            await _kill(proc)
         returncode = await proc.wait()
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
     return RgOutput(
         returncode=returncode,
         stdout=stdout[:max_bytes],
         stderr=stderr.decode("utf-8", "replace").strip(),
         overflowed=overflowed,
     )
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kills rg and waits for it. What it wrote and nobody read is drained first: a paused,
+    unread pipe never reaches its end, and `wait()` waits for the pipes as well as the process,
+    so it would wait for ever."""
+    with contextlib.suppress(ProcessLookupError):  # already reaped
+        proc.kill()
+    await proc.communicate()
 
 
 async def _read_capped(
