@@ -12,13 +12,13 @@ import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.mock_llm import MOCK_LLM_KEY, MockLLM, start_mock_llm
+from tests.polling import poll_until
 from tests.session.conftest import (
     Processes,
     assert_gap_free,
     call,
     kind,
     read_until,
-    wait_until,
     write_script,
 )
 
@@ -104,7 +104,7 @@ async def test_workers_crash_and_restart_over_http(
         seen,
     )
     pid_file = workspace / "slow.pid"
-    await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="slow bash to start")
+    await poll_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="slow bash to start")
     turn2_seen = [r.event for r in seen]
     turn2_id = turn2_seen[0].turn_id
     server.kill9()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +13,10 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.polling import poll_until
 from tests.session.conftest import (
     Client,
+    InProcess,
     assert_gap_free,
     call,
     error_details,
@@ -25,7 +26,6 @@ from tests.session.conftest import (
     read_until,
     rpc_error,
     scripted,
-    wait_until,
 )
 
 QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
@@ -214,11 +214,16 @@ async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Pat
     assert [m.text for m in history if m.role == session_pb2.MESSAGE_ROLE_USER] == ["first"]
 
 
-async def test_turn_survives_client_disconnect(client: Client, workspace: Path, tmp_path: Path) -> None:
+async def test_turn_survives_client_disconnect(make_server, workspace: Path, tmp_path: Path) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    # The call runs until the test lets it go, so the turn is running for as long as it takes the
+    # server to notice the client went away, however slow the machine.
+    held = "until [ -e go ]; do sleep 0.01; done; echo slept"
     model = scripted(
         tmp_path,
         [
-            {"text": "Working on it.", "tool_calls": [call("bash", "slow", command="sleep 1; echo slept")]},
+            {"text": "Working on it.", "tool_calls": [call("bash", "slow", command=held)]},
             {"text": "Finished without you."},
         ],
     )
@@ -227,11 +232,14 @@ async def test_turn_survives_client_disconnect(client: Client, workspace: Path, 
     stream = client.send_stream(session.session_id, "do it")
     first = await asyncio.wait_for(stream.read(), 10)
     assert kind(first.event) == "turn_started"
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
     stream.cancel()
-    await asyncio.sleep(0.1)
+    # The turn's stream is the session's only subscriber: it is gone once the server saw the cancel.
+    await poll_until(lambda: server.server.sessions.bus.subscribers() == 0, what="the server to drop the stream")
     assert (await client.get(session.session_id)).state == session_pb2.SESSION_STATE_RUNNING
 
     watch = client.watch_stream(session.session_id, after=0, follow=True)
+    (workspace / "go").touch()
     items: list = []
     try:
         last = await read_until(watch, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", items)
@@ -274,16 +282,14 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path)
         seen,
     )
     pid_files = (workspace / "bash.pid", workspace / "sleep.pid")
-    await wait_until(lambda: all(p.exists() and p.read_text().strip() for p in pid_files), what="bash pid files")
+    await poll_until(lambda: all(p.exists() and p.read_text().strip() for p in pid_files), what="bash pid files")
     pids = [int(p.read_text()) for p in pid_files]
     assert all(pid_alive(pid) for pid in pids)
 
-    cancelled_at = time.monotonic()
     assert await client.cancel(session.session_id)
+    # Bounded by STREAM_TIMEOUT (20 s), well before the 30 s sleep would end on its own.
     rest = [r.event for r in await read_rest(stream)]
-    took = time.monotonic() - cancelled_at
     events = [r.event for r in seen] + rest
-    assert took < 5.0, f"the turn took {took:.1f}s to end after CancelTurn"
 
     assert_gap_free(events)
     assert kind(events[-1]) == "turn_finished"
@@ -299,7 +305,7 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path)
     assert "while running" in results["long"].output and "before it started" in results["q3"].output
 
     # The bash process group is gone.
-    await wait_until(lambda: not any(pid_alive(pid) for pid in pids), within=3.0, what="bash to die")
+    await poll_until(lambda: not any(pid_alive(pid) for pid in pids), what="bash to die")
 
     # History stays valid: every call of the assistant message has its result, in order.
     history = await client.history(session.session_id)
@@ -331,7 +337,7 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
         assert (await asyncio.wait_for(watch.read(), 10)).caught_up.last_sequence == 0
         await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
         pid_file = workspace / "del.pid"
-        await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="bash to start")
+        await poll_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="bash to start")
         pid = int(pid_file.read_text())
 
         await asyncio.wait_for(
@@ -352,7 +358,7 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
     finally:
         stream.cancel()
         watch.cancel()
-    await wait_until(lambda: not pid_alive(pid), within=3.0, what="bash to die")
+    await poll_until(lambda: not pid_alive(pid), what="bash to die")
     assert (await rpc_error(client.get(sid))).code == grpc.StatusCode.NOT_FOUND
 
 
