@@ -12,6 +12,11 @@ the task is completed re-offers the task with the next attempt number (and a new
 ExternalTaskPending event); the former holder can no longer complete it. The holder may extend
 its lease (`renew`) while it works, for as long as the task's overall deadline allows.
 
+Time: `clock` stamps leases and deadlines (epoch seconds), and `timers` ends them: its
+`call_later` runs the lease expiries, the overall deadlines and the end of a claim's long-poll.
+Both default to real time (the running event loop's timers); tests give a fake pair and move
+time on by hand.
+
 Structures: every live task is in `_tasks` (by task id) and in `_by_session` (by session, in
 offer order, which is the order claims hand tasks out). Long-polling claims wait on futures in
 `_waiters`. `run` removes its task in a `finally`, so no task outlives the call awaiting it.
@@ -69,6 +74,16 @@ class LeaseNotHeld(Exception):
         self.client_id = client_id
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timers(Protocol):
+    """What runs a callback after a delay (seconds); asyncio's event loop is one."""
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> Cancellable: ...
+
+
 class ClaimObserver(Protocol):
     """Who owns the call hears when a client starts running it (see session_server.calls)."""
 
@@ -82,14 +97,17 @@ class _Task:
     observer: ClaimObserver
     future: asyncio.Future[ToolResult]
     client_id: str | None = None
-    lease_timer: asyncio.TimerHandle | None = None
+    lease_timer: Cancellable | None = None
 
 
 class ExternalTasks:
-    """Every external task of the server, by session. `clock` gives epoch seconds."""
+    """Every external task of the server, by session. `clock` gives epoch seconds; `timers`
+    (default: the running event loop) runs what happens when a lease, deadline or wait ends."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, timers: Timers | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         self._clock = clock
+        self._timers = timers
         self._metrics = metrics
         self._tasks: dict[str, _Task] = {}
         self._by_session: dict[str, dict[str, _Task]] = {}
@@ -127,22 +145,14 @@ class ExternalTasks:
         task = _Task(info, emit, observer, asyncio.get_running_loop().create_future())
         self._tasks[info.task_id] = task
         self._by_session.setdefault(session_id, {})[info.task_id] = task
+        deadline = self._call_later(lifetime, self._time_out, task, lifetime)
         try:
             emit(ExternalTaskPending(info))
             self._wake(session_id)
-            await asyncio.wait({task.future}, timeout=lifetime)
-            if task.future.done():
-                return task.future.result()
-            result = ToolResult.error(
-                ErrorKind.TIMEOUT,
-                f"{call.tool_name} was offered to clients as an external task, but none completed it within "
-                f"{lifetime:g}s ({task.info.attempt} claim attempt(s)); check that a client claims this session's "
-                "tasks (ClaimExternalTasks), or raise config.queue.external_task_timeout",
-                attempt=task.info.attempt,
-            )
-            self._end(task, result, "")
-            return result
+            await asyncio.wait({task.future})
+            return task.future.result()
         finally:
+            deadline.cancel()
             if info.task_id in self._tasks:
                 self._end(task, replace(_withdrawn(call), attempt=task.info.attempt), "")
 
@@ -175,25 +185,37 @@ class ExternalTasks:
         When none is unclaimed, waits up to `wait` seconds for one; returns [] if none comes.
         """
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + wait
-        while True:
-            free = [t for t in self._by_session.get(session_id, {}).values() if t.client_id is None]
-            if free:
-                return [self._lease(task, client_id, lease) for task in free[:max_tasks]]
-            remaining = give_up - loop.time()
-            if remaining <= 0:
-                return []
-            waiter: asyncio.Future[bool] = loop.create_future()
-            waiters = self._waiters.setdefault(session_id, set())
-            waiters.add(waiter)
-            try:
-                await asyncio.wait({waiter}, timeout=remaining)
-            finally:
-                waiters.discard(waiter)
-                if not waiters and self._waiters.get(session_id) is waiters:
-                    del self._waiters[session_id]
-            if waiter.done() and waiter.result():
-                return []  # the session was closed
+        gave_up = False
+        waiter: asyncio.Future[bool] | None = None
+
+        def give_up() -> None:
+            nonlocal gave_up
+            gave_up = True
+            if waiter is not None and not waiter.done():
+                waiter.set_result(False)
+
+        timer = self._call_later(wait, give_up) if wait > 0 else None
+        try:
+            while True:
+                free = [t for t in self._by_session.get(session_id, {}).values() if t.client_id is None]
+                if free:
+                    return [self._lease(task, client_id, lease) for task in free[:max_tasks]]
+                if gave_up or timer is None:
+                    return []
+                waiter = loop.create_future()
+                waiters = self._waiters.setdefault(session_id, set())
+                waiters.add(waiter)
+                try:
+                    await waiter
+                finally:
+                    waiters.discard(waiter)
+                    if not waiters and self._waiters.get(session_id) is waiters:
+                        del self._waiters[session_id]
+                if waiter.result():
+                    return []  # the session was closed
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def complete(self, session_id: str, task_id: str, client_id: str, result: ToolResult) -> None:
         """Ends a task with a client's result. Raises TaskNotFound or LeaseNotHeld."""
@@ -260,7 +282,23 @@ class ExternalTasks:
         if task.lease_timer is not None:
             task.lease_timer.cancel()
         task.info = replace(task.info, lease_expire_time=self._clock() + lease)
-        task.lease_timer = asyncio.get_running_loop().call_later(lease, self._expire, task, task.info.attempt)
+        task.lease_timer = self._call_later(lease, self._expire, task, task.info.attempt)
+
+    def _call_later(self, delay: float, callback: Callable[..., object], *args: object) -> Cancellable:
+        timers = self._timers if self._timers is not None else asyncio.get_running_loop()
+        return timers.call_later(delay, callback, *args)
+
+    def _time_out(self, task: _Task, lifetime: float) -> None:
+        if self._tasks.get(task.info.task_id) is not task:
+            return
+        call = task.info.call
+        self._end(task, ToolResult.error(
+            ErrorKind.TIMEOUT,
+            f"{call.tool_name} was offered to clients as an external task, but none completed it within "
+            f"{lifetime:g}s ({task.info.attempt} claim attempt(s)); check that a client claims this session's "
+            "tasks (ClaimExternalTasks), or raise config.queue.external_task_timeout",
+            attempt=task.info.attempt,
+        ), "")
 
     def _expire(self, task: _Task, attempt: int) -> None:
         if self._tasks.get(task.info.task_id) is not task or task.info.attempt != attempt:

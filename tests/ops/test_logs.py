@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from tests.ops.conftest import OtlpReceiver, Workers
-from tests.session.conftest import Processes, call, scripted, wait_until
+from tests.polling import poll_until
+from tests.session.conftest import Processes, call, scripted
 
 
 def _lines(text: str) -> list[dict]:
@@ -36,7 +37,7 @@ async def test_json_logs_name_the_session_turn_call_worker_and_trace(
     def server_logs() -> list[dict]:
         return _lines(server.err.read_text(errors="replace"))
 
-    await wait_until(lambda: any(e["message"].startswith("turn ended") for e in server_logs()), what="the turn's log")
+    await poll_until(lambda: any(e["message"].startswith("turn ended") for e in server_logs()), what="the turn's log")
     logs = server_logs()
     turn = next(e for e in logs if e["message"].startswith("turn ended"))
     assert turn["session_id"] == session.session_id and turn["turn_id"] == turn_id
@@ -47,7 +48,7 @@ async def test_json_logs_name_the_session_turn_call_worker_and_trace(
     hub = next(e for e in logs if "worker w1 connected" in e["message"])
     assert hub["worker_id"] == "w1" and "session_id" not in hub
 
-    await wait_until(lambda: "call ran" in worker_procs.log("w1"), what="the worker's log of the call")
+    await poll_until(lambda: "call ran" in worker_procs.log("w1"), what="the worker's log of the call")
     ran = next(e for e in _lines(worker_procs.log("w1")) if e["message"].startswith("call ran"))
     assert (ran["worker_id"], ran["session_id"], ran["call_id"], ran["trace_id"]) == (
         "w1", session.session_id, "c1", turn["trace_id"])

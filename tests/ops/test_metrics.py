@@ -3,12 +3,10 @@ against what the turns' events say; and a real Prometheus (Debian's `prometheus`
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import pytest
 
 from codelane.v1 import events_pb2, tools_pb2
 from tests.ops.conftest import WAIT, Workers, free_port, scrape, scrape_until
+from tests.polling import poll_until
 from tests.session.conftest import call, collect, kind, read_until, scripted
 
 SLEEP_MS = 60_000  # calls that would outlive the test: the turn is cancelled once it has been looked at
@@ -179,6 +178,8 @@ async def _prometheus_query(http: httpx.AsyncClient, base: str, query: str) -> f
         response = await http.get(f"{base}/api/v1/query", params={"query": query})
     except httpx.TransportError:
         return None  # still starting
+    if response.status_code != 200:
+        return None  # starting: it answers 503 with a plain-text body until its storage is ready
     result = response.json().get("data", {}).get("result", [])
     return float(result[0]["value"][1]) if result else None
 
@@ -212,16 +213,16 @@ async def test_a_real_prometheus_scrapes_the_server_and_a_worker(
             'up{job="codelane-worker"}': 1.0,
         }
         base = f"http://127.0.0.1:{web}"
-        deadline = time.monotonic() + WAIT
         async with httpx.AsyncClient(timeout=5) as http:
-            while True:
-                got = {q: await _prometheus_query(http, base, q) for q in expected}
-                if got == expected:
-                    break
-                if prometheus.poll() is not None or time.monotonic() > deadline:
+
+            async def scraped() -> bool:
+                if prometheus.poll() is not None:
                     text = (tmp_path / "prometheus.log").read_text(errors="replace")[-3000:]
-                    raise AssertionError(f"Prometheus answered {got}, expected {expected}:\n{text}")
-                await asyncio.sleep(0.2)
+                    raise AssertionError(f"Prometheus exited:\n{text}")
+                got = {q: await _prometheus_query(http, base, q) for q in expected}
+                return got == expected
+
+            await poll_until(scraped, what=f"Prometheus to answer {expected}", within=WAIT, interval=0.2)
     finally:
         prometheus.terminate()
         prometheus.wait(15)

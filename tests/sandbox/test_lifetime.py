@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from codelane.v1 import events_pb2
+from tests.polling import poll_until
 from tests.processes import all_gone, command_names, pids_with
 from tests.sandbox.conftest import Host, bash
-from tests.session.conftest import Processes, kind, read_until, scripted, wait_until
+from tests.session.conftest import Processes, kind, read_until, scripted
 from tool_worker.confinement.cgroups import CgroupTree
 from tool_worker.confinement.policy import ResourceLimits
 
@@ -72,7 +73,7 @@ async def test_kill9_of_the_server_ends_its_commands_and_a_restart_recovers(
     session = await host.client.create(host.workspace, model)
     stream = host.client.send_stream(session.session_id, "go")
     await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
-    await wait_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
+    await poll_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
 
     host.server.kill9()
     stream.cancel()

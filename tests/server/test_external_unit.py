@@ -1,5 +1,6 @@
 """External tasks and confirmations without a server: leases, re-offers, deadlines, cancellation,
-long-polls, and that nothing is left behind in any structure."""
+long-polls, and that nothing is left behind in any structure. The board runs on manual time:
+leases, deadlines and long-polls end when a test advances it, never on the machine's clock."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from session_server.events import (
     ToolCallStarted,
 )
 from session_server.external import ExternalTasks, LeaseNotHeld, TaskNotFound
+from tests.manual_time import ManualTime
+from tests.polling import poll_until
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 CALL = CallInfo("c1", "bash", '{"command": "ls"}', "execute", 0)
-BOUND = 5.0  # bound on every wait in these tests
+BOUND = 5.0  # bound on every wait in these tests: a hang fails instead of blocking
 
 
 class _Events(list[EventPayload]):
@@ -41,12 +44,26 @@ def _owner(events: _Events) -> ToolCall:
     return ToolCall(CALL, events.append, spec=ToolSpec("bash", "", {}, Lane.EXECUTE, False))
 
 
-def _board() -> tuple[ExternalTasks, _Events]:
-    return ExternalTasks(), _Events()
+class _Board(ExternalTasks):
+    """A board on its own manual time."""
+
+    def __init__(self) -> None:
+        self.time = ManualTime()
+        super().__init__(clock=self.time.now, timers=self.time)
 
 
-def _empty(board: ExternalTasks) -> bool:
-    return len(board) == 0 and not board._by_session and not board._waiters
+def _board() -> tuple[_Board, _Events]:
+    return _Board(), _Events()
+
+
+def _empty(board: _Board) -> bool:
+    return len(board) == 0 and not board._by_session and not board._waiters and board.time.pending() == 0
+
+
+async def _long_polling(board: ExternalTasks, session_id: str) -> None:
+    """Until a claim of the session waits for a task (a state with no event; checked every turn
+    of the loop, so the claim has done nothing else meanwhile)."""
+    await poll_until(lambda: board._waiters.get(session_id), what="a long-polling claim", interval=0)
 
 
 async def _offered(events: _Events) -> None:
@@ -58,7 +75,8 @@ async def test_claim_and_complete() -> None:
     run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
     [task] = await board.claim("s1", "client-a", 5, 30.0, 0.0)
-    assert task.attempt == 1 and task.lease_expire_time is not None and task.call == CALL
+    assert task.attempt == 1 and task.call == CALL
+    assert task.lease_expire_time == board.time.now() + 30.0 and task.deadline == board.time.now() + 10.0
     assert await board.claim("s1", "client-b", 1, 30.0, 0.0) == []  # leased: not offered twice
     board.complete("s1", task.task_id, "client-a", ToolResult("done", exit_code=0, queue_wait=9.0))
     outcome = await asyncio.wait_for(run, BOUND)
@@ -93,8 +111,13 @@ async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
     board, events = _board()
     run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     await _offered(events)
-    [first] = await board.claim("s1", "client-a", 1, 0.05, 0.0)
-    [second] = await board.claim("s1", "client-b", 1, 30.0, 2.0)  # long-poll until the lease expires
+    [first] = await board.claim("s1", "client-a", 1, 5.0, 0.0)
+    claim = asyncio.create_task(board.claim("s1", "client-b", 1, 30.0, 60.0))
+    await _long_polling(board, "s1")
+    board.time.advance(4.9)
+    assert board.pending("s1")[0].attempt == 1 and not claim.done()
+    board.time.advance(0.1)  # the lease expires: the task is offered again, to the waiting claim
+    [second] = await asyncio.wait_for(claim, BOUND)
     assert second.task_id == first.task_id and second.attempt == 2
     with pytest.raises(LeaseNotHeld):
         board.complete("s1", first.task_id, "client-a", ToolResult("late"))
@@ -108,12 +131,17 @@ async def test_expired_lease_reoffers_with_the_next_attempt() -> None:
 
 async def test_deadline_ends_the_task_with_a_timeout() -> None:
     board, events = _board()
-    run = asyncio.create_task(board.run("s1", CALL, "/ws", 0.1, events.append, _owner(events)))
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 90.0, events.append, _owner(events)))
     await _offered(events)
-    await board.claim("s1", "client-a", 1, 30.0, 0.0)  # claimed, never completed
+    await board.claim("s1", "client-a", 1, 60.0, 0.0)  # claimed, renewed, never completed
+    board.time.advance(59.0)
+    board.renew("s1", board.pending("s1")[0].task_id, "client-a", 60.0)
+    board.time.advance(30.9)
+    assert not run.done() and len(board) == 1
+    board.time.advance(0.1)  # 90 s after the offer, whatever the lease says
     outcome = await asyncio.wait_for(run, BOUND)
     assert outcome.error_kind is ErrorKind.TIMEOUT
-    assert "external_task_timeout" in outcome.output
+    assert "within 90s" in outcome.output and "external_task_timeout" in outcome.output
     completed = events[-1]
     assert isinstance(completed, ExternalTaskCompleted) and completed.client_id == ""
     assert _empty(board)
@@ -135,16 +163,16 @@ async def test_cancelling_the_call_withdraws_the_task() -> None:
 
 async def test_long_poll_wakes_on_offer_and_on_close() -> None:
     board, events = _board()
-    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, BOUND))
-    await asyncio.sleep(0.01)
+    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, 60.0))
+    await _long_polling(board, "s1")
     run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
     [task] = await asyncio.wait_for(claim, BOUND)
     assert task.call == CALL
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
 
-    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, BOUND))
-    await asyncio.sleep(0.01)
+    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, 60.0))
+    await _long_polling(board, "s1")
     board.close_session("s1")
     assert await asyncio.wait_for(claim, BOUND) == []
     assert _empty(board)
@@ -152,8 +180,14 @@ async def test_long_poll_wakes_on_offer_and_on_close() -> None:
 
 async def test_long_poll_gives_up_after_wait() -> None:
     board, _ = _board()
-    assert await asyncio.wait_for(board.claim("s1", "client-a", 1, 30.0, 0.05), BOUND) == []
+    claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, 20.0))
+    await _long_polling(board, "s1")
+    board.time.advance(19.9)
+    assert not claim.done()
+    board.time.advance(0.1)
+    assert await asyncio.wait_for(claim, BOUND) == []
     assert _empty(board)
+    assert await board.claim("s1", "client-a", 1, 30.0, 0.0) == []  # no wait: answers at once
 
 
 async def test_mirror_announces_and_runs() -> None:
@@ -175,8 +209,7 @@ async def test_mirror_announces_and_runs() -> None:
 async def test_confirmation_answered() -> None:
     confirmations = Confirmations()
     wait = asyncio.create_task(confirmations.wait("s1", "c1", BOUND))
-    await asyncio.sleep(0)
-    assert confirmations.waiting("s1") == ["c1"]
+    assert await poll_until(lambda: confirmations.waiting("s1"), what="the call to wait", interval=0) == ["c1"]
     confirmations.answer("s1", "c1", False, "not now")
     assert await wait == Answer(False, "not now")
     assert confirmations.waiting("s1") == []
@@ -188,7 +221,7 @@ async def test_confirmation_timeout_and_cancel_leave_nothing() -> None:
     confirmations = Confirmations()
     assert await confirmations.wait("s1", "c1", 0.01) is None
     wait = asyncio.create_task(confirmations.wait("s1", "c2", BOUND))
-    await asyncio.sleep(0)
+    await poll_until(lambda: confirmations.waiting("s1"), what="the call to wait", interval=0)
     wait.cancel()
     await asyncio.gather(wait, return_exceptions=True)
     assert confirmations._waiting == {}

@@ -8,7 +8,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -20,16 +19,9 @@ from session_server.events import StoredEvent, TextDelta
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
 from session_server.store import SessionRecord, Store
+from tests.polling import poll_until
 
 BOUND = 15.0
-
-
-async def until(predicate, what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def spawn_worker(address: str, worker_id: str) -> subprocess.Popen[bytes]:
@@ -99,18 +91,18 @@ async def test_the_hubs_reader_survives_a_message_the_pool_chokes_on(tmp_path: P
     await server.start()
     worker = spawn_worker(f"127.0.0.1:{server.port}", "w1")
     try:
-        real_heartbeat, choked = server.pool.heartbeat, []
+        real_heartbeat, choked = server.pool.heartbeat, asyncio.Event()
 
         def choke_once(worker_id, link):
-            if not choked:
-                choked.append(worker_id)
+            if not choked.is_set():
+                choked.set()
                 raise RuntimeError("injected: the pool choked on a heartbeat")
             real_heartbeat(worker_id, link)
 
         server.pool.heartbeat = choke_once
-        await until(lambda: server.pool.worker("w1") is not None, "the worker")
+        await poll_until(lambda: server.pool.worker("w1") is not None, within=BOUND, what="the worker")
         connected_at = server.pool.worker("w1").connected_at
-        await until(lambda: choked, "the injected failure")
+        await asyncio.wait_for(choked.wait(), BOUND)
         call = QueryCall(session_id="s", call_id="c", tool_name="read", arguments_json=json.dumps(
             {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND)
         result = await server.pool.dispatch(call)

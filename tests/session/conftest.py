@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from grpc_status import rpc_status
 from codelane.transport import CHANNEL_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, events_pb2, session_pb2, session_pb2_grpc
 from session_server.server import CodelaneServer, ServerConfig
+from tests.polling import poll_until
 
 RPC_TIMEOUT = 10.0  # deadline of every unary RPC
 STREAM_TIMEOUT = 20.0  # bound on reading one whole stream
@@ -262,25 +262,21 @@ class Client:
         return (await self.sessions.CancelTurn(request, timeout=RPC_TIMEOUT)).cancelled
 
     async def wait_idle(self, session_id: str, within: float = 10.0) -> session_pb2.Session:
-        deadline = time.monotonic() + within
-        while True:
+        async def idle() -> session_pb2.Session | None:
             session = await self.get(session_id)
-            if session.state == session_pb2.SESSION_STATE_IDLE:
-                return session
-            if time.monotonic() > deadline:
-                raise AssertionError(f"session {session_id} still {session.state} after {within}s")
-            await asyncio.sleep(0.02)
+            return session if session.state == session_pb2.SESSION_STATE_IDLE else None
+
+        return await poll_until(idle, within=within, what=f"session {session_id} to be idle")
 
     async def worker_ids(self) -> set[str]:
         response = await self.admin.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=RPC_TIMEOUT)
         return {w.worker_id for w in response.workers}
 
     async def wait_workers(self, *worker_ids: str, within: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + within
-        while not set(worker_ids) <= await self.worker_ids():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"workers {worker_ids} did not connect within {within}s")
-            await asyncio.sleep(0.05)
+        async def connected() -> bool:
+            return set(worker_ids) <= await self.worker_ids()
+
+        await poll_until(connected, within=within, what=f"workers {worker_ids} to connect")
 
 
 # -- in-process servers ------------------------------------------------------------------------
@@ -435,13 +431,16 @@ class Processes:
         server = ServerProcess(proc, port, out, err)
         self.servers.append(server)
         self.groups.append(proc.pid)
-        deadline = time.monotonic() + START_TIMEOUT
-        while "codelane server listening on" not in out.read_text(errors="replace"):
+
+        def listening() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready within {START_TIMEOUT}s:\n{server.log()}")
-            await asyncio.sleep(0.05)
+            return "codelane server listening on" in out.read_text(errors="replace")
+
+        try:
+            await poll_until(listening, within=START_TIMEOUT, what="the server to listen")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{server.log()}") from None
         assert f"127.0.0.1:{port}" in out.read_text()
         server.client = Client(f"127.0.0.1:{port}")
         return server
@@ -470,10 +469,3 @@ async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
     finally:
         await procs.close()
 
-
-async def wait_until(predicate: Callable[[], bool], within: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)

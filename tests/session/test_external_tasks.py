@@ -20,6 +20,9 @@ from codelane.events import ExternalTaskPending as SdkExternalTaskPending
 from codelane.events import ToolResult as SdkToolResult
 from codelane.events import TurnFinished as SdkTurnFinished
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from session_server.external import ExternalTasks
+from tests.manual_time import ManualTime
+from tests.polling import poll_until
 from tests.session.conftest import (
     Client,
     InProcess,
@@ -29,7 +32,6 @@ from tests.session.conftest import (
     read_until,
     rpc_error,
     scripted,
-    wait_until,
 )
 
 QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
@@ -96,6 +98,23 @@ async def _tool_results(client: Client, session_id: str) -> dict[str, tools_pb2.
     return {m.tool_call_id: m.tool_result for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL}
 
 
+def _epoch(timestamp: Any) -> float:
+    return timestamp.ToNanoseconds() / 1e9
+
+
+async def _long_polling(server: InProcess) -> None:
+    """Until a claim long-polls on the server (no event says so)."""
+    await poll_until(lambda: server.server.sessions.external._waiters, what="a long-polling claim")
+
+
+def _manual_time(server: InProcess) -> ManualTime:
+    """Puts the server's external tasks on manual time (before any session uses them): leases
+    end when the test advances it."""
+    clock = ManualTime(current=float(int(time.time())))  # whole seconds: exact as a Timestamp
+    server.server.sessions.external = ExternalTasks(clock=clock.now, timers=clock)
+    return clock
+
+
 def _empty(server: InProcess) -> bool:
     board = server.server.sessions.external
     return len(board) == 0 and not board._by_session and not board._waiters
@@ -110,18 +129,21 @@ async def test_external_task_claimed_and_completed(make_server, workspace: Path,
     sid = session.session_id
 
     claim = asyncio.create_task(_claim(client, sid, "cli-1", max_tasks=5, wait=10))  # long-polls: nothing yet
-    await asyncio.sleep(0.05)
+    await _long_polling(server)
+    sent, sent_at = time.time(), time.monotonic()
     stream = client.send_stream(sid, "go")
     [task] = await asyncio.wait_for(claim, 10)
+    claimed, claimed_at = time.time(), time.monotonic()
     assert task.call.call_id == "c_bash" and task.call.tool_name == "bash"
     assert task.session_id == sid and task.lane == EXECUTE and task.attempt == 1
     assert task.workspace == session.workspace
-    assert task.HasField("lease_expire_time")
-    assert 25 < task.lease_expire_time.ToNanoseconds() / 1e9 - time.time() <= 30  # default lease
-    assert 590 < task.deadline.ToNanoseconds() / 1e9 - time.time() <= 600  # default overall timeout
+    # The default lease (30 s) from the claim, and the default overall timeout (600 s) from the
+    # offer, both of which happened between `sent` and `claimed` (the server's clock is ours).
+    assert sent + 30 - 1e-6 <= _epoch(task.lease_expire_time) <= claimed + 30 + 1e-6
+    assert sent + 600 - 1e-6 <= _epoch(task.deadline) <= claimed + 600 + 1e-6
     assert await _claim(client, sid, "cli-2") == []  # leased to cli-1
 
-    await asyncio.sleep(0.1)
+    completing_at = time.monotonic()
     await _complete(client, sid, task.task_id, "cli-1", output="hi from the client\n", exit_code=0)
     events = [r.event for r in await read_rest(stream)]
 
@@ -141,8 +163,9 @@ async def test_external_task_claimed_and_completed(make_server, workspace: Path,
     order = [(kind(e), e.tool_call_started.call.call_id if kind(e) == "tool_call_started" else "") for e in events]
     assert order.index(("external_task_completed", "")) < order.index(("tool_call_started", "c_read"))
     finished = {e.tool_call_finished.call_id: e.tool_call_finished for e in _of_kind(events, "tool_call_finished")}
-    assert finished["c_bash"].queue_wait.ToNanoseconds() < finished["c_bash"].run_time.ToNanoseconds()
-    assert finished["c_bash"].run_time.ToNanoseconds() >= 0.1e9  # claim to completion
+    # Queue wait: offer to claim. Run time: claim to completion, however long the client took.
+    assert finished["c_bash"].queue_wait.ToNanoseconds() / 1e9 <= claimed_at - sent_at
+    assert finished["c_bash"].run_time.ToNanoseconds() / 1e9 >= completing_at - claimed_at
     assert _empty(server)
     error = await rpc_error(_complete(client, sid, task.task_id, "cli-1", output="again"))
     assert error.code == grpc.StatusCode.NOT_FOUND and error.reason == "TASK_NOT_FOUND"
@@ -179,14 +202,16 @@ async def test_renewing_a_lease_keeps_the_task_past_its_first_lease(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:
     server: InProcess = await make_server()
+    clock = _manual_time(server)
     client = server.client
     sid, stream = await _start_one_external_write(client, workspace, tmp_path)
-    [task] = await _claim(client, sid, "cli-a", lease=0.3, wait=10)
-    for _ in range(4):  # 0.6 s of work on a 0.3 s lease, renewed as it goes
-        await asyncio.sleep(0.15)
-        renewed = await _renew(client, sid, task.task_id, "cli-a", 0.3)
+    [task] = await _claim(client, sid, "cli-a", lease=5, wait=10)
+    assert _epoch(task.lease_expire_time) == clock.now() + 5
+    for _ in range(4):  # 16 s of work on a 5 s lease, renewed as it goes
+        clock.advance(4)
+        renewed = await _renew(client, sid, task.task_id, "cli-a", 5)
         assert renewed.task_id == task.task_id and renewed.attempt == 1
-        assert 0.2 < renewed.lease_expire_time.ToNanoseconds() / 1e9 - time.time() <= 0.3
+        assert _epoch(renewed.lease_expire_time) == clock.now() + 5
     assert await _claim(client, sid, "cli-b") == []  # still cli-a's
     error = await rpc_error(_renew(client, sid, task.task_id, "cli-b", 5))
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "LEASE_NOT_HELD"
@@ -297,7 +322,7 @@ async def test_deleting_the_session_withdraws_tasks_and_ends_claims(
     stream = client.send_stream(session.session_id, "go")
     await read_until(stream, lambda r: kind(r.event) == "external_task_pending", [])
     waiting_claim = asyncio.create_task(_claim(client, other.session_id, "cli-1", wait=10))
-    await wait_until(lambda: bool(server.server.sessions.external._waiters), what="a long-polling claim")
+    await poll_until(lambda: bool(server.server.sessions.external._waiters), what="a long-polling claim")
 
     await client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=session.session_id), timeout=10)
     await client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=other.session_id), timeout=10)
@@ -446,20 +471,29 @@ async def test_sdk_renews_the_lease_of_a_handler_that_outlasts_it(
     server: InProcess = await make_server()
     model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "c_slow", command="x")]}, {"text": "."}])
     leases: list[float] = []
+    lease = 1.0
+    board = server.server.sessions.external
+
+    def renewed_past_its_first_lease(task: Any) -> bool:
+        # Only a renewal at or after the first lease's end pushes the end this far (a task
+        # claimed again after losing its lease would show attempt 2).
+        [info] = board.pending(task.session_id) or [None]
+        return (info is not None and info.attempt == 1 and info.lease_expire_time is not None
+                and info.lease_expire_time >= task.lease_expire_time + lease)
 
     async def slow(task: Any) -> Any:
-        await asyncio.sleep(1.0)  # five times the lease
+        await poll_until(lambda: renewed_past_its_first_lease(task), what="the SDK to renew the lease")
         return SdkToolResult(output=f"slow {task.call.call_id}")
 
     async with SdkClient(server.client.address, timeout=10) as sdk:
         session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
         stop = asyncio.Event()
-        runner = asyncio.create_task(session.run_external_tasks("sdk-client", slow, stop=stop, lease=0.2, wait=5))
+        runner = asyncio.create_task(session.run_external_tasks("sdk-client", slow, stop=stop, lease=lease, wait=5))
 
         async def turn() -> list:
             return [e async for e in session.send("go")]
 
-        # Without renewals the task would be offered again every 0.2 s and never finish.
+        # Without renewals the task would be offered again after its first lease.
         events = await asyncio.wait_for(turn(), 15)
         stop.set()
         assert await asyncio.wait_for(runner, 10) == 1
@@ -507,14 +541,14 @@ async def test_sdk_confirm_and_stop_while_idle(make_server, workspace: Path, tmp
         # A loop with nothing to do stops promptly, in the middle of its long-poll.
         stop = asyncio.Event()
         runner = asyncio.create_task(session.run_external_tasks("idle", _never, stop=stop, wait=30))
-        await asyncio.sleep(0.1)
+        await _long_polling(server)
         stop.set()
         assert await asyncio.wait_for(runner, 5) == 0
         with pytest.raises(ValueError, match="unknown permissions keys"):
             await sdk.create_session(workspace, model=model, permissions={"alow": ["read"]})
         with pytest.raises(ValueError, match="lane mode"):
             await sdk.create_session(workspace, model=model, lanes={"execute": "outside"})
-    await wait_until(lambda: _empty(server), within=5, what="the idle claim to end")
+    await poll_until(lambda: _empty(server), what="the idle claim to end")
 
 
 async def _never(task: Any) -> Any:

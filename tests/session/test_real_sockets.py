@@ -12,6 +12,7 @@ import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.mock_llm import MOCK_LLM_KEY, MockLLM, start_mock_llm
+from tests.polling import poll_until
 from tests.processes import all_gone, kill_all, marker, pids_with
 from tests.session.conftest import (
     Processes,
@@ -19,7 +20,6 @@ from tests.session.conftest import (
     call,
     kind,
     read_until,
-    wait_until,
     write_script,
 )
 
@@ -106,7 +106,7 @@ async def test_workers_crash_and_restart_over_http(
         lambda r: kind(r.event) == "tool_call_started" and r.event.tool_call_started.call.call_id == "slow_bash",
         seen,
     )
-    await wait_until(lambda: bool(pids_with(SLOW_MARK)), what="slow bash to start")
+    await poll_until(lambda: bool(pids_with(SLOW_MARK)), what="slow bash to start")
     turn2_seen = [r.event for r in seen]
     turn2_id = turn2_seen[0].turn_id
     server.kill9()

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2
-from tests.session.conftest import Processes, call, kind, read_until, scripted, wait_until
+from tests.polling import poll_until
+from tests.session.conftest import Processes, call, kind, read_until, scripted
 
 SLOW_BASH = "echo $$ > slow.pid; sleep 30"
 
@@ -34,7 +35,7 @@ async def test_every_announced_call_gets_its_result_after_a_crash(
     seen: list = []
     await read_until(stream, lambda r: kind(r.event) == "tool_call_started", seen)
     pid_file = workspace / "slow.pid"
-    await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="the bash to start")
+    await poll_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="the bash to start")
     server.kill9()
     processes.kill_pid_file(pid_file)
     with pytest.raises(grpc.aio.AioRpcError):

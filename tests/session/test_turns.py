@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +13,11 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
     Client,
+    InProcess,
     assert_gap_free,
     call,
     error_details,
@@ -25,7 +26,6 @@ from tests.session.conftest import (
     read_until,
     rpc_error,
     scripted,
-    wait_until,
 )
 
 QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
@@ -214,11 +214,16 @@ async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Pat
     assert [m.text for m in history if m.role == session_pb2.MESSAGE_ROLE_USER] == ["first"]
 
 
-async def test_turn_survives_client_disconnect(client: Client, workspace: Path, tmp_path: Path) -> None:
+async def test_turn_survives_client_disconnect(make_server, workspace: Path, tmp_path: Path) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    # The call runs until the test lets it go, so the turn is running for as long as it takes the
+    # server to notice the client went away, however slow the machine.
+    held = "until [ -e go ]; do sleep 0.01; done; echo slept"
     model = scripted(
         tmp_path,
         [
-            {"text": "Working on it.", "tool_calls": [call("bash", "slow", command="sleep 1; echo slept")]},
+            {"text": "Working on it.", "tool_calls": [call("bash", "slow", command=held)]},
             {"text": "Finished without you."},
         ],
     )
@@ -227,11 +232,14 @@ async def test_turn_survives_client_disconnect(client: Client, workspace: Path, 
     stream = client.send_stream(session.session_id, "do it")
     first = await asyncio.wait_for(stream.read(), 10)
     assert kind(first.event) == "turn_started"
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
     stream.cancel()
-    await asyncio.sleep(0.1)
+    # The turn's stream is the session's only subscriber: it is gone once the server saw the cancel.
+    await poll_until(lambda: server.server.sessions.bus.subscribers() == 0, what="the server to drop the stream")
     assert (await client.get(session.session_id)).state == session_pb2.SESSION_STATE_RUNNING
 
     watch = client.watch_stream(session.session_id, after=0, follow=True)
+    (workspace / "go").touch()
     items: list = []
     try:
         last = await read_until(watch, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", items)
@@ -273,14 +281,12 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path,
         lambda r: kind(r.event) == "tool_call_started" and r.event.tool_call_started.call.call_id == "long",
         seen,
     )
-    await wait_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
+    await poll_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
 
-    cancelled_at = time.monotonic()
     assert await client.cancel(session.session_id)
+    # Bounded by STREAM_TIMEOUT (20 s), well before the 30 s sleep would end on its own.
     rest = [r.event for r in await read_rest(stream)]
-    took = time.monotonic() - cancelled_at
     events = [r.event for r in seen] + rest
-    assert took < 5.0, f"the turn took {took:.1f}s to end after CancelTurn"
 
     assert_gap_free(events)
     assert kind(events[-1]) == "turn_finished"
@@ -327,7 +333,7 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
     try:
         assert (await asyncio.wait_for(watch.read(), 10)).caught_up.last_sequence == 0
         await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
-        await wait_until(lambda: bool(pids_with(mark)), what="bash to start")
+        await poll_until(lambda: bool(pids_with(mark)), what="bash to start")
 
         await asyncio.wait_for(
             client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=sid), timeout=10), 10

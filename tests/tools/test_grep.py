@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.polling import poll_until
+from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.tools import grep
 from tool_worker.tools.base import ErrorKind
+from tool_worker.tools.rg import run_rg
 
 
 async def test_files_with_matches_sorted_and_gitignored(call: Any) -> None:
@@ -102,11 +110,67 @@ async def test_pattern_starting_with_dash(call: Any, workspace: Path) -> None:
     assert (await call("grep", pattern="--verbose")).output == "flags.txt"
 
 
-async def test_cancel_kills_rg(registry: Any, workspace: Path) -> None:
-    task = asyncio.create_task(registry.execute("grep", workspace, '{"pattern": "x"}'))
-    await asyncio.sleep(0)
-    task.cancel()
+def _process(entry: Path) -> tuple[str, str, int] | None:
+    """The name, state and parent pid in /proc/PID/stat; None once the process is reaped."""
     try:
-        await task
-    except asyncio.CancelledError:
-        pass
+        stat = entry.joinpath("stat").read_text()
+    except OSError:
+        return None
+    state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+    return stat[stat.index("(") + 1 : stat.rindex(")")], state, int(parent)
+
+
+def _rg_children(written: int) -> list[int]:
+    """Pids of this process's running rg children that have written more than `written` bytes
+    (a process's state has no event)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        process = _process(entry) if entry.name.isdigit() else None
+        if process is not None and process[0] == "rg" and process[1] != "Z" and process[2] == os.getpid():
+            try:
+                io = dict(line.split(": ") for line in entry.joinpath("io").read_text().splitlines())
+            except OSError:
+                continue
+            if int(io["wchar"]) > written:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    process = _process(Path(f"/proc/{pid}"))
+    return process is not None and process[1] != "Z"
+
+
+def _many_matching_lines(workspace: Path) -> None:
+    """~18 MB of rg output, file by file: hundreds of times what a pipe holds."""
+    for index in range(400):
+        (workspace / f"f{index:03}.txt").write_text("x\n" * 5000)
+
+
+async def test_output_past_the_cap_stops_rg_and_keeps_the_first_bytes(workspace: Path) -> None:
+    _many_matching_lines(workspace)
+    out = await asyncio.wait_for(run_rg(["--regexp", "x"], workspace, ReadOnlyLauncher(), max_bytes=300_000), 60)
+    assert out.overflowed and len(out.stdout) == 300_000
+    assert out.returncode == -signal.SIGKILL
+    assert not _rg_children(written=0)
+
+
+async def test_cancel_kills_rg(registry: Any, workspace: Path) -> None:
+    # The tool reads one chunk of rg's output per turn of the event loop: rg is looked for once
+    # per turn, and found while it has most of its output still to write. It is taken once it
+    # has written more than a pipe holds (so the tool is reading it, past starting it), then
+    # stopped: only a kill can end it. Then most of what it wrote is still unread in the pipe.
+    _many_matching_lines(workspace)
+    task = asyncio.create_task(registry.execute("grep", workspace, '{"pattern": "x", "output_mode": "content"}'))
+    [pid] = await poll_until(lambda: _rg_children(written=1 << 20), what="grep's rg to be read from", interval=0)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=60)
+        assert done, "the cancelled call never ended: rg's unread output kept it waiting"
+        with pytest.raises(asyncio.CancelledError):
+            task.result()
+        assert not _running(pid), "rg outlived its cancelled grep call"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +92,31 @@ async def test_failures_become_results(tmp_path: Path) -> None:
 
 
 async def test_run_time_and_cancellation_propagates(tmp_path: Path) -> None:
-    cleaned = asyncio.Event()
+    started, cleaned = asyncio.Event(), asyncio.Event()
+    inside: list[float] = []
 
     async def slow(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        started.set()
         try:
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # runs until cancelled
         finally:
             cleaned.set()
         return ToolResult(output="late")
 
-    async def quick(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
-        await asyncio.sleep(0.02)
+    async def measured(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+        begin = time.perf_counter()
+        await asyncio.sleep(0)  # gives up the loop once, as a real tool does
+        inside.append(time.perf_counter() - begin)
         return ToolResult(output=str(args["n"]))
 
-    registry = ToolRegistry([_tool("slow", slow), _tool("quick", quick)])
-    result = await registry.execute("quick", tmp_path, '{"n": 3}')
-    assert result.output == "3" and 0.02 <= result.run_time < 1
+    registry = ToolRegistry([_tool("slow", slow), _tool("measured", measured)])
+    before = time.perf_counter()
+    result = await registry.execute("measured", tmp_path, '{"n": 3}')
+    outside = time.perf_counter() - before
+    # The run time covers the tool's own run, and no more than the call took.
+    assert result.output == "3" and inside[0] <= result.run_time <= outside
     task = asyncio.create_task(registry.execute("slow", tmp_path, "{}"))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(started.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -139,18 +147,3 @@ def test_load_module_errors() -> None:
     )
     with pytest.raises(ValueError, match="invalid parameters schema"):
         ToolRegistry([bad_schema])
-
-
-async def test_execute_overhead_is_microseconds(tmp_path: Path) -> None:
-    async def noop(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
-        return ToolResult(output="ok")
-
-    registry = ToolRegistry([_tool("noop", noop)])
-    calls = 2000
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    for _ in range(calls):
-        await registry.execute("noop", tmp_path, '{"n": 1}')
-    per_call = (loop.time() - started) / calls
-    # Generous for loaded CI machines; typically ~10 µs.
-    assert per_call < 300e-6, f"{per_call * 1e6:.0f} µs per call"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tool_worker.confinement.readonly import ConfinementUnavailable, ReadOnlyLauncher
+from tool_worker.confinement.readonly import ConfinementUnavailable, ReadOnlyLauncher, ReadOnlyProcess
 from tool_worker.tools.base import ErrorKind, ToolFailure
 
 # Read at most this much of rg's stdout; past it rg is stopped, so memory stays bounded even for
@@ -69,25 +69,40 @@ async def run_rg(
         proc = await launcher.exec(rg_binary(), *BASE_ARGS, *args, cwd=cwd)
     except ConfinementUnavailable as exc:
         raise ToolFailure(f"ripgrep was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def read_stdout() -> bytes:
+        assert proc.stdout is not None
+        out = await _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk)
+        if len(out) > max_bytes:
+            # At once: rg, blocked on the pipe nobody reads now, would never close its stderr.
+            proc.kill()
+        return out
+
     try:
         stdout, stderr = await asyncio.gather(
-            _read_capped(proc.stdout, max_bytes, stop=True, on_chunk=on_chunk),
-            _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False),
+            read_stdout(), _read_capped(proc.stderr, _MAX_STDERR_BYTES, stop=False)
         )
         overflowed = len(stdout) > max_bytes
         if overflowed:
-            proc.kill()
+            await _kill(proc)
         returncode = await proc.wait()
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
     return RgOutput(
         returncode=returncode,
         stdout=stdout[:max_bytes],
         stderr=stderr.decode("utf-8", "replace").strip(),
         overflowed=overflowed,
     )
+
+
+async def _kill(proc: ReadOnlyProcess) -> None:
+    """Kills rg and reaps it. The wait is on the process alone (its pidfd), never on its pipes:
+    a killed rg with output nobody read never closes them."""
+    proc.kill()
+    await proc.wait()
 
 
 async def _read_capped(

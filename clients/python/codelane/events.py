@@ -93,6 +93,10 @@ class ExternalTask:
     # Epoch seconds: the call ends with a TIMEOUT result if nobody completed it by then.
     deadline: float
     workspace: str
+    # W3C Trace Context of the server's span of the call ("" when the server does not trace):
+    # a client that traces makes the span in which it runs the task a child of it.
+    traceparent: str = ""
+    tracestate: str = ""
 
     @classmethod
     def from_proto(cls, msg: events_pb2.ExternalTask) -> ExternalTask:
@@ -101,6 +105,7 @@ class ExternalTask:
             attempt=msg.attempt,
             lease_expire_time=_seconds(msg.lease_expire_time) if msg.HasField("lease_expire_time") else None,
             deadline=_seconds(msg.deadline), workspace=msg.workspace,
+            traceparent=msg.trace_context.traceparent, tracestate=msg.trace_context.tracestate,
         )
 
 
