@@ -51,6 +51,7 @@ from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+from tool_worker.worker_only import worker_only_hint
 
 LOCAL_WORKER_ID = "local"
 
@@ -254,6 +255,9 @@ class Turn:
                 f"so it is not offered; available tools: {', '.join(tools)}",
             )
             return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
+        if spec is None and worker_only_hint(call.name):
+            rejection = _no_worker(call.name, f"{call.name} was not run: no connected worker offers it")
+            return ScheduledCall(index, call_id, call.name, call.arguments_json, None, rejection)
         if spec is None:
             rejection = ToolResult.error(
                 ErrorKind.UNKNOWN_TOOL, f"unknown tool {call.name!r}; available tools: {', '.join(tools)}"
@@ -363,7 +367,7 @@ class Turn:
         ctx = self.ctx
         on_workers = call.lane is Lane.QUERY and ctx.pool.offers(call.tool_name)
         if call.lane is Lane.QUERY and not on_workers and not ctx.local_fallback:
-            return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
+            return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
         if on_workers:
             result = await ctx.pool.dispatch(
                 QueryCall(
@@ -381,7 +385,8 @@ class Turn:
             if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
                 return result
         if ctx.registry.get(call.tool_name) is None:
-            return ToolResult.error(ErrorKind.NO_WORKER, f"no worker offers {call.tool_name} any more")
+            problem = result.output if on_workers else f"no worker offers {call.tool_name} any more"
+            return _no_worker(call.tool_name, problem)
         ctx.emit(ToolCallStarted(self._info(call), call.lane.value if call.lane else "", LOCAL_WORKER_ID, 1))
         timeout = ctx.settings.query_timeout if call.lane is Lane.QUERY else ctx.settings.execute_timeout
         try:
@@ -402,6 +407,12 @@ class Turn:
             ctx.emit(ToolCallStarted(self._info(call), Lane.QUERY.value, event.worker_id, event.attempt))
         else:
             ctx.emit(event)
+
+
+def _no_worker(tool_name: str, problem: str) -> ToolResult:
+    """A NO_WORKER result; for a tool only workers offer, it also says what to start."""
+    hint = worker_only_hint(tool_name)
+    return ToolResult.error(ErrorKind.NO_WORKER, f"{problem}; {hint}" if hint else problem)
 
 
 def _timed(result: ToolResult, added: float, started: float) -> ToolResult:

@@ -2,6 +2,7 @@
 
     codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
                     [--root DIR ...] [--tools python.module] [--id ID]
+                    [--cache-dir DIR] [--require TOOL:k=v,...]
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
@@ -30,6 +31,7 @@ from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.plugins import ToolHost
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
 
@@ -308,6 +310,13 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def parse_requirement(text: str) -> tuple[str, dict[str, str]]:
+    tool, sep, labels = text.partition(":")
+    if not sep or not tool.strip():
+        raise argparse.ArgumentTypeError(f"requirement {text!r} is not TOOL:KEY=VALUE")
+    return tool.strip(), parse_labels(labels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codelane worker", description="Run a codelane tool worker.")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="address of the session server's hub")
@@ -325,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE",
         help="Python module with extra tools (TOOLS = [...]); repeatable",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codelane",
+        help="where this worker's tools keep caches, e.g. the semantic_search index (default ~/.cache/codelane)",
+    )
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        type=parse_requirement,
+        metavar="TOOL:KEY=VALUE[,KEY=VALUE]",
+        help="labels a worker must carry to be sent calls of TOOL, e.g. semantic_search:accelerator=gpu (repeatable)",
     )
     parser.add_argument(
         "--id",
@@ -347,18 +370,25 @@ def main(argv: list[str]) -> int:
         print("codelane worker: --slots must be at least 1", file=sys.stderr)
         return 2
     registry = ToolRegistry.builtin()
+    required: dict[str, dict[str, str]] = {}
+    for tool, labels in args.require:
+        required.setdefault(tool, {}).update(labels)
+    host = ToolHost(cache_dir=args.cache_dir, labels=dict(args.labels), required_labels=required)
     try:
         for module in args.tools:
-            registry.load_module(module)
+            registry.load_module(module, host)
     except (ImportError, ValueError) as exc:
         print(f"codelane worker: cannot load tools: {exc}", file=sys.stderr)
         return 2
+    for tool, labels in required.items():
+        if registry.get(tool) is not None:
+            registry.require_labels(tool, labels)
     config = WorkerConfig(
         address=args.connect,
         worker_id=args.worker_id,
         slots=args.slots,
         token=args.token,
-        labels=args.labels,
+        labels=host.labels,
         roots=[str(Path(r).resolve()) for r in args.root],
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
