@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.semantic import EXTRA_MISSING
+from tests.session.conftest import make_server, processes  # noqa: F401 (the session tests' server fixtures)
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ToolResult
 

@@ -59,6 +59,21 @@ def test_python_definitions_with_their_comments_and_decorators() -> None:
     assert by_symbol["Retry.jitter"].text.startswith("    # Jitter spreads clients out.")
 
 
+def test_documentation_is_the_docstring_else_the_comments_above() -> None:
+    docs = {c.symbol: c.doc for c in chunk_file("pkg/retry.py", PYTHON)}
+    assert docs == {
+        "": "",
+        "Retry": "How often and how long to retry.",
+        "Retry.backoff": "Seconds to wait before `attempt`.",
+        "Retry.jitter": "Jitter spreads clients out.",
+        "main": "",
+    }
+    go = "package x\n\n// Unrelated.\n\n// A holds the\n// settings.\n//\n// More detail.\ntype A struct { x int }\n"
+    assert [(c.symbol, c.doc) for c in chunk_file("x.go", go)] == [("", ""), ("A", "A holds the settings.")]
+    rust = "/** Adds one\n * to x. */\nfn add(x: u8) -> u8 { x + 1 }\n"
+    assert chunk_file("x.rs", rust)[0].doc == "Adds one to x."
+
+
 @pytest.mark.parametrize(
     ("path", "source", "expected"),
     [

@@ -86,20 +86,21 @@ async def test_only_changed_content_is_embedded_again(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
-    first = await search(query="settings file")
-    chunks = first.metadata["chunks"]
-    assert embedder.documents == chunks
     await search(query="settings file")
-    assert embedder.documents == chunks  # nothing changed, nothing embedded
+    # Each chunk's code, and for a named chunk also its name and documentation: 6 chunks, 5 named.
+    built = embedder.documents
+    assert built == 6 + 5
+    await search(query="settings file")
+    assert embedder.documents == built  # nothing changed, nothing embedded
 
     (workspace / "src" / "config.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
     changed = await search(query="write the settings back to disk")
-    assert embedder.documents == chunks + 2  # config.py's two functions, nothing else
+    assert embedder.documents == built + 2 * 2  # config.py's two functions, nothing else
     assert changed.metadata["results"][0]["symbol"] == "save_settings"
 
     (workspace / "src" / "config.py").write_text(CONFIG)  # back to content the index has seen
     reverted = await search(query="write the settings back to disk")
-    assert embedder.documents == chunks + 2
+    assert embedder.documents == built + 2 * 2
     assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
 
 
@@ -230,7 +231,7 @@ async def test_concurrent_calls_build_once(embedder: CountingEmbedder, workspace
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     results = await asyncio.gather(*(search(query=f"settings {n}") for n in range(4)))
     assert not any(result.is_error for result in results)
-    assert embedder.documents == results[0].metadata["chunks"]
+    assert embedder.documents == 6 + 5  # each chunk once (see test_only_changed_content_is_embedded_again)
 
 
 async def test_a_failed_embedding_is_retried_by_the_next_call(

@@ -11,7 +11,7 @@ from tests.semantic import EXTRA_MISSING
 np = pytest.importorskip("numpy", reason=EXTRA_MISSING)
 
 from tool_worker.semantic.ranking import (  # noqa: E402
-    RRF_K,
+    SEMANTIC_WEIGHT,
     Fused,
     SignalRank,
     bm25_scores,
@@ -90,20 +90,44 @@ def test_top_keyword_leaves_out_chunks_without_a_query_word() -> None:
     assert top_keyword(scores, np.ones(3, dtype=bool)) == [(1, 2.5), (2, 1.0)]
 
 
-def test_fusion_puts_what_both_signals_found_first_and_says_who_found_what() -> None:
-    semantic = [(10, 0.9), (11, 0.8), (12, 0.7)]
-    keyword = [(13, 9.0), (12, 5.0)]
+def test_fusion_weighs_scaled_scores_and_says_who_found_what() -> None:
+    semantic = [(10, 0.9), (11, 0.8), (12, 0.5)]
+    keyword = [(13, 9.0), (12, 5.0), (14, 1.0)]
     fused = fuse(semantic, keyword)
-    assert [hit.slot for hit in fused] == [12, 10, 13, 11]
-    both = fused[0]
-    assert both.found_by == "both"
-    assert both.semantic == SignalRank(3, 0.7) and both.keyword == SignalRank(2, 5.0)
-    assert both.score == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 2))
-    assert {hit.slot: hit.found_by for hit in fused[1:]} == {10: "semantic", 13: "keyword", 11: "semantic"}
+    scores = {hit.slot: hit.score for hit in fused}
+    # Each signal scaled to [0, 1] over its candidates, then weighted.
+    assert scores == pytest.approx({
+        10: SEMANTIC_WEIGHT * 1.0,
+        11: SEMANTIC_WEIGHT * 0.75,
+        12: SEMANTIC_WEIGHT * 0.0 + (1 - SEMANTIC_WEIGHT) * 0.5,
+        13: (1 - SEMANTIC_WEIGHT) * 1.0,
+        14: 0.0,
+    })
+    assert [hit.slot for hit in fused] == [10, 11, 13, 12, 14]
+    twelve = next(hit for hit in fused if hit.slot == 12)
+    assert twelve.semantic == SignalRank(3, 0.5) and twelve.keyword == SignalRank(2, 5.0)
+    assert twelve.found_by(within=3) == "both"
+    assert twelve.found_by(within=2) == "keyword"
+    assert fused[0].found_by(within=1) == "semantic"
+    assert twelve.found_by(within=1) == "combined"
+
+
+def test_a_signal_far_ahead_wins_over_a_weak_consensus() -> None:
+    """Reciprocal rank fusion would put slot 2 (second in both) above slot 1 (first by far in
+    meaning, unranked by keywords); the scaled scores keep the margin."""
+    semantic = [(1, 0.80), (2, 0.41), (3, 0.40)]
+    keyword = [(3, 6.0), (2, 5.9), (4, 1.0)]
+    assert fuse(semantic, keyword)[0].slot == 1
+
+
+def test_fusion_with_one_signal_silent() -> None:
+    assert [hit.slot for hit in fuse([(1, 0.3), (2, 0.3)], [])] == [1, 2]
+    only_keywords = fuse([], [(5, 2.0), (6, 1.0)])
+    assert [hit.slot for hit in only_keywords] == [5, 6] and only_keywords[0].found_by(1) == "keyword"
 
 
 def test_fusion_breaks_ties_by_the_semantic_order() -> None:
-    fused = fuse([(1, 0.5)], [(2, 3.0)])
+    fused = fuse([(1, 0.5)], [(2, 3.0)], weight=0.5)
     assert [hit.slot for hit in fused] == [1, 2]
 
 

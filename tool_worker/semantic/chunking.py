@@ -24,6 +24,8 @@ from typing import Any
 WINDOW_LINES = 40
 # A window with fewer non-blank lines than this says nothing worth a result of its own.
 MIN_WINDOW_TEXT_LINES = 2
+# A definition's documentation summary is cut here: its first paragraph is what describes it.
+MAX_DOC_CHARS = 600
 # Suffixes of prose: the `docs` kind of semantic_search; everything else is `code`.
 DOC_SUFFIXES = frozenset({".md", ".markdown", ".rst", ".txt", ".adoc", ".org"})
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -42,6 +44,9 @@ class Chunk:
     # "section" or "lines".
     kind: str
     text: str
+    # The first paragraph of the definition's documentation (its docstring, or the comments right
+    # above it), on one line; "" when it has none.
+    doc: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ _NAME_TYPES = frozenset(
 # A C struct, union or enum is defined where it has a body, not where it is only used as a type.
 _DEFINED_BY_BODY = frozenset({"struct_specifier", "union_specifier", "enum_specifier"})
 _FUNCTION_VALUES = frozenset({"arrow_function", "function", "function_expression", "generator_function"})
+# Comment syntax stripped from documentation comments: //, ///, /* */, leading *, #, --.
+_COMMENT_MARKS = re.compile(r"^\s*(?:/{2,3}!?|/\*+|\*+/?|#+|--)|\*+/\s*$", re.MULTILINE)
 _MARKDOWN_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
@@ -209,9 +216,10 @@ def _chunks_of(node: Any, start: int, end: int, grammar: Grammar, lines: list[st
         member_names = [_name(_unwrap(member)) for member, _, _ in members]
         if any(member_names):
             own += "\nmembers: " + ", ".join(filter(None, member_names))
-        return [Chunk(start, end, symbol, grammar.containers[definition.type], own), *inner]
+        kind = grammar.containers[definition.type]
+        return [Chunk(start, end, symbol, kind, own, _documentation(node, definition)), *inner]
     kind = "method" if prefix else "function"
-    return [Chunk(start, end, symbol, kind, "\n".join(lines[start - 1 : end]))]
+    return [Chunk(start, end, symbol, kind, "\n".join(lines[start - 1 : end]), _documentation(node, definition))]
 
 
 def _definitions(node: Any, grammar: Grammar) -> Iterator[tuple[Any, int, int]]:
@@ -243,13 +251,38 @@ def _unwrap(node: Any) -> Any:
     return node
 
 
-def _first_line(node: Any) -> int:
+def _comments_above(node: Any) -> list[Any]:
+    """The comment nodes right above a definition (no blank line between), top first."""
+    comments = []
     start = node.start_point.row
     previous = node.prev_named_sibling
     while previous is not None and "comment" in previous.type and previous.end_point.row >= start - 1:
+        comments.append(previous)
         start = previous.start_point.row
         previous = previous.prev_named_sibling
-    return start + 1
+    return comments[::-1]
+
+
+def _first_line(node: Any) -> int:
+    comments = _comments_above(node)
+    return (comments[0] if comments else node).start_point.row + 1
+
+
+def _documentation(node: Any, definition: Any) -> str:
+    """The first paragraph of a Python docstring, else of the comments right above the definition."""
+    body = definition.child_by_field_name("body")
+    first = body.named_children[0] if body is not None and body.named_child_count else None
+    if first is not None and first.type == "expression_statement" and first.named_child_count:
+        first = first.named_children[0]  # older grammars wrap the docstring in a statement
+    if first is not None and first.type == "string":
+        text = "".join(_text(part) for part in first.named_children if part.type == "string_content")
+        return _first_paragraph(text)
+    return _first_paragraph("\n".join(_COMMENT_MARKS.sub("", _text(c)) for c in _comments_above(node)))
+
+
+def _first_paragraph(text: str) -> str:
+    paragraph = re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
+    return " ".join(paragraph.split())[:MAX_DOC_CHARS]
 
 
 def _name(node: Any) -> str:

@@ -45,7 +45,7 @@ RACY_NS = 2_000_000_000
 # Texts per call of the model while building: a query waits for at most one such call.
 BUILD_BATCH = 32
 # At most this many results come from any one file, so that one long file does not fill the list.
-RESULTS_PER_FILE = 2
+RESULTS_PER_FILE = 3
 _INITIAL_SLOTS = 1024
 
 
@@ -109,12 +109,15 @@ class _Pending:
     terms: list[dict[str, int]]
 
 
-def embedding_text(chunk: Chunk) -> str:
-    """What the model reads of a chunk: its kind and name (also split into words) above its code."""
+def embedding_texts(chunk: Chunk) -> tuple[str, str | None]:
+    """What the model reads of a chunk: its code under its kind and name (split into words too),
+    and, for a named chunk, a summary of its name and documentation alone. A question in plain
+    words often matches the summary better; code often matches the code. A chunk scores the
+    better of the two."""
     if not chunk.symbol:
-        return chunk.text
-    words = " ".join(tokenize(chunk.symbol))
-    return f"{chunk.kind} {chunk.symbol} ({words})\n{chunk.text}"
+        return chunk.text, None
+    title = f"{chunk.kind} {chunk.symbol} ({' '.join(tokenize(chunk.symbol))})"
+    return f"{title}\n{chunk.text}", f"{title}: {chunk.doc}" if chunk.doc else title
 
 
 class Builder:
@@ -159,21 +162,37 @@ class Builder:
         # A content nobody waits for any more (its file changed again, or another copy of it got
         # its vectors first) is skipped.
         wanted = [pending for pending in batch if pending.index.wants(pending.digest)]
-        texts = [embedding_text(chunk) for pending in wanted for chunk in pending.chunks]
-        vectors = np.concatenate(
-            [self.embedder.encode_documents(texts[start : start + BUILD_BATCH])
-             for start in range(0, len(texts), BUILD_BATCH)]
-        ) if texts else np.zeros((0, self.embedder.dimensions), np.float32)
+        codes: list[str] = []
+        summaries: list[str] = []
+        for pending in wanted:
+            for chunk in pending.chunks:
+                code, summary = embedding_texts(chunk)
+                codes.append(code)
+                if summary is not None:
+                    summaries.append(summary)
+        vectors = self._encode(codes + summaries)
+        code_vectors, summary_vectors = vectors[: len(codes)], iter(vectors[len(codes) :])
         offset = 0
         for pending in wanted:
-            own = vectors[offset : offset + len(pending.chunks)]
+            own = code_vectors[offset : offset + len(pending.chunks)]
             offset += len(pending.chunks)
             stored = [
-                StoredChunk(chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind, terms, vector)
+                StoredChunk(
+                    chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind, terms, vector,
+                    next(summary_vectors) if chunk.symbol else None,
+                )
                 for chunk, terms, vector in zip(pending.chunks, pending.terms, own, strict=True)
             ]
             self.store.put(pending.digest, stored)
-            pending.index.embedding_done(pending.digest, own)
+            pending.index.embedding_done(pending.digest, stored)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.embedder.dimensions), np.float32)
+        return np.concatenate(
+            [self.embedder.encode_documents(texts[start : start + BUILD_BATCH])
+             for start in range(0, len(texts), BUILD_BATCH)]
+        )
 
 
 class WorkspaceIndex:
@@ -195,6 +214,8 @@ class WorkspaceIndex:
         self._known_loaded = False
         self._info: list[ChunkInfo | None] = []
         self._vectors = np.zeros((_INITIAL_SLOTS, self._dimensions), dtype=np.float32)
+        # The vector of each chunk's summary (a copy of its code's vector when it has no name).
+        self._summaries = np.zeros((_INITIAL_SLOTS, self._dimensions), dtype=np.float32)
         self._alive = np.zeros(_INITIAL_SLOTS, dtype=bool)
         self._embedded = np.zeros(_INITIAL_SLOTS, dtype=bool)
         self._lengths = np.zeros(_INITIAL_SLOTS, dtype=np.float64)
@@ -316,8 +337,7 @@ class WorkspaceIndex:
                 self._lengths[slot] = sum(terms.values())
                 self._alive[slot] = True
                 if chunk.vector is not None:
-                    self._vectors[slot] = chunk.vector
-                    self._embedded[slot] = True
+                    self._set_vectors(slot, chunk)
             if any(chunk.vector is None for chunk in chunks):
                 self._waiting.setdefault(entry.digest, []).append(entry.slots)
             self._files[name] = entry
@@ -349,8 +369,9 @@ class WorkspaceIndex:
             return self._free.pop()
         slot = len(self._info)
         if slot == len(self._alive):
-            self._vectors, self._alive, self._embedded, self._lengths = (
-                _doubled(array) for array in (self._vectors, self._alive, self._embedded, self._lengths)
+            self._vectors, self._summaries, self._alive, self._embedded, self._lengths = (
+                _doubled(array)
+                for array in (self._vectors, self._summaries, self._alive, self._embedded, self._lengths)
             )
         self._info.append(None)
         self._terms.append(None)
@@ -363,13 +384,19 @@ class WorkspaceIndex:
         with self._lock:
             return digest in self._waiting
 
-    def embedding_done(self, digest: str, vectors: np.ndarray) -> None:
+    def embedding_done(self, digest: str, chunks: list[StoredChunk]) -> None:
         """Installs a content's vectors and wakes the waiters."""
         with self._lock:
             for slots in self._waiting.pop(digest, []):
-                self._vectors[slots] = vectors
-                self._embedded[slots] = True
+                for slot, chunk in zip(slots, chunks, strict=True):
+                    self._set_vectors(slot, chunk)
             self._embedded_changed.notify_all()
+
+    def _set_vectors(self, slot: int, chunk: StoredChunk) -> None:
+        """Caller holds the lock."""
+        self._vectors[slot] = chunk.vector
+        self._summaries[slot] = chunk.summary if chunk.summary is not None else chunk.vector
+        self._embedded[slot] = True
 
     def embedding_failed(self, digest: str) -> None:
         """Forgets the files of a content that could not be embedded (or stored), so that the next
@@ -419,7 +446,7 @@ class WorkspaceIndex:
                     if (docs is None or entry.doc == docs) and (within is None or within(name)):
                         eligible[entry.slots] = True
             embedded = self._embedded[:used]
-            similarities = self._vectors[:used] @ query_vector
+            similarities = np.maximum(self._vectors[:used] @ query_vector, self._summaries[:used] @ query_vector)
             semantic = top_semantic(similarities, eligible & embedded)
             keyword = top_keyword(bm25_scores(terms, self._postings, self._lengths[:used], alive), eligible)
             info = self._info

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     symbol TEXT NOT NULL,
     kind TEXT NOT NULL,
     terms TEXT NOT NULL,              -- JSON {term: count} for BM25
-    vector BLOB NOT NULL,             -- float16, the model's dimensions
+    vector BLOB NOT NULL,             -- float16, the model's dimensions: of the chunk's code
+    summary BLOB,                     -- float16: of its name and documentation (NULL: it has no name)
     PRIMARY KEY (digest, ordinal)
 );
 CREATE TABLE IF NOT EXISTS stats (
@@ -67,6 +68,8 @@ class StoredChunk:
     terms: dict[str, int]
     # float32; None while the chunk waits for the model (never stored so).
     vector: np.ndarray | None
+    # float32, of the chunk's name and documentation; None for a chunk without a name.
+    summary: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,18 @@ class ChunkStore:
             if row is None:
                 return None
             rows = self._db.execute(
-                "SELECT start_line, end_line, symbol, kind, terms, vector FROM chunks WHERE digest = ? "
+                "SELECT start_line, end_line, symbol, kind, terms, vector, summary FROM chunks WHERE digest = ? "
                 "ORDER BY ordinal",
                 (digest,),
             ).fetchall()
         if len(rows) != row[0]:
             return None  # a write that never finished: index it again
         return [
-            StoredChunk(start, end, symbol, kind, json.loads(terms), _vector(vector))
-            for start, end, symbol, kind, terms, vector in rows
+            StoredChunk(
+                start, end, symbol, kind, json.loads(terms), _vector(vector),
+                _vector(summary) if summary is not None else None,
+            )
+            for start, end, symbol, kind, terms, vector, summary in rows
         ]
 
     def put(self, digest: str, chunks: list[StoredChunk]) -> None:
@@ -119,14 +125,15 @@ class ChunkStore:
             raise ValueError("every stored chunk needs its vector")
         rows = [
             (digest, ordinal, c.start_line, c.end_line, c.symbol, c.kind, json.dumps(c.terms),
-             c.vector.astype(np.float16).tobytes())
+             c.vector.astype(np.float16).tobytes(),
+             c.summary.astype(np.float16).tobytes() if c.summary is not None else None)
             for ordinal, c in enumerate(chunks)
         ]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
-                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("INSERT OR REPLACE INTO contents VALUES (?, ?, NULL)", (digest, len(rows)))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -27,6 +27,7 @@ from tool_worker.semantic.index import (
     SearchOutcome,
     WorkspaceIndex,
 )
+from tool_worker.semantic.ranking import SEMANTIC_WEIGHT
 from tool_worker.semantic.store import ChunkStore
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.rg import run_rg
@@ -72,7 +73,7 @@ class SemanticSearch:
                     "Find code by what it does, in plain words (\"where are failed requests retried with "
                     "backoff\", \"how is the config file validated\"), when you do not know the names to grep "
                     "for. Ranks the workspace's functions, classes, methods and doc sections by meaning "
-                    f"(embeddings of {self.embedder.model_id}) together with BM25 keywords, and shows each result's "
+                    f"(embeddings of {self.embedder.model_id}) and BM25 keywords together, and shows each result's "
                     "file, line range, symbol and first lines, and which signal found it. Use `read` on a result "
                     "to see it whole; use grep for an exact name or pattern. `kind` limits results to code or to "
                     f"docs (Markdown, reStructuredText, text); `path` to a directory or file. Returns "
@@ -142,7 +143,7 @@ class SemanticSearch:
         finally:
             # A cancelled call must not leave its threads working for nobody.
             stop.set()
-        return await asyncio.to_thread(_render, root, query, outcome, report)
+        return await asyncio.to_thread(_render, root, query, outcome, report, args.get("limit", DEFAULT_RESULTS))
 
 
 async def workspace_files(root: Path) -> list[str]:
@@ -157,8 +158,8 @@ def _under(relative: str):
     return lambda name: name == relative or name.startswith(prefix)
 
 
-def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshReport) -> ToolResult:
-    blocks = [_render_hit(rank, root, hit) for rank, hit in enumerate(outcome.hits, start=1)]
+def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshReport, limit: int) -> ToolResult:
+    blocks = [_render_hit(rank, root, hit, limit) for rank, hit in enumerate(outcome.hits, start=1)]
     if not blocks:
         blocks = [f"No indexed code matches {query!r}" if outcome.chunks else "Nothing here is indexed yet"]
     notices = []
@@ -180,19 +181,27 @@ def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshRepor
     if report.skipped_large:
         notices.append(f"[{report.skipped_large} files over {MAX_FILE_BYTES // 1024} KiB are not indexed]")
     header = (
-        f"{len(outcome.hits)} results for {query!r}, ranked by embedding similarity and BM25 keywords "
-        f"(fused; at most {RESULTS_PER_FILE} per file):"
+        f"{len(outcome.hits)} results for {query!r}, ranked by meaning (embedding similarity) and keywords "
+        f"(BM25), weighted {SEMANTIC_WEIGHT:g} to {1 - SEMANTIC_WEIGHT:g}; at most {RESULTS_PER_FILE} per file:"
     )
     text = "\n\n".join([header, *blocks, *(["\n".join(notices)] if notices else [])])
     metadata = {
-        "results": [_hit_metadata(hit) for hit in outcome.hits],
+        "results": [_hit_metadata(hit, limit) for hit in outcome.hits],
         "chunks": outcome.chunks,
         "embedded": outcome.embedded,
     }
     return ToolResult(output=text, truncated=bool(notices), metadata=metadata)
 
 
-def _render_hit(rank: int, root: Path, hit: Hit) -> str:
+_FOUND_BY = {
+    "both": "both signals",
+    "semantic": "meaning",
+    "keyword": "keywords",
+    "combined": "meaning and keywords together",
+}
+
+
+def _render_hit(rank: int, root: Path, hit: Hit, limit: int) -> str:
     chunk, ranking = hit.chunk, hit.ranking
     name = f" {chunk.symbol} ({chunk.kind})" if chunk.symbol else ""
     signals = []
@@ -200,7 +209,7 @@ def _render_hit(rank: int, root: Path, hit: Hit) -> str:
         signals.append(f"semantic #{ranking.semantic.rank} (similarity {ranking.semantic.score:.2f})")
     if ranking.keyword:
         signals.append(f"keywords #{ranking.keyword.rank} (BM25 {ranking.keyword.score:.1f})")
-    found = {"both": "both signals", "semantic": "meaning only", "keyword": "keywords only"}[ranking.found_by]
+    found = _FOUND_BY[ranking.found_by(limit)]
     lines = [f"{rank}. {chunk.path}:{chunk.start_line}-{chunk.end_line}{name}, found by {found}: {', '.join(signals)}"]
     lines += _snippet(root / chunk.path, chunk.start_line, chunk.end_line)
     return "\n".join(lines)
@@ -220,7 +229,7 @@ def _snippet(path: Path, start: int, end: int) -> list[str]:
     return shown
 
 
-def _hit_metadata(hit: Hit) -> dict[str, Any]:
+def _hit_metadata(hit: Hit, limit: int) -> dict[str, Any]:
     chunk, ranking = hit.chunk, hit.ranking
     return {
         "path": chunk.path,
@@ -228,7 +237,7 @@ def _hit_metadata(hit: Hit) -> dict[str, Any]:
         "end_line": chunk.end_line,
         "symbol": chunk.symbol,
         "kind": chunk.kind,
-        "found_by": ranking.found_by,
+        "found_by": ranking.found_by(limit),
         "semantic_rank": ranking.semantic.rank if ranking.semantic else None,
         "keyword_rank": ranking.keyword.rank if ranking.keyword else None,
     }
