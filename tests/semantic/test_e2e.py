@@ -79,6 +79,7 @@ def _finished(events: list) -> list:
     return [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
 
 
+@pytest.mark.timeout(WORKER_START_TIMEOUT + 120)
 async def test_a_model_finds_code_through_a_worker_holding_the_embedding_model(
     make_server, semantic_worker, workspace: Path, tmp_path: Path
 ) -> None:
@@ -107,6 +108,7 @@ async def test_a_model_finds_code_through_a_worker_holding_the_embedding_model(
     assert entry.server.registry.get("semantic_search") is None
 
 
+@pytest.mark.timeout(WORKER_START_TIMEOUT + 60)
 async def test_a_worker_without_the_required_labels_does_not_offer_it(
     make_server, semantic_worker, tmp_path: Path
 ) -> None:

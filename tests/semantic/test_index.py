@@ -95,12 +95,13 @@ async def test_only_changed_content_is_embedded_again(
 
     (workspace / "src" / "config.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
     changed = await search(query="write the settings back to disk")
-    assert embedder.documents == built + 2 * 2  # config.py's two functions, nothing else
+    # The new function's code and summary; load_settings is unchanged and keeps its vectors.
+    assert embedder.documents == built + 2
     assert changed.metadata["results"][0]["symbol"] == "save_settings"
 
     (workspace / "src" / "config.py").write_text(CONFIG)  # back to content the index has seen
     reverted = await search(query="write the settings back to disk")
-    assert embedder.documents == built + 2 * 2
+    assert embedder.documents == built + 2
     assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
 
 
@@ -253,3 +254,15 @@ async def test_a_failed_embedding_is_retried_by_the_next_call(
     again = await search(query="compute backoff")
     assert again.metadata["embedded"] == again.metadata["chunks"] > 0
     assert again.metadata["results"][0]["symbol"] == "compute_backoff"
+
+
+async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry")
+    built = embedder.documents
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)  # a new worker process
+    (workspace / "src" / "retry.py").write_text(RETRY.replace("return status >= 500", "return status in (502, 503)"))
+    result = await search(query="which status codes are retried")
+    assert embedder.documents == built + 2  # should_retry's code and summary; the rest came from disk
+    assert result.metadata["embedded"] == result.metadata["chunks"]

@@ -13,6 +13,7 @@ the file, never to the workspace.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -100,13 +101,18 @@ class SearchOutcome:
 
 @dataclass
 class _Pending:
-    """A content's chunks waiting for their vectors."""
+    """A content's chunks, some of them waiting for their vectors (`vector` None)."""
 
     index: WorkspaceIndex
     path: str
     digest: str
-    chunks: list[Chunk]
-    terms: list[dict[str, int]]
+    chunks: list[StoredChunk]
+    # What the model reads of each chunk: its code, and its summary (None for an unnamed chunk).
+    texts: list[tuple[str, str | None]]
+
+    @property
+    def missing(self) -> int:
+        return sum(chunk.vector is None for chunk in self.chunks)
 
 
 def embedding_texts(chunk: Chunk) -> tuple[str, str | None]:
@@ -118,6 +124,11 @@ def embedding_texts(chunk: Chunk) -> tuple[str, str | None]:
         return chunk.text, None
     title = f"{chunk.kind} {chunk.symbol} ({' '.join(tokenize(chunk.symbol))})"
     return f"{title}\n{chunk.text}", f"{title}: {chunk.doc}" if chunk.doc else title
+
+
+def chunk_key(texts: tuple[str, str | None]) -> str:
+    code, summary = texts
+    return hashlib.sha256(f"{code}\0{summary or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Builder:
@@ -147,9 +158,9 @@ class Builder:
                     self._ready.wait()
                 # Small files are embedded together: the model is far faster on full batches.
                 batch = [self._queue.popleft()]
-                texts = len(batch[0].chunks)
-                while self._queue and texts + len(self._queue[0].chunks) <= BUILD_BATCH:
-                    texts += len(self._queue[0].chunks)
+                texts = batch[0].missing
+                while self._queue and texts + self._queue[0].missing <= BUILD_BATCH:
+                    texts += self._queue[0].missing
                     batch.append(self._queue.popleft())
             try:
                 self._embed(batch)
@@ -165,23 +176,19 @@ class Builder:
         codes: list[str] = []
         summaries: list[str] = []
         for pending in wanted:
-            for chunk in pending.chunks:
-                code, summary = embedding_texts(chunk)
-                codes.append(code)
-                if summary is not None:
-                    summaries.append(summary)
+            for chunk, (code, summary) in zip(pending.chunks, pending.texts, strict=True):
+                if chunk.vector is None:
+                    codes.append(code)
+                    if summary is not None:
+                        summaries.append(summary)
         vectors = self._encode(codes + summaries)
-        code_vectors, summary_vectors = vectors[: len(codes)], iter(vectors[len(codes) :])
-        offset = 0
+        code_vectors, summary_vectors = iter(vectors[: len(codes)]), iter(vectors[len(codes) :])
         for pending in wanted:
-            own = code_vectors[offset : offset + len(pending.chunks)]
-            offset += len(pending.chunks)
             stored = [
-                StoredChunk(
-                    chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind, terms, vector,
-                    next(summary_vectors) if chunk.symbol else None,
+                chunk if chunk.vector is not None else dataclasses.replace(
+                    chunk, vector=next(code_vectors), summary=next(summary_vectors) if summary is not None else None
                 )
-                for chunk, terms, vector in zip(pending.chunks, pending.terms, own, strict=True)
+                for chunk, (_, summary) in zip(pending.chunks, pending.texts, strict=True)
             ]
             self.store.put(pending.digest, stored)
             pending.index.embedding_done(pending.digest, stored)
@@ -220,6 +227,7 @@ class WorkspaceIndex:
         self._embedded = np.zeros(_INITIAL_SLOTS, dtype=bool)
         self._lengths = np.zeros(_INITIAL_SLOTS, dtype=np.float64)
         self._terms: list[dict[str, int] | None] = []
+        self._keys: list[str] = []
         self._postings: dict[str, dict[int, int]] = {}
         self._free: list[int] = []
         # digest -> the slot lists (`_File.slots`) of the files waiting for its vectors: one
@@ -313,11 +321,38 @@ class WorkspaceIndex:
             return
         report.new_contents += 1
         chunks = chunk_file(name, data.decode("utf-8", "replace"))
-        terms = [dict(Counter(tokenize(chunk.text))) for chunk in chunks]
-        self._install(name, entry, [StoredChunk(c.start_line, c.end_line, c.symbol, c.kind, t, None)
-                                    for c, t in zip(chunks, terms, strict=True)])
-        if chunks:
-            self._builder.enqueue(_Pending(self, name, digest, chunks, terms))
+        texts = [embedding_texts(chunk) for chunk in chunks]
+        # Chunks the file's previous version had (same code, same summary) keep their vectors: an
+        # edit costs the model only the chunks it changed.
+        previous = self._vectors_by_key(current, known)
+        pending = _Pending(self, name, digest, [], texts)
+        for chunk, chunk_texts in zip(chunks, texts, strict=True):
+            key = chunk_key(chunk_texts)
+            vector, summary = previous.get(key, (None, None))
+            pending.chunks.append(StoredChunk(
+                chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind, key,
+                dict(Counter(tokenize(chunk.text))), vector, summary if chunk.symbol else None,
+            ))
+        if pending.missing:
+            self._install(name, entry, pending.chunks)
+            self._builder.enqueue(pending)
+        else:
+            self._store.put(digest, pending.chunks)
+            self._install(name, entry, pending.chunks)
+
+    def _vectors_by_key(
+        self, entry: _File | None, known: FileStat | None
+    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """The vectors of a file's previous version: in memory, or on disk after a restart."""
+        if entry is None:
+            stored = self._store.chunks(known.digest) if known is not None else None
+            return {chunk.key: (chunk.vector, chunk.summary) for chunk in stored or [] if chunk.vector is not None}
+        with self._lock:
+            return {
+                self._keys[slot]: (self._vectors[slot].copy(), self._summaries[slot].copy())
+                for slot in entry.slots
+                if self._embedded[slot]
+            }
 
     def _install(self, name: str, entry: _File, chunks: list[StoredChunk]) -> None:
         path_terms = Counter(tokenize(name))
@@ -327,6 +362,7 @@ class WorkspaceIndex:
                 slot = self._take_slot()
                 entry.slots.append(slot)
                 self._info[slot] = ChunkInfo(name, chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind)
+                self._keys[slot] = chunk.key
                 # The path's words count in every chunk of the file, as in the `search` tool.
                 terms = Counter(chunk.terms)
                 for term, count in path_terms.items():
@@ -375,6 +411,7 @@ class WorkspaceIndex:
             )
         self._info.append(None)
         self._terms.append(None)
+        self._keys.append("")
         return slot
 
     # -- the builder's side --------------------------------------------------------------------

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     end_line INTEGER NOT NULL,
     symbol TEXT NOT NULL,
     kind TEXT NOT NULL,
+    key TEXT NOT NULL,                -- digest of what the model read (see index.chunk_key)
     terms TEXT NOT NULL,              -- JSON {term: count} for BM25
     vector BLOB NOT NULL,             -- float16, the model's dimensions: of the chunk's code
     summary BLOB,                     -- float16: of its name and documentation (NULL: it has no name)
@@ -65,6 +66,9 @@ class StoredChunk:
     end_line: int
     symbol: str
     kind: str
+    # Digest of the texts the model reads of the chunk: a chunk with the same key in a file's
+    # next version takes its vectors over instead of being embedded again.
+    key: str
     terms: dict[str, int]
     # float32; None while the chunk waits for the model (never stored so).
     vector: np.ndarray | None
@@ -105,7 +109,7 @@ class ChunkStore:
             if row is None:
                 return None
             rows = self._db.execute(
-                "SELECT start_line, end_line, symbol, kind, terms, vector, summary FROM chunks WHERE digest = ? "
+                "SELECT start_line, end_line, symbol, kind, key, terms, vector, summary FROM chunks WHERE digest = ? "
                 "ORDER BY ordinal",
                 (digest,),
             ).fetchall()
@@ -113,10 +117,10 @@ class ChunkStore:
             return None  # a write that never finished: index it again
         return [
             StoredChunk(
-                start, end, symbol, kind, json.loads(terms), _vector(vector),
+                start, end, symbol, kind, key, json.loads(terms), _vector(vector),
                 _vector(summary) if summary is not None else None,
             )
-            for start, end, symbol, kind, terms, vector, summary in rows
+            for start, end, symbol, kind, key, terms, vector, summary in rows
         ]
 
     def put(self, digest: str, chunks: list[StoredChunk]) -> None:
@@ -124,7 +128,7 @@ class ChunkStore:
         if any(c.vector is None for c in chunks):
             raise ValueError("every stored chunk needs its vector")
         rows = [
-            (digest, ordinal, c.start_line, c.end_line, c.symbol, c.kind, json.dumps(c.terms),
+            (digest, ordinal, c.start_line, c.end_line, c.symbol, c.kind, c.key, json.dumps(c.terms),
              c.vector.astype(np.float16).tobytes(),
              c.summary.astype(np.float16).tobytes() if c.summary is not None else None)
             for ordinal, c in enumerate(chunks)
@@ -133,7 +137,7 @@ class ChunkStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
-                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("INSERT OR REPLACE INTO contents VALUES (?, ?, NULL)", (digest, len(rows)))
                 self._db.execute("COMMIT")
             except BaseException:
