@@ -134,8 +134,8 @@ def chunk_key(texts: tuple[str, str | None]) -> str:
 class Builder:
     """One daemon thread that embeds queued contents for every workspace of the process.
 
-    It survives its own exceptions: a content whose embedding fails stays searchable by BM25,
-    is logged, and counts as done so that nobody waits for it.
+    It survives its own exceptions: when a batch fails, its files are logged and forgotten (so
+    nobody waits for them), and the next call reads them again and retries.
     """
 
     def __init__(self, embedder: Embedder, store: ChunkStore) -> None:
