@@ -65,6 +65,7 @@ from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+from tool_worker.worker_only import worker_only_hint
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,8 @@ class Turn:
                 f"{name} was not run: this session's permission policy denies every {name} call, "
                 f"so it is not offered; available tools: {listed}",
             )
+        if builtin is None and worker_only_hint(name):
+            return _no_worker(name, f"{name} was not run: no connected worker offers it")
         if builtin is not None and builtin.spec.lane is Lane.QUERY and not ctx.local_fallback:
             return ToolResult.error(
                 ErrorKind.NO_WORKER,
@@ -438,6 +441,7 @@ class Turn:
     async def _run_internal(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
         denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
+        problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY:
             if ctx.pool.offers(call.tool_name):
                 traceparent, tracestate = call.trace_context
@@ -459,10 +463,11 @@ class Turn:
                 )
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
                     return result
+                problem = result.output
             elif not ctx.local_fallback:
-                return ToolResult.error(ErrorKind.NO_WORKER, f"no connected worker offers {call.tool_name}")
+                return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
         if ctx.registry.get(call.tool_name) is None:
-            return ToolResult.error(ErrorKind.NO_WORKER, f"no worker offers {call.tool_name} any more")
+            return _no_worker(call.tool_name, problem)
         call.running(LOCAL_WORKER_ID)
         timeout = ctx.settings.lane_timeout(call.lane)
         try:
@@ -479,6 +484,12 @@ class Turn:
 
 def _model_call(call: ToolCall) -> ModelToolCall:
     return ModelToolCall(call.call_id, call.tool_name, call.info.arguments_json)
+
+
+def _no_worker(tool_name: str, problem: str) -> ToolResult:
+    """A NO_WORKER result; for a tool only workers offer, it also says what to start."""
+    hint = worker_only_hint(tool_name)
+    return ToolResult.error(ErrorKind.NO_WORKER, f"{problem}; {hint}" if hint else problem)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import functools
 import importlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from jsonschema.exceptions import SchemaError, best_match
 
 from tool_worker.confinement.launcher import Sandbox, default_sandbox
 from tool_worker.confinement.policy import SandboxPolicy
+from tool_worker.plugins import ToolHost
 from tool_worker.schema_check import compile_check
 from tool_worker.tools import (
     bash,
@@ -101,17 +102,27 @@ class ToolRegistry:
         parameters = tool.spec.parameters
         self._entries[tool.name] = (tool, Draft202012Validator(parameters), compile_check(parameters))
 
-    def load_module(self, module_name: str) -> None:
-        """Import a plugin module and register every tool in its `TOOLS: list[Tool]`.
+    def load_module(self, module_name: str, host: ToolHost | None = None) -> None:
+        """Import a plugin module and register its tools: its `TOOLS: list[Tool]`, or what its
+        `load_tools(host)` returns when this process is a worker (`host` given; see
+        `tool_worker.plugins`). A module with only `load_tools` registers nothing without a host.
 
-        Nothing is registered unless all of them can be: ValueError when the module has no TOOLS
-        list, when an entry is not a Tool, or when a name repeats (within it or with a tool
-        already here).
+        Nothing is registered unless all of them can be: ValueError when the module has neither,
+        when an entry is not a Tool, or when a name repeats (within it or with a tool already here).
         """
         module = importlib.import_module(module_name)
-        tools = getattr(module, "TOOLS", None)
+        load_tools = getattr(module, "load_tools", None)
+        if callable(load_tools):
+            if host is None:
+                return
+            tools = load_tools(host)
+        else:
+            tools = getattr(module, "TOOLS", None)
         if tools is None:
-            raise ValueError(f"tool plugin {module_name!r} has no TOOLS attribute; define TOOLS: list[Tool]")
+            raise ValueError(
+                f"tool plugin {module_name!r} has no TOOLS attribute; define TOOLS: list[Tool] "
+                "(or load_tools(host) for worker-only tools)"
+            )
         if not isinstance(tools, list | tuple) or not all(isinstance(tool, Tool) for tool in tools):
             raise ValueError(f"{module_name}.TOOLS must be a list of Tool objects")
         seen: set[str] = set()
@@ -121,6 +132,13 @@ class ToolRegistry:
             seen.add(tool.name)
         for tool in tools:
             self.register(tool)
+
+    def require_labels(self, name: str, labels: Mapping[str, str]) -> None:
+        """Adds labels a worker must carry to be sent calls of `name`; KeyError for an unknown tool."""
+        tool, validator, fast_check = self._entries[name]
+        required = {**tool.spec.required_labels, **labels}
+        spec = dataclasses.replace(tool.spec, required_labels=required)
+        self._entries[name] = (dataclasses.replace(tool, spec=spec), validator, fast_check)
 
     def get(self, name: str) -> Tool | None:
         entry = self._entries.get(name)

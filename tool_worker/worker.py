@@ -3,6 +3,7 @@
     codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
                     [--root DIR ...] [--tools python.module] [--id ID]
                     [--metrics-listen HOST:PORT] [--health-listen HOST:PORT] [--otlp-endpoint URL]
+                    [--cache-dir DIR] [--require TOOL:k=v,...]
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
@@ -22,6 +23,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -35,6 +37,7 @@ from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.fingerprint import workspace_fingerprint
 from tool_worker.observe import WorkerMetrics, WorkerTelemetry
+from tool_worker.plugins import ToolHost
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry import logs as log_context
 from tool_worker.telemetry.config import split_address, start_tracing
@@ -432,6 +435,16 @@ def _under_roots(workspace: str, roots: tuple[str, ...]) -> bool:
     return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
+def parse_requirement(text: str) -> tuple[str, dict[str, str]]:
+    tool, sep, labels = text.partition(":")
+    if not sep or not tool.strip():
+        raise argparse.ArgumentTypeError(f"requirement {text!r} is not TOOL:KEY=VALUE")
+    try:
+        return tool.strip(), types.parse_labels(labels)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = types.parser("codelane worker", "Run a codelane tool worker.")
     parser.add_argument("--connect", required=True, type=types.address, metavar="HOST:PORT",
@@ -451,6 +464,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE",
         help="Python module with extra tools (TOOLS = [...]); repeatable",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codelane",
+        help="where this worker's tools keep caches, e.g. the semantic_search index (default ~/.cache/codelane)",
+    )
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        type=parse_requirement,
+        metavar="TOOL:KEY=VALUE[,KEY=VALUE]",
+        help="labels a worker must carry to be sent calls of TOOL, e.g. semantic_search:accelerator=gpu (repeatable)",
     )
     parser.add_argument(
         "--id",
@@ -498,18 +525,25 @@ def main(argv: list[str]) -> int:
         print(f"codelane worker: {exc}", file=sys.stderr)
         return 2
     registry = ToolRegistry.builtin(Sandbox(SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)))
+    required: dict[str, dict[str, str]] = {}
+    for tool, labels in args.require:
+        required.setdefault(tool, {}).update(labels)
+    host = ToolHost(cache_dir=args.cache_dir, labels=dict(args.labels), required_labels=required)
     try:
         for module in args.tools:
-            registry.load_module(module)
+            registry.load_module(module, host)
     except (ImportError, ValueError) as exc:
         print(f"codelane worker: cannot load tools: {exc}", file=sys.stderr)
         return 2
+    for tool, labels in required.items():
+        if registry.get(tool) is not None:
+            registry.require_labels(tool, labels)
     config = WorkerConfig(
         address=args.connect,
         worker_id=args.worker_id,
         slots=args.slots,
         token=args.token,
-        labels=args.labels,
+        labels=host.labels,
         roots=[os.path.realpath(r) for r in args.root],
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tool_worker.plugins import ToolHost
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 
@@ -147,3 +148,39 @@ def test_load_module_errors() -> None:
     )
     with pytest.raises(ValueError, match="invalid parameters schema"):
         ToolRegistry([bad_schema])
+
+
+def test_a_worker_only_module_registers_nothing_without_a_host() -> None:
+    registry = ToolRegistry()
+    registry.load_module("tests.tools.worker_only_plugin")
+    assert registry.names() == []
+
+
+async def test_a_worker_only_module_gets_the_workers_host(tmp_path: Path) -> None:
+    host = ToolHost(cache_dir=tmp_path, labels={"zone": "operator"})
+    registry = ToolRegistry()
+    registry.load_module("tests.tools.worker_only_plugin", host)
+    assert registry.names() == ["whereami"]
+    # The module's own labels join the worker's; the operator's win on a clash.
+    assert host.labels == {"zone": "operator", "accelerator": "cpu"}
+    result = await registry.execute("whereami", tmp_path, "{}")
+    assert result.output == str(tmp_path / "whereami")
+
+
+def test_a_worker_only_module_may_decline(tmp_path: Path) -> None:
+    host = ToolHost(cache_dir=tmp_path, required_labels={"whereami": {"accelerator": "gpu"}})
+    registry = ToolRegistry()
+    registry.load_module("tests.tools.worker_only_plugin", host)
+    assert registry.names() == []
+    assert host.unmet_requirements("whereami") == {"accelerator": "gpu"}
+
+
+def test_required_labels_are_added_to_a_tools_spec(registry: ToolRegistry) -> None:
+    own = ToolRegistry.builtin()
+    own.require_labels("grep", {"zone": "eu"})
+    own.require_labels("grep", {"accelerator": "gpu"})
+    grep = own.get("grep")
+    assert grep is not None and dict(grep.spec.required_labels) == {"zone": "eu", "accelerator": "gpu"}
+    assert registry.get("grep").spec.required_labels == {}  # another registry is untouched
+    with pytest.raises(KeyError):
+        own.require_labels("nope", {"zone": "eu"})

@@ -139,12 +139,17 @@ def _snippets(path: Path, terms: frozenset[str], idf_of: dict[str, float]) -> li
     ]
 
 
+def query_terms(query: str) -> frozenset[str]:
+    """The words of a query that BM25 scores: its tokens less stopwords, unless that leaves none
+    (a query of only stopwords, "how to", still searches for them)."""
+    words = frozenset(tokenize(query))
+    return words - _STOPWORDS or words
+
+
 def _search(
     directory: Path, prefix: str, names: list[str], query: str, limit: int, hidden: int, stop: threading.Event
 ) -> ToolResult:
-    words = frozenset(tokenize(query))
-    # A query of only stopwords ("how to") still searches for them.
-    terms = words - _STOPWORDS or words
+    terms = query_terms(query)
     if not terms:
         raise ToolFailure(f"query {query!r} has no searchable words", ErrorKind.INVALID_ARGUMENTS)
     scan = _scan(directory, sorted(names), terms, stop)

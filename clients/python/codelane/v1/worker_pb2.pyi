@@ -170,7 +170,13 @@ class Hello(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels used for routing, e.g. {"gpu": "true", "zone": "eu-1"}."""
+        """Labels used for routing, e.g. {"gpu": "true", "zone": "eu-1"}: the operator's, plus those the
+        worker reports about itself (the operator's win on a clash). A worker holding a model (the
+        semantic_search tool) reports the device it runs on: "accelerator" ("gpu" or "cpu"),
+        "accelerator_name" (the CUDA device's name, or the processor's) and "accelerator_memory_mib"
+        (the device's memory; the host's for a CPU). A tool whose ToolSpec.required_labels names
+        {"accelerator": "gpu"} is then only sent to workers whose model runs on a GPU.
+        """
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tools_pb2.ToolSpec]:

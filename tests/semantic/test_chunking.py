@@ -1,0 +1,148 @@
+"""Chunking: definitions from tree-sitter, windows of lines where no grammar applies."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.semantic import EXTRA_MISSING
+from tool_worker.semantic.chunking import WINDOW_LINES, Chunk, chunk_file, is_doc
+
+pytest.importorskip("tree_sitter_language_pack", reason=EXTRA_MISSING)
+
+PYTHON = '''"""Retry helpers."""
+import time
+
+
+# The policy the client uses.
+@dataclass
+class Retry:
+    """How often and how long to retry."""
+
+    attempts: int = 3
+
+    def backoff(self, attempt):
+        """Seconds to wait before `attempt`."""
+        return 2 ** attempt
+
+    # Jitter spreads clients out.
+    def jitter(self):
+        def inner():
+            return 0
+        return inner()
+
+
+def main():
+    return Retry()
+'''
+
+
+def _outline(chunks: list[Chunk]) -> list[tuple[int, int, str, str]]:
+    return [(c.start_line, c.end_line, c.symbol, c.kind) for c in chunks]
+
+
+def test_python_definitions_with_their_comments_and_decorators() -> None:
+    chunks = chunk_file("pkg/retry.py", PYTHON)
+    assert _outline(chunks) == [
+        (1, 2, "", "lines"),
+        (5, 20, "Retry", "class"),
+        (12, 14, "Retry.backoff", "method"),
+        (16, 20, "Retry.jitter", "method"),  # the comment above belongs to it; `inner` stays inside
+        (23, 24, "main", "function"),
+    ]
+    by_symbol = {c.symbol: c for c in chunks}
+    # A class's own chunk holds its header, docstring and fields, not its methods' bodies, and
+    # names its members.
+    own = by_symbol["Retry"].text
+    assert "@dataclass" in own and "How often" in own and "attempts: int = 3" in own
+    assert "2 ** attempt" not in own and own.endswith("members: backoff, jitter")
+    assert by_symbol["Retry.backoff"].text.splitlines()[0] == "    def backoff(self, attempt):"
+    assert by_symbol["Retry.jitter"].text.startswith("    # Jitter spreads clients out.")
+
+
+def test_documentation_is_the_docstring_else_the_comments_above() -> None:
+    docs = {c.symbol: c.doc for c in chunk_file("pkg/retry.py", PYTHON)}
+    assert docs == {
+        "": "",
+        "Retry": "How often and how long to retry.",
+        "Retry.backoff": "Seconds to wait before `attempt`.",
+        "Retry.jitter": "Jitter spreads clients out.",
+        "main": "",
+    }
+    go = "package x\n\n// Unrelated.\n\n// A holds the\n// settings.\n//\n// More detail.\ntype A struct { x int }\n"
+    assert [(c.symbol, c.doc) for c in chunk_file("x.go", go)] == [("", ""), ("A", "A holds the settings.")]
+    rust = "/** Adds one\n * to x. */\nfn add(x: u8) -> u8 { x + 1 }\n"
+    assert chunk_file("x.rs", rust)[0].doc == "Adds one to x."
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        (
+            "x.go",
+            "package x\n\n// A is a thing.\ntype A struct { x int }\n\nfunc (a *A) F() int { return 1 }\nfunc G() {}\n",
+            [(3, 4, "A", "type"), (6, 6, "F", "function"), (7, 7, "G", "function")],
+        ),
+        (
+            "x.ts",
+            "export class A {\n  m() {}\n}\nconst f = (x) => x;\nfunction g() {}\ninterface I { a: number }\n",
+            [(1, 3, "A", "class"), (2, 2, "A.m", "method"), (4, 4, "f", "function"), (5, 5, "g", "function"),
+             (6, 6, "I", "interface")],
+        ),
+        (
+            "x.rs",
+            "struct S { a: u8 }\nimpl Tr for S {\n    fn f(&self) {}\n}\nfn g() {}\n",
+            [(1, 1, "S", "struct"), (2, 4, "S (Tr)", "impl"), (3, 3, "S (Tr).f", "method"), (5, 5, "g", "function")],
+        ),
+        (
+            "x.c",
+            "struct s { int x; };\nstatic int *f(int a) { return 0; }\nstruct s use(struct s v);\n",
+            [(1, 1, "s", "struct"), (2, 2, "f", "function")],
+        ),
+        (
+            "X.java",
+            "class A {\n  A() {}\n  void m() {}\n}\n",
+            [(1, 4, "A", "class"), (2, 2, "A.A", "method"), (3, 3, "A.m", "method")],
+        ),
+    ],
+)
+def test_other_languages(path: str, source: str, expected: list[tuple[int, int, str, str]]) -> None:
+    assert _outline(chunk_file(path, source)) == expected
+
+
+def test_markdown_sections_ignore_headings_in_code_fences() -> None:
+    text = "intro line\nmore intro\n# Install\n\npip install x\nthen run\n```\n# not a heading\n```\n## Use\na\nb\n"
+    assert _outline(chunk_file("README.md", text)) == [
+        (1, 2, "", "lines"),
+        (3, 9, "Install", "section"),
+        (10, 12, "Use", "section"),
+    ]
+
+
+def test_files_without_a_grammar_are_cut_into_windows() -> None:
+    lines = [f"setting_{n} = {n}" for n in range(1, 2 * WINDOW_LINES + 11)]
+    chunks = chunk_file("config.ini", "\n".join(lines))
+    assert _outline(chunks) == [
+        (1, WINDOW_LINES, "", "lines"),
+        (WINDOW_LINES + 1, 2 * WINDOW_LINES, "", "lines"),
+        (2 * WINDOW_LINES + 1, 2 * WINDOW_LINES + 10, "", "lines"),
+    ]
+    assert chunks[0].text.splitlines()[0] == "setting_1 = 1"
+
+
+def test_blank_files_and_lone_lines_give_nothing() -> None:
+    assert chunk_file("empty.py", "") == []
+    assert chunk_file("blank.txt", "\n\n   \n") == []
+    # A window needs two lines of text to be worth a result.
+    assert chunk_file("one.txt", "\n\nonly line\n\n") == []
+
+
+def test_a_syntax_error_still_yields_the_definitions_around_it() -> None:
+    source = "def ok():\n    return 1\n\ndef broken(:\n    pass\n\ndef later():\n    return 2\n"
+    chunks = chunk_file("broken.py", source)
+    symbols = {c.symbol for c in chunks}
+    assert {"ok", "later"} <= symbols
+
+
+def test_doc_files() -> None:
+    assert is_doc("docs/guide.md") and is_doc("README.rst") and is_doc("notes.TXT")
+    assert not is_doc("src/app.py") and not is_doc("Makefile")

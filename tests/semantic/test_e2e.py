@@ -1,0 +1,173 @@
+"""semantic_search end to end: a real session server, a real worker process that loads the model,
+and a scripted model calling the tool; and the server alone, which never loads the model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from codelane.v1 import admin_pb2, tools_pb2
+from tests.semantic import EXTRA_MISSING
+from tests.session.conftest import Client, InProcess, call, free_port, kind, scripted
+from tool_worker.semantic import START_HINT
+
+# A worker imports torch and loads the model before it dials the hub: seconds on a loaded machine.
+WORKER_START_TIMEOUT = 120.0
+
+RETRY = '''def compute_backoff(attempt):
+    """Seconds to wait before trying a failed request again: doubles with every attempt."""
+    return 2 ** attempt
+
+
+def load_settings(path):
+    """Read the YAML settings file."""
+    return open(path).read()
+'''
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "retry.py").write_text(RETRY)
+    return root
+
+
+@pytest.fixture
+def semantic_worker(tmp_path: Path) -> Iterator[callable]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int, worker_id: str, *extra: str) -> subprocess.Popen[bytes]:
+        argv = [
+            sys.executable, "-m", "tool_worker", "--connect", f"127.0.0.1:{port}", "--id", worker_id,
+            "--tools", "tool_worker.semantic", "--cache-dir", str(tmp_path / f"cache-{worker_id}"),
+            "--log-level", "INFO", *extra,
+        ]  # fmt: skip
+        log = (tmp_path / f"{worker_id}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+
+async def _worker(client: Client, worker_id: str) -> admin_pb2.WorkerInfo:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while True:
+        response = await client.admin.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=10)
+        for worker in response.workers:
+            if worker.worker_id == worker_id:
+                return worker
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker {worker_id} did not connect within {WORKER_START_TIMEOUT}s")
+        await asyncio.sleep(0.1)
+
+
+def _finished(events: list) -> list:
+    return [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+
+
+@pytest.mark.timeout(WORKER_START_TIMEOUT + 120)
+async def test_a_model_finds_code_through_a_worker_holding_the_embedding_model(
+    make_server, semantic_worker, workspace: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("sentence_transformers", reason=EXTRA_MISSING)
+    script = [
+        {"tool_calls": [call("semantic_search", "c1", query="wait longer after each unsuccessful attempt")]},
+        {"text": "It doubles the wait."},
+    ]
+    entry: InProcess = await make_server(model=scripted(tmp_path, script), local_fallback=False)
+    semantic_worker(entry.server.port, "gpu-host-1")
+    worker = await _worker(entry.client, "gpu-host-1")
+    assert "semantic_search" in worker.tools
+    # The worker reports its device as labels of its own.
+    assert worker.labels["accelerator"] in ("cpu", "gpu")
+    assert worker.labels["accelerator_name"] and int(worker.labels["accelerator_memory_mib"]) > 0
+
+    session = await entry.client.create(workspace)
+    events = await entry.client.send(session.session_id, "Where is the backoff computed?", within=120)
+    started = [e.tool_call_started for e in events if kind(e) == "tool_call_started"]
+    assert [s.worker_id for s in started] == ["gpu-host-1"]
+    (finished,) = _finished(events)
+    assert not finished.result.is_error, finished.result.output
+    assert "1. src/retry.py:1-3 compute_backoff (function), found by" in finished.result.output
+    assert kind(events[-1]) == "turn_finished"
+    # The session server never took the tool in: it only knows it from the worker.
+    assert entry.server.registry.get("semantic_search") is None
+
+
+@pytest.mark.timeout(WORKER_START_TIMEOUT + 60)
+async def test_a_worker_without_the_required_labels_does_not_offer_it(
+    make_server, semantic_worker, tmp_path: Path
+) -> None:
+    pytest.importorskip("sentence_transformers", reason=EXTRA_MISSING)
+    entry: InProcess = await make_server()
+    proc = semantic_worker(entry.server.port, "cpu-host-1", "--require", "semantic_search:accelerator=tpu")
+    worker = await _worker(entry.client, "cpu-host-1")
+    assert "semantic_search" not in worker.tools and "grep" in worker.tools
+    assert worker.labels["accelerator"] in ("cpu", "gpu")
+    proc.kill()
+    proc.wait(10)
+    log = (tmp_path / "cpu-host-1.log").read_text()
+    assert "semantic_search is not offered: it requires accelerator=tpu and this worker has accelerator=" in log
+
+
+async def test_the_server_alone_says_what_to_start(make_server, workspace: Path, tmp_path: Path) -> None:
+    script = [
+        {"tool_calls": [call("semantic_search", "c1", query="retry backoff")]},
+        {"text": "No semantic search here."},
+    ]
+    # Even told to hand the module to local workers, the server does not load the tool itself.
+    entry: InProcess = await make_server(
+        model=scripted(tmp_path, script), local_worker_tools=["tool_worker.semantic"]
+    )
+    assert entry.server.registry.get("semantic_search") is None
+    session = await entry.client.create(workspace)
+    events = await entry.client.send(session.session_id, "find the backoff")
+    (finished,) = _finished(events)
+    assert finished.result.is_error
+    assert finished.result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER
+    assert finished.result.output == f"semantic_search was not run: no connected worker offers it; {START_HINT}"
+    assert "codelane worker --connect HOST:PORT --tools tool_worker.semantic" in finished.result.output
+    assert kind(events[-1]) == "turn_finished"
+
+
+async def test_a_server_process_given_the_module_never_maps_torch(workspace: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason=EXTRA_MISSING)
+    script = scripted(tmp_path, [{"tool_calls": [call("semantic_search", "c1", query="backoff")]}, {"text": "ok"}])
+    port = free_port()
+    out, err = tmp_path / "server.out", tmp_path / "server.err"
+    argv = [
+        sys.executable, "-m", "codelane.cli", "server", "--listen", f"127.0.0.1:{port}",
+        "--data-dir", str(tmp_path / "data"), "--local-workers", "0", "--model", script,
+        "--worker-tools", "tool_worker.semantic",
+    ]  # fmt: skip
+    proc = await asyncio.to_thread(subprocess.Popen, argv, stdout=out.open("wb"), stderr=err.open("wb"))
+    client = Client(f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            await asyncio.sleep(0.05)
+        session = await client.create(workspace)
+        (finished,) = _finished(await client.send(session.session_id, "find the backoff"))
+        assert finished.result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER
+        # The libraries the live process has loaded: torch's would be here had anything imported it.
+        maps = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
+        assert "libtorch" not in maps
+    finally:
+        await client.close()
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)

@@ -1,0 +1,291 @@
+"""The index of a workspace: current at every call, built once per content, kept on disk.
+
+These tests run semantic_search with the real model (loaded once), counting the chunk texts it
+embeds: that count is what an index build costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.semantic.conftest import CountingEmbedder, searcher
+from tool_worker.registry import ToolRegistry
+from tool_worker.sandbox import workspace_root
+from tool_worker.tools.base import ErrorKind
+
+RETRY = '''"""Retrying failed requests."""
+import time
+
+
+def compute_backoff(attempt):
+    """Seconds to wait before trying a failed request again: doubles with every attempt."""
+    return 2 ** attempt
+
+
+class RetryPolicy:
+    """How many times a request is retried."""
+
+    def should_retry(self, status):
+        return status >= 500
+'''
+CONFIG = '''def load_settings(path):
+    """Read the YAML settings file and check every key against the schema."""
+    with open(path) as handle:
+        return parse(handle.read())
+'''
+GUIDE = "# Guide\n\nHow to install the client\nand where the settings file lives.\n"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "retry.py").write_text(RETRY)
+    (root / "src" / "config.py").write_text(CONFIG)
+    (root / "docs").mkdir()
+    (root / "docs" / "guide.md").write_text(GUIDE)
+    return root
+
+
+def _state(embedder: Any, cache: Path, **options: Any) -> Any:
+    from tool_worker.semantic.tool import SemanticSearch
+
+    return SemanticSearch(embedder, cache, **options)
+
+
+def _paths(result: Any) -> list[str]:
+    return [hit["path"] for hit in result.metadata["results"]]
+
+
+async def test_finds_code_by_meaning_and_says_how_it_ranked(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    result = await search(query="wait longer after each unsuccessful attempt")
+    assert not result.is_error, result.output
+    first = result.metadata["results"][0]
+    assert (first["path"], first["symbol"], first["kind"]) == ("src/retry.py", "compute_backoff", "function")
+    assert (first["start_line"], first["end_line"]) == (5, 7)
+    assert first["found_by"] in ("both", "semantic") and first["semantic_rank"] is not None
+    lines = result.output.splitlines()
+    assert lines[2].startswith("1. src/retry.py:5-7 compute_backoff (function), found by ")
+    assert "semantic #" in lines[2]
+    assert lines[3] == "      5: def compute_backoff(attempt):"
+    assert result.metadata["chunks"] == result.metadata["embedded"] > 0
+    assert not result.truncated
+
+
+async def test_only_changed_content_is_embedded_again(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="settings file")
+    # Each chunk's code, and for a named chunk also its name and documentation: 6 chunks, 5 named.
+    built = embedder.documents
+    assert built == 6 + 5
+    await search(query="settings file")
+    assert embedder.documents == built  # nothing changed, nothing embedded
+
+    (workspace / "src" / "config.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
+    changed = await search(query="write the settings back to disk")
+    # The new function's code and summary; load_settings is unchanged and keeps its vectors.
+    assert embedder.documents == built + 2
+    assert changed.metadata["results"][0]["symbol"] == "save_settings"
+
+    (workspace / "src" / "config.py").write_text(CONFIG)  # back to content the index has seen
+    reverted = await search(query="write the settings back to disk")
+    assert embedder.documents == built + 2
+    assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
+
+
+async def test_copies_and_restarts_reuse_the_index_by_content(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    original = await searcher(_state(embedder, cache), workspace)(query="retry a failed request")
+    built = embedder.documents
+    assert built > 0
+    copy = tmp_path / "copy"
+    shutil.copytree(workspace, copy)
+    in_copy = await searcher(_state(embedder, cache), copy)(query="retry a failed request")
+    restarted = await searcher(_state(embedder, cache), workspace)(query="retry a failed request")
+    assert embedder.documents == built  # another workspace, another worker process: same content
+    assert in_copy.metadata["results"] == original.metadata["results"] == restarted.metadata["results"]
+
+
+async def test_deleted_files_leave_the_index_and_later_the_disk(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    state = _state(embedder, tmp_path / "cache")
+    search = searcher(state, workspace)
+    await search(query="settings")
+    digest = state.index_for(workspace_root(workspace))._files["src/config.py"].digest
+    (workspace / "src" / "config.py").unlink()
+    result = await search(query="read the YAML settings file")
+    assert "src/config.py" not in _paths(result)
+    assert state.store.chunks(digest) is not None  # kept a while, for an undo
+    assert state.store.purge(released_before_ns=time.time_ns()) == 1
+    assert state.store.chunks(digest) is None
+
+
+async def test_a_same_size_rewrite_within_the_clock_tick_is_seen(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    target = workspace / "src" / "config.py"
+    await search(query="settings")
+    before = target.stat()
+    # Same size, same modification time: only the content tells them apart.
+    target.write_text(CONFIG.replace("Read the YAML", "Scan the TOML"))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size
+    result = await search(query="TOML")
+    assert "results" in result.metadata, result.output
+    assert result.metadata["results"][0]["path"] == "src/config.py"
+    assert result.metadata["results"][0]["keyword_rank"] == 1
+
+
+async def test_kind_and_path_narrow_the_results(embedder: CountingEmbedder, workspace: Path, tmp_path: Path) -> None:
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    docs = await search(query="where do the settings live", kind="docs")
+    assert set(_paths(docs)) == {"docs/guide.md"}
+    code = await search(query="where do the settings live", kind="code")
+    assert "docs/guide.md" not in _paths(code) and _paths(code)
+    only_src = await search(query="where do the settings live", path="src")
+    assert _paths(only_src) and all(path.startswith("src/") for path in _paths(only_src))
+    one_file = await search(query="retry", path="src/retry.py", limit=1)
+    assert _paths(one_file) == ["src/retry.py"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "kind", "needle"),
+    [
+        ({"query": "   "}, ErrorKind.INVALID_ARGUMENTS, "query is blank"),
+        ({"query": ""}, ErrorKind.INVALID_ARGUMENTS, "query"),
+        ({"query": "x", "path": "../outside"}, ErrorKind.PATH_ESCAPE, "escapes the workspace"),
+        ({"query": "x", "path": "/etc"}, ErrorKind.PATH_ESCAPE, "escapes the workspace"),
+        ({"query": "x", "path": "nowhere"}, ErrorKind.TOOL_ERROR, "no such file or directory: nowhere"),
+        ({"query": "x", "limit": 0}, ErrorKind.INVALID_ARGUMENTS, "limit"),
+        ({"query": "x", "kind": "tests"}, ErrorKind.INVALID_ARGUMENTS, "kind"),
+        ({"query": "x", "mode": "fast"}, ErrorKind.INVALID_ARGUMENTS, "mode"),
+        ({"query": "x" * 2001}, ErrorKind.INVALID_ARGUMENTS, "query"),
+    ],
+)
+async def test_bad_input_is_refused_and_changes_nothing(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, arguments: dict, kind: ErrorKind, needle: str
+) -> None:
+    state = _state(embedder, tmp_path / "cache")
+    result = await searcher(state, workspace)(**arguments)
+    assert result.is_error and result.error_kind is kind, result.output
+    assert needle in result.output
+    assert embedder.documents == 0 and state.index_for(workspace_root(workspace)).chunk_count() == 0
+
+
+async def test_ignored_binary_large_and_outside_files_are_not_indexed(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.py"
+    secret.write_text('def private_retry_token():\n    """Retry the secret request."""\n')
+    (workspace / "src" / "linked.py").symlink_to(secret)
+    (workspace / ".gitignore").write_text("build/\n")
+    (workspace / "build").mkdir()
+    (workspace / "build" / "generated.py").write_text(RETRY.replace("compute_backoff", "generated_backoff"))
+    (workspace / "blob.bin").write_bytes(b"retry\0backoff" * 100)
+    (workspace / "huge.py").write_text("def huge_retry():\n    pass\n" + "# retry\n" * 200_000)
+    result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry backoff", limit=50)
+    paths = set(_paths(result))
+    assert paths and not paths & {"src/linked.py", "build/generated.py", "blob.bin", "huge.py"}
+    assert "[1 files over 1024 KiB are not indexed]" in result.output
+
+
+async def test_a_call_answers_from_keywords_while_the_model_is_busy(
+    real_embedder: Any, workspace: Path, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+
+    class GatedEmbedder(CountingEmbedder):
+        def encode_documents(self, texts: list[str]) -> Any:
+            gate.wait()
+            return super().encode_documents(texts)
+
+    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=0.0), workspace)
+    try:
+        waiting = await search(query="compute backoff")
+        assert not waiting.is_error, waiting.output
+        assert waiting.metadata["embedded"] == 0 < waiting.metadata["chunks"]
+        assert waiting.metadata["results"][0]["symbol"] == "compute_backoff"
+        assert waiting.metadata["results"][0]["found_by"] == "keyword"
+        assert "[the index is still being built: 0 of" in waiting.output and waiting.truncated
+    finally:
+        gate.set()
+    done = await searcher(_state(real_embedder, tmp_path / "cache"), workspace)(query="compute backoff")
+    assert done.metadata["embedded"] == done.metadata["chunks"]
+
+
+async def test_concurrent_calls_build_once(embedder: CountingEmbedder, workspace: Path, tmp_path: Path) -> None:
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    results = await asyncio.gather(*(search(query=f"settings {n}") for n in range(4)))
+    assert not any(result.is_error for result in results)
+    assert embedder.documents == 6 + 5  # each chunk once (see test_only_changed_content_is_embedded_again)
+
+
+async def test_a_failed_embedding_is_retried_by_the_next_call(
+    real_embedder: Any, workspace: Path, tmp_path: Path
+) -> None:
+    class FailingOnce(CountingEmbedder):
+        failed = False
+
+        def encode_documents(self, texts: list[str]) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("out of memory")
+            return super().encode_documents(texts)
+
+    embedder = FailingOnce(real_embedder)
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    first = await search(query="compute backoff")
+    assert not first.is_error, first.output
+    again = await search(query="compute backoff")
+    assert again.metadata["embedded"] == again.metadata["chunks"] > 0
+    assert again.metadata["results"][0]["symbol"] == "compute_backoff"
+
+
+async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry")
+    built = embedder.documents
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)  # a new worker process
+    (workspace / "src" / "retry.py").write_text(RETRY.replace("return status >= 500", "return status in (502, 503)"))
+    result = await search(query="which status codes are retried")
+    assert embedder.documents == built + 2  # should_retry's code and summary; the rest came from disk
+    assert result.metadata["embedded"] == result.metadata["chunks"]
+
+
+async def test_paths_the_policy_denies_are_never_read_nor_shown(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    state = _state(embedder, tmp_path / "cache")
+    registry = ToolRegistry([state.tool()])
+
+    async def search(denied: tuple[str, ...], **arguments: Any) -> Any:
+        return await registry.execute("semantic_search", workspace, json.dumps(arguments), denied)
+
+    # A session without the denial indexes every file; the index is shared with the next one.
+    assert "src/retry.py" in _paths(await search((), query="wait longer after each unsuccessful attempt"))
+    denied = await search(("src/retry.py",), query="wait longer after each unsuccessful attempt", limit=50)
+    assert not denied.is_error, denied.output
+    assert "src/retry.py" not in _paths(denied) and "compute_backoff" not in denied.output
+
+    refused = await search(("src/**",), query="settings", path="src/config.py")
+    assert refused.is_error and refused.error_kind is ErrorKind.PERMISSION_DENIED, refused.output
+    assert "YAML" not in refused.output

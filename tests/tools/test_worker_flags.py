@@ -1,0 +1,38 @@
+"""The worker's command line: --require and --cache-dir."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from tool_worker.worker import build_parser, parse_requirement
+
+
+def test_require_names_a_tool_and_its_labels() -> None:
+    assert parse_requirement("semantic_search:accelerator=gpu,zone=eu") == (
+        "semantic_search", {"accelerator": "gpu", "zone": "eu"}
+    )
+
+
+@pytest.mark.parametrize("text", ["accelerator=gpu", ":accelerator=gpu", "semantic_search:accelerator"])
+def test_a_malformed_requirement_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_requirement(text)
+
+
+def test_defaults_and_repeats(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["--connect", "h:1", "--cache-dir", str(tmp_path), "--require", "a:x=1", "--require", "b:y=2"]
+    )
+    assert args.cache_dir == tmp_path
+    assert args.require == [("a", {"x": "1"}), ("b", {"y": "2"})]
+    assert build_parser().parse_args(["--connect", "h:1"]).cache_dir.name == "codelane"
+
+
+def test_a_bad_requirement_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--connect", "h:1", "--require", "semantic_search"])
+    assert exited.value.code == 2
+    assert "requirement 'semantic_search' is not TOOL:KEY=VALUE" in capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""The on-disk half of the index: chunks and their vectors by file content, and a stat cache.
+
+One SQLite file per model under `<cache-dir>/semantic/`. Chunks are keyed by the SHA-256 of the
+file's content, so a file is chunked and embedded once whatever its path, workspace or session:
+sessions on one workspace, copies of it, and content-addressed snapshots all share the entries.
+The stat cache (workspace, path -> size, mtime, digest) spares re-reading unchanged files after
+a restart. Content that no workspace has any more is kept for a week (an undo or a branch switch
+back costs nothing), then deleted. Several worker processes may share one cache directory: SQLite's WAL mode and a busy
+timeout serialise their writes, and an entry written twice is the same entry.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Bump when chunking or the stored layout changes: a new file is started, the old one left alone.
+SCHEMA_VERSION = 1
+# Content no workspace has any more is kept this long, so that an undo or a branch switch back
+# finds its vectors, then deleted.
+RELEASED_RETENTION_NS = 7 * 24 * 3600 * 10**9
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contents (
+    digest TEXT PRIMARY KEY,          -- SHA-256 of the file's bytes, hex
+    chunk_count INTEGER NOT NULL,
+    released_ns INTEGER               -- since when no workspace's file has this content (NULL: one has)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    start_line INTEGER NOT NULL,
+    end_line INTEGER NOT NULL,
+    symbol TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,                -- digest of what the model read (see index.chunk_key)
+    terms TEXT NOT NULL,              -- JSON {term: count} for BM25
+    vector BLOB NOT NULL,             -- float16, the model's dimensions: of the chunk's code
+    summary BLOB,                     -- float16: of its name and documentation (NULL: it has no name)
+    PRIMARY KEY (digest, ordinal)
+);
+CREATE TABLE IF NOT EXISTS stats (
+    workspace TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    verified_ns INTEGER NOT NULL,     -- when the content was last hashed
+    PRIMARY KEY (workspace, path)
+);
+CREATE INDEX IF NOT EXISTS stats_by_digest ON stats (digest);
+"""
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    start_line: int
+    end_line: int
+    symbol: str
+    kind: str
+    # Digest of the texts the model reads of the chunk: a chunk with the same key in a file's
+    # next version takes its vectors over instead of being embedded again.
+    key: str
+    terms: dict[str, int]
+    # float32; None while the chunk waits for the model (never stored so).
+    vector: np.ndarray | None
+    # float32, of the chunk's name and documentation; None for a chunk without a name.
+    summary: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+    digest: str
+    verified_ns: int
+
+
+class ChunkStore:
+    """Thread-safe (one connection, one lock): the index's threads share it."""
+
+    def __init__(self, directory: Path, model_id: str, dimensions: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{model_id}-v{SCHEMA_VERSION}.sqlite3"
+        self.dimensions = dimensions
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def chunks(self, digest: str) -> list[StoredChunk] | None:
+        """The chunks stored for this content, or None when it was never indexed."""
+        with self._lock:
+            row = self._db.execute("SELECT chunk_count FROM contents WHERE digest = ?", (digest,)).fetchone()
+            if row is None:
+                return None
+            rows = self._db.execute(
+                "SELECT start_line, end_line, symbol, kind, key, terms, vector, summary FROM chunks WHERE digest = ? "
+                "ORDER BY ordinal",
+                (digest,),
+            ).fetchall()
+        if len(rows) != row[0]:
+            return None  # a write that never finished: index it again
+        return [
+            StoredChunk(
+                start, end, symbol, kind, key, json.loads(terms), _vector(vector),
+                _vector(summary) if summary is not None else None,
+            )
+            for start, end, symbol, kind, key, terms, vector, summary in rows
+        ]
+
+    def put(self, digest: str, chunks: list[StoredChunk]) -> None:
+        """Stores one content's chunks in one transaction (all or nothing)."""
+        if any(c.vector is None for c in chunks):
+            raise ValueError("every stored chunk needs its vector")
+        rows = [
+            (digest, ordinal, c.start_line, c.end_line, c.symbol, c.kind, c.key, json.dumps(c.terms),
+             c.vector.astype(np.float16).tobytes(),
+             c.summary.astype(np.float16).tobytes() if c.summary is not None else None)
+            for ordinal, c in enumerate(chunks)
+        ]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("INSERT OR REPLACE INTO contents VALUES (?, ?, NULL)", (digest, len(rows)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def stats(self, workspace: str) -> dict[str, FileStat]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime_ns, digest, verified_ns FROM stats WHERE workspace = ?", (workspace,)
+            ).fetchall()
+        return {path: FileStat(*fields) for path, *fields in rows}
+
+    def update_stats(self, workspace: str, changed: dict[str, FileStat], removed: Iterable[str]) -> None:
+        """Records the workspace's new stats; content no workspace has any more is released, and
+        content released longer than RELEASED_RETENTION_NS ago deleted."""
+        removed = list(removed)
+        if not changed and not removed:
+            return
+        now = time.time_ns()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                previous = {
+                    digest
+                    for (digest,) in self._db.execute(
+                        "SELECT digest FROM stats WHERE workspace = ? AND path IN (SELECT value FROM json_each(?))",
+                        (workspace, json.dumps([*changed, *removed])),
+                    )
+                }
+                self._db.executemany(
+                    "DELETE FROM stats WHERE workspace = ? AND path = ?", [(workspace, path) for path in removed]
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?)",
+                    [(workspace, path, s.size, s.mtime_ns, s.digest, s.verified_ns) for path, s in changed.items()],
+                )
+                current = {s.digest for s in changed.values()}
+                self._db.executemany(
+                    "UPDATE contents SET released_ns = NULL WHERE digest = ?", [(digest,) for digest in current]
+                )
+                for digest in previous - current:
+                    if self._db.execute("SELECT 1 FROM stats WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
+                        self._db.execute("UPDATE contents SET released_ns = ? WHERE digest = ?", (now, digest))
+                self._purge(now - RELEASED_RETENTION_NS)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def purge(self, released_before_ns: int) -> int:
+        """Deletes the content released before this time; returns how many contents went."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                count = self._purge(released_before_ns)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return count
+
+    def _purge(self, released_before_ns: int) -> int:
+        self._db.execute(
+            "DELETE FROM chunks WHERE digest IN (SELECT digest FROM contents WHERE released_ns < ?)",
+            (released_before_ns,),
+        )
+        return self._db.execute("DELETE FROM contents WHERE released_ns < ?", (released_before_ns,)).rowcount
+
+
+def _vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, np.float16).astype(np.float32)

@@ -1,0 +1,257 @@
+"""The semantic_search tool: refresh the workspace's index, embed the query, rank, show.
+
+Refreshing the index and embedding the query run at once on two threads; a call waits for new
+content to be embedded for at most EMBED_WAIT_SECONDS, then answers with what is ready and says
+what is not (BM25 still ranks every chunk that is only waiting for its vector).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tool_worker.confinement.readonly import ReadOnlyLauncher
+from tool_worker.sandbox import resolve_in_workspace, workspace_root
+from tool_worker.semantic import TOOL_NAME
+from tool_worker.semantic.embedder import Embedder
+from tool_worker.semantic.index import (
+    MAX_INDEXED_BYTES,
+    MAX_INDEXED_FILES,
+    RESULTS_PER_FILE,
+    Builder,
+    Hit,
+    RefreshReport,
+    SearchOutcome,
+    WorkspaceIndex,
+)
+from tool_worker.semantic.ranking import SEMANTIC_WEIGHT
+from tool_worker.semantic.store import ChunkStore
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.rg import run_rg
+from tool_worker.tools.search import MAX_FILE_BYTES, query_terms
+
+DEFAULT_RESULTS = 10
+MAX_RESULTS = 50
+MAX_QUERY_CHARS = 2000
+# How long a call spends looking at changed files (reading, hashing, chunking), and then waiting for
+# new content to be embedded, before it answers from what is ready. The build goes on in the
+# background; the session's Query timeout (60 s by default) bounds the whole call.
+REFRESH_SECONDS = 20.0
+EMBED_WAIT_SECONDS = 20.0
+SNIPPET_LINES = 6
+MAX_SNIPPET_CHARS = 160
+# Workspace indexes kept in memory; the least recently searched goes first (its disk cache stays).
+MAX_WORKSPACES = 8
+
+
+class SemanticSearch:
+    """The tool's state in one worker: the model, the on-disk store, one index per workspace."""
+
+    def __init__(self, embedder: Embedder, cache_dir: Path, *, embed_wait: float = EMBED_WAIT_SECONDS) -> None:
+        self.embedder = embedder
+        self.embed_wait = embed_wait
+        self.store = ChunkStore(cache_dir, embedder.model_id, embedder.dimensions)
+        self.builder = Builder(embedder, self.store)
+        self._indexes: OrderedDict[Path, WorkspaceIndex] = OrderedDict()
+
+    def index_for(self, root: Path) -> WorkspaceIndex:
+        index = self._indexes.pop(root, None) or WorkspaceIndex(root, self.store, self.builder)
+        self._indexes[root] = index
+        while len(self._indexes) > MAX_WORKSPACES:
+            self._indexes.popitem(last=False)
+        return index
+
+    def tool(self) -> Tool:
+        """The semantic_search tool over this state."""
+        return Tool(
+            spec=ToolSpec(
+                name=TOOL_NAME,
+                description=(
+                    "Find code by what it does, in plain words (\"where are failed requests retried with "
+                    "backoff\", \"how is the config file validated\"), when you do not know the names to grep "
+                    "for. Ranks the workspace's functions, classes, methods and doc sections by meaning "
+                    f"(embeddings of {self.embedder.model_id}) and BM25 keywords together, and shows each result's "
+                    "file, line range, symbol and first lines, and which signal found it. Use `read` on a result "
+                    "to see it whole; use grep for an exact name or pattern. `kind` limits results to code or to "
+                    f"docs (Markdown, reStructuredText, text); `path` to a directory or file. Returns "
+                    f"{DEFAULT_RESULTS} results by default (limit, up to {MAX_RESULTS}), at most "
+                    f"{RESULTS_PER_FILE} per file. Files ignored by .gitignore, hidden, binary or over "
+                    f"{MAX_FILE_BYTES // 1024} KiB are not indexed."
+                ),
+                parameters={
+                    "type": "object",
+                    "properties": {
+                        "query": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_QUERY_CHARS,
+                            "description": "What the code you want does, in plain words.",
+                        },
+                        "path": {
+                            "type": "string",
+                            "description": "Directory or file to search (default: the workspace).",
+                        },
+                        "limit": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_RESULTS,
+                            "description": f"How many results to return (default {DEFAULT_RESULTS}).",
+                        },
+                        "kind": {
+                            "type": "string",
+                            "enum": ["code", "docs"],
+                            "description": "Only code, or only documentation (default: both).",
+                        },
+                    },
+                    "required": ["query"],
+                    "additionalProperties": False,
+                },
+                lane=Lane.QUERY,
+                idempotent=True,
+            ),
+            run=self.run,
+        )
+
+    async def run(self, ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+        query = args["query"]
+        if not query.strip():
+            raise ToolFailure("query is blank: say what to look for", ErrorKind.INVALID_ARGUMENTS)
+        shown = args.get("path", ".")
+        target = resolve_in_workspace(ctx.workspace, shown)
+        ctx.check_readable(target, shown)
+        if not target.exists():
+            raise ToolFailure(f"no such file or directory: {shown}")
+        root = workspace_root(ctx.workspace)
+        relative = target.relative_to(root).as_posix()
+        within = None if relative == "." else _under(relative)
+        if ctx.denied:
+            # Denied files are left out of the listing (never read), so this call's refresh drops
+            # them from the tree's index; another session's refresh may add them back before this
+            # call searches, so hits are filtered too.
+            within = _readable(ctx, within)
+        kind = args.get("kind")
+        docs = None if kind is None else kind == "docs"
+        names = [name for name in await workspace_files(root, ctx.sandbox.read_only) if not ctx.hides(name)]
+        index = self.index_for(root)
+        stop = threading.Event()
+        try:
+            query_vector, report = await asyncio.gather(
+                asyncio.to_thread(self.embedder.encode_query, query),
+                asyncio.to_thread(index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop),
+            )
+            await asyncio.to_thread(index.wait_embedded, time.monotonic() + self.embed_wait, stop)
+            outcome = await asyncio.to_thread(
+                index.search, query_vector, query_terms(query), args.get("limit", DEFAULT_RESULTS), within, docs
+            )
+        finally:
+            # A cancelled call must not leave its threads working for nobody.
+            stop.set()
+        return await asyncio.to_thread(_render, root, query, outcome, report, args.get("limit", DEFAULT_RESULTS))
+
+
+async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> list[str]:
+    """The files the index covers, relative to `root`: rg's walk, as the `search` tool sees them
+    (.gitignore honoured, hidden files left out, symlinks not followed)."""
+    listing = await run_rg(["--files", "--null"], root, launcher)
+    return [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
+
+
+def _readable(ctx: ToolContext, within: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    return lambda name: not ctx.hides(name) and (within is None or within(name))
+
+
+def _under(relative: str):
+    prefix = relative + "/"
+    return lambda name: name == relative or name.startswith(prefix)
+
+
+def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshReport, limit: int) -> ToolResult:
+    blocks = [_render_hit(rank, root, hit, limit) for rank, hit in enumerate(outcome.hits, start=1)]
+    if not blocks:
+        blocks = [f"No indexed code matches {query!r}" if outcome.chunks else "Nothing here is indexed yet"]
+    notices = []
+    if outcome.embedded < outcome.chunks:
+        notices.append(
+            f"[the index is still being built: {outcome.embedded:,} of {outcome.chunks:,} chunks embedded so far; "
+            "the others were ranked by keywords only. The build goes on: ask again for complete results]"
+        )
+    if report.incomplete:
+        notices.append(
+            f"[indexing stopped at this call's time budget after {report.files:,} files; later files (by path) "
+            "were not searched this time]"
+        )
+    if report.capped:
+        notices.append(
+            f"[the workspace is over {MAX_INDEXED_FILES:,} files or {MAX_INDEXED_BYTES // 2**20} MiB: only the "
+            "first files by path are indexed; give a path to narrow the search]"
+        )
+    if report.skipped_large:
+        notices.append(f"[{report.skipped_large} files over {MAX_FILE_BYTES // 1024} KiB are not indexed]")
+    header = (
+        f"{len(outcome.hits)} results for {query!r}, ranked by meaning (embedding similarity) and keywords "
+        f"(BM25), weighted {SEMANTIC_WEIGHT:g} to {1 - SEMANTIC_WEIGHT:g}; at most {RESULTS_PER_FILE} per file:"
+    )
+    text = "\n\n".join([header, *blocks, *(["\n".join(notices)] if notices else [])])
+    metadata = {
+        "results": [_hit_metadata(hit, limit) for hit in outcome.hits],
+        "chunks": outcome.chunks,
+        "embedded": outcome.embedded,
+    }
+    return ToolResult(output=text, truncated=bool(notices), metadata=metadata)
+
+
+_FOUND_BY = {
+    "both": "both signals",
+    "semantic": "meaning",
+    "keyword": "keywords",
+    "combined": "meaning and keywords together",
+}
+
+
+def _render_hit(rank: int, root: Path, hit: Hit, limit: int) -> str:
+    chunk, ranking = hit.chunk, hit.ranking
+    name = f" {chunk.symbol} ({chunk.kind})" if chunk.symbol else ""
+    signals = []
+    if ranking.semantic:
+        signals.append(f"semantic #{ranking.semantic.rank} (similarity {ranking.semantic.score:.2f})")
+    if ranking.keyword:
+        signals.append(f"keywords #{ranking.keyword.rank} (BM25 {ranking.keyword.score:.1f})")
+    found = _FOUND_BY[ranking.found_by(limit)]
+    lines = [f"{rank}. {chunk.path}:{chunk.start_line}-{chunk.end_line}{name}, found by {found}: {', '.join(signals)}"]
+    lines += _snippet(root / chunk.path, chunk.start_line, chunk.end_line)
+    return "\n".join(lines)
+
+
+def _snippet(path: Path, start: int, end: int) -> list[str]:
+    """The first lines of the chunk, as the file is now."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_FILE_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = text.split("\n")[start - 1 : min(end, start + SNIPPET_LINES - 1)]
+    shown = [f"  {number:>5}: {line.rstrip()[:MAX_SNIPPET_CHARS]}" for number, line in enumerate(lines, start=start)]
+    if end - start + 1 > SNIPPET_LINES:
+        shown.append(f"         ... ({end - start + 1 - SNIPPET_LINES} more lines)")
+    return shown
+
+
+def _hit_metadata(hit: Hit, limit: int) -> dict[str, Any]:
+    chunk, ranking = hit.chunk, hit.ranking
+    return {
+        "path": chunk.path,
+        "start_line": chunk.start_line,
+        "end_line": chunk.end_line,
+        "symbol": chunk.symbol,
+        "kind": chunk.kind,
+        "found_by": ranking.found_by(limit),
+        "semantic_rank": ranking.semantic.rank if ranking.semantic else None,
+        "keyword_rank": ranking.keyword.rank if ranking.keyword else None,
+    }
+
+
