@@ -14,6 +14,10 @@ from codelane.v1 import tools_pb2
 from tests.processes import all_gone
 from tests.sandbox.conftest import Host, bash, sandbox_config
 
+# The interpreter itself, not a virtual environment's link to it: a venv under /tmp (as CI makes)
+# is hidden by the sandbox's private /tmp.
+REAL_PYTHON = os.path.realpath(sys.executable)
+
 
 def _limits_hit(result: tools_pb2.ToolResult) -> list[str]:
     return json.loads(result.metadata_json).get("limits_hit", [])
@@ -37,10 +41,7 @@ async def test_fork_bomb_ends_and_the_server_lives(start_host: Any, tmp_path: Pa
 
 async def test_memory_hog_is_killed_and_smaller_allocations_run(start_host: Any, tmp_path: Path) -> None:
     host: Host = await start_host()
-    # The interpreter itself, not a virtual environment's link to it: a venv under /tmp (as CI
-    # makes) is hidden by the sandbox's private /tmp.
-    python = os.path.realpath(sys.executable)
-    allocate = f"{python} -c \"data = b'x' * ({{}} << 20); print(len(data) >> 20, 'MiB')\""
+    allocate = f"{REAL_PYTHON} -c \"data = b'x' * ({{}} << 20); print(len(data) >> 20, 'MiB')\""
     results = await host.run(
         tmp_path,
         [bash("hog", allocate.format(512)), bash("modest", allocate.format(16))],
