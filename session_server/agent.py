@@ -47,8 +47,10 @@ from session_server.llm.base import (
 from session_server.permissions import Action, Decision, PermissionPolicy
 from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
+from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
+from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
@@ -76,6 +78,8 @@ class TurnContext:
     # Server-wide rendezvous for ConfirmToolCall and for external tasks.
     confirmations: Confirmations
     external: ExternalTasks
+    # The workspace's snapshots, named in every call sent to a worker (None: no worker needs them).
+    snapshots: WorkspaceSnapshots | None = None
 
 
 def available_tools(
@@ -137,6 +141,9 @@ class Turn:
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
+        if ctx.snapshots is not None and ctx.pool.capacity()[0]:
+            # The workspace may have changed since the last step: rescan beside the model request.
+            ctx.snapshots.changed()
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         asks: dict[ToolCall, Decision] = {}
         request = ModelRequest(
@@ -289,6 +296,18 @@ class Turn:
         return ToolResult.error(ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available tools: {listed}")
 
     async def _execute(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
+        try:
+            return await self._execute_call(call, asks)
+        finally:
+            if call.lane is Lane.EXECUTE and self.ctx.snapshots is not None:
+                # Anything may have changed (bash included): later Query calls bound for a
+                # worker wait for a rescan (started now when there are workers to need it).
+                if self.ctx.pool.capacity()[0]:
+                    self.ctx.snapshots.changed()
+                else:
+                    self.ctx.snapshots.invalidate()
+
+    async def _execute_call(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
         assert call.lane is not None, "the scheduler never executes a call without a lane"
@@ -347,6 +366,13 @@ class Turn:
         ctx = self.ctx
         if call.lane is Lane.QUERY:
             if ctx.pool.offers(call.tool_name):
+                try:
+                    snapshot = await self._snapshot()
+                except OSError as exc:
+                    return ToolResult.error(
+                        ErrorKind.TOOL_ERROR, f"{call.tool_name} was not run: the workspace cannot be read "
+                        f"to snapshot it for a worker ({exc.strerror or exc})",
+                    )
                 result = await ctx.pool.dispatch(
                     QueryCall(
                         session_id=ctx.session_id,
@@ -358,6 +384,7 @@ class Turn:
                         timeout=ctx.settings.query_timeout,
                         max_attempts=ctx.settings.max_attempts,
                         observer=call,
+                        snapshot=snapshot,
                     )
                 )
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
@@ -376,6 +403,15 @@ class Turn:
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",
             )
         return dataclasses.replace(result, worker_id=LOCAL_WORKER_ID)
+
+
+    async def _snapshot(self) -> SnapshotRef | None:
+        """The workspace as of now, for a call bound for a worker. Raises OSError."""
+        snapshots = self.ctx.snapshots
+        if snapshots is None:
+            return None
+        current = await snapshots.current()
+        return SnapshotRef(str(self.ctx.workspace), current.digest, current.times_digest)
 
 
 def _model_call(call: ToolCall) -> ModelToolCall:

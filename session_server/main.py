@@ -12,11 +12,14 @@ from pathlib import Path
 
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tool_worker.child_watcher import install_pidfd_child_watcher
+from tool_worker.merkle import DEFAULT_EXCLUDES, Exclusions
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codelane server", description="Run a codelane session server.")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (default 127.0.0.1:50051)")
+    p.add_argument("--listen", action="append", default=None, metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:50051); repeatable, e.g. loopback for clients "
+                   "and a LAN address for workers")
     p.add_argument("--data-dir", type=Path, default=Path(".codelane"), help="where sessions and events are stored")
     p.add_argument(
         "--local-workers", type=int, default=2, help="tool-worker processes to start on this host (default 2)"
@@ -47,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds of worker silence before it is lost")
     p.add_argument("--max-llm-requests", type=int, default=16,
                    help="concurrent model requests across all sessions (the Generate lane; default 16)")
+    p.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN",
+                   help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
+                   f"{' '.join(DEFAULT_EXCLUDES)}; see docs/workspaces.md)")
+    p.add_argument("--cas", default="", metavar="ADDR",
+                   help="upload workspace snapshots to this REAPI v2 CAS (host:port, grpc:// or grpcs://) and "
+                   "have workers fetch from it, instead of serving them from this server")
+    p.add_argument("--cas-instance", default="", help="REAPI instance name to use with --cas")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -60,8 +70,18 @@ def main(argv: list[str]) -> int:
     if args.local_workers < 0 or args.max_llm_requests < 1:
         print("codelane server: --local-workers must be >= 0 and --max-llm-requests >= 1", file=sys.stderr)
         return 2
+    listen = args.listen or ["127.0.0.1:50051"]
+    try:
+        excludes = Exclusions(DEFAULT_EXCLUDES if args.snapshot_exclude is None else args.snapshot_exclude).patterns
+    except ValueError as exc:
+        print(f"codelane server: --snapshot-exclude: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
-        listen=args.listen,
+        listen=listen[0],
+        extra_listen=listen[1:],
+        snapshot_excludes=list(excludes),
+        cas=args.cas,
+        cas_instance=args.cas_instance,
         data_dir=args.data_dir,
         local_workers=args.local_workers,
         local_worker_slots=args.local_worker_slots,

@@ -17,13 +17,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from codelane.reapi import bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
+from session_server.api.content import (
+    BYTESTREAM_SERVICE,
+    CAS_SERVICE,
+    ByteStreamServicer,
+    ContentAddressableStorageServicer,
+)
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.content import ContentStore
+from session_server.external_cas import ExternalCas
 from session_server.pool import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -31,9 +40,10 @@ from session_server.pool import (
     WorkerPool,
 )
 from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
+from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
 from session_server.store import Store
-from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
 
 log = logging.getLogger("codelane.server")
@@ -75,6 +85,15 @@ class ServerConfig:
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
+    # More addresses to serve on, besides `listen` (e.g. loopback for clients and a LAN address
+    # for workers); each gets its own port when it asks for port 0.
+    extra_listen: list[str] = field(default_factory=list)
+    # Exclusion patterns of the workspace digest, sent to workers.
+    snapshot_excludes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDES))
+    # An external REAPI CAS to upload snapshots to, which workers then fetch from ("" = serve
+    # them here), and its instance name.
+    cas: str = ""
+    cas_instance: str = ""
 
 
 class CodelaneServer:
@@ -82,8 +101,12 @@ class CodelaneServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.external_cas = ExternalCas(config.cas, config.cas_instance) if config.cas else None
+        self.snapshots = SnapshotRegistry(
+            config.snapshot_excludes, publish=self.external_cas.publish if self.external_cas else None
+        )
+        self.content = ContentStore(self.snapshots)
         self.pool = WorkerPool(
-            workspace_fingerprint,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             no_worker_wait=config.no_worker_wait,
@@ -95,6 +118,7 @@ class CodelaneServer:
         self.store: Store | None = None
         self.sessions: SessionManager | None = None
         self.port = 0
+        self.ports: list[int] = []
         self._server: grpc.aio.Server | None = None
         # Local workers dial a hub of their own on an abstract unix socket: reachable from this
         # host only, it serves nothing but the hub (so it never bypasses the clients' TLS or
@@ -119,9 +143,10 @@ class CodelaneServer:
         config = self.config
         if config.worker_token:
             return config.worker_token
-        if not is_loopback(config.listen) and not config.tls_ca:
+        exposed = [a for a in [config.listen, *config.extra_listen] if not is_loopback(a)]
+        if exposed and not config.tls_ca:
             raise UnsafeConfig(
-                f"the worker hub would accept any worker on {config.listen}: add --worker-token TOKEN "
+                f"the worker hub would accept any worker on {exposed[0]}: add --worker-token TOKEN "
                 "(or require client certificates with --tls-ca), or listen on 127.0.0.1"
             )
         if config.token:
@@ -137,6 +162,7 @@ class CodelaneServer:
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             subscriber_buffer=self.config.subscriber_buffer,
             generate_limit=self.config.max_llm_requests,
+            snapshots=self.snapshots,
         )
         self.sessions.recover()
         self.pool.start()
@@ -144,34 +170,54 @@ class CodelaneServer:
             interceptors=[BearerTokenInterceptor(self.config.token, hub_token)],
             options=SERVER_OPTIONS,
         )
-        hub = WorkerHubServicer(self.pool)
+        hub = WorkerHubServicer(self.pool, self._content_source())
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server)
+        self._add_content_services(server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
             worker_pb2.DESCRIPTOR.services_by_name["WorkerHubService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            CAS_SERVICE,
+            BYTESTREAM_SERVICE,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        if self.config.tls_cert and self.config.tls_key:
-            self.port = server.add_secure_port(self.config.listen, self._server_credentials())
-        else:
-            self.port = server.add_insecure_port(self.config.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+        for address in [self.config.listen, *self.config.extra_listen]:
+            if self.config.tls_cert and self.config.tls_key:
+                port = server.add_secure_port(address, self._server_credentials())
+            else:
+                port = server.add_insecure_port(address)
+            if port == 0:
+                raise OSError(f"cannot listen on {address}")
+            self.ports.append(port)
+        self.port = self.ports[0]
+        if self.external_cas is not None:
+            await self.external_cas.connect()
         await server.start()
         self._server = server
         if self.config.local_workers > 0:
             await self._start_local_hub(hub)
-        for name in [*names[:3], ""]:
+        for name in [*names[:5], ""]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn_local_workers()
         log.info("codelane server listening on %s", self.address)
         return self.port
+
+    def _content_source(self) -> worker_pb2.ContentSource:
+        source = worker_pb2.ContentSource(exclude=self.snapshots.excludes, max_batch_bytes=self.content.max_batch_bytes)
+        if self.external_cas is not None:
+            source.address, source.instance_name = self.config.cas, self.config.cas_instance
+        return source
+
+    def _add_content_services(self, server: grpc.aio.Server) -> None:
+        remote_execution_pb2_grpc.add_ContentAddressableStorageServicer_to_server(
+            ContentAddressableStorageServicer(self.content), server
+        )
+        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(ByteStreamServicer(self.content), server)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         config = self.config
@@ -186,6 +232,7 @@ class CodelaneServer:
             interceptors=[BearerTokenInterceptor(None, self._local_token)], options=SERVER_OPTIONS
         )
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)
+        self._add_content_services(local)
         self.local_hub_address = f"unix-abstract:codelane-hub-{os.getpid()}-{secrets.token_hex(8)}"
         if local.add_insecure_port(self.local_hub_address) == 0:
             raise OSError(f"cannot listen on {self.local_hub_address} for the local workers")
@@ -230,6 +277,9 @@ class CodelaneServer:
         if self._local_hub is not None:
             await self._local_hub.stop(grace)
         await self.pool.close()
+        self.snapshots.close()
+        if self.external_cas is not None:
+            await self.external_cas.close()
         for proc in self._workers:
             try:
                 await asyncio.to_thread(proc.wait, grace)

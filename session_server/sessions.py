@@ -35,6 +35,7 @@ from session_server.llm.base import ModelProvider, Usage
 from session_server.llm.factory import create_provider
 from session_server.llm.limiter import LimitedProvider
 from session_server.pool import WorkerPool
+from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
 from tool_worker.registry import ToolRegistry
@@ -92,8 +93,10 @@ class SessionManager:
         local_fallback: bool = True,
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
+        snapshots: SnapshotRegistry | None = None,
     ) -> None:
         self.store = store
+        self.snapshots = snapshots
         self.pool = pool
         self.registry = registry
         self.stats = stats
@@ -253,6 +256,7 @@ class SessionManager:
             history=self.histories.get(session_id),
             confirmations=self.confirmations,
             external=self.external,
+            snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)

@@ -70,6 +70,29 @@ class Digest:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRef:
+    """The snapshot a call must see: the workspace's path on the server and its two digests."""
+
+    workspace: str
+    digest: Digest
+    times_digest: Digest
+
+
+# How a worker holds a workspace (codelane.v1.WorkspaceMode).
+SHARED, SYNCED, SYNCING, UNAVAILABLE = "shared", "synced", "syncing", "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """What a worker reports holding of a workspace."""
+
+    workspace: str
+    mode: str
+    digest: Digest | None
+    reason: str = ""
+
+
 def valid_hash(text: str) -> bool:
     return _HEX64.fullmatch(text) is not None
 
@@ -352,6 +375,12 @@ class TreeScanner:
         links.sort()
         return files, dirs, links
 
+    def record(self, relative: str, digest: Digest, info: os.stat_result) -> None:
+        """Tells the stat cache a file's digest (its writer knows it): the next scan need not hash it."""
+        self._files[relative] = _FileState(
+            info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns, info.st_mode, digest
+        )
+
     def _file_digest(self, path: bytes, relative: str, info: os.stat_result, work: _Scan) -> Digest:
         work.files_seen.append(relative)
         known = self._files.get(relative)
@@ -472,6 +501,12 @@ def digest_of(root: str, excludes: Sequence[str] = DEFAULT_EXCLUDES) -> Tree:
     """One scan of `root`, without keeping caches."""
     scanner = TreeScanner(root, Exclusions(excludes), watch=False)
     return scanner.scan()
+
+
+def snapshot_of(workspace: str, excludes: Sequence[str] = DEFAULT_EXCLUDES) -> SnapshotRef:
+    """The snapshot of a workspace as it is now (for callers that dispatch to workers themselves)."""
+    tree = digest_of(workspace, excludes)
+    return SnapshotRef(workspace, tree.digest, tree.times_digest)
 
 
 def main(argv: list[str] | None = None) -> int:

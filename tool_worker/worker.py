@@ -2,10 +2,14 @@
 
     codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
                     [--root DIR ...] [--tools python.module] [--id ID]
+                    [--cache-dir DIR] [--cache-size 10GiB]
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
 exits 0. A hub that refuses its token or its Hello ends it with a non-zero exit and one clear line.
+
+Each call runs on the snapshot its Assign names (tool_worker.workspaces): on the server's own
+path when this host sees the same files there, else on a copy synced into --cache-dir.
 """
 
 from __future__ import annotations
@@ -27,11 +31,19 @@ import grpc
 from codelane import __version__
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
-from tool_worker import wire
+from tool_worker import snapshot_wire, wire
+from tool_worker.cas import CasClient
 from tool_worker.child_watcher import install_pidfd_child_watcher
-from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.merkle import Holding
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
+from tool_worker.workspaces import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CACHE_SIZE,
+    WorkspaceManager,
+    WorkspaceUnavailable,
+    parse_size,
+)
 
 log = logging.getLogger("codelane.worker")
 
@@ -62,6 +74,8 @@ class WorkerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     parent_pid: int | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_size: int = DEFAULT_CACHE_SIZE
 
 
 class _Outbox:
@@ -109,11 +123,18 @@ class ToolWorker:
         self._draining = asyncio.Event()
         # Calls running now, by the hub's dispatch id (model call ids repeat across sessions).
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._probes: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         # Given by the hub's Welcome: proves it is us when we reconnect after a broken stream.
         self._reconnect_token = ""
+        self._cas_channel: grpc.aio.Channel | None = None
+        self._cas_address = ""
         self._roots = tuple(config.roots)
+        self.workspaces = WorkspaceManager(
+            roots=self._roots, cache_dir=os.path.join(config.cache_dir, "workspaces"), cache_size=config.cache_size,
+            on_change=self._holding_changed,
+        )
+        self._outbox: _Outbox | None = None
+        self._reports: set[asyncio.Task[None]] = set()
 
     def request_drain(self) -> None:
         self._draining.set()
@@ -128,6 +149,7 @@ class ToolWorker:
             workspace_roots=self.config.roots,
             hostname=socket.gethostname(),
             reconnect_token=self._reconnect_token,
+            holdings=[snapshot_wire.holding_to_proto(h) for h in self.workspaces.holdings.values()],
         )
 
     async def run(self) -> int:
@@ -191,6 +213,9 @@ class ToolWorker:
             if watchdog is not None:
                 watchdog.cancel()
             await channel.close()
+            if self._cas_channel is not None:
+                await self._cas_channel.close()
+            self.workspaces.close()
 
     def _closed_in_handshake(self, exc: grpc.aio.AioRpcError) -> bool:
         details = (exc.details() or "").lower()
@@ -226,6 +251,8 @@ class ToolWorker:
             return
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         self._reconnect_token = first.welcome.reconnect_token
+        self._use_content(first.welcome.content, channel)
+        self._outbox = outbox
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval))
         drain_watch = asyncio.create_task(self._announce_drain(outbox, call))
@@ -234,6 +261,7 @@ class ToolWorker:
         try:
             await ended  # None when the hub ends the stream; the error if it broke
         finally:
+            self._outbox = None
             heartbeat.cancel()
             drain_watch.cancel()
             self._reader.cancel()
@@ -277,10 +305,6 @@ class ToolWorker:
                 task = self._running.pop(message.cancel.dispatch_id, None)
                 if task is not None:
                     task.cancel()
-            elif kind == "probe":
-                probe = asyncio.create_task(self._probe(message.probe, outbox))
-                self._probes.add(probe)
-                probe.add_done_callback(self._probes.discard)
             elif kind == "drain":
                 log.info("hub asked us to drain: %s", message.drain.reason)
                 self._draining.set()
@@ -295,14 +319,7 @@ class ToolWorker:
         try:
             started = time.perf_counter()
             try:
-                if not self._within_roots(assign.workspace):
-                    result = ToolResult.error(
-                        ErrorKind.PATH_ESCAPE,
-                        f"{assign.tool_name} was not run: workspace {assign.workspace} is outside this worker's "
-                        f"--root ({', '.join(self._roots)})",
-                    )
-                else:
-                    result = await self.registry.execute(assign.tool_name, assign.workspace, assign.arguments_json)
+                result = await self._run_on_snapshot(assign)
             except asyncio.CancelledError:
                 result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker",
                                           run_time=time.perf_counter() - started)
@@ -320,21 +337,58 @@ class ToolWorker:
         finally:
             self._running.pop(key, None)
 
-    def _within_roots(self, workspace: str) -> bool:
-        """Whatever the hub says, a worker reads only under its own --root (symlinks resolved)."""
-        return not self._roots or _under_roots(workspace, self._roots)
-
-    async def _probe(self, probe: worker_pb2.Probe, outbox: _Outbox) -> None:
-        answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)
+    async def _run_on_snapshot(self, assign: worker_pb2.Assign) -> ToolResult:
+        snapshot = snapshot_wire.snapshot_from_proto(assign.snapshot)
+        if snapshot is None or snapshot.workspace != assign.workspace:
+            return ToolResult.error(
+                ErrorKind.INTERNAL,
+                f"{assign.tool_name} was not run: its Assign names no valid snapshot of {assign.workspace} "
+                "(a hub older than this worker?)",
+            )
         try:
-            if not self._within_roots(probe.workspace):
-                answer.error = f"the workspace is outside this worker's --root ({', '.join(self._roots)})"
-            else:
-                answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
-        except Exception as exc:
-            answer.error = str(exc)
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-            await outbox.send(worker_pb2.ConnectRequest(probe_result=answer))
+            placement = await self.workspaces.place(snapshot)
+        except WorkspaceUnavailable as exc:
+            return ToolResult.error(ErrorKind.TOOL_ERROR, f"{assign.tool_name} was not run on this worker: {exc}")
+        try:
+            result = await self.registry.execute(
+                assign.tool_name, placement.path, placement.arguments(assign.arguments_json)
+            )
+        finally:
+            placement.release()
+        return placement.result(result)
+
+    def _use_content(self, content: worker_pb2.ContentSource, channel: grpc.aio.Channel) -> None:
+        """Where snapshots come from: the hub itself (this channel, this token) or another CAS."""
+        if content.address:
+            if self._cas_channel is None or self._cas_address != content.address:
+                address = content.address.removeprefix("grpc://").removeprefix("grpcs://")
+                if content.address.startswith("grpcs://"):
+                    self._cas_channel = create_channel(address, tls_ca=self.config.tls_ca)
+                else:
+                    self._cas_channel = create_channel(address)
+                self._cas_address = content.address
+            cas = CasClient(self._cas_channel, instance_name=content.instance_name,
+                            max_batch_bytes=content.max_batch_bytes)
+        else:
+            cas = CasClient(channel, instance_name=content.instance_name,
+                            metadata=bearer_metadata(self.config.token), max_batch_bytes=content.max_batch_bytes)
+        self.workspaces.configure(cas, tuple(content.exclude))
+
+    def _holding_changed(self, holding: Holding) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return  # the next Hello carries it
+        message = worker_pb2.ConnectRequest(
+            holdings=worker_pb2.Holdings(workspaces=[snapshot_wire.holding_to_proto(holding)])
+        )
+
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await outbox.send(message)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def _heartbeat(self, outbox: _Outbox, interval: float) -> None:
         while True:
@@ -386,9 +440,11 @@ def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
-def _under_roots(workspace: str, roots: tuple[str, ...]) -> bool:
-    real = os.path.realpath(workspace)
-    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -411,7 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--slots", type=int, default=4, help="calls run at once (default 4)")
     parser.add_argument("--labels", type=parse_labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
-    parser.add_argument("--root", action="append", default=[], help="workspace root this worker can read (repeat)")
+    parser.add_argument("--root", action="append", default=[],
+                        help="directory under which the server's workspace paths may be used directly when this "
+                        "host sees the same files (repeatable; none: any path). Other workspaces are synced into "
+                        "--cache-dir")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                        help=f"where synced workspaces and their blobs are kept (default {DEFAULT_CACHE_DIR}); "
+                        "tools with caches of their own use subdirectories of it")
+    parser.add_argument("--cache-size", type=_size_argument, default=DEFAULT_CACHE_SIZE,
+                        help="bound of the cache's workspaces and blobs, e.g. 10GiB (default 10GiB)")
     parser.add_argument(
         "--tools",
         action="append",
@@ -457,6 +521,8 @@ def main(argv: list[str]) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         parent_pid=args.parent_pid,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
     )
     return asyncio.run(_run(config, registry))
 

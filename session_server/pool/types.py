@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tool_worker.merkle import Digest, Holding, SnapshotRef
 from tool_worker.tools.base import ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -16,7 +17,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_HEARTBEAT_TIMEOUT = 6.0
 # How long a call whose worker was lost waits for another capable worker before failing.
 DEFAULT_NO_WORKER_WAIT = 5.0
-DEFAULT_PROBE_TIMEOUT = 10.0
 
 
 class InvalidRegistration(ValueError):
@@ -46,6 +46,8 @@ class WorkerRegistration:
     peer: str = ""
     # The secret of this id's previous Welcome, when the worker reconnects; empty otherwise.
     reconnect_token: str = ""
+    # What it already holds (a worker restarting with its cache).
+    holdings: Sequence[Holding] = ()
 
 
 @dataclass(slots=True)
@@ -62,6 +64,8 @@ class Assignment:
     workspace: str
     session_id: str
     deadline: float  # wall-clock seconds since the epoch
+    # The snapshot the call must see (None: the server has none to name).
+    snapshot: SnapshotRef | None = None
 
 
 class LinkFault(enum.Enum):
@@ -79,8 +83,6 @@ class WorkerLink(Protocol):
     def assign(self, assignment: Assignment) -> None: ...
 
     def cancel(self, assignment: Assignment, reason: str) -> None: ...
-
-    def probe(self, probe_id: str, workspace: str) -> None: ...
 
     def drain(self, reason: str) -> None: ...
 
@@ -113,6 +115,21 @@ class QueryCall:
     timeout: float = 60.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     observer: PlacementObserver | None = None
+    # The snapshot of `workspace` the call must see.
+    snapshot: SnapshotRef | None = None
+
+
+@dataclass(frozen=True)
+class WorkspaceHeld:
+    """A worker's holding of one workspace, as ListWorkers shows it."""
+
+    mode: str
+    digest: Digest | None
+    reason: str = ""
+
+    @property
+    def visible(self) -> bool:
+        return self.mode in ("shared", "synced")
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,7 @@ class WorkerSnapshot:
     draining: bool
     connected_at: float  # epoch seconds
     last_seen: float  # epoch seconds
-    workspaces: dict[str, tuple[bool, str]]
+    # workspace -> what the worker reported holding of it
+    workspaces: dict[str, WorkspaceHeld]
     completed: int
     max_in_flight_seen: int

@@ -25,6 +25,7 @@ from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tests.certs import make_certs
 from tests.session.conftest import error_details
 from tool_worker import wire
+from tool_worker.merkle import snapshot_of
 from tool_worker.tools.read import TOOL as READ
 
 BOUND = 20.0
@@ -77,7 +78,8 @@ async def exit_of(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 def read_call(workspace: Path, file_path: str, session: str = "s1") -> QueryCall:
     return QueryCall(session_id=session, call_id="c1", tool_name="read",
-                     arguments_json=json.dumps({"file_path": file_path}), workspace=str(workspace), timeout=BOUND)
+                     arguments_json=json.dumps({"file_path": file_path}), workspace=str(workspace), timeout=BOUND,
+                     snapshot=snapshot_of(str(workspace)))
 
 
 async def test_a_server_that_requires_client_tokens_admits_no_worker_without_one(servers, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from session_server.events import StoredEvent, TextDelta
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
 from session_server.store import SessionRecord, Store
+from tool_worker.merkle import snapshot_of
 
 BOUND = 15.0
 
@@ -109,7 +110,8 @@ async def test_the_hubs_reader_survives_a_message_the_pool_chokes_on(tmp_path: P
         connected_at = server.pool.worker("w1").connected_at
         await until(lambda: choked, "the injected failure")
         call = QueryCall(session_id="s", call_id="c", tool_name="read", arguments_json=json.dumps(
-            {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND)
+            {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND,
+            snapshot=snapshot_of(str(tmp_path / "ws")))
         result = await server.pool.dispatch(call)
         assert not result.is_error and result.worker_id == "w1" and "still here" in result.output
         assert server.pool.worker("w1").connected_at == connected_at  # the same stream, never dropped
