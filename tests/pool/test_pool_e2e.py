@@ -318,7 +318,7 @@ async def test_wrong_worker_token_is_unauthenticated_and_the_worker_exits(make_s
     assert good.poll() is None
 
 
-async def test_roots_limit_shared_mode_and_a_workspace_elsewhere_is_synced(make_server, workers, tmp_path: Path) -> None:
+async def test_roots_limit_shared_mode_and_a_workspace_elsewhere_is_synced(make_server, workers, tmp_path: Path) -> None:  # noqa: E501
     server = await make_server()
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "project").mkdir(parents=True)
