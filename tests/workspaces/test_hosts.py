@@ -192,7 +192,9 @@ async def run_turns(tmp_path: Path, ws: Path, model: str, host: TestHost | None,
         outcome = []
         for turn in range(turns):
             events = await client.send(session.session_id, f"turn {turn}", within=60)
-            calls = finished(events)
+            # In model order (events come in completion order).
+            order = [c.call_id for e in events if kind(e) == "model_responded" for c in e.model_responded.tool_calls]
+            calls = sorted(finished(events), key=lambda f: order.index(f.call_id))
             expected = "remote-1" if host is not None else "local"
             for call in calls:
                 if call.tool_name in QUERY_TOOLS:
@@ -349,8 +351,8 @@ async def test_a_full_cache_disk_is_a_clear_error_and_never_a_partial_tree(test_
         await wait_for(lambda: server.pool.worker("remote-1") is not None, what="the worker")
         result = await dispatch_read(server, ws, "marker.txt")
         assert result.is_error and "cache disk is full" in result.output, result.output
-        held = holding(server, "remote-1", ws)
-        assert held.mode == "unavailable" and "full" in held.reason
+        await wait_for(lambda: holding(server, "remote-1", ws).mode == "unavailable", what="the report")
+        assert "full" in holding(server, "remote-1", ws).reason
         # Make room on the server side instead: a snapshot that fits syncs, and reads right.
         shutil.rmtree(ws)
         ws.mkdir()
