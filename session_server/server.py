@@ -173,15 +173,15 @@ class CodelaneServer:
         hub = WorkerHubServicer(self.pool, self._content_source())
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server)
-        self._add_content_services(server)
+        if self.external_cas is None:
+            self._add_content_services(server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
             worker_pb2.DESCRIPTOR.services_by_name["WorkerHubService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-            CAS_SERVICE,
-            BYTESTREAM_SERVICE,
+            *([] if self.external_cas else [CAS_SERVICE, BYTESTREAM_SERVICE]),
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
@@ -201,7 +201,7 @@ class CodelaneServer:
         self._server = server
         if self.config.local_workers > 0:
             await self._start_local_hub(hub)
-        for name in [*names[:5], ""]:
+        for name in [*names[: len(names) - 2], ""]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn_local_workers()
         log.info("codelane server listening on %s", self.address)
@@ -232,7 +232,8 @@ class CodelaneServer:
             interceptors=[BearerTokenInterceptor(None, self._local_token)], options=SERVER_OPTIONS
         )
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)
-        self._add_content_services(local)
+        if self.external_cas is None:
+            self._add_content_services(local)
         self.local_hub_address = f"unix-abstract:codelane-hub-{os.getpid()}-{secrets.token_hex(8)}"
         if local.add_insecure_port(self.local_hub_address) == 0:
             raise OSError(f"cannot listen on {self.local_hub_address} for the local workers")
