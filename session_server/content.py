@@ -71,6 +71,17 @@ class ContentStore:
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         return [d for d in digests if not self.has(d)]
 
+    async def read_many(self, digests: list[Digest]) -> list[bytes | None]:
+        """The blobs' bytes, each checked (None: not held), files read in one thread hop."""
+        found: list[bytes | None] = [self._in_memory(d) for d in digests]
+        wanted = [(i, d, self._paths(d)) for i, d in enumerate(digests) if found[i] is None]
+        if wanted:
+            async with self._reads:
+                data = await asyncio.to_thread(lambda: [_read_verified(paths, d) for _, d, paths in wanted])
+            for (index, _, _), blob in zip(wanted, data, strict=True):
+                found[index] = blob
+        return found
+
     async def read(self, digest: Digest) -> bytes:
         """The blob's bytes, checked against its digest. BlobNotFound otherwise."""
         memory = self._in_memory(digest)

@@ -406,11 +406,11 @@ class WorkspaceManager:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                      0o777 if executable else 0o666)
                 try:
-                    os.write(descriptor, data) if len(data) < 1 << 30 else _write_all(descriptor, data)
+                    _write_all(descriptor, data)
+                    os.utime(descriptor, ns=(mtime_ns, mtime_ns))
+                    tree.scanner.record(relative, digest, os.fstat(descriptor))
                 finally:
                     os.close(descriptor)
-                os.utime(path, ns=(mtime_ns, mtime_ns))
-                tree.scanner.record(relative, digest, os.lstat(path))
 
     def _finish(self, tree: _Tree, plan: _Plan) -> None:
         for relative, target in plan.symlinks:
@@ -443,9 +443,11 @@ class WorkspaceManager:
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view):]
+    written = os.write(descriptor, data)
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(descriptor, view):]
 
 
 @dataclass
@@ -462,7 +464,9 @@ class _Plan:
 
 
 def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Plan:
-    plan = _Plan()
+    """What turns the tree held (`current`) into the snapshot's; `total_bytes` starts from what is
+    held and follows the changes, so planning costs what changed, not the tree's size."""
+    plan = _Plan(total_bytes=current.total_bytes)
     _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
           blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
     return plan
@@ -487,17 +491,19 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
     for name, (digest, _, _) in old_files.items():
         if name not in new_files or new_files[name][0] != digest:
             plan.remove.append((prefix + name, digest))
-    for name in old_dirs:
+            plan.total_bytes -= digest.size
+    for name, (digest, _) in old_dirs.items():
         if name not in new_dirs:
             plan.remove.append((prefix + name, None))
+            plan.total_bytes -= _tree_bytes(digest, old_blobs)
     for name, target in old_links.items():
         if new_links.get(name) != target:
             plan.remove.append((prefix + name, None))
     for name, (digest, executable, mtime) in new_files.items():
         old = old_files.get(name)
-        plan.total_bytes += digest.size
         if old is None or old[0] != digest:
             plan.writes.setdefault(digest, []).append((prefix + name, executable, mtime))
+            plan.total_bytes += digest.size
             continue
         if old[1] != executable:
             plan.chmod.append((prefix + name, executable))
@@ -511,8 +517,6 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
         if old is None:
             plan.mkdir.append(prefix + name)
         elif old == (digest, times_digest):
-            # An unchanged subtree: only its size counts.
-            plan.total_bytes += _tree_bytes(digest, new_blobs)
             continue
         _diff(plan, f"{prefix}{name}/",
               old_blobs.get(old[0].hash) if old else None,

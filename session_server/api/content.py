@@ -76,13 +76,14 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
         except InvalidBlob as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         response = remote_execution_pb2.BatchReadBlobsResponse()
-        for digest in digests:
-            entry = response.responses.add(digest=digest_to_proto(digest))
-            try:
-                entry.data = await self._store.read(digest)
-                entry.status.code = code_pb2.OK
-            except BlobNotFound as exc:
-                entry.status.CopyFrom(_status(code_pb2.NOT_FOUND, str(exc)))
+        for digest, data in zip(digests, await self._store.read_many(digests), strict=True):
+            entry = response.responses.add()
+            entry.digest.hash, entry.digest.size_bytes = digest.hash, digest.size
+            if data is None:
+                entry.status.code = code_pb2.NOT_FOUND
+                entry.status.message = f"blob {digest} is not held (its file changed since the snapshot that named it)"
+            else:
+                entry.data = data
         return response
 
     async def BatchUpdateBlobs(self, request, context):

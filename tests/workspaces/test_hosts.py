@@ -47,7 +47,10 @@ def spawn_remote(host: TestHost, server: CodelaneServer, hide: Path, cache: Path
 
 
 def finished(events) -> list:
-    return [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    """The calls' ToolCallFinished, in model order (events come in completion order)."""
+    order = [c.call_id for e in events if kind(e) == "model_responded" for c in e.model_responded.tool_calls]
+    done = [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    return sorted(done, key=lambda f: order.index(f.call_id))
 
 
 def make_workspace(ws: Path) -> None:
@@ -192,9 +195,7 @@ async def run_turns(tmp_path: Path, ws: Path, model: str, host: TestHost | None,
         outcome = []
         for turn in range(turns):
             events = await client.send(session.session_id, f"turn {turn}", within=60)
-            # In model order (events come in completion order).
-            order = [c.call_id for e in events if kind(e) == "model_responded" for c in e.model_responded.tool_calls]
-            calls = sorted(finished(events), key=lambda f: order.index(f.call_id))
+            calls = finished(events)
             expected = "remote-1" if host is not None else "local"
             for call in calls:
                 if call.tool_name in QUERY_TOOLS:
