@@ -21,8 +21,8 @@ from session_server.snapshots import SnapshotRegistry
 from tool_worker.merkle import Digest
 
 # Largest total of blob bytes in one BatchReadBlobs or BatchUpdateBlobs; bigger blobs go through
-# ByteStream (the gRPC message limit is 64 MiB: this leaves room for the envelope).
-MAX_BATCH_BYTES = 4 * 1024 * 1024
+# ByteStream. Under the 4 MiB message limit most gRPC clients keep by default, envelope included.
+MAX_BATCH_BYTES = 3 * 1024 * 1024
 MAX_BATCH_DIGESTS = 10_000
 # Chunk of a ByteStream read or write.
 STREAM_CHUNK = 1024 * 1024

@@ -9,6 +9,7 @@ are never used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +21,8 @@ from tool_worker.merkle import Digest
 
 log = logging.getLogger("codelane.worker")
 
-DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Blob bytes per batch: under the 4 MiB message limit that many gRPC servers keep by default.
+DEFAULT_MAX_BATCH_BYTES = 3 * 1024 * 1024
 MAX_BATCH_DIGESTS = 1000
 # Requests in flight at once: enough to keep a link busy while the previous answers are written.
 PARALLEL_REQUESTS = 4
@@ -37,6 +39,16 @@ def _ok(digest: Digest, data: bytes) -> bool:
     return len(data) == digest.size and hashlib.sha256(data).hexdigest() == digest.hash
 
 
+def _check(wanted: dict[str, Digest], responses) -> list[tuple[Digest, bytes | None]]:
+    """Each wanted blob of a response with its bytes, or None when they do not match its digest."""
+    out = []
+    for entry in responses:
+        digest = wanted.get(entry.digest.hash)
+        if digest is not None:
+            out.append((digest, entry.data if _ok(digest, entry.data) else None))
+    return out
+
+
 class CasClient:
     def __init__(
         self,
@@ -50,7 +62,7 @@ class CasClient:
         self._bytestream = bytestream_pb2_grpc.ByteStreamStub(channel)
         self.instance_name = instance_name
         self._metadata = tuple(metadata)
-        self.max_batch_bytes = max_batch_bytes or DEFAULT_MAX_BATCH_BYTES
+        self.max_batch_bytes = min(max_batch_bytes or DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_BYTES)
         self.corrupt_received = 0
 
     async def fetch(self, digests: Sequence[Digest]) -> AsyncIterator[list[tuple[Digest, bytes]]]:
@@ -69,14 +81,15 @@ class CasClient:
             total += digest.size
         if current:
             batches.append(current)
-        jobs = [self._batch(batch) for batch in batches] + [self._stream(digest) for digest in large]
+        jobs = [functools.partial(self._batch, batch) for batch in batches]
+        jobs += [functools.partial(self._stream, digest) for digest in large]
         results: asyncio.Queue = asyncio.Queue()
         limit = asyncio.Semaphore(PARALLEL_REQUESTS)
 
         async def run(job) -> None:
             async with limit:
                 try:
-                    await results.put(await job)
+                    await results.put(await job())
                 except BaseException as exc:
                     await results.put(exc)
                     raise
@@ -113,18 +126,18 @@ class CasClient:
             except grpc.aio.AioRpcError as exc:
                 raise ContentError(f"the CAS refused to send blobs ({exc.code().name}: {exc.details()})") from None
             for entry in response.responses:
-                digest = wanted.get(entry.digest.hash)
-                if digest is None:
-                    continue
-                if entry.status.code != 0:
+                if entry.digest.hash in wanted and entry.status.code != 0:
                     why = entry.status.message or f"status {entry.status.code}"
-                    raise ContentError(f"the CAS cannot send blob {digest}: {why}")
-                if _ok(digest, entry.data):
-                    got.append((digest, entry.data))
-                    del wanted[digest.hash]
-                else:
+                    raise ContentError(f"the CAS cannot send blob {wanted[entry.digest.hash]}: {why}")
+            # Hashing 3 MiB takes milliseconds: in a thread, beside the other requests in flight.
+            checked = await asyncio.to_thread(_check, wanted, response.responses)
+            for digest, data in checked:
+                if data is None:
                     self.corrupt_received += 1
                     log.warning("blob %s arrived corrupt (attempt %d): fetching it again", digest, attempt + 1)
+                else:
+                    got.append((digest, data))
+                    del wanted[digest.hash]
             if not wanted:
                 return got
         raise ContentError(f"blobs arrived corrupt {FETCH_ATTEMPTS} times: {', '.join(map(str, wanted.values()))}")
@@ -143,7 +156,7 @@ class CasClient:
                     f"the CAS cannot stream blob {digest} ({exc.code().name}: {exc.details()})"
                 ) from None
             data = b"".join(chunks)
-            if _ok(digest, data):
+            if await asyncio.to_thread(_ok, digest, data):
                 return [(digest, data)]
             self.corrupt_received += 1
             log.warning("blob %s arrived corrupt (attempt %d): fetching it again", digest, attempt + 1)

@@ -184,6 +184,9 @@ class _FileState:
     ctime_ns: int
     mode: int
     digest: Digest
+    # Recorded by the process that wrote the file from bytes of that digest (a private tree):
+    # no racy-stat doubt about it until its stat changes.
+    written: bool = False
 
 
 @dataclass(slots=True)
@@ -378,16 +381,15 @@ class TreeScanner:
     def record(self, relative: str, digest: Digest, info: os.stat_result) -> None:
         """Tells the stat cache a file's digest (its writer knows it): the next scan need not hash it."""
         self._files[relative] = _FileState(
-            info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns, info.st_mode, digest
+            info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns, info.st_mode, digest, written=True
         )
 
     def _file_digest(self, path: bytes, relative: str, info: os.stat_result, work: _Scan) -> Digest:
         work.files_seen.append(relative)
         known = self._files.get(relative)
-        racy = info.st_mtime_ns >= work.now_ns - RACY_NS
         if (
             known is not None
-            and not racy
+            and (known.written or info.st_mtime_ns < work.now_ns - RACY_NS)
             and known.size == info.st_size
             and known.mtime_ns == info.st_mtime_ns
             and known.ino == info.st_ino
