@@ -86,6 +86,9 @@ async def current(server: CodelaneServer, ws: Path) -> SnapshotRef:
 
 async def main_async(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="codelane-workspace-bench-"))
+    worker_log = subprocess.DEVNULL
+    if args.worker_log:
+        worker_log = os.open(args.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     ws = base / "server" / "ws"
     generate(ws, args.files, args.megabytes * 1_000_000)
     print(f"tree: {args.files} files, {args.megabytes} MB, in {ws}")
@@ -100,8 +103,8 @@ async def main_async(args: argparse.Namespace) -> None:
             snapshot = await current(server, ws)
             remote = host.spawn_worker(
                 ["--connect", f"{host.server_address}:{server.ports[1]}", "--token", TOKEN, "--id", "remote",
-                 "--labels", "where=remote", "--cache-dir", str(base / "remote-cache")],
-                hide=base / "server", stderr=subprocess.DEVNULL,
+                 "--labels", "where=remote", "--cache-dir", str(base / "remote-cache"), "--log-level", "INFO"],
+                hide=base / "server", stderr=worker_log,
             )
             local = await asyncio.to_thread(
                 subprocess.Popen,
@@ -148,6 +151,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 local.wait()
             await server.stop(grace=0.5)
     shutil.rmtree(base, ignore_errors=True)
+    if args.worker_log:
+        os.close(worker_log)
 
     ms = 1000.0
     print()
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--worker-log", help="write the remote worker's log (its sync timings) here")
     args = parser.parse_args()
     reason = unavailable()
     if reason is not None:

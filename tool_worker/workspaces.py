@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,10 +295,12 @@ class WorkspaceManager:
     async def _move(self, tree: _Tree, snapshot: SnapshotRef) -> None:
         if self.cas is None:
             raise WorkspaceUnavailable("the worker has no content source yet (no Welcome from the hub)")
+        started = time.perf_counter()
         current = await asyncio.to_thread(tree.scanner.scan)
         try:
             directories = await self._directories(current, snapshot)
             plan = _plan(current, snapshot, directories)
+            planned = time.perf_counter()
             need = plan.total_bytes
             other_trees = sum(t.held.total_bytes for s in self._workspaces.values() for t in s.trees
                               if t is not tree and t.held is not None)
@@ -310,6 +313,7 @@ class WorkspaceManager:
             await self._fill(tree, plan)
             await asyncio.to_thread(self._finish, tree, plan)
             self.store.evict(max(0, self.cache_size - need - other_trees))
+            written = time.perf_counter()
             held = await asyncio.to_thread(tree.scanner.scan)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -326,6 +330,11 @@ class WorkspaceManager:
                 f"wanted {snapshot.digest}); it was not used"
             )
         tree.held = held
+        done = time.perf_counter()
+        log.info("synced %s to %s: %d files written (%d bytes) in %.3fs: plan %.3fs, fill %.3fs, check %.3fs",
+                 snapshot.workspace, snapshot.digest, sum(len(paths) for paths in plan.writes.values()),
+                 sum(d.size * len(paths) for d, paths in plan.writes.items()), done - started, planned - started,
+                 written - planned, done - written)
 
     async def _directories(self, current: Tree, snapshot: SnapshotRef) -> dict[str, bytes]:
         """Every Directory and DirectoryTimes blob of the snapshot, fetching only those the tree
