@@ -84,6 +84,9 @@ class WorkspaceSnapshots:
         self._dirty = True
         if self._scanning is None:
             self._scanning = asyncio.get_running_loop().create_task(self._rescan(), name=f"snapshot {self.workspace}")
+            # Its failure reaches whoever awaits current(); a scan nobody waits for fails quietly
+            # (it is logged) and the next one tries again.
+            self._scanning.add_done_callback(_log_failure)
 
     async def current(self) -> Snapshot:
         """The snapshot as of now: every change announced before this call is in it.
@@ -135,6 +138,11 @@ class WorkspaceSnapshots:
         if self._scanning is not None:
             self._scanning.cancel()
         self._scanner.close()
+
+
+def _log_failure(task: asyncio.Task[Snapshot]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("snapshot of a workspace failed: %s", task.exception())
 
 
 class SnapshotRegistry:

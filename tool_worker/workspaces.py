@@ -58,6 +58,8 @@ DEFAULT_CACHE_SIZE = 10 * 1024**3
 MAX_TREES = 2
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
 # under the server's workspace in them are mapped to the copy.
+# A name in a Directory: one path component.
+_PLAIN_NAME = re.compile(r"[^/\0]+")
 _PATH_ARGUMENT = re.compile(r"^(?:path|paths|file_path|.*_path|.*_paths)$")
 
 
@@ -438,11 +440,6 @@ class WorkspaceManager:
             self.holdings[holding.workspace] = holding
             self._on_change(holding)
 
-    async def restore(self) -> None:
-        """Nothing to restore from disk beyond the blob store: trees left by an earlier run are
-        rescanned when first used (their scan tells what they hold)."""
-        await asyncio.to_thread(lambda: self.store)
-
     def close(self) -> None:
         for state in self._workspaces.values():
             if state.shared_scanner is not None:
@@ -482,8 +479,13 @@ def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Pla
 
 
 def _entries(content: bytes | None, times: bytes | None):
+    """A Directory and its DirectoryTimes as dictionaries by name. ContentError for a name that is
+    not one plain path component, or that repeats: a tree may only write inside itself."""
     directory = reapi.Directory.FromString(content) if content else reapi.Directory()
     file_times = workspace_pb2.DirectoryTimes.FromString(times) if times else workspace_pb2.DirectoryTimes()
+    names = [n.name for n in (*directory.files, *directory.directories, *directory.symlinks)]
+    if len(set(names)) != len(names) or any(not _PLAIN_NAME.fullmatch(n) or n in (".", "..") for n in names):
+        raise ContentError(f"a directory of the snapshot has a malformed or repeated name among {names[:20]}")
     mtimes = {t.name: t.mtime_ns for t in file_times.files}
     dir_times = {t.name: Digest(t.digest.hash, t.digest.size_bytes) for t in file_times.directories}
     files = {f.name: (Digest(f.digest.hash, f.digest.size_bytes), f.is_executable, mtimes.get(f.name, 0))
