@@ -142,9 +142,9 @@ class WorkloadMock(MockLLM):
         self._step = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant")
         return script.response_at(self._step)
 
-    async def _stream(self, request, frames, error, headers, faulty):  # type: ignore[no-untyped-def]
+    async def _stream(self, request, *args):  # type: ignore[no-untyped-def]
         step = self._step
-        response = await super()._stream(request, frames, error, headers, faulty)
+        response = await super()._stream(request, *args)
         self.responses_sent.append((step, time.time()))
         return response
 
