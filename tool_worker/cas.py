@@ -27,6 +27,7 @@ MAX_BATCH_DIGESTS = 1000
 # Requests in flight at once: enough to keep a link busy while the previous answers are written.
 PARALLEL_REQUESTS = 4
 FETCH_ATTEMPTS = 2
+INLINE_CHECK_BYTES = 256 * 1024
 # No blob fetch waits longer than this for an answer.
 REQUEST_TIMEOUT = 120.0
 
@@ -129,8 +130,12 @@ class CasClient:
                 if entry.digest.hash in wanted and entry.status.code != 0:
                     why = entry.status.message or f"status {entry.status.code}"
                     raise ContentError(f"the CAS cannot send blob {wanted[entry.digest.hash]}: {why}")
-            # Hashing 3 MiB takes milliseconds: in a thread, beside the other requests in flight.
-            checked = await asyncio.to_thread(_check, wanted, response.responses)
+            # Hashing 3 MiB takes milliseconds: in a thread, beside the other requests in flight;
+            # a few small blobs (directories, one edited file) cost less than the thread hop.
+            if sum(d.size for d in wanted.values()) > INLINE_CHECK_BYTES:
+                checked = await asyncio.to_thread(_check, wanted, response.responses)
+            else:
+                checked = _check(wanted, response.responses)
             for digest, data in checked:
                 if data is None:
                     self.corrupt_received += 1

@@ -378,6 +378,13 @@ class TreeScanner:
         links.sort()
         return files, dirs, links
 
+    def pending(self) -> int | None:
+        """Directories the next scan would list (a watched scan of a tree scanned before), or
+        None when it would list everything: lets a caller run a cheap scan without a thread."""
+        if self._watcher is None or "" not in self._dirs:
+            return None
+        return self._watcher.pending()
+
     def record(self, relative: str, digest: Digest, info: os.stat_result) -> None:
         """Tells the stat cache a file's digest (its writer knows it): the next scan need not hash it."""
         self._files[relative] = _FileState(
@@ -445,6 +452,8 @@ class _Watcher:
             except OSError:
                 self._lost = True
         self._paths: dict[int, str] = {}
+        self._dirty: set[str] = set()
+        self._fresh: set[str] = set()
 
     def watch(self, path: bytes, relative: str) -> None:
         """Watches a directory being listed. A directory already watched gets its watch back
@@ -464,12 +473,10 @@ class _Watcher:
             return
         self._paths[wd] = relative
 
-    def dirty(self) -> tuple[set[str], set[str]] | None:
-        """(directories with events, directories created or moved in), or None."""
+    def collect(self) -> None:
+        """Reads the events queued so far into the dirty sets (without taking them)."""
         if self._inotify is None:
-            return None
-        dirty: set[str] = set()
-        fresh: set[str] = set()
+            return
         for event in self._inotify.read(timeout=0):
             if event.mask & inotify_flags.Q_OVERFLOW:
                 self._lost = True
@@ -480,17 +487,33 @@ class _Watcher:
             if event.mask & (inotify_flags.IGNORED | inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF):
                 # The directory itself went away or moved: its parent saw that too.
                 self._paths.pop(event.wd, None)
-                dirty.add(relative.rpartition("/")[0])
+                self._dirty.add(relative.rpartition("/")[0])
                 continue
-            dirty.add(relative)
+            self._dirty.add(relative)
             if event.mask & inotify_flags.ISDIR and event.mask & (inotify_flags.CREATE | inotify_flags.MOVED_TO):
-                fresh.add(f"{relative}/{event.name}" if relative else event.name)
+                self._fresh.add(f"{relative}/{event.name}" if relative else event.name)
+
+    def pending(self) -> int | None:
+        """How many directories had events since the last scan; None when that cannot be known."""
+        if self._inotify is None:
+            return None
+        self.collect()
+        return None if self._lost else len(self._dirty | self._fresh)
+
+    def dirty(self) -> tuple[set[str], set[str]] | None:
+        """(directories with events, directories created or moved in) since the last call, or None."""
+        if self._inotify is None:
+            return None
+        self.collect()
+        dirty, fresh = self._dirty, self._fresh
+        self._dirty, self._fresh = set(), set()
         return None if self._lost else (dirty, fresh)
 
     def reset(self) -> None:
         """A full scan follows: forget the events so far, and trust the watches again."""
         if self._inotify is not None:
             self._inotify.read(timeout=0)
+            self._dirty, self._fresh = set(), set()
             self._lost = False
 
     def close(self) -> None:

@@ -61,6 +61,11 @@ MAX_TREES = 2
 # Batches of fetched blobs written at once: file creation on a journaling filesystem costs
 # hundreds of microseconds of kernel time per file, and overlaps well.
 WRITE_THREADS = 4
+# A move this small (the usual edit) runs on the event loop rather than in threads.
+SMALL_PLAN_CHANGES = 32
+SMALL_PLAN_BYTES = 256 * 1024
+# A watched rescan listing this few directories runs on the event loop too.
+CHEAP_SCAN_DIRECTORIES = 8
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
 _PATH_ARGUMENT = re.compile(r"^(?:path|paths|file_path|.*_path|.*_paths)$")
@@ -245,7 +250,10 @@ class WorkspaceManager:
             # A watched scan first; when it disagrees, one that stats everything (inotify misses
             # what other hosts of a network filesystem change).
             try:
-                tree = await asyncio.to_thread(state.shared_scanner.scan, full=full)
+                if full:
+                    tree = await asyncio.to_thread(state.shared_scanner.scan, full=True)
+                else:
+                    tree = await _scan(state.shared_scanner)
             except OSError:
                 return False
             seen = (tree.digest, tree.times_digest)
@@ -301,7 +309,7 @@ class WorkspaceManager:
         if self.cas is None:
             raise WorkspaceUnavailable("the worker has no content source yet (no Welcome from the hub)")
         started = time.perf_counter()
-        current = await asyncio.to_thread(tree.scanner.scan)
+        current = await _scan(tree.scanner)
         try:
             directories = await self._directories(current, snapshot)
             plan = _plan(current, snapshot, directories)
@@ -314,12 +322,18 @@ class WorkspaceManager:
                     f"the snapshot of {snapshot.workspace} holds {need} bytes and the worker's other trees "
                     f"{other_trees}: more than its --cache-size of {self.cache_size} bytes"
                 )
-            await asyncio.to_thread(self._prepare, tree, plan)
-            await self._fill(tree, plan)
-            await asyncio.to_thread(self._finish, tree, plan)
+            if plan.small:
+                # A few files (the usual edit): a few syscalls, cheaper than thread hops.
+                self._prepare(tree, plan)
+                await self._fill(tree, plan, inline=True)
+                self._finish(tree, plan)
+            else:
+                await asyncio.to_thread(self._prepare, tree, plan)
+                await self._fill(tree, plan)
+                await asyncio.to_thread(self._finish, tree, plan)
             self.store.evict(max(0, self.cache_size - need - other_trees))
             written = time.perf_counter()
-            held = await asyncio.to_thread(tree.scanner.scan)
+            held = await _scan(tree.scanner)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise WorkspaceUnavailable(
@@ -384,15 +398,18 @@ class WorkspaceManager:
         for relative in plan.mkdir:
             os.makedirs(os.path.join(tree.path, relative), exist_ok=True)
 
-    async def _fill(self, tree: _Tree, plan: _Plan) -> None:
+    async def _fill(self, tree: _Tree, plan: _Plan, *, inline: bool = False) -> None:
         """Writes every new file: from the blob store when it has the content, else fetched."""
-        local = await asyncio.to_thread(self._fill_local, tree, plan)
+        local = self._fill_local(tree, plan) if inline else await asyncio.to_thread(self._fill_local, tree, plan)
         missing = [d for d in plan.writes if d.hash not in local]
         if not missing:
             return
         assert self.cas is not None
         pending: set[asyncio.Future[None]] = set()
         async for batch in self.cas.fetch(missing):
+            if inline:
+                self._write_batch(tree, plan, batch)
+                continue
             pending.add(asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch)))
             if len(pending) >= WRITE_THREADS:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -451,6 +468,13 @@ class WorkspaceManager:
                 tree.scanner.close()
 
 
+async def _scan(scanner: TreeScanner) -> Tree:
+    pending = scanner.pending()
+    if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
+        return scanner.scan()
+    return await asyncio.to_thread(scanner.scan)
+
+
 def _write_all(descriptor: int, data: bytes) -> None:
     written = os.write(descriptor, data)
     if written < len(data):
@@ -470,6 +494,12 @@ class _Plan:
     chmod: list[tuple[str, bool]] = field(default_factory=list)
     utimes: list[tuple[str, int]] = field(default_factory=list)
     total_bytes: int = 0
+
+    @property
+    def small(self) -> bool:
+        """Few changes and few bytes to write: done on the event loop."""
+        changes = len(self.remove) + len(self.mkdir) + len(self.symlinks) + sum(map(len, self.writes.values()))
+        return changes <= SMALL_PLAN_CHANGES and sum(d.size for d in self.writes) <= SMALL_PLAN_BYTES
 
 
 def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Plan:
