@@ -291,6 +291,11 @@ class WorkspaceManager:
         except WorkspaceUnavailable as exc:
             self._report(Holding(snapshot.workspace, UNAVAILABLE, snapshot.digest, str(exc)))
             raise
+        except Exception as exc:  # a bug must not leave the tree marked as moving, nor the call hanging
+            log.exception("moving the copy of %s to %s failed", snapshot.workspace, snapshot.digest)
+            reason = f"syncing {snapshot.workspace} failed: {type(exc).__name__}: {exc}"
+            self._report(Holding(snapshot.workspace, UNAVAILABLE, snapshot.digest, reason))
+            raise WorkspaceUnavailable(reason) from None
         finally:
             tree.writing, tree.target = False, None
             await self._notify(state)
