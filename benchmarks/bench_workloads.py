@@ -42,8 +42,7 @@ from tool_worker.tools.rg import run_rg
 PLUGIN_MODULE = "benchmarks.plugin_tools"
 RG_ALONE_PASSES = 4
 TREE_VERSION = "codelane-bench-tree-v1"
-# Where the scratch files of M go: deep enough that the workspace fingerprint (which looks two
-# levels down) never sees them change.
+# Where the scratch files of M go.
 SCRATCH_DIR = "var/bench/tmp/scratch"
 DEFAULT_CACHE = Path(os.environ.get("CODELANE_BENCH_CACHE", Path.home() / ".cache" / "codelane-bench"))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from codelane.transport import CHANNEL_OPTIONS, SERVER_OPTIONS
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
+from tool_worker.merkle import SnapshotRef, snapshot_of
 from tool_worker.tools.base import ToolResult
 from tool_worker.wire import result_to_proto
 
@@ -150,8 +152,14 @@ async def _stop_server(server: CodelaneServer) -> None:
 
 def _noop(workspace: str, i: int) -> QueryCall:
     return QueryCall(
-        session_id=f"s{i % 8}", call_id=f"c{i}", tool_name="noop", arguments_json="{}", workspace=workspace
+        session_id=f"s{i % 8}", call_id=f"c{i}", tool_name="noop", arguments_json="{}", workspace=workspace,
+        snapshot=_snapshot(workspace),
     )
+
+
+@functools.cache
+def _snapshot(workspace: str) -> SnapshotRef:
+    return snapshot_of(workspace)
 
 
 async def _throughput(calls: int, workers: int, workspace: str) -> float:

@@ -19,11 +19,20 @@ from grpc_tools import protoc
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
 DEFAULT_OUT = REPO / "clients" / "python"
-GENERATED_PACKAGE = "codelane/v1"
+# codelane's contract, and the vendored REAPI subset (its Python modules live under codelane.reapi;
+# protos/google/rpc only lets protoc resolve an import: googleapis-common-protos provides its module).
+GENERATED_PACKAGES = ("codelane/v1", "codelane/reapi")
+_DOCSTRINGS = {
+    "codelane/v1": "Generated gRPC stubs of the codelane.v1 contract. Do not edit: run scripts/gen_protos.py.",
+    "codelane/reapi": "Generated stubs of the vendored REAPI v2 and ByteStream subset. Do not edit: run "
+    "scripts/gen_protos.py.",
+}
 
 
 def proto_files() -> list[str]:
-    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / GENERATED_PACKAGE).glob("*.proto"))
+    return sorted(
+        str(p.relative_to(PROTO_ROOT)) for package in GENERATED_PACKAGES for p in (PROTO_ROOT / package).glob("*.proto")
+    )
 
 
 def plugin(name: str) -> str:
@@ -37,8 +46,8 @@ def plugin(name: str) -> str:
 
 def generate(out_dir: Path) -> list[Path]:
     """Generate every stub into out_dir; return the files written (relative to out_dir)."""
-    package_dir = out_dir / GENERATED_PACKAGE
-    package_dir.mkdir(parents=True, exist_ok=True)
+    for package in GENERATED_PACKAGES:
+        (out_dir / package).mkdir(parents=True, exist_ok=True)
     well_known = str(resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",
@@ -54,9 +63,12 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed; see the messages above")
-    init = package_dir / "__init__.py"
-    init.write_text('"""Generated gRPC stubs of the codelane.v1 contract. Do not edit: run scripts/gen_protos.py."""\n')
-    return sorted(p.relative_to(out_dir) for p in package_dir.iterdir() if p.is_file())
+    written = []
+    for package in GENERATED_PACKAGES:
+        package_dir = out_dir / package
+        (package_dir / "__init__.py").write_text(f'"""{_DOCSTRINGS[package]}"""\n')
+        written += [p.relative_to(out_dir) for p in package_dir.iterdir() if p.is_file()]
+    return sorted(written)
 
 
 def main() -> None:

@@ -58,16 +58,22 @@ from session_server.llm.base import (
 from session_server.permissions import Action, Decision, PermissionPolicy
 from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
+from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
 from session_server.telemetry import Telemetry, TurnObservation
 from tool_worker.effects import EVERYTHING, Effects, in_workspace
+from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 from tool_worker.worker_only import worker_only_hint
 
 log = logging.getLogger(__name__)
+
+# Snapshots a Query call is sent on before its SNAPSHOT_CHANGED result stands: each is taken
+# after the change that made the last one stale, so a second almost always does.
+MAX_SNAPSHOTS_PER_CALL = 3
 
 LOCAL_WORKER_ID = "local"
 # A model's call ids and tool names longer than this are not kept as they are.
@@ -99,6 +105,8 @@ class TurnContext:
     # Metrics and tracing; admission of Query calls (None in tests that need neither).
     telemetry: Telemetry | None = None
     admission: Admission | None = None
+    # The workspace's snapshots, named in every call sent to a worker (None: no worker needs them).
+    snapshots: WorkspaceSnapshots | None = None
 
 
 def available_tools(
@@ -172,6 +180,9 @@ class Turn:
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
+        if ctx.snapshots is not None and ctx.pool.capacity()[0]:
+            # The workspace may have changed since the last step: rescan beside the model request.
+            ctx.snapshots.changed()
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         asks: dict[ToolCall, Decision] = {}
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
@@ -381,6 +392,18 @@ class Turn:
         return ToolResult.error(ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available tools: {listed}")
 
     async def _execute(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
+        try:
+            return await self._execute_call(call, asks)
+        finally:
+            if call.lane is Lane.EXECUTE and self.ctx.snapshots is not None:
+                # Anything may have changed (bash included): later Query calls bound for a
+                # worker wait for a rescan (started now when there are workers to need it).
+                if self.ctx.pool.capacity()[0]:
+                    self.ctx.snapshots.changed()
+                else:
+                    self.ctx.snapshots.invalidate()
+
+    async def _execute_call(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
         ctx = self.ctx
         assert call.lane is not None, "the scheduler never executes a call without a lane"
@@ -444,23 +467,7 @@ class Turn:
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY:
             if ctx.pool.offers(call.tool_name):
-                traceparent, tracestate = call.trace_context
-                result = await ctx.pool.dispatch(
-                    QueryCall(
-                        session_id=ctx.session_id,
-                        call_id=call.call_id,
-                        tool_name=call.tool_name,
-                        arguments_json=call.info.arguments_json,
-                        workspace=str(ctx.workspace),
-                        idempotent=call.spec.idempotent if call.spec else False,
-                        timeout=ctx.settings.query_timeout,
-                        max_attempts=ctx.settings.max_attempts,
-                        observer=call,
-                        denied_paths=denied_paths,
-                        traceparent=traceparent,
-                        tracestate=tracestate,
-                    )
-                )
+                result = await self._dispatch(call, denied_paths)
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
                     return result
                 problem = result.output
@@ -480,6 +487,57 @@ class Turn:
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",
             )
         return dataclasses.replace(result, worker_id=LOCAL_WORKER_ID)
+
+
+    async def _dispatch(self, call: ToolCall, denied_paths: tuple[str, ...]) -> ToolResult:
+        """Runs a Query call on a worker, on a snapshot of the workspace as of now. The workspace
+        may change before the worker fetches it (an Execute call on other files runs beside Query
+        calls): the call is then sent again, on a newer snapshot."""
+        ctx = self.ctx
+        traceparent, tracestate = call.trace_context
+        first_attempt = 1
+        for _ in range(MAX_SNAPSHOTS_PER_CALL):
+            try:
+                snapshot = await self._snapshot()
+            except OSError as exc:
+                return ToolResult.error(
+                    ErrorKind.TOOL_ERROR, f"{call.tool_name} was not run: the workspace cannot be read "
+                    f"to snapshot it for a worker ({exc.strerror or exc})",
+                )
+            result = await ctx.pool.dispatch(
+                QueryCall(
+                    session_id=ctx.session_id,
+                    call_id=call.call_id,
+                    tool_name=call.tool_name,
+                    arguments_json=call.info.arguments_json,
+                    workspace=str(ctx.workspace),
+                    idempotent=call.spec.idempotent if call.spec else False,
+                    timeout=ctx.settings.query_timeout,
+                    max_attempts=ctx.settings.max_attempts,
+                    observer=call,
+                    denied_paths=denied_paths,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                    snapshot=snapshot,
+                    first_attempt=first_attempt,
+                )
+            )
+            if result.error_kind is not ErrorKind.SNAPSHOT_CHANGED:
+                return result
+            first_attempt = result.attempt + 1
+            call.retried(first_attempt, "the workspace changed before the worker fetched its snapshot",
+                         result.worker_id)
+            if ctx.snapshots is not None:
+                ctx.snapshots.changed()
+        return result
+
+    async def _snapshot(self) -> SnapshotRef | None:
+        """The workspace as of now, for a call bound for a worker. Raises OSError."""
+        snapshots = self.ctx.snapshots
+        if snapshots is None:
+            return None
+        current = await snapshots.current()
+        return SnapshotRef(str(self.ctx.workspace), current.digest, current.times_digest)
 
 
 def _model_call(call: ToolCall) -> ModelToolCall:

@@ -186,6 +186,15 @@ class ToolCall:
             self.state = CallState.QUEUED
             self._emit(CallRetried(self.call_id, next_attempt, f"worker {worker_id} lost: {reason}", worker_id))
 
+    def retried(self, next_attempt: int, reason: str, previous_worker_id: str) -> None:
+        """The call is sent again (attempt `next_attempt`) for a reason other than a lost worker."""
+        if self.state is CallState.FINISHED:
+            return
+        if self._series is not None:
+            self._series.retries.inc()
+        self.state = CallState.QUEUED
+        self._emit(CallRetried(self.call_id, next_attempt, reason, previous_worker_id))
+
     def finish(self, result: ToolResult) -> ToolResult:
         """Ends the call with `result` (once: later results are ignored); returns the result as
         recorded, with its timings and where it ran."""

@@ -28,6 +28,7 @@ from tool_worker.confinement.policy import (
     ResourceLimits,
     SandboxMode,
 )
+from tool_worker.merkle import DEFAULT_EXCLUDES, Exclusions
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 
@@ -37,8 +38,9 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = types.parser(PROG, "Run a codelane session server, with local tool workers.")
-    p.add_argument("--listen", type=types.listen_address, default="127.0.0.1:50051", metavar="HOST:PORT",
-                   help="address to listen on (port 0: any free port, printed at start)")
+    p.add_argument("--listen", action="append", type=types.listen_address, default=None, metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:50051; port 0: any free port, printed at start); "
+                        "repeatable, e.g. loopback for clients and a LAN address for workers")
     p.add_argument("--data-dir", type=Path, default=Path(".codelane"), metavar="DIR",
                    help="where sessions and events are stored (created if missing)")
     p.add_argument("--model", default="",
@@ -119,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-pending-query-calls-per-session", type=int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
                         help="the same, per session (default %(default)s)")
+    content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
+    content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN",
+                         help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
+                              f"{' '.join(DEFAULT_EXCLUDES)})")
+    content.add_argument("--cas", default="", metavar="ADDR",
+                         help="upload workspace snapshots to this REAPI v2 CAS (host:port, grpc:// or grpcs://) and "
+                              "have workers fetch from it, instead of serving them from this server")
+    content.add_argument("--cas-instance", default="", metavar="NAME", help="REAPI instance name to use with --cas")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-listen", metavar="HOST:PORT",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
@@ -193,8 +203,18 @@ def main(argv: list[str]) -> int:
               f"{MIN_MEMORY // MIB}M of memory, {MIN_CPU_SECONDS} CPU second and {MIN_OPEN_FILES} open files",
               file=sys.stderr)
         return 2
+    listen = args.listen or ["127.0.0.1:50051"]
+    try:
+        excludes = Exclusions(DEFAULT_EXCLUDES if args.snapshot_exclude is None else args.snapshot_exclude).patterns
+    except ValueError as exc:
+        print(f"codelane server: --snapshot-exclude: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
-        listen=args.listen,
+        listen=listen[0],
+        extra_listen=listen[1:],
+        snapshot_excludes=list(excludes),
+        cas=args.cas,
+        cas_instance=args.cas_instance,
         data_dir=args.data_dir,
         local_workers=args.local_workers,
         local_worker_slots=args.local_worker_slots,

@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tool_worker.merkle import WORKSPACE_MODES
+
 # A call runs for 100 us (a cached read on a worker) up to many minutes (a build in bash).
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -203,29 +205,29 @@ class StateCollector(Collector):
                                   labels=["labels"])
         in_flight = GaugeMetricFamily("codelane_worker_calls_in_flight", "Calls outstanding on workers, by label "
                                       "set.", labels=["labels"])
-        views = GaugeMetricFamily("codelane_worker_workspaces", "Workspaces the workers were checked against, by "
-                                  "verdict (visible: the worker sees the same files).", labels=["state"])
+        views = GaugeMetricFamily("codelane_worker_workspaces", "Workspaces the workers reported holding, by "
+                                  "mode (shared, synced, syncing, unavailable).", labels=["mode"])
         # The unlabelled series are always there: a query over them reads 0, not "no data", with
         # no worker connected (what an autoscaler starting from zero workers sees).
         counts: dict[tuple[str, str], int] = {("", "ready"): 0}
         slot_sums: dict[str, int] = {"": 0}
         flight_sums: dict[str, int] = {"": 0}
-        verdicts = {"visible": 0, "invisible": 0}
+        modes = dict.fromkeys(WORKSPACE_MODES, 0)
         for snap in source.worker_snapshots():
             key = label_set(snap.labels)
             state = "draining" if snap.draining else "ready"
             counts[(key, state)] = counts.get((key, state), 0) + 1
             slot_sums[key] = slot_sums.get(key, 0) + snap.slots
             flight_sums[key] = flight_sums.get(key, 0) + snap.in_flight
-            for visible, _reason in snap.workspaces.values():
-                verdicts["visible" if visible else "invisible"] += 1
+            for held in snap.workspaces.values():
+                modes[held.mode] = modes.get(held.mode, 0) + 1
         for (key, state), n in sorted(counts.items()):
             workers.add_metric([key, state], n)
         for key, n in sorted(slot_sums.items()):
             slots.add_metric([key], n)
             in_flight.add_metric([key], flight_sums[key])
-        for state, n in verdicts.items():
-            views.add_metric([state], n)
+        for mode, n in modes.items():
+            views.add_metric([mode], n)
         yield from (workers, slots, in_flight, views)
 
         pending = GaugeMetricFamily(

@@ -23,15 +23,24 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from codelane.reapi import bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.admission import Admission, Limits
 from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
+from session_server.api.content import (
+    BYTESTREAM_SERVICE,
+    CAS_SERVICE,
+    ByteStreamServicer,
+    ContentAddressableStorageServicer,
+)
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.content import ContentStore
+from session_server.external_cas import ExternalCas
 from session_server.llm.factory import ScriptLibrary, create_provider, parse_model
 from session_server.metrics import BacklogEntry, ServerMetrics, StateCollector, label_set
 from session_server.pool import (
@@ -42,12 +51,13 @@ from session_server.pool import (
 )
 from session_server.readiness import DEFAULT_STORE_CHECK_INTERVAL, Readiness, watch_store
 from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
+from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
 from session_server.store import Store
 from session_server.telemetry import Telemetry
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
-from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
@@ -183,6 +193,15 @@ class ServerConfig:
             # The data dir names the server: its restart finds what its crash left running.
             owner=hashlib.sha256(str(data_dir).encode()).hexdigest()[:16],
         )
+    # More addresses to serve on, besides `listen` (e.g. loopback for clients and a LAN address
+    # for workers); each gets its own port when it asks for port 0.
+    extra_listen: list[str] = field(default_factory=list)
+    # Exclusion patterns of the workspace digest, sent to workers.
+    snapshot_excludes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDES))
+    # An external REAPI CAS to upload snapshots to, which workers then fetch from ("" = serve
+    # them here), and its instance name.
+    cas: str = ""
+    cas_instance: str = ""
 
 
 class CodelaneServer:
@@ -191,8 +210,12 @@ class CodelaneServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
+        self.external_cas = ExternalCas(config.cas, config.cas_instance) if config.cas else None
+        self.snapshots = SnapshotRegistry(
+            config.snapshot_excludes, publish=self.external_cas.publish if self.external_cas else None
+        )
+        self.content = ContentStore(self.snapshots)
         self.pool = WorkerPool(
-            workspace_fingerprint,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             no_worker_wait=config.no_worker_wait,
@@ -214,6 +237,7 @@ class CodelaneServer:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._health_server: grpc.aio.Server | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.ports: list[int] = []
         self._server: grpc.aio.Server | None = None
         # Local workers dial a hub of their own on an abstract unix socket: reachable from this
         # host only, it serves nothing but the hub (so it never bypasses the clients' TLS or
@@ -242,9 +266,10 @@ class CodelaneServer:
         config = self.config
         if config.worker_token:
             return config.worker_token
-        if not is_loopback(config.listen) and not config.tls_ca:
+        exposed = [a for a in [config.listen, *config.extra_listen] if not is_loopback(a)]
+        if exposed and not config.tls_ca:
             raise UnsafeConfig(
-                f"the worker hub would accept any worker on {config.listen}: add --worker-token TOKEN "
+                f"the worker hub would accept any worker on {exposed[0]}: add --worker-token TOKEN "
                 "(or require client certificates with --tls-ca), or listen on 127.0.0.1"
             )
         if config.token:
@@ -255,7 +280,8 @@ class CodelaneServer:
         hub_token = self.hub_token()
         # First: a second server on a busy port, a default model that cannot work or a TLS file
         # that does not load says so in one line, having touched nothing.
-        _refuse_port_in_use(self.config.listen)
+        for address in [self.config.listen, *self.config.extra_listen]:
+            _refuse_port_in_use(address)
         await self._check_config()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
@@ -274,6 +300,7 @@ class CodelaneServer:
             telemetry=self.telemetry,
             admission=self.admission,
             on_store_state=lambda ok, why: self.readiness.set("event_log", ok, why),
+            snapshots=self.snapshots,
         )
         self.sessions.recover()
         self.pool.start()
@@ -282,32 +309,40 @@ class CodelaneServer:
             interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(self.config.token, hub_token)],
             options=SERVER_OPTIONS,
         )
-        hub = WorkerHubServicer(self.pool)
+        hub = WorkerHubServicer(self.pool, self._content_source())
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server)
+        if self.external_cas is None:
+            self._add_content_services(server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.pool, self.stats, time.time()), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
             worker_pb2.DESCRIPTOR.services_by_name["WorkerHubService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            *([] if self.external_cas else [CAS_SERVICE, BYTESTREAM_SERVICE]),
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        try:
-            if self.config.tls_cert and self.config.tls_key:
-                self.port = server.add_secure_port(self.config.listen, self._server_credentials())
-            else:
-                self.port = server.add_insecure_port(self.config.listen)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            # SO_REUSEPORT is off (transport.SERVER_OPTIONS), so a port in use is refused here.
-            raise OSError(
-                f"cannot listen on {self.config.listen}: the address is in use (another codelane server?) "
-                "or not available on this host"
-            )
+        for address in [self.config.listen, *self.config.extra_listen]:
+            try:
+                if self.config.tls_cert and self.config.tls_key:
+                    port = server.add_secure_port(address, self._server_credentials())
+                else:
+                    port = server.add_insecure_port(address)
+            except RuntimeError:
+                port = 0
+            if port == 0:
+                # SO_REUSEPORT is off (transport.SERVER_OPTIONS), so a port in use is refused here.
+                raise OSError(
+                    f"cannot listen on {address}: the address is in use (another codelane server?) "
+                    "or not available on this host"
+                )
+            self.ports.append(port)
+        self.port = self.ports[0]
+        if self.external_cas is not None:
+            await self.external_cas.connect()
         await server.start()
         self._server = server
         if self.config.local_workers > 0:
@@ -326,19 +361,17 @@ class CodelaneServer:
         self._start_local_workers()
         return self.port
 
-    async def _check_config(self) -> None:
-        """What would otherwise fail later: the default model at the first turn, TLS files at bind."""
-        config = self.config
-        if config.model:
-            try:
-                provider, _ = create_provider(config.model)
-                if parse_model(config.model).provider == "scripted":
-                    # Providers load scripts lazily: the operator's own must load now, or say why.
-                    await ScriptLibrary(()).load_async(parse_model(config.model).name, check=False)
-            except ValueError as exc:  # a malformed model string, an unknown provider, a bad script
-                raise ServerConfigError(f"default model: {exc}") from None
-            await provider.aclose()
-        _check_tls_files(config)
+    def _content_source(self) -> worker_pb2.ContentSource:
+        source = worker_pb2.ContentSource(exclude=self.snapshots.excludes, max_batch_bytes=self.content.max_batch_bytes)
+        if self.external_cas is not None:
+            source.address, source.instance_name = self.config.cas, self.config.cas_instance
+        return source
+
+    def _add_content_services(self, server: grpc.aio.Server) -> None:
+        remote_execution_pb2_grpc.add_ContentAddressableStorageServicer_to_server(
+            ContentAddressableStorageServicer(self.content), server
+        )
+        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(ByteStreamServicer(self.content), server)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         config = self.config
@@ -354,6 +387,8 @@ class CodelaneServer:
             options=SERVER_OPTIONS,
         )
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)
+        if self.external_cas is None:
+            self._add_content_services(local)
         self.local_hub_address = f"unix-abstract:codelane-hub-{os.getpid()}-{secrets.token_hex(8)}"
         if local.add_insecure_port(self.local_hub_address) == 0:
             raise OSError(f"cannot listen on {self.local_hub_address} for the local workers")
@@ -462,6 +497,9 @@ class CodelaneServer:
         if self._local_hub is not None:
             await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
         await self.pool.close()
+        self.snapshots.close()
+        if self.external_cas is not None:
+            await self.external_cas.close()
         for proc in workers:
             try:
                 await asyncio.wait_for(proc.wait(), grace)

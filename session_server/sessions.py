@@ -36,6 +36,7 @@ from session_server.limits import bound_event, check_prompt
 from session_server.llm.base import ModelProvider, Usage
 from session_server.models import Models
 from session_server.pool import WorkerPool
+from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
 from session_server.store import SessionRecord, Store, StoredMessage
 from session_server.telemetry import Telemetry
@@ -99,8 +100,10 @@ class SessionManager:
         telemetry: Telemetry | None = None,
         admission: Admission | None = None,
         on_store_state: Callable[[bool, str], None] | None = None,
+        snapshots: SnapshotRegistry | None = None,
     ) -> None:
         self.store = store
+        self.snapshots = snapshots
         self.pool = pool
         self.registry = registry
         self.stats = stats
@@ -295,6 +298,7 @@ class SessionManager:
             external=self.external,
             telemetry=self.telemetry,
             admission=self.admission,
+            snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKED_IN = REPO / "clients" / "python" / "codelane" / "v1"
+GENERATED = REPO / "clients" / "python"
+PACKAGES = ("codelane/v1", "codelane/reapi")
 
 
 def test_regenerating_changes_nothing(tmp_path: Path) -> None:
@@ -20,12 +21,13 @@ def test_regenerating_changes_nothing(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "scripts" / "gen_protos.py"), str(tmp_path)],
         check=True, capture_output=True, text=True,
     )
-    fresh = tmp_path / "codelane" / "v1"
-    fresh_files = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    checked_files = sorted(p.name for p in CHECKED_IN.iterdir() if p.is_file())
-    assert fresh_files == checked_files, "stub set differs: run python scripts/gen_protos.py"
-    _, mismatch, errors = filecmp.cmpfiles(fresh, CHECKED_IN, fresh_files, shallow=False)
-    assert not mismatch and not errors, f"stale stubs {mismatch + errors}: run python scripts/gen_protos.py"
+    for package in PACKAGES:
+        fresh, checked_in = tmp_path / package, GENERATED / package
+        fresh_files = sorted(p.name for p in fresh.iterdir() if p.is_file())
+        checked_files = sorted(p.name for p in checked_in.iterdir() if p.is_file())
+        assert fresh_files == checked_files, f"{package}: stub set differs: run python scripts/gen_protos.py"
+        _, mismatch, errors = filecmp.cmpfiles(fresh, checked_in, fresh_files, shallow=False)
+        assert not mismatch and not errors, f"stale stubs {mismatch + errors}: run python scripts/gen_protos.py"
 
 
 def _buf() -> str | None:

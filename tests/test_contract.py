@@ -29,19 +29,29 @@ from grpc_tools import protoc
 
 from codelane import client as sdk_client
 from codelane import events as sdk
-from codelane.v1 import admin_pb2, events_pb2, session_pb2, session_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import (
+    admin_pb2,
+    events_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    tools_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+    workspace_pb2,
+)
 from session_server import events as ev
 from session_server.api import admin, convert
 from session_server.config import build_settings
 from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
 from session_server.llm.base import Usage
-from session_server.pool import WorkerSnapshot
+from session_server.pool import WorkerSnapshot, WorkspaceHeld
 from session_server.stats import StatsLane
 from session_server.store import SessionRecord, StoredMessage
 from tests.session import conftest as session_fixtures
 from tests.session.conftest import RPC_TIMEOUT, Client, InProcess, call, kind, read_rest, read_until, scripted
 from tool_worker import wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy, SandboxSettings
+from tool_worker.merkle import Digest
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, Lane
 
@@ -50,7 +60,7 @@ make_server = session_fixtures.make_server
 workspace = session_fixtures.workspace
 
 REPO = Path(__file__).resolve().parent.parent
-MODULES = ["tools", "events", "session", "worker", "admin"]
+MODULES = ["tools", "events", "session", "worker", "admin", "workspace"]
 PB2 = {name: importlib.import_module(f"codelane.v1.{name}_pb2") for name in MODULES}
 EPOCH = 1_764_000_000.0
 # Past 2**53: a sequence that went through a double would come back changed.
@@ -250,7 +260,9 @@ def unfilled(message: Any, path: str = "") -> list[str]:
             if not value:
                 missing.append(name)
             elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-                missing += [gap for item in value for gap in unfilled(item, f"{name}[].")]
+                # A field some items leave at its default by meaning (a reason only when there
+                # is one) is filled if any item fills it.
+                missing += sorted(set.intersection(*(set(unfilled(item, f"{name}[].")) for item in value)))
         elif field.has_presence:
             if not message.HasField(field.name):
                 missing.append(name)
@@ -372,7 +384,10 @@ def test_a_worker_shows_every_field() -> None:
     snapshot = WorkerSnapshot(
         worker_id="w-1", version="0.1", hostname="gpu-3", peer="ipv4:10.0.0.3:5000", labels={"gpu": "true"},
         tools=["read", "grep"], slots=8, in_flight=2, workspace_roots=["/srv"], draining=True, connected_at=EPOCH,
-        last_seen=EPOCH + 5, workspaces={"/srv/a": (True, "the fingerprints match")}, completed=41,
+        last_seen=EPOCH + 5, workspaces={
+            "/srv/a": WorkspaceHeld("synced", Digest("ab" * 32, 140)),
+            "/srv/b": WorkspaceHeld("unavailable", Digest("cd" * 32, 96), "its cache disk is full"),
+        }, completed=41,
         max_in_flight_seen=8,
     )
     assert unfilled(convert.worker_info(snapshot)) == []
@@ -505,6 +520,15 @@ def _worker_states() -> dict[str, int]:
     return states
 
 
+def _workspace_modes() -> dict[str, int]:
+    modes = {}
+    for mode in _names(workspace_pb2.WorkspaceMode.DESCRIPTOR):
+        held = {"/ws": WorkspaceHeld(mode, Digest("ab" * 32, 140))}
+        snapshot = WorkerSnapshot("w", "", "", "", {}, [], 1, 0, [], False, EPOCH, EPOCH, held, 0, 0)
+        modes[mode] = convert.worker_info(snapshot).workspaces[0].mode
+    return modes
+
+
 def _names(enum: descriptor.EnumDescriptor) -> list[str]:
     return [_sdk_name(enum, number) for number in enum.values_by_number if number]
 
@@ -522,6 +546,7 @@ DOMAIN_TO_PROTO: dict[str, Callable[[], dict[str, int]]] = {
     "codelane.v1.WorkerState": _worker_states,
     "codelane.v1.SandboxMode": _sandbox_modes,
     "codelane.v1.SandboxNetwork": _sandbox_networks,
+    "codelane.v1.WorkspaceMode": _workspace_modes,
 }
 
 

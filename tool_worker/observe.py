@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 log = logging.getLogger("codelane.worker")
 
-PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+PLACEMENT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class WorkerMetrics:
@@ -50,11 +50,12 @@ class WorkerMetrics:
                                registry=r)
         self.connections = Counter("codelane_worker_connections", "Attempts to join the hub, by result (welcomed, "
                                    "unavailable, rejected).", ["result"], registry=r)
-        self.probe_time = Histogram("codelane_worker_probe_seconds", "Time to fingerprint a workspace for the hub's "
-                                    "probe (what checking a workspace's content costs).", buckets=PROBE_BUCKETS,
-                                    registry=r)
-        self.probes = Counter("codelane_worker_probes", "Workspace probes answered, by outcome (ok, error).",
-                              ["outcome"], registry=r)
+        self.placement_time = Histogram("codelane_worker_placement_seconds", "Time to present a call's snapshot "
+                                        "before it runs: a digest check, or a sync of what changed.",
+                                        buckets=PLACEMENT_BUCKETS, registry=r)
+        self.placements = Counter("codelane_worker_placements", "Calls placed on a snapshot, by where they ran "
+                                  "(shared: the server's path; synced: the worker's copy; unavailable: not run).",
+                                  ["mode"], registry=r)
         self._series: dict[tuple[str, str], Counter] = {}
         self._run_times: dict[str, Histogram] = {}
 

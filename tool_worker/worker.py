@@ -3,11 +3,14 @@
     codelane worker --connect HOST:PORT [--token T] [--slots N] [--labels k=v,...]
                     [--root DIR ...] [--tools python.module] [--id ID]
                     [--metrics-listen HOST:PORT] [--health-listen HOST:PORT] [--otlp-endpoint URL]
-                    [--cache-dir DIR] [--require TOOL:k=v,...]
+                    [--cache-dir DIR] [--cache-size 10GiB] [--require TOOL:k=v,...]
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
 exits 0. A hub that refuses its token or its Hello ends it with a non-zero exit and one clear line.
+
+Each call runs on the snapshot its Assign names (tool_worker.workspaces): on the server's own
+path when this host sees the same files there, else on a copy synced into --cache-dir.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from codelane import __version__
 from codelane.commands import args as types
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
-from tool_worker import wire
+from tool_worker import snapshot_wire, wire
+from tool_worker.cas import CasClient
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import SandboxSettings
-from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.merkle import Holding
 from tool_worker.observe import WorkerMetrics, WorkerTelemetry
 from tool_worker.plugins import ToolHost
 from tool_worker.registry import ToolRegistry
@@ -44,6 +48,14 @@ from tool_worker.telemetry.config import split_address, start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult
+from tool_worker.workspaces import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CACHE_SIZE,
+    SnapshotChanged,
+    WorkspaceManager,
+    WorkspaceUnavailable,
+    parse_size,
+)
 
 log = logging.getLogger("codelane.worker")
 
@@ -77,6 +89,8 @@ class WorkerConfig:
     metrics_listen: str | None = None
     health_listen: str | None = None
     otlp_endpoint: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_size: int = DEFAULT_CACHE_SIZE
 
 
 class _Outbox:
@@ -125,11 +139,18 @@ class ToolWorker:
         self._draining = asyncio.Event()
         # Calls running now, by the hub's dispatch id (model call ids repeat across sessions).
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._probes: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         # Given by the hub's Welcome: proves it is us when we reconnect after a broken stream.
         self._reconnect_token = ""
+        self._cas_channel: grpc.aio.Channel | None = None
+        self._cas_address = ""
         self._roots = tuple(config.roots)
+        self.workspaces = WorkspaceManager(
+            roots=self._roots, cache_dir=os.path.join(config.cache_dir, "workspaces"), cache_size=config.cache_size,
+            on_change=self._holding_changed,
+        )
+        self._outbox: _Outbox | None = None
+        self._reports: set[asyncio.Task[None]] = set()
 
     def request_drain(self) -> None:
         self._draining.set()
@@ -148,6 +169,7 @@ class ToolWorker:
             workspace_roots=self.config.roots,
             hostname=socket.gethostname(),
             reconnect_token=self._reconnect_token,
+            holdings=[snapshot_wire.holding_to_proto(h) for h in self.workspaces.holdings.values()],
         )
 
     async def run(self) -> int:
@@ -214,6 +236,9 @@ class ToolWorker:
             if watchdog is not None:
                 watchdog.cancel()
             await channel.close()
+            if self._cas_channel is not None:
+                await self._cas_channel.close()
+            self.workspaces.close()
 
     def _count_connection(self, result: str) -> None:
         if self.telemetry is not None:
@@ -253,6 +278,8 @@ class ToolWorker:
             return
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         self._reconnect_token = first.welcome.reconnect_token
+        self._use_content(first.welcome.content, channel)
+        self._outbox = outbox
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
         self._count_connection("welcomed")
         if self.telemetry is not None and not self._draining.is_set():
@@ -266,6 +293,7 @@ class ToolWorker:
         finally:
             if self.telemetry is not None:
                 self.telemetry.set_ready(False)
+            self._outbox = None
             heartbeat.cancel()
             drain_watch.cancel()
             self._reader.cancel()
@@ -309,10 +337,6 @@ class ToolWorker:
                 task = self._running.pop(message.cancel.dispatch_id, None)
                 if task is not None:
                     task.cancel()
-            elif kind == "probe":
-                probe = asyncio.create_task(self._probe(message.probe, outbox))
-                self._probes.add(probe)
-                probe.add_done_callback(self._probes.discard)
             elif kind == "drain":
                 log.info("hub asked us to drain: %s", message.drain.reason)
                 self._draining.set()
@@ -328,16 +352,7 @@ class ToolWorker:
         try:
             started = time.perf_counter()
             try:
-                if not self._within_roots(assign.workspace):
-                    result = ToolResult.error(
-                        ErrorKind.PATH_ESCAPE,
-                        f"{assign.tool_name} was not run: workspace {assign.workspace} is outside this worker's "
-                        f"--root ({', '.join(self._roots)})",
-                    )
-                else:
-                    result = await self.registry.execute(
-                        assign.tool_name, assign.workspace, assign.arguments_json, tuple(assign.denied_paths)
-                    )
+                result = await self._run_on_snapshot(assign)
             except asyncio.CancelledError:
                 result = ToolResult.error(ErrorKind.CANCELLED, f"{assign.tool_name} was cancelled on the worker",
                                           run_time=time.perf_counter() - started)
@@ -357,26 +372,70 @@ class ToolWorker:
         finally:
             self._running.pop(key, None)
 
-    def _within_roots(self, workspace: str) -> bool:
-        """Whatever the hub says, a worker reads only under its own --root (symlinks resolved)."""
-        return not self._roots or _under_roots(workspace, self._roots)
-
-    async def _probe(self, probe: worker_pb2.Probe, outbox: _Outbox) -> None:
-        answer = worker_pb2.ProbeResult(probe_id=probe.probe_id, workspace=probe.workspace)
+    async def _run_on_snapshot(self, assign: worker_pb2.Assign) -> ToolResult:
+        snapshot = snapshot_wire.snapshot_from_proto(assign.snapshot)
+        if snapshot is None or snapshot.workspace != assign.workspace:
+            return ToolResult.error(
+                ErrorKind.INTERNAL,
+                f"{assign.tool_name} was not run: its Assign names no valid snapshot of {assign.workspace} "
+                "(a hub older than this worker?)",
+            )
+        started = time.perf_counter()
         try:
-            if not self._within_roots(probe.workspace):
-                answer.error = f"the workspace is outside this worker's --root ({', '.join(self._roots)})"
-            else:
-                started = time.perf_counter()
-                answer.fingerprint = await asyncio.to_thread(workspace_fingerprint, probe.workspace)
-                if self.telemetry is not None:
-                    self.telemetry.metrics.probe_time.observe(time.perf_counter() - started)
-        except Exception as exc:
-            answer.error = str(exc)
+            placement = await self.workspaces.place(snapshot)
+        except SnapshotChanged as exc:
+            self._count_placement("unavailable", started)
+            return ToolResult.error(ErrorKind.SNAPSHOT_CHANGED, f"{assign.tool_name} was not run: {exc}")
+        except WorkspaceUnavailable as exc:
+            self._count_placement("unavailable", started)
+            return ToolResult.error(ErrorKind.TOOL_ERROR, f"{assign.tool_name} was not run on this worker: {exc}")
+        self._count_placement("synced" if placement.mapped else "shared", started)
+        try:
+            result = await self.registry.execute(
+                assign.tool_name, placement.path, placement.arguments(assign.arguments_json),
+                tuple(assign.denied_paths),  # relative globs: they hold on a synced copy as on the original
+            )
+        finally:
+            placement.release()
+        return placement.result(result)
+
+    def _count_placement(self, mode: str, started: float) -> None:
         if self.telemetry is not None:
-            self.telemetry.metrics.probes.labels("error" if answer.error else "ok").inc()
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-            await outbox.send(worker_pb2.ConnectRequest(probe_result=answer))
+            self.telemetry.metrics.placements.labels(mode).inc()
+            self.telemetry.metrics.placement_time.observe(time.perf_counter() - started)
+
+    def _use_content(self, content: worker_pb2.ContentSource, channel: grpc.aio.Channel) -> None:
+        """Where snapshots come from: the hub itself (this channel, this token) or another CAS."""
+        if content.address:
+            if self._cas_channel is None or self._cas_address != content.address:
+                address = content.address.removeprefix("grpc://").removeprefix("grpcs://")
+                if content.address.startswith("grpcs://"):
+                    self._cas_channel = create_channel(address, tls_ca=self.config.tls_ca)
+                else:
+                    self._cas_channel = create_channel(address)
+                self._cas_address = content.address
+            cas = CasClient(self._cas_channel, instance_name=content.instance_name,
+                            max_batch_bytes=content.max_batch_bytes)
+        else:
+            cas = CasClient(channel, instance_name=content.instance_name,
+                            metadata=bearer_metadata(self.config.token), max_batch_bytes=content.max_batch_bytes)
+        self.workspaces.configure(cas, tuple(content.exclude))
+
+    def _holding_changed(self, holding: Holding) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return  # the next Hello carries it
+        message = worker_pb2.ConnectRequest(
+            holdings=worker_pb2.Holdings(workspaces=[snapshot_wire.holding_to_proto(holding)])
+        )
+
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await outbox.send(message)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def _heartbeat(self, outbox: _Outbox, interval: float) -> None:
         while True:
@@ -430,9 +489,11 @@ def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
-def _under_roots(workspace: str, roots: tuple[str, ...]) -> bool:
-    real = os.path.realpath(workspace)
-    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_requirement(text: str) -> tuple[str, dict[str, str]]:
@@ -454,10 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CODELANE_WORKER_TOKEN"),
         help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
     )
-    parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once")
+    parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once (default 4)")
     parser.add_argument("--labels", type=types.labels, default={}, help="routing labels, e.g. gpu=true,zone=eu")
     parser.add_argument("--root", action="append", default=[], type=types.existing_dir,
-                        help="workspace root this worker can read (repeat)")
+                        help="directory under which the server's workspace paths may be used directly when this "
+                        "host sees the same files (repeatable; none: any path). Other workspaces are synced into "
+                        "--cache-dir")
+    parser.add_argument("--cache-size", type=_size_argument, default=DEFAULT_CACHE_SIZE,
+                        help="bound of the cache's synced workspaces and blobs, e.g. 10GiB (default 10GiB)")
     parser.add_argument(
         "--tools",
         action="append",
@@ -469,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codelane",
-        help="where this worker's tools keep caches, e.g. the semantic_search index (default ~/.cache/codelane)",
+        help="where this worker keeps synced workspaces (workspaces/, bounded by --cache-size) and its tools their "
+        "caches, e.g. the semantic_search index (default ~/.cache/codelane)",
     )
     parser.add_argument(
         "--require",
@@ -552,6 +618,8 @@ def main(argv: list[str]) -> int:
         metrics_listen=args.metrics_listen,
         health_listen=args.health_listen,
         otlp_endpoint=args.otlp_endpoint,
+        cache_dir=str(args.cache_dir),
+        cache_size=args.cache_size,
     )
     return asyncio.run(_run(config, registry))
 

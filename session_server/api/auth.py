@@ -8,6 +8,12 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 WORKER_HUB_PREFIX = "/codelane.v1.WorkerHubService/"
+# Workers fetch snapshots from the content service: it answers to the worker token too.
+WORKER_PREFIXES = (
+    WORKER_HUB_PREFIX,
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/",
+    "/google.bytestream.ByteStream/",
+)
 # Health checks and reflection stay open, as load balancers and grpcurl expect.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -42,7 +48,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        is_worker = method.startswith(WORKER_HUB_PREFIX)
+        is_worker = method.startswith(WORKER_PREFIXES)
         expected = self._worker if is_worker else self._client
         if expected is None or method.startswith(OPEN_PREFIXES):
             return await continuation(details)

@@ -20,9 +20,9 @@ from session_server.config import LaneMode, PermissionsRequest, SandboxRequest, 
 from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
 from session_server.llm.base import Usage
 from session_server.permissions import Action, PermissionPolicy
-from session_server.pool import WorkerSnapshot
+from session_server.pool import WorkerSnapshot, WorkspaceHeld
 from session_server.store import SessionRecord, StoredMessage
-from tool_worker import wire
+from tool_worker import snapshot_wire, wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
 
 # A stream message carries a batch of events up to about this size (a single bigger event goes
@@ -82,14 +82,20 @@ def worker_info(snapshot: WorkerSnapshot) -> admin_pb2.WorkerInfo:
         state=admin_pb2.WORKER_STATE_DRAINING if snapshot.draining else admin_pb2.WORKER_STATE_READY,
         connect_time=timestamp(snapshot.connected_at),
         last_heartbeat_time=timestamp(snapshot.last_seen),
-        workspaces=[
-            admin_pb2.WorkspaceVisibility(workspace=ws, visible=visible, reason=reason)
-            for ws, (visible, reason) in snapshot.workspaces.items()
-        ],
+        workspaces=[_workspace_held(ws, held) for ws, held in snapshot.workspaces.items()],
         completed_calls=snapshot.completed,
         hostname=snapshot.hostname,
         peer=snapshot.peer,
     )
+
+
+def _workspace_held(workspace: str, held: WorkspaceHeld) -> admin_pb2.WorkspaceVisibility:
+    message = admin_pb2.WorkspaceVisibility(
+        workspace=workspace, visible=held.visible, reason=held.reason, mode=snapshot_wire.MODE_TO_PROTO[held.mode]
+    )
+    if held.digest is not None:
+        snapshot_wire.set_digest(message.root_digest, held.digest)
+    return message
 
 
 # -- sessions ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from session_server.pool import (
     WorkerPool,
     WorkerRegistration,
 )
-from tool_worker import wire
+from tool_worker import snapshot_wire, wire
 from tool_worker.telemetry import logs as log_context
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class _StreamLink:
         if assignment.traceparent:
             message.trace_context.traceparent = assignment.traceparent
             message.trace_context.tracestate = assignment.tracestate
+        if assignment.snapshot is not None:
+            snapshot_wire.set_snapshot(message.snapshot, assignment.snapshot)
         if not self._kick_scheduled:
             # The writer is woken only if nobody flushed by the end of this loop turn: the usual
             # dispatch flushes inline, and waking a task for nothing costs every call.
@@ -99,9 +101,6 @@ class _StreamLink:
         self._send(worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(
             dispatch_id=assignment.dispatch_id, call_id=assignment.call_id, attempt=assignment.attempt, reason=reason,
         )))
-
-    def probe(self, probe_id: str, workspace: str) -> None:
-        self._send(worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id=probe_id, workspace=workspace)))
 
     def drain(self, reason: str) -> None:
         self._send(worker_pb2.ConnectResponse(drain=worker_pb2.Drain(reason=reason)))
@@ -158,12 +157,17 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
         hostname=hello.hostname,
         peer=peer,
         reconnect_token=hello.reconnect_token,
+        holdings=[h for h in map(snapshot_wire.holding_from_proto, hello.holdings) if h is not None],
     )
 
 
 class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
-    def __init__(self, pool: WorkerPool) -> None:
+    """`content` is sent in every Welcome: where workers fetch snapshots, and the digest's
+    exclusions."""
+
+    def __init__(self, pool: WorkerPool, content: worker_pb2.ContentSource | None = None) -> None:
         self._pool = pool
+        self._content = content or worker_pb2.ContentSource()
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         try:
@@ -191,6 +195,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             heartbeat_timeout=wire.duration(self._pool.heartbeat_timeout),
             hub_version=__version__,
             reconnect_token=reconnect_token,
+            content=self._content,
         )
         reason = "the connection to the worker broke (its process died or the network failed)"
         cause = "stream_broken"
@@ -237,9 +242,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                         pool.on_result(worker_id, link, msg.dispatch_id, wire.result_from_proto(msg.result))
                 elif kind == "heartbeat":
                     pool.heartbeat(worker_id, link)
-                elif kind == "probe_result":
-                    msg = request.probe_result
-                    pool.on_probe_result(worker_id, link, msg.probe_id, msg.fingerprint, msg.error)
+                elif kind == "holdings":
+                    holdings = map(snapshot_wire.holding_from_proto, request.holdings.workspaces)
+                    pool.on_holdings(worker_id, link, [h for h in holdings if h is not None])
                 elif kind == "draining":
                     drained = True
                     pool.worker_draining(worker_id, link)

@@ -1,7 +1,7 @@
 """The worker pool: places Query calls on connected tool workers (see `pool.WorkerPool`).
 
 Split by concern: `workers` (who is connected, their credit, who owns an id), `routing`
-(capability and workspace visibility), `fairness` (round-robin across sessions), `pool`
+(capability, and a preference for workers holding a call's snapshot), `fairness` (round-robin across sessions), `pool`
 (dispatch, deadlines, retries, liveness). Writing to a worker's stream is the hub's business
 (`session_server.api.hub`), behind `types.WorkerLink`.
 """
@@ -21,6 +21,7 @@ from session_server.pool.types import (
     WorkerLink,
     WorkerRegistration,
     WorkerSnapshot,
+    WorkspaceHeld,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "WorkerPool",
     "WorkerRegistration",
     "WorkerSnapshot",
+    "WorkspaceHeld",
 ]

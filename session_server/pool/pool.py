@@ -9,15 +9,15 @@ the pool emits no events and knows nothing of sessions beyond their id (for fair
 
 Guarantees:
 - credit: never more calls outstanding on a worker than its slots;
-- routing (`routing.Router`): only to workers offering the tool, carrying its required labels and
-  seeing the session's workspace;
+- routing (`routing.Router`): only to workers offering the tool and carrying its required labels,
+  preferring those that hold the call's workspace snapshot;
 - fairness (`fairness.FairQueues`): free slots go round-robin across sessions;
 - identity: each attempt of each call has its own dispatch id, so calls whose model-given ids
   collide (two sessions replaying one script) never meet;
 - loss: calls of a lost worker are re-dispatched when idempotent (bounded attempts), otherwise end
   with an error; a call left with no capable worker ends after a bounded wait;
 - liveness (`check()`, run by a monitor task that survives its own failures): silent workers are
-  dropped, unanswered probes expire, orphaned calls give up.
+  dropped, orphaned calls give up.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from session_server.pool.fairness import FairQueues
-from session_server.pool.routing import Router, Visibility
+from session_server.pool.routing import Router
 from session_server.pool.types import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_NO_WORKER_WAIT,
-    DEFAULT_PROBE_TIMEOUT,
     Assignment,
     LinkFault,
     QueryCall,
@@ -46,6 +45,7 @@ from session_server.pool.types import (
     WorkerSnapshot,
 )
 from session_server.pool.workers import Worker, WorkerDirectory
+from tool_worker.merkle import Holding
 from tool_worker.tools.base import ErrorKind, ToolResult, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,10 @@ class WorkerPool:
 
     def __init__(
         self,
-        fingerprint: Callable[[str], str],
         *,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         no_worker_wait: float = DEFAULT_NO_WORKER_WAIT,
-        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         on_worker_lost: Callable[[str], None] | None = None,
     ) -> None:
@@ -94,7 +92,7 @@ class WorkerPool:
         self.no_worker_wait = no_worker_wait
         self._clock = clock
         self._workers = WorkerDirectory(clock)
-        self._router = Router(fingerprint, clock=clock, probe_timeout=probe_timeout, on_change=self._views_changed)
+        self._router = Router()
         self._queued: FairQueues[Pending] = FairQueues()
         # Dispatch ids: this pool's random prefix, so ids never repeat across server restarts.
         self._dispatch_prefix = secrets.token_hex(3)
@@ -124,7 +122,6 @@ class WorkerPool:
                 self._finish(pending, shutting_down)
             worker.link.close("the session server is shutting down", LinkFault.SHUTTING_DOWN)
             self._workers.remove(worker)
-        await self._router.close()
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -206,11 +203,13 @@ class WorkerPool:
             waiting.append((labels, now - pending.enqueued))
         return waiting
 
-    def on_probe_result(self, worker_id: str, link: WorkerLink, probe_id: str, fingerprint: str, error: str) -> None:
+    def on_holdings(self, worker_id: str, link: WorkerLink, holdings: list[Holding]) -> None:
+        """The worker says what it holds of some workspaces: queued calls may prefer it now."""
         worker = self._live(worker_id, link)
         if worker is not None:
             worker.last_seen = self._clock()
-            self._router.on_probe_result(worker, probe_id, fingerprint, error)
+            for holding in holdings:
+                self._router.holds(worker, holding)
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -229,7 +228,7 @@ class WorkerPool:
         if worker is None and not any(self._router.capable(w, call) for w in workers):
             return self._no_worker_result(call)
         loop = asyncio.get_running_loop()
-        pending = Pending(call=call, future=loop.create_future(), enqueued=self._clock())
+        pending = Pending(call=call, future=loop.create_future(), enqueued=self._clock(), attempt=call.first_attempt)
         pending.deadline_timer = loop.call_later(call.timeout, self._on_deadline, pending)
         if worker is not None:
             self._assign(worker, pending)
@@ -264,7 +263,7 @@ class WorkerPool:
     # -- liveness ------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Drops silent workers, expires probes, and ends calls no worker can take. Each part is
+        """Drops silent workers and ends calls no worker can take. Each part is
         contained: one failing never stops the others, nor the monitor."""
         now = self._clock()
         for worker in list(self._workers):
@@ -274,8 +273,6 @@ class WorkerPool:
                     why = f"no heartbeat or message for {silent:.1f}s (timeout {self.heartbeat_timeout:g}s)"
                     self._lose(worker, why, "heartbeat_timeout")
                     worker.link.close(f"no heartbeat for {silent:.1f}s", LinkFault.HEARTBEAT_TIMEOUT)
-                else:
-                    self._router.expire_probes(worker)
             except Exception:
                 log.exception("checking worker %s failed", worker.id)
         for pending in list(self._queued):
@@ -289,7 +286,7 @@ class WorkerPool:
         if any(self._router.capable(w, pending.call) for w in self._workers):
             pending.orphaned_since = None
         elif pending.attempt == 1:
-            # Never ran anywhere (every probe said no): fail fast, the caller may run it itself.
+            # Never ran anywhere and nobody could take it: fail fast, the caller may run it itself.
             self._withdraw(pending, "no capable worker")
             self._finish(pending, self._no_worker_result(pending.call))
         elif pending.orphaned_since is None:
@@ -302,13 +299,6 @@ class WorkerPool:
                 result, output=f"{result.output} (waited {self.no_worker_wait:g}s for one to connect)",
                 attempt=pending.attempt,
             ))
-
-    def _views_changed(self) -> None:
-        """A probe's verdict is in: queued calls may go, or learn at once that nobody can take them."""
-        now = self._clock()
-        for pending in list(self._queued):
-            self._check_orphan(pending, now)
-        self._pump()
 
     async def _watch(self) -> None:
         tick = min(self.heartbeat_interval, 0.25)
@@ -358,6 +348,7 @@ class WorkerPool:
             denied_paths=call.denied_paths,
             traceparent=call.traceparent,
             tracestate=call.tracestate,
+            snapshot=call.snapshot,
         )
         worker.in_flight[pending.assignment.dispatch_id] = pending
         worker.max_in_flight_seen = max(worker.max_in_flight_seen, len(worker.in_flight))
@@ -373,7 +364,6 @@ class WorkerPool:
             except Exception:
                 log.exception("reporting the loss of worker %s failed", worker.id)
         self._workers.remove(worker)
-        self._router.forget(worker)
         orphans = list(worker.in_flight.values())
         worker.in_flight.clear()
         for pending in orphans:
@@ -430,13 +420,7 @@ class WorkerPool:
             pending.future.set_result(result)
 
     def _no_worker_result(self, call: QueryCall) -> ToolResult:
-        reasons = []
-        for worker in self._workers:
-            view = worker.views.get(call.workspace)
-            if call.tool_name in worker.tools and view is not None and view.state is Visibility.INVISIBLE:
-                reasons.append(f"{worker.id}: {view.reason}")
-        detail = f" ({'; '.join(reasons)})" if reasons else ""
         return ToolResult.error(
             ErrorKind.NO_WORKER,
-            f"no connected worker can run {call.tool_name} for workspace {call.workspace}{detail}",
+            f"no connected worker can run {call.tool_name} for workspace {call.workspace}",
         )

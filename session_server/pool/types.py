@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tool_worker.merkle import Digest, Holding, SnapshotRef
 from tool_worker.tools.base import ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -16,7 +17,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_HEARTBEAT_TIMEOUT = 6.0
 # How long a call whose worker was lost waits for another capable worker before failing.
 DEFAULT_NO_WORKER_WAIT = 5.0
-DEFAULT_PROBE_TIMEOUT = 10.0
 
 
 class InvalidRegistration(ValueError):
@@ -46,6 +46,8 @@ class WorkerRegistration:
     peer: str = ""
     # The secret of this id's previous Welcome, when the worker reconnects; empty otherwise.
     reconnect_token: str = ""
+    # What it already holds (a worker restarting with its cache).
+    holdings: Sequence[Holding] = ()
 
 
 @dataclass(slots=True)
@@ -67,6 +69,8 @@ class Assignment:
     # W3C trace context of the call's span on the server ("" when it does not trace).
     traceparent: str = ""
     tracestate: str = ""
+    # The snapshot the call must see (None: the server has none to name).
+    snapshot: SnapshotRef | None = None
 
 
 class LinkFault(enum.Enum):
@@ -84,8 +88,6 @@ class WorkerLink(Protocol):
     def assign(self, assignment: Assignment) -> None: ...
 
     def cancel(self, assignment: Assignment, reason: str) -> None: ...
-
-    def probe(self, probe_id: str, workspace: str) -> None: ...
 
     def drain(self, reason: str) -> None: ...
 
@@ -123,6 +125,24 @@ class QueryCall:
     # W3C trace context the worker continues ("" when the server does not trace).
     traceparent: str = ""
     tracestate: str = ""
+    # The snapshot of `workspace` the call must see.
+    snapshot: SnapshotRef | None = None
+    # The number of its first attempt here: above 1 when the caller dispatches the call again
+    # (with a newer snapshot), so attempts keep counting up in the call's events.
+    first_attempt: int = 1
+
+
+@dataclass(frozen=True)
+class WorkspaceHeld:
+    """A worker's holding of one workspace, as ListWorkers shows it."""
+
+    mode: str
+    digest: Digest | None
+    reason: str = ""
+
+    @property
+    def visible(self) -> bool:
+        return self.mode in ("shared", "synced")
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,7 @@ class WorkerSnapshot:
     draining: bool
     connected_at: float  # epoch seconds
     last_seen: float  # epoch seconds
-    workspaces: dict[str, tuple[bool, str]]
+    # workspace -> what the worker reported holding of it
+    workspaces: dict[str, WorkspaceHeld]
     completed: int
     max_in_flight_seen: int

@@ -15,12 +15,13 @@ from session_server.pool.types import (
     WorkerLink,
     WorkerRegistration,
     WorkerSnapshot,
+    WorkspaceHeld,
 )
+from tool_worker.merkle import Holding
 from tool_worker.tools.base import ToolSpec
 
 if TYPE_CHECKING:
     from session_server.pool.pool import Pending
-    from session_server.pool.routing import WorkspaceView
 
 
 @dataclass(eq=False)
@@ -38,7 +39,8 @@ class Worker:
     # Calls outstanding on it, by dispatch id: its credit is slots - len(in_flight).
     in_flight: dict[str, Pending] = field(default_factory=dict)
     draining: bool = False
-    views: dict[str, WorkspaceView] = field(default_factory=dict)
+    # What it reported holding, by workspace (routing prefers workers holding a call's snapshot).
+    holdings: dict[str, Holding] = field(default_factory=dict)
     completed: int = 0
     max_in_flight_seen: int = 0
 
@@ -110,6 +112,7 @@ class WorkerDirectory:
             tools={t.name: t for t in reg.tools},
             runnable=runnable,
             reconnect_token=secrets.token_urlsafe(24),
+            holdings={h.workspace: h for h in reg.holdings},
         )
         self._workers[reg.worker_id] = worker
         return worker
@@ -155,7 +158,7 @@ class WorkerDirectory:
             draining=worker.draining,
             connected_at=worker.connected_at,
             last_seen=time.time() - (self._clock() - worker.last_seen),
-            workspaces={ws: (v.visible, v.reason) for ws, v in sorted(worker.views.items())},
+            workspaces={ws: WorkspaceHeld(h.mode, h.digest, h.reason) for ws, h in sorted(worker.holdings.items())},
             completed=worker.completed,
             max_in_flight_seen=worker.max_in_flight_seen,
         )

@@ -82,7 +82,11 @@ async def test_a_turns_figures_match_its_events_during_and_after_it(
     assert worker_page.value("codelane_worker_calls_total", tool="grep", outcome="ok") == 1
     assert worker_page.value("codelane_worker_calls_total", tool="read", outcome="ok") == 1
     assert worker_page.value("codelane_worker_connected") == 1
-    assert worker_page.value("codelane_worker_probes_total", outcome="ok") >= 1
+    assert worker_page.value("codelane_worker_placements_total", mode="shared") == 2
+    # The worker reported holding the workspace (the server's own path: shared).
+    held = await scrape_until(port, lambda p: p.value("codelane_worker_workspaces", mode="shared") == 1,
+                              "the worker's holding")
+    assert held.value("codelane_worker_workspaces", mode="synced") == 0
 
     # During a turn: one call runs, two wait for the worker's only slot.
     stream = server.client.send_stream(sid, "now sleep")

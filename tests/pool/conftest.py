@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -20,6 +22,8 @@ PLUGIN = "benchmarks.plugin_tools"
 class WorkerProcs:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Each worker's cache (synced workspaces) lives here, never in the user's home.
+        self.cache_root = tempfile.mkdtemp(prefix="codelane-worker-cache-")
 
     def spawn(
         self,
@@ -45,6 +49,8 @@ class WorkerProcs:
             str(slots),
             "--tools",
             PLUGIN,
+            "--cache-dir",
+            os.path.join(self.cache_root, worker_id.replace("/", "_")),
         ]
         if labels:
             argv += ["--labels", labels]
@@ -68,6 +74,7 @@ class WorkerProcs:
             proc.wait()
             if proc.stderr:
                 proc.stderr.close()
+        shutil.rmtree(self.cache_root, ignore_errors=True)
 
 
 @pytest.fixture

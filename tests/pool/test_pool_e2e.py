@@ -11,10 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.pool import QueryCall
 from tests.pool.conftest import pid_alive, wait_for
 from tests.processes import all_gone, pids_with
+from tool_worker.merkle import SnapshotRef, snapshot_of
 from tool_worker.tools.base import ErrorKind
 
 
@@ -69,6 +70,7 @@ def call(
         workspace=str(workspace),
         timeout=timeout,
         observer=Placements(events) if events is not None else None,
+        snapshot=snapshot_of(str(workspace)),
     )
 
 
@@ -314,26 +316,33 @@ async def test_wrong_worker_token_is_unauthenticated_and_the_worker_exits(make_s
     assert good.poll() is None
 
 
-async def test_workspace_outside_a_workers_roots_is_not_routed_there(make_server, workers, tmp_path: Path) -> None:
+async def test_roots_limit_shared_mode_and_a_workspace_elsewhere_is_synced(make_server, workers, tmp_path: Path) -> None:  # noqa: E501
     server = await make_server()
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    (elsewhere / "project").mkdir(parents=True)
+    (elsewhere / "project" / "b.txt").write_text("inside the root\n")
     workers.spawn(server.port, "w1", roots=(str(elsewhere),))
     await connected(server, "w1")
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    result = await server.pool.dispatch(call(workspace, "noop", {}))
-    assert result.is_error and result.error_kind is ErrorKind.NO_WORKER
-    assert "outside the worker's roots" in result.output
-    inside = elsewhere / "project"
-    inside.mkdir()
-    ok = await server.pool.dispatch(call(inside, "noop", {}))
-    assert not ok.is_error and ok.worker_id == "w1"
+    outside = tmp_path / "ws"
+    outside.mkdir()
+    (outside / "a.txt").write_text("outside the root\n")
+    digests = {}
+    for workspace, name, text in ((outside, "a.txt", "outside the root"), (elsewhere / "project", "b.txt", "inside")):
+        current = await server.snapshots.of(str(workspace)).current()
+        digests[str(workspace)] = current.digest.hash
+        result = await server.pool.dispatch(QueryCall(
+            session_id="s1", call_id="c1", tool_name="read", workspace=str(workspace),
+            arguments_json=json.dumps({"file_path": str(workspace / name)}),  # absolute: mapped to the copy
+            snapshot=SnapshotRef(str(workspace), current.digest, current.times_digest),
+        ))
+        assert not result.is_error and result.worker_id == "w1" and text in result.output, result.output
     async with grpc.aio.insecure_channel(server.address) as channel:
         listed = await admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(admin_pb2.ListWorkersRequest())
-    views = {v.workspace: v for v in listed.workers[0].workspaces}
-    assert views[str(inside)].visible and not views[str(workspace)].visible
-    assert "roots" in views[str(workspace)].reason
+    held = {v.workspace: v for v in listed.workers[0].workspaces}
+    assert held[str(outside)].mode == workspace_pb2.WORKSPACE_MODE_SYNCED
+    assert held[str(elsewhere / "project")].mode == workspace_pb2.WORKSPACE_MODE_SHARED
+    assert {ws: v.root_digest.hash for ws, v in held.items()} == digests
+    assert all(v.visible for v in held.values())
 
 
 async def test_results_are_never_stranded_behind_heartbeat_writes(make_server, workers, tmp_path: Path) -> None:

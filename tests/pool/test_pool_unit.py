@@ -16,6 +16,7 @@ from session_server.pool import (
     WorkerPool,
     WorkerRegistration,
 )
+from tool_worker.merkle import SHARED, SYNCED, SYNCING, UNAVAILABLE, Digest, Holding, SnapshotRef
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 READ = ToolSpec("read", "", {"type": "object"}, Lane.QUERY, True)
@@ -32,27 +33,18 @@ class Clock:
 
 
 class FakeLink:
-    def __init__(self, pool: WorkerPool, worker_id: str, fingerprint: str = "fp") -> None:
-        self.pool, self.worker_id, self.fingerprint = pool, worker_id, fingerprint
+    def __init__(self, pool: WorkerPool, worker_id: str) -> None:
+        self.pool, self.worker_id = pool, worker_id
         self.assigned: list[Assignment] = []
         self.cancelled: list[str] = []
-        self.probes: list[str] = []
         self.closed = ""
         self.fault: LinkFault | None = None
-        self.answer_probes = True
 
     def assign(self, assignment: Assignment) -> None:
         self.assigned.append(assignment)
 
     def cancel(self, assignment: Assignment, reason: str) -> None:
         self.cancelled.append(assignment.dispatch_id)
-
-    def probe(self, probe_id: str, workspace: str) -> None:
-        self.probes.append(probe_id)
-        if self.answer_probes:
-            asyncio.get_running_loop().call_soon(
-                self.pool.on_probe_result, self.worker_id, self, probe_id, self.fingerprint, ""
-            )
 
     def drain(self, reason: str) -> None:
         pass
@@ -72,27 +64,29 @@ def add_worker(
     worker_id: str,
     *,
     slots: int = 1,
-    fingerprint: str = "fp",
     tools: tuple[ToolSpec, ...] = (READ, WRITE_ONCE),
     reconnect_token: str = "",
 ) -> FakeLink:
-    link = FakeLink(pool, worker_id, fingerprint)
+    link = FakeLink(pool, worker_id)
     link.token = pool.register(
         WorkerRegistration(worker_id=worker_id, tools=tools, slots=slots, reconnect_token=reconnect_token), link
     )
     return link
 
 
+SNAPSHOT = SnapshotRef("/ws", Digest("a" * 64, 10), Digest("b" * 64, 10))
+OLDER = Digest("c" * 64, 10)
+
+
 def query(call_id: str, tool: str = "read", session: str = "s", observer=None) -> QueryCall:
     return QueryCall(
         session_id=session, call_id=call_id, tool_name=tool, arguments_json="{}", workspace="/ws", timeout=5,
-        observer=observer,
+        observer=observer, snapshot=SNAPSHOT,
     )
 
 
 async def until(condition, what: str) -> None:
-    """Waits for `condition()`: loop turns first, and real time only for the fingerprint, which
-    the pool computes in a thread."""
+    """Waits for `condition()`, a loop turn at a time (bounded in real time)."""
     deadline = time.monotonic() + BOUND
     while not condition():
         if time.monotonic() > deadline:
@@ -100,23 +94,46 @@ async def until(condition, what: str) -> None:
         await asyncio.sleep(0.001)
 
 
-async def test_a_worker_with_a_different_fingerprint_never_gets_the_workspace() -> None:
-    pool = WorkerPool(lambda ws: "fp")
-    stale = add_worker(pool, "stale", fingerprint="other")
-    good = add_worker(pool, "good")
+@pytest.mark.parametrize(
+    ("holdings", "chosen"),
+    [
+        # who holds what of /ws -> who gets a call for SNAPSHOT (all have free slots; "d" the most)
+        ({"a": (SYNCED, SNAPSHOT.digest), "b": (SHARED, OLDER)}, "a"),
+        ({"a": (SHARED, SNAPSHOT.digest), "b": (SYNCED, OLDER)}, "a"),
+        ({"a": (SYNCING, SNAPSHOT.digest), "b": (SHARED, OLDER)}, "a"),
+        ({"b": (SYNCED, OLDER), "c": (SHARED, OLDER)}, "b"),  # most of it beats a rescan
+        ({"c": (SHARED, OLDER), "a": (UNAVAILABLE, SNAPSHOT.digest)}, "c"),
+        ({"a": (UNAVAILABLE, SNAPSHOT.digest)}, "d"),  # unknown beats unavailable
+    ],
+)
+async def test_routing_prefers_who_holds_the_snapshot_then_most_of_it_then_shared(holdings, chosen) -> None:
+    pool = WorkerPool()
+    links = {name: add_worker(pool, name, slots=4 if name == "d" else 2) for name in "abcd"}
+    pool.on_holdings("unknown", links["a"], [Holding("/ws", SYNCED, SNAPSHOT.digest)])  # not its stream: ignored
+    for name, (mode, digest) in holdings.items():
+        pool.on_holdings(name, links[name], [Holding("/ws", mode, digest)])
     task = asyncio.create_task(pool.dispatch(query("c1")))
-    await until(lambda: good.assigned, "the good worker gets the call")
-    assert not stale.assigned
-    good.finish()
-    assert (await task).worker_id == "good"
-    await until(lambda: not pool.worker("stale").workspaces["/ws"][0] and pool.worker("stale").workspaces["/ws"][1]
-                != "probe sent", "the stale worker's verdict")
-    assert "different or stale copy" in pool.worker("stale").workspaces["/ws"][1]
+    await until(lambda: any(link.assigned for link in links.values()), "the call is assigned")
+    assert [name for name, link in links.items() if link.assigned] == [chosen]
+    assert links[chosen].assigned[0].snapshot == SNAPSHOT
+    links[chosen].finish()
+    assert (await task).worker_id == chosen
+
+
+async def test_list_workers_shows_what_each_holds() -> None:
+    pool = WorkerPool()
+    link = add_worker(pool, "w")
+    pool.on_holdings("w", link, [Holding("/ws", SYNCING, SNAPSHOT.digest)])
+    pool.on_holdings("w", link, [Holding("/ws", SYNCED, SNAPSHOT.digest),
+                                 Holding("/full", UNAVAILABLE, None, "disk full")])
+    held = pool.worker("w").workspaces
+    assert held["/ws"].mode == SYNCED and held["/ws"].digest == SNAPSHOT.digest and held["/ws"].visible
+    assert held["/full"].reason == "disk full" and not held["/full"].visible
 
 
 async def test_calls_with_the_same_model_id_from_two_sessions_never_meet() -> None:
     # Two sessions replaying one script use the same call ids: each result reaches its own call.
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     link = add_worker(pool, "w", slots=4)
     a = asyncio.create_task(pool.dispatch(query("call_0", session="s1")))
     b = asyncio.create_task(pool.dispatch(query("call_0", session="s2")))
@@ -129,7 +146,7 @@ async def test_calls_with_the_same_model_id_from_two_sessions_never_meet() -> No
 
 
 async def test_credit_holds_after_cancel_until_the_worker_answers() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     link = add_worker(pool, "w", slots=1)
     first = asyncio.create_task(pool.dispatch(query("c1")))
     await until(lambda: link.assigned, "the first call is assigned")
@@ -158,7 +175,7 @@ class Observer:
 
 
 async def test_lost_worker_retries_idempotent_calls_and_fails_others() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     first = add_worker(pool, "w1", slots=2)
     idem_observer, once_observer = Observer(), Observer()
     idem = asyncio.create_task(pool.dispatch(query("c1", observer=idem_observer)))
@@ -177,7 +194,7 @@ async def test_lost_worker_retries_idempotent_calls_and_fails_others() -> None:
 
 
 async def test_a_live_worker_id_cannot_be_taken_but_its_reconnection_takes_it_back() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     old = add_worker(pool, "w", slots=1)
     task = asyncio.create_task(pool.dispatch(query("c1")))
     await until(lambda: old.assigned, "the call is on the old stream")
@@ -200,7 +217,7 @@ async def test_a_live_worker_id_cannot_be_taken_but_its_reconnection_takes_it_ba
 
 
 def test_a_bad_hello_is_refused() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     for reg, match in [
         (WorkerRegistration(worker_id=" ", tools=(READ,), slots=1), "worker_id is empty"),
         (WorkerRegistration(worker_id="w", tools=(READ,), slots=0), "at least 1 slot"),
@@ -214,7 +231,7 @@ def test_a_bad_hello_is_refused() -> None:
 
 async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_reason() -> None:
     clock = Clock()
-    pool = WorkerPool(lambda ws: "fp", heartbeat_timeout=6.0, clock=clock)
+    pool = WorkerPool(heartbeat_timeout=6.0, clock=clock)
     quiet = add_worker(pool, "quiet")
     chatty = add_worker(pool, "chatty")
     clock.now += 4
@@ -228,7 +245,7 @@ async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_
 
 async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_workers() -> None:
     clock = Clock()
-    pool = WorkerPool(lambda ws: "fp", heartbeat_timeout=1.0, heartbeat_interval=0.01, clock=clock)
+    pool = WorkerPool(heartbeat_timeout=1.0, heartbeat_interval=0.01, clock=clock)
 
     class BrokenLink(FakeLink):
         def close(self, reason: str, fault: LinkFault | None = None) -> None:
@@ -248,47 +265,15 @@ async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_wor
         await pool.close()
 
 
-async def test_a_verdict_is_checked_again_so_one_bad_probe_does_not_hide_a_worker_for_good() -> None:
-    clock = Clock()
-    pool = WorkerPool(lambda ws: "fp", clock=clock)
-    link = add_worker(pool, "w", fingerprint="stale")  # a copy that differs, probe after probe
-    result = await asyncio.wait_for(pool.dispatch(query("c1")), BOUND)
-    await until(lambda: pool.worker("w").workspaces["/ws"][1] != "probe sent", "the verdict")
-    assert not pool.worker("w").workspaces["/ws"][0]
-    assert result.error_kind is ErrorKind.NO_WORKER
-    assert len(link.probes) == 3  # a difference is confirmed before the worker is passed over
-    link.fingerprint = "fp"  # the copy was brought up to date
-    clock.now += 60
-    task = asyncio.create_task(pool.dispatch(query("c2")))
-    await until(lambda: link.assigned, "the worker is probed again and gets the call")
-    assert len(link.probes) == 4
-    link.finish(0)
-    assert (await task).worker_id == "w"
-
-
-async def test_one_racing_probe_does_not_hide_a_worker() -> None:
-    pool = WorkerPool(lambda ws: "fp")
-    link = add_worker(pool, "w")
-    link.answer_probes = False
-    task = asyncio.create_task(pool.dispatch(query("c1")))
-    await until(lambda: len(link.probes) == 1, "the probe")
-    pool.on_probe_result("w", link, link.probes[0], "mid-write", "")  # a file changed in between
-    await until(lambda: len(link.probes) == 2, "a second probe")
-    pool.on_probe_result("w", link, link.probes[1], "fp", "")
-    await until(lambda: link.assigned, "the call, once the second probe agrees")
-    link.finish(0)
-    assert (await task).worker_id == "w"
-
-
 async def test_no_worker_for_a_tool_answers_at_once() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     add_worker(pool, "w")
     result = await asyncio.wait_for(pool.dispatch(query("c1", tool="grep")), 1)
     assert result.error_kind is ErrorKind.NO_WORKER and "grep" in result.output
 
 
 async def test_a_deadline_ends_the_call_with_a_timeout_naming_the_worker() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     link = add_worker(pool, "w")
     call = query("c1")
     call.timeout = 0.05
@@ -298,7 +283,7 @@ async def test_a_deadline_ends_the_call_with_a_timeout_naming_the_worker() -> No
 
 
 async def test_fairness_round_robin_across_sessions() -> None:
-    pool = WorkerPool(lambda ws: "fp")
+    pool = WorkerPool()
     link = add_worker(pool, "w", slots=1)
     first = asyncio.create_task(pool.dispatch(query("busy", session="hog")))
     await until(lambda: link.assigned, "the first call holds the only slot")

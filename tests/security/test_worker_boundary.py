@@ -18,13 +18,14 @@ import grpc
 import pytest
 
 from codelane.transport import CHANNEL_OPTIONS
-from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import worker_pb2, worker_pb2_grpc
 from session_server.main import main as server_main
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tests.certs import make_certs
 from tests.session.conftest import error_details
-from tool_worker import wire
+from tool_worker import snapshot_wire, wire
+from tool_worker.merkle import snapshot_of
 from tool_worker.tools.read import TOOL as READ
 
 BOUND = 20.0
@@ -77,7 +78,8 @@ async def exit_of(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 def read_call(workspace: Path, file_path: str, session: str = "s1") -> QueryCall:
     return QueryCall(session_id=session, call_id="c1", tool_name="read",
-                     arguments_json=json.dumps({"file_path": file_path}), workspace=str(workspace), timeout=BOUND)
+                     arguments_json=json.dumps({"file_path": file_path}), workspace=str(workspace), timeout=BOUND,
+                     snapshot=snapshot_of(str(workspace)))
 
 
 async def test_a_server_that_requires_client_tokens_admits_no_worker_without_one(servers, tmp_path: Path) -> None:
@@ -158,23 +160,27 @@ class _FakeHub(worker_pb2_grpc.WorkerHubServiceServicer):
                 await self.results.put(result)
 
 
-async def test_a_worker_refuses_an_assign_outside_its_root_whatever_the_hub_says(tmp_path: Path) -> None:
+async def test_a_worker_never_reads_its_own_files_outside_its_root_whatever_the_hub_says(tmp_path: Path) -> None:
+    # The hub names the exact snapshot of a directory outside the worker's root: the worker must
+    # not use its own copy of that path (roots limit shared mode); it asks the hub's CAS, which
+    # this hub does not serve, so the call fails without the secret.
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
     (outside / "secret.txt").write_text("TOP-SECRET-CONTENT\n")
     (root / "sneaky").symlink_to(outside)  # inside the root by name, outside it in fact
-    assigns = [
-        worker_pb2.Assign(dispatch_id=f"d{i}", call_id="c", attempt=1, tool_name="read", workspace=str(workspace),
-                          arguments_json=json.dumps({"file_path": "secret.txt"}))
-        for i, workspace in enumerate((outside, root / "sneaky"))
-    ]
+    assigns = []
+    for i, workspace in enumerate((outside, root / "sneaky")):
+        assign = worker_pb2.Assign(dispatch_id=f"d{i}", call_id="c", attempt=1, tool_name="read",
+                                   workspace=str(workspace), arguments_json=json.dumps({"file_path": "secret.txt"}))
+        snapshot_wire.set_snapshot(assign.snapshot, snapshot_of(str(workspace)))
+        assigns.append(assign)
     hub = _FakeHub(assigns)
     grpc_server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
-    worker = worker_process(f"127.0.0.1:{port}", "w1", "--root", str(root))
+    worker = worker_process(f"127.0.0.1:{port}", "w1", "--root", str(root), "--cache-dir", str(tmp_path / "cache"))
     try:
         results = [await asyncio.wait_for(hub.results.get(), BOUND) for _ in assigns]
     finally:
@@ -183,8 +189,8 @@ async def test_a_worker_refuses_an_assign_outside_its_root_whatever_the_hub_says
         await grpc_server.stop(0)
     assert sorted(r.dispatch_id for r in results) == ["d0", "d1"]
     for result in results:
-        assert result.result.is_error and result.result.error_kind == tools_pb2.ERROR_KIND_PATH_ESCAPE
-        assert "outside this worker's --root" in result.result.output
+        assert result.result.is_error and "was not run on this worker" in result.result.output
+        assert "fetching the snapshot" in result.result.output
         assert "TOP-SECRET" not in result.result.output
 
 

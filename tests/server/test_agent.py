@@ -53,7 +53,7 @@ async def test_any_exception_ends_the_turn_with_an_error_and_a_valid_history(
 ) -> None:
     (tmp_path / "a.txt").write_text("hello\n")
     events: list = []
-    pool = WorkerPool(lambda ws: "")
+    pool = WorkerPool()
     ctx = TurnContext(
         session_id="s1", turn_id="t1", workspace=tmp_path, settings=SessionSettings(model="scripted:x"),
         provider=Broken(error), model_name="x", pool=pool, registry=ToolRegistry.builtin(), stats=LaneStats(),

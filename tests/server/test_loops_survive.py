@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.bus import EventBus
 from session_server.eventlog import EventLog
 from session_server.events import StoredEvent, TextDelta
@@ -20,6 +20,8 @@ from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
 from session_server.store import SessionRecord, Store
 from tests.polling import poll_until
+from tool_worker import snapshot_wire
+from tool_worker.merkle import snapshot_of
 
 BOUND = 15.0
 
@@ -104,7 +106,8 @@ async def test_the_hubs_reader_survives_a_message_the_pool_chokes_on(tmp_path: P
         connected_at = server.pool.worker("w1").connected_at
         await asyncio.wait_for(choked.wait(), BOUND)
         call = QueryCall(session_id="s", call_id="c", tool_name="read", arguments_json=json.dumps(
-            {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND)
+            {"file_path": "a.txt"}), workspace=str(tmp_path / "ws"), timeout=BOUND,
+            snapshot=snapshot_of(str(tmp_path / "ws")))
         result = await server.pool.dispatch(call)
         assert not result.is_error and result.worker_id == "w1" and "still here" in result.output
         assert server.pool.worker("w1").connected_at == connected_at  # the same stream, never dropped
@@ -120,27 +123,27 @@ class _NonsenseHub(worker_pb2_grpc.WorkerHubServiceServicer):
     def __init__(self, workspace: Path) -> None:
         self.workspace = workspace
         self.results: asyncio.Queue[worker_pb2.CallResult] = asyncio.Queue()
-        self.probe_answers: asyncio.Queue[worker_pb2.ProbeResult] = asyncio.Queue()
 
     async def Connect(self, request_iterator, context):
         hello = await anext(request_iterator)
         yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(worker_id=hello.hello.worker_id))
         yield worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(dispatch_id="never-assigned"))
-        yield worker_pb2.ConnectResponse(probe=worker_pb2.Probe(probe_id="p1", workspace="/no/such/dir"))
+        snapshot = workspace_pb2.WorkspaceSnapshot()
+        snapshot_wire.set_snapshot(snapshot, snapshot_of(str(self.workspace)))
         yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[
-            worker_pb2.Assign(dispatch_id="d1", tool_name="no_such_tool", workspace=str(self.workspace)),
+            worker_pb2.Assign(dispatch_id="d0", tool_name="read", workspace="/no/such/dir"),  # no snapshot
+            worker_pb2.Assign(dispatch_id="d1", tool_name="no_such_tool", workspace=str(self.workspace),
+                              snapshot=snapshot),
             worker_pb2.Assign(dispatch_id="d2", tool_name="read", workspace=str(self.workspace),
-                              arguments_json="{not json"),
+                              arguments_json="{not json", snapshot=snapshot),
         ]))
         yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[
             worker_pb2.Assign(dispatch_id="d3", tool_name="read", workspace=str(self.workspace),
-                              arguments_json=json.dumps({"file_path": "a.txt"})),
+                              arguments_json=json.dumps({"file_path": "a.txt"}), snapshot=snapshot),
         ]))
         async for message in request_iterator:
             for result in message.results.results:
                 await self.results.put(result)
-            if message.HasField("probe_result"):
-                await self.probe_answers.put(message.probe_result)
 
 
 async def test_the_workers_loops_answer_nonsense_and_go_on(tmp_path: Path) -> None:
@@ -152,16 +155,15 @@ async def test_the_workers_loops_answer_nonsense_and_go_on(tmp_path: Path) -> No
     await grpc_server.start()
     worker = spawn_worker(f"127.0.0.1:{port}", "w")
     try:
-        probe = await asyncio.wait_for(hub.probe_answers.get(), BOUND)
         results = {}
-        while len(results) < 3:
+        while len(results) < 4:
             result = await asyncio.wait_for(hub.results.get(), BOUND)
             results[result.dispatch_id] = result.result
     finally:
         worker.kill()
         worker.wait()
         await grpc_server.stop(0)
-    assert probe.error and not probe.fingerprint
+    assert results["d0"].is_error and "names no valid snapshot" in results["d0"].output
     assert results["d1"].error_kind == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
     assert results["d2"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
     assert not results["d3"].is_error and "fine" in results["d3"].output

@@ -47,6 +47,8 @@ class ErrorKind(enum.StrEnum):
     AT_CAPACITY = "at_capacity"
     SANDBOX_UNAVAILABLE = "sandbox_unavailable"
     RESOURCE_LIMIT = "resource_limit"
+    # A worker could not fetch the snapshot a call named: the workspace changed since it was taken.
+    SNAPSHOT_CHANGED = "snapshot_changed"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 isort:skip_file
 Operations API: the worker pool and the lanes' queues."""
 
+from codelane.reapi import remote_execution_pb2 as _remote_execution_pb2
 from codelane.v1 import tools_pb2 as _tools_pb2
+from codelane.v1 import workspace_pb2 as _workspace_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -46,29 +48,39 @@ Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
 @_typing.final
 class WorkspaceVisibility(_message.Message):
-    """What a worker sees of one workspace, as found by the probe."""
+    """What a worker holds of one workspace, as the worker reported it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACE_FIELD_NUMBER: _builtins.int
     VISIBLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ROOT_DIGEST_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """The workspace path."""
     visible: _builtins.bool
-    """True when the worker sees the same files as the server and is sent its calls."""
+    """True when the worker holds a snapshot of the workspace (shared or synced)."""
     reason: _builtins.str
-    """Why not, when not visible (not under its roots, fingerprint differs, unreadable...)."""
+    """Why not, when the worker cannot hold it (e.g. its cache disk is full)."""
+    mode: _workspace_pb2.WorkspaceMode.ValueType
+    """Shared, synced, syncing or unavailable."""
+    @_builtins.property
+    def root_digest(self) -> _remote_execution_pb2.Digest:
+        """The snapshot held (syncing: the one being fetched)."""
+
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         visible: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        mode: _workspace_pb2.WorkspaceMode.ValueType = ...,
+        root_digest: _remote_execution_pb2.Digest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "visible", b"visible", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "reason", b"reason", "root_digest", b"root_digest", "visible", b"visible", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,7 +164,7 @@ class WorkerInfo(_message.Message):
 
     @_builtins.property
     def workspaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkspaceVisibility]:
-        """Workspaces probed on it and the outcome."""
+        """Workspaces it reported holding, and how."""
 
     def __init__(
         self,

@@ -128,6 +128,13 @@ class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.V
     or a process's CPU time. The output says which, and metadata_json's "limits_hit" lists them
     ("processes", "memory", "cpu_time").
     """
+    ERROR_KIND_SNAPSHOT_CHANGED: _ErrorKind.ValueType  # 14
+    """A worker could not fetch the snapshot its Assign named: the CAS answered NOT_FOUND for one
+    of the snapshot's blobs or directories, because the workspace changed after the snapshot was
+    taken (an Execute call on other files may run beside Query calls). Nothing ran. The server
+    takes a new snapshot and dispatches the call again (a CallRetried event); a client sees this
+    kind only when that keeps failing. A worker answers with it exactly in that case.
+    """
 
 class ErrorKind(_ErrorKind, metaclass=_ErrorKindEnumTypeWrapper):
     """Why a tool result is an error. ERROR_KIND_UNSPECIFIED on a successful result."""
@@ -167,6 +174,13 @@ ERROR_KIND_RESOURCE_LIMIT: ErrorKind.ValueType  # 13
 """A resource limit of the sandbox stopped the command: too many processes, too much memory,
 or a process's CPU time. The output says which, and metadata_json's "limits_hit" lists them
 ("processes", "memory", "cpu_time").
+"""
+ERROR_KIND_SNAPSHOT_CHANGED: ErrorKind.ValueType  # 14
+"""A worker could not fetch the snapshot its Assign named: the CAS answered NOT_FOUND for one
+of the snapshot's blobs or directories, because the workspace changed after the snapshot was
+taken (an Execute call on other files may run beside Query calls). Nothing ran. The server
+takes a new snapshot and dispatches the call again (a CallRetried event); a client sees this
+kind only when that keeps failing. A worker answers with it exactly in that case.
 """
 Global___ErrorKind: _TypeAlias = ErrorKind  # noqa: Y015
 

@@ -22,12 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from codelane.reapi import remote_execution_pb2 as codelane_dot_reapi_dot_remote__execution__pb2
 from codelane.v1 import tools_pb2 as codelane_dot_v1_dot_tools__pb2
+from codelane.v1 import workspace_pb2 as codelane_dot_v1_dot_workspace__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63odelane/v1/worker.proto\x12\x0b\x63odelane.v1\x1a\x17\x63odelane/v1/tools.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.codelane.v1.HelloH\x00\x12+\n\x07results\x18\x02 \x01(\x0b\x32\x18.codelane.v1.CallResultsH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.codelane.v1.HeartbeatH\x00\x12)\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x15.codelane.v1.DrainingH\x00\x12\x30\n\x0cprobe_result\x18\x05 \x01(\x0b\x32\x18.codelane.v1.ProbeResultH\x00\x42\t\n\x07message\"\xe7\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.codelane.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.codelane.v1.AssignmentsH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codelane.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.codelane.v1.DrainH\x00\x12#\n\x05probe\x18\x05 \x01(\x0b\x32\x12.codelane.v1.ProbeH\x00\x42\t\n\x07message\"\x83\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.codelane.v1.Hello.LabelsEntry\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.codelane.v1.ToolSpec\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x06 \x03(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0freconnect_token\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bhub_version\x18\x03 \x01(\t\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freconnect_token\x18\x05 \x01(\t\"3\n\x0b\x41ssignments\x12$\n\x07\x61ssigns\x18\x01 \x03(\x0b\x32\x13.codelane.v1.Assign\"\x87\x02\n\x06\x41ssign\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65nied_paths\x18\t \x03(\t\x12\x30\n\rtrace_context\x18\x0f \x01(\x0b\x32\x19.codelane.v1.TraceContext\"O\n\x06\x43\x61ncel\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x05Probe\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\"V\n\x0bProbeResult\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"7\n\x0b\x43\x61llResults\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.codelane.v1.CallResult\"l\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.codelane.v1.ToolResult\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\x05\x12\x14\n\x0cload_average\x18\x02 \x01(\x01\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t2\\\n\x10WorkerHubService\x12H\n\x07\x43onnect\x12\x1b.codelane.v1.ConnectRequest\x1a\x1c.codelane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63odelane/v1/worker.proto\x12\x0b\x63odelane.v1\x1a%codelane/reapi/remote_execution.proto\x1a\x17\x63odelane/v1/tools.proto\x1a\x1b\x63odelane/v1/workspace.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.codelane.v1.HelloH\x00\x12+\n\x07results\x18\x02 \x01(\x0b\x32\x18.codelane.v1.CallResultsH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.codelane.v1.HeartbeatH\x00\x12)\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x15.codelane.v1.DrainingH\x00\x12)\n\x08holdings\x18\x06 \x01(\x0b\x32\x15.codelane.v1.HoldingsH\x00\x42\t\n\x07messageJ\x04\x08\x05\x10\x06\"\xc8\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.codelane.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.codelane.v1.AssignmentsH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codelane.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.codelane.v1.DrainH\x00\x42\t\n\x07messageJ\x04\x08\x05\x10\x06\"\xb4\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.codelane.v1.Hello.LabelsEntry\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.codelane.v1.ToolSpec\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x06 \x03(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0freconnect_token\x18\x08 \x01(\t\x12/\n\x08holdings\x18\t \x03(\x0b\x32\x1d.codelane.v1.WorkspaceHolding\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bhub_version\x18\x03 \x01(\t\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0freconnect_token\x18\x05 \x01(\t\x12+\n\x07\x63ontent\x18\x06 \x01(\x0b\x32\x1a.codelane.v1.ContentSource\"a\n\rContentSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rinstance_name\x18\x02 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\x17\n\x0fmax_batch_bytes\x18\x04 \x01(\x03\"3\n\x0b\x41ssignments\x12$\n\x07\x61ssigns\x18\x01 \x03(\x0b\x32\x13.codelane.v1.Assign\"\xb9\x02\n\x06\x41ssign\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65nied_paths\x18\t \x03(\t\x12\x30\n\rtrace_context\x18\x0f \x01(\x0b\x32\x19.codelane.v1.TraceContext\x12\x30\n\x08snapshot\x18\n \x01(\x0b\x32\x1e.codelane.v1.WorkspaceSnapshot\"O\n\x06\x43\x61ncel\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"=\n\x08Holdings\x12\x31\n\nworkspaces\x18\x01 \x03(\x0b\x32\x1d.codelane.v1.WorkspaceHolding\"\x9d\x01\n\x10WorkspaceHolding\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.codelane.v1.WorkspaceMode\x12<\n\x0broot_digest\x18\x03 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12\x0e\n\x06reason\x18\x04 \x01(\t\"7\n\x0b\x43\x61llResults\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.codelane.v1.CallResult\"l\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.codelane.v1.ToolResult\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\x05\x12\x14\n\x0cload_average\x18\x02 \x01(\x01\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t2\\\n\x10WorkerHubService\x12H\n\x07\x43onnect\x12\x1b.codelane.v1.ConnectRequest\x1a\x1c.codelane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CONNECTREQUEST']._serialized_start=132
-  _globals['_CONNECTREQUEST']._serialized_end=379
-  _globals['_CONNECTRESPONSE']._serialized_start=382
-  _globals['_CONNECTRESPONSE']._serialized_end=613
-  _globals['_HELLO']._serialized_start=616
-  _globals['_HELLO']._serialized_end=875
-  _globals['_HELLO_LABELSENTRY']._serialized_start=830
-  _globals['_HELLO_LABELSENTRY']._serialized_end=875
-  _globals['_WELCOME']._serialized_start=878
-  _globals['_WELCOME']._serialized_end=1061
-  _globals['_ASSIGNMENTS']._serialized_start=1063
-  _globals['_ASSIGNMENTS']._serialized_end=1114
-  _globals['_ASSIGN']._serialized_start=1117
-  _globals['_ASSIGN']._serialized_end=1380
-  _globals['_CANCEL']._serialized_start=1382
-  _globals['_CANCEL']._serialized_end=1461
-  _globals['_DRAIN']._serialized_start=1463
-  _globals['_DRAIN']._serialized_end=1486
-  _globals['_PROBE']._serialized_start=1488
-  _globals['_PROBE']._serialized_end=1532
-  _globals['_PROBERESULT']._serialized_start=1534
-  _globals['_PROBERESULT']._serialized_end=1620
-  _globals['_CALLRESULTS']._serialized_start=1622
-  _globals['_CALLRESULTS']._serialized_end=1677
-  _globals['_CALLRESULT']._serialized_start=1679
-  _globals['_CALLRESULT']._serialized_end=1787
-  _globals['_HEARTBEAT']._serialized_start=1789
-  _globals['_HEARTBEAT']._serialized_end=1844
-  _globals['_DRAINING']._serialized_start=1846
-  _globals['_DRAINING']._serialized_end=1872
-  _globals['_WORKERHUBSERVICE']._serialized_start=1874
-  _globals['_WORKERHUBSERVICE']._serialized_end=1966
+  _globals['_CONNECTREQUEST']._serialized_start=200
+  _globals['_CONNECTREQUEST']._serialized_end=446
+  _globals['_CONNECTRESPONSE']._serialized_start=449
+  _globals['_CONNECTRESPONSE']._serialized_end=649
+  _globals['_HELLO']._serialized_start=652
+  _globals['_HELLO']._serialized_end=960
+  _globals['_HELLO_LABELSENTRY']._serialized_start=915
+  _globals['_HELLO_LABELSENTRY']._serialized_end=960
+  _globals['_WELCOME']._serialized_start=963
+  _globals['_WELCOME']._serialized_end=1191
+  _globals['_CONTENTSOURCE']._serialized_start=1193
+  _globals['_CONTENTSOURCE']._serialized_end=1290
+  _globals['_ASSIGNMENTS']._serialized_start=1292
+  _globals['_ASSIGNMENTS']._serialized_end=1343
+  _globals['_ASSIGN']._serialized_start=1346
+  _globals['_ASSIGN']._serialized_end=1659
+  _globals['_CANCEL']._serialized_start=1661
+  _globals['_CANCEL']._serialized_end=1740
+  _globals['_DRAIN']._serialized_start=1742
+  _globals['_DRAIN']._serialized_end=1765
+  _globals['_HOLDINGS']._serialized_start=1767
+  _globals['_HOLDINGS']._serialized_end=1828
+  _globals['_WORKSPACEHOLDING']._serialized_start=1831
+  _globals['_WORKSPACEHOLDING']._serialized_end=1988
+  _globals['_CALLRESULTS']._serialized_start=1990
+  _globals['_CALLRESULTS']._serialized_end=2045
+  _globals['_CALLRESULT']._serialized_start=2047
+  _globals['_CALLRESULT']._serialized_end=2155
+  _globals['_HEARTBEAT']._serialized_start=2157
+  _globals['_HEARTBEAT']._serialized_end=2212
+  _globals['_DRAINING']._serialized_start=2214
+  _globals['_DRAINING']._serialized_end=2240
+  _globals['_WORKERHUBSERVICE']._serialized_start=2242
+  _globals['_WORKERHUBSERVICE']._serialized_end=2334
 # @@protoc_insertion_point(module_scope)

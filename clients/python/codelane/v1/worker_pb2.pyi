@@ -3,7 +3,9 @@
 isort:skip_file
 The worker protocol: tool workers dial the session server and hold one bidirectional stream."""
 
+from codelane.reapi import remote_execution_pb2 as _remote_execution_pb2
 from codelane.v1 import tools_pb2 as _tools_pb2
+from codelane.v1 import workspace_pb2 as _workspace_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -31,7 +33,7 @@ class ConnectRequest(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
-    PROBE_RESULT_FIELD_NUMBER: _builtins.int
+    HOLDINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it offers."""
@@ -49,8 +51,8 @@ class ConnectRequest(_message.Message):
         """The worker takes no more calls and leaves once its calls are done."""
 
     @_builtins.property
-    def probe_result(self) -> Global___ProbeResult:
-        """Answer to a Probe."""
+    def holdings(self) -> Global___Holdings:
+        """What the worker holds of some workspaces (only the ones that changed are required)."""
 
     def __init__(
         self,
@@ -59,13 +61,13 @@ class ConnectRequest(_message.Message):
         results: Global___CallResults | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         draining: Global___Draining | None = ...,
-        probe_result: Global___ProbeResult | None = ...,
+        holdings: Global___Holdings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "results", b"results"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "holdings", b"holdings", "message", b"message", "results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "probe_result", b"probe_result", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "holdings", b"holdings", "message", b"message", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "results", "heartbeat", "draining", "probe_result"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "results", "heartbeat", "draining", "holdings"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -81,7 +83,6 @@ class ConnectResponse(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
-    PROBE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The Hello was accepted."""
@@ -98,10 +99,6 @@ class ConnectResponse(_message.Message):
     def drain(self) -> Global___Drain:
         """Stop taking calls, finish the running ones, then close the stream."""
 
-    @_builtins.property
-    def probe(self) -> Global___Probe:
-        """Check what the worker sees of a workspace."""
-
     def __init__(
         self,
         *,
@@ -109,13 +106,12 @@ class ConnectResponse(_message.Message):
         assignments: Global___Assignments | None = ...,
         cancel: Global___Cancel | None = ...,
         drain: Global___Drain | None = ...,
-        probe: Global___Probe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "probe", b"probe", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "cancel", "drain", "probe"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "cancel", "drain"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -153,6 +149,7 @@ class Hello(_message.Message):
     WORKSPACE_ROOTS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     RECONNECT_TOKEN_FIELD_NUMBER: _builtins.int
+    HOLDINGS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker, unique across the pool, e.g. "gpu-host-3/1". Reconnecting with the
     same id replaces the previous stream.
@@ -184,9 +181,14 @@ class Hello(_message.Message):
 
     @_builtins.property
     def workspace_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Directory roots the worker can read; a workspace is only routed to a worker if it lies
-        under one of them (and the probe agrees). Empty means every path.
+        """Directory roots under which the worker may use the server's workspace path directly
+        (shared mode, when its digest agrees); empty means every path. Workspaces elsewhere are
+        materialized in the worker's cache.
         """
+
+    @_builtins.property
+    def holdings(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkspaceHolding]:
+        """What the worker already holds (from its cache, across restarts)."""
 
     def __init__(
         self,
@@ -199,10 +201,11 @@ class Hello(_message.Message):
         workspace_roots: _abc.Iterable[_builtins.str] | None = ...,
         hostname: _builtins.str = ...,
         reconnect_token: _builtins.str = ...,
+        holdings: _abc.Iterable[Global___WorkspaceHolding] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "labels", b"labels", "reconnect_token", b"reconnect_token", "slots", b"slots", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdings", b"holdings", "hostname", b"hostname", "labels", b"labels", "reconnect_token", b"reconnect_token", "slots", b"slots", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,6 +220,7 @@ class Welcome(_message.Message):
     HUB_VERSION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     RECONNECT_TOKEN_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker id as registered."""
     hub_version: _builtins.str
@@ -233,6 +237,10 @@ class Welcome(_message.Message):
     def heartbeat_timeout(self) -> _duration_pb2.Duration:
         """Silence after which the hub declares the worker lost (a few heartbeat intervals)."""
 
+    @_builtins.property
+    def content(self) -> Global___ContentSource:
+        """Where to fetch snapshots, and the exclusions of the workspace digest."""
+
     def __init__(
         self,
         *,
@@ -241,14 +249,55 @@ class Welcome(_message.Message):
         hub_version: _builtins.str = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         reconnect_token: _builtins.str = ...,
+        content: Global___ContentSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "hub_version", b"hub_version", "reconnect_token", b"reconnect_token", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "hub_version", b"hub_version", "reconnect_token", b"reconnect_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class ContentSource(_message.Message):
+    """Where a worker fetches snapshot blobs, and how it computes workspace digests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """Address ("host:port") of the REAPI v2 CAS and ByteStream service holding the blobs. Empty:
+    the hub's own address, reached over the worker's own channel with its token.
+    """
+    instance_name: _builtins.str
+    """REAPI instance name to send in CAS requests (may be empty)."""
+    max_batch_bytes: _builtins.int
+    """Largest total of blob bytes the CAS answers in one BatchReadBlobs; larger blobs are read
+    with ByteStream.Read.
+    """
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Exclusion patterns of the workspace digest (workspace.proto, rule 2), in the server's order."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        instance_name: _builtins.str = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+        max_batch_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "exclude", b"exclude", "instance_name", b"instance_name", "max_batch_bytes", b"max_batch_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentSource: _TypeAlias = ContentSource  # noqa: Y015
 
 @_typing.final
 class Assignments(_message.Message):
@@ -286,6 +335,7 @@ class Assign(_message.Message):
     DISPATCH_ID_FIELD_NUMBER: _builtins.int
     DENIED_PATHS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The model's id of the call, for logs. Not unique: identify the call by dispatch_id."""
     attempt: _builtins.int
@@ -346,6 +396,10 @@ class Assign(_message.Message):
         the stream outlives every call on it.
         """
 
+    @_builtins.property
+    def snapshot(self) -> _workspace_pb2.WorkspaceSnapshot:
+        """The snapshot the call must see. Its workspace equals `workspace`."""
+
     def __init__(
         self,
         *,
@@ -359,10 +413,11 @@ class Assign(_message.Message):
         dispatch_id: _builtins.str = ...,
         denied_paths: _abc.Iterable[_builtins.str] | None = ...,
         trace_context: _tools_pb2.TraceContext | None = ...,
+        snapshot: _workspace_pb2.WorkspaceSnapshot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "trace_context", b"trace_context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "snapshot", b"snapshot", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "denied_paths", b"denied_paths", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "tool_name", b"tool_name", "trace_context", b"trace_context", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "attempt", b"attempt", "call_id", b"call_id", "deadline", b"deadline", "denied_paths", b"denied_paths", "dispatch_id", b"dispatch_id", "session_id", b"session_id", "snapshot", b"snapshot", "tool_name", b"tool_name", "trace_context", b"trace_context", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,62 +476,62 @@ class Drain(_message.Message):
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
-class Probe(_message.Message):
+class Holdings(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    PROBE_ID_FIELD_NUMBER: _builtins.int
-    WORKSPACE_FIELD_NUMBER: _builtins.int
-    probe_id: _builtins.str
-    """Id to answer with."""
-    workspace: _builtins.str
-    """Absolute workspace path to fingerprint."""
+    WORKSPACES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workspaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkspaceHolding]:
+        """One entry per workspace whose state changed."""
+
     def __init__(
         self,
         *,
-        probe_id: _builtins.str = ...,
-        workspace: _builtins.str = ...,
+        workspaces: _abc.Iterable[Global___WorkspaceHolding] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["probe_id", b"probe_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspaces", b"workspaces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Probe: _TypeAlias = Probe  # noqa: Y015
+Global___Holdings: _TypeAlias = Holdings  # noqa: Y015
 
 @_typing.final
-class ProbeResult(_message.Message):
+class WorkspaceHolding(_message.Message):
+    """What a worker holds of one workspace."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    PROBE_ID_FIELD_NUMBER: _builtins.int
     WORKSPACE_FIELD_NUMBER: _builtins.int
-    FINGERPRINT_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    probe_id: _builtins.str
-    """Id of the Probe."""
+    MODE_FIELD_NUMBER: _builtins.int
+    ROOT_DIGEST_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
-    """Workspace that was probed."""
-    fingerprint: _builtins.str
-    """Fingerprint of the workspace as the worker sees it (same algorithm as the hub); empty
-    when it cannot be read.
-    """
-    error: _builtins.str
-    """Why the workspace cannot be read; empty on success."""
+    """The workspace's path on the server."""
+    mode: _workspace_pb2.WorkspaceMode.ValueType
+    """Shared, synced, syncing (to root_digest), or unavailable."""
+    reason: _builtins.str
+    """Why the worker cannot hold the workspace, when unavailable."""
+    @_builtins.property
+    def root_digest(self) -> _remote_execution_pb2.Digest:
+        """The snapshot held (syncing: the one being fetched)."""
+
     def __init__(
         self,
         *,
-        probe_id: _builtins.str = ...,
         workspace: _builtins.str = ...,
-        fingerprint: _builtins.str = ...,
-        error: _builtins.str = ...,
+        mode: _workspace_pb2.WorkspaceMode.ValueType = ...,
+        root_digest: _remote_execution_pb2.Digest | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "fingerprint", b"fingerprint", "probe_id", b"probe_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "reason", b"reason", "root_digest", b"root_digest", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProbeResult: _TypeAlias = ProbeResult  # noqa: Y015
+Global___WorkspaceHolding: _TypeAlias = WorkspaceHolding  # noqa: Y015
 
 @_typing.final
 class CallResults(_message.Message):

@@ -33,9 +33,8 @@ class WorkerHubServiceStub:
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
         | <------------------------------ Welcome |  (or an error status: see Connect)
-        | <-------------------------------- Probe |  once per workspace, before its first call
-        | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
+        | Holdings ---------------------------> |  whenever what it holds of a workspace changes
         | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
@@ -48,6 +47,24 @@ class WorkerHubServiceStub:
     Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
     one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
     a worker must never key its calls by call_id.
+
+    Workspaces travel by content (workspace.proto). Every Assign names the snapshot its call must
+    see. The worker runs the call on the server's own path when that path lies under one of its
+    roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
+    snapshot from the content-addressable storage named in Welcome.content into its cache
+    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    absolute paths under the server's workspace mapped to the copy in the arguments and back in
+    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
+    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
+    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
+    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+
+    The hub's own CAS (the default) is served on the hub's address: REAPI v2
+    ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
+    google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
+    behind the worker token. It reads file blobs from the workspace files named by a snapshot and
+    checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
@@ -81,9 +98,8 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
         | <------------------------------ Welcome |  (or an error status: see Connect)
-        | <-------------------------------- Probe |  once per workspace, before its first call
-        | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
+        | Holdings ---------------------------> |  whenever what it holds of a workspace changes
         | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
@@ -96,6 +112,24 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
     one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
     a worker must never key its calls by call_id.
+
+    Workspaces travel by content (workspace.proto). Every Assign names the snapshot its call must
+    see. The worker runs the call on the server's own path when that path lies under one of its
+    roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
+    snapshot from the content-addressable storage named in Welcome.content into its cache
+    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    absolute paths under the server's workspace mapped to the copy in the arguments and back in
+    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
+    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
+    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
+    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+
+    The hub's own CAS (the default) is served on the hub's address: REAPI v2
+    ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
+    google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
+    behind the worker token. It reads file blobs from the workspace files named by a snapshot and
+    checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
@@ -125,9 +159,8 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
         | <------------------------------ Welcome |  (or an error status: see Connect)
-        | <-------------------------------- Probe |  once per workspace, before its first call
-        | ProbeResult ------------------------> |
         | <-------------------------- Assignments |  never more outstanding than `slots`
+        | Holdings ---------------------------> |  whenever what it holds of a workspace changes
         | CallResults ------------------------> |  one CallResult per Assign, by dispatch_id
         | <------------------------------- Cancel |  withdraw a call; still answer with a Result
         | Heartbeat --------------------------> |  every Welcome.heartbeat_interval
@@ -140,6 +173,24 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     Calls are identified on the stream by `dispatch_id`, which the hub assigns: one per attempt of
     one call, unique for the hub's lifetime. Call ids come from models and repeat across sessions;
     a worker must never key its calls by call_id.
+
+    Workspaces travel by content (workspace.proto). Every Assign names the snapshot its call must
+    see. The worker runs the call on the server's own path when that path lies under one of its
+    roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
+    snapshot from the content-addressable storage named in Welcome.content into its cache
+    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    absolute paths under the server's workspace mapped to the copy in the arguments and back in
+    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
+    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
+    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
+    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+
+    The hub's own CAS (the default) is served on the hub's address: REAPI v2
+    ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
+    google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
+    behind the worker token. It reads file blobs from the workspace files named by a snapshot and
+    checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:

@@ -1,0 +1,194 @@
+"""Workspaces that travel: what syncing, snapshotting and reading on a synced copy cost.
+
+    sudo python -m benchmarks.workspace_bench [--files 10000] [--megabytes 100] [--edits 30]
+
+Needs root and iproute2 (the remote worker runs on a test host: its own network and mount
+namespaces, tests/hosts.py). Prints, side by side from one run:
+
+1. cold sync of a generated tree to a new worker over a veth link, beside `tar` of the same tree
+   piped through a TCP socket over the same link (target: ratio <= 1.5);
+2. a snapshot of the unchanged tree with a warm stat cache, watched (inotify) and stat-everything
+   (target: <= 50 ms);
+3. after a one-file edit, the next `read` on the synced remote worker and on a shared-filesystem
+   worker (same host), p50 over --edits edits (target: <= 10 ms more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from session_server.pool import QueryCall
+from session_server.server import CodelaneServer, ServerConfig
+from tests.hosts import TestHost, unavailable
+from tool_worker.merkle import SnapshotRef, TreeScanner
+
+TOKEN = "bench-token"
+
+
+def generate(root: Path, files: int, total_bytes: int) -> None:
+    size = total_bytes // files
+    for i in range(files):
+        directory = root / f"pkg{i % 100:02d}" / f"mod{i % 7}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"file{i}.py").write_bytes(os.urandom(size // 2).hex().encode()[:size])
+
+
+def tar_over_tcp(host: TestHost, source: Path, destination: Path) -> float:
+    """Seconds to copy `source` into `destination` (on the host) with tar through a socket."""
+    destination.mkdir(parents=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = (
+        "import socket, subprocess, sys\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('{host.address}', {port}))\n"
+        "s.listen(1); print('ready', flush=True); c, _ = s.accept()\n"
+        f"sys.exit(subprocess.run(['tar', '-x', '-C', '{destination}'], stdin=c.fileno()).returncode)\n"
+    )
+    receiving = subprocess.Popen(["ip", "netns", "exec", host.namespace, sys.executable, "-c", receiver],
+                                 stdout=subprocess.PIPE, text=True)
+    assert receiving.stdout is not None and receiving.stdout.readline().strip() == "ready"
+    started = time.perf_counter()
+    with socket.create_connection((host.address, port)) as connection:
+        subprocess.run(["tar", "-c", "-C", str(source), "."], stdout=connection.fileno(), check=True)
+    receiving.wait()
+    return time.perf_counter() - started
+
+
+async def read(server: CodelaneServer, ws: Path, snapshot: SnapshotRef, file_path: str, where: str) -> float:
+    started = time.perf_counter()
+    result = await server.pool.dispatch(QueryCall(
+        session_id="bench", call_id="r", tool_name="read", workspace=str(ws), snapshot=snapshot, timeout=600,
+        arguments_json=json.dumps({"file_path": file_path, "limit": 5}), required_labels={"where": where},
+    ))
+    elapsed = time.perf_counter() - started
+    if result.is_error:
+        raise RuntimeError(f"read on the {where} worker failed: {result.output}")
+    return elapsed
+
+
+async def current(server: CodelaneServer, ws: Path) -> SnapshotRef:
+    snapshot = await server.snapshots.of(str(ws)).current()
+    return SnapshotRef(str(ws), snapshot.digest, snapshot.times_digest)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    base = Path(tempfile.mkdtemp(prefix="codelane-workspace-bench-"))
+    worker_log = subprocess.DEVNULL
+    if args.worker_log:
+        worker_log = os.open(args.worker_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    ws = base / "server" / "ws"
+    generate(ws, args.files, args.megabytes * 1_000_000)
+    print(f"tree: {args.files} files, {args.megabytes} MB, in {ws}")
+    with TestHost.create() as host:
+        server = CodelaneServer(ServerConfig(
+            listen="127.0.0.1:0", extra_listen=[f"{host.server_address}:0"], data_dir=base / "data",
+            worker_token=TOKEN, local_workers=0, local_fallback=False,
+        ))
+        await server.start()
+        local = None
+        try:
+            snapshot = await current(server, ws)
+            remote = host.spawn_worker(
+                ["--connect", f"{host.server_address}:{server.ports[1]}", "--token", TOKEN, "--id", "remote",
+                 "--labels", "where=remote", "--cache-dir", str(base / "remote-cache"), "--log-level", "INFO"],
+                hide=base / "server", stderr=worker_log,
+            )
+            local = await asyncio.to_thread(
+                subprocess.Popen,
+                [sys.executable, "-m", "tool_worker", "--connect", f"127.0.0.1:{server.port}", "--token", TOKEN,
+                 "--id", "local", "--labels", "where=shared", "--root", str(ws.parent),
+                 "--cache-dir", str(base / "local-cache")], stderr=subprocess.DEVNULL,
+            )
+            while {w.worker_id for w in server.pool.workers()} != {"remote", "local"}:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            assert remote.poll() is None
+
+            # 1. cold sync vs tar over TCP, same link, alternating (the disk's speed drifts with
+            # what else runs): each round syncs a new workspace of the same files (hard links),
+            # which the worker has never seen, and tars the tree to a new directory.
+            syncs, tars = [], []
+            for round_ in range(args.rounds):
+                copy = ws.parent / f"copy{round_}"
+                await asyncio.to_thread(subprocess.run, ["cp", "-al", str(ws), str(copy)], check=True)
+                copy_snapshot = await current(server, copy)
+                syncs.append(await read(server, copy, copy_snapshot, "pkg00/mod0/file0.py", "remote"))
+                tars.append(await asyncio.to_thread(tar_over_tcp, host, ws, base / f"tar-copy{round_}"))
+            sync, tar = statistics.median(syncs), statistics.median(tars)
+            await read(server, ws, snapshot, "pkg00/mod0/file0.py", "remote")
+            # 2. snapshot of the unchanged tree, warm stat cache.
+            snapshots = server.snapshots.of(str(ws))
+            watched = []
+            for _ in range(20):
+                started = time.perf_counter()
+                snapshots.changed()
+                await snapshots.current()
+                watched.append(time.perf_counter() - started)
+            scanner = TreeScanner(str(ws), watch=False)
+            scanner.scan()
+            full = []
+            for _ in range(5):
+                started = time.perf_counter()
+                scanner.scan()
+                full.append(time.perf_counter() - started)
+            # 3. one-file edit, then the next read on each worker.
+            await read(server, ws, snapshot, "pkg00/mod0/file0.py", "shared")  # the shared worker's first scan
+            synced_reads, shared_reads = [], []
+            target = ws / "pkg42" / "mod0" / "file42.py"
+            for i in range(args.edits):
+                target.write_text(f"edit {i}\n" + "x" * 100)
+                snapshots.changed()
+                snapshot = await current(server, ws)
+                pairs = [("remote", synced_reads), ("shared", shared_reads)]
+                for where, times in pairs if i % 2 else reversed(pairs):
+                    times.append(await read(server, ws, snapshot, str(target), where))
+        finally:
+            if local is not None:
+                local.kill()
+                local.wait()
+            await server.stop(grace=0.5)
+    shutil.rmtree(base, ignore_errors=True)
+    if args.worker_log:
+        os.close(worker_log)
+
+    ms = 1000.0
+    print("cold sync rounds (s): " + ", ".join(f"{a:.2f} vs tar {b:.2f}" for a, b in zip(syncs, tars, strict=True)))
+    print()
+    print(f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8}")
+    print(f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "
+          f"{sync / tar:>10.2f}x {'<= 1.5x':>8}")
+    print(f"{'snapshot, unchanged tree, warm cache, p50 (ms): watched / stat all':<62} "
+          f"{statistics.median(watched) * ms:>10.2f} {statistics.median(full) * ms:>10.2f} {'':>11} {'<= 50':>8}")
+    p50_synced, p50_shared = statistics.median(synced_reads) * ms, statistics.median(shared_reads) * ms
+    print(f"{'read after a one-file edit, p50 (ms): synced remote / shared FS':<62} {p50_synced:>10.2f} "
+          f"{p50_shared:>10.2f} {p50_synced - p50_shared:>+10.2f}ms {'<= +10':>8}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--megabytes", type=int, default=100)
+    parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="cold syncs and tar copies, alternating")
+    parser.add_argument("--worker-log", help="write the remote worker's log (its sync timings) here")
+    args = parser.parse_args()
+    reason = unavailable()
+    if reason is not None:
+        raise SystemExit(f"workspace_bench: {reason}")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

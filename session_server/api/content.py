@@ -1,0 +1,193 @@
+"""REAPI v2 ContentAddressableStorage and google.bytestream.ByteStream over `ContentStore`.
+
+Served on the hub's addresses, behind the worker token (session_server.api.auth). Only SHA-256
+digests exist here; a request naming another instance, a malformed digest or too many bytes at
+once gets INVALID_ARGUMENT and changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+
+from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from session_server.content import STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
+from tool_worker.merkle import Digest, valid_hash
+
+_DIGEST_FUNCTIONS = (remote_execution_pb2.DigestFunction.UNKNOWN, remote_execution_pb2.DigestFunction.SHA256)
+GET_TREE_PAGE = 1000
+_READ_NAME = re.compile(r"^(?:(?P<instance>.*)/)?blobs/(?P<hash>[^/]+)/(?P<size>[^/]+)(?:/.*)?$")
+_WRITE_NAME = re.compile(r"^(?:(?P<instance>.*)/)?uploads/[^/]+/blobs/(?P<hash>[^/]+)/(?P<size>[^/]+)(?:/.*)?$")
+
+CAS_SERVICE = remote_execution_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name
+BYTESTREAM_SERVICE = bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
+
+
+def digest_from_proto(msg: remote_execution_pb2.Digest, field: str) -> Digest:
+    if not valid_hash(msg.hash) or msg.size_bytes < 0:
+        raise InvalidBlob(f"{field}: {msg.hash!r}/{msg.size_bytes} is not a SHA-256 digest (64 lowercase hex "
+                          "digits, size >= 0)")
+    return Digest(msg.hash, msg.size_bytes)
+
+
+def digest_to_proto(digest: Digest) -> remote_execution_pb2.Digest:
+    return remote_execution_pb2.Digest(hash=digest.hash, size_bytes=digest.size)
+
+
+def _status(code: int, message: str = "") -> status_pb2.Status:
+    return status_pb2.Status(code=code, message=message)
+
+
+class _Requests:
+    """Checks shared by both services."""
+
+    def __init__(self, instance_name: str) -> None:
+        self.instance_name = instance_name
+
+    async def check(self, context: grpc.aio.ServicerContext, instance: str, digest_function: int = 0) -> None:
+        if instance != self.instance_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown instance {instance!r}: this server serves {self.instance_name!r}")
+        if digest_function not in _DIGEST_FUNCTIONS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only SHA256 digests are served here")
+
+
+class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddressableStorageServicer):
+    def __init__(self, store: ContentStore, instance_name: str = "") -> None:
+        self._store = store
+        self._requests = _Requests(instance_name)
+
+    async def FindMissingBlobs(self, request, context):
+        await self._requests.check(context, request.instance_name, request.digest_function)
+        try:
+            digests = [digest_from_proto(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)]
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        missing = self._store.find_missing(digests)
+        return remote_execution_pb2.FindMissingBlobsResponse(missing_blob_digests=[digest_to_proto(d) for d in missing])
+
+    async def BatchReadBlobs(self, request, context):
+        await self._requests.check(context, request.instance_name, request.digest_function)
+        try:
+            digests = [digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
+            self._store.check_batch(digests)
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        response = remote_execution_pb2.BatchReadBlobsResponse()
+        for digest, data in zip(digests, await self._store.read_many(digests), strict=True):
+            entry = response.responses.add()
+            entry.digest.hash, entry.digest.size_bytes = digest.hash, digest.size
+            if data is None:
+                entry.status.code = code_pb2.NOT_FOUND
+                entry.status.message = f"blob {digest} is not held (its file changed since the snapshot that named it)"
+            else:
+                entry.data = data
+        return response
+
+    async def BatchUpdateBlobs(self, request, context):
+        await self._requests.check(context, request.instance_name, request.digest_function)
+        try:
+            digests = [digest_from_proto(r.digest, f"requests[{i}].digest") for i, r in enumerate(request.requests)]
+            self._store.check_batch(digests)
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        response = remote_execution_pb2.BatchUpdateBlobsResponse()
+        for digest, item in zip(digests, request.requests, strict=True):
+            entry = response.responses.add(digest=digest_to_proto(digest))
+            if item.compressor != remote_execution_pb2.Compressor.IDENTITY:
+                entry.status.CopyFrom(_status(code_pb2.INVALID_ARGUMENT, "only IDENTITY (uncompressed) data"))
+                continue
+            try:
+                self._store.store(digest, item.data)
+                entry.status.code = code_pb2.OK
+            except InvalidBlob as exc:
+                entry.status.CopyFrom(_status(code_pb2.INVALID_ARGUMENT, str(exc)))
+        return response
+
+    async def GetTree(self, request, context):
+        await self._requests.check(context, request.instance_name, request.digest_function)
+        try:
+            root = digest_from_proto(request.root_digest, "root_digest")
+            blobs = self._store.tree(root)
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BlobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
+        start = int(request.page_token) if request.page_token.isdigit() else 0
+        if request.page_token and not request.page_token.isdigit():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
+                                "this server gave")
+        for offset in range(start, max(len(blobs), start + 1), page):
+            chunk = blobs[offset : offset + page]
+            response = remote_execution_pb2.GetTreeResponse(
+                directories=[remote_execution_pb2.Directory.FromString(b) for b in chunk],
+                next_page_token=str(offset + page) if offset + page < len(blobs) else "",
+            )
+            yield response
+
+
+class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
+    def __init__(self, store: ContentStore, instance_name: str = "") -> None:
+        self._store = store
+        self._requests = _Requests(instance_name)
+
+    async def _digest(self, context, pattern: re.Pattern[str], resource_name: str) -> Digest:
+        match = pattern.match(resource_name)
+        if match is None or not match["size"].isdigit():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
+                                "[{instance}/]blobs/{hash}/{size} (reads) or [{instance}/]uploads/{uuid}/blobs/"
+                                "{hash}/{size} (writes)")
+        await self._requests.check(context, match["instance"] or "")
+        try:
+            return digest_from_proto(remote_execution_pb2.Digest(hash=match["hash"], size_bytes=int(match["size"])),
+                                     "resource_name")
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Read(self, request, context):
+        digest = await self._digest(context, _READ_NAME, request.resource_name)
+        try:
+            async for chunk in self._store.read_stream(digest, request.read_offset, request.read_limit):
+                yield bytestream_pb2.ReadResponse(data=chunk)
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        except BlobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    async def Write(self, request_iterator, context):
+        digest: Digest | None = None
+        chunks: list[bytes] = []
+        received = 0
+        finished = False
+        async for request in request_iterator:
+            if digest is None:
+                digest = await self._digest(context, _WRITE_NAME, request.resource_name)
+            if request.write_offset != received:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"write_offset {request.write_offset}, expected {received}")
+            received += len(request.data)
+            if received > digest.size:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"more than the {digest.size} bytes announced")
+            chunks.append(request.data)
+            if request.finish_write:
+                finished = True
+                break
+        if digest is None or not finished:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the write ended without finish_write")
+        try:
+            self._store.store(digest, b"".join(chunks))
+        except InvalidBlob as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return bytestream_pb2.WriteResponse(committed_size=received)
+
+
+__all__ = [
+    "BYTESTREAM_SERVICE",
+    "CAS_SERVICE",
+    "STREAM_CHUNK",
+    "ByteStreamServicer",
+    "ContentAddressableStorageServicer",
+]

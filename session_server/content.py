@@ -1,0 +1,208 @@
+"""The server's content-addressable storage: snapshot blobs, served to workers by digest.
+
+Directory blobs come from memory (the snapshots); file blobs are read from the workspace file a
+snapshot named for that content, and hashed while they are read. A file that changed since is
+`BlobNotFound`: a worker gets NOT_FOUND, never wrong bytes. Blobs uploaded by clients
+(BatchUpdateBlobs, ByteStream.Write) are checked against their digest and kept in a bounded
+memory store; the server never asks for them itself.
+
+Domain logic: no grpc (`session_server.api.content` serves it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+
+from session_server.snapshots import SnapshotRegistry
+from tool_worker.merkle import Digest
+
+# Largest total of blob bytes in one BatchReadBlobs or BatchUpdateBlobs; bigger blobs go through
+# ByteStream. Under the 4 MiB message limit most gRPC clients keep by default, envelope included.
+MAX_BATCH_BYTES = 3 * 1024 * 1024
+MAX_BATCH_DIGESTS = 10_000
+# Chunk of a ByteStream read or write.
+STREAM_CHUNK = 1024 * 1024
+# Files read at once: more would only queue in the kernel, and each holds a thread.
+MAX_CONCURRENT_READS = 8
+# Uploaded blobs kept in memory.
+MAX_UPLOADED_BYTES = 256 * 1024 * 1024
+
+
+class BlobNotFound(Exception):
+    """The storage does not hold the blob (or its file changed since the snapshot)."""
+
+
+class InvalidBlob(ValueError):
+    """A request names a blob badly, or sends bytes that do not match its digest."""
+
+
+class ContentStore:
+    def __init__(self, registry: SnapshotRegistry, *, max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
+        self._registry = registry
+        self.max_batch_bytes = max_batch_bytes
+        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+        self._uploaded: OrderedDict[str, bytes] = OrderedDict()
+        self._uploaded_bytes = 0
+
+    def check_batch(self, digests: Iterable[Digest]) -> None:
+        """InvalidBlob when a batch asks for too much at once."""
+        digests = list(digests)
+        if len(digests) > MAX_BATCH_DIGESTS:
+            raise InvalidBlob(f"{len(digests)} digests in one batch: send at most {MAX_BATCH_DIGESTS}")
+        total = sum(d.size for d in digests)
+        if total > self.max_batch_bytes:
+            raise InvalidBlob(
+                f"the batch totals {total} bytes, over this server's limit of {self.max_batch_bytes}: split it, "
+                "and read blobs larger than the limit with ByteStream.Read"
+            )
+
+    def has(self, digest: Digest) -> bool:
+        if digest.size == 0 or digest.hash in self._uploaded:
+            return True
+        blob, paths = self._registry.find(digest.hash)
+        if blob is not None:
+            return len(blob) == digest.size
+        return any(_size_is(path, digest.size) for path in paths)
+
+    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        return [d for d in digests if not self.has(d)]
+
+    async def read_many(self, digests: list[Digest]) -> list[bytes | None]:
+        """The blobs' bytes, each checked (None: not held), files read in one thread hop."""
+        found: list[bytes | None] = [self._in_memory(d) for d in digests]
+        wanted = [(i, d, self._paths(d)) for i, d in enumerate(digests) if found[i] is None]
+        if wanted:
+            async with self._reads:
+                data = await asyncio.to_thread(lambda: [_read_verified(paths, d) for _, d, paths in wanted])
+            for (index, _, _), blob in zip(wanted, data, strict=True):
+                found[index] = blob
+        return found
+
+    async def read(self, digest: Digest) -> bytes:
+        """The blob's bytes, checked against its digest. BlobNotFound otherwise."""
+        memory = self._in_memory(digest)
+        if memory is not None:
+            return memory
+        paths = self._paths(digest)
+        async with self._reads:
+            data = await asyncio.to_thread(_read_verified, paths, digest)
+        if data is None:
+            raise BlobNotFound(f"blob {digest} is not held (its file changed since the snapshot that named it)")
+        return data
+
+    async def read_stream(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes from `offset` (at most `limit`, 0 = all), in chunks. The whole file is
+        hashed as it is read and the last chunk is held back until the hash matches: a reader
+        never gets a complete stream of wrong bytes (BlobNotFound ends it instead)."""
+        if offset < 0 or limit < 0 or offset > digest.size:
+            raise InvalidBlob(
+                f"read_offset {offset} / read_limit {limit} are out of range for a {digest.size}-byte blob"
+            )
+        end = digest.size if limit == 0 else min(digest.size, offset + limit)
+        memory = self._in_memory(digest)
+        if memory is not None:
+            for start in range(offset, end, STREAM_CHUNK):
+                yield memory[start : min(end, start + STREAM_CHUNK)]
+            return
+        handle = await asyncio.to_thread(_open_first, self._paths(digest))
+        if handle is None:
+            raise BlobNotFound(f"blob {digest} is not held")
+        try:
+            hasher = hashlib.sha256()
+            position = 0
+            held: bytes | None = None
+            while True:
+                async with self._reads:
+                    chunk = await asyncio.to_thread(handle.read, STREAM_CHUNK)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                wanted = chunk[max(0, offset - position) : max(0, end - position)]
+                position += len(chunk)
+                if wanted:
+                    if held is not None:
+                        yield held
+                    held = wanted
+            if position != digest.size or hasher.hexdigest() != digest.hash:
+                raise BlobNotFound(f"blob {digest} is not held (its file changed since the snapshot that named it)")
+            if held is not None:
+                yield held
+        finally:
+            handle.close()
+
+    def store(self, digest: Digest, data: bytes) -> None:
+        """Keeps an uploaded blob. InvalidBlob when the bytes do not match the digest."""
+        if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+            raise InvalidBlob(f"the data sent for {digest} does not match its digest")
+        if digest.hash in self._uploaded or digest.size > MAX_UPLOADED_BYTES:
+            return
+        self._uploaded[digest.hash] = data
+        self._uploaded_bytes += len(data)
+        while self._uploaded_bytes > MAX_UPLOADED_BYTES:
+            _, dropped = self._uploaded.popitem(last=False)
+            self._uploaded_bytes -= len(dropped)
+
+    def tree(self, root: Digest) -> list[bytes]:
+        """Every Directory blob under `root` (itself included), breadth first, each once.
+        BlobNotFound when the root is not held."""
+        from codelane.reapi import remote_execution_pb2  # the one protobuf use: parsing trees
+
+        first = self._in_memory(root)
+        if first is None:
+            raise BlobNotFound(f"directory {root} is not held")
+        out, seen, queue = [], {root.hash}, [first]
+        while queue:
+            blob = queue.pop(0)
+            out.append(blob)
+            for node in remote_execution_pb2.Directory.FromString(blob).directories:
+                if node.digest.hash in seen:
+                    continue
+                seen.add(node.digest.hash)
+                child = self._in_memory(Digest(node.digest.hash, node.digest.size_bytes))
+                if child is not None:  # REAPI: the part of the tree that is present
+                    queue.append(child)
+        return out
+
+    def _in_memory(self, digest: Digest) -> bytes | None:
+        if digest.size == 0:
+            return b""
+        data = self._uploaded.get(digest.hash)
+        if data is None:
+            data, _ = self._registry.find(digest.hash)
+        return data if data is not None and len(data) == digest.size else None
+
+    def _paths(self, digest: Digest) -> list[str]:
+        _, paths = self._registry.find(digest.hash)
+        return paths
+
+
+def _open_first(paths: list[str]):
+    for path in paths:
+        try:
+            return open(path, "rb", buffering=0)
+        except OSError:
+            continue
+    return None
+
+
+def _size_is(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except OSError:
+        return False
+
+
+def _read_verified(paths: list[str], digest: Digest) -> bytes | None:
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                data = handle.read(digest.size + 1)
+        except OSError:
+            continue
+        if len(data) == digest.size and hashlib.sha256(data).hexdigest() == digest.hash:
+            return data
+    return None

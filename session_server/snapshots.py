@@ -1,0 +1,187 @@
+"""Workspace snapshots on the session server: what every Query call sent to a worker must see.
+
+One `WorkspaceSnapshots` per workspace keeps a `TreeScanner` (stat cache, per-directory cache,
+inotify watches) and the latest snapshot. Scans run in a thread, one at a time per workspace,
+never on the event loop. The agent asks for a rescan when a step starts (it runs beside the
+model request) and after every Execute call (`changed()`); a Query call bound for a worker awaits
+`current()`, which returns at once when nothing changed since the last scan. In-process calls
+never ask, so they never pay for a snapshot.
+
+Files are not copied anywhere: a snapshot names, for each file content hash, one workspace path
+holding it, and the content service reads blobs from there, checking the hash as it reads.
+Directory blobs (small) are kept in memory. The last `KEEP_SNAPSHOTS` snapshots of each workspace
+stay readable, so a worker fetching a snapshot that was just replaced still finds it.
+
+Domain logic: no grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, Tree, TreeScanner
+
+log = logging.getLogger(__name__)
+
+KEEP_SNAPSHOTS = 8
+# Workspaces whose scanners (and their inotify watches) are kept; the least recently used goes.
+MAX_WORKSPACES = 64
+# Said once per workspace, not at every scan.
+MAX_SKIPPED_LOGGED = 20
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot of one workspace."""
+
+    workspace: str
+    digest: Digest
+    times_digest: Digest
+    tree: Tree = field(repr=False)
+
+    def blob(self, hash_hex: str) -> bytes | None:
+        """A Directory or DirectoryTimes blob of this snapshot."""
+        return self.tree.blobs.get(hash_hex)
+
+    def file_path(self, hash_hex: str) -> str | None:
+        """An absolute path that held this content when the snapshot was taken."""
+        relative = self.tree.files.get(hash_hex)
+        return None if relative is None else os.path.join(self.workspace, relative)
+
+
+# Called with each new snapshot before it becomes current (e.g. to upload it to an external CAS).
+Publisher = Callable[[Snapshot], Awaitable[None]]
+
+
+class WorkspaceSnapshots:
+    """The snapshots of one workspace."""
+
+    def __init__(self, workspace: str, exclusions: Exclusions, publish: Publisher | None = None) -> None:
+        self.workspace = workspace
+        self._scanner = TreeScanner(workspace, exclusions)
+        self._publish = publish
+        self.recent: deque[Snapshot] = deque(maxlen=KEEP_SNAPSHOTS)
+        self._dirty = True
+        self._scanning: asyncio.Task[Snapshot] | None = None
+        self._skipped_reported: set[str] = set()
+
+    @property
+    def latest(self) -> Snapshot | None:
+        return self.recent[-1] if self.recent else None
+
+    def invalidate(self) -> None:
+        """The workspace may have changed: the next `current()` rescans."""
+        self._dirty = True
+
+    def changed(self) -> None:
+        """The workspace may have changed (a step starts, an Execute call ended): rescan now, in
+        the background; `current()` waits for it."""
+        self._dirty = True
+        if self._scanning is None:
+            self._scanning = asyncio.get_running_loop().create_task(self._rescan(), name=f"snapshot {self.workspace}")
+            # Its failure reaches whoever awaits current(); a scan nobody waits for fails quietly
+            # (it is logged) and the next one tries again.
+            self._scanning.add_done_callback(_log_failure)
+
+    async def current(self) -> Snapshot:
+        """The snapshot as of now: every change announced before this call is in it.
+
+        Raises OSError when the workspace cannot be read.
+        """
+        while True:
+            if self._scanning is not None:
+                await asyncio.shield(self._scanning)
+            elif self._dirty:
+                self.changed()
+            else:
+                latest = self.latest
+                assert latest is not None
+                return latest
+
+    async def _rescan(self) -> Snapshot:
+        try:
+            while True:
+                # Changes announced from here on are seen by this scan or by the next one.
+                self._dirty = False
+                try:
+                    tree = await asyncio.to_thread(self._scanner.scan)
+                except BaseException:
+                    self._dirty = True
+                    raise
+                snapshot = self.latest
+                if snapshot is None or (snapshot.digest, snapshot.times_digest) != (tree.digest, tree.times_digest):
+                    snapshot = Snapshot(self.workspace, tree.digest, tree.times_digest, tree)
+                    self._report_skipped(tree.skipped)
+                    if self._publish is not None:
+                        await self._publish(snapshot)
+                    self.recent.append(snapshot)
+                if not self._dirty:
+                    return snapshot
+        finally:
+            self._scanning = None
+
+    def _report_skipped(self, skipped: Sequence[str]) -> None:
+        new = [s for s in skipped if s not in self._skipped_reported]
+        if not new:
+            return
+        self._skipped_reported.update(new)
+        shown = "; ".join(new[:MAX_SKIPPED_LOGGED])
+        more = f" (and {len(new) - MAX_SKIPPED_LOGGED} more)" if len(new) > MAX_SKIPPED_LOGGED else ""
+        log.warning("workspace %s: left out of its snapshot: %s%s", self.workspace, shown, more)
+
+    def close(self) -> None:
+        if self._scanning is not None:
+            self._scanning.cancel()
+        self._scanner.close()
+
+
+def _log_failure(task: asyncio.Task[Snapshot]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("snapshot of a workspace failed: %s", task.exception())
+
+
+class SnapshotRegistry:
+    """Every workspace's snapshots, and the blobs they name (for the content service)."""
+
+    def __init__(self, excludes: Sequence[str] = DEFAULT_EXCLUDES, publish: Publisher | None = None) -> None:
+        self.exclusions = Exclusions(excludes)
+        self._publish = publish
+        self._workspaces: dict[str, WorkspaceSnapshots] = {}
+
+    @property
+    def excludes(self) -> tuple[str, ...]:
+        return self.exclusions.patterns
+
+    def of(self, workspace: str) -> WorkspaceSnapshots:
+        snapshots = self._workspaces.pop(workspace, None)
+        if snapshots is None:
+            snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish)
+            if len(self._workspaces) >= MAX_WORKSPACES:
+                oldest = next(iter(self._workspaces))
+                self._workspaces.pop(oldest).close()
+        self._workspaces[workspace] = snapshots
+        return snapshots
+
+    def find(self, hash_hex: str) -> tuple[bytes | None, list[str]]:
+        """A Directory blob with this hash, or the workspace paths that held such a file (newest
+        snapshot first)."""
+        paths: list[str] = []
+        for snapshots in reversed(self._workspaces.values()):
+            for snapshot in reversed(snapshots.recent):
+                blob = snapshot.blob(hash_hex)
+                if blob is not None:
+                    return blob, []
+                path = snapshot.file_path(hash_hex)
+                if path is not None and path not in paths:
+                    paths.append(path)
+        return None, paths
+
+    def close(self) -> None:
+        for snapshots in self._workspaces.values():
+            snapshots.close()
+        self._workspaces.clear()

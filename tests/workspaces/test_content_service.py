@@ -1,0 +1,141 @@
+"""The server's REAPI content service over real gRPC: what it serves, what it refuses, and that a
+file changed since its snapshot is NOT_FOUND, never wrong bytes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from session_server.content import MAX_BATCH_BYTES, STREAM_CHUNK
+from session_server.server import CodelaneServer, ServerConfig
+
+TOKEN = "worker-secret"
+METADATA = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def digest(data: bytes) -> remote_execution_pb2.Digest:
+    return remote_execution_pb2.Digest(hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+
+@pytest.fixture
+async def served(tmp_path: Path):
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "small.txt").write_bytes(b"small file\n")
+    (ws / "sub" / "big.bin").write_bytes(bytes(range(256)) * (3 * STREAM_CHUNK // 256 + 7))
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", worker_token=TOKEN))
+    await server.start()
+    snapshot = await server.snapshots.of(str(ws)).current()
+    channel = grpc.aio.insecure_channel(server.address)
+    yield ws, snapshot, channel
+    await channel.close()
+    await server.stop(grace=0.5)
+
+
+async def test_blobs_trees_and_streams_are_served(served) -> None:
+    ws, snapshot, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    small, big = (ws / "small.txt").read_bytes(), (ws / "sub" / "big.bin").read_bytes()
+    root = remote_execution_pb2.Digest(hash=snapshot.digest.hash, size_bytes=snapshot.digest.size)
+    unknown = digest(b"nobody has this")
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=[digest(small), digest(big), root, unknown]), metadata=METADATA)
+    assert list(missing.missing_blob_digests) == [unknown]
+    read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(
+        digests=[digest(small), root, unknown]), metadata=METADATA)
+    by_hash = {r.digest.hash: r for r in read.responses}
+    assert by_hash[digest(small).hash].data == small and by_hash[root.hash].status.code == 0
+    assert remote_execution_pb2.Directory.FromString(by_hash[root.hash].data).files[0].name == "small.txt"
+    assert by_hash[unknown.hash].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    pages = [p async for p in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=root, page_size=1),
+                                          metadata=METADATA)]
+    assert len(pages) == 2 and pages[0].next_page_token and not pages[1].next_page_token
+    assert {f.name for p in pages for d in p.directories for f in d.files} == {"small.txt", "big.bin"}
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    name = f"blobs/{digest(big).hash}/{len(big)}"
+    chunks = [r.data async for r in stream.Read(bytestream_pb2.ReadRequest(resource_name=name), metadata=METADATA)]
+    assert b"".join(chunks) == big and len(chunks) > 1
+    window = [r.data async for r in stream.Read(
+        bytestream_pb2.ReadRequest(resource_name=name, read_offset=10, read_limit=100), metadata=METADATA)]
+    assert b"".join(window) == big[10:110]
+
+
+async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(served) -> None:
+    ws, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    small, big = (ws / "small.txt").read_bytes(), (ws / "sub" / "big.bin").read_bytes()
+    (ws / "small.txt").write_bytes(b"SMALL FILE\n")  # same size, other bytes
+    (ws / "sub" / "big.bin").write_bytes(big[:-1] + b"!")
+    read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(small)]),
+                                    metadata=METADATA)
+    assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0] and not read.responses[0].data
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in stream.Read(bytestream_pb2.ReadRequest(
+                resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA):
+            received.append(response.data)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
+
+
+@pytest.mark.parametrize(
+    ("request_message", "expected"),
+    [
+        (remote_execution_pb2.BatchReadBlobsRequest(digests=[remote_execution_pb2.Digest(hash="xyz", size_bytes=1)]),
+         "not a SHA-256 digest"),
+        (remote_execution_pb2.BatchReadBlobsRequest(
+            digests=[remote_execution_pb2.Digest(hash="a" * 64, size_bytes=MAX_BATCH_BYTES + 1)]), "ByteStream.Read"),
+        (remote_execution_pb2.BatchReadBlobsRequest(instance_name="other"), "unknown instance"),
+        (remote_execution_pb2.BatchReadBlobsRequest(digest_function=remote_execution_pb2.DigestFunction.MD5),
+         "only SHA256"),
+    ],
+)
+async def test_bad_requests_are_invalid_argument(served, request_message, expected: str) -> None:
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cas.BatchReadBlobs(request_message, metadata=METADATA)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in caught.value.details()
+
+
+async def test_uploads_are_checked_and_kept(served) -> None:
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    good, bad = b"uploaded", b"liar"
+    response = await cas.BatchUpdateBlobs(remote_execution_pb2.BatchUpdateBlobsRequest(requests=[
+        remote_execution_pb2.BatchUpdateBlobsRequest.Request(digest=digest(good), data=good),
+        remote_execution_pb2.BatchUpdateBlobsRequest.Request(digest=digest(b"something else"), data=bad),
+    ]), metadata=METADATA)
+    assert [r.status.code for r in response.responses] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    large = b"w" * (STREAM_CHUNK + 5)
+
+    async def chunks():
+        name = f"uploads/u1/blobs/{digest(large).hash}/{len(large)}"
+        yield bytestream_pb2.WriteRequest(resource_name=name, data=large[:STREAM_CHUNK])
+        yield bytestream_pb2.WriteRequest(write_offset=STREAM_CHUNK, data=large[STREAM_CHUNK:], finish_write=True)
+
+    written = await stream.Write(chunks(), metadata=METADATA)
+    assert written.committed_size == len(large)
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=[digest(good), digest(large), digest(bad)]), metadata=METADATA)
+    assert list(missing.missing_blob_digests) == [digest(bad)]
+
+
+async def test_the_content_service_wants_the_worker_token(served) -> None:
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name="blobs/" + "a" * 64 + "/1")):
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,158 @@
+"""The workspace digest: canonical bytes, the spec's rules, and incremental rescans that always
+agree with a scan from scratch."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from codelane.reapi import remote_execution_pb2 as reapi
+from codelane.v1 import workspace_pb2
+from tool_worker.merkle import EMPTY_HASH, Digest, Exclusions, TreeScanner, digest_of
+
+
+def make_tree(root: Path) -> None:
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "src" / "pkg" / "main.py").write_text("print('hi')\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "blank").write_bytes(b"")
+    (root / "ünï cödé.txt").write_text("unicode\n")
+    (root / "link").symlink_to("src/pkg/main.py")
+    (root / ".git" / "objects" / "ab").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab" / "cdef").write_bytes(b"object")
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+
+
+def test_bytes_are_what_protobuf_serializes(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    tree = digest_of(str(tmp_path))
+    root = reapi.Directory.FromString(tree.blobs[tree.digest.hash])
+    assert [f.name for f in root.files] == ["blank", "run.sh", "ünï cödé.txt"]
+    assert [d.name for d in root.directories] == [".git", "empty", "src"]
+    assert [(s.name, s.target) for s in root.symlinks] == [("link", "src/pkg/main.py")]
+    assert root.files[1].is_executable and not root.files[0].is_executable
+    assert root.files[0].digest.hash == EMPTY_HASH and root.files[0].digest.size_bytes == 0
+    assert root.directories[1].digest.hash == EMPTY_HASH
+    for blob in tree.blobs.values():
+        if blob == tree.blobs[tree.times_digest.hash]:
+            assert workspace_pb2.DirectoryTimes.FromString(blob).SerializeToString(deterministic=True) == blob
+    for hash_hex, blob in tree.blobs.items():
+        assert Digest.of(blob).hash == hash_hex
+    assert root.SerializeToString(deterministic=True) == tree.blobs[tree.digest.hash]
+    assert tree.digest == Digest.of(tree.blobs[tree.digest.hash])
+
+
+def test_excluded_paths_and_undecodable_names_are_left_out(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    tree = digest_of(str(tmp_path))
+    git = reapi.Directory.FromString(tree.blobs[next(
+        d.digest.hash for d in reapi.Directory.FromString(tree.blobs[tree.digest.hash]).directories if d.name == ".git"
+    )])
+    assert [f.name for f in git.files] == ["HEAD"]
+    assert [d.name for d in git.directories] == ["objects"]
+    assert git.directories[0].digest.hash == EMPTY_HASH  # "a/**" keeps "a" itself, empty
+    before = tree.digest
+    (tmp_path / ".git" / "objects" / "ab" / "new").write_bytes(b"more")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path.joinpath(os.fsdecode(b"bad\xff"))).write_text("x")
+    after = digest_of(str(tmp_path))
+    assert after.digest == before
+    assert any("not valid UTF-8" in s for s in after.skipped)
+    assert any(s.startswith("pipe:") for s in after.skipped)
+    assert digest_of(str(tmp_path), excludes=()).digest != before
+
+
+def test_exclusion_patterns() -> None:
+    rules = Exclusions(["**/node_modules", "build/*.o", "a/**", "x?z"])
+    assert rules.excluded("node_modules") and rules.excluded("web/app/node_modules")
+    assert rules.excluded("build/main.o") and not rules.excluded("build/sub/main.o")
+    assert rules.excluded("a/b") and rules.excluded("a/b/c") and not rules.excluded("a")
+    assert rules.excluded("xyz") and not rules.excluded("xz") and not rules.excluded("x/z")
+    assert not Exclusions([]).excluded("anything")
+    with pytest.raises(ValueError):
+        Exclusions(["/abs"])
+
+
+def test_each_change_changes_the_digest(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    seen = {digest_of(str(tmp_path)).digest}
+    (tmp_path / "blank").chmod(0o755)
+    seen.add(digest_of(str(tmp_path)).digest)
+    (tmp_path / "link").unlink()
+    (tmp_path / "link").symlink_to("elsewhere")
+    seen.add(digest_of(str(tmp_path)).digest)
+    (tmp_path / "empty" / "sub").mkdir()
+    seen.add(digest_of(str(tmp_path)).digest)
+    (tmp_path / "src" / "pkg" / "main.py").write_text("print('bye')\n")
+    seen.add(digest_of(str(tmp_path)).digest)
+    assert len(seen) == 5
+
+
+def _mutate(root: Path, rng: random.Random) -> None:
+    dirs = [root] + [p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()]
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    action = rng.choice(["write", "append", "delete", "mkdir", "move", "chmod", "rmtree", "same_size"])
+    if action == "write" or not files:
+        (rng.choice(dirs) / f"f{rng.randrange(1000)}").write_bytes(rng.randbytes(rng.randrange(50)))
+    elif action == "append":
+        with rng.choice(files).open("ab") as handle:
+            handle.write(b"+")
+    elif action == "same_size":
+        # Same size, same second: only the content (and the racy-stat rule) tells it changed.
+        target = rng.choice(files)
+        data = target.read_bytes()
+        target.write_bytes(bytes(b ^ 1 for b in data) if data else b"")
+    elif action == "delete":
+        rng.choice(files).unlink()
+    elif action == "mkdir":
+        (rng.choice(dirs) / f"d{rng.randrange(1000)}").mkdir(exist_ok=True)
+    elif action == "move":
+        source = rng.choice(files + dirs[1:])
+        destination = rng.choice(dirs) / f"m{rng.randrange(1000)}"
+        if not destination.exists() and not destination.is_relative_to(source):
+            shutil.move(source, destination)
+    elif action == "chmod":
+        target = rng.choice(files)
+        target.chmod(target.stat().st_mode ^ 0o100)
+    elif action == "rmtree" and len(dirs) > 1:
+        shutil.rmtree(rng.choice(dirs[1:]))
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_incremental_rescans_equal_fresh_scans(tmp_path: Path, watch: bool) -> None:
+    rng = random.Random(14)
+    make_tree(tmp_path)
+    scanner = TreeScanner(str(tmp_path), watch=watch)
+    try:
+        for _ in range(150):
+            _mutate(tmp_path, rng)
+            incremental = scanner.scan()
+            fresh = digest_of(str(tmp_path))
+            assert (incremental.digest, incremental.times_digest) == (fresh.digest, fresh.times_digest)
+            assert incremental.files == fresh.files
+    finally:
+        scanner.close()
+
+
+def test_an_unchanged_tree_is_neither_hashed_nor_listed_again(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    old = 1_000_000_000  # far from now: no file counts as racy
+    for path in tmp_path.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, ns=(old, old))
+    watched, unwatched = TreeScanner(str(tmp_path)), TreeScanner(str(tmp_path), watch=False)
+    try:
+        first = watched.scan()
+        unwatched.scan()
+        assert watched.scan() == first
+        assert watched.last_hashed == 0 and watched.last_listed == 0
+        unwatched.scan()
+        assert unwatched.last_hashed == 0 and unwatched.last_listed > 0
+    finally:
+        watched.close()

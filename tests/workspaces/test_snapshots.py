@@ -1,0 +1,100 @@
+"""Server snapshots (a rescan per change, off the loop) and the worker's pieces: path mapping,
+the blob store, sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from session_server.snapshots import KEEP_SNAPSHOTS, SnapshotRegistry
+from tool_worker.blobstore import BlobStore
+from tool_worker.merkle import Digest, digest_of
+from tool_worker.tools.base import ToolResult
+from tool_worker.workspaces import Placement, parse_size
+
+
+async def test_current_sees_every_change_announced_before_it(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n")
+    registry = SnapshotRegistry()
+    snapshots = registry.of(str(tmp_path))
+    try:
+        first = await snapshots.current()
+        assert first.digest == digest_of(str(tmp_path)).digest
+        assert await snapshots.current() is first  # nothing announced: no rescan
+        (tmp_path / "a.txt").write_text("two\n")
+        snapshots.changed()
+        (tmp_path / "b.txt").write_text("during the scan\n")  # announced while a scan may run
+        snapshots.changed()
+        second = await snapshots.current()
+        assert second.digest == digest_of(str(tmp_path)).digest != first.digest
+        assert second.file_path(Digest.of(b"two\n").hash) == str(tmp_path / "a.txt")
+        blob, paths = registry.find(Digest.of(b"one\n").hash)  # the older snapshot is still named
+        assert blob is None and paths == [str(tmp_path / "a.txt")]
+        assert registry.find(second.digest.hash)[0] is not None
+    finally:
+        registry.close()
+
+
+async def test_only_the_last_snapshots_are_kept(tmp_path: Path) -> None:
+    registry = SnapshotRegistry()
+    snapshots = registry.of(str(tmp_path))
+    try:
+        for i in range(KEEP_SNAPSHOTS + 3):
+            (tmp_path / "f.txt").write_text(f"version {i}\n")
+            snapshots.changed()
+            await snapshots.current()
+        assert len(snapshots.recent) == KEEP_SNAPSHOTS
+        assert registry.find(Digest.of(b"version 0\n").hash) == (None, [])
+    finally:
+        registry.close()
+
+
+async def test_an_unreadable_workspace_raises(tmp_path: Path) -> None:
+    registry = SnapshotRegistry()
+    try:
+        with pytest.raises(OSError):
+            await registry.of(str(tmp_path / "missing")).current()
+    finally:
+        registry.close()
+
+
+def test_paths_are_mapped_in_path_arguments_and_back_everywhere() -> None:
+    placement = Placement("/srv/ws", "/cache/trees/abc-0")
+    mapped = placement.arguments('{"file_path": "/srv/ws/a.py", "pattern": "/srv/ws/a.py", "paths": ["/srv/ws"],'
+                                 ' "path": "/srv/wsx/a"}')
+    assert mapped == ('{"file_path": "/cache/trees/abc-0/a.py", "pattern": "/srv/ws/a.py", '
+                      '"paths": ["/cache/trees/abc-0"], "path": "/srv/wsx/a"}')
+    copy = "/cache/trees/abc-0"
+    result = placement.result(ToolResult(f"file not found: {copy}/b.py", metadata={"p": copy}))
+    assert result.output == "file not found: /srv/ws/b.py" and result.metadata == {"p": "/srv/ws"}
+    shared = Placement("/srv/ws", "/srv/ws")
+    same = ToolResult("x")
+    assert shared.arguments('{"path": "/srv/ws"}') == '{"path": "/srv/ws"}' and shared.result(same) is same
+
+
+def test_the_blob_store_verifies_every_blob_it_gives_and_evicts_the_least_recent(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path / "blobs"))
+    a, b = b"a" * 100, b"b" * 100
+    store.put(Digest.of(a), a)
+    store.put(Digest.of(b), b)
+    assert store.read(Digest.of(a)) == a  # a is now the most recent
+    Path(store.path(Digest.of(b).hash)).write_bytes(b"c" * 100)
+    assert store.read(Digest.of(b)) is None and store.corrupt_discarded == 1
+    assert Digest.of(b).hash not in store
+    store.put(Digest.of(b), b)
+    store.evict(100)
+    assert Digest.of(a).hash not in store and store.read(Digest.of(b)) == b
+    assert BlobStore(str(tmp_path / "blobs")).bytes == 100  # what a restarted worker finds
+
+
+@pytest.mark.parametrize(("text", "size"), [("10GiB", 10 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3),
+                                            ("1000", 1000), ("1.5KiB", 1536)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_bad_size_says_what_is_expected() -> None:
+    with pytest.raises(ValueError, match="10GiB"):
+        parse_size("lots")
+

@@ -1,0 +1,114 @@
+"""The worker's blob store: file contents by digest on disk, least recently used first out, checked
+against their digest every time they are taken out.
+
+Files a materialized tree stops holding move in here (a rename, no copy), so going back to an
+earlier snapshot, or to another workspace with the same files, fetches nothing. A blob whose
+bytes no longer match its digest (a bad disk, a meddling process) is deleted and reported as
+missing: it is fetched again, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections import OrderedDict
+
+from tool_worker.merkle import Digest
+
+log = logging.getLogger("codelane.worker")
+
+
+class BlobStore:
+    """Not thread-safe: the worker calls it from one thread at a time (its sync thread)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self.bytes = 0
+        self.corrupt_discarded = 0
+        entries = []
+        for shard in os.scandir(directory):
+            if not shard.is_dir():
+                continue
+            for blob in os.scandir(shard.path):
+                info = blob.stat()
+                entries.append((info.st_mtime_ns, blob.name, info.st_size))
+        for _, name, size in sorted(entries):
+            self._sizes[name] = size
+            self.bytes += size
+
+    def path(self, hash_hex: str) -> str:
+        return os.path.join(self.directory, hash_hex[:2], hash_hex)
+
+    def __contains__(self, hash_hex: str) -> bool:
+        return hash_hex in self._sizes
+
+    def take_in(self, source: str, digest: Digest) -> None:
+        """Moves a file whose content is `digest` into the store (the file is gone after)."""
+        if digest.hash in self._sizes or digest.size == 0:
+            os.unlink(source)
+            return
+        target = self.path(digest.hash)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(source, target)
+        self._sizes[digest.hash] = digest.size
+        self.bytes += digest.size
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        if digest.hash in self._sizes or digest.size == 0:
+            return
+        target = self.path(digest.hash)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        temporary = f"{target}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, target)
+        self._sizes[digest.hash] = digest.size
+        self.bytes += digest.size
+
+    def read(self, digest: Digest) -> bytes | None:
+        """The blob's bytes, verified; None when it is missing or corrupt (then deleted)."""
+        if digest.size == 0:
+            return b""
+        if digest.hash not in self._sizes:
+            return None
+        try:
+            with open(self.path(digest.hash), "rb") as handle:
+                data = handle.read()
+        except OSError:
+            self._forget(digest.hash)
+            return None
+        if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+            log.warning("blob %s in the cache is corrupt (its bytes do not match its digest): discarded, "
+                        "it will be fetched again", digest)
+            self.corrupt_discarded += 1
+            self._drop(digest.hash)
+            return None
+        self._sizes.move_to_end(digest.hash)
+        return data
+
+    def evict(self, budget: int) -> None:
+        """Drops least recently used blobs until the store holds at most `budget` bytes."""
+        while self._sizes and self.bytes > budget:
+            self._drop(next(iter(self._sizes)))
+
+    def _drop(self, hash_hex: str) -> None:
+        try:
+            os.unlink(self.path(hash_hex))
+        except FileNotFoundError:
+            pass
+        self._forget(hash_hex)
+
+    def _forget(self, hash_hex: str) -> None:
+        size = self._sizes.pop(hash_hex, None)
+        if size is not None:
+            self.bytes -= size
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.makedirs(self.directory, exist_ok=True)
+        self._sizes.clear()
+        self.bytes = 0

@@ -1,0 +1,611 @@
+"""Where a worker runs a call: on the server's own path (shared) or on a copy it keeps (synced).
+
+Every Assign names a snapshot (workspace path, content digest, times digest). `WorkspaceManager`
+answers with a `Placement`, the directory the call runs in:
+
+- shared: the path lies under one of the worker's --root (no roots: any path), exists here, and
+  the worker's own scan of it (its stat cache) gives the snapshot's digests;
+- synced: otherwise, a tree in the worker's cache (`--cache-dir`) moved to the snapshot by writing
+  only what differs from what it holds, with blobs from the blob store or the CAS.
+
+A call never runs on another tree: a synced tree is read by calls (readers) or moved to another
+snapshot (one writer), never both; when two snapshots of a workspace are wanted at once a second
+tree is built. After each move the tree is scanned again and must give the snapshot's digests,
+else it is not used. Placing a call on a snapshot the worker already holds is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from codelane.reapi import remote_execution_pb2 as reapi
+from codelane.v1 import workspace_pb2
+from tool_worker.blobstore import BlobStore
+from tool_worker.cas import BlobMissing, CasClient, ContentError
+from tool_worker.merkle import (
+    EMPTY_HASH,
+    SHARED,
+    SYNCED,
+    SYNCING,
+    UNAVAILABLE,
+    Digest,
+    Exclusions,
+    Holding,
+    SnapshotRef,
+    Tree,
+    TreeScanner,
+)
+from tool_worker.tools.base import ToolResult
+
+log = logging.getLogger("codelane.worker")
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "codelane")
+DEFAULT_CACHE_SIZE = 10 * 1024**3
+# Trees kept per workspace: one, and a second while calls read the first and another snapshot is
+# wanted.
+MAX_TREES = 2
+# Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
+# under the server's workspace in them are mapped to the copy.
+# Batches of fetched blobs written at once: file creation on a journaling filesystem costs
+# hundreds of microseconds of kernel time per file, and overlaps well.
+WRITE_THREADS = 4
+# A move this small (the usual edit) runs on the event loop rather than in threads.
+SMALL_PLAN_CHANGES = 32
+SMALL_PLAN_BYTES = 256 * 1024
+# A watched rescan listing this few directories runs on the event loop too.
+CHEAP_SCAN_DIRECTORIES = 8
+# A name in a Directory: one path component.
+_PLAIN_NAME = re.compile(r"[^/\0]+")
+_PATH_ARGUMENT = re.compile(r"^(?:path|paths|file_path|.*_path|.*_paths)$")
+
+
+class WorkspaceUnavailable(Exception):
+    """The worker cannot present the snapshot; the message says why (it becomes the call's error)."""
+
+
+class SnapshotChanged(WorkspaceUnavailable):
+    """The CAS no longer holds part of the snapshot: the workspace changed after it was taken. The
+    call needs a newer snapshot, not another worker."""
+
+
+def parse_size(text: str) -> int:
+    """'10GiB', '512MB', '2G', '1000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as 10GiB, 512MB or 1000000")
+    number, unit, suffix = float(match[1]), match[2].upper(), match[3].lower()
+    base = 1024 if suffix.startswith("i") or (unit and not suffix) else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+class Placement:
+    """The directory a call runs in, and how paths map between it and the server's workspace."""
+
+    __slots__ = ("_release", "path", "workspace")
+
+    def __init__(self, workspace: str, path: str, release: Callable[[], None] | None = None) -> None:
+        self.workspace = workspace
+        self.path = path
+        self._release = release
+
+    @property
+    def mapped(self) -> bool:
+        return self.path != self.workspace
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def arguments(self, arguments_json: str) -> str:
+        """Absolute paths under the server's workspace, in path arguments, point to the copy."""
+        if not self.mapped or self.workspace not in arguments_json:
+            return arguments_json
+        try:
+            arguments = json.loads(arguments_json)
+        except json.JSONDecodeError:
+            return arguments_json
+        if not isinstance(arguments, dict):
+            return arguments_json
+        mapped = {key: self._map_in(value) if _PATH_ARGUMENT.match(key) else value for key, value in arguments.items()}
+        return json.dumps(mapped)
+
+    def _map_in(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self._map_in(v) for v in value]
+        if isinstance(value, str) and (value == self.workspace or value.startswith(self.workspace.rstrip("/") + "/")):
+            return self.path + value[len(self.workspace):]
+        return value
+
+    def result(self, result: ToolResult) -> ToolResult:
+        """The copy's path, wherever the result shows it, reads as the server's workspace."""
+        if not self.mapped:
+            return result
+        output = result.output.replace(self.path, self.workspace)
+        metadata = result.metadata
+        if metadata and self.path in json.dumps(metadata):
+            metadata = json.loads(json.dumps(metadata).replace(json.dumps(self.path)[1:-1],
+                                                               json.dumps(self.workspace)[1:-1]))
+        if output is result.output and metadata is result.metadata:
+            return result
+        return dataclasses.replace(result, output=output, metadata=metadata)
+
+
+@dataclass(eq=False)
+class _Tree:
+    path: str
+    scanner: TreeScanner
+    held: Tree | None = None
+    readers: int = 0
+    writing: bool = False
+    # The snapshot a move is bringing it to.
+    target: SnapshotRef | None = None
+
+    def holds(self, snapshot: SnapshotRef) -> bool:
+        held = self.held
+        return held is not None and held.digest == snapshot.digest and held.times_digest == snapshot.times_digest
+
+
+@dataclass(eq=False)
+class _Workspace:
+    trees: list[_Tree] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    shared_scanner: TreeScanner | None = None
+    # (digest, times digest) the server's own path was last seen with, when shared.
+    shared: tuple[Digest, Digest] | None = None
+
+
+class WorkspaceManager:
+    def __init__(
+        self,
+        *,
+        roots: tuple[str, ...] = (),
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        on_change: Callable[[Holding], None] | None = None,
+    ) -> None:
+        self._roots = roots
+        self.cache_dir = os.path.realpath(cache_dir)
+        self.cache_size = cache_size
+        self._on_change = on_change or (lambda holding: None)
+        self.exclusions = Exclusions()
+        self.cas: CasClient | None = None
+        self._workspaces: dict[str, _Workspace] = {}
+        self._store: BlobStore | None = None
+        self.holdings: dict[str, Holding] = {}
+
+    def configure(self, cas: CasClient, excludes: tuple[str, ...]) -> None:
+        """From the hub's Welcome. New exclusions change every digest: scanners start over."""
+        self.cas = cas
+        if excludes != self.exclusions.patterns:
+            self.exclusions = Exclusions(excludes)
+            for state in self._workspaces.values():
+                state.shared = None
+                if state.shared_scanner is not None:
+                    state.shared_scanner.close()
+                    state.shared_scanner = None
+                for tree in state.trees:
+                    if tree.readers == 0 and not tree.writing:
+                        tree.scanner.close()
+                        tree.scanner = TreeScanner(tree.path, self.exclusions)
+                        tree.held = None
+
+    @property
+    def store(self) -> BlobStore:
+        if self._store is None:
+            self._store = BlobStore(os.path.join(self.cache_dir, "blobs"))
+        return self._store
+
+    # -- placing a call ----------------------------------------------------------------------------
+
+    async def place(self, snapshot: SnapshotRef) -> Placement:
+        """Where to run a call that must see `snapshot`. Raises WorkspaceUnavailable."""
+        state = self._workspaces.get(snapshot.workspace)
+        if state is not None:
+            if state.shared == (snapshot.digest, snapshot.times_digest):
+                return Placement(snapshot.workspace, snapshot.workspace)
+            for tree in state.trees:
+                if not tree.writing and tree.holds(snapshot):
+                    return self._read(state, tree, snapshot)
+        else:
+            state = self._workspaces[snapshot.workspace] = _Workspace()
+        if await self._shared_matches(state, snapshot):
+            return Placement(snapshot.workspace, snapshot.workspace)
+        return await self._synced(state, snapshot)
+
+    def _read(self, state: _Workspace, tree: _Tree, snapshot: SnapshotRef) -> Placement:
+        tree.readers += 1
+
+        def release() -> None:
+            tree.readers -= 1
+            if tree.readers == 0:
+                asyncio.get_running_loop().create_task(self._notify(state))
+
+        return Placement(snapshot.workspace, tree.path, release)
+
+    async def _notify(self, state: _Workspace) -> None:
+        async with state.changed:
+            state.changed.notify_all()
+
+    def _may_share(self, workspace: str) -> bool:
+        real = os.path.realpath(workspace)
+        if self._roots and not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self._roots):
+            return False
+        return os.path.isdir(workspace) and not real.startswith(self.cache_dir + os.sep)
+
+    async def _shared_matches(self, state: _Workspace, snapshot: SnapshotRef) -> bool:
+        if not await asyncio.to_thread(self._may_share, snapshot.workspace):
+            return False
+        if state.shared_scanner is None:
+            state.shared_scanner = TreeScanner(snapshot.workspace, self.exclusions)
+        wanted = (snapshot.digest, snapshot.times_digest)
+        for full in (False, True):
+            # A watched scan first; when it disagrees, one that stats everything (inotify misses
+            # what other hosts of a network filesystem change).
+            try:
+                if full:
+                    tree = await asyncio.to_thread(state.shared_scanner.scan, full=True)
+                else:
+                    tree = await _scan(state.shared_scanner)
+            except OSError:
+                return False
+            seen = (tree.digest, tree.times_digest)
+            if seen == wanted:
+                state.shared = seen
+                self._report(Holding(snapshot.workspace, SHARED, snapshot.digest))
+                return True
+        state.shared = None
+        return False
+
+    async def _synced(self, state: _Workspace, snapshot: SnapshotRef) -> Placement:
+        async with state.changed:
+            while True:
+                for tree in state.trees:
+                    if not tree.writing and tree.holds(snapshot):
+                        return self._read(state, tree, snapshot)
+                if any(t.writing and t.target == snapshot for t in state.trees):
+                    # Another call is bringing a tree to this very snapshot: wait for it.
+                    await state.changed.wait()
+                    continue
+                idle = [t for t in state.trees if t.readers == 0 and not t.writing]
+                if idle:
+                    tree = idle[0]
+                elif len(state.trees) < MAX_TREES:
+                    tree = self._new_tree(snapshot.workspace, len(state.trees))
+                    state.trees.append(tree)
+                else:
+                    await state.changed.wait()
+                    continue
+                tree.writing, tree.target, tree.held = True, snapshot, None
+                break
+        self._report(Holding(snapshot.workspace, SYNCING, snapshot.digest))
+        try:
+            await self._move(tree, snapshot)
+        except SnapshotChanged:
+            raise  # nothing is wrong with this worker: the copy is synced again to a newer snapshot
+        except WorkspaceUnavailable as exc:
+            self._report(Holding(snapshot.workspace, UNAVAILABLE, snapshot.digest, str(exc)))
+            raise
+        except Exception as exc:  # a bug must not leave the tree marked as moving, nor the call hanging
+            log.exception("moving the copy of %s to %s failed", snapshot.workspace, snapshot.digest)
+            reason = f"syncing {snapshot.workspace} failed: {type(exc).__name__}: {exc}"
+            self._report(Holding(snapshot.workspace, UNAVAILABLE, snapshot.digest, reason))
+            raise WorkspaceUnavailable(reason) from None
+        finally:
+            tree.writing, tree.target = False, None
+            await self._notify(state)
+        self._report(Holding(snapshot.workspace, SYNCED, snapshot.digest))
+        return await self.place(snapshot)
+
+    def _new_tree(self, workspace: str, index: int) -> _Tree:
+        key = hashlib.sha256(workspace.encode()).hexdigest()[:16]
+        path = os.path.join(self.cache_dir, "trees", f"{key}-{index}")
+        os.makedirs(path, exist_ok=True)
+        return _Tree(path=os.path.realpath(path), scanner=TreeScanner(path, self.exclusions))
+
+    # -- moving a tree -----------------------------------------------------------------------------
+
+    async def _move(self, tree: _Tree, snapshot: SnapshotRef) -> None:
+        if self.cas is None:
+            raise WorkspaceUnavailable("the worker has no content source yet (no Welcome from the hub)")
+        started = time.perf_counter()
+        current = await _scan(tree.scanner)
+        try:
+            directories = await self._directories(current, snapshot)
+            plan = _plan(current, snapshot, directories)
+            planned = time.perf_counter()
+            need = plan.total_bytes
+            other_trees = sum(t.held.total_bytes for s in self._workspaces.values() for t in s.trees
+                              if t is not tree and t.held is not None)
+            if need + other_trees > self.cache_size:
+                raise WorkspaceUnavailable(
+                    f"the snapshot of {snapshot.workspace} holds {need} bytes and the worker's other trees "
+                    f"{other_trees}: more than its --cache-size of {self.cache_size} bytes"
+                )
+            if plan.small:
+                # A few files (the usual edit): a few syscalls, cheaper than thread hops.
+                self._prepare(tree, plan)
+                await self._fill(tree, plan, inline=True)
+                self._finish(tree, plan)
+            else:
+                await asyncio.to_thread(self._prepare, tree, plan)
+                await self._fill(tree, plan)
+                await asyncio.to_thread(self._finish, tree, plan)
+            self.store.evict(max(0, self.cache_size - need - other_trees))
+            written = time.perf_counter()
+            held = await _scan(tree.scanner)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise WorkspaceUnavailable(
+                    f"the worker's cache disk is full ({self.cache_dir}: {exc.strerror}); the copy of "
+                    f"{snapshot.workspace} was not used. Free space or lower --cache-size"
+                ) from None
+            raise WorkspaceUnavailable(f"materializing {snapshot.workspace} failed: {exc}") from None
+        except BlobMissing as exc:
+            raise SnapshotChanged(
+                f"{snapshot.workspace} changed after the snapshot {snapshot.digest} was taken ({exc})"
+            ) from None
+        except ContentError as exc:
+            raise WorkspaceUnavailable(f"fetching the snapshot of {snapshot.workspace} failed: {exc}") from None
+        if (held.digest, held.times_digest) != (snapshot.digest, snapshot.times_digest):
+            raise WorkspaceUnavailable(
+                f"the copy of {snapshot.workspace} does not match its snapshot after syncing (digest {held.digest}, "
+                f"wanted {snapshot.digest}); it was not used"
+            )
+        tree.held = held
+        done = time.perf_counter()
+        log.info("synced %s to %s: %d files written (%d bytes) in %.3fs: plan %.3fs, fill %.3fs, check %.3fs",
+                 snapshot.workspace, snapshot.digest, sum(len(paths) for paths in plan.writes.values()),
+                 sum(d.size * len(paths) for d, paths in plan.writes.items()), done - started, planned - started,
+                 written - planned, done - written)
+
+    async def _directories(self, current: Tree, snapshot: SnapshotRef) -> dict[str, bytes]:
+        """Every Directory and DirectoryTimes blob of the snapshot, fetching only those the tree
+        does not hold already, one level of the tree per round trip."""
+        known = dict(current.blobs)
+        known[EMPTY_HASH] = b""
+        # (digest, is a content Directory rather than a DirectoryTimes)
+        frontier = [(snapshot.digest, True), (snapshot.times_digest, False)]
+        while frontier:
+            missing = [d for d, _ in frontier if d.hash not in known]
+            if missing:
+                assert self.cas is not None
+                known.update(await self.cas.read(missing))
+            next_level: dict[tuple[str, bool], tuple[Digest, bool]] = {}
+            for digest, content in frontier:
+                blob = known[digest.hash]
+                kind = reapi.Directory if content else workspace_pb2.DirectoryTimes
+                try:
+                    nodes = kind.FromString(blob).directories
+                except Exception:
+                    raise ContentError(f"blob {digest} is not a {kind.__name__}") from None
+                for node in nodes:
+                    child = Digest(node.digest.hash, node.digest.size_bytes)
+                    # A known directory comes with its whole subtree (the tree held has it all).
+                    if child.hash not in known:
+                        next_level[(child.hash, content)] = (child, content)
+            frontier = list(next_level.values())
+        return known
+
+    def _prepare(self, tree: _Tree, plan: _Plan) -> None:
+        """Removes what goes (old file versions move into the blob store) and makes directories."""
+        store = self.store
+        for relative, digest in plan.remove:
+            path = os.path.join(tree.path, relative)
+            if digest is None:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            else:
+                store.take_in(path, digest)
+        for relative in plan.mkdir:
+            os.makedirs(os.path.join(tree.path, relative), exist_ok=True)
+
+    async def _fill(self, tree: _Tree, plan: _Plan, *, inline: bool = False) -> None:
+        """Writes every new file: from the blob store when it has the content, else fetched."""
+        local = self._fill_local(tree, plan) if inline else await asyncio.to_thread(self._fill_local, tree, plan)
+        missing = [d for d in plan.writes if d.hash not in local]
+        if not missing:
+            return
+        assert self.cas is not None
+        pending: set[asyncio.Future[None]] = set()
+        async for batch in self.cas.fetch(missing):
+            if inline:
+                self._write_batch(tree, plan, batch)
+                continue
+            pending.add(asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch)))
+            if len(pending) >= WRITE_THREADS:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+        for future in pending:
+            await future
+
+    def _fill_local(self, tree: _Tree, plan: _Plan) -> set[str]:
+        done = set()
+        for digest in plan.writes:
+            if digest.size == 0:
+                data: bytes | None = b""
+            else:
+                data = self.store.read(digest) if digest.hash in self.store else None
+            if data is not None:
+                self._write_batch(tree, plan, [(digest, data)])
+                done.add(digest.hash)
+        return done
+
+    def _write_batch(self, tree: _Tree, plan: _Plan, batch: list[tuple[Digest, bytes]]) -> None:
+        for digest, data in batch:
+            for relative, executable, mtime_ns in plan.writes[digest]:
+                path = os.path.join(tree.path, relative)
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                     0o777 if executable else 0o666)
+                try:
+                    _write_all(descriptor, data)
+                    os.utime(descriptor, ns=(mtime_ns, mtime_ns))
+                    tree.scanner.record(relative, digest, os.fstat(descriptor))
+                finally:
+                    os.close(descriptor)
+
+    def _finish(self, tree: _Tree, plan: _Plan) -> None:
+        for relative, target in plan.symlinks:
+            os.symlink(target, os.path.join(tree.path, relative))
+        for relative, executable in plan.chmod:
+            path = os.path.join(tree.path, relative)
+            mode = os.stat(path).st_mode
+            os.chmod(path, mode | 0o111 if executable else mode & ~0o111)
+        for relative, mtime_ns in plan.utimes:
+            os.utime(os.path.join(tree.path, relative), ns=(mtime_ns, mtime_ns))
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    def _report(self, holding: Holding) -> None:
+        if self.holdings.get(holding.workspace) != holding:
+            self.holdings[holding.workspace] = holding
+            self._on_change(holding)
+
+    def close(self) -> None:
+        for state in self._workspaces.values():
+            if state.shared_scanner is not None:
+                state.shared_scanner.close()
+            for tree in state.trees:
+                tree.scanner.close()
+
+
+async def _scan(scanner: TreeScanner) -> Tree:
+    pending = scanner.pending()
+    if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
+        return scanner.scan()
+    return await asyncio.to_thread(scanner.scan)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    written = os.write(descriptor, data)
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(descriptor, view):]
+
+
+@dataclass
+class _Plan:
+    # (relative path, digest of the file to keep in the store, or None: delete)
+    remove: list[tuple[str, Digest | None]] = field(default_factory=list)
+    mkdir: list[str] = field(default_factory=list)
+    # digest -> (relative path, executable, mtime_ns) of every file to write with that content
+    writes: dict[Digest, list[tuple[str, bool, int]]] = field(default_factory=dict)
+    symlinks: list[tuple[str, str]] = field(default_factory=list)
+    chmod: list[tuple[str, bool]] = field(default_factory=list)
+    utimes: list[tuple[str, int]] = field(default_factory=list)
+    total_bytes: int = 0
+
+    @property
+    def small(self) -> bool:
+        """Few changes and few bytes to write: done on the event loop."""
+        changes = len(self.remove) + len(self.mkdir) + len(self.symlinks) + sum(map(len, self.writes.values()))
+        return changes <= SMALL_PLAN_CHANGES and sum(d.size for d in self.writes) <= SMALL_PLAN_BYTES
+
+
+def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Plan:
+    """What turns the tree held (`current`) into the snapshot's; `total_bytes` starts from what is
+    held and follows the changes, so planning costs what changed, not the tree's size."""
+    plan = _Plan(total_bytes=current.total_bytes)
+    _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
+          blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
+    return plan
+
+
+def _entries(content: bytes | None, times: bytes | None):
+    """A Directory and its DirectoryTimes as dictionaries by name. ContentError for a name that is
+    not one plain path component, or that repeats: a tree may only write inside itself."""
+    directory = reapi.Directory.FromString(content) if content else reapi.Directory()
+    file_times = workspace_pb2.DirectoryTimes.FromString(times) if times else workspace_pb2.DirectoryTimes()
+    names = [n.name for n in (*directory.files, *directory.directories, *directory.symlinks)]
+    if len(set(names)) != len(names) or any(not _PLAIN_NAME.fullmatch(n) or n in (".", "..") for n in names):
+        raise ContentError(f"a directory of the snapshot has a malformed or repeated name among {names[:20]}")
+    mtimes = {t.name: t.mtime_ns for t in file_times.files}
+    dir_times = {t.name: Digest(t.digest.hash, t.digest.size_bytes) for t in file_times.directories}
+    files = {f.name: (Digest(f.digest.hash, f.digest.size_bytes), f.is_executable, mtimes.get(f.name, 0))
+             for f in directory.files}
+    dirs = {d.name: (Digest(d.digest.hash, d.digest.size_bytes), dir_times.get(d.name)) for d in directory.directories}
+    links = {s.name: s.target for s in directory.symlinks}
+    return files, dirs, links
+
+
+def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes | None,
+          new_content: bytes, new_times: bytes, old_blobs: dict[str, bytes], new_blobs: dict[str, bytes]) -> None:
+    old_files, old_dirs, old_links = _entries(old_content, old_times)
+    new_files, new_dirs, new_links = _entries(new_content, new_times)
+    for name, (digest, _, _) in old_files.items():
+        if name not in new_files or new_files[name][0] != digest:
+            plan.remove.append((prefix + name, digest))
+            plan.total_bytes -= digest.size
+    for name, (digest, _) in old_dirs.items():
+        if name not in new_dirs:
+            plan.remove.append((prefix + name, None))
+            plan.total_bytes -= _tree_bytes(digest, old_blobs)
+    for name, target in old_links.items():
+        if new_links.get(name) != target:
+            plan.remove.append((prefix + name, None))
+    for name, (digest, executable, mtime) in new_files.items():
+        old = old_files.get(name)
+        if old is None or old[0] != digest:
+            plan.writes.setdefault(digest, []).append((prefix + name, executable, mtime))
+            plan.total_bytes += digest.size
+            continue
+        if old[1] != executable:
+            plan.chmod.append((prefix + name, executable))
+        if old[2] != mtime:
+            plan.utimes.append((prefix + name, mtime))
+    for name, target in new_links.items():
+        if old_links.get(name) != target:
+            plan.symlinks.append((prefix + name, target))
+    for name, (digest, times_digest) in new_dirs.items():
+        old = old_dirs.get(name)
+        if old is None:
+            plan.mkdir.append(prefix + name)
+        elif old == (digest, times_digest):
+            continue
+        _diff(plan, f"{prefix}{name}/",
+              old_blobs.get(old[0].hash) if old else None,
+              old_blobs.get(old[1].hash) if old and old[1] else None,
+              new_blobs[digest.hash], new_blobs[times_digest.hash] if times_digest else b"", old_blobs, new_blobs)
+
+
+def _tree_bytes(digest: Digest, blobs: dict[str, bytes]) -> int:
+    blob = blobs.get(digest.hash)
+    if not blob:
+        return 0
+    directory = reapi.Directory.FromString(blob)
+    return sum(f.digest.size_bytes for f in directory.files) + sum(
+        _tree_bytes(Digest(d.digest.hash, d.digest.size_bytes), blobs) for d in directory.directories
+    )
+
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_CACHE_SIZE",
+    "SHARED",
+    "SYNCED",
+    "SYNCING",
+    "UNAVAILABLE",
+    "Holding",
+    "Placement",
+    "SnapshotRef",
+    "WorkspaceManager",
+    "WorkspaceUnavailable",
+    "parse_size",
+]
+
