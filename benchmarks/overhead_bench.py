@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import shutil
 import signal
@@ -193,6 +194,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 sys.executable, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
                 "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
                 *(["--otlp-endpoint", endpoint] if mode.traced else []),
+                *(["--profile", str(args.profile / mode.name)] if args.profile else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
         for mode in modes:
@@ -257,18 +259,44 @@ async def main_async(args: argparse.Namespace) -> int:
         await sink_server.stop(None)
 
 
-async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
+class _ProfiledWorkersServer(CodelaneServer):
+    """A server whose local workers run under cProfile, each writing `worker-<id>.prof` to `into`
+    when it exits (it drains on the server's stop)."""
+
+    def __init__(self, config: ServerConfig, into: Path) -> None:
+        super().__init__(config)
+        self._profile_into = into
+
+    def _local_worker_argv(self, worker_id: str) -> list[str]:
+        argv = super()._local_worker_argv(worker_id)
+        return [argv[0], "-m", "cProfile", "-o", str(self._profile_into / f"worker-{worker_id}.prof"), *argv[1:]]
+
+
+async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
+                profile: Path | None = None) -> None:
     """One server on the script, `workers` local workers; `READY <port>` once they are connected;
-    stops at EOF on stdin."""
-    with pidfd_child_watcher():
-        await _serve_until_stopped(workers, script, data_dir, otlp_endpoint)
+    stops at EOF on stdin. With `profile` (a directory), the server and its workers run under
+    cProfile from start to stop and write `server.prof` and `worker-<id>.prof` there."""
+    profiler = None
+    if profile is not None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        with pidfd_child_watcher():
+            await _serve_until_stopped(workers, script, data_dir, otlp_endpoint, profile)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile / "server.prof")
 
 
-async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
-    server = CodelaneServer(ServerConfig(
+async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
+                               profile: Path | None) -> None:
+    config = ServerConfig(
         listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
         model=f"scripted:{script}", local_fallback=workers == 0, otlp_endpoint=otlp_endpoint,
-    ))
+    )
+    server = CodelaneServer(config) if profile is None else _ProfiledWorkersServer(config, profile)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -298,9 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--otlp-endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run every server and its workers under cProfile; their profiles go to "
+                             "DIR/<mode>/server.prof and worker-<id>.prof (read them with pstats)")
     args = parser.parse_args(argv)
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint))
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint, args.profile))
         return 0
     return asyncio.run(main_async(args))
 
