@@ -17,6 +17,10 @@ of its own would reach on this machine (the greps spawn ripgrep and compete for 
 are timed by the client, from sending the message to receiving TurnFinished, so event delivery
 counts.
 
+With `--baseline PYTHON` (an interpreter whose installed codelane is another checkout, e.g. the
+main branch's venv), every mode is measured a second time as `<mode>@baseline`, served by that
+interpreter's code, in the same rounds: a change's before and after, side by side in one run.
+
 Every server keeps its metrics (they are always on). A mode named `...+traced` also traces: the
 server and its workers send their spans over OTLP/gRPC to a receiver in this process (which
 counts and drops them), so the cost of tracing shows beside the same mode untraced.
@@ -64,6 +68,8 @@ class Mode:
     workers: int
     query_concurrency: int
     traced: bool = False
+    # The interpreter that serves the mode (another checkout's, for `@baseline` modes).
+    python: str = sys.executable
 
     @property
     def concurrency(self) -> int:
@@ -134,6 +140,13 @@ async def tools_alone(workspace: Path, concurrency: int, passes: int = 7) -> flo
     return statistics.median(times)
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, median, high = statistics.quantiles(values, n=4)
+    return low, median, high
+
+
 class _SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP trace receiver that counts what it is sent."""
 
@@ -191,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> int:
         tools_time = {c: await tools_alone(workspace, c) for c in sorted({m.concurrency for m in modes})}
         for mode in modes:
             servers[mode.name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
+                mode.python, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
                 "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
                 *(["--otlp-endpoint", endpoint] if mode.traced else []),
                 *(["--profile", str(args.profile / mode.name)] if args.profile else []),
@@ -221,16 +234,27 @@ async def main_async(args: argparse.Namespace) -> int:
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
         print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
-        print(f"{'mode':<24}{'T turn':>10}{'text turn':>11}{'ideal tools':>13}{'overhead/call':>15}"
-              f"{'vs sequential':>15}")
+        print(f"{'mode':<26}{'T turn':>10}{'T turn p25-p75':>17}{'text turn':>11}{'ideal tools':>13}"
+              f"{'overhead/call':>15}{'seq/mode':>10}")
         base = statistics.median(turns[modes[0].name])
         for mode in modes:
             t_turn = statistics.median(turns[mode.name])
+            low, _, high = _quartiles(turns[mode.name])
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
             overhead = (t_turn - 2 * text_turn - ideal) / calls
-            print(f"{mode.name:<24}{t_turn * 1000:>8.1f}ms{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms"
-                  f"{overhead * 1e6:>12.0f} us{base / t_turn:>14.2f}x")
+            print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
+                  f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x")
+        print(f"(seq/mode: {modes[0].name}'s median T turn / the mode's, the two medians printed; overhead/call: "
+              f"(T turn - 2 x text turn - ideal tools) / {calls})")
+        for mode in modes:
+            before = turns.get(f"{mode.name}@baseline")
+            if before:
+                ratios = sorted(b / a for b, a in zip(before, turns[mode.name], strict=True))
+                low, median, high = _quartiles(ratios)
+                print(f"{mode.name}: baseline's T turn / this one's, paired by round: median {median:.2f}x "
+                      f"(p25-p75 {low:.2f}-{high:.2f}x; medians {statistics.median(before) * 1000:.1f} ms -> "
+                      f"{statistics.median(turns[mode.name]) * 1000:.1f} ms)")
         for mode in modes:
             twin = next((m for m in modes if m.traced and m.name == f"{mode.name}+traced"), None)
             if not mode.traced and twin is not None:
@@ -329,7 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run every server and its workers under cProfile; their profiles go to "
                              "DIR/<mode>/server.prof and worker-<id>.prof (read them with pstats)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also measure every mode served by this interpreter's codelane, as <mode>@baseline")
     args = parser.parse_args(argv)
+    if args.baseline:
+        if args.profile:
+            parser.error("--profile profiles this checkout only: leave out --baseline")
+        args.modes = [variant for mode in args.modes for variant in (
+            mode, Mode(f"{mode.name}@baseline", mode.workers, mode.query_concurrency, mode.traced, args.baseline))]
     if args.serve is not None:
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
