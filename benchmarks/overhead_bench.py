@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import cProfile
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -167,6 +168,21 @@ async def start_span_sink() -> tuple[grpc.aio.Server, _SpanSink, str]:
     return server, sink, f"http://127.0.0.1:{port}"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its live children (a server's local
+    workers): Linux /proc. On a loaded machine it moves far less than wall time does."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 async def run_turn(client: Client, session_id: str, text: str) -> tuple[float, list[ev.Event]]:
     session = await client.get_session(session_id)
     events: list[ev.Event] = []
@@ -218,24 +234,28 @@ async def main_async(args: argparse.Namespace) -> int:
             clients[mode.name] = Client(f"127.0.0.1:{words[1]}", timeout=10)
         turns: dict[str, list[float]] = {m.name: [] for m in modes}
         texts: dict[str, list[float]] = {m.name: [] for m in modes}
+        cpus: dict[str, list[float]] = {m.name: [] for m in modes}
         problems: dict[str, list[str]] = {m.name: [] for m in modes}
         for round_ in range(args.warmup + args.rounds):
             for mode in modes:
                 client = clients[mode.name]
                 session = await client.create_session(workspace, query_concurrency=mode.query_concurrency)
+                cpu_before = cpu_seconds(servers[mode.name].pid)
                 t_turn, events = await asyncio.wait_for(run_turn(client, session.id, "workload T"), TURN_TIMEOUT)
+                cpu_used = cpu_seconds(servers[mode.name].pid) - cpu_before
                 text_turn, _ = await asyncio.wait_for(run_turn(client, session.id, "and now?"), TURN_TIMEOUT)
                 problems[mode.name] += check_t(events, mode)
                 if round_ >= args.warmup:
                     turns[mode.name].append(t_turn)
                     texts[mode.name].append(text_turn)
+                    cpus[mode.name].append(cpu_used)
         calls = READS + GREPS
         print(f"workload T: {READS} reads of {READ_LINES}-line files + {GREPS} greps, one turn; "
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
         print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
         print(f"{'mode':<26}{'T turn':>10}{'T turn p25-p75':>17}{'text turn':>11}{'ideal tools':>13}"
-              f"{'overhead/call':>15}{'seq/mode':>10}")
+              f"{'overhead/call':>15}{'seq/mode':>10}{'server CPU/call':>17}")
         base = statistics.median(turns[modes[0].name])
         for mode in modes:
             t_turn = statistics.median(turns[mode.name])
@@ -244,9 +264,11 @@ async def main_async(args: argparse.Namespace) -> int:
             ideal = tools_time[mode.concurrency]
             overhead = (t_turn - 2 * text_turn - ideal) / calls
             print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
-                  f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x")
+                  f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x"
+                  f"{statistics.median(cpus[mode.name]) / calls * 1e6:>14.0f} us")
         print(f"(seq/mode: {modes[0].name}'s median T turn / the mode's, the two medians printed; overhead/call: "
-              f"(T turn - 2 x text turn - ideal tools) / {calls})")
+              f"(T turn - 2 x text turn - ideal tools) / {calls}; server CPU/call: CPU time of the server and its "
+              f"workers during the T turn / {calls}, the tools' own included, rg's not)")
         for mode in modes:
             before = turns.get(f"{mode.name}@baseline")
             if before:
@@ -254,7 +276,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 low, median, high = _quartiles(ratios)
                 print(f"{mode.name}: baseline's T turn / this one's, paired by round: median {median:.2f}x "
                       f"(p25-p75 {low:.2f}-{high:.2f}x; medians {statistics.median(before) * 1000:.1f} ms -> "
-                      f"{statistics.median(turns[mode.name]) * 1000:.1f} ms)")
+                      f"{statistics.median(turns[mode.name]) * 1000:.1f} ms); server CPU per call "
+                      f"{statistics.median(cpus[f'{mode.name}@baseline']) / calls * 1e6:.0f} us -> "
+                      f"{statistics.median(cpus[mode.name]) / calls * 1e6:.0f} us")
         for mode in modes:
             twin = next((m for m in modes if m.traced and m.name == f"{mode.name}+traced"), None)
             if not mode.traced and twin is not None:
