@@ -189,6 +189,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": ratios,
                 "summary": f"worst {worst} {ratios[worst]:.2f}, best {best} {ratios[best]:.2f}",
                 "met": ratios[worst] <= L_RATIO_TARGET,
+                "why": f"{worst} took {ratios[worst]:.2f} of sequential's wall (paired), over {L_RATIO_TARGET}",
             })
     if "R" in workloads:
         eight = [m["name"] for m in report["config"]["modes"]
@@ -201,6 +202,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": speedups,
                 "summary": f"{best}: {speedups[best]:.2f}x",
                 "met": speedups[best] >= R_SPEEDUP_TARGET,
+                "why": f"{best} reached {speedups[best]:.2f}x, under {R_SPEEDUP_TARGET:g}x: "
+                       f"{_pct(_efficiency(entry('R', best)))} of its ideal wall",
             })
         else:
             targets.append({"target": f"R with {R_TARGET_SLOTS} worker slots", "value": None,
@@ -222,6 +225,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": speedups,
                 "summary": ", ".join(f"{m} {v:.2f}x" for m, v in speedups.items()) + f"; slowest {worst}",
                 "met": speedups[worst] >= 1.0,
+                "why": _t_why(worst, speedups[worst], entry("T", "sequential"), entry("T", worst)),
             })
             if "parallel-local" in speedups:
                 targets.append(_ceiling_target(
@@ -256,6 +260,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             ),
             "met": all(r is not None and r <= 1.0 for r in ratios.values())
             and (correct is None or results[best]["order_ok_runs"] == results[best]["order_checked_runs"]),
+            "why": _peers_why(best, results, ratios),
         })
     return targets
 
@@ -289,8 +294,39 @@ def _ceiling_target(
     if rg_alone:
         summary += (f"; ripgrep alone, all at once against one after another: "
                     f"{rg_alone['sequential'] / rg_alone['concurrent']:.2f}x")
+    why = f"{mode} reached {speedup:.2f}x, under the {needed:.2f}x needed"
+    if ceiling is not None:
+        why += f" ({speedup / ceiling:.0%} of this machine's {ceiling:.2f}x ceiling, under {CEILING_SHARE:.0%})"
     return {"target": name, "value": speedups, "ceiling": ceiling, "needed": needed, "summary": summary,
-            "met": speedup >= needed}
+            "met": speedup >= needed, "why": why}
+
+
+def _efficiency(entry: dict[str, Any] | None) -> float | None:
+    return None if not entry else entry.get("efficiency")
+
+
+def _t_why(mode: str, speedup: float, sequential: dict[str, Any] | None, slowest: dict[str, Any] | None) -> str:
+    """Why a parallel mode lost to sequential on T: what it added per call, beside sequential."""
+    why = f"{mode} ran at {speedup:.2f}x of sequential (paired)"
+    added = [(name, e.get("added_per_call")) for name, e in (("sequential", sequential), (mode, slowest)) if e]
+    if all(value is not None for _, value in added) and len(added) == 2:
+        why += "; added per call beyond the tools: " + ", ".join(f"{n} {v * 1000:.2f} ms" for n, v in added)
+    return why
+
+
+def _peers_why(best: str, results: dict[str, Any], ratios: dict[str, float | None]) -> str:
+    """Which peers were faster, and whether their runs were correct."""
+    faster = [p for p, r in ratios.items() if r is None or r > 1.0]
+    parts = []
+    for p in faster:
+        ratio = ratios[p]
+        correct = _correct_runs(results[p])
+        parts.append((f"{p}: not paired" if ratio is None else f"codelane took {ratio:.2f}x {p}'s wall (paired)")
+                     + (f", {correct}" if correct is not None else ""))
+    if results[best].get("order_checked_runs") is not None and \
+            results[best]["order_ok_runs"] != results[best]["order_checked_runs"]:
+        parts.append(f"codelane {best} itself: {_correct_runs(results[best])}")
+    return "; ".join(parts) or "-"
 
 
 # -- markdown ----------------------------------------------------------------------------------
@@ -392,10 +428,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("Peers not measured: " + "; ".join(f"{p}: {i.get('reason', '?')}" for p, i in unavailable.items()))
         lines.append("")
     if report["targets"]:
-        lines += ["### Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += ["### Targets", "", "| target | measured | met | why not |", "| --- | --- | --- | --- |"]
         for t in report["targets"]:
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['target']} | {t['summary']} | {met} |")
+            why = t.get("why", "-") if t["met"] is False else ""
+            lines.append(f"| {t['target']} | {t['summary']} | {met} | {why} |")
         lines.append("")
     return "\n".join(lines)
 

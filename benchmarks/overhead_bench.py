@@ -17,6 +17,10 @@ of its own would reach on this machine (the greps spawn ripgrep and compete for 
 are timed by the client, from sending the message to receiving TurnFinished, so event delivery
 counts.
 
+With `--baseline PYTHON` (an interpreter whose installed codelane is another checkout, e.g. the
+main branch's venv), every mode is measured a second time as `<mode>@baseline`, served by that
+interpreter's code, in the same rounds: a change's before and after, side by side in one run.
+
 Every server keeps its metrics (they are always on). A mode named `...+traced` also traces: the
 server and its workers send their spans over OTLP/gRPC to a receiver in this process (which
 counts and drops them), so the cost of tracing shows beside the same mode untraced.
@@ -27,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -63,6 +69,8 @@ class Mode:
     workers: int
     query_concurrency: int
     traced: bool = False
+    # The interpreter that serves the mode (another checkout's, for `@baseline` modes).
+    python: str = sys.executable
 
     @property
     def concurrency(self) -> int:
@@ -133,6 +141,13 @@ async def tools_alone(workspace: Path, concurrency: int, passes: int = 7) -> flo
     return statistics.median(times)
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, median, high = statistics.quantiles(values, n=4)
+    return low, median, high
+
+
 class _SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP trace receiver that counts what it is sent."""
 
@@ -151,6 +166,21 @@ async def start_span_sink() -> tuple[grpc.aio.Server, _SpanSink, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, sink, f"http://127.0.0.1:{port}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its live children (a server's local
+    workers): Linux /proc. On a loaded machine it moves far less than wall time does."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 async def run_turn(client: Client, session_id: str, text: str) -> tuple[float, list[ev.Event]]:
@@ -190,9 +220,10 @@ async def main_async(args: argparse.Namespace) -> int:
         tools_time = {c: await tools_alone(workspace, c) for c in sorted({m.concurrency for m in modes})}
         for mode in modes:
             servers[mode.name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
+                mode.python, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
                 "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
                 *(["--otlp-endpoint", endpoint] if mode.traced else []),
+                *(["--profile", str(args.profile / mode.name)] if args.profile else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
         for mode in modes:
@@ -203,32 +234,51 @@ async def main_async(args: argparse.Namespace) -> int:
             clients[mode.name] = Client(f"127.0.0.1:{words[1]}", timeout=10)
         turns: dict[str, list[float]] = {m.name: [] for m in modes}
         texts: dict[str, list[float]] = {m.name: [] for m in modes}
+        cpus: dict[str, list[float]] = {m.name: [] for m in modes}
         problems: dict[str, list[str]] = {m.name: [] for m in modes}
         for round_ in range(args.warmup + args.rounds):
             for mode in modes:
                 client = clients[mode.name]
                 session = await client.create_session(workspace, query_concurrency=mode.query_concurrency)
+                cpu_before = cpu_seconds(servers[mode.name].pid)
                 t_turn, events = await asyncio.wait_for(run_turn(client, session.id, "workload T"), TURN_TIMEOUT)
+                cpu_used = cpu_seconds(servers[mode.name].pid) - cpu_before
                 text_turn, _ = await asyncio.wait_for(run_turn(client, session.id, "and now?"), TURN_TIMEOUT)
                 problems[mode.name] += check_t(events, mode)
                 if round_ >= args.warmup:
                     turns[mode.name].append(t_turn)
                     texts[mode.name].append(text_turn)
+                    cpus[mode.name].append(cpu_used)
         calls = READS + GREPS
         print(f"workload T: {READS} reads of {READ_LINES}-line files + {GREPS} greps, one turn; "
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
         print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
-        print(f"{'mode':<24}{'T turn':>10}{'text turn':>11}{'ideal tools':>13}{'overhead/call':>15}"
-              f"{'vs sequential':>15}")
+        print(f"{'mode':<26}{'T turn':>10}{'T turn p25-p75':>17}{'text turn':>11}{'ideal tools':>13}"
+              f"{'overhead/call':>15}{'seq/mode':>10}{'server CPU/call':>17}")
         base = statistics.median(turns[modes[0].name])
         for mode in modes:
             t_turn = statistics.median(turns[mode.name])
+            low, _, high = _quartiles(turns[mode.name])
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
             overhead = (t_turn - 2 * text_turn - ideal) / calls
-            print(f"{mode.name:<24}{t_turn * 1000:>8.1f}ms{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms"
-                  f"{overhead * 1e6:>12.0f} us{base / t_turn:>14.2f}x")
+            print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
+                  f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x"
+                  f"{statistics.median(cpus[mode.name]) / calls * 1e6:>14.0f} us")
+        print(f"(seq/mode: {modes[0].name}'s median T turn / the mode's, the two medians printed; overhead/call: "
+              f"(T turn - 2 x text turn - ideal tools) / {calls}; server CPU/call: CPU time of the server and its "
+              f"workers during the T turn / {calls}, the tools' own included, rg's not)")
+        for mode in modes:
+            before = turns.get(f"{mode.name}@baseline")
+            if before:
+                ratios = sorted(b / a for b, a in zip(before, turns[mode.name], strict=True))
+                low, median, high = _quartiles(ratios)
+                print(f"{mode.name}: baseline's T turn / this one's, paired by round: median {median:.2f}x "
+                      f"(p25-p75 {low:.2f}-{high:.2f}x; medians {statistics.median(before) * 1000:.1f} ms -> "
+                      f"{statistics.median(turns[mode.name]) * 1000:.1f} ms); server CPU per call "
+                      f"{statistics.median(cpus[f'{mode.name}@baseline']) / calls * 1e6:.0f} us -> "
+                      f"{statistics.median(cpus[mode.name]) / calls * 1e6:.0f} us")
         for mode in modes:
             twin = next((m for m in modes if m.traced and m.name == f"{mode.name}+traced"), None)
             if not mode.traced and twin is not None:
@@ -257,18 +307,44 @@ async def main_async(args: argparse.Namespace) -> int:
         await sink_server.stop(None)
 
 
-async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
+class _ProfiledWorkersServer(CodelaneServer):
+    """A server whose local workers run under cProfile, each writing `worker-<id>.prof` to `into`
+    when it exits (it drains on the server's stop)."""
+
+    def __init__(self, config: ServerConfig, into: Path) -> None:
+        super().__init__(config)
+        self._profile_into = into
+
+    def _local_worker_argv(self, worker_id: str) -> list[str]:
+        argv = super()._local_worker_argv(worker_id)
+        return [argv[0], "-m", "cProfile", "-o", str(self._profile_into / f"worker-{worker_id}.prof"), *argv[1:]]
+
+
+async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
+                profile: Path | None = None) -> None:
     """One server on the script, `workers` local workers; `READY <port>` once they are connected;
-    stops at EOF on stdin."""
-    with pidfd_child_watcher():
-        await _serve_until_stopped(workers, script, data_dir, otlp_endpoint)
+    stops at EOF on stdin. With `profile` (a directory), the server and its workers run under
+    cProfile from start to stop and write `server.prof` and `worker-<id>.prof` there."""
+    profiler = None
+    if profile is not None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        with pidfd_child_watcher():
+            await _serve_until_stopped(workers, script, data_dir, otlp_endpoint, profile)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile / "server.prof")
 
 
-async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None) -> None:
-    server = CodelaneServer(ServerConfig(
+async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
+                               profile: Path | None) -> None:
+    config = ServerConfig(
         listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
         model=f"scripted:{script}", local_fallback=workers == 0, otlp_endpoint=otlp_endpoint,
-    ))
+    )
+    server = CodelaneServer(config) if profile is None else _ProfiledWorkersServer(config, profile)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -298,9 +374,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--otlp-endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run every server and its workers under cProfile; their profiles go to "
+                             "DIR/<mode>/server.prof and worker-<id>.prof (read them with pstats)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also measure every mode served by this interpreter's codelane, as <mode>@baseline")
     args = parser.parse_args(argv)
+    if args.baseline:
+        if args.profile:
+            parser.error("--profile profiles this checkout only: leave out --baseline")
+        args.modes = [variant for mode in args.modes for variant in (
+            mode, Mode(f"{mode.name}@baseline", mode.workers, mode.query_concurrency, mode.traced, args.baseline))]
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint))
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint, args.profile))
         return 0
     return asyncio.run(main_async(args))
 

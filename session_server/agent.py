@@ -325,7 +325,7 @@ class Turn:
             spec=spec,
             arguments=arguments,
             rejection=rejection,
-            effects=self._effects(model_call.name, arguments) if rejection is None else EVERYTHING,
+            effects=self._effects(model_call.name, arguments, spec) if rejection is None else EVERYTHING,
             stats=ctx.stats,
             telemetry=ctx.telemetry,
             admission=ctx.admission,
@@ -362,13 +362,21 @@ class Turn:
     async def _bounded(running: Awaitable[ToolResult]) -> ToolResult:
         return bound_result(await running)
 
-    def _effects(self, tool_name: str, arguments: dict[str, Any] | None) -> Effects:
+    def _effects(self, tool_name: str, arguments: dict[str, Any] | None,
+                 spec: ToolSpec | None) -> Effects | Callable[[], Effects]:
         """What the call may touch, from its tool's declaration (one of ours; a tool only a worker
-        knows declares nothing here, so it is ordered against everything)."""
+        knows declares nothing here, so it is ordered against everything).
+
+        An Execute call's paths are resolved now, before it can run and change them; a Query
+        call's only when the scheduler first orders it against an Execute call (Query calls
+        change nothing, and most turns' Query calls meet no Execute call at all)."""
         tool = self.ctx.registry.get(tool_name)
         if tool is None or tool.effects is None or arguments is None:
             return EVERYTHING
-        return in_workspace(tool.effects(arguments), str(self.ctx.workspace))
+        declared, workspace = tool.effects, str(self.ctx.workspace)
+        if spec is not None and spec.lane is Lane.QUERY:
+            return lambda: in_workspace(declared(arguments), workspace)
+        return in_workspace(declared(arguments), workspace)
 
     def _unavailable(self, name: str, tools: dict[str, ToolSpec]) -> ToolResult:
         """Why a tool the model named is not offered, as the model should read it."""

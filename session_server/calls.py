@@ -70,8 +70,11 @@ class ToolCall:
     arguments: dict[str, Any] | None = None
     rejection: ToolResult | None = None
     # What the call may read and write in the workspace: the scheduler orders it against the
-    # earlier calls it could observe or disturb (everything, unless its tool says less).
-    effects: Effects = EVERYTHING
+    # earlier calls it could observe or disturb (everything, unless its tool says less). Either
+    # the Effects, or a function that works them out (resolving symlinks costs system calls),
+    # called at most once, when the scheduler first compares the call with a call of the other
+    # lane: a turn of Query calls alone never pays for it (`touches()`).
+    effects: Effects | Callable[[], Effects] = EVERYTHING
     stats: LaneStats | None = None
     telemetry: Telemetry | None = None
     admission: Admission | None = None
@@ -135,6 +138,13 @@ class ToolCall:
     def lane(self) -> Lane | None:
         """None for a call that never runs."""
         return None if self.rejection is not None or self.spec is None else self.spec.lane
+
+    def touches(self) -> Effects:
+        """The call's effects, worked out now if they were given as a function."""
+        effects = self.effects
+        if not isinstance(effects, Effects):
+            effects = self.effects = effects()
+        return effects
 
     @property
     def trace_context(self) -> tuple[str, str]:

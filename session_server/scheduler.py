@@ -64,6 +64,9 @@ class TurnScheduler:
         self._tasks: list[asyncio.Task[None]] = []
         # The executed calls added so far, with their tasks: what a new call may have to wait for.
         self._scheduled: list[tuple[ToolCall, asyncio.Task[None]]] = []
+        # Those of them not in the Query lane: all a Query call may have to wait for (two Query
+        # calls never do), so a turn of many reads costs one look per Execute call, not per call.
+        self._scheduled_writers: list[tuple[ToolCall, asyncio.Task[None]]] = []
         self._input_closed = asyncio.Event()
         self._cancelled = False
 
@@ -85,10 +88,13 @@ class TurnScheduler:
                 "or its arguments are not valid JSON. Use one of the listed tools with JSON arguments.",
             ))
             return
-        deps = [task for earlier, task in self._scheduled if not task.done() and _must_follow(call, earlier)]
+        earlier_calls = self._scheduled_writers if call.lane is Lane.QUERY else self._scheduled
+        deps = [task for earlier, task in earlier_calls if not task.done() and _must_follow(call, earlier)]
         task = asyncio.get_running_loop().create_task(self._run(call, deps), name=f"tool-call-{call.call_id}")
         self._tasks.append(task)
         self._scheduled.append((call, task))
+        if call.lane is not Lane.QUERY:
+            self._scheduled_writers.append((call, task))
 
     def close_input(self) -> None:
         """No more calls will be added: `results()` may return once the added ones finish."""
@@ -174,7 +180,7 @@ def _must_follow(call: ToolCall, earlier: ToolCall) -> bool:
         return False  # read-only both: they never disturb each other
     if call.lane is Lane.EXECUTE and earlier.lane is Lane.EXECUTE:
         return True  # the Execute lane runs one call at a time, in model order
-    return call.effects.conflicts_with(earlier.effects)
+    return call.touches().conflicts_with(earlier.touches())
 
 
 def _result_of(call: ToolCall) -> ToolResult:

@@ -390,9 +390,9 @@ def _message_row(session_id: str, message: StoredMessage) -> tuple[Any, ...]:
         message.idx,
         message.role,
         message.text,
-        json.dumps([dataclasses.asdict(call) for call in message.tool_calls]),
+        json.dumps([vars(call) for call in message.tool_calls]),
         message.tool_call_id,
-        None if result is None else json.dumps(dataclasses.asdict(result)),
+        None if result is None else json.dumps(vars(result)),
         message.turn_id,
         message.created,
     )

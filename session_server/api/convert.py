@@ -282,11 +282,13 @@ def session(record: SessionRecord, running: bool) -> session_pb2.Session:
     )
 
 
-def tool_call(info: CallInfo) -> tools_pb2.ToolCall:
-    return tools_pb2.ToolCall(
-        call_id=info.call_id, tool_name=info.tool_name, arguments_json=info.arguments_json,
-        lane=_LANES.get(info.lane, tools_pb2.LANE_UNSPECIFIED), index=info.index,
-    )
+def tool_call(info: CallInfo, msg: tools_pb2.ToolCall | None = None) -> tools_pb2.ToolCall:
+    """Fills `msg` (a field of an enclosing message, which saves a copy) or a new message."""
+    if msg is None:
+        msg = tools_pb2.ToolCall()
+    msg.call_id, msg.tool_name, msg.arguments_json = info.call_id, info.tool_name, info.arguments_json
+    msg.lane, msg.index = _LANES.get(info.lane, tools_pb2.LANE_UNSPECIFIED), info.index
+    return msg
 
 
 def usage(value: Usage) -> events_pb2.Usage:
@@ -312,11 +314,23 @@ def message(stored: StoredMessage) -> session_pb2.Message:
 
 
 def event(stored: StoredEvent) -> events_pb2.Event:
-    msg = events_pb2.Event(
-        session_id=stored.session_id, sequence=stored.sequence, time=timestamp(stored.time), turn_id=stored.turn_id
-    )
+    msg = events_pb2.Event(session_id=stored.session_id, sequence=stored.sequence, turn_id=stored.turn_id)
+    wire.set_timestamp(msg.time, stored.time)
     p = stored.payload
-    if isinstance(p, ev.TurnStarted):
+    # The two events of every call are filled in place: building a submessage and copying it in
+    # would cost each call two copies.
+    if isinstance(p, ev.ToolCallStarted):
+        started = msg.tool_call_started
+        tool_call(p.call, started.call)
+        started.lane = _LANES.get(p.lane, tools_pb2.LANE_UNSPECIFIED)
+        started.worker_id, started.attempt = p.worker_id, p.attempt
+    elif isinstance(p, ev.ToolCallFinished):
+        finished = msg.tool_call_finished
+        finished.call_id, finished.tool_name = p.call_id, p.tool_name
+        wire.result_to_proto(p.result, finished.result)
+        wire.set_duration(finished.queue_wait, p.queue_wait)
+        wire.set_duration(finished.run_time, p.run_time)
+    elif isinstance(p, ev.TurnStarted):
         msg.turn_started.user_text = p.user_text
     elif isinstance(p, ev.TextDelta):
         msg.text_delta.CopyFrom(events_pb2.TextDelta(text=p.text, step=p.step))
@@ -324,16 +338,6 @@ def event(stored: StoredEvent) -> events_pb2.Event:
         msg.model_responded.CopyFrom(events_pb2.ModelResponded(
             step=p.step, tool_calls=[tool_call(c) for c in p.tool_calls], usage=usage(p.usage),
             stop_reason=p.stop_reason,
-        ))
-    elif isinstance(p, ev.ToolCallStarted):
-        msg.tool_call_started.CopyFrom(events_pb2.ToolCallStarted(
-            call=tool_call(p.call), lane=_LANES.get(p.lane, tools_pb2.LANE_UNSPECIFIED), worker_id=p.worker_id,
-            attempt=p.attempt,
-        ))
-    elif isinstance(p, ev.ToolCallFinished):
-        msg.tool_call_finished.CopyFrom(events_pb2.ToolCallFinished(
-            call_id=p.call_id, tool_name=p.tool_name, result=wire.result_to_proto(p.result),
-            queue_wait=wire.duration(p.queue_wait), run_time=wire.duration(p.run_time),
         ))
     elif isinstance(p, ev.ConfirmationRequired):
         msg.confirmation_required.CopyFrom(events_pb2.ConfirmationRequired(

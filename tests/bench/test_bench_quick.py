@@ -60,6 +60,8 @@ def test_report_structure(report: dict) -> None:
     assert all(t > 0 for t in report["workloads"]["H"]["rg_alone"].values())
     for target in report["targets"]:
         assert {"target", "value", "summary", "met"} <= set(target)
+        if target["met"] is False:
+            assert target["why"].strip("- "), target  # a missed target says why
     json.dumps(report)  # --json-out writes exactly this
 
 

@@ -3,6 +3,7 @@ that stopped working would otherwise only be noticed the next time someone measu
 
 from __future__ import annotations
 
+import pstats
 import subprocess
 import sys
 
@@ -15,15 +16,30 @@ BOUND = 240
     ("module", "arguments", "expected"),
     [
         ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes", "sequential,parallel-local"],
-         ["overhead/call", "sequential", "parallel-local"]),
+         ["overhead/call", "sequential", "parallel-local", "server CPU/call"]),
+        ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes", "sequential",
+                                       "--baseline", sys.executable],
+         ["sequential@baseline", "baseline's T turn / this one's, paired by round"]),
         ("benchmarks.history_bench", ["--sizes", "2,20", "--samples", "2"], ["messages", "target: flat"]),
         ("benchmarks.events_bench", ["--events", "1200", "--subscribers", "2", "--long-turn", "1200"],
          ["fan-out:", "events/s in all", "long turn:", "gap-free and whole"]),
     ],
-    ids=["overhead", "history", "events"],
+    ids=["overhead", "overhead-baseline", "history", "events"],
 )
 def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)
     assert done.returncode == 0, done.stdout + done.stderr
     for text in expected:
         assert text in done.stdout, done.stdout
+
+
+def test_the_overhead_benchmark_profiles_its_server_and_workers(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead_bench", "--rounds", "1", "--warmup", "0", "--modes", "workers-1",
+         "--profile", str(tmp_path)],
+        capture_output=True, text=True, timeout=BOUND,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = pstats.Stats(str(tmp_path / "workers-1" / "server.prof"))
+    assert any("agent.py" in filename for filename, _, _ in stats.stats)  # the server's own code ran under it
+    pstats.Stats(str(tmp_path / "workers-1" / "worker-local-1.prof"))

@@ -20,6 +20,7 @@ from session_server.events import CallInfo
 from session_server.scheduler import TurnScheduler
 from tool_worker.effects import Effects, ReadScope, WritePath, in_workspace
 from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import Lane
 
 REGISTRY = ToolRegistry.builtin()
 FILES = ["a.txt", "b.txt", "src/x.py", "src/y.py", "docs/readme.md", "link/x.py"]
@@ -66,13 +67,20 @@ def _tree(root: Path) -> dict[str, str]:
     return found
 
 
+def _effects(tool, arguments: dict, workspace: str):
+    """As the agent gives them: an Execute call's resolved at once, a Query call's when needed."""
+    if tool.spec.lane is Lane.QUERY:
+        return lambda: in_workspace(tool.effects(arguments), workspace)
+    return in_workspace(tool.effects(arguments), workspace)
+
+
 async def _scheduled(workspace: Path, calls: list[tuple[str, dict]]) -> list[str]:
     tool_calls = []
     for index, (name, arguments) in enumerate(calls):
         tool = REGISTRY.get(name)
         tool_calls.append(ToolCall(
             CallInfo(f"c{index}", name, json.dumps(arguments), tool.spec.lane.value, index), lambda event: None,
-            spec=tool.spec, effects=in_workspace(tool.effects(arguments), str(workspace)),
+            spec=tool.spec, effects=_effects(tool, arguments, str(workspace)),
         ))
 
     async def execute(call: ToolCall):

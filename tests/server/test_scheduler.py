@@ -13,6 +13,7 @@ from session_server.calls import CallState, ToolCall
 from session_server.events import CallInfo, CallRetried, ToolCallFinished, ToolCallStarted, WorkerLost
 from session_server.scheduler import TurnScheduler
 from session_server.stats import LaneStats, StatsLane
+from tool_worker.effects import Effects, ReadScope, WritePath
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 Q, E = Lane.QUERY, Lane.EXECUTE
@@ -122,6 +123,43 @@ async def test_query_run_together_execute_alone_in_order() -> None:
     assert rec.pos("end", "c0") < rec.pos("start", "c2") and rec.pos("end", "c1") < rec.pos("start", "c2")
     assert rec.pos("end", "c2") < rec.pos("start", "c3")
     assert rec.max_running == 2
+
+
+async def test_query_effects_are_worked_out_only_against_an_execute_call() -> None:
+    """A Query call's effects, given as a function, are worked out only when an Execute call is
+    compared with it: never in a turn of Query calls alone, and then ordering still holds."""
+    worked_out: list[str] = []
+
+    def lazily(call_id: str, path: str):
+        def effects() -> Effects:
+            worked_out.append(call_id)
+            return Effects(reads=(ReadScope(path),), writes=())
+        return effects
+
+    rec = Recorder()
+    queries = calls(Q, Q, Q)
+    for call, path in zip(queries, ("a", "b", "c"), strict=True):
+        call.effects = lazily(call.call_id, path)
+    await asyncio.wait_for(TurnScheduler(rec, query_concurrency=8).run_all(queries), WAIT)
+    assert worked_out == []
+
+    rec = Recorder()
+    rec.gate("c0")
+    rec.gate("c1")
+    turn = calls(Q, Q, E)
+    turn[0].effects = lazily("c0", "a")
+    turn[1].effects = lazily("c1", "b")
+    turn[2].effects = Effects(reads=(), writes=(WritePath("a", file=True),))
+    run = asyncio.create_task(TurnScheduler(rec, query_concurrency=8).run_all(turn))
+    await settle()
+    assert sorted(worked_out) == ["c0", "c1"]
+    assert ("start", "c2") not in rec.log  # the write of a waits for the read of a
+    rec.gate("c0").set()
+    await asyncio.wait_for(rec.started_event("c2").wait(), WAIT)
+    assert ("end", "c1") not in rec.log  # and not for the read of b
+    rec.gate("c1").set()
+    await asyncio.wait_for(run, WAIT)
+    assert worked_out.count("c0") == 1  # worked out once, however often compared
 
 
 async def test_read_after_write_sees_new_content(tmp_path: Path) -> None:
