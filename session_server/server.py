@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -30,6 +29,7 @@ from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
+from session_server.api.reflection import enable_reflection
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
 from session_server.llm.factory import ScriptLibrary, create_provider, parse_model
@@ -292,9 +292,8 @@ class CodelaneServer:
             worker_pb2.DESCRIPTOR.services_by_name["WorkerHubService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, server)
+        enable_reflection(names, server)
         try:
             if self.config.tls_cert and self.config.tls_key:
                 self.port = server.add_secure_port(self.config.listen, self._server_credentials())

@@ -21,6 +21,7 @@ from session_server.pool import (
     Assignment,
     InvalidRegistration,
     LinkFault,
+    ToolSpecConflict,
     WorkerIdTaken,
     WorkerPool,
     WorkerRegistration,
@@ -181,6 +182,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
         except WorkerIdTaken as exc:
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
+        except ToolSpecConflict as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
+                        tool_name=exc.tool_name, worker_id=exc.holder_id)
         worker_id = reg.worker_id
         log_context.worker_id.set(worker_id)
         log.info("worker %s connected from %s (%d slots, tools: %s)", worker_id, reg.peer, reg.slots,
@@ -207,6 +211,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 reason = link.closed_reason or "writing to the worker failed"
             elif reader.exception() is not None:
                 reason = f"the worker's stream broke: {reader.exception()}"
+            elif context.cancelled():
+                # The stream ended because the RPC did (a reset, a dead peer), not by a half-close.
+                pass
             else:
                 reason = reader.result()
                 cause = "drained" if reason == _DRAINED else "closed"
@@ -251,4 +258,4 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 # run before this task sets up its next read. (Under load this would only cost
                 # a loop turn per message.)
                 await asyncio.sleep(0)
-        return _DRAINED if drained else "the worker closed its stream"
+        return _DRAINED if drained else "the worker half-closed its stream without saying Draining first"
