@@ -116,7 +116,12 @@ class WorkerContext:
 
     def last_departure(self) -> str:
         mine = [d for d in self.record.departures if d.worker_id == self.worker_id]
-        return f"it left: {mine[-1].reason}" if mine else "it never left"
+        if mine:
+            return f"it left: {mine[-1].reason}"
+        if self.process is not None and self.process.poll() is not None:
+            return f"its process exited with status {self.process.returncode}"
+        return "it never said why"
+
 
     def call(self, arguments_json: str | None = None, *, timeout: float | None = None) -> QueryCall:
         self._calls += 1
@@ -183,8 +188,10 @@ async def check_heartbeats(ctx: WorkerContext) -> str:
     beats = ctx.record.heartbeats.setdefault(ctx.worker_id, [])
     seen = len(beats)
     wanted = 4
-    if not await ctx.record.until(lambda: len(beats) >= seen + wanted or not ctx.connected(), ctx.within):
-        raise CheckFailed(f"{len(beats) - seen} heartbeats in {ctx.within:g}s (Welcome asked for one every "
+    # Long enough for them at the Welcome's interval whatever --within is, short of being lost.
+    window = max(ctx.within, HEARTBEAT_TIMEOUT * 0.9)
+    if not await ctx.record.until(lambda: len(beats) >= seen + wanted or not ctx.connected(), window):
+        raise CheckFailed(f"{len(beats) - seen} heartbeats in {window:g}s (Welcome asked for one every "
                           f"{HEARTBEAT_INTERVAL:g}s)")
     if not ctx.connected():
         raise CheckFailed(f"the worker was lost while the kit counted heartbeats ({ctx.last_departure()})")
