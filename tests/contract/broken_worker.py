@@ -4,7 +4,8 @@
 
 It speaks the protocol from the raw stubs (as a stranger's worker would) and does everything else
 right: Hello, heartbeats at Welcome's interval, probes answered, every Assign answered, a refused
-token ends it with status 3. Its fault:
+token ends it with status 3. When the hub ends its stream it prints the status and ErrorInfo
+reason to stderr. Its fault:
 - wrong-dispatch-id: each CallResult names a dispatch id the hub never gave;
 - no-heartbeat: it never sends a Heartbeat.
 """
@@ -21,6 +22,7 @@ import grpc
 from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
 from tool_worker import wire
 from tool_worker.fingerprint import workspace_fingerprint
+from tool_worker.worker import status_line
 
 FAULTS = ("wrong-dispatch-id", "no-heartbeat")
 SPEC = tools_pb2.ToolSpec(name="echo", description="Echo the text.", lane=tools_pb2.LANE_QUERY, idempotent=True,
@@ -60,6 +62,7 @@ async def serve(address: str, token: str, fault: str) -> int:
                                             result=tools_pb2.ToolResult(output=assign.arguments_json))
                     await outbox.put(worker_pb2.ConnectRequest(results=answers))
         except grpc.aio.AioRpcError as exc:
+            print(f"the hub ended the stream: {status_line(exc)}", file=sys.stderr, flush=True)
             return 3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1
         finally:
             if beating is not None:
