@@ -1,6 +1,7 @@
-// The example tool worker (examples/worker/word_count_worker.js): its tool, and the whole worker
-// against `codelane conformance worker` (a real hub, python from $CODELANE_PYTHON, default
-// "python3"), which must pass every check.
+// The conformance kits (python from $CODELANE_PYTHON, default "python3"): the example tool worker
+// (examples/worker/word_count_worker.js) against `codelane conformance worker` (a real hub), and
+// this client's scenario (examples/conformance_client.js) against `codelane conformance client` (a
+// real, scripted server). Both must pass every check.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -11,6 +12,7 @@ import { runWordCount, wordCount } from '../examples/worker/word_count_worker.js
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const WORKER = fileURLToPath(new URL('../examples/worker/word_count_worker.js', import.meta.url));
+const CLIENT_SCENARIO = fileURLToPath(new URL('../examples/conformance_client.js', import.meta.url));
 const KIT_TIMEOUT_MS = 90_000;
 
 describe('word_count', () => {
@@ -31,30 +33,40 @@ describe('word_count', () => {
   });
 });
 
-describe('the worker', { timeout: KIT_TIMEOUT_MS + 10_000 }, () => {
-  test('passes every check of codelane conformance worker', async () => {
-    const args = ['-m', 'codelane.cli', 'conformance', 'worker', '--within', '10', '--',
-      process.execPath, WORKER, '--connect', '{hub}', '--slots', '2'];
-    const child = spawn(PYTHON, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (chunk) => { out += chunk; });
-    child.stderr.on('data', (chunk) => { err += chunk; });
-    const code = await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        child.kill('SIGKILL');
-        reject(new Error(`the kit did not finish within ${KIT_TIMEOUT_MS} ms:\n${out}${err}`));
-      }, KIT_TIMEOUT_MS);
-      child.on('error', (error) => reject(new Error(`cannot start ${PYTHON}: ${error.message}`)));
-      child.on('exit', (status) => {
-        clearTimeout(timer);
-        resolve(status);
-      });
+/** Runs `codelane conformance ARGS...`; resolves to {code, out, lines} (lines: the PASS/FAIL/SKIP ones). */
+async function conformance(args) {
+  const child = spawn(PYTHON, ['-m', 'codelane.cli', 'conformance', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (chunk) => { out += chunk; });
+  child.stderr.on('data', (chunk) => { out += chunk; });
+  const code = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`the kit did not finish within ${KIT_TIMEOUT_MS} ms:\n${out}`));
+    }, KIT_TIMEOUT_MS);
+    child.on('error', (error) => reject(new Error(`cannot start ${PYTHON}: ${error.message}`)));
+    child.on('exit', (status) => {
+      clearTimeout(timer);
+      resolve(status);
     });
-    assert.equal(code, 0, `${out}${err}`);
-    const lines = out.split('\n').filter((line) => /^(PASS|FAIL|SKIP) /.test(line));
+  });
+  return { code, out, lines: out.split('\n').filter((line) => /^(PASS|FAIL|SKIP) /.test(line)) };
+}
+
+describe('conformance', { timeout: 2 * KIT_TIMEOUT_MS + 10_000 }, () => {
+  test('the worker passes every check of codelane conformance worker', async () => {
+    const { code, out, lines } = await conformance(['worker', '--within', '10', '--',
+      process.execPath, WORKER, '--connect', '{hub}', '--slots', '2']);
+    assert.equal(code, 0, out);
     assert.equal(lines.length, 10, out);
     assert.ok(lines.every((line) => line.startsWith('PASS ')), out);
     assert.match(out, /PASS assign: answered with success .*: 0 1 15/);
+  });
+
+  test('this client passes every check of codelane conformance client', async () => {
+    const { code, out, lines } = await conformance(['client', '--', process.execPath, CLIENT_SCENARIO]);
+    assert.equal(code, 0, out);
+    assert.deepEqual(lines.map((line) => line.split(':')[0]),
+      ['PASS exit', 'PASS session', 'PASS turn', 'PASS resume', 'PASS errors']);
   });
 });
