@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # A worker must say Hello this soon after opening its stream.
 HELLO_TIMEOUT = 10.0
 _DRAINED = "the worker drained and closed its stream"
+# How long a stream whose requests ended without Draining is watched for the RPC's cancellation,
+# which tells a dead connection from a half-close (only on that path: a drain never waits).
+CONNECTION_CLOSE_GRACE = 1.0
 
 _FAULT_STATUS = {
     LinkFault.HEARTBEAT_TIMEOUT: grpc.StatusCode.UNAVAILABLE,
@@ -162,6 +165,18 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
     )
 
 
+async def _connection_closed(context: grpc.aio.ServicerContext) -> bool:
+    """Whether requests that ended without Draining ended with the connection (a killed process)
+    rather than by the worker's half-close: gRPC reports both as the end of the requests, and only
+    the first cancels the RPC, a moment later."""
+    if not context.cancelled():
+        ended = asyncio.get_running_loop().create_future()
+        context.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended, CONNECTION_CLOSE_GRACE)
+    return context.cancelled()
+
+
 class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
@@ -196,7 +211,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             hub_version=__version__,
             reconnect_token=reconnect_token,
         )
-        reason = "the connection to the worker broke (its process died or the network failed)"
+        reason = broken = "the connection to the worker broke (its process died or the network failed)"
         cause = "stream_broken"
         reader = writer = None
         try:
@@ -211,12 +226,11 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 reason = link.closed_reason or "writing to the worker failed"
             elif reader.exception() is not None:
                 reason = f"the worker's stream broke: {reader.exception()}"
-            elif context.cancelled():
-                # The stream ended because the RPC did (a reset, a dead peer), not by a half-close.
-                pass
             else:
                 reason = reader.result()
                 cause = "drained" if reason == _DRAINED else "closed"
+                if cause == "closed" and await _connection_closed(context):
+                    reason, cause = broken, "stream_broken"
         finally:
             for task in (reader, writer):
                 if task is not None:

@@ -30,8 +30,11 @@ from session_server.conformance.hub import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
 from session_server.pool import QueryCall
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
-# How long the kit waits for each thing a worker must do (connect, answer, reconnect, exit).
+# How long the kit waits for each thing a worker must do (answer, drain, ...).
 DEFAULT_WITHIN = 15.0
+# At least this long for what starting a process takes (the worker's first Hello, the exit of the
+# one with a wrong token) and for a reconnection after its backoff: not what the checks judge.
+START_WITHIN = 30.0
 # The file each call's workspace holds; generated string arguments name it, so a tool that reads
 # a path finds something to read.
 SAMPLE_FILE = "conformance.txt"
@@ -160,9 +163,10 @@ Check = Callable[[WorkerContext], Awaitable[str]]
 async def check_hello(ctx: WorkerContext) -> str:
     """Hello/Welcome: the worker connects with the token, its Hello is accepted, it offers a Query tool."""
     ctx.process = ctx.launch(ctx.hub.token, "worker")
+    within = max(ctx.within, START_WITHIN)
     if not await ctx.record.until(lambda: bool(ctx.record.registrations) or ctx.process.poll() is not None,
-                                  ctx.within):
-        raise CheckFailed(f"no Hello accepted within {ctx.within:g}s")
+                                  within):
+        raise CheckFailed(f"no Hello accepted within {within:g}s")
     if not ctx.record.registrations:
         raise CheckFailed(f"the worker exited with status {ctx.process.returncode} before its Hello was accepted")
     reg = ctx.record.registrations[0]
@@ -281,12 +285,13 @@ async def check_wrong_token(ctx: WorkerContext) -> str:
     """A wrong token: the hub refuses the stream (UNAUTHENTICATED) and the worker gives up, non-zero."""
     before = len(ctx.record.registrations)
     impostor = ctx.launch(f"wrong-{secrets.token_hex(8)}", "wrong-token")
-    code = await ctx.exit_code(impostor, ctx.within)
+    within = max(ctx.within, START_WITHIN)
+    code = await ctx.exit_code(impostor, within)
     if len(ctx.record.registrations) > before:
         raise CheckFailed("a worker with a wrong token was registered")
     if code is None:
-        raise CheckFailed(f"the worker kept running {ctx.within:g}s after the hub refused its token: it should stop, "
-                          "reconnecting cannot help")
+        raise CheckFailed(f"the worker was still running {within:g}s after it started with a wrong token: it should "
+                          "stop once the hub refuses it, reconnecting cannot help")
     if code == 0:
         raise CheckFailed("the worker exited with status 0 after the hub refused its token")
     return f"refused, and the worker exited with status {code}"
@@ -298,9 +303,10 @@ async def check_hub_restart(ctx: WorkerContext) -> str:
     before = len(ctx.record.registrations)
     started = time.monotonic()
     await ctx.hub.restart()
+    within = max(ctx.within, START_WITHIN)
     if not await ctx.record.until(lambda: len(ctx.record.registrations) > before or ctx.process.poll() is not None,
-                                  ctx.within):
-        raise CheckFailed(f"no reconnection within {ctx.within:g}s of the hub's restart")
+                                  within):
+        raise CheckFailed(f"no reconnection within {within:g}s of the hub's restart")
     if ctx.process.poll() is not None:
         raise CheckFailed(f"the worker exited with status {ctx.process.returncode} when the hub restarted")
     ctx.worker_id = ctx.record.registrations[-1].worker_id

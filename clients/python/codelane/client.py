@@ -570,11 +570,11 @@ class Session:
         )
         return reply.cancelled
 
-    @_rpc
     async def tools(self) -> list[ToolInfo]:
         """The tools this session's model is offered now, sorted by name, with where each runs."""
         return await self._client.list_tools(self.id)
 
+    @_rpc
     async def refresh(self) -> SessionInfo:
         reply = await self._client._sessions.GetSession(session_pb2.GetSessionRequest(session_id=self.id),
                                                         metadata=self._client._metadata)
