@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from session_server.admission import Admission
+from session_server.arguments import ARGUMENTS
 from session_server.calls import ToolCall
 from session_server.config import LaneMode, SessionSettings
 from session_server.confirmations import Confirmations
@@ -310,6 +311,10 @@ class Turn:
                 rejection = ToolResult.error(
                     ErrorKind.INVALID_ARGUMENTS, f"{model_call.name} was not run: its arguments {problem}"
                 )
+            elif (mismatch := ARGUMENTS.problem(spec, arguments)) is not None:
+                # Checked here, before any dispatch: a worker is never sent arguments its tool's
+                # advertised schema refuses (docs/protocol.md, "Arguments").
+                rejection = ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{model_call.name} was not run: {mismatch}")
             else:
                 decision = ctx.settings.permissions.decide(model_call.name, arguments, str(ctx.workspace))
                 if decision.action is Action.DENY:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from codelane.reapi import bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.transport import SERVER_OPTIONS
@@ -37,6 +36,7 @@ from session_server.api.content import (
 )
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
+from session_server.api.reflection import enable_reflection
 from session_server.api.sessions import SessionServicer
 from session_server.bus import SUBSCRIBER_BUFFER
 from session_server.content import ContentStore
@@ -322,9 +322,8 @@ class CodelaneServer:
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             *([] if self.external_cas else [CAS_SERVICE, BYTESTREAM_SERVICE]),
             health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, server)
+        enable_reflection(names, server)
         for address in [self.config.listen, *self.config.extra_listen]:
             try:
                 if self.config.tls_cert and self.config.tls_key:

@@ -15,6 +15,7 @@ protos fails here until codelane handles it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
@@ -41,12 +42,13 @@ from codelane.v1 import (
 )
 from session_server import events as ev
 from session_server.api import admin, convert
-from session_server.config import build_settings
+from session_server.config import LaneMode, build_settings
 from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
 from session_server.llm.base import Usage
 from session_server.pool import WorkerSnapshot, WorkspaceHeld
 from session_server.stats import StatsLane
 from session_server.store import SessionRecord, StoredMessage
+from session_server.tool_listing import ListedTool, Runner
 from tests.session import conftest as session_fixtures
 from tests.session.conftest import RPC_TIMEOUT, Client, InProcess, call, kind, read_rest, read_until, scripted
 from tool_worker import wire
@@ -225,6 +227,11 @@ async def test_every_rpc_of_every_service_answers_on_a_real_server(
                                          session_pb2.MESSAGE_ROLE_TOOL, session_pb2.MESSAGE_ROLE_ASSISTANT]
     assert not await client.cancel(asking.session_id)  # idle: nothing to cancel
     rpc("SessionService.CancelTurn")
+    offered = await sessions.ListTools(session_pb2.ListToolsRequest(session_id=asking.session_id),
+                                       timeout=RPC_TIMEOUT)
+    rpc("SessionService.ListTools")
+    [write_tool] = [tool for tool in offered.tools if tool.spec.name == "write"]
+    assert write_tool.runner == session_pb2.TOOL_RUNNER_SERVER and write_tool.spec.lane == tools_pb2.LANE_EXECUTE
     stats = await client.admin.GetQueueStats(admin_pb2.GetQueueStatsRequest(), timeout=RPC_TIMEOUT)
     rpc("AdminService.GetQueueStats")
     [execute] = [lane for lane in stats.lanes if lane.lane == tools_pb2.LANE_EXECUTE]
@@ -529,6 +536,16 @@ def _workspace_modes() -> dict[str, int]:
     return modes
 
 
+def _tool_runners() -> dict[str, int]:
+    listed = ListedTool(ToolRegistry.builtin().get("read").spec, Runner.SERVER, (), False, LaneMode.INTERNAL)
+    runners = {runner.value: convert.available_tool(dataclasses.replace(listed, runner=runner)).runner
+               for runner in Runner}
+    for name, number in runners.items():
+        message = session_pb2.AvailableTool(spec=wire.spec_to_proto(listed.spec), runner=number)
+        assert sdk_client.ToolInfo.from_proto(message).runner == name  # the SDK reads the same name
+    return runners
+
+
 def _names(enum: descriptor.EnumDescriptor) -> list[str]:
     return [_sdk_name(enum, number) for number in enum.values_by_number if number]
 
@@ -547,6 +564,7 @@ DOMAIN_TO_PROTO: dict[str, Callable[[], dict[str, int]]] = {
     "codelane.v1.SandboxMode": _sandbox_modes,
     "codelane.v1.SandboxNetwork": _sandbox_networks,
     "codelane.v1.WorkspaceMode": _workspace_modes,
+    "codelane.v1.ToolRunner": _tool_runners,
 }
 
 

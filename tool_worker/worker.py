@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from codelane import __version__
 from codelane.commands import args as types
@@ -224,7 +226,7 @@ class ToolWorker:
                               f"certificate ({self._certificate_hint()})", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
                     log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
-                            "hub at %s unavailable (%s): retrying", self.config.address, exc.code().name)
+                            "hub at %s ended our stream (%s): retrying", self.config.address, status_line(exc))
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
@@ -478,6 +480,19 @@ ID_TAKEN_PATIENCE = 60.0
 HANDSHAKE_CLOSES = 3
 # What gRPC's transport says when a TLS handshake fails (either side refusing a certificate).
 _TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")
+
+
+def status_line(exc: grpc.aio.AioRpcError) -> str:
+    """`CODE REASON: details`: the status and the ErrorInfo reason the hub ended a stream with (for
+    example `UNAVAILABLE HEARTBEAT_TIMEOUT: no heartbeat for 6.1s` when it lost us for silence)."""
+    reason = ""
+    with contextlib.suppress(Exception):  # a status without (parsable) details has no reason
+        status = rpc_status.from_call(exc)
+        for detail in status.details if status is not None else ():
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = f" {info.reason}"
+    return f"{exc.code().name}{reason}: {exc.details() or 'no message'}"
 
 
 def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:

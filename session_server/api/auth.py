@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from session_server.api.errors import abort
+
 WORKER_HUB_PREFIX = "/codelane.v1.WorkerHubService/"
 # Workers fetch snapshots from the content service: it answers to the worker token too.
 WORKER_PREFIXES = (
@@ -18,21 +20,22 @@ WORKER_PREFIXES = (
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def abort(_request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str, token: str, problem: str
+                       ) -> grpc.RpcMethodHandler:
+    async def refuse(_request, context: grpc.aio.ServicerContext):
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", token=token, problem=problem)
 
-    async def abort_stream(_request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse_stream(_request, context: grpc.aio.ServicerContext):
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", token=token, problem=problem)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -58,5 +61,5 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         who = "worker" if is_worker else "client"
         flag = "--token of `codelane worker`" if is_worker else "the client's token"
-        reason = "missing" if not given else "wrong"
-        return _rejecting_handler(handler, f"{reason} {who} bearer token: check {flag}")
+        problem = "missing" if not given else "wrong"
+        return _rejecting_handler(handler, f"{problem} {who} bearer token: check {flag}", who, problem)

@@ -22,6 +22,7 @@ from session_server.llm.base import Usage
 from session_server.permissions import Action, PermissionPolicy
 from session_server.pool import WorkerSnapshot, WorkspaceHeld
 from session_server.store import SessionRecord, StoredMessage
+from session_server.tool_listing import ListedTool, Runner
 from tool_worker import snapshot_wire, wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
 
@@ -367,3 +368,20 @@ def event(stored: StoredEvent) -> events_pb2.Event:
     elif isinstance(p, ev.ErrorOccurred):
         msg.error.CopyFrom(events_pb2.ErrorOccurred(reason=p.reason, message=p.message, fatal=p.fatal))
     return msg
+
+
+_RUNNERS = {
+    Runner.SERVER: session_pb2.TOOL_RUNNER_SERVER,
+    Runner.WORKERS: session_pb2.TOOL_RUNNER_WORKERS,
+    Runner.EXTERNAL_CLIENT: session_pb2.TOOL_RUNNER_EXTERNAL_CLIENT,
+}
+
+
+def available_tool(tool: ListedTool) -> session_pb2.AvailableTool:
+    return session_pb2.AvailableTool(
+        spec=wire.spec_to_proto(tool.spec),
+        runner=_RUNNERS[tool.runner],
+        worker_ids=tool.worker_ids,
+        server_fallback=tool.server_fallback,
+        lane_mode=_LANE_MODES_TO_PROTO[tool.lane_mode],
+    )

@@ -21,6 +21,7 @@ from session_server.pool import (
     Assignment,
     InvalidRegistration,
     LinkFault,
+    ToolSpecConflict,
     WorkerIdTaken,
     WorkerPool,
     WorkerRegistration,
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 # A worker must say Hello this soon after opening its stream.
 HELLO_TIMEOUT = 10.0
 _DRAINED = "the worker drained and closed its stream"
+# How long a write may take on a stream whose requests ended without Draining, to tell a dead
+# connection from a half-close (only on that path: a drain never waits).
+CONNECTION_CLOSE_GRACE = 1.0
+# Written to tell a half-closed stream from a dead connection: a Cancel no worker can match.
+_NO_CALL_CANCEL = worker_pb2.ConnectResponse(cancel=worker_pb2.Cancel(reason="the hub checks the connection"))
 
 _FAULT_STATUS = {
     LinkFault.HEARTBEAT_TIMEOUT: grpc.StatusCode.UNAVAILABLE,
@@ -132,6 +138,17 @@ class _StreamLink:
             except Exception as exc:  # the stream is broken: the Connect handler ends it
                 self.close(f"writing to the worker failed: {exc}")
 
+    async def carries_writes(self, within: float) -> bool:
+        """Whether a message still reaches the worker's end of the stream within `within` s."""
+        if self._context is None:
+            return False
+        async with self._write_lock:
+            try:
+                await asyncio.wait_for(self._context.write(_NO_CALL_CANCEL), within)
+            except Exception:  # the call is cancelled, or the transport is gone
+                return False
+        return True
+
     async def write_until_closed(self) -> None:
         while True:
             await self._wake.wait()
@@ -161,6 +178,14 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
     )
 
 
+async def _connection_closed(context: grpc.aio.ServicerContext, link: _StreamLink) -> bool:
+    """Whether requests that ended without Draining ended with the connection (a killed process)
+    rather than by the worker's half-close: gRPC reports both as the end of the requests. A
+    half-closed stream still carries the hub's messages, a dead connection does not: the hub
+    writes a Cancel of no call (which workers ignore, worker.proto) and sees whether it goes."""
+    return context.cancelled() or not await link.carries_writes(CONNECTION_CLOSE_GRACE)
+
+
 class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
     """`content` is sent in every Welcome: where workers fetch snapshots, and the digest's
     exclusions."""
@@ -185,6 +210,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
         except WorkerIdTaken as exc:
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
+        except ToolSpecConflict as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
+                        tool_name=exc.tool_name, worker_id=exc.holder_id)
         worker_id = reg.worker_id
         log_context.worker_id.set(worker_id)
         log.info("worker %s connected from %s (%d slots, tools: %s)", worker_id, reg.peer, reg.slots,
@@ -197,7 +225,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             reconnect_token=reconnect_token,
             content=self._content,
         )
-        reason = "the connection to the worker broke (its process died or the network failed)"
+        reason = broken = "the connection to the worker broke (its process died or the network failed)"
         cause = "stream_broken"
         reader = writer = None
         try:
@@ -215,6 +243,8 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             else:
                 reason = reader.result()
                 cause = "drained" if reason == _DRAINED else "closed"
+                if cause == "closed" and await _connection_closed(context, link):
+                    reason, cause = broken, "stream_broken"
         finally:
             for task in (reader, writer):
                 if task is not None:
@@ -256,4 +286,4 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 # run before this task sets up its next read. (Under load this would only cost
                 # a loop turn per message.)
                 await asyncio.sleep(0)
-        return _DRAINED if drained else "the worker closed its stream"
+        return _DRAINED if drained else "the worker half-closed its stream without saying Draining first"

@@ -11,7 +11,7 @@ from session_server.admission import AtCapacity, ShuttingDown
 from session_server.api import convert
 from session_server.api.errors import abort
 from session_server.bus import SessionClosed
-from session_server.config import InvalidArgument
+from session_server.config import InvalidArgument, SessionSettings
 from session_server.confirmations import ConfirmationNotFound
 from session_server.external import LeaseNotHeld, TaskNotFound
 from session_server.sessions import (
@@ -22,6 +22,7 @@ from session_server.sessions import (
     SessionNotFound,
     TurnInProgress,
 )
+from session_server.tool_listing import session_tools
 from tool_worker import wire
 
 # A GetMessages page stops before it reaches this size, well below gRPC's 64 MiB message limit.
@@ -227,3 +228,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 wire.seconds(request.lease) if request.HasField("lease") else None,
             )
         return session_pb2.RenewExternalTaskLeaseResponse(task=convert.external_task(task))
+
+    async def ListTools(self, request, context):
+        record = await self._session(context, request.session_id)
+        manager = self._manager
+        tools = session_tools(SessionSettings.from_dict(record.config), manager.registry, manager.pool,
+                              manager.local_fallback)
+        return session_pb2.ListToolsResponse(tools=[convert.available_tool(tool) for tool in tools])

@@ -34,6 +34,20 @@ class WorkerIdTaken(Exception):
         self.worker_id = worker_id
 
 
+class ToolSpecConflict(Exception):
+    """The Hello offers a tool that a connected worker offers under the same name with another spec:
+    the model is given one spec per name, so both cannot be served."""
+
+    def __init__(self, tool_name: str, holder_id: str) -> None:
+        super().__init__(
+            f"tool {tool_name!r} is offered by connected worker {holder_id!r} with a different spec (description, "
+            "schema, lane, idempotent or required labels): workers offering one tool name must offer the same spec. "
+            "Rename this worker's tool, or drain the workers with the old spec first"
+        )
+        self.tool_name = tool_name
+        self.holder_id = holder_id
+
+
 @dataclass(frozen=True)
 class WorkerRegistration:
     worker_id: str

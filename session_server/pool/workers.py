@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from session_server.arguments import check_schema
 from session_server.pool.types import (
     InvalidRegistration,
+    ToolSpecConflict,
     WorkerIdTaken,
     WorkerLink,
     WorkerRegistration,
@@ -67,6 +69,10 @@ def validate_registration(reg: WorkerRegistration) -> None:
         if spec.name in seen:
             raise InvalidRegistration(f"hello.tools offers {spec.name!r} twice: tool names must be unique")
         seen.add(spec.name)
+        try:
+            check_schema(spec.name, spec.parameters)
+        except ValueError as exc:
+            raise InvalidRegistration(f"hello.tools: {exc}") from None
 
 
 class WorkerDirectory:
@@ -86,7 +92,8 @@ class WorkerDirectory:
         return self._workers.get(worker_id)
 
     def holder(self, reg: WorkerRegistration) -> Worker | None:
-        """The live worker this registration would replace; WorkerIdTaken when it may not.
+        """The live worker this registration would replace; WorkerIdTaken when it may not, and
+        ToolSpecConflict when it offers a tool another worker offers with another spec.
 
         A live id is taken over only by a Hello carrying the holder's reconnect token: a worker
         reconnecting after its connection broke, before the hub noticed. Anyone else (a second
@@ -94,11 +101,24 @@ class WorkerDirectory:
         """
         validate_registration(reg)
         old = self._workers.get(reg.worker_id)
-        if old is None:
-            return None
-        if reg.reconnect_token and hmac.compare_digest(reg.reconnect_token, old.reconnect_token):
-            return old
-        raise WorkerIdTaken(reg.worker_id)
+        if old is not None and not (
+            reg.reconnect_token and hmac.compare_digest(reg.reconnect_token, old.reconnect_token)
+        ):
+            raise WorkerIdTaken(reg.worker_id)
+        self._check_specs(reg)
+        return old
+
+    def _check_specs(self, reg: WorkerRegistration) -> None:
+        """ToolSpecConflict when a ready worker (other than the one this registration replaces)
+        offers one of its tools with another spec. Draining workers are leaving: a new spec may
+        join once the old one's workers drain."""
+        for spec in reg.tools:
+            for worker in self._workers.values():
+                if worker.id == reg.worker_id or worker.draining:
+                    continue
+                theirs = worker.tools.get(spec.name)
+                if theirs is not None and theirs != spec:
+                    raise ToolSpecConflict(spec.name, worker.id)
 
     def add(self, reg: WorkerRegistration, link: WorkerLink) -> Worker:
         runnable = frozenset(
@@ -129,7 +149,7 @@ class WorkerDirectory:
         return any(not w.draining and tool_name in w.tools for w in self._workers.values())
 
     def offered_tools(self) -> dict[str, ToolSpec]:
-        """Tools offered by at least one ready worker (first offer wins for the spec)."""
+        """Tools offered by at least one ready worker (ready workers agree on each spec: `_check_specs`)."""
         offered: dict[str, ToolSpec] = {}
         for worker in self._workers.values():
             if not worker.draining:

@@ -822,6 +822,18 @@ export class CodelaneClient {
   }
 
   /**
+   * The tools the session's model is offered now, sorted by name: each `{spec, runner, workerIds,
+   * serverFallback, laneMode}`, `spec` a ToolSpec (its `parametersJsonSchema` a JSON string),
+   * `runner` 'TOOL_RUNNER_SERVER', 'TOOL_RUNNER_WORKERS' or 'TOOL_RUNNER_EXTERNAL_CLIENT'.
+   * Rejects with NOT_FOUND (5) for an unknown session.
+   */
+  async listTools(sessionId, callOptions) {
+    const response = await this._unary(this._sessions, 'ListTools', 'ListToolsRequest', { sessionId },
+      'ListToolsResponse', callOptions);
+    return response.tools;
+  }
+
+  /**
    * Answers a confirmation_required event: `approve` true runs the call, false refuses it (the
    * call's result is then a PERMISSION_DENIED error showing `reason` to the model). Rejects with
    * NOT_FOUND (5) when no such call waits (unknown id, already answered, or timed out).

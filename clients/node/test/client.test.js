@@ -457,6 +457,22 @@ describe('admin', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.equal(stats.workers, 1);
   });
 
+  test('listTools lists the tools a session is offered, with their specs and where each runs', async () => {
+    const session = await client.createSession({ workspace });
+    const tools = await client.listTools(session.sessionId);
+    const names = tools.map((tool) => tool.spec.name);
+    assert.deepEqual(names, [...names].sort());
+    const read = tools.find((tool) => tool.spec.name === 'read');
+    assert.equal(read.spec.lane, 'LANE_QUERY');
+    assert.deepEqual(JSON.parse(read.spec.parametersJsonSchema).required, ['file_path']);
+    assert.equal(read.laneMode, 'LANE_MODE_INTERNAL');
+    assert.ok(['TOOL_RUNNER_WORKERS', 'TOOL_RUNNER_SERVER'].includes(read.runner)); // the local worker may be starting
+    const write = tools.find((tool) => tool.spec.name === 'write');
+    assert.equal(write.runner, 'TOOL_RUNNER_SERVER');
+    assert.equal(write.serverFallback, false);
+    await assert.rejects(client.listTools('no-such-session'), (err) => err.code === grpc.status.NOT_FOUND);
+  });
+
   test('getServerInfo gives the server version and start time; serverFromEnv reads $CODELANE_SERVER', async () => {
     const info = await client.getServerInfo();
     const pyproject = fs.readFileSync(fileURLToPath(new URL('../../../pyproject.toml', import.meta.url)), 'utf8');

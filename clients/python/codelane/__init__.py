@@ -40,6 +40,7 @@ __all__ = [
     "ToolCall",
     "ToolCallFinished",
     "ToolCallStarted",
+    "ToolInfo",
     "ToolResult",
     "TurnFinished",
     "TurnStarted",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 # The async SDK's names; the others are event types from codelane.events.
 _CLIENT_NAMES = {"Client", "Session", "CodelaneError", "SessionInfo", "Message", "WorkerInfo", "LaneStats",
-                 "ServerInfo"}
+                 "ServerInfo", "ToolInfo"}
 _LAZY: dict[str, str] = {
     name: "codelane.client" if name in _CLIENT_NAMES else "codelane.events" for name in __all__ if name != "__version__"
 }
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
         ServerInfo,
         Session,
         SessionInfo,
+        ToolInfo,
         WorkerInfo,
     )
     from codelane.events import (

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -224,6 +225,46 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class ToolInfo:
+    """A tool a session's model is offered (SessionService.ListTools)."""
+
+    name: str
+    description: str
+    # JSON Schema of the arguments object.
+    parameters: dict[str, Any]
+    # "query" or "execute".
+    lane: str
+    idempotent: bool
+    required_labels: dict[str, str]
+    # Where its calls run: "server", "workers" or "external_client".
+    runner: str
+    # Ready workers offering it now.
+    worker_ids: tuple[str, ...]
+    # Whether the server runs a call itself when no worker can.
+    server_fallback: bool
+    # Its lane's mode for the session: "internal", "external" or "hybrid".
+    lane_mode: str
+
+    @classmethod
+    def from_proto(cls, msg: session_pb2.AvailableTool) -> ToolInfo:
+        spec = msg.spec
+        return cls(
+            spec.name, spec.description, json.loads(spec.parameters_json_schema or "{}"),
+            _enum_name(tools_pb2.Lane, spec.lane), spec.idempotent, dict(spec.required_labels),
+            _enum_name(session_pb2.ToolRunner, msg.runner), tuple(msg.worker_ids), msg.server_fallback,
+            _enum_name(tools_pb2.LaneMode, msg.lane_mode),
+        )
+
+
+def _enum_name(enum: Any, number: int) -> str:
+    """A proto enum value as the SDK spells it: its name without the enum's prefix, lower case."""
+    if not number:
+        return ""
+    prefix = enum.DESCRIPTOR.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    return enum.Name(number).removeprefix(prefix).lower()
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     version: str
     # When the server started serving (epoch seconds).
@@ -390,6 +431,13 @@ class Client:
         ]
 
     @_rpc
+    async def list_tools(self, session_id: str) -> list[ToolInfo]:
+        """The tools a session's model is offered now, sorted by name, with where each runs."""
+        reply = await self._sessions.ListTools(session_pb2.ListToolsRequest(session_id=session_id),
+                                               metadata=self._metadata)
+        return [ToolInfo.from_proto(tool) for tool in reply.tools]
+
+    @_rpc
     async def server_info(self) -> ServerInfo:
         """The server's version and start time."""
         reply = await self._admin.GetServerInfo(admin_pb2.GetServerInfoRequest(), metadata=self._metadata)
@@ -521,6 +569,10 @@ class Session:
             session_pb2.CancelTurnRequest(session_id=self.id, reason=reason), metadata=self._client._metadata
         )
         return reply.cancelled
+
+    async def tools(self) -> list[ToolInfo]:
+        """The tools this session's model is offered now, sorted by name, with where each runs."""
+        return await self._client.list_tools(self.id)
 
     @_rpc
     async def refresh(self) -> SessionInfo:

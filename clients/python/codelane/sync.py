@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from codelane import client as aio
-from codelane.client import DEFAULT_ADDRESS, CodelaneError, LaneStats, Message, ServerInfo, SessionInfo, WorkerInfo
+from codelane.client import (
+    DEFAULT_ADDRESS,
+    CodelaneError,
+    LaneStats,
+    Message,
+    ServerInfo,
+    SessionInfo,
+    ToolInfo,
+    WorkerInfo,
+)
 from codelane.events import CaughtUp, Event
 
 __all__ = ["DEFAULT_ADDRESS", "Client", "CodelaneError", "Session"]
@@ -271,6 +280,10 @@ class Client(_Facade):
         """Deletes a session and its history."""
         return self._call("delete_session", session_id)
 
+    def list_tools(self, session_id: str) -> list[ToolInfo]:
+        """The tools a session's model is offered now, sorted by name, with where each runs."""
+        return self._call("list_tools", session_id)
+
     def list_workers(self) -> list[WorkerInfo]:
         """The connected tool workers, with their verdict on each workspace."""
         return self._call("list_workers")
@@ -325,6 +338,10 @@ class Session(_Facade):
     def cancel(self, reason: str = "") -> bool:
         """Cancels the running turn; False when none was running."""
         return self._call("cancel", reason)
+
+    def tools(self) -> list[ToolInfo]:
+        """The tools this session's model is offered now, sorted by name, with where each runs."""
+        return self._call("tools")
 
     def refresh(self) -> SessionInfo:
         """Fetches the session again and returns (and keeps in `info`) its current state."""

@@ -521,7 +521,10 @@ class WorkerLost(_message.Message):
     worker_id: _builtins.str
     """The lost worker."""
     reason: _builtins.str
-    """Why it is considered lost."""
+    """What the hub observed, for people: the connection broke (the process died or the network
+    failed), it was silent past the heartbeat timeout, it half-closed its stream without saying
+    Draining first, or its reconnection replaced the stream.
+    """
     @_builtins.property
     def call_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Calls of this session it was running."""

@@ -177,6 +177,40 @@ MESSAGE_ROLE_TOOL: MessageRole.ValueType  # 3
 """The result of one tool call."""
 Global___MessageRole: _TypeAlias = MessageRole  # noqa: Y015
 
+class _ToolRunner:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolRunnerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolRunner.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_RUNNER_UNSPECIFIED: _ToolRunner.ValueType  # 0
+    TOOL_RUNNER_SERVER: _ToolRunner.ValueType  # 1
+    """On the session server itself: Execute tools, and Query tools the server runs itself because
+    no worker offers them (local fallback on).
+    """
+    TOOL_RUNNER_WORKERS: _ToolRunner.ValueType  # 2
+    """On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and
+    AvailableTool.server_fallback is true, the server runs it itself.
+    """
+    TOOL_RUNNER_EXTERNAL_CLIENT: _ToolRunner.ValueType  # 3
+    """By a client, as an external task (the tool's lane is in EXTERNAL mode for this session)."""
+
+class ToolRunner(_ToolRunner, metaclass=_ToolRunnerEnumTypeWrapper):
+    """Where the calls of a tool run, for one session."""
+
+TOOL_RUNNER_UNSPECIFIED: ToolRunner.ValueType  # 0
+TOOL_RUNNER_SERVER: ToolRunner.ValueType  # 1
+"""On the session server itself: Execute tools, and Query tools the server runs itself because
+no worker offers them (local fallback on).
+"""
+TOOL_RUNNER_WORKERS: ToolRunner.ValueType  # 2
+"""On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and
+AvailableTool.server_fallback is true, the server runs it itself.
+"""
+TOOL_RUNNER_EXTERNAL_CLIENT: ToolRunner.ValueType  # 3
+"""By a client, as an external task (the tool's lane is in EXTERNAL mode for this session)."""
+Global___ToolRunner: _TypeAlias = ToolRunner  # noqa: Y015
+
 @_typing.final
 class PermissionPolicy(_message.Message):
     """Which tool calls run, which are refused and which need a confirmation.
@@ -1270,3 +1304,91 @@ class GetMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMessagesResponse: _TypeAlias = GetMessagesResponse  # noqa: Y015
+
+@_typing.final
+class AvailableTool(_message.Message):
+    """One tool a session's model is offered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    WORKER_IDS_FIELD_NUMBER: _builtins.int
+    SERVER_FALLBACK_FIELD_NUMBER: _builtins.int
+    LANE_MODE_FIELD_NUMBER: _builtins.int
+    runner: Global___ToolRunner.ValueType
+    """Where its calls run."""
+    server_fallback: _builtins.bool
+    """True when the server runs the tool's calls itself if no worker can (a built-in Query tool on
+    a server with local fallback on); false when a call no worker can take fails with NO_WORKER.
+    """
+    lane_mode: _tools_pb2.LaneMode.ValueType
+    """The mode of the tool's lane for this session: INTERNAL, EXTERNAL or HYBRID."""
+    @_builtins.property
+    def spec(self) -> _tools_pb2.ToolSpec:
+        """The tool's spec, exactly as the model is given it."""
+
+    @_builtins.property
+    def worker_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the ready (not draining) workers offering the tool now, sorted; empty when no worker
+        offers it.
+        """
+
+    def __init__(
+        self,
+        *,
+        spec: _tools_pb2.ToolSpec | None = ...,
+        runner: Global___ToolRunner.ValueType = ...,
+        worker_ids: _abc.Iterable[_builtins.str] | None = ...,
+        server_fallback: _builtins.bool = ...,
+        lane_mode: _tools_pb2.LaneMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lane_mode", b"lane_mode", "runner", b"runner", "server_fallback", b"server_fallback", "spec", b"spec", "worker_ids", b"worker_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AvailableTool: _TypeAlias = AvailableTool  # noqa: Y015
+
+@_typing.final
+class ListToolsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListToolsRequest: _TypeAlias = ListToolsRequest  # noqa: Y015
+
+@_typing.final
+class ListToolsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___AvailableTool]:
+        """The tools, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[Global___AvailableTool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListToolsResponse: _TypeAlias = ListToolsResponse  # noqa: Y015

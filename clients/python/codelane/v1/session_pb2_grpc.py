@@ -29,7 +29,13 @@ class SessionServiceStub:
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -114,13 +120,24 @@ class SessionServiceStub:
                 request_serializer=codelane_dot_v1_dot_session__pb2.GetMessagesRequest.SerializeToString,
                 response_deserializer=codelane_dot_v1_dot_session__pb2.GetMessagesResponse.FromString,
                 _registered_method=True)
+        self.ListTools = channel.unary_unary(
+                '/codelane.v1.SessionService/ListTools',
+                request_serializer=codelane_dot_v1_dot_session__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=codelane_dot_v1_dot_session__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -243,6 +260,18 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTools(self, request, context):
+        """Lists the tools the session's model is offered now, as its next model request would see
+        them: each tool's spec (name, description, JSON schema of its arguments, lane), where its
+        calls run, and the mode of its lane. Tools the session's permission policy denies outright
+        are left out, as they are for the model. The list changes as workers come and go. The
+        built-in tools' output formats are in docs/protocol.md ("Built-in tools"). NOT_FOUND
+        (SESSION_NOT_FOUND) for an unknown session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +335,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=codelane_dot_v1_dot_session__pb2.GetMessagesRequest.FromString,
                     response_serializer=codelane_dot_v1_dot_session__pb2.GetMessagesResponse.SerializeToString,
             ),
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=codelane_dot_v1_dot_session__pb2.ListToolsRequest.FromString,
+                    response_serializer=codelane_dot_v1_dot_session__pb2.ListToolsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'codelane.v1.SessionService', rpc_method_handlers)
@@ -318,7 +352,13 @@ class SessionService:
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -651,6 +691,33 @@ class SessionService:
             '/codelane.v1.SessionService/GetMessages',
             codelane_dot_v1_dot_session__pb2.GetMessagesRequest.SerializeToString,
             codelane_dot_v1_dot_session__pb2.GetMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/codelane.v1.SessionService/ListTools',
+            codelane_dot_v1_dot_session__pb2.ListToolsRequest.SerializeToString,
+            codelane_dot_v1_dot_session__pb2.ListToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,13 @@ class SessionServiceStub:
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -105,13 +111,27 @@ class SessionServiceStub:
     """
     GetMessages: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetMessagesRequest, _session_pb2.GetMessagesResponse]
     """Returns a session's message history, in order, a page at a time."""
+    ListTools: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListToolsRequest, _session_pb2.ListToolsResponse]
+    """Lists the tools the session's model is offered now, as its next model request would see
+    them: each tool's spec (name, description, JSON schema of its arguments, lane), where its
+    calls run, and the mode of its lane. Tools the session's permission policy denies outright
+    are left out, as they are for the model. The list changes as workers come and go. The
+    built-in tools' output formats are in docs/protocol.md ("Built-in tools"). NOT_FOUND
+    (SESSION_NOT_FOUND) for an unknown session.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -183,12 +203,26 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     GetMessages: _aio.UnaryUnaryMultiCallable[_session_pb2.GetMessagesRequest, _session_pb2.GetMessagesResponse]  # type: ignore[assignment]
     """Returns a session's message history, in order, a page at a time."""
+    ListTools: _aio.UnaryUnaryMultiCallable[_session_pb2.ListToolsRequest, _session_pb2.ListToolsResponse]  # type: ignore[assignment]
+    """Lists the tools the session's model is offered now, as its next model request would see
+    them: each tool's spec (name, description, JSON schema of its arguments, lane), where its
+    calls run, and the mode of its lane. Tools the session's permission policy denies outright
+    are left out, as they are for the model. The list changes as workers come and go. The
+    built-in tools' output formats are in docs/protocol.md ("Built-in tools"). NOT_FOUND
+    (SESSION_NOT_FOUND) for an unknown session.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService runs coding-agent sessions. Errors are gRPC statuses with a
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
-    says which state forbids the call.
+    says which state forbids the call. Every reason, with its status code and metadata keys, is
+    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
+    details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
+    rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
+    google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
+    included, is described in docs/protocol.md.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -330,5 +364,19 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.GetMessagesResponse, _abc.Awaitable[_session_pb2.GetMessagesResponse]]:
         """Returns a session's message history, in order, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def ListTools(
+        self,
+        request: _session_pb2.ListToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ListToolsResponse, _abc.Awaitable[_session_pb2.ListToolsResponse]]:
+        """Lists the tools the session's model is offered now, as its next model request would see
+        them: each tool's spec (name, description, JSON schema of its arguments, lane), where its
+        calls run, and the mode of its lane. Tools the session's permission policy denies outright
+        are left out, as they are for the model. The list changes as workers come and go. The
+        built-in tools' output formats are in docs/protocol.md ("Built-in tools"). NOT_FOUND
+        (SESSION_NOT_FOUND) for an unknown session.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

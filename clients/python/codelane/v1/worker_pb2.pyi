@@ -177,7 +177,13 @@ class Hello(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tools_pb2.ToolSpec]:
-        """Tools the worker runs (Query lane). Names must be unique; at least one."""
+        """Tools the worker runs (Query lane). Names must be unique; at least one; each
+        parameters_json_schema a valid JSON Schema (draft 2020-12). One spec per name across the pool:
+        a tool name a ready (not draining) worker offers with a different spec (any field, the schema
+        compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
+        tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
+        workers that offer the old one first, or rename the tool.
+        """
 
     @_builtins.property
     def workspace_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -231,11 +237,16 @@ class Welcome(_message.Message):
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
-        """How often to send Heartbeat."""
+        """How often to send Heartbeat (the server's --heartbeat-interval, default 2 s). Use this value:
+        the hub may ask for any interval.
+        """
 
     @_builtins.property
     def heartbeat_timeout(self) -> _duration_pb2.Duration:
-        """Silence after which the hub declares the worker lost (a few heartbeat intervals)."""
+        """Silence (no message of any kind) after which the hub declares the worker lost and ends its
+        stream with UNAVAILABLE, reason HEARTBEAT_TIMEOUT (the server's --heartbeat-timeout, default
+        6 s, three intervals). Detected within this plus 0.25 s.
+        """
 
     @_builtins.property
     def content(self) -> Global___ContentSource:
@@ -343,7 +354,11 @@ class Assign(_message.Message):
     tool_name: _builtins.str
     """Tool to run (one the worker offered)."""
     arguments_json: _builtins.str
-    """Arguments as a JSON object string."""
+    """Arguments as a JSON object string. The server has checked them against the tool's
+    parameters_json_schema (the spec of this worker's Hello) before sending: calls whose
+    arguments do not match end on the server with INVALID_ARGUMENTS and never reach a worker. A
+    worker may check again; whatever it receives, it answers with a CallResult.
+    """
     workspace: _builtins.str
     """Absolute workspace path; tool paths resolve inside it."""
     session_id: _builtins.str
@@ -354,7 +369,9 @@ class Assign(_message.Message):
     """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When the hub gives up on the call; the worker should stop it by then."""
+        """When the hub gives up on the call (it then sends Cancel and records a TIMEOUT result); the
+        worker should stop it by then.
+        """
 
     @_builtins.property
     def denied_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -425,6 +442,13 @@ Global___Assign: _TypeAlias = Assign  # noqa: Y015
 
 @_typing.final
 class Cancel(_message.Message):
+    """The hub gave up on a call (turn cancelled, session deleted, deadline passed). The worker stops
+    it and still answers with a CallResult for its dispatch_id (ERROR_KIND_CANCELLED is customary):
+    until that answer the call holds one of the worker's slots. The answer's content is not used:
+    the call's recorded result is the server's CANCELLED (or TIMEOUT) result, with worker_id the
+    worker that ran it and the attempt that was running.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CALL_ID_FIELD_NUMBER: _builtins.int
@@ -457,6 +481,11 @@ Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
 class Drain(_message.Message):
+    """The hub asks the worker to leave (an operator drained it). The worker answers Draining, finishes
+    its running calls and sends their results, then half-closes its side of the stream; the hub
+    then ends the stream with OK. The hub assigns nothing after Drain.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
@@ -568,12 +597,14 @@ class CallResult(_message.Message):
     attempt: _builtins.int
     """The call's Assign.attempt, for logs."""
     dispatch_id: _builtins.str
-    """The Assign.dispatch_id this result answers. Results for unknown or cancelled ids are dropped."""
+    """The Assign.dispatch_id this result answers: exactly one CallResult per Assign. A result for
+    an unknown id, or a second one for an id, is dropped.
+    """
     @_builtins.property
     def result(self) -> _tools_pb2.ToolResult:
         """The result. The worker fills output, is_error, error_kind, exit_code, truncated,
-        metadata_json and run_time (measured on the worker); the hub sets worker_id, attempt and
-        queue_wait itself, whatever the worker sent.
+        metadata_json and run_time (measured on the worker); the hub sets worker_id (this worker's
+        id), attempt (the Assign's) and queue_wait (its own measure) itself, whatever the worker sent.
         """
 
     def __init__(
@@ -594,6 +625,8 @@ Global___CallResult: _TypeAlias = CallResult  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """Sent every Welcome.heartbeat_interval, from the Welcome on, whether busy or idle."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVE_CALLS_FIELD_NUMBER: _builtins.int
@@ -618,6 +651,11 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class Draining(_message.Message):
+    """The worker is leaving: an answer to Drain, or its own decision (e.g. SIGTERM). The hub assigns
+    it nothing more and waits for its half-close; calls still outstanding at the half-close are
+    retried elsewhere (idempotent tools) or end with WORKER_LOST.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int

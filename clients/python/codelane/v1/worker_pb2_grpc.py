@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class WorkerHubServiceStub:
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
     worker                                hub
     | Hello ------------------------------> |  (first message, exactly once)
@@ -72,8 +74,10 @@ class WorkerHubServiceStub:
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     def __init__(self, channel):
@@ -91,7 +95,9 @@ class WorkerHubServiceStub:
 
 class WorkerHubServiceServicer:
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
     worker                                hub
     | Hello ------------------------------> |  (first message, exactly once)
@@ -136,17 +142,26 @@ class WorkerHubServiceServicer:
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     def Connect(self, request_iterator, context):
-        """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+        """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason (all of them, with their
+        metadata keys, in docs/protocol.md, "Errors"):
         INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
-        empty worker_id, or a first message that is not a Hello;
+        a parameters schema that is not JSON Schema, empty worker_id, or a first message that is not
+        a Hello (or none within 10 s);
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
-        UNAUTHENTICATED when the token is missing or wrong;
-        UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
+        FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
+        names with another spec (see Hello.tools);
+        UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+        UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
+        ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
+        UNAVAILABLE (SHUTTING_DOWN) when the server stops.
+        A stream that ends after the worker's Drain half-close ends with OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +185,9 @@ def add_WorkerHubServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class WorkerHubService:
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
     worker                                hub
     | Hello ------------------------------> |  (first message, exactly once)
@@ -215,8 +232,10 @@ class WorkerHubService:
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     @staticmethod

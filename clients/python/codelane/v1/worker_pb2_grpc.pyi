@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class WorkerHubServiceStub:
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
@@ -73,8 +75,10 @@ class WorkerHubServiceStub:
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     @_typing.overload
@@ -82,18 +86,27 @@ class WorkerHubServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerHubServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]
-    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason (all of them, with their
+    metadata keys, in docs/protocol.md, "Errors"):
     INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
-    empty worker_id, or a first message that is not a Hello;
+    a parameters schema that is not JSON Schema, empty worker_id, or a first message that is not
+    a Hello (or none within 10 s);
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
-    UNAUTHENTICATED when the token is missing or wrong;
-    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
+    FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
+    names with another spec (see Hello.tools);
+    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
+    ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
+    UNAVAILABLE (SHUTTING_DOWN) when the server stops.
+    A stream that ends after the worker's Drain half-close ends with OK.
     """
 
 @_typing.type_check_only
 class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
@@ -138,23 +151,34 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]  # type: ignore[assignment]
-    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+    """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason (all of them, with their
+    metadata keys, in docs/protocol.md, "Errors"):
     INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
-    empty worker_id, or a first message that is not a Hello;
+    a parameters schema that is not JSON Schema, empty worker_id, or a first message that is not
+    a Hello (or none within 10 s);
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
-    UNAUTHENTICATED when the token is missing or wrong;
-    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
+    FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
+    names with another spec (see Hello.tools);
+    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+    UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
+    ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
+    UNAVAILABLE (SHUTTING_DOWN) when the server stops.
+    A stream that ends after the worker's Drain half-close ends with OK.
     """
 
 class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkerHubService is served by the session server. A tool worker opens one Connect stream and
-    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels):
+    keeps it for its lifetime; the stream's messages are the whole protocol (no side channels).
+    docs/protocol.md ("The worker protocol") draws it as a state machine with its timing and
+    errors; `codelane conformance worker -- COMMAND` checks a worker against it.
 
       worker                                hub
         | Hello ------------------------------> |  (first message, exactly once)
@@ -199,8 +223,10 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT, and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result.
+    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
+    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
+    reconnects with backoff and jitter.
     """
 
     @_abc_1.abstractmethod
@@ -209,12 +235,19 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_worker_pb2.ConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.ConnectResponse], _abc.AsyncIterator[_worker_pb2.ConnectResponse]]:
-        """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason:
+        """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason (all of them, with their
+        metadata keys, in docs/protocol.md, "Errors"):
         INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
-        empty worker_id, or a first message that is not a Hello;
+        a parameters schema that is not JSON Schema, empty worker_id, or a first message that is not
+        a Hello (or none within 10 s);
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
-        UNAUTHENTICATED when the token is missing or wrong;
-        UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence.
+        FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
+        names with another spec (see Hello.tools);
+        UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+        UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
+        ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
+        UNAVAILABLE (SHUTTING_DOWN) when the server stops.
+        A stream that ends after the worker's Drain half-close ends with OK.
         """
 
 def add_WorkerHubServiceServicer_to_server(servicer: WorkerHubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Conformance kits: does a tool worker, or a client library, follow the codelane protocol?"""

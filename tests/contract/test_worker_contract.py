@@ -1,0 +1,268 @@
+"""The worker protocol's promises (docs/protocol.md), each held on a real server with real worker
+processes or real streams: who checks arguments, one spec per tool name, what a worker lost for
+silence sees, what a cancelled call records, what WorkerLost says, and what a call with no worker
+to run it is told."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from codelane.v1 import admin_pb2, events_pb2, tools_pb2, worker_pb2, worker_pb2_grpc
+from tests.polling import poll_until
+from tests.session import conftest as session_fixtures
+from tests.session.conftest import (
+    RPC_TIMEOUT,
+    Client,
+    InProcess,
+    call,
+    error_details,
+    kind,
+    read_rest,
+    read_until,
+    scripted,
+)
+
+make_server = session_fixtures.make_server
+workspace = session_fixtures.workspace
+
+PLUGIN = "benchmarks.plugin_tools"
+ECHO_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+               "additionalProperties": False}
+
+
+def echo_spec(description: str = "Echo the text.") -> tools_pb2.ToolSpec:
+    return tools_pb2.ToolSpec(name="echo", description=description, parameters_json_schema=json.dumps(ECHO_SCHEMA),
+                              lane=tools_pb2.LANE_QUERY, idempotent=True)
+
+
+class RawWorker:
+    """A worker speaking the protocol from the raw stubs, on a real stream: what it received is
+    what the hub sent."""
+
+    def __init__(self, client: Client, worker_id: str, spec: tools_pb2.ToolSpec) -> None:
+        self.outbox: asyncio.Queue[worker_pb2.ConnectRequest | None] = asyncio.Queue()
+        self.outbox.put_nowait(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+            worker_id=worker_id, version="test", tools=[spec], slots=2)))
+        self.stream = worker_pb2_grpc.WorkerHubServiceStub(client.channel).Connect(self._requests())
+
+    async def _requests(self) -> AsyncIterator[worker_pb2.ConnectRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def read(self) -> worker_pb2.ConnectResponse:
+        message = await asyncio.wait_for(self.stream.read(), RPC_TIMEOUT)
+        assert message is not grpc.aio.EOF
+        return message
+
+    def half_close(self) -> None:
+        self.outbox.put_nowait(None)
+
+
+def spawn(started: list[subprocess.Popen[bytes]], module: str, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE)
+    started.append(proc)
+    return proc
+
+
+def spawn_worker(started: list[subprocess.Popen[bytes]], port: int, worker_id: str) -> subprocess.Popen[bytes]:
+    return spawn(started, "tool_worker", "--connect", f"127.0.0.1:{port}", "--id", worker_id, "--slots", "2",
+                 "--tools", PLUGIN)
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def finished(events: list[events_pb2.Event]) -> dict[str, tools_pb2.ToolResult]:
+    return {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+            if kind(e) == "tool_call_finished"}
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+
+async def test_arguments_against_the_schema_never_reach_a_worker(make_server, workspace: Path, tmp_path: Path) -> None:
+    server: InProcess = await make_server(local_workers=1, local_worker_tools=[PLUGIN], local_fallback=False)
+    client = server.client
+    await client.wait_workers("local-1")
+    calls = [call("sleep", "c_type", ms="long"), call("sleep", "c_extra", ms=1, path="x"), call("sleep", "c_ok", ms=1)]
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "ok"}]))
+    events = await client.send(session.session_id, "go")
+
+    results = finished(events)
+    for refused in ("c_type", "c_extra"):
+        result = results[refused]
+        assert result.error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+        assert result.output.startswith("sleep was not run: invalid arguments for sleep"), result.output
+        assert result.worker_id == ""
+    assert not results["c_ok"].is_error and results["c_ok"].worker_id == "local-1"
+    started = {e.tool_call_started.call.call_id for e in events if kind(e) == "tool_call_started"}
+    assert started == {"c_ok"}
+    [worker] = (await client.admin.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=RPC_TIMEOUT)).workers
+    assert worker.completed_calls == 1  # the worker was sent the valid call only
+
+
+# -- one spec per tool name -------------------------------------------------------------------------
+
+
+async def test_a_worker_offering_a_tool_under_another_spec_is_refused_at_hello(make_server) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    first = RawWorker(client, "first", echo_spec())
+    assert (await first.read()).HasField("welcome")
+
+    other = RawWorker(client, "other", echo_spec("Echo the text, louder."))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await other.read()
+    details = error_details(refused.value)
+    assert details.code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == "TOOL_SPEC_CONFLICT"
+    assert details.metadata == {"tool_name": "echo", "worker_id": "first"}
+    assert "drain the workers with the old spec first" in details.message
+
+    same = RawWorker(client, "same", echo_spec())
+    assert (await same.read()).HasField("welcome")  # the same spec joins: more capacity
+    assert await client.worker_ids() == {"first", "same"}
+
+    # Once no ready worker holds the old spec, the new one may join.
+    for old in (first, same):
+        old.half_close()
+    await poll_until(lambda: not server.server.pool.workers(), what="the old workers to leave")
+    renamed = RawWorker(client, "other", echo_spec("Echo the text, louder."))
+    assert (await renamed.read()).HasField("welcome")
+    renamed.half_close()
+
+
+# -- liveness ---------------------------------------------------------------------------------------
+
+
+async def test_a_worker_process_that_stops_heartbeating_sees_heartbeat_timeout(make_server, processes) -> None:
+    server: InProcess = await make_server(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    proc = spawn(processes, "tests.contract.broken_worker", "--connect", f"127.0.0.1:{server.server.port}",
+                 "--fault", "no-heartbeat")
+    _, stderr = await asyncio.wait_for(asyncio.to_thread(proc.communicate), 20)
+    # Not a normal close (OK, no message): a status, a reason and the hub's why.
+    assert "the hub ended the stream: UNAVAILABLE HEARTBEAT_TIMEOUT: no heartbeat for " in stderr.decode()
+
+
+async def test_a_stopped_codelane_worker_is_dropped_and_comes_back(make_server, processes) -> None:
+    server: InProcess = await make_server(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    proc = spawn_worker(processes, server.server.port, "silent")
+    await server.client.wait_workers("silent")
+    proc.send_signal(signal.SIGSTOP)  # alive, its stream open, but it says nothing
+    await poll_until(lambda: server.server.pool.worker("silent") is None, what="the hub to lose the worker")
+    proc.send_signal(signal.SIGCONT)
+
+    def ended_line() -> str:
+        while line := proc.stderr.readline().decode():
+            if "ended our stream" in line:
+                return line
+        raise AssertionError("the worker's stderr ended")
+
+    # What it logs names the status (the reason too, unless its own heartbeat write raced the
+    # hub's status: grpc-python then reports INTERNAL, see docs/protocol.md).
+    assert "ended our stream (" in await asyncio.wait_for(asyncio.to_thread(ended_line), 20)
+    await server.client.wait_workers("silent")
+
+
+# -- cancel -----------------------------------------------------------------------------------------
+
+
+async def test_a_cancelled_call_records_the_worker_that_ran_it(make_server, workspace: Path, tmp_path: Path) -> None:
+    server: InProcess = await make_server(local_workers=1, local_worker_tools=[PLUGIN], local_fallback=False)
+    client = server.client
+    await client.wait_workers("local-1")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("sleep", "c_long", ms=600_000)]}, {"text": "x"}])
+    session = await client.create(workspace, model)
+    turn = client.send_stream(session.session_id, "go")
+    await read_until(turn, lambda r: kind(r.event) == "tool_call_started", [])
+    assert await client.cancel(session.session_id)
+    rest = [r.event for r in await read_rest(turn)]
+
+    result = finished(rest)["c_long"]
+    assert result.error_kind == tools_pb2.ERROR_KIND_CANCELLED
+    assert result.worker_id == "local-1" and result.attempt == 1
+    assert "while running on local-1" in result.output
+    [message] = [m for m in await client.history(session.session_id) if m.tool_call_id == "c_long"]
+    assert message.tool_result.worker_id == "local-1"
+
+    async def slot_freed() -> bool:
+        [worker] = (await client.admin.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=RPC_TIMEOUT)).workers
+        return worker.in_flight == 0
+
+    await poll_until(slot_freed, what="the worker to answer the Cancel")  # it still answered
+
+
+# -- what WorkerLost says ---------------------------------------------------------------------------
+
+
+async def test_kill9_of_a_worker_is_reported_as_a_broken_connection(
+    make_server, workspace: Path, tmp_path: Path, processes
+) -> None:
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    proc = spawn_worker(processes, server.server.port, "doomed")
+    await client.wait_workers("doomed")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("sleep", "c1", ms=600_000)]}, {"text": "x"}])
+    session = await client.create(workspace, model)
+    turn = client.send_stream(session.session_id, "go")
+    await read_until(turn, lambda r: kind(r.event) == "tool_call_started", [])
+    proc.kill()
+    seen: list = []
+    lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", seen)
+    assert lost.event.worker_lost.worker_id == "doomed"
+    assert "the connection to the worker broke" in lost.event.worker_lost.reason
+    assert "closed its stream" not in lost.event.worker_lost.reason
+    turn.cancel()
+
+
+async def test_a_worker_half_closing_without_draining_is_reported_so(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    worker = RawWorker(client, "quitter", echo_spec())
+    assert (await worker.read()).HasField("welcome")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
+    session = await client.create(workspace, model)
+    turn = client.send_stream(session.session_id, "go")
+    assert (await worker.read()).HasField("assignments")
+    worker.half_close()
+    lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", [])
+    assert lost.event.worker_lost.reason == "the worker half-closed its stream without saying Draining first"
+    await read_rest(turn)
+
+
+# -- no worker to run it ----------------------------------------------------------------------------
+
+
+async def test_read_with_no_worker_and_no_local_fallback_says_no_worker_is_there(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("read", "c1", file_path="README.md")]},
+                                {"text": "x"}])
+    session = await client.create(workspace, model)
+    result = finished(await client.send(session.session_id, "go"))["c1"]
+    assert result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER
+    assert "no connected tool worker offers it" in result.output
+    assert "codelane worker --connect" in result.output
+    assert "unknown tool" not in result.output
