@@ -47,9 +47,12 @@ def spawn_remote(host: TestHost, server: CodelaneServer, hide: Path, cache: Path
 
 
 def finished(events) -> list:
-    """The calls' ToolCallFinished, in model order (events come in completion order)."""
+    """The calls' ToolCallFinished, in model order (events come in completion order): exactly one
+    per call the model asked for, and the turn's stream ends with its TurnFinished."""
     order = [c.call_id for e in events if kind(e) == "model_responded" for c in e.model_responded.tool_calls]
     done = [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    assert events and kind(events[-1]) == "turn_finished", [kind(e) for e in events]
+    assert sorted(f.call_id for f in done) == sorted(order), [(kind(e), e.sequence) for e in events]
     return sorted(done, key=lambda f: order.index(f.call_id))
 
 
