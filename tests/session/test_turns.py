@@ -185,8 +185,10 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
     assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == [c["id"] for c in calls]
 
 
-async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Path) -> None:
-    model = scripted(tmp_path, [{"text": "Waiting.", "tool_calls": [call("bash", command="sleep 5")]}, {"text": "ok"}])
+async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:
+    # The sleep never ends on its own: the turn runs until the test cancels it, however slow the machine.
+    model = scripted(tmp_path, [{"text": "Waiting.", "tool_calls": [call("bash", command=f"sleep {mark}")]},
+                                {"text": "ok"}])
     session = await client.create(workspace, model)
     other = await client.create(workspace, scripted(tmp_path, [{"text": "quick"}], name="quick.yaml"))
 
