@@ -115,13 +115,14 @@ def _start(port: int, data_dir: Path, model: str, log: Path) -> subprocess.Popen
     return proc
 
 
-def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path,
+def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path, mark: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     from codelane.sync import Client as SyncClient
 
     caplog.set_level(logging.INFO, logger="codelane.client")
+    # The sleep never ends on its own: the turn is still running when the server is killed.
     model = write_script(tmp_path / "slow.json", [
-        {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command="sleep 60")]},
+        {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command=f"sleep {mark}")]},
         {"text": "Never reached."},
     ])  # fmt: skip
     port, data_dir, log = _free_port(), tmp_path / "data", tmp_path / "server.log"
