@@ -90,6 +90,7 @@ def test_workers_stats_and_drain(make_server, workspace: Path) -> None:
     drained = cli("drain", "--server", server.address, "--reason", "maintenance", "local-2")
     assert drained.returncode == 0, drained.stderr
     assert drained.stdout.startswith("worker local-2 is draining")
+
     def replaced() -> dict[str, dict] | None:  # an idle worker drains at once and leaves; another local-2 starts
         now = {w["worker_id"]: w for w in json_lines(cli("workers", "--server", server.address, "--json").stdout)}
         fresh = now.get("local-2")

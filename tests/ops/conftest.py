@@ -73,14 +73,13 @@ async def scrape(port: int) -> Scrape:
 
 async def scrape_until(port: int, predicate: Callable[[Scrape], bool], what: str, within: float = WAIT) -> Scrape:
     """Scrapes until `predicate` holds (the figures are read as Prometheus would, repeatedly)."""
-    pages: list[Scrape] = []
+    last: list[Scrape] = []  # the latest page, for the failure message
 
     async def shows() -> Scrape | None:
-        pages.append(await scrape(port))
-        del pages[:-1]
-        return pages[-1] if predicate(pages[-1]) else None
+        last[:] = [await scrape(port)]
+        return last[0] if predicate(last[0]) else None
 
-    return await poll_until(shows, what=lambda: f"a scrape showing {what}; last:\n{pages[-1].text[-3000:]}",
+    return await poll_until(shows, what=lambda: f"a scrape showing {what}; last:\n{last[0].text[-3000:]}",
                             within=within, interval=0.05)
 
 
