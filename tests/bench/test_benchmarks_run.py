@@ -23,8 +23,18 @@ BOUND = 240
         ("benchmarks.history_bench", ["--sizes", "2,20", "--samples", "2"], ["messages", "target: flat"]),
         ("benchmarks.events_bench", ["--events", "1200", "--subscribers", "2", "--long-turn", "1200"],
          ["fan-out:", "events/s in all", "long turn:", "gap-free and whole"]),
+        ("benchmarks.registry_bench", ["--calls", "20", "--rounds", "1"],
+         ["through ToolRegistry.execute:", "the tool called directly:", "the registry adds:"]),
+        ("benchmarks.read_bench", ["--size-mb", "2"], ["read tool (streamed)", "whole line, then cut", "ratio"]),
+        ("benchmarks.tools_bench", ["--size-mb", "1", "--repeat", "1"],
+         ["grep files_with_matches", "glob **/test_*.py", "target <= 1.5"]),
+        ("benchmarks.pool_bench", ["--calls", "20", "--throughput-calls", "100", "--workers", "1"],
+         ["raw grpc.aio bidi ping-pong", "through hub + 1 worker", "ratio hub / raw", "calls/s"]),
+        ("benchmarks.sandbox_bench", ["--runs", "2", "--walk-runs", "1"],
+         ["bash -c true (2 runs each)", "git status of a 1,000-file repository", "rg, Landlock read-only",
+          "workspace-write adds"]),
     ],
-    ids=["overhead", "overhead-baseline", "history", "events"],
+    ids=["overhead", "overhead-baseline", "history", "events", "registry", "read", "tools", "pool", "sandbox"],
 )
 def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from session_server.server import CodelaneServer, ServerConfig
+from tests.polling import wait_until
 
 CLI_TIMEOUT = 60.0  # bound on one CLI subprocess
 START_TIMEOUT = 30.0  # bound on a server (and its local workers) becoming ready
@@ -73,11 +73,8 @@ class ThreadedServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def wait_workers(self, count: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while len(self.server.pool.workers()) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{count} local worker(s) did not connect within {START_TIMEOUT}s")
-            time.sleep(0.05)
+        wait_until(lambda: len(self.server.pool.workers()) >= count, what=f"{count} local worker(s) to connect",
+                   within=START_TIMEOUT)
 
     def stop(self) -> None:
         try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from codelane.sync import Client
 from tests.cli.conftest import ThreadedServer, cli, cli_env, json_lines
+from tests.polling import wait_until
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -90,14 +90,13 @@ def test_workers_stats_and_drain(make_server, workspace: Path) -> None:
     drained = cli("drain", "--server", server.address, "--reason", "maintenance", "local-2")
     assert drained.returncode == 0, drained.stderr
     assert drained.stdout.startswith("worker local-2 is draining")
-    deadline = time.monotonic() + 20
-    while True:  # an idle worker drains at once and leaves; the server starts another local-2
-        rows = json_lines(cli("workers", "--server", server.address, "--json").stdout)
-        now = {w["worker_id"]: w for w in rows}
-        if "local-2" in now and now["local-2"]["connected"] > connected["local-2"] and not now["local-2"]["draining"]:
-            break
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.1)
+
+    def replaced() -> dict[str, dict] | None:  # an idle worker drains at once and leaves; another local-2 starts
+        now = {w["worker_id"]: w for w in json_lines(cli("workers", "--server", server.address, "--json").stdout)}
+        fresh = now.get("local-2")
+        return now if fresh and fresh["connected"] > connected["local-2"] and not fresh["draining"] else None
+
+    now = wait_until(replaced, what="a new local-2 in place of the drained one", within=20, interval=0.1)
     assert now["local-1"]["connected"] == connected["local-1"]  # the other one was left alone
 
     unknown = cli("drain", "--server", server.address, "nobody")

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from codelane import events as ev
 from codelane.sync import Client
 from codelane.v1 import session_pb2, session_pb2_grpc, tools_pb2
 from tests.cli.conftest import CLI_TIMEOUT, ThreadedServer, cli, cli_env, json_lines, write_script
+from tests.polling import wait_until
 
 SESSION_LINE = re.compile(r"^session (s_[0-9a-f]+) ")
 
@@ -148,10 +148,7 @@ def _state(pid: int) -> str | None:
 
 
 def _wait(predicate, what: str) -> None:
-    deadline = time.monotonic() + CLI_TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    wait_until(predicate, what=what, within=CLI_TIMEOUT, interval=0.05)
 
 
 def test_a_drained_or_killed_local_worker_is_reaped_and_replaced(make_server, workspace: Path) -> None:

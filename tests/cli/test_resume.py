@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from tests.cli.conftest import (
     json_lines,
     write_script,
 )
+from tests.polling import wait_until
 
 # Per turn, one step of many Query calls (a burst of events), then the last word.
 MANY_CALLS = [
@@ -105,21 +105,24 @@ def _start(port: int, data_dir: Path, model: str, log: Path) -> subprocess.Popen
              str(data_dir), "--local-workers", "0", "--model", model, "--log-level", "WARNING"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=cli_env(), start_new_session=True,
         )  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT
-    while f"listening on 127.0.0.1:{port}" not in log.read_text(errors="replace"):
+
+    def listening() -> bool:
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+        return f"listening on 127.0.0.1:{port}" in log.read_text(errors="replace")
+
+    wait_until(listening, what=lambda: f"the server to listen; its log:\n{log.read_text()}", within=START_TIMEOUT,
+               interval=0.05)
     return proc
 
 
-def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path,
+def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path, mark: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     from codelane.sync import Client as SyncClient
 
     caplog.set_level(logging.INFO, logger="codelane.client")
+    # The sleep never ends on its own: the turn is still running when the server is killed.
     model = write_script(tmp_path / "slow.json", [
-        {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command="sleep 60")]},
+        {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command=f"sleep {mark}")]},
         {"text": "Never reached."},
     ])  # fmt: skip
     port, data_dir, log = _free_port(), tmp_path / "data", tmp_path / "server.log"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -88,24 +87,24 @@ def test_close_cancels_a_blocked_watch_and_stops_the_thread(server: ThreadedServ
     client = Client(server.address, timeout=10)
     session = client.create_session(workspace)
     outcome: list[object] = []
+    first_event = threading.Event()
 
     def follow() -> None:
         try:
             for event in session.watch(follow=True):
                 outcome.append(event)
+                first_event.set()
         except CodelaneError as exc:
             outcome.append(exc)
+            first_event.set()
 
-    watcher = threading.Thread(target=follow)
+    watcher = threading.Thread(target=follow, daemon=True)  # a failed test must not keep pytest from exiting
     watcher.start()
-    deadline = time.monotonic() + 10
-    while not outcome:  # caught up, now blocked waiting for live events
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert first_event.wait(10), "the watch sent nothing"
+    assert isinstance(outcome[0], ev.CaughtUp), outcome  # caught up: now blocked waiting for live events
     client.close()
     watcher.join(10)
     assert not watcher.is_alive()
-    assert isinstance(outcome[0], ev.CaughtUp)
     assert isinstance(outcome[-1], CodelaneError) and outcome[-1].code == "CANCELLED"
     assert _loop_threads() == []
     client.close()  # idempotent
@@ -172,12 +171,11 @@ def test_a_dropped_client_stops_its_thread(server: ThreadedServer) -> None:
 
     client = Client(server.address, timeout=10)
     client.list_workers()
+    [loop_thread] = _loop_threads()
     del client
     gc.collect()
-    deadline = time.monotonic() + 10
-    while _loop_threads():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    loop_thread.join(10)
+    assert not loop_thread.is_alive()
 
 
 def test_an_unreachable_server_raises_unavailable(unused_port: int) -> None:

@@ -115,11 +115,12 @@ def _turns(server: ThreadedServer, session_id: str) -> list[ev.TurnFinished]:
 
 
 @pytest.fixture
-def chat_server(make_server, tmp_path: Path) -> ThreadedServer:
+def chat_server(make_server, tmp_path: Path, mark: str) -> ThreadedServer:
     # The script answers by the number of assistant messages so far: the cancelled turn leaves one.
+    # The second turn's sleep never ends on its own: only the cancel ends it.
     model = write_script(tmp_path / "chat.json", [
         {"text": "First answer."},
-        {"text": "Working on it.", "tool_calls": [call("bash", "c_sleep", command="sleep 60")]},
+        {"text": "Working on it.", "tool_calls": [call("bash", "c_sleep", command=f"sleep {mark}")]},
         {"text": "Third answer."},
     ])  # fmt: skip
     return make_server(model=model)

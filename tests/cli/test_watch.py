@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from codelane import events as ev
@@ -56,26 +56,38 @@ def test_watch_follows_a_new_turn_until_ctrl_c(server: ThreadedServer, workspace
          str(events[-1].sequence), "--json", session_id],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
     )  # fmt: skip
+    printed_lines: queue.Queue[str] = queue.Queue()  # every line the watch prints; "" once it ends
+
+    def read_lines() -> None:
+        for line in iter(proc.stdout.readline, ""):
+            printed_lines.put(line)
+        printed_lines.put("")
+
+    threading.Thread(target=read_lines, daemon=True).start()
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+
+    def next_line() -> str:
+        line = printed_lines.get(timeout=CLI_TIMEOUT)
+        assert line, f"codelane watch ended early: {proc.stderr.read()}"
+        lines.append(line)
+        return line
+
     try:
-        deadline = time.monotonic() + CLI_TIMEOUT
-        while not lines:  # caught up: now following
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.02)
+        next_line()  # caught up: now following
         with Client(server.address, timeout=10) as client:
             second = list(client.get_session(session_id).send("again"))
-        while not any('"turn_finished"' in line for line in lines[1:]):
-            assert time.monotonic() < deadline, lines
-            time.sleep(0.02)
+        while '"turn_finished"' not in next_line():
+            pass
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=CLI_TIMEOUT)
+        proc.wait(CLI_TIMEOUT)
+        err = proc.stderr.read()
+        while line := printed_lines.get(timeout=CLI_TIMEOUT):  # anything printed after, up to the end
+            lines.append(line)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    reader.join(10)
+        proc.stderr.close()
     assert proc.returncode == 130 and "Traceback" not in err, err
     printed = json_lines("".join(lines))
     assert printed[0] == {"kind": "caught_up", "last_sequence": events[-1].sequence}

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.polling import poll_until
 from tests.session.conftest import (  # noqa: F401 (fixtures, registered by being imported here)
     client,
     free_port,
@@ -73,14 +73,14 @@ async def scrape(port: int) -> Scrape:
 
 async def scrape_until(port: int, predicate: Callable[[Scrape], bool], what: str, within: float = WAIT) -> Scrape:
     """Scrapes until `predicate` holds (the figures are read as Prometheus would, repeatedly)."""
-    deadline = time.monotonic() + within
-    while True:
-        page = await scrape(port)
-        if predicate(page):
-            return page
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no scrape within {within}s showed {what}; last:\n{page.text[-3000:]}")
-        await asyncio.sleep(0.05)
+    last: list[Scrape] = []  # the latest page, for the failure message
+
+    async def shows() -> Scrape | None:
+        last[:] = [await scrape(port)]
+        return last[0] if predicate(last[0]) else None
+
+    return await poll_until(shows, what=lambda: f"a scrape showing {what}; last:\n{last[0].text[-3000:]}",
+                            within=within, interval=0.05)
 
 
 # -- gRPC health -------------------------------------------------------------------------------

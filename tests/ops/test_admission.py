@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from codelane.v1 import events_pb2, session_pb2, session_pb2_grpc, tools_pb2
 from session_server.admission import Admission, AtCapacity, Limits, ShuttingDown
 from tests.ops.conftest import HealthWatch, free_port, health_status, scrape_until
+from tests.polling import poll_until
 from tests.session.conftest import ErrorDetails, call, collect, error_details, kind, read_until, rpc_error, scripted
 
 ASK_WRITE = session_pb2.PermissionPolicy(ask=["write"])
@@ -117,12 +118,7 @@ async def test_event_streams_over_the_limit_are_refused(make_server, workspace, 
         return True
 
     # The server frees the place once it sees the cancelled stream go.
-    for _ in range(100):
-        if await watch_again():
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the cancelled stream never freed its place")
+    await poll_until(watch_again, what="the cancelled stream to free its place")
 
 
 async def test_query_calls_over_the_per_session_limit_get_an_at_capacity_result(

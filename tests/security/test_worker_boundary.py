@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from session_server.main import main as server_main
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
 from tests.certs import make_certs
+from tests.polling import poll_until
 from tests.session.conftest import error_details
 from tool_worker import snapshot_wire, wire
 from tool_worker.merkle import snapshot_of
@@ -50,12 +50,9 @@ async def start(servers: list[CodelaneServer], tmp_path: Path, **overrides) -> C
     return server
 
 
-async def until(predicate, what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+async def connected(server: CodelaneServer, worker_ids: list[str], what: str) -> None:
+    """Waits until exactly these workers are connected (a connection raises no event a test sees)."""
+    await poll_until(lambda: [w.worker_id for w in server.pool.workers()] == worker_ids, what=what, within=BOUND)
 
 
 def worker_process(address: str, worker_id: str, *extra: str, token: str | None = None) -> subprocess.Popen[str]:
@@ -86,7 +83,7 @@ async def test_a_server_that_requires_client_tokens_admits_no_worker_without_one
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "a.txt").write_text("hello\n")
     server = await start(servers, tmp_path, token="client-secret", local_workers=1)
-    await until(lambda: [w.worker_id for w in server.pool.workers()] == ["local-1"], "the local worker")
+    await connected(server, ["local-1"], "the local worker")
 
     rogue = worker_process(f"127.0.0.1:{server.port}", "rogue")
     code, stderr = await exit_of(rogue)
@@ -111,7 +108,7 @@ async def test_a_worker_with_the_token_cannot_take_a_live_workers_id(servers, tm
     server = await start(servers, tmp_path, worker_token="w-secret")
     honest = worker_process(f"127.0.0.1:{server.port}", "w1", token="w-secret")
     try:
-        await until(lambda: [w.worker_id for w in server.pool.workers()] == ["w1"], "the honest worker")
+        await connected(server, ["w1"], "the honest worker")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
             for guess in ("", "a-guessed-reconnect-token"):
                 rogue = await _hello(channel, "w1", "w-secret", guess)
@@ -216,7 +213,7 @@ async def test_local_workers_connect_when_the_server_speaks_tls(servers, tmp_pat
     (tmp_path / "ws" / "a.txt").write_text("over tls\n")
     server = await start(servers, tmp_path, local_workers=1, tls_cert=str(certs.server_cert),
                          tls_key=str(certs.server_key), tls_ca=str(certs.ca) if mutual else None)
-    await until(lambda: [w.worker_id for w in server.pool.workers()] == ["local-1"], "the local worker")
+    await connected(server, ["local-1"], "the local worker")
     result = await server.pool.dispatch(read_call(tmp_path / "ws", "a.txt"))
     assert not result.is_error and result.worker_id == "local-1" and "over tls" in result.output
 
@@ -236,7 +233,7 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
     good = worker_process(f"127.0.0.1:{server.port}", "w2", "--tls-ca", str(certs.ca),
                           "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key))
     try:
-        await until(lambda: [w.worker_id for w in server.pool.workers()] == ["w2"], "the worker with a certificate")
+        await connected(server, ["w2"], "the worker with a certificate")
     finally:
         with contextlib.suppress(ProcessLookupError):
             good.kill()

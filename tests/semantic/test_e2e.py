@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from codelane.v1 import admin_pb2, tools_pb2
+from tests.polling import poll_until
 from tests.semantic import EXTRA_MISSING
 from tests.session.conftest import Client, InProcess, call, free_port, kind, scripted
 from tool_worker.semantic import START_HINT
@@ -64,15 +64,11 @@ def semantic_worker(tmp_path: Path) -> Iterator[callable]:
 
 
 async def _worker(client: Client, worker_id: str) -> admin_pb2.WorkerInfo:
-    deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while True:
+    async def listed() -> admin_pb2.WorkerInfo | None:
         response = await client.admin.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=10)
-        for worker in response.workers:
-            if worker.worker_id == worker_id:
-                return worker
-        if time.monotonic() > deadline:
-            raise AssertionError(f"worker {worker_id} did not connect within {WORKER_START_TIMEOUT}s")
-        await asyncio.sleep(0.1)
+        return next((w for w in response.workers if w.worker_id == worker_id), None)
+
+    return await poll_until(listed, what=f"worker {worker_id} to connect", within=WORKER_START_TIMEOUT, interval=0.1)
 
 
 def _finished(events: list) -> list:
@@ -157,10 +153,11 @@ async def test_a_server_process_given_the_module_never_maps_torch(workspace: Pat
     proc = await asyncio.to_thread(subprocess.Popen, argv, stdout=out.open("wb"), stderr=err.open("wb"))
     client = Client(f"127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 30
-        while "listening on" not in out.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
-            await asyncio.sleep(0.05)
+        def listening() -> bool:
+            assert proc.poll() is None, err.read_text()
+            return "listening on" in out.read_text()
+
+        await poll_until(listening, what=lambda: f"the server to listen; its stderr:\n{err.read_text()}", within=30)
         session = await client.create(workspace)
         (finished,) = _finished(await client.send(session.session_id, "find the backoff"))
         assert finished.result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER

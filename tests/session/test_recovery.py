@@ -13,15 +13,14 @@ from codelane.v1 import events_pb2
 from tests.polling import poll_until
 from tests.session.conftest import Processes, call, kind, read_until, scripted
 
-SLOW_BASH = "echo $$ > slow.pid; sleep 30"
-
 
 async def test_every_announced_call_gets_its_result_after_a_crash(
-    processes: Processes, workspace: Path, tmp_path: Path
+    processes: Processes, workspace: Path, tmp_path: Path, mark: str
 ) -> None:
+    # The sleep never ends on its own: the bash is still running when the server is killed.
     model = scripted(tmp_path, [
         {"text": "One slow command, then more.", "tool_calls": [
-            call("bash", "slow", command=SLOW_BASH),
+            call("bash", "slow", command=f"echo $$ > slow.pid; sleep {mark}"),
             call("read", "after_read", file_path="a.txt"),
             call("write", "after_write", file_path="b.txt", content="b\n"),
             call("grep", "after_grep", pattern="needle"),

@@ -185,8 +185,10 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
     assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == [c["id"] for c in calls]
 
 
-async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Path) -> None:
-    model = scripted(tmp_path, [{"text": "Waiting.", "tool_calls": [call("bash", command="sleep 5")]}, {"text": "ok"}])
+async def test_one_turn_at_a_time(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:
+    # The sleep never ends on its own: the turn runs until the test cancels it, however slow the machine.
+    model = scripted(tmp_path, [{"text": "Waiting.", "tool_calls": [call("bash", command=f"sleep {mark}")]},
+                                {"text": "ok"}])
     session = await client.create(workspace, model)
     other = await client.create(workspace, scripted(tmp_path, [{"text": "quick"}], name="quick.yaml"))
 
@@ -284,7 +286,7 @@ async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path,
     await poll_until(lambda: len(pids_with(mark)) == 2, what="both sleeps to start")
 
     assert await client.cancel(session.session_id)
-    # Bounded by STREAM_TIMEOUT (20 s), well before the 30 s sleep would end on its own.
+    # The sleeps never end on their own: the stream ends only because the cancel ended the turn.
     rest = [r.event for r in await read_rest(stream)]
     events = [r.event for r in seen] + rest
 
@@ -329,9 +331,12 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
     session = await client.create(workspace, model)
     sid = session.session_id
     watch = client.watch_stream(sid, after=0, follow=True)
-    stream = client.send_stream(sid, "go")
+    stream = None
     try:
-        assert (await asyncio.wait_for(watch.read(), 10)).caught_up.last_sequence == 0
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.HasField("caught_up") and first.caught_up.last_sequence == 0
+        # Only once subscribed: a turn started alongside the watch could store events before it.
+        stream = client.send_stream(sid, "go")
         await read_until(stream, lambda r: kind(r.event) == "tool_call_started", [])
         await poll_until(lambda: bool(pids_with(mark)), what="bash to start")
 
@@ -351,7 +356,8 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
         assert error_details(gone.value).code == grpc.StatusCode.NOT_FOUND
         assert kind(watched[-1].event) == "turn_finished"
     finally:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
         watch.cancel()
     assert await all_gone(mark)
     assert (await rpc_error(client.get(sid))).code == grpc.StatusCode.NOT_FOUND

@@ -10,6 +10,7 @@ import grpc
 
 from codelane.v1 import events_pb2
 from tests.session.conftest import (
+    STREAM_TIMEOUT,
     Client,
     assert_gap_free,
     call,
@@ -121,15 +122,20 @@ async def test_a_slow_subscriber_is_never_cut_off_and_misses_nothing(
     sid = session.session_id
 
     watch = client.watch_stream(sid, after=0, follow=True)
-    send = client.send_stream(sid, "lots of events please")
+    send = None
     try:
         first = await asyncio.wait_for(watch.read(), 10)
-        assert first.caught_up.last_sequence == 0  # subscribed: now stop reading
-        final = await client.wait_idle(sid)  # the turn ran to its end with nobody reading
+        assert first.HasField("caught_up") and first.caught_up.last_sequence == 0  # subscribed: now stop reading
+        # Only now: a turn started with the watch still on its way could store its first events
+        # before the subscription, and the watch would begin with them instead of caught_up.
+        send = client.send_stream(sid, "lots of events please")
+        started = await asyncio.wait_for(send.read(), 10)  # the turn is running: idle now means finished
+        assert kind(started.event) == "turn_started"
+        final = await client.wait_idle(sid, within=STREAM_TIMEOUT)  # the turn ran to its end with nobody reading
         total = final.last_sequence
         assert total > 60
 
-        sent = [m.event async for m in send]  # the turn's own stream ends after TurnFinished
+        sent = [started.event] + [m.event async for m in send]  # the turn's own stream ends after TurnFinished
         watched: list[events_pb2.Event] = []
         while len(watched) < total:
             item = await asyncio.wait_for(watch.read(), 10)
@@ -137,7 +143,8 @@ async def test_a_slow_subscriber_is_never_cut_off_and_misses_nothing(
             watched.append(item.event)
     finally:
         watch.cancel()
-        send.cancel()
+        if send is not None:
+            send.cancel()
 
     everything, caught_up = await client.watch(sid)
     assert caught_up == total

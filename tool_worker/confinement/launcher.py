@@ -413,7 +413,9 @@ class Sandbox:
             if pidfd is not None:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.close(pidfd)
+                # Until it has ended, not only been sent the kill: a stopping server returns once
+                # its sandboxes are gone.
+                await fd_readable(pidfd, close=True)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await wait_child(proc)
