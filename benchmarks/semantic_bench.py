@@ -59,6 +59,7 @@ TARGET_QUERY_P50_SECONDS = 0.050
 RECALL_AT = 5
 MRR_AT = 10
 QUICK_TREE_FILES = 50
+PROGRESS_SECONDS = 60.0
 TOOLS = ("semantic_search", "search", "grep")
 
 
@@ -276,13 +277,18 @@ def source_tree(files: int, into: Path) -> tuple[Path, int]:
 
 
 async def build(state: SemanticSearch, root: Path) -> tuple[float, int]:
-    """Indexes `root` completely; returns the seconds it took and the number of chunks."""
+    """Indexes `root` completely; returns the seconds it took and the number of chunks. A long
+    build says how far it got every PROGRESS_SECONDS, on stderr."""
     started = time.perf_counter()
     names = await workspace_files(root, ReadOnlyLauncher())
     index = state.index_for(root)
     never = threading.Event()
     await asyncio.to_thread(index.refresh, names, math.inf, never)
-    await asyncio.to_thread(index.wait_embedded, math.inf, never)
+    while not await asyncio.to_thread(index.wait_embedded, time.monotonic() + PROGRESS_SECONDS, never):
+        elapsed = time.perf_counter() - started
+        embedded = index.embedded_count()
+        print(f"  building {root.name}: {embedded:,} of {index.chunk_count():,} chunks embedded after {elapsed:.0f} s "
+              f"({embedded / elapsed:.1f} chunks/s)", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
     return elapsed, index.chunk_count()
 

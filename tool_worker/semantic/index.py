@@ -481,6 +481,11 @@ class WorkspaceIndex:
         with self._lock:
             return int(self._alive.sum())
 
+    def embedded_count(self) -> int:
+        """How many of the chunks have their vectors."""
+        with self._lock:
+            return int((self._alive & self._embedded).sum())
+
     # -- search --------------------------------------------------------------------------------
 
     def search(
