@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -350,7 +351,9 @@ def extra_install_bytes() -> tuple[int, list[str]]:
 # -- the run -------------------------------------------------------------------------------------
 
 
-async def run(quick: bool, tree_files: int, evaluation: bool = True) -> dict[str, Any]:
+async def run(quick: bool, tree_files: int, evaluation: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Measures every figure. With `progress`, the evaluation is also printed (on stderr) as soon
+    as it is measured: the build of a large tree that follows it takes long."""
     figures: dict[str, Any] = {}
     device = detect_device()
     figures["device"] = asdict(device)
@@ -371,6 +374,9 @@ async def run(quick: bool, tree_files: int, evaluation: bool = True) -> dict[str
             figures["corpus"] = {"files": files, "chunks": chunks, "build_seconds": seconds}
             results = await evaluate(registry, workspace, questions)
             figures["evaluation"] = {"questions": len(questions), **{name: asdict(s) for name, s in results.items()}}
+            if progress:
+                with contextlib.redirect_stdout(sys.stderr):
+                    report_evaluation(figures)
 
         tree, tree_bytes = source_tree(tree_files, scratch_dir / "tree")
         seconds, chunks = await build(state, tree)
@@ -453,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-misses", action="store_true", help="list the questions each tool missed")
     args = parser.parse_args(argv)
     tree_files = args.tree_files or (QUICK_TREE_FILES if args.quick else 5000)
-    figures = asyncio.run(run(args.quick, tree_files, evaluation=not args.no_evaluation))
+    figures = asyncio.run(run(args.quick, tree_files, evaluation=not args.no_evaluation, progress=True))
     met = report(figures)
     if args.show_misses and "evaluation" in figures:
         for name in TOOLS:
