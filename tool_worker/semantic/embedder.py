@@ -72,7 +72,7 @@ class Embedder:
         """The vector of one query (float32).
 
         The model's own modules (tokenizer, transformer, pooling) run directly: `encode`, made for
-        batches, sorts, splits and converts, which costs a short query a quarter of its time."""
+        batches, sorts, splits and converts, which cost a short query about a quarter of its time."""
         torch = self._torch
         with self._lock, torch.inference_mode():
             torch.set_num_threads(QUERY_THREADS)

@@ -51,9 +51,9 @@ RACY_NS = 2_000_000_000
 # Texts per call of the model while building: a query waits for at most one such call.
 BUILD_BATCH = 32
 # Chunks the builder takes from its queue at a time. Their texts are embedded shortest first, so
-# that each call of the model pads its texts to a similar length: texts in file order vary from a
-# few tokens to the model's limit, and padding them together cost about three times the model's
-# work (measured over 5,000 files of site-packages). Identical texts are embedded once.
+# that each call of the model pads its texts to a similar length: texts vary from a few tokens to
+# the model's limit, and padding them together cost the model three times the work of the texts
+# (a sample of 5,000 files of site-packages). Identical texts are embedded once.
 BUILD_POOL = 256
 # At most this many results come from any one file, so that one long file does not fill the list.
 RESULTS_PER_FILE = 3
@@ -227,8 +227,8 @@ class WorkspaceIndex:
 
     def __init__(self, root: Path, store: ChunkStore, builder: Builder) -> None:
         self.root = root
-        self._key = str(root)
-        self._root_path = str(root)
+        # The workspace's key in the store's stat cache, and the root that file names are joined to.
+        self._key = self._root_path = str(root)
         self._store = store
         self._builder = builder
         self._dimensions = store.dimensions
