@@ -29,6 +29,7 @@ async def test_the_quick_run_reports_every_figure(capsys: pytest.CaptureFixture[
     for tool in semantic_bench.TOOLS:
         for figure in ("recall", "mrr", "file_recall", "file_mrr"):
             assert 0.0 <= evaluation[tool][figure] <= 1.0
+        assert set(evaluation[tool]["recall_by_half"]) == {"A", "B"}
     # Something was found: a broken tool scores 0 everywhere.
     assert evaluation["semantic_search"]["file_recall"] > 0 and evaluation["search"]["file_recall"] > 0
     assert figures["tree"]["files"] == 20 and figures["tree"]["chunks"] > 0
@@ -37,6 +38,6 @@ async def test_the_quick_run_reports_every_figure(capsys: pytest.CaptureFixture[
 
     semantic_bench.report(figures)
     printed = capsys.readouterr().out
-    for line in ("device:", "model load:", "semantic extra:", "recall@5", "index build:", "re-index after one",
-                 "worker restart", "query ("):
+    for line in ("device:", "model load:", "semantic extra:", "recall@5", "half A (", "half B (", "index build:",
+                 "re-index after one", "worker restart", "query ("):
         assert line in printed

@@ -107,6 +107,21 @@ async def test_only_changed_content_is_embedded_again(
     assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
 
 
+async def test_a_text_in_several_files_is_embedded_once(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # Two new contents that share load_settings (the same code and summary): the build embeds its
+    # two texts once, and both files get its vectors.
+    (workspace / "src" / "copy.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
+    result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="read the settings file", limit=50)
+    assert embedder.documents == 6 + 5 + 2  # the workspace's texts, and save_settings' two
+    assert result.metadata["embedded"] == result.metadata["chunks"] == 6 + 2
+    hits = {(hit["path"], hit["symbol"]): hit for hit in result.metadata["results"]}
+    original, copy = hits["src/config.py", "load_settings"], hits["src/copy.py", "load_settings"]
+    assert original["semantic_rank"] is not None and copy["semantic_rank"] is not None
+    assert abs(original["semantic_rank"] - copy["semantic_rank"]) == 1  # the same similarity
+
+
 async def test_copies_and_restarts_reuse_the_index_by_content(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

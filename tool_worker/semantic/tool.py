@@ -136,22 +136,31 @@ class SemanticSearch:
             within = _readable(ctx, within)
         kind = args.get("kind")
         docs = None if kind is None else kind == "docs"
-        names = [name for name in await workspace_files(root, ctx.sandbox.read_only) if not ctx.hides(name)]
         index = self.index_for(root)
         stop = threading.Event()
+
+        async def refreshed() -> RefreshReport:
+            listing = await workspace_files(root, ctx.sandbox.read_only)
+            names = [name for name in listing if not ctx.hides(name)] if ctx.denied else listing
+            return await asyncio.to_thread(index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop)
+
         try:
+            # The model reads the query while rg walks the tree and the index looks at what changed.
             query_vector, report = await asyncio.gather(
-                asyncio.to_thread(self.embedder.encode_query, query),
-                asyncio.to_thread(index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop),
+                asyncio.to_thread(self.embedder.encode_query, query), refreshed()
             )
-            await asyncio.to_thread(index.wait_embedded, time.monotonic() + self.embed_wait, stop)
-            outcome = await asyncio.to_thread(
-                index.search, query_vector, query_terms(query), args.get("limit", DEFAULT_RESULTS), within, docs
-            )
+            limit = args.get("limit", DEFAULT_RESULTS)
+
+            def answer() -> ToolResult:
+                # One hop to a thread for the rest: on a busy machine each hop waits for a core.
+                index.wait_embedded(time.monotonic() + self.embed_wait, stop)
+                outcome = index.search(query_vector, query_terms(query), limit, within, docs)
+                return _render(root, query, outcome, report, limit)
+
+            return await asyncio.to_thread(answer)
         finally:
             # A cancelled call must not leave its threads working for nobody.
             stop.set()
-        return await asyncio.to_thread(_render, root, query, outcome, report, args.get("limit", DEFAULT_RESULTS))
 
 
 async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> list[str]:
