@@ -50,7 +50,9 @@ async def main():
         ("write", "echo ok > f && cat f"),
         ("escape", "echo x > /etc/codelane-test"),
         ("spin", "while :; do :; done"),
-        ("bomb", "b() { b | b & }; b; sleep 1; echo survived"),
+        # After the bomb the call's own shell runs builtins only: a fork of its own (say `sleep`)
+        # would meet the same limit, and bash gives up the script when a fork fails.
+        ("bomb", "b() { b | b & }; b; for ((i = 0; i < 50000; i++)); do :; done; echo survived"),
     ]
     for name, command in commands:
         result = await registry.execute("bash", Path(sys.argv[1]), json.dumps({"command": command}), policy=policy)
