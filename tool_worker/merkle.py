@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -42,6 +43,8 @@ EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 # without its stat changing ("racy git"): it is hashed again at every scan until it is older.
 RACY_NS = 2_000_000_000
 _READ_CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,8 @@ class TreeScanner:
         self._files: dict[str, _FileState] = {}
         self._dirs: dict[str, _DirState] = {}
         self._watcher = _Watcher(self.root) if watch else None
+        # Whether rescans can rely on inotify (False: every rescan stats the whole tree).
+        self.watching = self._watcher is not None and self._watcher.available
         # Entries hashed and directories listed by the last scan (figures for tests and benchmarks).
         self.last_hashed = 0
         self.last_listed = 0
@@ -450,11 +455,18 @@ class _Watcher:
         if INotify is not None:
             try:
                 self._inotify = INotify(nonblocking=True)
-            except OSError:
+            except OSError as exc:
+                # Still correct, only slower: every rescan stats the whole tree.
+                log.warning("no inotify instance for %s (%s): its rescans stat every entry; raise "
+                            "fs.inotify.max_user_instances", root, exc.strerror or exc)
                 self._lost = True
         self._paths: dict[int, str] = {}
         self._dirty: set[str] = set()
         self._fresh: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        return self._inotify is not None
 
     def watch(self, path: bytes, relative: str) -> None:
         """Watches a directory being listed. A directory already watched gets its watch back
