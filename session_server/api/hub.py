@@ -286,4 +286,6 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                 # run before this task sets up its next read. (Under load this would only cost
                 # a loop turn per message.)
                 await asyncio.sleep(0)
-        return _DRAINED if drained else "the worker half-closed its stream without saying Draining first"
+        return _DRAINED if drained else (
+            "the worker's stream ended without Draining (the worker closed it, or its connection dropped)"
+        )

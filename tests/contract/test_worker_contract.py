@@ -38,6 +38,9 @@ PLUGIN = "benchmarks.plugin_tools"
 ECHO_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
                "additionalProperties": False}
 
+BROKEN = "the connection to the worker broke (its process died or the network failed)"
+HALF_CLOSED = "the worker's stream ended without Draining (the worker closed it, or its connection dropped)"
+
 
 def echo_spec(description: str = "Echo the text.") -> tools_pb2.ToolSpec:
     return tools_pb2.ToolSpec(name="echo", description=description, parameters_json_schema=json.dumps(ECHO_SCHEMA),
@@ -228,8 +231,11 @@ async def test_kill9_of_a_worker_is_reported_as_a_broken_connection(
     seen: list = []
     lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", seen)
     assert lost.event.worker_lost.worker_id == "doomed"
-    assert "the connection to the worker broke" in lost.event.worker_lost.reason
-    assert "closed its stream" not in lost.event.worker_lost.reason
+    # What the hub observed: usually the write it tries fails (a broken connection); when the
+    # transport accepts that write before it notices the peer is gone, it can only say that the
+    # stream ended without Draining, and that the connection may have dropped. Never a plain
+    # "the worker closed its stream".
+    assert lost.event.worker_lost.reason in (BROKEN, HALF_CLOSED), lost.event.worker_lost.reason
     turn.cancel()
 
 
@@ -246,7 +252,7 @@ async def test_a_worker_half_closing_without_draining_is_reported_so(
     assert (await worker.read()).HasField("assignments")
     worker.half_close()
     lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", [])
-    assert lost.event.worker_lost.reason == "the worker half-closed its stream without saying Draining first"
+    assert lost.event.worker_lost.reason == HALF_CLOSED
     await read_rest(turn)
 
 
