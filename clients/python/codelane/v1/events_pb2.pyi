@@ -522,8 +522,8 @@ class WorkerLost(_message.Message):
     """The lost worker."""
     reason: _builtins.str
     """What the hub observed, for people: the connection broke (the process died or the network
-    failed), it was silent past the heartbeat timeout, it half-closed its stream without saying
-    Draining first, or its reconnection replaced the stream.
+    failed), it was silent past the heartbeat timeout, its stream ended without Draining (it
+    closed it, or its connection dropped unnoticed), or its reconnection replaced the stream.
     """
     @_builtins.property
     def call_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
