@@ -108,7 +108,7 @@ async def _round(client: Client, workspace: Path, model: str, metrics_port: int)
     calls_refused = 0
     for session_id, (events, _) in zip(sessions, turns, strict=True):
         assert_gap_free(events)
-        errors = [e.error_occurred for e in events if kind(e) == "error_occurred"]
+        errors = [e.error for e in events if kind(e) == "error"]
         assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN, (events[-1], errors)
         results = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
         assert len(results) == 2
