@@ -191,13 +191,11 @@ class ToolCall:
         if self._span is not None:
             self._span.add_event("worker_lost", {"codelane.worker.id": worker_id, "codelane.reason": reason})
         if next_attempt is not None:
-            if self._series is not None:
-                self._series.retries.inc()
-            self.state = CallState.QUEUED
-            self._emit(CallRetried(self.call_id, next_attempt, f"worker {worker_id} lost: {reason}", worker_id))
+            self.retried(next_attempt, f"worker {worker_id} lost: {reason}", worker_id)
 
     def retried(self, next_attempt: int, reason: str, previous_worker_id: str) -> None:
-        """The call is sent again (attempt `next_attempt`) for a reason other than a lost worker."""
+        """The call is sent again (attempt `next_attempt`): its worker was lost, or its snapshot
+        went stale before the worker could fetch it."""
         if self.state is CallState.FINISHED:
             return
         if self._series is not None:
