@@ -182,7 +182,11 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN")
+        # IMMEDIATE: the write lock is taken up front, so another connection holding it (the
+        # readiness probe's, for a moment) is waited for under the busy timeout. A deferred
+        # transaction that has read and then writes gets "database is locked" at once in WAL
+        # mode, without waiting.
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:

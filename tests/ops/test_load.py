@@ -109,7 +109,9 @@ async def _round(client: Client, workspace: Path, model: str, metrics_port: int)
     for session_id, (events, _) in zip(sessions, turns, strict=True):
         assert_gap_free(events)
         errors = [e.error for e in events if kind(e) == "error"]
-        assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN, (events[-1], errors)
+        # One line, errors first: a CI summary shows only the first line of a failure.
+        assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN, (
+            f"session {session_id} ended with errors {[(e.reason, e.message) for e in errors]}")
         results = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
         assert len(results) == 2
         for result in results:

@@ -15,6 +15,7 @@ from session_server.events import (
     TurnStarted,
 )
 from session_server.llm.base import Usage
+from session_server.readiness import probe_store
 from session_server.store import (
     SCHEMA_VERSION,
     SessionExists,
@@ -319,3 +320,34 @@ def test_not_a_database_is_refused(path: Path) -> None:
     path.write_bytes(b"this is not sqlite, just some text that is long enough to have a header" * 10)
     with pytest.raises(StoreError, match="not a codelane store"):
         Store(path)
+
+
+def test_writes_wait_for_the_readiness_probe_rather_than_fail(store: Store, path: Path) -> None:
+    """The readiness probe takes the write lock from its own connection, in a thread, every few
+    seconds. A write of the store's that meets it must wait for it (the busy timeout), never fail:
+    a deferred transaction that reads first and then writes gets 'database is locked' at once in
+    WAL mode, which ended turns under load with an error."""
+    store.create_session(record("s1"))
+    probing = threading.Event()
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def probe() -> None:
+        while not stop.is_set():
+            problem = probe_store(path)
+            if problem is not None:
+                problems.append(problem)
+            probing.set()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        probing.wait()
+        for turn in range(300):
+            store.append_messages("s1", [StoredMessage(role="user", text=f"turn {turn}", turn_id=f"t{turn}")])
+            append(store, "s1", f"t{turn}", TurnStarted(user_text=f"turn {turn}"))
+    finally:
+        stop.set()
+        thread.join()
+    assert len(store.get_messages("s1")) == 300
+    assert problems == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from codelane.v1 import events_pb2
 from tests.session.conftest import call, kind, scripted
 
 SESSIONS = 50
@@ -43,6 +44,10 @@ async def test_fifty_sessions_replaying_one_script_each_get_their_own_results(ma
         for turn in range(TURNS):
             events = await client.send(sessions[k].session_id, f"turn {turn}", within=120)
             assert kind(events[-1]) == "turn_finished", events[-1]
+            errors = [e.error for e in events if kind(e) == "error"]
+            # One line, errors first: a CI summary shows only the first line of a failure.
+            assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN, (
+                f"session {k} turn {turn} ended with errors {[(e.reason, e.message) for e in errors]}")
             results.append([e.tool_call_finished for e in events if kind(e) == "tool_call_finished"])
         return results
 
