@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 
@@ -29,3 +30,25 @@ def ctrl_c_is_not_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored() -> Iterator[None]:
+    """A test that runs a CLI's main() in this process has it set up logging: the root logger's
+    handlers are replaced by one writing to the test's captured stderr, which closes with the test.
+    Later tests' log records would then fail to print ('--- Logging error ---'), so each test
+    ends with the root logger's own handlers as it found them (pytest adds and removes its
+    capturing handlers itself, at each phase)."""
+    root = logging.getLogger()
+    handlers, level = _own_handlers(root), root.level
+    yield
+    for handler in _own_handlers(root):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _own_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    return [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
