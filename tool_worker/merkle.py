@@ -104,9 +104,16 @@ def valid_hash(text: str) -> bool:
 # -- canonical encoding ----------------------------------------------------------------------------
 
 
+# Every scan encodes each new directory's entries: these run tens of thousands of times on a cold
+# tree, so the one-byte varints (lengths under 128, the usual case) and the tags are looked up.
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+# The tag of field 1, 2 and 3 as length-delimited (wire type 2).
+_LENGTH_DELIMITED_TAGS = (b"", b"\x0a", b"\x12", b"\x1a")
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -116,8 +123,9 @@ def _varint(value: int) -> bytes:
 
 
 def _record(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    """A length-delimited field (wire type 2) of field 1, 2 or 3."""
+    size = len(payload)
+    return _LENGTH_DELIMITED_TAGS[number] + (_ONE_BYTE_VARINTS[size] if size < 0x80 else _varint(size)) + payload
 
 
 def encode_digest(digest: Digest) -> bytes:
