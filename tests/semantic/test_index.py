@@ -122,6 +122,20 @@ async def test_a_text_in_several_files_is_embedded_once(
     assert abs(original["semantic_rank"] - copy["semantic_rank"]) == 1  # the same similarity
 
 
+async def test_a_text_embedded_by_an_earlier_batch_is_not_embedded_again(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # The first search's build is done (its batch embedded) before the copy exists: the copy's
+    # batch finds load_settings' two texts among those embedded lately.
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="read the settings file")
+    assert embedder.documents == 6 + 5
+    (workspace / "src" / "copy.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
+    result = await search(query="read the settings file", limit=50)
+    assert embedder.documents == 6 + 5 + 2  # only save_settings' two
+    assert result.metadata["embedded"] == result.metadata["chunks"]
+
+
 async def test_copies_and_restarts_reuse_the_index_by_content(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ import os
 import stat as stat_module
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,10 @@ BUILD_BATCH = 32
 # the model's limit, and padding them together cost the model three times the work of the texts
 # (a sample of 5,000 files of site-packages). Identical texts are embedded once.
 BUILD_POOL = 256
+# Texts embedded lately, with their vectors: copies of one text queued in separate batches (the
+# builder took the first file before the second was queued) are embedded once all the same. About
+# 1.5 KiB of vector each.
+RECENT_TEXTS = 4096
 # At most this many results come from any one file, so that one long file does not fill the list.
 RESULTS_PER_FILE = 3
 _INITIAL_SLOTS = 1024
@@ -152,6 +156,8 @@ class Builder:
         self.embedder = embedder
         self.store = store
         self._queue: deque[_Pending] = deque()
+        # Only the builder thread touches it.
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="semantic-index-builder", daemon=True)
         self._thread.start()
@@ -205,20 +211,23 @@ class Builder:
             pending.index.embedding_done(pending.digest, stored)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """The vectors of `texts`, in order: each distinct text embedded once, shortest first, in
-        calls of BUILD_BATCH texts."""
+        """The vectors of `texts`, in order: each distinct text not embedded lately embedded once,
+        shortest first, in calls of BUILD_BATCH texts."""
         vectors = np.zeros((len(texts), self.embedder.dimensions), np.float32)
         if not texts:
             return vectors
-        distinct = list(dict.fromkeys(texts))
+        recent = self._recent
+        distinct = [text for text in dict.fromkeys(texts) if text not in recent]
         # Characters stand in for tokens: the model truncates at MAX_EMBED_CHARS anyway.
         distinct.sort(key=lambda text: len(text[:MAX_EMBED_CHARS]))
-        row_of = {text: row for row, text in enumerate(distinct)}
-        encoded = np.concatenate(
-            [self.embedder.encode_documents(distinct[start : start + BUILD_BATCH])
-             for start in range(0, len(distinct), BUILD_BATCH)]
-        )
-        vectors[:] = encoded[[row_of[text] for text in texts]]
+        for start in range(0, len(distinct), BUILD_BATCH):
+            part = distinct[start : start + BUILD_BATCH]
+            recent.update(zip(part, self.embedder.encode_documents(part), strict=True))
+        for row, text in enumerate(texts):
+            vectors[row] = recent[text]
+            recent.move_to_end(text)
+        while len(recent) > RECENT_TEXTS:
+            recent.popitem(last=False)
         return vectors
 
 
