@@ -61,20 +61,21 @@ class ContentStore:
             )
 
     def has(self, digest: Digest) -> bool:
-        if digest.size == 0 or digest.hash in self._uploaded:
-            return True
-        blob, paths = self._registry.find(digest.hash)
-        if blob is not None:
-            return len(blob) == digest.size
-        return any(_size_is(path, digest.size) for path in paths)
+        data, paths = self._lookup(digest)
+        return data is not None or any(_size_is(path, digest.size) for path in paths)
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         return [d for d in digests if not self.has(d)]
 
     async def read_many(self, digests: list[Digest]) -> list[bytes | None]:
         """The blobs' bytes, each checked (None: not held), files read in one thread hop."""
-        found: list[bytes | None] = [self._in_memory(d) for d in digests]
-        wanted = [(i, d, self._paths(d)) for i, d in enumerate(digests) if found[i] is None]
+        found: list[bytes | None] = []
+        wanted: list[tuple[int, Digest, list[str]]] = []
+        for index, digest in enumerate(digests):
+            data, paths = self._lookup(digest)
+            found.append(data)
+            if data is None:
+                wanted.append((index, digest, paths))
         if wanted:
             async with self._reads:
                 data = await asyncio.to_thread(lambda: [_read_verified(paths, d) for _, d, paths in wanted])
@@ -84,10 +85,9 @@ class ContentStore:
 
     async def read(self, digest: Digest) -> bytes:
         """The blob's bytes, checked against its digest. BlobNotFound otherwise."""
-        memory = self._in_memory(digest)
+        memory, paths = self._lookup(digest)
         if memory is not None:
             return memory
-        paths = self._paths(digest)
         async with self._reads:
             data = await asyncio.to_thread(_read_verified, paths, digest)
         if data is None:
@@ -103,12 +103,12 @@ class ContentStore:
                 f"read_offset {offset} / read_limit {limit} are out of range for a {digest.size}-byte blob"
             )
         end = digest.size if limit == 0 else min(digest.size, offset + limit)
-        memory = self._in_memory(digest)
+        memory, paths = self._lookup(digest)
         if memory is not None:
             for start in range(offset, end, STREAM_CHUNK):
                 yield memory[start : min(end, start + STREAM_CHUNK)]
             return
-        handle = await asyncio.to_thread(_open_first, self._paths(digest))
+        handle = await asyncio.to_thread(_open_first, paths)
         if handle is None:
             raise BlobNotFound(f"blob {digest} is not held")
         try:
@@ -168,16 +168,19 @@ class ContentStore:
         return out
 
     def _in_memory(self, digest: Digest) -> bytes | None:
+        return self._lookup(digest)[0]
+
+    def _lookup(self, digest: Digest) -> tuple[bytes | None, list[str]]:
+        """The blob when it is in memory (empty, uploaded, or a snapshot's directory blob), else
+        the paths of files that held its content: one walk of the snapshots for both."""
         if digest.size == 0:
-            return b""
+            return b"", []
         data = self._uploaded.get(digest.hash)
         if data is None:
-            data, _ = self._registry.find(digest.hash)
-        return data if data is not None and len(data) == digest.size else None
-
-    def _paths(self, digest: Digest) -> list[str]:
-        _, paths = self._registry.find(digest.hash)
-        return paths
+            data, paths = self._registry.find(digest.hash)
+        else:
+            paths = []
+        return (data if data is not None and len(data) == digest.size else None), paths
 
 
 def _open_first(paths: list[str]):

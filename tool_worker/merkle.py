@@ -124,8 +124,7 @@ def _varint(value: int) -> bytes:
 
 def _record(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2) of field 1, 2 or 3."""
-    size = len(payload)
-    return _LENGTH_DELIMITED_TAGS[number] + (_ONE_BYTE_VARINTS[size] if size < 0x80 else _varint(size)) + payload
+    return _LENGTH_DELIMITED_TAGS[number] + _varint(len(payload)) + payload
 
 
 def encode_digest(digest: Digest) -> bytes:
