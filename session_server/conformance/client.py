@@ -20,7 +20,7 @@ from pathlib import Path
 
 from codelane.client import Client
 from codelane.events import CaughtUp
-from session_server.conformance.worker import Outcome
+from session_server.conformance.checks import CheckFailed, Outcome, run_all
 from session_server.server import CodelaneServer, ServerConfig
 
 # After this sequence the scenario asks for a replay (a resume): the turn has more events than it.
@@ -30,10 +30,6 @@ SCRIPT = {"responses": [
     {"text": "Reading.", "tool_calls": [{"name": "read", "arguments": {"file_path": "README.md"}}]},
     {"text": "Done."},
 ]}
-
-
-class CheckFailed(Exception):
-    """The client did not do what the scenario asks; the message says what was seen."""
 
 
 @dataclass
@@ -139,16 +135,7 @@ async def run_checks(command: Sequence[str], *, within: float = 15.0, log_dir: P
         ctx = ClientContext(server, f"127.0.0.1:{port}")
         try:
             await _run_command(ctx, command, workspace, within * 4, log_dir)
-            outcomes = []
-            for name, check in CHECKS:
-                try:
-                    outcome = Outcome(name, "PASS", await check(ctx))
-                except CheckFailed as exc:
-                    outcome = Outcome(name, "FAIL", str(exc))
-                except Exception as exc:
-                    outcome = Outcome(name, "FAIL", f"the check itself failed: {type(exc).__name__}: {exc}")
-                outcomes.append(outcome)
-                report(outcome)
+            outcomes = await run_all(CHECKS, ctx, report)
         finally:
             await server.stop(grace=0.5)
     return outcomes

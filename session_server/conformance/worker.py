@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from session_server.conformance.checks import CheckFailed, Outcome, Skipped, run_all
 from session_server.conformance.hub import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, ConformanceHub, Record
 from session_server.pool import QueryCall
 from tool_worker.merkle import SHARED, SYNCED, UNAVAILABLE, SnapshotRef
@@ -41,14 +42,6 @@ SAMPLE_FILE = "conformance.txt"
 SAMPLE_TEXT = "the quick brown fox\njumps over the lazy dog\n"
 # Failures of the hub's own making, never the worker's answer.
 _HUB_OUTCOMES = (ErrorKind.NO_WORKER, ErrorKind.TIMEOUT, ErrorKind.WORKER_LOST, ErrorKind.CANCELLED)
-
-
-class CheckFailed(Exception):
-    """The worker did not do what the protocol asks; the message says what was seen."""
-
-
-class Skipped(Exception):
-    """An earlier failure leaves nothing to check."""
 
 
 @dataclass
@@ -432,13 +425,6 @@ def _clip(text: str, limit: int = 60) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Outcome:
-    name: str
-    status: str  # "PASS", "FAIL" or "SKIP"
-    reason: str
-
-
 async def run_checks(command: Sequence[str], *, within: float = DEFAULT_WITHIN, tool: str | None = None,
                      arguments_json: str | None = None, log_dir: Path | None = None,
                      report: Callable[[Outcome], None] = lambda outcome: None) -> list[Outcome]:
@@ -452,19 +438,8 @@ async def run_checks(command: Sequence[str], *, within: float = DEFAULT_WITHIN, 
         ctx = WorkerContext(command, hub, record, workspace, log_dir, within, tool, arguments_json)
         await hub.start()
         await ctx.take_snapshot()
-        outcomes = []
         try:
-            for name, check in CHECKS:
-                try:
-                    outcome = Outcome(name, "PASS", await check(ctx))
-                except CheckFailed as exc:
-                    outcome = Outcome(name, "FAIL", str(exc))
-                except Skipped as exc:
-                    outcome = Outcome(name, "SKIP", str(exc))
-                except Exception as exc:  # a bug of the kit's, reported as such rather than a traceback
-                    outcome = Outcome(name, "FAIL", f"the check itself failed: {type(exc).__name__}: {exc}")
-                outcomes.append(outcome)
-                report(outcome)
+            outcomes = await run_all(CHECKS, ctx, report)
         finally:
             await ctx.stop_all()
             await hub.stop()
