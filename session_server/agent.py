@@ -108,6 +108,9 @@ class TurnContext:
     admission: Admission | None = None
     # The workspace's snapshots, named in every call sent to a worker (None: no worker needs them).
     snapshots: WorkspaceSnapshots | None = None
+    # The placement rule (--local-query-tools): Query tools run here even when workers offer them,
+    # because dispatching a call costs more than running it (a small read).
+    local_query_tools: frozenset[str] = frozenset()
 
 
 def available_tools(
@@ -478,7 +481,7 @@ class Turn:
         ctx = self.ctx
         denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
         problem = f"no worker offers {call.tool_name} any more"
-        if call.lane is Lane.QUERY:
+        if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):
                 result = await self._dispatch(call, denied_paths)
                 if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):

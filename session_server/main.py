@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never run Query tools in-process when no worker can (calls then fail)",
     )
+    p.add_argument(
+        "--local-query-tools", default="", metavar="TOOLS",
+        help="comma-separated Query tools to run in-process even when workers offer them, where dispatching "
+        "a call costs more than running it (e.g. read: see docs/performance.md); default: none",
+    )
     p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
                    metavar="SECONDS", help="worker silence after which it is lost")
     p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",
@@ -226,6 +231,7 @@ def main(argv: list[str]) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         local_fallback=not args.no_local_fallback,
+        local_query_tools=[name.strip() for name in args.local_query_tools.split(",") if name.strip()],
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
         subscriber_buffer=args.subscriber_buffer,

@@ -61,6 +61,7 @@ from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
+from tool_worker.tools.base import Lane
 from tool_worker.worker import EXIT_REJECTED, EXIT_UNAUTHENTICATED
 
 log = logging.getLogger("codelane.server")
@@ -87,6 +88,19 @@ class ServerConfigError(ValueError):
 
 class UnsafeConfig(ServerConfigError):
     """The server would run with a door open; the message says which flag closes it."""
+
+
+def _check_local_query_tools(config: ServerConfig, registry: ToolRegistry) -> None:
+    for name in config.local_query_tools:
+        tool = registry.get(name)
+        if tool is None or tool.spec.lane is not Lane.QUERY:
+            offered = ", ".join(spec.name for spec in registry.specs(Lane.QUERY))
+            raise ServerConfigError(
+                f"--local-query-tools: {name!r} is not one of this server's Query tools ({offered})"
+            )
+    if config.local_query_tools and not config.local_fallback:
+        raise ServerConfigError("--local-query-tools runs Query tools in-process, which --no-local-fallback forbids: "
+                                "choose one")
 
 
 def _check_tls_files(config: ServerConfig) -> None:
@@ -147,6 +161,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     local_fallback: bool = True
+    # Query tools that run in-process even when workers offer them (the placement rule).
+    local_query_tools: list[str] = field(default_factory=list)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
@@ -293,6 +309,7 @@ class CodelaneServer:
         self.sessions = SessionManager(
             self.store, self.pool, self.registry, self.stats,
             default_model=self.config.model, local_fallback=self.config.local_fallback,
+            local_query_tools=frozenset(self.config.local_query_tools),
             subscriber_buffer=self.config.subscriber_buffer,
             generate_limit=self.config.max_llm_requests,
             scripts_dirs=self.config.scripts_dirs,
@@ -407,6 +424,7 @@ class CodelaneServer:
                 raise ServerConfigError(f"default model: {exc}") from None
             await provider.aclose()
         _check_tls_files(config)
+        _check_local_query_tools(config, self.registry)
 
     def _start_local_workers(self) -> None:
         for i in range(self.config.local_workers):

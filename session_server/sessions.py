@@ -93,6 +93,7 @@ class SessionManager:
         *,
         default_model: str = "",
         local_fallback: bool = True,
+        local_query_tools: frozenset[str] = frozenset(),
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
         scripts_dirs: Sequence[Path] = (),
@@ -109,6 +110,7 @@ class SessionManager:
         self.stats = stats
         self.default_model = default_model
         self.local_fallback = local_fallback
+        self.local_query_tools = local_query_tools
         self.telemetry = telemetry
         self.admission = admission
         metrics = telemetry.metrics if telemetry is not None else None
@@ -299,6 +301,7 @@ class SessionManager:
             telemetry=self.telemetry,
             admission=self.admission,
             snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
+            local_query_tools=self.local_query_tools,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)

@@ -32,7 +32,8 @@ class ListedTool:
 
 
 def session_tools(
-    settings: SessionSettings, registry: ToolRegistry, pool: WorkerPool, local_fallback: bool
+    settings: SessionSettings, registry: ToolRegistry, pool: WorkerPool, local_fallback: bool,
+    local_query_tools: frozenset[str] = frozenset(),
 ) -> list[ListedTool]:
     """The session's tools, as its next model request would list them, sorted by name."""
     offering: dict[str, list[str]] = {}
@@ -45,11 +46,12 @@ def session_tools(
         mode = settings.lane_mode(spec.lane)
         worker_ids = tuple(sorted(offering.get(name, ())))
         # As Turn._run_internal decides: Execute calls run here; Query calls go to a worker when
-        # one offers the tool, and run here when none can and the server has the tool itself.
+        # one offers the tool (unless the placement rule keeps the tool here), and run here when
+        # none can and the server has the tool itself.
         server_fallback = spec.lane is Lane.QUERY and local_fallback and registry.get(name) is not None
         if mode is LaneMode.EXTERNAL:
             runner = Runner.EXTERNAL_CLIENT
-        elif spec.lane is Lane.QUERY and worker_ids:
+        elif spec.lane is Lane.QUERY and worker_ids and name not in local_query_tools:
             runner = Runner.WORKERS
         else:
             runner = Runner.SERVER

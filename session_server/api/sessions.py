@@ -233,5 +233,5 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         record = await self._session(context, request.session_id)
         manager = self._manager
         tools = session_tools(SessionSettings.from_dict(record.config), manager.registry, manager.pool,
-                              manager.local_fallback)
+                              manager.local_fallback, manager.local_query_tools)
         return session_pb2.ListToolsResponse(tools=[convert.available_tool(tool) for tool in tools])

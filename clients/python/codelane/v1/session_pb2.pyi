@@ -185,8 +185,10 @@ class _ToolRunnerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolRunner
     DESCRIPTOR: _descriptor.EnumDescriptor
     TOOL_RUNNER_UNSPECIFIED: _ToolRunner.ValueType  # 0
     TOOL_RUNNER_SERVER: _ToolRunner.ValueType  # 1
-    """On the session server itself: Execute tools, and Query tools the server runs itself because
-    no worker offers them (local fallback on).
+    """On the session server itself: Execute tools, Query tools the server runs itself because no
+    worker offers them (local fallback on), and Query tools its placement rule keeps in the
+    server although workers offer them (`--local-query-tools`: dispatching a small call costs
+    more than running it; such calls' events name worker "local").
     """
     TOOL_RUNNER_WORKERS: _ToolRunner.ValueType  # 2
     """On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and
@@ -200,8 +202,10 @@ class ToolRunner(_ToolRunner, metaclass=_ToolRunnerEnumTypeWrapper):
 
 TOOL_RUNNER_UNSPECIFIED: ToolRunner.ValueType  # 0
 TOOL_RUNNER_SERVER: ToolRunner.ValueType  # 1
-"""On the session server itself: Execute tools, and Query tools the server runs itself because
-no worker offers them (local fallback on).
+"""On the session server itself: Execute tools, Query tools the server runs itself because no
+worker offers them (local fallback on), and Query tools its placement rule keeps in the
+server although workers offer them (`--local-query-tools`: dispatching a small call costs
+more than running it; such calls' events name worker "local").
 """
 TOOL_RUNNER_WORKERS: ToolRunner.ValueType  # 2
 """On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and

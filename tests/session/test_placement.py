@@ -1,0 +1,68 @@
+"""The placement rule (--local-query-tools): named Query tools run in the server even when workers
+offer them; the rest still go to workers, and where each call ran shows in its events and in
+ListTools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codelane.v1 import session_pb2
+from session_server.server import CodelaneServer, ServerConfig, ServerConfigError
+from tests.session.conftest import RPC_TIMEOUT, call, kind, scripted
+
+WORKER = "local-1"
+
+
+@pytest.mark.parametrize("rule", [["read"], []], ids=["reads-local", "no-rule"])
+async def test_the_rule_keeps_its_tools_in_the_server_and_sends_the_rest_to_workers(
+    make_server, workspace: Path, tmp_path: Path, rule: list[str]
+) -> None:
+    served = await make_server(local_workers=1, local_query_tools=rule)
+    client = served.client
+    await client.wait_workers(WORKER)
+    model = scripted(tmp_path, [
+        {"tool_calls": [call("read", "c_read", file_path="src/alpha.py"),
+                        call("grep", "c_grep", pattern="needle", path="src")]},
+        {"text": "done"},
+    ])
+    session = await client.create(workspace, model)
+    events = await client.send(session.session_id, "go")
+
+    started = {e.tool_call_started.call.call_id: e.tool_call_started.worker_id
+               for e in events if kind(e) == "tool_call_started"}
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result
+                for e in events if kind(e) == "tool_call_finished"}
+    read_runs_on = "local" if rule else WORKER
+    assert started == {"c_read": read_runs_on, "c_grep": WORKER}
+    assert {call_id: result.worker_id for call_id, result in finished.items()} == started
+    assert "needle-alpha" in finished["c_read"].output and not finished["c_read"].is_error
+    assert "src/beta.py" in finished["c_grep"].output
+
+    listed = await client.sessions.ListTools(session_pb2.ListToolsRequest(session_id=session.session_id),
+                                             timeout=RPC_TIMEOUT)
+    runners = {tool.spec.name: tool.runner for tool in listed.tools}
+    assert runners["read"] == (session_pb2.TOOL_RUNNER_SERVER if rule else session_pb2.TOOL_RUNNER_WORKERS)
+    assert runners["grep"] == session_pb2.TOOL_RUNNER_WORKERS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"local_query_tools": ["red"]}, "'red' is not one of this server's Query tools (glob, grep, list_files"),
+        ({"local_query_tools": ["bash"]}, "'bash' is not one of this server's Query tools"),
+        ({"local_query_tools": ["read"], "local_fallback": False}, "which --no-local-fallback forbids"),
+    ],
+    ids=["unknown", "execute-tool", "no-local-fallback"],
+)
+async def test_a_rule_the_server_cannot_follow_stops_it_before_it_listens(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", **overrides)
+    server = CodelaneServer(config)
+    with pytest.raises(ServerConfigError, match="--local-query-tools") as refused:
+        await server.start()
+    assert message in str(refused.value)
+    assert server.port is None or server.port == 0
+    assert not (tmp_path / "data").exists()
