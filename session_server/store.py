@@ -37,6 +37,7 @@ from session_server.events import (
     payload_from_json,
     payload_to_json,
     result_from_dict,
+    to_json,
 )
 from tool_worker.tools.base import ToolResult
 
@@ -394,9 +395,9 @@ def _message_row(session_id: str, message: StoredMessage) -> tuple[Any, ...]:
         message.idx,
         message.role,
         message.text,
-        json.dumps([vars(call) for call in message.tool_calls]),
+        to_json([vars(call) for call in message.tool_calls]),
         message.tool_call_id,
-        None if result is None else json.dumps(vars(result)),
+        None if result is None else to_json(vars(result)),
         message.turn_id,
         message.created,
     )

@@ -210,6 +210,39 @@ def test_a_batch_of_several_sessions_is_one_append(store: Store) -> None:
     assert store.events_after("gone") == []
 
 
+@pytest.mark.parametrize(
+    ("text", "metadata"),
+    [
+        ("plain", {"total": 50, "path": "src/a.py"}),
+        ("caf\u00e9 \U0001f600", {"lines": [1, 2], "ratio": 0.5}),
+        # What orjson refuses and the standard library writes: a file name read with
+        # surrogateescape, an integer past 64 bits, a key that is not a string.
+        ("bad-\udcff-name.py", {"size": 2**70, 7: "seven"}),
+    ],
+    ids=["ascii", "unicode", "refused-by-orjson"],
+)
+def test_events_and_messages_round_trip_whatever_their_strings(store: Store, text: str, metadata: dict) -> None:
+    store.create_session(record("s1"))
+    result = ToolResult(output=text, metadata=metadata, worker_id="w1", queue_wait=0.25, run_time=1.5)
+    event = append(store, "s1", "t1", ToolCallFinished(call_id="c1", tool_name="read", result=result,
+                                                      queue_wait=0.25, run_time=1.5))
+    call = CallInfo("c1", "read", '{"path": "%s"}' % text, "query", 0)
+    store.append_messages("s1", [
+        StoredMessage(role="assistant", text="reading", tool_calls=[call], turn_id="t1"),
+        StoredMessage(role="tool", text="read", tool_call_id="c1", tool_result=result, turn_id="t1"),
+    ])
+    # JSON has only string keys: a key that was not one comes back as its text.
+    stored_metadata = {str(key): value for key, value in metadata.items()}
+    (stored_event,) = store.events_after("s1")
+    assert stored_event.payload.result.metadata == stored_metadata
+    assert stored_event.payload.result.output == text
+    assert stored_event.payload.queue_wait == event.payload.queue_wait
+    messages = store.get_messages("s1")
+    assert messages[0].tool_calls == [call]
+    assert messages[1].tool_result is not None and messages[1].tool_result.output == text
+    assert messages[1].tool_result.metadata == stored_metadata
+
+
 def test_events_after_and_limit(store: Store) -> None:
     store.create_session(record("s1"))
     sent = [append(store, "s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]
