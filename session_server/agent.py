@@ -55,6 +55,7 @@ from session_server.llm.base import (
     TextChunk,
     ToolCallReady,
     Usage,
+    well_formed_item,
 )
 from session_server.permissions import Action, Decision, PermissionPolicy
 from session_server.pool import QueryCall, WorkerPool
@@ -210,7 +211,8 @@ class Turn:
         try:
             stream = ctx.provider.stream(request)
             async with contextlib.aclosing(stream):
-                async for item in stream:
+                async for raw in stream:
+                    item = well_formed_item(raw)
                     if isinstance(item, TextChunk):
                         texts.append(item.text)
                         ctx.emit(TextDelta(item.text, step))

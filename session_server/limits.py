@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from tool_worker.tools.base import ToolResult
+from tool_worker.tools.base import ToolResult, well_formed
 
 # A client's message starting a turn.
 MAX_PROMPT_CHARS = 1024 * 1024
@@ -55,12 +55,13 @@ def cut(text: str, limit: int, what: str) -> str:
 
 
 def bound_result(result: ToolResult) -> ToolResult:
-    """The result with its output cut to MAX_RESULT_OUTPUT_CHARS (a copy: results are values)."""
-    if len(result.output) <= MAX_RESULT_OUTPUT_CHARS:
-        return result
-    return dataclasses.replace(
-        result, output=cut(result.output, MAX_RESULT_OUTPUT_CHARS, "tool output"), truncated=True
-    )
+    """The result with its output cut to MAX_RESULT_OUTPUT_CHARS and `well_formed` (a copy when
+    that changes it: results are values). The output goes into history, events and the next
+    model request, all UTF-8."""
+    output = well_formed(result.output)
+    if len(output) <= MAX_RESULT_OUTPUT_CHARS:
+        return result if output is result.output else dataclasses.replace(result, output=output)
+    return dataclasses.replace(result, output=cut(output, MAX_RESULT_OUTPUT_CHARS, "tool output"), truncated=True)
 
 
 def bound_event(payload: _T) -> _T:

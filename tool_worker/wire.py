@@ -9,7 +9,7 @@ import json
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from codelane.v1 import tools_pb2
-from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec, well_formed
 
 LANE_TO_PROTO = {Lane.QUERY: tools_pb2.LANE_QUERY, Lane.EXECUTE: tools_pb2.LANE_EXECUTE}
 LANE_FROM_PROTO = {v: k for k, v in LANE_TO_PROTO.items()}
@@ -81,7 +81,10 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
     """Fills `msg` (a field of an enclosing message, which saves a copy) or a new message."""
     if msg is None:
         msg = tools_pb2.ToolResult()
-    msg.output = result.output
+    try:
+        msg.output = result.output
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry: see `well_formed`
+        msg.output = well_formed(result.output)
     msg.is_error = result.is_error
     msg.truncated = result.truncated
     msg.worker_id = result.worker_id

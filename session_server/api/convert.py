@@ -25,6 +25,7 @@ from session_server.store import SessionRecord, StoredMessage
 from session_server.tool_listing import ListedTool, Runner
 from tool_worker import snapshot_wire, wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
+from tool_worker.tools.base import well_formed_value
 
 # A stream message carries a batch of events up to about this size (a single bigger event goes
 # alone): well under the channel's message limit, and small enough to start arriving at once.
@@ -300,6 +301,13 @@ def usage(value: Usage) -> events_pb2.Usage:
 
 
 def message(stored: StoredMessage) -> session_pb2.Message:
+    try:
+        return _message(stored)
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry: see `well_formed`
+        return _message(well_formed_value(stored))
+
+
+def _message(stored: StoredMessage) -> session_pb2.Message:
     msg = session_pb2.Message(
         index=stored.idx + 1,
         role=_ROLES[stored.role],
@@ -315,6 +323,16 @@ def message(stored: StoredMessage) -> session_pb2.Message:
 
 
 def event(stored: StoredEvent) -> events_pb2.Event:
+    try:
+        return _event(stored)
+    except UnicodeEncodeError:
+        # A lone surrogate (a model's "\ud800" quoted in an error, a file name read with
+        # surrogateescape) that no check before caught: the event goes out with U+FFFD in its
+        # place rather than break every stream that replays it.
+        return _event(well_formed_value(stored))
+
+
+def _event(stored: StoredEvent) -> events_pb2.Event:
     msg = events_pb2.Event(session_id=stored.session_id, sequence=stored.sequence, turn_id=stored.turn_id)
     wire.set_timestamp(msg.time, stored.time)
     p = stored.payload

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
-from tool_worker.tools.base import ToolSpec
+from tool_worker.tools.base import ToolSpec, well_formed
 
 T = TypeVar("T")
 
@@ -103,6 +103,27 @@ class ModelResponse:
 
 
 StreamItem = TextChunk | ToolCallReady | ModelResponse
+
+
+def well_formed_item(item: StreamItem) -> StreamItem:
+    """The item with its text `well_formed`: a model's JSON may hold lone surrogates ("\\ud800"),
+    which the history, the events and the workers' Assigns (all UTF-8) cannot carry. The item
+    itself when its text is ASCII (nearly always), so the check costs a scan, not a copy."""
+    if isinstance(item, TextChunk):
+        return item if item.text.isascii() else TextChunk(well_formed(item.text))
+    if isinstance(item, ToolCallReady):
+        call = _well_formed_call(item.call)
+        return item if call is item.call else ToolCallReady(item.index, call)
+    calls = [_well_formed_call(call) for call in item.tool_calls]
+    if item.text.isascii() and all(new is old for new, old in zip(calls, item.tool_calls, strict=True)):
+        return item
+    return ModelResponse(well_formed(item.text), calls, item.usage, item.stop_reason)
+
+
+def _well_formed_call(call: ModelToolCall) -> ModelToolCall:
+    if call.call_id.isascii() and call.name.isascii() and call.arguments_json.isascii():
+        return call
+    return ModelToolCall(well_formed(call.call_id), well_formed(call.name), well_formed(call.arguments_json))
 
 
 class ModelError(Exception):
