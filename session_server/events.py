@@ -231,14 +231,17 @@ def _field_decoders(cls: type) -> dict[str, Callable[[Any], Any]]:
 _DECODERS: dict[type, dict[str, Callable[[Any], Any]]] = {cls: _field_decoders(cls) for cls in _KIND_OF}
 
 
-def _fields_of(value: Any) -> dict[str, Any]:
+def _fields_of(value: Any) -> dict[str, Any] | str:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value.__dict__
-    raise TypeError(f"cannot store a {type(value).__name__} in an event: {value!r}")
+    # What JSON has no type for (a plugin tool's metadata may hold a Path or a set) is kept as
+    # its text: an event that cannot be stored would be lost with every event written beside it.
+    return str(value)
 
 
 # What orjson refuses, the standard library writes: strings with lone surrogates (file names read
-# with surrogateescape), integers past 64 bits, dictionaries with keys that are not strings.
+# with surrogateescape), integers past 64 bits, dictionaries with keys that are not strings, and
+# objects JSON has no type for.
 _FALLBACK_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_fields_of)
 
 

@@ -90,7 +90,8 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
     msg.worker_id = result.worker_id
     msg.attempt = result.attempt
     if result.metadata:
-        msg.metadata_json = json.dumps(result.metadata)
+        # A plugin may return what JSON has no type for (a Path, a set): its text, not a lost result.
+        msg.metadata_json = json.dumps(result.metadata, default=str)
     if result.error_kind is not None:
         msg.error_kind = ERROR_KIND_TO_PROTO[result.error_kind]
     if result.exit_code is not None:

@@ -243,6 +243,18 @@ def test_events_and_messages_round_trip_whatever_their_strings(store: Store, tex
     assert messages[1].tool_result.metadata == stored_metadata
 
 
+def test_what_json_has_no_type_for_is_stored_as_its_text(store: Store) -> None:
+    # A plugin tool's metadata may hold anything; the event is stored all the same.
+    store.create_session(record("s1"))
+    result = ToolResult(output="ok", metadata={"path": Path("/ws/a.py"), "tags": frozenset({"x"})})
+    append(store, "s1", "t1", ToolCallFinished(call_id="c1", tool_name="plugin", result=result,
+                                              queue_wait=0.0, run_time=0.0))
+    store.append_messages("s1", [StoredMessage(role="tool", text="ok", tool_call_id="c1", tool_result=result)])
+    (stored,) = store.events_after("s1")
+    assert stored.payload.result.metadata == {"path": "/ws/a.py", "tags": "frozenset({'x'})"}
+    assert store.get_messages("s1")[0].tool_result.metadata == stored.payload.result.metadata
+
+
 def test_events_after_and_limit(store: Store) -> None:
     store.create_session(record("s1"))
     sent = [append(store, "s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from codelane.v1 import worker_pb2
+from codelane.v1 import tools_pb2, worker_pb2
 from tool_worker import wire
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -41,3 +44,13 @@ def test_an_empty_result_sets_no_optional_fields() -> None:
     message = wire.result_to_proto(ToolResult(output="ok"))
     assert not message.HasField("exit_code") and not message.HasField("run_time")
     assert not message.HasField("queue_wait") and message.metadata_json == ""
+
+
+def test_a_result_json_or_utf8_cannot_carry_still_converts() -> None:
+    # What a plugin tool may return: metadata JSON has no type for, output with a file name read
+    # with surrogateescape. The worker must still answer the call.
+    result = ToolResult(output="found bad-\udcff-name.txt", metadata={"path": Path("/ws/a"), "n": 2})
+    msg = wire.result_to_proto(result)
+    assert msg.output == "found bad-\ufffd-name.txt"
+    assert json.loads(msg.metadata_json) == {"path": "/ws/a", "n": 2}
+    assert wire.result_from_proto(tools_pb2.ToolResult.FromString(msg.SerializeToString())).output == msg.output
