@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -66,7 +65,7 @@ from session_server.store import StoredMessage
 from session_server.telemetry import Telemetry, TurnObservation
 from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.merkle import SnapshotRef
-from tool_worker.registry import ToolRegistry
+from tool_worker.registry import ToolRegistry, parse_arguments
 from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 from tool_worker.worker_only import worker_only_hint
@@ -306,13 +305,8 @@ class Turn:
         elif spec is None:
             rejection = self._unavailable(model_call.name, tools)
         else:
-            try:
-                arguments = json.loads(model_call.arguments_json or "{}")
-            except json.JSONDecodeError as exc:
-                arguments, problem = None, f"are not valid JSON ({exc})"
-            else:
-                problem = "must be a JSON object"
-            if not isinstance(arguments, dict):
+            arguments, problem = parse_arguments(model_call.arguments_json)
+            if arguments is None:
                 rejection = ToolResult.error(
                     ErrorKind.INVALID_ARGUMENTS, f"{model_call.name} was not run: its arguments {problem}"
                 )

@@ -75,6 +75,24 @@ def _context(
     return ToolContext(workspace=Path(workspace), denied_paths=denied_paths, sandbox=sandbox, policy=policy)
 
 
+def parse_arguments(arguments_json: str) -> tuple[dict[str, Any] | None, str]:
+    """A call's arguments as a dict, or None and what is wrong with them, as a phrase that
+    follows "its arguments" (the model reads it)."""
+    # Some model APIs send no argument text at all for a call without arguments; "{}" is the
+    # commonest text of all and skips the parser.
+    if arguments_json == "{}" or not arguments_json or arguments_json.isspace():
+        return {}, ""
+    try:
+        arguments = json.loads(arguments_json)
+    except json.JSONDecodeError as exc:
+        return None, f"are not valid JSON ({exc})"
+    except RecursionError:  # a model's "[[[[..." deeper than the parser goes
+        return None, "are nested too deeply to read"
+    if not isinstance(arguments, dict):
+        return None, f"must be a JSON object, not {type(arguments).__name__}"
+    return arguments, ""
+
+
 class ToolRegistry:
     """Tools by name, each with its compiled argument validators, and the sandbox their
     processes run in (the process's default one unless given)."""
@@ -193,20 +211,9 @@ class ToolRegistry:
                 ErrorKind.UNKNOWN_TOOL, f"unknown tool {name!r}; available tools: {', '.join(self.names())}"
             )
         tool, validator, fast_check = entry
-        try:
-            # Some model APIs send no argument text at all for a call without arguments; "{}" is
-            # the commonest text of all and skips the parser.
-            if arguments_json == "{}" or not arguments_json or arguments_json.isspace():
-                arguments = {}
-            else:
-                arguments = json.loads(arguments_json)
-        except json.JSONDecodeError as exc:
-            return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"arguments of {name} are not valid JSON: {exc}")
-        if not isinstance(arguments, dict):
-            return ToolResult.error(
-                ErrorKind.INVALID_ARGUMENTS,
-                f"arguments of {name} must be a JSON object, got {type(arguments).__name__}",
-            )
+        arguments, problem = parse_arguments(arguments_json)
+        if arguments is None:
+            return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{name} was not run: its arguments {problem}")
         if fast_check is None or not fast_check(arguments):
             error = best_match(validator.iter_errors(arguments))
             if error is not None:

@@ -167,6 +167,8 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
         call("read", "ok_1", file_path="README.md"),
         call("no_such_tool", "unknown"),
         {"name": "read", "id": "bad_json", "arguments_raw": '{"file_path": '},
+        # Deeper than Python's JSON parser goes (it raises RecursionError, not a decode error).
+        {"name": "read", "id": "too_deep", "arguments_raw": '{"file_path": ' + "[" * 100_000 + "]" * 100_000 + "}"},
         call("read", "missing_file", file_path="nope.txt"),
         call("read", "ok_2", file_path="src/beta.py"),
     ]
@@ -178,7 +180,8 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
     kinds = {cid: e.tool_call_finished.result.error_kind for cid, e in done.items()}
     assert kinds["ok_1"] == kinds["ok_2"] == tools_pb2.ERROR_KIND_UNSPECIFIED
     assert kinds["unknown"] == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
-    assert kinds["bad_json"] == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert kinds["bad_json"] == kinds["too_deep"] == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert "nested too deeply" in done["too_deep"].tool_call_finished.result.output
     assert done["missing_file"].tool_call_finished.result.is_error
     history = await client.history(session.session_id)
     _assert_valid_history(history)
