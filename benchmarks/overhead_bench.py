@@ -13,9 +13,10 @@ calls, then answers) and a text-only turn (one model request, no calls).
 The text-only turn stands for what a model request costs the turn (T makes two); the tools' own
 time is the 50 calls run through `ToolRegistry.execute` in this process, with no server, at most
 as many at once as the mode runs (one after another for sequential): what a scheduler with no cost
-of its own would reach on this machine (the greps spawn ripgrep and compete for its cores). Turns
-are timed by the client, from sending the message to receiving TurnFinished, so event delivery
-counts.
+of its own would reach on this machine (the greps spawn ripgrep and compete for its cores),
+measured in every round beside the turns, so that the subtraction pairs figures of one moment;
+the overhead printed is the median over rounds. Turns are timed by the client, from sending the
+message to receiving TurnFinished, so event delivery counts.
 
 With `--baseline PYTHON` (an interpreter whose installed codelane is another checkout, e.g. the
 main branch's venv), every mode is measured a second time as `<mode>@baseline`, served by that
@@ -128,9 +129,9 @@ def write_script(path: Path) -> None:
     path.write_text(json.dumps(script), encoding="utf-8")
 
 
-async def tools_alone(workspace: Path, concurrency: int, passes: int = 7) -> float:
+async def tools_alone(workspace: Path, concurrency: int, passes: int = 1) -> float:
     """Median seconds of the 50 calls run through the registry in this process, no server, at most
-    `concurrency` at once (1: one after another)."""
+    `concurrency` at once (1: one after another), after one pass that warms the caches."""
     registry = ToolRegistry.builtin()
     calls = [(c["name"], json.dumps(c["arguments"])) for c in t_calls()]
     slots = asyncio.Semaphore(concurrency)
@@ -230,7 +231,7 @@ async def main_async(args: argparse.Namespace) -> int:
         make_workspace(workspace)
         script = scratch / "t.json"
         write_script(script)
-        tools_time = {c: await tools_alone(workspace, c) for c in sorted({m.concurrency for m in modes})}
+        concurrencies = sorted({m.concurrency for m in modes})
         for mode in modes:
             servers[mode.name] = await asyncio.create_subprocess_exec(
                 mode.python, "-m", "benchmarks.overhead_bench", "--serve", str(mode.workers),
@@ -249,8 +250,14 @@ async def main_async(args: argparse.Namespace) -> int:
         turns: dict[str, list[float]] = {m.name: [] for m in modes}
         texts: dict[str, list[float]] = {m.name: [] for m in modes}
         cpus: dict[str, list[float]] = {m.name: [] for m in modes}
+        overheads: dict[str, list[float]] = {m.name: [] for m in modes}
+        alone: dict[int, list[float]] = {c: [] for c in concurrencies}
         problems: dict[str, list[str]] = {m.name: [] for m in modes}
+        calls = READS + GREPS
         for round_ in range(args.warmup + args.rounds):
+            # The tools alone are measured in every round, beside the turns: a loaded moment of
+            # this shared machine then touches both sides of the subtraction alike.
+            alone_now = {c: await tools_alone(workspace, c) for c in concurrencies}
             for mode in modes:
                 client = clients[mode.name]
                 session = await client.create_session(workspace, query_concurrency=mode.query_concurrency)
@@ -263,7 +270,11 @@ async def main_async(args: argparse.Namespace) -> int:
                     turns[mode.name].append(t_turn)
                     texts[mode.name].append(text_turn)
                     cpus[mode.name].append(cpu_used)
-        calls = READS + GREPS
+                    overheads[mode.name].append((t_turn - 2 * text_turn - alone_now[mode.concurrency]) / calls)
+            if round_ >= args.warmup:
+                for concurrency, seconds in alone_now.items():
+                    alone[concurrency].append(seconds)
+        tools_time = {c: statistics.median(times) for c, times in alone.items()}
         print(f"workload T: {READS} reads of {READ_LINES}-line files + {GREPS} greps, one turn; "
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
@@ -276,13 +287,16 @@ async def main_async(args: argparse.Namespace) -> int:
             low, _, high = _quartiles(turns[mode.name])
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
-            overhead = (t_turn - 2 * text_turn - ideal) / calls
+            overhead = statistics.median(overheads[mode.name])
             print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
                   f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x"
-                  f"{statistics.median(cpus[mode.name]) / calls * 1e6:>14.0f} us")
+                  f"{statistics.fmean(cpus[mode.name]) / calls * 1e6:>14.0f} us")
         print(f"(seq/mode: {modes[0].name}'s median T turn / the mode's, the two medians printed; overhead/call: "
-              f"(T turn - 2 x text turn - ideal tools) / {calls}; server CPU/call: CPU time of the server and its "
-              f"workers during the T turn / {calls}, the tools' own included, rg's not)")
+              f"(T turn - 2 x text turn - the tools alone in the same round) / {calls}, the median over rounds; "
+              f"server CPU/call: CPU time of the server and its "
+              f"workers during the T turn / {calls}, the tools' own included, rg's not, a mean over the rounds: "
+              f"the kernel counts CPU time in ticks of {1000 / os.sysconf('SC_CLK_TCK'):g} ms, which one turn "
+              "cannot resolve)")
         for mode in modes:
             before = turns.get(f"{mode.name}@baseline")
             if before:
@@ -291,8 +305,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"{mode.name}: baseline's T turn / this one's, paired by round: median {median:.2f}x "
                       f"(p25-p75 {low:.2f}-{high:.2f}x; medians {statistics.median(before) * 1000:.1f} ms -> "
                       f"{statistics.median(turns[mode.name]) * 1000:.1f} ms); server CPU per call "
-                      f"{statistics.median(cpus[f'{mode.name}@baseline']) / calls * 1e6:.0f} us -> "
-                      f"{statistics.median(cpus[mode.name]) / calls * 1e6:.0f} us")
+                      f"{statistics.fmean(cpus[f'{mode.name}@baseline']) / calls * 1e6:.0f} us -> "
+                      f"{statistics.fmean(cpus[mode.name]) / calls * 1e6:.0f} us")
         for mode in modes:
             twin = next((m for m in modes if m.traced and m.name == f"{mode.name}+traced"), None)
             if not mode.traced and twin is not None:
