@@ -129,9 +129,10 @@ def write_script(path: Path) -> None:
     path.write_text(json.dumps(script), encoding="utf-8")
 
 
-async def tools_alone(workspace: Path, concurrency: int, passes: int = 1) -> float:
-    """Median seconds of the 50 calls run through the registry in this process, no server, at most
-    `concurrency` at once (1: one after another), after one pass that warms the caches."""
+async def tools_alone(workspace: Path, concurrency: int) -> tuple[float, float]:
+    """Seconds of the 50 calls run through the registry in this process, no server, at most
+    `concurrency` at once (1: one after another), after one pass that warms the caches: wall time,
+    and this process's CPU time (rg's not, as for the servers)."""
     registry = ToolRegistry.builtin()
     calls = [(c["name"], json.dumps(c["arguments"])) for c in t_calls()]
     slots = asyncio.Semaphore(concurrency)
@@ -143,12 +144,9 @@ async def tools_alone(workspace: Path, concurrency: int, passes: int = 1) -> flo
             raise RuntimeError(f"{name} failed: {result.output}")
 
     await asyncio.gather(*(one(n, a) for n, a in calls))  # warm the caches, as a server's would be
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        await asyncio.gather(*(one(n, a) for n, a in calls))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(n, a) for n, a in calls))
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -252,6 +250,7 @@ async def main_async(args: argparse.Namespace) -> int:
         cpus: dict[str, list[float]] = {m.name: [] for m in modes}
         overheads: dict[str, list[float]] = {m.name: [] for m in modes}
         alone: dict[int, list[float]] = {c: [] for c in concurrencies}
+        alone_cpu: dict[int, list[float]] = {c: [] for c in concurrencies}
         problems: dict[str, list[str]] = {m.name: [] for m in modes}
         calls = READS + GREPS
         for round_ in range(args.warmup + args.rounds):
@@ -270,17 +269,18 @@ async def main_async(args: argparse.Namespace) -> int:
                     turns[mode.name].append(t_turn)
                     texts[mode.name].append(text_turn)
                     cpus[mode.name].append(cpu_used)
-                    overheads[mode.name].append((t_turn - 2 * text_turn - alone_now[mode.concurrency]) / calls)
+                    overheads[mode.name].append((t_turn - 2 * text_turn - alone_now[mode.concurrency][0]) / calls)
             if round_ >= args.warmup:
-                for concurrency, seconds in alone_now.items():
+                for concurrency, (seconds, cpu) in alone_now.items():
                     alone[concurrency].append(seconds)
+                    alone_cpu[concurrency].append(cpu)
         tools_time = {c: statistics.median(times) for c, times in alone.items()}
         print(f"workload T: {READS} reads of {READ_LINES}-line files + {GREPS} greps, one turn; "
               f"{args.rounds} rounds (+{args.warmup} warm-up), medians")
         alone = ", ".join(f"{ms * 1000:.1f} ms at {c}" for c, ms in tools_time.items())
         print(f"tools alone through ToolRegistry.execute, no server (at most N at once): {alone}")
         print(f"{'mode':<26}{'T turn':>10}{'T turn p25-p75':>17}{'text turn':>11}{'ideal tools':>13}"
-              f"{'overhead/call':>15}{'seq/mode':>10}{'server CPU/call':>17}")
+              f"{'overhead/call':>15}{'seq/mode':>10}{'server CPU/call':>17}{'beyond tools':>14}")
         base = statistics.median(turns[modes[0].name])
         for mode in modes:
             t_turn = statistics.median(turns[mode.name])
@@ -288,15 +288,18 @@ async def main_async(args: argparse.Namespace) -> int:
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
             overhead = statistics.median(overheads[mode.name])
+            server_cpu = statistics.fmean(cpus[mode.name]) / calls
+            beyond_tools = server_cpu - statistics.fmean(alone_cpu[mode.concurrency]) / calls
             print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
                   f"{text_turn * 1000:>9.2f}ms{ideal * 1000:>11.2f}ms{overhead * 1e6:>12.0f} us{base / t_turn:>9.2f}x"
-                  f"{statistics.fmean(cpus[mode.name]) / calls * 1e6:>14.0f} us")
+                  f"{server_cpu * 1e6:>14.0f} us{beyond_tools * 1e6:>11.0f} us")
         print(f"(seq/mode: {modes[0].name}'s median T turn / the mode's, the two medians printed; overhead/call: "
               f"(T turn - 2 x text turn - the tools alone in the same round) / {calls}, the median over rounds; "
               f"server CPU/call: CPU time of the server and its "
               f"workers during the T turn / {calls}, the tools' own included, rg's not, a mean over the rounds: "
               f"the kernel counts CPU time in ticks of {1000 / os.sysconf('SC_CLK_TCK'):g} ms, which one turn "
-              "cannot resolve)")
+              "cannot resolve; beyond tools: that, less the tools alone's own CPU time per call, measured alike: "
+              "what codelane's server and workers spend per call, which a loaded machine moves less than walls)")
         for mode in modes:
             before = turns.get(f"{mode.name}@baseline")
             if before:
