@@ -56,6 +56,7 @@ from codelane import events as ev
 from codelane.client import Client
 from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.child_watcher import pidfd_child_watcher
+from tool_worker.heap import freeze_startup_heap
 from tool_worker.registry import ToolRegistry
 
 READS = 40
@@ -383,6 +384,7 @@ async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_
     threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
                      daemon=True).start()
     await server.start()
+    freeze_startup_heap()  # as `codelane server` does
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while len(server.pool.workers()) < workers:

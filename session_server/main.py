@@ -28,6 +28,7 @@ from tool_worker.confinement.policy import (
     ResourceLimits,
     SandboxMode,
 )
+from tool_worker.heap import freeze_startup_heap
 from tool_worker.merkle import DEFAULT_EXCLUDES, Exclusions
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
@@ -278,6 +279,7 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     except (ImportError, ValueError) as exc:  # a --tools module that does not load
         raise ServerConfigError(f"cannot load tools: {exc}") from None
     await server.start()
+    freeze_startup_heap()
     # stdout holds the one "listening" line that scripts wait for; what the sandbox enforces is
     # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.
     level = logging.WARNING if server.sandbox.support().problem else logging.INFO

@@ -41,6 +41,7 @@ from tool_worker.cas import CasClient
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import SandboxSettings
+from tool_worker.heap import freeze_startup_heap
 from tool_worker.merkle import Holding
 from tool_worker.observe import WorkerMetrics, WorkerTelemetry
 from tool_worker.plugins import ToolHost
@@ -665,6 +666,7 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
     except OSError as exc:
         print(f"codelane worker: {exc}", file=sys.stderr)
         return EXIT_REJECTED
+    freeze_startup_heap()
     try:
         return await worker.run()
     finally:
