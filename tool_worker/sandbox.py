@@ -42,9 +42,9 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
     joined = os.path.join(root, user_path)
     name = os.path.basename(os.path.normpath(joined))
     if follow_final_symlink or name in ("", "..") or os.path.normpath(joined) == root:
-        target = os.path.realpath(joined)
+        target = _real(joined, user_path)
     else:
-        target = os.path.join(os.path.realpath(os.path.dirname(os.path.normpath(joined))), name)
+        target = os.path.join(_real(os.path.dirname(os.path.normpath(joined)), user_path), name)
     if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
         raise ToolFailure(f"path escapes the workspace: {user_path}", ErrorKind.PATH_ESCAPE)
     if follow_final_symlink:
@@ -52,19 +52,51 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
     return Path(target)
 
 
+def _real(path: str, user_path: str) -> str:
+    """`path` with every symlink resolved, or ToolFailure when a symlink loop stands in the way.
+
+    Not `os.path.realpath` alone: on a loop it stops resolving and returns the rest of the path
+    as written, symlinks and all, so `loop/../link` came back as `link` itself, a symlink that
+    the tool then followed past the workspace's bounds and the session's deny rules. A path that
+    does not exist yet (one a tool will create) is resolved as far as it exists, and must come
+    out fully resolved: resolving it again changes nothing."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as exc:
+        refusal = _refusal(exc, user_path)
+        if refusal is not None:
+            raise refusal from None
+    resolved = os.path.realpath(path)
+    if os.path.realpath(resolved) != resolved:
+        raise ToolFailure(
+            f"{user_path} passes through a symlink loop (a link that leads back to itself): it names no file",
+            ErrorKind.PATH_ESCAPE,
+        )
+    _refuse_symlink_loop(resolved, user_path)
+    return resolved
+
+
 def _refuse_symlink_loop(target: str, user_path: str) -> None:
-    """realpath leaves a symlink loop unresolved rather than failing; whoever opened it next would
-    get ELOOP. Say so plainly instead, before any tool touches it."""
+    """Whoever opened a path through a symlink loop would get ELOOP: say so plainly instead,
+    before any tool touches it."""
     try:
         os.stat(target)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ToolFailure(
-                f"{user_path} is a symlink loop (a link that leads back to itself): it names no file",
-                ErrorKind.PATH_ESCAPE,
-            ) from None
-        if exc.errno == errno.ENAMETOOLONG:
-            raise ToolFailure(
-                f"a component of {user_path[:80]!r} is longer than the file system allows",
-                ErrorKind.INVALID_ARGUMENTS,
-            ) from None
+        refusal = _refusal(exc, user_path)
+        if refusal is not None:
+            raise refusal from None
+
+
+def _refusal(exc: OSError, user_path: str) -> ToolFailure | None:
+    """The refusal a failed lookup of `user_path` means, or None (it may not exist yet)."""
+    if exc.errno == errno.ELOOP:
+        return ToolFailure(
+            f"{user_path} is a symlink loop (a link that leads back to itself): it names no file",
+            ErrorKind.PATH_ESCAPE,
+        )
+    if exc.errno == errno.ENAMETOOLONG:
+        return ToolFailure(
+            f"a component of {user_path[:80]!r} is longer than the file system allows",
+            ErrorKind.INVALID_ARGUMENTS,
+        )
+    return None

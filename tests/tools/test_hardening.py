@@ -87,6 +87,32 @@ async def test_a_symlink_loop_is_a_plain_error(call: Any, workspace: Path) -> No
         assert "symlink loop" in result.output
 
 
+@pytest.mark.parametrize("through", ["loop/..", "missing/../loop/.."], ids=["loop", "missing-then-loop"])
+async def test_a_loop_before_dotdot_never_hides_the_link_after_it(
+    call: Any, workspace: Path, tmp_path: Path, through: str
+) -> None:
+    # realpath stops resolving at a loop and returned the rest as written: `loop/../out` came
+    # back as the symlink `out` itself, which the tool then followed out of the workspace (and
+    # past a deny rule naming the link's target, which the policy never saw).
+    outside = tmp_path / "outside_secret.txt"
+    outside.write_text("TOP-SECRET\n")
+    os.symlink("loop", workspace / "loop")
+    os.symlink(outside, workspace / "out")
+    (workspace / "written.txt").write_text("mine\n")
+    for tool, arguments in [("read", {"file_path": f"{through}/out"}), ("ls", {"path": f"{through}/out"}),
+                            ("grep", {"pattern": "TOP", "path": f"{through}/out"}),
+                            ("copy", {"source": f"{through}/out", "destination": "copied.txt"}),
+                            ("write", {"file_path": f"{through}/out", "content": "pwned"})]:
+        result = await call(tool, **arguments)
+        assert result.error_kind is ErrorKind.PATH_ESCAPE, (tool, result.output)
+        assert "TOP-SECRET" not in result.output
+    assert outside.read_text() == "TOP-SECRET\n" and not (workspace / "copied.txt").exists()
+    # A path that does not exist yet still resolves, for the tools that create it.
+    created = await call("write", file_path="missing/../new.txt", content="fine\n")
+    assert not created.is_error, created.output
+    assert (workspace / "new.txt").read_text() == "fine\n"
+
+
 async def test_a_1_mb_path_is_a_plain_error(call: Any) -> None:
     for tool, argument in [("read", "file_path"), ("ls", "path"), ("write", "file_path")]:
         arguments = {argument: "a/" * 500_000}
