@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -65,6 +66,17 @@ def tar_over_tcp(host: TestHost, source: Path, destination: Path) -> float:
         subprocess.run(["tar", "-c", "-C", str(source), "."], stdout=connection.fileno(), check=True)
     receiving.wait()
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def read(server: CodelaneServer, ws: Path, snapshot: SnapshotRef, file_path: str, where: str) -> float:
@@ -119,13 +131,19 @@ async def main_async(args: argparse.Namespace) -> None:
             # 1. cold sync vs tar over TCP, same link, alternating (the disk's speed drifts with
             # what else runs): each round syncs a new workspace of the same files (hard links),
             # which the worker has never seen, and tars the tree to a new directory.
-            syncs, tars = [], []
+            # CPU seconds beside the wall times: the server (this process), the remote worker, and
+            # both tars; they vary far less with the other jobs on the machine than wall times do.
+            syncs, tars, sync_cpu, tar_cpu = [], [], [], []
             for round_ in range(args.rounds):
                 copy = ws.parent / f"copy{round_}"
                 await asyncio.to_thread(subprocess.run, ["cp", "-al", str(ws), str(copy)], check=True)
                 copy_snapshot = await current(server, copy)
+                before = time.process_time(), cpu_seconds(remote.pid)
                 syncs.append(await read(server, copy, copy_snapshot, "pkg00/mod0/file0.py", "remote"))
+                sync_cpu.append((time.process_time() - before[0], cpu_seconds(remote.pid) - before[1]))
+                before_tar = children_cpu_seconds()
                 tars.append(await asyncio.to_thread(tar_over_tcp, host, ws, base / f"tar-copy{round_}"))
+                tar_cpu.append(children_cpu_seconds() - before_tar)
             sync, tar = statistics.median(syncs), statistics.median(tars)
             await read(server, ws, snapshot, "pkg00/mod0/file0.py", "remote")
             # 2. snapshot of the unchanged tree, warm stat cache.
@@ -165,6 +183,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
     ms = 1000.0
     print("cold sync rounds (s): " + ", ".join(f"{a:.2f} vs tar {b:.2f}" for a, b in zip(syncs, tars, strict=True)))
+    print("CPU seconds per round, server + worker vs both tars: " + ", ".join(
+        f"{server_cpu:.2f} + {worker_cpu:.2f} vs {tar_seconds:.2f}"
+        for (server_cpu, worker_cpu), tar_seconds in zip(sync_cpu, tar_cpu, strict=True)))
     print()
     print(f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8}")
     print(f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "

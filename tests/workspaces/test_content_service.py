@@ -83,6 +83,32 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
 
 
+async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_path: Path) -> None:
+    # The content service reads each blob from the newest file that held it and asks the other
+    # snapshots only when that file changed: the fallback must find the bytes, and check them too.
+    first, newest = tmp_path / "first", tmp_path / "newest"
+    for ws in (first, newest):
+        ws.mkdir()
+        (ws / "same.txt").write_bytes(b"same content\n")
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", worker_token=TOKEN))
+    await server.start()
+    try:
+        for ws in (first, newest):
+            await server.snapshots.of(str(ws)).current()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+            request = remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(b"same content\n")])
+            (newest / "same.txt").write_bytes(b"SAME CONTENT\n")  # same size, other bytes
+            read = await cas.BatchReadBlobs(request, metadata=METADATA)
+            assert read.responses[0].status.code == 0 and read.responses[0].data == b"same content\n"
+            (first / "same.txt").write_bytes(b"Same Content\n")  # now no file holds it
+            read = await cas.BatchReadBlobs(request, metadata=METADATA)
+            assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert not read.responses[0].data
+    finally:
+        await server.stop(grace=0.5)
+
+
 @pytest.mark.parametrize(
     ("request_message", "expected"),
     [
