@@ -68,15 +68,23 @@ def tar_over_tcp(host: TestHost, source: Path, destination: Path) -> float:
     return time.perf_counter() - started
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far, all its threads."""
+def cpu_seconds(pid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds a process (None: this one) has used so far, all its threads."""
+    if pid is None:
+        times = os.times()
+        return times.user, times.system
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
-def children_cpu_seconds() -> float:
+def children_cpu_seconds() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
+
+
+def used(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 async def read(server: CodelaneServer, ws: Path, snapshot: SnapshotRef, file_path: str, where: str) -> float:
@@ -138,12 +146,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 copy = ws.parent / f"copy{round_}"
                 await asyncio.to_thread(subprocess.run, ["cp", "-al", str(ws), str(copy)], check=True)
                 copy_snapshot = await current(server, copy)
-                before = time.process_time(), cpu_seconds(remote.pid)
+                before = cpu_seconds(), cpu_seconds(remote.pid)
                 syncs.append(await read(server, copy, copy_snapshot, "pkg00/mod0/file0.py", "remote"))
-                sync_cpu.append((time.process_time() - before[0], cpu_seconds(remote.pid) - before[1]))
+                sync_cpu.append((used(before[0], cpu_seconds()), used(before[1], cpu_seconds(remote.pid))))
                 before_tar = children_cpu_seconds()
                 tars.append(await asyncio.to_thread(tar_over_tcp, host, ws, base / f"tar-copy{round_}"))
-                tar_cpu.append(children_cpu_seconds() - before_tar)
+                tar_cpu.append(used(before_tar, children_cpu_seconds()))
             sync, tar = statistics.median(syncs), statistics.median(tars)
             await read(server, ws, snapshot, "pkg00/mod0/file0.py", "remote")
             # 2. snapshot of the unchanged tree, warm stat cache.
@@ -183,9 +191,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
     ms = 1000.0
     print("cold sync rounds (s): " + ", ".join(f"{a:.2f} vs tar {b:.2f}" for a, b in zip(syncs, tars, strict=True)))
-    print("CPU seconds per round, server + worker vs both tars: " + ", ".join(
-        f"{server_cpu:.2f} + {worker_cpu:.2f} vs {tar_seconds:.2f}"
-        for (server_cpu, worker_cpu), tar_seconds in zip(sync_cpu, tar_cpu, strict=True)))
+    print("CPU seconds per round (user/system), server + worker vs both tars: " + ", ".join(
+        f"{server[0]:.2f}/{server[1]:.2f} + {worker[0]:.2f}/{worker[1]:.2f} vs {tar_[0]:.2f}/{tar_[1]:.2f}"
+        for (server, worker), tar_ in zip(sync_cpu, tar_cpu, strict=True)))
     print()
     print(f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8}")
     print(f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "

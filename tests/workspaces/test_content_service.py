@@ -10,8 +10,10 @@ import grpc
 import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from session_server.api.content import encode_batch_read_response
 from session_server.content import MAX_BATCH_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
+from tool_worker.merkle import Digest
 
 TOKEN = "worker-secret"
 METADATA = (("authorization", f"Bearer {TOKEN}"),)
@@ -165,3 +167,24 @@ async def test_the_content_service_wants_the_worker_token(served) -> None:
         async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name="blobs/" + "a" * 64 + "/1")):
             pass
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_batch_read_answers_are_encoded_as_protobuf_would() -> None:
+    # BatchReadBlobs answers are joined by hand (the protobuf runtime copies each blob twice):
+    # the bytes must be the ones protobuf writes, for found, empty, large and missing blobs.
+    found, large, empty = b"found\n", bytes(range(256)) * 600, b""
+    missing = b"nobody has this"
+    entries = [(Digest.of(found), found), (Digest.of(empty), empty), (Digest.of(large), large),
+               (Digest.of(missing), None)]
+    expected = remote_execution_pb2.BatchReadBlobsResponse()
+    for blob_digest, data in entries:
+        entry = expected.responses.add()
+        entry.digest.hash, entry.digest.size_bytes = blob_digest.hash, blob_digest.size
+        if data is None:
+            entry.status.code = grpc.StatusCode.NOT_FOUND.value[0]
+            entry.status.message = (f"blob {blob_digest} is not held (its file changed since the snapshot that "
+                                    "named it)")
+        else:
+            entry.data = data
+    assert encode_batch_read_response(entries) == expected.SerializeToString()
+    assert encode_batch_read_response([]) == b""
