@@ -6,7 +6,8 @@ Needs root and iproute2 (the remote worker runs on a test host: its own network 
 namespaces, tests/hosts.py). Prints, side by side from one run:
 
 1. cold sync of a generated tree to a new worker over a veth link, beside `tar` of the same tree
-   piped through a TCP socket over the same link (target: ratio <= 1.5);
+   piped through a TCP socket over the same link (target: ratio <= 1.5), with the CPU seconds
+   (user/system) each round cost the server, the remote worker and both tars;
 2. a snapshot of the unchanged tree with a warm stat cache, watched (inotify) and stat-everything
    (target: <= 50 ms);
 3. after a one-file edit, the next `read` on the synced remote worker and on a shared-filesystem
