@@ -6,7 +6,8 @@ Needs root and iproute2 (the remote worker runs on a test host: its own network 
 namespaces, tests/hosts.py). Prints, side by side from one run:
 
 1. cold sync of a generated tree to a new worker over a veth link, beside `tar` of the same tree
-   piped through a TCP socket over the same link (target: ratio <= 1.5);
+   piped through a TCP socket over the same link (target: ratio <= 1.5), with the CPU seconds
+   (user/system) each round cost the server, the remote worker and both tars;
 2. a snapshot of the unchanged tree with a warm stat cache, watched (inotify) and stat-everything
    (target: <= 50 ms);
 3. after a one-file edit, the next `read` on the synced remote worker and on a shared-filesystem
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -65,6 +67,25 @@ def tar_over_tcp(host: TestHost, source: Path, destination: Path) -> float:
         subprocess.run(["tar", "-c", "-C", str(source), "."], stdout=connection.fileno(), check=True)
     receiving.wait()
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds a process (None: this one) has used so far, all its threads."""
+    if pid is None:
+        times = os.times()
+        return times.user, times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def children_cpu_seconds() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime, usage.ru_stime
+
+
+def used(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 async def read(server: CodelaneServer, ws: Path, snapshot: SnapshotRef, file_path: str, where: str) -> float:
@@ -119,13 +140,19 @@ async def main_async(args: argparse.Namespace) -> None:
             # 1. cold sync vs tar over TCP, same link, alternating (the disk's speed drifts with
             # what else runs): each round syncs a new workspace of the same files (hard links),
             # which the worker has never seen, and tars the tree to a new directory.
-            syncs, tars = [], []
+            # CPU seconds beside the wall times: the server (this process), the remote worker, and
+            # both tars; they vary far less with the other jobs on the machine than wall times do.
+            syncs, tars, sync_cpu, tar_cpu = [], [], [], []
             for round_ in range(args.rounds):
                 copy = ws.parent / f"copy{round_}"
                 await asyncio.to_thread(subprocess.run, ["cp", "-al", str(ws), str(copy)], check=True)
                 copy_snapshot = await current(server, copy)
+                before = cpu_seconds(), cpu_seconds(remote.pid)
                 syncs.append(await read(server, copy, copy_snapshot, "pkg00/mod0/file0.py", "remote"))
+                sync_cpu.append((used(before[0], cpu_seconds()), used(before[1], cpu_seconds(remote.pid))))
+                before_tar = children_cpu_seconds()
                 tars.append(await asyncio.to_thread(tar_over_tcp, host, ws, base / f"tar-copy{round_}"))
+                tar_cpu.append(used(before_tar, children_cpu_seconds()))
             sync, tar = statistics.median(syncs), statistics.median(tars)
             await read(server, ws, snapshot, "pkg00/mod0/file0.py", "remote")
             # 2. snapshot of the unchanged tree, warm stat cache.
@@ -165,6 +192,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
     ms = 1000.0
     print("cold sync rounds (s): " + ", ".join(f"{a:.2f} vs tar {b:.2f}" for a, b in zip(syncs, tars, strict=True)))
+    print("CPU seconds per round (user/system), server + worker vs both tars: " + ", ".join(
+        f"{server[0]:.2f}/{server[1]:.2f} + {worker[0]:.2f}/{worker[1]:.2f} vs {tar_[0]:.2f}/{tar_[1]:.2f}"
+        for (server, worker), tar_ in zip(sync_cpu, tar_cpu, strict=True)))
     print()
     print(f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8}")
     print(f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "

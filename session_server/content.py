@@ -68,28 +68,32 @@ class ContentStore:
         return [d for d in digests if not self.has(d)]
 
     async def read_many(self, digests: list[Digest]) -> list[bytes | None]:
-        """The blobs' bytes, each checked (None: not held), files read in one thread hop."""
+        """The blobs' bytes, each checked (None: not held), files read in one thread hop: each
+        from the newest path that held it, then, for any that no longer does, from the others."""
         found: list[bytes | None] = []
         wanted: list[tuple[int, Digest, list[str]]] = []
         for index, digest in enumerate(digests):
-            data, paths = self._lookup(digest)
+            data, paths = self._lookup(digest, first_path_only=True)
             found.append(data)
-            if data is None:
+            if data is None and paths:
                 wanted.append((index, digest, paths))
-        if wanted:
+        retry: list[tuple[int, Digest, list[str]]] = []
+        for attempt in (wanted, retry):
+            if not attempt:
+                continue
             async with self._reads:
-                data = await asyncio.to_thread(lambda: [_read_verified(paths, d) for _, d, paths in wanted])
-            for (index, _, _), blob in zip(wanted, data, strict=True):
+                data = await asyncio.to_thread(_read_all, attempt)
+            for (index, digest, tried), blob in zip(attempt, data, strict=True):
                 found[index] = blob
+                if blob is None and attempt is wanted:
+                    others = [path for path in self._lookup(digest)[1] if path not in tried]
+                    if others:
+                        retry.append((index, digest, others))
         return found
 
     async def read(self, digest: Digest) -> bytes:
         """The blob's bytes, checked against its digest. BlobNotFound otherwise."""
-        memory, paths = self._lookup(digest)
-        if memory is not None:
-            return memory
-        async with self._reads:
-            data = await asyncio.to_thread(_read_verified, paths, digest)
+        data = (await self.read_many([digest]))[0]
         if data is None:
             raise BlobNotFound(f"blob {digest} is not held (its file changed since the snapshot that named it)")
         return data
@@ -170,14 +174,15 @@ class ContentStore:
     def _in_memory(self, digest: Digest) -> bytes | None:
         return self._lookup(digest)[0]
 
-    def _lookup(self, digest: Digest) -> tuple[bytes | None, list[str]]:
+    def _lookup(self, digest: Digest, *, first_path_only: bool = False) -> tuple[bytes | None, list[str]]:
         """The blob when it is in memory (empty, uploaded, or a snapshot's directory blob), else
-        the paths of files that held its content: one walk of the snapshots for both."""
+        the paths of files that held its content (only the newest: `first_path_only`): one walk
+        of the snapshots for both."""
         if digest.size == 0:
             return b"", []
         data = self._uploaded.get(digest.hash)
         if data is None:
-            data, paths = self._registry.find(digest.hash)
+            data, paths = self._registry.find(digest.hash, first_path_only=first_path_only)
         else:
             paths = []
         return (data if data is not None and len(data) == digest.size else None), paths
@@ -197,6 +202,10 @@ def _size_is(path: str, size: int) -> bool:
         return os.stat(path).st_size == size
     except OSError:
         return False
+
+
+def _read_all(wanted: list[tuple[int, Digest, list[str]]]) -> list[bytes | None]:
+    return [_read_verified(paths, digest) for _, digest, paths in wanted]
 
 
 def _read_verified(paths: list[str], digest: Digest) -> bytes | None:

@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from codelane.reapi import bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.admission import Admission, Limits
@@ -31,8 +30,7 @@ from session_server.api.auth import BearerTokenInterceptor
 from session_server.api.content import (
     BYTESTREAM_SERVICE,
     CAS_SERVICE,
-    ByteStreamServicer,
-    ContentAddressableStorageServicer,
+    add_content_services,
 )
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
@@ -384,10 +382,7 @@ class CodelaneServer:
         return source
 
     def _add_content_services(self, server: grpc.aio.Server) -> None:
-        remote_execution_pb2_grpc.add_ContentAddressableStorageServicer_to_server(
-            ContentAddressableStorageServicer(self.content), server
-        )
-        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(ByteStreamServicer(self.content), server)
+        add_content_services(server, self.content)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         config = self.config

@@ -127,6 +127,12 @@ def _record(number: int, payload: bytes) -> bytes:
     return _LENGTH_DELIMITED_TAGS[number] + _varint(len(payload)) + payload
 
 
+def length_delimited_header(number: int, length: int) -> bytes:
+    """The tag and length that precede a length-delimited field 1, 2 or 3 of `length` bytes (so a
+    large payload can be joined once, not copied into its record first)."""
+    return _LENGTH_DELIMITED_TAGS[number] + _varint(length)
+
+
 def encode_digest(digest: Digest) -> bytes:
     data = _record(1, digest.hash.encode())
     return data + b"\x10" + _varint(digest.size) if digest.size else data

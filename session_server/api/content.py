@@ -8,13 +8,14 @@ once gets INVALID_ARGUMENT and changes nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.content import STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
-from tool_worker.merkle import Digest, valid_hash
+from tool_worker.merkle import Digest, encode_digest, length_delimited_header, valid_hash
 
 _DIGEST_FUNCTIONS = (remote_execution_pb2.DigestFunction.UNKNOWN, remote_execution_pb2.DigestFunction.SHA256)
 GET_TREE_PAGE = 1000
@@ -75,16 +76,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             self._store.check_batch(digests)
         except InvalidBlob as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        response = remote_execution_pb2.BatchReadBlobsResponse()
-        for digest, data in zip(digests, await self._store.read_many(digests), strict=True):
-            entry = response.responses.add()
-            entry.digest.hash, entry.digest.size_bytes = digest.hash, digest.size
-            if data is None:
-                entry.status.code = code_pb2.NOT_FOUND
-                entry.status.message = f"blob {digest} is not held (its file changed since the snapshot that named it)"
-            else:
-                entry.data = data
-        return response
+        return encode_batch_read_response(zip(digests, await self._store.read_many(digests), strict=True))
 
     async def BatchUpdateBlobs(self, request, context):
         await self._requests.check(context, request.instance_name, request.digest_function)
@@ -127,6 +119,56 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
                 next_page_token=str(offset + page) if offset + page < len(blobs) else "",
             )
             yield response
+
+
+def encode_batch_read_response(entries: Iterable[tuple[Digest, bytes | None]]) -> bytes:
+    """A serialized BatchReadBlobsResponse: each blob with its bytes, or NOT_FOUND (None).
+
+    The bytes protobuf would write (tests compare them), joined once: the protobuf runtime copies
+    every blob into the message and again into its serialization, about 0.1 s of CPU per 100 MB
+    served, a cold sync's largest cost on the server after reading the files.
+    """
+    parts: list[bytes] = []
+    for digest, data in entries:
+        digest_message = encode_digest(digest)
+        fields = [length_delimited_header(1, len(digest_message)), digest_message]
+        if data is None:
+            status = _status(code_pb2.NOT_FOUND, f"blob {digest} is not held (its file changed since the snapshot "
+                                                 "that named it)").SerializeToString()
+            fields += [length_delimited_header(3, len(status)), status]
+        elif data:
+            fields += [length_delimited_header(2, len(data)), data]
+        parts.append(length_delimited_header(1, sum(map(len, fields))))
+        parts += fields
+    return b"".join(parts)
+
+
+def _already_encoded(response: bytes) -> bytes:
+    return response
+
+
+def add_content_services(server: grpc.aio.Server, store: ContentStore, instance_name: str = "") -> None:
+    """Serves the CAS and ByteStream over `store` on `server`: the generated registration, except
+    that BatchReadBlobs answers arrive encoded (encode_batch_read_response)."""
+    cas = ContentAddressableStorageServicer(store, instance_name)
+    messages = remote_execution_pb2
+    handlers = {
+        "FindMissingBlobs": grpc.unary_unary_rpc_method_handler(
+            cas.FindMissingBlobs, request_deserializer=messages.FindMissingBlobsRequest.FromString,
+            response_serializer=messages.FindMissingBlobsResponse.SerializeToString),
+        "BatchUpdateBlobs": grpc.unary_unary_rpc_method_handler(
+            cas.BatchUpdateBlobs, request_deserializer=messages.BatchUpdateBlobsRequest.FromString,
+            response_serializer=messages.BatchUpdateBlobsResponse.SerializeToString),
+        "BatchReadBlobs": grpc.unary_unary_rpc_method_handler(
+            cas.BatchReadBlobs, request_deserializer=messages.BatchReadBlobsRequest.FromString,
+            response_serializer=_already_encoded),
+        "GetTree": grpc.unary_stream_rpc_method_handler(
+            cas.GetTree, request_deserializer=messages.GetTreeRequest.FromString,
+            response_serializer=messages.GetTreeResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(CAS_SERVICE, handlers),))
+    server.add_registered_method_handlers(CAS_SERVICE, handlers)
+    bytestream_pb2_grpc.add_ByteStreamServicer_to_server(ByteStreamServicer(store, instance_name), server)
 
 
 class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
@@ -190,4 +232,6 @@ __all__ = [
     "STREAM_CHUNK",
     "ByteStreamServicer",
     "ContentAddressableStorageServicer",
+    "add_content_services",
+    "encode_batch_read_response",
 ]

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from codelane.reapi import bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.transport import SERVER_OPTIONS
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from session_server.api.auth import BearerTokenInterceptor
-from session_server.api.content import ByteStreamServicer, ContentAddressableStorageServicer
+from session_server.api.content import add_content_services
 from session_server.api.hub import WorkerHubServicer
 from session_server.content import ContentStore
 from session_server.pool import WorkerLink, WorkerPool, WorkerRegistration
@@ -149,10 +148,7 @@ class ConformanceHub:
         server = grpc.aio.server(interceptors=[BearerTokenInterceptor(None, self.token)], options=SERVER_OPTIONS)
         source = worker_pb2.ContentSource(exclude=self.snapshots.excludes, max_batch_bytes=self.content.max_batch_bytes)
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(WorkerHubServicer(pool, source), server)
-        remote_execution_pb2_grpc.add_ContentAddressableStorageServicer_to_server(
-            ContentAddressableStorageServicer(self.content), server
-        )
-        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(ByteStreamServicer(self.content), server)
+        add_content_services(server, self.content)
         port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         if port == 0:
             raise OSError(f"cannot listen on 127.0.0.1:{self.port}")

@@ -10,8 +10,10 @@ import grpc
 import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from session_server.api.content import encode_batch_read_response
 from session_server.content import MAX_BATCH_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
+from tool_worker.merkle import Digest
 
 TOKEN = "worker-secret"
 METADATA = (("authorization", f"Bearer {TOKEN}"),)
@@ -83,6 +85,32 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
 
 
+async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_path: Path) -> None:
+    # The content service reads each blob from the newest file that held it and asks the other
+    # snapshots only when that file changed: the fallback must find the bytes, and check them too.
+    first, newest = tmp_path / "first", tmp_path / "newest"
+    for ws in (first, newest):
+        ws.mkdir()
+        (ws / "same.txt").write_bytes(b"same content\n")
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", worker_token=TOKEN))
+    await server.start()
+    try:
+        for ws in (first, newest):
+            await server.snapshots.of(str(ws)).current()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+            request = remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(b"same content\n")])
+            (newest / "same.txt").write_bytes(b"SAME CONTENT\n")  # same size, other bytes
+            read = await cas.BatchReadBlobs(request, metadata=METADATA)
+            assert read.responses[0].status.code == 0 and read.responses[0].data == b"same content\n"
+            (first / "same.txt").write_bytes(b"Same Content\n")  # now no file holds it
+            read = await cas.BatchReadBlobs(request, metadata=METADATA)
+            assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert not read.responses[0].data
+    finally:
+        await server.stop(grace=0.5)
+
+
 @pytest.mark.parametrize(
     ("request_message", "expected"),
     [
@@ -139,3 +167,24 @@ async def test_the_content_service_wants_the_worker_token(served) -> None:
         async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name="blobs/" + "a" * 64 + "/1")):
             pass
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_batch_read_answers_are_encoded_as_protobuf_would() -> None:
+    # BatchReadBlobs answers are joined by hand (the protobuf runtime copies each blob twice):
+    # the bytes must be the ones protobuf writes, for found, empty, large and missing blobs.
+    found, large, empty = b"found\n", bytes(range(256)) * 600, b""
+    missing = b"nobody has this"
+    entries = [(Digest.of(found), found), (Digest.of(empty), empty), (Digest.of(large), large),
+               (Digest.of(missing), None)]
+    expected = remote_execution_pb2.BatchReadBlobsResponse()
+    for blob_digest, data in entries:
+        entry = expected.responses.add()
+        entry.digest.hash, entry.digest.size_bytes = blob_digest.hash, blob_digest.size
+        if data is None:
+            entry.status.code = grpc.StatusCode.NOT_FOUND.value[0]
+            entry.status.message = (f"blob {blob_digest} is not held (its file changed since the snapshot that "
+                                    "named it)")
+        else:
+            entry.data = data
+    assert encode_batch_read_response(entries) == expected.SerializeToString()
+    assert encode_batch_read_response([]) == b""
