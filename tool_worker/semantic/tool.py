@@ -63,7 +63,7 @@ class SemanticSearch:
         index = self._indexes.pop(root, None) or WorkspaceIndex(root, self.store, self.builder)
         self._indexes[root] = index
         while len(self._indexes) > MAX_WORKSPACES:
-            self._indexes.popitem(last=False)
+            self._indexes.popitem(last=False)[1].close()
         return index
 
     def tool(self) -> Tool:
@@ -140,9 +140,17 @@ class SemanticSearch:
         stop = threading.Event()
 
         async def refreshed() -> RefreshReport:
+            # Which files a listing keeps depends on the session's denied paths.
+            listing_key = tuple(ctx.denied_paths)
+            current = index.current(listing_key)
+            if current is not None:
+                return current  # nothing changed since a complete refresh: no listing, no stats
+            generation = await asyncio.to_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
             names = [name for name in listing if not ctx.hides(name)] if ctx.denied else listing
-            return await asyncio.to_thread(index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop)
+            return await asyncio.to_thread(
+                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation
+            )
 
         try:
             # The model reads the query while rg walks the tree and the index looks at what changed.
