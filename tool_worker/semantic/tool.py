@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.semantic import TOOL_NAME
@@ -139,12 +141,11 @@ class SemanticSearch:
         index = self.index_for(root)
         stop = threading.Event()
 
+        limit = args.get("limit", DEFAULT_RESULTS)
+        # Which files a listing keeps depends on the session's denied paths.
+        listing_key = tuple(ctx.denied_paths)
+
         async def refreshed() -> RefreshReport:
-            # Which files a listing keeps depends on the session's denied paths.
-            listing_key = tuple(ctx.denied_paths)
-            current = index.current(listing_key)
-            if current is not None:
-                return current  # nothing changed since a complete refresh: no listing, no stats
             generation = await asyncio.to_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
             names = [name for name in listing if not ctx.hides(name)] if ctx.denied else listing
@@ -152,20 +153,22 @@ class SemanticSearch:
                 index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation
             )
 
+        def answer(query_vector: np.ndarray, report: RefreshReport) -> ToolResult:
+            index.wait_embedded(time.monotonic() + self.embed_wait, stop)
+            outcome = index.search(query_vector, query_terms(query), limit, within, docs)
+            return _render(root, query, outcome, report, limit)
+
         try:
+            current = index.current(listing_key)
+            if current is not None:
+                # Nothing changed since a complete refresh: no listing, no stats, and one hop to a
+                # thread for the whole call (on a busy machine each hop waits for a core).
+                return await asyncio.to_thread(lambda: answer(self.embedder.encode_query(query), current))
             # The model reads the query while rg walks the tree and the index looks at what changed.
             query_vector, report = await asyncio.gather(
                 asyncio.to_thread(self.embedder.encode_query, query), refreshed()
             )
-            limit = args.get("limit", DEFAULT_RESULTS)
-
-            def answer() -> ToolResult:
-                # One hop to a thread for the rest: on a busy machine each hop waits for a core.
-                index.wait_embedded(time.monotonic() + self.embed_wait, stop)
-                outcome = index.search(query_vector, query_terms(query), limit, within, docs)
-                return _render(root, query, outcome, report, limit)
-
-            return await asyncio.to_thread(answer)
+            return await asyncio.to_thread(answer, query_vector, report)
         finally:
             # A cancelled call must not leave its threads working for nobody.
             stop.set()
