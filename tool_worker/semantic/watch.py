@@ -11,8 +11,9 @@ Read-your-writes holds: the kernel queues an inotify event before the system cal
 (a write, create, delete, rename, chmod) returns, so a change made before a call starts is in
 the queue when the call asks whether anything changed.
 
-inotify does not see writes through a shared mmap, nor changes made by other hosts of a network
-filesystem, so a root on a filesystem not known to be local is never watched. The ignore files
+inotify does not see writes through a shared mmap, through a hard link from outside the tree,
+nor changes made by other hosts of a network filesystem; a root on a filesystem not known to be
+local is never watched. The ignore files
 outside the tree are compared by their stat (a same-size rewrite within one tick of the
 filesystem's clock would go unseen), and a `core.excludesFile` other than git's default is not
 looked at. When watches run out (`fs.inotify.max_user_watches`), the tree has more than
@@ -74,8 +75,8 @@ class TreeWatch:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._inotify is None:
-                return False
+            if self._inotify is None or self._dirty or self._lost:
+                return False  # the events waiting are read by the next `arm()`, in its thread
             self._collect()
             return not self._dirty and not self._lost and _signatures(self._outside) == self._outside_seen
         finally:
