@@ -109,3 +109,37 @@ def test_a_tree_too_large_or_not_local_is_never_quiet(tree: Path) -> None:
     remote = TreeWatch("/proc/sys")  # not a filesystem whose changes all reach inotify
     remote.arm()
     assert not remote.quiet()
+
+
+def _inotify_instances() -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.exists(fd) and os.readlink(fd) == "anon_inode:inotify")
+
+
+def test_every_watch_of_a_process_shares_one_inotify_instance(tree: Path, tmp_path: Path) -> None:
+    # Instances are few (fs.inotify.max_user_instances counts every process of the user).
+    watches = []
+    for number in range(3):
+        root = tmp_path / f"other{number}"
+        (root / "src").mkdir(parents=True)
+        watches.append(TreeWatch(str(root)))
+    watches.append(TreeWatch(str(tree)))
+    for watch in watches:
+        watch.arm()
+    assert all(watch.quiet() for watch in watches)
+    assert _inotify_instances() <= 1
+    (tree / "README.md").write_text("changed\n")
+    assert [watch.quiet() for watch in watches] == [True, True, True, False]
+    for watch in watches:
+        watch.close()
+
+
+def test_nested_workspaces_keep_their_shared_watches_until_both_close(tree: Path) -> None:
+    outer, inner = TreeWatch(str(tree)), TreeWatch(str(tree / "src"))
+    outer.arm()
+    inner.arm()
+    outer.close()
+    assert inner.quiet()
+    (tree / "src" / "pkg" / "mod.py").write_text("d = 4\n")
+    assert not inner.quiet()
+    inner.close()

@@ -525,7 +525,9 @@ class WorkspaceIndex:
                 for name in [name for name, entry in self._files.items() if entry.digest == digest]:
                     self._drop(name)
                     self._known.pop(name, None)
+                # The files dropped must be read again: no refresh under way may prove the index.
                 self._proven = None
+                self._generation += 1
             self._embedded_changed.notify_all()
 
     def wait_embedded(self, deadline: float, stop: threading.Event) -> bool:

@@ -23,9 +23,11 @@ tell, and calls list and stat the tree as they would without it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
+from typing import Any
 
 try:
     from inotify_simple import INotify
@@ -40,11 +42,101 @@ log = logging.getLogger("codelane.semantic")
 MAX_WATCHED_DIRECTORIES = 20_000
 # Files that change what rg lists without being listed themselves.
 IGNORE_FILES = frozenset({".gitignore", ".ignore", ".rgignore"})
+# Events kept for a watch that has not asked for them; past this it is told they were lost (and
+# watches its tree anew when next armed), so that a workspace nobody searches costs no memory.
+MAX_PENDING_EVENTS = 10_000
 # Filesystems whose changes all pass through this kernel, so inotify sees them. Anything else
 # (nfs, cifs, fuse, 9p, ...) may change under it unseen.
 LOCAL_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs", "overlay", "bcachefs", "jfs", "reiserfs"}
 )
+
+
+_TREE_MASK = 0 if INotify is None else (
+    inotify_flags.MODIFY | inotify_flags.ATTRIB | inotify_flags.CLOSE_WRITE | inotify_flags.CREATE
+    | inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.MOVED_TO | inotify_flags.DELETE_SELF
+    | inotify_flags.MOVE_SELF | inotify_flags.ONLYDIR | inotify_flags.DONT_FOLLOW
+)
+
+
+class _Inotify:
+    """The process's one inotify instance, shared by every TreeWatch: instances are few
+    (`fs.inotify.max_user_instances`, 128 by default, for all of a user's processes), watches
+    many. Events are sorted to the watches that own their directory and wait there until taken.
+    Lock order: a TreeWatch's lock, then this one's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inotify: INotify | None = None
+        self._problem = ""
+        # wd -> each owning watch and the path it knows the directory by. Two workspaces, one
+        # inside the other, share the watches of the inner one's directories.
+        self._owners: dict[int, dict[TreeWatch, str]] = {}
+        self._pending: dict[TreeWatch, list[tuple[Any, str]]] = {}
+        self._overflowed: set[TreeWatch] = set()
+
+    def add(self, owner: TreeWatch, directory: str) -> int | str:
+        """Watches a directory for `owner`: the watch descriptor, or why it could not be watched."""
+        with self._lock:
+            if self._inotify is None:
+                if self._problem:
+                    return self._problem
+                try:
+                    self._inotify = INotify(nonblocking=True)
+                except OSError as exc:
+                    self._problem = f"no inotify instance ({exc.strerror or exc}; raise fs.inotify.max_user_instances)"
+                    return self._problem
+            try:
+                wd = self._inotify.add_watch(directory, _TREE_MASK)
+            except OSError as exc:
+                hint = "; raise fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else ""
+                return f"{exc.strerror or exc}{hint}"
+            self._owners.setdefault(wd, {})[owner] = directory
+            return wd
+
+    def forget(self, owner: TreeWatch, wds: list[int]) -> None:
+        """Drops `owner`'s watches (the kernel's go when no other watch owns them) and its events."""
+        with self._lock:
+            for wd in wds:
+                owners = self._owners.get(wd)
+                if owners is None or owners.pop(owner, None) is None or owners:
+                    continue
+                del self._owners[wd]
+                if self._inotify is not None:
+                    try:
+                        self._inotify.rm_watch(wd)
+                    except OSError:
+                        pass  # its directory is gone already
+            self._pending.pop(owner, None)
+            self._overflowed.discard(owner)
+
+    def take(self, owner: TreeWatch) -> tuple[list[tuple[Any, str]], bool]:
+        """`owner`'s events since the last call, each with its directory's path as `owner` knows
+        it, and whether the queue overflowed meanwhile (events were lost)."""
+        with self._lock:
+            if self._inotify is not None:
+                for event in self._inotify.read(timeout=0):
+                    if event.mask & inotify_flags.Q_OVERFLOW:
+                        self._overflowed.update(self._pending)
+                        self._overflowed.update(o for owners in self._owners.values() for o in owners)
+                        continue
+                    owners = self._owners.get(event.wd)
+                    if not owners:
+                        continue
+                    for watch, directory in owners.items():
+                        waiting = self._pending.setdefault(watch, [])
+                        if len(waiting) < MAX_PENDING_EVENTS:
+                            waiting.append((event, directory))
+                        else:
+                            self._overflowed.add(watch)
+                    if event.mask & inotify_flags.IGNORED:
+                        del self._owners[event.wd]  # the kernel dropped the watch with its directory
+            overflowed = owner in self._overflowed
+            self._overflowed.discard(owner)
+            return self._pending.pop(owner, []), overflowed
+
+
+_inotify = _Inotify()
 
 
 class TreeWatch:
@@ -54,11 +146,11 @@ class TreeWatch:
         self._root = root
         self._max_directories = max_directories
         self._lock = threading.Lock()
-        self._inotify: INotify | None = None
         # Why the tree cannot be watched; set once, for good.
         self._unwatchable = "" if INotify is not None else "inotify is not available on this platform"
-        # wd -> the directory's path.
-        self._directories: dict[int, str] = {}
+        self._checked_filesystem = False
+        # The watch descriptors of the tree's directories.
+        self._wds: set[int] = set()
         # The ignore files outside the watched directories, and their stat when last armed.
         self._outside = _outside_ignore_files(root)
         self._outside_seen: list[tuple[int, int, int, int] | None] = []
@@ -66,7 +158,7 @@ class TreeWatch:
         self._dirty = True
         # Directories created or moved into the tree since the last `arm()`: watched by the next.
         self._fresh: list[str] = []
-        # The queue overflowed or a directory moved: the next `arm()` watches the tree anew.
+        # Events were lost or a directory moved: the next `arm()` watches the tree anew.
         self._lost = True
 
     def quiet(self) -> bool:
@@ -75,7 +167,7 @@ class TreeWatch:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._inotify is None or self._dirty or self._lost:
+            if self._unwatchable or self._dirty or self._lost:
                 return False  # the events waiting are read by the next `arm()`, in its thread
             self._collect()
             return not self._dirty and not self._lost and _signatures(self._outside) == self._outside_seen
@@ -87,16 +179,15 @@ class TreeWatch:
         the changes so far (the listing that follows sees them); from now on any change makes
         the watch dirty. Walks the whole tree the first time."""
         with self._lock:
-            if self._unwatchable:
-                return
-            if self._inotify is None:
-                self._unwatchable = _not_local(self._root)
+            if not self._checked_filesystem:
+                self._checked_filesystem = True
+                self._unwatchable = self._unwatchable or _not_local(self._root)
                 if self._unwatchable:
                     log.info("%s is not watched (%s): every semantic_search lists and stats it", self._root,
                              self._unwatchable)
-                    return
-            else:
-                self._collect()
+            if self._unwatchable:
+                return
+            self._collect()
             if self._lost:
                 self._start_over()
             while self._fresh and not self._unwatchable:
@@ -109,41 +200,28 @@ class TreeWatch:
 
     def close(self) -> None:
         with self._lock:
-            if self._inotify is not None:
-                self._inotify.close()
-                self._inotify = None
+            _inotify.forget(self, list(self._wds))
+            self._wds = set()
             self._unwatchable = self._unwatchable or "closed"
 
     # -- caller holds the lock -------------------------------------------------------------------
 
     def _start_over(self) -> None:
-        """A new inotify instance watching the whole tree: old watches may name moved directories."""
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
-        try:
-            self._inotify = INotify(nonblocking=True)
-        except OSError as exc:
-            # Only slower: every call lists and stats the tree.
-            self._give_up(f"no inotify instance ({exc.strerror or exc}; raise fs.inotify.max_user_instances)")
-            return
-        self._directories = {}
+        """Watches the whole tree anew: old watches may know moved directories by old paths."""
+        _inotify.forget(self, list(self._wds))
+        self._wds = set()
         self._fresh = []
         self._lost = False
         self._watch_tree(self._root)
 
     def _collect(self) -> None:
-        assert self._inotify is not None
-        for event in self._inotify.read(timeout=0):
-            if event.mask & inotify_flags.Q_OVERFLOW:
-                self._lost = self._dirty = True
-                continue
-            directory = self._directories.get(event.wd)
-            if directory is None:
-                continue
+        events, overflowed = _inotify.take(self)
+        if overflowed:
+            self._lost = self._dirty = True
+        for event, directory in events:
             if event.mask & inotify_flags.IGNORED:
                 # The watch went with its directory (deleted); its parent saw that too.
-                del self._directories[event.wd]
+                self._wds.discard(event.wd)
                 self._dirty = True
                 continue
             if event.mask & inotify_flags.MOVE_SELF:
@@ -158,17 +236,12 @@ class TreeWatch:
                 self._fresh.append(os.path.join(directory, event.name))
 
     def _watch_tree(self, top: str) -> None:
-        mask = (
-            inotify_flags.MODIFY | inotify_flags.ATTRIB | inotify_flags.CLOSE_WRITE | inotify_flags.CREATE
-            | inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.MOVED_TO | inotify_flags.DELETE_SELF
-            | inotify_flags.MOVE_SELF | inotify_flags.ONLYDIR | inotify_flags.DONT_FOLLOW
-        )
         pending = [top]
-        while pending and self._inotify is not None:
+        while pending and not self._unwatchable:
             directory = pending.pop()
             # The watch first, then the listing: a subdirectory created in between is in one or
             # the other.
-            if not self._add(directory, mask):
+            if not self._add(directory):
                 continue
             try:
                 with os.scandir(directory) as entries:
@@ -179,28 +252,25 @@ class TreeWatch:
             except OSError:
                 continue  # gone or unreadable: rg lists nothing there either
 
-    def _add(self, directory: str, mask: int) -> bool:
-        assert self._inotify is not None
-        if len(self._directories) >= self._max_directories:
+    def _add(self, directory: str) -> bool:
+        if len(self._wds) >= self._max_directories:
             self._give_up(f"more than {self._max_directories:,} directories")
             return False
-        try:
-            wd = self._inotify.add_watch(directory, mask)
-        except (FileNotFoundError, NotADirectoryError):
+        if not os.path.isdir(directory):
             return False  # gone since it was listed
-        except OSError as exc:
-            reason = exc.strerror or exc
-            self._give_up(f"{directory} could not be watched ({reason}; raise fs.inotify.max_user_watches)")
+        added = _inotify.add(self, directory)
+        if isinstance(added, str):
+            if os.path.isdir(directory):
+                self._give_up(f"{directory} could not be watched ({added})")
             return False
-        self._directories[wd] = directory
+        self._wds.add(added)
         return True
 
     def _give_up(self, why: str) -> None:
         log.warning("%s is not watched (%s): every semantic_search lists and stats it", self._root, why)
         self._unwatchable = why
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
+        _inotify.forget(self, list(self._wds))
+        self._wds = set()
 
 
 def _outside_ignore_files(root: str) -> list[str]:
