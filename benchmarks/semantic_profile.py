@@ -8,7 +8,8 @@ chunker and random unit vectors of the model's dimension in place of the model's
 call after call (the evaluation's questions), each stage of a warm call apart: rg's listing,
 the model reading the query (the real model), the refresh, each step of `search`, and the
 rendering; and the whole call through a `ToolRegistry`, as a worker runs it, twice: once
-listing and stating the tree, once finding it unchanged (the watch). Medians and p90s,
+listing and stating the tree, once finding it unchanged (the watch); both must give the same
+results. Medians and p90s,
 in milliseconds. The tree is that of `semantic_bench` (site-packages' first files by path); with
 `--tree-dir` it is kept and reused.
 """
@@ -118,11 +119,14 @@ async def profile(tree: Path, questions: list[str], cache: Path) -> dict[str, li
             tree, query, outcome, report, 10))
         # The same call twice: the first lists and stats the tree (the refresh above proved
         # nothing), the second finds it unchanged.
+        results = []
         for name in ("whole call, tree listed", "whole call, tree unchanged"):
             started = time.perf_counter()
             result = await registry.execute("semantic_search", tree, json.dumps({"query": query}))
             stages.setdefault(name, []).append(time.perf_counter() - started)
             assert not result.is_error, result.output
+            results.append(result.metadata)
+        assert results[0] == results[1], f"the two paths ranked {query!r} differently"
         timed(stages, "current() (unchanged)", lambda: index.current(()))
     return stages
 
