@@ -4,7 +4,9 @@ Each call refreshes it first: files whose size or modification time changed are 
 (SHA-256); content seen before, here or in any workspace sharing the cache, brings its chunks and
 vectors from the `ChunkStore`; new content is chunked at once (so BM25 finds it immediately) and
 queued for the `Embedder` on a background thread. A call waits for that queue up to its budget,
-then answers from what is embedded and says how much is not; the build goes on after it.
+then answers from what is embedded and says how much is not; the build goes on after it. A call
+on a tree that did not change since a complete refresh skips it: a `TreeWatch` (inotify) proves
+that without looking at the files (see `current`).
 
 Chunks live in numbered slots: one row of a vector matrix, one BM25 length and the postings of
 its terms. A changed file frees its slots and takes new ones, so an update costs in proportion to
