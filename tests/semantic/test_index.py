@@ -318,3 +318,40 @@ async def test_paths_the_policy_denies_are_never_read_nor_shown(
     refused = await search(("src/**",), query="settings", path="src/config.py")
     assert refused.is_error and refused.error_kind is ErrorKind.PERMISSION_DENIED, refused.output
     assert "YAML" not in refused.output
+
+
+async def test_a_tree_unchanged_since_a_refresh_is_not_listed_again_and_changes_just_before_a_call_are_seen(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    state = _state(embedder, tmp_path / "cache")
+    search = searcher(state, workspace)
+    index = state.index_for(workspace_root(workspace))
+    first = await search(query="wait longer after each unsuccessful attempt")
+    assert index.current(()) is not None  # the next call skips the listing and the stats
+    assert (await search(query="wait longer after each unsuccessful attempt")).metadata == first.metadata
+
+    # Each change right before a call, with nothing in between: the call must see it.
+    with (workspace / "src" / "retry.py").open("a") as handle:
+        handle.write('\n\ndef jittered_delay(attempt):\n    """Randomise the backoff delay."""\n    return attempt\n')
+    assert "jittered_delay" in {hit["symbol"] for hit in (await search(query="jittered delay")).metadata["results"]}
+    (workspace / "src" / "net" / "deep").mkdir(parents=True)
+    (workspace / "src" / "net" / "deep" / "socket_pool.py").write_text("def reuse_sockets():\n    return True\n")
+    assert "src/net/deep/socket_pool.py" in _paths(await search(query="reuse sockets"))
+    (workspace / "src" / "config.py").unlink()
+    assert "src/config.py" not in _paths(await search(query="read the YAML settings file", limit=50))
+    (workspace / ".gitignore").write_text("src/net/\n")
+    assert "src/net/deep/socket_pool.py" not in _paths(await search(query="reuse sockets", limit=50))
+
+
+async def test_a_session_with_other_denied_paths_lists_the_tree_again(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    state = _state(embedder, tmp_path / "cache")
+    registry = ToolRegistry([state.tool()])
+
+    async def search(denied: tuple[str, ...], **arguments: Any) -> Any:
+        return await registry.execute("semantic_search", workspace, json.dumps(arguments), denied)
+
+    # The first session's listing leaves retry.py out of the index; the second may read it.
+    assert "src/retry.py" not in _paths(await search(("src/retry.py",), query="compute backoff", limit=50))
+    assert "src/retry.py" in _paths(await search((), query="compute backoff"))

@@ -4,7 +4,9 @@ Each call refreshes it first: files whose size or modification time changed are 
 (SHA-256); content seen before, here or in any workspace sharing the cache, brings its chunks and
 vectors from the `ChunkStore`; new content is chunked at once (so BM25 finds it immediately) and
 queued for the `Embedder` on a background thread. A call waits for that queue up to its budget,
-then answers from what is embedded and says how much is not; the build goes on after it.
+then answers from what is embedded and says how much is not; the build goes on after it. A call
+on a tree that did not change since a complete refresh skips it: a `TreeWatch` (inotify) proves
+that without looking at the files (see `current`).
 
 Chunks live in numbered slots: one row of a vector matrix, one BM25 length and the postings of
 its terms. A changed file frees its slots and takes new ones, so an update costs in proportion to
@@ -25,7 +27,7 @@ import stat as stat_module
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from tool_worker.semantic.chunking import Chunk, chunk_file, is_doc
 from tool_worker.semantic.embedder import MAX_EMBED_CHARS, QUERY_THREADS, Embedder
 from tool_worker.semantic.ranking import Fused, bm25_scores, diversify, fuse, top_keyword, top_semantic
 from tool_worker.semantic.store import ChunkStore, FileStat, StoredChunk
+from tool_worker.semantic.watch import TreeWatch
 from tool_worker.tools.files import is_binary
 from tool_worker.tools.search import BINARY_SNIFF_BYTES, MAX_FILE_BYTES, PATH_WEIGHT, tokenize
 
@@ -263,14 +266,61 @@ class WorkspaceIndex:
         # digest -> the slot lists (`_File.slots`) of the files waiting for its vectors: one
         # content may sit at several paths.
         self._waiting: dict[str, list[list[int]]] = {}
+        # What proves the index current without listing the tree (see `current`): the watch, the
+        # number of the latest listing begun (`before_listing`), and the listing key and report of
+        # the last refresh that was complete and of the latest listing (None: not proven).
+        self._watch = TreeWatch(self._root_path)
+        self._arming = threading.Lock()
+        self._generation = 0
+        self._proven: tuple[Hashable, RefreshReport] | None = None
 
     # -- refresh -------------------------------------------------------------------------------
 
-    def refresh(self, names: list[str], deadline: float, stop: threading.Event) -> RefreshReport:
+    def current(self, listing: Hashable) -> RefreshReport | None:
+        """The last refresh's report (nothing read) when it proves the index current, for file
+        names listed and then filtered by `listing` (e.g. the session's denied paths): that refresh
+        was complete, its listing began after the watch was armed, and nothing changed since.
+        None when the tree must be listed and refreshed. Never waits: cheap on an event loop."""
+        # The watch first: `before_listing` forgets proof before it arms the watch, so a change
+        # that an arming took from the queue is never mistaken for no change.
+        if not self._watch.quiet():
+            return None
+        with self._lock:
+            proven = self._proven
+        if proven is None or proven[0] != listing:
+            return None
+        return dataclasses.replace(proven[1], read=0, new_contents=0)
+
+    def before_listing(self) -> int:
+        """Called before the tree is listed for `refresh`: arms the watch (walking the tree the
+        first time) and returns the listing's number for `refresh`."""
+        with self._arming:
+            with self._lock:
+                self._proven = None
+                self._generation += 1
+                generation = self._generation
+            self._watch.arm()
+        return generation
+
+    def close(self) -> None:
+        """Stops watching the tree (the index is being dropped)."""
+        self._watch.close()
+
+    def refresh(
+        self,
+        names: list[str],
+        deadline: float,
+        stop: threading.Event,
+        listing: Hashable = None,
+        generation: int | None = None,
+    ) -> RefreshReport:
         """Brings the index in line with the workspace's files (`names`, relative to the root).
 
         Stops early at `deadline` (time.monotonic) or when `stop` is set; the files it did not
-        reach keep their old state and are looked at by the next refresh.
+        reach keep their old state and are looked at by the next refresh. `generation` is what
+        `before_listing` returned before `names` were listed (None: the watch was not armed), and
+        `listing` what the names were filtered by: a complete refresh of the latest listing
+        proves the index current until the watch sees a change (see `current`).
         """
         report = RefreshReport()
         with self._refreshing:
@@ -312,6 +362,10 @@ class WorkspaceIndex:
             self._store.update_stats(self._key, changed, removed)
             for name in [*changed, *removed]:
                 self._known.pop(name, None)
+            with self._lock:
+                # A refresh of an older listing may have undone what the latest one found.
+                latest = generation is not None and generation == self._generation
+                self._proven = (listing, report) if latest and not report.incomplete else None
         return report
 
     def _refresh_file(
@@ -473,6 +527,9 @@ class WorkspaceIndex:
                 for name in [name for name, entry in self._files.items() if entry.digest == digest]:
                     self._drop(name)
                     self._known.pop(name, None)
+                # The files dropped must be read again: no refresh under way may prove the index.
+                self._proven = None
+                self._generation += 1
             self._embedded_changed.notify_all()
 
     def wait_embedded(self, deadline: float, stop: threading.Event) -> bool:

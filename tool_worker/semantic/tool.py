@@ -2,7 +2,9 @@
 
 Refreshing the index and embedding the query run at once on two threads; a call waits for new
 content to be embedded for at most EMBED_WAIT_SECONDS, then answers with what is ready and says
-what is not (BM25 still ranks every chunk that is only waiting for its vector).
+what is not (BM25 still ranks every chunk that is only waiting for its vector). When the tree did
+not change since a complete refresh (the index's watch says so), the call neither lists nor
+stats it, and runs on one thread.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
@@ -63,7 +67,7 @@ class SemanticSearch:
         index = self._indexes.pop(root, None) or WorkspaceIndex(root, self.store, self.builder)
         self._indexes[root] = index
         while len(self._indexes) > MAX_WORKSPACES:
-            self._indexes.popitem(last=False)
+            self._indexes.popitem(last=False)[1].close()
         return index
 
     def tool(self) -> Tool:
@@ -139,25 +143,34 @@ class SemanticSearch:
         index = self.index_for(root)
         stop = threading.Event()
 
+        limit = args.get("limit", DEFAULT_RESULTS)
+        # Which files a listing keeps depends on the session's denied paths.
+        listing_key = tuple(ctx.denied_paths)
+
         async def refreshed() -> RefreshReport:
+            generation = await asyncio.to_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
             names = [name for name in listing if not ctx.hides(name)] if ctx.denied else listing
-            return await asyncio.to_thread(index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop)
+            return await asyncio.to_thread(
+                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation
+            )
+
+        def answer(query_vector: np.ndarray, report: RefreshReport) -> ToolResult:
+            index.wait_embedded(time.monotonic() + self.embed_wait, stop)
+            outcome = index.search(query_vector, query_terms(query), limit, within, docs)
+            return _render(root, query, outcome, report, limit)
 
         try:
+            current = index.current(listing_key)
+            if current is not None:
+                # Nothing changed since a complete refresh: no listing, no stats, and one hop to a
+                # thread for the whole call (on a busy machine each hop waits for a core).
+                return await asyncio.to_thread(lambda: answer(self.embedder.encode_query(query), current))
             # The model reads the query while rg walks the tree and the index looks at what changed.
             query_vector, report = await asyncio.gather(
                 asyncio.to_thread(self.embedder.encode_query, query), refreshed()
             )
-            limit = args.get("limit", DEFAULT_RESULTS)
-
-            def answer() -> ToolResult:
-                # One hop to a thread for the rest: on a busy machine each hop waits for a core.
-                index.wait_embedded(time.monotonic() + self.embed_wait, stop)
-                outcome = index.search(query_vector, query_terms(query), limit, within, docs)
-                return _render(root, query, outcome, report, limit)
-
-            return await asyncio.to_thread(answer)
+            return await asyncio.to_thread(answer, query_vector, report)
         finally:
             # A cancelled call must not leave its threads working for nobody.
             stop.set()

@@ -1,0 +1,145 @@
+"""The watch that lets semantic_search skip listing and stating an unchanged tree: every change a
+refresh would see must end its quiet, and nothing else should."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tool_worker.semantic.watch import TreeWatch, filesystem_type
+
+pytest.importorskip("inotify_simple", reason="inotify is Linux's")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+    (root / "empty" / "deeper").mkdir(parents=True)  # no file rg would list: watched all the same
+    (root / ".hidden").mkdir()
+    (root / "README.md").write_text("# Title\n")
+    return root
+
+
+@pytest.fixture
+def watch(tree: Path):
+    watch = TreeWatch(str(tree))
+    yield watch
+    watch.close()
+
+
+def _armed(watch: TreeWatch) -> TreeWatch:
+    assert not watch.quiet()  # never armed: nothing is proven
+    watch.arm()
+    assert watch.quiet()
+    return watch
+
+
+CHANGES = {
+    "append to a file": lambda root: (root / "src" / "pkg" / "mod.py").open("a").write("x = 2\n"),
+    "create a file": lambda root: (root / "src" / "new.py").write_text("y = 1\n"),
+    "delete a file": lambda root: (root / "README.md").unlink(),
+    "rename a file": lambda root: (root / "README.md").rename(root / "GUIDE.md"),
+    "chmod a file": lambda root: (root / "README.md").chmod(0o600),
+    "a file in a directory that held none": lambda root: (root / "empty" / "deeper" / "late.py").write_text("z = 3\n"),
+    "create a directory": lambda root: (root / "src" / "sub").mkdir(),
+    "edit a .gitignore": lambda root: (root / "src" / ".gitignore").write_text("pkg/\n"),
+    "a .gitignore in a parent": lambda root: (root.parent / ".gitignore").write_text("ws/src/\n"),
+    "the repository's excludes": lambda root: (
+        (root / ".git" / "info").mkdir(parents=True), (root / ".git" / "info" / "exclude").write_text("*.md\n")),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_change_made_before_the_question_ends_the_quiet(watch: TreeWatch, tree: Path, change: str) -> None:
+    _armed(watch)
+    CHANGES[change](tree)
+    assert not watch.quiet()
+    watch.arm()  # the refresh that follows lists the change; the tree is quiet again
+    assert watch.quiet()
+
+
+def test_hidden_files_change_nothing_rg_lists(watch: TreeWatch, tree: Path) -> None:
+    _armed(watch)
+    (tree / ".hidden" / "secret.py").write_text("k = 1\n")
+    (tree / "src" / ".mod.py.swp").write_text("swap")
+    assert watch.quiet()
+
+
+def test_directories_created_or_moved_in_are_watched_from_the_next_arm(watch: TreeWatch, tree: Path) -> None:
+    _armed(watch)
+    (tree / "new" / "inner").mkdir(parents=True)
+    assert not watch.quiet()
+    watch.arm()
+    (tree / "new" / "inner" / "file.py").write_text("a = 1\n")
+    assert not watch.quiet()
+    watch.arm()
+    (tree / "src" / "pkg").rename(tree / "moved")
+    assert not watch.quiet()
+    watch.arm()
+    (tree / "moved" / "mod.py").write_text("b = 2\n")
+    assert not watch.quiet()
+
+
+def test_an_overflowed_queue_is_not_taken_for_quiet(watch: TreeWatch, tree: Path) -> None:
+    _armed(watch)
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    files = [tree / "src" / "a.py", tree / "src" / "b.py"]
+    for path in files:
+        path.write_text("")
+    # Alternating files: the kernel merges an event identical to the one queued last.
+    for count in range(limit + 10):
+        os.utime(files[count % 2])
+    (tree / "lost").mkdir()  # its event did not fit in the queue
+    assert not watch.quiet()
+    watch.arm()  # watches the tree anew
+    assert watch.quiet()
+    (tree / "lost" / "mod.py").write_text("c = 3\n")
+    assert not watch.quiet()
+
+
+def test_a_tree_too_large_or_not_local_is_never_quiet(tree: Path) -> None:
+    small = TreeWatch(str(tree), max_directories=2)
+    small.arm()
+    assert not small.quiet()
+    assert filesystem_type("/proc/sys") == "proc"
+    remote = TreeWatch("/proc/sys")  # not a filesystem whose changes all reach inotify
+    remote.arm()
+    assert not remote.quiet()
+
+
+def _inotify_instances() -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.exists(fd) and os.readlink(fd) == "anon_inode:inotify")
+
+
+def test_every_watch_of_a_process_shares_one_inotify_instance(tree: Path, tmp_path: Path) -> None:
+    # Instances are few (fs.inotify.max_user_instances counts every process of the user).
+    watches = []
+    for number in range(3):
+        root = tmp_path / f"other{number}"
+        (root / "src").mkdir(parents=True)
+        watches.append(TreeWatch(str(root)))
+    watches.append(TreeWatch(str(tree)))
+    for watch in watches:
+        watch.arm()
+    assert all(watch.quiet() for watch in watches)
+    assert _inotify_instances() <= 1
+    (tree / "README.md").write_text("changed\n")
+    assert [watch.quiet() for watch in watches] == [True, True, True, False]
+    for watch in watches:
+        watch.close()
+
+
+def test_nested_workspaces_keep_their_shared_watches_until_both_close(tree: Path) -> None:
+    outer, inner = TreeWatch(str(tree)), TreeWatch(str(tree / "src"))
+    outer.arm()
+    inner.arm()
+    outer.close()
+    assert inner.quiet()
+    (tree / "src" / "pkg" / "mod.py").write_text("d = 4\n")
+    assert not inner.quiet()
+    inner.close()
