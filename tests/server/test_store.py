@@ -226,7 +226,7 @@ def test_events_and_messages_round_trip_whatever_their_strings(store: Store, tex
     result = ToolResult(output=text, metadata=metadata, worker_id="w1", queue_wait=0.25, run_time=1.5)
     event = append(store, "s1", "t1", ToolCallFinished(call_id="c1", tool_name="read", result=result,
                                                       queue_wait=0.25, run_time=1.5))
-    call = CallInfo("c1", "read", '{"path": "%s"}' % text, "query", 0)
+    call = CallInfo("c1", "read", f'{{"path": "{text}"}}', "query", 0)
     store.append_messages("s1", [
         StoredMessage(role="assistant", text="reading", tool_calls=[call], turn_id="t1"),
         StoredMessage(role="tool", text="read", tool_call_id="c1", tool_result=result, turn_id="t1"),

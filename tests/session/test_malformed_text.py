@@ -6,6 +6,7 @@ worker must keep serving."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ async def test_lone_surrogates_from_the_model_and_the_disk_never_break_a_turn(
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "plain.txt").write_text("plain needle\n", encoding="utf-8")
-    with open(bytes(workspace) + b"/bad-\xff-name.txt", "wb") as badly_named:
-        badly_named.write(b"needle in a badly named file\n")
+    # A name that is not UTF-8: pathlib cannot spell it, so the bytes API writes it.
+    fd = os.open(bytes(workspace) + b"/bad-\xff-name.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"needle in a badly named file\n")
+    os.close(fd)
     served = await make_server(local_workers=workers)
     client = served.client
     if workers:
