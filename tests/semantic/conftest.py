@@ -50,10 +50,11 @@ Search = Callable[..., Awaitable[ToolResult]]
 
 
 def searcher(state: Any, workspace: Path) -> Search:
-    """search(query=..., ...) runs semantic_search on `workspace` through a registry, as a worker does."""
+    """search(query=..., ...) runs semantic_search on `workspace` through a registry, as a worker does;
+    `denied=(...)` gives the call a session's denied paths."""
     registry = ToolRegistry([state.tool()])
 
-    async def search(**arguments: Any) -> ToolResult:
-        return await registry.execute("semantic_search", workspace, json.dumps(arguments))
+    async def search(*, denied: tuple[str, ...] = (), **arguments: Any) -> ToolResult:
+        return await registry.execute("semantic_search", workspace, json.dumps(arguments), denied)
 
     return search

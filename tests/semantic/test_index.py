@@ -7,7 +7,6 @@ embeds: that count is what an index build costs.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import threading
@@ -18,7 +17,6 @@ from typing import Any
 import pytest
 
 from tests.semantic.conftest import CountingEmbedder, searcher
-from tool_worker.registry import ToolRegistry
 from tool_worker.sandbox import workspace_root
 from tool_worker.tools.base import ErrorKind
 
@@ -303,19 +301,15 @@ async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
 async def test_paths_the_policy_denies_are_never_read_nor_shown(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:
-    state = _state(embedder, tmp_path / "cache")
-    registry = ToolRegistry([state.tool()])
-
-    async def search(denied: tuple[str, ...], **arguments: Any) -> Any:
-        return await registry.execute("semantic_search", workspace, json.dumps(arguments), denied)
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
 
     # A session without the denial indexes every file; the index is shared with the next one.
-    assert "src/retry.py" in _paths(await search((), query="wait longer after each unsuccessful attempt"))
-    denied = await search(("src/retry.py",), query="wait longer after each unsuccessful attempt", limit=50)
+    assert "src/retry.py" in _paths(await search(query="wait longer after each unsuccessful attempt"))
+    denied = await search(denied=("src/retry.py",), query="wait longer after each unsuccessful attempt", limit=50)
     assert not denied.is_error, denied.output
     assert "src/retry.py" not in _paths(denied) and "compute_backoff" not in denied.output
 
-    refused = await search(("src/**",), query="settings", path="src/config.py")
+    refused = await search(denied=("src/**",), query="settings", path="src/config.py")
     assert refused.is_error and refused.error_kind is ErrorKind.PERMISSION_DENIED, refused.output
     assert "YAML" not in refused.output
 
@@ -346,12 +340,8 @@ async def test_a_tree_unchanged_since_a_refresh_is_not_listed_again_and_changes_
 async def test_a_session_with_other_denied_paths_lists_the_tree_again(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:
-    state = _state(embedder, tmp_path / "cache")
-    registry = ToolRegistry([state.tool()])
-
-    async def search(denied: tuple[str, ...], **arguments: Any) -> Any:
-        return await registry.execute("semantic_search", workspace, json.dumps(arguments), denied)
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
 
     # The first session's listing leaves retry.py out of the index; the second may read it.
-    assert "src/retry.py" not in _paths(await search(("src/retry.py",), query="compute backoff", limit=50))
-    assert "src/retry.py" in _paths(await search((), query="compute backoff"))
+    assert "src/retry.py" not in _paths(await search(denied=("src/retry.py",), query="compute backoff", limit=50))
+    assert "src/retry.py" in _paths(await search(query="compute backoff"))
