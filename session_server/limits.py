@@ -11,6 +11,7 @@ most 4 bytes, which the limits allow for. Domain logic: no grpc.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tool_worker.tools.base import ToolResult, well_formed
@@ -103,17 +104,28 @@ def _size(value: Any, budget: int) -> int:
     return total
 
 
+def well_formed_value(value: _T) -> _T:
+    """A copy of `value` (an event, a stored message) whose strings are `well_formed`."""
+    return _map_strings(value, well_formed)
+
+
 def _shrink(value: Any) -> Any:
+    return _map_strings(value, lambda text: cut(text, _CUT_STRING_CHARS, "event field"))
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` with `change` applied to each of its strings (in dataclasses, lists, tuples and
+    dicts); a dataclass field without strings is kept as it is."""
     kind = type(value)
     if kind is str:
-        return cut(value, _CUT_STRING_CHARS, "event field")
+        return change(value)
     if hasattr(value, "__dataclass_fields__"):
-        fields = {name: _shrink(item) for name, item in _field_values(value).items() if _size(item, 0)}
+        fields = {name: _map_strings(item, change) for name, item in _field_values(value).items() if _size(item, 0)}
         return dataclasses.replace(value, **fields)
     if kind is list or kind is tuple:
-        return kind(_shrink(item) for item in value)
+        return kind(_map_strings(item, change) for item in value)
     if kind is dict:
-        return {_shrink(k): _shrink(v) for k, v in value.items()}
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
     return value
 
 

@@ -18,6 +18,7 @@ from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
 from session_server import events as ev
 from session_server.config import LaneMode, PermissionsRequest, SandboxRequest, SessionSettings, SettingsRequest
 from session_server.events import CallInfo, ExternalTaskInfo, StoredEvent
+from session_server.limits import well_formed_value
 from session_server.llm.base import Usage
 from session_server.permissions import Action, PermissionPolicy
 from session_server.pool import WorkerSnapshot, WorkspaceHeld
@@ -25,7 +26,6 @@ from session_server.store import SessionRecord, StoredMessage
 from session_server.tool_listing import ListedTool, Runner
 from tool_worker import snapshot_wire, wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
-from tool_worker.tools.base import well_formed_value
 
 # A stream message carries a batch of events up to about this size (a single bigger event goes
 # alone): well under the channel's message limit, and small enough to start arriving at once.

@@ -108,22 +108,24 @@ StreamItem = TextChunk | ToolCallReady | ModelResponse
 def well_formed_item(item: StreamItem) -> StreamItem:
     """The item with its text `well_formed`: a model's JSON may hold lone surrogates ("\\ud800"),
     which the history, the events and the workers' Assigns (all UTF-8) cannot carry. The item
-    itself when its text is ASCII (nearly always), so the check costs a scan, not a copy."""
+    itself when nothing changed (nearly always: `well_formed` returns its own argument then)."""
     if isinstance(item, TextChunk):
-        return item if item.text.isascii() else TextChunk(well_formed(item.text))
+        text = well_formed(item.text)
+        return item if text is item.text else TextChunk(text)
     if isinstance(item, ToolCallReady):
         call = _well_formed_call(item.call)
         return item if call is item.call else ToolCallReady(item.index, call)
-    calls = [_well_formed_call(call) for call in item.tool_calls]
-    if item.text.isascii() and all(new is old for new, old in zip(calls, item.tool_calls, strict=True)):
+    text, calls = well_formed(item.text), [_well_formed_call(call) for call in item.tool_calls]
+    if text is item.text and all(new is old for new, old in zip(calls, item.tool_calls, strict=True)):
         return item
-    return ModelResponse(well_formed(item.text), calls, item.usage, item.stop_reason)
+    return ModelResponse(text, calls, item.usage, item.stop_reason)
 
 
 def _well_formed_call(call: ModelToolCall) -> ModelToolCall:
-    if call.call_id.isascii() and call.name.isascii() and call.arguments_json.isascii():
+    fields = (well_formed(call.call_id), well_formed(call.name), well_formed(call.arguments_json))
+    if fields == (call.call_id, call.name, call.arguments_json):
         return call
-    return ModelToolCall(well_formed(call.call_id), well_formed(call.name), well_formed(call.arguments_json))
+    return ModelToolCall(*fields)
 
 
 class ModelError(Exception):

@@ -6,7 +6,6 @@ and from the wire in `tool_worker.wire`.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import json
@@ -35,21 +34,6 @@ def well_formed(text: str) -> str:
     model's JSON may say "\\ud800", and file names are read with surrogateescape. Whatever such a
     string reaches (an event, a result, the history) must still be sent and stored."""
     return text if text.isascii() else _LONE_SURROGATES.sub("\ufffd", text)
-
-
-def well_formed_value(value: Any) -> Any:
-    """`value` (strings, dataclasses, lists, tuples, dicts of them) with `well_formed` strings."""
-    if isinstance(value, str):
-        return well_formed(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{
-            f.name: well_formed_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init
-        })
-    if isinstance(value, list | tuple):
-        return type(value)(well_formed_value(item) for item in value)
-    if isinstance(value, dict):
-        return {well_formed_value(k): well_formed_value(v) for k, v in value.items()}
-    return value
 
 
 class Lane(enum.StrEnum):
