@@ -320,6 +320,9 @@ class SessionManager:
             self._turns.pop(session_id, None)
             if self.admission is not None:
                 self.admission.release_turn()
+            # Idle means the turn's events are all stored: a client that sees the state reads a
+            # last_sequence that holds TurnFinished (group commit would store it a moment later).
+            self.events.flush()
             if self.store.get_session(session_id) is not None:
                 self.store.set_session_state(session_id, "idle", "")
 
