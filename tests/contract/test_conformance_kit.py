@@ -18,10 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 KIT_TIMEOUT = 90.0
 
 
-async def conformance(*worker: str, within: float = 10.0) -> tuple[int, dict[str, tuple[str, str]]]:
-    """Runs the kit on a worker command; returns its exit status and {check: (status, reason)}."""
+async def conformance(*worker: str, logs: Path, within: float = 10.0) -> tuple[int, dict[str, tuple[str, str]]]:
+    """Runs the kit on a worker command; returns its exit status and {check: (status, reason)}.
+    The kit keeps its logs for the user: here they go in `logs` (the test's own directory)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "codelane.cli", "conformance", "worker", "--within", str(within), "--", *worker,
+        sys.executable, "-m", "codelane.cli", "conformance", "worker", "--within", str(within),
+        "--logs", str(logs), "--", *worker,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -46,7 +48,7 @@ async def test_the_python_worker_passes_every_check(placement: str, tmp_path: Pa
     # kit's CAS instead of using the path (shared).
     roots = ["--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache")] if placement == "synced" else []
     code, outcomes = await conformance(sys.executable, "-m", "tool_worker", "--connect", "{hub}", "--slots", "2",
-                                       *roots)
+                                       *roots, logs=tmp_path / "logs")
     stderr = outcomes.pop("<stderr>")[1]
     assert code == 0, (outcomes, stderr)
     assert list(outcomes) == [name for name, _ in CHECKS]
@@ -62,9 +64,11 @@ async def test_the_python_worker_passes_every_check(placement: str, tmp_path: Pa
         ("no-heartbeat", "heartbeats", "0 heartbeats"),
     ],
 )
-async def test_a_worker_breaking_a_rule_fails_the_check_that_names_it(fault: str, check: str, saying: str) -> None:
+async def test_a_worker_breaking_a_rule_fails_the_check_that_names_it(
+    fault: str, check: str, saying: str, tmp_path: Path
+) -> None:
     code, outcomes = await conformance(sys.executable, "-m", "tests.contract.broken_worker", "--connect", "{hub}",
-                                       "--fault", fault, within=2.0)
+                                       "--fault", fault, within=2.0, logs=tmp_path)
     stderr = outcomes.pop("<stderr>")[1]
     assert code == 1
     assert outcomes["hello"][0] == "PASS", outcomes
@@ -73,9 +77,9 @@ async def test_a_worker_breaking_a_rule_fails_the_check_that_names_it(fault: str
     assert f"({', '.join(n for n, (s, _) in outcomes.items() if s == 'FAIL')})" in stderr
 
 
-async def client_conformance(*command: str) -> tuple[int, dict[str, tuple[str, str]]]:
+async def client_conformance(*command: str, logs: Path) -> tuple[int, dict[str, tuple[str, str]]]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "codelane.cli", "conformance", "client", "--", *command,
+        sys.executable, "-m", "codelane.cli", "conformance", "client", "--logs", str(logs), "--", *command,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), KIT_TIMEOUT)
@@ -89,9 +93,9 @@ async def client_conformance(*command: str) -> tuple[int, dict[str, tuple[str, s
     return proc.returncode, outcomes
 
 
-async def test_the_python_sdk_passes_the_client_kit() -> None:
+async def test_the_python_sdk_passes_the_client_kit(tmp_path: Path) -> None:
     scenario = REPO / "clients/python/examples/conformance_client.py"
-    code, outcomes = await client_conformance(sys.executable, str(scenario))
+    code, outcomes = await client_conformance(sys.executable, str(scenario), logs=tmp_path)
     assert code == 0, outcomes
     assert list(outcomes) == [name for name, _ in CLIENT_CHECKS]
     assert all(status == "PASS" for status, _ in outcomes.values()), outcomes
@@ -105,7 +109,7 @@ async def test_a_client_that_misses_an_event_on_resume_fails_the_resume_check(tm
                            '                    print("replay", item.sequence, item.kind)')
     assert lossy != script
     (tmp_path / "lossy.py").write_text(lossy)
-    code, outcomes = await client_conformance(sys.executable, str(tmp_path / "lossy.py"))
+    code, outcomes = await client_conformance(sys.executable, str(tmp_path / "lossy.py"), logs=tmp_path / "logs")
     assert code == 1
     assert outcomes["resume"][0] == "FAIL" and "differ from the server's" in outcomes["resume"][1]
     assert outcomes["turn"][0] == "PASS" and outcomes["errors"][0] == "PASS"

@@ -5,6 +5,9 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
@@ -33,9 +36,19 @@ describe('word_count', () => {
   });
 });
 
-/** Runs `codelane conformance ARGS...`; resolves to {code, out, lines} (lines: the PASS/FAIL/SKIP ones). */
-async function conformance(args) {
-  const child = spawn(PYTHON, ['-m', 'codelane.cli', 'conformance', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Runs `codelane conformance KIND ARGS...`; resolves to {code, out, lines} (lines: the PASS/FAIL/SKIP
+ * ones). The kit keeps its logs for the user; here they go in a directory removed afterwards. */
+async function conformance(kind, args) {
+  const logs = mkdtempSync(join(tmpdir(), 'codelane-node-kit-'));
+  try {
+    return await runKit(['conformance', kind, '--logs', logs, ...args]);
+  } finally {
+    rmSync(logs, { recursive: true, force: true });
+  }
+}
+
+async function runKit(args) {
+  const child = spawn(PYTHON, ['-m', 'codelane.cli', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout.on('data', (chunk) => { out += chunk; });
   child.stderr.on('data', (chunk) => { out += chunk; });
@@ -55,7 +68,7 @@ async function conformance(args) {
 
 describe('conformance', { timeout: 2 * KIT_TIMEOUT_MS + 10_000 }, () => {
   test('the worker passes every check of codelane conformance worker', async () => {
-    const { code, out, lines } = await conformance(['worker', '--within', '10', '--',
+    const { code, out, lines } = await conformance('worker', ['--within', '10', '--',
       process.execPath, WORKER, '--connect', '{hub}', '--slots', '2']);
     assert.equal(code, 0, out);
     assert.equal(lines.length, 10, out);
@@ -66,7 +79,7 @@ describe('conformance', { timeout: 2 * KIT_TIMEOUT_MS + 10_000 }, () => {
   });
 
   test('this client passes every check of codelane conformance client', async () => {
-    const { code, out, lines } = await conformance(['client', '--', process.execPath, CLIENT_SCENARIO]);
+    const { code, out, lines } = await conformance('client', ['--', process.execPath, CLIENT_SCENARIO]);
     assert.equal(code, 0, out);
     assert.deepEqual(lines.map((line) => line.split(':')[0]),
       ['PASS exit', 'PASS session', 'PASS turn', 'PASS resume', 'PASS errors']);
