@@ -55,3 +55,45 @@ async def test_empty_file(call: Any, workspace: Path) -> None:
     (workspace / "empty.txt").write_text("")
     result = await call("read", file_path="empty.txt")
     assert result.output == "empty.txt is empty."
+
+
+CONTENTS = [
+    b"",
+    b"one\ntwo",
+    b"a\r\nb\r\n\r\n",
+    b"\n\n\n",
+    b"a\rb\rc",
+    b"\xff\xfe not utf-8\n\xc3",
+    "é".encode() * 4100 + b"\nafter\n",
+    b"x" * 8003 + b"\n" + b"y" * 8004 + b"\n" + b"z" * 8005 + b"\nw" + b"v" * 8004,
+    # Lines at the edge of the bytes kept of a line, whose kept part is at most 2000 characters.
+    "😀".encode() * 1999 + b"\r" * 8 + b"\n" + "😀".encode() * 1999 + b"\r" * 7 + b"\n",
+    b"nul later " * 1000 + b"\0\n",
+    b"nul early\0\n",
+]
+
+
+async def test_a_small_file_read_on_the_event_loop_reads_as_the_streaming_read(
+    call: Any, workspace: Path, monkeypatch: Any
+) -> None:
+    # Files of at most INLINE_READ_BYTES are read in one piece on the loop, larger ones line by
+    # line in a thread: the same file must read the same either way.
+    for index, content in enumerate(CONTENTS):
+        assert len(content) <= read.INLINE_READ_BYTES
+        (workspace / f"case{index}.txt").write_bytes(content)
+    windows = [{}, {"offset": 2, "limit": 1}, {"offset": 3, "limit": 5}]
+    inline = [[(await call("read", file_path=f"case{i}.txt", **w)).output for w in windows]
+              for i in range(len(CONTENTS))]
+    monkeypatch.setattr(read, "INLINE_READ_BYTES", 0)
+    streamed = [[(await call("read", file_path=f"case{i}.txt", **w)).output for w in windows]
+                for i in range(len(CONTENTS))]
+    assert inline == streamed
+    assert "binary file (11 bytes)" in inline[-1][0] and "binary" not in inline[-2][0]
+
+
+async def test_a_file_larger_than_the_inline_limit_is_read_whole(call: Any, workspace: Path) -> None:
+    lines = [f"{n:05} " + "x" * 100 for n in range(1, 1001)]
+    (workspace / "big.txt").write_text("\n".join(lines) + "\n")
+    assert (workspace / "big.txt").stat().st_size > read.INLINE_READ_BYTES
+    result = await call("read", file_path="big.txt", offset=999)
+    assert result.output.splitlines() == [f"   999\t{lines[998]}", f"  1000\t{lines[999]}"]

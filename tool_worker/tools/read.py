@@ -21,6 +21,11 @@ BINARY_SNIFF_BYTES = 8192
 # of it that is kept (a UTF-8 character is at most 4 bytes).
 READ_CHUNK = 64 * 1024
 _KEPT_LINE_BYTES = 4 * MAX_LINE_CHARS + 4
+# A file of at most this many bytes (most source files) is read and shown on the event loop: one
+# read() of it costs less than the hop to a thread and back, and a thread reading beside the loop
+# makes every system call of the loop wait to take the interpreter back. A bigger file, or one
+# that grew past this while it was read, is read in a thread that the call's end can stop.
+INLINE_READ_BYTES = 64 * 1024
 
 
 def _lines(handle, stop: threading.Event):
@@ -44,28 +49,47 @@ def _lines(handle, stop: threading.Event):
         yield bytes(kept), cut
 
 
+def _lines_in(data: bytes):
+    """What _lines yields for a file whose bytes are all in `data`, without the line feeds."""
+    pieces = data.split(b"\n")
+    last = pieces.pop()  # what follows the last line feed: a line only when not empty
+    for piece in pieces:
+        # The line feed counts towards the kept bytes, as _lines keeps it.
+        yield piece[:_KEPT_LINE_BYTES], len(piece) + 1 > _KEPT_LINE_BYTES
+    if last:
+        yield last[:_KEPT_LINE_BYTES], len(last) > _KEPT_LINE_BYTES
+
+
+def _binary(shown: str, size: int) -> ToolResult:
+    return ToolResult(output=f"{shown} is a binary file ({size} bytes); its content is not shown.")
+
+
 def _read(path: Path, shown: str, offset: int, limit: int, stop: threading.Event) -> ToolResult:
     with open_regular(path, shown) as handle:
         if is_binary(handle.read(BINARY_SNIFF_BYTES)):
-            size = os.fstat(handle.fileno()).st_size
-            return ToolResult(output=f"{shown} is a binary file ({size} bytes); its content is not shown.")
+            return _binary(shown, os.fstat(handle.fileno()).st_size)
         handle.seek(0)
-        lines: list[str] = []
-        size = 0
-        cut_lines = 0
-        number = 0
-        last_shown = offset - 1
-        for number, (raw, cut) in enumerate(_lines(handle, stop), start=1):
-            if number < offset or number >= offset + limit or size >= MAX_OUTPUT_CHARS:
-                # Keep counting so the notice can say how long the file is.
-                continue
-            text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            if cut or len(text) > MAX_LINE_CHARS:
-                text = f"{text[:MAX_LINE_CHARS]} [... line cut at {MAX_LINE_CHARS} characters]"
-                cut_lines += 1
-            lines.append(f"{number:6}\t{text}")
-            size += len(text) + 8
-            last_shown = number
+        return _show(_lines(handle, stop), shown, offset, limit)
+
+
+def _show(lines_read, shown: str, offset: int, limit: int) -> ToolResult:
+    """The answer for a file whose lines (kept bytes, was cut) `lines_read` yields."""
+    lines: list[str] = []
+    size = 0
+    cut_lines = 0
+    number = 0
+    last_shown = offset - 1
+    for number, (raw, cut) in enumerate(lines_read, start=1):
+        if number < offset or number >= offset + limit or size >= MAX_OUTPUT_CHARS:
+            # Keep counting so the notice can say how long the file is.
+            continue
+        text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        if cut or len(text) > MAX_LINE_CHARS:
+            text = f"{text[:MAX_LINE_CHARS]} [... line cut at {MAX_LINE_CHARS} characters]"
+            cut_lines += 1
+        lines.append(f"{number:6}\t{text}")
+        size += len(text) + 8
+        last_shown = number
     total = number
     if total == 0:
         return ToolResult(output=f"{shown} is empty.")
@@ -85,7 +109,14 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     ctx.check_readable(path, args["file_path"])
     offset = args.get("offset", 1)
     limit = args.get("limit", DEFAULT_LINE_LIMIT)
-    return await run_stoppable(_read, path, args["file_path"], offset, limit)
+    shown = args["file_path"]
+    with open_regular(path, shown) as handle:
+        head = handle.read(INLINE_READ_BYTES + 1)
+    if len(head) <= INLINE_READ_BYTES:
+        if is_binary(head[:BINARY_SNIFF_BYTES]):
+            return _binary(shown, len(head))
+        return _show(_lines_in(head), shown, offset, limit)
+    return await run_stoppable(_read, path, shown, offset, limit)
 
 
 TOOL = Tool(
