@@ -16,6 +16,7 @@ import httpx
 from session_server.llm.base import ModelError, ModelRequest, StreamItem
 from session_server.llm.http_errors import model_error, parse_error_body, redact
 from session_server.llm.retry import RetryPolicy, should_retry
+from session_server.llm.wire_json import encode_body
 
 # Reading a stream may pause for long while a big model thinks; connecting should be quick.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
@@ -44,12 +45,12 @@ async def stream_with_retries(
 ) -> AsyncIterator[StreamItem]:
     """POST `body` and yield what `decode` makes of the response lines."""
     retries = 0
+    content = encode_body(body)
+    headers = {"content-type": "application/json", **endpoint.headers}
     while True:
         yielded = False
         try:
-            async with client.stream(
-                "POST", endpoint.url, json=body, headers=dict(endpoint.headers)
-            ) as response:
+            async with client.stream("POST", endpoint.url, content=content, headers=headers) as response:
                 if response.status_code < 400:
                     try:
                         async for item in decode(response.aiter_lines()):
