@@ -136,7 +136,12 @@ def read_script(handle, path: str | Path) -> bytes:
 
 def estimate_tokens(text: str) -> int:
     """A deterministic token count (about four characters a token), for scripted usage."""
-    return math.ceil(len(text) / 4)
+    return tokens_in_characters(len(text))
+
+
+def tokens_in_characters(count: int) -> int:
+    """estimate_tokens of a text `count` characters long."""
+    return math.ceil(count / 4)
 
 
 def split_words(text: str) -> list[str]:

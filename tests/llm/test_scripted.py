@@ -39,3 +39,35 @@ async def test_latency_before_first_item(script: Script) -> None:
     await anext(stream)
     assert time.monotonic() - started >= 0.05
     await stream.aclose()
+
+
+async def test_a_growing_history_is_answered_as_if_counted_whole(script: Script) -> None:
+    # The model counts a history once and then only what was appended to that same list: every
+    # step must still answer (response and prompt tokens) as the whole history counted anew does.
+    from session_server.llm.base import ChatMessage, ModelRequest
+    from session_server.llm.script import estimate_tokens
+
+    provider = ScriptedProvider(script)
+    history: list[ChatMessage] = []
+
+    async def answer(messages: list[ChatMessage]) -> tuple[str, int]:
+        response = (await collect(provider.stream(ModelRequest("m", "system", messages, []))))[-1]
+        return response.text, response.usage.input_tokens
+
+    def counted_whole(messages: list[ChatMessage]) -> tuple[str, int]:
+        text = "system" + "".join(m.text + "".join(c.name + c.arguments_json for c in m.tool_calls)
+                                  for m in messages)
+        return script.response_for(messages).text, estimate_tokens(text)
+
+    for step in range(6):
+        history.append(ChatMessage("user", f"question {step} " * (step + 1)))
+        assert await answer(history) == counted_whole(history)
+        history.append(ChatMessage("assistant", f"answer {step}", list(script.responses[0].tool_calls)))
+        assert await answer(history) == counted_whole(history)
+        assert await answer(list(history)) == counted_whole(history)
+    # A list that lost messages since it was counted (not a history, which only grows) is
+    # counted afresh, as is one whose last counted message was replaced.
+    del history[3:]
+    assert await answer(history) == counted_whole(history)
+    history[-1] = ChatMessage("user", "replaced, and longer than what it replaced")
+    assert await answer(history) == counted_whole(history)
