@@ -5,8 +5,12 @@
 One session server process with the in-process scripted model (no network, so the figure is the
 server's own work). For each size, a session is brought to that many history messages by real
 turns (each turn adds a user and an assistant message), then the median of `--samples` text-only
-turns (one model step each, timed by the client from sending to TurnFinished) is printed beside
-the smallest size's: flat means a ratio near 1.
+turns (one model step each, timed by the client from sending to TurnFinished; the sizes take
+turns) is printed beside the smallest size's: flat means a ratio near 1.
+
+A model behind HTTP is sent the whole history at every step, which no server can make flat; the
+benchmark also prints what encoding that request body costs at each size, the way httpx's `json=`
+does it and the way the providers do it (`session_server.llm.wire_json.encode_body`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 from codelane.client import Client
+from session_server.llm.base import ChatMessage, ModelRequest, ModelToolCall
+from session_server.llm.openai import request_body
+from session_server.llm.wire_json import encode_body
 from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.child_watcher import pidfd_child_watcher
 
@@ -55,13 +64,19 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
         client = Client(f"127.0.0.1:{line.split()[1].decode()}", timeout=30)
-        figures: dict[int, float] = {}
+        sessions: dict[int, str] = {}
         for size in args.sizes:
             session = await client.create_session(scratch / "ws")
             for i in range(size // 2):
                 await turn(client, session.id, f"filler {i}")
-            samples = [await turn(client, session.id, f"measured {i}") for i in range(args.samples)]
-            figures[size] = statistics.median(samples)
+            sessions[size] = session.id
+        # Interleaved, a turn of each size in every round: a drift of this shared machine's speed
+        # (or of the process's) then touches every size alike.
+        samples: dict[int, list[float]] = {size: [] for size in args.sizes}
+        for i in range(args.samples):
+            for size, session_id in sessions.items():
+                samples[size].append(await turn(client, session_id, f"measured {i}"))
+        figures = {size: statistics.median(seconds) for size, seconds in samples.items()}
         base = figures[args.sizes[0]]
         print(f"one model step (text-only turn), median of {args.samples}, by history size:")
         for size, seconds in figures.items():
@@ -70,6 +85,7 @@ async def main_async(args: argparse.Namespace) -> int:
         verdict = "met" if ratio <= FLAT_RATIO else "MISSED"
         print(f"target: flat (at most x{FLAT_RATIO:g} from {args.sizes[0]} to {args.sizes[-1]} messages): "
               f"x{ratio:.2f}, {verdict}")
+        print_body_encoding(args.sizes, args.samples)
         return 0
     finally:
         if client is not None:
@@ -82,6 +98,42 @@ async def main_async(args: argparse.Namespace) -> int:
                 proc.kill()
                 await proc.wait()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def print_body_encoding(sizes: Sequence[int], samples: int) -> None:
+    print("an OpenAI request body of the whole history (user, assistant with a read call, its 50-line result, "
+          f"assistant; median of {samples}):")
+    for size in sizes:
+        body = request_body(ModelRequest("m", "You are a coding agent.", _history(size), []))
+        assert httpx.Request("POST", "http://model/", json=body).content == encode_body(body)
+        by_httpx = _median_seconds(lambda body=body: httpx.Request("POST", "http://model/", json=body), samples)
+        ours = _median_seconds(lambda body=body: encode_body(body), samples)
+        kib = len(encode_body(body)) / 1024
+        print(f"  {size:>6} messages  {kib:7.0f} KiB   httpx json= {by_httpx * 1000:7.2f} ms   "
+              f"encode_body {ours * 1000:6.2f} ms   x{by_httpx / ours:.1f}")
+
+
+def _history(size: int) -> list[ChatMessage]:
+    messages: list[ChatMessage] = []
+    result = "\n".join(f"{k:6}\tdef f{k}(x):  # é" for k in range(50))
+    for i in range(max(1, size // 4)):
+        call = ModelToolCall(f"c{i}", "read", f'{{"file_path": "m{i}.py"}}')
+        messages += [
+            ChatMessage("user", f"please look at module {i} ✓"),
+            ChatMessage("assistant", "Reading it.", [call]),
+            ChatMessage("tool", result, tool_call_id=f"c{i}"),
+            ChatMessage("assistant", "It defines fifty functions."),
+        ]
+    return messages
+
+
+def _median_seconds(run, samples: int) -> float:
+    timings = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
 
 
 async def serve(script: Path, data_dir: Path) -> None:
