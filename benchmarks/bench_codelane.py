@@ -6,9 +6,9 @@ each response) replaying the same script, so every run makes exactly the same ca
 turn of a new session: the model asks for the workload's calls, codelane runs them, the model
 answers. Timing comes from the turn's events:
 
-- `wall` (the tool phase): from the moment every call of the response is known (ModelResponded:
-  the server has the whole response; or the first ToolCallStarted, if later) to the last
-  ToolCallFinished, on the server's clock. It holds everything codelane does for the calls
+- `wall` (the tool phase): from the moment every call of the response is known (the mock
+  finished writing it; or the first ToolCallStarted, if later) to the last ToolCallFinished, on
+  the machine's clock. It holds everything codelane does for the calls
   (scheduling, dispatch, transport, the tools, event persistence) and nothing of the model's
   latency. Query calls start as soon as their arguments are complete, while the model still
   streams: that head start is free, and the peers, given the whole list at once, have none.
@@ -317,13 +317,17 @@ def parse_turn(
         workers.append(result.worker_id)
         if mode.workers and call.lane == "query" and result.worker_id == "local":
             problems.append(f"call {call.call_id} ran in-process although the mode has workers")
-    # The tool phase starts when every call of the response is known: when the server has the
-    # whole response (ModelResponded), or at the first call if none started before it. Calls
-    # dispatched while the model was still streaming have a head start that costs nothing; the
-    # peers, given the whole list at once, can have none.
+    # The tool phase starts when every call of the response is known: when the mock finished
+    # writing the response, or at the first call if none started before it. Calls dispatched
+    # while the model was still streaming have a head start that costs nothing; the peers, given
+    # the whole list at once, can have none. The mock's clock, not ModelResponded: the server
+    # reads the stream on the loop that also runs small calls inline (a small `read`), so its
+    # ModelResponded comes after those calls ran and would hide them from the phase. Without a
+    # mock's timestamp, ModelResponded.
     wall = 0.0
     if finished and started:
-        phase_start = max(min(started.values()), responded if responded is not None else 0.0)
+        known = response_end if response_end is not None else responded
+        phase_start = max(min(started.values()), known if known is not None else 0.0)
         wall = max(f.time for f in finished.values()) - phase_start
     after_response = head_start = None
     if response_end is not None and finished and started:
