@@ -182,8 +182,7 @@ async def _throughput(calls: int, workers: int, workspace: str) -> float:
         await _stop_server(server)
 
 
-async def run(calls: int, throughput_calls: int, workers: int) -> dict:
-    workspace = str(Path.cwd())
+async def run(calls: int, throughput_calls: int, workers: int, workspace: str) -> dict:
     raw, hub = await _round_trips(calls, workspace)
     rate = await _throughput(throughput_calls, workers, workspace)
     figures = {
@@ -214,7 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_client:
         asyncio.run(_echo_client(args.echo_client))
         return 0
-    figures = asyncio.run(run(args.calls, args.throughput_calls, args.workers))
+    # A workspace of its own: the calls name a snapshot of it, and a directory that others change
+    # meanwhile (the current one might be /tmp) would make workers refuse them as changed.
+    scratch = Path(tempfile.mkdtemp(prefix="codelane-pool-bench-"))
+    try:
+        (scratch / "README.md").write_text("a workspace for no-op calls\n")
+        figures = asyncio.run(run(args.calls, args.throughput_calls, args.workers, str(scratch.resolve())))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
