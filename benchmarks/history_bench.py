@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.tools_bench import paired_medians
 from codelane.client import Client
 from session_server.llm.base import ChatMessage, ModelRequest, ModelToolCall
 from session_server.llm.openai import request_body
@@ -102,15 +103,15 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def print_body_encoding(sizes: Sequence[int], samples: int) -> None:
     print("an OpenAI request body of the whole history (user, assistant with a read call, its 50-line result, "
-          f"assistant; median of {samples}):")
+          f"assistant; median of {samples}, alternating):")
     for size in sizes:
         body = request_body(ModelRequest("m", "You are a coding agent.", _history(size), []))
-        assert httpx.Request("POST", "http://model/", json=body).content == encode_body(body)
-        by_httpx = _median_seconds(lambda body=body: httpx.Request("POST", "http://model/", json=body), samples)
-        ours = _median_seconds(lambda body=body: encode_body(body), samples)
-        kib = len(encode_body(body)) / 1024
-        print(f"  {size:>6} messages  {kib:7.0f} KiB   httpx json= {by_httpx * 1000:7.2f} ms   "
-              f"encode_body {ours * 1000:6.2f} ms   x{by_httpx / ours:.1f}")
+        encoded = encode_body(body)
+        assert httpx.Request("POST", "http://model/", json=body).content == encoded
+        by_httpx, ours = paired_medians(lambda body=body: httpx.Request("POST", "http://model/", json=body),
+                                        lambda body=body: encode_body(body), samples)
+        print(f"  {size:>6} messages  {len(encoded) / 1024:7.0f} KiB   httpx json= {by_httpx:7.2f} ms   "
+              f"encode_body {ours:6.2f} ms   x{by_httpx / ours:.1f}")
 
 
 def _history(size: int) -> list[ChatMessage]:
@@ -125,15 +126,6 @@ def _history(size: int) -> list[ChatMessage]:
             ChatMessage("assistant", "It defines fifty functions."),
         ]
     return messages
-
-
-def _median_seconds(run, samples: int) -> float:
-    timings = []
-    for _ in range(samples):
-        started = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 async def serve(script: Path, data_dir: Path) -> None:

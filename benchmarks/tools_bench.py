@@ -124,7 +124,7 @@ def _tree(keep: str | None, size_mb: int) -> tuple[Path, tempfile.TemporaryDirec
     return Path(holder.name), holder
 
 
-def _paired_medians(tool: Callable[[], object], direct: Callable[[], object], repeat: int) -> tuple[float, float]:
+def paired_medians(tool: Callable[[], object], direct: Callable[[], object], repeat: int) -> tuple[float, float]:
     """Median ms of each, run alternately so that load on the machine hits both alike."""
     tool()
     direct()  # warm: page cache, thread pool, first-call imports
@@ -179,7 +179,7 @@ def main() -> None:
                 return result
 
             rg_flags = rg_arguments(arguments) if tool == "grep" else flags
-            tool_ms, rg_ms = _paired_medians(call_tool, _rg(root, rg_flags), options.repeat)
+            tool_ms, rg_ms = paired_medians(call_tool, _rg(root, rg_flags), options.repeat)
             rows.append((label, tool_ms, rg_ms, tool_ms / rg_ms))
     finally:
         loop.close()

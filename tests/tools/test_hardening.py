@@ -161,7 +161,7 @@ def test_a_stopped_copy_copies_nothing(workspace: Path) -> None:
 
 def test_stopped_read_and_ls_end(workspace: Path) -> None:
     with pytest.raises(Stopped):
-        read._read(workspace / "src" / "app.py", "src/app.py", 1, 10, _stopped())
+        read._stream((workspace / "src" / "app.py").open("rb"), "src/app.py", 1, 10, _stopped())
     with pytest.raises(Stopped):
         ls._list(ToolContext(workspace=workspace), workspace / "src", "src", [], _stopped())
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace
@@ -64,10 +64,10 @@ def _binary(shown: str, size: int) -> ToolResult:
     return ToolResult(output=f"{shown} is a binary file ({size} bytes); its content is not shown.")
 
 
-def _read(path: Path, shown: str, offset: int, limit: int, stop: threading.Event) -> ToolResult:
-    with open_regular(path, shown) as handle:
-        if is_binary(handle.read(BINARY_SNIFF_BYTES)):
-            return _binary(shown, os.fstat(handle.fileno()).st_size)
+def _stream(handle: BinaryIO, shown: str, offset: int, limit: int, stop: threading.Event) -> ToolResult:
+    """The answer for a file too big to read on the loop, line by line from its start; closes
+    `handle`, which this thread owns."""
+    with handle:
         handle.seek(0)
         return _show(_lines(handle, stop), shown, offset, limit)
 
@@ -110,13 +110,19 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     offset = args.get("offset", 1)
     limit = args.get("limit", DEFAULT_LINE_LIMIT)
     shown = args["file_path"]
-    with open_regular(path, shown) as handle:
-        head = handle.read(INLINE_READ_BYTES + 1)
-    if len(head) <= INLINE_READ_BYTES:
+    with contextlib.ExitStack() as owned:
+        handle = owned.enter_context(open_regular(path, shown))
+        # At least the bytes binary files are told by, whatever the inline limit.
+        head = handle.read(max(INLINE_READ_BYTES + 1, BINARY_SNIFF_BYTES))
+        small = len(head) <= INLINE_READ_BYTES
         if is_binary(head[:BINARY_SNIFF_BYTES]):
-            return _binary(shown, len(head))
-        return _show(_lines_in(head), shown, offset, limit)
-    return await run_stoppable(_read, path, shown, offset, limit)
+            return _binary(shown, len(head) if small else os.fstat(handle.fileno()).st_size)
+        if small:
+            return _show(_lines_in(head), shown, offset, limit)
+        # The thread reads on from the same open file, and closes it (were the call cancelled
+        # before the thread started, dropping its work item closes it).
+        owned.pop_all()
+    return await run_stoppable(_stream, handle, shown, offset, limit)
 
 
 TOOL = Tool(
