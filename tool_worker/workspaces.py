@@ -58,9 +58,6 @@ DEFAULT_CACHE_SIZE = 10 * 1024**3
 MAX_TREES = 2
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
 # under the server's workspace in them are mapped to the copy.
-# Batches of fetched blobs written at once: file creation on a journaling filesystem costs
-# hundreds of microseconds of kernel time per file, and overlaps well.
-WRITE_THREADS = 4
 # A move this small (the usual edit) runs on the event loop rather than in threads.
 SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
@@ -421,18 +418,25 @@ class WorkspaceManager:
         if not missing:
             return
         assert self.cas is not None
-        pending: set[asyncio.Future[None]] = set()
-        async for batch in self.cas.fetch(missing):
-            if inline:
-                self._write_batch(tree, plan, batch)
-                continue
-            pending.add(asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch)))
-            if len(pending) >= WRITE_THREADS:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-        for future in pending:
-            await future
+        # One batch written at a time, in one thread, while the next ones arrive. Several writer
+        # threads were slower: each file is five system calls, each releases and takes back the
+        # GIL, and with other threads waiting every one of them became a context switch (a quarter
+        # of the worker's time in futex wake-ups; docs/workspaces.md).
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for batch in self.cas.fetch(missing):
+                if inline:
+                    self._write_batch(tree, plan, batch)
+                    continue
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch))
+        finally:
+            # Never leave a thread writing into a tree the next sync may prepare.
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
+        if writing is not None:
+            writing.result()
 
     def _fill_local(self, tree: _Tree, plan: _Plan) -> set[str]:
         done = set()
