@@ -189,9 +189,13 @@ async def measure(args: argparse.Namespace, base: Path) -> None:
                 copy = ws.parent / f"copy{round_}"
                 await asyncio.to_thread(subprocess.run, ["cp", "-al", str(ws), str(copy)], check=True)
                 copy_snapshot = await current(server, copy)
+                # Each side starts with nothing dirty: the writeback of the earlier rounds' gigabyte
+                # would otherwise throttle whichever side comes next.
+                await asyncio.to_thread(os.sync)
                 before = cpu_seconds(), cpu_seconds(remote.pid)
                 syncs.append(await read(server, copy, copy_snapshot, "pkg00/mod0/file0.py", "remote"))
                 sync_cpu.append((used(before[0], cpu_seconds()), used(before[1], cpu_seconds(remote.pid))))
+                await asyncio.to_thread(os.sync)
                 before_tar = children_cpu_seconds()
                 tars.append(await asyncio.to_thread(tar_over_tcp, host, ws, base / f"tar-copy{round_}"))
                 tar_cpu.append(used(before_tar, children_cpu_seconds()))
