@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tool_worker.tools.base import ErrorKind
+from tool_worker.tools.write import INLINE_WRITE_CHARS
 
 
 async def test_write_creates_parents_and_overwrites(call: Any, workspace: Path) -> None:
@@ -22,6 +23,20 @@ async def test_write_creates_parents_and_overwrites(call: Any, workspace: Path) 
     assert (workspace / "README.md").read_text() == "new"
     assert stat.S_IMODE((workspace / "README.md").stat().st_mode) == 0o755
     assert not [name for name in os.listdir(workspace) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("characters", [INLINE_WRITE_CHARS, INLINE_WRITE_CHARS + 1])
+async def test_write_on_the_loop_and_in_a_thread_alike(call: Any, workspace: Path, characters: int) -> None:
+    # Up to INLINE_WRITE_CHARS the write runs on the event loop, past it in a thread: same file,
+    # same answer, same errors either way.
+    content = ("é" * (characters - 1)) + "\n"
+    result = await call("write", file_path="big/file.txt", content=content)
+    assert result.output == f"Created big/file.txt ({len(content.encode())} bytes)"
+    assert (workspace / "big" / "file.txt").read_text(encoding="utf-8") == content
+    (workspace / "big" / "dir").mkdir()
+    refused = await call("write", file_path="big/dir", content=content)
+    assert refused.is_error and "dir is a directory" in refused.output
+    assert not [name for name in os.listdir(workspace / "big") if name.endswith(".tmp")]
 
 
 async def test_write_errors(call: Any, workspace: Path) -> None:
