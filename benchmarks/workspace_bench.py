@@ -122,16 +122,19 @@ def fresh_filesystem(trees: int, files: int, total_bytes: int) -> Iterator[Path]
     size = max(1 << 30, int(per_tree * trees * 1.5))
     scratch = Path(tempfile.mkdtemp(prefix="codelane-workspace-fs-"))
     image, mountpoint = scratch / "ext4.img", scratch / "mnt"
-    mountpoint.mkdir()
-    with open(image, "wb") as handle:
-        handle.truncate(size)
     try:
+        mountpoint.mkdir()
+        with open(image, "wb") as handle:
+            handle.truncate(size)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(files * trees * 2), str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
         try:
             yield mountpoint
         finally:
-            subprocess.run(["umount", str(mountpoint)], check=False)
+            if subprocess.run(["umount", str(mountpoint)], check=False).returncode != 0:
+                # Busy (a process of the run still holds a file there): detached now, so that the
+                # removal below cannot reach into it; the loop device goes when it is let go.
+                subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -264,6 +267,8 @@ def main() -> None:
                              "system's temporary directory")
     args = parser.parse_args()
     reason = unavailable()
+    if reason is None and args.filesystem == "fresh" and shutil.which("mkfs.ext4") is None:
+        reason = "mkfs.ext4 is missing (apt-get install e2fsprogs), or measure in /tmp: --filesystem tmp"
     if reason is not None:
         raise SystemExit(f"workspace_bench: {reason}")
     asyncio.run(main_async(args))

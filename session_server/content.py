@@ -29,7 +29,8 @@ STREAM_CHUNK = 1024 * 1024
 # Batches (or stream chunks) read at once. Reads from the page cache are CPU work under the GIL:
 # several threads only hand it to each other at every open, read and hash (a context switch per
 # file; a cold sync of 10,000 files was 5-10% slower with 8 than with 1 or 2). Two still overlap
-# a read that waits for the disk with one that does not.
+# a read that waits for the disk with one that does not. The limit is the server's: workers
+# syncing at once share it (measured with one worker and files in the page cache).
 MAX_CONCURRENT_READS = 2
 # Uploaded blobs kept in memory.
 MAX_UPLOADED_BYTES = 256 * 1024 * 1024

@@ -17,6 +17,7 @@ else it is not used. Placing a call on a snapshot the worker already holds is a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -56,8 +57,6 @@ DEFAULT_CACHE_SIZE = 10 * 1024**3
 # Trees kept per workspace: one, and a second while calls read the first and another snapshot is
 # wanted.
 MAX_TREES = 2
-# Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
-# under the server's workspace in them are mapped to the copy.
 # A move this small (the usual edit) runs on the event loop rather than in threads.
 SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
@@ -65,6 +64,8 @@ SMALL_PLAN_BYTES = 256 * 1024
 CHEAP_SCAN_DIRECTORIES = 8
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
+# Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
+# under the server's workspace in them are mapped to the copy.
 _PATH_ARGUMENT = re.compile(r"^(?:path|paths|file_path|.*_path|.*_paths)$")
 
 
@@ -424,19 +425,27 @@ class WorkspaceManager:
         # of the worker's time in futex wake-ups; docs/workspaces.md).
         writing: asyncio.Future[None] | None = None
         try:
-            async for batch in self.cas.fetch(missing):
-                if inline:
-                    self._write_batch(tree, plan, batch)
-                    continue
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch))
+            # Closed on the way out, so that no fetch outlives the sync (an error, a cancel).
+            async with contextlib.aclosing(self.cas.fetch(missing)) as batches:
+                async for batch in batches:
+                    if inline:
+                        self._write_batch(tree, plan, batch)
+                        continue
+                    if writing is not None:
+                        # Shielded: a cancelled sync must not stop waiting while the thread writes.
+                        await asyncio.shield(writing)
+                    writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch))
+            if writing is not None:
+                await asyncio.shield(writing)
         finally:
-            # Never leave a thread writing into a tree the next sync may prepare.
-            if writing is not None and not writing.done():
-                await asyncio.wait([writing])
-        if writing is not None:
-            writing.result()
+            # Never leave a thread writing into a tree the next sync may prepare. A write that failed
+            # (the cache disk full) says more than a fetch that failed beside it, unless the sync
+            # was cancelled.
+            if writing is not None:
+                failure = await _settled(writing)
+                task = asyncio.current_task()
+                if failure is not None and not (task is not None and task.cancelling()):
+                    raise failure
 
     def _fill_local(self, tree: _Tree, plan: _Plan) -> set[str]:
         done = set()
@@ -493,6 +502,21 @@ async def _scan(scanner: TreeScanner) -> Tree:
     if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
         return scanner.scan()
     return await asyncio.to_thread(scanner.scan)
+
+
+async def _settled(future: asyncio.Future[None]) -> BaseException | None:
+    """Waits until `future` is done, even if the waiting task is cancelled meanwhile (that
+    cancellation is raised once it is done), and returns its exception, retrieved."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    failure = None if future.cancelled() else future.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+    return failure
 
 
 def _write_all(descriptor: int, data: bytes) -> None:

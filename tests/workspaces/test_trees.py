@@ -3,6 +3,10 @@ tree that is moving, two snapshots wanted at once get two trees, and a malformed
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
 from pathlib import Path
 
 import grpc
@@ -11,6 +15,7 @@ import pytest
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.reapi import remote_execution_pb2_grpc
 from session_server.server import CodelaneServer, ServerConfig
+from tests.polling import poll_until
 from tool_worker.cas import CasClient
 from tool_worker.merkle import Digest, SnapshotRef
 from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
@@ -82,3 +87,41 @@ async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_pa
         await manager.place(ref)
     assert not found(tmp_path, "escaped.txt")
     assert manager.holdings[str(target)].mode == "unavailable"
+
+
+def _a_thread_waits_to_open_a_fifo() -> bool:
+    """Whether a thread of this process is blocked opening a FIFO for writing (no reader yet)."""
+    for wchan in Path("/proc/self/task").glob("*/wchan"):
+        with contextlib.suppress(OSError):
+            if wchan.read_text() == "wait_for_partner":
+                return True
+    return False
+
+
+async def test_a_sync_cancelled_while_its_thread_writes_ends_only_after_the_thread(setup) -> None:
+    # A thread writing into a tree cannot be stopped: a cancelled sync must wait for it, or the
+    # next sync would prepare the tree while it still writes there.
+    ws, server, manager, _ = setup
+    for i in range(40):  # more than a small move: written in a thread
+        (ws / f"f{i:02d}.txt").write_text(f"file {i}\n")
+    tree = Path(manager.cache_dir, "trees", f"{hashlib.sha256(str(ws).encode()).hexdigest()[:16]}-0")
+    os.makedirs(tree)
+    fifo = tree / "f07.txt"
+    os.mkfifo(fifo)  # the writer's open of it blocks until someone reads it
+    placing = asyncio.create_task(manager.place(await snapshot(server, ws)))
+    reader = None
+    try:
+        await poll_until(_a_thread_waits_to_open_a_fifo, what="the writer thread to wait for a reader of the FIFO")
+        placing.cancel()
+        for _ in range(50):  # loop turns, not time: ample for a sync that did not wait to end
+            await asyncio.sleep(0)
+        assert not placing.done()
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the thread's open returns, it writes on
+        with pytest.raises(asyncio.CancelledError):
+            await placing
+        assert not _a_thread_waits_to_open_a_fifo()
+        assert os.read(reader, 100) == b"file 7\n"  # the thread had finished its write
+    finally:
+        if reader is None:  # failed early: free the thread, or the process never exits
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(reader)
