@@ -39,6 +39,19 @@ async def test_write_on_the_loop_and_in_a_thread_alike(call: Any, workspace: Pat
     assert not [name for name in os.listdir(workspace / "big") if name.endswith(".tmp")]
 
 
+async def test_a_lone_surrogate_is_the_callers_mistake_and_changes_nothing(call: Any, workspace: Path) -> None:
+    # JSON's "\\ud800" decodes to a lone surrogate, which UTF-8 cannot encode.
+    before = (workspace / "src" / "app.py").read_bytes()
+    written = await call("write", file_path="lone.txt", content="a\ud800b")
+    edited = await call("edit", file_path="src/app.py", old_string="return path", new_string="\udfff")
+    assert written.error_kind is ErrorKind.INVALID_ARGUMENTS
+    assert "content holds a lone surrogate (U+D800)" in written.output
+    assert edited.error_kind is ErrorKind.INVALID_ARGUMENTS
+    assert "new_string holds a lone surrogate (U+DFFF)" in edited.output
+    assert not (workspace / "lone.txt").exists()
+    assert (workspace / "src" / "app.py").read_bytes() == before
+
+
 async def test_write_errors(call: Any, workspace: Path) -> None:
     assert (await call("write", file_path="src", content="x")).is_error
     assert (await call("write", file_path="../escape.txt", content="x")).error_kind is ErrorKind.PATH_ESCAPE

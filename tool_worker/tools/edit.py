@@ -11,7 +11,7 @@ from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write, check_stop, open_regular, run_stoppable
+from tool_worker.tools.files import atomic_write, check_stop, encode_text, open_regular, run_stoppable
 
 
 def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop: threading.Event) -> ToolResult:
@@ -37,7 +37,7 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
             f"old_string occurs {count} times in {shown}; it must be unique. Add surrounding lines "
             "to old_string to pick one occurrence, or set replace_all=true to replace all of them."
         )
-    changed = text.replace(old, new).encode("utf-8")
+    changed = encode_text(text.replace(old, new), "new_string")
     # A call that timed out or was cancelled while this thread worked must change nothing.
     check_stop(stop)
     try:

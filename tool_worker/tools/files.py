@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from tool_worker.tools.base import ToolFailure
+from tool_worker.tools.base import ErrorKind, ToolFailure
 
 _T = TypeVar("_T")
 
@@ -98,6 +98,19 @@ def _current_umask() -> int:
 
 
 _NEW_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def encode_text(text: str, field: str) -> bytes:
+    """`text` as UTF-8. A lone surrogate (JSON's "\\ud800" decodes to one) is the model's mistake
+    and is said to be: INVALID_ARGUMENTS naming the field and the code point, never the text."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ToolFailure(
+            f"{field} holds a lone surrogate (U+{ord(exc.object[exc.start]):04X}), which UTF-8 cannot encode; "
+            "send the text without it",
+            ErrorKind.INVALID_ARGUMENTS,
+        ) from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
