@@ -435,12 +435,10 @@ class WorkspaceManager:
                         # Shielded: a cancelled sync must not stop waiting while the thread writes.
                         await asyncio.shield(writing)
                     writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch))
-            if writing is not None:
-                await asyncio.shield(writing)
         finally:
-            # Never leave a thread writing into a tree the next sync may prepare. A write that failed
-            # (the cache disk full) says more than a fetch that failed beside it, unless the sync
-            # was cancelled.
+            # The last write is waited for here too. Never leave a thread writing into a tree the
+            # next sync may prepare. A write that failed (the cache disk full) says more than a
+            # fetch that failed beside it, unless the sync was cancelled.
             if writing is not None:
                 failure = await _settled(writing)
                 task = asyncio.current_task()
