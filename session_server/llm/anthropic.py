@@ -1,4 +1,4 @@
-"""Anthropic Messages API, streamed over httpx."""
+"""Anthropic Messages API, streamed over HTTP (aiohttp)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from session_server.llm.anthropic_accumulator import AnthropicAccumulator
 from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
-from session_server.llm.sse import iter_sse
+from session_server.llm.sse import SSEEvent
 from session_server.llm.transport import HttpProvider
 
 KEY_ENV = "ANTHROPIC_API_KEY"
@@ -36,8 +36,8 @@ class AnthropicProvider(HttpProvider):
         return request_body(request)
 
     @staticmethod
-    def decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
-        return _decode(lines)
+    def decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
+        return _decode(events)
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:
@@ -98,9 +98,9 @@ def _input(arguments_json: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
     accumulator = AnthropicAccumulator()
-    async for event in iter_sse(lines):
+    async for event in events:
         try:
             data = json.loads(event.data)
         except ValueError:

@@ -1,5 +1,5 @@
 """OpenAI Chat Completions (and OpenAI-compatible servers: Ollama, vLLM, llama.cpp, LM Studio),
-streamed over httpx."""
+streamed over HTTP (aiohttp)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
 from session_server.llm.openai_accumulator import OpenAIAccumulator
-from session_server.llm.sse import iter_sse
+from session_server.llm.sse import SSEEvent
 from session_server.llm.transport import HttpProvider
 from tool_worker.tools.base import ToolSpec
 
@@ -33,8 +33,8 @@ class OpenAIProvider(HttpProvider):
         return request_body(request)
 
     @staticmethod
-    def decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
-        return _decode(lines)
+    def decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
+        return _decode(events)
 
 
 def request_body(request: ModelRequest) -> dict[str, Any]:
@@ -86,10 +86,10 @@ def _tool(spec: ToolSpec) -> dict[str, Any]:
     }
 
 
-async def _decode(lines: AsyncIterator[str]) -> AsyncIterator[StreamItem]:
+async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
     accumulator = OpenAIAccumulator()
     done = False
-    async for event in iter_sse(lines):
+    async for event in events:
         if event.data.strip() == "[DONE]":
             done = True
             break

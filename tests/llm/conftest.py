@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 
 from session_server.llm.base import ChatMessage, ModelRequest, ModelToolCall, StreamItem
 from session_server.llm.retry import RetryPolicy
@@ -103,6 +105,39 @@ async def mock_llm(script: Script) -> AsyncIterator[MockFactory]:
 
 async def collect(stream: AsyncIterator[StreamItem]) -> list[StreamItem]:
     return [item async for item in stream]
+
+
+@pytest.fixture
+async def model_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP session providers under test use (providers speak aiohttp; `http` is for talking
+    to the mock directly)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session:
+        yield session
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ModelServer = Callable[[Handler], Awaitable[str]]
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[ModelServer]:
+    """`await model_server(handler)` serves `handler` for every POST on 127.0.0.1 and returns the
+    base URL: a model API that answers the way a test needs."""
+    runners = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import httpx
+import aiohttp
 import pytest
 
 from session_server.llm.anthropic import AnthropicProvider, request_body, to_anthropic_messages
@@ -24,9 +24,9 @@ Make = Callable[[str, RetryPolicy], AnthropicProvider]
 
 
 @pytest.fixture
-def provider(http: httpx.AsyncClient) -> Make:
+def provider(model_http: aiohttp.ClientSession) -> Make:
     def make(url: str, policy: RetryPolicy) -> AnthropicProvider:
-        return AnthropicProvider(url, "sk-ant-secret", client=http, retry_policy=policy)
+        return AnthropicProvider(url, "sk-ant-secret", client=model_http, retry_policy=policy)
 
     return make
 

@@ -7,21 +7,22 @@ import socket
 import time
 from collections.abc import Callable
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
 
 from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady
 from session_server.llm.openai import OpenAIProvider, request_body, to_openai_messages
 from session_server.llm.retry import RetryPolicy
 from session_server.llm.script import Script
 from session_server.mock_llm import QUIRKS
-from tests.llm.conftest import MockFactory, SleepRecorder, collect, first_request, second_request
+from tests.llm.conftest import MockFactory, ModelServer, SleepRecorder, collect, first_request, second_request
 
 
 @pytest.fixture
-def provider(http: httpx.AsyncClient) -> Callable[[str, RetryPolicy], OpenAIProvider]:
+def provider(model_http: aiohttp.ClientSession) -> Callable[[str, RetryPolicy], OpenAIProvider]:
     def make(url: str, policy: RetryPolicy) -> OpenAIProvider:
-        return OpenAIProvider(f"{url}/v1", "sk-test-secret", client=http, retry_policy=policy)
+        return OpenAIProvider(f"{url}/v1", "sk-test-secret", client=model_http, retry_policy=policy)
 
     return make
 
@@ -147,10 +148,10 @@ async def test_500_every_time_is_a_server_error(
     assert error.value.reason == "SERVER_ERROR" and len(mock.requests) == 3
 
 
-async def test_max_retries_zero(mock_llm: MockFactory, http: httpx.AsyncClient) -> None:
+async def test_max_retries_zero(mock_llm: MockFactory, model_http: aiohttp.ClientSession) -> None:
     mock, url = await mock_llm(fault="500")
     with pytest.raises(ModelError):
-        await collect(OpenAIProvider(f"{url}/v1", None, client=http, max_retries=0).stream(first_request()))
+        await collect(OpenAIProvider(f"{url}/v1", None, client=model_http, max_retries=0).stream(first_request()))
     assert len(mock.requests) == 1 and "Authorization" not in mock.requests[0].headers
 
 
@@ -223,56 +224,51 @@ async def test_connection_refused_is_retried_then_reported(
 
 async def test_slow_first_token_times_out(mock_llm: MockFactory, fast_policy: RetryPolicy) -> None:
     mock, url = await mock_llm(latency=1.0)
-    llm = OpenAIProvider(f"{url}/v1", None, timeout=httpx.Timeout(0.05), retry_policy=fast_policy)
+    llm = OpenAIProvider(f"{url}/v1", None, timeout=aiohttp.ClientTimeout(sock_read=0.05), retry_policy=fast_policy)
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     await llm.aclose()
     assert error.value.reason == "TIMEOUT" and len(mock.requests) == 3
 
 
-async def test_key_never_appears_in_error_messages(fast_policy: RetryPolicy) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+async def test_key_never_appears_in_error_messages(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
         key = request.headers["Authorization"].removeprefix("Bearer ")
-        return httpx.Response(
-            401,
-            json={
-                "error": {
-                    "message": f"Incorrect API key provided: {key}",
-                    "type": "invalid_request_error",
-                    "code": "invalid_api_key",
-                }
-            },
-        )
+        error = {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}
+        return web.json_response({"error": {**error, "code": "invalid_api_key"}}, status=401)
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    llm = OpenAIProvider("http://127.0.0.1:1/v1", "sk-test-secret", client=client, retry_policy=fast_policy)
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", "sk-test-secret", client=model_http, retry_policy=fast_policy)
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     assert error.value.reason == "AUTHENTICATION"
     assert "sk-test-secret" not in str(error.value) and "[redacted]" in str(error.value)
-    await client.aclose()
 
 
-async def test_broken_connection_after_output_is_not_retried(fast_policy: RetryPolicy) -> None:
+async def test_broken_connection_after_output_is_not_retried(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
+) -> None:
     requests = []
 
-    async def body():  # type: ignore[no-untyped-def]
-        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
-        raise httpx.ReadError("connection reset")
-
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         requests.append(request)
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n')
+        # The connection drops in the middle of the chunked body.
+        request.transport.close()
+        return response
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    url = await model_server(handler)
     items = []
     with pytest.raises(ModelError) as error:
-        async for item in OpenAIProvider("http://x/v1", None, client=client, retry_policy=fast_policy).stream(
+        async for item in OpenAIProvider(f"{url}/v1", None, client=model_http, retry_policy=fast_policy).stream(
             first_request()
         ):
             items.append(item)
     assert items == [TextChunk("Hi")] and error.value.reason == "STREAM_ERROR" and len(requests) == 1
-    await client.aclose()
 
 
 def test_request_body_without_tools_omits_parallel_tool_calls() -> None:
@@ -293,23 +289,43 @@ def test_history_conversion() -> None:
     assert messages[4] == {"role": "tool", "tool_call_id": "call_0_1", "content": "no such file"}
 
 
-async def test_key_echoed_in_a_mid_stream_error_is_redacted(fast_policy: RetryPolicy) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+async def test_unescaped_line_separators_in_text_arrive_whole(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
+) -> None:
+    """Servers send JSON's non-ASCII raw; U+2028, U+2029 and U+0085 are text, not line ends (a
+    line reader that splits like `str.splitlines`, as httpx's does, broke the chunk's JSON)."""
+    text = "a\u2028b\u2029c\u0085d"
+
+    async def handler(request: web.Request) -> web.Response:
+        chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+        body = f"data: {json.dumps(chunk, ensure_ascii=False)}\n\ndata: [DONE]\n\n"
+        return web.Response(body=body.encode(), content_type="text/event-stream")
+
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", None, client=model_http, retry_policy=fast_policy)
+    response = (await collect(llm.stream(first_request())))[-1]
+    assert isinstance(response, ModelResponse) and response.text == text
+
+
+async def test_key_echoed_in_a_mid_stream_error_is_redacted(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
         key = request.headers["Authorization"].removeprefix("Bearer ")
         body = f'data: {{"error": {{"message": "bad key {key}", "type": "server_error"}}}}\n\n'
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+        return web.Response(body=body.encode(), content_type="text/event-stream")
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        llm = OpenAIProvider("http://x/v1", "sk-test-secret", client=client, retry_policy=fast_policy)
-        with pytest.raises(ModelError) as error:
-            await collect(llm.stream(first_request()))
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", "sk-test-secret", client=model_http, retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
     assert "sk-test-secret" not in str(error.value) and "bad key [redacted]" in str(error.value)
 
 
 async def test_base_url_without_scheme_fails_at_once(
-    http: httpx.AsyncClient, fast_policy: RetryPolicy
+    model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
 ) -> None:
-    llm = OpenAIProvider("localhost:8000/v1", None, client=http, retry_policy=fast_policy)
+    llm = OpenAIProvider("localhost:8000/v1", None, client=model_http, retry_policy=fast_policy)
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     assert error.value.reason == "CONNECTION" and "check the base URL" in str(error.value)
