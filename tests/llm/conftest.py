@@ -128,7 +128,8 @@ async def model_server() -> AsyncIterator[ModelServer]:
     async def start(handler: Handler) -> str:
         app = web.Application()
         app.router.add_post("/{tail:.*}", handler)
-        runner = web.AppRunner(app)
+        # A handler that waits on purpose ends with its connection, and shutdown does not linger.
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -229,6 +230,55 @@ async def test_slow_first_token_times_out(mock_llm: MockFactory, fast_policy: Re
         await collect(llm.stream(first_request()))
     await llm.aclose()
     assert error.value.reason == "TIMEOUT" and len(mock.requests) == 3
+
+
+async def test_a_stream_that_stalls_after_output_is_a_stream_error(
+    model_server: ModelServer, fast_policy: RetryPolicy
+) -> None:
+    requests = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n')
+        await asyncio.Event().wait()  # silent until the client gives up
+        return response
+
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", None, timeout=aiohttp.ClientTimeout(sock_read=0.2), retry_policy=fast_policy)
+    items = []
+    with pytest.raises(ModelError) as error:
+        async for item in llm.stream(first_request()):
+            items.append(item)
+    await llm.aclose()
+    assert items == [TextChunk("Hi")] and len(requests) == 1
+    assert error.value.reason == "STREAM_ERROR" and "timed out" in str(error.value)
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    model_server: ModelServer, fast_policy: RetryPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured as by httpx and the SDKs: the request goes to the proxy, which
+    is asked for the model's URL."""
+    asked = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        asked.append((request.headers["Host"], request.path))
+        chunk = {"choices": [{"index": 0, "delta": {"content": "via proxy"}, "finish_reason": "stop"}]}
+        body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        return web.Response(body=body.encode(), content_type="text/event-stream")
+
+    proxy_url = await model_server(proxy)
+    for name in ("HTTP_PROXY", "http_proxy"):  # the lower-case one wins where both are set
+        monkeypatch.setenv(name, proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    llm = OpenAIProvider("http://model.invalid/v1", None, retry_policy=fast_policy)
+    response = (await collect(llm.stream(first_request())))[-1]
+    await llm.aclose()
+    assert isinstance(response, ModelResponse) and response.text == "via proxy"
+    assert asked == [("model.invalid", "/v1/chat/completions")]
 
 
 async def test_key_never_appears_in_error_messages(
