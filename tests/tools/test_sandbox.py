@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tool_worker.sandbox import _existing_realpath, resolve_in_workspace
+from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, ToolFailure
 
 
@@ -69,27 +69,3 @@ def test_nul_byte_is_invalid(workspace: Path) -> None:
     with pytest.raises(ToolFailure) as info:
         resolve_in_workspace(workspace, "a\0b")
     assert info.value.kind is ErrorKind.INVALID_ARGUMENTS
-
-
-def test_the_kernels_resolution_is_realpaths(tmp_path: Path) -> None:
-    """Paths are resolved by opening them and reading their name back from /proc; that must be
-    exactly `os.path.realpath(strict=True)`: the same path, or the same error."""
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    (tmp_path / "a" / "b" / "file.py").write_text("x")
-    (tmp_path / "a" / "b" / "name (deleted)").write_text("a name the kernel also uses as a mark")
-    (tmp_path / "rel").symlink_to("a/b")
-    (tmp_path / "abs").symlink_to(tmp_path / "a")
-    (tmp_path / "chain").symlink_to("rel")
-    (tmp_path / "loop").symlink_to("loop")
-    (tmp_path / "dangling").symlink_to("nowhere")
-    for name in ("a/b/file.py", "rel/file.py", "abs/b/../b/file.py", "chain/../b", "rel/..", ".",
-                 "a/b/name (deleted)", "chain"):
-        path = str(tmp_path / name)
-        assert _existing_realpath(path) == os.path.realpath(path, strict=True), name
-    for name in ("loop", "loop/x", "dangling", "missing", "a/b/file.py/x", "chain/../a"):
-        path = str(tmp_path / name)
-        with pytest.raises(OSError) as expected:
-            os.path.realpath(path, strict=True)
-        with pytest.raises(OSError) as got:
-            _existing_realpath(path)
-        assert got.value.errno == expected.value.errno, name
