@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -54,6 +55,11 @@ log = logging.getLogger("codelane.worker")
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "codelane")
 DEFAULT_CACHE_SIZE = 10 * 1024**3
+# Workers that share a --cache-dir (several on one host, all with the default) each claim a slot
+# of it, `<n>/` guarded by a lock on `<n>.lock`: a tree or blob store moved by two processes at
+# once would be read half-written. A restarted worker takes the first free slot, so it finds
+# the trees and blobs a predecessor left.
+MAX_CACHE_SLOTS = 64
 # Trees kept per workspace: one, and a second while calls read the first and another snapshot is
 # wanted.
 MAX_TREES = 2
@@ -182,6 +188,8 @@ class WorkspaceManager:
         self.cas: CasClient | None = None
         self._workspaces: dict[str, _Workspace] = {}
         self._store: BlobStore | None = None
+        self._slot: str | None = None
+        self._slot_lock: int | None = None
         self.holdings: dict[str, Holding] = {}
 
     def configure(self, cas: CasClient, excludes: tuple[str, ...]) -> None:
@@ -203,8 +211,44 @@ class WorkspaceManager:
     @property
     def store(self) -> BlobStore:
         if self._store is None:
-            self._store = BlobStore(os.path.join(self.cache_dir, "blobs"))
+            self._store = BlobStore(os.path.join(self.slot, "blobs"))
         return self._store
+
+    @property
+    def slot(self) -> str:
+        """This worker's own directory in the cache (see MAX_CACHE_SLOTS), claimed on first use.
+        Raises WorkspaceUnavailable when none can be claimed."""
+        if self._slot is None:
+            self._slot = self._claim_slot()
+        return self._slot
+
+    def _claim_slot(self) -> str:
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            for index in range(MAX_CACHE_SLOTS):
+                lock = os.open(os.path.join(self.cache_dir, f"{index}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(lock)
+                    continue
+                except BaseException:
+                    os.close(lock)
+                    raise
+                self._slot_lock = lock
+                slot = os.path.join(self.cache_dir, str(index))
+                os.makedirs(slot, exist_ok=True)
+                return slot
+        except OSError as exc:
+            raise WorkspaceUnavailable(
+                f"the worker cannot use its cache directory {self.cache_dir} ({exc.strerror or exc}): "
+                "give it a writable --cache-dir"
+            ) from None
+        raise WorkspaceUnavailable(
+            f"all {MAX_CACHE_SLOTS} slots of the cache directory {self.cache_dir} are held by other running "
+            "workers: give this worker a --cache-dir of its own"
+        )
 
     # -- placing a call ----------------------------------------------------------------------------
 
@@ -309,7 +353,7 @@ class WorkspaceManager:
 
     def _new_tree(self, workspace: str, index: int) -> _Tree:
         key = hashlib.sha256(workspace.encode()).hexdigest()[:16]
-        path = os.path.join(self.cache_dir, "trees", f"{key}-{index}")
+        path = os.path.join(self.slot, "trees", f"{key}-{index}")
         os.makedirs(path, exist_ok=True)
         return _Tree(path=os.path.realpath(path), scanner=TreeScanner(path, self.exclusions))
 
@@ -493,6 +537,11 @@ class WorkspaceManager:
                 state.shared_scanner.close()
             for tree in state.trees:
                 tree.scanner.close()
+        if self._slot_lock is not None:
+            os.close(self._slot_lock)  # the slot is free for the next worker
+            self._slot_lock = None
+            self._slot = None
+            self._store = None
 
 
 async def _scan(scanner: TreeScanner) -> Tree:

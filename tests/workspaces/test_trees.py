@@ -70,6 +70,36 @@ async def test_two_snapshots_wanted_at_once_get_two_trees_and_readers_keep_their
     assert manager.holdings[str(ws)].mode == "synced"
 
 
+async def test_workers_sharing_a_cache_dir_never_move_the_same_tree(setup, tmp_path: Path) -> None:
+    # Two workers on one host with the default --cache-dir: each claims a slot of its own, so a
+    # tree one of them is moving is never the tree the other reads.
+    ws, server, manager, channel = setup
+    other = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=manager.cache_dir)
+    other.configure(CasClient(channel), server.snapshots.excludes)
+    try:
+        wanted = await snapshot(server, ws)
+        mine, theirs = await manager.place(wanted), await other.place(wanted)
+        assert mine.mapped and theirs.mapped
+        their_slot = other.slot
+        assert manager.slot != their_slot
+        assert Path(mine.path).is_relative_to(manager.slot) and Path(theirs.path).is_relative_to(their_slot)
+        (ws / "a.txt").write_text("version 2\n")
+        mine.release()
+        moved = await manager.place(await snapshot(server, ws))
+        assert (Path(moved.path) / "a.txt").read_text() == "version 2\n"
+        assert (Path(theirs.path) / "a.txt").read_text() == "version 1\n"  # theirs untouched
+        moved.release()
+        theirs.release()
+    finally:
+        other.close()
+    # A slot is free again once its worker is gone: the next one takes it, with its trees.
+    successor = WorkspaceManager(cache_dir=manager.cache_dir)
+    try:
+        assert successor.slot == their_slot and "trees" in os.listdir(their_slot)
+    finally:
+        successor.close()
+
+
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
     _, _, manager, channel = setup
     evil = reapi.Directory(files=[reapi.FileNode(name="../escaped.txt", digest=reapi.Digest(
@@ -104,7 +134,7 @@ async def test_a_sync_cancelled_while_its_thread_writes_ends_only_after_the_thre
     ws, server, manager, _ = setup
     for i in range(40):  # more than a small move: written in a thread
         (ws / f"f{i:02d}.txt").write_text(f"file {i}\n")
-    tree = Path(manager.cache_dir, "trees", f"{hashlib.sha256(str(ws).encode()).hexdigest()[:16]}-0")
+    tree = Path(manager.slot, "trees", f"{hashlib.sha256(str(ws).encode()).hexdigest()[:16]}-0")
     os.makedirs(tree)
     fifo = tree / "f07.txt"
     os.mkfifo(fifo)  # the writer's open of it blocks until someone reads it
