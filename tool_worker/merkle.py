@@ -31,11 +31,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-try:
-    from inotify_simple import INotify
-    from inotify_simple import flags as inotify_flags
-except ImportError:  # not Linux: every scan stats every entry
-    INotify = None  # type: ignore[assignment,misc]
+from tool_worker.inotify import flags as inotify_flags
+from tool_worker.inotify import shared_inotify
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (".git/objects/**", ".codelane/**")
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
@@ -458,55 +455,45 @@ class TreeScanner:
 
 
 class _Watcher:
-    """inotify watches on the scanned directories; `dirty()` says which directories had events
-    since the last call, or None when that cannot be known (a watch failed, the queue overflowed)."""
+    """inotify watches on the scanned directories (the process's shared instance); `dirty()` says
+    which directories had events since the last call, or None when that cannot be known (a watch
+    failed, events were lost)."""
 
     def __init__(self, root: str) -> None:
-        self._root = os.fsencode(root)
-        self._inotify = None
-        self._lost = INotify is None
-        if INotify is not None:
-            try:
-                self._inotify = INotify(nonblocking=True)
-            except OSError as exc:
-                # Still correct, only slower: every rescan stats the whole tree.
-                log.warning("no inotify instance for %s (%s): its rescans stat every entry; raise "
-                            "fs.inotify.max_user_instances", root, exc.strerror or exc)
-                self._lost = True
+        self._root = root
+        problem = shared_inotify.problem()
+        if problem:
+            # Still correct, only slower: every rescan stats the whole tree.
+            log.warning("%s is not watched (%s): its rescans stat every entry", root, problem)
+        self.available = not problem
+        self._lost = bool(problem)
+        # Where each watched directory is now; every descriptor ever added, to forget on close.
         self._paths: dict[int, str] = {}
+        self._wds: set[int] = set()
         self._dirty: set[str] = set()
         self._fresh: set[str] = set()
-
-    @property
-    def available(self) -> bool:
-        return self._inotify is not None
 
     def watch(self, path: bytes, relative: str) -> None:
         """Watches a directory being listed. A directory already watched gets its watch back
         (inotify returns the inode's descriptor), now mapped to where it is now."""
-        if self._inotify is None:
+        if not self.available:
             return
-        mask = (
-            inotify_flags.MODIFY | inotify_flags.ATTRIB | inotify_flags.CLOSE_WRITE | inotify_flags.MOVED_FROM
-            | inotify_flags.MOVED_TO | inotify_flags.CREATE | inotify_flags.DELETE | inotify_flags.DELETE_SELF
-            | inotify_flags.MOVE_SELF | inotify_flags.DONT_FOLLOW | inotify_flags.ONLYDIR
-        )
-        try:
-            wd = self._inotify.add_watch(path, mask)
-        except OSError:
+        wd = shared_inotify.add(self, path, relative)
+        if isinstance(wd, str):
             # Out of watches (fs.inotify.max_user_watches), or gone: stat everything instead.
             self._lost = True
             return
         self._paths[wd] = relative
+        self._wds.add(wd)
 
     def collect(self) -> None:
-        """Reads the events queued so far into the dirty sets (without taking them)."""
-        if self._inotify is None:
+        """Takes the events queued so far into the dirty sets."""
+        if not self.available:
             return
-        for event in self._inotify.read(timeout=0):
-            if event.mask & inotify_flags.Q_OVERFLOW:
-                self._lost = True
-                continue
+        events, lost = shared_inotify.take(self)
+        if lost:
+            self._lost = True
+        for event, _ in events:
             relative = self._paths.get(event.wd)
             if relative is None:
                 continue
@@ -521,14 +508,14 @@ class _Watcher:
 
     def pending(self) -> int | None:
         """How many directories had events since the last scan; None when that cannot be known."""
-        if self._inotify is None:
+        if not self.available:
             return None
         self.collect()
         return None if self._lost else len(self._dirty | self._fresh)
 
     def dirty(self) -> tuple[set[str], set[str]] | None:
         """(directories with events, directories created or moved in) since the last call, or None."""
-        if self._inotify is None:
+        if not self.available:
             return None
         self.collect()
         dirty, fresh = self._dirty, self._fresh
@@ -537,15 +524,15 @@ class _Watcher:
 
     def reset(self) -> None:
         """A full scan follows: forget the events so far, and trust the watches again."""
-        if self._inotify is not None:
-            self._inotify.read(timeout=0)
+        if self.available:
+            shared_inotify.take(self)
             self._dirty, self._fresh = set(), set()
             self._lost = False
 
     def close(self) -> None:
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
+        shared_inotify.forget(self, list(self._wds))
+        self._paths, self._wds = {}, set()
+        self.available = False
 
 
 def digest_of(root: str, excludes: Sequence[str] = DEFAULT_EXCLUDES) -> Tree:

@@ -12,6 +12,7 @@ import pytest
 
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
+from tool_worker.inotify import shared_inotify
 from tool_worker.merkle import EMPTY_HASH, Digest, Exclusions, TreeScanner, digest_of
 
 
@@ -159,3 +160,52 @@ def test_an_unchanged_tree_is_neither_hashed_nor_listed_again(tmp_path: Path) ->
         assert unwatched.last_hashed == 0 and unwatched.last_listed > 0
     finally:
         watched.close()
+
+
+def _inotify_instances() -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.exists(fd) and os.readlink(fd) == "anon_inode:inotify")
+
+
+def test_more_trees_than_the_users_inotify_instances_are_all_watched(tmp_path: Path) -> None:
+    # fs.inotify.max_user_instances (128 by default) counts every process of the user: one
+    # instance per tree left every tree past a hundred or so stated in full at each rescan.
+    trees = 200
+    for number in range(trees):
+        (tmp_path / f"t{number}" / "src").mkdir(parents=True)
+        (tmp_path / f"t{number}" / "src" / "a.txt").write_text(f"tree {number}\n")
+    if shared_inotify.problem():
+        pytest.skip(f"this process cannot watch: {shared_inotify.problem()}")
+    scanners = [TreeScanner(str(tmp_path / f"t{number}")) for number in range(trees)]
+    try:
+        assert all(scanner.watching for scanner in scanners)
+        assert _inotify_instances() <= 1
+        before = [scanner.scan() for scanner in scanners]
+        (tmp_path / "t150" / "src" / "a.txt").write_text("tree 150, changed\n")
+        after = [scanner.scan() for scanner in scanners]
+        assert [number for number in range(trees) if after[number] != before[number]] == [150]
+        assert scanners[150].last_listed == 1  # its watch saw the change: one directory listed
+        assert sum(scanner.last_listed for scanner in scanners) == 1
+        assert after[150] == digest_of(str(tmp_path / "t150"))
+    finally:
+        for scanner in scanners:
+            scanner.close()
+
+
+def test_two_scanners_of_one_tree_in_one_process_both_see_its_changes(tmp_path: Path) -> None:
+    # One watch per directory in the kernel, two owners: each takes its own copy of the events.
+    make_tree(tmp_path)
+    first, second = TreeScanner(str(tmp_path)), TreeScanner(str(tmp_path))
+    try:
+        for scanner in (first, second):
+            scanner.scan()
+        (tmp_path / "src" / "pkg" / "main.py").write_text("print('changed')\n")
+        expected = digest_of(str(tmp_path))
+        assert first.scan() == expected and first.last_listed >= 1
+        first.close()  # its watches go; the other's stay
+        (tmp_path / "src" / "pkg" / "new.py").write_text("new\n")
+        assert second.scan() == digest_of(str(tmp_path))
+        assert 1 <= second.last_listed < 4
+    finally:
+        first.close()
+        second.close()

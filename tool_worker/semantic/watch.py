@@ -23,17 +23,12 @@ tell, and calls list and stat the tree as they would without it.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
-from typing import Any
 
-try:
-    from inotify_simple import INotify
-    from inotify_simple import flags as inotify_flags
-except ImportError:  # not Linux: every call lists and stats the tree
-    INotify = None  # type: ignore[assignment,misc]
+from tool_worker.inotify import flags as inotify_flags
+from tool_worker.inotify import shared_inotify as _inotify
 
 log = logging.getLogger("codelane.semantic")
 
@@ -42,101 +37,11 @@ log = logging.getLogger("codelane.semantic")
 MAX_WATCHED_DIRECTORIES = 20_000
 # Files that change what rg lists without being listed themselves.
 IGNORE_FILES = frozenset({".gitignore", ".ignore", ".rgignore"})
-# Events kept for a watch that has not asked for them; past this it is told they were lost (and
-# watches its tree anew when next armed), so that a workspace nobody searches costs no memory.
-MAX_PENDING_EVENTS = 10_000
 # Filesystems whose changes all pass through this kernel, so inotify sees them. Anything else
 # (nfs, cifs, fuse, 9p, ...) may change under it unseen.
 LOCAL_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs", "overlay", "bcachefs", "jfs", "reiserfs"}
 )
-
-
-_TREE_MASK = 0 if INotify is None else (
-    inotify_flags.MODIFY | inotify_flags.ATTRIB | inotify_flags.CLOSE_WRITE | inotify_flags.CREATE
-    | inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.MOVED_TO | inotify_flags.DELETE_SELF
-    | inotify_flags.MOVE_SELF | inotify_flags.ONLYDIR | inotify_flags.DONT_FOLLOW
-)
-
-
-class _Inotify:
-    """The process's one inotify instance, shared by every TreeWatch: instances are few
-    (`fs.inotify.max_user_instances`, 128 by default, for all of a user's processes), watches
-    many. Events are sorted to the watches that own their directory and wait there until taken.
-    Lock order: a TreeWatch's lock, then this one's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inotify: INotify | None = None
-        self._problem = ""
-        # wd -> each owning watch and the path it knows the directory by. Two workspaces, one
-        # inside the other, share the watches of the inner one's directories.
-        self._owners: dict[int, dict[TreeWatch, str]] = {}
-        self._pending: dict[TreeWatch, list[tuple[Any, str]]] = {}
-        self._overflowed: set[TreeWatch] = set()
-
-    def add(self, owner: TreeWatch, directory: str) -> int | str:
-        """Watches a directory for `owner`: the watch descriptor, or why it could not be watched."""
-        with self._lock:
-            if self._inotify is None:
-                if self._problem:
-                    return self._problem
-                try:
-                    self._inotify = INotify(nonblocking=True)
-                except OSError as exc:
-                    self._problem = f"no inotify instance ({exc.strerror or exc}; raise fs.inotify.max_user_instances)"
-                    return self._problem
-            try:
-                wd = self._inotify.add_watch(directory, _TREE_MASK)
-            except OSError as exc:
-                hint = "; raise fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else ""
-                return f"{exc.strerror or exc}{hint}"
-            self._owners.setdefault(wd, {})[owner] = directory
-            return wd
-
-    def forget(self, owner: TreeWatch, wds: list[int]) -> None:
-        """Drops `owner`'s watches (the kernel's go when no other watch owns them) and its events."""
-        with self._lock:
-            for wd in wds:
-                owners = self._owners.get(wd)
-                if owners is None or owners.pop(owner, None) is None or owners:
-                    continue
-                del self._owners[wd]
-                if self._inotify is not None:
-                    try:
-                        self._inotify.rm_watch(wd)
-                    except OSError:
-                        pass  # its directory is gone already
-            self._pending.pop(owner, None)
-            self._overflowed.discard(owner)
-
-    def take(self, owner: TreeWatch) -> tuple[list[tuple[Any, str]], bool]:
-        """`owner`'s events since the last call, each with its directory's path as `owner` knows
-        it, and whether the queue overflowed meanwhile (events were lost)."""
-        with self._lock:
-            if self._inotify is not None:
-                for event in self._inotify.read(timeout=0):
-                    if event.mask & inotify_flags.Q_OVERFLOW:
-                        self._overflowed.update(self._pending)
-                        self._overflowed.update(o for owners in self._owners.values() for o in owners)
-                        continue
-                    owners = self._owners.get(event.wd)
-                    if not owners:
-                        continue
-                    for watch, directory in owners.items():
-                        waiting = self._pending.setdefault(watch, [])
-                        if len(waiting) < MAX_PENDING_EVENTS:
-                            waiting.append((event, directory))
-                        else:
-                            self._overflowed.add(watch)
-                    if event.mask & inotify_flags.IGNORED:
-                        del self._owners[event.wd]  # the kernel dropped the watch with its directory
-            overflowed = owner in self._overflowed
-            self._overflowed.discard(owner)
-            return self._pending.pop(owner, []), overflowed
-
-
-_inotify = _Inotify()
 
 
 class TreeWatch:
@@ -147,7 +52,7 @@ class TreeWatch:
         self._max_directories = max_directories
         self._lock = threading.Lock()
         # Why the tree cannot be watched; set once, for good.
-        self._unwatchable = "" if INotify is not None else "inotify is not available on this platform"
+        self._unwatchable = "" if inotify_flags is not None else "inotify is not available on this platform"
         self._checked_filesystem = False
         # The watch descriptors of the tree's directories.
         self._wds: set[int] = set()
@@ -258,7 +163,7 @@ class TreeWatch:
             return False
         if not os.path.isdir(directory):
             return False  # gone since it was listed
-        added = _inotify.add(self, directory)
+        added = _inotify.add(self, directory, directory)
         if isinstance(added, str):
             if os.path.isdir(directory):
                 self._give_up(f"{directory} could not be watched ({added})")
