@@ -10,8 +10,9 @@ plugins) is taken to read and write everything, which orders it against every ot
 Paths are workspace-relative and normalized (`a/b`, `.` for the workspace itself). A write of a
 path may change it and everything under it. A read scope is a root, optionally narrowed by a
 glob pattern relative to it (`glob(pattern="**/*.py")` only sees files the pattern matches).
-Ignore files (.gitignore, .ignore, .rgignore) change what every listing under them shows, so a
-write of one reaches every read scope that contains it.
+Ignore files (.gitignore, .ignore, .rgignore, a repository's .git/info/exclude) change what every
+listing under their directory shows, and rg reads those of a scope's parent directories too, so a
+write of one reaches every read scope that contains it or lies under its directory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 from tool_worker.tools.globs import glob_to_regex
 
 IGNORE_FILES = frozenset({".gitignore", ".ignore", ".rgignore"})
+# The repository's own excludes, read by rg for every path of the repository.
+_GIT_EXCLUDE = ".git/info/exclude"
 
 
 @dataclass(frozen=True)
@@ -164,12 +167,24 @@ def _writes_touch(
 def _reaches(write: WritePath, scope: ReadScope) -> bool:
     if _contains(write.path, scope.root):  # the write covers the whole scope (or is its root)
         return True
+    governed = _ignore_file_directory(write.path)
+    if governed is not None and _contains(governed, scope.root):
+        return True  # an ignore file in the scope's root or one of its parents
     if not _contains(scope.root, write.path):
         return False  # disjoint subtrees
     if scope.pattern is None or posixpath.basename(write.path) in IGNORE_FILES or not write.file:
         return True
     relative = write.path if scope.root == "." else write.path[len(scope.root) + 1 :]
     return _matches(scope.pattern, relative)
+
+
+def _ignore_file_directory(path: str) -> str | None:
+    """The directory whose listings an ignore file at `path` governs; None when it is not one."""
+    if posixpath.basename(path) in IGNORE_FILES:
+        return posixpath.dirname(path) or "."
+    if path == _GIT_EXCLUDE or path.endswith("/" + _GIT_EXCLUDE):
+        return path[: -len(_GIT_EXCLUDE)].rstrip("/") or "."
+    return None
 
 
 def _contains(ancestor: str, path: str) -> bool:

@@ -39,6 +39,8 @@ reads = st.one_of(
 writes = st.one_of(
     st.builds(lambda p, w: ("write", {"file_path": p, "content": f"{w}\n"}),
               st.sampled_from(TARGETS[:-1]), st.sampled_from(WORDS)),
+    st.builds(lambda p, rule: ("write", {"file_path": p, "content": f"{rule}\n"}),
+              st.sampled_from([".gitignore", "src/.gitignore", ".ignore"]), st.sampled_from(["*.py", "y.py", "*.md"])),
     st.builds(lambda p: ("edit", {"file_path": p, "old_string": "hello", "new_string": "needle"}),
               st.sampled_from(FILES)),
     st.builds(lambda p: ("delete", {"path": p, "recursive": True}), st.sampled_from(TARGETS)),
@@ -136,6 +138,15 @@ def test_independent_calls_are_not_ordered_and_dependent_ones_are(tmp_path: Path
     assert effects("read", file_path="link/x.py").conflicts_with(effects("delete", path="link"))
     # An ignore file changes every listing that contains it.
     assert effects("glob", pattern="**/*.py").conflicts_with(effects("write", file_path=".gitignore", content=""))
+    # rg reads the ignore files of a scope's parents too: a listing of src/ changes with ./.gitignore,
+    # and with the repository's excludes, but not with an ignore file beside the scope.
+    for ignore_file in (".gitignore", ".ignore", ".rgignore", ".git/info/exclude"):
+        write_ignore = effects("write", file_path=ignore_file, content="*.py\n")
+        for listing in (effects("grep", pattern="x", path="src"), effects("glob", pattern="*.py", path="src"),
+                        effects("list_files", path="src"), effects("ls", path="src")):
+            assert listing.conflicts_with(write_ignore), ignore_file
+    assert not effects("grep", pattern="x", path="src").conflicts_with(
+        effects("write", file_path="docs/.gitignore", content="*.py\n"))
     # A tool that says nothing (bash) touches everything.
     everything = Effects(reads=None, writes=None)
     assert effects("read", file_path="a.txt").conflicts_with(everything)
