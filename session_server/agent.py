@@ -141,6 +141,12 @@ class Turn:
         # What the rest of the current response's calls may still add in arguments.
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
         self._observation: TurnObservation | None = None
+        # Clear while an Execute call runs on the server. A Query call bound for a worker takes
+        # its snapshot only when it is set: one taken beside a write (even of other files) is not
+        # the tree a worker on the same filesystem then scans, and that worker would copy the
+        # whole workspace into its cache for the one call.
+        self._no_write_running = asyncio.Event()
+        self._no_write_running.set()
 
     async def run(self, user_text: str) -> None:
         """Runs the turn to its end. Whatever happens, it ends with one TurnFinished: a model
@@ -414,6 +420,7 @@ class Turn:
                     self.ctx.snapshots.changed()
                 else:
                     self.ctx.snapshots.invalidate()
+            self._no_write_running.set()
 
     async def _execute_call(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
@@ -488,6 +495,8 @@ class Turn:
         if ctx.registry.get(call.tool_name) is None:
             return _no_worker(call.tool_name, problem)
         call.running(LOCAL_WORKER_ID)
+        if call.lane is not Lane.QUERY:
+            self._no_write_running.clear()  # set again by _execute, once the rescan is asked for
         timeout = ctx.settings.lane_timeout(call.lane)
         try:
             async with asyncio.timeout(timeout):
@@ -548,6 +557,9 @@ class Turn:
         snapshots = self.ctx.snapshots
         if snapshots is None:
             return None
+        # One wait, not a loop: the next Execute call may start at once, and a call that waited
+        # for every write would wait as if ordered after them.
+        await self._no_write_running.wait()
         current = await snapshots.current()
         return SnapshotRef(str(self.ctx.workspace), current.digest, current.times_digest)
 
