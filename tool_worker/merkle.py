@@ -460,7 +460,6 @@ class _Watcher:
     failed, events were lost)."""
 
     def __init__(self, root: str) -> None:
-        self._root = root
         problem = shared_inotify.problem()
         if problem:
             # Still correct, only slower: every rescan stats the whole tree.

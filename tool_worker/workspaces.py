@@ -230,6 +230,8 @@ class WorkspaceManager:
                                0o600)
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    slot = os.path.join(self.cache_dir, str(index))
+                    os.makedirs(slot, exist_ok=True)
                 except BlockingIOError:
                     os.close(lock)
                     continue
@@ -237,8 +239,6 @@ class WorkspaceManager:
                     os.close(lock)
                     raise
                 self._slot_lock = lock
-                slot = os.path.join(self.cache_dir, str(index))
-                os.makedirs(slot, exist_ok=True)
                 return slot
         except OSError as exc:
             raise WorkspaceUnavailable(
