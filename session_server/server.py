@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -119,6 +120,31 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+def _lock_data_dir(data_dir: Path) -> int:
+    """Takes the data directory for this server (an flock on `<data_dir>/lock`, held until
+    `stop()`) and returns the lock's descriptor; raises OSError (one line) when another server
+    holds it. A second server on one data directory would take the first one's running turns
+    for a crash's (ending them) and its sandboxed commands for leftovers (killing them), and
+    both would number the same sessions' events."""
+    path = data_dir / "lock"
+    lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(lock, 32).decode("ascii", "replace").strip()
+        os.close(lock)
+        who = f"another codelane server (pid {holder})" if holder.isdigit() else "another codelane server"
+        raise OSError(
+            f"the data directory {data_dir} is in use by {who}: stop it, or give this server its own --data-dir"
+        ) from None
+    except BaseException:
+        os.close(lock)
+        raise
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    return lock
+
+
 def _refuse_port_in_use(listen: str) -> None:
     """Raises OSError (one line) when another process listens on `listen` already.
 
@@ -241,6 +267,7 @@ class CodelaneServer:
         for module in config.local_worker_tools:
             self.registry.load_module(module)
         self.store: Store | None = None
+        self._data_dir_lock: int | None = None
         self.sessions: SessionManager | None = None
         self.admission: Admission | None = None
         self.telemetry = Telemetry(self.metrics)
@@ -298,6 +325,7 @@ class CodelaneServer:
             _refuse_port_in_use(address)
         await self._check_config()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_dir_lock = _lock_data_dir(self.config.data_dir)
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
         # (`codelane server` prints it: `sandbox.describe()`).
         await asyncio.to_thread(self.sandbox.start)
@@ -538,6 +566,9 @@ class CodelaneServer:
             self.store.close()
             self.store = None
         await self.sandbox.aclose()
+        if self._data_dir_lock is not None:
+            os.close(self._data_dir_lock)  # the next server on this data directory may start
+            self._data_dir_lock = None
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._background.add(task)
