@@ -169,6 +169,8 @@ class _Workspace:
     shared_scanner: TreeScanner | None = None
     # (digest, times digest) the server's own path was last seen with, when shared.
     shared: tuple[Digest, Digest] | None = None
+    # When a call was last placed on it (time.monotonic()): its trees go least recently used first.
+    last_used: float = 0.0
 
 
 class WorkspaceManager:
@@ -256,13 +258,14 @@ class WorkspaceManager:
         """Where to run a call that must see `snapshot`. Raises WorkspaceUnavailable."""
         state = self._workspaces.get(snapshot.workspace)
         if state is not None:
+            state.last_used = time.monotonic()
             if state.shared == (snapshot.digest, snapshot.times_digest):
                 return Placement(snapshot.workspace, snapshot.workspace)
             for tree in state.trees:
                 if not tree.writing and tree.holds(snapshot):
                     return self._read(state, tree, snapshot)
         else:
-            state = self._workspaces[snapshot.workspace] = _Workspace()
+            state = self._workspaces[snapshot.workspace] = _Workspace(last_used=time.monotonic())
         if await self._shared_matches(state, snapshot):
             return Placement(snapshot.workspace, snapshot.workspace)
         return await self._synced(state, snapshot)
@@ -325,7 +328,8 @@ class WorkspaceManager:
                 if idle:
                     tree = idle[0]
                 elif len(state.trees) < MAX_TREES:
-                    tree = self._new_tree(snapshot.workspace, len(state.trees))
+                    taken = {t.path for t in state.trees}
+                    tree = self._new_tree(snapshot.workspace, taken)
                     state.trees.append(tree)
                 else:
                     await state.changed.wait()
@@ -351,9 +355,11 @@ class WorkspaceManager:
         self._report(Holding(snapshot.workspace, SYNCED, snapshot.digest))
         return await self.place(snapshot)
 
-    def _new_tree(self, workspace: str, index: int) -> _Tree:
+    def _new_tree(self, workspace: str, taken: set[str]) -> _Tree:
         key = hashlib.sha256(workspace.encode()).hexdigest()[:16]
-        path = os.path.join(self.slot, "trees", f"{key}-{index}")
+        index = 0
+        while os.path.realpath(path := os.path.join(self.slot, "trees", f"{key}-{index}")) in taken:
+            index += 1
         os.makedirs(path, exist_ok=True)
         return _Tree(path=os.path.realpath(path), scanner=TreeScanner(path, self.exclusions))
 
@@ -371,6 +377,8 @@ class WorkspaceManager:
             need = plan.total_bytes
             other_trees = sum(t.held.total_bytes for s in self._workspaces.values() for t in s.trees
                               if t is not tree and t.held is not None)
+            if need + other_trees > self.cache_size:
+                other_trees -= await self._evict_trees(need + other_trees - self.cache_size, keep=tree)
             if need + other_trees > self.cache_size:
                 raise WorkspaceUnavailable(
                     f"the snapshot of {snapshot.workspace} holds {need} bytes and the worker's other trees "
@@ -440,6 +448,35 @@ class WorkspaceManager:
                         next_level[(child.hash, content)] = (child, content)
             frontier = list(next_level.values())
         return known
+
+    async def _evict_trees(self, excess: int, keep: _Tree) -> int:
+        """Deletes idle trees (no reader, not moving), least recently used workspace first, until
+        `excess` bytes are freed or none is left; returns the bytes freed. A workspace not used for
+        a while must not keep a new one out of the cache for ever."""
+        idle = sorted(
+            ((state.last_used, workspace, state, tree) for workspace, state in self._workspaces.items()
+             for tree in state.trees
+             if tree is not keep and tree.readers == 0 and not tree.writing and tree.held is not None),
+            key=lambda entry: entry[0],
+        )
+        freed, doomed = 0, []
+        # Chosen and renamed away before the first await: meanwhile no call can be placed on them,
+        # and a new tree may take their names.
+        for _, workspace, state, tree in idle:
+            if freed >= excess:
+                break
+            assert tree.held is not None
+            freed += tree.held.total_bytes
+            state.trees.remove(tree)
+            tree.scanner.close()
+            log.info("evicting the copy of %s (%d bytes) to make room in the cache", workspace, tree.held.total_bytes)
+            doomed.append(f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(tree.path, doomed[-1])
+            if not state.trees and state.shared is None:
+                self._report(Holding(workspace, UNAVAILABLE, None, "its copy was evicted to make room in the cache"))
+        for path in doomed:
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        return freed
 
     def _prepare(self, tree: _Tree, plan: _Plan) -> None:
         """Removes what goes (old file versions move into the blob store) and makes directories."""

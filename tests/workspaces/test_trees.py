@@ -25,6 +25,10 @@ def found(root: Path, name: str) -> list[Path]:
     return list(root.rglob(name))
 
 
+def present(path: Path) -> bool:
+    return path.exists()
+
+
 @pytest.fixture
 async def setup(tmp_path: Path):
     ws = tmp_path / "ws"
@@ -98,6 +102,45 @@ async def test_workers_sharing_a_cache_dir_never_move_the_same_tree(setup, tmp_p
         assert successor.slot == their_slot and "trees" in os.listdir(their_slot)
     finally:
         successor.close()
+
+
+async def test_idle_copies_of_other_workspaces_make_room_least_recently_used_first(setup, tmp_path: Path) -> None:
+    # A worker that once synced a workspace must not refuse every other one for ever: the copies
+    # nobody reads go, least recently used first; a copy being read never does.
+    _, server, _, channel = setup
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "small-cache"),
+                               cache_size=250_000)
+    manager.configure(CasClient(channel), server.snapshots.excludes)
+    spaces = []
+    for name in ("old", "newer", "newest"):
+        space = tmp_path / name
+        space.mkdir()
+        (space / "data.bin").write_bytes(name.encode() * (100_000 // len(name)))
+        spaces.append(space)
+    old, newer, newest = spaces
+    try:
+        placed = {}
+        for space in (old, newer):
+            placed[space] = await manager.place(await snapshot(server, space))
+            placed[space].release()
+        old_copy, newer_copy = Path(placed[old].path), Path(placed[newer].path)
+        reading = await manager.place(await snapshot(server, newer))  # used again: now the newest use
+        third = await manager.place(await snapshot(server, newest))  # 300 KB > 250 KB: one copy goes
+        assert (Path(third.path) / "data.bin").read_bytes() == (newest / "data.bin").read_bytes()
+        assert not present(old_copy) and present(newer_copy)
+        assert manager.holdings[str(old)].mode == "unavailable"
+        assert "evicted" in manager.holdings[str(old)].reason
+        # Back to the evicted one while both others are read: nothing idle to evict.
+        with pytest.raises(WorkspaceUnavailable, match="more than its --cache-size"):
+            await manager.place(await snapshot(server, old))
+        assert present(newer_copy / "data.bin") and present(Path(third.path) / "data.bin")
+        reading.release()
+        third.release()
+        again = await manager.place(await snapshot(server, old))  # the idle ones make room now
+        assert (Path(again.path) / "data.bin").read_bytes() == (old / "data.bin").read_bytes()
+        again.release()
+    finally:
+        manager.close()
 
 
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
