@@ -60,6 +60,9 @@ DEFAULT_CACHE_SIZE = 10 * 1024**3
 # once would be read half-written. A restarted worker takes the first free slot, so it finds
 # the trees and blobs a predecessor left.
 MAX_CACHE_SLOTS = 64
+# Workspaces a worker keeps state for (a stat cache and inotify watches for the shared check, its
+# synced trees); past this the least recently used idle one is forgotten, its trees deleted.
+MAX_WORKSPACES = 64
 # Trees kept per workspace: one, and a second while calls read the first and another snapshot is
 # wanted.
 MAX_TREES = 2
@@ -265,7 +268,10 @@ class WorkspaceManager:
                 if not tree.writing and tree.holds(snapshot):
                     return self._read(state, tree, snapshot)
         else:
+            # In the map before the first await, so that a call placed meanwhile finds this state.
             state = self._workspaces[snapshot.workspace] = _Workspace(last_used=time.monotonic())
+            if len(self._workspaces) > MAX_WORKSPACES:
+                await self._forget_least_recently_used(keep=snapshot.workspace)
         if await self._shared_matches(state, snapshot):
             return Placement(snapshot.workspace, snapshot.workspace)
         return await self._synced(state, snapshot)
@@ -448,6 +454,26 @@ class WorkspaceManager:
                         next_level[(child.hash, content)] = (child, content)
             frontier = list(next_level.values())
         return known
+
+    async def _forget_least_recently_used(self, keep: str) -> None:
+        idle = [(state.last_used, workspace) for workspace, state in self._workspaces.items()
+                if workspace != keep and all(tree.readers == 0 and not tree.writing for tree in state.trees)]
+        if not idle:
+            return  # every one is in use: kept, past the bound, until they are not
+        _, workspace = min(idle)
+        state = self._workspaces.pop(workspace)
+        self._report(Holding(workspace, UNAVAILABLE, None, f"forgotten: the worker keeps {MAX_WORKSPACES} workspaces"))
+        self.holdings.pop(workspace, None)
+        if state.shared_scanner is not None:
+            state.shared_scanner.close()
+        doomed = []
+        for tree in state.trees:
+            tree.scanner.close()
+            doomed.append(f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}")
+            with contextlib.suppress(OSError):
+                os.rename(tree.path, doomed[-1])
+        for path in doomed:
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
 
     async def _evict_trees(self, excess: int, keep: _Tree) -> int:
         """Deletes idle trees (no reader, not moving), least recently used workspace first, until

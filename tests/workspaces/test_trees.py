@@ -16,6 +16,7 @@ from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.reapi import remote_execution_pb2_grpc
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
+from tool_worker import workspaces as workspaces_module
 from tool_worker.cas import CasClient
 from tool_worker.merkle import Digest, SnapshotRef
 from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
@@ -141,6 +142,30 @@ async def test_idle_copies_of_other_workspaces_make_room_least_recently_used_fir
         again.release()
     finally:
         manager.close()
+
+
+async def test_a_worker_forgets_the_least_recently_used_workspace_past_its_bound(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each workspace costs a stat cache, inotify watches and its copies: a worker serving a new
+    # workspace per session must not keep them all for its whole life.
+    _, server, manager, _ = setup
+    monkeypatch.setattr(workspaces_module, "MAX_WORKSPACES", 2)
+    spaces, copies = [], []
+    for number in range(3):
+        space = tmp_path / f"space{number}"
+        space.mkdir()
+        (space / "a.txt").write_text(f"space {number}\n")
+        spaces.append(space)
+        placement = await manager.place(await snapshot(server, space))
+        copies.append(Path(placement.path))
+        placement.release()
+    assert sorted(manager.holdings) == sorted(str(space) for space in spaces[1:])
+    assert not present(copies[0]) and present(copies[1]) and present(copies[2])
+    again = await manager.place(await snapshot(server, spaces[0]))  # synced anew; space1 goes
+    assert (Path(again.path) / "a.txt").read_text() == "space 0\n"
+    again.release()
+    assert sorted(manager.holdings) == sorted(str(space) for space in (spaces[0], spaces[2]))
 
 
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
