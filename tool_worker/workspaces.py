@@ -466,14 +466,7 @@ class WorkspaceManager:
         self.holdings.pop(workspace, None)
         if state.shared_scanner is not None:
             state.shared_scanner.close()
-        doomed = []
-        for tree in state.trees:
-            tree.scanner.close()
-            doomed.append(f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}")
-            with contextlib.suppress(OSError):
-                os.rename(tree.path, doomed[-1])
-        for path in doomed:
-            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        await _delete([_retire(tree) for tree in state.trees])
 
     async def _evict_trees(self, excess: int, keep: _Tree) -> int:
         """Deletes idle trees (no reader, not moving), least recently used workspace first, until
@@ -486,22 +479,17 @@ class WorkspaceManager:
             key=lambda entry: entry[0],
         )
         freed, doomed = 0, []
-        # Chosen and renamed away before the first await: meanwhile no call can be placed on them,
-        # and a new tree may take their names.
         for _, workspace, state, tree in idle:
             if freed >= excess:
                 break
             assert tree.held is not None
             freed += tree.held.total_bytes
             state.trees.remove(tree)
-            tree.scanner.close()
             log.info("evicting the copy of %s (%d bytes) to make room in the cache", workspace, tree.held.total_bytes)
-            doomed.append(f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(tree.path, doomed[-1])
+            doomed.append(_retire(tree))
             if not state.trees and state.shared is None:
                 self._report(Holding(workspace, UNAVAILABLE, None, "its copy was evicted to make room in the cache"))
-        for path in doomed:
-            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        await _delete(doomed)
         return freed
 
     def _prepare(self, tree: _Tree, plan: _Plan) -> None:
@@ -605,6 +593,25 @@ class WorkspaceManager:
             self._slot_lock = None
             self._slot = None
             self._store = None
+
+
+def _retire(tree: _Tree) -> str | None:
+    """Takes a tree out of use: its watches closed, its directory renamed away (before any await,
+    so that no call meets it and a new tree may take its name). Returns where it went, to delete."""
+    tree.scanner.close()
+    retired = f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(tree.path, retired)
+    except OSError as exc:
+        log.warning("cannot remove the copy %s: %s", tree.path, exc)
+        return None
+    return retired
+
+
+async def _delete(paths: list[str | None]) -> None:
+    for path in paths:
+        if path is not None:
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
 
 
 async def _scan(scanner: TreeScanner) -> Tree:
