@@ -195,6 +195,9 @@ class WorkspaceManager:
         self._store: BlobStore | None = None
         self._slot: str | None = None
         self._slot_lock: int | None = None
+        # Trees an earlier worker left in the slot, with their bytes: reused when their workspace
+        # comes back, counted against --cache-size until then, and the first to go for room.
+        self._orphans: dict[str, int] = {}
         self.holdings: dict[str, Holding] = {}
 
     def configure(self, cas: CasClient, excludes: tuple[str, ...]) -> None:
@@ -244,6 +247,7 @@ class WorkspaceManager:
                     os.close(lock)
                     raise
                 self._slot_lock = lock
+                self._orphans = _left_trees(os.path.join(slot, "trees"))
                 return slot
         except OSError as exc:
             raise WorkspaceUnavailable(
@@ -367,7 +371,9 @@ class WorkspaceManager:
         while os.path.realpath(path := os.path.join(self.slot, "trees", f"{key}-{index}")) in taken:
             index += 1
         os.makedirs(path, exist_ok=True)
-        return _Tree(path=os.path.realpath(path), scanner=TreeScanner(path, self.exclusions))
+        path = os.path.realpath(path)
+        self._orphans.pop(path, None)  # an earlier worker's copy of this workspace: moved from there
+        return _Tree(path=path, scanner=TreeScanner(path, self.exclusions))
 
     # -- moving a tree -----------------------------------------------------------------------------
 
@@ -382,7 +388,7 @@ class WorkspaceManager:
             planned = time.perf_counter()
             need = plan.total_bytes
             other_trees = sum(t.held.total_bytes for s in self._workspaces.values() for t in s.trees
-                              if t is not tree and t.held is not None)
+                              if t is not tree and t.held is not None) + sum(self._orphans.values())
             if need + other_trees > self.cache_size:
                 other_trees -= await self._evict_trees(need + other_trees - self.cache_size, keep=tree)
             if need + other_trees > self.cache_size:
@@ -479,6 +485,10 @@ class WorkspaceManager:
             key=lambda entry: entry[0],
         )
         freed, doomed = 0, []
+        while self._orphans and freed < excess:  # unused since before this worker started
+            path, size = self._orphans.popitem()
+            freed += size
+            doomed.append(_retire_path(path))
         for _, workspace, state, tree in idle:
             if freed >= excess:
                 break
@@ -593,19 +603,50 @@ class WorkspaceManager:
             self._slot_lock = None
             self._slot = None
             self._store = None
+            self._orphans = {}
+
+
+_RETIRED = ".evicted-"
 
 
 def _retire(tree: _Tree) -> str | None:
     """Takes a tree out of use: its watches closed, its directory renamed away (before any await,
     so that no call meets it and a new tree may take its name). Returns where it went, to delete."""
     tree.scanner.close()
-    retired = f"{tree.path}.evicted-{os.getpid()}-{time.monotonic_ns()}"
+    return _retire_path(tree.path)
+
+
+def _retire_path(path: str) -> str | None:
+    retired = f"{path}{_RETIRED}{os.getpid()}-{time.monotonic_ns()}"
     try:
-        os.rename(tree.path, retired)
+        os.rename(path, retired)
     except OSError as exc:
-        log.warning("cannot remove the copy %s: %s", tree.path, exc)
+        log.warning("cannot remove the copy %s: %s", path, exc)
         return None
     return retired
+
+
+def _left_trees(directory: str) -> dict[str, int]:
+    """The trees an earlier worker left in `directory`, with the bytes of their files; what it was
+    deleting when it stopped is deleted now."""
+    left: dict[str, int] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return left
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        if _RETIRED in entry.name:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            continue
+        size = 0
+        for parent, _, files in os.walk(entry.path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(parent, name)).st_size
+        left[os.path.realpath(entry.path)] = size
+    return left
 
 
 async def _delete(paths: list[str | None]) -> None:

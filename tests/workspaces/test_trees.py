@@ -168,6 +168,41 @@ async def test_a_worker_forgets_the_least_recently_used_workspace_past_its_bound
     assert sorted(manager.holdings) == sorted(str(space) for space in (spaces[0], spaces[2]))
 
 
+async def test_copies_an_earlier_worker_left_are_reused_counted_and_go_first(setup, tmp_path: Path) -> None:
+    _, server, _, channel = setup
+    cache = str(tmp_path / "restarted-cache")
+    spaces = {}
+    for name in ("x", "y", "z"):
+        spaces[name] = tmp_path / f"space-{name}"
+        spaces[name].mkdir()
+        (spaces[name] / "data.bin").write_bytes(name.encode() * 100_000)
+
+    async def worker(cache_size: int) -> WorkspaceManager:
+        manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=cache, cache_size=cache_size)
+        manager.configure(CasClient(channel), server.snapshots.excludes)
+        return manager
+
+    async def sync(manager: WorkspaceManager, name: str) -> Path:
+        placement = await manager.place(await snapshot(server, spaces[name]))
+        assert (Path(placement.path) / "data.bin").read_bytes() == name.encode() * 100_000
+        placement.release()
+        return Path(placement.path)
+
+    first = await worker(250_000)
+    x_copy = await sync(first, "x")
+    first.close()  # the worker stops; its copy stays
+    second = await worker(250_000)
+    assert await sync(second, "x") == x_copy  # moved from where the first left it
+    y_copy = await sync(second, "y")
+    second.close()
+    third = await worker(150_000)  # both copies left count: room for z only once they go
+    try:
+        z_copy = await sync(third, "z")
+        assert not present(x_copy) and not present(y_copy) and present(z_copy)
+    finally:
+        third.close()
+
+
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
     _, _, manager, channel = setup
     evil = reapi.Directory(files=[reapi.FileNode(name="../escaped.txt", digest=reapi.Digest(
