@@ -118,8 +118,12 @@ class _Outbox:
         )
         wire.result_to_proto(result, report.result)
 
-    async def send(self, message: worker_pb2.ConnectRequest) -> None:
+    def queue(self, message: worker_pb2.ConnectRequest) -> None:
+        """Queues a message (sent by the next flush, before any result added after it)."""
         self._messages.append(message)
+
+    async def send(self, message: worker_pb2.ConnectRequest) -> None:
+        self.queue(message)
         await self.flush()
 
     async def flush(self) -> None:
@@ -428,13 +432,15 @@ class ToolWorker:
         outbox = self._outbox
         if outbox is None:
             return  # the next Hello carries it
-        message = worker_pb2.ConnectRequest(
+        # Queued now, not in the task: a call placed on this holding finishes after it, and its
+        # result must not reach the hub before the holding does (the hub routes by both).
+        outbox.queue(worker_pb2.ConnectRequest(
             holdings=worker_pb2.Holdings(workspaces=[snapshot_wire.holding_to_proto(holding)])
-        )
+        ))
 
         async def send() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                await outbox.send(message)
+                await outbox.flush()
 
         task = asyncio.get_running_loop().create_task(send())
         self._reports.add(task)
