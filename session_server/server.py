@@ -120,6 +120,8 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
 def _lock_data_dir(data_dir: Path) -> int:
     """Takes the data directory for this server (an flock on `<data_dir>/lock`, held until
     `stop()`) and returns the lock's descriptor; raises OSError (one line) when another server
