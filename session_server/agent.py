@@ -420,7 +420,10 @@ class Turn:
                     self.ctx.snapshots.changed()
                 else:
                     self.ctx.snapshots.invalidate()
-            self._no_write_running.set()
+            if call.lane is not Lane.QUERY:
+                # Only the end of a write: a read ending beside a running write must not let a
+                # worker-bound call snapshot the workspace while it is written.
+                self._no_write_running.set()
 
     async def _execute_call(self, call: ToolCall, asks: dict[ToolCall, Decision]) -> ToolResult:
         """Runs one call the scheduler let go: confirmation first if the policy asks, then by lane mode."""
