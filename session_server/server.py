@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -56,6 +55,7 @@ from session_server.store import Store
 from session_server.telemetry import Telemetry
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
+from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import start_tracing
@@ -129,19 +129,14 @@ def _lock_data_dir(data_dir: Path) -> int:
     for a crash's (ending them) and its sandboxed commands for leftovers (killing them), and
     both would number the same sessions' events."""
     path = data_dir / "lock"
-    lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(lock, 32).decode("ascii", "replace").strip()
-        os.close(lock)
+    lock = try_lock(str(path))
+    if lock is None:
+        with open(path, "rb") as held:
+            holder = held.read(32).decode("ascii", "replace").strip()
         who = f"another codelane server (pid {holder})" if holder.isdigit() else "another codelane server"
         raise OSError(
             f"the data directory {data_dir} is in use by {who}: stop it, or give this server its own --data-dir"
-        ) from None
-    except BaseException:
-        os.close(lock)
-        raise
+        )
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
     return lock

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
 from tool_worker.blobstore import BlobStore
 from tool_worker.cas import BlobMissing, CasClient, ContentError
+from tool_worker.filelock import try_lock
 from tool_worker.merkle import (
     EMPTY_HASH,
     SHARED,
@@ -160,6 +160,11 @@ class _Tree:
     # The snapshot a move is bringing it to.
     target: SnapshotRef | None = None
 
+    @property
+    def idle(self) -> bool:
+        """No call reads it and no move writes it: it may be moved, or deleted."""
+        return self.readers == 0 and not self.writing
+
     def holds(self, snapshot: SnapshotRef) -> bool:
         held = self.held
         return held is not None and held.digest == snapshot.digest and held.times_digest == snapshot.times_digest
@@ -211,7 +216,7 @@ class WorkspaceManager:
                     state.shared_scanner.close()
                     state.shared_scanner = None
                 for tree in state.trees:
-                    if tree.readers == 0 and not tree.writing:
+                    if tree.idle:
                         tree.scanner.close()
                         tree.scanner = TreeScanner(tree.path, self.exclusions)
                         tree.held = None
@@ -234,20 +239,17 @@ class WorkspaceManager:
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             for index in range(MAX_CACHE_SLOTS):
-                lock = os.open(os.path.join(self.cache_dir, f"{index}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    slot = os.path.join(self.cache_dir, str(index))
-                    os.makedirs(slot, exist_ok=True)
-                except BlockingIOError:
-                    os.close(lock)
+                lock = try_lock(os.path.join(self.cache_dir, f"{index}.lock"))
+                if lock is None:
                     continue
+                slot = os.path.join(self.cache_dir, str(index))
+                try:
+                    os.makedirs(slot, exist_ok=True)
+                    self._orphans = _left_trees(os.path.join(slot, "trees"))
                 except BaseException:
                     os.close(lock)
                     raise
                 self._slot_lock = lock
-                self._orphans = _left_trees(os.path.join(slot, "trees"))
                 return slot
         except OSError as exc:
             raise WorkspaceUnavailable(
@@ -334,7 +336,7 @@ class WorkspaceManager:
                     # Another call is bringing a tree to this very snapshot: wait for it.
                     await state.changed.wait()
                     continue
-                idle = [t for t in state.trees if t.readers == 0 and not t.writing]
+                idle = [t for t in state.trees if t.idle]
                 if idle:
                     tree = idle[0]
                 elif len(state.trees) < MAX_TREES:
@@ -463,7 +465,7 @@ class WorkspaceManager:
 
     async def _forget_least_recently_used(self, keep: str) -> None:
         idle = [(state.last_used, workspace) for workspace, state in self._workspaces.items()
-                if workspace != keep and all(tree.readers == 0 and not tree.writing for tree in state.trees)]
+                if workspace != keep and all(tree.idle for tree in state.trees)]
         if not idle:
             return  # every one is in use: kept, past the bound, until they are not
         _, workspace = min(idle)
@@ -481,7 +483,7 @@ class WorkspaceManager:
         idle = sorted(
             ((state.last_used, workspace, state, tree) for workspace, state in self._workspaces.items()
              for tree in state.trees
-             if tree is not keep and tree.readers == 0 and not tree.writing and tree.held is not None),
+             if tree is not keep and tree.idle and tree.held is not None),
             key=lambda entry: entry[0],
         )
         freed, doomed = 0, []
@@ -650,9 +652,10 @@ def _left_trees(directory: str) -> dict[str, int]:
 
 
 async def _delete(paths: list[str | None]) -> None:
-    for path in paths:
-        if path is not None:
-            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+    """Deletes retired trees, in one thread hop."""
+    doomed = [path for path in paths if path is not None]
+    if doomed:
+        await asyncio.to_thread(lambda: [shutil.rmtree(path, ignore_errors=True) for path in doomed])
 
 
 async def _scan(scanner: TreeScanner) -> Tree:
