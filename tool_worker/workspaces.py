@@ -203,6 +203,7 @@ class WorkspaceManager:
         # Trees an earlier worker left in the slot, with their bytes: reused when their workspace
         # comes back, counted against --cache-size until then, and the first to go for room.
         self._orphans: dict[str, int] = {}
+        self._opening = asyncio.Lock()
         self.holdings: dict[str, Holding] = {}
 
     def configure(self, cas: CasClient, excludes: tuple[str, ...]) -> None:
@@ -220,6 +221,14 @@ class WorkspaceManager:
                         tree.scanner.close()
                         tree.scanner = TreeScanner(tree.path, self.exclusions)
                         tree.held = None
+
+    async def _open_cache(self) -> None:
+        """Claims the slot and reads its blob store, once, in a thread: measuring what an earlier
+        worker left there walks every file (seconds for a large cache), which must not stall the
+        event loop and its heartbeats."""
+        async with self._opening:
+            if self._store is None:
+                await asyncio.to_thread(lambda: self.store)
 
     @property
     def store(self) -> BlobStore:
@@ -327,6 +336,7 @@ class WorkspaceManager:
         return False
 
     async def _synced(self, state: _Workspace, snapshot: SnapshotRef) -> Placement:
+        await self._open_cache()
         async with state.changed:
             while True:
                 for tree in state.trees:

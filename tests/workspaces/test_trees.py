@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import grpc
@@ -201,6 +202,34 @@ async def test_copies_an_earlier_worker_left_are_reused_counted_and_go_first(set
         assert not present(x_copy) and not present(y_copy) and present(z_copy)
     finally:
         third.close()
+
+
+async def test_what_an_earlier_worker_left_is_measured_off_the_event_loop(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Measuring an earlier worker's copies walks every file they hold: seconds for a large
+    # cache, during which a worker whose loop stood still would miss its heartbeats.
+    ws, server, first, channel = setup
+    (await first.place(await snapshot(server, ws))).release()
+    cache = first.cache_dir
+    first.close()
+    walked_in = []
+    measure = workspaces_module._left_trees
+
+    def spied(directory: str) -> dict[str, int]:
+        walked_in.append(threading.current_thread())
+        return measure(directory)
+
+    monkeypatch.setattr(workspaces_module, "_left_trees", spied)
+    second = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=cache)
+    second.configure(CasClient(channel), server.snapshots.excludes)
+    try:
+        placement = await second.place(await snapshot(server, ws))
+        assert (Path(placement.path) / "a.txt").read_text() == "version 1\n"
+        placement.release()
+    finally:
+        second.close()
+    assert walked_in and threading.main_thread() not in walked_in
 
 
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
