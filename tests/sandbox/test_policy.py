@@ -102,6 +102,23 @@ async def test_session_env_reaches_commands_and_network_on_reaches_the_host(
     assert results["connect"].output == "connected" and listener.accepted == 1
 
 
+async def test_session_env_reaches_the_command_never_bubblewrap_itself(start_host: Any, tmp_path: Path) -> None:
+    # bwrap starts on the host, before it confines anything, and its dynamic loader reads its
+    # environment there: a session's LD_PRELOAD in it ran code with the server's rights (it read a
+    # file outside the sandbox). In the sandbox, pid 1 is bwrap's own init: /proc/1/environ shows
+    # the environment bwrap was started with.
+    host: Host = await start_host()
+    calls = [
+        bash("command", "printenv PROJECT_MODE"),
+        bash("bwrap", "tr '\\0' '\\n' < /proc/1/environ | grep -c PROJECT_MODE; true"),
+        bash("bwrap-runs", "tr '\\0' '\\n' < /proc/1/environ | grep -c ^PATH="),
+    ]
+    results = await host.run(tmp_path, calls, env={"PROJECT_MODE": "ci"})
+    assert results["command"].output == "ci"
+    assert results["bwrap-runs"].output == "1"  # the probe reads bwrap's environment
+    assert results["bwrap"].output == "0"
+
+
 async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path: Path, workspace: Path) -> None:
     # A server that finds no bwrap on its PATH: as on a host where bubblewrap is not installed.
     server = await processes.start_server(tmp_path / "data", local_workers=0, env={"PATH": str(tmp_path / "empty")})

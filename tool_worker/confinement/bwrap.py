@@ -48,9 +48,11 @@ def confined_args(
     info_fd: int,
     block_fd: int,
     as_root: bool,
+    env: Sequence[str] = (),
 ) -> tuple[list[str], list[int]]:
     """The arguments, and the file descriptors bwrap must inherit besides info_fd and block_fd
-    (the caller closes them once bwrap has started). `workspace` and `cwd` are real paths."""
+    (the caller closes them once bwrap has started). `workspace` and `cwd` are real paths; `env`
+    gives the command the session's variables (env_args)."""
     fds: list[int] = []
     args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
     if policy.network is NetworkAccess.OFF:
@@ -80,6 +82,7 @@ def confined_args(
         args += ["--ro-bind", str(workspace), str(workspace)]
     args += _hidden(inside, fds)
     args += [
+        *env,
         "--chdir", str(cwd),
         "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
         "--info-fd", str(info_fd),
@@ -90,17 +93,36 @@ def confined_args(
 
 
 def unconfined_args(
-    bwrap: str, command: Sequence[str], *, cwd: Path, settings: SandboxSettings, info_fd: int, block_fd: int
+    bwrap: str, command: Sequence[str], *, cwd: Path, settings: SandboxSettings, info_fd: int, block_fd: int,
+    env: Sequence[str] = (),
 ) -> list[str]:
     """Off: only the PID namespace (and death with the server), so nothing outlives the call."""
     return [
         bwrap, "--die-with-parent", "--unshare-pid", "--dev-bind", "/", "/",
+        *env,
         "--chdir", str(cwd),
         "--setenv", OWNER_VARIABLE, owner_marker(settings.owner),
         "--info-fd", str(info_fd),
         "--block-fd", str(block_fd),
         "--", *command,
     ]  # fmt: skip
+
+
+def env_args(env: Sequence[tuple[str, str]], fds: list[int]) -> list[str]:
+    """The session's variables for the sandboxed command: `--setenv` pairs bwrap reads from a
+    memfd (`--args FD`, the descriptor appended to `fds`). Never bwrap's own environment: its
+    dynamic loader reads that on the host before any confinement (a session's LD_PRELOAD would run
+    there, with the server's rights). Nor its command line, which every local user can read."""
+    if not env:
+        return []
+    data = b"".join(b"--setenv\0%s\0%s\0" % (name.encode(), value.encode()) for name, value in env)
+    fd = os.memfd_create("codelane-env", os.MFD_CLOEXEC)
+    fds.append(fd)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return ["--args", str(fd)]
 
 
 def owner_marker(owner: str) -> str:

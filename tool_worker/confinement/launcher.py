@@ -265,7 +265,7 @@ class Sandbox:
             )
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=_PROBE_TIMEOUT,
-                                      pass_fds=(info_write, block_read, *fds), env=self._built_env(SandboxPolicy()))
+                                      pass_fds=(info_write, block_read, *fds), env=self._built_env())
             finally:
                 for fd in (info_read, info_write, block_read, block_write, *fds):
                     os.close(fd)
@@ -432,16 +432,24 @@ class Sandbox:
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
         """bwrap's arguments, environment and extra descriptors for one call (a few stat calls:
-        mounts need real paths)."""
-        if not policy.confined:
-            args = bwrap.unconfined_args(path, argv, cwd=cwd, settings=self.settings, info_fd=info_fd,
-                                         block_fd=block_fd)
-            return args, self._inherited_env(policy), []
-        args, fds = bwrap.confined_args(
-            path, argv, workspace=Path(os.path.realpath(workspace)), cwd=Path(os.path.realpath(cwd)),
-            policy=policy, settings=self.settings, info_fd=info_fd, block_fd=block_fd, as_root=self._as_root,
-        )
-        return args, self._built_env(policy), fds
+        mounts need real paths). The session's variables reach the command, never bwrap itself."""
+        fds: list[int] = []
+        try:
+            session_env = bwrap.env_args(policy.env, fds)
+            if not policy.confined:
+                args = bwrap.unconfined_args(path, argv, cwd=cwd, settings=self.settings, info_fd=info_fd,
+                                             block_fd=block_fd, env=session_env)
+                return args, dict(os.environ), fds
+            args, mounts = bwrap.confined_args(
+                path, argv, workspace=Path(os.path.realpath(workspace)), cwd=Path(os.path.realpath(cwd)),
+                policy=policy, settings=self.settings, info_fd=info_fd, block_fd=block_fd, as_root=self._as_root,
+                env=session_env,
+            )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return args, self._built_env(), fds + mounts
 
     def _apply_rlimits(self, pid: int, policy: SandboxPolicy) -> None:
         limits = policy.limits
@@ -462,17 +470,16 @@ class Sandbox:
             resource.prlimit(pid, which, (soft, hard))
 
     @staticmethod
-    def _built_env(policy: SandboxPolicy) -> dict[str, str]:
-        """A confined command's environment: built, never the server's (its keys and tokens)."""
-        env = {
+    def _built_env() -> dict[str, str]:
+        """A confined command's environment before the session's variables: built, never the
+        server's (its keys and tokens)."""
+        return {
             "PATH": os.environ.get("PATH", _DEFAULT_PATH),
             "HOME": os.path.expanduser("~"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "TERM": os.environ.get("TERM", "dumb"),
             "TMPDIR": "/tmp",
         }
-        env.update(policy.env)
-        return env
 
     @staticmethod
     def _inherited_env(policy: SandboxPolicy) -> dict[str, str]:

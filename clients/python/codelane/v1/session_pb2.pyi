@@ -480,7 +480,9 @@ class SessionConfig(_message.Message):
         is built, never inherited from the server: PATH, HOME, LANG, TERM and TMPDIR, then these
         (which may override them). Names are letters, digits and underscores, not starting with a
         digit; at most 100 variables and 64 KiB in all. Values are stored with the session and
-        returned by GetSession.
+        returned by GetSession. They are set inside the sandbox, for the command only: never in the
+        environment of the launcher that builds the sandbox on the host (LD_PRELOAD and the like
+        apply to the command, not to the server's side).
         """
 
     def __init__(
