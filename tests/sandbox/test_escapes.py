@@ -29,6 +29,11 @@ def _attempts(host: Host, port: int) -> list[dict[str, Any]]:
         bash("read_denied_file", f"cat {host.secret}"),
         bash("server_secret", "env; printenv OPENAI_API_KEY"),
         bash("connect_localhost", f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"),
+        # git would take its config and hooks from the directory this names: planted, then run by
+        # the user's next git command, on the host.
+        bash("git_commondir", "echo ../planted > .git/commondir && echo written"),
+        # Last: a .git of the command's choosing in place of the repository's.
+        bash("git_dir_replaced", "mv .git .git-old && mkdir .git && echo replaced"),
     ]
 
 
@@ -67,6 +72,13 @@ async def test_escapes_are_denied(start_host: Any, listener: Listener, tmp_path:
     assert "connected" not in results["connect_localhost"].output
     assert listener.accepted == 0
 
+    commondir = results["git_commondir"]
+    assert commondir.error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, commondir
+    assert "written" in commondir.output and ".git/commondir removed" in commondir.output
+    assert not (host.workspace / ".git" / "commondir").exists()
+    assert "Device or resource busy" in results["git_dir_replaced"].output
+    assert (host.workspace / ".git" / "config").read_text() == "[core]\n" and not (host.workspace / ".git-old").exists()
+
 
 async def test_the_same_commands_succeed_without_the_sandbox(
     start_host: Any, listener: Listener, tmp_path: Path
@@ -80,13 +92,16 @@ async def test_the_same_commands_succeed_without_the_sandbox(
 
     for name in _WRITES.values():
         assert (host.outside / name).read_text() == "pwned\n", name
-    assert (host.workspace / ".git" / "hooks" / "pre-commit").exists()
-    assert "hooksPath" in (host.workspace / ".git" / "config").read_text()
+    moved = host.workspace / ".git-old"  # the last attempt moved the repository's .git here
+    assert (moved / "hooks" / "pre-commit").exists()
+    assert "hooksPath" in (moved / "config").read_text()
     assert results["read_data_dir"].output.startswith("SQLite format 3")
     assert host.secret_text in results["read_denied_file"].output
     assert FAKE_OPENAI_KEY in results["server_secret"].output
     assert "connected" in results["connect_localhost"].output
     assert listener.accepted == 1
+    assert (moved / "commondir").read_text() == "../planted\n"
+    assert results["git_dir_replaced"].output == "replaced"
 
 
 async def test_read_only_mode_denies_workspace_writes_and_file_tools(start_host: Any, tmp_path: Path) -> None:
@@ -123,9 +138,10 @@ async def test_file_tools_refuse_protected_paths(start_host: Any, tmp_path: Path
         {"name": "write", "id": "allowed", "arguments": {"file_path": ".git/info-note", "content": "fine"}},
         {"name": "write", "id": "new_submodule", "arguments": {"file_path": ".git/modules/lib/hooks/post-checkout",
                                                                "content": "x"}},
+        {"name": "write", "id": "commondir", "arguments": {"file_path": ".git/commondir", "content": "../planted"}},
     ]
     results = await host.run(tmp_path, calls)
-    for call_id in ("hook", "config", "git_dir", "away", "over", "operator", "new_submodule"):
+    for call_id in ("hook", "config", "git_dir", "away", "over", "operator", "new_submodule", "commondir"):
         assert results[call_id].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (call_id, results[call_id])
         assert "protected" in results[call_id].output, call_id
     assert not results["allowed"].is_error
@@ -133,6 +149,7 @@ async def test_file_tools_refuse_protected_paths(start_host: Any, tmp_path: Path
     assert (host.workspace / ".git" / "config").read_text() == "[core]\n"
     assert (host.workspace / ".git" / "hooks").is_dir() and not (host.workspace / "hooks-old").exists()
     assert (host.workspace / "deploy" / "prod.key").read_text() == "key\n"
+    assert not (host.workspace / ".git" / "commondir").exists()
 
 
 async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: Any, tmp_path: Path) -> None:
@@ -141,7 +158,11 @@ async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     model_calls = [bash("init", "git init -q && ls .git/hooks | head -1"),
-                   bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit")]
+                   bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit"),
+                   # What is in .git stays the command's to change (commits), not .git itself.
+                   bash("commit", "git -c user.name=a -c user.email=a@b commit -q --allow-empty -m x && "
+                                  "git log --oneline | wc -l"),
+                   bash("remove", "rm -rf .git")]
     from tests.session.conftest import kind, scripted
 
     model = scripted(tmp_path, [{"text": "Init.", "tool_calls": model_calls[:1]},
@@ -153,3 +174,6 @@ async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: 
     assert not results["init"].is_error, results["init"]
     assert "Read-only file system" in results["hook"].output
     assert not (fresh / ".git" / "hooks" / "pre-commit").exists()
+    assert results["commit"].output == "1", results["commit"]
+    assert "Device or resource busy" in results["remove"].output
+    assert (fresh / ".git" / "config").exists() and (fresh / ".git" / "hooks").is_dir()

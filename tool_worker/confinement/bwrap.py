@@ -76,6 +76,7 @@ def confined_args(
     args += _hidden(outside, fds)
     if policy.writes_workspace:
         args += ["--bind", str(workspace), str(workspace)]
+        args += _git_dir_pinned(workspace)
         for path in _protected_mounts(workspace, settings.protect):
             args += ["--ro-bind", str(path), str(path)]
     else:
@@ -151,6 +152,18 @@ def _hidden(paths: list[Path], fds: list[int]) -> list[str]:
             fds.append(os.open(os.devnull, os.O_RDONLY))
             args += ["--perms", "0000", "--ro-bind-data", str(fds[-1]), str(path)]
     return args
+
+
+def _git_dir_pinned(workspace: Path) -> list[str]:
+    """The repository's `.git` made a mount point of its own: a command may change what is in it
+    (commits), but cannot rename or remove it (EBUSY) to put a `.git` with a configuration of its
+    choosing in its place, which the user's next git command would run. A `.git` file (a linked
+    worktree's or a submodule's pointer) is bound read-only: where it points is git's config too."""
+    git = workspace / ".git"
+    if git.is_symlink() or not git.exists():
+        return []
+    kind = "--bind" if git.is_dir() else "--ro-bind"
+    return [kind, str(git), str(git)]
 
 
 def _protected_mounts(workspace: Path, patterns: Sequence[str]) -> list[Path]:

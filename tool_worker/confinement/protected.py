@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
+
+# Files through which git takes its configuration and hooks from another directory (commondir)
+# or reads more configuration (config.worktree). A read-only mount cannot keep them out as it
+# keeps .git/config: they do not exist, and .git must stay writable for git to work. The file
+# tools refuse them; one a command creates is removed when the command ends (planted_git_files).
+GIT_REDIRECTS = (".git/commondir", ".git/config.worktree")
 
 
 def protected_targets(root: Path, patterns: Iterable[str]) -> Iterator[Path]:
@@ -66,11 +74,32 @@ def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) ->
     # sandbox's mounts make the same exception).
     guarded = [*protected_targets(root, settings.protect), *(p for p in denied if not within(root, p))]
     for target, shown in targets:
-        hit = overlap(target, guarded) or _matched(root, target, settings.protect)
+        hit = overlap(target, guarded) or _matched(root, target, (*settings.protect, *GIT_REDIRECTS))
         if hit is not None:
             where = os.path.relpath(hit, root) if within(hit, root) else str(hit)
             raise ToolFailure(
                 f"{tool} was not run: {shown} touches {where}, which is protected (no tool may change "
-                ".git/hooks, .git/config, the server's own files or the operator's protected paths)",
+                ".git/hooks, .git/config or where git would take them from, the server's own files or "
+                "the operator's protected paths)",
                 ErrorKind.PERMISSION_DENIED,
             )
+
+
+def absent_git_redirects(workspace: Path) -> list[Path]:
+    """The GIT_REDIRECTS of a repository that do not exist now (before a command runs)."""
+    root = Path(os.path.realpath(workspace))
+    if not (root / ".git").is_dir():
+        return []
+    return [root / name for name in GIT_REDIRECTS if not os.path.lexists(root / name)]
+
+
+def remove_planted(absent: list[Path]) -> list[Path]:
+    """Removes those of `absent` that exist now (a command created them); returns them."""
+    planted = [path for path in absent if os.path.lexists(path)]
+    for path in planted:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return planted

@@ -17,6 +17,7 @@ from typing import Any
 
 from tool_worker.confinement.launcher import RunningCommand, SandboxUnavailable
 from tool_worker.confinement.policy import Limit, SandboxPolicy
+from tool_worker.confinement.protected import absent_git_redirects, remove_planted
 from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure, ToolResult
 
 DEFAULT_TIMEOUT_MS = 120_000
@@ -103,15 +104,26 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     the output produced until then; a limit makes it RESOURCE_LIMIT, whatever else happened. A
     policy the host cannot enforce is a SANDBOX_UNAVAILABLE result, and nothing runs.
     """
+    guarded = absent_git_redirects(ctx.workspace) if ctx.policy.confined and ctx.policy.writes_workspace else []
     try:
         outcome = await _run(argv, ctx, timeout_ms / 1000)
     except SandboxUnavailable as exc:
         raise ToolFailure(f"{argv[0]} was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
+    finally:
+        planted = remove_planted(guarded)
     output = outcome.output.rstrip("\n") or "(no output)"
     common: dict[str, Any] = {
         "exit_code": outcome.exit_code,
         "truncated": outcome.omitted > 0,
     }
+    if planted:
+        names = ", ".join(str(path.relative_to(ctx.root)) for path in planted)
+        return ToolResult.error(
+            ErrorKind.PERMISSION_DENIED,
+            f"{output}\n\n[{names} removed: a command may not create it (git would take its configuration "
+            "or hooks from where it points, past the protection of .git/config and .git/hooks)]",
+            **common,
+        )
     if outcome.limits_hit:
         common["metadata"] = {"limits_hit": [limit.value for limit in outcome.limits_hit]}
         notes = "; ".join(_limit_text(limit, ctx.policy) for limit in outcome.limits_hit)
