@@ -20,6 +20,12 @@ ERROR_KIND_FROM_PROTO = {v: k for k, v in ERROR_KIND_TO_PROTO.items()}
 
 NANOS_PER_SECOND = 1_000_000_000
 
+# A result's metadata_json, from a worker or an external client, is kept up to this size. Parsed
+# and written again it goes into the call's events and history: unbounded, a compact 46 MB array
+# came back at 69 MB, over gRPC's 64 MiB message limit, and the session's history could no longer
+# be read.
+MAX_METADATA_JSON_CHARS = 64 * 1024
+
 # protobuf's FromNanoseconds() is Python code that costs microseconds; every call's path sets a
 # deadline and two durations, so these do the same normalisation directly.
 
@@ -104,10 +110,19 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
 
 
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
-    try:
-        metadata = json.loads(msg.metadata_json) if msg.metadata_json else {}
-    except json.JSONDecodeError:
-        metadata = {"unparsed_metadata": msg.metadata_json}
+    """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
+    replaced by a note saying so; metadata that is not JSON (or nests too deeply to parse) is kept
+    as the string it was."""
+    if len(msg.metadata_json) > MAX_METADATA_JSON_CHARS:
+        metadata: object = {"omitted_by_codelane": f"metadata_json was {len(msg.metadata_json):,} characters; at "
+                                                   f"most {MAX_METADATA_JSON_CHARS:,} are kept"}
+    elif msg.metadata_json:
+        try:
+            metadata = json.loads(msg.metadata_json)
+        except (ValueError, RecursionError):
+            metadata = {"unparsed_metadata": msg.metadata_json}
+    else:
+        metadata = {}
     error_kind = ERROR_KIND_FROM_PROTO.get(msg.error_kind)
     if msg.is_error and error_kind is None:
         error_kind = ErrorKind.TOOL_ERROR

@@ -212,6 +212,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def CompleteExternalTask(self, request, context):
         await self._session(context, request.session_id)
+        if len(request.result.metadata_json) > wire.MAX_METADATA_JSON_CHARS:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"result.metadata_json is {len(request.result.metadata_json):,} characters: at most "
+                        f"{wire.MAX_METADATA_JSON_CHARS:,} are accepted; put bulky details in the output",
+                        "INVALID_ARGUMENT", field="result.metadata_json")
         async with _held_task(context, request):
             self._manager.complete_external_task(
                 request.session_id, request.task_id, request.client_id, wire.result_from_proto(request.result)

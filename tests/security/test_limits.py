@@ -1,16 +1,19 @@
-"""Bounded inputs: a model's huge arguments or thousands of calls cannot break a session."""
+"""Bounded inputs: a model's huge arguments or thousands of calls, a client's or a worker's bulky
+metadata, cannot break a session."""
 
 from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from codelane.v1 import tools_pb2
 from session_server.limits import MAX_TOOL_CALLS_PER_RESPONSE, OMITTED_ARGUMENTS
 from session_server.llm.script import Script
 from session_server.mock_llm.server import start_mock_llm
-from tests.session.conftest import assert_gap_free, call, kind, scripted
+from tests.session.conftest import assert_gap_free, call, kind, rpc_error, scripted
+from tool_worker import wire
 
 HUGE = 70 * 1024 * 1024
 
@@ -69,3 +72,43 @@ async def test_thousands_of_calls_in_one_response_are_capped(client, workspace, 
     over = [r for r in results if r.error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS]
     assert len(over) == count - MAX_TOOL_CALLS_PER_RESPONSE
     assert f"at most {MAX_TOOL_CALLS_PER_RESPONSE} per response" in over[0].output
+
+
+async def test_an_external_clients_bulky_or_deep_metadata_cannot_break_the_session(
+    make_server, workspace, tmp_path
+) -> None:
+    # Parsed and written again, a compact 46 MB metadata array came back at 69 MB: over gRPC's
+    # message limit, the session's stream, replay and history failed for good. JSON nested past
+    # Python's recursion limit ended the RPC with UNKNOWN.
+    from tests.session.test_external_tasks import EXTERNAL, _claim, _complete, _queue
+
+    server = await make_server()
+    client = server.client
+    model = scripted(tmp_path, [{"tool_calls": [call("bash", "ext", command="true")]}, {"text": "Done."}])
+    session = await client.create(workspace, model, queue=_queue(execute=EXTERNAL))
+    stream = client.send_stream(session.session_id, "go")
+    [task] = await _claim(client, session.session_id, "cli", wait=10)
+    bulky = "[" + ",".join("0" * (wire.MAX_METADATA_JSON_CHARS // 2 + 1)) + "]"
+    error = await rpc_error(_complete(client, session.session_id, task.task_id, "cli", output="ok",
+                                      metadata_json=bulky))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": "result.metadata_json"}
+    assert "at most 65,536" in error.message
+    # Refused and nothing changed: the task is still the client's to complete.
+    deep = "[" * 100_000
+    await _complete(client, session.session_id, task.task_id, "cli", output="ok", metadata_json=deep[:60_000])
+    events = [r.event async for r in stream]
+    assert kind(events[-1]) == "turn_finished"
+    [finished] = [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    assert json.loads(finished.result.metadata_json)["unparsed_metadata"] == deep[:60_000]
+    replayed, last = await client.watch(session.session_id, 0)
+    assert_gap_free(replayed)
+    assert last == events[-1].sequence
+    assert await client.history(session.session_id)
+
+
+def test_a_workers_bulky_or_deep_metadata_is_kept_bounded() -> None:
+    bulky = wire.result_from_proto(tools_pb2.ToolResult(output="x", metadata_json="[" + "0," * 40_000 + "0]"))
+    assert bulky.metadata == {"omitted_by_codelane": "metadata_json was 80,003 characters; at most 65,536 are kept"}
+    deep = wire.result_from_proto(tools_pb2.ToolResult(output="x", metadata_json="[" * 10_000))
+    assert deep.metadata == {"unparsed_metadata": "[" * 10_000}
+    assert wire.result_from_proto(tools_pb2.ToolResult(metadata_json='{"n": 1}')).metadata == {"n": 1}

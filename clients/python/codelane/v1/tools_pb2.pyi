@@ -358,7 +358,10 @@ class ToolResult(_message.Message):
     """Tool-specific structured details (match counts, file lists, ...) as a JSON object string.
     Every Execute-lane result has "sandbox": the session's sandbox mode ("workspace-write",
     "read-only", or "off" when the call ran without confinement); bash and execute add
-    "limits_hit" when a resource limit stopped them.
+    "limits_hit" when a resource limit stopped them. At most 65,536 characters from a worker or
+    an external client: CompleteExternalTask refuses more (INVALID_ARGUMENT), and a worker's
+    longer metadata is replaced by {"omitted_by_codelane": "..."}; metadata that is not JSON is
+    kept as {"unparsed_metadata": "<the string>"}.
     """
     @_builtins.property
     def queue_wait(self) -> _duration_pb2.Duration:
