@@ -39,6 +39,7 @@ MAX_EXTERNAL_TASK_TIMEOUT = 24 * 3600.0
 MAX_CONFIRMATION_TIMEOUT = 24 * 3600.0
 MAX_ENV_VARIABLES = 100
 MAX_ENV_BYTES = 64 * 1024
+MAX_SYSTEM_PROMPT_CHARS = 256 * 1024
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_SYSTEM_PROMPT = (
     "You are a coding agent working in a repository. Use the tools to inspect and change files. "
@@ -228,6 +229,12 @@ def build_settings(
         parse_model(model)
     except ValueError as exc:
         raise InvalidArgument("config.model", str(exc)) from None
+    if len(request.system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+        raise InvalidArgument(
+            "config.system_prompt",
+            f"is {len(request.system_prompt):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,}: put long "
+            "instructions in a file of the workspace and tell the model to read it",
+        )
     _bounded("config.max_turns", request.max_turns, 0, MAX_MAX_TURNS)
     _bounded("config.queue.query_concurrency", request.query_concurrency, 0, MAX_QUERY_CONCURRENCY)
     _bounded("config.queue.max_attempts", request.max_attempts, 0, MAX_MAX_ATTEMPTS)

@@ -7,6 +7,7 @@ live subscribers, so whatever a client saw can be replayed, and whatever it miss
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -48,6 +49,10 @@ log = logging.getLogger("codelane.sessions")
 # Concurrent LLM requests across all sessions (the Generate lane).
 DEFAULT_GENERATE_LIMIT = 16
 MAX_PAGE_SIZE = 1000
+# What one session keeps of its creation request, each bounded so that a page of sessions (and
+# the session itself, echoed back) always fits in a gRPC message.
+MAX_CONFIG_CHARS = 1024 * 1024
+MAX_LABELS_CHARS = 64 * 1024
 DEFAULT_MESSAGES_PAGE = 200
 
 
@@ -191,6 +196,13 @@ class SessionManager:
         """Raises config.InvalidArgument naming the bad field, admission.AtCapacity or ShuttingDown."""
         path = resolve_workspace(workspace, self.workspace_roots)
         settings = build_settings(request, self.default_model, self.known_tools(), self.registry.sandbox.settings)
+        config = settings.to_dict()
+        size = len(json.dumps(config))
+        if size > MAX_CONFIG_CHARS:
+            raise InvalidArgument("config", f"takes {size:,} characters as stored; at most {MAX_CONFIG_CHARS:,}")
+        size = sum(len(key) + len(value) for key, value in labels.items())
+        if size > MAX_LABELS_CHARS:
+            raise InvalidArgument("labels", f"hold {size:,} characters; at most {MAX_LABELS_CHARS:,}")
         await self.models.check(settings.model)
         if self.admission is not None:
             self.admission.check_session()
@@ -198,7 +210,7 @@ class SessionManager:
         record = SessionRecord(
             session_id=f"s_{uuid.uuid4().hex[:16]}",
             workspace=str(path),
-            config=settings.to_dict(),
+            config=config,
             labels=dict(labels),
             created=now,
             updated=now,

@@ -45,6 +45,9 @@ SCHEMA_VERSION = 1
 # ListSessions: a page_size of 0 means the default; larger requests are cut to the maximum.
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A ListSessions page stops before its sessions' configurations and labels reach this many
+# characters (JSON), so that the page stays well below gRPC's 64 MiB message limit.
+MAX_PAGE_CHARS = 16 * 1024 * 1024
 
 SessionState = Literal["idle", "running"]
 Role = Literal["user", "assistant", "tool"]
@@ -252,8 +255,14 @@ class Store:
                 f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY created DESC, session_id DESC LIMIT ?",
                 (size + 1,),
             ).fetchall()
-        sessions = [_session_from_row(row) for row in rows[:size]]
-        next_token = _encode_page_token(sessions[-1]) if len(rows) > size else ""
+        sessions: list[SessionRecord] = []
+        chars = 0
+        for row in rows[:size]:
+            chars += len(row[2]) + len(row[3])  # config_json, labels_json: the bulk of a session
+            if sessions and chars > MAX_PAGE_CHARS:
+                break
+            sessions.append(_session_from_row(row))
+        next_token = _encode_page_token(sessions[-1]) if len(rows) > len(sessions) else ""
         return sessions, next_token
 
     def count_sessions(self) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NoReturn
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from session_server.api.errors import MAX_MESSAGE_BYTES, bounded
 from session_server.content import STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
 from tool_worker.merkle import Digest, encode_digest, length_delimited_header, valid_hash
 
@@ -37,6 +39,12 @@ def digest_to_proto(digest: Digest) -> remote_execution_pb2.Digest:
     return remote_execution_pb2.Digest(hash=digest.hash, size_bytes=digest.size)
 
 
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Ends the call; the message (which may quote what a worker sent) cut to fit in trailers."""
+    await context.abort(code, bounded(message, MAX_MESSAGE_BYTES))
+    raise AssertionError("unreachable: abort raises")
+
+
 def _status(code: int, message: str = "") -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
@@ -49,10 +57,10 @@ class _Requests:
 
     async def check(self, context: grpc.aio.ServicerContext, instance: str, digest_function: int = 0) -> None:
         if instance != self.instance_name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown instance {instance!r}: this server serves {self.instance_name!r}")
         if digest_function not in _DIGEST_FUNCTIONS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only SHA256 digests are served here")
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "only SHA256 digests are served here")
 
 
 class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddressableStorageServicer):
@@ -65,7 +73,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
         try:
             digests = [digest_from_proto(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)]
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         missing = self._store.find_missing(digests)
         return remote_execution_pb2.FindMissingBlobsResponse(missing_blob_digests=[digest_to_proto(d) for d in missing])
 
@@ -75,7 +83,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             digests = [digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
             self._store.check_batch(digests)
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return encode_batch_read_response(zip(digests, await self._store.read_many(digests), strict=True))
 
     async def BatchUpdateBlobs(self, request, context):
@@ -84,7 +92,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             digests = [digest_from_proto(r.digest, f"requests[{i}].digest") for i, r in enumerate(request.requests)]
             self._store.check_batch(digests)
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         response = remote_execution_pb2.BatchUpdateBlobsResponse()
         for digest, item in zip(digests, request.requests, strict=True):
             entry = response.responses.add(digest=digest_to_proto(digest))
@@ -104,13 +112,13 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             root = digest_from_proto(request.root_digest, "root_digest")
             blobs = self._store.tree(root)
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BlobNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
         page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
         start = int(request.page_token) if request.page_token.isdigit() else 0
         if request.page_token and not request.page_token.isdigit():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
                                 "this server gave")
         for offset in range(start, max(len(blobs), start + 1), page):
             chunk = blobs[offset : offset + page]
@@ -179,7 +187,7 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
     async def _digest(self, context, pattern: re.Pattern[str], resource_name: str) -> Digest:
         match = pattern.match(resource_name)
         if match is None or not match["size"].isdigit():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
                                 "[{instance}/]blobs/{hash}/{size} (reads) or [{instance}/]uploads/{uuid}/blobs/"
                                 "{hash}/{size} (writes)")
         await self._requests.check(context, match["instance"] or "")
@@ -187,7 +195,7 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             return digest_from_proto(remote_execution_pb2.Digest(hash=match["hash"], size_bytes=int(match["size"])),
                                      "resource_name")
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Read(self, request, context):
         digest = await self._digest(context, _READ_NAME, request.resource_name)
@@ -195,9 +203,9 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             async for chunk in self._store.read_stream(digest, request.read_offset, request.read_limit):
                 yield bytestream_pb2.ReadResponse(data=chunk)
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            await _refuse(context, grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except BlobNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
 
     async def Write(self, request_iterator, context):
         digest: Digest | None = None
@@ -208,21 +216,21 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             if digest is None:
                 digest = await self._digest(context, _WRITE_NAME, request.resource_name)
             if request.write_offset != received:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                     f"write_offset {request.write_offset}, expected {received}")
             received += len(request.data)
             if received > digest.size:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"more than the {digest.size} bytes announced")
+                await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"more than the {digest.size} bytes announced")
             chunks.append(request.data)
             if request.finish_write:
                 finished = True
                 break
         if digest is None or not finished:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the write ended without finish_write")
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "the write ended without finish_write")
         try:
             self._store.store(digest, b"".join(chunks))
         except InvalidBlob as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return bytestream_pb2.WriteResponse(committed_size=received)
 
 

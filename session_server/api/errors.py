@@ -12,6 +12,25 @@ from grpc_status import rpc_status
 
 DOMAIN = "codelane.dev"
 
+# A status travels in trailers, which clients refuse past 8-16 KiB: a message quoting a client's
+# 20,000-character page token or session id ended the call with RESOURCE_EXHAUSTED ("Stream
+# removed") instead of its own code. The message goes twice (grpc-message, percent-encoded, and
+# the Status details, base64), so what a client sent is cut to these, in UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1024
+MAX_METADATA_VALUE_BYTES = 128
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, or its start and end around a note of what was cut, within `limit` UTF-8 bytes
+    (the end is kept: it is where a message says what to do)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    note = f" [... {len(data) - limit:,} bytes cut ...] ".encode()
+    head = (limit - len(note)) * 3 // 5
+    tail = limit - len(note) - head
+    return (data[:head] + note + data[len(data) - tail:]).decode("utf-8", "ignore")
+
 
 async def abort(
     context: grpc.aio.ServicerContext,
@@ -23,6 +42,8 @@ async def abort(
 ) -> NoReturn:
     """Ends the call with `code`, a message for a person, and ErrorInfo for a program (and
     RetryInfo with `retry_after` seconds, when given)."""
+    message = bounded(message, MAX_MESSAGE_BYTES)
+    metadata = {key: bounded(value, MAX_METADATA_VALUE_BYTES) for key, value in metadata.items()}
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     details = [any_pb2.Any()]
     details[0].Pack(info)

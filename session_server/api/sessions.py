@@ -160,14 +160,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def GetMessages(self, request, context):
         await self._session(context, request.session_id)
-        try:
-            offset = int(request.page_token or 0)
-            if offset < 0:
-                raise ValueError
-        except ValueError:
+        token = request.page_token
+        # What this server issues: an offset in decimal digits (past 18 digits SQLite cannot take it).
+        if token and not (len(token) <= 18 and token.isascii() and token.isdigit()):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                         f"page_token {request.page_token!r} is not one this server issued", "INVALID_ARGUMENT",
                         field="page_token")
+        offset = int(token or 0)
         try:
             page, following = self._manager.messages(request.session_id, offset, request.page_size)
         except ValueError as exc:

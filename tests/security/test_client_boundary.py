@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from codelane.v1 import session_pb2
+from session_server.config import MAX_SYSTEM_PROMPT_CHARS
 from session_server.llm.factory import MAX_CACHED_SCRIPTS
 from session_server.llm.script import Script
 from session_server.mock_llm.server import start_mock_llm
@@ -112,3 +113,51 @@ async def test_a_huge_prompt_is_refused_and_changes_nothing(client, workspace, t
     assert (await client.get(session.session_id)).last_sequence == 0
     request = session_pb2.GetMessagesRequest(session_id=session.session_id)
     assert not (await client.sessions.GetMessages(request, timeout=RPC_TIMEOUT)).messages
+
+
+async def test_bulky_sessions_are_refused_and_listing_stays_possible(client, workspace, tmp_path) -> None:
+    # Two sessions with a 34 MiB system prompt each made every ListSessions fail (the page went
+    # over gRPC's 64 MiB limit), for every client; one just under 64 MiB was stored although its
+    # CreateSession failed (the echoed session did not fit).
+    model = scripted(tmp_path, [{"text": "hi"}])
+    honest = await client.create(workspace, model)
+    bulky = {
+        "config.system_prompt": {"system_prompt": "p" * (MAX_SYSTEM_PROMPT_CHARS + 1)},
+        "config": {"permissions": session_pb2.PermissionPolicy(deny=[f"read({i}{'a' * 1000})" for i in range(1100)])},
+    }
+    attempts = {field: client.create(workspace, model, **config) for field, config in bulky.items()}
+    attempts["labels"] = client.sessions.CreateSession(session_pb2.CreateSessionRequest(
+        workspace=str(workspace), config=session_pb2.SessionConfig(model=model),
+        labels={f"k{i}": "v" * 1000 for i in range(70)}), timeout=RPC_TIMEOUT)
+    for field, attempt in attempts.items():
+        error = await rpc_error(attempt)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": field}, error
+        assert "at most" in error.message
+    assert await client.count_sessions() == 1
+    listed = await client.sessions.ListSessions(session_pb2.ListSessionsRequest(), timeout=RPC_TIMEOUT)
+    assert [s.session_id for s in listed.sessions] == [honest.session_id]
+
+
+async def test_what_a_client_sent_is_quoted_cut_in_errors(client, workspace, tmp_path) -> None:
+    # A status travels in trailers: one quoting a 20,000-character token or id went past what
+    # clients accept and ended with RESOURCE_EXHAUSTED instead of its own code.
+    session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
+    sessions = client.sessions
+    attempts = {
+        "messages_long_token": (sessions.GetMessages(session_pb2.GetMessagesRequest(
+            session_id=session.session_id, page_token="x" * 20_000), timeout=RPC_TIMEOUT),
+            grpc.StatusCode.INVALID_ARGUMENT),
+        "messages_huge_offset": (sessions.GetMessages(session_pb2.GetMessagesRequest(
+            session_id=session.session_id, page_token="9" * 25), timeout=RPC_TIMEOUT),
+            grpc.StatusCode.INVALID_ARGUMENT),
+        "list_long_token": (sessions.ListSessions(session_pb2.ListSessionsRequest(page_token="x" * 20_000),
+                                                  timeout=RPC_TIMEOUT), grpc.StatusCode.INVALID_ARGUMENT),
+        "get_long_id": (sessions.GetSession(session_pb2.GetSessionRequest(session_id="s" * 20_000),
+                                            timeout=RPC_TIMEOUT), grpc.StatusCode.NOT_FOUND),
+    }
+    for name, (attempt, code) in attempts.items():
+        error = await rpc_error(attempt)
+        assert error.code == code, (name, error)
+        assert len(error.message.encode()) <= 1024, (name, error.message)
+        assert ("bytes cut" in error.message) == (name != "messages_huge_offset"), (name, error.message)
+        assert all(len(value) <= 128 for value in error.metadata.values()), name

@@ -1,3 +1,4 @@
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from session_server.events import (
 from session_server.llm.base import Usage
 from session_server.readiness import probe_store
 from session_server.store import (
+    MAX_PAGE_CHARS,
     SCHEMA_VERSION,
     SessionExists,
     SessionRecord,
@@ -121,6 +123,20 @@ def test_list_sessions_pages_newest_first(store: Store) -> None:
     store.create_session(record("new", created=10.0))
     second, _ = store.list_sessions(page_size=2, page_token=token)
     assert [s.session_id for s in first + second] == ["s6", "s5", "s4", "s3"]
+
+
+def test_a_page_of_sessions_stops_before_its_size_limit(store: Store) -> None:
+    # 24 sessions of 1 MiB of configuration each: one page of 50 would not fit in a gRPC message.
+    bulky = "p" * (1024 * 1024)
+    for i in range(24):
+        store.create_session(dataclasses.replace(record(f"s{i:02d}", created=float(i)),
+                                                 config={"system_prompt": bulky}))
+    first, token = store.list_sessions(page_size=50)
+    assert 0 < len(first) < 24 and token
+    assert sum(len(s.config["system_prompt"]) for s in first) <= MAX_PAGE_CHARS
+    rest, token = store.list_sessions(page_size=50, page_token=token)
+    assert token == ""
+    assert [s.session_id for s in first + rest] == [f"s{i:02d}" for i in reversed(range(24))]
 
 
 def test_exact_page_has_no_next_token(store: Store) -> None:

@@ -459,7 +459,10 @@ class SessionConfig(_message.Message):
     "scripted:/path/to/script.yaml". Empty means the server's default model.
     """
     system_prompt: _builtins.str
-    """System prompt. Empty means codelane's default prompt."""
+    """System prompt. Empty means codelane's default prompt. At most 262,144 characters
+    (INVALID_ARGUMENT, field config.system_prompt); the whole configuration as stored (JSON) at
+    most 1,048,576 (field config).
+    """
     max_turns: _builtins.int
     """Maximum model requests per turn. 0 means the default (50)."""
     @_builtins.property
@@ -679,7 +682,9 @@ class CreateSessionRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels."""
+        """Free-form labels: their keys and values at most 65,536 characters in all (INVALID_ARGUMENT,
+        field labels).
+        """
 
     def __init__(
         self,
@@ -794,7 +799,9 @@ class ListSessionsResponse(_message.Message):
     """Token for the next page; empty on the last page."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
-        """Sessions, newest first."""
+        """Sessions, newest first. A page may hold fewer than page_size sessions though more follow: it
+        stops before its sessions' configurations and labels reach 16 Mi characters.
+        """
 
     def __init__(
         self,
@@ -1269,7 +1276,7 @@ class GetMessagesRequest(_message.Message):
     page_size: _builtins.int
     """Maximum messages to return; 0 means 200, at most 1000."""
     page_token: _builtins.str
-    """next_page_token of the previous page; empty for the first."""
+    """next_page_token of the previous page; empty for the first. Anything else is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
