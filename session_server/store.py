@@ -46,8 +46,8 @@ SCHEMA_VERSION = 1
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # A ListSessions page stops before its sessions' configurations and labels reach this many
-# characters (JSON), so that the page stays well below gRPC's 64 MiB message limit.
-MAX_PAGE_CHARS = 16 * 1024 * 1024
+# characters (JSON): under the 4 MiB gRPC clients accept by default (see api/sessions.py).
+MAX_PAGE_CHARS = 3 * 1024 * 1024
 
 SessionState = Literal["idle", "running"]
 Role = Literal["user", "assistant", "tool"]

@@ -28,8 +28,8 @@ from tool_worker import snapshot_wire, wire
 from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPolicy
 
 # A stream message carries a batch of events up to about this size (a single bigger event goes
-# alone): well under the channel's message limit, and small enough to start arriving at once.
-MAX_BATCH_BYTES = 4 * 1024 * 1024
+# alone): under the 4 MiB gRPC clients accept by default, and small enough to start arriving at once.
+MAX_BATCH_BYTES = 3 * 1024 * 1024
 # Events converted lately, with their size: every live subscriber of a session sends the same
 # events, and converting one costs more than copying it.
 _RECENT_EVENTS = 4096

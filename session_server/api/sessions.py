@@ -25,8 +25,10 @@ from session_server.sessions import (
 from session_server.tool_listing import session_tools
 from tool_worker import wire
 
-# A GetMessages page stops before it reaches this size, well below gRPC's 64 MiB message limit.
-MAX_PAGE_BYTES = 16 * 1024 * 1024
+# A GetMessages page stops before it reaches this size: under the 4 MiB that gRPC clients accept
+# by default (grpc-js, grpc-go, grpc-java and grpc-python alike), so a client that did not raise
+# its limit still reads any history (a page holds at least one message, whatever its size).
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 
 async def _session_not_found(context, exc: SessionNotFound):

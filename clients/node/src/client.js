@@ -42,6 +42,8 @@ export const DEFAULT_ADDRESS = '127.0.0.1:50051';
 const DEFAULT_PROTOS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
 const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
 const DEFAULT_CALL_TIMEOUT_MS = 30_000;
+// The server's message limit, each way.
+const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
 const LOADER_OPTIONS = Object.freeze({
   keepCase: false, // lowerCamelCase field names
@@ -595,6 +597,13 @@ export class CodelaneClient {
     const { grpcObject, codec } = load(protosDir ? path.resolve(protosDir) : DEFAULT_PROTOS_DIR);
     const pkg = grpcObject.codelane.v1;
     const creds = credentials ?? grpc.credentials.createInsecure();
+    // grpc-js refuses messages over 4 MiB by default; one event or history message may be bigger
+    // (the server allows 64 MiB each way). The caller's options win.
+    channelOptions = {
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      ...channelOptions,
+    };
     this.address = address;
     this._codec = codec;
     this._callTimeoutMs = callTimeoutMs;

@@ -380,6 +380,28 @@ describe('turns and events', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.ok(rest <= events.length, 'ends after what was already received');
   });
 
+  test('a history past 4 MiB is read by a client left at gRPC\'s default receive limit', async () => {
+    // Pages stop before 3 MiB: a client that never raised grpc-js's 4 MiB default still reads it.
+    const script = path.join(tmp, 'script-long-history.json');
+    fs.writeFileSync(script, JSON.stringify({ responses: Array.from({ length: 5 }, () => ({ text: 'Noted.' })) }));
+    const session = await client.createSession({ workspace, config: { model: `scripted:${script}` } });
+    const prompt = 'p'.repeat(1_000_000);
+    for (let i = 0; i < 5; i++) {
+      await collect(client.sendMessage(session.sessionId, `${i}${prompt}`, { timeoutMs: STREAM_TIMEOUT_MS }));
+    }
+    const defaults = connect(server.address, {
+      token: TOKEN, channelOptions: { 'grpc.max_receive_message_length': 4 * 1024 * 1024 },
+    });
+    try {
+      const messages = await defaults.getMessages(session.sessionId);
+      assert.equal(messages.length, 10);
+      assert.deepEqual(messages.filter((m) => m.role === 'MESSAGE_ROLE_USER').map((m) => m.text[0]),
+        ['0', '1', '2', '3', '4']);
+    } finally {
+      defaults.close();
+    }
+  });
+
   test('getMessages returns the history in order', async () => {
     const { session, events } = await runTurn();
     const messages = await client.getMessages(session.sessionId);

@@ -800,7 +800,8 @@ class ListSessionsResponse(_message.Message):
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
         """Sessions, newest first. A page may hold fewer than page_size sessions though more follow: it
-        stops before its sessions' configurations and labels reach 16 Mi characters.
+        stops before its sessions' configurations and labels reach 3 Mi characters (responses stay
+        under the 4 MiB gRPC clients accept by default).
         """
 
     def __init__(
@@ -1302,7 +1303,11 @@ class GetMessagesResponse(_message.Message):
     """Token for the next page; empty on the last page."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
-        """Messages in history order."""
+        """Messages in history order. A page may hold fewer than page_size messages though more follow:
+        it stops before 3 MiB (the 4 MiB gRPC clients accept by default), except that it always holds
+        at least one message, which may be bigger (up to a few MiB: raise the receive limit to read
+        every history, as the SDKs do).
+        """
 
     def __init__(
         self,
