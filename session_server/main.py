@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a call costs more than running it (e.g. read: see docs/performance.md); default: none",
     )
     p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
-                   metavar="SECONDS", help="worker silence after which it is lost")
+                   metavar="SECONDS", help="worker silence after which it is lost (workers send heartbeats "
+                   "every third of it, at most every 2 s)")
     p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",
                    help="concurrent model requests across all sessions (the Generate lane)")
     p.add_argument("--subscriber-buffer", type=types.positive_int, default=SUBSCRIBER_BUFFER, metavar="EVENTS",

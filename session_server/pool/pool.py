@@ -87,7 +87,10 @@ class WorkerPool:
         clock: Callable[[], float] = time.monotonic,
         on_worker_lost: Callable[[str], None] | None = None,
     ) -> None:
-        self.heartbeat_interval = heartbeat_interval
+        # Three heartbeats fit in the timeout whatever the operator chose: a timeout under the
+        # default interval (--heartbeat-timeout 1) had every idle worker dropped between two
+        # heartbeats, and reconnecting, about once a second.
+        self.heartbeat_interval = min(heartbeat_interval, heartbeat_timeout / 3)
         self.heartbeat_timeout = heartbeat_timeout
         self.no_worker_wait = no_worker_wait
         self._clock = clock

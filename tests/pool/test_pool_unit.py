@@ -243,6 +243,21 @@ async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_
     assert not chatty.closed
 
 
+async def test_a_timeout_shorter_than_the_interval_shortens_the_interval() -> None:
+    # --heartbeat-timeout 1 with the 2 s interval dropped every idle worker between two
+    # heartbeats: it reconnected, and was dropped again, about once a second.
+    clock = Clock()
+    pool = WorkerPool(heartbeat_timeout=1.0, clock=clock)
+    assert pool.heartbeat_interval == pytest.approx(1 / 3)
+    link = add_worker(pool, "w")
+    for _ in range(10):  # the silence between two heartbeats sent at the Welcome's interval
+        clock.now += pool.heartbeat_interval
+        pool.check()
+        pool.heartbeat("w", link)
+    assert [w.worker_id for w in pool.workers()] == ["w"] and not link.closed
+    assert WorkerPool(heartbeat_timeout=60.0).heartbeat_interval == 2.0
+
+
 async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_workers() -> None:
     clock = Clock()
     pool = WorkerPool(heartbeat_timeout=1.0, heartbeat_interval=0.01, clock=clock)

@@ -237,8 +237,8 @@ class Welcome(_message.Message):
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
-        """How often to send Heartbeat (the server's --heartbeat-interval, default 2 s). Use this value:
-        the hub may ask for any interval.
+        """How often to send Heartbeat: 2 s, or a third of heartbeat_timeout when that is shorter. Use
+        this value: the hub may ask for any interval.
         """
 
     @_builtins.property
