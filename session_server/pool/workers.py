@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from session_server.pool.types import (
     WorkspaceHeld,
 )
 from tool_worker.merkle import Holding
-from tool_worker.tools.base import ToolSpec
+from tool_worker.tools.base import Lane, ToolSpec
 
 if TYPE_CHECKING:
     from session_server.pool.pool import Pending
@@ -55,6 +56,11 @@ class Worker:
         return self.reg.slots - len(self.in_flight)
 
 
+# What OpenAI and Anthropic accept as a tool name: a name outside it would fail every model
+# request of every session that is offered the tool.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def validate_registration(reg: WorkerRegistration) -> None:
     if not reg.worker_id.strip():
         raise InvalidRegistration("hello.worker_id is empty: give each worker a unique id")
@@ -66,6 +72,16 @@ def validate_registration(reg: WorkerRegistration) -> None:
     for spec in reg.tools:
         if not spec.name:
             raise InvalidRegistration("hello.tools has a tool without a name")
+        if not TOOL_NAME.fullmatch(spec.name):
+            raise InvalidRegistration(
+                f"hello.tools: tool name {spec.name[:80]!r} is not 1-64 letters, digits, '_' or '-' (what "
+                "model APIs accept)"
+            )
+        if spec.lane is not Lane.QUERY:
+            raise InvalidRegistration(
+                f"hello.tools: {spec.name!r} is in the {spec.lane.name} lane: workers run Query tools only "
+                "(Execute calls run on the session server, one at a time)"
+            )
         if spec.name in seen:
             raise InvalidRegistration(f"hello.tools offers {spec.name!r} twice: tool names must be unique")
         seen.add(spec.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -223,6 +224,14 @@ def test_a_bad_hello_is_refused() -> None:
         (WorkerRegistration(worker_id="w", tools=(READ,), slots=0), "at least 1 slot"),
         (WorkerRegistration(worker_id="w", tools=(), slots=1), "at least one tool"),
         (WorkerRegistration(worker_id="w", tools=(READ, READ), slots=1), "twice"),
+        # A name model APIs refuse would fail every request of every session offered the tool.
+        (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, name="Bad Name!"),), slots=1),
+         "not 1-64 letters"),
+        (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, name="x" * 65),), slots=1),
+         "not 1-64 letters"),
+        # Execute calls run on the server: offered by a worker, it could only ever fail.
+        (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, name="deploy", lane=Lane.EXECUTE),),
+                            slots=1), "Query tools only"),
     ]:
         with pytest.raises(InvalidRegistration, match=match):
             pool.register(reg, FakeLink(pool, "w"))

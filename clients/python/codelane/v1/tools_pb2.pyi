@@ -251,7 +251,9 @@ class ToolSpec(_message.Message):
     IDEMPOTENT_FIELD_NUMBER: _builtins.int
     REQUIRED_LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique tool name, e.g. "grep". Lower snake case, as the model will call it."""
+    """Unique tool name, e.g. "grep": 1-64 of [A-Za-z0-9_-], as model APIs require (lower snake
+    case by convention), as the model will call it.
+    """
     description: _builtins.str
     """Description written for the model: what the tool does and how to use it."""
     parameters_json_schema: _builtins.str

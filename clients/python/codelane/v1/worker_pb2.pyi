@@ -177,8 +177,12 @@ class Hello(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tools_pb2.ToolSpec]:
-        """Tools the worker runs (Query lane). Names must be unique; at least one; each
-        parameters_json_schema a valid JSON Schema (draft 2020-12). One spec per name across the pool:
+        """Tools the worker runs: Query lane only. Names must be unique, each 1-64 of [A-Za-z0-9_-]
+        (what model APIs accept); at least one; each parameters_json_schema a valid JSON Schema
+        (draft 2020-12). A tool named like one of the server's own tools (read, grep, glob, ls,
+        list_files, search; bash, write and the other Execute tools) is that tool: the model is
+        offered, and the server checks arguments against, the server's spec, and Execute tools always
+        run on the server. Offer such a name only with the server's arguments (ListTools shows them). One spec per name across the pool:
         a tool name a ready (not draining) worker offers with a different spec (any field, the schema
         compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
         tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
@@ -355,7 +359,8 @@ class Assign(_message.Message):
     """Tool to run (one the worker offered)."""
     arguments_json: _builtins.str
     """Arguments as a JSON object string. The server has checked them against the tool's
-    parameters_json_schema (the spec of this worker's Hello) before sending: calls whose
+    parameters_json_schema (the spec of this worker's Hello; the server's own spec for a tool
+    named like one of its tools, see Hello.tools) before sending: calls whose
     arguments do not match end on the server with INVALID_ARGUMENTS and never reach a worker. A
     worker may check again; whatever it receives, it answers with a CallResult.
     """

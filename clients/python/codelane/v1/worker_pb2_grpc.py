@@ -60,6 +60,8 @@ class WorkerHubServiceStub:
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
     the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
+    snapshot altogether and send no Holdings: none of the above is then required of it.
 
     The hub's own CAS (the default) is served on the hub's address: REAPI v2
     ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
@@ -128,6 +130,8 @@ class WorkerHubServiceServicer:
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
     the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
+    snapshot altogether and send no Holdings: none of the above is then required of it.
 
     The hub's own CAS (the default) is served on the hub's address: REAPI v2
     ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
@@ -152,8 +156,9 @@ class WorkerHubServiceServicer:
         """The worker's stream. Errors, each with a google.rpc.ErrorInfo reason (all of them, with their
         metadata keys, in docs/protocol.md, "Errors"):
         INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
-        a parameters schema that is not JSON Schema, empty worker_id, or a first message that is not
-        a Hello (or none within 10 s);
+        a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
+        lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
+        empty worker_id, or a first message that is not a Hello (or none within 10 s);
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
         FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
         names with another spec (see Hello.tools);
@@ -218,6 +223,8 @@ class WorkerHubService:
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
     the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
+    snapshot altogether and send no Holdings: none of the above is then required of it.
 
     The hub's own CAS (the default) is served on the hub's address: REAPI v2
     ContentAddressableStorage (FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, GetTree) and
