@@ -57,7 +57,11 @@ class _StreamLink:
     A failed write closes the link; it never raises into the pool.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, write_timeout: float) -> None:
+        # A worker that stops reading its stream fills the transport's window, and a write then
+        # waits for ever: one that waits this long (the heartbeat timeout) loses the worker, as
+        # silence does. Unbounded, it held the call's dispatch, and so its turn, past every deadline.
+        self._write_timeout = write_timeout
         # Assigns are built in place in the next message to go out (no copy when it is sent).
         self._assignments: worker_pb2.ConnectResponse | None = None
         self._control: list[worker_pb2.ConnectResponse] = []
@@ -132,21 +136,29 @@ class _StreamLink:
                     # Assignments first, so a Cancel never overtakes the Assign it withdraws.
                     if self._assignments is not None:
                         message, self._assignments = self._assignments, None
-                        await self._context.write(message)
+                        await self._write(message)
                     while self._control:
-                        await self._context.write(self._control.pop(0))
+                        await self._write(self._control.pop(0))
+            except TimeoutError:
+                self.close(f"the worker read nothing of its stream for {self._write_timeout:g}s",
+                           LinkFault.HEARTBEAT_TIMEOUT)
             except Exception as exc:  # the stream is broken: the Connect handler ends it
                 self.close(f"writing to the worker failed: {exc}")
+
+    async def _write(self, message: worker_pb2.ConnectResponse) -> None:
+        assert self._context is not None
+        async with asyncio.timeout(self._write_timeout):
+            await self._context.write(message)
 
     async def carries_writes(self, within: float) -> bool:
         """Whether a message still reaches the worker's end of the stream within `within` s."""
         if self._context is None:
             return False
-        async with self._write_lock:
-            try:
-                await asyncio.wait_for(self._context.write(_NO_CALL_CANCEL), within)
-            except Exception:  # the call is cancelled, or the transport is gone
-                return False
+        try:
+            async with asyncio.timeout(within), self._write_lock:  # the lock too: a write may hold it
+                await self._context.write(_NO_CALL_CANCEL)
+        except Exception:  # the call is cancelled, or the transport is gone
+            return False
         return True
 
     async def write_until_closed(self) -> None:
@@ -202,7 +214,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         if first is None or first.WhichOneof("message") != "hello":
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello",
                         "INVALID_HELLO")
-        link = _StreamLink()
+        link = _StreamLink(write_timeout=self._pool.heartbeat_timeout)
         try:
             reg = registration_from_hello(first.hello, context.peer())
             reconnect_token = self._pool.register(reg, link)

@@ -233,14 +233,16 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         pending = Pending(call=call, future=loop.create_future(), enqueued=self._clock(), attempt=call.first_attempt)
         pending.deadline_timer = loop.call_later(call.timeout, self._on_deadline, pending)
-        if worker is not None:
-            self._assign(worker, pending)
-            # Written in this task rather than by the link's writer: a loop turn off the call's path.
-            await worker.link.flush()
-        else:
+        if worker is None:
             self._queued.push(pending)
             self._pump()
+        else:
+            self._assign(worker, pending)
         try:
+            if worker is not None:
+                # Written in this task rather than by the link's writer: a loop turn off the call's
+                # path. Inside the try: a call cancelled during its own write is withdrawn too.
+                await worker.link.flush()
             return await pending.future
         except asyncio.CancelledError:
             self._withdraw(pending, "the call was cancelled")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -238,3 +239,57 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
         with contextlib.suppress(ProcessLookupError):
             good.kill()
         good.wait()
+
+
+async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_ever(
+    servers, tmp_path: Path
+) -> None:
+    # It heartbeats, so it looks alive, but reads nothing: once its stream's window is full a
+    # write to it waits for ever. That write held the dispatch of a call, and so its turn, past
+    # every deadline. Now a write that waits for the heartbeat timeout loses the worker.
+    server = await start(servers, tmp_path)  # heartbeat timeout 3 s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        deaf = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await deaf.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+            worker_id="deaf", slots=1000, tools=[wire.spec_to_proto(READ.spec)])))
+        welcome = (await deaf.read()).welcome  # and nothing more is ever read
+
+        async def heartbeats() -> None:  # the worker's own pacing, as a real worker's
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                while True:
+                    await deaf.write(worker_pb2.ConnectRequest(heartbeat=worker_pb2.Heartbeat()))
+                    await asyncio.sleep(welcome.heartbeat_interval.ToTimedelta().total_seconds())
+
+        beating = asyncio.create_task(heartbeats())
+        try:
+            await connected(server, ["deaf"], "the deaf worker")
+            calls = [asyncio.create_task(server.pool.dispatch(QueryCall(
+                session_id="s1", call_id=f"c{i}", tool_name="read", timeout=1.0, workspace=str(tmp_path),
+                arguments_json=json.dumps({"file_path": f"{i}" + "x" * 1_000_000}))))
+                for i in range(12)]  # 12 MB of Assigns: far more than the window
+            results = await asyncio.wait_for(asyncio.gather(*calls), BOUND)
+            assert all(r.is_error for r in results)
+            await connected(server, [], "the deaf worker is dropped")
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+
+
+async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once(servers, tmp_path: Path) -> None:
+    # The cancel landed in the dispatch's own write of the Assign, before the code that withdraws
+    # a cancelled call: the worker ran the call, its slot taken, until the call's deadline.
+    server = await start(servers, tmp_path, heartbeat_timeout=60.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        worker = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await worker.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+            worker_id="w", slots=4, tools=[wire.spec_to_proto(READ.spec)])))
+        await worker.read()  # Welcome
+        await connected(server, ["w"], "the worker")
+        call = dataclasses.replace(read_call(tmp_path, "a.txt"), timeout=10 * BOUND)
+        dispatching = asyncio.create_task(server.pool.dispatch(call))
+        await asyncio.sleep(0)  # one loop turn: the dispatch now writes its Assign
+        dispatching.cancel()
+        await asyncio.gather(dispatching, return_exceptions=True)
+        assigned = (await asyncio.wait_for(worker.read(), BOUND)).assignments.assigns[0]
+        cancel = (await asyncio.wait_for(worker.read(), BOUND)).cancel  # long before the deadline
+        assert cancel.dispatch_id == assigned.dispatch_id

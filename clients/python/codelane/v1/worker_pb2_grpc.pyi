@@ -77,7 +77,8 @@ class WorkerHubServiceStub:
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    lost, and so is one that reads nothing of its stream for that long while the hub has messages
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
     OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
     with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
     reconnects with backoff and jitter.
@@ -156,7 +157,8 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    lost, and so is one that reads nothing of its stream for that long while the hub has messages
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
     OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
     with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
     reconnects with backoff and jitter.
@@ -231,7 +233,8 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     connection broke); then the old stream is closed and whatever it still sends is ignored.
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
-    lost. The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
+    lost, and so is one that reads nothing of its stream for that long while the hub has messages
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
     OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
     with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
     reconnects with backoff and jitter.
