@@ -50,9 +50,16 @@ def holding_to_proto(holding: Holding) -> worker_pb2.WorkspaceHolding:
     return msg
 
 
+# A holding is kept for the worker's life and shown by ListWorkers: three of 25 MB made every
+# ListWorkers fail. No workspace path is longer (the server refuses longer ones).
+MAX_WORKSPACE_CHARS = 4096
+MAX_REASON_CHARS = 1024
+
+
 def holding_from_proto(msg: worker_pb2.WorkspaceHolding) -> Holding | None:
-    """None for an entry without a workspace or with an unknown mode (a newer worker's)."""
+    """None for an entry without a workspace, with a workspace path longer than any the server
+    has, or with an unknown mode (a newer worker's). A long reason is cut."""
     mode = MODE_FROM_PROTO.get(msg.mode)
-    if not msg.workspace or mode is None:
+    if not msg.workspace or len(msg.workspace) > MAX_WORKSPACE_CHARS or mode is None:
         return None
-    return Holding(msg.workspace, mode, digest_from_proto(msg.root_digest), msg.reason)
+    return Holding(msg.workspace, mode, digest_from_proto(msg.root_digest), msg.reason[:MAX_REASON_CHARS])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from codelane.v1 import tools_pb2, worker_pb2
-from tool_worker import wire
+from codelane.v1 import tools_pb2, worker_pb2, workspace_pb2
+from tool_worker import snapshot_wire, wire
 from tool_worker.tools.base import ErrorKind, ToolResult
 
 
@@ -54,3 +54,13 @@ def test_a_result_json_or_utf8_cannot_carry_still_converts() -> None:
     assert msg.output == "found bad-\ufffd-name.txt"
     assert json.loads(msg.metadata_json) == {"path": "/ws/a", "n": 2}
     assert wire.result_from_proto(tools_pb2.ToolResult.FromString(msg.SerializeToString())).output == msg.output
+
+
+def test_a_holding_no_server_could_name_is_ignored_and_a_long_reason_cut() -> None:
+    # Kept for the worker's life and shown by ListWorkers: three of 25 MB made ListWorkers fail.
+    unavailable = workspace_pb2.WORKSPACE_MODE_UNAVAILABLE
+    too_long = worker_pb2.WorkspaceHolding(workspace="/" + "w" * 5000, mode=unavailable)
+    assert snapshot_wire.holding_from_proto(too_long) is None
+    wordy = snapshot_wire.holding_from_proto(worker_pb2.WorkspaceHolding(workspace="/ws", mode=unavailable,
+                                                                         reason="r" * 100_000))
+    assert wordy is not None and wordy.workspace == "/ws" and len(wordy.reason) == snapshot_wire.MAX_REASON_CHARS

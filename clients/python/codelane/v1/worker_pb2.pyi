@@ -542,11 +542,13 @@ class WorkspaceHolding(_message.Message):
     ROOT_DIGEST_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
-    """The workspace's path on the server."""
+    """The workspace's path on the server. An entry whose path is over 4,096 characters (no server
+    workspace is) is ignored.
+    """
     mode: _workspace_pb2.WorkspaceMode.ValueType
     """Shared, synced, syncing (to root_digest), or unavailable."""
     reason: _builtins.str
-    """Why the worker cannot hold the workspace, when unavailable."""
+    """Why the worker cannot hold the workspace, when unavailable; the hub keeps 1,024 characters."""
     @_builtins.property
     def root_digest(self) -> _remote_execution_pb2.Digest:
         """The snapshot held (syncing: the one being fetched)."""
