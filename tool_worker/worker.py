@@ -116,7 +116,14 @@ class _Outbox:
         report = self._results.results.results.add(
             dispatch_id=assign.dispatch_id, call_id=assign.call_id, attempt=assign.attempt
         )
-        wire.result_to_proto(result, report.result)
+        try:
+            wire.result_to_proto(result, report.result)
+        except Exception as exc:  # a plugin's result the wire cannot carry: still one whole answer
+            log.exception("the result of call %s (%s) cannot be sent", assign.call_id, assign.tool_name)
+            report.result.Clear()
+            wire.result_to_proto(ToolResult.error(
+                ErrorKind.INTERNAL, f"{assign.tool_name}'s result could not be sent: {type(exc).__name__}: {exc}",
+                run_time=result.run_time), report.result)
 
     def queue(self, message: worker_pb2.ConnectRequest) -> None:
         """Queues a message (sent by the next flush, before any result added after it)."""

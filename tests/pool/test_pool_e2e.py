@@ -478,3 +478,20 @@ async def test_workers_connect_over_tls(make_server, workers, tmp_path: Path) ->
     await connected(server, "tls-1")
     result = await server.pool.dispatch(call(tmp_path, "noop", {}))
     assert not result.is_error and result.worker_id == "tls-1"
+
+
+async def test_a_result_the_wire_cannot_carry_reaches_the_hub_as_a_whole_error(
+    make_server, workers, tmp_path: Path
+) -> None:
+    # The worker added the result to its next message, then failed half-way through encoding it:
+    # the hub recorded "looks fine" as a success, its metadata and exit code missing.
+    server = await make_server()
+    workers.spawn(server.port, "w1", extra=("--tools", "tests.pool.unencodable_tools"))
+    await connected(server, "w1")
+    for tool, problem in (("tuple_key", "TypeError"), ("huge_exit_code", "ValueError")):
+        result = await server.pool.dispatch(call(tmp_path, tool, {}, call_id=tool))
+        assert result.error_kind is ErrorKind.INTERNAL, (tool, result)
+        assert f"{tool}'s result could not be sent" in result.output and problem in result.output
+    # Its slots were all answered: the next call runs.
+    again = await server.pool.dispatch(call(tmp_path, "tuple_key", {}, call_id="again"))
+    assert again.error_kind is ErrorKind.INTERNAL
