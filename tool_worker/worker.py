@@ -278,8 +278,10 @@ class ToolWorker:
         stub = worker_pb2_grpc.WorkerHubServiceStub(channel)
         call = stub.Connect(metadata=bearer_metadata(self.config.token))
         outbox = _Outbox(call)
-        await outbox.send(worker_pb2.ConnectRequest(hello=self.hello()))
         try:
+            # The hub may refuse the stream before the Hello's write completes: the refusal then
+            # comes out of the write.
+            await outbox.send(worker_pb2.ConnectRequest(hello=self.hello()))
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _REJECTIONS:
@@ -504,7 +506,7 @@ def status_line(exc: grpc.aio.AioRpcError) -> str:
         status = rpc_status.from_call(exc)
         for detail in status.details if status is not None else ():
             info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
+            if detail.Unpack(info) and info.reason != exc.code().name:
                 reason = f" {info.reason}"
     return f"{exc.code().name}{reason}: {exc.details() or 'no message'}"
 

@@ -322,6 +322,8 @@ async def test_wrong_worker_token_is_unauthenticated_and_the_worker_exits(make_s
     stderr = proc.stderr.read().decode()
     assert code == 3
     assert "UNAUTHENTICATED" in stderr and "wrong worker bearer token" in stderr
+    # One line: a refusal that came out of the Hello's write was taken for a broken stream first.
+    assert "retrying" not in stderr and "UNAUTHENTICATED UNAUTHENTICATED" not in stderr, stderr
     good = workers.spawn(server.port, "w2", token="s3cret")
     await connected(server, "w2")
     assert good.poll() is None
