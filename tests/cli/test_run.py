@@ -46,7 +46,7 @@ def test_run_plain_prints_one_line_per_event(server: ThreadedServer, workspace: 
     assert lines[0].startswith("session s_") and str(workspace) in lines[0]
     assert "turn started: 'fix it'" in lines[1]
     assert any("-> grep" in line and "on local" in line for line in lines)
-    assert any("<- read" in line and " x " in line for line in lines)  # the missing file
+    assert any("<- read" in line and " error " in line for line in lines)  # the missing file
     assert any("model: Done." in line for line in lines)
     assert "turn finished: end_turn, 3 model request(s), 5 tool call(s)" in lines[-1]
 

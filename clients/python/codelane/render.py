@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from codelane import events as ev
 from codelane.diffs import call_diff
+from codelane.live import finished_status
 
 OUTPUT_PREVIEW_CHARS = 80
 
@@ -70,10 +71,11 @@ class PlainRenderer:
             return (f"{head} -> {event.call.tool_name:<10} {event.lane:<7} on {event.worker_id}{attempt}  "
                     f"{event.call.arguments_json}")
         if isinstance(event, ev.ToolCallFinished) and event.result is not None:
-            mark = "x" if event.result.is_error else "ok"
-            return (f"{head} <- {event.tool_name:<10} {mark:<2} {event.run_time * 1000:7.1f} ms "
-                    f"(waited {event.queue_wait * 1000:.1f} ms) on {event.result.worker_id}: "
-                    f"{_preview(event.result.output)}")
+            # The live view's words: ok, error, timed out, cancelled, denied.
+            status = finished_status(event.result, None)
+            where = f" on {event.result.worker_id}" if event.result.worker_id else ""  # refused: ran nowhere
+            return (f"{head} <- {event.tool_name:<10} {status:<9} {event.run_time * 1000:7.1f} ms "
+                    f"(waited {event.queue_wait * 1000:.1f} ms){where}: {_preview(event.result.output)}")
         if isinstance(event, ev.ModelResponded):
             return f"{head} model asked for {len(event.tool_calls)} tool call(s) (step {event.step})"
         if isinstance(event, ev.ConfirmationRequired) and event.call is not None:
