@@ -42,7 +42,8 @@ from session_server.events import (
 from tool_worker.tools.base import ToolResult
 
 SCHEMA_VERSION = 1
-# ListSessions: a page_size of 0 means the default; larger requests are cut to the maximum.
+# ListSessions: a page_size of 0 means the default; the store cuts a larger one to the maximum
+# (the session API refuses it first).
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # A ListSessions page stops before its sessions' configurations and labels reach this many

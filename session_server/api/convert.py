@@ -155,8 +155,13 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
         query_concurrency=config.queue.query_concurrency,
         max_attempts=config.queue.max_attempts,
     )
+    configured: set[int] = set()
     for i, lane in enumerate(config.queue.lanes):
         where = f"config.queue.lanes[{i}]"
+        if lane.lane in configured and lane.lane in (tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE):
+            # One would silently win over the other.
+            request.unsupported.append((f"{where}.lane", f"{tools_pb2.Lane.Name(lane.lane)} is configured twice"))
+        configured.add(lane.lane)
         mode = _LANE_MODES.get(lane.mode)
         if mode is None and lane.mode != tools_pb2.LANE_MODE_UNSPECIFIED:
             request.unsupported.append((f"{where}.mode", f"{lane.mode} is not a LaneMode (INTERNAL, EXTERNAL, HYBRID)"))

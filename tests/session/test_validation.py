@@ -46,6 +46,19 @@ INVALID_CREATES = [
         ),
         "config.queue.lanes[0].lane",
     ),
+    (
+        # One would silently win over the other.
+        "lane-twice",
+        lambda ws, good: _request(
+            str(ws),
+            model=good,
+            queue=session_pb2.QueueConfig(lanes=[
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=tools_pb2.LANE_MODE_EXTERNAL),
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=tools_pb2.LANE_MODE_INTERNAL),
+            ]),
+        ),
+        "config.queue.lanes[1].lane",
+    ),
 ]
 
 

@@ -624,7 +624,14 @@ class ErrorOccurred(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FATAL_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Machine-readable reason, e.g. "MODEL_ERROR", "RATE_LIMITED"."""
+    """Machine-readable reason. From the model's provider: "RATE_LIMITED", "OVERLOADED",
+    "SERVER_ERROR", "TIMEOUT" and "CONNECTION" (worth a new turn later), "AUTHENTICATION",
+    "PERMISSION", "NOT_FOUND" and "BAD_REQUEST" (the server's configuration or the request must
+    change first), "STREAM_ERROR" and "INCOMPLETE_RESPONSE" (the provider's stream was malformed
+    or cut); "SCRIPT_UNAVAILABLE" (a scripted model's file cannot be read); "INTERNAL" (a bug of
+    the server: its log has the details). A newer server may add reasons: treat an unknown one
+    as not worth retrying unchanged.
+    """
     message: _builtins.str
     """What happened, for a person."""
     fatal: _builtins.bool

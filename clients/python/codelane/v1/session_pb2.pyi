@@ -284,7 +284,7 @@ class LaneConfig(_message.Message):
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Deadline of each call in this lane. Unset means the server default (Query 60 s,
-        Execute 10 min; a bash call's own timeout argument still applies).
+        Execute 10 min; a bash call's own timeout argument still applies). At most 24 h.
         """
 
     def __init__(
@@ -315,10 +315,12 @@ class QueueConfig(_message.Message):
     query_concurrency: _builtins.int
     """Maximum Query calls of this session running at once. 0 means the default (8); at most 256."""
     max_attempts: _builtins.int
-    """Maximum attempts of an idempotent call whose worker is lost. 0 means the default (3)."""
+    """Maximum attempts of an idempotent call whose worker is lost. 0 means the default (3); at
+    most 10.
+    """
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneConfig]:
-        """Per-lane settings; lanes not listed use the defaults."""
+        """Per-lane settings; lanes not listed use the defaults. A lane listed twice is INVALID_ARGUMENT."""
 
     @_builtins.property
     def external_task_timeout(self) -> _duration_pb2.Duration:
@@ -464,7 +466,7 @@ class SessionConfig(_message.Message):
     most 1,048,576 (field config).
     """
     max_turns: _builtins.int
-    """Maximum model requests per turn. 0 means the default (50)."""
+    """Maximum model requests per turn. 0 means the default (50); at most 1000."""
     @_builtins.property
     def queue(self) -> Global___QueueConfig:
         """Queueing and lanes."""
@@ -675,7 +677,9 @@ class CreateSessionRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
-    """Workspace directory on the server's machine; must exist."""
+    """Workspace directory on the server's machine: an absolute path that exists (and lies under
+    one of the server's --workspace-root directories, when it has any).
+    """
     @_builtins.property
     def config(self) -> Global___SessionConfig:
         """Settings; unset fields take defaults."""
@@ -862,7 +866,7 @@ class SendMessageRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     text: _builtins.str
-    """The user's message."""
+    """The user's message: not empty, at most 1,048,576 characters."""
     def __init__(
         self,
         *,
@@ -1062,7 +1066,9 @@ class ConfirmToolCallRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     call_id: _builtins.str
-    """Id of the call waiting for confirmation."""
+    """Id of the call waiting for confirmation. When several waiting calls share the id (a model
+    may repeat one), the one that has waited longest is answered.
+    """
     approve: _builtins.bool
     """True to run the call, false to reject it."""
     reason: _builtins.str
@@ -1110,16 +1116,18 @@ class ClaimExternalTasksRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     client_id: _builtins.str
-    """Identifies the claiming client; only it may complete the tasks it claimed."""
+    """Identifies the claiming client (not empty); only it may complete the tasks it claimed."""
     max_tasks: _builtins.int
-    """Maximum tasks to claim; 0 means 1."""
+    """Maximum tasks to claim; 0 means 1; at most 100."""
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
-        """Lease length. Unset means 30 s."""
+        """Lease length. Unset means 30 s; from 0.01 s to 3600 s."""
 
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
-        """How long to wait for a task when none is pending. Unset means do not wait."""
+        """How long to wait for a task when none is pending. Unset means do not wait; at most 60 s (claim
+        again to wait longer).
+        """
 
     def __init__(
         self,
@@ -1225,7 +1233,7 @@ class RenewExternalTaskLeaseRequest(_message.Message):
     """The client that holds the lease."""
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
-        """The new lease, counted from now. Unset means 30 s."""
+        """The new lease, counted from now. Unset means 30 s; from 0.01 s to 3600 s."""
 
     def __init__(
         self,

@@ -163,7 +163,9 @@ class Hello(_message.Message):
     reconnect_token: _builtins.str
     """The reconnect_token of this worker id's previous Welcome, when reconnecting after a broken
     connection: it lets this stream take the id over from a stream the hub still holds. Empty on
-    a first connection.
+    a first connection. The calls assigned on the old stream are then abandoned (retried
+    elsewhere if idempotent, else ended WORKER_LOST): stop them, and send no result for them on
+    the new stream (it would be dropped).
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -285,14 +287,17 @@ class ContentSource(_message.Message):
     EXCLUDE_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     address: _builtins.str
-    """Address ("host:port") of the REAPI v2 CAS and ByteStream service holding the blobs. Empty:
-    the hub's own address, reached over the worker's own channel with its token.
+    """Address of the REAPI v2 CAS and ByteStream service holding the blobs, as the server's
+    --cas gave it: "host:port" or "grpc://host:port" (plaintext), or "grpcs://host:port" (TLS,
+    verified with the worker's own trust roots: the Python worker uses its --tls-ca, else the
+    system's). The worker token is not sent there. Empty: the hub's own address, reached over
+    the worker's own channel with its token.
     """
     instance_name: _builtins.str
     """REAPI instance name to send in CAS requests (may be empty)."""
     max_batch_bytes: _builtins.int
-    """Largest total of blob bytes the CAS answers in one BatchReadBlobs; larger blobs are read
-    with ByteStream.Read.
+    """Largest total of blob bytes to ask for in one BatchReadBlobs (the hub's own limit, 3 MiB,
+    also sent for an external CAS); larger blobs are read with ByteStream.Read.
     """
     @_builtins.property
     def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -639,9 +644,11 @@ class Heartbeat(_message.Message):
     ACTIVE_CALLS_FIELD_NUMBER: _builtins.int
     LOAD_AVERAGE_FIELD_NUMBER: _builtins.int
     active_calls: _builtins.int
-    """Calls running now."""
+    """Calls running now. Informational (logs, operators): the hub routes by its own count of the
+    calls it assigned.
+    """
     load_average: _builtins.float
-    """1-minute load average of the worker's host."""
+    """1-minute load average of the worker's host. Informational, as active_calls."""
     def __init__(
         self,
         *,

@@ -78,10 +78,13 @@ class WorkerHubServiceStub:
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
-    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
-    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
-    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
-    reconnects with backoff and jitter.
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its
+    stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
+    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    INVALID_ARGUMENT: trying again cannot help.
     """
 
     @_typing.overload
@@ -159,10 +162,13 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
-    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
-    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
-    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
-    reconnects with backoff and jitter.
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its
+    stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
+    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    INVALID_ARGUMENT: trying again cannot help.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -236,10 +242,13 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Liveness: a worker silent for Welcome.heartbeat_timeout (no Heartbeat nor any other message) is
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
-    for it (a write to it waited that long: its transport's window is full). The hub then ends its stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not
-    OK: a normal end is OK), and re-dispatches its idempotent calls elsewhere; its other calls end
-    with an error result. A worker whose stream ends with UNAVAILABLE or ABORTED, or breaks,
-    reconnects with backoff and jitter.
+    for it (a write to it waited that long: its transport's window is full). The hub then ends its
+    stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
+    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    INVALID_ARGUMENT: trying again cannot help.
     """
 
     @_abc_1.abstractmethod
