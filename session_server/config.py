@@ -224,7 +224,10 @@ def build_settings(
         raise InvalidArgument(field_name, message)
     model = request.model or default_model
     if not model:
-        raise InvalidArgument("config.model", "is empty and the server has no default model (--model)")
+        raise InvalidArgument(
+            "config.model", "is empty and the server has no default model: name one for the session (codelane run "
+            "--model provider:name), or start the server with --model",
+        )
     try:
         parse_model(model)
     except ValueError as exc:

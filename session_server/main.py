@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=Path(".codelane"), metavar="DIR",
                    help="where sessions and events are stored (created if missing)")
     p.add_argument("--model", default="",
-                   help="default model, provider:name (openai:..., anthropic:..., scripted:PATH); checked at start")
+                   help="default model, provider:name (openai:..., anthropic:..., scripted:PATH); checked at start "
+                   "(default: none: every session must then name its model)")
     p.add_argument("--local-workers", type=types.non_negative_int, default=2, metavar="N",
                    help="tool-worker processes to start on this host; one that exits is replaced")
     p.add_argument("--local-worker-slots", type=types.positive_int, default=LOCAL_WORKER_SLOTS, metavar="N",
@@ -285,6 +286,9 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.
     level = logging.WARNING if server.sandbox.support().problem else logging.INFO
     logging.getLogger("codelane.server").log(level, "%s", server.sandbox.describe())
+    if not config.model:
+        logging.getLogger("codelane.server").info(
+            "no default model (--model): every session must name its own (codelane run --model provider:name)")
     print(f"codelane server listening on {server.address}", flush=True)
     if server.metrics_port:
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)
