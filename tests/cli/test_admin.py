@@ -70,9 +70,14 @@ def test_workers_stats_and_drain(make_server, workspace: Path) -> None:
     for row in rows:
         assert row[2] == "-" and "read" in row[3].split(",") and "bash" not in row[3].split(",")
         assert row[4:7] == ["4", "0", "ready"]
-        assert row[7:] == [f"{workspace}:", "visible"]
+        # Local workers read the server's own files; the snapshot they saw, by its hash.
+        assert row[7] == f"{workspace}:" and row[8] == "shared" and row[9].startswith("@") and len(row) == 10
     as_json = json_lines(cli("workers", "--server", server.address, "--json").stdout)
     assert {w["worker_id"] for w in as_json} == {"local-1", "local-2"}
+    shown = {row[0]: row[9][1:] for row in rows}
+    for worker in as_json:
+        held = worker["workspaces"][str(workspace)]
+        assert held["visible"] and held["mode"] == "shared" and held["snapshot"].startswith(shown[worker["worker_id"]])
 
     stats = cli("stats", "--server", server.address)
     assert stats.returncode == 0, stats.stderr

@@ -32,7 +32,7 @@ from codelane.events import (
     session_state,
 )
 from codelane.transport import bearer_metadata, create_channel
-from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2
+from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2, workspace_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Extra deadline a long-polling claim gets beyond its wait, for the network and the server.
@@ -207,6 +207,21 @@ class Message:
 
 
 @dataclass(frozen=True)
+class WorkspaceHeld:
+    """What a worker holds of one workspace (AdminService.ListWorkers)."""
+
+    # True when it holds a snapshot (shared or synced).
+    visible: bool
+    # Why not, when it cannot hold the workspace.
+    reason: str
+    # "shared" (it reads the server's own files), "synced" (a copy in its cache), "syncing" or
+    # "unavailable"; "" from a server too old to say.
+    mode: str = ""
+    # The snapshot held ("hash/size"; syncing: the one being fetched), or "".
+    snapshot: str = ""
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
     hostname: str
@@ -216,7 +231,7 @@ class WorkerInfo:
     in_flight: int
     draining: bool
     completed_calls: int
-    workspaces: dict[str, tuple[bool, str]]
+    workspaces: dict[str, WorkspaceHeld]
     version: str = ""
     # Network address of its stream, as the server sees it.
     peer: str = ""
@@ -425,7 +440,7 @@ class Client:
         return [
             WorkerInfo(w.worker_id, w.hostname, dict(w.labels), tuple(w.tools), w.slots, w.in_flight,
                        w.state == admin_pb2.WORKER_STATE_DRAINING, w.completed_calls,
-                       {v.workspace: (v.visible, v.reason) for v in w.workspaces}, w.version, w.peer,
+                       {v.workspace: _workspace_held(v) for v in w.workspaces}, w.version, w.peer,
                        w.connect_time.ToNanoseconds() / 1e9)
             for w in reply.workers
         ]
@@ -736,3 +751,9 @@ class Session:
             log.warning("external task %s: result not taken: %s", task.task_id, exc.message)
             return False
         return True
+
+
+def _workspace_held(msg: admin_pb2.WorkspaceVisibility) -> WorkspaceHeld:
+    mode = workspace_pb2.WorkspaceMode.Name(msg.mode).removeprefix("WORKSPACE_MODE_").lower() if msg.mode else ""
+    snapshot = f"{msg.root_digest.hash}/{msg.root_digest.size_bytes}" if msg.root_digest.hash else ""
+    return WorkspaceHeld(msg.visible, msg.reason, mode, snapshot)

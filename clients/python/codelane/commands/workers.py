@@ -24,13 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workspaces_cell(worker: WorkerInfo) -> str:
-    """Each workspace the server asked about: visible, or not and why."""
+    """Each workspace the worker holds or was asked about: how (shared: the server's own files;
+    synced: a copy), at which snapshot, or why not."""
     if not worker.workspaces:
         return "-"
     parts = []
-    for path, (visible, reason) in sorted(worker.workspaces.items()):
-        verdict = "visible" if visible else "not visible"
-        parts.append(f"{path}: {verdict}" + (f" ({reason})" if reason and not visible else ""))
+    for path, held in sorted(worker.workspaces.items()):
+        verdict = held.mode or ("visible" if held.visible else "not visible")
+        if held.snapshot and held.mode != "unavailable":
+            verdict += f" @{held.snapshot[:12]}"
+        parts.append(f"{path}: {verdict}" + (f" ({held.reason})" if held.reason and not held.visible else ""))
     return "; ".join(parts)
 
 
