@@ -34,6 +34,7 @@ from grpc_status import rpc_status
 
 from codelane import __version__
 from codelane.commands import args as types
+from codelane.commands.common import unreachable
 from codelane.transport import bearer_metadata, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import snapshot_wire, wire
@@ -195,6 +196,7 @@ class ToolWorker:
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
         id_taken_since: float | None = None
+        told, told_at = "", 0.0  # the last reason the hub could not be reached, and when it was logged
         closed_in_handshake = 0
         try:
             while not self._draining.is_set():
@@ -237,8 +239,19 @@ class ToolWorker:
                               f"TLS handshake {HANDSHAKE_CLOSES} times in a row: it does not accept this worker's "
                               f"certificate ({self._certificate_hint()})", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
-                    log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
-                            "hub at %s ended our stream (%s): retrying", self.config.address, status_line(exc))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
+                        # No stream at all (nothing listens, say): why, in the CLI's words, and once a
+                        # minute while it stays so, not at every attempt.
+                        why = unreachable(self.config.address, exc.details() or "", self.config.tls_ca is not None)
+                        repeated = why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL
+                        if closed_in_handshake or repeated:
+                            log.debug("%s; retrying", why)
+                        else:
+                            told, told_at = why, time.monotonic()
+                            log.warning("%s; retrying", why)
+                    else:
+                        log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
+                                "hub at %s ended our stream (%s): retrying", self.config.address, status_line(exc))
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
@@ -493,6 +506,8 @@ _REJECTIONS = (
 ID_TAKEN_PATIENCE = 60.0
 # Connections the hub closes during the TLS handshake before the worker concludes it refuses the
 # worker's certificate (one could be a hub going down).
+# While the hub stays unreachable for the same reason, it is logged once in this many seconds.
+UNREACHABLE_LOG_INTERVAL = 60.0
 HANDSHAKE_CLOSES = 3
 # What gRPC's transport says when a TLS handshake fails (either side refusing a certificate).
 _TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,3 +499,30 @@ async def test_a_result_the_wire_cannot_carry_reaches_the_hub_as_a_whole_error(
     # Its slots were all answered: the next call runs.
     again = await server.pool.dispatch(call(tmp_path, "tuple_key", {}, call_id="again"))
     assert again.error_kind is ErrorKind.INTERNAL
+
+
+async def test_a_worker_with_no_hub_to_reach_says_why_once_not_at_every_attempt(tmp_path: Path) -> None:
+    # It logged "hub at ... ended our stream (UNAVAILABLE: failed to connect ...)" at every
+    # attempt, for ever, though there never was a stream.
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tool_worker", "--connect", f"127.0.0.1:{port}", "--id", "lonely",
+        "--cache-dir", str(tmp_path / "cache"), "--log-level", "DEBUG", stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    lines: list[str] = []
+
+    async def attempts(count: int) -> None:
+        while sum("retrying" in line for line in lines) < count:
+            line = await proc.stderr.readline()
+            assert line, f"the worker exited: {lines}"
+            lines.append(line.decode())
+
+    try:
+        await asyncio.wait_for(attempts(4), 60)
+    finally:
+        proc.kill()
+        await proc.wait()
+    warnings = [line for line in lines if "WARNING" in line and "retrying" in line]
+    assert len(warnings) == 1 and f"nothing listens at 127.0.0.1:{port}" in warnings[0], lines

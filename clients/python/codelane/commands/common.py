@@ -78,7 +78,7 @@ def command_line(prog: str, *words: str, connection: Connection | None = None) -
     return " ".join([*parts[:1], *(shlex.quote(part) for part in [*parts[1:], *words])])
 
 
-def _unreachable(address: str, message: str, tls: bool) -> str:
+def unreachable(address: str, message: str, tls: bool) -> str:
     """The real cause of an UNAVAILABLE, from gRPC's own words, and what to do about it."""
     text = message.lower()
     if "connection refused" in text:
@@ -104,7 +104,7 @@ def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
     """One line saying what went wrong and, where there is one, what to do."""
     address = connection.server
     if exc.code == "UNAVAILABLE":
-        text = _unreachable(address, exc.message, connection.tls_ca is not None)
+        text = unreachable(address, exc.message, connection.tls_ca is not None)
     elif exc.code == "DEADLINE_EXCEEDED":
         text = (f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED): "
                 "is it a codelane server, and is it overloaded?")
