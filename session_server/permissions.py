@@ -384,17 +384,21 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
 
 def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
     """The path as named (normalised) and, when it differs, with its symlinks resolved the way the
-    sandbox resolves them (relative to the real workspace root; absolute when outside it)."""
-    named = _normalise_path(path, workspace)
-    if not workspace or len(path) > 4096 or "\0" in path:
-        return (named,)
-    try:
-        resolved = str(resolve_in_workspace(Path(workspace), path.strip()))
-    except ToolFailure:
-        return (named,)
-    relative = relative_to_root(os.path.realpath(workspace), resolved)
-    real = normalise_relative(relative) if relative is not None else resolved
-    return (named,) if real == named else (named, real)
+    sandbox resolves them (relative to the real workspace root; absolute when outside it). Both as
+    given and without surrounding blanks: the tools take the path as given, where " /../x" is
+    the workspace's x, while stripped it named a path outside it that no rule matched."""
+    forms: list[str] = []
+    for variant in dict.fromkeys((path, path.strip())):
+        forms.append(_normalise_path(variant, workspace))
+        if not workspace or len(variant) > 4096 or "\0" in variant:
+            continue
+        try:
+            resolved = str(resolve_in_workspace(Path(workspace), variant))
+        except ToolFailure:
+            continue
+        relative = relative_to_root(os.path.realpath(workspace), resolved)
+        forms.append(normalise_relative(relative) if relative is not None else resolved)
+    return tuple(dict.fromkeys(forms))
 
 
 def _any_match(rules: Iterable[Rule], call: _Call) -> Rule | None:
@@ -500,7 +504,6 @@ def _action(value: Action | str, name: str) -> Action:
 
 
 def _normalise_path(path: str, workspace: str | None) -> str:
-    path = path.strip()
     if workspace and path.startswith("/"):
         inside = relative_to_root(posixpath.normpath(workspace), posixpath.normpath(path))
         if inside is not None:
