@@ -347,7 +347,8 @@ _ACCESSES: Mapping[str, tuple[tuple[Access, ...], ...]] = {
     "write": ((Access.WRITE,),),
     "edit": ((Access.READ, Access.WRITE),),
     "delete": ((Access.WRITE,),),
-    "move": ((Access.WRITE,), (Access.WRITE,)),
+    # A moved file is read under its new name: moving is reading the source, as copying is.
+    "move": ((Access.READ, Access.WRITE), (Access.WRITE,)),
     "copy": ((Access.READ,), (Access.WRITE,)),
     "ls": ((Access.READ,),),
     "list_files": ((Access.READ,),),

@@ -125,3 +125,25 @@ async def test_a_blank_before_a_path_does_not_slip_past_write_rules(client, work
         if kind(response.event) == "confirmation_required":  # asked, as for the plain path
             await client.cancel(asking.session_id)
     assert not (workspace / "Makefile").exists()
+
+
+async def test_a_read_deny_is_not_moved_around(client, workspace, tmp_path) -> None:
+    # copy refused a denied source, move did not: moved to an undenied name, the file was read.
+    (workspace / "config").mkdir()
+    (workspace / "config" / "prod.env").write_text(f"DB_PASSWORD={SECRET}\n")
+    model = scripted(tmp_path, [
+        {"tool_calls": [
+            call("move", "file", source="config/prod.env", destination="notes.txt"),
+            call("move", "directory", source="config", destination="cfg"),
+            call("read", "moved_file", file_path="notes.txt"),
+            call("read", "moved_directory", file_path="cfg/prod.env"),
+        ]},
+        {"text": "done"},
+    ])
+    policy = session_pb2.PermissionPolicy(deny=["read(**/*.env)", "bash", "execute"])
+    session = await client.create(workspace, model, permissions=policy)
+    results = finished(await client.send(session.session_id, "go"))
+    for name in ("file", "directory"):
+        assert results[name].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, results[name])
+    assert all(SECRET not in result.output for result in results.values())
+    assert (workspace / "config" / "prod.env").exists() and not (workspace / "cfg").exists()

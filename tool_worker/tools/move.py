@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
+from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
-from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
 
 
-def _move(source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
+def _move(ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
     if not source.exists() and not source.is_symlink():
         raise ToolFailure(f"source not found: {shown[0]}")
+    if ctx.denied and source.is_dir() and not source.is_symlink():
+        _refuse_denied_inside(ctx, source, shown[0])
     check_destination(source, destination, shown[1], overwrite)
     if destination.exists() or destination.is_symlink():
         remove_existing(destination)
@@ -25,16 +29,32 @@ def _move(source: Path, destination: Path, shown: tuple[str, str], overwrite: bo
     return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
 
 
+def _refuse_denied_inside(ctx: ToolContext, directory: Path, shown: str) -> None:
+    """PERMISSION_DENIED when the directory holds a path the session may not read: moved under
+    another name, it would be read there (copy leaves such paths out; a move cannot)."""
+    for parent, names, files in os.walk(directory):
+        for name in (*names, *files):
+            relative = relative_to_root(ctx.root, os.path.join(parent, name))
+            if relative is not None and ctx.hides(relative):
+                raise ToolFailure(
+                    f"move was not run: {shown} holds paths this session's permission policy denies reading, "
+                    "which the move would put under another name",
+                    ErrorKind.PERMISSION_DENIED,
+                )
+
+
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     # Both ends name entries, not what symlinks point to: moving a link moves the link.
     source = resolve_in_workspace(ctx.workspace, args["source"], follow_final_symlink=False)
     destination = resolve_in_workspace(ctx.workspace, args["destination"], follow_final_symlink=False)
     if source == workspace_root(ctx.workspace):
         raise ToolFailure("refusing to move the workspace root")
+    # A moved file is read under its new name: the source must be readable, as copy's is.
+    ctx.check_readable(source, args["source"])
     refuse_protected(ctx, "move", (source, args["source"]), (destination, args["destination"]))
     shown = (args["source"], args["destination"])
     try:
-        return await asyncio.to_thread(_move, source, destination, shown, args.get("overwrite", False))
+        return await asyncio.to_thread(_move, ctx, source, destination, shown, args.get("overwrite", False))
     except OSError as exc:
         raise ToolFailure(f"cannot move {shown[0]} to {shown[1]}: {exc.strerror or exc}") from exc
 
