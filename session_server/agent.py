@@ -63,6 +63,7 @@ from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
 from session_server.telemetry import Telemetry, TurnObservation
+from tool_worker.confinement.protected import operator_denied_globs
 from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry, parse_arguments
@@ -485,7 +486,9 @@ class Turn:
 
     async def _run_internal(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
-        denied_paths = ctx.settings.permissions.denied_paths(str(ctx.workspace))
+        workspace = str(ctx.workspace)
+        denied_paths = (*ctx.settings.permissions.denied_paths(workspace),
+                        *operator_denied_globs(ctx.registry.sandbox.settings, workspace))
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):

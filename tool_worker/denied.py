@@ -62,6 +62,12 @@ def relative_to_root(root: str, path: str) -> str | None:
     return path[len(base):] if path.startswith(base) else None
 
 
+def literal_glob(path: str) -> str:
+    """A glob that matches exactly `path` (relative, with `/` between components): its special
+    characters escaped."""
+    return re.sub(r"([\\*?\[{])", r"\\\1", path)
+
+
 class DeniedPaths:
     """A compiled set of deny globs. Empty (and falsy) when the policy denies no path."""
 

@@ -147,3 +147,33 @@ async def test_a_read_deny_is_not_moved_around(client, workspace, tmp_path) -> N
         assert results[name].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, results[name])
     assert all(SECRET not in result.output for result in results.values())
     assert (workspace / "config" / "prod.env").exists() and not (workspace / "cfg").exists()
+
+
+async def test_the_operators_deny_list_reaches_the_tools_not_only_commands(make_server, workspace, tmp_path) -> None:
+    # --sandbox-deny-read (and the data dir, TLS files) kept bash out, but read, grep, search,
+    # the listings and copy handed the files over: a data dir inside the workspace gave away
+    # every session's history.
+    (workspace / "deploy").mkdir()
+    secret = workspace / "deploy" / "credentials.txt"
+    secret.write_text(f"TOKEN={SECRET}\n")
+    server = await make_server(sandbox_deny_read=[secret])
+    model = scripted(tmp_path, [
+        {"tool_calls": [
+            call("read", "read", file_path="deploy/credentials.txt"),
+            call("grep", "grep", pattern="TOKEN", output_mode="content"),
+            call("search", "search", query="token"),
+            call("list_files", "list_files", path="deploy"),
+            call("glob", "glob", pattern="**/*.txt"),
+            call("ls", "ls", path="deploy"),
+        ]},
+        {"tool_calls": [call("copy", "copy", source="deploy/credentials.txt", destination="copied.txt")]},
+        {"text": "done"},
+    ])
+    session = await server.client.create(workspace, model)
+    results = finished(await server.client.send(session.session_id, "go", within=60))
+    assert results["read"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, results["read"]
+    assert results["copy"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, results["copy"]
+    for name, result in results.items():
+        assert SECRET not in result.output, (name, result.output)
+        assert result.is_error or "credentials.txt" not in result.output, (name, result.output)
+    assert not (workspace / "copied.txt").exists()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import glob
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tool_worker.confinement.policy import SandboxSettings
+from tool_worker.denied import literal_glob, relative_to_root
 from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
 
 # Files through which git takes its configuration and hooks from another directory (commondir)
@@ -103,3 +106,19 @@ def remove_planted(absent: list[Path]) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     return planted
+
+
+def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
+    """The operator's deny list (the data dir, TLS files, --sandbox-deny-read, the home's
+    credentials) where it lies inside the workspace, as deny globs for the tools that read and
+    list: the sandbox keeps commands out of these paths, and read, grep, search, the listings
+    and copy must not hand them over either (they read a session's history out of a data dir
+    inside the workspace)."""
+    return _denied_inside(settings.denied_paths(), workspace)
+
+
+@functools.lru_cache(maxsize=256)  # per workspace, on every call's path: a realpath per deny entry
+def _denied_inside(denied: tuple[Path, ...], workspace: str) -> tuple[str, ...]:
+    root = os.path.realpath(workspace)
+    inside = (relative_to_root(root, os.path.realpath(path)) for path in denied)
+    return tuple(literal_glob(relative) for relative in inside if relative not in (None, "."))

@@ -154,8 +154,8 @@ class ToolContext:
             glob = None if candidate is None else self.denied.matching(normalise_relative(candidate))
             if glob is not None:
                 raise ToolFailure(
-                    f"{shown} is not readable: this session's permission policy denies reading it "
-                    f"(deny read({glob}))",
+                    f"{shown} is not readable: reading it is denied (deny read({glob}), by this session's "
+                    "permission policy or the server's deny list)",
                     ErrorKind.PERMISSION_DENIED,
                 )
 
