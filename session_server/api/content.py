@@ -16,12 +16,13 @@ from google.rpc import code_pb2, status_pb2
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.api.errors import MAX_MESSAGE_BYTES, bounded
-from session_server.content import STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
+from session_server.content import MAX_UPLOADED_BYTES, STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
 from tool_worker.merkle import Digest, encode_digest, length_delimited_header, valid_hash
 
 _DIGEST_FUNCTIONS = (remote_execution_pb2.DigestFunction.UNKNOWN, remote_execution_pb2.DigestFunction.SHA256)
 GET_TREE_PAGE = 1000
 _READ_NAME = re.compile(r"^(?:(?P<instance>.*)/)?blobs/(?P<hash>[^/]+)/(?P<size>[^/]+)(?:/.*)?$")
+_SIZE = re.compile(r"[0-9]{1,19}")
 _WRITE_NAME = re.compile(r"^(?:(?P<instance>.*)/)?uploads/[^/]+/blobs/(?P<hash>[^/]+)/(?P<size>[^/]+)(?:/.*)?$")
 
 CAS_SERVICE = remote_execution_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name
@@ -186,7 +187,8 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
 
     async def _digest(self, context, pattern: re.Pattern[str], resource_name: str) -> Digest:
         match = pattern.match(resource_name)
-        if match is None or not match["size"].isdigit():
+        # ASCII digits that fit in an int64 (str.isdigit also takes "²", which int() refuses).
+        if match is None or not _SIZE.fullmatch(match["size"]) or int(match["size"]) >= 2**63:
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
                                 "[{instance}/]blobs/{hash}/{size} (reads) or [{instance}/]uploads/{uuid}/blobs/"
                                 "{hash}/{size} (writes)")
@@ -215,6 +217,10 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         async for request in request_iterator:
             if digest is None:
                 digest = await self._digest(context, _WRITE_NAME, request.resource_name)
+                if digest.size > MAX_UPLOADED_BYTES:
+                    # Checked before a byte is held: the stream is buffered until finish_write.
+                    await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{digest} is over the {MAX_UPLOADED_BYTES:,} bytes this server keeps of uploads")
             if request.write_offset != received:
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                     f"write_offset {request.write_offset}, expected {received}")

@@ -11,7 +11,7 @@ import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.api.content import encode_batch_read_response
-from session_server.content import MAX_BATCH_BYTES, STREAM_CHUNK
+from session_server.content import MAX_BATCH_BYTES, MAX_UPLOADED_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.merkle import Digest
 
@@ -153,6 +153,35 @@ async def test_uploads_are_checked_and_kept(served) -> None:
     missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
         blob_digests=[digest(good), digest(large), digest(bad)]), metadata=METADATA)
     assert list(missing.missing_blob_digests) == [digest(bad)]
+
+
+@pytest.mark.parametrize("size", ["99999999999999999999", "\u00b2", "\u2460"],
+                         ids=["past-int64", "superscript", "circled"])
+async def test_a_resource_name_with_a_size_that_is_no_int64_is_invalid_argument(served, size: str) -> None:
+    # str.isdigit() took these, then int() or the Digest refused them: UNKNOWN.
+    _, _, channel = served
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name=f"blobs/{'a' * 64}/{size}"),
+                                   metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not" in caught.value.details()
+
+
+async def test_an_upload_bigger_than_the_server_keeps_is_refused_before_its_bytes(served) -> None:
+    # The stream was held whole until finish_write: 400 MB announced as 2**50 bytes took 440 MB.
+    _, _, channel = served
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+
+    async def chunks():
+        name = f"uploads/u1/blobs/{'a' * 64}/{MAX_UPLOADED_BYTES + 1}"
+        for offset in range(0, 64 * STREAM_CHUNK, STREAM_CHUNK):
+            yield bytestream_pb2.WriteRequest(resource_name=name if not offset else "", write_offset=offset,
+                                              data=b"\0" * STREAM_CHUNK)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.Write(chunks(), metadata=METADATA)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the" in caught.value.details()
 
 
 async def test_the_content_service_wants_the_worker_token(served) -> None:
