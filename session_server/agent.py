@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -112,6 +113,14 @@ class TurnContext:
     # The placement rule (--local-query-tools): Query tools run here even when workers offer them,
     # because dispatching a call costs more than running it (a small read).
     local_query_tools: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def denied_paths(self) -> tuple[str, ...]:
+        """What the turn's tools may not read: the session's read deny globs, and the server's deny
+        list where it lies in the workspace (once per turn: it costs tens of microseconds)."""
+        workspace = str(self.workspace)
+        return (*self.settings.permissions.denied_paths(workspace),
+                *operator_denied_globs(self.registry.sandbox.settings, workspace))
 
 
 def available_tools(
@@ -486,9 +495,7 @@ class Turn:
 
     async def _run_internal(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
-        workspace = str(ctx.workspace)
-        denied_paths = (*ctx.settings.permissions.denied_paths(workspace),
-                        *operator_denied_globs(ctx.registry.sandbox.settings, workspace))
+        denied_paths = ctx.denied_paths
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):

@@ -117,7 +117,7 @@ def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[st
     return _denied_inside(settings.denied_paths(), workspace)
 
 
-@functools.lru_cache(maxsize=256)  # per workspace, on every call's path: a realpath per deny entry
+@functools.lru_cache(maxsize=256)  # a realpath per deny entry: once per workspace, not per turn
 def _denied_inside(denied: tuple[Path, ...], workspace: str) -> tuple[str, ...]:
     root = os.path.realpath(workspace)
     inside = (relative_to_root(root, os.path.realpath(path)) for path in denied)
