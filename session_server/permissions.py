@@ -124,6 +124,10 @@ ACCESS_RULES = {"read": Access.READ, "write": Access.WRITE}
 _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", re.DOTALL)
 # Where a command glob's wildcards start: words past it are covered by a wildcard.
 _WILDCARD = re.compile(r"[*?\[]")
+# What makes a path glob more than one path (tool_worker.denied's syntax).
+_PATH_WILDCARD = re.compile(r"[*?\[{\\]")
+# Entries of a directory a write would change that are matched against a rule below it, at most.
+MAX_LISTED_FOR_RULES = 10_000
 
 
 class PolicyError(ValueError):
@@ -179,6 +183,36 @@ class Rule:
     def denies_path(self, path: str) -> bool:
         """The path, or a directory above it, matches: what a deny or ask rule protects."""
         return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
+
+    def denies_inside(self, path: str, workspace: str | None) -> bool:
+        """A path below `path` matches: a write to a directory (deleting, moving or replacing it)
+        changes what it holds. Decided from the glob when it names such a path outright, else by
+        listing the directory: past MAX_LISTED_FOR_RULES entries, assumed (a refusal, or a
+        question, rather than a guess)."""
+        assert self.glob is not None
+        if path.startswith("/") or path.startswith("../"):
+            return False  # outside the workspace: no rule of it names a path below
+        prefix = "" if path == "." else f"{path}/"
+        if not _PATH_WILDCARD.search(self.glob):
+            return self.glob.startswith(prefix) and self.glob != path
+        literal = self.glob[: _PATH_WILDCARD.search(self.glob).start()]
+        if not (literal.startswith(prefix) or prefix.startswith(literal)):
+            return False  # the glob's fixed start is elsewhere
+        if workspace is None:
+            return True
+        directory = os.path.join(os.path.realpath(workspace), path)
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            return False
+        listed = 0
+        for parent, names, files in os.walk(directory):
+            for name in (*names, *files):
+                listed += 1
+                if listed > MAX_LISTED_FOR_RULES:
+                    return True
+                relative = relative_to_root(os.path.realpath(workspace), os.path.join(parent, name))
+                if relative is not None and self.matches_path(normalise_relative(relative)):
+                    return True
+        return False
 
     def matches_text(self, value: str) -> bool:
         assert self.glob is not None
@@ -308,13 +342,13 @@ class PermissionPolicy:
         if self.allows_everything:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
-        rule = _any_match(self.deny, call)
+        rule = _any_match(self.deny, call, workspace)
         if rule is not None:
             return Decision(Action.DENY, rule)
         rule = _every_match(self.allow, call, workspace)
         if rule is not None:
             return Decision(Action.ALLOW, rule)
-        rule = _any_match(self.ask, call)
+        rule = _any_match(self.ask, call, workspace)
         if rule is not None:
             return Decision(Action.ASK, rule)
         return Decision(self.default_action)
@@ -402,8 +436,9 @@ def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(forms))
 
 
-def _any_match(rules: Iterable[Rule], call: _Call) -> Rule | None:
-    """The first rule matching the call at all: bare, or its glob on any subject, piece or path."""
+def _any_match(rules: Iterable[Rule], call: _Call, workspace: str | None) -> Rule | None:
+    """The first rule matching the call at all: bare, or its glob on any subject, piece or path
+    (a write rule also on what a written directory holds)."""
     for rule in rules:
         if rule.glob is None:
             if rule.tool == call.tool:
@@ -411,7 +446,11 @@ def _any_match(rules: Iterable[Rule], call: _Call) -> Rule | None:
             continue
         access = ACCESS_RULES.get(rule.tool)
         if access is not None and any(
-            kind is access and any(rule.denies_path(form) for form in forms) for kind, forms in call.accesses
+            kind is access and any(
+                rule.denies_path(form) or (kind is Access.WRITE and rule.denies_inside(form, workspace))
+                for form in forms
+            )
+            for kind, forms in call.accesses
         ):
             return rule
         if rule.tool != call.tool:
