@@ -177,3 +177,22 @@ async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: 
     assert results["commit"].output == "1", results["commit"]
     assert "Device or resource busy" in results["remove"].output
     assert (fresh / ".git" / "config").exists() and (fresh / ".git" / "hooks").is_dir()
+
+
+async def test_a_submodules_git_dir_cannot_be_redirected_either(start_host: Any, tmp_path: Path) -> None:
+    # git status recurses into submodules, and reads each one's commondir as it reads the
+    # repository's: a planted .git/modules/lib/commondir ran its fsmonitor on the host.
+    host: Host = await start_host()
+    module = host.workspace / ".git" / "modules" / "lib"
+    (module / "hooks").mkdir(parents=True)
+    (module / "config").write_text("[core]\n")
+    calls = [
+        bash("command", "echo ../../../planted > .git/modules/lib/commondir && echo written"),
+        {"name": "write", "id": "tool", "arguments": {"file_path": ".git/modules/lib/config.worktree",
+                                                       "content": "[core]\n\tfsmonitor = evil\n"}},
+    ]
+    results = await host.run(tmp_path, calls)
+    assert results["command"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, results["command"]
+    assert ".git/modules/lib/commondir removed" in results["command"].output
+    assert results["tool"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, results["tool"]
+    assert not (module / "commondir").exists() and not (module / "config.worktree").exists()

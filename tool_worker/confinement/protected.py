@@ -16,10 +16,12 @@ from tool_worker.denied import literal_glob, relative_to_root
 from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
 
 # Files through which git takes its configuration and hooks from another directory (commondir)
-# or reads more configuration (config.worktree). A read-only mount cannot keep them out as it
-# keeps .git/config: they do not exist, and .git must stay writable for git to work. The file
-# tools refuse them; one a command creates is removed when the command ends (planted_git_files).
-GIT_REDIRECTS = (".git/commondir", ".git/config.worktree")
+# or reads more configuration (config.worktree), in the repository's git dir and in each
+# submodule's (git status recurses into them). A read-only mount cannot keep them out as it keeps
+# .git/config: they do not exist, and .git must stay writable for git to work. The file tools
+# refuse them; one a command creates is removed when the command ends (remove_planted).
+GIT_REDIRECTS = (".git/commondir", ".git/config.worktree", ".git/modules/*/commondir",
+                 ".git/modules/*/config.worktree")
 
 
 def protected_targets(root: Path, patterns: Iterable[str]) -> Iterator[Path]:
@@ -89,11 +91,14 @@ def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) ->
 
 
 def absent_git_redirects(workspace: Path) -> list[Path]:
-    """The GIT_REDIRECTS of a repository that do not exist now (before a command runs)."""
+    """The GIT_REDIRECTS of a repository (its submodules' among them) that do not exist now,
+    before a command runs."""
     root = Path(os.path.realpath(workspace))
     if not (root / ".git").is_dir():
         return []
-    return [root / name for name in GIT_REDIRECTS if not os.path.lexists(root / name)]
+    git_dirs = [root / ".git", *(path for path in (root / ".git" / "modules").glob("*") if path.is_dir())]
+    return [path for git_dir in git_dirs for path in (git_dir / "commondir", git_dir / "config.worktree")
+            if not os.path.lexists(path)]
 
 
 def remove_planted(absent: list[Path]) -> list[Path]:
