@@ -53,6 +53,7 @@ server does not know is refused when the policy is parsed with `known_tools`.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import posixpath
 import re
@@ -126,8 +127,9 @@ _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", r
 _WILDCARD = re.compile(r"[*?\[]")
 # What makes a path glob more than one path (tool_worker.denied's syntax).
 _PATH_WILDCARD = re.compile(r"[*?\[{\\]")
-# Entries of a directory a write would change that are matched against a rule below it, at most.
-MAX_LISTED_FOR_RULES = 10_000
+# Entries of a directory a write would change that are matched against a rule below it, at most
+# (listed on the event loop: about 1 us each here; past it the rule is taken to apply).
+MAX_LISTED_FOR_RULES = 50_000
 
 
 class PolicyError(ValueError):
@@ -184,35 +186,22 @@ class Rule:
         """The path, or a directory above it, matches: what a deny or ask rule protects."""
         return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
 
-    def denies_inside(self, path: str, workspace: str | None) -> bool:
+    def denies_inside(self, path: str, inside: _Inside) -> bool:
         """A path below `path` matches: a write to a directory (deleting, moving or replacing it)
-        changes what it holds. Decided from the glob when it names such a path outright, else by
-        listing the directory: past MAX_LISTED_FOR_RULES entries, assumed (a refusal, or a
-        question, rather than a guess)."""
+        changes what it holds. Decided from the glob when it names such a path outright, else
+        from the directory's listing (see _Inside)."""
         assert self.glob is not None
         if path.startswith("/") or path.startswith("../"):
             return False  # outside the workspace: no rule of it names a path below
         prefix = "" if path == "." else f"{path}/"
-        if not _PATH_WILDCARD.search(self.glob):
+        wildcard = _PATH_WILDCARD.search(self.glob)
+        if wildcard is None:
             return self.glob.startswith(prefix) and self.glob != path
-        literal = self.glob[: _PATH_WILDCARD.search(self.glob).start()]
+        literal = self.glob[: wildcard.start()]
         if not (literal.startswith(prefix) or prefix.startswith(literal)):
             return False  # the glob's fixed start is elsewhere
-        if workspace is None:
-            return True
-        directory = os.path.join(os.path.realpath(workspace), path)
-        if os.path.islink(directory) or not os.path.isdir(directory):
-            return False
-        listed = 0
-        for parent, names, files in os.walk(directory):
-            for name in (*names, *files):
-                listed += 1
-                if listed > MAX_LISTED_FOR_RULES:
-                    return True
-                relative = relative_to_root(os.path.realpath(workspace), os.path.join(parent, name))
-                if relative is not None and self.matches_path(normalise_relative(relative)):
-                    return True
-        return False
+        listed = inside.paths(path)
+        return listed is None or any(self.matches_path(below) for below in listed)
 
     def matches_text(self, value: str) -> bool:
         assert self.glob is not None
@@ -256,6 +245,45 @@ class _Subject:
     forms: tuple[str, ...]
     # COMMAND only: the parsed line.
     shell: ShellLine | None = None
+    # PATH only: the call writes it (what a directory holds changes with it).
+    written: bool = False
+
+
+class _Inside:
+    """What the directories a call writes hold, for rules that name paths below them: each
+    listed once per decision, relative to the workspace. A listing past MAX_LISTED_FOR_RULES
+    entries is None: the rule is taken to apply (a refusal, or a question, rather than a guess).
+    Listed on the event loop: a directory's delete or move, with a write rule whose glob could
+    reach inside it, costs a walk of the directory (10,000 entries took 11 ms here)."""
+
+    def __init__(self, workspace: str | None) -> None:
+        self._workspace = workspace
+        self._listed: dict[str, tuple[str, ...] | None] = {}
+
+    def paths(self, path: str) -> tuple[str, ...] | None:
+        if path not in self._listed:
+            self._listed[path] = self._list(path)
+        return self._listed[path]
+
+    @functools.cached_property
+    def _root(self) -> str | None:
+        return os.path.realpath(self._workspace) if self._workspace else None
+
+    def _list(self, path: str) -> tuple[str, ...] | None:
+        root = self._root
+        if root is None:
+            return None  # nothing to look at: assume the worst
+        directory = os.path.join(root, path)
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            return ()
+        found: list[str] = []
+        for parent, names, files in os.walk(directory):
+            base = relative_to_root(root, parent)
+            for name in (*names, *files):
+                if len(found) == MAX_LISTED_FOR_RULES:
+                    return None
+                found.append(name if base in (None, ".") else f"{base}/{name}")
+        return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -342,13 +370,14 @@ class PermissionPolicy:
         if self.allows_everything:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
-        rule = _any_match(self.deny, call, workspace)
+        inside = _Inside(workspace)
+        rule = _any_match(self.deny, call, inside)
         if rule is not None:
             return Decision(Action.DENY, rule)
         rule = _every_match(self.allow, call, workspace)
         if rule is not None:
             return Decision(Action.ALLOW, rule)
-        rule = _any_match(self.ask, call, workspace)
+        rule = _any_match(self.ask, call, inside)
         if rule is not None:
             return Decision(Action.ASK, rule)
         return Decision(self.default_action)
@@ -407,8 +436,9 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
             accesses += [(Access.READ, _path_forms(word, workspace)) for word in shell.mentioned_paths()]
         elif argument.kind is SubjectKind.PATH:
             forms = _path_forms(str(value), workspace)
-            subjects.append(_Subject(SubjectKind.PATH, forms))
-            accesses += [(access, forms) for access in _ACCESSES.get(tool, ((),))[position]]
+            kinds = _ACCESSES.get(tool, ((),))[position]
+            subjects.append(_Subject(SubjectKind.PATH, forms, written=Access.WRITE in kinds))
+            accesses += [(access, forms) for access in kinds]
         else:
             subjects.append(_Subject(SubjectKind.TEXT, (str(value),)))
     if tool in _DIRECTORY_READERS:
@@ -436,9 +466,9 @@ def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(forms))
 
 
-def _any_match(rules: Iterable[Rule], call: _Call, workspace: str | None) -> Rule | None:
+def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | None:
     """The first rule matching the call at all: bare, or its glob on any subject, piece or path
-    (a write rule also on what a written directory holds)."""
+    (on a path the call writes, also on what it holds)."""
     for rule in rules:
         if rule.glob is None:
             if rule.tool == call.tool:
@@ -447,7 +477,7 @@ def _any_match(rules: Iterable[Rule], call: _Call, workspace: str | None) -> Rul
         access = ACCESS_RULES.get(rule.tool)
         if access is not None and any(
             kind is access and any(
-                rule.denies_path(form) or (kind is Access.WRITE and rule.denies_inside(form, workspace))
+                rule.denies_path(form) or (kind is Access.WRITE and rule.denies_inside(form, inside))
                 for form in forms
             )
             for kind, forms in call.accesses
@@ -457,7 +487,8 @@ def _any_match(rules: Iterable[Rule], call: _Call, workspace: str | None) -> Rul
             continue
         for subject in call.subjects:
             if subject.kind is SubjectKind.PATH:
-                if any(rule.denies_path(form) for form in subject.forms):
+                if any(rule.denies_path(form) or (subject.written and rule.denies_inside(form, inside))
+                       for form in subject.forms):
                     return rule
             elif subject.kind is SubjectKind.TEXT:
                 if rule.matches_text(subject.forms[0]):

@@ -181,15 +181,18 @@ async def test_the_operators_deny_list_reaches_the_tools_not_only_commands(make_
 
 async def test_a_write_deny_covers_what_a_written_directory_holds(client, workspace, tmp_path) -> None:
     # Rules matched the path a call names and the directories above it, never below: deleting or
-    # moving the directory of a protected file went through.
+    # moving the directory of a protected file went through (write rules, and tools' own rules).
     (workspace / "migrations").mkdir()
     (workspace / "migrations" / "0001_init.sql").write_text("create table t;\n")
     (workspace / "config").mkdir()
     (workspace / "config" / "prod.yaml").write_text("replicas: 3\n")
     (workspace / "sql").mkdir()
     (workspace / "sql" / "schema.sql").write_text("create table u;\n")
+    (workspace / "docs").mkdir()
+    (workspace / "docs" / "keep.md").write_text("keep\n")
     model = scripted(tmp_path, [
         {"tool_calls": [
+            call("delete", "named", path="docs", recursive=True),
             call("delete", "delete", path="migrations", recursive=True),
             call("move", "move", source="config", destination="cfg"),
             call("delete", "wildcard", path="sql", recursive=True),
@@ -198,11 +201,11 @@ async def test_a_write_deny_covers_what_a_written_directory_holds(client, worksp
         {"text": "done"},
     ])
     policy = session_pb2.PermissionPolicy(
-        deny=["write(migrations/0001_init.sql)", "write(config/prod.yaml)", "write(**/*.sql)"])
+        deny=["delete(migrations/0001_init.sql)", "move(config/prod.yaml)", "write(**/*.sql)", "write(docs/keep.md)"])
     session = await client.create(workspace, model, permissions=policy)
     results = finished(await client.send(session.session_id, "go"))
-    for name in ("delete", "move", "wildcard"):
+    for name in ("named", "delete", "move", "wildcard"):
         assert results[name].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, results[name])
     assert not results["elsewhere"].is_error, results["elsewhere"]
     assert (workspace / "migrations" / "0001_init.sql").exists() and (workspace / "config" / "prod.yaml").exists()
-    assert (workspace / "sql" / "schema.sql").exists()
+    assert (workspace / "sql" / "schema.sql").exists() and (workspace / "docs" / "keep.md").exists()
