@@ -144,10 +144,15 @@ class _StreamLink:
                     while self._control:
                         await self._write(self._control.pop(0))
             except TimeoutError:
-                self.close(f"the worker read nothing of its stream for {self._write_timeout:g}s",
-                           LinkFault.HEARTBEAT_TIMEOUT)
+                self.close(f"a write to the worker did not complete in {self._write_timeout:g}s (it reads "
+                           "nothing of its stream, or far too slowly)", LinkFault.HEARTBEAT_TIMEOUT)
             except Exception as exc:  # the stream is broken: the Connect handler ends it
                 self.close(f"writing to the worker failed: {exc}")
+            finally:
+                if self._assignments is not None or self._control:
+                    # The holder was cancelled (its call withdrawn) with messages queued behind it,
+                    # whose own flushes returned at once: the writer task sends them.
+                    self._wake.set()
 
     async def _write(self, message: worker_pb2.ConnectResponse) -> None:
         assert self._context is not None
