@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
                    metavar="SECONDS", help="worker silence after which it is lost (workers send heartbeats "
-                   "every third of it, at most every 2 s)")
+                   "every 2 s, or every third of it when that is shorter)")
     p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",
                    help="concurrent model requests across all sessions (the Generate lane)")
     p.add_argument("--subscriber-buffer", type=types.positive_int, default=SUBSCRIBER_BUFFER, metavar="EVENTS",

@@ -250,20 +250,25 @@ class Store:
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (created, session_id) < (?, ?) "
                 "ORDER BY created DESC, session_id DESC LIMIT ?",
                 (created, session_id, size + 1),
-            ).fetchall()
+            )
         else:
             rows = self._db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY created DESC, session_id DESC LIMIT ?",
                 (size + 1,),
-            ).fetchall()
+            )
+        # Read row by row, up to the page's size: a page of 1,000 bulky sessions fetched whole
+        # would hold a gigabyte before it was cut.
         sessions: list[SessionRecord] = []
         chars = 0
-        for row in rows[:size]:
+        more = False
+        for row in rows:
             chars += len(row[2]) + len(row[3])  # config_json, labels_json: the bulk of a session
-            if sessions and chars > MAX_PAGE_CHARS:
+            if len(sessions) == size or (sessions and chars > MAX_PAGE_CHARS):
+                more = True
                 break
             sessions.append(_session_from_row(row))
-        next_token = _encode_page_token(sessions[-1]) if len(rows) > len(sessions) else ""
+        rows.close()
+        next_token = _encode_page_token(sessions[-1]) if more else ""
         return sessions, next_token
 
     def count_sessions(self) -> int:

@@ -157,6 +157,8 @@ class ToolWorker:
         self._reader: asyncio.Task[None] | None = None
         # Given by the hub's Welcome: proves it is us when we reconnect after a broken stream.
         self._reconnect_token = ""
+        # Why the hub could not be reached, and when that was logged (once a minute while it lasts).
+        self._unreachable_told = ("", 0.0)
         self._cas_channel: grpc.aio.Channel | None = None
         self._cas_address = ""
         self._roots = tuple(config.roots)
@@ -196,7 +198,6 @@ class ToolWorker:
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
         id_taken_since: float | None = None
-        told, told_at = "", 0.0  # the last reason the hub could not be reached, and when it was logged
         closed_in_handshake = 0
         try:
             while not self._draining.is_set():
@@ -243,11 +244,12 @@ class ToolWorker:
                         # No stream at all (nothing listens, say): why, in the CLI's words, and once a
                         # minute while it stays so, not at every attempt.
                         why = unreachable(self.config.address, exc.details() or "", self.config.tls_ca is not None)
+                        told, told_at = self._unreachable_told
                         repeated = why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL
                         if closed_in_handshake or repeated:
                             log.debug("%s; retrying", why)
                         else:
-                            told, told_at = why, time.monotonic()
+                            self._unreachable_told = (why, time.monotonic())
                             log.warning("%s; retrying", why)
                     else:
                         log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
@@ -307,6 +309,7 @@ class ToolWorker:
             return
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         self._reconnect_token = first.welcome.reconnect_token
+        self._unreachable_told = ("", 0.0)  # connected: the next outage is told at once
         self._use_content(first.welcome.content, channel)
         self._outbox = outbox
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
@@ -504,10 +507,10 @@ _REJECTIONS = (
 )
 # How long a worker keeps trying while the hub says its id is held by another stream.
 ID_TAKEN_PATIENCE = 60.0
-# Connections the hub closes during the TLS handshake before the worker concludes it refuses the
-# worker's certificate (one could be a hub going down).
 # While the hub stays unreachable for the same reason, it is logged once in this many seconds.
 UNREACHABLE_LOG_INTERVAL = 60.0
+# Connections the hub closes during the TLS handshake before the worker concludes it refuses the
+# worker's certificate (one could be a hub going down).
 HANDSHAKE_CLOSES = 3
 # What gRPC's transport says when a TLS handshake fails (either side refusing a certificate).
 _TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")

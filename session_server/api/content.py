@@ -117,10 +117,10 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
         except BlobNotFound as exc:
             await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
         page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
-        start = int(request.page_token) if request.page_token.isdigit() else 0
-        if request.page_token and not request.page_token.isdigit():
+        if request.page_token and not _SIZE.fullmatch(request.page_token):  # what this server gives: an offset
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
-                                "this server gave")
+                          "this server gave")
+        start = int(request.page_token or 0)
         for offset in range(start, max(len(blobs), start + 1), page):
             chunk = blobs[offset : offset + page]
             response = remote_execution_pb2.GetTreeResponse(

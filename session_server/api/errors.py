@@ -26,7 +26,7 @@ def bounded(text: str, limit: int) -> str:
     data = text.encode("utf-8", "surrogatepass")
     if len(data) <= limit:
         return text
-    note = f" [... {len(data) - limit:,} bytes cut ...] ".encode()
+    note = b" [... bytes cut ...] "
     head = (limit - len(note)) * 3 // 5
     tail = limit - len(note) - head
     return (data[:head] + note + data[len(data) - tail:]).decode("utf-8", "ignore")

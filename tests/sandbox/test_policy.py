@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 from codelane.v1 import session_pb2, tools_pb2
 from tests.sandbox.conftest import Host, bash
 from tests.session.conftest import Client, rpc_error, scripted
+from tool_worker.confinement.bwrap import env_args
 from tool_worker.confinement.policy import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PROCESSES
 
 S = session_pb2
@@ -133,3 +134,9 @@ async def test_without_bubblewrap_commands_fail_closed(processes: Any, tmp_path:
     assert "apt-get install bubblewrap" in result.output and "--sandbox off --allow-unsandboxed" in result.output
     assert json.loads(result.metadata_json)["sandbox"] == "workspace-write"
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_nul_in_a_variable_never_reaches_bubblewraps_arguments() -> None:
+    # The configuration refuses it first; here it would end one --setenv pair and start options.
+    with pytest.raises(ValueError, match="NUL"):
+        env_args((("X", "a\0--bind\0/\0/"),), [])

@@ -217,3 +217,15 @@ def test_batch_read_answers_are_encoded_as_protobuf_would() -> None:
             entry.data = data
     assert encode_batch_read_response(entries) == expected.SerializeToString()
     assert encode_batch_read_response([]) == b""
+
+
+@pytest.mark.parametrize("token", ["\u00b2", "9" * 5000, "-1"], ids=["superscript", "past-int-limit", "negative"])
+async def test_a_get_tree_page_token_this_server_did_not_give_is_invalid_argument(served, token: str) -> None:
+    _, snapshot, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cas.GetTree(remote_execution_pb2.GetTreeRequest(
+                root_digest=remote_execution_pb2.Digest(hash=snapshot.digest.hash, size_bytes=snapshot.digest.size),
+                page_token=token), metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value

@@ -116,6 +116,8 @@ def env_args(env: Sequence[tuple[str, str]], fds: list[int]) -> list[str]:
     there, with the server's rights). Nor its command line, which every local user can read."""
     if not env:
         return []
+    if any("\0" in name or "\0" in value for name, value in env):  # one would inject bwrap options
+        raise ValueError("an environment variable holds a NUL character")
     data = b"".join(b"--setenv\0%s\0%s\0" % (name.encode(), value.encode()) for name, value in env)
     fd = os.memfd_create("codelane-env", os.MFD_CLOEXEC)
     fds.append(fd)

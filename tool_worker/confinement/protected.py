@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
 import glob
 import os
 import shutil
@@ -119,11 +118,6 @@ def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[st
     list: the sandbox keeps commands out of these paths, and read, grep, search, the listings
     and copy must not hand them over either (they read a session's history out of a data dir
     inside the workspace)."""
-    return _denied_inside(settings.denied_paths(), workspace)
-
-
-@functools.lru_cache(maxsize=256)  # a realpath per deny entry: once per workspace, not per turn
-def _denied_inside(denied: tuple[Path, ...], workspace: str) -> tuple[str, ...]:
     root = os.path.realpath(workspace)
-    inside = (relative_to_root(root, os.path.realpath(path)) for path in denied)
+    inside = (relative_to_root(root, os.path.realpath(path)) for path in settings.denied_paths())
     return tuple(literal_glob(relative) for relative in inside if relative not in (None, "."))
