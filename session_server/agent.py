@@ -148,6 +148,7 @@ class Turn:
         self.tool_calls = 0
         # Why a cancellation ends the turn: a user's CancelTurn, or the server stopping.
         self.cancel_reason = "cancelled"
+        self.started = False
         # What the rest of the current response's calls may still add in arguments.
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
         self._observation: TurnObservation | None = None
@@ -170,6 +171,7 @@ class Turn:
             # requests and calls are its children.
             self._observation = TurnObservation(ctx.telemetry, ctx.session_id, ctx.turn_id, ctx.settings.model,
                                                 ctx.model_name)
+        self.started = True
         ctx.emit(TurnStarted(user_text))
         final_text = ""
         stop = "max_turns"
@@ -192,6 +194,11 @@ class Turn:
             ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))
             stop = "error"
         self._finish(stop, final_text)
+
+    def finish_unstarted(self, user_text: str) -> None:
+        """The events of a turn cancelled before it ran: it started, and finished at once."""
+        self.ctx.emit(TurnStarted(user_text))
+        self.ctx.emit(TurnFinished(self.cancel_reason, self.usage, 0, 0, ""))
 
     def _finish(self, stop: str, final_text: str) -> None:
         self.ctx.emit(TurnFinished(stop, self.usage, self.model_requests, self.tool_calls, final_text))

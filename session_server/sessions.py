@@ -318,6 +318,10 @@ class SessionManager:
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)
         task = asyncio.create_task(self._run_turn(session_id, turn, text), name=f"turn-{turn_id}")
+        # A callback, not the coroutine's own finally: a task cancelled before its first step (a
+        # CancelTurn or DeleteSession right behind SendMessage) never runs its coroutine, and the
+        # turn stayed running for good, its slot taken, its stream open, without TurnFinished.
+        task.add_done_callback(lambda _: self._turn_ended(session_id, turn, text))
         self._turns[session_id] = (turn, task)
         return turn_id, self._turn_events(subscription, turn_id)
 
@@ -328,15 +332,18 @@ class SessionManager:
             pass
         except Exception:
             log.exception("session %s: turn failed unexpectedly", session_id)
-        finally:
-            self._turns.pop(session_id, None)
-            if self.admission is not None:
-                self.admission.release_turn()
-            # Idle means the turn's events are all stored: a client that sees the state reads a
-            # last_sequence that holds TurnFinished (group commit would store it a moment later).
-            self.events.flush()
-            if self.store.get_session(session_id) is not None:
-                self.store.set_session_state(session_id, "idle", "")
+
+    def _turn_ended(self, session_id: str, turn: Turn, text: str) -> None:
+        if not turn.started:
+            turn.finish_unstarted(text)  # cancelled before it ran: its clients still see it end
+        self._turns.pop(session_id, None)
+        if self.admission is not None:
+            self.admission.release_turn()
+        # Idle means the turn's events are all stored: a client that sees the state reads a
+        # last_sequence that holds TurnFinished (group commit would store it a moment later).
+        self.events.flush()
+        if self.store.get_session(session_id) is not None:
+            self.store.set_session_state(session_id, "idle", "")
 
     @staticmethod
     async def _turn_events(subscription: Subscription, turn_id: str) -> AsyncIterator[list[StoredEvent]]:

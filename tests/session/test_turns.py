@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from session_server.admission import Limits
 from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
@@ -415,3 +416,37 @@ async def test_a_session_whose_script_vanished_is_failed_precondition(
     error = await rpc_error(client.send(session.session_id, "hello"))
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION
     assert error.reason == "MODEL_UNAVAILABLE" and error.metadata == {"model": model}
+
+
+async def test_a_turn_cancelled_or_deleted_before_it_ran_still_ends(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # A CancelTurn or DeleteSession right behind SendMessage cancelled the turn's task before its
+    # first step: its coroutine never ran, so neither did its clean-up. The session stayed running
+    # for good, its server-wide turn slot taken, its SendMessage stream open without TurnFinished.
+    server = await make_server(limits=Limits(max_running_turns=1))
+    manager = server.server.sessions
+    assert manager is not None
+    model = scripted(tmp_path, [{"text": "Done."}, {"text": "Done again."}])
+    session = (await server.client.create(workspace, model)).session_id
+    _, events = manager.start_turn(session, "go")
+    assert manager.cancel_turn(session)  # before the task's first step: no await in between
+    received = [event.payload for batch in await asyncio.wait_for(_all(events), 10) for event in batch]
+    assert [type(p).__name__ for p in received] == ["TurnStarted", "TurnFinished"]
+    assert received[-1].stop_reason == "cancelled"
+    assert (await server.client.get(session)).state == session_pb2.SESSION_STATE_IDLE
+    # Its slot is free (one at most here), and the session takes its next turn.
+    events = await server.client.send(session, "again")
+    assert kind(events[-1]) == "turn_finished"
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+
+    other = (await server.client.create(workspace, model)).session_id
+    manager.start_turn(other, "go")
+    await manager.delete_session(other)  # its turn's task had not started either
+    assert manager.running_turns() == 0
+    events = await server.client.send(session, "and again")
+    assert kind(events[-1]) == "turn_finished"
+
+
+async def _all(events) -> list:
+    return [batch async for batch in events]
