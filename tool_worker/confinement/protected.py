@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import glob
 import os
+import posixpath
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -96,8 +97,8 @@ def absent_git_redirects(workspace: Path) -> list[Path]:
     if not (root / ".git").is_dir():
         return []
     git_dirs = [root / ".git", *(path for path in (root / ".git" / "modules").glob("*") if path.is_dir())]
-    return [path for git_dir in git_dirs for path in (git_dir / "commondir", git_dir / "config.worktree")
-            if not os.path.lexists(path)]
+    names = dict.fromkeys(posixpath.basename(redirect) for redirect in GIT_REDIRECTS)
+    return [git_dir / name for git_dir in git_dirs for name in names if not os.path.lexists(git_dir / name)]
 
 
 def remove_planted(absent: list[Path]) -> list[Path]:
