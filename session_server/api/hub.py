@@ -72,6 +72,11 @@ class _StreamLink:
         self._wake = asyncio.Event()
         self._kick_scheduled = False
         self._write_lock = asyncio.Lock()
+        # A write whose holder was cancelled before it completed: grpc takes one write at a time,
+        # and cancelling one does not stop it (the core still sends it), so the next write waits
+        # for it. Started beside it, the next one failed with TOO_MANY_OPERATIONS and lost the
+        # worker and all its calls, whenever a turn was cancelled while its dispatch wrote.
+        self._in_flight: asyncio.Future[None] | None = None
         self._context: grpc.aio.ServicerContext | None = None
         self.closed_reason = ""
         self.fault: LinkFault | None = None
@@ -155,9 +160,15 @@ class _StreamLink:
                     self._wake.set()
 
     async def _write(self, message: worker_pb2.ConnectResponse) -> None:
+        """Writes under the write lock. A cancelled caller lets go at once; its write goes on."""
         assert self._context is not None
         async with asyncio.timeout(self._write_timeout):
-            await self._context.write(message)
+            if self._in_flight is not None:
+                await asyncio.shield(self._in_flight)
+            self._in_flight = write = asyncio.ensure_future(self._context.write(message))
+            write.add_done_callback(_retrieved)
+            await asyncio.shield(write)
+            self._in_flight = None
 
     async def carries_writes(self, within: float) -> bool:
         """Whether a message still reaches the worker's end of the stream within `within` s."""
@@ -165,7 +176,7 @@ class _StreamLink:
             return False
         try:
             async with asyncio.timeout(within), self._write_lock:  # the lock too: a write may hold it
-                await self._context.write(_NO_CALL_CANCEL)
+                await self._write(_NO_CALL_CANCEL)
         except Exception:  # the call is cancelled, or the transport is gone
             return False
         return True
@@ -177,6 +188,13 @@ class _StreamLink:
             if self._closed:
                 return
             await self.flush()
+
+
+def _retrieved(write: asyncio.Future[None]) -> None:
+    """Marks a write's failure as seen: the writer that waits for it next sees it too, but a
+    link that closed meanwhile has none."""
+    if not write.cancelled():
+        write.exception()
 
 
 def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistration:

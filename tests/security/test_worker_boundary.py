@@ -293,3 +293,35 @@ async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once
         assigned = (await asyncio.wait_for(worker.read(), BOUND)).assignments.assigns[0]
         cancel = (await asyncio.wait_for(worker.read(), BOUND)).cancel  # long before the deadline
         assert cancel.dispatch_id == assigned.dispatch_id
+
+
+async def test_a_call_cancelled_in_the_middle_of_its_assigns_write_leaves_the_worker_connected(
+    servers, tmp_path: Path
+) -> None:
+    # grpc takes one write at a time and does not stop one whose caller is cancelled (the core
+    # still sends it): the hub's next write, the Cancel, failed with TOO_MANY_OPERATIONS, and the
+    # worker was dropped with every call it ran. The first dispatch writes everything queued
+    # behind it, and 12 MB of Assigns to a worker that reads nothing yet is far more than the
+    # transport's window: that dispatch is held in a write when it is cancelled.
+    server = await start(servers, tmp_path, heartbeat_timeout=60.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        worker = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await worker.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+            worker_id="w", slots=12, tools=[wire.spec_to_proto(READ.spec)])))
+        await worker.read()  # Welcome
+        await connected(server, ["w"], "the worker")
+        calls = [asyncio.create_task(server.pool.dispatch(dataclasses.replace(
+            read_call(tmp_path, f"{i}" + "x" * 1_000_000), call_id=f"c{i}", timeout=10 * BOUND)))
+            for i in range(12)]
+        await poll_until(lambda: server.pool.in_flight("w") == 12, what="the calls assigned", within=BOUND)
+        writing = calls[0]
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        assigned: list[str] = []
+        while len(assigned) < 12:
+            assigned += [a.call_id for a in (await asyncio.wait_for(worker.read(), BOUND)).assignments.assigns]
+        assert (await asyncio.wait_for(worker.read(), BOUND)).cancel.call_id == "c0"
+        assert [w.worker_id for w in server.pool.workers()] == ["w"]
+        for call in calls[1:]:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
