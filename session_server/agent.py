@@ -580,8 +580,7 @@ class Turn:
         # One wait, not a loop: the next Execute call may start at once, and a call that waited
         # for every write would wait as if ordered after them.
         await self._no_write_running.wait()
-        current = await snapshots.current()
-        return SnapshotRef(str(self.ctx.workspace), current.digest, current.times_digest)
+        return (await snapshots.current()).ref
 
 
 def _model_call(call: ToolCall) -> ModelToolCall:

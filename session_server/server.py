@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -55,6 +56,7 @@ from session_server.store import Store
 from session_server.telemetry import Telemetry
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
+from tool_worker.confinement.protected import operator_denied_inside
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
@@ -248,8 +250,12 @@ class CodelaneServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.external_cas = ExternalCas(config.cas, config.cas_instance) if config.cas else None
+        sandbox_settings = config.sandbox_settings()
         self.snapshots = SnapshotRegistry(
-            config.snapshot_excludes, publish=self.external_cas.publish if self.external_cas else None
+            config.snapshot_excludes,
+            publish=self.external_cas.publish if self.external_cas else None,
+            # The operator's deny list never travels: no snapshot names what it holds.
+            workspace_excludes=functools.partial(operator_denied_inside, sandbox_settings),
         )
         self.content = ContentStore(self.snapshots)
         self.pool = WorkerPool(
@@ -259,7 +265,7 @@ class CodelaneServer:
             on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
         )
         self.stats = LaneStats()
-        self.sandbox = Sandbox(config.sandbox_settings(), keep_warm=True)
+        self.sandbox = Sandbox(sandbox_settings, keep_warm=True)
         self.registry = ToolRegistry.builtin(self.sandbox)
         for module in config.local_worker_tools:
             self.registry.load_module(module)

@@ -12,6 +12,11 @@ holding it, and the content service reads blobs from there, checking the hash as
 Directory blobs (small) are kept in memory. The last `KEEP_SNAPSHOTS` snapshots of each workspace
 stay readable, so a worker fetching a snapshot that was just replaced still finds it.
 
+A workspace's snapshots leave out, besides the server's exclusions, its own: the paths of the
+operator's deny list inside it (`workspace_excludes`). No snapshot names them, so the content
+service has no path to read them from, an external CAS is never sent them, and no worker on
+another host receives them.
+
 Domain logic: no grpc.
 """
 
@@ -24,7 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, Tree, TreeScanner
+from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, SnapshotRef, Tree, TreeScanner
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,13 @@ class Snapshot:
     digest: Digest
     times_digest: Digest
     tree: Tree = field(repr=False)
+    # The workspace's own exclusions (SnapshotRef.exclude), which a worker needs to compute the
+    # same digest.
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> SnapshotRef:
+        return SnapshotRef(self.workspace, self.digest, self.times_digest, self.exclude)
 
     def blob(self, hash_hex: str) -> bytes | None:
         """A Directory or DirectoryTimes blob of this snapshot."""
@@ -61,9 +73,12 @@ Publisher = Callable[[Snapshot], Awaitable[None]]
 class WorkspaceSnapshots:
     """The snapshots of one workspace."""
 
-    def __init__(self, workspace: str, exclusions: Exclusions, publish: Publisher | None = None) -> None:
+    def __init__(self, workspace: str, exclusions: Exclusions, publish: Publisher | None = None,
+                 exclude: tuple[str, ...] = ()) -> None:
+        """`exclusions`: the server's; `exclude`: the workspace's own patterns, matched after them."""
         self.workspace = workspace
-        self._scanner = TreeScanner(workspace, exclusions)
+        self.exclude = exclude
+        self._scanner = TreeScanner(workspace, Exclusions((*exclusions.patterns, *exclude)) if exclude else exclusions)
         self._publish = publish
         self.recent: deque[Snapshot] = deque(maxlen=KEEP_SNAPSHOTS)
         self._dirty = True
@@ -115,7 +130,7 @@ class WorkspaceSnapshots:
                     raise
                 snapshot = self.latest
                 if snapshot is None or (snapshot.digest, snapshot.times_digest) != (tree.digest, tree.times_digest):
-                    snapshot = Snapshot(self.workspace, tree.digest, tree.times_digest, tree)
+                    snapshot = Snapshot(self.workspace, tree.digest, tree.times_digest, tree, self.exclude)
                     self._report_skipped(tree.skipped)
                     if self._publish is not None:
                         await self._publish(snapshot)
@@ -148,9 +163,16 @@ def _log_failure(task: asyncio.Task[Snapshot]) -> None:
 class SnapshotRegistry:
     """Every workspace's snapshots, and the blobs they name (for the content service)."""
 
-    def __init__(self, excludes: Sequence[str] = DEFAULT_EXCLUDES, publish: Publisher | None = None) -> None:
+    def __init__(
+        self,
+        excludes: Sequence[str] = DEFAULT_EXCLUDES,
+        publish: Publisher | None = None,
+        workspace_excludes: Callable[[str], Sequence[str]] = lambda workspace: (),
+    ) -> None:
+        """`workspace_excludes(workspace)`: that workspace's own exclusion patterns."""
         self.exclusions = Exclusions(excludes)
         self._publish = publish
+        self._workspace_excludes = workspace_excludes
         self._workspaces: dict[str, WorkspaceSnapshots] = {}
 
     @property
@@ -160,7 +182,8 @@ class SnapshotRegistry:
     def of(self, workspace: str) -> WorkspaceSnapshots:
         snapshots = self._workspaces.pop(workspace, None)
         if snapshots is None:
-            snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish)
+            snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish,
+                                           tuple(self._workspace_excludes(workspace)))
             if len(self._workspaces) >= MAX_WORKSPACES:
                 oldest = next(iter(self._workspaces))
                 self._workspaces.pop(oldest).close()

@@ -72,11 +72,13 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRef:
-    """The snapshot a call must see: the workspace's path on the server and its two digests."""
+    """The snapshot a call must see: the workspace's path on the server, its two digests, and
+    the workspace's own exclusions (workspace.proto, WorkspaceSnapshot.exclude)."""
 
     workspace: str
     digest: Digest
     times_digest: Digest
+    exclude: tuple[str, ...] = ()
 
 
 # How a worker holds a workspace (codelane.v1.WorkspaceMode).

@@ -32,14 +32,24 @@ def set_snapshot(msg: workspace_pb2.WorkspaceSnapshot, snapshot: SnapshotRef) ->
     msg.workspace = snapshot.workspace
     set_digest(msg.root_digest, snapshot.digest)
     set_digest(msg.times_digest, snapshot.times_digest)
+    msg.exclude.extend(snapshot.exclude)
+
+
+# Bounds of WorkspaceSnapshot.exclude (workspace.proto): one pattern per path of the operator's
+# deny list, which no operator makes longer.
+MAX_WORKSPACE_EXCLUDES = 1024
+MAX_EXCLUDE_BYTES = 4096
 
 
 def snapshot_from_proto(msg: workspace_pb2.WorkspaceSnapshot) -> SnapshotRef | None:
-    """None when the message names no valid snapshot."""
+    """None when the message names no valid snapshot (its exclusions past their bounds included)."""
     digest, times = digest_from_proto(msg.root_digest), digest_from_proto(msg.times_digest)
     if not msg.workspace or digest is None or times is None:
         return None
-    return SnapshotRef(msg.workspace, digest, times)
+    exclude = tuple(msg.exclude)
+    if len(exclude) > MAX_WORKSPACE_EXCLUDES or any(len(p.encode()) > MAX_EXCLUDE_BYTES for p in exclude):
+        return None
+    return SnapshotRef(msg.workspace, digest, times, exclude)
 
 
 def holding_to_proto(holding: Holding) -> worker_pb2.WorkspaceHolding:

@@ -179,6 +179,10 @@ class _Workspace:
     shared: tuple[Digest, Digest] | None = None
     # When a call was last placed on it (time.monotonic()): its trees go least recently used first.
     last_used: float = 0.0
+    # The workspace's own exclusions (SnapshotRef.exclude), and the server's with them, compiled
+    # (None until the first call, and again after a Welcome changed the server's).
+    exclude: tuple[str, ...] = ()
+    exclusions: Exclusions | None = None
 
 
 class WorkspaceManager:
@@ -212,15 +216,29 @@ class WorkspaceManager:
         if excludes != self.exclusions.patterns:
             self.exclusions = Exclusions(excludes)
             for state in self._workspaces.values():
-                state.shared = None
-                if state.shared_scanner is not None:
-                    state.shared_scanner.close()
-                    state.shared_scanner = None
-                for tree in state.trees:
-                    if tree.idle:
-                        tree.scanner.close()
-                        tree.scanner = TreeScanner(tree.path, self.exclusions)
-                        tree.held = None
+                state.exclusions = None
+
+    def _use_exclusions(self, state: _Workspace, snapshot: SnapshotRef) -> Exclusions:
+        """The exclusions `snapshot` is computed with. When they changed (a new Welcome, or the
+        server's deny list after a restart), the workspace's scanners start over. Raises
+        WorkspaceUnavailable for a pattern the spec does not allow."""
+        if state.exclusions is not None and state.exclude == snapshot.exclude:
+            return state.exclusions
+        try:
+            exclusions = Exclusions((*self.exclusions.patterns, *snapshot.exclude))
+        except ValueError as exc:
+            raise WorkspaceUnavailable(f"the snapshot of {snapshot.workspace} has exclusions this worker cannot "
+                                       f"apply: {exc}") from None
+        state.exclude, state.exclusions, state.shared = snapshot.exclude, exclusions, None
+        if state.shared_scanner is not None:
+            state.shared_scanner.close()
+            state.shared_scanner = None
+        for tree in state.trees:
+            if tree.idle:
+                tree.scanner.close()
+                tree.scanner = TreeScanner(tree.path, exclusions)
+                tree.held = None
+        return exclusions
 
     async def _open_cache(self) -> None:
         """Claims the slot and reads its blob store, once, in a thread: measuring what an earlier
@@ -277,6 +295,7 @@ class WorkspaceManager:
         state = self._workspaces.get(snapshot.workspace)
         if state is not None:
             state.last_used = time.monotonic()
+            self._use_exclusions(state, snapshot)
             if state.shared == (snapshot.digest, snapshot.times_digest):
                 return Placement(snapshot.workspace, snapshot.workspace)
             for tree in state.trees:
@@ -285,6 +304,7 @@ class WorkspaceManager:
         else:
             # In the map before the first await, so that a call placed meanwhile finds this state.
             state = self._workspaces[snapshot.workspace] = _Workspace(last_used=time.monotonic())
+            self._use_exclusions(state, snapshot)
             if len(self._workspaces) > MAX_WORKSPACES:
                 await self._forget_least_recently_used(keep=snapshot.workspace)
         if await self._shared_matches(state, snapshot):
@@ -315,7 +335,7 @@ class WorkspaceManager:
         if not await asyncio.to_thread(self._may_share, snapshot.workspace):
             return False
         if state.shared_scanner is None:
-            state.shared_scanner = TreeScanner(snapshot.workspace, self.exclusions)
+            state.shared_scanner = TreeScanner(snapshot.workspace, self._use_exclusions(state, snapshot))
         wanted = (snapshot.digest, snapshot.times_digest)
         for full in (False, True):
             # A watched scan first; when it disagrees, one that stats everything (inotify misses
@@ -351,7 +371,7 @@ class WorkspaceManager:
                     tree = idle[0]
                 elif len(state.trees) < MAX_TREES:
                     taken = {t.path for t in state.trees}
-                    tree = self._new_tree(snapshot.workspace, taken)
+                    tree = self._new_tree(snapshot.workspace, taken, self._use_exclusions(state, snapshot))
                     state.trees.append(tree)
                 else:
                     await state.changed.wait()
@@ -377,7 +397,7 @@ class WorkspaceManager:
         self._report(Holding(snapshot.workspace, SYNCED, snapshot.digest))
         return await self.place(snapshot)
 
-    def _new_tree(self, workspace: str, taken: set[str]) -> _Tree:
+    def _new_tree(self, workspace: str, taken: set[str], exclusions: Exclusions) -> _Tree:
         key = hashlib.sha256(workspace.encode()).hexdigest()[:16]
         index = 0
         while os.path.realpath(path := os.path.join(self.slot, "trees", f"{key}-{index}")) in taken:
@@ -385,7 +405,7 @@ class WorkspaceManager:
         os.makedirs(path, exist_ok=True)
         path = os.path.realpath(path)
         self._orphans.pop(path, None)  # an earlier worker's copy of this workspace: moved from there
-        return _Tree(path=path, scanner=TreeScanner(path, self.exclusions))
+        return _Tree(path=path, scanner=TreeScanner(path, exclusions))
 
     # -- moving a tree -----------------------------------------------------------------------------
 

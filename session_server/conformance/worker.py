@@ -125,8 +125,7 @@ class WorkerContext:
         """Snapshots the workspace as it is now; later calls name this snapshot."""
         snapshots = self.hub.snapshots.of(str(self.workspace))
         snapshots.changed()
-        current = await snapshots.current()
-        self.snapshot = SnapshotRef(str(self.workspace), current.digest, current.times_digest)
+        self.snapshot = (await snapshots.current()).ref
         return self.snapshot
 
     def holdings(self) -> list:

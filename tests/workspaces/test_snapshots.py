@@ -9,7 +9,9 @@ import pytest
 
 from session_server.snapshots import KEEP_SNAPSHOTS, SnapshotRegistry
 from tool_worker.blobstore import BlobStore
-from tool_worker.merkle import Digest, digest_of
+from tool_worker.confinement.policy import SandboxSettings
+from tool_worker.confinement.protected import operator_denied_inside
+from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, digest_of
 from tool_worker.tools.base import ToolResult
 from tool_worker.workspaces import Placement, parse_size
 
@@ -98,3 +100,35 @@ def test_a_bad_size_says_what_is_expected() -> None:
     with pytest.raises(ValueError, match="10GiB"):
         parse_size("lots")
 
+
+
+async def test_a_workspaces_own_exclusions_leave_its_denied_paths_out_of_every_snapshot(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("public\n")
+    (tmp_path / "secret.txt").write_text("private\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "events.db").write_text("history\n")
+    registry = SnapshotRegistry(workspace_excludes=lambda workspace: ("secret.txt", "data"))
+    try:
+        current = await registry.of(str(tmp_path)).current()
+        assert current.ref.exclude == ("secret.txt", "data")
+        with_them = digest_of(str(tmp_path))
+        without = digest_of(str(tmp_path), (*DEFAULT_EXCLUDES, "secret.txt", "data"))
+        assert current.digest == without.digest != with_them.digest
+        for content in (b"private\n", b"history\n"):
+            assert registry.find(Digest.of(content).hash) == (None, [])
+        assert registry.find(Digest.of(b"public\n").hash) == (None, [str(tmp_path / "a.txt")])
+    finally:
+        registry.close()
+
+
+def test_the_operators_deny_list_inside_a_workspace_is_named_relative_to_it(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "deploy").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(ws)
+    settings = SandboxSettings(deny_read=(ws / "deploy" / "key.pem", ws / "data", tmp_path, tmp_path / "elsewhere",
+                                          ws / "data"))
+    # Through a symbolic link to the workspace, the same paths; the denied directory above the
+    # workspace and the path outside it are not the workspace's to leave out.
+    assert operator_denied_inside(settings, str(ws)) == ("deploy/key.pem", "data")
+    assert operator_denied_inside(settings, str(link)) == ("deploy/key.pem", "data")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from session_server.pool import QueryCall
 from tests.pool.conftest import wait_for
-from tool_worker.merkle import SnapshotRef
+from tool_worker.merkle import Digest, SnapshotRef
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind
 
@@ -109,3 +109,70 @@ async def test_a_snapshot_the_workspace_outran_is_snapshot_changed_and_the_worke
     fresh = await snapshots.current()
     result = await asyncio.wait_for(server.pool.dispatch(read(fresh)), 30)
     assert not result.is_error and "second, longer" in result.output
+
+
+SECRET = "codelane-test-secret-7f3a9c"
+
+
+def make_denied_workspace(ws: Path) -> list[Path]:
+    """A workspace holding two paths the operator denies: a file and a directory."""
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "main.py").write_text("print('hello')\n")
+    (ws / "deploy").mkdir()
+    (ws / "deploy" / "credentials.txt").write_text(f"TOKEN={SECRET}\n")
+    (ws / "private").mkdir()
+    (ws / "private" / "key.pem").write_text(f"KEY={SECRET}\n")
+    return [ws / "deploy" / "credentials.txt", ws / "private"]
+
+
+def files_holding(root: str, needle: bytes) -> list[str]:
+    found = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path) and needle in Path(path).read_bytes():
+                found.append(path)
+    return found
+
+
+async def test_the_operators_deny_list_never_travels_to_a_synced_worker(make_server, workers, tmp_path: Path) -> None:
+    # The tools on a worker refused the operator's denied paths, but the snapshot named them, so
+    # a worker on another host received their bytes (and so would an external CAS).
+    ws = tmp_path / "ws"
+    denied = make_denied_workspace(ws)
+    (tmp_path / "root").mkdir()
+    server = await make_server(sandbox_deny_read=denied)
+    workers.spawn(server.port, "w1", roots=(str(tmp_path / "root"),))
+    await wait_for(lambda: server.pool.workers(), what="the worker")
+    current = await server.snapshots.of(str(ws)).current()
+    result = await asyncio.wait_for(server.pool.dispatch(QueryCall(
+        session_id="s", call_id="c", tool_name="list_files", arguments_json="{}", workspace=str(ws),
+        snapshot=current.ref,
+    )), 30)
+    assert not result.is_error and "main.py" in result.output, result
+    assert "credentials.txt" not in result.output and "key.pem" not in result.output, result.output
+    assert server.pool.worker("w1").workspaces[str(ws)].mode == "synced"
+    assert files_holding(workers.cache_root, SECRET.encode()) == []
+    secret_digests = [Digest.of(path.read_bytes()) for path in (denied[0], ws / "private" / "key.pem")]
+    assert await server.content.read_many(secret_digests) == [None, None]
+    assert current.ref.exclude == ("deploy/credentials.txt", "private")
+
+
+async def test_a_worker_on_the_shared_filesystem_applies_the_workspaces_own_exclusions(
+    make_server, workers, tmp_path: Path
+) -> None:
+    # Its own digest of the server's path must leave out what the server's left out, or it
+    # never proves it shares the workspace (it syncs a copy instead).
+    ws = tmp_path / "ws"
+    denied = make_denied_workspace(ws)
+    server = await make_server(sandbox_deny_read=denied)
+    workers.spawn(server.port, "w1", roots=(str(ws),))
+    await wait_for(lambda: server.pool.workers(), what="the worker")
+    current = await server.snapshots.of(str(ws)).current()
+    result = await asyncio.wait_for(server.pool.dispatch(QueryCall(
+        session_id="s", call_id="c", tool_name="read", arguments_json='{"file_path": "src/main.py"}',
+        workspace=str(ws), snapshot=current.ref,
+    )), 30)
+    assert not result.is_error and "hello" in result.output, result
+    held = server.pool.worker("w1").workspaces[str(ws)]
+    assert (held.mode, held.digest) == ("shared", current.digest)

@@ -113,12 +113,18 @@ def remove_planted(absent: list[Path]) -> list[Path]:
     return planted
 
 
-def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
+def operator_denied_inside(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
     """The operator's deny list (the data dir, TLS files, --sandbox-deny-read, the home's
-    credentials) where it lies inside the workspace, as deny globs for the tools that read and
-    list: the sandbox keeps commands out of these paths, and read, grep, search, the listings
-    and copy must not hand them over either (they read a session's history out of a data dir
-    inside the workspace)."""
+    credentials) where it lies inside the workspace, relative to the workspace's real path. A
+    denied directory holding the whole workspace is not among them (the sandbox's mounts make
+    the same exception)."""
     root = os.path.realpath(workspace)
     inside = (relative_to_root(root, os.path.realpath(path)) for path in settings.denied_paths())
-    return tuple(literal_glob(relative) for relative in inside if relative not in (None, "."))
+    return tuple(dict.fromkeys(relative for relative in inside if relative not in (None, ".")))
+
+
+def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
+    """`operator_denied_inside` as deny globs for the tools that read and list: the sandbox keeps
+    commands out of these paths, and read, grep, search, the listings and copy must not hand them
+    over either (they read a session's history out of a data dir inside the workspace)."""
+    return tuple(literal_glob(relative) for relative in operator_denied_inside(settings, workspace))

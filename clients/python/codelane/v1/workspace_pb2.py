@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from codelane.reapi import remote_execution_pb2 as codelane_dot_reapi_dot_remote__execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63odelane/v1/workspace.proto\x12\x0b\x63odelane.v1\x1a%codelane/reapi/remote_execution.proto\"\xa3\x01\n\x11WorkspaceSnapshot\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12<\n\x0broot_digest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12=\n\x0ctimes_digest\x18\x03 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\"l\n\x0e\x44irectoryTimes\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.codelane.v1.FileTime\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.codelane.v1.DirectoryTimesNode\"*\n\x08\x46ileTime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08mtime_ns\x18\x02 \x01(\x03\"[\n\x12\x44irectoryTimesNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\x06\x64igest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest*\xa1\x01\n\rWorkspaceMode\x12\x1e\n\x1aWORKSPACE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKSPACE_MODE_SHARED\x10\x01\x12\x19\n\x15WORKSPACE_MODE_SYNCED\x10\x02\x12\x1a\n\x16WORKSPACE_MODE_SYNCING\x10\x03\x12\x1e\n\x1aWORKSPACE_MODE_UNAVAILABLE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63odelane/v1/workspace.proto\x12\x0b\x63odelane.v1\x1a%codelane/reapi/remote_execution.proto\"\xb4\x01\n\x11WorkspaceSnapshot\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12<\n\x0broot_digest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12=\n\x0ctimes_digest\x18\x03 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12\x0f\n\x07\x65xclude\x18\x04 \x03(\t\"l\n\x0e\x44irectoryTimes\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.codelane.v1.FileTime\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.codelane.v1.DirectoryTimesNode\"*\n\x08\x46ileTime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08mtime_ns\x18\x02 \x01(\x03\"[\n\x12\x44irectoryTimesNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\x06\x64igest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest*\xa1\x01\n\rWorkspaceMode\x12\x1e\n\x1aWORKSPACE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKSPACE_MODE_SHARED\x10\x01\x12\x19\n\x15WORKSPACE_MODE_SYNCED\x10\x02\x12\x1a\n\x16WORKSPACE_MODE_SYNCING\x10\x03\x12\x1e\n\x1aWORKSPACE_MODE_UNAVAILABLE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'codelane.v1.workspace_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKSPACEMODE']._serialized_start=497
-  _globals['_WORKSPACEMODE']._serialized_end=658
+  _globals['_WORKSPACEMODE']._serialized_start=514
+  _globals['_WORKSPACEMODE']._serialized_end=675
   _globals['_WORKSPACESNAPSHOT']._serialized_start=84
-  _globals['_WORKSPACESNAPSHOT']._serialized_end=247
-  _globals['_DIRECTORYTIMES']._serialized_start=249
-  _globals['_DIRECTORYTIMES']._serialized_end=357
-  _globals['_FILETIME']._serialized_start=359
-  _globals['_FILETIME']._serialized_end=401
-  _globals['_DIRECTORYTIMESNODE']._serialized_start=403
-  _globals['_DIRECTORYTIMESNODE']._serialized_end=494
+  _globals['_WORKSPACESNAPSHOT']._serialized_end=264
+  _globals['_DIRECTORYTIMES']._serialized_start=266
+  _globals['_DIRECTORYTIMES']._serialized_end=374
+  _globals['_FILETIME']._serialized_start=376
+  _globals['_FILETIME']._serialized_end=418
+  _globals['_DIRECTORYTIMESNODE']._serialized_start=420
+  _globals['_DIRECTORYTIMESNODE']._serialized_end=511
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,8 @@ class WorkspaceSnapshot(_message.Message):
          entry that cannot be read (permission denied) and a symbolic link whose target is not
          valid UTF-8.
     2. Exclusions. The server's list of patterns (ContentSource.exclude in the worker protocol;
-       default [".git/objects/**", ".codelane/**"]) is matched against whole relative paths:
+       default [".git/objects/**", ".codelane/**"]), followed by the workspace's own
+       (WorkspaceSnapshot.exclude), is matched against whole relative paths:
        `*` matches any run of characters other than "/", `?` one character other than "/", a
        `**` component matches any number (zero included) of whole components: "a/**" matches
        everything under "a" (not "a" itself, which stays as a directory), "**/b" matches "b" at
@@ -113,6 +114,7 @@ class WorkspaceSnapshot(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     ROOT_DIGEST_FIELD_NUMBER: _builtins.int
     TIMES_DIGEST_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Absolute path of the workspace on the session server."""
     @_builtins.property
@@ -123,16 +125,29 @@ class WorkspaceSnapshot(_message.Message):
     def times_digest(self) -> _remote_execution_pb2.Digest:
         """Digest of the root DirectoryTimes."""
 
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """This workspace's own exclusion patterns (rule 2), applied after ContentSource.exclude: the
+        paths of the server operator's deny list that lie inside the workspace (the server's data
+        directory, its TLS files, its --sandbox-deny-read paths, the home's credentials), each
+        relative to the workspace's real path and written as it is, so that no tool on any host
+        is handed their bytes. The pattern language has no escapes: a name holding `*` or `?`
+        also leaves out the paths its pattern matches. A denied path is left out with everything
+        under it. The list is the same for every snapshot of a workspace while the server runs;
+        at most 1,024 patterns of at most 4,096 bytes each (a worker refuses a snapshot with more).
+        """
+
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         root_digest: _remote_execution_pb2.Digest | None = ...,
         times_digest: _remote_execution_pb2.Digest | None = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest", "times_digest", b"times_digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest", "times_digest", b"times_digest", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude", b"exclude", "root_digest", b"root_digest", "times_digest", b"times_digest", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
