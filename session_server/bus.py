@@ -1,10 +1,11 @@
 """Live delivery of stored events to subscribers.
 
 Events are published only after the store has them (see `eventlog`), so the store, not a
-subscriber's buffer, is what guarantees delivery. Each subscriber keeps a bounded buffer of live
-events; one that falls further behind (a slow client, a fast turn) drops its buffer and reads
-what it missed from the store, page by page, then goes on live. Nobody is cut off for being
-slow, memory stays bounded, and every event arrives once, in order.
+subscriber's buffer, is what guarantees delivery. Each subscriber keeps a buffer of live events,
+bounded in count and in size; one that falls further behind (a slow client, a fast turn, a client
+that never reads) drops its buffer and reads what it missed from the store, page by page, then
+goes on live. Nobody is cut off for being slow, memory stays bounded, and every event arrives
+once, in order.
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from session_server.events import StoredEvent
+from session_server.limits import string_chars
 
 if TYPE_CHECKING:
     from session_server.metrics import ServerMetrics
 
 # Live events a subscriber holds before it switches to reading from the store.
 SUBSCRIBER_BUFFER = 10_000
+# The same bound in bytes (estimated, see `estimated_size`). Counting events alone let a client
+# that opens streams and never reads them make the server hold 10,000 events per stream, and an
+# event may carry a tool output of a megabyte. An event bigger than this on its own (rare: tool
+# output is cut at 1 MiB) always comes from the store.
+SUBSCRIBER_BUFFER_BYTES = 4 * 1024 * 1024
+# What an event takes in memory besides the characters of its strings (its objects, numbers and
+# their headers): 300-700 bytes by tracemalloc for a TextDelta or a small ToolCallFinished.
+EVENT_OVERHEAD_BYTES = 512
 # Events read from the store at a time by a subscriber catching up.
 REPLAY_PAGE = 500
 # Most events handed over at once (a stream message carries one batch, or less when it is big).
@@ -32,6 +42,13 @@ Replay = Callable[[str, int, int], list[StoredEvent]]
 log = logging.getLogger(__name__)
 
 
+def estimated_size(event: StoredEvent) -> int:
+    """Bytes an event holds in memory, roughly: its strings, which make a big event big, are
+    counted without encoding them (a character as a byte: most of what tools and models write is
+    ASCII)."""
+    return EVENT_OVERHEAD_BYTES + string_chars(event.payload)
+
+
 class SessionClosed(Exception):
     """The session was deleted while a subscriber watched it."""
 
@@ -39,11 +56,14 @@ class SessionClosed(Exception):
 class Subscription:
     """Events of one session with sequence > `cursor`, in order, each once."""
 
-    def __init__(self, bus: EventBus, session_id: str, buffer: int, cursor: int) -> None:
+    def __init__(self, bus: EventBus, session_id: str, buffer: int, buffer_bytes: int, cursor: int) -> None:
         self._bus = bus
         self.session_id = session_id
         self._buffer = buffer
-        self._queue: deque[StoredEvent] = deque()
+        self._buffer_bytes = buffer_bytes
+        # Each queued event with its `estimated_size`, and their sum.
+        self._queue: deque[tuple[StoredEvent, int]] = deque()
+        self.queued_bytes = 0
         self._ready = asyncio.Event()
         # Sequence of the last event delivered.
         self.cursor = cursor
@@ -53,16 +73,19 @@ class Subscription:
         # Times this subscriber fell behind and caught up from the store (for tests and metrics).
         self.catch_ups = 0
 
-    def _offer(self, events: list[StoredEvent]) -> None:
+    def _offer(self, events: list[tuple[StoredEvent, int]], size: int) -> None:
+        """Queues `events` (each with its size; `size` is their sum), or falls behind."""
         if self._closed or self._behind:
             return
-        if len(self._queue) + len(events) > self._buffer:
+        if len(self._queue) + len(events) > self._buffer or self.queued_bytes + size > self._buffer_bytes:
             self._behind = True
             self._queue.clear()
+            self.queued_bytes = 0
             if self._bus.metrics is not None:
                 self._bus.metrics.subscriber_catch_ups.inc()
         else:
             self._queue.extend(events)
+            self.queued_bytes += size
         self._ready.set()
 
     def _close(self) -> None:
@@ -100,7 +123,8 @@ class Subscription:
                 if self._queue:
                     batch = []
                     while self._queue and len(batch) < limit:
-                        event = self._queue.popleft()
+                        event, size = self._queue.popleft()
+                        self.queued_bytes -= size
                         if event.sequence > self.cursor:
                             self.cursor = event.sequence
                             batch.append(event)
@@ -119,15 +143,17 @@ class Subscription:
 class EventBus:
     """Subscribers by session. `replay(session_id, after, limit)` reads stored events."""
 
-    def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER,
+                 buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES, metrics: ServerMetrics | None = None) -> None:
         self.replay = replay
         self.metrics = metrics
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
 
     def subscribe(self, session_id: str, after: int) -> Subscription:
         """Live events of the session with sequence > `after` (the caller has seen up to it)."""
-        subscription = Subscription(self, session_id, self._buffer, after)
+        subscription = Subscription(self, session_id, self._buffer, self._buffer_bytes, after)
         self._subscribers[session_id].add(subscription)
         return subscription
 
@@ -139,9 +165,15 @@ class EventBus:
         for event in events:
             by_session.setdefault(event.session_id, []).append(event)
         for session_id, batch in by_session.items():
-            for subscription in tuple(self._subscribers.get(session_id, ())):
+            subscribers = tuple(self._subscribers.get(session_id, ()))
+            if not subscribers:
+                continue
+            # Sized once, whatever the number of subscribers.
+            sized = [(event, estimated_size(event)) for event in batch]
+            size = sum(event_size for _, event_size in sized)
+            for subscription in subscribers:
                 try:
-                    subscription._offer(batch)
+                    subscription._offer(sized, size)
                 except Exception:
                     # One subscriber's failure is its own: the others, and the turn, go on.
                     log.exception("delivering events to a subscriber of %s failed", session_id)

@@ -36,7 +36,7 @@ from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.reflection import enable_reflection
 from session_server.api.sessions import SessionServicer
-from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.content import ContentStore
 from session_server.external_cas import ExternalCas
 from session_server.llm.factory import ScriptLibrary, create_provider, parse_model
@@ -188,6 +188,7 @@ class ServerConfig:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
+    subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
     # Directories clients may name `scripted:PATH` models in (none: clients name no script files).
     scripts_dirs: list[Path] = field(default_factory=list)
@@ -334,6 +335,7 @@ class CodelaneServer:
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             local_query_tools=frozenset(self.config.local_query_tools),
             subscriber_buffer=self.config.subscriber_buffer,
+            subscriber_buffer_bytes=self.config.subscriber_buffer_bytes,
             generate_limit=self.config.max_llm_requests,
             scripts_dirs=self.config.scripts_dirs,
             workspace_roots=self.config.workspace_roots,
