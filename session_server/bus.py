@@ -6,6 +6,10 @@ bounded in count and in size; one that falls further behind (a slow client, a fa
 that never reads) drops its buffer and reads what it missed from the store, page by page, then
 goes on live. Nobody is cut off for being slow, memory stays bounded, and every event arrives
 once, in order.
+
+A subscription ends when its session is deleted (`SessionClosed`) or the server stops
+(`admission.ShuttingDown`): it hands over the events it holds, reads no more from the store, and
+raises. Whatever its reader missed is stored, for it to read after the last sequence it got.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 
+from session_server.admission import ShuttingDown
 from session_server.events import StoredEvent
 from session_server.limits import string_chars
 
@@ -53,6 +58,12 @@ class SessionClosed(Exception):
     """The session was deleted while a subscriber watched it."""
 
 
+def _stopping() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down: this event stream ends here, and nothing is lost (events "
+                        "are stored before they are sent): reconnect, to another server or to this one once it "
+                        "restarts, and resume with WatchEvents after_sequence = the last sequence you received")
+
+
 class Subscription:
     """Events of one session with sequence > `cursor`, in order, each once."""
 
@@ -69,13 +80,14 @@ class Subscription:
         self.cursor = cursor
         # True when live events were dropped: the next ones come from the store.
         self._behind = False
-        self._closed = False
+        # What `batches` raises once it has handed over what it holds; None while it goes on.
+        self._end: Exception | None = None
         # Times this subscriber fell behind and caught up from the store (for tests and metrics).
         self.catch_ups = 0
 
     def _offer(self, events: list[tuple[StoredEvent, int]], size: int) -> None:
         """Queues `events` (each with its size; `size` is their sum), or falls behind."""
-        if self._closed or self._behind:
+        if self._end is not None or self._behind:
             return
         if len(self._queue) + len(events) > self._buffer or self.queued_bytes + size > self._buffer_bytes:
             self._behind = True
@@ -88,8 +100,8 @@ class Subscription:
             self.queued_bytes += size
         self._ready.set()
 
-    def _close(self) -> None:
-        self._closed = True
+    def _close(self, end: Exception) -> None:
+        self._end = end
         self._ready.set()
 
     def _delivered(self, count: int) -> None:
@@ -104,7 +116,7 @@ class Subscription:
         and a lone event goes at once."""
         try:
             while True:
-                if self._behind:
+                if self._behind and self._end is None:
                     # Cleared before reading, so events published from now on are queued again
                     # (the overlap with the store is skipped by sequence).
                     self._behind = False
@@ -117,7 +129,7 @@ class Subscription:
                             self.cursor = chunk[-1].sequence
                             self._delivered(len(chunk))
                             yield chunk
-                        if len(page) < REPLAY_PAGE or self._behind:
+                        if len(page) < REPLAY_PAGE or self._behind or self._end is not None:
                             break
                     continue
                 if self._queue:
@@ -132,8 +144,8 @@ class Subscription:
                         self._delivered(len(batch))
                         yield batch
                     continue
-                if self._closed:
-                    raise SessionClosed(self.session_id)
+                if self._end is not None:
+                    raise self._end
                 self._ready.clear()
                 await self._ready.wait()
         finally:
@@ -150,11 +162,15 @@ class EventBus:
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._buffer = buffer
         self._buffer_bytes = buffer_bytes
+        self._stopped = False
 
     def subscribe(self, session_id: str, after: int) -> Subscription:
         """Live events of the session with sequence > `after` (the caller has seen up to it)."""
         subscription = Subscription(self, session_id, self._buffer, self._buffer_bytes, after)
-        self._subscribers[session_id].add(subscription)
+        if self._stopped:
+            subscription._close(_stopping())
+        else:
+            self._subscribers[session_id].add(subscription)
         return subscription
 
     def subscribers(self) -> int:
@@ -180,7 +196,17 @@ class EventBus:
 
     def close_session(self, session_id: str) -> None:
         for subscription in self._subscribers.pop(session_id, set()):
-            subscription._close()
+            subscription._close(SessionClosed(session_id))
+
+    def stop(self) -> None:
+        """The server is stopping and no event will come: every subscription ends, and so does
+        any made from now on (their streams end with a status saying so rather than being cut
+        when the gRPC server stops)."""
+        self._stopped = True
+        subscribers, self._subscribers = self._subscribers, defaultdict(set)
+        for subscriptions in subscribers.values():
+            for subscription in subscriptions:
+                subscription._close(_stopping())
 
     def _remove(self, subscription: Subscription) -> None:
         subscribers = self._subscribers.get(subscription.session_id)

@@ -67,8 +67,9 @@ log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
 # Once the turns are over, what the gRPC server still waits for at a stop: unary calls in flight
-# finish in it; the streams that never end on their own (WatchEvents that follow, health watches)
-# are cut when it runs out.
+# finish in it, and so do the event streams and claims the sessions end (SHUTTING_DOWN); what
+# is still open when it runs out (health watches, a stream whose reader does not read its end)
+# is cut.
 RPC_STOP_GRACE = 2.0
 
 
@@ -515,7 +516,8 @@ class CodelaneServer:
         """Graceful, shutdown first: health goes NOT_SERVING and nothing new is admitted (new
         sessions, turns and event streams are refused with UNAVAILABLE, while calls on running work
         are still served); running turns get `grace` seconds to finish, the rest are interrupted
-        (marked so, and their streams close); then the workers are stopped and the store closed."""
+        (marked so, and their streams close); the event streams that follow and the claims that
+        wait end (ShuttingDown); then the workers are stopped and the store closed."""
         self._stopping = True
         if self.admission is not None:
             self.admission.close()

@@ -179,7 +179,8 @@ class SessionManager:
 
     async def shutdown(self, grace: float = 0.0) -> None:
         """Gives running turns `grace` seconds to finish, ends the others (marked interrupted),
-        and closes the model providers."""
+        ends the event streams and the claims that would wait on (ShuttingDown, once a turn's
+        stream has its TurnFinished), and closes the model providers."""
         if grace > 0 and self._turns:
             await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
         for turn, task in list(self._turns.values()):
@@ -187,6 +188,8 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
         self.events.flush()
+        self.bus.stop()
+        self.external.stop()
         await self.models.aclose()
 
     # -- sessions ------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """The event bus without a server: a subscriber's live buffer is bounded in events and in bytes;
-one that passes either bound drops what it holds and reads on from the store, missing nothing."""
+one that passes either bound drops what it holds and reads on from the store, missing nothing. A
+stopping server ends every subscription, after what it holds, with ShuttingDown."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
+from session_server.admission import ShuttingDown
 from session_server.bus import EVENT_OVERHEAD_BYTES, EventBus, estimated_size
 from session_server.events import StoredEvent, TextDelta, ToolCallFinished
 from tool_worker.tools.base import ToolResult
@@ -46,7 +50,7 @@ def test_an_events_size_is_its_strings_and_a_fixed_overhead() -> None:
 
 
 async def test_a_subscriber_that_does_not_read_holds_at_most_its_bytes_and_misses_nothing() -> None:
-    # 40 big tool results: the 10,000-event bound is far away, the byte bound is passed at the 5th.
+    # 40 big tool results: the 10,000-event bound is far away, the byte bound is passed at the 6th.
     log = _Log()
     bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
     stalled = bus.subscribe("s1", 0)
@@ -66,3 +70,23 @@ async def test_a_subscriber_that_reads_keeps_its_events_live() -> None:
         log.publish(bus, _read_result(sequence, 200 * KIB))
         assert await _read(batches, 1) == [sequence]
     assert reader.catch_ups == 0 and reader.queued_bytes == 0
+
+
+async def test_a_stopping_server_ends_each_subscription_after_what_it_holds() -> None:
+    log = _Log()
+    bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
+    holding, behind = bus.subscribe("s1", 0), bus.subscribe("s1", 0)
+    holding_batches = holding.batches()
+    for sequence in range(1, 7):
+        log.publish(bus, _read_result(sequence, 200 * KIB))  # `behind` reads none: past the bound at the 6th
+        if sequence < 6:
+            assert await _read(holding_batches, 1) == [sequence]
+    assert behind.queued_bytes == 0 and holding.queued_bytes > 0
+    bus.stop()
+    assert bus.subscribers() == 0
+    assert await _read(holding_batches, 1) == [6]  # what it held, then the end
+    # The one behind does not read the store on: its reader resumes after the last event it got.
+    for batches in (holding_batches, behind.batches(), bus.subscribe("s1", 6).batches()):
+        with pytest.raises(ShuttingDown, match="resume with WatchEvents after_sequence"):
+            await asyncio.wait_for(anext(batches), BOUND)
+    assert behind.cursor == 0
