@@ -17,7 +17,8 @@ do), and the other calls of the response go on. Its turn is not failed: the mode
 call later or make fewer at once. A value of 0 means no limit.
 
 Shutdown goes first: after `close()` nothing new is admitted (`ShuttingDown`), while what runs
-finishes or is interrupted by the server.
+finishes or is interrupted by the server; then the streams and long-polls still open end with
+`ShuttingDown` too.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ class AtCapacity(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping and admits nothing new."""
+    """The server is stopping: it admits nothing new, and ends what would otherwise wait on
+    (event streams that follow, claims that long-poll); the message says what to do instead."""
 
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down and takes no new work: retry on another server or after "
-                         "it restarts")
+    def __init__(self, message: str = "the server is shutting down and takes no new work: retry on another "
+                 "server or after it restarts") -> None:
+        super().__init__(message)
         self.retry_after = SHUTDOWN_RETRY_AFTER
 
 

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
+from session_server.admission import ShuttingDown
 from session_server.events import (
     CallInfo,
     EventPayload,
@@ -53,6 +54,11 @@ MAX_LEASE = 3600.0
 # A claim's long-poll is bounded so that proxies and load balancers never see an idle call.
 MAX_CLAIM_WAIT = 60.0
 MAX_CLAIM_TASKS = 100
+
+
+def _stopping() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down and offers no more tasks: claim again on another server, "
+                        "or on this one once it restarts")
 
 
 class TaskNotFound(LookupError):
@@ -112,8 +118,9 @@ class ExternalTasks:
         self._tasks: dict[str, _Task] = {}
         self._by_session: dict[str, dict[str, _Task]] = {}
         # Long-polling claims, by session: woken with False when a task becomes claimable, True when
-        # the session is closed.
+        # the session is closed, ShuttingDown when the server stops.
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+        self._stopped = False
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -183,6 +190,7 @@ class ExternalTasks:
         """Leases up to `max_tasks` unclaimed tasks of a session to `client_id`, oldest first.
 
         When none is unclaimed, waits up to `wait` seconds for one; returns [] if none comes.
+        Raises admission.ShuttingDown instead of waiting while the server stops.
         """
         loop = asyncio.get_running_loop()
         gave_up = False
@@ -202,6 +210,8 @@ class ExternalTasks:
                     return [self._lease(task, client_id, lease) for task in free[:max_tasks]]
                 if gave_up or timer is None:
                     return []
+                if self._stopped:
+                    raise _stopping()
                 waiter = loop.create_future()
                 waiters = self._waiters.setdefault(session_id, set())
                 waiters.add(waiter)
@@ -239,6 +249,16 @@ class ExternalTasks:
         for waiter in self._waiters.get(session_id, set()):
             if not waiter.done():
                 waiter.set_result(True)
+
+    def stop(self) -> None:
+        """The server is stopping and offers no more tasks: the claims that wait end now, and so
+        do those that would wait from now on (their calls end with a status saying so rather
+        than being cut when the gRPC server stops)."""
+        self._stopped = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(_stopping())
 
     # -- internals -----------------------------------------------------------------------------
 

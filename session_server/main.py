@@ -13,7 +13,7 @@ from pathlib import Path
 
 from codelane.commands import args as types
 from session_server import admission
-from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
 from session_server.server import LOCAL_WORKER_SLOTS, CodelaneServer, ServerConfig, ServerConfigError
 from session_server.sessions import DEFAULT_GENERATE_LIMIT
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subscriber-buffer", type=types.positive_int, default=SUBSCRIBER_BUFFER, metavar="EVENTS",
                    help="live events an event stream holds for a slow reader before it reads what the reader "
                         "missed from the store instead (memory per stream; no reader is ever cut off)")
+    p.add_argument("--subscriber-buffer-bytes", type=_size, default=SUBSCRIBER_BUFFER_BYTES, metavar="SIZE",
+                   help="the same bound in size, e.g. 512K, 16M (default "
+                        f"{SUBSCRIBER_BUFFER_BYTES // MIB}M; events with big tool outputs reach it first)")
     box = p.add_argument_group("sandbox of bash and execute (see README \"Sandbox\")")
     box.add_argument("--sandbox", type=SandboxMode, choices=list(SandboxMode), default=SandboxMode.WORKSPACE_WRITE,
                      help="mode of sessions that do not choose one (default workspace-write)")
@@ -194,6 +197,8 @@ def main(argv: list[str]) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         parser.error("--tls-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
+    if args.subscriber_buffer_bytes <= 0:
+        parser.error("--subscriber-buffer-bytes must be more than 0, e.g. 4M")
     for flag, directories in (("--scripts-dir", args.scripts_dir), ("--workspace-root", args.workspace_root)):
         missing = [str(d) for d in directories if not d.is_dir()]
         if missing:
@@ -238,6 +243,7 @@ def main(argv: list[str]) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
         subscriber_buffer=args.subscriber_buffer,
+        subscriber_buffer_bytes=args.subscriber_buffer_bytes,
         scripts_dirs=args.scripts_dir,
         workspace_roots=args.workspace_root,
         limits=limits,

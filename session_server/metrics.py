@@ -126,8 +126,8 @@ class ServerMetrics:
             "codelane_events_delivered", "Events handed to subscribers' streams (live or caught up).", registry=r)
         self.subscriber_catch_ups = Counter(
             "codelane_event_subscriber_catch_ups",
-            "Times a subscriber fell more than its buffer behind and dropped to reading from the store "
-            "(lagging subscribers are never cut off).", registry=r)
+            "Times a subscriber fell more than its buffer (in events or bytes) behind and dropped to reading "
+            "from the store (lagging subscribers are never cut off).", registry=r)
         # Workers and external tasks.
         self.workers_lost = Counter(
             "codelane_workers_lost", "Workers that left the pool, by reason.", ["reason"], registry=r)

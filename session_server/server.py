@@ -37,7 +37,7 @@ from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.reflection import enable_reflection
 from session_server.api.sessions import SessionServicer
-from session_server.bus import SUBSCRIBER_BUFFER
+from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.content import ContentStore
 from session_server.external_cas import ExternalCas
 from session_server.llm.factory import ScriptLibrary, create_provider, parse_model
@@ -69,8 +69,9 @@ log = logging.getLogger("codelane.server")
 
 LOCAL_WORKER_SLOTS = 4
 # Once the turns are over, what the gRPC server still waits for at a stop: unary calls in flight
-# finish in it; the streams that never end on their own (WatchEvents that follow, health watches)
-# are cut when it runs out.
+# finish in it, and so do the event streams and claims the sessions end (SHUTTING_DOWN); what
+# is still open when it runs out (health watches, a stream whose reader does not read its end)
+# is cut.
 RPC_STOP_GRACE = 2.0
 
 
@@ -190,6 +191,7 @@ class ServerConfig:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
     subscriber_buffer: int = SUBSCRIBER_BUFFER
+    subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
     # Directories clients may name `scripted:PATH` models in (none: clients name no script files).
     scripts_dirs: list[Path] = field(default_factory=list)
@@ -340,6 +342,7 @@ class CodelaneServer:
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             local_query_tools=frozenset(self.config.local_query_tools),
             subscriber_buffer=self.config.subscriber_buffer,
+            subscriber_buffer_bytes=self.config.subscriber_buffer_bytes,
             generate_limit=self.config.max_llm_requests,
             scripts_dirs=self.config.scripts_dirs,
             workspace_roots=self.config.workspace_roots,
@@ -519,7 +522,8 @@ class CodelaneServer:
         """Graceful, shutdown first: health goes NOT_SERVING and nothing new is admitted (new
         sessions, turns and event streams are refused with UNAVAILABLE, while calls on running work
         are still served); running turns get `grace` seconds to finish, the rest are interrupted
-        (marked so, and their streams close); then the workers are stopped and the store closed."""
+        (marked so, and their streams close); the event streams that follow and the claims that
+        wait end (ShuttingDown); then the workers are stopped and the store closed."""
         self._stopping = True
         if self.admission is not None:
             self.admission.close()

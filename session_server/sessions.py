@@ -18,7 +18,7 @@ from pathlib import Path
 
 from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
-from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, EventBus, Subscription
+from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
@@ -101,6 +101,7 @@ class SessionManager:
         local_query_tools: frozenset[str] = frozenset(),
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
+        subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES,
         scripts_dirs: Sequence[Path] = (),
         workspace_roots: Sequence[Path] = (),
         telemetry: Telemetry | None = None,
@@ -119,7 +120,7 @@ class SessionManager:
         self.telemetry = telemetry
         self.admission = admission
         metrics = telemetry.metrics if telemetry is not None else None
-        self.bus = EventBus(store.events_after, subscriber_buffer, metrics=metrics)
+        self.bus = EventBus(store.events_after, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
         self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
@@ -178,7 +179,8 @@ class SessionManager:
 
     async def shutdown(self, grace: float = 0.0) -> None:
         """Gives running turns `grace` seconds to finish, ends the others (marked interrupted),
-        and closes the model providers."""
+        ends the event streams and the claims that would wait on (ShuttingDown, once a turn's
+        stream has its TurnFinished), and closes the model providers."""
         if grace > 0 and self._turns:
             await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
         for turn, task in list(self._turns.values()):
@@ -186,6 +188,8 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
         self.events.flush()
+        self.bus.stop()
+        self.external.stop()
         await self.models.aclose()
 
     # -- sessions ------------------------------------------------------------------------------

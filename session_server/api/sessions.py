@@ -36,7 +36,8 @@ async def _session_not_found(context, exc: SessionNotFound):
 
 
 async def _refused(context, exc: AtCapacity | ShuttingDown):
-    """New work the server does not take now: over a limit, or while it stops."""
+    """New work the server does not take now: over a limit, or while it stops (which also ends
+    the event streams and claims still open)."""
     if isinstance(exc, ShuttingDown):
         await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), "SHUTTING_DOWN", retry_after=exc.retry_after,
                     retry_after_seconds=f"{exc.retry_after:g}")
@@ -133,6 +134,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except SessionClosed:
             await abort(context, grpc.StatusCode.NOT_FOUND, "the session was deleted during the turn",
                         "SESSION_NOT_FOUND", session_id=request.session_id)
+        except ShuttingDown as exc:
+            await _refused(context, exc)
 
     async def WatchEvents(self, request, context):
         await self._session(context, request.session_id)
@@ -209,6 +212,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
         except InvalidArgument as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
+        except ShuttingDown as exc:
+            await _refused(context, exc)
         return session_pb2.ClaimExternalTasksResponse(tasks=[convert.external_task(t) for t in tasks])
 
     async def CompleteExternalTask(self, request, context):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -18,7 +19,17 @@ from codelane.v1 import events_pb2, session_pb2, session_pb2_grpc, tools_pb2
 from session_server.admission import Admission, AtCapacity, Limits, ShuttingDown
 from tests.ops.conftest import HealthWatch, free_port, health_status, scrape_until
 from tests.polling import poll_until
-from tests.session.conftest import ErrorDetails, call, collect, error_details, kind, read_until, rpc_error, scripted
+from tests.session.conftest import (
+    ErrorDetails,
+    call,
+    collect,
+    error_details,
+    kind,
+    read_rest,
+    read_until,
+    rpc_error,
+    scripted,
+)
 
 ASK_WRITE = session_pb2.PermissionPolicy(ask=["write"])
 
@@ -221,6 +232,36 @@ async def test_a_stopping_server_interrupts_a_turn_that_outlives_the_grace(make_
     await server.server.stop(grace=0.2)
     rest = [item.event for item in await collect(stream)]
     assert rest[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+
+
+async def test_a_stopping_server_ends_follow_streams_and_claims_saying_so(make_server, workspace, tmp_path) -> None:
+    # What would never end on its own, a WatchEvents that follows and a claim's long-poll, ends
+    # with SHUTTING_DOWN and what to do (not the bare UNAVAILABLE of a call the gRPC server cuts),
+    # once the turn the watcher follows has ended and the watcher has its last events.
+    server = await make_server()
+    client = server.client
+    session = await client.create(workspace, _waiting_write(tmp_path), permissions=ASK_WRITE)
+    sid = session.session_id
+    send = client.send_stream(sid, "write it")
+    sent: list = []
+    await read_until(send, lambda r: kind(r.event) == "confirmation_required", sent)
+    follow = client.watch_stream(sid, after=0, follow=True)
+    watched: list = []
+    await read_until(follow, lambda r: r.HasField("caught_up"), watched)
+    claim = client.sessions.ClaimExternalTasks(session_pb2.ClaimExternalTasksRequest(
+        session_id=sid, client_id="c1", wait=duration_pb2.Duration(seconds=60)), timeout=30)
+    await poll_until(lambda: server.server.sessions.external._waiters.get(sid), what="the claim to long-poll")
+
+    await asyncio.wait_for(server.server.stop(grace=0.2), 30)
+    sent += await collect(send)  # the turn's own stream ends as it always did: after TurnFinished
+    assert sent[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+    await read_until(follow, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", watched)
+    for ended, what_to_do in ((read_rest(follow), "resume with WatchEvents after_sequence"), (claim, "claim again")):
+        details = await rpc_error(ended)
+        assert details.code == grpc.StatusCode.UNAVAILABLE and details.reason == "SHUTTING_DOWN", details
+        assert "shutting down" in details.message and what_to_do in details.message
+        assert float(details.metadata["retry_after_seconds"]) > 0
+    assert [item.event for item in watched if item.HasField("event")] == [item.event for item in sent]
 
 
 async def test_health_is_not_serving_while_the_store_cannot_take_writes(make_server, workspace, tmp_path) -> None:

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from session_server.admission import ShuttingDown
 from session_server.calls import ToolCall
 from session_server.confirmations import Answer, ConfirmationNotFound, Confirmations
 from session_server.events import (
@@ -175,6 +176,21 @@ async def test_long_poll_wakes_on_offer_and_on_close() -> None:
     await _long_polling(board, "s1")
     board.close_session("s1")
     assert await asyncio.wait_for(claim, BOUND) == []
+    assert _empty(board)
+
+
+async def test_a_stopping_server_ends_the_long_polls_saying_so() -> None:
+    board, _ = _board()
+    claims = [asyncio.create_task(board.claim(session, "client-a", 1, 30.0, 60.0)) for session in ("s1", "s2")]
+    await _long_polling(board, "s1")
+    await _long_polling(board, "s2")
+    board.stop()
+    for claim in claims:
+        with pytest.raises(ShuttingDown, match="claim again"):
+            await asyncio.wait_for(claim, BOUND)
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(board.claim("s1", "client-a", 1, 30.0, 60.0), BOUND)  # would wait: ends at once
+    assert await board.claim("s1", "client-a", 1, 30.0, 0.0) == []  # no wait: answered as ever
     assert _empty(board)
 
 

@@ -45,7 +45,7 @@ async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
     bus = EventBus(lambda session, after, limit: [])
     broken, healthy = bus.subscribe("s1", 0), bus.subscribe("s1", 0)
 
-    def explode(events) -> None:
+    def explode(events, size) -> None:
         raise RuntimeError("this subscriber's buffer is broken")
 
     broken._offer = explode

@@ -1,5 +1,6 @@
-"""WatchEvents: replay, caught_up, live follow, resume from the middle, OUT_OF_RANGE, and a slow
-subscriber cut off with RESOURCE_EXHAUSTED that resumes without losing anything."""
+"""WatchEvents: replay, caught_up, live follow, resume from the middle, OUT_OF_RANGE, and slow
+subscribers (behind in events, or in bytes) that are never cut off, catch up from the store and
+lose nothing."""
 
 from __future__ import annotations
 
@@ -152,3 +153,42 @@ async def test_a_slow_subscriber_is_never_cut_off_and_misses_nothing(
     assert watched == everything
     assert sent == everything  # the turn's events are all of the session's
     assert kind(everything[-1]) == "turn_finished"
+
+
+async def test_a_watcher_that_does_not_read_holds_at_most_its_bytes_and_misses_nothing(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # A turn of big tool results (60 reads of a 190 KB file) while one watcher reads nothing and
+    # the turn's own stream reads everything: the idle watcher passes the byte bound long before
+    # the 10,000-event one, so the server drops what it holds for it and, once it reads again,
+    # sends what it missed from the store.
+    buffer_bytes = 1024 * 1024
+    running = await make_server(subscriber_buffer_bytes=buffer_bytes)
+    client: Client = running.client
+    (workspace / "big.txt").write_text(("y" * 1900 + "\n") * 100, encoding="utf-8")
+    reads = [call("read", file_path="big.txt") for _ in range(60)]
+    model = scripted(tmp_path, [{"text": "Reading.", "tool_calls": reads}, {"text": "Read it all."}])
+    session = await client.create(workspace, model)
+    sid = session.session_id
+
+    idle = client.watch_stream(sid, after=0, follow=True)
+    try:
+        first = await asyncio.wait_for(idle.read(), 10)
+        assert first.HasField("caught_up")  # subscribed: from now on it reads nothing
+        sent = await client.send(sid, "read the big file, many times")
+        assert sent[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+        results = [e.tool_call_finished.result.output for e in sent if kind(e) == "tool_call_finished"]
+        assert len(results) == 60 and all(len(output) > 190_000 for output in results)
+        await client.wait_idle(sid)  # every event of the turn is published
+        [held] = running.server.sessions.bus._subscribers[sid]  # the idle watcher's: the turn's stream ended
+        assert held.queued_bytes <= buffer_bytes
+
+        watched: list[events_pb2.Event] = []
+        while len(watched) < len(sent):
+            item = await asyncio.wait_for(idle.read(), 10)
+            assert item is not grpc.aio.EOF
+            watched.append(item.event)
+    finally:
+        idle.cancel()
+    assert watched == sent
+    assert_gap_free(watched)

@@ -1126,7 +1126,7 @@ class ClaimExternalTasksRequest(_message.Message):
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """How long to wait for a task when none is pending. Unset means do not wait; at most 60 s (claim
-        again to wait longer).
+        again to wait longer). A server that stops ends the wait with UNAVAILABLE (SHUTTING_DOWN).
         """
 
     def __init__(

@@ -47,7 +47,12 @@ class SessionServiceStub:
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -149,7 +154,12 @@ class SessionServiceServicer:
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -206,7 +216,9 @@ class SessionServiceServicer:
         sequence order. A reader that is slower than the session is never cut off: the server keeps
         its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
         beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-        has as many WatchEvents streams open as it allows.
+        has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
+        (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
+        restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -370,7 +382,12 @@ class SessionService:
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's

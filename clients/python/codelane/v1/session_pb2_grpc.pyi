@@ -48,7 +48,12 @@ class SessionServiceStub:
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -86,7 +91,9 @@ class SessionServiceStub:
     sequence order. A reader that is slower than the session is never cut off: the server keeps
     its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
     beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-    has as many WatchEvents streams open as it allows.
+    has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
+    (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
+    restart.
     """
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -143,7 +150,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -178,7 +190,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     sequence order. A reader that is slower than the session is never cut off: the server keeps
     its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
     beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-    has as many WatchEvents streams open as it allows.
+    has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
+    (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
+    restart.
     """
     CancelTurn: _aio.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -234,7 +248,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     with the same delay: retry after it. A server that is stopping refuses the same calls
     (CreateSession, SendMessage, WatchEvents) with UNAVAILABLE, ErrorInfo reason SHUTTING_DOWN:
     retry on another server or after the restart. Calls on work already running (CancelTurn,
-    ConfirmToolCall, the external-task calls, reads) are always served.
+    ConfirmToolCall, the external-task calls, reads) are always served. Once its turns have ended
+    (finished, or interrupted when the shutdown grace runs out: their SendMessage streams end after
+    TurnFinished as ever), the stopping server ends what would otherwise wait on with the same
+    status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
+    after_sequence = the last sequence received, on another server or after the restart: nothing
+    is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -303,7 +322,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         sequence order. A reader that is slower than the session is never cut off: the server keeps
         its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
         beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-        has as many WatchEvents streams open as it allows.
+        has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
+        (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
+        restart.
         """
 
     @_abc_1.abstractmethod
