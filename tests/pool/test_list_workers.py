@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from codelane.client import Client as SdkClient
+from codelane.commands.workers import workspaces_cell
 from codelane.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.paging import encode_page_token
 from tests.polling import poll_until
@@ -136,6 +138,15 @@ async def test_pages_list_every_worker_once_each_under_3_mib_however_much_they_h
     assert huge.ByteSize() > PAGE_BYTES - 64 * 1024  # cut to the page, not far below it
     drained = await admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id="huge"), timeout=BOUND)
     assert drained.ByteSize() <= PAGE_BYTES and drained.worker.omitted_workspaces == huge.omitted_workspaces
+
+    # The SDK and the CLI's table read every page.
+    async with SdkClient(server.address, timeout=BOUND) as client:
+        workers = await client.list_workers()
+    assert [w.worker_id for w in workers] == everyone
+    [sdk_huge] = [w for w in workers if w.worker_id == "huge"]
+    assert sdk_huge.omitted_workspaces == huge.omitted_workspaces
+    assert workspaces_cell(sdk_huge).endswith(f"; {huge.omitted_workspaces} more the server did not list "
+                                              "(too long to send)")
 
 
 async def test_a_worker_present_throughout_the_listing_is_listed_once_whoever_comes_and_goes(
