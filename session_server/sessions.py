@@ -128,6 +128,8 @@ class SessionManager:
         # Resolved once: workspaces are compared with their symlinks resolved.
         self.workspace_roots = tuple(Path(os.path.realpath(root)) for root in workspace_roots)
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
+        # Sessions whose DeleteSession waits for their turn to end: gone for every new request.
+        self._deleting: set[str] = set()
         self.confirmations = Confirmations()
         self.external = ExternalTasks(metrics=metrics)
 
@@ -226,7 +228,7 @@ class SessionManager:
 
     def get_session(self, session_id: str) -> SessionRecord:
         record = self.store.get_session(session_id)
-        if record is None:
+        if record is None or session_id in self._deleting:
             raise SessionNotFound(session_id)
         return record
 
@@ -238,16 +240,22 @@ class SessionManager:
 
     async def delete_session(self, session_id: str) -> None:
         self.get_session(session_id)
-        entry = self._turns.get(session_id)
-        if entry is not None:
-            entry[1].cancel()
-            await asyncio.gather(entry[1], return_exceptions=True)
-        self.external.close_session(session_id)
-        self.events.forget(session_id)
-        self.histories.forget(session_id)
-        if self.store.delete_session(session_id) and self.admission is not None:
-            self.admission.session_removed()
-        self.bus.close_session(session_id)
+        # Gone before the wait for its turn: a SendMessage landing once the turn had ended, the
+        # session not yet deleted, started a turn that failed on the deleted session.
+        self._deleting.add(session_id)
+        try:
+            entry = self._turns.get(session_id)
+            if entry is not None:
+                entry[1].cancel()
+                await asyncio.gather(entry[1], return_exceptions=True)
+            self.external.close_session(session_id)
+            self.events.forget(session_id)
+            self.histories.forget(session_id)
+            if self.store.delete_session(session_id) and self.admission is not None:
+                self.admission.session_removed()
+            self.bus.close_session(session_id)
+        finally:
+            self._deleting.discard(session_id)
 
     def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[StoredMessage], int]:
         """A page of history and the offset of the next page (0 when this is the last)."""

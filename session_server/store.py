@@ -18,8 +18,6 @@ hot path, and the log stays consistent either way.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import sqlite3
@@ -39,6 +37,7 @@ from session_server.events import (
     result_from_dict,
     to_json,
 )
+from session_server.paging import decode_page_token, encode_page_token
 from tool_worker.tools.base import ToolResult
 
 SCHEMA_VERSION = 1
@@ -245,7 +244,7 @@ class Store:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # One row more than the page tells whether another page follows.
         if page_token:
-            created, session_id = _decode_page_token(page_token)
+            created, session_id = decode_page_token(page_token, "ListSessions", float, str)
             rows = self._db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (created, session_id) < (?, ?) "
                 "ORDER BY created DESC, session_id DESC LIMIT ?",
@@ -268,7 +267,7 @@ class Store:
                 break
             sessions.append(_session_from_row(row))
         rows.close()
-        next_token = _encode_page_token(sessions[-1]) if more else ""
+        next_token = encode_page_token(sessions[-1].created, sessions[-1].session_id) if more else ""
         return sessions, next_token
 
     def count_sessions(self) -> int:
@@ -430,25 +429,3 @@ def _message_from_row(row: tuple[Any, ...]) -> StoredMessage:
         turn_id=turn_id,
         created=created,
     )
-
-
-# Page tokens are opaque to clients; inside, the (created, session_id) of the page's last row,
-# from which the next page continues (keyset paging: stable while sessions are added).
-def _encode_page_token(last: SessionRecord) -> str:
-    return base64.urlsafe_b64encode(json.dumps([last.created, last.session_id]).encode()).decode()
-
-
-def _decode_page_token(token: str) -> tuple[float, str]:
-    try:
-        created, session_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
-        raise ValueError(_BAD_TOKEN.format(token=token)) from exc
-    if not isinstance(created, int | float) or isinstance(created, bool) or not isinstance(session_id, str):
-        raise ValueError(_BAD_TOKEN.format(token=token))
-    return float(created), session_id
-
-
-_BAD_TOKEN = (
-    "invalid page token {token!r}: pass the next_page_token of the previous ListSessions "
-    "response unchanged, or an empty token for the first page"
-)

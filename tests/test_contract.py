@@ -394,10 +394,15 @@ def test_a_worker_shows_every_field() -> None:
         last_seen=EPOCH + 5, workspaces={
             "/srv/a": WorkspaceHeld("synced", Digest("ab" * 32, 140)),
             "/srv/b": WorkspaceHeld("unavailable", Digest("cd" * 32, 96), "its cache disk is full"),
+            "/srv/c": WorkspaceHeld("shared", None),
         }, completed=41,
         max_in_flight_seen=8,
     )
-    assert unfilled(convert.worker_info(snapshot)) == []
+    whole = convert.worker_info(snapshot, convert.MAX_PAGE_BYTES)
+    assert len(whole.workspaces) == 3 and whole.omitted_workspaces == 0
+    # One byte short: the last workspace by path is left out, and counted.
+    cut = convert.worker_info(snapshot, whole.ByteSize() - 1)
+    assert [w.workspace for w in cut.workspaces] == ["/srv/a", "/srv/b"] and unfilled(cut) == []
 
 
 def test_a_message_shows_every_field_and_the_sdk_reads_it_back() -> None:
@@ -523,7 +528,7 @@ def _worker_states() -> dict[str, int]:
     states = {}
     for draining, name in ((False, "ready"), (True, "draining")):
         snapshot = WorkerSnapshot("w", "", "", "", {}, [], 1, 0, [], draining, EPOCH, EPOCH, {}, 0, 0)
-        states[name] = convert.worker_info(snapshot).state
+        states[name] = convert.worker_info(snapshot, convert.MAX_PAGE_BYTES).state
     return states
 
 
@@ -532,7 +537,7 @@ def _workspace_modes() -> dict[str, int]:
     for mode in _names(workspace_pb2.WorkspaceMode.DESCRIPTOR):
         held = {"/ws": WorkspaceHeld(mode, Digest("ab" * 32, 140))}
         snapshot = WorkerSnapshot("w", "", "", "", {}, [], 1, 0, [], False, EPOCH, EPOCH, held, 0, 0)
-        modes[mode] = convert.worker_info(snapshot).workspaces[0].mode
+        modes[mode] = convert.worker_info(snapshot, convert.MAX_PAGE_BYTES).workspaces[0].mode
     return modes
 
 

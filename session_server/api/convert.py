@@ -9,9 +9,10 @@ hub is their only reader and writer); everything the session and admin services 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
 from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
@@ -30,12 +31,17 @@ from tool_worker.confinement.policy import NetworkAccess, SandboxMode, SandboxPo
 # A stream message carries a batch of events up to about this size (a single bigger event goes
 # alone): under the 4 MiB gRPC clients accept by default, and small enough to start arriving at once.
 MAX_BATCH_BYTES = 3 * 1024 * 1024
+# A page of a List RPC (GetMessages, ListWorkers) stops before its response reaches this size:
+# under the 4 MiB that gRPC clients accept by default (grpc-js, grpc-go, grpc-java and grpc-python
+# alike), so a client that did not raise its limit still reads every page.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 # Events converted lately, with their size: every live subscriber of a session sends the same
 # events, and converting one costs more than copying it.
 _RECENT_EVENTS = 4096
 _recent: OrderedDict[tuple[str, int], tuple[events_pb2.Event, int]] = OrderedDict()
 
 M = TypeVar("M")
+P = TypeVar("P", bound=protobuf_message.Message)
 
 
 def batched(
@@ -55,6 +61,27 @@ def batched(
         yield message
 
 
+def field_bytes(size: int) -> int:
+    """What a length-delimited field (a string, or a message) of `size` bytes adds to its
+    message: tag (fields 1 to 15), length and content."""
+    return 1 + (max(size, 1).bit_length() + 6) // 7 + size
+
+
+def page_within(entries: Iterable[P], ending: Callable[[P], int] = lambda _: 0) -> tuple[list[P], bool]:
+    """The leading `entries` (messages of a response's repeated field) whose response stays within
+    MAX_PAGE_BYTES, and whether entries were left for the next page. `ending(entry)`: what the
+    response adds to its entries if the page ends with `entry` (its next_page_token). The first
+    entry is always taken, whatever its size."""
+    page: list[P] = []
+    size = 0
+    for entry in entries:
+        size += field_bytes(entry.ByteSize())
+        if page and size + ending(entry) > MAX_PAGE_BYTES:
+            return page, True
+        page.append(entry)
+    return page, False
+
+
 def _converted(stored: StoredEvent) -> tuple[events_pb2.Event, int]:
     key = (stored.session_id, stored.sequence)
     found = _recent.get(key)
@@ -72,8 +99,11 @@ def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def worker_info(snapshot: WorkerSnapshot) -> admin_pb2.WorkerInfo:
-    return admin_pb2.WorkerInfo(
+def worker_info(snapshot: WorkerSnapshot, max_bytes: int) -> admin_pb2.WorkerInfo:
+    """The worker in at most `max_bytes`: the workspaces that would pass it, the last by path
+    first, are left out and counted in omitted_workspaces. Everything else a worker reports comes
+    from its Hello (at most 1 MiB, see hub.MAX_HELLO_BYTES), so fits in any budget of a page."""
+    info = admin_pb2.WorkerInfo(
         worker_id=snapshot.worker_id,
         version=snapshot.version,
         labels=snapshot.labels,
@@ -84,11 +114,21 @@ def worker_info(snapshot: WorkerSnapshot) -> admin_pb2.WorkerInfo:
         state=admin_pb2.WORKER_STATE_DRAINING if snapshot.draining else admin_pb2.WORKER_STATE_READY,
         connect_time=timestamp(snapshot.connected_at),
         last_heartbeat_time=timestamp(snapshot.last_seen),
-        workspaces=[_workspace_held(ws, held) for ws, held in snapshot.workspaces.items()],
         completed_calls=snapshot.completed,
         hostname=snapshot.hostname,
         peer=snapshot.peer,
+        # Counted as if all were left out while the room is measured: the final count is no larger.
+        omitted_workspaces=len(snapshot.workspaces),
     )
+    room = max_bytes - info.ByteSize()
+    for workspace, held in snapshot.workspaces.items():
+        entry = _workspace_held(workspace, held)
+        room -= field_bytes(entry.ByteSize())
+        if room < 0:
+            break
+        info.workspaces.append(entry)
+    info.omitted_workspaces -= len(info.workspaces)
+    return info
 
 
 def _workspace_held(workspace: str, held: WorkspaceHeld) -> admin_pb2.WorkspaceVisibility:

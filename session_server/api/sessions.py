@@ -25,10 +25,9 @@ from session_server.sessions import (
 from session_server.tool_listing import session_tools
 from tool_worker import wire
 
-# A GetMessages page stops before it reaches this size: under the 4 MiB that gRPC clients accept
-# by default (grpc-js, grpc-go, grpc-java and grpc-python alike), so a client that did not raise
-# its limit still reads any history (a page holds at least one message, whatever its size).
-MAX_PAGE_BYTES = 3 * 1024 * 1024
+# A GetMessages page token is the offset of the page's first message in decimal digits: past 18
+# SQLite cannot take it.
+MAX_OFFSET_DIGITS = 18
 
 
 async def _session_not_found(context, exc: SessionNotFound):
@@ -166,8 +165,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def GetMessages(self, request, context):
         await self._session(context, request.session_id)
         token = request.page_token
-        # What this server issues: an offset in decimal digits (past 18 digits SQLite cannot take it).
-        if token and not (len(token) <= 18 and token.isascii() and token.isdigit()):
+        if token and not (len(token) <= MAX_OFFSET_DIGITS and token.isascii() and token.isdigit()):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                         f"page_token {request.page_token!r} is not one this server issued", "INVALID_ARGUMENT",
                         field="page_token")
@@ -176,16 +174,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             page, following = self._manager.messages(request.session_id, offset, request.page_size)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="page_size")
-        messages = []
-        size = 0
-        for stored in page:
-            message = convert.message(stored)
-            size += message.ByteSize()
-            if messages and size > MAX_PAGE_BYTES:
-                # The page would not fit in one gRPC message: the rest comes with the next page.
-                following = offset + len(messages)
-                break
-            messages.append(message)
+        # Within the byte bound whatever page_size asked, unless its first message alone passes
+        # it: a page holds at least one message, or a history would stop there.
+        messages, cut = convert.page_within((convert.message(stored) for stored in page),
+                                            lambda _: convert.field_bytes(MAX_OFFSET_DIGITS))
+        if cut:
+            following = offset + len(messages)
         return session_pb2.GetMessagesResponse(messages=messages, next_page_token=str(following) if following else "")
 
     async def ConfirmToolCall(self, request, context):

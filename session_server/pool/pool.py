@@ -173,8 +173,10 @@ class WorkerPool:
         worker.link.drain(reason)
         return self._workers.snapshot(worker)
 
-    def workers(self) -> list[WorkerSnapshot]:
-        return [self._workers.snapshot(w) for w in sorted(self._workers, key=lambda w: w.id)]
+    def workers(self, after: str = "", limit: int | None = None) -> list[WorkerSnapshot]:
+        """Connected workers by id: those whose id sorts after `after`, at most `limit`."""
+        following = sorted((w for w in self._workers if w.id > after), key=lambda w: w.id)
+        return [self._workers.snapshot(w) for w in following[:limit]]
 
     def worker(self, worker_id: str) -> WorkerSnapshot | None:
         worker = self._workers.get(worker_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
     Client,
+    ErrorDetails,
     InProcess,
     assert_gap_free,
     call,
@@ -30,6 +32,10 @@ from tests.session.conftest import (
 )
 
 QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
+# Sessions deleted while messages are sent to them, and the clients sending: enough that a
+# message lands in the moment between the end of the turn and the deletion (5 in 30 rounds did).
+DELETE_RACE_ROUNDS = 30
+DELETE_RACE_SENDERS = 16
 
 
 def _by_call(events: list[events_pb2.Event], event_kind: str) -> dict[str, events_pb2.Event]:
@@ -450,3 +456,55 @@ async def test_a_turn_cancelled_or_deleted_before_it_ran_still_ends(
 
 async def _all(events) -> list:
     return [batch async for batch in events]
+
+
+async def test_a_message_sent_while_its_session_is_deleted_is_not_found_and_starts_no_turn(
+    make_server, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # DeleteSession waits for the running turn to end. A SendMessage landing in between (the turn
+    # ended, its session not yet gone) started a turn of a session about to be deleted: it failed
+    # with an UnknownSession traceback in the server's log, and its client got events, then
+    # NOT_FOUND "deleted during the turn". Now a session being deleted takes no new turn.
+    caplog.set_level(logging.ERROR)
+    server = await make_server()
+    client, manager = server.client, server.server.sessions
+    assert manager is not None
+    # The turn waits for a confirmation no one gives: it runs until the delete cancels it.
+    model = scripted(tmp_path, [{"text": "Writing.", "tool_calls": [call("write", file_path="x.txt", content="x")]}])
+    ask = session_pb2.PermissionPolicy(ask=["write"])
+    late: list[tuple[int, ErrorDetails]] = []  # per SendMessage that failed other than TURN_IN_PROGRESS
+
+    async def keep_sending(sid: str) -> None:
+        while True:
+            stream = client.send_stream(sid, "again")
+            seen: list = []
+            try:
+                async for item in stream:
+                    seen.append(item)
+            except grpc.aio.AioRpcError as exc:
+                error = error_details(exc)
+                if error.reason != "TURN_IN_PROGRESS":
+                    late.append((len(seen), error))
+                    return
+            else:
+                raise AssertionError(f"a turn of a session being deleted ran to its end: {seen}")
+
+    for _ in range(DELETE_RACE_ROUNDS):
+        sid = (await client.create(workspace, model, permissions=ask)).session_id
+        first = client.send_stream(sid, "go")
+        await read_until(first, lambda r: kind(r.event) == "confirmation_required", [])
+        senders = [asyncio.create_task(keep_sending(sid)) for _ in range(DELETE_RACE_SENDERS)]
+        await asyncio.sleep(0.005)  # a few SendMessages in flight, refused as TURN_IN_PROGRESS
+        await client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=sid), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*senders), 10)
+        rest = await read_rest(first)
+        assert rest[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+
+    assert len(late) == DELETE_RACE_ROUNDS * DELETE_RACE_SENDERS
+    assert all(error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND" for _, error in late)
+    assert [events for events, _ in late if events] == []  # no turn started: not one event
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # Nothing is left running: no turn, no turn slot, no turn's task.
+    assert manager.running_turns() == 0 and server.server.admission.running_turns == 0
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("turn-")] == []
+

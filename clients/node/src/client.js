@@ -999,11 +999,17 @@ export class CodelaneClient {
     };
   }
 
-  /** Connected workers (WorkerInfo objects), by id. */
+  /** Every connected worker (WorkerInfo objects), by id (every page is fetched). */
   async listWorkers(callOptions) {
-    const response = await this._unary(this._admin, 'ListWorkers', 'ListWorkersRequest', {},
-      'ListWorkersResponse', callOptions);
-    return response.workers;
+    const workers = [];
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._admin, 'ListWorkers', 'ListWorkersRequest', { pageToken },
+        'ListWorkersResponse', callOptions);
+      workers.push(...page.workers);
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    return workers;
   }
 
   /** Asks a worker to drain; resolves to the WorkerInfo as it is now. */

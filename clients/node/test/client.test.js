@@ -479,6 +479,27 @@ describe('admin', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.equal(stats.workers, 1);
   });
 
+  test('listWorkers fetches every page, each with the token of the page before', async () => {
+    // A server pages past 1000 workers or 3 MiB: a stand-in for its answers, as a real pool that
+    // big is out of reach here (tests/pool/test_list_workers.py pages a real one).
+    const pages = {
+      '': { workers: [{ workerId: 'a' }], nextPageToken: 'after-a' },
+      'after-a': { workers: [{ workerId: 'b' }, { workerId: 'c' }], nextPageToken: '' },
+    };
+    const asked = [];
+    const paged = connect(server.address, { token: TOKEN });
+    paged._unary = async (stub, method, requestType, request) => {
+      asked.push([method, request.pageToken]);
+      return pages[request.pageToken];
+    };
+    try {
+      assert.deepEqual((await paged.listWorkers()).map((w) => w.workerId), ['a', 'b', 'c']);
+      assert.deepEqual(asked, [['ListWorkers', ''], ['ListWorkers', 'after-a']]);
+    } finally {
+      paged.close();
+    }
+  });
+
   test('listTools lists the tools a session is offered, with their specs and where each runs', async () => {
     const session = await client.createSession({ workspace });
     const tools = await client.listTools(session.sessionId);

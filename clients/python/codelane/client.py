@@ -237,6 +237,9 @@ class WorkerInfo:
     peer: str = ""
     # When it connected (epoch seconds).
     connected: float = 0.0
+    # Workspaces the server left out of `workspaces` to keep its answer under 3 MiB (only a worker
+    # holding hundreds of workspaces with very long paths comes near).
+    omitted_workspaces: int = 0
 
 
 @dataclass(frozen=True)
@@ -436,14 +439,22 @@ class Client:
 
     @_rpc
     async def list_workers(self) -> list[WorkerInfo]:
-        reply = await self._admin.ListWorkers(admin_pb2.ListWorkersRequest(), metadata=self._metadata)
-        return [
-            WorkerInfo(w.worker_id, w.hostname, dict(w.labels), tuple(w.tools), w.slots, w.in_flight,
-                       w.state == admin_pb2.WORKER_STATE_DRAINING, w.completed_calls,
-                       {v.workspace: _workspace_held(v) for v in w.workspaces}, w.version, w.peer,
-                       w.connect_time.ToNanoseconds() / 1e9)
-            for w in reply.workers
-        ]
+        """Every connected worker, by id (every page is fetched)."""
+        workers: list[WorkerInfo] = []
+        token = ""
+        while True:
+            reply = await self._admin.ListWorkers(admin_pb2.ListWorkersRequest(page_token=token),
+                                                  metadata=self._metadata)
+            workers += [
+                WorkerInfo(w.worker_id, w.hostname, dict(w.labels), tuple(w.tools), w.slots, w.in_flight,
+                           w.state == admin_pb2.WORKER_STATE_DRAINING, w.completed_calls,
+                           {v.workspace: _workspace_held(v) for v in w.workspaces}, w.version, w.peer,
+                           w.connect_time.ToNanoseconds() / 1e9, w.omitted_workspaces)
+                for w in reply.workers
+            ]
+            token = reply.next_page_token
+            if not token:
+                return workers
 
     @_rpc
     async def list_tools(self, session_id: str) -> list[ToolInfo]:

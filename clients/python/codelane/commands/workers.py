@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def workspaces_cell(worker: WorkerInfo) -> str:
     """Each workspace the worker holds or was asked about: how (shared: the server's own files;
     synced: a copy), at which snapshot, or why not."""
-    if not worker.workspaces:
+    if not worker.workspaces and not worker.omitted_workspaces:
         return "-"
     parts = []
     for path, held in sorted(worker.workspaces.items()):
@@ -34,6 +34,8 @@ def workspaces_cell(worker: WorkerInfo) -> str:
         if held.snapshot and held.mode != "unavailable":
             verdict += f" @{held.snapshot[:12]}"
         parts.append(f"{path}: {verdict}" + (f" ({held.reason})" if held.reason and not held.visible else ""))
+    if worker.omitted_workspaces:
+        parts.append(f"{worker.omitted_workspaces} more the server did not list (too long to send)")
     return "; ".join(parts)
 
 

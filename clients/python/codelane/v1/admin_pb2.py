@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63odelane/v1/admin.proto\x12\x0b\x63odelane.v1\x1a%codelane/reapi/remote_execution.proto\x1a\x17\x63odelane/v1/tools.proto\x1a\x1b\x63odelane/v1/workspace.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x13WorkspaceVisibility\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0f\n\x07visible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04mode\x18\x04 \x01(\x0e\x32\x1a.codelane.v1.WorkspaceMode\x12<\n\x0broot_digest\x18\x05 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\"\xe1\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.codelane.v1.WorkerInfo.LabelsEntry\x12\r\n\x05tools\x18\x04 \x03(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x07 \x03(\t\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.codelane.v1.WorkerState\x12\x30\n\x0c\x63onnect_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\nworkspaces\x18\x0b \x03(\x0b\x32 .codelane.v1.WorkspaceVisibility\x12\x17\n\x0f\x63ompleted_calls\x18\x0c \x01(\x03\x12\x10\n\x08hostname\x18\r \x01(\t\x12\x0c\n\x04peer\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x02\n\tLaneStats\x12\x1f\n\x04lane\x18\x01 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12.\n\x0blatency_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p90\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.codelane.v1.WorkerInfo\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x13\x44rainWorkerResponse\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.codelane.v1.WorkerInfo\"\x16\n\x14GetQueueStatsRequest\"\x7f\n\x15GetQueueStatsResponse\x12%\n\x05lanes\x18\x01 \x03(\x0b\x32\x16.codelane.v1.LaneStats\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x14\n\x0cworker_slots\x18\x03 \x01(\x05\x12\x18\n\x10worker_in_flight\x18\x04 \x01(\x05\"\x16\n\x14GetServerInfoRequest\"X\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x32\xe2\x02\n\x0c\x41\x64minService\x12P\n\x0bListWorkers\x12\x1f.codelane.v1.ListWorkersRequest\x1a .codelane.v1.ListWorkersResponse\x12P\n\x0b\x44rainWorker\x12\x1f.codelane.v1.DrainWorkerRequest\x1a .codelane.v1.DrainWorkerResponse\x12V\n\rGetQueueStats\x12!.codelane.v1.GetQueueStatsRequest\x1a\".codelane.v1.GetQueueStatsResponse\x12V\n\rGetServerInfo\x12!.codelane.v1.GetServerInfoRequest\x1a\".codelane.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63odelane/v1/admin.proto\x12\x0b\x63odelane.v1\x1a%codelane/reapi/remote_execution.proto\x1a\x17\x63odelane/v1/tools.proto\x1a\x1b\x63odelane/v1/workspace.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x13WorkspaceVisibility\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0f\n\x07visible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04mode\x18\x04 \x01(\x0e\x32\x1a.codelane.v1.WorkspaceMode\x12<\n\x0broot_digest\x18\x05 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\"\xfd\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.codelane.v1.WorkerInfo.LabelsEntry\x12\r\n\x05tools\x18\x04 \x03(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x17\n\x0fworkspace_roots\x18\x07 \x03(\t\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.codelane.v1.WorkerState\x12\x30\n\x0c\x63onnect_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\nworkspaces\x18\x0b \x03(\x0b\x32 .codelane.v1.WorkspaceVisibility\x12\x17\n\x0f\x63ompleted_calls\x18\x0c \x01(\x03\x12\x10\n\x08hostname\x18\r \x01(\t\x12\x0c\n\x04peer\x18\x0e \x01(\t\x12\x1a\n\x12omitted_workspaces\x18\x0f \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x02\n\tLaneStats\x12\x1f\n\x04lane\x18\x01 \x01(\x0e\x32\x11.codelane.v1.Lane\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12.\n\x0blatency_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p90\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\";\n\x12ListWorkersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.codelane.v1.WorkerInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x13\x44rainWorkerResponse\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.codelane.v1.WorkerInfo\"\x16\n\x14GetQueueStatsRequest\"\x7f\n\x15GetQueueStatsResponse\x12%\n\x05lanes\x18\x01 \x03(\x0b\x32\x16.codelane.v1.LaneStats\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x14\n\x0cworker_slots\x18\x03 \x01(\x05\x12\x18\n\x10worker_in_flight\x18\x04 \x01(\x05\"\x16\n\x14GetServerInfoRequest\"X\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x32\xe2\x02\n\x0c\x41\x64minService\x12P\n\x0bListWorkers\x12\x1f.codelane.v1.ListWorkersRequest\x1a .codelane.v1.ListWorkersResponse\x12P\n\x0b\x44rainWorker\x12\x1f.codelane.v1.DrainWorkerRequest\x1a .codelane.v1.DrainWorkerResponse\x12V\n\rGetQueueStats\x12!.codelane.v1.GetQueueStatsRequest\x1a\".codelane.v1.GetQueueStatsResponse\x12V\n\rGetServerInfo\x12!.codelane.v1.GetServerInfoRequest\x1a\".codelane.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,32 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERINFO_LABELSENTRY']._loaded_options = None
   _globals['_WORKERINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=1596
-  _globals['_WORKERSTATE']._serialized_end=1690
+  _globals['_WORKERSTATE']._serialized_start=1688
+  _globals['_WORKERSTATE']._serialized_end=1782
   _globals['_WORKSPACEVISIBILITY']._serialized_start=199
   _globals['_WORKSPACEVISIBILITY']._serialized_end=376
   _globals['_WORKERINFO']._serialized_start=379
-  _globals['_WORKERINFO']._serialized_end=860
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=815
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=860
-  _globals['_LANESTATS']._serialized_start=863
-  _globals['_LANESTATS']._serialized_end=1119
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1121
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1141
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1143
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1206
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1208
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1263
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1265
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1327
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1329
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1351
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1353
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1480
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1482
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1504
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1506
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1594
-  _globals['_ADMINSERVICE']._serialized_start=1693
-  _globals['_ADMINSERVICE']._serialized_end=2047
+  _globals['_WORKERINFO']._serialized_end=888
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=843
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=888
+  _globals['_LANESTATS']._serialized_start=891
+  _globals['_LANESTATS']._serialized_end=1147
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1149
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1208
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1210
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1298
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1300
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1355
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1357
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1419
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1421
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1443
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1445
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1572
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1574
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1596
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1598
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1686
+  _globals['_ADMINSERVICE']._serialized_start=1785
+  _globals['_ADMINSERVICE']._serialized_end=2139
 # @@protoc_insertion_point(module_scope)

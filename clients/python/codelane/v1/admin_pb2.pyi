@@ -126,6 +126,7 @@ class WorkerInfo(_message.Message):
     COMPLETED_CALLS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
+    OMITTED_WORKSPACES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Its id."""
     version: _builtins.str
@@ -142,6 +143,11 @@ class WorkerInfo(_message.Message):
     """Its host name."""
     peer: _builtins.str
     """Network address of its stream, as the hub sees it."""
+    omitted_workspaces: _builtins.int
+    """How many of its workspaces were left out of `workspaces` (the last by path) so that this
+    entry fits in a response under 3 MiB; 0 when all are listed. Only a worker holding hundreds of
+    workspaces with paths of thousands of characters comes near. They cannot be listed otherwise.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Its labels."""
@@ -164,7 +170,9 @@ class WorkerInfo(_message.Message):
 
     @_builtins.property
     def workspaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkspaceVisibility]:
-        """Workspaces it reported holding, and how."""
+        """Workspaces it reported holding, and how, by path: the last 256 it reported, but see
+        omitted_workspaces.
+        """
 
     def __init__(
         self,
@@ -183,10 +191,11 @@ class WorkerInfo(_message.Message):
         completed_calls: _builtins.int = ...,
         hostname: _builtins.str = ...,
         peer: _builtins.str = ...,
+        omitted_workspaces: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_calls", b"completed_calls", "connect_time", b"connect_time", "hostname", b"hostname", "in_flight", b"in_flight", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "peer", b"peer", "slots", b"slots", "state", b"state", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots", "workspaces", b"workspaces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_calls", b"completed_calls", "connect_time", b"connect_time", "hostname", b"hostname", "in_flight", b"in_flight", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "omitted_workspaces", b"omitted_workspaces", "peer", b"peer", "slots", b"slots", "state", b"state", "tools", b"tools", "version", b"version", "worker_id", b"worker_id", "workspace_roots", b"workspace_roots", "workspaces", b"workspaces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,12 +257,24 @@ Global___LaneStats: _TypeAlias = LaneStats  # noqa: Y015
 class ListWorkersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum workers to return; 0 means 1000, at most 1000 (INVALID_ARGUMENT otherwise). A client
+    that reads one page only, as those written before pages did, sees every worker whenever they
+    fit in one.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first. Anything else is INVALID_ARGUMENT."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,18 +285,27 @@ class ListWorkersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
-        """Connected workers, by id."""
+        """Connected workers, by id. A page may hold fewer than page_size workers though more follow: it
+        stops before 3 MiB (the 4 MiB gRPC clients accept by default), and one worker's entry alone
+        never passes that (see WorkerInfo.omitted_workspaces). A page continues after the last id of
+        the previous one: a worker connected through the whole listing is listed exactly once; one
+        that connects or leaves meanwhile may be listed or not.
+        """
 
     def __init__(
         self,
         *,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

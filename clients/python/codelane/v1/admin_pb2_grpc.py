@@ -62,7 +62,7 @@ class AdminServiceServicer:
     """
 
     def ListWorkers(self, request, context):
-        """Lists connected workers with their load and what they can see.
+        """Lists connected workers with their load and what they can see, by id, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -192,7 +192,9 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Deletes a session, its history and its event log. A running turn is cancelled first.
+        """Deletes a session, its history and its event log. A running turn is cancelled first. From
+        the moment the server receives it, every other request on the session is NOT_FOUND
+        (SESSION_NOT_FOUND): a SendMessage racing it starts no turn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,7 +76,10 @@ class SessionServiceStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]
     """Lists sessions, newest first, a page at a time."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]
-    """Deletes a session, its history and its event log. A running turn is cancelled first."""
+    """Deletes a session, its history and its event log. A running turn is cancelled first. From
+    the moment the server receives it, every other request on the session is NOT_FOUND
+    (SESSION_NOT_FOUND): a SendMessage racing it starts no turn.
+    """
     SendMessage: _grpc.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
@@ -175,7 +178,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_pb2.ListSessionsRequest, _session_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists sessions, newest first, a page at a time."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]  # type: ignore[assignment]
-    """Deletes a session, its history and its event log. A running turn is cancelled first."""
+    """Deletes a session, its history and its event log. A running turn is cancelled first. From
+    the moment the server receives it, every other request on the session is NOT_FOUND
+    (SESSION_NOT_FOUND): a SendMessage racing it starts no turn.
+    """
     SendMessage: _aio.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]  # type: ignore[assignment]
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
@@ -295,7 +301,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.DeleteSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.DeleteSessionResponse, _abc.Awaitable[_session_pb2.DeleteSessionResponse]]:
-        """Deletes a session, its history and its event log. A running turn is cancelled first."""
+        """Deletes a session, its history and its event log. A running turn is cancelled first. From
+        the moment the server receives it, every other request on the session is NOT_FOUND
+        (SESSION_NOT_FOUND): a SendMessage racing it starts no turn.
+        """
 
     @_abc_1.abstractmethod
     def SendMessage(

@@ -1,0 +1,39 @@
+"""Page tokens of the List RPCs (ListSessions, ListWorkers).
+
+A token is opaque to clients; inside, the sort keys of a page's last entry, from which the next
+page continues (keyset paging: stable while entries are added or removed between pages).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+_BAD_TOKEN = (
+    "invalid page token {token!r}: pass the next_page_token of the previous {rpc} response "
+    "unchanged, or an empty token for the first page"
+)
+
+
+def encode_page_token(*keys: str | float) -> str:
+    # Not ensure_ascii: a key of non-ASCII text would take up to 12 bytes a character, not 4.
+    return base64.urlsafe_b64encode(json.dumps(keys, ensure_ascii=False).encode()).decode()
+
+
+def decode_page_token(token: str, rpc: str, *kinds: type[str] | type[float]) -> tuple[str | float, ...]:
+    """The keys of a token `encode_page_token` gave, one of each of `kinds` (a float key may be
+    written as an integer). Raises ValueError, naming `rpc` and what to pass, for any other."""
+    try:
+        keys = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
+        raise ValueError(_BAD_TOKEN.format(token=token, rpc=rpc)) from exc
+    if not isinstance(keys, list) or len(keys) != len(kinds) or not all(map(_is_a, keys, kinds)):
+        raise ValueError(_BAD_TOKEN.format(token=token, rpc=rpc))
+    return tuple(float(key) if kind is float else key for key, kind in zip(keys, kinds, strict=True))
+
+
+def _is_a(key: object, kind: type) -> bool:
+    if kind is float:
+        return isinstance(key, int | float) and not isinstance(key, bool)
+    return isinstance(key, kind)
