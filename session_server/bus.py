@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from session_server.admission import ShuttingDown
 from session_server.events import StoredEvent
 from session_server.limits import string_chars
+from session_server.store import EventPage
 
 if TYPE_CHECKING:
     from session_server.metrics import ServerMetrics
@@ -37,12 +38,11 @@ SUBSCRIBER_BUFFER_BYTES = 4 * 1024 * 1024
 # What an event takes in memory besides the characters of its strings (its objects, numbers and
 # their headers): 300-700 bytes by tracemalloc for a TextDelta or a small ToolCallFinished.
 EVENT_OVERHEAD_BYTES = 512
-# Events read from the store at a time by a subscriber catching up.
-REPLAY_PAGE = 500
 # Most events handed over at once (a stream message carries one batch, or less when it is big).
 BATCH_EVENTS = 500
 
-Replay = Callable[[str, int, int], list[StoredEvent]]
+# Reads a page of stored events after a sequence (`Store.event_page`: bounded in count and size).
+Replay = Callable[[str, int], EventPage]
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,14 @@ class Subscription:
                     self._behind = False
                     self.catch_ups += 1
                     while True:
-                        page = self._bus.replay(self.session_id, self.cursor, REPLAY_PAGE)
-                        fresh = [event for event in page if event.sequence > self.cursor]
+                        page = self._bus.replay(self.session_id, self.cursor)
+                        fresh = [event for event in page.events if event.sequence > self.cursor]
                         for start in range(0, len(fresh), limit):
                             chunk = fresh[start : start + limit]
                             self.cursor = chunk[-1].sequence
                             self._delivered(len(chunk))
                             yield chunk
-                        if len(page) < REPLAY_PAGE or self._behind or self._end is not None:
+                        if not page.more or self._behind or self._end is not None:
                             break
                     continue
                 if self._queue:
@@ -153,7 +153,7 @@ class Subscription:
 
 
 class EventBus:
-    """Subscribers by session. `replay(session_id, after, limit)` reads stored events."""
+    """Subscribers by session. `replay(session_id, after)` reads a page of stored events."""
 
     def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER,
                  buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES, metrics: ServerMetrics | None = None) -> None:

@@ -26,12 +26,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from session_server.store import MAX_READ_PAGE_CHARS
 from tool_worker.merkle import WORKSPACE_MODES
 
 # A call runs for 100 us (a cached read on a worker) up to many minutes (a build in bash).
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 TURN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Up to the store's page bound, which is a bucket's edge, and past it (one event over it alone).
+REPLAY_PAGE_BUCKETS = tuple(sorted({
+    1024, 16 * 1024, 256 * 1024, 1024 * 1024, MAX_READ_PAGE_CHARS // 2, MAX_READ_PAGE_CHARS, 2 * MAX_READ_PAGE_CHARS,
+}))
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)
 
 # Label of a call whose tool is not offered (the model named it): never the model's text.
@@ -128,6 +133,11 @@ class ServerMetrics:
             "codelane_event_subscriber_catch_ups",
             "Times a subscriber fell more than its buffer (in events or bytes) behind and dropped to reading "
             "from the store (lagging subscribers are never cut off).", registry=r)
+        self.event_replay_page_chars = Histogram(
+            "codelane_event_replay_page_chars",
+            "Characters of stored payload in each page of events read from the store for a stream (a WatchEvents "
+            "replay or a subscriber catching up): at most the page bound, unless one event alone passes it.",
+            buckets=REPLAY_PAGE_BUCKETS, registry=r)
         # Workers and external tasks.
         self.workers_lost = Counter(
             "codelane_workers_lost", "Workers that left the pool, by reason.", ["reason"], registry=r)

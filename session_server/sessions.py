@@ -18,7 +18,7 @@ from pathlib import Path
 
 from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
-from session_server.bus import REPLAY_PAGE, SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, Subscription
+from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
@@ -39,7 +39,7 @@ from session_server.models import Models
 from session_server.pool import WorkerPool
 from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
-from session_server.store import SessionRecord, Store, StoredMessage
+from session_server.store import MAX_READ_PAGE_CHARS, EventPage, SessionRecord, Store, StoredMessage
 from session_server.telemetry import Telemetry
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
@@ -119,8 +119,8 @@ class SessionManager:
         self.local_query_tools = local_query_tools
         self.telemetry = telemetry
         self.admission = admission
-        metrics = telemetry.metrics if telemetry is not None else None
-        self.bus = EventBus(store.events_after, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
+        metrics = self._metrics = telemetry.metrics if telemetry is not None else None
+        self.bus = EventBus(self._event_page, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
         self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
@@ -167,14 +167,8 @@ class SessionManager:
         return len(interrupted)
 
     def _turn_events_stored(self, session_id: str, turn_id: str):
-        """The stored events of one turn, read a page at a time from the turn's start."""
-        cursor = 0
-        while True:
-            page = self.store.events_after(session_id, cursor, REPLAY_PAGE)
-            yield from (event for event in page if event.turn_id == turn_id)
-            if len(page) < REPLAY_PAGE:
-                return
-            cursor = page[-1].sequence
+        """The stored events of one turn, read a page at a time."""
+        return (event for event in self.store.events_after(session_id) if event.turn_id == turn_id)
 
     def running_turns(self) -> int:
         return len(self._turns)
@@ -263,7 +257,7 @@ class SessionManager:
         if limit < 0 or limit > MAX_PAGE_SIZE:
             raise ValueError(f"page_size {limit} is out of range [0, {MAX_PAGE_SIZE}]")
         limit = limit or DEFAULT_MESSAGES_PAGE
-        page = self.store.get_messages(session_id, offset, limit)
+        page = self.store.get_messages(session_id, offset, limit, MAX_READ_PAGE_CHARS)
         following = offset + len(page)
         return page, following if following < record.message_count else 0
 
@@ -437,16 +431,15 @@ class SessionManager:
         subscription = None
         try:
             while True:
-                page = self.store.events_after(session_id, cursor, REPLAY_PAGE)
-                if len(page) < REPLAY_PAGE:
-                    cursor = page[-1].sequence if page else cursor
+                page = self._event_page(session_id, cursor)
+                cursor = page.events[-1].sequence if page.events else cursor
+                if not page.more:
                     # Same synchronous step as the read: every later event reaches the subscription.
                     subscription = self.bus.subscribe(session_id, cursor) if follow else None
-                    if page:
-                        yield page
+                    if page.events:
+                        yield page.events
                     break
-                yield page
-                cursor = page[-1].sequence
+                yield page.events
             yield CaughtUp(cursor)
             if subscription is None:
                 return
@@ -459,6 +452,13 @@ class SessionManager:
                 self.admission.release_subscriber()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _event_page(self, session_id: str, after: int) -> EventPage:
+        """A page of stored events for a stream (a WatchEvents replay, a subscriber catching up)."""
+        page = self.store.event_page(session_id, after)
+        if self._metrics is not None:
+            self._metrics.event_replay_page_chars.observe(page.chars)
+        return page
 
     def _emit(self, session_id: str, turn_id: str, payload: EventPayload) -> None:
         self.events.append(session_id, turn_id, bound_event(payload))

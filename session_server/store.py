@@ -48,6 +48,14 @@ MAX_PAGE_SIZE = 1000
 # A ListSessions page stops before its sessions' configurations and labels reach this many
 # characters (JSON): under the 4 MiB gRPC clients accept by default (see api/sessions.py).
 MAX_PAGE_CHARS = 3 * 1024 * 1024
+# Events read at a time (a subscriber catching up, a WatchEvents replay, recovery).
+EVENT_PAGE_SIZE = 500
+# A page of events or of history messages read from the store stops once what it holds passes
+# this many characters (of stored JSON and text): a tool output may take a megabyte, so 500 events
+# read whole held 500 MB per catching-up reader, and a few of them could exhaust the server's
+# memory. A page holds at least one row, whatever its size, or a big event would stop a reader
+# there for good.
+MAX_READ_PAGE_CHARS = 4 * 1024 * 1024
 
 SessionState = Literal["idle", "running"]
 Role = Literal["user", "assistant", "tool"]
@@ -96,6 +104,19 @@ _SESSION_COLUMNS = (
     "last_sequence, message_count, current_turn_id"
 )
 _MESSAGE_COLUMNS = "idx, role, text, tool_calls_json, tool_call_id, tool_result_json, turn_id, created"
+
+
+@dataclass
+class EventPage:
+    """Events read in one go, in order."""
+
+    events: list[StoredEvent]
+    # True when the page stopped at its count or size bound with events left after it: read on
+    # after its last sequence. False when it reached the end of the log (as it was when read). A
+    # short page says nothing: a few big events fill one.
+    more: bool
+    # Characters of the events' stored payloads (JSON): roughly what the page holds in memory.
+    chars: int
 
 
 class StoreError(Exception):
@@ -328,13 +349,24 @@ class Store:
             )
         return stored
 
-    def get_messages(self, session_id: str, offset: int = 0, limit: int | None = None) -> list[StoredMessage]:
-        """Messages with idx >= offset, in history order, at most `limit` (None: all)."""
+    def get_messages(self, session_id: str, offset: int = 0, limit: int | None = None,
+                     max_chars: int | None = None) -> list[StoredMessage]:
+        """Messages with idx >= offset, in history order, at most `limit` (None: all), stopping
+        once their text and JSON pass `max_chars` (None: no bound; at least one message)."""
         rows = self._db.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
             (session_id, offset, -1 if limit is None else limit),
-        ).fetchall()
-        return [_message_from_row(row) for row in rows]
+        )
+        # Row by row: a page of 1,000 tool results of a megabyte fetched whole held a gigabyte.
+        messages: list[StoredMessage] = []
+        chars = 0
+        for row in rows:
+            chars += len(row[2]) + len(row[3]) + len(row[5] or "")  # text, tool calls, tool result
+            if max_chars is not None and messages and chars > max_chars:
+                break
+            messages.append(_message_from_row(row))
+        rows.close()
+        return messages
 
     # Events
 
@@ -366,17 +398,38 @@ class Store:
                 )
         return gone
 
-    def events_after(self, session_id: str, after_sequence: int = 0, limit: int | None = None) -> list[StoredEvent]:
-        """Events with sequence > after_sequence, in order, at most `limit` (None: all)."""
+    def event_page(self, session_id: str, after_sequence: int = 0, limit: int = EVENT_PAGE_SIZE,
+                   max_chars: int = MAX_READ_PAGE_CHARS) -> EventPage:
+        """Events with sequence > after_sequence, in order: at most `limit`, and no more once
+        their stored payloads pass `max_chars` (but at least one). `more` says whether to read on."""
+        # One row more than the page tells whether another page follows.
         rows = self._db.execute(
             "SELECT sequence, time, turn_id, kind, payload_json FROM events "
             "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-            (session_id, after_sequence, -1 if limit is None else limit),
-        ).fetchall()
-        return [
-            StoredEvent(session_id, sequence, at, turn_id, payload_from_json(kind, text))
-            for sequence, at, turn_id, kind, text in rows
-        ]
+            (session_id, after_sequence, limit + 1),
+        )
+        # Row by row, so the memory a page may not hold is never taken (see MAX_READ_PAGE_CHARS).
+        events: list[StoredEvent] = []
+        chars = 0
+        more = False
+        for sequence, at, turn_id, kind, text in rows:
+            if len(events) == limit or (events and chars + len(text) > max_chars):
+                more = True
+                break
+            chars += len(text)
+            events.append(StoredEvent(session_id, sequence, at, turn_id, payload_from_json(kind, text)))
+        rows.close()
+        return EventPage(events, more, chars)
+
+    def events_after(self, session_id: str, after_sequence: int = 0) -> Iterator[StoredEvent]:
+        """Every event with sequence > after_sequence, in order, read a page at a time: only one
+        page is held at once, however long the log."""
+        while True:
+            page = self.event_page(session_id, after_sequence)
+            yield from page.events
+            if not page.more:
+                return
+            after_sequence = page.events[-1].sequence
 
     def last_sequence(self, session_id: str) -> int:
         """Sequence of the session's last event, 0 before the first. Raises `UnknownSession`."""

@@ -5,28 +5,44 @@ stopping server ends every subscription, after what it holds, with ShuttingDown.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from session_server.admission import ShuttingDown
 from session_server.bus import EVENT_OVERHEAD_BYTES, EventBus, estimated_size
 from session_server.events import StoredEvent, TextDelta, ToolCallFinished
+from session_server.store import MAX_READ_PAGE_CHARS, EventPage, SessionRecord, Store
 from tool_worker.tools.base import ToolResult
 
 KIB = 1024
 BOUND = 5.0  # bound on every wait: a hang fails instead of blocking
 
 
-class _Log(list[StoredEvent]):
-    """What the store holds: events are stored before they are published."""
+class _Log:
+    """A store whose events are stored before they are published, and the pages read from it."""
 
-    def replay(self, session_id: str, after: int, limit: int) -> list[StoredEvent]:
-        return [event for event in self if event.session_id == session_id and event.sequence > after][:limit]
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pages: list[EventPage] = []
+
+    def replay(self, session_id: str, after: int) -> EventPage:
+        page = self.store.event_page(session_id, after)
+        self.pages.append(page)
+        return page
 
     def publish(self, bus: EventBus, event: StoredEvent) -> None:
-        self.append(event)
+        self.store.append_events([event])
         bus.publish_many([event])
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[_Log]:
+    store = Store(tmp_path / "codelane.db")
+    store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
+    yield _Log(store)
+    store.close()
 
 
 def _read_result(sequence: int, output_chars: int) -> StoredEvent:
@@ -49,9 +65,8 @@ def test_an_events_size_is_its_strings_and_a_fixed_overhead() -> None:
     assert estimated_size(StoredEvent("s1", 2, 1.0, "t1", TextDelta("hi", 0))) == EVENT_OVERHEAD_BYTES + 2
 
 
-async def test_a_subscriber_that_does_not_read_holds_at_most_its_bytes_and_misses_nothing() -> None:
+async def test_a_subscriber_that_does_not_read_holds_at_most_its_bytes_and_misses_nothing(log: _Log) -> None:
     # 40 big tool results: the 10,000-event bound is far away, the byte bound is passed at the 6th.
-    log = _Log()
     bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
     stalled = bus.subscribe("s1", 0)
     for sequence in range(1, 41):
@@ -59,10 +74,11 @@ async def test_a_subscriber_that_does_not_read_holds_at_most_its_bytes_and_misse
         assert stalled.queued_bytes <= 1024 * KIB
     assert await _read(stalled.batches(), 40) == list(range(1, 41))  # from the store, each once, in order
     assert stalled.catch_ups == 1
+    # 8 MB caught up in pages the store cut by size: short pages, and not the end of the log.
+    assert len(log.pages) >= 2 and all(page.chars <= MAX_READ_PAGE_CHARS for page in log.pages)
 
 
-async def test_a_subscriber_that_reads_keeps_its_events_live() -> None:
-    log = _Log()
+async def test_a_subscriber_that_reads_keeps_its_events_live(log: _Log) -> None:
     bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
     reader = bus.subscribe("s1", 0)
     batches = reader.batches()
@@ -72,8 +88,7 @@ async def test_a_subscriber_that_reads_keeps_its_events_live() -> None:
     assert reader.catch_ups == 0 and reader.queued_bytes == 0
 
 
-async def test_a_stopping_server_ends_each_subscription_after_what_it_holds() -> None:
-    log = _Log()
+async def test_a_stopping_server_ends_each_subscription_after_what_it_holds(log: _Log) -> None:
     bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
     holding, behind = bus.subscribe("s1", 0), bus.subscribe("s1", 0)
     holding_batches = holding.batches()

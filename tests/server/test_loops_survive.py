@@ -57,7 +57,7 @@ async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
 async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_stored(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
-    bus = EventBus(store.events_after)
+    bus = EventBus(store.event_page)
     log = EventLog(store, bus)
     subscription = bus.subscribe("s1", 0)
     real_append = store.append_events

@@ -18,7 +18,9 @@ from session_server.events import (
 from session_server.llm.base import Usage
 from session_server.readiness import probe_store
 from session_server.store import (
+    EVENT_PAGE_SIZE,
     MAX_PAGE_CHARS,
+    MAX_READ_PAGE_CHARS,
     SCHEMA_VERSION,
     SessionExists,
     SessionRecord,
@@ -206,7 +208,7 @@ def test_event_sequences_are_gap_free_and_monotonic(store: Store) -> None:
     for session_id, seen in sequences.items():
         assert seen == list(range(1, len(seen) + 1))
         assert store.last_sequence(session_id) == len(seen)
-        stored = store.events_after(session_id)
+        stored = list(store.events_after(session_id))
         assert [e.sequence for e in stored] == seen
         assert all(e.session_id == session_id and e.turn_id == "t1" for e in stored)
         times = [e.time for e in stored]
@@ -223,10 +225,10 @@ def test_a_batch_of_several_sessions_is_one_append(store: Store) -> None:
         StoredEvent("gone", 1, 6.0, "t0", TextDelta(text="lost", step=0)),
     ]
     assert store.append_events(batch) == {"gone"}  # a deleted session's events are dropped
-    assert store.events_after("a") == [batch[0], batch[2]]
-    assert store.events_after("b") == [batch[1]]
+    assert list(store.events_after("a")) == [batch[0], batch[2]]
+    assert list(store.events_after("b")) == [batch[1]]
     assert (store.last_sequence("a"), store.last_sequence("b")) == (2, 1)
-    assert store.events_after("gone") == []
+    assert list(store.events_after("gone")) == []
 
 
 @pytest.mark.parametrize(
@@ -277,10 +279,73 @@ def test_what_json_has_no_type_for_is_stored_as_its_text(store: Store) -> None:
 def test_events_after_and_limit(store: Store) -> None:
     store.create_session(record("s1"))
     sent = [append(store, "s1", "t1", TextDelta(text=f"d{i}", step=0)) for i in range(10)]
-    assert store.events_after("s1", after_sequence=7) == sent[7:]
-    assert store.events_after("s1", after_sequence=2, limit=3) == sent[2:5]
-    assert store.events_after("s1", after_sequence=10) == []
-    assert store.events_after("nope") == []
+    assert list(store.events_after("s1", after_sequence=7)) == sent[7:]
+    page = store.event_page("s1", after_sequence=2, limit=3)
+    assert (page.events, page.more) == (sent[2:5], True)
+    page = store.event_page("s1", after_sequence=7, limit=3)
+    assert (page.events, page.more) == (sent[7:], False)  # a full page at the end: nothing more
+    assert list(store.events_after("s1", after_sequence=10)) == []
+    assert list(store.events_after("nope")) == []
+
+
+def _big_result(call_id: str, chars: int) -> ToolResult:
+    return ToolResult(output=call_id[-1] * chars)
+
+
+def test_a_page_of_big_events_stops_by_size_and_pages_return_every_event_once(store: Store) -> None:
+    # 40 tool results of 300 Ki characters: 12 MB that one page of 500 held whole. Each page
+    # stops before its payloads pass the bound, and reading on after a short page finds the rest.
+    store.create_session(record("s1"))
+    sent = [append(store, "s1", "t1", ToolCallFinished(f"c{i}", "read", _big_result(f"c{i}", 300 * 1024), 0.0, 0.0))
+            for i in range(40)]
+    sent.append(append(store, "s1", "t1", TextDelta(text="small", step=1)))
+    read: list[StoredEvent] = []
+    pages = []
+    after = 0
+    while True:
+        page = store.event_page("s1", after)
+        pages.append(page)
+        read += page.events
+        if not page.more:
+            break
+        after = page.events[-1].sequence
+    assert read == sent  # each once, in order
+    assert len(pages) >= 3
+    assert all(0 < len(page.events) < EVENT_PAGE_SIZE for page in pages)
+    assert all(page.chars <= MAX_READ_PAGE_CHARS for page in pages)
+    # Short as they are, only the last page says the log ends there.
+    assert [page.more for page in pages] == [True] * (len(pages) - 1) + [False]
+    assert list(store.events_after("s1")) == sent
+
+
+def test_an_event_bigger_than_a_page_comes_alone(store: Store) -> None:
+    store.create_session(record("s1"))
+    small = append(store, "s1", "t1", TextDelta(text="before", step=0))
+    huge = append(store, "s1", "t1", ToolCallFinished("c1", "read", _big_result("c1", 2048), 0.0, 0.0))
+    last = append(store, "s1", "t1", TextDelta(text="after", step=0))
+    first = store.event_page("s1", 0, max_chars=1024)
+    assert (first.events, first.more) == ([small], True)
+    alone = store.event_page("s1", small.sequence, max_chars=1024)
+    assert (alone.events, alone.more) == ([huge], True) and alone.chars > 1024
+    rest = store.event_page("s1", huge.sequence, max_chars=1024)
+    assert (rest.events, rest.more) == ([last], False)
+
+
+def test_a_page_of_big_messages_stops_by_size_and_offsets_return_every_message_once(store: Store) -> None:
+    store.create_session(record("s1"))
+    sent = store.append_messages("s1", [
+        StoredMessage(role="tool", text="", tool_call_id=f"c{i}", tool_result=_big_result(f"c{i}", 300 * 1024))
+        for i in range(40)
+    ])
+    read: list[StoredMessage] = []
+    pages = 0
+    while len(read) < len(sent):
+        page = store.get_messages("s1", offset=len(read), limit=1000, max_chars=MAX_READ_PAGE_CHARS)
+        assert 0 < len(page) < 20  # about 13 of 300 Ki in 4 Mi
+        read += page
+        pages += 1
+    assert read == sent and pages >= 3
+    assert len(store.get_messages("s1", limit=1000)) == 40  # no bound asked: the whole history
 
 
 def test_an_unknown_session_has_no_sequence(store: Store) -> None:
@@ -322,7 +387,7 @@ def test_everything_survives_reopen(path: Path) -> None:
         assert store.get_session("s1") == before
         assert [s.session_id for s in store.list_sessions()[0]] == ["s2", "s1"]
         assert store.get_messages("s1") == messages
-        assert store.events_after("s1") == events
+        assert list(store.events_after("s1")) == events
         # Sequences continue after a restart, without a gap or a repeat.
         assert store.last_sequence("s1") == 3
         assert store.append_messages("s1", [StoredMessage(role="user")])[0].idx == 3
@@ -358,9 +423,9 @@ def test_delete_cascades(store: Store, path: Path) -> None:
     assert store.delete_session("gone")
 
     assert store.get_messages("gone") == []
-    assert store.events_after("gone") == []
+    assert list(store.events_after("gone")) == []
     assert len(store.get_messages("kept")) == 3
-    assert len(store.events_after("kept")) == 1
+    assert len(list(store.events_after("kept"))) == 1
     db = sqlite3.connect(path)
     for table in ("sessions", "messages", "events"):
         assert db.execute(f"SELECT count(*) FROM {table} WHERE session_id = 'gone'").fetchone()[0] == 0

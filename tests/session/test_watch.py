@@ -8,11 +8,14 @@ import asyncio
 from pathlib import Path
 
 import grpc
+from prometheus_client.utils import floatToGoString
 
 from codelane.v1 import events_pb2
+from session_server.store import MAX_READ_PAGE_CHARS
 from tests.session.conftest import (
     STREAM_TIMEOUT,
     Client,
+    InProcess,
     assert_gap_free,
     call,
     kind,
@@ -192,3 +195,51 @@ async def test_a_watcher_that_does_not_read_holds_at_most_its_bytes_and_misses_n
         idle.cancel()
     assert watched == sent
     assert_gap_free(watched)
+    pages, within = _replay_pages(running)
+    assert pages >= 2 and within == pages  # it caught up on 11 MB in pages bounded in size
+
+
+def _replay_pages(running: InProcess) -> tuple[int, int]:
+    """Pages of events the server has read from its store for streams, and how many of them
+    held at most the page bound (codelane_event_replay_page_chars)."""
+    metrics = running.server.metrics.registry
+    count = metrics.get_sample_value("codelane_event_replay_page_chars_count") or 0
+    bound = {"le": floatToGoString(MAX_READ_PAGE_CHARS)}
+    within = metrics.get_sample_value("codelane_event_replay_page_chars_bucket", bound)
+    return int(count), int(within or 0)
+
+
+async def test_a_replay_of_big_events_reads_pages_bounded_in_size_and_sends_each_event_once(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # 60 reads of a 190 KB file: 11 MB of events, which the store handed over as one page of
+    # 500 events. Each page now stops at the bound, a short page is not the end of the log, and
+    # a watcher from sequence 0 gets every event once, in order, with or without follow.
+    running = await make_server()
+    client: Client = running.client
+    (workspace / "big.txt").write_text(("z" * 1900 + "\n") * 100, encoding="utf-8")
+    reads = [call("read", file_path="big.txt") for _ in range(60)]
+    model = scripted(tmp_path, [{"text": "Reading.", "tool_calls": reads}, {"text": "Read it all."}])
+    session = await client.create(workspace, model)
+    sid = session.session_id
+    sent = await client.send(sid, "read the big file, many times")
+    assert sent[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    assert sum(len(e.tool_call_finished.result.output) for e in sent if kind(e) == "tool_call_finished") > 11_000_000
+    await client.wait_idle(sid)  # every event stored
+
+    before, _ = _replay_pages(running)
+    replayed, caught_up = await client.watch(sid, after=0)
+    assert replayed == sent and caught_up == sent[-1].sequence
+    pages, within = _replay_pages(running)
+    assert pages - before >= 3  # 11 MB in pages of at most 4 Mi characters
+    assert within == pages  # no page ever held more than the bound
+
+    follow = client.watch_stream(sid, after=0, follow=True)
+    items: list = []
+    try:
+        marker = await read_until(follow, lambda r: r.HasField("caught_up"), items)
+    finally:
+        follow.cancel()
+    assert marker.caught_up.last_sequence == sent[-1].sequence
+    assert [item.event for item in items[:-1]] == sent
+    assert_gap_free(replayed)
