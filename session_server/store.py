@@ -408,7 +408,8 @@ class Store:
             "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
             (session_id, after_sequence, limit + 1),
         )
-        # Row by row, so the memory a page may not hold is never taken (see MAX_READ_PAGE_CHARS).
+        # Row by row (see MAX_READ_PAGE_CHARS): beyond the page, only the row that passes the bound
+        # is read, and dropped at once.
         events: list[StoredEvent] = []
         chars = 0
         more = False
