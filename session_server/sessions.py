@@ -7,6 +7,7 @@ live subscribers, so whatever a client saw can be replayed, and whatever it miss
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -23,13 +24,18 @@ from session_server.config import InvalidArgument, SessionSettings, SettingsRequ
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
 from session_server.events import (
+    ConfirmationRequired,
+    ConfirmationResolved,
     EventPayload,
+    ExternalTaskCompleted,
     ExternalTaskInfo,
+    ExternalTaskPending,
     ModelResponded,
     StoredEvent,
     ToolCallFinished,
     ToolCallStarted,
     TurnFinished,
+    TurnStarted,
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
@@ -138,33 +144,76 @@ class SessionManager:
     def recover(self) -> int:
         """Ends the turns a crash cut off, as interrupted. Returns how many there were.
 
-        Every call the turn announced (in ModelResponded) or started gets its one
-        ToolCallFinished, whether it ran, waited behind another call, or never started.
+        The log is left as a turn that ran to its end would leave it (docs/protocol.md, "Within a
+        turn"): every call the turn announced (in ModelResponded) or started gets its one
+        ToolCallFinished, whether it ran, waited behind another call, or never started; before
+        it, a ConfirmationRequired still unanswered gets its ConfirmationResolved and an
+        ExternalTaskPending its ExternalTaskCompleted, or a client replaying the log would go on
+        asking for the confirmation, or running the task. A turn whose TurnFinished is stored
+        already (the crash came between that commit and the one marking the session idle) is
+        only marked idle: a second TurnFinished would end it twice.
         """
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
-            unfinished: dict[str, str] = {}
-            for event in self._turn_events_stored(session_id, turn_id):
-                payload = event.payload
-                if isinstance(payload, ModelResponded):
-                    for call in payload.tool_calls:
-                        unfinished.setdefault(call.call_id, call.tool_name)
-                elif isinstance(payload, ToolCallStarted):
-                    unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
-                elif isinstance(payload, ToolCallFinished):
-                    unfinished.pop(payload.call_id, None)
-            for call_id, tool_name in unfinished.items():
-                result = ToolResult.error(
-                    ErrorKind.CANCELLED,
-                    f"{tool_name} was interrupted: the session server stopped before it finished; "
-                    "if it had started, its effects may be partial",
-                )
-                self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, result, 0.0, 0.0))
-            self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+            self._end_interrupted(session_id, turn_id)
+            # Stored before the session is marked idle: a crash in between (a crash loop) leaves
+            # it running, for the next start to finish; never idle without its TurnFinished.
+            self.events.flush()
             self.store.set_session_state(session_id, "idle", "")
-            log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
-        self.events.flush()
         return len(interrupted)
+
+    def _end_interrupted(self, session_id: str, turn_id: str) -> None:
+        unfinished: dict[str, str] = {}
+        confirming: dict[str, str] = {}
+        tasks: dict[str, ExternalTaskInfo] = {}
+        started = False
+        for event in self._turn_events_stored(session_id, turn_id):
+            payload = event.payload
+            if isinstance(payload, TurnStarted):
+                started = True
+            elif isinstance(payload, TurnFinished):
+                return
+            elif isinstance(payload, ModelResponded):
+                for call in payload.tool_calls:
+                    unfinished.setdefault(call.call_id, call.tool_name)
+            elif isinstance(payload, ToolCallStarted):
+                unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
+            elif isinstance(payload, ToolCallFinished):
+                unfinished.pop(payload.call_id, None)
+            elif isinstance(payload, ConfirmationRequired):
+                confirming[payload.call.call_id] = payload.call.tool_name
+            elif isinstance(payload, ConfirmationResolved):
+                confirming.pop(payload.call_id, None)
+            elif isinstance(payload, ExternalTaskPending):
+                tasks[payload.task.task_id] = payload.task  # a re-offer: the later attempt
+            elif isinstance(payload, ExternalTaskCompleted):
+                tasks.pop(payload.task_id, None)
+        if not started:
+            # The crash came after the turn was marked running but before its first event was
+            # stored: its TurnStarted (with the user's text, if the history holds it) comes first.
+            text = next((m.text for m in self.store.get_messages(session_id)
+                         if m.turn_id == turn_id and m.role == "user"), "")
+            self._emit(session_id, turn_id, TurnStarted(text))
+        for call_id in confirming:
+            self._emit(session_id, turn_id, ConfirmationResolved(
+                call_id, "cancelled", "the session server stopped before anyone answered; the call did not run"))
+        for task in tasks.values():
+            result = ToolResult.error(
+                ErrorKind.CANCELLED,
+                f"{task.call.tool_name} was withdrawn: the session server stopped before a client completed it; "
+                "the task can no longer be completed",
+            )
+            self._emit(session_id, turn_id, ExternalTaskCompleted(
+                task.task_id, task.call.call_id, dataclasses.replace(result, attempt=task.attempt), ""))
+        for call_id, tool_name in unfinished.items():
+            result = ToolResult.error(
+                ErrorKind.CANCELLED,
+                f"{tool_name} was interrupted: the session server stopped before it finished; "
+                "if it had started, its effects may be partial",
+            )
+            self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, result, 0.0, 0.0))
+        self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+        log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
 
     def _turn_events_stored(self, session_id: str, turn_id: str):
         """The stored events of one turn, read a page at a time from the turn's start."""
