@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from tests.polling import poll_until
 from tests.session.conftest import Client, Processes, call, kind, read_until, scripted
 
 INTERRUPTED = events_pb2.STOP_REASON_INTERRUPTED
@@ -29,9 +30,19 @@ async def _kill_when(server: Any, session_id: str, what: str) -> list[Any]:
     seen: list[Any] = []
     await read_until(stream, lambda r: kind(r.event) == what, seen)
     server.kill9()
-    with pytest.raises(grpc.aio.AioRpcError):
-        await asyncio.wait_for(stream.read(), 10)
+    await _broken(stream)
     return [r.event for r in seen]
+
+
+async def _broken(stream: Any) -> None:
+    """Reads what the stream still holds until it breaks: its server is gone."""
+
+    async def drain() -> None:
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(drain(), 10)
 
 
 async def _after_restart(client: Client, session_id: str, seen: list[events_pb2.Event]) -> list[events_pb2.Event]:
@@ -82,6 +93,7 @@ async def test_a_confirmation_pending_at_a_crash_is_resolved_as_cancelled(
     assert (resolved.call_id, resolved.outcome) == ("c_write", events_pb2.CONFIRMATION_OUTCOME_CANCELLED)
     assert kinds.index("confirmation_resolved") < kinds.index("tool_call_finished")
     assert not (workspace / "out.txt").exists()
+    await _next_turn_runs(server.client, session.session_id)
 
 
 async def test_an_external_task_claimed_at_a_crash_is_completed_as_withdrawn(
@@ -105,8 +117,7 @@ async def test_an_external_task_claimed_at_a_crash_is_completed_as_withdrawn(
     # The claim's ToolCallStarted: the task is running in the client when the server dies.
     await read_until(stream, lambda r: kind(r.event) == "tool_call_started", seen)
     server.kill9()
-    with pytest.raises(grpc.aio.AioRpcError):
-        await asyncio.wait_for(stream.read(), 10)
+    await _broken(stream)
 
     server = await processes.start_server(data_dir, model=model, local_workers=0)
     replay = await _after_restart(server.client, session.session_id, [r.event for r in seen])
@@ -124,6 +135,7 @@ async def test_an_external_task_claimed_at_a_crash_is_completed_as_withdrawn(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await server.client.sessions.CompleteExternalTask(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    await _next_turn_runs(server.client, session.session_id)
 
 
 async def test_a_turn_whose_end_was_stored_is_not_ended_twice(
@@ -171,3 +183,42 @@ async def test_a_turn_cut_off_before_its_first_event_still_starts_and_ends(
     replay = await _after_restart(server.client, session.session_id, [])
     assert [(kind(e), e.turn_id) for e in replay] == [("turn_started", "t_cut"), ("turn_finished", "t_cut")]
     await _next_turn_runs(server.client, session.session_id)
+
+
+async def test_the_history_keeps_the_step_a_crash_cut_off(
+    processes: Processes, workspace: Path, tmp_path: Path, mark: str
+) -> None:
+    # A write runs and finishes, then a bash is still running when the server dies. The write's
+    # effect is on disk: the next turn's model must see that step (as after a CancelTurn), not a
+    # history that ends with the user's message, or it does the work again.
+    model = scripted(tmp_path, [
+        {"text": "Writing, then a slow command.", "tool_calls": [
+            call("write", "c_write", file_path="b.txt", content="b\n"),
+            call("bash", "c_slow", command=f"echo $$ > slow.pid; sleep {mark}"),
+        ]},
+        {"text": "Done."},
+    ])
+    data_dir = tmp_path / "data"
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    stream = server.client.send_stream(session.session_id, "go")
+    seen: list[Any] = []
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_finished", seen)
+    pid_file = workspace / "slow.pid"
+    await poll_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", what="the bash to start")
+    server.kill9()
+    processes.kill_pid_file(pid_file)
+    await _broken(stream)
+
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    await _after_restart(server.client, session.session_id, [r.event for r in seen])
+    history = await server.client.history(session.session_id)
+    assert [m.role for m in history] == [session_pb2.MESSAGE_ROLE_USER, session_pb2.MESSAGE_ROLE_ASSISTANT,
+                                         session_pb2.MESSAGE_ROLE_TOOL, session_pb2.MESSAGE_ROLE_TOOL]
+    assert history[1].text == "Writing, then a slow command."
+    assert [c.call_id for c in history[1].tool_calls] == ["c_write", "c_slow"]
+    assert [m.tool_call_id for m in history[2:]] == ["c_write", "c_slow"]
+    assert not history[2].tool_result.is_error
+    assert history[3].tool_result.error_kind == CANCELLED and "interrupted" in history[3].tool_result.output
+    await _next_turn_runs(server.client, session.session_id)
+    assert (workspace / "b.txt").read_text() == "b\n"
