@@ -222,3 +222,35 @@ async def test_the_history_keeps_the_step_a_crash_cut_off(
     assert history[3].tool_result.error_kind == CANCELLED and "interrupted" in history[3].tool_result.output
     await _next_turn_runs(server.client, session.session_id)
     assert (workspace / "b.txt").read_text() == "b\n"
+
+
+@pytest.mark.parametrize("after", [2, 25, 60])
+async def test_no_event_a_client_saw_is_lost_to_a_kill(
+    processes: Processes, workspace: Path, tmp_path: Path, after: int
+) -> None:
+    # Group commit: events are sent only once their batch is committed. A watcher follows a busy
+    # turn (reads, greps, steps) and the server is killed after it saw `after` events.
+    step = {"text": "Looking.", "tool_calls": [
+        call("read" if i % 2 else "grep", **({"file_path": "a.txt"} if i % 2 else {"pattern": "needle"}))
+        for i in range(12)
+    ]}
+    model = scripted(tmp_path, [step, step, step, step, {"text": "Done."}])
+    data_dir = tmp_path / "data"
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    watcher = server.client.watch_stream(session.session_id, follow=True)
+    seen: list[Any] = []
+    await read_until(watcher, lambda r: r.HasField("caught_up"), seen)
+    turn = server.client.send_stream(session.session_id, "go")
+    await read_until(watcher, lambda r: r.HasField("event") and r.event.sequence >= after, seen)
+    server.kill9()
+    await _broken(watcher)
+    await _broken(turn)
+    events = [r.event for r in seen if r.HasField("event")]
+
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    replay, last = await server.client.watch(session.session_id)
+    assert [e.sequence for e in replay] == list(range(1, last + 1))
+    assert replay[: len(events)] == events
+    assert [kind(e) for e in replay].count("turn_finished") == 1 and kind(replay[-1]) == "turn_finished"
+    assert (await server.client.get(session.session_id)).state == session_pb2.SESSION_STATE_IDLE
