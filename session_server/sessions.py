@@ -7,6 +7,7 @@ live subscribers, so whatever a client saw can be replayed, and whatever it miss
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -23,17 +24,23 @@ from session_server.config import InvalidArgument, SessionSettings, SettingsRequ
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
 from session_server.events import (
+    ConfirmationRequired,
+    ConfirmationResolved,
     EventPayload,
+    ExternalTaskCompleted,
     ExternalTaskInfo,
+    ExternalTaskPending,
     ModelResponded,
     StoredEvent,
+    TextDelta,
     ToolCallFinished,
     ToolCallStarted,
     TurnFinished,
+    TurnStarted,
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
-from session_server.limits import bound_event, check_prompt
+from session_server.limits import MAX_RESPONSE_TEXT_CHARS, bound_event, check_prompt, cut
 from session_server.llm.base import ModelProvider, Usage
 from session_server.models import Models
 from session_server.pool import WorkerPool
@@ -138,33 +145,108 @@ class SessionManager:
     def recover(self) -> int:
         """Ends the turns a crash cut off, as interrupted. Returns how many there were.
 
-        Every call the turn announced (in ModelResponded) or started gets its one
-        ToolCallFinished, whether it ran, waited behind another call, or never started.
+        The log is left as a turn that ran to its end would leave it (docs/protocol.md, "Within a
+        turn"): every call the turn announced (in ModelResponded) or started gets its one
+        ToolCallFinished, whether it ran, waited behind another call, or never started; before
+        it, a ConfirmationRequired still unanswered gets its ConfirmationResolved and an
+        ExternalTaskPending its ExternalTaskCompleted, or a client replaying the log would go on
+        asking for the confirmation, or running the task. A turn whose TurnFinished is stored
+        already (the crash came between that commit and the one marking the session idle) is
+        only marked idle: a second TurnFinished would end it twice.
         """
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
-            unfinished: dict[str, str] = {}
-            for event in self._turn_events_stored(session_id, turn_id):
-                payload = event.payload
-                if isinstance(payload, ModelResponded):
-                    for call in payload.tool_calls:
-                        unfinished.setdefault(call.call_id, call.tool_name)
-                elif isinstance(payload, ToolCallStarted):
-                    unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
-                elif isinstance(payload, ToolCallFinished):
-                    unfinished.pop(payload.call_id, None)
-            for call_id, tool_name in unfinished.items():
-                result = ToolResult.error(
-                    ErrorKind.CANCELLED,
-                    f"{tool_name} was interrupted: the session server stopped before it finished; "
-                    "if it had started, its effects may be partial",
-                )
-                self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, result, 0.0, 0.0))
-            self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+            self._end_interrupted(session_id, turn_id)
+            # Stored before the session is marked idle: a crash in between (a crash loop) leaves
+            # it running, for the next start to finish; never idle without its TurnFinished.
+            self.events.flush()
             self.store.set_session_state(session_id, "idle", "")
-            log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
-        self.events.flush()
         return len(interrupted)
+
+    def _end_interrupted(self, session_id: str, turn_id: str) -> None:
+        unfinished: dict[str, str] = {}
+        texts: dict[int, list[str]] = {}
+        responded: dict[int, ModelResponded] = {}
+        results: dict[str, ToolResult] = {}
+        confirming: dict[str, str] = {}
+        tasks: dict[str, ExternalTaskInfo] = {}
+        started = False
+        for event in self._turn_events_stored(session_id, turn_id):
+            payload = event.payload
+            if isinstance(payload, TurnStarted):
+                started = True
+            elif isinstance(payload, TurnFinished):
+                return
+            elif isinstance(payload, TextDelta):
+                texts.setdefault(payload.step, []).append(payload.text)
+            elif isinstance(payload, ModelResponded):
+                responded[payload.step] = payload
+                for call in payload.tool_calls:
+                    unfinished.setdefault(call.call_id, call.tool_name)
+            elif isinstance(payload, ToolCallStarted):
+                unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
+            elif isinstance(payload, ToolCallFinished):
+                unfinished.pop(payload.call_id, None)
+                results[payload.call_id] = payload.result
+            elif isinstance(payload, ConfirmationRequired):
+                confirming[payload.call.call_id] = payload.call.tool_name
+            elif isinstance(payload, ConfirmationResolved):
+                confirming.pop(payload.call_id, None)
+            elif isinstance(payload, ExternalTaskPending):
+                tasks[payload.task.task_id] = payload.task  # a re-offer: the later attempt
+            elif isinstance(payload, ExternalTaskCompleted):
+                tasks.pop(payload.task_id, None)
+        if not started:
+            # The crash came after the turn was marked running but before its first event was
+            # stored: its TurnStarted (with the user's text, if the history holds it) comes first.
+            text = next((m.text for m in self.store.get_messages(session_id)
+                         if m.turn_id == turn_id and m.role == "user"), "")
+            self._emit(session_id, turn_id, TurnStarted(text))
+        for call_id in confirming:
+            self._emit(session_id, turn_id, ConfirmationResolved(
+                call_id, "cancelled", "the session server stopped before anyone answered; the call did not run"))
+        for task in tasks.values():
+            result = ToolResult.error(
+                ErrorKind.CANCELLED,
+                f"{task.call.tool_name} was withdrawn: the session server stopped before a client completed it; "
+                "the task can no longer be completed",
+            )
+            self._emit(session_id, turn_id, ExternalTaskCompleted(
+                task.task_id, task.call.call_id, dataclasses.replace(result, attempt=task.attempt), ""))
+        for call_id, tool_name in unfinished.items():
+            results[call_id] = ToolResult.error(
+                ErrorKind.CANCELLED,
+                f"{tool_name} was interrupted: the session server stopped before it finished; "
+                "if it had started, its effects may be partial",
+            )
+        self._record_cut_step(session_id, turn_id, responded, texts, results)
+        for call_id, tool_name in unfinished.items():
+            self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, results[call_id], 0.0, 0.0))
+        self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+        log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
+
+    def _record_cut_step(self, session_id: str, turn_id: str, responded: dict[int, ModelResponded],
+                         texts: dict[int, list[str]], results: dict[str, ToolResult]) -> None:
+        """Writes to the history the model response the crash cut off, with its calls' results,
+        as `Turn` does after a CancelTurn: its calls may have changed the workspace (a write that
+        finished, a bash cut half-way), and a next turn whose model does not see them would do
+        them again. A step is written once all its results are in, in one transaction, so the
+        response that needs it is the turn's first not in the history; a crash before this
+        commit finds it missing again, one after finds it there."""
+        history = self.histories.get(session_id)
+        recorded = sum(1 for m in self.store.get_messages(session_id) if m.turn_id == turn_id and m.role == "assistant")
+        response = responded.get(recorded)
+        if response is None:
+            return  # the crash came before the response was complete: its early Query calls read only
+        text = "".join(texts.get(response.step, []))
+        if len(text) > MAX_RESPONSE_TEXT_CHARS:
+            text = cut(text, MAX_RESPONSE_TEXT_CHARS, "model text")
+        messages = [StoredMessage(role="assistant", text=text, tool_calls=list(response.tool_calls), turn_id=turn_id)]
+        messages += [
+            StoredMessage(role="tool", tool_call_id=c.call_id, tool_result=results[c.call_id], turn_id=turn_id)
+            for c in response.tool_calls
+        ]
+        history.append(messages)
 
     def _turn_events_stored(self, session_id: str, turn_id: str):
         """The stored events of one turn, read a page at a time."""

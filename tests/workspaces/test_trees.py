@@ -287,3 +287,44 @@ async def test_a_sync_cancelled_while_its_thread_writes_ends_only_after_the_thre
         if reader is None:  # failed early: free the thread, or the process never exits
             reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         os.close(reader)
+
+
+async def test_a_worker_killed_mid_write_leaves_nothing_its_successor_uses(setup, tmp_path: Path) -> None:
+    # What a SIGKILL mid-sync leaves in the cache slot: a file of the copy cut short (written in
+    # place), a second one missing, and a blob half-written under its temporary name. The next
+    # worker on the slot rescans the copy from scratch (no stat cache survives) and rewrites what
+    # differs; the temporary blob is never taken for the blob.
+    _, server, _, channel = setup
+    cache = str(tmp_path / "killed-cache")
+    space = tmp_path / "space"
+    space.mkdir()
+    (space / "big.bin").write_bytes(b"b" * 300_000)
+    (space / "small.txt").write_text("small\n")
+
+    def worker() -> WorkspaceManager:
+        manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=cache)
+        manager.configure(CasClient(channel), server.snapshots.excludes)
+        return manager
+
+    first = worker()
+    placement = await first.place(await snapshot(server, space))
+    copy = Path(placement.path)
+    placement.release()
+    first.close()
+    os.truncate(copy / "big.bin", 1000)
+    (copy / "small.txt").unlink()
+    blob = Digest.of(b"b" * 300_000)
+    blobs = copy.parent.parent / "blobs" / blob.hash[:2]
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / f"{blob.hash}.tmp").write_bytes(b"b" * 10)
+
+    second = worker()
+    placement = await second.place(await snapshot(server, space))
+    try:
+        assert Path(placement.path) == copy
+        assert (copy / "big.bin").read_bytes() == b"b" * 300_000
+        assert (copy / "small.txt").read_text() == "small\n"
+        assert blob.hash not in second.store or second.store.read(blob) == b"b" * 300_000
+    finally:
+        placement.release()
+        second.close()
