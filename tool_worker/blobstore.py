@@ -9,15 +9,21 @@ missing: it is fetched again, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 from collections import OrderedDict
 
 from tool_worker.merkle import Digest
 
 log = logging.getLogger("codelane.worker")
+
+# A blob's file name: its lowercase hex SHA-256. Anything else in a shard is what `put` left
+# half-written under its temporary name when the worker was killed.
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobStore:
@@ -34,6 +40,11 @@ class BlobStore:
             if not shard.is_dir():
                 continue
             for blob in os.scandir(shard.path):
+                if not _BLOB_NAME.fullmatch(blob.name):
+                    # The slot is this worker's alone (see WorkspaceManager.slot): nobody writes it.
+                    with contextlib.suppress(OSError):
+                        os.unlink(blob.path)
+                    continue
                 info = blob.stat()
                 entries.append((info.st_mtime_ns, blob.name, info.st_size))
         for _, name, size in sorted(entries):

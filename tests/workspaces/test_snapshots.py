@@ -90,6 +90,18 @@ def test_the_blob_store_verifies_every_blob_it_gives_and_evicts_the_least_recent
     assert BlobStore(str(tmp_path / "blobs")).bytes == 100  # what a restarted worker finds
 
 
+def test_a_blob_half_written_by_a_killed_worker_is_removed_when_the_store_opens(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path / "blobs"))
+    kept, cut = b"k" * 100, b"c" * 5_000
+    store.put(Digest.of(kept), kept)
+    leftover = Path(f"{store.path(Digest.of(cut).hash)}.tmp")
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(cut[:3_000])  # `put` killed before its rename
+    reopened = BlobStore(str(tmp_path / "blobs"))
+    assert reopened.bytes == 100 and not leftover.exists()
+    assert reopened.read(Digest.of(kept)) == kept and Digest.of(cut).hash not in reopened
+
+
 @pytest.mark.parametrize(("text", "size"), [("10GiB", 10 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3),
                                             ("1000", 1000), ("1.5KiB", 1536)])
 def test_sizes(text: str, size: int) -> None:
