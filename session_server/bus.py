@@ -9,7 +9,11 @@ once, in order.
 
 A subscription ends when its session is deleted (`SessionClosed`) or the server stops
 (`admission.ShuttingDown`): it hands over the events it holds, reads no more from the store, and
-raises. Whatever its reader missed is stored, for it to read after the last sequence it got.
+raises. Whatever its reader missed is stored, for it to read after the last sequence it got. A
+turn's own stream is the exception: it `reads_to_the_end` of the store before it raises, because
+a stopping server ends its turns (TurnFinished stored) before it ends the subscriptions, and a
+SendMessage stream that had fallen behind would otherwise end without the TurnFinished its client
+waits for.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def _stopping() -> ShuttingDown:
 class Subscription:
     """Events of one session with sequence > `cursor`, in order, each once."""
 
-    def __init__(self, bus: EventBus, session_id: str, buffer: int, buffer_bytes: int, cursor: int) -> None:
+    def __init__(self, bus: EventBus, session_id: str, buffer: int, buffer_bytes: int, cursor: int,
+                 reads_to_the_end: bool) -> None:
         self._bus = bus
         self.session_id = session_id
         self._buffer = buffer
@@ -82,6 +87,9 @@ class Subscription:
         self._behind = False
         # What `batches` raises once it has handed over what it holds; None while it goes on.
         self._end: Exception | None = None
+        # Whether, once ended, it still catches up from the store before raising (bounded: nothing
+        # is published to an ended subscription, so the store's end stays where it is).
+        self._reads_to_the_end = reads_to_the_end
         # Times this subscriber fell behind and caught up from the store (for tests and metrics).
         self.catch_ups = 0
 
@@ -116,7 +124,7 @@ class Subscription:
         and a lone event goes at once."""
         try:
             while True:
-                if self._behind and self._end is None:
+                if self._behind and (self._end is None or self._reads_to_the_end):
                     # Cleared before reading, so events published from now on are queued again
                     # (the overlap with the store is skipped by sequence).
                     self._behind = False
@@ -129,7 +137,7 @@ class Subscription:
                             self.cursor = chunk[-1].sequence
                             self._delivered(len(chunk))
                             yield chunk
-                        if not page.more or self._behind or self._end is not None:
+                        if not page.more or self._behind or (self._end is not None and not self._reads_to_the_end):
                             break
                     continue
                 if self._queue:
@@ -164,9 +172,10 @@ class EventBus:
         self._buffer_bytes = buffer_bytes
         self._stopped = False
 
-    def subscribe(self, session_id: str, after: int) -> Subscription:
-        """Live events of the session with sequence > `after` (the caller has seen up to it)."""
-        subscription = Subscription(self, session_id, self._buffer, self._buffer_bytes, after)
+    def subscribe(self, session_id: str, after: int, reads_to_the_end: bool = False) -> Subscription:
+        """Live events of the session with sequence > `after` (the caller has seen up to it).
+        `reads_to_the_end`: once ended, it still hands over what the store holds (see the module)."""
+        subscription = Subscription(self, session_id, self._buffer, self._buffer_bytes, after, reads_to_the_end)
         if self._stopped:
             subscription._close(_stopping())
         else:

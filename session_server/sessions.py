@@ -382,7 +382,7 @@ class SessionManager:
                     ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
         # From the last event assigned, stored or not: the turn's own events all come after it.
-        subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id))
+        subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id), reads_to_the_end=True)
         ctx = TurnContext(
             session_id=session_id,
             turn_id=turn_id,

@@ -223,8 +223,14 @@ async def test_a_stopping_server_admits_nothing_new_and_lets_a_running_turn_fini
     assert (workspace / "out.txt").read_text() == "x\n"
 
 
-async def test_a_stopping_server_interrupts_a_turn_that_outlives_the_grace(make_server, workspace, tmp_path) -> None:
-    server = await make_server()
+# A one-byte subscriber buffer puts the turn's own stream behind at every event: it reads them all
+# from the store, so the server stops while it is behind, and it must still reach TurnFinished.
+@pytest.mark.parametrize("subscriber_buffer_bytes", [None, 1], ids=["live", "behind"])
+async def test_a_stopping_server_interrupts_a_turn_that_outlives_the_grace(
+    make_server, workspace, tmp_path, subscriber_buffer_bytes
+) -> None:
+    server = await (make_server() if subscriber_buffer_bytes is None
+                    else make_server(subscriber_buffer_bytes=subscriber_buffer_bytes))
     running = await server.client.create(workspace, _waiting_write(tmp_path), permissions=ASK_WRITE)
     stream = server.client.send_stream(running.session_id, "write it")
     seen: list = []

@@ -105,3 +105,18 @@ async def test_a_stopping_server_ends_each_subscription_after_what_it_holds(log:
         with pytest.raises(ShuttingDown, match="resume with WatchEvents after_sequence"):
             await asyncio.wait_for(anext(batches), BOUND)
     assert behind.cursor == 0
+
+
+async def test_a_turns_own_subscription_reads_the_store_to_the_end_before_it_ends(log: _Log) -> None:
+    # A stopping server ends its turns (their TurnFinished stored) before it ends the streams: a
+    # SendMessage stream that had fallen behind must still reach its TurnFinished.
+    bus = EventBus(log.replay, buffer_bytes=1024 * KIB)
+    turns_own = bus.subscribe("s1", 0, reads_to_the_end=True)
+    for sequence in range(1, 9):
+        log.publish(bus, _read_result(sequence, 200 * KIB))  # unread: behind from the 6th
+    assert turns_own.queued_bytes == 0
+    bus.stop()
+    batches = turns_own.batches()
+    assert await _read(batches, 8) == list(range(1, 9))
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(anext(batches), BOUND)
