@@ -19,7 +19,7 @@ from pathlib import Path
 
 from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
-from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, Subscription
+from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, SessionClosed, Subscription
 from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
@@ -500,7 +500,7 @@ class SessionManager:
 
         A watcher that falls behind catches up from the store on its own (see `bus`); it is
         never cut off for being slow. Raises admission.AtCapacity or ShuttingDown when no more
-        streams may open.
+        streams may open, and bus.SessionClosed when the session is deleted while it runs.
         """
         last = self.get_session(session_id).last_sequence
         if after_sequence < 0:
@@ -516,6 +516,10 @@ class SessionManager:
                 page = self._event_page(session_id, cursor)
                 cursor = page.events[-1].sequence if page.events else cursor
                 if not page.more:
+                    if self.store.get_session(session_id) is None:
+                        # Deleted during the replay: its pages ran out early, and a subscription
+                        # made now would wait for good (the session's subscribers were closed).
+                        raise SessionClosed(session_id)
                     # Same synchronous step as the read: every later event reaches the subscription.
                     subscription = self.bus.subscribe(session_id, cursor) if follow else None
                     if page.events:

@@ -8,9 +8,11 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from prometheus_client.utils import floatToGoString
 
 from codelane.v1 import events_pb2
+from session_server.bus import SessionClosed
 from session_server.store import MAX_READ_PAGE_CHARS
 from tests.session.conftest import (
     STREAM_TIMEOUT,
@@ -243,3 +245,29 @@ async def test_a_replay_of_big_events_reads_pages_bounded_in_size_and_sends_each
     assert marker.caught_up.last_sequence == sent[-1].sequence
     assert [item.event for item in items[:-1]] == sent
     assert_gap_free(replayed)
+
+
+async def test_a_session_deleted_in_the_middle_of_a_replay_ends_the_watch(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # 25 reads of a 190 KB file: two pages of events. The session is deleted once the first page
+    # is handed over: the next page is empty, and a follow subscription made then waited for good
+    # (the session's subscribers had been closed already). Each watch now ends, saying so.
+    running = await make_server()
+    (workspace / "big.txt").write_text(("w" * 1900 + "\n") * 100, encoding="utf-8")
+    reads = [call("read", file_path="big.txt") for _ in range(25)]
+    model = scripted(tmp_path, [{"text": "Reading.", "tool_calls": reads}, {"text": "Read it all."}])
+    manager = running.server.sessions
+    watches = []
+    for follow in (True, False):
+        session = await running.client.create(workspace, model)
+        await running.client.send(session.session_id, "read the big file, many times")
+        await running.client.wait_idle(session.session_id)
+        watch = manager.watch(session.session_id, 0, follow=follow)
+        first_page = await asyncio.wait_for(anext(watch), STREAM_TIMEOUT)
+        assert isinstance(first_page, list) and first_page[0].sequence == 1
+        await manager.delete_session(session.session_id)
+        watches.append(watch)
+    for watch in watches:
+        with pytest.raises(SessionClosed):
+            await asyncio.wait_for(anext(watch), STREAM_TIMEOUT)
