@@ -11,9 +11,12 @@ import binascii
 import json
 
 _BAD_TOKEN = (
-    "invalid page token {token!r}: pass the next_page_token of the previous {rpc} response "
+    "invalid page token {token}: pass the next_page_token of the previous {rpc} response "
     "unchanged, or an empty token for the first page"
 )
+# Characters of a bad token the error quotes: a token may be as long as a request (megabytes), and
+# a status message travels in a trailer that has to stay small.
+_QUOTED_TOKEN_CHARS = 64
 
 
 def encode_page_token(*keys: str | float) -> str:
@@ -26,11 +29,19 @@ def decode_page_token(token: str, rpc: str, *kinds: type[str] | type[float]) -> 
     written as an integer). Raises ValueError, naming `rpc` and what to pass, for any other."""
     try:
         keys = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
-        raise ValueError(_BAD_TOKEN.format(token=token, rpc=rpc)) from exc
+    # RecursionError: JSON arrays nested deeper than the interpreter's stack (`[[[[...`).
+    except (binascii.Error, UnicodeError, ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(_bad_token(token, rpc)) from exc
     if not isinstance(keys, list) or len(keys) != len(kinds) or not all(map(_is_a, keys, kinds)):
-        raise ValueError(_BAD_TOKEN.format(token=token, rpc=rpc))
+        raise ValueError(_bad_token(token, rpc))
     return tuple(float(key) if kind is float else key for key, kind in zip(keys, kinds, strict=True))
+
+
+def _bad_token(token: str, rpc: str) -> str:
+    quoted = repr(token)
+    if len(token) > _QUOTED_TOKEN_CHARS:
+        quoted = f"{token[:_QUOTED_TOKEN_CHARS]!r}... ({len(token):,} characters)"
+    return _BAD_TOKEN.format(token=quoted, rpc=rpc)
 
 
 def _is_a(key: object, kind: type) -> bool:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from codelane.v1 import session_pb2, tools_pb2
+from tests.server.test_store import NESTED_TOKEN
 from tests.session.conftest import Client, call, rpc_error, scripted
 
 DOMAIN = "codelane.dev"
@@ -199,7 +200,8 @@ async def test_list_sessions_pages_newest_first(client: Client, workspace: Path,
 
 @pytest.mark.parametrize(
     ("page_size", "page_token", "field"),
-    [(2, "not-a-token", "page_token"), (2, "W10=", "page_token"), (-1, "", "page_size"), (1001, "", "page_size")],
+    [(2, "not-a-token", "page_token"), (2, "W10=", "page_token"), (-1, "", "page_size"), (1001, "", "page_size"),
+     (2, NESTED_TOKEN, "page_token")],
 )
 async def test_list_sessions_rejects_bad_paging(client: Client, page_size: int, page_token: str, field: str) -> None:
     request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
