@@ -20,6 +20,7 @@ from session_server.sessions import DEFAULT_GENERATE_LIMIT
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.confinement.policy import (
     GIB,
+    HOME_SECRETS,
     MIB,
     MIN_CPU_SECONDS,
     MIN_MEMORY,
@@ -30,11 +31,16 @@ from tool_worker.confinement.policy import (
 )
 from tool_worker.heap import freeze_startup_heap
 from tool_worker.merkle import DEFAULT_EXCLUDES, Exclusions
+from tool_worker.snapshot_wire import MAX_WORKSPACE_EXCLUDES
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
 
 PROG = "codelane server"
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# The deny list's paths inside a workspace travel to workers as that workspace's exclusions
+# (WorkspaceSnapshot.exclude, at most MAX_WORKSPACE_EXCLUDES), with the data dir, three TLS files
+# and the home's credentials: a longer list would make every worker refuse the workspace's snapshots.
+MAX_SANDBOX_DENY_READ = MAX_WORKSPACE_EXCLUDES - 1 - 3 - len(HOME_SECRETS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +205,9 @@ def main(argv: list[str]) -> int:
         parser.error("--tls-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
     if args.subscriber_buffer_bytes <= 0:
         parser.error("--subscriber-buffer-bytes must be more than 0, e.g. 4M")
+    if len(args.sandbox_deny_read) > MAX_SANDBOX_DENY_READ:
+        parser.error(f"--sandbox-deny-read is given {len(args.sandbox_deny_read):,} times; at most "
+                     f"{MAX_SANDBOX_DENY_READ:,}: deny a directory that holds the paths instead")
     for flag, directories in (("--scripts-dir", args.scripts_dir), ("--workspace-root", args.workspace_root)):
         missing = [str(d) for d in directories if not d.is_dir()]
         if missing:

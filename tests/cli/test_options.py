@@ -33,6 +33,7 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    (["server", *["--sandbox-deny-read", "/secret"] * 1025], "--sandbox-deny-read is given 1,025 times; at most"),
     (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b c=d,,g=h"], "may not hold spaces"),
     (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b,,g=h"], "has an empty label"),
     (["worker", "--connect", "127.0.0.1:1", "--root", "/no/such/dir"], "argument --root: /no/such/dir: no such "
