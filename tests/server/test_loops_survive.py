@@ -18,7 +18,7 @@ from session_server.eventlog import EventLog
 from session_server.events import StoredEvent, TextDelta
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
-from session_server.store import SessionRecord, Store
+from session_server.store import EventPage, SessionRecord, Store
 from tests.polling import poll_until
 from tool_worker import snapshot_wire
 from tool_worker.merkle import snapshot_of
@@ -42,7 +42,7 @@ def _event(sequence: int) -> StoredEvent:
 
 
 async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
-    bus = EventBus(lambda session, after, limit: [])
+    bus = EventBus(lambda session, after: EventPage([], more=False, chars=0))
     broken, healthy = bus.subscribe("s1", 0), bus.subscribe("s1", 0)
 
     def explode(events, size) -> None:

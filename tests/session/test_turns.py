@@ -473,6 +473,7 @@ async def test_a_message_sent_while_its_session_is_deleted_is_not_found_and_star
     model = scripted(tmp_path, [{"text": "Writing.", "tool_calls": [call("write", file_path="x.txt", content="x")]}])
     ask = session_pb2.PermissionPolicy(ask=["write"])
     late: list[tuple[int, ErrorDetails]] = []  # per SendMessage that failed other than TURN_IN_PROGRESS
+    refused: Counter[str] = Counter()  # SendMessages refused as TURN_IN_PROGRESS, per session
 
     async def keep_sending(sid: str) -> None:
         while True:
@@ -486,6 +487,7 @@ async def test_a_message_sent_while_its_session_is_deleted_is_not_found_and_star
                 if error.reason != "TURN_IN_PROGRESS":
                     late.append((len(seen), error))
                     return
+                refused[sid] += 1
             else:
                 raise AssertionError(f"a turn of a session being deleted ran to its end: {seen}")
 
@@ -494,7 +496,8 @@ async def test_a_message_sent_while_its_session_is_deleted_is_not_found_and_star
         first = client.send_stream(sid, "go")
         await read_until(first, lambda r: kind(r.event) == "confirmation_required", [])
         senders = [asyncio.create_task(keep_sending(sid)) for _ in range(DELETE_RACE_SENDERS)]
-        await asyncio.sleep(0.005)  # a few SendMessages in flight, refused as TURN_IN_PROGRESS
+        # The senders are at it: as many SendMessages as senders have been refused as TURN_IN_PROGRESS.
+        await poll_until(lambda sid=sid: refused[sid] >= DELETE_RACE_SENDERS, what="SendMessages to be refused")
         await client.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=sid), timeout=10)
         await asyncio.wait_for(asyncio.gather(*senders), 10)
         rest = await read_rest(first)
