@@ -125,6 +125,10 @@ class RecordingPool(WorkerPool):
         return set(worker.in_flight) if worker is not None else set()
 
 
+# A path inside the sample workspace that no snapshot holds (see ConformanceHub.snapshots).
+EXCLUDED_PATH = "conformance-excluded"
+
+
 class ConformanceHub:
     """A real hub (WorkerHubService with bearer-token auth) on 127.0.0.1; `restart()` stops it and
     starts a new one on the same port, as a redeployed server would."""
@@ -134,8 +138,11 @@ class ConformanceHub:
         self.record = record
         self.port = 0
         self.pool: RecordingPool | None = None
-        # Snapshots outlive a hub restart, as a server's workspaces do on disk.
-        self.snapshots = SnapshotRegistry()
+        # Snapshots outlive a hub restart, as a server's workspaces do on disk. Every snapshot
+        # carries a workspace exclusion (WorkspaceSnapshot.exclude), as a server's do where its
+        # deny list lies inside a workspace: a worker must take the field, and one on the hub's
+        # filesystem must apply it to prove it shares the workspace.
+        self.snapshots = SnapshotRegistry(workspace_excludes=lambda workspace: (EXCLUDED_PATH,))
         self.content = ContentStore(self.snapshots)
         self._server: grpc.aio.Server | None = None
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from session_server.conformance.checks import CheckFailed, Outcome, Skipped, run_all
-from session_server.conformance.hub import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, ConformanceHub, Record
+from session_server.conformance.hub import EXCLUDED_PATH, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, ConformanceHub, Record
 from session_server.pool import QueryCall
 from tool_worker.merkle import SHARED, SYNCED, UNAVAILABLE, SnapshotRef
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
@@ -217,8 +217,9 @@ async def check_heartbeats(ctx: WorkerContext) -> str:
 
 async def check_content_sync(ctx: WorkerContext) -> str:
     """Content sync: every Assign names a snapshot; the worker runs the call on exactly that tree (its
-    own digest of the server's path, or a copy fetched from the hub's CAS) and reports what it holds
-    in Holdings. After the workspace changes, calls name a newer snapshot and the worker moves to it."""
+    own digest of the server's path, computed with the snapshot's exclusions, or a copy fetched
+    from the hub's CAS) and reports what it holds in Holdings. After the workspace changes, calls
+    name a newer snapshot and the worker moves to it."""
     ctx.require_worker()
     first = ctx.snapshot
     ctx.answered(await ctx.run(ctx.call()))
@@ -413,6 +414,8 @@ def schema_violation(schema: dict[str, Any]) -> dict[str, Any]:
 def _sample_workspace(directory: str) -> Path:
     workspace = Path(directory).resolve()
     (workspace / SAMPLE_FILE).write_text(SAMPLE_TEXT)
+    (workspace / EXCLUDED_PATH).mkdir()
+    (workspace / EXCLUDED_PATH / "held-back.txt").write_text("in no snapshot\n")
     return workspace
 
 
