@@ -183,7 +183,11 @@ def resolve_workspace(workspace: str, roots: Sequence[Path] = ()) -> Path:
         raise InvalidArgument(
             "workspace", f"is not a usable path (longer than {MAX_WORKSPACE_BYTES} bytes, or with a NUL byte)"
         )
-    path = Path(workspace).expanduser()
+    path = Path(workspace)
+    try:
+        path = path.expanduser()
+    except RuntimeError:
+        pass  # `~user` of no user on this machine: left as written, a relative path refused below
     if not path.is_absolute():
         raise InvalidArgument("workspace", f"{workspace!r} is not an absolute path")
     try:

@@ -25,6 +25,8 @@ INVALID_CREATES = [
     ("empty-workspace", lambda ws, good: _request("", model=good), "workspace"),
     ("blank-workspace", lambda ws, good: _request("   ", model=good), "workspace"),
     ("workspace-is-a-file", lambda ws, good: _request(str(ws / "a.txt"), model=good), "workspace"),
+    # Path.expanduser raised RuntimeError for a user without a home: UNKNOWN, not the field.
+    ("home-of-unknown-user", lambda ws, good: _request("~no-such-user-here/ws", model=good), "workspace"),
     ("unknown-provider", lambda ws, good: _request(str(ws), model="foo:bar"), "config.model"),
     ("malformed-model", lambda ws, good: _request(str(ws), model="gpt-4o"), "config.model"),
     ("model-without-name", lambda ws, good: _request(str(ws), model="openai:"), "config.model"),
