@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 
 _BAD_TOKEN = (
     "invalid page token {token}: pass the next_page_token of the previous {rpc} response "
@@ -45,6 +46,19 @@ def _bad_token(token: str, rpc: str) -> str:
 
 
 def _is_a(key: object, kind: type) -> bool:
+    # Only what `encode_page_token` writes: JSON also reads NaN, Infinity, integers too big for
+    # a float (float() raises OverflowError) and lone surrogates ("\ud800", which no database
+    # or message can encode), all of which only a forged token holds.
     if kind is float:
-        return isinstance(key, int | float) and not isinstance(key, bool)
+        if not isinstance(key, int | float) or isinstance(key, bool):
+            return False
+        try:
+            return math.isfinite(key)
+        except OverflowError:
+            return False
+    if isinstance(key, str):
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            return False
     return isinstance(key, kind)

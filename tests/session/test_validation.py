@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import grpc
@@ -200,16 +201,29 @@ async def test_list_sessions_pages_newest_first(client: Client, workspace: Path,
     assert times == sorted(times, reverse=True)
 
 
+def _token(keys_json: bytes) -> str:
+    return base64.urlsafe_b64encode(keys_json).decode()
+
+
+# Tokens of well-formed JSON whose keys no server issues: a creation time past a float (float()
+# raised OverflowError: UNKNOWN), a session id with a lone surrogate (SQLite could not encode it:
+# an INVALID_ARGUMENT blaming page_size), creation times that are not numbers (an empty page).
+FORGED_TOKENS = [_token(b'[1' + b'0' * 400 + b', "s_1"]'), _token(b'[1, "\\ud800"]'), _token(b'[NaN, "s_1"]'),
+                 _token(b'[1e999, "s_1"]')]
+
+
 @pytest.mark.parametrize(
     ("page_size", "page_token", "field"),
     [(2, "not-a-token", "page_token"), (2, "W10=", "page_token"), (-1, "", "page_size"), (1001, "", "page_size"),
-     (2, NESTED_TOKEN, "page_token")],
+     (2, NESTED_TOKEN, "page_token"), *((2, token, "page_token") for token in FORGED_TOKENS)],
 )
 async def test_list_sessions_rejects_bad_paging(client: Client, page_size: int, page_token: str, field: str) -> None:
     request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
     error = await rpc_error(client.sessions.ListSessions(request, timeout=10))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.metadata == {"field": field}
+    if field == "page_token":
+        assert "next_page_token" in error.message
 
 
 async def test_get_messages_pages_in_history_order(client: Client, workspace: Path, tmp_path: Path) -> None:
