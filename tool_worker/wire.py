@@ -25,6 +25,10 @@ NANOS_PER_SECOND = 1_000_000_000
 # came back at 69 MB, over gRPC's 64 MiB message limit, and the session's history could no longer
 # be read.
 MAX_METADATA_JSON_CHARS = 64 * 1024
+# The range of a google.protobuf.Duration (about 10,000 years). A result's queue_wait and run_time
+# beyond it, or negative, are not measures: ~2^63 s could be stored but not sent again (its
+# nanoseconds pass int64), which broke every stream, replay and history read of the session.
+MAX_DURATION_SECONDS = 315_576_000_000
 
 # protobuf's FromNanoseconds() is Python code that costs microseconds; every call's path sets a
 # deadline and two durations, so these do the same normalisation directly.
@@ -135,6 +139,13 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
         metadata=metadata if isinstance(metadata, dict) else {"metadata": metadata},
         worker_id=msg.worker_id,
         attempt=msg.attempt or 1,
-        queue_wait=seconds(msg.queue_wait),
-        run_time=seconds(msg.run_time),
+        queue_wait=_measured(msg.queue_wait),
+        run_time=_measured(msg.run_time),
     )
+
+
+def _measured(d: duration_pb2.Duration) -> float:
+    """A duration a worker or client reported, or 0 (not measured: the call's owner times it)
+    when it cannot be one."""
+    value = seconds(d)
+    return value if 0 <= value <= MAX_DURATION_SECONDS else 0.0

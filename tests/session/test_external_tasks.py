@@ -19,7 +19,7 @@ from codelane.events import ExternalTaskCompleted as SdkExternalTaskCompleted
 from codelane.events import ExternalTaskPending as SdkExternalTaskPending
 from codelane.events import ToolResult as SdkToolResult
 from codelane.events import TurnFinished as SdkTurnFinished
-from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2
 from session_server.external import ExternalTasks
 from tests.manual_time import ManualTime
 from tests.polling import poll_until
@@ -405,6 +405,30 @@ async def test_complete_unknown_task_is_not_found(client: Client, workspace: Pat
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": "client_id"}
     error = await rpc_error(_complete(client, "s_nope", "task_nope", "cli-1", output="x"))
     assert error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
+
+
+@pytest.mark.parametrize("seconds", [2**63 - 1, -5], ids=["past-int64-nanos", "negative"])
+async def test_a_result_with_an_impossible_run_time_is_timed_by_the_server(
+    client: Client, workspace: Path, tmp_path: Path, seconds: int
+) -> None:
+    """A client's run_time of ~2^63 s could be stored but not sent (its nanoseconds pass int64):
+    the turn's stream, every replay, the history and GetQueueStats failed for good with UNKNOWN."""
+    sid, stream = await _start_one_external_write(client, workspace, tmp_path)
+    await read_until(stream, lambda i: i.HasField("event") and kind(i.event) == "external_task_pending", [])
+    claimed_at = time.monotonic()
+    [task] = await _claim(client, sid, "cli-1")
+    await _complete(client, sid, task.task_id, "cli-1", output="done", run_time=duration_pb2.Duration(seconds=seconds))
+    events = [r.event for r in await read_rest(stream)]
+    completed_at = time.monotonic()
+
+    assert kind(events[-1]) == "turn_finished"
+    [finished] = _of_kind(events, "tool_call_finished")
+    assert 0 <= finished.tool_call_finished.run_time.ToNanoseconds() / 1e9 <= completed_at - claimed_at
+    replayed, _ = await client.watch(sid)
+    assert kind(replayed[-1]) == "turn_finished"
+    assert (await _tool_results(client, sid))["c_w"].output == "done"
+    stats = await client.admin.GetQueueStats(admin_pb2.GetQueueStatsRequest(), timeout=10)
+    assert all(lane.latency_p99.ToNanoseconds() >= 0 for lane in stats.lanes)
 
 
 # -- the Python SDK ----------------------------------------------------------------------------
