@@ -25,6 +25,11 @@ NANOS_PER_SECOND = 1_000_000_000
 # came back at 69 MB, over gRPC's 64 MiB message limit, and the session's history could no longer
 # be read.
 MAX_METADATA_JSON_CHARS = 64 * 1024
+# Nesting of a result's metadata kept as parsed JSON; deeper, it is kept as the string it was.
+# json.loads reads as deep as the stack allows where the result arrives, and writing it again
+# deeper in the turn's stack (the history, the event log) raised RecursionError: the turn failed
+# and its step (the calls, which had run, and their results) was lost from the history.
+MAX_METADATA_DEPTH = 64
 # The range of a google.protobuf.Duration (about 10,000 years). A result's queue_wait and run_time
 # beyond it, or negative, are not measures: ~2^63 s could be stored but not sent again (its
 # nanoseconds pass int64), which broke every stream, replay and history read of the session.
@@ -115,15 +120,18 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
 
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
     """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
-    replaced by a note saying so; metadata that is not JSON (or nests too deeply to parse) is kept
-    as the string it was."""
+    replaced by a note saying so; metadata that is not JSON (or nests deeper than MAX_METADATA_DEPTH) is
+    kept as the string it was."""
     if len(msg.metadata_json) > MAX_METADATA_JSON_CHARS:
         metadata: object = {"omitted_by_codelane": f"metadata_json was {len(msg.metadata_json):,} characters; at "
                                                    f"most {MAX_METADATA_JSON_CHARS:,} are kept"}
     elif msg.metadata_json:
         try:
             metadata = json.loads(msg.metadata_json)
+            parsed = _depth(metadata) <= MAX_METADATA_DEPTH
         except (ValueError, RecursionError):
+            parsed = False
+        if not parsed:
             metadata = {"unparsed_metadata": msg.metadata_json}
     else:
         metadata = {}
@@ -142,6 +150,17 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
         queue_wait=_measured(msg.queue_wait),
         run_time=_measured(msg.run_time),
     )
+
+
+def _depth(value: object) -> int:
+    """How deeply `value` (parsed JSON) nests arrays and objects, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _measured(d: duration_pb2.Duration) -> float:

@@ -431,6 +431,31 @@ async def test_a_result_with_an_impossible_run_time_is_timed_by_the_server(
     assert all(lane.latency_p99.ToNanoseconds() >= 0 for lane in stats.lanes)
 
 
+async def test_results_with_deeply_nested_metadata_are_all_kept(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    """metadata_json parsed at the depth of the RPC handler could be too deep to write again deeper
+    in the turn's stack: the turn failed with RecursionError, and the history lost the step
+    (the model's calls and their results, whose effects had happened). Depths around the
+    interpreter's limit, one call each: where it breaks depends on the stack."""
+    depths = range(600, 1001, 10)
+    calls = [call("write", f"c_{depth}", file_path=f"f{depth}", content="x") for depth in depths]
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "Done."}])
+    sid = (await client.create(workspace, model, queue=_queue(execute=EXTERNAL))).session_id
+    stream = client.send_stream(sid, "go")
+    for depth in depths:
+        await read_until(stream, lambda i: i.HasField("event") and kind(i.event) == "external_task_pending", [])
+        [task] = await _claim(client, sid, "cli-1")
+        assert task.call.call_id == f"c_{depth}"
+        await _complete(client, sid, task.task_id, "cli-1", output="written", metadata_json="[" * depth + "]" * depth)
+    events = [r.event for r in await read_rest(stream)]
+
+    assert [kind(e) for e in events if kind(e) in ("error", "turn_finished")] == ["turn_finished"]
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    results = await _tool_results(client, sid)
+    assert [results[f"c_{depth}"].output for depth in depths] == ["written"] * len(depths)
+
+
 # -- the Python SDK ----------------------------------------------------------------------------
 
 
