@@ -127,6 +127,8 @@ _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", r
 _WILDCARD = re.compile(r"[*?\[]")
 # What makes a path glob more than one path (tool_worker.denied's syntax).
 _PATH_WILDCARD = re.compile(r"[*?\[{\\]")
+# Levels of `{a,b}` alternatives nested in a path rule's glob (a real rule needs one or two).
+MAX_GLOB_BRACE_DEPTH = 16
 # Entries of a directory a write would change that are matched against a rule below it, at most
 # (listed on the event loop: about 1 us each here; past it the rule is taken to apply).
 MAX_LISTED_FOR_RULES = 50_000
@@ -325,10 +327,13 @@ class PermissionPolicy:
         confirmation_timeout: float = DEFAULT_CONFIRMATION_TIMEOUT,
         timeout_action: Action | str = Action.DENY,
         known_tools: Collection[str] | None = None,
+        stored: bool = False,
     ) -> PermissionPolicy:
         """Raises PolicyError naming the bad field, e.g. "allow[1]". With `known_tools`, a rule
-        naming any other tool is an error (`--deny Bash` would otherwise deny nothing)."""
-        return cls(
+        naming any other tool is an error (`--deny Bash` would otherwise deny nothing).
+        `stored`: a policy read back as a server (this one or an older one) accepted it, whose
+        path globs are not checked again: every RPC reading its session would fail."""
+        policy = cls(
             allow=_parse_rules(allow, "allow", known_tools),
             deny=_parse_rules(deny, "deny", known_tools),
             ask=_parse_rules(ask, "ask", known_tools),
@@ -336,6 +341,11 @@ class PermissionPolicy:
             confirmation_timeout=float(confirmation_timeout),
             timeout_action=_action(timeout_action, "timeout_action"),
         )
+        if not stored:
+            for rule in (*policy.allow, *policy.deny, *policy.ask):
+                if rule.glob is not None and SUBJECTS[rule.tool][0].kind is SubjectKind.PATH:
+                    _check_path_glob(rule.glob, rule.text, rule.source)
+        return policy
 
     @property
     def allows_everything(self) -> bool:
@@ -401,6 +411,7 @@ class PermissionPolicy:
             default_action=data.get("default_action", Action.ALLOW),
             confirmation_timeout=data.get("confirmation_timeout", DEFAULT_CONFIRMATION_TIMEOUT),
             timeout_action=data.get("timeout_action", Action.DENY),
+            stored=True,
         )
 
 
@@ -580,6 +591,23 @@ def _normalise_path(path: str, workspace: str | None) -> str:
         if inside is not None:
             path = inside
     return normalise_relative(path)
+
+
+def _check_path_glob(glob: str, text: str, source: str) -> None:
+    """Refuses a path glob that would fail when matched: it is compiled on the first call it is
+    checked on, and its error failed that turn, and every later one of the session."""
+    # Its translation recurses once per level of braces, so deep braces raise RecursionError;
+    # compiling it here would not tell: this stack may be shallower than the turn's.
+    depth = deepest = 0
+    for char in glob:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_GLOB_BRACE_DEPTH:
+        raise PolicyError(source, f"{text!r} nests braces {deepest} deep; at most {MAX_GLOB_BRACE_DEPTH}")
+    try:
+        compile_path_glob(glob)
+    except re.error as exc:
+        raise PolicyError(source, f"{text!r} is not a glob a path can match: {exc}") from None
 
 
 def _normalise_rule_path(glob: str) -> str:

@@ -287,8 +287,13 @@ async def test_default_policy_is_filled_in(client: Client, workspace: Path, tmp_
         (_policy(timeout_action=session_pb2.PERMISSION_ACTION_ASK), "config.permissions.timeout_action"),
         (_policy(confirmation_timeout=-1.0), "config.permissions.confirmation_timeout"),
         (_policy(default_action=9), "config.permissions.default_action"),
+        # Path globs that parsed but failed when matched (re.error; RecursionError in the glob's
+        # translation): every call the rule was checked on ended the turn with an INTERNAL error.
+        (_policy(deny=["read(src/[z-a].py)"]), "config.permissions.deny[0]"),
+        (_policy(allow=["bash", "write(" + "{" * 2000 + "a" + "}" * 2000 + ")"]), "config.permissions.allow[1]"),
     ],
-    ids=["bad-syntax", "empty-glob", "glob-on-plugin", "ask-on-timeout", "negative-timeout", "unknown-action"],
+    ids=["bad-syntax", "empty-glob", "glob-on-plugin", "ask-on-timeout", "negative-timeout", "unknown-action",
+         "bad-range-in-path-glob", "braces-nested-past-the-stack"],
 )
 async def test_bad_policy_is_invalid_naming_the_field(
     client: Client, workspace: Path, tmp_path: Path, policy: session_pb2.PermissionPolicy, field: str
