@@ -58,6 +58,9 @@ class Models:
         except ValueError as exc:
             raise InvalidArgument("config.model", str(exc)) from None
         if spec.provider == "scripted":
+            if "\0" in spec.name:
+                # No file has such a name, and the os functions refuse it with ValueError, not OSError.
+                raise InvalidArgument("config.model", "the script path holds a NUL character: name a script file")
             try:
                 await self.scripts.load_async(spec.name, check=not self.trusted(model))
             except ScriptError as exc:

@@ -33,6 +33,8 @@ INVALID_CREATES = [
     ("model-without-name", lambda ws, good: _request(str(ws), model="openai:"), "config.model"),
     ("no-model-and-no-default", lambda ws, good: _request(str(ws)), "config.model"),
     ("missing-script", lambda ws, good: _request(str(ws), model=f"scripted:{ws}/nope.yaml"), "config.model"),
+    # os.path.realpath raised ValueError ("embedded null byte"): UNKNOWN.
+    ("script-path-with-nul", lambda ws, good: _request(str(ws), model=f"{good}\0.yaml"), "config.model"),
     (
         "query-concurrency-1000",
         lambda ws, good: _request(str(ws), model=good, queue=session_pb2.QueueConfig(query_concurrency=1000)),
