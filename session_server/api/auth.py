@@ -59,6 +59,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode(), expected.encode()):
             return await continuation(details)
         handler = await continuation(details)
+        if handler is None:
+            return None  # no such method: UNIMPLEMENTED, as for a caller with the token (reflection is open)
         who = "worker" if is_worker else "client"
         flag = "--token of `codelane worker`" if is_worker else "the client's token"
         problem = "missing" if not given else "wrong"

@@ -44,6 +44,21 @@ async def test_client_token_is_required_when_set(make_server, tmp_path: Path) ->
         assert list(reply.sessions) == []
 
 
+@pytest.mark.parametrize(
+    "metadata", [(), (("authorization", "Bearer nope"),), (("authorization", "Bearer client-secret"),)],
+    ids=["no-token", "wrong-token", "right-token"],
+)
+async def test_an_unknown_method_is_unimplemented_whatever_the_token(make_server, metadata) -> None:
+    """Refusing an unknown method's call without the token read the shape of its handler, which
+    is None: AttributeError, UNKNOWN, and a traceback logged per call."""
+    server = await make_server(token="client-secret")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        method = channel.unary_unary("/codelane.v1.SessionService/NoSuchMethod")
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await method(b"", metadata=metadata, timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_health_reports_not_serving_during_shutdown(make_server) -> None:
     server = await make_server()
     async with grpc.aio.insecure_channel(server.address) as channel:
