@@ -40,6 +40,10 @@ MAX_CONFIRMATION_TIMEOUT = 24 * 3600.0
 MAX_ENV_VARIABLES = 100
 MAX_ENV_BYTES = 64 * 1024
 MAX_SYSTEM_PROMPT_CHARS = 256 * 1024
+# Rules of each list of a permission policy (allow, deny, ask). Each is parsed on the event loop,
+# at creation and whenever the session is read, and checked against every call: 10 million fit
+# in one request, which held every client up for about 25 s before the stored size refused them.
+MAX_PERMISSION_RULES = 1000
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_SYSTEM_PROMPT = (
     "You are a coding agent working in a repository. Use the tools to inspect and change files. "
@@ -346,6 +350,11 @@ def build_policy(request: PermissionsRequest | None, known_tools: Collection[str
     """The policy with defaults filled in. Raises InvalidArgument naming e.g. config.permissions.deny[1]."""
     if request is None:
         return PermissionPolicy()
+    for name in ("allow", "deny", "ask"):
+        count = len(getattr(request, name))
+        if count > MAX_PERMISSION_RULES:
+            raise InvalidArgument(f"config.permissions.{name}", f"has {count:,} rules; at most "
+                                  f"{MAX_PERMISSION_RULES:,}: one glob can cover many paths or commands")
     timeout = request.confirmation_timeout
     if timeout is not None:
         _bounded("config.permissions.confirmation_timeout", timeout, 0.001, MAX_CONFIRMATION_TIMEOUT)

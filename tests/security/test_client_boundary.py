@@ -123,7 +123,7 @@ async def test_bulky_sessions_are_refused_and_listing_stays_possible(client, wor
     honest = await client.create(workspace, model)
     bulky = {
         "config.system_prompt": {"system_prompt": "p" * (MAX_SYSTEM_PROMPT_CHARS + 1)},
-        "config": {"permissions": session_pb2.PermissionPolicy(deny=[f"read({i}{'a' * 1000})" for i in range(1100)])},
+        "config": {"permissions": session_pb2.PermissionPolicy(deny=[f"read({i}{'a' * 1100})" for i in range(1000)])},
     }
     attempts = {field: client.create(workspace, model, **config) for field, config in bulky.items()}
     attempts["labels"] = client.sessions.CreateSession(session_pb2.CreateSessionRequest(

@@ -291,9 +291,12 @@ async def test_default_policy_is_filled_in(client: Client, workspace: Path, tmp_
         # translation): every call the rule was checked on ended the turn with an INTERNAL error.
         (_policy(deny=["read(src/[z-a].py)"]), "config.permissions.deny[0]"),
         (_policy(allow=["bash", "write(" + "{" * 2000 + "a" + "}" * 2000 + ")"]), "config.permissions.allow[1]"),
+        # Each rule is parsed on the event loop (about 2.5 us), at creation and again whenever
+        # the session is read: 10 million fit in one request, about 25 s with every client waiting.
+        (_policy(ask=["bash"] * 100_000), "config.permissions.ask"),
     ],
     ids=["bad-syntax", "empty-glob", "glob-on-plugin", "ask-on-timeout", "negative-timeout", "unknown-action",
-         "bad-range-in-path-glob", "braces-nested-past-the-stack"],
+         "bad-range-in-path-glob", "braces-nested-past-the-stack", "too-many-rules"],
 )
 async def test_bad_policy_is_invalid_naming_the_field(
     client: Client, workspace: Path, tmp_path: Path, policy: session_pb2.PermissionPolicy, field: str
