@@ -159,5 +159,6 @@ async def test_what_a_client_sent_is_quoted_cut_in_errors(client, workspace, tmp
         error = await rpc_error(attempt)
         assert error.code == code, (name, error)
         assert len(error.message.encode()) <= 1024, (name, error.message)
-        assert ("bytes cut" in error.message) == (name != "messages_huge_offset"), (name, error.message)
+        # A bad ListSessions token is quoted by its start only (session_server.paging), so nothing is cut.
+        assert ("bytes cut" in error.message) == (name in ("messages_long_token", "get_long_id")), (name, error.message)
         assert all(len(value) <= 128 for value in error.metadata.values()), name
