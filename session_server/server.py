@@ -33,6 +33,7 @@ from session_server.api.content import (
     CAS_SERVICE,
     add_content_services,
 )
+from session_server.api.decoding import DecodingInterceptor
 from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.reflection import enable_reflection
@@ -355,7 +356,8 @@ class CodelaneServer:
         self.pool.start()
         self.metrics.registry.register(StateCollector(_ServerState(self)))
         server = grpc.aio.server(
-            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(self.config.token, hub_token)],
+            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(self.config.token, hub_token),
+                          DecodingInterceptor()],
             options=SERVER_OPTIONS,
         )
         hub = WorkerHubServicer(self.pool, self._content_source())

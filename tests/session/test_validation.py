@@ -11,7 +11,7 @@ import pytest
 
 from codelane.v1 import session_pb2, tools_pb2
 from tests.server.test_store import NESTED_TOKEN
-from tests.session.conftest import Client, call, rpc_error, scripted
+from tests.session.conftest import Client, call, collect, rpc_error, scripted
 
 DOMAIN = "codelane.dev"
 
@@ -266,3 +266,17 @@ async def test_get_messages_pages_in_history_order(client: Client, workspace: Pa
     error = await rpc_error(client.messages(session.session_id, page_size=5000))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.metadata == {"field": "page_size"}
+
+
+@pytest.mark.parametrize("method", ["GetSession", "WatchEvents"])
+async def test_a_request_that_does_not_parse_is_invalid(client: Client, method: str) -> None:
+    """A string field of bad UTF-8 failed in the request's deserializer: UNKNOWN, and a traceback
+    logged per call."""
+    path = f"/codelane.v1.SessionService/{method}"
+    channel = client.channel
+    call = channel.unary_stream(path) if method == "WatchEvents" else channel.unary_unary(path)
+    session_id_of_bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (session_id), 2 bytes
+    error = await rpc_error(collect(call(session_id_of_bad_utf8, timeout=10)) if method == "WatchEvents"
+                            else call(session_id_of_bad_utf8, timeout=10))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_ARGUMENT"
+    assert f"{method}Request" in error.message and "UTF-8" in error.message
