@@ -9,7 +9,7 @@ hub is their only reader and writer); everything the session and admin services 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf import message as protobuf_message
@@ -164,6 +164,8 @@ _OUTCOMES = {
 }
 
 
+# The lanes a session's config.queue.lanes may configure.
+_CONFIGURABLE_LANES = (tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE)
 _LANE_MODES = {
     tools_pb2.LANE_MODE_INTERNAL: LaneMode.INTERNAL,
     tools_pb2.LANE_MODE_EXTERNAL: LaneMode.EXTERNAL,
@@ -196,9 +198,16 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
         max_attempts=config.queue.max_attempts,
     )
     configured: set[int] = set()
-    for i, lane in enumerate(config.queue.lanes):
+    lanes: Sequence[session_pb2.LaneConfig] = config.queue.lanes
+    if len(lanes) > len(_CONFIGURABLE_LANES):
+        # Refused before any entry is read: each costs microseconds and a noted problem, and one
+        # request holds millions.
+        request.unsupported.append(("config.queue.lanes", f"has {len(lanes):,} entries; at most one for each of "
+                                    "LANE_QUERY and LANE_EXECUTE"))
+        lanes = ()
+    for i, lane in enumerate(lanes):
         where = f"config.queue.lanes[{i}]"
-        if lane.lane in configured and lane.lane in (tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE):
+        if lane.lane in configured and lane.lane in _CONFIGURABLE_LANES:
             # One would silently win over the other.
             request.unsupported.append((f"{where}.lane", f"{tools_pb2.Lane.Name(lane.lane)} is configured twice"))
         configured.add(lane.lane)

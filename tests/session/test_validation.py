@@ -65,6 +65,17 @@ INVALID_CREATES = [
         ),
         "config.queue.lanes[1].lane",
     ),
+    (
+        # Each entry was converted on the event loop (about 2 us) and each repeat noted as a
+        # problem: the 16 million that fit in one request held every client up for half a
+        # minute and took gigabytes, before the first problem was reported.
+        "a-million-lanes",
+        lambda ws, good: _request(
+            str(ws), model=good, queue=session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY)]
+                                                                    * 1_000_000),
+        ),
+        "config.queue.lanes",
+    ),
 ]
 
 
