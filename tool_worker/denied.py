@@ -25,18 +25,18 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from tool_worker.tools.globs import translate_glob
+from tool_worker.tools.globs import GlobPattern, compile_glob_regex, translate_glob
 
 
 @functools.lru_cache(maxsize=1024)
-def compile_path_glob(glob: str) -> re.Pattern[str]:
+def compile_path_glob(glob: str) -> GlobPattern:
     """A path glob as a regex (see the module docstring); `dir/**` also matches `dir` itself."""
     while glob.startswith("./"):
         glob = glob[2:]
     glob = glob or "."
     if glob.endswith("/**"):
-        return re.compile(f"{translate_glob(glob[:-3])}(?:/.*)?", re.DOTALL)
-    return re.compile(translate_glob(glob), re.DOTALL)
+        return compile_glob_regex(f"{translate_glob(glob[:-3])}(?:/.*)?")
+    return compile_glob_regex(translate_glob(glob))
 
 
 def normalise_relative(path: str) -> str:

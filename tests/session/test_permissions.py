@@ -179,6 +179,22 @@ async def test_denied_calls_never_run(client: Client, workspace: Path, tmp_path:
     assert not _of_kind(events, "confirmation_required")
 
 
+async def test_a_crafted_rule_on_a_crafted_path_does_not_hold_the_server(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # Ten `**/` against a model's path of 60 components: about 60^10 tries for a backtracking
+    # regex, on the server's event loop. The turn ends only because the rule is matched in time
+    # linear in the path (tool_worker/tools/globs.py).
+    deep = "/".join(["a"] * 60) + "/y"
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("read", "c_deep", file_path=deep)]},
+                                {"text": "Done."}])
+    session = await client.create(workspace, model, permissions=_policy(deny=["read(" + "**/" * 10 + "x)"]))
+    events = await client.send(session.session_id, "go")
+    assert kind(events[-1]) == "turn_finished"
+    result = (await _tool_results(client, session.session_id))["c_deep"]
+    assert result.is_error and result.error_kind != DENIED, result
+
+
 async def test_tool_denied_outright_is_withheld_from_the_model(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
