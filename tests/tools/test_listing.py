@@ -48,6 +48,9 @@ async def test_glob_no_match_and_errors(call: Any) -> None:
     assert (await call("glob", pattern="*.rs")).output == "No files match '*.rs' in ."
     assert (await call("glob", pattern="*", path="../..")).error_kind is ErrorKind.PATH_ESCAPE
     assert (await call("glob", pattern="*", path="README.md")).is_error
+    for bad in ("[z-a].py", "*[z-a]*.py"):  # re's error, then RE2's (two wildcards)
+        result = await call("glob", pattern=bad)
+        assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "is not a glob" in result.output, result
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,10 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     cwd, _, prefix = search_location(root, target)
     if args["pattern"].startswith("!"):
         raise ToolFailure("a glob pattern cannot start with '!' (negation)", ErrorKind.INVALID_ARGUMENTS)
-    stamper = _Stamper(str(cwd), args["pattern"])
+    try:
+        stamper = _Stamper(str(cwd), args["pattern"])
+    except re.error as exc:
+        raise ToolFailure(f"{args['pattern']!r} is not a glob: {exc}", ErrorKind.INVALID_ARGUMENTS) from None
     out = await run_rg(
         ["--files", "--null", f"--threads={_WALK_THREADS}"], cwd, ctx.sandbox.read_only, on_chunk=stamper.feed
     )
