@@ -69,6 +69,8 @@ def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
         parameters = json.loads(msg.parameters_json_schema or "{}")
     except json.JSONDecodeError as exc:
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema is not valid JSON ({exc})") from None
+    except RecursionError:  # `[[[[...` deeper than the parser goes: a worker's Hello, not the server's fault
+        raise ValueError(f"tool {msg.name!r}: parameters_json_schema is nested too deeply to read") from None
     if not isinstance(parameters, dict):
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object")
     if msg.lane not in LANE_FROM_PROTO:

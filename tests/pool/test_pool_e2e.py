@@ -301,9 +301,15 @@ def _hello(**overrides) -> worker_pb2.ConnectRequest:
          "not 1-64 letters"),
         (_hello(tools=[tools_pb2.ToolSpec(name="deploy", parameters_json_schema="{}", lane=tools_pb2.LANE_EXECUTE)]),
          "Query tools only"),
+        # Nested deeper than the interpreter's stack: json.loads, then jsonschema's check, raised
+        # RecursionError, which no handler took (the worker saw UNKNOWN, "Unexpected error").
+        (_hello(tools=[tools_pb2.ToolSpec(name="deep", parameters_json_schema="[" * 100_000 + "]" * 100_000,
+                                          lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
+        (_hello(tools=[tools_pb2.ToolSpec(name="deep", parameters_json_schema='{"not": ' * 900 + "{}" + "}" * 900,
+                                          lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
     ],
     ids=["no-tools", "zero-slots", "duplicate-tools", "no-id", "not-hello", "too-many-tools", "too-big",
-         "bad-name", "execute-lane"],
+         "bad-name", "execute-lane", "deep-json", "deep-schema"],
 )
 async def test_bad_hello_is_invalid_argument(make_server, request_message, expected: str) -> None:
     server = await make_server()
