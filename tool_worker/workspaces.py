@@ -71,6 +71,10 @@ SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
 # A watched rescan listing this few directories runs on the event loop too.
 CHEAP_SCAN_DIRECTORIES = 8
+# Entries (files, directories, symlinks) a sync may create. Directory blobs form a DAG, so a few
+# kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
+# walked. Well above any source tree (a large monorepo holds a few hundred thousand).
+MAX_SNAPSHOT_ENTRIES = 5_000_000
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
@@ -729,6 +733,9 @@ class _Plan:
     chmod: list[tuple[str, bool]] = field(default_factory=list)
     utimes: list[tuple[str, int]] = field(default_factory=list)
     total_bytes: int = 0
+    # Entries of the new subtrees, and each distinct new Directory's count (`_entry_count`).
+    new_entries: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def small(self) -> bool:
@@ -741,9 +748,19 @@ def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Pla
     """What turns the tree held (`current`) into the snapshot's; `total_bytes` starts from what is
     held and follows the changes, so planning costs what changed, not the tree's size."""
     plan = _Plan(total_bytes=current.total_bytes)
-    _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
-          blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
+    try:
+        _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
+              blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
+    except _TooManyEntries:
+        raise WorkspaceUnavailable(
+            f"the snapshot {snapshot.digest} of {snapshot.workspace} names more than {MAX_SNAPSHOT_ENTRIES:,} new "
+            "entries (files, directories and symlinks): more than a worker materializes; it was not used"
+        ) from None
     return plan
+
+
+class _TooManyEntries(Exception):
+    pass
 
 
 def _entries(content: bytes | None, times: bytes | None):
@@ -794,6 +811,11 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
     for name, (digest, times_digest) in new_dirs.items():
         old = old_dirs.get(name)
         if old is None:
+            # Walked whole below: counted first, on the DAG, so that a few blobs naming one
+            # subtree at 2^40 paths never make a walk of 2^40 steps.
+            plan.new_entries += 1 + _entry_count(digest, new_blobs, plan.counts)
+            if plan.new_entries > MAX_SNAPSHOT_ENTRIES:
+                raise _TooManyEntries
             plan.mkdir.append(prefix + name)
         elif old == (digest, times_digest):
             continue
@@ -801,6 +823,28 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
               old_blobs.get(old[0].hash) if old else None,
               old_blobs.get(old[1].hash) if old and old[1] else None,
               new_blobs[digest.hash], new_blobs[times_digest.hash] if times_digest else b"", old_blobs, new_blobs)
+
+
+def _entry_count(root: Digest, blobs: dict[str, bytes], counts: dict[str, int]) -> int:
+    """How many entries the tree under `root` holds, a shared subtree counted wherever it appears,
+    in one visit of each Directory not in `counts` (which keeps the counts, capped just past
+    MAX_SNAPSHOT_ENTRIES). Without recursion: a tree may be deeper than the interpreter's stack."""
+    stack = [root.hash]
+    while stack:
+        digest = stack[-1]
+        if digest in counts:
+            stack.pop()
+            continue
+        directory = reapi.Directory.FromString(blobs[digest]) if blobs[digest] else reapi.Directory()
+        children = [node.digest.hash for node in directory.directories]
+        unseen = [child for child in children if child not in counts]
+        if unseen:
+            stack.extend(unseen)
+            continue
+        stack.pop()
+        total = len(directory.files) + len(directory.symlinks) + sum(1 + counts[child] for child in children)
+        counts[digest] = min(total, MAX_SNAPSHOT_ENTRIES + 1)
+    return counts[root.hash]
 
 
 def _tree_bytes(digest: Digest, blobs: dict[str, bytes]) -> int:

@@ -328,3 +328,33 @@ async def test_a_worker_killed_mid_write_leaves_nothing_its_successor_uses(setup
     finally:
         placement.release()
         second.close()
+
+
+async def test_a_snapshot_whose_shared_subtrees_name_too_many_paths_is_refused_before_planning(
+    setup, tmp_path: Path
+) -> None:
+    # Directory blobs form a DAG: 40 blobs of two entries, each naming the next level twice, name
+    # 2^40 directories. The worker expanded them on its event loop (no heartbeat, no result, its
+    # memory growing without bound) before any check of the snapshot's size.
+    _, _, manager, channel = setup
+    level = reapi.Directory()
+    blobs = []
+    for _ in range(40):
+        blob = level.SerializeToString()
+        blobs.append(blob)
+        child = reapi.Digest(hash=Digest.of(blob).hash, size_bytes=len(blob))
+        level = reapi.Directory(directories=[reapi.DirectoryNode(name="a", digest=child),
+                                             reapi.DirectoryNode(name="b", digest=child)])
+    root = level.SerializeToString()
+    blobs.append(root)
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[
+        reapi.BatchUpdateBlobsRequest.Request(digest=reapi.Digest(hash=Digest.of(b).hash, size_bytes=len(b)), data=b)
+        for b in blobs if b
+    ]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    ref = SnapshotRef(str(target), Digest.of(root), Digest.of(b""))
+    with pytest.raises(WorkspaceUnavailable, match="entries"):
+        await asyncio.wait_for(manager.place(ref), 20)
+    assert manager.holdings[str(target)].mode == "unavailable"
