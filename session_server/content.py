@@ -68,6 +68,14 @@ class ContentStore:
         data, paths = self._lookup(digest)
         return data is not None or any(_size_is(path, digest.size) for path in paths)
 
+    @staticmethod
+    def check_lookup(count: int) -> None:
+        """InvalidBlob for a FindMissingBlobs of more than MAX_BATCH_DIGESTS: each digest is looked
+        up in every snapshot and its files stat'ed, on the event loop. Unbounded, one request of
+        800,000 digests held every session still for seconds (minutes with many workspaces)."""
+        if count > MAX_BATCH_DIGESTS:
+            raise InvalidBlob(f"{count:,} digests in one FindMissingBlobs: send at most {MAX_BATCH_DIGESTS:,}")
+
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         return [d for d in digests if not self.has(d)]
 

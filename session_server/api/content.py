@@ -72,6 +72,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
     async def FindMissingBlobs(self, request, context):
         await self._requests.check(context, request.instance_name, request.digest_function)
         try:
+            self._store.check_lookup(len(request.blob_digests))  # before a digest is parsed
             digests = [digest_from_proto(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)]
         except InvalidBlob as exc:
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

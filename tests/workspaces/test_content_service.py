@@ -12,7 +12,7 @@ import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.api.content import encode_batch_read_response
-from session_server.content import MAX_BATCH_BYTES, MAX_UPLOADED_BYTES, STREAM_CHUNK
+from session_server.content import MAX_BATCH_BYTES, MAX_BATCH_DIGESTS, MAX_UPLOADED_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.merkle import Digest
 
@@ -130,6 +130,22 @@ async def test_bad_requests_are_invalid_argument(served, request_message, expect
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cas.BatchReadBlobs(request_message, metadata=METADATA)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in caught.value.details()
+
+
+async def test_a_find_missing_blobs_of_more_digests_than_a_batch_is_invalid_argument(served) -> None:
+    # Each digest is looked up in every snapshot of every workspace, and its files stat'ed, on the
+    # server's event loop: 800,000 digests (one 64 MiB request) stood every session still for
+    # seconds, minutes with many workspaces.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    many = [digest(str(i).encode()) for i in range(MAX_BATCH_DIGESTS + 1)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(blob_digests=many), metadata=METADATA)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_BATCH_DIGESTS:,}" in caught.value.details()
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=many[:MAX_BATCH_DIGESTS]), metadata=METADATA)
+    assert len(missing.missing_blob_digests) == MAX_BATCH_DIGESTS
 
 
 async def test_uploads_are_checked_and_kept(served) -> None:
