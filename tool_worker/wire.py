@@ -52,6 +52,18 @@ def seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+# The range google.protobuf.Duration defines (about 10,000 years): a duration a peer reports
+# outside it, 2**63 - 1 seconds say, cannot be written into a Duration again.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def _measured(d: duration_pb2.Duration) -> float:
+    """A duration a peer measured; 0 (not measured: the receiver times it) when it is negative or
+    past MAX_DURATION_SECONDS."""
+    value = seconds(d)
+    return value if 0 <= value <= MAX_DURATION_SECONDS else 0.0
+
+
 def spec_to_proto(spec: ToolSpec) -> tools_pb2.ToolSpec:
     return tools_pb2.ToolSpec(
         name=spec.name,
@@ -137,6 +149,6 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
         metadata=metadata if isinstance(metadata, dict) else {"metadata": metadata},
         worker_id=msg.worker_id,
         attempt=msg.attempt or 1,
-        queue_wait=seconds(msg.queue_wait),
-        run_time=seconds(msg.run_time),
+        queue_wait=_measured(msg.queue_wait),
+        run_time=_measured(msg.run_time),
     )
