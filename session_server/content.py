@@ -201,12 +201,29 @@ class ContentStore:
 
 
 def _open_first(paths: list[str]):
+    """The first of `paths` that is still the file its snapshot named. A stream sends its chunks
+    before the whole file is hashed, so the file opened must be that one, not what a symlink put
+    in its place (or in place of a directory above it) points to: its chunks would be some other
+    file's, perhaps outside every workspace. Snapshot paths are real (no symlink on the way)."""
     for path in paths:
         try:
-            return open(path, "rb", buffering=0)
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
+        if _opened_path(descriptor) not in (path, None):
+            os.close(descriptor)
+            continue
+        return open(descriptor, "rb", buffering=0)
     return None
+
+
+def _opened_path(descriptor: int) -> str | None:
+    """Where an open file really is; None without Linux's /proc (O_NOFOLLOW still guards the
+    file's own name there)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return None
 
 
 def _size_is(path: str, size: int) -> bool:

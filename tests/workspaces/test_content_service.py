@@ -86,6 +86,35 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
 
 
+@pytest.mark.parametrize("swapped", ["file", "directory"])
+async def test_a_file_swapped_for_a_symlink_out_of_the_workspace_is_never_streamed(
+    served, tmp_path: Path, swapped: str
+) -> None:
+    # A snapshot's file, or a directory above it, replaced by a link out of the workspace (a
+    # model's `ln -sf`): streaming the blob read the outside file and sent every chunk but the
+    # last before the hash told it apart, so a worker read a server file no workspace holds.
+    ws, _, channel = served
+    big = (ws / "sub" / "big.bin").read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "big.bin"
+    secret.write_bytes(b"TOP-SECRET" * (len(big) // 10 + 1))
+    if swapped == "file":
+        (ws / "sub" / "big.bin").unlink()
+        (ws / "sub" / "big.bin").symlink_to(secret)
+    else:
+        (ws / "sub").rename(tmp_path / "moved-away")
+        (ws / "sub").symlink_to(outside)
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in stream.Read(bytestream_pb2.ReadRequest(
+                resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA):
+            received.append(response.data)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert b"TOP-SECRET" not in b"".join(received) and b"TOP-SECRET" not in caught.value.details().encode()
+
+
 async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_path: Path) -> None:
     # The content service reads each blob from the newest file that held it and asks the other
     # snapshots only when that file changed: the fallback must find the bytes, and check them too.
