@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 
@@ -201,20 +202,27 @@ class ContentStore:
 
 
 def _open_first(paths: list[str]):
-    """The first of `paths` that is still the file its snapshot named. A stream sends its chunks
+    for path in paths:
+        handle = _open_file(path)
+        if handle is not None:
+            return handle
+    return None
+
+
+def _open_file(path: str):
+    """The regular file at `path` as its snapshot named it, or None. A stream sends its chunks
     before the whole file is hashed, so the file opened must be that one, not what a symlink put
     in its place (or in place of a directory above it) points to: its chunks would be some other
-    file's, perhaps outside every workspace. Snapshot paths are real (no symlink on the way)."""
-    for path in paths:
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        if _opened_path(descriptor) not in (path, None):
-            os.close(descriptor)
-            continue
-        return open(descriptor, "rb", buffering=0)
-    return None
+    file's, perhaps outside every workspace. Snapshot paths are real (no symlink on the way). Nor
+    a FIFO put in its place: opening one waits for a writer, for ever (O_NONBLOCK does not)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or _opened_path(descriptor) not in (path, None):
+        os.close(descriptor)
+        return None
+    return open(descriptor, "rb", buffering=0)
 
 
 def _opened_path(descriptor: int) -> str | None:
@@ -239,8 +247,11 @@ def _read_all(wanted: list[tuple[int, Digest, list[str]]]) -> list[bytes | None]
 
 def _read_verified(paths: list[str], digest: Digest) -> bytes | None:
     for path in paths:
+        handle = _open_file(path)
+        if handle is None:
+            continue
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with handle:
                 data = handle.read(digest.size + 1)
         except OSError:
             continue

@@ -4,7 +4,9 @@ file changed since its snapshot is NOT_FOUND, never wrong bytes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import grpc
@@ -113,6 +115,33 @@ async def test_a_file_swapped_for_a_symlink_out_of_the_workspace_is_never_stream
             received.append(response.data)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert b"TOP-SECRET" not in b"".join(received) and b"TOP-SECRET" not in caught.value.details().encode()
+
+
+async def test_a_file_swapped_for_a_fifo_is_not_found_and_blocks_no_read(served) -> None:
+    # A snapshot's file replaced by a FIFO (a model's `mkfifo`): opening it waited for a writer
+    # that never came, in a thread, holding one of the two read slots; two such blobs stopped
+    # every worker's sync for good.
+    ws, _, channel = served
+    small, big = (ws / "small.txt").read_bytes(), (ws / "sub" / "big.bin").read_bytes()
+    fifos = [ws / "small.txt", ws / "sub" / "big.bin"]
+    for fifo in fifos:
+        fifo.unlink()
+        os.mkfifo(fifo)
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    try:
+        read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(small)]),
+                                        metadata=METADATA, timeout=10)
+        assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream.Read(bytestream_pb2.ReadRequest(
+                    resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA, timeout=10):
+                pass
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for fifo in fifos:  # frees a thread still waiting to open one (when the test fails)
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_path: Path) -> None:
