@@ -165,23 +165,30 @@ class ContentStore:
 
     def tree(self, root: Digest) -> list[bytes]:
         """Every Directory blob under `root` (itself included), breadth first, each once.
-        BlobNotFound when the root is not held."""
+        BlobNotFound when the root is not held, InvalidBlob when a blob of it is no Directory."""
+        from google.protobuf.message import DecodeError
+
         from codelane.reapi import remote_execution_pb2  # the one protobuf use: parsing trees
 
         first = self._in_memory(root)
         if first is None:
             raise BlobNotFound(f"directory {root} is not held")
-        out, seen, queue = [], {root.hash}, [first]
+        out, seen, queue = [], {root.hash}, [(root, first)]
         while queue:
-            blob = queue.pop(0)
+            digest, blob = queue.pop(0)
             out.append(blob)
-            for node in remote_execution_pb2.Directory.FromString(blob).directories:
+            try:
+                nodes = remote_execution_pb2.Directory.FromString(blob).directories
+            except DecodeError:  # an uploaded blob may be any bytes
+                raise InvalidBlob(f"blob {digest} in the tree is not a Directory") from None
+            for node in nodes:
                 if node.digest.hash in seen:
                     continue
                 seen.add(node.digest.hash)
-                child = self._in_memory(Digest(node.digest.hash, node.digest.size_bytes))
+                child_digest = Digest(node.digest.hash, node.digest.size_bytes)
+                child = self._in_memory(child_digest)
                 if child is not None:  # REAPI: the part of the tree that is present
-                    queue.append(child)
+                    queue.append((child_digest, child))
         return out
 
     def _in_memory(self, digest: Digest) -> bytes | None:

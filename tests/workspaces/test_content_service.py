@@ -305,3 +305,23 @@ async def test_a_get_tree_page_token_this_server_did_not_give_is_invalid_argumen
                 page_token=token), metadata=METADATA):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+
+
+@pytest.mark.parametrize("under", ["root", "child"])
+async def test_get_tree_of_an_uploaded_blob_that_is_no_directory_is_invalid_argument(served, under: str) -> None:
+    # Uploaded blobs are any bytes: GetTree parsed them as Directory blobs, and the DecodeError
+    # ended the call with UNKNOWN ("Unexpected error") instead of a status that says why.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    garbage = b"\xff\xff\xff not a Directory"
+    parent = remote_execution_pb2.Directory(directories=[
+        remote_execution_pb2.DirectoryNode(name="d", digest=digest(garbage))]).SerializeToString()
+    await cas.BatchUpdateBlobs(remote_execution_pb2.BatchUpdateBlobsRequest(requests=[
+        remote_execution_pb2.BatchUpdateBlobsRequest.Request(digest=digest(blob), data=blob)
+        for blob in (garbage, parent)]), metadata=METADATA)
+    root = digest(garbage if under == "root" else parent)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=root), metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert digest(garbage).hash in caught.value.details() and "not a Directory" in caught.value.details()
