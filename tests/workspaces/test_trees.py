@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.reapi import remote_execution_pb2 as reapi
-from codelane.reapi import remote_execution_pb2_grpc
+from session_server.content import STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
 from tool_worker import workspaces as workspaces_module
-from tool_worker.cas import CasClient
+from tool_worker.cas import CasClient, ContentError
 from tool_worker.merkle import Digest, SnapshotRef
 from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
 
@@ -358,3 +359,35 @@ async def test_a_snapshot_whose_shared_subtrees_name_too_many_paths_is_refused_b
     with pytest.raises(WorkspaceUnavailable, match="entries"):
         await asyncio.wait_for(manager.place(ref), 20)
     assert manager.holdings[str(target)].mode == "unavailable"
+
+
+class _EndlessByteStream(bytestream_pb2_grpc.ByteStreamServicer):
+    """A CAS whose every stream goes on past the blob's size (up to `limit` chunks)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent = 0
+
+    async def Read(self, request, context):
+        for _ in range(self.limit):
+            self.sent += 1
+            yield bytestream_pb2.ReadResponse(data=b"x" * STREAM_CHUNK)
+
+
+async def test_a_cas_that_streams_past_a_blobs_size_is_cut_off(tmp_path: Path) -> None:
+    # The worker kept every chunk a stream sent, and checked the digest only at its end: a CAS
+    # streaming without end grew the worker's memory until it died.
+    cas = _EndlessByteStream(limit=64)
+    grpc_server = grpc.aio.server()
+    bytestream_pb2_grpc.add_ByteStreamServicer_to_server(cas, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = CasClient(channel, max_batch_bytes=1024)
+            with pytest.raises(ContentError, match="more than"):
+                await client.read([Digest("a" * 64, 2 * STREAM_CHUNK)])
+    finally:
+        await grpc_server.stop(0)
+    # The stream stops at the chunk that overran the size (and what flow control let through).
+    assert cas.sent < 2 * 8
