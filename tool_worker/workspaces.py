@@ -771,6 +771,10 @@ def _entries(content: bytes | None, times: bytes | None):
     names = [n.name for n in (*directory.files, *directory.directories, *directory.symlinks)]
     if len(set(names)) != len(names) or any(not _PLAIN_NAME.fullmatch(n) or n in (".", "..") for n in names):
         raise ContentError(f"a directory of the snapshot has a malformed or repeated name among {names[:20]}")
+    # Sizes count against --cache-size as they are planned: a negative one would hide a huge one.
+    bad = [n.name for n in (*directory.files, *directory.directories) if n.digest.size_bytes < 0]
+    if bad:
+        raise ContentError(f"a directory of the snapshot has a malformed (negative) size for {bad[:20]}")
     mtimes = {t.name: t.mtime_ns for t in file_times.files}
     dir_times = {t.name: Digest(t.digest.hash, t.digest.size_bytes) for t in file_times.directories}
     files = {f.name: (Digest(f.digest.hash, f.digest.size_bytes), f.is_executable, mtimes.get(f.name, 0))

@@ -391,3 +391,23 @@ async def test_a_cas_that_streams_past_a_blobs_size_is_cut_off(tmp_path: Path) -
         await grpc_server.stop(0)
     # The stream stops at the chunk that overran the size (and what flow control let through).
     assert cas.sent < 2 * 8
+
+
+async def test_a_snapshot_with_a_negative_file_size_is_refused_before_any_fetch(setup, tmp_path: Path) -> None:
+    # Sizes count against --cache-size as they are planned: a file "of -1 TiB" beside one of
+    # 1 TiB made the snapshot look empty, and the worker went on to fetch the terabyte, held in
+    # memory whole before it is checked.
+    _, _, manager, channel = setup
+    huge = 1 << 40
+    evil = reapi.Directory(files=[
+        reapi.FileNode(name="big", digest=reapi.Digest(hash="b" * 64, size_bytes=huge)),
+        reapi.FileNode(name="negative", digest=reapi.Digest(hash="c" * 64, size_bytes=-huge)),
+    ]).SerializeToString()
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
+        digest=reapi.Digest(hash=Digest.of(evil).hash, size_bytes=len(evil)), data=evil)]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    with pytest.raises(WorkspaceUnavailable, match="malformed"):
+        await manager.place(SnapshotRef(str(target), Digest.of(evil), Digest.of(b"")))
+    assert manager.holdings[str(target)].mode == "unavailable"
