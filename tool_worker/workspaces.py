@@ -75,6 +75,9 @@ CHEAP_SCAN_DIRECTORIES = 8
 # kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
 # walked. Well above any source tree (a large monorepo holds a few hundred thousand).
 MAX_SNAPSHOT_ENTRIES = 5_000_000
+# Largest Directory (or DirectoryTimes) blob a worker fetches: each is held whole in memory before
+# its digest is checked, and no --cache-size counts it. A directory of 600,000 entries fits.
+MAX_DIRECTORY_BLOB_BYTES = 64 * 1024 * 1024
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
@@ -478,6 +481,10 @@ class WorkspaceManager:
         frontier = [(snapshot.digest, True), (snapshot.times_digest, False)]
         while frontier:
             missing = [d for d, _ in frontier if d.hash not in known]
+            oversized = [d for d in missing if not 0 <= d.size <= MAX_DIRECTORY_BLOB_BYTES]
+            if oversized:
+                raise ContentError(f"the snapshot names directory blob {oversized[0]}, larger than the "
+                                   f"{MAX_DIRECTORY_BLOB_BYTES:,} bytes a directory may take (or of a negative size)")
             if missing:
                 assert self.cas is not None
                 known.update(await self.cas.read(missing))

@@ -411,3 +411,23 @@ async def test_a_snapshot_with_a_negative_file_size_is_refused_before_any_fetch(
     with pytest.raises(WorkspaceUnavailable, match="malformed"):
         await manager.place(SnapshotRef(str(target), Digest.of(evil), Digest.of(b"")))
     assert manager.holdings[str(target)].mode == "unavailable"
+
+
+@pytest.mark.parametrize("where", ["root", "child"])
+async def test_a_directory_blob_claimed_bigger_than_any_directory_is_refused_before_its_fetch(
+    setup, tmp_path: Path, where: str
+) -> None:
+    # Directory blobs are fetched whole into memory before they are checked, and no --cache-size
+    # counts them: a directory "of 1 TiB" was streamed for as long as the CAS cared to send.
+    _, _, manager, channel = setup
+    claimed = Digest("d" * 64, 1 << 40)
+    parent = reapi.Directory(directories=[reapi.DirectoryNode(
+        name="sub", digest=reapi.Digest(hash=claimed.hash, size_bytes=claimed.size))]).SerializeToString()
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
+        digest=reapi.Digest(hash=Digest.of(parent).hash, size_bytes=len(parent)), data=parent)]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    root = claimed if where == "root" else Digest.of(parent)
+    with pytest.raises(WorkspaceUnavailable, match="larger than"):
+        await manager.place(SnapshotRef(str(target), root, Digest.of(b"")))
