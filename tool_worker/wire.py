@@ -5,6 +5,7 @@ session API's converter (`session_server.api.convert`)."""
 from __future__ import annotations
 
 import json
+import math
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -123,6 +124,19 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
     return msg
 
 
+def _not_json(name: str) -> float:
+    """NaN, Infinity and -Infinity, which Python's json reads and writes back but JSON has not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number; ValueError for one past a double's range (1e400 reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is past a double's range")
+    return value
+
+
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
     """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
     replaced by a note saying so; metadata that is not JSON (or nests too deeply to parse) is kept
@@ -132,7 +146,7 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
                                                    f"most {MAX_METADATA_JSON_CHARS:,} are kept"}
     elif msg.metadata_json:
         try:
-            metadata = json.loads(msg.metadata_json)
+            metadata = json.loads(msg.metadata_json, parse_constant=_not_json, parse_float=_finite)
         except (ValueError, RecursionError):
             metadata = {"unparsed_metadata": msg.metadata_json}
     else:
