@@ -12,11 +12,12 @@ Domain logic: no grpc (`session_server.api.content` serves it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from session_server.snapshots import SnapshotRegistry
 from tool_worker.merkle import Digest
@@ -45,6 +46,10 @@ class InvalidBlob(ValueError):
     """A request names a blob badly, or sends bytes that do not match its digest."""
 
 
+class UploadsFull(Exception):
+    """Uploads in progress already hold what the server keeps of uploads."""
+
+
 class ContentStore:
     def __init__(self, registry: SnapshotRegistry, *, max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self._registry = registry
@@ -52,6 +57,8 @@ class ContentStore:
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         self._uploaded: OrderedDict[str, bytes] = OrderedDict()
         self._uploaded_bytes = 0
+        # Bytes announced by streamed uploads not finished yet, each held whole until it is.
+        self._uploading = 0
 
     def check_batch(self, digests: Iterable[Digest]) -> None:
         """InvalidBlob when a batch asks for too much at once."""
@@ -150,6 +157,20 @@ class ContentStore:
                 yield held
         finally:
             handle.close()
+
+    @contextlib.contextmanager
+    def uploading(self, size: int) -> Iterator[None]:
+        """Holds `size` bytes of MAX_UPLOADED_BYTES for a streamed upload while it runs: streams
+        that never finish would otherwise hold that much each, without bound. UploadsFull when
+        the uploads in progress already hold too much."""
+        if self._uploading + size > MAX_UPLOADED_BYTES:
+            raise UploadsFull(f"uploads in progress hold {self._uploading:,} bytes: with {size:,} more they would "
+                              f"pass the {MAX_UPLOADED_BYTES:,} this server keeps; finish them, or try again later")
+        self._uploading += size
+        try:
+            yield
+        finally:
+            self._uploading -= size
 
     def store(self, digest: Digest, data: bytes) -> None:
         """Keeps an uploaded blob. InvalidBlob when the bytes do not match the digest."""

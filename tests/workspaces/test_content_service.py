@@ -260,6 +260,31 @@ async def test_an_upload_bigger_than_the_server_keeps_is_refused_before_its_byte
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the" in caught.value.details()
 
 
+async def test_uploads_in_progress_hold_no_more_than_the_server_keeps(served) -> None:
+    # Each Write stream is held whole until finish_write, and each may announce up to the
+    # 256 MiB the server keeps: streams that never finish held 256 MiB apiece, without bound.
+    _, _, channel = served
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    size = MAX_UPLOADED_BYTES // 2 + 1
+
+    async def unfinished(upload: str):
+        yield bytestream_pb2.WriteRequest(resource_name=f"uploads/{upload}/blobs/{'a' * 64}/{size}", data=b"\0")
+        await asyncio.Event().wait()  # never finishes (see the test above for why not write on)
+
+    writes = [asyncio.ensure_future(stream.Write(unfinished(f"u{i}"), metadata=METADATA, timeout=30))
+              for i in range(2)]
+    try:
+        done, pending = await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+        # Whichever came second is refused; the first is still being held.
+        assert len(done) == 1 and len(pending) == 1
+        error = done.pop().exception()
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{MAX_UPLOADED_BYTES:,}" in error.details()
+    finally:
+        for write in writes:
+            write.cancel()
+
+
 async def test_the_content_service_wants_the_worker_token(served) -> None:
     _, _, channel = served
     cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
