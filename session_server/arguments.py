@@ -34,6 +34,10 @@ def check_schema(name: str, parameters: Mapping[str, Any]) -> None:
         Draft202012Validator.check_schema(parameters)
     except SchemaError as exc:
         raise ValueError(f"tool {name!r}: parameters_json_schema is not a valid JSON Schema: {exc.message}") from None
+    except RecursionError:
+        # The check recurses per level of the schema: a worker's few hundred levels of "not" are
+        # a bad Hello, not an error of the server's.
+        raise ValueError(f"tool {name!r}: parameters_json_schema is nested too deeply to check") from None
 
 
 class ArgumentChecker:

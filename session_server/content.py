@@ -12,10 +12,12 @@ Domain logic: no grpc (`session_server.api.content` serves it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import stat
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from session_server.snapshots import SnapshotRegistry
 from tool_worker.merkle import Digest
@@ -44,6 +46,10 @@ class InvalidBlob(ValueError):
     """A request names a blob badly, or sends bytes that do not match its digest."""
 
 
+class UploadsFull(Exception):
+    """Uploads in progress already hold what the server keeps of uploads."""
+
+
 class ContentStore:
     def __init__(self, registry: SnapshotRegistry, *, max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self._registry = registry
@@ -51,6 +57,8 @@ class ContentStore:
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         self._uploaded: OrderedDict[str, bytes] = OrderedDict()
         self._uploaded_bytes = 0
+        # Bytes announced by streamed uploads not finished yet, each held whole until it is.
+        self._uploading = 0
 
     def check_batch(self, digests: Iterable[Digest]) -> None:
         """InvalidBlob when a batch asks for too much at once."""
@@ -67,6 +75,14 @@ class ContentStore:
     def has(self, digest: Digest) -> bool:
         data, paths = self._lookup(digest)
         return data is not None or any(_size_is(path, digest.size) for path in paths)
+
+    @staticmethod
+    def check_lookup(count: int) -> None:
+        """InvalidBlob for a FindMissingBlobs of more than MAX_BATCH_DIGESTS: each digest is looked
+        up in every snapshot and its files stat'ed, on the event loop. Unbounded, one request of
+        800,000 digests held every session still for seconds (minutes with many workspaces)."""
+        if count > MAX_BATCH_DIGESTS:
+            raise InvalidBlob(f"{count:,} digests in one FindMissingBlobs: send at most {MAX_BATCH_DIGESTS:,}")
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         return [d for d in digests if not self.has(d)]
@@ -142,6 +158,20 @@ class ContentStore:
         finally:
             handle.close()
 
+    @contextlib.contextmanager
+    def uploading(self, size: int) -> Iterator[None]:
+        """Holds `size` bytes of MAX_UPLOADED_BYTES for a streamed upload while it runs: streams
+        that never finish would otherwise hold that much each, without bound. UploadsFull when
+        the uploads in progress already hold too much."""
+        if self._uploading + size > MAX_UPLOADED_BYTES:
+            raise UploadsFull(f"uploads in progress hold {self._uploading:,} bytes: with {size:,} more they would "
+                              f"pass the {MAX_UPLOADED_BYTES:,} this server keeps; finish them, or try again later")
+        self._uploading += size
+        try:
+            yield
+        finally:
+            self._uploading -= size
+
     def store(self, digest: Digest, data: bytes) -> None:
         """Keeps an uploaded blob. InvalidBlob when the bytes do not match the digest."""
         if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
@@ -156,23 +186,30 @@ class ContentStore:
 
     def tree(self, root: Digest) -> list[bytes]:
         """Every Directory blob under `root` (itself included), breadth first, each once.
-        BlobNotFound when the root is not held."""
+        BlobNotFound when the root is not held, InvalidBlob when a blob of it is no Directory."""
+        from google.protobuf.message import DecodeError
+
         from codelane.reapi import remote_execution_pb2  # the one protobuf use: parsing trees
 
         first = self._in_memory(root)
         if first is None:
             raise BlobNotFound(f"directory {root} is not held")
-        out, seen, queue = [], {root.hash}, [first]
+        out, seen, queue = [], {root.hash}, [(root, first)]
         while queue:
-            blob = queue.pop(0)
+            digest, blob = queue.pop(0)
             out.append(blob)
-            for node in remote_execution_pb2.Directory.FromString(blob).directories:
+            try:
+                nodes = remote_execution_pb2.Directory.FromString(blob).directories
+            except DecodeError:  # an uploaded blob may be any bytes
+                raise InvalidBlob(f"blob {digest} in the tree is not a Directory") from None
+            for node in nodes:
                 if node.digest.hash in seen:
                     continue
                 seen.add(node.digest.hash)
-                child = self._in_memory(Digest(node.digest.hash, node.digest.size_bytes))
+                child_digest = Digest(node.digest.hash, node.digest.size_bytes)
+                child = self._in_memory(child_digest)
                 if child is not None:  # REAPI: the part of the tree that is present
-                    queue.append(child)
+                    queue.append((child_digest, child))
         return out
 
     def _in_memory(self, digest: Digest) -> bytes | None:
@@ -194,11 +231,35 @@ class ContentStore:
 
 def _open_first(paths: list[str]):
     for path in paths:
-        try:
-            return open(path, "rb", buffering=0)
-        except OSError:
-            continue
+        handle = _open_file(path)
+        if handle is not None:
+            return handle
     return None
+
+
+def _open_file(path: str):
+    """The regular file at `path` as its snapshot named it, or None. A stream sends its chunks
+    before the whole file is hashed, so the file opened must be that one, not what a symlink put
+    in its place (or in place of a directory above it) points to: its chunks would be some other
+    file's, perhaps outside every workspace. Snapshot paths are real (no symlink on the way). Nor
+    a FIFO put in its place: opening one waits for a writer, for ever (O_NONBLOCK does not)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or _opened_path(descriptor) not in (path, None):
+        os.close(descriptor)
+        return None
+    return open(descriptor, "rb", buffering=0)
+
+
+def _opened_path(descriptor: int) -> str | None:
+    """Where an open file really is; None without Linux's /proc (O_NOFOLLOW still guards the
+    file's own name there)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return None
 
 
 def _size_is(path: str, size: int) -> bool:
@@ -214,8 +275,11 @@ def _read_all(wanted: list[tuple[int, Digest, list[str]]]) -> list[bytes | None]
 
 def _read_verified(paths: list[str], digest: Digest) -> bytes | None:
     for path in paths:
+        handle = _open_file(path)
+        if handle is None:
+            continue
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with handle:
                 data = handle.read(digest.size + 1)
         except OSError:
             continue

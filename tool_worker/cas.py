@@ -158,10 +158,16 @@ class CasClient:
         name = f"{self.instance_name}/blobs/{digest.hash}/{digest.size}".lstrip("/")
         for attempt in range(FETCH_ATTEMPTS):
             chunks = []
+            received = 0
             try:
                 call = self._bytestream.Read(bytestream_pb2.ReadRequest(resource_name=name),
                                              metadata=self._metadata, timeout=REQUEST_TIMEOUT)
                 async for response in call:
+                    received += len(response.data)
+                    if received > digest.size:
+                        # Kept, the chunks of a stream without end would grow without bound.
+                        call.cancel()
+                        raise ContentError(f"the CAS streamed more than the {digest.size} bytes of blob {digest}")
                     chunks.append(response.data)
             except grpc.aio.AioRpcError as exc:
                 error = BlobMissing if exc.code() is grpc.StatusCode.NOT_FOUND else ContentError

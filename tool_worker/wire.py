@@ -5,6 +5,7 @@ session API's converter (`session_server.api.convert`)."""
 from __future__ import annotations
 
 import json
+import math
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -78,6 +79,8 @@ def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
         parameters = json.loads(msg.parameters_json_schema or "{}")
     except json.JSONDecodeError as exc:
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema is not valid JSON ({exc})") from None
+    except RecursionError:  # `[[[[...` deeper than the parser goes: a worker's Hello, not the server's fault
+        raise ValueError(f"tool {msg.name!r}: parameters_json_schema is nested too deeply to read") from None
     if not isinstance(parameters, dict):
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object")
     if msg.lane not in LANE_FROM_PROTO:
@@ -118,6 +121,19 @@ def result_to_proto(result: ToolResult, msg: tools_pb2.ToolResult | None = None)
     return msg
 
 
+def _not_json(name: str) -> float:
+    """NaN, Infinity and -Infinity, which Python's json reads and writes back but JSON has not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number; ValueError for one past a double's range (1e400 reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is past a double's range")
+    return value
+
+
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
     """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
     replaced by a note saying so; metadata that is not JSON (or nests deeper than MAX_METADATA_DEPTH) is
@@ -127,7 +143,7 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
                                                    f"most {MAX_METADATA_JSON_CHARS:,} are kept"}
     elif msg.metadata_json:
         try:
-            metadata = json.loads(msg.metadata_json)
+            metadata = json.loads(msg.metadata_json, parse_constant=_not_json, parse_float=_finite)
             parsed = _depth(metadata) <= MAX_METADATA_DEPTH
         except (ValueError, RecursionError):
             parsed = False

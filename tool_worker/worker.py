@@ -78,6 +78,11 @@ class WorkerRejected(Exception):
         self.code = code
 
 
+class UnusableWelcome(Exception):
+    """The hub's Welcome asks what this worker cannot do (exclusions it cannot apply): the same
+    hub will say the same again, so reconnecting will not help."""
+
+
 @dataclass
 class WorkerConfig:
     address: str
@@ -207,6 +212,9 @@ class ToolWorker:
                     id_taken_since = None
                     if self._draining.is_set():
                         return 0
+                except UnusableWelcome as exc:
+                    print(f"codelane worker: {exc}", file=sys.stderr)
+                    return EXIT_REJECTED
                 except WorkerRejected as exc:
                     self._count_connection("rejected")
                     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -310,7 +318,10 @@ class ToolWorker:
         interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
         self._reconnect_token = first.welcome.reconnect_token
         self._unreachable_told = ("", 0.0)  # connected: the next outage is told at once
-        self._use_content(first.welcome.content, channel)
+        try:
+            self._use_content(first.welcome.content, channel)
+        except ValueError as exc:
+            raise UnusableWelcome(f"the hub's Welcome cannot be used: {exc}") from None
         self._outbox = outbox
         log.info("connected to %s as %s", self.config.address, first.welcome.worker_id)
         self._count_connection("welcomed")

@@ -71,6 +71,13 @@ SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
 # A watched rescan listing this few directories runs on the event loop too.
 CHEAP_SCAN_DIRECTORIES = 8
+# Entries (files, directories, symlinks) a sync may create. Directory blobs form a DAG, so a few
+# kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
+# walked. Well above any source tree (a large monorepo holds a few hundred thousand).
+MAX_SNAPSHOT_ENTRIES = 5_000_000
+# Largest Directory (or DirectoryTimes) blob a worker fetches: each is held whole in memory before
+# its digest is checked, and no --cache-size counts it. A directory of 600,000 entries fits.
+MAX_DIRECTORY_BLOB_BYTES = 64 * 1024 * 1024
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
@@ -474,6 +481,10 @@ class WorkspaceManager:
         frontier = [(snapshot.digest, True), (snapshot.times_digest, False)]
         while frontier:
             missing = [d for d, _ in frontier if d.hash not in known]
+            oversized = [d for d in missing if not 0 <= d.size <= MAX_DIRECTORY_BLOB_BYTES]
+            if oversized:
+                raise ContentError(f"the snapshot names directory blob {oversized[0]}, larger than the "
+                                   f"{MAX_DIRECTORY_BLOB_BYTES:,} bytes a directory may take (or of a negative size)")
             if missing:
                 assert self.cas is not None
                 known.update(await self.cas.read(missing))
@@ -729,6 +740,9 @@ class _Plan:
     chmod: list[tuple[str, bool]] = field(default_factory=list)
     utimes: list[tuple[str, int]] = field(default_factory=list)
     total_bytes: int = 0
+    # Entries of the new subtrees, and each distinct new Directory's count (`_entry_count`).
+    new_entries: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def small(self) -> bool:
@@ -741,9 +755,19 @@ def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Pla
     """What turns the tree held (`current`) into the snapshot's; `total_bytes` starts from what is
     held and follows the changes, so planning costs what changed, not the tree's size."""
     plan = _Plan(total_bytes=current.total_bytes)
-    _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
-          blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
+    try:
+        _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
+              blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
+    except _TooManyEntries:
+        raise WorkspaceUnavailable(
+            f"the snapshot {snapshot.digest} of {snapshot.workspace} names more than {MAX_SNAPSHOT_ENTRIES:,} new "
+            "entries (files, directories and symlinks): more than a worker materializes; it was not used"
+        ) from None
     return plan
+
+
+class _TooManyEntries(Exception):
+    pass
 
 
 def _entries(content: bytes | None, times: bytes | None):
@@ -754,6 +778,10 @@ def _entries(content: bytes | None, times: bytes | None):
     names = [n.name for n in (*directory.files, *directory.directories, *directory.symlinks)]
     if len(set(names)) != len(names) or any(not _PLAIN_NAME.fullmatch(n) or n in (".", "..") for n in names):
         raise ContentError(f"a directory of the snapshot has a malformed or repeated name among {names[:20]}")
+    # Sizes count against --cache-size as they are planned: a negative one would hide a huge one.
+    bad = [n.name for n in (*directory.files, *directory.directories) if n.digest.size_bytes < 0]
+    if bad:
+        raise ContentError(f"a directory of the snapshot has a malformed (negative) size for {bad[:20]}")
     mtimes = {t.name: t.mtime_ns for t in file_times.files}
     dir_times = {t.name: Digest(t.digest.hash, t.digest.size_bytes) for t in file_times.directories}
     files = {f.name: (Digest(f.digest.hash, f.digest.size_bytes), f.is_executable, mtimes.get(f.name, 0))
@@ -794,6 +822,11 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
     for name, (digest, times_digest) in new_dirs.items():
         old = old_dirs.get(name)
         if old is None:
+            # Walked whole below: counted first, on the DAG, so that a few blobs naming one
+            # subtree at 2^40 paths never make a walk of 2^40 steps.
+            plan.new_entries += 1 + _entry_count(digest, new_blobs, plan.counts)
+            if plan.new_entries > MAX_SNAPSHOT_ENTRIES:
+                raise _TooManyEntries
             plan.mkdir.append(prefix + name)
         elif old == (digest, times_digest):
             continue
@@ -801,6 +834,28 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
               old_blobs.get(old[0].hash) if old else None,
               old_blobs.get(old[1].hash) if old and old[1] else None,
               new_blobs[digest.hash], new_blobs[times_digest.hash] if times_digest else b"", old_blobs, new_blobs)
+
+
+def _entry_count(root: Digest, blobs: dict[str, bytes], counts: dict[str, int]) -> int:
+    """How many entries the tree under `root` holds, a shared subtree counted wherever it appears,
+    in one visit of each Directory not in `counts` (which keeps the counts, capped just past
+    MAX_SNAPSHOT_ENTRIES). Without recursion: a tree may be deeper than the interpreter's stack."""
+    stack = [root.hash]
+    while stack:
+        digest = stack[-1]
+        if digest in counts:
+            stack.pop()
+            continue
+        directory = reapi.Directory.FromString(blobs[digest]) if blobs[digest] else reapi.Directory()
+        children = [node.digest.hash for node in directory.directories]
+        unseen = [child for child in children if child not in counts]
+        if unseen:
+            stack.extend(unseen)
+            continue
+        stack.pop()
+        total = len(directory.files) + len(directory.symlinks) + sum(1 + counts[child] for child in children)
+        counts[digest] = min(total, MAX_SNAPSHOT_ENTRIES + 1)
+    return counts[root.hash]
 
 
 def _tree_bytes(digest: Digest, blobs: dict[str, bytes]) -> int:

@@ -7,6 +7,7 @@ once gets INVALID_ARGUMENT and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from typing import NoReturn
@@ -16,7 +17,14 @@ from google.rpc import code_pb2, status_pb2
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.api.errors import MAX_MESSAGE_BYTES, bounded
-from session_server.content import MAX_UPLOADED_BYTES, STREAM_CHUNK, BlobNotFound, ContentStore, InvalidBlob
+from session_server.content import (
+    MAX_UPLOADED_BYTES,
+    STREAM_CHUNK,
+    BlobNotFound,
+    ContentStore,
+    InvalidBlob,
+    UploadsFull,
+)
 from tool_worker.merkle import Digest, encode_digest, length_delimited_header, valid_hash
 
 _DIGEST_FUNCTIONS = (remote_execution_pb2.DigestFunction.UNKNOWN, remote_execution_pb2.DigestFunction.SHA256)
@@ -72,6 +80,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
     async def FindMissingBlobs(self, request, context):
         await self._requests.check(context, request.instance_name, request.digest_function)
         try:
+            self._store.check_lookup(len(request.blob_digests))  # before a digest is parsed
             digests = [digest_from_proto(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)]
         except InvalidBlob as exc:
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -210,6 +219,10 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
 
     async def Write(self, request_iterator, context):
+        with contextlib.ExitStack() as held:  # the upload's share of what uploads may hold
+            return await self._write(request_iterator, context, held)
+
+    async def _write(self, request_iterator, context, held: contextlib.ExitStack):
         digest: Digest | None = None
         chunks: list[bytes] = []
         received = 0
@@ -221,6 +234,10 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                     # Checked before a byte is held: the stream is buffered until finish_write.
                     await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                   f"{digest} is over the {MAX_UPLOADED_BYTES:,} bytes this server keeps of uploads")
+                try:
+                    held.enter_context(self._store.uploading(digest.size))
+                except UploadsFull as exc:
+                    await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             if request.write_offset != received:
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                     f"write_offset {request.write_offset}, expected {received}")

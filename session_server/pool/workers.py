@@ -56,6 +56,12 @@ class Worker:
         return self.reg.slots - len(self.in_flight)
 
 
+# A worker's --root directories. Routing compares a call's workspace with each root of each
+# capable worker, on the event loop: 100,000 short roots (a Hello under 1 MB) cost every call to be
+# placed about a second. No path the kernel opens is longer than MAX_ROOT_BYTES.
+MAX_WORKSPACE_ROOTS = 64
+MAX_ROOT_BYTES = 4096
+
 # What OpenAI and Anthropic accept as a tool name: a name outside it would fail every model
 # request of every session that is offered the tool.
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -68,6 +74,12 @@ def validate_registration(reg: WorkerRegistration) -> None:
         raise InvalidRegistration(f"hello.slots is {reg.slots}: a worker needs at least 1 slot")
     if not reg.tools:
         raise InvalidRegistration("hello.tools is empty: a worker must offer at least one tool")
+    if len(reg.workspace_roots) > MAX_WORKSPACE_ROOTS:
+        raise InvalidRegistration(f"hello.workspace_roots names {len(reg.workspace_roots):,} directories; at most "
+                                  f"{MAX_WORKSPACE_ROOTS} roots")
+    for root in reg.workspace_roots:
+        if len(root.encode("utf-8", "surrogateescape")) > MAX_ROOT_BYTES:
+            raise InvalidRegistration(f"hello.workspace_roots: {root[:80]!r}... is longer than {MAX_ROOT_BYTES} bytes")
     seen: set[str] = set()
     for spec in reg.tools:
         if not spec.name:

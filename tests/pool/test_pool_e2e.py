@@ -15,6 +15,7 @@ import pytest
 
 from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.pool import QueryCall
+from session_server.pool.workers import MAX_ROOT_BYTES, MAX_WORKSPACE_ROOTS
 from tests.pool.conftest import pid_alive, wait_for
 from tests.processes import all_gone, pids_with
 from tool_worker.merkle import SnapshotRef, snapshot_of
@@ -280,6 +281,8 @@ def _hello(**overrides) -> worker_pb2.ConnectRequest:
             hello.tools.extend(value)
         elif key == "labels":
             hello.labels.update(value)
+        elif key == "workspace_roots":
+            hello.workspace_roots.extend(value)
         else:
             setattr(hello, key, value)
     return worker_pb2.ConnectRequest(hello=hello)
@@ -301,9 +304,19 @@ def _hello(**overrides) -> worker_pb2.ConnectRequest:
          "not 1-64 letters"),
         (_hello(tools=[tools_pb2.ToolSpec(name="deploy", parameters_json_schema="{}", lane=tools_pb2.LANE_EXECUTE)]),
          "Query tools only"),
+        # Nested deeper than the interpreter's stack: json.loads, then jsonschema's check, raised
+        # RecursionError, which no handler took (the worker saw UNKNOWN, "Unexpected error").
+        (_hello(tools=[tools_pb2.ToolSpec(name="deep", parameters_json_schema="[" * 100_000 + "]" * 100_000,
+                                          lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
+        (_hello(tools=[tools_pb2.ToolSpec(name="deep", parameters_json_schema='{"not": ' * 900 + "{}" + "}" * 900,
+                                          lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
+        # Routing compares a call's workspace with every root of every worker, on the event loop:
+        # 100,000 short roots (under 1 MB) cost each call to be placed about a second.
+        (_hello(workspace_roots=[f"/r{i}" for i in range(MAX_WORKSPACE_ROOTS + 1)]), "at most 64 roots"),
+        (_hello(workspace_roots=["/" + "r" * MAX_ROOT_BYTES]), "longer than"),
     ],
     ids=["no-tools", "zero-slots", "duplicate-tools", "no-id", "not-hello", "too-many-tools", "too-big",
-         "bad-name", "execute-lane"],
+         "bad-name", "execute-lane", "deep-json", "deep-schema", "too-many-roots", "long-root"],
 )
 async def test_bad_hello_is_invalid_argument(make_server, request_message, expected: str) -> None:
     server = await make_server()

@@ -3,6 +3,7 @@ metadata, cannot break a session."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -12,6 +13,7 @@ from codelane.v1 import tools_pb2
 from session_server.limits import MAX_TOOL_CALLS_PER_RESPONSE, OMITTED_ARGUMENTS
 from session_server.llm.script import Script
 from session_server.mock_llm.server import start_mock_llm
+from tests.polling import poll_until
 from tests.session.conftest import assert_gap_free, call, kind, rpc_error, scripted
 from tool_worker import wire
 
@@ -112,3 +114,76 @@ def test_a_workers_bulky_or_deep_metadata_is_kept_bounded() -> None:
     deep = wire.result_from_proto(tools_pb2.ToolResult(output="x", metadata_json="[" * 10_000))
     assert deep.metadata == {"unparsed_metadata": "[" * 10_000}
     assert wire.result_from_proto(tools_pb2.ToolResult(metadata_json='{"n": 1}')).metadata == {"n": 1}
+
+
+async def _turn_answered_by_a_raw_worker(make_server, workspace, tmp_path, answer: tools_pb2.ToolResult):
+    """A session's turn whose one call, `echo`, a worker speaking the raw protocol answers with
+    `answer`; returns the client, the session and the turn's events."""
+    from codelane.v1 import worker_pb2, worker_pb2_grpc
+
+    server = await make_server()
+    client = server.client
+    spec = tools_pb2.ToolSpec(name="echo", lane=tools_pb2.LANE_QUERY, idempotent=True,
+                              parameters_json_schema='{"type": "object"}')
+    outbox: asyncio.Queue[worker_pb2.ConnectRequest] = asyncio.Queue()
+    await outbox.put(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(worker_id="liar", slots=1, tools=[spec])))
+
+    async def requests():
+        while True:
+            yield await outbox.get()
+
+    async def answering(stream) -> None:
+        async for message in stream:
+            for assign in message.assignments.assigns:
+                answers = worker_pb2.CallResults()
+                answers.results.add(call_id=assign.call_id, attempt=assign.attempt, dispatch_id=assign.dispatch_id,
+                                    result=answer)
+                await outbox.put(worker_pb2.ConnectRequest(results=answers))
+
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect(requests())
+        task = asyncio.create_task(answering(stream))
+        try:
+            await poll_until(lambda: server.server.pool.offers("echo"), what="the raw worker to join")
+            model = scripted(tmp_path, [{"tool_calls": [call("echo", "e1")]}, {"text": "Done."}])
+            session = await client.create(workspace, model)
+            events = await client.send(session.session_id, "go")
+        finally:
+            task.cancel()
+    assert kind(events[-1]) == "turn_finished"
+    return client, session, events
+
+
+async def test_a_workers_absurd_run_time_cannot_break_the_session(make_server, workspace, tmp_path) -> None:
+    # A worker reports how long its tool ran. Duration(seconds=2**63-1) came through as 9.2e18 s,
+    # which no Duration can carry back (its nanoseconds overflow int64): the call's event and its
+    # history message could not be written, and the session's stream, replay and history failed.
+    answer = tools_pb2.ToolResult(output="echoed")
+    answer.run_time.seconds = 2**63 - 1
+    client, session, events = await _turn_answered_by_a_raw_worker(make_server, workspace, tmp_path, answer)
+    [finished] = [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    assert finished.result.output == "echoed" and finished.run_time.seconds < 3600
+    replayed, last = await client.watch(session.session_id, 0)
+    assert_gap_free(replayed)
+    assert last == events[-1].sequence
+    assert await client.history(session.session_id)
+
+
+@pytest.mark.parametrize("value", ["NaN", "-Infinity", "1e400"])
+async def test_a_workers_metadata_that_only_python_reads_as_json_is_kept_as_text(
+    make_server, workspace, tmp_path, value: str
+) -> None:
+    # Python's json reads NaN, Infinity and 1e400 (as inf) and writes them back as NaN and
+    # Infinity, which no JSON parser takes: the call's metadata_json went out as no JSON at all
+    # (and its replay, written by orjson, said null instead).
+    metadata = f'{{"score": {value}}}'
+    client, session, events = await _turn_answered_by_a_raw_worker(
+        make_server, workspace, tmp_path, tools_pb2.ToolResult(output="echoed", metadata_json=metadata))
+    replayed, _ = await client.watch(session.session_id, 0)
+    for stream in (events, replayed):
+        [finished] = [e.tool_call_finished for e in stream if kind(e) == "tool_call_finished"]
+        assert json.loads(finished.result.metadata_json, parse_constant=_no_constant) == {"unparsed_metadata": metadata}
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")

@@ -192,6 +192,33 @@ async def test_a_worker_never_reads_its_own_files_outside_its_root_whatever_the_
         assert "TOP-SECRET" not in result.result.output
 
 
+class _BadWelcomeHub(worker_pb2_grpc.WorkerHubServiceServicer):
+    """A hub whose Welcome names exclusions no worker can apply."""
+
+    async def Connect(self, request_iterator, context):
+        hello = await anext(request_iterator)
+        yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(
+            worker_id=hello.hello.worker_id, content=worker_pb2.ContentSource(exclude=["/etc/*"])))
+        async for _ in request_iterator:
+            pass
+
+
+async def test_a_welcome_with_exclusions_a_worker_cannot_apply_ends_it_with_one_line(tmp_path: Path) -> None:
+    # The ValueError of the bad pattern escaped the worker's loop: a traceback, exit 1.
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(_BadWelcomeHub(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        worker = worker_process(f"127.0.0.1:{port}", "w1", "--cache-dir", str(tmp_path / "cache"))
+        code, stderr = await exit_of(worker)
+    finally:
+        await grpc_server.stop(0)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "'/etc/*'" in lines[0] and "Traceback" not in stderr, stderr
+
+
 async def test_an_open_hub_off_loopback_is_refused_before_anything_listens(tmp_path: Path, capsys) -> None:
     # 192.0.2.1 is a documentation address no host has: were the check missing, binding would
     # fail instead (exit 1), and nothing ever listens off loopback.

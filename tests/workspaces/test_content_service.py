@@ -4,7 +4,9 @@ file changed since its snapshot is NOT_FOUND, never wrong bytes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,7 @@ import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
 from session_server.api.content import encode_batch_read_response
-from session_server.content import MAX_BATCH_BYTES, MAX_UPLOADED_BYTES, STREAM_CHUNK
+from session_server.content import MAX_BATCH_BYTES, MAX_BATCH_DIGESTS, MAX_UPLOADED_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.merkle import Digest
 
@@ -86,6 +88,62 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
 
 
+@pytest.mark.parametrize("swapped", ["file", "directory"])
+async def test_a_file_swapped_for_a_symlink_out_of_the_workspace_is_never_streamed(
+    served, tmp_path: Path, swapped: str
+) -> None:
+    # A snapshot's file, or a directory above it, replaced by a link out of the workspace (a
+    # model's `ln -sf`): streaming the blob read the outside file and sent every chunk but the
+    # last before the hash told it apart, so a worker read a server file no workspace holds.
+    ws, _, channel = served
+    big = (ws / "sub" / "big.bin").read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "big.bin"
+    secret.write_bytes(b"TOP-SECRET" * (len(big) // 10 + 1))
+    if swapped == "file":
+        (ws / "sub" / "big.bin").unlink()
+        (ws / "sub" / "big.bin").symlink_to(secret)
+    else:
+        (ws / "sub").rename(tmp_path / "moved-away")
+        (ws / "sub").symlink_to(outside)
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in stream.Read(bytestream_pb2.ReadRequest(
+                resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA):
+            received.append(response.data)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert b"TOP-SECRET" not in b"".join(received) and b"TOP-SECRET" not in caught.value.details().encode()
+
+
+async def test_a_file_swapped_for_a_fifo_is_not_found_and_blocks_no_read(served) -> None:
+    # A snapshot's file replaced by a FIFO (a model's `mkfifo`): opening it waited for a writer
+    # that never came, in a thread, holding one of the two read slots; two such blobs stopped
+    # every worker's sync for good.
+    ws, _, channel = served
+    small, big = (ws / "small.txt").read_bytes(), (ws / "sub" / "big.bin").read_bytes()
+    fifos = [ws / "small.txt", ws / "sub" / "big.bin"]
+    for fifo in fifos:
+        fifo.unlink()
+        os.mkfifo(fifo)
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    try:
+        read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(small)]),
+                                        metadata=METADATA, timeout=10)
+        assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream.Read(bytestream_pb2.ReadRequest(
+                    resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA, timeout=10):
+                pass
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for fifo in fifos:  # frees a thread still waiting to open one (when the test fails)
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_path: Path) -> None:
     # The content service reads each blob from the newest file that held it and asks the other
     # snapshots only when that file changed: the fallback must find the bytes, and check them too.
@@ -130,6 +188,22 @@ async def test_bad_requests_are_invalid_argument(served, request_message, expect
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cas.BatchReadBlobs(request_message, metadata=METADATA)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in caught.value.details()
+
+
+async def test_a_find_missing_blobs_of_more_digests_than_a_batch_is_invalid_argument(served) -> None:
+    # Each digest is looked up in every snapshot of every workspace, and its files stat'ed, on the
+    # server's event loop: 800,000 digests (one 64 MiB request) stood every session still for
+    # seconds, minutes with many workspaces.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    many = [digest(str(i).encode()) for i in range(MAX_BATCH_DIGESTS + 1)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(blob_digests=many), metadata=METADATA)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_BATCH_DIGESTS:,}" in caught.value.details()
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=many[:MAX_BATCH_DIGESTS]), metadata=METADATA)
+    assert len(missing.missing_blob_digests) == MAX_BATCH_DIGESTS
 
 
 async def test_uploads_are_checked_and_kept(served) -> None:
@@ -186,6 +260,31 @@ async def test_an_upload_bigger_than_the_server_keeps_is_refused_before_its_byte
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the" in caught.value.details()
 
 
+async def test_uploads_in_progress_hold_no_more_than_the_server_keeps(served) -> None:
+    # Each Write stream is held whole until finish_write, and each may announce up to the
+    # 256 MiB the server keeps: streams that never finish held 256 MiB apiece, without bound.
+    _, _, channel = served
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    size = MAX_UPLOADED_BYTES // 2 + 1
+
+    async def unfinished(upload: str):
+        yield bytestream_pb2.WriteRequest(resource_name=f"uploads/{upload}/blobs/{'a' * 64}/{size}", data=b"\0")
+        await asyncio.Event().wait()  # never finishes (see the test above for why not write on)
+
+    writes = [asyncio.ensure_future(stream.Write(unfinished(f"u{i}"), metadata=METADATA, timeout=30))
+              for i in range(2)]
+    try:
+        done, pending = await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+        # Whichever came second is refused; the first is still being held.
+        assert len(done) == 1 and len(pending) == 1
+        error = done.pop().exception()
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{MAX_UPLOADED_BYTES:,}" in error.details()
+    finally:
+        for write in writes:
+            write.cancel()
+
+
 async def test_the_content_service_wants_the_worker_token(served) -> None:
     _, _, channel = served
     cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
@@ -231,3 +330,23 @@ async def test_a_get_tree_page_token_this_server_did_not_give_is_invalid_argumen
                 page_token=token), metadata=METADATA):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+
+
+@pytest.mark.parametrize("under", ["root", "child"])
+async def test_get_tree_of_an_uploaded_blob_that_is_no_directory_is_invalid_argument(served, under: str) -> None:
+    # Uploaded blobs are any bytes: GetTree parsed them as Directory blobs, and the DecodeError
+    # ended the call with UNKNOWN ("Unexpected error") instead of a status that says why.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    garbage = b"\xff\xff\xff not a Directory"
+    parent = remote_execution_pb2.Directory(directories=[
+        remote_execution_pb2.DirectoryNode(name="d", digest=digest(garbage))]).SerializeToString()
+    await cas.BatchUpdateBlobs(remote_execution_pb2.BatchUpdateBlobsRequest(requests=[
+        remote_execution_pb2.BatchUpdateBlobsRequest.Request(digest=digest(blob), data=blob)
+        for blob in (garbage, parent)]), metadata=METADATA)
+    root = digest(garbage if under == "root" else parent)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=root), metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert digest(garbage).hash in caught.value.details() and "not a Directory" in caught.value.details()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,50 @@ def test_exclusion_patterns() -> None:
     assert not Exclusions([]).excluded("anything")
     with pytest.raises(ValueError):
         Exclusions(["/abs"])
+
+
+@pytest.mark.parametrize(("pattern", "miss", "hit"), [
+    ("*a" * 20 + "*b", "a" * 40, "a" * 40 + "b"),
+    ("**/a*/" * 20 + "b", "a/" * 40 + "a", "a/" * 40 + "b"),
+], ids=["stars", "globstars"])
+def test_a_hostile_exclusion_pattern_matches_in_time_linear_in_the_path(pattern: str, miss: str, hit: str) -> None:
+    # Patterns come from the hub (Welcome, each snapshot), and a worker matches every path it
+    # scans against them. Translated as written, 20 wildcards backtracked for ever on a path that
+    # almost matches (the GIL held: no heartbeat, no result, the worker lost).
+    check = f"from tool_worker.merkle import Exclusions; e = Exclusions([{pattern!r}]); print(e.excluded({miss!r}), e.excluded({hit!r}))"  # noqa: E501
+    try:
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=30, check=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"matching {pattern[:30]!r}... took more than 30 s") from None
+    assert done.stdout.split() == ["False", "True"]
+
+
+def _spec_regex(pattern: str) -> str:
+    """workspace.proto's rule 2, translated as written (backtracking without bound)."""
+    out = []
+    parts = pattern.split("/")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]*/)*")
+            continue
+        text = "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in part)
+        out.append(text if last else text + "/")
+    return "".join(out)
+
+
+def test_exclusion_patterns_match_what_the_spec_says() -> None:
+    rng = random.Random(7)
+    components = ["**", "*", "a*", "*a", "*a*b", "a?", "?*", "a**b", "ab", "b", "*b*"]
+    paths = ["/".join(rng.choice(["a", "b", "ab", "ba", "aab", "bab", "x"]) for _ in range(rng.randint(1, 5)))
+             for _ in range(300)]
+    for _ in range(300):
+        pattern = "/".join(rng.choice(components) for _ in range(rng.randint(1, 4)))
+        spec = re.compile(_spec_regex(pattern), re.DOTALL)
+        rules = Exclusions([pattern])
+        for path in paths:
+            assert rules.excluded(path) == (spec.fullmatch(path) is not None), (pattern, path)
 
 
 def test_each_change_changes_the_digest(tmp_path: Path) -> None:

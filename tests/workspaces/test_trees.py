@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.reapi import remote_execution_pb2 as reapi
-from codelane.reapi import remote_execution_pb2_grpc
+from session_server.content import STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
 from tool_worker import workspaces as workspaces_module
-from tool_worker.cas import CasClient
+from tool_worker.cas import CasClient, ContentError
 from tool_worker.merkle import Digest, SnapshotRef
 from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
 
@@ -328,3 +329,105 @@ async def test_a_worker_killed_mid_write_leaves_nothing_its_successor_uses(setup
     finally:
         placement.release()
         second.close()
+
+
+async def test_a_snapshot_whose_shared_subtrees_name_too_many_paths_is_refused_before_planning(
+    setup, tmp_path: Path
+) -> None:
+    # Directory blobs form a DAG: 40 blobs of two entries, each naming the next level twice, name
+    # 2^40 directories. The worker expanded them on its event loop (no heartbeat, no result, its
+    # memory growing without bound) before any check of the snapshot's size.
+    _, _, manager, channel = setup
+    level = reapi.Directory()
+    blobs = []
+    for _ in range(40):
+        blob = level.SerializeToString()
+        blobs.append(blob)
+        child = reapi.Digest(hash=Digest.of(blob).hash, size_bytes=len(blob))
+        level = reapi.Directory(directories=[reapi.DirectoryNode(name="a", digest=child),
+                                             reapi.DirectoryNode(name="b", digest=child)])
+    root = level.SerializeToString()
+    blobs.append(root)
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[
+        reapi.BatchUpdateBlobsRequest.Request(digest=reapi.Digest(hash=Digest.of(b).hash, size_bytes=len(b)), data=b)
+        for b in blobs if b
+    ]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    ref = SnapshotRef(str(target), Digest.of(root), Digest.of(b""))
+    with pytest.raises(WorkspaceUnavailable, match="entries"):
+        await asyncio.wait_for(manager.place(ref), 20)
+    assert manager.holdings[str(target)].mode == "unavailable"
+
+
+class _EndlessByteStream(bytestream_pb2_grpc.ByteStreamServicer):
+    """A CAS whose every stream goes on past the blob's size (up to `limit` chunks)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent = 0
+
+    async def Read(self, request, context):
+        for _ in range(self.limit):
+            self.sent += 1
+            yield bytestream_pb2.ReadResponse(data=b"x" * STREAM_CHUNK)
+
+
+async def test_a_cas_that_streams_past_a_blobs_size_is_cut_off(tmp_path: Path) -> None:
+    # The worker kept every chunk a stream sent, and checked the digest only at its end: a CAS
+    # streaming without end grew the worker's memory until it died.
+    cas = _EndlessByteStream(limit=64)
+    grpc_server = grpc.aio.server()
+    bytestream_pb2_grpc.add_ByteStreamServicer_to_server(cas, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = CasClient(channel, max_batch_bytes=1024)
+            with pytest.raises(ContentError, match="more than"):
+                await client.read([Digest("a" * 64, 2 * STREAM_CHUNK)])
+    finally:
+        await grpc_server.stop(0)
+    # The stream stops at the chunk that overran the size (and what flow control let through).
+    assert cas.sent < 2 * 8
+
+
+async def test_a_snapshot_with_a_negative_file_size_is_refused_before_any_fetch(setup, tmp_path: Path) -> None:
+    # Sizes count against --cache-size as they are planned: a file "of -1 TiB" beside one of
+    # 1 TiB made the snapshot look empty, and the worker went on to fetch the terabyte, held in
+    # memory whole before it is checked.
+    _, _, manager, channel = setup
+    huge = 1 << 40
+    evil = reapi.Directory(files=[
+        reapi.FileNode(name="big", digest=reapi.Digest(hash="b" * 64, size_bytes=huge)),
+        reapi.FileNode(name="negative", digest=reapi.Digest(hash="c" * 64, size_bytes=-huge)),
+    ]).SerializeToString()
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
+        digest=reapi.Digest(hash=Digest.of(evil).hash, size_bytes=len(evil)), data=evil)]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    with pytest.raises(WorkspaceUnavailable, match="malformed"):
+        await manager.place(SnapshotRef(str(target), Digest.of(evil), Digest.of(b"")))
+    assert manager.holdings[str(target)].mode == "unavailable"
+
+
+@pytest.mark.parametrize("where", ["root", "child"])
+async def test_a_directory_blob_claimed_bigger_than_any_directory_is_refused_before_its_fetch(
+    setup, tmp_path: Path, where: str
+) -> None:
+    # Directory blobs are fetched whole into memory before they are checked, and no --cache-size
+    # counts them: a directory "of 1 TiB" was streamed for as long as the CAS cared to send.
+    _, _, manager, channel = setup
+    claimed = Digest("d" * 64, 1 << 40)
+    parent = reapi.Directory(directories=[reapi.DirectoryNode(
+        name="sub", digest=reapi.Digest(hash=claimed.hash, size_bytes=claimed.size))]).SerializeToString()
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
+        digest=reapi.Digest(hash=Digest.of(parent).hash, size_bytes=len(parent)), data=parent)]))
+    target = tmp_path / "victim"
+    target.mkdir()
+    root = claimed if where == "root" else Digest.of(parent)
+    with pytest.raises(WorkspaceUnavailable, match="larger than"):
+        await manager.place(SnapshotRef(str(target), root, Digest.of(b"")))
