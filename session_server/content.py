@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import stat
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 from session_server.snapshots import SnapshotRegistry
-from tool_worker.merkle import Digest
+from tool_worker.merkle import Digest, open_as_named
 
 # Largest total of blob bytes in one BatchReadBlobs or BatchUpdateBlobs; bigger blobs go through
 # ByteStream. Under the 4 MiB message limit most gRPC clients keep by default, envelope included.
@@ -231,35 +230,10 @@ class ContentStore:
 
 def _open_first(paths: list[str]):
     for path in paths:
-        handle = _open_file(path)
+        handle = open_as_named(path)
         if handle is not None:
             return handle
     return None
-
-
-def _open_file(path: str):
-    """The regular file at `path` as its snapshot named it, or None. A stream sends its chunks
-    before the whole file is hashed, so the file opened must be that one, not what a symlink put
-    in its place (or in place of a directory above it) points to: its chunks would be some other
-    file's, perhaps outside every workspace. Snapshot paths are real (no symlink on the way). Nor
-    a FIFO put in its place: opening one waits for a writer, for ever (O_NONBLOCK does not)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or _opened_path(descriptor) not in (path, None):
-        os.close(descriptor)
-        return None
-    return open(descriptor, "rb", buffering=0)
-
-
-def _opened_path(descriptor: int) -> str | None:
-    """Where an open file really is; None without Linux's /proc (O_NOFOLLOW still guards the
-    file's own name there)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{descriptor}")
-    except OSError:
-        return None
 
 
 def _size_is(path: str, size: int) -> bool:
@@ -275,7 +249,7 @@ def _read_all(wanted: list[tuple[int, Digest, list[str]]]) -> list[bytes | None]
 
 def _read_verified(paths: list[str], digest: Digest) -> bytes | None:
     for path in paths:
-        handle = _open_file(path)
+        handle = open_as_named(path)
         if handle is None:
             continue
         try:

@@ -20,6 +20,7 @@ protobuf runtime would produce the same bytes (tests check it), at several times
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from tool_worker.inotify import flags as inotify_flags
 from tool_worker.inotify import shared_inotify
@@ -262,6 +264,7 @@ class Tree:
 @dataclass
 class _Scan:
     now_ns: int
+    real_root: bytes
     skipped: list[str] = field(default_factory=list)
     files_seen: list[str] = field(default_factory=list)
     dirs_seen: set[str] = field(default_factory=set)
@@ -275,11 +278,43 @@ class _Scan:
     listed: int = 0
 
 
-def hash_file(path: str | bytes, expected_size: int | None = None) -> tuple[Digest, os.stat_result]:
-    """The file's digest and the stat of the handle it was read through (taken after reading)."""
+def open_as_named(path: str | bytes, real_path: str | bytes | None = None) -> BinaryIO | None:
+    """The regular file at `path` itself, open for reading, or None. Not what a symlink put in its
+    place (O_NOFOLLOW), or in place of a directory above it (the descriptor must be at `real_path`,
+    `path` by default, a path with no symlink on the way): a model's background process can swap
+    one in between a listing and the read, and the bytes read would be some other file's, perhaps
+    outside every workspace. Nor a FIFO: opening one waits for a writer, for ever (O_NONBLOCK
+    does not)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    expected = path if real_path is None else real_path
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or _opened_path(descriptor, expected) not in (expected, None):
+        os.close(descriptor)
+        return None
+    return open(descriptor, "rb", buffering=0)
+
+
+def _opened_path(descriptor: int, like: str | bytes) -> str | bytes | None:
+    """Where an open file really is (str or bytes, as `like`); None without Linux's /proc
+    (O_NOFOLLOW still guards the file's own name there)."""
+    link = f"/proc/self/fd/{descriptor}"
+    try:
+        return os.readlink(link if isinstance(like, str) else os.fsencode(link))
+    except OSError:
+        return None
+
+
+def hash_file(path: str | bytes, real_path: str | bytes | None = None) -> tuple[Digest, os.stat_result]:
+    """The file's digest and the stat of the handle it was read through (taken after reading).
+    Raises OSError when `path` is no longer the regular file it was (see `open_as_named`)."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb", buffering=0) as handle:
+    handle = open_as_named(path, real_path)
+    if handle is None:
+        raise OSError(errno.ESTALE, "no longer the regular file it was listed as (a link, a FIFO, or gone)")
+    with handle:
         while chunk := handle.read(_READ_CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -317,7 +352,8 @@ class TreeScanner:
         """
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"not a directory: {self.root}")
-        work = _Scan(now_ns=time.time_ns())
+        # Files are read at their real path (no symlink on the way), as listed under it.
+        work = _Scan(now_ns=time.time_ns(), real_root=os.fsencode(os.path.realpath(self.root)))
         dirty = None if full or self._watcher is None else self._watcher.dirty()
         if dirty is not None and "" in self._dirs:
             work.partial = True
@@ -449,7 +485,7 @@ class TreeScanner:
             and known.mode == info.st_mode
         ):
             return known.digest
-        digest, after = hash_file(path)
+        digest, after = hash_file(path, os.path.join(work.real_root, relative.encode()))
         work.hashed += 1
         # Stat as read: what the next scan compares against (a write during the read shows there).
         self._files[relative] = _FileState(

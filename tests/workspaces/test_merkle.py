@@ -16,7 +16,7 @@ import pytest
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
 from tool_worker.inotify import shared_inotify
-from tool_worker.merkle import EMPTY_HASH, Digest, Exclusions, TreeScanner, digest_of
+from tool_worker.merkle import EMPTY_HASH, Digest, Exclusions, TreeScanner, digest_of, hash_file
 
 
 def make_tree(root: Path) -> None:
@@ -256,3 +256,37 @@ def test_two_scanners_of_one_tree_in_one_process_both_see_its_changes(tmp_path: 
     finally:
         first.close()
         second.close()
+
+
+def test_a_file_read_for_its_digest_is_the_one_listed_never_what_was_swapped_in(tmp_path: Path) -> None:
+    # Between a scan's listing and its read, a model's background process can put a symlink in
+    # place of a file or of a directory above it, or a FIFO: the digest (and the blob the content
+    # service then serves) would be another file's, perhaps outside the workspace, or the read
+    # would wait for a writer for ever.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the workspace's\n")
+    workspace = tmp_path / "ws"
+    (workspace / "dir").mkdir(parents=True)
+    (workspace / "link.txt").symlink_to(outside / "secret.txt")
+    (workspace / "swapped").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(workspace / "fifo")
+    for name, real in (("link.txt", None), ("swapped/secret.txt", str(workspace / "dir/secret.txt")),
+                       ("fifo", None)):
+        with pytest.raises(OSError, match="no longer the regular file"):
+            hash_file(str(workspace / name), real)
+    (workspace / "dir/plain.txt").write_text("read\n")
+    assert hash_file(str(workspace / "dir/plain.txt"))[0] == Digest.of(b"read\n")
+
+
+def test_a_workspace_reached_through_a_symlink_is_scanned_whole(tmp_path: Path) -> None:
+    # Files are read at their real path: a root named through a link must still hash each one.
+    make_tree(tmp_path / "real")
+    (tmp_path / "named").symlink_to(tmp_path / "real", target_is_directory=True)
+    scanner = TreeScanner(str(tmp_path / "named"), watch=False)
+    try:
+        tree = scanner.scan()
+    finally:
+        scanner.close()
+    fresh = digest_of(str(tmp_path / "real"))
+    assert tree.digest == fresh.digest and tree.skipped == fresh.skipped
