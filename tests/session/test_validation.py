@@ -68,11 +68,12 @@ INVALID_CREATES = [
     (
         # Each entry was converted on the event loop (about 2 us) and each repeat noted as a
         # problem: the 16 million that fit in one request held every client up for half a
-        # minute and took gigabytes, before the first problem was reported.
-        "a-million-lanes",
+        # minute and took gigabytes, before the first problem was reported. (So many no longer
+        # pass the request's size bound: 100,000 do.)
+        "100,000-lanes",
         lambda ws, good: _request(
             str(ws), model=good, queue=session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY)]
-                                                                    * 1_000_000),
+                                                                    * 100_000),
         ),
         "config.queue.lanes",
     ),
@@ -95,6 +96,20 @@ async def test_create_session_rejects_bad_input_naming_the_field(
     assert error.metadata == {"field": field}
     assert field in error.message
     assert await client.count_sessions() == before
+
+
+async def test_a_create_session_bigger_than_any_it_takes_is_refused_unparsed(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # 300,000 labels (4 MB): protobuf parses a map in time quadratic in its entries, on the
+    # event loop, before the labels' own bound could refuse them; 64 MiB of them took minutes.
+    model = scripted(tmp_path, [{"text": "hi"}])
+    request = _request(str(workspace), model=model)
+    request.labels.update({f"k{i}": "v" for i in range(300_000)})
+    error = await rpc_error(client.sessions.CreateSession(request, timeout=10))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_ARGUMENT", error
+    assert f"the request is {request.ByteSize():,} bytes" in error.message and "at most 2,097,152" in error.message
+    assert await client.count_sessions() == 0
 
 
 async def test_script_that_is_not_a_script_is_invalid(client: Client, workspace: Path, tmp_path: Path) -> None:

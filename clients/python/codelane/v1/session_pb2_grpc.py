@@ -169,7 +169,9 @@ class SessionServiceServicer:
     def CreateSession(self, request, context):
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-        queue config is out of range (the field is named in the message and ErrorInfo metadata).
+        queue config is out of range (the field is named in the message and ErrorInfo metadata);
+        also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
+        its fields keep any the server accepts far under it).
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
         as it allows: delete some, or retry later.
         """

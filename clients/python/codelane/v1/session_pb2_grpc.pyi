@@ -67,7 +67,9 @@ class SessionServiceStub:
     CreateSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.CreateSessionResponse]
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-    queue config is out of range (the field is named in the message and ErrorInfo metadata).
+    queue config is out of range (the field is named in the message and ErrorInfo metadata);
+    also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
+    its fields keep any the server accepts far under it).
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
     as it allows: delete some, or retry later.
     """
@@ -169,7 +171,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     CreateSession: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.CreateSessionResponse]  # type: ignore[assignment]
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-    queue config is out of range (the field is named in the message and ErrorInfo metadata).
+    queue config is out of range (the field is named in the message and ErrorInfo metadata);
+    also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
+    its fields keep any the server accepts far under it).
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
     as it allows: delete some, or retry later.
     """
@@ -274,7 +278,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.CreateSessionResponse, _abc.Awaitable[_session_pb2.CreateSessionResponse]]:
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-        queue config is out of range (the field is named in the message and ErrorInfo metadata).
+        queue config is out of range (the field is named in the message and ErrorInfo metadata);
+        also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
+        its fields keep any the server accepts far under it).
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
         as it allows: delete some, or retry later.
         """
