@@ -19,6 +19,11 @@ from tool_worker.tools.base import ToolResult, well_formed
 
 # A client's message starting a turn.
 MAX_PROMPT_CHARS = 1024 * 1024
+# Why a client rejected a call (shown to the model, kept in the history and in events), and the
+# name an external client claims tasks under (kept with each task it leases, and in events):
+# unbounded, a 7 MB one was copied into each.
+MAX_CONFIRMATION_REASON_CHARS = 16 * 1024
+MAX_CLIENT_ID_CHARS = 256
 # The arguments of one tool call, and of all the calls of one model response (they travel
 # together in its ModelResponded event and its history message).
 MAX_TOOL_ARGUMENTS_CHARS = 1024 * 1024

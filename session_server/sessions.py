@@ -40,7 +40,14 @@ from session_server.events import (
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
 from session_server.history import Histories
-from session_server.limits import MAX_RESPONSE_TEXT_CHARS, bound_event, check_prompt, cut
+from session_server.limits import (
+    MAX_CLIENT_ID_CHARS,
+    MAX_CONFIRMATION_REASON_CHARS,
+    MAX_RESPONSE_TEXT_CHARS,
+    bound_event,
+    check_prompt,
+    cut,
+)
 from session_server.llm.base import ModelProvider, Usage
 from session_server.models import Models
 from session_server.pool import WorkerPool
@@ -456,8 +463,11 @@ class SessionManager:
         return True
 
     def confirm(self, session_id: str, call_id: str, approve: bool, reason: str) -> None:
-        """Answers a call waiting for confirmation. Raises SessionNotFound or ConfirmationNotFound."""
+        """Answers a call waiting for confirmation. Raises SessionNotFound, config.InvalidArgument
+        (a reason over MAX_CONFIRMATION_REASON_CHARS) or ConfirmationNotFound."""
         self.get_session(session_id)
+        if len(reason) > MAX_CONFIRMATION_REASON_CHARS:
+            raise InvalidArgument("reason", f"is {len(reason):,} characters; at most {MAX_CONFIRMATION_REASON_CHARS:,}")
         self.confirmations.answer(session_id, call_id, approve, reason)
 
     async def claim_external_tasks(
@@ -470,6 +480,8 @@ class SessionManager:
         self.get_session(session_id)
         if not client_id.strip():
             raise InvalidArgument("client_id", "is empty: name the claiming client; only it may complete its tasks")
+        if len(client_id) > MAX_CLIENT_ID_CHARS:
+            raise InvalidArgument("client_id", f"is {len(client_id):,} characters; at most {MAX_CLIENT_ID_CHARS}")
         if not 0 <= max_tasks <= MAX_CLAIM_TASKS:
             raise InvalidArgument("max_tasks", f"{max_tasks} is out of range [0, {MAX_CLAIM_TASKS}]")
         lease = _checked_lease(lease)

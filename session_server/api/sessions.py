@@ -189,6 +189,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         field="call_id")
         try:
             self._manager.confirm(request.session_id, request.call_id, request.approve, request.reason)
+        except InvalidArgument as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
         except ConfirmationNotFound as exc:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "CONFIRMATION_NOT_FOUND",
                         session_id=exc.session_id, call_id=exc.call_id)

@@ -379,6 +379,7 @@ async def test_lane_modes_are_shown_back(client: Client, workspace: Path, tmp_pa
     ("request_", "field"),
     [
         ({"client_id": ""}, "client_id"),
+        ({"client_id": "c" * 257}, "client_id"),  # kept with each task it leases, and in events
         ({"max_tasks": -1}, "max_tasks"),
         ({"max_tasks": 101}, "max_tasks"),
         ({"lease": _duration(0)}, "lease"),

@@ -104,6 +104,10 @@ async def test_approved_confirmation_runs_the_call(client: Client, workspace: Pa
 async def test_rejected_confirmation_tells_the_model_why(client: Client, workspace: Path, tmp_path: Path) -> None:
     session = await client.create(workspace, scripted(tmp_path, WRITE_THEN_DONE), permissions=_policy(ask=["write"]))
     stream, seen, _ = await _start_until_confirmation(client, session.session_id)
+    # A reason past its bound (it is copied into events, the history and the model's context) is
+    # refused and answers nothing: the call still waits.
+    error = await rpc_error(_confirm(client, session.session_id, "c_write", False, "x" * 16_385))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata == {"field": "reason"}, error
     await _confirm(client, session.session_id, "c_write", False, "use notes/ instead")
     events = [r.event for r in seen + await read_rest(stream)]
 

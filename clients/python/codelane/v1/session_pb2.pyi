@@ -1072,7 +1072,9 @@ class ConfirmToolCallRequest(_message.Message):
     approve: _builtins.bool
     """True to run the call, false to reject it."""
     reason: _builtins.str
-    """Why, shown to the model when rejected."""
+    """Why, shown to the model when rejected. At most 16,384 characters (INVALID_ARGUMENT, field
+    reason).
+    """
     def __init__(
         self,
         *,
@@ -1116,7 +1118,9 @@ class ClaimExternalTasksRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     client_id: _builtins.str
-    """Identifies the claiming client (not empty); only it may complete the tasks it claimed."""
+    """Identifies the claiming client (not empty, at most 256 characters: INVALID_ARGUMENT, field
+    client_id); only it may complete the tasks it claimed.
+    """
     max_tasks: _builtins.int
     """Maximum tasks to claim; 0 means 1; at most 100."""
     @_builtins.property
