@@ -68,6 +68,12 @@ BACKOFF_MAX = 10.0
 PARENT_CHECK_INTERVAL = 1.0
 EXIT_UNAUTHENTICATED = 3
 EXIT_REJECTED = 2
+# What the worker does with the Welcome's heartbeat_interval: 2 s when unset, and kept within
+# these bounds. A negative or nanosecond interval made it send heartbeats in a loop, as fast as
+# it could, its CPU taken from the calls it runs.
+DEFAULT_HEARTBEAT_INTERVAL = 2.0
+MIN_HEARTBEAT_INTERVAL = 0.01
+MAX_HEARTBEAT_INTERVAL = 3600.0
 
 
 class WorkerRejected(Exception):
@@ -315,7 +321,7 @@ class ToolWorker:
             if code in _REJECTIONS:
                 raise WorkerRejected(code, await call.details())
             return
-        interval = wire.seconds(first.welcome.heartbeat_interval) or 2.0
+        interval = heartbeat_interval(first.welcome)
         self._reconnect_token = first.welcome.reconnect_token
         self._unreachable_told = ("", 0.0)  # connected: the next outage is told at once
         try:
@@ -508,6 +514,14 @@ class ToolWorker:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         async with outbox.lock:
             await call.done_writing()
+
+
+def heartbeat_interval(welcome: worker_pb2.Welcome) -> float:
+    """The interval the hub asks for (DEFAULT_HEARTBEAT_INTERVAL when unset), within the bounds."""
+    asked = wire.seconds(welcome.heartbeat_interval) if welcome.HasField("heartbeat_interval") else 0.0
+    if asked == 0:
+        return DEFAULT_HEARTBEAT_INTERVAL
+    return min(max(asked, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
 
 
 _REJECTIONS = (

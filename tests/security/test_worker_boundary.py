@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from codelane.transport import CHANNEL_OPTIONS
 from codelane.v1 import worker_pb2, worker_pb2_grpc
@@ -28,6 +29,12 @@ from tests.session.conftest import error_details
 from tool_worker import snapshot_wire, wire
 from tool_worker.merkle import snapshot_of
 from tool_worker.tools.read import TOOL as READ
+from tool_worker.worker import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    MAX_HEARTBEAT_INTERVAL,
+    MIN_HEARTBEAT_INTERVAL,
+    heartbeat_interval,
+)
 
 BOUND = 20.0
 
@@ -352,3 +359,23 @@ async def test_a_call_cancelled_in_the_middle_of_its_assigns_write_leaves_the_wo
         for call in calls[1:]:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("asked", "used"),
+    [
+        (None, DEFAULT_HEARTBEAT_INTERVAL),
+        (duration_pb2.Duration(seconds=0), DEFAULT_HEARTBEAT_INTERVAL),
+        (duration_pb2.Duration(nanos=500_000_000), 0.5),
+        # A hostile hub's: a negative or nanosecond interval made the worker heartbeat in a loop.
+        (duration_pb2.Duration(seconds=-5), MIN_HEARTBEAT_INTERVAL),
+        (duration_pb2.Duration(nanos=1), MIN_HEARTBEAT_INTERVAL),
+        (duration_pb2.Duration(seconds=2**62), MAX_HEARTBEAT_INTERVAL),
+    ],
+    ids=["unset", "zero", "half-a-second", "negative", "a-nanosecond", "ages"],
+)
+def test_a_welcomes_heartbeat_interval_is_kept_within_bounds(asked, used: float) -> None:
+    welcome = worker_pb2.Welcome(worker_id="w1")
+    if asked is not None:
+        welcome.heartbeat_interval.CopyFrom(asked)
+    assert heartbeat_interval(welcome) == used

@@ -244,7 +244,8 @@ class Welcome(_message.Message):
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send Heartbeat: 2 s, or a third of heartbeat_timeout when that is shorter. Use
-        this value: the hub may ask for any interval.
+        this value: the hub may ask for any interval. A worker may keep it within bounds of its own
+        against a hub gone wrong (the Python worker: 10 ms to 1 h, and 2 s when unset or 0).
         """
 
     @_builtins.property
