@@ -25,7 +25,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from tool_worker.tools.globs import GlobPattern, compile_glob_regex, translate_glob
+from tool_worker.tools.globs import GlobPattern, compile_glob
 
 
 @functools.lru_cache(maxsize=1024)
@@ -35,8 +35,8 @@ def compile_path_glob(glob: str) -> GlobPattern:
         glob = glob[2:]
     glob = glob or "."
     if glob.endswith("/**"):
-        return compile_glob_regex(f"{translate_glob(glob[:-3])}(?:/.*)?")
-    return compile_glob_regex(translate_glob(glob))
+        return compile_glob(glob[:-3], suffix="(?:/.*)?")
+    return compile_glob(glob)
 
 
 def normalise_relative(path: str) -> str:

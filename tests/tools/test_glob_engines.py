@@ -1,16 +1,17 @@
 """Globs are untrusted (a client's rules and deny list, a model's patterns), and so are the paths
-they are matched against. Python's backtracking engine takes time exponential in a glob's
-wildcards on a path that nearly matches; those globs go to RE2, which answers in time linear in
-the path, and both engines give the same answers."""
+they are matched against. Translated as written, a glob takes Python's backtracking engine time
+exponential in its wildcards on a path that nearly matches; compiled (tool_worker.tools.globs),
+every glob matches in time linear in the path and matches exactly what it always did."""
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 
 from tool_worker.denied import compile_path_glob
-from tool_worker.tools.globs import _Linear, compile_glob_regex, glob_to_regex, translate_glob
+from tool_worker.tools.globs import _Linear, compile_glob, glob_to_regex, translate_glob
 
 # Each would hold a backtracking engine for hours on its path (ten `**/` on 60 components is
 # about 60^10 tries): the test ends only because the answer comes in linear time.
@@ -19,16 +20,23 @@ CRAFTED = [
     ("*a*a*a*a*a*a*ax", "a" * 4000),
     ("{a,a}" * 40 + "b", "a" * 40 + "c"),
     ("**/a*a*a*a*a*a*/**/b", "/".join(["a" * 200] * 20) + "/c"),
+    ("**/a*a*a*a*a*a*/**/a*a*a*a*a*a*/**/b", "/".join(["a" * 200] * 20) + "/c"),
+    ("[!b]*a*a*a*a*a*ax", "a" * 4000),
 ]
 
 GLOBS = [
     "*.py", "**/*.py", "src/**", "src/**/test_*.py", "**/x/**", "*a*b*", "a?c", "[!a]*.py", "[a-c]*",
-    "{src,lib}/**/*.{py,md}", "**/**/x", "a/**/b/**/c", "\\*star", "é*", "dir/*/", "*\udcff*",
+    "{src,lib}/**/*.{py,md}", "**/**/x", "a/**/b/**/c", "\\*star", "é*", "dir/*/", "*\udcff*", "[.-0]*",
 ]
 PATHS = [
     "a.py", "src/a.py", "src/x/test_a.py", "src", "x", "x/y", "a/x/b", "axb", "abc", "b.py", "ab", "c.md",
-    "lib/d/e.md", "a/b/c", "a/q/b/r/c", "*star", "éa", "dir/sub", "src/\udcffz", "\udcff", "a\nb.py",
+    "lib/d/e.md", "a/b/c", "a/q/b/r/c", "*star", "éa", "dir/sub", "src/\udcffz", "\udcff", "a\nb.py", "./x",
 ]
+
+
+def _as_written(glob: str, any_directory: bool = False, suffix: str = "") -> re.Pattern[str]:
+    """The glob translated as written: what it must match (and slow only on crafted paths)."""
+    return re.compile(("(?:.*/)?" if any_directory else "") + translate_glob(glob) + suffix, re.DOTALL)
 
 
 @pytest.mark.parametrize(("glob", "path"), CRAFTED)
@@ -38,15 +46,37 @@ def test_a_crafted_glob_on_a_crafted_path_is_answered(glob: str, path: str) -> N
 
 
 @pytest.mark.parametrize("glob", GLOBS)
-def test_both_engines_give_the_same_answers(glob: str) -> None:
-    for source in (translate_glob(glob), f"(?:.*/)?{translate_glob(glob)}"):
-        backtracking, linear = re.compile(source, re.DOTALL), _Linear(source)
+def test_a_compiled_glob_matches_what_it_says(glob: str) -> None:
+    for any_directory in (False, True):
+        compiled, reference = compile_glob(glob, any_directory=any_directory), _as_written(glob, any_directory)
         for path in PATHS:
-            assert bool(backtracking.fullmatch(path)) == bool(linear.fullmatch(path)), (glob, path)
+            assert bool(compiled.fullmatch(path)) == bool(reference.fullmatch(path)), (glob, any_directory, path)
+    source = translate_glob(glob)
+    linear = _Linear(source)  # RE2, where braces send a glob: the same answers as `re`
+    for path in PATHS:
+        assert bool(linear.fullmatch(path)) == bool(_as_written(glob).fullmatch(path)), (glob, path)
 
 
-def test_a_glob_neither_engine_takes_raises_re_error() -> None:
-    with pytest.raises(re.error):
-        compile_glob_regex(translate_glob("[z-a]*x*"))
-    with pytest.raises(re.error):
-        compile_glob_regex(translate_glob("[z-a]"))
+def test_random_globs_match_what_they_say() -> None:
+    # Small globs and paths of a few letters, where the glob as written is quick to match: the
+    # atomic form (and RE2, for braces) must give its answers, for thousands of pairs.
+    rng = random.Random(2026)
+    pieces = ["a", "b", "*", "**/", "?", "/", "[ab]", "[!a]", "{a,b*}", "\\*", "/**"]
+    for _ in range(3000):
+        glob = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        any_directory = rng.random() < 0.3
+        suffix = rng.choice(["", "(?:/.*)?"])
+        try:
+            reference = _as_written(glob, any_directory, suffix)
+        except re.error:
+            continue
+        compiled = compile_glob(glob, any_directory=any_directory, suffix=suffix)
+        for _ in range(20):
+            path = "".join(rng.choice("ab/*") for _ in range(rng.randint(0, 8)))
+            assert bool(compiled.fullmatch(path)) == bool(reference.fullmatch(path)), (glob, suffix, path)
+
+
+def test_a_glob_no_engine_takes_raises_re_error() -> None:
+    for bad in ("[z-a]*x*", "[z-a]", "{a,[z-a]}"):
+        with pytest.raises(re.error):
+            compile_glob(bad)

@@ -1,13 +1,20 @@
 """Glob patterns with rg's (and .gitignore's) rules, compiled to regular expressions.
 
 Who writes the globs and the paths is untrusted: a client's permission rules and deny list, a
-model's `glob` patterns and paths. Each wildcard becomes an unbounded repeat, and Python's
-backtracking engine takes time exponential in their number on a path that nearly matches: a rule
-of ten `**/` held the server's event loop (and the GIL) 23 s on one 30-component path, and
-`*a*a*a*ax` 0.65 s on 200 characters. `compile_glob_regex` gives a regex with more than one
-repeat, or any alternation, to RE2, which runs in time linear in the path; one with at most one
-repeat cannot backtrack more than linearly, and stays with `re`, 15x faster on the short paths of
-a listing.
+model's `glob` patterns and paths. Translated as written, each wildcard is an unbounded repeat,
+and Python's backtracking engine takes time exponential in their number on a path that nearly
+matches: a rule of ten `**/` held the server's event loop (and the GIL) 23 s on one 30-component
+path, and `*a*a*a*ax` 0.65 s on 200 characters. `compile_glob` makes every glob match in time
+linear in the path:
+
+- Without braces, each wildcard but the last of its kind is matched atomically at its first fit
+  (`(?>...)`), which finds a match whenever one exists: a fixed-length chunk between two `*` of
+  one component, placed as early as it fits, leaves the next `*` more of that component; the
+  components between two `**/`, placed as early as they fit, leave the next `**/` more whole
+  components. Python's `re` then never backtracks into them, and stays fast on the short paths
+  of a listing.
+- With braces (alternatives of different lengths, perhaps holding `/`), that argument fails: the
+  glob goes to RE2, which runs any regex in linear time, at about twice `re`'s cost a path.
 """
 
 from __future__ import annotations
@@ -23,20 +30,133 @@ class GlobPattern(Protocol):
     def fullmatch(self, text: str) -> object | None: ...
 
 
-def compile_glob_regex(source: str) -> GlobPattern:
-    """`source`, a regex `translate_glob` wrote (with `.` matching newlines too). Raises re.error
-    for one neither engine takes."""
-    return re.compile(source, re.DOTALL) if _backtracks_linearly(source) else _Linear(source)
+def compile_glob(glob: str, *, any_directory: bool = False, suffix: str = "") -> GlobPattern:
+    """`glob` (translate_glob's syntax) as a regex matched against a whole path: under any
+    directories first when `any_directory`, and followed by `suffix` (a regex that matches the
+    rest of the path at once, e.g. `(?:/.*)?`). Raises re.error for a glob no engine takes."""
+    atomic = _atomic_source(glob, any_directory)
+    if atomic is not None:
+        return re.compile(atomic + suffix, re.DOTALL)
+    return _Linear(("(?:.*/)?" if any_directory else "") + translate_glob(glob) + suffix)
 
 
-def _backtracks_linearly(source: str) -> bool:
-    """Whether `re` matches `source` in time linear in the path: at most one `[^/]*`, between an
-    optional leading `(?:.*/)?` (it backtracks once per `/`, and what follows stops at the next
-    one) and an optional trailing `.*` or `(?:/.*)?` (they match the rest at once), and no
-    alternation. A `*` is counted wherever it is (an escaped literal too: that only picks RE2)."""
-    body = source.removeprefix("(?:.*/)?")
-    body = body.removesuffix("(?:/.*)?") if body.endswith("(?:/.*)?") else body.removesuffix(".*")
-    return "|" not in source and ".*" not in body and body.count("*") <= 1
+# Tokens of a glob: a `**/` directory wildcard, a trailing `**`, a `*`, a `/`, a `{...}` (a
+# _Braces), or the regex of one character.
+_DIRECTORIES, _REST, _STAR, _SLASH = object(), object(), object(), object()
+_TOKEN_REGEX = {_DIRECTORIES: "(?:.*/)?", _REST: ".*", _STAR: "[^/]*", _SLASH: "/"}
+
+
+class _Braces(tuple):
+    """`{a,b}`: its alternatives, globs of their own."""
+
+
+def _tokens(glob: str) -> list:
+    """The glob read with rg's rules (see `glob_to_regex`)."""
+    tokens: list = []
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
+            tokens.append(_DIRECTORIES)
+            i += 3
+        elif glob.startswith("**", i) and (i == 0 or glob[i - 1] == "/") and i + 2 == len(glob):
+            tokens.append(_REST)
+            i += 2
+        elif char == "*":
+            tokens.append(_STAR)
+            i += 1
+        elif char == "?":
+            tokens.append("[^/]")
+            i += 1
+        elif char == "[" and (end := glob.find("]", i + 2)) != -1:
+            members = glob[i + 1 : end]
+            negate = members[0] in "!^"
+            members = members[1:] if negate else members
+            tokens.append(f"[{'^' if negate else ''}{members.replace(chr(92), chr(92) * 2)}]")
+            i = end + 1
+        elif char == "{" and (end := _closing_brace(glob, i)) != -1:
+            tokens.append(_Braces(_split_top_level(glob[i + 1 : end])))
+            i = end + 1
+        elif char == "\\" and i + 1 < len(glob):
+            tokens.append(re.escape(glob[i + 1]))
+            i += 2
+        elif char == "/":
+            tokens.append(_SLASH)
+            i += 1
+        else:
+            tokens.append(re.escape(char))
+            i += 1
+    return tokens
+
+
+def _within_a_component(token: object) -> bool:
+    """Whether a one-character token never matches `/` (`[!a]` and `[.-0]` do). A class `re`
+    refuses counts as not: RE2 then says what is wrong with it."""
+    try:
+        return re.fullmatch(token, "/") is None
+    except re.error:
+        return False
+
+
+def _atomic_source(glob: str, any_directory: bool) -> str | None:
+    """The glob's regex in the atomic form (see the module), or None for a glob with braces or a
+    class that may match `/` (the form needs components that `/` separates)."""
+    tokens = _tokens(glob)
+    if any(isinstance(token, _Braces) or (isinstance(token, str) and not _within_a_component(token))
+           for token in tokens):
+        return None
+    # Components: _DIRECTORIES (its `/` included), _REST, or a component's tokens and whether a
+    # `/` follows it.
+    parts: list = [_DIRECTORIES] if any_directory else []
+    current: list = []
+    for token in tokens:
+        if token is _DIRECTORIES or token is _REST:
+            parts.append(token)
+        elif token is _SLASH:
+            parts.append((current, True))
+            current = []
+        else:
+            current.append(token)
+    if current or not parts or (parts[-1] is not _REST and parts[-1] is not _DIRECTORIES and parts[-1][1]):
+        parts.append((current, False))
+    out: list[str] = []
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        if part is _DIRECTORIES:
+            later = next((j for j in range(index + 1, len(parts)) if parts[j] is _DIRECTORIES), None)
+            if later is not None:
+                between = "".join(_component(*parts[k]) for k in range(index + 1, later))
+                out.append(f"(?>(?:[^/]*/)*?{between})")
+                index = later
+                continue
+            out.append("(?:[^/]*/)*")
+        elif part is _REST:
+            out.append(".*")
+        else:
+            out.append(_component(*part))
+        index += 1
+    return "".join(out)
+
+
+def _component(tokens: list, slash: bool) -> str:
+    chunks = ["".join(chunk) for chunk in _split_at_stars(tokens)]
+    body = chunks[0]
+    if len(chunks) > 1:
+        body += "".join(f"(?>[^/]*?{chunk})" for chunk in chunks[1:-1]) + "[^/]*" + chunks[-1]
+    return body + ("/" if slash else "")
+
+
+def _split_at_stars(tokens: list) -> list[list[str]]:
+    """Runs of one-character regexes between `*`s (several `*` in a row count as one)."""
+    chunks: list[list[str]] = [[]]
+    for token in tokens:
+        if token is _STAR:
+            if chunks[-1] or len(chunks) == 1:
+                chunks.append([])
+        else:
+            chunks[-1].append(token)
+    return chunks
 
 
 class _Linear:
@@ -88,44 +208,18 @@ def glob_to_regex(pattern: str) -> GlobPattern:
     body = pattern.lstrip("/")
     if body.endswith("/"):
         body += "**"
-    regex = translate_glob(body)
-    return compile_glob_regex(regex if anchored else f"(?:.*/)?{regex}")
+    return compile_glob(body, any_directory=not anchored)
 
 
 def translate_glob(glob: str) -> str:
-    """The regex source of a glob matched against a whole relative path (no anchoring rules)."""
+    """The regex source of a glob matched against a whole relative path (no anchoring rules), as
+    written: fast, but see the module before matching untrusted paths with it."""
     out: list[str] = []
-    i = 0
-    while i < len(glob):
-        char = glob[i]
-        if glob.startswith("**/", i) and (i == 0 or glob[i - 1] == "/"):
-            out.append("(?:.*/)?")
-            i += 3
-        elif glob.startswith("**", i) and (i == 0 or glob[i - 1] == "/") and i + 2 == len(glob):
-            out.append(".*")
-            i += 2
-        elif char == "*":
-            out.append("[^/]*")
-            i += 1
-        elif char == "?":
-            out.append("[^/]")
-            i += 1
-        elif char == "[" and (end := glob.find("]", i + 2)) != -1:
-            members = glob[i + 1 : end]
-            negate = members[0] in "!^"
-            members = members[1:] if negate else members
-            out.append(f"[{'^' if negate else ''}{members.replace(chr(92), chr(92) * 2)}]")
-            i = end + 1
-        elif char == "{" and (end := _closing_brace(glob, i)) != -1:
-            alternatives = _split_top_level(glob[i + 1 : end])
-            out.append("(?:" + "|".join(translate_glob(alt) for alt in alternatives) + ")")
-            i = end + 1
-        elif char == "\\" and i + 1 < len(glob):
-            out.append(re.escape(glob[i + 1]))
-            i += 2
+    for token in _tokens(glob):
+        if isinstance(token, _Braces):
+            out.append("(?:" + "|".join(translate_glob(alternative) for alternative in token) + ")")
         else:
-            out.append(re.escape(char))
-            i += 1
+            out.append(token if isinstance(token, str) else _TOKEN_REGEX[token])
     return "".join(out)
 
 
