@@ -78,14 +78,20 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[digest(small)]),
                                     metadata=METADATA)
     assert read.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0] and not read.responses[0].data
+    received, error = await _refused_read(channel, big)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert len(received) < len(big)  # the last chunk was held back: never a whole wrong blob
+
+
+async def _refused_read(channel: grpc.aio.Channel, blob: bytes) -> tuple[bytes, grpc.aio.AioRpcError]:
+    """What a ByteStream.Read of `blob` sent before it failed, and how it failed."""
     stream = bytestream_pb2_grpc.ByteStreamStub(channel)
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for response in stream.Read(bytestream_pb2.ReadRequest(
-                resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA):
+                resource_name=f"blobs/{digest(blob).hash}/{len(blob)}"), metadata=METADATA):
             received.append(response.data)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert len(b"".join(received)) < len(big)  # the last chunk was held back: never a whole wrong blob
+    return b"".join(received), caught.value
 
 
 @pytest.mark.parametrize("swapped", ["file", "directory"])
@@ -107,14 +113,9 @@ async def test_a_file_swapped_for_a_symlink_out_of_the_workspace_is_never_stream
     else:
         (ws / "sub").rename(tmp_path / "moved-away")
         (ws / "sub").symlink_to(outside)
-    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
-    received = []
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for response in stream.Read(bytestream_pb2.ReadRequest(
-                resource_name=f"blobs/{digest(big).hash}/{len(big)}"), metadata=METADATA):
-            received.append(response.data)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert b"TOP-SECRET" not in b"".join(received) and b"TOP-SECRET" not in caught.value.details().encode()
+    received, error = await _refused_read(channel, big)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert b"TOP-SECRET" not in received and b"TOP-SECRET" not in error.details().encode()
 
 
 async def test_a_file_swapped_for_a_fifo_is_not_found_and_blocks_no_read(served) -> None:

@@ -233,18 +233,29 @@ async def test_what_an_earlier_worker_left_is_measured_off_the_event_loop(
     assert walked_in and threading.main_thread() not in walked_in
 
 
+async def _upload(channel: grpc.aio.Channel, *blobs: bytes) -> None:
+    """Puts blobs in the server's CAS, as any holder of the worker token may."""
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[
+        reapi.BatchUpdateBlobsRequest.Request(digest=reapi.Digest(hash=Digest.of(b).hash, size_bytes=len(b)), data=b)
+        for b in blobs
+    ]))
+
+
+def _victim(tmp_path: Path) -> Path:
+    """The directory a hostile snapshot is placed for."""
+    target = tmp_path / "victim"
+    target.mkdir()
+    return target
+
+
 async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_path: Path) -> None:
     _, _, manager, channel = setup
     evil = reapi.Directory(files=[reapi.FileNode(name="../escaped.txt", digest=reapi.Digest(
         hash=Digest.of(b"x").hash, size_bytes=1))])
     blobs = [evil.SerializeToString(), b"x", b""]
-    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
-    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[
-        reapi.BatchUpdateBlobsRequest.Request(digest=reapi.Digest(hash=Digest.of(b).hash, size_bytes=len(b)), data=b)
-        for b in blobs if b
-    ]))
-    target = tmp_path / "victim"
-    target.mkdir()
+    await _upload(channel, *(b for b in blobs if b))
+    target = _victim(tmp_path)
     ref = SnapshotRef(str(target), Digest.of(blobs[0]), Digest.of(b""))
     with pytest.raises(WorkspaceUnavailable, match="malformed"):
         await manager.place(ref)
@@ -348,13 +359,8 @@ async def test_a_snapshot_whose_shared_subtrees_name_too_many_paths_is_refused_b
                                              reapi.DirectoryNode(name="b", digest=child)])
     root = level.SerializeToString()
     blobs.append(root)
-    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
-    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[
-        reapi.BatchUpdateBlobsRequest.Request(digest=reapi.Digest(hash=Digest.of(b).hash, size_bytes=len(b)), data=b)
-        for b in blobs if b
-    ]))
-    target = tmp_path / "victim"
-    target.mkdir()
+    await _upload(channel, *(b for b in blobs if b))
+    target = _victim(tmp_path)
     ref = SnapshotRef(str(target), Digest.of(root), Digest.of(b""))
     with pytest.raises(WorkspaceUnavailable, match="entries"):
         await asyncio.wait_for(manager.place(ref), 20)
@@ -403,11 +409,8 @@ async def test_a_snapshot_with_a_negative_file_size_is_refused_before_any_fetch(
         reapi.FileNode(name="big", digest=reapi.Digest(hash="b" * 64, size_bytes=huge)),
         reapi.FileNode(name="negative", digest=reapi.Digest(hash="c" * 64, size_bytes=-huge)),
     ]).SerializeToString()
-    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
-    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
-        digest=reapi.Digest(hash=Digest.of(evil).hash, size_bytes=len(evil)), data=evil)]))
-    target = tmp_path / "victim"
-    target.mkdir()
+    await _upload(channel, evil)
+    target = _victim(tmp_path)
     with pytest.raises(WorkspaceUnavailable, match="malformed"):
         await manager.place(SnapshotRef(str(target), Digest.of(evil), Digest.of(b"")))
     assert manager.holdings[str(target)].mode == "unavailable"
@@ -423,11 +426,8 @@ async def test_a_directory_blob_claimed_bigger_than_any_directory_is_refused_bef
     claimed = Digest("d" * 64, 1 << 40)
     parent = reapi.Directory(directories=[reapi.DirectoryNode(
         name="sub", digest=reapi.Digest(hash=claimed.hash, size_bytes=claimed.size))]).SerializeToString()
-    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
-    await cas.BatchUpdateBlobs(reapi.BatchUpdateBlobsRequest(requests=[reapi.BatchUpdateBlobsRequest.Request(
-        digest=reapi.Digest(hash=Digest.of(parent).hash, size_bytes=len(parent)), data=parent)]))
-    target = tmp_path / "victim"
-    target.mkdir()
+    await _upload(channel, parent)
+    target = _victim(tmp_path)
     root = claimed if where == "root" else Digest.of(parent)
     with pytest.raises(WorkspaceUnavailable, match="larger than"):
         await manager.place(SnapshotRef(str(target), root, Digest.of(b"")))
