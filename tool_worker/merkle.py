@@ -35,6 +35,7 @@ from typing import BinaryIO
 
 from tool_worker.inotify import flags as inotify_flags
 from tool_worker.inotify import shared_inotify
+from tool_worker.tools.globs import atomic_source
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (".git/objects/**", ".codelane/**")
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
@@ -164,43 +165,13 @@ def encode_file_time(name: str, mtime_ns: int) -> bytes:
 
 
 def _pattern_regex(pattern: str) -> str:
-    """Rule 2 as a regex whose matching takes time linear in the path. Patterns come from the hub:
-    translated as written, `*a*a...*b` or `**/a*/**/a*/...` backtrack through every way of
-    splitting a path that almost matches (20 wildcards: for ever, the GIL held). Each wildcard but
-    the last of its kind is matched atomically at its first fit, which finds a match whenever one
-    exists: a chunk between two `*` of one component, placed as early as it fits, leaves the next
-    `*` more of that component; components between two `**`, placed as early as they fit, leave
-    the next `**` more whole components."""
-    parts = pattern.split("/")
-    out = []
-    index = 0
-    while index < len(parts):
-        part = parts[index]
-        last = index == len(parts) - 1
-        if part == "**" and not last and "**" in parts[index + 1 :]:
-            end = parts.index("**", index + 1)
-            following = "".join(_component_regex(c) + "/" for c in parts[index + 1 : end])
-            out.append(f"(?>(?:[^/]*/)*?{following})")
-            index = end
-            continue
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]*/)*")
-        else:
-            out.append(_component_regex(part) if last else _component_regex(part) + "/")
-        index += 1
-    return "".join(out)
-
-
-def _component_regex(part: str) -> str:
-    chunks = [_literal(chunk) for chunk in part.split("*")]
-    if len(chunks) == 1:
-        return chunks[0]
-    middle = "".join(f"(?>[^/]*?{chunk})" for chunk in chunks[1:-1])
-    return f"{chunks[0]}{middle}[^/]*{chunks[-1]}"
-
-
-def _literal(chunk: str) -> str:
-    return "".join("[^/]" if c == "?" else re.escape(c) for c in chunk)
+    """Rule 2 as a regex whose matching takes time linear in the path (patterns come from the
+    hub: translated as written, `*a*a...*b` or `**/a*/**/a*/...` backtracked for ever, the GIL
+    held). Rule 2 is rg's glob syntax without classes, braces or escapes: with `[`, `{` and `\\`
+    escaped, the glob module's atomic form matches it."""
+    source = atomic_source(re.sub(r"([\\[{])", r"\\\1", pattern))
+    assert source is not None  # only braces and classes have none, and none is left
+    return source
 
 
 class Exclusions:

@@ -34,7 +34,7 @@ def compile_glob(glob: str, *, any_directory: bool = False, suffix: str = "") ->
     """`glob` (translate_glob's syntax) as a regex matched against a whole path: under any
     directories first when `any_directory`, and followed by `suffix` (a regex that matches the
     rest of the path at once, e.g. `(?:/.*)?`). Raises re.error for a glob no engine takes."""
-    atomic = _atomic_source(glob, any_directory)
+    atomic = atomic_source(glob, any_directory)
     if atomic is not None:
         return re.compile(atomic + suffix, re.DOTALL)
     return _Linear(("(?:.*/)?" if any_directory else "") + translate_glob(glob) + suffix)
@@ -98,7 +98,7 @@ def _within_a_component(token: object) -> bool:
         return False
 
 
-def _atomic_source(glob: str, any_directory: bool) -> str | None:
+def atomic_source(glob: str, any_directory: bool = False) -> str | None:
     """The glob's regex in the atomic form (see the module), or None for a glob with braces or a
     class that may match `/` (the form needs components that `/` separates)."""
     tokens = _tokens(glob)
