@@ -195,7 +195,8 @@ class Hello(_message.Message):
     def workspace_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Directory roots under which the worker may use the server's workspace path directly
         (shared mode, when its digest agrees); empty means every path. Workspaces elsewhere are
-        materialized in the worker's cache.
+        materialized in the worker's cache. At most 64 roots of at most 4,096 bytes each
+        (INVALID_ARGUMENT).
         """
 
     @_builtins.property

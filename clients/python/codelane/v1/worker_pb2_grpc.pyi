@@ -69,6 +69,9 @@ class WorkerHubServiceStub:
     google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
     behind the worker token. It reads file blobs from the workspace files named by a snapshot and
     checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
+    Limits (INVALID_ARGUMENT beyond): 10,000 digests per FindMissingBlobs or batch, 3 MiB of blob
+    bytes per batch (larger blobs go through ByteStream); the ByteStream Writes in progress hold at
+    most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
@@ -153,6 +156,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
     behind the worker token. It reads file blobs from the workspace files named by a snapshot and
     checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
+    Limits (INVALID_ARGUMENT beyond): 10,000 digests per FindMissingBlobs or batch, 3 MiB of blob
+    bytes per batch (larger blobs go through ByteStream); the ByteStream Writes in progress hold at
+    most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
@@ -233,6 +239,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     google.bytestream.ByteStream (Read, Write; resource names "{instance}/blobs/{hash}/{size}"),
     behind the worker token. It reads file blobs from the workspace files named by a snapshot and
     checks their hash as it reads: a file that changed since is NOT_FOUND, never wrong bytes.
+    Limits (INVALID_ARGUMENT beyond): 10,000 digests per FindMissingBlobs or batch, 3 MiB of blob
+    bytes per batch (larger blobs go through ByteStream); the ByteStream Writes in progress hold at
+    most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
     `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
