@@ -172,6 +172,11 @@ def _reaches(write: WritePath, scope: ReadScope) -> bool:
         return True  # an ignore file in the scope's root or one of its parents
     if not _contains(scope.root, write.path):
         return False  # disjoint subtrees
+    if scope.root != ".":
+        # A file written under the scope's root creates that root when an earlier call of the
+        # turn removed it: the listing's answer changes ("not a directory" -> "No files match"),
+        # whether the file matches or not. The workspace's root is always there.
+        return True
     if scope.pattern is None or posixpath.basename(write.path) in IGNORE_FILES or not write.file:
         return True
     relative = write.path if scope.root == "." else write.path[len(scope.root) + 1 :]
