@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -375,8 +376,8 @@ class ToolWorker:
                     self._running[assigns[0].dispatch_id] = asyncio.current_task()
                     await self._run_call(assigns[0], outbox)
                     return
-                for assign in assigns:
-                    self._start(assign, outbox)
+                if self._take(assigns, outbox):
+                    await outbox.flush()
                 # The calls just started take their first step (a quick tool: its whole run
                 # and its result's write) before this task sets up its next read.
                 await asyncio.sleep(0)
@@ -389,6 +390,33 @@ class ToolWorker:
             elif kind == "drain":
                 log.info("hub asked us to drain: %s", message.drain.reason)
                 self._draining.set()
+
+    def _take(self, assigns: Iterable[worker_pb2.Assign], outbox: _Outbox) -> bool:
+        """Starts the calls the hub's credit allows; True when some were refused (their results
+        are queued in the outbox).
+
+        The hub never has more calls outstanding than our slots, nor two with one dispatch id: a
+        hub that does is broken or hostile, and the worker holds to its own limits either way.
+        A call beyond the slots is answered at once, unrun; a second Assign of a running id is
+        dropped (running it would answer one id twice and put the first run beyond any Cancel).
+        """
+        refused = duplicates = 0
+        for assign in assigns:
+            if assign.dispatch_id in self._running:
+                duplicates += 1
+            elif len(self._running) >= self.config.slots:
+                refused += 1
+                outbox.add_result(assign, ToolResult.error(
+                    ErrorKind.AT_CAPACITY,
+                    f"{assign.tool_name} was not run: this worker runs at most {self.config.slots} calls at once "
+                    f"(its Hello's slots) and the hub sent more than that",
+                ))
+            else:
+                self._start(assign, outbox)
+        if refused or duplicates:
+            log.warning("the hub broke its credit: %d calls beyond our %d slots answered unrun, %d assigns of "
+                        "running dispatch ids dropped", refused, self.config.slots, duplicates)
+        return refused > 0
 
     def _start(self, assign: worker_pb2.Assign, outbox: _Outbox) -> None:
         # The call's task leaves `_running` itself (a done-callback would cost every call an

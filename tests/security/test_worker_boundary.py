@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from codelane.transport import CHANNEL_OPTIONS
-from codelane.v1 import worker_pb2, worker_pb2_grpc
+from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc
 from session_server.main import main as server_main
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig, UnsafeConfig
@@ -197,6 +197,62 @@ async def test_a_worker_never_reads_its_own_files_outside_its_root_whatever_the_
         assert result.result.is_error and "was not run on this worker" in result.result.output
         assert "fetching the snapshot" in result.result.output
         assert "TOP-SECRET" not in result.result.output
+
+
+class _CreditBreakingHub(worker_pb2_grpc.WorkerHubServiceServicer):
+    """A hub that ignores the worker's credit: one message of more calls than its slots, one
+    dispatch id twice; then, once those are answered, one more call."""
+
+    def __init__(self) -> None:
+        self.results: list[worker_pb2.CallResult] = []
+        self.done = asyncio.Event()
+
+    @staticmethod
+    def _assign(dispatch_id: str) -> worker_pb2.Assign:
+        # No snapshot: the worker answers without awaiting anything, so every call started from
+        # one message is answered before the worker reads the next one.
+        return worker_pb2.Assign(dispatch_id=dispatch_id, call_id=f"c-{dispatch_id}", attempt=1, tool_name="read",
+                                 workspace="/nowhere", arguments_json=json.dumps({"file_path": "x"}))
+
+    async def Connect(self, request_iterator, context):
+        hello = await anext(request_iterator)
+        yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(worker_id=hello.hello.worker_id))
+        yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(
+            assigns=[self._assign("d0"), self._assign("d0"), self._assign("d1")]))
+        sent_last = False
+        async for message in request_iterator:
+            self.results.extend(message.results.results)
+            answered = {r.dispatch_id for r in self.results}
+            if not sent_last and {"d0", "d1"} <= answered:
+                sent_last = True
+                yield worker_pb2.ConnectResponse(assignments=worker_pb2.Assignments(assigns=[self._assign("d2")]))
+            if "d2" in answered:
+                self.done.set()
+
+
+async def test_a_worker_holds_to_its_slots_and_runs_a_dispatch_id_once_whatever_the_hub_sends(tmp_path: Path) -> None:
+    # Before: the worker started every Assign it was sent (a hostile hub could make it run any
+    # number at once) and a repeated dispatch id ran twice, answered twice, the first run beyond
+    # any Cancel.
+    hub = _CreditBreakingHub()
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    worker = worker_process(f"127.0.0.1:{port}", "w1", "--slots", "1", "--cache-dir", str(tmp_path / "cache"))
+    try:
+        await asyncio.wait_for(hub.done.wait(), BOUND)
+    finally:
+        worker.kill()
+        worker.wait()
+        await grpc_server.stop(0)
+    by_id = {r.dispatch_id: r.result for r in hub.results}
+    assert sorted(r.dispatch_id for r in hub.results) == ["d0", "d1", "d2"]  # d0 once
+    assert hub.results[-1].dispatch_id == "d2"
+    assert by_id["d1"].error_kind == tools_pb2.ERROR_KIND_AT_CAPACITY
+    assert "at most 1 calls at once" in by_id["d1"].output
+    for ran in ("d0", "d2"):  # run, and refused by the tool itself (no snapshot), not by the credit
+        assert by_id[ran].error_kind == tools_pb2.ERROR_KIND_INTERNAL and "names no valid snapshot" in by_id[ran].output
 
 
 class _BadWelcomeHub(worker_pb2_grpc.WorkerHubServiceServicer):

@@ -157,7 +157,10 @@ class Hello(_message.Message):
     version: _builtins.str
     """Version of the worker software."""
     slots: _builtins.int
-    """Maximum calls the worker runs at once; at least 1. The hub never has more outstanding."""
+    """Maximum calls the worker runs at once; at least 1. The hub never has more outstanding. A
+    worker holds to it whatever a hub sends: an Assign beyond its slots is answered at once,
+    unrun, with ERROR_KIND_AT_CAPACITY (the Python worker does so).
+    """
     hostname: _builtins.str
     """Host name, for display."""
     reconnect_token: _builtins.str
@@ -377,7 +380,8 @@ class Assign(_message.Message):
     """Session the call belongs to (for logs)."""
     dispatch_id: _builtins.str
     """The hub's id of this attempt of this call, unique for the hub's lifetime: the key of Cancel
-    and CallResult.
+    and CallResult. A worker drops an Assign whose dispatch_id it is still running (running it
+    twice would answer one id twice, the first run beyond any Cancel).
     """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
