@@ -150,12 +150,21 @@ class _Outbox:
         if self.lock.locked():
             return
         async with self.lock:
-            while self._messages or self._results is not None:
-                if self._messages:
-                    await self._call.write(self._messages.pop(0))
-                if self._results is not None:
-                    message, self._results = self._results, None
-                    await self._call.write(message)
+            await self._write_queued()
+
+    async def close(self) -> None:
+        """Writes what is queued, then half-closes the stream."""
+        async with self.lock:
+            await self._write_queued()
+            await self._call.done_writing()
+
+    async def _write_queued(self) -> None:
+        while self._messages or self._results is not None:
+            if self._messages:
+                await self._call.write(self._messages.pop(0))
+            if self._results is not None:
+                message, self._results = self._results, None
+                await self._call.write(message)
 
 
 class ToolWorker:
@@ -335,7 +344,7 @@ class ToolWorker:
         if self.telemetry is not None and not self._draining.is_set():
             self.telemetry.set_ready(True)
         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval))
-        drain_watch = asyncio.create_task(self._announce_drain(outbox, call))
+        drain_watch = asyncio.create_task(self._announce_drain(outbox))
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(call, outbox, ended))
         try:
@@ -437,17 +446,25 @@ class ToolWorker:
                 log.exception("call %s (%s) failed", assign.call_id, assign.tool_name)
                 result = ToolResult.error(ErrorKind.INTERNAL, f"{assign.tool_name} failed on the worker: "
                                           f"{type(exc).__name__}: {exc}", run_time=time.perf_counter() - started)
+            # Its slot is free once its answer is queued: the hub may get the answer and send the
+            # next call while this task is still writing (other calls' answers, too), and that
+            # call must find the slot free.
+            self._release(key)
             outbox.add_result(assign, result)
             if observed is not None:
                 observed.end(result)
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                if len(self._running) > 1:
+                if self._running:
                     # Siblings are running: give those finishing in this same loop turn the
                     # chance to join this write. A lone call is answered at once.
                     await asyncio.sleep(0)
                 await outbox.flush()
         finally:
-            self._running.pop(key, None)
+            self._release(key)
+
+    def _release(self, dispatch_id: str) -> None:
+        if self._running.get(dispatch_id) is asyncio.current_task():
+            del self._running[dispatch_id]
 
     async def _run_on_snapshot(self, assign: worker_pb2.Assign) -> ToolResult:
         snapshot = snapshot_wire.snapshot_from_proto(assign.snapshot)
@@ -531,7 +548,7 @@ class ToolWorker:
             except Exception:
                 log.exception("sending a heartbeat failed; trying again next interval")
 
-    async def _announce_drain(self, outbox: _Outbox, call) -> None:
+    async def _announce_drain(self, outbox: _Outbox) -> None:
         """On drain (SIGTERM or the hub's Drain): tell the hub, finish the running calls, then
         half-close the stream; the hub then ends it and the read loop sees EOF."""
         await self._draining.wait()
@@ -540,8 +557,7 @@ class ToolWorker:
         await outbox.send(worker_pb2.ConnectRequest(draining=worker_pb2.Draining(reason="worker draining")))
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
-        async with outbox.lock:
-            await call.done_writing()
+        await outbox.close()  # the last calls' results may still be queued
 
 
 def heartbeat_interval(welcome: worker_pb2.Welcome) -> float:

@@ -255,6 +255,21 @@ async def test_a_worker_holds_to_its_slots_and_runs_a_dispatch_id_once_whatever_
         assert by_id[ran].error_kind == tools_pb2.ERROR_KIND_INTERNAL and "names no valid snapshot" in by_id[ran].output
 
 
+async def test_a_one_slot_worker_given_call_after_call_by_the_real_hub_refuses_none(servers, tmp_path: Path) -> None:
+    # The worker's count of its busy slots must agree with the hub's credit, or it refuses calls
+    # its hub was entitled to send: here the hub sends the next call as soon as it reads an answer.
+    (tmp_path / "ws").mkdir()
+    for i in range(8):
+        (tmp_path / "ws" / f"f{i}.txt").write_text(f"file {i}\n" * 20)
+    server = await start(servers, tmp_path, local_workers=1, local_worker_slots=1)
+    await connected(server, ["local-1"], "the local worker")
+    calls = [read_call(tmp_path / "ws", f"f{i % 8}.txt", session=f"s{i}") for i in range(120)]
+    results = await asyncio.gather(*(server.pool.dispatch(call) for call in calls))
+    refused = [r.output for r in results if r.is_error]
+    assert not refused, refused[:3]
+    assert all(r.worker_id == "local-1" for r in results)
+
+
 class _BadWelcomeHub(worker_pb2_grpc.WorkerHubServiceServicer):
     """A hub whose Welcome names exclusions no worker can apply."""
 
