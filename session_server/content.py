@@ -15,11 +15,15 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from session_server.snapshots import SnapshotRegistry
 from tool_worker.merkle import Digest, open_as_named
+
+if TYPE_CHECKING:
+    from codelane.reapi.remote_execution_pb2 import Directory
 
 # Largest total of blob bytes in one BatchReadBlobs or BatchUpdateBlobs; bigger blobs go through
 # ByteStream. Under the 4 MiB message limit most gRPC clients keep by default, envelope included.
@@ -183,33 +187,33 @@ class ContentStore:
             _, dropped = self._uploaded.popitem(last=False)
             self._uploaded_bytes -= len(dropped)
 
-    def tree(self, root: Digest) -> list[bytes]:
-        """Every Directory blob under `root` (itself included), breadth first, each once.
-        BlobNotFound when the root is not held, InvalidBlob when a blob of it is no Directory."""
+    def walk_tree(self, root: Digest) -> Iterator[Directory]:
+        """Every Directory under `root` (itself included), breadth first, each once, parsed as it
+        is reached: a caller stops when it has what it wants. Raises BlobNotFound (at the first
+        step) when the root is not held, InvalidBlob when a blob of the tree is no Directory."""
         from google.protobuf.message import DecodeError
 
         from codelane.reapi import remote_execution_pb2  # the one protobuf use: parsing trees
 
-        first = self._in_memory(root)
-        if first is None:
+        if self._in_memory(root) is None:
             raise BlobNotFound(f"directory {root} is not held")
-        out, seen, queue = [], {root.hash}, [(root, first)]
+        # Blobs are looked up when their turn comes, not when their parent is read: a page then
+        # costs its own directories, not their children too.
+        seen, queue = {root.hash}, deque([root])
         while queue:
-            digest, blob = queue.pop(0)
-            out.append(blob)
+            digest = queue.popleft()
+            blob = self._in_memory(digest)
+            if blob is None:  # REAPI: the part of the tree that is present
+                continue
             try:
-                nodes = remote_execution_pb2.Directory.FromString(blob).directories
+                directory = remote_execution_pb2.Directory.FromString(blob)
             except DecodeError:  # an uploaded blob may be any bytes
                 raise InvalidBlob(f"blob {digest} in the tree is not a Directory") from None
-            for node in nodes:
-                if node.digest.hash in seen:
-                    continue
-                seen.add(node.digest.hash)
-                child_digest = Digest(node.digest.hash, node.digest.size_bytes)
-                child = self._in_memory(child_digest)
-                if child is not None:  # REAPI: the part of the tree that is present
-                    queue.append((child_digest, child))
-        return out
+            yield directory
+            for node in directory.directories:
+                if node.digest.hash not in seen:
+                    seen.add(node.digest.hash)
+                    queue.append(Digest(node.digest.hash, node.digest.size_bytes))
 
     def _in_memory(self, digest: Digest) -> bytes | None:
         return self._lookup(digest)[0]

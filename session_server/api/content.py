@@ -7,6 +7,7 @@ once gets INVALID_ARGUMENT and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Iterable
@@ -118,25 +119,33 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
 
     async def GetTree(self, request, context):
         await self._requests.check(context, request.instance_name, request.digest_function)
+        if request.page_token and not _SIZE.fullmatch(request.page_token):  # what this server gives: an offset
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
+                          "this server gave")
+        page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
+        start = int(request.page_token or 0)
+        # The tree is walked as its pages are sent, never whole at once: a wide tree held the
+        # event loop for as long as it took to parse all of it, once per page asked for.
+        directories: list[remote_execution_pb2.Directory] = []
+        walked = 0
         try:
             root = digest_from_proto(request.root_digest, "root_digest")
-            blobs = self._store.tree(root)
+            for directory in self._store.walk_tree(root):
+                walked += 1
+                if walked <= start:
+                    if walked % GET_TREE_PAGE == 0:
+                        await asyncio.sleep(0)  # skipping to a far page: let other calls run
+                    continue
+                if len(directories) == page:  # one more exists: the page is not the last
+                    yield remote_execution_pb2.GetTreeResponse(directories=directories,
+                                                               next_page_token=str(walked - 1))
+                    directories = []
+                directories.append(directory)
         except InvalidBlob as exc:
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BlobNotFound as exc:
             await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
-        if request.page_token and not _SIZE.fullmatch(request.page_token):  # what this server gives: an offset
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
-                          "this server gave")
-        start = int(request.page_token or 0)
-        for offset in range(start, max(len(blobs), start + 1), page):
-            chunk = blobs[offset : offset + page]
-            response = remote_execution_pb2.GetTreeResponse(
-                directories=[remote_execution_pb2.Directory.FromString(b) for b in chunk],
-                next_page_token=str(offset + page) if offset + page < len(blobs) else "",
-            )
-            yield response
+        yield remote_execution_pb2.GetTreeResponse(directories=directories)
 
 
 def encode_batch_read_response(entries: Iterable[tuple[Digest, bytes | None]]) -> bytes:

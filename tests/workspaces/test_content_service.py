@@ -351,3 +351,37 @@ async def test_get_tree_of_an_uploaded_blob_that_is_no_directory_is_invalid_argu
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert digest(garbage).hash in caught.value.details() and "not a Directory" in caught.value.details()
+
+
+async def test_get_tree_pages_walk_a_wide_tree_once_and_a_page_token_resumes_where_it_said(tmp_path: Path) -> None:
+    ws = tmp_path / "wide"
+    for i in range(12):
+        for j in range(3):
+            (ws / f"d{i:02}" / f"e{j}").mkdir(parents=True)
+            (ws / f"d{i:02}" / f"e{j}" / "f.txt").write_text(f"{i} {j}\n")  # distinct, so not deduplicated
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", worker_token=TOKEN))
+    await server.start()
+    try:
+        snapshot = await server.snapshots.of(str(ws)).current()
+        root = remote_execution_pb2.Digest(hash=snapshot.digest.hash, size_bytes=snapshot.digest.size)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+
+            async def pages(token: str = "") -> list[remote_execution_pb2.GetTreeResponse]:
+                request = remote_execution_pb2.GetTreeRequest(root_digest=root, page_size=5, page_token=token)
+                return [p async for p in cas.GetTree(request, metadata=METADATA)]
+
+            whole = await pages()
+            resumed = await pages(whole[2].next_page_token)
+            beyond = await pages("1000")
+    finally:
+        await server.stop(grace=0.5)
+    directories = [d for p in whole for d in p.directories]
+    assert len(directories) == 1 + 12 + 36  # the root, its 12 children, their 36
+    assert len({d.SerializeToString() for d in directories}) == len(directories)
+    assert [len(p.directories) for p in whole] == [5] * 9 + [4]
+    assert [p.next_page_token for p in whole] == [str(5 * k) for k in range(1, 10)] + [""]
+    assert resumed == whole[3:]
+    assert len(beyond) == 1 and not beyond[0].directories and not beyond[0].next_page_token
+    names = [d.directories[0].name for d in directories[:2]]
+    assert names == ["d00", "e0"]  # breadth first: the root, then d00 (whose first child is e0)
