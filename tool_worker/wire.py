@@ -41,7 +41,11 @@ MAX_DURATION_SECONDS = 315_576_000_000
 
 
 def set_duration(msg: duration_pb2.Duration, seconds: float) -> None:
-    """Seconds and nanos take the value's sign, as Duration requires."""
+    """Seconds and nanos take the value's sign, as Duration requires. A value no Duration can
+    carry (NaN, infinite, past its range) is written as 0, not measured: sessions stored before
+    durations were checked where they arrive may hold one, and must stay readable."""
+    if not -MAX_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
+        seconds = 0.0
     nanos = int(seconds * 1e9)
     whole, fraction = divmod(abs(nanos), NANOS_PER_SECOND)
     msg.seconds, msg.nanos = (whole, fraction) if nanos >= 0 else (-whole, -fraction)

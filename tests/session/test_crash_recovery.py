@@ -8,6 +8,7 @@ Each test runs a real `codelane server` process on a loopback port (see `Process
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,47 @@ async def test_no_event_a_client_saw_is_lost_to_a_kill(
     assert replay[: len(events)] == events
     assert [kind(e) for e in replay].count("turn_finished") == 1 and kind(replay[-1]) == "turn_finished"
     assert (await server.client.get(session.session_id)).state == session_pb2.SESSION_STATE_IDLE
+
+
+def _absurd_durations(value: Any) -> Any:
+    """`value` (parsed JSON) with every run_time and queue_wait at 2^63 s."""
+    if isinstance(value, dict):
+        return {k: 2.0**63 if k in ("run_time", "queue_wait") else _absurd_durations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absurd_durations(v) for v in value]
+    return value
+
+
+async def test_a_session_stored_with_durations_no_duration_can_carry_stays_readable(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # Servers before durations were checked where they arrive stored a worker's run_time of
+    # 2^63 s as it came; such a session failed every replay and history read after the upgrade.
+    model = scripted(tmp_path, [{"tool_calls": [call("read", "c_read", file_path="a.txt")]}, {"text": "Done."}])
+    data_dir = tmp_path / "data"
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    events = await server.client.send(session.session_id, "go")
+    assert kind(events[-1]) == "turn_finished"
+    server.kill9()
+    with sqlite3.connect(data_dir / "codelane.db") as db:
+        rows = db.execute("SELECT sequence, payload_json FROM events WHERE kind = 'tool_call_finished'").fetchall()
+        assert rows
+        for sequence, payload in rows:
+            db.execute("UPDATE events SET payload_json = ? WHERE session_id = ? AND sequence = ?",
+                       (json.dumps(_absurd_durations(json.loads(payload))), session.session_id, sequence))
+        results = db.execute("SELECT idx, tool_result_json FROM messages WHERE tool_result_json IS NOT NULL").fetchall()
+        assert results
+        for idx, result in results:
+            db.execute("UPDATE messages SET tool_result_json = ? WHERE session_id = ? AND idx = ?",
+                       (json.dumps(_absurd_durations(json.loads(result))), session.session_id, idx))
+    db.close()
+
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    replay, last = await server.client.watch(session.session_id)
+    assert last == events[-1].sequence
+    [finished] = [e.tool_call_finished for e in replay if kind(e) == "tool_call_finished"]
+    assert finished.run_time.seconds == 0 and finished.queue_wait.seconds == 0  # not measured
+    assert "old content" in finished.result.output
+    history = await server.client.history(session.session_id)
+    assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == ["c_read"]
