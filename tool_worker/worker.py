@@ -85,6 +85,12 @@ class WorkerRejected(Exception):
         self.code = code
 
 
+class HelloRaced(Exception):
+    """The Hello's write failed in gRPC's core because the hub had ended the stream meanwhile.
+    grpc.aio then reports INTERNAL ("Internal error from Core") in place of the hub's status (a
+    refused token, say), which only the next attempt can learn."""
+
+
 class UnusableWelcome(Exception):
     """The hub's Welcome asks what this worker cannot do (exclusions it cannot apply): the same
     hub will say the same again, so reconnecting will not help."""
@@ -219,18 +225,28 @@ class ToolWorker:
             self.config.address, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key
         )
         id_taken_since: float | None = None
-        closed_in_handshake = 0
+        closed_in_handshake = hello_races = 0
         try:
             while not self._draining.is_set():
                 started = time.monotonic()
                 try:
                     await self._serve(channel)
                     id_taken_since = None
+                    hello_races = 0
                     if self._draining.is_set():
                         return 0
                 except UnusableWelcome as exc:
                     print(f"codelane worker: {exc}", file=sys.stderr)
                     return EXIT_REJECTED
+                except HelloRaced as exc:
+                    # The next attempt hears the hub's own answer: said quietly the first time, as
+                    # a warning when it keeps happening.
+                    hello_races += 1
+                    self._count_connection("unavailable")
+                    log.log(logging.DEBUG if hello_races == 1 else logging.WARNING,
+                            "the hub ended our stream while we said Hello (%s): retrying", status_line(exc.__cause__))
+                    if hello_races == 1:
+                        continue
                 except WorkerRejected as exc:
                     self._count_connection("rejected")
                     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -250,6 +266,7 @@ class ToolWorker:
                               file=sys.stderr)
                         return EXIT_REJECTED
                 except grpc.aio.AioRpcError as exc:
+                    hello_races = 0
                     self._count_connection("unavailable")
                     refusal = tls_refusal(exc)
                     if refusal is not None:
@@ -320,7 +337,12 @@ class ToolWorker:
         try:
             # The hub may refuse the stream before the Hello's write completes: the refusal then
             # comes out of the write.
-            await outbox.send(worker_pb2.ConnectRequest(hello=self.hello()))
+            try:
+                await outbox.send(worker_pb2.ConnectRequest(hello=self.hello()))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == _CORE_ERROR:
+                    raise HelloRaced() from exc
+                raise
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _REJECTIONS:
@@ -568,6 +590,8 @@ def heartbeat_interval(welcome: worker_pb2.Welcome) -> float:
     return min(max(asked, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
 
 
+# What grpc.aio reports when a write fails in its core (see HelloRaced).
+_CORE_ERROR = "Internal error from Core"
 _REJECTIONS = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +18,8 @@ WORKER_PREFIXES = (
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/",
     "/google.bytestream.ByteStream/",
 )
+# How long a refused bidi stream waits for its caller's first message (see _rejecting_handler).
+FIRST_MESSAGE_WAIT = 2.0
 # Health checks and reflection stay open, as load balancers and grpcurl expect.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -29,8 +33,18 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str, token: str,
         await abort(context, grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", token=token, problem=problem)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
+    async def refuse_after_first_message(requests, context: grpc.aio.ServicerContext):
+        # A bidi caller writes at once (a worker its Hello). Ended under that write, a grpc.aio
+        # caller is told INTERNAL "Internal error from Core" instead of this status (grpc#36066),
+        # and a worker retries instead of saying its token is wrong. The message is taken as
+        # bytes, never parsed, and waited for a bounded time.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(anext(aiter(requests), None), FIRST_MESSAGE_WAIT)
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", token=token, problem=problem)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+        return grpc.stream_stream_rpc_method_handler(refuse_after_first_message)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse_stream)
     if handler.request_streaming:

@@ -105,7 +105,9 @@ class WorkerHubServiceStub:
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
     FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
     names with another spec (see Hello.tools);
-    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
+    message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
+    by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
     UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
     ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
     UNAVAILABLE (SHUTTING_DOWN) when the server stops.
@@ -189,7 +191,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
     FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
     names with another spec (see Hello.tools);
-    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+    UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
+    message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
+    by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
     UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
     ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
     UNAVAILABLE (SHUTTING_DOWN) when the server stops.
@@ -276,7 +280,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
         FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
         names with another spec (see Hello.tools);
-        UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong;
+        UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
+        message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
+        by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
         UNAVAILABLE (HEARTBEAT_TIMEOUT) when the hub lost the worker for silence;
         ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
         UNAVAILABLE (SHUTTING_DOWN) when the server stops.
