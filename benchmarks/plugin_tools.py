@@ -5,7 +5,9 @@
   storage: a fixed service time);
 - `sleep_process`: runs `sleep` as a child process (to see that a cancelled call's process dies,
   or, with `timeout_ms`, that a tool's own timeout works on a worker);
-- `gpu_info`: only routed to workers labelled gpu=true; says which process ran it.
+- `gpu_info`: only routed to workers labelled gpu=true; says which process ran it;
+- `bulky`: returns `chars` copies of `char` as its output and a metadata string of
+  `metadata_chars` characters (results bigger than the wire or the hub keeps).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ async def _gpu_info(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
     return ToolResult(output=f"gpu worker pid {os.getpid()}", metadata={"pid": os.getpid()})
 
 
+async def _bulky(_ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
+    metadata = {"filler": "m" * args["metadata_chars"]} if args.get("metadata_chars") else {}
+    return ToolResult(output=args.get("char", "x") * args["chars"], metadata=metadata)
+
+
+MAX_BULKY_CHARS = 64 * 1024 * 1024
+
 _SLEEP_SCHEMA = {
     "type": "object",
     "properties": {"ms": {"type": "integer", "minimum": 0, "maximum": MAX_SLEEP_MS}},
@@ -91,5 +100,24 @@ TOOLS = [
             required_labels={"gpu": "true"},
         ),
         _gpu_info,
+    ),
+    Tool(
+        ToolSpec(
+            "bulky",
+            "Returns `chars` copies of `char` and `metadata_chars` characters of metadata.",
+            {
+                "type": "object",
+                "properties": {
+                    "chars": {"type": "integer", "minimum": 0, "maximum": MAX_BULKY_CHARS},
+                    "char": {"type": "string", "minLength": 1, "maxLength": 1},
+                    "metadata_chars": {"type": "integer", "minimum": 0, "maximum": MAX_BULKY_CHARS},
+                },
+                "required": ["chars"],
+                "additionalProperties": False,
+            },
+            Lane.QUERY,
+            True,
+        ),
+        _bulky,
     ),
 ]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tool_worker.tools.base import ToolResult, well_formed
+from tool_worker.tools.base import MAX_RESULT_OUTPUT_CHARS, ToolResult, cut, well_formed
 
 # A client's message starting a turn.
 MAX_PROMPT_CHARS = 1024 * 1024
@@ -30,9 +30,7 @@ MAX_TOOL_ARGUMENTS_CHARS = 1024 * 1024
 MAX_RESPONSE_ARGUMENTS_CHARS = 4 * 1024 * 1024
 # Tool calls run per model response; the calls past it are answered with an error result.
 MAX_TOOL_CALLS_PER_RESPONSE = 256
-# One tool result's output (a plugin's, a worker's or an external client's, which codelane does
-# not bound itself), and a model response's text.
-MAX_RESULT_OUTPUT_CHARS = 1024 * 1024
+# A model response's text (a tool result's output: MAX_RESULT_OUTPUT_CHARS).
 MAX_RESPONSE_TEXT_CHARS = 1024 * 1024
 # The last safety net: an event bigger than this has its long strings cut.
 MAX_EVENT_CHARS = 8 * 1024 * 1024
@@ -52,13 +50,6 @@ def check_prompt(text: str) -> None:
             f"text is {len(text):,} characters: at most {MAX_PROMPT_CHARS:,} are accepted; send large inputs "
             "as files in the workspace and refer to them"
         )
-
-
-def cut(text: str, limit: int, what: str) -> str:
-    """`text`, or its first `limit` characters and a notice saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}\n[... {what} cut by codelane: {len(text) - limit:,} of {len(text):,} characters left out]"
 
 
 def bound_result(result: ToolResult) -> ToolResult:

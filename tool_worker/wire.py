@@ -138,13 +138,18 @@ def _finite(text: str) -> float:
     return value
 
 
+def omitted_metadata(chars: int) -> dict[str, str]:
+    """What is kept of a result's metadata_json of `chars` characters, over MAX_METADATA_JSON_CHARS."""
+    return {"omitted_by_codelane": f"metadata_json was {chars:,} characters; at most {MAX_METADATA_JSON_CHARS:,} "
+                                   "are kept"}
+
+
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
     """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
     replaced by a note saying so; metadata that is not JSON (or nests deeper than MAX_METADATA_DEPTH) is
     kept as the string it was."""
     if len(msg.metadata_json) > MAX_METADATA_JSON_CHARS:
-        metadata: object = {"omitted_by_codelane": f"metadata_json was {len(msg.metadata_json):,} characters; at "
-                                                   f"most {MAX_METADATA_JSON_CHARS:,} are kept"}
+        metadata: object = omitted_metadata(len(msg.metadata_json))
     elif msg.metadata_json:
         try:
             metadata = json.loads(msg.metadata_json, parse_constant=_not_json, parse_float=_finite)

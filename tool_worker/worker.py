@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import random
@@ -52,7 +54,7 @@ from tool_worker.telemetry import logs as log_context
 from tool_worker.telemetry.config import split_address, start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
-from tool_worker.tools.base import ErrorKind, Lane, ToolResult
+from tool_worker.tools.base import MAX_RESULT_OUTPUT_CHARS, ErrorKind, Lane, ToolResult, cut
 from tool_worker.workspaces import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CACHE_SIZE,
@@ -115,12 +117,23 @@ class WorkerConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
 
 
+# Characters of results (outputs and metadata) one CallResults message carries at most: at 4
+# bytes a character in UTF-8, with one result's worth over it, well under gRPC's 64 MiB.
+MAX_RESULTS_CHARS_PER_MESSAGE = 4 * 1024 * 1024
+
+
 class _Outbox:
     """What the worker sends on one stream.
 
     grpc.aio allows one write at a time. Whoever holds the lock writes everything queued before
     letting go, so a message queued meanwhile is never stranded; results that pile up during a
-    write go out together in one CallResults, built in place in the message to be sent.
+    write go out together in one CallResults, built in place in the message to be sent, up to
+    MAX_RESULTS_CHARS_PER_MESSAGE.
+
+    A result is sent as the hub keeps it: its output cut to MAX_RESULT_OUTPUT_CHARS and its
+    metadata over MAX_METADATA_JSON_CHARS replaced by a note. A plugin's bigger result would
+    otherwise pass gRPC's 64 MiB message limit alone or with its neighbours: the write fails, the
+    stream breaks, and the calls on it are lost.
     """
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -128,6 +141,7 @@ class _Outbox:
         self.lock = asyncio.Lock()
         self._messages: list[worker_pb2.ConnectRequest] = []
         self._results: worker_pb2.ConnectRequest | None = None
+        self._results_chars = 0
 
     def add_result(self, assign: worker_pb2.Assign, result: ToolResult) -> None:
         if self._results is None:
@@ -135,6 +149,9 @@ class _Outbox:
         report = self._results.results.results.add(
             dispatch_id=assign.dispatch_id, call_id=assign.call_id, attempt=assign.attempt
         )
+        if len(result.output) > MAX_RESULT_OUTPUT_CHARS:
+            result = dataclasses.replace(result, output=cut(result.output, MAX_RESULT_OUTPUT_CHARS, "tool output"),
+                                         truncated=True)
         try:
             wire.result_to_proto(result, report.result)
         except Exception as exc:  # a plugin's result the wire cannot carry: still one whole answer
@@ -143,6 +160,16 @@ class _Outbox:
             wire.result_to_proto(ToolResult.error(
                 ErrorKind.INTERNAL, f"{assign.tool_name}'s result could not be sent: {type(exc).__name__}: {exc}",
                 run_time=result.run_time), report.result)
+        chars = len(result.output)
+        if result.metadata:
+            metadata_chars = len(report.result.metadata_json)
+            if metadata_chars > wire.MAX_METADATA_JSON_CHARS:
+                report.result.metadata_json = json.dumps(wire.omitted_metadata(metadata_chars))
+            chars += min(metadata_chars, wire.MAX_METADATA_JSON_CHARS)
+        self._results_chars += chars
+        if self._results_chars > MAX_RESULTS_CHARS_PER_MESSAGE:  # full: the next results start another
+            self._messages.append(self._results)
+            self._results, self._results_chars = None, 0
 
     def queue(self, message: worker_pb2.ConnectRequest) -> None:
         """Queues a message (sent by the next flush, before any result added after it)."""
@@ -169,7 +196,7 @@ class _Outbox:
             if self._messages:
                 await self._call.write(self._messages.pop(0))
             if self._results is not None:
-                message, self._results = self._results, None
+                message, self._results, self._results_chars = self._results, None, 0
                 await self._call.write(message)
 
 

@@ -539,3 +539,24 @@ async def test_a_worker_with_no_hub_to_reach_says_why_once_not_at_every_attempt(
         await proc.wait()
     warnings = [line for line in lines if "WARNING" in line and "retrying" in line]
     assert len(warnings) == 1 and f"nothing listens at 127.0.0.1:{port}" in warnings[0], lines
+
+
+async def test_results_past_the_wire_limit_are_sent_as_the_hub_keeps_them(make_server, workers, tmp_path: Path) -> None:
+    # A plugin's 68 MiB output, and 17 results of 4 MiB finishing together (one CallResults
+    # message of 68 MiB), passed gRPC's 64 MiB limit: the worker's write failed, its stream broke,
+    # and every call on it was lost. A worker now sends what the hub keeps, a few results a message.
+    server = await make_server()
+    workers.spawn(server.port, "w1", slots=17)
+    await connected(server, "w1")
+    [before] = server.pool.workers()
+    emoji = "\N{GRINNING FACE}"  # 4 bytes in UTF-8
+    [huge] = await asyncio.gather(server.pool.dispatch(call(
+        tmp_path, "bulky", {"chars": 17 * 1024 * 1024, "char": emoji, "metadata_chars": 10**6}, call_id="huge")))
+    assert not huge.is_error and huge.truncated
+    assert huge.output.startswith(emoji * 1000) and "cut by codelane" in huge.output
+    assert "omitted_by_codelane" in huge.metadata
+    many = await asyncio.gather(*(server.pool.dispatch(call(
+        tmp_path, "bulky", {"chars": 1024 * 1024, "char": emoji}, call_id=f"m{i}")) for i in range(17)))
+    assert all(not r.is_error and r.output == emoji * 1024 * 1024 for r in many), [r.output[:200] for r in many]
+    [after] = server.pool.workers()
+    assert after.connected_at == before.connected_at and all(r.attempt == 1 for r in [huge, *many])

@@ -36,6 +36,18 @@ def well_formed(text: str) -> str:
     return text if text.isascii() else _LONE_SURROGATES.sub("\ufffd", text)
 
 
+# One tool result's output (a plugin's, a worker's or an external client's, which codelane does
+# not bound itself): the server keeps this much, and a worker sends no more.
+MAX_RESULT_OUTPUT_CHARS = 1024 * 1024
+
+
+def cut(text: str, limit: int, what: str) -> str:
+    """`text`, or its first `limit` characters and a notice saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[... {what} cut by codelane: {len(text) - limit:,} of {len(text):,} characters left out]"
+
+
 class Lane(enum.StrEnum):
     """Scheduling lane of a tool. Mirrors codelane.v1.Lane."""
 

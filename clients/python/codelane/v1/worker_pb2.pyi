@@ -587,7 +587,12 @@ class CallResults(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallResult]:
-        """Finished calls, in the order they finished."""
+        """Finished calls, in the order they finished. A message, like every message of the stream,
+        must stay under 64 MiB, or the stream breaks and the calls on it are lost: the hub keeps
+        1,048,576 characters of a result's output and 65,536 of its metadata_json (replaced by a note
+        past that), so a worker sends no more (the Python worker cuts and notes them as the hub
+        would) and starts another message past about 4 Mi characters of results.
+        """
 
     def __init__(
         self,
