@@ -87,21 +87,23 @@ async def test_only_changed_content_is_embedded_again(
 ) -> None:
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     await search(query="settings file")
-    # Each chunk's code, and for a named chunk also its name and documentation: 6 chunks, 5 named.
+    # Each chunk's code, and for a named chunk with documentation also its name and documentation:
+    # 6 chunks, 5 named, 3 of them documented (should_retry and the Markdown section are not).
     built = embedder.documents
-    assert built == 6 + 5
+    assert built == 6 + 3
     await search(query="settings file")
     assert embedder.documents == built  # nothing changed, nothing embedded
 
     (workspace / "src" / "config.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
     changed = await search(query="write the settings back to disk")
-    # The new function's code and summary; load_settings is unchanged and keeps its vectors.
-    assert embedder.documents == built + 2
+    # The new function's code (it has no documentation, so no summary); load_settings is
+    # unchanged and keeps its vectors.
+    assert embedder.documents == built + 1
     assert changed.metadata["results"][0]["symbol"] == "save_settings"
 
     (workspace / "src" / "config.py").write_text(CONFIG)  # back to content the index has seen
     reverted = await search(query="write the settings back to disk")
-    assert embedder.documents == built + 2
+    assert embedder.documents == built + 1
     assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
 
 
@@ -112,7 +114,7 @@ async def test_a_text_in_several_files_is_embedded_once(
     # two texts once, and both files get its vectors.
     (workspace / "src" / "copy.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
     result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="read the settings file", limit=50)
-    assert embedder.documents == 6 + 5 + 2  # the workspace's texts, and save_settings' two
+    assert embedder.documents == 6 + 3 + 1  # the workspace's texts, and save_settings' code
     assert result.metadata["embedded"] == result.metadata["chunks"] == 6 + 2
     hits = {(hit["path"], hit["symbol"]): hit for hit in result.metadata["results"]}
     original, copy = hits["src/config.py", "load_settings"], hits["src/copy.py", "load_settings"]
@@ -127,10 +129,10 @@ async def test_a_text_embedded_by_an_earlier_batch_is_not_embedded_again(
     # batch finds load_settings' two texts among those embedded lately.
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     await search(query="read the settings file")
-    assert embedder.documents == 6 + 5
+    assert embedder.documents == 6 + 3
     (workspace / "src" / "copy.py").write_text(CONFIG + "\n\ndef save_settings(path, values):\n    pass\n")
     result = await search(query="read the settings file", limit=50)
-    assert embedder.documents == 6 + 5 + 2  # only save_settings' two
+    assert embedder.documents == 6 + 3 + 1  # only save_settings' code
     assert result.metadata["embedded"] == result.metadata["chunks"]
 
 
@@ -262,7 +264,7 @@ async def test_concurrent_calls_build_once(embedder: CountingEmbedder, workspace
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     results = await asyncio.gather(*(search(query=f"settings {n}") for n in range(4)))
     assert not any(result.is_error for result in results)
-    assert embedder.documents == 6 + 5  # each chunk once (see test_only_changed_content_is_embedded_again)
+    assert embedder.documents == 6 + 3  # each text once (see test_only_changed_content_is_embedded_again)
 
 
 async def test_a_failed_embedding_is_retried_by_the_next_call(
@@ -294,7 +296,7 @@ async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)  # a new worker process
     (workspace / "src" / "retry.py").write_text(RETRY.replace("return status >= 500", "return status in (502, 503)"))
     result = await search(query="which status codes are retried")
-    assert embedder.documents == built + 2  # should_retry's code and summary; the rest came from disk
+    assert embedder.documents == built + 1  # should_retry's code (undocumented: no summary); the rest came from disk
     assert result.metadata["embedded"] == result.metadata["chunks"]
 
 

@@ -134,13 +134,15 @@ class _Pending:
 
 def embedding_texts(chunk: Chunk) -> tuple[str, str | None]:
     """What the model reads of a chunk: its code under its kind and name (split into words too),
-    and, for a named chunk, a summary of its name and documentation alone. A question in plain
-    words often matches the summary better; code often matches the code. A chunk scores the
-    better of the two."""
+    and, for a named chunk with documentation, a summary of its name and documentation alone. A
+    question in plain words often matches the summary better; code often matches the code. A
+    chunk scores the better of the two. A chunk without documentation has no summary: its name
+    alone would say nothing its code's text (which starts with that name) does not, and a few
+    words of a name can sit close to a question they do not answer."""
     if not chunk.symbol:
         return chunk.text, None
     title = f"{chunk.kind} {chunk.symbol} ({' '.join(tokenize(chunk.symbol))})"
-    return f"{title}\n{chunk.text}", f"{title}: {chunk.doc}" if chunk.doc else title
+    return f"{title}\n{chunk.text}", f"{title}: {chunk.doc}" if chunk.doc else None
 
 
 def chunk_key(texts: tuple[str, str | None]) -> str:
@@ -254,7 +256,7 @@ class WorkspaceIndex:
         self._known_loaded = False
         self._info: list[ChunkInfo | None] = []
         # Per slot, the vector of the chunk's code, then of its summary (a copy of the code's when
-        # it has no name).
+        # it has no summary).
         self._vectors = np.zeros((_INITIAL_SLOTS, 2, self._dimensions), dtype=np.float16)
         self._alive = np.zeros(_INITIAL_SLOTS, dtype=bool)
         self._embedded = np.zeros(_INITIAL_SLOTS, dtype=bool)
@@ -416,7 +418,7 @@ class WorkspaceIndex:
             vector, summary = previous.get(key, (None, None))
             pending.chunks.append(StoredChunk(
                 chunk.start_line, chunk.end_line, chunk.symbol, chunk.kind, key,
-                dict(Counter(tokenize(chunk.text))), vector, summary if chunk.symbol else None,
+                dict(Counter(tokenize(chunk.text))), vector, summary if chunk_texts[1] is not None else None,
             ))
         if pending.missing:
             self._install(name, entry, pending.chunks)

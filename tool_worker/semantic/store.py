@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when chunking or the stored layout changes: a new file is started, the old one left alone.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Content no workspace has any more is kept this long, so that an undo or a branch switch back
 # finds its vectors, then deleted.
 RELEASED_RETENTION_NS = 7 * 24 * 3600 * 10**9
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     key TEXT NOT NULL,                -- digest of what the model read (see index.chunk_key)
     terms TEXT NOT NULL,              -- JSON {term: count} for BM25
     vector BLOB NOT NULL,             -- float16, the model's dimensions: of the chunk's code
-    summary BLOB,                     -- float16: of its name and documentation (NULL: it has no name)
+    summary BLOB,                     -- float16: of its name and documentation (NULL: it has no name or no documentation)
     PRIMARY KEY (digest, ordinal)
 );
 CREATE TABLE IF NOT EXISTS stats (
@@ -72,7 +72,7 @@ class StoredChunk:
     terms: dict[str, int]
     # float32; None while the chunk waits for the model (never stored so).
     vector: np.ndarray | None
-    # float32, of the chunk's name and documentation; None for a chunk without a name.
+    # float32, of the chunk's name and documentation; None for a chunk without a name or documentation.
     summary: np.ndarray | None = None
 
 
