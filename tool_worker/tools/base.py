@@ -68,7 +68,8 @@ class ErrorKind(enum.StrEnum):
     NO_WORKER = "no_worker"
     PERMISSION_DENIED = "permission_denied"
     INTERNAL = "internal"
-    # Never executed: the server was at an operator's limit (session_server.admission).
+    # Never executed: the server was at an operator's limit (session_server.admission), or a
+    # worker was sent a call beyond its slots.
     AT_CAPACITY = "at_capacity"
     SANDBOX_UNAVAILABLE = "sandbox_unavailable"
     RESOURCE_LIMIT = "resource_limit"

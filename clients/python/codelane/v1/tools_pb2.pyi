@@ -115,8 +115,9 @@ class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.V
     """An unexpected failure inside codelane."""
     ERROR_KIND_AT_CAPACITY: _ErrorKind.ValueType  # 11
     """Never executed: the server was at a limit its operator set (e.g. pending Query calls per
-    session or in all, `codelane server --max-pending-query-calls`). The output says which; the
-    call may succeed if made again later, or with fewer calls at once.
+    session or in all, `codelane server --max-pending-query-calls`), or a worker was sent a call
+    beyond its slots (see Hello.slots). The output says which; the call may succeed if made again
+    later, or with fewer calls at once.
     """
     ERROR_KIND_SANDBOX_UNAVAILABLE: _ErrorKind.ValueType  # 12
     """The host cannot confine the command as the session's SandboxPolicy requires (for example
@@ -162,8 +163,9 @@ ERROR_KIND_INTERNAL: ErrorKind.ValueType  # 10
 """An unexpected failure inside codelane."""
 ERROR_KIND_AT_CAPACITY: ErrorKind.ValueType  # 11
 """Never executed: the server was at a limit its operator set (e.g. pending Query calls per
-session or in all, `codelane server --max-pending-query-calls`). The output says which; the
-call may succeed if made again later, or with fewer calls at once.
+session or in all, `codelane server --max-pending-query-calls`), or a worker was sent a call
+beyond its slots (see Hello.slots). The output says which; the call may succeed if made again
+later, or with fewer calls at once.
 """
 ERROR_KIND_SANDBOX_UNAVAILABLE: ErrorKind.ValueType  # 12
 """The host cannot confine the command as the session's SandboxPolicy requires (for example
