@@ -146,3 +146,12 @@ def test_a_syntax_error_still_yields_the_definitions_around_it() -> None:
 def test_doc_files() -> None:
     assert is_doc("docs/guide.md") and is_doc("README.rst") and is_doc("notes.TXT")
     assert not is_doc("src/app.py") and not is_doc("Makefile")
+
+
+def test_a_file_nested_deeper_than_python_recurses_is_cut_into_windows() -> None:
+    # A workspace file of deeply nested literals (generated data, say) once made chunking raise
+    # RecursionError, and with it every semantic_search of the workspace.
+    text = "x = " + "[" * 5000 + "]" * 5000 + ";\nfunction after() {\n  return 1;\n}\n"
+    chunks = chunk_file("data.js", text)
+    assert chunks and chunks[0].start_line == 1 and chunks[-1].end_line == 4
+    assert {chunk.kind for chunk in chunks} == {"lines"}

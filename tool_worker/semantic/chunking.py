@@ -167,7 +167,11 @@ def chunk_file(path: str, text: str) -> list[Chunk]:
     if grammar is not None:
         parser = _parser(grammar.language)
         if parser is not None:
-            return _definition_chunks(parser.parse(text.encode("utf-8")).root_node, grammar, lines)
+            try:
+                return _definition_chunks(parser.parse(text.encode("utf-8")).root_node, grammar, lines)
+            except RecursionError:
+                # Nesting deeper than Python recurses (generated data, say): windows of lines.
+                pass
     if suffix in MARKDOWN_SUFFIXES:
         return _markdown_chunks(lines)
     return _windows(lines, 1, len(lines), symbol="", kind="lines")
