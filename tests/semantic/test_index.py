@@ -347,3 +347,23 @@ async def test_a_session_with_other_denied_paths_lists_the_tree_again(
     # The first session's listing leaves retry.py out of the index; the second may read it.
     assert "src/retry.py" not in _paths(await search(denied=("src/retry.py",), query="compute backoff", limit=50))
     assert "src/retry.py" in _paths(await search(query="compute backoff"))
+
+
+async def test_a_file_name_that_is_not_utf8_is_indexed_and_kept_out_of_the_stat_cache(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # SQLite holds text as UTF-8: recording this name in the stat cache raised UnicodeEncodeError,
+    # and every call on the workspace failed INTERNAL.
+    named = workspace / "src" / os.fsdecode(b"caf\xe9.py")
+    named.write_bytes(b'def brew_espresso():\n    """Pull a shot of coffee."""\n')
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    result = await search(query="make coffee")
+    assert not result.is_error, result.output
+    assert _paths(result)[0] == "src/caf\udce9.py"
+    named.unlink()
+    gone = await search(query="make coffee")
+    assert not gone.is_error, gone.output
+    assert "src/caf\udce9.py" not in _paths(gone)
+    # After a restart the file is read again, whatever the cache holds.
+    restarted = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry")
+    assert not restarted.is_error, restarted.output

@@ -154,7 +154,10 @@ class ChunkStore:
     def update_stats(self, workspace: str, changed: dict[str, FileStat], removed: Iterable[str]) -> None:
         """Records the workspace's new stats; content no workspace has any more is released, and
         content released longer than RELEASED_RETENTION_NS ago deleted."""
-        removed = list(removed)
+        # SQLite holds text as UTF-8: a name that is not (rg's bytes decoded with surrogateescape)
+        # is not cached, and its file is read again after a restart.
+        changed = {path: stat for path, stat in changed.items() if _storable(path)}
+        removed = [path for path in removed if _storable(path)]
         if not changed and not removed:
             return
         now = time.time_ns()
@@ -206,6 +209,14 @@ class ChunkStore:
             (released_before_ns,),
         )
         return self._db.execute("DELETE FROM contents WHERE released_ns < ?", (released_before_ns,)).rowcount
+
+
+def _storable(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _vector(blob: bytes) -> np.ndarray:
