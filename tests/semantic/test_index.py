@@ -367,3 +367,12 @@ async def test_a_file_name_that_is_not_utf8_is_indexed_and_kept_out_of_the_stat_
     # After a restart the file is read again, whatever the cache holds.
     restarted = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry")
     assert not restarted.is_error, restarted.output
+
+
+async def test_a_query_with_a_lone_surrogate_is_searched(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # JSON may carry "\ud800", which the model's tokenizer refused with a TypeError (INTERNAL).
+    result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="wait after a failed \ud800 attempt")
+    assert not result.is_error, result.output
+    assert _paths(result)[0] == "src/retry.py"

@@ -35,7 +35,7 @@ from tool_worker.semantic.index import (
 )
 from tool_worker.semantic.ranking import SEMANTIC_WEIGHT
 from tool_worker.semantic.store import ChunkStore
-from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec, well_formed
 from tool_worker.tools.rg import run_rg
 from tool_worker.tools.search import MAX_FILE_BYTES, query_terms
 
@@ -122,7 +122,8 @@ class SemanticSearch:
         )
 
     async def run(self, ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
-        query = args["query"]
+        # A lone surrogate (JSON's "\ud800") is not text the model's tokenizer takes.
+        query = well_formed(args["query"])
         if not query.strip():
             raise ToolFailure("query is blank: say what to look for", ErrorKind.INVALID_ARGUMENTS)
         shown = args.get("path", ".")
