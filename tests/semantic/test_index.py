@@ -376,3 +376,21 @@ async def test_a_query_with_a_lone_surrogate_is_searched(
     result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="wait after a failed \ud800 attempt")
     assert not result.is_error, result.output
     assert _paths(result)[0] == "src/retry.py"
+
+
+def test_a_worker_whose_index_cache_is_not_a_database_says_so_and_starts_without_the_tool(
+    real_embedder: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A foreign or corrupt file where the store's database goes made `load_tools` raise
+    # sqlite3.DatabaseError ("file is not a database", no file named), and the worker did not start.
+    from tool_worker.plugins import ToolHost
+    from tool_worker.semantic import CACHE_SUBDIRECTORY, load_tools
+    from tool_worker.semantic.store import SCHEMA_VERSION
+
+    path = tmp_path / CACHE_SUBDIRECTORY / f"{real_embedder.model_id}-v{SCHEMA_VERSION}.sqlite3"
+    path.parent.mkdir()
+    path.write_bytes(b"not a database " * 1000)
+    with caplog.at_level("WARNING", logger="codelane.semantic"):
+        assert load_tools(ToolHost(cache_dir=tmp_path)) == []
+    assert f"cache in {path.parent} cannot be used (DatabaseError: file is not a database)" in caplog.text
+    assert "semantic_search is not offered" in caplog.text

@@ -16,6 +16,7 @@ current; `ranking` fuses embedding similarity with BM25; `tool` is the tool itse
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from tool_worker.plugins import ToolHost
 from tool_worker.tools.base import Tool
@@ -59,8 +60,18 @@ def load_tools(host: ToolHost) -> list[Tool]:
         return []
     from tool_worker.semantic.tool import SemanticSearch
 
+    cache = host.cache_dir / CACHE_SUBDIRECTORY
+    try:
+        state = SemanticSearch(embedder, cache)
+    except (sqlite3.Error, OSError) as exc:
+        # A foreign or corrupt file where the index's database goes, an unwritable directory.
+        log.warning(
+            "%s is not offered: its index cache in %s cannot be used (%s: %s): move it aside or give "
+            "another --cache-dir", TOOL_NAME, cache, type(exc).__name__, exc,
+        )
+        return []
     log.info(
         "%s ready: %s on %s (%s, %s), loaded in %.1fs",
         TOOL_NAME, embedder.model_id, device.kind, device.name, device.precision, embedder.load_seconds,
     )
-    return [SemanticSearch(embedder, host.cache_dir / CACHE_SUBDIRECTORY).tool()]
+    return [state.tool()]
