@@ -394,3 +394,26 @@ def test_a_worker_whose_index_cache_is_not_a_database_says_so_and_starts_without
         assert load_tools(ToolHost(cache_dir=tmp_path)) == []
     assert f"cache in {path.parent} cannot be used (DatabaseError: file is not a database)" in caplog.text
     assert "semantic_search is not offered" in caplog.text
+
+
+async def test_a_result_whose_file_became_a_link_or_a_fifo_shows_no_lines_of_it(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A result shows its file's first lines as the file is now. A file the refresh did not reach
+    # (its time budget ran out) keeps its chunks; if a symlink took its place, the lines shown
+    # were those of the link's target, outside the workspace; if a FIFO did, the call hung for ever.
+    from tool_worker.semantic import tool
+
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    assert "src/retry.py" in _paths(await search(query="wait longer after each unsuccessful attempt"))
+    secret = tmp_path / "secret.py"
+    secret.write_text("\n" * 4 + "def compute_backoff(attempt):  TOP-SECRET-TOKEN\n")
+    (workspace / "src" / "retry.py").unlink()
+    (workspace / "src" / "retry.py").symlink_to(secret)
+    (workspace / "src" / "config.py").unlink()
+    os.mkfifo(workspace / "src" / "config.py")
+    monkeypatch.setattr(tool, "REFRESH_SECONDS", 0.0)  # this call's refresh reaches no file
+    result = await asyncio.wait_for(search(query="wait longer after each unsuccessful attempt", limit=50), 60)
+    assert not result.is_error, result.output
+    assert "src/retry.py" in _paths(result) and "src/config.py" in _paths(result)
+    assert "TOP-SECRET" not in result.output

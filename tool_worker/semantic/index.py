@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import stat as stat_module
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tool_worker.merkle import open_as_named
 from tool_worker.semantic.chunking import Chunk, chunk_file, is_doc
 from tool_worker.semantic.embedder import MAX_EMBED_CHARS, QUERY_THREADS, Embedder
 from tool_worker.semantic.ranking import Fused, bm25_scores, diversify, fuse, top_keyword, top_semantic
@@ -383,8 +385,13 @@ class WorkspaceIndex:
                 self._install(name, _File(known.size, known.mtime_ns, known.digest, known.verified_ns, is_doc(name)),
                               stored)
                 return
+        # The file itself, not a symlink or a FIFO swapped in since the listing and the stat.
+        raw = open_as_named(os.path.join(self._root_path, name))
+        if raw is None:
+            seen.discard(name)
+            return
         try:
-            with open(os.path.join(self._root_path, name), "rb") as handle:
+            with io.BufferedReader(raw) as handle:
                 data = handle.read(MAX_FILE_BYTES + 1)
         except OSError:
             seen.discard(name)

@@ -10,6 +10,7 @@ stats it, and runs on one thread.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tool_worker.confinement.readonly import ReadOnlyLauncher
+from tool_worker.merkle import open_as_named
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.semantic import TOOL_NAME
 from tool_worker.semantic.embedder import Embedder
@@ -251,9 +253,13 @@ def _render_hit(rank: int, root: Path, hit: Hit, limit: int) -> str:
 
 
 def _snippet(path: Path, start: int, end: int) -> list[str]:
-    """The first lines of the chunk, as the file is now."""
+    """The first lines of the chunk, as the file is now: none when the file is no longer a regular
+    file at that very path (a symlink or a FIFO took its place since it was indexed)."""
+    raw = open_as_named(str(path))
+    if raw is None:
+        return []
     try:
-        with open(path, "rb") as handle:
+        with io.BufferedReader(raw) as handle:
             text = handle.read(MAX_FILE_BYTES).decode("utf-8", "replace")
     except OSError:
         return []
