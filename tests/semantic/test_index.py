@@ -417,3 +417,25 @@ async def test_a_result_whose_file_became_a_link_or_a_fifo_shows_no_lines_of_it(
     assert not result.is_error, result.output
     assert "src/retry.py" in _paths(result) and "src/config.py" in _paths(result)
     assert "TOP-SECRET" not in result.output
+
+
+async def test_one_content_chunked_two_ways_by_two_suffixes_is_embedded_whole_in_both(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # The same bytes as one Python function (one chunk) and as text (windows of lines, three
+    # here), both new in one refresh: the builder installed the Python chunks' vectors into the
+    # text file's slots by position, failed on the count, and two of the text file's chunks
+    # never got vectors: every call said the index was still being built, for good. (One content
+    # is chunked once whatever its path: the copy read last takes the stored chunks.)
+    body = "".join(f"    step_{number} = prepare_the_coffee_beans({number})\n" for number in range(100))
+    code = f'def brew_espresso():\n    """Pull a shot of coffee."""\n{body}'
+    (workspace / "brew.py").write_text(code)
+    (workspace / "brew.txt").write_text(code)
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    first = await search(query="make coffee", limit=50)
+    again = await search(query="make coffee", limit=50)
+    for result in (first, again):
+        assert not result.is_error, result.output
+        assert result.metadata["embedded"] == result.metadata["chunks"], result.output
+        assert "still being built" not in result.output
+    assert {"brew.py", "brew.txt"} <= set(_paths(again))

@@ -518,6 +518,11 @@ class WorkspaceIndex:
         """Installs a content's vectors and wakes the waiters."""
         with self._lock:
             for slots in self._waiting.pop(digest, []):
+                if [self._keys[slot] for slot in slots] != [chunk.key for chunk in chunks]:
+                    # The same bytes cut otherwise (a .py and a .txt copy, both queued with chunks of
+                    # their own): the file is read again, and takes the stored chunks.
+                    self._reread([name for name, entry in self._files.items() if entry.slots is slots])
+                    continue
                 for slot, chunk in zip(slots, chunks, strict=True):
                     self._set_vectors(slot, chunk)
             self._embedded_changed.notify_all()
@@ -533,13 +538,17 @@ class WorkspaceIndex:
         refresh reads them again and retries, and wakes the waiters."""
         with self._lock:
             if self._waiting.pop(digest, None) is not None:
-                for name in [name for name, entry in self._files.items() if entry.digest == digest]:
-                    self._drop(name)
-                    self._known.pop(name, None)
-                # The files dropped must be read again: no refresh under way may prove the index.
-                self._proven = None
-                self._generation += 1
+                self._reread([name for name, entry in self._files.items() if entry.digest == digest])
             self._embedded_changed.notify_all()
+
+    def _reread(self, names: list[str]) -> None:
+        """Drops files so that the next refresh reads them again. Caller holds the lock."""
+        for name in names:
+            self._drop(name)
+            self._known.pop(name, None)
+        # The files dropped must be read again: no refresh under way may prove the index.
+        self._proven = None
+        self._generation += 1
 
     def wait_embedded(self, deadline: float, stop: threading.Event) -> bool:
         """Waits until nothing waits for vectors, `deadline` passes or `stop` is set; True if done."""
