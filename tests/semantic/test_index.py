@@ -439,3 +439,20 @@ async def test_one_content_chunked_two_ways_by_two_suffixes_is_embedded_whole_in
         assert result.metadata["embedded"] == result.metadata["chunks"], result.output
         assert "still being built" not in result.output
     assert {"brew.py", "brew.txt"} <= set(_paths(again))
+
+
+async def test_the_content_of_a_workspace_deleted_whole_leaves_the_disk_later_too(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # Content is released when a refresh of its workspace no longer finds it; a workspace that
+    # is gone (a session's temporary directory, a synced copy dropped) is never refreshed again,
+    # so its stat rows and every content they name stayed in the cache for good.
+    cache = tmp_path / "cache"
+    state = _state(embedder, cache)
+    await searcher(state, workspace)(query="settings")
+    digest = state.index_for(workspace_root(workspace))._files["src/config.py"].digest
+    shutil.rmtree(workspace)
+    restarted = _state(embedder, cache)
+    assert restarted.store.chunks(digest) is not None  # kept a while, as any released content
+    assert restarted.store.purge(released_before_ns=time.time_ns()) == 3
+    assert restarted.store.chunks(digest) is None

@@ -12,6 +12,7 @@ timeout serialise their writes, and an entry written twice is the same entry.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -27,6 +28,8 @@ SCHEMA_VERSION = 2
 # finds its vectors, then deleted.
 RELEASED_RETENTION_NS = 7 * 24 * 3600 * 10**9
 BUSY_TIMEOUT_MS = 30_000
+# How often the store looks for workspaces that are gone (and content nothing names).
+SWEEP_INTERVAL_NS = 3600 * 10**9
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contents (
@@ -101,6 +104,8 @@ class ChunkStore:
         except BaseException:
             self._db.close()  # e.g. "file is not a database"
             raise
+        self._next_sweep_ns = 0
+        self._sweep_if_due(time.time_ns())
 
     def close(self) -> None:
         with self._lock:
@@ -190,6 +195,33 @@ class ChunkStore:
                     if self._db.execute("SELECT 1 FROM stats WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
                         self._db.execute("UPDATE contents SET released_ns = ? WHERE digest = ?", (now, digest))
                 self._purge(now - RELEASED_RETENTION_NS)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._sweep_if_due(now)
+
+    def _sweep_if_due(self, now: int) -> None:
+        """At most every SWEEP_INTERVAL_NS: forgets the stats of workspaces that are gone (no
+        refresh will ever release their content), and releases content no stats name any more
+        (the same content stored again after its release). Released content goes a week later."""
+        if now < self._next_sweep_ns:
+            return
+        self._next_sweep_ns = now + SWEEP_INTERVAL_NS
+        with self._lock:
+            workspaces = [row[0] for row in self._db.execute("SELECT DISTINCT workspace FROM stats")]
+            gone = [(workspace,) for workspace in workspaces if not os.path.isdir(workspace)]
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return  # another process holds the database longer than the busy timeout: next time
+            try:
+                self._db.executemany("DELETE FROM stats WHERE workspace = ?", gone)
+                self._db.execute(
+                    "UPDATE contents SET released_ns = ? WHERE released_ns IS NULL "
+                    "AND NOT EXISTS (SELECT 1 FROM stats WHERE stats.digest = contents.digest)",
+                    (now,),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
