@@ -456,3 +456,21 @@ async def test_the_content_of_a_workspace_deleted_whole_leaves_the_disk_later_to
     assert restarted.store.chunks(digest) is not None  # kept a while, as any released content
     assert restarted.store.purge(released_before_ns=time.time_ns()) == 3
     assert restarted.store.chunks(digest) is None
+
+
+async def test_a_workspace_of_tiny_chunks_is_capped_by_its_chunks_too(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 1 MiB file of one-line definitions is some 55,000 chunks (about 2.5 KiB of memory each,
+    # and one model call per 32): under the cap on bytes, a few such files held gigabytes and
+    # kept the builder busy for hours. The index stops at MAX_INDEXED_CHUNKS as it does at
+    # MAX_INDEXED_BYTES, and says so.
+    from tool_worker.semantic import index
+
+    monkeypatch.setattr(index, "MAX_INDEXED_CHUNKS", 1)
+    result = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="retry backoff", limit=50)
+    assert not result.is_error, result.output
+    # By path: docs/guide.md (one chunk), src/config.py (one more: over the cap), nothing after.
+    assert set(_paths(result)) <= {"docs/guide.md", "src/config.py"}
+    assert result.metadata["chunks"] == 2
+    assert "chunks: only the first files by path are indexed" in result.output

@@ -50,6 +50,10 @@ log = logging.getLogger("codelane.semantic")
 # results say so.
 MAX_INDEXED_FILES = 50_000
 MAX_INDEXED_BYTES = 512 * 1024 * 1024
+# Chunks too: a file of one-line definitions is a chunk every 20 bytes or so (55,000 in 1 MiB,
+# each about 2.5 KiB of memory and a share of a model call), where code is one in about 800 bytes
+# (a sample of site-packages: 512 MiB of it is some 660,000 chunks).
+MAX_INDEXED_CHUNKS = 700_000
 # A file changed within this long of being hashed may change again without its size or
 # modification time showing it (coarse file-system clocks): it is hashed again next time.
 RACY_NS = 2_000_000_000
@@ -99,7 +103,8 @@ class RefreshReport:
     new_contents: int = 0
     skipped_large: int = 0
     skipped_binary: int = 0
-    # The workspace has more than MAX_INDEXED_FILES files or MAX_INDEXED_BYTES bytes.
+    # The workspace has more than MAX_INDEXED_FILES files, MAX_INDEXED_BYTES bytes or
+    # MAX_INDEXED_CHUNKS chunks.
     capped: bool = False
     # The refresh ran out of time (or was stopped): later files by path were not looked at.
     incomplete: bool = False
@@ -350,7 +355,7 @@ class WorkspaceIndex:
                 if info.st_size > MAX_FILE_BYTES:
                     report.skipped_large += 1
                     continue
-                if total_bytes + info.st_size > MAX_INDEXED_BYTES:
+                if total_bytes + info.st_size > MAX_INDEXED_BYTES or self._chunks_held() > MAX_INDEXED_CHUNKS:
                     report.capped = True
                     break
                 total_bytes += info.st_size
@@ -493,6 +498,11 @@ class WorkspaceIndex:
             if not waiting:
                 del self._waiting[entry.digest]
                 self._embedded_changed.notify_all()
+
+    def _chunks_held(self) -> int:
+        """The chunks in the index now (files not refreshed yet keep theirs)."""
+        with self._lock:
+            return len(self._info) - len(self._free)
 
     def _take_slot(self) -> int:
         if self._free:

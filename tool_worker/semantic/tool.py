@@ -27,6 +27,7 @@ from tool_worker.semantic import TOOL_NAME
 from tool_worker.semantic.embedder import Embedder
 from tool_worker.semantic.index import (
     MAX_INDEXED_BYTES,
+    MAX_INDEXED_CHUNKS,
     MAX_INDEXED_FILES,
     RESULTS_PER_FILE,
     Builder,
@@ -212,7 +213,8 @@ def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshRepor
         )
     if report.capped:
         notices.append(
-            f"[the workspace is over {MAX_INDEXED_FILES:,} files or {MAX_INDEXED_BYTES // 2**20} MiB: only the "
+            f"[the workspace is over {MAX_INDEXED_FILES:,} files, {MAX_INDEXED_BYTES // 2**20} MiB or "
+            f"{MAX_INDEXED_CHUNKS:,} chunks: only the "
             "first files by path are indexed; give a path to narrow the search]"
         )
     if report.skipped_large:
