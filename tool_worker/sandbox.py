@@ -32,7 +32,14 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
     """
     if "\0" in user_path:
         raise ToolFailure(f"path contains a NUL byte: {user_path[:200]!r}", ErrorKind.INVALID_ARGUMENTS)
-    size = len(user_path.encode("utf-8", "surrogateescape"))
+    try:
+        size = len(user_path.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a surrogateescape'd byte it is not
+        raise ToolFailure(
+            f"path holds a lone surrogate (U+{ord(exc.object[exc.start]):04X}), which no file name has; "
+            "send the path without it",
+            ErrorKind.INVALID_ARGUMENTS,
+        ) from None
     if size > MAX_PATH_BYTES:
         raise ToolFailure(
             f"path is {size} bytes long: at most {MAX_PATH_BYTES} are allowed ({user_path[:80]!r}...)",

@@ -207,6 +207,8 @@ async def test_kind_and_path_narrow_the_results(embedder: CountingEmbedder, work
         ({"query": "x", "kind": "tests"}, ErrorKind.INVALID_ARGUMENTS, "kind"),
         ({"query": "x", "mode": "fast"}, ErrorKind.INVALID_ARGUMENTS, "mode"),
         ({"query": "x" * 2001}, ErrorKind.INVALID_ARGUMENTS, "query"),
+        # JSON's "\ud800": UTF-8 cannot encode it, no file has it (was INTERNAL, UnicodeEncodeError).
+        ({"query": "x", "path": "src/\ud800"}, ErrorKind.INVALID_ARGUMENTS, "lone surrogate (U+D800)"),
     ],
 )
 async def test_bad_input_is_refused_and_changes_nothing(
