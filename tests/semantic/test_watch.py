@@ -4,6 +4,7 @@ refresh would see must end its quiet, and nothing else should."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,17 @@ def test_nested_workspaces_keep_their_shared_watches_until_both_close(tree: Path
     (tree / "src" / "pkg" / "mod.py").write_text("d = 4\n")
     assert not inner.quiet()
     inner.close()
+
+
+def test_a_tree_deleted_and_made_again_at_its_path_is_watched_anew(watch: TreeWatch, tree: Path) -> None:
+    # The root's watch went with the old directory, and nothing watches its parent to see the new
+    # one made: the next arm watched nothing at all, and the watch stayed quiet through every
+    # later change, so semantic_search answered from the old index for good.
+    _armed(watch)
+    shutil.rmtree(tree)
+    (tree / "src").mkdir(parents=True)
+    assert not watch.quiet()
+    watch.arm()  # the refresh that follows lists the new tree
+    assert watch.quiet()
+    (tree / "src" / "late.py").write_text("def late():\n    return 1\n")
+    assert not watch.quiet()

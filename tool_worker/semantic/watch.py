@@ -116,8 +116,9 @@ class TreeWatch:
         _inotify.forget(self, list(self._wds))
         self._wds = set()
         self._fresh = []
-        self._lost = False
         self._watch_tree(self._root)
+        # A root that is not there (yet) is not watched: nothing is proven until it is.
+        self._lost = not self._wds and not self._unwatchable
 
     def _collect(self) -> None:
         events, overflowed = _inotify.take(self)
@@ -125,9 +126,12 @@ class TreeWatch:
             self._lost = self._dirty = True
         for event, directory in events:
             if event.mask & inotify_flags.IGNORED:
-                # The watch went with its directory (deleted); its parent saw that too.
+                # The watch went with its directory (deleted); its parent saw that too. The root
+                # has no watched parent to see it made again: the next `arm()` starts over.
                 self._wds.discard(event.wd)
                 self._dirty = True
+                if directory == self._root:
+                    self._lost = True
                 continue
             if event.mask & inotify_flags.MOVE_SELF:
                 # A moved directory's watches would report under its old path.
