@@ -158,3 +158,19 @@ def test_a_tree_deleted_and_made_again_at_its_path_is_watched_anew(watch: TreeWa
     assert watch.quiet()
     (tree / "src" / "late.py").write_text("def late():\n    return 1\n")
     assert not watch.quiet()
+
+
+def test_a_tree_whose_parent_moved_away_and_another_tree_at_its_path_ends_the_quiet(
+    watch: TreeWatch, tree: Path, tmp_path: Path
+) -> None:
+    # The watches follow the directories moved away with their parent (no event: the tree itself
+    # did not move); the new tree at the workspace's path was never seen.
+    _armed(watch)
+    tree.parent.rename(tmp_path.parent / (tmp_path.name + "-moved"))
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "other.py").write_text("def other():\n    return 2\n")
+    assert not watch.quiet()
+    watch.arm()
+    assert watch.quiet()
+    (tree / "src" / "late.py").write_text("def late():\n    return 1\n")
+    assert not watch.quiet()

@@ -65,6 +65,9 @@ class TreeWatch:
         self._fresh: list[str] = []
         # Events were lost or a directory moved: the next `arm()` watches the tree anew.
         self._lost = True
+        # The root directory's (device, inode) when last armed: another directory at the root's
+        # path (the old one moved away with a parent, or deleted) sends no event to the watches.
+        self._root_identity: tuple[int, int] | None = None
 
     def quiet(self) -> bool:
         """True when nothing that a refresh would see changed since the last `arm()`. Never
@@ -75,7 +78,12 @@ class TreeWatch:
             if self._unwatchable or self._dirty or self._lost:
                 return False  # the events waiting are read by the next `arm()`, in its thread
             self._collect()
-            return not self._dirty and not self._lost and _signatures(self._outside) == self._outside_seen
+            return (
+                not self._dirty
+                and not self._lost
+                and _signatures(self._outside) == self._outside_seen
+                and _identity(self._root) == self._root_identity
+            )
         finally:
             self._lock.release()
 
@@ -93,6 +101,9 @@ class TreeWatch:
             if self._unwatchable:
                 return
             self._collect()
+            identity = _identity(self._root)
+            if identity != self._root_identity:
+                self._lost, self._root_identity = True, identity
             if self._lost:
                 self._start_over()
             while self._fresh and not self._unwatchable:
@@ -201,6 +212,14 @@ def _outside_ignore_files(root: str) -> list[str]:
         os.path.expanduser("~/.gitconfig"),
     ]
     return paths
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _signatures(paths: list[str]) -> list[tuple[int, int, int, int] | None]:
