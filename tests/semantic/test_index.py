@@ -476,3 +476,20 @@ async def test_a_workspace_of_tiny_chunks_is_capped_by_its_chunks_too(
     assert set(_paths(result)) <= {"docs/guide.md", "src/config.py"}
     assert result.metadata["chunks"] == 2
     assert "chunks: only the first files by path are indexed" in result.output
+
+
+async def test_asking_whether_the_index_is_current_never_waits_for_a_search_under_way(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # `current` runs on the worker's event loop. It took the index's lock, which a search holds on
+    # its thread for as long as its matrix product and BM25 take (hundreds of milliseconds on a
+    # large index): every call on the workspace stalled the whole worker meanwhile.
+    state = _state(embedder, tmp_path / "cache")
+    await searcher(state, workspace)(query="settings")
+    index = state.index_for(workspace_root(workspace))
+    answers: list[Any] = []
+    with index._lock:  # what a search under way on another thread holds
+        probe = threading.Thread(target=lambda: answers.append(index.current(())), daemon=True)
+        probe.start()
+        probe.join(5)
+    assert answers and answers[0] is not None, "current() waited for the lock of a search under way"

@@ -294,8 +294,9 @@ class WorkspaceIndex:
         # that an arming took from the queue is never mistaken for no change.
         if not self._watch.quiet():
             return None
-        with self._lock:
-            proven = self._proven
+        # Read without the lock (one attribute, replaced whole): a search holds the lock for as
+        # long as its product takes, and this runs on the event loop.
+        proven = self._proven
         if proven is None or proven[0] != listing:
             return None
         return dataclasses.replace(proven[1], read=0, new_contents=0)
