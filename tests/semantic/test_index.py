@@ -493,3 +493,27 @@ async def test_asking_whether_the_index_is_current_never_waits_for_a_search_unde
         probe.start()
         probe.join(5)
     assert answers and answers[0] is not None, "current() waited for the lock of a search under way"
+
+
+async def test_dropping_a_workspace_index_never_waits_for_its_watch_being_armed(
+    embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    # `index_for` runs on the event loop; the ninth workspace drops the least recently searched
+    # index, whose watch may be arming on another thread (the first arm walks the whole tree,
+    # seconds on a large one): closing it waited for that walk, and stalled the worker meanwhile.
+    from tool_worker.semantic.tool import MAX_WORKSPACES
+
+    state = _state(embedder, tmp_path / "cache")
+    roots = [tmp_path / f"ws{number}" for number in range(MAX_WORKSPACES + 1)]
+    for root in roots:
+        root.mkdir()
+    oldest = state.index_for(roots[0])
+    for root in roots[1:-1]:
+        state.index_for(root)
+    done = threading.Event()
+    with oldest._watch._lock:  # what an arm under way on another thread holds
+        probe = threading.Thread(target=lambda: (state.index_for(roots[-1]), done.set()), daemon=True)
+        probe.start()
+        probe.join(5)
+        assert done.is_set(), "index_for waited for the dropped index's watch"
+    assert roots[0] not in state._indexes

@@ -70,7 +70,9 @@ class SemanticSearch:
         index = self._indexes.pop(root, None) or WorkspaceIndex(root, self.store, self.builder)
         self._indexes[root] = index
         while len(self._indexes) > MAX_WORKSPACES:
-            self._indexes.popitem(last=False)[1].close()
+            # On a thread: this runs on the event loop, and closing waits for an arm under way.
+            dropped = self._indexes.popitem(last=False)[1]
+            threading.Thread(target=dropped.close, name="semantic-index-close", daemon=True).start()
         return index
 
     def tool(self) -> Tool:
