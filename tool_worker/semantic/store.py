@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     key TEXT NOT NULL,                -- digest of what the model read (see index.chunk_key)
     terms TEXT NOT NULL,              -- JSON {term: count} for BM25
     vector BLOB NOT NULL,             -- float16, the model's dimensions: of the chunk's code
-    summary BLOB,                     -- float16: of its name and documentation (NULL: it has neither)
+    summary BLOB,                     -- float16: of its name and documentation (NULL: no name or no docs)
     PRIMARY KEY (digest, ordinal)
 );
 CREATE TABLE IF NOT EXISTS stats (
