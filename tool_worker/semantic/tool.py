@@ -211,13 +211,12 @@ def _render(root: Path, query: str, outcome: SearchOutcome, report: RefreshRepor
     if report.incomplete:
         notices.append(
             f"[indexing stopped at this call's time budget after {report.files:,} files; later files (by path) "
-            "were not searched this time]"
+            "are searched as they were last indexed: their changes, and new files among them, are not seen yet]"
         )
     if report.capped:
         notices.append(
             f"[the workspace is over {MAX_INDEXED_FILES:,} files, {MAX_INDEXED_BYTES // 2**20} MiB or "
-            f"{MAX_INDEXED_CHUNKS:,} chunks: only the "
-            "first files by path are indexed; give a path to narrow the search]"
+            f"{MAX_INDEXED_CHUNKS:,} chunks: only the first files by path are indexed]"
         )
     if report.skipped_large:
         notices.append(f"[{report.skipped_large} files over {MAX_FILE_BYTES // 1024} KiB are not indexed]")
