@@ -139,6 +139,19 @@ async def test_an_external_task_claimed_at_a_crash_is_completed_as_withdrawn(
     await _next_turn_runs(server.client, session.session_id)
 
 
+async def _one_turn_then_killed(
+    processes: Processes, workspace: Path, data_dir: Path, model: str
+) -> tuple[Any, list[events_pb2.Event]]:
+    """A server that ran one whole turn of a new session, then was killed (SIGKILL): the session
+    and the turn's events."""
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    events = await server.client.send(session.session_id, "go")
+    assert kind(events[-1]) == "turn_finished"
+    server.kill9()
+    return session, events
+
+
 async def test_a_turn_whose_end_was_stored_is_not_ended_twice(
     processes: Processes, workspace: Path, tmp_path: Path
 ) -> None:
@@ -147,11 +160,7 @@ async def test_a_turn_whose_end_was_stored_is_not_ended_twice(
     # window is microseconds wide, so the test leaves the state such a kill leaves on disk.
     model = scripted(tmp_path, [{"text": "Done."}, {"text": "Done again."}])
     data_dir = tmp_path / "data"
-    server = await processes.start_server(data_dir, model=model, local_workers=0)
-    session = await server.client.create(workspace)
-    events = await server.client.send(session.session_id, "go")
-    assert kind(events[-1]) == "turn_finished"
-    server.kill9()
+    session, events = await _one_turn_then_killed(processes, workspace, data_dir, model)
     with sqlite3.connect(data_dir / "codelane.db") as db:
         db.execute("UPDATE sessions SET state = 'running', current_turn_id = ? WHERE session_id = ?",
                    (events[-1].turn_id, session.session_id))
@@ -273,11 +282,7 @@ async def test_a_session_stored_with_durations_no_duration_can_carry_stays_reada
     # 2^63 s as it came; such a session failed every replay and history read after the upgrade.
     model = scripted(tmp_path, [{"tool_calls": [call("read", "c_read", file_path="a.txt")]}, {"text": "Done."}])
     data_dir = tmp_path / "data"
-    server = await processes.start_server(data_dir, model=model, local_workers=0)
-    session = await server.client.create(workspace)
-    events = await server.client.send(session.session_id, "go")
-    assert kind(events[-1]) == "turn_finished"
-    server.kill9()
+    session, events = await _one_turn_then_killed(processes, workspace, data_dir, model)
     with sqlite3.connect(data_dir / "codelane.db") as db:
         rows = db.execute("SELECT sequence, payload_json FROM events WHERE kind = 'tool_call_finished'").fetchall()
         assert rows
