@@ -43,7 +43,6 @@ from session_server.limits import (
     MAX_TOOL_ARGUMENTS_CHARS,
     MAX_TOOL_CALLS_PER_RESPONSE,
     OMITTED_ARGUMENTS,
-    bound_result,
     cut,
 )
 from session_server.llm.base import (
@@ -69,7 +68,7 @@ from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry, parse_arguments
 from tool_worker.telemetry import logs as log_context
-from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec, bound_result
 from tool_worker.worker_only import worker_only_hint
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tool_worker.tools.base import MAX_RESULT_OUTPUT_CHARS, ToolResult, cut, well_formed
+from tool_worker.tools.base import cut, well_formed
 
 # A client's message starting a turn.
 MAX_PROMPT_CHARS = 1024 * 1024
@@ -50,16 +50,6 @@ def check_prompt(text: str) -> None:
             f"text is {len(text):,} characters: at most {MAX_PROMPT_CHARS:,} are accepted; send large inputs "
             "as files in the workspace and refer to them"
         )
-
-
-def bound_result(result: ToolResult) -> ToolResult:
-    """The result with its output cut to MAX_RESULT_OUTPUT_CHARS and `well_formed` (a copy when
-    that changes it: results are values). The output goes into history, events and the next
-    model request, all UTF-8."""
-    output = well_formed(result.output)
-    if len(output) <= MAX_RESULT_OUTPUT_CHARS:
-        return result if output is result.output else dataclasses.replace(result, output=output)
-    return dataclasses.replace(result, output=cut(output, MAX_RESULT_OUTPUT_CHARS, "tool output"), truncated=True)
 
 
 def bound_event(payload: _T) -> _T:

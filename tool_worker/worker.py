@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ from tool_worker.telemetry import logs as log_context
 from tool_worker.telemetry.config import split_address, start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
-from tool_worker.tools.base import MAX_RESULT_OUTPUT_CHARS, ErrorKind, Lane, ToolResult, cut
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, bound_result
 from tool_worker.workspaces import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CACHE_SIZE,
@@ -149,9 +148,7 @@ class _Outbox:
         report = self._results.results.results.add(
             dispatch_id=assign.dispatch_id, call_id=assign.call_id, attempt=assign.attempt
         )
-        if len(result.output) > MAX_RESULT_OUTPUT_CHARS:
-            result = dataclasses.replace(result, output=cut(result.output, MAX_RESULT_OUTPUT_CHARS, "tool output"),
-                                         truncated=True)
+        result = bound_result(result)
         try:
             wire.result_to_proto(result, report.result)
         except Exception as exc:  # a plugin's result the wire cannot carry: still one whole answer

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from session_server.events import CallInfo, ModelResponded, TextDelta, ToolCallFinished, payload_to_json
-from session_server.limits import MAX_EVENT_CHARS, MAX_RESULT_OUTPUT_CHARS, bound_event, bound_result, cut
+from session_server.limits import MAX_EVENT_CHARS, bound_event, cut
 from session_server.llm.base import Usage
-from tool_worker.tools.base import ToolResult
+from tool_worker.tools.base import MAX_RESULT_OUTPUT_CHARS, ToolResult, bound_result
 
 
 def test_a_normal_event_is_the_same_object() -> None:

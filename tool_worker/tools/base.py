@@ -6,6 +6,7 @@ and from the wire in `tool_worker.wire`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import json
@@ -46,6 +47,16 @@ def cut(text: str, limit: int, what: str) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}\n[... {what} cut by codelane: {len(text) - limit:,} of {len(text):,} characters left out]"
+
+
+def bound_result(result: ToolResult) -> ToolResult:
+    """The result with its output cut to MAX_RESULT_OUTPUT_CHARS and `well_formed` (a copy when
+    that changes it: results are values). The output goes into history, events and the next
+    model request, all UTF-8; a worker sends no more than this, which the server keeps."""
+    output = well_formed(result.output)
+    if len(output) <= MAX_RESULT_OUTPUT_CHARS:
+        return result if output is result.output else dataclasses.replace(result, output=output)
+    return dataclasses.replace(result, output=cut(output, MAX_RESULT_OUTPUT_CHARS, "tool output"), truncated=True)
 
 
 class Lane(enum.StrEnum):
