@@ -52,31 +52,28 @@ MAX_HELLO_BYTES = 1024 * 1024
 
 
 class _StreamLink:
-    """A WorkerLink over one Connect stream.
+    """A WorkerLink over one Connect stream: the pool queues, one writer task writes.
 
-    `flush()` writes what is queued, under a lock; whoever holds the lock writes everything
-    queued before letting go, so nothing is stranded and Assigns queued meanwhile share one
-    Assignments message. The pool flushes a call it assigns at once from the dispatching task; a
-    writer task sends whatever nobody flushed (control messages, calls assigned from the queue).
+    Every method queues and returns at once; `write_until_closed`, the stream's one writer, sends
+    what is queued, Assigns first so that a Cancel never overtakes the Assign it withdraws, and
+    the Assigns queued during a write share the next Assignments message. Only that task writes:
+    grpc takes one write at a time and still sends a write whose caller was cancelled, so a write
+    from the dispatching task (a call may be cancelled at any time) needed a task and a shield of
+    its own for the next write to wait on: 6 of each call's 12 loop callbacks on the hub. The
+    writer costs one wake-up, and a cancelled call can never leave a write half-owned.
     A failed write closes the link; it never raises into the pool.
     """
 
     def __init__(self, write_timeout: float) -> None:
         # A worker that stops reading its stream fills the transport's window, and a write then
         # waits for ever: one that waits this long (the heartbeat timeout) loses the worker, as
-        # silence does. Unbounded, it held the call's dispatch, and so its turn, past every deadline.
+        # silence does. Unbounded, it held the worker's calls past every deadline.
         self._write_timeout = write_timeout
         # Assigns are built in place in the next message to go out (no copy when it is sent).
         self._assignments: worker_pb2.ConnectResponse | None = None
-        self._control: list[worker_pb2.ConnectResponse] = []
+        # Control messages, each with the future of whoever waits to hear whether it was written.
+        self._control: list[tuple[worker_pb2.ConnectResponse, asyncio.Future[bool] | None]] = []
         self._wake = asyncio.Event()
-        self._kick_scheduled = False
-        self._write_lock = asyncio.Lock()
-        # A write whose holder was cancelled before it completed: grpc takes one write at a time,
-        # and cancelling one does not stop it (the core still sends it), so the next write waits
-        # for it. Started beside it, the next one failed with TOO_MANY_OPERATIONS and lost the
-        # worker and all its calls, whenever a turn was cancelled while its dispatch wrote.
-        self._in_flight: asyncio.Future[None] | None = None
         self._context: grpc.aio.ServicerContext | None = None
         self.closed_reason = ""
         self.fault: LinkFault | None = None
@@ -101,19 +98,10 @@ class _StreamLink:
             message.trace_context.tracestate = assignment.tracestate
         if assignment.snapshot is not None:
             snapshot_wire.set_snapshot(message.snapshot, assignment.snapshot)
-        if not self._kick_scheduled:
-            # The writer is woken only if nobody flushed by the end of this loop turn: the usual
-            # dispatch flushes inline, and waking a task for nothing costs every call.
-            self._kick_scheduled = True
-            asyncio.get_running_loop().call_soon(self._kick)
+        self._wake.set()
 
-    def _kick(self) -> None:
-        self._kick_scheduled = False
-        if self._assignments is not None:
-            self._wake.set()
-
-    def _send(self, message: worker_pb2.ConnectResponse) -> None:
-        self._control.append(message)
+    def _send(self, message: worker_pb2.ConnectResponse, written: asyncio.Future[bool] | None = None) -> None:
+        self._control.append((message, written))
         self._wake.set()
 
     def cancel(self, assignment: Assignment, reason: str) -> None:
@@ -132,69 +120,56 @@ class _StreamLink:
         self._wake.set()
 
     def bind(self, context: grpc.aio.ServicerContext) -> None:
+        """The stream to write to, once the Welcome went out: what was queued before goes next."""
         self._context = context
-
-    async def flush(self) -> None:
-        if self._context is None or self._write_lock.locked() or self._closed:
-            # Not welcomed yet (the Welcome goes first), or the holder writes everything queued
-            # before it lets go, or the stream is gone.
-            return
-        async with self._write_lock:
-            try:
-                while (self._assignments is not None or self._control) and not self._closed:
-                    # Assignments first, so a Cancel never overtakes the Assign it withdraws.
-                    if self._assignments is not None:
-                        message, self._assignments = self._assignments, None
-                        await self._write(message)
-                    while self._control:
-                        await self._write(self._control.pop(0))
-            except TimeoutError:
-                self.close(f"a write to the worker did not complete in {self._write_timeout:g}s (it reads "
-                           "nothing of its stream, or far too slowly)", LinkFault.HEARTBEAT_TIMEOUT)
-            except Exception as exc:  # the stream is broken: the Connect handler ends it
-                self.close(f"writing to the worker failed: {exc}")
-            finally:
-                if self._assignments is not None or self._control:
-                    # The holder was cancelled (its call withdrawn) with messages queued behind it,
-                    # whose own flushes returned at once: the writer task sends them.
-                    self._wake.set()
-
-    async def _write(self, message: worker_pb2.ConnectResponse) -> None:
-        """Writes under the write lock. A cancelled caller lets go at once; its write goes on."""
-        assert self._context is not None
-        async with asyncio.timeout(self._write_timeout):
-            if self._in_flight is not None:
-                await asyncio.shield(self._in_flight)
-            self._in_flight = write = asyncio.ensure_future(self._context.write(message))
-            write.add_done_callback(_retrieved)
-            await asyncio.shield(write)
-            self._in_flight = None
 
     async def carries_writes(self, within: float) -> bool:
         """Whether a message still reaches the worker's end of the stream within `within` s."""
-        if self._context is None:
+        if self._context is None or self._closed:
             return False
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._send(_NO_CALL_CANCEL, written)
         try:
-            async with asyncio.timeout(within), self._write_lock:  # the lock too: a write may hold it
-                await self._write(_NO_CALL_CANCEL)
-        except Exception:  # the call is cancelled, or the transport is gone
+            async with asyncio.timeout(within):
+                return await asyncio.shield(written)  # the writer still settles it after a timeout
+        except TimeoutError:
             return False
-        return True
 
     async def write_until_closed(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            await self.flush()
+        """The stream's writer: sends what is queued until the link closes or a write fails."""
+        assert self._context is not None, "bind() the stream first"
+        written: asyncio.Future[bool] | None = None
+        try:
+            while not self._closed:
+                if self._assignments is None and not self._control:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                # Assignments first, so a Cancel never overtakes the Assign it withdraws.
+                if self._assignments is not None:
+                    message, self._assignments = self._assignments, None
+                else:
+                    message, written = self._control.pop(0)
+                async with asyncio.timeout(self._write_timeout):
+                    await self._context.write(message)
+                if written is not None:
+                    _settle(written, True)
+                    written = None
+        except TimeoutError:
+            self.close(f"a write to the worker did not complete in {self._write_timeout:g}s (it reads "
+                       "nothing of its stream, or far too slowly)", LinkFault.HEARTBEAT_TIMEOUT)
+        except Exception as exc:  # the stream is broken: the Connect handler ends it
+            self.close(f"writing to the worker failed: {exc}")
+        finally:
+            # Whoever waits to hear of a message this writer will not send hears it now.
+            for _, waiting in [(None, written), *self._control]:
+                if waiting is not None:
+                    _settle(waiting, False)
 
 
-def _retrieved(write: asyncio.Future[None]) -> None:
-    """Marks a write's failure as seen: the writer that waits for it next sees it too, but a
-    link that closed meanwhile has none."""
-    if not write.cancelled():
-        write.exception()
+def _settle(written: asyncio.Future[bool], outcome: bool) -> None:
+    if not written.done():  # its waiter may have been cancelled
+        written.set_result(outcome)
 
 
 def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistration:
@@ -277,7 +252,6 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             await context.write(worker_pb2.ConnectResponse(welcome=welcome))
             # Calls assigned since register() waited for the Welcome to go first.
             link.bind(context)
-            await link.flush()
             reader = asyncio.create_task(self._read(worker_id, link, request_iterator))
             writer = asyncio.create_task(link.write_until_closed())
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)

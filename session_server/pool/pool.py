@@ -241,10 +241,6 @@ class WorkerPool:
         else:
             self._assign(worker, pending)
         try:
-            if worker is not None:
-                # Written in this task rather than by the link's writer: a loop turn off the call's
-                # path. Inside the try: a call cancelled during its own write is withdrawn too.
-                await worker.link.flush()
             return await pending.future
         except asyncio.CancelledError:
             self._withdraw(pending, "the call was cancelled")

@@ -96,8 +96,8 @@ class LinkFault(enum.Enum):
 
 
 class WorkerLink(Protocol):
-    """How the pool talks to one worker. Every method but `flush` queues and returns at once; the
-    link writes what is queued on its own, and `flush` writes it now, in the caller's task."""
+    """How the pool talks to one worker. Every method queues and returns at once: the link
+    writes what is queued on its own, in order, and never raises into the pool."""
 
     def assign(self, assignment: Assignment) -> None: ...
 
@@ -106,8 +106,6 @@ class WorkerLink(Protocol):
     def drain(self, reason: str) -> None: ...
 
     def close(self, reason: str, fault: LinkFault | None = None) -> None: ...
-
-    async def flush(self) -> None: ...
 
 
 class PlacementObserver(Protocol):

@@ -53,9 +53,6 @@ class FakeLink:
     def close(self, reason: str, fault: LinkFault | None = None) -> None:
         self.closed, self.fault = reason, fault
 
-    async def flush(self) -> None:
-        pass
-
     def finish(self, index: int = 0, output: str = "ok") -> None:
         self.pool.on_result(self.worker_id, self, self.assigned[index].dispatch_id, ToolResult(output=output))
 
