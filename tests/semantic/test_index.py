@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.fake_rg import install_failing_rg
 from tests.semantic.conftest import CountingEmbedder, searcher
 from tool_worker.sandbox import workspace_root
 from tool_worker.tools.base import ErrorKind
@@ -105,6 +106,27 @@ async def test_only_changed_content_is_embedded_again(
     reverted = await search(query="write the settings back to disk")
     assert embedder.documents == built + 1
     assert "save_settings" not in {hit["symbol"] for hit in reverted.metadata["results"]}
+
+
+@pytest.mark.parametrize("how", ["killed", "failed"])
+async def test_a_listing_that_failed_leaves_the_index_whole(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # rg's listing is what the refresh keeps: an empty one (rg failed) or the start of one (rg
+    # killed) dropped every other file from the index, to be embedded again at the next call.
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="settings file")
+    built = embedder.documents
+    (workspace / "src" / "new.py").write_text("def fresh():\n    pass\n")  # the next call lists again
+    with monkeypatch.context() as patched:
+        install_failing_rg(patched, tmp_path, how)
+        failed = await search(query="settings file")
+    assert failed.is_error
+    assert "listing the workspace failed" in failed.output or "ripgrep was killed" in failed.output
+    result = await search(query="wait longer after each unsuccessful attempt")
+    assert not result.is_error, result.output
+    assert "src/retry.py" in _paths(result)
+    assert embedder.documents == built + 1  # only the new file: nothing else was dropped
 
 
 async def test_a_text_in_several_files_is_embedded_once(

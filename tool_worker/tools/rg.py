@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ class RgOutput:
     # True when stdout passed MAX_RG_OUTPUT_BYTES and rg was stopped early.
     overflowed: bool
 
+    @property
+    def failed_outright(self) -> bool:
+        """rg exited with an error and listed nothing (its root unreadable, a bad argument). Exit
+        2 with output only means some files could not be read (--no-messages keeps them quiet)."""
+        return self.returncode == 2 and not self.stdout
+
 
 async def run_rg(
     args: Sequence[str],
@@ -90,12 +97,27 @@ async def run_rg(
     finally:
         if proc.returncode is None:
             await _kill(proc)
+    if returncode < 0 and not overflowed:
+        # Killed by someone else (the OOM killer, an operator): what it printed is only the
+        # start of its answer, and a partial file listing read as whole drops files from what
+        # the tools show and the semantic index keeps.
+        raise ToolFailure(
+            f"ripgrep was killed by {_signal_name(-returncode)} before it finished; nothing of its partial "
+            "output is used: try again, or narrow the path",
+        )
     return RgOutput(
         returncode=returncode,
         stdout=stdout[:max_bytes],
         stderr=stderr.decode("utf-8", "replace").strip(),
         overflowed=overflowed,
     )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 async def _kill(proc: ReadOnlyProcess) -> None:

@@ -1,0 +1,48 @@
+"""The tools that run ripgrep never pass a failed or unfinished run off as an answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fake_rg import PARTIAL_NAME, install_failing_rg
+
+# Each tool that runs rg, with arguments it accepts.
+RG_TOOLS = [
+    ("glob", {"pattern": "*"}),
+    ("list_files", {}),
+    ("grep", {"pattern": "load_config"}),
+    ("search", {"query": "load config"}),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments"), RG_TOOLS, ids=[tool for tool, _ in RG_TOOLS])
+async def test_an_rg_killed_halfway_is_an_error_not_a_short_answer(
+    call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, arguments: dict
+) -> None:
+    # Its exit status was read only for 2: a listing cut short by SIGKILL came back as complete.
+    install_failing_rg(monkeypatch, tmp_path, "killed")
+    result = await call(tool, **arguments)
+    assert result.is_error
+    assert "ripgrep was killed by SIGKILL before it finished" in result.output
+    assert PARTIAL_NAME not in result.output
+
+
+@pytest.mark.parametrize(("tool", "arguments"), RG_TOOLS, ids=[tool for tool, _ in RG_TOOLS])
+async def test_an_rg_that_listed_nothing_and_failed_says_why(
+    call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, arguments: dict
+) -> None:
+    # `search` read an empty listing as an empty workspace: "no files match", for every query.
+    install_failing_rg(monkeypatch, tmp_path, "failed")
+    result = await call(tool, **arguments)
+    assert result.is_error
+    assert "failed" in result.output and "Permission denied (os error 13)" in result.output
+
+
+async def test_a_healthy_rg_still_answers(call: Any) -> None:
+    # The same calls with the real rg: the checks above fail on failure only.
+    for tool, arguments in RG_TOOLS:
+        result = await call(tool, **arguments)
+        assert not result.is_error, (tool, result.output)
