@@ -7,8 +7,10 @@ embeds: that count is what an index build costs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -402,11 +404,12 @@ async def test_a_query_with_a_lone_surrogate_is_searched(
     assert _paths(result)[0] == "src/retry.py"
 
 
-def test_a_worker_whose_index_cache_is_not_a_database_says_so_and_starts_without_the_tool(
+def test_a_worker_whose_index_cache_is_not_a_database_moves_it_aside_and_offers_the_tool(
     real_embedder: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A foreign or corrupt file where the store's database goes made `load_tools` raise
-    # sqlite3.DatabaseError ("file is not a database", no file named), and the worker did not start.
+    # sqlite3.DatabaseError ("file is not a database", no file named), and the worker did not
+    # start; then it started without the tool until an operator moved the file. It is a cache.
     from tool_worker.plugins import ToolHost
     from tool_worker.semantic import CACHE_SUBDIRECTORY, load_tools
     from tool_worker.semantic.store import SCHEMA_VERSION
@@ -415,9 +418,75 @@ def test_a_worker_whose_index_cache_is_not_a_database_says_so_and_starts_without
     path.parent.mkdir()
     path.write_bytes(b"not a database " * 1000)
     with caplog.at_level("WARNING", logger="codelane.semantic"):
+        assert [tool.spec.name for tool in load_tools(ToolHost(cache_dir=tmp_path))] == ["semantic_search"]
+    [aside] = path.parent.glob(f"{path.name}.corrupt-*")
+    assert aside.read_bytes() == b"not a database " * 1000  # kept for a post-mortem
+    assert f"cache {path} is corrupt (file is not a database): moved aside to {aside.name}" in caplog.text
+
+
+def test_a_worker_whose_index_cache_cannot_be_opened_says_so_and_starts_without_the_tool(
+    real_embedder: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not corrupt but unusable (here a directory where the file goes): not the worker's to move.
+    from tool_worker.plugins import ToolHost
+    from tool_worker.semantic import CACHE_SUBDIRECTORY, load_tools
+    from tool_worker.semantic.store import SCHEMA_VERSION
+
+    path = tmp_path / CACHE_SUBDIRECTORY / f"{real_embedder.model_id}-v{SCHEMA_VERSION}.sqlite3"
+    path.mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="codelane.semantic"):
         assert load_tools(ToolHost(cache_dir=tmp_path)) == []
-    assert f"cache in {path.parent} cannot be used (DatabaseError: file is not a database)" in caplog.text
-    assert "semantic_search is not offered" in caplog.text
+    assert f"cache in {path.parent} cannot be used (OperationalError: unable to open database file)" in caplog.text
+    assert path.is_dir()
+
+
+async def test_an_index_cache_found_corrupt_while_in_use_is_moved_aside_and_rebuilt(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SQLite reported the damage ("database disk image is malformed") at the first read of the
+    # damaged table, as INTERNAL, and then at every call, until an operator moved the file.
+    cache = tmp_path / "cache"
+    first = _state(embedder, cache)
+    await searcher(first, workspace)(query="settings")
+    built = embedder.documents
+    first.store.close()  # its journal is folded into the file
+    _damage_table(first.store.path, "chunks")  # the stats at start are fine: the chunks are not
+    restarted = _state(embedder, cache)
+    with caplog.at_level("ERROR", logger="codelane.semantic"):
+        result = await searcher(restarted, workspace)(query="wait longer after each unsuccessful attempt")
+    assert not result.is_error, result.output
+    assert _paths(result)[0] == "src/retry.py"
+    assert "is corrupt (database disk image is malformed): moved aside" in caplog.text
+    assert len(list(cache.glob("*.corrupt-*"))) == 1
+    assert embedder.documents == 2 * built  # everything embedded again, once
+    again = await searcher(restarted, workspace)(query="settings file")
+    assert not again.is_error and embedder.documents == 2 * built
+
+
+def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path: Path) -> None:
+    # A vector of the wrong length (a damaged row, a model changed under its name) made every
+    # search of the workspace fail in the matrix product, as INTERNAL.
+    import numpy as np
+
+    from tool_worker.semantic.store import ChunkStore, StoredChunk
+
+    store = ChunkStore(tmp_path, "model", 4)
+    chunk = StoredChunk(1, 2, "f", "function", "key", {"f": 1}, np.ones(4, np.float32))
+    store.put("d1", [chunk])
+    assert store.chunks("d1") is not None
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE chunks SET vector = zeroblob(6)")
+    assert store.chunks("d1") is None
+
+
+def _damage_table(path: Path, table: str) -> None:
+    """Overwrites the root page of `table` in the SQLite file at `path` with garbage."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    with open(path, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xa5" * page_size)
 
 
 async def test_a_result_whose_file_became_a_link_or_a_fifo_shows_no_lines_of_it(

@@ -64,7 +64,8 @@ def load_tools(host: ToolHost) -> list[Tool]:
     try:
         state = SemanticSearch(embedder, cache)
     except (sqlite3.Error, OSError) as exc:
-        # A foreign or corrupt file where the index's database goes, an unwritable directory.
+        # An unwritable directory, a directory where the index's file goes (a corrupt file is
+        # moved aside by the store itself: it is a cache).
         log.warning(
             "%s is not offered: its index cache in %s cannot be used (%s: %s): move it aside or give "
             "another --cache-dir", TOOL_NAME, cache, type(exc).__name__, exc,

@@ -4,14 +4,20 @@ One SQLite file per model under `<cache-dir>/semantic/`. Chunks are keyed by the
 file's content, so a file is chunked and embedded once whatever its path, workspace or session:
 sessions on one workspace, copies of it, and content-addressed snapshots all share the entries.
 The stat cache (workspace, path -> size, mtime, digest) spares re-reading unchanged files after
-a restart. Content that no workspace has any more is kept for a week (an undo or a branch switch
+a restart. The file is a cache, so a corrupt one (a disk fault, a crash of the machine mid-write,
+a foreign file in its place) is moved aside and started afresh, at start or whenever SQLite
+reports it, and the index rebuilds what calls need: otherwise every search failed until an
+operator moved it by hand. Content that no workspace has any more is kept for a week (an undo or a branch switch
 back costs nothing), then deleted. Several worker processes may share one cache directory: SQLite's WAL mode and a busy
 timeout serialise their writes, and an entry written twice is the same entry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("codelane.semantic")
 
 # Bump when chunking or the stored layout changes: a new file is started, the old one left alone.
 SCHEMA_VERSION = 2
@@ -87,6 +95,23 @@ class FileStat:
     verified_ns: int
 
 
+def _recovering(method):
+    """Runs a store method; when SQLite says the file is corrupt, moves it aside and runs the
+    method again on a fresh one (where nothing is stored yet: the index rebuilds it)."""
+
+    @functools.wraps(method)
+    def run(self: ChunkStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not _corrupt(exc):
+                raise
+            self._start_afresh(exc)
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class ChunkStore:
     """Thread-safe (one connection, one lock): the index's threads share it."""
 
@@ -95,24 +120,76 @@ class ChunkStore:
         self.path = directory / f"{model_id}-v{SCHEMA_VERSION}.sqlite3"
         self.dimensions = dimensions
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
-        except BaseException:
-            self._db.close()  # e.g. "file is not a database"
-            raise
+            self._db, self._inode = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not _corrupt(exc):
+                raise
+            self._db, self._inode = None, None
+            self._start_afresh(exc)
         self._next_sweep_ns = 0
         self._sweep_if_due(time.time_ns())
+
+    def _connect(self) -> tuple[sqlite3.Connection, int]:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(_SCHEMA)
+            return db, os.stat(self.path).st_ino
+        except BaseException:
+            db.close()
+            raise
+
+    def _start_afresh(self, exc: sqlite3.DatabaseError) -> None:
+        """Moves the corrupt file aside (kept for a post-mortem) and opens a new one."""
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+            try:
+                same_file = os.stat(self.path).st_ino == self._inode or self._inode is None
+            except FileNotFoundError:
+                same_file = False
+            if same_file:  # else another worker sharing the cache directory has done it
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.path, aside)
+                    log.error("the semantic index's cache %s is corrupt (%s): moved aside to %s; the index is "
+                              "rebuilt as calls need it", self.path, exc, aside.name)
+                for suffix in ("-wal", "-shm"):  # the corrupt file's journal: never replayed into the new one
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self.path}{suffix}")
+            self._db, self._inode = self._connect()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction, under the lock the caller holds."""
+        self._db.execute("BEGIN IMMEDIATE")
+        with self._committing():
+            yield
+
+    @contextlib.contextmanager
+    def _committing(self):
+        """Commits the transaction begun, or rolls it back when the block raises."""
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A ROLLBACK failing too (a corrupt file) must not hide why the transaction failed.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    @_recovering
     def chunks(self, digest: str) -> list[StoredChunk] | None:
-        """The chunks stored for this content, or None when it was never indexed."""
+        """The chunks stored for this content, or None when it was never indexed (or what is
+        stored cannot be used: it is indexed again)."""
         with self._lock:
             row = self._db.execute("SELECT chunk_count FROM contents WHERE digest = ?", (digest,)).fetchone()
             if row is None:
@@ -124,6 +201,10 @@ class ChunkStore:
             ).fetchall()
         if len(rows) != row[0]:
             return None  # a write that never finished: index it again
+        width = 2 * self.dimensions  # float16
+        if any(len(vector) != width or (summary is not None and len(summary) != width)
+               for *_, vector, summary in rows):
+            return None  # vectors of another length than the model's: not ours to rank with
         return [
             StoredChunk(
                 start, end, symbol, kind, key, json.loads(terms), _vector(vector),
@@ -132,6 +213,7 @@ class ChunkStore:
             for start, end, symbol, kind, key, terms, vector, summary in rows
         ]
 
+    @_recovering
     def put(self, digest: str, chunks: list[StoredChunk]) -> None:
         """Stores one content's chunks in one transaction (all or nothing)."""
         if any(c.vector is None for c in chunks):
@@ -142,17 +224,12 @@ class ChunkStore:
              c.summary.astype(np.float16).tobytes() if c.summary is not None else None)
             for ordinal, c in enumerate(chunks)
         ]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
-                self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("INSERT OR REPLACE INTO contents VALUES (?, ?, NULL)", (digest, len(rows)))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+            self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("INSERT OR REPLACE INTO contents VALUES (?, ?, NULL)", (digest, len(rows)))
 
+    @_recovering
     def stats(self, workspace: str) -> dict[str, FileStat]:
         with self._lock:
             rows = self._db.execute(
@@ -160,6 +237,7 @@ class ChunkStore:
             ).fetchall()
         return {path: FileStat(*fields) for path, *fields in rows}
 
+    @_recovering
     def update_stats(self, workspace: str, changed: dict[str, FileStat], removed: Iterable[str]) -> None:
         """Records the workspace's new stats; content no workspace has any more is released, and
         content released longer than RELEASED_RETENTION_NS ago deleted."""
@@ -170,37 +248,32 @@ class ChunkStore:
         if not changed and not removed:
             return
         now = time.time_ns()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                previous = {
-                    digest
-                    for (digest,) in self._db.execute(
-                        "SELECT digest FROM stats WHERE workspace = ? AND path IN (SELECT value FROM json_each(?))",
-                        (workspace, json.dumps([*changed, *removed])),
-                    )
-                }
-                self._db.executemany(
-                    "DELETE FROM stats WHERE workspace = ? AND path = ?", [(workspace, path) for path in removed]
+        with self._lock, self._transaction():
+            previous = {
+                digest
+                for (digest,) in self._db.execute(
+                    "SELECT digest FROM stats WHERE workspace = ? AND path IN (SELECT value FROM json_each(?))",
+                    (workspace, json.dumps([*changed, *removed])),
                 )
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?)",
-                    [(workspace, path, s.size, s.mtime_ns, s.digest, s.verified_ns) for path, s in changed.items()],
-                )
-                current = {s.digest for s in changed.values()}
-                self._db.executemany(
-                    "UPDATE contents SET released_ns = NULL WHERE digest = ?", [(digest,) for digest in current]
-                )
-                for digest in previous - current:
-                    if self._db.execute("SELECT 1 FROM stats WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
-                        self._db.execute("UPDATE contents SET released_ns = ? WHERE digest = ?", (now, digest))
-                self._purge(now - RELEASED_RETENTION_NS)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            }
+            self._db.executemany(
+                "DELETE FROM stats WHERE workspace = ? AND path = ?", [(workspace, path) for path in removed]
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?)",
+                [(workspace, path, s.size, s.mtime_ns, s.digest, s.verified_ns) for path, s in changed.items()],
+            )
+            current = {s.digest for s in changed.values()}
+            self._db.executemany(
+                "UPDATE contents SET released_ns = NULL WHERE digest = ?", [(digest,) for digest in current]
+            )
+            for digest in previous - current:
+                if self._db.execute("SELECT 1 FROM stats WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
+                    self._db.execute("UPDATE contents SET released_ns = ? WHERE digest = ?", (now, digest))
+            self._purge(now - RELEASED_RETENTION_NS)
         self._sweep_if_due(now)
 
+    @_recovering
     def _sweep_if_due(self, now: int) -> None:
         """At most every SWEEP_INTERVAL_NS: forgets the stats of workspaces that are gone (no
         refresh will ever release their content), and releases content no stats name any more
@@ -215,29 +288,19 @@ class ChunkStore:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError:
                 return  # another process holds the database longer than the busy timeout: next time
-            try:
+            with self._committing():
                 self._db.executemany("DELETE FROM stats WHERE workspace = ?", gone)
                 self._db.execute(
                     "UPDATE contents SET released_ns = ? WHERE released_ns IS NULL "
                     "AND NOT EXISTS (SELECT 1 FROM stats WHERE stats.digest = contents.digest)",
                     (now,),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
+    @_recovering
     def purge(self, released_before_ns: int) -> int:
         """Deletes the content released before this time; returns how many contents went."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                count = self._purge(released_before_ns)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return count
+        with self._lock, self._transaction():
+            return self._purge(released_before_ns)
 
     def _purge(self, released_before_ns: int) -> int:
         self._db.execute(
@@ -245,6 +308,11 @@ class ChunkStore:
             (released_before_ns,),
         )
         return self._db.execute("DELETE FROM contents WHERE released_ns < ?", (released_before_ns,)).rowcount
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite's own word that the file is damaged or not a database (not busy, full or read-only)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _storable(path: str) -> bool:
