@@ -479,6 +479,21 @@ def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path:
     assert store.chunks("d1") is None
 
 
+def test_a_corruption_two_threads_report_moves_one_file_aside_not_the_fresh_one(tmp_path: Path) -> None:
+    # The builder thread and a call's thread can both meet the damage on the same connection:
+    # the second report must not take the file the first one started for a corrupt one.
+    from tool_worker.semantic.store import ChunkStore
+
+    store = ChunkStore(tmp_path, "model", 4)
+    damaged = store._db
+    report = sqlite3.DatabaseError("database disk image is malformed")
+    store._start_afresh(report, damaged)
+    fresh = store._db
+    store._start_afresh(report, damaged)  # the other thread, a moment later
+    assert store._db is fresh
+    assert len(list(tmp_path.glob("*.corrupt-*"))) == 1 and store.path.exists()
+
+
 def _damage_table(path: Path, table: str) -> None:
     """Overwrites the root page of `table` in the SQLite file at `path` with garbage."""
     with contextlib.closing(sqlite3.connect(path)) as db:

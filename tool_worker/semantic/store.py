@@ -4,12 +4,13 @@ One SQLite file per model under `<cache-dir>/semantic/`. Chunks are keyed by the
 file's content, so a file is chunked and embedded once whatever its path, workspace or session:
 sessions on one workspace, copies of it, and content-addressed snapshots all share the entries.
 The stat cache (workspace, path -> size, mtime, digest) spares re-reading unchanged files after
-a restart. The file is a cache, so a corrupt one (a disk fault, a crash of the machine mid-write,
-a foreign file in its place) is moved aside and started afresh, at start or whenever SQLite
-reports it, and the index rebuilds what calls need: otherwise every search failed until an
-operator moved it by hand. Content that no workspace has any more is kept for a week (an undo or a branch switch
-back costs nothing), then deleted. Several worker processes may share one cache directory: SQLite's WAL mode and a busy
-timeout serialise their writes, and an entry written twice is the same entry.
+a restart. Content that no workspace has any more is kept for a week (an undo or a branch switch
+back costs nothing), then deleted. The file is a cache, so a corrupt one (a disk fault, a crash of
+the machine mid-write, a foreign file in its place) is moved aside and started afresh, at start or
+whenever SQLite reports it, and the index rebuilds what calls need: otherwise every search
+failed until an operator moved it by hand. Several worker processes may share one cache
+directory: SQLite's WAL mode and a busy timeout serialise their writes, and an entry written
+twice is the same entry.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def _recovering(method):
 
     @functools.wraps(method)
     def run(self: ChunkStore, *args, **kwargs):
+        failed = self._db
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as exc:
             if not _corrupt(exc):
                 raise
-            self._start_afresh(exc)
+            self._start_afresh(exc, failed)
             return method(self, *args, **kwargs)
 
     return run
@@ -126,7 +128,7 @@ class ChunkStore:
             if not _corrupt(exc):
                 raise
             self._db, self._inode = None, None
-            self._start_afresh(exc)
+            self._start_afresh(exc, None)
         self._next_sweep_ns = 0
         self._sweep_if_due(time.time_ns())
 
@@ -142,9 +144,12 @@ class ChunkStore:
             db.close()
             raise
 
-    def _start_afresh(self, exc: sqlite3.DatabaseError) -> None:
-        """Moves the corrupt file aside (kept for a post-mortem) and opens a new one."""
+    def _start_afresh(self, exc: sqlite3.DatabaseError, failed: sqlite3.Connection | None) -> None:
+        """Moves the corrupt file aside (kept for a post-mortem) and opens a new one, unless
+        another thread did since `failed`, the connection that reported it, was current."""
         with self._lock:
+            if self._db is not failed:
+                return
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.close()
