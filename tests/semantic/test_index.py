@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.fake_rg import install_failing_rg
+from tests.semantic import EXTRA_MISSING
 from tests.semantic.conftest import CountingEmbedder, searcher
 from tool_worker.sandbox import workspace_root
 from tool_worker.tools.base import ErrorKind
@@ -466,8 +467,7 @@ async def test_an_index_cache_found_corrupt_while_in_use_is_moved_aside_and_rebu
 def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path: Path) -> None:
     # A vector of the wrong length (a damaged row, a model changed under its name) made every
     # search of the workspace fail in the matrix product, as INTERNAL.
-    import numpy as np
-
+    np = pytest.importorskip("numpy", reason=EXTRA_MISSING)
     from tool_worker.semantic.store import ChunkStore, StoredChunk
 
     store = ChunkStore(tmp_path, "model", 4)
@@ -482,6 +482,7 @@ def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path:
 def test_a_corruption_two_threads_report_moves_one_file_aside_not_the_fresh_one(tmp_path: Path) -> None:
     # The builder thread and a call's thread can both meet the damage on the same connection:
     # the second report must not take the file the first one started for a corrupt one.
+    pytest.importorskip("numpy", reason=EXTRA_MISSING)
     from tool_worker.semantic.store import ChunkStore
 
     store = ChunkStore(tmp_path, "model", 4)
