@@ -382,7 +382,8 @@ async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_e
 
 async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once(servers, tmp_path: Path) -> None:
     # The cancel landed in the dispatch's own write of the Assign, before the code that withdraws
-    # a cancelled call: the worker ran the call, its slot taken, until the call's deadline.
+    # a cancelled call: the worker ran the call, its slot taken, until the call's deadline. (The
+    # stream's writer task now writes every Assign; a cancel at this point must still withdraw.)
     server = await start(servers, tmp_path, heartbeat_timeout=60.0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
         worker = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
@@ -392,7 +393,7 @@ async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once
         await connected(server, ["w"], "the worker")
         call = dataclasses.replace(read_call(tmp_path, "a.txt"), timeout=10 * BOUND)
         dispatching = asyncio.create_task(server.pool.dispatch(call))
-        await asyncio.sleep(0)  # one loop turn: the dispatch now writes its Assign
+        await asyncio.sleep(0)  # one loop turn: the call is assigned, its Assign being written
         dispatching.cancel()
         await asyncio.gather(dispatching, return_exceptions=True)
         assigned = (await asyncio.wait_for(worker.read(), BOUND)).assignments.assigns[0]
@@ -405,9 +406,9 @@ async def test_a_call_cancelled_in_the_middle_of_its_assigns_write_leaves_the_wo
 ) -> None:
     # grpc takes one write at a time and does not stop one whose caller is cancelled (the core
     # still sends it): the hub's next write, the Cancel, failed with TOO_MANY_OPERATIONS, and the
-    # worker was dropped with every call it ran. The first dispatch writes everything queued
-    # behind it, and 12 MB of Assigns to a worker that reads nothing yet is far more than the
-    # transport's window: that dispatch is held in a write when it is cancelled.
+    # worker was dropped with every call it ran. 12 MB of Assigns to a worker that reads nothing
+    # yet is far more than the transport's window: the stream's writer is held in a write when
+    # the first call is cancelled, and its Cancel must wait for that write, not fail beside it.
     server = await start(servers, tmp_path, heartbeat_timeout=60.0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
         worker = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
