@@ -307,8 +307,11 @@ class Turn:
         self.tool_calls += len(calls)
 
     def _early_ok(self, call: ModelToolCall, tools: dict[str, ToolSpec], calls: list[ToolCall]) -> bool:
+        """Whether the call extends the response's leading run of Query calls. `calls` holds only
+        calls that passed this check, so the run so far is Query if its last call is (checking
+        them all made a response's 256 calls cost 32,000 steps)."""
         spec = tools.get(call.name)
-        return spec is not None and spec.lane is Lane.QUERY and all(c.lane is Lane.QUERY for c in calls)
+        return spec is not None and spec.lane is Lane.QUERY and (not calls or calls[-1].lane is Lane.QUERY)
 
     def _make_call(self, index: int, model_call: ModelToolCall, tools: dict[str, ToolSpec],
                    asks: dict[ToolCall, Decision]) -> ToolCall:
