@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.fake_rg import PARTIAL_NAME, install_failing_rg
+from tool_worker.tools.base import ToolResult
 
 # Each tool that runs rg, with arguments it accepts.
 RG_TOOLS = [
@@ -18,14 +19,20 @@ RG_TOOLS = [
 ]
 
 
+async def _with_failing_rg(call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, tool: str,
+                           arguments: dict) -> ToolResult:
+    install_failing_rg(monkeypatch, tmp_path, how)
+    result = await call(tool, **arguments)
+    assert result.is_error
+    return result
+
+
 @pytest.mark.parametrize(("tool", "arguments"), RG_TOOLS, ids=[tool for tool, _ in RG_TOOLS])
 async def test_an_rg_killed_halfway_is_an_error_not_a_short_answer(
     call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, arguments: dict
 ) -> None:
     # Its exit status was read only for 2: a listing cut short by SIGKILL came back as complete.
-    install_failing_rg(monkeypatch, tmp_path, "killed")
-    result = await call(tool, **arguments)
-    assert result.is_error
+    result = await _with_failing_rg(call, tmp_path, monkeypatch, "killed", tool, arguments)
     assert "ripgrep was killed by SIGKILL before it finished" in result.output
     assert PARTIAL_NAME not in result.output
 
@@ -35,9 +42,7 @@ async def test_an_rg_that_listed_nothing_and_failed_says_why(
     call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, arguments: dict
 ) -> None:
     # `search` read an empty listing as an empty workspace: "no files match", for every query.
-    install_failing_rg(monkeypatch, tmp_path, "failed")
-    result = await call(tool, **arguments)
-    assert result.is_error
+    result = await _with_failing_rg(call, tmp_path, monkeypatch, "failed", tool, arguments)
     assert "failed" in result.output and "Permission denied (os error 13)" in result.output
 
 

@@ -186,9 +186,8 @@ async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> list[str]:
     """The files the index covers, relative to `root`: rg's walk, as the `search` tool sees them
     (.gitignore honoured, hidden files left out, symlinks not followed)."""
     listing = await run_rg(["--files", "--null"], root, launcher)
-    if listing.failed_outright:
-        # Never an empty listing: the refresh would drop every file from the index.
-        raise ToolFailure(f"listing the workspace failed: {listing.stderr or 'rg gave no reason'}")
+    # Never an empty listing: the refresh would drop every file from the index.
+    listing.check("listing the workspace")
     return [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
 
 

@@ -91,8 +91,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     out = await run_rg(
         ["--files", "--null", f"--threads={_WALK_THREADS}"], cwd, ctx.sandbox.read_only, on_chunk=stamper.feed
     )
-    if out.failed_outright:
-        raise ToolFailure(f"glob failed: {out.stderr}")
+    out.check("glob")
     stamped = await stamper.newest_first()
     hidden = 0
     if ctx.denied:

@@ -24,8 +24,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if "max_depth" in args:
         rg_args += ["--max-depth", str(args["max_depth"])]
     out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
-    if out.failed_outright:
-        raise ToolFailure(f"listing {shown} failed: {out.stderr}")
+    out.check(f"listing {shown}")
     paths = [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
     hidden = 0
     if ctx.denied:

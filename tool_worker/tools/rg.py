@@ -58,6 +58,12 @@ class RgOutput:
         2 with output only means some files could not be read (--no-messages keeps them quiet)."""
         return self.returncode == 2 and not self.stdout
 
+    def check(self, what: str) -> None:
+        """Raises ToolFailure("{what} failed: why") when rg failed outright: an empty answer
+        read as "nothing here" would be a wrong one."""
+        if self.failed_outright:
+            raise ToolFailure(f"{what} failed: {self.stderr or 'rg gave no reason'}")
+
 
 async def run_rg(
     args: Sequence[str],

@@ -181,8 +181,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         raise ToolFailure(f"not a directory: {shown}")
     directory, _, prefix = search_location(workspace_root(ctx.workspace), target)
     listing = await run_rg(["--files", "--null"], directory, ctx.sandbox.read_only)
-    if listing.failed_outright:
-        raise ToolFailure(f"listing {shown} failed: {listing.stderr or 'rg gave no reason'}")
+    listing.check(f"listing {shown}")
     names = [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
     hidden = 0
     if ctx.denied:
