@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 from tool_worker.tools import read
-from tool_worker.tools.base import ErrorKind
+from tool_worker.tools.base import ErrorKind, ToolFailure
 
 
 async def test_numbered_lines(call: Any) -> None:
@@ -97,3 +98,29 @@ async def test_a_file_larger_than_the_inline_limit_is_read_whole(call: Any, work
     assert (workspace / "big.txt").stat().st_size > read.INLINE_READ_BYTES
     result = await call("read", file_path="big.txt", offset=999)
     assert result.output.splitlines() == [f"   999\t{lines[998]}", f"  1000\t{lines[999]}"]
+
+
+def _answer_of(show: Any, data: bytes, offset: int, limit: int) -> tuple[str, str]:
+    try:
+        result = show(data, offset, limit)
+    except ToolFailure as exc:
+        return ("failure", str(exc))
+    return (result.output, repr((result.truncated, result.metadata)))
+
+
+def test_the_in_memory_answer_is_the_line_by_line_answer() -> None:
+    # _show_in_memory skips the per-line work where no line can be cut: on any bytes and window
+    # it must answer what the line-by-line reading answers.
+    pieces = [b"a", b"xyz", b"\n", b"\r", b"\r\n", "é".encode(), "😀".encode(), b"\xff", b"\xe2\x82", b"\0",
+              b"y" * 1999, b"z" * 2001, "😀".encode() * 500, b"\n" * 40]
+    rng = random.Random(15)
+    contents = [b"\n" * read.INLINE_READ_BYTES, b"w\n" * 20_000] + [
+        b"".join(rng.choices(pieces, k=rng.randrange(0, 60))) for _ in range(400)
+    ]
+    for data in contents:
+        windows = [(1, read.DEFAULT_LINE_LIMIT), (1, 10**6), (2, 3), (1999, 4),
+                   (rng.randrange(1, 40), rng.randrange(1, 9))]
+        for offset, limit in windows:
+            fast = _answer_of(lambda d, o, n: read._show_in_memory(d, "f.txt", o, n), data, offset, limit)
+            slow = _answer_of(lambda d, o, n: read._show(read._lines_in(d), "f.txt", o, n), data, offset, limit)
+            assert fast == slow, (data[:80], offset, limit)

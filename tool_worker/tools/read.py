@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from tool_worker import effects
@@ -90,7 +93,49 @@ def _show(lines_read, shown: str, offset: int, limit: int) -> ToolResult:
         lines.append(f"{number:6}\t{text}")
         size += len(text) + 8
         last_shown = number
-    total = number
+    return _answer(lines, number, shown, offset, last_shown, cut_lines)
+
+
+def _show_in_memory(data: bytes, shown: str, offset: int, limit: int) -> ToolResult:
+    """What _show(_lines_in(data), ...) answers, a few times faster for the usual source file:
+    decoded and split whole, with no work per line beyond numbering it.
+
+    Taken only when no line can be cut and the window fits MAX_OUTPUT_CHARS. A line of at most
+    MAX_LINE_CHARS characters (\\r included) has at most 4 bytes per character, so with its line feed
+    it is within the bytes _lines keeps. Decoding whole gives the lines that decoding each
+    line does: a line feed is never part of a UTF-8 sequence, so it ends any invalid one.
+    """
+    text = data.decode("utf-8", "replace")
+    lines = text.split("\n")
+    if not lines[-1]:  # what follows the last line feed is a line only when not empty
+        lines.pop()
+    if lines and max(map(len, lines)) > MAX_LINE_CHARS:
+        return _show(_lines_in(data), shown, offset, limit)
+    window = lines[offset - 1:offset - 1 + limit]
+    if "\r" in text:
+        window = [line.rstrip("\r") for line in window]
+    if sum(map(len, window)) + 8 * len(window) > MAX_OUTPUT_CHARS:
+        return _show(_lines_in(data), shown, offset, limit)
+    numbered = list(map(operator.add, _number_prefixes(offset, len(window)), window))
+    return _answer(numbered, len(lines), shown, offset, offset + len(window) - 1, 0)
+
+
+@functools.cache
+def _first_prefixes() -> tuple[str, ...]:
+    return tuple(f"{number:6}\t" for number in range(1, DEFAULT_LINE_LIMIT + 1))
+
+
+def _number_prefixes(first: int, count: int) -> Sequence[str]:
+    """The prefixes ("     1\\t") of lines first..first+count-1. Formatting a number costs more than
+    the rest of a small read's work per line, so the default window's are formatted once."""
+    last = first + count - 1
+    if last <= DEFAULT_LINE_LIMIT:
+        return _first_prefixes()[first - 1:last]
+    return [f"{number:6}\t" for number in range(first, last + 1)]
+
+
+def _answer(numbered: list[str], total: int, shown: str, offset: int, last_shown: int, cut_lines: int) -> ToolResult:
+    """The answer showing the `numbered` lines offset..last_shown of a file of `total` lines."""
     if total == 0:
         return ToolResult(output=f"{shown} is empty.")
     if offset > total:
@@ -100,7 +145,7 @@ def _show(lines_read, shown: str, offset: int, limit: int) -> ToolResult:
         notices.append(f"[showing lines {offset}-{last_shown} of {total}; use offset={last_shown + 1} to continue]")
     if cut_lines:
         notices.append(f"[{cut_lines} lines longer than {MAX_LINE_CHARS} characters were cut]")
-    output = "\n".join(lines + notices)
+    output = "\n".join(numbered + notices)
     return ToolResult(output=output, truncated=bool(notices), metadata={"total_lines": total})
 
 
@@ -118,7 +163,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         if is_binary(head[:BINARY_SNIFF_BYTES]):
             return _binary(shown, len(head) if small else os.fstat(handle.fileno()).st_size)
         if small:
-            return _show(_lines_in(head), shown, offset, limit)
+            return _show_in_memory(head, shown, offset, limit)
         # The thread reads on from the same open file, and closes it (were the call cancelled
         # before the thread started, dropping its work item closes it).
         owned.pop_all()
