@@ -376,6 +376,34 @@ async def test_a_session_with_other_denied_paths_lists_the_tree_again(
     assert "src/retry.py" in _paths(await search(query="compute backoff"))
 
 
+async def test_a_session_that_denies_a_file_neither_reads_it_nor_takes_it_from_the_others(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # Sessions share the tree's index. The refresh of one that denies retry.py took it out, so a
+    # session that may read it, refreshed just before, searched an index without it.
+    from tool_worker.tools.search import query_terms
+
+    state = _state(embedder, tmp_path / "cache")
+    search = searcher(state, workspace)
+    assert "src/retry.py" in _paths(await search(query="compute backoff"))
+    with (workspace / "src" / "retry.py").open("a") as handle:
+        handle.write('\n\ndef jittered_delay(attempt):\n    """Randomise the backoff delay."""\n    return attempt\n')
+    built = embedder.documents
+
+    denied = await search(denied=("src/retry.py",), query="compute backoff", limit=50)
+    assert not denied.is_error, denied.output
+    assert "src/retry.py" not in _paths(denied)
+    assert embedder.documents == built  # its new function was not read for the session that denies it
+
+    # The other session's search, its own refresh done before the denying one's.
+    index = state.index_for(workspace_root(workspace))
+    query = "wait longer after each unsuccessful attempt"
+    outcome = index.search(embedder.encode_query(query), query_terms(query), 10)
+    assert ("src/retry.py", "compute_backoff") in {(hit.chunk.path, hit.chunk.symbol) for hit in outcome.hits}
+    # Its next call reads the change.
+    assert "jittered_delay" in {hit["symbol"] for hit in (await search(query="jittered delay")).metadata["results"]}
+
+
 async def test_a_file_name_that_is_not_utf8_is_indexed_and_kept_out_of_the_stat_cache(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

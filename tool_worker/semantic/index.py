@@ -28,7 +28,7 @@ import stat as stat_module
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,8 +323,13 @@ class WorkspaceIndex:
         stop: threading.Event,
         listing: Hashable = None,
         generation: int | None = None,
+        unread: Collection[str] = (),
     ) -> RefreshReport:
         """Brings the index in line with the workspace's files (`names`, relative to the root).
+
+        `unread` are files listed but not to be read by this refresh (the calling session's
+        denied paths): they stay in the index as they are, for the sessions that may read them.
+        Dropped, a session's refresh took them out of results another session was about to get.
 
         Stops early at `deadline` (time.monotonic) or when `stop` is set; the files it did not
         reach keep their old state and are looked at by the next refresh. `generation` is what
@@ -364,7 +369,7 @@ class WorkspaceIndex:
                 self._refresh_file(name, info, report, changed, seen)
             report.files = len(seen)
             removed = [] if report.incomplete else [
-                name for name in {*self._files, *self._known} if name not in seen
+                name for name in {*self._files, *self._known} if name not in seen and name not in unread
             ]
             with self._lock:
                 for name in removed:

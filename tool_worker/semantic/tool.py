@@ -140,9 +140,8 @@ class SemanticSearch:
         relative = target.relative_to(root).as_posix()
         within = None if relative == "." else _under(relative)
         if ctx.denied:
-            # Denied files are left out of the listing (never read), so this call's refresh drops
-            # them from the tree's index; another session's refresh may add them back before this
-            # call searches, so hits are filtered too.
+            # Denied files are never read by this call's refresh, and never among its hits; they
+            # stay in the tree's index as another session's refresh left them.
             within = _readable(ctx, within)
         kind = args.get("kind")
         docs = None if kind is None else kind == "docs"
@@ -156,9 +155,12 @@ class SemanticSearch:
         async def refreshed() -> RefreshReport:
             generation = await asyncio.to_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
-            names = [name for name in listing if not ctx.hides(name)] if ctx.denied else listing
+            names, denied = listing, set()
+            if ctx.denied:
+                denied = {name for name in listing if ctx.hides(name)}
+                names = [name for name in listing if name not in denied]
             return await asyncio.to_thread(
-                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation
+                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation, denied
             )
 
         def answer(query_vector: np.ndarray, report: RefreshReport) -> ToolResult:
