@@ -282,7 +282,7 @@ async def build(state: SemanticSearch, root: Path) -> tuple[float, int]:
     """Indexes `root` completely; returns the seconds it took and the number of chunks. A long
     build says how far it got every PROGRESS_SECONDS, on stderr."""
     started = time.perf_counter()
-    names = await workspace_files(root, ReadOnlyLauncher())
+    names = (await workspace_files(root, ReadOnlyLauncher())).names
     index = state.index_for(root)
     never = threading.Event()
     await asyncio.to_thread(index.refresh, names, math.inf, never)
@@ -376,7 +376,7 @@ async def run(
         if evaluation:
             workspace = corpus_workspace(corpus, quick, scratch_dir / "corpus")
             seconds, chunks = await build(state, workspace)
-            files = len(await workspace_files(workspace, ReadOnlyLauncher()))
+            files = len((await workspace_files(workspace, ReadOnlyLauncher())).names)
             figures["corpus"] = {"files": files, "chunks": chunks, "build_seconds": seconds}
             results = await evaluate(registry, workspace, questions)
             figures["evaluation"] = {"questions": len(questions), **{name: asdict(s) for name, s in results.items()}}
@@ -386,7 +386,7 @@ async def run(
 
         tree, tree_bytes = source_tree(tree_files, scratch_dir / "tree")
         seconds, chunks = await build(state, tree)
-        names = await workspace_files(tree, ReadOnlyLauncher())
+        names = (await workspace_files(tree, ReadOnlyLauncher())).names
         figures["tree"] = {
             "files": len(names), "bytes": tree_bytes, "chunks": chunks,
             "build_seconds": seconds, "chunks_per_second": chunks / seconds,

@@ -92,7 +92,7 @@ async def profile(tree: Path, questions: list[str], cache: Path) -> dict[str, li
     embedder = RandomVectors(model)
     state = SemanticSearch(embedder, cache)  # type: ignore[arg-type]
     launcher = ReadOnlyLauncher()
-    names = await workspace_files(tree, launcher)
+    names = (await workspace_files(tree, launcher)).names
     index = state.index_for(tree)
     never = threading.Event()
     started = time.perf_counter()
@@ -107,7 +107,7 @@ async def profile(tree: Path, questions: list[str], cache: Path) -> dict[str, li
         await registry.execute("semantic_search", tree, json.dumps({"query": query}))
     for query in questions:
         started = time.perf_counter()
-        listing = await workspace_files(tree, launcher)
+        listing = (await workspace_files(tree, launcher)).names
         stages.setdefault("rg --files", []).append(time.perf_counter() - started)
         vector = timed(stages, "encode_query", lambda query=query: model.encode_query(query))
         # Without a listing number: the refresh proves nothing, so the next call lists the tree.

@@ -132,6 +132,23 @@ async def test_a_listing_that_failed_leaves_the_index_whole(
     assert embedder.documents == built + 1  # only the new file: nothing else was dropped
 
 
+async def test_a_listing_cut_short_drops_nothing_and_says_the_index_is_capped(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rg's listing is read up to MAX_LISTING_BYTES (64 MiB of names, a tree far past the index's
+    # own cap). Taken as whole, a cut listing dropped every file past the cut from the index.
+    from tool_worker.semantic import tool as semantic_tool
+
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="settings file")
+    (workspace / "src" / "new.py").write_text("def fresh():\n    pass\n")  # the next call lists again
+    monkeypatch.setattr(semantic_tool, "MAX_LISTING_BYTES", len(b"src/config.py\0"))  # about one name
+    result = await search(query="wait longer after each unsuccessful attempt", limit=50)
+    assert not result.is_error, result.output
+    assert "only the first files by path are indexed" in result.output
+    assert {"src/retry.py", "src/config.py", "docs/guide.md"} <= set(_paths(result))
+
+
 async def test_a_text_in_several_files_is_embedded_once(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

@@ -324,12 +324,15 @@ class WorkspaceIndex:
         listing: Hashable = None,
         generation: int | None = None,
         unread: Collection[str] = (),
+        cut: bool = False,
     ) -> RefreshReport:
         """Brings the index in line with the workspace's files (`names`, relative to the root).
 
         `unread` are files listed but not to be read by this refresh (the calling session's
         denied paths): they stay in the index as they are, for the sessions that may read them.
         Dropped, a session's refresh took them out of results another session was about to get.
+        `cut` says the listing was cut short: the files it left out exist, so none is dropped,
+        and the report says the index is capped (such a tree is far past MAX_INDEXED_FILES).
 
         Stops early at `deadline` (time.monotonic) or when `stop` is set; the files it did not
         reach keep their old state and are looked at by the next refresh. `generation` is what
@@ -342,6 +345,7 @@ class WorkspaceIndex:
             if not self._known_loaded:
                 self._known, self._known_loaded = self._store.stats(self._key), True
             names = sorted(names)
+            report.capped = cut
             if len(names) > MAX_INDEXED_FILES:
                 names, report.capped = names[:MAX_INDEXED_FILES], True
             seen: set[str] = set()
@@ -368,7 +372,7 @@ class WorkspaceIndex:
                 seen.add(name)
                 self._refresh_file(name, info, report, changed, seen)
             report.files = len(seen)
-            removed = [] if report.incomplete else [
+            removed = [] if report.incomplete or cut else [
                 name for name in {*self._files, *self._known} if name not in seen and name not in unread
             ]
             with self._lock:
@@ -380,7 +384,7 @@ class WorkspaceIndex:
             with self._lock:
                 # A refresh of an older listing may have undone what the latest one found.
                 latest = generation is not None and generation == self._generation
-                self._proven = (listing, report) if latest and not report.incomplete else None
+                self._proven = (listing, report) if latest and not report.incomplete and not cut else None
         return report
 
     def _refresh_file(

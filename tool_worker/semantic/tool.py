@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from tool_worker.semantic.index import (
 from tool_worker.semantic.ranking import SEMANTIC_WEIGHT
 from tool_worker.semantic.store import ChunkStore
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec, well_formed
-from tool_worker.tools.rg import run_rg
+from tool_worker.tools.rg import MAX_RG_OUTPUT_BYTES, run_rg
 from tool_worker.tools.search import MAX_FILE_BYTES, query_terms
 
 DEFAULT_RESULTS = 10
@@ -54,6 +54,8 @@ SNIPPET_LINES = 6
 MAX_SNIPPET_CHARS = 160
 # Workspace indexes kept in memory; the least recently searched goes first (its disk cache stays).
 MAX_WORKSPACES = 8
+# rg's listing of a workspace is read up to this much (names and NULs); a longer one is cut.
+MAX_LISTING_BYTES = MAX_RG_OUTPUT_BYTES
 
 
 class SemanticSearch:
@@ -155,12 +157,13 @@ class SemanticSearch:
         async def refreshed() -> RefreshReport:
             generation = await asyncio.to_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
-            names, denied = listing, set()
+            names, denied = listing.names, set()
             if ctx.denied:
-                denied = {name for name in listing if ctx.hides(name)}
-                names = [name for name in listing if name not in denied]
+                denied = {name for name in names if ctx.hides(name)}
+                names = [name for name in names if name not in denied]
             return await asyncio.to_thread(
-                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation, denied
+                index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation, denied,
+                listing.cut,
             )
 
         def answer(query_vector: np.ndarray, report: RefreshReport) -> ToolResult:
@@ -184,13 +187,20 @@ class SemanticSearch:
             stop.set()
 
 
-async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> list[str]:
+class WorkspaceListing(NamedTuple):
+    names: list[str]
+    # rg's output passed MAX_LISTING_BYTES and was cut: files beyond the names exist unlisted.
+    cut: bool
+
+
+async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> WorkspaceListing:
     """The files the index covers, relative to `root`: rg's walk, as the `search` tool sees them
     (.gitignore honoured, hidden files left out, symlinks not followed)."""
-    listing = await run_rg(["--files", "--null"], root, launcher)
+    listing = await run_rg(["--files", "--null"], root, launcher, max_bytes=MAX_LISTING_BYTES)
     # Never an empty listing: the refresh would drop every file from the index.
     listing.check("listing the workspace")
-    return [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
+    names = [name.decode("utf-8", "surrogateescape") for name in listing.stdout.split(b"\0")[:-1]]
+    return WorkspaceListing(names, listing.overflowed)
 
 
 def _readable(ctx: ToolContext, within: Callable[[str], bool] | None) -> Callable[[str], bool]:
