@@ -112,6 +112,9 @@ class TurnContext:
     # The placement rule (--local-query-tools): Query tools run here even when workers offer them,
     # because dispatching a call costs more than running it (a small read).
     local_query_tools: frozenset[str] = frozenset()
+    # The default placement rule (off with --no-local-cheap-calls): a Query call whose tool says it
+    # is cheaper here than on a worker (`Tool.cheaper_here`: a read of a small file) runs here.
+    local_cheap_calls: bool = False
 
     @functools.cached_property
     def denied_paths(self) -> tuple[str, ...]:
@@ -508,10 +511,11 @@ class Turn:
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):
-                result = await self._dispatch(call, denied_paths)
-                if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
-                    return result
-                problem = result.output
+                if not self._cheaper_here(call):
+                    result = await self._dispatch(call, denied_paths)
+                    if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
+                        return result
+                    problem = result.output
             elif not ctx.local_fallback:
                 return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
         if ctx.registry.get(call.tool_name) is None:
@@ -530,6 +534,13 @@ class Turn:
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",
             )
         return dataclasses.replace(result, worker_id=LOCAL_WORKER_ID)
+
+    def _cheaper_here(self, call: ToolCall) -> bool:
+        """The default placement rule: a call its tool says costs less here than on a worker."""
+        ctx = self.ctx
+        return ctx.local_cheap_calls and ctx.local_fallback and ctx.registry.cheaper_here(
+            call.tool_name, ctx.workspace, call.info.arguments_json
+        )
 
 
     async def _dispatch(self, call: ToolCall, denied_paths: tuple[str, ...]) -> ToolResult:

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated Query tools to run in-process even when workers offer them, where dispatching "
         "a call costs more than running it (e.g. read: see docs/performance.md); default: none",
     )
+    p.add_argument(
+        "--no-local-cheap-calls", action="store_true",
+        help="send every Query call a worker can take to a worker, even those cheaper to run here (by default a "
+        "read of a file of at most 64 KiB runs in the server: see docs/performance.md)",
+    )
     p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
                    metavar="SECONDS", help="worker silence after which it is lost (workers send heartbeats "
                    "every 2 s, or every third of it when that is shorter)")
@@ -249,6 +254,7 @@ def main(argv: list[str]) -> int:
         tls_ca=args.tls_ca,
         local_fallback=not args.no_local_fallback,
         local_query_tools=[name.strip() for name in args.local_query_tools.split(",") if name.strip()],
+        local_cheap_calls=not args.no_local_cheap_calls,
         heartbeat_timeout=args.heartbeat_timeout,
         max_llm_requests=args.max_llm_requests,
         subscriber_buffer=args.subscriber_buffer,

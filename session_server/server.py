@@ -188,6 +188,9 @@ class ServerConfig:
     local_fallback: bool = True
     # Query tools that run in-process even when workers offer them (the placement rule).
     local_query_tools: list[str] = field(default_factory=list)
+    # Query calls cheaper here than on a worker (a read of a small file) run here (when
+    # local_fallback allows Query tools here at all).
+    local_cheap_calls: bool = True
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
@@ -342,6 +345,7 @@ class CodelaneServer:
             self.store, self.pool, self.registry, self.stats,
             default_model=self.config.model, local_fallback=self.config.local_fallback,
             local_query_tools=frozenset(self.config.local_query_tools),
+            local_cheap_calls=self.config.local_cheap_calls,
             subscriber_buffer=self.config.subscriber_buffer,
             subscriber_buffer_bytes=self.config.subscriber_buffer_bytes,
             generate_limit=self.config.max_llm_requests,

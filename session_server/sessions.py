@@ -113,6 +113,7 @@ class SessionManager:
         default_model: str = "",
         local_fallback: bool = True,
         local_query_tools: frozenset[str] = frozenset(),
+        local_cheap_calls: bool = False,
         generate_limit: int = DEFAULT_GENERATE_LIMIT,
         subscriber_buffer: int = SUBSCRIBER_BUFFER,
         subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES,
@@ -131,6 +132,7 @@ class SessionManager:
         self.default_model = default_model
         self.local_fallback = local_fallback
         self.local_query_tools = local_query_tools
+        self.local_cheap_calls = local_cheap_calls
         self.telemetry = telemetry
         self.admission = admission
         metrics = self._metrics = telemetry.metrics if telemetry is not None else None
@@ -409,6 +411,7 @@ class SessionManager:
             admission=self.admission,
             snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
             local_query_tools=self.local_query_tools,
+            local_cheap_calls=self.local_cheap_calls,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)

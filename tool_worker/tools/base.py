@@ -185,6 +185,9 @@ class ToolContext:
 
 
 ToolFunction = Callable[[ToolContext, dict[str, Any]], Awaitable[ToolResult]]
+# Whether a call (workspace, validated arguments) costs less to run in the session server than to
+# send to a worker: the server's default placement rule runs such calls itself.
+CheaperHere = Callable[[Path, dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class Tool:
     spec: ToolSpec
     run: ToolFunction
     effects: EffectsFunction | None = None
+    cheaper_here: CheaperHere | None = None
 
     @property
     def name(self) -> str:

@@ -6,8 +6,10 @@ import contextlib
 import functools
 import operator
 import os
+import stat
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from tool_worker import effects
@@ -149,6 +151,16 @@ def _answer(numbered: list[str], total: int, shown: str, offset: int, last_shown
     return ToolResult(output=output, truncated=bool(notices), metadata={"total_lines": total})
 
 
+def _small_file(workspace: Path, args: dict[str, Any]) -> bool:
+    """A regular file of at most INLINE_READ_BYTES: read and answered on the server's event loop
+    in less time, and less of the server's CPU, than sending the call to a worker takes."""
+    try:
+        info = os.stat(resolve_in_workspace(workspace, args["file_path"]))
+    except (ToolFailure, OSError, KeyError, TypeError, ValueError):
+        return False  # the worker answers it, as it would any other
+    return stat.S_ISREG(info.st_mode) and info.st_size <= INLINE_READ_BYTES
+
+
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     path = resolve_in_workspace(ctx.workspace, args["file_path"])
     ctx.check_readable(path, args["file_path"])
@@ -206,4 +218,5 @@ TOOL = Tool(
     ),
     run=_run,
     effects=effects.reads(("file_path", None)),
+    cheaper_here=_small_file,
 )

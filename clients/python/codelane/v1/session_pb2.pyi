@@ -192,7 +192,10 @@ class _ToolRunnerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolRunner
     """
     TOOL_RUNNER_WORKERS: _ToolRunner.ValueType  # 2
     """On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and
-    AvailableTool.server_fallback is true, the server runs it itself.
+    AvailableTool.server_fallback is true, the server runs it itself. So it does, unless started
+    with `--no-local-cheap-calls` (or without local fallback), with the calls that cost it less to
+    run than to send: a `read` of a regular file of at most 64 KiB. Such calls' events name
+    worker "local".
     """
     TOOL_RUNNER_EXTERNAL_CLIENT: _ToolRunner.ValueType  # 3
     """By a client, as an external task (the tool's lane is in EXTERNAL mode for this session)."""
@@ -209,7 +212,10 @@ more than running it; such calls' events name worker "local").
 """
 TOOL_RUNNER_WORKERS: ToolRunner.ValueType  # 2
 """On connected tool workers (AvailableTool.worker_ids). When none of them can take a call and
-AvailableTool.server_fallback is true, the server runs it itself.
+AvailableTool.server_fallback is true, the server runs it itself. So it does, unless started
+with `--no-local-cheap-calls` (or without local fallback), with the calls that cost it less to
+run than to send: a `read` of a regular file of at most 64 KiB. Such calls' events name
+worker "local".
 """
 TOOL_RUNNER_EXTERNAL_CLIENT: ToolRunner.ValueType  # 3
 """By a client, as an external task (the tool's lane is in EXTERNAL mode for this session)."""
