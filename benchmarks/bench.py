@@ -4,7 +4,9 @@
 
 Runs four workloads (L: 11 globs on a mid-size tree; H: 8 greps over ~200 MB; R: 16 calls with
 a fixed 200 ms service time; M: reads, writes and read-after-write) in every mode (sequential;
-parallel in-process; 1, 2, 4 and 8 tool-worker processes) and on the peers (LangGraph ToolNode,
+parallel in-process; 1, 2, 4 and 8 tool-worker processes, with the server's default placement:
+small reads in the server, every other Query call on a worker; `workers-N+dispatch-all` sends
+every Query call to a worker) and on the peers (LangGraph ToolNode,
 the OpenAI Agents SDK's function-tool executor, Ray tasks), with a mock LLM over HTTP replaying
 the same script every time, so every run makes exactly the same calls. Modes and peers are
 measured interleaved (round-robin, the order rotating every repetition) so a noisy machine hits
@@ -245,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ": under 2 minutes")
     parser.add_argument("--workloads", type=_csv, help=f"subset of {','.join(WORKLOAD_KEYS)} (default: all)")
     parser.add_argument("--modes", type=_csv,
-                        help=f"codelane modes (default {','.join(FULL_MODES)}); sequential is always included")
+                        help=f"codelane modes (default {','.join(FULL_MODES)}; workers-N+dispatch-all sends every "
+                        "Query call to a worker); sequential is always included")
     parser.add_argument("--peers", type=_csv, help=f"subset of {','.join(PEER_NAMES)} (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="measure codelane only")
     parser.add_argument("--repeat", type=int, help="measured runs per workload and mode (default 7, quick 3)")

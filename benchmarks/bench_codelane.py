@@ -48,6 +48,8 @@ from session_server.server import CodelaneServer, ServerConfig
 from tool_worker.child_watcher import pidfd_child_watcher
 
 MODEL = "openai:codelane-bench"
+# The suffix of a workers-N mode that sends every Query call to a worker.
+DISPATCH_ALL = "+dispatch-all"
 WORKER_CONNECT_TIMEOUT = 90.0
 SERVER_STOP_TIMEOUT = 15.0
 TURN_TIMEOUT = 300.0
@@ -62,6 +64,14 @@ class Mode:
     query_concurrency: int
     concurrency: int
     description: str
+    # Every Query call to a worker (no local fallback, so no placement rule either); otherwise the
+    # server's default placement: calls cheaper here than on a worker (small reads) run here.
+    dispatch_all: bool = False
+
+    @property
+    def server(self) -> tuple[int, bool]:
+        """Which server process runs the mode: modes that differ only in their sessions share one."""
+        return (self.workers, self.dispatch_all and self.workers > 0)
 
 
 def make_modes(names: Sequence[str], slots: int, query_concurrency: int) -> list[Mode]:
@@ -74,17 +84,21 @@ def make_modes(names: Sequence[str], slots: int, query_concurrency: int) -> list
                 name, 0, query_concurrency, query_concurrency,
                 f"query_concurrency={query_concurrency}, in-process fallback only (local_workers=0)",
             ))
-        elif name.startswith("workers-") and name.removeprefix("workers-").isdigit():
-            n = int(name.removeprefix("workers-"))
+        elif name.startswith("workers-") and name.removeprefix("workers-").removesuffix(DISPATCH_ALL).isdigit():
+            n = int(name.removeprefix("workers-").removesuffix(DISPATCH_ALL))
             if n < 1:
                 raise ValueError(f"mode {name}: at least one worker")
+            dispatch_all = name.endswith(DISPATCH_ALL)
+            placement = ("every Query call on a worker (no local fallback)" if dispatch_all else
+                         "reads of small files in the server (the default placement rule), every other Query "
+                         "call on a worker")
             modes.append(Mode(
                 name, n, query_concurrency, min(n * slots, query_concurrency),
                 f"{n} worker process{'es' if n > 1 else ''} x {slots} slot{'s' if slots > 1 else ''}, "
-                f"query_concurrency={query_concurrency}, no local fallback",
+                f"query_concurrency={query_concurrency}, {placement}", dispatch_all,
             ))
         else:
-            raise ValueError(f"unknown mode {name!r}: sequential, parallel-local or workers-N")
+            raise ValueError(f"unknown mode {name!r}: sequential, parallel-local, workers-N or workers-N{DISPATCH_ALL}")
     return modes
 
 
@@ -192,13 +206,15 @@ class CodelaneHarness:
         self._data_dir = Path(tempfile.mkdtemp(prefix="codelane-bench-servers-"))
         # The server's openai provider reads these when it is created (at the first turn).
         env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "codelane-bench"}
-        for workers in sorted({m.workers for m in self.modes}):
-            self.servers[workers] = await asyncio.create_subprocess_exec(
+        for workers, dispatch_all in sorted({m.server for m in self.modes}):
+            self.servers[workers, dispatch_all] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.bench_codelane", "--workers", str(workers),
-                "--slots", str(self.slots), "--data-dir", str(self._data_dir / f"workers-{workers}"),
+                "--slots", str(self.slots),
+                "--data-dir", str(self._data_dir / f"workers-{workers}{DISPATCH_ALL if dispatch_all else ''}"),
+                *(["--dispatch-all"] if dispatch_all else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             )
-        for workers, proc in self.servers.items():
+        for (workers, dispatch_all), proc in self.servers.items():
             assert proc.stdout is not None
             try:
                 line = await asyncio.wait_for(proc.stdout.readline(), WORKER_CONNECT_TIMEOUT)
@@ -209,9 +225,9 @@ class CodelaneHarness:
             words = line.decode().split()
             if len(words) != 2 or words[0] != "READY":
                 raise RuntimeError(f"the server with {workers} workers did not start (said {line!r})")
-            self.clients[workers] = Client(f"127.0.0.1:{words[1]}")
+            self.clients[workers, dispatch_all] = Client(f"127.0.0.1:{words[1]}")
         self.log(
-            f"codelane: {len(self.servers)} server process(es), {sum(self.servers)} worker process(es) x "
+            f"codelane: {len(self.servers)} server process(es), {sum(w for w, _ in self.servers)} worker process(es) x "
             f"{self.slots} slot(s), mock LLM at {base_url} ({self.llm_latency * 1000:g} ms per response)"
         )
 
@@ -241,7 +257,7 @@ class CodelaneHarness:
             self._data_dir = None
 
     async def run(self, mode: Mode, workload: Workload) -> RunRecord:
-        client = self.clients[mode.workers]
+        client = self.clients[mode.server]
         session = await client.create_session(
             workload.workspace, model=MODEL, query_concurrency=mode.query_concurrency, max_turns=4
         )
@@ -315,8 +331,10 @@ def parse_turn(
         transports.append(max(0.0, done.time - started[call.call_id] - done.run_time))
         executed.append((call.tool_name, call.arguments, result.output, result.is_error))
         workers.append(result.worker_id)
-        if mode.workers and call.lane == "query" and result.worker_id == "local":
-            problems.append(f"call {call.call_id} ran in-process although the mode has workers")
+        if mode.workers and call.lane == "query" and result.worker_id == "local" and (
+            mode.dispatch_all or call.tool_name != "read"
+        ):
+            problems.append(f"call {call.call_id} ({call.tool_name}) ran in-process although the mode has workers")
     # The tool phase starts when every call of the response is known: when the mock finished
     # writing the response, or at the first call if none started before it. Calls dispatched
     # while the model was still streaming have a head start that costs nothing; the peers, given
@@ -354,14 +372,14 @@ def parse_turn(
 # -- the server process ------------------------------------------------------------------------
 
 
-async def _serve(workers: int, slots: int, data_dir: Path) -> None:
+async def _serve(workers: int, slots: int, data_dir: Path, dispatch_all: bool) -> None:
     """One session server with `workers` local workers; prints `READY <port>` once they are all
     connected, and stops on EOF on stdin (the benchmark is done, or gone) or SIGTERM."""
     with pidfd_child_watcher():
-        await _serve_until_stopped(workers, slots, data_dir)
+        await _serve_until_stopped(workers, slots, data_dir, dispatch_all)
 
 
-async def _serve_until_stopped(workers: int, slots: int, data_dir: Path) -> None:
+async def _serve_until_stopped(workers: int, slots: int, data_dir: Path, dispatch_all: bool) -> None:
     server = CodelaneServer(ServerConfig(
         listen="127.0.0.1:0",
         data_dir=data_dir,
@@ -369,8 +387,10 @@ async def _serve_until_stopped(workers: int, slots: int, data_dir: Path) -> None
         local_worker_slots=slots,
         local_worker_tools=[PLUGIN_MODULE],
         model=MODEL,
-        # With workers, a Query call that no worker can take must fail, not run in the server.
-        local_fallback=workers == 0,
+        # dispatch_all: a Query call that no worker can take fails rather than running here. The
+        # default placement runs small reads here, and `parse_turn` reports any other Query call
+        # that did.
+        local_fallback=not dispatch_all,
     ))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -401,8 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--dispatch-all", action="store_true")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.workers, args.slots, args.data_dir))
+    asyncio.run(_serve(args.workers, args.slots, args.data_dir, args.dispatch_all))
     return 0
 
 

@@ -24,9 +24,11 @@ interpreter's code, in the same rounds: a change's before and after, side by sid
 
 Every server keeps its metrics (they are always on). A mode named `...+traced` also traces: the
 server and its workers send their spans over OTLP/gRPC to a receiver in this process (which
-counts and drops them), so the cost of tracing shows beside the same mode untraced. A mode named
-`workers-N+local-reads` runs its server with the placement rule `--local-query-tools read`: the
-reads run in the server, the greps on the workers.
+counts and drops them), so the cost of tracing shows beside the same mode untraced. `workers-N`
+runs the server's default placement: T's reads, of small files, run in the server, its greps on
+the workers. `workers-N+dispatch-all` sends every call to the workers (no local fallback): what a
+dispatched call costs. `workers-N+local-reads` adds the placement rule `--local-query-tools read`
+(every read in the server, whatever its size).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Mode:
     traced: bool = False
     # The placement rule: `read` runs in the server even though the workers offer it.
     local_reads: bool = False
+    # No local fallback, so no placement rule either: every call on the workers.
+    dispatch_all: bool = False
     # The interpreter that serves the mode (another checkout's, for `@baseline` modes).
     python: str = sys.executable
 
@@ -87,11 +91,13 @@ class Mode:
 def make_mode(name: str) -> Mode:
     if name.endswith("+traced"):
         return dataclasses.replace(make_mode(name.removesuffix("+traced")), name=name, traced=True)
-    if name.endswith("+local-reads"):
-        mode = make_mode(name.removesuffix("+local-reads"))
-        if not mode.workers:
-            raise argparse.ArgumentTypeError(f"{name!r}: +local-reads keeps reads off workers: only for workers-N")
-        return dataclasses.replace(mode, name=name, local_reads=True)
+    for suffix, field_name in (("+local-reads", "local_reads"), ("+dispatch-all", "dispatch_all")):
+        if name.endswith(suffix):
+            mode = make_mode(name.removesuffix(suffix))
+            if not mode.workers or mode.local_reads or mode.dispatch_all:
+                raise argparse.ArgumentTypeError(f"{name!r}: {suffix} places calls on or off workers: only for "
+                                                 "workers-N, and one of +local-reads and +dispatch-all")
+            return dataclasses.replace(mode, name=name, **{field_name: True})
     if name == "sequential":
         return Mode(name, 0, 1)
     if name == "parallel-local":
@@ -211,9 +217,9 @@ def check_t(events: list[ev.Event], mode: Mode) -> list[str]:
         problems.append(f"{len(errors)} errors, e.g. {errors[0].result.output[:120]!r}")
     if mode.workers:
         # Where each call ran is part of what is measured: on the workers, but for the reads the
-        # placement rule keeps in the server.
+        # placement rules keep in the server (all of T's: its files are small).
         misplaced = [e.tool_name for e in finished
-                     if (e.result.worker_id == "local") != (mode.local_reads and e.tool_name == "read")]
+                     if (e.result.worker_id == "local") != (not mode.dispatch_all and e.tool_name == "read")]
         if misplaced:
             problems.append(f"{len(misplaced)} calls ran where the mode does not place them, e.g. {misplaced[0]}")
     return problems
@@ -237,6 +243,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 "--script", str(script), "--data-dir", str(scratch / f"data-{mode.name}"),
                 *(["--otlp-endpoint", endpoint] if mode.traced else []),
                 *(["--local-query-tools", "read"] if mode.local_reads else []),
+                *(["--dispatch-all"] if mode.dispatch_all else []),
                 *(["--profile", str(args.profile / mode.name)] if args.profile else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
@@ -353,7 +360,7 @@ class _ProfiledWorkersServer(CodelaneServer):
 
 
 async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
-                profile: Path | None = None, local_query_tools: Sequence[str] = ()) -> None:
+                profile: Path | None = None, local_query_tools: Sequence[str] = (), dispatch_all: bool = False) -> None:
     """One server on the script, `workers` local workers; `READY <port>` once they are connected;
     stops at EOF on stdin. With `profile` (a directory), the server and its workers run under
     cProfile from start to stop and write `server.prof` and `worker-<id>.prof` there."""
@@ -363,7 +370,8 @@ async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str |
         profiler.enable()
     try:
         with pidfd_child_watcher():
-            await _serve_until_stopped(workers, script, data_dir, otlp_endpoint, profile, local_query_tools)
+            await _serve_until_stopped(workers, script, data_dir, otlp_endpoint, profile, local_query_tools,
+                                       dispatch_all)
     finally:
         if profiler is not None:
             profiler.disable()
@@ -371,10 +379,10 @@ async def serve(workers: int, script: Path, data_dir: Path, otlp_endpoint: str |
 
 
 async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_endpoint: str | None,
-                               profile: Path | None, local_query_tools: Sequence[str]) -> None:
+                               profile: Path | None, local_query_tools: Sequence[str], dispatch_all: bool) -> None:
     config = ServerConfig(
         listen="127.0.0.1:0", data_dir=data_dir, local_workers=workers, local_worker_slots=SLOTS,
-        model=f"scripted:{script}", local_fallback=workers == 0 or bool(local_query_tools),
+        model=f"scripted:{script}", local_fallback=not dispatch_all,
         local_query_tools=list(local_query_tools), otlp_endpoint=otlp_endpoint,
     )
     server = CodelaneServer(config) if profile is None else _ProfiledWorkersServer(config, profile)
@@ -404,12 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", type=lambda s: [make_mode(n) for n in s.split(",")],
                         default=[make_mode(n) for n in ("sequential", "parallel-local", "parallel-local+traced",
                                                          "workers-2", "workers-2+traced",
-                                                         "workers-2+local-reads")])
+                                                         "workers-2+dispatch-all")])
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--otlp-endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--local-query-tools", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--dispatch-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run every server and its workers under cProfile; their profiles go to "
                              "DIR/<mode>/server.prof and worker-<id>.prof (read them with pstats)")
@@ -425,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         asyncio.run(serve(args.serve, args.script, args.data_dir, args.otlp_endpoint, args.profile,
-                          args.local_query_tools))
+                          args.local_query_tools, args.dispatch_all))
         return 0
     return asyncio.run(main_async(args))
 

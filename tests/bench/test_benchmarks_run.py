@@ -17,6 +17,11 @@ BOUND = 240
     [
         ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes", "sequential,parallel-local"],
          ["overhead/call", "sequential", "parallel-local", "server CPU/call"]),
+        # Each call where its mode places it (the benchmark fails otherwise): T's small reads in the
+        # server by default, every call on the worker with +dispatch-all.
+        ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes",
+                                       "sequential,workers-1,workers-1+dispatch-all"],
+         ["workers-1 ", "workers-1+dispatch-all"]),
         ("benchmarks.overhead_bench", ["--rounds", "1", "--warmup", "0", "--modes", "sequential",
                                        "--baseline", sys.executable],
          ["sequential@baseline", "baseline's T turn / this one's, paired by round"]),
@@ -34,7 +39,8 @@ BOUND = 240
          ["bash -c true (2 runs each)", "git status of a 1,000-file repository", "rg, Landlock read-only",
           "workspace-write adds"]),
     ],
-    ids=["overhead", "overhead-baseline", "history", "events", "registry", "read", "tools", "pool", "sandbox"],
+    ids=["overhead", "overhead-placement", "overhead-baseline", "history", "events", "registry", "read", "tools",
+         "pool", "sandbox"],
 )
 def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)
