@@ -4,8 +4,11 @@ Threading rule: a `Store` belongs to the thread that opened it, in the server th
 thread, which calls its methods directly. sqlite3 enforces this (a call from another thread
 raises `sqlite3.ProgrammingError`). Calls are not sent to an executor on purpose: in WAL mode
 with synchronous=NORMAL a commit is a write to the WAL without an fsync, cheaper than a hop to a
-worker thread and back. The exception is the commit that triggers SQLite's automatic checkpoint
-(every ~1000 WAL pages): it fsyncs and takes milliseconds.
+worker thread and back. Checkpoints, which copy the WAL into the database and fsync both (7-11 ms
+on the development VM), run in a thread of the store's own (`_Checkpointer`), shortly after
+commits: left to SQLite, the commit that passed ~1000 WAL pages ran one on the event loop and
+stalled every session of the server meanwhile. SQLite's own checkpoint stays as the backstop, for
+a writer that never pauses long enough for the thread's checkpoint to reach the WAL's end.
 
 Events are written in batches (`append_events`, one transaction per batch: see
 `session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +61,13 @@ EVENT_PAGE_SIZE = 500
 # memory. A page holds at least one row, whatever its size, or a big event would stop a reader
 # there for good.
 MAX_READ_PAGE_CHARS = 4 * 1024 * 1024
+
+# How long after a commit the checkpointer checkpoints: a turn's results are committed within a
+# few milliseconds of each other, and waiting this long lets them share one checkpoint (one fsync)
+# that is over before the turn's next step commits again.
+CHECKPOINT_DELAY = 0.02
+
+log = logging.getLogger("codelane.store")
 
 SessionState = Literal["idle", "running"]
 Role = Literal["user", "assistant", "tool"]
@@ -176,14 +188,17 @@ class Store:
     """Sessions, messages and events in one SQLite file (see the module docstring for the
     threading rule and the durability guarantee)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_delay: float | None = CHECKPOINT_DELAY) -> None:
+        """`checkpoint_delay` None leaves checkpoints to SQLite, in the commits (the benchmark's
+        comparison)."""
         # Autocommit mode: transactions are opened explicitly by `_transaction`, so each one is
         # visible in the code and nothing is left open between calls.
         self._db = sqlite3.connect(path, isolation_level=None)
+        self.checkpointer = None if checkpoint_delay is None else _Checkpointer(path, checkpoint_delay)
         try:
             self._open(path)
         except BaseException:
-            self._db.close()
+            self.close()
             raise
 
     def _open(self, path: Path) -> None:
@@ -218,8 +233,14 @@ class Store:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        if self.checkpointer is not None:
+            self.checkpointer.written()
 
     def close(self) -> None:
+        # The checkpointer's connection first: the last connection to close checkpoints what is
+        # left and removes the WAL.
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         self._db.close()
 
     # Sessions
@@ -483,3 +504,68 @@ def _message_from_row(row: tuple[Any, ...]) -> StoredMessage:
         turn_id=turn_id,
         created=created,
     )
+
+
+class _Checkpointer:
+    """Checkpoints the store's WAL in a thread of its own, `delay` seconds after a commit, so that
+    the fsyncs happen off the thread that writes.
+
+    A PASSIVE checkpoint takes no lock a writer waits for: commits go on meanwhile, and what they
+    add is left to the next one. Once a checkpoint has copied the whole WAL, the next write starts
+    the WAL over from its beginning, so SQLite's own checkpoint (at ~1000 pages, in a commit) is
+    reached only by a writer that never pauses for `delay`.
+    """
+
+    def __init__(self, path: Path, delay: float) -> None:
+        self._path = path
+        self._delay = delay
+        self._written = threading.Event()
+        self._closing = threading.Event()
+        # Commits so far, and how many of them a finished checkpoint covered (under `_done`).
+        self._commits = 0
+        self._checkpointed = 0
+        self._done = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="codelane-store-checkpoints", daemon=True)
+        self._thread.start()
+
+    def written(self) -> None:
+        self._commits += 1  # only the writing thread counts
+        if not self._written.is_set():
+            self._written.set()
+
+    def wait_checkpointed(self, timeout: float) -> bool:
+        """True once a checkpoint that began after the last commit so far has finished (False
+        after `timeout` seconds): what tests wait on, rather than on time."""
+        commits = self._commits
+        with self._done:
+            return self._done.wait_for(lambda: self._checkpointed >= commits, timeout)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._written.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.warning("cannot open %s to checkpoint it (%s): its commits checkpoint it", self._path, exc)
+            return
+        try:
+            while True:
+                self._written.wait()
+                # Commits made while this waits share the checkpoint.
+                if self._closing.wait(self._delay):
+                    return
+                self._written.clear()
+                # Read after the clear: a commit counted later sets the flag again.
+                commits = self._commits
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # SQLite's own checkpoint still runs in the commits
+                    log.warning("checkpointing %s failed: %s", self._path, exc)
+                with self._done:
+                    self._checkpointed = commits
+                    self._done.notify_all()
+        finally:
+            db.close()

@@ -26,6 +26,8 @@ BOUND = 240
                                        "--baseline", sys.executable],
          ["sequential@baseline", "baseline's T turn / this one's, paired by round"]),
         ("benchmarks.history_bench", ["--sizes", "2,20", "--samples", "2"], ["messages", "target: flat"]),
+        ("benchmarks.store_bench", ["--rounds", "1", "--turns", "2", "--pause", "0.01"],
+         ["turns    checkpointer thread", "stream   SQLite, in the commits", "ms per round"]),
         ("benchmarks.events_bench", ["--events", "1200", "--subscribers", "2", "--long-turn", "1200"],
          ["fan-out:", "events/s in all", "long turn:", "gap-free and whole"]),
         ("benchmarks.registry_bench", ["--calls", "20", "--rounds", "1"],
@@ -39,8 +41,8 @@ BOUND = 240
          ["bash -c true (2 runs each)", "git status of a 1,000-file repository", "rg, Landlock read-only",
           "workspace-write adds"]),
     ],
-    ids=["overhead", "overhead-placement", "overhead-baseline", "history", "events", "registry", "read", "tools",
-         "pool", "sandbox"],
+    ids=["overhead", "overhead-placement", "overhead-baseline", "history", "store", "events", "registry", "read",
+         "tools", "pool", "sandbox"],
 )
 def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)

@@ -19,6 +19,7 @@ from session_server.events import (
 from session_server.llm.base import Usage
 from session_server.readiness import probe_store
 from session_server.store import (
+    CHECKPOINT_DELAY,
     EVENT_PAGE_SIZE,
     MAX_PAGE_CHARS,
     MAX_READ_PAGE_CHARS,
@@ -486,3 +487,57 @@ def test_writes_wait_for_the_readiness_probe_rather_than_fail(store: Store, path
         thread.join()
     assert len(store.get_messages("s1")) == 300
     assert problems == []
+
+
+def _checkpointer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "codelane-store-checkpoints"]
+
+
+def _burst(store: Store, first: int) -> int:
+    """About 1 MB of events in 12 commits, as a turn's results come; returns the next sequence."""
+    output = "x" * 12_000
+    for _ in range(12):
+        store.append_events([
+            StoredEvent("s1", sequence, 1.0, "t1", ToolCallFinished(f"c{sequence}", "read", ToolResult(output=output),
+                                                                    0.0, 0.0))
+            for sequence in range(first, first + 8)
+        ])
+        first += 8
+    return first
+
+
+@pytest.mark.parametrize("delay", [CHECKPOINT_DELAY, 0.0, None], ids=["checkpointer", "no-delay", "sqlite-checkpoints"])
+def test_the_checkpointer_thread_keeps_the_wal_short_so_no_commit_has_to_checkpoint(path: Path, delay) -> None:
+    # A checkpoint fsyncs the WAL and the database (milliseconds): left to SQLite, the commit that
+    # passes ~1000 WAL pages (4 MB) runs one on the event loop. The thread checkpoints each burst
+    # of commits once it is over, so the WAL starts over and stays about one burst long.
+    store = Store(path, checkpoint_delay=delay)
+    try:
+        store.create_session(record("s1"))
+        sequence, largest = 1, 0
+        for _ in range(8):
+            sequence = _burst(store, sequence)
+            if store.checkpointer is not None:
+                assert store.checkpointer.wait_checkpointed(timeout=30)
+            largest = max(largest, Path(f"{path}-wal").stat().st_size)
+        if delay is None:
+            assert largest > 3_500_000  # the control: SQLite waits for ~4 MB of WAL, in a commit
+        else:
+            assert largest < 2_000_000
+            # Whatever was committed is in the database already: a checkpoint finds nothing to copy.
+            reader = sqlite3.connect(path)
+            busy, frames, copied = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            reader.close()
+            assert busy == 0 and frames == copied
+        assert [e.sequence for e in store.event_page("s1", sequence - 3).events] == [sequence - 2, sequence - 1]
+    finally:
+        store.close()
+    assert not _checkpointer_threads()
+    assert not Path(f"{path}-wal").exists()  # the last connection to close checkpointed and removed it
+
+
+def test_a_store_that_cannot_open_leaves_no_checkpointer_behind(path: Path) -> None:
+    path.write_bytes(b"this is not sqlite, just some text that is long enough to have a header" * 10)
+    with pytest.raises(StoreError):
+        Store(path)
+    assert not _checkpointer_threads()
