@@ -552,7 +552,9 @@ class _Checkpointer:
             log.warning("cannot open %s to checkpoint it (%s): its commits checkpoint it", self._path, exc)
             return
         try:
-            while True:
+            # Checked before each wait: a close() that set `_written` just before the clear below
+            # would otherwise leave this waiting for ever.
+            while not self._closing.is_set():
                 self._written.wait()
                 # Commits made while this waits share the checkpoint.
                 if self._closing.wait(self._delay):

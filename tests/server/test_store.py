@@ -541,3 +541,23 @@ def test_a_store_that_cannot_open_leaves_no_checkpointer_behind(path: Path) -> N
     with pytest.raises(StoreError):
         Store(path)
     assert not _checkpointer_threads()
+
+
+def test_a_close_that_lands_between_the_threads_wait_and_its_clear_still_stops_it(path: Path) -> None:
+    # close() sets `_written` to wake the thread; landing just before the thread clears it after a
+    # commit's wait, it was cleared away and the thread waited for ever (a server's stop hung).
+    store = Store(path, checkpoint_delay=0.0)
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    clear = checkpointer._written.clear
+
+    def clear_right_after_a_close() -> None:
+        checkpointer._closing.set()  # what close() does, in that order
+        checkpointer._written.set()
+        clear()
+
+    checkpointer._written.clear = clear_right_after_a_close
+    store.create_session(record("s1"))  # a commit wakes the thread
+    checkpointer._thread.join(timeout=30)
+    assert not checkpointer._thread.is_alive()
+    store.close()
