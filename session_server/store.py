@@ -547,7 +547,7 @@ class _Checkpointer:
 
     def _run(self) -> None:
         try:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self._path, isolation_level=None)
         except sqlite3.Error as exc:
             log.warning("cannot open %s to checkpoint it (%s): its commits checkpoint it", self._path, exc)
             return
