@@ -20,7 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from session_server.events import StoredEvent, ToolCallFinished
@@ -40,6 +40,19 @@ def _batch(first: int, output: str) -> list[StoredEvent]:
     ]
 
 
+def _batches(pattern: str, turns: int, pause: float) -> Iterator[list[StoredEvent]]:
+    """The pattern's commits, in order; a turn's pause is taken between two of them, untimed."""
+    if pattern == "turns":
+        output = "     1\tone line of source code, about sixty characters long here\n" * 200
+        commits, per_turn = turns * COMMITS_PER_TURN, COMMITS_PER_TURN
+    else:
+        output, commits, per_turn = "x" * 2048, STREAM_COMMITS, 0
+    for index in range(commits):
+        if per_turn and index and index % per_turn == 0:
+            time.sleep(pause)
+        yield _batch(1 + index * EVENTS_PER_COMMIT, output)
+
+
 def run_round(pattern: str, checkpoint_delay: float | None, turns: int, pause: float) -> list[float]:
     """The commit times (seconds) of one round on a new store."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -47,25 +60,10 @@ def run_round(pattern: str, checkpoint_delay: float | None, turns: int, pause: f
         try:
             store.create_session(SessionRecord(session_id="s1", workspace=scratch))
             times: list[float] = []
-            sequence = 1
-            if pattern == "turns":
-                output = "     1\tone line of source code, about sixty characters long here\n" * 200
-                for _ in range(turns):
-                    for _ in range(COMMITS_PER_TURN):
-                        batch = _batch(sequence, output)
-                        started = time.perf_counter()
-                        store.append_events(batch)
-                        times.append(time.perf_counter() - started)
-                        sequence += EVENTS_PER_COMMIT
-                    time.sleep(pause)
-            else:
-                output = "x" * 2048
-                for _ in range(STREAM_COMMITS):
-                    batch = _batch(sequence, output)
-                    started = time.perf_counter()
-                    store.append_events(batch)
-                    times.append(time.perf_counter() - started)
-                    sequence += EVENTS_PER_COMMIT
+            for batch in _batches(pattern, turns, pause):
+                started = time.perf_counter()
+                store.append_events(batch)
+                times.append(time.perf_counter() - started)
             return times
         finally:
             store.close()

@@ -167,15 +167,12 @@ class ToolRegistry:
 
     def cheaper_here(self, name: str, workspace: Path | str, arguments_json: str) -> bool:
         """Whether this call of `name` costs less to run in this process than to send to a worker
-        (the tool's `cheaper_here`); False for a tool without one, or arguments that are no object."""
+        (the tool's `cheaper_here`); False for a tool without one, or arguments it cannot read."""
         tool = self.get(name)
         if tool is None or tool.cheaper_here is None:
             return False
-        try:
-            arguments = json.loads(arguments_json)
-        except ValueError:
-            return False
-        return isinstance(arguments, dict) and tool.cheaper_here(Path(workspace), arguments)
+        arguments, _ = parse_arguments(arguments_json)
+        return arguments is not None and tool.cheaper_here(Path(workspace), arguments)
 
     def specs(self, lane: Lane | None = None) -> list[ToolSpec]:
         """Specs of the registered tools (only those of `lane`, if given), sorted by name."""
