@@ -5,9 +5,12 @@ The interceptor comes first in the chain, so a call refused by authentication is
 wraps each handler once per call; the messages of a stream only pass through the wrapper's loop
 (a response stream's) or not at all (the worker hub reads and writes its stream itself).
 
-The server span is made current in the call's task before the servicer runs: a turn started by
+The server span is made current in the call's task while the servicer runs: a turn started by
 SendMessage runs in a task created there, which inherits it, so the turn's `invoke_agent` span is
-its child (see session_server.telemetry.TurnObservation).
+its child (see session_server.telemetry.TurnObservation). A response stream's span is current only
+while its generator computes the next message, not across its yields: grpc.aio abandons a stream
+whose call is cancelled while a message is being written, and the event loop's finalizer closes it
+later in a task of its own, where a context entered in the call's task cannot be left.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, F
 class _Observed:
     """One call: its labels, its span, and how it ended."""
 
-    __slots__ = ("_full", "_labels", "_metrics", "_started", "_telemetry", "_token", "span")
+    __slots__ = ("_full", "_labels", "_metrics", "_started", "_telemetry", "span")
 
     def __init__(self, telemetry: Telemetry, details: grpc.HandlerCallDetails, grpc_type: str) -> None:
         self._full = details.method
@@ -46,7 +49,6 @@ class _Observed:
         self._metrics.grpc_started.labels(*self._labels).inc()
         self._started = time.perf_counter()
         self.span = None
-        self._token = None
         tracing = telemetry.tracing
         if tracing is not None and not details.method.startswith(UNTRACED):
             self.span = tracing.start(
@@ -54,7 +56,15 @@ class _Observed:
                 parent=tracing.from_metadata(details.invocation_metadata),
                 attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
             )
-            self._token = tracing.attach(self.span)
+
+    def enter(self) -> object | None:
+        """Makes the call's span current in this task (tracing on); the token is for `leave`, in the
+        same task."""
+        return None if self.span is None else self._telemetry.tracing.attach(self.span)
+
+    def leave(self, token: object | None) -> None:
+        if token is not None:
+            self._telemetry.tracing.detach(token)
 
     def end(self, code: grpc.StatusCode) -> None:
         self._metrics.grpc_handled.labels(*self._labels, code.name).inc()
@@ -65,7 +75,6 @@ class _Observed:
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 tracing.fail(self.span, code.name, f"{self._full} ended with {code.name}")
             self.span.end()
-            tracing.detach(self._token)
 
 
 def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
@@ -97,20 +106,32 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
             async def observed_stream(request: Any, context: grpc.aio.ServicerContext):
                 call = _Observed(telemetry, details, grpc_type)
+                responses = behavior(request, context)
                 failure: BaseException | None = None
                 try:
-                    async for response in behavior(request, context):
+                    while True:
+                        token = call.enter()
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            call.leave(token)
                         yield response
                 except BaseException as exc:
                     failure = exc
                     raise
                 finally:
+                    # Closed here, not left to the finalizer: its own cleanup (a subscription
+                    # dropped) happens before the call is counted as ended.
+                    await responses.aclose()
                     call.end(_code(context, failure))
 
             return handler._replace(**{attribute: observed_stream})
 
         async def observed(request: Any, context: grpc.aio.ServicerContext):
             call = _Observed(telemetry, details, grpc_type)
+            token = call.enter()
             failure: BaseException | None = None
             try:
                 return await behavior(request, context)
@@ -118,6 +139,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 failure = exc
                 raise
             finally:
+                call.leave(token)
                 call.end(_code(context, failure))
 
         return handler._replace(**{attribute: observed})

@@ -7,7 +7,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
+from opentelemetry import trace
+
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from session_server.api.observe import ObservingInterceptor
+from session_server.metrics import ServerMetrics
+from session_server.telemetry import Telemetry
 from tests.ops.conftest import OtlpReceiver, SpanRecord, Workers
 from tests.session.conftest import Processes, call, collect, scripted
 from tool_worker.telemetry.tracing import Tracing
@@ -148,3 +154,53 @@ async def test_an_external_task_carries_the_trace_context_of_its_call(
     bash = _one(spans, name="execute_tool bash")
     assert (bash.trace_id, bash.span_id) == (trace_id, span_id)
     assert bash.attributes["codelane.worker.id"] == "outside"
+
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+class _Context:
+    """What the interceptor asks of a call's context: the status a handler set (none here)."""
+
+    def code(self) -> None:
+        return None
+
+
+async def test_a_stream_closed_from_another_task_ends_its_span_without_a_context_error(
+    otlp: OtlpReceiver, monkeypatch, caplog
+) -> None:
+    # grpc.aio abandons a response stream whose call was cancelled while it was writing (outside
+    # the generator), and the event loop's finalizer closes it later in a task, and a context, of
+    # its own. The call's span must still end, and the interceptor must not restore a context in
+    # a task that never entered it (OpenTelemetry then logs "Failed to detach context").
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    tracing = Tracing("codelane-server", endpoint=otlp.endpoint)
+    interceptor = ObservingInterceptor(Telemetry(ServerMetrics(), tracing))
+    entered: list[bool] = []
+
+    async def numbers(request: object, context: object):
+        for n in range(3):
+            entered.append(trace.get_current_span().get_span_context().is_valid)
+            yield n
+
+    method = "/codelane.v1.SessionService/WatchEvents"
+
+    async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return grpc.unary_stream_rpc_method_handler(numbers)
+
+    handler = await interceptor.intercept_service(continuation, _Details(method))
+    stream = handler.unary_stream(None, _Context())
+    assert await asyncio.create_task(anext(stream)) == 0  # a task of its own, as grpc's handler is
+    assert entered == [True]  # the handler ran inside the call's span
+    assert not trace.get_current_span().get_span_context().is_valid  # and left nothing current here
+    await asyncio.create_task(stream.aclose())  # another task, as the loop's finalizer
+
+    name = "codelane.v1.SessionService/WatchEvents"
+    spans = await otlp.wait_for(lambda s: any(x.name == name for x in s), "the abandoned stream's span")
+    await asyncio.to_thread(tracing.shutdown)
+    assert _one(spans, name=name).kind == "server"
+    assert not [r for r in caplog.records if "detach" in r.getMessage()], caplog.text
