@@ -375,6 +375,14 @@ async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_e
             results = await asyncio.wait_for(asyncio.gather(*calls), BOUND)
             assert all(r.is_error for r in results)
             await connected(server, [], "the deaf worker is dropped")
+            # Its stream's status follows what it did not read (worker.proto, Liveness): once it
+            # reads again, the Assigns come first and then why it was dropped.
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(BOUND):
+                    while (await deaf.read()) is not grpc.aio.EOF:
+                        pass
+            details = error_details(ended.value)
+            assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "HEARTBEAT_TIMEOUT"), details
         finally:
             beating.cancel()
             await asyncio.gather(beating, return_exceptions=True)

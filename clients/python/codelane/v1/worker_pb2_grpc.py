@@ -82,7 +82,9 @@ class WorkerHubServiceStub:
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
@@ -159,7 +161,9 @@ class WorkerHubServiceServicer:
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
@@ -262,7 +266,9 @@ class WorkerHubService:
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and

@@ -83,7 +83,9 @@ class WorkerHubServiceStub:
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
@@ -172,7 +174,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
@@ -257,7 +261,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     lost, and so is one that reads nothing of its stream for that long while the hub has messages
     for it (a write to it waited that long: its transport's window is full). The hub then ends its
     stream with UNAVAILABLE and ErrorInfo reason HEARTBEAT_TIMEOUT (not OK: a normal end is OK), and
-    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. A
+    re-dispatches its idempotent calls elsewhere; its other calls end with an error result. (A
+    status comes after the messages sent before it: a worker that reads nothing sees it only once it
+    reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
     jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
     those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
