@@ -275,7 +275,21 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             self._pool.unregister(worker_id, link, reason, cause)
             log.info("worker %s disconnected: %s", worker_id, reason)
         if link.fault is not None:
-            await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value, worker_id=worker_id)
+            try:
+                await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value,
+                            worker_id=worker_id)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                if not context.done():
+                    raise
+                # The status waited behind messages the worker never read (gRPC sends them in
+                # order), and the stream ended first (its connection closed, or the server stops):
+                # nobody is left to tell. Ended as the cancelled call it is, rather than as an
+                # error of gRPC's with a traceback.
+                log.info("worker %s: its stream ended before its status could pass the messages it did not read",
+                         worker_id)
+                raise asyncio.CancelledError from None
 
     async def _read(self, worker_id: str, link: _StreamLink, request_iterator) -> str:
         """Feeds the worker's messages to the pool until the worker half-closes; returns why it

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -346,18 +347,15 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
         good.wait()
 
 
-async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_ever(
-    servers, tmp_path: Path
-) -> None:
-    # It heartbeats, so it looks alive, but reads nothing: once its stream's window is full a
-    # write to it waits for ever. That write held the dispatch of a call, and so its turn, past
-    # every deadline. Now a write that waits for the heartbeat timeout loses the worker.
-    server = await start(servers, tmp_path)  # heartbeat timeout 3 s
+@contextlib.asynccontextmanager
+async def _deaf_worker_dropped(server: CodelaneServer, workspace: Path) -> AsyncIterator[grpc.aio.StreamStreamCall]:
+    """A worker that heartbeats, so it looks alive, but reads nothing after its Welcome, sent 12 MB
+    of Assigns (far more than its stream's window) until the hub dropped it; its stream."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
         deaf = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
         await deaf.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
             worker_id="deaf", slots=1000, tools=[wire.spec_to_proto(READ.spec)])))
-        welcome = (await deaf.read()).welcome  # and nothing more is ever read
+        welcome = (await deaf.read()).welcome  # and nothing more is read here
 
         async def heartbeats() -> None:  # the worker's own pacing, as a real worker's
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -369,23 +367,47 @@ async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_e
         try:
             await connected(server, ["deaf"], "the deaf worker")
             calls = [asyncio.create_task(server.pool.dispatch(QueryCall(
-                session_id="s1", call_id=f"c{i}", tool_name="read", timeout=1.0, workspace=str(tmp_path),
+                session_id="s1", call_id=f"c{i}", tool_name="read", timeout=1.0, workspace=str(workspace),
                 arguments_json=json.dumps({"file_path": f"{i}" + "x" * 1_000_000}))))
-                for i in range(12)]  # 12 MB of Assigns: far more than the window
+                for i in range(12)]
             results = await asyncio.wait_for(asyncio.gather(*calls), BOUND)
             assert all(r.is_error for r in results)
             await connected(server, [], "the deaf worker is dropped")
-            # Its stream's status follows what it did not read (worker.proto, Liveness): once it
-            # reads again, the Assigns come first and then why it was dropped.
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                async with asyncio.timeout(BOUND):
-                    while (await deaf.read()) is not grpc.aio.EOF:
-                        pass
-            details = error_details(ended.value)
-            assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "HEARTBEAT_TIMEOUT"), details
+            yield deaf
         finally:
             beating.cancel()
             await asyncio.gather(beating, return_exceptions=True)
+
+
+async def test_a_worker_that_stops_reading_is_lost_and_no_call_waits_on_it_for_ever(
+    servers, tmp_path: Path
+) -> None:
+    # Once its stream's window is full a write to it waits for ever. That write held the dispatch
+    # of a call, and so its turn, past every deadline. Now a write that waits for the heartbeat
+    # timeout loses the worker.
+    server = await start(servers, tmp_path)  # heartbeat timeout 3 s
+    async with _deaf_worker_dropped(server, tmp_path) as deaf:
+        # Its stream's status follows what it did not read (worker.proto, Liveness): once it
+        # reads again, the Assigns come first and then why it was dropped.
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(BOUND):
+                while (await deaf.read()) is not grpc.aio.EOF:
+                    pass
+        details = error_details(ended.value)
+        assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "HEARTBEAT_TIMEOUT"), details
+
+
+async def test_a_server_stops_cleanly_after_a_dropped_worker_that_never_read_again_went_away(
+    servers, tmp_path: Path, caplog
+) -> None:
+    # The status of its stream waits behind the Assigns it never read, until the stream ends and
+    # gRPC refuses it: expected there, not an error with a traceback (it was one).
+    server = await start(servers, tmp_path)
+    async with _deaf_worker_dropped(server, tmp_path):
+        pass  # and its connection closes
+    await asyncio.wait_for(server.stop(grace=0.5), BOUND)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, caplog.text
 
 
 async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once(servers, tmp_path: Path) -> None:
