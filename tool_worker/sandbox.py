@@ -36,6 +36,8 @@ def real_path(path: str | Path, *, strict: bool = False) -> str:
         else:
             try:
                 named = os.readlink(f"{_PROC_FDS}{descriptor}")
+            except OSError:  # a /proc that will not say: realpath will
+                named = ""
             finally:
                 os.close(descriptor)
             # " (deleted)": removed since it was opened; anything not absolute is no path.

@@ -124,8 +124,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     # Closed here, not left to the finalizer: its own cleanup (a subscription
                     # dropped) happens before the call is counted as ended.
-                    await responses.aclose()
-                    call.end(_code(context, failure))
+                    try:
+                        await responses.aclose()
+                    finally:
+                        call.end(_code(context, failure))
 
             return handler._replace(**{attribute: observed_stream})
 
