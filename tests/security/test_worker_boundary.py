@@ -406,7 +406,8 @@ async def test_a_server_stops_cleanly_after_a_dropped_worker_that_never_read_aga
     async with _deaf_worker_dropped(server, tmp_path):
         pass  # and its connection closes
     await asyncio.wait_for(server.stop(grace=0.5), BOUND)
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # (Only this stream's: the loops of earlier tests can leave gRPC's poller errors of their own.)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "WorkerHubService/Connect" in r.getMessage()]
     assert not errors, caplog.text
 
 
