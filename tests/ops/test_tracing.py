@@ -156,7 +156,6 @@ async def test_an_external_task_carries_the_trace_context_of_its_call(
     assert bash.attributes["codelane.worker.id"] == "outside"
 
 
-
 class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
@@ -187,12 +186,10 @@ async def test_a_stream_closed_from_another_task_ends_its_span_without_a_context
             entered.append(trace.get_current_span().get_span_context().is_valid)
             yield n
 
-    method = "/codelane.v1.SessionService/WatchEvents"
-
     async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         return grpc.unary_stream_rpc_method_handler(numbers)
 
-    handler = await interceptor.intercept_service(continuation, _Details(method))
+    handler = await interceptor.intercept_service(continuation, _Details("/codelane.v1.SessionService/WatchEvents"))
     stream = handler.unary_stream(None, _Context())
     assert await asyncio.create_task(anext(stream)) == 0  # a task of its own, as grpc's handler is
     assert entered == [True]  # the handler ran inside the call's span
