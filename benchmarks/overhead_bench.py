@@ -308,6 +308,9 @@ async def main_async(args: argparse.Namespace) -> int:
               f"the kernel counts CPU time in ticks of {1000 / os.sysconf('SC_CLK_TCK'):g} ms, which one turn "
               "cannot resolve; beyond tools: that, less the tools alone's own CPU time per call, measured alike: "
               "what codelane's server and workers spend per call, which a loaded machine moves less than walls)")
+        if args.baseline is not None:
+            print("(@baseline: its overhead/call and beyond tools subtract the tools alone as this code runs them, so "
+                  "a change to the tools themselves shows there, not in the tools alone: compare T turns, paired)")
         for mode in modes:
             before = turns.get(f"{mode.name}@baseline")
             if before:

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tool_worker.sandbox import real_path
 from tool_worker.tools.globs import glob_to_regex
 
 IGNORE_FILES = frozenset({".gitignore", ".ignore", ".rgignore"})
@@ -88,8 +87,8 @@ def resolved_too(path: str, workspace: str) -> list[str]:
     one too: a call through a link and a call on its target touch the same file."""
     named = normalize(path, workspace)
     try:
-        real_root = real_path(workspace)
-        real = real_path(os.path.join(real_root, named))
+        real_root = os.path.realpath(workspace)
+        real = os.path.realpath(os.path.join(real_root, named))
     except (OSError, ValueError):
         return [named]
     other = normalize(real, real_root)

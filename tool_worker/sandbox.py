@@ -14,41 +14,11 @@ from tool_worker.tools.base import ErrorKind, ToolFailure
 
 # Linux's PATH_MAX: no longer path can be opened, so a longer argument is refused as it is.
 MAX_PATH_BYTES = 4096
-# Where the kernel names what a descriptor refers to (absent where /proc is not mounted).
-_PROC_FDS = "/proc/self/fd/"
-_KERNEL_NAMES = os.path.isdir(_PROC_FDS)
-
-
-def real_path(path: str | Path, *, strict: bool = False) -> str:
-    """`os.path.realpath(path, strict=strict)`, answered by the kernel when the whole path exists.
-
-    An `open(O_PATH)` resolves the path as every later open of it will (it opens nothing for
-    reading, so a FIFO or a device is safe to name), and /proc/self/fd names what it found: three
-    system calls, about 2.5 us, against realpath's lstat and Python per component (13 us for a
-    file six directories deep), which every call of a path-taking tool paid twice. Whatever the
-    kernel refuses (a missing component, a loop, a file followed by "/"), or a name it cannot give
-    plainly, is left to realpath, whose answer and errors are the ones callers always had."""
-    if _KERNEL_NAMES:
-        try:
-            descriptor = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except (OSError, ValueError):
-            pass
-        else:
-            try:
-                named = os.readlink(f"{_PROC_FDS}{descriptor}")
-            except OSError:  # a /proc that will not say: realpath will
-                named = ""
-            finally:
-                os.close(descriptor)
-            # " (deleted)": removed since it was opened; anything not absolute is no path.
-            if named.startswith("/") and not named.endswith(" (deleted)"):
-                return named
-    return os.path.realpath(path, strict=strict)
 
 
 def workspace_root(workspace: Path) -> Path:
     """The workspace with every symlink resolved: what resolved targets are compared against."""
-    return Path(real_path(workspace))
+    return Path(os.path.realpath(workspace))
 
 
 def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlink: bool = True) -> Path:
@@ -75,7 +45,7 @@ def resolve_in_workspace(workspace: Path, user_path: str, *, follow_final_symlin
             f"path is {size} bytes long: at most {MAX_PATH_BYTES} are allowed ({user_path[:80]!r}...)",
             ErrorKind.INVALID_ARGUMENTS,
         )
-    root = real_path(workspace)
+    root = os.path.realpath(workspace)
     joined = os.path.join(root, user_path)
     name = os.path.basename(os.path.normpath(joined))
     if follow_final_symlink or name in ("", "..") or os.path.normpath(joined) == root:
@@ -96,7 +66,7 @@ def _real(path: str, user_path: str) -> str:
     does not exist yet (one a tool will create) is resolved as far as it exists, and must come
     out fully resolved: resolving it again changes nothing."""
     try:
-        return real_path(path, strict=True)
+        return os.path.realpath(path, strict=True)
     except OSError as exc:
         refusal = _refusal(exc, user_path)
         if refusal is not None:
