@@ -71,7 +71,7 @@ class Mode:
     @property
     def server(self) -> tuple[int, bool]:
         """Which server process runs the mode: modes that differ only in their sessions share one."""
-        return (self.workers, self.dispatch_all and self.workers > 0)
+        return (self.workers, self.dispatch_all)
 
 
 def make_modes(names: Sequence[str], slots: int, query_concurrency: int) -> list[Mode]:
@@ -84,8 +84,10 @@ def make_modes(names: Sequence[str], slots: int, query_concurrency: int) -> list
                 name, 0, query_concurrency, query_concurrency,
                 f"query_concurrency={query_concurrency}, in-process fallback only (local_workers=0)",
             ))
-        elif name.startswith("workers-") and name.removeprefix("workers-").removesuffix(DISPATCH_ALL).isdigit():
-            n = int(name.removeprefix("workers-").removesuffix(DISPATCH_ALL))
+        elif name.startswith("workers-") and (
+            count := name.removeprefix("workers-").removesuffix(DISPATCH_ALL)
+        ).isdigit():
+            n = int(count)
             if n < 1:
                 raise ValueError(f"mode {name}: at least one worker")
             dispatch_all = name.endswith(DISPATCH_ALL)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from session_server.events import StoredEvent, ToolCallFinished
+from session_server.stats import percentile
 from session_server.store import CHECKPOINT_DELAY, SessionRecord, Store
 from tool_worker.tools.base import ToolResult
 
@@ -69,11 +70,6 @@ def run_round(pattern: str, checkpoint_delay: float | None, turns: int, pause: f
             store.close()
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[name] += measured
                 totals[name].append(sum(measured))
         for name in variants:
-            values = times[name]
-            print(f"{pattern:8} {name:34} {_quantile(values, 0.5) * 1e6:8.0f} {_quantile(values, 0.99) * 1e6:8.0f} "
-                  f"{max(values) * 1e3:8.1f} {statistics.median(totals[name]) * 1e3:13.1f}")
+            values = sorted(times[name])
+            print(f"{pattern:8} {name:34} {percentile(values, 50) * 1e6:8.0f} {percentile(values, 99) * 1e6:8.0f} "
+                  f"{values[-1] * 1e3:8.1f} {statistics.median(totals[name]) * 1e3:13.1f}")
     print(f"(turns: {args.turns} turns of {COMMITS_PER_TURN} commits of {EVENTS_PER_COMMIT} events of 12 KB, "
           f"{args.pause * 1000:g} ms apart; stream: {STREAM_COMMITS} commits of {EVENTS_PER_COMMIT} events of 2 KB "
           f"back to back; ms per round: the commits' total, the median of {args.rounds} rounds)")
