@@ -549,10 +549,19 @@ class Turn:
         calls): the call is then sent again, on a newer snapshot."""
         ctx = self.ctx
         traceparent, tracestate = call.trace_context
-        first_attempt = 1
-        for _ in range(MAX_SNAPSHOTS_PER_CALL):
+        first_attempt = snapshots_sent = 1
+        while True:
             try:
-                snapshot = await self._snapshot()
+                # The call's deadline bounds the wait too: a first scan hashes every file, and a
+                # huge workspace must not hold the call (and its turn) past it.
+                async with asyncio.timeout(ctx.settings.query_timeout):
+                    snapshot = await self._snapshot()
+            except TimeoutError:  # before OSError, of which it is a subclass
+                return ToolResult.error(
+                    ErrorKind.TIMEOUT, f"{call.tool_name} was not run: the workspace's snapshot for a worker was "
+                    f"not ready within the call's {ctx.settings.query_timeout:g}s (the server hashes every file "
+                    "of a workspace it has not scanned before; a smaller workspace, or a longer Query timeout, helps)",
+                )
             except OSError as exc:
                 return ToolResult.error(
                     ErrorKind.TOOL_ERROR, f"{call.tool_name} was not run: the workspace cannot be read "
@@ -576,14 +585,14 @@ class Turn:
                     first_attempt=first_attempt,
                 )
             )
-            if result.error_kind is not ErrorKind.SNAPSHOT_CHANGED:
+            if result.error_kind is not ErrorKind.SNAPSHOT_CHANGED or snapshots_sent == MAX_SNAPSHOTS_PER_CALL:
                 return result
+            snapshots_sent += 1
             first_attempt = result.attempt + 1
             call.retried(first_attempt, "the workspace changed before the worker fetched its snapshot",
                          result.worker_id)
             if ctx.snapshots is not None:
                 ctx.snapshots.changed()
-        return result
 
     async def _snapshot(self) -> SnapshotRef | None:
         """The workspace as of now, for a call bound for a worker. Raises OSError."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
-from codelane.v1 import admin_pb2, events_pb2, tools_pb2, worker_pb2, worker_pb2_grpc
+from codelane.v1 import admin_pb2, events_pb2, session_pb2, tools_pb2, worker_pb2, worker_pb2_grpc
+from session_server.agent import MAX_SNAPSHOTS_PER_CALL
 from tests.polling import poll_until
 from tests.session import conftest as session_fixtures
 from tests.session.conftest import (
@@ -272,3 +275,58 @@ async def test_read_with_no_worker_and_no_local_fallback_says_no_worker_is_there
     assert "no connected tool worker offers it" in result.output
     assert "codelane worker --connect" in result.output
     assert "unknown tool" not in result.output
+
+
+# -- a workspace that keeps changing ----------------------------------------------------------------
+
+
+async def test_a_call_whose_snapshot_keeps_changing_announces_only_the_retries_it_makes(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    worker = RawWorker(client, "changing", echo_spec())
+    assert (await worker.read()).HasField("welcome")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
+    session = await client.create(workspace, model)
+    turn = client.send_stream(session.session_id, "go")
+    assigned = 0
+    while assigned < MAX_SNAPSHOTS_PER_CALL:
+        message = await worker.read()
+        for assign in message.assignments.assigns:
+            assigned += 1
+            worker.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
+                worker_pb2.CallResult(dispatch_id=assign.dispatch_id, result=tools_pb2.ToolResult(
+                    output="the snapshot changed", is_error=True,
+                    error_kind=tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED)),
+            ])))
+    events = [r.event for r in await read_rest(turn)]
+
+    attempts = [e.tool_call_started.attempt for e in events if kind(e) == "tool_call_started"]
+    retries = [e.call_retried.attempt for e in events if kind(e) == "call_retried"]
+    assert attempts == list(range(1, MAX_SNAPSHOTS_PER_CALL + 1))
+    assert retries == list(range(2, MAX_SNAPSHOTS_PER_CALL + 1))  # none after the last attempt
+    result = finished(events)["c1"]
+    assert result.error_kind == tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED and result.attempt == MAX_SNAPSHOTS_PER_CALL
+
+
+async def test_a_snapshot_not_ready_within_the_calls_deadline_ends_the_call(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    worker = RawWorker(client, "waiting", echo_spec())
+    assert (await worker.read()).HasField("welcome")
+    # A sparse GiB: hashing it takes far longer than the call's 50 ms, on any machine.
+    (workspace / "huge.bin").touch()
+    os.truncate(workspace / "huge.bin", 1 << 30)
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
+    queue = session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(
+        lane=tools_pb2.LANE_QUERY, timeout=duration_pb2.Duration(nanos=50_000_000))])
+    session = await client.create(workspace, model, queue=queue)
+    events = await client.send(session.session_id, "go")
+
+    result = finished(events)["c1"]
+    assert result.error_kind == tools_pb2.ERROR_KIND_TIMEOUT
+    assert "snapshot for a worker was not ready within the call's 0.05s" in result.output, result.output
+    assert kind(events[-1]) == "turn_finished"
