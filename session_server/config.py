@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -307,11 +306,16 @@ def build_sandbox_policy(
             "--sandbox-allow-network)",
         )
     most = server.limits
-    cpu = request.max_cpu_seconds
+    cpu = request.max_cpu_seconds or 0
+    if cpu != int(cpu):
+        # RLIMIT_CPU counts whole seconds: rounding would give a limit nobody asked for.
+        raise InvalidArgument("config.sandbox.limits.max_cpu_time",
+                              f"{cpu:g}s is not a whole number of seconds (RLIMIT_CPU counts seconds); "
+                              f"ask for at least {MIN_CPU_SECONDS}s, in whole seconds")
     limits = ResourceLimits(
         processes=_limit("max_processes", request.max_processes, MIN_PROCESSES, most.processes),
         memory_bytes=_limit("max_memory_bytes", request.max_memory_bytes, MIN_MEMORY, most.memory_bytes),
-        cpu_seconds=_limit("max_cpu_time", math.ceil(cpu) if cpu else 0, MIN_CPU_SECONDS, most.cpu_seconds),
+        cpu_seconds=_limit("max_cpu_time", int(cpu), MIN_CPU_SECONDS, most.cpu_seconds),
         open_files=_limit("max_open_files", request.max_open_files, MIN_OPEN_FILES, most.open_files),
     )
     return SandboxPolicy(mode=mode, network=network, limits=limits, env=_checked_env(env))
