@@ -176,10 +176,12 @@ class SettingsRequest:
 MAX_WORKSPACE_BYTES = 4096
 
 
-def resolve_workspace(workspace: str, roots: Sequence[Path] = ()) -> Path:
+def resolve_workspace(workspace: str, roots: Sequence[Path] = (), data_dir: Path | None = None) -> Path:
     """The workspace with its symlinks resolved. With `roots` (the server's --workspace-root, each
     already resolved), it must lie inside one of them, which is checked after resolving, so a link
-    cannot lead out. Raises InvalidArgument("workspace", ...)."""
+    cannot lead out. It may be neither `data_dir` (resolved) nor inside it: the tools keep out of
+    a data directory inside a workspace, but one that holds the workspace would be all of it.
+    Raises InvalidArgument("workspace", ...)."""
     if not workspace.strip():
         raise InvalidArgument("workspace", "is empty: give the path of a directory on the server's machine")
     if len(workspace.encode("utf-8", "surrogateescape")) > MAX_WORKSPACE_BYTES or "\0" in workspace:
@@ -206,7 +208,17 @@ def resolve_workspace(workspace: str, roots: Sequence[Path] = ()) -> Path:
         )
     if not is_dir:
         raise InvalidArgument("workspace", f"{workspace} does not exist or is not a directory on the server")
+    refuse_data_dir(real, data_dir)
     return real
+
+
+def refuse_data_dir(workspace: Path, data_dir: Path | None) -> None:
+    """Raises InvalidArgument("workspace", ...) if the resolved `workspace` is `data_dir` or in it."""
+    if data_dir is not None and (workspace == data_dir or data_dir in workspace.parents):
+        raise InvalidArgument(
+            "workspace", f"{workspace} is in the server's data directory, which holds every session's history; "
+            "give the directory of a project instead"
+        )
 
 
 def _bounded(field_name: str, value: float, low: float, high: float) -> None:

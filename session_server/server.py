@@ -351,6 +351,7 @@ class CodelaneServer:
             generate_limit=self.config.max_llm_requests,
             scripts_dirs=self.config.scripts_dirs,
             workspace_roots=self.config.workspace_roots,
+            data_dir=self.config.data_dir,
             telemetry=self.telemetry,
             admission=self.admission,
             on_store_state=lambda ok, why: self.readiness.set("event_log", ok, why),

@@ -20,7 +20,14 @@ from pathlib import Path
 from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, SessionClosed, Subscription
-from session_server.config import InvalidArgument, SessionSettings, SettingsRequest, build_settings, resolve_workspace
+from session_server.config import (
+    InvalidArgument,
+    SessionSettings,
+    SettingsRequest,
+    build_settings,
+    refuse_data_dir,
+    resolve_workspace,
+)
 from session_server.confirmations import Confirmations
 from session_server.eventlog import EventLog
 from session_server.events import (
@@ -119,6 +126,7 @@ class SessionManager:
         subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES,
         scripts_dirs: Sequence[Path] = (),
         workspace_roots: Sequence[Path] = (),
+        data_dir: Path | None = None,
         telemetry: Telemetry | None = None,
         admission: Admission | None = None,
         on_store_state: Callable[[bool, str], None] | None = None,
@@ -143,6 +151,7 @@ class SessionManager:
         self.models = Models(default_model, self._generate, scripts_dirs, telemetry)
         # Resolved once: workspaces are compared with their symlinks resolved.
         self.workspace_roots = tuple(Path(os.path.realpath(root)) for root in workspace_roots)
+        self.data_dir = Path(os.path.realpath(data_dir)) if data_dir is not None else None
         self._turns: dict[str, tuple[Turn, asyncio.Task[None]]] = {}
         # Sessions whose DeleteSession waits for their turn to end: gone for every new request.
         self._deleting: set[str] = set()
@@ -285,7 +294,7 @@ class SessionManager:
         self, workspace: str, request: SettingsRequest, labels: dict[str, str]
     ) -> SessionRecord:
         """Raises config.InvalidArgument naming the bad field, admission.AtCapacity or ShuttingDown."""
-        path = resolve_workspace(workspace, self.workspace_roots)
+        path = resolve_workspace(workspace, self.workspace_roots, self.data_dir)
         settings = build_settings(request, self.default_model, self.known_tools(), self.registry.sandbox.settings)
         config = settings.to_dict()
         size = len(json.dumps(config))
@@ -371,7 +380,11 @@ class SessionManager:
         check_prompt(text)
         if self.workspace_roots:
             # A session created before the operator narrowed --workspace-root runs no more turns.
-            resolve_workspace(record.workspace, self.workspace_roots)
+            resolve_workspace(record.workspace, self.workspace_roots, self.data_dir)
+        else:
+            # Nor one created in the data directory (by a server before this check, or given
+            # another --data-dir since). Its workspace is stored resolved.
+            refuse_data_dir(Path(record.workspace), self.data_dir)
         settings = SessionSettings.from_dict(record.config)
         try:
             provider, model_name = self.models.provider(settings.model)

@@ -119,7 +119,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except ModelUnavailable as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "MODEL_UNAVAILABLE", model=exc.model)
         except InvalidArgument as exc:
-            # The session's workspace is no longer one the server allows (--workspace-root).
+            # The session's workspace is no longer one the server allows (--workspace-root, or
+            # in the data directory).
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "WORKSPACE_NOT_ALLOWED",
                         field=exc.field)
         except ValueError as exc:

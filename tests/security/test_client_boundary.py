@@ -105,6 +105,37 @@ async def test_a_session_outside_the_new_roots_runs_no_more_turns(make_server, t
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
 
 
+async def test_the_data_directory_is_no_sessions_workspace(make_server, tmp_path) -> None:
+    # It holds every session's history: tools keep out of it inside a workspace, but a workspace
+    # in it would have handed them the store.
+    server = await make_server()
+    data_dir = server.server.config.data_dir
+    (data_dir / "inside").mkdir()
+    os.symlink(data_dir, tmp_path / "link-to-data")
+    model = scripted(tmp_path, [{"text": "hi"}])
+    for refused in (data_dir, data_dir / "inside", tmp_path / "link-to-data"):
+        error = await rpc_error(server.client.create(refused, model))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "workspace"
+        assert "data directory" in error.message
+    assert await server.client.count_sessions() == 0
+
+
+async def test_a_session_whose_workspace_became_the_data_directorys_runs_no_more_turns(make_server, tmp_path) -> None:
+    project = tmp_path / "outer" / "project"
+    project.mkdir(parents=True)
+    first = await make_server()
+    session = await first.client.create(project, scripted(tmp_path, [{"text": "hi"}]))
+    await first.client.close()
+    await first.server.stop(grace=0.5)
+    for stored in first.server.config.data_dir.iterdir():
+        if stored.name.startswith("codelane.db"):
+            stored.rename(tmp_path / "outer" / stored.name)
+    moved = await make_server(data_dir=tmp_path / "outer")
+    error = await rpc_error(moved.client.send(session.session_id, "hello"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
+    assert "data directory" in error.message
+
+
 async def test_a_huge_prompt_is_refused_and_changes_nothing(client, workspace, tmp_path) -> None:
     session = await client.create(workspace, scripted(tmp_path, [{"text": "hi"}]))
     error = await rpc_error(client.send(session.session_id, "x" * (2 * 1024 * 1024)))

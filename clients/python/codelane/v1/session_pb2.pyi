@@ -684,7 +684,8 @@ class CreateSessionRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Workspace directory on the server's machine: an absolute path that exists (and lies under
-    one of the server's --workspace-root directories, when it has any).
+    one of the server's --workspace-root directories, when it has any), neither the server's data
+    directory nor inside it (INVALID_ARGUMENT: it holds every session's history).
     """
     @_builtins.property
     def config(self) -> Global___SessionConfig:
