@@ -23,6 +23,8 @@ Domain logic: no grpc.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import os
 from collections import deque
@@ -38,6 +40,15 @@ KEEP_SNAPSHOTS = 8
 MAX_WORKSPACES = 64
 # Said once per workspace, not at every scan.
 MAX_SKIPPED_LOGGED = 20
+# Threads that scan workspaces, apart from the event loop's default executor: a workspace that
+# takes for ever to hash (a huge sparse file, /proc) holds one of these until its scanner closes,
+# never a thread the tools and the content service need.
+SCAN_THREADS = 4
+
+
+@functools.cache
+def _scan_executor() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="codelane-snapshot")
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class WorkspaceSnapshots:
                 # Changes announced from here on are seen by this scan or by the next one.
                 self._dirty = False
                 try:
-                    tree = await asyncio.to_thread(self._scanner.scan)
+                    tree = await asyncio.get_running_loop().run_in_executor(_scan_executor(), self._scanner.scan)
                 except BaseException:
                     self._dirty = True
                     raise
@@ -150,6 +161,8 @@ class WorkspaceSnapshots:
         log.warning("workspace %s: left out of its snapshot: %s%s", self.workspace, shown, more)
 
     def close(self) -> None:
+        """Forgets the workspace: a scan running in a thread stops (ScanStopped), and whoever
+        waits for it gets that OSError."""
         if self._scanning is not None:
             self._scanning.cancel()
         self._scanner.close()

@@ -29,7 +29,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -277,9 +277,16 @@ def _opened_path(descriptor: int, like: str | bytes) -> str | bytes | None:
         return None
 
 
-def hash_file(path: str | bytes, real_path: str | bytes | None = None) -> tuple[Digest, os.stat_result]:
+class ScanStopped(OSError):
+    """The scan was stopped part way: its scanner was closed. An OSError, as the tree could not be
+    read; the scan does not treat it as one entry's (which it would leave out and go on)."""
+
+
+def hash_file(path: str | bytes, real_path: str | bytes | None = None,
+              stopped: Callable[[], bool] = lambda: False) -> tuple[Digest, os.stat_result]:
     """The file's digest and the stat of the handle it was read through (taken after reading).
-    Raises OSError when `path` is no longer the regular file it was (see `open_as_named`)."""
+    Raises OSError when `path` is no longer the regular file it was (see `open_as_named`), and
+    ScanStopped once `stopped()` (asked between chunks: a file may be huge, or endless)."""
     digest = hashlib.sha256()
     size = 0
     handle = open_as_named(path, real_path)
@@ -287,6 +294,8 @@ def hash_file(path: str | bytes, real_path: str | bytes | None = None) -> tuple[
         raise OSError(errno.ESTALE, "no longer the regular file it was listed as (a link, a FIFO, or gone)")
     with handle:
         while chunk := handle.read(_READ_CHUNK):
+            if stopped():
+                raise ScanStopped(errno.ECANCELED, f"the scan was stopped while hashing {os.fsdecode(path)}")
             digest.update(chunk)
             size += len(chunk)
         after = os.fstat(handle.fileno())
@@ -310,14 +319,19 @@ class TreeScanner:
         # Entries hashed and directories listed by the last scan (figures for tests and benchmarks).
         self.last_hashed = 0
         self.last_listed = 0
+        self._closed = False
 
     def close(self) -> None:
+        """Closes the watches, and stops a scan running in another thread (it raises ScanStopped):
+        a workspace of a huge or endless file (a sparse image, /proc/kcore) holds no thread for ever."""
+        self._closed = True
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
 
     def scan(self, *, full: bool = False) -> Tree:
-        """The tree as it is now. Raises OSError when the root cannot be listed.
+        """The tree as it is now. Raises OSError when the root cannot be listed, ScanStopped when
+        the scanner is closed meanwhile.
 
         Lists only the directories whose watches saw events, unless `full` or no watch holds.
         """
@@ -386,6 +400,8 @@ class TreeScanner:
         dirs: list[tuple[str, _DirState]] = []
         links: list[tuple[str, str]] = []
         prefix = relative + "/" if relative else ""
+        if self._closed:
+            raise ScanStopped(errno.ECANCELED, f"the scan was stopped before listing {relative or '.'}")
         work.listed += 1
         work.dirs_seen.add(relative)
         if self._watcher is not None:
@@ -422,6 +438,8 @@ class TreeScanner:
                         work.skipped.append(f"{child}: symlink target is not valid UTF-8")
                 else:
                     work.skipped.append(f"{child}: not a regular file, directory or symlink")
+            except ScanStopped:
+                raise
             except OSError as exc:
                 # Gone since the listing, or unreadable: left out, and said so.
                 work.skipped.append(f"{child}: {exc.strerror or exc}")
@@ -456,7 +474,7 @@ class TreeScanner:
             and known.mode == info.st_mode
         ):
             return known.digest
-        digest, after = hash_file(path, os.path.join(work.real_root, relative.encode()))
+        digest, after = hash_file(path, os.path.join(work.real_root, relative.encode()), lambda: self._closed)
         work.hashed += 1
         # Stat as read: what the next scan compares against (a write during the read shows there).
         self._files[relative] = _FileState(

@@ -3,11 +3,13 @@ the blob store, sizes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from session_server.snapshots import KEEP_SNAPSHOTS, SnapshotRegistry
+from tests.polling import poll_until
 from tool_worker.blobstore import BlobStore
 from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.confinement.protected import operator_denied_inside
@@ -36,6 +38,32 @@ async def test_current_sees_every_change_announced_before_it(tmp_path: Path) -> 
         assert registry.find(second.digest.hash)[0] is not None
     finally:
         registry.close()
+
+
+def _read_position(path: Path) -> int | None:
+    """How far this process has read into `path` through a descriptor open on it, or None."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    return int(next(line for line in info if line.startswith("pos:")).split()[1])
+        except (OSError, StopIteration):
+            continue
+    return None
+
+
+async def test_closing_a_workspace_stops_the_scan_hashing_it(tmp_path: Path) -> None:
+    # A sparse TiB takes minutes to hash on any machine: a scan of it held a thread that long,
+    # and a workspace of /proc (kcore) for ever, whoever still needed it.
+    huge = tmp_path / "huge.img"
+    huge.touch()
+    os.truncate(huge, 1 << 40)
+    registry = SnapshotRegistry()
+    snapshots = registry.of(str(tmp_path))
+    snapshots.changed()
+    await poll_until(lambda: (_read_position(huge) or 0) > 64 << 20, what="the scan to read into the file")
+    registry.close()
+    await poll_until(lambda: _read_position(huge) is None, what="the scan to stop and close the file", within=60)
 
 
 async def test_only_the_last_snapshots_are_kept(tmp_path: Path) -> None:
