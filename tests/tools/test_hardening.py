@@ -123,6 +123,19 @@ async def test_a_1_mb_path_is_a_plain_error(call: Any) -> None:
         assert "at most 4096" in result.output and len(result.output) < 500
 
 
+@pytest.mark.parametrize(("tool", "arguments"), [
+    ("list_files", {"max_depth": 2**64}),
+    ("grep", {"pattern": "x", "output_mode": "content", "-C": 2**64}),
+    ("grep", {"pattern": "x", "output_mode": "content", "-A": 2**70}),
+    ("grep", {"pattern": "x", "output_mode": "content", "-B": 2**64}),
+])
+async def test_a_number_too_large_for_ripgrep_is_an_invalid_argument(call: Any, tool: str, arguments: dict) -> None:
+    # rg refused it, and the model read "grep failed (rg uses Rust regex syntax): ...".
+    result = await call(tool, **arguments)
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS, result.output
+    assert "maximum" in result.output, result.output
+
+
 async def test_a_component_too_long_is_a_plain_error(call: Any) -> None:
     result = await call("read", file_path="n" * 300)
     assert result.error_kind in (ErrorKind.INVALID_ARGUMENTS, ErrorKind.TOOL_ERROR), result.output

@@ -22,6 +22,8 @@ Hides = Callable[[str], bool] | None
 DEFAULT_HEAD_LIMIT = 250
 # Longer lines (minified code, data) are shown as a preview: rg says how much it left out.
 MAX_LINE_CHARS = 500
+# rg refuses numbers past its integers; far fewer lines than this fit in a result anyway.
+MAX_CONTEXT_LINES = 10_000
 
 _MODE_ARGS = {
     "files_with_matches": ["--files-with-matches", "--null"],
@@ -222,9 +224,12 @@ TOOL = Tool(
                     "type": "boolean",
                     "description": "Show line numbers in content mode (default true).",
                 },
-                "-A": {"type": "integer", "minimum": 0, "description": "Lines of context after a match."},
-                "-B": {"type": "integer", "minimum": 0, "description": "Lines of context before a match."},
-                "-C": {"type": "integer", "minimum": 0, "description": "Lines of context around a match."},
+                "-A": {"type": "integer", "minimum": 0, "maximum": MAX_CONTEXT_LINES,
+                       "description": "Lines of context after a match."},
+                "-B": {"type": "integer", "minimum": 0, "maximum": MAX_CONTEXT_LINES,
+                       "description": "Lines of context before a match."},
+                "-C": {"type": "integer", "minimum": 0, "maximum": MAX_CONTEXT_LINES,
+                       "description": "Lines of context around a match."},
                 "multiline": {
                     "type": "boolean",
                     "description": "Let the pattern span lines; `.` also matches newlines.",

@@ -11,6 +11,8 @@ from tool_worker.tools.files import hidden_notice
 from tool_worker.tools.rg import run_rg, search_location
 
 MAX_ENTRIES = 1000
+# rg refuses numbers past its integers; no path is nested this deep (PATH_MAX is 4096 bytes).
+MAX_DEPTH = 4096
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
@@ -62,6 +64,7 @@ TOOL = Tool(
                 "max_depth": {
                     "type": "integer",
                     "minimum": 1,
+                    "maximum": MAX_DEPTH,
                     "description": "How many directory levels to descend (default: no limit).",
                 },
             },
