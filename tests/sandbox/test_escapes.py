@@ -29,6 +29,12 @@ def _attempts(host: Host, port: int) -> list[dict[str, Any]]:
         bash("read_denied_file", f"cat {host.secret}"),
         bash("server_secret", "env; printenv OPENAI_API_KEY"),
         bash("connect_localhost", f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"),
+        # As root, the kernel's files need no capability, only the owner's write bit: a core
+        # pattern piped to a workspace script ran it as the host's root, outside every namespace.
+        # (The probe writes back the value it read; `test -w` writes nothing.)
+        bash("kernel_files", "for f in /proc/sys/kernel/hostname /proc/sysrq-trigger /proc/sys/vm/drop_caches; do "
+                             "test -w $f && echo writable: $f; done; "
+                             "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern"),
         # git would take its config and hooks from the directory this names: planted, then run by
         # the user's next git command, on the host.
         bash("git_commondir", "echo ../planted > .git/commondir && echo written"),
@@ -70,6 +76,7 @@ async def test_escapes_are_denied(start_host: Any, listener: Listener, tmp_path:
     assert "PATH=" in env and "HOME=" in env  # a built environment, not an empty one
 
     assert "connected" not in results["connect_localhost"].output
+    assert "writable:" not in results["kernel_files"].output, results["kernel_files"].output
     assert listener.accepted == 0
 
     commondir = results["git_commondir"]

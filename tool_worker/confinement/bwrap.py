@@ -3,7 +3,8 @@
 Confined (workspace-write, read-only), in this order, later mounts covering earlier ones:
 - the whole filesystem read-only, and without devices (the host's /dev shows, but opening a
   device there fails), then null, zero, full, random, urandom and tty bound back usable; a /proc
-  of the call's own PID namespace;
+  of the call's own PID namespace, whose files that change the kernel (sys, sysrq-trigger, irq,
+  bus) are read-only;
 - empty private tmpfs on /tmp, /var/tmp, /dev/shm and /run (where the host's daemons keep their
   sockets): they vanish with the call, and count towards its memory limit;
 - each denied path that exists replaced by an empty directory or file of mode 000, so that
@@ -65,6 +66,7 @@ def confined_args(
         args += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
     size = str(policy.limits.memory_bytes)
     args += ["--size", size, "--tmpfs", "/dev/shm", "--proc", "/proc"]
+    args += _kernel_files_read_only()
     for directory in TMPFS_DIRS:
         args += ["--size", size, "--tmpfs", str(directory)]
     if policy.network is NetworkAccess.ON:
@@ -91,6 +93,23 @@ def confined_args(
         "--", *command,
     ]  # fmt: skip
     return args, fds
+
+
+# The parts of /proc that change the kernel itself. Writing them takes no capability, only the
+# owner's write bit, so a command run as root (uid 0, every capability dropped) could: a core
+# pattern piped to a workspace script had the kernel run it as the host's root, outside every
+# namespace. bubblewrap covers these itself only when it finds them writable, and as root without
+# capabilities it does not.
+_KERNEL_FILES = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
+
+
+def _kernel_files_read_only() -> list[str]:
+    """Each of _KERNEL_FILES the host has, bound read-only over the call's own /proc."""
+    args: list[str] = []
+    for path in _KERNEL_FILES:
+        if os.path.lexists(path):
+            args += ["--ro-bind", path, path]
+    return args
 
 
 def unconfined_args(
