@@ -63,6 +63,7 @@ from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats, StatsLane
 from session_server.store import StoredMessage
 from session_server.telemetry import Telemetry, TurnObservation
+from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.confinement.protected import operator_denied_globs
 from tool_worker.effects import EVERYTHING, Effects, in_workspace
 from tool_worker.merkle import SnapshotRef
@@ -115,6 +116,8 @@ class TurnContext:
     # The default placement rule (off with --no-local-cheap-calls): a Query call whose tool says it
     # is cheaper here than on a worker (`Tool.cheaper_here`: a read of a small file) runs here.
     local_cheap_calls: bool = False
+    # The server's holds on workspaces: a command runs alone on its workspace, across sessions.
+    workspace_locks: WorkspaceLocks = dataclasses.field(default_factory=WorkspaceLocks)
 
     @functools.cached_property
     def denied_paths(self) -> tuple[str, ...]:
@@ -506,6 +509,13 @@ class Turn:
         )
 
     async def _run_internal(self, call: ToolCall) -> ToolResult:
+        # A command may swap any path of the workspace (a directory for a symlink out of it)
+        # between another call's check of a path and its open: it runs alone, across sessions.
+        alone = call.lane is Lane.EXECUTE and call.effects is EVERYTHING
+        async with self.ctx.workspace_locks.hold(str(self.ctx.workspace), alone=alone, waiting=call.wait_for):
+            return await self._run_placed(call)
+
+    async def _run_placed(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
         denied_paths = ctx.denied_paths
         problem = f"no worker offers {call.tool_name} any more"

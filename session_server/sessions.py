@@ -62,6 +62,7 @@ from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
 from session_server.store import MAX_READ_PAGE_CHARS, EventPage, SessionRecord, Store, StoredMessage
 from session_server.telemetry import Telemetry
+from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -156,6 +157,7 @@ class SessionManager:
         # Sessions whose DeleteSession waits for their turn to end: gone for every new request.
         self._deleting: set[str] = set()
         self.confirmations = Confirmations()
+        self.workspace_locks = WorkspaceLocks()
         self.external = ExternalTasks(metrics=metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -425,6 +427,7 @@ class SessionManager:
             snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
             local_query_tools=self.local_query_tools,
             local_cheap_calls=self.local_cheap_calls,
+            workspace_locks=self.workspace_locks,
         )
         turn = Turn(ctx)
         self.store.set_session_state(session_id, "running", turn_id)

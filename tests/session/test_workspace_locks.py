@@ -1,0 +1,99 @@
+"""A command runs alone on its workspace across sessions (session_server/workspace_locks.py): the
+lock itself, then two sessions of a real server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from session_server.workspace_locks import WorkspaceLocks
+from tests.polling import poll_until
+from tests.session.conftest import InProcess, call, kind, scripted
+
+
+async def _holding(locks: WorkspaceLocks, workspace: str, alone: bool, entered: asyncio.Event,
+                   leave: asyncio.Event, order: list[str], name: str) -> None:
+    async with locks.hold(workspace, alone=alone):
+        order.append(name)
+        entered.set()
+        await leave.wait()
+
+
+async def test_a_command_waits_for_overlapping_calls_and_they_for_it() -> None:
+    locks = WorkspaceLocks()
+    order: list[str] = []
+    events = {name: (asyncio.Event(), asyncio.Event()) for name in ("read", "command", "nested", "elsewhere")}
+
+    def start(name: str, workspace: str, alone: bool) -> asyncio.Task[None]:
+        entered, leave = events[name]
+        return asyncio.create_task(_holding(locks, workspace, alone, entered, leave, order, name))
+
+    tasks = [start("read", "/ws", False)]
+    await events["read"][0].wait()
+    tasks.append(start("command", "/ws", True))  # waits for the read
+    tasks.append(start("nested", "/ws/sub", False))  # arrived after the command: waits behind it
+    tasks.append(start("elsewhere", "/wsx", False))  # no overlap ("/wsx" is not in "/ws")
+    await events["elsewhere"][0].wait()
+    assert order == ["read", "elsewhere"]
+    events["read"][1].set()
+    await events["command"][0].wait()
+    assert order == ["read", "elsewhere", "command"]
+    events["command"][1].set()
+    await events["nested"][0].wait()
+    for _, leave in events.values():
+        leave.set()
+    await asyncio.gather(*tasks)
+    assert order == ["read", "elsewhere", "command", "nested"]
+
+
+async def test_a_waiter_cancelled_leaves_no_trace() -> None:
+    locks = WorkspaceLocks()
+    entered, leave = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(_holding(locks, "/ws", True, entered, leave, [], "command"))
+    await entered.wait()
+    heard: list[str | None] = []
+
+    async def wait_then_hold() -> None:
+        async with locks.hold("/ws", alone=False, waiting=heard.append):
+            pass
+
+    waiter = asyncio.create_task(wait_then_hold())
+    await poll_until(lambda: heard, what="the read to wait", interval=0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    leave.set()
+    await holder
+    async with locks.hold("/ws", alone=True):  # nothing held or waiting is left behind
+        pass
+    assert heard == ["a command of another session on its workspace to end"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+async def test_another_sessions_calls_wait_for_a_running_command(
+    make_server, workspace: Path, tmp_path: Path, where: str
+) -> None:
+    # A command may swap a directory for a symlink out of the workspace between another call's
+    # check of a path and its open: another session's read, run meanwhile, read the server's data
+    # directory that way (and a write landed outside the workspace).
+    server: InProcess = await make_server()
+    client = server.client
+    (workspace / "src" / "state.txt").write_text("before\n")
+    command = "echo during > src/state.txt; sleep 3; echo after > src/state.txt"
+    writer = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_cmd", command=command)]}, {"text": "done"}], name="w.yaml"))
+    reader_workspace = workspace if where == "same" else workspace / "src"
+    path = "src/state.txt" if where == "same" else "state.txt"
+    reader = await client.create(reader_workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("read", "c_read", file_path=path)]}, {"text": "done"}], name="r.yaml"))
+    running = asyncio.create_task(client.send(writer.session_id, "go"))
+    await poll_until(lambda: (workspace / "src" / "state.txt").read_text() == "during\n",
+                     what="the command to start")
+
+    events = await client.send(reader.session_id, "go")
+    [read] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+    assert read.output.endswith("after"), read.output  # run once the command had ended
+    [command_result] = [e.tool_call_finished.result for e in await running if kind(e) == "tool_call_finished"]
+    assert not command_result.is_error, command_result.output
