@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -88,6 +89,11 @@ def parse_arguments(arguments_json: str) -> tuple[dict[str, Any] | None, str]:
         return None, f"are not valid JSON ({exc})"
     except RecursionError:  # a model's "[[[[..." deeper than the parser goes
         return None, "are nested too deeply to read"
+    except ValueError:
+        # Not a JSONDecodeError (caught above): Python refuses to read an integer longer than its
+        # limit. A model's 5,000 digits are a bad call, not the end of the turn.
+        digits = sys.get_int_max_str_digits()
+        return None, f"hold an integer of more than {digits:,} digits; write such a number as a string"
     if not isinstance(arguments, dict):
         return None, f"must be a JSON object, not {type(arguments).__name__}"
     return arguments, ""

@@ -51,8 +51,9 @@ async def test_unknown_tool(registry: ToolRegistry, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments_json", "needle"),
     [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"), ('"x"', "must be a JSON object"),
-     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply")],
-    ids=["not-json", "array", "string", "nested-too-deeply"],
+     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+     ('{"n": ' + "9" * 5000 + "}", "an integer of more than 4,300 digits")],
+    ids=["not-json", "array", "string", "nested-too-deeply", "huge-integer"],
 )
 async def test_bad_json_never_runs_the_tool(arguments_json: str, needle: str, tmp_path: Path) -> None:
     ran = False
