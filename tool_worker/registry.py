@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.exceptions import SchemaError
 
+from tool_worker import schemas
 from tool_worker.confinement.launcher import Sandbox, default_sandbox
 from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.plugins import ToolHost
@@ -124,7 +125,7 @@ class ToolRegistry:
         except SchemaError as exc:
             raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from exc
         parameters = tool.spec.parameters
-        self._entries[tool.name] = (tool, Draft202012Validator(parameters), compile_check(parameters))
+        self._entries[tool.name] = (tool, schemas.compile_validator(parameters), compile_check(parameters))
 
     def load_module(self, module_name: str, host: ToolHost | None = None) -> None:
         """Import a plugin module and register its tools: its `TOOLS: list[Tool]`, or what its
@@ -230,12 +231,9 @@ class ToolRegistry:
         if arguments is None:
             return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{name} was not run: its arguments {problem}")
         if fast_check is None or not fast_check(arguments):
-            error = best_match(validator.iter_errors(arguments))
-            if error is not None:
-                where = f" at {error.json_path!r}" if error.path else ""
-                return ToolResult.error(
-                    ErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {name}{where}: {error.message}"
-                )
+            problem = schemas.argument_problem(name, validator, arguments)
+            if problem is not None:
+                return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, problem)
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:

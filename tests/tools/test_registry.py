@@ -95,6 +95,22 @@ async def test_failures_become_results(tmp_path: Path) -> None:
     assert crashed.run_time > 0
 
 
+async def test_a_schema_that_cannot_check_the_arguments_is_a_result_not_an_exception(tmp_path: Path) -> None:
+    # {"$ref": "#"} resolves within itself, so it registers; checking anything against it
+    # recurses until the stack runs out. The RecursionError escaped execute.
+    ran = False
+
+    async def run(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        nonlocal ran
+        ran = True
+        return ToolResult(output="ran")
+
+    spec = ToolSpec(name="loop", description="test", parameters={"$ref": "#"}, lane=Lane.QUERY, idempotent=True)
+    result = await ToolRegistry([Tool(spec=spec, run=run)]).execute("loop", tmp_path, '{"n": 1}')
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "refers to itself without end" in result.output
+    assert not ran
+
+
 async def test_run_time_and_cancellation_propagates(tmp_path: Path) -> None:
     started, cleaned = asyncio.Event(), asyncio.Event()
     inside: list[float] = []
