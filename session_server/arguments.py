@@ -32,15 +32,12 @@ _Compiled = tuple[ToolSpec, Draft202012Validator, Callable[[dict[str, Any]], boo
 
 
 def check_schema(name: str, parameters: Mapping[str, Any]) -> None:
-    """Raises ValueError when `parameters` is not a valid JSON Schema (draft 2020-12)."""
+    """Raises ValueError when `parameters` is not a valid JSON Schema (draft 2020-12), or refers
+    to what it does not hold (see `tool_worker.schemas.check`)."""
     try:
-        Draft202012Validator.check_schema(parameters)
-    except SchemaError as exc:
-        raise ValueError(f"tool {name!r}: parameters_json_schema is not a valid JSON Schema: {exc.message}") from None
-    except RecursionError:
-        # The check recurses per level of the schema: a worker's few hundred levels of "not" are
-        # a bad Hello, not an error of the server's.
-        raise ValueError(f"tool {name!r}: parameters_json_schema is nested too deeply to check") from None
+        schemas.check(parameters)
+    except ValueError as exc:
+        raise ValueError(f"tool {name!r}: parameters_json_schema {exc}") from None
 
 
 class ArgumentChecker:

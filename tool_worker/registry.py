@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 
 from tool_worker import schemas
 from tool_worker.confinement.launcher import Sandbox, default_sandbox
@@ -117,14 +116,15 @@ class ToolRegistry:
         return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
-        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema."""
+        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema
+        (or refer to what they do not hold: see `schemas.check`)."""
         if tool.name in self._entries:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
-        try:
-            Draft202012Validator.check_schema(tool.spec.parameters)
-        except SchemaError as exc:
-            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from exc
         parameters = tool.spec.parameters
+        try:
+            schemas.check(parameters)
+        except ValueError as exc:
+            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: it {exc}") from None
         self._entries[tool.name] = (tool, schemas.compile_validator(parameters), compile_check(parameters))
 
     def load_module(self, module_name: str, host: ToolHost | None = None) -> None:

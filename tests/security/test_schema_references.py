@@ -1,8 +1,9 @@
 """A worker's tool schemas, played by an attacker. jsonschema resolved a `$ref` it could not find
 in the schema by retrieving it: an `http://` one froze the server's event loop on a listener that
 never answered, a `file://` one quoted the server's own file to the model, a dangling one failed
-the whole turn. Now checking a call's arguments retrieves nothing and ends, whatever happens, as
-that call's result. A listener on 127.0.0.1 records whether anything ever connected to it."""
+the whole turn. Now a Hello whose references do not resolve within its schema is refused, and
+checking a call's arguments retrieves nothing and ends, whatever happens, as that call's result.
+A listener on 127.0.0.1 records whether anything ever connected to it."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import pytest
 from codelane.v1 import events_pb2, tools_pb2, worker_pb2, worker_pb2_grpc
 from session_server.arguments import ArgumentChecker
 from tests.polling import poll_until
-from tests.session.conftest import call, kind, scripted
-from tool_worker.tools.base import Lane, ToolSpec
+from tests.session.conftest import call, error_details, kind, scripted
+from tool_worker.registry import ToolRegistry
+from tool_worker.tools.base import Lane, Tool, ToolResult, ToolSpec
 
 BOUND = 20.0
 SECRET = "SERVER-FILE-CONTENT-7431"
@@ -95,6 +97,27 @@ def _outside_references(listener: Listener, secret_file: Path) -> dict[str, tupl
 
 CASES = ["remote-ref", "nested-remote-ref", "remote-dynamic-ref", "relative-to-remote-id", "via-an-enum", "file-ref",
          "dangling-ref"]
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_a_hello_whose_schema_refers_outside_itself_is_refused_and_nothing_is_fetched(
+    make_server, listener: Listener, secret_file: Path, case: str
+) -> None:
+    schema, reference = _outside_references(listener, secret_file)[case]
+    server = await make_server()
+    hello = worker_pb2.Hello(worker_id="ref-probe", slots=1, tools=[_spec("read_ok", {"type": "object"}),
+                                                                    _spec("probe", schema)])
+    async with grpc.aio.insecure_channel(server.client.address) as channel:
+        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await stream.write(worker_pb2.ConnectRequest(hello=hello))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(stream.read(), BOUND)
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO")
+    assert "'probe'" in error.message and repr(reference) in error.message and "$defs" in error.message
+    assert SECRET not in error.message
+    assert listener.connections == 0
+    assert server.server.pool.workers() == []
 
 
 async def _turn_with_a_raw_worker(make_server, workspace: Path, tmp_path: Path, tools: list[tools_pb2.ToolSpec],
@@ -183,7 +206,8 @@ async def test_a_schema_that_refers_to_itself_without_end_fails_only_its_call(
 def test_checking_arguments_retrieves_nothing_and_raises_nothing_whatever_the_schema_holds(
     listener: Listener, secret_file: Path, case: str
 ) -> None:
-    # Every call gets a reason, and the server fetches and reads nothing.
+    # A spec the Hello check never saw (the check is what keeps these out; this is what happens if
+    # one got past it): every call gets a reason, the server fetches and reads nothing.
     schema = {
         **{name: schema for name, (schema, _) in _outside_references(listener, secret_file).items()},
         "bad-pointer": {"$ref": "#/allOf/x", "allOf": [{}]},
@@ -193,4 +217,17 @@ def test_checking_arguments_retrieves_nothing_and_raises_nothing_whatever_the_sc
     problem = ArgumentChecker().problem(spec, {"x": SECRET[:3]})
     assert problem is not None and "probe" in problem and "cannot be checked" in problem
     assert SECRET not in problem
+    assert listener.connections == 0
+
+
+def test_a_plugin_tool_whose_schema_refers_outside_itself_is_not_registered(listener: Listener) -> None:
+    async def run(_ctx: Any, _args: dict[str, Any]) -> ToolResult:
+        return ToolResult(output="ran")
+
+    remote = listener.url("plugin.json")
+    spec = ToolSpec(name="plugin_tool", description="", parameters={"$ref": remote}, lane=Lane.QUERY,
+                    idempotent=True)
+    with pytest.raises(ValueError, match="plugin_tool") as caught:
+        ToolRegistry([Tool(spec=spec, run=run)])
+    assert repr(remote) in str(caught.value)
     assert listener.connections == 0
