@@ -6,7 +6,9 @@ spec the model was given, a worker's from its Hello) ends with an INVALID_ARGUME
 is never sent anywhere.
 
 Validators are compiled once per spec, as the registry does for its own tools: a call whose
-arguments pass the fast pre-check (`tool_worker.schema_check`) never reaches jsonschema.
+arguments pass the fast pre-check (`tool_worker.schema_check`) never reaches jsonschema. They
+resolve references only within the spec's schema (`tool_worker.schemas`): checking a call
+retrieves nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.exceptions import SchemaError
 
+from tool_worker import schemas
 from tool_worker.schema_check import compile_check
 from tool_worker.tools.base import ToolSpec
 
@@ -29,15 +32,12 @@ _Compiled = tuple[ToolSpec, Draft202012Validator, Callable[[dict[str, Any]], boo
 
 
 def check_schema(name: str, parameters: Mapping[str, Any]) -> None:
-    """Raises ValueError when `parameters` is not a valid JSON Schema (draft 2020-12)."""
+    """Raises ValueError when `parameters` is not a valid JSON Schema (draft 2020-12), or refers
+    to what it does not hold (see `tool_worker.schemas.check`)."""
     try:
-        Draft202012Validator.check_schema(parameters)
-    except SchemaError as exc:
-        raise ValueError(f"tool {name!r}: parameters_json_schema is not a valid JSON Schema: {exc.message}") from None
-    except RecursionError:
-        # The check recurses per level of the schema: a worker's few hundred levels of "not" are
-        # a bad Hello, not an error of the server's.
-        raise ValueError(f"tool {name!r}: parameters_json_schema is nested too deeply to check") from None
+        schemas.check(parameters)
+    except ValueError as exc:
+        raise ValueError(f"tool {name!r}: parameters_json_schema {exc}") from None
 
 
 class ArgumentChecker:
@@ -56,11 +56,7 @@ class ArgumentChecker:
         _, validator, fast_check = self._entry(spec)
         if fast_check is not None and fast_check(arguments):
             return None
-        error = best_match(validator.iter_errors(arguments))
-        if error is None:
-            return None
-        where = f" at {error.json_path!r}" if error.path else ""
-        return f"invalid arguments for {spec.name}{where}: {error.message}"
+        return schemas.argument_problem(spec.name, validator, arguments)
 
     def _entry(self, spec: ToolSpec) -> _Compiled:
         key = id(spec)
@@ -69,12 +65,12 @@ class ArgumentChecker:
             self._compiled.move_to_end(key)
             return entry
         try:
-            validator = Draft202012Validator(spec.parameters)
+            validator = schemas.compile_validator(spec.parameters)
             validator.check_schema(spec.parameters)
         except SchemaError:
             # Specs with a broken schema are refused at a worker's Hello and at registration; one
             # that slipped through validates like an empty schema rather than failing every call.
-            validator = Draft202012Validator({})
+            validator = schemas.compile_validator({})
         entry = (spec, validator, compile_check(spec.parameters))
         self._compiled[key] = entry
         if len(self._compiled) > self._capacity:

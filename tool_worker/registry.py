@@ -11,14 +11,15 @@ import dataclasses
 import functools
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
 
+from tool_worker import schemas
 from tool_worker.confinement.launcher import Sandbox, default_sandbox
 from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.plugins import ToolHost
@@ -88,6 +89,11 @@ def parse_arguments(arguments_json: str) -> tuple[dict[str, Any] | None, str]:
         return None, f"are not valid JSON ({exc})"
     except RecursionError:  # a model's "[[[[..." deeper than the parser goes
         return None, "are nested too deeply to read"
+    except ValueError:
+        # Not a JSONDecodeError (caught above): Python refuses to read an integer longer than its
+        # limit. A model's 5,000 digits are a bad call, not the end of the turn.
+        digits = sys.get_int_max_str_digits()
+        return None, f"hold an integer of more than {digits:,} digits; write such a number as a string"
     if not isinstance(arguments, dict):
         return None, f"must be a JSON object, not {type(arguments).__name__}"
     return arguments, ""
@@ -110,15 +116,16 @@ class ToolRegistry:
         return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
-        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema."""
+        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema
+        (or refer to what they do not hold: see `schemas.check`)."""
         if tool.name in self._entries:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
-        try:
-            Draft202012Validator.check_schema(tool.spec.parameters)
-        except SchemaError as exc:
-            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from exc
         parameters = tool.spec.parameters
-        self._entries[tool.name] = (tool, Draft202012Validator(parameters), compile_check(parameters))
+        try:
+            schemas.check(parameters)
+        except ValueError as exc:
+            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: it {exc}") from None
+        self._entries[tool.name] = (tool, schemas.compile_validator(parameters), compile_check(parameters))
 
     def load_module(self, module_name: str, host: ToolHost | None = None) -> None:
         """Import a plugin module and register its tools: its `TOOLS: list[Tool]`, or what its
@@ -224,12 +231,9 @@ class ToolRegistry:
         if arguments is None:
             return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, f"{name} was not run: its arguments {problem}")
         if fast_check is None or not fast_check(arguments):
-            error = best_match(validator.iter_errors(arguments))
-            if error is not None:
-                where = f" at {error.json_path!r}" if error.path else ""
-                return ToolResult.error(
-                    ErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {name}{where}: {error.message}"
-                )
+            problem = schemas.argument_problem(name, validator, arguments)
+            if problem is not None:
+                return ToolResult.error(ErrorKind.INVALID_ARGUMENTS, problem)
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -85,6 +86,11 @@ def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema is not valid JSON ({exc})") from None
     except RecursionError:  # `[[[[...` deeper than the parser goes: a worker's Hello, not the server's fault
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema is nested too deeply to read") from None
+    except ValueError:  # not a JSONDecodeError: an integer longer than Python reads
+        raise ValueError(
+            f"tool {msg.name!r}: parameters_json_schema holds an integer of more than "
+            f"{sys.get_int_max_str_digits():,} digits, longer than the server reads: use a shorter number"
+        ) from None
     if not isinstance(parameters, dict):
         raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object")
     if msg.lane not in LANE_FROM_PROTO:

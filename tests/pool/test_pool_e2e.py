@@ -310,13 +310,17 @@ def _hello(**overrides) -> worker_pb2.ConnectRequest:
                                           lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
         (_hello(tools=[tools_pb2.ToolSpec(name="deep", parameters_json_schema='{"not": ' * 900 + "{}" + "}" * 900,
                                           lane=tools_pb2.LANE_QUERY)]), "nested too deeply"),
+        # Longer than Python reads an integer: the message was Python's own, about sys.set_int_max_str_digits.
+        (_hello(tools=[tools_pb2.ToolSpec(name="huge", parameters_json_schema='{"maximum": ' + "9" * 5000 + "}",
+                                          lane=tools_pb2.LANE_QUERY)]), "'huge': parameters_json_schema holds an "
+                                                                        "integer of more than 4,300 digits"),
         # Routing compares a call's workspace with every root of every worker, on the event loop:
         # 100,000 short roots (under 1 MB) cost each call to be placed about a second.
         (_hello(workspace_roots=[f"/r{i}" for i in range(MAX_WORKSPACE_ROOTS + 1)]), "at most 64 roots"),
         (_hello(workspace_roots=["/" + "r" * MAX_ROOT_BYTES]), "longer than"),
     ],
     ids=["no-tools", "zero-slots", "duplicate-tools", "no-id", "not-hello", "too-many-tools", "too-big",
-         "bad-name", "execute-lane", "deep-json", "deep-schema", "too-many-roots", "long-root"],
+         "bad-name", "execute-lane", "deep-json", "deep-schema", "huge-integer", "too-many-roots", "long-root"],
 )
 async def test_bad_hello_is_invalid_argument(make_server, request_message, expected: str) -> None:
     server = await make_server()

@@ -176,6 +176,8 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
         {"name": "read", "id": "bad_json", "arguments_raw": '{"file_path": '},
         # Deeper than Python's JSON parser goes (it raises RecursionError, not a decode error).
         {"name": "read", "id": "too_deep", "arguments_raw": '{"file_path": ' + "[" * 100_000 + "]" * 100_000 + "}"},
+        # Longer than Python reads an integer (it raises ValueError, not a decode error).
+        {"name": "read", "id": "huge_int", "arguments_raw": '{"file_path": "a.txt", "offset": ' + "1" * 5000 + "}"},
         call("read", "missing_file", file_path="nope.txt"),
         call("read", "ok_2", file_path="src/beta.py"),
     ]
@@ -187,8 +189,10 @@ async def test_bad_calls_get_error_results_without_disturbing_siblings(
     kinds = {cid: e.tool_call_finished.result.error_kind for cid, e in done.items()}
     assert kinds["ok_1"] == kinds["ok_2"] == tools_pb2.ERROR_KIND_UNSPECIFIED
     assert kinds["unknown"] == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
-    assert kinds["bad_json"] == kinds["too_deep"] == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert kinds["bad_json"] == kinds["too_deep"] == kinds["huge_int"] == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
     assert "nested too deeply" in done["too_deep"].tool_call_finished.result.output
+    assert "an integer of more than 4,300 digits" in done["huge_int"].tool_call_finished.result.output
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
     assert done["missing_file"].tool_call_finished.result.is_error
     history = await client.history(session.session_id)
     _assert_valid_history(history)

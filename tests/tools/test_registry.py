@@ -51,8 +51,9 @@ async def test_unknown_tool(registry: ToolRegistry, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments_json", "needle"),
     [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"), ('"x"', "must be a JSON object"),
-     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply")],
-    ids=["not-json", "array", "string", "nested-too-deeply"],
+     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+     ('{"n": ' + "9" * 5000 + "}", "an integer of more than 4,300 digits")],
+    ids=["not-json", "array", "string", "nested-too-deeply", "huge-integer"],
 )
 async def test_bad_json_never_runs_the_tool(arguments_json: str, needle: str, tmp_path: Path) -> None:
     ran = False
@@ -92,6 +93,22 @@ async def test_failures_become_results(tmp_path: Path) -> None:
     crashed = await registry.execute("crash", tmp_path, "{}")
     assert crashed.error_kind is ErrorKind.INTERNAL and "KeyError" in crashed.output and "boom" in crashed.output
     assert crashed.run_time > 0
+
+
+async def test_a_schema_that_cannot_check_the_arguments_is_a_result_not_an_exception(tmp_path: Path) -> None:
+    # {"$ref": "#"} resolves within itself, so it registers; checking anything against it
+    # recurses until the stack runs out. The RecursionError escaped execute.
+    ran = False
+
+    async def run(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+        nonlocal ran
+        ran = True
+        return ToolResult(output="ran")
+
+    spec = ToolSpec(name="loop", description="test", parameters={"$ref": "#"}, lane=Lane.QUERY, idempotent=True)
+    result = await ToolRegistry([Tool(spec=spec, run=run)]).execute("loop", tmp_path, '{"n": 1}')
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "refers to itself without end" in result.output
+    assert not ran
 
 
 async def test_run_time_and_cancellation_propagates(tmp_path: Path) -> None:

@@ -259,7 +259,9 @@ class ToolSpec(_message.Message):
     description: _builtins.str
     """Description written for the model: what the tool does and how to use it."""
     parameters_json_schema: _builtins.str
-    """JSON Schema (draft 2020-12) of the tool's arguments object, as a JSON string."""
+    """JSON Schema (draft 2020-12) of the tool's arguments object, as a JSON string. Its references
+    resolve within it only: nothing is retrieved (see Hello.tools in worker.proto).
+    """
     lane: Global___Lane.ValueType
     """The lane the tool's calls are scheduled on (QUERY or EXECUTE)."""
     idempotent: _builtins.bool

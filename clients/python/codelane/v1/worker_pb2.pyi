@@ -184,7 +184,11 @@ class Hello(_message.Message):
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tools_pb2.ToolSpec]:
         """Tools the worker runs: Query lane only. Names must be unique, each 1-64 of [A-Za-z0-9_-]
         (what model APIs accept); at least one; each parameters_json_schema a valid JSON Schema
-        (draft 2020-12). A tool named like one of the server's own tools (read, grep, glob, ls,
+        (draft 2020-12) whose references ($ref, $dynamicRef, $recursiveRef) all resolve within the
+        schema itself ("#/$defs/name", "#/definitions/name", an $anchor or an $id of its own): the
+        server retrieves nothing, so a reference to a URL or a file, or one that points nowhere, is
+        refused (INVALID_HELLO, naming the tool and the reference). $schema is never retrieved
+        either: the schema is checked as draft 2020-12. A tool named like one of the server's own tools (read, grep, glob, ls,
         list_files, search; bash, write and the other Execute tools) is that tool: the model is
         offered, and the server checks arguments against, the server's spec, and Execute tools always
         run on the server. Offer such a name only with the server's arguments (ListTools shows them). One spec per name across the pool:
