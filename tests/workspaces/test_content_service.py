@@ -16,6 +16,7 @@ from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution
 from session_server.api.content import encode_batch_read_response
 from session_server.content import MAX_BATCH_BYTES, MAX_BATCH_DIGESTS, MAX_UPLOADED_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
+from tests.session.conftest import error_details
 from tool_worker.merkle import Digest
 
 TOKEN = "worker-secret"
@@ -242,6 +243,26 @@ async def test_a_resource_name_with_a_size_that_is_no_int64_is_invalid_argument(
                                    metadata=METADATA):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not" in caught.value.details()
+
+
+@pytest.mark.parametrize("message", [b"\x0a\x03\xff\xfe\xfd", b"\xff\xff\xff\xff"], ids=["bad-utf8", "corrupt"])
+async def test_a_write_message_that_does_not_parse_is_invalid_argument(served, caplog, message: bytes) -> None:
+    # A request stream's messages were parsed past the interceptor that answers a unary request
+    # that does not parse: UNKNOWN "Unexpected <class DecodeError>", and a traceback in the log.
+    _, _, channel = served
+    write = channel.stream_unary("/google.bytestream.ByteStream/Write", request_serializer=lambda raw: raw,
+                                 response_deserializer=bytestream_pb2.WriteResponse.FromString)
+
+    async def messages():
+        yield message
+        await asyncio.Event().wait()  # (see the test below for why not half-close)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await write(messages(), metadata=METADATA, timeout=30)
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), error
+    assert "WriteRequest" in error.message and "does not parse" in error.message
+    assert not [r for r in caplog.records if "ByteStream/Write" in r.getMessage()], caplog.text
 
 
 async def test_an_upload_bigger_than_the_server_keeps_is_refused_before_its_bytes(served) -> None:
