@@ -84,6 +84,33 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     assert len(received) < len(big)  # the last chunk was held back: never a whole wrong blob
 
 
+async def test_a_digest_of_size_0_is_the_empty_blob_only_with_the_empty_blobs_hash(served) -> None:
+    # Any digest of size 0 was taken for the empty blob, whatever its hash: held, read as 0 bytes
+    # that do not hash to it, and walked as an empty Directory.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    empty, bogus = digest(b""), remote_execution_pb2.Digest(hash="ab" * 32, size_bytes=0)
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=[empty, bogus]), metadata=METADATA)
+    assert list(missing.missing_blob_digests) == [bogus]
+    read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[empty, bogus]),
+                                    metadata=METADATA)
+    assert [(r.digest, r.status.code, r.data) for r in read.responses] == [
+        (empty, 0, b""), (bogus, grpc.StatusCode.NOT_FOUND.value[0], b"")]
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    assert [r.data async for r in stream.Read(bytestream_pb2.ReadRequest(
+        resource_name=f"blobs/{empty.hash}/0"), metadata=METADATA)] == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name=f"blobs/{bogus.hash}/0"),
+                                   metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=bogus), metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def _refused_read(channel: grpc.aio.Channel, blob: bytes) -> tuple[bytes, grpc.aio.AioRpcError]:
     """What a ByteStream.Read of `blob` sent before it failed, and how it failed."""
     stream = bytestream_pb2_grpc.ByteStreamStub(channel)
