@@ -199,6 +199,49 @@ async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_p
         await server.stop(grace=0.5)
 
 
+async def _read_all(channel: grpc.aio.Channel, resource_name: str, read_offset: int = 0):
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    return [r async for r in stream.Read(bytestream_pb2.ReadRequest(resource_name=resource_name,
+                                                                    read_offset=read_offset), metadata=METADATA)]
+
+
+async def _get_tree(channel: grpc.aio.Channel, root: remote_execution_pb2.Digest):
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    return [page async for page in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=root),
+                                               metadata=METADATA)]
+
+
+_NOWHERE = remote_execution_pb2.Digest(hash="cd" * 32, size_bytes=5)
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "reason", "metadata"),
+    [
+        (lambda channel: remote_execution_pb2_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+            remote_execution_pb2.FindMissingBlobsRequest(blob_digests=[remote_execution_pb2.Digest(hash="nothex")]),
+            metadata=METADATA),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", {"field": "blob_digests"}),
+        (lambda channel: _read_all(channel, "blobs/nothex"),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", {"field": "resource_name"}),
+        (lambda channel: _read_all(channel, f"blobs/{_NOWHERE.hash}/5"),
+         grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND", {"digest": f"{_NOWHERE.hash}/5"}),
+        (lambda channel: _get_tree(channel, _NOWHERE),
+         grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND", {"digest": f"{_NOWHERE.hash}/5"}),
+        (lambda channel: _read_all(channel, f"blobs/{digest(b'small file').hash}/{len(b'small file')}",
+                                   read_offset=99),
+         grpc.StatusCode.OUT_OF_RANGE, "READ_OUT_OF_RANGE", {}),
+    ],
+    ids=["cas-invalid", "bytestream-invalid", "read-not-found", "get-tree-not-found", "read-out-of-range"],
+)
+async def test_content_service_errors_carry_error_info(served, call, code, reason: str, metadata: dict) -> None:
+    # They carried a code and a message only, where every other error status has ErrorInfo.
+    _, _, channel = served
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(channel)
+    error = error_details(caught.value)
+    assert (error.code, error.reason, error.domain, error.metadata) == (code, reason, "codelane.dev", metadata)
+
+
 @pytest.mark.parametrize(
     ("request_message", "expected"),
     [
@@ -328,7 +371,7 @@ async def test_uploads_in_progress_hold_no_more_than_the_server_keeps(served) ->
         assert len(done) == 1 and len(pending) == 1
         error = done.pop().exception()
         assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"{MAX_UPLOADED_BYTES:,}" in error.details()
+        assert f"{MAX_UPLOADED_BYTES:,}" in error.details() and error_details(error).reason == "UPLOADS_FULL"
     finally:
         for write in writes:
             write.cancel()
