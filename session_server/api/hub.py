@@ -289,8 +289,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             try:
                 if undecodable is not None:
                     await abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason, "INVALID_ARGUMENT")
-                await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value,
-                            worker_id=worker_id)
+                else:
+                    await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value,
+                                worker_id=worker_id)
             except grpc.aio.AbortError:
                 raise
             except Exception:
