@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from session_server.snapshots import SnapshotRegistry
-from tool_worker.merkle import Digest, open_as_named
+from tool_worker.merkle import EMPTY_DIGEST, Digest, open_as_named
 
 if TYPE_CHECKING:
     from codelane.reapi.remote_execution_pb2 import Directory
@@ -222,7 +222,7 @@ class ContentStore:
         """The blob when it is in memory (empty, uploaded, or a snapshot's directory blob), else
         the paths of files that held its content (only the newest: `first_path_only`): one walk
         of the snapshots for both."""
-        if digest.size == 0:
+        if digest == EMPTY_DIGEST:
             return b"", []
         data = self._uploaded.get(digest.hash)
         if data is None:

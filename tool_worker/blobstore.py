@@ -17,7 +17,7 @@ import re
 import shutil
 from collections import OrderedDict
 
-from tool_worker.merkle import Digest
+from tool_worker.merkle import EMPTY_DIGEST, Digest
 
 log = logging.getLogger("codelane.worker")
 
@@ -82,7 +82,7 @@ class BlobStore:
 
     def read(self, digest: Digest) -> bytes | None:
         """The blob's bytes, verified; None when it is missing or corrupt (then deleted)."""
-        if digest.size == 0:
+        if digest == EMPTY_DIGEST:
             return b""
         if digest.hash not in self._sizes:
             return None

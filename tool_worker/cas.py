@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
-from tool_worker.merkle import Digest
+from tool_worker.merkle import EMPTY_DIGEST, Digest
 
 log = logging.getLogger("codelane.worker")
 
@@ -72,7 +72,9 @@ class CasClient:
 
     async def fetch(self, digests: Sequence[Digest]) -> AsyncIterator[list[tuple[Digest, bytes]]]:
         """Yields the blobs in batches as they arrive, each checked. Raises ContentError."""
-        unique = list({d.hash: d for d in digests if d.size > 0}.values())
+        # The empty blob is known without asking; another digest of size 0 is asked for like any
+        # other, and the CAS answers NOT_FOUND: taken as empty, it was bytes that do not match it.
+        unique = list({d.hash: d for d in digests if d != EMPTY_DIGEST}.values())
         small = sorted((d for d in unique if d.size <= self.max_batch_bytes), key=lambda d: d.size)
         large = [d for d in unique if d.size > self.max_batch_bytes]
         batches: list[list[Digest]] = []
@@ -117,7 +119,7 @@ class CasClient:
 
     async def read(self, digests: Sequence[Digest]) -> dict[str, bytes]:
         """The blobs by hash (small ones: directory trees)."""
-        out: dict[str, bytes] = {d.hash: b"" for d in digests if d.size == 0}
+        out: dict[str, bytes] = {d.hash: b"" for d in digests if d == EMPTY_DIGEST}
         async for batch in self.fetch(digests):
             out.update((digest.hash, data) for digest, data in batch)
         return out

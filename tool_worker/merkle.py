@@ -71,6 +71,8 @@ class Digest:
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The one digest of size 0: any other hash with size 0 names bytes that do not exist.
+EMPTY_DIGEST = Digest(EMPTY_HASH, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from tool_worker.blobstore import BlobStore
 from tool_worker.cas import BlobMissing, CasClient, ContentError
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import (
+    EMPTY_DIGEST,
     EMPTY_HASH,
     SHARED,
     SYNCED,
@@ -596,7 +597,7 @@ class WorkspaceManager:
     def _fill_local(self, tree: _Tree, plan: _Plan) -> set[str]:
         done = set()
         for digest in plan.writes:
-            if digest.size == 0:
+            if digest == EMPTY_DIGEST:
                 data: bytes | None = b""
             else:
                 data = self.store.read(digest) if digest.hash in self.store else None

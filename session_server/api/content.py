@@ -2,7 +2,8 @@
 
 Served on the hub's addresses, behind the worker token (session_server.api.auth). Only SHA-256
 digests exist here; a request naming another instance, a malformed digest or too many bytes at
-once gets INVALID_ARGUMENT and changes nothing.
+once gets INVALID_ARGUMENT and changes nothing. Error statuses carry ErrorInfo as every other
+service's do (docs/protocol.md, "Errors"), under REAPI's codes: a REAPI client reads only those.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Iterable
-from typing import NoReturn
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
-from session_server.api.errors import MAX_MESSAGE_BYTES, bounded
+from session_server.api.errors import abort
 from session_server.content import (
     MAX_UPLOADED_BYTES,
     STREAM_CHUNK,
@@ -49,12 +49,6 @@ def digest_to_proto(digest: Digest) -> remote_execution_pb2.Digest:
     return remote_execution_pb2.Digest(hash=digest.hash, size_bytes=digest.size)
 
 
-async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """Ends the call; the message (which may quote what a worker sent) cut to fit in trailers."""
-    await context.abort(code, bounded(message, MAX_MESSAGE_BYTES))
-    raise AssertionError("unreachable: abort raises")
-
-
 def _status(code: int, message: str = "") -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
@@ -65,12 +59,16 @@ class _Requests:
     def __init__(self, instance_name: str) -> None:
         self.instance_name = instance_name
 
-    async def check(self, context: grpc.aio.ServicerContext, instance: str, digest_function: int = 0) -> None:
+    async def check(self, context: grpc.aio.ServicerContext, instance: str, digest_function: int = 0,
+                    instance_field: str = "instance_name") -> None:
+        """`instance_field`: the request field the instance came from."""
         if instance != self.instance_name:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown instance {instance!r}: this server serves {self.instance_name!r}")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"unknown instance {instance!r}: this server serves {self.instance_name!r}", "INVALID_ARGUMENT",
+                        field=instance_field)
         if digest_function not in _DIGEST_FUNCTIONS:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "only SHA256 digests are served here")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "only SHA256 digests are served here",
+                        "INVALID_ARGUMENT", field="digest_function")
 
 
 class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddressableStorageServicer):
@@ -84,7 +82,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             self._store.check_lookup(len(request.blob_digests))  # before a digest is parsed
             digests = [digest_from_proto(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)]
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="blob_digests")
         missing = self._store.find_missing(digests)
         return remote_execution_pb2.FindMissingBlobsResponse(missing_blob_digests=[digest_to_proto(d) for d in missing])
 
@@ -94,7 +92,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             digests = [digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
             self._store.check_batch(digests)
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="digests")
         return encode_batch_read_response(zip(digests, await self._store.read_many(digests), strict=True))
 
     async def BatchUpdateBlobs(self, request, context):
@@ -103,7 +101,7 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             digests = [digest_from_proto(r.digest, f"requests[{i}].digest") for i, r in enumerate(request.requests)]
             self._store.check_batch(digests)
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="requests")
         response = remote_execution_pb2.BatchUpdateBlobsResponse()
         for digest, item in zip(digests, request.requests, strict=True):
             entry = response.responses.add(digest=digest_to_proto(digest))
@@ -120,8 +118,12 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
     async def GetTree(self, request, context):
         await self._requests.check(context, request.instance_name, request.digest_function)
         if request.page_token and not _SIZE.fullmatch(request.page_token):  # what this server gives: an offset
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
-                          "this server gave")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one "
+                        "this server gave", "INVALID_ARGUMENT", field="page_token")
+        try:
+            root = digest_from_proto(request.root_digest, "root_digest")
+        except InvalidBlob as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="root_digest")
         page = min(request.page_size, GET_TREE_PAGE) if request.page_size > 0 else GET_TREE_PAGE
         start = int(request.page_token or 0)
         # The tree is walked as its pages are sent, never whole at once: a wide tree held the
@@ -129,7 +131,6 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
         directories: list[remote_execution_pb2.Directory] = []
         walked = 0
         try:
-            root = digest_from_proto(request.root_digest, "root_digest")
             for directory in self._store.walk_tree(root):
                 walked += 1
                 if walked <= start:
@@ -141,10 +142,10 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
                                                                next_page_token=str(walked - 1))
                     directories = []
                 directories.append(directory)
-        except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except InvalidBlob as exc:  # a blob of the tree is no Directory
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="root_digest")
         except BlobNotFound as exc:
-            await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "BLOB_NOT_FOUND", digest=str(root))
         yield remote_execution_pb2.GetTreeResponse(directories=directories)
 
 
@@ -207,15 +208,15 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         match = pattern.match(resource_name)
         # ASCII digits that fit in an int64 (str.isdigit also takes "²", which int() refuses).
         if match is None or not _SIZE.fullmatch(match["size"]) or int(match["size"]) >= 2**63:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
-                                "[{instance}/]blobs/{hash}/{size} (reads) or [{instance}/]uploads/{uuid}/blobs/"
-                                "{hash}/{size} (writes)")
-        await self._requests.check(context, match["instance"] or "")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"resource_name {resource_name!r} is not "
+                        "[{instance}/]blobs/{hash}/{size} (reads) or [{instance}/]uploads/{uuid}/blobs/{hash}/{size} "
+                        "(writes)", "INVALID_ARGUMENT", field="resource_name")
+        await self._requests.check(context, match["instance"] or "", instance_field="resource_name")
         try:
             return digest_from_proto(remote_execution_pb2.Digest(hash=match["hash"], size_bytes=int(match["size"])),
                                      "resource_name")
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="resource_name")
 
     async def Read(self, request, context):
         digest = await self._digest(context, _READ_NAME, request.resource_name)
@@ -223,9 +224,9 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             async for chunk in self._store.read_stream(digest, request.read_offset, request.read_limit):
                 yield bytestream_pb2.ReadResponse(data=chunk)
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(exc), "READ_OUT_OF_RANGE")
         except BlobNotFound as exc:
-            await _refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc), "BLOB_NOT_FOUND", digest=str(digest))
 
     async def Write(self, request_iterator, context):
         with contextlib.ExitStack() as held:  # the upload's share of what uploads may hold
@@ -241,28 +242,32 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                 digest = await self._digest(context, _WRITE_NAME, request.resource_name)
                 if digest.size > MAX_UPLOADED_BYTES:
                     # Checked before a byte is held: the stream is buffered until finish_write.
-                    await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{digest} is over the {MAX_UPLOADED_BYTES:,} bytes this server keeps of uploads")
+                    await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{digest} is over the {MAX_UPLOADED_BYTES:,} bytes this server keeps of uploads",
+                                "INVALID_ARGUMENT", field="resource_name")
                 try:
                     held.enter_context(self._store.uploading(digest.size))
                 except UploadsFull as exc:
-                    await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "UPLOADS_FULL")
             if request.write_offset != received:
-                await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"write_offset {request.write_offset}, expected {received}")
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                            f"write_offset {request.write_offset}, expected {received}", "INVALID_ARGUMENT",
+                            field="write_offset")
             received += len(request.data)
             if received > digest.size:
-                await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"more than the {digest.size} bytes announced")
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"more than the {digest.size} bytes announced",
+                            "INVALID_ARGUMENT", field="data")
             chunks.append(request.data)
             if request.finish_write:
                 finished = True
                 break
         if digest is None or not finished:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "the write ended without finish_write")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the write ended without finish_write",
+                        "INVALID_ARGUMENT", field="finish_write")
         try:
             self._store.store(digest, b"".join(chunks))
         except InvalidBlob as exc:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field="data")
         return bytestream_pb2.WriteResponse(committed_size=received)
 
 

@@ -4,13 +4,16 @@ call with INVALID_ARGUMENT.
 gRPC parses a request before any servicer runs, and a parse error (a string field of bad UTF-8,
 a truncated field) escaped as UNKNOWN, with a traceback logged per call. This interceptor, last
 in the chain (after authentication), lets the parse fail into a marker that the handler turns
-into a status. Request streams (the worker hub) read their messages themselves and are left alone.
+into a status. A request stream's messages are parsed as the servicer reads them, so there the
+marker becomes UndecodableMessage, raised at that read: a servicer that owes a status of its own
+for it catches it (the worker hub: INVALID_HELLO for a first message), and one that does not
+ends with INVALID_ARGUMENT like a unary call (ByteStream.Write).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -24,9 +27,17 @@ from session_server.api.errors import abort
 # 1.2 MiB (a config of 1 Mi characters as stored, labels of 64 KiB).
 MAX_REQUEST_BYTES = {"/codelane.v1.SessionService/CreateSession": 2 * 1024 * 1024}
 
+_KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
+          (True, True): "stream_stream"}
+
+
+class UndecodableMessage(Exception):
+    """A request, or a message of a request stream, refused unparsed: it does not parse, or it is
+    bigger than its method takes. The exception's message says which, for the client."""
+
 
 class _Undecodable:
-    """What a request that did not parse is handed to its handler as: why, for the client."""
+    """What a request that did not parse is handed on as: why, for the client."""
 
     __slots__ = ("problem",)
 
@@ -34,8 +45,25 @@ class _Undecodable:
         self.problem = problem
 
 
-async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> NoReturn:
-    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem, "INVALID_ARGUMENT")
+async def _refuse(context: grpc.aio.ServicerContext, exc: UndecodableMessage) -> NoReturn:
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT")
+
+
+async def _checked_messages(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise UndecodableMessage(request.problem)
+        yield request
+
+
+def _parsed(request: Any, streaming: bool) -> Any:
+    """What the servicer is handed: a request stream whose reads raise UndecodableMessage for a
+    message that did not parse, or the request (UndecodableMessage at once if it did not)."""
+    if streaming:
+        return _checked_messages(request)
+    if isinstance(request, _Undecodable):
+        raise UndecodableMessage(request.problem)
+    return request
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
@@ -45,10 +73,12 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
         largest = MAX_REQUEST_BYTES.get(details.method)
+        streaming = handler.request_streaming
+        what = "a message of the request stream" if streaming else "the request"
 
         def lenient(raw: bytes) -> Any:
             if largest is not None and len(raw) > largest:
@@ -57,25 +87,28 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return parse(raw)
             except DecodeError as exc:
-                return _Undecodable(f"the request does not parse: {exc}; send a well-formed message of the "
+                return _Undecodable(f"{what} does not parse: {exc}; send only well-formed messages of the "
                                     "method's request type (string fields in UTF-8)")
 
-        attribute = "unary_stream" if handler.response_streaming else "unary_unary"
+        attribute = _KINDS[(streaming, handler.response_streaming)]
         behavior = getattr(handler, attribute)
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_stream(request: Any, context: grpc.aio.ServicerContext):
-                if isinstance(request, _Undecodable):
-                    await _refuse(context, request)
-                async for response in behavior(request, context):
-                    yield response
+                try:
+                    async for response in behavior(_parsed(request, streaming), context):
+                        yield response
+                except UndecodableMessage as exc:
+                    await _refuse(context, exc)
 
             return handler._replace(request_deserializer=lenient, **{attribute: checked_stream})
 
-        # A unary handler, or a stream one that writes with context.write (grpc's health Watch).
+        # A unary handler, or a stream one that writes with context.write (the worker hub's
+        # Connect, grpc's health Watch).
         async def checked(request: Any, context: grpc.aio.ServicerContext):
-            if isinstance(request, _Undecodable):
-                await _refuse(context, request)
-            return await behavior(request, context)
+            try:
+                return await behavior(_parsed(request, streaming), context)
+            except UndecodableMessage as exc:
+                await _refuse(context, exc)
 
         return handler._replace(request_deserializer=lenient, **{attribute: checked})

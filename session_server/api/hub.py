@@ -16,6 +16,7 @@ import grpc
 
 from codelane import __version__
 from codelane.v1 import worker_pb2, worker_pb2_grpc
+from session_server.api.decoding import UndecodableMessage
 from session_server.api.errors import abort
 from session_server.pool import (
     Assignment,
@@ -219,6 +220,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
         except (TimeoutError, StopAsyncIteration):
             first = None
+        except UndecodableMessage as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the first message of Connect must be a Hello: {exc}", "INVALID_HELLO")
         if first is None or first.WhichOneof("message") != "hello":
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello",
                         "INVALID_HELLO")
@@ -248,6 +252,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         reason = broken = "the connection to the worker broke (its process died or the network failed)"
         cause = "stream_broken"
         reader = writer = None
+        undecodable: UndecodableMessage | None = None
         try:
             await context.write(worker_pb2.ConnectResponse(welcome=welcome))
             # Calls assigned since register() waited for the Welcome to go first.
@@ -257,6 +262,12 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if writer in done:
                 reason = link.closed_reason or "writing to the worker failed"
+            elif isinstance(reader.exception(), UndecodableMessage):
+                # A worker that sends what does not parse is broken, and a result it meant to send
+                # may be lost: its stream ends, and its calls go elsewhere or end now, not at their
+                # deadlines.
+                undecodable = reader.exception()
+                reason, cause = f"the hub cannot read the worker's stream: {undecodable}", "invalid_message"
             elif reader.exception() is not None:
                 reason = f"the worker's stream broke: {reader.exception()}"
             else:
@@ -274,10 +285,13 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
                         await task
             self._pool.unregister(worker_id, link, reason, cause)
             log.info("worker %s disconnected: %s", worker_id, reason)
-        if link.fault is not None:
+        if undecodable is not None or link.fault is not None:
             try:
-                await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value,
-                            worker_id=worker_id)
+                if undecodable is not None:
+                    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason, "INVALID_ARGUMENT")
+                else:
+                    await abort(context, _FAULT_STATUS[link.fault], link.closed_reason, link.fault.value,
+                                worker_id=worker_id)
             except grpc.aio.AbortError:
                 raise
             except Exception:
@@ -294,7 +308,8 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
     async def _read(self, worker_id: str, link: _StreamLink, request_iterator) -> str:
         """Feeds the worker's messages to the pool until the worker half-closes; returns why it
         ended. A message the pool chokes on is logged and skipped: one bad message never costs
-        the worker its stream."""
+        the worker its stream. One that does not parse raises UndecodableMessage: a stream of
+        bytes the hub cannot read is a broken worker."""
         pool = self._pool
         drained = False
         async for request in request_iterator:

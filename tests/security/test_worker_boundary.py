@@ -150,6 +150,63 @@ async def test_a_reconnecting_worker_takes_its_id_back_and_the_old_stream_is_fen
         second.cancel()
 
 
+# ConnectRequest{hello{worker_id=<ff fe fd>}}: a string field of bad UTF-8; then bytes that are no
+# protobuf at all.
+_UNDECODABLE_HELLO = b"\x0a\x05\x0a\x03\xff\xfe\xfd"
+_CORRUPT = b"\xff\xff\xff\xff"
+
+
+def _raw_connect(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    """A Connect stream whose requests are sent as the bytes given, parsed or not."""
+    method = channel.stream_stream("/codelane.v1.WorkerHubService/Connect", request_serializer=lambda raw: raw,
+                                   response_deserializer=worker_pb2.ConnectResponse.FromString)
+    return method()
+
+
+def _connect_errors_logged(caplog) -> list[logging.LogRecord]:
+    # (Only this stream's: the loops of earlier tests can leave gRPC's poller errors of their own.)
+    return [r for r in caplog.records if r.levelno >= logging.ERROR and "WorkerHubService/Connect" in r.getMessage()]
+
+
+@pytest.mark.parametrize("first", [_UNDECODABLE_HELLO, _CORRUPT], ids=["bad-utf8", "corrupt"])
+async def test_a_first_message_that_does_not_parse_is_an_invalid_hello(
+    servers, tmp_path: Path, caplog, first: bytes
+) -> None:
+    # gRPC's parse error escaped the hub: UNKNOWN "Unexpected <class DecodeError>", a traceback.
+    server = await start(servers, tmp_path)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        call = _raw_connect(channel)
+        await call.write(first)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), BOUND)
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO"), error
+    assert "must be a Hello" in error.message and "does not parse" in error.message
+    assert server.pool.workers() == [] and not _connect_errors_logged(caplog), caplog.text
+
+
+async def test_a_message_that_does_not_parse_after_the_welcome_ends_the_stream_invalid_argument(
+    servers, tmp_path: Path, caplog
+) -> None:
+    # The hub dropped the worker but ended its stream OK, the status of a drained worker: the
+    # worker was never told, and would have taken its end for a normal one.
+    server = await start(servers, tmp_path)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        call = _raw_connect(channel)
+        await call.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
+            worker_id="w1", slots=1, tools=[wire.spec_to_proto(READ.spec)])).SerializeToString())
+        assert (await asyncio.wait_for(call.read(), BOUND)).HasField("welcome")
+        await call.write(b"\x12\x05\x0a\x03\x22\x01\xff")  # results{results{dispatch_id=<ff>}}
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(BOUND):
+                while (await call.read()) is not grpc.aio.EOF:
+                    pass
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), error
+    assert "does not parse" in error.message and "UTF-8" in error.message
+    assert server.pool.workers() == [] and not _connect_errors_logged(caplog), caplog.text
+
+
 class _FakeHub(worker_pb2_grpc.WorkerHubServiceServicer):
     """A hub that says whatever it likes: here, Assigns outside the worker's --root."""
 
@@ -406,9 +463,7 @@ async def test_a_server_stops_cleanly_after_a_dropped_worker_that_never_read_aga
     async with _deaf_worker_dropped(server, tmp_path):
         pass  # and its connection closes
     await asyncio.wait_for(server.stop(grace=0.5), BOUND)
-    # (Only this stream's: the loops of earlier tests can leave gRPC's poller errors of their own.)
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "WorkerHubService/Connect" in r.getMessage()]
-    assert not errors, caplog.text
+    assert not _connect_errors_logged(caplog), caplog.text
 
 
 async def test_a_call_cancelled_while_its_assign_is_written_is_withdrawn_at_once(servers, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution
 from session_server.api.content import encode_batch_read_response
 from session_server.content import MAX_BATCH_BYTES, MAX_BATCH_DIGESTS, MAX_UPLOADED_BYTES, STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
+from tests.session.conftest import error_details
 from tool_worker.merkle import Digest
 
 TOKEN = "worker-secret"
@@ -81,6 +82,33 @@ async def test_a_file_changed_since_its_snapshot_is_not_found_never_wrong_bytes(
     received, error = await _refused_read(channel, big)
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert len(received) < len(big)  # the last chunk was held back: never a whole wrong blob
+
+
+async def test_a_digest_of_size_0_is_the_empty_blob_only_with_the_empty_blobs_hash(served) -> None:
+    # Any digest of size 0 was taken for the empty blob, whatever its hash: held, read as 0 bytes
+    # that do not hash to it, and walked as an empty Directory.
+    _, _, channel = served
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    empty, bogus = digest(b""), remote_execution_pb2.Digest(hash="ab" * 32, size_bytes=0)
+    missing = await cas.FindMissingBlobs(remote_execution_pb2.FindMissingBlobsRequest(
+        blob_digests=[empty, bogus]), metadata=METADATA)
+    assert list(missing.missing_blob_digests) == [bogus]
+    read = await cas.BatchReadBlobs(remote_execution_pb2.BatchReadBlobsRequest(digests=[empty, bogus]),
+                                    metadata=METADATA)
+    assert [(r.digest, r.status.code, r.data) for r in read.responses] == [
+        (empty, 0, b""), (bogus, grpc.StatusCode.NOT_FOUND.value[0], b"")]
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    assert [r.data async for r in stream.Read(bytestream_pb2.ReadRequest(
+        resource_name=f"blobs/{empty.hash}/0"), metadata=METADATA)] == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stream.Read(bytestream_pb2.ReadRequest(resource_name=f"blobs/{bogus.hash}/0"),
+                                   metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=bogus), metadata=METADATA):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def _refused_read(channel: grpc.aio.Channel, blob: bytes) -> tuple[bytes, grpc.aio.AioRpcError]:
@@ -171,6 +199,49 @@ async def test_a_blob_changed_in_its_newest_file_is_read_from_an_older_one(tmp_p
         await server.stop(grace=0.5)
 
 
+async def _read_all(channel: grpc.aio.Channel, resource_name: str, read_offset: int = 0):
+    stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+    return [r async for r in stream.Read(bytestream_pb2.ReadRequest(resource_name=resource_name,
+                                                                    read_offset=read_offset), metadata=METADATA)]
+
+
+async def _get_tree(channel: grpc.aio.Channel, root: remote_execution_pb2.Digest):
+    cas = remote_execution_pb2_grpc.ContentAddressableStorageStub(channel)
+    return [page async for page in cas.GetTree(remote_execution_pb2.GetTreeRequest(root_digest=root),
+                                               metadata=METADATA)]
+
+
+_NOWHERE = remote_execution_pb2.Digest(hash="cd" * 32, size_bytes=5)
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "reason", "metadata"),
+    [
+        (lambda channel: remote_execution_pb2_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+            remote_execution_pb2.FindMissingBlobsRequest(blob_digests=[remote_execution_pb2.Digest(hash="nothex")]),
+            metadata=METADATA),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", {"field": "blob_digests"}),
+        (lambda channel: _read_all(channel, "blobs/nothex"),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", {"field": "resource_name"}),
+        (lambda channel: _read_all(channel, f"blobs/{_NOWHERE.hash}/5"),
+         grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND", {"digest": f"{_NOWHERE.hash}/5"}),
+        (lambda channel: _get_tree(channel, _NOWHERE),
+         grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND", {"digest": f"{_NOWHERE.hash}/5"}),
+        (lambda channel: _read_all(channel, f"blobs/{digest(b'small file').hash}/{len(b'small file')}",
+                                   read_offset=99),
+         grpc.StatusCode.OUT_OF_RANGE, "READ_OUT_OF_RANGE", {}),
+    ],
+    ids=["cas-invalid", "bytestream-invalid", "read-not-found", "get-tree-not-found", "read-out-of-range"],
+)
+async def test_content_service_errors_carry_error_info(served, call, code, reason: str, metadata: dict) -> None:
+    # They carried a code and a message only, where every other error status has ErrorInfo.
+    _, _, channel = served
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(channel)
+    error = error_details(caught.value)
+    assert (error.code, error.reason, error.domain, error.metadata) == (code, reason, "codelane.dev", metadata)
+
+
 @pytest.mark.parametrize(
     ("request_message", "expected"),
     [
@@ -244,6 +315,26 @@ async def test_a_resource_name_with_a_size_that_is_no_int64_is_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not" in caught.value.details()
 
 
+@pytest.mark.parametrize("message", [b"\x0a\x03\xff\xfe\xfd", b"\xff\xff\xff\xff"], ids=["bad-utf8", "corrupt"])
+async def test_a_write_message_that_does_not_parse_is_invalid_argument(served, caplog, message: bytes) -> None:
+    # A request stream's messages were parsed past the interceptor that answers a unary request
+    # that does not parse: UNKNOWN "Unexpected <class DecodeError>", and a traceback in the log.
+    _, _, channel = served
+    write = channel.stream_unary("/google.bytestream.ByteStream/Write", request_serializer=lambda raw: raw,
+                                 response_deserializer=bytestream_pb2.WriteResponse.FromString)
+
+    async def messages():
+        yield message
+        await asyncio.Event().wait()  # (see the test below for why not half-close)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await write(messages(), metadata=METADATA, timeout=30)
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), error
+    assert "WriteRequest" in error.message and "does not parse" in error.message
+    assert not [r for r in caplog.records if "ByteStream/Write" in r.getMessage()], caplog.text
+
+
 async def test_an_upload_bigger_than_the_server_keeps_is_refused_before_its_bytes(served) -> None:
     # The stream was held whole until finish_write: 400 MB announced as 2**50 bytes took 440 MB.
     _, _, channel = served
@@ -280,7 +371,7 @@ async def test_uploads_in_progress_hold_no_more_than_the_server_keeps(served) ->
         assert len(done) == 1 and len(pending) == 1
         error = done.pop().exception()
         assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"{MAX_UPLOADED_BYTES:,}" in error.details()
+        assert f"{MAX_UPLOADED_BYTES:,}" in error.details() and error_details(error).reason == "UPLOADS_FULL"
     finally:
         for write in writes:
             write.cancel()

@@ -118,6 +118,15 @@ def test_the_blob_store_verifies_every_blob_it_gives_and_evicts_the_least_recent
     assert BlobStore(str(tmp_path / "blobs")).bytes == 100  # what a restarted worker finds
 
 
+def test_the_blob_store_gives_0_bytes_only_for_the_empty_blob(tmp_path: Path) -> None:
+    # Any digest of size 0 was answered with 0 bytes, whatever its hash.
+    store = BlobStore(str(tmp_path / "blobs"))
+    held = b"h" * 100
+    store.put(Digest.of(held), held)
+    assert store.read(Digest.of(b"")) == b""
+    assert store.read(Digest(Digest.of(held).hash, 0)) is None
+
+
 def test_a_blob_half_written_by_a_killed_worker_is_removed_when_the_store_opens(tmp_path: Path) -> None:
     store = BlobStore(str(tmp_path / "blobs"))
     kept, cut = b"k" * 100, b"c" * 5_000

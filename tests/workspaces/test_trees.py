@@ -15,13 +15,14 @@ import pytest
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2_grpc
 from codelane.reapi import remote_execution_pb2 as reapi
+from codelane.v1 import workspace_pb2
 from session_server.content import STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
 from tool_worker import workspaces as workspaces_module
-from tool_worker.cas import CasClient, ContentError
+from tool_worker.cas import BlobMissing, CasClient, ContentError
 from tool_worker.merkle import Digest, SnapshotRef
-from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
+from tool_worker.workspaces import SnapshotChanged, WorkspaceManager, WorkspaceUnavailable
 
 
 def found(root: Path, name: str) -> list[Path]:
@@ -397,6 +398,30 @@ async def test_a_cas_that_streams_past_a_blobs_size_is_cut_off(tmp_path: Path) -
         await grpc_server.stop(0)
     # The stream stops at the chunk that overran the size (and what flow control let through).
     assert cas.sent < 2 * 8
+
+
+async def test_a_digest_of_size_0_with_another_hash_than_the_empty_blobs_is_fetched_and_missing(setup) -> None:
+    # Any digest of size 0 was taken for the empty blob without asking the CAS: 0 bytes that do
+    # not hash to it, used as a directory or written as a file.
+    _, _, _, channel = setup
+    bogus = Digest("ab" * 32, 0)
+    client = CasClient(channel)
+    assert await client.read([Digest.of(b"")]) == {Digest.of(b"").hash: b""}
+    with pytest.raises(BlobMissing, match="is not held"):
+        await client.read([bogus])
+
+
+async def test_a_snapshot_naming_a_file_of_size_0_that_is_not_empty_is_snapshot_changed(
+    setup, tmp_path: Path
+) -> None:
+    _, _, manager, channel = setup
+    root = reapi.Directory(files=[reapi.FileNode(name="ghost", digest=reapi.Digest(hash="ab" * 32))])
+    times = workspace_pb2.DirectoryTimes(files=[workspace_pb2.FileTime(name="ghost", mtime_ns=10**18)])
+    await _upload(channel, root.SerializeToString(), times.SerializeToString())
+    target = _victim(tmp_path)
+    with pytest.raises(SnapshotChanged, match="is not held"):
+        await manager.place(SnapshotRef(str(target), Digest.of(root.SerializeToString()),
+                                        Digest.of(times.SerializeToString())))
 
 
 async def test_a_snapshot_with_a_negative_file_size_is_refused_before_any_fetch(setup, tmp_path: Path) -> None:
