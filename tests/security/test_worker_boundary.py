@@ -408,7 +408,11 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
 async def _deaf_worker_dropped(server: CodelaneServer, workspace: Path) -> AsyncIterator[grpc.aio.StreamStreamCall]:
     """A worker that heartbeats, so it looks alive, but reads nothing after its Welcome, sent 12 MB
     of Assigns (far more than its stream's window) until the hub dropped it; its stream."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+    # Without BDP probing its window stays gRPC's initial 64 KiB: probing grows it with the round
+    # trips it measures, and on a loaded machine it could grow past the 12 MB, so that every
+    # Assign was taken, no write waited, and the worker, heartbeating, was never dropped.
+    options = [*CHANNEL_OPTIONS, ("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
         deaf = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
         await deaf.write(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
             worker_id="deaf", slots=1000, tools=[wire.spec_to_proto(READ.spec)])))
