@@ -1,0 +1,115 @@
+// Arguments the client refuses before any call, with a TypeError saying what is wrong: unknown
+// options of every method (and of the objects they take). No codelane server is needed: the
+// client points at a listener that only counts connections, and no test may open one.
+
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+
+import { connect } from '../src/client.js';
+
+const HOST = '127.0.0.1';
+const TEST_TIMEOUT_MS = 20_000;
+
+let listener; // { address, connections, close() }
+let client;
+
+before(async () => {
+  let connections = 0;
+  const server = net.createServer((socket) => {
+    connections += 1;
+    socket.destroy();
+  });
+  await new Promise((resolve) => server.listen(0, HOST, resolve));
+  listener = {
+    address: `${HOST}:${server.address().port}`,
+    get connections() {
+      return connections;
+    },
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+  client = connect(listener.address, { callTimeoutMs: 2_000 });
+});
+
+after(async () => {
+  client?.close();
+  await listener?.close();
+});
+
+/** The error `fn` throws or its promise rejects with (null when it succeeds). */
+async function failure(fn) {
+  try {
+    await fn();
+  } catch (err) {
+    return err;
+  }
+  return null;
+}
+
+/** Asserts that each of `cases` ([call, message pattern]) fails with a TypeError matching it. */
+async function assertRefused(cases) {
+  for (const [call, pattern] of cases) {
+    const err = await failure(call);
+    assert.ok(err instanceof TypeError, `${call}: ${err}`);
+    assert.match(err.message, pattern);
+  }
+  assert.equal(listener.connections, 0, 'no call reached the network');
+}
+
+describe('unknown options are refused before any call', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('each method with options names an unknown one and lists the known ones', async () => {
+    await assertRefused([
+      [() => client.listSessions({ pagesize: 5 }), /^listSessions: unknown key 'pagesize'; known: pageSize, pageToken$/],
+      [() => client.cancelTurn('s', { reasn: 'x' }), /^cancelTurn: unknown key 'reasn'; known: reason$/],
+      [() => client.getMessages('s', { page_size: 5 }), /^getMessages: unknown key 'page_size'; known: pageSize$/],
+      [() => client.confirmToolCall('s', 'c', true, { reasn: 'x' }), /^confirmToolCall: unknown key 'reasn'; known: reason$/],
+      [() => client.claimExternalTasks('s', { clientId: 'c', lease: 5 }),
+        /^claimExternalTasks: unknown key 'lease'; known: clientId, maxTasks, leaseSeconds, waitSeconds$/],
+      [() => client.renewExternalTaskLease('s', 't', 'c', { lease: 5 }),
+        /^renewExternalTaskLease: unknown key 'lease'; known: leaseSeconds$/],
+      [() => client.runExternalTasks('s', 'c', () => 'x', { wait: 1 }),
+        /^runExternalTasks: unknown key 'wait'; known: signal, maxTasks, leaseSeconds, waitSeconds, onError$/],
+      [() => client.drainWorker('w', { reasn: 'x' }), /^drainWorker: unknown key 'reasn'; known: reason$/],
+    ]);
+    // The streams throw at once, as for any other bad argument.
+    assert.throws(() => client.sendMessage('s', 'x', { timeout: 5 }),
+      { name: 'TypeError', message: /^sendMessage: unknown key 'timeout'; known: signal, timeoutMs, onResume$/ });
+    assert.throws(() => client.watchEvents('s', { after: 5n }),
+      { name: 'TypeError', message: /^watchEvents: unknown key 'after'; known: afterSequence, follow, signal, / });
+    assert.equal(listener.connections, 0, 'no call reached the network');
+  });
+
+  test('the call options of each unary method are checked too', async () => {
+    const callOptions = { timeout: 5 };
+    await assertRefused([
+      [() => client.createSession({ workspace: '/w' }, callOptions), /^createSession: call options: unknown key 'timeout'; known: timeoutMs, signal$/],
+      [() => client.getSession('s', callOptions), /^getSession: call options: unknown key 'timeout'/],
+      [() => client.deleteSession('s', callOptions), /^deleteSession: call options: unknown key 'timeout'/],
+      [() => client.listTools('s', callOptions), /^listTools: call options: unknown key 'timeout'/],
+      [() => client.completeExternalTask('s', 't', 'c', { output: 'x' }, callOptions),
+        /^completeExternalTask: call options: unknown key 'timeout'/],
+      [() => client.listWorkers({ pageSize: 5 }), /^listWorkers: call options: unknown key 'pageSize'; known: timeoutMs, signal$/],
+      [() => client.getQueueStats(callOptions), /^getQueueStats: call options: unknown key 'timeout'/],
+      [() => client.getServerInfo({ deadline: 5 }), /^getServerInfo: call options: unknown key 'deadline'/],
+    ]);
+  });
+
+  test('so are the objects they take: lane settings, a raw config or queue, a ToolResult', async () => {
+    await assertRefused([
+      [() => client.createSession({ workspace: '/w', lanes: { execute: { mode: 'external', timout: 5 } } }),
+        /^lanes\.execute: unknown key 'timout'; known: mode, timeout$/],
+      [() => client.createSession({ workspace: '/w', config: { systemPromt: 'x' } }),
+        /\.config: unknown key 'systemPromt'; known: .*\bsystemPrompt\b/],
+      [() => client.createSession({ workspace: '/w', queue: { queryConcurency: 2 } }),
+        /\.config\.queue: unknown key 'queryConcurency'; known: queryConcurrency, /],
+      [() => client.completeExternalTask('s', 't', 'c', { outptu: 'x' }), /^result: unknown key 'outptu'; known: output, /],
+    ]);
+  });
+
+  test('connect refuses an unknown option', () => {
+    assert.throws(() => connect(listener.address, { tokne: 'secret' }), {
+      name: 'TypeError',
+      message: /^connect options: unknown key 'tokne'; known: token, credentials, callTimeoutMs, channelOptions, protosDir$/,
+    });
+  });
+});
