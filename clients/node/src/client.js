@@ -602,9 +602,60 @@ function deadlineIn(ms) {
 }
 
 /**
+ * A server address, checked as the Python CLI checks it: `HOST:PORT`, `[IPV6]:PORT`,
+ * `unix:PATH` or `unix-abstract:NAME`, the port from 1 to 65535. The port must be given because
+ * gRPC would otherwise dial 443, and a bare host would fail as a connection refused on a port
+ * nobody named (or, for a worker, be retried forever). Returns the address without surrounding
+ * whitespace; a TypeError saying what is wrong and what to write instead.
+ */
+export function parseAddress(text) {
+  const example = `e.g. ${DEFAULT_ADDRESS}`;
+  if (typeof text !== 'string') throw new TypeError(`the address must be a string HOST:PORT, ${example}; got ${String(text)}`);
+  const address = text.trim();
+  const quoted = `'${text}'`;
+  if (!address) throw new TypeError(`the address is empty: give HOST:PORT, ${example}`);
+  for (const scheme of ['unix:', 'unix-abstract:']) {
+    if (address.startsWith(scheme)) {
+      if (!address.slice(scheme.length).replace(/^\/+|\/+$/g, '')) {
+        throw new TypeError(`${quoted} names no socket: give ${scheme}/path/to/socket`);
+      }
+      return address;
+    }
+  }
+  const url = address.indexOf('://');
+  if (url >= 0) {
+    const instead = address.slice(url + 3).replace(/\/+$/, '') || 'host:50051';
+    throw new TypeError(`${quoted} is a URL: give HOST:PORT without ${address.slice(0, url)}://, e.g. ${instead}`);
+  }
+  if (/\s/.test(address) || address.includes('/')) throw new TypeError(`${quoted} is not HOST:PORT, ${example}`);
+  let host;
+  let port;
+  if (address.startsWith('[')) {
+    const close = address.indexOf(']');
+    if (close < 0 || address[close + 1] !== ':') {
+      throw new TypeError(`${quoted} has no port: give [IPV6]:PORT, e.g. [::1]:50051`);
+    }
+    host = address.slice(1, close);
+    port = address.slice(close + 2);
+  } else {
+    const colon = address.lastIndexOf(':');
+    if (colon < 0) throw new TypeError(`${quoted} has no port: give HOST:PORT, e.g. ${address}:50051`);
+    host = address.slice(0, colon);
+    port = address.slice(colon + 1);
+    if (host.includes(':')) throw new TypeError(`${quoted}: write an IPv6 address in brackets, e.g. [::1]:50051`);
+  }
+  if (!host) throw new TypeError(`${quoted} has no host: give HOST:PORT, ${example}`);
+  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+    throw new TypeError(`${quoted}: the port must be a number from 1 to 65535`);
+  }
+  return address;
+}
+
+/**
  * Connects to a codelane server (the channel connects lazily, on the first call).
  *
- * @param {string} address  host:port, e.g. '127.0.0.1:50051'
+ * @param {string} address  HOST:PORT, e.g. '127.0.0.1:50051' (see parseAddress; anything else
+ *   throws a TypeError)
  * @param {object} [options]
  * @param {string} [options.token]  bearer token, sent as `authorization: Bearer <token>`
  * @param {grpc.ChannelCredentials} [options.credentials]  default: insecure (plaintext)
@@ -619,6 +670,7 @@ export function connect(address, options = {}) {
 export class CodelaneClient {
   constructor(address, options = {}) {
     checkKeys('connect options', options, CONNECT_OPTIONS);
+    address = parseAddress(address);
     let { channelOptions } = options;
     const { token, credentials, callTimeoutMs = DEFAULT_CALL_TIMEOUT_MS, protosDir } = options;
     const { grpcObject, codec } = load(protosDir ? path.resolve(protosDir) : DEFAULT_PROTOS_DIR);

@@ -1,12 +1,15 @@
 // Arguments the client refuses before any call, with a TypeError saying what is wrong: unknown
-// options of every method (and of the objects they take). No codelane server is needed: the
-// client points at a listener that only counts connections, and no test may open one.
+// options of every method (and of the objects they take), and server addresses without a port
+// (in connect and in the examples' flags). No codelane server is needed: the client points at a
+// listener that only counts connections, and no test may open one.
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import net from 'node:net';
+import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
-import { connect } from '../src/client.js';
+import { connect, parseAddress } from '../src/client.js';
 
 const HOST = '127.0.0.1';
 const TEST_TIMEOUT_MS = 20_000;
@@ -111,5 +114,63 @@ describe('unknown options are refused before any call', { timeout: TEST_TIMEOUT_
       name: 'TypeError',
       message: /^connect options: unknown key 'tokne'; known: token, credentials, callTimeoutMs, channelOptions, protosDir$/,
     });
+  });
+});
+
+describe('addresses are HOST:PORT, checked before dialing', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('connect takes HOST:PORT, [IPV6]:PORT, unix:PATH and unix-abstract:NAME', () => {
+    for (const address of ['127.0.0.1:50051', ' localhost:1 ', '[::1]:65535', 'unix:/tmp/codelane.sock',
+      'unix-abstract:codelane']) {
+      const c = connect(address);
+      assert.equal(c.address, address.trim());
+      c.close();
+    }
+  });
+
+  test('connect refuses anything else with a TypeError saying what to write (the CLI\'s wording)', () => {
+    for (const [address, message] of [
+      ['127.0.0.1', "'127.0.0.1' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"],
+      ['[::1]', "'[::1]' has no port: give [IPV6]:PORT, e.g. [::1]:50051"],
+      ['::1:50051', "'::1:50051': write an IPv6 address in brackets, e.g. [::1]:50051"],
+      ['http://example.com:8080/', "'http://example.com:8080/' is a URL: give HOST:PORT without http://, e.g. example.com:8080"],
+      [':50051', "':50051' has no host: give HOST:PORT, e.g. 127.0.0.1:50051"],
+      ['host:0', "'host:0': the port must be a number from 1 to 65535"],
+      ['host:65536', "'host:65536': the port must be a number from 1 to 65535"],
+      ['host:http', "'host:http': the port must be a number from 1 to 65535"],
+      ['host name:1', "'host name:1' is not HOST:PORT, e.g. 127.0.0.1:50051"],
+      ['unix:', "'unix:' names no socket: give unix:/path/to/socket"],
+      ['', 'the address is empty: give HOST:PORT, e.g. 127.0.0.1:50051'],
+      [undefined, 'the address must be a string HOST:PORT, e.g. 127.0.0.1:50051; got undefined'],
+    ]) {
+      assert.throws(() => connect(address), { name: 'TypeError', message }, String(address));
+      assert.throws(() => parseAddress(address), { name: 'TypeError', message }, String(address));
+    }
+  });
+
+  /** Runs an example with `args` until it exits (killed if the test ends first): {code, stderr}. */
+  function runExample(relativePath, args, signal) {
+    const script = fileURLToPath(new URL(`../examples/${relativePath}`, import.meta.url));
+    const env = { ...process.env };
+    for (const name of ['CODELANE_SERVER', 'CODELANE_ADDRESS', 'CODELANE_HUB']) delete env[name];
+    const child = spawn(process.execPath, [script, ...args], { env, signal, killSignal: 'SIGKILL', stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    return new Promise((resolve, reject) => {
+      child.on('error', reject);
+      child.on('close', (code) => resolve({ code, stderr }));
+    });
+  }
+
+  test('the examples refuse a bare host as a usage error (exit 2) instead of dialing port 443', async (t) => {
+    for (const [example, args, flag] of [
+      ['run_session.js', ['/tmp/ws', 'x', '--server', '127.0.0.1'], '--server'],
+      ['confirm_and_external.js', ['/tmp/ws', '--server', '127.0.0.1'], '--server'],
+      ['worker/word_count_worker.js', ['--connect', '127.0.0.1'], '--connect'],
+    ]) {
+      const { code, stderr } = await runExample(example, args, t.signal);
+      assert.equal(code, 2, `${example}: ${stderr}`);
+      assert.match(stderr, new RegExp(`: ${flag}: '127\\.0\\.0\\.1' has no port: give HOST:PORT, e\\.g\\. 127\\.0\\.0\\.1:50051\n`),
+        example);
+    }
   });
 });
