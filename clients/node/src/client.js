@@ -142,9 +142,10 @@ class Codec {
   /**
    * An enum input -> its proto name. Takes the proto name ('LANE_MODE_EXTERNAL') or the name
    * without the enum's prefix, in any case ('external'); anything else is a TypeError naming
-   * `where` and the accepted values.
+   * `where` and the accepted values, each short name written by `spell` as the README documents
+   * it (sandbox modes with hyphens: 'read-only').
    */
-  enumValue(fullName, prefix, value, where) {
+  enumValue(fullName, prefix, value, where, spell = (name) => name) {
     const def = this.defs[fullName];
     if (!def || !def.type?.value) throw new Error(`codelane client: unknown enum ${fullName}`);
     const names = def.type.value.map((v) => v.name).filter((n) => !n.endsWith('_UNSPECIFIED'));
@@ -153,7 +154,7 @@ class Codec {
       const name = upper.startsWith(prefix) ? upper : `${prefix}${upper}`;
       if (names.includes(name)) return name;
     }
-    const short = names.map((n) => `'${n.slice(prefix.length).toLowerCase()}'`).join(', ');
+    const short = names.map((n) => `'${spell(n.slice(prefix.length).toLowerCase())}'`).join(', ');
     throw new TypeError(`${where}: ${JSON.stringify(value)} is not one of ${short} (or ${prefix}*)`);
   }
 
@@ -798,8 +799,10 @@ export class CodelaneClient {
   _sandboxPolicy(sandbox) {
     const limitKeys = ['maxProcesses', 'maxMemoryBytes', 'maxCpuTime', 'maxOpenFiles'];
     checkKeys('sandbox', sandbox, ['mode', 'network', ...limitKeys]);
+    // 'workspace-write' and 'workspace_write' are both taken; errors name the documented spelling.
     const named = (type, prefix, value, where) => this._codec.enumValue(
-      `${PACKAGE}.${type}`, prefix, typeof value === 'string' ? value.replace(/-/g, '_') : value, where);
+      `${PACKAGE}.${type}`, prefix, typeof value === 'string' ? value.replace(/-/g, '_') : value, where,
+      (name) => name.replace(/_/g, '-'));
     const policy = {};
     if (sandbox.mode !== undefined && sandbox.mode !== null) {
       policy.mode = named('SandboxMode', 'SANDBOX_MODE_', sandbox.mode, 'sandbox.mode');

@@ -1,7 +1,7 @@
 // Arguments the client refuses before any call, with a TypeError saying what is wrong: unknown
-// options of every method (and of the objects they take), and server addresses without a port
-// (in connect and in the examples' flags). No codelane server is needed: the client points at a
-// listener that only counts connections, and no test may open one.
+// options of every method (and of the objects they take), bad values, and server addresses
+// without a port (in connect and in the examples' flags). No codelane server is needed: the
+// client points at a listener that only counts connections, and no test may open one.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -114,6 +114,15 @@ describe('unknown options are refused before any call', { timeout: TEST_TIMEOUT_
       name: 'TypeError',
       message: /^connect options: unknown key 'tokne'; known: token, credentials, callTimeoutMs, channelOptions, protosDir$/,
     });
+  });
+});
+
+describe('bad values', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a bad sandbox mode is refused naming the documented spellings', async () => {
+    await assertRefused([
+      [() => client.createSession({ workspace: '/w', sandbox: { mode: 'sealed' } }),
+        /^sandbox\.mode: "sealed" is not one of 'workspace-write', 'read-only', 'off' \(or SANDBOX_MODE_\*\)$/],
+    ]);
   });
 });
 
