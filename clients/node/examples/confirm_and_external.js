@@ -30,8 +30,10 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { connect, serverFromEnv } from '../src/client.js';
+import { connect, parseAddress, serverFromEnv } from '../src/client.js';
 
+const USAGE = 'usage: node examples/confirm_and_external.js WORKSPACE [PROMPT] [--ask RULE]... [--reject] '
+  + '[--server HOST:PORT] [--token TOKEN] [--model MODEL]';
 const CLIENT_ID = `node-example-${process.pid}`;
 
 async function dryRun(task) {
@@ -54,16 +56,26 @@ async function main() {
     },
   });
   if (values.help || positionals.length < 1 || positionals.length > 2) {
-    console.error('usage: node examples/confirm_and_external.js WORKSPACE [PROMPT] [--ask RULE]... [--reject] '
-      + '[--server HOST:PORT] [--token TOKEN] [--model MODEL]');
+    console.error(USAGE);
     process.exit(values.help ? 0 : 2);
+  }
+  // A bad address is a usage error, as in the CLI, rather than a refused connection to port 443.
+  let server;
+  try {
+    server = parseAddress(values.server ?? values.address ?? serverFromEnv());
+  } catch (err) {
+    const from = values.server !== undefined ? '--server'
+      : values.address !== undefined ? '--address'
+        : process.env.CODELANE_SERVER ? '$CODELANE_SERVER' : '$CODELANE_ADDRESS';
+    console.error(`confirm_and_external.js: ${from}: ${err.message}\n${USAGE}`);
+    process.exit(2);
   }
   const workspace = path.resolve(positionals[0]);
   const prompt = positionals[1] ?? 'Fix the greeting.';
   const approve = !values.reject;
 
   if (values.address) console.error('--address is deprecated: use --server');
-  const client = connect(values.server ?? values.address ?? serverFromEnv(), { token: values.token });
+  const client = connect(server, { token: values.token });
   const stop = new AbortController();
   let runner;
   try {

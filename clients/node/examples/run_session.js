@@ -24,7 +24,9 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { connect, serverFromEnv } from '../src/client.js';
+import { connect, parseAddress, serverFromEnv } from '../src/client.js';
+
+const USAGE = 'usage: node examples/run_session.js WORKSPACE [PROMPT] [--server HOST:PORT] [--token TOKEN] [--model MODEL]';
 
 function describe(ev) {
   switch (ev.kind) {
@@ -78,14 +80,25 @@ async function main() {
     },
   });
   if (values.help || positionals.length < 1 || positionals.length > 2) {
-    console.error('usage: node examples/run_session.js WORKSPACE [PROMPT] [--server HOST:PORT] [--token TOKEN] [--model MODEL]');
+    console.error(USAGE);
     process.exit(values.help ? 0 : 2);
+  }
+  // A bad address is a usage error, as in the CLI, rather than a refused connection to port 443.
+  let server;
+  try {
+    server = parseAddress(values.server ?? values.address ?? serverFromEnv());
+  } catch (err) {
+    const from = values.server !== undefined ? '--server'
+      : values.address !== undefined ? '--address'
+        : process.env.CODELANE_SERVER ? '$CODELANE_SERVER' : '$CODELANE_ADDRESS';
+    console.error(`run_session.js: ${from}: ${err.message}\n${USAGE}`);
+    process.exit(2);
   }
   const workspace = path.resolve(positionals[0]);
   const prompt = positionals[1] ?? 'Look around this project and summarize it.';
 
   if (values.address) console.error('--address is deprecated: use --server');
-  const client = connect(values.server ?? values.address ?? serverFromEnv(), { token: values.token });
+  const client = connect(server, { token: values.token });
   try {
     const session = await client.createSession({ workspace, model: values.model });
     console.log(`session ${session.sessionId} on ${session.workspace} (${session.config.model})`);

@@ -92,6 +92,22 @@ function int64ToWire(value, where) {
   throw new TypeError(`${where}: expected a BigInt, an integer or a decimal string, got ${typeof value} ${String(value)}`);
 }
 
+/**
+ * Refuses an options object holding a key outside `known`, naming it and listing the known ones
+ * (`shown`, when some known keys are aliases best left unmentioned): a misspelt option would
+ * otherwise be dropped without a word and the server's default used instead.
+ */
+function checkKeys(where, object, known, shown = known) {
+  if (typeof object !== 'object' || object === null || Array.isArray(object)) {
+    throw new TypeError(`${where}: expected an object {${shown.join(', ')}}, got ${String(object)}`);
+  }
+  const unknown = Object.keys(object).filter((k) => !known.includes(k));
+  if (unknown.length > 0) {
+    const keys = unknown.map((k) => `'${k}'`).join(', ');
+    throw new TypeError(`${where}: unknown ${unknown.length === 1 ? 'key' : 'keys'} ${keys}; known: ${shown.join(', ')}`);
+  }
+}
+
 class Codec {
   constructor(packageDefinition) {
     this.defs = packageDefinition;
@@ -126,9 +142,10 @@ class Codec {
   /**
    * An enum input -> its proto name. Takes the proto name ('LANE_MODE_EXTERNAL') or the name
    * without the enum's prefix, in any case ('external'); anything else is a TypeError naming
-   * `where` and the accepted values.
+   * `where` and the accepted values, each short name written by `spell` as the README documents
+   * it (sandbox modes with hyphens: 'read-only').
    */
-  enumValue(fullName, prefix, value, where) {
+  enumValue(fullName, prefix, value, where, spell = (name) => name) {
     const def = this.defs[fullName];
     if (!def || !def.type?.value) throw new Error(`codelane client: unknown enum ${fullName}`);
     const names = def.type.value.map((v) => v.name).filter((n) => !n.endsWith('_UNSPECIFIED'));
@@ -137,7 +154,7 @@ class Codec {
       const name = upper.startsWith(prefix) ? upper : `${prefix}${upper}`;
       if (names.includes(name)) return name;
     }
-    const short = names.map((n) => `'${n.slice(prefix.length).toLowerCase()}'`).join(', ');
+    const short = names.map((n) => `'${spell(n.slice(prefix.length).toLowerCase())}'`).join(', ');
     throw new TypeError(`${where}: ${JSON.stringify(value)} is not one of ${short} (or ${prefix}*)`);
   }
 
@@ -212,6 +229,9 @@ class Codec {
       }
       return { seconds: int64ToWire(value.seconds ?? 0, `${where}.seconds`), nanos: value.nanos ?? 0 };
     }
+    // Raw messages from the caller (createSession's `config` and `queue`) must not lose a
+    // misspelt field silently either.
+    checkKeys(where, value, descriptor.field.map((f) => f.name));
     const out = {};
     for (const field of descriptor.field) {
       const v = value[field.name];
@@ -573,14 +593,70 @@ function report(onError, err, task) {
   }
 }
 
+const CONNECT_OPTIONS = ['token', 'credentials', 'callTimeoutMs', 'channelOptions', 'protosDir'];
+const CALL_OPTIONS = ['timeoutMs', 'signal'];
+const CREATE_SESSION_OPTIONS = ['workspace', 'model', 'systemPrompt', 'maxTurns', 'permissions', 'lanes',
+  'externalTaskTimeout', 'sandbox', 'env', 'queue', 'config', 'labels'];
+
 function deadlineIn(ms) {
   return ms && Number.isFinite(ms) && ms > 0 ? new Date(Date.now() + ms) : undefined;
 }
 
 /**
+ * A server address, checked as the Python CLI checks it: `HOST:PORT`, `[IPV6]:PORT`,
+ * `unix:PATH` or `unix-abstract:NAME`, the port from 1 to 65535. The port must be given because
+ * gRPC would otherwise dial 443, and a bare host would fail as a connection refused on a port
+ * nobody named (or, for a worker, be retried forever). Returns the address without surrounding
+ * whitespace; a TypeError saying what is wrong and what to write instead.
+ */
+export function parseAddress(text) {
+  const example = `e.g. ${DEFAULT_ADDRESS}`;
+  if (typeof text !== 'string') throw new TypeError(`the address must be a string HOST:PORT, ${example}; got ${String(text)}`);
+  const address = text.trim();
+  const quoted = `'${text}'`;
+  if (!address) throw new TypeError(`the address is empty: give HOST:PORT, ${example}`);
+  for (const scheme of ['unix:', 'unix-abstract:']) {
+    if (address.startsWith(scheme)) {
+      if (!address.slice(scheme.length).replace(/^\/+|\/+$/g, '')) {
+        throw new TypeError(`${quoted} names no socket: give ${scheme}/path/to/socket`);
+      }
+      return address;
+    }
+  }
+  const url = address.indexOf('://');
+  if (url >= 0) {
+    const instead = address.slice(url + 3).replace(/\/+$/, '') || 'host:50051';
+    throw new TypeError(`${quoted} is a URL: give HOST:PORT without ${address.slice(0, url)}://, e.g. ${instead}`);
+  }
+  if (/\s/.test(address) || address.includes('/')) throw new TypeError(`${quoted} is not HOST:PORT, ${example}`);
+  let host;
+  let port;
+  if (address.startsWith('[')) {
+    const close = address.indexOf(']');
+    if (close < 0 || address[close + 1] !== ':') {
+      throw new TypeError(`${quoted} has no port: give [IPV6]:PORT, e.g. [::1]:50051`);
+    }
+    host = address.slice(1, close);
+    port = address.slice(close + 2);
+  } else {
+    const colon = address.lastIndexOf(':');
+    if (colon < 0) throw new TypeError(`${quoted} has no port: give HOST:PORT, e.g. ${address}:50051`);
+    host = address.slice(0, colon);
+    port = address.slice(colon + 1);
+    if (host.includes(':')) throw new TypeError(`${quoted}: write an IPv6 address in brackets, e.g. [::1]:50051`);
+  }
+  if (!host) throw new TypeError(`${quoted} has no host: give HOST:PORT, ${example}`);
+  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+    throw new TypeError(`${quoted}: the port must be a number from 1 to 65535`);
+  }
+  return address;
+}
+
+/**
  * Connects to a codelane server (the channel connects lazily, on the first call).
  *
- * @param {string} address  host:port, e.g. '127.0.0.1:50051'
+ * @param {string} address  HOST:PORT, e.g. '127.0.0.1:50051' (see parseAddress; anything else
+ *   throws a TypeError)
  * @param {object} [options]
  * @param {string} [options.token]  bearer token, sent as `authorization: Bearer <token>`
  * @param {grpc.ChannelCredentials} [options.credentials]  default: insecure (plaintext)
@@ -593,7 +669,11 @@ export function connect(address, options = {}) {
 }
 
 export class CodelaneClient {
-  constructor(address, { token, credentials, callTimeoutMs = DEFAULT_CALL_TIMEOUT_MS, channelOptions, protosDir } = {}) {
+  constructor(address, options = {}) {
+    checkKeys('connect options', options, CONNECT_OPTIONS);
+    address = parseAddress(address);
+    let { channelOptions } = options;
+    const { token, credentials, callTimeoutMs = DEFAULT_CALL_TIMEOUT_MS, protosDir } = options;
     const { grpcObject, codec } = load(protosDir ? path.resolve(protosDir) : DEFAULT_PROTOS_DIR);
     const pkg = grpcObject.codelane.v1;
     const creds = credentials ?? grpc.credentials.createInsecure();
@@ -619,7 +699,10 @@ export class CodelaneClient {
     return md;
   }
 
-  async _unary(stub, method, requestType, request, responseType, { timeoutMs, signal } = {}) {
+  async _unary(stub, method, requestType, request, responseType, callOptions = {}) {
+    // Every public unary method is named as its RPC, in lowerCamelCase.
+    checkKeys(`${method[0].toLowerCase()}${method.slice(1)}: call options`, callOptions, CALL_OPTIONS);
+    const { timeoutMs, signal } = callOptions;
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs ?? this._callTimeoutMs);
     return new Promise((resolve, reject) => {
@@ -655,11 +738,14 @@ export class CodelaneClient {
    *   appended to its `lanes`;
    * - config: a whole SessionConfig, which the options above override.
    *
-   * Resolves to the Session; a malformed permissions or lanes option rejects with a TypeError.
+   * Resolves to the Session; an unknown option (at any depth) or a malformed permissions, lanes
+   * or sandbox option rejects with a TypeError before any call.
    */
-  async createSession({
-    workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, sandbox, env, config, labels,
-  } = {}, callOptions) {
+  async createSession(options = {}, callOptions) {
+    checkKeys('createSession', options, CREATE_SESSION_OPTIONS);
+    const {
+      workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, sandbox, env, config, labels,
+    } = options;
     const cfg = { ...(config ?? {}) };
     if (model !== undefined) cfg.model = model;
     if (systemPrompt !== undefined) cfg.systemPrompt = systemPrompt;
@@ -683,14 +769,8 @@ export class CodelaneClient {
 
   /** createSession's `permissions` -> a PermissionPolicy (proto field names are accepted too). */
   _permissionPolicy(permissions) {
-    if (typeof permissions !== 'object' || Array.isArray(permissions)) {
-      throw new TypeError('permissions: expected an object {allow, deny, ask, default, confirmationTimeout, timeoutAction}');
-    }
     const known = ['allow', 'deny', 'ask', 'default', 'defaultAction', 'confirmationTimeout', 'timeoutAction'];
-    const unknown = Object.keys(permissions).filter((k) => !known.includes(k));
-    if (unknown.length > 0) {
-      throw new TypeError(`permissions: unknown keys ${unknown.join(', ')}; use ${known.filter((k) => k !== 'defaultAction').join(', ')}`);
-    }
+    checkKeys('permissions', permissions, known, known.filter((k) => k !== 'defaultAction'));
     const policy = {};
     for (const key of ['allow', 'deny', 'ask']) {
       const rules = permissions[key];
@@ -717,15 +797,12 @@ export class CodelaneClient {
    * network: 'off' | 'on', maxProcesses, maxMemoryBytes, maxCpuTime (seconds), maxOpenFiles}.
    */
   _sandboxPolicy(sandbox) {
-    if (typeof sandbox !== 'object' || Array.isArray(sandbox)) {
-      throw new TypeError("sandbox: expected an object like {mode: 'read-only', network: 'off', maxProcesses: 64}");
-    }
     const limitKeys = ['maxProcesses', 'maxMemoryBytes', 'maxCpuTime', 'maxOpenFiles'];
-    const known = ['mode', 'network', ...limitKeys];
-    const unknown = Object.keys(sandbox).filter((k) => !known.includes(k));
-    if (unknown.length > 0) throw new TypeError(`sandbox: unknown keys ${unknown.join(', ')}; use ${known.join(', ')}`);
+    checkKeys('sandbox', sandbox, ['mode', 'network', ...limitKeys]);
+    // 'workspace-write' and 'workspace_write' are both taken; errors name the documented spelling.
     const named = (type, prefix, value, where) => this._codec.enumValue(
-      `${PACKAGE}.${type}`, prefix, typeof value === 'string' ? value.replace(/-/g, '_') : value, where);
+      `${PACKAGE}.${type}`, prefix, typeof value === 'string' ? value.replace(/-/g, '_') : value, where,
+      (name) => name.replace(/_/g, '-'));
     const policy = {};
     if (sandbox.mode !== undefined && sandbox.mode !== null) {
       policy.mode = named('SandboxMode', 'SANDBOX_MODE_', sandbox.mode, 'sandbox.mode');
@@ -745,6 +822,7 @@ export class CodelaneClient {
       throw new TypeError("lanes: expected an object mapping a lane to its mode, e.g. {execute: 'external'}");
     }
     return Object.entries(lanes).map(([lane, setting]) => {
+      if (typeof setting === 'object' && setting !== null) checkKeys(`lanes.${lane}`, setting, ['mode', 'timeout']);
       const { mode, timeout } = typeof setting === 'object' && setting !== null ? setting : { mode: setting };
       const out = {
         lane: this._codec.enumValue(`${PACKAGE}.Lane`, 'LANE_', lane, 'lanes key'),
@@ -763,7 +841,9 @@ export class CodelaneClient {
   }
 
   /** One page of sessions, newest first: resolves to {sessions, nextPageToken} ('' on the last page). */
-  listSessions({ pageSize = 0, pageToken = '' } = {}, callOptions) {
+  async listSessions(options = {}, callOptions) {
+    checkKeys('listSessions', options, ['pageSize', 'pageToken']);
+    const { pageSize = 0, pageToken = '' } = options;
     return this._unary(this._sessions, 'ListSessions', 'ListSessionsRequest', { pageSize, pageToken },
       'ListSessionsResponse', callOptions);
   }
@@ -783,7 +863,9 @@ export class CodelaneClient {
    * `onResume(err, afterSequence)` hears of each resume. The turn keeps running if the
    * iteration stops early; re-attach with watchEvents.
    */
-  sendMessage(sessionId, text, { signal, timeoutMs, onResume } = {}) {
+  sendMessage(sessionId, text, options = {}) {
+    checkKeys('sendMessage', options, ['signal', 'timeoutMs', 'onResume']);
+    const { signal, timeoutMs, onResume } = options;
     const first = this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
       { signal, timeoutMs }, (response) => response.events ?? []);
     return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, true, { signal, timeoutMs }),
@@ -797,7 +879,9 @@ export class CodelaneClient {
    * Options: {afterSequence = 0, follow = true, signal, timeoutMs, onResume}. A stream that
    * breaks is resumed after the last event yielded, as in sendMessage; the marker comes once.
    */
-  watchEvents(sessionId, { afterSequence = 0n, follow = true, signal, timeoutMs, onResume } = {}) {
+  watchEvents(sessionId, options = {}) {
+    checkKeys('watchEvents', options, ['afterSequence', 'follow', 'signal', 'timeoutMs', 'onResume']);
+    const { afterSequence = 0n, follow = true, signal, timeoutMs, onResume } = options;
     const first = this._watchStream(sessionId, afterSequence, follow, { signal, timeoutMs });
     return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, follow, { signal, timeoutMs }),
       { afterSequence, follow, turn: false, signal, onResume });
@@ -812,13 +896,17 @@ export class CodelaneClient {
   }
 
   /** Cancels the running turn; resolves to {cancelled} (false when the session was idle). */
-  cancelTurn(sessionId, { reason = '' } = {}, callOptions) {
+  async cancelTurn(sessionId, options = {}, callOptions) {
+    checkKeys('cancelTurn', options, ['reason']);
+    const { reason = '' } = options;
     return this._unary(this._sessions, 'CancelTurn', 'CancelTurnRequest', { sessionId, reason },
       'CancelTurnResponse', callOptions);
   }
 
   /** The session's whole message history, in order (every page is fetched). */
-  async getMessages(sessionId, { pageSize = 0 } = {}, callOptions) {
+  async getMessages(sessionId, options = {}, callOptions) {
+    checkKeys('getMessages', options, ['pageSize']);
+    const { pageSize = 0 } = options;
     const messages = [];
     let pageToken = '';
     do {
@@ -847,7 +935,9 @@ export class CodelaneClient {
    * call's result is then a PERMISSION_DENIED error showing `reason` to the model). Rejects with
    * NOT_FOUND (5) when no such call waits (unknown id, already answered, or timed out).
    */
-  async confirmToolCall(sessionId, callId, approve, { reason = '' } = {}, callOptions) {
+  async confirmToolCall(sessionId, callId, approve, options = {}, callOptions) {
+    checkKeys('confirmToolCall', options, ['reason']);
+    const { reason = '' } = options;
     await this._unary(this._sessions, 'ConfirmToolCall', 'ConfirmToolCallRequest',
       { sessionId, callId, approve: Boolean(approve), reason }, 'ConfirmToolCallResponse', callOptions);
   }
@@ -860,8 +950,9 @@ export class CodelaneClient {
    * argumentsJson, lane, index}, lane, attempt (a Number: int32), leaseExpireTime (Date),
    * deadline (Date), workspace}. Its default deadline is `callTimeoutMs` plus the wait.
    */
-  async claimExternalTasks(sessionId, { clientId, maxTasks = 1, leaseSeconds = 30, waitSeconds = 0 } = {},
-    callOptions = {}) {
+  async claimExternalTasks(sessionId, options = {}, callOptions = {}) {
+    checkKeys('claimExternalTasks', options, ['clientId', 'maxTasks', 'leaseSeconds', 'waitSeconds']);
+    const { clientId, maxTasks = 1, leaseSeconds = 30, waitSeconds = 0 } = options;
     const request = { sessionId, clientId, maxTasks, lease: leaseSeconds };
     if (waitSeconds > 0) request.wait = waitSeconds;
     const timeoutMs = callOptions.timeoutMs
@@ -889,7 +980,9 @@ export class CodelaneClient {
    * completeExternalTask (FAILED_PRECONDITION when the lease is not this client's, NOT_FOUND
    * when the task is gone). runExternalTasks renews the leases of the tasks it runs.
    */
-  async renewExternalTaskLease(sessionId, taskId, clientId, { leaseSeconds = 30 } = {}, callOptions) {
+  async renewExternalTaskLease(sessionId, taskId, clientId, options = {}, callOptions) {
+    checkKeys('renewExternalTaskLease', options, ['leaseSeconds']);
+    const { leaseSeconds = 30 } = options;
     const response = await this._unary(this._sessions, 'RenewExternalTaskLease', 'RenewExternalTaskLeaseRequest',
       { sessionId, taskId, clientId, lease: leaseSeconds }, 'RenewExternalTaskLeaseResponse', callOptions);
     return response.task;
@@ -899,6 +992,9 @@ export class CodelaneClient {
     if (typeof result !== 'object' || result === null || Array.isArray(result)) {
       throw new TypeError(`result: expected a ToolResult object {output, isError, ...}, got ${String(result)}`);
     }
+    // Checked here, not only when the request is encoded, so that a handler of runExternalTasks
+    // returning a misspelt field completes its task with an error rather than ending the loop.
+    checkKeys('result', result, this._codec.descriptor(`${PACKAGE}.ToolResult`).field.map((f) => f.name));
     const out = { ...result };
     if (out.errorKind === undefined || out.errorKind === null || out.errorKind === '') delete out.errorKind;
     else out.errorKind = this._codec.enumValue(`${PACKAGE}.ErrorKind`, 'ERROR_KIND_', out.errorKind, 'result.errorKind');
@@ -922,8 +1018,9 @@ export class CodelaneClient {
    * `onError(err, task)`, if given, hears of handler exceptions, failed renewals and refused
    * results. Other errors (server gone, session deleted, bad arguments) reject the promise.
    */
-  async runExternalTasks(sessionId, clientId, handler,
-    { signal, maxTasks = 1, leaseSeconds = 30, waitSeconds = 20, onError } = {}) {
+  async runExternalTasks(sessionId, clientId, handler, options = {}) {
+    checkKeys('runExternalTasks', options, ['signal', 'maxTasks', 'leaseSeconds', 'waitSeconds', 'onError']);
+    const { signal, maxTasks = 1, leaseSeconds = 30, waitSeconds = 20, onError } = options;
     if (typeof handler !== 'function') throw new TypeError('runExternalTasks: handler must be a function');
     let completed = 0;
     while (!signal?.aborted) {
@@ -1013,7 +1110,9 @@ export class CodelaneClient {
   }
 
   /** Asks a worker to drain; resolves to the WorkerInfo as it is now. */
-  async drainWorker(workerId, { reason = '' } = {}, callOptions) {
+  async drainWorker(workerId, options = {}, callOptions) {
+    checkKeys('drainWorker', options, ['reason']);
+    const { reason = '' } = options;
     const response = await this._unary(this._admin, 'DrainWorker', 'DrainWorkerRequest', { workerId, reason },
       'DrainWorkerResponse', callOptions);
     return response.worker;

@@ -244,6 +244,26 @@ describe('sessions', { timeout: TEST_TIMEOUT_MS }, () => {
     );
   });
 
+  test('createSession refuses a misspelt option, naming it and the known ones, and creates nothing', async () => {
+    await assert.rejects(
+      client.createSession({ workspace, externalTaskTimout: 5, systemPromt: 'x', labels: { suite: 'node-typo' } }),
+      (err) => {
+        assert.ok(err instanceof TypeError, String(err));
+        assert.match(err.message, /^createSession: unknown keys 'externalTaskTimout', 'systemPromt'; known: workspace, /);
+        assert.match(err.message, /\bexternalTaskTimeout\b.*\bsystemPrompt\b|\bsystemPrompt\b.*\bexternalTaskTimeout\b/);
+        return true;
+      },
+    );
+    const sessions = [];
+    let pageToken = '';
+    do {
+      const page = await client.listSessions({ pageSize: 100, pageToken });
+      sessions.push(...page.sessions);
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    assert.deepEqual(sessions.filter((s) => s.labels.suite === 'node-typo'), [], 'no session was created');
+  });
+
   test('a call without the bearer token is UNAUTHENTICATED', async () => {
     const anonymous = connect(server.address, { callTimeoutMs: 10_000 });
     try {

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // A codelane tool worker in Node.js, written from protos/codelane/v1/worker.proto and
-// docs/protocol.md alone. It offers one Query tool, `word_count` (lines, words and characters of
-// a text, as `wc` counts them), which needs no workspace files.
+// docs/protocol.md alone (it borrows only the client's address check). It offers one Query tool,
+// `word_count` (lines, words and characters of a text, as `wc` counts them), which needs no
+// workspace files.
 //
 //   node examples/worker/word_count_worker.js --connect HOST:PORT [--token T] [--id ID] [--slots N]
 //
@@ -19,6 +20,9 @@ import { parseArgs } from 'node:util';
 
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+
+// The client's address check, so that --connect takes what every codelane command takes.
+import { parseAddress } from '../../src/client.js';
 
 const VERSION = '0.1.0';
 const PROTOS_DIR = fileURLToPath(new URL('../../../../protos', import.meta.url));
@@ -274,12 +278,21 @@ async function main() {
       slots: { type: 'string', default: '4' },
     },
   });
+  const usage = 'usage: word_count_worker.js --connect HOST:PORT [--token T] [--id ID] [--slots N>=1]\n';
   const slots = Number.parseInt(values.slots, 10);
   if (!values.connect || !(slots >= 1)) {
-    process.stderr.write('usage: word_count_worker.js --connect HOST:PORT [--token T] [--id ID] [--slots N>=1]\n');
+    process.stderr.write(usage);
     return 2;
   }
-  const worker = new Worker({ address: values.connect, token: values.token, workerId: values.id, slots });
+  // A bare host would dial port 443 and be retried forever: refuse it, as the CLI does.
+  let address;
+  try {
+    address = parseAddress(values.connect);
+  } catch (err) {
+    process.stderr.write(`word_count_worker.js: --connect: ${err.message}\n${usage}`);
+    return 2;
+  }
+  const worker = new Worker({ address, token: values.token, workerId: values.id, slots });
   for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => worker.drain(`${signal} received`));
   return worker.run();
 }
