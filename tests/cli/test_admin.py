@@ -40,6 +40,17 @@ def test_sessions_lists_newest_first(server: ThreadedServer, workspace: Path, tm
     assert only["session_id"] == second.id and only["labels"] == {"team": "x"}
 
 
+def test_sessions_of_a_relative_workspace(server: ThreadedServer, workspace: Path, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    with Client(server.address, timeout=10) as client:
+        mine = client.create_session(workspace)
+        client.create_session(tmp_path / "other")
+    # As run and chat take it: relative to the current directory, not to the server's.
+    out = cli("sessions", "--server", server.address, "--workspace", ".", "--json", cwd=workspace)
+    assert out.returncode == 0, out.stderr
+    assert [s["session_id"] for s in json_lines(out.stdout)] == [mine.id]
+
+
 def test_sessions_on_an_empty_server(server: ThreadedServer) -> None:
     out = cli("sessions", "--server", server.address)
     assert out.returncode == 0 and out.stdout == f"no sessions on {server.address}\n"

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError
@@ -150,6 +151,13 @@ def client_main(parser: argparse.ArgumentParser, argv: Sequence[str],
             return await body(client, args)
 
     return run_command(parser.prog, args.connection, main)
+
+
+def workspace_path(given: Path | None) -> Path:
+    """A --workspace as sessions record it: absolute (relative to the current directory, which it
+    defaults to), `~` expanded, symlinks resolved: the server runs in a directory of its own, where a
+    relative path would name another workspace."""
+    return (given or Path.cwd()).expanduser().resolve()
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
