@@ -151,6 +151,8 @@ def test_help_shows_defaults_and_says_what_each_option_is() -> None:
     run = " ".join(cli("run", "--help").stdout.split())
     assert "prompt what to ask, in quotes" in run
     assert "--workers" not in run  # the old spelling works, but is not advertised
+    watch = " ".join(cli("watch", "--help").stdout.split())
+    assert "--no-follow stop once caught up instead of following new events --json" in watch  # no "default: True"
 
 
 def test_old_spellings_still_work_with_a_deprecation_line(model: str, workspace: Path) -> None:
