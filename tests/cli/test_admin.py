@@ -137,6 +137,16 @@ def test_unreachable_server_is_one_line_and_exit_1(command: list[str], unused_po
                           "is `codelane server` running there?\n")
 
 
+def test_a_port_that_is_not_the_api_says_so(make_server) -> None:
+    server = make_server(health_listen="127.0.0.1:0")
+    health = f"127.0.0.1:{server.server.health_port}"
+    out = cli("sessions", "--server", health)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane sessions: {health} answers gRPC but not codelane's API (UNIMPLEMENTED: Method "
+                          "not found!): is it a server's --health-listen port, or another service? Give the address "
+                          "the server listens on (--listen)\n")
+
+
 def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> None:
     with Client(server.address, timeout=10) as client:
         client.create_session(workspace)

@@ -109,6 +109,11 @@ def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
     elif exc.code == "DEADLINE_EXCEEDED":
         text = (f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED): "
                 "is it a codelane server, and is it overloaded?")
+    elif exc.code == "UNIMPLEMENTED":
+        # A codelane server implements every method this client calls: what answers gRPC without
+        # them is another service, or a server's health-only port (--health-listen).
+        text = (f"{address} answers gRPC but not codelane's API ({exc.code}: {exc.message}): is it a server's "
+                "--health-listen port, or another service? Give the address the server listens on (--listen)")
     elif exc.code == "UNAUTHENTICATED":
         text = (f"the server at {address} refused the token (UNAUTHENTICATED: {exc.message}): pass --token or "
                 "set $CODELANE_TOKEN")
