@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none: every session must then name its model)")
     p.add_argument("--local-workers", type=types.non_negative_int, default=2, metavar="N",
                    help="tool-worker processes to start on this host; one that exits is replaced")
+    p.add_argument("--workers", dest="local_workers", type=types.non_negative_int, action=types.Renamed,
+                   new="--local-workers")
     p.add_argument("--local-worker-slots", type=types.positive_int, default=LOCAL_WORKER_SLOTS, metavar="N",
                    help="calls each local worker runs at once")
     p.add_argument("--tools", action="append", default=[], metavar="MODULE",

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from codelane.transport import SERVER_OPTIONS
+from codelane.transport import SERVER_OPTIONS, check_tls_files
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.admission import Admission, Limits
 from session_server.api.admin import AdminServicer
@@ -113,6 +113,10 @@ def _check_tls_files(config: ServerConfig) -> None:
                        ("TLS client CA", config.tls_ca)):
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise ServerConfigError(f"{what} {path}: not a readable file")
+    try:
+        check_tls_files(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca, ca_name="TLS client CA")
+    except ValueError as exc:
+        raise ServerConfigError(str(exc)) from None
 
 
 def is_loopback(listen: str) -> bool:

@@ -37,7 +37,7 @@ from grpc_status import rpc_status
 from codelane import __version__
 from codelane.commands import args as types
 from codelane.commands.common import unreachable
-from codelane.transport import bearer_metadata, create_channel
+from codelane.transport import bearer_metadata, check_tls_files, create_channel
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from tool_worker import snapshot_wire, wire
 from tool_worker.cas import CasClient
@@ -753,6 +753,8 @@ def main(argv: list[str]) -> int:
         for address in (args.metrics_listen, args.health_listen):
             if address:
                 split_address(address)
+        # gRPC would take a file it cannot use for a hub that does not answer, and retry forever.
+        check_tls_files(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
     except ValueError as exc:
         print(f"codelane worker: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,19 @@
-"""What both conformance kits share: how a check fails or is skipped, its outcome, and the run of
-every check in order, each one's failure reported rather than raised."""
+"""What both conformance kits share: how long they wait, how a check fails or is skipped, its
+outcome, and the run of every check in order, each one's failure reported rather than raised."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+# --within: how long the worker kit waits for each thing a worker must do (answer, drain, ...).
+DEFAULT_WITHIN = 15.0
+# At least this long for what starting a process takes (the worker's first Hello, the exit of the
+# one with a wrong token) and for a reconnection after its backoff: not what the checks judge.
+START_WITHIN = 30.0
+# The client kit's command plays its whole scenario in one run: it gets this many times --within.
+SCENARIO_WITHINS = 4
 
 
 class CheckFailed(Exception):

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from codelane.commands import args as types
+from session_server.conformance.checks import DEFAULT_WITHIN, SCENARIO_WITHINS, START_WITHIN
 
 PROG = "codelane conformance"
 
@@ -36,12 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     client = kinds.add_parser(
         "client", help="run a client command against a scripted server",
         description="Start a scripted session server on 127.0.0.1 and run COMMAND ({server}; $CODELANE_SERVER), "
-                    "which plays the scenario of docs/protocol.md (\"Client conformance\"): the kit checks what it "
-                    "did and what it printed.",
+                    "which plays the scenario of docs/protocol.md (\"Conformance kits\", `codelane conformance "
+                    "client`): the kit checks what it did and what it printed.",
     )
+    worker.add_argument("--within", type=types.positive_float, default=DEFAULT_WITHIN, metavar="SECONDS",
+                        help="how long to wait for each thing the worker must do once connected: answer a call, "
+                             "free a cancelled call's slot, close its stream on Drain, exit (default "
+                             f"{DEFAULT_WITHIN:g}). Its first Hello, the exit of the one started with a wrong "
+                             f"token and its reconnection after the hub's restart get at least {START_WITHIN:g}s "
+                             "however short SECONDS is: starting a process and the worker's backoff take time the "
+                             "checks do not judge")
+    client.add_argument("--within", type=types.positive_float, default=DEFAULT_WITHIN, metavar="SECONDS",
+                        help=f"the command must play the whole scenario within {SCENARIO_WITHINS} x SECONDS "
+                             f"(default {DEFAULT_WITHIN:g}), or it is killed")
     for sub in (worker, client):
-        sub.add_argument("--within", type=types.positive_float, default=15.0, metavar="SECONDS",
-                         help="how long to wait for each thing the command must do (default 15)")
         sub.add_argument("--logs", type=Path, metavar="DIR",
                          help="where to keep the command's output (default: a new temporary directory)")
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",

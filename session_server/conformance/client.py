@@ -20,7 +20,7 @@ from pathlib import Path
 
 from codelane.client import Client
 from codelane.events import CaughtUp
-from session_server.conformance.checks import CheckFailed, Outcome, run_all
+from session_server.conformance.checks import DEFAULT_WITHIN, SCENARIO_WITHINS, CheckFailed, Outcome, run_all
 from session_server.server import CodelaneServer, ServerConfig
 
 # After this sequence the scenario asks for a replay (a resume): the turn has more events than it.
@@ -121,7 +121,7 @@ def _event(words: list[str], step: str) -> tuple[int, str]:
     return int(words[0]), words[1]
 
 
-async def run_checks(command: Sequence[str], *, within: float = 15.0, log_dir: Path | None = None,
+async def run_checks(command: Sequence[str], *, within: float = DEFAULT_WITHIN, log_dir: Path | None = None,
                      report: Callable[[Outcome], None] = lambda outcome: None) -> list[Outcome]:
     """Runs the scenario command against a scripted server and every check on what it printed."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="codelane-conformance-"))
@@ -134,7 +134,7 @@ async def run_checks(command: Sequence[str], *, within: float = 15.0, log_dir: P
         port = await server.start()
         ctx = ClientContext(server, f"127.0.0.1:{port}")
         try:
-            await _run_command(ctx, command, workspace, within * 4, log_dir)
+            await _run_command(ctx, command, workspace, within * SCENARIO_WITHINS, log_dir)
             outcomes = await run_all(CHECKS, ctx, report)
         finally:
             await server.stop(grace=0.5)

@@ -25,17 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from session_server.conformance.checks import CheckFailed, Outcome, Skipped, run_all
+from session_server.conformance.checks import DEFAULT_WITHIN, START_WITHIN, CheckFailed, Outcome, Skipped, run_all
 from session_server.conformance.hub import EXCLUDED_PATH, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, ConformanceHub, Record
 from session_server.pool import QueryCall
 from tool_worker.merkle import SHARED, SYNCED, UNAVAILABLE, SnapshotRef
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
-# How long the kit waits for each thing a worker must do (answer, drain, ...).
-DEFAULT_WITHIN = 15.0
-# At least this long for what starting a process takes (the worker's first Hello, the exit of the
-# one with a wrong token) and for a reconnection after its backoff: not what the checks judge.
-START_WITHIN = 30.0
 # The file each call's workspace holds; generated string arguments name it, so a tool that reads
 # a path finds something to read.
 SAMPLE_FILE = "conformance.txt"

@@ -142,11 +142,12 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs `codelane ARGS...` to completion (stdin closed, output captured)."""
     return subprocess.run(
         [sys.executable, "-m", "codelane.cli", *args], capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, env=env or cli_env(),
+        stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd,
     )
 
 

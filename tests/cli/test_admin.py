@@ -40,6 +40,17 @@ def test_sessions_lists_newest_first(server: ThreadedServer, workspace: Path, tm
     assert only["session_id"] == second.id and only["labels"] == {"team": "x"}
 
 
+def test_sessions_of_a_relative_workspace(server: ThreadedServer, workspace: Path, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    with Client(server.address, timeout=10) as client:
+        mine = client.create_session(workspace)
+        client.create_session(tmp_path / "other")
+    # As run and chat take it: relative to the current directory, not to the server's.
+    out = cli("sessions", "--server", server.address, "--workspace", ".", "--json", cwd=workspace)
+    assert out.returncode == 0, out.stderr
+    assert [s["session_id"] for s in json_lines(out.stdout)] == [mine.id]
+
+
 def test_sessions_on_an_empty_server(server: ThreadedServer) -> None:
     out = cli("sessions", "--server", server.address)
     assert out.returncode == 0 and out.stdout == f"no sessions on {server.address}\n"
@@ -124,6 +135,16 @@ def test_unreachable_server_is_one_line_and_exit_1(command: list[str], unused_po
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == (f"codelane {command[0]}: nothing listens at {address} (connection refused, UNAVAILABLE): "
                           "is `codelane server` running there?\n")
+
+
+def test_a_port_that_is_not_the_api_says_so(make_server) -> None:
+    server = make_server(health_listen="127.0.0.1:0")
+    health = f"127.0.0.1:{server.server.health_port}"
+    out = cli("sessions", "--server", health)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane sessions: {health} answers gRPC but not codelane's API (UNIMPLEMENTED: Method "
+                          "not found!): is it a server's --health-listen port, or another service? Give the address "
+                          "the server listens on (--listen)\n")
 
 
 def test_sessions_json_is_parseable(server: ThreadedServer, workspace: Path) -> None:

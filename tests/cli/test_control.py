@@ -197,6 +197,24 @@ def test_the_server_says_listening_once(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_the_server_takes_the_old_workers_spelling(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "server", "--listen", "127.0.0.1:0", "--data-dir",
+         str(tmp_path / "data"), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stderr.readline() == "codelane server: --workers is deprecated: use --local-workers\n"
+        address = proc.stdout.readline().split()[-1]
+        with Client(address, timeout=10) as client:
+            _wait(lambda: len(client.list_workers()) == 1, "the local worker --workers 1 asked for")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=CLI_TIMEOUT)
+    assert proc.returncode == 0
+
+
 def test_a_worker_says_it_connected(server: ThreadedServer) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "codelane.cli", "worker", "--connect", server.address, "--id", "w9"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from codelane.transport import parse_address
+from tests.certs import Certs, make_certs
 from tests.cli.conftest import cli
 
 MISSING = "/no/such/file.pem"
@@ -88,6 +89,44 @@ def test_the_server_checks_its_default_model_at_start(model: str, says: str, tmp
     assert not (tmp_path / "data").exists()  # refused before anything was created
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize(("command", "files", "says"), [
+    ("server", {"--tls-cert": "garbage", "--tls-key": "garbage"},
+     "TLS certificate {garbage}: holds no PEM certificate"),
+    ("server", {"--tls-cert": "server_cert", "--tls-key": "garbage"}, "TLS key {garbage}: holds no PEM private key"),
+    ("server", {"--tls-cert": "server_cert", "--tls-key": "client_key"},
+     "TLS key {client_key}: does not match the certificate {server_cert}"),
+    ("server", {"--tls-cert": "server_cert", "--tls-key": "server_key", "--tls-ca": "garbage"},
+     "TLS client CA {garbage}: holds no PEM certificate"),
+    ("worker", {"--tls-ca": "garbage"}, "TLS CA {garbage}: holds no PEM certificate"),
+    ("worker", {"--tls-ca": "ca", "--tls-cert": "client_cert", "--tls-key": "server_key"},
+     "TLS key {server_key}: does not match the certificate {client_cert}"),
+])  # fmt: skip
+def test_tls_files_that_do_not_load_are_refused_in_one_line(
+    command: str, files: dict[str, str], says: str, certs: Certs, tmp_path: Path,
+) -> None:
+    # gRPC had logged its own lines, then the server said the port was in use and the worker
+    # retried a hub it called unreachable, forever.
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    paths = {"garbage": str(garbage), **{name: str(getattr(certs, name)) for name in
+                                         ("ca", "server_cert", "server_key", "client_cert", "client_key")}}
+    flags = [item for flag, name in files.items() for item in (flag, paths[name])]
+    if command == "server":
+        argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+    else:
+        argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+    out = cli(*argv, *flags, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith(f"codelane {command}: {says.format(**paths)}"), out.stderr
+    assert out.stderr.count("\n") == 1
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
 def test_busy_ports_are_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -112,6 +151,8 @@ def test_help_shows_defaults_and_says_what_each_option_is() -> None:
     run = " ".join(cli("run", "--help").stdout.split())
     assert "prompt what to ask, in quotes" in run
     assert "--workers" not in run  # the old spelling works, but is not advertised
+    watch = " ".join(cli("watch", "--help").stdout.split())
+    assert "--no-follow stop once caught up instead of following new events --json" in watch  # no "default: True"
 
 
 def test_old_spellings_still_work_with_a_deprecation_line(model: str, workspace: Path) -> None:

@@ -5,13 +5,15 @@ hub or server, and real worker and client processes."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from session_server.conformance.client import CHECKS as CLIENT_CHECKS
-from session_server.conformance.worker import CHECKS
+from session_server.conformance.worker import CHECKS, START_WITHIN
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,3 +115,19 @@ async def test_a_client_that_misses_an_event_on_resume_fails_the_resume_check(tm
     assert code == 1
     assert outcomes["resume"][0] == "FAIL" and "differ from the server's" in outcomes["resume"][1]
     assert outcomes["turn"][0] == "PASS" and outcomes["errors"][0] == "PASS"
+
+
+def test_the_kits_help_cites_sections_that_exist_and_says_what_within_bounds() -> None:
+    def help_of(kind: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "codelane.cli", "conformance", kind, "--help"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return " ".join(out.split())
+
+    client, worker = help_of("client"), help_of("worker")
+    headings = {line.lstrip("#").strip() for line in (REPO / "docs" / "protocol.md").read_text().splitlines()
+                if line.startswith("#")}
+    for text in (client, (REPO / "clients" / "python" / "examples" / "conformance_client.py").read_text()):
+        cited = re.findall(r'docs/protocol\.md[,( ]*"([^"]+)"', " ".join(text.split()))
+        assert cited and set(cited) <= headings, cited
+    # A short --within does not shorten a worker's start: the help says so, and by how much.
+    assert f"get at least {START_WITHIN:g}s however short SECONDS is" in worker

@@ -1,5 +1,5 @@
-// The client conformance scenario (docs/protocol.md, "Client conformance") played with this
-// Node client:
+// The client conformance scenario (docs/protocol.md, "Conformance kits", `codelane conformance
+// client`) played with this Node client:
 //
 //   codelane conformance client -- node clients/node/examples/conformance_client.js
 

@@ -7,6 +7,7 @@ idle worker streams survive NATs and load balancers without being killed for "to
 from __future__ import annotations
 
 import argparse
+import ssl
 from pathlib import Path
 
 import grpc
@@ -105,6 +106,43 @@ def create_channel(
         certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
     )
     return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> str:
+    # Called only for an encrypted key; without it OpenSSL would prompt on the terminal.
+    raise _EncryptedKey
+
+
+def check_tls_files(*, cert: str | Path | None = None, key: str | Path | None = None,
+                    ca: str | Path | None = None, ca_name: str = "TLS CA") -> None:
+    """Raises ValueError naming the file and what is wrong with it when gRPC could not use it: a
+    certificate or CA that holds no PEM certificate, a key that is no PEM private key, is
+    encrypted or does not match its certificate. gRPC itself only logs lines of its own and then
+    fails as if the port were taken (a server) or the peer unreachable (a client)."""
+    for name, path in (("TLS certificate", cert), (ca_name, ca)):
+        if path:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+            except ssl.SSLError:
+                raise ValueError(
+                    f"{name} {path}: holds no PEM certificate (a -----BEGIN CERTIFICATE----- block)"
+                ) from None
+    if cert and key:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=_refuse_passphrase)
+        except _EncryptedKey:
+            raise ValueError(f"TLS key {key}: encrypted with a passphrase, which gRPC cannot ask for: decrypt "
+                             "it (openssl pkey -in KEY -out PLAIN)") from None
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ValueError(f"TLS key {key}: does not match the certificate {cert}") from None
+            raise ValueError(
+                f"TLS key {key}: holds no PEM private key (a -----BEGIN ... PRIVATE KEY----- block)"
+            ) from None
 
 
 def parse_address(text: str, *, listen: bool = False) -> str:

@@ -1,5 +1,5 @@
-"""The client conformance scenario (docs/protocol.md, "Client conformance") played with the async
-Python SDK:
+"""The client conformance scenario (docs/protocol.md, "Conformance kits", `codelane conformance
+client`) played with the async Python SDK:
 
     codelane conformance client -- python clients/python/examples/conformance_client.py
 """

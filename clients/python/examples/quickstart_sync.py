@@ -7,7 +7,11 @@ loop in a background thread, for scripts and notebooks that do not use asyncio.
 Run a server with the examples' scripted model (no API key needed), from the repository root:
 
     codelane server --model scripted:clients/python/examples/quickstart.yaml --local-workers 2 &
+    codelane workers        # until it lists local-1 and local-2 (a few seconds)
     python clients/python/examples/quickstart_sync.py [WORKSPACE]
+
+The turn's read-only calls then run in parallel on those two workers; sent before they connect,
+they run in the server itself (their events name worker `local`).
 
 WORKSPACE defaults to the current directory (a directory of the server's machine);
 $CODELANE_SERVER overrides the server's address (default 127.0.0.1:50051).

@@ -28,7 +28,8 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]*")
 
 class HelpFormatter(argparse.HelpFormatter):
     """Adds "(default: X)" to an option's help when it has a default worth showing and its help
-    does not already give one."""
+    does not already give one. A flag's (an option taking no value) is not: `--no-follow`'s
+    default, True, is that of what it turns off."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
@@ -36,6 +37,7 @@ class HelpFormatter(argparse.HelpFormatter):
         if (
             "default" in text
             or not action.option_strings
+            or action.nargs == 0
             or default in (None, False, [], "", argparse.SUPPRESS)
             or text == argparse.SUPPRESS
         ):

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError
@@ -108,6 +109,11 @@ def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
     elif exc.code == "DEADLINE_EXCEEDED":
         text = (f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED): "
                 "is it a codelane server, and is it overloaded?")
+    elif exc.code == "UNIMPLEMENTED":
+        # A codelane server implements every method this client calls: what answers gRPC without
+        # them is another service, or a server's health-only port (--health-listen).
+        text = (f"{address} answers gRPC but not codelane's API ({exc.code}: {exc.message}): is it a server's "
+                "--health-listen port, or another service? Give the address the server listens on (--listen)")
     elif exc.code == "UNAUTHENTICATED":
         text = (f"the server at {address} refused the token (UNAUTHENTICATED: {exc.message}): pass --token or "
                 "set $CODELANE_TOKEN")
@@ -150,6 +156,13 @@ def client_main(parser: argparse.ArgumentParser, argv: Sequence[str],
             return await body(client, args)
 
     return run_command(parser.prog, args.connection, main)
+
+
+def workspace_path(given: Path | None) -> Path:
+    """A --workspace as sessions record it: absolute (relative to the current directory, which it
+    defaults to), `~` expanded, symlinks resolved: the server runs in a directory of its own, where a
+    relative path would name another workspace."""
+    return (given or Path.cwd()).expanduser().resolve()
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:

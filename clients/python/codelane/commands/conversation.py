@@ -24,7 +24,7 @@ from typing import Any
 from codelane import events as ev
 from codelane.client import Client, CodelaneError, Session
 from codelane.commands import args as types
-from codelane.commands.common import command_line
+from codelane.commands.common import command_line, workspace_path
 from codelane.commands.config import Connection
 from codelane.render import EventView
 
@@ -120,16 +120,12 @@ def new_session_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def workspace_of(args: argparse.Namespace) -> Path:
-    return (args.workspace or Path.cwd()).expanduser().resolve()
-
-
 async def open_session(client: Client, args: argparse.Namespace) -> Session:
     """The session to talk in: the one named by --session, the newest of the workspace with
     --continue, else a new one. CodelaneError NOT_FOUND when there is none to continue."""
     if args.session:
         return await client.get_session(args.session)
-    workspace = workspace_of(args)
+    workspace = workspace_path(args.workspace)
     if args.continue_last:
         async for info in client.list_sessions():
             if info.workspace == str(workspace):

@@ -9,10 +9,11 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 from codelane.client import Client
 from codelane.commands import args as types
-from codelane.commands.common import add_connection_options, client_main, print_table
+from codelane.commands.common import add_connection_options, client_main, print_table, workspace_path
 
 PROG = "codelane sessions"
 
@@ -22,15 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(p)
     p.add_argument("--limit", type=types.non_negative_int, default=0, metavar="N",
                    help="show at most N sessions (default: 0, all)")
-    p.add_argument("--workspace", metavar="DIR", help="only the sessions of this workspace (a path on the server)")
+    p.add_argument("--workspace", type=Path, metavar="DIR",
+                   help="only the sessions of this workspace (a path on the server; relative: to the current "
+                        "directory, as run and chat take it)")
     p.add_argument("--json", action="store_true", help="one JSON object per session, for scripts")
     return p
 
 
 async def list_sessions(client: Client, args: argparse.Namespace) -> int:
+    workspace = None if args.workspace is None else str(workspace_path(args.workspace))
     sessions = []
     async for info in client.list_sessions():
-        if args.workspace is not None and info.workspace != args.workspace:
+        if workspace is not None and info.workspace != workspace:
             continue
         sessions.append(info)
         if args.limit and len(sessions) >= args.limit:
