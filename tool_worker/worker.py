@@ -748,6 +748,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        # Without a CA the channel is plaintext, and the certificate would go unused, unsaid.
+        print("codelane worker: a client certificate (mTLS) needs TLS: give --tls-ca too (the CA that signed "
+              "the hub's certificate)", file=sys.stderr)
+        return 2
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s worker %(levelname)s %(message)s")
         for address in (args.metrics_listen, args.health_listen):

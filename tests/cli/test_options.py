@@ -105,6 +105,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     ("worker", {"--tls-ca": "garbage"}, "TLS CA {garbage}: holds no PEM certificate"),
     ("worker", {"--tls-ca": "ca", "--tls-cert": "client_cert", "--tls-key": "server_key"},
      "TLS key {server_key}: does not match the certificate {client_cert}"),
+    # It connected in plaintext, the certificate unused: the operator asked for mTLS.
+    ("worker", {"--tls-cert": "client_cert", "--tls-key": "client_key"},
+     "a client certificate (mTLS) needs TLS: give --tls-ca too"),
 ])  # fmt: skip
 def test_tls_files_that_do_not_load_are_refused_in_one_line(
     command: str, files: dict[str, str], says: str, certs: Certs, tmp_path: Path,
