@@ -142,6 +142,16 @@ async def test_a_component_too_long_is_a_plain_error(call: Any) -> None:
     assert "unexpectedly" not in result.output
 
 
+async def test_grep_says_when_there_is_no_file_to_search(call: Any, workspace: Path) -> None:
+    # rg searched nothing and said nothing (--no-messages): the model read "grep failed ... rg gave
+    # no reason" for a directory of symlinks.
+    (workspace / "links").mkdir()
+    os.symlink("/etc/hostname", workspace / "links" / "hostname")
+    result = await call("grep", pattern="x", path="links")
+    assert not result.is_error, result.output
+    assert result.output.startswith("No files in links to search"), result.output
+
+
 async def test_grep_says_when_its_glob_matches_no_file(call: Any) -> None:
     result = await call("grep", pattern="def", glob="*.nothing")
     assert not result.is_error

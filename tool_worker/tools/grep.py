@@ -138,12 +138,14 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     ctx.check_readable(resolve_in_workspace(ctx.workspace, shown_path), shown_path)
     rg_args, cwd, prefix = rg_invocation(ctx.workspace, args)
     out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
-    if out.failed_outright and not out.stderr and ("glob" in args or "type" in args):
-        # rg exits 2 in silence (--no-messages) when its filters leave no file to search.
-        filters = " and ".join(
-            f"{name} {args[name]!r}" for name in ("glob", "type") if name in args
-        )
-        return ToolResult(output=f"No files in {shown_path} match {filters}, so nothing was searched")
+    if out.failed_outright and not out.stderr:
+        # rg exits 2 in silence (--no-messages) when it searched no file: its filters left none,
+        # or every file there is ignored, a symlink (not followed) or unreadable.
+        if "glob" in args or "type" in args:
+            filters = " and ".join(f"{name} {args[name]!r}" for name in ("glob", "type") if name in args)
+            return ToolResult(output=f"No files in {shown_path} match {filters}, so nothing was searched")
+        return ToolResult(output=f"No files in {shown_path} to search: what is there is ignored (.gitignore, "
+                                 "hidden files), symlinks (grep does not follow them) or unreadable")
     if out.failed_outright:
         detail = out.stderr or "rg gave no reason"
         raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {detail}")
