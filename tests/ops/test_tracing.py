@@ -5,9 +5,12 @@ the call's trace context to the client that claims them."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import grpc
+import pytest
 from opentelemetry import trace
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
@@ -201,3 +204,42 @@ async def test_a_stream_closed_from_another_task_ends_its_span_without_a_context
     await asyncio.to_thread(tracing.shutdown)
     assert _one(spans, name=name).kind == "server"
     assert not [r for r in caplog.records if "detach" in r.getMessage()], caplog.text
+
+
+class _Request:
+    """A request the test can watch die (protobuf messages take no weak references)."""
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_refused_request_is_freed_at_once_not_by_the_collector(streaming: bool) -> None:
+    # The interceptor kept the handler's exception in a local: the exception's traceback holds
+    # the frame, the frame the exception, and that cycle kept each refused request (60 MiB ones
+    # included) alive until Python's collector ran: gigabytes under a flood of them.
+    interceptor = ObservingInterceptor(Telemetry(ServerMetrics(), None))
+
+    async def refuse(request: object, context: object) -> None:
+        raise ValueError("refused")
+
+    async def refuse_stream(request: object, context: object):
+        raise ValueError("refused")
+        yield  # an async generator
+
+    async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    handler = await interceptor.intercept_service(continuation, _Details("/codelane.v1.SessionService/SendMessage"))
+    request = _Request()
+    alive = weakref.ref(request)
+    gc.disable()
+    try:
+        with pytest.raises(ValueError):
+            if streaming:
+                await anext(handler.unary_stream(request, _Context()))
+            else:
+                await handler.unary_unary(request, _Context())
+        del request
+        assert alive() is None
+    finally:
+        gc.enable()
