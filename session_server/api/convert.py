@@ -35,10 +35,35 @@ MAX_BATCH_BYTES = 3 * 1024 * 1024
 # under the 4 MiB that gRPC clients accept by default (grpc-js, grpc-go, grpc-java and grpc-python
 # alike), so a client that did not raise its limit still reads every page.
 MAX_PAGE_BYTES = 3 * 1024 * 1024
-# Events converted lately, with their size: every live subscriber of a session sends the same
-# events, and converting one costs more than copying it.
-_RECENT_EVENTS = 4096
-_recent: OrderedDict[tuple[str, int], tuple[events_pb2.Event, int]] = OrderedDict()
+
+
+class _RecentEvents:
+    """Events converted lately, with their size: every live subscriber of a session sends the
+    same events, and converting one costs more than copying it. Bounded by count and by bytes:
+    4,096 events of tool results near their limit held 480 MiB."""
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self.max_events, self.max_bytes = max_events, max_bytes
+        self.held_bytes = 0
+        self._events: OrderedDict[tuple[str, int], tuple[events_pb2.Event, int]] = OrderedDict()
+
+    def converted(self, stored: StoredEvent) -> tuple[events_pb2.Event, int]:
+        key = (stored.session_id, stored.sequence)
+        found = self._events.get(key)
+        if found is None:
+            proto = event(stored)
+            found = (proto, proto.ByteSize())
+            self._events[key] = found
+            self.held_bytes += found[1]
+            while len(self._events) > self.max_events or self.held_bytes > self.max_bytes:
+                self.held_bytes -= self._events.popitem(last=False)[1][1]
+        return found
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+recent_events = _RecentEvents(max_events=4096, max_bytes=32 * 1024 * 1024)
 
 M = TypeVar("M")
 P = TypeVar("P", bound=protobuf_message.Message)
@@ -51,7 +76,7 @@ def batched(
     consecutive events, split where a message would pass MAX_BATCH_BYTES."""
     message, size = make(), 0
     for stored in events:
-        proto, weight = _converted(stored)
+        proto, weight = recent_events.converted(stored)
         if size and size + weight > MAX_BATCH_BYTES:
             yield message
             message, size = make(), 0
@@ -81,16 +106,6 @@ def page_within(entries: Iterable[P], ending: Callable[[P], int] = lambda _: 0) 
         page.append(entry)
     return page, False
 
-
-def _converted(stored: StoredEvent) -> tuple[events_pb2.Event, int]:
-    key = (stored.session_id, stored.sequence)
-    found = _recent.get(key)
-    if found is None:
-        proto = event(stored)
-        found = _recent[key] = (proto, proto.ByteSize())
-        if len(_recent) > _RECENT_EVENTS:
-            _recent.popitem(last=False)
-    return found
 
 
 def timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
