@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from codelane.transport import SERVER_OPTIONS, check_tls_files
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, worker_pb2, worker_pb2_grpc
 from session_server.admission import Admission, Limits
+from session_server.api import grpc_logs
 from session_server.api.admin import AdminServicer
 from session_server.api.auth import BearerTokenInterceptor
 from session_server.api.content import (
@@ -332,6 +333,7 @@ class CodelaneServer:
 
     async def start(self) -> int:
         hub_token = self.hub_token()
+        grpc_logs.install()
         # First: a second server on a busy port, a default model that cannot work or a TLS file
         # that does not load says so in one line, having touched nothing.
         for address in [self.config.listen, *self.config.extra_listen]:

@@ -4,11 +4,18 @@ the lines written for a turn and a call carry the session, turn, call, worker an
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from codelane.v1 import session_pb2
+from session_server.api.grpc_logs import GRPC_LOGGER
 from tests.ops.conftest import OtlpReceiver, Workers
 from tests.polling import poll_until
-from tests.session.conftest import Processes, call, scripted
+from tests.session import conftest as session_fixtures
+from tests.session.conftest import InProcess, Processes, call, scripted
+
+make_server = session_fixtures.make_server
+workspace = session_fixtures.workspace
 
 
 def _lines(text: str) -> list[dict]:
@@ -52,3 +59,29 @@ async def test_json_logs_name_the_session_turn_call_worker_and_trace(
     ran = next(e for e in _lines(worker_procs.log("w1")) if e["message"].startswith("call ran"))
     assert (ran["worker_id"], ran["session_id"], ran["call_id"], ran["trace_id"]) == (
         "w1", session.session_id, "c1", turn["trace_id"])
+
+
+async def test_a_client_leaving_its_event_streams_is_one_info_line_each_not_a_traceback(
+    make_server, workspace: Path, tmp_path: Path, caplog
+) -> None:
+    # grpc.aio logged "ExecuteBatchError raised in core by servicer method" at ERROR, with a
+    # traceback, for every stream a client cancelled while its events were being written.
+    caplog.set_level(logging.INFO, logger=GRPC_LOGGER)
+    server: InProcess = await make_server()
+    (workspace / "big.txt").write_text(("y" * 1900 + "\n") * 120)
+    reads = [call("read", f"c{i}", file_path="big.txt") for i in range(32)]
+    session = await server.client.create(workspace, scripted(tmp_path, [{"text": "", "tool_calls": reads},
+                                                                        {"text": "done"}]))
+    await server.client.send(session.session_id, "go")
+    request = session_pb2.WatchEventsRequest(session_id=session.session_id, after_sequence=0, follow=True)
+    streams = [server.client.sessions.WatchEvents(request) for _ in range(8)]
+    for stream in streams:  # each has started and fills its window with what it does not read
+        assert (await stream.read()).HasField("events")
+    admission = server.server.admission
+    for stream in streams:
+        stream.cancel()
+    await poll_until(lambda: admission.subscribers == 0, what="the streams to end on the server")
+
+    grpc_records = [r for r in caplog.records if r.name == GRPC_LOGGER]
+    assert not [r for r in grpc_records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert any("a client left while its stream was being written" in r.getMessage() for r in grpc_records)
