@@ -21,11 +21,21 @@ from google.protobuf.message import DecodeError
 
 from session_server.api.errors import abort
 
-# Requests refused unparsed past a size: protobuf parses a map (labels, env) in time quadratic
+# Requests refused unparsed past a size. Protobuf parses a map (labels, env) in time quadratic
 # in its entries (200,000 labels: 0.3 s; the 64 MiB a request may take: minutes), on the event
-# loop, before any handler can refuse it. The biggest CreateSession the server accepts is about
-# 1.2 MiB (a config of 1 Mi characters as stored, labels of 64 KiB).
-MAX_REQUEST_BYTES = {"/codelane.v1.SessionService/CreateSession": 2 * 1024 * 1024}
+# loop, before any handler can refuse it; and every request parsed is held until its call ends:
+# eight clients sending 60 MiB prompts, each refused, had the server hold 5-6 GiB. Each bound is
+# well over the largest request the method accepts: a CreateSession of a config of 1 Mi characters
+# as stored and labels of 64 KiB is about 1.2 MiB, a prompt of 1 Mi characters at most 4 MiB of
+# UTF-8, an external task's result of 1 Mi characters the same with its metadata.
+MAX_REQUEST_BYTES = {
+    "/codelane.v1.SessionService/CreateSession": 2 * 1024 * 1024,
+    "/codelane.v1.SessionService/SendMessage": 5 * 1024 * 1024,
+    "/codelane.v1.SessionService/CompleteExternalTask": 8 * 1024 * 1024,
+}
+# Every other request of the client-facing services holds ids, page tokens and short texts.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+_BOUNDED_SERVICES = ("/codelane.v1.SessionService/", "/codelane.v1.AdminService/")
 
 _KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
           (True, True): "stream_stream"}
@@ -77,13 +87,15 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         parse = handler.request_deserializer
         largest = MAX_REQUEST_BYTES.get(details.method)
+        if largest is None and details.method.startswith(_BOUNDED_SERVICES):
+            largest = DEFAULT_MAX_REQUEST_BYTES
         streaming = handler.request_streaming
         what = "a message of the request stream" if streaming else "the request"
 
         def lenient(raw: bytes) -> Any:
             if largest is not None and len(raw) > largest:
                 return _Undecodable(f"the request is {len(raw):,} bytes; {details.method} takes at most {largest:,} "
-                                    "(a session's config, prompt and labels are bounded well under it)")
+                                    "(its fields' own bounds, in session.proto, are well under it)")
             try:
                 return parse(raw)
             except DecodeError as exc:

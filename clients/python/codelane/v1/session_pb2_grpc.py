@@ -57,6 +57,11 @@ class SessionServiceStub:
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     def __init__(self, channel):
@@ -164,14 +169,17 @@ class SessionServiceServicer:
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     def CreateSession(self, request, context):
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-        queue config is out of range (the field is named in the message and ErrorInfo metadata);
-        also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
-        its fields keep any the server accepts far under it).
+        queue config is out of range (the field is named in the message and ErrorInfo metadata).
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
         as it allows: delete some, or retry later.
         """
@@ -396,6 +404,11 @@ class SessionService:
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     @staticmethod

@@ -58,6 +58,11 @@ class SessionServiceStub:
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     @_typing.overload
@@ -67,9 +72,7 @@ class SessionServiceStub:
     CreateSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.CreateSessionResponse]
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-    queue config is out of range (the field is named in the message and ErrorInfo metadata);
-    also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
-    its fields keep any the server accepts far under it).
+    queue config is out of range (the field is named in the message and ErrorInfo metadata).
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
     as it allows: delete some, or retry later.
     """
@@ -165,15 +168,18 @@ class SessionServiceAsyncStub(SessionServiceStub):
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSession: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.CreateSessionResponse]  # type: ignore[assignment]
     """Creates a session bound to a workspace directory on the server's machine.
     INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-    queue config is out of range (the field is named in the message and ErrorInfo metadata);
-    also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
-    its fields keep any the server accepts far under it).
+    queue config is out of range (the field is named in the message and ErrorInfo metadata).
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
     as it allows: delete some, or retry later.
     """
@@ -268,6 +274,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
+
+    Every request is refused unparsed, INVALID_ARGUMENT naming no field, when it is bigger encoded
+    than its method takes: CreateSession 2,097,152 bytes, SendMessage 5,242,880,
+    CompleteExternalTask 8,388,608, every other method (here and in AdminService) 1,048,576. The
+    bounds of their fields keep any request the server accepts far under these.
     """
 
     @_abc_1.abstractmethod
@@ -278,9 +289,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.CreateSessionResponse, _abc.Awaitable[_session_pb2.CreateSessionResponse]]:
         """Creates a session bound to a workspace directory on the server's machine.
         INVALID_ARGUMENT when the workspace does not exist, the model provider is unknown, or the
-        queue config is out of range (the field is named in the message and ErrorInfo metadata);
-        also, unparsed and naming no field, for a request over 2,097,152 bytes encoded (the bounds of
-        its fields keep any the server accepts far under it).
+        queue config is out of range (the field is named in the message and ErrorInfo metadata).
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_sessions) when the server holds as many sessions
         as it allows: delete some, or retry later.
         """
