@@ -55,10 +55,10 @@ class EventLog:
         self._on_store_state = on_store_state
         self._pending: list[StoredEvent] = []
         self._last: OrderedDict[str, int] = OrderedDict()
+        # The flush at the end of this loop turn, or the retry of a failed commit.
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._failing = False
-        # A commit failed and none succeeded since (reported to on_store_state).
-        self._unhealthy = False
+        # What the last commit raised, while none has succeeded since (reported to on_store_state).
+        self._failure: Exception | None = None
 
     def append(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
         """Gives the event its sequence; it is stored and sent at the end of this loop turn.
@@ -66,7 +66,9 @@ class EventLog:
         sequence = self._next_sequence(session_id)
         event = StoredEvent(session_id, sequence, time.time(), turn_id, payload)
         self._pending.append(event)
-        if self._flush_handle is None and not self._failing:
+        # While commits fail, the handle is the retry's (a retry that found nothing left, all of
+        # it forgotten with deleted sessions, scheduled none: this event tries again at once).
+        if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return event
 
@@ -112,11 +114,12 @@ class EventLog:
         try:
             gone = self._store.append_events(batch)
         except Exception as exc:
-            log.exception("storing %d events failed; retrying in %gs (none is sent until stored)", len(batch),
-                          RETRY_DELAY)
+            if self._failure is None:  # once per outage, not at every retry
+                log.exception("storing %d events failed; retrying every %gs (none is sent until stored)",
+                              len(batch), RETRY_DELAY)
             self._pending = batch + self._pending
-            self._failing = True
-            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry)
+            self._failure = exc
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._flush)
             if self._metrics is not None:
                 self._metrics.event_commit_failures.inc()
             self._report(False, f"storing events failed: {exc}")
@@ -124,7 +127,11 @@ class EventLog:
         if self._metrics is not None:
             self._metrics.event_commits.inc()
             self._metrics.events_appended.inc(len(batch))
-        if self._unhealthy:
+        if self._failure is not None:
+            # Cleared here, whoever flushed: a `flush()` that stored what the retry waited for
+            # must leave appends scheduling their own flush again.
+            self._failure = None
+            log.warning("storing events works again: %d stored", len(batch))
             self._report(True, "")
         if gone:
             for session_id in gone:
@@ -132,12 +139,7 @@ class EventLog:
             batch = [e for e in batch if e.session_id not in gone]
         self._bus.publish_many(batch)
 
-    def _retry(self) -> None:
-        self._failing = False
-        self._flush()
-
     def _report(self, ok: bool, why: str) -> None:
-        self._unhealthy = not ok
         if self._on_store_state is not None:
             try:
                 self._on_store_state(ok, why)
