@@ -135,6 +135,41 @@ class StoreError(Exception):
     """The store file cannot be used; the message says why and what to do."""
 
 
+class StoreUnavailable(Exception):
+    """The store cannot take writes now (a read-only file, a full disk, an I/O error, a lock held
+    too long); the message says what failed and what to do. `error_name` is SQLite's name for the
+    failure (`SQLITE_FULL`, `SQLITE_READONLY`, ...), "" when it was not SQLite's."""
+
+    def __init__(self, message: str, error_name: str = "") -> None:
+        super().__init__(message)
+        self.error_name = error_name
+
+
+# What a person can do about a failure, by SQLite's primary error name.
+_REMEDIES = {
+    "SQLITE_READONLY": "its file or directory is read-only to the server: the operator must make them writable",
+    "SQLITE_FULL": "the disk of its data directory is full: the operator must free space on it",
+    "SQLITE_IOERR": "its disk failed to read or write: the operator must check the disk of its data directory",
+    "SQLITE_BUSY": "another process holds its write lock: the operator must stop that process",
+    "SQLITE_LOCKED": "another process holds its write lock: the operator must stop that process",
+    "SQLITE_CANTOPEN": "its file cannot be opened: the operator must check that the server can write its data "
+                       "directory",
+    "SQLITE_CORRUPT": "its file is damaged: the operator must restore it from a backup",
+    "SQLITE_NOTADB": "its file is not a database: the operator must restore it from a backup",
+}
+
+
+def store_unavailable(failure: BaseException, context: str = "") -> StoreUnavailable:
+    """The `StoreUnavailable` that `failure` (a sqlite3.Error, or what a commit raised) means for
+    a caller, its message starting with `context` when given."""
+    name = getattr(failure, "sqlite_errorname", "") or ""
+    # An extended name (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED) starts with its primary one.
+    remedy = _REMEDIES.get("_".join(name.split("_")[:2]), "")
+    cause = f"{failure}: {remedy}" if remedy else str(failure)
+    message = f"the session server cannot use its store ({cause}); retry later, or on another server"
+    return StoreUnavailable(f"{context}: {message}" if context else message, name)
+
+
 class UnknownSession(LookupError):
     """No session has the given id."""
 

@@ -54,6 +54,10 @@ class SessionServiceStub:
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
+
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
@@ -160,6 +164,10 @@ class SessionServiceServicer:
     status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
+
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
@@ -392,6 +400,10 @@ class SessionService:
     status and RetryInfo: a WatchEvents that follows (after the events it had ready; resume with
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
+
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
 
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
