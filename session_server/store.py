@@ -131,6 +131,18 @@ class EventPage:
     chars: int
 
 
+def check_writable(db: sqlite3.Connection) -> None:
+    """Raises sqlite3.Error unless `db` can take writes now: takes the write lock, writes what is
+    there (the schema version) and rolls back. SQLite opens a file it cannot write read-only,
+    without a word, and takes the lock on it all the same: only a write says so (SQLITE_READONLY)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute(f"PRAGMA user_version = {int(version)}")
+    finally:
+        db.execute("ROLLBACK")
+
+
 class StoreError(Exception):
     """The store file cannot be used; the message says why and what to do."""
 
@@ -246,6 +258,18 @@ class Store:
                 f"{path} was written by a newer codelane (store schema v{version}; this server reads "
                 f"up to v{SCHEMA_VERSION}): upgrade codelane, or point the server at another file"
             )
+        try:
+            check_writable(self._db)
+        except sqlite3.OperationalError as exc:
+            # A connection SQLite opened read-only stays so, whatever is fixed later: refused now,
+            # in one line, rather than serving until the first write fails.
+            if (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+                raise StoreError(
+                    f"{path} cannot take writes ({exc}): make it, its -wal and -shm files and its directory "
+                    "writable by the server's user, or point the server at another file"
+                ) from exc
+            # Anything else (another process holding the lock a while) is the readiness probe's
+            # to report: the server starts NOT_SERVING, and serves once it clears.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         if version == 0:
