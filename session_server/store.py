@@ -12,6 +12,9 @@ a writer that never pauses long enough for the thread's checkpoint to reach the 
 
 Events are written in batches (`append_events`, one transaction per batch: see
 `session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
+A session is marked running when its turn starts, and idle by the commit that stores the turn's
+TurnFinished: never idle while its turn's events are not all stored, so a server that stops then
+finds the turn running and ends it (`SessionManager.recover`).
 
 Durability: a batch is committed before its events are sent to anyone, so an event a client saw
 survives a crash of the server process. With synchronous=NORMAL the last commits may be lost on
@@ -36,6 +39,7 @@ from typing import Any, Literal
 from session_server.events import (
     CallInfo,
     StoredEvent,
+    TurnFinished,
     call_from_dict,
     payload_from_json,
     payload_to_json,
@@ -452,21 +456,29 @@ class Store:
 
     def append_events(self, events: list[StoredEvent]) -> set[str]:
         """Stores events whose sequences were assigned by the caller (gap-free per session, each
-        continuing the session's `last_sequence`), in one transaction. Returns the ids of sessions
-        that no longer exist; their events are dropped."""
+        continuing the session's `last_sequence`), in one transaction. A session whose current
+        turn's TurnFinished is among them becomes idle in the same transaction: idle means its
+        turn's events are all stored, whatever stops the server after. Returns the ids of
+        sessions that no longer exist; their events are dropped."""
         by_session: dict[str, list[tuple[Any, ...]]] = {}
+        ended: dict[str, str] = {}
         for event in events:
             kind, payload_json = payload_to_json(event.payload)
             by_session.setdefault(event.session_id, []).append(
                 (event.session_id, event.sequence, event.time, event.turn_id, kind, payload_json)
             )
+            if isinstance(event.payload, TurnFinished):
+                ended[event.session_id] = event.turn_id
         gone: set[str] = set()
         with self._transaction() as db:
             for session_id, rows in by_session.items():
                 last = rows[-1]
+                # Only the turn the session runs now: a later one may have been marked running
+                # since (its own turn id), and stays so. No TurnFinished: NULL, never equal.
                 updated = db.execute(
-                    "UPDATE sessions SET last_sequence = ?, updated = ? WHERE session_id = ?",
-                    (last[1], last[2], session_id),
+                    "UPDATE sessions SET last_sequence = ?, updated = ?, "
+                    "state = CASE WHEN current_turn_id = ? THEN 'idle' ELSE state END WHERE session_id = ?",
+                    (last[1], last[2], ended.get(session_id), session_id),
                 ).rowcount
                 if not updated:
                     gone.add(session_id)

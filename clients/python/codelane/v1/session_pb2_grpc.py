@@ -214,7 +214,8 @@ class SessionServiceServicer:
         """Sends a user message and streams the events of the turn it starts, ending after
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-        as it allows.
+        as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+        (the store cannot take writes): the session reads RUNNING until they are.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -90,7 +90,8 @@ class SessionServiceStub:
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-    as it allows.
+    as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+    (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]
@@ -198,7 +199,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-    as it allows.
+    as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+    (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]  # type: ignore[assignment]
@@ -333,7 +335,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends a user message and streams the events of the turn it starts, ending after
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-        as it allows.
+        as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+        (the store cannot take writes): the session reads RUNNING until they are.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
         """
 
