@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from typing import TYPE_CHECKING
 
 from session_server.admission import ShuttingDown
@@ -62,10 +62,18 @@ class SessionClosed(Exception):
     """The session was deleted while a subscriber watched it."""
 
 
-def _stopping() -> ShuttingDown:
-    return ShuttingDown("the server is shutting down: this event stream ends here, and nothing is lost (events "
-                        "are stored before they are sent): reconnect, to another server or to this one once it "
-                        "restarts, and resume with WatchEvents after_sequence = the last sequence you received")
+_RESUME = ("reconnect, to another server or to this one once it restarts, and resume with WatchEvents "
+           "after_sequence = the last sequence you received")
+
+
+def _stopping(unstored: bool = False) -> ShuttingDown:
+    if unstored:
+        return ShuttingDown("the server is shutting down while its store cannot take writes: this event stream ends "
+                            "here, and the session's last events, which could not be stored, are lost; its turn is "
+                            "ended as interrupted (its unfinished calls cancelled) once a server restarts on a "
+                            f"store that takes writes: {_RESUME}")
+    return ShuttingDown(f"the server is shutting down: this event stream ends here, and nothing is lost (events are "
+                        f"stored before they are sent): {_RESUME}")
 
 
 class Subscription:
@@ -207,15 +215,16 @@ class EventBus:
         for subscription in self._subscribers.pop(session_id, set()):
             subscription._close(SessionClosed(session_id))
 
-    def stop(self) -> None:
+    def stop(self, unstored: Set[str] = frozenset()) -> None:
         """The server is stopping and no event will come: every subscription ends, and so does
         any made from now on (their streams end with a status saying so rather than being cut
-        when the gRPC server stops)."""
+        when the gRPC server stops). `unstored`: sessions whose last events could not be stored,
+        whose streams are told so."""
         self._stopped = True
         subscribers, self._subscribers = self._subscribers, defaultdict(set)
-        for subscriptions in subscribers.values():
+        for session_id, subscriptions in subscribers.items():
             for subscription in subscriptions:
-                subscription._close(_stopping())
+                subscription._close(_stopping(session_id in unstored))
 
     def _remove(self, subscription: Subscription) -> None:
         subscribers = self._subscribers.get(subscription.session_id)

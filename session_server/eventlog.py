@@ -8,7 +8,9 @@ whatever a client saw can be replayed and whatever it missed is there.
 Sequences are assigned in memory when an event is appended (continuing the session's stored last
 sequence), so `append` is cheap and never blocks; they are gap-free per session and the store
 keeps them. If a commit fails (disk full, I/O error), the batch is kept and retried, and nothing
-of it is sent until it is stored.
+of it is sent until it is stored. Meanwhile `commit_failure` tells which sessions have events
+waiting: their turns are not over (the commit that stores a TurnFinished marks its session idle,
+see `store.Store.append_events`), and no turn may start over them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -55,10 +57,12 @@ class EventLog:
         self._on_store_state = on_store_state
         self._pending: list[StoredEvent] = []
         self._last: OrderedDict[str, int] = OrderedDict()
+        # The flush at the end of this loop turn, or the retry of a failed commit.
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._failing = False
-        # A commit failed and none succeeded since (reported to on_store_state).
-        self._unhealthy = False
+        # What the last commit raised, while none has succeeded since (reported to on_store_state).
+        self._failure: Exception | None = None
+        # Sessions with events waiting for that retry.
+        self._unstored: set[str] = set()
 
     def append(self, session_id: str, turn_id: str, payload: EventPayload) -> StoredEvent:
         """Gives the event its sequence; it is stored and sent at the end of this loop turn.
@@ -66,9 +70,19 @@ class EventLog:
         sequence = self._next_sequence(session_id)
         event = StoredEvent(session_id, sequence, time.time(), turn_id, payload)
         self._pending.append(event)
-        if self._flush_handle is None and not self._failing:
+        if self._failure is not None:
+            self._unstored.add(session_id)
+        # While commits fail, the handle is the retry's (a retry that found nothing left, all of
+        # it forgotten with deleted sessions, scheduled none: this event tries again at once).
+        if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return event
+
+    def commit_failure(self, session_id: str) -> Exception | None:
+        """Why the session's events wait unstored (what the last commit raised; they are retried
+        every RETRY_DELAY seconds), or None when they are stored or will be at the end of this
+        loop turn."""
+        return self._failure if session_id in self._unstored else None
 
     def last_assigned(self, session_id: str) -> int:
         """The session's last sequence given out, stored yet or not."""
@@ -87,6 +101,18 @@ class EventLog:
         """The session is being deleted: its pending events are dropped, its counter forgotten."""
         self._pending = [e for e in self._pending if e.session_id != session_id]
         self._last.pop(session_id, None)
+        self._unstored.discard(session_id)
+
+    def close(self) -> dict[str, int]:
+        """The server stops (after a last `flush`): no more retries. Returns how many events of
+        each session could not be stored; they are dropped."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        lost = Counter(event.session_id for event in self._pending)
+        self._pending = []
+        self._unstored.clear()
+        return dict(lost)
 
     def _next_sequence(self, session_id: str) -> int:
         last = self._last.get(session_id)
@@ -112,11 +138,13 @@ class EventLog:
         try:
             gone = self._store.append_events(batch)
         except Exception as exc:
-            log.exception("storing %d events failed; retrying in %gs (none is sent until stored)", len(batch),
-                          RETRY_DELAY)
+            if self._failure is None:  # once per outage, not at every retry
+                log.exception("storing %d events failed; retrying every %gs (none is sent until stored)",
+                              len(batch), RETRY_DELAY)
             self._pending = batch + self._pending
-            self._failing = True
-            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry)
+            self._failure = exc
+            self._unstored.update(event.session_id for event in batch)
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_DELAY, self._flush)
             if self._metrics is not None:
                 self._metrics.event_commit_failures.inc()
             self._report(False, f"storing events failed: {exc}")
@@ -124,7 +152,12 @@ class EventLog:
         if self._metrics is not None:
             self._metrics.event_commits.inc()
             self._metrics.events_appended.inc(len(batch))
-        if self._unhealthy:
+        if self._failure is not None:
+            # Cleared here, whoever flushed: a `flush()` that stored what the retry waited for
+            # must leave appends scheduling their own flush again.
+            self._failure = None
+            self._unstored.clear()
+            log.warning("storing events works again: %d stored", len(batch))
             self._report(True, "")
         if gone:
             for session_id in gone:
@@ -132,12 +165,7 @@ class EventLog:
             batch = [e for e in batch if e.session_id not in gone]
         self._bus.publish_many(batch)
 
-    def _retry(self) -> None:
-        self._failing = False
-        self._flush()
-
     def _report(self, ok: bool, why: str) -> None:
-        self._unhealthy = not ok
         if self._on_store_state is not None:
             try:
                 self._on_store_state(ok, why)

@@ -17,6 +17,7 @@ from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
 from session_server.server import LOCAL_WORKER_SLOTS, CodelaneServer, ServerConfig, ServerConfigError
 from session_server.sessions import DEFAULT_GENERATE_LIMIT
+from session_server.store import StoreError
 from tool_worker.child_watcher import pidfd_child_watcher
 from tool_worker.confinement.policy import (
     GIB,
@@ -287,7 +288,8 @@ def main(argv: list[str]) -> int:
     except ServerConfigError as exc:  # an open hub, a default model that cannot work, a TLS file
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, sqlite3.Error) as exc:  # the address is taken, the data directory unwritable, ...
+    # The address is taken, the data directory unwritable, the store read-only or not one, ...
+    except (OSError, sqlite3.Error, StoreError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     return 0

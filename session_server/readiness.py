@@ -1,9 +1,11 @@
 """Whether the server should be sent new work: what its gRPC health status reports.
 
 The server is ready (SERVING) unless one of these holds, each a named condition:
-- `store`: the store cannot take writes (a probe, on its own connection and off the event loop,
-  takes SQLite's write lock and lets go of it; another process holding the lock, a read-only
-  file or directory, a missing file all fail it);
+- `store`: the store cannot take writes (a probe, off the event loop, checks that its files and
+  directory are writable, then on a connection of its own takes SQLite's write lock, writes what
+  is there and rolls back; another process holding the lock, a read-only file or directory, a
+  missing file all fail it; a server does not start on a file it can only read, see
+  `store.Store`);
 - `event_log`: storing events failed and has not succeeded since (a full disk fails here);
 - `draining`: the server is stopping.
 
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+
+from session_server.store import check_writable
 
 log = logging.getLogger("codelane.readiness")
 
@@ -62,11 +67,16 @@ def probe_store(path: Path, timeout: float = STORE_PROBE_TIMEOUT) -> str | None:
     """None when the store at `path` can take writes, else why not. Blocking: run it in a thread."""
     if not path.exists():
         return f"{path} does not exist"
+    # Asked of the system, not of SQLite: in a process that has the file open (the server), SQLite
+    # reuses the descriptors its closed connections opened read-write, whatever the modes are now.
+    # The next start would open the file read-only, and write nothing.
+    for needed in (path, path.parent, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        if not os.access(needed, os.W_OK) and needed.exists():
+            return f"{needed} is read-only to the server: make it writable by the server's user"
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
         try:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("ROLLBACK")
+            check_writable(db)
         finally:
             db.close()
     except sqlite3.Error as exc:

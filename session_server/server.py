@@ -39,6 +39,7 @@ from session_server.api.hub import WorkerHubServicer
 from session_server.api.observe import ObservingInterceptor
 from session_server.api.reflection import enable_reflection
 from session_server.api.sessions import SessionServicer
+from session_server.api.store_failures import StoreFailureInterceptor
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.content import ContentStore
 from session_server.external_cas import ExternalCas
@@ -368,7 +369,7 @@ class CodelaneServer:
         self.metrics.registry.register(StateCollector(_ServerState(self)))
         server = grpc.aio.server(
             interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(self.config.token, hub_token),
-                          DecodingInterceptor()],
+                          DecodingInterceptor(), StoreFailureInterceptor()],
             options=SERVER_OPTIONS,
         )
         hub = WorkerHubServicer(self.pool, self._content_source())
@@ -441,7 +442,8 @@ class CodelaneServer:
 
     async def _start_local_hub(self, hub: WorkerHubServicer) -> None:
         local = grpc.aio.server(
-            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(None, self._local_token)],
+            interceptors=[ObservingInterceptor(self.telemetry), BearerTokenInterceptor(None, self._local_token),
+                          StoreFailureInterceptor()],
             options=SERVER_OPTIONS,
         )
         worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, local)

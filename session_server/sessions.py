@@ -60,7 +60,14 @@ from session_server.models import Models
 from session_server.pool import WorkerPool
 from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
-from session_server.store import MAX_READ_PAGE_CHARS, EventPage, SessionRecord, Store, StoredMessage
+from session_server.store import (
+    MAX_READ_PAGE_CHARS,
+    EventPage,
+    SessionRecord,
+    Store,
+    StoredMessage,
+    store_unavailable,
+)
 from session_server.telemetry import Telemetry
 from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.registry import ToolRegistry
@@ -170,17 +177,16 @@ class SessionManager:
         ToolCallFinished, whether it ran, waited behind another call, or never started; before
         it, a ConfirmationRequired still unanswered gets its ConfirmationResolved and an
         ExternalTaskPending its ExternalTaskCompleted, or a client replaying the log would go on
-        asking for the confirmation, or running the task. A turn whose TurnFinished is stored
-        already (the crash came between that commit and the one marking the session idle) is
-        only marked idle: a second TurnFinished would end it twice.
+        asking for the confirmation, or running the task. The commit that stores the TurnFinished
+        marks the session idle; should it fail (a full disk), the session stays running until the
+        event log's retry stores it, or for the next start to finish. A turn whose TurnFinished
+        is stored already (a store written before that commit marked it idle: the crash came
+        between the two) is only marked idle: a second TurnFinished would end it twice.
         """
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
             self._end_interrupted(session_id, turn_id)
-            # Stored before the session is marked idle: a crash in between (a crash loop) leaves
-            # it running, for the next start to finish; never idle without its TurnFinished.
             self.events.flush()
-            self.store.set_session_state(session_id, "idle", "")
         return len(interrupted)
 
     def _end_interrupted(self, session_id: str, turn_id: str) -> None:
@@ -196,6 +202,7 @@ class SessionManager:
             if isinstance(payload, TurnStarted):
                 started = True
             elif isinstance(payload, TurnFinished):
+                self.store.set_session_state(session_id, "idle", turn_id)
                 return
             elif isinstance(payload, TextDelta):
                 texts.setdefault(payload.step, []).append(payload.text)
@@ -286,7 +293,12 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*(task for _, task in self._turns.values()), return_exceptions=True)
         self.events.flush()
-        self.bus.stop()
+        lost = self.events.close()
+        if lost:
+            # Their sessions are still running in the store: the next start ends their turns.
+            log.error("%d events of %d sessions could not be stored before the stop and are lost; the next start "
+                      "ends their turns as interrupted: %s", sum(lost.values()), len(lost), ", ".join(sorted(lost)))
+        self.bus.stop(unstored=set(lost))
         self.external.stop()
         await self.models.aclose()
 
@@ -335,6 +347,8 @@ class SessionManager:
         return self.store.list_sessions(page_size, page_token)
 
     async def delete_session(self, session_id: str) -> None:
+        """Raises SessionNotFound, or a sqlite3.Error when the store cannot delete it: the session
+        is then left as it was, with its events (stored or waiting to be)."""
         self.get_session(session_id)
         # Gone before the wait for its turn: a SendMessage landing once the turn had ended, the
         # session not yet deleted, started a turn that failed on the deleted session.
@@ -344,11 +358,13 @@ class SessionManager:
             if entry is not None:
                 entry[1].cancel()
                 await asyncio.gather(entry[1], return_exceptions=True)
+            # Deleted from the store first: what is forgotten below is the session's only
+            # while the store still has it.
+            if self.store.delete_session(session_id) and self.admission is not None:
+                self.admission.session_removed()
             self.external.close_session(session_id)
             self.events.forget(session_id)
             self.histories.forget(session_id)
-            if self.store.delete_session(session_id) and self.admission is not None:
-                self.admission.session_removed()
             self.bus.close_session(session_id)
         finally:
             self._deleting.discard(session_id)
@@ -365,18 +381,23 @@ class SessionManager:
 
     # -- turns ---------------------------------------------------------------------------------
 
-    def is_running(self, session_id: str) -> bool:
-        return session_id in self._turns
-
     def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         """Starts a turn; returns its id and its events in batches, the last ending with TurnFinished.
 
         The turn runs on its own: dropping the stream does not stop it. Raises admission.AtCapacity
-        or ShuttingDown when no turn may start now.
+        or ShuttingDown when no turn may start now, and store.StoreUnavailable while the last
+        turn's events wait to be stored.
         """
         record = self.get_session(session_id)
         if session_id in self._turns:
             raise TurnInProgress(f"session {session_id} is already running a turn: wait for it or CancelTurn")
+        failure = self.events.commit_failure(session_id)
+        if failure is not None:
+            # The last turn is over in memory, not in the store: a turn started now would follow
+            # events that may never be stored (a stop now ends that turn as interrupted).
+            raise store_unavailable(failure, f"session {session_id}'s last turn has ended, but its last events are "
+                                             "not stored yet, so no turn may start; they are stored, and its "
+                                             "TurnFinished sent, once the store takes writes again")
         if not text.strip():
             raise ValueError("text is empty: send the user's message")
         check_prompt(text)
@@ -405,8 +426,6 @@ class SessionManager:
                     provider: ModelProvider, model_name: str, text: str
                     ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
-        # From the last event assigned, stored or not: the turn's own events all come after it.
-        subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id), reads_to_the_end=True)
         ctx = TurnContext(
             session_id=session_id,
             turn_id=turn_id,
@@ -430,7 +449,10 @@ class SessionManager:
             workspace_locks=self.workspace_locks,
         )
         turn = Turn(ctx)
+        # Before the subscription: a store that cannot take it (sqlite3.Error) leaves nothing to undo.
         self.store.set_session_state(session_id, "running", turn_id)
+        # From the last event assigned, stored or not: the turn's own events all come after it.
+        subscription = self.bus.subscribe(session_id, self.events.last_assigned(session_id), reads_to_the_end=True)
         task = asyncio.create_task(self._run_turn(session_id, turn, text), name=f"turn-{turn_id}")
         # A callback, not the coroutine's own finally: a task cancelled before its first step (a
         # CancelTurn or DeleteSession right behind SendMessage) never runs its coroutine, and the
@@ -453,11 +475,10 @@ class SessionManager:
         self._turns.pop(session_id, None)
         if self.admission is not None:
             self.admission.release_turn()
-        # Idle means the turn's events are all stored: a client that sees the state reads a
-        # last_sequence that holds TurnFinished (group commit would store it a moment later).
+        # Now, not at the end of the loop turn: the commit storing TurnFinished marks the session
+        # idle, and a SendMessage in between would find it over in memory and not in the store.
+        # Should the commit fail, the session stays running until the retry stores it.
         self.events.flush()
-        if self.store.get_session(session_id) is not None:
-            self.store.set_session_state(session_id, "idle", "")
 
     @staticmethod
     async def _turn_events(subscription: Subscription, turn_id: str) -> AsyncIterator[list[StoredEvent]]:

@@ -12,6 +12,9 @@ a writer that never pauses long enough for the thread's checkpoint to reach the 
 
 Events are written in batches (`append_events`, one transaction per batch: see
 `session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
+A session is marked running when its turn starts, and idle by the commit that stores the turn's
+TurnFinished: never idle while its turn's events are not all stored, so a server that stops then
+finds the turn running and ends it (`SessionManager.recover`).
 
 Durability: a batch is committed before its events are sent to anyone, so an event a client saw
 survives a crash of the server process. With synchronous=NORMAL the last commits may be lost on
@@ -36,6 +39,7 @@ from typing import Any, Literal
 from session_server.events import (
     CallInfo,
     StoredEvent,
+    TurnFinished,
     call_from_dict,
     payload_from_json,
     payload_to_json,
@@ -131,8 +135,55 @@ class EventPage:
     chars: int
 
 
+def check_writable(db: sqlite3.Connection) -> None:
+    """Raises sqlite3.Error unless `db` can take writes now: takes the write lock, writes what is
+    there (the schema version) and rolls back. SQLite opens a file it cannot write read-only,
+    without a word, and takes the lock on it all the same: only a write says so (SQLITE_READONLY)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute(f"PRAGMA user_version = {int(version)}")
+    finally:
+        db.execute("ROLLBACK")
+
+
 class StoreError(Exception):
     """The store file cannot be used; the message says why and what to do."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take writes now (a read-only file, a full disk, an I/O error, a lock held
+    too long); the message says what failed and what to do. `error_name` is SQLite's name for the
+    failure (`SQLITE_FULL`, `SQLITE_READONLY`, ...), "" when it was not SQLite's."""
+
+    def __init__(self, message: str, error_name: str = "") -> None:
+        super().__init__(message)
+        self.error_name = error_name
+
+
+# What a person can do about a failure, by SQLite's primary error name.
+_REMEDIES = {
+    "SQLITE_READONLY": "its file or directory is read-only to the server: the operator must make them writable",
+    "SQLITE_FULL": "the disk of its data directory is full: the operator must free space on it",
+    "SQLITE_IOERR": "its disk failed to read or write: the operator must check the disk of its data directory",
+    "SQLITE_BUSY": "another process holds its write lock: the operator must stop that process",
+    "SQLITE_LOCKED": "another process holds its write lock: the operator must stop that process",
+    "SQLITE_CANTOPEN": "its file cannot be opened: the operator must check that the server can write its data "
+                       "directory",
+    "SQLITE_CORRUPT": "its file is damaged: the operator must restore it from a backup",
+    "SQLITE_NOTADB": "its file is not a database: the operator must restore it from a backup",
+}
+
+
+def store_unavailable(failure: BaseException, context: str = "") -> StoreUnavailable:
+    """The `StoreUnavailable` that `failure` (a sqlite3.Error, or what a commit raised) means for
+    a caller, its message starting with `context` when given."""
+    name = getattr(failure, "sqlite_errorname", "") or ""
+    # An extended name (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED) starts with its primary one.
+    remedy = _REMEDIES.get("_".join(name.split("_")[:2]), "")
+    cause = f"{failure}: {remedy}" if remedy else str(failure)
+    message = f"the session server cannot use its store ({cause}); retry later, or on another server"
+    return StoreUnavailable(f"{context}: {message}" if context else message, name)
 
 
 class UnknownSession(LookupError):
@@ -211,6 +262,18 @@ class Store:
                 f"{path} was written by a newer codelane (store schema v{version}; this server reads "
                 f"up to v{SCHEMA_VERSION}): upgrade codelane, or point the server at another file"
             )
+        try:
+            check_writable(self._db)
+        except sqlite3.OperationalError as exc:
+            # A connection SQLite opened read-only stays so, whatever is fixed later: refused now,
+            # in one line, rather than serving until the first write fails.
+            if (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+                raise StoreError(
+                    f"{path} cannot take writes ({exc}): make it, its -wal and -shm files and its directory "
+                    "writable by the server's user, or point the server at another file"
+                ) from exc
+            # Anything else (another process holding the lock a while) is the readiness probe's
+            # to report: the server starts NOT_SERVING, and serves once it clears.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         if version == 0:
@@ -393,21 +456,29 @@ class Store:
 
     def append_events(self, events: list[StoredEvent]) -> set[str]:
         """Stores events whose sequences were assigned by the caller (gap-free per session, each
-        continuing the session's `last_sequence`), in one transaction. Returns the ids of sessions
-        that no longer exist; their events are dropped."""
+        continuing the session's `last_sequence`), in one transaction. A session whose current
+        turn's TurnFinished is among them becomes idle in the same transaction: idle means its
+        turn's events are all stored, whatever stops the server after. Returns the ids of
+        sessions that no longer exist; their events are dropped."""
         by_session: dict[str, list[tuple[Any, ...]]] = {}
+        ended: dict[str, str] = {}
         for event in events:
             kind, payload_json = payload_to_json(event.payload)
             by_session.setdefault(event.session_id, []).append(
                 (event.session_id, event.sequence, event.time, event.turn_id, kind, payload_json)
             )
+            if isinstance(event.payload, TurnFinished):
+                ended[event.session_id] = event.turn_id
         gone: set[str] = set()
         with self._transaction() as db:
             for session_id, rows in by_session.items():
                 last = rows[-1]
+                # Only the turn the session runs now: a later one may have been marked running
+                # since (its own turn id), and stays so. No TurnFinished: NULL, never equal.
                 updated = db.execute(
-                    "UPDATE sessions SET last_sequence = ?, updated = ? WHERE session_id = ?",
-                    (last[1], last[2], session_id),
+                    "UPDATE sessions SET last_sequence = ?, updated = ?, "
+                    "state = CASE WHEN current_turn_id = ? THEN 'idle' ELSE state END WHERE session_id = ?",
+                    (last[1], last[2], ended.get(session_id), session_id),
                 ).rowcount
                 if not updated:
                     gone.add(session_id)

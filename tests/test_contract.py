@@ -375,10 +375,10 @@ FULL_CONFIG = session_pb2.SessionConfig(
 PERMISSIVE_SANDBOX = SandboxSettings(allow_unsandboxed=True, allow_network=True)
 
 
-def _session(config: session_pb2.SessionConfig, running: bool = True) -> session_pb2.Session:
+def _session(config: session_pb2.SessionConfig, state: str = "running") -> session_pb2.Session:
     settings = build_settings(convert.settings_request(config), default_model="", sandbox=PERMISSIVE_SANDBOX)
-    record = SessionRecord("s_1", "/ws", settings.to_dict(), {"team": "core"}, "running", EPOCH, EPOCH + 1, 9, 4)
-    return convert.session(record, running)
+    record = SessionRecord("s_1", "/ws", settings.to_dict(), {"team": "core"}, state, EPOCH, EPOCH + 1, 9, 4)
+    return convert.session(record)
 
 
 def test_a_session_shows_every_field_and_the_whole_config_the_client_set() -> None:
@@ -460,7 +460,7 @@ def _lane_modes() -> dict[str, int]:
             config = session_pb2.SessionConfig(queue=session_pb2.QueueConfig(
                 lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, mode=number)]))
             settings = build_settings(convert.settings_request(config), default_model="scripted:x")
-            shown = convert.session(SessionRecord("s", "/", settings.to_dict()), False).config.queue.lanes
+            shown = convert.session(SessionRecord("s", "/", settings.to_dict())).config.queue.lanes
             [query] = [lane for lane in shown if lane.lane == tools_pb2.LANE_QUERY]
             modes[settings.query_mode.value] = query.mode
     return modes
@@ -473,7 +473,7 @@ def _actions() -> dict[str, int]:
             policy = session_pb2.PermissionPolicy(default_action=number)
             config = session_pb2.SessionConfig(permissions=policy)
             settings = build_settings(convert.settings_request(config), "scripted:x")
-            shown = convert.session(SessionRecord("s", "/", settings.to_dict()), False).config.permissions
+            shown = convert.session(SessionRecord("s", "/", settings.to_dict())).config.permissions
             actions[settings.permissions.default_action.value] = shown.default_action
     return actions
 
@@ -493,7 +493,7 @@ def _error_kinds() -> dict[str, int]:
 def _sandbox_config(policy: session_pb2.SandboxPolicy) -> session_pb2.SandboxPolicy:
     settings = build_settings(convert.settings_request(session_pb2.SessionConfig(sandbox=policy)), "scripted:x",
                               sandbox=PERMISSIVE_SANDBOX)
-    return convert.session(SessionRecord("s", "/", settings.to_dict()), False).config.sandbox
+    return convert.session(SessionRecord("s", "/", settings.to_dict())).config.sandbox
 
 
 def _sandbox_modes() -> dict[str, int]:
@@ -521,7 +521,7 @@ def _sandbox_networks() -> dict[str, int]:
 
 
 def _session_states() -> dict[str, int]:
-    return {"running": _session(FULL_CONFIG, True).state, "idle": _session(FULL_CONFIG, False).state}
+    return {state: _session(FULL_CONFIG, state).state for state in ("running", "idle")}
 
 
 def _worker_states() -> dict[str, int]:

@@ -318,7 +318,9 @@ def external_task(info: ExternalTaskInfo) -> events_pb2.ExternalTask:
     return msg
 
 
-def session(record: SessionRecord, running: bool) -> session_pb2.Session:
+def session(record: SessionRecord) -> session_pb2.Session:
+    """The session as stored: running from its turn's start until the commit that stores the
+    turn's TurnFinished (so not idle while that commit fails and is retried)."""
     settings = SessionSettings.from_dict(record.config)
     config = session_pb2.SessionConfig(
         model=settings.model,
@@ -344,7 +346,7 @@ def session(record: SessionRecord, running: bool) -> session_pb2.Session:
         session_id=record.session_id,
         workspace=record.workspace,
         config=config,
-        state=session_pb2.SESSION_STATE_RUNNING if running else session_pb2.SESSION_STATE_IDLE,
+        state=session_pb2.SESSION_STATE_RUNNING if record.state == "running" else session_pb2.SESSION_STATE_IDLE,
         create_time=timestamp(record.created),
         update_time=timestamp(record.updated),
         last_sequence=record.last_sequence,

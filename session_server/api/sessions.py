@@ -78,9 +78,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except SessionNotFound as exc:
             await _session_not_found(context, exc)
 
-    def _proto(self, record) -> session_pb2.Session:
-        return convert.session(record, self._manager.is_running(record.session_id))
-
     async def CreateSession(self, request, context):
         try:
             record = await self._manager.create_session(
@@ -90,11 +87,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
         except (AtCapacity, ShuttingDown) as exc:
             await _refused(context, exc)
-        return session_pb2.CreateSessionResponse(session=self._proto(record))
+        return session_pb2.CreateSessionResponse(session=convert.session(record))
 
     async def GetSession(self, request, context):
         record = await self._session(context, request.session_id)
-        return session_pb2.GetSessionResponse(session=self._proto(record))
+        return session_pb2.GetSessionResponse(session=convert.session(record))
 
     async def ListSessions(self, request, context):
         try:
@@ -102,7 +99,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except ValueError as exc:
             field = "page_token" if "token" in str(exc) else "page_size"
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=field)
-        return session_pb2.ListSessionsResponse(sessions=[self._proto(r) for r in records], next_page_token=token)
+        return session_pb2.ListSessionsResponse(sessions=[convert.session(r) for r in records], next_page_token=token)
 
     async def DeleteSession(self, request, context):
         await self._session(context, request.session_id)

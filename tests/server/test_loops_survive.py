@@ -85,6 +85,45 @@ async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_store
     store.close()
 
 
+async def test_after_a_flush_stores_what_a_failed_commit_left_the_log_flushes_on_its_own(tmp_path: Path) -> None:
+    # A turn that ends calls flush(), which may store what a failed commit left before the retry
+    # runs (the disk has room again): the log must go back to committing each loop turn's events
+    # by itself, or the next turn's events wait, unsent, for the next flush() of all.
+    store = Store(tmp_path / "db")
+    store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
+    bus = EventBus(store.event_page)
+    log = EventLog(store, bus)
+    subscription = bus.subscribe("s1", 0)
+    real_append = store.append_events
+    full = True
+    failures = []
+
+    def append(events):
+        if full:
+            failures.append(len(events))
+            raise OSError(28, "No space left on device")
+        return real_append(events)
+
+    store.append_events = append
+    log.append("s1", "t1", TextDelta("a", 0))
+    await poll_until(lambda: failures, what="the commit to fail")
+    full = False
+    log.flush()
+    log.append("s1", "t1", TextDelta("b", 0))
+    received = []
+
+    async def receive_both() -> None:
+        async for batch in subscription.batches():
+            received.extend(event.payload.text for event in batch)
+            if len(received) == 2:
+                return
+
+    await asyncio.wait_for(receive_both(), BOUND)
+    assert received == ["a", "b"]
+    assert [e.sequence for e in store.events_after("s1")] == [1, 2]
+    store.close()
+
+
 async def test_the_hubs_reader_survives_a_message_the_pool_chokes_on(tmp_path: Path) -> None:
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "a.txt").write_text("still here\n")

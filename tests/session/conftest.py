@@ -409,8 +409,10 @@ class Processes:
         env: dict[str, str] | None = None,
         local_workers: int = 2,
         args: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
     ) -> ServerProcess:
-        """`args`: more `codelane server` flags."""
+        """`args`: more `codelane server` flags; `wrapper`: a command that runs the server (e.g.
+        setpriv, to take capabilities from it)."""
         port = free_port()
         n = len(self.servers)
         out, err = self.tmp_path / f"server-{n}.out", self.tmp_path / f"server-{n}.err"
@@ -418,7 +420,7 @@ class Processes:
         child_env.update(env or {})
         child_env["PYTHONUNBUFFERED"] = "1"
         argv = [
-            sys.executable, "-m", "codelane.cli", "server",
+            *wrapper, sys.executable, "-m", "codelane.cli", "server",
             "--listen", f"127.0.0.1:{port}",
             "--data-dir", str(data_dir),
             "--local-workers", str(local_workers),

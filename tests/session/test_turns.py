@@ -282,25 +282,29 @@ async def test_a_session_reads_idle_only_once_its_turns_events_are_stored(
 ) -> None:
     # Events are committed in a group at the end of a loop turn; the session must not read as
     # idle before that commit, or a client that saw it idle gets a last_sequence without the
-    # turn's last events (a replay up to it misses TurnFinished). Recorded at the moment the
-    # state changes, so the check does not depend on when a client happens to poll.
+    # turn's last events (a replay up to it misses TurnFinished). Recorded after every write
+    # that may change the state, so the check does not depend on when a client happens to poll.
     server: InProcess = await make_server()
     store = server.server.sessions.store
     stored_when_idle: list[int] = []
-    set_state = store.set_session_state
 
-    def recording(session_id: str, state: str, turn_id: str) -> None:
-        if state == "idle":
-            stored_when_idle.append(store.last_sequence(session_id))
-        set_state(session_id, state, turn_id)
+    def recording(write):
+        def recorded(*args, **kwargs):
+            result = write(*args, **kwargs)
+            for record in store.list_sessions()[0]:
+                if record.state == "idle" and record.last_sequence:
+                    stored_when_idle.append(record.last_sequence)
+            return result
+        return recorded
 
-    store.set_session_state = recording
+    store.set_session_state = recording(store.set_session_state)
+    store.append_events = recording(store.append_events)
     model = scripted(tmp_path, [{"text": "reading", "tool_calls": [call("read", file_path="a.txt")]},
                                 {"text": "done"}])
     session = await server.client.create(workspace, model)
     events = await server.client.send(session.session_id, "go")
     assert kind(events[-1]) == "turn_finished"
-    assert stored_when_idle == [events[-1].sequence]
+    assert stored_when_idle and set(stored_when_idle) == {events[-1].sequence}
 
 
 async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:

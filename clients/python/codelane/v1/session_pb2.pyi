@@ -139,7 +139,7 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_IDLE: _SessionState.ValueType  # 1
     """No turn is running; SendMessage is accepted."""
     SESSION_STATE_RUNNING: _SessionState.ValueType  # 2
-    """A turn is running."""
+    """A turn is running, or its last events (TurnFinished among them) wait to be stored."""
 
 class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
     """State of a session."""
@@ -148,7 +148,7 @@ SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
 SESSION_STATE_IDLE: SessionState.ValueType  # 1
 """No turn is running; SendMessage is accepted."""
 SESSION_STATE_RUNNING: SessionState.ValueType  # 2
-"""A turn is running."""
+"""A turn is running, or its last events (TurnFinished among them) wait to be stored."""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
 class _MessageRole:

@@ -55,6 +55,10 @@ class SessionServiceStub:
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
+
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
@@ -89,7 +93,8 @@ class SessionServiceStub:
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-    as it allows.
+    as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+    (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]
@@ -165,6 +170,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
+
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
@@ -196,7 +205,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Sends a user message and streams the events of the turn it starts, ending after
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
     RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-    as it allows.
+    as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+    (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_session_pb2.WatchEventsRequest, _session_pb2.WatchEventsResponse]  # type: ignore[assignment]
@@ -271,6 +281,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     after_sequence = the last sequence received, on another server or after the restart: nothing
     is lost) and a ClaimExternalTasks that waits for a task (claim again there).
 
+    Store: any call the server's store fails (a read-only file, a full disk, an I/O error, a lock
+    held too long) ends with UNAVAILABLE, ErrorInfo reason STORE_UNAVAILABLE, metadata
+    `sqlite_error` (SQLite's name for the failure, e.g. SQLITE_FULL): retry later or elsewhere.
+
     Tracing: a server that traces (OpenTelemetry, OTLP) continues the caller's trace when the call
     carries W3C Trace Context metadata (`traceparent`, and optionally `tracestate`): the turn's
     `invoke_agent` span is then a child of the caller's span.
@@ -330,7 +344,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends a user message and streams the events of the turn it starts, ending after
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
-        as it allows.
+        as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
+        (the store cannot take writes): the session reads RUNNING until they are.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
         """
 
