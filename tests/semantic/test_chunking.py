@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from tests.semantic import EXTRA_MISSING
-from tool_worker.semantic.chunking import WINDOW_LINES, Chunk, chunk_file, is_doc
+from tool_worker.semantic.chunking import _COMMENT_MARKS, WINDOW_LINES, Chunk, chunk_file, is_doc
 
 pytest.importorskip("tree_sitter_language_pack", reason=EXTRA_MISSING)
 
@@ -155,3 +158,32 @@ def test_a_file_nested_deeper_than_python_recurses_is_cut_into_windows() -> None
     chunks = chunk_file("data.js", text)
     assert chunks and chunks[0].start_line == 1 and chunks[-1].end_line == 4
     assert {chunk.kind for chunk in chunks} == {"lines"}
+
+
+# The patterns before they were made linear, to hold the new ones to the same results.
+_OLD_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_OLD_MARKS = re.compile(r"^\s*(?:/{2,3}!?|/\*+|\*+/?|#+|--)|\*+/\s*$", re.MULTILINE)
+
+
+def test_headings_and_comment_marks_read_as_before() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        line = "".join(rng.choice(" #a\t*/") for _ in range(rng.randint(0, 12)))
+        old = _OLD_HEADING.match(line)
+        title = old.group(2) if old else None
+        [chunk] = chunk_file("x.md", f"{line}\nbody\n")[:1] or [None]
+        assert (chunk.symbol if chunk and chunk.kind == "section" else None) == (title or None), repr(line)
+        text = "\n".join(rng.choice(["/**", " * a", " ***/", "// b", "#  c", "-- d", "*/", "x */  "]) for _ in range(4))
+        assert _COMMENT_MARKS.sub("", text) == _OLD_MARKS.sub("", text), repr(text)
+
+
+@pytest.mark.parametrize(("path", "text"), [
+    # 20,000 spaces in a heading: cubic before (2,000 took 12-15 s, with the GIL held).
+    ("README.md", "# a" + " " * 20_000 + "b\nbody\n"),
+    # A comment of a million stars above a function: quadratic before (100 KB took 8 s).
+    ("x.py", "#" + "*" * 1_000_000 + "\ndef f():\n    return 1\n"),
+])  # fmt: skip
+def test_hostile_headings_and_comments_take_time_linear_in_them(path: str, text: str) -> None:
+    # No clock here: before, this ran for hours, past the suite's per-test timeout.
+    chunks = chunk_file(path, text)
+    assert chunks and all(c.end_line <= text.count("\n") for c in chunks)

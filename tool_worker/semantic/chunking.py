@@ -147,8 +147,13 @@ _NAME_TYPES = frozenset(
 _DEFINED_BY_BODY = frozenset({"struct_specifier", "union_specifier", "enum_specifier"})
 _FUNCTION_VALUES = frozenset({"arrow_function", "function", "function_expression", "generator_function"})
 # Comment syntax stripped from documentation comments: //, ///, /* */, leading *, #, --.
-_COMMENT_MARKS = re.compile(r"^\s*(?:/{2,3}!?|/\*+|\*+/?|#+|--)|\*+/\s*$", re.MULTILINE)
-_MARKDOWN_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+# Both are matched against files a model may write, and `re` holds the GIL while it matches: they
+# must take time linear in the line. A closing `*/` is only looked for at the start of a run of
+# `*` (a comment of 100 KB of `*` took 8 s, each `*` starting a scan of the run); a heading's
+# closing `#`s and spaces are stripped after the match (the lazy title before them took cubic
+# time on a heading with thousands of spaces in it: 2,000 of them, 12-15 s).
+_COMMENT_MARKS = re.compile(r"^\s*(?:/{2,3}!?|/\*+|\*+/?|#+|--)|(?<!\*)\*+/\s*$", re.MULTILINE)
+_MARKDOWN_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*)$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
 
@@ -340,7 +345,7 @@ def _markdown_chunks(lines: list[str]) -> list[Chunk]:
         if heading:
             if number == 1:
                 sections = []
-            sections.append((number, heading.group(2)))
+            sections.append((number, heading.group(2).rstrip().rstrip("#").rstrip()))
     chunks = []
     for index, (start, title) in enumerate(sections):
         end = sections[index + 1][0] - 1 if index + 1 < len(sections) else len(lines)
