@@ -354,7 +354,14 @@ class TreeScanner:
         elif self._watcher is not None:
             # Everything is listed again: events queued meanwhile are covered by this scan.
             self._watcher.reset()
-        state = self._scan_dir(os.fsencode(self.root), "", work)
+        try:
+            state = self._scan_dir(os.fsencode(self.root), "", work)
+        except RecursionError:
+            # One frame pair per level: a chain of about 450 directories (a 1 KB path) is past
+            # Python's recursion limit. A plain error for the calls that need the snapshot,
+            # not an internal one for every call, with a traceback each time.
+            raise OSError(errno.ELOOP, "the workspace nests directories too deep to snapshot (a chain of "
+                                       "several hundred): flatten it, or run these calls in the server") from None
         if not work.partial:
             # Forget what vanished, so the caches never grow past the tree.
             seen = set(work.files_seen)

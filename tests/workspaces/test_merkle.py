@@ -33,6 +33,18 @@ def make_tree(root: Path) -> None:
     (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
 
 
+def test_a_chain_of_directories_too_deep_to_scan_is_a_plain_error(tmp_path: Path) -> None:
+    # RecursionError escaped: every call bound for a worker failed INTERNAL, with a traceback.
+    deep = tmp_path / "ws"
+    deepest = deep / "/".join(["d"] * 600)  # a 1.2 KB path; the scan takes two frames a level
+    os.makedirs(deepest)
+    try:
+        with pytest.raises(OSError, match="nests directories too deep to snapshot"):
+            TreeScanner(str(deep), watch=False).scan()
+    finally:
+        os.removedirs(deepest)  # upwards, one level at a time: rmtree recurses as the scan did
+
+
 def test_bytes_are_what_protobuf_serializes(tmp_path: Path) -> None:
     make_tree(tmp_path)
     tree = digest_of(str(tmp_path))
