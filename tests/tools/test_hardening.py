@@ -204,3 +204,10 @@ async def test_run_stoppable_sets_the_flag_when_its_call_is_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await asyncio.to_thread(seen_stop.wait, 10)
+
+
+async def test_a_search_query_longer_than_the_maximum_is_refused_before_it_runs(call: Any) -> None:
+    # 100,000 distinct words cost about 77 s a file, in a thread that went on after its call ended.
+    result = await call("search", query=" ".join(f"w{i}" for i in range(100_000)))
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS, result.output[:200]
+    assert "is too long" in result.output, result.output[:200]

@@ -23,6 +23,9 @@ from tool_worker.tools.rg import run_rg, search_location
 
 DEFAULT_RESULTS = 10
 MAX_RESULTS = 50
+# A query's words are scored against every file: 100,000 of them cost about 77 s a file (as
+# semantic_search's, at most this long).
+MAX_QUERY_CHARS = 2000
 # Bigger files are generated or data, rarely what a code search is after.
 MAX_FILE_BYTES = 1024 * 1024
 # Bounds one call's work on a huge tree; files are read in path order, so the cut is stable.
@@ -209,7 +212,8 @@ TOOL = Tool(
         parameters={
             "type": "object",
             "properties": {
-                "query": {"type": "string", "minLength": 1, "description": "What to look for."},
+                "query": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS,
+                          "description": "What to look for."},
                 "path": {
                     "type": "string",
                     "description": "Directory to search (default: the workspace root).",
