@@ -187,3 +187,14 @@ def test_hostile_headings_and_comments_take_time_linear_in_them(path: str, text:
     # No clock here: before, this ran for hours, past the suite's per-test timeout.
     chunks = chunk_file(path, text)
     assert chunks and all(c.end_line <= text.count("\n") for c in chunks)
+
+
+def test_nested_containers_cost_their_lines_not_depth_times_lines() -> None:
+    # 400 modules nested around two million blank lines: each level took a set of every line of
+    # its module (minutes before; the per-test timeout fails it).
+    depth, blank = 400, 2_000_000
+    text = "mod m {\n" * depth + "\n" * blank + "fn f() {}\n" + "}\n" * depth
+    chunks = chunk_file("deep.rs", text)
+    assert len(chunks) == depth + 1
+    assert (chunks[-1].symbol, chunks[-1].kind) == (".".join(["m"] * depth + ["f"]), "method")
+    assert chunks[0].text == "mod m {\n}\nmembers: m"  # its own lines: the member left out
