@@ -217,10 +217,14 @@ class SessionManager:
                 results[payload.call_id] = payload.result
             elif isinstance(payload, ConfirmationRequired):
                 confirming[payload.call.call_id] = payload.call.tool_name
+                # An early Query call asks before its response's ModelResponded is stored: a crash
+                # then leaves it named nowhere else, and it too gets its ToolCallFinished.
+                unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
             elif isinstance(payload, ConfirmationResolved):
                 confirming.pop(payload.call_id, None)
             elif isinstance(payload, ExternalTaskPending):
                 tasks[payload.task.task_id] = payload.task  # a re-offer: the later attempt
+                unfinished.setdefault(payload.task.call.call_id, payload.task.call.tool_name)
             elif isinstance(payload, ExternalTaskCompleted):
                 tasks.pop(payload.task_id, None)
         if not started:

@@ -17,6 +17,8 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from session_server.events import CallInfo, ConfirmationRequired, StoredEvent, TurnStarted
+from session_server.store import Store
 from tests.polling import poll_until
 from tests.session.conftest import Client, Processes, call, kind, read_until, scripted
 
@@ -192,6 +194,33 @@ async def test_a_turn_cut_off_before_its_first_event_still_starts_and_ends(
     server = await processes.start_server(data_dir, model=model, local_workers=0)
     replay = await _after_restart(server.client, session.session_id, [])
     assert [(kind(e), e.turn_id) for e in replay] == [("turn_started", "t_cut"), ("turn_finished", "t_cut")]
+    await _next_turn_runs(server.client, session.session_id)
+
+
+async def test_an_early_call_asking_for_confirmation_at_a_crash_still_finishes(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # An early Query call (run as soon as its arguments streamed) asks before its response's
+    # ModelResponded is stored: a crash then left its ConfirmationRequired the only event naming
+    # it, and the restart resolved the confirmation but gave the call no ToolCallFinished.
+    model = scripted(tmp_path, [{"text": "Done."}])
+    data_dir = tmp_path / "data"
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    server.kill9()
+    early = CallInfo("c_early", "read", '{"file_path": "a.txt"}', "query", 0)
+    store = Store(data_dir / "codelane.db")
+    store.set_session_state(session.session_id, "running", "t_cut")
+    store.append_events([StoredEvent(session.session_id, 1, 1.0, "t_cut", TurnStarted("go")),
+                         StoredEvent(session.session_id, 2, 2.0, "t_cut", ConfirmationRequired(early, 60.0))])
+    store.close()
+
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    replay = await _after_restart(server.client, session.session_id, [])
+    assert [kind(e) for e in replay] == ["turn_started", "confirmation_required", "confirmation_resolved",
+                                         "tool_call_finished", "turn_finished"]
+    finished = replay[3].tool_call_finished
+    assert finished.call_id == "c_early" and finished.result.error_kind == CANCELLED
     await _next_turn_runs(server.client, session.session_id)
 
 
