@@ -305,7 +305,15 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
         server = CodelaneServer(config)
     except (ImportError, ValueError) as exc:  # a --tools module that does not load
         raise ServerConfigError(f"cannot load tools: {exc}") from None
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # What a start that failed half-way had started (the gRPC server, the local workers) stops
+        # now, on this loop: left to the collector, gRPC's server logged tracebacks after the one
+        # line that says why (a metrics port in use). Quietly: that line is all the user needs.
+        logging.disable(logging.WARNING)
+        await server.stop(0)
+        raise
     freeze_startup_heap()
     # stdout holds the one "listening" line that scripts wait for; what the sandbox enforces is
     # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.

@@ -140,10 +140,15 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
         script = tmp_path / "s.json"
         script.write_text('{"responses": [{"text": "hi"}]}')
         mock = cli("mock-llm", "--script", str(script), "--port", str(port), timeout=60)
+        metrics = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data2"),
+                      "--local-workers", "0", "--metrics-listen", f"127.0.0.1:{port}", timeout=60)
     assert server.returncode == 1 and server.stderr.count("\n") == 1
     assert server.stderr.startswith(f"codelane server: cannot listen on 127.0.0.1:{port}: the address is in use")
     assert mock.returncode == 1 and mock.stderr.count("\n") == 1
     assert mock.stderr.startswith(f"mock-llm: cannot listen on 127.0.0.1:{port}") and "in use" in mock.stderr
+    # Found once the gRPC server had started: gRPC's traceback followed the line, at exit.
+    assert metrics.returncode == 1 and metrics.stderr.count("\n") == 1, metrics.stderr
+    assert metrics.stderr.startswith(f"codelane server: cannot serve metrics on 127.0.0.1:{port}")
 
 
 def test_help_shows_defaults_and_says_what_each_option_is() -> None:

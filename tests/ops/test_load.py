@@ -154,7 +154,7 @@ async def _load(processes: Processes, workspace: Path, tmp_path: Path, url: str)
     metrics_port = free_port()
     env = {"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": "test"}
     server = await processes.start_server(tmp_path / "data", model=model, env=env, local_workers=2, args=(
-        "--worker-tools", PLUGIN, "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--tools", PLUGIN, "--metrics-listen", f"127.0.0.1:{metrics_port}",
         "--max-llm-requests", str(MAX_RUNNING_TURNS),
         "--max-sessions", str(MAX_SESSIONS), "--max-subscribers", str(MAX_SUBSCRIBERS),
         "--max-running-turns", str(MAX_RUNNING_TURNS), "--max-pending-query-calls", str(MAX_PENDING_QUERY_CALLS),
