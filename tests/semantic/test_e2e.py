@@ -148,7 +148,7 @@ async def test_a_server_process_given_the_module_never_maps_torch(workspace: Pat
     argv = [
         sys.executable, "-m", "codelane.cli", "server", "--listen", f"127.0.0.1:{port}",
         "--data-dir", str(tmp_path / "data"), "--local-workers", "0", "--model", script,
-        "--worker-tools", "tool_worker.semantic",
+        "--tools", "tool_worker.semantic",
     ]  # fmt: skip
     proc = await asyncio.to_thread(subprocess.Popen, argv, stdout=out.open("wb"), stderr=err.open("wb"))
     client = Client(f"127.0.0.1:{port}")
