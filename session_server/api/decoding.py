@@ -12,7 +12,6 @@ ends with INVALID_ARGUMENT like a unary call (ByteStream.Write).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -20,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from session_server.api.errors import abort
+from session_server.api.handlers import Behavior, wrapped
 
 # Requests refused unparsed past a size. Protobuf parses a map (labels, env) in time quadratic
 # in its entries (200,000 labels: 0.3 s; the 64 MiB a request may take: minutes), on the event
@@ -37,8 +37,6 @@ MAX_REQUEST_BYTES = {
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 _BOUNDED_SERVICES = ("/codelane.v1.SessionService/", "/codelane.v1.AdminService/")
 
-_KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-          (True, True): "stream_stream"}
 
 
 class UndecodableMessage(Exception):
@@ -102,10 +100,7 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
                 return _Undecodable(f"{what} does not parse: {exc}; send only well-formed messages of the "
                                     "method's request type (string fields in UTF-8)")
 
-        attribute = _KINDS[(streaming, handler.response_streaming)]
-        behavior = getattr(handler, attribute)
-        if inspect.isasyncgenfunction(behavior):
-
+        def stream(behavior: Behavior) -> Behavior:
             async def checked_stream(request: Any, context: grpc.aio.ServicerContext):
                 try:
                     async for response in behavior(_parsed(request, streaming), context):
@@ -113,14 +108,15 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
                 except UndecodableMessage as exc:
                     await _refuse(context, exc)
 
-            return handler._replace(request_deserializer=lenient, **{attribute: checked_stream})
+            return checked_stream
 
-        # A unary handler, or a stream one that writes with context.write (the worker hub's
-        # Connect, grpc's health Watch).
-        async def checked(request: Any, context: grpc.aio.ServicerContext):
-            try:
-                return await behavior(_parsed(request, streaming), context)
-            except UndecodableMessage as exc:
-                await _refuse(context, exc)
+        def other(behavior: Behavior) -> Behavior:
+            async def checked(request: Any, context: grpc.aio.ServicerContext):
+                try:
+                    return await behavior(_parsed(request, streaming), context)
+                except UndecodableMessage as exc:
+                    await _refuse(context, exc)
 
-        return handler._replace(request_deserializer=lenient, **{attribute: checked})
+            return checked
+
+        return wrapped(handler, stream=stream, other=other, request_deserializer=lenient)

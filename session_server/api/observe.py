@@ -16,13 +16,13 @@ later in a task of its own, where a context entered in the call's task cannot be
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from session_server.api.handlers import Behavior, wrapped
 from session_server.metrics import ServerMetrics
 from session_server.telemetry import Telemetry
 
@@ -31,8 +31,6 @@ UNTRACED = ("/codelane.v1.WorkerHubService/", "/grpc.health.v1.Health/", "/grpc.
 
 _TYPES = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
           (True, True): "bidi_stream"}
-_KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-          (True, True): "stream_stream"}
 
 
 class _Observed:
@@ -98,12 +96,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        shape = (handler.request_streaming, handler.response_streaming)
-        attribute = _KINDS[shape]
-        behavior = getattr(handler, attribute)
-        telemetry, grpc_type = self._telemetry, _TYPES[shape]
-        if inspect.isasyncgenfunction(behavior):
+        telemetry = self._telemetry
+        grpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
 
+        def stream(behavior: Behavior) -> Behavior:
             async def observed_stream(request: Any, context: grpc.aio.ServicerContext):
                 call = _Observed(telemetry, details, grpc_type)
                 responses = behavior(request, context)
@@ -132,20 +128,23 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                         # a cycle kept a refused 60 MiB request alive until the collector ran.
                         failure = None
 
-            return handler._replace(**{attribute: observed_stream})
+            return observed_stream
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext):
-            call = _Observed(telemetry, details, grpc_type)
-            token = call.enter()
-            failure: BaseException | None = None
-            try:
-                return await behavior(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                call.leave(token)
-                call.end(_code(context, failure))
-                failure = None  # no cycle through the exception's traceback (see above)
+        def other(behavior: Behavior) -> Behavior:
+            async def observed(request: Any, context: grpc.aio.ServicerContext):
+                call = _Observed(telemetry, details, grpc_type)
+                token = call.enter()
+                failure: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    call.leave(token)
+                    call.end(_code(context, failure))
+                    failure = None  # no cycle through the exception's traceback (see above)
 
-        return handler._replace(**{attribute: observed})
+            return observed
+
+        return wrapped(handler, stream=stream, other=other)

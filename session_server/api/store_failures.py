@@ -10,7 +10,6 @@ refuses what the store cannot record now (a turn over events still waiting to be
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -19,12 +18,11 @@ from typing import Any, NoReturn
 import grpc
 
 from session_server.api.errors import abort
+from session_server.api.handlers import Behavior, wrapped
 from session_server.store import StoreUnavailable, store_unavailable
 
 log = logging.getLogger("codelane.store")
 
-_KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-          (True, True): "stream_stream"}
 
 
 async def _unavailable(context: grpc.aio.ServicerContext, method: str,
@@ -44,11 +42,9 @@ class StoreFailureInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        attribute = _KINDS[(handler.request_streaming, handler.response_streaming)]
-        behavior = getattr(handler, attribute)
         method = details.method
-        if inspect.isasyncgenfunction(behavior):
 
+        def stream(behavior: Behavior) -> Behavior:
             async def guarded_stream(request: Any, context: grpc.aio.ServicerContext):
                 responses = behavior(request, context)
                 try:
@@ -61,12 +57,15 @@ class StoreFailureInterceptor(grpc.aio.ServerInterceptor):
                     # dropped) happens while the call is still open.
                     await responses.aclose()
 
-            return handler._replace(**{attribute: guarded_stream})
+            return guarded_stream
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext):
-            try:
-                return await behavior(request, context)
-            except (sqlite3.Error, StoreUnavailable) as exc:
-                await _unavailable(context, method, exc)
+        def other(behavior: Behavior) -> Behavior:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext):
+                try:
+                    return await behavior(request, context)
+                except (sqlite3.Error, StoreUnavailable) as exc:
+                    await _unavailable(context, method, exc)
 
-        return handler._replace(**{attribute: guarded})
+            return guarded
+
+        return wrapped(handler, stream=stream, other=other)
