@@ -30,7 +30,7 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { connect, parseAddress, serverFromEnv } from '../src/client.js';
+import { connect, serverAddress } from '../src/client.js';
 
 const USAGE = 'usage: node examples/confirm_and_external.js WORKSPACE [PROMPT] [--ask RULE]... [--reject] '
   + '[--server HOST:PORT] [--token TOKEN] [--model MODEL]';
@@ -62,12 +62,9 @@ async function main() {
   // A bad address is a usage error, as in the CLI, rather than a refused connection to port 443.
   let server;
   try {
-    server = parseAddress(values.server ?? values.address ?? serverFromEnv());
+    server = serverAddress({ server: values.server, address: values.address });
   } catch (err) {
-    const from = values.server !== undefined ? '--server'
-      : values.address !== undefined ? '--address'
-        : process.env.CODELANE_SERVER ? '$CODELANE_SERVER' : '$CODELANE_ADDRESS';
-    console.error(`confirm_and_external.js: ${from}: ${err.message}\n${USAGE}`);
+    console.error(`confirm_and_external.js: ${err.message}\n${USAGE}`);
     process.exit(2);
   }
   const workspace = path.resolve(positionals[0]);

@@ -1151,6 +1151,22 @@ export function serverFromEnv(env = process.env) {
   return DEFAULT_ADDRESS;
 }
 
+/**
+ * The server address an example was given: `server` (its --server), else `address` (the
+ * deprecated --address), else the environment (serverFromEnv), checked by parseAddress. A bad one
+ * is a TypeError that names where it came from, e.g. "--server: '127.0.0.1' has no port: ...".
+ */
+export function serverAddress({ server, address } = {}, env = process.env) {
+  const from = server !== undefined ? '--server'
+    : address !== undefined ? '--address'
+      : env.CODELANE_SERVER ? '$CODELANE_SERVER' : '$CODELANE_ADDRESS';
+  try {
+    return parseAddress(server ?? address ?? serverFromEnv(env));
+  } catch (err) {
+    throw new TypeError(`${from}: ${err.message}`);
+  }
+}
+
 /** A JSON.stringify replacer that writes BigInts as decimal strings. */
 export function jsonReplacer(_key, value) {
   return typeof value === 'bigint' ? value.toString() : value;
