@@ -176,6 +176,14 @@ async def test_a_turn_whose_end_was_stored_is_not_ended_twice(
     await _next_turn_runs(server.client, session.session_id)
 
 
+async def _created_then_killed(processes: Processes, workspace: Path, data_dir: Path, model: str) -> Any:
+    """A session, created and left by a server killed at once: its store is the test's to shape."""
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    server.kill9()
+    return session
+
+
 async def test_a_turn_cut_off_before_its_first_event_still_starts_and_ends(
     processes: Processes, workspace: Path, tmp_path: Path
 ) -> None:
@@ -183,9 +191,7 @@ async def test_a_turn_cut_off_before_its_first_event_still_starts_and_ends(
     # commit: a kill in between leaves a running turn without one event. Left on disk by hand.
     model = scripted(tmp_path, [{"text": "Done."}])
     data_dir = tmp_path / "data"
-    server = await processes.start_server(data_dir, model=model, local_workers=0)
-    session = await server.client.create(workspace)
-    server.kill9()
+    session = await _created_then_killed(processes, workspace, data_dir, model)
     with sqlite3.connect(data_dir / "codelane.db") as db:
         db.execute("UPDATE sessions SET state = 'running', current_turn_id = 't_cut' WHERE session_id = ?",
                    (session.session_id,))
@@ -205,9 +211,7 @@ async def test_an_early_call_asking_for_confirmation_at_a_crash_still_finishes(
     # it, and the restart resolved the confirmation but gave the call no ToolCallFinished.
     model = scripted(tmp_path, [{"text": "Done."}])
     data_dir = tmp_path / "data"
-    server = await processes.start_server(data_dir, model=model, local_workers=0)
-    session = await server.client.create(workspace)
-    server.kill9()
+    session = await _created_then_killed(processes, workspace, data_dir, model)
     early = CallInfo("c_early", "read", '{"file_path": "a.txt"}', "query", 0)
     store = Store(data_dir / "codelane.db")
     store.set_session_state(session.session_id, "running", "t_cut")
