@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -54,12 +55,16 @@ async def test_one_broken_subscriber_does_not_stop_the_bus() -> None:
     assert [event.sequence for event in batch] == [1, 2]
 
 
-async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_stored(tmp_path: Path) -> None:
+def _one_session_log(tmp_path: Path) -> tuple[Store, EventLog, Any]:
+    """A store holding session s1, its event log, and a subscription to s1's events."""
     store = Store(tmp_path / "db")
     store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
     bus = EventBus(store.event_page)
-    log = EventLog(store, bus)
-    subscription = bus.subscribe("s1", 0)
+    return store, EventLog(store, bus), bus.subscribe("s1", 0)
+
+
+async def test_a_failed_commit_is_retried_and_nothing_is_sent_before_it_is_stored(tmp_path: Path) -> None:
+    store, log, subscription = _one_session_log(tmp_path)
     real_append = store.append_events
     failures = []
 
@@ -89,11 +94,7 @@ async def test_after_a_flush_stores_what_a_failed_commit_left_the_log_flushes_on
     # A turn that ends calls flush(), which may store what a failed commit left before the retry
     # runs (the disk has room again): the log must go back to committing each loop turn's events
     # by itself, or the next turn's events wait, unsent, for the next flush() of all.
-    store = Store(tmp_path / "db")
-    store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
-    bus = EventBus(store.event_page)
-    log = EventLog(store, bus)
-    subscription = bus.subscribe("s1", 0)
+    store, log, subscription = _one_session_log(tmp_path)
     real_append = store.append_events
     full = True
     failures = []
