@@ -178,12 +178,17 @@ def test_a_drained_or_killed_local_worker_is_reaped_and_replaced(make_server, wo
         "local-1", "local-2", "local"}
 
 
-def test_the_server_says_listening_once(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
+def _server(tmp_path: Path, *flags: str) -> subprocess.Popen[str]:
+    """`codelane server` on a free loopback port, its stdout and stderr piped."""
+    return subprocess.Popen(
         [sys.executable, "-m", "codelane.cli", "server", "--listen", "127.0.0.1:0", "--data-dir",
-         str(tmp_path / "data"), "--local-workers", "1"],
+         str(tmp_path / "data"), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
     )  # fmt: skip
+
+
+def test_the_server_says_listening_once(tmp_path: Path) -> None:
+    proc = _server(tmp_path, "--local-workers", "1")
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
@@ -198,11 +203,7 @@ def test_the_server_says_listening_once(tmp_path: Path) -> None:
 
 
 def test_the_server_takes_the_old_workers_spelling(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "codelane.cli", "server", "--listen", "127.0.0.1:0", "--data-dir",
-         str(tmp_path / "data"), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env(),
-    )  # fmt: skip
+    proc = _server(tmp_path, "--workers", "1")
     try:
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stderr.readline() == "codelane server: --workers is deprecated: use --local-workers\n"
