@@ -271,7 +271,11 @@ Global___ModelResponded: _TypeAlias = ModelResponded  # noqa: Y015
 
 @_typing.final
 class ToolCallStarted(_message.Message):
-    """A tool call started running (or was handed to a worker)."""
+    """A tool call started running (or was handed to a worker). A call may wait before it: for the
+    earlier calls of its response it must follow, and, across sessions whose workspaces overlap
+    (the same directory, or one inside the other), a command (bash, execute, or any Execute tool
+    that declares no paths) runs alone: it waits for their running calls and they wait for it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
