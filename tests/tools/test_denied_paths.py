@@ -100,3 +100,13 @@ def test_a_directory_denies_everything_under_it(tmp_path: Path) -> None:
     assert denied.matching("docs/sub/a.md") is None
     assert denied.matching("src/build.py") is None
     assert not DeniedPaths() and DeniedPaths().denies(str(tmp_path), "anything") is None
+
+
+@pytest.mark.parametrize("mode", ["content", "count"])
+async def test_a_denied_file_named_with_empty_lines_stays_hidden_in_grep(registry, secret_workspace, mode) -> None:
+    # Named so that its last line, read alone, is a name no rule denies.
+    (secret_workspace / "secrets" / "x\n\nplain.txt").write_text("hunter2 behind a crafted name\n")
+    result = await run(registry, secret_workspace, "grep", pattern="crafted", output_mode=mode)
+    assert "plain.txt" not in result.output
+    assert "behind a crafted name" not in result.output
+    assert "1 entry left out" in result.output

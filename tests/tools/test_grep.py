@@ -174,3 +174,25 @@ async def test_cancel_kills_rg(registry: Any, workspace: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_names_holding_newlines_keep_their_own_lines_and_counts(call: Any, workspace: Path) -> None:
+    # A name may hold LF, two in a row, or a line-number look-alike: rg's output then has empty
+    # lines and "N:" lines that are parts of names, not separators or matches.
+    (workspace / "a\n\nb.txt").write_text("needle one\nneedle two\n")
+    (workspace / "3:c\nd.txt").write_text("x\nneedle three\n")
+    content = await call("grep", pattern="needle", output_mode="content", path=".")
+    assert content.output == "\n".join([
+        "3:c\nd.txt:2:needle three",
+        "a\n\nb.txt:1:needle one",
+        "a\n\nb.txt:2:needle two",
+    ])
+    counted = await call("grep", pattern="needle", output_mode="count")
+    assert counted.output == "\n".join(["3:c\nd.txt:1", "a\n\nb.txt:2"])
+    assert counted.metadata["total"] == 2
+
+
+def test_a_record_cut_short_by_the_output_cap_is_left_out() -> None:
+    assert list(grep._count_records(b"a\0002\nb\0001")) == [(b"a", b"2")]
+    assert list(grep._count_records(b"a\0002\nb")) == [(b"a", b"2")]
+    assert list(grep._content_blocks(b"a\x001:x\n\nb\x001:y\n\nc")) == [(b"a", b"1:x"), (b"b", b"1:y")]

@@ -6,7 +6,7 @@ is sorted here by path instead of with `rg --sort path`, which would force a sin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +72,25 @@ def _file_entries(out: RgOutput, prefix: str, hides: Hides) -> tuple[list[str], 
 def _count_entries(out: RgOutput, prefix: str, hides: Hides) -> tuple[list[str], int]:
     entries = []
     hidden = 0
-    for line in sorted(out.stdout.split(b"\n")[:-1]):
-        name, _, count = line.partition(b"\0")
+    for name, count in sorted(_count_records(out.stdout)):
         path = prefix + name.decode("utf-8", "replace")
         if hides is not None and hides(path):
             hidden += 1
             continue
         entries.append(f"{path}:{count.decode()}")
     return entries, hidden
+
+
+def _count_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(name, count) of `rg --count --null` output: `name NUL count LF` each.
+
+    Read field by field rather than split at LF: a file's name may hold LF (never NUL), and a
+    split would give its count, or a policy's verdict, to a made-up name. A record cut short
+    (rg's output capped) is left out."""
+    start = 0
+    while (name_end := data.find(b"\0", start)) != -1 and (end := data.find(b"\n", name_end)) != -1:
+        yield data[start:name_end], data[name_end + 1 : end]
+        start = end + 1
 
 
 def _content_lines(
@@ -90,7 +101,7 @@ def _content_lines(
 
     Only the lines shown are decoded and formatted; the rest are just counted.
     """
-    blocks = sorted(block.partition(b"\0")[::2] for block in out.stdout.split(b"\n\n") if block)
+    blocks = sorted(_content_blocks(out.stdout))
     hidden = 0
     if hides is not None:
         kept = [(name, body) for name, body in blocks if not hides(prefix + name.decode("utf-8", "replace"))]
@@ -108,6 +119,23 @@ def _content_lines(
                 shown.append(_format_line(path, line.decode("utf-8", "replace"), numbered))
         total += len(lines)
     return shown, total, hidden
+
+
+def _content_blocks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(name, lines) of `rg --heading --null` output: `name NUL` then the file's lines, each
+    `N:text`, `N-text` or `--` and never empty, then an empty line before the next file.
+
+    A file's name may hold LF, even two in a row (never NUL), so the name is read up to its NUL
+    and only then is the first empty line looked for: splitting the output at empty lines would
+    give one file's lines to a name made of part of another's. A block whose name was cut short
+    (rg's output capped) is left out."""
+    start = 0
+    while (name_end := data.find(b"\0", start)) != -1:
+        end = data.find(b"\n\n", name_end)
+        if end == -1:
+            end = len(data)
+        yield data[start:name_end], data[name_end + 1 : end]
+        start = end + 2
 
 
 def _format_line(path: str, line: str, numbered: bool) -> str:
