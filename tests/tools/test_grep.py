@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from tests.polling import poll_until
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.tools import grep
 from tool_worker.tools.base import ErrorKind
-from tool_worker.tools.rg import run_rg
+from tool_worker.tools.rg import RgOutput, run_rg
 
 
 async def test_files_with_matches_sorted_and_gitignored(call: Any) -> None:
@@ -195,4 +196,20 @@ async def test_names_holding_newlines_keep_their_own_lines_and_counts(call: Any,
 def test_a_record_cut_short_by_the_output_cap_is_left_out() -> None:
     assert list(grep._count_records(b"a\0002\nb\0001")) == [(b"a", b"2")]
     assert list(grep._count_records(b"a\0002\nb")) == [(b"a", b"2")]
-    assert list(grep._content_blocks(b"a\x001:x\n\nb\x001:y\n\nc")) == [(b"a", b"1:x"), (b"b", b"1:y")]
+    data = b"a\x001:x\n\nb\x001:y\n\nc"
+    blocks = [(name, data[start : grep._block_end(data, start)]) for name, start in grep._content_blocks(data)]
+    assert blocks == [(b"a", b"1:x"), (b"b", b"1:y")]
+
+
+def test_content_lines_not_shown_are_counted_without_a_copy_each() -> None:
+    # 8 MiB of short lines in one file: a bytes object per line took about six times the output.
+    data = b"big.txt\0" + b"".join(b"%d:x\n" % number for number in range(1, 900_001))
+    out = RgOutput(returncode=0, stdout=data, stderr="", overflowed=False)
+    tracemalloc.start()
+    try:
+        shown, total, hidden = grep._content_lines(out, "", True, 5, 7, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (shown, total, hidden) == (["big.txt:6:x", "big.txt:7:x"], 900_000, 0)
+    assert peak < len(data) // 10
