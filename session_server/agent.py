@@ -133,13 +133,16 @@ def available_tools(
 ) -> dict[str, ToolSpec]:
     """Execute tools run here; Query tools are those the workers offer (and ours, as fallback).
 
-    With a `policy`, tools it could never let run (`PermissionPolicy.offers`) are left out.
+    A worker's tool named like one of ours is ours: the model sees, and arguments are checked
+    against, our spec, with or without the fallback (a worker may not redefine `read` for every
+    session). With a `policy`, tools it could never let run (`PermissionPolicy.offers`) are left out.
     """
     tools = {spec.name: spec for spec in registry.specs(Lane.EXECUTE)}
+    ours = {spec.name: spec for spec in registry.specs(Lane.QUERY)}
     if local_fallback:
-        tools.update({spec.name: spec for spec in registry.specs(Lane.QUERY)})
+        tools.update(ours)
     for name, spec in pool.offered_tools().items():
-        tools.setdefault(name, spec)
+        tools.setdefault(name, ours.get(name, spec))
     if policy is not None:
         tools = {name: spec for name, spec in tools.items() if policy.offers(name)}
     return dict(sorted(tools.items()))

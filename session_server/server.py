@@ -270,17 +270,18 @@ class CodelaneServer:
             workspace_excludes=functools.partial(operator_denied_inside, sandbox_settings),
         )
         self.content = ContentStore(self.snapshots)
+        self.sandbox = Sandbox(sandbox_settings, keep_warm=True)
+        self.registry = ToolRegistry.builtin(self.sandbox)
+        for module in config.local_worker_tools:
+            self.registry.load_module(module)
         self.pool = WorkerPool(
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             no_worker_wait=config.no_worker_wait,
             on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
+            server_execute_tools=frozenset(spec.name for spec in self.registry.specs(Lane.EXECUTE)),
         )
         self.stats = LaneStats()
-        self.sandbox = Sandbox(sandbox_settings, keep_warm=True)
-        self.registry = ToolRegistry.builtin(self.sandbox)
-        for module in config.local_worker_tools:
-            self.registry.load_module(module)
         self.store: Store | None = None
         self._data_dir_lock: int | None = None
         self.sessions: SessionManager | None = None

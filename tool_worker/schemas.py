@@ -12,6 +12,7 @@ file.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -69,6 +70,11 @@ def check(parameters: Mapping[str, Any]) -> None:
     problem = _reference_problem(parameters)
     if problem is not None:
         raise ValueError(problem)
+    allowed = parameters.get("type", "object")
+    if allowed != "object" and not (isinstance(allowed, list) and "object" in allowed):
+        # A model's arguments are always a JSON object: no call of such a tool could ever run.
+        raise ValueError(f"allows no JSON object (its type is {json.dumps(allowed)}), but a tool's arguments are "
+                         "always an object: make its type \"object\"")
 
 
 def _reference_problem(parameters: Mapping[str, Any]) -> str | None:

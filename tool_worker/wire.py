@@ -92,9 +92,12 @@ def spec_from_proto(msg: tools_pb2.ToolSpec) -> ToolSpec:
             f"{sys.get_int_max_str_digits():,} digits, longer than the server reads: use a shorter number"
         ) from None
     if not isinstance(parameters, dict):
-        raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object")
+        raise ValueError(f"tool {msg.name!r}: parameters_json_schema must be a JSON object (a boolean schema, "
+                         "true or false, is not accepted)")
     if msg.lane not in LANE_FROM_PROTO:
-        raise ValueError(f"tool {msg.name!r}: lane must be LANE_QUERY or LANE_EXECUTE")
+        lane = tools_pb2.Lane.Name(msg.lane) if msg.lane in tools_pb2.Lane.values() else f"{msg.lane} (unknown)"
+        raise ValueError(f"tool {msg.name!r}: lane is {lane}: set LANE_QUERY (a worker's tools are Query tools) "
+                         "or LANE_EXECUTE")
     return ToolSpec(
         name=msg.name,
         description=msg.description,
@@ -150,10 +153,18 @@ def omitted_metadata(chars: int) -> dict[str, str]:
                                    "are kept"}
 
 
+# Outcomes only the hub decides (it lost the call's worker, or found none): the hub acts on them
+# (a call that found no worker may run on the server), so a worker's or a client's claim of one
+# is read as the tool's own failure.
+HUB_OUTCOMES = frozenset({ErrorKind.WORKER_LOST, ErrorKind.NO_WORKER})
+
+
 def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
     """The result a worker or an external client sent. Metadata over MAX_METADATA_JSON_CHARS is
     replaced by a note saying so; metadata that is not JSON (or nests deeper than MAX_METADATA_DEPTH) is
-    kept as the string it was."""
+    kept as the string it was. Its error_kind as tools.proto's ToolResult says it is read: none on
+    a success; TOOL_ERROR for a failure without one, with one this code does not know, or with
+    one of HUB_OUTCOMES."""
     if len(msg.metadata_json) > MAX_METADATA_JSON_CHARS:
         metadata: object = omitted_metadata(len(msg.metadata_json))
     elif msg.metadata_json:
@@ -166,9 +177,12 @@ def result_from_proto(msg: tools_pb2.ToolResult) -> ToolResult:
             metadata = {"unparsed_metadata": msg.metadata_json}
     else:
         metadata = {}
-    error_kind = ERROR_KIND_FROM_PROTO.get(msg.error_kind)
-    if msg.is_error and error_kind is None:
-        error_kind = ErrorKind.TOOL_ERROR
+    if not msg.is_error:
+        error_kind = None  # a kind on a successful result would read as a failure's reason
+    else:
+        error_kind = ERROR_KIND_FROM_PROTO.get(msg.error_kind)
+        if error_kind is None or error_kind in HUB_OUTCOMES:
+            error_kind = ErrorKind.TOOL_ERROR
     return ToolResult(
         output=msg.output,
         is_error=msg.is_error,

@@ -86,6 +86,7 @@ class WorkerPool:
         no_worker_wait: float = DEFAULT_NO_WORKER_WAIT,
         clock: Callable[[], float] = time.monotonic,
         on_worker_lost: Callable[[str], None] | None = None,
+        server_execute_tools: frozenset[str] = frozenset(),
     ) -> None:
         # Three heartbeats fit in the timeout whatever the operator chose: a timeout under the
         # default interval (--heartbeat-timeout 1) had every idle worker dropped between two
@@ -94,7 +95,8 @@ class WorkerPool:
         self.heartbeat_timeout = heartbeat_timeout
         self.no_worker_wait = no_worker_wait
         self._clock = clock
-        self._workers = WorkerDirectory(clock)
+        # Names a worker may not offer: the server runs these tools itself, one at a time.
+        self._workers = WorkerDirectory(clock, server_execute_tools)
         self._router = Router()
         self._queued: FairQueues[Pending] = FairQueues()
         # Dispatch ids: this pool's random prefix, so ids never repeat across server restarts.

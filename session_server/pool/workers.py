@@ -62,14 +62,19 @@ class Worker:
 MAX_WORKSPACE_ROOTS = 64
 MAX_ROOT_BYTES = 4096
 
+# Longest worker_id, hostname or version a Hello may carry.
+MAX_IDENTITY_CHARS = 256
+
 # What OpenAI and Anthropic accept as a tool name: a name outside it would fail every model
 # request of every session that is offered the tool.
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def validate_registration(reg: WorkerRegistration) -> None:
+def validate_registration(reg: WorkerRegistration, server_execute_tools: frozenset[str] = frozenset()) -> None:
     if not reg.worker_id.strip():
         raise InvalidRegistration("hello.worker_id is empty: give each worker a unique id")
+    for field_name, value in (("worker_id", reg.worker_id), ("hostname", reg.hostname), ("version", reg.version)):
+        _check_printable(field_name, value)
     if reg.slots < 1:
         raise InvalidRegistration(f"hello.slots is {reg.slots}: a worker needs at least 1 slot")
     if not reg.tools:
@@ -94,6 +99,11 @@ def validate_registration(reg: WorkerRegistration) -> None:
                 f"hello.tools: {spec.name!r} is in the {spec.lane.name} lane: workers run Query tools only "
                 "(Execute calls run on the session server, one at a time)"
             )
+        if spec.name in server_execute_tools:
+            raise InvalidRegistration(
+                f"hello.tools: {spec.name!r} is one of the server's Execute tools, which run on the server "
+                "only: give the worker's tool another name"
+            )
         if spec.name in seen:
             raise InvalidRegistration(f"hello.tools offers {spec.name!r} twice: tool names must be unique")
         seen.add(spec.name)
@@ -103,11 +113,23 @@ def validate_registration(reg: WorkerRegistration) -> None:
             raise InvalidRegistration(f"hello.tools: {exc}") from None
 
 
+def _check_printable(field_name: str, value: str) -> None:
+    # These go into every log line about the worker and into ListWorkers: a line break in one
+    # forged log lines, and a long one was repeated whole on every line.
+    if len(value) > MAX_IDENTITY_CHARS:
+        raise InvalidRegistration(f"hello.{field_name} is {len(value):,} characters; at most {MAX_IDENTITY_CHARS}")
+    if not value.isprintable():
+        raise InvalidRegistration(
+            f"hello.{field_name} {value[:80]!r} holds a control or other unprintable character: use printable text"
+        )
+
+
 class WorkerDirectory:
     """Workers by id. An id belongs to one live stream (see `admit`)."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], server_execute_tools: frozenset[str] = frozenset()) -> None:
         self._clock = clock
+        self._server_execute_tools = server_execute_tools
         self._workers: dict[str, Worker] = {}
 
     def __iter__(self) -> Iterator[Worker]:
@@ -127,7 +149,7 @@ class WorkerDirectory:
         reconnecting after its connection broke, before the hub noticed. Anyone else (a second
         worker started with the same --id, or an impostor) is refused.
         """
-        validate_registration(reg)
+        validate_registration(reg, self._server_execute_tools)
         old = self._workers.get(reg.worker_id)
         if old is not None and not (
             reg.reconnect_token and hmac.compare_digest(reg.reconnect_token, old.reconnect_token)

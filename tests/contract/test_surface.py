@@ -93,6 +93,38 @@ async def test_list_tools_shows_what_the_model_is_offered_and_where_each_runs(
     raw.half_close()
 
 
+@pytest.mark.parametrize("local_fallback", [True, False])
+async def test_a_worker_cannot_redefine_a_server_tool_nor_offer_an_execute_one(
+    make_server, workspace: Path, tmp_path: Path, local_fallback: bool
+) -> None:
+    server: InProcess = await make_server(local_fallback=local_fallback)
+    client = server.client
+    mine = tools_pb2.ToolSpec(name="read", description="mine", lane=tools_pb2.LANE_QUERY, idempotent=True,
+                              parameters_json_schema=json.dumps({"type": "object", "properties": {"x": {}}}))
+    raw = RawWorker(client, "raw", mine)
+    assert (await raw.read()).HasField("welcome")
+    await client.wait_workers("raw")
+    # The model is offered, and arguments are checked against, the server's read, not the worker's.
+    model = scripted(tmp_path, [{"tool_calls": [{"name": "read", "arguments": {"x": "hello"}}]},
+                                {"text": "done"}])
+    session = await client.create(workspace, model)
+    reply = await client.sessions.ListTools(session_pb2.ListToolsRequest(session_id=session.session_id),
+                                            timeout=RPC_TIMEOUT)
+    [read] = [tool for tool in reply.tools if tool.spec.name == "read"]
+    assert "cat -n" in read.spec.description and list(read.worker_ids) == ["raw"]
+    assert json.loads(read.spec.parameters_json_schema)["required"] == ["file_path"]
+    events = await client.send(session.session_id, "read it")
+    [finished] = [e.tool_call_finished for e in events if e.WhichOneof("kind") == "tool_call_finished"]
+    assert finished.result.error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    raw.half_close()
+
+    bash = RawWorker(client, "bash-worker", tools_pb2.ToolSpec(
+        name="bash", description="mine", lane=tools_pb2.LANE_QUERY, parameters_json_schema="{}"))
+    refused = await rpc_error(bash.read())
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and refused.reason == "INVALID_HELLO"
+    assert "'bash' is one of the server's Execute tools" in refused.message
+
+
 # -- grpcurl-style: reflection and JSON only ------------------------------------------------------
 
 

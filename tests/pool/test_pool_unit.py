@@ -229,10 +229,31 @@ def test_a_bad_hello_is_refused() -> None:
         # Execute calls run on the server: offered by a worker, it could only ever fail.
         (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, name="deploy", lane=Lane.EXECUTE),),
                             slots=1), "Query tools only"),
+        # A model's arguments are an object: no call of these could ever run.
+        (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, parameters={"type": "string"}),),
+                            slots=1), 'allows no JSON object \\(its type is "string"\\)'),
+        (WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, parameters={"type": ["array", "null"]}),),
+                            slots=1), "allows no JSON object"),
+        # Each goes into every log line about the worker: a line break forged log lines.
+        (WorkerRegistration(worker_id="w\nERROR forged", tools=(READ,), slots=1), "worker_id .* unprintable"),
+        (WorkerRegistration(worker_id="w" * 257, tools=(READ,), slots=1), "worker_id is 257 characters"),
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, hostname="h\x00"), "hostname .* unprintable"),
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, version="1" * 300), "version is 300"),
     ]:
         with pytest.raises(InvalidRegistration, match=match):
             pool.register(reg, FakeLink(pool, "w"))
     assert pool.workers() == []
+
+
+def test_a_worker_may_not_offer_a_tool_named_like_one_the_server_executes() -> None:
+    pool = WorkerPool(server_execute_tools=frozenset({"bash", "write"}))
+    with pytest.raises(InvalidRegistration, match="'bash' is one of the server's Execute tools"):
+        pool.register(WorkerRegistration(worker_id="w", tools=(dataclasses.replace(READ, name="bash"),), slots=1),
+                      FakeLink(pool, "w"))
+    assert pool.workers() == []
+    pool.register(WorkerRegistration(worker_id="w", tools=(READ,), slots=1, hostname="host-1 (rack 2)",
+                                     version="0.3.0+dev"), FakeLink(pool, "w"))
+    assert [w.worker_id for w in pool.workers()] == ["w"]
 
 
 async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_reason() -> None:

@@ -64,3 +64,31 @@ def test_a_holding_no_server_could_name_is_ignored_and_a_long_reason_cut() -> No
     wordy = snapshot_wire.holding_from_proto(worker_pb2.WorkspaceHolding(workspace="/ws", mode=unavailable,
                                                                          reason="r" * 100_000))
     assert wordy is not None and wordy.workspace == "/ws" and len(wordy.reason) == snapshot_wire.MAX_REASON_CHARS
+
+
+@pytest.mark.parametrize(
+    ("is_error", "kind", "read_as"),
+    [
+        (False, tools_pb2.ERROR_KIND_TOOL_ERROR, None),
+        (True, tools_pb2.ERROR_KIND_UNSPECIFIED, ErrorKind.TOOL_ERROR),
+        (True, 99, ErrorKind.TOOL_ERROR),
+        (True, tools_pb2.ERROR_KIND_NO_WORKER, ErrorKind.TOOL_ERROR),
+        (True, tools_pb2.ERROR_KIND_WORKER_LOST, ErrorKind.TOOL_ERROR),
+        (True, tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED, ErrorKind.SNAPSHOT_CHANGED),
+        (True, tools_pb2.ERROR_KIND_TIMEOUT, ErrorKind.TIMEOUT),
+    ],
+)
+def test_a_sent_results_error_kind_is_read_as_the_contract_says(is_error: bool, kind: int, read_as) -> None:
+    # A worker claiming NO_WORKER would have the server run the call itself, as if the hub had
+    # found no worker for it.
+    result = wire.result_from_proto(tools_pb2.ToolResult(output="x", is_error=is_error, error_kind=kind))
+    assert (result.is_error, result.error_kind) == (is_error, read_as)
+
+
+def test_a_spec_a_worker_cannot_offer_is_refused_saying_what_to_set() -> None:
+    with pytest.raises(ValueError, match="must be a JSON object \\(a boolean schema"):
+        wire.spec_from_proto(tools_pb2.ToolSpec(name="t", parameters_json_schema="true", lane=tools_pb2.LANE_QUERY))
+    with pytest.raises(ValueError, match="lane is LANE_UNSPECIFIED: set LANE_QUERY"):
+        wire.spec_from_proto(tools_pb2.ToolSpec(name="t", parameters_json_schema="{}"))
+    with pytest.raises(ValueError, match="lane is 7 \\(unknown\\)"):
+        wire.spec_from_proto(tools_pb2.ToolSpec(name="t", parameters_json_schema="{}", lane=7))

@@ -259,8 +259,12 @@ class ToolSpec(_message.Message):
     description: _builtins.str
     """Description written for the model: what the tool does and how to use it."""
     parameters_json_schema: _builtins.str
-    """JSON Schema (draft 2020-12) of the tool's arguments object, as a JSON string. Its references
-    resolve within it only: nothing is retrieved (see Hello.tools in worker.proto).
+    """JSON Schema (draft 2020-12) of the tool's arguments object, as a JSON string: a JSON object
+    (a boolean schema, true or false, is refused; an empty string is read as {}, any arguments),
+    whose top-level "type", when given, is "object" or a list holding "object" (a model's
+    arguments are always an object). Its references resolve within it only: nothing is
+    retrieved (see Hello.tools in worker.proto). Otherwise a worker's Hello is refused
+    (INVALID_HELLO).
     """
     lane: Global___Lane.ValueType
     """The lane the tool's calls are scheduled on (QUERY or EXECUTE)."""
@@ -355,7 +359,12 @@ class ToolResult(_message.Message):
     is_error: _builtins.bool
     """True when the call failed; error_kind tells why."""
     error_kind: Global___ErrorKind.ValueType
-    """Why the call failed; ERROR_KIND_UNSPECIFIED when it did not."""
+    """Why the call failed; ERROR_KIND_UNSPECIFIED when it did not. A result a worker or a client
+    sends (CallResult, CompleteExternalTask) is read so: error_kind is ignored when is_error is
+    false; a failure whose kind is UNSPECIFIED, one the server does not know, or WORKER_LOST or
+    NO_WORKER (outcomes only the hub decides: it may run a call that found no worker itself) is
+    recorded as TOOL_ERROR.
+    """
     exit_code: _builtins.int
     """Exit code for process tools (bash, execute); absent for others."""
     truncated: _builtins.bool

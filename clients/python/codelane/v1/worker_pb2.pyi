@@ -152,17 +152,19 @@ class Hello(_message.Message):
     HOLDINGS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker, unique across the pool, e.g. "gpu-host-3/1". Reconnecting with the
-    same id replaces the previous stream.
+    same id replaces the previous stream. 1-256 printable characters (Python's str.isprintable:
+    no control characters, no line breaks; spaces are allowed): it goes into every log line about
+    the worker. Otherwise INVALID_HELLO.
     """
     version: _builtins.str
-    """Version of the worker software."""
+    """Version of the worker software. At most 256 printable characters, as worker_id."""
     slots: _builtins.int
     """Maximum calls the worker runs at once; at least 1. The hub never has more outstanding. A
     worker holds to it whatever a hub sends: an Assign beyond its slots is answered at once,
     unrun, with ERROR_KIND_AT_CAPACITY (the Python worker does so).
     """
     hostname: _builtins.str
-    """Host name, for display."""
+    """Host name, for display. At most 256 printable characters, as worker_id."""
     reconnect_token: _builtins.str
     """The reconnect_token of this worker id's previous Welcome, when reconnecting after a broken
     connection: it lets this stream take the id over from a stream the hub still holds. Empty on
@@ -188,10 +190,13 @@ class Hello(_message.Message):
         schema itself ("#/$defs/name", "#/definitions/name", an $anchor or an $id of its own): the
         server retrieves nothing, so a reference to a URL or a file, or one that points nowhere, is
         refused (INVALID_HELLO, naming the tool and the reference). $schema is never retrieved
-        either: the schema is checked as draft 2020-12. A tool named like one of the server's own tools (read, grep, glob, ls,
-        list_files, search; bash, write and the other Execute tools) is that tool: the model is
-        offered, and the server checks arguments against, the server's spec, and Execute tools always
-        run on the server. Offer such a name only with the server's arguments (ListTools shows them). One spec per name across the pool:
+        either: the schema is checked as draft 2020-12. A tool named like one of the server's own Query tools (read, grep,
+        glob, ls, list_files, search) is that tool: the model is offered, and the server checks
+        arguments against, the server's spec, whatever the worker's says (with or without the
+        server's --no-local-fallback); offer such a name only to run the server's arguments
+        (ListTools shows them). A tool named like one of the server's Execute tools (bash, write,
+        edit, delete, move, copy, execute, and any the operator loaded) is refused (INVALID_HELLO):
+        those run on the server only. One spec per name across the pool:
         a tool name a ready (not draining) worker offers with a different spec (any field, the schema
         compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
         tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
