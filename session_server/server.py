@@ -555,11 +555,13 @@ class CodelaneServer:
         for proc in workers:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
+        # Before the gRPC servers stop: their stop cancels the streams still open, so a worker
+        # would hear "Cancelling all calls" instead of SHUTTING_DOWN (worker.proto, Connect).
+        await self.pool.close()
         if self._server is not None:
             await self._server.stop(min(grace, RPC_STOP_GRACE))
         if self._local_hub is not None:
             await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
-        await self.pool.close()
         self.snapshots.close()
         if self.external_cas is not None:
             await self.external_cas.close()

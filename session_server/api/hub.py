@@ -22,6 +22,7 @@ from session_server.pool import (
     Assignment,
     InvalidRegistration,
     LinkFault,
+    PoolClosed,
     ToolSpecConflict,
     WorkerIdTaken,
     WorkerPool,
@@ -237,6 +238,8 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         except ToolSpecConflict as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
                         tool_name=exc.tool_name, worker_id=exc.holder_id)
+        except PoolClosed as exc:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), "SHUTTING_DOWN")
         worker_id = reg.worker_id
         log_context.worker_id.set(worker_id)
         log.info("worker %s connected from %s (%d slots, tools: %s)", worker_id, reg.peer, reg.slots,

@@ -39,6 +39,7 @@ from session_server.pool.types import (
     DEFAULT_NO_WORKER_WAIT,
     Assignment,
     LinkFault,
+    PoolClosed,
     QueryCall,
     WorkerLink,
     WorkerRegistration,
@@ -133,8 +134,11 @@ class WorkerPool:
     def register(self, reg: WorkerRegistration, link: WorkerLink) -> str:
         """Adds a worker (after its Hello) and returns its reconnect token.
 
-        Raises InvalidRegistration for a bad Hello, WorkerIdTaken when a live stream holds the id.
+        Raises InvalidRegistration for a bad Hello, WorkerIdTaken when a live stream holds the id,
+        PoolClosed once the pool is closed.
         """
+        if self._closed:
+            raise PoolClosed
         old = self._workers.holder(reg)
         if old is not None:
             self._lose(old, "its connection was replaced by the worker's reconnection", "replaced")

@@ -23,6 +23,13 @@ class InvalidRegistration(ValueError):
     """A worker's Hello cannot be accepted; the message says why."""
 
 
+class PoolClosed(Exception):
+    """The server is stopping: the pool admits no worker."""
+
+    def __init__(self) -> None:
+        super().__init__("the session server is shutting down: connect to it again once it is back")
+
+
 class WorkerIdTaken(Exception):
     """A live stream holds the worker id, and the Hello does not prove it is that worker."""
 

@@ -156,6 +156,20 @@ async def test_a_worker_offering_a_tool_under_another_spec_is_refused_at_hello(m
     renamed.half_close()
 
 
+async def test_a_stopping_server_ends_a_workers_stream_shutting_down(make_server) -> None:
+    server: InProcess = await make_server()
+    client = server.client
+    worker = RawWorker(client, "w", echo_spec())
+    assert (await worker.read()).HasField("welcome")
+    await server.server.stop(grace=5)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await worker.read()
+    details = error_details(ended.value)
+    # What worker.proto promises, not gRPC's own "Cancelling all calls" of a server that stops.
+    assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), details
+    assert details.metadata == {"worker_id": "w"}
+
+
 # -- liveness ---------------------------------------------------------------------------------------
 
 

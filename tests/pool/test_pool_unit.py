@@ -12,6 +12,7 @@ from session_server.pool import (
     Assignment,
     InvalidRegistration,
     LinkFault,
+    PoolClosed,
     QueryCall,
     WorkerIdTaken,
     WorkerPool,
@@ -341,3 +342,11 @@ async def test_fairness_round_robin_across_sessions() -> None:
     for task in [first, *hog, small]:
         task.cancel()
     await asyncio.gather(first, *hog, small, return_exceptions=True)
+
+
+async def test_a_closed_pool_admits_no_worker() -> None:
+    pool = WorkerPool()
+    await pool.close()
+    with pytest.raises(PoolClosed, match="shutting down"):
+        pool.register(WorkerRegistration(worker_id="late", tools=(READ,), slots=1), FakeLink(pool, "late"))
+    assert pool.workers() == []
