@@ -58,7 +58,7 @@ from session_server.limits import (
 from session_server.llm.base import ModelProvider, Usage
 from session_server.models import Models
 from session_server.pool import WorkerPool
-from session_server.snapshots import SnapshotRegistry
+from session_server.snapshots import SnapshotRegistry, WorkspaceSnapshots
 from session_server.stats import LaneStats
 from session_server.store import (
     MAX_READ_PAGE_CHARS,
@@ -430,6 +430,19 @@ class SessionManager:
                     provider: ModelProvider, model_name: str, text: str
                     ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
+        # Held until the turn ends (`_turn_ended`), or released below if it never starts.
+        snapshots = self.snapshots.of(record.workspace, hold=True) if self.snapshots is not None else None
+        try:
+            return self._start_turn_holding(session_id, turn_id, record, settings, provider, model_name, text,
+                                            snapshots)
+        except BaseException:
+            if self.snapshots is not None:
+                self.snapshots.release(record.workspace)
+            raise
+
+    def _start_turn_holding(self, session_id: str, turn_id: str, record: SessionRecord, settings: SessionSettings,
+                            provider: ModelProvider, model_name: str, text: str,
+                            snapshots: WorkspaceSnapshots | None) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         ctx = TurnContext(
             session_id=session_id,
             turn_id=turn_id,
@@ -447,7 +460,7 @@ class SessionManager:
             external=self.external,
             telemetry=self.telemetry,
             admission=self.admission,
-            snapshots=self.snapshots.of(record.workspace) if self.snapshots is not None else None,
+            snapshots=snapshots,
             local_query_tools=self.local_query_tools,
             local_cheap_calls=self.local_cheap_calls,
             workspace_locks=self.workspace_locks,
@@ -479,6 +492,8 @@ class SessionManager:
         self._turns.pop(session_id, None)
         if self.admission is not None:
             self.admission.release_turn()
+        if self.snapshots is not None and turn.ctx.snapshots is not None:
+            self.snapshots.release(turn.ctx.snapshots.workspace)
         # Now, not at the end of the loop turn: the commit storing TurnFinished marks the session
         # idle, and a SendMessage in between would find it over in memory and not in the store.
         # Should the commit fail, the session stays running until the retry stores it.

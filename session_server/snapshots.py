@@ -36,7 +36,10 @@ from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, SnapshotRef
 log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 8
-# Workspaces whose scanners (and their inotify watches) are kept; the least recently used goes.
+# Workspaces whose scanners (and their inotify watches) are kept; the least recently used that no
+# running turn holds goes. Held ones are never closed: a turn keeps its workspace's object for its
+# whole run, and a closed one fails every scan (a turn's Query calls all failed once 64 other
+# workspaces had started turns meanwhile).
 MAX_WORKSPACES = 64
 # Said once per workspace, not at every scan.
 MAX_SKIPPED_LOGGED = 20
@@ -187,21 +190,43 @@ class SnapshotRegistry:
         self._publish = publish
         self._workspace_excludes = workspace_excludes
         self._workspaces: dict[str, WorkspaceSnapshots] = {}
+        # How many running turns hold each workspace (`of(..., hold=True)` until `release`).
+        self._holders: dict[str, int] = {}
 
     @property
     def excludes(self) -> tuple[str, ...]:
         return self.exclusions.patterns
 
-    def of(self, workspace: str) -> WorkspaceSnapshots:
+    def of(self, workspace: str, *, hold: bool = False) -> WorkspaceSnapshots:
+        """The workspace's snapshots. With `hold`, they stay open until `release(workspace)`
+        (a turn holds its workspace's for its whole run)."""
         snapshots = self._workspaces.pop(workspace, None)
         if snapshots is None:
             snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish,
                                            tuple(self._workspace_excludes(workspace)))
-            if len(self._workspaces) >= MAX_WORKSPACES:
-                oldest = next(iter(self._workspaces))
-                self._workspaces.pop(oldest).close()
         self._workspaces[workspace] = snapshots
+        if hold:
+            self._holders[workspace] = self._holders.get(workspace, 0) + 1
+        self._forget_unheld(keep=workspace)
         return snapshots
+
+    def release(self, workspace: str) -> None:
+        """A hold of `of(workspace, hold=True)` ends."""
+        held = self._holders.get(workspace, 0) - 1
+        if held > 0:
+            self._holders[workspace] = held
+        else:
+            self._holders.pop(workspace, None)
+        self._forget_unheld()
+
+    def _forget_unheld(self, keep: str = "") -> None:
+        """Closes the least recently used workspaces nobody holds, down to MAX_WORKSPACES (or as
+        far as the held ones allow: then more stay open until their turns end)."""
+        excess = len(self._workspaces) - MAX_WORKSPACES
+        if excess > 0:
+            unheld = [name for name in self._workspaces if name not in self._holders and name != keep]
+            for name in unheld[:excess]:
+                self._workspaces.pop(name).close()
 
     def find(self, hash_hex: str, *, first_path_only: bool = False) -> tuple[bytes | None, list[str]]:
         """A Directory blob with this hash, or the workspace paths that held such a file (newest
@@ -225,3 +250,4 @@ class SnapshotRegistry:
         for snapshots in self._workspaces.values():
             snapshots.close()
         self._workspaces.clear()
+        self._holders.clear()

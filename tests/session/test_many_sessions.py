@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from codelane.v1 import events_pb2
-from tests.session.conftest import call, kind, scripted
+from codelane.v1 import events_pb2, session_pb2
+from session_server import snapshots
+from tests.session.conftest import RPC_TIMEOUT, call, collect, kind, read_until, scripted
 
 SESSIONS = 50
 TURNS = 3
@@ -64,3 +65,36 @@ async def test_fifty_sessions_replaying_one_script_each_get_their_own_results(ma
                 assert result.worker_id in {"local-1", "local-2"}
             assert not by_id["write_turn"].is_error
         assert sorted(p.name for p in workspaces[k].glob("turn-*.txt")) == [f"turn-{t}.txt" for t in range(TURNS)]
+
+
+async def test_a_turn_keeps_its_workspace_snapshots_while_more_workspaces_than_kept_start_turns(
+    make_server, workspace: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Two kept instead of 64: the turn waits on a confirmation while two other workspaces run
+    # turns; its next step's Query calls are then snapshotted for a worker as before.
+    monkeypatch.setattr(snapshots, "MAX_WORKSPACES", 2)
+    server = await make_server(local_workers=1, local_fallback=False)
+    client = server.client
+    await client.wait_workers("local-1")
+    model = scripted(tmp_path, [
+        {"tool_calls": [call("bash", "c_bash", command="true")]},
+        {"tool_calls": [call("list_files", "c_list"), call("grep", "c_grep", pattern="needle")]},
+        {"text": "done"},
+    ], "held.yaml")
+    held = await client.create(workspace, model, permissions=session_pb2.PermissionPolicy(ask=["bash"]))
+    stream = client.send_stream(held.session_id, "go")
+    seen: list = []
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+    quick = scripted(tmp_path, [{"text": "hi"}], "quick.yaml")
+    for name in ("other-1", "other-2"):
+        (tmp_path / name).mkdir()
+        other = await client.create(tmp_path / name, quick)
+        await client.send(other.session_id, "hi")
+    await client.sessions.ConfirmToolCall(
+        session_pb2.ConfirmToolCallRequest(session_id=held.session_id, call_id="c_bash", approve=True),
+        timeout=RPC_TIMEOUT)
+    events = [r.event for r in seen + await collect(stream)]
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result
+                for e in events if kind(e) == "tool_call_finished"}
+    assert not finished["c_list"].is_error and "src/alpha.py" in finished["c_list"].output, finished["c_list"]
+    assert not finished["c_grep"].is_error and finished["c_grep"].worker_id == "local-1", finished["c_grep"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from session_server import snapshots as snapshots_module
 from session_server.snapshots import KEEP_SNAPSHOTS, SnapshotRegistry
 from tests.polling import poll_until
 from tool_worker.blobstore import BlobStore
@@ -181,3 +182,34 @@ def test_the_operators_deny_list_inside_a_workspace_is_named_relative_to_it(tmp_
     # workspace and the path outside it are not the workspace's to leave out.
     assert operator_denied_inside(settings, str(ws)) == ("deploy/key.pem", "data")
     assert operator_denied_inside(settings, str(link)) == ("deploy/key.pem", "data")
+
+
+async def test_a_workspace_a_turn_holds_stays_open_however_many_others_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshots_module, "MAX_WORKSPACES", 2)
+    roots = []
+    for name in ("held", "a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(name)
+        roots.append(str(tmp_path / name))
+    held_root, *others = roots
+    registry = SnapshotRegistry()
+    try:
+        held = registry.of(held_root, hold=True)
+        unheld = [registry.of(root) for root in others]
+        # The held one outlived three newer workspaces; the least recent unheld one went.
+        assert (await held.current()).digest == digest_of(held_root).digest
+        for gone in unheld[:2]:
+            with pytest.raises(OSError, match="stopped"):
+                await gone.current()
+        assert (await unheld[2].current()).digest == digest_of(others[2]).digest
+        held.changed()
+        assert (await held.current()).digest == digest_of(held_root).digest
+        registry.release(held_root)
+        registry.of(others[0])
+        held.changed()
+        with pytest.raises(OSError, match="stopped"):  # released, it goes like any other
+            await held.current()
+    finally:
+        registry.close()
