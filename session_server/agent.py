@@ -272,17 +272,39 @@ class Turn:
             raise
         finally:
             ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
+        if len(response.text) > MAX_RESPONSE_TEXT_CHARS:
+            response = dataclasses.replace(response, text=cut(response.text, MAX_RESPONSE_TEXT_CHARS, "model text"))
+        self.usage = self.usage + response.usage
+        # Every call is made before any is scheduled, and the response is announced in the same
+        # loop turn as they are: scheduled one by one, with the loop's turns between (a response's
+        # calls are made a batch per turn), an Execute call ran before ModelResponded, and a cancel
+        # landing meanwhile left its file written and the response out of the history.
+        rest: list[ToolCall] = []
         try:
-            if len(response.text) > MAX_RESPONSE_TEXT_CHARS:
-                response = dataclasses.replace(
-                    response, text=cut(response.text, MAX_RESPONSE_TEXT_CHARS, "model text")
-                )
-            self.usage = self.usage + response.usage
             for index, model_call in enumerate(response.tool_calls[len(calls):], start=len(calls)):
                 if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)
-                calls.append(self._make_call(index, model_call, tools, asks))
-                scheduler.add(calls[-1])
+                rest.append(self._make_call(index, model_call, tools, asks))
+        except BaseException as exc:
+            # The calls made hold admission and telemetry until they finish: scheduled and
+            # cancelled in this same loop turn, they end CANCELLED without running.
+            for call in rest:
+                calls.append(call)
+                scheduler.add(call)
+            if isinstance(exc, asyncio.CancelledError):
+                # As in the streaming phase: the response is recorded with the calls made so far,
+                # each with its result.
+                cut_short = dataclasses.replace(response, tool_calls=[_model_call(c) for c in calls])
+                self._announce(step, cut_short, calls)
+                await self._record(cut_short, scheduler, calls, cancelled=True)
+            else:
+                scheduler.cancel()
+                await scheduler.results()
+            raise
+        try:
+            for call in rest:
+                calls.append(call)
+                scheduler.add(call)
             self._announce(step, response, calls)
         except BaseException:
             scheduler.cancel()

@@ -519,3 +519,55 @@ async def test_a_message_sent_while_its_session_is_deleted_is_not_found_and_star
     assert manager.running_turns() == 0 and server.server.admission.running_turns == 0
     assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("turn-")] == []
 
+
+
+def _write_among_many(tmp_path: Path, leading_queries: int) -> str:
+    """A response whose Execute call (a write) comes after `leading_queries` Query calls and
+    before enough others that the server makes them over several loop turns."""
+    calls = [call("ls", f"early_{i}", path=".") for i in range(leading_queries)]
+    calls.append(call("write", "the_write", file_path="written.txt", content="x"))
+    calls += [call("ls", f"late_{i}", path=".") for i in range(250 - leading_queries)]
+    return scripted(tmp_path, [{"text": "many", "tool_calls": calls}, {"text": "done"}], "many.yaml")
+
+
+async def test_no_execute_call_starts_before_its_response_is_announced(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    session = await client.create(workspace, _write_among_many(tmp_path, leading_queries=0))
+    events = await client.send(session.session_id, "go")
+    kinds = [kind(e) for e in events]
+    write_started = next(i for i, e in enumerate(events) if kind(e) == "tool_call_started"
+                         and e.tool_call_started.call.tool_name == "write")
+    assert kinds.index("model_responded") < write_started
+
+
+async def test_a_cancel_at_any_loop_turn_of_a_long_response_runs_no_write_the_history_lacks(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # Cancelled after 0, 1, 2... turns of the event loop, as a CancelTurn handled in that loop
+    # turn would be: some land while the model streams, some while the server makes the calls
+    # after it (a batch per loop turn), some once they run.
+    server = await make_server()
+    manager = server.server.sessions
+    model = _write_among_many(tmp_path, leading_queries=1)
+    recorded_counts = []
+    for loop_turns in range(24):
+        session = (await server.client.create(workspace, model)).session_id
+        _, events = manager.start_turn(session, "go")
+        for _ in range(loop_turns):
+            await asyncio.sleep(0)
+        manager.cancel_turn(session)
+        received = [event.payload for batch in await asyncio.wait_for(_all(events), 30) for event in batch]
+        assert type(received[-1]).__name__ == "TurnFinished"
+        history = await server.client.history(session)
+        _assert_valid_history(history)
+        answers = {m.tool_call_id: m.tool_result for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL}
+        recorded_counts.append(len(answers))
+        # Nothing written that the model does not hear of.
+        if (workspace / "written.txt").exists():
+            assert not answers["the_write"].is_error, loop_turns
+            (workspace / "written.txt").unlink()
+        else:
+            assert "the_write" not in answers or answers["the_write"].is_error, loop_turns
+    # Some cancels landed while the response's calls were being made, the case this is about.
+    assert any(2 <= count < 251 for count in recorded_counts), recorded_counts
