@@ -449,8 +449,12 @@ class TreeScanner:
                     work.skipped.append(f"{child}: not a regular file, directory or symlink")
             except ScanStopped:
                 raise
+            except FileNotFoundError:
+                # Gone since the listing (a write's temporary file renamed into place): not in the
+                # tree, as it is not in the workspace; nothing to warn about.
+                continue
             except OSError as exc:
-                # Gone since the listing, or unreadable: left out, and said so.
+                # Unreadable: left out, and said so.
                 work.skipped.append(f"{child}: {exc.strerror or exc}")
         files.sort()
         dirs.sort(key=lambda item: item[0])
