@@ -1,19 +1,28 @@
-"""The store's reader threads (`Store.read`): what their reads see and raise, and a closing store
-stops them and leaves no thread behind."""
+"""The store's big reads run off the event loop, in its reader threads (`Store.read`): loading a
+history that is not in memory. The loop serves the others meanwhile; what the reads return, and
+raise, is what the reads on the loop did; a closing store stops them and leaves no thread behind.
+
+A read is held by a gate in its row conversion (`session_server.store`'s own functions), so that
+it is under way wherever it runs: on the loop's thread, it holds the loop, and the other coroutine
+of each test cannot answer before the gate gives up (BOUND) and the test fails.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import session_server.store as store_module
+from session_server.history import Histories
 from session_server.store import Reads, SessionRecord, Store, StoredMessage
 
-BOUND = 5.0  # bound on every wait: a hang fails instead of blocking
+BOUND = 5.0  # bound on every wait: a hang (or a held loop) fails instead of blocking
 
 
 def reader_threads() -> list[threading.Thread]:
@@ -68,3 +77,186 @@ async def test_a_read_sees_what_was_committed_before_it_even_after_one_failed_ha
         assert len(await asyncio.wait_for(store.read(lambda reads: reads.get_messages("s1")), BOUND)) == 4
     finally:
         store.close()
+
+
+# -- reads held, counted, failed ---------------------------------------------------------------
+
+
+class Gate:
+    """Holds the first read that passes it, on whatever thread it runs, until the test releases it."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Set on the loop once a read is held, and once it went on.
+        self.holding = asyncio.Event()
+        self.passed = asyncio.Event()
+        self._released = threading.Event()
+        # Whether the test released the held read; False when the gate gave up, the read having
+        # held the loop the test runs on.
+        self.released_by_the_test: bool | None = None
+
+    def hold(self) -> None:
+        if self.released_by_the_test is not None:
+            return  # the first read only
+        self._loop.call_soon_threadsafe(self.holding.set)
+        self.released_by_the_test = self._released.wait(BOUND)
+        self._loop.call_soon_threadsafe(self.passed.set)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def gate_conversions(monkeypatch: pytest.MonkeyPatch, name: str) -> Gate:
+    """A gate on the store's conversion `name` (of a message row, of an event payload)."""
+    gate = Gate()
+    convert = getattr(store_module, name)
+
+    def held(*args: Any) -> Any:
+        gate.hold()
+        return convert(*args)
+
+    monkeypatch.setattr(store_module, name, held)
+    return gate
+
+
+async def handshake() -> None:
+    """Another coroutine on the loop (another session's) answers this one: it cannot while a read
+    holds the loop."""
+    asked, answered = asyncio.Event(), asyncio.Event()
+
+    async def other_session() -> None:
+        await asyncio.wait_for(asked.wait(), BOUND)
+        answered.set()
+
+    task = asyncio.create_task(other_session())
+    asked.set()
+    await asyncio.wait_for(answered.wait(), BOUND)
+    await task
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sessions whose messages are read, as they are."""
+    reads: list[str] = []
+    get_messages = Reads.get_messages
+
+    def counted(self: Reads, session_id: str, *args: Any, **kwargs: Any) -> list[StoredMessage]:
+        reads.append(session_id)
+        return get_messages(self, session_id, *args, **kwargs)
+
+    monkeypatch.setattr(Reads, "get_messages", counted)
+    return reads
+
+
+def _fail_reads(monkeypatch: pytest.MonkeyPatch, method: str, times: int) -> list[None]:
+    """The next `times` reads by `method` fail as on a failing disk; the list holds the failures
+    still to come."""
+    failures: list[None] = [None] * times
+    read = getattr(Reads, method)
+
+    def failing(self: Reads, *args: Any, **kwargs: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise sqlite3.OperationalError("disk I/O error")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reads, method, failing)
+    return failures
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "codelane.db")
+    store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
+    yield store
+    store.close()
+
+
+# -- histories ---------------------------------------------------------------------------------
+
+
+async def test_the_loop_serves_the_others_while_a_history_loads(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read on the loop, a history of a gigabyte stalled every session for about a second.
+    store.append_messages("s1", _messages(3))
+    histories = Histories(store)
+    gate = gate_conversions(monkeypatch, "_message_from_row")
+
+    async def load() -> Any:
+        return await histories.get("s1")
+
+    loading = asyncio.create_task(load())
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    await handshake()
+    gate.release()
+    await asyncio.wait_for(gate.passed.wait(), BOUND)
+    assert gate.released_by_the_test, "the history was read on the loop's thread: the loop waited for it"
+    history = await asyncio.wait_for(loading, BOUND)
+    assert [m.text for m in history.messages] == ["message 0", "message 1", "message 2"]
+
+
+async def test_loads_of_one_history_at_once_read_it_once_and_share_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two histories of one session would each miss what the other's turn appends.
+    store.append_messages("s1", _messages(2))
+    histories = Histories(store)
+    gate = gate_conversions(monkeypatch, "_message_from_row")
+    reads = _count_reads(monkeypatch)
+    first = asyncio.create_task(histories.get("s1"))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    second = asyncio.create_task(histories.get("s1"))
+    gate.release()
+    one, other = await asyncio.wait_for(asyncio.gather(first, second), BOUND)
+    assert one is other and len(one.messages) == 2
+    assert reads == ["s1"] and len(histories) == 1
+    assert await histories.get("s1") is one  # from memory, without a read
+    assert reads == ["s1"]
+
+
+async def test_a_waiter_that_gives_up_leaves_the_load_to_the_cache(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.append_messages("s1", _messages(2))
+    histories = Histories(store)
+    gate = gate_conversions(monkeypatch, "_message_from_row")
+    reads = _count_reads(monkeypatch)
+    waiter = asyncio.create_task(histories.get("s1"))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    waiter.cancel()  # its client went away
+    gate.release()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    history = await asyncio.wait_for(histories.get("s1"), BOUND)  # the same load's, or cached by it
+    assert len(history.messages) == 2 and reads == ["s1"]
+    assert await histories.get("s1") is history
+
+
+async def test_a_history_forgotten_while_it_loads_is_not_kept(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its session was deleted meanwhile: kept, it would be the history of a session made later
+    # with the same id.
+    store.append_messages("s1", _messages(2))
+    histories = Histories(store)
+    gate = gate_conversions(monkeypatch, "_message_from_row")
+    loading = asyncio.create_task(histories.get("s1"))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    histories.forget("s1")
+    gate.release()
+    assert len((await asyncio.wait_for(loading, BOUND)).messages) == 2  # its caller still gets it
+    assert len(histories) == 0
+
+
+async def test_a_history_the_store_fails_to_read_raises_its_error_and_is_read_again_next_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on the loop: the sqlite3.Error reaches the caller (SendMessage ends UNAVAILABLE,
+    # STORE_UNAVAILABLE), and the reader thread goes on.
+    store.append_messages("s1", _messages(2))
+    histories = Histories(store)
+    failures = _fail_reads(monkeypatch, "get_messages", 1)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        await asyncio.wait_for(histories.get("s1"), BOUND)
+    assert failures == [] and len(histories) == 0
+    assert len((await asyncio.wait_for(histories.get("s1"), BOUND)).messages) == 2
