@@ -152,7 +152,7 @@ class SessionManager:
         self.telemetry = telemetry
         self.admission = admission
         metrics = self._metrics = telemetry.metrics if telemetry is not None else None
-        self.bus = EventBus(self._event_page, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
+        self.bus = EventBus(self._catch_up_page, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
         self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
@@ -608,8 +608,17 @@ class SessionManager:
     # -- internals -----------------------------------------------------------------------------
 
     def _event_page(self, session_id: str, after: int) -> EventPage:
-        """A page of stored events for a stream (a WatchEvents replay, a subscriber catching up)."""
-        page = self.store.event_page(session_id, after)
+        """A page of stored events for a WatchEvents replay, read on the loop: in the same step
+        as the subscription that follows the last one (see `watch`)."""
+        return self._observed(self.store.event_page(session_id, after))
+
+    async def _catch_up_page(self, session_id: str, after: int) -> EventPage:
+        """A page of stored events for a subscriber catching up, read in a reader thread: hundreds
+        of idle followers of one busy session, each reading its page on the loop, stalled it for
+        up to 2 s."""
+        return self._observed(await self.store.read(lambda reads: reads.event_page(session_id, after)))
+
+    def _observed(self, page: EventPage) -> EventPage:
         if self._metrics is not None:
             self._metrics.event_replay_page_chars.observe(page.chars)
         return page

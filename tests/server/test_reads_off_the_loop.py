@@ -1,5 +1,5 @@
-"""The store's big reads run off the event loop, in its reader threads (`Store.read`): loading a
-history that is not in memory. The loop serves the others meanwhile; what the reads return, and
+"""The store's big reads run off the event loop: loading a history that is not in memory, and the
+page of a subscriber catching up. The loop serves the others meanwhile; what the reads return, and
 raise, is what the reads on the loop did; a closing store stops them and leaves no thread behind.
 
 A read is held by a gate in its row conversion (`session_server.store`'s own functions), so that
@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import session_server.store as store_module
+from session_server.events import StoredEvent, TextDelta
 from session_server.history import Histories
+from session_server.pool import WorkerPool
+from session_server.sessions import SessionManager
+from session_server.stats import LaneStats
 from session_server.store import Reads, SessionRecord, Store, StoredMessage
+from tool_worker.registry import ToolRegistry
 
 BOUND = 5.0  # bound on every wait: a hang (or a held loop) fails instead of blocking
 
@@ -260,3 +265,82 @@ async def test_a_history_the_store_fails_to_read_raises_its_error_and_is_read_ag
         await asyncio.wait_for(histories.get("s1"), BOUND)
     assert failures == [] and len(histories) == 0
     assert len((await asyncio.wait_for(histories.get("s1"), BOUND)).messages) == 2
+
+
+# -- subscribers catching up -------------------------------------------------------------------
+
+
+def _manager(store: Store, buffer: int) -> SessionManager:
+    return SessionManager(store, WorkerPool(), ToolRegistry.builtin(), LaneStats(), subscriber_buffer=buffer)
+
+
+def _publish(manager: SessionManager, count: int) -> None:
+    for _ in range(count):
+        manager.events.append("s1", "t1", TextDelta("x", 0))
+    manager.events.flush()  # stored, then published
+
+
+async def _sequences(batches: AsyncIterator[list[StoredEvent]], count: int) -> list[int]:
+    sequences: list[int] = []
+    while len(sequences) < count:
+        sequences += [event.sequence for event in await asyncio.wait_for(anext(batches), BOUND)]
+    return sequences
+
+
+async def test_the_loop_serves_the_others_while_a_follower_catches_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hundreds of idle followers of one busy session, each reading its page on the loop, stalled
+    # it for up to 2 s.
+    manager = _manager(store, buffer=2)
+    follower = manager.bus.subscribe("s1", 0)
+    _publish(manager, 5)  # past its buffer: it reads them from the store
+    gate = gate_conversions(monkeypatch, "payload_from_json")
+    batches = follower.batches()
+    catching_up = asyncio.create_task(_sequences(batches, 5))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    await handshake()
+    gate.release()
+    await asyncio.wait_for(gate.passed.wait(), BOUND)
+    assert gate.released_by_the_test, "the page was read on the loop's thread: the loop waited for it"
+    assert await asyncio.wait_for(catching_up, BOUND) == [1, 2, 3, 4, 5]
+    assert follower.catch_ups == 1
+    await batches.aclose()
+
+
+@pytest.mark.parametrize("published", [2, 3], ids=["within-the-buffer", "past-it-again"])
+async def test_events_published_while_a_page_is_read_arrive_once_and_in_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch, published: int
+) -> None:
+    # Queued while the read is under way (or, past the buffer again, read by the next catch-up):
+    # none lost, none twice.
+    manager = _manager(store, buffer=2)
+    follower = manager.bus.subscribe("s1", 0)
+    _publish(manager, 5)
+    gate = gate_conversions(monkeypatch, "payload_from_json")
+    batches = follower.batches()
+    catching_up = asyncio.create_task(_sequences(batches, 5 + published))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    _publish(manager, published)
+    gate.release()
+    assert await asyncio.wait_for(catching_up, BOUND) == list(range(1, 6 + published))
+    assert follower.catch_ups == (1 if published == 2 else 2)
+    _publish(manager, 1)  # and it goes on live
+    assert await _sequences(batches, 1) == [6 + published]
+    await batches.aclose()
+
+
+async def test_a_page_the_store_fails_to_read_ends_the_subscription_with_its_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = _manager(store, buffer=2)
+    follower = manager.bus.subscribe("s1", 0)
+    _publish(manager, 5)
+    _fail_reads(monkeypatch, "event_page", 1)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        await _sequences(follower.batches(), 5)
+    assert manager.bus.subscribers() == 0
+    # The reader goes on: another follower catches up.
+    other = manager.bus.subscribe("s1", 0)
+    _publish(manager, 5)
+    assert await _sequences(other.batches(), 10) == list(range(1, 11))
