@@ -10,6 +10,14 @@ commits: left to SQLite, the commit that passed ~1000 WAL pages ran one on the e
 stalled every session of the server meanwhile. SQLite's own checkpoint stays as the backstop, for
 a writer that never pauses long enough for the thread's checkpoint to reach the WAL's end.
 
+Two reads too big for the loop go to reader threads of the store's own, each with a read-only
+connection (`Store.read`): loading a history that is not in memory (about 1 s for one of 1 GB)
+and the page of a subscriber catching up (hundreds of followers of one busy session, each
+reading theirs, stalled the loop for up to 2 s). In WAL mode they and the writer do not wait for
+each other. The other reads stay on the loop: most are small, and cost less there than the hop to
+a thread and back (about 25 us against 100: `benchmarks/read_stall_bench.py`); the pages of a
+WatchEvents replay and of GetMessages, bounded (`MAX_READ_PAGE_CHARS`), are read there too.
+
 Events are written in batches (`append_events`, one transaction per batch: see
 `session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
 A session is marked running when its turn starts, and idle by the commit that stores the turn's
