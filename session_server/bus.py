@@ -3,9 +3,9 @@
 Events are published only after the store has them (see `eventlog`), so the store, not a
 subscriber's buffer, is what guarantees delivery. Each subscriber keeps a buffer of live events,
 bounded in count and in size; one that falls further behind (a slow client, a fast turn, a client
-that never reads) drops its buffer and reads what it missed from the store, page by page, then
-goes on live. Nobody is cut off for being slow, memory stays bounded, and every event arrives
-once, in order.
+that never reads) drops its buffer and reads what it missed from the store, page by page (off the
+event loop: hundreds of followers reading theirs on it stalled every session), then goes on live.
+Nobody is cut off for being slow, memory stays bounded, and every event arrives once, in order.
 
 A subscription ends when its session is deleted (`SessionClosed`) or the server stops
 (`admission.ShuttingDown`): it hands over the events it holds, reads no more from the store, and
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Set
 from typing import TYPE_CHECKING
 
 from session_server.admission import ShuttingDown
@@ -45,8 +45,9 @@ EVENT_OVERHEAD_BYTES = 512
 # Most events handed over at once (a stream message carries one batch, or less when it is big).
 BATCH_EVENTS = 500
 
-# Reads a page of stored events after a sequence (`Store.event_page`: bounded in count and size).
-Replay = Callable[[str, int], EventPage]
+# Reads a page of stored events after a sequence (`Store.event_page`: bounded in count and size),
+# off the event loop: the loop serves the others meanwhile (see `Subscription.batches`).
+Replay = Callable[[str, int], Awaitable[EventPage]]
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,15 @@ class Subscription:
         try:
             while True:
                 if self._behind and (self._end is None or self._reads_to_the_end):
-                    # Cleared before reading, so events published from now on are queued again
-                    # (the overlap with the store is skipped by sequence).
+                    # Cleared before reading, so events published from now on, the read under way
+                    # included, are queued again: every one of them was stored after the read was
+                    # asked for, and the read sees all that was stored before. The overlap (those
+                    # the read sees too) is skipped by sequence; should they pass the bounds, the
+                    # next catch-up reads them.
                     self._behind = False
                     self.catch_ups += 1
                     while True:
-                        page = self._bus.replay(self.session_id, self.cursor)
+                        page = await self._bus.replay(self.session_id, self.cursor)
                         fresh = [event for event in page.events if event.sequence > self.cursor]
                         for start in range(0, len(fresh), limit):
                             chunk = fresh[start : start + limit]
@@ -169,7 +173,7 @@ class Subscription:
 
 
 class EventBus:
-    """Subscribers by session. `replay(session_id, after)` reads a page of stored events."""
+    """Subscribers by session. `await replay(session_id, after)` reads a page of stored events."""
 
     def __init__(self, replay: Replay, buffer: int = SUBSCRIBER_BUFFER,
                  buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES, metrics: ServerMetrics | None = None) -> None:

@@ -365,7 +365,7 @@ class CodelaneServer:
             on_store_state=lambda ok, why: self.readiness.set("event_log", ok, why),
             snapshots=self.snapshots,
         )
-        self.sessions.recover()
+        await self.sessions.recover()
         self.pool.start()
         self.metrics.registry.register(StateCollector(_ServerState(self)))
         server = grpc.aio.server(

@@ -46,7 +46,7 @@ from session_server.events import (
     TurnStarted,
 )
 from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
-from session_server.history import Histories
+from session_server.history import Histories, History
 from session_server.limits import (
     MAX_CLIENT_ID_CHARS,
     MAX_CONFIRMATION_REASON_CHARS,
@@ -152,7 +152,7 @@ class SessionManager:
         self.telemetry = telemetry
         self.admission = admission
         metrics = self._metrics = telemetry.metrics if telemetry is not None else None
-        self.bus = EventBus(self._event_page, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
+        self.bus = EventBus(self._catch_up_page, subscriber_buffer, subscriber_buffer_bytes, metrics=metrics)
         self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
@@ -169,7 +169,7 @@ class SessionManager:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def recover(self) -> int:
+    async def recover(self) -> int:
         """Ends the turns a crash cut off, as interrupted. Returns how many there were.
 
         The log is left as a turn that ran to its end would leave it (docs/protocol.md, "Within a
@@ -185,11 +185,11 @@ class SessionManager:
         """
         interrupted = self.store.interrupted_turns()
         for session_id, turn_id in interrupted:
-            self._end_interrupted(session_id, turn_id)
+            await self._end_interrupted(session_id, turn_id)
             self.events.flush()
         return len(interrupted)
 
-    def _end_interrupted(self, session_id: str, turn_id: str) -> None:
+    async def _end_interrupted(self, session_id: str, turn_id: str) -> None:
         unfinished: dict[str, str] = {}
         texts: dict[int, list[str]] = {}
         responded: dict[int, ModelResponded] = {}
@@ -250,21 +250,21 @@ class SessionManager:
                 f"{tool_name} was interrupted: the session server stopped before it finished; "
                 "if it had started, its effects may be partial",
             )
-        self._record_cut_step(session_id, turn_id, responded, texts, results)
+        await self._record_cut_step(session_id, turn_id, responded, texts, results)
         for call_id, tool_name in unfinished.items():
             self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, results[call_id], 0.0, 0.0))
         self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
         log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
 
-    def _record_cut_step(self, session_id: str, turn_id: str, responded: dict[int, ModelResponded],
-                         texts: dict[int, list[str]], results: dict[str, ToolResult]) -> None:
+    async def _record_cut_step(self, session_id: str, turn_id: str, responded: dict[int, ModelResponded],
+                               texts: dict[int, list[str]], results: dict[str, ToolResult]) -> None:
         """Writes to the history the model response the crash cut off, with its calls' results,
         as `Turn` does after a CancelTurn: its calls may have changed the workspace (a write that
         finished, a bash cut half-way), and a next turn whose model does not see them would do
         them again. A step is written once all its results are in, in one transaction, so the
         response that needs it is the turn's first not in the history; a crash before this
         commit finds it missing again, one after finds it there."""
-        history = self.histories.get(session_id)
+        history = await self.histories.get(session_id)
         recorded = sum(1 for m in self.store.get_messages(session_id) if m.turn_id == turn_id and m.role == "assistant")
         response = responded.get(recorded)
         if response is None:
@@ -385,13 +385,32 @@ class SessionManager:
 
     # -- turns ---------------------------------------------------------------------------------
 
-    def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
+    async def start_turn(self, session_id: str, text: str) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         """Starts a turn; returns its id and its events in batches, the last ending with TurnFinished.
 
         The turn runs on its own: dropping the stream does not stop it. Raises admission.AtCapacity
-        or ShuttingDown when no turn may start now, and store.StoreUnavailable while the last
-        turn's events wait to be stored.
+        or ShuttingDown when no turn may start now, store.StoreUnavailable while the last turn's
+        events wait to be stored, and a sqlite3.Error when the store fails to read its history.
         """
+        # Checked before the session's history is loaded (when it is not in memory): no load
+        # starts beside the session's running turn, which appends to the history meanwhile, nor
+        # for a turn refused anyway.
+        self._turn_allowed(session_id, text)
+        history = await self.histories.get(session_id)
+        # And again once it is: meanwhile another turn may have started (its history the same,
+        # loaded once), the session been deleted, the server begun to stop.
+        record, settings, provider, model_name = self._turn_allowed(session_id, text)
+        if self.admission is not None:
+            self.admission.acquire_turn()
+        try:
+            return self._start_turn(session_id, record, settings, provider, model_name, text, history)
+        except BaseException:
+            if self.admission is not None:
+                self.admission.release_turn()
+            raise
+
+    def _turn_allowed(self, session_id: str, text: str) -> tuple[SessionRecord, SessionSettings, ModelProvider, str]:
+        """What a turn of the session would start from, or the exception that refuses it."""
         record = self.get_session(session_id)
         if session_id in self._turns:
             raise TurnInProgress(f"session {session_id} is already running a turn: wait for it or CancelTurn")
@@ -417,17 +436,10 @@ class SessionManager:
             provider, model_name = self.models.provider(settings.model)
         except ValueError as exc:
             raise ModelUnavailable(settings.model, str(exc)) from None
-        if self.admission is not None:
-            self.admission.acquire_turn()
-        try:
-            return self._start_turn(session_id, record, settings, provider, model_name, text)
-        except BaseException:
-            if self.admission is not None:
-                self.admission.release_turn()
-            raise
+        return record, settings, provider, model_name
 
     def _start_turn(self, session_id: str, record: SessionRecord, settings: SessionSettings,
-                    provider: ModelProvider, model_name: str, text: str
+                    provider: ModelProvider, model_name: str, text: str, history: History
                     ) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         turn_id = f"t_{uuid.uuid4().hex[:12]}"
         # Held until the turn ends (`_turn_ended`), or released below if it never starts.
@@ -455,7 +467,7 @@ class SessionManager:
             stats=self.stats,
             local_fallback=self.local_fallback,
             emit=lambda payload: self._emit(session_id, turn_id, payload),
-            history=self.histories.get(session_id),
+            history=history,
             confirmations=self.confirmations,
             external=self.external,
             telemetry=self.telemetry,
@@ -611,8 +623,17 @@ class SessionManager:
     # -- internals -----------------------------------------------------------------------------
 
     def _event_page(self, session_id: str, after: int) -> EventPage:
-        """A page of stored events for a stream (a WatchEvents replay, a subscriber catching up)."""
-        page = self.store.event_page(session_id, after)
+        """A page of stored events for a WatchEvents replay, read on the loop: in the same step
+        as the subscription that follows the last one (see `watch`)."""
+        return self._observed(self.store.event_page(session_id, after))
+
+    async def _catch_up_page(self, session_id: str, after: int) -> EventPage:
+        """A page of stored events for a subscriber catching up, read in a reader thread: hundreds
+        of idle followers of one busy session, each reading its page on the loop, stalled it for
+        up to 2 s."""
+        return self._observed(await self.store.read(lambda reads: reads.event_page(session_id, after)))
+
+    def _observed(self, page: EventPage) -> EventPage:
         if self._metrics is not None:
             self._metrics.event_replay_page_chars.observe(page.chars)
         return page

@@ -10,6 +10,14 @@ commits: left to SQLite, the commit that passed ~1000 WAL pages ran one on the e
 stalled every session of the server meanwhile. SQLite's own checkpoint stays as the backstop, for
 a writer that never pauses long enough for the thread's checkpoint to reach the WAL's end.
 
+Two reads too big for the loop go to reader threads of the store's own, each with a read-only
+connection (`Store.read`): loading a history that is not in memory (about 1 s for one of 1 GB)
+and the page of a subscriber catching up (hundreds of followers of one busy session, each
+reading theirs, stalled the loop for up to 2 s). In WAL mode they and the writer do not wait for
+each other. The other reads stay on the loop: most are small, and cost less there than the hop to
+a thread and back (about 25 us against 100: `benchmarks/read_stall_bench.py`); the pages of a
+WatchEvents replay and of GetMessages, bounded (`MAX_READ_PAGE_CHARS`), are read there too.
+
 Events are written in batches (`append_events`, one transaction per batch: see
 `session_server.eventlog`, which assigns their sequences and commits once per event-loop turn).
 A session is marked running when its turn starts, and idle by the commit that stores the turn's
@@ -24,17 +32,20 @@ hot path, and the log stays consistent either way.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from session_server.events import (
     CallInfo,
@@ -71,10 +82,19 @@ MAX_READ_PAGE_CHARS = 4 * 1024 * 1024
 # that is over before the turn's next step commits again.
 CHECKPOINT_DELAY = 0.02
 
+# Threads that run the reads too big for the event loop (`Store.read`), each with a connection of
+# its own: two, so that a long one (a whole history of a gigabyte takes about a second) does not
+# hold up the pages of followers catching up behind it. More would only share the GIL.
+READER_THREADS = 2
+# A read under way checks every this many SQLite VM steps whether its store is closing, and stops
+# there (`_Reader.close`): a few hundred microseconds of work between checks.
+READER_CLOSING_CHECK_STEPS = 10_000
+
 log = logging.getLogger("codelane.store")
 
 SessionState = Literal["idle", "running"]
 Role = Literal["user", "assistant", "tool"]
+T = TypeVar("T")
 _STATES = ("idle", "running")
 _ROLES = ("user", "assistant", "tool")
 
@@ -235,17 +255,70 @@ class StoredMessage:
     created: float = 0.0
 
 
-class Store:
+class Reads:
+    """The reads that may run in a reader thread (`Store.read`), on the connection they are given:
+    a reader thread's own, or the `Store`'s on the event loop (it inherits them)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def get_messages(self, session_id: str, offset: int = 0, limit: int | None = None,
+                     max_chars: int | None = None) -> list[StoredMessage]:
+        """Messages with idx >= offset, in history order, at most `limit` (None: all), stopping
+        once their text and JSON pass `max_chars` (None: no bound; at least one message)."""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
+            (session_id, offset, -1 if limit is None else limit),
+        )
+        # Row by row: a page of 1,000 tool results of a megabyte fetched whole held a gigabyte.
+        messages: list[StoredMessage] = []
+        chars = 0
+        for row in rows:
+            chars += len(row[2]) + len(row[3]) + len(row[5] or "")  # text, tool calls, tool result
+            if max_chars is not None and messages and chars > max_chars:
+                break
+            messages.append(_message_from_row(row))
+        rows.close()
+        return messages
+
+    def event_page(self, session_id: str, after_sequence: int = 0, limit: int = EVENT_PAGE_SIZE,
+                   max_chars: int = MAX_READ_PAGE_CHARS) -> EventPage:
+        """Events with sequence > after_sequence, in order: at most `limit`, and no more once
+        their stored payloads pass `max_chars` (but at least one). `more` says whether to read on."""
+        # One row more than the page tells whether another page follows.
+        rows = self._db.execute(
+            "SELECT sequence, time, turn_id, kind, payload_json FROM events "
+            "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            (session_id, after_sequence, limit + 1),
+        )
+        # Row by row (see MAX_READ_PAGE_CHARS): beyond the page, only the row that passes the bound
+        # is read, and dropped at once.
+        events: list[StoredEvent] = []
+        chars = 0
+        more = False
+        for sequence, at, turn_id, kind, text in rows:
+            if len(events) == limit or (events and chars + len(text) > max_chars):
+                more = True
+                break
+            chars += len(text)
+            events.append(StoredEvent(session_id, sequence, at, turn_id, payload_from_json(kind, text)))
+        rows.close()
+        return EventPage(events, more, chars)
+
+
+class Store(Reads):
     """Sessions, messages and events in one SQLite file (see the module docstring for the
     threading rule and the durability guarantee)."""
 
-    def __init__(self, path: Path, checkpoint_delay: float | None = CHECKPOINT_DELAY) -> None:
+    def __init__(self, path: Path, checkpoint_delay: float | None = CHECKPOINT_DELAY,
+                 reader_threads: int = READER_THREADS) -> None:
         """`checkpoint_delay` None leaves checkpoints to SQLite, in the commits (the benchmark's
         comparison)."""
         # Autocommit mode: transactions are opened explicitly by `_transaction`, so each one is
         # visible in the code and nothing is left open between calls.
         self._db = sqlite3.connect(path, isolation_level=None)
         self.checkpointer = None if checkpoint_delay is None else _Checkpointer(path, checkpoint_delay)
+        self._reader = _Reader(path, reader_threads)
         try:
             self._open(path)
         except BaseException:
@@ -300,11 +373,26 @@ class Store:
             self.checkpointer.written()
 
     def close(self) -> None:
-        # The checkpointer's connection first: the last connection to close checkpoints what is
+        """Closes the store; a `read` under way stops (see `_Reader.close`), one asked from now on
+        fails as a closed connection does, with sqlite3.ProgrammingError."""
+        # The other threads' connections first: the last connection to close checkpoints what is
         # left and removes the WAL.
+        self._reader.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         self._db.close()
+
+    def read(self, query: Callable[[Reads], T]) -> asyncio.Future[T]:
+        """What `query` returns, run in a reader thread on a read-only connection of its own: for
+        the reads that would stall the event loop, and every session with it (a history of a
+        gigabyte takes about a second to read). The thread's work, converting rows included,
+        shares the GIL with the loop, which is handed it at least every `sys.getswitchinterval()`.
+
+        The read sees whatever was committed before it was asked for: in WAL mode each read
+        begins a read transaction of its own, on the last commit. What it raises, a sqlite3.Error
+        included, the await raises; the thread goes on with the next read. `query` returns what
+        it read, never a cursor (it would read on in a thread that is not its connection's)."""
+        return asyncio.wrap_future(self._reader.submit(query))
 
     # Sessions
 
@@ -433,25 +521,6 @@ class Store:
             )
         return stored
 
-    def get_messages(self, session_id: str, offset: int = 0, limit: int | None = None,
-                     max_chars: int | None = None) -> list[StoredMessage]:
-        """Messages with idx >= offset, in history order, at most `limit` (None: all), stopping
-        once their text and JSON pass `max_chars` (None: no bound; at least one message)."""
-        rows = self._db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
-            (session_id, offset, -1 if limit is None else limit),
-        )
-        # Row by row: a page of 1,000 tool results of a megabyte fetched whole held a gigabyte.
-        messages: list[StoredMessage] = []
-        chars = 0
-        for row in rows:
-            chars += len(row[2]) + len(row[3]) + len(row[5] or "")  # text, tool calls, tool result
-            if max_chars is not None and messages and chars > max_chars:
-                break
-            messages.append(_message_from_row(row))
-        rows.close()
-        return messages
-
     # Events
 
     def append_events(self, events: list[StoredEvent]) -> set[str]:
@@ -489,30 +558,6 @@ class Store:
                     rows,
                 )
         return gone
-
-    def event_page(self, session_id: str, after_sequence: int = 0, limit: int = EVENT_PAGE_SIZE,
-                   max_chars: int = MAX_READ_PAGE_CHARS) -> EventPage:
-        """Events with sequence > after_sequence, in order: at most `limit`, and no more once
-        their stored payloads pass `max_chars` (but at least one). `more` says whether to read on."""
-        # One row more than the page tells whether another page follows.
-        rows = self._db.execute(
-            "SELECT sequence, time, turn_id, kind, payload_json FROM events "
-            "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-            (session_id, after_sequence, limit + 1),
-        )
-        # Row by row (see MAX_READ_PAGE_CHARS): beyond the page, only the row that passes the bound
-        # is read, and dropped at once.
-        events: list[StoredEvent] = []
-        chars = 0
-        more = False
-        for sequence, at, turn_id, kind, text in rows:
-            if len(events) == limit or (events and chars + len(text) > max_chars):
-                more = True
-                break
-            chars += len(text)
-            events.append(StoredEvent(session_id, sequence, at, turn_id, payload_from_json(kind, text)))
-        rows.close()
-        return EventPage(events, more, chars)
 
     def events_after(self, session_id: str, after_sequence: int = 0) -> Iterator[StoredEvent]:
         """Every event with sequence > after_sequence, in order, read a page at a time: only one
@@ -642,3 +687,90 @@ class _Checkpointer:
                     self._done.notify_all()
         finally:
             db.close()
+
+
+def _closed() -> sqlite3.ProgrammingError:
+    # What a read of a closed connection raises: a caller sees the same error, whether its read
+    # was asked for after the store closed or was under way then.
+    return sqlite3.ProgrammingError("Cannot operate on a closed database.")
+
+
+class _Reader:
+    """Runs `Store.read`'s queries in threads of its own, each on a read-only connection it
+    opens (and opens again after a failure) and closes itself: a connection belongs to the thread
+    that opened it. A query's failure is its caller's; the threads go on."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self._uri = f"{path.absolute().as_uri()}?mode=ro"
+        # Queries with the future of their result; None tells a thread to stop.
+        self._jobs: queue.SimpleQueue[tuple[Callable[[Reads], Any], Future[Any]] | None] = queue.SimpleQueue()
+        # Set under `_lock`, so that no query is queued behind the threads' stop.
+        self._closing = False
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name="codelane-store-reader", daemon=True)
+                         for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, query: Callable[[Reads], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if not self._closing:
+                self._jobs.put((query, future))
+                return future
+        future.set_exception(_closed())
+        return future
+
+    def close(self) -> None:
+        """Stops the threads once they have failed the queries still queued (as a closed store
+        does) and stopped the ones under way: SQLite's part of a read stops at its next check
+        (READER_CLOSING_CHECK_STEPS), the conversion of rows already read runs to its end. No
+        thread outlives its store."""
+        with self._lock:
+            self._closing = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Opened by the thread, once the store has opened the file (in WAL mode, where readers
+        # and the writer do not wait for each other). Autocommit: a read transaction lasts one
+        # statement, so each read sees the last commit.
+        db = sqlite3.connect(self._uri, uri=True, isolation_level=None)
+        # A progress handler rather than interrupt() from close(): an interrupt that lands before
+        # the statement starts is lost, and close() would wait for the whole read.
+        db.set_progress_handler(lambda: self._closing, READER_CLOSING_CHECK_STEPS)
+        return db
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                db = self._serve(db, *job)
+                del job  # nothing of a read (a whole history) stays held while the thread waits
+        finally:
+            if db is not None:
+                db.close()
+
+    def _serve(self, db: sqlite3.Connection | None, query: Callable[[Reads], Any],
+               future: Future[Any]) -> sqlite3.Connection | None:
+        """Runs one query (on `db`, opened now if None); returns the connection to use next."""
+        if not future.set_running_or_notify_cancel():
+            return db  # its caller stopped waiting before it started
+        try:
+            if self._closing:
+                raise _closed()
+            if db is None:
+                db = self._connect()
+            result = query(Reads(db))
+        except BaseException as exc:  # the caller's to handle: the thread serves the next one
+            future.set_exception(_closed() if self._closing else exc)
+            # A query that failed half-way may leave a statement open (its traceback, which the
+            # caller holds, holds the cursor): it keeps its read transaction, and the reads after
+            # it on the connection would see the store as it was then. A new one sees the last commit.
+            if db is not None:
+                db.close()
+            return None
+        future.set_result(result)
+        return db

@@ -109,7 +109,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def SendMessage(self, request, context):
         await self._session(context, request.session_id)
         try:
-            _, events = self._manager.start_turn(request.session_id, request.text)
+            _, events = await self._manager.start_turn(request.session_id, request.text)
         except TurnInProgress as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TURN_IN_PROGRESS",
                         session_id=request.session_id)

@@ -30,6 +30,9 @@ BOUND = 240
          ["turns    checkpointer thread", "stream   SQLite, in the commits", "ms per round"]),
         ("benchmarks.events_bench", ["--events", "1200", "--subscribers", "2", "--long-turn", "1200"],
          ["fan-out:", "events/s in all", "long turn:", "gap-free and whole"]),
+        ("benchmarks.read_stall_bench", ["--history-mb", "2", "--followers", "3", "--burst-mb", "5", "--rounds", "1",
+                                         "--samples", "10"],
+         ["loading a 2 MB history", "3 followers catching up", "shorter with the reader", "page of 1 event"]),
         ("benchmarks.registry_bench", ["--calls", "20", "--rounds", "1"],
          ["through ToolRegistry.execute:", "the tool called directly:", "the registry adds:"]),
         ("benchmarks.read_bench", ["--size-mb", "2"], ["read tool (streamed)", "whole line, then cut", "ratio"]),
@@ -41,8 +44,8 @@ BOUND = 240
          ["bash -c true (2 runs each)", "git status of a 1,000-file repository", "rg, Landlock read-only",
           "workspace-write adds"]),
     ],
-    ids=["overhead", "overhead-placement", "overhead-baseline", "history", "store", "events", "registry", "read",
-         "tools", "pool", "sandbox"],
+    ids=["overhead", "overhead-placement", "overhead-baseline", "history", "store", "events", "read-stall", "registry",
+         "read", "tools", "pool", "sandbox"],
 )
 def test_a_benchmark_runs_and_prints_its_figures(module: str, arguments: list[str], expected: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, timeout=BOUND)

@@ -27,8 +27,8 @@ class _Log:
         self.store = store
         self.pages: list[EventPage] = []
 
-    def replay(self, session_id: str, after: int) -> EventPage:
-        page = self.store.event_page(session_id, after)
+    async def replay(self, session_id: str, after: int) -> EventPage:
+        page = await self.store.read(lambda reads: reads.event_page(session_id, after))
         self.pages.append(page)
         return page
 

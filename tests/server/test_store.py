@@ -541,6 +541,7 @@ def test_a_store_that_cannot_open_leaves_no_checkpointer_behind(path: Path) -> N
     with pytest.raises(StoreError):
         Store(path)
     assert not _checkpointer_threads()
+    assert not [t for t in threading.enumerate() if t.name == "codelane-store-reader"]  # nor a reader
 
 
 def test_a_close_that_lands_between_the_threads_wait_and_its_clear_still_stops_it(path: Path) -> None:

@@ -443,7 +443,7 @@ async def test_a_turn_cancelled_or_deleted_before_it_ran_still_ends(
     assert manager is not None
     model = scripted(tmp_path, [{"text": "Done."}, {"text": "Done again."}])
     session = (await server.client.create(workspace, model)).session_id
-    _, events = manager.start_turn(session, "go")
+    _, events = await manager.start_turn(session, "go")
     assert manager.cancel_turn(session)  # before the task's first step: no await in between
     received = [event.payload for batch in await asyncio.wait_for(_all(events), 10) for event in batch]
     assert [type(p).__name__ for p in received] == ["TurnStarted", "TurnFinished"]
@@ -455,7 +455,7 @@ async def test_a_turn_cancelled_or_deleted_before_it_ran_still_ends(
     assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
 
     other = (await server.client.create(workspace, model)).session_id
-    manager.start_turn(other, "go")
+    await manager.start_turn(other, "go")
     await manager.delete_session(other)  # its turn's task had not started either
     assert manager.running_turns() == 0
     events = await server.client.send(session, "and again")
