@@ -446,14 +446,14 @@ class SessionManager:
         snapshots = self.snapshots.of(record.workspace, hold=True) if self.snapshots is not None else None
         try:
             return self._start_turn_holding(session_id, turn_id, record, settings, provider, model_name, text,
-                                            snapshots)
+                                            history, snapshots)
         except BaseException:
             if self.snapshots is not None:
                 self.snapshots.release(record.workspace)
             raise
 
     def _start_turn_holding(self, session_id: str, turn_id: str, record: SessionRecord, settings: SessionSettings,
-                            provider: ModelProvider, model_name: str, text: str,
+                            provider: ModelProvider, model_name: str, text: str, history: History,
                             snapshots: WorkspaceSnapshots | None) -> tuple[str, AsyncIterator[list[StoredEvent]]]:
         ctx = TurnContext(
             session_id=session_id,

@@ -553,7 +553,7 @@ async def test_a_cancel_at_any_loop_turn_of_a_long_response_runs_no_write_the_hi
     recorded_counts = []
     for loop_turns in range(24):
         session = (await server.client.create(workspace, model)).session_id
-        _, events = manager.start_turn(session, "go")
+        _, events = await manager.start_turn(session, "go")
         for _ in range(loop_turns):
             await asyncio.sleep(0)
         manager.cancel_turn(session)
