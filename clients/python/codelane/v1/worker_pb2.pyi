@@ -384,7 +384,28 @@ class Assign(_message.Message):
     worker may check again; whatever it receives, it answers with a CallResult.
     """
     workspace: _builtins.str
-    """Absolute workspace path; tool paths resolve inside it."""
+    """Absolute path of the workspace on the server (symlinks resolved; no trailing `/` unless it
+    is `/`); tool paths resolve inside it. Call it W, and C the directory the call runs in: W
+    itself when shared, the worker's copy when synced. When C is not W, the call must answer as
+    if it ran in W, so the worker rewrites these strings, and no others:
+    - In the arguments. arguments_json is parsed (text that is not a JSON object is passed on
+      as it is). In each top-level member whose name is `path`, `paths` or `file_path`, or ends
+      in `_path` or `_paths` (the server's tools' path arguments; a worker's own tools name
+      theirs so to have them mapped), every string that is the member's value, or an element of
+      an array that is, arrays nested at any depth, is rewritten when it equals W (it becomes C)
+      or begins with W followed by `/` (that W becomes C; for W `/`, C is put before the whole
+      string). Strings are compared decoded (JSON escapes such as `\\/` and `\\u00e9` read
+      first). Left as they are: other members, objects inside a path member, relative paths,
+      strings that merely begin with W's characters (W `/ws`: `/ws2/a` is not under it). The
+      tool gets the object serialized anew, or the original text when nothing was rewritten.
+    - In the result. In output, and in every string of metadata_json (member names included),
+      each occurrence of C, found in one pass from left to right, is replaced by W (for W `/`,
+      an occurrence followed by `/` by nothing: `C/a` reads `/a`). So a path under the copy
+      never shows; paths under W are left as they are (a symlink of the workspace whose target
+      is an absolute path under W leads, on a copy, to W itself, which another host lacks).
+    Shared, nothing is rewritten. The Python worker does exactly this (tool_worker/workspaces.py,
+    Placement).
+    """
     session_id: _builtins.str
     """Session the call belongs to (for logs)."""
     dispatch_id: _builtins.str

@@ -55,7 +55,7 @@ class WorkerHubServiceStub:
     snapshot from the content-addressable storage named in Welcome.content into its cache
     ("synced"), writing only what changed since the tree it holds, and runs the call there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than the snapshot it names: a worker that cannot
     get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
@@ -134,7 +134,7 @@ class WorkerHubServiceServicer:
     snapshot from the content-addressable storage named in Welcome.content into its cache
     ("synced"), writing only what changed since the tree it holds, and runs the call there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than the snapshot it names: a worker that cannot
     get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
@@ -242,7 +242,7 @@ class WorkerHubService:
     snapshot from the content-addressable storage named in Welcome.content into its cache
     ("synced"), writing only what changed since the tree it holds, and runs the call there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than the snapshot it names: a worker that cannot
     get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
     answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
     the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
