@@ -70,11 +70,25 @@ class WorkspaceSnapshot(_message.Message):
          valid UTF-8.
     2. Exclusions. The server's list of patterns (ContentSource.exclude in the worker protocol;
        default [".git/objects/**", ".codelane/**"]), followed by the workspace's own
-       (WorkspaceSnapshot.exclude), is matched against whole relative paths:
-       `*` matches any run of characters other than "/", `?` one character other than "/", a
-       `**` component matches any number (zero included) of whole components: "a/**" matches
-       everything under "a" (not "a" itself, which stays as a directory), "**/b" matches "b" at
-       any depth. Every other character matches itself; there are no escapes or classes.
+       (WorkspaceSnapshot.exclude), is matched against whole relative paths; a path matching any
+       pattern is left out. A pattern is read as its components (split at "/"):
+       - a component that is exactly `**` matches any number (zero included) of whole components:
+         "a/**" matches everything under "a" (not "a" itself, which stays as a directory), "**/b"
+         matches "b" at any depth, "a/**/b" matches "a/b" and "a/x/y/b", "**" alone every path;
+       - in any other component, `*` matches any run (empty included) of characters other than
+         "/", so several `*` in a row are one `*` ("a**b.txt" is "a*b.txt", "***" is "*"), and `?`
+         matches exactly one character other than "/";
+       - every other character matches itself (case-sensitively, character by character: Unicode
+         code points). There are no escapes (`\\` is a backslash), classes (`[` is a bracket) or
+         alternatives (`{` is a brace): not the language of Assign.denied_paths.
+       A pattern is valid when it is non-empty, does not begin with "/" and holds no NUL. A valid
+       pattern may match no path (one ending in "/", or with an empty, "." or ".." component:
+       relative paths have none). The server sends only valid patterns (it refuses an invalid
+       --snapshot-exclude at start). A worker given an invalid one computes no digest with it: it
+       answers every call on a snapshot it applies to with an error result naming the pattern (not
+       ERROR_KIND_SNAPSHOT_CHANGED: a newer snapshot would carry it too). The Python worker answers
+       ERROR_KIND_TOOL_ERROR for one in WorkspaceSnapshot.exclude, and exits (non-zero, without
+       reconnecting) on one in ContentSource.exclude, as the same hub would send it again.
     3. Nodes.
        - FileNode: name; digest = {hash: SHA-256 of the file's bytes as 64 lowercase hex digits,
          size_bytes: the byte count}; is_executable = the owner-execute permission bit (0100).
