@@ -449,6 +449,15 @@ class Assign(_message.Message):
         matches one of the globs. Check each path twice: as the call names it or the listing shows
         it, and with every symlink resolved, relative to the workspace root with its own symlinks
         resolved; deny when either matches.
+
+        This is not the language of the snapshot's exclusion patterns (workspace.proto, rule 2,
+        for snapshot.exclude and ContentSource.exclude), which has no escapes, classes or
+        alternatives and reads `**` otherwise: one text can name different paths in the two. Here
+        `secret\\*.env` denies only `secret*.env`, `{a,b}.key` denies `a.key` and
+        `b.key`, and `build/**` denies `build` too; as exclusions, the first leaves out the names
+        that begin with `secret\\` and end in `.env`, the second only a file named `{a,b}.key`, and
+        the third everything under `build` but not `build` itself: a worker matches each list with
+        its own matcher.
         """
 
     @_builtins.property
