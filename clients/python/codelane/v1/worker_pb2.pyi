@@ -207,8 +207,11 @@ class Hello(_message.Message):
     def workspace_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Directory roots under which the worker may use the server's workspace path directly
         (shared mode, when its digest agrees); empty means every path. Workspaces elsewhere are
-        materialized in the worker's cache. At most 64 roots of at most 4,096 bytes each
-        (INVALID_ARGUMENT).
+        materialized in the worker's cache. Each root is an absolute path (it begins with "/"); a
+        workspace is under a root when it is the root or lies below it, compared component by
+        component (root "/srv/ws" covers "/srv/ws/a", not "/srv/ws2"). At most 64 roots of at most
+        4,096 bytes each. A Hello with a relative (or empty) root, more roots or a longer one is
+        refused with INVALID_ARGUMENT (INVALID_HELLO).
         """
 
     @_builtins.property
