@@ -564,6 +564,18 @@ Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
 class Holdings(_message.Message):
+    """Holdings steer the hub's choice of worker only (it prefers, for a call: a worker holding its
+    snapshot, then an older synced or syncing copy, then a shared one, then any, and one that
+    reported the workspace unavailable last); a call's correctness never rests on them. The
+    Python worker sends, per workspace: SHARED when its digest of the server's path agrees;
+    SYNCING (root_digest: the snapshot wanted) when it starts moving a copy; SYNCED once the copy
+    has the snapshot's digests. After a sync that failed because the CAS answered NOT_FOUND
+    (the call's ERROR_KIND_SNAPSHOT_CHANGED) it sends nothing: SYNCING stays, as the copy is partly
+    moved and the call's retry on a newer snapshot moves it on. After any other failure it sends
+    UNAVAILABLE, with the snapshot it wanted and the error as reason; and UNAVAILABLE without a
+    digest when it drops its copy (evicted for room, or the workspace forgotten).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACES_FIELD_NUMBER: _builtins.int

@@ -120,6 +120,30 @@ class WorkspaceSnapshot(_message.Message):
     and encoding rules, holding each regular file's st_mtime in nanoseconds. Its root digest is
     WorkspaceSnapshot.times_digest. Both trees' blobs live in the same CAS.
 
+    FETCHING A SNAPSHOT (worker.proto: ContentSource says from where)
+
+    - Every blob, of either tree, is read by its digest: BatchReadBlobs, or ByteStream.Read for a
+      blob over ContentSource.max_batch_bytes. A times tree can only be read so: start from
+      times_digest and go down through each DirectoryTimesNode's digest, a level per round trip.
+      The Python worker reads both trees this way, a level of each fetched together, and only
+      the directories that the tree it holds lacks.
+    - GetTree may serve the content tree (never the times tree: a DirectoryTimes parses as a
+      Directory without an error, its files without digests). It sends each Directory of the
+      tree once, breadth first, without its digest: a worker learns which DirectoryNode a
+      Directory answers by hashing its serialization by rule 4 (the bytes the digest was taken
+      of). GetTree is NOT_FOUND only when the root is missing; a directory missing further down
+      is left out of its answer (REAPI's rule), so a worker checks that it has a Directory for
+      every DirectoryNode's digest, and takes one it lacks as NOT_FOUND (the workspace changed).
+    - A synced copy gives each regular file the FileTime's mtime_ns as its modification time (the
+      Python worker sets the access time to it too); directories and symbolic links have no
+      times in the tree. A tree presents a snapshot when its content digest is root_digest; for
+      tools that read modification times (glob sorts by them) its times digest must also be
+      times_digest. The Python worker requires both, shared or synced: a server path whose
+      content agrees but whose times do not (a file touched since) gets a synced copy.
+    - Writing only what changed since the tree the worker holds is advice (it is what makes a
+      sync after an edit cheap), not a requirement: a copy built afresh, or any other way, will do
+      as long as its digests are the snapshot's.
+
     One snapshot of a workspace: its content tree and its times tree.
     """
 
