@@ -171,6 +171,10 @@ class Hello(_message.Message):
     a first connection. The calls assigned on the old stream are then abandoned (retried
     elsewhere if idempotent, else ended WORKER_LOST): stop them, and send no result for them on
     the new stream (it would be dropped).
+    A token is checked only when a live stream holds the id. When none does, whatever token the
+    Hello carries is ignored, without a word: one from before the hub restarted (the hub keeps
+    no tokens across restarts), or a stale one, makes a first connection. A token takes the id
+    over once: the new stream's Welcome carries a new token, and the old one no longer works.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -255,7 +259,7 @@ class Welcome(_message.Message):
     """Version of the hub."""
     reconnect_token: _builtins.str
     """Secret for this worker id: present it as Hello.reconnect_token to take the id back after a
-    broken connection. Keep it in memory only.
+    broken connection. Keep it in memory only. One use: after each Welcome, keep only its token.
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
@@ -520,7 +524,9 @@ class Cancel(_message.Message):
     reason: _builtins.str
     """Why, for logs."""
     dispatch_id: _builtins.str
-    """The Assign.dispatch_id of the call to stop. Unknown or finished ids are ignored."""
+    """The Assign.dispatch_id of the call to stop. Unknown or finished ids are ignored, and so is
+    an empty one (the Cancel the hub writes after a half-close without Draining, see Connect).
+    """
     def __init__(
         self,
         *,

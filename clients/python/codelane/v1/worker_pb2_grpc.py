@@ -195,6 +195,9 @@ class WorkerHubServiceServicer:
         ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
         UNAVAILABLE (SHUTTING_DOWN) when the server stops.
         A stream that ends after the worker's Drain half-close ends with OK.
+        So does one the worker half-closes without Draining: OK is no verdict on the worker. The hub
+        then handles its outstanding calls as a lost worker's, and may first write a Cancel whose
+        dispatch_id is empty (to tell a half-close from a dead connection; ignore it, see Cancel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

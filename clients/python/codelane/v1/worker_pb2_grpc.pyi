@@ -119,6 +119,9 @@ class WorkerHubServiceStub:
     ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
     UNAVAILABLE (SHUTTING_DOWN) when the server stops.
     A stream that ends after the worker's Drain half-close ends with OK.
+    So does one the worker half-closes without Draining: OK is no verdict on the worker. The hub
+    then handles its outstanding calls as a lost worker's, and may first write a Cancel whose
+    dispatch_id is empty (to tell a half-close from a dead connection; ignore it, see Cancel).
     """
 
 @_typing.type_check_only
@@ -212,6 +215,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
     UNAVAILABLE (SHUTTING_DOWN) when the server stops.
     A stream that ends after the worker's Drain half-close ends with OK.
+    So does one the worker half-closes without Draining: OK is no verdict on the worker. The hub
+    then handles its outstanding calls as a lost worker's, and may first write a Cancel whose
+    dispatch_id is empty (to tell a half-close from a dead connection; ignore it, see Cancel).
     """
 
 class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +314,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
         UNAVAILABLE (SHUTTING_DOWN) when the server stops.
         A stream that ends after the worker's Drain half-close ends with OK.
+        So does one the worker half-closes without Draining: OK is no verdict on the worker. The hub
+        then handles its outstanding calls as a lost worker's, and may first write a Cancel whose
+        dispatch_id is empty (to tell a half-close from a dead connection; ignore it, see Cancel).
         """
 
 def add_WorkerHubServiceServicer_to_server(servicer: WorkerHubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
