@@ -205,6 +205,8 @@ class Hello(_message.Message):
         compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
         tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
         workers that offer the old one first, or rename the tool.
+        The server's Query tools' specs, field by field, for a worker offering one of their names:
+        docs/protocol.md, "The Query tools' specs" (a test holds them equal to the server's code).
         """
 
     @_builtins.property
