@@ -31,7 +31,7 @@ from tool_worker.confinement.policy import (
     SandboxMode,
 )
 from tool_worker.heap import freeze_startup_heap
-from tool_worker.merkle import DEFAULT_EXCLUDES, Exclusions
+from tool_worker.merkle import DEFAULT_EXCLUDES, check_exclusion_pattern
 from tool_worker.snapshot_wire import MAX_WORKSPACE_EXCLUDES
 from tool_worker.telemetry.config import split_address
 from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
@@ -42,6 +42,15 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 # (WorkspaceSnapshot.exclude, at most MAX_WORKSPACE_EXCLUDES), with the data dir, three TLS files
 # and the home's credentials: a longer list would make every worker refuse the workspace's snapshots.
 MAX_SANDBOX_DENY_READ = MAX_WORKSPACE_EXCLUDES - 1 - 3 - len(HOME_SECRETS)
+
+
+def _pattern(text: str) -> str:
+    """An exclusion pattern of the workspace digest (workspace.proto, rule 2): the server sends
+    workers only patterns the rule calls valid, so an invalid one is refused here."""
+    try:
+        return check_exclusion_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
                         help="the same, per session (default %(default)s)")
     content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
-    content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN",
+    content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN", type=_pattern,
                          help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
                               f"{' '.join(DEFAULT_EXCLUDES)})")
     content.add_argument("--cas", default="", metavar="ADDR",
@@ -234,11 +243,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     listen = args.listen or ["127.0.0.1:50051"]
-    try:
-        excludes = Exclusions(DEFAULT_EXCLUDES if args.snapshot_exclude is None else args.snapshot_exclude).patterns
-    except ValueError as exc:
-        print(f"codelane server: --snapshot-exclude: {exc}", file=sys.stderr)
-        return 2
+    excludes = DEFAULT_EXCLUDES if args.snapshot_exclude is None else tuple(args.snapshot_exclude)
     config = ServerConfig(
         listen=listen[0],
         extra_listen=listen[1:],

@@ -59,7 +59,7 @@ from session_server.store import Store
 from session_server.telemetry import Telemetry
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
-from tool_worker.confinement.protected import operator_denied_inside
+from tool_worker.confinement.protected import operator_excludes_inside
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
@@ -267,7 +267,7 @@ class CodelaneServer:
             config.snapshot_excludes,
             publish=self.external_cas.publish if self.external_cas else None,
             # The operator's deny list never travels: no snapshot names what it holds.
-            workspace_excludes=functools.partial(operator_denied_inside, sandbox_settings),
+            workspace_excludes=functools.partial(operator_excludes_inside, sandbox_settings),
         )
         self.content = ContentStore(self.snapshots)
         self.sandbox = Sandbox(sandbox_settings, keep_warm=True)

@@ -176,14 +176,33 @@ def _pattern_regex(pattern: str) -> str:
     return source
 
 
+def check_exclusion_pattern(pattern: str) -> str:
+    """`pattern` when rule 2 calls it valid (non-empty, not beginning with "/", no NUL, UTF-8);
+    else ValueError saying why, in words for whoever wrote it (an operator's --snapshot-exclude)."""
+    example = "give a glob relative to the workspace root, e.g. build/**"
+    if not pattern:
+        raise ValueError(f"an exclusion pattern may not be empty: {example}")
+    if pattern.startswith("/"):
+        raise ValueError(f"exclusion pattern {pattern!r} begins with '/', and patterns match paths relative to "
+                         f"the workspace root: {example}")
+    if "\0" in pattern:
+        raise ValueError(f"exclusion pattern {pattern!r} holds a NUL character, which no path does")
+    try:
+        pattern.encode()
+    except UnicodeEncodeError:  # a lone surrogate: a byte of a command line that is not UTF-8
+        raise ValueError(f"exclusion pattern {pattern!r} is not valid UTF-8 (names that are not are left out of "
+                         "every snapshot already)") from None
+    return pattern
+
+
 class Exclusions:
-    """The spec's exclusion patterns (workspace.proto, rule 2) as one compiled regex."""
+    """The spec's exclusion patterns (workspace.proto, rule 2) as one compiled regex. Raises
+    ValueError for a pattern rule 2 calls invalid (check_exclusion_pattern)."""
 
     def __init__(self, patterns: Iterable[str] = DEFAULT_EXCLUDES) -> None:
         self.patterns = tuple(patterns)
         for pattern in self.patterns:
-            if not pattern or pattern.startswith("/") or "\0" in pattern:
-                raise ValueError(f"exclusion pattern {pattern!r} must be a non-empty relative path glob")
+            check_exclusion_pattern(pattern)
         regex = "|".join(f"(?:{_pattern_regex(p)})" for p in self.patterns)
         self._match = re.compile(regex, re.DOTALL).fullmatch if regex else None
 

@@ -125,37 +125,62 @@ class Placement:
             self._release = None
 
     def arguments(self, arguments_json: str) -> str:
-        """Absolute paths under the server's workspace, in path arguments, point to the copy."""
-        if not self.mapped or self.workspace not in arguments_json:
+        """Absolute paths under the server's workspace, in path arguments, point to the copy
+        (worker.proto, Assign.workspace: the rule a foreign worker follows too)."""
+        # Without a backslash the text's strings are its decoded strings: no W in it, none to map.
+        if not self.mapped or ("\\" not in arguments_json and self.workspace not in arguments_json):
             return arguments_json
         try:
             arguments = json.loads(arguments_json)
-        except json.JSONDecodeError:
-            return arguments_json
+        except (ValueError, RecursionError):
+            return arguments_json  # the tool says what is wrong with them
         if not isinstance(arguments, dict):
             return arguments_json
-        mapped = {key: self._map_in(value) if _PATH_ARGUMENT.match(key) else value for key, value in arguments.items()}
-        return json.dumps(mapped)
+        mapped = {key: self._map_in(value) if _PATH_ARGUMENT.fullmatch(key) else value
+                  for key, value in arguments.items()}
+        return arguments_json if mapped == arguments else json.dumps(mapped)
 
     def _map_in(self, value: Any) -> Any:
         if isinstance(value, list):
             return [self._map_in(v) for v in value]
-        if isinstance(value, str) and (value == self.workspace or value.startswith(self.workspace.rstrip("/") + "/")):
-            return self.path + value[len(self.workspace):]
+        if isinstance(value, str):
+            if value == self.workspace:
+                return self.path
+            base = self.workspace.rstrip("/")  # "" when the workspace is "/"
+            if value.startswith(base + "/"):
+                return self.path + value[len(base):]
         return value
 
     def result(self, result: ToolResult) -> ToolResult:
-        """The copy's path, wherever the result shows it, reads as the server's workspace."""
+        """The copy's path, wherever the result shows it (its output, every string of its
+        metadata), reads as the server's workspace."""
         if not self.mapped:
             return result
-        output = result.output.replace(self.path, self.workspace)
-        metadata = result.metadata
-        if metadata and self.path in json.dumps(metadata):
-            metadata = json.loads(json.dumps(metadata).replace(json.dumps(self.path)[1:-1],
-                                                               json.dumps(self.workspace)[1:-1]))
-        if output is result.output and metadata is result.metadata:
+        output = self._map_out(result.output)
+        metadata = self._map_out_value(result.metadata)
+        if output == result.output and metadata == result.metadata:
             return result
         return dataclasses.replace(result, output=output, metadata=metadata)
+
+    def _map_out(self, text: str) -> str:
+        if self.path not in text:
+            return text
+        # One pass, left to right: the copy followed by "/" becomes the workspace's directory
+        # followed by "/" (for a workspace "/", that "/" alone), any other occurrence the workspace.
+        base = self.workspace.rstrip("/")
+        return re.sub(re.escape(self.path) + "(/?)", lambda m: base + "/" if m[1] else self.workspace, text)
+
+    def _map_out_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._map_out(value)
+        if isinstance(value, dict):
+            return {self._map_out_value(k): self._map_out_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._map_out_value(v) for v in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        text = str(value)  # what the wire will carry (metadata_json is written with default=str)
+        return self._map_out(text) if self.path in text else value
 
 
 @dataclass(eq=False)

@@ -85,6 +85,10 @@ def validate_registration(reg: WorkerRegistration, server_execute_tools: frozens
     for root in reg.workspace_roots:
         if len(root.encode("utf-8", "surrogateescape")) > MAX_ROOT_BYTES:
             raise InvalidRegistration(f"hello.workspace_roots: {root[:80]!r}... is longer than {MAX_ROOT_BYTES} bytes")
+        if not root.startswith("/"):
+            # Routing compares roots with the server's workspace paths, which are absolute.
+            raise InvalidRegistration(f"hello.workspace_roots: {root[:80]!r} is not an absolute path (give each "
+                                      "root as the path that begins with /)")
     seen: set[str] = set()
     for spec in reg.tools:
         if not spec.name:

@@ -35,6 +35,13 @@ MISSING = "/no/such/file.pem"
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
     (["server", *["--sandbox-deny-read", "/secret"] * 1025], "--sandbox-deny-read is given 1,025 times; at most"),
+    # workspace.proto, rule 2: the server sends workers no pattern the rule calls invalid. These
+    # were refused after parsing, without the pointer to --help, and one not UTF-8 ended the
+    # server's start in a traceback (the Welcome's ContentSource could not hold it).
+    (["server", "--snapshot-exclude", "/abs"], "argument --snapshot-exclude: exclusion pattern '/abs' begins "
+                                               "with '/', and patterns match paths relative to the workspace root"),
+    (["server", "--snapshot-exclude", ""], "argument --snapshot-exclude: an exclusion pattern may not be empty"),
+    (["server", "--snapshot-exclude", "build/\udce9"], "is not valid UTF-8"),
     (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b c=d,,g=h"], "may not hold spaces"),
     (["worker", "--connect", "127.0.0.1:1", "--labels", "a=b,,g=h"], "has an empty label"),
     (["worker", "--connect", "127.0.0.1:1", "--root", "/no/such/dir"], "argument --root: /no/such/dir: no such "

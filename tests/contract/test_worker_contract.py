@@ -271,6 +271,12 @@ async def test_a_worker_half_closing_without_draining_is_reported_so(
     lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", [])
     assert lost.event.worker_lost.reason == HALF_CLOSED
     await read_rest(turn)
+    # worker.proto, Connect: a Cancel of no call (how the hub tells a half-close from a dead
+    # connection), then the end of the stream, OK as after a drain.
+    cancel = await worker.read()
+    assert cancel.HasField("cancel") and cancel.cancel.dispatch_id == ""
+    assert await asyncio.wait_for(worker.stream.read(), RPC_TIMEOUT) is grpc.aio.EOF
+    assert await worker.stream.code() == grpc.StatusCode.OK
 
 
 # -- no worker to run it ----------------------------------------------------------------------------

@@ -318,9 +318,14 @@ def _hello(**overrides) -> worker_pb2.ConnectRequest:
         # 100,000 short roots (under 1 MB) cost each call to be placed about a second.
         (_hello(workspace_roots=[f"/r{i}" for i in range(MAX_WORKSPACE_ROOTS + 1)]), "at most 64 roots"),
         (_hello(workspace_roots=["/" + "r" * MAX_ROOT_BYTES]), "longer than"),
+        # Compared with the server's absolute workspace paths: a relative root never covered one,
+        # and was taken without a word.
+        (_hello(workspace_roots=["/srv", "srv/ws"]), "hello.workspace_roots: 'srv/ws' is not an absolute path"),
+        (_hello(workspace_roots=[""]), "hello.workspace_roots: '' is not an absolute path"),
     ],
     ids=["no-tools", "zero-slots", "duplicate-tools", "no-id", "not-hello", "too-many-tools", "too-big",
-         "bad-name", "execute-lane", "deep-json", "deep-schema", "huge-integer", "too-many-roots", "long-root"],
+         "bad-name", "execute-lane", "deep-json", "deep-schema", "huge-integer", "too-many-roots", "long-root",
+         "relative-root", "empty-root"],
 )
 async def test_bad_hello_is_invalid_argument(make_server, request_message, expected: str) -> None:
     server = await make_server()

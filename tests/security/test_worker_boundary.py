@@ -150,6 +150,28 @@ async def test_a_reconnecting_worker_takes_its_id_back_and_the_old_stream_is_fen
         second.cancel()
 
 
+async def test_a_reconnect_token_is_one_shot_and_one_the_hub_never_gave_is_ignored_on_a_free_id(
+    servers, tmp_path: Path
+) -> None:
+    # What worker.proto says of Hello.reconnect_token, held.
+    server = await start(servers, tmp_path)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
+        # A token from a hub that has since restarted (this one never gave it): the id is free,
+        # so the Hello is taken as a first connection, without a word about the token.
+        first = await _hello(channel, "w1", "", "a-token-of-the-hub-before-its-restart")
+        token = (await asyncio.wait_for(first.read(), BOUND)).welcome.reconnect_token
+        second = await _hello(channel, "w1", "", token)
+        renewed = (await asyncio.wait_for(second.read(), BOUND)).welcome.reconnect_token
+        assert renewed and renewed != token
+        # The token used once takes the id no more: only the newest Welcome's does.
+        again = await _hello(channel, "w1", "", token)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(again.read(), BOUND)
+        assert error_details(caught.value).reason == "WORKER_ID_TAKEN"
+        first.cancel()
+        second.cancel()
+
+
 # ConnectRequest{hello{worker_id=<ff fe fd>}}: a string field of bad UTF-8; then bytes that are no
 # protobuf at all.
 _UNDECODABLE_HELLO = b"\x0a\x05\x0a\x03\xff\xfe\xfd"

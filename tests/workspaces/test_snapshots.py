@@ -3,6 +3,7 @@ the blob store, sizes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,6 +103,37 @@ def test_paths_are_mapped_in_path_arguments_and_back_everywhere() -> None:
     shared = Placement("/srv/ws", "/srv/ws")
     same = ToolResult("x")
     assert shared.arguments('{"path": "/srv/ws"}') == '{"path": "/srv/ws"}' and shared.result(same) is same
+
+
+def test_path_mapping_follows_worker_proto_to_the_byte() -> None:
+    """Assign.workspace's rule: the decoded strings of path members, W or under W + "/" only."""
+    copy = "/cache/trees/abc-0"
+    placement = Placement("/srv/ws", copy)
+    # A prefix that is not a directory of W, a relative path, a member not named for paths and
+    # an object inside a path member stay as they are; arrays are mapped at any depth.
+    kept = '{"path": "/srv/ws2/a", "paths": ["src/a.py", [["/srv/ws/b"]]], "file_path": {"p": "/srv/ws"}}'
+    assert json.loads(placement.arguments(kept)) == {
+        "path": "/srv/ws2/a", "paths": ["src/a.py", [[f"{copy}/b"]]], "file_path": {"p": "/srv/ws"}}
+    assert placement.arguments('{"pattern": "/srv/ws/a"}') == '{"pattern": "/srv/ws/a"}'
+    # Matching is on the decoded string: a model may escape `/` or write non-ASCII as \u escapes.
+    # The raw text held no "/srv/ws", and the path went through unmapped (PATH_ESCAPE on the copy).
+    assert json.loads(placement.arguments(r'{"file_path": "\/srv\/ws\/a.py"}')) == {"file_path": f"{copy}/a.py"}
+    accented = Placement("/srv/caf\u00e9", copy)
+    assert json.loads(accented.arguments(r'{"path": "/srv/caf\u00e9/x"}')) == {"path": f"{copy}/x"}
+    # A name that only ends in "path" is not a path member; one that ends in "_path" is.
+    assert json.loads(placement.arguments('{"xpath": "/srv/ws", "base_path": "/srv/ws"}')) == {
+        "xpath": "/srv/ws", "base_path": copy}
+    # The server's workspace may be "/": every absolute path is under it.
+    root = Placement("/", copy)
+    assert json.loads(root.arguments('{"path": "/etc/x", "paths": ["/"]}')) == {"path": f"{copy}/etc/x",
+                                                                                "paths": [copy]}
+    assert root.result(ToolResult(f"{copy}/etc/x and {copy}")).output == "/etc/x and /"
+    # Back: every string of the metadata, names included, whatever its characters (a cache
+    # under a home directory named with an accent was not mapped back).
+    home = Placement("/srv/ws", "/home/jos\u00e9/.cache/t-0")
+    result = home.result(ToolResult("see /home/jos\u00e9/.cache/t-0/a", metadata={
+        "/home/jos\u00e9/.cache/t-0": ["/home/jos\u00e9/.cache/t-0/a", 3]}))
+    assert result.output == "see /srv/ws/a" and result.metadata == {"/srv/ws": ["/srv/ws/a", 3]}
 
 
 def test_the_blob_store_verifies_every_blob_it_gives_and_evicts_the_least_recent(tmp_path: Path) -> None:

@@ -158,6 +158,37 @@ async def test_the_operators_deny_list_never_travels_to_a_synced_worker(make_ser
     assert current.ref.exclude == ("deploy/credentials.txt", "private")
 
 
+def make_latin1_directory(ws: Path) -> Path:
+    """A directory of `ws` whose name is not UTF-8, holding the secret."""
+    odd = Path(os.fsdecode(bytes(ws) + b"/latin1-\xe9"))
+    odd.mkdir()
+    (odd / "key.pem").write_text(f"KEY={SECRET}\n")
+    return odd
+
+
+async def test_a_denied_path_whose_name_is_not_utf8_is_no_exclusion_pattern(make_server, workers,
+                                                                            tmp_path: Path) -> None:
+    # WorkspaceSnapshot.exclude is a proto string, which must be UTF-8: a --sandbox-deny-read path
+    # of the workspace named in other bytes made every Assign of the workspace unencodable.
+    # Rule 1 leaves such a name out of every snapshot already, with all under it.
+    ws = tmp_path / "ws"
+    denied = make_denied_workspace(ws)
+    odd = make_latin1_directory(ws)
+    (tmp_path / "root").mkdir()
+    server = await make_server(sandbox_deny_read=[*denied, odd])
+    workers.spawn(server.port, "w1", roots=(str(tmp_path / "root"),))
+    await wait_for(lambda: server.pool.workers(), what="the worker")
+    current = await server.snapshots.of(str(ws)).current()
+    assert current.ref.exclude == ("deploy/credentials.txt", "private")
+    result = await asyncio.wait_for(server.pool.dispatch(QueryCall(
+        session_id="s", call_id="c", tool_name="list_files", arguments_json="{}", workspace=str(ws),
+        snapshot=current.ref,
+    )), 30)
+    assert not result.is_error and "main.py" in result.output, result
+    assert "key.pem" not in result.output
+    assert files_holding(workers.cache_root, SECRET.encode()) == []
+
+
 async def test_a_worker_on_the_shared_filesystem_applies_the_workspaces_own_exclusions(
     make_server, workers, tmp_path: Path
 ) -> None:

@@ -456,3 +456,17 @@ async def test_a_directory_blob_claimed_bigger_than_any_directory_is_refused_bef
     root = claimed if where == "root" else Digest.of(parent)
     with pytest.raises(WorkspaceUnavailable, match="larger than"):
         await manager.place(SnapshotRef(str(target), root, Digest.of(b"")))
+
+
+async def test_a_snapshot_with_an_exclusion_pattern_rule_2_calls_invalid_is_refused_not_guessed(setup) -> None:
+    # workspace.proto, rule 2: the server sends no invalid pattern; a worker given one runs
+    # nothing on that snapshot and says which pattern (not SNAPSHOT_CHANGED: a newer snapshot of
+    # the workspace would carry it too).
+    ws, server, manager, _ = setup
+    good = await snapshot(server, ws)
+    bad = SnapshotRef(good.workspace, good.digest, good.times_digest, ("/abs",))
+    with pytest.raises(WorkspaceUnavailable, match="'/abs' begins with '/'") as refused:
+        await manager.place(bad)
+    assert not isinstance(refused.value, SnapshotChanged)
+    placement = await manager.place(good)  # the worker stays usable
+    placement.release()

@@ -123,6 +123,22 @@ def operator_denied_inside(settings: SandboxSettings, workspace: str) -> tuple[s
     return tuple(dict.fromkeys(relative for relative in inside if relative not in (None, ".")))
 
 
+def operator_excludes_inside(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
+    """The workspace's own exclusion patterns (WorkspaceSnapshot.exclude): `operator_denied_inside`
+    less the paths that are not valid UTF-8. A pattern travels as a proto string, which must be
+    UTF-8, and the digest's rule 1 leaves such a name out of every snapshot already, with all under
+    it (the tools' deny globs keep them: `operator_denied_globs`)."""
+    return tuple(relative for relative in operator_denied_inside(settings, workspace) if _is_utf8(relative))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: a byte of a name that is not UTF-8
+        return False
+    return True
+
+
 def operator_denied_globs(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
     """`operator_denied_inside` as deny globs for the tools that read and list: the sandbox keeps
     commands out of these paths, and read, grep, search, the listings and copy must not hand them

@@ -171,6 +171,10 @@ class Hello(_message.Message):
     a first connection. The calls assigned on the old stream are then abandoned (retried
     elsewhere if idempotent, else ended WORKER_LOST): stop them, and send no result for them on
     the new stream (it would be dropped).
+    A token is checked only when a live stream holds the id. When none does, whatever token the
+    Hello carries is ignored, without a word: one from before the hub restarted (the hub keeps
+    no tokens across restarts), or a stale one, makes a first connection. A token takes the id
+    over once: the new stream's Welcome carries a new token, and the old one no longer works.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -201,14 +205,19 @@ class Hello(_message.Message):
         compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
         tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
         workers that offer the old one first, or rename the tool.
+        The server's Query tools' specs, field by field, for a worker offering one of their names:
+        docs/protocol.md, "The Query tools' specs" (a test holds them equal to the server's code).
         """
 
     @_builtins.property
     def workspace_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Directory roots under which the worker may use the server's workspace path directly
         (shared mode, when its digest agrees); empty means every path. Workspaces elsewhere are
-        materialized in the worker's cache. At most 64 roots of at most 4,096 bytes each
-        (INVALID_ARGUMENT).
+        materialized in the worker's cache. Each root is an absolute path (it begins with "/"); a
+        workspace is under a root when it is the root or lies below it, compared component by
+        component (root "/srv/ws" covers "/srv/ws/a", not "/srv/ws2"). At most 64 roots of at most
+        4,096 bytes each. A Hello with a relative (or empty) root, more roots or a longer one is
+        refused with INVALID_ARGUMENT (INVALID_HELLO).
         """
 
     @_builtins.property
@@ -252,7 +261,7 @@ class Welcome(_message.Message):
     """Version of the hub."""
     reconnect_token: _builtins.str
     """Secret for this worker id: present it as Hello.reconnect_token to take the id back after a
-    broken connection. Keep it in memory only.
+    broken connection. Keep it in memory only. One use: after each Welcome, keep only its token.
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
@@ -384,7 +393,28 @@ class Assign(_message.Message):
     worker may check again; whatever it receives, it answers with a CallResult.
     """
     workspace: _builtins.str
-    """Absolute workspace path; tool paths resolve inside it."""
+    """Absolute path of the workspace on the server (symlinks resolved; no trailing `/` unless it
+    is `/`); tool paths resolve inside it. Call it W, and C the directory the call runs in: W
+    itself when shared, the worker's copy when synced. When C is not W, the call must answer as
+    if it ran in W, so the worker rewrites these strings, and no others:
+    - In the arguments. arguments_json is parsed (text that is not a JSON object is passed on
+      as it is). In each top-level member whose name is `path`, `paths` or `file_path`, or ends
+      in `_path` or `_paths` (the server's tools' path arguments; a worker's own tools name
+      theirs so to have them mapped), every string that is the member's value, or an element of
+      an array that is, arrays nested at any depth, is rewritten when it equals W (it becomes C)
+      or begins with W followed by `/` (that W becomes C; for W `/`, C is put before the whole
+      string). Strings are compared decoded (JSON escapes such as `\\/` and `\\u00e9` read
+      first). Left as they are: other members, objects inside a path member, relative paths,
+      strings that merely begin with W's characters (W `/ws`: `/ws2/a` is not under it). The
+      tool gets the object serialized anew, or the original text when nothing was rewritten.
+    - In the result. In output, and in every string of metadata_json (member names included),
+      each occurrence of C, found in one pass from left to right, is replaced by W (for W `/`,
+      an occurrence followed by `/` by nothing: `C/a` reads `/a`). So a path under the copy
+      never shows; paths under W are left as they are (a symlink of the workspace whose target
+      is an absolute path under W leads, on a copy, to W itself, which another host lacks).
+    Shared, nothing is rewritten. The Python worker does exactly this (tool_worker/workspaces.py,
+    Placement).
+    """
     session_id: _builtins.str
     """Session the call belongs to (for logs)."""
     dispatch_id: _builtins.str
@@ -428,6 +458,15 @@ class Assign(_message.Message):
         matches one of the globs. Check each path twice: as the call names it or the listing shows
         it, and with every symlink resolved, relative to the workspace root with its own symlinks
         resolved; deny when either matches.
+
+        This is not the language of the snapshot's exclusion patterns (workspace.proto, rule 2,
+        for snapshot.exclude and ContentSource.exclude), which has no escapes, classes or
+        alternatives and reads `**` otherwise: one text can name different paths in the two. Here
+        `secret\\*.env` denies only `secret*.env`, `{a,b}.key` denies `a.key` and
+        `b.key`, and `build/**` denies `build` too; as exclusions, the first leaves out the names
+        that begin with `secret\\` and end in `.env`, the second only a file named `{a,b}.key`, and
+        the third everything under `build` but not `build` itself: a worker matches each list with
+        its own matcher.
         """
 
     @_builtins.property
@@ -487,7 +526,9 @@ class Cancel(_message.Message):
     reason: _builtins.str
     """Why, for logs."""
     dispatch_id: _builtins.str
-    """The Assign.dispatch_id of the call to stop. Unknown or finished ids are ignored."""
+    """The Assign.dispatch_id of the call to stop. Unknown or finished ids are ignored, and so is
+    an empty one (the Cancel the hub writes after a half-close without Draining, see Connect).
+    """
     def __init__(
         self,
         *,
@@ -531,6 +572,18 @@ Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
 class Holdings(_message.Message):
+    """Holdings steer the hub's choice of worker only (it prefers, for a call: a worker holding its
+    snapshot, then an older synced or syncing copy, then a shared one, then any, and one that
+    reported the workspace unavailable last); a call's correctness never rests on them. The
+    Python worker sends, per workspace: SHARED when its digest of the server's path agrees;
+    SYNCING (root_digest: the snapshot wanted) when it starts moving a copy; SYNCED once the copy
+    has the snapshot's digests. After a sync that failed because the CAS answered NOT_FOUND
+    (the call's ERROR_KIND_SNAPSHOT_CHANGED) it sends nothing: SYNCING stays, as the copy is partly
+    moved and the call's retry on a newer snapshot moves it on. After any other failure it sends
+    UNAVAILABLE, with the snapshot it wanted and the error as reason; and UNAVAILABLE without a
+    digest when it drops its copy (evicted for room, or the workspace forgotten).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACES_FIELD_NUMBER: _builtins.int

@@ -53,13 +53,15 @@ class WorkerHubServiceStub:
     see. The worker runs the call on the server's own path when that path lies under one of its
     roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
     snapshot from the content-addressable storage named in Welcome.content into its cache
-    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    ("synced": how to fetch it, and what is required of the copy, in workspace.proto, FETCHING A
+    SNAPSHOT; writing only what changed since the tree it holds is advice), and runs it there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
-    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
-    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
-    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
-    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than
+    the snapshot it names: a worker that cannot get that tree answers with an error result saying
+    why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS answered NOT_FOUND for one of the snapshot's
+    blobs or directories (the workspace changed since; the server sends the call again on a newer
+    snapshot), another kind otherwise. The worker tells the hub what it holds (Holdings) and the
+    hub prefers workers that hold a call's snapshot.
     A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
     snapshot altogether and send no Holdings: none of the above is then required of it.
 
@@ -132,13 +134,15 @@ class WorkerHubServiceServicer:
     see. The worker runs the call on the server's own path when that path lies under one of its
     roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
     snapshot from the content-addressable storage named in Welcome.content into its cache
-    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    ("synced": how to fetch it, and what is required of the copy, in workspace.proto, FETCHING A
+    SNAPSHOT; writing only what changed since the tree it holds is advice), and runs it there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
-    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
-    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
-    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
-    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than
+    the snapshot it names: a worker that cannot get that tree answers with an error result saying
+    why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS answered NOT_FOUND for one of the snapshot's
+    blobs or directories (the workspace changed since; the server sends the call again on a newer
+    snapshot), another kind otherwise. The worker tells the hub what it holds (Holdings) and the
+    hub prefers workers that hold a call's snapshot.
     A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
     snapshot altogether and send no Holdings: none of the above is then required of it.
 
@@ -191,6 +195,9 @@ class WorkerHubServiceServicer:
         ABORTED (WORKER_REPLACED) when the worker's reconnection replaced this stream;
         UNAVAILABLE (SHUTTING_DOWN) when the server stops.
         A stream that ends after the worker's Drain half-close ends with OK.
+        So does one the worker half-closes without Draining: OK is no verdict on the worker. The hub
+        then handles its outstanding calls as a lost worker's, and may first write a Cancel whose
+        dispatch_id is empty (to tell a half-close from a dead connection; ignore it, see Cancel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -240,13 +247,15 @@ class WorkerHubService:
     see. The worker runs the call on the server's own path when that path lies under one of its
     roots and its own digest of it equals the snapshot's ("shared"); otherwise it materializes the
     snapshot from the content-addressable storage named in Welcome.content into its cache
-    ("synced"), writing only what changed since the tree it holds, and runs the call there, with
+    ("synced": how to fetch it, and what is required of the copy, in workspace.proto, FETCHING A
+    SNAPSHOT; writing only what changed since the tree it holds is advice), and runs it there, with
     absolute paths under the server's workspace mapped to the copy in the arguments and back in
-    the result. A call never runs on a tree other than the snapshot it names: a worker that cannot
-    get that tree answers with an error result saying why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS
-    answered NOT_FOUND for one of the snapshot's blobs or directories (the workspace changed since;
-    the server sends the call again on a newer snapshot), another kind otherwise. The worker tells
-    the hub what it holds (Holdings) and the hub prefers workers that hold a call's snapshot.
+    the result (which strings, exactly: Assign.workspace). A call never runs on a tree other than
+    the snapshot it names: a worker that cannot get that tree answers with an error result saying
+    why: ERROR_KIND_SNAPSHOT_CHANGED when the CAS answered NOT_FOUND for one of the snapshot's
+    blobs or directories (the workspace changed since; the server sends the call again on a newer
+    snapshot), another kind otherwise. The worker tells the hub what it holds (Holdings) and the
+    hub prefers workers that hold a call's snapshot.
     A worker whose tools read no workspace files (a tool that calls a service, say) may ignore the
     snapshot altogether and send no Holdings: none of the above is then required of it.
 

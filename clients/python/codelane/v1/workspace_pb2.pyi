@@ -70,11 +70,25 @@ class WorkspaceSnapshot(_message.Message):
          valid UTF-8.
     2. Exclusions. The server's list of patterns (ContentSource.exclude in the worker protocol;
        default [".git/objects/**", ".codelane/**"]), followed by the workspace's own
-       (WorkspaceSnapshot.exclude), is matched against whole relative paths:
-       `*` matches any run of characters other than "/", `?` one character other than "/", a
-       `**` component matches any number (zero included) of whole components: "a/**" matches
-       everything under "a" (not "a" itself, which stays as a directory), "**/b" matches "b" at
-       any depth. Every other character matches itself; there are no escapes or classes.
+       (WorkspaceSnapshot.exclude), is matched against whole relative paths; a path matching any
+       pattern is left out. A pattern is read as its components (split at "/"):
+       - a component that is exactly `**` matches any number (zero included) of whole components:
+         "a/**" matches everything under "a" (not "a" itself, which stays as a directory), "**/b"
+         matches "b" at any depth, "a/**/b" matches "a/b" and "a/x/y/b", "**" alone every path;
+       - in any other component, `*` matches any run (empty included) of characters other than
+         "/", so several `*` in a row are one `*` ("a**b.txt" is "a*b.txt", "***" is "*"), and `?`
+         matches exactly one character other than "/";
+       - every other character matches itself (case-sensitively, character by character: Unicode
+         code points). There are no escapes (`\\` is a backslash), classes (`[` is a bracket) or
+         alternatives (`{` is a brace): not the language of Assign.denied_paths.
+       A pattern is valid when it is non-empty, does not begin with "/" and holds no NUL. A valid
+       pattern may match no path (one ending in "/", or with an empty, "." or ".." component:
+       relative paths have none). The server sends only valid patterns (it refuses an invalid
+       --snapshot-exclude at start). A worker given an invalid one computes no digest with it: it
+       answers every call on a snapshot it applies to with an error result naming the pattern (not
+       ERROR_KIND_SNAPSHOT_CHANGED: a newer snapshot would carry it too). The Python worker answers
+       ERROR_KIND_TOOL_ERROR for one in WorkspaceSnapshot.exclude, and exits (non-zero, without
+       reconnecting) on one in ContentSource.exclude, as the same hub would send it again.
     3. Nodes.
        - FileNode: name; digest = {hash: SHA-256 of the file's bytes as 64 lowercase hex digits,
          size_bytes: the byte count}; is_executable = the owner-execute permission bit (0100).
@@ -105,6 +119,30 @@ class WorkspaceSnapshot(_message.Message):
     a times tree: one DirectoryTimes per directory of the content tree, with the same names, order
     and encoding rules, holding each regular file's st_mtime in nanoseconds. Its root digest is
     WorkspaceSnapshot.times_digest. Both trees' blobs live in the same CAS.
+
+    FETCHING A SNAPSHOT (worker.proto: ContentSource says from where)
+
+    - Every blob, of either tree, is read by its digest: BatchReadBlobs, or ByteStream.Read for a
+      blob over ContentSource.max_batch_bytes. A times tree can only be read so: start from
+      times_digest and go down through each DirectoryTimesNode's digest, a level per round trip.
+      The Python worker reads both trees this way, a level of each fetched together, and only
+      the directories that the tree it holds lacks.
+    - GetTree may serve the content tree (never the times tree: a DirectoryTimes parses as a
+      Directory without an error, its files without digests). It sends each Directory of the
+      tree once, breadth first, without its digest: a worker learns which DirectoryNode a
+      Directory answers by hashing its serialization by rule 4 (the bytes the digest was taken
+      of). GetTree is NOT_FOUND only when the root is missing; a directory missing further down
+      is left out of its answer (REAPI's rule), so a worker checks that it has a Directory for
+      every DirectoryNode's digest, and takes one it lacks as NOT_FOUND (the workspace changed).
+    - A synced copy gives each regular file the FileTime's mtime_ns as its modification time (the
+      Python worker sets the access time to it too); directories and symbolic links have no
+      times in the tree. A tree presents a snapshot when its content digest is root_digest; for
+      tools that read modification times (glob sorts by them) its times digest must also be
+      times_digest. The Python worker requires both, shared or synced: a server path whose
+      content agrees but whose times do not (a file touched since) gets a synced copy.
+    - Writing only what changed since the tree the worker holds is advice (it is what makes a
+      sync after an edit cheap), not a requirement: a copy built afresh, or any other way, will do
+      as long as its digests are the snapshot's.
 
     One snapshot of a workspace: its content tree and its times tree.
     """
