@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from codelane.v1 import session_pb2
@@ -85,3 +86,25 @@ async def test_a_client_leaving_its_event_streams_is_one_info_line_each_not_a_tr
     grpc_records = [r for r in caplog.records if r.name == GRPC_LOGGER]
     assert not [r for r in grpc_records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
     assert any("a client left while its stream was being written" in r.getMessage() for r in grpc_records)
+
+
+async def test_a_name_in_a_text_log_line_cannot_start_a_line_of_its_own(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # A workspace entry the snapshot leaves out is named in a warning; its name is anybody's who
+    # can write the repository (or the model, through bash).
+    forged = "2026-12-07 06:15:00,000 codelane.server ERROR forged line"
+    os.mkfifo(workspace / f"x\n{forged}")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("grep", "c1", pattern="needle")]}, {"text": "Done."}])
+    server = await processes.start_server(tmp_path / "data", model=model, local_workers=1)
+    await server.client.wait_workers("local-1")
+    session = await server.client.create(workspace)
+    await server.client.send(session.session_id, "go")
+
+    def warned() -> str:
+        return next((line for line in server.err.read_text(errors="replace").splitlines()
+                     if "left out of its snapshot" in line), "")
+
+    await poll_until(warned, what="the warning naming the left-out entry")
+    assert f"x\\n{forged}" in warned()
+    assert not any(line.startswith(forged) for line in server.err.read_text(errors="replace").splitlines())

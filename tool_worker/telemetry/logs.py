@@ -9,7 +9,9 @@ format stays the short human one.
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 import sys
 from contextvars import ContextVar
 
@@ -32,6 +34,10 @@ _FIELDS = (
 
 LOG_FORMATS = ("text", "json")
 
+# What would break a text line or fake the start of another: C0 and C1 controls, DEL, and the
+# Unicode line and paragraph separators. A tab is kept: it breaks nothing.
+_LINE_BREAKING = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
 
 class ContextFilter(logging.Filter):
     """Copies the ids that are set onto each record."""
@@ -42,6 +48,23 @@ class ContextFilter(logging.Filter):
             if value:
                 setattr(record, name, value)
         return True
+
+
+class OneLineFormatter(logging.Formatter):
+    """The text format, one line per message: control characters in the message are escaped
+    (\\n, \\x1b...). A message quotes what others chose (a file name in a workspace, a tool
+    name a model made up), and a line break in one wrote log lines that looked like the server's
+    own. A traceback, added after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if _LINE_BREAKING.search(record.message):
+            record = copy.copy(record)
+            record.message = _LINE_BREAKING.sub(_escaped, record.message)
+        return super().formatMessage(record)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match[0])[1:-1]
 
 
 def json_formatter() -> logging.Formatter:
@@ -63,7 +86,7 @@ def configure_logging(level: str, log_format: str, text_format: str) -> None:
         raise ValueError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
-    handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(text_format))
+    handler.setFormatter(json_formatter() if log_format == "json" else OneLineFormatter(text_format))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
