@@ -201,6 +201,11 @@ class ToolCall:
         if self._series is not None:
             self._series.retries.inc()
         self.state = CallState.QUEUED
+        # The call waits again, and has run nowhere yet: a result made without a run (the pool's
+        # NO_WORKER once no worker is left) must not read as a run on the lost worker, its wait
+        # (the heartbeat timeout, the wait for another worker) as run time, nor as attempt 1.
+        self.started = None
+        self.worker_id, self.attempt = "", next_attempt
         self._emit(CallRetried(self.call_id, next_attempt, reason, previous_worker_id))
 
     def finish(self, result: ToolResult) -> ToolResult:
@@ -231,7 +236,8 @@ class ToolCall:
             self.admission.release_query_call(self.session_id)
         outcome = OK if not result.is_error else (result.error_kind or ErrorKind.TOOL_ERROR).value
         if self._series is not None:
-            self._series.finished(outcome, result.queue_wait, result.run_time, self._begun)
+            self._series.finished(outcome, result.queue_wait, result.run_time, self._begun,
+                                  ran=self.started is not None)
             if self._span is not None:
                 self._end_span(result, outcome)
         log.debug("call %s (%s) %s on %s, attempt %d: queued %.2f ms, ran %.2f ms", self.call_id, self.tool_name,

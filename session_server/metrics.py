@@ -64,13 +64,16 @@ class CallSeries:
         self.run_time = metrics.tool_call_run_time.labels(lane, tool)
         self.retries = metrics.tool_call_retries.labels(lane, tool)
 
-    def finished(self, outcome: str, queue_wait: float, run_time: float, ran: bool) -> None:
+    def finished(self, outcome: str, queue_wait: float, run_time: float, begun: bool, *, ran: bool) -> None:
+        """`begun`: the scheduler let the call go (it waited in the queue); `ran`: it started
+        somewhere (a call that found no worker has no run time to count)."""
         counter = self._outcomes.get(outcome)
         if counter is None:
             counter = self._outcomes[outcome] = self._calls.labels(*self._labels, outcome)
         counter.inc()
-        if ran:
+        if begun:
             self.queue_wait.observe(queue_wait)
+        if ran:
             self.run_time.observe(run_time)
 
 
