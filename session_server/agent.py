@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -61,7 +62,7 @@ from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
 from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats, StatsLane
-from session_server.store import StoredMessage
+from session_server.store import StoredMessage, store_unavailable
 from session_server.telemetry import Telemetry, TurnObservation
 from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.confinement.protected import operator_denied_globs
@@ -197,6 +198,12 @@ class Turn:
         except asyncio.CancelledError:
             self._finish(self.cancel_reason, final_text)
             raise
+        except sqlite3.Error as exc:
+            # The store failed (a full disk): not a bug of the server, and said as the RPCs say it.
+            failure = store_unavailable(exc, "the turn could not store its history")
+            log.error("session %s: turn %s ended: %s", ctx.session_id, ctx.turn_id, failure)
+            ctx.emit(ErrorOccurred("STORE_UNAVAILABLE", str(failure), True))
+            stop = "error"
         except Exception as exc:
             log.exception("session %s: turn %s failed", ctx.session_id, ctx.turn_id)
             ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -571,3 +572,23 @@ async def test_a_cancel_at_any_loop_turn_of_a_long_response_runs_no_write_the_hi
             assert "the_write" not in answers or answers["the_write"].is_error, loop_turns
     # Some cancels landed while the response's calls were being made, the case this is about.
     assert any(2 <= count < 251 for count in recorded_counts), recorded_counts
+
+
+async def test_a_turn_whose_history_the_store_refuses_ends_store_unavailable_in_one_log_line(
+    make_server, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: InProcess = await make_server()
+    model = scripted(tmp_path, [{"text": "reading", "tool_calls": [call("read", file_path="a.txt")]},
+                                {"text": "done"}])
+    session = await server.client.create(workspace, model)
+    # The store itself refuses the model's response (as a full disk would refuse the write).
+    with sqlite3.connect(server.server.config.data_dir / "codelane.db") as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.role = 'assistant' "
+                   "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END")
+    caplog.clear()
+    events = await server.client.send(session.session_id, "go")
+    [error] = [e.error for e in events if kind(e) == "error"]
+    assert error.reason == "STORE_UNAVAILABLE" and error.fatal and "the disk is full" in error.message
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_ERROR
+    assert not [r for r in caplog.records if r.exc_info], "a store failure is not a bug: no traceback"
+    assert [r.levelname for r in caplog.records if "could not store its history" in r.getMessage()] == ["ERROR"]

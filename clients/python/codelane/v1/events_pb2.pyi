@@ -632,8 +632,9 @@ class ErrorOccurred(_message.Message):
     "SERVER_ERROR", "TIMEOUT" and "CONNECTION" (worth a new turn later), "AUTHENTICATION",
     "PERMISSION", "NOT_FOUND" and "BAD_REQUEST" (the server's configuration or the request must
     change first), "STREAM_ERROR" and "INCOMPLETE_RESPONSE" (the provider's stream was malformed
-    or cut); "SCRIPT_UNAVAILABLE" (a scripted model's file cannot be read); "INTERNAL" (a bug of
-    the server: its log has the details). A newer server may add reasons: treat an unknown one
+    or cut); "SCRIPT_UNAVAILABLE" (a scripted model's file cannot be read); "STORE_UNAVAILABLE"
+    (the server's store failed, e.g. its disk is full: the message says what to fix; worth a new
+    turn once it is); "INTERNAL" (a bug of the server: its log has the details). A newer server may add reasons: treat an unknown one
     as not worth retrying unchanged.
     """
     message: _builtins.str
