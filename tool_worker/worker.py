@@ -814,12 +814,15 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
         loop.add_signal_handler(sig, worker.request_drain)
     endpoint = health_server = None
     try:
+        # The ports on stdout, as the server prints its own: with port 0 the kernel picks them,
+        # and nothing else would tell a script (or a probe's configuration) which.
         if config.metrics_listen:
             endpoint = MetricsEndpoint(config.metrics_listen, metrics.registry)
-            await endpoint.start()
+            print(f"codelane worker metrics on port {await endpoint.start()}", flush=True)
         if config.health_listen:
             telemetry.set_ready(False)
-            health_server, _ = await serve_health(config.health_listen, telemetry.health)
+            health_server, health_port = await serve_health(config.health_listen, telemetry.health)
+            print(f"codelane worker health on port {health_port}", flush=True)
     except OSError as exc:
         print(f"codelane worker: {exc}", file=sys.stderr)
         return EXIT_REJECTED

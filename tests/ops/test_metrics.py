@@ -3,14 +3,17 @@ against what the turns' events say; and a real Prometheus (Debian's `prometheus`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from codelane.v1 import events_pb2, tools_pb2
 from tests.ops.conftest import WAIT, Workers, free_port, scrape, scrape_until
@@ -250,3 +253,27 @@ def test_a_bad_metrics_address_is_refused_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "is not HOST:PORT" in result.stderr and "Traceback" not in result.stderr
 
+
+
+async def test_a_worker_told_to_pick_its_ports_says_which_it_got() -> None:
+    # No hub is listening: the endpoints come first, and the worker keeps trying to connect.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tool_worker", "--connect", f"127.0.0.1:{free_port()}", "--id", "w1",
+        "--metrics-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        metrics_line = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode()
+        health_line = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode()
+        assert metrics_line.startswith("codelane worker metrics on port "), metrics_line
+        assert health_line.startswith("codelane worker health on port "), health_line
+        metrics_port, health_port = int(metrics_line.split()[-1]), int(health_line.split()[-1])
+        async with httpx.AsyncClient() as client:
+            page = await client.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=WAIT)
+        assert "codelane_worker_calls_in_flight" in page.text
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no hub yet
+    finally:
+        proc.kill()
+        await proc.wait()
