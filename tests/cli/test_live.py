@@ -315,3 +315,30 @@ def test_the_plain_view_shows_what_a_confirmation_is_for_and_the_diffs() -> None
                         '"new"} [c1, rule ask[0] `edit`] until -')
     assert lines[1] == "[   5] confirmation of c1: approved: fine"
     assert lines[-3:] == ["       edit a.txt:", "       -old", "       +new"]
+
+
+HOSTILE = "title\x1b]0;pwned\x1b\\ red\x1b[31m c1\x9b2J cr\rover bell\x07"
+SHOWN = "title\\x1b]0;pwned\\x1b\\ red\\x1b[31m c1\\x9b2J cr\\rover bell\\x07"
+
+
+def test_what_a_session_sends_reaches_the_terminal_without_its_escape_sequences() -> None:
+    # A model's text, and a file's content in a write's diff (the repository's, or the model's),
+    # carried escape sequences the terminal obeyed (here: set its title, colour, clear the screen).
+    from codelane.render import PlainRenderer
+
+    write = _call("c1", "write", "execute", json.dumps({"file_path": "x.txt", "content": HOSTILE}))
+    events = [ev.TurnStarted(**_base(1), user_text="go"), ev.TextDelta(**_base(2), text=HOSTILE, step=0),
+              ev.ToolCallStarted(**_base(3), call=write, lane="execute", worker_id="local"),
+              ev.ToolCallFinished(**_base(4), call_id="c1", tool_name="write", result=ev.ToolResult(HOSTILE))]
+    plain_out = io.StringIO()
+    plain = PlainRenderer(plain_out)
+    view, live_out, _, _ = make()
+    for event in events:
+        plain.show(event)
+        view.show(event)
+    live_text = ANSI.sub("", live_out.getvalue())  # the renderer's own colours, which it may use
+    for printed in (plain_out.getvalue(), live_text):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", printed)
+        assert SHOWN in printed
+    # The events themselves are untouched: a program (or --json) gets the exact text.
+    assert events[1].text == HOSTILE

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 
 from codelane.events import ToolCall
+from codelane.terminal import safe_text
 
 DIFF_LINES = 12  # lines of a diff shown; the rest is counted
 LINE_CHARS = 160
@@ -23,7 +24,12 @@ def _shortened(lines: list[str]) -> list[str]:
 
 def call_diff(call: ToolCall) -> list[str]:
     """The diff of a successful `edit` or `write`: a heading, then lines starting with "-", "+" or
-    " " (context); [] for other tools, or arguments of the wrong shape."""
+    " " (context); [] for other tools, or arguments of the wrong shape. Safe to print on a
+    terminal (`terminal.safe_text`): the arguments are decoded here, escape sequences included."""
+    return [safe_text(line) for line in _call_diff(call)]
+
+
+def _call_diff(call: ToolCall) -> list[str]:
     args = call.arguments
     path = args.get("file_path")
     if not isinstance(path, str):

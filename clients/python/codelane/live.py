@@ -25,6 +25,7 @@ from rich.text import Text
 
 from codelane import events as ev
 from codelane.diffs import call_diff
+from codelane.terminal import for_terminal
 
 REFRESH_PER_SECOND = 8
 ARGUMENTS_PREVIEW_CHARS = 60
@@ -272,6 +273,7 @@ class LiveRenderer:
 
     def show(self, event: ev.Event | ev.CaughtUp) -> None:
         """Takes one event into the view."""
+        event = for_terminal(event)
         with self._lock:
             self._take(event)
         self._flush()

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from codelane import events as ev
 from codelane.diffs import call_diff
 from codelane.live import finished_status
+from codelane.terminal import for_terminal
 
 OUTPUT_PREVIEW_CHARS = 80
 
@@ -42,6 +43,7 @@ class PlainRenderer:
         self._out.flush()
 
     def show(self, event: ev.Event | ev.CaughtUp) -> None:
+        event = for_terminal(event)
         if isinstance(event, ev.TextDelta):
             if not self._in_text:
                 self._out.write(f"[{event.sequence:>4}] model: ")
