@@ -8,7 +8,6 @@ A call registers itself, waits with its timeout, and always unregisters when it 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from dataclasses import dataclass
 
 
@@ -32,32 +31,30 @@ class Confirmations:
     """The calls waiting for a confirmation, server-wide, by (session id, call id)."""
 
     def __init__(self) -> None:
-        # A deque because a model may reuse a call id within a response; the oldest is answered first.
-        self._waiting: dict[tuple[str, str], deque[asyncio.Future[Answer]]] = {}
+        # One call per key: call ids are unique within a response (the agent makes one when a
+        # model repeats an id), and a session's calls wait only within its running turn's step.
+        self._waiting: dict[tuple[str, str], asyncio.Future[Answer]] = {}
 
     async def wait(self, session_id: str, call_id: str, within: float) -> Answer | None:
         """Waits for `answer()`; None when `within` seconds pass first."""
         key = (session_id, call_id)
+        if key in self._waiting:
+            raise RuntimeError(f"call {call_id} of session {session_id} already waits for a confirmation")
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, deque()).append(future)
+        self._waiting[key] = future
         try:
             await asyncio.wait({future}, timeout=within)
             return future.result() if future.done() else None
         finally:
-            waiting = self._waiting.get(key)
-            if waiting is not None and future in waiting:
-                waiting.remove(future)
-            if waiting is not None and not waiting:
-                del self._waiting[key]
+            del self._waiting[key]
 
     def answer(self, session_id: str, call_id: str, approved: bool, reason: str) -> None:
         """Raises ConfirmationNotFound when no such call waits."""
-        waiting = self._waiting.get((session_id, call_id))
-        future = next((f for f in waiting or () if not f.done()), None)
-        if future is None:
+        future = self._waiting.get((session_id, call_id))
+        if future is None or future.done():
             raise ConfirmationNotFound(session_id, call_id)
         future.set_result(Answer(approved, reason))
 
     def waiting(self, session_id: str) -> list[str]:
         """Ids of the calls of a session that wait for a confirmation."""
-        return [call_id for (sid, call_id), futures in self._waiting.items() if sid == session_id and futures]
+        return [call_id for sid, call_id in self._waiting if sid == session_id]

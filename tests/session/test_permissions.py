@@ -326,3 +326,34 @@ async def test_bad_policy_is_invalid_naming_the_field(
     assert error.metadata == {"field": field}
     assert field in error.message
     assert await client.count_sessions() == 0
+
+
+async def test_approving_the_call_shown_never_runs_another_the_model_gave_its_id(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # A model repeats a call id across two calls of one response: a read of a secret, then a
+    # harmless one. Only the harmless one is approved, by the id it was shown with.
+    (workspace / "secret.txt").write_text("TOP-SECRET\n")
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("read", "dup", file_path="secret.txt"),
+                                    call("read", "dup", file_path="README.md")]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=session_pb2.PermissionPolicy(ask=["read"]))
+    stream = client.send_stream(session.session_id, "go")
+    seen: list[Any] = []
+    shown: dict[str, str] = {}
+    while len(shown) < 2:
+        item = await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+        shown[item.event.confirmation_required.call.arguments_json] = item.event.confirmation_required.call.call_id
+    assert len(set(shown.values())) == 2, shown  # the repeated id was replaced by one of the server's
+    readme = next(call_id for arguments, call_id in shown.items() if "README" in arguments)
+    await client.sessions.ConfirmToolCall(
+        session_pb2.ConfirmToolCallRequest(session_id=session.session_id, call_id=readme, approve=True), timeout=10)
+    await read_until(stream, lambda r: kind(r.event) == "tool_call_finished", seen)
+    await client.cancel(session.session_id)
+    events = [r.event for r in seen + await read_rest(stream)]
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result
+                for e in _of_kind(events, "tool_call_finished")}
+    assert "demo" in finished[readme].output and not finished[readme].is_error
+    assert not any("TOP-SECRET" in result.output for result in finished.values())
