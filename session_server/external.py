@@ -156,7 +156,17 @@ class ExternalTasks:
         try:
             emit(ExternalTaskPending(info))
             self._wake(session_id)
-            await asyncio.wait({task.future})
+            try:
+                await asyncio.wait({task.future})
+            except asyncio.CancelledError:
+                if not task.future.done():
+                    raise
+                # Its client completed it before the cancel reached this call (CompleteExternalTask
+                # and CancelTurn in one loop turn): the client was told its result was taken, and
+                # the command ran, so the model hears what it did, not that it was cancelled.
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
             return task.future.result()
         finally:
             deadline.cancel()
@@ -283,9 +293,9 @@ class ExternalTasks:
             raise LeaseNotHeld(task_id, client_id, "the task is not claimed (or its lease expired): claim it first")
         if task.client_id != client_id:
             raise LeaseNotHeld(task_id, client_id, "another client holds it")
-        expire = task.info.lease_expire_time
-        if expire is not None and self._clock() >= expire:
-            raise LeaseNotHeld(task_id, client_id, "the lease expired; the task is offered again")
+        # Held until the lease's timer ends it (`_expire`), on the event loop's monotonic clock.
+        # Not compared with lease_expire_time, which is wall-clock time for clients: a wall clock
+        # stepped forward (NTP, a VM resumed) refused the holder while nobody else could claim.
         return task
 
     def _lease(self, task: _Task, client_id: str, lease: float) -> ExternalTaskInfo:

@@ -162,6 +162,37 @@ async def test_cancelling_the_call_withdraws_the_task() -> None:
     assert await board.claim("s1", "client-a", 1, 30.0, 0.0) == []
 
 
+async def test_a_task_completed_in_the_loop_turn_its_call_is_cancelled_gives_the_clients_result() -> None:
+    # CompleteExternalTask and CancelTurn handled in one loop turn: the client was told its result
+    # was taken (and its command ran), so that is the call's result, not CANCELLED.
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
+    await _offered(events)
+    [task] = await board.claim("s1", "client-a", 1, 30.0, 0.0)
+    board.complete("s1", task.task_id, "client-a", ToolResult("ran it", exit_code=0))
+    run.cancel()
+    outcome = await asyncio.wait_for(run, BOUND)
+    assert (outcome.output, outcome.worker_id) == ("ran it", "client-a")
+    [completed] = [e for e in events if isinstance(e, ExternalTaskCompleted)]
+    assert completed.result.output == "ran it" and completed.client_id == "client-a"
+    assert _empty(board)
+
+
+async def test_a_lease_is_held_until_its_timer_ends_it_whatever_the_wall_clock_does() -> None:
+    # The clock moves 2 minutes on and the lease's timer has not run (a wall clock stepped
+    # forward; the loop's timers run on a monotonic one): the holder still holds the task. It was
+    # told its lease had expired, while nobody else could claim the task either.
+    board, events = _board()
+    run = asyncio.create_task(board.run("s1", CALL, "/ws", 600.0, events.append, _owner(events)))
+    await _offered(events)
+    [task] = await board.claim("s1", "client-a", 1, 30.0, 0.0)
+    board.time.current += 120.0  # the clock alone: no timer runs
+    board.renew("s1", task.task_id, "client-a", 30.0)
+    board.complete("s1", task.task_id, "client-a", ToolResult("done"))
+    assert (await asyncio.wait_for(run, BOUND)).output == "done"
+    assert _empty(board)
+
+
 async def test_long_poll_wakes_on_offer_and_on_close() -> None:
     board, events = _board()
     claim = asyncio.create_task(board.claim("s1", "client-a", 1, 30.0, 60.0))
