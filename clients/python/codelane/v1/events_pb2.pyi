@@ -687,7 +687,10 @@ class ExternalTask(_message.Message):
 
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the current lease ends; unset while unclaimed."""
+        """When the current lease ends, by the server's wall clock; unset while unclaimed. The server
+        ends the lease after that many seconds of its own monotonic time: a step of its wall clock
+        (NTP, a VM resumed) neither ends a lease early nor lets one run on.
+        """
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
