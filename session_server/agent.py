@@ -344,8 +344,10 @@ class Turn:
             StoredMessage(role="tool", tool_call_id=c.call_id, tool_result=r, turn_id=ctx.turn_id)
             for c, r in zip(calls, results, strict=True)
         ]
-        ctx.history.append(messages)
+        # Counted first: the calls ran even when the store then refuses their history (a full
+        # disk), and TurnFinished says how many ran.
         self.tool_calls += len(calls)
+        ctx.history.append(messages)
 
     def _early_ok(self, call: ModelToolCall, tools: dict[str, ToolSpec], calls: list[ToolCall]) -> bool:
         """Whether the call extends the response's leading run of Query calls. `calls` holds only

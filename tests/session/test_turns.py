@@ -590,5 +590,6 @@ async def test_a_turn_whose_history_the_store_refuses_ends_store_unavailable_in_
     [error] = [e.error for e in events if kind(e) == "error"]
     assert error.reason == "STORE_UNAVAILABLE" and error.fatal and "the disk is full" in error.message
     assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_ERROR
+    assert events[-1].turn_finished.tool_calls == 1  # the read ran, though its history was refused
     assert not [r for r in caplog.records if r.exc_info], "a store failure is not a bug: no traceback"
     assert [r.levelname for r in caplog.records if "could not store its history" in r.getMessage()] == ["ERROR"]
