@@ -593,3 +593,18 @@ async def test_a_turn_whose_history_the_store_refuses_ends_store_unavailable_in_
     assert events[-1].turn_finished.tool_calls == 1  # the read ran, though its history was refused
     assert not [r for r in caplog.records if r.exc_info], "a store failure is not a bug: no traceback"
     assert [r.levelname for r in caplog.records if "could not store its history" in r.getMessage()] == ["ERROR"]
+
+
+async def test_a_call_id_the_model_repeats_in_a_later_step_gets_one_of_the_servers(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("read", "call_0", file_path="a.txt")]},
+                                {"text": "", "tool_calls": [call("read", "call_0", file_path="README.md")]},
+                                {"text": "done"}], "repeats.yaml")
+    session = await client.create(workspace, model)
+    events = await client.send(session.session_id, "go")
+    started = [e.tool_call_started.call.call_id for e in events if kind(e) == "tool_call_started"]
+    assert started[0] == "call_0" and started[1] != "call_0" and started[1].startswith("call_")
+    history = await client.history(session.session_id)
+    _assert_valid_history(history)
+    assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == started

@@ -1073,8 +1073,8 @@ class ConfirmToolCallRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     call_id: _builtins.str
-    """Id of the call waiting for confirmation (ToolCall.call_id: unique within the response whose
-    calls wait, so an answer applies to the call shown with that id and to no other).
+    """Id of the call waiting for confirmation (ToolCall.call_id: unique within its turn, so an
+    answer applies to the call shown with that id and to no other).
     """
     approve: _builtins.bool
     """True to run the call, false to reject it."""

@@ -307,10 +307,10 @@ class ToolCall(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """Identifier of the call: the model's id, or one codelane made ("call_" and 12 hex digits) when
-    the model gave none, one over 256 characters, or one an earlier call of the same response
-    has: within one response, ids are unique. Models may repeat an id across responses, so it is
-    not a key of a session: a call's events come in order (ToolCallStarted before its
-    ToolCallFinished), and within one response calls keep the model's order.
+    the model gave none, one over 256 characters, or one an earlier call of the same turn has:
+    within one turn, ids are unique. Models may repeat an id in a later turn, so it is not a key
+    of a session: a call's events come in order (ToolCallStarted before its ToolCallFinished),
+    and within one response calls keep the model's order.
     """
     tool_name: _builtins.str
     """Name of the tool to call."""
