@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,19 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Extra deadline a long-polling claim gets beyond its wait, for the network and the server.
 CLAIM_DEADLINE_MARGIN = 30.0
 # A send or watch whose stream breaks resumes with WatchEvents after the last event it yielded.
-# It gives up, raising the error, once this many seconds have passed without a new event (long
-# enough for a server to restart).
+# It gives up, raising the error, once this many seconds have passed since the break without any
+# reply from a resumed stream (long enough for a server to restart). Counted from the break, not
+# from the last event: a watch of an idle session, or a send waiting on a long tool call, may go
+# quiet for much longer than this and must still be resumed when its connection then drops.
 RESUME_WITHIN = 20.0
 # Pause before a resume that follows another one without a new event in between, doubled each
-# time; the first resume after some progress is immediate.
+# time; the first resume after some progress is immediate. (A resumed stream that only says it
+# is caught up, then breaks again, keeps its pause: a server that accepts and cuts every stream
+# is not hammered.)
 RESUME_BACKOFF_INITIAL = 0.1
 RESUME_BACKOFF_MAX = 2.0
+# The clock RESUME_WITHIN is counted on; tests move a manual one on instead of waiting.
+_clock = time.monotonic
 # The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
 SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
@@ -548,16 +555,17 @@ class Session:
         CaughtUp marker is yielded, later ones (of resumed watches) are not. Ends when a watch
         that does not follow has sent its marker and ended; a send's caller stops at its
         TurnFinished. `resume_at_once`: whether a stream that breaks before its first event is
-        resumed too (else its error is raised)."""
-        loop = asyncio.get_running_loop()
+        resumed too (else its error is raised). The error is raised too once RESUME_WITHIN has
+        passed since the break with no reply from any resumed stream."""
         last = after
         caught_up = False
-        progress_at = loop.time()
+        broken_at: float | None = None  # when the stream broke, since when no stream has answered
         delay = 0.0  # no pause before the first resume after progress
         try:
             while True:
                 try:
                     async for reply in call:
+                        broken_at = None  # the stream answers (a marker counts): a later break is a new one
                         for item in _stream_items(reply):
                             if isinstance(item, CaughtUp):
                                 if caught_up:
@@ -566,15 +574,18 @@ class Session:
                             elif item.sequence <= last:
                                 continue  # yielded before the resume
                             else:
-                                last, progress_at, delay = item.sequence, loop.time(), 0.0
+                                last, delay = item.sequence, 0.0
                             yield item
                     if caught_up and not follow:
                         return
                     error = CodelaneError("UNAVAILABLE", "the event stream ended early")
                 except grpc.aio.AioRpcError as exc:
                     error = CodelaneError.from_rpc_error(exc)
+                now = _clock()
+                if broken_at is None:
+                    broken_at = now  # the budget starts now, however long the stream had been quiet
                 if (not _resumable(error) or (last == after and not resume_at_once)
-                        or loop.time() - progress_at > RESUME_WITHIN):
+                        or now - broken_at > RESUME_WITHIN):
                     raise error
                 log.info("session %s: event stream broke (%s: %s); resuming after sequence %d", self.id, error.code,
                          error.message, last)
