@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -362,6 +363,7 @@ class Client:
         self._metadata = bearer_metadata(token)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._unanswered: set[asyncio.Task[None]] = set()  # see _hold_until_answered
 
     async def __aenter__(self) -> Client:
         return self
@@ -371,6 +373,20 @@ class Client:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def _hold_until_answered(self, call: Any) -> None:
+        """Keeps a started SendMessage call alive until the server answers it (its first event, or
+        its refusal), even when the caller drops the stream unread: gRPC cancels a call it
+        garbage-collects, and one cancelled before the server took it would start no turn. Once
+        answered, the turn runs on whatever becomes of the stream."""
+
+        async def answered() -> None:
+            with contextlib.suppress(Exception):  # an error is for whoever reads the stream
+                await call.initial_metadata()
+
+        task = asyncio.get_running_loop().create_task(answered())
+        self._unanswered.add(task)
+        task.add_done_callback(self._unanswered.discard)
 
     @_rpc
     async def create_session(
@@ -515,16 +531,25 @@ class Session:
     def id(self) -> str:
         return self.info.session_id
 
-    async def send(self, text: str) -> AsyncIterator[Event]:
-        """Sends a user message; yields the turn's events, ending with TurnFinished.
+    def send(self, text: str) -> AsyncIterator[Event]:
+        """Sends a user message now, and returns an async iterator of the turn's events, ending
+        with TurnFinished: `async for event in session.send(text)`.
 
-        If the stream breaks once the turn has started (the server cut it because this reader
-        fell behind, the connection dropped or was reset), the events go on from a WatchEvents
-        resumed after the last one yielded: none is missed or repeated. Leaving the loop stops
-        listening, not the turn: resume with `watch(after=last_sequence_seen)`."""
+        The message is sent when `send` is called, not when the iteration begins (as the Node
+        client's `sendMessage`): the turn starts even if its events are read later, or never.
+        Errors of the call itself (a turn already running, an unknown session) are raised by the
+        iteration. If the stream breaks once the turn has started (the server cut it because
+        this reader fell behind, the connection dropped or was reset), the events go on from a
+        WatchEvents resumed after the last one yielded: none is missed or repeated. Leaving the
+        loop stops listening, not the turn: resume with `watch(after=last_sequence_seen)`."""
         call = self._client._sessions.SendMessage(
             session_pb2.SendMessageRequest(session_id=self.id, text=text), metadata=self._client._metadata
         )
+        self._client._hold_until_answered(call)
+        return self._turn_events(call)
+
+    async def _turn_events(self, call: Any) -> AsyncIterator[Event]:
+        """The events of the turn `call` (a started SendMessage) runs, as `send` describes."""
         turn_id = ""
         # Before the first event the turn is unknown (it may not have started): nothing to resume.
         async for event in self._resuming(call, after=0, follow=True, resume_at_once=False):
