@@ -4,12 +4,15 @@ connections mid-turn, and a server killed and restarted mid-turn drops the conne
 
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +23,7 @@ import pytest
 import codelane.client
 from codelane import events as ev
 from codelane.client import Client, CodelaneError, Session
+from codelane.sync import Client as SyncClient
 from codelane.v1 import events_pb2, session_pb2
 from tests.cli.conftest import (
     CLI_TIMEOUT,
@@ -123,8 +127,6 @@ def _start(port: int, data_dir: Path, model: str, log: Path) -> subprocess.Popen
 
 def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path, mark: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    from codelane.sync import Client as SyncClient
-
     caplog.set_level(logging.INFO, logger="codelane.client")
     # The sleep never ends on its own: the turn is still running when the server is killed.
     model = write_script(tmp_path / "slow.json", [
@@ -360,3 +362,95 @@ async def test_resumes_that_fail_spend_the_budget_counted_from_the_break(clock: 
     assert raised.value.code == "UNAVAILABLE"
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]  # two resumes; the second broke past the budget
+
+
+# -- a stream the SDK cannot resume, as the CLI reports it ------------------------------------------
+#
+# The commands run in this process, so the SDK's budget is the test's: a clock on which each look
+# takes a whole budget spends it within two resumes, however fast the machine is. The proxy is
+# closed once the stream has shown something: the connection had worked, then every resume is
+# refused.
+
+
+class _Shown(io.StringIO):
+    """A stdout that sets `seen` once a line with `marker` is written."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self._marker = marker
+        self.seen = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if self._marker in self.getvalue():
+            self.seen.set()
+        return written
+
+
+@pytest.fixture
+def hasty_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    looks = itertools.count(step=codelane.client.RESUME_WITHIN)
+    monkeypatch.setattr(codelane.client, "_clock", lambda: float(next(looks)))
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_INITIAL", 0.0)
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_MAX", 0.0)
+
+
+def _run_in_process(main: Callable[[list[str]], int], argv: list[str], marker: str, proxy: DroppingProxy,
+                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Runs a CLI command's main here, closing the proxy once `marker` is on its stdout; returns
+    its exit code, stdout and stderr."""
+    shown = _Shown(marker)
+    monkeypatch.setattr(sys, "stdout", shown)
+    monkeypatch.setenv("CODELANE_CONFIG", os.devnull)
+
+    def close_when_shown() -> None:
+        if shown.seen.wait(CLI_TIMEOUT):
+            proxy.close()
+
+    closer = threading.Thread(target=close_when_shown, daemon=True)
+    closer.start()
+    try:
+        code = main(argv)
+    finally:
+        shown.seen.set()
+        closer.join(CLI_TIMEOUT)
+    return code, shown.getvalue(), capsys.readouterr().err
+
+
+def test_run_that_loses_its_stream_mid_turn_says_how_to_watch_on(
+    waiting_server: ThreadedServer, proxy: DroppingProxy, workspace: Path, hasty_budget: None,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from codelane.commands import run
+
+    address = f"127.0.0.1:{proxy.port}"
+    code, out, err = _run_in_process(run.main, ["--server", address, "--workspace", str(workspace), "--json", "go"],
+                                     '"tool_call_started"', proxy, monkeypatch, capsys)
+    (workspace / "go").touch()  # the turn goes on, and ends
+    events = json_lines(out)
+    last, session = events[-1]["sequence"], events[-1]["session_id"]
+    assert code == 1 and events[-1]["kind"] != "turn_finished"
+    assert err.count("\n") == 1
+    assert err.startswith(f"codelane run: lost the connection to {address} after sequence {last} (UNAVAILABLE")
+    assert err.endswith(f"; the turn goes on: `codelane watch --server {address} {session} --after {last}`\n")
+    assert "--tls-ca" not in err and "nothing listens" not in err
+
+
+def test_watch_that_loses_its_stream_says_how_to_watch_on(
+    waiting_server: ThreadedServer, proxy: DroppingProxy, workspace: Path, hasty_budget: None,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from codelane.commands import watch
+
+    (workspace / "go").touch()  # the turn does not wait
+    with SyncClient(waiting_server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        last = list(session.send("go"))[-1].sequence
+    address = f"127.0.0.1:{proxy.port}"
+    code, out, err = _run_in_process(watch.main, ["--server", address, "--after", "2", "--json", session.id],
+                                     '"caught_up"', proxy, monkeypatch, capsys)
+    assert code == 1 and json_lines(out)[-1] == {"kind": "caught_up", "last_sequence": last}
+    assert err.count("\n") == 1
+    assert err.startswith(f"codelane watch: lost the connection to {address} after sequence {last} (UNAVAILABLE")
+    assert err.endswith(f"; the session goes on: `codelane watch --server {address} {session.id} --after {last}`\n")
+    assert "--tls-ca" not in err and "nothing listens" not in err
