@@ -317,8 +317,12 @@ class ToolWorker:
                             self._unreachable_told = (why, time.monotonic())
                             log.warning("%s; retrying", why)
                     else:
-                        log.log(logging.DEBUG if closed_in_handshake else logging.WARNING,
-                                "hub at %s ended our stream (%s): retrying", self.config.address, status_line(exc))
+                        # A hub that is stopping (a restart, `codelane run --embedded` at its end)
+                        # says so: no fault of ours or its, so not a warning. Still retried.
+                        stopping = exc.code() == grpc.StatusCode.UNAVAILABLE and error_reason(exc) == "SHUTTING_DOWN"
+                        level = logging.DEBUG if closed_in_handshake else logging.INFO if stopping else logging.WARNING
+                        log.log(level, "hub at %s ended our stream (%s): retrying", self.config.address,
+                                status_line(exc))
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
@@ -633,16 +637,22 @@ HANDSHAKE_CLOSES = 3
 _TLS_FAILURES = ("handshake", "certificate", "ssl_error", "tlsv1_alert", "wrong_version_number")
 
 
-def status_line(exc: grpc.aio.AioRpcError) -> str:
-    """`CODE REASON: details`: the status and the ErrorInfo reason the hub ended a stream with (for
-    example `UNAVAILABLE HEARTBEAT_TIMEOUT: no heartbeat for 6.1s` when it lost us for silence)."""
-    reason = ""
+def error_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason the hub ended a stream with ("" when it gave none)."""
     with contextlib.suppress(Exception):  # a status without (parsable) details has no reason
         status = rpc_status.from_call(exc)
         for detail in status.details if status is not None else ():
             info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.reason != exc.code().name:
-                reason = f" {info.reason}"
+            if detail.Unpack(info):
+                return info.reason
+    return ""
+
+
+def status_line(exc: grpc.aio.AioRpcError) -> str:
+    """`CODE REASON: details`: the status and the ErrorInfo reason the hub ended a stream with (for
+    example `UNAVAILABLE HEARTBEAT_TIMEOUT: no heartbeat for 6.1s` when it lost us for silence)."""
+    reason = error_reason(exc)
+    reason = f" {reason}" if reason and reason != exc.code().name else ""
     return f"{exc.code().name}{reason}: {exc.details() or 'no message'}"
 
 

@@ -4,18 +4,27 @@ connections mid-turn, and a server killed and restarted mid-turn drops the conne
 
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 
+import codelane.client
 from codelane import events as ev
-from codelane.client import Client
+from codelane.client import Client, CodelaneError, Session
+from codelane.sync import Client as SyncClient
+from codelane.v1 import events_pb2, session_pb2
 from tests.cli.conftest import (
     CLI_TIMEOUT,
     START_TIMEOUT,
@@ -27,6 +36,7 @@ from tests.cli.conftest import (
     json_lines,
     write_script,
 )
+from tests.manual_time import ManualTime
 from tests.polling import wait_until
 
 # Per turn, one step of many Query calls (a burst of events), then the last word.
@@ -117,8 +127,6 @@ def _start(port: int, data_dir: Path, model: str, log: Path) -> subprocess.Popen
 
 def test_send_resumes_across_a_server_killed_and_restarted(tmp_path: Path, workspace: Path, mark: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    from codelane.sync import Client as SyncClient
-
     caplog.set_level(logging.INFO, logger="codelane.client")
     # The sleep never ends on its own: the turn is still running when the server is killed.
     model = write_script(tmp_path / "slow.json", [
@@ -159,10 +167,14 @@ WAITING = [
 
 
 @pytest.fixture
-def proxy(make_server, tmp_path: Path):
+def waiting_server(make_server, tmp_path: Path) -> ThreadedServer:
+    return make_server(model=write_script(tmp_path / "waiting.json", WAITING))
+
+
+@pytest.fixture
+def proxy(waiting_server: ThreadedServer):
     """A server with the default buffer, reached through a proxy whose connections the test drops."""
-    server = make_server(model=write_script(tmp_path / "waiting.json", WAITING))
-    proxy = DroppingProxy(server.port)
+    proxy = DroppingProxy(waiting_server.port)
     yield proxy
     proxy.close()
 
@@ -212,3 +224,233 @@ def test_run_resumes_when_the_connection_drops(proxy: DroppingProxy, workspace: 
     events = json_lines("".join(lines))
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["stop_reason"] == "end_turn" and proxy.dropped >= 1
+
+
+# -- the resume budget: counted from the break, not from the last event ------------------------------
+#
+# The budget's clock is a manual one: a quiet spell is the test moving it on, and it stands still
+# while a broken stream is resumed, so no test waits or depends on how fast anything is.
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> ManualTime:
+    time = ManualTime()
+    monkeypatch.setattr(codelane.client, "_clock", time.now)
+    return time
+
+
+async def test_send_resumes_a_break_that_follows_a_quiet_spell(proxy: DroppingProxy, workspace: Path,
+                                                               clock: ManualTime) -> None:
+    async with Client(f"127.0.0.1:{proxy.port}", timeout=10) as client:
+        session = await client.create_session(workspace)
+        events = []
+        async for event in session.send("go"):
+            events.append(event)
+            if isinstance(event, ev.ToolCallStarted) and event.call.call_id == "c_wait":
+                clock.advance(10 * codelane.client.RESUME_WITHIN)  # a long call: no event for a long time
+                proxy.drop()  # then the connection drops
+                (workspace / "go").touch()
+    _gap_free(events)
+    assert events[-1].stop_reason == "end_turn" and proxy.dropped >= 1
+
+
+async def test_watch_of_an_idle_session_resumes_a_break(waiting_server: ThreadedServer, proxy: DroppingProxy,
+                                                        workspace: Path, clock: ManualTime) -> None:
+    (workspace / "go").touch()  # the turn below does not wait
+    async with (
+        Client(f"127.0.0.1:{proxy.port}", timeout=10) as client,
+        Client(waiting_server.address, timeout=10) as direct,
+    ):
+        session = await client.create_session(workspace)
+        watched = []
+        async for item in session.watch(follow=True):
+            watched.append(item)
+            if isinstance(item, ev.CaughtUp):
+                clock.advance(10 * codelane.client.RESUME_WITHIN)  # nothing happens for a long time
+                proxy.drop()  # then the connection drops (as when the server restarts)
+                sent = [e async for e in (await direct.get_session(session.id)).send("go")]
+            elif isinstance(item, ev.TurnFinished):
+                break
+    assert watched == [ev.CaughtUp(0), *sent] and proxy.dropped >= 1
+
+
+class _Stream:
+    """A scripted event stream: yields `replies`, then `then()` runs (the test moves its clock) and
+    the stream breaks with UNAVAILABLE, as a lost connection does."""
+
+    def __init__(self, replies: list[session_pb2.WatchEventsResponse], then: Callable[[], None]) -> None:
+        self._replies = replies
+        self._then = then
+
+    async def _items(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        for reply in self._replies:
+            yield reply
+        self._then()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="Socket closed")
+
+    def __aiter__(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        return self._items()
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _ScriptedSessions:
+    """A SessionService stub whose WatchEvents answers with the next scripted stream."""
+
+    def __init__(self, streams: list[_Stream]) -> None:
+        self._streams = iter(streams)
+        self.requests: list[session_pb2.WatchEventsRequest] = []
+
+    def WatchEvents(self, request: session_pb2.WatchEventsRequest, **_: object) -> _Stream:
+        self.requests.append(request)
+        return next(self._streams)
+
+
+def _scripted_session(streams: list[_Stream]) -> tuple[Session, _ScriptedSessions]:
+    sessions = _ScriptedSessions(streams)
+    client = SimpleNamespace(_sessions=sessions, _metadata=())
+    return Session(client, SimpleNamespace(session_id="s_scripted")), sessions  # type: ignore[arg-type]
+
+
+def _caught_up(last: int) -> session_pb2.WatchEventsResponse:
+    return session_pb2.WatchEventsResponse(caught_up=session_pb2.CaughtUp(last_sequence=last))
+
+
+def _event(sequence: int) -> session_pb2.WatchEventsResponse:
+    event = events_pb2.Event(session_id="s_scripted", sequence=sequence, turn_id="t_1",
+                             turn_started=events_pb2.TurnStarted(user_text="go"))
+    return session_pb2.WatchEventsResponse(events=session_pb2.EventBatch(events=[event]))
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_INITIAL", 0.0)
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_MAX", 0.0)
+
+
+async def test_a_caught_up_marker_starts_the_budget_afresh(clock: ManualTime, no_backoff: None) -> None:
+    # An idle session: each stream only says it is caught up, then breaks after a long quiet
+    # spell. Each break is a new one (the stream had worked again), each resumed.
+    def quiet() -> None:
+        clock.advance(10 * codelane.client.RESUME_WITHIN)
+
+    session, sessions = _scripted_session([
+        _Stream([_caught_up(0)], quiet), _Stream([_caught_up(0)], quiet), _Stream([_event(1)], quiet),
+    ])  # fmt: skip
+    watch = session.watch(follow=True)
+    assert [await anext(watch), await anext(watch)] == [ev.CaughtUp(0), ev.event_from_proto(_event(1).events.events[0])]
+    await watch.aclose()
+    assert [r.after_sequence for r in sessions.requests] == [0, 0, 0]
+
+
+async def test_resumes_that_fail_spend_the_budget_counted_from_the_break(clock: ManualTime,
+                                                                          no_backoff: None) -> None:
+    # The stream breaks right after an event; every resume fails, each a while later: once the
+    # budget is spent since the break, the error is raised.
+    def later() -> None:
+        clock.advance(0.6 * codelane.client.RESUME_WITHIN)
+
+    session, sessions = _scripted_session([
+        _Stream([_event(1)], lambda: None), _Stream([], later), _Stream([], later), _Stream([], later),
+    ])  # fmt: skip
+    seen = []
+    with pytest.raises(CodelaneError) as raised:
+        async for item in session.watch(follow=True):
+            seen.append(item)
+    assert raised.value.code == "UNAVAILABLE"
+    assert [e.sequence for e in seen] == [1]
+    assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]  # two resumes; the second broke past the budget
+
+
+# -- a stream the SDK cannot resume, as the CLI reports it ------------------------------------------
+#
+# The commands run in this process, so the SDK's budget is the test's: a clock on which each look
+# takes a whole budget spends it within two resumes, however fast the machine is. The proxy is
+# closed once the stream has shown something: the connection had worked, then every resume is
+# refused.
+
+
+class _Shown(io.StringIO):
+    """A stdout that sets `seen` once a line with `marker` is written."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self._marker = marker
+        self.seen = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if self._marker in self.getvalue():
+            self.seen.set()
+        return written
+
+
+@pytest.fixture
+def hasty_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    looks = itertools.count(step=codelane.client.RESUME_WITHIN)
+    monkeypatch.setattr(codelane.client, "_clock", lambda: float(next(looks)))
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_INITIAL", 0.0)
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_MAX", 0.0)
+
+
+def _run_in_process(main: Callable[[list[str]], int], argv: list[str], marker: str, proxy: DroppingProxy,
+                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Runs a CLI command's main here, closing the proxy once `marker` is on its stdout; returns
+    its exit code, stdout and stderr."""
+    shown = _Shown(marker)
+    monkeypatch.setattr(sys, "stdout", shown)
+    monkeypatch.setenv("CODELANE_CONFIG", os.devnull)
+
+    def close_when_shown() -> None:
+        if shown.seen.wait(CLI_TIMEOUT):
+            proxy.close()
+
+    closer = threading.Thread(target=close_when_shown, daemon=True)
+    closer.start()
+    try:
+        code = main(argv)
+    finally:
+        shown.seen.set()
+        closer.join(CLI_TIMEOUT)
+    return code, shown.getvalue(), capsys.readouterr().err
+
+
+def test_run_that_loses_its_stream_mid_turn_says_how_to_watch_on(
+    waiting_server: ThreadedServer, proxy: DroppingProxy, workspace: Path, hasty_budget: None,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from codelane.commands import run
+
+    address = f"127.0.0.1:{proxy.port}"
+    code, out, err = _run_in_process(run.main, ["--server", address, "--workspace", str(workspace), "--json", "go"],
+                                     '"tool_call_started"', proxy, monkeypatch, capsys)
+    (workspace / "go").touch()  # the turn goes on, and ends
+    events = json_lines(out)
+    last, session = events[-1]["sequence"], events[-1]["session_id"]
+    assert code == 1 and events[-1]["kind"] != "turn_finished"
+    assert err.count("\n") == 1
+    assert err.startswith(f"codelane run: lost the connection to {address} after sequence {last} (UNAVAILABLE")
+    assert err.endswith(f"; the turn goes on: `codelane watch --server {address} {session} --after {last}`\n")
+    assert "--tls-ca" not in err and "nothing listens" not in err
+
+
+def test_watch_that_loses_its_stream_says_how_to_watch_on(
+    waiting_server: ThreadedServer, proxy: DroppingProxy, workspace: Path, hasty_budget: None,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from codelane.commands import watch
+
+    (workspace / "go").touch()  # the turn does not wait
+    with SyncClient(waiting_server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        last = list(session.send("go"))[-1].sequence
+    address = f"127.0.0.1:{proxy.port}"
+    code, out, err = _run_in_process(watch.main, ["--server", address, "--after", "2", "--json", session.id],
+                                     '"caught_up"', proxy, monkeypatch, capsys)
+    assert code == 1 and json_lines(out)[-1] == {"kind": "caught_up", "last_sequence": last}
+    assert err.count("\n") == 1
+    assert err.startswith(f"codelane watch: lost the connection to {address} after sequence {last} (UNAVAILABLE")
+    assert err.endswith(f"; the session goes on: `codelane watch --server {address} {session.id} --after {last}`\n")
+    assert "--tls-ca" not in err and "nothing listens" not in err

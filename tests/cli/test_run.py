@@ -228,3 +228,24 @@ def test_run_sandbox_flags_set_the_session_policy(tmp_path: Path, workspace: Pat
     refused = cli("run", "--embedded", "--local-workers", "0", "--workspace", str(workspace),
                   "--env", "no-equals", "go")
     assert refused.returncode == 2 and "NAME=VALUE" in refused.stderr
+
+
+def test_run_in_a_busy_session_names_the_commands_that_wait_or_cancel(make_server, tmp_path: Path,
+                                                                      workspace: Path) -> None:
+    # The server's message gives an API user's advice (CancelTurn); the CLI user gets commands.
+    server = make_server(model=write_script(tmp_path / "waiting.json", [
+        {"text": "Waiting.", "tool_calls": [call("bash", "c_wait", command="while [ ! -e go ]; do sleep 0.05; done")]},
+        {"text": "Done."},
+    ]))  # fmt: skip
+    with Client(server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        turn = session.send("wait")  # started at once
+        wait_until(lambda: session.refresh().state == "running", what="the first turn to run")
+        out = cli("run", "--server", server.address, "--session", session.id, "--plain", "again")
+        (workspace / "go").touch()
+        assert list(turn)[-1].stop_reason == "end_turn"
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr == (f"codelane run: session {session.id} is already running a turn (FAILED_PRECONDITION): "
+                          f"wait for it to end (follow it with `codelane watch --server {server.address} "
+                          f"{session.id}`) or cancel it with `codelane cancel --server {server.address} "
+                          f"{session.id}`\n")

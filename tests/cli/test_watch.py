@@ -104,3 +104,13 @@ def test_watch_unknown_session_is_one_line_with_not_found(server: ThreadedServer
 def test_watch_rejects_a_negative_after(server: ThreadedServer) -> None:
     out = cli("watch", "--server", server.address, "--after", "-1", "s_x")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--after" in out.stderr
+
+
+def test_watch_after_beyond_the_last_event_names_the_flag(server: ThreadedServer, workspace: Path) -> None:
+    session_id, events = _one_turn(server, workspace)
+    last = events[-1].sequence
+    out = cli("watch", "--server", server.address, "--after", str(last + 5), "--no-follow", session_id)
+    # The server's message names the request field (after_sequence); the CLI user gave --after.
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane watch: --after is beyond the session's last event, {last} (OUT_OF_RANGE): "
+                          f"give at most {last}\n")

@@ -170,6 +170,25 @@ async def test_a_stopping_server_ends_a_workers_stream_shutting_down(make_server
     assert details.metadata == {"worker_id": "w"}
 
 
+async def test_a_codelane_worker_logs_a_stopping_hub_at_info(make_server, processes) -> None:
+    # A server that stops (`codelane run --embedded` at its end, a restart) is no fault: the
+    # worker still retries, without a WARNING.
+    server: InProcess = await make_server()
+    proc = spawn_worker(processes, server.server.port, "w-stop")
+    await server.client.wait_workers("w-stop")
+    await server.server.stop(grace=5)
+
+    def ended_line() -> str:
+        while line := proc.stderr.readline().decode():
+            if "ended our stream" in line:
+                return line
+        raise AssertionError("the worker's stderr ended")
+
+    line = await asyncio.wait_for(asyncio.to_thread(ended_line), 20)
+    assert " worker INFO hub at " in line and "(UNAVAILABLE SHUTTING_DOWN: " in line and line.endswith(
+        "): retrying\n"), line
+
+
 # -- liveness ---------------------------------------------------------------------------------------
 
 

@@ -462,12 +462,29 @@ class CallIterator {
 }
 
 // A sendMessage or watchEvents whose stream breaks goes on with a WatchEvents resumed after the
-// last event it yielded; it gives up (throwing the error) after RESUME_WITHIN_MS without a new
-// event, long enough for a server to restart. A resume right after progress is immediate; those
-// that follow without progress wait RESUME_BACKOFF_INITIAL_MS, doubled up to RESUME_BACKOFF_MAX_MS.
+// last event it yielded; it gives up (throwing the error) once RESUME_WITHIN_MS have passed since
+// the break without a reply from a resumed stream, long enough for a server to restart. Counted
+// from the break, not from the last event: a watch of an idle session, or a send waiting on a
+// long tool call, may go quiet for much longer and must still be resumed when its connection then
+// drops. A resume right after progress is immediate; those that follow without a new event wait
+// RESUME_BACKOFF_INITIAL_MS, doubled up to RESUME_BACKOFF_MAX_MS (a resumed stream that only says
+// it is caught up, then breaks again, keeps its pause: a server that cuts every stream is not
+// hammered). The Python SDK (codelane.client) behaves the same.
 const RESUME_WITHIN_MS = 20_000;
 const RESUME_BACKOFF_INITIAL_MS = 100;
 const RESUME_BACKOFF_MAX_MS = 2_000;
+
+/**
+ * The resume budget, the pauses between resumes and the clock they are counted on. Not part of
+ * the API: the tests shorten them or move the clock on instead of waiting, as the Python tests
+ * patch codelane.client's constants and clock.
+ */
+export const _resumeTiming = {
+  withinMs: RESUME_WITHIN_MS,
+  backoffInitialMs: RESUME_BACKOFF_INITIAL_MS,
+  backoffMaxMs: RESUME_BACKOFF_MAX_MS,
+  now: () => performance.now(),
+};
 // The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
 const SUBSCRIBER_TOO_SLOW = 'SUBSCRIBER_TOO_SLOW';
 
@@ -525,12 +542,13 @@ class ResumingIterator {
     let last = after;
     let caughtUp = false;
     let turnId = '';
-    let progressAt = Date.now();
+    let brokenAt = null; // when the stream broke, since when no stream has answered
     let delayMs = 0;
     for (;;) {
       let error;
       try {
         for await (const item of this._call) {
+          brokenAt = null; // the stream answers (a marker counts): a later break is a new one
           if (item.kind === 'caught_up') {
             if (caughtUp || turn) continue;
             caughtUp = true;
@@ -538,7 +556,6 @@ class ResumingIterator {
             continue; // yielded before the resume
           } else {
             last = item.sequence;
-            progressAt = Date.now();
             delayMs = 0;
             if (turn) {
               turnId ||= item.turnId;
@@ -556,7 +573,9 @@ class ResumingIterator {
         if (this._ended()) return;
         error = err;
       }
-      if (!resumable(error) || (turn && last === after) || Date.now() - progressAt > RESUME_WITHIN_MS) throw error;
+      const now = _resumeTiming.now();
+      brokenAt ??= now; // the budget starts now, however long the stream had been quiet
+      if (!resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) throw error;
       try {
         this._onResume?.(error, last);
       } catch {
@@ -575,7 +594,7 @@ class ResumingIterator {
         this._wake = null;
         if (this._ended()) return;
       }
-      delayMs = Math.min(Math.max(delayMs * 2, RESUME_BACKOFF_INITIAL_MS), RESUME_BACKOFF_MAX_MS);
+      delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
       this._call = this._reopen(last);
     }
   }

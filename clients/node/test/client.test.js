@@ -12,11 +12,11 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 
 import * as protoLoader from '@grpc/proto-loader';
 
-import { DEFAULT_ADDRESS, connect, grpc, serverFromEnv } from '../src/client.js';
+import { DEFAULT_ADDRESS, _resumeTiming, connect, grpc, serverFromEnv } from '../src/client.js';
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const PROTOS_DIR = fileURLToPath(new URL('../../../protos', import.meta.url));
@@ -932,7 +932,165 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
       fs.rmSync(path.join(workspace, 'go-node'), { force: true });
     }
   });
+
+  // The resume budget counts from the break, not from the last event. Its clock is moved on by
+  // the tests (a quiet spell is `skip(ms)`), and stands still while a broken stream is resumed:
+  // no test waits, or depends on how fast anything is.
+  const realTiming = { ..._resumeTiming };
+  let skippedMs = 0;
+  const skip = (ms) => {
+    skippedMs += ms;
+  };
+  const manualClock = () => {
+    _resumeTiming.now = () => realTiming.now() + skippedMs;
+  };
+  afterEach(() => {
+    Object.assign(_resumeTiming, realTiming);
+    skippedMs = 0;
+  });
+
+  test('sendMessage resumes a break that follows a quiet spell', async () => {
+    manualClock();
+    const script = path.join(tmp, 'script-quiet.json');
+    fs.writeFileSync(script, JSON.stringify({
+      responses: [
+        {
+          text: 'Waiting.',
+          tool_calls: [
+            { id: 'c_wait', name: 'bash', arguments: { command: 'while [ ! -e go-quiet ]; do sleep 0.05; done; echo went' } },
+          ],
+        },
+        { text: 'Done.' },
+      ],
+    }));
+    const proxy = await droppingProxy(Number(tiny.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace, model: `scripted:${script}` });
+      const events = [];
+      for await (const ev of viaProxy.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS })) {
+        events.push(ev);
+        if (ev.kind === 'tool_call_started') {
+          skip(10 * _resumeTiming.withinMs); // a long call: no event for a long time
+          proxy.drop(); // then the connection drops
+          fs.writeFileSync(path.join(workspace, 'go-quiet'), '');
+        }
+      }
+      assertGapFree(events, 1n);
+      assert.equal(events.at(-1).turnFinished?.stopReason, 'STOP_REASON_END_TURN');
+      assert.ok(proxy.dropped >= 1);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+      fs.rmSync(path.join(workspace, 'go-quiet'), { force: true });
+    }
+  });
+
+  test('watchEvents of an idle session resumes a break', async () => {
+    manualClock();
+    const proxy = await droppingProxy(Number(tiny.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace });
+      const watched = [];
+      let sent;
+      for await (const item of viaProxy.watchEvents(session.sessionId, { timeoutMs: STREAM_TIMEOUT_MS })) {
+        watched.push(item);
+        if (item.kind === 'caught_up') {
+          skip(10 * _resumeTiming.withinMs); // nothing happens for a long time
+          proxy.drop(); // then the connection drops (as when the server restarts)
+          sent = await collect(tinyClient.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+        } else if (item.kind === 'turn_finished') {
+          break;
+        }
+      }
+      assert.deepEqual(watched, [{ kind: 'caught_up', lastSequence: 0n }, ...sent]);
+      assert.ok(proxy.dropped >= 1);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+    }
+  });
+
+  const caughtUp = { caughtUp: { lastSequence: '0' } };
+  const event = (sequence) => ({
+    events: { events: [{ sessionId: 's_scripted', sequence: String(sequence), turnId: 't_1', turnStarted: { userText: 'go' } }] },
+  });
+
+  test('a caught_up marker starts the resume budget afresh', async () => {
+    // An idle session: each stream only says it is caught up, then breaks after a long quiet
+    // spell. Each break is a new one (the stream had worked again), each resumed.
+    manualClock();
+    Object.assign(_resumeTiming, { backoffInitialMs: 0, backoffMaxMs: 0 });
+    const quiet = () => skip(10 * _resumeTiming.withinMs);
+    const scripted = await scriptedWatches([
+      { replies: [caughtUp], then: quiet }, { replies: [caughtUp], then: quiet }, { replies: [event(1)] },
+    ]);
+    const viaScripted = connect(scripted.address, { callTimeoutMs: 10_000 });
+    try {
+      const items = [];
+      for await (const item of viaScripted.watchEvents('s_scripted', { timeoutMs: STREAM_TIMEOUT_MS })) {
+        items.push(item);
+        if (items.length === 2) break;
+      }
+      assert.deepEqual(items.map((item) => [item.kind, item.sequence]), [['caught_up', undefined], ['turn_started', 1n]]);
+      assert.deepEqual(scripted.requests.map((r) => r.afterSequence), ['0', '0', '0']);
+    } finally {
+      viaScripted.close();
+      scripted.close();
+    }
+  });
+
+  test('resumes that fail spend the budget counted from the break', async () => {
+    // The stream breaks right after an event; every resume fails, each a while later: once the
+    // budget is spent since the break, the error is thrown.
+    manualClock();
+    Object.assign(_resumeTiming, { backoffInitialMs: 0, backoffMaxMs: 0 });
+    const later = () => skip(0.6 * _resumeTiming.withinMs);
+    const scripted = await scriptedWatches([
+      { replies: [event(1)] }, { then: later }, { then: later }, { then: later },
+    ]);
+    const viaScripted = connect(scripted.address, { callTimeoutMs: 10_000 });
+    try {
+      const seen = [];
+      await assert.rejects(async () => {
+        for await (const item of viaScripted.watchEvents('s_scripted', { timeoutMs: STREAM_TIMEOUT_MS })) seen.push(item);
+      }, (err) => err.code === grpc.status.UNAVAILABLE);
+      assert.deepEqual(seen.map((item) => item.sequence), [1n]);
+      // Two resumes; the second broke past the budget.
+      assert.deepEqual(scripted.requests.map((r) => r.afterSequence), ['0', '1', '1']);
+    } finally {
+      viaScripted.close();
+      scripted.close();
+    }
+  });
 });
+
+/**
+ * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
+ * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
+ * then ends UNAVAILABLE, as a lost connection does. `requests` are the WatchEventsRequests seen.
+ */
+async function scriptedWatches(streams) {
+  const service = protoLoader.loadSync(['codelane/v1/session.proto'], {
+    includeDirs: [PROTOS_DIR], longs: String, enums: String, defaults: true, oneofs: true,
+  })['codelane.v1.SessionService'];
+  const requests = [];
+  const server = new grpc.Server();
+  server.addService(service, {
+    WatchEvents(call) {
+      requests.push(call.request);
+      const { replies = [], then } = streams[requests.length - 1] ?? {};
+      for (const reply of replies) call.write(reply);
+      then?.();
+      call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'scripted break' });
+    },
+  });
+  const port = await new Promise((resolve, reject) => {
+    server.bindAsync(`${HOST}:0`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+  });
+  return { address: `${HOST}:${port}`, requests, close: () => server.forceShutdown() };
+}
 
 /** A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it. */
 function droppingProxy(targetPort) {

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +40,19 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Extra deadline a long-polling claim gets beyond its wait, for the network and the server.
 CLAIM_DEADLINE_MARGIN = 30.0
 # A send or watch whose stream breaks resumes with WatchEvents after the last event it yielded.
-# It gives up, raising the error, once this many seconds have passed without a new event (long
-# enough for a server to restart).
+# It gives up, raising the error, once this many seconds have passed since the break without any
+# reply from a resumed stream (long enough for a server to restart). Counted from the break, not
+# from the last event: a watch of an idle session, or a send waiting on a long tool call, may go
+# quiet for much longer than this and must still be resumed when its connection then drops.
 RESUME_WITHIN = 20.0
 # Pause before a resume that follows another one without a new event in between, doubled each
-# time; the first resume after some progress is immediate.
+# time; the first resume after some progress is immediate. (A resumed stream that only says it
+# is caught up, then breaks again, keeps its pause: a server that accepts and cuts every stream
+# is not hammered.)
 RESUME_BACKOFF_INITIAL = 0.1
 RESUME_BACKOFF_MAX = 2.0
+# The clock RESUME_WITHIN is counted on; tests move a manual one on instead of waiting.
+_clock = time.monotonic
 # The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
 SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
@@ -355,6 +363,7 @@ class Client:
         self._metadata = bearer_metadata(token)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._unanswered: set[asyncio.Task[None]] = set()  # see _hold_until_answered
 
     async def __aenter__(self) -> Client:
         return self
@@ -364,6 +373,20 @@ class Client:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def _hold_until_answered(self, call: Any) -> None:
+        """Keeps a started SendMessage call alive until the server answers it (its first event, or
+        its refusal), even when the caller drops the stream unread: gRPC cancels a call it
+        garbage-collects, and one cancelled before the server took it would start no turn. Once
+        answered, the turn runs on whatever becomes of the stream."""
+
+        async def answered() -> None:
+            with contextlib.suppress(Exception):  # an error is for whoever reads the stream
+                await call.initial_metadata()
+
+        task = asyncio.get_running_loop().create_task(answered())
+        self._unanswered.add(task)
+        task.add_done_callback(self._unanswered.discard)
 
     @_rpc
     async def create_session(
@@ -508,16 +531,25 @@ class Session:
     def id(self) -> str:
         return self.info.session_id
 
-    async def send(self, text: str) -> AsyncIterator[Event]:
-        """Sends a user message; yields the turn's events, ending with TurnFinished.
+    def send(self, text: str) -> AsyncIterator[Event]:
+        """Sends a user message now, and returns an async iterator of the turn's events, ending
+        with TurnFinished: `async for event in session.send(text)`.
 
-        If the stream breaks once the turn has started (the server cut it because this reader
-        fell behind, the connection dropped or was reset), the events go on from a WatchEvents
-        resumed after the last one yielded: none is missed or repeated. Leaving the loop stops
-        listening, not the turn: resume with `watch(after=last_sequence_seen)`."""
+        The message is sent when `send` is called, not when the iteration begins (as the Node
+        client's `sendMessage`): the turn starts even if its events are read later, or never.
+        Errors of the call itself (a turn already running, an unknown session) are raised by the
+        iteration. If the stream breaks once the turn has started (the server cut it because
+        this reader fell behind, the connection dropped or was reset), the events go on from a
+        WatchEvents resumed after the last one yielded: none is missed or repeated. Leaving the
+        loop stops listening, not the turn: resume with `watch(after=last_sequence_seen)`."""
         call = self._client._sessions.SendMessage(
             session_pb2.SendMessageRequest(session_id=self.id, text=text), metadata=self._client._metadata
         )
+        self._client._hold_until_answered(call)
+        return self._turn_events(call)
+
+    async def _turn_events(self, call: Any) -> AsyncIterator[Event]:
+        """The events of the turn `call` (a started SendMessage) runs, as `send` describes."""
         turn_id = ""
         # Before the first event the turn is unknown (it may not have started): nothing to resume.
         async for event in self._resuming(call, after=0, follow=True, resume_at_once=False):
@@ -548,16 +580,17 @@ class Session:
         CaughtUp marker is yielded, later ones (of resumed watches) are not. Ends when a watch
         that does not follow has sent its marker and ended; a send's caller stops at its
         TurnFinished. `resume_at_once`: whether a stream that breaks before its first event is
-        resumed too (else its error is raised)."""
-        loop = asyncio.get_running_loop()
+        resumed too (else its error is raised). The error is raised too once RESUME_WITHIN has
+        passed since the break with no reply from any resumed stream."""
         last = after
         caught_up = False
-        progress_at = loop.time()
+        broken_at: float | None = None  # when the stream broke, since when no stream has answered
         delay = 0.0  # no pause before the first resume after progress
         try:
             while True:
                 try:
                     async for reply in call:
+                        broken_at = None  # the stream answers (a marker counts): a later break is a new one
                         for item in _stream_items(reply):
                             if isinstance(item, CaughtUp):
                                 if caught_up:
@@ -566,15 +599,18 @@ class Session:
                             elif item.sequence <= last:
                                 continue  # yielded before the resume
                             else:
-                                last, progress_at, delay = item.sequence, loop.time(), 0.0
+                                last, delay = item.sequence, 0.0
                             yield item
                     if caught_up and not follow:
                         return
                     error = CodelaneError("UNAVAILABLE", "the event stream ended early")
                 except grpc.aio.AioRpcError as exc:
                     error = CodelaneError.from_rpc_error(exc)
+                now = _clock()
+                if broken_at is None:
+                    broken_at = now  # the budget starts now, however long the stream had been quiet
                 if (not _resumable(error) or (last == after and not resume_at_once)
-                        or loop.time() - progress_at > RESUME_WITHIN):
+                        or now - broken_at > RESUME_WITHIN):
                     raise error
                 log.info("session %s: event stream broke (%s: %s); resuming after sequence %d", self.id, error.code,
                          error.message, last)

@@ -326,9 +326,11 @@ class Session(_Facade):
         return self._target.info
 
     def send(self, text: str) -> Iterator[Event]:
-        """Sends a user message; yields the turn's events, ending with TurnFinished. Leaving the
-        loop early stops listening, not the turn: resume with `watch(after=last_sequence_seen)`,
-        or stop the turn with `cancel()`."""
+        """Sends a user message now, and returns an iterator of the turn's events, ending with
+        TurnFinished. The turn starts when `send` is called, whether its events are read then,
+        later or never (errors of the call itself come out of the iteration). Leaving the loop
+        early stops listening, not the turn: resume with `watch(after=last_sequence_seen)`, or
+        stop the turn with `cancel()`."""
         return self._call("send", text)
 
     def watch(self, after: int = 0, *, follow: bool = True) -> Iterator[Event | CaughtUp]:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError
+from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError, _resumable
 from codelane.commands import args as types
 from codelane.commands.config import ENV_VARS, ConfigError, Connection, resolve
 
@@ -79,6 +79,36 @@ def command_line(prog: str, *words: str, connection: Connection | None = None) -
     return " ".join([*parts[:1], *(shlex.quote(part) for part in [*parts[1:], *words])])
 
 
+class StreamLost(CodelaneError):
+    """A session's event stream (of `run`, `chat` or `watch`) that broke after it had delivered,
+    and that the SDK could not resume within its budget. The connection worked, so what gRPC
+    says of the break (a socket closed, say) is no hint about TLS or the address: the error line
+    says where to pick the session up instead. `turn`: whether a turn was being shown."""
+
+    def __init__(self, cause: CodelaneError, session_id: str, after: int, *, turn: bool) -> None:
+        super().__init__(cause.code, cause.message, cause.reason, cause.metadata)
+        self.session_id = session_id
+        self.after = after
+        self.turn = turn
+
+    @classmethod
+    def of(cls, exc: CodelaneError, session_id: str, after: int, *, delivered: bool, turn: bool) -> StreamLost | None:
+        """`exc` as a StreamLost when it is a break of a stream that had `delivered` something
+        (the SDK resumes those, and raises only once its budget is spent), else None."""
+        return cls(exc, session_id, after, turn=turn) if delivered and _resumable(exc) else None
+
+
+def stream_lost_line(exc: StreamLost, connection: Connection) -> str:
+    """What to say of a stream lost mid-way: after which event, and the command that goes on from
+    there."""
+    watch = command_line("codelane watch", exc.session_id, "--after", str(exc.after), connection=connection)
+    # The server's own words (a SHUTTING_DOWN's) name RPCs: the reason says enough.
+    why = f"{exc.code} {exc.reason}" if exc.reason else f"{exc.code}: {exc.message}"
+    what = "the turn goes on" if exc.turn else "the session goes on"
+    return (f"lost the connection to {connection.server} after sequence {exc.after} ({why}); {what}: "
+            f"`{watch}`")
+
+
 def unreachable(address: str, message: str, tls: bool) -> str:
     """The real cause of an UNAVAILABLE, from gRPC's own words, and what to do about it."""
     text = message.lower()
@@ -104,7 +134,9 @@ def unreachable(address: str, message: str, tls: bool) -> str:
 def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
     """One line saying what went wrong and, where there is one, what to do."""
     address = connection.server
-    if exc.code == "UNAVAILABLE":
+    if isinstance(exc, StreamLost):
+        text = stream_lost_line(exc, connection)
+    elif exc.code == "UNAVAILABLE":
         text = unreachable(address, exc.message, connection.tls_ca is not None)
     elif exc.code == "DEADLINE_EXCEEDED":
         text = (f"the server at {address} did not answer within {UNARY_TIMEOUT:g}s (DEADLINE_EXCEEDED): "
@@ -121,6 +153,17 @@ def error_line(prog: str, exc: CodelaneError, connection: Connection) -> str:
         text = f"{exc} (see `codelane workers`)"
     elif exc.reason == "SESSION_NOT_FOUND":
         text = f"{exc} (see `codelane sessions`)"
+    # The server's messages give an API user's advice (an RPC, a request field): a CLI user is
+    # told the command or flag that does it instead.
+    elif exc.reason == "TURN_IN_PROGRESS" and exc.metadata.get("session_id"):
+        session = exc.metadata["session_id"]
+        watch = command_line("codelane watch", session, connection=connection)
+        cancel = command_line("codelane cancel", session, connection=connection)
+        text = (f"session {session} is already running a turn ({exc.code}): wait for it to end (follow it with "
+                f"`{watch}`) or cancel it with `{cancel}`")
+    elif exc.reason == "SEQUENCE_OUT_OF_RANGE" and exc.metadata.get("last_sequence"):
+        last = exc.metadata["last_sequence"]
+        text = f"--after is beyond the session's last event, {last} ({exc.code}): give at most {last}"
     else:
         text = str(exc)
     return f"{prog}: " + " ".join(text.split())

@@ -24,7 +24,7 @@ from typing import Any
 from codelane import events as ev
 from codelane.client import Client, CodelaneError, Session
 from codelane.commands import args as types
-from codelane.commands.common import command_line, workspace_path
+from codelane.commands.common import StreamLost, command_line, workspace_path
 from codelane.commands.config import Connection
 from codelane.render import EventView
 
@@ -188,12 +188,20 @@ class TurnConsole:
             cancelling.append(loop.create_task(cancel_turn()))
 
         loop.add_signal_handler(signal.SIGINT, interrupt)
+        last = 0  # the last event shown
         try:
             with self.view.running():
                 async for event in self.session.send(text):
+                    last = event.sequence
                     await self._take(event)
                     if isinstance(event, ev.TurnFinished):
                         outcome.stop_reason = event.stop_reason
+        except CodelaneError as exc:
+            # Lost mid-turn (past the SDK's resumes): the turn goes on without us, say where to pick it up.
+            lost = StreamLost.of(exc, self.session.id, last, delivered=last > 0, turn=True)
+            if lost is None:
+                raise
+            raise lost from exc
         except asyncio.CancelledError:
             if not outcome.interrupted:
                 raise

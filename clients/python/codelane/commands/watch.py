@@ -4,7 +4,8 @@
 
 The replay ends with a "caught up" marker; with --no-follow the command stops there, otherwise it
 follows the session until Ctrl-C (which only stops watching: a running turn goes on). A stream
-that breaks is resumed after the last event shown.
+that breaks is resumed after the last event shown; one the SDK cannot resume within its budget
+ends with the `codelane watch --after N` that goes on from there.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codelane.client import Client
+from codelane.client import Client, CodelaneError
 from codelane.commands import args as types
-from codelane.commands.common import add_connection_options, client_main
+from codelane.commands.common import StreamLost, add_connection_options, client_main
+from codelane.events import CaughtUp
 from codelane.render import PlainRenderer, event_json
 
 PROG = "codelane watch"
@@ -35,11 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
 async def watch(client: Client, args: argparse.Namespace) -> int:
     renderer = PlainRenderer(sys.stdout)
     session = await client.get_session(args.session)
-    async for event in session.watch(args.after, follow=args.follow):
-        if args.json:
-            print(event_json(event), flush=True)
-        else:
-            renderer.show(event)
+    last, delivered = args.after, False  # the last event shown; whether the stream said anything
+    try:
+        async for event in session.watch(args.after, follow=args.follow):
+            delivered = True
+            if not isinstance(event, CaughtUp):
+                last = event.sequence
+            if args.json:
+                print(event_json(event), flush=True)
+            else:
+                renderer.show(event)
+    except CodelaneError as exc:
+        # Lost mid-way (past the SDK's resumes): say where to watch on from.
+        lost = StreamLost.of(exc, session.id, last, delivered=delivered, turn=False)
+        if lost is None:
+            raise
+        raise lost from exc
     return 0
 
 
