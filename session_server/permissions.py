@@ -20,10 +20,13 @@ The subject of a call is its main argument, given per tool by `SUBJECTS`:
 Globs are fnmatch-style. For `command` and `text` subjects `*` matches anything, `/` included
 (`bash(git *)`, `grep(*password*)`). For `path` subjects the glob syntax is that of
 `tool_worker.denied` (`*` and `?` within one segment, `**` across segments, `write(src/**)`,
-`read(**/*.env)`); `src/**` also matches `src` itself. Paths are normalised first (an absolute
-path inside the workspace is made relative to it; `.` and `..` are resolved) and checked twice:
-as named, and with every symlink resolved. A deny or ask rule matches when either form, or a
-directory above it, matches; an allow rule only when both forms do.
+`read(**/*.env)`); `src/**` also matches `src` itself, and a glob ending in `/` is the directory
+and everything in it (`secret/` is `secret/**`). Paths are normalised first (an absolute path
+inside the workspace is made relative to it; `.` and `..` are resolved) and checked twice: as
+named, and with every symlink resolved. A deny or ask rule matches when either form, or a
+directory above it, matches; an allow rule only when both forms do. An absolute glob is placed in
+the workspace before matching (`_placed`): `/ws/src/**` matches the workspace's `src/**`, as does
+`/link-to-ws/src/**` or `/*/src/**`, and still matches absolute paths outside the workspace.
 
 Path rules protect what a call touches, not only the tool named: `read(glob)` and `write(glob)`
 deny and ask rules apply to every tool, by the paths the call reads or writes (`copy` reads its
@@ -64,9 +67,18 @@ from pathlib import Path
 from typing import Any
 
 from session_server.shell import Access, ShellLine, SimpleCommand, argv_line, parse_shell, writing_option
-from tool_worker.denied import ancestors_and_self, compile_path_glob, normalise_relative, relative_to_root
+from tool_worker.denied import (
+    MAX_BRACE_ALTERNATIVES,
+    ancestors_and_self,
+    compile_path_glob,
+    globs_within,
+    literal_glob,
+    normalise_relative,
+    relative_to_root,
+)
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ToolFailure
+from tool_worker.tools.globs import expand_braces
 
 DEFAULT_CONFIRMATION_TIMEOUT = 60.0
 
@@ -151,6 +163,8 @@ class Rule:
     tool: str
     glob: str | None
     source: str
+    # A rule placed in a workspace (`_placed`): the rule as written.
+    origin: Rule | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str, source: str, known_tools: Collection[str] | None = None) -> Rule:
@@ -365,13 +379,11 @@ class PermissionPolicy:
         globs = []
         for rule in self.deny:
             if rule.tool == "read" and rule.glob is not None:
-                glob = rule.glob
-                if workspace and glob.startswith("/"):
-                    inside = relative_to_root(posixpath.normpath(workspace), glob)
-                    if inside is None:
+                for placed in _placed(rule, workspace, covering=True):
+                    assert placed.glob is not None
+                    if workspace and placed.glob.startswith("/"):
                         continue  # outside the workspace: no tool lists it anyway
-                    glob = inside
-                globs.append(glob)
+                    globs.append(placed.glob)
         return tuple(dict.fromkeys(globs))
 
     def decide(self, tool: str, arguments: Mapping[str, Any], workspace: str | None = None) -> Decision:
@@ -381,15 +393,15 @@ class PermissionPolicy:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
         inside = _Inside(workspace)
-        rule = _any_match(self.deny, call, inside)
+        rule = _any_match(_place_all(self.deny, workspace, covering=True), call, inside)
         if rule is not None:
-            return Decision(Action.DENY, rule)
-        rule = _every_match(self.allow, call, workspace)
+            return Decision(Action.DENY, rule.origin or rule)
+        rule = _every_match(_place_all(self.allow, workspace, covering=False), call, workspace)
         if rule is not None:
-            return Decision(Action.ALLOW, rule)
-        rule = _any_match(self.ask, call, inside)
+            return Decision(Action.ALLOW, rule.origin or rule)
+        rule = _any_match(_place_all(self.ask, workspace, covering=True), call, inside)
         if rule is not None:
-            return Decision(Action.ASK, rule)
+            return Decision(Action.ASK, rule.origin or rule)
         return Decision(self.default_action)
 
     def to_dict(self) -> dict[str, Any]:
@@ -585,6 +597,66 @@ def _action(value: Action | str, name: str) -> Action:
         raise PolicyError(name, f"{value!r} is not one of allow, deny, ask") from None
 
 
+def _place_all(rules: tuple[Rule, ...], workspace: str | None, covering: bool) -> tuple[Rule, ...]:
+    if not workspace or not any(r.glob is not None and r.glob.startswith("/") for r in rules):
+        return rules
+    real: dict[str, str] = {}  # the real paths of the rules' fixed starts, shared between them
+    return tuple(placed for rule in rules for placed in _placed(rule, workspace, covering, real))
+
+
+def _placed(rule: Rule, workspace: str | None, covering: bool, real: dict[str, str] | None = None) -> tuple[Rule, ...]:
+    """A path rule whose glob is absolute, placed in the workspace: paths inside it are matched
+    relative to it, so the glob also stands for what it matches there (`globs_within`, from the
+    workspace as named and as its real path), and for what it matches with the symlinks of its
+    fixed start resolved up to the workspace (`/home/me/link-to-ws/secret/**`). `covering`: the
+    rule covers what lies below what it matches (deny and ask rules)."""
+    glob = rule.glob
+    if glob is None or not workspace or not glob.startswith("/") or SUBJECTS[rule.tool][0].kind is not SubjectKind.PATH:
+        return (rule,)
+    real_root = os.path.realpath(workspace)
+    forms = [glob]
+    resolved = _resolved_start(glob, real_root, {} if real is None else real)
+    if resolved is not None:
+        forms.append(resolved)
+    roots = tuple(dict.fromkeys((posixpath.normpath(workspace), real_root)))
+    globs: list[str] = []
+    for form in dict.fromkeys(forms):
+        # As written, for paths outside the workspace (which stay absolute): needless when its
+        # fixed start is in the workspace, as every path it matches then is.
+        start = form[: m.start()] if (m := _PATH_WILDCARD.search(form)) else form + "/"
+        if not any(relative_to_root(root, posixpath.dirname(start)) is not None for root in roots):
+            globs.append(form)
+        for root in roots:
+            inside = globs_within(form, root, covering)
+            if inside is None:  # more alternatives than are worth listing (refused when parsed)
+                inside = ("**",) if covering else ()
+            globs += inside
+    return tuple(Rule(rule.text, rule.tool, g, rule.source, rule) for g in dict.fromkeys(globs))
+
+
+def _resolved_start(glob: str, real_root: str, real: dict[str, str]) -> str | None:
+    """The absolute `glob` with the symlinks of its fixed start resolved, up to the first name
+    inside the real workspace `real_root` (past it, as the workspace's own paths, symlinks are
+    the paths' to resolve: a rule naming a link the model made does not follow it)."""
+    if len(glob) > 4096 or "\0" in glob:
+        return None
+    parts = glob.split("/")[1:]
+    current, index = "/", 0
+    while index < len(parts):
+        part = parts[index]
+        if relative_to_root(real_root, current) is not None or _PATH_WILDCARD.search(part) or part in ("", ".", ".."):
+            break
+        named = os.path.join(current, part)
+        if named not in real:
+            try:
+                real[named] = os.path.realpath(named)
+            except (OSError, ValueError):
+                return None
+        current = real[named]
+        index += 1
+    return "/".join([literal_glob(current).rstrip("/"), *parts[index:]]) or "/"
+
+
 def _normalise_path(path: str, workspace: str | None) -> str:
     if workspace and path.startswith("/"):
         inside = relative_to_root(posixpath.normpath(workspace), posixpath.normpath(path))
@@ -608,9 +680,30 @@ def _check_path_glob(glob: str, text: str, source: str) -> None:
         compile_path_glob(glob)
     except re.error as exc:
         raise PolicyError(source, f"{text!r} is not a glob a path can match: {exc}") from None
+    if glob.startswith("/") and expand_braces(glob, MAX_BRACE_ALTERNATIVES) is None:
+        raise PolicyError(
+            source, f"{text!r}: an absolute glob is placed in the workspace by its braces' alternatives, and "
+            f"these stand for more than {MAX_BRACE_ALTERNATIVES:,} globs"
+        )
 
 
 def _normalise_rule_path(glob: str) -> str:
-    while glob.startswith("./"):
-        glob = glob[2:]
-    return glob or "."
+    """A path rule's glob in the form paths are matched in: no empty or `.` components, a `..`
+    after a fixed name taken back (`a/../b` is `b`), and a trailing `/` meaning the directory and
+    everything in it (`secret/` is `secret/**`, `./` the whole workspace)."""
+    absolute = glob.startswith("/")
+    directory = glob.endswith("/")
+    parts: list[str] = []
+    for part in glob.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and parts and parts[-1] != ".." and not _PATH_WILDCARD.search(parts[-1]):
+            parts.pop()
+            continue
+        if part == ".." and absolute and not parts:
+            continue  # `/..` is `/`
+        parts.append(part)
+    if directory and (not parts or parts[-1] != "**"):
+        parts.append("**")
+    body = "/".join(parts)
+    return "/" + body if absolute else body or "."

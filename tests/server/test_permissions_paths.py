@@ -128,6 +128,90 @@ def test_listing_a_directory_is_allowed_and_its_denied_paths_travel() -> None:
     assert ENV.denied_paths("/work/ws") == ("**/*.env",)
     absolute = PermissionPolicy.parse(deny=["read(/work/ws/secrets/**)", "read(/etc/**)", "read(./a/*)"])
     assert absolute.denied_paths("/work/ws") == ("secrets/**", "a/*")
+    above = PermissionPolicy.parse(deny=["read(/work/*/keys/)", "read(/**/.ssh/**)", "read(b/)", "read(/work)"])
+    assert above.denied_paths("/work/ws") == ("keys/**", "**/.ssh/**", "b/**", "**")
+
+
+# -- a path rule names a path however it is spelled: absolute, through the workspace's symlink,
+# -- with a trailing `/` ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_workspace(tmp_path: Path) -> Path:
+    workspace = tmp_path / "ws"
+    (workspace / "secret").mkdir(parents=True)
+    (workspace / "secret" / "key").write_text("k")
+    (workspace / "src").mkdir()
+    os.symlink(workspace, tmp_path / "ws-link")
+    return workspace
+
+
+@pytest.mark.parametrize(
+    "glob",
+    [
+        "{ws}/secret/**",
+        "{ws}/secret",
+        "{ws}/secret/",
+        "{ws}/./src/../secret//**",
+        "{link}/secret/**",  # the workspace through a symlink
+        "{parent}/*/secret/**",  # a wildcard above the workspace
+        "{parent}/**/secret/**",
+        "{parent}",  # a directory above the workspace holds all of it
+        "/**",
+        "secret/",
+        "./secret/",
+    ],
+)
+def test_a_deny_names_workspace_paths_however_it_is_spelled(secret_workspace: Path, glob: str) -> None:
+    ws = secret_workspace
+    glob = glob.format(ws=ws, link=ws.parent / "ws-link", parent=ws.parent)
+    for tool in ("write", "delete"):
+        policy = PermissionPolicy.parse(deny=[f"{tool}({glob})"])
+        for path in ("secret/key", f"{ws}/secret/key", f"{ws.parent}/ws-link/secret/key", "secret"):
+            assert decide(policy, tool, ws, file_path=path, content="") is Action.DENY, (tool, path)
+        assert decide(policy, tool, ws, file_path=".", path=".") is Action.DENY  # it holds secret
+    policy = PermissionPolicy.parse(deny=[f"read({glob})", f"write({glob})"])
+    for command in ("cat secret/key", f"cat {ws}/secret/key", "echo x > secret/key", "cat < secret/key"):
+        assert decide(policy, "bash", ws, command=command) is Action.DENY, command
+    decision = policy.decide("read", {"file_path": "secret/key"}, str(ws))
+    assert decision.rule is not None and decision.rule.text == f"read({glob})"  # as written
+    assert policy.denied_paths(str(ws)) and not any(g.startswith("/") for g in policy.denied_paths(str(ws)))
+
+
+def test_an_absolute_deny_outside_the_workspace_still_matches_there(secret_workspace: Path) -> None:
+    ws = secret_workspace
+    policy = PermissionPolicy.parse(deny=[f"read({ws.parent}/other/**)", "read(/etc/**)"])
+    assert decide(policy, "read", ws, file_path=f"{ws.parent}/other/x") is Action.DENY
+    assert decide(policy, "bash", ws, command="cat /etc/passwd") is Action.DENY
+    assert decide(policy, "read", ws, file_path="secret/key") is Action.ALLOW
+    assert decide(policy, "read", ws, file_path="other/x") is Action.ALLOW
+
+
+def test_an_absolute_allow_names_what_it_names_in_the_workspace(secret_workspace: Path) -> None:
+    ws = secret_workspace
+    policy = PermissionPolicy.parse(allow=[f"write({ws}/src/**)", f"write({ws.parent}/ws-link/docs/)"],
+                                    default_action="ask")
+    assert decide(policy, "write", ws, file_path="src/a.py") is Action.ALLOW
+    assert decide(policy, "write", ws, file_path=f"{ws}/src/a.py") is Action.ALLOW
+    assert decide(policy, "write", ws, file_path="docs/a/b.md") is Action.ALLOW
+    assert decide(policy, "write", ws, file_path="secret/key") is Action.ASK
+    # An allow of the workspace directory is not an allow of everything in it, nor is one of a
+    # directory above it.
+    for glob in (str(ws), str(ws.parent)):
+        exact = PermissionPolicy.parse(allow=[f"write({glob})"], default_action="ask")
+        assert decide(exact, "write", ws, file_path="src/a.py") is Action.ASK
+    # A rule naming a symlink in the workspace does not follow it: the model may re-point it.
+    os.symlink("secret", ws / "notes")
+    linked = PermissionPolicy.parse(allow=[f"write({ws}/notes/**)"], default_action="ask")
+    assert decide(linked, "write", ws, file_path="secret/key") is Action.ASK
+    assert decide(linked, "write", ws, file_path="notes/key") is Action.ASK  # really secret/key
+
+
+def test_an_absolute_glob_of_too_many_alternatives_is_refused() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PermissionPolicy.parse(deny=["read(x)", "read(/" + "{a,b}" * 11 + ")"])
+    assert caught.value.field == "deny[1]" and "1,024" in caught.value.message
+    PermissionPolicy.parse(deny=["read(" + "{a,b}" * 11 + ")"])  # a relative one is matched as written
 
 
 def test_symlinks_are_resolved_as_the_sandbox_resolves_them(tmp_path: Path) -> None:

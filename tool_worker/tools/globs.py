@@ -223,6 +223,41 @@ def translate_glob(glob: str) -> str:
     return "".join(out)
 
 
+def expand_braces(glob: str, limit: int) -> list[str] | None:
+    """The globs without braces that `glob`'s `{a,b}` alternatives stand for (read as `_tokens`
+    reads them: not inside a `[...]` class nor after a `\\`); None when there are more than
+    `limit`."""
+    done, rest = [""], glob
+    while (start := _first_brace(rest)) is not None:
+        end = _closing_brace(rest, start)
+        middles: list[str] = []
+        for alternative in _split_top_level(rest[start + 1 : end]):
+            expanded = expand_braces(alternative, limit)  # recursion as deep as the braces nest
+            if expanded is None or len(middles) + len(expanded) > limit:
+                return None
+            middles += expanded
+        if len(done) * len(middles) > limit:
+            return None
+        done = [before + rest[:start] + middle for before in done for middle in middles]
+        rest = rest[end + 1 :]
+    return [before + rest for before in done]
+
+
+def _first_brace(glob: str) -> int | None:
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if char == "\\":
+            i += 2
+        elif char == "[" and (end := glob.find("]", i + 2)) != -1:
+            i = end + 1
+        elif char == "{" and _closing_brace(glob, i) != -1:
+            return i
+        else:
+            i += 1
+    return None
+
+
 def _closing_brace(glob: str, start: int) -> int:
     depth = 0
     for index in range(start, len(glob)):
