@@ -32,15 +32,20 @@ Path rules protect what a call touches, not only the tool named: `read(glob)` an
 deny and ask rules apply to every tool, by the paths the call reads or writes (`copy` reads its
 source and writes its destination, `edit` reads and writes, `grep`, `glob`, `ls`, `list_files`
 and `search` read their directory, a shell command reads and writes its redirections' files and
-may read any word it mentions). Listing and search tools also leave the paths denied by
-`read(glob)` out of their results: those globs travel with each call (`denied_paths`).
+may read any word it mentions). A shell word the shell globs (`cat s*/key`) may name any path its
+glob matches: a rule matches it when it may match such a path (`Rule.denies_glob`, which may say
+yes where no path would, never the reverse; past MAX_GLOB_WORK in one decision, the rules left
+are taken to apply). A brace word (`{s,}ecret`) names each word it stands for. Listing and search
+tools also leave the paths denied by `read(glob)` out of their results: those globs travel with
+each call (`denied_paths`).
 
 Shell commands (`bash`) are read with a real parser (`session_server.shell`). Each simple
 command, in a list, a pipeline, a subshell or a substitution, is a piece of its own:
 - a deny or ask rule matches when it matches the whole line or any piece;
 - an allow rule set vouches for a line only when every piece is matched by some allow glob,
   every file redirection by an allow `write(glob)` (output) or `read(glob)` (input) rule, and
-  nothing in it is known only at run time where a wildcard stands (a `$VAR`, a `> $OUT`);
+  nothing in it is known only at run time where a wildcard stands (a `$VAR`, a `> $OUT`, a `~`,
+  an unquoted glob or brace word: `s*`, `[s]ecret`, `{a,b}`; a quoted `'*.py'` is a plain word);
 - a prefix rule never covers an option that writes or runs something where its wildcard stands:
   `bash(git *)` allows `git status` but not `git status > x`, `git -c alias.x=... x`,
   `git log --output=x` or `git status && rm -rf build` (`session_server.shell.WRITING_OPTIONS`).
@@ -73,12 +78,13 @@ from tool_worker.denied import (
     compile_path_glob,
     globs_within,
     literal_glob,
+    may_deny,
     normalise_relative,
     relative_to_root,
 )
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ToolFailure
-from tool_worker.tools.globs import expand_braces
+from tool_worker.tools.globs import Budget, expand_braces
 
 DEFAULT_CONFIRMATION_TIMEOUT = 60.0
 
@@ -139,8 +145,15 @@ _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", r
 _WILDCARD = re.compile(r"[*?\[]")
 # What makes a path glob more than one path (tool_worker.denied's syntax).
 _PATH_WILDCARD = re.compile(r"[*?\[{\\]")
+# A wildcard of such a glob, and an escaped character (which stands for itself).
+_UNESCAPED_WILDCARD = re.compile(r"(?<!\\)(?:\\\\)*[*?\[{]")
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 # Levels of `{a,b}` alternatives nested in a path rule's glob (a real rule needs one or two).
 MAX_GLOB_BRACE_DEPTH = 16
+# Pairs of states of glob automata compared to find which path rules a call's shell glob words
+# may meet, at most (tool_worker.tools.globs.globs_overlap; a few hundred for a word and a rule,
+# about 50 ms in all here); past it, the rules left are taken to apply.
+MAX_GLOB_WORK = 50_000
 # Entries of a directory a write would change that are matched against a rule below it, at most
 # (listed on the event loop: about 1 us each here; past it the rule is taken to apply).
 MAX_LISTED_FOR_RULES = 50_000
@@ -201,6 +214,12 @@ class Rule:
     def denies_path(self, path: str) -> bool:
         """The path, or a directory above it, matches: what a deny or ask rule protects."""
         return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
+
+    def denies_glob(self, pattern: str, budget: Budget) -> bool:
+        """A path the glob `pattern` matches (what a shell glob word may expand to), or a
+        directory above it, may match (or `budget` is spent: see MAX_GLOB_WORK)."""
+        assert self.glob is not None
+        return may_deny(pattern, self.glob, budget)
 
     def denies_inside(self, path: str, inside: _Inside) -> bool:
         """A path below `path` matches: a write to a directory (deleting, moving or replacing it)
@@ -272,9 +291,11 @@ class _Inside:
     Listed on the event loop: a directory's delete or move, with a write rule whose glob could
     reach inside it, costs a walk of the directory (10,000 entries took 11 ms here)."""
 
-    def __init__(self, workspace: str | None) -> None:
+    def __init__(self, workspace: str | None, budget: Budget | None = None) -> None:
         self._workspace = workspace
         self._listed: dict[str, tuple[str, ...] | None] = {}
+        # What the decision may still spend on shell glob words (MAX_GLOB_WORK).
+        self.budget = budget or Budget(MAX_GLOB_WORK)
 
     def paths(self, path: str) -> tuple[str, ...] | None:
         if path not in self._listed:
@@ -310,6 +331,8 @@ class _Call:
     subjects: tuple[_Subject, ...]
     # Every path the call reads or writes (or, for a shell, may), each in its forms.
     accesses: tuple[tuple[Access, tuple[str, ...]], ...]
+    # Shell only: globs of the paths its glob words may read or write, each in its forms.
+    globs: tuple[tuple[Access, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -392,7 +415,7 @@ class PermissionPolicy:
         if self.allows_everything:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
-        inside = _Inside(workspace)
+        inside = _Inside(workspace, Budget(MAX_GLOB_WORK))
         rule = _any_match(_place_all(self.deny, workspace, covering=True), call, inside)
         if rule is not None:
             return Decision(Action.DENY, rule.origin or rule)
@@ -446,6 +469,8 @@ _DIRECTORY_READERS = frozenset({"grep", "glob", "search"})
 def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | None) -> _Call:
     subjects: list[_Subject] = []
     accesses: list[tuple[Access, tuple[str, ...]]] = []
+    globs: list[tuple[Access, tuple[str, ...]]] = []
+    starts: dict[str, tuple[str, ...]] = {}  # the forms of glob words' fixed starts, found once
     for position, argument in enumerate(SUBJECTS.get(tool, ())):
         value = next((arguments[n] for n in argument.names if arguments.get(n) not in (None, "")), argument.default)
         if value is None:
@@ -456,7 +481,12 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
             for redirection in shell.redirections:
                 if redirection.target is not None:
                     accesses.append((redirection.access, _path_forms(redirection.target, workspace)))
+                if redirection.expansion is not None:
+                    accesses += [(redirection.access, _path_forms(p, workspace)) for p in redirection.expansion.paths]
+                    globs += [(redirection.access, _glob_forms(g, workspace, starts))
+                              for g in redirection.expansion.globs]
             accesses += [(Access.READ, _path_forms(word, workspace)) for word in shell.mentioned_paths()]
+            globs += [(Access.READ, _glob_forms(glob, workspace, starts)) for glob in shell.mentioned_globs()]
         elif argument.kind is SubjectKind.PATH:
             forms = _path_forms(str(value), workspace)
             kinds = _ACCESSES.get(tool, ((),))[position]
@@ -467,7 +497,7 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
     if tool in _DIRECTORY_READERS:
         directory = arguments.get("path") or "."
         accesses.append((Access.READ, _path_forms(str(directory), workspace)))
-    return _Call(tool, tuple(subjects), tuple(accesses))
+    return _Call(tool, tuple(subjects), tuple(accesses), tuple(globs))
 
 
 def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
@@ -489,6 +519,31 @@ def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(forms))
 
 
+def _glob_forms(glob: str, workspace: str | None, starts: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """A shell glob word's glob (`session_server.shell.Expansion`), in the forms its paths would
+    have (`_path_forms`): its fixed start normalised, and with its symlinks resolved. A `..` past
+    a wildcard may lead anywhere: `**`."""
+    if len(glob) > 4096 or "\0" in glob:
+        return ("**",)
+    parts = glob.split("/")  # `/` is never escaped in these globs
+    fixed = next((i for i, part in enumerate(parts) if _UNESCAPED_WILDCARD.search(part)), len(parts))
+    rest = [part for part in parts[fixed:] if part not in ("", ".")]
+    if ".." in rest:
+        return ("**",)
+    start = "/".join(_ESCAPED.sub(r"\1", part) for part in parts[:fixed]) or ("/" if glob.startswith("/") else ".")
+    if start not in starts:
+        starts[start] = _path_forms(start, workspace)
+    forms = []
+    for form in starts[start]:
+        if form == ".":
+            forms.append("/".join(rest) or ".")
+        elif form == "/":
+            forms.append("/" + "/".join(rest))
+        else:
+            forms.append("/".join([literal_glob(form), *rest]))
+    return tuple(dict.fromkeys(forms))
+
+
 def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | None:
     """The first rule matching the call at all: bare, or its glob on any subject, piece or path
     (on a path the call writes, also on what it holds)."""
@@ -504,6 +559,11 @@ def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | No
                 for form in forms
             )
             for kind, forms in call.accesses
+        ):
+            return rule
+        if access is not None and any(
+            kind is access and any(rule.denies_glob(form, inside.budget) for form in forms)
+            for kind, forms in call.globs
         ):
             return rule
         if rule.tool != call.tool:

@@ -25,7 +25,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from tool_worker.tools.globs import GlobPattern, compile_glob, expand_braces
+from tool_worker.tools.globs import Budget, GlobPattern, compile_glob, expand_braces, globs_overlap
 
 # Alternatives an absolute glob's braces may stand for when it is placed in a workspace.
 MAX_BRACE_ALTERNATIVES = 1024
@@ -40,6 +40,30 @@ def compile_path_glob(glob: str) -> GlobPattern:
     if glob.endswith("/**"):
         return compile_glob(glob[:-3], suffix="(?:/.*)?")
     return compile_glob(glob)
+
+
+def may_deny(pattern: str, glob: str, budget: Budget) -> bool:
+    """Whether the deny glob `glob` may deny a path that the glob `pattern` matches (it, or a
+    directory above it, matches): what a shell glob word may expand to. May say True when it
+    does not (see `globs_overlap`: past `budget`, it does), never the reverse."""
+    key = (pattern, glob)
+    known = _MAY_DENY.get(key)
+    if known is not None:
+        budget.pairs -= 1
+        return known
+    while glob.startswith("./"):
+        glob = glob[2:]
+    if glob.endswith("/**") and len(glob) > 3:
+        glob = glob[:-3]  # `dir/**` is `dir` and what it holds
+    answer = globs_overlap(pattern, glob or ".", budget, below_second=True)
+    if not budget.spent:  # an answer forced by the budget is not this pair's
+        if len(_MAY_DENY) >= 4096:
+            _MAY_DENY.clear()
+        _MAY_DENY[key] = answer
+    return answer
+
+
+_MAY_DENY: dict[tuple[str, str], bool] = {}
 
 
 def normalise_relative(path: str) -> str:

@@ -89,6 +89,94 @@ def test_shell_redirections_are_reads_and_writes() -> None:
     assert parse_shell("echo 'unterminated").opaque is not None
 
 
+# -- a glob or brace word is what the shell makes of it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expanded"),
+    [
+        ("cat s*/key", True),
+        ("cat [s]ecret/key", True),
+        ("cat secre?/key", True),
+        ("cat {s,}ecret/key", True),
+        ("cat x{1..3}", True),
+        ('cat "s"*', True),  # the quoted part is literal, the star is not
+        ("cat --file=s*", True),
+        ("cat 's*'", False),  # quoted: the word it says
+        ('cat "s*/key"', False),
+        ("cat s\\*", False),
+        ("echo {}", False),  # not a brace expansion
+        ("echo {a}", False),
+        ("git log @{u}", False),
+        ("cat README.md", False),
+    ],
+)
+def test_an_unquoted_glob_or_brace_word_is_an_expansion(command: str, expanded: bool) -> None:
+    [simple] = parse_shell(command).commands
+    assert simple.expanded[-1] is expanded
+
+
+def test_what_a_glob_word_may_name() -> None:
+    line = parse_shell("cat {s,}ecret/key x{1..3} 's*'/a*.py --file=[k]ey 2>*.log; X=* ls")
+    assert set(line.mentioned_paths()) >= {"secret/key", "ecret/key", "x1", "x2", "x3"}
+    assert list(line.mentioned_globs()) == ["s\\*/a*.py", "*"]
+    [log] = line.redirections
+    assert log.target is None and log.expansion is not None and log.expansion.globs == ("*.log",)
+    assert parse_shell("echo x > 'out/*'").redirections[0].target == "out/*"  # quoted: that file
+    assert parse_shell("X=* ls").commands[0].expanded == (False, False)  # an assignment is not globbed
+
+
+# The README's recommended policy for an untrusted model: an allow list under a DENY default.
+ALLOW_LIST = PermissionPolicy.parse(default_action="deny", allow=["bash(cat *)", "bash(ls *)", "bash(grep *)"],
+                                    deny=["read(secret/**)"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["cat s*/key", "cat [s]ecret/key", "cat {s,}ecret/key", "cat secre?/key", "cat */key", "ls s*", "grep -r . s*",
+     "cat {a..z}ecret/key", "cat *.md", 'cat "s"*/key', "cat x > *.log"],
+)
+def test_no_allow_rule_vouches_for_a_glob_word(secret_workspace: Path, command: str) -> None:
+    assert decide(ALLOW_LIST, "bash", secret_workspace, command=command) is Action.DENY
+
+
+@pytest.mark.parametrize("command", ["cat README.md", "cat 'a*.md'", 'cat "s*"/key', "ls -la src", "grep -r x src"])
+def test_an_allow_rule_still_vouches_for_literal_words(secret_workspace: Path, command: str) -> None:
+    assert decide(ALLOW_LIST, "bash", secret_workspace, command=command) is Action.ALLOW
+
+
+# A deny list alone: a glob word is refused when it may name a denied path.
+DENY_LIST = PermissionPolicy.parse(deny=["read(secret/**)", "write(secret/**)", "read(**/*.env)"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["cat s*/key", "cat [s]ecret/key", "cat {s,}ecret/key", "cat secre?/key", "cat */key", "ls s*", "grep -r . s*",
+     "cat {a..z}ecret/key", "cat *", "cat ./x/../s*/key", "cd s* && cat key", "cat --file=s*/key", "cat lnk/*",
+     "cat {ws}/s*/key", "echo x > s*/key", "cat .e*", "cat conf/*.e?v", "cp x s*/", "cat */*/*"],
+)
+def test_a_glob_word_that_may_name_a_denied_path_is_denied(secret_workspace: Path, command: str) -> None:
+    os.symlink("secret", secret_workspace / "lnk")
+    command = command.replace("{ws}", str(secret_workspace))
+    assert decide(DENY_LIST, "bash", secret_workspace, command=command) is Action.DENY
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["cat *.py", "cat src/*.py", "cat secret?key", "ls -d src/*.py", "echo x > 'secret*'", "cat x{1..3}", "cat s*.txt",
+     "diff <(sort a) <(sort b)", "echo $((1+2))", "cat 's*'/key"],
+)
+def test_a_glob_word_that_cannot_name_a_denied_path_runs(secret_workspace: Path, command: str) -> None:
+    assert decide(DENY_LIST, "bash", secret_workspace, command=command) is Action.ALLOW
+
+
+def test_many_glob_words_against_many_rules_are_decided_in_bounded_time(secret_workspace: Path) -> None:
+    rules = PermissionPolicy.parse(deny=[f"read(d{i}/**/*.key)" for i in range(200)])
+    command = "cat " + " ".join(f"*/d{i}/*.py" for i in range(500))
+    # Past the work a decision may do on glob words, the rules left are taken to apply.
+    assert decide(rules, "bash", secret_workspace, command=command) is Action.DENY
+
+
 # -- path rules apply to every tool, by the paths it touches ------------------------------------
 
 

@@ -232,6 +232,9 @@ class PermissionPolicy(_message.Message):
     `read(/home/*/proj/.env)`) and other paths by theirs (`read(/etc/**)`). A glob ending in `/`
     names a directory and everything in it: `read(secret/)` is `read(secret/**)`. A rule the
     server cannot use (an unknown tool, a glob no path can match) is INVALID_ARGUMENT naming it.
+    In a shell command, a word the shell expands (`$X`, `~`, an unquoted glob or brace word such
+    as `s*/key` or `{a,b}`) is known only at run time: no allow rule's wildcard covers it, and a
+    read or write deny or ask rule matches a glob word that could expand to a path it names.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
