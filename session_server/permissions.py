@@ -20,24 +20,32 @@ The subject of a call is its main argument, given per tool by `SUBJECTS`:
 Globs are fnmatch-style. For `command` and `text` subjects `*` matches anything, `/` included
 (`bash(git *)`, `grep(*password*)`). For `path` subjects the glob syntax is that of
 `tool_worker.denied` (`*` and `?` within one segment, `**` across segments, `write(src/**)`,
-`read(**/*.env)`); `src/**` also matches `src` itself. Paths are normalised first (an absolute
-path inside the workspace is made relative to it; `.` and `..` are resolved) and checked twice:
-as named, and with every symlink resolved. A deny or ask rule matches when either form, or a
-directory above it, matches; an allow rule only when both forms do.
+`read(**/*.env)`); `src/**` also matches `src` itself, and a glob ending in `/` is the directory
+and everything in it (`secret/` is `secret/**`). Paths are normalised first (an absolute path
+inside the workspace is made relative to it; `.` and `..` are resolved) and checked twice: as
+named, and with every symlink resolved. A deny or ask rule matches when either form, or a
+directory above it, matches; an allow rule only when both forms do. An absolute glob is placed in
+the workspace before matching (`_placed`): `/ws/src/**` matches the workspace's `src/**`, as does
+`/link-to-ws/src/**` or `/*/src/**`, and still matches absolute paths outside the workspace.
 
 Path rules protect what a call touches, not only the tool named: `read(glob)` and `write(glob)`
 deny and ask rules apply to every tool, by the paths the call reads or writes (`copy` reads its
 source and writes its destination, `edit` reads and writes, `grep`, `glob`, `ls`, `list_files`
 and `search` read their directory, a shell command reads and writes its redirections' files and
-may read any word it mentions). Listing and search tools also leave the paths denied by
-`read(glob)` out of their results: those globs travel with each call (`denied_paths`).
+may read any word it mentions). A shell word the shell globs (`cat s*/key`) may name any path its
+glob matches: a rule matches it when it may match such a path (`Rule.denies_glob`, which may say
+yes where no path would, never the reverse; past MAX_GLOB_WORK in one decision, the rules left
+are taken to apply). A brace word (`{s,}ecret`) names each word it stands for. Listing and search
+tools also leave the paths denied by `read(glob)` out of their results: those globs travel with
+each call (`denied_paths`).
 
 Shell commands (`bash`) are read with a real parser (`session_server.shell`). Each simple
 command, in a list, a pipeline, a subshell or a substitution, is a piece of its own:
 - a deny or ask rule matches when it matches the whole line or any piece;
 - an allow rule set vouches for a line only when every piece is matched by some allow glob,
   every file redirection by an allow `write(glob)` (output) or `read(glob)` (input) rule, and
-  nothing in it is known only at run time where a wildcard stands (a `$VAR`, a `> $OUT`);
+  nothing in it is known only at run time where a wildcard stands (a `$VAR`, a `> $OUT`, a `~`,
+  an unquoted glob or brace word: `s*`, `[s]ecret`, `{a,b}`; a quoted `'*.py'` is a plain word);
 - a prefix rule never covers an option that writes or runs something where its wildcard stands:
   `bash(git *)` allows `git status` but not `git status > x`, `git -c alias.x=... x`,
   `git log --output=x` or `git status && rm -rf build` (`session_server.shell.WRITING_OPTIONS`).
@@ -64,9 +72,19 @@ from pathlib import Path
 from typing import Any
 
 from session_server.shell import Access, ShellLine, SimpleCommand, argv_line, parse_shell, writing_option
-from tool_worker.denied import ancestors_and_self, compile_path_glob, normalise_relative, relative_to_root
+from tool_worker.denied import (
+    MAX_BRACE_ALTERNATIVES,
+    ancestors_and_self,
+    compile_path_glob,
+    globs_within,
+    literal_glob,
+    may_deny,
+    normalise_relative,
+    relative_to_root,
+)
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ToolFailure
+from tool_worker.tools.globs import Budget, expand_braces
 
 DEFAULT_CONFIRMATION_TIMEOUT = 60.0
 
@@ -127,8 +145,15 @@ _RULE = re.compile(r"(?P<tool>[A-Za-z_][A-Za-z0-9_.-]*)(?:\((?P<glob>.*)\))?", r
 _WILDCARD = re.compile(r"[*?\[]")
 # What makes a path glob more than one path (tool_worker.denied's syntax).
 _PATH_WILDCARD = re.compile(r"[*?\[{\\]")
+# A wildcard of such a glob, and an escaped character (which stands for itself).
+_UNESCAPED_WILDCARD = re.compile(r"(?<!\\)(?:\\\\)*[*?\[{]")
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 # Levels of `{a,b}` alternatives nested in a path rule's glob (a real rule needs one or two).
 MAX_GLOB_BRACE_DEPTH = 16
+# Pairs of states of glob automata compared to find which path rules a call's shell glob words
+# may meet, at most (tool_worker.tools.globs.globs_overlap; a few hundred for a word and a rule,
+# about 50 ms in all here); past it, the rules left are taken to apply.
+MAX_GLOB_WORK = 50_000
 # Entries of a directory a write would change that are matched against a rule below it, at most
 # (listed on the event loop: about 1 us each here; past it the rule is taken to apply).
 MAX_LISTED_FOR_RULES = 50_000
@@ -151,6 +176,8 @@ class Rule:
     tool: str
     glob: str | None
     source: str
+    # A rule placed in a workspace (`_placed`): the rule as written.
+    origin: Rule | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str, source: str, known_tools: Collection[str] | None = None) -> Rule:
@@ -187,6 +214,12 @@ class Rule:
     def denies_path(self, path: str) -> bool:
         """The path, or a directory above it, matches: what a deny or ask rule protects."""
         return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
+
+    def denies_glob(self, pattern: str, budget: Budget) -> bool:
+        """A path the glob `pattern` matches (what a shell glob word may expand to), or a
+        directory above it, may match (or `budget` is spent: see MAX_GLOB_WORK)."""
+        assert self.glob is not None
+        return may_deny(pattern, self.glob, budget)
 
     def denies_inside(self, path: str, inside: _Inside) -> bool:
         """A path below `path` matches: a write to a directory (deleting, moving or replacing it)
@@ -258,9 +291,11 @@ class _Inside:
     Listed on the event loop: a directory's delete or move, with a write rule whose glob could
     reach inside it, costs a walk of the directory (10,000 entries took 11 ms here)."""
 
-    def __init__(self, workspace: str | None) -> None:
+    def __init__(self, workspace: str | None, budget: Budget | None = None) -> None:
         self._workspace = workspace
         self._listed: dict[str, tuple[str, ...] | None] = {}
+        # What the decision may still spend on shell glob words (MAX_GLOB_WORK).
+        self.budget = budget or Budget(MAX_GLOB_WORK)
 
     def paths(self, path: str) -> tuple[str, ...] | None:
         if path not in self._listed:
@@ -296,6 +331,8 @@ class _Call:
     subjects: tuple[_Subject, ...]
     # Every path the call reads or writes (or, for a shell, may), each in its forms.
     accesses: tuple[tuple[Access, tuple[str, ...]], ...]
+    # Shell only: globs of the paths its glob words may read or write, each in its forms.
+    globs: tuple[tuple[Access, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -365,13 +402,11 @@ class PermissionPolicy:
         globs = []
         for rule in self.deny:
             if rule.tool == "read" and rule.glob is not None:
-                glob = rule.glob
-                if workspace and glob.startswith("/"):
-                    inside = relative_to_root(posixpath.normpath(workspace), glob)
-                    if inside is None:
+                for placed in _placed(rule, workspace, covering=True):
+                    assert placed.glob is not None
+                    if workspace and placed.glob.startswith("/"):
                         continue  # outside the workspace: no tool lists it anyway
-                    glob = inside
-                globs.append(glob)
+                    globs.append(placed.glob)
         return tuple(dict.fromkeys(globs))
 
     def decide(self, tool: str, arguments: Mapping[str, Any], workspace: str | None = None) -> Decision:
@@ -380,16 +415,16 @@ class PermissionPolicy:
         if self.allows_everything:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
-        inside = _Inside(workspace)
-        rule = _any_match(self.deny, call, inside)
+        inside = _Inside(workspace, Budget(MAX_GLOB_WORK))
+        rule = _any_match(_place_all(self.deny, workspace, covering=True), call, inside)
         if rule is not None:
-            return Decision(Action.DENY, rule)
-        rule = _every_match(self.allow, call, workspace)
+            return Decision(Action.DENY, rule.origin or rule)
+        rule = _every_match(_place_all(self.allow, workspace, covering=False), call, workspace)
         if rule is not None:
-            return Decision(Action.ALLOW, rule)
-        rule = _any_match(self.ask, call, inside)
+            return Decision(Action.ALLOW, rule.origin or rule)
+        rule = _any_match(_place_all(self.ask, workspace, covering=True), call, inside)
         if rule is not None:
-            return Decision(Action.ASK, rule)
+            return Decision(Action.ASK, rule.origin or rule)
         return Decision(self.default_action)
 
     def to_dict(self) -> dict[str, Any]:
@@ -434,6 +469,8 @@ _DIRECTORY_READERS = frozenset({"grep", "glob", "search"})
 def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | None) -> _Call:
     subjects: list[_Subject] = []
     accesses: list[tuple[Access, tuple[str, ...]]] = []
+    globs: list[tuple[Access, tuple[str, ...]]] = []
+    starts: dict[str, tuple[str, ...]] = {}  # the forms of glob words' fixed starts, found once
     for position, argument in enumerate(SUBJECTS.get(tool, ())):
         value = next((arguments[n] for n in argument.names if arguments.get(n) not in (None, "")), argument.default)
         if value is None:
@@ -444,7 +481,12 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
             for redirection in shell.redirections:
                 if redirection.target is not None:
                     accesses.append((redirection.access, _path_forms(redirection.target, workspace)))
+                if redirection.expansion is not None:
+                    accesses += [(redirection.access, _path_forms(p, workspace)) for p in redirection.expansion.paths]
+                    globs += [(redirection.access, _glob_forms(g, workspace, starts))
+                              for g in redirection.expansion.globs]
             accesses += [(Access.READ, _path_forms(word, workspace)) for word in shell.mentioned_paths()]
+            globs += [(Access.READ, _glob_forms(glob, workspace, starts)) for glob in shell.mentioned_globs()]
         elif argument.kind is SubjectKind.PATH:
             forms = _path_forms(str(value), workspace)
             kinds = _ACCESSES.get(tool, ((),))[position]
@@ -455,7 +497,7 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
     if tool in _DIRECTORY_READERS:
         directory = arguments.get("path") or "."
         accesses.append((Access.READ, _path_forms(str(directory), workspace)))
-    return _Call(tool, tuple(subjects), tuple(accesses))
+    return _Call(tool, tuple(subjects), tuple(accesses), tuple(globs))
 
 
 def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
@@ -477,6 +519,31 @@ def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(forms))
 
 
+def _glob_forms(glob: str, workspace: str | None, starts: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """A shell glob word's glob (`session_server.shell.Expansion`), in the forms its paths would
+    have (`_path_forms`): its fixed start normalised, and with its symlinks resolved. A `..` past
+    a wildcard may lead anywhere: `**`."""
+    if len(glob) > 4096 or "\0" in glob:
+        return ("**",)
+    parts = glob.split("/")  # `/` is never escaped in these globs
+    fixed = next((i for i, part in enumerate(parts) if _UNESCAPED_WILDCARD.search(part)), len(parts))
+    rest = [part for part in parts[fixed:] if part not in ("", ".")]
+    if ".." in rest:
+        return ("**",)
+    start = "/".join(_ESCAPED.sub(r"\1", part) for part in parts[:fixed]) or ("/" if glob.startswith("/") else ".")
+    if start not in starts:
+        starts[start] = _path_forms(start, workspace)
+    forms = []
+    for form in starts[start]:
+        if form == ".":
+            forms.append("/".join(rest) or ".")
+        elif form == "/":
+            forms.append("/" + "/".join(rest))
+        else:
+            forms.append("/".join([literal_glob(form), *rest]))
+    return tuple(dict.fromkeys(forms))
+
+
 def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | None:
     """The first rule matching the call at all: bare, or its glob on any subject, piece or path
     (on a path the call writes, also on what it holds)."""
@@ -492,6 +559,11 @@ def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | No
                 for form in forms
             )
             for kind, forms in call.accesses
+        ):
+            return rule
+        if access is not None and any(
+            kind is access and any(rule.denies_glob(form, inside.budget) for form in forms)
+            for kind, forms in call.globs
         ):
             return rule
         if rule.tool != call.tool:
@@ -585,6 +657,66 @@ def _action(value: Action | str, name: str) -> Action:
         raise PolicyError(name, f"{value!r} is not one of allow, deny, ask") from None
 
 
+def _place_all(rules: tuple[Rule, ...], workspace: str | None, covering: bool) -> tuple[Rule, ...]:
+    if not workspace or not any(r.glob is not None and r.glob.startswith("/") for r in rules):
+        return rules
+    real: dict[str, str] = {}  # the real paths of the rules' fixed starts, shared between them
+    return tuple(placed for rule in rules for placed in _placed(rule, workspace, covering, real))
+
+
+def _placed(rule: Rule, workspace: str | None, covering: bool, real: dict[str, str] | None = None) -> tuple[Rule, ...]:
+    """A path rule whose glob is absolute, placed in the workspace: paths inside it are matched
+    relative to it, so the glob also stands for what it matches there (`globs_within`, from the
+    workspace as named and as its real path), and for what it matches with the symlinks of its
+    fixed start resolved up to the workspace (`/home/me/link-to-ws/secret/**`). `covering`: the
+    rule covers what lies below what it matches (deny and ask rules)."""
+    glob = rule.glob
+    if glob is None or not workspace or not glob.startswith("/") or SUBJECTS[rule.tool][0].kind is not SubjectKind.PATH:
+        return (rule,)
+    real_root = os.path.realpath(workspace)
+    forms = [glob]
+    resolved = _resolved_start(glob, real_root, {} if real is None else real)
+    if resolved is not None:
+        forms.append(resolved)
+    roots = tuple(dict.fromkeys((posixpath.normpath(workspace), real_root)))
+    globs: list[str] = []
+    for form in dict.fromkeys(forms):
+        # As written, for paths outside the workspace (which stay absolute): needless when its
+        # fixed start is in the workspace, as every path it matches then is.
+        start = form[: m.start()] if (m := _PATH_WILDCARD.search(form)) else form + "/"
+        if not any(relative_to_root(root, posixpath.dirname(start)) is not None for root in roots):
+            globs.append(form)
+        for root in roots:
+            inside = globs_within(form, root, covering)
+            if inside is None:  # more alternatives than are worth listing (refused when parsed)
+                inside = ("**",) if covering else ()
+            globs += inside
+    return tuple(Rule(rule.text, rule.tool, g, rule.source, rule) for g in dict.fromkeys(globs))
+
+
+def _resolved_start(glob: str, real_root: str, real: dict[str, str]) -> str | None:
+    """The absolute `glob` with the symlinks of its fixed start resolved, up to the first name
+    inside the real workspace `real_root` (past it, as the workspace's own paths, symlinks are
+    the paths' to resolve: a rule naming a link the model made does not follow it)."""
+    if len(glob) > 4096 or "\0" in glob:
+        return None
+    parts = glob.split("/")[1:]
+    current, index = "/", 0
+    while index < len(parts):
+        part = parts[index]
+        if relative_to_root(real_root, current) is not None or _PATH_WILDCARD.search(part) or part in ("", ".", ".."):
+            break
+        named = os.path.join(current, part)
+        if named not in real:
+            try:
+                real[named] = os.path.realpath(named)
+            except (OSError, ValueError):
+                return None
+        current = real[named]
+        index += 1
+    return "/".join([literal_glob(current).rstrip("/"), *parts[index:]]) or "/"
+
+
 def _normalise_path(path: str, workspace: str | None) -> str:
     if workspace and path.startswith("/"):
         inside = relative_to_root(posixpath.normpath(workspace), posixpath.normpath(path))
@@ -608,9 +740,30 @@ def _check_path_glob(glob: str, text: str, source: str) -> None:
         compile_path_glob(glob)
     except re.error as exc:
         raise PolicyError(source, f"{text!r} is not a glob a path can match: {exc}") from None
+    if glob.startswith("/") and expand_braces(glob, MAX_BRACE_ALTERNATIVES) is None:
+        raise PolicyError(
+            source, f"{text!r}: an absolute glob is placed in the workspace by its braces' alternatives, and "
+            f"these stand for more than {MAX_BRACE_ALTERNATIVES:,} globs"
+        )
 
 
 def _normalise_rule_path(glob: str) -> str:
-    while glob.startswith("./"):
-        glob = glob[2:]
-    return glob or "."
+    """A path rule's glob in the form paths are matched in: no empty or `.` components, a `..`
+    after a fixed name taken back (`a/../b` is `b`), and a trailing `/` meaning the directory and
+    everything in it (`secret/` is `secret/**`, `./` the whole workspace)."""
+    absolute = glob.startswith("/")
+    directory = glob.endswith("/")
+    parts: list[str] = []
+    for part in glob.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and parts and parts[-1] != ".." and not _PATH_WILDCARD.search(parts[-1]):
+            parts.pop()
+            continue
+        if part == ".." and absolute and not parts:
+            continue  # `/..` is `/`
+        parts.append(part)
+    if directory and (not parts or parts[-1] != "**"):
+        parts.append("**")
+    body = "/".join(parts)
+    return "/" + body if absolute else body or "."

@@ -7,6 +7,12 @@ and substitutions are seen as bash sees them: `git log $(rm -rf x)` holds two co
 redirection to `$OUT`), is marked `opaque`: no allow rule can vouch for it, while deny and ask
 rules still match the raw text.
 
+A word the shell expands is known only at run time too: a parameter, a substitution, a `~`, and
+an unquoted glob (`*`, `?`, `[...]`) or brace expansion (`{a,b}`, `{1..3}`), which bash turns
+into the names of whatever files match (`cat s*/key` reads `secret/key`). What such a word may
+name is kept as an `Expansion`: the words its braces stand for, each a path or a glob, for path
+rules to match. Quoted, `'*.py'` and `"s*"` are the words they say.
+
 Pure domain logic: no grpc, no I/O.
 """
 
@@ -50,7 +56,8 @@ WRITING_OPTIONS: dict[str, tuple[str, ...]] = {
     "tar": ("-x*", "-c*", "-f*", "--file*", "--to-command*", "--extract", "--create"),
 }
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
+# Alternatives a word's braces may stand for, at most: past it, the word may name any path.
+MAX_BRACE_WORDS = 256
 
 
 class Access(enum.StrEnum):
@@ -59,12 +66,25 @@ class Access(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class Expansion:
+    """What a word with an unquoted glob or brace expansion may become, its braces expanded:
+    `paths`, the words without a wildcard left; `globs`, the others, in `tool_worker.denied`'s
+    syntax (the word's quoted and literal characters escaped). Too many braces: the glob `**`."""
+
+    paths: tuple[str, ...]
+    globs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SimpleCommand:
     """One simple command: its words as the program receives them (quotes removed), assignments
-    first, and for each word whether it holds an expansion whose value is only known at run time."""
+    first, and for each word whether it holds an expansion whose value is only known at run time,
+    and (`expansions`) what it may name as a path when that is a glob or brace expansion (of the
+    value, for `--option=value`)."""
 
     words: tuple[str, ...]
     expanded: tuple[bool, ...]
+    expansions: tuple[Expansion | None, ...] = ()
 
     @property
     def text(self) -> str:
@@ -86,6 +106,8 @@ class Redirection:
     # The file, as written (relative to the working directory); None when it is only known at
     # run time (`> $OUT`, `> *.log`).
     target: str | None
+    # For a glob or brace target (`> *.log`), what it may name.
+    expansion: Expansion | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,8 @@ class ShellLine:
 
     def mentioned_paths(self) -> Iterator[str]:
         """Words that may name files: every argument that is not an option, and the value of
-        `--option=value`. Deny rules on paths match them; they are not proof of a read."""
+        `--option=value`; for a glob or brace word, also the words its braces stand for. Deny
+        rules on paths match them; they are not proof of a read."""
         for command in self.commands:
             for word in command.words[1:]:
                 if word.startswith("-"):
@@ -109,6 +132,20 @@ class ShellLine:
                         yield value
                 elif word:
                     yield word.partition("=")[2] if _is_assignment(word) else word
+            for expansion in self._expansions(command):
+                yield from expansion.paths
+
+    def mentioned_globs(self) -> Iterator[str]:
+        """The globs of what glob words may name (`cat s*/key`: `s*/key`)."""
+        for command in self.commands:
+            for expansion in self._expansions(command):
+                yield from expansion.globs
+
+    @staticmethod
+    def _expansions(command: SimpleCommand) -> Iterator[Expansion]:
+        for word, expansion in zip(command.words[1:], command.expansions[1:], strict=False):
+            if expansion is not None and (not word.startswith("-") or "=" in word):
+                yield expansion
 
 
 def parse_shell(command: str) -> ShellLine:
@@ -121,7 +158,7 @@ def parse_shell(command: str) -> ShellLine:
     except (bashlex.errors.ParsingError, NotImplementedError, IndexError, TypeError, ValueError,
             AttributeError, AssertionError, RecursionError) as exc:
         return ShellLine(raw, _fallback_commands(raw), (), f"the shell parser cannot read it ({type(exc).__name__})")
-    walker = _Walker()
+    walker = _Walker(raw)
     for tree in trees:
         walker.visit(tree)
     return ShellLine(raw, tuple(walker.commands), tuple(walker.redirections), walker.opaque)
@@ -151,11 +188,15 @@ _SEPARATOR = re.compile(r"&&|\|\||[;&|\n]|\$\(|`|\)")
 
 def _fallback_commands(raw: str) -> tuple[SimpleCommand, ...]:
     pieces = [piece.split() for piece in _SEPARATOR.split(raw)]
-    return tuple(SimpleCommand(tuple(words), (True,) * len(words)) for words in pieces if words)
+    return tuple(
+        SimpleCommand(tuple(words), (True,) * len(words), tuple(_path_expansion(word) for word in words))
+        for words in pieces if words
+    )
 
 
 class _Walker:
-    def __init__(self) -> None:
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
         self.commands: list[SimpleCommand] = []
         self.redirections: list[Redirection] = []
         self.opaque: str | None = None
@@ -194,17 +235,27 @@ class _Walker:
     def _command(self, node) -> None:
         words: list[str] = []
         expanded: list[bool] = []
+        expansions: list[Expansion | None] = []
         for part in node.parts:
             if part.kind in ("word", "assignment"):
+                # An assignment's value is neither globbed nor brace-expanded; a word holding a
+                # substitution is a run-time value (`_has_expansion`) as a whole.
+                source = self._source(part) if part.kind == "word" and not part.parts else None
                 words.append(part.word)
-                expanded.append(_has_expansion(part))
+                expanded.append(_has_expansion(part) or (source is not None and _expansion(source) is not None))
+                expansions.append(_path_expansion(source) if source is not None else None)
                 self._nested(part)
             elif part.kind == "redirect":
                 self._redirect(part)
             else:
                 self.visit(part)
         if words:
-            self.commands.append(SimpleCommand(tuple(words), tuple(expanded)))
+            self.commands.append(SimpleCommand(tuple(words), tuple(expanded), tuple(expansions)))
+
+    def _source(self, node) -> str:
+        """A word as written in the line, quotes and all."""
+        start, end = node.pos
+        return self.raw[start:end]
 
     def _redirect(self, node) -> None:
         kind = node.type
@@ -215,17 +266,186 @@ class _Walker:
                 self._nested(target)
             return
         self._nested(target)
-        path = None if _has_expansion(target) or _GLOB_CHARS.search(target.word) else target.word
+        expansion = _expansion(self._source(target))
+        path = None if _has_expansion(target) or expansion is not None else target.word
         if kind == "<&" or (kind == ">&" and path is not None and path.isdigit()):
             return
         if path in HARMLESS_TARGETS:
             return
         accesses = {"<": (Access.READ,), "<>": (Access.READ, Access.WRITE)}.get(kind, (Access.WRITE,))
         for access in accesses:
-            self.redirections.append(Redirection(access, path))
+            self.redirections.append(Redirection(access, path, expansion))
 
 
 def _has_expansion(node) -> bool:
     """A parameter, substitution, arithmetic or tilde expansion: the word's value is known at run
     time only."""
     return bool(getattr(node, "parts", None)) or "$" in node.word or node.word.startswith("~")
+
+
+# How a word is read: each character with whether it is quoted (or escaped), i.e. literal.
+_Chars = list[tuple[str, bool]]
+# An unquoted `{x..y}` or `{x..y..step}` sequence, of integers or of letters.
+_SEQUENCE = re.compile(r"(?P<first>-?\d+|[A-Za-z])\.\.(?P<last>-?\d+|[A-Za-z])(?:\.\.(?P<step>-?\d+))?")
+# Characters escaped in a glob of tool_worker.denied's syntax to stand for themselves.
+_GLOB_SPECIAL = frozenset("\\*?[]{}")
+
+
+def _path_expansion(source: str) -> Expansion | None:
+    """`_expansion` of what a word names as a path: the value of `--option=value`."""
+    if source.startswith("-") and "=" in source:
+        source = source.partition("=")[2]
+    return _expansion(source)
+
+
+def _expansion(source: str) -> Expansion | None:
+    """What the word written `source` may expand to as a path, when it holds an unquoted glob
+    character or brace expansion; None when it holds none (or a `$` or backquote: a value known
+    only at run time, which `_has_expansion` reports)."""
+    if "$" in source or "`" in source:
+        return None
+    chars = _read_quotes(source)
+    words = _expand_braces(chars)
+    if words is None:
+        return Expansion((), ("**",))
+    if len(words) == 1 and not _has_glob(words[0]):
+        return None  # no brace expansion and no glob: the word is what it says
+    paths: list[str] = []
+    globs: list[str] = []
+    for word in words:
+        glob = _glob_of(word)
+        if glob is None:
+            paths.append("".join(char for char, _ in word))
+        else:
+            globs.append(glob)
+    return Expansion(tuple(dict.fromkeys(paths)), tuple(dict.fromkeys(globs)))
+
+
+def _read_quotes(source: str) -> _Chars:
+    """The word's characters after quote removal, each with whether it was quoted."""
+    chars: _Chars = []
+    i = 0
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            if i + 1 < len(source) and source[i + 1] != "\n":
+                chars.append((source[i + 1], True))
+            i += 2
+        elif char == "'":
+            end = source.find("'", i + 1)
+            end = len(source) if end == -1 else end
+            chars += [(c, True) for c in source[i + 1 : end]]
+            i = end + 1
+        elif char == '"':
+            i += 1
+            while i < len(source) and source[i] != '"':
+                if source[i] == "\\" and i + 1 < len(source) and source[i + 1] in '$`"\\\n':
+                    if source[i + 1] != "\n":
+                        chars.append((source[i + 1], True))
+                    i += 2
+                else:
+                    chars.append((source[i], True))
+                    i += 1
+            i += 1
+        else:
+            chars.append((char, False))
+            i += 1
+    return chars
+
+
+def _expand_braces(chars: _Chars) -> list[_Chars] | None:
+    """The words bash's brace expansion makes of a word (only unquoted braces count; `{a}` and
+    `{}` are not expansions); None when there would be more than MAX_BRACE_WORDS."""
+    start = 0
+    while (found := _brace(chars, start)) is not None:
+        opening, closing, commas = found
+        inner = chars[opening + 1 : closing]
+        text = "".join(char for char, _ in inner)
+        if commas:
+            middles: list[_Chars] = []
+            for begin, end in zip((opening, *commas), (*commas, closing), strict=True):
+                expanded = _expand_braces(chars[begin + 1 : end])
+                if expanded is None or len(middles) + len(expanded) > MAX_BRACE_WORDS:
+                    return None
+                middles += expanded
+        elif not any(quoted for _, quoted in inner) and (sequence := _sequence(text)) is not None:
+            # Past MAX_BRACE_WORDS, `*`: none of its words holds a `/`.
+            middles = [[(char, True) for char in word] for word in sequence] if sequence else [[("*", False)]]
+        else:
+            start = opening + 1  # `{a}`: not an expansion; a later brace may be
+            continue
+        rests = _expand_braces(chars[closing + 1 :])
+        if rests is None or len(middles) * len(rests) > MAX_BRACE_WORDS:
+            return None
+        return [chars[:opening] + middle + rest for middle in middles for rest in rests]
+    return [chars]
+
+
+def _sequence(text: str) -> list[str] | None:
+    """The words of a `{x..y}` sequence as bash makes them (`{1..3}`, `{01..10..3}`, `{a..e}`);
+    None when `text` is no sequence (`{1..a}`), empty past MAX_BRACE_WORDS words."""
+    match = _SEQUENCE.fullmatch(text)
+    if match is None or match["first"].isalpha() != match["last"].isalpha():
+        return None
+    first, last, step = match["first"], match["last"], abs(int(match["step"] or 1)) or 1
+    start, end = (ord(first), ord(last)) if first.isalpha() else (int(first), int(last))
+    if abs(end - start) // step >= MAX_BRACE_WORDS:
+        return []
+    values = range(start, end + 1, step) if start <= end else range(start, end - 1, -step)
+    if first.isalpha():
+        return [chr(value) for value in values]
+    width = max(len(first), len(last)) if re.match(r"-?0\d", first) or re.match(r"-?0\d", last) else 0
+    return [f"{value:0{width}d}" for value in values]
+
+
+def _brace(chars: _Chars, start: int) -> tuple[int, int, list[int]] | None:
+    """The first unquoted `{` from `start` that has its closing `}`: their places, and those of
+    the commas between them at its own level."""
+    for opening in range(start, len(chars)):
+        if chars[opening] != ("{", False):
+            continue
+        depth, commas = 0, []
+        for index in range(opening + 1, len(chars)):
+            char, quoted = chars[index]
+            if quoted:
+                continue
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                if depth == 0:
+                    return opening, index, commas
+                depth -= 1
+            elif char == "," and depth == 0:
+                commas.append(index)
+    return None
+
+
+def _has_glob(word: _Chars) -> bool:
+    return any(not quoted and (char in "*?[" or _extended(word, index)) for index, (char, quoted) in enumerate(word))
+
+
+def _extended(word: _Chars, index: int) -> bool:
+    """An extended glob's `(` (`@(a|b)`, `+(x)`, `!(x)`; `?(` and `*(` are globs already)."""
+    return word[index] == ("(", False) and index > 0 and not word[index - 1][1] and word[index - 1][0] in "+@!"
+
+
+def _glob_of(word: _Chars) -> str | None:
+    """The glob (tool_worker.denied's syntax) of the paths a word may name, or None when it holds
+    no wildcard. A component with an unquoted `[` (a class, where bash and the glob syntax may
+    disagree on where it ends) or an extended glob may be any name: `*`."""
+    if not _has_glob(word):
+        return None
+    components: list[str] = []
+    current: list[str] = []
+    anything = False
+    for index, (char, quoted) in enumerate((*word, ("/", True))):
+        if char == "/":
+            components.append("*" if anything else "".join(current))
+            current, anything = [], False
+        elif (not quoted and char == "[") or (index < len(word) and _extended(word, index)):
+            anything = True
+        elif not quoted and char in "*?":
+            current.append(char)
+        else:
+            current.append("\\" + char if char in _GLOB_SPECIAL else char)
+    return "/".join(components)

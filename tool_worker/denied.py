@@ -25,7 +25,10 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from tool_worker.tools.globs import GlobPattern, compile_glob
+from tool_worker.tools.globs import Budget, GlobPattern, compile_glob, expand_braces, globs_overlap
+
+# Alternatives an absolute glob's braces may stand for when it is placed in a workspace.
+MAX_BRACE_ALTERNATIVES = 1024
 
 
 @functools.lru_cache(maxsize=1024)
@@ -37,6 +40,30 @@ def compile_path_glob(glob: str) -> GlobPattern:
     if glob.endswith("/**"):
         return compile_glob(glob[:-3], suffix="(?:/.*)?")
     return compile_glob(glob)
+
+
+def may_deny(pattern: str, glob: str, budget: Budget) -> bool:
+    """Whether the deny glob `glob` may deny a path that the glob `pattern` matches (it, or a
+    directory above it, matches): what a shell glob word may expand to. May say True when it
+    does not (see `globs_overlap`: past `budget`, it does), never the reverse."""
+    key = (pattern, glob)
+    known = _MAY_DENY.get(key)
+    if known is not None:
+        budget.pairs -= 1
+        return known
+    while glob.startswith("./"):
+        glob = glob[2:]
+    if glob.endswith("/**") and len(glob) > 3:
+        glob = glob[:-3]  # `dir/**` is `dir` and what it holds
+    answer = globs_overlap(pattern, glob or ".", budget, below_second=True)
+    if not budget.spent:  # an answer forced by the budget is not this pair's
+        if len(_MAY_DENY) >= 4096:
+            _MAY_DENY.clear()
+        _MAY_DENY[key] = answer
+    return answer
+
+
+_MAY_DENY: dict[tuple[str, str], bool] = {}
 
 
 def normalise_relative(path: str) -> str:
@@ -60,6 +87,61 @@ def relative_to_root(root: str, path: str) -> str | None:
         return "."
     base = root.rstrip(os.sep) + os.sep
     return path[len(base):] if path.startswith(base) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def globs_within(glob: str, root: str, covering: bool) -> tuple[str, ...] | None:
+    """What the absolute `glob` matches inside the directory `root` (absolute, normalised), as
+    globs relative to it: `/ws/src/**` in `/ws` is `src/**`, `/home/*/ws/.env` in `/home/me/ws` is
+    `.env`, `/**/secret/**` is `**/secret/**`. `covering` (a deny or ask rule, which also covers
+    what lies below what it matches): a glob matching `root` itself or a directory above it
+    covers all of it, `**`. Empty when the glob matches nothing there; None when its braces
+    stand for more than MAX_BRACE_ALTERNATIVES globs."""
+    alternatives = expand_braces(glob, MAX_BRACE_ALTERNATIVES)
+    if alternatives is None:
+        return None
+    names = [name for name in root.split("/") if name]
+    found: list[str] = []
+    for alternative in alternatives:
+        parts = [part for part in alternative.split("/") if part not in ("", ".")]
+        _place(parts, names, covering, found)
+    return tuple(dict.fromkeys(found))
+
+
+def _place(parts: list[str], names: list[str], covering: bool, found: list[str]) -> None:
+    """The glob's components `parts` matched against the root's `names`, from the top: what is
+    left of the glob once every name is matched, in each way it can be."""
+    seen: set[tuple[int, int]] = set()
+    pending = [(0, 0)]
+    while pending:
+        state = pending.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        i, j = state
+        if j == len(names):
+            rest = "/".join(parts[i:])
+            if not rest:
+                rest = "**" if covering else "."  # the root itself
+            found.append(rest)
+        elif i == len(parts):
+            if covering:
+                found.append("**")  # a directory above the root: everything in it
+        elif parts[i] == "**":
+            if i == len(parts) - 1:
+                found.append("**")
+            else:
+                pending += [(i + 1, j), (i, j + 1)]
+        elif _component_matches(parts[i], names[j], covering):
+            pending.append((i + 1, j + 1))
+
+
+@functools.lru_cache(maxsize=1024)
+def _component_matches(part: str, name: str, covering: bool) -> bool:
+    try:
+        return compile_glob(part).fullmatch(name) is not None
+    except re.error:
+        return covering  # a component that cannot stand alone (`[/]`): a deny assumes the worst
 
 
 def literal_glob(path: str) -> str:

@@ -36,6 +36,10 @@ def decide(policy: PermissionPolicy, tool: str, **arguments) -> Action:
         ("bash(git *)", "bash", "git *"),
         ("bash(echo (hi))", "bash", "echo (hi)"),
         ("write(src/**)", "write", "src/**"),
+        ("write(src/)", "write", "src/**"),  # a directory: it and everything in it
+        ("read(./a/../b//c/**/)", "read", "b/c/**"),
+        ("read(./)", "read", "**"),
+        ("read(/work/ws/../ws/secret/)", "read", "/work/ws/secret/**"),
         ("my_plugin", "my_plugin", None),
     ],
 )

@@ -183,6 +183,63 @@ async def test_denied_calls_never_run(client: Client, workspace: Path, tmp_path:
     assert not _of_kind(events, "confirmation_required")
 
 
+async def test_an_absolute_write_deny_inside_the_workspace_holds(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    (workspace / "secret").mkdir()
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("write", "c_rel", file_path="secret/planted", content="pwned\n"),
+                                    call("write", "c_abs", file_path=str(workspace / "secret" / "planted2"),
+                                         content="pwned\n")]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=_policy(deny=[f"write({workspace}/secret/**)"]))
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    assert results["c_rel"].error_kind == DENIED and results["c_abs"].error_kind == DENIED
+    assert not (workspace / "secret" / "planted").exists() and not (workspace / "secret" / "planted2").exists()
+
+
+async def test_a_deny_of_a_directory_written_with_a_slash_holds(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("read", "c_r", file_path="secret/key"),
+                                    call("grep", "c_g", pattern="TOP-SECRET")]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=_policy(deny=["read(secret/)"]))
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    assert results["c_r"].error_kind == DENIED
+    assert "TOP-SECRET-KEY" not in results["c_r"].output and "TOP-SECRET-KEY" not in results["c_g"].output
+
+
+@pytest.mark.parametrize("default_action", ["deny", "allow"])
+async def test_a_glob_word_does_not_read_past_a_read_deny(
+    client: Client, workspace: Path, tmp_path: Path, default_action: str
+) -> None:
+    # The README's allow list (a DENY default), and a deny list alone.
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
+    commands = ["cat s*/key", "cat [s]ecret/key", "cat {s,}ecret/key", "grep -r . s*"]
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    actions = {"deny": session_pb2.PERMISSION_ACTION_DENY, "allow": session_pb2.PERMISSION_ACTION_ALLOW}
+    policy = _policy(default_action=actions[default_action], allow=["bash(cat *)", "bash(grep *)"],
+                     deny=["read(secret/**)"])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    for i, command in enumerate(commands):
+        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
+        assert results[f"c{i}"].error_kind == DENIED, command
+
+
 async def test_a_crafted_rule_on_a_crafted_path_does_not_hold_the_server(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tool_worker.denied import DeniedPaths
+from tool_worker.denied import DeniedPaths, globs_within
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
+from tool_worker.tools.globs import expand_braces
 
 DENY = ("**/*.env", "secrets/**")
 
@@ -110,3 +111,33 @@ async def test_a_denied_file_named_with_empty_lines_stays_hidden_in_grep(registr
     assert "plain.txt" not in result.output
     assert "behind a crafted name" not in result.output
     assert "1 entry left out" in result.output
+
+
+@pytest.mark.parametrize(
+    ("glob", "deny", "allow"),
+    [
+        ("/home/me/ws/src/**", ("src/**",), ("src/**",)),
+        ("/home/me/ws/*.env", ("*.env",), ("*.env",)),
+        ("/home/*/ws/.env", (".env",), (".env",)),
+        ("/home/**/ws/x", ("**/ws/x", "x"), ("**/ws/x", "x")),
+        ("/home/{me/ws/a,you/ws/b,me/ws/c/d}", ("a", "c/d"), ("a", "c/d")),
+        ("/home/me/ws", ("**",), (".",)),  # the workspace: all of it, or only the directory
+        ("/home/me", ("**",), ()),  # above it
+        ("/**", ("**",), ("**",)),
+        ("/etc/**", (), ()),
+        ("/home/me/wsx/a", (), ()),
+    ],
+)
+def test_an_absolute_glob_is_placed_in_a_workspace(glob: str, deny: tuple, allow: tuple) -> None:
+    assert globs_within(glob, "/home/me/ws", covering=True) == deny
+    assert globs_within(glob, "/home/me/ws", covering=False) == allow
+
+
+def test_braces_expand_as_the_glob_reads_them() -> None:
+    assert expand_braces("/a/{b,c/{d,e}}/x{1,2}", 10) == [
+        "/a/b/x1", "/a/b/x2", "/a/c/d/x1", "/a/c/d/x2", "/a/c/e/x1", "/a/c/e/x2"]
+    assert expand_braces("a{b", 10) == ["a{b"]  # no closing brace: a literal `{`
+    assert expand_braces("[{]a,b}", 10) == ["[{]a,b}"]  # in a class
+    assert expand_braces("\\{a,b}", 10) == ["\\{a,b}"]  # escaped
+    assert expand_braces("{a,b}" * 3, 8) is not None and expand_braces("{a,b}" * 4, 8) is None
+    assert expand_braces("{a}" * 5000, 1) == ["a" * 5000]  # braces in a row, not nested: no recursion

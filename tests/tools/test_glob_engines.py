@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tool_worker.denied import compile_path_glob
-from tool_worker.tools.globs import _Linear, compile_glob, glob_to_regex, translate_glob
+from tool_worker.tools.globs import Budget, _Linear, compile_glob, glob_to_regex, globs_overlap, translate_glob
 
 # Each would hold a backtracking engine for hours on its path (ten `**/` on 60 components is
 # about 60^10 tries): the test ends only because the answer comes in linear time.
@@ -80,3 +80,25 @@ def test_a_glob_no_engine_takes_raises_re_error() -> None:
     for bad in ("[z-a]*x*", "[z-a]", "{a,[z-a]}"):
         with pytest.raises(re.error):
             compile_glob(bad)
+
+
+def test_globs_overlap_whenever_a_path_matches_both() -> None:
+    # globs_overlap may say yes when no path matches both (two classes), never no when one does:
+    # random globs against random paths, and each pair's answer checked against every path found.
+    rng = random.Random(2027)
+    pieces = ["a", "b", "*", "**/", "?", "/", "[ab]", "[!a]", "{a,b*}", "\\*", "/**"]
+    paths = ["".join(rng.choice("ab/*") for _ in range(rng.randint(0, 7))) for _ in range(400)]
+    for _ in range(1500):
+        first, second = ("".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(2))
+        try:
+            a, b, b_below = compile_glob(first), compile_glob(second), compile_glob(second, suffix="(?:/.*)?")
+        except re.error:
+            continue
+        if any(a.fullmatch(p) and b.fullmatch(p) for p in paths):
+            assert globs_overlap(first, second, Budget(10**6)), (first, second)
+        if any(a.fullmatch(p) and b_below.fullmatch(p) for p in paths):
+            assert globs_overlap(first, second, Budget(10**6), below_second=True), (first, second)
+    assert not globs_overlap("*.py", "**/*.env", Budget(10**6))
+    assert not globs_overlap("src/*", "secret", Budget(10**6), below_second=True)
+    assert globs_overlap("s*/key", "secret", Budget(10**6), below_second=True)
+    assert globs_overlap("*.py", "**/*.env", Budget(0))  # past its budget: taken to overlap

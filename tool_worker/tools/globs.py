@@ -223,6 +223,193 @@ def translate_glob(glob: str) -> str:
     return "".join(out)
 
 
+def expand_braces(glob: str, limit: int) -> list[str] | None:
+    """The globs without braces that `glob`'s `{a,b}` alternatives stand for (read as `_tokens`
+    reads them: not inside a `[...]` class nor after a `\\`); None when there are more than
+    `limit`."""
+    done, rest = [""], glob
+    while (start := _first_brace(rest)) is not None:
+        end = _closing_brace(rest, start)
+        middles: list[str] = []
+        for alternative in _split_top_level(rest[start + 1 : end]):
+            expanded = expand_braces(alternative, limit)  # recursion as deep as the braces nest
+            if expanded is None or len(middles) + len(expanded) > limit:
+                return None
+            middles += expanded
+        if len(done) * len(middles) > limit:
+            return None
+        done = [before + rest[:start] + middle for before in done for middle in middles]
+        rest = rest[end + 1 :]
+    return [before + rest for before in done]
+
+
+def _first_brace(glob: str) -> int | None:
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if char == "\\":
+            i += 2
+        elif char == "[" and (end := glob.find("]", i + 2)) != -1:
+            i = end + 1
+        elif char == "{" and _closing_brace(glob, i) != -1:
+            return i
+        else:
+            i += 1
+    return None
+
+
+# Labels of the automata `globs_overlap` runs: a character, any character but `/`, any at all, or
+# a class (its regex).
+_ANY, _NOT_SLASH = ("any",), ("not-slash",)
+
+
+class Budget:
+    """Work `globs_overlap` may still do: pairs of states looked at, across calls."""
+
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+
+    @property
+    def spent(self) -> bool:
+        return self.pairs <= 0
+
+
+def globs_overlap(first: str, second: str, budget: Budget, *, below_second: bool = False) -> bool:
+    """Whether some path matches both globs (compile_glob's syntax), or with `below_second`, some
+    path matching `first` lies below one `second` matches (is a path in a directory it names).
+    May say True when it is not so, never the reverse: two classes are taken to share a
+    character, and globs of too many alternatives, or met once `budget` is spent, are taken to
+    overlap. Time linear in the product of the globs' lengths, each pair of states of their
+    automata (and each call) taken from the budget."""
+    budget.pairs -= 1
+    firsts = expand_braces(first, 64) if "{" in first else [first]
+    seconds = expand_braces(second, 64) if "{" in second else [second]
+    if firsts is None or seconds is None or len(firsts) * len(seconds) > 64:
+        return True
+    return any(_overlap(_automaton(a, False), _automaton(b, below_second), budget)
+               for a in firsts for b in seconds if _fixed_starts_agree(a, b))
+
+
+def _fixed_starts_agree(first: str, second: str) -> bool:
+    """Whether one glob's fixed start (its characters before the first wildcard) begins the
+    other's: else no path begins with both."""
+    a, b = _fixed_start(first), _fixed_start(second)
+    return a.startswith(b) or b.startswith(a)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fixed_start(glob: str) -> str:
+    start = []
+    escaped = False
+    for char in glob:
+        if escaped:
+            start.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "*?[{":
+            break
+        else:
+            start.append(char)
+    return "".join(start)
+
+
+@functools.lru_cache(maxsize=1024)
+def _automaton(glob: str, below: bool) -> _Automaton:
+    return _Automaton(glob, below)
+
+
+class _Automaton:
+    """A glob without braces as a nondeterministic automaton over characters."""
+
+    def __init__(self, glob: str, below: bool = False) -> None:
+        self.moves: list[list[tuple[tuple, int]]] = []
+        self.empty: list[list[int]] = []  # moves without a character
+        current = self._state()
+        for token in _tokens(glob):
+            following = self._state()
+            if token is _STAR or token is _REST:
+                self.moves[current].append((_NOT_SLASH if token is _STAR else _ANY, current))
+                self.empty[current].append(following)
+            elif token is _DIRECTORIES:  # nothing, or anything ending in `/`
+                self.empty[current].append(following)
+                inside = self._state()
+                self.moves[current] += [(_ANY, inside), (("char", "/"), following)]
+                self.moves[inside] += [(_ANY, inside), (("char", "/"), following)]
+            elif token is _SLASH:
+                self.moves[current].append((("char", "/"), following))
+            else:
+                self.moves[current].append((_label(token), following))
+            current = following
+        self.accepting = {current}
+        if below:
+            under = self._state()
+            self.moves[current].append((("char", "/"), under))
+            self.moves[under].append((_ANY, under))
+            self.accepting.add(under)
+        self.closures = [self._closure(state) for state in range(len(self.moves))]
+
+    def _state(self) -> int:
+        self.moves.append([])
+        self.empty.append([])
+        return len(self.moves) - 1
+
+    def _closure(self, state: int) -> tuple[int, ...]:
+        found, pending = {state}, [state]
+        while pending:
+            for following in self.empty[pending.pop()]:
+                if following not in found:
+                    found.add(following)
+                    pending.append(following)
+        return tuple(found)
+
+
+def _label(token: str) -> tuple:
+    if token == "[^/]":
+        return _NOT_SLASH
+    if token.startswith("["):
+        return ("class", token)
+    return ("char", token[1:] if token.startswith("\\") else token)
+
+
+def _share_a_character(first: tuple, second: tuple) -> bool:
+    if first is _ANY or second is _ANY:
+        return True
+    if first[0] == "char" and second[0] == "char":
+        return first[1] == second[1]
+    if first[0] != "char" and second[0] != "char":
+        return True  # two classes, or a class and any character but `/`: taken to share one
+    char, other = (first[1], second) if first[0] == "char" else (second[1], first)
+    if other is _NOT_SLASH:
+        return char != "/"
+    try:
+        return re.fullmatch(other[1], char) is not None
+    except re.error:
+        return True
+
+
+def _overlap(first: _Automaton, second: _Automaton, budget: Budget) -> bool:
+    pending = [(a, b) for a in first.closures[0] for b in second.closures[0]]
+    seen = set(pending)
+    budget.pairs -= len(seen)
+    while pending:
+        if budget.spent:
+            return True
+        a, b = pending.pop()
+        if a in first.accepting and b in second.accepting:
+            return True
+        for label_a, next_a in first.moves[a]:
+            for label_b, next_b in second.moves[b]:
+                if not _share_a_character(label_a, label_b):
+                    continue
+                for pair in ((x, y) for x in first.closures[next_a] for y in second.closures[next_b]):
+                    if pair not in seen:
+                        budget.pairs -= 1
+                        seen.add(pair)
+                        pending.append(pair)
+    return False
+
+
 def _closing_brace(glob: str, start: int) -> int:
     depth = 0
     for index in range(start, len(glob)):

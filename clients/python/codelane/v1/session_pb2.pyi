@@ -226,6 +226,15 @@ class PermissionPolicy(_message.Message):
     """Which tool calls run, which are refused and which need a confirmation.
     Rules look like `bash`, `bash(git *)` or `write(src/**)`: a tool name, optionally with a glob
     over the call's main argument (command, path). Deny beats allow beats ask beats the default.
+    A path glob is relative to the workspace, or absolute: an absolute glob matches the
+    workspace's paths by their absolute names (as the session names the workspace, through a
+    symlink to it, or with a wildcard above it: `write(/home/me/proj/secret/**)`,
+    `read(/home/*/proj/.env)`) and other paths by theirs (`read(/etc/**)`). A glob ending in `/`
+    names a directory and everything in it: `read(secret/)` is `read(secret/**)`. A rule the
+    server cannot use (an unknown tool, a glob no path can match) is INVALID_ARGUMENT naming it.
+    In a shell command, a word the shell expands (`$X`, `~`, an unquoted glob or brace word such
+    as `s*/key` or `{a,b}`) is known only at run time: no allow rule's wildcard covers it, and a
+    read or write deny or ask rule matches a glob word that could expand to a path it names.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
