@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
@@ -53,6 +53,7 @@ from tool_worker.merkle import (
 from tool_worker.tools.base import ToolResult
 
 log = logging.getLogger("codelane.worker")
+T = TypeVar("T")
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "codelane")
 DEFAULT_CACHE_SIZE = 10 * 1024**3
@@ -192,6 +193,9 @@ class _Tree:
     writing: bool = False
     # The snapshot a move is bringing it to.
     target: SnapshotRef | None = None
+    # The exclusion patterns its files are known to respect (None: not known, a tree an earlier
+    # worker left): a move to a snapshot of other exclusions first deletes what they exclude.
+    clean: tuple[str, ...] | None = None
 
     @property
     def idle(self) -> bool:
@@ -267,9 +271,10 @@ class WorkspaceManager:
             state.shared_scanner.close()
             state.shared_scanner = None
         for tree in state.trees:
+            # Its next move deletes what the new exclusions leave out (`_move`): a new scanner
+            # would not see those files, and the copy would keep them, stale or denied. A tree in
+            # use now gets the same once its readers or its move are done.
             if tree.idle:
-                tree.scanner.close()
-                tree.scanner = TreeScanner(tree.path, exclusions)
                 tree.held = None
         return exclusions
 
@@ -413,7 +418,7 @@ class WorkspaceManager:
                 break
         self._report(Holding(snapshot.workspace, SYNCING, snapshot.digest))
         try:
-            await self._move(tree, snapshot)
+            await self._move(tree, snapshot, self._use_exclusions(state, snapshot))
         except SnapshotChanged:
             raise  # nothing is wrong with this worker: the copy is synced again to a newer snapshot
         except WorkspaceUnavailable as exc:
@@ -437,15 +442,31 @@ class WorkspaceManager:
             index += 1
         os.makedirs(path, exist_ok=True)
         path = os.path.realpath(path)
-        self._orphans.pop(path, None)  # an earlier worker's copy of this workspace: moved from there
-        return _Tree(path=path, scanner=TreeScanner(path, exclusions))
+        # An earlier worker's copy of this workspace is moved from there; it may hold what the
+        # exclusions of today leave out (the server restarted with others).
+        left = self._orphans.pop(path, None) is not None
+        return _Tree(path=path, scanner=TreeScanner(path, exclusions), clean=None if left else exclusions.patterns)
 
     # -- moving a tree -----------------------------------------------------------------------------
 
-    async def _move(self, tree: _Tree, snapshot: SnapshotRef) -> None:
+    async def _move(self, tree: _Tree, snapshot: SnapshotRef, exclusions: Exclusions) -> None:
         if self.cas is None:
             raise WorkspaceUnavailable("the worker has no content source yet (no Welcome from the hub)")
         started = time.perf_counter()
+        if tree.clean != exclusions.patterns:
+            # The exclusions changed since it was written: what they now leave out goes (a scanner
+            # of the new ones would not see it, so no diff would remove it), then it is scanned
+            # afresh with them.
+            tree.scanner.close()
+            try:
+                removed = await _in_thread(_remove_excluded, tree.path, exclusions)
+            except OSError as exc:
+                raise WorkspaceUnavailable(f"cleaning the copy of {snapshot.workspace} failed: {exc}") from None
+            if removed:
+                log.info("removed %d paths the exclusions now leave out from the copy of %s", removed,
+                         snapshot.workspace)
+            tree.scanner = TreeScanner(tree.path, exclusions)
+            tree.clean = exclusions.patterns
         current = await _scan(tree.scanner)
         try:
             directories = await self._directories(current, snapshot)
@@ -725,6 +746,29 @@ async def _delete(paths: list[str | None]) -> None:
         await asyncio.to_thread(lambda: [shutil.rmtree(path, ignore_errors=True) for path in doomed])
 
 
+def _remove_excluded(root: str, exclusions: Exclusions) -> int:
+    """Deletes every path under `root` that `exclusions` leave out (a directory with all under it);
+    returns how many. Without recursion: a tree may be deeper than the interpreter's stack."""
+    removed = 0
+    stack = [(root, "")]
+    while stack:
+        path, relative = stack.pop()
+        with os.scandir(path) as entries:
+            listing = list(entries)
+        for entry in listing:
+            child = f"{relative}/{entry.name}" if relative else entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if exclusions.excluded(child):
+                if is_dir:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            elif is_dir:
+                stack.append((entry.path, child))
+    return removed
+
+
 async def _scan(scanner: TreeScanner) -> Tree:
     pending = scanner.pending()
     if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
@@ -732,7 +776,18 @@ async def _scan(scanner: TreeScanner) -> Tree:
     return await asyncio.to_thread(scanner.scan)
 
 
-async def _settled(future: asyncio.Future[None]) -> BaseException | None:
+async def _in_thread(function: Callable[..., T], *arguments: Any) -> T:
+    """`function(*arguments)` in a thread, waited for to its end even when the caller is cancelled
+    (then cancelled once it ended): a thread cannot be stopped, and one still writing into a tree
+    (or scanning it) must not run beside the next move of it."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *arguments))
+    failure = await _settled(future)
+    if failure is not None:
+        raise failure
+    return future.result()
+
+
+async def _settled(future: asyncio.Future[Any]) -> BaseException | None:
     """Waits until `future` is done, even if the waiting task is cancelled meanwhile (that
     cancellation is raised once it is done), and returns its exception, retrieved."""
     cancelled = False

@@ -470,3 +470,107 @@ async def test_a_snapshot_with_an_exclusion_pattern_rule_2_calls_invalid_is_refu
     assert not isinstance(refused.value, SnapshotChanged)
     placement = await manager.place(good)  # the worker stays usable
     placement.release()
+
+
+# -- exclusions that change ----------------------------------------------------------------------
+
+async def _restarted(tmp_path: Path, name: str, ws: Path, **config):
+    """A server started (again) with `config`, a channel to it, and the current snapshot of `ws`
+    as a worker's Assign names it (its own exclusions with it)."""
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / name, **config))
+    await server.start()
+    snapshots = server.snapshots.of(str(ws))
+    snapshots.changed()
+    current = await snapshots.current()
+    ref = SnapshotRef(str(ws), current.digest, current.times_digest, current.exclude)
+    return server, grpc.aio.insecure_channel(server.address), ref
+
+
+def _stale_workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "build").mkdir(parents=True)
+    (ws / "secrets").mkdir()
+    (ws / "main.py").write_text("print('hi')\n")
+    (ws / "build" / "out.txt").write_text("old build\n")
+    (ws / "secrets" / "key.pem").write_text("old secret\n")
+    return ws
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+NEW_EXCLUSIONS = {"snapshot_excludes": [".git/objects/**", ".codelane/**", "build/**"]}
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "read-while-they-changed"])
+async def test_exclusions_that_change_leave_nothing_they_exclude_in_the_copy(tmp_path: Path, busy: bool) -> None:
+    # The server restarts with a new --snapshot-exclude and a --sandbox-deny-read inside the
+    # workspace: the copy holds what the new snapshots leave out. It must go (docs/workspaces.md:
+    # a synced worker's copy lacks denied files), not stay, stale or secret, for grep to find;
+    # a tree read while the exclusions changed gets the same at its next move.
+    ws = _stale_workspace(tmp_path)
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    first, channel, ref = await _restarted(tmp_path, "data1", ws)
+    manager.configure(CasClient(channel), first.snapshots.excludes)
+    reading = await manager.place(ref)
+    copy = Path(reading.path)
+    assert (copy / "secrets" / "key.pem").exists()
+    if not busy:
+        reading.release()
+    await channel.close()
+    await first.stop(grace=0.5)
+    (ws / "build" / "out.txt").write_text("new build\n")
+    second, channel, ref = await _restarted(tmp_path, "data2", ws, sandbox_deny_read=[ws / "secrets"],
+                                            **NEW_EXCLUSIONS)
+    try:
+        manager.configure(CasClient(channel), second.snapshots.excludes)
+        placement = await manager.place(ref)
+        if busy:
+            # A second tree was built meanwhile; the first one moves once released, while the
+            # second is read.
+            assert Path(placement.path) != copy
+            assert _files(Path(placement.path)) == ["main.py"]
+            reading.release()
+            (ws / "main.py").write_text("print('bye')\n")
+            second.snapshots.of(str(ws)).changed()
+            current = await second.snapshots.of(str(ws)).current()
+            moved = await manager.place(SnapshotRef(str(ws), current.digest, current.times_digest, current.exclude))
+            placement.release()
+            placement = moved
+        assert Path(placement.path) == copy
+        assert _files(copy) == ["main.py"]
+        assert not (copy / "secrets").exists()
+        placement.release()
+    finally:
+        manager.close()
+        await channel.close()
+        await second.stop(grace=0.5)
+
+
+async def test_a_copy_an_earlier_worker_left_loses_what_the_exclusions_of_today_leave_out(tmp_path: Path) -> None:
+    # Server and worker both restarted: the copy the earlier worker left is reused, without the
+    # paths the new exclusions leave out.
+    ws = _stale_workspace(tmp_path)
+    first, channel, ref = await _restarted(tmp_path, "data1", ws)
+    earlier = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    earlier.configure(CasClient(channel), first.snapshots.excludes)
+    placement = await earlier.place(ref)
+    copy = Path(placement.path)
+    placement.release()
+    earlier.close()
+    await channel.close()
+    await first.stop(grace=0.5)
+    second, channel, ref = await _restarted(tmp_path, "data2", ws, sandbox_deny_read=[ws / "secrets"],
+                                            **NEW_EXCLUSIONS)
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    try:
+        manager.configure(CasClient(channel), second.snapshots.excludes)
+        placement = await manager.place(ref)
+        assert Path(placement.path) == copy
+        assert _files(copy) == ["main.py"]
+        placement.release()
+    finally:
+        manager.close()
+        await channel.close()
+        await second.stop(grace=0.5)
