@@ -42,6 +42,15 @@ EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 # A file changed this recently may change again within the filesystem's timestamp granularity
 # without its stat changing ("racy git"): it is hashed again at every scan until it is older.
 RACY_NS = 2_000_000_000
+# What a worker's --cache-size counts a file as: its bytes rounded up to whole 4 KiB blocks (what
+# ext4, xfs and tmpfs give a small file), and a directory as one block. The content bytes alone
+# let a tree of many small files take twenty times its bound on disk.
+BLOCK_BYTES = 4096
+
+
+def disk_bytes(size: int) -> int:
+    """The disk a file of `size` bytes is counted to take (see BLOCK_BYTES)."""
+    return -(-size // BLOCK_BYTES) * BLOCK_BYTES
 _READ_CHUNK = 1024 * 1024
 
 log = logging.getLogger(__name__)
@@ -237,6 +246,7 @@ class _DirState:
     files: dict[str, str]
     file_count: int
     total_bytes: int
+    disk_bytes: int
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,8 @@ class Tree:
     skipped: tuple[str, ...] = ()
     file_count: int = 0
     total_bytes: int = 0
+    # The disk its files and directories are counted to take (`disk_bytes`), the root excepted.
+    disk_bytes: int = 0
 
 
 @dataclass
@@ -396,6 +408,7 @@ class TreeScanner:
             skipped=tuple(work.skipped),
             file_count=state.file_count,
             total_bytes=state.total_bytes,
+            disk_bytes=state.disk_bytes,
         )
 
     def _scan_dir(self, path: bytes, relative: str, work: _Scan) -> _DirState:
@@ -537,7 +550,8 @@ class TreeScanner:
             paths.setdefault(file_digest.hash, prefix + name)
         count = len(files) + sum(d.file_count for _, d in dirs)
         total = sum(f[1].size for f in files) + sum(d.total_bytes for _, d in dirs)
-        return _DirState(key, digest, times_digest, blobs, paths, count, total)
+        disk = sum(disk_bytes(f[1].size) for f in files) + sum(BLOCK_BYTES + d.disk_bytes for _, d in dirs)
+        return _DirState(key, digest, times_digest, blobs, paths, count, total, disk)
 
 
 class _Watcher:
