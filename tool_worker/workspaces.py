@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -386,7 +387,7 @@ class WorkspaceManager:
             # what other hosts of a network filesystem change).
             try:
                 if full:
-                    tree = await asyncio.to_thread(state.shared_scanner.scan, full=True)
+                    tree = await _in_thread(functools.partial(state.shared_scanner.scan, full=True))
                 else:
                     tree = await _scan(state.shared_scanner)
             except OSError:
@@ -506,9 +507,11 @@ class WorkspaceManager:
                 await self._fill(tree, plan, inline=True)
                 self._finish(tree, plan)
             else:
-                await asyncio.to_thread(self._prepare, tree, plan, room, keep)
+                # Each thread waited for to its end, even by a cancelled sync: the tree is released
+                # (idle, for the next move to prepare) only once nothing writes in it.
+                await _in_thread(self._prepare, tree, plan, room, keep)
                 await self._fill(tree, plan)
-                await asyncio.to_thread(self._finish, tree, plan)
+                await _in_thread(self._finish, tree, plan)
             self.store.evict(max(0, self.cache_size - need - self._other_trees(tree)))
             written = time.perf_counter()
             held = await _scan(tree.scanner)
@@ -639,7 +642,7 @@ class WorkspaceManager:
 
     async def _fill(self, tree: _Tree, plan: _Plan, *, inline: bool = False) -> None:
         """Writes every new file: from the blob store when it has the content, else fetched."""
-        local = self._fill_local(tree, plan) if inline else await asyncio.to_thread(self._fill_local, tree, plan)
+        local = self._fill_local(tree, plan) if inline else await _in_thread(self._fill_local, tree, plan)
         missing = [d for d in plan.writes if d.hash not in local]
         if not missing:
             return
@@ -804,7 +807,7 @@ async def _scan(scanner: TreeScanner) -> Tree:
     pending = scanner.pending()
     if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
         return scanner.scan()
-    return await asyncio.to_thread(scanner.scan)
+    return await _in_thread(scanner.scan)
 
 
 async def _in_thread(function: Callable[..., T], *arguments: Any) -> T:

@@ -574,3 +574,50 @@ async def test_a_copy_an_earlier_worker_left_loses_what_the_exclusions_of_today_
         manager.close()
         await channel.close()
         await second.stop(grace=0.5)
+
+
+async def test_a_sync_cancelled_while_its_thread_prepares_the_tree_releases_it_only_after_the_thread(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread removing old versions (a large rmtree, many renames) ran on after its sync was
+    # cancelled (the hub's Cancel at the call's deadline), the tree already marked idle: the retry
+    # prepared it beside that thread and failed on the files it moved away.
+    ws, server, manager, _ = setup
+    for i in range(40):  # more than a small move: prepared in a thread
+        (ws / f"f{i:02d}.txt").write_text(f"file {i}\n")
+    (await manager.place(await snapshot(server, ws))).release()
+    for i in range(40):
+        (ws / f"f{i:02d}.txt").write_text(f"file {i}, edited\n")
+    target = await snapshot(server, ws)
+    original = WorkspaceManager._prepare
+    entered, proceed = threading.Event(), threading.Event()
+    running = []
+
+    def held_prepare(self, tree, plan, *arguments):
+        running.append(tree)
+        assert len(running) == 1, "two threads prepare one tree"
+        entered.set()
+        proceed.wait(30)
+        try:
+            return original(self, tree, plan, *arguments)
+        finally:
+            running.remove(tree)
+
+    monkeypatch.setattr(WorkspaceManager, "_prepare", held_prepare)
+    placing = asyncio.create_task(manager.place(target))
+    try:
+        await asyncio.to_thread(entered.wait, 30)
+        placing.cancel()
+        for _ in range(50):  # loop turns, not time: ample for a sync that did not wait to end
+            await asyncio.sleep(0)
+        assert not placing.done()
+        tree = next(iter(manager._workspaces[str(ws)].trees))
+        assert tree.writing and not tree.idle
+    finally:
+        proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await placing
+    assert not running
+    placement = await manager.place(target)  # the retry, on the same worker
+    assert (Path(placement.path) / "f07.txt").read_text() == "file 7, edited\n"
+    placement.release()
