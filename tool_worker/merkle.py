@@ -494,11 +494,22 @@ class TreeScanner:
         return files, dirs, links
 
     def pending(self) -> int | None:
-        """Directories the next scan would list (a watched scan of a tree scanned before), or
-        None when it would list everything: lets a caller run a cheap scan without a thread."""
+        """Entries the directories the next scan would list held at the last scan (a watched
+        scan of a tree scanned before), or None when it would list everything or a directory
+        it has not listed yet: lets a caller run a cheap scan without a thread. (Counting the
+        directories alone, a rescan of one directory of 100,000 files passed for cheap.)"""
         if self._watcher is None or "" not in self._dirs:
             return None
-        return self._watcher.pending()
+        dirty = self._watcher.pending()
+        if dirty is None:
+            return None
+        entries = 0
+        for relative in dirty:
+            state = self._dirs.get(relative)
+            if state is None:
+                return None
+            entries += 1 + len(state.key[0]) + len(state.key[1]) + len(state.key[2])
+        return entries
 
     def record(self, relative: str, digest: Digest, info: os.stat_result) -> None:
         """Tells the stat cache a file's digest (its writer knows it): the next scan need not hash it."""
@@ -605,12 +616,12 @@ class _Watcher:
             if event.mask & inotify_flags.ISDIR and event.mask & (inotify_flags.CREATE | inotify_flags.MOVED_TO):
                 self._fresh.add(f"{relative}/{event.name}" if relative else event.name)
 
-    def pending(self) -> int | None:
-        """How many directories had events since the last scan; None when that cannot be known."""
+    def pending(self) -> set[str] | None:
+        """The directories that had events since the last scan; None when that cannot be known."""
         if not self.available:
             return None
         self.collect()
-        return None if self._lost else len(self._dirty | self._fresh)
+        return None if self._lost else self._dirty | self._fresh
 
     def dirty(self) -> tuple[set[str], set[str]] | None:
         """(directories with events, directories created or moved in) since the last call, or None."""

@@ -74,8 +74,12 @@ MAX_TREES = 2
 # A move this small (the usual edit) runs on the event loop rather than in threads.
 SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
-# A watched rescan listing this few directories runs on the event loop too.
-CHEAP_SCAN_DIRECTORIES = 8
+# A plan over this many bytes of new Directory and DirectoryTimes blobs (about 1,500 entries)
+# is made in a thread: planning 200,000 entries took 3 s, which on the event loop stopped the
+# worker's heartbeats (every 2 s).
+PLAN_ON_LOOP_BYTES = 64 * 1024
+# A watched rescan listing directories of this few entries runs on the event loop too.
+CHEAP_SCAN_ENTRIES = 256
 # Entries (files, directories, symlinks) a sync may create. Directory blobs form a DAG, so a few
 # kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
 # walked. Well above any source tree (a large monorepo holds a few hundred thousand).
@@ -479,7 +483,11 @@ class WorkspaceManager:
         tree.bytes = current.disk_bytes
         try:
             directories = await self._directories(current, snapshot)
-            plan = _plan(current, snapshot, directories)
+            new = sum(len(blob) for digest, blob in directories.items() if digest not in current.blobs)
+            if new <= PLAN_ON_LOOP_BYTES:
+                plan = _plan(current, snapshot, directories)
+            else:
+                plan = await asyncio.to_thread(_plan, current, snapshot, directories)
             planned = time.perf_counter()
             need = plan.disk_bytes
             # Counted at once, before any await: a sync of another workspace running meanwhile
@@ -805,7 +813,7 @@ def _remove_excluded(root: str, exclusions: Exclusions) -> int:
 
 async def _scan(scanner: TreeScanner) -> Tree:
     pending = scanner.pending()
-    if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
+    if pending is not None and pending <= CHEAP_SCAN_ENTRIES:
         return scanner.scan()
     return await _in_thread(scanner.scan)
 
@@ -863,7 +871,8 @@ class _Plan:
     @property
     def small(self) -> bool:
         """Few changes and few bytes to write: done on the event loop."""
-        changes = len(self.remove) + len(self.mkdir) + len(self.symlinks) + sum(map(len, self.writes.values()))
+        changes = (len(self.remove) + len(self.mkdir) + len(self.symlinks) + len(self.chmod) + len(self.utimes)
+                   + sum(map(len, self.writes.values())))
         return changes <= SMALL_PLAN_CHANGES and sum(d.size for d in self.writes) <= SMALL_PLAN_BYTES
 
 

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -621,3 +622,44 @@ async def test_a_sync_cancelled_while_its_thread_prepares_the_tree_releases_it_o
     placement = await manager.place(target)  # the retry, on the same worker
     assert (Path(placement.path) / "f07.txt").read_text() == "file 7, edited\n"
     placement.release()
+
+
+async def test_a_big_move_plans_writes_and_checks_off_the_event_loop(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker's event loop carries its heartbeats (every 2 s, missed after 6 s). Syncing 200,000
+    # files stalled it for 3-6 s: the plan was made on it, a times-only move (every mtime changed)
+    # passed for a small one, and the check rescan of one huge directory passed for cheap.
+    ws, server, manager, _ = setup
+    for i in range(2_000):
+        (ws / f"file-{i:05d}.txt").write_text(f"{i}\n")
+    on_loop: list[str] = []
+
+    def spied(name, function):
+        def wrapper(*arguments, **keywords):
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            return function(*arguments, **keywords)
+        return wrapper
+
+    monkeypatch.setattr(workspaces_module, "_plan", spied("plan", workspaces_module._plan))
+    monkeypatch.setattr(WorkspaceManager, "_finish", spied("finish", WorkspaceManager._finish))
+    placement = await manager.place(await snapshot(server, ws))
+    copy = placement.path
+    placement.release()
+    assert on_loop == []  # the plan of 2,000 new files
+    scan = workspaces_module.TreeScanner.scan
+
+    def spied_scan(self, **keywords):
+        tree = scan(self, **keywords)
+        # A watched rescan that lists nothing may run on the loop; one listing 2,000 entries not.
+        if self.root == copy and self.last_listed and threading.current_thread() is threading.main_thread():
+            on_loop.append("scan")
+        return tree
+
+    monkeypatch.setattr(workspaces_module.TreeScanner, "scan", spied_scan)
+    later = time.time_ns()
+    for i in range(2_000):  # a times-only move: 2,000 utimes, no content
+        os.utime(ws / f"file-{i:05d}.txt", ns=(later, later))
+    placement = await manager.place(await snapshot(server, ws))
+    assert os.stat(Path(placement.path) / "file-01999.txt").st_mtime_ns == later
+    placement.release()
+    assert "finish" not in on_loop and "scan" not in on_loop, on_loop
