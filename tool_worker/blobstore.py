@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Container
 
-from tool_worker.merkle import EMPTY_DIGEST, Digest
+from tool_worker.merkle import EMPTY_DIGEST, Digest, disk_bytes
 
 log = logging.getLogger("codelane.worker")
 
@@ -33,6 +34,7 @@ class BlobStore:
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()
+        # The disk the blobs are counted to take (whole blocks: merkle.disk_bytes).
         self.bytes = 0
         self.corrupt_discarded = 0
         entries = []
@@ -49,7 +51,7 @@ class BlobStore:
                 entries.append((info.st_mtime_ns, blob.name, info.st_size))
         for _, name, size in sorted(entries):
             self._sizes[name] = size
-            self.bytes += size
+            self.bytes += disk_bytes(size)
 
     def path(self, hash_hex: str) -> str:
         return os.path.join(self.directory, hash_hex[:2], hash_hex)
@@ -57,16 +59,24 @@ class BlobStore:
     def __contains__(self, hash_hex: str) -> bool:
         return hash_hex in self._sizes
 
-    def take_in(self, source: str, digest: Digest) -> None:
-        """Moves a file whose content is `digest` into the store (the file is gone after)."""
+    def take_in(self, source: str, digest: Digest, budget: int | None = None,
+                keep: Container[str] = frozenset()) -> None:
+        """Moves a file whose content is `digest` into the store (the file is gone after). With a
+        `budget`, least recently used blobs (not those in `keep`) make room for it first; a file
+        they cannot make room for is deleted instead."""
         if digest.hash in self._sizes or digest.size == 0:
             os.unlink(source)
             return
+        if budget is not None:
+            self.evict(budget - disk_bytes(digest.size), keep, strict=False)
+            if self.bytes + disk_bytes(digest.size) > budget:
+                os.unlink(source)
+                return
         target = self.path(digest.hash)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(source, target)
         self._sizes[digest.hash] = digest.size
-        self.bytes += digest.size
+        self.bytes += disk_bytes(digest.size)
 
     def put(self, digest: Digest, data: bytes) -> None:
         if digest.hash in self._sizes or digest.size == 0:
@@ -78,7 +88,7 @@ class BlobStore:
             handle.write(data)
         os.replace(temporary, target)
         self._sizes[digest.hash] = digest.size
-        self.bytes += digest.size
+        self.bytes += disk_bytes(digest.size)
 
     def read(self, digest: Digest) -> bytes | None:
         """The blob's bytes, verified; None when it is missing or corrupt (then deleted)."""
@@ -101,9 +111,21 @@ class BlobStore:
         self._sizes.move_to_end(digest.hash)
         return data
 
-    def evict(self, budget: int) -> None:
-        """Drops least recently used blobs until the store holds at most `budget` bytes."""
-        while self._sizes and self.bytes > budget:
+    def evict(self, budget: int, keep: Container[str] = frozenset(), *, strict: bool = True) -> None:
+        """Drops least recently used blobs until the store holds at most `budget` bytes: those in
+        `keep` (about to be used) last, and only if `strict`."""
+        if self.bytes <= budget:
+            return
+        doomed, freed = [], 0
+        for hash_hex, size in self._sizes.items():
+            if self.bytes - freed <= budget:
+                break
+            if hash_hex not in keep:
+                doomed.append(hash_hex)
+                freed += disk_bytes(size)
+        for hash_hex in doomed:
+            self._drop(hash_hex)
+        while strict and self._sizes and self.bytes > budget:
             self._drop(next(iter(self._sizes)))
 
     def _drop(self, hash_hex: str) -> None:
@@ -116,7 +138,7 @@ class BlobStore:
     def _forget(self, hash_hex: str) -> None:
         size = self._sizes.pop(hash_hex, None)
         if size is not None:
-            self.bytes -= size
+            self.bytes -= disk_bytes(size)
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -698,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "host sees the same files (repeatable; none: any path). Other workspaces are synced into "
                         "--cache-dir")
     parser.add_argument("--cache-size", type=_size_argument, default=DEFAULT_CACHE_SIZE,
-                        help="bound of the cache's synced workspaces and blobs, e.g. 10GiB (default 10GiB)")
+                        help="bound of the disk the cache's synced workspaces and blobs take, each file counted "
+                             "in whole 4 KiB blocks and each directory as one, e.g. 10GiB (default 10GiB)")
     parser.add_argument(
         "--tools",
         action="append",

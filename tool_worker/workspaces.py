@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
@@ -37,6 +38,7 @@ from tool_worker.blobstore import BlobStore
 from tool_worker.cas import BlobMissing, CasClient, ContentError
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import (
+    BLOCK_BYTES,
     EMPTY_DIGEST,
     EMPTY_HASH,
     SHARED,
@@ -49,10 +51,12 @@ from tool_worker.merkle import (
     SnapshotRef,
     Tree,
     TreeScanner,
+    disk_bytes,
 )
 from tool_worker.tools.base import ToolResult
 
 log = logging.getLogger("codelane.worker")
+T = TypeVar("T")
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "codelane")
 DEFAULT_CACHE_SIZE = 10 * 1024**3
@@ -70,8 +74,12 @@ MAX_TREES = 2
 # A move this small (the usual edit) runs on the event loop rather than in threads.
 SMALL_PLAN_CHANGES = 32
 SMALL_PLAN_BYTES = 256 * 1024
-# A watched rescan listing this few directories runs on the event loop too.
-CHEAP_SCAN_DIRECTORIES = 8
+# A plan over this many bytes of new Directory and DirectoryTimes blobs (about 1,500 entries)
+# is made in a thread: planning 200,000 entries took 3 s, which on the event loop stopped the
+# worker's heartbeats (every 2 s).
+PLAN_ON_LOOP_BYTES = 64 * 1024
+# A watched rescan listing directories of this few entries runs on the event loop too.
+CHEAP_SCAN_ENTRIES = 256
 # Entries (files, directories, symlinks) a sync may create. Directory blobs form a DAG, so a few
 # kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
 # walked. Well above any source tree (a large monorepo holds a few hundred thousand).
@@ -192,6 +200,13 @@ class _Tree:
     writing: bool = False
     # The snapshot a move is bringing it to.
     target: SnapshotRef | None = None
+    # The exclusion patterns its files are known to respect (None: not known, a tree an earlier
+    # worker left): a move to a snapshot of other exclusions first deletes what they exclude.
+    clean: tuple[str, ...] | None = None
+    # The disk it is counted to take against --cache-size (merkle.disk_bytes): what it held at its
+    # last scan, and while it moves (or after a move that failed half-way) the most the move
+    # leaves there, the tree before or as planned.
+    bytes: int = 0
 
     @property
     def idle(self) -> bool:
@@ -267,9 +282,10 @@ class WorkspaceManager:
             state.shared_scanner.close()
             state.shared_scanner = None
         for tree in state.trees:
+            # Its next move deletes what the new exclusions leave out (`_move`): a new scanner
+            # would not see those files, and the copy would keep them, stale or denied. A tree in
+            # use now gets the same once its readers or its move are done.
             if tree.idle:
-                tree.scanner.close()
-                tree.scanner = TreeScanner(tree.path, exclusions)
                 tree.held = None
         return exclusions
 
@@ -375,7 +391,7 @@ class WorkspaceManager:
             # what other hosts of a network filesystem change).
             try:
                 if full:
-                    tree = await asyncio.to_thread(state.shared_scanner.scan, full=True)
+                    tree = await _in_thread(functools.partial(state.shared_scanner.scan, full=True))
                 else:
                     tree = await _scan(state.shared_scanner)
             except OSError:
@@ -413,7 +429,7 @@ class WorkspaceManager:
                 break
         self._report(Holding(snapshot.workspace, SYNCING, snapshot.digest))
         try:
-            await self._move(tree, snapshot)
+            await self._move(tree, snapshot, self._use_exclusions(state, snapshot))
         except SnapshotChanged:
             raise  # nothing is wrong with this worker: the copy is synced again to a newer snapshot
         except WorkspaceUnavailable as exc:
@@ -437,44 +453,84 @@ class WorkspaceManager:
             index += 1
         os.makedirs(path, exist_ok=True)
         path = os.path.realpath(path)
-        self._orphans.pop(path, None)  # an earlier worker's copy of this workspace: moved from there
-        return _Tree(path=path, scanner=TreeScanner(path, exclusions))
+        # An earlier worker's copy of this workspace is moved from there; it may hold what the
+        # exclusions of today leave out (the server restarted with others).
+        left = self._orphans.pop(path, None)
+        return _Tree(path=path, scanner=TreeScanner(path, exclusions), clean=None if left is not None else
+                     exclusions.patterns, bytes=left or 0)
 
     # -- moving a tree -----------------------------------------------------------------------------
 
-    async def _move(self, tree: _Tree, snapshot: SnapshotRef) -> None:
+    async def _move(self, tree: _Tree, snapshot: SnapshotRef, exclusions: Exclusions) -> None:
         if self.cas is None:
             raise WorkspaceUnavailable("the worker has no content source yet (no Welcome from the hub)")
         started = time.perf_counter()
+        if tree.clean != exclusions.patterns:
+            # The exclusions changed since it was written: what they now leave out goes (a scanner
+            # of the new ones would not see it, so no diff would remove it), then it is scanned
+            # afresh with them.
+            tree.scanner.close()
+            try:
+                removed = await _in_thread(_remove_excluded, tree.path, exclusions)
+            except OSError as exc:
+                raise WorkspaceUnavailable(f"cleaning the copy of {snapshot.workspace} failed: {exc}") from None
+            if removed:
+                log.info("removed %d paths the exclusions now leave out from the copy of %s", removed,
+                         snapshot.workspace)
+            tree.scanner = TreeScanner(tree.path, exclusions)
+            tree.clean = exclusions.patterns
         current = await _scan(tree.scanner)
+        tree.bytes = current.disk_bytes
         try:
             directories = await self._directories(current, snapshot)
-            plan = _plan(current, snapshot, directories)
+            new = sum(len(blob) for digest, blob in directories.items() if digest not in current.blobs)
+            if new <= PLAN_ON_LOOP_BYTES:
+                plan = _plan(current, snapshot, directories)
+            else:
+                plan = await asyncio.to_thread(_plan, current, snapshot, directories)
             planned = time.perf_counter()
-            need = plan.total_bytes
-            other_trees = sum(t.held.total_bytes for s in self._workspaces.values() for t in s.trees
-                              if t is not tree and t.held is not None) + sum(self._orphans.values())
-            if need + other_trees > self.cache_size:
-                other_trees -= await self._evict_trees(need + other_trees - self.cache_size, keep=tree)
-            if need + other_trees > self.cache_size:
+            need = plan.disk_bytes
+            # Counted at once, before any await: a sync of another workspace running meanwhile
+            # counts this one's too (a tree moving counted nothing, and two fitted "on paper").
+            tree.bytes = max(current.disk_bytes, need)
+            other_trees = self._other_trees(tree)
+            if tree.bytes + other_trees > self.cache_size:
+                await self._evict_trees(tree.bytes + other_trees - self.cache_size, keep=tree)
+                other_trees = self._other_trees(tree)
+            if tree.bytes + other_trees > self.cache_size:
+                tree.bytes = current.disk_bytes
                 raise WorkspaceUnavailable(
-                    f"the snapshot of {snapshot.workspace} holds {need} bytes and the worker's other trees "
+                    f"the snapshot of {snapshot.workspace} takes {need} bytes and the worker's other trees "
                     f"{other_trees}: more than its --cache-size of {self.cache_size} bytes"
                 )
+            # The blob store gets what the trees leave of the bound, before anything is written:
+            # the old versions this move takes in count there, the blobs it is about to copy out
+            # go last.
+            room = self.cache_size - other_trees - tree.bytes
+            keep = {digest.hash for digest in plan.writes}
+            self.store.evict(room, keep)
             if plan.small:
                 # A few files (the usual edit): a few syscalls, cheaper than thread hops.
-                self._prepare(tree, plan)
+                self._prepare(tree, plan, room, keep)
                 await self._fill(tree, plan, inline=True)
                 self._finish(tree, plan)
             else:
-                await asyncio.to_thread(self._prepare, tree, plan)
+                # Each thread waited for to its end, even by a cancelled sync: the tree is released
+                # (idle, for the next move to prepare) only once nothing writes in it.
+                await _in_thread(self._prepare, tree, plan, room, keep)
                 await self._fill(tree, plan)
-                await asyncio.to_thread(self._finish, tree, plan)
-            self.store.evict(max(0, self.cache_size - need - other_trees))
+                await _in_thread(self._finish, tree, plan)
+            self.store.evict(max(0, self.cache_size - need - self._other_trees(tree)))
             written = time.perf_counter()
             held = await _scan(tree.scanner)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk holds less than the bound says (or other files share it): the blob
+                # store, a cache, goes, so that a retry finds the room the trees need.
+                log.warning("the cache disk is full (%s): the blob store (%d bytes) is emptied", exc.strerror,
+                            self.store.bytes)
+                with contextlib.suppress(OSError):
+                    self.store.evict(0)
                 raise WorkspaceUnavailable(
                     f"the worker's cache disk is full ({self.cache_dir}: {exc.strerror}); the copy of "
                     f"{snapshot.workspace} was not used. Free space or lower --cache-size"
@@ -491,12 +547,18 @@ class WorkspaceManager:
                 f"the copy of {snapshot.workspace} does not match its snapshot after syncing (digest {held.digest}, "
                 f"wanted {snapshot.digest}); it was not used"
             )
-        tree.held = held
+        tree.held, tree.bytes = held, held.disk_bytes
         done = time.perf_counter()
         log.info("synced %s to %s: %d files written (%d bytes) in %.3fs: plan %.3fs, fill %.3fs, check %.3fs",
                  snapshot.workspace, snapshot.digest, sum(len(paths) for paths in plan.writes.values()),
                  sum(d.size * len(paths) for d, paths in plan.writes.items()), done - started, planned - started,
                  written - planned, done - written)
+
+    def _other_trees(self, tree: _Tree) -> int:
+        """The disk every tree but `tree` is counted to take, moving or failed ones included, with
+        what an earlier worker left."""
+        return sum(t.bytes for s in self._workspaces.values() for t in s.trees if t is not tree) + sum(
+            self._orphans.values())
 
     async def _directories(self, current: Tree, snapshot: SnapshotRef) -> dict[str, bytes]:
         """Every Directory and DirectoryTimes blob of the snapshot, fetching only those the tree
@@ -550,7 +612,7 @@ class WorkspaceManager:
         idle = sorted(
             ((state.last_used, workspace, state, tree) for workspace, state in self._workspaces.items()
              for tree in state.trees
-             if tree is not keep and tree.idle and tree.held is not None),
+             if tree is not keep and tree.idle),
             key=lambda entry: entry[0],
         )
         freed, doomed = 0, []
@@ -561,18 +623,18 @@ class WorkspaceManager:
         for _, workspace, state, tree in idle:
             if freed >= excess:
                 break
-            assert tree.held is not None
-            freed += tree.held.total_bytes
+            freed += tree.bytes
             state.trees.remove(tree)
-            log.info("evicting the copy of %s (%d bytes) to make room in the cache", workspace, tree.held.total_bytes)
+            log.info("evicting the copy of %s (%d bytes) to make room in the cache", workspace, tree.bytes)
             doomed.append(_retire(tree))
             if not state.trees and state.shared is None:
                 self._report(Holding(workspace, UNAVAILABLE, None, "its copy was evicted to make room in the cache"))
         await _delete(doomed)
         return freed
 
-    def _prepare(self, tree: _Tree, plan: _Plan) -> None:
-        """Removes what goes (old file versions move into the blob store) and makes directories."""
+    def _prepare(self, tree: _Tree, plan: _Plan, room: int, keep: set[str]) -> None:
+        """Removes what goes (old file versions move into the blob store, within `room` bytes,
+        `keep` kept there) and makes directories."""
         store = self.store
         for relative, digest in plan.remove:
             path = os.path.join(tree.path, relative)
@@ -582,13 +644,13 @@ class WorkspaceManager:
                 else:
                     os.unlink(path)
             else:
-                store.take_in(path, digest)
+                store.take_in(path, digest, room, keep)
         for relative in plan.mkdir:
             os.makedirs(os.path.join(tree.path, relative), exist_ok=True)
 
     async def _fill(self, tree: _Tree, plan: _Plan, *, inline: bool = False) -> None:
         """Writes every new file: from the blob store when it has the content, else fetched."""
-        local = self._fill_local(tree, plan) if inline else await asyncio.to_thread(self._fill_local, tree, plan)
+        local = self._fill_local(tree, plan) if inline else await _in_thread(self._fill_local, tree, plan)
         missing = [d for d in plan.writes if d.hash not in local]
         if not missing:
             return
@@ -710,10 +772,11 @@ def _left_trees(directory: str) -> dict[str, int]:
             shutil.rmtree(entry.path, ignore_errors=True)
             continue
         size = 0
-        for parent, _, files in os.walk(entry.path):
+        for parent, directories, files in os.walk(entry.path):
+            size += BLOCK_BYTES * len(directories)
             for name in files:
                 with contextlib.suppress(OSError):
-                    size += os.lstat(os.path.join(parent, name)).st_size
+                    size += disk_bytes(os.lstat(os.path.join(parent, name)).st_size)
         left[os.path.realpath(entry.path)] = size
     return left
 
@@ -725,14 +788,48 @@ async def _delete(paths: list[str | None]) -> None:
         await asyncio.to_thread(lambda: [shutil.rmtree(path, ignore_errors=True) for path in doomed])
 
 
+def _remove_excluded(root: str, exclusions: Exclusions) -> int:
+    """Deletes every path under `root` that `exclusions` leave out (a directory with all under it);
+    returns how many. Without recursion: a tree may be deeper than the interpreter's stack."""
+    removed = 0
+    stack = [(root, "")]
+    while stack:
+        path, relative = stack.pop()
+        with os.scandir(path) as entries:
+            listing = list(entries)
+        for entry in listing:
+            child = f"{relative}/{entry.name}" if relative else entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if exclusions.excluded(child):
+                if is_dir:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            elif is_dir:
+                stack.append((entry.path, child))
+    return removed
+
+
 async def _scan(scanner: TreeScanner) -> Tree:
     pending = scanner.pending()
-    if pending is not None and pending <= CHEAP_SCAN_DIRECTORIES:
+    if pending is not None and pending <= CHEAP_SCAN_ENTRIES:
         return scanner.scan()
-    return await asyncio.to_thread(scanner.scan)
+    return await _in_thread(scanner.scan)
 
 
-async def _settled(future: asyncio.Future[None]) -> BaseException | None:
+async def _in_thread(function: Callable[..., T], *arguments: Any) -> T:
+    """`function(*arguments)` in a thread, waited for to its end even when the caller is cancelled
+    (then cancelled once it ended): a thread cannot be stopped, and one still writing into a tree
+    (or scanning it) must not run beside the next move of it."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *arguments))
+    failure = await _settled(future)
+    if failure is not None:
+        raise failure
+    return future.result()
+
+
+async def _settled(future: asyncio.Future[Any]) -> BaseException | None:
     """Waits until `future` is done, even if the waiting task is cancelled meanwhile (that
     cancellation is raised once it is done), and returns its exception, retrieved."""
     cancelled = False
@@ -765,7 +862,8 @@ class _Plan:
     symlinks: list[tuple[str, str]] = field(default_factory=list)
     chmod: list[tuple[str, bool]] = field(default_factory=list)
     utimes: list[tuple[str, int]] = field(default_factory=list)
-    total_bytes: int = 0
+    # The disk the tree is counted to take once moved (merkle.disk_bytes).
+    disk_bytes: int = 0
     # Entries of the new subtrees, and each distinct new Directory's count (`_entry_count`).
     new_entries: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -773,14 +871,15 @@ class _Plan:
     @property
     def small(self) -> bool:
         """Few changes and few bytes to write: done on the event loop."""
-        changes = len(self.remove) + len(self.mkdir) + len(self.symlinks) + sum(map(len, self.writes.values()))
+        changes = (len(self.remove) + len(self.mkdir) + len(self.symlinks) + len(self.chmod) + len(self.utimes)
+                   + sum(map(len, self.writes.values())))
         return changes <= SMALL_PLAN_CHANGES and sum(d.size for d in self.writes) <= SMALL_PLAN_BYTES
 
 
 def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Plan:
-    """What turns the tree held (`current`) into the snapshot's; `total_bytes` starts from what is
+    """What turns the tree held (`current`) into the snapshot's; `disk_bytes` starts from what is
     held and follows the changes, so planning costs what changed, not the tree's size."""
-    plan = _Plan(total_bytes=current.total_bytes)
+    plan = _Plan(disk_bytes=current.disk_bytes)
     try:
         _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
               blobs[snapshot.digest.hash], blobs[snapshot.times_digest.hash], current.blobs, blobs)
@@ -824,11 +923,11 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
     for name, (digest, _, _) in old_files.items():
         if name not in new_files or new_files[name][0] != digest:
             plan.remove.append((prefix + name, digest))
-            plan.total_bytes -= digest.size
+            plan.disk_bytes -= disk_bytes(digest.size)
     for name, (digest, _) in old_dirs.items():
         if name not in new_dirs:
             plan.remove.append((prefix + name, None))
-            plan.total_bytes -= _tree_bytes(digest, old_blobs)
+            plan.disk_bytes -= BLOCK_BYTES + _tree_bytes(digest, old_blobs)
     for name, target in old_links.items():
         if new_links.get(name) != target:
             plan.remove.append((prefix + name, None))
@@ -836,7 +935,7 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
         old = old_files.get(name)
         if old is None or old[0] != digest:
             plan.writes.setdefault(digest, []).append((prefix + name, executable, mtime))
-            plan.total_bytes += digest.size
+            plan.disk_bytes += disk_bytes(digest.size)
             continue
         if old[1] != executable:
             plan.chmod.append((prefix + name, executable))
@@ -854,6 +953,7 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
             if plan.new_entries > MAX_SNAPSHOT_ENTRIES:
                 raise _TooManyEntries
             plan.mkdir.append(prefix + name)
+            plan.disk_bytes += BLOCK_BYTES
         elif old == (digest, times_digest):
             continue
         _diff(plan, f"{prefix}{name}/",
@@ -889,8 +989,8 @@ def _tree_bytes(digest: Digest, blobs: dict[str, bytes]) -> int:
     if not blob:
         return 0
     directory = reapi.Directory.FromString(blob)
-    return sum(f.digest.size_bytes for f in directory.files) + sum(
-        _tree_bytes(Digest(d.digest.hash, d.digest.size_bytes), blobs) for d in directory.directories
+    return sum(disk_bytes(f.digest.size_bytes) for f in directory.files) + sum(
+        BLOCK_BYTES + _tree_bytes(Digest(d.digest.hash, d.digest.size_bytes), blobs) for d in directory.directories
     )
 
 

@@ -366,3 +366,38 @@ async def test_a_full_cache_disk_is_a_clear_error_and_never_a_partial_tree(test_
         assert not result.is_error and "small now" in result.output
     finally:
         await server.stop(grace=0.5)
+
+
+async def test_a_cache_disk_sized_for_cache_size_never_fills_with_old_versions(
+    test_host: TestHost, tmp_path: Path
+) -> None:
+    # A 12 MiB disk under --cache-size 10MB: the old versions an edit moves into the blob store
+    # took the room the next workspace needed, and since the store was trimmed only after a sync
+    # that succeeded, every later sync hit the full disk. The store gets what the trees leave.
+    a, b = tmp_path / "server" / "a", tmp_path / "server" / "b"
+    big_workspace(a, files=5, size=1_000_000)
+    big_workspace(b, files=4, size=1_000_000)
+    small = tmp_path / "small-cache"
+    small.mkdir()
+    server = await start_server(tmp_path, test_host, model="")
+    try:
+        test_host.spawn_worker(
+            ["--connect", f"{test_host.server_address}:{server.ports[1]}", "--token", TOKEN, "--id", "remote-1",
+             "--cache-dir", str(small), "--cache-size", "10MB"],
+            hide=tmp_path / "server", tmpfs={small: "12m"},
+        )
+        await wait_for(lambda: server.pool.worker("remote-1") is not None, what="the worker")
+        result = await dispatch_read(server, a, "marker.txt")
+        assert not result.is_error, result.output
+        big_workspace(a, files=5, size=1_000_000)  # the same seed: marker and sizes alike, bytes not
+        for path in a.rglob("*.bin"):
+            path.write_bytes(bytes(reversed(path.read_bytes())))
+        server.snapshots.of(str(a)).changed()
+        result = await dispatch_read(server, a, "marker.txt")
+        assert not result.is_error, result.output
+        # 5 MB of a and 4 MB of b fit under 10 MB; the 5 MB of old versions do not beside them.
+        result = await dispatch_read(server, b, "marker.txt")
+        assert not result.is_error and "the marker" in result.output, result.output
+        assert holding(server, "remote-1", b).mode == "synced"
+    finally:
+        await server.stop(grace=0.5)

@@ -15,7 +15,7 @@ from tests.polling import poll_until
 from tool_worker.blobstore import BlobStore
 from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.confinement.protected import operator_denied_inside
-from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, digest_of
+from tool_worker.merkle import BLOCK_BYTES, DEFAULT_EXCLUDES, Digest, digest_of
 from tool_worker.tools.base import ToolResult
 from tool_worker.workspaces import Placement, parse_size
 
@@ -146,9 +146,10 @@ def test_the_blob_store_verifies_every_blob_it_gives_and_evicts_the_least_recent
     assert store.read(Digest.of(b)) is None and store.corrupt_discarded == 1
     assert Digest.of(b).hash not in store
     store.put(Digest.of(b), b)
-    store.evict(100)
+    assert store.bytes == 2 * BLOCK_BYTES  # whole blocks, as the disk gives them
+    store.evict(BLOCK_BYTES)
     assert Digest.of(a).hash not in store and store.read(Digest.of(b)) == b
-    assert BlobStore(str(tmp_path / "blobs")).bytes == 100  # what a restarted worker finds
+    assert BlobStore(str(tmp_path / "blobs")).bytes == BLOCK_BYTES  # what a restarted worker finds
 
 
 def test_the_blob_store_gives_0_bytes_only_for_the_empty_blob(tmp_path: Path) -> None:
@@ -168,7 +169,7 @@ def test_a_blob_half_written_by_a_killed_worker_is_removed_when_the_store_opens(
     leftover.parent.mkdir(exist_ok=True)
     leftover.write_bytes(cut[:3_000])  # `put` killed before its rename
     reopened = BlobStore(str(tmp_path / "blobs"))
-    assert reopened.bytes == 100 and not leftover.exists()
+    assert reopened.bytes == BLOCK_BYTES and not leftover.exists()
     assert reopened.read(Digest.of(kept)) == kept and Digest.of(cut).hash not in reopened
 
 

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -470,3 +471,195 @@ async def test_a_snapshot_with_an_exclusion_pattern_rule_2_calls_invalid_is_refu
     assert not isinstance(refused.value, SnapshotChanged)
     placement = await manager.place(good)  # the worker stays usable
     placement.release()
+
+
+# -- exclusions that change ----------------------------------------------------------------------
+
+async def _restarted(tmp_path: Path, name: str, ws: Path, **config):
+    """A server started (again) with `config`, a channel to it, and the current snapshot of `ws`
+    as a worker's Assign names it (its own exclusions with it)."""
+    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / name, **config))
+    await server.start()
+    snapshots = server.snapshots.of(str(ws))
+    snapshots.changed()
+    current = await snapshots.current()
+    ref = SnapshotRef(str(ws), current.digest, current.times_digest, current.exclude)
+    return server, grpc.aio.insecure_channel(server.address), ref
+
+
+def _stale_workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "build").mkdir(parents=True)
+    (ws / "secrets").mkdir()
+    (ws / "main.py").write_text("print('hi')\n")
+    (ws / "build" / "out.txt").write_text("old build\n")
+    (ws / "secrets" / "key.pem").write_text("old secret\n")
+    return ws
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+NEW_EXCLUSIONS = {"snapshot_excludes": [".git/objects/**", ".codelane/**", "build/**"]}
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "read-while-they-changed"])
+async def test_exclusions_that_change_leave_nothing_they_exclude_in_the_copy(tmp_path: Path, busy: bool) -> None:
+    # The server restarts with a new --snapshot-exclude and a --sandbox-deny-read inside the
+    # workspace: the copy holds what the new snapshots leave out. It must go (docs/workspaces.md:
+    # a synced worker's copy lacks denied files), not stay, stale or secret, for grep to find;
+    # a tree read while the exclusions changed gets the same at its next move.
+    ws = _stale_workspace(tmp_path)
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    first, channel, ref = await _restarted(tmp_path, "data1", ws)
+    manager.configure(CasClient(channel), first.snapshots.excludes)
+    reading = await manager.place(ref)
+    copy = Path(reading.path)
+    assert (copy / "secrets" / "key.pem").exists()
+    if not busy:
+        reading.release()
+    await channel.close()
+    await first.stop(grace=0.5)
+    (ws / "build" / "out.txt").write_text("new build\n")
+    second, channel, ref = await _restarted(tmp_path, "data2", ws, sandbox_deny_read=[ws / "secrets"],
+                                            **NEW_EXCLUSIONS)
+    try:
+        manager.configure(CasClient(channel), second.snapshots.excludes)
+        placement = await manager.place(ref)
+        if busy:
+            # A second tree was built meanwhile; the first one moves once released, while the
+            # second is read.
+            assert Path(placement.path) != copy
+            assert _files(Path(placement.path)) == ["main.py"]
+            reading.release()
+            (ws / "main.py").write_text("print('bye')\n")
+            second.snapshots.of(str(ws)).changed()
+            current = await second.snapshots.of(str(ws)).current()
+            moved = await manager.place(SnapshotRef(str(ws), current.digest, current.times_digest, current.exclude))
+            placement.release()
+            placement = moved
+        assert Path(placement.path) == copy
+        assert _files(copy) == ["main.py"]
+        assert not (copy / "secrets").exists()
+        placement.release()
+    finally:
+        manager.close()
+        await channel.close()
+        await second.stop(grace=0.5)
+
+
+async def test_a_copy_an_earlier_worker_left_loses_what_the_exclusions_of_today_leave_out(tmp_path: Path) -> None:
+    # Server and worker both restarted: the copy the earlier worker left is reused, without the
+    # paths the new exclusions leave out.
+    ws = _stale_workspace(tmp_path)
+    first, channel, ref = await _restarted(tmp_path, "data1", ws)
+    earlier = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    earlier.configure(CasClient(channel), first.snapshots.excludes)
+    placement = await earlier.place(ref)
+    copy = Path(placement.path)
+    placement.release()
+    earlier.close()
+    await channel.close()
+    await first.stop(grace=0.5)
+    second, channel, ref = await _restarted(tmp_path, "data2", ws, sandbox_deny_read=[ws / "secrets"],
+                                            **NEW_EXCLUSIONS)
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
+    try:
+        manager.configure(CasClient(channel), second.snapshots.excludes)
+        placement = await manager.place(ref)
+        assert Path(placement.path) == copy
+        assert _files(copy) == ["main.py"]
+        placement.release()
+    finally:
+        manager.close()
+        await channel.close()
+        await second.stop(grace=0.5)
+
+
+async def test_a_sync_cancelled_while_its_thread_prepares_the_tree_releases_it_only_after_the_thread(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread removing old versions (a large rmtree, many renames) ran on after its sync was
+    # cancelled (the hub's Cancel at the call's deadline), the tree already marked idle: the retry
+    # prepared it beside that thread and failed on the files it moved away.
+    ws, server, manager, _ = setup
+    for i in range(40):  # more than a small move: prepared in a thread
+        (ws / f"f{i:02d}.txt").write_text(f"file {i}\n")
+    (await manager.place(await snapshot(server, ws))).release()
+    for i in range(40):
+        (ws / f"f{i:02d}.txt").write_text(f"file {i}, edited\n")
+    target = await snapshot(server, ws)
+    original = WorkspaceManager._prepare
+    entered, proceed = threading.Event(), threading.Event()
+    running = []
+
+    def held_prepare(self, tree, plan, *arguments):
+        running.append(tree)
+        assert len(running) == 1, "two threads prepare one tree"
+        entered.set()
+        proceed.wait(30)
+        try:
+            return original(self, tree, plan, *arguments)
+        finally:
+            running.remove(tree)
+
+    monkeypatch.setattr(WorkspaceManager, "_prepare", held_prepare)
+    placing = asyncio.create_task(manager.place(target))
+    try:
+        await asyncio.to_thread(entered.wait, 30)
+        placing.cancel()
+        for _ in range(50):  # loop turns, not time: ample for a sync that did not wait to end
+            await asyncio.sleep(0)
+        assert not placing.done()
+        tree = next(iter(manager._workspaces[str(ws)].trees))
+        assert tree.writing and not tree.idle
+    finally:
+        proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await placing
+    assert not running
+    placement = await manager.place(target)  # the retry, on the same worker
+    assert (Path(placement.path) / "f07.txt").read_text() == "file 7, edited\n"
+    placement.release()
+
+
+async def test_a_big_move_plans_writes_and_checks_off_the_event_loop(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker's event loop carries its heartbeats (every 2 s, missed after 6 s). Syncing 200,000
+    # files stalled it for 3-6 s: the plan was made on it, a times-only move (every mtime changed)
+    # passed for a small one, and the check rescan of one huge directory passed for cheap.
+    ws, server, manager, _ = setup
+    for i in range(2_000):
+        (ws / f"file-{i:05d}.txt").write_text(f"{i}\n")
+    on_loop: list[str] = []
+
+    def spied(name, function):
+        def wrapper(*arguments, **keywords):
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            return function(*arguments, **keywords)
+        return wrapper
+
+    monkeypatch.setattr(workspaces_module, "_plan", spied("plan", workspaces_module._plan))
+    monkeypatch.setattr(WorkspaceManager, "_finish", spied("finish", WorkspaceManager._finish))
+    placement = await manager.place(await snapshot(server, ws))
+    copy = placement.path
+    placement.release()
+    assert on_loop == []  # the plan of 2,000 new files
+    scan = workspaces_module.TreeScanner.scan
+
+    def spied_scan(self, **keywords):
+        tree = scan(self, **keywords)
+        # A watched rescan that lists nothing may run on the loop; one listing 2,000 entries not.
+        if self.root == copy and self.last_listed and threading.current_thread() is threading.main_thread():
+            on_loop.append("scan")
+        return tree
+
+    monkeypatch.setattr(workspaces_module.TreeScanner, "scan", spied_scan)
+    later = time.time_ns()
+    for i in range(2_000):  # a times-only move: 2,000 utimes, no content
+        os.utime(ws / f"file-{i:05d}.txt", ns=(later, later))
+    placement = await manager.place(await snapshot(server, ws))
+    assert os.stat(Path(placement.path) / "file-01999.txt").st_mtime_ns == later
+    placement.release()
+    assert "finish" not in on_loop and "scan" not in on_loop, on_loop
