@@ -15,8 +15,11 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable, Container
+from functools import wraps
+from typing import Any, TypeVar
 
 from tool_worker.merkle import EMPTY_DIGEST, Digest, disk_bytes
 
@@ -27,10 +30,24 @@ log = logging.getLogger("codelane.worker")
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @wraps(method)
+    def holding(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return holding  # type: ignore[return-value]
+
+
 class BlobStore:
-    """Not thread-safe: the worker calls it from one thread at a time (its sync thread)."""
+    """One lock around each method: the syncs of two workspaces run in threads of their own and
+    share the store (an eviction iterating the blobs while another thread moved one in, or two
+    `bytes` updates at once, broke its count)."""
 
     def __init__(self, directory: str) -> None:
+        self._lock = threading.RLock()  # re-entered: take_in evicts
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()
@@ -56,9 +73,11 @@ class BlobStore:
     def path(self, hash_hex: str) -> str:
         return os.path.join(self.directory, hash_hex[:2], hash_hex)
 
+    @_locked
     def __contains__(self, hash_hex: str) -> bool:
         return hash_hex in self._sizes
 
+    @_locked
     def take_in(self, source: str, digest: Digest, budget: int | None = None,
                 keep: Container[str] = frozenset()) -> None:
         """Moves a file whose content is `digest` into the store (the file is gone after). With a
@@ -78,6 +97,7 @@ class BlobStore:
         self._sizes[digest.hash] = digest.size
         self.bytes += disk_bytes(digest.size)
 
+    @_locked
     def put(self, digest: Digest, data: bytes) -> None:
         if digest.hash in self._sizes or digest.size == 0:
             return
@@ -91,26 +111,32 @@ class BlobStore:
         self.bytes += disk_bytes(digest.size)
 
     def read(self, digest: Digest) -> bytes | None:
-        """The blob's bytes, verified; None when it is missing or corrupt (then deleted)."""
+        """The blob's bytes, verified; None when it is missing or corrupt (then deleted). Read
+        and hashed outside the lock: another thread dropping it meanwhile makes it missing."""
         if digest == EMPTY_DIGEST:
             return b""
-        if digest.hash not in self._sizes:
+        if digest.hash not in self:
             return None
         try:
             with open(self.path(digest.hash), "rb") as handle:
                 data = handle.read()
         except OSError:
-            self._forget(digest.hash)
+            with self._lock:
+                self._forget(digest.hash)
             return None
-        if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
-            log.warning("blob %s in the cache is corrupt (its bytes do not match its digest): discarded, "
-                        "it will be fetched again", digest)
-            self.corrupt_discarded += 1
-            self._drop(digest.hash)
-            return None
-        self._sizes.move_to_end(digest.hash)
+        intact = len(data) == digest.size and hashlib.sha256(data).hexdigest() == digest.hash
+        with self._lock:
+            if not intact:
+                log.warning("blob %s in the cache is corrupt (its bytes do not match its digest): discarded, "
+                            "it will be fetched again", digest)
+                self.corrupt_discarded += 1
+                self._drop(digest.hash)
+                return None
+            if digest.hash in self._sizes:
+                self._sizes.move_to_end(digest.hash)
         return data
 
+    @_locked
     def evict(self, budget: int, keep: Container[str] = frozenset(), *, strict: bool = True) -> None:
         """Drops least recently used blobs until the store holds at most `budget` bytes: those in
         `keep` (about to be used) last, and only if `strict`."""
@@ -140,6 +166,7 @@ class BlobStore:
         if size is not None:
             self.bytes -= disk_bytes(size)
 
+    @_locked
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         os.makedirs(self.directory, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tests.polling import poll_until
 from tool_worker.blobstore import BlobStore
 from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.confinement.protected import operator_denied_inside
-from tool_worker.merkle import BLOCK_BYTES, DEFAULT_EXCLUDES, Digest, digest_of
+from tool_worker.merkle import BLOCK_BYTES, DEFAULT_EXCLUDES, Digest, digest_of, disk_bytes
 from tool_worker.tools.base import ToolResult
 from tool_worker.workspaces import Placement, parse_size
 
@@ -246,3 +247,34 @@ async def test_a_workspace_a_turn_holds_stays_open_however_many_others_come(
             await held.current()
     finally:
         registry.close()
+
+
+def test_the_blob_store_shared_by_threads_keeps_its_count(tmp_path: Path) -> None:
+    # The syncs of two workspaces run in threads of their own and share the store: blobs moved
+    # in by some while others evict and read.
+    store = BlobStore(str(tmp_path / "blobs"))
+    contents = [f"blob {i}\n".encode() * (i % 7 + 1) for i in range(200)]
+    digests = [Digest.of(data) for data in contents]
+    failures: list[BaseException] = []
+
+    def mover(offset: int) -> None:
+        try:
+            for round_ in range(30):
+                for i in range(offset, len(contents), 4):
+                    source = tmp_path / f"in-{offset}-{round_}-{i}"
+                    source.write_bytes(contents[i])
+                    store.take_in(str(source), digests[i], budget=40 * 4096)
+                    store.read(digests[(i * 7) % len(digests)])
+                store.evict(20 * 4096)
+        except BaseException as exc:  # reported by the test, not lost in its thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=mover, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    held = {digest.hash: digest.size for digest in digests if digest.hash in store}
+    assert store.bytes == sum(disk_bytes(size) for size in held.values())
+    assert all(os.path.exists(store.path(hash_hex)) for hash_hex in held)
