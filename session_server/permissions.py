@@ -521,14 +521,17 @@ def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
 
 def _glob_forms(glob: str, workspace: str | None, starts: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
     """A shell glob word's glob (`session_server.shell.Expansion`), in the forms its paths would
-    have (`_path_forms`): its fixed start normalised, and with its symlinks resolved. A `..` past
-    a wildcard may lead anywhere: `**`."""
+    have (`_path_forms`): its fixed start normalised, and with its symlinks resolved; an absolute
+    form (`/tmp/*/s*/key`, or `../*/secret/key` resolved) also as the workspace-relative globs it
+    matches inside the workspace (`s*/key`), which the rules' relative globs are compared with. A
+    `..` past a wildcard may lead anywhere: `**`; so may a component such as `.*` that matches
+    `..` (bash before 5.2 expands `.*` to `.` and `..` as well)."""
     if len(glob) > 4096 or "\0" in glob:
         return ("**",)
     parts = glob.split("/")  # `/` is never escaped in these globs
     fixed = next((i for i, part in enumerate(parts) if _UNESCAPED_WILDCARD.search(part)), len(parts))
     rest = [part for part in parts[fixed:] if part not in ("", ".")]
-    if ".." in rest:
+    if any(part == ".." or (part.startswith(".") and fnmatchcase("..", part)) for part in rest):
         return ("**",)
     start = "/".join(_ESCAPED.sub(r"\1", part) for part in parts[:fixed]) or ("/" if glob.startswith("/") else ".")
     if start not in starts:
@@ -541,6 +544,11 @@ def _glob_forms(glob: str, workspace: str | None, starts: dict[str, tuple[str, .
             forms.append("/" + "/".join(rest))
         else:
             forms.append("/".join([literal_glob(form), *rest]))
+    if workspace is not None:
+        roots = dict.fromkeys((posixpath.normpath(workspace), os.path.realpath(workspace)))
+        for form in [form for form in forms if form.startswith("/")]:
+            for root in roots:
+                forms += globs_within(form, root, covering=False) or ()
     return tuple(dict.fromkeys(forms))
 
 

@@ -153,11 +153,13 @@ DENY_LIST = PermissionPolicy.parse(deny=["read(secret/**)", "write(secret/**)", 
     "command",
     ["cat s*/key", "cat [s]ecret/key", "cat {s,}ecret/key", "cat secre?/key", "cat */key", "ls s*", "grep -r . s*",
      "cat {a..z}ecret/key", "cat *", "cat ./x/../s*/key", "cd s* && cat key", "cat --file=s*/key", "cat lnk/*",
-     "cat {ws}/s*/key", "echo x > s*/key", "cat .e*", "cat conf/*.e?v", "cp x s*/", "cat */*/*"],
+     "cat {ws}/s*/key", "echo x > s*/key", "cat .e*", "cat conf/*.e?v", "cp x s*/", "cat */*/*",
+     # Reaching the workspace from above, or through a component that may be `..`.
+     "cat {parent}/*/s*/key", "cat {parent}/w?/secret/key", "cat ../*/secret/key", "cat .*/ws/secret/key"],
 )
 def test_a_glob_word_that_may_name_a_denied_path_is_denied(secret_workspace: Path, command: str) -> None:
     os.symlink("secret", secret_workspace / "lnk")
-    command = command.replace("{ws}", str(secret_workspace))
+    command = command.replace("{ws}", str(secret_workspace)).replace("{parent}", str(secret_workspace.parent))
     assert decide(DENY_LIST, "bash", secret_workspace, command=command) is Action.DENY
 
 
