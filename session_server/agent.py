@@ -160,7 +160,7 @@ class Turn:
         self.started = False
         # What the rest of the current response's calls may still add in arguments.
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
-        # The call ids this turn's calls have: unique within it (see `_make_call`).
+        # The call ids of this step's calls, not in the history yet (see `_make_call`).
         self._call_ids: set[str] = set()
         self._observation: TurnObservation | None = None
         # Clear while an Execute call runs on the server. A Query call bound for a worker takes
@@ -230,6 +230,7 @@ class Turn:
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         asks: dict[ToolCall, Decision] = {}
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS
+        self._call_ids = set()
         request = ModelRequest(
             model=ctx.model_name,
             system=ctx.settings.system_prompt,
@@ -360,11 +361,13 @@ class Turn:
         """The call's owner, with its rejection when it must not run."""
         ctx = self.ctx
         call_id = model_call.call_id
-        # An id an earlier call of the turn has gets one of ours too: ConfirmToolCall names a call
-        # by its id, and a model that gave a read of a secret the id of a harmless read had the
-        # person's approval of the one shown run the other (and a late answer to an earlier
-        # step's call could answer a later one). Providers pair a result with its call by id too.
-        if not 0 < len(call_id) <= MAX_CALL_ID_CHARS or call_id in self._call_ids:
+        # An id an earlier call of the session has gets one of ours too: ConfirmToolCall names a
+        # call by its id, and a model that gave a read of a secret the id of a harmless read had
+        # the person's approval of the one shown run the other (and a late answer to an earlier
+        # call, of this turn or of one before, could answer a later one: models number their
+        # ids, "call_0"...). Providers pair a result with its call by id too.
+        if (not 0 < len(call_id) <= MAX_CALL_ID_CHARS or call_id in self._call_ids
+                or call_id in ctx.history.call_ids):
             call_id = f"call_{uuid.uuid4().hex[:12]}"
         self._call_ids.add(call_id)
         arguments_json, refusal = self._check_size(index, model_call)

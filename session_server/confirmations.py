@@ -31,8 +31,8 @@ class Confirmations:
     """The calls waiting for a confirmation, server-wide, by (session id, call id)."""
 
     def __init__(self) -> None:
-        # One call per key: call ids are unique within a turn (the agent makes one when a model
-        # repeats an id), and only the session's running turn has calls that wait.
+        # One call per key: call ids are unique within a session (the agent makes one when a
+        # model repeats an id).
         self._waiting: dict[tuple[str, str], asyncio.Future[Answer]] = {}
 
     async def wait(self, session_id: str, call_id: str, within: float) -> Answer | None:

@@ -50,6 +50,8 @@ class History:
         self.messages: list[ChatMessage] = [to_chat(m) for m in stored]
         # What the messages hold, in characters of text and arguments (the cache's measure).
         self.chars = sum(map(_chars, self.messages))
+        # Every call id of the session so far: a new call gets one of its own (Turn._make_call).
+        self.call_ids = {call.call_id for message in self.messages for call in message.tool_calls}
 
     @classmethod
     def load(cls, store: Store, session_id: str) -> asyncio.Future[History]:
@@ -67,6 +69,7 @@ class History:
         added = [to_chat(m) for m in messages]
         self.messages.extend(added)
         self.chars += sum(map(_chars, added))
+        self.call_ids.update(call.call_id for message in added for call in message.tool_calls)
 
 
 def _chars(message: ChatMessage) -> int:

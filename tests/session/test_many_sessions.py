@@ -20,8 +20,10 @@ QUERIES = 8
 def _script_responses() -> list[dict]:
     responses = []
     for turn in range(TURNS):
-        calls = [call("read", f"read_{i}", file_path=f"f{i}.txt") for i in range(QUERIES)]
-        calls.append(call("write", "write_turn", file_path=f"turn-{turn}.txt", content=f"turn {turn}\n"))
+        # Ids unique within a session (a repeat would get one of the server's), repeated across
+        # all fifty sessions.
+        calls = [call("read", f"read_{turn}_{i}", file_path=f"f{i}.txt") for i in range(QUERIES)]
+        calls.append(call("write", f"write_{turn}", file_path=f"turn-{turn}.txt", content=f"turn {turn}\n"))
         responses += [{"text": f"Turn {turn}.", "tool_calls": calls}, {"text": f"Turn {turn} done."}]
     return responses
 
@@ -59,11 +61,11 @@ async def test_fifty_sessions_replaying_one_script_each_get_their_own_results(ma
             assert len(finished) == QUERIES + 1, f"session {k} turn {turn}: {len(finished)} results"
             by_id = {f.call_id: f.result for f in finished}
             for i in range(QUERIES):
-                result = by_id[f"read_{i}"]
+                result = by_id[f"read_{turn}_{i}"]
                 assert not result.is_error, f"session {k} turn {turn} read_{i}: {result.output}"
                 assert f"session {k} file {i}" in result.output, f"session {k} got {result.output!r}"
                 assert result.worker_id in {"local-1", "local-2"}
-            assert not by_id["write_turn"].is_error
+            assert not by_id[f"write_{turn}"].is_error
         assert sorted(p.name for p in workspaces[k].glob("turn-*.txt")) == [f"turn-{t}.txt" for t in range(TURNS)]
 
 

@@ -608,3 +608,19 @@ async def test_a_call_id_the_model_repeats_in_a_later_step_gets_one_of_the_serve
     history = await client.history(session.session_id)
     _assert_valid_history(history)
     assert [m.tool_call_id for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL] == started
+
+
+async def test_a_call_id_of_an_earlier_turn_gets_one_of_the_servers(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # A late answer to the earlier turn's call must not answer the later one (models number
+    # their ids: "call_0" in every response).
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("read", "call_0", file_path="a.txt")]},
+                                {"text": "done"},
+                                {"text": "", "tool_calls": [call("read", "call_0", file_path="README.md")]},
+                                {"text": "done again"}], "turns.yaml")
+    session = await client.create(workspace, model)
+    first = await client.send(session.session_id, "one")
+    second = await client.send(session.session_id, "two")
+    ids = [e.tool_call_started.call.call_id for e in first + second if kind(e) == "tool_call_started"]
+    assert ids[0] == "call_0" and ids[1] not in ("call_0", "") and ids[1].startswith("call_")

@@ -1082,7 +1082,7 @@ class ConfirmToolCallRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     call_id: _builtins.str
-    """Id of the call waiting for confirmation (ToolCall.call_id: unique within its turn, so an
+    """Id of the call waiting for confirmation (ToolCall.call_id: unique within its session, so an
     answer applies to the call shown with that id and to no other).
     """
     approve: _builtins.bool

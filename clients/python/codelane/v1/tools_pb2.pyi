@@ -306,11 +306,11 @@ class ToolCall(_message.Message):
     LANE_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
-    """Identifier of the call: the model's id, or one codelane made ("call_" and 12 hex digits) when
-    the model gave none, one over 256 characters, or one an earlier call of the same turn has:
-    within one turn, ids are unique. Models may repeat an id in a later turn, so it is not a key
-    of a session: a call's events come in order (ToolCallStarted before its ToolCallFinished),
-    and within one response calls keep the model's order.
+    """Identifier of the call, unique within its session: the model's id, or one codelane made
+    ("call_" and 12 hex digits) when the model gave none, one over 256 characters, or one an
+    earlier call of the session has (models repeat ids, even within one response). A call's
+    events come in order (ToolCallStarted before its ToolCallFinished), and within one response
+    calls keep the model's order.
     """
     tool_name: _builtins.str
     """Name of the tool to call."""
