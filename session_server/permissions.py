@@ -347,6 +347,13 @@ class PermissionPolicy:
     timeout_action: Action = Action.DENY
     # Bare deny rules by tool, worked out once.
     _denied_tools: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    # The deny, allow and ask rules placed in a workspace (`_place_all`), by workspace: placing
+    # absolute rules resolves paths (an lstat per component), which every call's decision paid
+    # (20 absolute rules: 220 -> 650-980 us a decision). A policy lives for a turn (settings are
+    # read at its start), and what placing resolves lies outside the workspace, where calls
+    # write nothing.
+    _placed: dict[str | None, tuple[tuple[Rule, ...], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.timeout_action not in (Action.ALLOW, Action.DENY):
@@ -416,16 +423,25 @@ class PermissionPolicy:
             return Decision(Action.ALLOW)
         call = _describe_call(tool, arguments, workspace)
         inside = _Inside(workspace, Budget(MAX_GLOB_WORK))
-        rule = _any_match(_place_all(self.deny, workspace, covering=True), call, inside)
+        deny, allow, ask = self._placed_in(workspace)
+        rule = _any_match(deny, call, inside)
         if rule is not None:
             return Decision(Action.DENY, rule.origin or rule)
-        rule = _every_match(_place_all(self.allow, workspace, covering=False), call, workspace)
+        rule = _every_match(allow, call, workspace)
         if rule is not None:
             return Decision(Action.ALLOW, rule.origin or rule)
-        rule = _any_match(_place_all(self.ask, workspace, covering=True), call, inside)
+        rule = _any_match(ask, call, inside)
         if rule is not None:
             return Decision(Action.ASK, rule.origin or rule)
         return Decision(self.default_action)
+
+    def _placed_in(self, workspace: str | None) -> tuple[tuple[Rule, ...], ...]:
+        placed = self._placed.get(workspace)
+        if placed is None:
+            placed = self._placed[workspace] = (_place_all(self.deny, workspace, covering=True),
+                                                _place_all(self.allow, workspace, covering=False),
+                                                _place_all(self.ask, workspace, covering=True))
+        return placed
 
     def to_dict(self) -> dict[str, Any]:
         return {
