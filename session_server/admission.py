@@ -111,7 +111,7 @@ class Admission:
 
     def check_session(self) -> None:
         """Raises unless one more session may be created (then call `session_added`)."""
-        self._check_open()
+        self.check_open()
         limit = self.limits.max_sessions
         if limit and self.sessions >= limit:
             self._refuse("max_sessions", limit, f"the server holds {self.sessions} sessions, its limit "
@@ -127,7 +127,7 @@ class Admission:
 
     def acquire_turn(self) -> None:
         """Counts a turn that starts; raises when none may (`release_turn` when it ends)."""
-        self._check_open()
+        self.check_open()
         limit = self.limits.max_running_turns
         if limit and self.running_turns >= limit:
             self._refuse("max_running_turns", limit, f"the server runs {self.running_turns} turns at once, its "
@@ -139,7 +139,7 @@ class Admission:
 
     def acquire_subscriber(self) -> None:
         """Counts an event stream that opens; raises when none may (`release_subscriber` at its end)."""
-        self._check_open()
+        self.check_open()
         limit = self.limits.max_subscribers
         if limit and self.subscribers >= limit:
             self._refuse("max_subscribers", limit, f"the server has {self.subscribers} event streams open, its "
@@ -179,7 +179,8 @@ class Admission:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raises ShuttingDown once the server stops admitting work."""
         if self.closed:
             raise ShuttingDown()
 

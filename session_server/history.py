@@ -94,9 +94,9 @@ class Histories:
         self._loading: dict[str, asyncio.Future[History]] = {}
 
     async def get(self, session_id: str) -> History:
-        """The session's history, from memory (without waiting) or loaded. Raises what the read
-        raises (a sqlite3.Error when the store fails): the next `get` loads again."""
-        history = self._cache.get(session_id)
+        """The session's history, from memory (without waiting: see `cached`) or loaded. Raises
+        what the read raises (a sqlite3.Error when the store fails): the next `get` loads again."""
+        history = self.cached(session_id)
         if history is None:
             loading = self._loading.get(session_id)
             if loading is None:
@@ -105,13 +105,23 @@ class Histories:
                 # gone) leaves the history to the others and to the next turn.
                 loading.add_done_callback(partial(self._loaded, session_id))
             history = await asyncio.shield(loading)
-        if self._cache.get(session_id) is history:
+            if self._cache.get(session_id) is history:
+                self._trim()
+        return history
+
+    def cached(self, session_id: str) -> History | None:
+        """The session's history if it is in memory (now the most recently used), else None."""
+        history = self._cache.get(session_id)
+        if history is not None:
             self._cache.move_to_end(session_id)
-        # Checked here, when a turn starts: histories grow by appends in between.
+            self._trim()
+        return history
+
+    def _trim(self) -> None:
+        # Checked when a turn starts: histories grow by appends in between.
         held = sum(h.chars for h in self._cache.values())
         while len(self._cache) > 1 and (len(self._cache) > self._limit or held > self._max_chars):
             held -= self._cache.popitem(last=False)[1].chars
-        return history
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -123,10 +133,11 @@ class Histories:
         self._loading.pop(session_id, None)
 
     def _loaded(self, session_id: str, loading: asyncio.Future[History]) -> None:
+        # A failed load is its callers' to report; retrieved here too, for a load nobody waits
+        # for any more (else asyncio logs "exception was never retrieved").
+        failure = loading.exception()
         if self._loading.get(session_id) is not loading:
             return  # forgotten meanwhile: the session was deleted
         del self._loading[session_id]
-        # A failed load is its callers' to report (retrieved here too, for a load nobody waits
-        # for any more); nothing is cached, and the next `get` reads again.
-        if loading.exception() is None:
+        if failure is None:  # else nothing is cached, and the next `get` reads again
             self._cache[session_id] = loading.result()

@@ -392,24 +392,28 @@ class SessionManager:
         or ShuttingDown when no turn may start now, store.StoreUnavailable while the last turn's
         events wait to be stored, and a sqlite3.Error when the store fails to read its history.
         """
-        # Checked before the session's history is loaded (when it is not in memory): no load
-        # starts beside the session's running turn, which appends to the history meanwhile, nor
-        # for a turn refused anyway.
-        self._turn_allowed(session_id, text)
-        history = await self.histories.get(session_id)
-        # And again once it is: meanwhile another turn may have started (its history the same,
-        # loaded once), the session been deleted, the server begun to stop.
-        record, settings, provider, model_name = self._turn_allowed(session_id, text)
+        # Checked, and the turn counted, before the session's history is loaded (when it is not
+        # in memory): no load starts beside the session's running turn, which appends to the
+        # history meanwhile, nor for a turn refused anyway.
+        record, settings, provider, model_name = self._turn_inputs(session_id, text)
         if self.admission is not None:
             self.admission.acquire_turn()
         try:
+            history = self.histories.cached(session_id)
+            if history is None:
+                history = await self.histories.get(session_id)
+                # Checked again: meanwhile another turn may have started (its history the same,
+                # loaded once), the session been deleted, the server begun to stop.
+                record, settings, provider, model_name = self._turn_inputs(session_id, text)
+                if self.admission is not None:
+                    self.admission.check_open()
             return self._start_turn(session_id, record, settings, provider, model_name, text, history)
         except BaseException:
             if self.admission is not None:
                 self.admission.release_turn()
             raise
 
-    def _turn_allowed(self, session_id: str, text: str) -> tuple[SessionRecord, SessionSettings, ModelProvider, str]:
+    def _turn_inputs(self, session_id: str, text: str) -> tuple[SessionRecord, SessionSettings, ModelProvider, str]:
         """What a turn of the session would start from, or the exception that refuses it."""
         record = self.get_session(session_id)
         if session_id in self._turns:

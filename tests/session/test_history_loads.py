@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2
+from session_server.admission import Limits
 from session_server.store import Reads, StoredMessage
 from tests.session.conftest import (
     InProcess,
@@ -126,3 +127,24 @@ async def test_a_message_to_a_session_whose_turn_runs_loads_nothing(
     assert await client.cancel(session.session_id)
     rest = await read_rest(first)
     assert rest[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+
+
+async def test_a_turn_the_server_has_no_room_for_loads_no_history(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # One turn at most: a message to a second session is refused before its history is read
+    # (a history of a gigabyte took about a second to read, for a turn refused anyway).
+    server: InProcess = await make_server(limits=Limits(max_running_turns=1))
+    client = server.client
+    busy = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c1", command="true")]}, {"text": "Done."}], "busy.yaml"),
+        permissions=session_pb2.PermissionPolicy(ask=["bash"]))
+    stream = client.send_stream(busy.session_id, "go")
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", [])
+    other = await client.create(workspace, scripted(tmp_path, [{"text": "Done."}], "other.yaml"))
+    refused = await rpc_error(client.send(other.session_id, "hello"))
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    histories = server.server.sessions.histories
+    assert histories.cached(other.session_id) is None and other.session_id not in histories._loading
+    await client.cancel(busy.session_id)
+    await read_rest(stream)
