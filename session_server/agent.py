@@ -200,15 +200,15 @@ class Turn:
         except asyncio.CancelledError:
             self._finish(self.cancel_reason, final_text)
             raise
-        except sqlite3.Error as exc:
-            # The store failed (a full disk): not a bug of the server, and said as the RPCs say it.
-            failure = store_unavailable(exc, "the turn could not store its history")
-            log.error("session %s: turn %s ended: %s", ctx.session_id, ctx.turn_id, failure)
-            ctx.emit(ErrorOccurred("STORE_UNAVAILABLE", str(failure), True))
-            stop = "error"
         except Exception as exc:
-            log.exception("session %s: turn %s failed", ctx.session_id, ctx.turn_id)
-            ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))
+            if _store_failure(exc):
+                # A full disk, say: not a bug of the server, and said as the RPCs say it.
+                failure = store_unavailable(exc, "the turn could not store its history")
+                log.error("session %s: turn %s ended: %s", ctx.session_id, ctx.turn_id, failure)
+                ctx.emit(ErrorOccurred("STORE_UNAVAILABLE", str(failure), True))
+            else:
+                log.exception("session %s: turn %s failed", ctx.session_id, ctx.turn_id)
+                ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))
             stop = "error"
         self._finish(stop, final_text)
 
@@ -657,6 +657,12 @@ class Turn:
         # for every write would wait as if ordered after them.
         await self._no_write_running.wait()
         return (await snapshots.current()).ref
+
+
+def _store_failure(exc: Exception) -> bool:
+    """Whether the store refused its work (SQLite said so), as opposed to the server misusing it
+    (ProgrammingError, InterfaceError: a bug, reported INTERNAL with its traceback)."""
+    return isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
 def _model_call(call: ToolCall) -> ModelToolCall:
