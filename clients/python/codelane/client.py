@@ -372,7 +372,12 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        # The sends still waiting for the server's answer end with the channel: nothing is left
+        # pending on a loop that may be closed next (the sync client closes its own).
+        for task in list(self._unanswered):
+            task.cancel()
         await self._channel.close()
+        await asyncio.gather(*self._unanswered, return_exceptions=True)
 
     def _hold_until_answered(self, call: Any) -> None:
         """Keeps a started SendMessage call alive until the server answers it (its first event, or
