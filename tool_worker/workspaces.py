@@ -166,7 +166,7 @@ class Placement:
             return result
         output = self._map_out(result.output)
         metadata = self._map_out_value(result.metadata)
-        if output == result.output and metadata == result.metadata:
+        if output is result.output and metadata is result.metadata:
             return result
         return dataclasses.replace(result, output=output, metadata=metadata)
 
@@ -179,12 +179,18 @@ class Placement:
         return re.sub(re.escape(self.path) + "(/?)", lambda m: base + "/" if m[1] else self.workspace, text)
 
     def _map_out_value(self, value: Any) -> Any:
+        """`value` itself when nothing in it names the copy (a result's metadata is most often
+        left as it is: rebuilt and compared, every call paid for its whole tree twice)."""
         if isinstance(value, str):
             return self._map_out(value)
         if isinstance(value, dict):
-            return {self._map_out_value(k): self._map_out_value(v) for k, v in value.items()}
+            mapped = {self._map_out_value(k): self._map_out_value(v) for k, v in value.items()}
+            same = len(mapped) == len(value) and all(
+                k is k2 and v is v2 for (k, v), (k2, v2) in zip(value.items(), mapped.items(), strict=True))
+            return value if same else mapped
         if isinstance(value, list | tuple):
-            return [self._map_out_value(v) for v in value]
+            items = [self._map_out_value(v) for v in value]
+            return value if all(a is b for a, b in zip(value, items, strict=True)) else items
         if value is None or isinstance(value, bool | int | float):
             return value
         text = str(value)  # what the wire will carry (metadata_json is written with default=str)
