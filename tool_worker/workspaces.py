@@ -514,6 +514,7 @@ class WorkspaceManager:
             # go last.
             room = self.cache_size - other_trees - tree.bytes
             keep = {digest.hash for digest in plan.writes}
+            self.store.prefer(keep)
             self.store.evict(room, keep)
             if plan.small:
                 # A few files (the usual edit): a few syscalls, cheaper than thread hops.
