@@ -270,15 +270,13 @@ class Turn:
                 raise ModelError("INCOMPLETE_RESPONSE", "the model's response ended without its final message")
             ok = True
         except asyncio.CancelledError:
-            partial = ModelResponse("".join(texts), [_model_call(c) for c in calls], Usage(), "cancelled")
-            self._announce(step, partial, calls)
-            await self._record(partial, scheduler, calls, cancelled=True)
+            partial = ModelResponse("".join(texts), [], Usage(), "cancelled")
+            await self._record_cut_short(step, partial, scheduler, calls)
             raise
         except BaseException:
             # The response never completed: the early Query calls (read-only) are stopped and
             # their results dropped, so the history holds no call without its response.
-            scheduler.cancel()
-            await scheduler.results()
+            await scheduler.abandon()
             raise
         finally:
             ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
@@ -302,14 +300,9 @@ class Turn:
                 calls.append(call)
                 scheduler.add(call)
             if isinstance(exc, asyncio.CancelledError):
-                # As in the streaming phase: the response is recorded with the calls made so far,
-                # each with its result.
-                cut_short = dataclasses.replace(response, tool_calls=[_model_call(c) for c in calls])
-                self._announce(step, cut_short, calls)
-                await self._record(cut_short, scheduler, calls, cancelled=True)
+                await self._record_cut_short(step, response, scheduler, calls)  # as while streaming
             else:
-                scheduler.cancel()
-                await scheduler.results()
+                await scheduler.abandon()
             raise
         try:
             for call in rest:
@@ -317,13 +310,20 @@ class Turn:
                 scheduler.add(call)
             self._announce(step, response, calls)
         except BaseException:
-            scheduler.cancel()
-            await scheduler.results()
+            await scheduler.abandon()
             raise
         await self._record(response, scheduler, calls, cancelled=False)
         if scheduler.cancelled:
             raise asyncio.CancelledError
         return _StepOutcome(response.text, None if response.tool_calls else "end_turn")
+
+    async def _record_cut_short(self, step: int, response: ModelResponse, scheduler: TurnScheduler,
+                                calls: list[ToolCall]) -> None:
+        """A cancel cut the step short: the response is announced and recorded with the calls
+        made so far (not the rest of the model's), each with its result, cancelled if unfinished."""
+        cut_short = dataclasses.replace(response, tool_calls=[_model_call(c) for c in calls])
+        self._announce(step, cut_short, calls)
+        await self._record(cut_short, scheduler, calls, cancelled=True)
 
     def _announce(self, step: int, response: ModelResponse, calls: list[ToolCall]) -> None:
         """The response is complete: say which calls it holds, before their results come in."""

@@ -107,6 +107,11 @@ class TurnScheduler:
         for task in self._tasks:
             task.cancel()
 
+    async def abandon(self) -> None:
+        """Cancels the turn and waits until every call has ended, their results unused."""
+        self.cancel()
+        await self.results()
+
     async def results(self) -> list[ToolResult]:
         """One result per call, in model order, once input is closed and every call has ended.
 
