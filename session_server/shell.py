@@ -241,9 +241,12 @@ class _Walker:
                 # An assignment's value is neither globbed nor brace-expanded; a word holding a
                 # substitution is a run-time value (`_has_expansion`) as a whole.
                 source = self._source(part) if part.kind == "word" and not part.parts else None
+                expansion = _expansion(source) if source is not None else None
                 words.append(part.word)
-                expanded.append(_has_expansion(part) or (source is not None and _expansion(source) is not None))
-                expansions.append(_path_expansion(source) if source is not None else None)
+                expanded.append(_has_expansion(part) or expansion is not None)
+                if source is not None and _names_its_value(source):
+                    expansion = _path_expansion(source)
+                expansions.append(expansion)
                 self._nested(part)
             elif part.kind == "redirect":
                 self._redirect(part)
@@ -293,9 +296,13 @@ _GLOB_SPECIAL = frozenset("\\*?[]{}")
 
 def _path_expansion(source: str) -> Expansion | None:
     """`_expansion` of what a word names as a path: the value of `--option=value`."""
-    if source.startswith("-") and "=" in source:
+    if _names_its_value(source):
         source = source.partition("=")[2]
     return _expansion(source)
+
+
+def _names_its_value(source: str) -> bool:
+    return source.startswith("-") and "=" in source
 
 
 def _expansion(source: str) -> Expansion | None:

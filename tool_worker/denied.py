@@ -51,8 +51,6 @@ def may_deny(pattern: str, glob: str, budget: Budget) -> bool:
     if known is not None:
         budget.pairs -= 1
         return known
-    while glob.startswith("./"):
-        glob = glob[2:]
     if glob.endswith("/**") and len(glob) > 3:
         glob = glob[:-3]  # `dir/**` is `dir` and what it holds
     answer = globs_overlap(pattern, glob or ".", budget, below_second=True)
