@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import sys
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
+
+from codelane.terminal import escape_controls
 
 session_id: ContextVar[str] = ContextVar("codelane_session_id", default="")
 turn_id: ContextVar[str] = ContextVar("codelane_turn_id", default="")
@@ -33,10 +34,6 @@ _FIELDS = (
 )
 
 LOG_FORMATS = ("text", "json")
-
-# What would break a text line or fake the start of another: C0 and C1 controls, DEL, and the
-# Unicode line and paragraph separators. A tab is kept: it breaks nothing.
-_LINE_BREAKING = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ContextFilter(logging.Filter):
@@ -57,14 +54,11 @@ class OneLineFormatter(logging.Formatter):
     own. A traceback, added after the message, keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        if _LINE_BREAKING.search(record.message):
+        message = escape_controls(record.message, keep_line_breaks=False)
+        if message is not record.message:
             record = copy.copy(record)
-            record.message = _LINE_BREAKING.sub(_escaped, record.message)
+            record.message = message
         return super().formatMessage(record)
-
-
-def _escaped(match: re.Match[str]) -> str:
-    return repr(match[0])[1:-1]
 
 
 def json_formatter() -> logging.Formatter:

@@ -13,16 +13,29 @@ import dataclasses
 import re
 from typing import Any, TypeVar
 
-# C0 controls but tab and line feed, DEL, C1 controls (an 8-bit CSI is \x9b), and the carriage
-# return not before a line feed (it would let a line overwrite what came before it).
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls but tab (line feed too, or not), DEL, C1 controls (an 8-bit CSI is \x9b), the
+# Unicode line and paragraph separators, and a carriage return not before a line feed (it would
+# let a line overwrite what came before it).
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROLS_BUT_LINE_FEED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 T = TypeVar("T")
 
 
-def safe_text(text: str) -> str:
-    if not _UNSAFE.search(text):
+def escape_controls(text: str, *, keep_line_breaks: bool) -> str:
+    """`text` with its control characters shown as Python escapes (`\\x1b`, `\\n`): all but tab,
+    and line feeds too unless `keep_line_breaks` (a CRLF then reads as one line break). Also what
+    the server's and worker's text logs do to a message (one line each)."""
+    unsafe = _CONTROLS_BUT_LINE_FEED if keep_line_breaks else _CONTROLS
+    if not unsafe.search(text):
         return text
-    return _UNSAFE.sub(_shown, text.replace("\r\n", "\n"))
+    if keep_line_breaks:
+        text = text.replace("\r\n", "\n")
+    return unsafe.sub(_shown, text)
+
+
+def safe_text(text: str) -> str:
+    """`text` safe to print on a terminal, its line breaks kept."""
+    return escape_controls(text, keep_line_breaks=True)
 
 
 def _shown(match: re.Match[str]) -> str:
