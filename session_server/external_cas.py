@@ -11,8 +11,10 @@ call then ends with an error saying so).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,6 +27,9 @@ from tool_worker.merkle import Digest
 # How many digests are remembered as uploaded.
 MAX_KNOWN = 1_000_000
 REQUEST_TIMEOUT = 120.0
+# A streamed upload may take a second more per MiB than REQUEST_TIMEOUT: its deadline assumes a
+# link at least this fast.
+MIN_UPLOAD_BYTES_PER_SECOND = 1024 * 1024
 
 
 class ExternalCasError(OSError):
@@ -79,12 +84,12 @@ class ExternalCas:
             batch: list[tuple[Digest, bytes]] = []
             total = 0
             for digest in missing:
+                if digest.size > MAX_BATCH_BYTES:
+                    await self._write(digest, blobs.get(digest.hash), snapshot.workspace, files.get(digest.hash))
+                    continue
                 data = blobs.get(digest.hash)
                 if data is None:
                     data = await asyncio.to_thread(_read, snapshot.workspace, files[digest.hash], digest)
-                if digest.size > MAX_BATCH_BYTES:
-                    await self._write(digest, data)
-                    continue
                 if total + digest.size > MAX_BATCH_BYTES:
                     await self._batch(cas, batch)
                     batch, total = [], 0
@@ -112,20 +117,55 @@ class ExternalCas:
                                        f"{entry.status.message}")
         self.uploaded_blobs += len(batch)
 
-    async def _write(self, digest: Digest, data: bytes) -> None:
+    async def _write(self, digest: Digest, data: bytes | None, workspace: str, relative: str | None) -> None:
+        """Streams a large blob: a directory blob from memory, a file from disk a chunk at a time
+        (a model's weights are never read whole into memory). The file is hashed as it is read and
+        the last chunk (the one that finishes the write) is held back until the hash matches: a
+        file that changed since its snapshot is never committed under the snapshot's digest."""
         assert self._channel is not None
         stub = bytestream_pb2_grpc.ByteStreamStub(self._channel)
         name = f"{self.instance_name}/uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size}".lstrip("/")
 
-        def chunks():
-            for offset in range(0, max(len(data), 1), STREAM_CHUNK):
-                yield bytestream_pb2.WriteRequest(
-                    resource_name=name, write_offset=offset, data=data[offset : offset + STREAM_CHUNK],
-                    finish_write=offset + STREAM_CHUNK >= len(data),
-                )
-
-        await stub.Write(chunks(), timeout=REQUEST_TIMEOUT)
+        pieces = _memory_chunks(data) if data is not None else _file_chunks(workspace, relative or "", digest)
+        # The whole upload's deadline grows with its size: 120 s, and a second per MiB.
+        call = stub.Write(timeout=REQUEST_TIMEOUT + digest.size / MIN_UPLOAD_BYTES_PER_SECOND)
+        try:
+            offset = 0
+            async for piece, last in pieces:
+                await call.write(bytestream_pb2.WriteRequest(resource_name=name, write_offset=offset, data=piece,
+                                                             finish_write=last))
+                offset += len(piece)
+            await call.done_writing()
+            await call
+        except BaseException:
+            call.cancel()
+            raise
         self.uploaded_blobs += 1
+
+
+async def _memory_chunks(data: bytes) -> AsyncIterator[tuple[bytes, bool]]:
+    for offset in range(0, len(data), STREAM_CHUNK):
+        yield data[offset : offset + STREAM_CHUNK], offset + STREAM_CHUNK >= len(data)
+
+
+async def _file_chunks(workspace: str, relative: str, digest: Digest) -> AsyncIterator[tuple[bytes, bool]]:
+    path = os.path.join(workspace, relative)
+    handle = await asyncio.to_thread(open, path, "rb")
+    try:
+        hasher = hashlib.sha256()
+        held: bytes | None = None
+        size = 0
+        while chunk := await asyncio.to_thread(handle.read, STREAM_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+            if held is not None:
+                yield held, False
+            held = chunk
+        if held is None or size != digest.size or hasher.hexdigest() != digest.hash:
+            raise ExternalCasError(f"{relative} changed while its snapshot was being uploaded")
+        yield held, True
+    finally:
+        handle.close()
 
 
 def _size(workspace: str, relative: str) -> int:

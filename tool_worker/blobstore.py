@@ -28,6 +28,7 @@ log = logging.getLogger("codelane.worker")
 # A blob's file name: its lowercase hex SHA-256. Anything else in a shard is what `put` left
 # half-written under its temporary name when the worker was killed.
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+_COPY_CHUNK = 1024 * 1024
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,6 +114,53 @@ class BlobStore:
         self._sizes[digest.hash] = digest.size
         self.bytes += disk_bytes(digest.size)
 
+    def spool_path(self, digest: Digest) -> str:
+        """A new file name beside where the blob would be kept, for a large blob on its way in or
+        out (`cas.SpooledBlob`): the same filesystem as the trees, so it moves into a tree by a
+        rename. Left behind by a killed worker, it goes when the store is next opened."""
+        target = self.path(digest.hash)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return f"{target}.{os.urandom(6).hex()}.part"
+
+    def copy_out(self, digest: Digest, destination: str) -> bool:
+        """Copies a blob to `destination`, checked as it is copied (a piece at a time, so a large
+        blob never sits in memory). False when it is missing or corrupt (then deleted, and the
+        partial copy with it)."""
+        try:
+            source = open(self.path(digest.hash), "rb")
+        except OSError:
+            with self._lock:
+                self._forget(digest.hash)
+            return False
+        hasher = hashlib.sha256()
+        copied = 0
+        try:
+            with source, open(destination, "wb") as target:
+                while chunk := source.read(_COPY_CHUNK):
+                    hasher.update(chunk)
+                    target.write(chunk)
+                    copied += len(chunk)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(destination)
+            raise
+        return self._checked(digest, copied == digest.size and hasher.hexdigest() == digest.hash, destination)
+
+    def _checked(self, digest: Digest, intact: bool, partial: str | None = None) -> bool:
+        with self._lock:
+            if not intact:
+                log.warning("blob %s in the cache is corrupt (its bytes do not match its digest): discarded, "
+                            "it will be fetched again", digest)
+                self.corrupt_discarded += 1
+                self._drop(digest.hash)
+                if partial is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(partial)
+                return False
+            if digest.hash in self._sizes:
+                self._sizes.move_to_end(digest.hash)
+        return True
+
     def read(self, digest: Digest) -> bytes | None:
         """The blob's bytes, verified; None when it is missing or corrupt (then deleted). Read
         and hashed outside the lock: another thread dropping it meanwhile makes it missing."""
@@ -128,16 +176,7 @@ class BlobStore:
                 self._forget(digest.hash)
             return None
         intact = len(data) == digest.size and hashlib.sha256(data).hexdigest() == digest.hash
-        with self._lock:
-            if not intact:
-                log.warning("blob %s in the cache is corrupt (its bytes do not match its digest): discarded, "
-                            "it will be fetched again", digest)
-                self.corrupt_discarded += 1
-                self._drop(digest.hash)
-                return None
-            if digest.hash in self._sizes:
-                self._sizes.move_to_end(digest.hash)
-        return data
+        return data if self._checked(digest, intact) else None
 
     @_locked
     def prefer(self, hashes: Iterable[str]) -> None:

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
 from tool_worker.blobstore import BlobStore
-from tool_worker.cas import BlobMissing, CasClient, ContentError
+from tool_worker.cas import DEFAULT_MAX_BATCH_BYTES, Blob, BlobMissing, CasClient, ContentError, SpooledBlob, discard
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import (
     BLOCK_BYTES,
@@ -669,14 +669,19 @@ class WorkspaceManager:
         writing: asyncio.Future[None] | None = None
         try:
             # Closed on the way out, so that no fetch outlives the sync (an error, a cancel).
-            async with contextlib.aclosing(self.cas.fetch(missing)) as batches:
+            async with contextlib.aclosing(self.cas.fetch(missing, spool=self.store.spool_path)) as batches:
                 async for batch in batches:
                     if inline:
                         self._write_batch(tree, plan, batch)
                         continue
                     if writing is not None:
-                        # Shielded: a cancelled sync must not stop waiting while the thread writes.
-                        await asyncio.shield(writing)
+                        try:
+                            # Shielded: a cancelled sync must not stop waiting while the thread writes.
+                            await asyncio.shield(writing)
+                        except BaseException:
+                            for _, blob in batch:
+                                discard(blob)
+                            raise
                     writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, tree, plan, batch))
         finally:
             # The last write is waited for here too. Never leave a thread writing into a tree the
@@ -691,17 +696,32 @@ class WorkspaceManager:
     def _fill_local(self, tree: _Tree, plan: _Plan) -> set[str]:
         done = set()
         for digest in plan.writes:
+            data: Blob | None
             if digest == EMPTY_DIGEST:
-                data: bytes | None = b""
+                data = b""
+            elif digest.hash not in self.store:
+                continue
+            elif digest.size > DEFAULT_MAX_BATCH_BYTES:
+                # Copied out a piece at a time: a large blob (a model's weights) is never in memory.
+                spooled = self.store.spool_path(digest)
+                data = SpooledBlob(spooled) if self.store.copy_out(digest, spooled) else None
             else:
-                data = self.store.read(digest) if digest.hash in self.store else None
+                data = self.store.read(digest)
             if data is not None:
                 self._write_batch(tree, plan, [(digest, data)])
                 done.add(digest.hash)
         return done
 
-    def _write_batch(self, tree: _Tree, plan: _Plan, batch: list[tuple[Digest, bytes]]) -> None:
-        for digest, data in batch:
+    def _write_batch(self, tree: _Tree, plan: _Plan, batch: list[tuple[Digest, Blob]]) -> None:
+        for index, (digest, data) in enumerate(batch):
+            if isinstance(data, SpooledBlob):
+                try:
+                    self._place_spooled(tree, plan, digest, data)
+                except BaseException:
+                    for _, left in batch[index:]:
+                        discard(left)
+                    raise
+                continue
             for relative, executable, mtime_ns in plan.writes[digest]:
                 path = os.path.join(tree.path, relative)
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
@@ -712,6 +732,29 @@ class WorkspaceManager:
                     tree.scanner.record(relative, digest, os.fstat(descriptor))
                 finally:
                     os.close(descriptor)
+
+    @staticmethod
+    def _place_spooled(tree: _Tree, plan: _Plan, digest: Digest, blob: SpooledBlob) -> None:
+        """The spooled file becomes the blob's first path by a rename; its other paths are copies
+        of that one. The spool was made with mode 0o666 less the umask, as `_write_batch` makes
+        a file; an executable one gains x wherever it has r (0o777 less the same umask)."""
+        first = None
+        try:
+            for relative, executable, mtime_ns in plan.writes[digest]:
+                path = os.path.join(tree.path, relative)
+                if first is None:
+                    os.replace(blob.path, path)
+                    first = path
+                else:
+                    shutil.copyfile(first, path)
+                mode = os.lstat(path).st_mode & 0o7777
+                if executable:
+                    os.chmod(path, mode | (mode & 0o444) >> 2)
+                os.utime(path, ns=(mtime_ns, mtime_ns))
+                tree.scanner.record(relative, digest, os.lstat(path))
+        finally:
+            if first is None:
+                discard(blob)
 
     def _finish(self, tree: _Tree, plan: _Plan) -> None:
         for relative, target in plan.symlinks:
