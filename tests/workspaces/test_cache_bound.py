@@ -13,18 +13,12 @@ import grpc
 import pytest
 
 from session_server.server import CodelaneServer, ServerConfig
+from tests.workspaces.conftest import snapshot
 from tool_worker.cas import CasClient
-from tool_worker.merkle import SnapshotRef
 from tool_worker.workspaces import WorkspaceManager, WorkspaceUnavailable
 
 MB = 1_000_000
 
-
-async def snapshot(server: CodelaneServer, ws: Path) -> SnapshotRef:
-    snapshots = server.snapshots.of(str(ws))
-    snapshots.changed()
-    current = await snapshots.current()
-    return SnapshotRef(str(ws), current.digest, current.times_digest)
 
 
 def on_disk(path: str) -> int:

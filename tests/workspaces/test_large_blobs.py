@@ -5,8 +5,10 @@ no deadline as a whole, only for each message; and no spooled file outlives its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import re
 import stat
 import tracemalloc
 from pathlib import Path
@@ -17,35 +19,14 @@ import pytest
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc
 from session_server.content import STREAM_CHUNK
 from session_server.external_cas import ExternalCas, ExternalCasError
-from session_server.server import CodelaneServer, ServerConfig
+from tests.workspaces.conftest import snapshot
 from tool_worker import cas as cas_module
 from tool_worker.cas import DEFAULT_MAX_BATCH_BYTES, CasClient, ContentError, SpooledBlob
-from tool_worker.merkle import Digest, SnapshotRef
-from tool_worker.workspaces import WorkspaceManager
+from tool_worker.merkle import Digest
 
 BIG = 48 * 1024 * 1024
 
 
-@pytest.fixture
-async def setup(tmp_path: Path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data"))
-    await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
-    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
-    manager.configure(CasClient(channel), server.snapshots.excludes)
-    yield ws, server, manager
-    manager.close()
-    await channel.close()
-    await server.stop(grace=0.5)
-
-
-async def snapshot(server: CodelaneServer, ws: Path) -> SnapshotRef:
-    snapshots = server.snapshots.of(str(ws))
-    snapshots.changed()
-    current = await snapshots.current()
-    return SnapshotRef(str(ws), current.digest, current.times_digest)
 
 
 def spooled_files(root: str | Path) -> list[Path]:
@@ -71,7 +52,7 @@ def flip_byte(path: str, offset: int) -> None:
 async def test_a_large_file_is_synced_through_disk_not_memory(setup) -> None:
     # The worker gathered a streamed blob's chunks in memory and joined them (twice its size),
     # four streams at once: a workspace holding model weights of a few GB exhausted the host.
-    ws, server, manager = setup
+    ws, server, manager, _ = setup
     content = os.urandom(BIG)
     (ws / "weights.bin").write_bytes(content)
     (ws / "run.sh").write_bytes(content)  # the same blob at a second path, executable
@@ -101,7 +82,7 @@ async def test_a_large_file_is_synced_through_disk_not_memory(setup) -> None:
 
 
 async def test_a_large_blob_taken_back_from_the_store_is_checked_and_refetched_when_corrupt(setup) -> None:
-    ws, server, manager = setup
+    ws, server, manager, _ = setup
     content = os.urandom(2 * DEFAULT_MAX_BATCH_BYTES)
     digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
     (ws / "big.bin").write_bytes(content)
@@ -126,6 +107,7 @@ class _ByteStream(bytestream_pb2_grpc.ByteStreamServicer):
     records whether the call carried a deadline."""
 
     def __init__(self, data: bytes, *, corrupt: bool = False, stall: bool = False) -> None:
+        self.original = data
         self.data = bytearray(data)
         if corrupt:
             self.data[-1] ^= 1
@@ -141,34 +123,46 @@ class _ByteStream(bytestream_pb2_grpc.ByteStreamServicer):
                 await self.release.wait()
 
 
-async def _serve(servicer: _ByteStream):
+@contextlib.asynccontextmanager
+async def serving(servicer: bytestream_pb2_grpc.ByteStreamServicer):
+    """A gRPC server with only `servicer`'s ByteStream; yields its address."""
     server = grpc.aio.server()
     bytestream_pb2_grpc.add_ByteStreamServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        if isinstance(servicer, _ByteStream):
+            servicer.release.set()
+        await server.stop(0)
 
 
-async def _fetch_all(client: CasClient, digest: Digest, spool_dir: Path) -> list:
+async def fetch_spooled(servicer: _ByteStream, spool_dir: Path) -> tuple[CasClient, list | ContentError]:
+    """Fetches the servicer's blob through ByteStream, spooled to `spool_dir`: what arrived, or the
+    ContentError the fetch ended with."""
+    digest = Digest(hashlib.sha256(servicer.original).hexdigest(), len(servicer.original))
     counter = iter(range(1_000))
-    got = []
-    async for batch in client.fetch([digest], spool=lambda d: str(spool_dir / f"{d.hash}.{next(counter)}.part")):
-        got.extend(batch)
-    return got
+    got: list = []
+    async with serving(servicer) as address, grpc.aio.insecure_channel(address) as channel:
+        client = CasClient(channel, max_batch_bytes=1024)
+        try:
+            async for batch in client.fetch(
+                [digest], spool=lambda d: str(spool_dir / f"{d.hash}.{next(counter)}.part")
+            ):
+                got.extend(batch)
+        except ContentError as exc:
+            return client, exc
+    return client, got
 
 
 async def test_a_spooled_stream_has_no_deadline_as_a_whole_and_arrives_as_a_checked_file(tmp_path: Path) -> None:
     content = os.urandom(3 * STREAM_CHUNK + 17)
-    digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
     servicer = _ByteStream(content)
-    server, address = await _serve(servicer)
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            got = await _fetch_all(CasClient(channel, max_batch_bytes=1024), digest, tmp_path)
-    finally:
-        await server.stop(0)
+    _, got = await fetch_spooled(servicer, tmp_path)
+    assert isinstance(got, list)
     [(arrived, blob)] = got
-    assert arrived == digest and isinstance(blob, SpooledBlob)
+    assert arrived.hash == hashlib.sha256(content).hexdigest() and isinstance(blob, SpooledBlob)
     assert contents(blob.path) == content
     # A 120 s deadline for the whole stream failed every sync of a file larger than a slow link
     # carries in that time; the limit is now per message.
@@ -176,17 +170,8 @@ async def test_a_spooled_stream_has_no_deadline_as_a_whole_and_arrives_as_a_chec
 
 
 async def test_a_corrupt_spooled_stream_is_fetched_again_then_fails_leaving_no_file(tmp_path: Path) -> None:
-    content = os.urandom(2 * STREAM_CHUNK)
-    digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
-    servicer = _ByteStream(content, corrupt=True)
-    server, address = await _serve(servicer)
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            client = CasClient(channel, max_batch_bytes=1024)
-            with pytest.raises(ContentError, match="corrupt 2 times"):
-                await _fetch_all(client, digest, tmp_path)
-    finally:
-        await server.stop(0)
+    client, got = await fetch_spooled(_ByteStream(os.urandom(2 * STREAM_CHUNK), corrupt=True), tmp_path)
+    assert isinstance(got, ContentError) and "corrupt 2 times" in str(got)
     assert client.corrupt_received == 2
     assert entries(tmp_path) == []
 
@@ -195,17 +180,9 @@ async def test_a_stream_that_stops_sending_fails_after_the_message_timeout_leavi
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cas_module, "REQUEST_TIMEOUT", 0.2)
-    content = os.urandom(2 * STREAM_CHUNK)
-    digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
-    servicer = _ByteStream(content, stall=True)
-    server, address = await _serve(servicer)
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            with pytest.raises(ContentError, match=f"sent nothing of blob .* {STREAM_CHUNK:,} bytes in"):
-                await _fetch_all(CasClient(channel, max_batch_bytes=1024), digest, tmp_path)
-    finally:
-        servicer.release.set()
-        await server.stop(0)
+    _, got = await fetch_spooled(_ByteStream(os.urandom(2 * STREAM_CHUNK), stall=True), tmp_path)
+    assert isinstance(got, ContentError)
+    assert re.search(f"sent nothing of blob .* {STREAM_CHUNK:,} bytes in", str(got)), got
     assert entries(tmp_path) == []
 
 
@@ -231,31 +208,27 @@ async def test_a_large_file_is_uploaded_to_an_external_cas_from_disk_and_never_c
     tmp_path: Path,
 ) -> None:
     # The upload read a whole file into memory, then sent it under a 120 s deadline for the lot.
+    content = os.urandom(BIG)
+    digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
+    (tmp_path / "weights.bin").write_bytes(content)
     sink = _UploadSink()
-    server = grpc.aio.server()
-    bytestream_pb2_grpc.add_ByteStreamServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    external = ExternalCas(f"127.0.0.1:{port}")
-    await external.connect()
-    try:
-        content = os.urandom(BIG)
-        digest = Digest(hashlib.sha256(content).hexdigest(), len(content))
-        (tmp_path / "weights.bin").write_bytes(content)
-        tracemalloc.start()
+    async with serving(sink) as address:
+        external = ExternalCas(address)
+        await external.connect()
         try:
-            await external._write(digest, None, str(tmp_path), "weights.bin")
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert sink.committed == [digest.hash]
-        assert peak < BIG // 2, f"the upload held {peak:,} bytes at its peak for a {BIG:,}-byte file"
-        assert sink.deadlines[0] is not None and sink.deadlines[0] > 120  # 120 s and a second per MiB
+            tracemalloc.start()
+            try:
+                await external._write(digest, None, str(tmp_path), "weights.bin")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert sink.committed == [digest.hash]
+            assert peak < BIG // 2, f"the upload held {peak:,} bytes at its peak for a {BIG:,}-byte file"
+            assert sink.deadlines[0] is not None and sink.deadlines[0] > 120  # 120 s and a second per MiB
 
-        (tmp_path / "weights.bin").write_bytes(content[:-1] + bytes([content[-1] ^ 1]))  # changed since
-        with pytest.raises(ExternalCasError, match=r"weights\.bin changed while its snapshot was being uploaded"):
-            await external._write(digest, None, str(tmp_path), "weights.bin")
-        assert sink.committed == [digest.hash]  # the changed bytes were never committed under the digest
-    finally:
-        await external.close()
-        await server.stop(0)
+            (tmp_path / "weights.bin").write_bytes(content[:-1] + bytes([content[-1] ^ 1]))  # changed since
+            with pytest.raises(ExternalCasError, match=r"weights\.bin changed while its snapshot was being uploaded"):
+                await external._write(digest, None, str(tmp_path), "weights.bin")
+            assert sink.committed == [digest.hash]  # the changed bytes were never committed under the digest
+        finally:
+            await external.close()

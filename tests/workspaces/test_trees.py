@@ -20,6 +20,7 @@ from codelane.v1 import workspace_pb2
 from session_server.content import STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
+from tests.workspaces.conftest import snapshot
 from tool_worker import workspaces as workspaces_module
 from tool_worker.cas import BlobMissing, CasClient, ContentError
 from tool_worker.merkle import Digest, SnapshotRef
@@ -34,27 +35,6 @@ def present(path: Path) -> bool:
     return path.exists()
 
 
-@pytest.fixture
-async def setup(tmp_path: Path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "a.txt").write_text("version 1\n")
-    server = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data"))
-    await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
-    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(tmp_path / "cache"))
-    manager.configure(CasClient(channel), server.snapshots.excludes)
-    yield ws, server, manager, channel
-    manager.close()
-    await channel.close()
-    await server.stop(grace=0.5)
-
-
-async def snapshot(server: CodelaneServer, ws: Path) -> SnapshotRef:
-    snapshots = server.snapshots.of(str(ws))
-    snapshots.changed()
-    current = await snapshots.current()
-    return SnapshotRef(str(ws), current.digest, current.times_digest)
 
 
 async def test_two_snapshots_wanted_at_once_get_two_trees_and_readers_keep_theirs(setup) -> None:
