@@ -70,6 +70,20 @@ async def test_edit_keeps_crlf(call: Any, workspace: Path) -> None:
     assert (workspace / "dos.txt").read_bytes() == b"one\r\n2\r\n"
 
 
+async def test_edit_of_lines_as_read_shows_them_in_a_crlf_file(call: Any, workspace: Path) -> None:
+    # read shows a CRLF file's lines without their \r, so the model's old_string spans lines with
+    # \n alone: it found nothing, and no text the model could copy from read ever matched.
+    (workspace / "dos.txt").write_bytes(b"one\r\ntwo\r\nthree\r\n")
+    shown = await call("read", file_path="dos.txt")
+    assert "\r" not in shown.output
+    result = await call("edit", file_path="dos.txt", old_string="one\ntwo", new_string="1\n2\n2.5")
+    assert result.output == "Edited dos.txt: replaced 1 occurrence"
+    assert (workspace / "dos.txt").read_bytes() == b"1\r\n2\r\n2.5\r\nthree\r\n"
+    # Text that matches as given is replaced as given, \r or not.
+    assert not (await call("edit", file_path="dos.txt", old_string="2\r\n2.5", new_string="x\ny")).is_error
+    assert (workspace / "dos.txt").read_bytes() == b"1\r\nx\ny\r\nthree\r\n"
+
+
 async def test_edit_not_unique_and_replace_all(call: Any, workspace: Path) -> None:
     (workspace / "dup.txt").write_text("x = 1\nx = 1\nx = 1\n")
     ambiguous = await call("edit", file_path="dup.txt", old_string="x = 1", new_string="x = 2")
