@@ -94,6 +94,15 @@ async def test_edit_not_unique_and_replace_all(call: Any, workspace: Path) -> No
     assert (workspace / "dup.txt").read_text() == "x = 2\nx = 2\nx = 2\n"
 
 
+async def test_edit_refuses_an_old_string_whose_occurrences_overlap(call: Any, workspace: Path) -> None:
+    # "}\n}\n" occurs twice in "}\n}\n}\n" (at the first and the second brace), but str.count
+    # counts one: the first was replaced, whichever the model meant, as if it were unique.
+    (workspace / "braces.txt").write_text("}\n}\n}\n")
+    ambiguous = await call("edit", file_path="braces.txt", old_string="}\n}\n", new_string="end\n")
+    assert ambiguous.is_error and "more than once" in ambiguous.output
+    assert (workspace / "braces.txt").read_text() == "}\n}\n}\n"
+
+
 async def test_edit_errors(call: Any) -> None:
     missing_text = await call("edit", file_path="src/app.py", old_string="nowhere", new_string="x")
     assert missing_text.is_error and "old_string was not found in src/app.py" in missing_text.output

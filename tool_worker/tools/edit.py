@@ -48,6 +48,12 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
             f"old_string occurs {count} times in {shown}; it must be unique. Add surrounding lines "
             "to old_string to pick one occurrence, or set replace_all=true to replace all of them."
         )
+    if count == 1 and not replace_all and text.find(old, text.find(old) + 1) != -1:
+        # str.count counts occurrences that do not overlap: "}\n}\n" in "}\n}\n}\n" is one to it.
+        raise ToolFailure(
+            f"old_string occurs more than once in {shown} (its occurrences overlap); it must be unique. "
+            "Add surrounding lines to old_string to pick one occurrence."
+        )
     changed = encode_text(text.replace(old, new), "new_string")
     # A call that timed out or was cancelled while this thread worked must change nothing.
     check_stop(stop)
