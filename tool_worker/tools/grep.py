@@ -14,6 +14,7 @@ from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import describe_file_type, hidden_notice
+from tool_worker.tools.globs import dot_slash_anchored
 from tool_worker.tools.rg import RgOutput, run_rg, search_location
 
 # Whether a path (relative to the workspace root) must be left out; None when nothing is denied.
@@ -50,7 +51,7 @@ def rg_arguments(args: dict[str, Any]) -> list[str]:
     if args.get("multiline"):
         flags += ["--multiline", "--multiline-dotall"]
     if "glob" in args:
-        flags += ["--glob", args["glob"]]
+        flags += ["--glob", dot_slash_anchored(args["glob"])]
     if "type" in args:
         flags += ["--type", args["type"]]
     if mode == "content":
