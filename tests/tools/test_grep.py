@@ -54,6 +54,17 @@ async def test_count_glob_type_and_single_file(call: Any) -> None:
     assert one_file.output == "src/app.py:2:    return path"
 
 
+async def test_content_of_one_binary_file_says_it_matches(call: Any, workspace: Path) -> None:
+    # rg searches a file it is given by name even when binary, and prints a notice instead of its
+    # lines: that notice was no output block, so content mode answered "No matches" where
+    # files_with_matches and count found one.
+    (workspace / "data.bin").write_bytes(b"load_config\0\x01\x02\n")
+    assert (await call("grep", pattern="load_config", path="data.bin")).output == "data.bin"
+    result = await call("grep", pattern="load_config", path="data.bin", output_mode="content")
+    assert not result.is_error and "No matches" not in result.output, result.output
+    assert result.output.startswith("data.bin: binary file matches") and "not shown" in result.output
+
+
 async def test_multiline(call: Any) -> None:
     result = await call("grep", pattern=r"def load_config.*\n.*return", multiline=True, output_mode="content")
     assert result.output.splitlines() == ["src/app.py:1:def load_config(path):", "src/app.py:2:    return path"]

@@ -217,6 +217,12 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
 
     mode = args.get("output_mode", "files_with_matches")
+    if mode == "content" and b"\0" not in out.stdout:
+        # rg searches a binary file it is given by name, and prints `PATH: binary file matches
+        # (found "\0" byte around offset N)` instead of its lines: no block of lines, which read
+        # as "no match" where files_with_matches and count find one.
+        notice = out.stdout.decode("utf-8", "replace").strip()
+        return ToolResult(output=f"{notice}; the lines of a binary file are not shown", metadata={"total": 0})
     offset = args.get("offset", 0)
     limit = args.get("head_limit", DEFAULT_HEAD_LIMIT)
     hides = ctx.hides if ctx.denied else None
