@@ -58,6 +58,19 @@ async def test_write_errors(call: Any, workspace: Path) -> None:
     assert not (workspace.parent / "escape.txt").exists()
 
 
+async def test_a_file_where_a_parent_directory_should_be_is_named(call: Any, workspace: Path) -> None:
+    # mkdir said only "File exists" (or "Not a directory"), naming nothing.
+    for tool, arguments in (
+        ("write", {"file_path": "README.md/new.txt", "content": "x"}),
+        ("write", {"file_path": "README.md/deeper/new.txt", "content": "x"}),
+        ("copy", {"source": "src/app.py", "destination": "README.md/app.py"}),
+        ("move", {"source": "src/app.py", "destination": "README.md/deeper/app.py"}),
+    ):
+        result = await call(tool, **arguments)
+        assert result.is_error and "README.md is a file, not a directory" in result.output, (tool, result.output)
+    assert (workspace / "README.md").read_text() == "# Demo\n" and (workspace / "src" / "app.py").exists()
+
+
 async def test_edit(call: Any, workspace: Path) -> None:
     result = await call("edit", file_path="src/app.py", old_string="return path", new_string="return str(path)")
     assert result.output == "Edited src/app.py: replaced 1 occurrence"
