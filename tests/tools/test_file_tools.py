@@ -58,6 +58,13 @@ async def test_write_errors(call: Any, workspace: Path) -> None:
     assert not (workspace.parent / "escape.txt").exists()
 
 
+async def test_write_to_a_path_ending_with_a_slash_is_refused(call: Any, workspace: Path) -> None:
+    # "notes/" names a directory: a file named "notes" holding the content was created instead.
+    result = await call("write", file_path="notes/", content="x")
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "ends with '/'" in result.output
+    assert not (workspace / "notes").exists()
+
+
 async def test_a_file_where_a_parent_directory_should_be_is_named(call: Any, workspace: Path) -> None:
     # mkdir said only "File exists" (or "Not a directory"), naming nothing.
     for tool, arguments in (
