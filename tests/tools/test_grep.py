@@ -117,6 +117,17 @@ async def test_errors(call: Any) -> None:
     assert past.is_error and "past the end" in past.output
 
 
+async def test_a_line_feed_without_multiline_points_at_the_multiline_argument(call: Any) -> None:
+    # rg's advice named its own flags ("--multiline", "-U"), which the tool does not take: a model
+    # that followed it sent an argument the schema refuses.
+    result = await call("grep", pattern="path\\n", output_mode="content")
+    assert result.error_kind is ErrorKind.TOOL_ERROR and "multiline=true" in result.output, result.output
+    assert "-U" not in result.output and "--multiline" not in result.output
+    assert (await call("grep", pattern="path\\n", multiline=True, output_mode="content")).output == (
+        "src/app.py:2:    return path"
+    )
+
+
 async def test_pattern_starting_with_dash(call: Any, workspace: Path) -> None:
     (workspace / "flags.txt").write_text("run --verbose\n")
     assert (await call("grep", pattern="--verbose")).output == "flags.txt"

@@ -212,6 +212,9 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
                                  "hidden files), symlinks (grep does not follow them) or unreadable")
     if out.failed_outright:
         detail = out.stderr or "rg gave no reason"
+        if "--multiline" in detail and "is not allowed in a regex" in detail:
+            # rg's advice names its own flags (--multiline, -U), which this tool does not take.
+            detail = f"{detail.split(chr(10), 1)[0]}: set multiline=true to let the pattern match line feeds"
         raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {detail}")
     if not out.stdout:
         return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
