@@ -58,6 +58,26 @@ async def test_write_errors(call: Any, workspace: Path) -> None:
     assert not (workspace.parent / "escape.txt").exists()
 
 
+async def test_write_to_a_path_ending_with_a_slash_is_refused(call: Any, workspace: Path) -> None:
+    # "notes/" names a directory: a file named "notes" holding the content was created instead.
+    result = await call("write", file_path="notes/", content="x")
+    assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "ends with '/'" in result.output
+    assert not (workspace / "notes").exists()
+
+
+async def test_a_file_where_a_parent_directory_should_be_is_named(call: Any, workspace: Path) -> None:
+    # mkdir said only "File exists" (or "Not a directory"), naming nothing.
+    for tool, arguments in (
+        ("write", {"file_path": "README.md/new.txt", "content": "x"}),
+        ("write", {"file_path": "README.md/deeper/new.txt", "content": "x"}),
+        ("copy", {"source": "src/app.py", "destination": "README.md/app.py"}),
+        ("move", {"source": "src/app.py", "destination": "README.md/deeper/app.py"}),
+    ):
+        result = await call(tool, **arguments)
+        assert result.is_error and "README.md is a file, not a directory" in result.output, (tool, result.output)
+    assert (workspace / "README.md").read_text() == "# Demo\n" and (workspace / "src" / "app.py").exists()
+
+
 async def test_edit(call: Any, workspace: Path) -> None:
     result = await call("edit", file_path="src/app.py", old_string="return path", new_string="return str(path)")
     assert result.output == "Edited src/app.py: replaced 1 occurrence"
@@ -70,6 +90,20 @@ async def test_edit_keeps_crlf(call: Any, workspace: Path) -> None:
     assert (workspace / "dos.txt").read_bytes() == b"one\r\n2\r\n"
 
 
+async def test_edit_of_lines_as_read_shows_them_in_a_crlf_file(call: Any, workspace: Path) -> None:
+    # read shows a CRLF file's lines without their \r, so the model's old_string spans lines with
+    # \n alone: it found nothing, and no text the model could copy from read ever matched.
+    (workspace / "dos.txt").write_bytes(b"one\r\ntwo\r\nthree\r\n")
+    shown = await call("read", file_path="dos.txt")
+    assert "\r" not in shown.output
+    result = await call("edit", file_path="dos.txt", old_string="one\ntwo", new_string="1\n2\n2.5")
+    assert result.output == "Edited dos.txt: replaced 1 occurrence"
+    assert (workspace / "dos.txt").read_bytes() == b"1\r\n2\r\n2.5\r\nthree\r\n"
+    # Text that matches as given is replaced as given, \r or not.
+    assert not (await call("edit", file_path="dos.txt", old_string="2\r\n2.5", new_string="x\ny")).is_error
+    assert (workspace / "dos.txt").read_bytes() == b"1\r\nx\ny\r\nthree\r\n"
+
+
 async def test_edit_not_unique_and_replace_all(call: Any, workspace: Path) -> None:
     (workspace / "dup.txt").write_text("x = 1\nx = 1\nx = 1\n")
     ambiguous = await call("edit", file_path="dup.txt", old_string="x = 1", new_string="x = 2")
@@ -78,6 +112,15 @@ async def test_edit_not_unique_and_replace_all(call: Any, workspace: Path) -> No
     result = await call("edit", file_path="dup.txt", old_string="x = 1", new_string="x = 2", replace_all=True)
     assert result.output == "Edited dup.txt: replaced 3 occurrences"
     assert (workspace / "dup.txt").read_text() == "x = 2\nx = 2\nx = 2\n"
+
+
+async def test_edit_refuses_an_old_string_whose_occurrences_overlap(call: Any, workspace: Path) -> None:
+    # "}\n}\n" occurs twice in "}\n}\n}\n" (at the first and the second brace), but str.count
+    # counts one: the first was replaced, whichever the model meant, as if it were unique.
+    (workspace / "braces.txt").write_text("}\n}\n}\n")
+    ambiguous = await call("edit", file_path="braces.txt", old_string="}\n}\n", new_string="end\n")
+    assert ambiguous.is_error and "more than once" in ambiguous.output
+    assert (workspace / "braces.txt").read_text() == "}\n}\n}\n"
 
 
 async def test_edit_errors(call: Any) -> None:

@@ -54,6 +54,17 @@ async def test_count_glob_type_and_single_file(call: Any) -> None:
     assert one_file.output == "src/app.py:2:    return path"
 
 
+async def test_content_of_one_binary_file_says_it_matches(call: Any, workspace: Path) -> None:
+    # rg searches a file it is given by name even when binary, and prints a notice instead of its
+    # lines: that notice was no output block, so content mode answered "No matches" where
+    # files_with_matches and count found one.
+    (workspace / "data.bin").write_bytes(b"load_config\0\x01\x02\n")
+    assert (await call("grep", pattern="load_config", path="data.bin")).output == "data.bin"
+    result = await call("grep", pattern="load_config", path="data.bin", output_mode="content")
+    assert not result.is_error and "No matches" not in result.output, result.output
+    assert result.output.startswith("data.bin: binary file matches") and "not shown" in result.output
+
+
 async def test_multiline(call: Any) -> None:
     result = await call("grep", pattern=r"def load_config.*\n.*return", multiline=True, output_mode="content")
     assert result.output.splitlines() == ["src/app.py:1:def load_config(path):", "src/app.py:2:    return path"]
@@ -104,6 +115,17 @@ async def test_errors(call: Any) -> None:
     assert (await call("grep", pattern="x", path="/etc")).error_kind is ErrorKind.PATH_ESCAPE
     past = await call("grep", pattern="load_config", offset=5)
     assert past.is_error and "past the end" in past.output
+
+
+async def test_a_line_feed_without_multiline_points_at_the_multiline_argument(call: Any) -> None:
+    # rg's advice named its own flags ("--multiline", "-U"), which the tool does not take: a model
+    # that followed it sent an argument the schema refuses.
+    result = await call("grep", pattern="path\\n", output_mode="content")
+    assert result.error_kind is ErrorKind.TOOL_ERROR and "multiline=true" in result.output, result.output
+    assert "-U" not in result.output and "--multiline" not in result.output
+    assert (await call("grep", pattern="path\\n", multiline=True, output_mode="content")).output == (
+        "src/app.py:2:    return path"
+    )
 
 
 async def test_pattern_starting_with_dash(call: Any, workspace: Path) -> None:

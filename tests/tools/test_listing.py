@@ -33,6 +33,15 @@ async def test_glob_ties_by_path_and_relative_pattern(call: Any, workspace: Path
     assert sorted(nested.output.splitlines()) == ["src/pkg/util.py", "src/pkg/web.js"]
 
 
+async def test_a_pattern_starting_with_dot_slash_is_relative_to_the_path(call: Any) -> None:
+    # "./src/*.py" matched nothing, silently (a path never starts with "./"), and so did grep's
+    # glob: the model concluded there were no such files.
+    assert (await call("glob", pattern="./src/*.py")).output == "src/app.py"
+    assert (await call("glob", pattern="./*.py", path="src")).output == "src/app.py"
+    found = await call("grep", pattern="load_config", glob="./src/**/*.py")
+    assert found.output.splitlines() == ["src/app.py", "src/pkg/util.py"]
+
+
 async def test_glob_limit(call: Any, workspace: Path) -> None:
     many = workspace / "many"
     many.mkdir()
@@ -65,6 +74,9 @@ async def test_glob_no_match_and_errors(call: Any) -> None:
         ("/top.py", ["top.py"], ["x/top.py"]),
         ("sub/*.py", ["sub/a.py"], ["sub/x/a.py", "x/sub/a.py"]),
         ("a?.py", ["ab.py"], ["a/.py", "abc.py"]),
+        # `./` names the search directory, as a leading `/` does.
+        ("./*.py", ["a.py"], ["x/a.py"]),
+        ("./src/**/*.py", ["src/a.py", "src/x/a.py"], ["a/src/a.py"]),
     ],
 )
 def test_glob_rules(pattern: str, matches: list[str], misses: list[str]) -> None:

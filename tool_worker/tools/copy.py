@@ -19,6 +19,7 @@ from tool_worker.tools.files import (
     check_destination,
     check_stop,
     describe_file_type,
+    make_parents,
     remove_existing,
     run_stoppable,
     source_destination_schema,
@@ -38,7 +39,7 @@ def _copy(
     check_stop(stop)
     if destination.exists() or destination.is_symlink():
         remove_existing(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(destination, shown[1])
     if source.is_dir():
         left_out = 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import atomic_write, check_stop, encode_text, open_regular, run_stoppable
+
+# A line feed that no carriage return precedes.
+_BARE_LF = re.compile(r"(?<!\r)\n")
 
 
 def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop: threading.Event) -> ToolResult:
@@ -27,6 +31,13 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
     except UnicodeDecodeError as exc:
         raise ToolFailure(f"{shown} is not UTF-8 text; edit only changes text files") from exc
     count = text.count(old)
+    if count == 0 and "\n" in old and "\r\n" in text:
+        # read shows a CRLF file's lines without their \r, so text copied from it spans lines with
+        # \n alone and would never match: it is looked for, and replaced, with the file's endings.
+        as_crlf = _BARE_LF.sub("\r\n", old)
+        count = text.count(as_crlf)
+        if count:
+            old, new = as_crlf, _BARE_LF.sub("\r\n", new)
     if count == 0:
         raise ToolFailure(
             f"old_string was not found in {shown}. It must match the file exactly, including "
@@ -36,6 +47,12 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
         raise ToolFailure(
             f"old_string occurs {count} times in {shown}; it must be unique. Add surrounding lines "
             "to old_string to pick one occurrence, or set replace_all=true to replace all of them."
+        )
+    if count == 1 and not replace_all and text.find(old, text.find(old) + 1) != -1:
+        # str.count counts occurrences that do not overlap: "}\n}\n" in "}\n}\n}\n" is one to it.
+        raise ToolFailure(
+            f"old_string occurs more than once in {shown} (its occurrences overlap); it must be unique. "
+            "Add surrounding lines to old_string to pick one occurrence."
         )
     changed = encode_text(text.replace(old, new), "new_string")
     # A call that timed out or was cancelled while this thread worked must change nothing.

@@ -113,6 +113,21 @@ def encode_text(text: str, field: str) -> bytes:
         ) from None
 
 
+def make_parents(path: Path, shown: str) -> None:
+    """Creates the missing directories above `path` (the argument `shown` named). A file where one
+    of them should be is named, where mkdir says only "File exists" or "Not a directory"."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # The missing components are the last ones of both `path` and `shown`, resolved or not:
+        # the deepest existing ancestor is as many components up in either.
+        up = next((count for count, parent in enumerate(path.parents) if os.path.lexists(parent)), None)
+        named = Path(os.path.normpath(shown)).parents
+        in_the_way = named[up] if up is not None and up < len(named) else None
+        what = f"{in_the_way} is a file, not a directory" if in_the_way else "a file is in the way"
+        raise ToolFailure(f"cannot create the directories {shown} needs: {what}") from None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so readers see the old file or the new one, never a partial one.
 

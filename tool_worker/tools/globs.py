@@ -204,11 +204,22 @@ def glob_to_regex(pattern: str) -> GlobPattern:
     rg --glob is not used for this because a file matching it is listed even when .gitignore
     excludes it.
     """
+    pattern = dot_slash_anchored(pattern)
     anchored = pattern.startswith("/") or "/" in pattern.rstrip("/")
     body = pattern.lstrip("/")
     if body.endswith("/"):
         body += "**"
     return compile_glob(body, any_directory=not anchored)
+
+
+def dot_slash_anchored(glob: str) -> str:
+    """`glob` with the `./` it starts with written `/`: both name the search directory, as whoever
+    writes `./src/*.py` means, but rg and gitignore read `./` as a component named `.`, which no
+    path they match holds, so the glob matched nothing, silently."""
+    rest = glob
+    while rest.startswith("./"):
+        rest = rest[2:].lstrip("/")
+    return glob if rest == glob else "/" + rest
 
 
 def translate_glob(glob: str) -> str:

@@ -14,6 +14,7 @@ from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import describe_file_type, hidden_notice
+from tool_worker.tools.globs import dot_slash_anchored
 from tool_worker.tools.rg import RgOutput, run_rg, search_location
 
 # Whether a path (relative to the workspace root) must be left out; None when nothing is denied.
@@ -50,7 +51,7 @@ def rg_arguments(args: dict[str, Any]) -> list[str]:
     if args.get("multiline"):
         flags += ["--multiline", "--multiline-dotall"]
     if "glob" in args:
-        flags += ["--glob", args["glob"]]
+        flags += ["--glob", dot_slash_anchored(args["glob"])]
     if "type" in args:
         flags += ["--type", args["type"]]
     if mode == "content":
@@ -211,11 +212,20 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
                                  "hidden files), symlinks (grep does not follow them) or unreadable")
     if out.failed_outright:
         detail = out.stderr or "rg gave no reason"
+        if "--multiline" in detail and "is not allowed in a regex" in detail:
+            # rg's advice names its own flags (--multiline, -U), which this tool does not take.
+            detail = f"{detail.split(chr(10), 1)[0]}: set multiline=true to let the pattern match line feeds"
         raise ToolFailure(f"grep failed (rg uses Rust regex syntax): {detail}")
     if not out.stdout:
         return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
 
     mode = args.get("output_mode", "files_with_matches")
+    if mode == "content" and b"\0" not in out.stdout:
+        # rg searches a binary file it is given by name, and prints `PATH: binary file matches
+        # (found "\0" byte around offset N)` instead of its lines: no block of lines, which read
+        # as "no match" where files_with_matches and count find one.
+        notice = out.stdout.decode("utf-8", "replace").strip()
+        return ToolResult(output=f"{notice}; the lines of a binary file are not shown", metadata={"total": 0})
     offset = args.get("offset", 0)
     limit = args.get("head_limit", DEFAULT_HEAD_LIMIT)
     hides = ctx.hides if ctx.denied else None

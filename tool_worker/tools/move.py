@@ -13,7 +13,7 @@ from tool_worker.confinement.protected import refuse_protected
 from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import check_destination, remove_existing, source_destination_schema
+from tool_worker.tools.files import check_destination, make_parents, remove_existing, source_destination_schema
 
 
 def _move(ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
@@ -24,7 +24,7 @@ def _move(ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, s
     check_destination(source, destination, shown[1], overwrite)
     if destination.exists() or destination.is_symlink():
         remove_existing(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(destination, shown[1])
     shutil.move(source, destination)
     return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
 

@@ -9,8 +9,8 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
-from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write, encode_text
+from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import atomic_write, encode_text, make_parents
 
 # Content of at most this many characters (most source files) is written on the event loop.
 INLINE_WRITE_CHARS = 64 * 1024
@@ -19,6 +19,7 @@ INLINE_WRITE_CHARS = 64 * 1024
 def _write(target: Path, shown: str, content: str) -> ToolResult:
     existed = target.exists()
     data = encode_text(content, "content")
+    make_parents(target, shown)
     try:
         atomic_write(target, data)
     except OSError as exc:
@@ -29,6 +30,12 @@ def _write(target: Path, shown: str, content: str) -> ToolResult:
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     target = resolve_in_workspace(ctx.workspace, args["file_path"])
+    if args["file_path"].endswith("/"):
+        # Resolving drops the slash: a file named like the directory would be written.
+        raise ToolFailure(
+            f"file_path {args['file_path']!r} ends with '/', so it names a directory: give the path of the file",
+            ErrorKind.INVALID_ARGUMENTS,
+        )
     refuse_protected(ctx, "write", (target, args["file_path"]))
     if len(args["content"]) <= INLINE_WRITE_CHARS:
         # A few system calls: cheaper than the hop to a thread, whose result the loop would only
