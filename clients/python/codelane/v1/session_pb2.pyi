@@ -1036,7 +1036,9 @@ class CancelTurnRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     reason: _builtins.str
-    """Why, for the record."""
+    """Why, for the record: the server's log line of the cancellation (INFO, naming the session and
+    the turn) quotes its first 1,024 characters. The session's events do not carry it.
+    """
     def __init__(
         self,
         *,
