@@ -1161,7 +1161,9 @@ class ClaimExternalTasksRequest(_message.Message):
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """How long to wait for a task when none is pending. Unset means do not wait; at most 60 s (claim
-        again to wait longer). A server that stops ends the wait with UNAVAILABLE (SHUTTING_DOWN).
+        again to wait longer). A server that stops ends the wait with UNAVAILABLE (SHUTTING_DOWN). A
+        wait that the call's end cuts short (its deadline, or the client cancels it) claims nothing;
+        a task leased at the very moment the call ended is offered again once its lease expires.
         """
 
     def __init__(

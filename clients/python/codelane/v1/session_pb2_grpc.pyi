@@ -43,6 +43,12 @@ class SessionServiceStub:
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
 
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
+
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
 
@@ -173,6 +179,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
 
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
+
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
 
@@ -298,6 +310,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
+
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.

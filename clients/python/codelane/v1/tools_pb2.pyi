@@ -372,7 +372,7 @@ class ToolResult(_message.Message):
     """True when the tool cut its output to its limit (the output then says so too)."""
     worker_id: _builtins.str
     """Id of the worker that ran the call; "local" when the session server ran it itself; for an
-    external task, the client_id of the client that completed it.
+    external task, what the completing client's result names here, or else its client_id.
     """
     attempt: _builtins.int
     """Attempt number that produced this result, from 1."""
