@@ -250,7 +250,8 @@ class SessionServiceServicer:
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION (TURN_IN_PROGRESS) while one
         runs. FAILED_PRECONDITION is also the session's model unusable now (MODEL_UNAVAILABLE, e.g.
         its script file is gone) or its workspace no longer allowed by the server
-        (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+        (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes.
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
         as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
         (the store cannot take writes): the session reads RUNNING until they are.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
@@ -267,10 +268,10 @@ class SessionServiceServicer:
         its place and sends what it missed from the stored log. OUT_OF_RANGE (SEQUENCE_OUT_OF_RANGE,
         metadata last_sequence) when after_sequence is beyond the log's end; INVALID_ARGUMENT (field
         after_sequence) when it is negative. NOT_FOUND (SESSION_NOT_FOUND) when the session is
-        deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-        has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
-        (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
-        restart.
+        deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
+        when the server has as many WatchEvents streams open as it allows. A following stream ends
+        with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
+        or after the restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

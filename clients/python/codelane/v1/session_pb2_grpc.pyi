@@ -111,7 +111,8 @@ class SessionServiceStub:
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION (TURN_IN_PROGRESS) while one
     runs. FAILED_PRECONDITION is also the session's model unusable now (MODEL_UNAVAILABLE, e.g.
     its script file is gone) or its workspace no longer allowed by the server
-    (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+    (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes.
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
     as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
     (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
@@ -124,10 +125,10 @@ class SessionServiceStub:
     its place and sends what it missed from the stored log. OUT_OF_RANGE (SEQUENCE_OUT_OF_RANGE,
     metadata last_sequence) when after_sequence is beyond the log's end; INVALID_ARGUMENT (field
     after_sequence) when it is negative. NOT_FOUND (SESSION_NOT_FOUND) when the session is
-    deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-    has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
-    (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
-    restart.
+    deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
+    when the server has as many WatchEvents streams open as it allows. A following stream ends
+    with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
+    or after the restart.
     """
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -244,7 +245,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     TurnFinished. One turn at a time per session: FAILED_PRECONDITION (TURN_IN_PROGRESS) while one
     runs. FAILED_PRECONDITION is also the session's model unusable now (MODEL_UNAVAILABLE, e.g.
     its script file is gone) or its workspace no longer allowed by the server
-    (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+    (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes.
+    RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
     as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
     (the store cannot take writes): the session reads RUNNING until they are.
     The turn keeps running if the caller disconnects; re-attach with WatchEvents.
@@ -257,10 +259,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     its place and sends what it missed from the stored log. OUT_OF_RANGE (SEQUENCE_OUT_OF_RANGE,
     metadata last_sequence) when after_sequence is beyond the log's end; INVALID_ARGUMENT (field
     after_sequence) when it is negative. NOT_FOUND (SESSION_NOT_FOUND) when the session is
-    deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-    has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
-    (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
-    restart.
+    deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
+    when the server has as many WatchEvents streams open as it allows. A following stream ends
+    with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
+    or after the restart.
     """
     CancelTurn: _aio.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -404,7 +406,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         TurnFinished. One turn at a time per session: FAILED_PRECONDITION (TURN_IN_PROGRESS) while one
         runs. FAILED_PRECONDITION is also the session's model unusable now (MODEL_UNAVAILABLE, e.g.
         its script file is gone) or its workspace no longer allowed by the server
-        (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
+        (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes.
+        RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
         as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
         (the store cannot take writes): the session reads RUNNING until they are.
         The turn keeps running if the caller disconnects; re-attach with WatchEvents.
@@ -423,10 +426,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         its place and sends what it missed from the stored log. OUT_OF_RANGE (SEQUENCE_OUT_OF_RANGE,
         metadata last_sequence) when after_sequence is beyond the log's end; INVALID_ARGUMENT (field
         after_sequence) when it is negative. NOT_FOUND (SESSION_NOT_FOUND) when the session is
-        deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-        has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
-        (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
-        restart.
+        deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
+        when the server has as many WatchEvents streams open as it allows. A following stream ends
+        with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
+        or after the restart.
         """
 
     @_abc_1.abstractmethod
