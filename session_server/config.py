@@ -161,6 +161,10 @@ class SettingsRequest:
     query_concurrency: int = 0
     query_timeout: float | None = None
     execute_timeout: float | None = None
+    # The request fields the lane timeouts came from (their index in the client's list of lanes),
+    # which an out-of-range one is refused by.
+    query_timeout_field: str = "config.queue.lanes.timeout"
+    execute_timeout_field: str = "config.queue.lanes.timeout"
     max_attempts: int = 0
     query_mode: LaneMode | None = None
     execute_mode: LaneMode | None = None
@@ -261,9 +265,9 @@ def build_settings(
     _bounded("config.queue.query_concurrency", request.query_concurrency, 0, MAX_QUERY_CONCURRENCY)
     _bounded("config.queue.max_attempts", request.max_attempts, 0, MAX_MAX_ATTEMPTS)
     if request.query_timeout is not None:
-        _bounded("config.queue.lanes.timeout", request.query_timeout, 0.001, MAX_LANE_TIMEOUT)
+        _bounded(request.query_timeout_field, request.query_timeout, 0.001, MAX_LANE_TIMEOUT)
     if request.execute_timeout is not None:
-        _bounded("config.queue.lanes.timeout", request.execute_timeout, 0.001, MAX_LANE_TIMEOUT)
+        _bounded(request.execute_timeout_field, request.execute_timeout, 0.001, MAX_LANE_TIMEOUT)
     if request.external_task_timeout is not None:
         _bounded("config.queue.external_task_timeout", request.external_task_timeout, 0.001,
                  MAX_EXTERNAL_TASK_TIMEOUT)

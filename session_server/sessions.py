@@ -74,6 +74,8 @@ from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
 
 log = logging.getLogger("codelane.sessions")
+# What the log keeps of a CancelTurn's reason (the request may carry a megabyte of it).
+MAX_CANCEL_REASON_LOGGED = 1024
 
 # Concurrent LLM requests across all sessions (the Generate lane).
 DEFAULT_GENERATE_LIMIT = 16
@@ -529,12 +531,18 @@ class SessionManager:
         finally:
             subscription.close()
 
-    def cancel_turn(self, session_id: str) -> bool:
+    def cancel_turn(self, session_id: str, reason: str = "") -> bool:
+        """Cancels the running turn (False when the session is idle). The client's reason is for
+        the record: the server's log says which turn was cancelled, and why."""
         self.get_session(session_id)
         entry = self._turns.get(session_id)
         if entry is None:
             return False
-        entry[1].cancel()
+        turn, task = entry
+        shown = reason if len(reason) <= MAX_CANCEL_REASON_LOGGED else f"{reason[:MAX_CANCEL_REASON_LOGGED]} [... cut]"
+        log.info("session %s: turn %s cancelled by a client: %s", session_id, turn.ctx.turn_id,
+                 shown or "(no reason given)")
+        task.cancel()
         return True
 
     def confirm(self, session_id: str, call_id: str, approve: bool, reason: str) -> None:

@@ -232,8 +232,10 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
         timeout = wire.seconds(lane.timeout) if lane.HasField("timeout") else None
         if lane.lane == tools_pb2.LANE_QUERY:
             request.query_timeout, request.query_mode = timeout, mode
+            request.query_timeout_field = f"{where}.timeout"
         elif lane.lane == tools_pb2.LANE_EXECUTE:
             request.execute_timeout, request.execute_mode = timeout, mode
+            request.execute_timeout_field = f"{where}.timeout"
         else:
             request.unsupported.append((f"{where}.lane", "must be LANE_QUERY or LANE_EXECUTE"))
     if config.queue.HasField("external_task_timeout"):

@@ -158,7 +158,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def CancelTurn(self, request, context):
         await self._session(context, request.session_id)
-        return session_pb2.CancelTurnResponse(cancelled=self._manager.cancel_turn(request.session_id))
+        return session_pb2.CancelTurnResponse(cancelled=self._manager.cancel_turn(request.session_id, request.reason))
 
     async def GetMessages(self, request, context):
         await self._session(context, request.session_id)

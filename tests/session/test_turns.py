@@ -308,6 +308,28 @@ async def test_a_session_reads_idle_only_once_its_turns_events_are_stored(
     assert stored_when_idle and set(stored_when_idle) == {events[-1].sequence}
 
 
+async def test_cancel_turn_records_the_clients_reason_in_the_log(
+    client: Client, workspace: Path, tmp_path: Path, caplog
+) -> None:
+    # CancelTurnRequest.reason is "why, for the record": the server dropped it unread.
+    caplog.set_level(logging.INFO, logger="codelane.sessions")
+    # The call waits for a confirmation no one gives: the turn runs until the cancel.
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "b1", command="true")]}, {"text": "ok"}])
+    session = await client.create(workspace, model, permissions=session_pb2.PermissionPolicy(ask=["bash"]))
+    stream = client.send_stream(session.session_id, "go")
+    seen: list = []
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+
+    reply = await client.sessions.CancelTurn(
+        session_pb2.CancelTurnRequest(session_id=session.session_id, reason="the user pressed Ctrl-C"))
+    assert reply.cancelled
+    rest = await read_rest(stream)
+    assert rest[-1].event.turn_finished.stop_reason == events_pb2.STOP_REASON_CANCELLED
+    turn_id = rest[-1].event.turn_id
+    logged = [r.getMessage() for r in caplog.records if r.name == "codelane.sessions"]
+    assert f"session {session.session_id}: turn {turn_id} cancelled by a client: the user pressed Ctrl-C" in logged
+
+
 async def test_cancel_mid_batch(client: Client, workspace: Path, tmp_path: Path, mark: str) -> None:
     bash = f"sleep {mark} & setsid sleep {mark} & wait"
     calls = [

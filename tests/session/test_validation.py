@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from codelane.v1 import session_pb2, tools_pb2
 from tests.server.test_store import NESTED_TOKEN
@@ -64,6 +65,19 @@ INVALID_CREATES = [
             ]),
         ),
         "config.queue.lanes[1].lane",
+    ),
+    (
+        # The field was named config.queue.lanes.timeout: which entry of the list, it did not say.
+        "lane-timeout-over-24h",
+        lambda ws, good: _request(
+            str(ws),
+            model=good,
+            queue=session_pb2.QueueConfig(lanes=[
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_QUERY, timeout=duration_pb2.Duration(seconds=60)),
+                session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE, timeout=duration_pb2.Duration(seconds=25 * 3600)),
+            ]),
+        ),
+        "config.queue.lanes[1].timeout",
     ),
     (
         # Each entry was converted on the event loop (about 2 us) and each repeat noted as a

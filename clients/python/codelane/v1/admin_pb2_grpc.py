@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService shows and steers the worker pool. Same authentication as SessionService.
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
     """
 
     def __init__(self, channel):
@@ -58,7 +59,8 @@ class AdminServiceStub:
 
 
 class AdminServiceServicer:
-    """AdminService shows and steers the worker pool. Same authentication as SessionService.
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
     """
 
     def ListWorkers(self, request, context):
@@ -122,7 +124,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService shows and steers the worker pool. Same authentication as SessionService.
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
     """
 
     @staticmethod

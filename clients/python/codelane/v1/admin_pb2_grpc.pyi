@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """AdminService shows and steers the worker pool. Same authentication as SessionService."""
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -46,7 +48,9 @@ class AdminServiceStub:
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """AdminService shows and steers the worker pool. Same authentication as SessionService."""
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListWorkers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListWorkersRequest, _admin_pb2.ListWorkersResponse]  # type: ignore[assignment]
@@ -61,7 +65,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The server's version and start time, e.g. to check that a client and a server match."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AdminService shows and steers the worker pool. Same authentication as SessionService."""
+    """AdminService shows and steers the worker pool. Same authentication, errors (google.rpc.Status
+    with an ErrorInfo) and request size bound as SessionService.
+    """
 
     @_abc_1.abstractmethod
     def ListWorkers(

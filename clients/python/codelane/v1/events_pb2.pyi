@@ -275,6 +275,7 @@ class ToolCallStarted(_message.Message):
     earlier calls of its response it must follow, and, across sessions whose workspaces overlap
     (the same directory, or one inside the other), a command (bash, execute, or any Execute tool
     that declares no paths) runs alone: it waits for their running calls and they wait for it.
+    An external task's call (lane mode EXTERNAL) starts when a client claims it: one per claim.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -286,9 +287,11 @@ class ToolCallStarted(_message.Message):
     lane: _tools_pb2.Lane.ValueType
     """Lane the call runs in."""
     worker_id: _builtins.str
-    """Worker running the call; "local" when the session server runs it."""
+    """Worker running the call; "local" when the session server runs it; for an external task, the
+    client_id of the client that claimed it.
+    """
     attempt: _builtins.int
-    """Attempt number, from 1."""
+    """Attempt number, from 1 (for an external task, its claim number: ExternalTask.attempt)."""
     @_builtins.property
     def call(self) -> _tools_pb2.ToolCall:
         """The call."""
@@ -421,7 +424,10 @@ Global___ConfirmationResolved: _TypeAlias = ConfirmationResolved  # noqa: Y015
 
 @_typing.final
 class ExternalTaskPending(_message.Message):
-    """A call was offered as an external task (lane mode EXTERNAL or HYBRID)."""
+    """A call was offered as an external task (lane mode EXTERNAL or HYBRID). Sent again, with the same
+    task_id and the next attempt, each time a lease expires and the task is offered anew; one
+    ExternalTaskCompleted ends the task, however many offers it had.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -263,7 +263,9 @@ class PermissionPolicy(_message.Message):
 
     @_builtins.property
     def confirmation_timeout(self) -> _duration_pb2.Duration:
-        """How long a confirmation waits. Unset means 60 s."""
+        """How long a confirmation waits. Unset means 60 s; set, from 0.001 s to 24 h (zero is
+        INVALID_ARGUMENT, field config.permissions.confirmation_timeout).
+        """
 
     def __init__(
         self,
@@ -299,7 +301,8 @@ class LaneConfig(_message.Message):
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Deadline of each call in this lane. Unset means the server default (Query 60 s,
-        Execute 10 min; a bash call's own timeout argument still applies). At most 24 h.
+        Execute 10 min; a bash call's own timeout argument still applies). Set, from 0.001 s to 24 h
+        (zero is INVALID_ARGUMENT, field config.queue.lanes[i].timeout).
         """
 
     def __init__(
@@ -339,7 +342,9 @@ class QueueConfig(_message.Message):
 
     @_builtins.property
     def external_task_timeout(self) -> _duration_pb2.Duration:
-        """How long an external task's overall deadline is. Unset means 10 min."""
+        """How long an external task's overall deadline is. Unset means 10 min; set, from 0.001 s to
+        24 h (zero is INVALID_ARGUMENT, field config.queue.external_task_timeout).
+        """
 
     def __init__(
         self,
@@ -562,7 +567,9 @@ class Session(_message.Message):
     session_id: _builtins.str
     """Server-assigned id."""
     workspace: _builtins.str
-    """Absolute path of the workspace directory on the server's machine."""
+    """Absolute path of the workspace directory on the server's machine, as the server resolved the
+    one given (symlinks, `.`, `..` and a trailing `/` resolved).
+    """
     state: Global___SessionState.ValueType
     """Whether a turn runs."""
     last_sequence: _builtins.int
@@ -792,9 +799,9 @@ class ListSessionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum sessions to return; 0 means 50, at most 1000."""
+    """Maximum sessions to return; 0 means 50, at most 1000 (INVALID_ARGUMENT otherwise)."""
     page_token: _builtins.str
-    """next_page_token of the previous page; empty for the first."""
+    """next_page_token of the previous page; empty for the first. Anything else is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
@@ -821,7 +828,9 @@ class ListSessionsResponse(_message.Message):
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
         """Sessions, newest first. A page may hold fewer than page_size sessions though more follow: it
         stops before its sessions' configurations and labels reach 3 Mi characters (responses stay
-        under the 4 MiB gRPC clients accept by default).
+        under the 4 MiB gRPC clients accept by default). A page continues after the last session of
+        the previous one (by creation time, then id): a session that exists through the whole listing
+        is listed exactly once; one created meanwhile is newer than the first page and is not listed.
         """
 
     def __init__(
@@ -882,7 +891,9 @@ class SendMessageRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     text: _builtins.str
-    """The user's message: not empty, at most 1,048,576 characters."""
+    """The user's message: not empty nor only whitespace, at most 1,048,576 characters
+    (INVALID_ARGUMENT, field text).
+    """
     def __init__(
         self,
         *,
@@ -933,7 +944,9 @@ class WatchEventsRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     after_sequence: _builtins.int
-    """Replay events with sequence > after_sequence; 0 replays everything."""
+    """Replay events with sequence > after_sequence; 0 replays everything. Not negative, and at most
+    the session's last sequence (Session.last_sequence).
+    """
     follow: _builtins.bool
     """Keep the stream open for live events after the replay (true) or end it at caught_up."""
     def __init__(
@@ -1036,7 +1049,9 @@ class CancelTurnRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     reason: _builtins.str
-    """Why, for the record."""
+    """Why, for the record: the server's log line of the cancellation (INFO, naming the session and
+    the turn) quotes its first 1,024 characters. The session's events do not carry it.
+    """
     def __init__(
         self,
         *,
@@ -1146,7 +1161,9 @@ class ClaimExternalTasksRequest(_message.Message):
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """How long to wait for a task when none is pending. Unset means do not wait; at most 60 s (claim
-        again to wait longer). A server that stops ends the wait with UNAVAILABLE (SHUTTING_DOWN).
+        again to wait longer). A server that stops ends the wait with UNAVAILABLE (SHUTTING_DOWN). A
+        wait that the call's end cuts short (its deadline, or the client cancels it) claims nothing;
+        a task leased at the very moment the call ended is offered again once its lease expires.
         """
 
     def __init__(
@@ -1303,7 +1320,7 @@ class GetMessagesRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session."""
     page_size: _builtins.int
-    """Maximum messages to return; 0 means 200, at most 1000."""
+    """Maximum messages to return; 0 means 200, at most 1000 (INVALID_ARGUMENT otherwise)."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first. Anything else is INVALID_ARGUMENT."""
     def __init__(

@@ -30,12 +30,23 @@ class SessionServiceStub:
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
     says which state forbids the call. Every reason, with its status code and metadata keys, is
-    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    catalogued in docs/protocol.md ("Errors"). A request field left empty where an id is needed
+    (session_id, task_id, call_id, client_id) is INVALID_ARGUMENT naming it, not NOT_FOUND. Statuses
+    that gRPC itself makes carry no details: UNIMPLEMENTED for a method this server lacks (an older
+    server), DEADLINE_EXCEEDED and CANCELLED, RESOURCE_EXHAUSTED for a message over the 64 MiB
+    transport cap, UNAVAILABLE for a broken connection: a client must accept an error status
+    without a google.rpc.Status. google.rpc.Status, ErrorInfo and RetryInfo are
     googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
     details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
     rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
+
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -146,12 +157,23 @@ class SessionServiceServicer:
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
     says which state forbids the call. Every reason, with its status code and metadata keys, is
-    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    catalogued in docs/protocol.md ("Errors"). A request field left empty where an id is needed
+    (session_id, task_id, call_id, client_id) is INVALID_ARGUMENT naming it, not NOT_FOUND. Statuses
+    that gRPC itself makes carry no details: UNIMPLEMENTED for a method this server lacks (an older
+    server), DEADLINE_EXCEEDED and CANCELLED, RESOURCE_EXHAUSTED for a message over the 64 MiB
+    transport cap, UNAVAILABLE for a broken connection: a client must accept an error status
+    without a google.rpc.Status. google.rpc.Status, ErrorInfo and RetryInfo are
     googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
     details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
     rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
+
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
@@ -203,7 +225,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists sessions, newest first, a page at a time.
+        """Lists sessions, newest first, a page at a time. INVALID_ARGUMENT (field page_size or
+        page_token) for a page size out of range or a token this server did not issue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +235,11 @@ class SessionServiceServicer:
     def DeleteSession(self, request, context):
         """Deletes a session, its history and its event log. A running turn is cancelled first. From
         the moment the server receives it, every other request on the session is NOT_FOUND
-        (SESSION_NOT_FOUND): a SendMessage racing it starts no turn.
+        (SESSION_NOT_FOUND): a SendMessage racing it starts no turn. A following WatchEvents of the
+        session ends with that status; a SendMessage stream ends after its (cancelled) turn's
+        TurnFinished, or with that status if the deletion overtakes it; a ClaimExternalTasks waiting
+        on it returns no task. Deleting an unknown (or already deleted) session is NOT_FOUND too: a
+        client retrying a DeleteSession whose answer it lost takes that as done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,7 +247,10 @@ class SessionServiceServicer:
 
     def SendMessage(self, request, context):
         """Sends a user message and streams the events of the turn it starts, ending after
-        TurnFinished. One turn at a time per session: FAILED_PRECONDITION while one runs.
+        TurnFinished. One turn at a time per session: FAILED_PRECONDITION (TURN_IN_PROGRESS) while one
+        runs. FAILED_PRECONDITION is also the session's model unusable now (MODEL_UNAVAILABLE, e.g.
+        its script file is gone) or its workspace no longer allowed by the server
+        (WORKSPACE_NOT_ALLOWED): retrying does not help until the server changes.
         RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_running_turns) when the server runs as many turns
         as it allows. UNAVAILABLE (STORE_UNAVAILABLE) while the last turn's events wait to be stored
         (the store cannot take writes): the session reads RUNNING until they are.
@@ -235,11 +265,13 @@ class SessionServiceServicer:
         caught_up marker, then live events as they happen (unless follow is false, in which case the
         stream ends after caught_up). Events come in batches (EventBatch), each event exactly once, in
         sequence order. A reader that is slower than the session is never cut off: the server keeps
-        its place and sends what it missed from the stored log. OUT_OF_RANGE when after_sequence is
-        beyond the log's end. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers) when the server
-        has as many WatchEvents streams open as it allows. A following stream ends with UNAVAILABLE
-        (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere or after the
-        restart.
+        its place and sends what it missed from the stored log. OUT_OF_RANGE (SEQUENCE_OUT_OF_RANGE,
+        metadata last_sequence) when after_sequence is beyond the log's end; INVALID_ARGUMENT (field
+        after_sequence) when it is negative. NOT_FOUND (SESSION_NOT_FOUND) when the session is
+        deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
+        when the server has as many WatchEvents streams open as it allows. A following stream ends
+        with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
+        or after the restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -386,12 +418,23 @@ class SessionService:
     google.rpc.Status detail carrying a google.rpc.ErrorInfo (reason + metadata):
     INVALID_ARGUMENT names the bad field, NOT_FOUND names the missing session, FAILED_PRECONDITION
     says which state forbids the call. Every reason, with its status code and metadata keys, is
-    catalogued in docs/protocol.md ("Errors"). google.rpc.Status, ErrorInfo and RetryInfo are
+    catalogued in docs/protocol.md ("Errors"). A request field left empty where an id is needed
+    (session_id, task_id, call_id, client_id) is INVALID_ARGUMENT naming it, not NOT_FOUND. Statuses
+    that gRPC itself makes carry no details: UNIMPLEMENTED for a method this server lacks (an older
+    server), DEADLINE_EXCEEDED and CANCELLED, RESOURCE_EXHAUSTED for a message over the 64 MiB
+    transport cap, UNAVAILABLE for a broken connection: a client must accept an error status
+    without a google.rpc.Status. google.rpc.Status, ErrorInfo and RetryInfo are
     googleapis' google/rpc/status.proto and google/rpc/error_details.proto: the `grpc-status-
     details-bin` trailer holds a serialized google.rpc.Status (in Python: grpcio-status's
     rpc_status.from_call, with googleapis-common-protos; in Node: @grpc/grpc-js metadata plus
     google-proto-files or protos compiled from googleapis). The whole protocol, event ordering
     included, is described in docs/protocol.md.
+
+    Retries: no request carries an id the server deduplicates by. A CreateSession retried after its
+    answer was lost creates a second session (label sessions to find them with ListSessions); a
+    SendMessage retried so starts another turn once the first has ended (TURN_IN_PROGRESS while it
+    runs): check Session.last_sequence, or WatchEvents, first. A deadline or cancellation of a call
+    ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
     `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.

@@ -371,7 +371,9 @@ class ToolResult(_message.Message):
     truncated: _builtins.bool
     """True when the tool cut its output to its limit (the output then says so too)."""
     worker_id: _builtins.str
-    """Id of the worker that ran the call; "local" when the session server ran it itself."""
+    """Id of the worker that ran the call; "local" when the session server ran it itself; for an
+    external task, what the completing client's result names here, or else its client_id.
+    """
     attempt: _builtins.int
     """Attempt number that produced this result, from 1."""
     metadata_json: _builtins.str
