@@ -53,11 +53,12 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str, token: str,
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` against the client or the worker token."""
+    """Checks `authorization: Bearer <token>` (the scheme in any case) against the client or the
+    worker token."""
 
     def __init__(self, client_token: str | None, worker_token: str | None) -> None:
-        self._client = f"Bearer {client_token}" if client_token else None
-        self._worker = f"Bearer {worker_token}" if worker_token else None
+        self._client = client_token.encode() if client_token else None
+        self._worker = worker_token.encode() if worker_token else None
 
     async def intercept_service(
         self,
@@ -70,7 +71,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if expected is None or method.startswith(OPEN_PREFIXES):
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), expected.encode()):
+        # The scheme's name is case-insensitive (RFC 9110, 11.1): "bearer x" is "Bearer x".
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.lstrip(" ").encode(), expected):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:

@@ -38,10 +38,14 @@ async def test_client_token_is_required_when_set(make_server, tmp_path: Path) ->
                 await stub.ListSessions(session_pb2.ListSessionsRequest(), metadata=metadata)
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "client bearer token" in error.value.details()
-        reply = await stub.ListSessions(
-            session_pb2.ListSessionsRequest(), metadata=(("authorization", "Bearer client-secret"),)
-        )
-        assert list(reply.sessions) == []
+        # The scheme's name is case-insensitive (RFC 9110, 11.1); one space or more follows it.
+        for given in ("Bearer client-secret", "bearer client-secret", "BEARER  client-secret"):
+            reply = await stub.ListSessions(session_pb2.ListSessionsRequest(), metadata=(("authorization", given),))
+            assert list(reply.sessions) == []
+        for given in ("Bearer client-secret2", "Bearerclient-secret", "Basic client-secret", "client-secret"):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.ListSessions(session_pb2.ListSessionsRequest(), metadata=(("authorization", given),))
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, given
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,8 @@ class SessionServiceStub:
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
@@ -176,7 +177,8 @@ class SessionServiceServicer:
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
@@ -437,7 +439,8 @@ class SessionService:
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason

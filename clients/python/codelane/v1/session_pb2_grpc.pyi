@@ -50,7 +50,8 @@ class SessionServiceStub:
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
@@ -187,7 +188,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason
@@ -320,7 +322,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ends that call only: a turn goes on without its SendMessage stream.
 
     When the server is started with a token, every call needs metadata
-    `authorization: Bearer <token>`; otherwise UNAUTHENTICATED.
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more);
+    otherwise UNAUTHENTICATED.
 
     Admission: the operator bounds sessions, concurrent turns and event subscribers. A call that
     would go over a limit changes nothing and fails with RESOURCE_EXHAUSTED, an ErrorInfo of reason

@@ -75,7 +75,8 @@ class WorkerHubServiceStub:
     most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more), else
+    UNAUTHENTICATED. A worker id belongs to one live stream:
     a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
     `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
     connection broke); then the old stream is closed and whatever it still sends is ignored.
@@ -156,7 +157,8 @@ class WorkerHubServiceServicer:
     most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more), else
+    UNAUTHENTICATED. A worker id belongs to one live stream:
     a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
     `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
     connection broke); then the old stream is closed and whatever it still sends is ignored.
@@ -269,7 +271,8 @@ class WorkerHubService:
     most 256 MiB together (RESOURCE_EXHAUSTED beyond: finish them, or retry later).
 
     When the hub requires a worker token, the stream needs metadata
-    `authorization: Bearer <token>`, else UNAUTHENTICATED. A worker id belongs to one live stream:
+    `authorization: Bearer <token>` (the scheme's name in any case, then one space or more), else
+    UNAUTHENTICATED. A worker id belongs to one live stream:
     a second stream with the same id is refused with ALREADY_EXISTS unless its Hello carries the
     `reconnect_token` the hub gave the holder in its Welcome (a worker reconnecting after its
     connection broke); then the old stream is closed and whatever it still sends is ignored.
