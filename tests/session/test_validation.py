@@ -321,7 +321,13 @@ async def test_get_messages_pages_in_history_order(client: Client, workspace: Pa
         session_pb2.MESSAGE_ROLE_ASSISTANT,
     ]
 
-    for bad in ("abc", "-1"):
+    # A token is the index of the page's first message (session.proto): one a client writes
+    # starts there, and one past the end gives an empty last page.
+    written = await client.messages(session.session_id, page_size=2, page_token="3")
+    assert [m.index for m in written.messages] == [4, 5] and written.next_page_token == ""
+    past = await client.messages(session.session_id, page_token="99")
+    assert list(past.messages) == [] and past.next_page_token == ""
+    for bad in ("abc", "-1", "1" * 19, "\u0663"):
         error = await rpc_error(client.messages(session.session_id, page_size=2, page_token=bad))
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert error.metadata == {"field": "page_token"}

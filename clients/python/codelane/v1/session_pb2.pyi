@@ -1322,7 +1322,11 @@ class GetMessagesRequest(_message.Message):
     page_size: _builtins.int
     """Maximum messages to return; 0 means 200, at most 1000 (INVALID_ARGUMENT otherwise)."""
     page_token: _builtins.str
-    """next_page_token of the previous page; empty for the first. Anything else is INVALID_ARGUMENT."""
+    """next_page_token of the previous page; empty for the first. A token is, in decimal, how many
+    messages come before the page (its first message's Message.index - 1), so a client may also
+    write one to start anywhere (past the end: an empty page). Anything but 1 to 18 ASCII digits is
+    INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
