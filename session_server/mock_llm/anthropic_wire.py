@@ -52,9 +52,15 @@ def validate(body: Any, headers: Mapping[str, str]) -> str | None:
     previous_uses: set[str] = set()
     for i, message in enumerate(messages):
         blocks = _blocks(message.get("content"))
+        texts = [b.get("text") for b in blocks if b.get("type") == "text"]
         for k, block in enumerate(blocks):
             if block.get("type") == "text" and not block.get("text"):
                 return f"messages.{i}.content.{k}.text: text content blocks must be non-empty"
+            if block.get("type") == "tool_result" and block.get("is_error") and not block.get("content"):
+                return f"messages.{i}.content.{k}.tool_result: content cannot be empty if `is_error` is true"
+        # Whitespace-only text passes only beside text that is not (as the API answers).
+        if texts and not any(isinstance(t, str) and t.strip() for t in texts):
+            return "messages: text content blocks must contain non-whitespace text"
         uses = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
         results = [b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"]
         for k, result in enumerate(results):
