@@ -88,8 +88,9 @@ def _blocks(content: Any) -> list[Mapping[str, Any]]:
 
 
 def stream_frames(
-    response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int
+    response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int, cut: bool = False
 ) -> list[Frame]:
+    """`cut`: the output token limit ended the response (see `cut_at_token_limit`)."""
     message = _message(response, model, request_id, prompt_tokens, content=[], output_tokens=1)
     message["stop_reason"] = None
     frames = [event_frame({"type": "message_start", "message": message}), event_frame({"type": "ping"})]
@@ -142,7 +143,7 @@ def stream_frames(
         event_frame(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": _stop_reason(response), "stop_sequence": None},
+                "delta": {"stop_reason": "max_tokens" if cut else _stop_reason(response), "stop_sequence": None},
                 "usage": {"output_tokens": output_tokens(response)},
             },
             final=True,
