@@ -95,7 +95,7 @@ def _input(arguments_json: str) -> dict[str, Any]:
     result, so the call is replayed with empty input."""
     try:
         value = json.loads(arguments_json)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -105,7 +105,7 @@ async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
     async for event in events:
         try:
             data = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
             raise ModelError(
                 "STREAM_ERROR", f"Anthropic stream sent malformed data: {event.data[:200]!r}"
             ) from None

@@ -99,7 +99,7 @@ class _Arguments:
         if self._valid is None:
             try:
                 self._valid = isinstance(json.loads(self.text), dict)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 self._valid = False
         return self._valid
 

@@ -184,3 +184,10 @@ def test_user_text_after_tool_results_joins_their_message() -> None:
     messages = to_anthropic_messages([*second_request().messages, ChatMessage("user", "and then?")])
     assert [b["type"] for b in messages[-1]["content"]] == ["tool_result", "tool_result", "text"]
     assert json.dumps(messages).count('"is_error"') == 1
+
+
+def test_arguments_nested_deeper_than_the_parser_goes_replay_as_empty_input() -> None:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    history = [ChatMessage("user", "go"), ChatMessage("assistant", "", [ModelToolCall("t1", "ls", deep)])]
+    messages = to_anthropic_messages(history)
+    assert messages[1]["content"] == [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]

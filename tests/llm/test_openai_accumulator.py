@@ -327,3 +327,15 @@ def test_arguments_that_are_not_an_object_never_count_as_complete() -> None:
     assert accumulator.feed(calls({"index": 0, "id": "b", "function": {"arguments": "{}"}})) == []
     _, response = accumulator.finish(done=True)
     assert response.tool_calls == [ModelToolCall("a", "ls", "[1]{}")]
+
+
+def test_arguments_nested_deeper_than_the_parser_goes_are_kept_for_the_loop_to_reject() -> None:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    _, response = run(
+        [
+            calls({"index": 0, "id": "a", "function": {"name": "ls", "arguments": deep}}),
+            calls({"index": 1, "id": "b", "function": {"name": "ls", "arguments": "{}"}}),
+            chunk(finish="tool_calls"),
+        ]
+    )
+    assert [c.arguments_json for c in response.tool_calls] == [deep, "{}"]
