@@ -372,11 +372,21 @@ class Turn:
         self._call_ids.add(call_id)
         arguments_json, refusal = self._check_size(index, model_call)
         if refusal is not None or len(model_call.name) > MAX_CALL_ID_CHARS:
-            model_call = ModelToolCall(model_call.call_id, model_call.name[:MAX_CALL_ID_CHARS], arguments_json)
+            model_call = dataclasses.replace(
+                model_call, name=model_call.name[:MAX_CALL_ID_CHARS], arguments_json=arguments_json
+            )
         spec = tools.get(model_call.name)
         arguments, rejection, decision = None, None, None
         if refusal is not None:
             rejection = refusal
+        elif model_call.cut_off:
+            # Its arguments may lack a tail, or have never come ("{}" would read as "no arguments").
+            rejection = ToolResult.error(
+                ErrorKind.INVALID_ARGUMENTS,
+                f"{model_call.name} was not run: the response was cut off (by its token limit, or by the "
+                "provider) before this call's arguments were complete. Make the call again, with shorter "
+                "arguments if they were long.",
+            )
         elif spec is None:
             rejection = self._unavailable(model_call.name, tools)
         else:

@@ -14,8 +14,10 @@ from session_server.llm.transport import HttpProvider
 KEY_ENV = "ANTHROPIC_API_KEY"
 API_VERSION = "2023-06-01"
 
-# The API rejects empty text blocks, but an empty assistant turn must stay in the history (a
-# scripted model picks its response by counting assistant turns).
+# The API rejects empty text blocks, and text blocks of only whitespace (unless beside other
+# text), but an empty assistant turn must stay in the history (a scripted model picks its response
+# by counting assistant turns). It also rejects an error tool_result without content. Sent as
+# stored, such a message would fail every later request of the session.
 _EMPTY_TURN = "(no output)"
 
 
@@ -64,7 +66,7 @@ def to_anthropic_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "assistant":
-            blocks = [{"type": "text", "text": message.text}] if message.text else []
+            blocks = [{"type": "text", "text": message.text}] if message.text.strip() else []
             blocks += [
                 {"type": "tool_use", "id": c.call_id, "name": c.name, "input": _input(c.arguments_json)}
                 for c in message.tool_calls
@@ -75,12 +77,12 @@ def to_anthropic_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any
             block: dict[str, Any] = {
                 "type": "tool_result",
                 "tool_use_id": message.tool_call_id,
-                "content": message.text,
+                "content": message.text if message.text.strip() or not message.is_error else _EMPTY_TURN,
             }
             if message.is_error:
                 block["is_error"] = True
         else:
-            block = {"type": "text", "text": message.text or _EMPTY_TURN}
+            block = {"type": "text", "text": message.text if message.text.strip() else _EMPTY_TURN}
         if out and out[-1]["role"] == "user":
             out[-1]["content"].append(block)
         else:
@@ -93,7 +95,7 @@ def _input(arguments_json: str) -> dict[str, Any]:
     result, so the call is replayed with empty input."""
     try:
         value = json.loads(arguments_json)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -103,7 +105,7 @@ async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
     async for event in events:
         try:
             data = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
             raise ModelError(
                 "STREAM_ERROR", f"Anthropic stream sent malformed data: {event.data[:200]!r}"
             ) from None

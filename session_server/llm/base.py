@@ -19,11 +19,14 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ModelToolCall:
     """One tool call as the model produced it. `arguments_json` may be invalid JSON: the loop
-    turns that into an error result for the model, never a crash."""
+    turns that into an error result for the model, never a crash. `cut_off`: the response was cut
+    off (its output token limit, a provider's filter) before the call's arguments were complete
+    (they hold what came, "{}" when nothing did): the loop answers it with an error, never runs it."""
 
     call_id: str
     name: str
     arguments_json: str
+    cut_off: bool = False
 
 
 @dataclass
@@ -125,7 +128,7 @@ def _well_formed_call(call: ModelToolCall) -> ModelToolCall:
     fields = (well_formed(call.call_id), well_formed(call.name), well_formed(call.arguments_json))
     if fields == (call.call_id, call.name, call.arguments_json):
         return call
-    return ModelToolCall(*fields)
+    return ModelToolCall(*fields, cut_off=call.cut_off)
 
 
 class ModelError(Exception):

@@ -61,7 +61,7 @@ def parse_error_body(body: bytes | str) -> ProviderError:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
         payload = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
         return ProviderError(text.strip()[:_MAX_MESSAGE] or "no error message")
     return (
         parse_error_payload(payload) if isinstance(payload, Mapping) else ProviderError(text[:_MAX_MESSAGE])

@@ -104,7 +104,7 @@ async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
 def _parse(data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
         raise ModelError("STREAM_ERROR", f"OpenAI stream sent a malformed chunk: {data[:200]!r}") from None
     if not isinstance(chunk, dict):
         raise ModelError("STREAM_ERROR", f"OpenAI stream sent a non-object chunk: {data[:200]!r}")

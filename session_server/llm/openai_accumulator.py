@@ -11,7 +11,11 @@ Pure (no I/O) and tolerant of the quirks of OpenAI-compatible servers listed in 
   inside `function` (old llama.cpp);
 - string arguments are concatenated, object arguments `json.dumps`ed, no arguments mean `"{}"`;
 - ids are generated when none come;
-- whether there are tool calls is decided from what accumulated, not from `finish_reason`.
+- whether there are tool calls is decided from what accumulated, not from `finish_reason`; but
+  `finish_reason: "length"` (the output token limit) or `"content_filter"` says the last call
+  may be cut off: unless its arguments are a complete JSON object, it is marked `cut_off` and
+  never runs (a call cut right after its name would otherwise run with `{}`), and the stop reason
+  stays `max_tokens` (`content_filter`).
 
 A call is reported ready (`ToolCallReady`) as soon as a later call opens, if it and every
 earlier call have a name and complete arguments: with complete JSON-object arguments nothing
@@ -41,6 +45,7 @@ from session_server.llm.base import (
 )
 from session_server.llm.http_errors import model_error, parse_error_payload
 
+# Finish reasons of a response cut off wherever it was, and the stop reasons they become.
 _STOP_REASONS = {"length": "max_tokens", "content_filter": "content_filter"}
 
 
@@ -94,7 +99,7 @@ class _Arguments:
         if self._valid is None:
             try:
                 self._valid = isinstance(json.loads(self.text), dict)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 self._valid = False
         return self._valid
 
@@ -105,6 +110,7 @@ class _Call:
     name: str = ""
     arguments: _Arguments = field(default_factory=_Arguments)
     ready: ModelToolCall | None = None  # set once reported, then never changes
+    cut_off: bool = False
 
     def is_complete(self) -> bool:
         return self.arguments.is_complete_object()
@@ -153,12 +159,15 @@ class OpenAIAccumulator:
                 "OpenAI stream ended early (no finish_reason, no [DONE]) with an incomplete "
                 "response; try again",
             )
+        if self._finish_reason in _STOP_REASONS and calls and not calls[-1].is_complete():
+            # Reported ready only when complete, so not frozen yet.
+            calls[-1].cut_off = True
         tail = [
             ToolCallReady(index, self._freeze(call)) for index, call in enumerate(calls) if not call.ready
         ]
         tool_calls = [self._freeze(call) for call in calls]
         # Decided by what accumulated: some servers end tool calls with finish_reason "stop".
-        stop_reason = "tool_use" if tool_calls else _STOP_REASONS.get(self._finish_reason or "", "end_turn")
+        stop_reason = _STOP_REASONS.get(self._finish_reason or "") or ("tool_use" if tool_calls else "end_turn")
         return tail, ModelResponse("".join(self._text), tool_calls, self._usage, stop_reason)
 
     def _add(self, position: int, entry: Mapping[str, Any]) -> bool:
@@ -199,7 +208,7 @@ class OpenAIAccumulator:
     def _freeze(self, call: _Call) -> ModelToolCall:
         if call.ready is None:
             call.ready = ModelToolCall(
-                call.call_id or self._new_id(), call.name, call.arguments.text.strip() or "{}"
+                call.call_id or self._new_id(), call.name, call.arguments.text.strip() or "{}", call.cut_off
             )
         return call.ready
 

@@ -52,9 +52,15 @@ def validate(body: Any, headers: Mapping[str, str]) -> str | None:
     previous_uses: set[str] = set()
     for i, message in enumerate(messages):
         blocks = _blocks(message.get("content"))
+        texts = [b.get("text") for b in blocks if b.get("type") == "text"]
         for k, block in enumerate(blocks):
             if block.get("type") == "text" and not block.get("text"):
                 return f"messages.{i}.content.{k}.text: text content blocks must be non-empty"
+            if block.get("type") == "tool_result" and block.get("is_error") and not block.get("content"):
+                return f"messages.{i}.content.{k}.tool_result: content cannot be empty if `is_error` is true"
+        # Whitespace-only text passes only beside text that is not (as the API answers).
+        if texts and not any(isinstance(t, str) and t.strip() for t in texts):
+            return "messages: text content blocks must contain non-whitespace text"
         uses = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
         results = [b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"]
         for k, result in enumerate(results):
@@ -82,8 +88,9 @@ def _blocks(content: Any) -> list[Mapping[str, Any]]:
 
 
 def stream_frames(
-    response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int
+    response: ScriptedResponse, *, model: str, request_id: str, prompt_tokens: int, cut: bool = False
 ) -> list[Frame]:
+    """`cut`: the output token limit ended the response (see `cut_at_token_limit`)."""
     message = _message(response, model, request_id, prompt_tokens, content=[], output_tokens=1)
     message["stop_reason"] = None
     frames = [event_frame({"type": "message_start", "message": message}), event_frame({"type": "ping"})]
@@ -136,7 +143,7 @@ def stream_frames(
         event_frame(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": _stop_reason(response), "stop_sequence": None},
+                "delta": {"stop_reason": "max_tokens" if cut else _stop_reason(response), "stop_sequence": None},
                 "usage": {"output_tokens": output_tokens(response)},
             },
             final=True,

@@ -116,7 +116,9 @@ def stream_frames(
     prompt_tokens: int,
     include_usage: bool,
     quirks: frozenset[str],
+    cut: bool = False,
 ) -> list[Frame]:
+    """`cut`: the output token limit ended the response (see `cut_at_token_limit`)."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -140,6 +142,8 @@ def stream_frames(
             for delta in _call_deltas(index, call, quirks)
         ]
     finish = "tool_calls" if response.tool_calls and "finish_stop" not in quirks else "stop"
+    if cut:
+        finish = "length"
     frames.append(data_frame(chunk({}, finish), final=True))
     if include_usage:
         frames.append(

@@ -10,8 +10,13 @@ QUIRKS = ("whole_arguments", "missing_index", "repeated_name", "no_ids", "finish
 
 # HTTP errors (429 carries retry-after headers; quota is an exhausted account), an error event
 # after the first output, a stream that ends without its final events, a chunk of the wrong shape
-# (`{"choices": ["x"]}`), and token counts sent as strings: what broken servers send.
-FAULTS = ("429", "quota", "500", "529", "error_mid_stream", "cut_stream", "malformed_chunk", "string_usage")
+# (`{"choices": ["x"]}`), and token counts sent as strings: what broken servers send. `max_tokens`
+# is the output token limit reached: the last tool call ends right after its name (no arguments),
+# or, without calls, the text halfway; the stream ends as the API ends it then (finish_reason
+# "length", stop_reason "max_tokens"; streams only).
+FAULTS = (
+    "429", "quota", "500", "529", "error_mid_stream", "cut_stream", "malformed_chunk", "string_usage", "max_tokens"
+)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from session_server.llm.script import Script, ScriptedResponse, estimate_tokens
+from session_server.llm.script import Script, ScriptedResponse, estimate_tokens, split_words
 from session_server.mock_llm import anthropic_wire, openai_wire
 from session_server.mock_llm.frames import Frame, usage_as_strings
 from session_server.mock_llm.options import MockOptions
@@ -67,6 +68,9 @@ class MockLLM:
                 headers=headers,
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        cut = faulty and self.options.fault == "max_tokens"
+        if cut:
+            response = cut_at_token_limit(response)
         frames = openai_wire.stream_frames(
             response,
             model=model,
@@ -74,6 +78,7 @@ class MockLLM:
             prompt_tokens=prompt_tokens,
             include_usage=include_usage,
             quirks=self.options.quirks,
+            cut=cut,
         )
         return await self._stream(
             request, frames, openai_wire.error_frame(), headers, faulty, openai_wire.malformed_frame()
@@ -105,8 +110,11 @@ class MockLLM:
                 ),
                 headers=headers,
             )
+        cut = faulty and self.options.fault == "max_tokens"
+        if cut:
+            response = cut_at_token_limit(response)
         frames = anthropic_wire.stream_frames(
-            response, model=model, request_id=request_id, prompt_tokens=prompt_tokens
+            response, model=model, request_id=request_id, prompt_tokens=prompt_tokens, cut=cut
         )
         return await self._stream(
             request, frames, anthropic_wire.error_frame(), headers, faulty, anthropic_wire.malformed_frame()
@@ -202,6 +210,18 @@ async def start_mock_llm(
         raise
     bound_host, bound_port = runner.addresses[0][:2]
     return runner, f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+
+
+def cut_at_token_limit(response: ScriptedResponse) -> ScriptedResponse:
+    """The response as far as the output token limit let it come: its last tool call right after
+    the name (no arguments), or, without calls, the first half of its words."""
+    if response.tool_calls:
+        *whole, last = response.tool_calls
+        return dataclasses.replace(
+            response, tool_calls=(*whole, dataclasses.replace(last, arguments_json=""))
+        )
+    words = split_words(response.text)
+    return dataclasses.replace(response, text="".join(words[: len(words) // 2]))
 
 
 def _prompt_tokens(body: Mapping[str, Any]) -> int:

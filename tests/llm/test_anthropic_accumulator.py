@@ -71,9 +71,10 @@ def test_text_and_tool_calls_ready_at_block_stop() -> None:
             {"type": "message_stop"},
         ],
     )
-    assert items == [ToolCallReady(1, ModelToolCall("t2", "ls", "{}"))]
+    # No arguments came: ready only once the stop reason says the block was not cut off.
+    assert items == []
     tail, response = accumulator.finish()
-    assert tail == []
+    assert tail == [ToolCallReady(1, ModelToolCall("t2", "ls", "{}"))]
     assert response.text == "Hi" and [c.call_id for c in response.tool_calls] == ["t1", "t2"]
     assert response.usage == Usage(input_tokens=115, output_tokens=30, cached_input_tokens=100)
     assert response.stop_reason == "tool_use"
@@ -132,3 +133,39 @@ def test_cut_stream_otherwise_is_an_error(events: list[dict[str, Any]]) -> None:
     feed_all(accumulator, events)
     with pytest.raises(ModelError, match="ended early"):
         accumulator.finish()
+
+
+@pytest.mark.parametrize("stop_reason", ["max_tokens", "model_context_window_exceeded", "refusal"])
+@pytest.mark.parametrize("parts", [[], [""], ["", '{"path": "s']])
+def test_a_call_cut_off_by_max_tokens_is_marked_and_not_ready_before_the_end(
+    parts: list[str], stop_reason: str
+) -> None:
+    accumulator = AnthropicAccumulator()
+    events = [
+        START,
+        *tool_events(0, "t1", "grep", ["", '{"pattern": "x"}']),
+        *tool_events(1, "t2", "ls", parts),
+        {"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]
+    assert feed_all(accumulator, events) == [ToolCallReady(0, ModelToolCall("t1", "grep", '{"pattern": "x"}'))]
+    tail, response = accumulator.finish()
+    [ready] = tail
+    assert ready.index == 1 and ready.call.cut_off and ready.call.name == "ls"
+    assert response.tool_calls == [response.tool_calls[0], ready.call] and not response.tool_calls[0].cut_off
+    assert response.stop_reason == stop_reason
+
+
+def test_max_tokens_after_a_complete_call_or_in_later_text_cuts_no_call() -> None:
+    accumulator = AnthropicAccumulator()
+    events = [
+        START,
+        *tool_events(0, "t1", "ls", []),
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "and"}},
+        {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]
+    feed_all(accumulator, events)
+    tail, response = accumulator.finish()
+    assert tail == [ToolCallReady(0, ModelToolCall("t1", "ls", "{}"))] and response.tool_calls == [tail[0].call]

@@ -150,6 +150,28 @@ async def test_invalid_arguments_in_history_replay_as_empty_input(
     assert sent["messages"][2]["content"][0]["is_error"] is True
 
 
+async def test_blank_text_and_empty_error_results_in_history_are_not_sent_as_the_api_refuses_them(
+    provider: Make, mock_llm: MockFactory, fast_policy: RetryPolicy
+) -> None:
+    """The API answers 400 to a message whose text is only whitespace, and to an error result
+    with no content: sent as stored, the history would fail every later request of the session."""
+    mock, url = await mock_llm()
+    history = [
+        ChatMessage("user", "go"),
+        ChatMessage("assistant", "\n\n", [ModelToolCall("t1", "ls", "{}")]),
+        ChatMessage("tool", "", tool_call_id="t1", is_error=True),
+        ChatMessage("assistant", " "),
+        ChatMessage("user", "again"),
+    ]
+    request = type(first_request())("m", "", history, [])
+    items = await collect(provider(url, fast_policy).stream(request))
+    assert isinstance(items[-1], ModelResponse)
+    sent = mock.requests[0].body["messages"]
+    assert sent[1]["content"] == [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]
+    assert sent[2]["content"][0]["is_error"] is True and sent[2]["content"][0]["content"].strip()
+    assert sent[3]["content"][0]["text"].strip()
+
+
 def test_request_body_shape() -> None:
     body = request_body(first_request())
     assert body["max_tokens"] == 8192 and body["stream"] is True
@@ -162,3 +184,10 @@ def test_user_text_after_tool_results_joins_their_message() -> None:
     messages = to_anthropic_messages([*second_request().messages, ChatMessage("user", "and then?")])
     assert [b["type"] for b in messages[-1]["content"]] == ["tool_result", "tool_result", "text"]
     assert json.dumps(messages).count('"is_error"') == 1
+
+
+def test_arguments_nested_deeper_than_the_parser_goes_replay_as_empty_input() -> None:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    history = [ChatMessage("user", "go"), ChatMessage("assistant", "", [ModelToolCall("t1", "ls", deep)])]
+    messages = to_anthropic_messages(history)
+    assert messages[1]["content"] == [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]

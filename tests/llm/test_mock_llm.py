@@ -103,6 +103,41 @@ async def test_openai_validation(
                 "model": "m",
                 "max_tokens": 5,
                 "messages": [
+                    *USER,
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "text", "text": "\n\n"},
+                            {"type": "tool_use", "id": "t1", "name": "ls", "input": {}},
+                        ],
+                    },
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"}]},
+                ],
+            },
+            {"anthropic-version": "2023-06-01"},
+            "non-whitespace text",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [
+                    *USER,
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]},
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "", "is_error": True}],
+                    },
+                ],
+            },
+            {"anthropic-version": "2023-06-01"},
+            "content cannot be empty if `is_error` is true",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [
                     {
                         "role": "user",
                         "content": [{"type": "tool_result", "tool_use_id": "zz", "content": "r"}],

@@ -189,6 +189,27 @@ def test_length_finish_is_max_tokens() -> None:
     assert response.stop_reason == "max_tokens"
 
 
+@pytest.mark.parametrize(("finish", "stop_reason"), [("length", "max_tokens"), ("content_filter", "content_filter")])
+@pytest.mark.parametrize("arguments", ["", '{"path": "s'])
+def test_a_call_cut_off_by_length_is_marked(arguments: str, finish: str, stop_reason: str) -> None:
+    items, response = run(
+        [
+            calls({"index": 0, "id": "a", "function": {"name": "grep", "arguments": '{"pattern": "x"}'}}),
+            calls({"index": 1, "id": "b", "function": {"name": "ls", "arguments": arguments}}),
+            chunk(finish=finish),
+        ]
+    )
+    assert [c.cut_off for c in response.tool_calls] == [False, True]
+    assert [r.call for r in items] == response.tool_calls and response.stop_reason == stop_reason
+
+
+def test_length_after_complete_calls_cuts_none() -> None:
+    _, response = run(
+        [calls({"index": 0, "id": "a", "function": {"name": "ls", "arguments": "{}"}}), chunk(finish="length")]
+    )
+    assert response.tool_calls == [ModelToolCall("a", "ls", "{}")] and response.stop_reason == "max_tokens"
+
+
 def test_a_call_is_not_reported_early_while_an_earlier_one_is_incomplete() -> None:
     accumulator = new_accumulator()
     accumulator.feed(calls({"index": 0, "id": "a", "function": {"name": "grep", "arguments": '{"p": '}}))
@@ -306,3 +327,15 @@ def test_arguments_that_are_not_an_object_never_count_as_complete() -> None:
     assert accumulator.feed(calls({"index": 0, "id": "b", "function": {"arguments": "{}"}})) == []
     _, response = accumulator.finish(done=True)
     assert response.tool_calls == [ModelToolCall("a", "ls", "[1]{}")]
+
+
+def test_arguments_nested_deeper_than_the_parser_goes_are_kept_for_the_loop_to_reject() -> None:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    _, response = run(
+        [
+            calls({"index": 0, "id": "a", "function": {"name": "ls", "arguments": deep}}),
+            calls({"index": 1, "id": "b", "function": {"name": "ls", "arguments": "{}"}}),
+            chunk(finish="tool_calls"),
+        ]
+    )
+    assert [c.arguments_json for c in response.tool_calls] == [deep, "{}"]

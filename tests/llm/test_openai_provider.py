@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from session_server.llm.anthropic import AnthropicProvider
 from session_server.llm.base import ModelError, ModelResponse, ModelToolCall, TextChunk, ToolCallReady
 from session_server.llm.openai import OpenAIProvider, request_body, to_openai_messages
 from session_server.llm.retry import RetryPolicy
@@ -379,3 +380,32 @@ async def test_base_url_without_scheme_fails_at_once(
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     assert error.value.reason == "CONNECTION" and "check the base URL" in str(error.value)
+
+
+@pytest.mark.parametrize("provider_class", ["openai", "anthropic"])
+async def test_json_nested_deeper_than_the_parser_goes_is_a_stream_error(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy, provider_class: str
+) -> None:
+    """A chunk (or an error body) of "[[[[..." raised RecursionError, not a ModelError: the turn
+    ended as an INTERNAL failure of the server, with a traceback in its log."""
+    deep = "[" * 100_000 + "]" * 100_000
+    requests = []
+
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        if len(requests) > 1:
+            return web.Response(body=deep, status=400, content_type="application/json")
+        return web.Response(body=f'data: {{"type": "message_start", "choices": {deep}}}\n\n',
+                            content_type="text/event-stream")
+
+    url = await model_server(handler)
+    if provider_class == "openai":
+        llm = OpenAIProvider(f"{url}/v1", None, client=model_http, retry_policy=fast_policy)
+    else:
+        llm = AnthropicProvider(url, None, client=model_http, retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert error.value.reason == "STREAM_ERROR"
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert error.value.reason == "BAD_REQUEST" and error.value.status == 400

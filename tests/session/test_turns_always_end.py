@@ -75,3 +75,35 @@ async def _next_turn_runs(client, session_id: str) -> None:
     again = await client.send(session_id, "try again", within=20)
     assert again[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
     assert not any(e.tool_call_finished.result.is_error for e in again if kind(e) == "tool_call_finished")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_call_cut_off_by_the_token_limit_is_not_run(
+    make_server, workspace: Path, tmp_path: Path, provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model reached its output token limit right after a call's name: the call, whose
+    arguments never came, is answered with an error saying so, not run with empty arguments
+    (`ls` needs none, and ran on the workspace root)."""
+    path = write_script(tmp_path, [
+        {"text": "Looking.", "tool_calls": [call("grep", pattern="needle", path="."), call("ls", path="sub")]},
+        {"text": "Done."},
+    ], name="cut.yaml")
+    runner, url = await start_mock_llm(Script.load(path), fault="max_tokens", fault_count=1)
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        client = (await make_server()).client
+        session = await client.create(workspace, f"{provider}:mock")
+        events = await client.send(session.session_id, "go", within=20)
+    finally:
+        await runner.cleanup()
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+    [responded, _] = [e.model_responded for e in events if kind(e) == "model_responded"]
+    assert responded.stop_reason == "max_tokens" and [c.tool_name for c in responded.tool_calls] == ["grep", "ls"]
+    results = {e.tool_call_finished.tool_name: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert not results["grep"].is_error
+    assert results["ls"].is_error and "cut off (by its token limit" in results["ls"].output
+    assert not any(e.tool_call_started.call.tool_name == "ls" for e in events if kind(e) == "tool_call_started")
