@@ -45,6 +45,8 @@ Decoder = Callable[[AsyncIterator[SSEEvent]], AsyncIterator[StreamItem]]
 # What a failed connection, request or read raises; TimeoutError covers the timeouts aiohttp
 # raises without wrapping them.
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+# What is read of a successful answer that is not an event stream, to say what it was.
+_MAX_UNEXPECTED_BODY = 64 * 1024
 
 
 async def stream_with_retries(
@@ -63,8 +65,9 @@ async def stream_with_retries(
         try:
             async with client.post(endpoint.url, data=content, headers=headers) as response:
                 if response.status < 400:
+                    chunks = await _event_stream(endpoint, response)
                     try:
-                        async for item in decode(iter_sse(response.content.iter_any())):
+                        async for item in decode(iter_sse(chunks)):
                             yielded = True
                             yield item
                     except ModelError as exc:
@@ -93,6 +96,35 @@ async def stream_with_retries(
             delay = policy.delay(retries)
         retries += 1
         await policy.sleep(delay)
+
+
+async def _event_stream(endpoint: Endpoint, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response's body, when it is an event stream. A success that is not one (a JSON error
+    some proxies answer with 200, a web page served at a wrong base URL) fails with what it says:
+    read as events it gave nothing but "the stream ended early". A body labelled otherwise that
+    starts like events (some compatible servers send them as text/plain) is still read as events."""
+    chunks = response.content.iter_any()
+    if response.content_type == "text/event-stream":
+        return chunks
+    first = await anext(chunks, b"")
+    if first.lstrip().startswith((b"data:", b"event:", b":", b"id:", b"retry:")):
+        return _prepended(first, chunks)
+    body = first + await response.content.read(_MAX_UNEXPECTED_BODY - len(first))
+    error = parse_error_body(body)
+    raise model_error(
+        endpoint.provider,
+        error,
+        status=None,
+        secret=endpoint.secret,
+        note=f"the server answered {response.status} with {response.content_type or 'no content type'}, "
+        "not an event stream: check the base URL, and any proxy in between",
+    )
+
+
+async def _prepended(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _transport_error(endpoint: Endpoint, exc: Exception, yielded: bool, retries: int) -> ModelError:

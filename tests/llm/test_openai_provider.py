@@ -409,3 +409,39 @@ async def test_json_nested_deeper_than_the_parser_goes_is_a_stream_error(
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     assert error.value.reason == "BAD_REQUEST" and error.value.status == 400
+
+
+@pytest.mark.parametrize("provider", [OpenAIProvider, AnthropicProvider])
+async def test_a_success_that_is_not_an_event_stream_says_what_it_was(
+    model_server: ModelServer, fast_policy: RetryPolicy, provider: type
+) -> None:
+    # Read as events, a JSON error answered with 200 (some proxies do) or a web page at a wrong
+    # base URL gave only "the stream ended early ... try again", losing what the server said.
+    async def handler(request: web.Request) -> web.Response:
+        if request.path.startswith("/www/"):
+            return web.Response(text="<html><body>Welcome to nginx!</body></html>", content_type="text/html")
+        return web.json_response({"error": {"message": "model 'gpt-9' is not served here", "type": "invalid_model"}})
+
+    url = await model_server(handler)
+    for base, expected in ((url, "model 'gpt-9' is not served here"), (f"{url}/www", "Welcome to nginx!")):
+        llm = provider(base, "sk-secret", retry_policy=fast_policy)
+        with pytest.raises(ModelError) as error:
+            await collect(llm.stream(first_request()))
+        await llm.aclose()
+        message = str(error.value)
+        assert error.value.reason == "STREAM_ERROR"
+        assert expected in message and "not an event stream" in message and "ended early" not in message, message
+
+
+async def test_events_labelled_as_another_content_type_are_still_read_as_events(
+    model_server: ModelServer, fast_policy: RetryPolicy
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        chunk = {"choices": [{"index": 0, "delta": {"content": "plain"}, "finish_reason": "stop"}]}
+        return web.Response(text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n", content_type="text/plain")
+
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", None, retry_policy=fast_policy)
+    response = (await collect(llm.stream(first_request())))[-1]
+    await llm.aclose()
+    assert isinstance(response, ModelResponse) and response.text == "plain"
