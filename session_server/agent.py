@@ -236,6 +236,7 @@ class Turn:
             system=ctx.settings.system_prompt,
             messages=ctx.history.messages,
             tools=list(tools.values()),
+            max_tokens=ctx.settings.max_output_tokens,
         )
         scheduler = TurnScheduler(
             lambda call: self._bounded(self._execute(call, asks)), query_concurrency=ctx.settings.query_concurrency

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from session_server.external import DEFAULT_EXTERNAL_TASK_TIMEOUT
+from session_server.llm.base import DEFAULT_MAX_TOKENS
 from session_server.llm.factory import parse_model
 from session_server.permissions import DEFAULT_CONFIRMATION_TIMEOUT, PermissionPolicy, PolicyError
 from tool_worker.confinement.policy import (
@@ -27,6 +28,7 @@ from tool_worker.tools.base import Lane
 
 DEFAULT_MAX_TURNS = 50
 MAX_MAX_TURNS = 1000
+MAX_MAX_OUTPUT_TOKENS = 1_000_000
 DEFAULT_QUERY_CONCURRENCY = 8
 MAX_QUERY_CONCURRENCY = 256
 DEFAULT_QUERY_TIMEOUT = 60.0
@@ -74,6 +76,7 @@ class SessionSettings:
     model: str
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_turns: int = DEFAULT_MAX_TURNS
+    max_output_tokens: int = DEFAULT_MAX_TOKENS
     query_concurrency: int = DEFAULT_QUERY_CONCURRENCY
     query_timeout: float = DEFAULT_QUERY_TIMEOUT
     execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
@@ -158,6 +161,7 @@ class SettingsRequest:
     model: str = ""
     system_prompt: str = ""
     max_turns: int = 0
+    max_output_tokens: int = 0
     query_concurrency: int = 0
     query_timeout: float | None = None
     execute_timeout: float | None = None
@@ -262,6 +266,7 @@ def build_settings(
             "instructions in a file of the workspace and tell the model to read it",
         )
     _bounded("config.max_turns", request.max_turns, 0, MAX_MAX_TURNS)
+    _bounded("config.max_output_tokens", request.max_output_tokens, 0, MAX_MAX_OUTPUT_TOKENS)
     _bounded("config.queue.query_concurrency", request.query_concurrency, 0, MAX_QUERY_CONCURRENCY)
     _bounded("config.queue.max_attempts", request.max_attempts, 0, MAX_MAX_ATTEMPTS)
     if request.query_timeout is not None:
@@ -275,6 +280,7 @@ def build_settings(
         model=model,
         system_prompt=request.system_prompt or DEFAULT_SYSTEM_PROMPT,
         max_turns=request.max_turns or DEFAULT_MAX_TURNS,
+        max_output_tokens=request.max_output_tokens or DEFAULT_MAX_TOKENS,
         query_concurrency=request.query_concurrency or DEFAULT_QUERY_CONCURRENCY,
         query_timeout=request.query_timeout or DEFAULT_QUERY_TIMEOUT,
         execute_timeout=request.execute_timeout or DEFAULT_EXECUTE_TIMEOUT,

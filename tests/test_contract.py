@@ -349,6 +349,7 @@ FULL_CONFIG = session_pb2.SessionConfig(
     model="scripted:demo.yaml",
     system_prompt="Be brief.",
     max_turns=7,
+    max_output_tokens=4096,
     queue=session_pb2.QueueConfig(
         query_concurrency=3,
         max_attempts=2,

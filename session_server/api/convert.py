@@ -209,6 +209,7 @@ def settings_request(config: session_pb2.SessionConfig) -> SettingsRequest:
         model=config.model,
         system_prompt=config.system_prompt,
         max_turns=config.max_turns,
+        max_output_tokens=config.max_output_tokens,
         query_concurrency=config.queue.query_concurrency,
         max_attempts=config.queue.max_attempts,
     )
@@ -328,6 +329,7 @@ def session(record: SessionRecord) -> session_pb2.Session:
         model=settings.model,
         system_prompt=settings.system_prompt,
         max_turns=settings.max_turns,
+        max_output_tokens=settings.max_output_tokens,
         queue=session_pb2.QueueConfig(
             query_concurrency=settings.query_concurrency,
             max_attempts=settings.max_attempts,

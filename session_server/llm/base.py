@@ -16,6 +16,10 @@ from tool_worker.tools.base import ToolSpec, well_formed
 T = TypeVar("T")
 
 
+# What a response may hold unless the session says otherwise (SessionConfig.max_output_tokens).
+DEFAULT_MAX_TOKENS = 8192
+
+
 @dataclass(frozen=True)
 class ModelToolCall:
     """One tool call as the model produced it. `arguments_json` may be invalid JSON: the loop
@@ -76,7 +80,7 @@ class ModelRequest:
     system: str
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolSpec]
-    max_tokens: int = 8192
+    max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 @dataclass(frozen=True)

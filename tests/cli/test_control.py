@@ -30,9 +30,9 @@ def _session_of(plain_output: str) -> str:
 
 def test_run_takes_the_session_options_of_the_sdk(server: ThreadedServer, workspace: Path) -> None:
     out = cli("run", "--server", server.address, "--workspace", str(workspace), "--plain", "--system-prompt",
-              "Be brief.", "--max-turns", "7", "--query-concurrency", "3", "--label", "team=tools", "--label",
-              "ticket=T-1", "--lane", "query=hybrid", "--deny", "bash(rm *)", "--default-action", "allow",
-              "--confirmation-timeout", "12", "fix it")
+              "Be brief.", "--max-turns", "7", "--max-output-tokens", "4096", "--query-concurrency", "3",
+              "--label", "team=tools", "--label", "ticket=T-1", "--lane", "query=hybrid", "--deny", "bash(rm *)",
+              "--default-action", "allow", "--confirmation-timeout", "12", "fix it")
     assert out.returncode == 0, out.stderr
     with Client(server.address, timeout=10) as client:
         info = client.get_session(_session_of(out.stdout)).info
@@ -44,6 +44,7 @@ def test_run_takes_the_session_options_of_the_sdk(server: ThreadedServer, worksp
             session_pb2.GetSessionRequest(session_id=info.session_id), timeout=10)
     cfg = reply.session.config
     assert (cfg.system_prompt, cfg.max_turns, cfg.queue.query_concurrency) == ("Be brief.", 7, 3)
+    assert cfg.max_output_tokens == 4096
     assert list(cfg.permissions.deny) == ["bash(rm *)"] and cfg.permissions.confirmation_timeout.seconds == 12
     assert cfg.permissions.default_action == session_pb2.PERMISSION_ACTION_ALLOW
     assert (tools_pb2.LANE_QUERY, tools_pb2.LANE_MODE_HYBRID) in [(lane.lane, lane.mode) for lane in cfg.queue.lanes]

@@ -16,6 +16,7 @@ import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.admission import Limits
+from session_server.mock_llm.server import MOCK_LLM_KEY, start_mock_llm
 from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
@@ -30,6 +31,7 @@ from tests.session.conftest import (
     read_until,
     rpc_error,
     scripted,
+    write_script,
 )
 
 QUERY, EXECUTE = tools_pb2.LANE_QUERY, tools_pb2.LANE_EXECUTE
@@ -442,6 +444,30 @@ async def test_max_turns_ends_the_turn(client: Client, workspace: Path, tmp_path
     history = await client.history(session.session_id)
     _assert_valid_history(history)
     assert len(history) == 1 + 2 * 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_the_sessions_max_output_tokens_is_what_the_model_is_asked_for(
+    make_server, workspace: Path, tmp_path: Path, provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fixed at 8192, it made every request of a model whose output limit is smaller a 400.
+    runner, url = await start_mock_llm(write_script(tmp_path, [{"text": "hi"}]))
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        client = (await make_server()).client
+        small = await client.create(workspace, f"{provider}:mock", max_output_tokens=4096)
+        default = await client.create(workspace, f"{provider}:mock")
+        assert (small.config.max_output_tokens, default.config.max_output_tokens) == (4096, 8192)
+        for session in (small, default):
+            await client.send(session.session_id, "hello")
+        bodies = [request.body for request in runner.app[MOCK_LLM_KEY].requests]
+    finally:
+        await runner.cleanup()
+    field = "max_completion_tokens" if provider == "openai" else "max_tokens"
+    assert [body[field] for body in bodies] == [4096, 8192]
 
 
 async def test_a_session_whose_script_vanished_is_failed_precondition(

@@ -42,6 +42,10 @@ INVALID_CREATES = [
         "config.queue.query_concurrency",
     ),
     ("max-turns-negative", lambda ws, good: _request(str(ws), model=good, max_turns=-1), "config.max_turns"),
+    ("max-output-tokens-negative", lambda ws, good: _request(str(ws), model=good, max_output_tokens=-1),
+     "config.max_output_tokens"),
+    ("max-output-tokens-huge", lambda ws, good: _request(str(ws), model=good, max_output_tokens=1_000_001),
+     "config.max_output_tokens"),
     (
         "control-lane",
         lambda ws, good: _request(

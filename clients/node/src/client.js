@@ -614,8 +614,8 @@ function report(onError, err, task) {
 
 const CONNECT_OPTIONS = ['token', 'credentials', 'callTimeoutMs', 'channelOptions', 'protosDir'];
 const CALL_OPTIONS = ['timeoutMs', 'signal'];
-const CREATE_SESSION_OPTIONS = ['workspace', 'model', 'systemPrompt', 'maxTurns', 'permissions', 'lanes',
-  'externalTaskTimeout', 'sandbox', 'env', 'queue', 'config', 'labels'];
+const CREATE_SESSION_OPTIONS = ['workspace', 'model', 'systemPrompt', 'maxTurns', 'maxOutputTokens', 'permissions',
+  'lanes', 'externalTaskTimeout', 'sandbox', 'env', 'queue', 'config', 'labels'];
 
 function deadlineIn(ms) {
   return ms && Number.isFinite(ms) && ms > 0 ? new Date(Date.now() + ms) : undefined;
@@ -747,6 +747,8 @@ export class CodelaneClient {
    * Creates a session. `workspace` is a directory on the server's machine. Options:
    *
    * - model ('provider:name'), systemPrompt, maxTurns, labels;
+   * - maxOutputTokens: most tokens per model response (unset or 0: 8192); lower it for a model
+   *   whose output limit is smaller;
    * - permissions: the policy, `{allow, deny, ask, default, confirmationTimeout, timeoutAction}`:
    *   rule lists like `['bash(git *)', 'write(src/**)']`, actions as 'allow' | 'deny' | 'ask'
    *   (or PERMISSION_ACTION_*), the timeout in seconds; every key optional, unset allows every call;
@@ -763,12 +765,13 @@ export class CodelaneClient {
   async createSession(options = {}, callOptions) {
     checkKeys('createSession', options, CREATE_SESSION_OPTIONS);
     const {
-      workspace, model, systemPrompt, maxTurns, queue, permissions, lanes, externalTaskTimeout, sandbox, env, config, labels,
+      workspace, model, systemPrompt, maxTurns, maxOutputTokens, queue, permissions, lanes, externalTaskTimeout, sandbox, env, config, labels,
     } = options;
     const cfg = { ...(config ?? {}) };
     if (model !== undefined) cfg.model = model;
     if (systemPrompt !== undefined) cfg.systemPrompt = systemPrompt;
     if (maxTurns !== undefined) cfg.maxTurns = maxTurns;
+    if (maxOutputTokens !== undefined) cfg.maxOutputTokens = maxOutputTokens;
     if (queue !== undefined) cfg.queue = queue;
     if (permissions !== undefined && permissions !== null) cfg.permissions = this._permissionPolicy(permissions);
     if (sandbox !== undefined && sandbox !== null) cfg.sandbox = this._sandboxPolicy(sandbox);

@@ -208,7 +208,7 @@ after(async () => {
 
 describe('sessions', { timeout: TEST_TIMEOUT_MS }, () => {
   test('create, get and list sessions', async () => {
-    const created = await client.createSession({ workspace, labels: { suite: 'node' } });
+    const created = await client.createSession({ workspace, labels: { suite: 'node' }, maxOutputTokens: 4096 });
     assert.match(created.sessionId, /\S/);
     assert.equal(created.workspace, fs.realpathSync(workspace));
     assert.equal(created.state, 'SESSION_STATE_IDLE');
@@ -216,6 +216,7 @@ describe('sessions', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.ok(created.createTime instanceof Date);
     assert.deepEqual(created.labels, { suite: 'node' });
     assert.match(created.config.model, /^scripted:/);
+    assert.equal(created.config.maxOutputTokens, 4096);
 
     const got = await client.getSession(created.sessionId);
     assert.equal(got.sessionId, created.sessionId);

@@ -401,6 +401,7 @@ class Client:
         model: str = "",
         system_prompt: str = "",
         max_turns: int = 0,
+        max_output_tokens: int = 0,
         query_concurrency: int = 0,
         labels: dict[str, str] | None = None,
         permissions: Mapping[str, Any] | None = None,
@@ -420,9 +421,11 @@ class Client:
         `{"mode": "read-only"}`; None takes the server's defaults.
         `env`: the session's own environment variables for its commands (a confined command gets
         only PATH, HOME, LANG, TERM, TMPDIR and these).
+        `max_output_tokens`: most tokens per model response (0: 8192); lower it for a model whose
+        output limit is smaller.
         """
         config = session_pb2.SessionConfig(
-            model=model, system_prompt=system_prompt, max_turns=max_turns,
+            model=model, system_prompt=system_prompt, max_turns=max_turns, max_output_tokens=max_output_tokens,
             queue=session_pb2.QueueConfig(query_concurrency=query_concurrency, lanes=lane_configs(lanes or {})),
         )
         if external_task_timeout is not None:

@@ -34,9 +34,10 @@ ACTIONS = ("allow", "deny", "ask")
 
 # Options that only set up a new session, with their "not given" values.
 _NEW_SESSION_OPTIONS = {
-    "model": "", "system_prompt": "", "max_turns": 0, "query_concurrency": 0, "labels": [], "lanes": [],
-    "external_task_timeout": None, "ask": [], "deny": [], "allow": [], "default_action": None,
-    "confirmation_timeout": None, "timeout_action": None, "sandbox": None, "network": None, "env": [],
+    "model": "", "system_prompt": "", "max_turns": 0, "max_output_tokens": 0, "query_concurrency": 0,
+    "labels": [], "lanes": [], "external_task_timeout": None, "ask": [], "deny": [], "allow": [],
+    "default_action": None, "confirmation_timeout": None, "timeout_action": None, "sandbox": None, "network": None,
+    "env": [],
 }  # fmt: skip
 
 
@@ -55,6 +56,8 @@ def add_session_options(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--system-prompt", default="", metavar="TEXT", help="the system prompt")
     new.add_argument("--max-turns", type=types.non_negative_int, default=0, metavar="N",
                      help="model requests allowed per turn (0: the server's default)")
+    new.add_argument("--max-output-tokens", type=types.non_negative_int, default=0, metavar="N",
+                     help="most tokens per model response (0: 8192); lower it for a model whose limit is smaller")
     new.add_argument("--query-concurrency", type=types.non_negative_int, default=0, metavar="N",
                      help="Query calls of this session run at once (0: the server's default)")
     new.add_argument("--label", dest="labels", type=types.label, action="append", default=[], metavar="KEY=VALUE",
@@ -106,7 +109,8 @@ def new_session_options(args: argparse.Namespace) -> dict[str, Any]:
         permissions["timeout_action"] = args.timeout_action
     options: dict[str, Any] = {
         "model": args.model, "system_prompt": args.system_prompt, "max_turns": args.max_turns,
-        "query_concurrency": args.query_concurrency, "labels": dict(args.labels), "lanes": dict(args.lanes),
+        "max_output_tokens": args.max_output_tokens, "query_concurrency": args.query_concurrency,
+        "labels": dict(args.labels), "lanes": dict(args.lanes),
         "external_task_timeout": args.external_task_timeout,
     }  # fmt: skip
     if permissions:

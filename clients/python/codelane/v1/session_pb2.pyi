@@ -476,6 +476,7 @@ class SessionConfig(_message.Message):
     PERMISSIONS_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model as "provider:name", e.g. "openai:gpt-4o-mini", "anthropic:claude-sonnet-4-5",
     "scripted:/path/to/script.yaml". Empty means the server's default model.
@@ -487,6 +488,13 @@ class SessionConfig(_message.Message):
     """
     max_turns: _builtins.int
     """Maximum model requests per turn. 0 means the default (50); at most 1000."""
+    max_output_tokens: _builtins.int
+    """Most tokens the model may write in one response (the provider's max_tokens, or OpenAI's
+    max_completion_tokens). 0 means the default (8192); at most 1,000,000 (INVALID_ARGUMENT, field
+    config.max_output_tokens). Lower it for a model whose output limit is smaller: its provider
+    refuses every request that asks for more. A response cut off by it ends its step with stop
+    reason "max_tokens", and a tool call it cut short is answered with an error, never run.
+    """
     @_builtins.property
     def queue(self) -> Global___QueueConfig:
         """Queueing and lanes."""
@@ -520,10 +528,11 @@ class SessionConfig(_message.Message):
         permissions: Global___PermissionPolicy | None = ...,
         sandbox: Global___SandboxPolicy | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["permissions", b"permissions", "queue", b"queue", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "max_turns", b"max_turns", "model", b"model", "permissions", b"permissions", "queue", b"queue", "sandbox", b"sandbox", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "max_output_tokens", b"max_output_tokens", "max_turns", b"max_turns", "model", b"model", "permissions", b"permissions", "queue", b"queue", "sandbox", b"sandbox", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
