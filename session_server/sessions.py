@@ -209,7 +209,10 @@ class SessionManager:
             elif isinstance(payload, ModelResponded):
                 responded[payload.step] = payload
                 for call in payload.tool_calls:
-                    unfinished.setdefault(call.call_id, call.tool_name)
+                    # An early Query call often finished before its response was complete: it
+                    # has its one ToolCallFinished, and its result goes to the history as it was.
+                    if call.call_id not in results:
+                        unfinished.setdefault(call.call_id, call.tool_name)
             elif isinstance(payload, ToolCallStarted):
                 unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
             elif isinstance(payload, ToolCallFinished):
