@@ -80,6 +80,13 @@ class LeaseNotHeld(Exception):
         self.client_id = client_id
 
 
+# What a withdrawn task's result says, after its tool's name.
+WITHDRAWN_WITH_TURN = "was cancelled with its turn (CancelTurn, or the session was deleted)"
+WITHDRAWN_AT_STOP = (
+    "was withdrawn: the session server stopped before the task was completed, and it can no longer be completed"
+)
+
+
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
@@ -121,6 +128,8 @@ class ExternalTasks:
         # the session is closed, ShuttingDown when the server stops.
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._stopped = False
+        # Why the tasks of a cancelled call are withdrawn, as their results say it.
+        self._withdrawn_why = WITHDRAWN_WITH_TURN
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -171,7 +180,7 @@ class ExternalTasks:
         finally:
             deadline.cancel()
             if info.task_id in self._tasks:
-                self._end(task, replace(_withdrawn(call), attempt=task.info.attempt), "")
+                self._end(task, replace(self._withdrawn(call), attempt=task.info.attempt), "")
 
     async def mirror(
         self,
@@ -189,7 +198,7 @@ class ExternalTasks:
         try:
             result = await run()
         except asyncio.CancelledError:
-            emit(ExternalTaskCompleted(info.task_id, call.call_id, _withdrawn(call), ""))
+            emit(ExternalTaskCompleted(info.task_id, call.call_id, self._withdrawn(call), ""))
             raise
         emit(ExternalTaskCompleted(info.task_id, call.call_id, result, result.worker_id))
         return result
@@ -260,6 +269,11 @@ class ExternalTasks:
             if not waiter.done():
                 waiter.set_result(True)
 
+    def interrupting(self) -> None:
+        """The stopping server now cancels the turns its grace left running: their tasks are
+        withdrawn saying that the server stopped, not that someone cancelled the turn."""
+        self._withdrawn_why = WITHDRAWN_AT_STOP
+
     def stop(self) -> None:
         """The server is stopping and offers no more tasks: the claims that wait end now, and so
         do those that would wait from now on (their calls end with a status saying so rather
@@ -271,6 +285,9 @@ class ExternalTasks:
                     waiter.set_exception(_stopping())
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _withdrawn(self, call: CallInfo) -> ToolResult:
+        return ToolResult.error(ErrorKind.CANCELLED, f"{call.tool_name} {self._withdrawn_why}")
 
     def _new_info(self, session_id: str, call: CallInfo, workspace: str, lifetime: float) -> ExternalTaskInfo:
         return ExternalTaskInfo(
@@ -376,7 +393,3 @@ class ExternalTasks:
             log.exception("external task %s: emitting %s failed", task.info.task_id, type(payload).__name__)
 
 
-def _withdrawn(call: CallInfo) -> ToolResult:
-    return ToolResult.error(
-        ErrorKind.CANCELLED, f"{call.tool_name} was cancelled with its turn (CancelTurn, or the session was deleted)"
-    )

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from session_server.readiness import DEFAULT_STORE_CHECK_INTERVAL, Readiness, wa
 from session_server.sessions import DEFAULT_GENERATE_LIMIT, SessionManager
 from session_server.snapshots import SnapshotRegistry
 from session_server.stats import LaneStats
-from session_server.store import Store
+from session_server.store import Store, unusable_at_start
 from session_server.telemetry import Telemetry
 from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import DEFAULT_PROTECTED, ResourceLimits, SandboxMode, SandboxSettings
@@ -346,9 +347,14 @@ class CodelaneServer:
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
         # (`codelane server` prints it: `sandbox.describe()`).
         await asyncio.to_thread(self.sandbox.start)
-        self.store = Store(self.config.data_dir / "codelane.db")
+        store_path = self.config.data_dir / "codelane.db"
+        self.store = Store(store_path)
         self.telemetry = Telemetry(self.metrics, start_tracing(self.config.otlp_endpoint, "codelane-server"))
-        self.admission = Admission(self.config.limits, sessions=self.store.count_sessions(), metrics=self.metrics)
+        try:
+            sessions = self.store.count_sessions()
+        except sqlite3.Error as exc:  # a damaged page: which file, and what to do, not SQLite's words alone
+            raise unusable_at_start(store_path, exc) from exc
+        self.admission = Admission(self.config.limits, sessions=sessions, metrics=self.metrics)
         self.sessions = SessionManager(
             self.store, self.pool, self.registry, self.stats,
             default_model=self.config.model, local_fallback=self.config.local_fallback,
@@ -365,7 +371,10 @@ class CodelaneServer:
             on_store_state=lambda ok, why: self.readiness.set("event_log", ok, why),
             snapshots=self.snapshots,
         )
-        await self.sessions.recover()
+        try:
+            await self.sessions.recover()
+        except sqlite3.Error as exc:  # reading an interrupted turn's events met a damaged page
+            raise unusable_at_start(store_path, exc) from exc
         self.pool.start()
         self.metrics.registry.register(StateCollector(_ServerState(self)))
         server = grpc.aio.server(

@@ -45,7 +45,15 @@ from session_server.events import (
     TurnFinished,
     TurnStarted,
 )
-from session_server.external import DEFAULT_LEASE, MAX_CLAIM_TASKS, MAX_CLAIM_WAIT, MAX_LEASE, MIN_LEASE, ExternalTasks
+from session_server.external import (
+    DEFAULT_LEASE,
+    MAX_CLAIM_TASKS,
+    MAX_CLAIM_WAIT,
+    MAX_LEASE,
+    MIN_LEASE,
+    WITHDRAWN_AT_STOP,
+    ExternalTasks,
+)
 from session_server.history import Histories, History
 from session_server.limits import (
     MAX_CLIENT_ID_CHARS,
@@ -211,7 +219,10 @@ class SessionManager:
             elif isinstance(payload, ModelResponded):
                 responded[payload.step] = payload
                 for call in payload.tool_calls:
-                    unfinished.setdefault(call.call_id, call.tool_name)
+                    # An early Query call often finished before its response was complete: it
+                    # has its one ToolCallFinished, and its result goes to the history as it was.
+                    if call.call_id not in results:
+                        unfinished.setdefault(call.call_id, call.tool_name)
             elif isinstance(payload, ToolCallStarted):
                 unfinished.setdefault(payload.call.call_id, payload.call.tool_name)
             elif isinstance(payload, ToolCallFinished):
@@ -239,11 +250,7 @@ class SessionManager:
             self._emit(session_id, turn_id, ConfirmationResolved(
                 call_id, "cancelled", "the session server stopped before anyone answered; the call did not run"))
         for task in tasks.values():
-            result = ToolResult.error(
-                ErrorKind.CANCELLED,
-                f"{task.call.tool_name} was withdrawn: the session server stopped before a client completed it; "
-                "the task can no longer be completed",
-            )
+            result = ToolResult.error(ErrorKind.CANCELLED, f"{task.call.tool_name} {WITHDRAWN_AT_STOP}")
             self._emit(session_id, turn_id, ExternalTaskCompleted(
                 task.task_id, task.call.call_id, dataclasses.replace(result, attempt=task.attempt), ""))
         for call_id, tool_name in unfinished.items():
@@ -294,6 +301,7 @@ class SessionManager:
         stream has its TurnFinished), and closes the model providers."""
         if grace > 0 and self._turns:
             await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
+        self.external.interrupting()
         for turn, task in list(self._turns.values()):
             turn.cancel_reason = "interrupted"
             task.cancel()

@@ -195,6 +195,14 @@ _REMEDIES = {
 }
 
 
+def unusable_at_start(path: Path, failure: sqlite3.Error) -> StoreError:
+    """The StoreError of a store file that failed the server's start (opened, or read by the
+    recovery of its interrupted turns): the file, SQLite's words, and what the operator can do."""
+    name = failure.sqlite_errorname or ""
+    remedy = _REMEDIES.get("_".join(name.split("_")[:2]), "")
+    return StoreError(f"{path}: {failure}: {remedy}" if remedy else f"{path}: {failure}")
+
+
 def store_unavailable(failure: BaseException, context: str = "") -> StoreUnavailable:
     """The `StoreUnavailable` that `failure` (a sqlite3.Error, or what a commit raised) means for
     a caller, its message starting with `context` when given."""
@@ -329,6 +337,9 @@ class Store(Reads):
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
+            if (exc.sqlite_errorname or "").startswith("SQLITE_CORRUPT"):
+                # A store cut short (a truncated copy, a failed disk): it is ours, and holds sessions.
+                raise unusable_at_start(path, exc) from exc
             raise StoreError(f"{path} is not a codelane store ({exc}); point the server at another file") from exc
         if version > SCHEMA_VERSION:
             raise StoreError(

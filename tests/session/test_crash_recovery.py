@@ -17,10 +17,20 @@ import grpc
 import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
-from session_server.events import CallInfo, ConfirmationRequired, StoredEvent, TurnStarted
+from session_server.events import (
+    CallInfo,
+    ConfirmationRequired,
+    ModelResponded,
+    StoredEvent,
+    ToolCallFinished,
+    ToolCallStarted,
+    TurnStarted,
+)
+from session_server.llm.base import Usage
 from session_server.store import Store
 from tests.polling import poll_until
 from tests.session.conftest import Client, Processes, call, kind, read_until, scripted
+from tool_worker.tools.base import ToolResult
 
 INTERRUPTED = events_pb2.STOP_REASON_INTERRUPTED
 CANCELLED = tools_pb2.ERROR_KIND_CANCELLED
@@ -225,6 +235,43 @@ async def test_an_early_call_asking_for_confirmation_at_a_crash_still_finishes(
                                          "tool_call_finished", "turn_finished"]
     finished = replay[3].tool_call_finished
     assert finished.call_id == "c_early" and finished.result.error_kind == CANCELLED
+    await _next_turn_runs(server.client, session.session_id)
+
+
+async def test_an_early_call_that_finished_before_its_response_is_not_finished_again(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # An early Query call (run as soon as its arguments streamed) often finishes before its
+    # response's ModelResponded, which names it again; a crash later in the step (here while a bash
+    # runs) then had the restart give the read a second ToolCallFinished, "interrupted", and record
+    # that in the history in place of what the read returned. Left on disk by hand: whether the read
+    # ends before ModelResponded is up to the scheduler.
+    model = scripted(tmp_path, [{"text": "Done."}])
+    data_dir = tmp_path / "data"
+    session = await _created_then_killed(processes, workspace, data_dir, model)
+    early = CallInfo("c_early", "read", '{"file_path": "a.txt"}', "query", 0)
+    slow = CallInfo("c_slow", "bash", '{"command": "sleep 1000"}', "execute", 1)
+    store = Store(data_dir / "codelane.db")
+    store.set_session_state(session.session_id, "running", "t_cut")
+    store.append_events([
+        StoredEvent(session.session_id, 1, 1.0, "t_cut", TurnStarted("go")),
+        StoredEvent(session.session_id, 2, 2.0, "t_cut", ToolCallStarted(early, "query", "local", 1)),
+        StoredEvent(session.session_id, 3, 3.0, "t_cut", ToolCallFinished(
+            "c_early", "read", ToolResult(output="     1\told content"), 0.0, 0.0)),
+        StoredEvent(session.session_id, 4, 4.0, "t_cut", ModelResponded(0, [early, slow], Usage(), "tool_use")),
+        StoredEvent(session.session_id, 5, 5.0, "t_cut", ToolCallStarted(slow, "execute", "local", 1)),
+    ])
+    store.close()
+
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    replay = await _after_restart(server.client, session.session_id, [])
+    finished = [e.tool_call_finished for e in replay if kind(e) == "tool_call_finished"]
+    assert [f.call_id for f in finished] == ["c_early", "c_slow"]
+    assert finished[1].result.error_kind == CANCELLED
+    history = await server.client.history(session.session_id)
+    results = {m.tool_call_id: m.tool_result for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL}
+    assert not results["c_early"].is_error and "old content" in results["c_early"].output
+    assert results["c_slow"].error_kind == CANCELLED
     await _next_turn_runs(server.client, session.session_id)
 
 

@@ -333,6 +333,28 @@ async def test_deleting_the_session_withdraws_tasks_and_ends_claims(
     assert error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
 
 
+async def test_a_stopping_server_withdraws_its_tasks_without_blaming_a_cancel(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # Nobody cancelled the turn nor deleted the session: the server stopped (SIGTERM, the grace
+    # over). The withdrawal said "cancelled with its turn (CancelTurn, or the session was deleted)".
+    server: InProcess = await make_server()
+    client = server.client
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "c_bash", command="echo")]}, {"text": "."}])
+    session = await client.create(workspace, model, queue=_queue(execute=EXTERNAL))
+    stream = client.send_stream(session.session_id, "go")
+    seen: list[Any] = []
+    await read_until(stream, lambda r: kind(r.event) == "external_task_pending", seen)
+
+    await asyncio.wait_for(server.server.stop(grace=0), 15)
+    events = [r.event for r in seen + await read_rest(stream)]
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+    [completed] = _of_kind(events, "external_task_completed")
+    result = completed.external_task_completed.result
+    assert result.error_kind == tools_pb2.ERROR_KIND_CANCELLED
+    assert "server stopped" in result.output and "CancelTurn" not in result.output, result.output
+
+
 async def test_hybrid_runs_internally_and_announces(make_server, workspace: Path, tmp_path: Path) -> None:
     server: InProcess = await make_server()
     client = server.client
