@@ -195,6 +195,23 @@ _REMEDIES = {
 }
 
 
+def _refuse_emptied(path: Path) -> None:
+    """An empty store file beside a write-ahead log that holds data was cut short (a truncation, a
+    failed copy): SQLite, opening it, would discard the log, and every session in it, and the
+    server would start as a new store without a word. Nothing is opened or changed."""
+    wal = Path(f"{path}-wal")
+    try:
+        emptied = path.stat().st_size == 0 and wal.stat().st_size > 0
+    except FileNotFoundError:
+        return
+    if emptied:
+        raise StoreError(
+            f"{path} is empty, but its write-ahead log {wal} holds {wal.stat().st_size:,} bytes: the store "
+            "was cut short, and opening it would discard the log. Restore the store from a backup (the log "
+            "is left as it is), or move both files away to start a new, empty store"
+        )
+
+
 def unusable_at_start(path: Path, failure: sqlite3.Error) -> StoreError:
     """The StoreError of a store file that failed the server's start (opened, or read by the
     recovery of its interrupted turns): the file, SQLite's words, and what the operator can do."""
@@ -322,6 +339,7 @@ class Store(Reads):
                  reader_threads: int = READER_THREADS) -> None:
         """`checkpoint_delay` None leaves checkpoints to SQLite, in the commits (the benchmark's
         comparison)."""
+        _refuse_emptied(path)
         # Autocommit mode: transactions are opened explicitly by `_transaction`, so each one is
         # visible in the code and nothing is left open between calls.
         self._db = sqlite3.connect(path, isolation_level=None)

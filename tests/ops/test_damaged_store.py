@@ -57,3 +57,28 @@ async def test_a_damaged_store_is_refused_in_one_line_naming_the_file(
     assert f"codelane server: {store}: database disk image is malformed: its file is damaged" in why
     assert "restore it from a backup" in why
     assert "not a codelane store" not in why and "Traceback" not in why
+
+
+async def test_an_emptied_store_whose_log_holds_data_is_refused_and_the_log_kept(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # SQLite, opening a 0-byte database, discards its write-ahead log: the server started as a
+    # new store and every session was gone, without a word.
+    data_dir = tmp_path / "data"
+    model = scripted(tmp_path, [{"text": "Done."}])
+    server = await processes.start_server(data_dir, model=model, local_workers=0)
+    session = await server.client.create(workspace)
+    await server.client.send(session.session_id, "go")
+    server.proc.kill()  # leaves its WAL
+    await asyncio.to_thread(server.proc.wait, 30)
+    store, wal = data_dir / "codelane.db", data_dir / "codelane.db-wal"
+    assert wal.stat().st_size > 0
+    store.write_bytes(b"")  # a truncation, a failed copy
+    logged = wal.read_bytes()
+
+    with pytest.raises(AssertionError) as refused:
+        await processes.start_server(data_dir, model=model, local_workers=0)
+    why = str(refused.value)
+    assert "server exited with 1" in why and "Traceback" not in why
+    assert f"{store} is empty, but its write-ahead log {wal} holds" in why and "Restore the store from a backup" in why
+    assert wal.read_bytes() == logged and store.stat().st_size == 0  # nothing discarded
