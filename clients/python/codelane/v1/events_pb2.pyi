@@ -94,7 +94,9 @@ Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 class Event(_message.Message):
     """One event of a session. Events are stored before they are sent; `sequence` is strictly
     increasing within a session (1, 2, 3, ...), so a client that saw sequence N resumes with
-    WatchEvents(after_sequence = N) and misses nothing.
+    WatchEvents(after_sequence = N) and misses nothing. (Stored survives a crash of the server's
+    process; a power failure or OS crash may take back the last few tens of milliseconds of events,
+    whose sequences then go to later events: docs/deploy.md, "Durability".)
     """
 
     DESCRIPTOR: _descriptor.Descriptor
