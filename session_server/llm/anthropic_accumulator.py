@@ -106,7 +106,9 @@ class AnthropicAccumulator:
 
     def finish(self) -> tuple[list[ToolCallReady], ModelResponse]:
         """End of stream: tool blocks never stopped (a server bug) and the response."""
-        if not self._stopped and (self._open or not self._calls):
+        # Cut after its message_delta (the stop reason, once every block is done), a response is
+        # whole but for message_stop; so is one whose tool calls all stopped.
+        if not self._stopped and (self._open or not (self._calls or self._stop_reason)):
             raise ModelError(
                 "STREAM_ERROR",
                 "Anthropic stream ended early (no message_stop) with an incomplete response; try again",

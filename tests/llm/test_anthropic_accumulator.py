@@ -121,6 +121,21 @@ def test_cut_stream_with_finished_tool_calls_is_accepted() -> None:
     assert accumulator.finish()[1].tool_calls == [ModelToolCall("t1", "ls", "{}")]
 
 
+def test_cut_stream_after_its_stop_reason_is_accepted() -> None:
+    # message_delta carries the stop reason once every block is done; only message_stop is
+    # missing (OpenAI's stream, cut after its finish_reason, was accepted already).
+    accumulator = AnthropicAccumulator()
+    feed_all(accumulator, [
+        START,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "All done."}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}},
+    ])
+    _, response = accumulator.finish()
+    assert (response.text, response.tool_calls, response.stop_reason) == ("All done.", [], "end_turn")
+
+
 @pytest.mark.parametrize(
     "events",
     [
