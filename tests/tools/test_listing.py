@@ -92,6 +92,17 @@ async def test_ls(call: Any, workspace: Path) -> None:
     assert ignored.output == "util.py"
 
 
+
+async def test_ls_ignore_patterns_written_as_ls_shows_directories_or_as_gitignore_does(
+    call: Any, workspace: Path
+) -> None:
+    # `build/` (as ls shows it) and `**/build` (as gitignore writes it) matched no name.
+    (workspace / "src" / "build.txt").write_text("a file\n")
+    for ignore in (["build/"], ["**/build"], ["build"]):
+        assert "build/" not in (await call("ls", ignore=ignore)).output.splitlines(), ignore
+    assert (await call("ls", path="src", ignore=["build*/"])).output.splitlines() == ["pkg/", "app.py", "build.txt"]
+
+
 async def test_ls_limit_and_errors(call: Any, workspace: Path) -> None:
     big = workspace / "big"
     big.mkdir()

@@ -21,13 +21,15 @@ MAX_ENTRIES = 1000
 def _list(ctx: ToolContext, directory: Path, shown: str, ignore: list[str], stop: threading.Event) -> ToolResult:
     # Entries are checked against the policy by their path relative to the workspace root.
     base = relative_to_root(ctx.root, str(directory)) or "."
+    patterns = [_name_pattern(pattern) for pattern in ignore]
     hidden = 0
     try:
         with os.scandir(directory) as scan:
             entries = []
             for entry in scan:
                 check_stop(stop)
-                if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in ignore):
+                if any(fnmatch.fnmatchcase(entry.name, pattern) and (not directories_only or entry.is_dir())
+                       for pattern, directories_only in patterns):
                     continue
                 if ctx.hides(posixpath.join(base, entry.name)):
                     hidden += 1
@@ -52,6 +54,17 @@ def _list(ctx: ToolContext, directory: Path, shown: str, ignore: list[str], stop
     if truncated:
         lines.append(f"[showing {MAX_ENTRIES} of {len(listing)} entries; use glob or ignore patterns to narrow it]")
     return ToolResult(output="\n".join(lines + notice), truncated=truncated, metadata={"entries": len(listing)})
+
+
+def _name_pattern(pattern: str) -> tuple[str, bool]:
+    """A pattern as the names of one directory are matched with it, and whether it matches
+    directories only. Written as ls shows a directory (`node_modules/`) or as gitignore does
+    (`**/node_modules`), it matched no name, and left nothing out."""
+    directories_only = pattern.endswith("/")
+    pattern = pattern.rstrip("/")
+    while pattern.startswith("**/"):
+        pattern = pattern[3:]
+    return pattern, directories_only
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
@@ -80,7 +93,10 @@ TOOL = Tool(
                 "ignore": {
                     "type": "array",
                     "items": {"type": "string"},
-                    "description": "Glob patterns of entry names to leave out, such as `*.pyc` or `node_modules`.",
+                    "description": (
+                        "Glob patterns of entry names to leave out, such as `*.pyc` or `node_modules`; "
+                        "one ending with `/` leaves out directories only."
+                    ),
                 },
             },
             "additionalProperties": False,
