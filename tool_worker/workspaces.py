@@ -135,8 +135,11 @@ class Placement:
     def arguments(self, arguments_json: str) -> str:
         """Absolute paths under the server's workspace, in path arguments, point to the copy
         (worker.proto, Assign.workspace: the rule a foreign worker follows too)."""
-        # Without a backslash the text's strings are its decoded strings: no W in it, none to map.
-        if not self.mapped or ("\\" not in arguments_json and self.workspace not in arguments_json):
+        # Without a backslash the text's strings are its decoded strings: no W and no `..` in it,
+        # none to map.
+        if not self.mapped or (
+            "\\" not in arguments_json and self.workspace not in arguments_json and ".." not in arguments_json
+        ):
             return arguments_json
         try:
             arguments = json.loads(arguments_json)
@@ -157,6 +160,8 @@ class Placement:
             base = self.workspace.rstrip("/")  # "" when the workspace is "/"
             if value.startswith(base + "/"):
                 return self.path + value[len(base):]
+            if value.startswith(".."):
+                return _reentered(self.workspace, value)
         return value
 
     def result(self, result: ToolResult) -> ToolResult:
@@ -788,6 +793,28 @@ class WorkspaceManager:
 
 
 _RETIRED = ".evicted-"
+
+
+def _reentered(workspace: str, relative: str) -> str:
+    """`relative` without the climb out of `workspace` and back into it by its own names
+    (`../ws/src/a.py` for `/srv/ws` is `src/a.py`), or as it is when it does not come back. On
+    the server it reads the same either way; on a copy, whose directory has another name, the
+    climb led out of it (worker.proto, Assign.workspace)."""
+    names = [name for name in workspace.split("/") if name]
+    parts = relative.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    depth = max(0, len(names) - ups)  # above the root is the root
+    rest = parts[ups:]
+    while depth < len(names):
+        while rest and rest[0] in ("", "."):
+            rest = rest[1:]
+        if not rest or rest[0] != names[depth]:
+            return relative
+        rest = rest[1:]
+        depth += 1
+    return "/".join(rest) or "."
 
 
 def _retire(tree: _Tree) -> str | None:

@@ -129,6 +129,12 @@ def test_path_mapping_follows_worker_proto_to_the_byte() -> None:
     assert json.loads(root.arguments('{"path": "/etc/x", "paths": ["/"]}')) == {"path": f"{copy}/etc/x",
                                                                                 "paths": [copy]}
     assert root.result(ToolResult(f"{copy}/etc/x and {copy}")).output == "/etc/x and /"
+    # A relative path that climbs out of W and back in by W's names loses the detour: on the
+    # copy, whose name differs, it led out of it (PATH_ESCAPE where the server read the file).
+    detours = '{"file_path": "../ws/src/a.py", "path": "../../srv/ws", "paths": ["../other/a", "../wsx", ".."]}'
+    assert json.loads(placement.arguments(detours)) == {
+        "file_path": "src/a.py", "path": ".", "paths": ["../other/a", "../wsx", ".."]}
+    assert json.loads(root.arguments('{"path": "../../etc/x"}')) == {"path": "etc/x"}  # `..` of `/` is `/`
     # Back: every string of the metadata, names included, whatever its characters (a cache
     # under a home directory named with an accent was not mapped back).
     home = Placement("/srv/ws", "/home/jos\u00e9/.cache/t-0")

@@ -404,7 +404,11 @@ class Assign(_message.Message):
       an array that is, arrays nested at any depth, is rewritten when it equals W (it becomes C)
       or begins with W followed by `/` (that W becomes C; for W `/`, C is put before the whole
       string). Strings are compared decoded (JSON escapes such as `\\/` and `\\u00e9` read
-      first). Left as they are: other members, objects inside a path member, relative paths,
+      first). A relative path that starts with `..` components and comes back into W by W's
+      own names loses that detour (W `/srv/ws`: `../ws/src/a.py` becomes `src/a.py`,
+      `../../srv/ws` becomes `.`; `..` above `/` stays at `/`; `.` and empty components are
+      skipped on the way back in): on C, whose name differs, the detour would lead out of it.
+      Left as they are: other members, objects inside a path member, other relative paths,
       strings that merely begin with W's characters (W `/ws`: `/ws2/a` is not under it). The
       tool gets the object serialized anew, or the original text when nothing was rewritten.
     - In the result. In output, and in every string of metadata_json (member names included),
