@@ -23,6 +23,25 @@ def test_tokenize_splits_identifiers() -> None:
     ]
 
 
+def test_tokenize_keeps_words_of_other_scripts() -> None:
+    # Only ASCII letters made words: "日本語" or "Ärger" alone was "a query without words".
+    assert search.tokenize("Ärger café naïveFiles x2") == ["ärger", "café", "naïvefile", "x", "2"]
+    # Scripts without spaces between words: overlapping pairs, so a word matches inside a run.
+    assert search.tokenize("日本語のテキスト 語") == ["日本", "本語", "語の", "のテ", "テキ", "キス", "スト", "語"]
+    assert search.tokenize("한국어abc") == ["한국", "국어", "abc"]
+
+
+async def test_finds_text_in_other_scripts(call: Any, workspace: Path) -> None:
+    (workspace / "docs").mkdir()
+    (workspace / "docs" / "ja.md").write_text("# 設定\n\n日本語のテキストを読み込む設定ファイル。\n")
+    (workspace / "docs" / "fr.md").write_text("Le café est prêt.\n")
+    japanese = await call("search", query="テキスト", path="docs")
+    assert not japanese.is_error and japanese.output.startswith("1. docs/ja.md (score "), japanese.output
+    assert "      3: 日本語のテキストを読み込む設定ファイル。" in japanese.output
+    french = await call("search", query="Café", path="docs")
+    assert french.output.startswith("1. docs/fr.md (score ") and "fr.md" in french.output
+
+
 async def test_ranks_relevant_files_with_snippets(call: Any, workspace: Path) -> None:
     (workspace / "src" / "retry.py").write_text(
         "import time\n\n\ndef compute_backoff(attempt):\n    # retry backoff doubles\n"

@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger("codelane.semantic")
 
 # Bump when chunking or the stored layout changes: a new file is started, the old one left alone.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Content no workspace has any more is kept this long, so that an undo or a branch switch back
 # finds its vectors, then deleted.
 RELEASED_RETENTION_NS = 7 * 24 * 3600 * 10**9

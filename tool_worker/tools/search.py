@@ -40,6 +40,12 @@ K1 = 1.2
 B = 0.75
 
 _WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+# Words of text that is not all ASCII: runs of letters (any script), runs of digits.
+_UNICODE_WORD = re.compile(r"[^\W\d_]+|\d+")
+# Scripts written without spaces between words (kana, CJK ideographs, hangul): their runs are
+# indexed as overlapping pairs of characters, so that a word matches inside a longer run.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_CJK_OR_OTHER = re.compile(f"([{_CJK}]+)|[^{_CJK}]+")
 _STOPWORDS = frozenset(
     "a an and are as at be by do does for from how in is it of on or that the this to what when "
     "where which who why with".split()
@@ -48,9 +54,26 @@ _STOPWORDS = frozenset(
 
 def tokenize(text: str) -> list[str]:
     """Words of `text`: identifiers split at case changes, underscores and digits; lowercased;
-    a plural `s` dropped, so `files` matches `file`."""
+    a plural `s` dropped, so `files` matches `file`. A word with letters beyond ASCII (`café`) is
+    one word, lowercased; a run of kana, CJK ideographs or hangul gives its overlapping pairs of
+    characters (`日本語` gives `日本`, `本語`; one character alone is itself). Without these, a
+    query in another script had no word at all."""
+    if text.isascii():
+        found = _WORD.findall(text)
+    else:
+        found = []
+        for word in _UNICODE_WORD.findall(text):
+            if word.isascii():
+                found += _WORD.findall(word)
+                continue
+            for part in _CJK_OR_OTHER.finditer(word):
+                run = part.group()
+                if part.group(1) is None:
+                    found.append(run)
+                else:
+                    found += [run[i : i + 2] for i in range(max(1, len(run) - 1))]
     words = []
-    for word in _WORD.findall(text):
+    for word in found:
         word = word.lower()
         if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
             word = word[:-1]
@@ -203,7 +226,8 @@ TOOL = Tool(
             'Find the files most relevant to a query of keywords or plain words ("where is the '
             'retry backoff computed", "parse config yaml"), ranked by BM25 over the workspace\'s '
             "text files; identifiers are split into words, so `loadConfig` and `load_config` both "
-            'match "load config". Each result shows its best matching lines with line numbers. '
+            'match "load config"; words of any script count (Chinese, Japanese and Korean by pairs of '
+            "characters). Each result shows its best matching lines with line numbers. "
             "Use it to find where something lives when you do not know the exact name; use grep "
             f"for an exact pattern. Returns the best {DEFAULT_RESULTS} files by default (limit, up "
             f"to {MAX_RESULTS}). Files ignored by .gitignore, hidden, binary or over "
