@@ -65,6 +65,17 @@ async def test_content_of_one_binary_file_says_it_matches(call: Any, workspace: 
     assert result.output.startswith("data.bin: binary file matches") and "not shown" in result.output
 
 
+async def test_a_crlf_line_ends_where_read_shows_it_end(call: Any, workspace: Path) -> None:
+    # `$` did not match before a line's \r, and content lines kept it: the model, which read
+    # shows such lines without it, found no `foo;$` and got lines ending in a stray \r.
+    (workspace / "win.txt").write_bytes(b"foo;\r\nbar\r\nfoo; x\r\n")
+    assert (await call("grep", pattern="foo;$", path="win.txt")).output == "win.txt"
+    result = await call("grep", pattern="foo;$", path="win.txt", output_mode="content", **{"-A": 1})
+    assert result.output.splitlines() == ["win.txt:1:foo;", "win.txt-2-bar"]
+    count = await call("grep", pattern="^(foo|bar);?$", path="win.txt", output_mode="count")
+    assert count.output == "win.txt:2"
+
+
 async def test_multiline(call: Any) -> None:
     result = await call("grep", pattern=r"def load_config.*\n.*return", multiline=True, output_mode="content")
     assert result.output.splitlines() == ["src/app.py:1:def load_config(path):", "src/app.py:2:    return path"]

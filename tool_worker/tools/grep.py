@@ -45,7 +45,9 @@ _MODE_ARGS = {
 def rg_arguments(args: dict[str, Any]) -> list[str]:
     """The rg flags for a grep call, without the path (the benchmark runs rg with these too)."""
     mode = args.get("output_mode", "files_with_matches")
-    flags = list(_MODE_ARGS[mode])
+    # `$` matches at the end of a CRLF line too (before its \r), as the model, which read shows
+    # such lines without their \r, expects.
+    flags = [*_MODE_ARGS[mode], "--crlf"]
     if args.get("-i"):
         flags.append("--ignore-case")
     if args.get("multiline"):
@@ -83,14 +85,14 @@ def _count_entries(out: RgOutput, prefix: str, hides: Hides) -> tuple[list[str],
 
 
 def _count_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(name, count) of `rg --count --null` output: `name NUL count LF` each.
+    """(name, count) of `rg --count --null --crlf` output: `name NUL count CR LF` each.
 
     Read field by field rather than split at LF: a file's name may hold LF (never NUL), and a
     split would give its count, or a policy's verdict, to a made-up name. A record cut short
     (rg's output capped) is left out."""
     start = 0
     while (name_end := data.find(b"\0", start)) != -1 and (end := data.find(b"\n", name_end)) != -1:
-        yield data[start:name_end], data[name_end + 1 : end]
+        yield data[start:name_end], data[name_end + 1 : end].removesuffix(b"\r")
         start = end + 1
 
 
@@ -133,7 +135,8 @@ def _lines(data: bytes, start: int, end: int, first: int, stop: int) -> Iterator
         line_end = data.find(b"\n", start, end)
         if line_end == -1:
             line_end = end
-        yield data[start:line_end]
+        # A CRLF line is shown without its \r, as read shows it.
+        yield data[start : line_end - 1 if line_end > start and data[line_end - 1] == 13 else line_end]
         start = line_end + 1
 
 
