@@ -615,6 +615,16 @@ class SessionManager:
         cursor = after_sequence
         subscription = None
         try:
+            # What was stored when the call came is read in reader threads: clients resuming
+            # together after a restart, each replaying on the loop, would stall every session.
+            while cursor < last:
+                page = await self._catch_up_page(session_id, cursor)
+                if not page.events:
+                    break  # deleted meanwhile: said below
+                cursor = page.events[-1].sequence
+                yield page.events
+            # The end, on the loop (mostly nothing by now): read in the same step as the
+            # subscription that follows it.
             while True:
                 page = self._event_page(session_id, cursor)
                 cursor = page.events[-1].sequence if page.events else cursor
@@ -643,14 +653,14 @@ class SessionManager:
     # -- internals -----------------------------------------------------------------------------
 
     def _event_page(self, session_id: str, after: int) -> EventPage:
-        """A page of stored events for a WatchEvents replay, read on the loop: in the same step
-        as the subscription that follows the last one (see `watch`)."""
+        """A page of stored events at the end of a WatchEvents replay, read on the loop: in the
+        same step as the subscription that follows the last one (see `watch`)."""
         return self._observed(self.store.event_page(session_id, after))
 
     async def _catch_up_page(self, session_id: str, after: int) -> EventPage:
-        """A page of stored events for a subscriber catching up, read in a reader thread: hundreds
-        of idle followers of one busy session, each reading its page on the loop, stalled it for
-        up to 2 s."""
+        """A page of stored events for a subscriber catching up, or a replay, read in a reader
+        thread: hundreds of idle followers of one busy session, each reading its page on the loop,
+        stalled it for up to 2 s."""
         return self._observed(await self.store.read(lambda reads: reads.event_page(session_id, after)))
 
     def _observed(self, page: EventPage) -> EventPage:

@@ -22,7 +22,7 @@ import session_server.store as store_module
 from session_server.events import StoredEvent, TextDelta
 from session_server.history import Histories
 from session_server.pool import WorkerPool
-from session_server.sessions import SessionManager
+from session_server.sessions import CaughtUp, SessionManager
 from session_server.stats import LaneStats
 from session_server.store import Reads, SessionRecord, Store, StoredMessage
 from tool_worker.registry import ToolRegistry
@@ -328,6 +328,31 @@ async def test_events_published_while_a_page_is_read_arrive_once_and_in_order(
     _publish(manager, 1)  # and it goes on live
     assert await _sequences(batches, 1) == [6 + published]
     await batches.aclose()
+
+
+async def test_the_loop_serves_the_others_while_a_replay_reads_its_pages(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Clients resuming together after a restart each replayed their sessions on the loop.
+    manager = _manager(store, buffer=2)
+    _publish(manager, 5)
+    gate = gate_conversions(monkeypatch, "payload_from_json")
+    watch = manager.watch("s1", 0, follow=True)
+    replaying = asyncio.create_task(anext(watch))
+    await asyncio.wait_for(gate.holding.wait(), BOUND)
+    await handshake()
+    _publish(manager, 2)  # while the page is read: after the replay's pages, once each
+    gate.release()
+    await asyncio.wait_for(gate.passed.wait(), BOUND)
+    assert gate.released_by_the_test, "the page was read on the loop's thread: the loop waited for it"
+    items = [await replaying]
+    while not isinstance(items[-1], CaughtUp):
+        items.append(await asyncio.wait_for(anext(watch), BOUND))
+    replayed = [event.sequence for batch in items[:-1] for event in batch]
+    assert replayed == [1, 2, 3, 4, 5, 6, 7] and items[-1].last_sequence == 7
+    _publish(manager, 1)  # then live
+    assert [event.sequence for event in await asyncio.wait_for(anext(watch), BOUND)] == [8]
+    await watch.aclose()
 
 
 async def test_a_page_the_store_fails_to_read_ends_the_subscription_with_its_error(
