@@ -130,6 +130,17 @@ def test_show_prints_what_a_session_holds_without_its_escape_sequences(make_serv
     assert as_json[0]["workspace"] == str(workspace) and as_json[2]["text"] == HOSTILE
 
 
+def test_tables_show_their_cells_as_they_are(make_server, tmp_path: Path) -> None:
+    # A workspace's name reached the terminal with its escape sequences, and `[red]` in it was
+    # read as a style and dropped: the table named another directory.
+    server, session_id, _ = _hostile_session(make_server, tmp_path)
+    out = cli("sessions", "--server", server.address)
+    assert out.returncode == 0, out.stderr
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out.stdout), out.stdout
+    [row] = out.stdout.splitlines()[1:]
+    assert row.startswith(f"{session_id}  {tmp_path}/ws\\x1b]0;pwned\\x07 [red]kept  "), row
+
+
 def test_health_and_version(make_server) -> None:
     server = make_server(token="sekrit")
     health = cli("health", "--server", server.address)
