@@ -249,3 +249,17 @@ def test_run_in_a_busy_session_names_the_commands_that_wait_or_cancel(make_serve
                           f"wait for it to end (follow it with `codelane watch --server {server.address} "
                           f"{session.id}`) or cancel it with `codelane cancel --server {server.address} "
                           f"{session.id}`\n")
+
+
+def test_chat_off_a_terminal_prints_only_the_turns(server: ThreadedServer, workspace: Path) -> None:
+    # Lines read from a pipe or a file need no prompt: `you> ` went to stdout, before each turn's
+    # first line and as a last line of its own.
+    out = subprocess.run(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        input="fix it\n", capture_output=True, text=True, timeout=CLI_TIMEOUT, env=cli_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "turn started: 'fix it'" in lines[0] and "turn finished: end_turn" in lines[-1]
+    assert all(line.startswith(("[", " ")) for line in lines), out.stdout

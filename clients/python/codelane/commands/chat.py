@@ -52,10 +52,12 @@ def _read(prompt: str) -> str | None:
     try:
         return input(prompt)
     except EOFError:
-        print()
+        if prompt:
+            print()  # ends the prompt's line
         return None
     except KeyboardInterrupt:
-        print()
+        if prompt:
+            print()
         return ""
 
 
@@ -95,8 +97,11 @@ def _talk(runner: asyncio.Runner, session: Session, args: argparse.Namespace) ->
     info = session.info
     print(f"{PROG}: session {session.id} on {info.workspace} ({info.model or 'the default model'}); "
           "Ctrl-C cancels a turn, Ctrl-D leaves", file=sys.stderr)
+    # input() writes its prompt to stdout: lines read from a pipe or a file get none, so that
+    # stdout holds only the turns.
+    prompt = PROMPT if sys.stdin.isatty() else ""
     while True:
-        line = _read(PROMPT)
+        line = _read(prompt)
         if line is None or line.strip() in LEAVE:
             break
         if not line.strip():
