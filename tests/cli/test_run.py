@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import subprocess
@@ -263,3 +264,29 @@ def test_chat_off_a_terminal_prints_only_the_turns(server: ThreadedServer, works
     lines = out.stdout.splitlines()
     assert "turn started: 'fix it'" in lines[0] and "turn finished: end_turn" in lines[-1]
     assert all(line.startswith(("[", " ")) for line in lines), out.stdout
+
+
+def test_chat_whose_reader_leaves_stops_quietly(server: ThreadedServer, workspace: Path) -> None:
+    # `codelane chat < questions | head -1`: the next line written raised BrokenPipeError, a traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write("fix it\n")
+        proc.stdin.flush()
+        assert "turn started" in proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves: what chat writes from now on has nowhere to go
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write("and again\n")  # a second turn, written after the reader left
+            proc.stdin.close()
+        err = proc.stderr.read()
+        proc.wait(CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 1

@@ -25,6 +25,7 @@ from codelane.commands.common import (
     connect,
     error_line,
     parse,
+    quiet_broken_pipe,
 )
 from codelane.commands.conversation import TurnConsole, add_session_options, check_session_options, open_session
 from codelane.render import EventView
@@ -81,6 +82,8 @@ def main(argv: list[str]) -> int:
             return EXIT_ERROR
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            return quiet_broken_pipe()
         finally:
             if client is not None:
                 with contextlib.suppress(KeyboardInterrupt):
