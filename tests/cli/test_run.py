@@ -290,3 +290,36 @@ def test_chat_whose_reader_leaves_stops_quietly(server: ThreadedServer, workspac
             proc.wait(10)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 1
+
+
+def test_chat_into_a_pipe_prompts_on_stderr(server: ThreadedServer, workspace: Path) -> None:
+    # `codelane chat | tee transcript`: input() wrote `you> ` to stdout, into the transcript.
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        os.write(master, b"fix it\n")
+        assert proc.stdout is not None
+        lines = []  # read line by line: each readline waits for the next line (pytest-timeout bounds it)
+        while not lines or "turn finished" not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, f"codelane chat ended early: {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+        os.write(master, b"\x04")  # Ctrl-D: leave
+        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    assert proc.returncode == 0, err
+    assert "turn started: 'fix it'" in lines[0] and rest == ""
+    assert all(line.startswith(("[", " ")) for line in lines), lines
+    assert err.count("you> ") == 2  # before the line typed, then before the Ctrl-D

@@ -49,16 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read(prompt: str) -> str | None:
-    """The next line typed; None at the end of input (Ctrl-D). Ctrl-C gives an empty line."""
+    """The next line typed; None at the end of input (Ctrl-D). Ctrl-C gives an empty line. The
+    prompt goes to stdout when it is the terminal, else to stderr: stdout then holds only the
+    turns (`| tee transcript`)."""
+    out = sys.stdout if sys.stdout.isatty() else sys.stderr
     try:
-        return input(prompt)
+        if out is sys.stdout:
+            return input(prompt)  # readline's line editing redraws its own prompt
+        out.write(prompt)
+        out.flush()
+        return input()
     except EOFError:
         if prompt:
-            print()  # ends the prompt's line
+            print(file=out)  # ends the prompt's line
         return None
     except KeyboardInterrupt:
         if prompt:
-            print()
+            print(file=out)
         return ""
 
 
