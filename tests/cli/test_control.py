@@ -96,6 +96,51 @@ def test_show_folds_tool_results_and_delete_removes_sessions(server: ThreadedSer
     assert cli("show", "--server", server.address, session_id).returncode == 1
 
 
+HOSTILE = "title\x1b]0;pwned\x07 red\x1b[31m [bold]kept[/bold] c1\x9b2J cr\rover"
+SHOWN = "title\\x1b]0;pwned\\x07 red\\x1b[31m [bold]kept[/bold] c1\\x9b2J cr\\rover"
+
+
+def _hostile_session(make_server, tmp_path: Path) -> tuple[ThreadedServer, str, Path]:
+    """A session whose workspace's name, model text and read file hold escape sequences and markup."""
+    workspace = tmp_path / "ws\x1b]0;pwned\x07 [red]kept"
+    workspace.mkdir()
+    (workspace / "f.txt").write_text(HOSTILE + "\n", encoding="utf-8")
+    script = write_script(tmp_path / "hostile.json", [
+        {"text": HOSTILE, "tool_calls": [{"name": "read", "id": "c1", "arguments": {"file_path": "f.txt"}}]},
+        {"text": "Done."},
+    ])
+    server = make_server(model=script)
+    with Client(server.address, timeout=10) as client:
+        session = client.create_session(workspace)
+        list(session.send("go"))
+    return server, session.id, workspace
+
+
+def test_show_prints_what_a_session_holds_without_its_escape_sequences(make_server, tmp_path: Path) -> None:
+    # A model's text, a file a tool read and a workspace's name reached the terminal raw: the
+    # terminal obeyed their escape sequences (its title set, colours, the screen cleared).
+    server, session_id, workspace = _hostile_session(make_server, tmp_path)
+    for full in ([], ["--full"]):
+        out = cli("show", "--server", server.address, *full, session_id)
+        assert out.returncode == 0, out.stderr
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out.stdout), out.stdout
+        assert SHOWN in out.stdout and "ws\\x1b]0;pwned\\x07 [red]kept" in out.stdout, out.stdout
+    # --json is exact: JSON escapes them itself.
+    as_json = json_lines(cli("show", "--server", server.address, "--json", session_id).stdout)
+    assert as_json[0]["workspace"] == str(workspace) and as_json[2]["text"] == HOSTILE
+
+
+def test_tables_show_their_cells_as_they_are(make_server, tmp_path: Path) -> None:
+    # A workspace's name reached the terminal with its escape sequences, and `[red]` in it was
+    # read as a style and dropped: the table named another directory.
+    server, session_id, _ = _hostile_session(make_server, tmp_path)
+    out = cli("sessions", "--server", server.address)
+    assert out.returncode == 0, out.stderr
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out.stdout), out.stdout
+    [row] = out.stdout.splitlines()[1:]
+    assert row.startswith(f"{session_id}  {tmp_path}/ws\\x1b]0;pwned\\x07 [red]kept  "), row
+
+
 def test_health_and_version(make_server) -> None:
     server = make_server(token="sekrit")
     health = cli("health", "--server", server.address)

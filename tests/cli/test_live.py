@@ -342,3 +342,13 @@ def test_what_a_session_sends_reaches_the_terminal_without_its_escape_sequences(
         assert SHOWN in printed
     # The events themselves are untouched: a program (or --json) gets the exact text.
     assert events[1].text == HOSTILE
+
+
+def test_the_table_shows_a_tool_name_as_the_model_wrote_it() -> None:
+    # A model may name a tool that does not exist: `[red]grep` was read as rich markup and shown as
+    # `grep`, a call the model did not make.
+    view, _, _, _ = make()
+    view.show(ev.TurnStarted(**_base(1), user_text="go"))
+    view.show(_started(2, "c1", "[red]grep", worker="w[1]"))
+    lines = [line.split() for line in live_area(view).splitlines()]
+    assert ["[red]grep", "query", "w[1]", "running", "1", "0", "ms", '{"path":', '"."}'] in lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import subprocess
@@ -249,3 +250,76 @@ def test_run_in_a_busy_session_names_the_commands_that_wait_or_cancel(make_serve
                           f"wait for it to end (follow it with `codelane watch --server {server.address} "
                           f"{session.id}`) or cancel it with `codelane cancel --server {server.address} "
                           f"{session.id}`\n")
+
+
+def test_chat_off_a_terminal_prints_only_the_turns(server: ThreadedServer, workspace: Path) -> None:
+    # Lines read from a pipe or a file need no prompt: `you> ` went to stdout, before each turn's
+    # first line and as a last line of its own.
+    out = subprocess.run(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        input="fix it\n", capture_output=True, text=True, timeout=CLI_TIMEOUT, env=cli_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "turn started: 'fix it'" in lines[0] and "turn finished: end_turn" in lines[-1]
+    assert all(line.startswith(("[", " ")) for line in lines), out.stdout
+
+
+def test_chat_whose_reader_leaves_stops_quietly(server: ThreadedServer, workspace: Path) -> None:
+    # `codelane chat < questions | head -1`: the next line written raised BrokenPipeError, a traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write("fix it\n")
+        proc.stdin.flush()
+        assert "turn started" in proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves: what chat writes from now on has nowhere to go
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write("and again\n")  # a second turn, written after the reader left
+            proc.stdin.close()
+        err = proc.stderr.read()
+        proc.wait(CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 1
+
+
+def test_chat_into_a_pipe_prompts_on_stderr(server: ThreadedServer, workspace: Path) -> None:
+    # `codelane chat | tee transcript`: input() wrote `you> ` to stdout, into the transcript.
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
+         "--plain"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        os.write(master, b"fix it\n")
+        assert proc.stdout is not None
+        lines = []  # read line by line: each readline waits for the next line (pytest-timeout bounds it)
+        while not lines or "turn finished" not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, f"codelane chat ended early: {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+        os.write(master, b"\x04")  # Ctrl-D: leave
+        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    assert proc.returncode == 0, err
+    assert "turn started: 'fix it'" in lines[0] and rest == ""
+    assert all(line.startswith(("[", " ")) for line in lines), lines
+    assert err.count("you> ") == 2  # before the line typed, then before the Ctrl-D

@@ -201,8 +201,10 @@ class LiveRenderer:
                 else:
                     duration = ""
                 attempt = str(row.attempt) + (" ↻" if row.retried else "")
-                table.add_row(row.tool, row.lane, row.worker, Text(row.status, style=STATUS_STYLES.get(row.status, "")),
-                              attempt, duration, Text(row.arguments, style="dim"))
+                # Text, not str: a tool's name is the model's, not rich's markup (`[red]grep`).
+                table.add_row(Text(row.tool), Text(row.lane), Text(row.worker),
+                              Text(row.status, style=STATUS_STYLES.get(row.status, "")), attempt, duration,
+                              Text(row.arguments, style="dim"))
             return table
 
     def _print(self, renderable: RenderableType) -> None:

@@ -25,6 +25,7 @@ from codelane.commands.common import (
     connect,
     error_line,
     parse,
+    quiet_broken_pipe,
 )
 from codelane.commands.conversation import TurnConsole, add_session_options, check_session_options, open_session
 from codelane.render import EventView
@@ -48,14 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read(prompt: str) -> str | None:
-    """The next line typed; None at the end of input (Ctrl-D). Ctrl-C gives an empty line."""
+    """The next line typed; None at the end of input (Ctrl-D). Ctrl-C gives an empty line. The
+    prompt goes to stdout when it is the terminal, else to stderr: stdout then holds only the
+    turns (`| tee transcript`)."""
+    out = sys.stdout if sys.stdout.isatty() else sys.stderr
     try:
-        return input(prompt)
+        if out is sys.stdout:
+            return input(prompt)  # readline's line editing redraws its own prompt
+        out.write(prompt)
+        out.flush()
+        return input()
     except EOFError:
-        print()
+        if prompt:
+            print(file=out)  # ends the prompt's line
         return None
     except KeyboardInterrupt:
-        print()
+        if prompt:
+            print(file=out)
         return ""
 
 
@@ -79,6 +89,8 @@ def main(argv: list[str]) -> int:
             return EXIT_ERROR
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            return quiet_broken_pipe()
         finally:
             if client is not None:
                 with contextlib.suppress(KeyboardInterrupt):
@@ -95,8 +107,11 @@ def _talk(runner: asyncio.Runner, session: Session, args: argparse.Namespace) ->
     info = session.info
     print(f"{PROG}: session {session.id} on {info.workspace} ({info.model or 'the default model'}); "
           "Ctrl-C cancels a turn, Ctrl-D leaves", file=sys.stderr)
+    # input() writes its prompt to stdout: lines read from a pipe or a file get none, so that
+    # stdout holds only the turns.
+    prompt = PROMPT if sys.stdin.isatty() else ""
     while True:
-        line = _read(PROMPT)
+        line = _read(prompt)
         if line is None or line.strip() in LEAVE:
             break
         if not line.strip():

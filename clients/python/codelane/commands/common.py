@@ -14,6 +14,7 @@ from typing import Any
 from codelane.client import DEFAULT_ADDRESS, Client, CodelaneError, _resumable
 from codelane.commands import args as types
 from codelane.commands.config import ENV_VARS, ConfigError, Connection, resolve
+from codelane.terminal import escape_controls
 
 UNARY_TIMEOUT = 10.0  # deadline of every unary call the CLI makes; streams have none
 EXIT_ERROR = 1
@@ -213,6 +214,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if not rows:
         print(empty)
@@ -225,7 +227,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty:
     for header in headers:
         table.add_column(header, overflow="fold" if interactive else "ignore", no_wrap=not interactive)
     for row in rows:
-        table.add_row(*row)
+        # Cells are data (a workspace's name, a worker's labels, a tool's): shown as they are, not
+        # read as rich's markup (`[red]`), their control characters as text, one line each.
+        table.add_row(*(Text(escape_controls(cell, keep_line_breaks=False)) for cell in row))
     if interactive:
         console.print(table)
         return

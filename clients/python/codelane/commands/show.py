@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from codelane.client import Client, Message, SessionInfo
 from codelane.commands import args as types
 from codelane.commands.common import add_connection_options, client_main
+from codelane.terminal import for_terminal
 
 PROG = "codelane show"
 PREVIEW_CHARS = 100
@@ -97,8 +98,9 @@ async def show(client: Client, args: argparse.Namespace) -> int:
         for message in messages:
             print(json.dumps(dataclasses.asdict(message), ensure_ascii=False))
         return 0
-    print(header(session.info))
-    for line in conversation(messages, full=args.full):
+    # What a model wrote and a tool read may hold escape sequences the terminal would obey.
+    print(header(for_terminal(session.info)))
+    for line in conversation(for_terminal(messages), full=args.full):
         print(line)
     if not messages:
         print("(no messages yet)")
