@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from codelane import events as ev
 from codelane.sync import Client
 from tests.cli.conftest import CLI_TIMEOUT, ThreadedServer, call, cli, cli_env, json_lines, write_script
@@ -74,7 +76,12 @@ def test_run_live_view_off_a_terminal(server: ThreadedServer, workspace: Path) -
     assert "turn finished: end_turn" in text and "5 tool call(s) (1 failed)" in text, summary
 
 
-def test_run_ctrl_c_cancels_the_turn_and_exits_130(make_server, tmp_path: Path, workspace: Path, mark: str) -> None:
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_run_ctrl_c_or_sigterm_cancels_the_turn_and_exits_128_and_the_signal(
+    make_server, tmp_path: Path, workspace: Path, mark: str, stop: signal.Signals, code: int
+) -> None:
+    # SIGTERM (`timeout 60 codelane run ...`) killed the CLI and left its turn running: a call
+    # waiting for a confirmation kept the session busy, and its next turn was TURN_IN_PROGRESS.
     model = write_script(tmp_path / "slow.json", [
         {"text": "Waiting.", "tool_calls": [call("bash", "c_sleep", command=f"sleep {mark}")]},
         {"text": "Never reached."},
@@ -92,13 +99,13 @@ def test_run_ctrl_c_cancels_the_turn_and_exits_130(make_server, tmp_path: Path, 
             line = proc.stdout.readline()
             assert line, f"codelane run ended early: {proc.stderr.read() if proc.stderr else ''}"
             lines.append(line)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=CLI_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     # The sleep never ends on its own: the cancelled turn ended it.
     wait_until(lambda: not pids_with(mark), what="the cancelled call's sleep to end", within=CLI_TIMEOUT)
     assert "interrupted; the turn was cancelled" in err and "Traceback" not in err

@@ -5,7 +5,8 @@
 
 Each line is sent as a message and its turn shown as `codelane run` shows it. Ctrl-C cancels the
 running turn (its end is still shown) and the chat goes on; at the prompt it clears the line.
-Ctrl-D (or /exit) leaves; the session stays on the server, to continue with --session.
+SIGTERM during a turn cancels it too, then ends the chat (exit 143). Ctrl-D (or /exit) leaves;
+the session stays on the server, to continue with --session.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from codelane.commands import args as types
 from codelane.commands.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     add_connection_options,
     command_line,
     connect,
@@ -117,7 +119,8 @@ def _talk(runner: asyncio.Runner, session: Session, args: argparse.Namespace) ->
         if not line.strip():
             continue
         try:
-            runner.run(console.send(line))
+            if runner.run(console.send(line)).terminated:
+                return EXIT_TERMINATED  # SIGTERM: the turn is cancelled, and the chat ends
         except KeyboardInterrupt:  # Ctrl-C before the turn began: nothing was sent
             print()
         except CodelaneError as exc:

@@ -20,6 +20,7 @@ UNARY_TIMEOUT = 10.0  # deadline of every unary call the CLI makes; streams have
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # as argparse exits for a bad command line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def add_connection_options(parser: argparse.ArgumentParser, server_group: Any = None) -> None:

@@ -142,7 +142,8 @@ async def open_session(client: Client, args: argparse.Namespace) -> Session:
 @dataclass
 class TurnOutcome:
     stop_reason: str = ""  # "" when the turn's end was not seen
-    interrupted: bool = False  # Ctrl-C was pressed during it
+    interrupted: bool = False  # Ctrl-C was pressed during it, or SIGTERM came
+    terminated: bool = False  # SIGTERM came during it: the command ends once the turn is cancelled
     cancel_error: str = ""  # why the cancel after Ctrl-C did not go through, if it did not
 
 
@@ -174,8 +175,9 @@ class TurnConsole:
 
         async def cancel_turn() -> None:
             """After Ctrl-C: cancels the turn, then gives its last events CANCEL_WAIT seconds."""
+            why = "SIGTERM" if outcome.terminated else "Ctrl-C"
             try:
-                await asyncio.wait_for(self.session.cancel(f"interrupted (Ctrl-C) in {self.prog}"), CANCEL_TIMEOUT)
+                await asyncio.wait_for(self.session.cancel(f"interrupted ({why}) in {self.prog}"), CANCEL_TIMEOUT)
             except (CodelaneError, TimeoutError) as exc:
                 if showing:  # (else the turn ended meanwhile, and this call was cancelled with it)
                     outcome.cancel_error = str(exc) or f"no answer within {CANCEL_TIMEOUT:g}s"
@@ -191,7 +193,14 @@ class TurnConsole:
             outcome.interrupted = True
             cancelling.append(loop.create_task(cancel_turn()))
 
+        def terminate() -> None:
+            # As Ctrl-C (`timeout 60 codelane run ...`): killed outright, the command left its turn
+            # running, a call waiting for a confirmation keeping the session busy.
+            outcome.terminated = True
+            interrupt()
+
         loop.add_signal_handler(signal.SIGINT, interrupt)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
         last = 0  # the last event shown
         try:
             with self.view.running():
@@ -213,6 +222,7 @@ class TurnConsole:
         finally:
             showing = False
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
             await self._close_question()
             for task in cancelling:
                 task.cancel()

@@ -8,7 +8,8 @@ happens.
 On a terminal the turn is shown live (streaming text, a table of tool calls, progress, summary);
 `--plain` prints one line per event instead, `--json` one JSON object per event. A call that
 needs a confirmation is asked about when stdin is a terminal; otherwise the `codelane confirm`
-command that answers it is printed. Ctrl-C cancels the turn, shows its end and exits 130.
+command that answers it is printed. Ctrl-C cancels the turn, shows its end and exits 130;
+SIGTERM does the same and exits 143.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from codelane.commands import args as types
 from codelane.commands.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     add_connection_options,
     connect,
     error_line,
@@ -70,7 +72,7 @@ async def run_prompt(connection: Connection, args: argparse.Namespace) -> int:
         view.note(f"session {session.id} on {session.info.workspace} ({session.info.model})")
         outcome = await TurnConsole(session, view, connection, PROG).send(args.prompt)
     if outcome.interrupted:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if outcome.terminated else EXIT_INTERRUPTED
     return 0 if outcome.stop_reason in ("end_turn", "max_turns") else EXIT_ERROR
 
 
