@@ -57,8 +57,32 @@ def test_flags_over_environment_over_profile_over_defaults(config: Path) -> None
     flagged = resolve({"server": "10.0.0.2:6", "token": "flag-token"}, "prod", {**env, "CODELANE_SERVER": "x:1"})
     assert (flagged.server, flagged.token) == ("10.0.0.2:6", "flag-token")
 
+    # The profile's own server named again, its credentials go with it.
+    same = resolve({"server": "prod.example:443"}, "prod", env)
+    assert (same.server, same.token) == ("prod.example:443", "prod-token")
+
     nothing = resolve(NO_FLAGS, None, {"CODELANE_CONFIG": str(config.parent / "absent.toml")})
     assert (nothing.server, nothing.token, nothing.profile) == (DEFAULT_ADDRESS, None, None)
+
+
+@pytest.mark.parametrize("elsewhere", ["flag", "env"])
+def test_a_profiles_credentials_never_go_to_another_server(
+    config: Path, capsys: pytest.CaptureFixture[str], elsewhere: str
+) -> None:
+    # `CODELANE_SERVER=other:50051 codelane sessions` sent the default profile's token (and client
+    # certificate) to `other`: a production token handed to whatever answers there.
+    env = {"CODELANE_CONFIG": str(config), "CODELANE_PROFILE": "prod"}
+    flags: dict[str, str | None] = {"server": "other.example:50051"} if elsewhere == "flag" else {}
+    if elsewhere == "env":
+        env["CODELANE_SERVER"] = "other.example:50051"
+    other = resolve(flags, None, env)
+    assert (other.server, other.token) == ("other.example:50051", None)
+    assert other.sources["token"] == "default"
+    warning = capsys.readouterr().err
+    assert "not sending the token of profile 'prod'" in warning and "prod.example:443" in warning
+    assert "prod-token" not in warning
+    # Given for this call, a token goes wherever the call goes.
+    assert resolve({**flags, "token": "mine"}, None, env).token == "mine"
 
 
 @pytest.mark.parametrize(("text", "profile", "env", "says"), [

@@ -3,7 +3,8 @@
 Each setting comes from, first found: its flag (`--server`, `--token`, `--tls-ca`, `--tls-cert`,
 `--tls-key`); its environment variable (`$CODELANE_SERVER`, `$CODELANE_TOKEN`,
 `$CODELANE_TLS_CA`, `$CODELANE_TLS_CERT`, `$CODELANE_TLS_KEY`); the profile in use of the config
-file; the built-in default (127.0.0.1:50051, no token, no TLS).
+file; the built-in default (127.0.0.1:50051, no token, no TLS). A profile's token and client
+certificate are sent only to the profile's own server (`_keep_credentials_home`).
 
 The config file is `$CODELANE_CONFIG`, else `$XDG_CONFIG_HOME/codelane/config.toml`, else
 `~/.config/codelane/config.toml`; it is optional. The profile in use is the one named by
@@ -44,6 +45,8 @@ ENV_VARS = {
     "tls_key": "CODELANE_TLS_KEY",
 }
 _FILES = ("tls_ca", "tls_cert", "tls_key")
+# What proves who the client is: sent only to the server of the profile that holds them.
+_CREDENTIALS = ("token", "tls_cert", "tls_key")
 
 
 class ConfigError(Exception):
@@ -116,6 +119,29 @@ def _warn_if_exposed(path: Path, profile: str) -> None:
               f"chmod 600 {path}", file=sys.stderr)
 
 
+def _keep_credentials_home(profile: Mapping[str, str], name: str, server: str, values: dict[str, str | None],
+                           sources: dict[str, str]) -> None:
+    """A profile's token and client certificate are for the profile's server: when a flag or a
+    variable points the call at another, they stay home (said on stderr), as a browser keeps a
+    site's cookies from another site. Otherwise `CODELANE_SERVER=other:50051 codelane sessions`
+    handed the default profile's token to whatever answered at `other`."""
+    home = profile.get("server")
+    if not home or sources["server"].startswith("profile"):
+        return
+    try:
+        if parse_address(home) == server:
+            return
+    except ValueError:
+        pass  # a profile server that cannot be used is not this one
+    withheld = [setting for setting in _CREDENTIALS if sources[setting].startswith("profile")]
+    for setting in withheld:
+        values[setting], sources[setting] = None, "default"
+    if withheld:
+        what = " and ".join(setting.replace("_", " ") for setting in withheld)
+        print(f"codelane: not sending the {what} of profile {name!r} to {server}: the profile is for {home}; "
+              "give --token (or the TLS flags) for this server, or use a profile that names it", file=sys.stderr)
+
+
 def resolve(flags: Mapping[str, str | None], profile_flag: str | None, env: Mapping[str, str] | None = None
             ) -> Connection:
     """The settings to connect with: `flags` (setting -> the flag's value, None when not given)
@@ -155,6 +181,7 @@ def resolve(flags: Mapping[str, str | None], profile_flag: str | None, env: Mapp
         server = parse_address(server)
     except ValueError as exc:
         raise ConfigError(f"{sources['server']}: {exc}") from None
+    _keep_credentials_home(profile, str(name), server, values, sources)
     for setting in _FILES:
         value = values[setting]
         if value is not None and not (os.path.isfile(value) and os.access(value, os.R_OK)):
