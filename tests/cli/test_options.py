@@ -28,6 +28,9 @@ MISSING = "/no/such/file.pem"
     (["run", "--session", "s_1", "--model", "openai:x", "hi"],
      "--model set up a new session; --session continues one whose settings are fixed"),
     (["run", "--session", "s_1", "--continue", "hi"], "not allowed with argument --session"),
+    # Silently ignored, it looked as if the session had moved to the workspace named.
+    (["run", "--session", "s_1", "--workspace", "/tmp", "hi"],
+     "--workspace picks where a new session (or --continue) works; --session continues one whose workspace is fixed"),
     (["confirm", "s_1", "c_1"], "one of the arguments --approve --reject is required"),
     (["demo", "--local-workers", "-1"], "argument --local-workers: -1 is too small"),
     (["server", "--listen", "127.0.0.1"], "argument --listen: '127.0.0.1' has no port"),

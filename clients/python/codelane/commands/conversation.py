@@ -88,9 +88,13 @@ def add_session_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_session_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A usage error when settings of a new session come with --session or --continue."""
+    """A usage error when settings of a new session come with --session or --continue, or a
+    workspace with --session (whose workspace is its own: the flag was silently ignored)."""
     if not (args.session or args.continue_last):
         return
+    if args.session and args.workspace is not None:
+        parser.error("--workspace picks where a new session (or --continue) works; --session continues one "
+                     "whose workspace is fixed")
     given = [name for name, unset in _NEW_SESSION_OPTIONS.items() if getattr(args, name) != unset]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
