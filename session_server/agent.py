@@ -61,7 +61,7 @@ from session_server.permissions import Action, Decision, PermissionPolicy
 from session_server.pool import QueryCall, WorkerPool
 from session_server.scheduler import TurnScheduler
 from session_server.snapshots import WorkspaceSnapshots
-from session_server.stats import LaneStats, StatsLane
+from session_server.stats import LaneStats
 from session_server.store import StoredMessage, store_unavailable
 from session_server.telemetry import Telemetry, TurnObservation
 from session_server.workspace_locks import WorkspaceLocks
@@ -244,11 +244,9 @@ class Turn:
         calls: list[ToolCall] = []
         texts: list[str] = []
         response: ModelResponse | None = None
+        # The Generate lane's figures are kept by the provider's limiter, which knows when a
+        # request waits for a --max-llm-requests slot and when it holds one.
         self.model_requests += 1
-        ctx.stats.enqueued(StatsLane.GENERATE)
-        started = asyncio.get_running_loop().time()
-        ctx.stats.started(StatsLane.GENERATE)
-        ok = False
         try:
             stream = ctx.provider.stream(request)
             async with contextlib.aclosing(stream):
@@ -269,7 +267,6 @@ class Turn:
                         response = item
             if response is None:
                 raise ModelError("INCOMPLETE_RESPONSE", "the model's response ended without its final message")
-            ok = True
         except asyncio.CancelledError:
             partial = ModelResponse("".join(texts), [], Usage(), "cancelled")
             await self._record_cut_short(step, partial, scheduler, calls)
@@ -279,8 +276,6 @@ class Turn:
             # their results dropped, so the history holds no call without its response.
             await scheduler.abandon()
             raise
-        finally:
-            ctx.stats.finished(StatsLane.GENERATE, ok, asyncio.get_running_loop().time() - started)
         if len(response.text) > MAX_RESPONSE_TEXT_CHARS:
             response = dataclasses.replace(response, text=cut(response.text, MAX_RESPONSE_TEXT_CHARS, "model text"))
         self.usage = self.usage + response.usage

@@ -43,6 +43,7 @@ from session_server.metrics import NO_LANE, OK, UNKNOWN_TOOL, CallSeries
 from session_server.stats import LaneStats
 from session_server.telemetry import Telemetry
 from tool_worker.effects import EVERYTHING, Effects
+from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
 EventSink = Callable[[EventPayload], None]
@@ -240,8 +241,16 @@ class ToolCall:
                                   ran=self.started is not None)
             if self._span is not None:
                 self._end_span(result, outcome)
-        log.debug("call %s (%s) %s on %s, attempt %d: queued %.2f ms, ran %.2f ms", self.call_id, self.tool_name,
-                  outcome, result.worker_id or "-", result.attempt, result.queue_wait * 1e3, result.run_time * 1e3)
+        if log.isEnabledFor(logging.DEBUG):
+            # A call that never runs (unknown tool, bad arguments, denied, refused at capacity) ends
+            # in the turn's task, not a task of its own that names it: its line names it here.
+            named = log_context.call_id.set(self.call_id)
+            try:
+                log.debug("call %s (%s) %s on %s, attempt %d: queued %.2f ms, ran %.2f ms", self.call_id,
+                          self.tool_name, outcome, result.worker_id or "-", result.attempt,
+                          result.queue_wait * 1e3, result.run_time * 1e3)
+            finally:
+                log_context.call_id.reset(named)
         return result
 
     def _end_span(self, result: ToolResult, outcome: str) -> None:

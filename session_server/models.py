@@ -23,6 +23,7 @@ from session_server.llm.factory import ScriptFileProvider, ScriptLibrary, create
 from session_server.llm.limiter import LimitedProvider
 from session_server.llm.observed import ObservedProvider
 from session_server.llm.script import ScriptError
+from session_server.stats import LaneStats
 from session_server.telemetry import Telemetry
 
 # Scripted providers kept at once (they are cheap to make again).
@@ -38,8 +39,10 @@ class Models:
         generate: asyncio.Semaphore,
         scripts_dirs: Sequence[str | Path] = (),
         telemetry: Telemetry | None = None,
+        stats: LaneStats | None = None,
     ) -> None:
         self.default_model = default_model
+        self._stats = stats
         self.scripts = ScriptLibrary(scripts_dirs)
         self._generate = generate
         self._telemetry = telemetry
@@ -73,7 +76,8 @@ class Models:
         if spec.provider != "scripted":
             if spec.provider not in self._http:
                 provider, _ = create_provider(model)
-                self._http[spec.provider] = LimitedProvider(self._observed(provider, spec.provider), self._generate)
+                self._http[spec.provider] = LimitedProvider(
+                    self._observed(provider, spec.provider), self._generate, self._stats)
             return self._http[spec.provider], spec.name
         try:
             self.scripts.available(spec.name, check=not self.trusted(model))
@@ -82,7 +86,8 @@ class Models:
         limited = self._scripted.get(model)
         if limited is None:
             scripted = ScriptFileProvider(spec.name, self.scripts, checked=not self.trusted(model))
-            limited = self._scripted[model] = LimitedProvider(self._observed(scripted, "scripted"), self._generate)
+            limited = self._scripted[model] = LimitedProvider(
+                self._observed(scripted, "scripted"), self._generate, self._stats)
             while len(self._scripted) > MAX_SCRIPTED_PROVIDERS:
                 self._scripted.popitem(last=False)
         self._scripted.move_to_end(model)

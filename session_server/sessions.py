@@ -166,7 +166,7 @@ class SessionManager:
         self.events = EventLog(store, self.bus, metrics=metrics, on_store_state=on_store_state)
         self.histories = Histories(store)
         self._generate = asyncio.Semaphore(generate_limit)
-        self.models = Models(default_model, self._generate, scripts_dirs, telemetry)
+        self.models = Models(default_model, self._generate, scripts_dirs, telemetry, stats)
         # Resolved once: workspaces are compared with their symlinks resolved.
         self.workspace_roots = tuple(Path(os.path.realpath(root)) for root in workspace_roots)
         self.data_dir = Path(os.path.realpath(data_dir)) if data_dir is not None else None

@@ -1,7 +1,8 @@
 """Queue figures per lane, for AdminService.GetQueueStats.
 
 One `LaneStats` is shared by the whole server: every turn's scheduler records its tool calls
-into it, the LLM loop records its model requests under `StatsLane.GENERATE`. Everything runs on
+into it, the Generate lane's limiter (`llm.limiter.LimitedProvider`) its model requests under
+`StatsLane.GENERATE`, pending while one waits for a `--max-llm-requests` slot. Everything runs on
 the event loop's thread, so there are no locks.
 """
 

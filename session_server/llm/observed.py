@@ -46,15 +46,18 @@ class ObservedProvider:
                 "gen_ai.request.max_tokens": request.max_tokens,
             })
         started = time.perf_counter()
-        first = True
+        # Observed with the response only: a request that fails after its first item (an error
+        # event mid-stream, a cut stream) or is cancelled is not one of the successful requests
+        # this histogram counts (docs/deploy.md), and its count must match the duration's.
+        first_item: float | None = None
         status = "error"
         try:
             async with aclosing(self.provider.stream(request)) as items:
                 async for item in items:
-                    if first:
-                        first = False
-                        self._first_item.observe(time.perf_counter() - started)
+                    if first_item is None:
+                        first_item = time.perf_counter() - started
                     if isinstance(item, ModelResponse):
+                        self._first_item.observe(first_item)
                         self._finished(item, time.perf_counter() - started, span)
                         status = "ok"
                     yield item

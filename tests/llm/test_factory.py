@@ -13,6 +13,7 @@ from session_server.llm.limiter import LimitedProvider
 from session_server.llm.openai import OpenAIProvider
 from session_server.llm.script import MAX_SCRIPT_BYTES, Script, ScriptError
 from session_server.llm.scripted import ScriptedProvider
+from session_server.stats import LaneStats, StatsLane
 from tests.llm.conftest import collect, first_request
 
 
@@ -138,4 +139,23 @@ async def test_limited_provider_frees_its_slot_when_a_stream_is_abandoned(script
     assert semaphore.locked()
     await stream.aclose()
     assert not semaphore.locked()
+    await limited.aclose()
+
+
+async def test_limited_provider_counts_a_request_pending_until_it_has_a_slot(script: Script) -> None:
+    stats = LaneStats()
+    semaphore = asyncio.Semaphore(1)
+    limited = LimitedProvider(ScriptedProvider(script), semaphore, stats)
+    running = limited.stream(first_request())
+    await anext(running)  # holds the only slot
+    waiting = asyncio.create_task(collect(limited.stream(first_request())))
+    await asyncio.sleep(0)  # the second request now waits for the slot
+    generate = stats.snapshot()[StatsLane.GENERATE]
+    assert (generate.pending, generate.active) == (1, 1)
+    waiting.cancel()  # given up while waiting: it never ran
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await collect(running)
+    generate = stats.snapshot()[StatsLane.GENERATE]
+    assert (generate.pending, generate.active, generate.completed, generate.failed) == (0, 0, 1, 1)
     await limited.aclose()

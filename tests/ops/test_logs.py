@@ -30,7 +30,9 @@ def _lines(text: str) -> list[dict]:
 async def test_json_logs_name_the_session_turn_call_worker_and_trace(
     processes: Processes, workspace: Path, tmp_path: Path, otlp: OtlpReceiver, worker_procs: Workers
 ) -> None:
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("sleep", "c1", ms=1)]}, {"text": "Done."}])
+    # c2 names no tool: it never runs, and ends in the turn's task rather than one of its own.
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("sleep", "c1", ms=1), call("no_such_tool", "c2")]},
+                                {"text": "Done."}])
     server = await processes.start_server(
         tmp_path / "data", model=model, local_workers=0,
         args=("--log-format", "json", "--log-level", "DEBUG", "--otlp-endpoint", otlp.endpoint),
@@ -53,6 +55,8 @@ async def test_json_logs_name_the_session_turn_call_worker_and_trace(
     tool = next(e for e in logs if e["message"].startswith("call c1 (sleep) ok on w1"))
     assert (tool["session_id"], tool["turn_id"], tool["call_id"], tool["trace_id"]) == (
         session.session_id, turn_id, "c1", turn["trace_id"])
+    never_ran = next(e for e in logs if e["message"].startswith("call c2 (no_such_tool) unknown_tool"))
+    assert (never_ran["session_id"], never_ran["turn_id"], never_ran["call_id"]) == (session.session_id, turn_id, "c2")
     hub = next(e for e in logs if "worker w1 connected" in e["message"])
     assert hub["worker_id"] == "w1" and "session_id" not in hub
 

@@ -15,10 +15,12 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from codelane.v1 import events_pb2, tools_pb2
+from codelane.v1 import admin_pb2, events_pb2, tools_pb2
+from session_server.llm.script import Script
+from session_server.mock_llm.server import start_mock_llm
 from tests.ops.conftest import WAIT, Workers, free_port, scrape, scrape_until
 from tests.polling import poll_until
-from tests.session.conftest import call, collect, kind, read_until, scripted
+from tests.session.conftest import call, collect, kind, read_until, scripted, write_script
 
 SLEEP_MS = 60_000  # calls that would outlive the test: the turn is cancelled once it has been looked at
 
@@ -146,6 +148,64 @@ async def test_backlog_is_kept_per_required_label_set(
     finally:
         await server.client.cancel(session.session_id)
         await collect(stream)
+
+
+async def test_a_model_request_that_fails_after_its_first_token_is_in_neither_latency_histogram(
+    make_server, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first request streams text, then an error event; the next turn's request succeeds.
+    # Both histograms are of successful requests: the failed one's time to its first token was
+    # counted, so the two counts differed and the first token's quantiles mixed in failures.
+    script = Script.load(write_script(tmp_path, [{"text": "Looking."}], name="mid.yaml"))
+    runner, url = await start_mock_llm(script, fault="error_mid_stream", fault_count=1)
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        server = await make_server(metrics_listen="127.0.0.1:0")
+        session = await server.client.create(workspace, "openai:mock")
+        failed = await server.client.send(session.session_id, "go")
+        assert failed[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_ERROR
+        assert any(kind(e) == "text_delta" for e in failed)  # it failed after its first token
+        ok = await server.client.send(session.session_id, "again")
+        assert ok[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+        page = await scrape(server.server.metrics_port)
+        assert page.total("codelane_model_requests_total", provider="openai") == 2
+        assert page.value("codelane_model_requests_total", provider="openai", status="ok") == 1
+        assert page.value("codelane_model_request_duration_seconds_count", provider="openai") == 1
+        assert page.value("codelane_model_time_to_first_token_seconds_count", provider="openai") == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active(
+    make_server, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --max-llm-requests 1 and two turns at once: one request runs (the model takes its time),
+    # the other waits for the slot. GetQueueStats counted both as running from the start.
+    script = Script.load(write_script(tmp_path, [{"text": "Done."}], name="slow.yaml"))
+    runner, url = await start_mock_llm(script, latency=1.5)
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        server = await make_server(max_llm_requests=1)
+        sessions = [await server.client.create(workspace, "openai:mock") for _ in range(2)]
+        turns = [asyncio.create_task(server.client.send(s.session_id, "go")) for s in sessions]
+
+        async def generate() -> admin_pb2.LaneStats:
+            reply = await server.client.admin.GetQueueStats(admin_pb2.GetQueueStatsRequest(), timeout=10)
+            return next(lane for lane in reply.lanes if lane.lane == tools_pb2.LANE_GENERATE)
+
+        async def one_runs_one_waits() -> bool:
+            lane = await generate()
+            return (lane.pending, lane.active) == (1, 1)
+
+        await poll_until(one_runs_one_waits, what="one model request running and one waiting for the slot",
+                         within=WAIT, interval=0.05)
+        await asyncio.gather(*turns)
+        lane = await generate()
+        assert (lane.pending, lane.active, lane.completed, lane.failed) == (0, 0, 2, 0)
+    finally:
+        await runner.cleanup()
 
 
 def prometheus_tool(name: str) -> str:
