@@ -90,6 +90,8 @@ class ToolCall:
     attempt: int = 1
     result: ToolResult | None = None
     _begun: bool = False
+    # Counted active in the lane's stats: an attempt runs (a worker, the server, a client has it).
+    _active: bool = False
     _admitted: bool = False
     _series: CallSeries | None = None
     # The execute_tool span (tracing on), and its W3C context once asked for.
@@ -160,10 +162,9 @@ class ToolCall:
     # -- transitions ---------------------------------------------------------------------------
 
     def begin(self) -> None:
-        """The scheduler let the call go (its lane slot is held)."""
+        """The scheduler let the call go (its lane slot is held). It stays pending in the lane's
+        stats until an attempt runs: it may wait for a worker, a confirmation or a client."""
         self._begun = True
-        if self.stats is not None and self.lane is not None:
-            self.stats.started(self.lane)
 
     def wait_for(self, what: str | None) -> None:
         """The call waits for `what` (e.g. "its confirmation") before it runs; None: no more."""
@@ -177,6 +178,9 @@ class ToolCall:
             return
         self.state = CallState.RUNNING
         self.waiting_for = None
+        if not self._active and self.stats is not None and self.lane is not None:
+            self._active = True
+            self.stats.started(self.lane)
         self.started = self.clock()
         self.worker_id, self.attempt = worker_id, attempt
         self._emit(ToolCallStarted(self.info, self.info.lane, worker_id, attempt))
@@ -201,6 +205,9 @@ class ToolCall:
             return
         if self._series is not None:
             self._series.retries.inc()
+        if self._active and self.stats is not None and self.lane is not None:
+            self._active = False
+            self.stats.requeued(self.lane)
         self.state = CallState.QUEUED
         # The call waits again, and has run nowhere yet: a result made without a run (the pool's
         # NO_WORKER once no worker is left) must not read as a run on the lost worker, its wait
@@ -228,6 +235,9 @@ class ToolCall:
         self.state = CallState.FINISHED
         if self.stats is not None and self.lane is not None:
             if self._begun:
+                if not self._active:  # it waited to the end (a confirmation refused, a client that never came)
+                    self.stats.started(self.lane)
+                self._active = False
                 self.stats.finished(self.lane, not result.is_error, result.queue_wait + result.run_time)
             else:
                 self.stats.withdrawn(self.lane)

@@ -53,8 +53,9 @@ class _Counters:
 class LaneStats:
     """Counters and recent latencies per lane.
 
-    A unit of work moves `enqueued` -> `started` -> `finished`; one that ends without ever
-    starting (cancelled while queued) leaves with `withdrawn` and counts as failed. Lanes are
+    A unit of work moves `enqueued` -> `started` -> `finished` (a tool call is started when an
+    attempt runs, and `requeued` when it is sent again); one that ends without ever starting
+    (cancelled while queued) leaves with `withdrawn` and counts as failed. Lanes are
     given as `Lane`, `StatsLane` or their string value.
     """
 
@@ -77,6 +78,12 @@ class LaneStats:
         else:
             c.failed += 1
         c.latencies.append(max(0.0, latency_seconds))
+
+    def requeued(self, lane: Lane | StatsLane | str) -> None:
+        """A started unit waits again (its worker was lost: it is sent again)."""
+        c = self._lanes[StatsLane(lane)]
+        c.active = max(0, c.active - 1)
+        c.pending += 1
 
     def withdrawn(self, lane: Lane | StatsLane | str) -> None:
         c = self._lanes[StatsLane(lane)]

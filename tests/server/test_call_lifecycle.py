@@ -6,6 +6,7 @@ from __future__ import annotations
 from session_server.calls import ToolCall
 from session_server.events import CallInfo, ToolCallFinished
 from session_server.metrics import ServerMetrics
+from session_server.stats import LaneStats, StatsLane
 from session_server.telemetry import Telemetry
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec
 
@@ -55,3 +56,33 @@ def test_a_call_retried_then_run_by_another_worker_reports_that_run() -> None:
 
     assert (result.worker_id, result.attempt, result.run_time) == ("w2", 2, 0.2)
     assert _run_count(metrics) == 1
+
+
+def _figures(stats: LaneStats) -> tuple[int, int, int, int]:
+    lane = stats.snapshot()[StatsLane.QUERY]
+    return lane.pending, lane.active, lane.completed, lane.failed
+
+
+def test_a_call_is_active_in_the_queue_figures_only_while_an_attempt_runs() -> None:
+    # Counted active from its session's slot on: 6 calls on 2 workers of 2 slots each read
+    # "active 6" while 4 ran (the others waited for a worker slot, a confirmation, a client).
+    stats = LaneStats()
+    spec = ToolSpec("grep", "", {"type": "object"}, Lane.QUERY, True)
+    call = ToolCall(CallInfo("c1", "grep", "{}", "query", 0), lambda event: None, spec=spec, stats=stats)
+    assert _figures(stats) == (1, 0, 0, 0)
+    call.begin()
+    call.wait_for("a worker slot")
+    assert _figures(stats) == (1, 0, 0, 0)
+    call.running("w1")
+    assert _figures(stats) == (0, 1, 0, 0)
+    call.retried(2, "worker w1 lost", "w1")  # waits again
+    assert _figures(stats) == (1, 0, 0, 0)
+    call.running("w2", 2)
+    call.finish(ToolResult(output="ok"))
+    assert _figures(stats) == (0, 0, 1, 0)
+
+    refused = ToolCall(CallInfo("c2", "grep", "{}", "query", 1), lambda event: None, spec=spec, stats=stats)
+    refused.begin()
+    refused.wait_for("its confirmation")
+    refused.finish(ToolResult.error(ErrorKind.PERMISSION_DENIED, "rejected"))  # never ran
+    assert _figures(stats) == (0, 0, 1, 1)

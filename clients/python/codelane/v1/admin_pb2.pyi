@@ -218,9 +218,15 @@ class LaneStats(_message.Message):
     lane: _tools_pb2.Lane.ValueType
     """The lane."""
     pending: _builtins.int
-    """Calls waiting for a slot."""
+    """Calls waiting: for a slot of their session's lane (query_concurrency; one Execute call at a
+    time), a worker slot, a confirmation, a client to claim them (external tasks), another
+    session's command on the same workspace, or to be sent again after their worker was lost.
+    For the Generate lane, model requests waiting for a --max-llm-requests slot.
+    """
     active: _builtins.int
-    """Calls running."""
+    """Calls running: on a worker, in the server, or claimed by a client. For the Generate lane,
+    model requests under way.
+    """
     completed: _builtins.int
     """Calls that ended with a successful result."""
     failed: _builtins.int
