@@ -98,7 +98,9 @@ class ServerMetrics:
             "codelane_tool_call_run_seconds", "Run time of tool calls (the worker's own measure when one ran it).",
             ["lane", "tool"], buckets=CALL_BUCKETS, registry=r)
         self.tool_call_retries = Counter(
-            "codelane_tool_call_retries", "Query calls dispatched again after their worker was lost.",
+            "codelane_tool_call_retries",
+            "Query calls dispatched again: their worker was lost, or the workspace changed before it "
+            "fetched its snapshot.",
             ["lane", "tool"], registry=r)
         self._call_series: dict[tuple[str, str], CallSeries] = {}
         # Turns and model requests.
