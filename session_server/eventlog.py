@@ -149,6 +149,11 @@ class EventLog:
                 self._metrics.event_commit_failures.inc()
             self._report(False, f"storing events failed: {exc}")
             return
+        if gone:
+            # Their sessions were deleted before the commit: the store dropped them.
+            for session_id in gone:
+                self._last.pop(session_id, None)
+            batch = [e for e in batch if e.session_id not in gone]
         if self._metrics is not None:
             self._metrics.event_commits.inc()
             self._metrics.events_appended.inc(len(batch))
@@ -159,10 +164,6 @@ class EventLog:
             self._unstored.clear()
             log.warning("storing events works again: %d stored", len(batch))
             self._report(True, "")
-        if gone:
-            for session_id in gone:
-                self._last.pop(session_id, None)
-            batch = [e for e in batch if e.session_id not in gone]
         self._bus.publish_many(batch)
 
     def _report(self, ok: bool, why: str) -> None:

@@ -17,6 +17,7 @@ from codelane.v1 import tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.bus import EventBus
 from session_server.eventlog import EventLog
 from session_server.events import StoredEvent, TextDelta
+from session_server.metrics import ServerMetrics
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
 from session_server.store import EventPage, SessionRecord, Store
@@ -207,3 +208,22 @@ async def test_the_workers_loops_answer_nonsense_and_go_on(tmp_path: Path) -> No
     assert results["d1"].error_kind == tools_pb2.ERROR_KIND_UNKNOWN_TOOL
     assert results["d2"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
     assert not results["d3"].is_error and "fine" in results["d3"].output
+
+
+async def test_events_the_store_drops_for_a_deleted_session_are_not_counted_stored(tmp_path: Path) -> None:
+    # A session deleted between an append and its commit: the store drops its events, and the
+    # metrics counted them stored all the same.
+    store = Store(tmp_path / "db")
+    try:
+        store.create_session(SessionRecord(session_id="s1", workspace=str(tmp_path)))
+        store.create_session(SessionRecord(session_id="s2", workspace=str(tmp_path)))
+        metrics = ServerMetrics()
+        log = EventLog(store, EventBus(store.event_page), metrics=metrics)
+        log.append("s1", "t1", TextDelta("kept", 0))
+        log.append("s2", "t2", TextDelta("dropped", 0))
+        store.delete_session("s2")
+        log.flush()
+        assert metrics.registry.get_sample_value("codelane_events_appended_total") == 1
+        assert [e.sequence for e in store.events_after("s1")] == [1]
+    finally:
+        store.close()
