@@ -352,3 +352,12 @@ def test_the_table_shows_a_tool_name_as_the_model_wrote_it() -> None:
     view.show(_started(2, "c1", "[red]grep", worker="w[1]"))
     lines = [line.split() for line in live_area(view).splitlines()]
     assert ["[red]grep", "query", "w[1]", "running", "1", "0", "ms", '{"path":', '"."}'] in lines
+
+
+def test_the_plain_view_quotes_the_users_text_on_one_line_with_each_escape_shown_once() -> None:
+    # repr() of text already made safe showed every escape with its backslash doubled (\\x1b).
+    from codelane.render import PlainRenderer
+
+    out = io.StringIO()
+    PlainRenderer(out).show(ev.TurnStarted(**_base(1), user_text="fix\x1b[31m it\nnow"))
+    assert out.getvalue() == "[   1] turn started: 'fix\\x1b[31m it\\nnow'\n"

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from codelane import events as ev
 from codelane.diffs import call_diff
 from codelane.live import finished_status
-from codelane.terminal import for_terminal
+from codelane.terminal import escape_controls, for_terminal
 
 OUTPUT_PREVIEW_CHARS = 80
 
@@ -67,7 +67,9 @@ class PlainRenderer:
             return f"[----] caught up at sequence {event.last_sequence}"
         head = f"[{event.sequence:>4}]"
         if isinstance(event, ev.TurnStarted):
-            return f"{head} turn started: {event.user_text!r}"
+            # Made safe already (`show`): quoted on one line, not repr(), which showed each escape
+            # the safety had written with its backslash doubled (`\\x1b`).
+            return f"{head} turn started: '{escape_controls(event.user_text, keep_line_breaks=False)}'"
         if isinstance(event, ev.ToolCallStarted) and event.call is not None:
             attempt = f" attempt {event.attempt}" if event.attempt > 1 else ""
             return (f"{head} -> {event.call.tool_name:<10} {event.lane:<7} on {event.worker_id}{attempt}  "
