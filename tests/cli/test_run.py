@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -330,3 +332,33 @@ def test_chat_into_a_pipe_prompts_on_stderr(server: ThreadedServer, workspace: P
     assert "turn started: 'fix it'" in lines[0] and rest == ""
     assert all(line.startswith(("[", " ")) for line in lines), lines
     assert err.count("you> ") == 2  # before the line typed, then before the Ctrl-D
+
+
+def test_run_says_on_stderr_why_a_turn_failed(make_server, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Exit 1 with nothing on stderr: a script that reads stdout as JSON had no reason to show.
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"error": {"message": "model gpt-x does not exist", "type": "invalid_request_error"}}'
+            self.send_response(400)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    model_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=model_server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{model_server.server_address[1]}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        server = make_server()
+        out = cli("run", "--server", server.address, "--workspace", str(workspace), "--model", "openai:gpt-x",
+                  "--json", "go")
+    finally:
+        model_server.shutdown()
+    assert out.returncode == 1
+    assert json_lines(out.stdout)[-1]["kind"] == "turn_finished"
+    assert out.stderr == ("codelane run: the turn ended with error (BAD_REQUEST: OpenAI API error 400 "
+                          "(invalid_request_error): model gpt-x does not exist)\n"), out.stderr

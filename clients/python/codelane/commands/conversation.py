@@ -146,6 +146,7 @@ async def open_session(client: Client, args: argparse.Namespace) -> Session:
 @dataclass
 class TurnOutcome:
     stop_reason: str = ""  # "" when the turn's end was not seen
+    error: str = ""  # the last ErrorOccurred of the turn, "REASON: message"
     interrupted: bool = False  # Ctrl-C was pressed during it, or SIGTERM came
     terminated: bool = False  # SIGTERM came during it: the command ends once the turn is cancelled
     cancel_error: str = ""  # why the cancel after Ctrl-C did not go through, if it did not
@@ -213,6 +214,8 @@ class TurnConsole:
                     await self._take(event)
                     if isinstance(event, ev.TurnFinished):
                         outcome.stop_reason = event.stop_reason
+                    elif isinstance(event, ev.ErrorOccurred):
+                        outcome.error = f"{event.reason}: {event.message}"
         except CodelaneError as exc:
             # Lost mid-turn (past the SDK's resumes): the turn goes on without us, say where to pick it up.
             lost = StreamLost.of(exc, self.session.id, last, delivered=last > 0, turn=True)

@@ -38,6 +38,7 @@ from codelane.commands.conversation import (
     open_session,
 )
 from codelane.render import EventView
+from codelane.terminal import escape_controls
 
 PROG = "codelane run"
 
@@ -73,7 +74,12 @@ async def run_prompt(connection: Connection, args: argparse.Namespace) -> int:
         outcome = await TurnConsole(session, view, connection, PROG).send(args.prompt)
     if outcome.interrupted:
         return EXIT_TERMINATED if outcome.terminated else EXIT_INTERRUPTED
-    return 0 if outcome.stop_reason in ("end_turn", "max_turns") else EXIT_ERROR
+    if outcome.stop_reason in ("end_turn", "max_turns"):
+        return 0
+    # A script sees the exit status, and now why, where it reads errors (stdout may be JSON).
+    why = f" ({escape_controls(outcome.error, keep_line_breaks=False)})" if outcome.error else ""
+    print(f"{PROG}: the turn ended with {outcome.stop_reason or 'no end seen'}{why}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 async def _main(args: argparse.Namespace) -> int:
