@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tool_worker.tools import read
 from tool_worker.tools.base import ErrorKind
 from tool_worker.tools.write import INLINE_WRITE_CHARS
 
@@ -207,3 +208,19 @@ async def test_escapes_touch_nothing(call: Any, workspace: Path, tool: str, argu
     assert outside.read_text() == "a" and (workspace / "README.md").exists()
     assert "codelane-escape.txt" not in os.listdir("/tmp")
     assert (sorted(os.listdir(workspace)), sorted(os.listdir(workspace.parent))) == before
+
+
+async def test_a_utf16_file_is_read_decoded_and_edit_says_what_to_do(call: Any, workspace: Path) -> None:
+    # Its NUL bytes made read call it binary, while grep (rg decodes UTF-16) showed its lines.
+    for name, encoding in (("le.txt", "utf-16"), ("be.txt", "utf-16-be")):
+        data = "first line\r\nzweite Zeile ü\r\n".encode(encoding)
+        (workspace / name).write_bytes(data if encoding == "utf-16" else b"\xfe\xff" + data)
+        result = await call("read", file_path=name)
+        assert not result.is_error
+        assert result.output.splitlines() == ["     1\tfirst line", "     2\tzweite Zeile ü", read.UTF16_NOTICE]
+    big = "x" * 40 + "\n"
+    (workspace / "big.txt").write_bytes((big * 2000).encode("utf-16"))  # past the inline read: in a thread
+    window = await call("read", file_path="big.txt", offset=1999, limit=5)
+    assert window.output.splitlines()[:2] == ["  1999\t" + "x" * 40, "  2000\t" + "x" * 40]
+    edited = await call("edit", file_path="le.txt", old_string="first", new_string="1st")
+    assert edited.is_error and "is UTF-16 text" in edited.output and "iconv" in edited.output

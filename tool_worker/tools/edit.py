@@ -29,6 +29,9 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
         # Bytes, not read_text: read_text would turn \r\n into \n and the write would change every line.
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ToolFailure(f"{shown} is UTF-16 text; edit changes UTF-8 files only: convert it first "
+                              f"(iconv -f UTF-16 -t UTF-8), or write it anew") from exc
         raise ToolFailure(f"{shown} is not UTF-8 text; edit only changes text files") from exc
     count = text.count(old)
     if count == 0 and "\n" in old and "\r\n" in text:

@@ -31,6 +31,10 @@ _KEPT_LINE_BYTES = 4 * MAX_LINE_CHARS + 4
 # makes every system call of the loop wait to take the interpreter back. A bigger file, or one
 # that grew past this while it was read, is read in a thread that the call's end can stop.
 INLINE_READ_BYTES = 64 * 1024
+# A UTF-16 file (told by its byte order mark) is decoded whole: up to this size.
+MAX_UTF16_BYTES = 16 * 1024 * 1024
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+UTF16_NOTICE = "[UTF-16 text, shown decoded; edit changes UTF-8 files only]"
 
 
 def _lines(handle, stop: threading.Event):
@@ -96,6 +100,26 @@ def _show(lines_read, shown: str, offset: int, limit: int) -> ToolResult:
         size += len(text) + 8
         last_shown = number
     return _answer(lines, number, shown, offset, last_shown, cut_lines)
+
+
+def _read_utf16(handle: BinaryIO, head: bytes, shown: str, offset: int, limit: int,
+                stop: threading.Event) -> ToolResult:
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_UTF16_BYTES:
+            raise ToolFailure(f"{shown} is UTF-16 text of {size:,} bytes: more than the {MAX_UTF16_BYTES:,} "
+                              "read decodes; convert it to UTF-8 (iconv) to read it, or grep it")
+        data = head + handle.read(MAX_UTF16_BYTES + 1 - len(head))
+    check_stop(stop)
+    return _show_utf16(data, shown, offset, limit)
+
+
+def _show_utf16(data: bytes, shown: str, offset: int, limit: int) -> ToolResult:
+    """A UTF-16 file (its BOM says which order) shown as read shows UTF-8 text, and said to be."""
+    text = data.decode("utf-16", "replace")
+    result = _show(_lines_in(text.encode("utf-8", "surrogatepass")), shown, offset, limit)
+    return ToolResult(output=f"{result.output}\n{UTF16_NOTICE}", truncated=result.truncated,
+                      metadata=result.metadata)
 
 
 def _show_in_memory(data: bytes, shown: str, offset: int, limit: int) -> ToolResult:
@@ -172,6 +196,12 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         # At least the bytes binary files are told by, whatever the inline limit.
         head = handle.read(max(INLINE_READ_BYTES + 1, BINARY_SNIFF_BYTES))
         small = len(head) <= INLINE_READ_BYTES
+        if head.startswith(_UTF16_MARKS):
+            # Its NUL bytes read as binary, where grep (rg decodes it) shows its lines.
+            if small:
+                return _show_utf16(head, shown, offset, limit)
+            owned.pop_all()
+            return await run_stoppable(_read_utf16, handle, head, shown, offset, limit)
         if is_binary(head[:BINARY_SNIFF_BYTES]):
             return _binary(shown, len(head) if small else os.fstat(handle.fileno()).st_size)
         if small:
@@ -192,7 +222,8 @@ TOOL = Tool(
             "for a long file, read a window with offset and limit. When more lines follow, the "
             "output ends with the offset to continue from.\n"
             f"- Lines longer than {MAX_LINE_CHARS} characters are cut.\n"
-            "- Binary files are reported, not shown. Use ls or list_files for directories.\n"
+            "- Binary files are reported, not shown; UTF-16 text (with its byte order mark) is shown "
+            "decoded. Use ls or list_files for directories.\n"
             "- Paths are relative to the workspace root (absolute paths must be inside it)."
         ),
         parameters={
