@@ -11,8 +11,10 @@ import dataclasses
 import functools
 import importlib
 import json
+import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,43 @@ _BUILTIN_TOOLS: tuple[Tool, ...] = (
     move.TOOL,
     copy.TOOL,
 )
+
+
+# What OpenAI and Anthropic accept as a tool name (the hub refuses a worker's other names): a
+# name outside it would fail every model request of every session it is offered to.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _spec_problem(spec: ToolSpec) -> str | None:
+    """What makes a plugin's spec one no model request or Hello can carry, as a phrase that
+    follows "its spec"; None when it is sound. A worker found out only when its Hello failed to
+    encode: a traceback, after connecting, and the hub never heard why."""
+    if not isinstance(spec.name, str) or not TOOL_NAME.fullmatch(spec.name):
+        return "name is not 1-64 letters, digits, '_' or '-' (what model APIs accept)"
+    if not isinstance(spec.description, str):
+        return f"description is a {type(spec.description).__name__}, not a str"
+    if not isinstance(spec.lane, Lane):
+        return f"lane is {spec.lane!r}, not a Lane (Lane.QUERY or Lane.EXECUTE)"
+    if not isinstance(spec.idempotent, bool):
+        return f"idempotent is a {type(spec.idempotent).__name__}, not a bool"
+    labels = spec.required_labels
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "required_labels is not a mapping of str to str"
+    if not isinstance(spec.parameters, Mapping):
+        return f"parameters is a {type(spec.parameters).__name__}, not a JSON Schema object (a dict)"
+    try:
+        spec.parameters_json()
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"parameters cannot be written as JSON ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception raised by a plugin's own code, in one line: its type, message and the line of
+    the plugin that raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _integral(value: Any) -> Any:
@@ -116,8 +155,14 @@ class ToolRegistry:
         return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
-        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema
-        (or refer to what they do not hold: see `schemas.check`)."""
+        """Add one tool; ValueError if its name is taken, its spec holds what a model request or a
+        Hello cannot carry, or its parameters are not a valid schema (or refer to what they do not
+        hold: see `schemas.check`)."""
+        if not isinstance(tool, Tool):
+            raise ValueError(f"{tool!r} is not a Tool")
+        problem = _spec_problem(tool.spec)
+        if problem is not None:
+            raise ValueError(f"tool {tool.spec.name!r} cannot be offered: its {problem}")
         if tool.name in self._entries:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
         parameters = tool.spec.parameters
@@ -133,14 +178,24 @@ class ToolRegistry:
         `tool_worker.plugins`). A module with only `load_tools` registers nothing without a host.
 
         Nothing is registered unless all of them can be: ValueError when the module has neither,
-        when an entry is not a Tool, or when a name repeats (within it or with a tool already here).
+        when an entry is not a Tool, when a name repeats (within it or with a tool already here),
+        or when the module's own code fails (its import, or `load_tools`), saying how in one line;
+        ImportError when it, or what it imports, is not installed.
         """
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise
+        except Exception as exc:  # a SyntaxError, a RuntimeError of its own: the plugin's bug, said in one line
+            raise ValueError(f"tool plugin {module_name!r} failed to import: {_failure(exc)}") from exc
         load_tools = getattr(module, "load_tools", None)
         if callable(load_tools):
             if host is None:
                 return
-            tools = load_tools(host)
+            try:
+                tools = load_tools(host)
+            except Exception as exc:
+                raise ValueError(f"tool plugin {module_name!r}: load_tools failed: {_failure(exc)}") from exc
         else:
             tools = getattr(module, "TOOLS", None)
         if tools is None:
@@ -152,6 +207,11 @@ class ToolRegistry:
             raise ValueError(f"{module_name}.TOOLS must be a list of Tool objects")
         seen: set[str] = set()
         for tool in tools:
+            problem = _spec_problem(tool.spec)
+            if problem is not None:
+                raise ValueError(
+                    f"tool plugin {module_name!r}: tool {tool.spec.name!r} cannot be offered: its {problem}"
+                )
             if tool.name in self._entries or tool.name in seen:
                 raise ValueError(f"tool plugin {module_name!r}: a tool named {tool.name!r} already exists")
             seen.add(tool.name)
