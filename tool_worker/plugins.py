@@ -9,6 +9,10 @@ A tool module (`codelane worker --tools MODULE`) exposes either
   they say Hello; it returns no tools when what they need is missing (and logs why), so a worker
   never offers a tool it cannot run. The session server never calls it, so it never loads what
   such tools load.
+
+A tool's `run` returns a `ToolResult` (a str output, an `ErrorKind` or None, a 32-bit exit code,
+metadata JSON can write): anything else ends the call with an INTERNAL error saying what was
+wrong with it, wherever the tool ran.
 """
 
 from __future__ import annotations

@@ -97,6 +97,42 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+# The built-ins' own functions: their results are right by construction, and are not checked
+# on the hot path as a plugin's are (`_result_problem`).
+_BUILTIN_RUNS = frozenset(tool.run for tool in _BUILTIN_TOOLS)
+_ERROR_KINDS = frozenset(ErrorKind)
+INT32 = range(-(2**31), 2**31)
+
+
+def _result_problem(result: Any) -> str | None:
+    """What makes a plugin tool's result one codelane cannot carry, as a phrase that follows "the
+    tool returned"; None when it is sound.
+
+    A result is sent to the hub, stored in the session's events and history and read by the model:
+    a wrong type went wrong far from the tool. On a worker a str output reached the hub as an
+    empty success; run in the server, an unknown error kind or an exit code past 32 bits failed
+    every read of the session's events, and metadata JSON cannot write stopped the event log."""
+    if not isinstance(result, ToolResult):
+        return f"a {type(result).__name__}, not a ToolResult"
+    if type(result.output) is not str:
+        return f"a ToolResult whose output is a {type(result.output).__name__}, not a str"
+    if type(result.is_error) is not bool or type(result.truncated) is not bool:
+        return "a ToolResult whose is_error or truncated is not a bool"
+    if result.error_kind is not None and result.error_kind not in _ERROR_KINDS:
+        return f"a ToolResult whose error_kind {result.error_kind!r} is not an ErrorKind"
+    if result.exit_code is not None and (type(result.exit_code) is not int or result.exit_code not in INT32):
+        return f"a ToolResult whose exit_code {result.exit_code!r} is not a 32-bit int"
+    if not isinstance(result.metadata, dict):
+        return f"a ToolResult whose metadata is a {type(result.metadata).__name__}, not a dict"
+    if result.metadata:
+        try:
+            # As the worker sends it (tool_worker.wire): what JSON has no type for is its text.
+            json.dumps(result.metadata, default=str)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return f"a ToolResult whose metadata JSON cannot write ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _integral(value: Any) -> Any:
     return int(value) if type(value) is float and value.is_integer() else value
 
@@ -297,7 +333,7 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(_context(workspace, denied_paths, self.sandbox, policy), arguments)
+            result = await tool.run(_context(workspace, denied_paths, self.sandbox, policy), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
         except OSError as exc:
@@ -306,3 +342,14 @@ class ToolRegistry:
             return ToolResult.error(ErrorKind.TOOL_ERROR, f"{name} failed: {exc.strerror or exc}")
         except Exception as exc:
             return ToolResult.error(ErrorKind.INTERNAL, f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")
+        if tool.run not in _BUILTIN_RUNS:
+            problem = _result_problem(result)
+            if problem is not None:
+                return ToolResult.error(
+                    ErrorKind.INTERNAL, f"{name} failed: the tool returned {problem} (a bug in the tool)"
+                )
+            if result.error_kind is not None and type(result.error_kind) is not ErrorKind:
+                # Its value as a str ("tool_error"): equal to the kind, but not one where the kind's
+                # own attributes are read (the worker's metrics).
+                result = dataclasses.replace(result, error_kind=ErrorKind(result.error_kind))
+        return result

@@ -1,0 +1,47 @@
+"""A plugin tool's result of the wrong shape ends its call with an INTERNAL error that says what is
+wrong, whether the tool ran on a worker or in the server, and the session stays readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codelane.v1 import session_pb2, tools_pb2
+from tests.faulty_results_plugin import FAULTS
+from tests.session.conftest import call, kind, scripted
+
+PLUGIN = "tests.faulty_results_plugin"
+
+
+# On a worker, a str output reached the hub as an empty success. In the server, an unknown error
+# kind or an exit code past 32 bits failed every read of the session's events (SendMessage ended
+# UNKNOWN), and metadata JSON cannot write stopped the server's event log for good.
+@pytest.mark.parametrize("where", ["worker", "server"])
+async def test_a_plugins_malformed_result_is_an_error_saying_so(
+    make_server, workspace: Path, tmp_path: Path, where: str
+) -> None:
+    on_worker = where == "worker"
+    server = await make_server(local_workers=1 if on_worker else 0, local_worker_tools=[PLUGIN],
+                               local_fallback=not on_worker)
+    if on_worker:
+        await server.client.wait_workers("local-1")
+    calls = [call(name, f"c_{name}") for name in [*FAULTS, "kind_as_text"]]
+    session = await server.client.create(workspace, scripted(tmp_path, [{"text": "", "tool_calls": calls},
+                                                                         {"text": "Done."}]))
+    events = await server.client.send(session.session_id, "call them all")
+    assert kind(events[-1]) == "turn_finished", events[-1]
+
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+                if kind(e) == "tool_call_finished"}
+    history = {m.tool_call_id: m.tool_result for m in await server.client.history(session.session_id)
+               if m.role == session_pb2.MESSAGE_ROLE_TOOL}
+    stored, _ = await server.client.watch(session.session_id)
+    assert [kind(e) for e in stored] == [kind(e) for e in events]
+    for name, (_, says) in FAULTS.items():
+        for result in (finished[f"c_{name}"], history[f"c_{name}"]):
+            assert result.is_error and result.error_kind == tools_pb2.ERROR_KIND_INTERNAL, (name, result)
+            assert result.output.startswith(f"{name} failed: the tool returned ") and says in result.output, result
+    for result in (finished["c_kind_as_text"], history["c_kind_as_text"]):
+        assert result.error_kind == tools_pb2.ERROR_KIND_PATH_ESCAPE and result.output == "outside", result
+    assert {r.worker_id for r in finished.values()} == {"local-1" if on_worker else "local"}
