@@ -1,9 +1,11 @@
 """A tool plugin whose tools return what a ToolResult must not hold, as a third party's tool may
 by mistake: each tool is named after its fault. `kind_as_text` returns a sound result whose error
-kind is given as its text ("path_escape"), which is that kind."""
+kind is given as its text ("path_escape"), which is that kind. `exits` calls sys.exit, as a
+library's command-line code may."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolResult, ToolSpec
@@ -30,6 +32,11 @@ def _tool(name: str, value: Any) -> Tool:
     return Tool(ToolSpec(name, f"Returns {name}.", {"type": "object"}, Lane.QUERY, True), _returning(value))
 
 
+async def _exits(_ctx: ToolContext, _args: dict[str, Any]) -> ToolResult:
+    sys.exit("usage: lint [FILE]")
+
+
 TOOLS = [_tool(name, value) for name, (value, _) in FAULTS.items()] + [
     _tool("kind_as_text", ToolResult("outside", is_error=True, error_kind="path_escape")),  # type: ignore[arg-type]
+    Tool(ToolSpec("exits", "Calls sys.exit.", {"type": "object"}, Lane.QUERY, True), _exits),
 ]

@@ -340,7 +340,9 @@ class ToolRegistry:
             # The file system said no (a name too long, a file gone, a full disk): a plain error
             # the model can act on, not an internal failure.
             return ToolResult.error(ErrorKind.TOOL_ERROR, f"{name} failed: {exc.strerror or exc}")
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a plugin's library may call sys.exit (a command-line parser's usage
+            # error, say). It is no Exception, and went out of the event loop: the process exited.
             return ToolResult.error(ErrorKind.INTERNAL, f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")
         if tool.run not in _BUILTIN_RUNS:
             problem = _result_problem(result)

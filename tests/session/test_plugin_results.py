@@ -45,3 +45,27 @@ async def test_a_plugins_malformed_result_is_an_error_saying_so(
     for result in (finished["c_kind_as_text"], history["c_kind_as_text"]):
         assert result.error_kind == tools_pb2.ERROR_KIND_PATH_ESCAPE and result.output == "outside", result
     assert {r.worker_id for r in finished.values()} == {"local-1" if on_worker else "local"}
+
+
+# SystemExit is no Exception: it went past every handler, out of the event loop, and the process
+# (the worker, or the server itself) exited.
+@pytest.mark.parametrize("where", ["worker", "server"])
+async def test_a_plugin_that_calls_sys_exit_ends_its_call_not_the_process(
+    make_server, workspace: Path, tmp_path: Path, where: str
+) -> None:
+    on_worker = where == "worker"
+    server = await make_server(local_workers=1 if on_worker else 0, local_worker_tools=[PLUGIN],
+                               local_fallback=not on_worker)
+    if on_worker:
+        await server.client.wait_workers("local-1")
+    session = await server.client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("exits", "c1")]}, {"text": "Done."},
+        {"text": "", "tool_calls": [call("exits", "c2")]}, {"text": "Done again."},
+    ]))
+    for call_id in ("c1", "c2"):  # the same process runs the second call
+        events = await server.client.send(session.session_id, "lint")
+        assert kind(events[-1]) == "turn_finished" and not any(kind(e) == "worker_lost" for e in events), events
+        [result] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+        assert result.error_kind == tools_pb2.ERROR_KIND_INTERNAL and result.attempt == 1, (call_id, result)
+        assert result.output == "exits failed unexpectedly: SystemExit: usage: lint [FILE]", result
+        assert result.worker_id == ("local-1" if on_worker else "local")
