@@ -141,7 +141,8 @@ def available_tools(
     tools = {spec.name: spec for spec in registry.specs(Lane.EXECUTE)}
     ours = {spec.name: spec for spec in registry.specs(Lane.QUERY)}
     if local_fallback:
-        tools.update(ours)
+        # Not those that need a worker's labels (an accelerator): the server carries none.
+        tools.update({name: spec for name, spec in ours.items() if not spec.required_labels})
     for name, spec in pool.offered_tools().items():
         tools.setdefault(name, ours.get(name, spec))
     if policy is not None:
@@ -481,6 +482,8 @@ class Turn:
             )
         if builtin is None and worker_only_hint(name):
             return _no_worker(name, f"{name} was not run: no connected worker offers it")
+        if builtin is not None and builtin.spec.lane is Lane.QUERY and builtin.spec.required_labels:
+            return _no_worker(name, f"{name} was not run: {needs_labels(builtin.spec)}")
         if builtin is not None and builtin.spec.lane is Lane.QUERY and not ctx.local_fallback:
             return ToolResult.error(
                 ErrorKind.NO_WORKER,
@@ -583,8 +586,12 @@ class Turn:
                     problem = result.output
             elif not ctx.local_fallback:
                 return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
-        if ctx.registry.get(call.tool_name) is None:
+        tool = ctx.registry.get(call.tool_name)
+        if tool is None:
             return _no_worker(call.tool_name, problem)
+        if tool.spec.required_labels and call.tool_name not in ctx.local_query_tools:
+            # Its labels say what a host needs to run it (a GPU, say); the server carries none.
+            return _no_worker(call.tool_name, f"{call.tool_name} was not run: {needs_labels(tool.spec)}")
         call.running(LOCAL_WORKER_ID)
         if call.lane is not Lane.QUERY:
             self._no_write_running.clear()  # set again by _execute, once the rescan is asked for
@@ -678,6 +685,13 @@ def _store_failure(exc: Exception) -> bool:
 
 def _model_call(call: ToolCall) -> ModelToolCall:
     return ModelToolCall(call.call_id, call.tool_name, call.info.arguments_json)
+
+
+def needs_labels(spec: ToolSpec) -> str:
+    """Why a tool with required labels found nowhere to run, as the model and operator read it."""
+    labels = ", ".join(f"{key}={value}" for key, value in sorted(spec.required_labels.items()))
+    return (f"it runs only on workers labelled {labels}, and no connected worker carrying them offers it "
+            "(the session server does not run it itself)")
 
 
 def _no_worker(tool_name: str, problem: str) -> ToolResult:

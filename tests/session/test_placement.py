@@ -121,3 +121,34 @@ async def test_a_rule_the_server_cannot_follow_stops_it_before_it_listens(
     assert message in str(refused.value)
     assert server.port is None or server.port == 0
     assert not (tmp_path / "data").exists()
+
+
+# A tool's required labels say what a host needs to run it (gpu_info: gpu=true), and the server
+# carries none: with the tool's module given to the server (--tools, which is how local workers get
+# it) and no worker carrying the labels, the server offered it and ran it in-process, as "local".
+@pytest.mark.parametrize("local_workers", [0, 1], ids=["no-worker", "worker-without-the-labels"])
+async def test_a_tool_that_needs_workers_labels_never_runs_in_the_server(
+    make_server, workspace: Path, tmp_path: Path, local_workers: int
+) -> None:
+    served = await make_server(local_workers=local_workers, local_worker_tools=["benchmarks.plugin_tools"])
+    client = served.client
+    if local_workers:
+        await client.wait_workers(WORKER)
+    session = await client.create(workspace, scripted(tmp_path, [
+        {"tool_calls": [call("gpu_info", "c_gpu"), call("noop", "c_noop")]}, {"text": "done"}]))
+    listed = await client.sessions.ListTools(session_pb2.ListToolsRequest(session_id=session.session_id),
+                                             timeout=RPC_TIMEOUT)
+    tools = {tool.spec.name: tool for tool in listed.tools}
+    # Offered only while a worker offers it, and then to run there alone.
+    assert ("gpu_info" in tools) is bool(local_workers)
+    if local_workers:
+        assert tools["gpu_info"].runner == session_pb2.TOOL_RUNNER_WORKERS and not tools["gpu_info"].server_fallback
+    assert tools["noop"].server_fallback
+
+    events = await client.send(session.session_id, "go")
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result
+                for e in events if kind(e) == "tool_call_finished"}
+    gpu = finished["c_gpu"]
+    assert gpu.error_kind == tools_pb2.ERROR_KIND_NO_WORKER and gpu.worker_id != "local", gpu
+    assert "gpu worker pid" not in gpu.output and "labelled gpu=true" in gpu.output, gpu.output
+    assert not finished["c_noop"].is_error  # the module's other tools run here as before
