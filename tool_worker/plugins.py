@@ -35,7 +35,15 @@ class ToolHost:
     required_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def add_labels(self, labels: Mapping[str, str]) -> None:
-        """Labels the worker reports about itself (an accelerator, say); the operator's win."""
+        """Labels the worker reports about itself (an accelerator, say); the operator's win.
+        ValueError for a label that is not a str key and value, both printable: a value not a str
+        made the worker's Hello fail to encode (a traceback, at every start). Unlike `--labels`,
+        a value may hold spaces (a device's name)."""
+        for key, value in labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError(f"label {key!r}: {value!r} is not a str key and a str value")
+            if not key or not key.isprintable() or not value.isprintable():
+                raise ValueError(f"label {key!r}: {value!r} is empty or holds a control character")
         for key, value in labels.items():
             self.labels.setdefault(key, value)
 

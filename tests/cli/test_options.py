@@ -184,6 +184,8 @@ BROKEN_PLUGINS = {
     "syntax": ("def x(:\n", "failed to import: SyntaxError"),
     "raises": ("raise RuntimeError('no licence file')\n", "failed to import: RuntimeError: no licence file (at "),
     "load_tools": ("def load_tools(host):\n    raise OSError('no GPU')\n", "load_tools failed: OSError: no GPU"),
+    "labels": ("def load_tools(host):\n    host.add_labels({'gpu': True})\n    return []\n",
+               "load_tools failed: ValueError: label 'gpu': True is not a str key and a str value"),
     "not_json": (
         "from tool_worker.tools.base import Lane, Tool, ToolSpec\n"
         "TOOLS = [Tool(ToolSpec('t', 'd', {'type': 'object', 'default': {1}}, Lane.QUERY, True), None)]\n",
@@ -205,7 +207,7 @@ BROKEN_PLUGINS = {
 # The server never calls load_tools (tool_worker.plugins): only workers load what it loads.
 @pytest.mark.parametrize(("command", "plugin"), [
     (command, plugin) for command in ("worker", "server") for plugin in sorted(BROKEN_PLUGINS)
-    if (command, plugin) != ("server", "load_tools")
+    if command == "worker" or plugin not in ("load_tools", "labels")
 ])  # fmt: skip
 def test_a_tool_module_that_fails_is_one_line_and_exit_2(command: str, plugin: str, tmp_path: Path) -> None:
     source, says = BROKEN_PLUGINS[plugin]
