@@ -66,7 +66,7 @@ from session_server.store import StoredMessage, store_unavailable
 from session_server.telemetry import Telemetry, TurnObservation
 from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.confinement.protected import operator_denied_globs
-from tool_worker.effects import EVERYTHING, Effects, in_workspace
+from tool_worker.effects import EVERYTHING, Effects, EffectsFunction, in_workspace
 from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry, parse_arguments
 from tool_worker.telemetry import logs as log_context
@@ -466,8 +466,8 @@ class Turn:
             return EVERYTHING
         declared, workspace = tool.effects, str(self.ctx.workspace)
         if spec is not None and spec.lane is Lane.QUERY:
-            return lambda: in_workspace(declared(arguments), workspace)
-        return in_workspace(declared(arguments), workspace)
+            return lambda: _declared_effects(tool_name, declared, arguments, workspace)
+        return _declared_effects(tool_name, declared, arguments, workspace)
 
     def _unavailable(self, name: str, tools: dict[str, ToolSpec]) -> ToolResult:
         """Why a tool the model named is not offered, as the model should read it."""
@@ -675,6 +675,23 @@ class Turn:
         # for every write would wait as if ordered after them.
         await self._no_write_running.wait()
         return (await snapshots.current()).ref
+
+
+def _declared_effects(
+    tool_name: str, declared: EffectsFunction, arguments: dict[str, Any], workspace: str
+) -> Effects:
+    """What a tool declares its call touches; everything when the declaration fails. A plugin's
+    `effects` function that raised, or returned no Effects, ended the whole turn with an error,
+    its other calls cancelled unrun: the call is only ordered against every other one instead."""
+    try:
+        effects = declared(arguments)
+        if not isinstance(effects, Effects):
+            raise TypeError(f"it returned a {type(effects).__name__}, not Effects")
+        return in_workspace(effects, workspace)
+    except Exception:
+        log.warning("the effects of a %s call could not be worked out: it is ordered against every other call",
+                    tool_name, exc_info=True)
+        return EVERYTHING
 
 
 def _store_failure(exc: Exception) -> bool:

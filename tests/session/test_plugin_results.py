@@ -1,5 +1,7 @@
 """A plugin tool's result of the wrong shape ends its call with an INTERNAL error that says what is
-wrong, whether the tool ran on a worker or in the server, and the session stays readable."""
+wrong, whether the tool ran on a worker or in the server, and the session stays readable. A
+plugin's failing declarations (effects, cheaper_here) cost its call only what they would have
+saved."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from codelane.v1 import session_pb2, tools_pb2
+from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from tests.faulty_results_plugin import FAULTS
 from tests.session.conftest import call, kind, scripted
 
@@ -69,3 +71,23 @@ async def test_a_plugin_that_calls_sys_exit_ends_its_call_not_the_process(
         assert result.error_kind == tools_pb2.ERROR_KIND_INTERNAL and result.attempt == 1, (call_id, result)
         assert result.output == "exits failed unexpectedly: SystemExit: usage: lint [FILE]", result
         assert result.worker_id == ("local-1" if on_worker else "local")
+
+
+# The server works out each call's effects when the model's response arrives (an Execute call's) or
+# when it orders a Query call against an Execute one: a plugin's effects function that raised, or
+# returned no Effects, ended the whole turn with an error, every call of the response cancelled.
+@pytest.mark.parametrize("tool", ["effects_raise", "effects_not_effects", "execute_effects_raise"])
+async def test_a_plugins_failing_effects_order_its_call_against_everything(
+    make_server, workspace: Path, tmp_path: Path, tool: str
+) -> None:
+    server = await make_server(local_workers=0, local_worker_tools=["tests.faulty_hooks_plugin"])
+    session = await server.client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("write", "c_write", file_path="b.txt", content="x"), call(tool, "c_tool")]},
+        {"text": "Done."},
+    ]))
+    events = await server.client.send(session.session_id, "go")
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN, events[-1]
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+                if kind(e) == "tool_call_finished"}
+    assert finished["c_tool"].output == "ran" and not finished["c_write"].is_error, finished
+    assert (workspace / "b.txt").read_text() == "x"
