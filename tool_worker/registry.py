@@ -270,12 +270,18 @@ class ToolRegistry:
 
     def cheaper_here(self, name: str, workspace: Path | str, arguments_json: str) -> bool:
         """Whether this call of `name` costs less to run in this process than to send to a worker
-        (the tool's `cheaper_here`); False for a tool without one, or arguments it cannot read."""
+        (the tool's `cheaper_here`); False for a tool without one, arguments it cannot read, or an
+        estimate that fails."""
         tool = self.get(name)
         if tool is None or tool.cheaper_here is None:
             return False
         arguments, _ = parse_arguments(arguments_json)
-        return arguments is not None and tool.cheaper_here(Path(workspace), arguments)
+        try:
+            return arguments is not None and tool.cheaper_here(Path(workspace), arguments)
+        except Exception:
+            # A plugin's estimate that fails: the call goes to a worker, as with no estimate. It
+            # ended the call with an internal error, never run anywhere.
+            return False
 
     def specs(self, lane: Lane | None = None) -> list[ToolSpec]:
         """Specs of the registered tools (only those of `lane`, if given), sorted by name."""

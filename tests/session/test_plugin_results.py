@@ -91,3 +91,17 @@ async def test_a_plugins_failing_effects_order_its_call_against_everything(
                 if kind(e) == "tool_call_finished"}
     assert finished["c_tool"].output == "ran" and not finished["c_write"].is_error, finished
     assert (workspace / "b.txt").read_text() == "x"
+
+
+# The placement rule asks a tool whether a call costs less here than on a worker: a plugin's
+# answer that raised ended the call with an internal error, never run anywhere.
+async def test_a_plugins_failing_placement_estimate_sends_its_call_to_a_worker(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server = await make_server(local_workers=1, local_worker_tools=["tests.faulty_hooks_plugin"])
+    await server.client.wait_workers("local-1")
+    session = await server.client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("cheaper_raises", "c1")]}, {"text": "Done."}]))
+    events = await server.client.send(session.session_id, "go")
+    [result] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+    assert result.output == "ran" and result.worker_id == "local-1", result
