@@ -589,8 +589,9 @@ class Turn:
         tool = ctx.registry.get(call.tool_name)
         if tool is None:
             return _no_worker(call.tool_name, problem)
-        if tool.spec.required_labels and call.tool_name not in ctx.local_query_tools:
-            # Its labels say what a host needs to run it (a GPU, say); the server carries none.
+        if tool.spec.required_labels:
+            # Its labels say what a host needs to run it (a GPU, say); the server carries none
+            # (nor may --local-query-tools name it).
             return _no_worker(call.tool_name, f"{call.tool_name} was not run: {needs_labels(tool.spec)}")
         call.running(LOCAL_WORKER_ID)
         if call.lane is not Lane.QUERY:

@@ -108,8 +108,10 @@ async def test_with_the_rule_off_or_no_query_tools_here_a_small_read_goes_to_a_w
         ({"local_query_tools": ["red"]}, "'red' is not one of this server's Query tools (glob, grep, list_files"),
         ({"local_query_tools": ["bash"]}, "'bash' is not one of this server's Query tools"),
         ({"local_query_tools": ["read"], "local_fallback": False}, "which --no-local-fallback forbids"),
+        ({"local_query_tools": ["gpu_info"], "local_worker_tools": ["benchmarks.plugin_tools"]},
+         "'gpu_info' runs only on workers labelled gpu=true, and the server carries no labels"),
     ],
-    ids=["unknown", "execute-tool", "no-local-fallback"],
+    ids=["unknown", "execute-tool", "no-local-fallback", "needs-workers-labels"],
 )
 async def test_a_rule_the_server_cannot_follow_stops_it_before_it_listens(
     tmp_path: Path, overrides: dict, message: str
