@@ -66,7 +66,7 @@ from session_server.store import StoredMessage, store_unavailable
 from session_server.telemetry import Telemetry, TurnObservation
 from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.confinement.protected import operator_denied_globs
-from tool_worker.effects import EVERYTHING, Effects, in_workspace
+from tool_worker.effects import EVERYTHING, Effects, EffectsFunction, in_workspace
 from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry, parse_arguments
 from tool_worker.telemetry import logs as log_context
@@ -141,7 +141,8 @@ def available_tools(
     tools = {spec.name: spec for spec in registry.specs(Lane.EXECUTE)}
     ours = {spec.name: spec for spec in registry.specs(Lane.QUERY)}
     if local_fallback:
-        tools.update(ours)
+        # Not those that need a worker's labels (an accelerator): the server carries none.
+        tools.update({name: spec for name, spec in ours.items() if not spec.required_labels})
     for name, spec in pool.offered_tools().items():
         tools.setdefault(name, ours.get(name, spec))
     if policy is not None:
@@ -460,8 +461,8 @@ class Turn:
             return EVERYTHING
         declared, workspace = tool.effects, str(self.ctx.workspace)
         if spec is not None and spec.lane is Lane.QUERY:
-            return lambda: in_workspace(declared(arguments), workspace)
-        return in_workspace(declared(arguments), workspace)
+            return lambda: _declared_effects(tool_name, declared, arguments, workspace)
+        return _declared_effects(tool_name, declared, arguments, workspace)
 
     def _unavailable(self, name: str, tools: dict[str, ToolSpec]) -> ToolResult:
         """Why a tool the model named is not offered, as the model should read it."""
@@ -476,6 +477,8 @@ class Turn:
             )
         if builtin is None and worker_only_hint(name):
             return _no_worker(name, f"{name} was not run: no connected worker offers it")
+        if builtin is not None and builtin.spec.lane is Lane.QUERY and builtin.spec.required_labels:
+            return _no_worker(name, f"{name} was not run: {needs_labels(builtin.spec)}")
         if builtin is not None and builtin.spec.lane is Lane.QUERY and not ctx.local_fallback:
             return ToolResult.error(
                 ErrorKind.NO_WORKER,
@@ -578,8 +581,13 @@ class Turn:
                     problem = result.output
             elif not ctx.local_fallback:
                 return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
-        if ctx.registry.get(call.tool_name) is None:
+        tool = ctx.registry.get(call.tool_name)
+        if tool is None:
             return _no_worker(call.tool_name, problem)
+        if tool.spec.required_labels:
+            # Its labels say what a host needs to run it (a GPU, say); the server carries none
+            # (nor may --local-query-tools name it).
+            return _no_worker(call.tool_name, f"{call.tool_name} was not run: {needs_labels(tool.spec)}")
         call.running(LOCAL_WORKER_ID)
         if call.lane is not Lane.QUERY:
             self._no_write_running.clear()  # set again by _execute, once the rescan is asked for
@@ -665,6 +673,23 @@ class Turn:
         return (await snapshots.current()).ref
 
 
+def _declared_effects(
+    tool_name: str, declared: EffectsFunction, arguments: dict[str, Any], workspace: str
+) -> Effects:
+    """What a tool declares its call touches; everything when the declaration fails. A plugin's
+    `effects` function that raised, or returned no Effects, ended the whole turn with an error,
+    its other calls cancelled unrun: the call is only ordered against every other one instead."""
+    try:
+        effects = declared(arguments)
+        if not isinstance(effects, Effects):
+            raise TypeError(f"it returned a {type(effects).__name__}, not Effects")
+        return in_workspace(effects, workspace)
+    except Exception:
+        log.warning("the effects of a %s call could not be worked out: it is ordered against every other call",
+                    tool_name, exc_info=True)
+        return EVERYTHING
+
+
 def _store_failure(exc: Exception) -> bool:
     """Whether the store refused its work (SQLite said so), as opposed to the server misusing it
     (ProgrammingError, InterfaceError: a bug, reported INTERNAL with its traceback)."""
@@ -673,6 +698,13 @@ def _store_failure(exc: Exception) -> bool:
 
 def _model_call(call: ToolCall) -> ModelToolCall:
     return ModelToolCall(call.call_id, call.tool_name, call.info.arguments_json)
+
+
+def needs_labels(spec: ToolSpec) -> str:
+    """Why a tool with required labels found nowhere to run, as the model and operator read it."""
+    labels = ", ".join(f"{key}={value}" for key, value in sorted(spec.required_labels.items()))
+    return (f"it runs only on workers labelled {labels}, and no connected worker carrying them offers it "
+            "(the session server does not run it itself)")
 
 
 def _no_worker(tool_name: str, problem: str) -> ToolResult:

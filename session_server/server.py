@@ -104,6 +104,10 @@ def _check_local_query_tools(config: ServerConfig, registry: ToolRegistry) -> No
             raise ServerConfigError(
                 f"--local-query-tools: {name!r} is not one of this server's Query tools ({offered})"
             )
+        if tool.spec.required_labels:
+            labels = ", ".join(f"{key}={value}" for key, value in sorted(tool.spec.required_labels.items()))
+            raise ServerConfigError(f"--local-query-tools: {name!r} runs only on workers labelled {labels}, and "
+                                    "the server carries no labels")
     if config.local_query_tools and not config.local_fallback:
         raise ServerConfigError("--local-query-tools runs Query tools in-process, which --no-local-fallback forbids: "
                                 "choose one")

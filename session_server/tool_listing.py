@@ -47,8 +47,10 @@ def session_tools(
         worker_ids = tuple(sorted(offering.get(name, ())))
         # As Turn._run_internal decides: Execute calls run here; Query calls go to a worker when
         # one offers the tool (unless the placement rule keeps the tool here), and run here when
-        # none can and the server has the tool itself.
-        server_fallback = spec.lane is Lane.QUERY and local_fallback and registry.get(name) is not None
+        # none can and the server has the tool itself (one needing workers' labels excepted).
+        ours = registry.get(name)
+        server_fallback = (spec.lane is Lane.QUERY and local_fallback and ours is not None
+                           and not ours.spec.required_labels)
         if mode is LaneMode.EXTERNAL:
             runner = Runner.EXTERNAL_CLIENT
         elif spec.lane is Lane.QUERY and worker_ids and name not in local_query_tools:

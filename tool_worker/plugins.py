@@ -9,6 +9,10 @@ A tool module (`codelane worker --tools MODULE`) exposes either
   they say Hello; it returns no tools when what they need is missing (and logs why), so a worker
   never offers a tool it cannot run. The session server never calls it, so it never loads what
   such tools load.
+
+A tool's `run` returns a `ToolResult` (a str output, an `ErrorKind` or None, a 32-bit exit code,
+metadata JSON can write): anything else ends the call with an INTERNAL error saying what was
+wrong with it, wherever the tool ran.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ class ToolHost:
     required_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def add_labels(self, labels: Mapping[str, str]) -> None:
-        """Labels the worker reports about itself (an accelerator, say); the operator's win."""
+        """Labels the worker reports about itself (an accelerator, say); the operator's win.
+        ValueError for a label that is not a str key and value, both printable: a value not a str
+        made the worker's Hello fail to encode (a traceback, at every start). Unlike `--labels`,
+        a value may hold spaces (a device's name)."""
+        for key, value in labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError(f"label {key!r}: {value!r} is not a str key and a str value")
+            if not key or not key.isprintable() or not value.isprintable():
+                raise ValueError(f"label {key!r}: {value!r} is empty or holds a control character")
         for key, value in labels.items():
             self.labels.setdefault(key, value)
 

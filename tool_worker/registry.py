@@ -11,8 +11,10 @@ import dataclasses
 import functools
 import importlib
 import json
+import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,79 @@ _BUILTIN_TOOLS: tuple[Tool, ...] = (
     move.TOOL,
     copy.TOOL,
 )
+
+
+# What OpenAI and Anthropic accept as a tool name (the hub refuses a worker's other names): a
+# name outside it would fail every model request of every session it is offered to.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _spec_problem(spec: ToolSpec) -> str | None:
+    """What makes a plugin's spec one no model request or Hello can carry, as a phrase that
+    follows "its spec"; None when it is sound. A worker found out only when its Hello failed to
+    encode: a traceback, after connecting, and the hub never heard why."""
+    if not isinstance(spec.name, str) or not TOOL_NAME.fullmatch(spec.name):
+        return "name is not 1-64 letters, digits, '_' or '-' (what model APIs accept)"
+    if not isinstance(spec.description, str):
+        return f"description is a {type(spec.description).__name__}, not a str"
+    if not isinstance(spec.lane, Lane):
+        return f"lane is {spec.lane!r}, not a Lane (Lane.QUERY or Lane.EXECUTE)"
+    if not isinstance(spec.idempotent, bool):
+        return f"idempotent is a {type(spec.idempotent).__name__}, not a bool"
+    labels = spec.required_labels
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "required_labels is not a mapping of str to str"
+    if not isinstance(spec.parameters, Mapping):
+        return f"parameters is a {type(spec.parameters).__name__}, not a JSON Schema object (a dict)"
+    try:
+        spec.parameters_json()
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"parameters cannot be written as JSON ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception raised by a plugin's own code, in one line: its type, message and the line of
+    the plugin that raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+# The built-ins' own functions: their results are right by construction, and are not checked
+# on the hot path as a plugin's are (`_result_problem`).
+_BUILTIN_RUNS = frozenset(tool.run for tool in _BUILTIN_TOOLS)
+_ERROR_KINDS = frozenset(ErrorKind)
+INT32 = range(-(2**31), 2**31)
+
+
+def _result_problem(result: Any) -> str | None:
+    """What makes a plugin tool's result one codelane cannot carry, as a phrase that follows "the
+    tool returned"; None when it is sound.
+
+    A result is sent to the hub, stored in the session's events and history and read by the model:
+    a wrong type went wrong far from the tool. On a worker a str output reached the hub as an
+    empty success; run in the server, an unknown error kind or an exit code past 32 bits failed
+    every read of the session's events, and metadata JSON cannot write stopped the event log."""
+    if not isinstance(result, ToolResult):
+        return f"a {type(result).__name__}, not a ToolResult"
+    if type(result.output) is not str:
+        return f"a ToolResult whose output is a {type(result.output).__name__}, not a str"
+    if type(result.is_error) is not bool or type(result.truncated) is not bool:
+        return "a ToolResult whose is_error or truncated is not a bool"
+    if result.error_kind is not None and result.error_kind not in _ERROR_KINDS:
+        return f"a ToolResult whose error_kind {result.error_kind!r} is not an ErrorKind"
+    if result.exit_code is not None and (type(result.exit_code) is not int or result.exit_code not in INT32):
+        return f"a ToolResult whose exit_code {result.exit_code!r} is not a 32-bit int"
+    if not isinstance(result.metadata, dict):
+        return f"a ToolResult whose metadata is a {type(result.metadata).__name__}, not a dict"
+    if result.metadata:
+        try:
+            # As the worker sends it (tool_worker.wire): what JSON has no type for is its text.
+            json.dumps(result.metadata, default=str)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return f"a ToolResult whose metadata JSON cannot write ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _integral(value: Any) -> Any:
@@ -116,8 +191,14 @@ class ToolRegistry:
         return cls(_BUILTIN_TOOLS, sandbox)
 
     def register(self, tool: Tool) -> None:
-        """Add one tool; ValueError if its name is taken or its parameters are not a valid schema
-        (or refer to what they do not hold: see `schemas.check`)."""
+        """Add one tool; ValueError if its name is taken, its spec holds what a model request or a
+        Hello cannot carry, or its parameters are not a valid schema (or refer to what they do not
+        hold: see `schemas.check`)."""
+        if not isinstance(tool, Tool):
+            raise ValueError(f"{tool!r} is not a Tool")
+        problem = _spec_problem(tool.spec)
+        if problem is not None:
+            raise ValueError(f"tool {tool.spec.name!r} cannot be offered: its {problem}")
         if tool.name in self._entries:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
         parameters = tool.spec.parameters
@@ -133,14 +214,24 @@ class ToolRegistry:
         `tool_worker.plugins`). A module with only `load_tools` registers nothing without a host.
 
         Nothing is registered unless all of them can be: ValueError when the module has neither,
-        when an entry is not a Tool, or when a name repeats (within it or with a tool already here).
+        when an entry is not a Tool, when a name repeats (within it or with a tool already here),
+        or when the module's own code fails (its import, or `load_tools`), saying how in one line;
+        ImportError when it, or what it imports, is not installed.
         """
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise
+        except Exception as exc:  # a SyntaxError, a RuntimeError of its own: the plugin's bug, said in one line
+            raise ValueError(f"tool plugin {module_name!r} failed to import: {_failure(exc)}") from exc
         load_tools = getattr(module, "load_tools", None)
         if callable(load_tools):
             if host is None:
                 return
-            tools = load_tools(host)
+            try:
+                tools = load_tools(host)
+            except Exception as exc:
+                raise ValueError(f"tool plugin {module_name!r}: load_tools failed: {_failure(exc)}") from exc
         else:
             tools = getattr(module, "TOOLS", None)
         if tools is None:
@@ -152,6 +243,11 @@ class ToolRegistry:
             raise ValueError(f"{module_name}.TOOLS must be a list of Tool objects")
         seen: set[str] = set()
         for tool in tools:
+            problem = _spec_problem(tool.spec)
+            if problem is not None:
+                raise ValueError(
+                    f"tool plugin {module_name!r}: tool {tool.spec.name!r} cannot be offered: its {problem}"
+                )
             if tool.name in self._entries or tool.name in seen:
                 raise ValueError(f"tool plugin {module_name!r}: a tool named {tool.name!r} already exists")
             seen.add(tool.name)
@@ -174,12 +270,18 @@ class ToolRegistry:
 
     def cheaper_here(self, name: str, workspace: Path | str, arguments_json: str) -> bool:
         """Whether this call of `name` costs less to run in this process than to send to a worker
-        (the tool's `cheaper_here`); False for a tool without one, or arguments it cannot read."""
+        (the tool's `cheaper_here`); False for a tool without one, arguments it cannot read, or an
+        estimate that fails."""
         tool = self.get(name)
         if tool is None or tool.cheaper_here is None:
             return False
         arguments, _ = parse_arguments(arguments_json)
-        return arguments is not None and tool.cheaper_here(Path(workspace), arguments)
+        try:
+            return arguments is not None and tool.cheaper_here(Path(workspace), arguments)
+        except Exception:
+            # A plugin's estimate that fails: the call goes to a worker, as with no estimate. It
+            # ended the call with an internal error, never run anywhere.
+            return False
 
     def specs(self, lane: Lane | None = None) -> list[ToolSpec]:
         """Specs of the registered tools (only those of `lane`, if given), sorted by name."""
@@ -237,12 +339,25 @@ class ToolRegistry:
             # jsonschema counts 3.0 as an integer; tools index and slice with their integers.
             arguments = {key: _integral(value) for key, value in arguments.items()}
         try:
-            return await tool.run(_context(workspace, denied_paths, self.sandbox, policy), arguments)
+            result = await tool.run(_context(workspace, denied_paths, self.sandbox, policy), arguments)
         except ToolFailure as exc:
             return ToolResult.error(exc.kind, str(exc))
         except OSError as exc:
             # The file system said no (a name too long, a file gone, a full disk): a plain error
             # the model can act on, not an internal failure.
             return ToolResult.error(ErrorKind.TOOL_ERROR, f"{name} failed: {exc.strerror or exc}")
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a plugin's library may call sys.exit (a command-line parser's usage
+            # error, say). It is no Exception, and went out of the event loop: the process exited.
             return ToolResult.error(ErrorKind.INTERNAL, f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")
+        if tool.run not in _BUILTIN_RUNS:
+            problem = _result_problem(result)
+            if problem is not None:
+                return ToolResult.error(
+                    ErrorKind.INTERNAL, f"{name} failed: the tool returned {problem} (a bug in the tool)"
+                )
+            if result.error_kind is not None and type(result.error_kind) is not ErrorKind:
+                # Its value as a str ("tool_error"): equal to the kind, but not one where the kind's
+                # own attributes are read (the worker's metrics).
+                result = dataclasses.replace(result, error_kind=ErrorKind(result.error_kind))
+        return result

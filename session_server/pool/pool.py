@@ -429,7 +429,11 @@ class WorkerPool:
             pending.future.set_result(result)
 
     def _no_worker_result(self, call: QueryCall) -> ToolResult:
+        spec = self._workers.offered_tools().get(call.tool_name)
+        labels = {**(spec.required_labels if spec is not None else {}), **call.required_labels}
+        # Workers may offer the tool without the labels it needs: say which, or it reads as a bug.
+        needs = f" (it needs a worker labelled {', '.join(f'{k}={v}' for k, v in sorted(labels.items()))})"
         return ToolResult.error(
             ErrorKind.NO_WORKER,
-            f"no connected worker can run {call.tool_name} for workspace {call.workspace}",
+            f"no connected worker can run {call.tool_name} for workspace {call.workspace}{needs if labels else ''}",
         )

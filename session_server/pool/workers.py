@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from session_server.pool.types import (
     WorkspaceHeld,
 )
 from tool_worker.merkle import Holding
+from tool_worker.registry import TOOL_NAME
 from tool_worker.tools.base import Lane, ToolSpec
 
 if TYPE_CHECKING:
@@ -64,10 +64,6 @@ MAX_ROOT_BYTES = 4096
 
 # Longest worker_id, hostname or version a Hello may carry.
 MAX_IDENTITY_CHARS = 256
-
-# What OpenAI and Anthropic accept as a tool name: a name outside it would fail every model
-# request of every session that is offered the tool.
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def validate_registration(reg: WorkerRegistration, server_execute_tools: frozenset[str] = frozenset()) -> None:

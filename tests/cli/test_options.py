@@ -3,14 +3,16 @@ stderr and exit 2, before anything starts; a server refuses at start what would 
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 from codelane.transport import parse_address
 from tests.certs import Certs, make_certs
-from tests.cli.conftest import cli
+from tests.cli.conftest import cli, cli_env
 
 MISSING = "/no/such/file.pem"
 
@@ -177,3 +179,49 @@ def test_old_spellings_still_work_with_a_deprecation_line(model: str, workspace:
     out = cli("run", "--embedded", "--workers", "0", "--workspace", str(workspace), "--model", model, "--json", "go")
     assert out.returncode == 0, out.stderr
     assert out.stderr == "codelane run: --workers is deprecated: use --local-workers\n"
+
+
+# A tool module (`--tools`) whose own code fails, as a third party's may: each was a traceback and
+# exit 1 (the worker's with a Tool whose schema JSON cannot hold, only once it said Hello).
+BROKEN_PLUGINS = {
+    "syntax": ("def x(:\n", "failed to import: SyntaxError"),
+    "raises": ("raise RuntimeError('no licence file')\n", "failed to import: RuntimeError: no licence file (at "),
+    "load_tools": ("def load_tools(host):\n    raise OSError('no GPU')\n", "load_tools failed: OSError: no GPU"),
+    "labels": ("def load_tools(host):\n    host.add_labels({'gpu': True})\n    return []\n",
+               "load_tools failed: ValueError: label 'gpu': True is not a str key and a str value"),
+    "not_json": (
+        "from tool_worker.tools.base import Lane, Tool, ToolSpec\n"
+        "TOOLS = [Tool(ToolSpec('t', 'd', {'type': 'object', 'default': {1}}, Lane.QUERY, True), None)]\n",
+        "tool 't' cannot be offered: its parameters cannot be written as JSON (TypeError",
+    ),
+    "bad_name": (
+        "from tool_worker.tools.base import Lane, Tool, ToolSpec\n"
+        "TOOLS = [Tool(ToolSpec('look up', 'd', {'type': 'object'}, Lane.QUERY, True), None)]\n",
+        "tool 'look up' cannot be offered: its name is not 1-64 letters, digits, '_' or '-'",
+    ),
+    "bad_lane": (
+        "from tool_worker.tools.base import Tool, ToolSpec\n"
+        "TOOLS = [Tool(ToolSpec('t', 'd', {'type': 'object'}, 'Query', True), None)]\n",
+        "tool 't' cannot be offered: its lane is 'Query', not a Lane",
+    ),
+}
+
+
+# The server never calls load_tools (tool_worker.plugins): only workers load what it loads.
+@pytest.mark.parametrize(("command", "plugin"), [
+    (command, plugin) for command in ("worker", "server") for plugin in sorted(BROKEN_PLUGINS)
+    if command == "worker" or plugin not in ("load_tools", "labels")
+])  # fmt: skip
+def test_a_tool_module_that_fails_is_one_line_and_exit_2(command: str, plugin: str, tmp_path: Path) -> None:
+    source, says = BROKEN_PLUGINS[plugin]
+    module = f"broken_{plugin}"
+    (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+    env = cli_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    if command == "worker":
+        argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+    else:
+        argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+    out = cli(*argv, "--tools", module, timeout=60, env=env)
+    assert out.returncode == 2, out
+    assert out.stderr.startswith(f"codelane {command}: cannot load tools: ") and says in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

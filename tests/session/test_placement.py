@@ -108,8 +108,10 @@ async def test_with_the_rule_off_or_no_query_tools_here_a_small_read_goes_to_a_w
         ({"local_query_tools": ["red"]}, "'red' is not one of this server's Query tools (glob, grep, list_files"),
         ({"local_query_tools": ["bash"]}, "'bash' is not one of this server's Query tools"),
         ({"local_query_tools": ["read"], "local_fallback": False}, "which --no-local-fallback forbids"),
+        ({"local_query_tools": ["gpu_info"], "local_worker_tools": ["benchmarks.plugin_tools"]},
+         "'gpu_info' runs only on workers labelled gpu=true, and the server carries no labels"),
     ],
-    ids=["unknown", "execute-tool", "no-local-fallback"],
+    ids=["unknown", "execute-tool", "no-local-fallback", "needs-workers-labels"],
 )
 async def test_a_rule_the_server_cannot_follow_stops_it_before_it_listens(
     tmp_path: Path, overrides: dict, message: str
@@ -121,3 +123,34 @@ async def test_a_rule_the_server_cannot_follow_stops_it_before_it_listens(
     assert message in str(refused.value)
     assert server.port is None or server.port == 0
     assert not (tmp_path / "data").exists()
+
+
+# A tool's required labels say what a host needs to run it (gpu_info: gpu=true), and the server
+# carries none: with the tool's module given to the server (--tools, which is how local workers get
+# it) and no worker carrying the labels, the server offered it and ran it in-process, as "local".
+@pytest.mark.parametrize("local_workers", [0, 1], ids=["no-worker", "worker-without-the-labels"])
+async def test_a_tool_that_needs_workers_labels_never_runs_in_the_server(
+    make_server, workspace: Path, tmp_path: Path, local_workers: int
+) -> None:
+    served = await make_server(local_workers=local_workers, local_worker_tools=["benchmarks.plugin_tools"])
+    client = served.client
+    if local_workers:
+        await client.wait_workers(WORKER)
+    session = await client.create(workspace, scripted(tmp_path, [
+        {"tool_calls": [call("gpu_info", "c_gpu"), call("noop", "c_noop")]}, {"text": "done"}]))
+    listed = await client.sessions.ListTools(session_pb2.ListToolsRequest(session_id=session.session_id),
+                                             timeout=RPC_TIMEOUT)
+    tools = {tool.spec.name: tool for tool in listed.tools}
+    # Offered only while a worker offers it, and then to run there alone.
+    assert ("gpu_info" in tools) is bool(local_workers)
+    if local_workers:
+        assert tools["gpu_info"].runner == session_pb2.TOOL_RUNNER_WORKERS and not tools["gpu_info"].server_fallback
+    assert tools["noop"].server_fallback
+
+    events = await client.send(session.session_id, "go")
+    finished = {e.tool_call_finished.call_id: e.tool_call_finished.result
+                for e in events if kind(e) == "tool_call_finished"}
+    gpu = finished["c_gpu"]
+    assert gpu.error_kind == tools_pb2.ERROR_KIND_NO_WORKER and gpu.worker_id != "local", gpu
+    assert "gpu worker pid" not in gpu.output and "labelled gpu=true" in gpu.output, gpu.output
+    assert not finished["c_noop"].is_error  # the module's other tools run here as before

@@ -203,3 +203,14 @@ def test_required_labels_are_added_to_a_tools_spec(registry: ToolRegistry) -> No
     assert registry.get("grep").spec.required_labels == {}  # another registry is untouched
     with pytest.raises(KeyError):
         own.require_labels("nope", {"zone": "eu"})
+
+
+@pytest.mark.parametrize("labels", [{"gpu": True}, {"cuda": 12}, {"zone": "eu\nwest"}, {"": "x"}])
+def test_a_plugins_labels_must_be_printable_text(labels: dict, tmp_path: Path) -> None:
+    # A value not a str failed the worker's Hello (a traceback at every start).
+    host = ToolHost(cache_dir=tmp_path, labels={"zone": "operator"})
+    with pytest.raises(ValueError, match="label"):
+        host.add_labels(labels)
+    assert host.labels == {"zone": "operator"}
+    host.add_labels({"accelerator_name": "NVIDIA A100-SXM4-80GB"})  # a device's name, spaces and all
+    assert host.labels["accelerator_name"] == "NVIDIA A100-SXM4-80GB"
