@@ -8,20 +8,31 @@ blocking urlopen and no timeout: an `http://` `$ref` stood the server's event lo
 references must resolve within the schema itself (`check` refuses it otherwise), and validators
 are given a registry that retrieves nothing, so no schema can make a process fetch a URL or read a
 file.
+
+jsonschema matches `pattern` and `patternProperties` with Python's `re`, a backtracking engine:
+a worker's `{"pattern": "^(a+)+$"}` and a model's 35-character argument held the server's event
+loop for minutes (a thread would not help: `re` holds the GIL). Validators here match them with
+RE2, in time linear in the input, and `check` refuses a pattern RE2 does not take (backreferences,
+lookaround) and the one use of patterns left to jsonschema's `re`: `patternProperties` in a schema
+that also has `unevaluatedProperties`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
+import re2
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from referencing import Registry, Resource
 from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT202012
+
+from tool_worker.tools.globs import re2_text
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +52,67 @@ def _retrieve_nothing(uri: str) -> NoReturn:
 NO_RETRIEVAL: Registry[Any] = Registry(retrieve=_retrieve_nothing)  # type: ignore[call-arg]
 
 
+_QUIET = re2.Options()
+_QUIET.log_errors = False  # a pattern RE2 refuses is said in the refusal, not on stderr
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> Any:
+    """`pattern` compiled by RE2 (re2.error when RE2 does not take it)."""
+    return re2.compile(re2_text(pattern), options=_QUIET)
+
+
+def _search(pattern: str, text: str) -> bool:
+    return _regex(pattern).search(re2_text(text)) is not None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: Mapping[str, Any], instance: Any,
+                        schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+_additional_properties_of_jsonschema = Draft202012Validator.VALIDATORS["additionalProperties"]
+
+
+def _additional_properties(validator: Any, additional: Any, instance: Any,
+                           schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+    """jsonschema's own, unless patternProperties beside it would be matched with `re`."""
+    if "patternProperties" not in schema:
+        yield from _additional_properties_of_jsonschema(validator, additional, instance, schema)
+        return
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = list(schema["patternProperties"])
+    extras = [key for key in instance if key not in properties and not any(_search(p, key) for p in patterns)]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        names = ", ".join(map(repr, sorted(extras)))
+        regexes = ", ".join(map(repr, sorted(schema["patternProperties"])))
+        yield ValidationError(f"{names} {'does' if len(extras) == 1 else 'do'} not match any of the regexes: {regexes}")
+
+
+_Validator = validators.extend(Draft202012Validator, {
+    "pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties,
+})
+
+
 def compile_validator(parameters: Mapping[str, Any]) -> Draft202012Validator:
-    """A validator of `parameters` that resolves references only within it."""
-    return Draft202012Validator(parameters, registry=_own_registry(DRAFT202012.create_resource(parameters)))
+    """A validator of `parameters` that resolves references only within it, and matches its
+    patterns with RE2."""
+    return _Validator(parameters, registry=_own_registry(DRAFT202012.create_resource(parameters)))
 
 
 def _own_registry(root: Resource[Any]) -> Registry[Any]:
@@ -67,7 +136,7 @@ def check(parameters: Mapping[str, Any]) -> None:
         # The check recurses per level of the schema: a few hundred levels of "not" are a bad
         # schema, not an error of the process checking it.
         raise ValueError("is nested too deeply to check") from None
-    problem = _reference_problem(parameters)
+    problem = _reference_problem(parameters) or _pattern_problem(parameters)
     if problem is not None:
         raise ValueError(problem)
     allowed = parameters.get("type", "object")
@@ -113,6 +182,39 @@ def _reference_problem(parameters: Mapping[str, Any]) -> str | None:
             pending.append((Resource.from_contents(resolved.contents, DRAFT202012), resolved.resolver))
         for subresource in resource.subresources():
             pending.append((subresource, resolver.in_subresource(subresource)))
+    return None
+
+
+def _pattern_problem(parameters: Mapping[str, Any]) -> str | None:
+    """Why a pattern of `parameters` cannot be matched in linear time (see the module); None when
+    all can. Every object of the schema is looked at: a `pattern` that is only a property's name
+    (`"properties": {"pattern": {...}}`) is an object, not a string, and is passed by."""
+    pending: list[Any] = [parameters]
+    evaluates_unevaluated = uses_pattern_properties = False
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+            continue
+        if not isinstance(node, Mapping):
+            continue
+        pattern = node.get("pattern")
+        patterns = [pattern] if isinstance(pattern, str) else []
+        if isinstance(node.get("patternProperties"), Mapping):
+            uses_pattern_properties = True
+            patterns += [key for key in node["patternProperties"] if isinstance(key, str)]
+        evaluates_unevaluated = evaluates_unevaluated or "unevaluatedProperties" in node
+        for each in patterns:
+            try:
+                _regex(each)
+            except re2.error as exc:
+                why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+                return (f"has the pattern {_quoted(each)}, which RE2 does not take ({why}): codelane matches "
+                        "patterns in linear time, without backreferences or lookaround")
+        pending.extend(node.values())
+    if evaluates_unevaluated and uses_pattern_properties:
+        return ("has patternProperties and unevaluatedProperties together, which codelane cannot check in "
+                "linear time: drop one of them")
     return None
 
 

@@ -231,3 +231,61 @@ def test_a_plugin_tool_whose_schema_refers_outside_itself_is_not_registered(list
         ToolRegistry([Tool(spec=spec, run=run)])
     assert repr(remote) in str(caught.value)
     assert listener.connections == 0
+
+
+# -- patterns ------------------------------------------------------------------------------------
+# jsonschema matched a schema's patterns with Python's `re`, which backtracks: a worker's
+# `^(a+)+$` and a model's argument of 35 characters held the server's event loop for minutes, 100
+# characters for ever (2^100 steps). Now they are matched by RE2, in linear time.
+
+BACKTRACKING = {"type": "object", "properties": {"word": {"type": "string", "pattern": "^(a+)+$"}},
+                "patternProperties": {"^(x+)+$": {"type": "integer"}}, "additionalProperties": False}
+
+
+async def test_a_pattern_that_backtracks_without_end_is_matched_in_linear_time(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    events, received = await _turn_with_a_raw_worker(
+        make_server, workspace, tmp_path, [_spec("probe", BACKTRACKING)],
+        [call("probe", "bad", word="a" * 100 + "!"), call("probe", "keys", **{"x" * 100 + "!": 1}),
+         call("probe", "good", word="aaaa", xxx=3)],
+    )
+    results = _results(events)
+    assert results["bad"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert "does not match '^(a+)+$'" in results["bad"].output
+    assert results["keys"].error_kind == tools_pb2.ERROR_KIND_INVALID_ARGUMENTS
+    assert "does not match any of the regexes: '^(x+)+$'" in results["keys"].output
+    assert results["good"].output == "ran probe"
+    assert received == ['{"word": "aaaa", "xxx": 3}']
+
+
+@pytest.mark.parametrize(("schema", "says"), [
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(a)\\1"}}}, "RE2 does not take"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a(?=b)"}}}, "RE2 does not take"),
+    ({"type": "object", "patternProperties": {"(?<!x)y": {}}}, "RE2 does not take"),
+    ({"type": "object", "patternProperties": {"^a": {}}, "allOf": [{"unevaluatedProperties": False}]},
+     "patternProperties and unevaluatedProperties together"),
+])  # fmt: skip
+async def test_a_hello_whose_patterns_cannot_be_matched_in_linear_time_is_refused(
+    make_server, schema: dict[str, Any], says: str
+) -> None:
+    server = await make_server()
+    hello = worker_pb2.Hello(worker_id="pattern-probe", slots=1, tools=[_spec("probe", schema)])
+    async with grpc.aio.insecure_channel(server.client.address) as channel:
+        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        await stream.write(worker_pb2.ConnectRequest(hello=hello))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(stream.read(), BOUND)
+    error = error_details(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO")
+    assert "'probe'" in error.message and says in error.message
+    assert server.server.pool.workers() == []
+
+
+def test_a_property_named_pattern_is_no_pattern() -> None:
+    # grep's own schema has a property called "pattern": an object, not a regex to check.
+    spec = ToolSpec(name="probe", description="", lane=Lane.QUERY, idempotent=True, parameters={
+        "type": "object", "properties": {"pattern": {"type": "string", "pattern": "^[a-z]+$"}}})
+    checker = ArgumentChecker()
+    assert checker.problem(spec, {"pattern": "abc"}) is None
+    assert "does not match" in (checker.problem(spec, {"pattern": "ABC"}) or "")

@@ -167,7 +167,7 @@ class _Linear:
 
     def __init__(self, source: str) -> None:
         try:
-            compiled = re2.compile("(?s)" + _utf8(source))
+            compiled = re2.compile("(?s)" + re2_text(source))
         except re2.error as exc:
             raise re.error(f"{exc}") from None
         # The wrapper's fullmatch builds its match object in several Python steps (3.5 us a path:
@@ -176,7 +176,7 @@ class _Linear:
         self._match = functools.partial(compiled._regexp.Match, re2._Anchor.ANCHOR_BOTH)
 
     def fullmatch(self, text: str) -> bool | None:
-        data = _utf8(text).encode()
+        data = re2_text(text).encode()
         # Spans of the match, (-1, -1) for none.
         return True if self._match(data, 0, len(data))[0][0] >= 0 else None
 
@@ -184,7 +184,9 @@ class _Linear:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def _utf8(text: str) -> str:
+def re2_text(text: str) -> str:
+    """`text` as RE2 can take it: UTF-8, which a lone surrogate (a JSON `\\ud800` escape, a file
+    name that is not UTF-8) is not, so each is U+FFFD, one character for one."""
     if text.isascii():
         return text
     try:

@@ -194,11 +194,14 @@ class Hello(_message.Message):
         schema itself ("#/$defs/name", "#/definitions/name", an $anchor or an $id of its own): the
         server retrieves nothing, so a reference to a URL or a file, or one that points nowhere, is
         refused (INVALID_HELLO, naming the tool and the reference). $schema is never retrieved
-        either: the schema is checked as draft 2020-12. A tool named like one of the server's own Query tools (read, grep,
-        glob, ls, list_files, search) is that tool: the model is offered, and the server checks
-        arguments against, the server's spec, whatever the worker's says (with or without the
-        server's --no-local-fallback); offer such a name only to run the server's arguments
-        (ListTools shows them). A tool named like one of the server's Execute tools (bash, write,
+        either: the schema is checked as draft 2020-12. Every `pattern` and `patternProperties` key
+        must be a regex RE2 takes (no backreferences, no lookaround: the server matches them in
+        linear time), and `patternProperties` and `unevaluatedProperties` may not both appear in
+        one schema; otherwise INVALID_HELLO, naming the tool and the pattern. A tool named like one
+        of the server's own Query tools (read, grep, glob, ls, list_files, search) is that tool: the
+        model is offered, and the server checks arguments against, the server's spec, whatever the
+        worker's says (with or without the server's --no-local-fallback); offer such a name only to
+        run the server's arguments (ListTools shows them). A tool named like one of the server's Execute tools (bash, write,
         edit, delete, move, copy, execute, and any the operator loaded) is refused (INVALID_HELLO):
         those run on the server only. One spec per name across the pool:
         a tool name a ready (not draining) worker offers with a different spec (any field, the schema

@@ -104,8 +104,9 @@ class WorkerHubServiceStub:
     metadata keys, in docs/protocol.md, "Errors"):
     INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
-    lane included: workers run Query tools only), a parameters schema that is not JSON Schema or
-    holds a reference that does not resolve within it (see Hello.tools), more than 256 tools or
+    lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
+    holds a reference that does not resolve within it or a pattern RE2 does not take (see
+    Hello.tools), more than 256 tools or
     a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
     parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
@@ -201,8 +202,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     metadata keys, in docs/protocol.md, "Errors"):
     INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
-    lane included: workers run Query tools only), a parameters schema that is not JSON Schema or
-    holds a reference that does not resolve within it (see Hello.tools), more than 256 tools or
+    lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
+    holds a reference that does not resolve within it or a pattern RE2 does not take (see
+    Hello.tools), more than 256 tools or
     a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
     parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
@@ -301,8 +303,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         metadata keys, in docs/protocol.md, "Errors"):
         INVALID_ARGUMENT (INVALID_HELLO) for a bad Hello: no tools, zero slots, duplicate tool names,
         a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
-        lane included: workers run Query tools only), a parameters schema that is not JSON Schema or
-        holds a reference that does not resolve within it (see Hello.tools), more than 256 tools or
+        lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
+        holds a reference that does not resolve within it or a pattern RE2 does not take (see
+        Hello.tools), more than 256 tools or
         a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
         parse (or none within 10 s);
         INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
