@@ -12,7 +12,11 @@ A tool module (`codelane worker --tools MODULE`) exposes either
 
 A tool's `run` returns a `ToolResult` (a str output, an `ErrorKind` or None, a 32-bit exit code,
 metadata JSON can write): anything else ends the call with an INTERNAL error saying what was
-wrong with it, wherever the tool ran.
+wrong with it, wherever the tool ran. `run` is a coroutine on the worker's (or the server's) event
+loop: it must not block it (blocking work goes to `asyncio.to_thread`: a loop held past the hub's
+heartbeat timeout loses the worker, and its calls are sent to another), and it must let
+`asyncio.CancelledError` through (the hub's Cancel and the call's deadline cancel it; a run that
+swallows it keeps its slot busy for good).
 """
 
 from __future__ import annotations

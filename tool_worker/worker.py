@@ -672,6 +672,20 @@ def _size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def apply_requirements(registry: ToolRegistry, required: dict[str, dict[str, str]]) -> list[str]:
+    """Gives each offered tool the labels `--require` names for it; says which it names that the
+    worker does not offer: a typo, or a tool its module declined (semantic_search without its
+    model), which nothing else would tell apart from a requirement that holds."""
+    ignored = []
+    for tool, labels in required.items():
+        if registry.get(tool) is not None:
+            registry.require_labels(tool, labels)
+        else:
+            ignored.append(f"--require names {tool!r}, which this worker does not offer: ignored "
+                           f"(offered: {', '.join(registry.names())})")
+    return ignored
+
+
 def parse_requirement(text: str) -> tuple[str, dict[str, str]]:
     tool, sep, labels = text.partition(":")
     if not sep or not tool.strip():
@@ -785,9 +799,8 @@ def main(argv: list[str]) -> int:
     except (ImportError, ValueError) as exc:
         print(f"codelane worker: cannot load tools: {exc}", file=sys.stderr)
         return 2
-    for tool, labels in required.items():
-        if registry.get(tool) is not None:
-            registry.require_labels(tool, labels)
+    for warning in apply_requirements(registry, required):
+        print(f"codelane worker: {warning}", file=sys.stderr)
     config = WorkerConfig(
         address=args.connect,
         worker_id=args.worker_id,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tool_worker.worker import build_parser, parse_requirement
+from tool_worker.registry import ToolRegistry
+from tool_worker.worker import apply_requirements, build_parser, parse_requirement
 
 
 def test_require_names_a_tool_and_its_labels() -> None:
@@ -36,3 +37,12 @@ def test_a_bad_requirement_is_one_clear_error(capsys: pytest.CaptureFixture[str]
         build_parser().parse_args(["--connect", "h:1", "--require", "semantic_search"])
     assert exited.value.code == 2
     assert "requirement 'semantic_search' is not TOOL:KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_requirement_of_a_tool_not_offered_is_said_not_silently_ignored() -> None:
+    registry = ToolRegistry.builtin()
+    warnings = apply_requirements(registry, {"grep": {"tier": "fast"}, "semantic_serch": {"accelerator": "gpu"}})
+    assert registry.get("grep").spec.required_labels == {"tier": "fast"}
+    [warning] = warnings
+    assert warning.startswith("--require names 'semantic_serch', which this worker does not offer: ignored")
+    assert "grep" in warning
