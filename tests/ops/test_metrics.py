@@ -17,10 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from codelane.v1 import admin_pb2, events_pb2, tools_pb2
 from session_server.llm.script import Script
-from session_server.mock_llm.server import start_mock_llm
 from tests.ops.conftest import WAIT, Workers, free_port, scrape, scrape_until
 from tests.polling import poll_until
-from tests.session.conftest import call, collect, kind, read_until, scripted, write_script
+from tests.session.conftest import call, collect, kind, mock_llm, read_until, scripted, write_script
 
 SLEEP_MS = 60_000  # calls that would outlive the test: the turn is cancelled once it has been looked at
 
@@ -157,10 +156,7 @@ async def test_a_model_request_that_fails_after_its_first_token_is_in_neither_la
     # Both histograms are of successful requests: the failed one's time to its first token was
     # counted, so the two counts differed and the first token's quantiles mixed in failures.
     script = Script.load(write_script(tmp_path, [{"text": "Looking."}], name="mid.yaml"))
-    runner, url = await start_mock_llm(script, fault="error_mid_stream", fault_count=1)
-    try:
-        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
-        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    async with mock_llm(monkeypatch, script, fault="error_mid_stream", fault_count=1):
         server = await make_server(metrics_listen="127.0.0.1:0")
         session = await server.client.create(workspace, "openai:mock")
         failed = await server.client.send(session.session_id, "go")
@@ -173,8 +169,6 @@ async def test_a_model_request_that_fails_after_its_first_token_is_in_neither_la
         assert page.value("codelane_model_requests_total", provider="openai", status="ok") == 1
         assert page.value("codelane_model_request_duration_seconds_count", provider="openai") == 1
         assert page.value("codelane_model_time_to_first_token_seconds_count", provider="openai") == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active(
@@ -183,10 +177,7 @@ async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active
     # --max-llm-requests 1 and two turns at once: one request runs (the model takes its time),
     # the other waits for the slot. GetQueueStats counted both as running from the start.
     script = Script.load(write_script(tmp_path, [{"text": "Done."}], name="slow.yaml"))
-    runner, url = await start_mock_llm(script, latency=1.5)
-    try:
-        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
-        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    async with mock_llm(monkeypatch, script, latency=1.5):
         server = await make_server(max_llm_requests=1)
         sessions = [await server.client.create(workspace, "openai:mock") for _ in range(2)]
         turns = [asyncio.create_task(server.client.send(s.session_id, "go")) for s in sessions]
@@ -204,8 +195,6 @@ async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active
         await asyncio.gather(*turns)
         lane = await generate()
         assert (lane.pending, lane.active, lane.completed, lane.failed) == (0, 0, 2, 0)
-    finally:
-        await runner.cleanup()
 
 
 def prometheus_tool(name: str) -> str:

@@ -105,8 +105,16 @@ async def test_a_hello_whose_schema_refers_outside_itself_is_refused_and_nothing
 ) -> None:
     schema, reference = _outside_references(listener, secret_file)[case]
     server = await make_server()
-    hello = worker_pb2.Hello(worker_id="ref-probe", slots=1, tools=[_spec("read_ok", {"type": "object"}),
-                                                                    _spec("probe", schema)])
+    error = await _refused_hello(server, [_spec("read_ok", {"type": "object"}), _spec("probe", schema)])
+    assert "'probe'" in error.message and repr(reference) in error.message and "$defs" in error.message
+    assert SECRET not in error.message
+    assert listener.connections == 0
+    assert server.server.pool.workers() == []
+
+
+async def _refused_hello(server, tools: list[tools_pb2.ToolSpec]) -> Any:
+    """The error details of the Hello offering `tools`, which must be refused as INVALID_HELLO."""
+    hello = worker_pb2.Hello(worker_id="probe", slots=1, tools=tools)
     async with grpc.aio.insecure_channel(server.client.address) as channel:
         stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
         await stream.write(worker_pb2.ConnectRequest(hello=hello))
@@ -114,10 +122,7 @@ async def test_a_hello_whose_schema_refers_outside_itself_is_refused_and_nothing
             await asyncio.wait_for(stream.read(), BOUND)
     error = error_details(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO")
-    assert "'probe'" in error.message and repr(reference) in error.message and "$defs" in error.message
-    assert SECRET not in error.message
-    assert listener.connections == 0
-    assert server.server.pool.workers() == []
+    return error
 
 
 async def _turn_with_a_raw_worker(make_server, workspace: Path, tmp_path: Path, tools: list[tools_pb2.ToolSpec],
@@ -270,14 +275,7 @@ async def test_a_hello_whose_patterns_cannot_be_matched_in_linear_time_is_refuse
     make_server, schema: dict[str, Any], says: str
 ) -> None:
     server = await make_server()
-    hello = worker_pb2.Hello(worker_id="pattern-probe", slots=1, tools=[_spec("probe", schema)])
-    async with grpc.aio.insecure_channel(server.client.address) as channel:
-        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
-        await stream.write(worker_pb2.ConnectRequest(hello=hello))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await asyncio.wait_for(stream.read(), BOUND)
-    error = error_details(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO")
+    error = await _refused_hello(server, [_spec("probe", schema)])
     assert "'probe'" in error.message and says in error.message
     assert server.server.pool.workers() == []
 

@@ -27,6 +27,8 @@ from grpc_status import rpc_status
 
 from codelane.transport import CHANNEL_OPTIONS
 from codelane.v1 import admin_pb2, admin_pb2_grpc, events_pb2, session_pb2, session_pb2_grpc
+from session_server.llm.script import Script
+from session_server.mock_llm.server import MOCK_LLM_KEY, MockLLM, start_mock_llm
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
 
@@ -43,6 +45,22 @@ def write_script(directory: Path, responses: list[dict[str, Any]], name: str = "
     path = directory / name
     path.write_text(json.dumps({"responses": responses}, indent=1), encoding="utf-8")
     return path
+
+
+@contextlib.asynccontextmanager
+async def mock_llm(monkeypatch: pytest.MonkeyPatch, script: Script | str | Path,
+                   **options: Any) -> AsyncIterator[MockLLM]:
+    """The project's mock LLM over HTTP, serving `script` (MockOptions in `options`), with both
+    providers' base URL and key pointed at it: sessions of `openai:mock` or `anthropic:mock` use it."""
+    runner, url = await start_mock_llm(script, **options)
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        yield runner.app[MOCK_LLM_KEY]
+    finally:
+        await runner.cleanup()
 
 
 def scripted(directory: Path, responses: list[dict[str, Any]], name: str = "script.yaml") -> str:

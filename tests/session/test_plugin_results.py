@@ -16,6 +16,16 @@ from tests.session.conftest import call, kind, scripted
 PLUGIN = "tests.faulty_results_plugin"
 
 
+async def _server_running_the_plugin(make_server, where: str):
+    """A server that runs the plugin's tools on its local worker, or itself."""
+    on_worker = where == "worker"
+    server = await make_server(local_workers=1 if on_worker else 0, local_worker_tools=[PLUGIN],
+                               local_fallback=not on_worker)
+    if on_worker:
+        await server.client.wait_workers("local-1")
+    return server
+
+
 # On a worker, a str output reached the hub as an empty success. In the server, an unknown error
 # kind or an exit code past 32 bits failed every read of the session's events (SendMessage ended
 # UNKNOWN), and metadata JSON cannot write stopped the server's event log for good.
@@ -23,11 +33,7 @@ PLUGIN = "tests.faulty_results_plugin"
 async def test_a_plugins_malformed_result_is_an_error_saying_so(
     make_server, workspace: Path, tmp_path: Path, where: str
 ) -> None:
-    on_worker = where == "worker"
-    server = await make_server(local_workers=1 if on_worker else 0, local_worker_tools=[PLUGIN],
-                               local_fallback=not on_worker)
-    if on_worker:
-        await server.client.wait_workers("local-1")
+    server = await _server_running_the_plugin(make_server, where)
     calls = [call(name, f"c_{name}") for name in [*FAULTS, "kind_as_text"]]
     session = await server.client.create(workspace, scripted(tmp_path, [{"text": "", "tool_calls": calls},
                                                                          {"text": "Done."}]))
@@ -46,7 +52,7 @@ async def test_a_plugins_malformed_result_is_an_error_saying_so(
             assert result.output.startswith(f"{name} failed: the tool returned ") and says in result.output, result
     for result in (finished["c_kind_as_text"], history["c_kind_as_text"]):
         assert result.error_kind == tools_pb2.ERROR_KIND_PATH_ESCAPE and result.output == "outside", result
-    assert {r.worker_id for r in finished.values()} == {"local-1" if on_worker else "local"}
+    assert {r.worker_id for r in finished.values()} == {"local-1" if where == "worker" else "local"}
 
 
 # SystemExit is no Exception: it went past every handler, out of the event loop, and the process
@@ -55,11 +61,7 @@ async def test_a_plugins_malformed_result_is_an_error_saying_so(
 async def test_a_plugin_that_calls_sys_exit_ends_its_call_not_the_process(
     make_server, workspace: Path, tmp_path: Path, where: str
 ) -> None:
-    on_worker = where == "worker"
-    server = await make_server(local_workers=1 if on_worker else 0, local_worker_tools=[PLUGIN],
-                               local_fallback=not on_worker)
-    if on_worker:
-        await server.client.wait_workers("local-1")
+    server = await _server_running_the_plugin(make_server, where)
     session = await server.client.create(workspace, scripted(tmp_path, [
         {"text": "", "tool_calls": [call("exits", "c1")]}, {"text": "Done."},
         {"text": "", "tool_calls": [call("exits", "c2")]}, {"text": "Done again."},
@@ -70,7 +72,7 @@ async def test_a_plugin_that_calls_sys_exit_ends_its_call_not_the_process(
         [result] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
         assert result.error_kind == tools_pb2.ERROR_KIND_INTERNAL and result.attempt == 1, (call_id, result)
         assert result.output == "exits failed unexpectedly: SystemExit: usage: lint [FILE]", result
-        assert result.worker_id == ("local-1" if on_worker else "local")
+        assert result.worker_id == ("local-1" if where == "worker" else "local")
 
 
 # The server works out each call's effects when the model's response arrives (an Execute call's) or

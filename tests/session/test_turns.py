@@ -16,7 +16,6 @@ import pytest
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.admission import Limits
-from session_server.mock_llm.server import MOCK_LLM_KEY, start_mock_llm
 from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
 from tests.session.conftest import (
@@ -27,6 +26,7 @@ from tests.session.conftest import (
     call,
     error_details,
     kind,
+    mock_llm,
     read_rest,
     read_until,
     rpc_error,
@@ -451,21 +451,14 @@ async def test_the_sessions_max_output_tokens_is_what_the_model_is_asked_for(
     make_server, workspace: Path, tmp_path: Path, provider: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fixed at 8192, it made every request of a model whose output limit is smaller a 400.
-    runner, url = await start_mock_llm(write_script(tmp_path, [{"text": "hi"}]))
-    try:
-        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
-        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    async with mock_llm(monkeypatch, write_script(tmp_path, [{"text": "hi"}])) as mock:
         client = (await make_server()).client
         small = await client.create(workspace, f"{provider}:mock", max_output_tokens=4096)
         default = await client.create(workspace, f"{provider}:mock")
         assert (small.config.max_output_tokens, default.config.max_output_tokens) == (4096, 8192)
         for session in (small, default):
             await client.send(session.session_id, "hello")
-        bodies = [request.body for request in runner.app[MOCK_LLM_KEY].requests]
-    finally:
-        await runner.cleanup()
+        bodies = [request.body for request in mock.requests]
     field = "max_completion_tokens" if provider == "openai" else "max_tokens"
     assert [body[field] for body in bodies] == [4096, 8192]
 

@@ -11,8 +11,7 @@ import pytest
 
 from codelane.v1 import events_pb2
 from session_server.llm.script import Script
-from session_server.mock_llm.server import start_mock_llm
-from tests.session.conftest import call, kind, write_script
+from tests.session.conftest import call, kind, mock_llm, write_script
 
 
 @pytest.fixture
@@ -26,13 +25,8 @@ def script(tmp_path: Path) -> Script:
 
 @pytest.fixture
 async def mock_url(script: Script, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    runner, url = await start_mock_llm(script, fault=request.param, fault_count=1)
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-    yield url
-    await runner.cleanup()
+    async with mock_llm(monkeypatch, script, fault=request.param, fault_count=1) as mock:
+        yield mock
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -88,17 +82,10 @@ async def test_a_call_cut_off_by_the_token_limit_is_not_run(
         {"text": "Looking.", "tool_calls": [call("grep", pattern="needle", path="."), call("ls", path="sub")]},
         {"text": "Done."},
     ], name="cut.yaml")
-    runner, url = await start_mock_llm(Script.load(path), fault="max_tokens", fault_count=1)
-    try:
-        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
-        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    async with mock_llm(monkeypatch, path, fault="max_tokens", fault_count=1):
         client = (await make_server()).client
         session = await client.create(workspace, f"{provider}:mock")
         events = await client.send(session.session_id, "go", within=20)
-    finally:
-        await runner.cleanup()
     assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
     [responded, _] = [e.model_responded for e in events if kind(e) == "model_responded"]
     assert responded.stop_reason == "max_tokens" and [c.tool_name for c in responded.tool_calls] == ["grep", "ls"]
