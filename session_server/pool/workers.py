@@ -62,7 +62,7 @@ class Worker:
 MAX_WORKSPACE_ROOTS = 64
 MAX_ROOT_BYTES = 4096
 
-# Longest worker_id, hostname or version a Hello may carry.
+# Longest worker_id, hostname, version, label key or label value a Hello may carry.
 MAX_IDENTITY_CHARS = 256
 
 
@@ -71,6 +71,9 @@ def validate_registration(reg: WorkerRegistration, server_execute_tools: frozens
         raise InvalidRegistration("hello.worker_id is empty: give each worker a unique id")
     for field_name, value in (("worker_id", reg.worker_id), ("hostname", reg.hostname), ("version", reg.version)):
         _check_printable(field_name, value)
+    for key, value in reg.labels.items():
+        _check_printable("labels key", key)
+        _check_printable(f"labels[{key!r}]", value)
     if reg.slots < 1:
         raise InvalidRegistration(f"hello.slots is {reg.slots}: a worker needs at least 1 slot")
     if not reg.tools:
@@ -114,8 +117,8 @@ def validate_registration(reg: WorkerRegistration, server_execute_tools: frozens
 
 
 def _check_printable(field_name: str, value: str) -> None:
-    # These go into every log line about the worker and into ListWorkers: a line break in one
-    # forged log lines, and a long one was repeated whole on every line.
+    # These go into log lines about the worker and into ListWorkers: a line break in one forged
+    # log lines, and a long one was repeated whole on every line.
     if len(value) > MAX_IDENTITY_CHARS:
         raise InvalidRegistration(f"hello.{field_name} is {len(value):,} characters; at most {MAX_IDENTITY_CHARS}")
     if not value.isprintable():

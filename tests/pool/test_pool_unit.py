@@ -240,6 +240,13 @@ def test_a_bad_hello_is_refused() -> None:
         (WorkerRegistration(worker_id="w" * 257, tools=(READ,), slots=1), "worker_id is 257 characters"),
         (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, hostname="h\x00"), "hostname .* unprintable"),
         (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, version="1" * 300), "version is 300"),
+        # Shown by ListWorkers and the CLI, and matched by routing: as printable as the id.
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, labels={"gpu\x1b[2J": "a"}),
+         "labels key .* unprintable"),
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, labels={"gpu": "A100\n"}),
+         r"labels\['gpu'\] .* unprintable"),
+        (WorkerRegistration(worker_id="w", tools=(READ,), slots=1, labels={"k": "v" * 257}),
+         r"labels\['k'\] is 257 characters"),
     ]:
         with pytest.raises(InvalidRegistration, match=match):
             pool.register(reg, FakeLink(pool, "w"))

@@ -183,7 +183,8 @@ class Hello(_message.Message):
         semantic_search tool) reports the device it runs on: "accelerator" ("gpu" or "cpu"),
         "accelerator_name" (the CUDA device's name, or the processor's) and "accelerator_memory_mib"
         (the device's memory; the host's for a CPU). A tool whose ToolSpec.required_labels names
-        {"accelerator": "gpu"} is then only sent to workers whose model runs on a GPU.
+        {"accelerator": "gpu"} is then only sent to workers whose model runs on a GPU. Each key and
+        each value: at most 256 printable characters, as worker_id (otherwise INVALID_HELLO).
         """
 
     @_builtins.property

@@ -106,9 +106,9 @@ class WorkerHubServiceStub:
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
     lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
     holds a reference that does not resolve within it or a pattern RE2 does not take (see
-    Hello.tools), more than 256 tools or
-    a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
-    parse (or none within 10 s);
+    Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+    version, hostname, label key or label value over 256 characters or holding a control
+    character, or a first message that is not a Hello, or does not parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
     string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
@@ -204,9 +204,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
     lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
     holds a reference that does not resolve within it or a pattern RE2 does not take (see
-    Hello.tools), more than 256 tools or
-    a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
-    parse (or none within 10 s);
+    Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+    version, hostname, label key or label value over 256 characters or holding a control
+    character, or a first message that is not a Hello, or does not parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
     string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
@@ -305,9 +305,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
         lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
         holds a reference that does not resolve within it or a pattern RE2 does not take (see
-        Hello.tools), more than 256 tools or
-        a Hello over 1 MiB, empty worker_id, or a first message that is not a Hello, or does not
-        parse (or none within 10 s);
+        Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+        version, hostname, label key or label value over 256 characters or holding a control
+        character, or a first message that is not a Hello, or does not parse (or none within 10 s);
         INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
         string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
