@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from codelane.commands.common import command_line
 from codelane.commands.config import DEFAULT_ADDRESS, ConfigError, resolve
 from tests.cli.conftest import cli, cli_env
 
@@ -60,6 +61,12 @@ def test_flags_over_environment_over_profile_over_defaults(config: Path) -> None
     # The profile's own server named again, its credentials go with it.
     same = resolve({"server": "prod.example:443"}, "prod", env)
     assert (same.server, same.token) == ("prod.example:443", "prod-token")
+
+    none = resolve(NO_FLAGS, "", env)  # --profile "": no profile, not the file's default
+    assert (none.server, none.profile) == (DEFAULT_ADDRESS, "")
+    # and a command printed for another terminal keeps it so
+    printed = command_line("codelane chat", "--session", "s_1", connection=none)
+    assert printed == "codelane chat --profile '' --session s_1"
 
     nothing = resolve(NO_FLAGS, None, {"CODELANE_CONFIG": str(config.parent / "absent.toml")})
     assert (nothing.server, nothing.token, nothing.profile) == (DEFAULT_ADDRESS, None, None)

@@ -70,7 +70,7 @@ def command_line(prog: str, *words: str, connection: Connection | None = None) -
         def from_profile(setting: str) -> bool:
             return connection.sources.get(setting, "").startswith("profile")
 
-        if connection.profile:
+        if connection.profile is not None:  # "" too: no profile, where the file may name a default
             parts += ["--profile", connection.profile]
         if connection.server != DEFAULT_ADDRESS and not from_profile("server"):
             parts += ["--server", connection.server]

@@ -150,7 +150,8 @@ def resolve(flags: Mapping[str, str | None], profile_flag: str | None, env: Mapp
     env = os.environ if env is None else env
     path = config_path(env)
     default_profile, profiles = load_profiles(path)
-    name = profile_flag or env.get(PROFILE_ENV) or default_profile
+    # `--profile ""` asks for none: it fell back to the file's default, the one it meant to avoid.
+    name = profile_flag if profile_flag is not None else (env.get(PROFILE_ENV) or default_profile)
     profile: dict[str, str] = {}
     if name:
         if name not in profiles:
