@@ -586,16 +586,23 @@ async def test_no_execute_call_starts_before_its_response_is_announced(
 async def test_a_cancel_at_any_loop_turn_of_a_long_response_runs_no_write_the_history_lacks(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:
-    # Cancelled after 0, 1, 2... turns of the event loop, as a CancelTurn handled in that loop
-    # turn would be: some land while the model streams, some while the server makes the calls
-    # after it (a batch per loop turn), some once they run.
+    # Cancelled after 0, 1, 2... turns of the event loop from the model's first words, as a
+    # CancelTurn handled in that loop turn would be: some land while the model streams, some while
+    # the server makes the calls after it (a batch per loop turn), some once they run. Counted
+    # from the first words, not from the turn's start: the turn's way to its model request
+    # crosses store threads, so a count from the start landed anywhere (and once nowhere between).
     server = await make_server()
     manager = server.server.sessions
     model = _write_among_many(tmp_path, leading_queries=1)
     recorded_counts = []
-    for loop_turns in range(24):
+    for loop_turns in range(16):
         session = (await server.client.create(workspace, model)).session_id
         _, events = await manager.start_turn(session, "go")
+        first_words = 2  # TurnStarted is the session's first event, TextDelta its second
+        # Loop turns are what this counts, so it polls once per loop turn (an Event's wake-up
+        # would add loop turns of its own).
+        while manager.events.last_assigned(session) < first_words:  # noqa: ASYNC110
+            await asyncio.sleep(0)
         for _ in range(loop_turns):
             await asyncio.sleep(0)
         manager.cancel_turn(session)
