@@ -677,12 +677,15 @@ def apply_requirements(registry: ToolRegistry, required: dict[str, dict[str, str
     worker does not offer: a typo, or a tool its module declined (semantic_search without its
     model), which nothing else would tell apart from a requirement that holds."""
     ignored = []
+    # A worker offers its Query tools only (its Hello carries no other): an Execute tool is in its
+    # registry but runs on the server, so a requirement of one would hold nothing.
+    offered = [spec.name for spec in registry.specs(Lane.QUERY)]
     for tool, labels in required.items():
-        if registry.get(tool) is not None:
+        if tool in offered:
             registry.require_labels(tool, labels)
         else:
             ignored.append(f"--require names {tool!r}, which this worker does not offer: ignored "
-                           f"(offered: {', '.join(registry.names())})")
+                           f"(offered: {', '.join(offered)})")
     return ignored
 
 

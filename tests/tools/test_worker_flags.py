@@ -46,3 +46,13 @@ def test_a_requirement_of_a_tool_not_offered_is_said_not_silently_ignored() -> N
     [warning] = warnings
     assert warning.startswith("--require names 'semantic_serch', which this worker does not offer: ignored")
     assert "grep" in warning
+
+
+def test_a_requirement_of_an_execute_tool_is_said_a_worker_never_offers_one() -> None:
+    # A worker's Hello carries its Query tools only (Execute calls run on the server), so
+    # `--require bash:...` holds nothing; the warning's list of offered tools names no Execute tool.
+    warnings = apply_requirements(ToolRegistry.builtin(), {"bash": {"accelerator": "gpu"}})
+    [warning] = warnings
+    assert warning.startswith("--require names 'bash', which this worker does not offer: ignored")
+    offered = warning.split("(offered: ", 1)[1].rstrip(")").split(", ")
+    assert offered == ["glob", "grep", "list_files", "ls", "read", "search"]
