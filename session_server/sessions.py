@@ -262,7 +262,14 @@ class SessionManager:
         await self._record_cut_step(session_id, turn_id, responded, texts, results)
         for call_id, tool_name in unfinished.items():
             self._emit(session_id, turn_id, ToolCallFinished(call_id, tool_name, results[call_id], 0.0, 0.0))
-        self._emit(session_id, turn_id, TurnFinished("interrupted", Usage(), 0, 0, ""))
+        # Counted from the log, as the turn would have counted them: steps run from 0, so a step's
+        # event means as many requests were made (one cut before its first word is not seen);
+        # the calls are those of the responses the history now holds, the cut one included.
+        steps = set(texts) | set(responded)
+        usage = sum((r.usage for r in responded.values()), Usage())
+        tool_calls = sum(len(r.tool_calls) for r in responded.values())
+        self._emit(session_id, turn_id, TurnFinished("interrupted", usage, max(steps) + 1 if steps else 0,
+                                                     tool_calls, ""))
         log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
 
     async def _record_cut_step(self, session_id: str, turn_id: str, responded: dict[int, ModelResponded],

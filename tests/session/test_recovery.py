@@ -49,4 +49,8 @@ async def test_every_announced_call_gets_its_result_after_a_crash(
     assert set(finished) == {"slow", "after_read", "after_write", "after_grep"}
     assert all(r.is_error and "interrupted" in r.output for r in finished.values())
     assert replay[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+    # What the turn did before the crash is counted, as a cancelled turn's TurnFinished counts it.
+    assert replay[-1].turn_finished.model_requests == 1
+    assert replay[-1].turn_finished.tool_calls == 4
+    assert replay[-1].turn_finished.usage == announced.usage
     assert not (workspace / "b.txt").exists()  # what waited behind the bash never ran
