@@ -182,6 +182,20 @@ def test_completion_scripts_know_every_subcommand_and_option() -> None:
     assert zsh.returncode == 0 and "#compdef codelane" in zsh.stdout
 
 
+def test_completion_whose_reader_left_stops_quietly() -> None:
+    # `codelane completion zsh | head -3`: the write into a pipe nobody reads raised BrokenPipeError,
+    # a traceback. The pipe's read end is closed before the command starts, so it always is.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "codelane.cli", "completion", "zsh"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=CLI_TIMEOUT, env=cli_env())
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 1
+
+
 # -- the server's own processes --------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import argparse
 import importlib
 
 from codelane.commands import args as types
+from codelane.commands.common import quiet_broken_pipe
 
 PROG = "codelane completion"
 SHELLS = ("bash", "zsh", "tcsh")
@@ -51,5 +52,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import shtab
 
-    print(shtab.complete(codelane_parser(), shell=args.shell))
+    try:
+        print(shtab.complete(codelane_parser(), shell=args.shell), flush=True)
+    except BrokenPipeError:  # `| head`: the reader went away
+        return quiet_broken_pipe()
     return 0
