@@ -173,6 +173,8 @@ def test_help_shows_defaults_and_says_what_each_option_is() -> None:
     assert "--workers" not in run  # the old spelling works, but is not advertised
     watch = " ".join(cli("watch", "--help").stdout.split())
     assert "--no-follow stop once caught up instead of following new events --json" in watch  # no "default: True"
+    worker = " ".join(cli("worker", "--help").stdout.split())
+    assert "e.g. gpu=true,zone=eu --root" in worker  # no "default: {}"
 
 
 def test_old_spellings_still_work_with_a_deprecation_line(model: str, workspace: Path) -> None:

@@ -38,7 +38,7 @@ class HelpFormatter(argparse.HelpFormatter):
             "default" in text
             or not action.option_strings
             or action.nargs == 0
-            or default in (None, False, [], "", argparse.SUPPRESS)
+            or default in (None, False, [], {}, "", argparse.SUPPRESS)
             or text == argparse.SUPPRESS
         ):
             return action.help
