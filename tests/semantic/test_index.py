@@ -225,6 +225,26 @@ async def test_a_same_size_rewrite_within_the_clock_tick_is_seen(
     assert result.metadata["results"][0]["keyword_rank"] == 1
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+async def test_a_same_size_rewrite_that_keeps_an_old_modification_time_is_seen(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, restarted: bool
+) -> None:
+    # cp -p, tar, rsync -a and a worker's synced copy write new content under the file's old
+    # modification time; only the status change time (which no one can set back) shows it.
+    target = workspace / "src" / "config.py"
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(target, ns=(old, old))
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="settings")
+    target.write_text(CONFIG.replace("Read the YAML", "Scan the TOML"))
+    os.utime(target, ns=(old, old))
+    if restarted:  # the stat cache on disk, not the one in memory
+        search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    result = await search(query="TOML")
+    assert result.metadata["results"][0]["path"] == "src/config.py", result.output
+    assert result.metadata["results"][0]["keyword_rank"] == 1
+
+
 async def test_kind_and_path_narrow_the_results(embedder: CountingEmbedder, workspace: Path, tmp_path: Path) -> None:
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     docs = await search(query="where do the settings live", kind="docs")

@@ -643,4 +643,12 @@ def _doubled(array: np.ndarray) -> np.ndarray:
 
 
 def _unchanged(size: int, mtime_ns: int, verified_ns: int, info: os.stat_result) -> bool:
-    return size == info.st_size and mtime_ns == info.st_mtime_ns and mtime_ns + RACY_NS < verified_ns
+    # The status change time too: cp -p, tar, rsync -a and a worker's synced copy write new
+    # content under the old modification time, but none can set the change time back, and a
+    # change after the content was hashed is a change to look at.
+    return (
+        size == info.st_size
+        and mtime_ns == info.st_mtime_ns
+        and mtime_ns + RACY_NS < verified_ns
+        and info.st_ctime_ns + RACY_NS < verified_ns
+    )
