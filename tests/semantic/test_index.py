@@ -470,6 +470,57 @@ async def test_a_query_with_a_lone_surrogate_is_searched(
     assert _paths(result)[0] == "src/retry.py"
 
 
+# A process that returns from its main while the builder thread is inside the model.
+_LEAVES_MID_BUILD = """
+import asyncio, json, sys, threading
+from pathlib import Path
+from tool_worker.registry import ToolRegistry
+from tool_worker.semantic.embedder import detect_device, load_embedder
+from tool_worker.semantic.tool import SemanticSearch
+
+inner = load_embedder(detect_device())
+in_model = threading.Event()
+
+class Signalling:
+    model_id, dimensions = inner.model_id, inner.dimensions
+
+    def encode_documents(self, texts):
+        in_model.set()
+        return inner.encode_documents(texts)
+
+    def encode_query(self, query):
+        return inner.encode_query(query)
+
+state = SemanticSearch(Signalling(), Path(sys.argv[2]), embed_wait=0.0)
+registry = ToolRegistry([state.tool()])
+result = asyncio.run(registry.execute("semantic_search", Path(sys.argv[1]), json.dumps({"query": "request"})))
+assert not result.is_error, result.output
+in_model.wait()
+"""
+
+
+def test_a_process_that_exits_while_the_index_is_being_built_exits_cleanly(real_embedder: Any, tmp_path: Path) -> None:
+    # The builder thread, a daemon, was inside torch when the interpreter finalized: the process
+    # aborted (SIGABRT, "terminate called without an active exception"), so a worker drained
+    # (SIGTERM) during a build never exited 0.
+    import subprocess
+    import sys
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    for number in range(60):
+        (workspace / f"m{number}.py").write_text("".join(
+            f'def handler_{number}_{j}(value):\n    """Handle request kind {j} of module {number}."""\n'
+            f"    return value * {j} + {number}\n\n"
+            for j in range(4)
+        ))
+    child = subprocess.run(
+        [sys.executable, "-c", _LEAVES_MID_BUILD, str(workspace), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-2000:]
+
+
 def test_a_worker_whose_index_cache_is_not_a_database_moves_it_aside_and_offers_the_tool(
     real_embedder: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

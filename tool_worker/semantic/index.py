@@ -19,6 +19,7 @@ memory, and float16 halves what it reads (the store keeps vectors in float16 any
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import io
@@ -71,6 +72,8 @@ RECENT_TEXTS = 4096
 # At most this many results come from any one file, so that one long file does not fill the list.
 RESULTS_PER_FILE = 3
 _INITIAL_SLOTS = 1024
+# How long the process's exit waits for the builder's model call under way.
+STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,19 @@ def chunk_key(texts: tuple[str, str | None]) -> str:
     return hashlib.sha256(f"{code}\0{summary or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+class _Stopped(Exception):
+    """The builder is stopping: the batch under way is given up."""
+
+
 class Builder:
     """One daemon thread that embeds queued contents for every workspace of the process.
 
     It survives its own exceptions: when a batch fails, its files are logged and forgotten (so
     nobody waits for them), and the next call reads them again and retries.
+
+    It stops at the process's exit, after the model call under way: a daemon thread still inside
+    torch when the interpreter finalizes aborts the process (SIGABRT, "terminate called without
+    an active exception"), so a worker drained with a build going on never exited 0.
     """
 
     def __init__(self, embedder: Embedder, store: ChunkStore) -> None:
@@ -171,19 +182,32 @@ class Builder:
         # Only the builder thread touches it.
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._ready = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="semantic-index-builder", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def enqueue(self, pending: _Pending) -> None:
         with self._ready:
             self._queue.append(pending)
             self._ready.notify()
 
+    def stop(self) -> None:
+        """Ends the thread once the model call under way returns; what is queued is left (it is a
+        cache: the next process builds it)."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        # Bounded: a model that never returns (a hung accelerator) must not keep the process.
+        self._thread.join(STOP_SECONDS)
+
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._stopping:
                     self._ready.wait()
+                if self._stopping:
+                    return
                 # Files are embedded together: the model is far faster on full batches of texts
                 # of similar length.
                 batch = [self._queue.popleft()]
@@ -193,6 +217,8 @@ class Builder:
                     batch.append(self._queue.popleft())
             try:
                 self._embed(batch)
+            except _Stopped:
+                return
             except Exception:
                 log.exception("embedding %s failed; the next call tries again", [p.path for p in batch])
                 for pending in batch:
@@ -233,6 +259,8 @@ class Builder:
         # Characters stand in for tokens: the model truncates at MAX_EMBED_CHARS anyway.
         distinct.sort(key=lambda text: len(text[:MAX_EMBED_CHARS]))
         for start in range(0, len(distinct), BUILD_BATCH):
+            if self._stopping:
+                raise _Stopped
             part = distinct[start : start + BUILD_BATCH]
             recent.update(zip(part, self.embedder.encode_documents(part), strict=True))
         for row, text in enumerate(texts):
