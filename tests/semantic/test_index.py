@@ -352,6 +352,26 @@ async def test_a_failed_embedding_is_retried_by_the_next_call(
     assert again.metadata["results"][0]["symbol"] == "compute_backoff"
 
 
+async def test_an_index_cache_on_a_full_disk_costs_the_cache_not_the_answers(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # Every write of the store failed ("database or disk is full", or a read-only cache): one call
+    # failed INTERNAL, the next answered "Nothing here is indexed yet" (the builder forgot each file
+    # whose vectors it could not store), and each call embedded the whole workspace again.
+    state = _state(embedder, tmp_path / "cache")
+    (pages,) = state.store._db.execute("PRAGMA page_count").fetchone()
+    state.store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL
+    search = searcher(state, workspace)
+    first = await search(query="wait longer after each unsuccessful attempt")
+    assert not first.is_error, first.output
+    assert _paths(first)[0] == "src/retry.py"
+    assert first.metadata["embedded"] == first.metadata["chunks"] > 0
+    built = embedder.documents
+    (workspace / "src" / "config.py").touch()  # a change: the next call refreshes
+    again = await search(query="wait longer after each unsuccessful attempt")
+    assert again.metadata == first.metadata and embedder.documents == built
+
+
 async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import io
 import logging
 import os
+import sqlite3
 import stat as stat_module
 import threading
 import time
@@ -245,7 +246,7 @@ class Builder:
                 )
                 for chunk, (_, summary) in zip(pending.chunks, pending.texts, strict=True)
             ]
-            self.store.put(pending.digest, stored)
+            _cached(self.store.put, pending.digest, stored)
             pending.index.embedding_done(pending.digest, stored)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -406,7 +407,7 @@ class WorkspaceIndex:
             with self._lock:
                 for name in removed:
                     self._drop(name)
-            self._store.update_stats(self._key, changed, removed)
+            _cached(self._store.update_stats, self._key, changed, removed)
             for name in [*changed, *removed]:
                 self._known.pop(name, None)
             with self._lock:
@@ -474,7 +475,7 @@ class WorkspaceIndex:
             self._install(name, entry, pending.chunks)
             self._builder.enqueue(pending)
         else:
-            self._store.put(digest, pending.chunks)
+            _cached(self._store.put, digest, pending.chunks)
             self._install(name, entry, pending.chunks)
 
     def _vectors_by_key(
@@ -662,6 +663,26 @@ def _best_similarities(vectors: np.ndarray, query_vector: np.ndarray) -> np.ndar
         matrix = torch.from_numpy(vectors.reshape(slots * pair, dimensions))
         products = matrix @ torch.from_numpy(query_vector.astype(np.float16))
         return products.view(slots, pair).amax(dim=1).float().numpy()
+
+
+def _cached(write: Callable[..., None], *args: object) -> None:
+    """A write to the store, which is a cache: one it cannot take (its disk full, the file
+    read-only) costs a rebuild after a restart, and is logged; the index in memory keeps what it
+    has. Raised, it failed the call, and the builder forgot every file it had just embedded, so
+    the next call answered "Nothing here is indexed yet" and embedded them all again."""
+    try:
+        write(*args)
+    except sqlite3.Error as exc:
+        # Said once until a write succeeds again: every file's vectors fail alike.
+        if not _CACHE_FAILING.is_set():
+            _CACHE_FAILING.set()
+            log.warning("the semantic index's cache could not be written (%s: %s): the index is kept in memory "
+                        "only, and is built again after a restart", type(exc).__name__, exc)
+        return
+    _CACHE_FAILING.clear()
+
+
+_CACHE_FAILING = threading.Event()
 
 
 def _doubled(array: np.ndarray) -> np.ndarray:
