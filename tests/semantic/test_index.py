@@ -615,6 +615,25 @@ def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path:
     assert store.chunks("d1") is None
 
 
+async def test_rows_damaged_on_disk_are_indexed_again_not_failed_on(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # SQLite keeps no checksums: bytes flipped inside a row (text no longer UTF-8) raised
+    # "Could not decode to UTF-8 column" on reading it, and every call on the workspace failed
+    # INTERNAL for good, where the store, a cache, should index the content again.
+    state = _state(embedder, tmp_path / "cache")
+    first = await searcher(state, workspace)(query="read the YAML settings file")
+    assert not first.is_error, first.output
+    with sqlite3.connect(state.store.path) as db:
+        db.execute("UPDATE chunks SET terms = CAST(X'7bff22' AS TEXT)")
+        db.execute("UPDATE stats SET digest = CAST(X'ff' AS TEXT) WHERE path = 'src/config.py'")
+        db.execute("UPDATE stats SET path = CAST(X'73ff' AS TEXT) WHERE path = 'src/retry.py'")
+    restarted = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="read the YAML settings file")
+    assert not restarted.is_error, restarted.output
+    assert restarted.metadata["results"] == first.metadata["results"]
+    assert restarted.metadata["embedded"] == restarted.metadata["chunks"]
+
+
 def test_a_corruption_two_threads_report_moves_one_file_aside_not_the_fresh_one(tmp_path: Path) -> None:
     # The builder thread and a call's thread can both meet the damage on the same connection:
     # the second report must not take the file the first one started for a corrupt one.
