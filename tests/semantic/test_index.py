@@ -225,6 +225,26 @@ async def test_a_same_size_rewrite_within_the_clock_tick_is_seen(
     assert result.metadata["results"][0]["keyword_rank"] == 1
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+async def test_a_same_size_rewrite_that_keeps_an_old_modification_time_is_seen(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path, restarted: bool
+) -> None:
+    # cp -p, tar, rsync -a and a worker's synced copy write new content under the file's old
+    # modification time; only the status change time (which no one can set back) shows it.
+    target = workspace / "src" / "config.py"
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(target, ns=(old, old))
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    await search(query="settings")
+    target.write_text(CONFIG.replace("Read the YAML", "Scan the TOML"))
+    os.utime(target, ns=(old, old))
+    if restarted:  # the stat cache on disk, not the one in memory
+        search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    result = await search(query="TOML")
+    assert result.metadata["results"][0]["path"] == "src/config.py", result.output
+    assert result.metadata["results"][0]["keyword_rank"] == 1
+
+
 async def test_kind_and_path_narrow_the_results(embedder: CountingEmbedder, workspace: Path, tmp_path: Path) -> None:
     search = searcher(_state(embedder, tmp_path / "cache"), workspace)
     docs = await search(query="where do the settings live", kind="docs")
@@ -330,6 +350,26 @@ async def test_a_failed_embedding_is_retried_by_the_next_call(
     again = await search(query="compute backoff")
     assert again.metadata["embedded"] == again.metadata["chunks"] > 0
     assert again.metadata["results"][0]["symbol"] == "compute_backoff"
+
+
+async def test_an_index_cache_on_a_full_disk_costs_the_cache_not_the_answers(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # Every write of the store failed ("database or disk is full", or a read-only cache): one call
+    # failed INTERNAL, the next answered "Nothing here is indexed yet" (the builder forgot each file
+    # whose vectors it could not store), and each call embedded the whole workspace again.
+    state = _state(embedder, tmp_path / "cache")
+    (pages,) = state.store._db.execute("PRAGMA page_count").fetchone()
+    state.store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL
+    search = searcher(state, workspace)
+    first = await search(query="wait longer after each unsuccessful attempt")
+    assert not first.is_error, first.output
+    assert _paths(first)[0] == "src/retry.py"
+    assert first.metadata["embedded"] == first.metadata["chunks"] > 0
+    built = embedder.documents
+    (workspace / "src" / "config.py").touch()  # a change: the next call refreshes
+    again = await search(query="wait longer after each unsuccessful attempt")
+    assert again.metadata == first.metadata and embedder.documents == built
 
 
 async def test_after_a_restart_an_edit_embeds_only_the_changed_chunks(
@@ -450,6 +490,57 @@ async def test_a_query_with_a_lone_surrogate_is_searched(
     assert _paths(result)[0] == "src/retry.py"
 
 
+# A process that returns from its main while the builder thread is inside the model.
+_LEAVES_MID_BUILD = """
+import asyncio, json, sys, threading
+from pathlib import Path
+from tool_worker.registry import ToolRegistry
+from tool_worker.semantic.embedder import detect_device, load_embedder
+from tool_worker.semantic.tool import SemanticSearch
+
+inner = load_embedder(detect_device())
+in_model = threading.Event()
+
+class Signalling:
+    model_id, dimensions = inner.model_id, inner.dimensions
+
+    def encode_documents(self, texts):
+        in_model.set()
+        return inner.encode_documents(texts)
+
+    def encode_query(self, query):
+        return inner.encode_query(query)
+
+state = SemanticSearch(Signalling(), Path(sys.argv[2]), embed_wait=0.0)
+registry = ToolRegistry([state.tool()])
+result = asyncio.run(registry.execute("semantic_search", Path(sys.argv[1]), json.dumps({"query": "request"})))
+assert not result.is_error, result.output
+in_model.wait()
+"""
+
+
+def test_a_process_that_exits_while_the_index_is_being_built_exits_cleanly(real_embedder: Any, tmp_path: Path) -> None:
+    # The builder thread, a daemon, was inside torch when the interpreter finalized: the process
+    # aborted (SIGABRT, "terminate called without an active exception"), so a worker drained
+    # (SIGTERM) during a build never exited 0.
+    import subprocess
+    import sys
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    for number in range(60):
+        (workspace / f"m{number}.py").write_text("".join(
+            f'def handler_{number}_{j}(value):\n    """Handle request kind {j} of module {number}."""\n'
+            f"    return value * {j} + {number}\n\n"
+            for j in range(4)
+        ))
+    child = subprocess.run(
+        [sys.executable, "-c", _LEAVES_MID_BUILD, str(workspace), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-2000:]
+
+
 def test_a_worker_whose_index_cache_is_not_a_database_moves_it_aside_and_offers_the_tool(
     real_embedder: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -522,6 +613,25 @@ def test_stored_vectors_of_another_length_are_indexed_again_not_ranked(tmp_path:
     with sqlite3.connect(store.path) as db:
         db.execute("UPDATE chunks SET vector = zeroblob(6)")
     assert store.chunks("d1") is None
+
+
+async def test_rows_damaged_on_disk_are_indexed_again_not_failed_on(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # SQLite keeps no checksums: bytes flipped inside a row (text no longer UTF-8) raised
+    # "Could not decode to UTF-8 column" on reading it, and every call on the workspace failed
+    # INTERNAL for good, where the store, a cache, should index the content again.
+    state = _state(embedder, tmp_path / "cache")
+    first = await searcher(state, workspace)(query="read the YAML settings file")
+    assert not first.is_error, first.output
+    with sqlite3.connect(state.store.path) as db:
+        db.execute("UPDATE chunks SET terms = CAST(X'7bff22' AS TEXT)")
+        db.execute("UPDATE stats SET digest = CAST(X'ff' AS TEXT) WHERE path = 'src/config.py'")
+        db.execute("UPDATE stats SET path = CAST(X'73ff' AS TEXT) WHERE path = 'src/retry.py'")
+    restarted = await searcher(_state(embedder, tmp_path / "cache"), workspace)(query="read the YAML settings file")
+    assert not restarted.is_error, restarted.output
+    assert restarted.metadata["results"] == first.metadata["results"]
+    assert restarted.metadata["embedded"] == restarted.metadata["chunks"]
 
 
 def test_a_corruption_two_threads_report_moves_one_file_aside_not_the_fresh_one(tmp_path: Path) -> None:

@@ -19,11 +19,13 @@ memory, and float16 halves what it reads (the store keeps vectors in float16 any
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import io
 import logging
 import os
+import sqlite3
 import stat as stat_module
 import threading
 import time
@@ -71,6 +73,8 @@ RECENT_TEXTS = 4096
 # At most this many results come from any one file, so that one long file does not fill the list.
 RESULTS_PER_FILE = 3
 _INITIAL_SLOTS = 1024
+# How long the process's exit waits for the builder's model call under way.
+STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,19 @@ def chunk_key(texts: tuple[str, str | None]) -> str:
     return hashlib.sha256(f"{code}\0{summary or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+class _Stopped(Exception):
+    """The builder is stopping: the batch under way is given up."""
+
+
 class Builder:
     """One daemon thread that embeds queued contents for every workspace of the process.
 
     It survives its own exceptions: when a batch fails, its files are logged and forgotten (so
     nobody waits for them), and the next call reads them again and retries.
+
+    It stops at the process's exit, after the model call under way: a daemon thread still inside
+    torch when the interpreter finalizes aborts the process (SIGABRT, "terminate called without
+    an active exception"), so a worker drained with a build going on never exited 0.
     """
 
     def __init__(self, embedder: Embedder, store: ChunkStore) -> None:
@@ -171,19 +183,32 @@ class Builder:
         # Only the builder thread touches it.
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._ready = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="semantic-index-builder", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def enqueue(self, pending: _Pending) -> None:
         with self._ready:
             self._queue.append(pending)
             self._ready.notify()
 
+    def stop(self) -> None:
+        """Ends the thread once the model call under way returns; what is queued is left (it is a
+        cache: the next process builds it)."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        # Bounded: a model that never returns (a hung accelerator) must not keep the process.
+        self._thread.join(STOP_SECONDS)
+
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._stopping:
                     self._ready.wait()
+                if self._stopping:
+                    return
                 # Files are embedded together: the model is far faster on full batches of texts
                 # of similar length.
                 batch = [self._queue.popleft()]
@@ -193,6 +218,8 @@ class Builder:
                     batch.append(self._queue.popleft())
             try:
                 self._embed(batch)
+            except _Stopped:
+                return
             except Exception:
                 log.exception("embedding %s failed; the next call tries again", [p.path for p in batch])
                 for pending in batch:
@@ -219,7 +246,7 @@ class Builder:
                 )
                 for chunk, (_, summary) in zip(pending.chunks, pending.texts, strict=True)
             ]
-            self.store.put(pending.digest, stored)
+            _cached(self.store.put, pending.digest, stored)
             pending.index.embedding_done(pending.digest, stored)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -233,6 +260,8 @@ class Builder:
         # Characters stand in for tokens: the model truncates at MAX_EMBED_CHARS anyway.
         distinct.sort(key=lambda text: len(text[:MAX_EMBED_CHARS]))
         for start in range(0, len(distinct), BUILD_BATCH):
+            if self._stopping:
+                raise _Stopped
             part = distinct[start : start + BUILD_BATCH]
             recent.update(zip(part, self.embedder.encode_documents(part), strict=True))
         for row, text in enumerate(texts):
@@ -378,7 +407,7 @@ class WorkspaceIndex:
             with self._lock:
                 for name in removed:
                     self._drop(name)
-            self._store.update_stats(self._key, changed, removed)
+            _cached(self._store.update_stats, self._key, changed, removed)
             for name in [*changed, *removed]:
                 self._known.pop(name, None)
             with self._lock:
@@ -446,7 +475,7 @@ class WorkspaceIndex:
             self._install(name, entry, pending.chunks)
             self._builder.enqueue(pending)
         else:
-            self._store.put(digest, pending.chunks)
+            _cached(self._store.put, digest, pending.chunks)
             self._install(name, entry, pending.chunks)
 
     def _vectors_by_key(
@@ -636,6 +665,26 @@ def _best_similarities(vectors: np.ndarray, query_vector: np.ndarray) -> np.ndar
         return products.view(slots, pair).amax(dim=1).float().numpy()
 
 
+def _cached(write: Callable[..., None], *args: object) -> None:
+    """A write to the store, which is a cache: one it cannot take (its disk full, the file
+    read-only) costs a rebuild after a restart, and is logged; the index in memory keeps what it
+    has. Raised, it failed the call, and the builder forgot every file it had just embedded, so
+    the next call answered "Nothing here is indexed yet" and embedded them all again."""
+    try:
+        write(*args)
+    except sqlite3.Error as exc:
+        # Said once until a write succeeds again: every file's vectors fail alike.
+        if not _CACHE_FAILING.is_set():
+            _CACHE_FAILING.set()
+            log.warning("the semantic index's cache could not be written (%s: %s): the index is kept in memory "
+                        "only, and is built again after a restart", type(exc).__name__, exc)
+        return
+    _CACHE_FAILING.clear()
+
+
+_CACHE_FAILING = threading.Event()
+
+
 def _doubled(array: np.ndarray) -> np.ndarray:
     grown = np.zeros((2 * len(array), *array.shape[1:]), dtype=array.dtype)
     grown[: len(array)] = array
@@ -643,4 +692,12 @@ def _doubled(array: np.ndarray) -> np.ndarray:
 
 
 def _unchanged(size: int, mtime_ns: int, verified_ns: int, info: os.stat_result) -> bool:
-    return size == info.st_size and mtime_ns == info.st_mtime_ns and mtime_ns + RACY_NS < verified_ns
+    # The status change time too: cp -p, tar, rsync -a and a worker's synced copy write new
+    # content under the old modification time, but none can set the change time back, and a
+    # change after the content was hashed is a change to look at.
+    return (
+        size == info.st_size
+        and mtime_ns == info.st_mtime_ns
+        and mtime_ns + RACY_NS < verified_ns
+        and info.st_ctime_ns + RACY_NS < verified_ns
+    )

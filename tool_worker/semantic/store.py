@@ -199,24 +199,24 @@ class ChunkStore:
             row = self._db.execute("SELECT chunk_count FROM contents WHERE digest = ?", (digest,)).fetchone()
             if row is None:
                 return None
+            # Text as bytes, decoded below: SQLite keeps no checksums, and a row damaged on disk
+            # raised "Could not decode to UTF-8" here, failing every call on its workspace for good.
             rows = self._db.execute(
-                "SELECT start_line, end_line, symbol, kind, key, terms, vector, summary FROM chunks WHERE digest = ? "
-                "ORDER BY ordinal",
+                "SELECT start_line, end_line, CAST(symbol AS BLOB), CAST(kind AS BLOB), CAST(key AS BLOB), "
+                "CAST(terms AS BLOB), vector, summary FROM chunks WHERE digest = ? ORDER BY ordinal",
                 (digest,),
             ).fetchall()
         if len(rows) != row[0]:
             return None  # a write that never finished: index it again
         width = 2 * self.dimensions  # float16
-        if any(len(vector) != width or (summary is not None and len(summary) != width)
+        if any(not isinstance(vector, bytes) or len(vector) != width
+               or (summary is not None and (not isinstance(summary, bytes) or len(summary) != width))
                for *_, vector, summary in rows):
             return None  # vectors of another length than the model's: not ours to rank with
-        return [
-            StoredChunk(
-                start, end, symbol, kind, key, json.loads(terms), _vector(vector),
-                _vector(summary) if summary is not None else None,
-            )
-            for start, end, symbol, kind, key, terms, vector, summary in rows
-        ]
+        try:
+            return [_stored_chunk(*row) for row in rows]
+        except ValueError:
+            return None  # a row damaged on disk: the content is indexed again, and stored afresh
 
     @_recovering
     def put(self, digest: str, chunks: list[StoredChunk]) -> None:
@@ -237,10 +237,20 @@ class ChunkStore:
     @_recovering
     def stats(self, workspace: str) -> dict[str, FileStat]:
         with self._lock:
+            # Text as bytes, as in `chunks`: a row damaged on disk is left out (its file is read again).
             rows = self._db.execute(
-                "SELECT path, size, mtime_ns, digest, verified_ns FROM stats WHERE workspace = ?", (workspace,)
+                "SELECT CAST(path AS BLOB), size, mtime_ns, CAST(digest AS BLOB), verified_ns FROM stats "
+                "WHERE workspace = ?",
+                (workspace,),
             ).fetchall()
-        return {path: FileStat(*fields) for path, *fields in rows}
+        stats = {}
+        for path, size, mtime_ns, digest, verified_ns in rows:
+            try:
+                if all(isinstance(number, int) for number in (size, mtime_ns, verified_ns)):
+                    stats[path.decode()] = FileStat(size, mtime_ns, digest.decode(), verified_ns)
+            except UnicodeDecodeError:
+                pass
+        return stats
 
     @_recovering
     def update_stats(self, workspace: str, changed: dict[str, FileStat], removed: Iterable[str]) -> None:
@@ -313,6 +323,21 @@ class ChunkStore:
             (released_before_ns,),
         )
         return self._db.execute("DELETE FROM contents WHERE released_ns < ?", (released_before_ns,)).rowcount
+
+
+def _stored_chunk(
+    start: object, end: object, symbol: bytes, kind: bytes, key: bytes, terms: bytes, vector: bytes,
+    summary: bytes | None,
+) -> StoredChunk:
+    """A row of `chunks`; ValueError when it is not what `put` wrote (damaged on disk)."""
+    counts = json.loads(terms.decode())
+    if not (isinstance(start, int) and isinstance(end, int) and isinstance(counts, dict)
+            and all(isinstance(count, int) for count in counts.values())):
+        raise ValueError("not a chunk put wrote")
+    return StoredChunk(
+        start, end, symbol.decode(), kind.decode(), key.decode(), counts, _vector(vector),
+        _vector(summary) if summary is not None else None,
+    )
 
 
 def _corrupt(exc: sqlite3.DatabaseError) -> bool:
