@@ -11,14 +11,17 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fake_rg import install_failing_rg
+from tests.polling import poll_until
 from tests.semantic import EXTRA_MISSING
 from tests.semantic.conftest import CountingEmbedder, searcher
 from tool_worker.sandbox import workspace_root
@@ -322,6 +325,36 @@ async def test_a_call_answers_from_keywords_while_the_model_is_busy(
         gate.set()
     done = await searcher(_state(real_embedder, tmp_path / "cache"), workspace)(query="compute backoff")
     assert done.metadata["embedded"] == done.metadata["chunks"]
+
+
+async def test_calls_waiting_for_the_model_leave_the_workers_shared_threads_free(
+    real_embedder: Any, workspace: Path, tmp_path: Path
+) -> None:
+    # A call waits for its content's vectors (up to embed_wait) on a thread. On the worker's
+    # shared threads (asyncio's default executor: a handful on a small host) enough such calls held
+    # every one, and the worker's syncs and its other tools' calls waited behind them (7 s seen).
+    gate = threading.Event()
+
+    class GatedEmbedder(CountingEmbedder):
+        def encode_documents(self, texts: list[str]) -> Any:
+            gate.wait()
+            return super().encode_documents(texts)
+
+    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=600.0), workspace)
+    shared_threads = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor
+
+    def waiting() -> int:
+        return sum(1 for frame in sys._current_frames().values()
+                   if any(f.f_code.co_name == "wait_embedded" for f, _ in traceback.walk_stack(frame)))
+
+    calls = [asyncio.create_task(search(query=f"settings {n}")) for n in range(shared_threads)]
+    try:
+        await poll_until(lambda: waiting() == shared_threads, what="every call waiting for the model", within=60)
+        # The bound only turns the starvation (until the calls' 600 s wait ends) into a failure.
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 30)
+    finally:
+        gate.set()
+    assert not any(result.is_error for result in await asyncio.gather(*calls))
 
 
 async def test_concurrent_calls_build_once(embedder: CountingEmbedder, workspace: Path, tmp_path: Path) -> None:

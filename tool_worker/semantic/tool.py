@@ -1,8 +1,8 @@
 """The semantic_search tool: refresh the workspace's index, embed the query, rank, show.
 
-Refreshing the index and embedding the query run at once on two threads; a call waits for new
-content to be embedded for at most EMBED_WAIT_SECONDS, then answers with what is ready and says
-what is not (BM25 still ranks every chunk that is only waiting for its vector). When the tree did
+Refreshing the index and embedding the query run at once on two threads of the tool's own (its
+waits must not hold the worker's shared threads); a call waits for new content to be embedded for
+at most EMBED_WAIT_SECONDS, then answers with what is ready and says what is not (BM25 still ranks every chunk that is only waiting for its vector). When the tree did
 not change since a complete refresh (the index's watch says so), the call neither lists nor
 stats it, and runs on one thread.
 """
@@ -10,11 +10,14 @@ stats it, and runs on one thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import io
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,6 +59,10 @@ MAX_SNIPPET_CHARS = 160
 MAX_WORKSPACES = 8
 # rg's listing of a workspace is read up to this much (names and NULs); a longer one is cut.
 MAX_LISTING_BYTES = MAX_RG_OUTPUT_BYTES
+# The tool's own threads, where its calls refresh, embed the query and wait for vectors: as many
+# as asyncio's default executor may have at most, so calls queue here only past what a worker's
+# slots would run of them on any host.
+CALL_THREADS = 32
 
 
 class SemanticSearch:
@@ -67,6 +74,17 @@ class SemanticSearch:
         self.store = ChunkStore(cache_dir, embedder.model_id, embedder.dimensions)
         self.builder = Builder(embedder, self.store)
         self._indexes: OrderedDict[Path, WorkspaceIndex] = OrderedDict()
+        # A call waits for vectors (up to embed_wait) and refreshes (up to REFRESH_SECONDS) on a
+        # thread. On asyncio's default executor, shared by the worker's syncs and its other tools,
+        # a few such calls held every thread and the rest of the worker waited behind them.
+        self._threads = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="semantic-call")
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`asyncio.to_thread` on the tool's own threads."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, functools.partial(context.run, function, *args)
+        )
 
     def index_for(self, root: Path) -> WorkspaceIndex:
         index = self._indexes.pop(root, None) or WorkspaceIndex(root, self.store, self.builder)
@@ -155,13 +173,13 @@ class SemanticSearch:
         listing_key = tuple(ctx.denied_paths)
 
         async def refreshed() -> RefreshReport:
-            generation = await asyncio.to_thread(index.before_listing)
+            generation = await self._in_thread(index.before_listing)
             listing = await workspace_files(root, ctx.sandbox.read_only)
             names, denied = listing.names, set()
             if ctx.denied:
                 denied = {name for name in names if ctx.hides(name)}
                 names = [name for name in names if name not in denied]
-            return await asyncio.to_thread(
+            return await self._in_thread(
                 index.refresh, names, time.monotonic() + REFRESH_SECONDS, stop, listing_key, generation, denied,
                 listing.cut,
             )
@@ -176,12 +194,12 @@ class SemanticSearch:
             if current is not None:
                 # Nothing changed since a complete refresh: no listing, no stats, and one hop to a
                 # thread for the whole call (on a busy machine each hop waits for a core).
-                return await asyncio.to_thread(lambda: answer(self.embedder.encode_query(query), current))
+                return await self._in_thread(lambda: answer(self.embedder.encode_query(query), current))
             # The model reads the query while rg walks the tree and the index looks at what changed.
             query_vector, report = await asyncio.gather(
-                asyncio.to_thread(self.embedder.encode_query, query), refreshed()
+                self._in_thread(self.embedder.encode_query, query), refreshed()
             )
-            return await asyncio.to_thread(answer, query_vector, report)
+            return await self._in_thread(answer, query_vector, report)
         finally:
             # A cancelled call must not leave its threads working for nobody.
             stop.set()
