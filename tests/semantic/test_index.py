@@ -327,6 +327,29 @@ async def test_a_call_answers_from_keywords_while_the_model_is_busy(
     assert done.metadata["embedded"] == done.metadata["chunks"]
 
 
+async def test_a_function_just_written_ranks_by_its_keywords_while_its_vector_waits(
+    real_embedder: Any, workspace: Path, tmp_path: Path
+) -> None:
+    await searcher(_state(real_embedder, tmp_path / "cache"), workspace)(query="settings")  # all embedded
+    (workspace / "src" / "quota.py").write_text(
+        'def refill_quota_bucket(bucket):\n    """Refill the rate limiter quota bucket."""\n    bucket.refill()\n')
+    gate = threading.Event()
+
+    class GatedEmbedder(CountingEmbedder):
+        def encode_documents(self, texts: list[str]) -> Any:
+            gate.wait()
+            return super().encode_documents(texts)
+
+    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=0.0), workspace)
+    try:
+        result = await search(query="refill the quota bucket of the rate limiter")
+    finally:
+        gate.set()
+    assert result.metadata["embedded"] < result.metadata["chunks"], result.output
+    first = result.metadata["results"][0]
+    assert (first["symbol"], first["found_by"]) == ("refill_quota_bucket", "keyword"), result.output
+
+
 async def test_calls_waiting_for_the_model_leave_the_workers_shared_threads_free(
     real_embedder: Any, workspace: Path, tmp_path: Path
 ) -> None:

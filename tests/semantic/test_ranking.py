@@ -126,6 +126,23 @@ def test_fusion_with_one_signal_silent() -> None:
     assert [hit.slot for hit in only_keywords] == [5, 6] and only_keywords[0].found_by(1) == "keyword"
 
 
+def test_a_chunk_not_embedded_yet_is_ranked_by_its_keywords_alone() -> None:
+    """While the index is built, few chunks have vectors; one without had 0 for meaning, so the
+    best keyword match (a function just edited) ranked under any embedded chunk near the query."""
+    semantic = [(1, 0.9), (2, 0.5)]
+    keyword = [(3, 10.0), (1, 6.0), (4, 2.0)]
+    fused = fuse(semantic, keyword, without_vector=lambda slot: slot in (3, 4))
+    assert {hit.slot: hit.score for hit in fused} == pytest.approx({
+        3: 1.0,
+        1: SEMANTIC_WEIGHT * 1.0 + (1 - SEMANTIC_WEIGHT) * 0.5,
+        2: 0.0,
+        4: 0.0,
+    })
+    assert [hit.slot for hit in fused][:2] == [3, 1] and fused[0].found_by(within=1) == "keyword"
+    # With every vector there, the same rankings keep their weights.
+    assert [hit.slot for hit in fuse(semantic, keyword)][:2] == [1, 3]
+
+
 def test_fusion_breaks_ties_by_the_semantic_order() -> None:
     fused = fuse([(1, 0.5)], [(2, 3.0)], weight=0.5)
     assert [hit.slot for hit in fused] == [1, 2]

@@ -646,7 +646,8 @@ class WorkspaceIndex:
             semantic = top_semantic(similarities, eligible & embedded)
             keyword = top_keyword(bm25_scores(terms, self._postings, self._lengths[:used], alive), eligible)
             info = self._info
-            chosen = diversify(fuse(semantic, keyword), lambda slot: info[slot].path, RESULTS_PER_FILE, limit)
+            fused = fuse(semantic, keyword, without_vector=lambda slot: not embedded[slot])
+            chosen = diversify(fused, lambda slot: info[slot].path, RESULTS_PER_FILE, limit)
             hits = [Hit(self._info[hit.slot], hit) for hit in chosen]
             return SearchOutcome(hits, int(alive.sum()), int((alive & embedded).sum()))
 

@@ -109,15 +109,21 @@ def fuse(
     keyword: list[tuple[int, float]],
     *,
     weight: float = SEMANTIC_WEIGHT,
+    without_vector: Callable[[int], bool] | None = None,
 ) -> list[Fused]:
-    """The two rankings (slot, score; best first) combined, best first; ties keep the semantic order."""
+    """The two rankings (slot, score; best first) combined, best first; ties keep the semantic order.
+
+    A slot `without_vector` says has none yet (the index is being built) is scored by its keywords
+    alone, at full weight: its meaning is unknown, not far from the query, and counted as 0 the
+    best keyword match ranked under every embedded chunk near the query."""
     signals: dict[int, dict[str, SignalRank]] = {}
     combined: dict[int, float] = {}
     for name, ranking, share in (("semantic", semantic, weight), ("keyword", keyword, 1.0 - weight)):
         scaled = _min_max([score for _, score in ranking])
         for rank, ((slot, score), normal) in enumerate(zip(ranking, scaled, strict=True), start=1):
             signals.setdefault(slot, {})[name] = SignalRank(rank, score)
-            combined[slot] = combined.get(slot, 0.0) + share * normal
+            alone = name == "keyword" and without_vector is not None and without_vector(slot)
+            combined[slot] = combined.get(slot, 0.0) + (1.0 if alone else share) * normal
     order: dict[int, int] = {}
     for index, (slot, _) in enumerate([*semantic, *keyword]):
         order.setdefault(slot, index)
