@@ -2,9 +2,10 @@
 
 Refreshing the index and embedding the query run at once on two threads of the tool's own (its
 waits must not hold the worker's shared threads); a call waits for new content to be embedded for
-at most EMBED_WAIT_SECONDS, then answers with what is ready and says what is not (BM25 still ranks every chunk that is only waiting for its vector). When the tree did
-not change since a complete refresh (the index's watch says so), the call neither lists nor
-stats it, and runs on one thread.
+at most EMBED_WAIT_SECONDS, then answers with what is ready and says what is not (BM25 still
+ranks every chunk that is only waiting for its vector). When the tree did not change since a
+complete refresh (the index's watch says so), the call neither lists nor stats it, and runs on
+one thread.
 """
 
 from __future__ import annotations
