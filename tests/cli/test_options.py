@@ -163,6 +163,19 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
     assert metrics.stderr.startswith(f"codelane server: cannot serve metrics on 127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("command", ["server", "worker"])
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(command: str, tmp_path: Path) -> None:
+    # Before the server or worker set its own handler (importing, loading --tools), Ctrl-C
+    # ended it in a KeyboardInterrupt traceback.
+    if command == "server":
+        argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+    else:
+        argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+    out = cli(*argv, "--tools", "tests.interrupting_plugin", timeout=60)
+    assert out.returncode == 130, out
+    assert "Traceback" not in out.stderr and out.stdout == "", out
+
+
 def test_help_shows_defaults_and_says_what_each_option_is() -> None:
     server = cli("server", "--help").stdout
     assert "(default: .codelane)" in server and "(default: 6.0)" in server  # --data-dir, --heartbeat-timeout
