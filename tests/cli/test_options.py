@@ -164,6 +164,24 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["server", "worker"])
+def test_a_busy_health_port_is_one_line(command: str, tmp_path: Path) -> None:
+    # gRPC raised RuntimeError at the bind: a traceback, after gRPC's own log line.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if command == "server":
+            argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+        else:
+            argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+        out = cli(*argv, "--health-listen", f"127.0.0.1:{port}", timeout=60)
+    # A worker exits 2 on its side ports, as on a busy --metrics-listen.
+    assert out.returncode == (1 if command == "server" else 2) and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane {command}: cannot serve gRPC health on 127.0.0.1:{port}: "), out.stderr
+    assert "in use" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["server", "worker"])
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(command: str, tmp_path: Path) -> None:
     # Before the server or worker set its own handler (importing, loading --tools), Ctrl-C
     # ended it in a KeyboardInterrupt traceback.
