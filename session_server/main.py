@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", action="append", default=[], metavar="MODULE",
                    help="a module of extra tools (TOOLS = [...]) for the local workers and the server; repeatable")
     p.add_argument("--worker-tools", dest="tools", action=types.Renamed, new="--tools", append=True)
-    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"),
+    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"), type=types.bearer_token,
                    help="bearer token clients must send (default: $CODELANE_TOKEN; none: no check)")
-    p.add_argument("--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"),
+    p.add_argument("--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"), type=types.bearer_token,
                    help="bearer token workers must send (default: $CODELANE_WORKER_TOKEN, or one generated for "
                         "the local workers; see README \"Security\")")
     p.add_argument(

@@ -703,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("CODELANE_WORKER_TOKEN"),
+        type=types.bearer_token,
         help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
     )
     parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once (default 4)")

@@ -54,6 +54,10 @@ MISSING = "/no/such/file.pem"
     (["worker", "--connect", "127.0.0.1:1", "--slots", "0"], "argument --slots: 0 is too small"),
     (["worker", "--connect", "gpu-host"], "'gpu-host' has no port: give HOST:PORT, e.g. gpu-host:50051"),
     (["mock-llm", "--script", "x.yaml", "--port", "70000"], "70000 is not a port"),
+    # A token gRPC cannot put in a header: local workers retried forever, clients had a traceback.
+    (["server", "--worker-token", "s3cret\n"], "argument --worker-token: the token holds a line end"),
+    (["server", "--token", "s3cret\t"], "argument --token: the token holds '\\t'"),
+    (["worker", "--connect", "127.0.0.1:1", "--token", "s3cret\r\n"], "argument --token: the token holds a line end"),
     (["completion", "fish"], "invalid choice: 'fish'"),
 ])  # fmt: skip
 def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
@@ -161,6 +165,18 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
     # Found once the gRPC server had started: gRPC's traceback followed the line, at exit.
     assert metrics.returncode == 1 and metrics.stderr.count("\n") == 1, metrics.stderr
     assert metrics.stderr.startswith(f"codelane server: cannot serve metrics on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(("argv", "variable"), [
+    (["worker", "--connect", "127.0.0.1:1"], "CODELANE_WORKER_TOKEN"),
+    (["sessions", "--server", "127.0.0.1:1"], "CODELANE_TOKEN"),
+])  # fmt: skip
+def test_a_token_from_the_environment_with_a_line_end_is_a_usage_error(argv: list[str], variable: str) -> None:
+    # As a secret read from a file leaves it: the worker retried the hub forever in gRPC's words
+    # ("Illegal header value"), the client command ended in a traceback.
+    out = cli(*argv, env=cli_env(**{variable: "s3cret\n"}), timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane {argv[0]}: ") and "the token holds a line end" in out.stderr
 
 
 @pytest.mark.parametrize("command", ["server", "worker"])
