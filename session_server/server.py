@@ -346,7 +346,10 @@ class CodelaneServer:
         for address in [self.config.listen, *self.config.extra_listen]:
             _refuse_port_in_use(address)
         await self._check_config()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on its path, a read-only filesystem: which, not Errno's words alone
+            raise OSError(f"cannot create the data directory {self.config.data_dir}: {exc.strerror or exc}") from None
         self._data_dir_lock = _lock_data_dir(self.config.data_dir)
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
         # (`codelane server` prints it: `sandbox.describe()`).

@@ -39,6 +39,9 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    # Empty, it was the current directory, which got the store.
+    (["server", "--data-dir", ""], "argument --data-dir: the directory is empty"),
+    (["server", "--data-dir", "/dev/null"], "argument --data-dir: /dev/null: not a directory"),
     (["server", *["--sandbox-deny-read", "/secret"] * 1025], "--sandbox-deny-read is given 1,025 times; at most"),
     # workspace.proto, rule 2: the server sends workers no pattern the rule calls invalid. These
     # were refused after parsing, without the pointer to --help, and one not UTF-8 ended the
@@ -177,6 +180,14 @@ def test_a_token_from_the_environment_with_a_line_end_is_a_usage_error(argv: lis
     out = cli(*argv, env=cli_env(**{variable: "s3cret\n"}), timeout=30)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out
     assert out.stderr.startswith(f"codelane {argv[0]}: ") and "the token holds a line end" in out.stderr
+
+
+def test_a_data_dir_that_cannot_be_created_says_which_and_why(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file" / "data"),
+              "--local-workers", "0", timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out
+    assert out.stderr == f"codelane server: cannot create the data directory {tmp_path}/file/data: Not a directory\n"
 
 
 @pytest.mark.parametrize("command", ["server", "worker"])
