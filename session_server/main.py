@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from codelane.commands import args as types
+from codelane.transport import parse_address
 from session_server import admission
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
@@ -62,6 +63,19 @@ def _data_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a directory")
     return path
+
+
+def _cas_address(text: str) -> str:
+    """--cas: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT. Anything else (a bare host, an
+    http:// URL) was taken, and gRPC then failed every snapshot's upload, turn after turn."""
+    if not text:
+        return text  # the default: this server serves the snapshots itself
+    scheme = next((s for s in ("grpc://", "grpcs://") if text.startswith(s)), "")
+    try:
+        parse_address(text.removeprefix(scheme))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or grpc://HOST:PORT, grpcs://HOST:PORT for TLS)") from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN", type=_pattern,
                          help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
                               f"{' '.join(DEFAULT_EXCLUDES)})")
-    content.add_argument("--cas", default="", metavar="ADDR",
+    content.add_argument("--cas", default="", metavar="ADDR", type=_cas_address,
                          help="upload workspace snapshots to this REAPI v2 CAS (host:port, grpc:// or grpcs://) and "
                               "have workers fetch from it, instead of serving them from this server")
     content.add_argument("--cas-instance", default="", metavar="NAME", help="REAPI instance name to use with --cas")
@@ -209,6 +223,9 @@ def _size(text: str) -> int:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cas_instance and not args.cas:
+        # The server's own CAS has no instances: the name went unused, unsaid.
+        parser.error("--cas-instance names an instance of the CAS of --cas: give --cas too")
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
         limits = admission.Limits(

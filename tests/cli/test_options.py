@@ -39,6 +39,10 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    # Taken, and every snapshot's upload failed; the instance name went unused.
+    (["server", "--cas", "http://cas:8980"], "argument --cas: 'http://cas:8980' is a URL: give HOST:PORT without http://"),
+    (["server", "--cas", "grpc://cas"], "argument --cas: 'cas' has no port"),
+    (["server", "--cas-instance", "main"], "--cas-instance names an instance of the CAS of --cas: give --cas too"),
     # Empty, it was the current directory, which got the store.
     (["server", "--data-dir", ""], "argument --data-dir: the directory is empty"),
     (["server", "--data-dir", "/dev/null"], "argument --data-dir: /dev/null: not a directory"),
