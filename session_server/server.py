@@ -158,19 +158,22 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 def _refuse_port_in_use(listen: str) -> None:
-    """Raises OSError (one line) when another process listens on `listen` already.
+    """Raises OSError (one line) when another process listens on `listen` already, or when its
+    host is unknown or none of this host's addresses.
 
     gRPC would say so too, with SO_REUSEPORT off, but only after logging its own lines; this
     checks first by binding the address the way gRPC will.
     """
     host, _, port = listen.rpartition(":")
-    if not port.isdigit() or int(port) == 0 or listen.startswith(("unix:", "unix-abstract:", "dns:")):
+    if not port.isdigit() or listen.startswith(("unix:", "unix-abstract:", "dns:")):
         return
+    foreign = 0
     try:
         addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return  # gRPC reports an unknown host itself
+    except socket.gaierror as exc:
+        # gRPC logged its own line, then the server called the address in use, its data dir made.
+        raise OSError(f"cannot listen on {listen}: {host}: {exc.strerror}") from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,6 +184,9 @@ def _refuse_port_in_use(listen: str) -> None:
                     raise OSError(
                         f"cannot listen on {listen}: the address is in use (is another codelane server running?)"
                     ) from None
+                foreign += exc.errno == errno.EADDRNOTAVAIL
+    if addresses and foreign == len(addresses):  # gRPC listens when any of them binds
+        raise OSError(f"cannot listen on {listen}: {host} is not an address of this host")
 
 
 @dataclass

@@ -186,6 +186,19 @@ def test_a_token_from_the_environment_with_a_line_end_is_a_usage_error(argv: lis
     assert out.stderr.startswith(f"codelane {argv[0]}: ") and "the token holds a line end" in out.stderr
 
 
+@pytest.mark.parametrize(("listen", "says"), [
+    ("nosuchhost.invalid:0", "cannot listen on nosuchhost.invalid:0: nosuchhost.invalid: "),
+    ("192.0.2.1:0", "cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this host"),
+])  # fmt: skip
+def test_an_address_the_server_cannot_listen_on_is_one_line(listen: str, says: str, tmp_path: Path) -> None:
+    # gRPC logged its own line, then the server said the address was in use, its data dir made.
+    out = cli("server", "--listen", listen, "--worker-token", "t", "--data-dir", str(tmp_path / "data"),
+              "--local-workers", "0", timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane server: {says}"), out.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_data_dir_that_cannot_be_created_says_which_and_why(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     out = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file" / "data"),
