@@ -316,6 +316,13 @@ class ToolWorker:
                         else:
                             self._unreachable_told = (why, time.monotonic())
                             log.warning("%s; retrying", why)
+                    elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        # Another service, or a server's health port: said as clients say it (it
+                        # was "ended our stream (UNIMPLEMENTED: Method not found!)"). Still retried:
+                        # the port may yet be given to a codelane server.
+                        log.warning("%s answers gRPC but has no codelane worker hub (UNIMPLEMENTED: %s): is it a "
+                                    "server's --health-listen port, or another service? Give the address the server "
+                                    "listens on (--listen); retrying", self.config.address, exc.details())
                     else:
                         # A hub that is stopping (a restart, `codelane run --embedded` at its end)
                         # says so: no fault of ours or its, so not a warning. Still retried.
