@@ -165,19 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--sandbox-max-open-files", type=int, default=defaults.open_files, metavar="N",
                      help=f"open files of each process (default {defaults.open_files})")
     limits = p.add_argument_group("admission limits (0: none); work over a limit is refused, nothing is queued")
-    limits.add_argument("--max-sessions", type=int, default=admission.DEFAULT_MAX_SESSIONS, metavar="N",
+    limits.add_argument("--max-sessions", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_SESSIONS,
                         help="sessions stored (default %(default)s); CreateSession gets RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-running-turns", type=int, default=admission.DEFAULT_MAX_RUNNING_TURNS, metavar="N",
+    limits.add_argument("--max-running-turns", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_RUNNING_TURNS,
                         help="turns running at once across sessions (default %(default)s); SendMessage gets "
                              "RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-subscribers", type=int, default=admission.DEFAULT_MAX_SUBSCRIBERS, metavar="N",
+    limits.add_argument("--max-subscribers", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_SUBSCRIBERS,
                         help="WatchEvents streams open at once (default %(default)s); WatchEvents gets "
                              "RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-pending-query-calls", type=int, metavar="N",
+    limits.add_argument("--max-pending-query-calls", type=types.non_negative_int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS,
                         help="Query calls not yet finished, across sessions (default %(default)s); a call over it "
                              "gets an AT_CAPACITY error result, the model reads why")
-    limits.add_argument("--max-pending-query-calls-per-session", type=int, metavar="N",
+    limits.add_argument("--max-pending-query-calls-per-session", type=types.non_negative_int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
                         help="the same, per session (default %(default)s)")
     content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
@@ -226,6 +229,9 @@ def main(argv: list[str]) -> int:
     if args.cas_instance and not args.cas:
         # The server's own CAS has no instances: the name went unused, unsaid.
         parser.error("--cas-instance names an instance of the CAS of --cas: give --cas too")
+    twice = next((address for address in args.listen or [] if args.listen.count(address) > 1), None)
+    if twice is not None:  # the second bind failed, and the server said another server held the port
+        parser.error(f"--listen gives {twice} twice")
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
         limits = admission.Limits(

@@ -43,6 +43,8 @@ MISSING = "/no/such/file.pem"
     (["server", "--cas", "http://cas:8980"], "argument --cas: 'http://cas:8980' is a URL: give HOST:PORT without http://"),
     (["server", "--cas", "grpc://cas"], "argument --cas: 'cas' has no port"),
     (["server", "--cas-instance", "main"], "--cas-instance names an instance of the CAS of --cas: give --cas too"),
+    (["server", "--max-sessions", "-1"], "argument --max-sessions: -1 is too small: it must be 0 or more"),
+    (["server", "--listen", "127.0.0.1:50051", "--listen", "127.0.0.1:50051"], "--listen gives 127.0.0.1:50051 twice"),
     # Empty, it was the current directory, which got the store.
     (["server", "--data-dir", ""], "argument --data-dir: the directory is empty"),
     (["server", "--data-dir", "/dev/null"], "argument --data-dir: /dev/null: not a directory"),
