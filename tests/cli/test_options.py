@@ -61,6 +61,10 @@ MISSING = "/no/such/file.pem"
     (["worker", "--connect", "127.0.0.1:1", "--root", "/no/such/dir"], "argument --root: /no/such/dir: no such "
                                                                       "directory"),
     (["worker", "--connect", "127.0.0.1:1", "--slots", "0"], "argument --slots: 0 is too small"),
+    # Empty, synced copies went into the current directory; a file failed every synced call.
+    (["worker", "--connect", "127.0.0.1:1", "--cache-dir", ""], "argument --cache-dir: the directory is empty"),
+    (["worker", "--connect", "127.0.0.1:1", "--cache-dir", "/dev/null"], "argument --cache-dir: /dev/null: not a "
+                                                                          "directory"),
     (["worker", "--connect", "gpu-host"], "'gpu-host' has no port: give HOST:PORT, e.g. gpu-host:50051"),
     (["mock-llm", "--script", "x.yaml", "--port", "70000"], "70000 is not a port"),
     # A token gRPC cannot put in a header: local workers retried forever, clients had a traceback.
