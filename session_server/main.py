@@ -78,6 +78,19 @@ def _cas_address(text: str) -> str:
     return text
 
 
+# Below it workers were lost before their first heartbeat (0.001: within 2 ms of each Hello), and
+# reconnected and were lost again, for ever.
+MIN_HEARTBEAT_TIMEOUT = 1.0
+
+
+def _heartbeat_timeout(text: str) -> float:
+    seconds = types.positive_float(text)
+    if seconds < MIN_HEARTBEAT_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text} s is too short: it must be at least {MIN_HEARTBEAT_TIMEOUT:g} s "
+                                         "(it is in seconds; workers heartbeat every third of it)")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = types.parser(PROG, "Run a codelane session server, with local tool workers.")
     p.add_argument("--listen", action="append", type=types.listen_address, default=None, metavar="HOST:PORT",
@@ -131,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send every Query call a worker can take to a worker, even those cheaper to run here (by default a "
         "read of a file of at most 64 KiB runs in the server: see docs/performance.md)",
     )
-    p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
+    p.add_argument("--heartbeat-timeout", type=_heartbeat_timeout, default=DEFAULT_HEARTBEAT_TIMEOUT,
                    metavar="SECONDS", help="worker silence after which it is lost (workers send heartbeats "
                    "every 2 s, or every third of it when that is shorter)")
     p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",

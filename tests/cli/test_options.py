@@ -39,6 +39,9 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    # Workers were lost before their first heartbeat, and came back, for ever.
+    (["server", "--heartbeat-timeout", "0.001"], "argument --heartbeat-timeout: 0.001 s is too short: it must be "
+                                                 "at least 1 s"),
     # Taken, and every snapshot's upload failed; the instance name went unused.
     (["server", "--cas", "http://cas:8980"], "argument --cas: 'http://cas:8980' is a URL: give HOST:PORT without http://"),
     (["server", "--cas", "grpc://cas"], "argument --cas: 'cas' has no port"),
