@@ -144,7 +144,11 @@ def _lock_data_dir(data_dir: Path) -> int:
     for a crash's (ending them) and its sandboxed commands for leftovers (killing them), and
     both would number the same sessions' events."""
     path = data_dir / "lock"
-    lock = try_lock(str(path))
+    try:
+        lock = try_lock(str(path))
+    except OSError as exc:  # a directory the server cannot write (it said "[Errno 13] Permission denied: ...")
+        raise OSError(f"cannot use the data directory {data_dir}: {path}: {exc.strerror or exc}: the server must "
+                      "be able to write there") from None
     if lock is None:
         with open(path, "rb") as held:
             holder = held.read(32).decode("ascii", "replace").strip()
