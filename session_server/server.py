@@ -64,8 +64,8 @@ from tool_worker.confinement.protected import operator_excludes_inside
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
-from tool_worker.telemetry.config import start_tracing
-from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
+from tool_worker.telemetry.config import split_address, start_tracing
+from tool_worker.telemetry.endpoints import MetricsEndpoint, refuse_unbindable, serve_health
 from tool_worker.tools.base import Lane
 from tool_worker.worker import EXIT_REJECTED, EXIT_UNAUTHENTICATED
 
@@ -355,6 +355,10 @@ class CodelaneServer:
         # that does not load says so in one line, having touched nothing.
         for address in [self.config.listen, *self.config.extra_listen]:
             _refuse_port_in_use(address)
+        # The side ports too: found once the server ran, they left a new data dir and store behind.
+        for side, what in ((self.config.metrics_listen, "metrics"), (self.config.health_listen, "gRPC health")):
+            if side:
+                refuse_unbindable(*split_address(side), f"cannot serve {what} on {side}")
         await self._check_config()
         try:
             self.config.data_dir.mkdir(parents=True, exist_ok=True)

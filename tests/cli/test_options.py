@@ -181,6 +181,7 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
     # Found once the gRPC server had started: gRPC's traceback followed the line, at exit.
     assert metrics.returncode == 1 and metrics.stderr.count("\n") == 1, metrics.stderr
     assert metrics.stderr.startswith(f"codelane server: cannot serve metrics on 127.0.0.1:{port}")
+    assert not (tmp_path / "data2").exists()  # refused before its store was made
 
 
 @pytest.mark.parametrize(("argv", "variable"), [
@@ -232,6 +233,7 @@ def test_a_busy_health_port_is_one_line(command: str, tmp_path: Path) -> None:
     assert out.returncode == (1 if command == "server" else 2) and out.stderr.count("\n") == 1, out
     assert out.stderr.startswith(f"codelane {command}: cannot serve gRPC health on 127.0.0.1:{port}: "), out.stderr
     assert "in use" in out.stderr
+    assert not (tmp_path / "data").exists()  # refused before the server's store was made
 
 
 @pytest.mark.parametrize("command", ["server", "worker"])

@@ -57,7 +57,7 @@ async def serve_health(listen: str, servicer: health.aio.HealthServicer) -> tupl
     host, port = split_address(listen)
     # gRPC logs its own lines before it fails to bind, and this gRPC raises RuntimeError where
     # older ones returned 0 (a traceback): a busy or foreign address is found first, in one line.
-    _refuse_unbindable(host, port, f"cannot serve gRPC health on {listen}")
+    refuse_unbindable(host, port, f"cannot serve gRPC health on {listen}")
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
@@ -70,7 +70,7 @@ async def serve_health(listen: str, servicer: health.aio.HealthServicer) -> tupl
     return server, port
 
 
-def _refuse_unbindable(host: str, port: int, what: str) -> None:
+def refuse_unbindable(host: str, port: int, what: str) -> None:
     """Raises OSError (`what`: why) when `host:port` cannot be bound, binding it as gRPC will."""
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
