@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--otlp-endpoint", metavar="URL",
                      help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
                           "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
-    ops.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+    ops.add_argument("--shutdown-grace", type=types.non_negative_float, metavar="SECONDS",
+                     default=DEFAULT_SHUTDOWN_GRACE,
                      help="on SIGTERM, how long running turns may go on before they are interrupted "
                           "(default %(default)s)")
     ops.add_argument("--log-format", choices=LOG_FORMATS, default="text",
@@ -259,9 +260,6 @@ def main(argv: list[str]) -> int:
                 split_address(address)
     except ValueError as exc:
         print(f"codelane server: {exc}", file=sys.stderr)
-        return 2
-    if args.shutdown_grace < 0:
-        print("codelane server: --shutdown-grace must be 0 or more", file=sys.stderr)
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")

@@ -39,6 +39,9 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    # nan was taken (and -1 refused without the pointer to --help).
+    (["server", "--shutdown-grace", "nan"], "argument --shutdown-grace: 'nan' must be a non-negative finite number"),
+    (["server", "--shutdown-grace", "-1"], "argument --shutdown-grace: '-1' must be a non-negative finite number"),
     # Workers were lost before their first heartbeat, and came back, for ever.
     (["server", "--heartbeat-timeout", "0.001"], "argument --heartbeat-timeout: 0.001 s is too short: it must be "
                                                  "at least 1 s"),
