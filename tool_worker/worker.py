@@ -294,8 +294,12 @@ class ToolWorker:
                     self._count_connection("unavailable")
                     refusal = tls_refusal(exc)
                     if refusal is not None:
-                        print(f"codelane worker: the TLS handshake with {self.config.address} failed: {refusal}",
-                              file=sys.stderr)
+                        # What to do, in the CLI's words (gRPC's own ended "...WRONG_VERSION_NUMBER:
+                        # Invalid certificate verification context: OK" for a hub without TLS).
+                        why = unreachable(self.config.address, refusal, True)
+                        if "TLS" not in why:  # no advice for this one: gRPC's words
+                            why = f"the TLS handshake with {self.config.address} failed: {refusal}"
+                        print(f"codelane worker: {why}", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
                     # A hub that requires client certificates (mTLS) and refuses ours just closes
                     # the connection during the handshake; a hub that is down refuses to connect.
