@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from codelane.commands import args as types
+from codelane.transport import parse_address
 from session_server import admission
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
@@ -53,12 +54,49 @@ def _pattern(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _data_dir(text: str) -> Path:
+    """--data-dir: empty (an unset variable, `--data-dir "$DIR"`) it was the current directory,
+    which then got the store; a file there failed at start as "[Errno 17] File exists"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the directory is empty: give one, e.g. /var/lib/codelane")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return path
+
+
+def _cas_address(text: str) -> str:
+    """--cas: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT. Anything else (a bare host, an
+    http:// URL) was taken, and gRPC then failed every snapshot's upload, turn after turn."""
+    if not text:
+        return text  # the default: this server serves the snapshots itself
+    scheme = next((s for s in ("grpc://", "grpcs://") if text.startswith(s)), "")
+    try:
+        parse_address(text.removeprefix(scheme))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or grpc://HOST:PORT, grpcs://HOST:PORT for TLS)") from None
+    return text
+
+
+# Below it workers were lost before their first heartbeat (0.001: within 2 ms of each Hello), and
+# reconnected and were lost again, for ever.
+MIN_HEARTBEAT_TIMEOUT = 1.0
+
+
+def _heartbeat_timeout(text: str) -> float:
+    seconds = types.positive_float(text)
+    if seconds < MIN_HEARTBEAT_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text} s is too short: it must be at least {MIN_HEARTBEAT_TIMEOUT:g} s "
+                                         "(it is in seconds; workers heartbeat every third of it)")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = types.parser(PROG, "Run a codelane session server, with local tool workers.")
     p.add_argument("--listen", action="append", type=types.listen_address, default=None, metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:50051; port 0: any free port, printed at start); "
                         "repeatable, e.g. loopback for clients and a LAN address for workers")
-    p.add_argument("--data-dir", type=Path, default=Path(".codelane"), metavar="DIR",
+    p.add_argument("--data-dir", type=_data_dir, default=Path(".codelane"), metavar="DIR",
                    help="where sessions and events are stored (created if missing)")
     p.add_argument("--model", default="",
                    help="default model, provider:name (openai:..., anthropic:..., scripted:PATH); checked at start "
@@ -72,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", action="append", default=[], metavar="MODULE",
                    help="a module of extra tools (TOOLS = [...]) for the local workers and the server; repeatable")
     p.add_argument("--worker-tools", dest="tools", action=types.Renamed, new="--tools", append=True)
-    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"),
+    p.add_argument("--token", default=os.environ.get("CODELANE_TOKEN"), type=types.bearer_token,
                    help="bearer token clients must send (default: $CODELANE_TOKEN; none: no check)")
-    p.add_argument("--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"),
+    p.add_argument("--worker-token", default=os.environ.get("CODELANE_WORKER_TOKEN"), type=types.bearer_token,
                    help="bearer token workers must send (default: $CODELANE_WORKER_TOKEN, or one generated for "
                         "the local workers; see README \"Security\")")
     p.add_argument(
@@ -106,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send every Query call a worker can take to a worker, even those cheaper to run here (by default a "
         "read of a file of at most 64 KiB runs in the server: see docs/performance.md)",
     )
-    p.add_argument("--heartbeat-timeout", type=types.positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT,
+    p.add_argument("--heartbeat-timeout", type=_heartbeat_timeout, default=DEFAULT_HEARTBEAT_TIMEOUT,
                    metavar="SECONDS", help="worker silence after which it is lost (workers send heartbeats "
                    "every 2 s, or every third of it when that is shorter)")
     p.add_argument("--max-llm-requests", type=types.positive_int, default=DEFAULT_GENERATE_LIMIT, metavar="N",
@@ -140,26 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--sandbox-max-open-files", type=int, default=defaults.open_files, metavar="N",
                      help=f"open files of each process (default {defaults.open_files})")
     limits = p.add_argument_group("admission limits (0: none); work over a limit is refused, nothing is queued")
-    limits.add_argument("--max-sessions", type=int, default=admission.DEFAULT_MAX_SESSIONS, metavar="N",
+    limits.add_argument("--max-sessions", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_SESSIONS,
                         help="sessions stored (default %(default)s); CreateSession gets RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-running-turns", type=int, default=admission.DEFAULT_MAX_RUNNING_TURNS, metavar="N",
+    limits.add_argument("--max-running-turns", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_RUNNING_TURNS,
                         help="turns running at once across sessions (default %(default)s); SendMessage gets "
                              "RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-subscribers", type=int, default=admission.DEFAULT_MAX_SUBSCRIBERS, metavar="N",
+    limits.add_argument("--max-subscribers", type=types.non_negative_int, metavar="N",
+                        default=admission.DEFAULT_MAX_SUBSCRIBERS,
                         help="WatchEvents streams open at once (default %(default)s); WatchEvents gets "
                              "RESOURCE_EXHAUSTED")
-    limits.add_argument("--max-pending-query-calls", type=int, metavar="N",
+    limits.add_argument("--max-pending-query-calls", type=types.non_negative_int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS,
                         help="Query calls not yet finished, across sessions (default %(default)s); a call over it "
                              "gets an AT_CAPACITY error result, the model reads why")
-    limits.add_argument("--max-pending-query-calls-per-session", type=int, metavar="N",
+    limits.add_argument("--max-pending-query-calls-per-session", type=types.non_negative_int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
                         help="the same, per session (default %(default)s)")
     content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
     content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN", type=_pattern,
                          help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
                               f"{' '.join(DEFAULT_EXCLUDES)})")
-    content.add_argument("--cas", default="", metavar="ADDR",
+    content.add_argument("--cas", default="", metavar="ADDR", type=_cas_address,
                          help="upload workspace snapshots to this REAPI v2 CAS (host:port, grpc:// or grpcs://) and "
                               "have workers fetch from it, instead of serving them from this server")
     content.add_argument("--cas-instance", default="", metavar="NAME", help="REAPI instance name to use with --cas")
@@ -172,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--otlp-endpoint", metavar="URL",
                      help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
                           "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
-    ops.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+    ops.add_argument("--shutdown-grace", type=types.non_negative_float, metavar="SECONDS",
+                     default=DEFAULT_SHUTDOWN_GRACE,
                      help="on SIGTERM, how long running turns may go on before they are interrupted "
                           "(default %(default)s)")
     ops.add_argument("--log-format", choices=LOG_FORMATS, default="text",
@@ -198,6 +240,12 @@ def _size(text: str) -> int:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cas_instance and not args.cas:
+        # The server's own CAS has no instances: the name went unused, unsaid.
+        parser.error("--cas-instance names an instance of the CAS of --cas: give --cas too")
+    twice = next((address for address in args.listen or [] if args.listen.count(address) > 1), None)
+    if twice is not None:  # the second bind failed, and the server said another server held the port
+        parser.error(f"--listen gives {twice} twice")
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
         limits = admission.Limits(
@@ -212,9 +260,6 @@ def main(argv: list[str]) -> int:
                 split_address(address)
     except ValueError as exc:
         print(f"codelane server: {exc}", file=sys.stderr)
-        return 2
-    if args.shutdown_grace < 0:
-        print("codelane server: --shutdown-grace must be 0 or more", file=sys.stderr)
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")

@@ -64,8 +64,8 @@ from tool_worker.confinement.protected import operator_excludes_inside
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
-from tool_worker.telemetry.config import start_tracing
-from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
+from tool_worker.telemetry.config import split_address, start_tracing
+from tool_worker.telemetry.endpoints import MetricsEndpoint, refuse_unbindable, serve_health
 from tool_worker.tools.base import Lane
 from tool_worker.worker import EXIT_REJECTED, EXIT_UNAUTHENTICATED
 
@@ -144,7 +144,11 @@ def _lock_data_dir(data_dir: Path) -> int:
     for a crash's (ending them) and its sandboxed commands for leftovers (killing them), and
     both would number the same sessions' events."""
     path = data_dir / "lock"
-    lock = try_lock(str(path))
+    try:
+        lock = try_lock(str(path))
+    except OSError as exc:  # a directory the server cannot write (it said "[Errno 13] Permission denied: ...")
+        raise OSError(f"cannot use the data directory {data_dir}: {path}: {exc.strerror or exc}: the server must "
+                      "be able to write there") from None
     if lock is None:
         with open(path, "rb") as held:
             holder = held.read(32).decode("ascii", "replace").strip()
@@ -158,19 +162,22 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 def _refuse_port_in_use(listen: str) -> None:
-    """Raises OSError (one line) when another process listens on `listen` already.
+    """Raises OSError (one line) when another process listens on `listen` already, or when its
+    host is unknown or none of this host's addresses.
 
     gRPC would say so too, with SO_REUSEPORT off, but only after logging its own lines; this
     checks first by binding the address the way gRPC will.
     """
     host, _, port = listen.rpartition(":")
-    if not port.isdigit() or int(port) == 0 or listen.startswith(("unix:", "unix-abstract:", "dns:")):
+    if not port.isdigit() or listen.startswith(("unix:", "unix-abstract:", "dns:")):
         return
+    foreign = 0
     try:
         addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return  # gRPC reports an unknown host itself
+    except socket.gaierror as exc:
+        # gRPC logged its own line, then the server called the address in use, its data dir made.
+        raise OSError(f"cannot listen on {listen}: {host}: {exc.strerror}") from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,6 +188,9 @@ def _refuse_port_in_use(listen: str) -> None:
                     raise OSError(
                         f"cannot listen on {listen}: the address is in use (is another codelane server running?)"
                     ) from None
+                foreign += exc.errno == errno.EADDRNOTAVAIL
+    if addresses and foreign == len(addresses):  # gRPC listens when any of them binds
+        raise OSError(f"cannot listen on {listen}: {host} is not an address of this host")
 
 
 @dataclass
@@ -345,8 +355,15 @@ class CodelaneServer:
         # that does not load says so in one line, having touched nothing.
         for address in [self.config.listen, *self.config.extra_listen]:
             _refuse_port_in_use(address)
+        # The side ports too: found once the server ran, they left a new data dir and store behind.
+        for side, what in ((self.config.metrics_listen, "metrics"), (self.config.health_listen, "gRPC health")):
+            if side:
+                refuse_unbindable(*split_address(side), f"cannot serve {what} on {side}")
         await self._check_config()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on its path, a read-only filesystem: which, not Errno's words alone
+            raise OSError(f"cannot create the data directory {self.config.data_dir}: {exc.strerror or exc}") from None
         self._data_dir_lock = _lock_data_dir(self.config.data_dir)
         # Before anything runs: end what a crash of this server left, and learn what the host enforces
         # (`codelane server` prints it: `sandbox.describe()`).

@@ -342,7 +342,10 @@ class Store(Reads):
         _refuse_emptied(path)
         # Autocommit mode: transactions are opened explicitly by `_transaction`, so each one is
         # visible in the code and nothing is left open between calls.
-        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:  # a directory or a dangling link there: it said only SQLite's words
+            raise unusable_at_start(path, exc) from exc
         self.checkpointer = None if checkpoint_delay is None else _Checkpointer(path, checkpoint_delay)
         self._reader = _Reader(path, reader_threads)
         try:

@@ -9,4 +9,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from tool_worker.worker import main
 
-sys.exit(main(sys.argv[1:]))
+try:
+    sys.exit(main(sys.argv[1:]))
+except KeyboardInterrupt:
+    # Ctrl-C at the terminal of a starting server reaches its local workers too (one process
+    # group): one still importing stops quietly, as `codelane worker` does.
+    sys.exit(130)

@@ -294,8 +294,12 @@ class ToolWorker:
                     self._count_connection("unavailable")
                     refusal = tls_refusal(exc)
                     if refusal is not None:
-                        print(f"codelane worker: the TLS handshake with {self.config.address} failed: {refusal}",
-                              file=sys.stderr)
+                        # What to do, in the CLI's words (gRPC's own ended "...WRONG_VERSION_NUMBER:
+                        # Invalid certificate verification context: OK" for a hub without TLS).
+                        why = unreachable(self.config.address, refusal, True)
+                        if "TLS" not in why:  # no advice for this one: gRPC's words
+                            why = f"the TLS handshake with {self.config.address} failed: {refusal}"
+                        print(f"codelane worker: {why}", file=sys.stderr)
                         return EXIT_UNAUTHENTICATED
                     # A hub that requires client certificates (mTLS) and refuses ours just closes
                     # the connection during the handshake; a hub that is down refuses to connect.
@@ -316,6 +320,13 @@ class ToolWorker:
                         else:
                             self._unreachable_told = (why, time.monotonic())
                             log.warning("%s; retrying", why)
+                    elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        # Another service, or a server's health port: said as clients say it (it
+                        # was "ended our stream (UNIMPLEMENTED: Method not found!)"). Still retried:
+                        # the port may yet be given to a codelane server.
+                        log.warning("%s answers gRPC but has no codelane worker hub (UNIMPLEMENTED: %s): is it a "
+                                    "server's --health-listen port, or another service? Give the address the server "
+                                    "listens on (--listen); retrying", self.config.address, exc.details())
                     else:
                         # A hub that is stopping (a restart, `codelane run --embedded` at its end)
                         # says so: no fault of ours or its, so not a warning. Still retried.
@@ -672,6 +683,17 @@ def _size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cache_dir(text: str) -> Path:
+    """--cache-dir, created on first use: empty (`--cache-dir "$DIR"` unset) it was the current
+    directory, which got the synced copies; a file there failed every synced call, not the start."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the directory is empty: give one, e.g. /var/cache/codelane")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return path
+
+
 def apply_requirements(registry: ToolRegistry, required: dict[str, dict[str, str]]) -> list[str]:
     """Gives each offered tool the labels `--require` names for it; says which it names that the
     worker does not offer: a typo, or a tool its module declined (semantic_search without its
@@ -706,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("CODELANE_WORKER_TOKEN"),
+        type=types.bearer_token,
         help="bearer token for the hub (default: $CODELANE_WORKER_TOKEN)",
     )
     parser.add_argument("--slots", type=types.positive_int, default=4, help="calls run at once (default 4)")
@@ -726,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-dir",
-        type=Path,
+        type=_cache_dir,
         default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codelane",
         help="where this worker keeps synced workspaces (workspaces/, bounded by --cache-size) and its tools their "
         "caches, e.g. the semantic_search index (default ~/.cache/codelane)",

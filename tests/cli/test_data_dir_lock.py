@@ -37,3 +37,14 @@ async def test_a_second_server_on_a_data_dir_in_use_is_refused(tmp_path: Path) -
     after = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=data, local_workers=0))
     await after.start()
     await after.stop(grace=0.5)
+
+
+def test_a_data_dir_whose_lock_cannot_be_taken_says_which_and_why(tmp_path: Path) -> None:
+    # As a directory the server cannot write: it said "[Errno 21] Is a directory: '...'" (or
+    # Errno 13), not which data directory or what to do.
+    data = tmp_path / "data"
+    (data / "lock").mkdir(parents=True)
+    out = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(data), "--local-workers", "0", timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"codelane server: cannot use the data directory {data}: {data}/lock: Is a directory: "
+                          "the server must be able to write there\n")

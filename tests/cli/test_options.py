@@ -39,6 +39,21 @@ MISSING = "/no/such/file.pem"
     (["server", "--log-level", "LOUD"], "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR"),
     (["server", "--tls-cert", MISSING, "--tls-key", MISSING], f"argument --tls-cert: {MISSING}: no such file"),
     (["server", "--heartbeat-timeout", "0"], "must be a positive finite number"),
+    # nan was taken (and -1 refused without the pointer to --help).
+    (["server", "--shutdown-grace", "nan"], "argument --shutdown-grace: 'nan' must be a non-negative finite number"),
+    (["server", "--shutdown-grace", "-1"], "argument --shutdown-grace: '-1' must be a non-negative finite number"),
+    # Workers were lost before their first heartbeat, and came back, for ever.
+    (["server", "--heartbeat-timeout", "0.001"], "argument --heartbeat-timeout: 0.001 s is too short: it must be "
+                                                 "at least 1 s"),
+    # Taken, and every snapshot's upload failed; the instance name went unused.
+    (["server", "--cas", "http://cas:8980"], "argument --cas: 'http://cas:8980' is a URL: give HOST:PORT without http://"),
+    (["server", "--cas", "grpc://cas"], "argument --cas: 'cas' has no port"),
+    (["server", "--cas-instance", "main"], "--cas-instance names an instance of the CAS of --cas: give --cas too"),
+    (["server", "--max-sessions", "-1"], "argument --max-sessions: -1 is too small: it must be 0 or more"),
+    (["server", "--listen", "127.0.0.1:50051", "--listen", "127.0.0.1:50051"], "--listen gives 127.0.0.1:50051 twice"),
+    # Empty, it was the current directory, which got the store.
+    (["server", "--data-dir", ""], "argument --data-dir: the directory is empty"),
+    (["server", "--data-dir", "/dev/null"], "argument --data-dir: /dev/null: not a directory"),
     (["server", *["--sandbox-deny-read", "/secret"] * 1025], "--sandbox-deny-read is given 1,025 times; at most"),
     # workspace.proto, rule 2: the server sends workers no pattern the rule calls invalid. These
     # were refused after parsing, without the pointer to --help, and one not UTF-8 ended the
@@ -52,8 +67,16 @@ MISSING = "/no/such/file.pem"
     (["worker", "--connect", "127.0.0.1:1", "--root", "/no/such/dir"], "argument --root: /no/such/dir: no such "
                                                                       "directory"),
     (["worker", "--connect", "127.0.0.1:1", "--slots", "0"], "argument --slots: 0 is too small"),
+    # Empty, synced copies went into the current directory; a file failed every synced call.
+    (["worker", "--connect", "127.0.0.1:1", "--cache-dir", ""], "argument --cache-dir: the directory is empty"),
+    (["worker", "--connect", "127.0.0.1:1", "--cache-dir", "/dev/null"], "argument --cache-dir: /dev/null: not a "
+                                                                          "directory"),
     (["worker", "--connect", "gpu-host"], "'gpu-host' has no port: give HOST:PORT, e.g. gpu-host:50051"),
     (["mock-llm", "--script", "x.yaml", "--port", "70000"], "70000 is not a port"),
+    # A token gRPC cannot put in a header: local workers retried forever, clients had a traceback.
+    (["server", "--worker-token", "s3cret\n"], "argument --worker-token: the token holds a line end"),
+    (["server", "--token", "s3cret\t"], "argument --token: the token holds '\\t'"),
+    (["worker", "--connect", "127.0.0.1:1", "--token", "s3cret\r\n"], "argument --token: the token holds a line end"),
     (["completion", "fish"], "invalid choice: 'fish'"),
 ])  # fmt: skip
 def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
@@ -161,6 +184,72 @@ def test_busy_ports_are_one_line(tmp_path: Path) -> None:
     # Found once the gRPC server had started: gRPC's traceback followed the line, at exit.
     assert metrics.returncode == 1 and metrics.stderr.count("\n") == 1, metrics.stderr
     assert metrics.stderr.startswith(f"codelane server: cannot serve metrics on 127.0.0.1:{port}")
+    assert not (tmp_path / "data2").exists()  # refused before its store was made
+
+
+@pytest.mark.parametrize(("argv", "variable"), [
+    (["worker", "--connect", "127.0.0.1:1"], "CODELANE_WORKER_TOKEN"),
+    (["sessions", "--server", "127.0.0.1:1"], "CODELANE_TOKEN"),
+])  # fmt: skip
+def test_a_token_from_the_environment_with_a_line_end_is_a_usage_error(argv: list[str], variable: str) -> None:
+    # As a secret read from a file leaves it: the worker retried the hub forever in gRPC's words
+    # ("Illegal header value"), the client command ended in a traceback.
+    out = cli(*argv, env=cli_env(**{variable: "s3cret\n"}), timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane {argv[0]}: ") and "the token holds a line end" in out.stderr
+
+
+@pytest.mark.parametrize(("listen", "says"), [
+    ("nosuchhost.invalid:0", "cannot listen on nosuchhost.invalid:0: nosuchhost.invalid: "),
+    ("192.0.2.1:0", "cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this host"),
+])  # fmt: skip
+def test_an_address_the_server_cannot_listen_on_is_one_line(listen: str, says: str, tmp_path: Path) -> None:
+    # gRPC logged its own line, then the server said the address was in use, its data dir made.
+    out = cli("server", "--listen", listen, "--worker-token", "t", "--data-dir", str(tmp_path / "data"),
+              "--local-workers", "0", timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane server: {says}"), out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_data_dir_that_cannot_be_created_says_which_and_why(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = cli("server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file" / "data"),
+              "--local-workers", "0", timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out
+    assert out.stderr == f"codelane server: cannot create the data directory {tmp_path}/file/data: Not a directory\n"
+
+
+@pytest.mark.parametrize("command", ["server", "worker"])
+def test_a_busy_health_port_is_one_line(command: str, tmp_path: Path) -> None:
+    # gRPC raised RuntimeError at the bind: a traceback, after gRPC's own log line.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if command == "server":
+            argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+        else:
+            argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+        out = cli(*argv, "--health-listen", f"127.0.0.1:{port}", timeout=60)
+    # A worker exits 2 on its side ports, as on a busy --metrics-listen.
+    assert out.returncode == (1 if command == "server" else 2) and out.stderr.count("\n") == 1, out
+    assert out.stderr.startswith(f"codelane {command}: cannot serve gRPC health on 127.0.0.1:{port}: "), out.stderr
+    assert "in use" in out.stderr
+    assert not (tmp_path / "data").exists()  # refused before the server's store was made
+
+
+@pytest.mark.parametrize("command", ["server", "worker"])
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(command: str, tmp_path: Path) -> None:
+    # Before the server or worker set its own handler (importing, loading --tools), Ctrl-C
+    # ended it in a KeyboardInterrupt traceback.
+    if command == "server":
+        argv = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--local-workers", "0"]
+    else:
+        argv = ["worker", "--connect", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache")]
+    out = cli(*argv, "--tools", "tests.interrupting_plugin", timeout=60)
+    assert out.returncode == 130, out
+    assert "Traceback" not in out.stderr and out.stdout == "", out
 
 
 def test_help_shows_defaults_and_says_what_each_option_is() -> None:

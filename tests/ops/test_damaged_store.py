@@ -82,3 +82,18 @@ async def test_an_emptied_store_whose_log_holds_data_is_refused_and_the_log_kept
     assert "server exited with 1" in why and "Traceback" not in why
     assert f"{store} is empty, but its write-ahead log {wal} holds" in why and "Restore the store from a backup" in why
     assert wal.read_bytes() == logged and store.stat().st_size == 0  # nothing discarded
+
+
+async def test_a_store_path_sqlite_cannot_open_is_refused_naming_the_file(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # A directory where the store goes (or a dangling link): the server said only SQLite's
+    # "unable to open database file", naming no file.
+    data_dir = tmp_path / "data"
+    (data_dir / "codelane.db").mkdir(parents=True)
+    with pytest.raises(AssertionError) as refused:
+        await processes.start_server(data_dir, local_workers=0)
+    why = str(refused.value)
+    assert "server exited with 1" in why and "Traceback" not in why
+    store = data_dir / "codelane.db"
+    assert f"codelane server: {store}: unable to open database file: its file cannot be opened" in why

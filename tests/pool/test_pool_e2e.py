@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health
 
 from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
 from session_server.pool import QueryCall
@@ -19,6 +20,7 @@ from session_server.pool.workers import MAX_ROOT_BYTES, MAX_WORKSPACE_ROOTS
 from tests.pool.conftest import pid_alive, wait_for
 from tests.processes import all_gone, pids_with
 from tool_worker.merkle import SnapshotRef, snapshot_of
+from tool_worker.telemetry.endpoints import serve_health
 from tool_worker.tools.base import ErrorKind
 
 
@@ -549,6 +551,31 @@ async def test_a_worker_with_no_hub_to_reach_says_why_once_not_at_every_attempt(
         await proc.wait()
     warnings = [line for line in lines if "WARNING" in line and "retrying" in line]
     assert len(warnings) == 1 and f"nothing listens at 127.0.0.1:{port}" in warnings[0], lines
+
+
+async def test_a_worker_pointed_at_another_grpc_service_says_so(tmp_path: Path) -> None:
+    # A server's health port (or any other gRPC service): the worker said "ended our stream
+    # (UNIMPLEMENTED: Method not found!)", where the CLI says which port to give instead.
+    side, port = await serve_health("127.0.0.1:0", health.aio.HealthServicer())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tool_worker", "--connect", f"127.0.0.1:{port}", "--id", "astray",
+        "--cache-dir", str(tmp_path / "cache"), stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+
+    async def retrying() -> str:
+        while line := (await proc.stderr.readline()).decode():
+            if "retrying" in line:
+                return line
+        raise AssertionError("the worker exited")
+
+    try:
+        line = await asyncio.wait_for(retrying(), 60)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await side.stop(None)
+    assert f"WARNING 127.0.0.1:{port} answers gRPC but has no codelane worker hub (UNIMPLEMENTED: " in line, line
+    assert "is it a server's --health-listen port, or another service?" in line
 
 
 async def test_results_past_the_wire_limit_are_sent_as_the_hub_keeps_them(make_server, workers, tmp_path: Path) -> None:

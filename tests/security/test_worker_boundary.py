@@ -415,6 +415,9 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
     assert code == 3, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "TLS handshake" in lines[0]
+    if case == "untrusted-server":  # said as the CLI says it, not in gRPC's words alone
+        assert lines[0].startswith(f"codelane worker: the certificate of 127.0.0.1:{server.port} is not signed by "
+                                   "the CA of --tls-ca"), lines
     # With the right certificates the same worker joins.
     good = worker_process(f"127.0.0.1:{server.port}", "w2", "--tls-ca", str(certs.ca),
                           "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key))
@@ -424,6 +427,17 @@ async def test_a_worker_whose_handshake_is_refused_exits_3_with_one_line(servers
         with contextlib.suppress(ProcessLookupError):
             good.kill()
         good.wait()
+
+
+async def test_a_worker_speaking_tls_to_a_plaintext_hub_is_told_to_drop_tls_ca(servers, tmp_path: Path) -> None:
+    # It said "... WRONG_VERSION_NUMBER: Invalid certificate verification context: OK".
+    certs = await asyncio.to_thread(make_certs, tmp_path / "certs")
+    server = await start(servers, tmp_path)
+    worker = worker_process(f"127.0.0.1:{server.port}", "w1", "--tls-ca", str(certs.ca))
+    code, stderr = await exit_of(worker)
+    assert code == 3, stderr
+    assert stderr == (f"codelane worker: the TLS handshake with 127.0.0.1:{server.port} failed (UNAVAILABLE): does "
+                      "the server use TLS? Drop --tls-ca if it does not\n"), stderr
 
 
 @contextlib.asynccontextmanager

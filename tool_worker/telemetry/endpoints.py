@@ -8,6 +8,8 @@ domain state (the worker pool, the event bus), which only the loop's thread may 
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2_grpc
@@ -52,11 +54,32 @@ class MetricsEndpoint:
 
 async def serve_health(listen: str, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
     """A plaintext gRPC server on `listen` with only `servicer`; returns it and its port."""
-    split_address(listen)
+    host, port = split_address(listen)
+    # gRPC logs its own lines before it fails to bind, and this gRPC raises RuntimeError where
+    # older ones returned 0 (a traceback): a busy or foreign address is found first, in one line.
+    refuse_unbindable(host, port, f"cannot serve gRPC health on {listen}")
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot serve gRPC health on {listen}")
+        raise OSError(f"cannot serve gRPC health on {listen}: the address is in use or not available on this host")
     await server.start()
     return server, port
+
+
+def refuse_unbindable(host: str, port: int, what: str) -> None:
+    """Raises OSError (`what`: why) when `host:port` cannot be bound, binding it as gRPC will."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"{what}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(f"{what}: {exc.strerror or exc}") from None

@@ -81,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     # failed TLS handshake, for one) to stderr. Set before gRPC is loaded: clients want none of
     # them, servers and workers its errors.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE" if module_name.startswith("codelane.commands.") else "ERROR")
-    module = importlib.import_module(module_name)
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command has its own handling (a server or worker still importing,
+        # loading --tools or binding): what it had started is stopped on the way out, and a
+        # traceback would add nothing. 130, as the client commands exit after Ctrl-C.
+        return 130
 
 
 if __name__ == "__main__":

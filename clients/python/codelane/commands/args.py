@@ -124,6 +124,18 @@ def _readable_file(text: str) -> str:
     return str(path)
 
 
+def check_token(text: str) -> str:
+    """A bearer token gRPC can send: printable ASCII. gRPC refuses any other character in a header,
+    on every call and in its own words: a worker retried forever, a client ended in a traceback.
+    The usual one is the line end of the file the token was read from."""
+    bad = next((char for char in text if not " " <= char <= "~"), None)
+    if bad is not None:
+        what = "a line end (the last line's, of the file it was read from?)" if bad in "\r\n" else f"{bad!r}"
+        raise ValueError(f"the token holds {what}: a bearer token is printable ASCII")
+    return text
+
+
+bearer_token = _type("bearer_token", check_token)
 existing_dir = _type("existing_dir", _existing_dir)
 readable_file = _type("readable_file", _readable_file)
 

@@ -50,8 +50,12 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
     flags = {setting: getattr(args, setting, None) for setting in ENV_VARS}
     try:
         args.connection = resolve(flags, getattr(args, "profile", None))
+        if args.connection.token:
+            types.check_token(args.connection.token)
     except ConfigError as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: {exc}\n")
+    except ValueError as exc:  # from $CODELANE_TOKEN or a profile as much as from --token
+        parser.exit(EXIT_USAGE, f"{parser.prog}: {exc}: check --token, ${ENV_VARS['token']} or the profile's\n")
     args.server = args.connection.server
     return args
 
