@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subscriber-buffer", type=types.positive_int, default=SUBSCRIBER_BUFFER, metavar="EVENTS",
                    help="live events an event stream holds for a slow reader before it reads what the reader "
                         "missed from the store instead (memory per stream; no reader is ever cut off)")
-    p.add_argument("--subscriber-buffer-bytes", type=_size, default=SUBSCRIBER_BUFFER_BYTES, metavar="SIZE",
-                   help="the same bound in size, e.g. 512K, 16M (default "
+    p.add_argument("--subscriber-buffer-bytes", type=types.positive_size, default=SUBSCRIBER_BUFFER_BYTES,
+                   metavar="SIZE", help="the same bound in size, e.g. 512K, 16M (default "
                         f"{SUBSCRIBER_BUFFER_BYTES // MIB}M; events with big tool outputs reach it first)")
     box = p.add_argument_group("sandbox of bash and execute (see README \"Sandbox\")")
     box.add_argument("--sandbox", type=SandboxMode, choices=list(SandboxMode), default=SandboxMode.WORKSPACE_WRITE,
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ResourceLimits()
     box.add_argument("--sandbox-max-processes", type=int, default=defaults.processes, metavar="N",
                      help=f"processes of one call at once (default {defaults.processes})")
-    box.add_argument("--sandbox-max-memory", type=_size, default=defaults.memory_bytes, metavar="SIZE",
+    box.add_argument("--sandbox-max-memory", type=types.positive_size, default=defaults.memory_bytes, metavar="SIZE",
                      help=f"memory of one call, e.g. 512M, 4G (default {defaults.memory_bytes // GIB}G)")
     box.add_argument("--sandbox-max-cpu-seconds", type=int, default=defaults.cpu_seconds, metavar="S",
                      help=f"CPU seconds of each process (default {defaults.cpu_seconds})")
@@ -226,17 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(text: str) -> int:
-    """Bytes from "4G", "512M", "64K" or a plain number."""
-    units = {"K": 1024, "M": MIB, "G": GIB}
-    try:
-        if text[-1:].upper() in units:
-            return int(float(text[:-1]) * units[text[-1].upper()])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 4G") from None
-
-
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -265,8 +254,6 @@ def main(argv: list[str]) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         parser.error("--tls-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
-    if args.subscriber_buffer_bytes <= 0:
-        parser.error("--subscriber-buffer-bytes must be more than 0, e.g. 4M")
     if len(args.sandbox_deny_read) > MAX_SANDBOX_DENY_READ:
         parser.error(f"--sandbox-deny-read is given {len(args.sandbox_deny_read):,} times; at most "
                      f"{MAX_SANDBOX_DENY_READ:,}: deny a directory that holds the paths instead")

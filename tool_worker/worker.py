@@ -60,7 +60,6 @@ from tool_worker.workspaces import (
     SnapshotChanged,
     WorkspaceManager,
     WorkspaceUnavailable,
-    parse_size,
 )
 
 log = logging.getLogger("codelane.worker")
@@ -676,13 +675,6 @@ def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
-def _size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cache_dir(text: str) -> Path:
     """--cache-dir, created on first use: empty (`--cache-dir "$DIR"` unset) it was the current
     directory, which got the synced copies; a file there failed every synced call, not the start."""
@@ -737,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory under which the server's workspace paths may be used directly when this "
                         "host sees the same files (repeatable; none: any path). Other workspaces are synced into "
                         "--cache-dir")
-    parser.add_argument("--cache-size", type=_size_argument, default=DEFAULT_CACHE_SIZE,
+    parser.add_argument("--cache-size", type=types.positive_size, default=DEFAULT_CACHE_SIZE,
                         help="bound of the disk the cache's synced workspaces and blobs take, each file counted "
                              "in whole 4 KiB blocks and each directory as one, e.g. 10GiB (default 10GiB)")
     parser.add_argument(

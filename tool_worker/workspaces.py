@@ -103,16 +103,6 @@ class SnapshotChanged(WorkspaceUnavailable):
     call needs a newer snapshot, not another worker."""
 
 
-def parse_size(text: str) -> int:
-    """'10GiB', '512MB', '2G', '1000' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"{text!r} is not a size such as 10GiB, 512MB or 1000000")
-    number, unit, suffix = float(match[1]), match[2].upper(), match[3].lower()
-    base = 1024 if suffix.startswith("i") or (unit and not suffix) else 1000
-    return int(number * base ** " KMGT".index(unit or " "))
-
-
 class Placement:
     """The directory a call runs in, and how paths map between it and the server's workspace."""
 
@@ -1083,6 +1073,5 @@ __all__ = [
     "SnapshotRef",
     "WorkspaceManager",
     "WorkspaceUnavailable",
-    "parse_size",
 ]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from codelane.commands.args import parse_size
 from codelane.transport import parse_address
 from tests.certs import Certs, make_certs
 from tests.cli.conftest import cli, cli_env
@@ -78,6 +79,12 @@ MISSING = "/no/such/file.pem"
     (["server", "--token", "s3cret\t"], "argument --token: the token holds '\\t'"),
     (["worker", "--connect", "127.0.0.1:1", "--token", "s3cret\r\n"], "argument --token: the token holds a line end"),
     (["completion", "fish"], "invalid choice: 'fish'"),
+    # Sizes are spelled alike everywhere (the server refused 4GiB), and none is 0: every synced
+    # workspace was then refused for want of room.
+    (["worker", "--connect", "127.0.0.1:1", "--cache-size", "0"], "argument --cache-size: '0' is no size"),
+    (["worker", "--connect", "127.0.0.1:1", "--cache-size", "10GB!"], "'10GB!' is not a size such as 10GiB"),
+    (["server", "--subscriber-buffer-bytes", "0K"], "argument --subscriber-buffer-bytes: '0K' is no size"),
+    (["server", "--sandbox-max-memory", "lots"], "argument --sandbox-max-memory: 'lots' is not a size"),
 ])  # fmt: skip
 def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
     out = cli(*argv, timeout=30)
@@ -85,6 +92,17 @@ def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
     assert out.stdout == "" and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"codelane {argv[0]}: ") and says in out.stderr, out.stderr
     assert out.stderr.endswith(f"(see codelane {argv[0]} --help)\n")
+
+
+@pytest.mark.parametrize(("text", "size"), [("10GiB", 10 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3),
+                                            ("4gib", 4 * 1024**3), ("1000", 1000), ("1.5KiB", 1536)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_bad_size_says_what_is_expected() -> None:
+    with pytest.raises(ValueError, match="10GiB"):
+        parse_size("lots")
 
 
 @pytest.mark.parametrize(("text", "listen", "error"), [

@@ -18,7 +18,7 @@ from tool_worker.confinement.policy import SandboxSettings
 from tool_worker.confinement.protected import operator_denied_inside
 from tool_worker.merkle import BLOCK_BYTES, DEFAULT_EXCLUDES, Digest, digest_of, disk_bytes
 from tool_worker.tools.base import ToolResult
-from tool_worker.workspaces import Placement, parse_size
+from tool_worker.workspaces import Placement
 
 
 async def test_current_sees_every_change_announced_before_it(tmp_path: Path) -> None:
@@ -178,17 +178,6 @@ def test_a_blob_half_written_by_a_killed_worker_is_removed_when_the_store_opens(
     reopened = BlobStore(str(tmp_path / "blobs"))
     assert reopened.bytes == BLOCK_BYTES and not leftover.exists()
     assert reopened.read(Digest.of(kept)) == kept and Digest.of(cut).hash not in reopened
-
-
-@pytest.mark.parametrize(("text", "size"), [("10GiB", 10 * 1024**3), ("512MB", 512 * 10**6), ("2G", 2 * 1024**3),
-                                            ("1000", 1000), ("1.5KiB", 1536)])
-def test_sizes(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-def test_a_bad_size_says_what_is_expected() -> None:
-    with pytest.raises(ValueError, match="10GiB"):
-        parse_size("lots")
 
 
 

@@ -106,6 +106,28 @@ positive_float = _type("positive_float", lambda text: _number(text, positive=Tru
 non_negative_float = _type("non_negative_float", lambda text: _number(text, positive=False))
 
 
+def parse_size(text: str) -> int:
+    """'10GiB', '512MB', '2G', '1000' -> bytes: K, M, G and T alone or with iB are powers of
+    1024, with B alone powers of 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as 10GiB, 512MB, 4G or 1000000")
+    number, unit, suffix = float(match[1]), match[2].upper(), match[3].lower()
+    base = 1024 if suffix.startswith("i") or (unit and not suffix) else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError(f"{text!r} is no size: give more than 0, e.g. 4G")
+    return size
+
+
+# One spelling of sizes for every command: the server took "4G" only and the worker "4GiB" too.
+positive_size = _type("size", _positive_size)
+
+
 def _existing_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
