@@ -866,8 +866,9 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
             health_server, health_port = await serve_health(config.health_listen, telemetry.health)
             print(f"codelane worker health on port {health_port}", flush=True)
     except OSError as exc:
+        # Not a usage error (2) nor the hub's refusal: 1, as the server exits on a busy port.
         print(f"codelane worker: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        return 1
     freeze_startup_heap()
     try:
         return await worker.run()
