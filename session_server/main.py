@@ -15,6 +15,7 @@ from codelane.commands import args as types
 from codelane.transport import parse_address
 from session_server import admission
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
+from session_server.llm.factory import missing_key
 from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
 from session_server.server import LOCAL_WORKER_SLOTS, CodelaneServer, ServerConfig, ServerConfigError
 from session_server.sessions import DEFAULT_GENERATE_LIMIT
@@ -359,6 +360,11 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     if not config.model:
         logging.getLogger("codelane.server").info(
             "no default model (--model): every session must name its own (codelane run --model provider:name)")
+    elif (key := missing_key(config.model)) is not None:
+        # Not refused: a session may name another model. Said, or the first turn is where it shows.
+        logging.getLogger("codelane.server").warning(
+            "the default model %s needs $%s, which is not set in the server's environment: its turns will fail "
+            "(401) until the server is started with it", config.model, key)
     print(f"codelane server listening on {server.address}", flush=True)
     if server.metrics_port:
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)

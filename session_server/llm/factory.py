@@ -67,6 +67,19 @@ def create_provider(
     return ScriptFileProvider(model.name, scripts or DEFAULT_SCRIPTS), model.name
 
 
+def missing_key(spec: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The environment variable holding the API key `spec`'s provider needs, when it is not set
+    and the provider's own service is the one asked (a proxy or a local server at another base URL
+    may need none); None otherwise. `spec` must parse."""
+    env = os.environ if env is None else env
+    provider = parse_model(spec).provider
+    if provider == "openai" and not env.get("OPENAI_BASE_URL") and not env.get("OPENAI_API_KEY"):
+        return "OPENAI_API_KEY"
+    if provider == "anthropic" and not env.get("ANTHROPIC_BASE_URL") and not env.get("ANTHROPIC_API_KEY"):
+        return "ANTHROPIC_API_KEY"
+    return None
+
+
 # How many parsed scripts a process keeps; each is at most MAX_SCRIPT_BYTES of file.
 MAX_CACHED_SCRIPTS = 32
 

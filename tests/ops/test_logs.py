@@ -134,3 +134,16 @@ async def test_a_name_in_a_text_log_line_cannot_start_a_line_of_its_own(
     await poll_until(warned, what="the warning naming the left-out entry")
     assert f"x\\n{forged}" in warned()
     assert not any(line.startswith(forged) for line in server.err.read_text(errors="replace").splitlines())
+
+
+async def test_a_default_model_without_its_api_key_is_said_at_start(processes: Processes, tmp_path: Path) -> None:
+    # The server started without a word, and the first turn was where a missing key showed.
+    server = await processes.start_server(tmp_path / "data", model="anthropic:claude-sonnet-4-5", local_workers=0)
+    assert ("the default model anthropic:claude-sonnet-4-5 needs $ANTHROPIC_API_KEY, which is not set"
+            in server.log()), server.log()
+    # A base URL of its own (a proxy, a local server) may need no key: nothing is said.
+    proxied = await processes.start_server(tmp_path / "data2", model="openai:gpt-4o", local_workers=0,
+                                           env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    keyed = await processes.start_server(tmp_path / "data3", model="openai:gpt-4o", local_workers=0,
+                                         env={"OPENAI_API_KEY": "sk-test"})
+    assert "needs $" not in proxied.log() + keyed.log()
