@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--health-listen", metavar="HOST:PORT",
                      help="also serve gRPC health, and only it, in plaintext on HOST:PORT (for probes that "
                           "cannot use the main port's TLS)")
-    ops.add_argument("--otlp-endpoint", metavar="URL",
+    ops.add_argument("--otlp-endpoint", type=types.otlp_endpoint, metavar="URL",
                      help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
                           "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
     ops.add_argument("--shutdown-grace", type=types.non_negative_float, metavar="SECONDS",

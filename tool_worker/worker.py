@@ -774,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-listen", metavar="HOST:PORT",
                         help="serve gRPC health on HOST:PORT (plaintext): SERVING while connected to the hub and "
                              "taking calls, for readiness probes (default: off)")
-    parser.add_argument("--otlp-endpoint", metavar="URL",
+    parser.add_argument("--otlp-endpoint", type=types.otlp_endpoint, metavar="URL",
                         help="send traces over OTLP/gRPC, e.g. http://collector:4317 (default: the standard "
                              "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",

@@ -85,6 +85,11 @@ MISSING = "/no/such/file.pem"
     (["worker", "--connect", "127.0.0.1:1", "--cache-size", "10GB!"], "'10GB!' is not a size such as 10GiB"),
     (["server", "--subscriber-buffer-bytes", "0K"], "argument --subscriber-buffer-bytes: '0K' is no size"),
     (["server", "--sandbox-max-memory", "lots"], "argument --sandbox-max-memory: 'lots' is not a size"),
+    # Taken, and no span ever left.
+    (["server", "--otlp-endpoint", "garbage"], "argument --otlp-endpoint: 'garbage' has no port"),
+    (["worker", "--connect", "127.0.0.1:1", "--otlp-endpoint", "ftp://collector:4317"],
+     "argument --otlp-endpoint: 'ftp://collector:4317' is not an OTLP/gRPC endpoint such as http://collector:4317"),
+    (["server", "--otlp-endpoint", "http://collector:port"], "is not an OTLP/gRPC endpoint"),
 ])  # fmt: skip
 def test_a_bad_value_is_one_line_and_exit_2(argv: list[str], says: str) -> None:
     out = cli(*argv, timeout=30)

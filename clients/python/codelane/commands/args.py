@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -126,6 +127,25 @@ def _positive_size(text: str) -> int:
 
 # One spelling of sizes for every command: the server took "4G" only and the worker "4GiB" too.
 positive_size = _type("size", _positive_size)
+
+
+def _otlp_endpoint(text: str) -> str:
+    """OTLP/gRPC's endpoint as the exporter takes it: http:// or https:// and a host (a port
+    too, or the scheme's), or HOST:PORT. Anything else was taken, and no span ever left."""
+    if "://" not in text:
+        parse_address(text)
+        return text
+    url = urllib.parse.urlsplit(text)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or port == -1:
+        raise ValueError(f"{text!r} is not an OTLP/gRPC endpoint such as http://collector:4317 or collector:4317")
+    return text
+
+
+otlp_endpoint = _type("otlp_endpoint", _otlp_endpoint)
 
 
 def _existing_dir(text: str) -> Path:
