@@ -9,9 +9,11 @@ so a client can also describe the v1 service through reflection.
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 V1ALPHA_SERVICE_NAME = reflection.SERVICE_NAME
 V1_PACKAGE = "grpc.reflection.v1"
@@ -41,13 +43,26 @@ def _add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
     pool.AddSerializedFile(file.SerializeToString())
 
 
+class _ReflectionServicer(reflection.aio.ReflectionServicer):
+    """grpcio-reflection's, finding a method's file too: its descriptor pool knows services,
+    messages, fields and enum values by name, not methods, so `grpcurl describe
+    codelane.v1.SessionService.CreateSession` was NOT_FOUND (grpc/grpc#34743)."""
+
+    def _file_containing_symbol(self, request, fully_qualified_name):
+        service_name, _, method_name = fully_qualified_name.rpartition(".")
+        with contextlib.suppress(KeyError):  # not a service's name: the symbol is looked up as it is
+            if method_name in self._pool.FindServiceByName(service_name).methods_by_name:
+                fully_qualified_name = service_name  # a method's file is its service's
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
+
 def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> list[str]:
     """Serves reflection v1 and v1alpha on `server` for `service_names` (the reflection services
     themselves added); returns the full list of names reflection lists."""
     _add_v1_descriptor(descriptor_pool.Default())
     names = [*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]
-    servicer = reflection.aio.ReflectionServicer(names)
-    reflection.enable_server_reflection(names, server)
+    servicer = _ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.method_handlers_generic_handler(
         V1_SERVICE_NAME,
         {

@@ -14,6 +14,7 @@ from session_server.bus import SessionClosed
 from session_server.config import InvalidArgument, SessionSettings
 from session_server.confirmations import ConfirmationNotFound
 from session_server.external import LeaseNotHeld, TaskNotFound
+from session_server.paging import encode_page_token
 from session_server.sessions import (
     CaughtUp,
     ModelUnavailable,
@@ -99,7 +100,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         except ValueError as exc:
             field = "page_token" if "token" in str(exc) else "page_size"
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=field)
-        return session_pb2.ListSessionsResponse(sessions=[convert.session(r) for r in records], next_page_token=token)
+        # The store bounds a page by its sessions' configurations and labels; their workspace paths
+        # (up to 4 KiB each, a thousand to a page) are bytes of the answer too: bounded here as
+        # encoded, under what a client with gRPC's default limits reads.
+        created = {record.session_id: record.created for record in records}
+        sessions, cut = convert.page_within(
+            (convert.session(record) for record in records),
+            lambda s: convert.field_bytes(len(encode_page_token(created[s.session_id], s.session_id))))
+        if cut:
+            token = encode_page_token(created[sessions[-1].session_id], sessions[-1].session_id)
+        return session_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def DeleteSession(self, request, context):
         await self._session(context, request.session_id)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -27,6 +28,29 @@ async def test_health_and_reflection_are_served(make_server) -> None:
         )
         listed = [s.name async for reply in stream for s in reply.list_services_response.service]
     assert {"codelane.v1.SessionService", "codelane.v1.AdminService", "codelane.v1.WorkerHubService"} <= set(listed)
+
+
+async def test_reflection_finds_the_file_of_a_method(make_server) -> None:
+    # `grpcurl describe codelane.v1.SessionService.CreateSession` asks for the file containing the
+    # method's name: grpcio-reflection answered NOT_FOUND ("Symbol not found"), its descriptor
+    # pool knowing services and messages, fields and enum values, but not methods (grpc#34743).
+    server = await make_server()
+    symbols = ["codelane.v1.SessionService.CreateSession", "codelane.v1.SessionService",
+               "codelane.v1.AdminService.ListWorkers", "codelane.v1.Session.session_id"]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        for service in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"):
+            stream = channel.stream_stream(
+                f"/{service}/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in
+                    [*symbols, "codelane.v1.SessionService.NoSuchMethod"]]))
+            replies = [reply async for reply in stream]
+            files = [r.file_descriptor_response.file_descriptor_proto for r in replies[:len(symbols)]]
+            names = [descriptor_pb2.FileDescriptorProto.FromString(file[0]).name if file else "" for file in files]
+            assert names == ["codelane/v1/session.proto", "codelane/v1/session.proto", "codelane/v1/admin.proto",
+                             "codelane/v1/session.proto"], service
+            assert replies[-1].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def test_client_token_is_required_when_set(make_server, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from codelane.v1 import session_pb2, tools_pb2
+from codelane.v1 import session_pb2, session_pb2_grpc, tools_pb2
 from tests.server.test_store import NESTED_TOKEN
 from tests.session.conftest import Client, call, collect, rpc_error, scripted
 
@@ -267,6 +267,36 @@ async def test_list_sessions_pages_newest_first(client: Client, workspace: Path,
     assert [s.session_id for s in everything.sessions] == listed and not everything.next_page_token
     times = [s.create_time.ToNanoseconds() for s in everything.sessions]
     assert times == sorted(times, reverse=True)
+
+
+async def test_list_sessions_pages_stay_under_what_a_default_client_reads(client: Client, workspace: Path,
+                                                                           tmp_path: Path) -> None:
+    # A page was bounded by its sessions' configurations and labels only: 400 sessions in a
+    # workspace of a 4,000-character path, each with a 7,000-character prompt, made one page of
+    # 4.5 MiB, which a client with gRPC's default 4 MiB receive limit could not read.
+    deep = workspace
+    while len(str(deep)) < 4000:
+        deep /= "d" * 200
+    deep.mkdir(parents=True)
+    model = scripted(tmp_path, [{"text": "hi"}])
+    created: set[str] = set()
+    for _ in range(4):
+        sessions = await asyncio.gather(*(client.create(deep, model, system_prompt="p" * 7000) for _ in range(100)))
+        created.update(s.session_id for s in sessions)
+
+    listed: list[str] = []
+    token = ""
+    async with grpc.aio.insecure_channel(client.address) as default_limits:
+        stub = session_pb2_grpc.SessionServiceStub(default_limits)
+        for _ in range(10):
+            page = await stub.ListSessions(session_pb2.ListSessionsRequest(page_size=1000, page_token=token),
+                                           timeout=10)
+            assert page.ByteSize() <= 3 * 1024 * 1024
+            listed += [s.session_id for s in page.sessions]
+            token = page.next_page_token
+            if not token:
+                break
+    assert len(listed) == len(created) and set(listed) == created
 
 
 def _token(keys_json: bytes) -> str:

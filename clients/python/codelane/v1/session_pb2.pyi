@@ -836,8 +836,8 @@ class ListSessionsResponse(_message.Message):
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
         """Sessions, newest first. A page may hold fewer than page_size sessions though more follow: it
-        stops before its sessions' configurations and labels reach 3 Mi characters (responses stay
-        under the 4 MiB gRPC clients accept by default). A page continues after the last session of
+        stops before its sessions' configurations and labels reach 3 Mi characters, and before the
+        response reaches 3 MiB (under the 4 MiB gRPC clients accept by default). A page continues after the last session of
         the previous one (by creation time, then id): a session that exists through the whole listing
         is listed exactly once; one created meanwhile is newer than the first page and is not listed.
         """
