@@ -421,7 +421,9 @@ async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, t
     proc = workers.spawn(server.port, "w1", slots=1)
     await connected(server, "w1")
     events: list = []
-    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 700}, events=events)))
+    # The call outlasts the way from its start to the hub hearing that the worker drains (with
+    # 700 ms a loaded machine could end it first, and the worker then left before it was seen).
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 3000}, events=events)))
     await wait_for(lambda: bool(events), what="the call to start")
     proc.send_signal(signal.SIGTERM)
     await wait_for(lambda: server.pool.workers()[0].draining, within=5, what="the worker to say it drains")
@@ -433,17 +435,20 @@ async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, t
 async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, tmp_path: Path) -> None:
     import signal
 
-    server = await make_server(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    # The call outlasts the test's way from its start to the SIGSTOP (300 ms once did not, on a
+    # loaded machine: the call ended on its first worker); the other worker must outlast a
+    # loaded machine's pauses too, hence a timeout of 10 heartbeats.
+    server = await make_server(heartbeat_interval=0.2, heartbeat_timeout=2.0)
     workers.spawn(server.port, "w1", slots=1)
     workers.spawn(server.port, "w2", slots=1)
     await connected(server, "w1", "w2")
     events: list = []
-    task = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 300}, events=events)))
+    task = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 3000}, events=events)))
     await wait_for(lambda: bool(events), what="the call to start")
     frozen = workers.procs[events[0].worker_id]
     frozen.send_signal(signal.SIGSTOP)  # alive, stream open, but silent
     try:
-        result = await asyncio.wait_for(task, 10)
+        result = await asyncio.wait_for(task, 30)
     finally:
         frozen.send_signal(signal.SIGCONT)
     assert not result.is_error and result.attempt == 2 and result.worker_id != events[0].worker_id
