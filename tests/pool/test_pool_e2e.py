@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +98,10 @@ async def test_slots_are_never_exceeded(make_server, workers, tmp_path: Path) ->
     workers.spawn(server.port, "w1", slots=2)
     workers.spawn(server.port, "w2", slots=3)
     await connected(server, "w1", "w2")
+    # Each call sleeps long enough that a worker's slots fill before the first of them ends: at
+    # 40 ms, a worker paused that long between reading its Assigns could see fewer at once than its slots.
     results = await asyncio.gather(
-        *(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 40}, call_id=f"c{i}")) for i in range(30))
+        *(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 200}, call_id=f"c{i}")) for i in range(30))
     )
     assert not any(r.is_error for r in results), [r.output for r in results if r.is_error]
     concurrent_seen = {}
@@ -227,9 +228,9 @@ async def test_cancelling_a_call_kills_its_tool_process_on_the_worker(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await all_gone(mark, within=5), "the tool process outlived its cancelled call"
+    assert await all_gone(mark), "the tool process outlived its cancelled call"
     # The slot comes back once the worker confirms.
-    await wait_for(lambda: server.pool.workers()[0].in_flight == 0, within=5, what="the slot to be released")
+    await wait_for(lambda: server.pool.workers()[0].in_flight == 0, what="the slot to be released")
 
 
 async def test_a_tools_own_timeout_on_a_worker_ends_only_that_call(make_server, workers, tmp_path: Path) -> None:
@@ -240,11 +241,11 @@ async def test_a_tools_own_timeout_on_a_worker_ends_only_that_call(make_server, 
     await connected(server, "w1")
     events: list = []
     args = {"ms": 10000, "mark": "codelane-test-sleep", "timeout_ms": 300}
-    started = time.monotonic()
     result = await server.pool.dispatch(call(tmp_path, "sleep_process", args, events=events))
+    # Its own 300 ms, not the 10 s sleep nor the call's deadline, ended it: the message says so
+    # (no wall-clock bound, which a loaded machine's pauses can pass).
     assert result.is_error and result.error_kind is ErrorKind.TIMEOUT, result.output
     assert "timed out after 300 ms" in result.output and result.worker_id == "w1"
-    assert time.monotonic() - started < 5
     after = await server.pool.dispatch(call(tmp_path, "noop", {}, call_id="c2", events=events))
     assert not after.is_error and after.worker_id == "w1"
     assert [type(e).__name__ for e in events] == ["CallStarted", "CallStarted"]
@@ -426,7 +427,7 @@ async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, t
     running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 3000}, events=events)))
     await wait_for(lambda: bool(events), what="the call to start")
     proc.send_signal(signal.SIGTERM)
-    await wait_for(lambda: server.pool.workers()[0].draining, within=5, what="the worker to say it drains")
+    await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
     result = await running
     assert not result.is_error and result.worker_id == "w1"
     assert await asyncio.to_thread(proc.wait, 10) == 0
