@@ -177,7 +177,17 @@ async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active
     # --max-llm-requests 1 and two turns at once: one request runs (the model takes its time),
     # the other waits for the slot. GetQueueStats counted both as running from the start.
     script = Script.load(write_script(tmp_path, [{"text": "Done."}], name="slow.yaml"))
-    async with mock_llm(monkeypatch, script, latency=1.5):
+    async with mock_llm(monkeypatch, script) as mock:
+        # The model answers nothing until the test has seen both requests: a latency of 1.5 s was
+        # the whole window in which to see them, which a loaded machine could miss.
+        answer = asyncio.Event()
+        stream = mock._stream
+
+        async def held(*args, **kwargs):
+            await answer.wait()
+            return await stream(*args, **kwargs)
+
+        mock._stream = held
         server = await make_server(max_llm_requests=1)
         sessions = [await server.client.create(workspace, "openai:mock") for _ in range(2)]
         turns = [asyncio.create_task(server.client.send(s.session_id, "go")) for s in sessions]
@@ -192,6 +202,7 @@ async def test_model_requests_waiting_for_a_generate_slot_are_pending_not_active
 
         await poll_until(one_runs_one_waits, what="one model request running and one waiting for the slot",
                          within=WAIT, interval=0.05)
+        answer.set()
         await asyncio.gather(*turns)
         lane = await generate()
         assert (lane.pending, lane.active, lane.completed, lane.failed) == (0, 0, 2, 0)

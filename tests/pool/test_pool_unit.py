@@ -315,6 +315,26 @@ async def test_the_monitor_survives_a_failing_link_and_keeps_dropping_silent_wor
         await pool.close()
 
 
+async def test_a_lost_workers_call_waits_no_worker_wait_on_the_clock_for_another() -> None:
+    # The bound the e2e test (all workers killed) once checked with a wall clock.
+    clock = Clock()
+    pool = WorkerPool(no_worker_wait=1.0, clock=clock)
+    link = add_worker(pool, "w")
+    dispatching = asyncio.create_task(pool.dispatch(query("c1")))
+    await until(lambda: link.assigned, "the call is assigned")
+    pool.unregister("w", link, "killed")  # requeued for a second attempt, nobody to take it
+    pool.check()  # orphaned from now
+    clock.now += 0.5  # halfway (binary fractions: no rounding on this clock)
+    pool.check()
+    await asyncio.sleep(0)
+    assert not dispatching.done()
+    clock.now += 0.5
+    pool.check()
+    result = await asyncio.wait_for(dispatching, BOUND)
+    assert result.error_kind is ErrorKind.NO_WORKER and result.attempt == 2
+    assert "(waited 1s for one to connect)" in result.output
+
+
 async def test_no_worker_for_a_tool_answers_at_once() -> None:
     pool = WorkerPool()
     add_worker(pool, "w")

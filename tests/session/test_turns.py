@@ -258,9 +258,12 @@ async def test_turn_survives_client_disconnect(make_server, workspace: Path, tmp
     assert (await client.get(session.session_id)).state == session_pb2.SESSION_STATE_RUNNING
 
     watch = client.watch_stream(session.session_id, after=0, follow=True)
-    (workspace / "go").touch()
     items: list = []
     try:
+        # Caught up before the call is let go: a turn that ended first (the server slow to start
+        # the watch) had its end in the replay, before the caught_up this test counts.
+        await read_until(watch, lambda r: r.HasField("caught_up"), items)
+        (workspace / "go").touch()
         last = await read_until(watch, lambda r: r.HasField("event") and kind(r.event) == "turn_finished", items)
     finally:
         watch.cancel()
