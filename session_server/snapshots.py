@@ -43,6 +43,9 @@ KEEP_SNAPSHOTS = 8
 MAX_WORKSPACES = 64
 # Said once per workspace, not at every scan.
 MAX_SKIPPED_LOGGED = 20
+# Entries left out that a workspace remembers having warned about (so as to warn once); past it,
+# an entry left out long ago may be warned about again.
+MAX_SKIPPED_REMEMBERED = 1000
 # Threads that scan workspaces, apart from the event loop's default executor: a workspace that
 # takes for ever to hash (a huge sparse file, /proc) holds one of these until its scanner closes,
 # never a thread the tools and the content service need.
@@ -158,7 +161,12 @@ class WorkspaceSnapshots:
         new = [s for s in skipped if s not in self._skipped_reported]
         if not new:
             return
-        self._skipped_reported.update(new)
+        if len(self._skipped_reported) + len(new) > MAX_SKIPPED_REMEMBERED:
+            # Starts over from what this scan left out: a workspace whose commands make sockets or
+            # fifos under new names grew the set for as long as the server kept the workspace.
+            self._skipped_reported = set(skipped)
+        else:
+            self._skipped_reported.update(new)
         shown = "; ".join(new[:MAX_SKIPPED_LOGGED])
         more = f" (and {len(new) - MAX_SKIPPED_LOGGED} more)" if len(new) > MAX_SKIPPED_LOGGED else ""
         log.warning("workspace %s: left out of its snapshot: %s%s", self.workspace, shown, more)

@@ -425,6 +425,8 @@ class TreeScanner:
             ]
         else:
             files, dirs, links = self._list_dir(path, relative, work)
+            if work.partial and cached is not None:
+                self._forget_vanished(relative, cached, files, dirs)
         key = (
             tuple(files),
             tuple((name, d.digest, d.times_digest) for name, d in dirs),
@@ -435,6 +437,29 @@ class TreeScanner:
         state = self._build_dir(relative, key, files, dirs, links)
         self._dirs[relative] = state
         return state
+
+    def _forget_vanished(self, relative: str, cached: _DirState, files: list, dirs: list) -> None:
+        """What a directory listed again no longer holds leaves the caches, a directory with
+        everything it held. A watched scan lists only what changed, so the sweep at the end of a
+        full scan never comes: without this, every file and directory a workspace ever held (a
+        build's output, removed; a test's temporary directories) stayed in memory, with the
+        Directory blobs of each subtree, for as long as the scanner lived (weeks, in a server)."""
+        prefix = relative + "/" if relative else ""
+        present = {name for name, *_ in files}
+        for name, *_ in cached.key[0]:
+            if name not in present:
+                self._files.pop(prefix + name, None)
+        present = {name for name, _ in dirs}
+        gone = [prefix + name for name, *_ in cached.key[1] if name not in present]
+        while gone:
+            directory = gone.pop()
+            state = self._dirs.pop(directory, None)
+            if state is None:
+                continue
+            below = directory + "/"
+            for name, *_ in state.key[0]:
+                self._files.pop(below + name, None)
+            gone.extend(below + name for name, *_ in state.key[1])
 
     def _list_dir(self, path: bytes, relative: str, work: _Scan) -> tuple[list, list, list]:
         files: list[tuple[str, Digest, bool, int]] = []
@@ -604,6 +629,9 @@ class _Watcher:
         if lost:
             self._lost = True
         for event, _ in events:
+            if event.mask & inotify_flags.IGNORED:
+                # The kernel dropped the watch (its directory was deleted): nothing to forget on close.
+                self._wds.discard(event.wd)
             relative = self._paths.get(event.wd)
             if relative is None:
                 continue

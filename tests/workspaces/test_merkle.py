@@ -200,6 +200,38 @@ def test_incremental_rescans_equal_fresh_scans(tmp_path: Path, watch: bool) -> N
         scanner.close()
 
 
+def test_a_watched_scanner_forgets_what_was_deleted(tmp_path: Path) -> None:
+    # Watched rescans list only what changed, and only a full scan swept the caches: every file
+    # and directory the tree ever held stayed in memory, with the watch descriptor of each
+    # directory, for as long as the scanner lived (a server keeps one per workspace for weeks).
+    make_tree(tmp_path)
+    scanner = TreeScanner(str(tmp_path))
+    if not scanner.watching:
+        scanner.close()
+        pytest.skip(f"this process cannot watch: {shared_inotify.problem()}")
+    try:
+        scanner.scan()
+        for run in range(50):
+            build = tmp_path / "build" / f"run{run}" / "obj"
+            build.mkdir(parents=True)
+            for number in range(5):
+                (build / f"{number}.o").write_text(f"run {run} object {number}\n")
+            (tmp_path / "src" / f"tmp{run}.py").write_text("temporary\n")
+            scanner.scan()
+            shutil.rmtree(tmp_path / "build")
+            (tmp_path / "src" / f"tmp{run}.py").unlink()
+            assert scanner.scan() == digest_of(str(tmp_path))
+        fresh = TreeScanner(str(tmp_path), watch=False)
+        fresh.scan()
+        assert sorted(scanner._files) == sorted(fresh._files)
+        assert sorted(scanner._dirs) == sorted(fresh._dirs)
+        watcher = scanner._watcher
+        assert watcher is not None
+        assert len(watcher._wds) <= len(fresh._dirs)
+    finally:
+        scanner.close()
+
+
 def test_an_unchanged_tree_is_neither_hashed_nor_listed_again(tmp_path: Path) -> None:
     make_tree(tmp_path)
     old = 1_000_000_000  # far from now: no file counts as racy

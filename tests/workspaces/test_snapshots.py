@@ -21,6 +21,36 @@ from tool_worker.tools.base import ToolResult
 from tool_worker.workspaces import Placement
 
 
+async def test_entries_left_out_are_said_once_and_remembered_within_a_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every entry ever left out was remembered (so as to warn once) for as long as the server kept
+    # the workspace: a workspace whose commands make sockets or fifos under new names grew it for
+    # ever. Past the bound, what the last snapshot left out is what is remembered.
+    monkeypatch.setattr(snapshots_module, "MAX_SKIPPED_REMEMBERED", 10, raising=False)
+    os.mkfifo(tmp_path / "kept.fifo")
+    registry = SnapshotRegistry()
+    snapshots = registry.of(str(tmp_path))
+    try:
+        with caplog.at_level("WARNING", logger=snapshots_module.__name__):
+            for number in range(30):
+                # A command's run: its fifo, and its output (the snapshot changes, and is reported).
+                os.mkfifo(tmp_path / f"run{number}.fifo")
+                (tmp_path / "out.txt").write_text(f"run {number}\n")
+                snapshots.changed()
+                await snapshots.current()
+                os.unlink(tmp_path / f"run{number}.fifo")
+                (tmp_path / "out.txt").write_text(f"run {number} done\n")
+                snapshots.changed()
+                await snapshots.current()
+        assert len(snapshots._skipped_reported) <= 10
+        warnings = [r.getMessage() for r in caplog.records if "left out of its snapshot" in r.getMessage()]
+        assert sum("kept.fifo" in w for w in warnings) == 1
+        assert sum("run7.fifo" in w for w in warnings) == 1
+    finally:
+        registry.close()
+
+
 async def test_current_sees_every_change_announced_before_it(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one\n")
     registry = SnapshotRegistry()
