@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,39 @@ async def test_restart_removes_the_cgroups_of_calls_a_crash_left(
     await processes.start_server(data_dir, local_workers=0)
     assert await asyncio.wait_for(sleeper.wait(), 10) == -9
     assert [d for d in directories if d.exists()] == []
+
+
+_LEAVES_A_CALL_CGROUP = """
+import sys
+from tool_worker.confinement.cgroups import CgroupTree
+from tool_worker.confinement.policy import ResourceLimits
+tree = CgroupTree(sys.argv[1])
+tree.prepare()
+print(tree.create(ResourceLimits())._dirs["pids"])
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-call cgroups are used when the server runs as root")
+def test_any_server_removes_the_call_cgroups_of_servers_gone(tmp_path: Path) -> None:
+    # Only a server of the same data dir removed them: a killed server of a data dir used once
+    # (a test's, a job's) left its calls' cgroups, and their parent, for good.
+    # A live server's call, its sandbox not in it yet: empty too, and kept.
+    live_tree = CgroupTree(f"live-{tmp_path.name}")
+    live_tree.prepare()
+    live = live_tree.create(ResourceLimits())
+    try:
+        gone = subprocess.run([sys.executable, "-c", _LEAVES_A_CALL_CGROUP, f"gone-{tmp_path.name}"],
+                              capture_output=True, text=True, timeout=30)
+        assert gone.returncode == 0, gone.stderr
+        left = Path(gone.stdout.strip())
+        assert left.is_dir()
+        CgroupTree(f"starting-{tmp_path.name}").prepare()
+        assert not left.exists() and not left.parent.exists()
+        assert all(directory.is_dir() for directory in live._dirs.values())
+    finally:
+        live.remove()
+        live_tree.remove_parents()
+        CgroupTree(f"starting-{tmp_path.name}").remove_parents()
 
 
 async def test_a_stopped_server_leaves_no_sandbox_behind(make_server: Any, workspace: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Used when the server runs as root, where RLIMIT_NPROC does not apply (root is ex
 RLIMIT_AS would only bound each process on its own. Each call gets `<parent>/<call>` in both
 hierarchies; its sandbox's first process is moved in before the command starts, so everything
 the command forks is counted. `<parent>` is `codelane-sandbox/<owner id>`, so a restarted
-server removes what a crash left behind, and any server the empty parents of servers gone.
+server removes what a crash left behind, and any server the parents of servers gone, with their
+calls that no process is in.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class CgroupTree:
 
     def prepare(self) -> None:
         """Creates the parents, removes the calls a previous run of this server left behind, and
-        the empty parents of servers gone (a running server re-creates its own when it needs it)."""
+        the parents of servers gone, with the calls they left that no process is in (a running
+        server re-creates its own parent when it needs it)."""
         for parent in self._parents.values():
             try:
                 parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,12 @@ class CgroupTree:
                     _remove(child)
             for other in parent.parent.iterdir():
                 if other.is_dir() and other != parent:
+                    # A killed server's calls stayed until a server of its own data dir started,
+                    # so servers of data dirs used once (a test's, a job's) left theirs for good.
+                    for child in other.iterdir():
+                        if child.is_dir() and _made_by_a_process_gone(child.name):
+                            with contextlib.suppress(OSError):  # EBUSY while a process is in it
+                                child.rmdir()
                     with contextlib.suppress(OSError):
                         other.rmdir()
 
@@ -153,6 +161,13 @@ class CgroupTree:
             CallCgroups(dirs).remove()
             raise
         return CallCgroups(dirs)
+
+
+def _made_by_a_process_gone(call: str) -> bool:
+    """Whether the server that made the call's cgroup (`call-<pid>-<n>`, see `create`) is gone: a
+    live server's may be empty only because its sandbox is not in it yet."""
+    parts = call.split("-")
+    return len(parts) == 3 and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}")
 
 
 def _keyed(path: Path) -> dict[str, int]:
