@@ -55,17 +55,6 @@ def _pattern(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _data_dir(text: str) -> Path:
-    """--data-dir: empty (an unset variable, `--data-dir "$DIR"`) it was the current directory,
-    which then got the store; a file there failed at start as "[Errno 17] File exists"."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the directory is empty: give one, e.g. /var/lib/codelane")
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
-    return path
-
-
 def _cas_address(text: str) -> str:
     """--cas: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT. Anything else (a bare host, an
     http:// URL) was taken, and gRPC then failed every snapshot's upload, turn after turn."""
@@ -97,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="append", type=types.listen_address, default=None, metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:50051; port 0: any free port, printed at start); "
                         "repeatable, e.g. loopback for clients and a LAN address for workers")
-    p.add_argument("--data-dir", type=_data_dir, default=Path(".codelane"), metavar="DIR",
+    p.add_argument("--data-dir", type=types.directory_to_make("/var/lib/codelane"), default=Path(".codelane"),
+                   metavar="DIR",
                    help="where sessions and events are stored (created if missing)")
     p.add_argument("--model", default="",
                    help="default model, provider:name (openai:..., anthropic:..., scripted:PATH); checked at start "

@@ -65,7 +65,7 @@ from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry.config import split_address, start_tracing
-from tool_worker.telemetry.endpoints import MetricsEndpoint, refuse_unbindable, serve_health
+from tool_worker.telemetry.endpoints import MetricsEndpoint, bind_errors, refuse_unbindable, serve_health
 from tool_worker.tools.base import Lane
 from tool_worker.worker import EXIT_REJECTED, EXIT_UNAUTHENTICATED
 
@@ -171,25 +171,15 @@ def _refuse_port_in_use(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or listen.startswith(("unix:", "unix-abstract:", "dns:")):
         return
-    foreign = 0
     try:
-        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        addresses, errors = bind_errors(host.strip("[]"), int(port))
     except socket.gaierror as exc:
         # gRPC logged its own line, then the server called the address in use, its data dir made.
         raise OSError(f"cannot listen on {listen}: {host}: {exc.strerror}") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise OSError(
-                        f"cannot listen on {listen}: the address is in use (is another codelane server running?)"
-                    ) from None
-                foreign += exc.errno == errno.EADDRNOTAVAIL
-    if addresses and foreign == len(addresses):  # gRPC listens when any of them binds
+    if any(exc.errno == errno.EADDRINUSE for exc in errors):
+        raise OSError(f"cannot listen on {listen}: the address is in use (is another codelane server running?)")
+    foreign = sum(exc.errno == errno.EADDRNOTAVAIL for exc in errors)
+    if addresses and foreign == addresses:  # gRPC listens when any of them binds
         raise OSError(f"cannot listen on {listen}: {host} is not an address of this host")
 
 

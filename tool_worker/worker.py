@@ -675,17 +675,6 @@ def tls_refusal(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
-def _cache_dir(text: str) -> Path:
-    """--cache-dir, created on first use: empty (`--cache-dir "$DIR"` unset) it was the current
-    directory, which got the synced copies; a file there failed every synced call, not the start."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the directory is empty: give one, e.g. /var/cache/codelane")
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
-    return path
-
-
 def apply_requirements(registry: ToolRegistry, required: dict[str, dict[str, str]]) -> list[str]:
     """Gives each offered tool the labels `--require` names for it; says which it names that the
     worker does not offer: a typo, or a tool its module declined (semantic_search without its
@@ -741,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-dir",
-        type=_cache_dir,
+        type=types.directory_to_make("/var/cache/codelane"),
         default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codelane",
         help="where this worker keeps synced workspaces (workspaces/, bounded by --cache-size) and its tools their "
         "caches, e.g. the semantic_search index (default ~/.cache/codelane)",

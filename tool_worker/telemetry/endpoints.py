@@ -70,16 +70,27 @@ async def serve_health(listen: str, servicer: health.aio.HealthServicer) -> tupl
     return server, port
 
 
-def refuse_unbindable(host: str, port: int, what: str) -> None:
-    """Raises OSError (`what`: why) when `host:port` cannot be bound, binding it as gRPC will."""
-    try:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise OSError(f"{what}: {exc.strerror}") from None
+def bind_errors(host: str, port: int) -> tuple[int, list[OSError]]:
+    """Binds each address `host:port` resolves to, the way gRPC will bind it, and lets go: how many
+    addresses there are, and the errors of those that would not bind. Raises socket.gaierror for
+    a host that does not resolve."""
+    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    errors = []
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise OSError(f"{what}: {exc.strerror or exc}") from None
+                errors.append(exc)
+    return len(addresses), errors
+
+
+def refuse_unbindable(host: str, port: int, what: str) -> None:
+    """Raises OSError (`what`: why) when `host:port` cannot be bound, binding it as gRPC will."""
+    try:
+        _, errors = bind_errors(host, port)
+    except socket.gaierror as exc:
+        raise OSError(f"{what}: {exc.strerror}") from None
+    if errors:
+        raise OSError(f"{what}: {errors[0].strerror or errors[0]}")

@@ -148,6 +148,22 @@ def _otlp_endpoint(text: str) -> str:
 otlp_endpoint = _type("otlp_endpoint", _otlp_endpoint)
 
 
+def directory_to_make(example: str) -> Callable[[str], Path]:
+    """A directory the command creates on first use (--data-dir, --cache-dir). Empty (an unset
+    variable: `--data-dir "$DIR"`) it was the current directory, which then got the store or the
+    synced copies; a file there failed later, at start or at every call."""
+
+    def check(text: str) -> Path:
+        if not text.strip():
+            raise ValueError(f"the directory is empty: give one, e.g. {example}")
+        path = Path(text)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{text}: not a directory")
+        return path
+
+    return _type("directory", check)
+
+
 def _existing_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
