@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
+import pty
 import shlex
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,33 +136,43 @@ def test_run_embedded_needs_no_server(model: str, workspace: Path) -> None:
     assert any(e["kind"] == "tool_call_started" and e["worker_id"] == "local-1" for e in events)
 
 
-def _run_with_a_terminal_stdin(server: ThreadedServer, workspace: Path, model: str, answer: bytes) -> tuple[
-        list[dict], str]:
-    """`codelane run --ask bash --json` with stdin on a pseudo-terminal; types `answer` at the prompt."""
-    import os
-    import pty
-
+@contextlib.contextmanager
+def _on_a_terminal(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`codelane ARGS...` with stdin on a pseudo-terminal and its output piped: the process, and
+    the terminal's end to type into."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "codelane.cli", "run", "--server", server.address, "--workspace", str(workspace),
-         "--model", model, "--ask", "bash", "--json", "go"],
-        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
-    )  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "codelane.cli", *args], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
     os.close(slave)
     try:
-        assert proc.stdout is not None
-        lines = []  # read line by line: each readline waits for the next line (pytest-timeout bounds it)
-        while not lines or '"confirmation_required"' not in lines[-1]:
-            line = proc.stdout.readline()
-            assert line, f"codelane run ended early: {proc.stderr.read() if proc.stderr else ''}"
-            lines.append(line)
-        os.write(master, answer)
-        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
+        yield proc, master
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         os.close(master)
+
+
+def _lines_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """stdout's lines up to the first holding `marker`, read line by line: each readline waits for
+    the next line (pytest-timeout bounds it)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or marker not in lines[-1]:
+        line = proc.stdout.readline()
+        assert line, f"codelane ended early: {proc.stderr.read() if proc.stderr else ''}"
+        lines.append(line)
+    return lines
+
+
+def _run_with_a_terminal_stdin(server: ThreadedServer, workspace: Path, model: str, answer: bytes) -> tuple[
+        list[dict], str]:
+    """`codelane run --ask bash --json` with stdin on a pseudo-terminal; types `answer` at the prompt."""
+    with _on_a_terminal("run", "--server", server.address, "--workspace", str(workspace), "--model", model,
+                        "--ask", "bash", "--json", "go") as (proc, master):
+        lines = _lines_until(proc, '"confirmation_required"')
+        os.write(master, answer)
+        rest, err = proc.communicate(timeout=CLI_TIMEOUT)
     return json_lines("".join(lines) + rest), err
 
 
@@ -303,31 +316,11 @@ def test_chat_whose_reader_leaves_stops_quietly(server: ThreadedServer, workspac
 
 def test_chat_into_a_pipe_prompts_on_stderr(server: ThreadedServer, workspace: Path) -> None:
     # `codelane chat | tee transcript`: input() wrote `you> ` to stdout, into the transcript.
-    import os
-    import pty
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "codelane.cli", "chat", "--server", server.address, "--workspace", str(workspace),
-         "--plain"],
-        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
-    )  # fmt: skip
-    os.close(slave)
-    try:
+    with _on_a_terminal("chat", "--server", server.address, "--workspace", str(workspace), "--plain") as (proc, master):
         os.write(master, b"fix it\n")
-        assert proc.stdout is not None
-        lines = []  # read line by line: each readline waits for the next line (pytest-timeout bounds it)
-        while not lines or "turn finished" not in lines[-1]:
-            line = proc.stdout.readline()
-            assert line, f"codelane chat ended early: {proc.stderr.read() if proc.stderr else ''}"
-            lines.append(line)
+        lines = _lines_until(proc, "turn finished")
         os.write(master, b"\x04")  # Ctrl-D: leave
         rest, err = proc.communicate(timeout=CLI_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(master)
     assert proc.returncode == 0, err
     assert "turn started: 'fix it'" in lines[0] and rest == ""
     assert all(line.startswith(("[", " ")) for line in lines), lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ class CountingEmbedder:
 
     def encode_query(self, query: str) -> Any:
         return self.inner.encode_query(query)
+
+
+class GatedEmbedder(CountingEmbedder):
+    """The real embedder, which embeds documents only once `gate` is set: a build the model is busy
+    with (queries are still embedded)."""
+
+    def __init__(self, inner: Any, gate: threading.Event) -> None:
+        super().__init__(inner)
+        self.gate = gate
+
+    def encode_documents(self, texts: list[str]) -> Any:
+        self.gate.wait()
+        return super().encode_documents(texts)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 from tests.fake_rg import install_failing_rg
 from tests.polling import poll_until
 from tests.semantic import EXTRA_MISSING
-from tests.semantic.conftest import CountingEmbedder, searcher
+from tests.semantic.conftest import CountingEmbedder, GatedEmbedder, searcher
 from tool_worker.sandbox import workspace_root
 from tool_worker.tools.base import ErrorKind
 
@@ -308,12 +308,7 @@ async def test_a_call_answers_from_keywords_while_the_model_is_busy(
 ) -> None:
     gate = threading.Event()
 
-    class GatedEmbedder(CountingEmbedder):
-        def encode_documents(self, texts: list[str]) -> Any:
-            gate.wait()
-            return super().encode_documents(texts)
-
-    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=0.0), workspace)
+    search = searcher(_state(GatedEmbedder(real_embedder, gate), tmp_path / "cache", embed_wait=0.0), workspace)
     try:
         waiting = await search(query="compute backoff")
         assert not waiting.is_error, waiting.output
@@ -335,12 +330,7 @@ async def test_a_function_just_written_ranks_by_its_keywords_while_its_vector_wa
         'def refill_quota_bucket(bucket):\n    """Refill the rate limiter quota bucket."""\n    bucket.refill()\n')
     gate = threading.Event()
 
-    class GatedEmbedder(CountingEmbedder):
-        def encode_documents(self, texts: list[str]) -> Any:
-            gate.wait()
-            return super().encode_documents(texts)
-
-    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=0.0), workspace)
+    search = searcher(_state(GatedEmbedder(real_embedder, gate), tmp_path / "cache", embed_wait=0.0), workspace)
     try:
         result = await search(query="refill the quota bucket of the rate limiter")
     finally:
@@ -358,12 +348,7 @@ async def test_calls_waiting_for_the_model_leave_the_workers_shared_threads_free
     # every one, and the worker's syncs and its other tools' calls waited behind them (7 s seen).
     gate = threading.Event()
 
-    class GatedEmbedder(CountingEmbedder):
-        def encode_documents(self, texts: list[str]) -> Any:
-            gate.wait()
-            return super().encode_documents(texts)
-
-    search = searcher(_state(GatedEmbedder(real_embedder), tmp_path / "cache", embed_wait=600.0), workspace)
+    search = searcher(_state(GatedEmbedder(real_embedder, gate), tmp_path / "cache", embed_wait=600.0), workspace)
     shared_threads = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor
 
     def waiting() -> int:
