@@ -16,7 +16,7 @@ from codelane.transport import parse_address
 from session_server import admission
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES
 from session_server.llm.factory import missing_key
-from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT
+from session_server.pool import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAX_TOOLS
 from session_server.server import LOCAL_WORKER_SLOTS, CodelaneServer, ServerConfig, ServerConfigError
 from session_server.sessions import DEFAULT_GENERATE_LIMIT
 from session_server.store import StoreError
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-pending-query-calls-per-session", type=types.non_negative_int, metavar="N",
                         default=admission.DEFAULT_MAX_PENDING_QUERY_CALLS_PER_SESSION,
                         help="the same, per session (default %(default)s)")
+    limits.add_argument("--max-tools", type=types.non_negative_int, metavar="N", default=DEFAULT_MAX_TOOLS,
+                        help="tool names offered to models, the server's own and its workers' together (default "
+                             "%(default)s: OpenAI's models take at most 128 a request); a worker whose Hello adds "
+                             "names past it is refused with RESOURCE_EXHAUSTED and retries")
     content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
     content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN", type=_pattern,
                          help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
@@ -287,6 +291,7 @@ def main(argv: list[str]) -> int:
         local_query_tools=[name.strip() for name in args.local_query_tools.split(",") if name.strip()],
         local_cheap_calls=not args.no_local_cheap_calls,
         heartbeat_timeout=args.heartbeat_timeout,
+        max_tools=args.max_tools,
         max_llm_requests=args.max_llm_requests,
         subscriber_buffer=args.subscriber_buffer,
         subscriber_buffer_bytes=args.subscriber_buffer_bytes,

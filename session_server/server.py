@@ -49,6 +49,7 @@ from session_server.metrics import BacklogEntry, ServerMetrics, StateCollector, 
 from session_server.pool import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_TOOLS,
     DEFAULT_NO_WORKER_WAIT,
     WorkerPool,
 )
@@ -205,6 +206,8 @@ class ServerConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     no_worker_wait: float = DEFAULT_NO_WORKER_WAIT
+    # Tool names the server and its workers may offer models together (0: no limit).
+    max_tools: int = DEFAULT_MAX_TOOLS
     subscriber_buffer: int = SUBSCRIBER_BUFFER
     subscriber_buffer_bytes: int = SUBSCRIBER_BUFFER_BYTES
     max_llm_requests: int = DEFAULT_GENERATE_LIMIT
@@ -285,6 +288,8 @@ class CodelaneServer:
             no_worker_wait=config.no_worker_wait,
             on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
             server_execute_tools=frozenset(spec.name for spec in self.registry.specs(Lane.EXECUTE)),
+            server_tools=frozenset(self.registry.names()),
+            max_tools=config.max_tools,
         )
         self.stats = LaneStats()
         self.store: Store | None = None

@@ -328,11 +328,19 @@ class ToolWorker:
                                     "listens on (--listen); retrying", self.config.address, exc.details())
                     else:
                         # A hub that is stopping (a restart, `codelane run --embedded` at its end)
-                        # says so: no fault of ours or its, so not a warning. Still retried.
+                        # says so: no fault of ours or its, so not a warning. Still retried. A
+                        # refusal that stands (a pool at --max-tools, a tool spec conflict) is said
+                        # once a minute, as above, not at every attempt of the backoff.
                         stopping = exc.code() == grpc.StatusCode.UNAVAILABLE and error_reason(exc) == "SHUTTING_DOWN"
-                        level = logging.DEBUG if closed_in_handshake else logging.INFO if stopping else logging.WARNING
-                        log.log(level, "hub at %s ended our stream (%s): retrying", self.config.address,
-                                status_line(exc))
+                        why = f"hub at {self.config.address} ended our stream ({status_line(exc)})"
+                        told, told_at = self._unreachable_told
+                        repeated = why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL
+                        if closed_in_handshake or repeated:
+                            level = logging.DEBUG
+                        else:
+                            self._unreachable_told = (why, time.monotonic())
+                            level = logging.INFO if stopping else logging.WARNING
+                        log.log(level, "%s: retrying", why)
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.

@@ -24,6 +24,7 @@ from session_server.pool import (
     LinkFault,
     PoolClosed,
     ToolSpecConflict,
+    TooManyTools,
     WorkerIdTaken,
     WorkerPool,
     WorkerRegistration,
@@ -51,6 +52,10 @@ _FAULT_STATUS = {
 
 MAX_HELLO_TOOLS = 256
 MAX_HELLO_BYTES = 1024 * 1024
+# One tool's spec, encoded: every session's model is sent every spec with each request, and
+# ListTools answers them all, which must stay under the 4 MiB a gRPC client takes by default
+# (with --max-tools 128: 2 MiB of specs at most).
+MAX_TOOL_SPEC_BYTES = 16 * 1024
 
 
 class _StreamLink:
@@ -182,6 +187,12 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
         raise InvalidRegistration(f"hello.tools offers {len(hello.tools):,} tools; at most {MAX_HELLO_TOOLS}")
     if hello.ByteSize() > MAX_HELLO_BYTES:
         raise InvalidRegistration(f"the Hello is {hello.ByteSize():,} bytes; at most {MAX_HELLO_BYTES:,}")
+    for spec in hello.tools:
+        if spec.ByteSize() > MAX_TOOL_SPEC_BYTES:
+            raise InvalidRegistration(
+                f"hello.tools: {spec.name[:80]!r} is {spec.ByteSize():,} bytes encoded; a tool's spec takes at most "
+                f"{MAX_TOOL_SPEC_BYTES:,} (every model request carries it): shorten its description or schema"
+            )
     try:
         tools = [wire.spec_from_proto(spec) for spec in hello.tools]
     except ValueError as exc:
@@ -238,6 +249,9 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         except ToolSpecConflict as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
                         tool_name=exc.tool_name, worker_id=exc.holder_id)
+        except TooManyTools as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "AT_CAPACITY", limit="max_tools",
+                        value=str(exc.limit))
         except PoolClosed as exc:
             await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), "SHUTTING_DOWN")
         worker_id = reg.worker_id

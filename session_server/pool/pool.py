@@ -88,6 +88,8 @@ class WorkerPool:
         clock: Callable[[], float] = time.monotonic,
         on_worker_lost: Callable[[str], None] | None = None,
         server_execute_tools: frozenset[str] = frozenset(),
+        server_tools: frozenset[str] = frozenset(),
+        max_tools: int = 0,
     ) -> None:
         # Three heartbeats fit in the timeout whatever the operator chose: a timeout under the
         # default interval (--heartbeat-timeout 1) had every idle worker dropped between two
@@ -96,8 +98,9 @@ class WorkerPool:
         self.heartbeat_timeout = heartbeat_timeout
         self.no_worker_wait = no_worker_wait
         self._clock = clock
-        # Names a worker may not offer: the server runs these tools itself, one at a time.
-        self._workers = WorkerDirectory(clock, server_execute_tools)
+        # Names a worker may not offer (the server runs these tools itself, one at a time); every
+        # name the server offers itself; the most names it and its workers may offer together.
+        self._workers = WorkerDirectory(clock, server_execute_tools, server_tools, max_tools)
         self._router = Router()
         self._queued: FairQueues[Pending] = FairQueues()
         # Dispatch ids: this pool's random prefix, so ids never repeat across server restarts.

@@ -17,6 +17,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_HEARTBEAT_TIMEOUT = 6.0
 # How long a call whose worker was lost waits for another capable worker before failing.
 DEFAULT_NO_WORKER_WAIT = 5.0
+# Tool names a server and its workers may offer together: OpenAI's models take at most 128 tools
+# a request, and every session's model is offered every name (--max-tools).
+DEFAULT_MAX_TOOLS = 128
 
 
 class InvalidRegistration(ValueError):
@@ -53,6 +56,23 @@ class ToolSpecConflict(Exception):
         )
         self.tool_name = tool_name
         self.holder_id = holder_id
+
+
+class TooManyTools(Exception):
+    """The Hello would take the tool names the pool offers past the server's limit: every
+    session's model is offered every one of them (OpenAI takes at most 128 tools a request, and
+    each spec is sent with every request), so one worker offering too many would fail or slow every
+    turn of every session."""
+
+    def __init__(self, limit: int, offered: int, new_names: list[str]) -> None:
+        shown = ", ".join(new_names[:5]) + (f" and {len(new_names) - 5} more" if len(new_names) > 5 else "")
+        super().__init__(
+            f"the server offers {offered} tool names (its own and its workers') and allows at most {limit} "
+            f"(--max-tools); this worker would add {len(new_names)}: {shown}. Offer fewer tools from this worker, "
+            "drain workers whose tools are no longer needed, or raise --max-tools (OpenAI's models take at most "
+            "128 tools a request)"
+        )
+        self.limit = limit
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from session_server.arguments import check_schema
 from session_server.pool.types import (
     InvalidRegistration,
     ToolSpecConflict,
+    TooManyTools,
     WorkerIdTaken,
     WorkerLink,
     WorkerRegistration,
@@ -130,9 +131,14 @@ def _check_printable(field_name: str, value: str) -> None:
 class WorkerDirectory:
     """Workers by id. An id belongs to one live stream (see `admit`)."""
 
-    def __init__(self, clock: Callable[[], float], server_execute_tools: frozenset[str] = frozenset()) -> None:
+    def __init__(self, clock: Callable[[], float], server_execute_tools: frozenset[str] = frozenset(),
+                 server_tools: frozenset[str] = frozenset(), max_tools: int = 0) -> None:
         self._clock = clock
         self._server_execute_tools = server_execute_tools
+        # Every name the server offers a model itself (its Query and Execute tools), and the most
+        # names the server and its ready workers may offer together (0: no limit).
+        self._server_tools = server_tools
+        self._max_tools = max_tools
         self._workers: dict[str, Worker] = {}
 
     def __iter__(self) -> Iterator[Worker]:
@@ -146,7 +152,8 @@ class WorkerDirectory:
 
     def holder(self, reg: WorkerRegistration) -> Worker | None:
         """The live worker this registration would replace; WorkerIdTaken when it may not, and
-        ToolSpecConflict when it offers a tool another worker offers with another spec.
+        ToolSpecConflict when it offers a tool another worker offers with another spec, TooManyTools
+        when the names it adds would take the pool past its limit.
 
         A live id is taken over only by a Hello carrying the holder's reconnect token: a worker
         reconnecting after its connection broke, before the hub noticed. Anyone else (a second
@@ -159,7 +166,22 @@ class WorkerDirectory:
         ):
             raise WorkerIdTaken(reg.worker_id)
         self._check_specs(reg)
+        self._check_tool_count(reg)
         return old
+
+    def _check_tool_count(self, reg: WorkerRegistration) -> None:
+        """TooManyTools when the names the registration adds to those offered now (the server's own
+        and its ready workers', the worker it replaces left out) pass the limit. A worker offering
+        names already offered adds capacity, not names, and always joins."""
+        if not self._max_tools:
+            return
+        offered = set(self._server_tools)
+        for worker in self._workers.values():
+            if worker.id != reg.worker_id and not worker.draining:
+                offered.update(worker.tools)
+        new_names = [spec.name for spec in reg.tools if spec.name not in offered]
+        if new_names and len(offered) + len(new_names) > self._max_tools:
+            raise TooManyTools(self._max_tools, len(offered), new_names)
 
     def _check_specs(self, reg: WorkerRegistration) -> None:
         """ToolSpecConflict when a ready worker (other than the one this registration replaces)

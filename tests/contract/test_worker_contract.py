@@ -54,10 +54,10 @@ class RawWorker:
     """A worker speaking the protocol from the raw stubs, on a real stream: what it received is
     what the hub sent."""
 
-    def __init__(self, client: Client, worker_id: str, spec: tools_pb2.ToolSpec) -> None:
+    def __init__(self, client: Client, worker_id: str, *specs: tools_pb2.ToolSpec) -> None:
         self.outbox: asyncio.Queue[worker_pb2.ConnectRequest | None] = asyncio.Queue()
         self.outbox.put_nowait(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
-            worker_id=worker_id, version="test", tools=[spec], slots=2)))
+            worker_id=worker_id, version="test", tools=specs, slots=2)))
         self.stream = worker_pb2_grpc.WorkerHubServiceStub(client.channel).Connect(self._requests())
 
     async def _requests(self) -> AsyncIterator[worker_pb2.ConnectRequest]:
@@ -156,6 +156,54 @@ async def test_a_worker_offering_a_tool_under_another_spec_is_refused_at_hello(m
     renamed.half_close()
 
 
+def named(spec: tools_pb2.ToolSpec, name: str) -> tools_pb2.ToolSpec:
+    renamed = tools_pb2.ToolSpec()
+    renamed.CopyFrom(spec)
+    renamed.name = name
+    return renamed
+
+
+async def test_tool_names_past_max_tools_are_refused_at_hello_as_at_capacity(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    server: InProcess = await make_server()
+    own = len(server.server.registry.names())
+    await server.server.stop(grace=1)
+    server = await make_server(max_tools=own + 2)
+    client = server.client
+
+    first = RawWorker(client, "first", echo_spec(), named(echo_spec(), "read"))  # read is the server's own
+    assert (await first.read()).HasField("welcome")
+    over = RawWorker(client, "over", named(echo_spec(), "shout"), named(echo_spec(), "whisper"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await over.read()
+    details = error_details(refused.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "AT_CAPACITY")
+    assert details.metadata == {"limit": "max_tools", "value": str(own + 2)}
+    assert f"offers {own + 1} tool names" in details.message and "would add 2: shout, whisper" in details.message
+
+    fits = RawWorker(client, "fits", echo_spec(), named(echo_spec(), "shout"))
+    assert (await fits.read()).HasField("welcome")
+    assert await client.worker_ids() == {"first", "fits"}
+    session_id = (await client.create(workspace, scripted(tmp_path, [{"text": "ok"}]))).session_id
+    tools = await client.sessions.ListTools(session_pb2.ListToolsRequest(session_id=session_id), timeout=RPC_TIMEOUT)
+    assert {"echo", "shout"} <= {tool.spec.name for tool in tools.tools}
+    assert len(tools.tools) <= own + 2
+    for worker in (first, fits):
+        worker.half_close()
+
+
+async def test_a_tool_spec_over_16_kib_is_refused_at_hello(make_server) -> None:
+    client = (await make_server()).client
+    big = RawWorker(client, "big", echo_spec("x" * (16 * 1024)))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await big.read()
+    details = error_details(refused.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HELLO")
+    assert "'echo' is 16,5" in details.message and "at most 16,384" in details.message
+    assert await client.worker_ids() == set()
+
+
 async def test_a_stopping_server_ends_a_workers_stream_shutting_down(make_server) -> None:
     server: InProcess = await make_server()
     client = server.client
@@ -187,6 +235,29 @@ async def test_a_codelane_worker_logs_a_stopping_hub_at_info(make_server, proces
     line = await asyncio.wait_for(asyncio.to_thread(ended_line), 20)
     assert " worker INFO hub at " in line and "(UNAVAILABLE SHUTTING_DOWN: " in line and line.endswith(
         "): retrying\n"), line
+
+
+async def test_a_codelane_worker_refused_at_max_tools_retries_and_says_so_once(make_server, processes) -> None:
+    server: InProcess = await make_server()
+    own = len(server.server.registry.names())
+    await server.server.stop(grace=1)
+    server = await make_server(max_tools=own)  # the plugin's tools are names the server lacks
+    proc = spawn(processes, "tool_worker", "--connect", f"127.0.0.1:{server.server.port}", "--id", "w-full",
+                 "--tools", PLUGIN, "--log-level", "DEBUG")
+
+    def refusals(count: int) -> list[str]:
+        seen = []
+        while len(seen) < count and (line := proc.stderr.readline().decode()):
+            if "ended our stream (RESOURCE_EXHAUSTED AT_CAPACITY: " in line:
+                seen.append(line)
+        return seen
+
+    lines = await asyncio.wait_for(asyncio.to_thread(refusals, 3), 60)
+    assert len(lines) == 3, lines
+    assert " worker WARNING " in lines[0] and "(--max-tools)" in lines[0] and lines[0].endswith(": retrying\n")
+    assert all(" worker DEBUG " in line for line in lines[1:]), lines  # the same refusal: once a minute
+    assert proc.poll() is None  # it keeps trying: room may come as other workers drain
+    assert await server.client.worker_ids() == set()
 
 
 # -- liveness ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from session_server.pool import (
     LinkFault,
     PoolClosed,
     QueryCall,
+    TooManyTools,
     WorkerIdTaken,
     WorkerPool,
     WorkerRegistration,
@@ -262,6 +263,38 @@ def test_a_worker_may_not_offer_a_tool_named_like_one_the_server_executes() -> N
     pool.register(WorkerRegistration(worker_id="w", tools=(READ,), slots=1, hostname="host-1 (rack 2)",
                                      version="0.3.0+dev"), FakeLink(pool, "w"))
     assert [w.worker_id for w in pool.workers()] == ["w"]
+
+
+def tools_named(*names: str) -> tuple[ToolSpec, ...]:
+    return tuple(dataclasses.replace(READ, name=name) for name in names)
+
+
+def test_tool_names_past_max_tools_are_refused_and_names_already_offered_always_join() -> None:
+    # The server offers read and bash itself; 5 names in all may be offered.
+    pool = WorkerPool(server_tools=frozenset({"read", "bash"}), max_tools=5)
+    add_worker(pool, "a", tools=tools_named("read", "t1", "t2"))
+    refusal = r"offers 4 tool names .* at most 5 \(--max-tools\); this worker would add 2: t3, t4"
+    with pytest.raises(TooManyTools, match=refusal):
+        pool.register(WorkerRegistration(worker_id="b", tools=tools_named("t3", "t4"), slots=1), FakeLink(pool, "b"))
+    assert [w.worker_id for w in pool.workers()] == ["a"]
+    add_worker(pool, "b", tools=tools_named("t1", "t2", "read"))  # capacity, no new name
+    token = add_worker(pool, "c", tools=tools_named("t2", "t3")).token  # one new name: 5
+    with pytest.raises(TooManyTools):
+        add_worker(pool, "d", tools=tools_named("t4"))
+    # A worker's reconnection replaces its own names rather than adding to them.
+    add_worker(pool, "c", tools=tools_named("t4"), reconnect_token=token)
+    with pytest.raises(TooManyTools):
+        add_worker(pool, "d", tools=tools_named("t3"))
+    # Names only draining workers offer are on their way out, as for one spec per name.
+    pool.drain("c")
+    add_worker(pool, "d", tools=tools_named("t1", "t3"))
+    assert sorted(w.worker_id for w in pool.workers() if not w.draining) == ["a", "b", "d"]
+
+
+def test_max_tools_zero_is_no_limit() -> None:
+    pool = WorkerPool(server_tools=frozenset({"read"}), max_tools=0)
+    add_worker(pool, "a", tools=tools_named(*(f"t{i}" for i in range(200))))
+    assert len(pool.workers()) == 1
 
 
 async def test_a_silent_worker_is_lost_on_the_clock_and_its_stream_ended_with_a_reason() -> None:

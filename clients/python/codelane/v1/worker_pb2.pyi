@@ -208,7 +208,14 @@ class Hello(_message.Message):
         a tool name a ready (not draining) worker offers with a different spec (any field, the schema
         compared as JSON) is refused with FAILED_PRECONDITION, reason TOOL_SPEC_CONFLICT (metadata
         tool_name, worker_id); workers with the same spec add capacity. To change a spec, drain the
-        workers that offer the old one first, or rename the tool.
+        workers that offer the old one first, or rename the tool. A bounded number of names: every
+        session's model is offered every name, so the names the server offers itself (its Query and
+        Execute tools) and those of its ready workers number at most the server's --max-tools (128
+        by default, OpenAI's limit of tools a request; 0: no limit). A Hello whose new names (those
+        no ready worker but itself, and not the server, offers) would pass it is refused with
+        RESOURCE_EXHAUSTED, reason AT_CAPACITY (metadata limit "max_tools", value the limit); names
+        already offered always join. Each tool's ToolSpec takes at most 16,384 bytes encoded (every
+        model request carries it), else INVALID_HELLO naming the tool.
         The server's Query tools' specs, field by field, for a worker offering one of their names:
         docs/protocol.md, "The Query tools' specs" (a test holds them equal to the server's code).
         """

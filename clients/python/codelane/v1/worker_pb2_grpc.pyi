@@ -90,8 +90,8 @@ class WorkerHubServiceStub:
     status comes after the messages sent before it: a worker that reads nothing sees it only once it
     reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
-    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
-    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT), RESOURCE_EXHAUSTED (AT_CAPACITY) and
+    ALREADY_EXISTS may clear, so it retries those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
     INVALID_ARGUMENT: trying again cannot help.
     """
 
@@ -106,7 +106,8 @@ class WorkerHubServiceStub:
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
     lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
     holds a reference that does not resolve within it or a pattern RE2 does not take (see
-    Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+    Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
+    Hello over 1 MiB, empty worker_id, a worker_id,
     version, hostname, label key or label value over 256 characters or holding a control
     character, or a first message that is not a Hello, or does not parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
@@ -114,6 +115,9 @@ class WorkerHubServiceStub:
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
     FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
     names with another spec (see Hello.tools);
+    RESOURCE_EXHAUSTED (AT_CAPACITY, metadata limit "max_tools" and value, the limit) when the
+    tool names the Hello adds would take the names offered past the server's --max-tools (see
+    Hello.tools);
     UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
     message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
     by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
@@ -191,8 +195,8 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     status comes after the messages sent before it: a worker that reads nothing sees it only once it
     reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
-    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
-    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT), RESOURCE_EXHAUSTED (AT_CAPACITY) and
+    ALREADY_EXISTS may clear, so it retries those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
     INVALID_ARGUMENT: trying again cannot help.
     """
 
@@ -204,7 +208,8 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
     lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
     holds a reference that does not resolve within it or a pattern RE2 does not take (see
-    Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+    Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
+    Hello over 1 MiB, empty worker_id, a worker_id,
     version, hostname, label key or label value over 256 characters or holding a control
     character, or a first message that is not a Hello, or does not parse (or none within 10 s);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
@@ -212,6 +217,9 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
     FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
     names with another spec (see Hello.tools);
+    RESOURCE_EXHAUSTED (AT_CAPACITY, metadata limit "max_tools" and value, the limit) when the
+    tool names the Hello adds would take the names offered past the server's --max-tools (see
+    Hello.tools);
     UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
     message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
     by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
@@ -288,8 +296,8 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
     status comes after the messages sent before it: a worker that reads nothing sees it only once it
     reads them, and its stream stays open until then or until it closes its connection.) A
     worker whose stream ends with UNAVAILABLE or ABORTED, or breaks, reconnects with backoff and
-    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) and ALREADY_EXISTS may clear, so it retries
-    those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
+    jitter; FAILED_PRECONDITION (TOOL_SPEC_CONFLICT), RESOURCE_EXHAUSTED (AT_CAPACITY) and
+    ALREADY_EXISTS may clear, so it retries those with backoff too. It stops (does not reconnect) on UNAUTHENTICATED, PERMISSION_DENIED and
     INVALID_ARGUMENT: trying again cannot help.
     """
 
@@ -305,7 +313,8 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         a tool name that is not 1-64 of [A-Za-z0-9_-], a tool whose lane is not LANE_QUERY (an unset
         lane included: workers run Query tools only), a parameters schema that is not JSON Schema,
         holds a reference that does not resolve within it or a pattern RE2 does not take (see
-        Hello.tools), more than 256 tools or a Hello over 1 MiB, empty worker_id, a worker_id,
+        Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
+        Hello over 1 MiB, empty worker_id, a worker_id,
         version, hostname, label key or label value over 256 characters or holding a control
         character, or a first message that is not a Hello, or does not parse (or none within 10 s);
         INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
@@ -313,6 +322,9 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
         FAILED_PRECONDITION (TOOL_SPEC_CONFLICT) when a ready worker offers one of the Hello's tool
         names with another spec (see Hello.tools);
+        RESOURCE_EXHAUSTED (AT_CAPACITY, metadata limit "max_tools" and value, the limit) when the
+        tool names the Hello adds would take the names offered past the server's --max-tools (see
+        Hello.tools);
         UNAUTHENTICATED (UNAUTHENTICATED) when the token is missing or wrong, once the stream's first
         message arrived (unparsed) or 2 s passed: a stream ended under its first write is reported
         by grpc.aio clients as INTERNAL "Internal error from Core" instead (grpc/grpc#36066);
