@@ -134,6 +134,13 @@ class TurnContext:
         return (*self.settings.permissions.denied_paths(workspace),
                 *operator_denied_globs(self.registry.sandbox.settings, workspace))
 
+    @functools.cached_property
+    def unconfirmed_denied_paths(self) -> tuple[str, ...]:
+        """`denied_paths` for a call nobody confirmed: what the read ask rules name as well."""
+        workspace = str(self.workspace)
+        return (*self.settings.permissions.denied_paths(workspace, confirmed=False),
+                *operator_denied_globs(self.registry.sandbox.settings, workspace))
+
 
 def available_tools(
     registry: ToolRegistry, pool: WorkerPool, local_fallback: bool, policy: PermissionPolicy | None = None
@@ -522,6 +529,7 @@ class Turn:
             call.wait_for(None)
             if refusal is not None:
                 return refusal
+            call.confirmed = True
         mode = ctx.settings.lane_mode(call.lane)
         if mode is LaneMode.EXTERNAL:
             call.wait_for("a client to run it as an external task")
@@ -584,7 +592,7 @@ class Turn:
 
     async def _run_placed(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
-        denied_paths = ctx.denied_paths
+        denied_paths = ctx.denied_paths if call.confirmed else ctx.unconfirmed_denied_paths
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):

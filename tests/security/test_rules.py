@@ -84,6 +84,32 @@ async def test_a_read_deny_reaches_every_tool_on_real_workers(make_server, works
     assert not (workspace / "leaked_config" / "prod.env").exists()
 
 
+async def test_a_read_ask_is_not_passed_by_reading_the_directory_above(make_server, workspace, tmp_path) -> None:
+    # `ask read(conf/secret/**)`: grep and search of the workspace handed its key's lines over with
+    # no question (only the rule's own paths asked). Unconfirmed calls now leave them out.
+    (workspace / "conf" / "secret").mkdir(parents=True)
+    (workspace / "conf" / "secret" / "key").write_text(f"TOKEN={SECRET}\n")
+    server = await make_server(local_workers=1)
+    await server.client.wait_workers("local-1")
+    reads = {
+        "grep": call("grep", "grep", pattern="TOKEN", output_mode="content"),
+        "search": call("search", "search", query="token"),
+        "glob": call("glob", "glob", pattern="**/*"),
+        "copy_dir": call("copy", "copy_dir", source="conf", destination="copied"),
+    }
+    model = scripted(tmp_path, [{"tool_calls": list(reads.values())}, {"text": "done"}])
+    policy = session_pb2.PermissionPolicy(ask=["read(conf/secret/**)"])
+    session = await server.client.create(workspace, model, permissions=policy)
+    events = await server.client.send(session.session_id, "go", within=60)
+    results = finished(events)
+    assert not [e for e in events if kind(e) == "confirmation_required"]
+    for name, result in results.items():
+        assert SECRET not in result.output and "secret/key" not in result.output, (name, result.output)
+    for name in ("grep", "search", "glob"):
+        assert "1 entry left out" in results[name].output, (name, results[name].output)
+    assert not (workspace / "copied" / "secret" / "key").exists()
+
+
 @pytest.mark.parametrize("rule", ["Bash", "shell", "Read(**/*.env)"])
 async def test_a_rule_naming_an_unknown_tool_is_refused(client, workspace, tmp_path: Path, rule: str) -> None:
     policy = session_pb2.PermissionPolicy(allow=["read"], deny=[rule])
