@@ -205,6 +205,36 @@ async def test_the_operators_deny_list_reaches_the_tools_not_only_commands(make_
     assert not (workspace / "copied.txt").exists()
 
 
+async def test_the_servers_environment_is_not_read_through_proc(make_server, tmp_path, monkeypatch) -> None:
+    # Without --workspace-root a client may open `/`: the file tools, which run in the server,
+    # then read /proc/self/environ and cmdline, the server's API keys and tokens (copied to a
+    # file, a command printed them). No tool reads or writes /proc, as none reads the data dir.
+    monkeypatch.setenv("CODELANE_TEST_API_KEY", SECRET)
+    leak = tmp_path / "leak.bin"
+    server = await make_server()
+    model = scripted(tmp_path, [
+        {"tool_calls": [
+            call("read", "read", file_path="proc/self/environ"),
+            call("read", "absolute", file_path="/proc/self/cmdline"),
+            call("grep", "grep", pattern=SECRET, path="proc/self/environ"),
+            call("ls", "ls", path="proc/self"),
+        ]},
+        {"tool_calls": [
+            call("copy", "copy", source="proc/self/environ", destination=str(leak)),
+            call("write", "write", file_path="proc/self/comm", content="renamed"),
+        ]},
+        {"text": "done"},
+    ])
+    session = await server.client.create("/", model)
+    results = finished(await server.client.send(session.session_id, "go", within=60))
+    for name, result in results.items():
+        assert result.error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, result)
+    assert not leak.exists()
+    for inside in ("/proc/self", "/proc"):
+        error = await rpc_error(server.client.create(inside, model))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "workspace", error
+
+
 async def test_a_write_deny_covers_what_a_written_directory_holds(client, workspace, tmp_path) -> None:
     # Rules matched the path a call names and the directories above it, never below: deleting or
     # moving the directory of a protected file went through (write rules, and tools' own rules).
