@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -119,6 +120,11 @@ class TurnContext:
     local_cheap_calls: bool = False
     # The server's holds on workspaces: a command runs alone on its workspace, across sessions.
     workspace_locks: WorkspaceLocks = dataclasses.field(default_factory=WorkspaceLocks)
+    # What the workspace's path led to when the turn began (`directory_identity`; None: not
+    # checked). A command of another session, on a directory above, may put a symlink in its place
+    # while the turn waits for its model or a confirmation: no call runs where the path then leads
+    # (the server's data directory, a directory outside --workspace-root).
+    workspace_identity: tuple[int, int] | None = None
 
     @functools.cached_property
     def denied_paths(self) -> tuple[str, ...]:
@@ -126,6 +132,13 @@ class TurnContext:
         list where it lies in the workspace (once per turn: it costs tens of microseconds)."""
         workspace = str(self.workspace)
         return (*self.settings.permissions.denied_paths(workspace),
+                *operator_denied_globs(self.registry.sandbox.settings, workspace))
+
+    @functools.cached_property
+    def unconfirmed_denied_paths(self) -> tuple[str, ...]:
+        """`denied_paths` for a call nobody confirmed: what the read ask rules name as well."""
+        workspace = str(self.workspace)
+        return (*self.settings.permissions.denied_paths(workspace, confirmed=False),
                 *operator_denied_globs(self.registry.sandbox.settings, workspace))
 
 
@@ -516,6 +529,7 @@ class Turn:
             call.wait_for(None)
             if refusal is not None:
                 return refusal
+            call.confirmed = True
         mode = ctx.settings.lane_mode(call.lane)
         if mode is LaneMode.EXTERNAL:
             call.wait_for("a client to run it as an external task")
@@ -566,11 +580,19 @@ class Turn:
         # between another call's check of a path and its open: it runs alone, across sessions.
         alone = call.lane is Lane.EXECUTE and call.effects is EVERYTHING
         async with self.ctx.workspace_locks.hold(str(self.ctx.workspace), alone=alone, waiting=call.wait_for):
+            # Checked under the hold: the commands that could swap it wait for the call to end.
+            identity = self.ctx.workspace_identity
+            if identity is not None and directory_identity(self.ctx.workspace) != identity:
+                return ToolResult.error(
+                    ErrorKind.PATH_ESCAPE, f"{call.tool_name} was not run: the workspace {self.ctx.workspace} is no "
+                    "longer the directory this turn began in (it, or a directory above it, was replaced while the "
+                    "turn ran); the next turn checks it again",
+                )
             return await self._run_placed(call)
 
     async def _run_placed(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx
-        denied_paths = ctx.denied_paths
+        denied_paths = ctx.denied_paths if call.confirmed else ctx.unconfirmed_denied_paths
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):
@@ -705,6 +727,15 @@ def needs_labels(spec: ToolSpec) -> str:
     labels = ", ".join(f"{key}={value}" for key, value in sorted(spec.required_labels.items()))
     return (f"it runs only on workers labelled {labels}, and no connected worker carrying them offers it "
             "(the session server does not run it itself)")
+
+
+def directory_identity(path: str | Path) -> tuple[int, int]:
+    """The device and inode `path` leads to, symlinks followed; (-1, -1) when it leads nowhere."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return (-1, -1)
+    return (stat.st_dev, stat.st_ino)
 
 
 def _no_worker(tool_name: str, problem: str) -> ToolResult:

@@ -89,6 +89,8 @@ class ToolCall:
     worker_id: str = ""
     attempt: int = 1
     result: ToolResult | None = None
+    # Someone confirmed it (the policy asked): it may read what the read ask rules name.
+    confirmed: bool = False
     _begun: bool = False
     # Counted active in the lane's stats: an attempt runs (a worker, the server, a client has it).
     _active: bool = False

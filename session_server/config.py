@@ -24,6 +24,7 @@ from tool_worker.confinement.policy import (
     SandboxPolicy,
     SandboxSettings,
 )
+from tool_worker.confinement.protected import NEVER_TOUCHED
 from tool_worker.tools.base import Lane
 
 DEFAULT_MAX_TURNS = 50
@@ -217,6 +218,12 @@ def resolve_workspace(workspace: str, roots: Sequence[Path] = (), data_dir: Path
     if not is_dir:
         raise InvalidArgument("workspace", f"{workspace} does not exist or is not a directory on the server")
     refuse_data_dir(real, data_dir)
+    for never in map(Path, NEVER_TOUCHED):
+        if real == never or never in real.parents:
+            # /proc/self is the server's own: its environment holds the keys and tokens.
+            raise InvalidArgument("workspace", f"{workspace} is in {never}, which no tool reads (the server's "
+                                               "processes, their environment and flags); give the directory of "
+                                               "a project")
     return real
 
 

@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--sandbox-allow-network", action="store_true",
                      help="let sessions give their confined commands the host's network")
     box.add_argument("--sandbox-deny-read", action="append", type=Path, default=[], metavar="PATH",
-                     help="a path no command may read, besides the data dir, TLS files, ~/.ssh, ~/.aws and "
-                          "~/.config/gcloud (repeatable)")
+                     help="a path no command may read, besides the data dir, TLS files, ~/.ssh, ~/.aws, "
+                          "~/.config/gcloud and ~/.config/codelane (repeatable)")
     box.add_argument("--sandbox-protect", action="append", default=[], metavar="PATH",
                      help="a path kept read-only inside workspaces, besides .git/hooks and .git/config; "
                           "relative to each workspace, `*` within one component (repeatable)")

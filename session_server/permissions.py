@@ -37,7 +37,8 @@ glob matches: a rule matches it when it may match such a path (`Rule.denies_glob
 yes where no path would, never the reverse; past MAX_GLOB_WORK in one decision, the rules left
 are taken to apply). A brace word (`{s,}ecret`) names each word it stands for. Listing and search
 tools also leave the paths denied by `read(glob)` out of their results: those globs travel with
-each call (`denied_paths`).
+each call (`denied_paths`), and so do those of `read(glob)` ask rules with each call that was not
+confirmed (`grep .` would otherwise read, unasked, what only a call naming it asks for).
 
 Shell commands (`bash`) are read with a real parser (`session_server.shell`). Each simple
 command, in a list, a pipeline, a subshell or a substitution, is a piece of its own:
@@ -403,11 +404,13 @@ class PermissionPolicy:
             return any(r.tool == tool for r in (*self.allow, *self.ask))
         return True
 
-    def denied_paths(self, workspace: str | None = None) -> tuple[str, ...]:
+    def denied_paths(self, workspace: str | None = None, *, confirmed: bool = True) -> tuple[str, ...]:
         """The globs of the `read(glob)` deny rules, relative to the workspace: what listing and
-        search tools leave out of their results (the syntax of `tool_worker.denied`)."""
+        search tools leave out of their results (the syntax of `tool_worker.denied`). Unless the
+        call was `confirmed`, those of the `read(glob)` ask rules too: a grep or copy of the
+        directory above what an ask rule names reads it, and only a call naming it asks."""
         globs = []
-        for rule in self.deny:
+        for rule in self.deny if confirmed else (*self.deny, *self.ask):
             if rule.tool == "read" and rule.glob is not None:
                 for placed in _placed(rule, workspace, covering=True):
                     assert placed.glob is not None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from session_server.admission import Admission
-from session_server.agent import Turn, TurnContext
+from session_server.agent import Turn, TurnContext, directory_identity
 from session_server.bus import SUBSCRIBER_BUFFER, SUBSCRIBER_BUFFER_BYTES, EventBus, SessionClosed, Subscription
 from session_server.config import (
     InvalidArgument,
@@ -450,8 +450,10 @@ class SessionManager:
             resolve_workspace(record.workspace, self.workspace_roots, self.data_dir)
         else:
             # Nor one created in the data directory (by a server before this check, or given
-            # another --data-dir since). Its workspace is stored resolved.
-            refuse_data_dir(Path(record.workspace), self.data_dir)
+            # another --data-dir since), or whose path now leads there: its workspace is stored
+            # resolved, but a command of a session on a directory above may since have put a
+            # symlink in its place.
+            refuse_data_dir(Path(os.path.realpath(record.workspace)), self.data_dir)
         settings = SessionSettings.from_dict(record.config)
         try:
             provider, model_name = self.models.provider(settings.model)
@@ -480,6 +482,7 @@ class SessionManager:
             session_id=session_id,
             turn_id=turn_id,
             workspace=Path(record.workspace),
+            workspace_identity=directory_identity(record.workspace),
             settings=settings,
             provider=provider,
             model_name=model_name,

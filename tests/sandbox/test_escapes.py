@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 from codelane.v1 import tools_pb2
 from tests.sandbox.conftest import FAKE_OPENAI_KEY, Host, Listener, bash
+from tests.session.conftest import Processes, kind, scripted
 
 
 def _attempts(host: Host, port: int) -> list[dict[str, Any]]:
@@ -203,3 +206,55 @@ async def test_a_submodules_git_dir_cannot_be_redirected_either(start_host: Any,
     assert ".git/modules/lib/commondir removed" in results["command"].output
     assert results["tool"].error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, results["tool"]
     assert not (module / "commondir").exists() and not (module / "config.worktree").exists()
+
+
+async def test_a_denied_or_protected_path_does_not_move_with_a_directory_above_it(
+    start_host: Any, tmp_path: Path
+) -> None:
+    # Mounts hide a denied path and guard a protected one, and renaming a directory above a mount
+    # point takes the mount along: after `mv deploy d2` the credentials lay at d2/, where the deny
+    # list, which names paths, no longer reached them (the next command and read printed them).
+    host: Host = await start_host(args=("--sandbox-deny-read", str(tmp_path / "ws-0" / "deploy" / "keys" / "prod.key")))
+    keys = host.workspace / "deploy" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "prod.key").write_text(host.secret_text)
+    module = host.workspace / ".git" / "modules" / "lib"
+    (module / "hooks").mkdir(parents=True)
+    (module / "config").write_text("[core]\n")
+    calls = [
+        bash("parent", "mv deploy/keys k2 && echo moved"),
+        bash("grandparent", "mv deploy d2 && echo moved"),
+        bash("modules", "mv .git/modules .git/m2 && echo moved"),
+        bash("read", "cat d2/keys/prod.key k2/prod.key deploy/keys/prod.key"),
+        {"name": "read", "id": "tool", "arguments": {"file_path": "d2/keys/prod.key"}},
+    ]
+    results = await host.run(tmp_path, calls)
+    for name in ("parent", "grandparent", "modules"):
+        # A mount point is not renamed (EBUSY, or EXDEV and mv's copy, which the stand-in stops).
+        assert results[name].is_error and "moved" not in results[name].output, results[name]
+    for name in ("read", "tool"):
+        assert host.secret_text not in results[name].output, results[name]
+    assert (keys / "prod.key").exists() and (module / "config").exists()
+
+
+async def test_the_codelane_clients_own_credentials_are_denied(processes: Processes, tmp_path: Path) -> None:
+    # ~/.ssh, ~/.aws and ~/.config/gcloud were denied, but not the config file of codelane's own
+    # CLI, whose profiles hold the tokens of the servers its user talks to (this one among them).
+    home = Path.home() / ".cache" / "codelane-sandbox-tests" / uuid.uuid4().hex  # outside /tmp
+    config = home / ".config" / "codelane" / "config.toml"
+    config.parent.mkdir(parents=True)
+    token = f"token-{uuid.uuid4().hex}"
+    config.write_text(f'[profiles.prod]\nserver = "codelane.internal:50051"\ntoken = "{token}"\n')
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    try:
+        server = await processes.start_server(tmp_path / "data", local_workers=0, env={"HOME": str(home)})
+        assert server.client is not None
+        model = scripted(tmp_path, [{"tool_calls": [bash("cat", f"cat {config}")]}, {"text": "Done."}])
+        session = await server.client.create(workspace, model)
+        events = await server.client.send(session.session_id, "go", within=60)
+        [result] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+        assert result.is_error and token not in result.output, result
+        assert "Permission denied" in result.output, result
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

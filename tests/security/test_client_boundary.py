@@ -13,7 +13,7 @@ from session_server.config import MAX_SYSTEM_PROMPT_CHARS
 from session_server.llm.factory import MAX_CACHED_SCRIPTS
 from session_server.llm.script import Script
 from session_server.mock_llm.server import start_mock_llm
-from tests.session.conftest import RPC_TIMEOUT, kind, rpc_error, scripted
+from tests.session.conftest import RPC_TIMEOUT, call, kind, read_rest, read_until, rpc_error, scripted
 
 SECRET = "hunter2-do-not-leak"
 
@@ -134,6 +134,48 @@ async def test_a_session_whose_workspace_became_the_data_directorys_runs_no_more
     error = await rpc_error(moved.client.send(session.session_id, "hello"))
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
     assert "data directory" in error.message
+
+
+def _replace_with_link(directory: Path, target: Path) -> None:
+    """What a command of a session on the directory above does (mv project old; ln -s TARGET project)."""
+    directory.rename(directory.with_name(directory.name + "-old"))
+    os.symlink(target, directory)
+
+
+async def test_a_workspace_replaced_by_a_link_to_the_data_directory_runs_no_more_turns(make_server, tmp_path) -> None:
+    # Another session, on the directory above, may swap the workspace for a symlink: the session's
+    # tools and commands would then have had the store, read and write (no --workspace-root here).
+    project = tmp_path / "outer" / "project"
+    project.mkdir(parents=True)
+    server = await make_server()
+    model = scripted(tmp_path, [{"tool_calls": [call("list_files", "c_list", path=".")]}, {"text": "done"}])
+    session = await server.client.create(project, model)
+    _replace_with_link(project, server.server.config.data_dir)
+    error = await rpc_error(server.client.send(session.session_id, "hello"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
+    assert "data directory" in error.message
+
+
+async def test_a_workspace_replaced_during_a_turn_is_not_worked_in(make_server, tmp_path) -> None:
+    # The swap comes while the turn waits (here for a confirmation; a model's answer would do):
+    # the calls after it must not run in what the workspace's path now leads to.
+    project = tmp_path / "outer" / "project"
+    project.mkdir(parents=True)
+    server = await make_server()
+    model = scripted(tmp_path, [{"tool_calls": [call("list_files", "c_list", path=".")]}, {"text": "done"}])
+    session = await server.client.create(
+        project, model, permissions=session_pb2.PermissionPolicy(ask=["list_files"])
+    )
+    stream = server.client.send_stream(session.session_id, "go")
+    seen: list = []
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+    _replace_with_link(project, server.server.config.data_dir)
+    confirm = session_pb2.ConfirmToolCallRequest(session_id=session.session_id, call_id="c_list", approve=True)
+    await server.client.sessions.ConfirmToolCall(confirm, timeout=RPC_TIMEOUT)
+    events = [r.event for r in seen + await read_rest(stream)]
+    [finished] = [e.tool_call_finished for e in events if kind(e) == "tool_call_finished"]
+    assert finished.result.is_error and "codelane.db" not in finished.result.output, finished.result
+    assert "no longer" in finished.result.output
 
 
 async def test_a_huge_prompt_is_refused_and_changes_nothing(client, workspace, tmp_path) -> None:

@@ -84,6 +84,32 @@ async def test_a_read_deny_reaches_every_tool_on_real_workers(make_server, works
     assert not (workspace / "leaked_config" / "prod.env").exists()
 
 
+async def test_a_read_ask_is_not_passed_by_reading_the_directory_above(make_server, workspace, tmp_path) -> None:
+    # `ask read(conf/secret/**)`: grep and search of the workspace handed its key's lines over with
+    # no question (only the rule's own paths asked). Unconfirmed calls now leave them out.
+    (workspace / "conf" / "secret").mkdir(parents=True)
+    (workspace / "conf" / "secret" / "key").write_text(f"TOKEN={SECRET}\n")
+    server = await make_server(local_workers=1)
+    await server.client.wait_workers("local-1")
+    reads = {
+        "grep": call("grep", "grep", pattern="TOKEN", output_mode="content"),
+        "search": call("search", "search", query="token"),
+        "glob": call("glob", "glob", pattern="**/*"),
+        "copy_dir": call("copy", "copy_dir", source="conf", destination="copied"),
+    }
+    model = scripted(tmp_path, [{"tool_calls": list(reads.values())}, {"text": "done"}])
+    policy = session_pb2.PermissionPolicy(ask=["read(conf/secret/**)"])
+    session = await server.client.create(workspace, model, permissions=policy)
+    events = await server.client.send(session.session_id, "go", within=60)
+    results = finished(events)
+    assert not [e for e in events if kind(e) == "confirmation_required"]
+    for name, result in results.items():
+        assert SECRET not in result.output and "secret/key" not in result.output, (name, result.output)
+    for name in ("grep", "search", "glob"):
+        assert "1 entry left out" in results[name].output, (name, results[name].output)
+    assert not (workspace / "copied" / "secret" / "key").exists()
+
+
 @pytest.mark.parametrize("rule", ["Bash", "shell", "Read(**/*.env)"])
 async def test_a_rule_naming_an_unknown_tool_is_refused(client, workspace, tmp_path: Path, rule: str) -> None:
     policy = session_pb2.PermissionPolicy(allow=["read"], deny=[rule])
@@ -177,6 +203,36 @@ async def test_the_operators_deny_list_reaches_the_tools_not_only_commands(make_
         assert SECRET not in result.output, (name, result.output)
         assert result.is_error or "credentials.txt" not in result.output, (name, result.output)
     assert not (workspace / "copied.txt").exists()
+
+
+async def test_the_servers_environment_is_not_read_through_proc(make_server, tmp_path, monkeypatch) -> None:
+    # Without --workspace-root a client may open `/`: the file tools, which run in the server,
+    # then read /proc/self/environ and cmdline, the server's API keys and tokens (copied to a
+    # file, a command printed them). No tool reads or writes /proc, as none reads the data dir.
+    monkeypatch.setenv("CODELANE_TEST_API_KEY", SECRET)
+    leak = tmp_path / "leak.bin"
+    server = await make_server()
+    model = scripted(tmp_path, [
+        {"tool_calls": [
+            call("read", "read", file_path="proc/self/environ"),
+            call("read", "absolute", file_path="/proc/self/cmdline"),
+            call("grep", "grep", pattern=SECRET, path="proc/self/environ"),
+            call("ls", "ls", path="proc/self"),
+        ]},
+        {"tool_calls": [
+            call("copy", "copy", source="proc/self/environ", destination=str(leak)),
+            call("write", "write", file_path="proc/self/comm", content="renamed"),
+        ]},
+        {"text": "done"},
+    ])
+    session = await server.client.create("/", model)
+    results = finished(await server.client.send(session.session_id, "go", within=60))
+    for name, result in results.items():
+        assert result.error_kind == tools_pb2.ERROR_KIND_PERMISSION_DENIED, (name, result)
+    assert not leak.exists()
+    for inside in ("/proc/self", "/proc"):
+        error = await rpc_error(server.client.create(inside, model))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.metadata["field"] == "workspace", error
 
 
 async def test_a_write_deny_covers_what_a_written_directory_holds(client, workspace, tmp_path) -> None:

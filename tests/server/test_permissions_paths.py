@@ -222,6 +222,17 @@ def test_listing_a_directory_is_allowed_and_its_denied_paths_travel() -> None:
     assert above.denied_paths("/work/ws") == ("keys/**", "**/.ssh/**", "b/**", "**")
 
 
+def test_what_an_ask_rule_covers_travels_with_the_calls_that_do_not_ask() -> None:
+    # A listing or search of a directory holding what a read ask rule names would hand it over
+    # unasked (grep . showed secret/key's lines): calls that were not confirmed leave it out, as
+    # they leave out what a deny names; the call that reads it itself asks.
+    policy = PermissionPolicy.parse(ask=["read(secret/**)", "read(/work/ws/keys/)"], deny=["read(**/*.env)"])
+    assert decide(policy, "grep", pattern="KEY") is Action.ALLOW
+    assert decide(policy, "read", file_path="secret/key") is Action.ASK
+    assert policy.denied_paths("/work/ws") == ("**/*.env",)
+    assert policy.denied_paths("/work/ws", confirmed=False) == ("**/*.env", "secret/**", "keys/**")
+
+
 # -- a path rule names a path however it is spelled: absolute, through the workspace's symlink,
 # -- with a trailing `/` ------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ Confined (workspace-write, read-only), in this order, later mounts covering earl
   sockets): they vanish with the call, and count towards its memory limit;
 - each denied path that exists replaced by an empty directory or file of mode 000, so that
   reading it fails with "Permission denied" (capabilities are dropped: root is refused too);
-- the workspace bound read-write (workspace-write) or read-only, then its protected paths bound
-  read-only over it, then the denied paths inside it hidden again;
+- the workspace bound read-write (workspace-write) or read-only, then each directory between it
+  and a protected or denied path bound onto itself (a mount point cannot be renamed, and a renamed
+  directory would take the mounts below it along, out of the paths the lists name), then its
+  protected paths bound read-only over it, then the denied paths inside it hidden again;
 - new PID and IPC namespaces, a new network namespace unless the network is on, a new session
   (no terminal to inject keystrokes into), every capability dropped, and SIGKILL for the whole
   sandbox when the server dies (--die-with-parent).
@@ -78,8 +80,13 @@ def confined_args(
     args += _hidden(outside, fds)
     if policy.writes_workspace:
         args += ["--bind", str(workspace), str(workspace)]
-        args += _git_dir_pinned(workspace)
-        for path in _protected_mounts(workspace, settings.protect):
+        pinned = _git_dir_pinned(workspace)
+        args += pinned
+        protected = _protected_mounts(workspace, settings.protect)
+        for path in _directories_above(workspace, [*protected, *inside]):
+            if str(path) not in pinned:
+                args += ["--bind", str(path), str(path)]
+        for path in protected:
             args += ["--ro-bind", str(path), str(path)]
     else:
         args += ["--ro-bind", str(workspace), str(workspace)]
@@ -185,6 +192,19 @@ def _git_dir_pinned(workspace: Path) -> list[str]:
         return []
     kind = "--bind" if git.is_dir() else "--ro-bind"
     return [kind, str(git), str(git)]
+
+
+def _directories_above(workspace: Path, mounts: Sequence[Path]) -> list[Path]:
+    """The directories between the workspace and each of `mounts` (denied and protected paths
+    inside it), parents first, to be bound onto themselves: renaming a directory above a mount
+    point takes the mount along, and `mv deploy d2` left a denied deploy/key at d2/key, where the
+    deny list, which names paths, reached it no more. A mount point cannot be renamed (EBUSY)."""
+    above: dict[Path, None] = {}
+    for mount in mounts:
+        for parent in reversed(mount.parents):
+            if parent != workspace and within(parent, workspace):
+                above[parent] = None
+    return sorted(above, key=lambda path: len(path.parts))
 
 
 def _protected_mounts(workspace: Path, patterns: Sequence[str]) -> list[Path]:

@@ -29,8 +29,9 @@ MIN_OPEN_FILES = 32
 # Read-only even inside a writable workspace: what git runs or obeys on the user's next commit.
 # Relative entries are taken from each workspace's root, and may use `*` within one component.
 DEFAULT_PROTECTED = (".git/hooks", ".git/config", ".git/modules/*/hooks", ".git/modules/*/config")
-# Credentials every command is denied, whoever runs the server (relative to its home directory).
-HOME_SECRETS = (".ssh", ".aws", ".config/gcloud")
+# Credentials every command is denied, whoever runs the server (relative to its home directory):
+# codelane's own CLI keeps its servers' tokens in .config/codelane/config.toml.
+HOME_SECRETS = (".ssh", ".aws", ".config/gcloud", ".config/codelane")
 
 
 class SandboxMode(enum.StrEnum):

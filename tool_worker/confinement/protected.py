@@ -20,6 +20,12 @@ from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure
 # submodule's (git status recurses into them). A read-only mount cannot keep them out as it keeps
 # .git/config: they do not exist, and .git must stay writable for git to work. The file tools
 # refuse them; one a command creates is removed when the command ends (remove_planted).
+# The files of processes, the server's own among them (/proc/self/environ holds its API keys and
+# tokens, cmdline its flags): a workspace of `/` reaches them, and the file tools run in the
+# server and its workers, unconfined (commands see a /proc of their own). No tool reads, lists or
+# writes them, as none does the data dir; no workspace lies in them (config.resolve_workspace).
+NEVER_TOUCHED = ("/proc",)
+
 GIT_REDIRECTS = (".git/commondir", ".git/config.worktree", ".git/modules/*/commondir",
                  ".git/modules/*/config.worktree")
 
@@ -74,7 +80,7 @@ def refuse_protected(ctx: ToolContext, tool: str, *targets: tuple[Path, str]) ->
         )
     root = Path(os.path.realpath(ctx.workspace))
     settings = ctx.sandbox.settings
-    denied = (Path(os.path.realpath(p)) for p in settings.denied_paths())
+    denied = (Path(os.path.realpath(p)) for p in (*settings.denied_paths(), *NEVER_TOUCHED))
     # A denied directory that holds the whole workspace does not forbid the workspace itself (the
     # sandbox's mounts make the same exception).
     guarded = [*protected_targets(root, settings.protect), *(p for p in denied if not within(root, p))]
@@ -115,11 +121,11 @@ def remove_planted(absent: list[Path]) -> list[Path]:
 
 def operator_denied_inside(settings: SandboxSettings, workspace: str) -> tuple[str, ...]:
     """The operator's deny list (the data dir, TLS files, --sandbox-deny-read, the home's
-    credentials) where it lies inside the workspace, relative to the workspace's real path. A
-    denied directory holding the whole workspace is not among them (the sandbox's mounts make
-    the same exception)."""
+    credentials), and NEVER_TOUCHED, where it lies inside the workspace, relative to the
+    workspace's real path. A denied directory holding the whole workspace is not among them (the
+    sandbox's mounts make the same exception)."""
     root = os.path.realpath(workspace)
-    inside = (relative_to_root(root, os.path.realpath(path)) for path in settings.denied_paths())
+    inside = (relative_to_root(root, os.path.realpath(path)) for path in (*settings.denied_paths(), *NEVER_TOUCHED))
     return tuple(dict.fromkeys(relative for relative in inside if relative not in (None, ".")))
 
 

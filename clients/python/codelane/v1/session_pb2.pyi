@@ -61,7 +61,7 @@ class _SandboxModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxMo
     """Commands may write only inside the workspace (its protected paths, such as .git/hooks and
     .git/config, excepted) and in a private /tmp that is removed after each call. They may read
     the rest of the filesystem except the server's deny list (its data directory, TLS files,
-    ~/.ssh, ~/.aws, ~/.config/gcloud and what the operator adds).
+    ~/.ssh, ~/.aws, ~/.config/gcloud, ~/.config/codelane and what the operator adds).
     """
     SANDBOX_MODE_READ_ONLY: _SandboxMode.ValueType  # 2
     """As WORKSPACE_WRITE, but the workspace is read-only too; the file tools (write, edit,
@@ -83,7 +83,7 @@ SANDBOX_MODE_WORKSPACE_WRITE: SandboxMode.ValueType  # 1
 """Commands may write only inside the workspace (its protected paths, such as .git/hooks and
 .git/config, excepted) and in a private /tmp that is removed after each call. They may read
 the rest of the filesystem except the server's deny list (its data directory, TLS files,
-~/.ssh, ~/.aws, ~/.config/gcloud and what the operator adds).
+~/.ssh, ~/.aws, ~/.config/gcloud, ~/.config/codelane and what the operator adds).
 """
 SANDBOX_MODE_READ_ONLY: SandboxMode.ValueType  # 2
 """As WORKSPACE_WRITE, but the workspace is read-only too; the file tools (write, edit,
