@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, SnapshotRef, Tree, TreeScanner
@@ -101,19 +101,36 @@ class WorkspaceSnapshots:
         self._dirty = True
         self._scanning: asyncio.Task[Snapshot] | None = None
         self._skipped_reported: set[str] = set()
+        # The other workspaces of the server that overlap this one (one inside the other): set by
+        # the registry.
+        self.overlapping: Callable[[], Iterable[WorkspaceSnapshots]] = lambda: ()
 
     @property
     def latest(self) -> Snapshot | None:
         return self.recent[-1] if self.recent else None
 
     def invalidate(self) -> None:
-        """The workspace may have changed: the next `current()` rescans."""
+        """The workspace may have changed: the next `current()` rescans (of every workspace that
+        overlaps it too)."""
         self._dirty = True
+        self._invalidate_overlapping()
 
     def changed(self) -> None:
         """The workspace may have changed (a step starts, an Execute call ended): rescan now, in
-        the background; `current()` waits for it."""
+        the background; `current()` waits for it (and the next `current()` of every workspace
+        that overlaps it rescans)."""
         self._dirty = True
+        self._invalidate_overlapping()
+        self._start_scan()
+
+    def _invalidate_overlapping(self) -> None:
+        # A write of another session whose workspace holds this one (or lies in it) changed this
+        # one too: without this, a call of this workspace named the snapshot its step took before
+        # that write had ended, and a worker holding a copy of it read the old file.
+        for other in self.overlapping():
+            other._dirty = True
+
+    def _start_scan(self) -> None:
         if self._scanning is None:
             self._scanning = asyncio.get_running_loop().create_task(self._rescan(), name=f"snapshot {self.workspace}")
             # Its failure reaches whoever awaits current(); a scan nobody waits for fails quietly
@@ -129,7 +146,7 @@ class WorkspaceSnapshots:
             if self._scanning is not None:
                 await asyncio.shield(self._scanning)
             elif self._dirty:
-                self.changed()
+                self._start_scan()
             else:
                 latest = self.latest
                 assert latest is not None
@@ -212,6 +229,7 @@ class SnapshotRegistry:
         if snapshots is None:
             snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish,
                                            tuple(self._workspace_excludes(workspace)))
+            snapshots.overlapping = functools.partial(self._overlapping, workspace)
         self._workspaces[workspace] = snapshots
         if hold:
             self._holders[workspace] = self._holders.get(workspace, 0) + 1
@@ -235,6 +253,12 @@ class SnapshotRegistry:
             unheld = [name for name in self._workspaces if name not in self._holders and name != keep]
             for name in unheld[:excess]:
                 self._workspaces.pop(name).close()
+
+    def _overlapping(self, workspace: str) -> list[WorkspaceSnapshots]:
+        """The other workspaces kept that hold `workspace` or lie in it (at most MAX_WORKSPACES)."""
+        inside = workspace.rstrip("/") + "/"
+        return [snapshots for name, snapshots in self._workspaces.items()
+                if name != workspace and (name.startswith(inside) or workspace.startswith(name.rstrip("/") + "/"))]
 
     def find(self, hash_hex: str, *, first_path_only: bool = False) -> tuple[bytes | None, list[str]]:
         """A Directory blob with this hash, or the workspace paths that held such a file (newest
