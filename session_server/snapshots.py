@@ -99,6 +99,12 @@ class WorkspaceSnapshots:
         self._publish = publish
         self.recent: deque[Snapshot] = deque(maxlen=KEEP_SNAPSHOTS)
         self._dirty = True
+        # Changes announced so far (`changed()`, `invalidate()`), and how many of them the latest
+        # snapshot holds: `current()` waits for the first scan that started after the changes
+        # announced before it, not for the scans to stop.
+        self._announced = 0
+        self._covered = -1
+        self._scanned = asyncio.Event()  # set, and replaced, at the end of each scan
         self._scanning: asyncio.Task[Snapshot] | None = None
         self._skipped_reported: set[str] = set()
         # The other workspaces of the server that overlap this one (one inside the other): set by
@@ -112,14 +118,14 @@ class WorkspaceSnapshots:
     def invalidate(self) -> None:
         """The workspace may have changed: the next `current()` rescans (of every workspace that
         overlaps it too)."""
-        self._dirty = True
+        self._mark()
         self._invalidate_overlapping()
 
     def changed(self) -> None:
         """The workspace may have changed (a step starts, an Execute call ended): rescan now, in
         the background; `current()` waits for it (and the next `current()` of every workspace
         that overlaps it rescans)."""
-        self._dirty = True
+        self._mark()
         self._invalidate_overlapping()
         self._start_scan()
 
@@ -128,7 +134,11 @@ class WorkspaceSnapshots:
         # one too: without this, a call of this workspace named the snapshot its step took before
         # that write had ended, and a worker holding a copy of it read the old file.
         for other in self.overlapping():
-            other._dirty = True
+            other._mark()
+
+    def _mark(self) -> None:
+        self._dirty = True
+        self._announced += 1
 
     def _start_scan(self) -> None:
         if self._scanning is None:
@@ -142,21 +152,31 @@ class WorkspaceSnapshots:
 
         Raises OSError when the workspace cannot be read.
         """
+        wanted = self._announced
         while True:
-            if self._scanning is not None:
-                await asyncio.shield(self._scanning)
-            elif self._dirty:
-                self._start_scan()
-            else:
-                latest = self.latest
-                assert latest is not None
+            latest = self.latest
+            if self._covered >= wanted and latest is not None:
                 return latest
+            self._start_scan()
+            scanning = self._scanning
+            assert scanning is not None
+            # The end of the next scan, not of the scanning task: while other sessions' calls keep
+            # changing the workspace, the task scans again and again, and a call that waited for it
+            # to end waited until its deadline.
+            scanned = asyncio.ensure_future(self._scanned.wait())
+            try:
+                await asyncio.wait((scanning, scanned), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                scanned.cancel()
+            if scanning.done() and self._covered < wanted:
+                scanning.result()  # the scan's OSError (a cancelled one: closed)
 
     async def _rescan(self) -> Snapshot:
         try:
             while True:
                 # Changes announced from here on are seen by this scan or by the next one.
                 self._dirty = False
+                covers = self._announced
                 try:
                     tree = await asyncio.get_running_loop().run_in_executor(_scan_executor(), self._scanner.scan)
                 except BaseException:
@@ -169,6 +189,9 @@ class WorkspaceSnapshots:
                     if self._publish is not None:
                         await self._publish(snapshot)
                     self.recent.append(snapshot)
+                self._covered = covers
+                self._scanned.set()
+                self._scanned = asyncio.Event()
                 if not self._dirty:
                     return snapshot
         finally:
