@@ -238,9 +238,14 @@ class Turn:
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx
-        if ctx.snapshots is not None and ctx.pool.capacity()[0]:
-            # The workspace may have changed since the last step: rescan beside the model request.
-            ctx.snapshots.changed()
+        if ctx.snapshots is not None:
+            # The workspace may have changed since the last step: rescan beside the model request,
+            # or, with no worker to need it now, at the first call sent to one that connects
+            # meanwhile (which was sent the snapshot of before the change, and read old files).
+            if ctx.pool.capacity()[0]:
+                ctx.snapshots.changed()
+            else:
+                ctx.snapshots.invalidate()
         tools = available_tools(ctx.registry, ctx.pool, ctx.local_fallback, ctx.settings.permissions)
         asks: dict[ToolCall, Decision] = {}
         self._arguments_left = MAX_RESPONSE_ARGUMENTS_CHARS

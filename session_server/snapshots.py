@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tool_worker.merkle import DEFAULT_EXCLUDES, Digest, Exclusions, SnapshotRef, Tree, TreeScanner
@@ -99,21 +99,48 @@ class WorkspaceSnapshots:
         self._publish = publish
         self.recent: deque[Snapshot] = deque(maxlen=KEEP_SNAPSHOTS)
         self._dirty = True
+        # Changes announced so far (`changed()`, `invalidate()`), and how many of them the latest
+        # snapshot holds: `current()` waits for the first scan that started after the changes
+        # announced before it, not for the scans to stop.
+        self._announced = 0
+        self._covered = -1
+        self._scanned = asyncio.Event()  # set, and replaced, at the end of each scan
         self._scanning: asyncio.Task[Snapshot] | None = None
         self._skipped_reported: set[str] = set()
+        # The other workspaces of the server that overlap this one (one inside the other): set by
+        # the registry.
+        self.overlapping: Callable[[], Iterable[WorkspaceSnapshots]] = lambda: ()
 
     @property
     def latest(self) -> Snapshot | None:
         return self.recent[-1] if self.recent else None
 
     def invalidate(self) -> None:
-        """The workspace may have changed: the next `current()` rescans."""
-        self._dirty = True
+        """The workspace may have changed: the next `current()` rescans (of every workspace that
+        overlaps it too)."""
+        self._mark()
+        self._invalidate_overlapping()
 
     def changed(self) -> None:
         """The workspace may have changed (a step starts, an Execute call ended): rescan now, in
-        the background; `current()` waits for it."""
+        the background; `current()` waits for it (and the next `current()` of every workspace
+        that overlaps it rescans)."""
+        self._mark()
+        self._invalidate_overlapping()
+        self._start_scan()
+
+    def _invalidate_overlapping(self) -> None:
+        # A write of another session whose workspace holds this one (or lies in it) changed this
+        # one too: without this, a call of this workspace named the snapshot its step took before
+        # that write had ended, and a worker holding a copy of it read the old file.
+        for other in self.overlapping():
+            other._mark()
+
+    def _mark(self) -> None:
         self._dirty = True
+        self._announced += 1
+
+    def _start_scan(self) -> None:
         if self._scanning is None:
             self._scanning = asyncio.get_running_loop().create_task(self._rescan(), name=f"snapshot {self.workspace}")
             # Its failure reaches whoever awaits current(); a scan nobody waits for fails quietly
@@ -125,21 +152,31 @@ class WorkspaceSnapshots:
 
         Raises OSError when the workspace cannot be read.
         """
+        wanted = self._announced
         while True:
-            if self._scanning is not None:
-                await asyncio.shield(self._scanning)
-            elif self._dirty:
-                self.changed()
-            else:
-                latest = self.latest
-                assert latest is not None
+            latest = self.latest
+            if self._covered >= wanted and latest is not None:
                 return latest
+            self._start_scan()
+            scanning = self._scanning
+            assert scanning is not None
+            # The end of the next scan, not of the scanning task: while other sessions' calls keep
+            # changing the workspace, the task scans again and again, and a call that waited for it
+            # to end waited until its deadline.
+            scanned = asyncio.ensure_future(self._scanned.wait())
+            try:
+                await asyncio.wait((scanning, scanned), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                scanned.cancel()
+            if scanning.done() and self._covered < wanted:
+                scanning.result()  # the scan's OSError (a cancelled one: closed)
 
     async def _rescan(self) -> Snapshot:
         try:
             while True:
                 # Changes announced from here on are seen by this scan or by the next one.
                 self._dirty = False
+                covers = self._announced
                 try:
                     tree = await asyncio.get_running_loop().run_in_executor(_scan_executor(), self._scanner.scan)
                 except BaseException:
@@ -152,6 +189,9 @@ class WorkspaceSnapshots:
                     if self._publish is not None:
                         await self._publish(snapshot)
                     self.recent.append(snapshot)
+                self._covered = covers
+                self._scanned.set()
+                self._scanned = asyncio.Event()
                 if not self._dirty:
                     return snapshot
         finally:
@@ -212,6 +252,7 @@ class SnapshotRegistry:
         if snapshots is None:
             snapshots = WorkspaceSnapshots(workspace, self.exclusions, self._publish,
                                            tuple(self._workspace_excludes(workspace)))
+            snapshots.overlapping = functools.partial(self._overlapping, workspace)
         self._workspaces[workspace] = snapshots
         if hold:
             self._holders[workspace] = self._holders.get(workspace, 0) + 1
@@ -235,6 +276,12 @@ class SnapshotRegistry:
             unheld = [name for name in self._workspaces if name not in self._holders and name != keep]
             for name in unheld[:excess]:
                 self._workspaces.pop(name).close()
+
+    def _overlapping(self, workspace: str) -> list[WorkspaceSnapshots]:
+        """The other workspaces kept that hold `workspace` or lie in it (at most MAX_WORKSPACES)."""
+        inside = workspace.rstrip("/") + "/"
+        return [snapshots for name, snapshots in self._workspaces.items()
+                if name != workspace and (name.startswith(inside) or workspace.startswith(name.rstrip("/") + "/"))]
 
     def find(self, hash_hex: str, *, first_path_only: bool = False) -> tuple[bytes | None, list[str]]:
         """A Directory blob with this hash, or the workspace paths that held such a file (newest

@@ -3,6 +3,7 @@ the blob store, sizes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -69,6 +70,39 @@ async def test_current_sees_every_change_announced_before_it(tmp_path: Path) -> 
         blob, paths = registry.find(Digest.of(b"one\n").hash)  # the older snapshot is still named
         assert blob is None and paths == [str(tmp_path / "a.txt")]
         assert registry.find(second.digest.hash)[0] is not None
+    finally:
+        registry.close()
+
+
+async def test_current_waits_for_one_scan_not_for_the_changes_to_stop(tmp_path: Path) -> None:
+    # Each scan is followed by another while changes keep being announced (other sessions' writes
+    # on the workspace): current() waited for the scans to stop, so a flood of writes by one
+    # session held another session's worker-bound calls until their deadlines.
+    registry = SnapshotRegistry()
+    snapshots = registry.of(str(tmp_path))
+    loop = asyncio.get_running_loop()
+    scans = 0
+    churning = 500  # scans followed by another: far more than current() needs to wait for
+    scan = snapshots._scanner.scan
+
+    def scan_beside_a_write(*args, **kwargs):
+        nonlocal scans
+        scans += 1
+        try:
+            return scan(*args, **kwargs)
+        finally:
+            if scans < churning:  # a write ends while this scan runs
+                (tmp_path / "hot.txt").write_text(f"{scans}\n")
+                loop.call_soon_threadsafe(snapshots.changed)
+
+    snapshots._scanner.scan = scan_beside_a_write
+    try:
+        await snapshots.current()
+        (tmp_path / "mine.txt").write_text("mine\n")
+        snapshots.changed()
+        latest = await snapshots.current()
+        assert scans < churning, "current() waited for the changes to stop"
+        assert latest.file_path(Digest.of(b"mine\n").hash) == str(tmp_path / "mine.txt")
     finally:
         registry.close()
 
