@@ -4,6 +4,7 @@ connections mid-turn, and a server killed and restarted mid-turn drops the conne
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import logging
@@ -197,6 +198,31 @@ async def test_send_resumes_when_the_connection_drops(proxy: DroppingProxy, work
     assert any("UNAVAILABLE" in line for line in _resumes(caplog))
     finished = [e for e in events if isinstance(e, ev.ToolCallFinished)]
     assert [e.call_id for e in finished][-1] == "c_wait" and finished[-1].result.output.strip() == "went"
+
+
+async def test_send_resumes_from_a_server_back_late_in_the_budget(proxy: DroppingProxy, workspace: Path) -> None:
+    # gRPC spaces a channel's connection attempts 1 s, 1.6 s, 2.6 s ... 10.5 s apart (up to 2 min):
+    # after seven refused (16-19 s), its next came past the resume budget, so a server
+    # back meanwhile was never reached and the send raised a stale connection error.
+    def server_down_then_back() -> None:
+        proxy.refusing = True
+        proxy.drop()
+        wait_until(lambda: proxy.refused >= 7, what="seven refused connection attempts",
+                   within=codelane.client.RESUME_WITHIN)
+        proxy.refusing = False
+        (workspace / "go").touch()
+
+    async with Client(f"127.0.0.1:{proxy.port}", timeout=10) as client:
+        session = await client.create_session(workspace)
+        events, outage = [], None
+        async for event in session.send("go"):
+            events.append(event)
+            if isinstance(event, ev.ToolCallStarted) and event.call.call_id == "c_wait":
+                outage = asyncio.create_task(asyncio.to_thread(server_down_then_back))
+        assert outage is not None
+        await outage
+    _gap_free(events)
+    assert events[-1].stop_reason == "end_turn" and proxy.refused >= 7
 
 
 def test_run_resumes_when_the_connection_drops(proxy: DroppingProxy, workspace: Path) -> None:

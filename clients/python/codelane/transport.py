@@ -23,6 +23,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A channel whose server went away tries again after 1 s, then 1.6 times longer each time, up
+    # to 2 minutes; calls meanwhile fail at once without trying. After 16 s down it would not try
+    # again for 10 s more, past the 20 s an SDK stream gives a restarting server to come back
+    # (codelane.client.RESUME_WITHIN): a server back in time was never reached.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
