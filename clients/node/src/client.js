@@ -44,6 +44,8 @@ const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
 const DEFAULT_CALL_TIMEOUT_MS = 30_000;
 // The server's message limit, each way.
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+// Longest pause between a channel's connection attempts (gRPC's default is 2 minutes).
+const MAX_RECONNECT_BACKOFF_MS = 2_000;
 
 const LOADER_OPTIONS = Object.freeze({
   keepCase: false, // lowerCamelCase field names
@@ -697,10 +699,15 @@ export class CodelaneClient {
     const pkg = grpcObject.codelane.v1;
     const creds = credentials ?? grpc.credentials.createInsecure();
     // grpc-js refuses messages over 4 MiB by default; one event or history message may be bigger
-    // (the server allows 64 MiB each way). The caller's options win.
+    // (the server allows 64 MiB each way). A channel whose server went away tries again after
+    // 1 s, then 1.6 times longer each time, up to 2 minutes, and calls meanwhile fail at once:
+    // after 16-19 s down it would not try again before the 20 s a broken stream gives a restarting
+    // server (RESUME_WITHIN_MS) were spent, so a server back in time was never reached. The
+    // caller's options win.
     channelOptions = {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_reconnect_backoff_ms': MAX_RECONNECT_BACKOFF_MS,
       ...channelOptions,
     };
     this.address = address;

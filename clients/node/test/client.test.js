@@ -1067,6 +1067,48 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
   });
 });
 
+// A server back after a long outage: the test waits for the client's connection attempts, which
+// gRPC spaces out, so it takes longer than the others.
+describe('a server back late is reached', { timeout: 40_000 }, () => {
+  test('sendMessage resumes from a server back late in the resume budget', async () => {
+    // gRPC spaces a channel's connection attempts 1 s, 1.6 s, 2.6 s ... 10.5 s apart (up to 2 min):
+    // after seven refused (16-19 s), its next came past the resume budget, so a server
+    // back meanwhile was never reached and the iteration threw a stale connection error.
+    const script = path.join(tmp, 'script-back-late.json');
+    fs.writeFileSync(script, JSON.stringify({
+      responses: [
+        {
+          text: 'Waiting.',
+          tool_calls: [
+            { id: 'c_wait', name: 'bash', arguments: { command: 'while [ ! -e go-late ]; do sleep 0.05; done; echo went' } },
+          ],
+        },
+        { text: 'Done.' },
+      ],
+    }));
+    const proxy = await droppingProxy(Number(server.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace, model: `scripted:${script}` });
+      const events = [];
+      let outage;
+      for await (const ev of viaProxy.sendMessage(session.sessionId, 'go', { timeoutMs: 35_000 })) {
+        events.push(ev);
+        if (ev.kind === 'tool_call_started') {
+          outage = proxy.refuse(7).then(() => fs.writeFileSync(path.join(workspace, 'go-late'), ''));
+        }
+      }
+      await outage;
+      assertGapFree(events, 1n);
+      assert.equal(events.at(-1).turnFinished?.stopReason, 'STOP_REASON_END_TURN');
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+      fs.rmSync(path.join(workspace, 'go-late'), { force: true });
+    }
+  });
+});
+
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
@@ -1093,11 +1135,23 @@ async function scriptedWatches(streams) {
   return { address: `${HOST}:${port}`, requests, close: () => server.forceShutdown() };
 }
 
-/** A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it. */
+/**
+ * A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it, and
+ * whose refuse(n) does too, then closes each new connection at once (a server down) until n were.
+ */
 function droppingProxy(targetPort) {
   const open = new Set();
   let dropped = 0;
+  let refusing = null; // {left, done} while refusing
   const server = net.createServer((client) => {
+    if (refusing) {
+      client.destroy();
+      if (--refusing.left === 0) {
+        refusing.done();
+        refusing = null;
+      }
+      return;
+    }
     const upstream = net.connect(targetPort, HOST);
     open.add(client);
     open.add(upstream);
@@ -1122,6 +1176,12 @@ function droppingProxy(targetPort) {
       dropped += open.size / 2;
       for (const socket of open) socket.destroy();
       open.clear();
+    },
+    refuse(n) {
+      this.drop();
+      return new Promise((done) => {
+        refusing = { left: n, done };
+      });
     },
     close() {
       this.drop();
