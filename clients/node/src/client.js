@@ -717,6 +717,7 @@ export class CodelaneClient {
     // Share the first stub's channel.
     this._admin = new pkg.AdminService(address, creds, { ...channelOptions, channelOverride: this._sessions.getChannel() });
     this._token = token;
+    this._streams = new Set(); // the stream calls still open, which close() cancels
   }
 
   _metadata() {
@@ -747,6 +748,8 @@ export class CodelaneClient {
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs);
     const call = this._sessions[method](wire, this._metadata(), deadline ? { deadline } : {});
+    this._streams.add(call);
+    call.on('status', () => this._streams.delete(call));
     return new CallIterator(call, (message) => map(this._codec.decode(`${PACKAGE}.${responseType}`, message)), signal);
   }
 
@@ -1161,6 +1164,10 @@ export class CodelaneClient {
 
   /** Closes the channel; running streams end with CANCELLED. */
   close() {
+    // grpc-js lets the calls of a closed channel run on: a following watch would never end, and
+    // its iteration would keep the process alive. Cancelled here, a stream throws CANCELLED.
+    for (const call of this._streams) call.cancel();
+    this._streams.clear();
     this._sessions.close();
     this._admin.close();
   }

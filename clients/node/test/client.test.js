@@ -401,6 +401,16 @@ describe('turns and events', { timeout: TEST_TIMEOUT_MS }, () => {
     assert.ok(rest <= events.length, 'ends after what was already received');
   });
 
+  test('close() ends the streams still open with CANCELLED', async () => {
+    const { session } = await runTurn();
+    const closing = connect(server.address, { token: TOKEN, callTimeoutMs: 10_000 });
+    const following = closing.watchEvents(session.sessionId, { timeoutMs: STREAM_TIMEOUT_MS });
+    assert.equal((await following.next()).value.sequence, 1n);
+    closing.close();
+    // Before, grpc-js left it running: without its deadline, for ever, keeping the process alive.
+    await assert.rejects(collect(following), (err) => err.code === grpc.status.CANCELLED);
+  });
+
   test('a history past 4 MiB is read by a client left at gRPC\'s default receive limit', async () => {
     // Pages stop before 3 MiB: a client that never raised grpc-js's 4 MiB default still reads it.
     const script = path.join(tmp, 'script-long-history.json');
