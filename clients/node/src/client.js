@@ -47,6 +47,15 @@ const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 // Longest pause between a channel's connection attempts (gRPC's default is 2 minutes).
 const MAX_RECONNECT_BACKOFF_MS = 2_000;
 
+/**
+ * Keepalive pings while a call is open, as the Python SDK sends them: grpc-js sends none unless
+ * told, so a stream over a connection that died without a word (its peer's host gone, a NAT or
+ * firewall that forgot it, a server stopped) waited for ever instead of breaking and being
+ * resumed. 30 s apart: the server takes pings 15 s apart or more (docs/protocol.md). Not part of
+ * the API: the tests make them quicker, as they shorten `_resumeTiming`.
+ */
+export const _keepalive = { timeMs: 30_000, timeoutMs: 10_000 };
+
 const LOADER_OPTIONS = Object.freeze({
   keepCase: false, // lowerCamelCase field names
   longs: String, // int64 decoded as decimal strings, then turned into BigInt below: no precision loss
@@ -708,6 +717,8 @@ export class CodelaneClient {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_reconnect_backoff_ms': MAX_RECONNECT_BACKOFF_MS,
+      'grpc.keepalive_time_ms': _keepalive.timeMs,
+      'grpc.keepalive_timeout_ms': _keepalive.timeoutMs,
       ...channelOptions,
     };
     this.address = address;

@@ -17,6 +17,7 @@ import { after, afterEach, before, describe, test } from 'node:test';
 import * as protoLoader from '@grpc/proto-loader';
 
 import { DEFAULT_ADDRESS, _resumeTiming, connect, grpc, serverFromEnv } from '../src/client.js';
+import * as clientModule from '../src/client.js';
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const PROTOS_DIR = fileURLToPath(new URL('../../../protos', import.meta.url));
@@ -1119,6 +1120,38 @@ describe('a server back late is reached', { timeout: 40_000 }, () => {
   });
 });
 
+describe('a connection that goes silent', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a stream over it breaks once a keepalive ping goes unanswered, and is resumed', async () => {
+    // grpc-js sends no keepalive pings unless told: a stream over a connection whose peer went
+    // silent, still open, waited for ever. The pings are 30 s apart; this test makes them quick.
+    const realKeepalive = { ...clientModule._keepalive };
+    Object.assign(clientModule._keepalive, { timeMs: 1_000, timeoutMs: 1_000 });
+    const proxy = await droppingProxy(Number(server.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    Object.assign(clientModule._keepalive, realKeepalive);
+    try {
+      const session = await viaProxy.createSession({ workspace });
+      const resumes = [];
+      const watched = [];
+      let sent;
+      const onResume = (err) => {
+        resumes.push(err.code);
+        sent ??= collect(client.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+      };
+      for await (const item of viaProxy.watchEvents(session.sessionId, { onResume })) {
+        watched.push(item);
+        if (item.kind === 'caught_up') proxy.stall();
+        else if (item.kind === 'turn_finished') break;
+      }
+      assert.equal(resumes[0], grpc.status.UNAVAILABLE);
+      assert.deepEqual(watched, [{ kind: 'caught_up', lastSequence: 0n }, ...await sent]);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+    }
+  });
+});
+
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
@@ -1148,11 +1181,13 @@ async function scriptedWatches(streams) {
 /**
  * A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it, and
  * whose refuse(n) does too, then closes each new connection at once (a server down) until n were.
+ * stall() makes the connections open through it go silent, still open; new ones pass.
  */
 function droppingProxy(targetPort) {
   const open = new Set();
   let dropped = 0;
   let refusing = null; // {left, done} while refusing
+  const pairs = new Set(); // [client, upstream] of each open connection
   const server = net.createServer((client) => {
     if (refusing) {
       client.destroy();
@@ -1167,6 +1202,8 @@ function droppingProxy(targetPort) {
     open.add(upstream);
     client.pipe(upstream);
     upstream.pipe(client);
+    const pair = [client, upstream];
+    pairs.add(pair);
     for (const socket of [client, upstream]) {
       socket.on('error', () => {}); // a dropped peer
       socket.on('close', () => {
@@ -1174,6 +1211,7 @@ function droppingProxy(targetPort) {
         upstream.destroy();
         open.delete(client);
         open.delete(upstream);
+        pairs.delete(pair);
       });
     }
   });
@@ -1186,6 +1224,15 @@ function droppingProxy(targetPort) {
       dropped += open.size / 2;
       for (const socket of open) socket.destroy();
       open.clear();
+    },
+    stall() {
+      // The connections open stay open but carry nothing more, either way: their peer is silent.
+      for (const [client, upstream] of pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        client.pause();
+        upstream.pause();
+      }
     },
     refuse(n) {
       this.drop();
