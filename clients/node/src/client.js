@@ -555,58 +555,78 @@ class ResumingIterator {
     let turnId = '';
     let brokenAt = null; // when the stream broke, since when no stream has answered
     let delayMs = 0;
-    for (;;) {
-      let error;
-      try {
-        for await (const item of this._call) {
-          brokenAt = null; // the stream answers (a marker counts): a later break is a new one
-          if (item.kind === 'caught_up') {
-            if (caughtUp || turn) continue;
-            caughtUp = true;
-          } else if (item.sequence <= last) {
-            continue; // yielded before the resume
-          } else {
-            last = item.sequence;
-            delayMs = 0;
-            if (turn) {
-              turnId ||= item.turnId;
-              if (item.turnId !== turnId) continue;
+    // A resumed stream that neither answers nor fails is given up once the budget is spent:
+    // grpc-js waits for ever on a server that takes the connection and says nothing (a server
+    // stopped, or hung), and the iteration with it.
+    let giveUp = null;
+    let silent = false;
+    try {
+      for (;;) {
+        let error;
+        try {
+          for await (const item of this._call) {
+            clearTimeout(giveUp);
+            brokenAt = null; // the stream answers (a marker counts): a later break is a new one
+            if (item.kind === 'caught_up') {
+              if (caughtUp || turn) continue;
+              caughtUp = true;
+            } else if (item.sequence <= last) {
+              continue; // yielded before the resume
+            } else {
+              last = item.sequence;
+              delayMs = 0;
+              if (turn) {
+                turnId ||= item.turnId;
+                if (item.turnId !== turnId) continue;
+              }
             }
+            yield item;
+            if (turn && item.kind === 'turn_finished') return;
+            if (!turn && !follow && item.kind === 'caught_up') return;
           }
-          yield item;
-          if (turn && item.kind === 'turn_finished') return;
-          if (!turn && !follow && item.kind === 'caught_up') return;
+          if (this._ended()) return;
+          const details = silent
+            ? `no reply from the server in the ${_resumeTiming.withinMs / 1000} s since the event stream broke`
+            : 'the event stream ended early';
+          error = Object.assign(new Error(details), { code: grpc.status.UNAVAILABLE, details });
+        } catch (err) {
+          if (this._ended()) return;
+          error = err;
         }
-        if (this._ended()) return;
-        error = Object.assign(new Error('the event stream ended early'),
-          { code: grpc.status.UNAVAILABLE, details: 'the event stream ended early' });
-      } catch (err) {
-        if (this._ended()) return;
-        error = err;
+        const now = _resumeTiming.now();
+        brokenAt ??= now; // the budget starts now, however long the stream had been quiet
+        if (silent || !resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) {
+          throw error;
+        }
+        try {
+          this._onResume?.(error, last);
+        } catch {
+          // the hook is for logging: it must not end the stream
+        }
+        if (delayMs > 0) {
+          await new Promise((resolve) => {
+            const timer = setTimeout(resolve, delayMs);
+            this._wake = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+            this._signal?.addEventListener('abort', this._wake, { once: true });
+          });
+          this._signal?.removeEventListener('abort', this._wake);
+          this._wake = null;
+          if (this._ended()) return;
+        }
+        delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
+        this._call = this._reopen(last);
+        const resumed = this._call;
+        const leftMs = brokenAt + _resumeTiming.withinMs - _resumeTiming.now();
+        giveUp = setTimeout(() => {
+          silent = true;
+          resumed.cancel();
+        }, Math.max(0, leftMs));
       }
-      const now = _resumeTiming.now();
-      brokenAt ??= now; // the budget starts now, however long the stream had been quiet
-      if (!resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) throw error;
-      try {
-        this._onResume?.(error, last);
-      } catch {
-        // the hook is for logging: it must not end the stream
-      }
-      if (delayMs > 0) {
-        await new Promise((resolve) => {
-          const timer = setTimeout(resolve, delayMs);
-          this._wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-          this._signal?.addEventListener('abort', this._wake, { once: true });
-        });
-        this._signal?.removeEventListener('abort', this._wake);
-        this._wake = null;
-        if (this._ended()) return;
-      }
-      delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
-      this._call = this._reopen(last);
+    } finally {
+      clearTimeout(giveUp);
     }
   }
 }

@@ -1076,6 +1076,25 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
       scripted.close();
     }
   });
+
+  test('a resumed stream that never answers is given up once the budget is spent', async () => {
+    // grpc-js waits for ever on a server that takes the connection and says nothing (one
+    // stopped, or hung): the iteration waited with it, past any budget.
+    Object.assign(_resumeTiming, { withinMs: 300, backoffInitialMs: 0, backoffMaxMs: 0 });
+    const scripted = await scriptedWatches([{ replies: [event(1)] }, { silent: true }]);
+    const viaScripted = connect(scripted.address, { callTimeoutMs: 10_000 });
+    try {
+      const seen = [];
+      await assert.rejects(async () => {
+        for await (const item of viaScripted.watchEvents('s_scripted')) seen.push(item);
+      }, (err) => err.code === grpc.status.UNAVAILABLE && /no reply from the server/.test(err.details));
+      assert.deepEqual(seen.map((item) => item.sequence), [1n]);
+      assert.deepEqual(scripted.requests.map((r) => r.afterSequence), ['0', '1']);
+    } finally {
+      viaScripted.close();
+      scripted.close();
+    }
+  });
 });
 
 // A server back after a long outage: the test waits for the client's connection attempts, which
@@ -1155,7 +1174,8 @@ describe('a connection that goes silent', { timeout: TEST_TIMEOUT_MS }, () => {
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
- * then ends UNAVAILABLE, as a lost connection does. `requests` are the WatchEventsRequests seen.
+ * then ends UNAVAILABLE, as a lost connection does; a `silent` one says nothing and never ends.
+ * `requests` are the WatchEventsRequests seen.
  */
 async function scriptedWatches(streams) {
   const service = protoLoader.loadSync(['codelane/v1/session.proto'], {
@@ -1166,7 +1186,8 @@ async function scriptedWatches(streams) {
   server.addService(service, {
     WatchEvents(call) {
       requests.push(call.request);
-      const { replies = [], then } = streams[requests.length - 1] ?? {};
+      const { replies = [], then, silent } = streams[requests.length - 1] ?? {};
+      if (silent) return; // says nothing, and never ends
       for (const reply of replies) call.write(reply);
       then?.();
       call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'scripted break' });
