@@ -309,6 +309,16 @@ class LaneStats:
     p99: float
 
 
+def _cancelled_by_close() -> None:
+    """Raises CodelaneError CANCELLED for a gRPC call cancelled under a task that nobody cancelled:
+    its channel was closed (`Client.close`) while it ran. gRPC raises asyncio.CancelledError then,
+    which would end that task as if it had been cancelled (quietly, in a TaskGroup) instead of
+    failing. A cancelled task's own CancelledError is left to propagate."""
+    task = asyncio.current_task()
+    if task is not None and not task.cancelling():
+        raise CodelaneError("CANCELLED", "the client was closed while this call was running") from None
+
+
 def _rpc(fn):
     """Turns gRPC errors of an SDK coroutine into CodelaneError."""
 
@@ -317,6 +327,9 @@ def _rpc(fn):
             return await fn(*args, **kwargs)
         except grpc.aio.AioRpcError as exc:
             raise CodelaneError.from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            _cancelled_by_close()
+            raise
 
     wrapper.__doc__ = fn.__doc__
     wrapper.__name__ = fn.__name__
@@ -457,6 +470,9 @@ class Client:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise CodelaneError.from_rpc_error(exc) from None
+            except asyncio.CancelledError:
+                _cancelled_by_close()
+                raise
             for msg in reply.sessions:
                 yield SessionInfo.from_proto(msg)
             token = reply.next_page_token
@@ -614,6 +630,9 @@ class Session:
                     error = CodelaneError("UNAVAILABLE", "the event stream ended early")
                 except grpc.aio.AioRpcError as exc:
                     error = CodelaneError.from_rpc_error(exc)
+                except asyncio.CancelledError:
+                    _cancelled_by_close()
+                    raise
                 now = _clock()
                 if broken_at is None:
                     broken_at = now  # the budget starts now, however long the stream had been quiet
