@@ -746,7 +746,8 @@ class Session:
         """Serves this session's external tasks until `stop` is set (or forever): claims with a
         long-poll of `wait` seconds, runs `await handler(task)` for each claimed task (up to
         `max_tasks` at once) and completes the task with the ToolResult it returns. An exception
-        from the handler completes the task with an error result saying what was raised.
+        from the handler, or a return that is not a ToolResult, completes the task with an error
+        result saying what was raised or returned.
 
         While a handler runs, its task's lease is renewed every `lease / 2` seconds, so a handler
         may run for as long as the task's deadline allows; `lease` is how soon another client gets
@@ -808,6 +809,10 @@ class Session:
         renewing = asyncio.create_task(self._keep_lease(task, client_id, lease))
         try:
             result = await handler(task)
+            if not isinstance(result, ToolResult):
+                # The handler's mistake (a forgotten return, the output alone), reported as its
+                # error: completing with it would fail, ending the loop and leaving the task held.
+                raise TypeError(f"the handler returned {result!r:.200}, not a ToolResult")
         except Exception as exc:
             log.exception("external task %s (%s): the handler raised", task.task_id, task.call.tool_name)
             result = ToolResult(
