@@ -748,7 +748,7 @@ export class CodelaneClient {
     // Share the first stub's channel.
     this._admin = new pkg.AdminService(address, creds, { ...channelOptions, channelOverride: this._sessions.getChannel() });
     this._token = token;
-    this._streams = new Set(); // the stream calls still open, which close() cancels
+    this._calls = new Set(); // the calls still running, which close() cancels
   }
 
   _metadata() {
@@ -766,10 +766,12 @@ export class CodelaneClient {
     return new Promise((resolve, reject) => {
       const onAbort = () => call.cancel(); // the callback then gets a CANCELLED error
       const call = stub[method](wire, this._metadata(), deadline ? { deadline } : {}, (err, response) => {
+        this._calls.delete(call);
         signal?.removeEventListener('abort', onAbort);
         if (err) reject(annotate(err));
         else resolve(this._codec.decode(`${PACKAGE}.${responseType}`, response));
       });
+      this._calls.add(call);
       if (signal?.aborted) onAbort();
       else signal?.addEventListener('abort', onAbort, { once: true });
     });
@@ -779,8 +781,8 @@ export class CodelaneClient {
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs);
     const call = this._sessions[method](wire, this._metadata(), deadline ? { deadline } : {});
-    this._streams.add(call);
-    call.on('status', () => this._streams.delete(call));
+    this._calls.add(call);
+    call.on('status', () => this._calls.delete(call));
     return new CallIterator(call, (message) => map(this._codec.decode(`${PACKAGE}.${responseType}`, message)), signal);
   }
 
@@ -1193,12 +1195,13 @@ export class CodelaneClient {
       callOptions);
   }
 
-  /** Closes the channel; running streams end with CANCELLED. */
+  /** Closes the channel; the calls and streams still running end with CANCELLED. */
   close() {
-    // grpc-js lets the calls of a closed channel run on: a following watch would never end, and
-    // its iteration would keep the process alive. Cancelled here, a stream throws CANCELLED.
-    for (const call of this._streams) call.cancel();
-    this._streams.clear();
+    // grpc-js lets the calls of a closed channel run on: a following watch would never end, a
+    // claim would wait its whole long-poll, and either would keep the process alive. Cancelled
+    // here, a stream throws CANCELLED and a call rejects with it.
+    for (const call of this._calls) call.cancel();
+    this._calls.clear();
     this._sessions.close();
     this._admin.close();
   }

@@ -1171,6 +1171,33 @@ describe('a connection that goes silent', { timeout: TEST_TIMEOUT_MS }, () => {
   });
 });
 
+describe('close() and the calls still running', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a unary call still running (a long-polling claim) ends with CANCELLED', async () => {
+    // grpc-js lets the calls of a closed channel run on: a claim went on waiting its whole
+    // waitSeconds (up to 60 s), keeping the process alive, and resolved as if nothing happened.
+    const service = protoLoader.loadSync(['codelane/v1/session.proto'], {
+      includeDirs: [PROTOS_DIR], longs: String, enums: String, defaults: true, oneofs: true,
+    })['codelane.v1.SessionService'];
+    let claimed;
+    const arrived = new Promise((resolve) => { claimed = resolve; });
+    const silent = new grpc.Server();
+    silent.addService(service, { ClaimExternalTasks: () => claimed() }); // never answers
+    const port = await new Promise((resolve, reject) => {
+      silent.bindAsync(`${HOST}:0`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+    });
+    const closing = connect(`${HOST}:${port}`, { callTimeoutMs: 60_000 });
+    try {
+      const claim = closing.claimExternalTasks('s_1', { clientId: 'closing', waitSeconds: 60 });
+      await arrived;
+      closing.close();
+      await assert.rejects(claim, (err) => err.code === grpc.status.CANCELLED);
+    } finally {
+      closing.close();
+      silent.forceShutdown();
+    }
+  });
+});
+
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
