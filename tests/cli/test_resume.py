@@ -322,19 +322,39 @@ class _Stream:
         return True
 
 
+class _Silent:
+    """A stream that never answers nor ends (a server that took the connection and says nothing)
+    until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def _items(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        await self.cancelled.wait()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata())
+        yield  # an async generator
+
+    def __aiter__(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        return self._items()
+
+    def cancel(self) -> bool:
+        self.cancelled.set()
+        return True
+
+
 class _ScriptedSessions:
     """A SessionService stub whose WatchEvents answers with the next scripted stream."""
 
-    def __init__(self, streams: list[_Stream]) -> None:
+    def __init__(self, streams: list[_Stream | _Silent]) -> None:
         self._streams = iter(streams)
         self.requests: list[session_pb2.WatchEventsRequest] = []
 
-    def WatchEvents(self, request: session_pb2.WatchEventsRequest, **_: object) -> _Stream:
+    def WatchEvents(self, request: session_pb2.WatchEventsRequest, **_: object) -> _Stream | _Silent:
         self.requests.append(request)
         return next(self._streams)
 
 
-def _scripted_session(streams: list[_Stream]) -> tuple[Session, _ScriptedSessions]:
+def _scripted_session(streams: list[_Stream | _Silent]) -> tuple[Session, _ScriptedSessions]:
     sessions = _ScriptedSessions(streams)
     client = SimpleNamespace(_sessions=sessions, _metadata=())
     return Session(client, SimpleNamespace(session_id="s_scripted")), sessions  # type: ignore[arg-type]
@@ -388,6 +408,23 @@ async def test_resumes_that_fail_spend_the_budget_counted_from_the_break(clock: 
     assert raised.value.code == "UNAVAILABLE"
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]  # two resumes; the second broke past the budget
+
+
+async def test_a_resumed_stream_that_never_answers_is_given_up_once_the_budget_is_spent(
+    monkeypatch: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    # A server that takes the connection and says nothing (its handlers hung): the resumed
+    # stream waited for ever, past any budget.
+    monkeypatch.setattr(codelane.client, "RESUME_WITHIN", 0.3)
+    silent = _Silent()
+    session, sessions = _scripted_session([_Stream([_event(1)], lambda: None), silent])
+    seen = []
+    with pytest.raises(CodelaneError) as raised:
+        async for item in session.watch(follow=True):
+            seen.append(item)
+    assert raised.value.code == "UNAVAILABLE" and "no reply from the server" in raised.value.message
+    assert [e.sequence for e in seen] == [1]
+    assert [r.after_sequence for r in sessions.requests] == [0, 1] and silent.cancelled.is_set()
 
 
 # -- a stream the SDK cannot resume, as the CLI reports it ------------------------------------------

@@ -610,11 +610,24 @@ class Session:
         caught_up = False
         broken_at: float | None = None  # when the stream broke, since when no stream has answered
         delay = 0.0  # no pause before the first resume after progress
+        # When a resumed stream that has not answered yet is given up (event loop time): one that
+        # neither answers nor fails (a server that takes the connection and says nothing) would
+        # otherwise be waited on for ever, past the budget.
+        give_up_at: float | None = None
         try:
             while True:
                 try:
-                    async for reply in call:
-                        broken_at = None  # the stream answers (a marker counts): a later break is a new one
+                    replies = aiter(call)
+                    while True:
+                        try:
+                            async with asyncio.timeout_at(give_up_at):
+                                reply = await anext(replies)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise CodelaneError("UNAVAILABLE", f"no reply from the server in the {RESUME_WITHIN:g} s "
+                                                "since the event stream broke") from None
+                        broken_at = give_up_at = None  # it answers (a marker counts): a later break is a new one
                         for item in _stream_items(reply):
                             if isinstance(item, CaughtUp):
                                 if caught_up:
@@ -641,6 +654,7 @@ class Session:
                     raise error
                 log.info("session %s: event stream broke (%s: %s); resuming after sequence %d", self.id, error.code,
                          error.message, last)
+                give_up_at = asyncio.get_running_loop().time() + RESUME_WITHIN - (now - broken_at)
                 call.cancel()
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, RESUME_BACKOFF_INITIAL), RESUME_BACKOFF_MAX)
