@@ -749,6 +749,19 @@ export class CodelaneClient {
     this._admin = new pkg.AdminService(address, creds, { ...channelOptions, channelOverride: this._sessions.getChannel() });
     this._token = token;
     this._calls = new Set(); // the calls still running, which close() cancels
+    this._closed = false;
+  }
+
+  /**
+   * Refuses a call on a closed client as a cancelled one: grpc-js would throw a bare Error
+   * ('Channel has been shut down', no status code), e.g. from a stream resumed after close().
+   */
+  _checkOpen() {
+    if (this._closed) {
+      const details = 'the client was closed';
+      throw Object.assign(new Error(`${grpc.status.CANCELLED} CANCELLED: ${details}`),
+        { code: grpc.status.CANCELLED, details, metadata: new grpc.Metadata() });
+    }
   }
 
   _metadata() {
@@ -761,6 +774,7 @@ export class CodelaneClient {
     // Every public unary method is named as its RPC, in lowerCamelCase.
     checkKeys(`${method[0].toLowerCase()}${method.slice(1)}: call options`, callOptions, CALL_OPTIONS);
     const { timeoutMs, signal } = callOptions;
+    this._checkOpen();
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs ?? this._callTimeoutMs);
     return new Promise((resolve, reject) => {
@@ -778,6 +792,7 @@ export class CodelaneClient {
   }
 
   _stream(method, requestType, request, responseType, { timeoutMs, signal } = {}, map) {
+    this._checkOpen();
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs);
     const call = this._sessions[method](wire, this._metadata(), deadline ? { deadline } : {});
@@ -1200,6 +1215,7 @@ export class CodelaneClient {
     // grpc-js lets the calls of a closed channel run on: a following watch would never end, a
     // claim would wait its whole long-poll, and either would keep the process alive. Cancelled
     // here, a stream throws CANCELLED and a call rejects with it.
+    this._closed = true;
     for (const call of this._calls) call.cancel();
     this._calls.clear();
     this._sessions.close();

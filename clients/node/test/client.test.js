@@ -1172,6 +1172,15 @@ describe('a connection that goes silent', { timeout: TEST_TIMEOUT_MS }, () => {
 });
 
 describe('close() and the calls still running', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a stream resumed after close(), and a call made after it, end with CANCELLED', async () => {
+    // They threw grpc-js's bare Error('Channel has been shut down'), with no status code.
+    const closing = connect(`${HOST}:${await freePort()}`, { callTimeoutMs: 10_000 }); // nothing listens
+    const watch = closing.watchEvents('s_1', { onResume: () => closing.close() });
+    await assert.rejects(collect(watch), (err) => err.code === grpc.status.CANCELLED);
+    await assert.rejects(closing.getSession('s_1'), (err) => err.code === grpc.status.CANCELLED);
+    assert.throws(() => closing.watchEvents('s_1'), (err) => err.code === grpc.status.CANCELLED);
+  });
+
   test('a unary call still running (a long-polling claim) ends with CANCELLED', async () => {
     // grpc-js lets the calls of a closed channel run on: a claim went on waiting its whole
     // waitSeconds (up to 60 s), keeping the process alive, and resolved as if nothing happened.
