@@ -38,7 +38,7 @@ from tests.cli.conftest import (
     write_script,
 )
 from tests.manual_time import ManualTime
-from tests.polling import wait_until
+from tests.polling import poll_until, wait_until
 
 # Per turn, one step of many Query calls (a burst of events), then the last word.
 MANY_CALLS = [
@@ -425,6 +425,23 @@ async def test_a_resumed_stream_that_never_answers_is_given_up_once_the_budget_i
     assert raised.value.code == "UNAVAILABLE" and "no reply from the server" in raised.value.message
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1] and silent.cancelled.is_set()
+
+
+async def test_a_watch_resuming_when_the_client_is_closed_raises_cancelled(
+    unused_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Closed while it waited to resume, it made its next WatchEvents on the closed channel and
+    # raised gRPC's own UsageError, where a call running at close raises CodelaneError CANCELLED.
+    caplog.set_level(logging.INFO, logger="codelane.client")
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_INITIAL", 60.0)  # it waits there till closed
+    client = Client(f"127.0.0.1:{unused_port}", timeout=10)  # nothing listens: every stream breaks
+    session = Session(client, SimpleNamespace(session_id="s_closed"))  # type: ignore[arg-type]
+    watch = asyncio.ensure_future(anext(session.watch(follow=True)))
+    await poll_until(lambda: len(_resumes(caplog)) >= 2, what="a second resume, then its pause")
+    await client.close()
+    with pytest.raises(CodelaneError) as raised:
+        await watch
+    assert raised.value.code == "CANCELLED"
 
 
 # -- a stream the SDK cannot resume, as the CLI reports it ------------------------------------------

@@ -658,10 +658,13 @@ class Session:
                 call.cancel()
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, RESUME_BACKOFF_INITIAL), RESUME_BACKOFF_MAX)
-                call = self._client._sessions.WatchEvents(
-                    session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=last, follow=follow),
-                    metadata=self._client._metadata,
-                )
+                try:
+                    call = self._client._sessions.WatchEvents(
+                        session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=last, follow=follow),
+                        metadata=self._client._metadata,
+                    )
+                except grpc.aio.UsageError:  # the client was closed while this stream waited to resume
+                    raise CodelaneError("CANCELLED", "the client was closed while this call was running") from None
         finally:
             call.cancel()
 
