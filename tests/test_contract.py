@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import io
+import json
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -30,6 +32,7 @@ from grpc_tools import protoc
 
 from codelane import client as sdk_client
 from codelane import events as sdk
+from codelane import render
 from codelane.v1 import (
     admin_pb2,
     events_pb2,
@@ -317,6 +320,19 @@ def test_every_event_kind_is_sent_and_read_by_the_same_name() -> None:
         message = convert.event(_stored(payload))
         assert message.WhichOneof("kind") == name
         assert sdk.event_from_proto(message).kind == name
+
+
+def test_an_event_of_a_kind_this_sdk_does_not_know_is_read_and_shown() -> None:
+    # A newer server's kind: a field this proto lacks (number 99), so no oneof member is set. The
+    # bare Event the SDK gives for it had no kind (KeyError), and `codelane watch` crashed on it.
+    known = events_pb2.Event(session_id="s_1", sequence=7, turn_id="turn_1").SerializeToString()
+    message = events_pb2.Event.FromString(known + b"\x9a\x06\x02\x08\x01")  # field 99: {1: 1}
+    event = sdk.event_from_proto(message)
+    assert type(event) is sdk.Event and (event.sequence, event.kind) == (7, "unknown")
+    assert json.loads(render.event_json(event))["kind"] == "unknown"
+    out = io.StringIO()
+    render.PlainRenderer(out).show(event)
+    assert "unknown" in out.getvalue()
 
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)

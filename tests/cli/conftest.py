@@ -166,13 +166,16 @@ def unused_port() -> int:
 
 class DroppingProxy:
     """A TCP proxy in front of a server, whose `drop()` closes every connection open through it,
-    mid-stream, as a network failure would. Connections made afterwards pass as usual."""
+    mid-stream, as a network failure would. Connections made afterwards pass as usual, unless
+    `refusing` is set: each is then closed at once (a server down), and counted in `refused`."""
 
     def __init__(self, target_port: int) -> None:
         self._target = ("127.0.0.1", target_port)
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self.dropped = 0  # connections closed by drop()
+        self.refusing = False
+        self.refused = 0  # connections closed at once while refusing
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept, name="dropping-proxy", daemon=True)
@@ -182,6 +185,10 @@ class DroppingProxy:
         while True:
             try:
                 client, _ = self._listener.accept()
+                if self.refusing:
+                    client.close()
+                    self.refused += 1
+                    continue
                 upstream = socket.create_connection(self._target, timeout=10)
             except OSError:
                 return  # closed

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from codelane.client import Client
 from codelane.commands.common import command_line
 from codelane.commands.config import DEFAULT_ADDRESS, ConfigError, resolve
 from tests.cli.conftest import cli, cli_env
@@ -194,3 +195,17 @@ def test_tls_mismatches_are_named(make_server, tmp_path: Path) -> None:
     good = cli("sessions", "--server", tls_address, "--tls-ca", str(tmp_path / "server.pem"))
     assert good.returncode == 0 and good.stdout == f"no sessions on {tls_address}\n", good.stderr
     assert all(out.returncode == 1 for out in (without, other_ca, needless))
+
+
+async def test_the_sdk_refuses_a_client_certificate_it_would_not_use(make_server, tmp_path: Path) -> None:
+    # The CLI and the worker refuse these; the SDK took them and connected in plaintext, the
+    # certificate unused and the token sent in clear, or gave gRPC a certificate without its key.
+    server = make_server()
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("unused: refused before it is read\n", encoding="utf-8")
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
+    with pytest.raises(ValueError, match=r"a client certificate \(mTLS\) needs TLS: give tls_ca too"):
+        Client(server.address, token="secret", tls_cert=cert, tls_key=key)
+    for cert_or_key in ({"tls_cert": cert}, {"tls_key": key}):
+        with pytest.raises(ValueError, match="a client certificate and its key go together"):
+            Client(server.address, tls_ca=ca, **cert_or_key)

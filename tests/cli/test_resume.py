@@ -4,6 +4,7 @@ connections mid-turn, and a server killed and restarted mid-turn drops the conne
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import logging
@@ -37,7 +38,7 @@ from tests.cli.conftest import (
     write_script,
 )
 from tests.manual_time import ManualTime
-from tests.polling import wait_until
+from tests.polling import poll_until, wait_until
 
 # Per turn, one step of many Query calls (a burst of events), then the last word.
 MANY_CALLS = [
@@ -199,6 +200,31 @@ async def test_send_resumes_when_the_connection_drops(proxy: DroppingProxy, work
     assert [e.call_id for e in finished][-1] == "c_wait" and finished[-1].result.output.strip() == "went"
 
 
+async def test_send_resumes_from_a_server_back_late_in_the_budget(proxy: DroppingProxy, workspace: Path) -> None:
+    # gRPC spaces a channel's connection attempts 1 s, 1.6 s, 2.6 s ... 10.5 s apart (up to 2 min):
+    # after seven refused (16-19 s), its next came past the resume budget, so a server
+    # back meanwhile was never reached and the send raised a stale connection error.
+    def server_down_then_back() -> None:
+        proxy.refusing = True
+        proxy.drop()
+        wait_until(lambda: proxy.refused >= 7, what="seven refused connection attempts",
+                   within=codelane.client.RESUME_WITHIN)
+        proxy.refusing = False
+        (workspace / "go").touch()
+
+    async with Client(f"127.0.0.1:{proxy.port}", timeout=10) as client:
+        session = await client.create_session(workspace)
+        events, outage = [], None
+        async for event in session.send("go"):
+            events.append(event)
+            if isinstance(event, ev.ToolCallStarted) and event.call.call_id == "c_wait":
+                outage = asyncio.create_task(asyncio.to_thread(server_down_then_back))
+        assert outage is not None
+        await outage
+    _gap_free(events)
+    assert events[-1].stop_reason == "end_turn" and proxy.refused >= 7
+
+
 def test_run_resumes_when_the_connection_drops(proxy: DroppingProxy, workspace: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "codelane.cli", "run", "--server", f"127.0.0.1:{proxy.port}", "--workspace",
@@ -296,19 +322,39 @@ class _Stream:
         return True
 
 
+class _Silent:
+    """A stream that never answers nor ends (a server that took the connection and says nothing)
+    until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def _items(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        await self.cancelled.wait()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata())
+        yield  # an async generator
+
+    def __aiter__(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
+        return self._items()
+
+    def cancel(self) -> bool:
+        self.cancelled.set()
+        return True
+
+
 class _ScriptedSessions:
     """A SessionService stub whose WatchEvents answers with the next scripted stream."""
 
-    def __init__(self, streams: list[_Stream]) -> None:
+    def __init__(self, streams: list[_Stream | _Silent]) -> None:
         self._streams = iter(streams)
         self.requests: list[session_pb2.WatchEventsRequest] = []
 
-    def WatchEvents(self, request: session_pb2.WatchEventsRequest, **_: object) -> _Stream:
+    def WatchEvents(self, request: session_pb2.WatchEventsRequest, **_: object) -> _Stream | _Silent:
         self.requests.append(request)
         return next(self._streams)
 
 
-def _scripted_session(streams: list[_Stream]) -> tuple[Session, _ScriptedSessions]:
+def _scripted_session(streams: list[_Stream | _Silent]) -> tuple[Session, _ScriptedSessions]:
     sessions = _ScriptedSessions(streams)
     client = SimpleNamespace(_sessions=sessions, _metadata=())
     return Session(client, SimpleNamespace(session_id="s_scripted")), sessions  # type: ignore[arg-type]
@@ -362,6 +408,40 @@ async def test_resumes_that_fail_spend_the_budget_counted_from_the_break(clock: 
     assert raised.value.code == "UNAVAILABLE"
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]  # two resumes; the second broke past the budget
+
+
+async def test_a_resumed_stream_that_never_answers_is_given_up_once_the_budget_is_spent(
+    monkeypatch: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    # A server that takes the connection and says nothing (its handlers hung): the resumed
+    # stream waited for ever, past any budget.
+    monkeypatch.setattr(codelane.client, "RESUME_WITHIN", 0.3)
+    silent = _Silent()
+    session, sessions = _scripted_session([_Stream([_event(1)], lambda: None), silent])
+    seen = []
+    with pytest.raises(CodelaneError) as raised:
+        async for item in session.watch(follow=True):
+            seen.append(item)
+    assert raised.value.code == "UNAVAILABLE" and "no reply from the server" in raised.value.message
+    assert [e.sequence for e in seen] == [1]
+    assert [r.after_sequence for r in sessions.requests] == [0, 1] and silent.cancelled.is_set()
+
+
+async def test_a_watch_resuming_when_the_client_is_closed_raises_cancelled(
+    unused_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Closed while it waited to resume, it made its next WatchEvents on the closed channel and
+    # raised gRPC's own UsageError, where a call running at close raises CodelaneError CANCELLED.
+    caplog.set_level(logging.INFO, logger="codelane.client")
+    monkeypatch.setattr(codelane.client, "RESUME_BACKOFF_INITIAL", 60.0)  # it waits there till closed
+    client = Client(f"127.0.0.1:{unused_port}", timeout=10)  # nothing listens: every stream breaks
+    session = Session(client, SimpleNamespace(session_id="s_closed"))  # type: ignore[arg-type]
+    watch = asyncio.ensure_future(anext(session.watch(follow=True)))
+    await poll_until(lambda: len(_resumes(caplog)) >= 2, what="a second resume, then its pause")
+    await client.close()
+    with pytest.raises(CodelaneError) as raised:
+        await watch
+    assert raised.value.code == "CANCELLED"
 
 
 # -- a stream the SDK cannot resume, as the CLI reports it ------------------------------------------

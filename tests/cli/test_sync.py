@@ -12,6 +12,7 @@ import codelane
 from codelane import events as ev
 from codelane.sync import Client, CodelaneError, Session
 from tests.cli.conftest import ThreadedServer, call, write_script
+from tests.polling import poll_until
 
 
 def _loop_threads() -> list[threading.Thread]:
@@ -110,6 +111,24 @@ def test_close_cancels_a_blocked_watch_and_stops_the_thread(server: ThreadedServ
     client.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         client.list_workers()
+
+
+async def test_the_async_clients_close_ends_its_calls_with_cancelled(server: ThreadedServer, workspace: Path) -> None:
+    # As the sync client's (above) and the Node client's. They raised asyncio.CancelledError in
+    # tasks nobody had cancelled, which then ended as cancelled (quietly, in a TaskGroup) instead
+    # of failing with the SDK's error.
+    client = codelane.client.Client(server.address, timeout=10)
+    session = await client.create_session(workspace)
+    watch = session.watch(follow=True)
+    assert await anext(watch) == ev.CaughtUp(0)  # now waiting for live events
+    following = asyncio.ensure_future(anext(watch))
+    claim = asyncio.ensure_future(session.claim_external_tasks("closing", wait=30))
+    await poll_until(lambda: server.server.sessions.external._waiters, what="the claim to long-poll")
+    await client.close()
+    for pending in (following, claim):
+        with pytest.raises(CodelaneError) as raised:
+            await pending
+        assert raised.value.code == "CANCELLED"
 
 
 def test_one_client_serves_many_threads(server: ThreadedServer, workspace: Path) -> None:

@@ -598,6 +598,33 @@ async def test_sdk_handler_exception_becomes_an_error_result(
     assert "RuntimeError: cannot run bash today" in result.output
 
 
+async def test_sdk_handler_returning_no_tool_result_completes_with_an_error_result(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # A handler that forgets its return (None) or returns the output alone: the loop died with an
+    # ExceptionGroup of an AttributeError, its task left claimed until its lease ran out, where the
+    # Node client completes the task with an error result saying what the handler returned.
+    server: InProcess = await make_server()
+    calls = [call("bash", "c_none", command="x"), call("bash", "c_text", command="y")]
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
+
+    async def careless(task: Any) -> Any:
+        return None if task.call.call_id == "c_none" else "just the output"
+
+    async with SdkClient(server.client.address, timeout=10) as sdk:
+        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
+        stop = asyncio.Event()
+        runner = asyncio.create_task(session.run_external_tasks("sdk-client", careless, stop=stop, wait=5))
+        [e async for e in session.send("go")]
+        stop.set()
+        assert await asyncio.wait_for(runner, 10) == 2
+        results = {m.tool_call_id: m.tool_result for m in await session.messages() if m.role == "tool"}
+    for call_id, returned in (("c_none", "None"), ("c_text", "'just the output'")):
+        result = results[call_id]
+        assert result is not None and result.is_error and result.error_kind == "tool_error"
+        assert f"the handler returned {returned}, not a ToolResult" in result.output
+
+
 async def test_sdk_confirm_and_stop_while_idle(make_server, workspace: Path, tmp_path: Path) -> None:
     server: InProcess = await make_server()
     model = scripted(tmp_path, [

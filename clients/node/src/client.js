@@ -44,6 +44,17 @@ const PROTO_FILES = ['codelane/v1/session.proto', 'codelane/v1/admin.proto'];
 const DEFAULT_CALL_TIMEOUT_MS = 30_000;
 // The server's message limit, each way.
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+// Longest pause between a channel's connection attempts (gRPC's default is 2 minutes).
+const MAX_RECONNECT_BACKOFF_MS = 2_000;
+
+/**
+ * Keepalive pings while a call is open, as the Python SDK sends them: grpc-js sends none unless
+ * told, so a stream over a connection that died without a word (its peer's host gone, a NAT or
+ * firewall that forgot it, a server stopped) waited for ever instead of breaking and being
+ * resumed. 30 s apart: the server takes pings 15 s apart or more (docs/protocol.md). Not part of
+ * the API: the tests make them quicker, as they shorten `_resumeTiming`.
+ */
+export const _keepalive = { timeMs: 30_000, timeoutMs: 10_000 };
 
 const LOADER_OPTIONS = Object.freeze({
   keepCase: false, // lowerCamelCase field names
@@ -544,58 +555,78 @@ class ResumingIterator {
     let turnId = '';
     let brokenAt = null; // when the stream broke, since when no stream has answered
     let delayMs = 0;
-    for (;;) {
-      let error;
-      try {
-        for await (const item of this._call) {
-          brokenAt = null; // the stream answers (a marker counts): a later break is a new one
-          if (item.kind === 'caught_up') {
-            if (caughtUp || turn) continue;
-            caughtUp = true;
-          } else if (item.sequence <= last) {
-            continue; // yielded before the resume
-          } else {
-            last = item.sequence;
-            delayMs = 0;
-            if (turn) {
-              turnId ||= item.turnId;
-              if (item.turnId !== turnId) continue;
+    // A resumed stream that neither answers nor fails is given up once the budget is spent:
+    // grpc-js waits for ever on a server that takes the connection and says nothing (a server
+    // stopped, or hung), and the iteration with it.
+    let giveUp = null;
+    let silent = false;
+    try {
+      for (;;) {
+        let error;
+        try {
+          for await (const item of this._call) {
+            clearTimeout(giveUp);
+            brokenAt = null; // the stream answers (a marker counts): a later break is a new one
+            if (item.kind === 'caught_up') {
+              if (caughtUp || turn) continue;
+              caughtUp = true;
+            } else if (item.sequence <= last) {
+              continue; // yielded before the resume
+            } else {
+              last = item.sequence;
+              delayMs = 0;
+              if (turn) {
+                turnId ||= item.turnId;
+                if (item.turnId !== turnId) continue;
+              }
             }
+            yield item;
+            if (turn && item.kind === 'turn_finished') return;
+            if (!turn && !follow && item.kind === 'caught_up') return;
           }
-          yield item;
-          if (turn && item.kind === 'turn_finished') return;
-          if (!turn && !follow && item.kind === 'caught_up') return;
+          if (this._ended()) return;
+          const details = silent
+            ? `no reply from the server in the ${_resumeTiming.withinMs / 1000} s since the event stream broke`
+            : 'the event stream ended early';
+          error = Object.assign(new Error(details), { code: grpc.status.UNAVAILABLE, details });
+        } catch (err) {
+          if (this._ended()) return;
+          error = err;
         }
-        if (this._ended()) return;
-        error = Object.assign(new Error('the event stream ended early'),
-          { code: grpc.status.UNAVAILABLE, details: 'the event stream ended early' });
-      } catch (err) {
-        if (this._ended()) return;
-        error = err;
+        const now = _resumeTiming.now();
+        brokenAt ??= now; // the budget starts now, however long the stream had been quiet
+        if (silent || !resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) {
+          throw error;
+        }
+        try {
+          this._onResume?.(error, last);
+        } catch {
+          // the hook is for logging: it must not end the stream
+        }
+        if (delayMs > 0) {
+          await new Promise((resolve) => {
+            const timer = setTimeout(resolve, delayMs);
+            this._wake = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+            this._signal?.addEventListener('abort', this._wake, { once: true });
+          });
+          this._signal?.removeEventListener('abort', this._wake);
+          this._wake = null;
+          if (this._ended()) return;
+        }
+        delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
+        this._call = this._reopen(last);
+        const resumed = this._call;
+        const leftMs = brokenAt + _resumeTiming.withinMs - _resumeTiming.now();
+        giveUp = setTimeout(() => {
+          silent = true;
+          resumed.cancel();
+        }, Math.max(0, leftMs));
       }
-      const now = _resumeTiming.now();
-      brokenAt ??= now; // the budget starts now, however long the stream had been quiet
-      if (!resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) throw error;
-      try {
-        this._onResume?.(error, last);
-      } catch {
-        // the hook is for logging: it must not end the stream
-      }
-      if (delayMs > 0) {
-        await new Promise((resolve) => {
-          const timer = setTimeout(resolve, delayMs);
-          this._wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-          this._signal?.addEventListener('abort', this._wake, { once: true });
-        });
-        this._signal?.removeEventListener('abort', this._wake);
-        this._wake = null;
-        if (this._ended()) return;
-      }
-      delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
-      this._call = this._reopen(last);
+    } finally {
+      clearTimeout(giveUp);
     }
   }
 }
@@ -697,10 +728,17 @@ export class CodelaneClient {
     const pkg = grpcObject.codelane.v1;
     const creds = credentials ?? grpc.credentials.createInsecure();
     // grpc-js refuses messages over 4 MiB by default; one event or history message may be bigger
-    // (the server allows 64 MiB each way). The caller's options win.
+    // (the server allows 64 MiB each way). A channel whose server went away tries again after
+    // 1 s, then 1.6 times longer each time, up to 2 minutes, and calls meanwhile fail at once:
+    // after 16-19 s down it would not try again before the 20 s a broken stream gives a restarting
+    // server (RESUME_WITHIN_MS) were spent, so a server back in time was never reached. The
+    // caller's options win.
     channelOptions = {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_reconnect_backoff_ms': MAX_RECONNECT_BACKOFF_MS,
+      'grpc.keepalive_time_ms': _keepalive.timeMs,
+      'grpc.keepalive_timeout_ms': _keepalive.timeoutMs,
       ...channelOptions,
     };
     this.address = address;
@@ -710,6 +748,20 @@ export class CodelaneClient {
     // Share the first stub's channel.
     this._admin = new pkg.AdminService(address, creds, { ...channelOptions, channelOverride: this._sessions.getChannel() });
     this._token = token;
+    this._calls = new Set(); // the calls still running, which close() cancels
+    this._closed = false;
+  }
+
+  /**
+   * Refuses a call on a closed client as a cancelled one: grpc-js would throw a bare Error
+   * ('Channel has been shut down', no status code), e.g. from a stream resumed after close().
+   */
+  _checkOpen() {
+    if (this._closed) {
+      const details = 'the client was closed';
+      throw Object.assign(new Error(`${grpc.status.CANCELLED} CANCELLED: ${details}`),
+        { code: grpc.status.CANCELLED, details, metadata: new grpc.Metadata() });
+    }
   }
 
   _metadata() {
@@ -722,24 +774,30 @@ export class CodelaneClient {
     // Every public unary method is named as its RPC, in lowerCamelCase.
     checkKeys(`${method[0].toLowerCase()}${method.slice(1)}: call options`, callOptions, CALL_OPTIONS);
     const { timeoutMs, signal } = callOptions;
+    this._checkOpen();
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs ?? this._callTimeoutMs);
     return new Promise((resolve, reject) => {
       const onAbort = () => call.cancel(); // the callback then gets a CANCELLED error
       const call = stub[method](wire, this._metadata(), deadline ? { deadline } : {}, (err, response) => {
+        this._calls.delete(call);
         signal?.removeEventListener('abort', onAbort);
         if (err) reject(annotate(err));
         else resolve(this._codec.decode(`${PACKAGE}.${responseType}`, response));
       });
+      this._calls.add(call);
       if (signal?.aborted) onAbort();
       else signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 
   _stream(method, requestType, request, responseType, { timeoutMs, signal } = {}, map) {
+    this._checkOpen();
     const wire = this._codec.encode(`${PACKAGE}.${requestType}`, request);
     const deadline = deadlineIn(timeoutMs);
     const call = this._sessions[method](wire, this._metadata(), deadline ? { deadline } : {});
+    this._calls.add(call);
+    call.on('status', () => this._calls.delete(call));
     return new CallIterator(call, (message) => map(this._codec.decode(`${PACKAGE}.${responseType}`, message)), signal);
   }
 
@@ -1152,8 +1210,14 @@ export class CodelaneClient {
       callOptions);
   }
 
-  /** Closes the channel; running streams end with CANCELLED. */
+  /** Closes the channel; the calls and streams still running end with CANCELLED. */
   close() {
+    // grpc-js lets the calls of a closed channel run on: a following watch would never end, a
+    // claim would wait its whole long-poll, and either would keep the process alive. Cancelled
+    // here, a stream throws CANCELLED and a call rejects with it.
+    this._closed = true;
+    for (const call of this._calls) call.cancel();
+    this._calls.clear();
     this._sessions.close();
     this._admin.close();
   }

@@ -17,6 +17,7 @@ import { after, afterEach, before, describe, test } from 'node:test';
 import * as protoLoader from '@grpc/proto-loader';
 
 import { DEFAULT_ADDRESS, _resumeTiming, connect, grpc, serverFromEnv } from '../src/client.js';
+import * as clientModule from '../src/client.js';
 
 const PYTHON = process.env.CODELANE_PYTHON || 'python3';
 const PROTOS_DIR = fileURLToPath(new URL('../../../protos', import.meta.url));
@@ -399,6 +400,16 @@ describe('turns and events', { timeout: TEST_TIMEOUT_MS }, () => {
     let rest = 0;
     for await (const _ of stream) rest++;
     assert.ok(rest <= events.length, 'ends after what was already received');
+  });
+
+  test('close() ends the streams still open with CANCELLED', async () => {
+    const { session } = await runTurn();
+    const closing = connect(server.address, { token: TOKEN, callTimeoutMs: 10_000 });
+    const following = closing.watchEvents(session.sessionId, { timeoutMs: STREAM_TIMEOUT_MS });
+    assert.equal((await following.next()).value.sequence, 1n);
+    closing.close();
+    // Before, grpc-js left it running: without its deadline, for ever, keeping the process alive.
+    await assert.rejects(collect(following), (err) => err.code === grpc.status.CANCELLED);
   });
 
   test('a history past 4 MiB is read by a client left at gRPC\'s default receive limit', async () => {
@@ -1065,12 +1076,142 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
       scripted.close();
     }
   });
+
+  test('a resumed stream that never answers is given up once the budget is spent', async () => {
+    // grpc-js waits for ever on a server that takes the connection and says nothing (one
+    // stopped, or hung): the iteration waited with it, past any budget.
+    Object.assign(_resumeTiming, { withinMs: 300, backoffInitialMs: 0, backoffMaxMs: 0 });
+    const scripted = await scriptedWatches([{ replies: [event(1)] }, { silent: true }]);
+    const viaScripted = connect(scripted.address, { callTimeoutMs: 10_000 });
+    try {
+      const seen = [];
+      await assert.rejects(async () => {
+        for await (const item of viaScripted.watchEvents('s_scripted')) seen.push(item);
+      }, (err) => err.code === grpc.status.UNAVAILABLE && /no reply from the server/.test(err.details));
+      assert.deepEqual(seen.map((item) => item.sequence), [1n]);
+      assert.deepEqual(scripted.requests.map((r) => r.afterSequence), ['0', '1']);
+    } finally {
+      viaScripted.close();
+      scripted.close();
+    }
+  });
+});
+
+// A server back after a long outage: the test waits for the client's connection attempts, which
+// gRPC spaces out, so it takes longer than the others.
+describe('a server back late is reached', { timeout: 40_000 }, () => {
+  test('sendMessage resumes from a server back late in the resume budget', async () => {
+    // gRPC spaces a channel's connection attempts 1 s, 1.6 s, 2.6 s ... 10.5 s apart (up to 2 min):
+    // after seven refused (16-19 s), its next came past the resume budget, so a server
+    // back meanwhile was never reached and the iteration threw a stale connection error.
+    const script = path.join(tmp, 'script-back-late.json');
+    fs.writeFileSync(script, JSON.stringify({
+      responses: [
+        {
+          text: 'Waiting.',
+          tool_calls: [
+            { id: 'c_wait', name: 'bash', arguments: { command: 'while [ ! -e go-late ]; do sleep 0.05; done; echo went' } },
+          ],
+        },
+        { text: 'Done.' },
+      ],
+    }));
+    const proxy = await droppingProxy(Number(server.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    try {
+      const session = await viaProxy.createSession({ workspace, model: `scripted:${script}` });
+      const events = [];
+      let outage;
+      for await (const ev of viaProxy.sendMessage(session.sessionId, 'go', { timeoutMs: 35_000 })) {
+        events.push(ev);
+        if (ev.kind === 'tool_call_started') {
+          outage = proxy.refuse(7).then(() => fs.writeFileSync(path.join(workspace, 'go-late'), ''));
+        }
+      }
+      await outage;
+      assertGapFree(events, 1n);
+      assert.equal(events.at(-1).turnFinished?.stopReason, 'STOP_REASON_END_TURN');
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+      fs.rmSync(path.join(workspace, 'go-late'), { force: true });
+    }
+  });
+});
+
+describe('a connection that goes silent', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a stream over it breaks once a keepalive ping goes unanswered, and is resumed', async () => {
+    // grpc-js sends no keepalive pings unless told: a stream over a connection whose peer went
+    // silent, still open, waited for ever. The pings are 30 s apart; this test makes them quick.
+    const realKeepalive = { ...clientModule._keepalive };
+    Object.assign(clientModule._keepalive, { timeMs: 1_000, timeoutMs: 1_000 });
+    const proxy = await droppingProxy(Number(server.address.split(':')[1]));
+    const viaProxy = connect(`${HOST}:${proxy.port}`, { token: TOKEN, callTimeoutMs: 10_000 });
+    Object.assign(clientModule._keepalive, realKeepalive);
+    try {
+      const session = await viaProxy.createSession({ workspace });
+      const resumes = [];
+      const watched = [];
+      let sent;
+      const onResume = (err) => {
+        resumes.push(err.code);
+        sent ??= collect(client.sendMessage(session.sessionId, 'go', { timeoutMs: STREAM_TIMEOUT_MS }));
+      };
+      for await (const item of viaProxy.watchEvents(session.sessionId, { onResume })) {
+        watched.push(item);
+        if (item.kind === 'caught_up') proxy.stall();
+        else if (item.kind === 'turn_finished') break;
+      }
+      assert.equal(resumes[0], grpc.status.UNAVAILABLE);
+      assert.deepEqual(watched, [{ kind: 'caught_up', lastSequence: 0n }, ...await sent]);
+    } finally {
+      viaProxy.close();
+      await proxy.close();
+    }
+  });
+});
+
+describe('close() and the calls still running', { timeout: TEST_TIMEOUT_MS }, () => {
+  test('a stream resumed after close(), and a call made after it, end with CANCELLED', async () => {
+    // They threw grpc-js's bare Error('Channel has been shut down'), with no status code.
+    const closing = connect(`${HOST}:${await freePort()}`, { callTimeoutMs: 10_000 }); // nothing listens
+    const watch = closing.watchEvents('s_1', { onResume: () => closing.close() });
+    await assert.rejects(collect(watch), (err) => err.code === grpc.status.CANCELLED);
+    await assert.rejects(closing.getSession('s_1'), (err) => err.code === grpc.status.CANCELLED);
+    assert.throws(() => closing.watchEvents('s_1'), (err) => err.code === grpc.status.CANCELLED);
+  });
+
+  test('a unary call still running (a long-polling claim) ends with CANCELLED', async () => {
+    // grpc-js lets the calls of a closed channel run on: a claim went on waiting its whole
+    // waitSeconds (up to 60 s), keeping the process alive, and resolved as if nothing happened.
+    const service = protoLoader.loadSync(['codelane/v1/session.proto'], {
+      includeDirs: [PROTOS_DIR], longs: String, enums: String, defaults: true, oneofs: true,
+    })['codelane.v1.SessionService'];
+    let claimed;
+    const arrived = new Promise((resolve) => { claimed = resolve; });
+    const silent = new grpc.Server();
+    silent.addService(service, { ClaimExternalTasks: () => claimed() }); // never answers
+    const port = await new Promise((resolve, reject) => {
+      silent.bindAsync(`${HOST}:0`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+    });
+    const closing = connect(`${HOST}:${port}`, { callTimeoutMs: 60_000 });
+    try {
+      const claim = closing.claimExternalTasks('s_1', { clientId: 'closing', waitSeconds: 60 });
+      await arrived;
+      closing.close();
+      await assert.rejects(claim, (err) => err.code === grpc.status.CANCELLED);
+    } finally {
+      closing.close();
+      silent.forceShutdown();
+    }
+  });
 });
 
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
- * then ends UNAVAILABLE, as a lost connection does. `requests` are the WatchEventsRequests seen.
+ * then ends UNAVAILABLE, as a lost connection does; a `silent` one says nothing and never ends.
+ * `requests` are the WatchEventsRequests seen.
  */
 async function scriptedWatches(streams) {
   const service = protoLoader.loadSync(['codelane/v1/session.proto'], {
@@ -1081,7 +1222,8 @@ async function scriptedWatches(streams) {
   server.addService(service, {
     WatchEvents(call) {
       requests.push(call.request);
-      const { replies = [], then } = streams[requests.length - 1] ?? {};
+      const { replies = [], then, silent } = streams[requests.length - 1] ?? {};
+      if (silent) return; // says nothing, and never ends
       for (const reply of replies) call.write(reply);
       then?.();
       call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'scripted break' });
@@ -1093,16 +1235,32 @@ async function scriptedWatches(streams) {
   return { address: `${HOST}:${port}`, requests, close: () => server.forceShutdown() };
 }
 
-/** A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it. */
+/**
+ * A TCP proxy to 127.0.0.1:targetPort whose drop() closes every connection open through it, and
+ * whose refuse(n) does too, then closes each new connection at once (a server down) until n were.
+ * stall() makes the connections open through it go silent, still open; new ones pass.
+ */
 function droppingProxy(targetPort) {
   const open = new Set();
   let dropped = 0;
+  let refusing = null; // {left, done} while refusing
+  const pairs = new Set(); // [client, upstream] of each open connection
   const server = net.createServer((client) => {
+    if (refusing) {
+      client.destroy();
+      if (--refusing.left === 0) {
+        refusing.done();
+        refusing = null;
+      }
+      return;
+    }
     const upstream = net.connect(targetPort, HOST);
     open.add(client);
     open.add(upstream);
     client.pipe(upstream);
     upstream.pipe(client);
+    const pair = [client, upstream];
+    pairs.add(pair);
     for (const socket of [client, upstream]) {
       socket.on('error', () => {}); // a dropped peer
       socket.on('close', () => {
@@ -1110,6 +1268,7 @@ function droppingProxy(targetPort) {
         upstream.destroy();
         open.delete(client);
         open.delete(upstream);
+        pairs.delete(pair);
       });
     }
   });
@@ -1122,6 +1281,21 @@ function droppingProxy(targetPort) {
       dropped += open.size / 2;
       for (const socket of open) socket.destroy();
       open.clear();
+    },
+    stall() {
+      // The connections open stay open but carry nothing more, either way: their peer is silent.
+      for (const [client, upstream] of pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        client.pause();
+        upstream.pause();
+      }
+    },
+    refuse(n) {
+      this.drop();
+      return new Promise((done) => {
+        refusing = { left: n, done };
+      });
     },
     close() {
       this.drop();

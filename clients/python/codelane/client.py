@@ -309,6 +309,16 @@ class LaneStats:
     p99: float
 
 
+def _cancelled_by_close() -> None:
+    """Raises CodelaneError CANCELLED for a gRPC call cancelled under a task that nobody cancelled:
+    its channel was closed (`Client.close`) while it ran. gRPC raises asyncio.CancelledError then,
+    which would end that task as if it had been cancelled (quietly, in a TaskGroup) instead of
+    failing. A cancelled task's own CancelledError is left to propagate."""
+    task = asyncio.current_task()
+    if task is not None and not task.cancelling():
+        raise CodelaneError("CANCELLED", "the client was closed while this call was running") from None
+
+
 def _rpc(fn):
     """Turns gRPC errors of an SDK coroutine into CodelaneError."""
 
@@ -317,6 +327,9 @@ def _rpc(fn):
             return await fn(*args, **kwargs)
         except grpc.aio.AioRpcError as exc:
             raise CodelaneError.from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            _cancelled_by_close()
+            raise
 
     wrapper.__doc__ = fn.__doc__
     wrapper.__name__ = fn.__name__
@@ -457,6 +470,9 @@ class Client:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise CodelaneError.from_rpc_error(exc) from None
+            except asyncio.CancelledError:
+                _cancelled_by_close()
+                raise
             for msg in reply.sessions:
                 yield SessionInfo.from_proto(msg)
             token = reply.next_page_token
@@ -594,11 +610,24 @@ class Session:
         caught_up = False
         broken_at: float | None = None  # when the stream broke, since when no stream has answered
         delay = 0.0  # no pause before the first resume after progress
+        # When a resumed stream that has not answered yet is given up (event loop time): one that
+        # neither answers nor fails (a server that takes the connection and says nothing) would
+        # otherwise be waited on for ever, past the budget.
+        give_up_at: float | None = None
         try:
             while True:
                 try:
-                    async for reply in call:
-                        broken_at = None  # the stream answers (a marker counts): a later break is a new one
+                    replies = aiter(call)
+                    while True:
+                        try:
+                            async with asyncio.timeout_at(give_up_at):
+                                reply = await anext(replies)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise CodelaneError("UNAVAILABLE", f"no reply from the server in the {RESUME_WITHIN:g} s "
+                                                "since the event stream broke") from None
+                        broken_at = give_up_at = None  # it answers (a marker counts): a later break is a new one
                         for item in _stream_items(reply):
                             if isinstance(item, CaughtUp):
                                 if caught_up:
@@ -614,6 +643,9 @@ class Session:
                     error = CodelaneError("UNAVAILABLE", "the event stream ended early")
                 except grpc.aio.AioRpcError as exc:
                     error = CodelaneError.from_rpc_error(exc)
+                except asyncio.CancelledError:
+                    _cancelled_by_close()
+                    raise
                 now = _clock()
                 if broken_at is None:
                     broken_at = now  # the budget starts now, however long the stream had been quiet
@@ -622,13 +654,17 @@ class Session:
                     raise error
                 log.info("session %s: event stream broke (%s: %s); resuming after sequence %d", self.id, error.code,
                          error.message, last)
+                give_up_at = asyncio.get_running_loop().time() + RESUME_WITHIN - (now - broken_at)
                 call.cancel()
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, RESUME_BACKOFF_INITIAL), RESUME_BACKOFF_MAX)
-                call = self._client._sessions.WatchEvents(
-                    session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=last, follow=follow),
-                    metadata=self._client._metadata,
-                )
+                try:
+                    call = self._client._sessions.WatchEvents(
+                        session_pb2.WatchEventsRequest(session_id=self.id, after_sequence=last, follow=follow),
+                        metadata=self._client._metadata,
+                    )
+                except grpc.aio.UsageError:  # the client was closed while this stream waited to resume
+                    raise CodelaneError("CANCELLED", "the client was closed while this call was running") from None
         finally:
             call.cancel()
 
@@ -727,7 +763,8 @@ class Session:
         """Serves this session's external tasks until `stop` is set (or forever): claims with a
         long-poll of `wait` seconds, runs `await handler(task)` for each claimed task (up to
         `max_tasks` at once) and completes the task with the ToolResult it returns. An exception
-        from the handler completes the task with an error result saying what was raised.
+        from the handler, or a return that is not a ToolResult, completes the task with an error
+        result saying what was raised or returned.
 
         While a handler runs, its task's lease is renewed every `lease / 2` seconds, so a handler
         may run for as long as the task's deadline allows; `lease` is how soon another client gets
@@ -789,6 +826,10 @@ class Session:
         renewing = asyncio.create_task(self._keep_lease(task, client_id, lease))
         try:
             result = await handler(task)
+            if not isinstance(result, ToolResult):
+                # The handler's mistake (a forgotten return, the output alone), reported as its
+                # error: completing with it would fail, ending the loop and leaving the task held.
+                raise TypeError(f"the handler returned {result!r:.200}, not a ToolResult")
         except Exception as exc:
             log.exception("external task %s (%s): the handler raised", task.task_id, task.call.tool_name)
             result = ToolResult(

@@ -125,7 +125,8 @@ class Event:
 
     @property
     def kind(self) -> str:
-        return _KIND_OF[type(self)]
+        # "unknown" for a bare Event: a kind of a newer server that this SDK cannot read.
+        return _KIND_OF.get(type(self), "unknown")
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ def _call(msg: tools_pb2.ToolCall) -> ToolCall:
 
 
 def event_from_proto(msg: events_pb2.Event) -> Event:
-    """The typed event of a codelane.v1.Event. Unknown kinds (a newer server) give a bare Event."""
+    """The typed event of a codelane.v1.Event. Unknown kinds (a newer server) give a bare Event,
+    whose `kind` is "unknown"."""
     base = {"session_id": msg.session_id, "sequence": msg.sequence, "time": _seconds(msg.time),
             "turn_id": msg.turn_id}
     kind = msg.WhichOneof("kind")

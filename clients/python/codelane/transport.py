@@ -23,6 +23,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A channel whose server went away tries again after 1 s, then 1.6 times longer each time, up
+    # to 2 minutes; calls meanwhile fail at once without trying. After 16 s down it would not try
+    # again for 10 s more, past the 20 s an SDK stream gives a restarting server to come back
+    # (codelane.client.RESUME_WITHIN): a server back in time was never reached.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
@@ -96,7 +101,14 @@ def create_channel(
     unary_timeout: float | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel: TLS when a CA is given (mTLS when a client cert and key are too).
-    `unary_timeout` is the deadline of unary calls that do not set their own (None: no deadline)."""
+    `unary_timeout` is the deadline of unary calls that do not set their own (None: no deadline).
+    ValueError for a client certificate without its key (or a key without it), or without a CA:
+    the channel would be plaintext, the certificate unused and a token sent in clear."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate and its key go together: give both tls_cert and tls_key")
+    if tls_cert and tls_ca is None:
+        raise ValueError("a client certificate (mTLS) needs TLS: give tls_ca too (the CA that signed the "
+                         "server's certificate)")
     interceptors = [DefaultDeadline(unary_timeout)] if unary_timeout is not None else None
     if tls_ca is None:
         return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
