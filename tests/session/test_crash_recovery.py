@@ -319,12 +319,15 @@ async def test_no_event_a_client_saw_is_lost_to_a_kill(
     processes: Processes, workspace: Path, tmp_path: Path, after: int
 ) -> None:
     # Group commit: events are sent only once their batch is committed. A watcher follows a busy
-    # turn (reads, greps, steps) and the server is killed after it saw `after` events.
+    # turn (reads, greps, steps) and the server is killed after it saw `after` events. The turn
+    # ends in a command that outlasts the test, so it is still running at the kill however far
+    # behind the watcher reads (on a loaded machine the whole turn once ended before it saw 60).
     step = {"text": "Looking.", "tool_calls": [
         call("read" if i % 2 else "grep", **({"file_path": "a.txt"} if i % 2 else {"pattern": "needle"}))
         for i in range(12)
     ]}
-    model = scripted(tmp_path, [step, step, step, step, {"text": "Done."}])
+    waiting = {"text": "Waiting.", "tool_calls": [call("bash", command="sleep 1000")]}
+    model = scripted(tmp_path, [step, step, step, step, waiting, {"text": "Done."}])
     data_dir = tmp_path / "data"
     server = await processes.start_server(data_dir, model=model, local_workers=0)
     session = await server.client.create(workspace)
