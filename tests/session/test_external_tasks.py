@@ -577,23 +577,32 @@ async def test_sdk_renews_the_lease_of_a_handler_that_outlasts_it(
     assert leases == [1]  # never offered again: the lease was renewed while the handler ran
 
 
+async def _turn_run_by_sdk_handler(
+    server: InProcess, workspace: Path, tmp_path: Path, calls: list[dict[str, Any]], handler: Any
+) -> dict[str, Any]:
+    """One turn making `calls`, its Execute lane external and run by the SDK's `run_external_tasks`
+    with `handler`, which handles each call once: the results recorded, by call id."""
+    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
+    async with SdkClient(server.client.address, timeout=10) as sdk:
+        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
+        stop = asyncio.Event()
+        runner = asyncio.create_task(session.run_external_tasks("sdk-client", handler, stop=stop, wait=5))
+        [e async for e in session.send("go")]
+        stop.set()
+        assert await asyncio.wait_for(runner, 10) == len(calls)
+        return {m.tool_call_id: m.tool_result for m in await session.messages() if m.role == "tool"}
+
+
 async def test_sdk_handler_exception_becomes_an_error_result(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:
     server: InProcess = await make_server()
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "c_bash", command="x")]}, {"text": "."}])
 
     async def broken(task: Any) -> Any:
         raise RuntimeError(f"cannot run {task.call.tool_name} today")
 
-    async with SdkClient(server.client.address, timeout=10) as sdk:
-        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
-        stop = asyncio.Event()
-        runner = asyncio.create_task(session.run_external_tasks("sdk-client", broken, stop=stop, wait=5))
-        [e async for e in session.send("go")]
-        stop.set()
-        assert await asyncio.wait_for(runner, 10) == 1
-        [result] = [m.tool_result for m in await session.messages() if m.role == "tool"]
+    results = await _turn_run_by_sdk_handler(server, workspace, tmp_path, [call("bash", "c_bash", command="x")], broken)
+    result = results["c_bash"]
     assert result is not None and result.is_error and result.error_kind == "tool_error"
     assert "RuntimeError: cannot run bash today" in result.output
 
@@ -606,19 +615,11 @@ async def test_sdk_handler_returning_no_tool_result_completes_with_an_error_resu
     # Node client completes the task with an error result saying what the handler returned.
     server: InProcess = await make_server()
     calls = [call("bash", "c_none", command="x"), call("bash", "c_text", command="y")]
-    model = scripted(tmp_path, [{"text": "", "tool_calls": calls}, {"text": "."}])
 
     async def careless(task: Any) -> Any:
         return None if task.call.call_id == "c_none" else "just the output"
 
-    async with SdkClient(server.client.address, timeout=10) as sdk:
-        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"})
-        stop = asyncio.Event()
-        runner = asyncio.create_task(session.run_external_tasks("sdk-client", careless, stop=stop, wait=5))
-        [e async for e in session.send("go")]
-        stop.set()
-        assert await asyncio.wait_for(runner, 10) == 2
-        results = {m.tool_call_id: m.tool_result for m in await session.messages() if m.role == "tool"}
+    results = await _turn_run_by_sdk_handler(server, workspace, tmp_path, calls, careless)
     for call_id, returned in (("c_none", "None"), ("c_text", "'just the output'")):
         result = results[call_id]
         assert result is not None and result.is_error and result.error_kind == "tool_error"

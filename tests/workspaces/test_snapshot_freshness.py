@@ -36,6 +36,17 @@ async def _confirm_and_finish(client: Client, session_id: str, call_id: str, str
     return result
 
 
+async def _first_grep_ran_on_w1(client: Client, workspace: Path, tmp_path: Path, script: str):
+    """A session of two confirmed greps (`_greps`) whose first has run, on worker w1, and found the
+    old needle."""
+    session = await client.create(workspace, _greps(tmp_path, script),
+                                  permissions=session_pb2.PermissionPolicy(ask=["grep"]))
+    stream, seen = await _start_until_asked(client, session.session_id, "first")
+    first = await _confirm_and_finish(client, session.session_id, "c_grep1", stream, seen)
+    assert first.worker_id == "w1" and "old needle" in first.output, first
+    return session
+
+
 async def _server_and_synced_worker(make_server, workers, tmp_path: Path, *, local_fallback: bool = False):
     (tmp_path / "elsewhere").mkdir()
     server = await make_server(scripts_dirs=[tmp_path], data_dir=tmp_path / "data", local_fallback=local_fallback)
@@ -57,11 +68,7 @@ async def test_a_write_of_the_outer_workspace_reaches_the_inner_workspaces_next_
     server = await _server_and_synced_worker(make_server, workers, tmp_path)
     client = Client(server.address)
     try:
-        reader = await client.create(inner, _greps(tmp_path, "r.yaml"), permissions=session_pb2.PermissionPolicy(
-            ask=["grep"]))
-        stream, seen = await _start_until_asked(client, reader.session_id, "first")
-        first = await _confirm_and_finish(client, reader.session_id, "c_grep1", stream, seen)
-        assert first.worker_id == "w1" and "old needle" in first.output, first  # the worker holds a copy
+        reader = await _first_grep_ran_on_w1(client, inner, tmp_path, "r.yaml")  # the worker holds a copy
 
         # The reader's next grep waits for a confirmation, its step's snapshot taken...
         stream, seen = await _start_until_asked(client, reader.session_id, "second")
@@ -93,11 +100,7 @@ async def test_a_change_made_while_no_worker_was_connected_reaches_the_next_snap
     server = await _server_and_synced_worker(make_server, workers, tmp_path, local_fallback=True)
     client = Client(server.address)
     try:
-        session = await client.create(ws, _greps(tmp_path, "s.yaml"), permissions=session_pb2.PermissionPolicy(
-            ask=["grep"]))
-        stream, seen = await _start_until_asked(client, session.session_id, "first")
-        first = await _confirm_and_finish(client, session.session_id, "c_grep1", stream, seen)
-        assert first.worker_id == "w1" and "old needle" in first.output, first
+        session = await _first_grep_ran_on_w1(client, ws, tmp_path, "s.yaml")
 
         workers.procs["w1"].terminate()  # drains and leaves
         assert await asyncio.to_thread(workers.procs["w1"].wait, 20) == 0
