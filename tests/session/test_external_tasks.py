@@ -607,6 +607,18 @@ async def test_sdk_handler_exception_becomes_an_error_result(
     assert "RuntimeError: cannot run bash today" in result.output
 
 
+async def test_sdk_handler_run_time_is_what_the_server_records(make_server, workspace: Path, tmp_path: Path) -> None:
+    # The SDK sent a handler's result without its run_time, so the server recorded its own measure
+    # (from the claim to the completion) where the Node client sends the handler's.
+    server: InProcess = await make_server()
+
+    async def timed(task: Any) -> Any:
+        return SdkToolResult(output="ran", run_time=1.25)
+
+    results = await _turn_run_by_sdk_handler(server, workspace, tmp_path, [call("bash", "c_bash", command="x")], timed)
+    assert results["c_bash"].output == "ran" and results["c_bash"].run_time == 1.25
+
+
 async def test_sdk_handler_returning_no_tool_result_completes_with_an_error_result(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ you saw), `time` (epoch seconds) and `turn_id`; `kind` names its type.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,9 @@ class ToolResult:
             msg.exit_code = self.exit_code
         if self.metadata:
             msg.metadata_json = json.dumps(self.metadata)
+        if math.isfinite(self.run_time) and self.run_time > 0:
+            # A handler's own measure of its run (an external task's): the server records it.
+            msg.run_time.FromNanoseconds(round(self.run_time * 1e9))
         return msg
 
 
