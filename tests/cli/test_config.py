@@ -4,6 +4,7 @@ then a profile of the config file; and errors that name the real cause of a fail
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import subprocess
 import threading
@@ -209,3 +210,15 @@ async def test_the_sdk_refuses_a_client_certificate_it_would_not_use(make_server
     for cert_or_key in ({"tls_cert": cert}, {"tls_key": key}):
         with pytest.raises(ValueError, match="a client certificate and its key go together"):
             Client(server.address, tls_ca=ca, **cert_or_key)
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("127.0.0.1", "has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+    ("http://127.0.0.1:50051", "is a URL: give HOST:PORT without http://"),
+    ("::1:50051", "write an IPv6 address in brackets"),
+])
+async def test_the_sdk_refuses_an_address_grpc_would_misread(address: str, problem: str) -> None:
+    # The CLI and the Node client refuse these; the SDK handed them to gRPC, which dials port 443
+    # for a bare host, and the first call failed with a connection error much later.
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        Client(address)

@@ -33,7 +33,7 @@ from codelane.events import (
     event_from_proto,
     session_state,
 )
-from codelane.transport import bearer_metadata, create_channel
+from codelane.transport import bearer_metadata, create_channel, parse_address
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2, workspace_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -369,8 +369,10 @@ class Client:
         tls_key: str | Path | None = None,
         timeout: float | None = None,
     ) -> None:
-        """`timeout`: seconds allowed to each unary call (None: no deadline); streams never time out."""
-        self.address = address
+        """`timeout`: seconds allowed to each unary call (None: no deadline); streams never time out.
+        ValueError for an address that is not HOST:PORT, [IPV6]:PORT, unix:PATH or
+        unix-abstract:NAME (gRPC would dial port 443 for a bare host), as the CLI says it."""
+        self.address = parse_address(address)
         self._channel = create_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                                        unary_timeout=timeout)
         self._metadata = bearer_metadata(token)

@@ -6,7 +6,6 @@ idle worker streams survive NATs and load balancers without being killed for "to
 
 from __future__ import annotations
 
-import argparse
 import ssl
 from pathlib import Path
 
@@ -43,36 +42,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-def check_address(address: str) -> str:
-    """`address` when it is HOST:PORT ([IPv6]:PORT, `dns:///HOST:PORT`, or a `unix:` target);
-    ValueError otherwise.
-
-    gRPC reads a bare host as port 443, which is never what `--listen 0.0.0.0` or
-    `--server myhost` meant. Usable as an argparse `type=` (its ValueError becomes a usage error).
-    """
-    text = address.strip()
-    if text.startswith(("unix:", "unix-abstract:")):
-        return text
-    authority = text.rsplit("/", 1)[-1] if text.startswith("dns:") else text
-    host, colon, port = authority.rpartition(":")
-    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
-    if not colon or bare_ipv6:
-        raise ValueError(f"{address!r} has no port: write HOST:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")
-    if not host:
-        raise ValueError(f"{address!r} has no host: write HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{address!r}: the port must be a number from 0 to 65535, e.g. 127.0.0.1:50051")
-    return text
-
-
-def address_option(text: str) -> str:
-    """`check_address` as an argparse `type=`: its message becomes the usage error."""
-    try:
-        return check_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
