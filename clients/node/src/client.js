@@ -37,6 +37,7 @@ import * as protoLoader from '@grpc/proto-loader';
 export { grpc };
 
 const PACKAGE = 'codelane.v1';
+const EVENT_TYPE = `${PACKAGE}.Event`;
 /** The server address used when none is given, as in the Python SDK and the CLI. */
 export const DEFAULT_ADDRESS = '127.0.0.1:50051';
 const DEFAULT_PROTOS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
@@ -199,6 +200,9 @@ class Codec {
       if (key.startsWith('_') && v === key.slice(1)) continue;
       out[key] = snakeCase(v);
     }
+    // An event of a kind this client does not know (a newer server's) carries no payload it can
+    // read: its kind is 'unknown', as in the Python SDK, so code switching on kind sees one.
+    if (fullName === EVENT_TYPE && out.kind === undefined) out.kind = 'unknown';
     return out;
   }
 

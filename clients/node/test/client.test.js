@@ -478,6 +478,17 @@ describe('int64 values are BigInts, exact beyond 2^53', () => {
     assert.equal(event.kind, 'turn_started');
   });
 
+  test('decoding: an event of a kind this client does not know has kind unknown', () => {
+    // A newer server's kind is a field this proto lacks: proto-loader drops it, so no payload is
+    // set. Its kind was undefined, which code switching on kind never matched.
+    const { WatchEvents } = methods();
+    const bytes = WatchEvents.responseSerialize({ events: { events: [{ sessionId: 's', sequence: '7' }] } });
+    const decoded = client._codec.decode('codelane.v1.WatchEventsResponse', WatchEvents.responseDeserialize(bytes));
+    const [event] = decoded.events.events;
+    assert.equal(event.sequence, 7n);
+    assert.equal(event.kind, 'unknown');
+  });
+
   test('encoding: afterSequence as BigInt, string or safe Number; unsafe Numbers refused', () => {
     const { WatchEvents } = methods();
     const roundTrip = (afterSequence) => WatchEvents.requestDeserialize(WatchEvents.requestSerialize(
