@@ -671,7 +671,8 @@ class Turn:
                     workspace=str(ctx.workspace),
                     idempotent=call.spec.idempotent if call.spec else False,
                     timeout=ctx.settings.query_timeout,
-                    max_attempts=ctx.settings.max_attempts,
+                    # The attempts of earlier snapshots leave the lost-worker retries whole.
+                    max_attempts=ctx.settings.max_attempts + first_attempt - 1,
                     observer=call,
                     denied_paths=denied_paths,
                     traceparent=traceparent,

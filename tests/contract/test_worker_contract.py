@@ -420,6 +420,38 @@ async def test_a_call_whose_snapshot_keeps_changing_announces_only_the_retries_i
     assert result.error_kind == tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED and result.attempt == MAX_SNAPSHOTS_PER_CALL
 
 
+async def test_a_call_sent_again_for_its_snapshot_keeps_its_retries_for_a_lost_worker(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # Attempts count on across a call's sends on newer snapshots, and the pool's retry budget
+    # counted them too: with max_attempts 2, a call sent once more for its snapshot had no retry
+    # left when its worker was then lost, and ended in error though another worker was there.
+    server: InProcess = await make_server(local_fallback=False)
+    client = server.client
+    changing = RawWorker(client, "changing", echo_spec())
+    assert (await changing.read()).HasField("welcome")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
+    session = await client.create(workspace, model, queue=session_pb2.QueueConfig(max_attempts=2))
+    turn = client.send_stream(session.session_id, "go")
+    [assign] = (await changing.read()).assignments.assigns
+    changing.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
+        worker_pb2.CallResult(dispatch_id=assign.dispatch_id, result=tools_pb2.ToolResult(
+            output="the snapshot changed", is_error=True, error_kind=tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED)),
+    ])))
+    [again] = (await changing.read()).assignments.assigns
+    assert again.attempt == 2
+    other = RawWorker(client, "other", echo_spec())
+    assert (await other.read()).HasField("welcome")
+    changing.half_close()  # lost with the call in flight
+    [retried] = (await other.read()).assignments.assigns
+    other.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
+        worker_pb2.CallResult(dispatch_id=retried.dispatch_id, result=tools_pb2.ToolResult(output="hi")),
+    ])))
+    result = finished([r.event for r in await read_rest(turn)])["c1"]
+    assert not result.is_error and result.output == "hi" and result.attempt == 3, result
+    other.half_close()
+
+
 async def test_a_snapshot_not_ready_within_the_calls_deadline_ends_the_call(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:

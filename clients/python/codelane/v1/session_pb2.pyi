@@ -334,7 +334,8 @@ class QueueConfig(_message.Message):
     """Maximum Query calls of this session running at once. 0 means the default (8); at most 256."""
     max_attempts: _builtins.int
     """Maximum attempts of an idempotent call whose worker is lost. 0 means the default (3); at
-    most 10.
+    most 10. A call sent again on a newer snapshot (SNAPSHOT_CHANGED) numbers its attempts on,
+    but those sends do not count against this.
     """
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneConfig]:
