@@ -212,8 +212,9 @@ class WorkspaceSnapshots:
         log.warning("workspace %s: left out of its snapshot: %s%s", self.workspace, shown, more)
 
     def close(self) -> None:
-        """Forgets the workspace: a scan running in a thread stops (ScanStopped), and whoever
-        waits for it gets that OSError."""
+        """Forgets the workspace (the server stops): a scan running in a thread stops
+        (ScanStopped), its task is cancelled, and whoever waits in `current()` gets CancelledError,
+        as the server's other tasks do then."""
         if self._scanning is not None:
             self._scanning.cancel()
         self._scanner.close()
