@@ -217,23 +217,24 @@ def resolve_workspace(workspace: str, roots: Sequence[Path] = (), data_dir: Path
         )
     if not is_dir:
         raise InvalidArgument("workspace", f"{workspace} does not exist or is not a directory on the server")
-    refuse_data_dir(real, data_dir)
-    for never in map(Path, NEVER_TOUCHED):
-        if real == never or never in real.parents:
-            # /proc/self is the server's own: its environment holds the keys and tokens.
-            raise InvalidArgument("workspace", f"{workspace} is in {never}, which no tool reads (the server's "
-                                               "processes, their environment and flags); give the directory of "
-                                               "a project")
+    refuse_server_paths(real, data_dir)
     return real
 
 
-def refuse_data_dir(workspace: Path, data_dir: Path | None) -> None:
-    """Raises InvalidArgument("workspace", ...) if the resolved `workspace` is `data_dir` or in it."""
+def refuse_server_paths(workspace: Path, data_dir: Path | None) -> None:
+    """Raises InvalidArgument("workspace", ...) if the resolved `workspace` is, or lies in, what no
+    session may work in whatever the roots: the server's data directory, or what no tool touches."""
     if data_dir is not None and (workspace == data_dir or data_dir in workspace.parents):
         raise InvalidArgument(
             "workspace", f"{workspace} is in the server's data directory, which holds every session's history; "
             "give the directory of a project instead"
         )
+    for never in map(Path, NEVER_TOUCHED):
+        if workspace == never or never in workspace.parents:
+            # /proc/self is the server's own: its environment holds the keys and tokens.
+            raise InvalidArgument("workspace", f"{workspace} is in {never}, which no tool reads (the server's "
+                                               "processes, their environment and flags); give the directory of "
+                                               "a project")
 
 
 def _bounded(field_name: str, value: float, low: float, high: float) -> None:

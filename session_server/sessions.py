@@ -25,7 +25,7 @@ from session_server.config import (
     SessionSettings,
     SettingsRequest,
     build_settings,
-    refuse_data_dir,
+    refuse_server_paths,
     resolve_workspace,
 )
 from session_server.confirmations import Confirmations
@@ -450,10 +450,10 @@ class SessionManager:
             resolve_workspace(record.workspace, self.workspace_roots, self.data_dir)
         else:
             # Nor one created in the data directory (by a server before this check, or given
-            # another --data-dir since), or whose path now leads there: its workspace is stored
-            # resolved, but a command of a session on a directory above may since have put a
-            # symlink in its place.
-            refuse_data_dir(Path(os.path.realpath(record.workspace)), self.data_dir)
+            # another --data-dir since), or whose path now leads there or into /proc: its workspace
+            # is stored resolved, but a command of a session on a directory above may since have
+            # put a symlink in its place.
+            refuse_server_paths(Path(os.path.realpath(record.workspace)), self.data_dir)
         settings = SessionSettings.from_dict(record.config)
         try:
             provider, model_name = self.models.provider(settings.model)

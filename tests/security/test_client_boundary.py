@@ -156,6 +156,20 @@ async def test_a_workspace_replaced_by_a_link_to_the_data_directory_runs_no_more
     assert "data directory" in error.message
 
 
+async def test_a_workspace_replaced_by_a_link_into_proc_runs_no_more_turns(make_server, tmp_path) -> None:
+    # The same swap, to the server's own /proc entry (its environment holds its keys): refused as
+    # a new session there is, not only a data directory.
+    project = tmp_path / "outer" / "project"
+    project.mkdir(parents=True)
+    server = await make_server()
+    model = scripted(tmp_path, [{"tool_calls": [call("list_files", "c_list", path=".")]}, {"text": "done"}])
+    session = await server.client.create(project, model)
+    _replace_with_link(project, Path(f"/proc/{os.getpid()}"))
+    error = await rpc_error(server.client.send(session.session_id, "hello"))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "WORKSPACE_NOT_ALLOWED"
+    assert "/proc" in error.message
+
+
 async def test_a_workspace_replaced_during_a_turn_is_not_worked_in(make_server, tmp_path) -> None:
     # The swap comes while the turn waits (here for a confirmation; a model's answer would do):
     # the calls after it must not run in what the workspace's path now leads to.
