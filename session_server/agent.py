@@ -130,15 +130,16 @@ class TurnContext:
     def denied_paths(self) -> tuple[str, ...]:
         """What the turn's tools may not read: the session's read deny globs, and the server's deny
         list where it lies in the workspace (once per turn: it costs tens of microseconds)."""
-        workspace = str(self.workspace)
-        return (*self.settings.permissions.denied_paths(workspace),
-                *operator_denied_globs(self.registry.sandbox.settings, workspace))
+        return self._denied(confirmed=True)
 
     @functools.cached_property
     def unconfirmed_denied_paths(self) -> tuple[str, ...]:
         """`denied_paths` for a call nobody confirmed: what the read ask rules name as well."""
+        return self._denied(confirmed=False)
+
+    def _denied(self, *, confirmed: bool) -> tuple[str, ...]:
         workspace = str(self.workspace)
-        return (*self.settings.permissions.denied_paths(workspace, confirmed=False),
+        return (*self.settings.permissions.denied_paths(workspace, confirmed=confirmed),
                 *operator_denied_globs(self.registry.sandbox.settings, workspace))
 
 

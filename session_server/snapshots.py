@@ -98,7 +98,6 @@ class WorkspaceSnapshots:
         self._scanner = TreeScanner(workspace, Exclusions((*exclusions.patterns, *exclude)) if exclude else exclusions)
         self._publish = publish
         self.recent: deque[Snapshot] = deque(maxlen=KEEP_SNAPSHOTS)
-        self._dirty = True
         # Changes announced so far (`changed()`, `invalidate()`), and how many of them the latest
         # snapshot holds: `current()` waits for the first scan that started after the changes
         # announced before it, not for the scans to stop.
@@ -137,7 +136,6 @@ class WorkspaceSnapshots:
             other._mark()
 
     def _mark(self) -> None:
-        self._dirty = True
         self._announced += 1
 
     def _start_scan(self) -> None:
@@ -174,14 +172,10 @@ class WorkspaceSnapshots:
     async def _rescan(self) -> Snapshot:
         try:
             while True:
-                # Changes announced from here on are seen by this scan or by the next one.
-                self._dirty = False
+                # Changes announced from here on are seen by the next scan (a failed one covers
+                # none: the next `current()` scans again).
                 covers = self._announced
-                try:
-                    tree = await asyncio.get_running_loop().run_in_executor(_scan_executor(), self._scanner.scan)
-                except BaseException:
-                    self._dirty = True
-                    raise
+                tree = await asyncio.get_running_loop().run_in_executor(_scan_executor(), self._scanner.scan)
                 snapshot = self.latest
                 if snapshot is None or (snapshot.digest, snapshot.times_digest) != (tree.digest, tree.times_digest):
                     snapshot = Snapshot(self.workspace, tree.digest, tree.times_digest, tree, self.exclude)
@@ -192,7 +186,7 @@ class WorkspaceSnapshots:
                 self._covered = covers
                 self._scanned.set()
                 self._scanned = asyncio.Event()
-                if not self._dirty:
+                if self._announced == covers:
                     return snapshot
         finally:
             self._scanning = None
