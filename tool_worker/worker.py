@@ -312,13 +312,8 @@ class ToolWorker:
                         # No stream at all (nothing listens, say): why, in the CLI's words, and once a
                         # minute while it stays so, not at every attempt.
                         why = unreachable(self.config.address, exc.details() or "", self.config.tls_ca is not None)
-                        told, told_at = self._unreachable_told
-                        repeated = why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL
-                        if closed_in_handshake or repeated:
-                            log.debug("%s; retrying", why)
-                        else:
-                            self._unreachable_told = (why, time.monotonic())
-                            log.warning("%s; retrying", why)
+                        quiet = closed_in_handshake or self._told_lately(why)
+                        log.log(logging.DEBUG if quiet else logging.WARNING, "%s; retrying", why)
                     elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                         # Another service, or a server's health port: said as clients say it (it
                         # was "ended our stream (UNIMPLEMENTED: Method not found!)"). Still retried:
@@ -333,14 +328,9 @@ class ToolWorker:
                         # once a minute, as above, not at every attempt of the backoff.
                         stopping = exc.code() == grpc.StatusCode.UNAVAILABLE and error_reason(exc) == "SHUTTING_DOWN"
                         why = f"hub at {self.config.address} ended our stream ({status_line(exc)})"
-                        told, told_at = self._unreachable_told
-                        repeated = why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL
-                        if closed_in_handshake or repeated:
-                            level = logging.DEBUG
-                        else:
-                            self._unreachable_told = (why, time.monotonic())
-                            level = logging.INFO if stopping else logging.WARNING
-                        log.log(level, "%s: retrying", why)
+                        quiet = closed_in_handshake or self._told_lately(why)
+                        log.log(logging.DEBUG if quiet else logging.INFO if stopping else logging.WARNING,
+                                "%s: retrying", why)
                 if time.monotonic() - started > BACKOFF_MAX:
                     delay = BACKOFF_INITIAL  # the last connection was healthy for a while
                 # Full jitter: many workers of a restarted hub do not reconnect in lockstep.
@@ -359,6 +349,15 @@ class ToolWorker:
     def _count_connection(self, result: str) -> None:
         if self.telemetry is not None:
             self.telemetry.metrics.connections.labels(result).inc()
+
+    def _told_lately(self, why: str) -> bool:
+        """Whether `why` was logged less than UNREACHABLE_LOG_INTERVAL ago (a hub unreachable, or
+        a refusal that stands, is said once a minute, not at every attempt); if not, it is now."""
+        told, told_at = self._unreachable_told
+        if why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL:
+            return True
+        self._unreachable_told = (why, time.monotonic())
+        return False
 
     def _closed_in_handshake(self, exc: grpc.aio.AioRpcError) -> bool:
         details = (exc.details() or "").lower()
