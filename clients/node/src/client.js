@@ -608,16 +608,7 @@ class ResumingIterator {
           // the hook is for logging: it must not end the stream
         }
         if (delayMs > 0) {
-          await new Promise((resolve) => {
-            const timer = setTimeout(resolve, delayMs);
-            this._wake = () => {
-              clearTimeout(timer);
-              resolve();
-            };
-            this._signal?.addEventListener('abort', this._wake, { once: true });
-          });
-          this._signal?.removeEventListener('abort', this._wake);
-          this._wake = null;
+          await this._pause(delayMs);
           if (this._ended()) return;
         }
         delayMs = Math.min(Math.max(delayMs * 2, _resumeTiming.backoffInitialMs), _resumeTiming.backoffMaxMs);
@@ -632,6 +623,20 @@ class ResumingIterator {
     } finally {
       clearTimeout(giveUp);
     }
+  }
+
+  /** Waits `delayMs` before a resume; an abort (or the iteration's end) wakes it early. */
+  async _pause(delayMs) {
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, delayMs);
+      this._wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this._signal?.addEventListener('abort', this._wake, { once: true });
+    });
+    this._signal?.removeEventListener('abort', this._wake);
+    this._wake = null;
   }
 }
 
