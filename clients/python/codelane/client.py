@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,17 +319,24 @@ def _cancelled_by_close() -> None:
         raise CodelaneError("CANCELLED", "the client was closed while this call was running") from None
 
 
+@contextlib.contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """gRPC's errors of the calls made inside, as CodelaneError (a close of the client included)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise CodelaneError.from_rpc_error(exc) from None
+    except asyncio.CancelledError:
+        _cancelled_by_close()
+        raise
+
+
 def _rpc(fn):
     """Turns gRPC errors of an SDK coroutine into CodelaneError."""
 
     async def wrapper(*args: Any, **kwargs: Any):
-        try:
+        with _rpc_errors():
             return await fn(*args, **kwargs)
-        except grpc.aio.AioRpcError as exc:
-            raise CodelaneError.from_rpc_error(exc) from None
-        except asyncio.CancelledError:
-            _cancelled_by_close()
-            raise
 
     wrapper.__doc__ = fn.__doc__
     wrapper.__name__ = fn.__name__
@@ -373,7 +380,7 @@ class Client:
         ValueError for an address that is not HOST:PORT, [IPV6]:PORT, unix:PATH or
         unix-abstract:NAME (gRPC would dial port 443 for a bare host), as the CLI says it."""
         self.address = parse_address(address)
-        self._channel = create_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        self._channel = create_channel(self.address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                                        unary_timeout=timeout)
         self._metadata = bearer_metadata(token)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
@@ -466,15 +473,10 @@ class Client:
         """Every session, newest first, fetched a page at a time."""
         token = ""
         while True:
-            try:
+            with _rpc_errors():
                 reply = await self._sessions.ListSessions(
                     session_pb2.ListSessionsRequest(page_size=page_size, page_token=token), metadata=self._metadata
                 )
-            except grpc.aio.AioRpcError as exc:
-                raise CodelaneError.from_rpc_error(exc) from None
-            except asyncio.CancelledError:
-                _cancelled_by_close()
-                raise
             for msg in reply.sessions:
                 yield SessionInfo.from_proto(msg)
             token = reply.next_page_token
