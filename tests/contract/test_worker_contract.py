@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ from tests.session import conftest as session_fixtures
 from tests.session.conftest import (
     RPC_TIMEOUT,
     Client,
+    EventStream,
     InProcess,
     call,
     error_details,
@@ -43,6 +45,8 @@ ECHO_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "re
 
 BROKEN = "the connection to the worker broke (its process died or the network failed)"
 HALF_CLOSED = "the worker's stream ended without Draining (the worker closed it, or its connection dropped)"
+SNAPSHOT_CHANGED = tools_pb2.ToolResult(output="the snapshot changed", is_error=True,
+                                        error_kind=tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED)
 
 
 def echo_spec(description: str = "Echo the text.") -> tools_pb2.ToolSpec:
@@ -55,6 +59,7 @@ class RawWorker:
     what the hub sent."""
 
     def __init__(self, client: Client, worker_id: str, *specs: tools_pb2.ToolSpec) -> None:
+        self.client = client
         self.outbox: asyncio.Queue[worker_pb2.ConnectRequest | None] = asyncio.Queue()
         self.outbox.put_nowait(worker_pb2.ConnectRequest(hello=worker_pb2.Hello(
             worker_id=worker_id, version="test", tools=specs, slots=2)))
@@ -69,8 +74,24 @@ class RawWorker:
         assert message is not grpc.aio.EOF
         return message
 
+    def answer(self, dispatch_id: str, result: tools_pb2.ToolResult) -> None:
+        self.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
+            worker_pb2.CallResult(dispatch_id=dispatch_id, result=result)])))
+
     def half_close(self) -> None:
         self.outbox.put_nowait(None)
+
+
+async def echo_turn_on_raw_worker(make_server, workspace: Path, tmp_path: Path, worker_id: str,
+                                  **config: Any) -> tuple[RawWorker, EventStream]:
+    """A server that runs Query calls only on workers, a RawWorker offering echo on it, and a turn
+    started whose model calls echo once (call id c1): the worker, and the turn's stream."""
+    server: InProcess = await make_server(local_fallback=False)
+    worker = RawWorker(server.client, worker_id, echo_spec())
+    assert (await worker.read()).HasField("welcome")
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
+    session = await server.client.create(workspace, model, **config)
+    return worker, server.client.send_stream(session.session_id, "go")
 
 
 def spawn(started: list[subprocess.Popen[bytes]], module: str, *args: str) -> subprocess.Popen[bytes]:
@@ -349,13 +370,7 @@ async def test_kill9_of_a_worker_is_reported_as_a_broken_connection(
 async def test_a_worker_half_closing_without_draining_is_reported_so(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:
-    server: InProcess = await make_server(local_fallback=False)
-    client = server.client
-    worker = RawWorker(client, "quitter", echo_spec())
-    assert (await worker.read()).HasField("welcome")
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
-    session = await client.create(workspace, model)
-    turn = client.send_stream(session.session_id, "go")
+    worker, turn = await echo_turn_on_raw_worker(make_server, workspace, tmp_path, "quitter")
     assert (await worker.read()).HasField("assignments")
     worker.half_close()
     lost = await read_until(turn, lambda r: kind(r.event) == "worker_lost", [])
@@ -393,23 +408,13 @@ async def test_read_with_no_worker_and_no_local_fallback_says_no_worker_is_there
 async def test_a_call_whose_snapshot_keeps_changing_announces_only_the_retries_it_makes(
     make_server, workspace: Path, tmp_path: Path
 ) -> None:
-    server: InProcess = await make_server(local_fallback=False)
-    client = server.client
-    worker = RawWorker(client, "changing", echo_spec())
-    assert (await worker.read()).HasField("welcome")
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
-    session = await client.create(workspace, model)
-    turn = client.send_stream(session.session_id, "go")
+    worker, turn = await echo_turn_on_raw_worker(make_server, workspace, tmp_path, "changing")
     assigned = 0
     while assigned < MAX_SNAPSHOTS_PER_CALL:
         message = await worker.read()
         for assign in message.assignments.assigns:
             assigned += 1
-            worker.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
-                worker_pb2.CallResult(dispatch_id=assign.dispatch_id, result=tools_pb2.ToolResult(
-                    output="the snapshot changed", is_error=True,
-                    error_kind=tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED)),
-            ])))
+            worker.answer(assign.dispatch_id, SNAPSHOT_CHANGED)
     events = [r.event for r in await read_rest(turn)]
 
     attempts = [e.tool_call_started.attempt for e in events if kind(e) == "tool_call_started"]
@@ -426,27 +431,17 @@ async def test_a_call_sent_again_for_its_snapshot_keeps_its_retries_for_a_lost_w
     # Attempts count on across a call's sends on newer snapshots, and the pool's retry budget
     # counted them too: with max_attempts 2, a call sent once more for its snapshot had no retry
     # left when its worker was then lost, and ended in error though another worker was there.
-    server: InProcess = await make_server(local_fallback=False)
-    client = server.client
-    changing = RawWorker(client, "changing", echo_spec())
-    assert (await changing.read()).HasField("welcome")
-    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("echo", "c1", text="hi")]}, {"text": "x"}])
-    session = await client.create(workspace, model, queue=session_pb2.QueueConfig(max_attempts=2))
-    turn = client.send_stream(session.session_id, "go")
+    changing, turn = await echo_turn_on_raw_worker(make_server, workspace, tmp_path, "changing",
+                                                   queue=session_pb2.QueueConfig(max_attempts=2))
     [assign] = (await changing.read()).assignments.assigns
-    changing.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
-        worker_pb2.CallResult(dispatch_id=assign.dispatch_id, result=tools_pb2.ToolResult(
-            output="the snapshot changed", is_error=True, error_kind=tools_pb2.ERROR_KIND_SNAPSHOT_CHANGED)),
-    ])))
+    changing.answer(assign.dispatch_id, SNAPSHOT_CHANGED)
     [again] = (await changing.read()).assignments.assigns
     assert again.attempt == 2
-    other = RawWorker(client, "other", echo_spec())
+    other = RawWorker(changing.client, "other", echo_spec())
     assert (await other.read()).HasField("welcome")
     changing.half_close()  # lost with the call in flight
     [retried] = (await other.read()).assignments.assigns
-    other.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
-        worker_pb2.CallResult(dispatch_id=retried.dispatch_id, result=tools_pb2.ToolResult(output="hi")),
-    ])))
+    other.answer(retried.dispatch_id, tools_pb2.ToolResult(output="hi"))
     result = finished([r.event for r in await read_rest(turn)])["c1"]
     assert not result.is_error and result.output == "hi" and result.attempt == 3, result
     other.half_close()
