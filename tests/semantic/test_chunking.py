@@ -198,3 +198,22 @@ def test_nested_containers_cost_their_lines_not_depth_times_lines() -> None:
     assert len(chunks) == depth + 1
     assert (chunks[-1].symbol, chunks[-1].kind) == (".".join(["m"] * depth + ["f"]), "method")
     assert chunks[0].text == "mod m {\n}\nmembers: m"  # its own lines: the member left out
+
+
+@pytest.mark.parametrize("source", [
+    # Minified code: thousands of functions on one line, and of methods in one class on one line.
+    "function a(){return 1};" * 20_000 + "\n",
+    "class C{" + "m(){return 1}" * 20_000 + "}\nfunction after() {\n  return 1;\n}\n",
+])  # fmt: skip
+def test_definitions_sharing_their_lines_do_not_hold_the_file_over_and_over(source: str) -> None:
+    # A definition's chunk is its whole lines: 20,000 functions on one line each held the whole
+    # line (460 KB), 9 GB of chunk text for the index to tokenize and embed: hours, and more memory
+    # than the worker had. Such a file is cut into windows of lines instead.
+    chunks = chunk_file("vendor/app.min.js", source)
+    assert sum(len(chunk.text) for chunk in chunks) <= len(source)
+    assert {chunk.kind for chunk in chunks} <= {"lines"}
+
+
+def test_a_few_definitions_on_one_line_keep_their_chunks() -> None:
+    chunks = chunk_file("small.js", "function a() { return 1; } function b() { return 2; }\n")
+    assert _outline(chunks) == [(1, 1, "a", "function"), (1, 1, "b", "function")]

@@ -29,6 +29,14 @@ MAX_DOC_CHARS = 600
 # Suffixes of prose: the `docs` kind of semantic_search; everything else is `code`.
 DOC_SUFFIXES = frozenset({".md", ".markdown", ".rst", ".txt", ".adoc", ".org"})
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
+# A definition's chunk holds its whole lines. Where many definitions share lines (minified code:
+# thousands of functions on one line) each chunk held those lines again, and the index tokenized
+# and embedded the file's text thousands of times over (4,000 functions on a 92 KB line: half a
+# minute of one call; 40,000 on a 900 KB line: hours, and more memory than the host has). Past
+# this many characters of chunk text per character of the file (code gives about 1.1), plus a
+# floor for small files, the file is cut into windows of lines instead.
+MAX_TEXT_PER_CHAR = 4
+MIN_TEXT_BUDGET = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -172,10 +180,12 @@ def chunk_file(path: str, text: str) -> list[Chunk]:
     if grammar is not None:
         parser = _parser(grammar.language)
         if parser is not None:
+            budget = _TextBudget(MAX_TEXT_PER_CHAR * len(text) + MIN_TEXT_BUDGET)
             try:
-                return _definition_chunks(parser.parse(text.encode("utf-8")).root_node, grammar, lines)
-            except RecursionError:
-                # Nesting deeper than Python recurses (generated data, say): windows of lines.
+                return _definition_chunks(parser.parse(text.encode("utf-8")).root_node, grammar, lines, budget)
+            except (RecursionError, _Overgrown):
+                # Nesting deeper than Python recurses (generated data, say), or definitions sharing
+                # their lines over and over (minified code): windows of lines.
                 pass
     if suffix in MARKDOWN_SUFFIXES:
         return _markdown_chunks(lines)
@@ -193,12 +203,29 @@ def _parser(language: str) -> Any:
         return None
 
 
-def _definition_chunks(root: Any, grammar: Grammar, lines: list[str]) -> list[Chunk]:
+class _Overgrown(Exception):
+    """The chunks' text passed the file's budget (see MAX_TEXT_PER_CHAR)."""
+
+
+class _TextBudget:
+    """Characters of chunk text a file's definitions may still take."""
+
+    def __init__(self, chars: int) -> None:
+        self.left = chars
+
+    def take(self, text: str) -> str:
+        self.left -= len(text)
+        if self.left < 0:
+            raise _Overgrown
+        return text
+
+
+def _definition_chunks(root: Any, grammar: Grammar, lines: list[str], budget: _TextBudget) -> list[Chunk]:
     chunks: list[Chunk] = []
     covered: list[tuple[int, int]] = []
     for node, start, end in _definitions(root, grammar):
         covered.append((start, end))
-        chunks.extend(_chunks_of(node, start, end, grammar, lines, prefix=""))
+        chunks.extend(_chunks_of(node, start, end, grammar, lines, prefix="", budget=budget))
     gaps = []
     next_line = 1
     for start, end in sorted(covered):
@@ -210,7 +237,9 @@ def _definition_chunks(root: Any, grammar: Grammar, lines: list[str]) -> list[Ch
     return sorted(chunks + gaps, key=lambda chunk: chunk.start_line)
 
 
-def _chunks_of(node: Any, start: int, end: int, grammar: Grammar, lines: list[str], prefix: str) -> list[Chunk]:
+def _chunks_of(
+    node: Any, start: int, end: int, grammar: Grammar, lines: list[str], prefix: str, budget: _TextBudget
+) -> list[Chunk]:
     definition = _unwrap(node)
     name = _name(definition)
     symbol = f"{prefix}{name}" if name else prefix.rstrip(".") or "<anonymous>"
@@ -218,7 +247,9 @@ def _chunks_of(node: Any, start: int, end: int, grammar: Grammar, lines: list[st
         members = list(_definitions(definition, grammar))
         inner: list[Chunk] = []
         for member, member_start, member_end in members:
-            inner.extend(_chunks_of(member, member_start, member_end, grammar, lines, prefix=f"{symbol}."))
+            inner.extend(
+                _chunks_of(member, member_start, member_end, grammar, lines, prefix=f"{symbol}.", budget=budget)
+            )
         # The lines between the members, taken as slices: a set of every line of the container,
         # at every level of nesting, cost depth x lines (400 nested modules around a million
         # blank lines: a minute, holding the worker's thread).
@@ -235,9 +266,10 @@ def _chunks_of(node: Any, start: int, end: int, grammar: Grammar, lines: list[st
         if any(member_names):
             own += "\nmembers: " + ", ".join(filter(None, member_names))
         kind = grammar.containers[definition.type]
-        return [Chunk(start, end, symbol, kind, own, _documentation(node, definition)), *inner]
+        return [Chunk(start, end, symbol, kind, budget.take(own), _documentation(node, definition)), *inner]
     kind = "method" if prefix else "function"
-    return [Chunk(start, end, symbol, kind, "\n".join(lines[start - 1 : end]), _documentation(node, definition))]
+    text = budget.take("\n".join(lines[start - 1 : end]))
+    return [Chunk(start, end, symbol, kind, text, _documentation(node, definition))]
 
 
 def _definitions(node: Any, grammar: Grammar) -> Iterator[tuple[Any, int, int]]:
