@@ -441,6 +441,28 @@ async def test_paths_the_policy_denies_are_never_read_nor_shown(
     assert "YAML" not in refused.output
 
 
+async def test_a_session_learns_nothing_of_denied_files_from_the_scores_and_counts(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # BM25's document frequencies and average length, and the chunk counts, took in the denied
+    # files that another session had indexed: a session that may not read secret/ wrote a file
+    # naming a word and saw from its BM25 score whether secret/ holds that word too.
+    (workspace / "src" / "probe.py").write_text("def probe():\n    return 'zorblax'\n")
+    without = tmp_path / "without"
+    shutil.copytree(workspace, without)
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "keys.py").write_text(
+        "def launch_codes():\n    return 'zorblax zorblax'\n\n\ndef more_codes():\n    return 'zorblax'\n"
+    )
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    assert "secret/keys.py" in _paths(await search(query="zorblax"))  # indexed by a session that may read it
+
+    denied = await search(denied=("secret/**",), query="zorblax")
+    alone = await searcher(_state(embedder, tmp_path / "cache-without"), without)(query="zorblax")
+    assert not denied.is_error and "src/probe.py" in _paths(denied), denied.output
+    assert (denied.output, denied.metadata) == (alone.output, alone.metadata)
+
+
 async def test_a_tree_unchanged_since_a_refresh_is_not_listed_again_and_changes_just_before_a_call_are_seen(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

@@ -628,12 +628,20 @@ class WorkspaceIndex:
         limit: int,
         within: Callable[[str], bool] | None = None,
         docs: bool | None = None,
+        readable: Callable[[str], bool] | None = None,
     ) -> SearchOutcome:
         """The best `limit` chunks for a query, among files `within` accepts of the kind asked
-        (docs True/False, None for both)."""
+        (docs True/False, None for both). Files `readable` refuses (a session's denied paths) are
+        left out of the collection too: BM25's document frequencies and average length, and the
+        counts, over chunks that include them told the session which words its denied files hold."""
         with self._lock:
             used = len(self._info)
             alive = self._alive[:used]
+            if readable is not None:
+                alive = np.zeros(used, dtype=bool)
+                for name, entry in self._files.items():
+                    if readable(name):
+                        alive[entry.slots] = True
             if within is None and docs is None:
                 eligible = alive.copy()
             else:
@@ -641,6 +649,7 @@ class WorkspaceIndex:
                 for name, entry in self._files.items():
                     if (docs is None or entry.doc == docs) and (within is None or within(name)):
                         eligible[entry.slots] = True
+                eligible &= alive
             embedded = self._embedded[:used]
             similarities = _best_similarities(self._vectors[:used], query_vector)
             semantic = top_semantic(similarities, eligible & embedded)

@@ -77,7 +77,8 @@ def bm25_scores(
     """BM25 of every slot against the query terms (0 where no term occurs).
 
     `postings[term]` maps slot -> term frequency; `lengths` are the chunks' lengths in terms;
-    `alive` marks the slots in use, which are the collection for document frequencies.
+    `alive` marks the collection for document frequencies (the slots in use, less those of files
+    the caller may not read): only its slots are scored.
     """
     scores = np.zeros(len(lengths), dtype=np.float64)
     documents = int(alive.sum())
@@ -90,7 +91,11 @@ def bm25_scores(
             continue
         slots = np.fromiter(posting.keys(), dtype=np.int64, count=len(posting))
         frequencies = np.fromiter(posting.values(), dtype=np.float64, count=len(posting))
-        idf = math.log(1 + (documents - len(posting) + 0.5) / (len(posting) + 0.5))
+        collected = alive[slots]
+        slots, frequencies = slots[collected], frequencies[collected]
+        if not len(slots):
+            continue
+        idf = math.log(1 + (documents - len(slots) + 0.5) / (len(slots) + 0.5))
         norm = K1 * (1 - B + B * lengths[slots] / average)
         scores[slots] += idf * frequencies * (K1 + 1) / (frequencies + norm)
     return scores

@@ -160,10 +160,9 @@ class SemanticSearch:
         root = workspace_root(ctx.workspace)
         relative = target.relative_to(root).as_posix()
         within = None if relative == "." else _under(relative)
-        if ctx.denied:
-            # Denied files are never read by this call's refresh, and never among its hits; they
-            # stay in the tree's index as another session's refresh left them.
-            within = _readable(ctx, within)
+        # Denied files are never read by this call's refresh, and never among its hits nor in its
+        # scores and counts; they stay in the tree's index as another session's refresh left them.
+        readable = _readable(ctx) if ctx.denied else None
         kind = args.get("kind")
         docs = None if kind is None else kind == "docs"
         index = self.index_for(root)
@@ -187,7 +186,7 @@ class SemanticSearch:
 
         def answer(query_vector: np.ndarray, report: RefreshReport) -> ToolResult:
             index.wait_embedded(time.monotonic() + self.embed_wait, stop)
-            outcome = index.search(query_vector, query_terms(query), limit, within, docs)
+            outcome = index.search(query_vector, query_terms(query), limit, within, docs, readable)
             return _render(root, query, outcome, report, limit)
 
         try:
@@ -222,8 +221,8 @@ async def workspace_files(root: Path, launcher: ReadOnlyLauncher) -> WorkspaceLi
     return WorkspaceListing(names, listing.overflowed)
 
 
-def _readable(ctx: ToolContext, within: Callable[[str], bool] | None) -> Callable[[str], bool]:
-    return lambda name: not ctx.hides(name) and (within is None or within(name))
+def _readable(ctx: ToolContext) -> Callable[[str], bool]:
+    return lambda name: not ctx.hides(name)
 
 
 def _under(relative: str):
