@@ -640,6 +640,22 @@ def test_a_worker_whose_index_cache_cannot_be_opened_says_so_and_starts_without_
     assert path.is_dir()
 
 
+def test_a_worker_without_the_grammars_says_so_and_starts_without_the_tool(
+    real_embedder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Chunking imports the grammars only when it first cuts a file: a worker with the model but
+    # without tree-sitter-language-pack offered the tool, and every call failed INTERNAL
+    # (ModuleNotFoundError) instead of the worker saying at start why it is not offered.
+    from tool_worker.plugins import ToolHost
+    from tool_worker.semantic import load_tools
+
+    monkeypatch.setitem(sys.modules, "tree_sitter_language_pack", None)  # its import fails
+    with caplog.at_level("WARNING", logger="codelane.semantic"):
+        assert load_tools(ToolHost(cache_dir=tmp_path)) == []
+    assert ("semantic_search is not offered: tree_sitter_language_pack is not installed: "
+            "pip install -e '.[semantic]'") in caplog.text
+
+
 async def test_an_index_cache_found_corrupt_while_in_use_is_moved_aside_and_rebuilt(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,6 +37,10 @@ def load_tools(host: ToolHost) -> list[Tool]:
     """The semantic_search tool, with its model loaded; no tools when the model cannot be had here
     or the operator requires labels this worker does not carry."""
     try:
+        # The grammars too: chunking imports them only when it first cuts a file, and without
+        # them every call failed (ModuleNotFoundError) on a worker that offered the tool.
+        import tree_sitter_language_pack  # noqa: F401
+
         from tool_worker.semantic.embedder import ModelUnavailable, detect_device, device_labels, load_embedder
     except ImportError as exc:
         log.warning("%s is not offered: %s is not installed: pip install -e '.[semantic]'", TOOL_NAME, exc.name)
