@@ -486,6 +486,31 @@ async def test_a_tree_unchanged_since_a_refresh_is_not_listed_again_and_changes_
     assert "src/net/deep/socket_pool.py" not in _paths(await search(query="reuse sockets", limit=50))
 
 
+async def test_changes_in_hidden_directories_an_ignore_file_lets_in_are_seen(
+    embedder: CountingEmbedder, workspace: Path, tmp_path: Path
+) -> None:
+    # rg lists hidden files an ignore file whitelists ("!.github/"), but the watch leaves hidden
+    # directories out: a call after a complete refresh took the tree as unchanged, and kept
+    # showing a deleted file, and an edited one at its old lines.
+    (workspace / ".ignore").write_text("!.github/\n")
+    scripts = workspace / ".github" / "scripts"
+    scripts.mkdir(parents=True)
+    (scripts / "deploy.py").write_text('def publish_release():\n    """Upload the release artifacts."""\n')
+    search = searcher(_state(embedder, tmp_path / "cache"), workspace)
+    assert ".github/scripts/deploy.py" in _paths(await search(query="upload the release artifacts"))
+
+    (scripts / "deploy.py").write_text(
+        '\n\ndef publish_release():\n    """Upload the release artifacts."""\n\n\n'
+        'def rollback_release():\n    """Revert the deployment to the previous version."""\n'
+    )
+    edited = (await search(query="revert the deployment to the previous version")).metadata["results"]
+    assert {(hit["symbol"], hit["start_line"]) for hit in edited if hit["path"] == ".github/scripts/deploy.py"} == {
+        ("publish_release", 3), ("rollback_release", 7)
+    }
+    (scripts / "deploy.py").unlink()
+    assert ".github/scripts/deploy.py" not in _paths(await search(query="upload the release artifacts", limit=50))
+
+
 async def test_a_session_with_other_denied_paths_lists_the_tree_again(
     embedder: CountingEmbedder, workspace: Path, tmp_path: Path
 ) -> None:

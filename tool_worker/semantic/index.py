@@ -410,10 +410,15 @@ class WorkspaceIndex:
             _cached(self._store.update_stats, self._key, changed, removed)
             for name in [*changed, *removed]:
                 self._known.pop(name, None)
+            # The watch leaves hidden directories and files out, as rg does unless an ignore file
+            # lets them in ("!.github/"): a listing holding such a file proves nothing, or its
+            # changes went unseen (a deleted file kept among the results).
+            watched = not any(_hidden(name) for name in names)
             with self._lock:
                 # A refresh of an older listing may have undone what the latest one found.
                 latest = generation is not None and generation == self._generation
-                self._proven = (listing, report) if latest and not report.incomplete and not cut else None
+                proven = latest and watched and not report.incomplete and not cut
+                self._proven = (listing, report) if proven else None
         return report
 
     def _refresh_file(
@@ -699,6 +704,11 @@ def _doubled(array: np.ndarray) -> np.ndarray:
     grown = np.zeros((2 * len(array), *array.shape[1:]), dtype=array.dtype)
     grown[: len(array)] = array
     return grown
+
+
+def _hidden(name: str) -> bool:
+    """Whether a listed file, or a directory it is in, is hidden (its name starts with a dot)."""
+    return name.startswith(".") or "/." in name
 
 
 def _unchanged(size: int, mtime_ns: int, verified_ns: int, info: os.stat_result) -> bool:
