@@ -604,8 +604,12 @@ class Turn:
             if ctx.pool.offers(call.tool_name):
                 if not self._cheaper_here(call):
                     result = await self._dispatch(call, denied_paths)
-                    if not (result.error_kind is ErrorKind.NO_WORKER and ctx.local_fallback):
+                    if result.error_kind is not ErrorKind.NO_WORKER:
                         return result
+                    if not ctx.local_fallback:
+                        # The pool's words name no command: for a tool only workers offer (its
+                        # worker lost, say), the model and operator read which one to start.
+                        return _start_hint_added(call.tool_name, result)
                     problem = result.output
             elif not ctx.local_fallback:
                 return _no_worker(call.tool_name, f"no connected worker offers {call.tool_name}")
@@ -749,6 +753,12 @@ def _no_worker(tool_name: str, problem: str) -> ToolResult:
     """A NO_WORKER result; for a tool only workers offer, it also says what to start."""
     hint = worker_only_hint(tool_name)
     return ToolResult.error(ErrorKind.NO_WORKER, f"{problem}; {hint}" if hint else problem)
+
+
+def _start_hint_added(tool_name: str, result: ToolResult) -> ToolResult:
+    """The pool's NO_WORKER `result`; for a tool only workers offer, it also says what to start."""
+    hint = worker_only_hint(tool_name)
+    return dataclasses.replace(result, output=f"{result.output}; {hint}") if hint else result
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,27 @@ async def test_a_server_process_given_the_module_never_maps_torch(workspace: Pat
         await client.close()
         proc.kill()
         await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_a_call_whose_only_worker_went_away_says_what_to_start(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # With --no-local-fallback the hub's NO_WORKER result went to the model as it was: "no
+    # connected worker can run semantic_search", without the command that starts one.
+    from tests.contract.test_worker_contract import RawWorker
+
+    script = [{"tool_calls": [call("semantic_search", "c1", query="retry backoff")]}, {"text": "done"}]
+    entry: InProcess = await make_server(model=scripted(tmp_path, script), local_fallback=False)
+    spec = tools_pb2.ToolSpec(name="semantic_search", description="Find code by meaning.", lane=tools_pb2.LANE_QUERY,
+                              parameters_json_schema='{"type": "object"}', idempotent=True)
+    worker = RawWorker(entry.client, "gpu-host-1", spec)
+    assert (await worker.read()).HasField("welcome")
+    session = await entry.client.create(workspace)
+    sent = asyncio.create_task(entry.client.send(session.session_id, "find the backoff"))
+    while not (await worker.read()).HasField("assignments"):
+        pass
+    worker.half_close()  # the worker's stream ends with the call on it; no other worker connects
+    (finished,) = _finished(await sent)
+    assert finished.result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER
+    assert finished.result.output.startswith("no connected worker can run semantic_search for workspace ")
+    assert finished.result.output.endswith(f"; {START_HINT}")
