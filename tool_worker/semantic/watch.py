@@ -236,18 +236,42 @@ def _signatures(paths: list[str]) -> list[tuple[int, int, int, int] | None]:
 
 
 def _not_local(root: str) -> str:
-    """Why changes under `root` might not reach inotify ("" when they all do)."""
-    kind = filesystem_type(root)
-    if kind in LOCAL_FILESYSTEMS:
-        return ""
-    return f"its filesystem is {kind or 'unknown'}, not one known to be local"
+    """Why changes under `root` might not reach inotify ("" when they all do): its filesystem, or
+    one mounted below it (an NFS or FUSE mount inside a local workspace), is not known to be
+    local. Mounts made below the root after this check are not seen."""
+    mounts = _mounts()
+    real = os.path.realpath(root)
+    kind = _filesystem_of(real, mounts)
+    if kind not in LOCAL_FILESYSTEMS:
+        return f"its filesystem is {kind or 'unknown'}, not one known to be local"
+    for point, below in mounts:
+        if _under(point, real) and point != real and below not in LOCAL_FILESYSTEMS:
+            return f"{point} is mounted in it from a filesystem ({below}) not known to be local"
+    return ""
 
 
 def filesystem_type(path: str) -> str:
     """The type of the filesystem `path` is on ("ext4", "nfs4", ...), from /proc/self/mountinfo;
     "" when it cannot be told."""
-    real = os.path.realpath(path)
+    return _filesystem_of(os.path.realpath(path), _mounts())
+
+
+def _filesystem_of(real: str, mounts: list[tuple[str, str]]) -> str:
+    """The type of the innermost of `mounts` holding `real` ("" when none does)."""
     best, kind = "", ""
+    for point, point_kind in mounts:
+        if _under(real, point) and len(point) >= len(best):
+            best, kind = point, point_kind
+    return kind
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount this process sees; [] when it cannot tell."""
+    mounts = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
@@ -257,9 +281,7 @@ def filesystem_type(path: str) -> str:
                     continue
                 # Mount points escape spaces and the like as octal (\040).
                 point = parts[4].encode("latin-1", "backslashreplace").decode("unicode_escape")
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, kind = point, tail.split()[0]
+                mounts.append((point, tail.split()[0]))
     except OSError:
-        return ""
-    return kind
+        return []
+    return mounts
