@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tool_worker.tools import read
+from tool_worker.tools import edit, read
 from tool_worker.tools.base import ErrorKind
 from tool_worker.tools.write import INLINE_WRITE_CHARS
 
@@ -131,6 +131,19 @@ async def test_edit_errors(call: Any) -> None:
     assert missing_file.is_error and "file not found: nope.py" in missing_file.output
     same = await call("edit", file_path="src/app.py", old_string="def", new_string="def")
     assert same.error_kind is ErrorKind.INVALID_ARGUMENTS
+
+
+async def test_edit_refuses_a_file_too_big_to_hold_in_memory(call: Any, workspace: Path) -> None:
+    # edit runs in the server's process: a command's `truncate -s 20G f` (no disk used) and an edit
+    # of f had it read 20 GB and decode them, until the kernel's OOM killer ended the server.
+    big = workspace / "big.txt"
+    with big.open("wb") as handle:
+        handle.truncate(edit.MAX_EDIT_BYTES + 1)
+    result = await call("edit", file_path="big.txt", old_string="zzz", new_string="y")
+    assert result.error_kind is ErrorKind.TOOL_ERROR
+    assert f"big.txt is {edit.MAX_EDIT_BYTES + 1:,} bytes" in result.output
+    assert "sed" in result.output
+    assert big.stat().st_size == edit.MAX_EDIT_BYTES + 1
 
 
 async def test_delete(call: Any, workspace: Path) -> None:

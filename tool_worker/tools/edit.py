@@ -14,6 +14,11 @@ from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import atomic_write, check_stop, encode_text, open_regular, run_stoppable
 
+# edit holds a file in memory several times over (its bytes, its text, the changed text and its
+# bytes), in the process that runs it: the server's. A file a command made huge for nothing
+# (`truncate -s 20G f`) had the kernel's OOM killer end the server; bigger files are refused.
+MAX_EDIT_BYTES = 16 * 1024 * 1024
+
 # A line feed that no carriage return precedes.
 _BARE_LF = re.compile(r"(?<!\r)\n")
 
@@ -24,7 +29,14 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
     if not os.path.lexists(target):
         raise ToolFailure(f"file not found: {shown}; use write to create a new file")
     with open_regular(target, shown) as handle:
-        raw = handle.read()
+        # Read no more than the limit even if the file grows after the size was checked.
+        size = os.fstat(handle.fileno()).st_size
+        raw = b"" if size > MAX_EDIT_BYTES else handle.read(MAX_EDIT_BYTES + 1)
+    if max(size, len(raw)) > MAX_EDIT_BYTES:
+        raise ToolFailure(
+            f"{shown} is {max(size, len(raw)):,} bytes: edit changes files of at most {MAX_EDIT_BYTES:,} bytes; "
+            "change a bigger one with a command (sed -i, a script) through bash"
+        )
     try:
         # Bytes, not read_text: read_text would turn \r\n into \n and the write would change every line.
         text = raw.decode("utf-8")
