@@ -17,6 +17,7 @@ from tests.processes import all_gone, command_names, pids_with
 from tests.sandbox.conftest import Host, bash
 from tests.session.conftest import Processes, kind, read_until, scripted
 from tool_worker.confinement.cgroups import CgroupTree
+from tool_worker.confinement.launcher import Sandbox
 from tool_worker.confinement.policy import ResourceLimits
 
 # Starts a sandbox the way the server does, then dies before letting it run: the window between
@@ -190,3 +191,50 @@ def _carries(pid: str, owner: str) -> bool:
             return f"CODELANE_SANDBOX_OWNER\0{owner}/".encode() in f.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+
+def _owned(owner: str) -> list[str]:
+    return [entry.name for entry in os.scandir("/proc") if entry.name.isdigit() and _carries(entry.name, owner)]
+
+
+def _argv_read(owner: str) -> int:
+    """How many bytes the waiting shells of this owner's sandboxes (children of their bwrap) have
+    read: their argv so far."""
+    sandboxes = set(_owned(owner))
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                parent = f.read().rsplit(b")", 1)[1].split()[1].decode()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                shell = b"mapfile" in f.read()
+            if parent in sandboxes and shell:
+                with open(f"/proc/{entry.name}/io", "rb") as f:
+                    total += int(f.read().split(b"rchar: ", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total
+
+
+async def test_a_command_cancelled_while_its_argv_is_handed_over_is_ended(tmp_path: Path, mark: str) -> None:
+    # The sandbox's shell reads its argv from a pipe a byte at a time: a megabyte takes it about a
+    # second. A call cancelled (or out of time) in that second left its command to run on, as
+    # much of it as had arrived, unwatched until the server stopped.
+    sandbox = Sandbox()
+    sandbox.start()
+    owner = sandbox.settings.owner
+    argv = ["bash", "-c", f"sleep {mark}", "--", *(["y" * 100_000] * 9)]
+    starting = asyncio.create_task(
+        sandbox.start_command(argv, workspace=tmp_path, cwd=tmp_path, policy=sandbox.settings.default_policy())
+    )
+    await poll_until(lambda: starting.done() or _argv_read(owner) > 0,
+                     what="the sandbox's shell to read its argv", interval=0)
+    assert not starting.done(), "the argv was taken whole before the cancel: nothing to check"
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert await all_gone(mark), "the command of a cancelled start runs on"
+    assert _owned(owner) == []

@@ -149,11 +149,13 @@ class _Prepared:
         data = b"".join(arg.encode() + b"\0" for arg in argv)
         fd, self._argv_fd = self._argv_fd, None
         assert fd is not None, "a prepared sandbox runs one command"
+        if len(data) > _PIPE_BUFFER:
+            # The thread closes the pipe itself: a call cancelled meanwhile must not close it under
+            # a write still blocked on it (the number, reused, would take the rest of the argv).
+            await asyncio.to_thread(_write_all_and_close, fd, data)
+            return
         try:
-            if len(data) <= _PIPE_BUFFER:
-                os.write(fd, data)  # an empty pipe takes it whole, at once
-            else:
-                await asyncio.to_thread(_write_all, fd, data)
+            os.write(fd, data)  # an empty pipe takes it whole, at once
         finally:
             os.close(fd)
 
@@ -311,7 +313,14 @@ class Sandbox:
             prepared = await self._prepare(support.bwrap, workspace, cwd, policy)
         if self._keep_warm:
             prepared.command.on_close = lambda: self._warm_up(key)
-        await prepared.start(argv)
+        try:
+            await prepared.start(argv)
+        except BaseException:
+            # Cancelled (or out of time) while the shell still read its argv, a byte at a time: it
+            # would run what it got, whole or cut, with no one to end it or read its output.
+            os.close(prepared.command.output_fd)
+            await prepared.command.close()
+            raise
         return prepared.command
 
     async def aclose(self) -> None:
@@ -527,10 +536,14 @@ def reap_leftovers(owner: str) -> int:
     return ended
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all_and_close(fd: int, data: bytes) -> None:
+    """Writes all of `data`, then closes `fd` (a reader gone, its sandbox killed, ends it early)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 async def _read_all(fd: int, into: bytearray) -> None:
