@@ -182,6 +182,30 @@ def test_a_stopped_copy_copies_nothing(workspace: Path) -> None:
     assert not (workspace / "src_copy").exists()
 
 
+class _StopOnceExists(threading.Event):
+    """A stop flag that is set once `path` exists: the call ended as soon as a copy began."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+
+    def is_set(self) -> bool:
+        return self._path.exists()
+
+
+def test_a_copy_of_one_big_file_stops_mid_way(workspace: Path) -> None:
+    # One copy2 of a file a command made huge for nothing (`truncate -s 20G f`) went on writing
+    # its gigabytes, filling the disk, long after its call had timed out or been cancelled.
+    big = workspace / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(256 * 1024 * 1024)
+    ctx = ToolContext(workspace=workspace)
+    stop = _StopOnceExists(workspace / "copy.bin")
+    with pytest.raises(Stopped):
+        copy._copy(ctx, big, workspace / "copy.bin", ("big.bin", "copy.bin"), False, stop)
+    assert not (workspace / "copy.bin").exists()
+
+
 def test_stopped_read_and_ls_end(workspace: Path) -> None:
     with pytest.raises(Stopped):
         read._stream((workspace / "src" / "app.py").open("rb"), "src/app.py", 1, 10, _stopped())

@@ -25,6 +25,28 @@ from tool_worker.tools.files import (
     source_destination_schema,
 )
 
+# Files are copied a chunk at a time, so that a call stopped mid-way stops copying: one copy2 of
+# a file a command made huge for nothing (`truncate -s 20G f`, no disk used) went on writing its
+# gigabytes, filling the disk, long after its call had timed out or been cancelled.
+_CHUNK_BYTES = 1024 * 1024
+
+
+def _copy_file(source: str | Path, destination: str | Path, stop: threading.Event) -> None:
+    """copy2 (content, then mode and times), checking `stop` before each chunk; a copy stopped
+    mid-way is removed."""
+    with open(source, "rb") as src, open(destination, "wb") as dst:
+        try:
+            while True:
+                check_stop(stop)
+                chunk = src.read(_CHUNK_BYTES)
+                if not chunk:
+                    break
+                dst.write(chunk)
+        except BaseException:
+            os.unlink(destination)
+            raise
+    shutil.copystat(source, destination)
+
 
 def _copy(
     ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, stop: threading.Event
@@ -58,8 +80,8 @@ def _copy(
             return skipped
 
         def copy_file(src: str, dst: str) -> str:
-            check_stop(stop)
-            return shutil.copy2(src, dst)
+            _copy_file(src, dst, stop)
+            return dst
 
         # Links inside the tree are copied as links: following them could read outside the workspace.
         shutil.copytree(source, destination, symlinks=True, ignore=ignore, copy_function=copy_file)
@@ -68,7 +90,7 @@ def _copy(
             "session's permission policy denies reading]" if left_out else ""
         )
         return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
-    shutil.copy2(source, destination)
+    _copy_file(source, destination, stop)
     return ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
 
 
