@@ -189,6 +189,33 @@ async def test_a_repository_one_call_makes_is_protected_in_the_next(start_host: 
     assert (fresh / ".git" / "config").exists() and (fresh / ".git" / "hooks").is_dir()
 
 
+async def test_what_appears_between_two_calls_is_covered_in_the_second(start_host: Any, tmp_path: Path) -> None:
+    # A session's next sandbox is built as soon as a call ends, and waits for the next call: a
+    # denied file or a repository made in the meantime (by the user, hours later) was neither
+    # hidden nor protected in it, where a sandbox built at the call's start covered both.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    host: Host = await start_host(args=("--sandbox-deny-read", str(fresh / "later.key")))
+    model = scripted(tmp_path, [
+        {"text": "First.", "tool_calls": [bash("first", "echo first")]}, {"text": "Done."},
+        {"text": "Second.", "tool_calls": [bash("read", "cat later.key"),
+                                           bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit")]},
+        {"text": "Done."},
+    ], name="between.yaml")
+    session = await host.client.create(fresh, model)
+    events = await host.client.send(session.session_id, "go", within=60)
+    assert kind(events[-1]) == "turn_finished"
+    (fresh / "later.key").write_text(host.secret_text)
+    (fresh / ".git" / "hooks").mkdir(parents=True)  # as `git init` leaves it
+    (fresh / ".git" / "config").write_text("[core]\n")
+    events = await host.client.send(session.session_id, "again", within=60)
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert host.secret_text not in results["read"].output and "Permission denied" in results["read"].output
+    assert "Read-only file system" in results["hook"].output, results["hook"]
+    assert not (fresh / ".git" / "hooks" / "pre-commit").exists()
+
+
 async def test_a_submodules_git_dir_cannot_be_redirected_either(start_host: Any, tmp_path: Path) -> None:
     # git status recurses into submodules, and reads each one's commondir as it reads the
     # repository's: a planted .git/modules/lib/commondir ran its fsmonitor on the host.

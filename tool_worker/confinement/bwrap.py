@@ -73,8 +73,7 @@ def confined_args(
         args += ["--size", size, "--tmpfs", str(directory)]
     if policy.network is NetworkAccess.ON:
         args += _resolver_args()
-    denied = [Path(os.path.realpath(p)) for p in settings.denied_paths()]
-    denied = [p for p in denied if os.path.lexists(p)]
+    denied = _existing_denied(settings)
     outside = [p for p in denied if not within(p, workspace) and not any(within(p, t) for t in TMPFS_DIRS)]
     inside = [p for p in denied if within(p, workspace) and p != workspace]
     args += _hidden(outside, fds)
@@ -100,6 +99,23 @@ def confined_args(
         "--", *command,
     ]  # fmt: skip
     return args, fds
+
+
+def layout(workspace: Path, policy: SandboxPolicy, settings: SandboxSettings) -> list[object]:
+    """What a confined sandbox's mounts depend on besides its policy: the workspace's real path,
+    the denied paths that exist (each a file or a directory), the workspace's `.git` and its
+    protected paths. A sandbox built ahead of its call is used only if this has not changed since:
+    a denied file or a repository made in between would otherwise be neither hidden nor protected."""
+    real = Path(os.path.realpath(workspace))
+    state: list[object] = [real, [(path, path.is_dir()) for path in _existing_denied(settings)]]
+    if policy.writes_workspace:
+        state += [_git_dir_pinned(real), _protected_mounts(real, settings.protect)]
+    return state
+
+
+def _existing_denied(settings: SandboxSettings) -> list[Path]:
+    denied = [Path(os.path.realpath(p)) for p in settings.denied_paths()]
+    return [p for p in denied if os.path.lexists(p)]
 
 
 # The parts of /proc that change the kernel itself. Writing them takes no capability, only the

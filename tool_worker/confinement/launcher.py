@@ -141,9 +141,11 @@ class RunningCommand:
 class _Prepared:
     """A sandbox built ahead of its call: its shell waits for the command's argv on a pipe."""
 
-    def __init__(self, command: RunningCommand, argv_fd: int) -> None:
+    def __init__(self, command: RunningCommand, argv_fd: int, layout: list[object]) -> None:
         self.command = command
         self._argv_fd: int | None = argv_fd
+        # What its mounts were built from (bwrap.layout): a call takes it only while that holds.
+        self.layout = layout
 
     async def start(self, argv: Sequence[str]) -> None:
         data = b"".join(arg.encode() + b"\0" for arg in argv)
@@ -348,7 +350,7 @@ class Sandbox:
         except Exception:
             log.exception("a sandbox built ahead failed; building one now")
             return None
-        if prepared.command.proc.poll() is not None:
+        if prepared.command.proc.poll() is not None or prepared.layout != self._layout(key[0], key[2]):
             self._discard(task)
             return None
         return prepared
@@ -383,6 +385,8 @@ class Sandbox:
         info_read, info_write = os.pipe()
         block_read, block_write = os.pipe()
         fds: list[int] = []
+        # Before the mounts are worked out: a change in between makes it differ, never match.
+        layout = self._layout(workspace, policy)
         # Runs argv once it arrives, NUL-separated; an empty pipe (a server gone) runs nothing.
         waiting_shell = [self._shell, "-c", _RUN_ARGV.format(fd=argv_read)]
         try:
@@ -405,7 +409,7 @@ class Sandbox:
             await _read_all(info_read, info)
             if not info:
                 # bwrap stopped before building anything; its message is in the output.
-                return _Prepared(RunningCommand(proc, None, None, output_read), argv_write)
+                return _Prepared(RunningCommand(proc, None, None, output_read), argv_write, layout)
             pid = json.loads(info)["child-pid"]
             pidfd = os.pidfd_open(pid)
             if self._cgroups is not None:
@@ -436,7 +440,7 @@ class Sandbox:
         finally:
             os.close(info_read)
             os.close(block_write)
-        return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write)
+        return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write, layout)
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
@@ -459,6 +463,10 @@ class Sandbox:
                 os.close(fd)
             raise
         return args, self._built_env(), fds + mounts
+
+    def _layout(self, workspace: Path, policy: SandboxPolicy) -> list[object]:
+        """What the mounts of a sandbox built now would depend on (bwrap.layout; unconfined, none)."""
+        return bwrap.layout(workspace, policy, self.settings) if policy.confined else []
 
     def _apply_rlimits(self, pid: int, policy: SandboxPolicy) -> None:
         limits = policy.limits
