@@ -280,6 +280,8 @@ class _Scan:
     fresh: set[str] = field(default_factory=set)
     hashed: int = 0
     listed: int = 0
+    # Bytes a watched rescan may still hash before it gives up (ScanTooCostly); None: no bound.
+    hash_budget: int | None = None
 
 
 def open_as_named(path: str | bytes, real_path: str | bytes | None = None) -> BinaryIO | None:
@@ -308,6 +310,12 @@ def _opened_path(descriptor: int, like: str | bytes) -> str | bytes | None:
         return os.readlink(link if isinstance(like, str) else os.fsencode(link))
     except OSError:
         return None
+
+
+class ScanTooCostly(Exception):
+    """A watched rescan given a `hash_budget` met more bytes to hash (one changed file may be
+    huge); it lost nothing: the next scan lists the whole tree. Not an OSError, which the scan
+    would take for one entry's and go on."""
 
 
 class ScanStopped(OSError):
@@ -362,11 +370,13 @@ class TreeScanner:
             self._watcher.close()
             self._watcher = None
 
-    def scan(self, *, full: bool = False) -> Tree:
+    def scan(self, *, full: bool = False, hash_budget: int | None = None) -> Tree:
         """The tree as it is now. Raises OSError when the root cannot be listed, ScanStopped when
         the scanner is closed meanwhile.
 
-        Lists only the directories whose watches saw events, unless `full` or no watch holds.
+        Lists only the directories whose watches saw events, unless `full` or no watch holds. Such
+        a scan hashes at most `hash_budget` bytes, else raises ScanTooCostly (for a caller that
+        scans on an event loop only what is cheap).
         """
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"not a directory: {self.root}")
@@ -375,6 +385,7 @@ class TreeScanner:
         dirty = None if full or self._watcher is None else self._watcher.dirty()
         if dirty is not None and "" in self._dirs:
             work.partial = True
+            work.hash_budget = hash_budget
             work.dirty, work.fresh = dirty
             work.dirty |= work.fresh
             work.touched = {""}
@@ -393,6 +404,11 @@ class TreeScanner:
             # not an internal one for every call, with a traceback each time.
             raise OSError(errno.ELOOP, "the workspace nests directories too deep to snapshot (a chain of "
                                        "several hundred): flatten it, or run these calls in the server") from None
+        except ScanTooCostly:
+            # The events it took are gone with it: the next scan lists everything again.
+            assert self._watcher is not None
+            self._watcher.lose()
+            raise
         if not work.partial:
             # Forget what vanished, so the caches never grow past the tree.
             seen = set(work.files_seen)
@@ -555,6 +571,10 @@ class TreeScanner:
             and known.mode == info.st_mode
         ):
             return known.digest
+        if work.hash_budget is not None:
+            work.hash_budget -= info.st_size
+            if work.hash_budget < 0:
+                raise ScanTooCostly(f"{relative} is {info.st_size:,} bytes to hash")
         digest, after = hash_file(path, os.path.join(work.real_root, relative.encode()), lambda: self._closed)
         work.hashed += 1
         # Stat as read: what the next scan compares against (a write during the read shows there).
@@ -659,6 +679,10 @@ class _Watcher:
         dirty, fresh = self._dirty, self._fresh
         self._dirty, self._fresh = set(), set()
         return None if self._lost else (dirty, fresh)
+
+    def lose(self) -> None:
+        """Events were taken but not acted on: until the next full scan, what changed is unknown."""
+        self._lost = True
 
     def reset(self) -> None:
         """A full scan follows: forget the events so far, and trust the watches again."""

@@ -48,6 +48,7 @@ from tool_worker.merkle import (
     Digest,
     Exclusions,
     Holding,
+    ScanTooCostly,
     SnapshotRef,
     Tree,
     TreeScanner,
@@ -78,8 +79,12 @@ SMALL_PLAN_BYTES = 256 * 1024
 # is made in a thread: planning 200,000 entries took 3 s, which on the event loop stopped the
 # worker's heartbeats (every 2 s).
 PLAN_ON_LOOP_BYTES = 64 * 1024
-# A watched rescan listing directories of this few entries runs on the event loop too.
+# A watched rescan listing directories of this few entries runs on the event loop too, unless it
+# meets more than this many bytes to hash: one file a model made huge for nothing (`truncate -s
+# 8G f`) was hashed on the loop for half a minute, the worker's heartbeats stopped and the hub
+# dropped it as lost.
 CHEAP_SCAN_ENTRIES = 256
+CHEAP_SCAN_BYTES = 4 * 1024 * 1024
 # Entries (files, directories, symlinks) a sync may create. Directory blobs form a DAG, so a few
 # kilobytes of them can name 2^40 paths: each new subtree is counted on the DAG before it is
 # walked. Well above any source tree (a large monorepo holds a few hundred thousand).
@@ -881,7 +886,10 @@ def _remove_excluded(root: str, exclusions: Exclusions) -> int:
 async def _scan(scanner: TreeScanner) -> Tree:
     pending = scanner.pending()
     if pending is not None and pending <= CHEAP_SCAN_ENTRIES:
-        return scanner.scan()
+        try:
+            return scanner.scan(hash_budget=CHEAP_SCAN_BYTES)
+        except ScanTooCostly:
+            pass  # scanned again, in a thread
     return await _in_thread(scanner.scan)
 
 

@@ -21,6 +21,7 @@ from session_server.content import STREAM_CHUNK
 from session_server.server import CodelaneServer, ServerConfig
 from tests.polling import poll_until
 from tests.workspaces.conftest import snapshot
+from tool_worker import merkle
 from tool_worker import workspaces as workspaces_module
 from tool_worker.cas import BlobMissing, CasClient, ContentError
 from tool_worker.merkle import Digest, SnapshotRef
@@ -643,3 +644,30 @@ async def test_a_big_move_plans_writes_and_checks_off_the_event_loop(setup, monk
     assert os.stat(Path(placement.path) / "file-01999.txt").st_mtime_ns == later
     placement.release()
     assert "finish" not in on_loop and "scan" not in on_loop, on_loop
+
+
+async def test_a_rescan_with_a_huge_file_to_hash_leaves_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rescan of a few changed entries runs on the loop, as cheap; one of them may be huge. A
+    # model's `truncate -s 8G f` (no disk used) had a worker hash 8 GB on its loop: its heartbeats
+    # stopped, the hub dropped it as lost and sent its call elsewhere, where the same happened.
+    (tmp_path / "small.txt").write_text("small\n")
+    scanner = workspaces_module.TreeScanner(str(tmp_path))
+    scanner.scan()
+    with (tmp_path / "big.bin").open("wb") as handle:
+        handle.truncate(workspaces_module.CHEAP_SCAN_BYTES + 1)
+    await poll_until(lambda: scanner.pending(), what="the watch to see the new file")
+    hashed_on_loop: list[str] = []
+    hash_file = merkle.hash_file
+
+    def spied(path, *arguments, **keywords):
+        if threading.current_thread() is threading.main_thread():
+            hashed_on_loop.append(os.fsdecode(path))
+        return hash_file(path, *arguments, **keywords)
+
+    monkeypatch.setattr(merkle, "hash_file", spied)
+    tree = await workspaces_module._scan(scanner)
+    assert str(tmp_path / "big.bin") not in hashed_on_loop
+    assert tree.file_count == 2 and tree.total_bytes == workspaces_module.CHEAP_SCAN_BYTES + 7
+    assert tree.digest == workspaces_module.TreeScanner(str(tmp_path), watch=False).scan().digest
