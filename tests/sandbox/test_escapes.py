@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from codelane.v1 import tools_pb2
+from tests.polling import poll_until
 from tests.sandbox.conftest import FAKE_OPENAI_KEY, Host, Listener, bash
 from tests.session.conftest import Processes, kind, scripted
 
@@ -214,6 +215,44 @@ async def test_what_appears_between_two_calls_is_covered_in_the_second(start_hos
     assert host.secret_text not in results["read"].output and "Permission denied" in results["read"].output
     assert "Read-only file system" in results["hook"].output, results["hook"]
     assert not (fresh / ".git" / "hooks" / "pre-commit").exists()
+
+
+def _sandbox_waiting_in(directory: Path) -> bool:
+    """Whether a sandbox's shell waits for its command's argv in `directory`."""
+    for entry in os.scandir("/proc"):
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if b"mapfile" in f.read() and os.readlink(f"/proc/{entry.name}/cwd") == str(directory):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+async def test_a_workspace_made_anew_between_two_calls_is_the_one_the_second_sees(
+    start_host: Any, tmp_path: Path
+) -> None:
+    # The sandbox built ahead bound the directory there was: removed and made again (a fresh
+    # clone), the next command ran in the removed one, saw none of its files and wrote nowhere.
+    host: Host = await start_host()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    model = scripted(tmp_path, [
+        {"text": "First.", "tool_calls": [bash("first", "echo first")]}, {"text": "Done."},
+        {"text": "Second.", "tool_calls": [bash("second", "cat new.txt && echo made > made.txt")]}, {"text": "Done."},
+    ], name="anew.yaml")
+    session = await host.client.create(fresh, model)
+    events = await host.client.send(session.session_id, "go", within=60)
+    assert kind(events[-1]) == "turn_finished"
+    await poll_until(lambda: _sandbox_waiting_in(fresh), what="the next call's sandbox to be built")
+    shutil.rmtree(fresh)
+    fresh.mkdir()
+    (fresh / "new.txt").write_text("new\n")
+    events = await host.client.send(session.session_id, "again", within=60)
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert results["second"].output == "new" and not results["second"].is_error, results["second"]
+    assert (fresh / "made.txt").read_text() == "made\n"
 
 
 async def test_a_submodules_git_dir_cannot_be_redirected_either(start_host: Any, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ whose server is gone (see launcher.reap_leftovers).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,15 +103,28 @@ def confined_args(
 
 
 def layout(workspace: Path, policy: SandboxPolicy, settings: SandboxSettings) -> list[object]:
-    """What a confined sandbox's mounts depend on besides its policy: the workspace's real path,
-    the denied paths that exist (each a file or a directory), the workspace's `.git` and its
-    protected paths. A sandbox built ahead of its call is used only if this has not changed since:
-    a denied file or a repository made in between would otherwise be neither hidden nor protected."""
+    """What a confined sandbox's mounts are built from besides its policy: the workspace, its
+    `.git`, the denied and protected paths and the directories above them, each with the identity
+    of what is there (device, inode, type; None when nothing is). A sandbox built ahead of its call
+    is used only if this has not changed since: a denied file or a repository made in between was
+    neither hidden nor protected in it, and a workspace removed and made again (a fresh clone)
+    left its commands in the removed directory."""
     real = Path(os.path.realpath(workspace))
-    state: list[object] = [real, [(path, path.is_dir()) for path in _existing_denied(settings)]]
+    denied = _existing_denied(settings)
+    paths = [real, real / ".git", *denied]
     if policy.writes_workspace:
-        state += [_git_dir_pinned(real), _protected_mounts(real, settings.protect)]
-    return state
+        protected = _protected_mounts(real, settings.protect)
+        inside = [p for p in denied if within(p, real) and p != real]
+        paths += [*protected, *_directories_above(real, [*protected, *inside])]
+    return [(path, _identity(path)) for path in paths]
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, stat.S_IFMT(info.st_mode)
 
 
 def _existing_denied(settings: SandboxSettings) -> list[Path]:
