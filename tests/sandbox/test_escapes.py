@@ -255,6 +255,32 @@ async def test_a_workspace_made_anew_between_two_calls_is_the_one_the_second_see
     assert (fresh / "made.txt").read_text() == "made\n"
 
 
+async def test_a_git_dir_made_anew_between_two_calls_is_protected_in_the_second(
+    start_host: Any, tmp_path: Path
+) -> None:
+    # Removed on the host, .git lost its mounts in the sandbox waiting for the next call, and the
+    # .git made in its place could take the freed inode (same identity): its hooks were writable.
+    host: Host = await start_host()
+    git = host.workspace / ".git"
+    model = scripted(tmp_path, [
+        {"text": "First.", "tool_calls": [bash("first", "echo first")]}, {"text": "Done."},
+        {"text": "Second.", "tool_calls": [bash("hook", "echo 'echo pwned' > .git/hooks/pre-commit")]},
+        {"text": "Done."},
+    ], name="git-anew.yaml")
+    session = await host.client.create(host.workspace, model)
+    events = await host.client.send(session.session_id, "go", within=60)
+    assert kind(events[-1]) == "turn_finished"
+    await poll_until(lambda: _sandbox_waiting_in(host.workspace), what="the next call's sandbox to be built")
+    shutil.rmtree(git)
+    (git / "hooks").mkdir(parents=True)
+    (git / "config").write_text("[core]\n")
+    events = await host.client.send(session.session_id, "again", within=60)
+    results = {e.tool_call_finished.call_id: e.tool_call_finished.result for e in events
+               if kind(e) == "tool_call_finished"}
+    assert "Read-only file system" in results["hook"].output, results["hook"]
+    assert not (git / "hooks" / "pre-commit").exists()
+
+
 async def test_a_submodules_git_dir_cannot_be_redirected_either(start_host: Any, tmp_path: Path) -> None:
     # git status recurses into submodules, and reads each one's commondir as it reads the
     # repository's: a planted .git/modules/lib/commondir ran its fsmonitor on the host.

@@ -102,7 +102,10 @@ def confined_args(
     return args, fds
 
 
-def layout(workspace: Path, policy: SandboxPolicy, settings: SandboxSettings) -> list[object]:
+Layout = list[tuple[Path, "tuple[int, int, int] | None"]]
+
+
+def layout(workspace: Path, policy: SandboxPolicy, settings: SandboxSettings) -> Layout:
     """What a confined sandbox's mounts are built from besides its policy: the workspace, its
     `.git`, the denied and protected paths and the directories above them, each with the identity
     of what is there (device, inode, type; None when nothing is). A sandbox built ahead of its call

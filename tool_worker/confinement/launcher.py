@@ -141,11 +141,19 @@ class RunningCommand:
 class _Prepared:
     """A sandbox built ahead of its call: its shell waits for the command's argv on a pipe."""
 
-    def __init__(self, command: RunningCommand, argv_fd: int, layout: list[object]) -> None:
+    def __init__(self, command: RunningCommand, argv_fd: int, layout: bwrap.Layout, anchors: list[int]) -> None:
         self.command = command
         self._argv_fd: int | None = argv_fd
         # What its mounts were built from (bwrap.layout): a call takes it only while that holds.
         self.layout = layout
+        # Held while it waits (see _anchors).
+        self._anchors = anchors
+
+    def release(self) -> None:
+        """Closes the anchors: once taken or discarded, it no longer waits to be checked."""
+        anchors, self._anchors = self._anchors, []
+        for fd in anchors:
+            os.close(fd)
 
     async def start(self, argv: Sequence[str]) -> None:
         data = b"".join(arg.encode() + b"\0" for arg in argv)
@@ -163,6 +171,7 @@ class _Prepared:
 
     async def discard(self) -> None:
         """Ends it unused: its shell reads an empty argv, runs nothing and exits."""
+        self.release()
         if self._argv_fd is not None:
             os.close(self._argv_fd)
             self._argv_fd = None
@@ -313,6 +322,7 @@ class Sandbox:
         prepared = await self._take_warm(key) if self._keep_warm else None
         if prepared is None:
             prepared = await self._prepare(support.bwrap, workspace, cwd, policy)
+        prepared.release()
         if self._keep_warm:
             prepared.command.on_close = lambda: self._warm_up(key)
         try:
@@ -387,6 +397,7 @@ class Sandbox:
         fds: list[int] = []
         # Before the mounts are worked out: a change in between makes it differ, never match.
         layout = self._layout(workspace, policy)
+        anchors = _anchors(layout)
         # Runs argv once it arrives, NUL-separated; an empty pipe (a server gone) runs nothing.
         waiting_shell = [self._shell, "-c", _RUN_ARGV.format(fd=argv_read)]
         try:
@@ -396,7 +407,7 @@ class Sandbox:
                 pass_fds=(argv_read, info_write, block_read, block_write, *fds), start_new_session=True, env=env,
             )
         except BaseException:
-            for fd in (argv_write, output_read, info_read, block_write):
+            for fd in (argv_write, output_read, info_read, block_write, *anchors):
                 os.close(fd)
             raise
         finally:
@@ -409,7 +420,7 @@ class Sandbox:
             await _read_all(info_read, info)
             if not info:
                 # bwrap stopped before building anything; its message is in the output.
-                return _Prepared(RunningCommand(proc, None, None, output_read), argv_write, layout)
+                return _Prepared(RunningCommand(proc, None, None, output_read), argv_write, layout, anchors)
             pid = json.loads(info)["child-pid"]
             pidfd = os.pidfd_open(pid)
             if self._cgroups is not None:
@@ -434,13 +445,13 @@ class Sandbox:
             await wait_child(proc)
             if cgroups is not None:
                 cgroups.remove()
-            os.close(argv_write)
-            os.close(output_read)
+            for fd in (argv_write, output_read, *anchors):
+                os.close(fd)
             raise
         finally:
             os.close(info_read)
             os.close(block_write)
-        return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write, layout)
+        return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write, layout, anchors)
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
@@ -464,7 +475,7 @@ class Sandbox:
             raise
         return args, self._built_env(), fds + mounts
 
-    def _layout(self, workspace: Path, policy: SandboxPolicy) -> list[object]:
+    def _layout(self, workspace: Path, policy: SandboxPolicy) -> bwrap.Layout:
         """What the mounts of a sandbox built now would depend on (bwrap.layout; unconfined, none)."""
         return bwrap.layout(workspace, policy, self.settings) if policy.confined else []
 
@@ -542,6 +553,20 @@ def reap_leftovers(owner: str) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return ended
+
+
+def _anchors(layout: bwrap.Layout) -> list[int]:
+    """O_PATH descriptors of the paths a sandbox built ahead was built from, held while it waits.
+    A path removed on the host loses its mount in the sandbox, and its inode, freed, may be the
+    very one a path made again in its place gets: held, it is never reused, so the layout check
+    sees any replacement (a .git removed and made again otherwise kept its identity, and lost its
+    protection)."""
+    anchors = []
+    for path, identity in layout:
+        if identity is not None:
+            with contextlib.suppress(OSError):
+                anchors.append(os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+    return anchors
 
 
 def _write_all_and_close(fd: int, data: bytes) -> None:
