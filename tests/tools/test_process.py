@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -105,3 +107,25 @@ async def test_two_calls_run_concurrently(call: Any, workspace: Path) -> None:
 async def test_timeout_is_bounded(call: Any) -> None:
     result = await call("bash", command="true", timeout=process.MAX_TIMEOUT_MS + 1)
     assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "timeout" in result.output
+
+
+async def test_a_planted_git_redirect_is_removed_off_the_event_loop(
+    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A command may fill the .git/commondir it plants with a million files: removing them on the
+    # event loop stalled the whole server (every session, the workers' heartbeats) for as long.
+    (workspace / ".git" / "hooks").mkdir(parents=True)
+    (workspace / ".git" / "config").write_text("[core]\n")
+    removed_on_loop: list[str] = []
+    rmtree = shutil.rmtree
+
+    def spied(path: Any, *arguments: Any, **keywords: Any) -> None:
+        if threading.current_thread() is threading.main_thread() and str(path).startswith(str(workspace)):
+            removed_on_loop.append(str(path))
+        rmtree(path, *arguments, **keywords)
+
+    monkeypatch.setattr(shutil, "rmtree", spied)
+    result = await call("bash", command="mkdir -p .git/commondir/d && touch .git/commondir/d/f && echo planted")
+    assert result.error_kind is ErrorKind.PERMISSION_DENIED and ".git/commondir removed" in result.output
+    assert not (workspace / ".git" / "commondir").exists()
+    assert removed_on_loop == []

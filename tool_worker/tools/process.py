@@ -110,7 +110,8 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     except SandboxUnavailable as exc:
         raise ToolFailure(f"{argv[0]} was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
     finally:
-        planted = remove_planted(guarded)
+        # In a thread: a command may have filled what it planted with a million files.
+        planted = await asyncio.to_thread(remove_planted, guarded) if guarded else []
     output = outcome.output.rstrip("\n") or "(no output)"
     common: dict[str, Any] = {
         "exit_code": outcome.exit_code,
