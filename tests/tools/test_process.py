@@ -15,6 +15,7 @@ import pytest
 
 from tests.polling import poll_until
 from tests.processes import all_gone, pids_with
+from tool_worker.confinement import bwrap
 from tool_worker.tools import process
 from tool_worker.tools.base import ErrorKind
 
@@ -129,3 +130,31 @@ async def test_a_planted_git_redirect_is_removed_off_the_event_loop(
     assert result.error_kind is ErrorKind.PERMISSION_DENIED and ".git/commondir removed" in result.output
     assert not (workspace / ".git" / "commondir").exists()
     assert removed_on_loop == []
+
+
+async def test_the_paths_a_sandbox_guards_are_found_off_the_event_loop(
+    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A command may make .git/modules hold 500,000 directories: each is a submodule whose hooks and
+    # config the next sandbox protects, and finding them on the event loop stalled the server
+    # (every session) for seconds at every call of that workspace, and again as its next sandbox
+    # was built ahead.
+    (workspace / ".git" / "hooks").mkdir(parents=True)
+    (workspace / ".git" / "config").write_text("[core]\n")
+    on_loop: list[str] = []
+
+    def spied(module: Any, name: str) -> None:
+        function = getattr(module, name)
+
+        def wrapper(*arguments: Any, **keywords: Any) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            return function(*arguments, **keywords)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spied(bwrap, "protected_targets")
+    spied(process, "absent_git_redirects")
+    result = await call("bash", command="echo ran")
+    assert result.output == "ran"
+    assert on_loop == []

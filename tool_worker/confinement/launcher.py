@@ -360,7 +360,9 @@ class Sandbox:
         except Exception:
             log.exception("a sandbox built ahead failed; building one now")
             return None
-        if prepared.command.proc.poll() is not None or prepared.layout != self._layout(key[0], key[2]):
+        if prepared.command.proc.poll() is not None or prepared.layout != await asyncio.to_thread(
+            self._layout, key[0], key[2]
+        ):
             self._discard(task)
             return None
         return prepared
@@ -395,13 +397,13 @@ class Sandbox:
         info_read, info_write = os.pipe()
         block_read, block_write = os.pipe()
         fds: list[int] = []
-        # Before the mounts are worked out: a change in between makes it differ, never match.
-        layout = self._layout(workspace, policy)
-        anchors = _anchors(layout)
+        anchors: list[int] = []
         # Runs argv once it arrives, NUL-separated; an empty pipe (a server gone) runs nothing.
         waiting_shell = [self._shell, "-c", _RUN_ARGV.format(fd=argv_read)]
         try:
-            args, env, fds = self._command_line(path, waiting_shell, workspace, cwd, policy, info_write, block_read)
+            layout, anchors, args, env, fds = await _settled_in_thread(
+                self._plan, path, waiting_shell, workspace, cwd, policy, info_write, block_read
+            )
             proc = start_child(
                 args, stdin=subprocess.DEVNULL, stdout=output_write, stderr=output_write,
                 pass_fds=(argv_read, info_write, block_read, block_write, *fds), start_new_session=True, env=env,
@@ -452,6 +454,20 @@ class Sandbox:
             os.close(info_read)
             os.close(block_write)
         return _Prepared(RunningCommand(proc, pidfd, cgroups, output_read), argv_write, layout, anchors)
+
+    def _plan(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
+              info_fd: int, block_fd: int) -> tuple[bwrap.Layout, list[int], list[str], dict[str, str], list[int]]:
+        """The layout, its anchors and the command line of a sandbox to build (in a thread: a
+        command may have made .git/modules hold 500,000 submodules whose paths to protect)."""
+        # Before the mounts are worked out: a change in between makes it differ, never match.
+        layout = self._layout(workspace, policy)
+        anchors = _anchors(layout)
+        try:
+            return (layout, anchors, *self._command_line(path, argv, workspace, cwd, policy, info_fd, block_fd))
+        except BaseException:
+            for fd in anchors:
+                os.close(fd)
+            raise
 
     def _command_line(self, path: str, argv: Sequence[str], workspace: Path, cwd: Path, policy: SandboxPolicy,
                       info_fd: int, block_fd: int) -> tuple[list[str], dict[str, str], list[int]]:
@@ -567,6 +583,27 @@ def _anchors(layout: bwrap.Layout) -> list[int]:
             with contextlib.suppress(OSError):
                 anchors.append(os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
     return anchors
+
+
+async def _settled_in_thread(
+    plan: Callable[..., tuple[bwrap.Layout, list[int], list[str], dict[str, str], list[int]]], *arguments: object
+) -> tuple[bwrap.Layout, list[int], list[str], dict[str, str], list[int]]:
+    """`plan(*arguments)` in a thread; when the caller is cancelled meanwhile, the descriptors the
+    thread opened (its anchors and bwrap's) are closed once it ends."""
+    running = asyncio.ensure_future(asyncio.to_thread(plan, *arguments))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        running.add_done_callback(_close_planned)
+        raise
+
+
+def _close_planned(done: asyncio.Future[tuple[bwrap.Layout, list[int], list[str], dict[str, str], list[int]]]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    _, anchors, _, _, fds = done.result()
+    for fd in (*anchors, *fds):
+        os.close(fd)
 
 
 def _write_all_and_close(fd: int, data: bytes) -> None:

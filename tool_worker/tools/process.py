@@ -104,7 +104,10 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     the output produced until then; a limit makes it RESOURCE_LIMIT, whatever else happened. A
     policy the host cannot enforce is a SANDBOX_UNAVAILABLE result, and nothing runs.
     """
-    guarded = absent_git_redirects(ctx.workspace) if ctx.policy.confined and ctx.policy.writes_workspace else []
+    guarded = []
+    if ctx.policy.confined and ctx.policy.writes_workspace:
+        # In a thread: a command may have made .git/modules hold 500,000 directories.
+        guarded = await asyncio.to_thread(absent_git_redirects, ctx.workspace)
     try:
         outcome = await _run(argv, ctx, timeout_ms / 1000)
     except SandboxUnavailable as exc:
