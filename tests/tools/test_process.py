@@ -105,6 +105,21 @@ async def test_two_calls_run_concurrently(call: Any, workspace: Path) -> None:
     assert writer.exit_code == 0 and reader.exit_code == 0 and reader.output == "one"
 
 
+async def test_a_command_longer_than_execve_takes_is_refused_saying_what_to_do(call: Any) -> None:
+    # bash -c passes the command as one argument: past Linux's MAX_ARG_STRLEN (32 pages, its NUL
+    # included) the kernel refused it and the model read only "Argument list too long" (exit 126).
+    longest = 32 * 4096 - 1
+    script = "true #" + "x" * longest
+    long = await call("bash", command=script)
+    assert long.error_kind is ErrorKind.INVALID_ARGUMENTS, long.output
+    assert long.output.startswith("the command is 131,077 bytes") and "write" in long.output, long.output
+    assert "xxx" not in long.output
+    many = await call("execute", argv=["true", *["y" * 100_000] * 30])
+    assert many.error_kind is ErrorKind.INVALID_ARGUMENTS and "total" in many.output, many.output
+    fits = await call("bash", command="true #" + "x" * (longest - 6))
+    assert fits.exit_code == 0, fits.output
+
+
 async def test_timeout_is_bounded(call: Any) -> None:
     result = await call("bash", command="true", timeout=process.MAX_TIMEOUT_MS + 1)
     assert result.error_kind is ErrorKind.INVALID_ARGUMENTS and "timeout" in result.output

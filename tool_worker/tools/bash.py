@@ -14,6 +14,7 @@ _SHELL = shutil.which("bash") or "/bin/sh"
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     timeout_ms = args.get("timeout", process.DEFAULT_TIMEOUT_MS)
+    process.check_argument(args["command"], "the command")  # named as the model knows it
     return await process.run_command([_SHELL, "-c", args["command"]], ctx, timeout_ms)
 
 
@@ -37,7 +38,12 @@ TOOL = Tool(
         parameters={
             "type": "object",
             "properties": {
-                "command": {"type": "string", "minLength": 1, "description": "The shell command to run."},
+                "command": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": f"The shell command to run, at most {process.MAX_ARGUMENT_BYTES:,} bytes (UTF-8): "
+                    "write a longer script to a file and run that.",
+                },
                 "timeout": process.TIMEOUT_SCHEMA,
             },
             "required": ["command"],

@@ -27,6 +27,12 @@ MAX_OUTPUT_CHARS = 30_000
 # After the command exits, how long output still in flight may take to arrive.
 _DRAIN_SECONDS = 0.5
 _READ_CHUNK = 64 * 1024
+# Linux's limits on what execve takes: one argument at most 32 pages (MAX_ARG_STRLEN, its NUL
+# included), all of them with the environment at most ARG_MAX. Past them the command fails with
+# "Argument list too long" (exit 126), which names neither the limit nor what to do instead.
+MAX_ARGUMENT_BYTES = 32 * 4096 - 1
+# What the arguments may take of ARG_MAX: the rest is left to the command's environment.
+_ENVIRONMENT_ROOM = 64 * 1024
 
 # What the model is told about the sandbox (the session's mode may relax or tighten it).
 SANDBOX_NOTE = (
@@ -89,6 +95,31 @@ class _Outcome:
     limits_hit: list[Limit]
 
 
+def check_argument(argument: str, what: str) -> int:
+    """The argument's size in bytes; ToolFailure (INVALID_ARGUMENTS) when execve takes no argument
+    that long. `what` names it for the model ("the command", "argument 3")."""
+    size = len(argument.encode("utf-8", "surrogateescape"))
+    if size > MAX_ARGUMENT_BYTES:
+        raise ToolFailure(
+            f"{what} is {size:,} bytes: the system runs no command with an argument over {MAX_ARGUMENT_BYTES:,} "
+            "bytes; write it to a file (the write tool) and pass the file's path instead",
+            ErrorKind.INVALID_ARGUMENTS,
+        )
+    return size
+
+
+def _check_argv_size(argv: Sequence[str]) -> None:
+    """ToolFailure (INVALID_ARGUMENTS) for arguments longer than execve takes."""
+    total = sum(check_argument(argument, f"argument {index}") + 1 for index, argument in enumerate(argv))
+    room = os.sysconf("SC_ARG_MAX") - _ENVIRONMENT_ROOM
+    if total > room:
+        raise ToolFailure(
+            f"the arguments total {total:,} bytes: the system runs no command with more than {room:,}; "
+            "write them to a file (the write tool) and pass its path",
+            ErrorKind.INVALID_ARGUMENTS,
+        )
+
+
 _LIMIT_TEXT = {
     Limit.PROCESSES: "the process limit ({limits.processes} processes) was reached: forks failed",
     Limit.MEMORY: "the memory limit ({memory}) was reached: the kernel killed a process",
@@ -104,6 +135,7 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     the output produced until then; a limit makes it RESOURCE_LIMIT, whatever else happened. A
     policy the host cannot enforce is a SANDBOX_UNAVAILABLE result, and nothing runs.
     """
+    _check_argv_size(argv)
     guarded = []
     if ctx.policy.confined and ctx.policy.writes_workspace:
         # In a thread: a command may have made .git/modules hold 500,000 directories.
