@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -653,7 +654,13 @@ class WorkspaceManager:
             else:
                 store.take_in(path, digest, room, keep)
         for relative in plan.mkdir:
-            os.makedirs(os.path.join(tree.path, relative), exist_ok=True)
+            path = os.path.join(tree.path, relative)
+            os.makedirs(path, exist_ok=True)
+            # A symlink the scan does not see (under an excluded path, or one a case-insensitive
+            # filesystem takes for this name) passed for the directory: what the snapshot puts
+            # under it went wherever it points, outside the tree.
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                _through_link(relative)
 
     async def _fill(self, tree: _Tree, plan: _Plan, *, inline: bool = False) -> None:
         """Writes every new file: from the blob store when it has the content, else fetched."""
@@ -724,8 +731,14 @@ class WorkspaceManager:
                 continue
             for relative, executable, mtime_ns in plan.writes[digest]:
                 path = os.path.join(tree.path, relative)
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                     0o777 if executable else 0o666)
+                try:
+                    # O_NOFOLLOW: a symlink in the file's place (see `_prepare`) is not written through.
+                    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                         0o777 if executable else 0o666)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        _through_link(relative)
+                    raise
                 try:
                     _write_all(descriptor, data)
                     os.utime(descriptor, ns=(mtime_ns, mtime_ns))
@@ -746,6 +759,8 @@ class WorkspaceManager:
                     os.replace(blob.path, path)
                     first = path
                 else:
+                    if os.path.islink(path):  # copyfile would write through it (see `_prepare`)
+                        _through_link(relative)
                     shutil.copyfile(first, path)
                 mode = os.lstat(path).st_mode & 0o7777
                 if executable:
@@ -788,6 +803,13 @@ class WorkspaceManager:
 
 
 _RETIRED = ".evicted-"
+
+
+def _through_link(relative: str) -> None:
+    raise WorkspaceUnavailable(
+        f"the snapshot names {relative!r} where the copy holds a symlink its scan does not see (an excluded path, "
+        "or a name a case-insensitive filesystem takes for another): nothing is written through it; it was not used"
+    )
 
 
 def _reentered(workspace: str, relative: str) -> str:

@@ -246,6 +246,48 @@ async def test_a_snapshot_naming_paths_outside_its_tree_is_refused(setup, tmp_pa
     assert manager.holdings[str(target)].mode == "unavailable"
 
 
+def _node(blob: bytes) -> reapi.Digest:
+    return reapi.Digest(hash=Digest.of(blob).hash, size_bytes=len(blob))
+
+
+@pytest.mark.parametrize("through", ["directory", "file", "copy"])
+async def test_a_symlink_the_scan_does_not_see_is_never_written_through(setup, tmp_path: Path, through: str) -> None:
+    # A first snapshot leaves a symlink under an excluded path (.codelane/**): the check scan does
+    # not see it, so the snapshot is refused, but the link stays. A second one names a directory
+    # or a file there: the worker made the directory (makedirs took the link for it), or opened
+    # the file, through the link, and wrote outside its tree.
+    _, _, manager, channel = setup
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    payload = b"written through the link\n"
+    if through == "directory":
+        link = reapi.SymlinkNode(name="x", target=str(outside))
+        sub = reapi.Directory(files=[reapi.FileNode(name="pwn", digest=_node(payload))]).SerializeToString()
+        second = reapi.Directory(directories=[reapi.DirectoryNode(name="x", digest=_node(sub))])
+        extra = [sub]
+    else:
+        link = reapi.SymlinkNode(name="x", target=str(outside / "pwn"))
+        # "copy": a blob too large for a batch arrives spooled; its first path takes the spool by
+        # a rename, its second is a copy of that.
+        names = ["a", "x"] if through == "copy" else ["x"]
+        second = reapi.Directory(files=[reapi.FileNode(name=n, digest=_node(payload)) for n in names])
+        extra = []
+        if through == "copy":
+            manager.configure(CasClient(channel, max_batch_bytes=8), manager.exclusions.patterns)
+    roots = []
+    for inner in (reapi.Directory(symlinks=[link]).SerializeToString(), second.SerializeToString()):
+        roots.append(reapi.Directory(directories=[reapi.DirectoryNode(name=".codelane", digest=_node(inner))])
+                     .SerializeToString())
+        extra.append(inner)
+    await _upload(channel, payload, *extra, *roots)
+    target = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match="does not match"):
+        await manager.place(SnapshotRef(str(target), Digest.of(roots[0]), Digest.of(b"")))
+    with pytest.raises(WorkspaceUnavailable, match="symlink"):
+        await manager.place(SnapshotRef(str(target), Digest.of(roots[1]), Digest.of(b"")))
+    assert list(outside.iterdir()) == []
+
+
 def _a_thread_waits_to_open_a_fifo() -> bool:
     """Whether a thread of this process is blocked opening a FIFO for writing (no reader yet)."""
     for wchan in Path("/proc/self/task").glob("*/wchan"):
