@@ -93,6 +93,11 @@ MAX_SNAPSHOT_ENTRIES = 5_000_000
 # Largest Directory (or DirectoryTimes) blob a worker fetches: each is held whole in memory before
 # its digest is checked, and no --cache-size counts it. A directory of 600,000 entries fits.
 MAX_DIRECTORY_BLOB_BYTES = 64 * 1024 * 1024
+# All the new Directory and DirectoryTimes blobs of one snapshot, held in memory together while
+# it is planned: about what MAX_SNAPSHOT_ENTRIES entries take (~125 bytes each, both blobs).
+# Without it a snapshot of many distinct directories (one level of a thousand, each of a single
+# 64 MiB name) had the worker fetch and hold them all before any count could refuse it.
+MAX_SNAPSHOT_DIRECTORY_BYTES = 1024 * 1024 * 1024
 # A name in a Directory: one path component.
 _PLAIN_NAME = re.compile(r"[^/\0]+")
 # Arguments that name paths (the built-in tools' and the convention for plugins): absolute paths
@@ -575,12 +580,19 @@ class WorkspaceManager:
         known[EMPTY_HASH] = b""
         # (digest, is a content Directory rather than a DirectoryTimes)
         frontier = [(snapshot.digest, True), (snapshot.times_digest, False)]
+        fetched = 0
         while frontier:
-            missing = [d for d, _ in frontier if d.hash not in known]
+            missing = list({d.hash: d for d, _ in frontier if d.hash not in known}.values())
             oversized = [d for d in missing if not 0 <= d.size <= MAX_DIRECTORY_BLOB_BYTES]
             if oversized:
                 raise ContentError(f"the snapshot names directory blob {oversized[0]}, larger than the "
                                    f"{MAX_DIRECTORY_BLOB_BYTES:,} bytes a directory may take (or of a negative size)")
+            # Counted before the fetch, from the sizes the digests state (the CAS client holds a
+            # blob to its stated size).
+            fetched += sum(d.size for d in missing)
+            if fetched > MAX_SNAPSHOT_DIRECTORY_BYTES:
+                raise ContentError(f"the snapshot's new directory blobs take more than the "
+                                   f"{MAX_SNAPSHOT_DIRECTORY_BYTES:,} bytes a worker holds to plan a sync")
             if missing:
                 assert self.cas is not None
                 known.update(await self.cas.read(missing))

@@ -482,6 +482,26 @@ async def test_a_directory_blob_claimed_bigger_than_any_directory_is_refused_bef
         await manager.place(SnapshotRef(str(target), root, Digest.of(b"")))
 
 
+async def test_directory_blobs_past_their_total_bound_are_refused_before_their_fetch(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each directory blob was bounded, not their sum: one level of distinct directories (a
+    # thousand of 64 MiB, each one long name) was fetched and held whole in memory before the
+    # entry count or any other check. Here the children are not even in the CAS: refused before
+    # they are asked for, not SnapshotChanged.
+    _, _, manager, channel = setup
+    monkeypatch.setattr(workspaces_module, "MAX_SNAPSHOT_DIRECTORY_BYTES", 100_000)
+    root = reapi.Directory(directories=[
+        reapi.DirectoryNode(name=f"d{i:02d}", digest=reapi.Digest(hash=f"{i:02d}" * 32, size_bytes=10_000))
+        for i in range(20)
+    ]).SerializeToString()
+    await _upload(channel, root)
+    target = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match="directory blobs take more than") as refused:
+        await manager.place(SnapshotRef(str(target), Digest.of(root), Digest.of(b"")))
+    assert not isinstance(refused.value, SnapshotChanged)
+
+
 async def test_a_snapshot_with_an_exclusion_pattern_rule_2_calls_invalid_is_refused_not_guessed(setup) -> None:
     # workspace.proto, rule 2: the server sends no invalid pattern; a worker given one runs
     # nothing on that snapshot and says which pattern (not SNAPSHOT_CHANGED: a newer snapshot of
