@@ -1012,6 +1012,11 @@ def _entries(content: bytes | None, times: bytes | None):
     names = [n.name for n in (*directory.files, *directory.directories, *directory.symlinks)]
     if len(set(names)) != len(names) or any(not _PLAIN_NAME.fullmatch(n) or n in (".", "..") for n in names):
         raise ContentError(f"a directory of the snapshot has a malformed or repeated name among {names[:20]}")
+    # No symlink holds an empty target or a NUL (readlink gives neither): os.symlink refused the
+    # NUL with a ValueError once the files were written, taken for a bug of the worker.
+    bad = [s.name for s in directory.symlinks if not s.target or "\0" in s.target]
+    if bad:
+        raise ContentError(f"a directory of the snapshot has a malformed (empty, or NUL) symlink target for {bad[:20]}")
     # Sizes count against --cache-size as they are planned: a negative one would hide a huge one.
     bad = [n.name for n in (*directory.files, *directory.directories) if n.digest.size_bytes < 0]
     if bad:

@@ -288,6 +288,21 @@ async def test_a_symlink_the_scan_does_not_see_is_never_written_through(setup, t
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize("target", ["a\0b", ""])
+async def test_a_symlink_with_an_empty_or_nul_target_is_refused_as_malformed(
+    setup, tmp_path: Path, target: str
+) -> None:
+    # A NUL reached os.symlink once every file was written: a ValueError, reported as a bug of the
+    # worker ("syncing failed: ValueError: embedded null byte") with its traceback logged.
+    _, _, manager, channel = setup
+    root = reapi.Directory(symlinks=[reapi.SymlinkNode(name="link", target=target)]).SerializeToString()
+    await _upload(channel, root)
+    target_dir = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match="malformed"):
+        await manager.place(SnapshotRef(str(target_dir), Digest.of(root), Digest.of(b"")))
+    assert manager.holdings[str(target_dir)].mode == "unavailable"
+
+
 def _a_thread_waits_to_open_a_fifo() -> bool:
     """Whether a thread of this process is blocked opening a FIFO for writing (no reader yet)."""
     for wchan in Path("/proc/self/task").glob("*/wchan"):
