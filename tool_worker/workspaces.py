@@ -997,6 +997,14 @@ def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Pla
             f"the snapshot {snapshot.digest} of {snapshot.workspace} names more than {MAX_SNAPSHOT_ENTRIES:,} new "
             "entries (files, directories and symlinks): more than a worker materializes; it was not used"
         ) from None
+    except RecursionError:
+        # One frame per level: past a thousand levels, deeper than any snapshot a server's scan
+        # makes (merkle.TreeScanner.scan stops at several hundred). A plain refusal, not a bug of
+        # the worker with a traceback.
+        raise WorkspaceUnavailable(
+            f"the snapshot {snapshot.digest} of {snapshot.workspace} nests directories deeper than a worker "
+            "materializes (a chain of about a thousand); it was not used"
+        ) from None
     return plan
 
 

@@ -407,6 +407,23 @@ async def test_a_snapshot_whose_shared_subtrees_name_too_many_paths_is_refused_b
     assert manager.holdings[str(target)].mode == "unavailable"
 
 
+async def test_a_snapshot_nesting_directories_past_the_stack_is_refused_plainly(setup, tmp_path: Path) -> None:
+    # A chain of 1,500 directories (1,500 small blobs) ran the planner out of stack: a
+    # RecursionError, reported as a bug of the worker with its traceback.
+    _, _, manager, channel = setup
+    level = b""
+    blobs = []
+    for _ in range(1500):
+        level = reapi.Directory(directories=[reapi.DirectoryNode(name="a", digest=_node(level))]).SerializeToString()
+        blobs.append(level)
+    for start in range(0, len(blobs), 500):
+        await _upload(channel, *blobs[start:start + 500])
+    target = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match="nests directories deeper"):
+        await manager.place(SnapshotRef(str(target), Digest.of(level), Digest.of(b"")))
+    assert manager.holdings[str(target)].mode == "unavailable"
+
+
 class _EndlessByteStream(bytestream_pb2_grpc.ByteStreamServicer):
     """A CAS whose every stream goes on past the blob's size (up to `limit` chunks)."""
 
