@@ -1039,9 +1039,19 @@ def _entries(content: bytes | None, times: bytes | None):
 
 
 def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes | None,
-          new_content: bytes, new_times: bytes, old_blobs: dict[str, bytes], new_blobs: dict[str, bytes]) -> None:
+          new_content: bytes, new_times: bytes, old_blobs: dict[str, bytes], new_blobs: dict[str, bytes],
+          counted: bool = False) -> None:
+    """`counted`: a directory of a new subtree, whose entries were counted with it."""
     old_files, old_dirs, old_links = _entries(old_content, old_times)
     new_files, new_dirs, new_links = _entries(new_content, new_times)
+    if not counted:
+        # The files and symlinks a directory that stays (the root always) gains count too: only
+        # new subtrees were counted, so one root Directory blob wrote 600,000 files unbounded.
+        plan.new_entries += sum(1 for name, (digest, _, _) in new_files.items()
+                                if name not in old_files or old_files[name][0] != digest)
+        plan.new_entries += sum(1 for name, target in new_links.items() if old_links.get(name) != target)
+        if plan.new_entries > MAX_SNAPSHOT_ENTRIES:
+            raise _TooManyEntries
     for name, (digest, _, _) in old_files.items():
         if name not in new_files or new_files[name][0] != digest:
             plan.remove.append((prefix + name, digest))
@@ -1081,7 +1091,8 @@ def _diff(plan: _Plan, prefix: str, old_content: bytes | None, old_times: bytes 
         _diff(plan, f"{prefix}{name}/",
               old_blobs.get(old[0].hash) if old else None,
               old_blobs.get(old[1].hash) if old and old[1] else None,
-              new_blobs[digest.hash], new_blobs[times_digest.hash] if times_digest else b"", old_blobs, new_blobs)
+              new_blobs[digest.hash], new_blobs[times_digest.hash] if times_digest else b"", old_blobs, new_blobs,
+              counted=counted or old is None)
 
 
 def _entry_count(root: Digest, blobs: dict[str, bytes], counts: dict[str, int]) -> int:

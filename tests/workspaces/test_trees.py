@@ -424,6 +424,22 @@ async def test_a_snapshot_nesting_directories_past_the_stack_is_refused_plainly(
     assert manager.holdings[str(target)].mode == "unavailable"
 
 
+async def test_the_entries_a_directory_that_stays_gains_count_against_the_bound(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only new subtrees were counted: the root's own files (one Directory blob of up to 64 MiB,
+    # 600,000 files) were written whatever the bound.
+    _, _, manager, channel = setup
+    monkeypatch.setattr(workspaces_module, "MAX_SNAPSHOT_ENTRIES", 10)
+    root = reapi.Directory(files=[reapi.FileNode(name=f"f{i:03d}", digest=_node(b"x")) for i in range(50)])
+    blob = root.SerializeToString()
+    await _upload(channel, blob, b"x")
+    target = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match="more than 10 new entries"):
+        await manager.place(SnapshotRef(str(target), Digest.of(blob), Digest.of(b"")))
+    assert not found(Path(manager.slot), "f000")
+
+
 class _EndlessByteStream(bytestream_pb2_grpc.ByteStreamServicer):
     """A CAS whose every stream goes on past the blob's size (up to `limit` chunks)."""
 
