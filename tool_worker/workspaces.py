@@ -497,9 +497,9 @@ class WorkspaceManager:
             directories = await self._directories(current, snapshot)
             new = sum(len(blob) for digest, blob in directories.items() if digest not in current.blobs)
             if new <= PLAN_ON_LOOP_BYTES:
-                plan = _plan(current, snapshot, directories)
+                plan = _plan(current, snapshot, directories, exclusions)
             else:
-                plan = await asyncio.to_thread(_plan, current, snapshot, directories)
+                plan = await asyncio.to_thread(_plan, current, snapshot, directories, exclusions)
             planned = time.perf_counter()
             need = plan.disk_bytes
             # Counted at once, before any await: a sync of another workspace running meanwhile
@@ -985,9 +985,13 @@ class _Plan:
         return changes <= SMALL_PLAN_CHANGES and sum(d.size for d in self.writes) <= SMALL_PLAN_BYTES
 
 
-def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Plan:
+def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes], exclusions: Exclusions) -> _Plan:
     """What turns the tree held (`current`) into the snapshot's; `disk_bytes` starts from what is
-    held and follows the changes, so planning costs what changed, not the tree's size."""
+    held and follows the changes, so planning costs what changed, not the tree's size.
+
+    WorkspaceUnavailable for a snapshot naming a path its `exclusions` leave out, which no scan
+    puts in one: written, it stayed in the copy unseen by every later scan (so no check refused
+    the snapshots after it) and readable by the tools run there."""
     plan = _Plan(disk_bytes=current.disk_bytes)
     try:
         _diff(plan, "", current.blobs.get(current.digest.hash), current.blobs.get(current.times_digest.hash),
@@ -1005,6 +1009,14 @@ def _plan(current: Tree, snapshot: SnapshotRef, blobs: dict[str, bytes]) -> _Pla
             f"the snapshot {snapshot.digest} of {snapshot.workspace} nests directories deeper than a worker "
             "materializes (a chain of about a thousand); it was not used"
         ) from None
+    written = (*plan.mkdir, *(path for paths in plan.writes.values() for path, _, _ in paths),
+               *(path for path, _ in plan.symlinks))
+    left_out = next((path for path in written if exclusions.excluded(path)), None)
+    if left_out is not None:
+        raise WorkspaceUnavailable(
+            f"the snapshot {snapshot.digest} of {snapshot.workspace} names {left_out!r}, which its exclusions "
+            f"({', '.join(exclusions.patterns)}) leave out: no scan makes such a snapshot; it was not used"
+        )
     return plan
 
 

@@ -250,57 +250,62 @@ def _node(blob: bytes) -> reapi.Digest:
     return reapi.Digest(hash=Digest.of(blob).hash, size_bytes=len(blob))
 
 
-@pytest.mark.parametrize("through", ["directory", "file", "copy"])
-async def test_a_symlink_the_scan_does_not_see_is_never_written_through(setup, tmp_path: Path, through: str) -> None:
-    # A first snapshot leaves a symlink under an excluded path (.codelane/**): the check scan does
-    # not see it, so the snapshot is refused, but the link stays. A second one names a directory
-    # or a file there: the worker made the directory (makedirs took the link for it), or opened
-    # the file, through the link, and wrote outside its tree.
+@pytest.mark.parametrize("excluded", [".codelane/x", ".git/objects/pack"])
+async def test_a_snapshot_naming_an_excluded_path_is_refused_before_anything_is_written(
+    setup, tmp_path: Path, excluded: str
+) -> None:
+    # No scan puts an excluded path in a snapshot. Written, it stayed in the copy unseen by every
+    # later scan (so the snapshots after it passed their check) and readable by the tools run
+    # there; a symlink there (.codelane/x -> /outside) was the way a next one wrote outside.
     _, _, manager, channel = setup
+    payload = b"planted\n"
+    inner = reapi.Directory(files=[reapi.FileNode(name="planted", digest=_node(payload))]).SerializeToString()
+    tree = inner
+    parts = excluded.split("/")
+    blobs = [inner]
+    for name in reversed(parts):
+        tree = reapi.Directory(directories=[reapi.DirectoryNode(name=name, digest=_node(tree))]).SerializeToString()
+        blobs.append(tree)
+    await _upload(channel, payload, *blobs)
+    target = _victim(tmp_path)
+    with pytest.raises(WorkspaceUnavailable, match=f"names '{excluded}', which its exclusions"):
+        await manager.place(SnapshotRef(str(target), Digest.of(tree), Digest.of(b"")))
+    assert found(Path(manager.cache_dir), "planted") == []
+
+
+@pytest.mark.parametrize("through", ["directory", "file", "copy"])
+def test_a_symlink_the_scan_does_not_see_is_never_written_through(setup, tmp_path: Path, through: str) -> None:
+    # Where a symlink the scan does not see stands in a written path's place (a name that a
+    # case-insensitive filesystem takes for another, which no plan check can rule out), the
+    # worker made the directory through it (makedirs took the link for it), or opened the file
+    # through it, and wrote outside its tree.
+    manager = setup[2]
     outside = tmp_path / "outside"
     outside.mkdir()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    tree = workspaces_module._Tree(path=str(copy), scanner=merkle.TreeScanner(str(copy), merkle.Exclusions()))
     payload = b"written through the link\n"
+    digest = Digest.of(payload)
+    plan = workspaces_module._Plan()
     if through == "directory":
-        link = reapi.SymlinkNode(name="x", target=str(outside))
-        sub = reapi.Directory(files=[reapi.FileNode(name="pwn", digest=_node(payload))]).SerializeToString()
-        second = reapi.Directory(directories=[reapi.DirectoryNode(name="x", digest=_node(sub))])
-        extra = [sub]
+        (copy / "X").symlink_to(outside)
+        plan.mkdir.append("X")
+        with pytest.raises(WorkspaceUnavailable, match="symlink"):
+            manager._prepare(tree, plan, 0, set())
     else:
-        link = reapi.SymlinkNode(name="x", target=str(outside / "pwn"))
-        # "copy": a blob too large for a batch arrives spooled; its first path takes the spool by
-        # a rename, its second is a copy of that.
-        names = ["a", "x"] if through == "copy" else ["x"]
-        second = reapi.Directory(files=[reapi.FileNode(name=n, digest=_node(payload)) for n in names])
-        extra = []
-        if through == "copy":
-            manager.configure(CasClient(channel, max_batch_bytes=8), manager.exclusions.patterns)
-    roots = []
-    for inner in (reapi.Directory(symlinks=[link]).SerializeToString(), second.SerializeToString()):
-        roots.append(reapi.Directory(directories=[reapi.DirectoryNode(name=".codelane", digest=_node(inner))])
-                     .SerializeToString())
-        extra.append(inner)
-    await _upload(channel, payload, *extra, *roots)
-    target = _victim(tmp_path)
-    with pytest.raises(WorkspaceUnavailable, match="does not match"):
-        await manager.place(SnapshotRef(str(target), Digest.of(roots[0]), Digest.of(b"")))
-    with pytest.raises(WorkspaceUnavailable, match="symlink"):
-        await manager.place(SnapshotRef(str(target), Digest.of(roots[1]), Digest.of(b"")))
+        (copy / "X").symlink_to(outside / "pwn")
+        if through == "file":
+            plan.writes[digest] = [("X", False, 0)]
+            blob: bytes | workspaces_module.SpooledBlob = payload
+        else:  # a spooled blob's first path takes the spool by a rename, its others are copies
+            plan.writes[digest] = [("a", False, 0), ("X", False, 0)]
+            spool = tmp_path / "spool"
+            spool.write_bytes(payload)
+            blob = workspaces_module.SpooledBlob(str(spool))
+        with pytest.raises(WorkspaceUnavailable, match="symlink"):
+            manager._write_batch(tree, plan, [(digest, blob)])
     assert list(outside.iterdir()) == []
-
-
-@pytest.mark.parametrize("target", ["a\0b", ""])
-async def test_a_symlink_with_an_empty_or_nul_target_is_refused_as_malformed(
-    setup, tmp_path: Path, target: str
-) -> None:
-    # A NUL reached os.symlink once every file was written: a ValueError, reported as a bug of the
-    # worker ("syncing failed: ValueError: embedded null byte") with its traceback logged.
-    _, _, manager, channel = setup
-    root = reapi.Directory(symlinks=[reapi.SymlinkNode(name="link", target=target)]).SerializeToString()
-    await _upload(channel, root)
-    target_dir = _victim(tmp_path)
-    with pytest.raises(WorkspaceUnavailable, match="malformed"):
-        await manager.place(SnapshotRef(str(target_dir), Digest.of(root), Digest.of(b"")))
-    assert manager.holdings[str(target_dir)].mode == "unavailable"
 
 
 def _a_thread_waits_to_open_a_fifo() -> bool:
