@@ -71,7 +71,7 @@ from tool_worker.effects import EVERYTHING, Effects, EffectsFunction, in_workspa
 from tool_worker.merkle import SnapshotRef
 from tool_worker.registry import ToolRegistry, parse_arguments
 from tool_worker.telemetry import logs as log_context
-from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec, bound_result
+from tool_worker.tools.base import ErrorKind, Lane, ToolResult, ToolSpec, bound_result, call_deadline
 from tool_worker.worker_only import worker_only_hint
 
 log = logging.getLogger(__name__)
@@ -626,9 +626,14 @@ class Turn:
         timeout = ctx.settings.lane_timeout(call.lane)
         try:
             async with asyncio.timeout(timeout):
-                result = await ctx.registry.execute(
-                    call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths, policy=ctx.settings.sandbox
-                )
+                deadline = call_deadline.set(asyncio.get_running_loop().time() + timeout)
+                try:
+                    result = await ctx.registry.execute(
+                        call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths,
+                        policy=ctx.settings.sandbox,
+                    )
+                finally:
+                    call_deadline.reset(deadline)
         except TimeoutError:
             result = ToolResult.error(
                 ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",

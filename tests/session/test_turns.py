@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.admission import Limits
@@ -433,6 +434,22 @@ async def test_delete_cancels_the_running_turn(client: Client, workspace: Path, 
         watch.cancel()
     assert await all_gone(mark)
     assert (await rpc_error(client.get(sid))).code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_command_cut_off_by_the_sessions_time_limit_returns_its_output_so_far(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # The lane's time limit (3 s) is shorter than the command's own (the default 120 s): the
+    # command was cut off from outside, and the model read only "bash timed out after 3s".
+    command = "echo started here; sleep 100"
+    model = scripted(tmp_path, [{"tool_calls": [call("bash", "c_1", command=command)]}, {"text": "ok"}])
+    limit = duration_pb2.Duration(seconds=3)
+    queue = session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE, timeout=limit)])
+    session = await client.create(workspace, model, queue=queue)
+    events = await client.send(session.session_id, "go")
+    result = _by_call(events, "tool_call_finished")["c_1"].tool_call_finished.result
+    assert result.error_kind == tools_pb2.ERROR_KIND_TIMEOUT, result.output
+    assert result.output.startswith("started here\n") and "time limit the session sets" in result.output
 
 
 async def test_max_turns_ends_the_turn(client: Client, workspace: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ and from the wire in `tool_worker.wire`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -141,6 +142,13 @@ def _default_sandbox() -> Sandbox:
     from tool_worker.confinement.launcher import default_sandbox
 
     return default_sandbox()
+
+
+# When the running call must have ended, on the event loop's clock (None: no limit beyond the
+# tool's own), set by whoever runs it under a time limit of its own. A tool that winds down with
+# what it has (a command killed, its output so far returned) aims to be done by then: cut off
+# from outside instead, it returned nothing of it.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 from tool_worker.confinement.launcher import RunningCommand, SandboxUnavailable
 from tool_worker.confinement.policy import Limit, SandboxPolicy
 from tool_worker.confinement.protected import absent_git_redirects, remove_planted
-from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure, ToolResult
+from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure, ToolResult, call_deadline
 
 DEFAULT_TIMEOUT_MS = 120_000
 MAX_TIMEOUT_MS = 600_000
@@ -26,6 +26,10 @@ MAX_TIMEOUT_MS = 600_000
 MAX_OUTPUT_CHARS = 30_000
 # After the command exits, how long output still in flight may take to arrive.
 _DRAIN_SECONDS = 0.5
+# What ending a command takes once its time is up: the kill, then the output still in flight
+# (_DRAIN_SECONDS, twice at most). A call's own deadline (call_deadline) ends the command this much
+# before it, so that its output so far is returned rather than cut off with the call.
+_WIND_DOWN_SECONDS = 2 * _DRAIN_SECONDS
 _READ_CHUNK = 64 * 1024
 # Linux's limits on what execve takes: one argument at most 32 pages (MAX_ARG_STRLEN, its NUL
 # included), all of them with the environment at most ARG_MAX. Past them the command fails with
@@ -140,8 +144,14 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     if ctx.policy.confined and ctx.policy.writes_workspace:
         # In a thread: a command may have made .git/modules hold 500,000 directories.
         guarded = await asyncio.to_thread(absent_git_redirects, ctx.workspace)
+    limit, stopped_by = timeout_ms / 1000, f"after {timeout_ms} ms"
+    deadline = call_deadline.get()
+    if deadline is not None:
+        left = deadline - asyncio.get_running_loop().time() - _WIND_DOWN_SECONDS
+        if left < limit:
+            limit, stopped_by = max(left, 0.0), "at the time limit the session sets for a call"
     try:
-        outcome = await _run(argv, ctx, timeout_ms / 1000)
+        outcome = await _run(argv, ctx, limit)
     except SandboxUnavailable as exc:
         raise ToolFailure(f"{argv[0]} was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
     finally:
@@ -163,12 +173,12 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     if outcome.limits_hit:
         common["metadata"] = {"limits_hit": [limit.value for limit in outcome.limits_hit]}
         notes = "; ".join(_limit_text(limit, ctx.policy) for limit in outcome.limits_hit)
-        ending = f"timed out after {timeout_ms} ms, " if outcome.timed_out else ""
+        ending = f"timed out {stopped_by}, " if outcome.timed_out else ""
         return ToolResult.error(ErrorKind.RESOURCE_LIMIT, f"{output}\n\n[{ending}{notes}]", **common)
     if outcome.timed_out:
         return ToolResult.error(
             ErrorKind.TIMEOUT,
-            f"{output}\n\n[timed out after {timeout_ms} ms; the command and its child processes were killed]",
+            f"{output}\n\n[timed out {stopped_by}; the command and its child processes were killed]",
             **common,
         )
     if outcome.exit_code is not None and outcome.exit_code < 0:
