@@ -153,9 +153,11 @@ async def test_the_paths_a_sandbox_guards_are_found_off_the_event_loop(
     # A command may make .git/modules hold 500,000 directories: each is a submodule whose hooks and
     # config the next sandbox protects, and finding them on the event loop stalled the server
     # (every session) for seconds at every call of that workspace, and again as its next sandbox
-    # was built ahead.
+    # was built ahead. (Without .git/modules there are a few paths to look at, found on the loop:
+    # cheaper than the hop to a thread.)
     (workspace / ".git" / "hooks").mkdir(parents=True)
     (workspace / ".git" / "config").write_text("[core]\n")
+    (workspace / ".git" / "modules" / "sub").mkdir(parents=True)
     on_loop: list[str] = []
 
     def spied(module: Any, name: str) -> None:

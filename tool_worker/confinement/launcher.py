@@ -39,6 +39,7 @@ from tool_worker.confinement import bwrap
 from tool_worker.confinement.cgroups import CallCgroups, CgroupsUnavailable, CgroupTree
 from tool_worker.confinement.children import fd_readable, start_child, wait_child
 from tool_worker.confinement.policy import Limit, SandboxPolicy, SandboxSettings
+from tool_worker.confinement.protected import off_the_loop_if_submodules
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 
 log = logging.getLogger("codelane.sandbox")
@@ -360,8 +361,8 @@ class Sandbox:
         except Exception:
             log.exception("a sandbox built ahead failed; building one now")
             return None
-        if prepared.command.proc.poll() is not None or prepared.layout != await asyncio.to_thread(
-            self._layout, key[0], key[2]
+        if prepared.command.proc.poll() is not None or prepared.layout != await off_the_loop_if_submodules(
+            key[0], self._layout, key[0], key[2]
         ):
             self._discard(task)
             return None

@@ -17,7 +17,7 @@ from typing import Any
 
 from tool_worker.confinement.launcher import RunningCommand, SandboxUnavailable
 from tool_worker.confinement.policy import Limit, SandboxPolicy
-from tool_worker.confinement.protected import absent_git_redirects, remove_planted
+from tool_worker.confinement.protected import absent_git_redirects, off_the_loop_if_submodules, remove_planted
 from tool_worker.tools.base import ErrorKind, ToolContext, ToolFailure, ToolResult, call_deadline
 
 DEFAULT_TIMEOUT_MS = 120_000
@@ -142,8 +142,7 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     _check_argv_size(argv)
     guarded = []
     if ctx.policy.confined and ctx.policy.writes_workspace:
-        # In a thread: a command may have made .git/modules hold 500,000 directories.
-        guarded = await asyncio.to_thread(absent_git_redirects, ctx.workspace)
+        guarded = await off_the_loop_if_submodules(ctx.workspace, absent_git_redirects, ctx.workspace)
     limit, stopped_by = timeout_ms / 1000, f"after {timeout_ms} ms"
     deadline = call_deadline.get()
     if deadline is not None:
@@ -155,8 +154,8 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     except SandboxUnavailable as exc:
         raise ToolFailure(f"{argv[0]} was not run: {exc}", ErrorKind.SANDBOX_UNAVAILABLE) from None
     finally:
-        # In a thread: a command may have filled what it planted with a million files.
-        planted = await asyncio.to_thread(remove_planted, guarded) if guarded else []
+        # In a thread when something was planted: a command may have filled it with a million files.
+        planted = await asyncio.to_thread(remove_planted, guarded) if any(map(os.path.lexists, guarded)) else []
     output = outcome.output.rstrip("\n") or "(no output)"
     common: dict[str, Any] = {
         "exit_code": outcome.exit_code,
