@@ -361,6 +361,9 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
             "the default model %s needs $%s, which is not set in the server's environment: its turns will fail "
             "(401) until the server is started with it", config.model, key)
     print(f"codelane server listening on {server.address}", flush=True)
+    # Each further --listen too: one of port 0 got a free port that only this line tells.
+    for address, port in zip(config.extra_listen, server.ports[1:], strict=True):
+        print(f"codelane server also listening on {address.rsplit(':', 1)[0]}:{port}", flush=True)
     if server.metrics_port:
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)
     if server.health_port:

@@ -262,6 +262,24 @@ def test_the_server_says_listening_once(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_the_server_says_the_port_of_each_listen(tmp_path: Path) -> None:
+    # A second --listen of port 0 (a LAN address for workers, say) got a free port nobody was told.
+    proc = _server(tmp_path, "--local-workers", "0", "--listen", "127.0.0.2:0", "--health-listen", "127.0.0.1:0")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert re.fullmatch(r"codelane server listening on 127\.0\.0\.1:\d+\n", first), first
+        second = proc.stdout.readline()
+        assert re.fullmatch(r"codelane server also listening on 127\.0\.0\.2:\d+\n", second), second
+        assert proc.stdout.readline().startswith("codelane server health on port ")  # in that order
+        with Client(second.split()[-1], timeout=10) as client:
+            assert client.health() == "SERVING"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=CLI_TIMEOUT)
+    assert proc.returncode == 0
+
+
 def test_the_server_takes_the_old_workers_spelling(tmp_path: Path) -> None:
     proc = _server(tmp_path, "--workers", "1")
     try:
