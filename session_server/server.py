@@ -287,6 +287,7 @@ class CodelaneServer:
             heartbeat_timeout=config.heartbeat_timeout,
             no_worker_wait=config.no_worker_wait,
             on_worker_lost=lambda cause: self.metrics.workers_lost.labels(cause).inc(),
+            on_refused=lambda limit: self.metrics.admission_refusals.labels(limit).inc(),
             server_execute_tools=frozenset(spec.name for spec in self.registry.specs(Lane.EXECUTE)),
             server_tools=frozenset(self.registry.names()),
             max_tools=config.max_tools,
@@ -670,7 +671,10 @@ class _ServerState:
 
     def admission(self) -> dict[str, tuple[int, int]]:
         admission = self._server.admission
-        return admission.usage() if admission is not None else {}
+        usage = admission.usage() if admission is not None else {}
+        # A limit of the pool's (a worker's Hello), not of work admitted: the same series, so that
+        # workers refused at it show.
+        return {**usage, "max_tools": self._server.pool.tool_usage()}
 
     def serving(self) -> dict[str, bool]:
         return self._server.readiness.conditions()

@@ -41,6 +41,7 @@ from session_server.pool.types import (
     LinkFault,
     PoolClosed,
     QueryCall,
+    TooManyTools,
     WorkerLink,
     WorkerRegistration,
     WorkerSnapshot,
@@ -87,6 +88,7 @@ class WorkerPool:
         no_worker_wait: float = DEFAULT_NO_WORKER_WAIT,
         clock: Callable[[], float] = time.monotonic,
         on_worker_lost: Callable[[str], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
         server_execute_tools: frozenset[str] = frozenset(),
         server_tools: frozenset[str] = frozenset(),
         max_tools: int = 0,
@@ -109,8 +111,9 @@ class WorkerPool:
         self._monitor: asyncio.Task[None] | None = None
         self._pumping = False
         self._closed = False
-        # Hears the cause of each worker that leaves (for metrics).
+        # Hears the cause of each worker that leaves, and the limit of each refused (for metrics).
         self._on_worker_lost = on_worker_lost
+        self._on_refused = on_refused
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,13 +145,22 @@ class WorkerPool:
         """
         if self._closed:
             raise PoolClosed
-        old = self._workers.holder(reg)
+        try:
+            old = self._workers.holder(reg)
+        except TooManyTools:
+            if self._on_refused:
+                self._on_refused("max_tools")
+            raise
         if old is not None:
             self._lose(old, "its connection was replaced by the worker's reconnection", "replaced")
             old.link.close("replaced by the worker's reconnection", LinkFault.REPLACED)
         worker = self._workers.add(reg, link)
         self._pump()
         return worker.reconnect_token
+
+    def tool_usage(self) -> tuple[int, int]:
+        """(tool names offered to models now, the most that may be: --max-tools, 0 for none)."""
+        return self._workers.tool_usage()
 
     def unregister(self, worker_id: str, link: WorkerLink, reason: str, cause: str = "disconnected") -> None:
         """The worker's stream ended (`cause`: a short code, e.g. "drained", "stream_broken").

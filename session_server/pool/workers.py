@@ -175,13 +175,23 @@ class WorkerDirectory:
         names already offered adds capacity, not names, and always joins."""
         if not self._max_tools:
             return
-        offered = set(self._server_tools)
-        for worker in self._workers.values():
-            if worker.id != reg.worker_id and not worker.draining:
-                offered.update(worker.tools)
+        offered = self._offered(leaving=reg.worker_id)
         new_names = [spec.name for spec in reg.tools if spec.name not in offered]
         if new_names and len(offered) + len(new_names) > self._max_tools:
             raise TooManyTools(self._max_tools, len(offered), new_names)
+
+    def _offered(self, leaving: str = "") -> set[str]:
+        """The tool names models are offered: the server's own and its ready workers' (but
+        `leaving`'s, the worker a registration replaces)."""
+        offered = set(self._server_tools)
+        for worker in self._workers.values():
+            if worker.id != leaving and not worker.draining:
+                offered.update(worker.tools)
+        return offered
+
+    def tool_usage(self) -> tuple[int, int]:
+        """(tool names offered now, --max-tools), as the admission limits report theirs."""
+        return len(self._offered()), self._max_tools
 
     def _check_specs(self, reg: WorkerRegistration) -> None:
         """ToolSpecConflict when a ready worker (other than the one this registration replaces)

@@ -258,6 +258,29 @@ async def test_a_codelane_worker_logs_a_stopping_hub_at_info(make_server, proces
         "): retrying\n"), line
 
 
+async def test_max_tools_is_in_the_admission_metrics_as_every_limit(make_server) -> None:
+    # docs/deploy.md: codelane_admission_limit / _in_use / _refusals_total by limit, "each limit";
+    # --max-tools was in none of them, so a pool refusing workers at it looked idle.
+    server: InProcess = await make_server()
+    own = len(server.server.registry.names())
+    await server.server.stop(grace=1)
+    server = await make_server(max_tools=own + 1)
+    registry = server.server.metrics.registry
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name, {"limit": "max_tools"})
+
+    assert (sample("codelane_admission_limit"), sample("codelane_admission_in_use")) == (own + 1, own)
+    first = RawWorker(server.client, "first", echo_spec())
+    assert (await first.read()).HasField("welcome")
+    assert sample("codelane_admission_in_use") == own + 1
+    over = RawWorker(server.client, "over", named(echo_spec(), "shout"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await over.read()
+    assert sample("codelane_admission_refusals_total") == 1
+    first.half_close()
+
+
 async def test_a_codelane_worker_refused_at_max_tools_retries_and_says_so_once(make_server, processes) -> None:
     server: InProcess = await make_server()
     own = len(server.server.registry.names())
