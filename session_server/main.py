@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     content = p.add_argument_group("workspaces by content (see docs/workspaces.md)")
     content.add_argument("--snapshot-exclude", action="append", default=None, metavar="PATTERN", type=_pattern,
                          help="leave paths matching PATTERN out of workspace snapshots (repeatable; default "
-                              f"{' '.join(DEFAULT_EXCLUDES)})")
+                              f"{' '.join(DEFAULT_EXCLUDES)}, which patterns given replace)")
     content.add_argument("--cas", default="", metavar="ADDR", type=_cas_address,
                          help="upload workspace snapshots to this REAPI v2 CAS (host:port, grpc:// or grpcs://) and "
                               "have workers fetch from it, instead of serving them from this server")
