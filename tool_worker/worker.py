@@ -283,7 +283,9 @@ class ToolWorker:
                         if time.monotonic() - id_taken_since > ID_TAKEN_PATIENCE:
                             print(f"codelane worker: {exc}", file=sys.stderr)
                             return EXIT_REJECTED
-                        log.warning("%s; retrying", exc)
+                        # Said once a minute, as a refusal that stands, not at every attempt.
+                        why = str(exc)
+                        log.log(logging.DEBUG if self._told_lately(why) else logging.WARNING, "%s; retrying", why)
                     else:
                         print(f"codelane worker: the hub rejected this worker ({exc.code.name}): {exc}",
                               file=sys.stderr)

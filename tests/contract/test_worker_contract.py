@@ -490,3 +490,27 @@ async def test_a_snapshot_not_ready_within_the_calls_deadline_ends_the_call(
     assert result.error_kind == tools_pb2.ERROR_KIND_TIMEOUT
     assert "snapshot for a worker was not ready within the call's 0.05s" in result.output, result.output
     assert kind(events[-1]) == "turn_finished"
+
+
+async def test_a_codelane_worker_whose_id_is_taken_retries_and_says_so_once(make_server, processes) -> None:
+    # Until ID_TAKEN_PATIENCE passes (its own earlier stream may still be held), a worker whose id
+    # another live worker has retries; it logged a WARNING at every attempt of the backoff.
+    server: InProcess = await make_server()
+    holder = RawWorker(server.client, "w-taken", echo_spec())
+    assert (await holder.read()).HasField("welcome")
+    proc = spawn(processes, "tool_worker", "--connect", f"127.0.0.1:{server.server.port}", "--id", "w-taken",
+                 "--log-level", "DEBUG")
+
+    def refusals(count: int) -> list[str]:
+        seen = []
+        while len(seen) < count and (line := proc.stderr.readline().decode()):
+            if "is held by a connected worker" in line:
+                seen.append(line)
+        return seen
+
+    lines = await asyncio.wait_for(asyncio.to_thread(refusals, 3), 60)
+    assert len(lines) == 3, lines
+    assert " worker WARNING " in lines[0] and lines[0].endswith("; retrying\n"), lines
+    assert all(" worker DEBUG " in line for line in lines[1:]), lines
+    assert proc.poll() is None
+    holder.half_close()
