@@ -552,7 +552,10 @@ class CodelaneServer:
                 delay = LOCAL_WORKER_RESTART_DELAY
                 log.info("local worker %s %s; starting a new one", worker_id, how)
                 continue
-            log.warning("local worker %s %s; starting a new one in %.1fs", worker_id, how, delay)
+            # Exit 0 is a drain (an operator's `codelane drain`): no fault to warn of, though a
+            # quick one still waits, lest a worker that exits at once be restarted in a loop.
+            log.log(logging.INFO if code == 0 else logging.WARNING, "local worker %s %s; starting a new one in %.1fs",
+                    worker_id, how, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, LOCAL_WORKER_RESTART_MAX)
 

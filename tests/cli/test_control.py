@@ -4,6 +4,7 @@ the local workers a server keeps running."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
 from codelane import __version__
 from codelane import events as ev
@@ -211,7 +213,10 @@ def _wait(predicate, what: str) -> None:
     wait_until(predicate, what=what, within=CLI_TIMEOUT, interval=0.05)
 
 
-def test_a_drained_or_killed_local_worker_is_reaped_and_replaced(make_server, workspace: Path) -> None:
+def test_a_drained_or_killed_local_worker_is_reaped_and_replaced(
+    make_server, workspace: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="codelane.server")
     server = make_server(local_workers=2)
     before = server.server.local_worker_pids()
     with Client(server.address, timeout=10) as client:
@@ -226,6 +231,9 @@ def test_a_drained_or_killed_local_worker_is_reaped_and_replaced(make_server, wo
     with Client(server.address, timeout=10) as client:
         _wait(lambda: any(w.worker_id == "local-2" and not w.draining and w.connected > connected_before
                           for w in client.list_workers()), "the new local-2 to connect")
+    # An operator's drain is no fault (the worker exits 0): it was a WARNING, as a crash is.
+    levels = [r.levelname for r in caplog.records if r.getMessage().startswith("local worker local-2 exited with 0;")]
+    assert levels == ["INFO"], levels
 
     os.kill(before["local-1"], 9)  # a crash
     _wait(lambda: server.server.local_worker_pids().get("local-1") not in (None, before["local-1"]),
