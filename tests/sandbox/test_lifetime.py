@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,38 @@ async def test_a_command_cancelled_while_its_argv_is_handed_over_is_ended(tmp_pa
         await starting
     assert await all_gone(mark), "the command of a cancelled start runs on"
     assert _owned(owner) == []
+
+
+async def test_a_call_cancelled_while_its_sandbox_built_ahead_is_checked_ends_that_sandbox(tmp_path: Path) -> None:
+    # A repository with submodules has the layout of a sandbox built ahead checked in a thread. A
+    # call cancelled (or out of time) meanwhile had taken that sandbox from the warm ones: it was
+    # neither used nor ended, and waited for its argv until the server stopped.
+    (tmp_path / ".git" / "modules").mkdir(parents=True)
+    sandbox = Sandbox(keep_warm=True)
+    sandbox.start()
+    owner = sandbox.settings.owner
+    policy = sandbox.settings.default_policy()
+    first = await sandbox.start_command(["true"], workspace=tmp_path, cwd=tmp_path, policy=policy)
+    os.close(first.output_fd)
+    await first.close()
+    await sandbox.warmed()
+    assert _owned(owner), "no sandbox was built ahead: nothing to check"
+    checking, release = threading.Event(), threading.Event()
+    layout = sandbox._layout
+
+    def held_layout(*arguments: Any) -> Any:
+        checking.set()
+        release.wait()
+        return layout(*arguments)
+
+    sandbox._layout = held_layout  # type: ignore[method-assign]
+    starting = asyncio.create_task(sandbox.start_command(["true"], workspace=tmp_path, cwd=tmp_path, policy=policy))
+    try:
+        await poll_until(checking.is_set, what="the layout check of the sandbox built ahead", interval=0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+    finally:
+        release.set()
+    await poll_until(lambda: not _owned(owner), what="the sandbox built ahead to end")
+    await sandbox.aclose()

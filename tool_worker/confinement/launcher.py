@@ -361,9 +361,16 @@ class Sandbox:
         except Exception:
             log.exception("a sandbox built ahead failed; building one now")
             return None
-        if prepared.command.proc.poll() is not None or prepared.layout != await off_the_loop_if_submodules(
-            key[0], self._layout, key[0], key[2]
-        ):
+        try:
+            current = prepared.command.proc.poll() is None and prepared.layout == await off_the_loop_if_submodules(
+                key[0], self._layout, key[0], key[2]
+            )
+        except BaseException:
+            # Taken from the warm ones, it is this call's to end: cancelled (or failed) during the
+            # check, in a thread, it waited unused for its argv until the server stopped.
+            self._discard(task)
+            raise
+        if not current:
             self._discard(task)
             return None
         return prepared
