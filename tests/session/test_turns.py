@@ -452,6 +452,21 @@ async def test_a_command_cut_off_by_the_sessions_time_limit_returns_its_output_s
     assert result.output.startswith("started here\n") and "time limit the session sets" in result.output
 
 
+async def test_a_quick_command_runs_whole_under_a_short_time_limit_of_the_session(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # The lane's time limit is 1 s, which a quick command keeps well within: the second kept to end
+    # a command cut off with its output was taken whole from it, and every command was killed at
+    # once ("timed out at the time limit the session sets").
+    model = scripted(tmp_path, [{"tool_calls": [call("bash", "c_1", command="echo quick")]}, {"text": "ok"}])
+    limit = duration_pb2.Duration(seconds=1)
+    queue = session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(lane=tools_pb2.LANE_EXECUTE, timeout=limit)])
+    session = await client.create(workspace, model, queue=queue)
+    events = await client.send(session.session_id, "go")
+    result = _by_call(events, "tool_call_finished")["c_1"].tool_call_finished.result
+    assert result.exit_code == 0 and result.output == "quick", result.output
+
+
 async def test_max_turns_ends_the_turn(client: Client, workspace: Path, tmp_path: Path) -> None:
     looping = {"text": "Again.", "tool_calls": [call("read", file_path="a.txt")]}
     model = scripted(tmp_path, [looping, looping, looping, {"text": "never reached"}])

@@ -28,7 +28,8 @@ MAX_OUTPUT_CHARS = 30_000
 _DRAIN_SECONDS = 0.5
 # What ending a command takes once its time is up: the kill, then the output still in flight
 # (_DRAIN_SECONDS, twice at most). A call's own deadline (call_deadline) ends the command this much
-# before it, so that its output so far is returned rather than cut off with the call.
+# before it (half of what is left, when that is less), so that its output so far is returned rather
+# than cut off with the call.
 _WIND_DOWN_SECONDS = 2 * _DRAIN_SECONDS
 _READ_CHUNK = 64 * 1024
 # Linux's limits on what execve takes: one argument at most 32 pages (MAX_ARG_STRLEN, its NUL
@@ -146,7 +147,10 @@ async def run_command(argv: Sequence[str], ctx: ToolContext, timeout_ms: int) ->
     limit, stopped_by = timeout_ms / 1000, f"after {timeout_ms} ms"
     deadline = call_deadline.get()
     if deadline is not None:
-        left = deadline - asyncio.get_running_loop().time() - _WIND_DOWN_SECONDS
+        left = deadline - asyncio.get_running_loop().time()
+        # Half of a short limit at most: taken whole from a limit of 1 s, every command (even
+        # `true`) was killed at once.
+        left -= min(_WIND_DOWN_SECONDS, left / 2)
         if left < limit:
             limit, stopped_by = max(left, 0.0), "at the time limit the session sets for a call"
     try:

@@ -303,8 +303,8 @@ class LaneConfig(_message.Message):
         """Deadline of each call in this lane. Unset means the server default (Query 60 s,
         Execute 10 min; a bash call's own timeout argument still applies). Set, from 0.001 s to 24 h
         (zero is INVALID_ARGUMENT, field config.queue.lanes[i].timeout). A bash or execute command
-        this deadline would cut off is killed 1 s before it, and its result (ERROR_KIND_TIMEOUT)
-        carries the output it gave until then.
+        this deadline would cut off is killed 1 s before it (half of it, under 2 s), and its result
+        (ERROR_KIND_TIMEOUT) carries the output it gave until then.
         """
 
     def __init__(
