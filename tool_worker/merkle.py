@@ -314,8 +314,8 @@ def _opened_path(descriptor: int, like: str | bytes) -> str | bytes | None:
 
 class ScanTooCostly(Exception):
     """A watched rescan given a `hash_budget` met more bytes to hash (one changed file may be
-    huge); it lost nothing: the next scan lists the whole tree. Not an OSError, which the scan
-    would take for one entry's and go on."""
+    huge); it lost nothing: the events it took are back for the next scan. Not an OSError, which
+    the scan would take for one entry's and go on."""
 
 
 class ScanStopped(OSError):
@@ -405,9 +405,10 @@ class TreeScanner:
             raise OSError(errno.ELOOP, "the workspace nests directories too deep to snapshot (a chain of "
                                        "several hundred): flatten it, or run these calls in the server") from None
         except ScanTooCostly:
-            # The events it took are gone with it: the next scan lists everything again.
-            assert self._watcher is not None
-            self._watcher.lose()
+            # The events it took are given back: the next scan (in a thread) lists what they name
+            # again. Lost, it listed the whole tree, at every call after a big file changed.
+            assert self._watcher is not None and dirty is not None
+            self._watcher.give_back(*dirty)
             raise
         if not work.partial:
             # Forget what vanished, so the caches never grow past the tree.
@@ -680,9 +681,10 @@ class _Watcher:
         self._dirty, self._fresh = set(), set()
         return None if self._lost else (dirty, fresh)
 
-    def lose(self) -> None:
-        """Events were taken but not acted on: until the next full scan, what changed is unknown."""
-        self._lost = True
+    def give_back(self, dirty: set[str], fresh: set[str]) -> None:
+        """Events `dirty()` gave that were not acted on: the next call gives them again."""
+        self._dirty |= dirty
+        self._fresh |= fresh
 
     def reset(self) -> None:
         """A full scan follows: forget the events so far, and trust the watches again."""

@@ -786,3 +786,20 @@ async def test_a_rescan_with_a_huge_file_to_hash_leaves_the_event_loop(
     assert str(tmp_path / "big.bin") not in hashed_on_loop
     assert tree.file_count == 2 and tree.total_bytes == workspaces_module.CHEAP_SCAN_BYTES + 7
     assert tree.digest == workspaces_module.TreeScanner(str(tmp_path), watch=False).scan().digest
+
+
+async def test_a_rescan_with_a_huge_file_to_hash_lists_only_what_changed(tmp_path: Path) -> None:
+    # Moved to a thread, the rescan of a few changed entries with one big file (a log a command
+    # appends to, past 4 MiB) listed the whole tree again: the events it took were dropped, so
+    # every call after such a change cost a full listing of the workspace, however large.
+    for i in range(20):
+        (tmp_path / f"dir-{i:02d}").mkdir()
+        (tmp_path / f"dir-{i:02d}" / "a.txt").write_text("a\n")
+    scanner = workspaces_module.TreeScanner(str(tmp_path))
+    scanner.scan()
+    with (tmp_path / "dir-00" / "big.log").open("wb") as handle:
+        handle.truncate(workspaces_module.CHEAP_SCAN_BYTES + 1)
+    await poll_until(lambda: scanner.pending(), what="the watch to see the new file")
+    tree = await workspaces_module._scan(scanner)
+    assert scanner.last_listed <= 2, scanner.last_listed  # dir-00 (and the root holding it)
+    assert tree.digest == workspaces_module.TreeScanner(str(tmp_path), watch=False).scan().digest
