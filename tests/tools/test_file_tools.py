@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tool_worker.tools import edit, read
-from tool_worker.tools.base import ErrorKind
+from tool_worker.tools import copy, edit, read
+from tool_worker.tools.base import ErrorKind, ToolFailure
 from tool_worker.tools.write import INLINE_WRITE_CHARS
 
 
@@ -237,3 +238,31 @@ async def test_a_utf16_file_is_read_decoded_and_edit_says_what_to_do(call: Any, 
     assert window.output.splitlines()[:2] == ["  1999\t" + "x" * 40, "  2000\t" + "x" * 40]
     edited = await call("edit", file_path="le.txt", old_string="first", new_string="1st")
     assert edited.is_error and "is UTF-16 text" in edited.output and "iconv" in edited.output
+
+
+@pytest.mark.parametrize("end", ["source", "destination"])
+def test_copy_never_waits_on_a_fifo_put_in_place_of_a_file(tmp_path: Path, end: str) -> None:
+    # A command beside the call may swap a file it was about to copy (or the destination it
+    # cleared) for a FIFO: an open() of it waits for the other end for ever, where the call's stop
+    # flag cannot reach it. Called directly, as the swap would leave it.
+    source, destination = tmp_path / "source", tmp_path / "destination"
+    os.mkfifo(source if end == "source" else destination)
+    if end == "destination":
+        source.write_text("data\n")
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            copy._copy_file(source, destination, threading.Event(), "source")
+            outcome.append(None)
+        except BaseException as exc:  # what it raised is the outcome
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)  # a regression leaves it blocked, not the run
+    worker.start()
+    worker.join(30)
+    assert outcome, "the copy blocked opening a FIFO"
+    if end == "source":
+        assert isinstance(outcome[0], ToolFailure) and "FIFO" in str(outcome[0]), outcome
+    else:
+        assert isinstance(outcome[0], OSError), outcome

@@ -20,6 +20,7 @@ from tool_worker.tools.files import (
     check_stop,
     describe_file_type,
     make_parents,
+    open_regular,
     remove_existing,
     run_stoppable,
     source_destination_schema,
@@ -31,20 +32,24 @@ from tool_worker.tools.files import (
 _CHUNK_BYTES = 1024 * 1024
 
 
-def _copy_file(source: str | Path, destination: str | Path, stop: threading.Event) -> None:
+def _copy_file(source: str | Path, destination: str | Path, stop: threading.Event, shown: str) -> None:
     """copy2 (content, then mode and times), checking `stop` before each chunk; a copy stopped
-    mid-way is removed."""
-    with open(source, "rb") as src, open(destination, "wb") as dst:
-        try:
-            while True:
-                check_stop(stop)
-                chunk = src.read(_CHUNK_BYTES)
-                if not chunk:
-                    break
-                dst.write(chunk)
-        except BaseException:
-            os.unlink(destination)
-            raise
+    mid-way is removed. Neither end is opened so that it could block: a command running beside
+    the call may have put a FIFO in the place of either since it was looked at (shown as `shown`),
+    and an open() waiting for a FIFO's other end is out of reach of `stop`."""
+    with open_regular(source, shown) as src:
+        descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        with os.fdopen(descriptor, "wb") as dst:
+            try:
+                while True:
+                    check_stop(stop)
+                    chunk = src.read(_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+            except BaseException:
+                os.unlink(destination)
+                raise
     shutil.copystat(source, destination)
 
 
@@ -80,7 +85,7 @@ def _copy(
             return skipped
 
         def copy_file(src: str, dst: str) -> str:
-            _copy_file(src, dst, stop)
+            _copy_file(src, dst, stop, relative_to_root(ctx.root, src) or src)
             return dst
 
         # Links inside the tree are copied as links: following them could read outside the workspace.
@@ -90,7 +95,7 @@ def _copy(
             "session's permission policy denies reading]" if left_out else ""
         )
         return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
-    _copy_file(source, destination, stop)
+    _copy_file(source, destination, stop, shown[0])
     return ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
 
 
