@@ -333,6 +333,7 @@ class WorkspaceManager:
                 slot = os.path.join(self.cache_dir, str(index))
                 try:
                     os.makedirs(slot, exist_ok=True)
+                    _adopt_unslotted(self.cache_dir, slot)
                     self._orphans = _left_trees(os.path.join(slot, "trees"))
                 except BaseException:
                     os.close(lock)
@@ -861,6 +862,32 @@ def _retire_path(path: str) -> str | None:
         log.warning("cannot remove the copy %s: %s", path, exc)
         return None
     return retired
+
+
+def _adopt_unslotted(cache_dir: str, slot: str) -> None:
+    """Moves into `slot` the trees and blob store a worker from before the slots (up to
+    2026-12-04) kept in the cache directory itself: left there, an upgraded worker never reused,
+    counted or deleted them (up to --cache-size of disk lost on each host). The first slot claimed
+    takes them; one that already has its own deletes them. A worker that old takes no lock: it
+    must not run on this cache directory with slotted ones, which it would write under too."""
+    for name in ("trees", "blobs"):
+        unslotted = os.path.join(cache_dir, name)
+        if not stat.S_ISDIR(_lstat_mode(unslotted)):
+            continue
+        try:
+            os.rename(unslotted, os.path.join(slot, name))  # onto nothing or an empty directory
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(unslotted, ignore_errors=True)
+        log.info("took over the %s an earlier worker left in %s", name, unslotted)
+
+
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _left_trees(directory: str) -> dict[str, int]:

@@ -188,6 +188,56 @@ async def test_copies_an_earlier_worker_left_are_reused_counted_and_go_first(set
         third.close()
 
 
+async def test_copies_a_worker_from_before_cache_slots_left_are_reused_counted_and_go_first(
+    setup, tmp_path: Path
+) -> None:
+    """Workers before the cache slots (releases up to 2026-12-04) kept their trees and blob store
+    in the cache directory itself: upgraded in place, a worker left them there for good, never
+    reused and outside --cache-size (10 GiB by default on every host)."""
+    _, server, _, channel = setup
+    cache = tmp_path / "upgraded-cache"
+    spaces = {}
+    for name in ("x", "y"):
+        spaces[name] = tmp_path / f"space-{name}"
+        spaces[name].mkdir()
+        (spaces[name] / "data.bin").write_bytes(name.encode() * 100_000)
+
+    async def sync(manager: WorkspaceManager, name: str) -> Path:
+        placement = await manager.place(await snapshot(server, spaces[name]))
+        assert (Path(placement.path) / "data.bin").read_bytes() == name.encode() * 100_000
+        placement.release()
+        return Path(placement.path)
+
+    def worker(cache_size: int) -> WorkspaceManager:
+        manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(cache), cache_size=cache_size)
+        manager.configure(CasClient(channel), server.snapshots.excludes)
+        return manager
+
+    first = worker(250_000)
+    x_copy = await sync(first, "x")
+    first.close()
+    # The layout the old worker left: <cache>/trees/<key>-<n> and <cache>/blobs, no slot.
+    for name in ("trees", "blobs"):
+        (cache / "0" / name).rename(cache / name)
+    (cache / "0").rmdir()
+    (cache / "0.lock").unlink()
+    old_copy = cache / "trees" / x_copy.name
+
+    second = worker(250_000)
+    assert await sync(second, "x") == x_copy  # the old copy, moved into the slot
+    second.close()
+    assert not (cache / "trees").exists() and not (cache / "blobs").exists() and not old_copy.exists()
+
+    for name in ("trees", "blobs"):
+        (cache / "0" / name).rename(cache / name)
+    third = worker(150_000)  # the old copy counts: room for y only once it goes
+    try:
+        y_copy = await sync(third, "y")
+        assert present(y_copy) and not present(old_copy) and not present(x_copy)
+    finally:
+        third.close()
+
+
 async def test_what_an_earlier_worker_left_is_measured_off_the_event_loop(
     setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
