@@ -17,7 +17,7 @@ import grpc
 from codelane import __version__
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from session_server.api.decoding import UndecodableMessage
-from session_server.api.errors import abort
+from session_server.api.errors import MAX_MESSAGE_BYTES, MAX_METADATA_VALUE_BYTES, abort, bounded
 from session_server.pool import (
     Assignment,
     InvalidRegistration,
@@ -211,6 +211,15 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
     )
 
 
+def _log_refusal(hello: worker_pb2.Hello, context: grpc.aio.ServicerContext, reason: str, exc: Exception) -> None:
+    """Says in the server's log which worker was refused and why: a worker of an older release
+    logs only the status code, and retries for ever, so this is where an operator upgrading one
+    side first learns what stands in the way. Once per Hello; a refused worker retries at most
+    every 10 s."""
+    log.warning("worker %s from %s refused (%s): %s", bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES) or "(no id)",
+                context.peer(), reason, bounded(str(exc), MAX_MESSAGE_BYTES))
+
+
 async def _connection_closed(context: grpc.aio.ServicerContext, link: _StreamLink) -> bool:
     """Whether requests that ended without Draining ended with the connection (a killed process)
     rather than by the worker's half-close: gRPC reports both as the end of the requests. A
@@ -243,13 +252,17 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             reg = registration_from_hello(first.hello, context.peer())
             reconnect_token = self._pool.register(reg, link)
         except InvalidRegistration as exc:
+            _log_refusal(first.hello, context, "INVALID_HELLO", exc)
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
         except WorkerIdTaken as exc:
+            _log_refusal(first.hello, context, "WORKER_ID_TAKEN", exc)
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
         except ToolSpecConflict as exc:
+            _log_refusal(first.hello, context, "TOOL_SPEC_CONFLICT", exc)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
                         tool_name=exc.tool_name, worker_id=exc.holder_id)
         except TooManyTools as exc:
+            _log_refusal(first.hello, context, "AT_CAPACITY", exc)
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "AT_CAPACITY", limit="max_tools",
                         value=str(exc.limit))
         except PoolClosed as exc:

@@ -177,6 +177,25 @@ async def test_a_worker_offering_a_tool_under_another_spec_is_refused_at_hello(m
     renamed.half_close()
 
 
+async def test_a_worker_refused_at_hello_is_logged_by_the_server_with_why(make_server, caplog) -> None:
+    """A worker of an older release (say, left running when the server and its local workers were
+    upgraded) logs only "unavailable (FAILED_PRECONDITION): retrying", for ever: the server's log
+    is where the operator learns which tool and which worker stand in the way."""
+    server: InProcess = await make_server()
+    client = server.client
+    first = RawWorker(client, "first", echo_spec())
+    assert (await first.read()).HasField("welcome")
+    caplog.set_level("WARNING", logger="session_server.api.hub")
+
+    other = RawWorker(client, "older", echo_spec("Echo the text, louder."))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await other.read()
+    [record] = [r for r in caplog.records if r.name == "session_server.api.hub"]
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert "older" in message and "TOOL_SPEC_CONFLICT" in message and "drain the workers with the old spec" in message
+
+
 def named(spec: tools_pb2.ToolSpec, name: str) -> tools_pb2.ToolSpec:
     renamed = tools_pb2.ToolSpec()
     renamed.CopyFrom(spec)
