@@ -109,8 +109,11 @@ class SessionSettings:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
-        """Reads `to_dict`'s output; keys a newer or older server wrote are ignored or defaulted."""
+    def from_dict(cls, data: dict[str, Any], default_sandbox: SandboxPolicy | None = None) -> SessionSettings:
+        """Reads `to_dict`'s output; keys a newer or older server wrote are ignored or defaulted.
+        `default_sandbox`: the policy of a session stored before sandboxes existed (releases before
+        2026-12-03 stored none), the server's default as a session created now gets: without it,
+        the built-in workspace-write, whatever --sandbox the operator chose."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("query_mode", "execute_mode"):
             if key in known:
@@ -125,6 +128,8 @@ class SessionSettings:
                 limits=ResourceLimits(**stored["limits"]),
                 env=tuple(sorted(stored["env"].items())),
             )
+        elif default_sandbox is not None:
+            known["sandbox"] = default_sandbox
         return cls(**known)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from session_server.config import (
     InvalidArgument,
     SessionSettings,
     SettingsRequest,
+    build_sandbox_policy,
     build_settings,
     refuse_server_paths,
     resolve_workspace,
@@ -78,6 +80,7 @@ from session_server.store import (
 )
 from session_server.telemetry import Telemetry
 from session_server.workspace_locks import WorkspaceLocks
+from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import ErrorKind, ToolResult
 
@@ -454,7 +457,7 @@ class SessionManager:
             # is stored resolved, but a command of a session on a directory above may since have
             # put a symlink in its place.
             refuse_server_paths(Path(os.path.realpath(record.workspace)), self.data_dir)
-        settings = SessionSettings.from_dict(record.config)
+        settings = self.settings_of(record)
         try:
             provider, model_name = self.models.provider(settings.model)
         except ValueError as exc:
@@ -680,6 +683,16 @@ class SessionManager:
 
     def _emit(self, session_id: str, turn_id: str, payload: EventPayload) -> None:
         self.events.append(session_id, turn_id, bound_event(payload))
+
+    @functools.cached_property
+    def default_sandbox(self) -> SandboxPolicy:
+        """The sandbox policy of a session that names none: one created now without asking, or
+        one stored before sandboxes existed (see SessionSettings.from_dict)."""
+        return build_sandbox_policy(None, {}, self.registry.sandbox.settings)
+
+    def settings_of(self, record: SessionRecord) -> SessionSettings:
+        """The stored session's settings, defaults of this server filled in."""
+        return SessionSettings.from_dict(record.config, self.default_sandbox)
 
     def known_tools(self) -> set[str]:
         """Tools a permission rule may name: this server's and those its workers offer now."""

@@ -321,10 +321,11 @@ def external_task(info: ExternalTaskInfo) -> events_pb2.ExternalTask:
     return msg
 
 
-def session(record: SessionRecord) -> session_pb2.Session:
-    """The session as stored: running from its turn's start until the commit that stores the
+def session(record: SessionRecord, settings: SessionSettings | None = None) -> session_pb2.Session:
+    """The session as stored (`settings`: its config read with the server's defaults,
+    `SessionManager.settings_of`): running from its turn's start until the commit that stores the
     turn's TurnFinished (so not idle while that commit fails and is retried)."""
-    settings = SessionSettings.from_dict(record.config)
+    settings = settings or SessionSettings.from_dict(record.config)
     config = session_pb2.SessionConfig(
         model=settings.model,
         system_prompt=settings.system_prompt,

@@ -11,7 +11,7 @@ from session_server.admission import AtCapacity, ShuttingDown
 from session_server.api import convert
 from session_server.api.errors import abort
 from session_server.bus import SessionClosed
-from session_server.config import InvalidArgument, SessionSettings
+from session_server.config import InvalidArgument
 from session_server.confirmations import ConfirmationNotFound
 from session_server.external import LeaseNotHeld, TaskNotFound
 from session_server.paging import encode_page_token
@@ -88,11 +88,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT", field=exc.field)
         except (AtCapacity, ShuttingDown) as exc:
             await _refused(context, exc)
-        return session_pb2.CreateSessionResponse(session=convert.session(record))
+        return session_pb2.CreateSessionResponse(session=convert.session(record, self._manager.settings_of(record)))
 
     async def GetSession(self, request, context):
         record = await self._session(context, request.session_id)
-        return session_pb2.GetSessionResponse(session=convert.session(record))
+        return session_pb2.GetSessionResponse(session=convert.session(record, self._manager.settings_of(record)))
 
     async def ListSessions(self, request, context):
         try:
@@ -105,7 +105,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         # encoded, under what a client with gRPC's default limits reads.
         created = {record.session_id: record.created for record in records}
         sessions, cut = convert.page_within(
-            (convert.session(record) for record in records),
+            (convert.session(record, self._manager.settings_of(record)) for record in records),
             lambda s: convert.field_bytes(len(encode_page_token(created[s.session_id], s.session_id))))
         if cut:
             token = encode_page_token(created[sessions[-1].session_id], sessions[-1].session_id)
@@ -247,6 +247,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ListTools(self, request, context):
         record = await self._session(context, request.session_id)
         manager = self._manager
-        tools = session_tools(SessionSettings.from_dict(record.config), manager.registry, manager.pool,
+        tools = session_tools(manager.settings_of(record), manager.registry, manager.pool,
                               manager.local_fallback, manager.local_query_tools)
         return session_pb2.ListToolsResponse(tools=[convert.available_tool(tool) for tool in tools])

@@ -13,8 +13,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from codelane.v1 import session_pb2, tools_pb2
+from session_server.store import SessionRecord, Store
 from tests.sandbox.conftest import Host, bash
-from tests.session.conftest import Client, rpc_error, scripted
+from tests.session.conftest import Client, kind, rpc_error, scripted
 from tool_worker.confinement.bwrap import env_args
 from tool_worker.confinement.policy import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PROCESSES
 
@@ -146,3 +147,35 @@ def test_a_nul_in_a_variable_never_reaches_bubblewraps_arguments() -> None:
     # The configuration refuses it first; here it would end one --setenv pair and start options.
     with pytest.raises(ValueError, match="NUL"):
         env_args((("X", "a\0--bind\0/\0/"),), [])
+
+
+async def test_a_session_stored_before_sandboxes_existed_takes_the_servers_default_policy(
+    processes: Any, tmp_path: Path, workspace: Path
+) -> None:
+    """A session a server before the sandbox (before 2026-12-03) stored has no policy: an upgraded
+    server gave it workspace-write whatever its --sandbox, so `--sandbox read-only` let the old
+    sessions write (and `--sandbox off`, on a host without bubblewrap, left their commands unable
+    to run), while a session created then took the operator's default."""
+    model = scripted(tmp_path, [{"text": "Trying.", "tool_calls": [bash("c1", "echo old > written.txt")]},
+                                {"text": "Done."}])
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    store = Store(data_dir / "codelane.db")
+    # The configuration as that server stored it: no "sandbox", no "max_output_tokens".
+    old_config = {
+        "model": model, "system_prompt": "You are a coding agent.", "max_turns": 50, "query_concurrency": 8,
+        "query_timeout": 60.0, "execute_timeout": 600.0, "max_attempts": 3, "query_mode": "internal",
+        "execute_mode": "internal", "external_task_timeout": 600.0,
+        "permissions": {"allow": [], "deny": [], "ask": [], "default_action": "allow",
+                        "confirmation_timeout": 60.0, "timeout_action": "deny"},
+    }
+    store.create_session(SessionRecord("s_old", str(workspace), old_config, created=1.0, updated=1.0))
+    store.close()
+
+    server = await processes.start_server(data_dir, local_workers=0, args=("--sandbox", "read-only"))
+    client: Client = server.client
+    assert (await client.get("s_old")).config.sandbox.mode == S.SANDBOX_MODE_READ_ONLY
+    events = await client.send("s_old", "go")
+    [result] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+    assert json.loads(result.metadata_json)["sandbox"] == "read-only", result
+    assert not (workspace / "written.txt").exists()
