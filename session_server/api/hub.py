@@ -344,6 +344,15 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         drained = False
         async for request in request_iterator:
             kind = request.WhichOneof("message")
+            if kind == "results" and not all(msg.dispatch_id for msg in request.results.results):
+                # A worker from before dispatch ids (releases before 2026-12-03) answers by call_id
+                # only: each of its results would be dropped, and each call it took would wait for
+                # its deadline while the worker stayed ready for more. Its stream ends instead, as
+                # one the hub cannot read: its calls go elsewhere or end now.
+                raise UndecodableMessage(
+                    "a CallResult without a dispatch_id: the worker speaks the protocol of codelane before "
+                    "2026-12-03, which this server does not; upgrade the worker"
+                )
             try:
                 if kind == "results":
                     for msg in request.results.results:

@@ -426,6 +426,32 @@ async def test_a_worker_half_closing_without_draining_is_reported_so(
     assert await worker.stream.code() == grpc.StatusCode.OK
 
 
+
+async def test_a_worker_answering_without_dispatch_ids_is_told_to_upgrade_and_its_call_goes_elsewhere(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # A worker from before dispatch ids (releases before 2026-12-03) answers by call_id only: the
+    # hub dropped every result it sent, silently, and each call it was given waited for its
+    # deadline (60 s for a Query call) and ended "timed out on worker ..." while it stayed ready.
+    older, turn = await echo_turn_on_raw_worker(make_server, workspace, tmp_path, "older")
+    [assign] = (await older.read()).assignments.assigns
+    older.outbox.put_nowait(worker_pb2.ConnectRequest(results=worker_pb2.CallResults(results=[
+        worker_pb2.CallResult(call_id=assign.call_id, attempt=assign.attempt,
+                              result=tools_pb2.ToolResult(output="hi"))])))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            await older.read()
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "without a dispatch_id" in ended.value.details() and "upgrade" in ended.value.details()
+    newer = RawWorker(older.client, "newer", echo_spec())
+    assert (await newer.read()).HasField("welcome")
+    [retried] = (await newer.read()).assignments.assigns
+    newer.answer(retried.dispatch_id, tools_pb2.ToolResult(output="hi"))
+    result = finished([r.event for r in await read_rest(turn)])["c1"]
+    assert not result.is_error and result.worker_id == "newer" and result.attempt == 2, result
+    newer.half_close()
+
+
 # -- no worker to run it ----------------------------------------------------------------------------
 
 
