@@ -209,6 +209,8 @@ class ToolWorker:
         self._reconnect_token = ""
         # Why the hub could not be reached, and when that was logged (once a minute while it lasts).
         self._unreachable_told = ("", 0.0)
+        # Whether a hub message of a kind this worker does not know was logged (once is enough).
+        self._unknown_told = False
         self._cas_channel: grpc.aio.Channel | None = None
         self._cas_address = ""
         self._roots = tuple(config.roots)
@@ -468,6 +470,14 @@ class ToolWorker:
             elif kind == "drain":
                 log.info("hub asked us to drain: %s", message.drain.reason)
                 self._draining.set()
+            elif kind is None and not self._unknown_told:
+                # Ignored (the stream goes on); but a hub that sends it expects an answer: one
+                # before 2026-12-03 probes what the worker sees of each workspace, and routes no
+                # call to a worker that never answers, which would otherwise stay connected and idle
+                # without a word here.
+                self._unknown_told = True
+                log.warning("the hub sent a message this worker does not know (it ignores it): the server runs "
+                            "another codelane release, and may route this worker no calls; run one release on both")
 
     def _take(self, assigns: Iterable[worker_pb2.Assign], outbox: _Outbox) -> bool:
         """Starts the calls the hub's credit allows; True when some were refused (their results

@@ -350,6 +350,46 @@ async def test_a_one_slot_worker_given_call_after_call_by_the_real_hub_refuses_n
     assert all(r.worker_id == "local-1" for r in results)
 
 
+class _ProbingHub(worker_pb2_grpc.WorkerHubServiceServicer):
+    """A hub of a release before 2026-12-03: after the Welcome it checks what the worker sees of a
+    workspace with a Probe (ConnectResponse field 5, reserved since)."""
+
+    async def Connect(self, request_iterator, context):
+        hello = await anext(request_iterator)
+        yield worker_pb2.ConnectResponse(welcome=worker_pb2.Welcome(worker_id=hello.hello.worker_id))
+        probe = worker_pb2.ConnectResponse()
+        probe.MergeFromString(b"\x2a\x0b\x0a\x02p1\x12\x05/repo")  # Probe{probe_id: "p1", workspace: "/repo"}
+        yield probe
+        async for _ in request_iterator:
+            pass
+
+
+async def test_a_worker_sent_a_message_it_does_not_know_says_the_releases_differ(tmp_path: Path) -> None:
+    # A worker of this release on a server before 2026-12-03 dropped its probes without a word:
+    # the server found the worker saw no workspace, and every call failed "no connected worker
+    # can run read ... (no answer to the probe ...)" while the worker's log said it was connected.
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(_ProbingHub(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    worker = worker_process(f"127.0.0.1:{port}", "w1", "--cache-dir", str(tmp_path / "cache"))
+
+    def warning() -> str:
+        assert worker.stderr is not None
+        while line := worker.stderr.readline():
+            if "WARNING" in line:
+                return line
+        return ""
+
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(warning), BOUND)
+    finally:
+        worker.kill()
+        worker.wait()
+        await grpc_server.stop(0)
+    assert "does not know" in line and "another codelane release" in line, line
+
+
 class _BadWelcomeHub(worker_pb2_grpc.WorkerHubServiceServicer):
     """A hub whose Welcome names exclusions no worker can apply."""
 
