@@ -113,6 +113,21 @@ async def test_a_denied_file_named_with_empty_lines_stays_hidden_in_grep(registr
     assert "1 entry left out" in result.output
 
 
+async def test_a_binary_file_named_with_empty_lines_lends_its_name_to_no_other_file(registry, secret_workspace) -> None:
+    # rg's warning after a match in a binary file repeats its name: with an empty line in it, the
+    # file rg printed next was shown under a made-up name that no rule denies (a denied file's
+    # lines too, when it came next).
+    (secret_workspace / "a\n\nplain").write_bytes(b"hunter2 decoy\n" + b"x" * 70_000 + b"\0\n")
+    (secret_workspace / "secrets" / "deep.txt").write_bytes(b"x\n" * 200_000 + b"hunter2 deep secret\n")
+    result = await run(registry, secret_workspace, "grep", pattern="hunter2", output_mode="content")
+    assert result.output.split("\n") == [
+        "a", "", "plain:1:hunter2 decoy",
+        "a", "", 'plain: WARNING: stopped searching binary file after match (found "\\0" byte around offset 70014)',
+        "notes.txt:1:hunter2 is the example password in notes",
+        "[4 entries left out: this session's permission policy denies reading them]",
+    ]
+
+
 @pytest.mark.parametrize(
     ("glob", "deny", "allow"),
     [

@@ -230,8 +230,37 @@ def test_a_record_cut_short_by_the_output_cap_is_left_out() -> None:
     assert list(grep._count_records(b"a\0002\nb\0001")) == [(b"a", b"2")]
     assert list(grep._count_records(b"a\0002\nb")) == [(b"a", b"2")]
     data = b"a\x001:x\n\nb\x001:y\n\nc"
-    blocks = [(name, data[start : grep._block_end(data, start)]) for name, start in grep._content_blocks(data)]
+    blocks = [(name, data[start : grep._block_end(data, start, name)]) for name, start in grep._content_blocks(data)]
     assert blocks == [(b"a", b"1:x"), (b"b", b"1:y")]
+
+
+async def test_a_binary_file_stopped_after_a_match_is_said_so_under_its_path(call: Any, workspace: Path) -> None:
+    # rg searches a binary file met in a walk up to its first NUL and then prints, in stdout and
+    # without a line number, `NAME: WARNING: stopped searching binary file ...`: it was shown
+    # glued to its path and first letter ("src/data.binddata.bin: WARNING...").
+    (workspace / "src" / "data.bin").write_bytes(b"needle here\n" + b"x" * 70_000 + b"\0\nneedle again\n")
+    result = await call("grep", pattern="needle", path="src", output_mode="content")
+    lines = result.output.splitlines()
+    assert lines[0] == "src/data.bin:1:needle here"
+    assert lines[1].startswith("src/data.bin: WARNING: stopped searching binary file after match"), lines
+    assert len(lines) == 2 and result.metadata["total"] == 2
+
+
+def test_a_binary_warning_naming_empty_lines_gives_no_lines_to_another_name() -> None:
+    # The warning repeats the file's name, and a name holding an empty line ended the file's
+    # block inside it: the rest of the warning and the next file's name made one made-up name,
+    # which no rule denies, and the next file's lines were shown under it.
+    warning = b': WARNING: stopped searching binary file after match (found "\\0" byte around offset 70014)\n'
+    data = b"a\n\nplain\x001:hunter2 decoy\n" + b"a\n\nplain" + warning + b"\nsecrets/key.txt\x001:hunter2 key\n"
+    out = RgOutput(returncode=0, stdout=data, stderr="", overflowed=False)
+    shown, total, hidden = grep._content_lines(out, "", True, 0, 100, lambda path: path.startswith("secrets/"))
+    assert hidden == 1 and total == 2
+    assert shown == ["a\n\nplain:1:hunter2 decoy", "a\n\nplain" + warning.decode().rstrip("\n")]
+    # A name that starts with LF makes an empty line of the warning's start.
+    data = b"\nplain\x001:hunter2 decoy\n" + b"\nplain" + warning + b"\nsecrets/key.txt\x001:hunter2 key\n"
+    out = RgOutput(returncode=0, stdout=data, stderr="", overflowed=False)
+    shown, total, hidden = grep._content_lines(out, "", True, 0, 100, lambda path: path.startswith("secrets/"))
+    assert (shown, total, hidden) == (["\nplain:1:hunter2 decoy", "\nplain" + warning.decode().rstrip("\n")], 2, 1)
 
 
 def test_content_lines_not_shown_are_counted_without_a_copy_each() -> None:

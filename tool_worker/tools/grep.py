@@ -114,7 +114,10 @@ def _content_lines(
     shown: list[str] = []
     total = 0
     for name, body_start in blocks:
-        body_end = _block_end(data, body_start)
+        body_end = _block_end(data, body_start, name)
+        warning = _binary_warning(data, body_start, body_end, name)
+        if warning != -1:
+            body_end = warning
         # A line ends at LF, the block's last one possibly without (cut by the output cap). Not
         # splitlines(): that would also split on a bare \r inside a line of text.
         count = data.count(b"\n", body_start, body_end)
@@ -125,6 +128,12 @@ def _content_lines(
             for line in _lines(data, body_start, body_end, max(0, start - total), min(count, stop - total)):
                 shown.append(_format_line(path, line.decode("utf-8", "replace"), numbered))
         total += count
+        if warning != -1:
+            # One line, under the path as shown (rg's names the file relative to where it ran).
+            if start <= total < stop:
+                text = data[warning + len(name) : _block_end(data, body_start, name)].rstrip(b"\n")
+                shown.append(prefix + name.decode("utf-8", "replace") + text.decode("utf-8", "replace"))
+            total += 1
     return shown, total, hidden
 
 
@@ -168,13 +177,38 @@ def _content_blocks(data: bytes) -> Iterator[tuple[bytes, int]]:
     (rg's output capped) is left out."""
     start = 0
     while (name_end := data.find(b"\0", start)) != -1:
-        yield data[start:name_end], name_end + 1
-        start = _block_end(data, name_end + 1) + 2
+        name = data[start:name_end]
+        yield name, name_end + 1
+        start = _block_end(data, name_end + 1, name) + 2
 
 
-def _block_end(data: bytes, body_start: int) -> int:
+# After a match in a binary file met in the walk, rg stops at its first NUL and ends the file's
+# lines with `NAME: WARNING: stopped searching binary file ...` (in stdout, whatever --no-messages).
+_BINARY_WARNING = b": WARNING: stopped searching binary file"
+
+
+def _block_end(data: bytes, body_start: int, name: bytes) -> int:
     end = data.find(b"\n\n", body_start)
+    if b"\n\n" in b"\n" + name:
+        # The warning repeats the name, so an empty line in it is no end of the block: taken
+        # for one, the rest of the warning and the next file's name made a name no rule denies,
+        # with the next file's lines under it.
+        warning = _binary_warning(data, body_start, len(data) if end == -1 else end, name)
+        if warning != -1:
+            end = data.find(b"\n\n", warning + len(name))
     return len(data) if end == -1 else end
+
+
+def _binary_warning(data: bytes, body_start: int, body_end: int, name: bytes) -> int:
+    """Where rg's binary warning starts, when it is the last line of the block data[body_start:
+    body_end] (which may end inside the name it repeats); -1 when there is none. Every other
+    line starts with a line number or is `--`, and holds no empty line, so `LF NAME: WARNING` at
+    a line's start is the warning even when the name looks like a line."""
+    needle = b"\n" + name + _BINARY_WARNING
+    at = data.find(needle, body_start - 1, body_end + len(needle))
+    if at == -1 or at > body_end:
+        return -1
+    return at + 1
 
 
 def _format_line(path: str, line: str, numbered: bool) -> str:
