@@ -876,6 +876,8 @@ def _adopt_unslotted(cache_dir: str, slot: str) -> None:
             continue
         try:
             os.rename(unslotted, os.path.join(slot, name))  # onto nothing or an empty directory
+        except FileNotFoundError:
+            continue  # a worker starting beside this one took them first (raised, this one did not start)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -186,6 +188,29 @@ async def test_copies_an_earlier_worker_left_are_reused_counted_and_go_first(set
         assert not present(x_copy) and not present(y_copy) and present(z_copy)
     finally:
         third.close()
+
+
+def test_a_worker_whose_neighbour_took_the_unslotted_copies_first_still_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two upgraded workers starting at once on one cache directory: each claims a slot of its
+    # own, and both try to take over what a worker before the slots left. The second one's move
+    # found nothing there any more, and the worker failed to start on its cache directory.
+    cache = tmp_path / "cache"
+    (cache / "trees").mkdir(parents=True)
+    rename = os.rename
+
+    def taken_meanwhile(source: Any, destination: Any) -> None:
+        if str(source) == str(cache / "trees"):
+            shutil.rmtree(source)  # the neighbour's move, just before this one
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", taken_meanwhile)
+    manager = WorkspaceManager(roots=(str(tmp_path / "elsewhere"),), cache_dir=str(cache))
+    try:
+        assert Path(manager.slot).parent == cache
+    finally:
+        manager.close()
 
 
 async def test_copies_a_worker_from_before_cache_slots_left_are_reused_counted_and_go_first(
