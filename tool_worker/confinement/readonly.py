@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import subprocess
 import threading
@@ -21,6 +22,8 @@ import landlockpy
 from landlockpy import AccessFS, Ruleset, fs_for_abi, net_for_abi, scope_for_abi
 
 from tool_worker.confinement.children import wait_child
+
+log = logging.getLogger("codelane.sandbox")
 
 _THREADS = 2
 _READ = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
@@ -144,6 +147,11 @@ class ReadOnlyLauncher:
                 ruleset.restrict()
         except OSError as exc:
             self._confined.problem = f"Landlock refused to confine the thread that starts ripgrep: {exc}"
+            # Said when it happens: the start-up line named Landlock (this host has it), and with
+            # --allow-unsandboxed ripgrep then ran unconfined without a word.
+            outcome = ("ripgrep runs unconfined from it (--allow-unsandboxed)" if self.allow_unconfined
+                       else "the Query tools that start ripgrep fail from it (SANDBOX_UNAVAILABLE)")
+            log.warning("%s; %s", self._confined.problem, outcome)
 
     def _start(self, argv: Sequence[str], cwd: Path, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
         problem = self._confined.problem
