@@ -300,6 +300,15 @@ async def test_max_tools_is_in_the_admission_metrics_as_every_limit(make_server)
     first.half_close()
 
 
+def _lines_holding(proc: subprocess.Popen[bytes], text: str, count: int) -> list[str]:
+    """The first `count` lines of the process's stderr that hold `text` (fewer if it ends first)."""
+    seen = []
+    while len(seen) < count and (line := proc.stderr.readline().decode()):
+        if text in line:
+            seen.append(line)
+    return seen
+
+
 async def test_a_codelane_worker_refused_at_max_tools_retries_and_says_so_once(make_server, processes) -> None:
     server: InProcess = await make_server()
     own = len(server.server.registry.names())
@@ -308,14 +317,8 @@ async def test_a_codelane_worker_refused_at_max_tools_retries_and_says_so_once(m
     proc = spawn(processes, "tool_worker", "--connect", f"127.0.0.1:{server.server.port}", "--id", "w-full",
                  "--tools", PLUGIN, "--log-level", "DEBUG")
 
-    def refusals(count: int) -> list[str]:
-        seen = []
-        while len(seen) < count and (line := proc.stderr.readline().decode()):
-            if "ended our stream (RESOURCE_EXHAUSTED AT_CAPACITY: " in line:
-                seen.append(line)
-        return seen
-
-    lines = await asyncio.wait_for(asyncio.to_thread(refusals, 3), 60)
+    lines = await asyncio.wait_for(
+        asyncio.to_thread(_lines_holding, proc, "ended our stream (RESOURCE_EXHAUSTED AT_CAPACITY: ", 3), 60)
     assert len(lines) == 3, lines
     assert " worker WARNING " in lines[0] and "(--max-tools)" in lines[0] and lines[0].endswith(": retrying\n")
     assert all(" worker DEBUG " in line for line in lines[1:]), lines  # the same refusal: once a minute
@@ -546,14 +549,7 @@ async def test_a_codelane_worker_whose_id_is_taken_retries_and_says_so_once(make
     proc = spawn(processes, "tool_worker", "--connect", f"127.0.0.1:{server.server.port}", "--id", "w-taken",
                  "--log-level", "DEBUG")
 
-    def refusals(count: int) -> list[str]:
-        seen = []
-        while len(seen) < count and (line := proc.stderr.readline().decode()):
-            if "is held by a connected worker" in line:
-                seen.append(line)
-        return seen
-
-    lines = await asyncio.wait_for(asyncio.to_thread(refusals, 3), 60)
+    lines = await asyncio.wait_for(asyncio.to_thread(_lines_holding, proc, "is held by a connected worker", 3), 60)
     assert len(lines) == 3, lines
     assert " worker WARNING " in lines[0] and lines[0].endswith("; retrying\n"), lines
     assert all(" worker DEBUG " in line for line in lines[1:]), lines

@@ -261,17 +261,13 @@ async def test_a_worker_never_reads_its_own_files_outside_its_root_whatever_the_
         snapshot_wire.set_snapshot(assign.snapshot, snapshot_of(str(workspace)))
         assigns.append(assign)
     hub = _FakeHub(assigns)
-    grpc_server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    worker = worker_process(f"127.0.0.1:{port}", "w1", "--root", str(root), "--cache-dir", str(tmp_path / "cache"))
-    try:
-        results = [await asyncio.wait_for(hub.results.get(), BOUND) for _ in assigns]
-    finally:
-        worker.kill()
-        worker.wait()
-        await grpc_server.stop(0)
+    async with _fake_hub(hub) as address:
+        worker = worker_process(address, "w1", "--root", str(root), "--cache-dir", str(tmp_path / "cache"))
+        try:
+            results = [await asyncio.wait_for(hub.results.get(), BOUND) for _ in assigns]
+        finally:
+            worker.kill()
+            worker.wait()
     assert sorted(r.dispatch_id for r in results) == ["d0", "d1"]
     for result in results:
         assert result.result.is_error and "was not run on this worker" in result.result.output
@@ -315,17 +311,13 @@ async def test_a_worker_holds_to_its_slots_and_runs_a_dispatch_id_once_whatever_
     # number at once) and a repeated dispatch id ran twice, answered twice, the first run beyond
     # any Cancel.
     hub = _CreditBreakingHub()
-    grpc_server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    worker = worker_process(f"127.0.0.1:{port}", "w1", "--slots", "1", "--cache-dir", str(tmp_path / "cache"))
-    try:
-        await asyncio.wait_for(hub.done.wait(), BOUND)
-    finally:
-        worker.kill()
-        worker.wait()
-        await grpc_server.stop(0)
+    async with _fake_hub(hub) as address:
+        worker = worker_process(address, "w1", "--slots", "1", "--cache-dir", str(tmp_path / "cache"))
+        try:
+            await asyncio.wait_for(hub.done.wait(), BOUND)
+        finally:
+            worker.kill()
+            worker.wait()
     by_id = {r.dispatch_id: r.result for r in hub.results}
     assert sorted(r.dispatch_id for r in hub.results) == ["d0", "d1", "d2"]  # d0 once
     assert hub.results[-1].dispatch_id == "d2"
@@ -368,25 +360,20 @@ async def test_a_worker_sent_a_message_it_does_not_know_says_the_releases_differ
     # A worker of this release on a server before 2026-12-03 dropped its probes without a word:
     # the server found the worker saw no workspace, and every call failed "no connected worker
     # can run read ... (no answer to the probe ...)" while the worker's log said it was connected.
-    grpc_server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(_ProbingHub(), grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    worker = worker_process(f"127.0.0.1:{port}", "w1", "--cache-dir", str(tmp_path / "cache"))
-
-    def warning() -> str:
+    def warning(worker: subprocess.Popen[str]) -> str:
         assert worker.stderr is not None
         while line := worker.stderr.readline():
             if "WARNING" in line:
                 return line
         return ""
 
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(warning), BOUND)
-    finally:
-        worker.kill()
-        worker.wait()
-        await grpc_server.stop(0)
+    async with _fake_hub(_ProbingHub()) as address:
+        worker = worker_process(address, "w1", "--cache-dir", str(tmp_path / "cache"))
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(warning, worker), BOUND)
+        finally:
+            worker.kill()
+            worker.wait()
     assert "does not know" in line and "another codelane release" in line, line
 
 
@@ -403,15 +390,8 @@ class _BadWelcomeHub(worker_pb2_grpc.WorkerHubServiceServicer):
 
 async def test_a_welcome_with_exclusions_a_worker_cannot_apply_ends_it_with_one_line(tmp_path: Path) -> None:
     # The ValueError of the bad pattern escaped the worker's loop: a traceback, exit 1.
-    grpc_server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(_BadWelcomeHub(), grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    try:
-        worker = worker_process(f"127.0.0.1:{port}", "w1", "--cache-dir", str(tmp_path / "cache"))
-        code, stderr = await exit_of(worker)
-    finally:
-        await grpc_server.stop(0)
+    async with _fake_hub(_BadWelcomeHub()) as address:
+        code, stderr = await exit_of(worker_process(address, "w1", "--cache-dir", str(tmp_path / "cache")))
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "'/etc/*'" in lines[0] and "Traceback" not in stderr, stderr
@@ -478,6 +458,19 @@ async def test_a_worker_speaking_tls_to_a_plaintext_hub_is_told_to_drop_tls_ca(s
     assert code == 3, stderr
     assert stderr == (f"codelane worker: the TLS handshake with 127.0.0.1:{server.port} failed (UNAVAILABLE): does "
                       "the server use TLS? Drop --tls-ca if it does not\n"), stderr
+
+
+@contextlib.asynccontextmanager
+async def _fake_hub(hub: worker_pb2_grpc.WorkerHubServiceServicer) -> AsyncIterator[str]:
+    """A hub of the test's own on loopback, serving `hub`; its address."""
+    grpc_server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await grpc_server.stop(0)
 
 
 @contextlib.asynccontextmanager
