@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from codelane.reapi import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2, remote_execution_pb2_grpc
+from tool_worker.fds import write_all
 from tool_worker.merkle import EMPTY_DIGEST, Digest
 
 log = logging.getLogger("codelane.worker")
@@ -285,9 +286,7 @@ class _FileSink:
     def _write(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self._hasher.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(self._descriptor, view):]
+            write_all(self._descriptor, chunk)
 
     async def finish(self, digest: Digest) -> SpooledBlob | None:
         await self._flush()

@@ -37,6 +37,7 @@ from codelane.reapi import remote_execution_pb2 as reapi
 from codelane.v1 import workspace_pb2
 from tool_worker.blobstore import BlobStore
 from tool_worker.cas import DEFAULT_MAX_BATCH_BYTES, Blob, BlobMissing, CasClient, ContentError, SpooledBlob, discard
+from tool_worker.fds import write_all
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import (
     BLOCK_BYTES,
@@ -753,7 +754,7 @@ class WorkspaceManager:
                         _through_link(relative)
                     raise
                 try:
-                    _write_all(descriptor, data)
+                    write_all(descriptor, data)
                     os.utime(descriptor, ns=(mtime_ns, mtime_ns))
                     tree.scanner.record(relative, digest, os.fstat(descriptor))
                 finally:
@@ -980,14 +981,6 @@ async def _settled(future: asyncio.Future[Any]) -> BaseException | None:
     if cancelled:
         raise asyncio.CancelledError
     return failure
-
-
-def _write_all(descriptor: int, data: bytes) -> None:
-    written = os.write(descriptor, data)
-    if written < len(data):
-        view = memoryview(data)[written:]
-        while view:
-            view = view[os.write(descriptor, view):]
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tool_worker.confinement.policy import NetworkAccess, SandboxPolicy, SandboxSettings
 from tool_worker.confinement.protected import protected_targets, within
+from tool_worker.fds import write_all
 
 OWNER_VARIABLE = "CODELANE_SANDBOX_OWNER"
 # Replaced by private, empty tmpfs in confined modes.
@@ -180,9 +181,7 @@ def env_args(env: Sequence[tuple[str, str]], fds: list[int]) -> list[str]:
     data = b"".join(b"--setenv\0%s\0%s\0" % (name.encode(), value.encode()) for name, value in env)
     fd = os.memfd_create("codelane-env", os.MFD_CLOEXEC)
     fds.append(fd)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return ["--args", str(fd)]
 

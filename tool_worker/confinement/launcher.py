@@ -41,6 +41,7 @@ from tool_worker.confinement.children import fd_readable, start_child, wait_chil
 from tool_worker.confinement.policy import Limit, SandboxPolicy, SandboxSettings
 from tool_worker.confinement.protected import off_the_loop_if_submodules
 from tool_worker.confinement.readonly import ReadOnlyLauncher
+from tool_worker.fds import write_all
 
 log = logging.getLogger("codelane.sandbox")
 
@@ -617,9 +618,7 @@ def _close_planned(done: asyncio.Future[tuple[bwrap.Layout, list[int], list[str]
 def _write_all_and_close(fd: int, data: bytes) -> None:
     """Writes all of `data`, then closes `fd` (a reader gone, its sandbox killed, ends it early)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     finally:
         os.close(fd)
 
