@@ -873,7 +873,7 @@ def _adopt_unslotted(cache_dir: str, slot: str) -> None:
     must not run on this cache directory with slotted ones, which it would write under too."""
     for name in ("trees", "blobs"):
         unslotted = os.path.join(cache_dir, name)
-        if not stat.S_ISDIR(_lstat_mode(unslotted)):
+        if not os.path.isdir(unslotted) or os.path.islink(unslotted):
             continue
         try:
             os.rename(unslotted, os.path.join(slot, name))  # onto nothing or an empty directory
@@ -884,13 +884,6 @@ def _adopt_unslotted(cache_dir: str, slot: str) -> None:
                 raise
             shutil.rmtree(unslotted, ignore_errors=True)
         log.info("took over the %s an earlier worker left in %s", name, unslotted)
-
-
-def _lstat_mode(path: str) -> int:
-    try:
-        return os.lstat(path).st_mode
-    except FileNotFoundError:
-        return 0
 
 
 def _left_trees(directory: str) -> dict[str, int]:
