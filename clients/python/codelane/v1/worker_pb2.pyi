@@ -698,7 +698,10 @@ class CallResult(_message.Message):
     """The call's Assign.attempt, for logs."""
     dispatch_id: _builtins.str
     """The Assign.dispatch_id this result answers: exactly one CallResult per Assign. A result for
-    an unknown id, or a second one for an id, is dropped.
+    an unknown id, or a second one for an id, is dropped. A CallResults holding a result with no
+    dispatch_id (a worker of a release before dispatch ids, answering by call_id) ends the stream
+    with INVALID_ARGUMENT, ErrorInfo reason INVALID_ARGUMENT: the hub cannot tell which call it
+    answers, and the worker's calls go to other workers.
     """
     @_builtins.property
     def result(self) -> _tools_pb2.ToolResult:
