@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tool_worker.tools import copy, edit, ls, read
+from tool_worker.tools import copy, delete, edit, files, ls, move, read, write
 from tool_worker.tools.base import ErrorKind, ToolContext
 from tool_worker.tools.files import Stopped, run_stoppable
 
@@ -228,6 +228,110 @@ async def test_run_stoppable_sets_the_flag_when_its_call_is_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await asyncio.to_thread(seen_stop.wait, 10)
+
+
+async def test_a_cancelled_call_ends_only_once_its_thread_has_stopped() -> None:
+    # The Execute lane runs its next call when this one ends: a delete or a write still at work in
+    # its thread would run beside it (a `bash` reinstalling the tree being deleted, say).
+    entered, saw_stop, may_finish = threading.Event(), threading.Event(), threading.Event()
+
+    def work(stop: threading.Event) -> None:
+        entered.set()
+        stop.wait(30)
+        saw_stop.set()
+        may_finish.wait(30)  # the last change it makes before it looks at stop again
+        raise Stopped
+
+    task = asyncio.create_task(run_stoppable(work))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    assert await asyncio.to_thread(saw_stop.wait, 10)
+    ended, _ = await asyncio.wait({task}, timeout=0.2)
+    assert not ended, "the call ended while its thread was still at work"
+    may_finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_thread_that_never_stops_does_not_hang_its_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "STOP_GRACE_SECONDS", 0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(stop: threading.Event) -> None:
+        entered.set()
+        release.wait(30)  # a system call that never returns, and never looks at stop
+
+    task = asyncio.create_task(run_stoppable(stuck))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+
+
+class _StopAfter(threading.Event):
+    """A stop flag that is set once it has been looked at `checks` times."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.left = checks
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def _tree(root: Path, files_per_directory: int = 50) -> int:
+    for directory in ("a", "a/b", "a/b/c", "d"):
+        (root / directory).mkdir(parents=True)
+        for index in range(files_per_directory):
+            (root / directory / f"f{index}").write_text("x")
+    return 4 * files_per_directory + 4
+
+
+def _entries(root: Path) -> int:
+    return sum(len(directories) + len(names) for _, directories, names in os.walk(root))
+
+
+def test_a_stopped_recursive_delete_leaves_the_rest(workspace: Path) -> None:
+    # shutil.rmtree of a tree of a million files went on deleting long after its call had ended.
+    total = _tree(workspace / "big")
+    with pytest.raises(Stopped):
+        delete._delete(workspace / "big", "big", True, _StopAfter(20))
+    assert _entries(workspace / "big") == total - 20  # 20 files went, and nothing after them
+
+
+def test_a_recursive_delete_removes_links_not_what_they_point_to(workspace: Path, tmp_path: Path) -> None:
+    _tree(workspace / "big", files_per_directory=3)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (workspace / "big" / "a" / "to_outside").symlink_to(outside)
+    (workspace / "big" / "d" / "to_file").symlink_to(outside / "keep.txt")
+    (workspace / "big" / "d" / "dangling").symlink_to(tmp_path / "nowhere")
+    result = delete._delete(workspace / "big", "big", True, threading.Event())
+    assert result.output == "Deleted directory big and its contents"
+    assert not os.path.lexists(workspace / "big")
+    assert (outside / "keep.txt").read_text() == "keep"
+
+
+def test_a_stopped_overwrite_by_move_keeps_the_destination(workspace: Path) -> None:
+    total = _tree(workspace / "target")
+    with pytest.raises(Stopped):
+        move._move(ToolContext(workspace=workspace), workspace / "src", workspace / "target", ("src", "target"),
+                   True, _StopAfter(10))
+    assert (workspace / "src").is_dir() and total - 10 <= _entries(workspace / "target") < total
+
+
+def test_a_stopped_write_leaves_the_file_as_it_was(workspace: Path) -> None:
+    target = workspace / "README.md"
+    before = target.read_bytes()
+    with pytest.raises(Stopped):
+        write._write(target, "README.md", "new content", _stopped())
+    assert target.read_bytes() == before
+    assert not [name for name in os.listdir(workspace) if name.endswith(".tmp")]
 
 
 async def test_a_search_query_longer_than_the_maximum_is_refused_before_it_runs(call: Any) -> None:

@@ -65,7 +65,7 @@ def _copy(
     check_destination(source, destination, shown[1], overwrite)
     check_stop(stop)
     if destination.exists() or destination.is_symlink():
-        remove_existing(destination)
+        remove_existing(destination, stop)
     make_parents(destination, shown[1])
     if source.is_dir():
         left_out = 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +10,17 @@ from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
+from tool_worker.tools.files import remove_tree, run_stoppable
 
 
-def _delete(target: Path, shown: str, recursive: bool) -> ToolResult:
+def _delete(target: Path, shown: str, recursive: bool, stop: threading.Event) -> ToolResult:
     if target.is_symlink() or target.is_file():
         target.unlink()
         return ToolResult(output=f"Deleted {shown}")
     if target.is_dir():
         if not recursive:
             raise ToolFailure(f"{shown} is a directory; set recursive=true to delete it with everything inside")
-        shutil.rmtree(target)
+        remove_tree(target, stop)
         return ToolResult(output=f"Deleted directory {shown} and its contents")
     if not target.exists():
         raise ToolFailure(f"nothing to delete: {shown} does not exist")
@@ -35,7 +35,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         raise ToolFailure("refusing to delete the workspace root")
     refuse_protected(ctx, "delete", (target, args["path"]))
     try:
-        return await asyncio.to_thread(_delete, target, args["path"], args.get("recursive", False))
+        return await run_stoppable(_delete, target, args["path"], args.get("recursive", False))
     except OSError as exc:
         raise ToolFailure(f"cannot delete {args['path']}: {exc.strerror or exc}") from exc
 

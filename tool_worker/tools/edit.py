@@ -12,7 +12,7 @@ from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write, check_stop, encode_text, open_regular, run_stoppable
+from tool_worker.tools.files import atomic_write, encode_text, open_regular, run_stoppable
 
 # edit holds a file in memory several times over (its bytes, its text, the changed text and its
 # bytes), in the process that runs it: the server's. A file a command made huge for nothing
@@ -70,10 +70,9 @@ def _edit(target: Path, shown: str, old: str, new: str, replace_all: bool, stop:
             "Add surrounding lines to old_string to pick one occurrence."
         )
     changed = encode_text(text.replace(old, new), "new_string")
-    # A call that timed out or was cancelled while this thread worked must change nothing.
-    check_stop(stop)
     try:
-        atomic_write(target, changed)
+        # A call that timed out or was cancelled while this thread worked must change nothing.
+        atomic_write(target, changed, stop)
     except OSError as exc:
         raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
     noun = "occurrence" if count == 1 else "occurrences"

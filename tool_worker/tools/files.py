@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -16,9 +16,16 @@ from tool_worker.tools.base import ErrorKind, ToolFailure
 
 _T = TypeVar("_T")
 
+log = logging.getLogger(__name__)
+
 # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, for ever, holding a
 # thread of the pool that every tool shares. It changes nothing for a regular file.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+# How long a call that ended early waits for its thread to notice (run_stoppable): the threads
+# check between chunks and entries, milliseconds apart.
+STOP_GRACE_SECONDS = 5.0
 
 
 class Stopped(Exception):
@@ -30,13 +37,30 @@ async def run_stoppable(function: Callable[..., _T], *args: Any) -> _T:
 
     A thread cannot be killed: a cancelled or timed-out call would otherwise go on reading (or
     worse, writing) after its result was given. The function checks `stop` in its loops and
-    before any change it makes, and raises `Stopped` (or returns) when it is set.
+    before any change it makes, and raises `Stopped` (or returns) when it is set. A call that
+    ends early returns only once its thread has stopped: the Execute lane runs its next call
+    then, and a `delete` still removing files, or a `write` about to land, must not run beside
+    it. A thread that does not stop within STOP_GRACE_SECONDS (a system call that hangs, on a
+    network filesystem say) is left behind, logged, so that the call itself cannot hang.
     """
     stop = threading.Event()
+    running = asyncio.ensure_future(asyncio.to_thread(function, *args, stop))
     try:
-        return await asyncio.to_thread(function, *args, stop)
+        return await asyncio.shield(running)
     finally:
         stop.set()
+        if not running.done():
+            await asyncio.wait({running}, timeout=STOP_GRACE_SECONDS)
+            if not running.done():
+                log.warning("a stopped tool's thread (%s) is still running after %gs; the call ended without it",
+                            getattr(function, "__qualname__", function), STOP_GRACE_SECONDS)
+        # Its own end (Stopped, most often) is not news: the call ended for another reason.
+        running.add_done_callback(_retrieved)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 def check_stop(stop: threading.Event) -> None:
@@ -128,7 +152,7 @@ def make_parents(path: Path, shown: str) -> None:
         raise ToolFailure(f"cannot create the directories {shown} needs: {what}") from None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -> None:
     """Replace `path` with `data` so readers see the old file or the new one, never a partial one.
 
     The temporary file lives in the same directory (os.replace is atomic only within a file
@@ -146,6 +170,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(temp, mode)
+        if stop is not None:
+            check_stop(stop)  # the last moment a stopped call can still leave the file as it was
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
@@ -157,12 +183,40 @@ def is_binary(head: bytes) -> bool:
     return b"\0" in head
 
 
-def remove_existing(path: Path) -> None:
+def remove_existing(path: Path, stop: threading.Event) -> None:
     """Clear the way for an overwrite: a directory goes with its contents."""
+    check_stop(stop)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        remove_tree(path, stop)
     else:
         path.unlink()
+
+
+def remove_tree(path: Path, stop: threading.Event) -> None:
+    """shutil.rmtree, checking `stop` before each entry it removes: a stopped removal leaves the
+    rest in place instead of deleting on, a tree of a million files, after its call has ended.
+
+    As rmtree's own, it never follows a symlink: directories are opened relative to their
+    parent's descriptor, and one that is no longer the directory that was listed (a command
+    swapped a symlink in) is not entered (os.fwalk checks that); a symlink is removed, not
+    what it points to. The first error ends it, as rmtree's does.
+    """
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    for _, directories, files, directory_fd in os.fwalk(path, topdown=False, onerror=fail):
+        for name in files:
+            check_stop(stop)
+            os.unlink(name, dir_fd=directory_fd)
+        for name in directories:
+            check_stop(stop)
+            try:
+                os.rmdir(name, dir_fd=directory_fd)
+            except NotADirectoryError:  # a symlink to a directory: fwalk lists it there
+                os.unlink(name, dir_fd=directory_fd)
+    check_stop(stop)
+    os.rmdir(path)
 
 
 def check_destination(source: Path, destination: Path, shown: str, overwrite: bool) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +13,28 @@ from tool_worker.confinement.protected import refuse_protected
 from tool_worker.denied import relative_to_root
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import check_destination, make_parents, remove_existing, source_destination_schema
+from tool_worker.tools.files import (
+    check_destination,
+    check_stop,
+    make_parents,
+    remove_existing,
+    run_stoppable,
+    source_destination_schema,
+)
 
 
-def _move(ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool) -> ToolResult:
+def _move(
+    ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, stop: threading.Event
+) -> ToolResult:
     if not source.exists() and not source.is_symlink():
         raise ToolFailure(f"source not found: {shown[0]}")
     if ctx.denied and source.is_dir() and not source.is_symlink():
         _refuse_denied_inside(ctx, source, shown[0])
     check_destination(source, destination, shown[1], overwrite)
     if destination.exists() or destination.is_symlink():
-        remove_existing(destination)
+        remove_existing(destination, stop)
     make_parents(destination, shown[1])
+    check_stop(stop)
     shutil.move(source, destination)
     return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
 
@@ -54,7 +64,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     refuse_protected(ctx, "move", (source, args["source"]), (destination, args["destination"]))
     shown = (args["source"], args["destination"])
     try:
-        return await asyncio.to_thread(_move, ctx, source, destination, shown, args.get("overwrite", False))
+        return await run_stoppable(_move, ctx, source, destination, shown, args.get("overwrite", False))
     except OSError as exc:
         raise ToolFailure(f"cannot move {shown[0]} to {shown[1]}: {exc.strerror or exc}") from exc
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +10,18 @@ from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write, encode_text, make_parents
+from tool_worker.tools.files import atomic_write, encode_text, make_parents, run_stoppable
 
 # Content of at most this many characters (most source files) is written on the event loop.
 INLINE_WRITE_CHARS = 64 * 1024
 
 
-def _write(target: Path, shown: str, content: str) -> ToolResult:
+def _write(target: Path, shown: str, content: str, stop: threading.Event | None = None) -> ToolResult:
     existed = target.exists()
     data = encode_text(content, "content")
     make_parents(target, shown)
     try:
-        atomic_write(target, data)
+        atomic_write(target, data, stop)
     except OSError as exc:
         raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
     verb = "Overwrote" if existed else "Created"
@@ -41,7 +41,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         # A few system calls: cheaper than the hop to a thread, whose result the loop would only
         # take back once it is free (a write of 1 KB took 2-6 ms in a busy turn, measured).
         return _write(target, args["file_path"], args["content"])
-    return await asyncio.to_thread(_write, target, args["file_path"], args["content"])
+    return await run_stoppable(_write, target, args["file_path"], args["content"])
 
 
 TOOL = Tool(
