@@ -179,32 +179,42 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     def entry(key: str, name: str) -> dict[str, Any] | None:
         return workloads.get(key, {}).get("results", {}).get(name)
 
+    def judged(key: str, modes: Sequence[str], target: dict[str, Any]) -> dict[str, Any]:
+        """The target, missed if any run it rests on failed (sequential's included: every speedup
+        is against it): a mode whose calls came back as errors is fast and proves nothing."""
+        failed = {m: why for m in ("sequential", *modes) if (why := _failure(entry(key, m)))}
+        if failed:
+            before = f"; and: {target['why']}" if target["met"] is False and target.get("why") else ""
+            target.update(met=False, failed=failed, why="runs failed, so their figures prove nothing: "
+                          + "; ".join(f"{m}: {why}" for m, why in failed.items()) + before)
+        return target
+
     if "L" in workloads and parallel:
         ratios = {m: 1 / e["speedup"] for m in parallel if (e := entry("L", m)) and e["speedup"]}
         if ratios:
             worst = max(ratios, key=ratios.__getitem__)
             best = min(ratios, key=ratios.__getitem__)
-            targets.append({
+            targets.append(judged("L", parallel, {
                 "target": f"L: parallel / sequential wall <= {L_RATIO_TARGET} (every mode with > 1 slot)",
                 "value": ratios,
                 "summary": f"worst {worst} {ratios[worst]:.2f}, best {best} {ratios[best]:.2f}",
                 "met": ratios[worst] <= L_RATIO_TARGET,
                 "why": f"{worst} took {ratios[worst]:.2f} of sequential's wall (paired), over {L_RATIO_TARGET}",
-            })
+            }))
     if "R" in workloads:
         eight = [m["name"] for m in report["config"]["modes"]
                  if m["workers"] and m["concurrency"] == R_TARGET_SLOTS]
         speedups = {m: e["speedup"] for m in eight if (e := entry("R", m)) and e["speedup"]}
         if speedups:
             best = max(speedups, key=speedups.__getitem__)
-            targets.append({
+            targets.append(judged("R", eight, {
                 "target": f"R with {R_TARGET_SLOTS} worker slots: >= {R_SPEEDUP_TARGET:g}x faster than sequential",
                 "value": speedups,
                 "summary": f"{best}: {speedups[best]:.2f}x",
                 "met": speedups[best] >= R_SPEEDUP_TARGET,
                 "why": f"{best} reached {speedups[best]:.2f}x, under {R_SPEEDUP_TARGET:g}x: "
                        f"{_pct(_efficiency(entry('R', best)))} of its ideal wall",
-            })
+            }))
         else:
             targets.append({"target": f"R with {R_TARGET_SLOTS} worker slots", "value": None,
                             "summary": f"no mode with {R_TARGET_SLOTS} worker slots ran", "met": None})
@@ -212,31 +222,42 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         speedups = {m: e["speedup"] for m in parallel if (e := entry("H", m)) and e["speedup"]}
         if speedups:
             best = max(speedups, key=speedups.__getitem__)
-            targets.append(_ceiling_target(
+            targets.append(judged("H", parallel, _ceiling_target(
                 f"H: >= {H_SPEEDUP_TARGET:g}x with {report['meta']['cpus']} cores", best, speedups,
                 entry("H", "sequential"), entry("H", best), H_SPEEDUP_TARGET, workloads["H"].get("rg_alone"),
-            ))
+            )))
     if "T" in workloads and parallel:
         speedups = {m: e["speedup"] for m in parallel if (e := entry("T", m)) and e["speedup"]}
         if speedups:
             worst = min(speedups, key=speedups.__getitem__)
-            targets.append({
+            targets.append(judged("T", parallel, {
                 "target": "T: every parallel mode, workers included, at least as fast as sequential (paired)",
                 "value": speedups,
                 "summary": ", ".join(f"{m} {v:.2f}x" for m, v in speedups.items()) + f"; slowest {worst}",
                 "met": speedups[worst] >= 1.0,
                 "why": _t_why(worst, speedups[worst], entry("T", "sequential"), entry("T", worst)),
-            })
+            }))
             if "parallel-local" in speedups:
-                targets.append(_ceiling_target(
+                targets.append(judged("T", ["parallel-local"], _ceiling_target(
                     f"T: parallel in-process >= {T_SPEEDUP_TARGET:g}x sequential", "parallel-local", speedups,
                     entry("T", "sequential"), entry("T", "parallel-local"), T_SPEEDUP_TARGET, None,
-                ))
+                )))
     peers = [p for p, info in report["peers"].items() if info.get("measured")]
     for key, data in workloads.items():
         results = data["results"]
-        mine = {m: results[m]["median_wall"] for m in codelane_modes if m in results and results[m]["median_wall"]}
-        if not mine or not peers:
+        # A mode whose runs failed is not codelane's best, however fast its errors came back.
+        mine = {m: results[m]["median_wall"] for m in codelane_modes
+                if m in results and results[m]["median_wall"] and not _failure(results[m])}
+        if not peers:
+            continue
+        if not mine:
+            failed = {m: why for m in codelane_modes if (why := _failure(results.get(m)))}
+            if failed:
+                targets.append({
+                    "target": f"{key}: codelane at or under every peer's wall time", "value": None,
+                    "summary": "no codelane mode ran without failing", "met": False, "failed": failed,
+                    "why": "; ".join(f"{m}: {why}" for m, why in failed.items()),
+                })
             continue
         best = min(mine, key=mine.__getitem__)
         theirs = {p: results[p]["median_wall"] for p in peers if p in results and results[p]["median_wall"]}
@@ -263,6 +284,21 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "why": _peers_why(best, results, ratios),
         })
     return targets
+
+
+def _failure(entry: dict[str, Any] | None) -> str | None:
+    """Why a codelane mode's runs cannot count for a target (None: they can): error results, other
+    calls than the workload's, or problems the runs reported (a turn that did not finish, a call
+    that ran where the mode does not place it). Peers are judged by their walls as they are."""
+    if entry is None or entry.get("kind") != "codelane":
+        return None
+    reasons = []
+    if entry.get("errors"):
+        reasons.append(f"{entry['errors']} error results")
+    if not entry.get("same_calls", True):
+        reasons.append("not the workload's calls")
+    reasons += entry.get("problems") or []
+    return ", ".join(reasons[:3]) or None
 
 
 def _correct_runs(entry: dict[str, Any]) -> str | None:
