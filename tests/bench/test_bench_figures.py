@@ -1,0 +1,26 @@
+"""The small benchmarks' printed figures agree with one another: a p50 column and the difference
+printed beside it come from the same median, percentiles stay within the samples. Pure
+computation on made-up samples; no benchmark runs here."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import sandbox_bench
+
+
+def _row(output: str, name: str) -> list[str]:
+    return next(line for line in output.splitlines() if line.strip().startswith(name)).split()
+
+
+def test_the_sandbox_bench_p50_column_is_the_median_its_added_column_subtracts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Four samples each: the median is between the middle two, not the upper one.
+    sandbox_bench._print("bash -c true", {"unconfined": [1.0, 2.0, 3.0, 10.0], "sandboxed": [4.0, 5.0, 7.0, 20.0]},
+                         "unconfined")
+    output = capsys.readouterr().out
+    base, sandboxed = _row(output, "unconfined"), _row(output, "sandboxed")
+    assert base[1] == "2.50" and sandboxed[1] == "6.00"
+    # The added figure is the difference of the two p50s printed.
+    assert sandboxed[3] == "+3.50"
