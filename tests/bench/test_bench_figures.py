@@ -4,9 +4,11 @@ computation on made-up samples; no benchmark runs here."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from benchmarks import sandbox_bench
+from benchmarks import overhead_bench, sandbox_bench
 
 
 def _row(output: str, name: str) -> list[str]:
@@ -24,3 +26,10 @@ def test_the_sandbox_bench_p50_column_is_the_median_its_added_column_subtracts(
     assert base[1] == "2.50" and sandboxed[1] == "6.00"
     # The added figure is the difference of the two p50s printed.
     assert sandboxed[3] == "+3.50"
+
+
+@pytest.mark.parametrize("values", [[0.050, 0.060], [0.050, 0.052, 0.070], [0.04, 0.05, 0.06, 0.09, 0.30]])
+def test_the_overhead_bench_p25_p75_lie_within_the_measured_turns(values: list[float]) -> None:
+    low, median, high = overhead_bench._quartiles(values)
+    assert min(values) <= low <= median <= high <= max(values)
+    assert median == statistics.median(values)
