@@ -68,6 +68,9 @@ SLOTS = 4
 PARALLEL_CONCURRENCY = 16
 START_TIMEOUT = 60.0
 TURN_TIMEOUT = 60.0
+# Issue 15's targets for the overhead per call: in the server, and through workers.
+TARGET_IN_PROCESS = 150e-6
+TARGET_THROUGH_WORKERS = 250e-6
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,23 @@ async def tools_alone(workspace: Path, concurrency: int) -> tuple[float, float]:
     started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(n, a) for n, a in calls))
     return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def overhead_verdicts(overheads: dict[str, float], modes: Sequence[Mode]) -> list[str]:
+    """One line per mode judged against its target (in-process modes 150 us, modes with workers
+    250 us), from the median overhead/call printed in the table. Traced modes and another
+    checkout's (@baseline) are not judged: the targets are this code's, untraced."""
+    lines = []
+    for mode in modes:
+        if mode.traced or mode.name.endswith("@baseline") or mode.name not in overheads:
+            continue
+        target = TARGET_THROUGH_WORKERS if mode.workers else TARGET_IN_PROCESS
+        overhead = overheads[mode.name]
+        where = "through workers" if mode.workers else "in-process"
+        verdict = "met" if overhead <= target else "MISSED"
+        lines.append(f"target: {mode.name}: overhead/call {overhead * 1e6:.0f} us, {where} at most "
+                     f"{target * 1e6:.0f} us: {verdict}")
+    return lines
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -292,12 +312,13 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"{'mode':<26}{'T turn':>10}{'T turn p25-p75':>17}{'text turn':>11}{'ideal tools':>13}"
               f"{'overhead/call':>15}{'seq/mode':>10}{'server CPU/call':>17}{'beyond tools':>14}")
         base = statistics.median(turns[modes[0].name])
+        medians: dict[str, float] = {}
         for mode in modes:
             t_turn = statistics.median(turns[mode.name])
             low, _, high = _quartiles(turns[mode.name])
             text_turn = statistics.median(texts[mode.name])
             ideal = tools_time[mode.concurrency]
-            overhead = statistics.median(overheads[mode.name])
+            overhead = medians[mode.name] = statistics.median(overheads[mode.name])
             server_cpu = statistics.fmean(cpus[mode.name]) / calls
             beyond_tools = server_cpu - statistics.fmean(alone_cpu[mode.concurrency]) / calls
             print(f"{mode.name:<26}{t_turn * 1000:>8.1f}ms{low * 1000:>9.1f}-{high * 1000:.1f}ms"
@@ -329,6 +350,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 delta = statistics.median(turns[twin.name]) - statistics.median(turns[mode.name])
                 print(f"tracing on {mode.name}: {delta * 1e6 / calls:+.0f} us per call "
                       f"(T turn traced - untraced, / {calls} calls; {sink.spans} spans received in all)")
+        for line in overhead_verdicts(medians, modes):
+            print(line)
         for name, found in problems.items():
             if found:
                 print(f"PROBLEMS in {name}: {sorted(set(found))[:5]}")

@@ -33,3 +33,17 @@ def test_the_overhead_bench_p25_p75_lie_within_the_measured_turns(values: list[f
     low, median, high = overhead_bench._quartiles(values)
     assert min(values) <= low <= median <= high <= max(values)
     assert median == statistics.median(values)
+
+
+def test_the_overhead_bench_judges_each_mode_against_its_own_target() -> None:
+    modes = [overhead_bench.make_mode(n) for n in ("sequential", "parallel-local", "parallel-local+traced",
+                                                    "workers-2", "workers-2+dispatch-all")]
+    lines = overhead_bench.overhead_verdicts(
+        {"sequential": 149e-6, "parallel-local": 151e-6, "parallel-local+traced": 900e-6,
+         "workers-2": 240e-6, "workers-2+dispatch-all": 251e-6}, modes)
+    assert lines == [
+        "target: sequential: overhead/call 149 us, in-process at most 150 us: met",
+        "target: parallel-local: overhead/call 151 us, in-process at most 150 us: MISSED",
+        "target: workers-2: overhead/call 240 us, through workers at most 250 us: met",
+        "target: workers-2+dispatch-all: overhead/call 251 us, through workers at most 250 us: MISSED",
+    ]
