@@ -245,14 +245,36 @@ async def measure(args: argparse.Namespace, base: Path) -> None:
         f"{server[0]:.2f}/{server[1]:.2f} + {worker[0]:.2f}/{worker[1]:.2f} vs {tar_[0]:.2f}/{tar_[1]:.2f}"
         for (server, worker), tar_ in zip(sync_cpu, tar_cpu, strict=True)))
     print()
-    print(f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8}")
-    print(f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "
-          f"{sync / tar:>10.2f}x {'<= 1.5x':>8}")
-    print(f"{'snapshot, unchanged tree, warm cache, p50 (ms): watched / stat all':<62} "
-          f"{statistics.median(watched) * ms:>10.2f} {statistics.median(full) * ms:>10.2f} {'':>11} {'<= 50':>8}")
-    p50_synced, p50_shared = statistics.median(synced_reads) * ms, statistics.median(shared_reads) * ms
-    print(f"{'read after a one-file edit, p50 (ms): synced remote / shared FS':<62} {p50_synced:>10.2f} "
-          f"{p50_shared:>10.2f} {p50_synced - p50_shared:>+10.2f}ms {'<= +10':>8}")
+    for line in figures_table(sync, tar, statistics.median(watched) * ms, statistics.median(full) * ms,
+                              statistics.median(synced_reads) * ms, statistics.median(shared_reads) * ms):
+        print(line)
+
+
+# Issue 14's targets.
+SYNC_RATIO_TARGET = 1.5
+SNAPSHOT_TARGET_MS = 50.0
+READ_EXTRA_TARGET_MS = 10.0
+
+
+def figures_table(sync: float, tar: float, watched_ms: float, full_ms: float, synced_ms: float,
+                  shared_ms: float) -> list[str]:
+    """The three figures beside what they are compared with, each judged met or missed (the
+    snapshot by the watched figure: the one the server takes)."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    ratio, extra = sync / tar, synced_ms - shared_ms
+    return [
+        f"{'figure':<62} {'codelane':>10} {'beside':>10} {'ratio/diff':>11} {'target':>8} verdict",
+        f"{'cold sync to a new worker over veth / tar over TCP, median (s)':<62} {sync:>10.2f} {tar:>10.2f} "
+        f"{ratio:>10.2f}x {f'<= {SYNC_RATIO_TARGET:g}x':>8} {verdict(ratio <= SYNC_RATIO_TARGET)}",
+        f"{'snapshot, unchanged tree, warm cache, p50 (ms): watched / stat all':<62} "
+        f"{watched_ms:>10.2f} {full_ms:>10.2f} {'':>11} {f'<= {SNAPSHOT_TARGET_MS:g}':>8} "
+        f"{verdict(watched_ms <= SNAPSHOT_TARGET_MS)}",
+        f"{'read after a one-file edit, p50 (ms): synced remote / shared FS':<62} {synced_ms:>10.2f} "
+        f"{shared_ms:>10.2f} {extra:>+10.2f}ms {f'<= +{READ_EXTRA_TARGET_MS:g}':>8} "
+        f"{verdict(extra <= READ_EXTRA_TARGET_MS)}",
+    ]
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks import overhead_bench, sandbox_bench
+from benchmarks import overhead_bench, sandbox_bench, workspace_bench
 
 
 def _row(output: str, name: str) -> list[str]:
@@ -47,3 +47,11 @@ def test_the_overhead_bench_judges_each_mode_against_its_own_target() -> None:
         "target: workers-2: overhead/call 240 us, through workers at most 250 us: met",
         "target: workers-2+dispatch-all: overhead/call 251 us, through workers at most 250 us: MISSED",
     ]
+
+
+def test_the_workspace_bench_judges_each_figure() -> None:
+    lines = workspace_bench.figures_table(sync=1.6, tar=1.0, watched_ms=0.3, full_ms=90.0, synced_ms=14.0,
+                                          shared_ms=4.0)
+    assert lines[1].split()[-4:] == ["1.60x", "<=", "1.5x", "MISSED"]
+    assert lines[2].split()[-3:] == ["<=", "50", "met"]  # the watched snapshot, not the stat-everything one
+    assert lines[3].split()[-3:] == ["<=", "+10", "met"]  # 10.00 ms more: at most 10
