@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks import overhead_bench, sandbox_bench, workspace_bench
+from benchmarks import events_bench, overhead_bench, sandbox_bench, workspace_bench
 
 
 def _row(output: str, name: str) -> list[str]:
@@ -55,3 +55,19 @@ def test_the_workspace_bench_judges_each_figure() -> None:
     assert lines[1].split()[-4:] == ["1.60x", "<=", "1.5x", "MISSED"]
     assert lines[2].split()[-3:] == ["<=", "50", "met"]  # the watched snapshot, not the stat-everything one
     assert lines[3].split()[-3:] == ["<=", "+10", "met"]  # 10.00 ms more: at most 10
+
+
+@pytest.mark.parametrize(
+    ("sequences", "finished", "cut", "expected"),
+    [
+        ([1, 2, 3], True, None, None),
+        ([1, 2, 3], False, "RESOURCE_EXHAUSTED: the reader fell behind", "cut after 3 events (RESOURCE_EXHAUSTED"),
+        ([1, 2, 4], True, None, "sequence 4 where 3 was due"),
+        ([1, 2, 3], False, None, "ended after 3 events, before TurnFinished"),
+    ],
+)
+def test_the_events_bench_long_turn_is_whole_only_when_its_own_stream_carried_all_of_it(
+    sequences: list[int], finished: bool, cut: str | None, expected: str | None
+) -> None:
+    problem = events_bench.long_turn_problem(sequences, finished, cut)
+    assert problem == expected if expected is None else expected in problem
