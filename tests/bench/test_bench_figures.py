@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks import events_bench, overhead_bench, sandbox_bench, workspace_bench
+from benchmarks import events_bench, overhead_bench, pool_bench, sandbox_bench, workspace_bench
 
 
 def _row(output: str, name: str) -> list[str]:
@@ -71,3 +71,9 @@ def test_the_events_bench_long_turn_is_whole_only_when_its_own_stream_carried_al
 ) -> None:
     problem = events_bench.long_turn_problem(sequences, finished, cut)
     assert problem == expected if expected is None else expected in problem
+
+
+def test_the_pool_bench_p99_is_the_nearest_rank_not_the_sample_above() -> None:
+    samples = [float(i) for i in range(100, 0, -1)]  # 1 to 100, unordered
+    assert pool_bench.percentile(samples, 99) == 99.0
+    assert pool_bench.percentile(samples, 50) == 50.0
