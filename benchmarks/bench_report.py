@@ -243,6 +243,13 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     entry("T", "sequential"), entry("T", "parallel-local"), T_SPEEDUP_TARGET, None,
                 )))
     peers = [p for p, info in report["peers"].items() if info.get("measured")]
+    if not peers:
+        # Not judged, and said so: a target left out of the table would read as none missed.
+        reasons = "; ".join(f"{p}: {info.get('reason', '?')}" for p, info in report["peers"].items())
+        targets.append({"target": "codelane at or under every peer's wall time (M: and correct in every run)",
+                        "value": None, "met": None,
+                        "summary": "not judged: no peer was measured" + (f" ({reasons})" if reasons else
+                                                                          " (--no-peers)")})
     for key, data in workloads.items():
         results = data["results"]
         # A mode whose runs failed is not codelane's best, however fast its errors came back.

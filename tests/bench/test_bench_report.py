@@ -99,3 +99,19 @@ def test_against_the_peers_when_every_mode_failed_the_target_is_missed_not_dropp
                      peers={"langgraph": {"measured": True}})
     target = _target(bench_report.evaluate_targets(report), "M: codelane at or under every peer")
     assert target["met"] is False and "11 error results" in target["why"]
+
+
+def test_with_no_peer_measured_the_peer_target_is_listed_as_not_judged_with_the_reason() -> None:
+    healthy = {name: _entry([0.02, 0.02, 0.02], slots=slots) for name, slots in MODES.items()}
+    report = _report({"M": healthy}, peers={"langgraph": {"measured": False, "reason": "langgraph is not installed"}})
+    target = _target(bench_report.evaluate_targets(report), "codelane at or under every peer")
+    assert target["met"] is None and "langgraph is not installed" in target["summary"]
+    assert "| n/a |" in bench_report.markdown({**report, "targets": [target], **_markdown_parts()})
+
+
+def _markdown_parts() -> dict[str, Any]:
+    return {"meta": {"cpus": 2, "started": "-", "python": "-", "platform": "-", "load_before": "-",
+                     "load_after": "-"},
+            "config": {"quick": True, "repeat": 3, "warmup": 1, "slots": 1, "query_concurrency": 16,
+                       "llm_latency": 0.05, "modes": []},
+            "workloads": {}}
