@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import count
 from benchmarks.tools_bench import paired_medians
 from codelane.client import Client
 from session_server.llm.base import ChatMessage, ModelRequest, ModelToolCall
@@ -79,9 +80,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 samples[size].append(await turn(client, session_id, f"measured {i}"))
         figures = {size: statistics.median(seconds) for size, seconds in samples.items()}
         base = figures[args.sizes[0]]
+        # Each measured turn adds its two messages to the session it measures: a size's samples
+        # see its history from `size` to `size + 2 x (samples - 1)` messages, which is printed.
+        grown = 2 * (args.samples - 1)
         print(f"one model step (text-only turn), median of {args.samples}, by history size:")
         for size, seconds in figures.items():
-            print(f"  {size:>6} messages  {seconds * 1000:7.2f} ms   x{seconds / base:.2f}")
+            print(f"  {f'{size}-{size + grown}':>11} messages  {seconds * 1000:7.2f} ms   x{seconds / base:.2f}")
         ratio = figures[args.sizes[-1]] / base
         verdict = "met" if ratio <= FLAT_RATIO else "MISSED"
         print(f"target: flat (at most x{FLAT_RATIO:g} from {args.sizes[0]} to {args.sizes[-1]} messages): "
@@ -146,7 +150,7 @@ async def _serve_until_stopped(script: Path, data_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.history_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=lambda s: sorted(int(n) for n in s.split(",")), default=[20, 200, 2000])
-    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--samples", type=count, default=30)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -54,6 +54,7 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from benchmarks import count
 from codelane import events as ev
 from codelane.client import Client
 from session_server.server import CodelaneServer, ServerConfig
@@ -435,7 +436,7 @@ async def _serve_until_stopped(workers: int, script: Path, data_dir: Path, otlp_
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=count, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", type=lambda s: [make_mode(n) for n in s.split(",")],
                         default=[make_mode(n) for n in ("sequential", "parallel-local", "parallel-local+traced",

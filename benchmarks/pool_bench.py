@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks import count
 from codelane.transport import CHANNEL_OPTIONS, SERVER_OPTIONS
 from codelane.v1 import worker_pb2, worker_pb2_grpc
 from session_server import stats
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--calls", type=int, default=2000, help="round trips measured (default 2000)")
-    parser.add_argument("--throughput-calls", type=int, default=20000, help="calls in the throughput run")
-    parser.add_argument("--workers", type=int, default=4, help="worker processes in the throughput run")
+    parser.add_argument("--calls", type=count, default=2000, help="round trips measured (default 2000)")
+    parser.add_argument("--throughput-calls", type=count, default=20000, help="calls in the throughput run")
+    parser.add_argument("--workers", type=count, default=4, help="worker processes in the throughput run")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--echo-client", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

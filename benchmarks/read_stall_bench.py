@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from benchmarks import count
 from session_server.events import CallInfo, ToolCallFinished
 from session_server.history import Histories, History
 from session_server.pool import WorkerPool
@@ -216,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--history-mb", type=int, default=300)
     parser.add_argument("--followers", type=int, default=300)
     parser.add_argument("--burst-mb", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--rounds", type=count, default=3)
+    parser.add_argument("--samples", type=count, default=1000)
     return asyncio.run(main_async(parser.parse_args(argv)))
 
 

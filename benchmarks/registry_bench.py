@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import count
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolResult, ToolSpec
 
@@ -70,8 +71,8 @@ async def measure(calls: int, rounds: int) -> tuple[list[float], list[float]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=count, default=2000, help="calls per round")
+    parser.add_argument("--rounds", type=count, default=9)
     args = parser.parse_args(argv)
     via, direct = asyncio.run(measure(args.calls, args.rounds))
     via_us, direct_us = statistics.median(via) * 1e6, statistics.median(direct) * 1e6

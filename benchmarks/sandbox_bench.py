@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import count
 from session_server.stats import percentile
 from tool_worker.confinement import bwrap
 from tool_worker.confinement.launcher import Sandbox
@@ -199,7 +200,7 @@ async def main(runs: int, walk_runs: int) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--walk-runs", type=int, default=60)
+    parser.add_argument("--runs", type=count, default=300)
+    parser.add_argument("--walk-runs", type=count, default=60)
     arguments = parser.parse_args()
     raise SystemExit(asyncio.run(main(arguments.runs, arguments.walk_runs)))

@@ -397,7 +397,8 @@ async def run(
         figures["query_seconds"] = {
             "p50": statistics.median(times), "p90": sorted(times)[int(0.9 * (len(times) - 1))], "count": len(times)
         }
-        changed = tree / sorted(name for name in names if name.endswith(".py"))[len(names) // 2]
+        sources = sorted(name for name in names if name.endswith(".py")) or sorted(names)
+        changed = tree / sources[len(sources) // 2]
         # A name of this run's own: with --cache-dir, an earlier run's edit is in the store already.
         with changed.open("a", encoding="utf-8") as handle:
             handle.write(f"\n\ndef semantic_bench_marker_{time.time_ns()}(retries):\n"

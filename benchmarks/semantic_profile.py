@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import count
 from benchmarks.semantic_bench import load_questions, source_tree
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.registry import ToolRegistry
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.semantic_profile", description=__doc__.split("\n")[0])
     parser.add_argument("--tree-files", type=int, default=5000, help="files in the tree (default 5000)")
     parser.add_argument("--tree-dir", type=Path, help="keep the tree here and reuse it (default: a scratch directory)")
-    parser.add_argument("--calls", type=int, default=59, help="timed calls (the evaluation's first questions)")
+    parser.add_argument("--calls", type=count, default=59, help="timed calls (the evaluation's first questions)")
     args = parser.parse_args(argv)
     _, questions = load_questions(quick=False)
     texts = [question.text for question in questions][: args.calls]

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from benchmarks import count
 from session_server.events import StoredEvent, ToolCallFinished
 from session_server.stats import percentile
 from session_server.store import CHECKPOINT_DELAY, SessionRecord, Store
@@ -72,8 +73,8 @@ def run_round(pattern: str, checkpoint_delay: float | None, turns: int, pause: f
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument("--rounds", type=count, default=3)
+    parser.add_argument("--turns", type=count, default=40)
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between two turns' commits")
     args = parser.parse_args(argv)
     variants = {

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import count
 from tool_worker.registry import ToolRegistry
 from tool_worker.tools.grep import rg_arguments
 from tool_worker.tools.rg import BASE_ARGS, rg_binary
@@ -158,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=50)
     parser.add_argument("--keep", help="build the tree here, or reuse the one already there")
-    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--repeat", type=count, default=9)
     options = parser.parse_args()
 
     started = time.perf_counter()

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks import count
 from session_server.pool import QueryCall
 from session_server.server import CodelaneServer, ServerConfig
 from tests.hosts import TestHost, unavailable
@@ -279,7 +280,7 @@ def figures_table(sync: float, tar: float, watched_ms: float, full_ms: float, sy
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--files", type=count, default=10_000)
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="cold syncs and tar copies, alternating")

@@ -5,6 +5,7 @@ computation on made-up samples; no benchmark runs here."""
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,19 @@ def test_the_pool_bench_p99_is_the_nearest_rank_not_the_sample_above() -> None:
     samples = [float(i) for i in range(100, 0, -1)]  # 1 to 100, unordered
     assert pool_bench.percentile(samples, 99) == 99.0
     assert pool_bench.percentile(samples, 50) == 50.0
+
+
+
+@pytest.mark.parametrize(
+    ("module", "arguments"),
+    [(overhead_bench, ["--rounds", "0"]), (pool_bench, ["--calls", "0"]), (pool_bench, ["--calls", "x"]),
+     (events_bench, ["--events", "-3"])],
+)
+def test_counts_of_nothing_are_refused_before_anything_runs(
+    module: Any, arguments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--rounds 0` crashed with statistics' StatisticsError after starting the servers.
+    with pytest.raises(SystemExit) as exited:
+        module.main(arguments)
+    assert exited.value.code == 2
+    assert f"argument {arguments[0]}:" in capsys.readouterr().err
