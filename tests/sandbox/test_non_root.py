@@ -51,8 +51,12 @@ async def main():
         ("escape", "echo x > /etc/codelane-test"),
         ("spin", "while :; do :; done"),
         # After the bomb the call's own shell runs builtins only: a fork of its own (say `sleep`)
-        # would meet the same limit, and bash gives up the script when a fork fails.
-        ("bomb", "b() { b | b & }; b; for ((i = 0; i < 50000; i++)); do :; done; echo survived"),
+        # would meet the same limit, and bash gives up the script when a fork fails. It waits
+        # for the bomb's first failed fork (logged to bomb.log; `read -t` on a FIFO nobody
+        # writes is its sleep) instead of racing it: under load, a fixed loop could end first.
+        ("bomb", "mkfifo never; exec 3<>never; b() { b | b & }; b 2>bomb.log; "
+                 "for ((i = 0; i < 600; i++)); do [[ -s bomb.log ]] && break; read -t 0.05 -u 3; done; "
+                 "while IFS= read -r line; do echo $line; done < bomb.log; echo survived"),
     ]
     for name, command in commands:
         result = await registry.execute("bash", Path(sys.argv[1]), json.dumps({"command": command}), policy=policy)
