@@ -7,7 +7,8 @@
 
 One bidirectional stream carries everything. The worker reconnects with exponential backoff and
 jitter when the hub goes away, and drains on SIGTERM: it says Draining, finishes its calls, and
-exits 0. A hub that refuses its token or its Hello ends it with a non-zero exit and one clear line.
+exits 0 (a second signal stops it at once). A hub that refuses its token or its Hello ends it
+with a non-zero exit and one clear line.
 
 Each call runs on the snapshot its Assign names (tool_worker.workspaces): on the server's own
 path when this host sees the same files there, else on a copy synced into --cache-dir.
@@ -860,8 +861,24 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
     worker = ToolWorker(config, registry, telemetry)
     metrics.in_flight.set_function(lambda: worker.active_calls)
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    stopped_by: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        # The first signal drains, which waits for the running calls however long they take: an
+        # operator is told so, and a second signal (a second Ctrl-C) stops at once, as a kill
+        # would: the hub retries the idempotent calls elsewhere and ends the others WORKER_LOST.
+        stopped_by.append(sig)
+        if len(stopped_by) == 1:
+            log.info("%s: draining: no new calls; exiting once the %d running call(s) end (a second SIGTERM or "
+                     "SIGINT stops at once)", sig.name, worker.active_calls)
+            worker.request_drain()
+        elif len(stopped_by) == 2 and main is not None:
+            log.warning("%s again: stopping now, leaving %d running call(s) to the hub", sig.name, worker.active_calls)
+            main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_drain)
+        loop.add_signal_handler(sig, on_signal, sig)
     endpoint = health_server = None
     try:
         # The ports on stdout, as the server prints its own: with port 0 the kernel picks them,
@@ -880,6 +897,10 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
     freeze_startup_heap()
     try:
         return await worker.run()
+    except asyncio.CancelledError:
+        if len(stopped_by) < 2:
+            raise
+        return 128 + stopped_by[-1]  # as a shell reports a process its signal ended
     finally:
         if endpoint is not None:
             await endpoint.stop()

@@ -435,6 +435,31 @@ async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, t
     assert await asyncio.to_thread(proc.wait, 10) == 0
 
 
+async def test_a_second_signal_stops_a_draining_worker_at_once(make_server, workers, tmp_path: Path) -> None:
+    import signal
+
+    # A drain waits for the running calls however long they take: the operator is told so, and a
+    # second signal (Ctrl-C twice) stops the worker as a kill would, its call left to the hub.
+    server = await make_server()
+    proc = workers.spawn(server.port, "w1", slots=1)
+    await connected(server, "w1")
+    events: list = []
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 600_000}, events=events)))
+    try:
+        await wait_for(lambda: bool(events), what="the call to start")
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 10) == 128 + signal.SIGINT
+        await wait_for(lambda: any(isinstance(e, WorkerLost) for e in events), what="the hub to lose the worker")
+    finally:
+        running.cancel()
+    stderr = proc.stderr.read().decode()
+    assert "SIGTERM: draining: no new calls; exiting once the 1 running call(s) end" in stderr
+    assert "SIGINT again: stopping now, leaving 1 running call(s) to the hub" in stderr
+    assert "Traceback" not in stderr
+
+
 async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, tmp_path: Path) -> None:
     import signal
 
