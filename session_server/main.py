@@ -347,6 +347,17 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
         logging.disable(logging.WARNING)
         await server.stop(0)
         raise
+    try:
+        await _announce_and_wait(server, config)
+    finally:
+        # Also when the task is cancelled instead: a Ctrl-C in the moment before the handlers
+        # below are in place reaches us as asyncio.run's cancellation of this task, and left the
+        # server running (its gRPC threads, local workers and data directory lock) and the
+        # process hung on its way out.
+        await server.stop(grace)
+
+
+async def _announce_and_wait(server: CodelaneServer, config: ServerConfig) -> None:
     freeze_startup_heap()
     # stdout holds the one "listening" line that scripts wait for; what the sandbox enforces is
     # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.
@@ -373,4 +384,3 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace)

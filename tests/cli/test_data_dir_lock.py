@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from session_server import main as server_main
 from session_server.server import CodelaneServer, ServerConfig
 from tests.cli.conftest import cli
+from tests.processes import all_gone, kill_all
 
 
 async def test_a_second_server_on_a_data_dir_in_use_is_refused(tmp_path: Path) -> None:
@@ -48,3 +50,32 @@ def test_a_data_dir_whose_lock_cannot_be_taken_says_which_and_why(tmp_path: Path
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == (f"codelane server: cannot use the data directory {data}: {data}/lock: Is a directory: "
                           "the server must be able to write there\n")
+
+
+async def test_a_server_cancelled_as_it_starts_still_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ctrl-C in the moment between the start and the server's own signal handlers reaches
+    # `codelane server` as asyncio.run's cancellation of its task: the server must stop all the
+    # same (it was left running, its local workers and data directory lock held, and the process
+    # hung on its way out).
+    data = tmp_path / "data"
+    started = asyncio.Event()
+    main_task: asyncio.Task[None] | None = None
+
+    def cancel_at_start() -> None:  # called once the server has started, before its handlers
+        assert main_task is not None
+        main_task.cancel()
+        started.set()
+
+    monkeypatch.setattr(server_main, "freeze_startup_heap", cancel_at_start)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=data, local_workers=1)
+    try:
+        main_task = asyncio.create_task(server_main._serve_until_stopped(config, 0.5))
+        with pytest.raises(asyncio.CancelledError):
+            await main_task
+        assert started.is_set()
+        assert await all_gone(str(os.getpid()))  # the local worker (`--parent-pid` this process)
+        after = CodelaneServer(ServerConfig(listen="127.0.0.1:0", data_dir=data, local_workers=0))
+        await after.start()  # the data directory was released
+        await after.stop(grace=0.5)
+    finally:
+        kill_all(str(os.getpid()))
