@@ -414,7 +414,10 @@ class SessionManager:
         """
         # Checked, and the turn counted, before the session's history is loaded (when it is not
         # in memory): no load starts beside the session's running turn, which appends to the
-        # history meanwhile, nor for a turn refused anyway.
+        # history meanwhile, nor for a turn refused anyway. A stopping server says so first: its
+        # refusal is the one a retry elsewhere, or after the restart, gets past.
+        if self.admission is not None:
+            self.admission.check_open()
         record, settings, provider, model_name = self._turn_inputs(session_id, text)
         if self.admission is not None:
             self.admission.acquire_turn()

@@ -208,8 +208,10 @@ async def test_a_stopping_server_admits_nothing_new_and_lets_a_running_turn_fini
 
     stopping = asyncio.create_task(server.server.stop(grace=30))
     await health.until("NOT_SERVING")
+    # The session whose turn still runs is told the same (not "already running a turn"): a new
+    # turn is refused for the stop, and only a retry elsewhere or after the restart can start it.
     for refused in (client.create(workspace, _waiting_write(tmp_path)), client.send(idle.session_id, "hi"),
-                    collect(client.watch_stream(idle.session_id))):
+                    client.send(running.session_id, "and then?"), collect(client.watch_stream(idle.session_id))):
         details = await rpc_error(refused)
         assert details.code == grpc.StatusCode.UNAVAILABLE and details.reason == "SHUTTING_DOWN", details
     # Work already running is still served: reads, and the confirmation the turn waits for.
