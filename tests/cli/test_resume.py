@@ -423,6 +423,9 @@ async def test_a_resumed_stream_that_never_answers_is_given_up_once_the_budget_i
         async for item in session.watch(follow=True):
             seen.append(item)
     assert raised.value.code == "UNAVAILABLE" and "no reply from the server" in raised.value.message
+    # Why the stream broke in the first place is not hidden by the silence after it (a server
+    # that said it was shutting down, then went quiet while it restarted).
+    assert raised.value.message.endswith("since the event stream broke (UNAVAILABLE: Socket closed)")
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1] and silent.cancelled.is_set()
 

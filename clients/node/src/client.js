@@ -505,6 +505,11 @@ const SUBSCRIBER_TOO_SLOW = 'SUBSCRIBER_TOO_SLOW';
 
 /** Whether a broken event stream is mended by a new one: the server cut a reader that fell
  * behind, the connection was lost, or the stream was reset. */
+/** A gRPC status code's name (UNAVAILABLE), as the Python client writes it. */
+function codeName(code) {
+  return Object.keys(grpc.status).find((name) => grpc.status[name] === code) ?? String(code);
+}
+
 function resumable(err) {
   if (err?.code === grpc.status.RESOURCE_EXHAUSTED) return err.errorInfo?.reason === SUBSCRIBER_TOO_SLOW;
   return err?.code === grpc.status.UNAVAILABLE || err?.code === grpc.status.INTERNAL;
@@ -558,6 +563,7 @@ class ResumingIterator {
     let caughtUp = false;
     let turnId = '';
     let brokenAt = null; // when the stream broke, since when no stream has answered
+    let broke = null; // why it broke then (a server shutting down, say), named when it is given up
     let delayMs = 0;
     // A resumed stream that neither answers nor fails is given up once the budget is spent:
     // grpc-js waits for ever on a server that takes the connection and says nothing (a server
@@ -570,7 +576,7 @@ class ResumingIterator {
         try {
           for await (const item of this._call) {
             clearTimeout(giveUp);
-            brokenAt = null; // the stream answers (a marker counts): a later break is a new one
+            brokenAt = broke = null; // the stream answers (a marker counts): a later break is a new one
             if (item.kind === 'caught_up') {
               if (caughtUp || turn) continue;
               caughtUp = true;
@@ -589,8 +595,9 @@ class ResumingIterator {
             if (!turn && !follow && item.kind === 'caught_up') return;
           }
           if (this._ended()) return;
+          const why = broke ? ` (${codeName(broke.code)}: ${broke.details ?? broke.message})` : '';
           const details = silent
-            ? `no reply from the server in the ${_resumeTiming.withinMs / 1000} s since the event stream broke`
+            ? `no reply from the server in the ${_resumeTiming.withinMs / 1000} s since the event stream broke${why}`
             : 'the event stream ended early';
           error = Object.assign(new Error(details), { code: grpc.status.UNAVAILABLE, details });
         } catch (err) {
@@ -598,7 +605,10 @@ class ResumingIterator {
           error = err;
         }
         const now = _resumeTiming.now();
-        brokenAt ??= now; // the budget starts now, however long the stream had been quiet
+        if (brokenAt === null) {
+          brokenAt = now; // the budget starts now, however long the stream had been quiet
+          broke = error;
+        }
         if (silent || !resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) {
           throw error;
         }

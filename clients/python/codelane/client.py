@@ -613,6 +613,7 @@ class Session:
         last = after
         caught_up = False
         broken_at: float | None = None  # when the stream broke, since when no stream has answered
+        broke: CodelaneError | None = None  # why it broke then (a server shutting down, say), for the give-up
         delay = 0.0  # no pause before the first resume after progress
         # When a resumed stream that has not answered yet is given up (event loop time): one that
         # neither answers nor fails (a server that takes the connection and says nothing) would
@@ -629,9 +630,10 @@ class Session:
                         except StopAsyncIteration:
                             break
                         except TimeoutError:
+                            why = f" ({broke.code}: {broke.message})" if broke is not None else ""
                             raise CodelaneError("UNAVAILABLE", f"no reply from the server in the {RESUME_WITHIN:g} s "
-                                                "since the event stream broke") from None
-                        broken_at = give_up_at = None  # it answers (a marker counts): a later break is a new one
+                                                f"since the event stream broke{why}") from None
+                        broken_at = give_up_at = broke = None  # it answers (a marker counts): a later break is new
                         for item in _stream_items(reply):
                             if isinstance(item, CaughtUp):
                                 if caught_up:
@@ -653,6 +655,7 @@ class Session:
                 now = _clock()
                 if broken_at is None:
                     broken_at = now  # the budget starts now, however long the stream had been quiet
+                    broke = error
                 if (not _resumable(error) or (last == after and not resume_at_once)
                         or now - broken_at > RESUME_WITHIN):
                     raise error
