@@ -210,6 +210,9 @@ class ToolWorker:
         self._reconnect_token = ""
         # Why the hub could not be reached, and when that was logged (once a minute while it lasts).
         self._unreachable_told = ("", 0.0)
+        # When the hub last said it was shutting down (None once connected again): while it
+        # restarts, nothing listens, which is then no news.
+        self._hub_stopped_at: float | None = None
         # Whether a hub message of a kind this worker does not know was logged (once is enough).
         self._unknown_told = False
         self._cas_channel: grpc.aio.Channel | None = None
@@ -294,6 +297,13 @@ class ToolWorker:
                               file=sys.stderr)
                         return EXIT_REJECTED
                 except grpc.aio.AioRpcError as exc:
+                    if self._draining.is_set():
+                        # Stopping already (a SIGTERM, as a server gives its local workers before
+                        # it ends their streams): the end is no fault to retry. grpc.aio often
+                        # reports INTERNAL "Internal error from Core" in place of the hub's status.
+                        log.info("hub at %s ended our stream while this worker stops (%s)", self.config.address,
+                                 status_line(exc))
+                        return 0
                     hello_races = 0
                     self._count_connection("unavailable")
                     refusal = tls_refusal(exc)
@@ -318,7 +328,14 @@ class ToolWorker:
                         # minute while it stays so, not at every attempt.
                         why = unreachable(self.config.address, exc.details() or "", self.config.tls_ca is not None)
                         quiet = closed_in_handshake or self._told_lately(why)
-                        log.log(logging.DEBUG if quiet else logging.WARNING, "%s; retrying", why)
+                        # Within a minute of the hub saying it stops, a restart is the likely
+                        # reason: said at INFO; past that, or unheard of, it is a WARNING.
+                        restarting = (self._hub_stopped_at is not None
+                                      and time.monotonic() - self._hub_stopped_at < UNREACHABLE_LOG_INTERVAL)
+                        if restarting:
+                            why += " (the hub said it was shutting down: a restart?)"
+                        log.log(logging.DEBUG if quiet else logging.INFO if restarting else logging.WARNING,
+                                "%s; retrying", why)
                     elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                         # Another service, or a server's health port: said as clients say it (it
                         # was "ended our stream (UNIMPLEMENTED: Method not found!)"). Still retried:
@@ -332,6 +349,8 @@ class ToolWorker:
                         # refusal that stands (a pool at --max-tools, a tool spec conflict) is said
                         # once a minute, as above, not at every attempt of the backoff.
                         stopping = exc.code() == grpc.StatusCode.UNAVAILABLE and error_reason(exc) == "SHUTTING_DOWN"
+                        if stopping:
+                            self._hub_stopped_at = time.monotonic()
                         why = f"hub at {self.config.address} ended our stream ({status_line(exc)})"
                         quiet = closed_in_handshake or self._told_lately(why)
                         log.log(logging.DEBUG if quiet else logging.INFO if stopping else logging.WARNING,
@@ -406,6 +425,7 @@ class ToolWorker:
         interval = heartbeat_interval(first.welcome)
         self._reconnect_token = first.welcome.reconnect_token
         self._unreachable_told = ("", 0.0)  # connected: the next outage is told at once
+        self._hub_stopped_at = None
         try:
             self._use_content(first.welcome.content, channel)
         except ValueError as exc:

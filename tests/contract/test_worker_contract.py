@@ -276,6 +276,16 @@ async def test_a_codelane_worker_logs_a_stopping_hub_at_info(make_server, proces
     assert " worker INFO hub at " in line and "(UNAVAILABLE SHUTTING_DOWN: " in line and line.endswith(
         "): retrying\n"), line
 
+    def next_attempt_line() -> str:
+        while line := proc.stderr.readline().decode():
+            if "retrying" in line:
+                return line
+        raise AssertionError("the worker's stderr ended")
+
+    # Nothing listens while it restarts: told as part of the stop it heard of, not a WARNING.
+    line = await asyncio.wait_for(asyncio.to_thread(next_attempt_line), 20)
+    assert " worker INFO " in line and "said it was shutting down" in line, line
+
 
 async def test_max_tools_is_in_the_admission_metrics_as_every_limit(make_server) -> None:
     # docs/deploy.md: codelane_admission_limit / _in_use / _refusals_total by limit, "each limit";

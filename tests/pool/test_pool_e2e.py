@@ -460,6 +460,30 @@ async def test_a_second_signal_stops_a_draining_worker_at_once(make_server, work
     assert "Traceback" not in stderr
 
 
+async def test_a_draining_worker_whose_hub_stops_exits_without_a_retry(make_server, workers, tmp_path: Path) -> None:
+    import signal
+
+    # A server that stops its local workers (SIGTERM: drain), then ends their streams: each
+    # worker logged a WARNING "ended our stream (...): retrying" on its way out (grpc.aio often
+    # reports INTERNAL "Internal error from Core" there), though it retried nothing.
+    server = await make_server()
+    proc = workers.spawn(server.port, "w1", slots=1)
+    await connected(server, "w1")
+    events: list = []
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 600_000}, events=events)))
+    try:
+        await wait_for(lambda: bool(events), what="the call to start")
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
+        await server.stop(grace=1)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        running.cancel()
+    stderr = proc.stderr.read().decode()
+    assert "ended our stream while this worker stops" in stderr, stderr
+    assert "retrying" not in stderr and " WARNING " not in stderr and "Traceback" not in stderr, stderr
+
+
 async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, tmp_path: Path) -> None:
     import signal
 
