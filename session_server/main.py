@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 from codelane.commands import args as types
@@ -36,7 +35,7 @@ from tool_worker.heap import freeze_startup_heap
 from tool_worker.merkle import DEFAULT_EXCLUDES, check_exclusion_pattern
 from tool_worker.snapshot_wire import MAX_WORKSPACE_EXCLUDES
 from tool_worker.telemetry.config import split_address
-from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
+from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging, say
 
 PROG = "codelane server"
 DEFAULT_SHUTDOWN_GRACE = 10.0
@@ -243,7 +242,7 @@ def main(argv: list[str]) -> int:
             if address:
                 split_address(address)
     except ValueError as exc:
-        print(f"codelane server: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -255,7 +254,7 @@ def main(argv: list[str]) -> int:
     for flag, directories in (("--scripts-dir", args.scripts_dir), ("--workspace-root", args.workspace_root)):
         missing = [str(d) for d in directories if not d.is_dir()]
         if missing:
-            print(f"codelane server: {flag} {missing[0]} is not a directory", file=sys.stderr)
+            say(PROG, f"{flag} {missing[0]} is not a directory")
             return 2
     sandbox_limits = ResourceLimits(
         processes=args.sandbox_max_processes,
@@ -265,9 +264,8 @@ def main(argv: list[str]) -> int:
     )
     if (sandbox_limits.processes < MIN_PROCESSES or sandbox_limits.memory_bytes < MIN_MEMORY
             or sandbox_limits.cpu_seconds < MIN_CPU_SECONDS or sandbox_limits.open_files < MIN_OPEN_FILES):
-        print(f"codelane server: sandbox limits must be at least {MIN_PROCESSES} processes, "
-              f"{MIN_MEMORY // MIB}M of memory, {MIN_CPU_SECONDS} CPU second and {MIN_OPEN_FILES} open files",
-              file=sys.stderr)
+        say(PROG, f"sandbox limits must be at least {MIN_PROCESSES} processes, {MIN_MEMORY // MIB}M of memory, "
+                  f"{MIN_CPU_SECONDS} CPU second and {MIN_OPEN_FILES} open files")
         return 2
     listen = args.listen or ["127.0.0.1:50051"]
     excludes = DEFAULT_EXCLUDES if args.snapshot_exclude is None else tuple(args.snapshot_exclude)
@@ -314,16 +312,16 @@ def main(argv: list[str]) -> int:
     try:
         config.sandbox_settings()
     except ValueError as exc:
-        print(f"codelane server: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 2
     try:
         asyncio.run(_serve(config, args.shutdown_grace))
     except ServerConfigError as exc:  # an open hub, a default model that cannot work, a TLS file
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 2
     # The address is taken, the data directory unwritable, the store read-only or not one, ...
     except (OSError, sqlite3.Error, StoreError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 1
     return 0
 

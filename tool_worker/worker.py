@@ -53,7 +53,7 @@ from tool_worker.registry import ToolRegistry
 from tool_worker.telemetry import logs as log_context
 from tool_worker.telemetry.config import split_address, start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, serve_health
-from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging
+from tool_worker.telemetry.logs import LOG_FORMATS, configure_logging, say
 from tool_worker.tools.base import ErrorKind, Lane, ToolResult, bound_result
 from tool_worker.workspaces import (
     DEFAULT_CACHE_DIR,
@@ -64,6 +64,7 @@ from tool_worker.workspaces import (
 )
 
 log = logging.getLogger("codelane.worker")
+PROG = "codelane worker"
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 10.0
@@ -265,7 +266,7 @@ class ToolWorker:
                     if self._draining.is_set():
                         return 0
                 except UnusableWelcome as exc:
-                    print(f"codelane worker: {exc}", file=sys.stderr)
+                    say(PROG, str(exc))
                     return EXIT_REJECTED
                 except HelloRaced as exc:
                     # The next attempt hears the hub's own answer: said quietly the first time, as
@@ -279,7 +280,7 @@ class ToolWorker:
                 except WorkerRejected as exc:
                     self._count_connection("rejected")
                     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
-                        print(f"codelane worker: the hub refused our token (UNAUTHENTICATED): {exc}", file=sys.stderr)
+                        say(PROG, f"the hub refused our token (UNAUTHENTICATED): {exc}")
                         return EXIT_UNAUTHENTICATED
                     if exc.code == grpc.StatusCode.ALREADY_EXISTS:
                         # Our own previous stream may still be held by a hub that has not noticed
@@ -287,14 +288,13 @@ class ToolWorker:
                         # with our id will not go away.
                         id_taken_since = id_taken_since or time.monotonic()
                         if time.monotonic() - id_taken_since > ID_TAKEN_PATIENCE:
-                            print(f"codelane worker: {exc}", file=sys.stderr)
+                            say(PROG, str(exc))
                             return EXIT_REJECTED
                         # Said once a minute, as a refusal that stands, not at every attempt.
                         why = str(exc)
                         log.log(logging.DEBUG if self._told_lately(why) else logging.WARNING, "%s; retrying", why)
                     else:
-                        print(f"codelane worker: the hub rejected this worker ({exc.code.name}): {exc}",
-                              file=sys.stderr)
+                        say(PROG, f"the hub rejected this worker ({exc.code.name}): {exc}")
                         return EXIT_REJECTED
                 except grpc.aio.AioRpcError as exc:
                     if self._draining.is_set():
@@ -313,15 +313,15 @@ class ToolWorker:
                         why = unreachable(self.config.address, refusal, True)
                         if "TLS" not in why:  # no advice for this one: gRPC's words
                             why = f"the TLS handshake with {self.config.address} failed: {refusal}"
-                        print(f"codelane worker: {why}", file=sys.stderr)
+                        say(PROG, why)
                         return EXIT_UNAUTHENTICATED
                     # A hub that requires client certificates (mTLS) and refuses ours just closes
                     # the connection during the handshake; a hub that is down refuses to connect.
                     closed_in_handshake = closed_in_handshake + 1 if self._closed_in_handshake(exc) else 0
                     if closed_in_handshake >= HANDSHAKE_CLOSES:
-                        print(f"codelane worker: the hub at {self.config.address} closed the connection during the "
-                              f"TLS handshake {HANDSHAKE_CLOSES} times in a row: it does not accept this worker's "
-                              f"certificate ({self._certificate_hint()})", file=sys.stderr)
+                        say(PROG, f"the hub at {self.config.address} closed the connection during the TLS handshake "
+                                  f"{HANDSHAKE_CLOSES} times in a row: it does not accept this worker's certificate "
+                                  f"({self._certificate_hint()})")
                         return EXIT_UNAUTHENTICATED
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
                         # No stream at all (nothing listens, say): why, in the CLI's words, and once a
@@ -833,7 +833,7 @@ def main(argv: list[str]) -> int:
         # gRPC would take a file it cannot use for a hub that does not answer, and retry forever.
         check_tls_files(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
     except ValueError as exc:
-        print(f"codelane worker: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 2
     registry = ToolRegistry.builtin(Sandbox(SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)))
     required: dict[str, dict[str, str]] = {}
@@ -844,10 +844,10 @@ def main(argv: list[str]) -> int:
         for module in args.tools:
             registry.load_module(module, host)
     except (ImportError, ValueError) as exc:
-        print(f"codelane worker: cannot load tools: {exc}", file=sys.stderr)
+        say(PROG, f"cannot load tools: {exc}")
         return 2
     for warning in apply_requirements(registry, required):
-        print(f"codelane worker: {warning}", file=sys.stderr)
+        say(PROG, warning, logging.WARNING)
     config = WorkerConfig(
         address=args.connect,
         worker_id=args.worker_id,
@@ -912,7 +912,7 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
             print(f"codelane worker health on port {health_port}", flush=True)
     except OSError as exc:
         # Not a usage error (2) nor the hub's refusal: 1, as the server exits on a busy port.
-        print(f"codelane worker: {exc}", file=sys.stderr)
+        say(PROG, str(exc))
         return 1
     freeze_startup_heap()
     try:

@@ -6,16 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 
 from codelane.v1 import session_pb2, session_pb2_grpc
 from session_server.api.grpc_logs import GRPC_LOGGER
+from tests.cli.conftest import cli
 from tests.ops.conftest import OtlpReceiver, Workers
 from tests.polling import poll_until
 from tests.session import conftest as session_fixtures
 from tests.session.conftest import InProcess, Processes, call, scripted
+from tool_worker.worker import EXIT_UNAUTHENTICATED
 
 make_server = session_fixtures.make_server
 workspace = session_fixtures.workspace
@@ -147,3 +152,41 @@ async def test_a_default_model_without_its_api_key_is_said_at_start(processes: P
     keyed = await processes.start_server(tmp_path / "data3", model="openai:gpt-4o", local_workers=0,
                                          env={"OPENAI_API_KEY": "sk-test"})
     assert "needs $" not in proxied.log() + keyed.log()
+
+
+async def test_json_logs_stay_json_when_a_server_or_worker_cannot_start(
+    processes: Processes, tmp_path: Path, worker_procs: Workers
+) -> None:
+    # The line a failed start exits with was printed as `codelane server: ...` whatever the
+    # format: a log pipeline reading one object per line met plain text at the moment that
+    # mattered most.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = cli("server", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+                   "--local-workers", "0", "--log-format", "json", timeout=60)
+    assert busy.returncode == 1, busy
+    said = _lines(busy.stderr)
+    assert [(e["level"], e["prog"]) for e in said] == [("ERROR", "codelane server")], busy.stderr
+    assert said[0]["message"].startswith(f"cannot listen on 127.0.0.1:{port}: the address is in use")
+
+    server = await processes.start_server(tmp_path / "data", local_workers=0, args=("--worker-token", "w-secret"))
+    worker = worker_procs.spawn(f"127.0.0.1:{server.port}", "w1", "--log-format", "json")
+    assert worker.wait(60) == EXIT_UNAUTHENTICATED
+    refused = _lines(worker_procs.log("w1"))[-1]
+    assert (refused["level"], refused["prog"], refused["worker_id"]) == ("ERROR", "codelane worker", "w1")
+    assert refused["message"].startswith("the hub refused our token (UNAUTHENTICATED)")
+
+
+def test_json_logs_carry_an_uncaught_error_as_one_object(tmp_path: Path) -> None:
+    # Python's own hook printed the traceback of an error no code caught as lines of text.
+    program = ("from tool_worker.telemetry.logs import configure_logging\n"
+               "configure_logging('INFO', 'json', '')\n"
+               "raise RuntimeError('no code caught this')\n")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1
+    [said] = _lines(out.stderr)
+    assert said["level"] == "CRITICAL" and said["message"] == "uncaught RuntimeError: no code caught this"
+    assert "Traceback" in said["exc_info"]

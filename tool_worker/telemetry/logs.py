@@ -13,6 +13,7 @@ import copy
 import logging
 import sys
 from contextvars import ContextVar
+from types import TracebackType
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -34,6 +35,9 @@ _FIELDS = (
 )
 
 LOG_FORMATS = ("text", "json")
+
+# The format configure_logging set up, for the lines a command exits with (say()).
+_format = "text"
 
 
 class ContextFilter(logging.Filter):
@@ -86,3 +90,28 @@ def configure_logging(level: str, log_format: str, text_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    global _format
+    _format = log_format
+    if log_format == "json":
+        # Everything else the process writes on stderr goes through the handler too, or a log
+        # pipeline that reads one JSON object per line meets a traceback of a failed start (a
+        # --tools module that raises) or a Python warning as lines of plain text.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, traceback)
+        return
+    logging.getLogger("codelane").critical("uncaught %s: %s", kind.__name__, error, exc_info=(kind, error, traceback))
+
+
+def say(prog: str, message: str, level: int = logging.ERROR) -> None:
+    """The line a command exits with (or warns of, before it runs): `PROG: message` on stderr in
+    the text format, as every command says it; one JSON object in the json format (level ERROR,
+    logger `codelane`, and the `prog`), where a plain line broke a pipeline that reads objects."""
+    if _format == "json":
+        logging.getLogger("codelane").log(level, "%s", message, extra={"prog": prog})
+    else:
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
