@@ -44,6 +44,11 @@ _HINTS = {
 }
 
 _MAX_MESSAGE = 500
+# Ends a message cut at _MAX_MESSAGE. The cut is made before the key is known (a mid-stream
+# error's message is redacted by the transport): redact() looks for the key's start before it.
+_CUT = "…"
+# A key's start shorter than this, before a cut, is left: "sk-" tells nobody anything.
+_MIN_KEY_START = 4
 
 
 @dataclass(frozen=True)
@@ -62,21 +67,19 @@ def parse_error_body(body: bytes | str) -> ProviderError:
     try:
         payload = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
-        return ProviderError(text.strip()[:_MAX_MESSAGE] or "no error message")
-    return (
-        parse_error_payload(payload) if isinstance(payload, Mapping) else ProviderError(text[:_MAX_MESSAGE])
-    )
+        return ProviderError(_cut(text.strip()) or "no error message")
+    return parse_error_payload(payload) if isinstance(payload, Mapping) else ProviderError(_cut(text))
 
 
 def parse_error_payload(payload: Mapping[str, Any]) -> ProviderError:
     error: Any = payload.get("error", payload)
     if isinstance(error, str):  # Ollama: {"error": "model not found"}
-        return ProviderError(error[:_MAX_MESSAGE])
+        return ProviderError(_cut(error))
     if not isinstance(error, Mapping):
-        return ProviderError(json.dumps(payload)[:_MAX_MESSAGE])
+        return ProviderError(_cut(json.dumps(payload)))
     message = error.get("message") or payload.get("detail") or json.dumps(payload)
     return ProviderError(
-        str(message)[:_MAX_MESSAGE], _str_or_none(error.get("type")), _str_or_none(error.get("code"))
+        _cut(str(message)), _str_or_none(error.get("type")), _str_or_none(error.get("code"))
     )
 
 
@@ -124,7 +127,17 @@ def model_error(
 
 
 def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "[redacted]") if secret else text
+    if not secret:
+        return text
+    text = text.replace(secret, "[redacted]")
+    # A key the provider echoed across the cut of its message: its first characters, then _CUT.
+    for length in range(len(secret) - 1, _MIN_KEY_START - 1, -1):
+        text = text.replace(secret[:length] + _CUT, "[redacted]" + _CUT)
+    return text
+
+
+def _cut(message: str) -> str:
+    return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + _CUT
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -373,6 +373,27 @@ async def test_key_echoed_in_a_mid_stream_error_is_redacted(
     assert "sk-test-secret" not in str(error.value) and "bad key [redacted]" in str(error.value)
 
 
+@pytest.mark.parametrize("mid_stream", [False, True])
+async def test_a_key_the_error_message_is_cut_in_is_redacted_too(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy, mid_stream: bool
+) -> None:
+    # A provider's message is cut at 500 characters before the key is looked for: a key echoed
+    # across the cut showed its first characters, to the client and in the session's events.
+    async def handler(request: web.Request) -> web.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        error = {"message": "x" * 490 + key, "type": "invalid_request_error"}
+        if mid_stream:
+            body = f"data: {json.dumps({'error': error})}\n\n"
+            return web.Response(body=body.encode(), content_type="text/event-stream")
+        return web.json_response({"error": error}, status=400)
+
+    url = await model_server(handler)
+    llm = OpenAIProvider(f"{url}/v1", "sk-test-secret", client=model_http, retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert "sk-test" not in str(error.value) and "x" * 490 + "[redacted]" in str(error.value)
+
+
 async def test_base_url_without_scheme_fails_at_once(
     model_http: aiohttp.ClientSession, fast_policy: RetryPolicy
 ) -> None:
