@@ -201,6 +201,7 @@ class Turn:
         ctx.emit(TurnStarted(user_text))
         final_text = ""
         stop = "max_turns"
+        error = ""
         try:
             ctx.history.append([StoredMessage(role="user", text=user_text, turn_id=ctx.turn_id)])
             for step in range(ctx.settings.max_turns):
@@ -211,7 +212,7 @@ class Turn:
                     break
         except ModelError as exc:
             ctx.emit(ErrorOccurred(exc.reason, str(exc), True))
-            stop = "error"
+            stop, error = "error", exc.reason
         except asyncio.CancelledError:
             self._finish(self.cancel_reason, final_text)
             raise
@@ -221,21 +222,23 @@ class Turn:
                 failure = store_unavailable(exc, "the turn could not store its history")
                 log.error("session %s: turn %s ended: %s", ctx.session_id, ctx.turn_id, failure)
                 ctx.emit(ErrorOccurred("STORE_UNAVAILABLE", str(failure), True))
+                error = "STORE_UNAVAILABLE"
             else:
                 log.exception("session %s: turn %s failed", ctx.session_id, ctx.turn_id)
                 ctx.emit(ErrorOccurred("INTERNAL", f"the turn failed: {type(exc).__name__}: {exc}", True))
+                error = "INTERNAL"
             stop = "error"
-        self._finish(stop, final_text)
+        self._finish(stop, final_text, error)
 
     def finish_unstarted(self, user_text: str) -> None:
         """The events of a turn cancelled before it ran: it started, and finished at once."""
         self.ctx.emit(TurnStarted(user_text))
         self.ctx.emit(TurnFinished(self.cancel_reason, self.usage, 0, 0, ""))
 
-    def _finish(self, stop: str, final_text: str) -> None:
+    def _finish(self, stop: str, final_text: str, error: str = "") -> None:
         self.ctx.emit(TurnFinished(stop, self.usage, self.model_requests, self.tool_calls, final_text))
         if self._observation is not None:
-            self._observation.end(stop, self.usage, self.model_requests, self.tool_calls)
+            self._observation.end(stop, self.usage, self.model_requests, self.tool_calls, error)
 
     async def _step(self, step: int) -> _StepOutcome:
         ctx = self.ctx

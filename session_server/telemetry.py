@@ -65,10 +65,14 @@ class TurnObservation:
             self._token = tracing.attach(self._span)
             log_context.trace_id.set(tracing.trace_id(self._span))
 
-    def end(self, stop: str, usage: Usage, model_requests: int, tool_calls: int) -> None:
+    def end(self, stop: str, usage: Usage, model_requests: int, tool_calls: int, error: str = "") -> None:
+        """`error`: the kind of error a turn that stopped on one ended with (AUTHENTICATION, ...)."""
         seconds = time.perf_counter() - self._started
-        log.info("turn ended: %s after %.3f s, %d model requests, %d tool calls, %d+%d tokens", stop, seconds,
-                 model_requests, tool_calls, usage.input_tokens, usage.output_tokens)
+        # The kind, not the message: a provider's message may quote the request. Without it a
+        # server whose model key is wrong logged nothing but "turn ended: error" for every turn.
+        log.info("turn ended: %s after %.3f s, %d model requests, %d tool calls, %d+%d tokens",
+                 f"{stop} ({error})" if error else stop, seconds, model_requests, tool_calls, usage.input_tokens,
+                 usage.output_tokens)
         metrics = self._telemetry.metrics
         metrics.turns.labels(stop).inc()
         metrics.turn_duration.labels(stop).observe(seconds)

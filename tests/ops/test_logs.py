@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
-from codelane.v1 import session_pb2, session_pb2_grpc
+from codelane.v1 import events_pb2, session_pb2, session_pb2_grpc
 from session_server.api.grpc_logs import GRPC_LOGGER
+from session_server.llm.script import Script
 from tests.cli.conftest import cli
 from tests.ops.conftest import OtlpReceiver, Workers
 from tests.polling import poll_until
 from tests.session import conftest as session_fixtures
-from tests.session.conftest import InProcess, Processes, call, scripted
+from tests.session.conftest import InProcess, Processes, call, kind, mock_llm, scripted, write_script
 from tool_worker.worker import EXIT_UNAUTHENTICATED
 
 make_server = session_fixtures.make_server
@@ -190,3 +192,21 @@ def test_json_logs_carry_an_uncaught_error_as_one_object(tmp_path: Path) -> None
     [said] = _lines(out.stderr)
     assert said["level"] == "CRITICAL" and said["message"] == "uncaught RuntimeError: no code caught this"
     assert "Traceback" in said["exc_info"]
+
+
+
+async def test_a_turn_ended_by_a_model_error_names_its_kind(
+    make_server, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    # "turn ended: error after ..." was all the log said of each turn of a server whose model
+    # key was wrong (or whose provider failed): why showed only in the session's events.
+    caplog.set_level(logging.INFO, logger="codelane.turns")
+    script = Script.load(write_script(tmp_path, [{"text": "Looking."}], name="mid.yaml"))
+    async with mock_llm(monkeypatch, script, fault="error_mid_stream", fault_count=1):
+        server: InProcess = await make_server()
+        session = await server.client.create(workspace, "openai:mock")
+        events = await server.client.send(session.session_id, "go")
+    assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_ERROR
+    reason = next(e.error.reason for e in events if kind(e) == "error")
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("turn ended")]
+    assert len(ended) == 1 and ended[0].startswith(f"turn ended: error ({reason}) after"), ended
