@@ -3,6 +3,7 @@ the lines written for a turn and a call carry the session, turn, call, worker an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from codelane.v1 import events_pb2, session_pb2, session_pb2_grpc
 from session_server.api.grpc_logs import GRPC_LOGGER
 from session_server.llm.script import Script
 from tests.cli.conftest import cli
-from tests.ops.conftest import OtlpReceiver, Workers
+from tests.ops.conftest import OtlpReceiver, Workers, scrape
 from tests.polling import poll_until
 from tests.session import conftest as session_fixtures
 from tests.session.conftest import InProcess, Processes, call, kind, mock_llm, scripted, write_script
@@ -210,3 +211,22 @@ async def test_a_turn_ended_by_a_model_error_names_its_kind(
     reason = next(e.error.reason for e in events if kind(e) == "error")
     ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("turn ended")]
     assert len(ended) == 1 and ended[0].startswith(f"turn ended: error ({reason}) after"), ended
+
+
+async def test_bytes_that_are_not_http_on_the_metrics_port_are_no_error(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # The metrics port takes no token: aiohttp logged each request it could not parse at ERROR
+    # with a traceback, so anyone who reached it wrote an error per connection into the log.
+    server = await processes.start_server(tmp_path / "data", local_workers=0, args=(
+        "--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "INFO"))
+    port = int(server.out.read_text().split("metrics on port ")[1].split()[0])
+    for request in (b"GARBAGE\r\n\r\n", b"GET /metrics HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                    b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        assert (await reader.read()).split(b" ")[1].startswith(b"4")  # answered only once logged
+        writer.close()
+    assert "codelane_serving" in (await scrape(port)).text
+    logs = _lines(server.err.read_text(errors="replace"))
+    assert not [e for e in logs if e["level"] in ("WARNING", "ERROR", "CRITICAL") or "exc_info" in e], logs

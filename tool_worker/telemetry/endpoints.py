@@ -8,15 +8,47 @@ domain state (the worker pool, the event bus), which only the loop's thread may 
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from tool_worker.telemetry.config import split_address
+
+# What aiohttp logs of the requests to /metrics (a collector that fails, with its traceback).
+HTTP_LOGGER = "codelane.metrics.http"
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs each request it cannot parse (bytes that are not HTTP, a header past its
+    limit) as "Error handling request" at ERROR with a traceback: anyone who reaches the metrics
+    port, which has no token, wrote an ERROR per connection into the log. It answered 400 and the
+    process is fine: one DEBUG line. Every other record passes as is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        # The record passed the logger's level as an ERROR; as a DEBUG line it must pass it too.
+        if not logging.getLogger(HTTP_LOGGER).isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = "a request to the metrics port that is not HTTP (%s): answered %d", (
+            error.message, error.code)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _http_logger() -> logging.Logger:
+    logger = logging.getLogger(HTTP_LOGGER)
+    if not any(isinstance(f, BadRequestFilter) for f in logger.filters):
+        logger.addFilter(BadRequestFilter())
+    return logger
 
 
 class MetricsEndpoint:
@@ -31,7 +63,7 @@ class MetricsEndpoint:
     async def start(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, logger=_http_logger())
         await runner.setup()
         try:
             await web.TCPSite(runner, self._host, self._port).start()
