@@ -827,6 +827,9 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s worker %(levelname)s %(message)s")
+        # Every line names the worker (--log-format json says so), not only those of run(): a
+        # server's local workers share its stderr, and their drains on SIGTERM said none.
+        log_context.worker_id.set(args.worker_id)
         for address in (args.metrics_listen, args.health_listen):
             if address:
                 split_address(address)

@@ -230,3 +230,17 @@ async def test_bytes_that_are_not_http_on_the_metrics_port_are_no_error(
     assert "codelane_serving" in (await scrape(port)).text
     logs = _lines(server.err.read_text(errors="replace"))
     assert not [e for e in logs if e["level"] in ("WARNING", "ERROR", "CRITICAL") or "exc_info" in e], logs
+
+
+async def test_every_json_line_of_a_worker_names_it(
+    processes: Processes, tmp_path: Path, worker_procs: Workers
+) -> None:
+    # The worker's lines outside its connection (its drain on SIGTERM) carried no worker_id: a
+    # server's local workers write into its stderr, which of them drained was not said.
+    server = await processes.start_server(tmp_path / "data", local_workers=0)
+    worker = worker_procs.spawn(f"127.0.0.1:{server.port}", "w1", "--log-format", "json")
+    await server.client.wait_workers("w1")
+    assert worker_procs.stop(worker) == 0
+    logs = _lines(worker_procs.log("w1"))
+    assert any(e["message"].startswith("SIGTERM: draining") for e in logs), logs
+    assert all(e.get("worker_id") == "w1" for e in logs), logs
