@@ -28,6 +28,7 @@ from session_server.admission import ShuttingDown
 from session_server.events import StoredEvent
 from session_server.limits import string_chars
 from session_server.store import EventPage
+from tool_worker.telemetry import logs as log_context
 
 if TYPE_CHECKING:
     from session_server.metrics import ServerMetrics
@@ -213,7 +214,8 @@ class EventBus:
                     subscription._offer(sized, size)
                 except Exception:
                     # One subscriber's failure is its own: the others, and the turn, go on.
-                    log.exception("delivering events to a subscriber of %s failed", session_id)
+                    log.exception("delivering events to a subscriber of %s failed", session_id,
+                                  extra=log_context.ids(session_id=session_id))
 
     def close_session(self, session_id: str) -> None:
         for subscription in self._subscribers.pop(session_id, set()):

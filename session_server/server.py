@@ -65,6 +65,7 @@ from tool_worker.confinement.protected import operator_excludes_inside
 from tool_worker.filelock import try_lock
 from tool_worker.merkle import DEFAULT_EXCLUDES
 from tool_worker.registry import ToolRegistry
+from tool_worker.telemetry import logs as log_context
 from tool_worker.telemetry.config import split_address, start_tracing
 from tool_worker.telemetry.endpoints import MetricsEndpoint, bind_errors, refuse_unbindable, serve_health
 from tool_worker.tools.base import Lane
@@ -534,7 +535,8 @@ class CodelaneServer:
             try:
                 proc = await asyncio.create_subprocess_exec(*self._local_worker_argv(worker_id), env=env)
             except OSError as exc:
-                log.error("cannot start local worker %s: %s", worker_id, exc)
+                log.error("cannot start local worker %s: %s", worker_id, exc,
+                          extra=log_context.ids(worker_id=worker_id))
                 return
             self._local[worker_id] = proc
             if self._stopping:  # stop() began while the process was starting: it saw no process
@@ -545,17 +547,19 @@ class CodelaneServer:
             if self._stopping:
                 return
             if code in (EXIT_UNAUTHENTICATED, EXIT_REJECTED):
-                log.error("local worker %s was refused by this server (exit %d): not replacing it", worker_id, code)
+                log.error("local worker %s was refused by this server (exit %d): not replacing it", worker_id, code,
+                          extra=log_context.ids(worker_id=worker_id))
                 return
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
             if loop.time() - started >= LOCAL_WORKER_HEALTHY:
                 delay = LOCAL_WORKER_RESTART_DELAY
-                log.info("local worker %s %s; starting a new one", worker_id, how)
+                log.info("local worker %s %s; starting a new one", worker_id, how,
+                         extra=log_context.ids(worker_id=worker_id))
                 continue
             # Exit 0 is a drain (an operator's `codelane drain`): no fault to warn of, though a
             # quick one still waits, lest a worker that exits at once be restarted in a loop.
             log.log(logging.INFO if code == 0 else logging.WARNING, "local worker %s %s; starting a new one in %.1fs",
-                    worker_id, how, delay)
+                    worker_id, how, delay, extra=log_context.ids(worker_id=worker_id))
             await asyncio.sleep(delay)
             delay = min(delay * 2, LOCAL_WORKER_RESTART_MAX)
 

@@ -82,6 +82,7 @@ from session_server.telemetry import Telemetry
 from session_server.workspace_locks import WorkspaceLocks
 from tool_worker.confinement.policy import SandboxPolicy
 from tool_worker.registry import ToolRegistry
+from tool_worker.telemetry import logs as log_context
 from tool_worker.tools.base import ErrorKind, ToolResult
 
 log = logging.getLogger("codelane.sessions")
@@ -273,7 +274,8 @@ class SessionManager:
         tool_calls = sum(len(r.tool_calls) for r in responded.values())
         self._emit(session_id, turn_id, TurnFinished("interrupted", usage, max(steps) + 1 if steps else 0,
                                                      tool_calls, ""))
-        log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id)
+        log.warning("session %s: turn %s was interrupted by a server stop", session_id, turn_id,
+                    extra=log_context.ids(session_id=session_id, turn_id=turn_id))
 
     async def _record_cut_step(self, session_id: str, turn_id: str, responded: dict[int, ModelResponded],
                                texts: dict[int, list[str]], results: dict[str, ToolResult]) -> None:
@@ -526,7 +528,8 @@ class SessionManager:
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("session %s: turn failed unexpectedly", session_id)
+            log.exception("session %s: turn failed unexpectedly", session_id,
+                          extra=log_context.ids(session_id=session_id, turn_id=turn.ctx.turn_id))
 
     def _turn_ended(self, session_id: str, turn: Turn, text: str) -> None:
         if not turn.started:
@@ -565,7 +568,7 @@ class SessionManager:
         turn, task = entry
         shown = reason if len(reason) <= MAX_CANCEL_REASON_LOGGED else f"{reason[:MAX_CANCEL_REASON_LOGGED]} [... cut]"
         log.info("session %s: turn %s cancelled by a client: %s", session_id, turn.ctx.turn_id,
-                 shown or "(no reason given)")
+                 shown or "(no reason given)", extra=log_context.ids(session_id=session_id, turn_id=turn.ctx.turn_id))
         task.cancel()
         return True
 

@@ -216,8 +216,9 @@ def _log_refusal(hello: worker_pb2.Hello, context: grpc.aio.ServicerContext, rea
     logs only the status code, and retries for ever, so this is where an operator upgrading one
     side first learns what stands in the way. Once per Hello; a refused worker retries at most
     every 10 s."""
-    log.warning("worker %s from %s refused (%s): %s", bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES) or "(no id)",
-                context.peer(), reason, bounded(str(exc), MAX_MESSAGE_BYTES))
+    worker_id = bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES)
+    log.warning("worker %s from %s refused (%s): %s", worker_id or "(no id)", context.peer(), reason,
+                bounded(str(exc), MAX_MESSAGE_BYTES), extra=log_context.ids(worker_id=worker_id))
 
 
 async def _connection_closed(context: grpc.aio.ServicerContext, link: _StreamLink) -> bool:

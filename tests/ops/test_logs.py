@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,17 @@ from tests.cli.conftest import cli
 from tests.ops.conftest import OtlpReceiver, Workers, scrape
 from tests.polling import poll_until
 from tests.session import conftest as session_fixtures
-from tests.session.conftest import InProcess, Processes, call, kind, mock_llm, scripted, write_script
+from tests.session.conftest import (
+    InProcess,
+    Processes,
+    call,
+    kind,
+    mock_llm,
+    read_rest,
+    read_until,
+    scripted,
+    write_script,
+)
 from tool_worker.worker import EXIT_UNAUTHENTICATED
 
 make_server = session_fixtures.make_server
@@ -244,3 +255,39 @@ async def test_every_json_line_of_a_worker_names_it(
     logs = _lines(worker_procs.log("w1"))
     assert any(e["message"].startswith("SIGTERM: draining") for e in logs), logs
     assert all(e.get("worker_id") == "w1" for e in logs), logs
+
+
+async def test_json_lines_about_a_session_or_worker_written_outside_it_carry_its_ids(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # A turn cancelled by a client, a local worker that died: lines written by the RPC or the
+    # server's supervisor, not inside the turn or the worker's stream, named the session or the
+    # worker in their message only, and a search on session_id or worker_id missed them.
+    model = scripted(tmp_path, [{"text": "", "tool_calls": [call("bash", "b1", command="true")]}, {"text": "ok"}])
+    server = await processes.start_server(tmp_path / "data", local_workers=1,
+                                          args=("--log-format", "json", "--log-level", "INFO"))
+    await server.client.wait_workers("local-1")
+    session = await server.client.create(workspace, model, permissions=session_pb2.PermissionPolicy(ask=["bash"]))
+    stream = server.client.send_stream(session.session_id, "go")
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", [])
+    assert await server.client.cancel(session.session_id)
+    turn_id = (await read_rest(stream))[-1].event.turn_id
+    worker = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                  and f"--parent-pid\0{server.pid}\0" in _cmdline(pid) and "\0local-1\0" in _cmdline(pid))
+    os.kill(worker, signal.SIGKILL)
+
+    def logged(start: str) -> dict | None:
+        return next((e for e in _lines(server.err.read_text(errors="replace")) if e["message"].startswith(start)), None)
+
+    cancelled = await poll_until(lambda: logged(f"session {session.session_id}: turn"), what="the cancel's line")
+    assert "cancelled by a client" in cancelled["message"]
+    assert (cancelled["session_id"], cancelled["turn_id"]) == (session.session_id, turn_id)
+    died = await poll_until(lambda: logged("local worker local-1 was killed by SIGKILL"), what="the worker's death")
+    assert died["worker_id"] == "local-1"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""

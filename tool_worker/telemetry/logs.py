@@ -40,6 +40,14 @@ LOG_FORMATS = ("text", "json")
 _format = "text"
 
 
+def ids(*, session_id: str = "", turn_id: str = "", worker_id: str = "") -> dict[str, str]:
+    """The ids of a line about a session, turn or worker written outside its task, where the
+    context variables do not hold them: `log.info(..., extra=ids(session_id=...))`. A JSON line
+    that named its session only in its message was missed by a search on `session_id`."""
+    values = (("session_id", session_id), ("turn_id", turn_id), ("worker_id", worker_id))
+    return {name: value for name, value in values if value}
+
+
 class ContextFilter(logging.Filter):
     """Copies the ids that are set onto each record."""
 
