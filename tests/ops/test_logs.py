@@ -206,6 +206,25 @@ def test_json_logs_carry_an_uncaught_error_as_one_object(tmp_path: Path) -> None
     assert "Traceback" in said["exc_info"]
 
 
+def test_json_logs_carry_an_error_uncaught_in_a_thread_as_one_object() -> None:
+    # The store's and the semantic index's threads: threading's own hook printed lines of text.
+    program = ("import threading\n"
+               "from tool_worker.telemetry.logs import configure_logging\n"
+               "configure_logging('INFO', 'json', '')\n"
+               "def fail():\n"
+               "    raise RuntimeError('no code caught this')\n"
+               "thread = threading.Thread(target=fail, name='checkpoints')\n"
+               "thread.start()\n"
+               "thread.join()\n")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0
+    [said] = _lines(out.stderr)
+    assert said["level"] == "CRITICAL", said
+    assert said["message"] == "uncaught RuntimeError in checkpoints: no code caught this"
+    assert "Traceback" in said["exc_info"]
+
+
 
 async def test_a_turn_ended_by_a_model_error_names_its_kind(
     make_server, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import threading
 from contextvars import ContextVar
 from types import TracebackType
 
@@ -106,6 +107,8 @@ def configure_logging(level: str, log_format: str, text_format: str) -> None:
         # --tools module that raises) or a Python warning as lines of plain text.
         logging.captureWarnings(True)
         sys.excepthook = _log_uncaught
+        # Threads of its own (the store's checkpoints and readers, the semantic index's builder).
+        threading.excepthook = _log_uncaught_in_thread
 
 
 def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
@@ -113,6 +116,14 @@ def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: Tr
         sys.__excepthook__(kind, error, traceback)
         return
     logging.getLogger("codelane").critical("uncaught %s: %s", kind.__name__, error, exc_info=(kind, error, traceback))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a thread"
+    logging.getLogger("codelane").critical("uncaught %s in %s: %s", args.exc_type.__name__, name, args.exc_value,
+                                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def say(prog: str, message: str, level: int = logging.ERROR) -> None:
