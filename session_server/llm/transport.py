@@ -47,6 +47,9 @@ Decoder = Callable[[AsyncIterator[SSEEvent]], AsyncIterator[StreamItem]]
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 # What is read of a successful answer that is not an event stream, to say what it was.
 _MAX_UNEXPECTED_BODY = 64 * 1024
+# What is read of an error's body: its message is cut to 500 characters anyway, and a body that
+# never ends (a broken proxy) was read whole, into memory, while the turn waited.
+_MAX_ERROR_BODY = 64 * 1024
 
 
 async def stream_with_retries(
@@ -74,7 +77,7 @@ async def stream_with_retries(
                         # Error events quote the provider, which could echo the key back.
                         raise ModelError(exc.reason, redact(str(exc), endpoint.secret), exc.status) from None
                     return
-                error = parse_error_body(await response.read())
+                error = parse_error_body(await response.content.read(_MAX_ERROR_BODY))
                 if retries >= policy.max_retries or not should_retry(
                     response.status, response.headers, error.code or error.type
                 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -430,6 +431,28 @@ async def test_json_nested_deeper_than_the_parser_goes_is_a_stream_error(
     with pytest.raises(ModelError) as error:
         await collect(llm.stream(first_request()))
     assert error.value.reason == "BAD_REQUEST" and error.value.status == 400
+
+
+@pytest.mark.parametrize("provider", [OpenAIProvider, AnthropicProvider])
+async def test_an_error_body_that_never_ends_is_read_only_in_part(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy, provider: type
+) -> None:
+    # A broken proxy's 400 whose body never ends was read whole, into memory, the turn waiting.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=400, headers={"content-type": "text/plain"})
+        await response.prepare(request)
+        with contextlib.suppress(Exception):  # until the client hangs up
+            while True:
+                await response.write(b"bad request " * 5000)
+        return response
+
+    url = await model_server(handler)
+    llm = provider(f"{url}/v1" if provider is OpenAIProvider else url, None, client=model_http,
+                   retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await asyncio.wait_for(collect(llm.stream(first_request())), 60)
+    assert error.value.reason == "BAD_REQUEST" and error.value.status == 400
+    assert "bad request bad request" in str(error.value) and len(str(error.value)) < 2000
 
 
 @pytest.mark.parametrize("provider", [OpenAIProvider, AnthropicProvider])
