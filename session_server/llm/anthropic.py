@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from session_server.llm.anthropic_accumulator import AnthropicAccumulator
-from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, excerpt, fed_items
 from session_server.llm.sse import SSEEvent
 from session_server.llm.transport import HttpProvider
 
@@ -107,10 +107,10 @@ async def _decode(events: AsyncIterator[SSEEvent]) -> AsyncIterator[StreamItem]:
             data = json.loads(event.data)
         except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
             raise ModelError(
-                "STREAM_ERROR", f"Anthropic stream sent malformed data: {event.data[:200]!r}"
+                "STREAM_ERROR", f"Anthropic stream sent malformed data: {excerpt(event.data)}"
             ) from None
         if not isinstance(data, dict):
-            raise ModelError("STREAM_ERROR", f"Anthropic stream sent non-object data: {event.data[:200]!r}")
+            raise ModelError("STREAM_ERROR", f"Anthropic stream sent non-object data: {excerpt(event.data)}")
         for item in fed_items(accumulator.feed, event.data, event.event, data):
             yield item
         if data.get("type") == "message_stop":

@@ -149,6 +149,18 @@ class ModelError(Exception):
         self.status = status
 
 
+# Ends a provider's text cut short in an error message. The cut is made before the key is known
+# (a mid-stream error's message is redacted by the transport): http_errors.redact() looks for
+# the key's start before it.
+CUT = "…"
+
+
+def excerpt(text: str, limit: int = 200) -> str:
+    """What a provider sent, quoted for an error message: at most `limit` characters, and CUT
+    after a longer one (so that redaction finds a key the cut went through)."""
+    return repr(text if len(text) <= limit else text[:limit] + CUT)
+
+
 def fed_items(feed: Callable[..., Iterable[T]], raw: str, *args: object) -> list[T]:
     """An accumulator's items for one streamed chunk. A chunk of the wrong shape (servers that
     send `{"choices": ["x"]}` exist) is a ModelError saying so, never a crash of the turn."""
@@ -157,7 +169,7 @@ def fed_items(feed: Callable[..., Iterable[T]], raw: str, *args: object) -> list
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         raise ModelError(
             "STREAM_ERROR",
-            f"the model server sent a chunk of the wrong shape ({type(exc).__name__}: {exc}): {raw[:200]!r}",
+            f"the model server sent a chunk of the wrong shape ({type(exc).__name__}: {exc}): {excerpt(raw)}",
         ) from None
 
 

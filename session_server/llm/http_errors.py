@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from session_server.llm.base import ModelError
+from session_server.llm.base import CUT, ModelError
 
 # Error `type`s (or `code`s), for mid-stream error events, which come without a status code.
 _REASON_BY_TYPE = {
@@ -44,9 +44,6 @@ _HINTS = {
 }
 
 _MAX_MESSAGE = 500
-# Ends a message cut at _MAX_MESSAGE. The cut is made before the key is known (a mid-stream
-# error's message is redacted by the transport): redact() looks for the key's start before it.
-_CUT = "…"
 # A key's start shorter than this, before a cut, is left: "sk-" tells nobody anything.
 _MIN_KEY_START = 4
 
@@ -130,14 +127,14 @@ def redact(text: str, secret: str | None) -> str:
     if not secret:
         return text
     text = text.replace(secret, "[redacted]")
-    # A key the provider echoed across the cut of its message: its first characters, then _CUT.
+    # A key the provider echoed across the cut of its message: its first characters, then CUT.
     for length in range(len(secret) - 1, _MIN_KEY_START - 1, -1):
-        text = text.replace(secret[:length] + _CUT, "[redacted]" + _CUT)
+        text = text.replace(secret[:length] + CUT, "[redacted]" + CUT)
     return text
 
 
 def _cut(message: str) -> str:
-    return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + _CUT
+    return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + CUT
 
 
 def _str_or_none(value: Any) -> str | None:

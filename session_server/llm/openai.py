@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, fed_items
+from session_server.llm.base import ChatMessage, ModelError, ModelRequest, StreamItem, excerpt, fed_items
 from session_server.llm.openai_accumulator import OpenAIAccumulator
 from session_server.llm.sse import SSEEvent
 from session_server.llm.transport import HttpProvider
@@ -105,7 +105,7 @@ def _parse(data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
-        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a malformed chunk: {data[:200]!r}") from None
+        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a malformed chunk: {excerpt(data)}") from None
     if not isinstance(chunk, dict):
-        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a non-object chunk: {data[:200]!r}")
+        raise ModelError("STREAM_ERROR", f"OpenAI stream sent a non-object chunk: {excerpt(data)}")
     return chunk

@@ -374,6 +374,25 @@ async def test_key_echoed_in_a_mid_stream_error_is_redacted(
     assert "sk-test-secret" not in str(error.value) and "bad key [redacted]" in str(error.value)
 
 
+@pytest.mark.parametrize("provider", [OpenAIProvider, AnthropicProvider])
+async def test_a_key_a_malformed_chunk_is_cut_in_is_redacted_too(
+    model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy, provider: type
+) -> None:
+    # A malformed chunk is quoted in the error up to 200 characters, cut before the key is looked
+    # for: a key echoed across that cut showed its first characters.
+    async def handler(request: web.Request) -> web.Response:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ") or request.headers["x-api-key"]
+        return web.Response(body=f"data: {{not json {'x' * 180}{key}\n\n".encode(), content_type="text/event-stream")
+
+    url = await model_server(handler)
+    llm = provider(f"{url}/v1" if provider is OpenAIProvider else url, "sk-test-secret", client=model_http,
+                   retry_policy=fast_policy)
+    with pytest.raises(ModelError) as error:
+        await collect(llm.stream(first_request()))
+    assert error.value.reason == "STREAM_ERROR"
+    assert "sk-test" not in str(error.value) and "[redacted]…" in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize("mid_stream", [False, True])
 async def test_a_key_the_error_message_is_cut_in_is_redacted_too(
     model_server: ModelServer, model_http: aiohttp.ClientSession, fast_policy: RetryPolicy, mid_stream: bool
