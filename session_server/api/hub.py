@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 
@@ -211,14 +212,35 @@ def registration_from_hello(hello: worker_pb2.Hello, peer: str) -> WorkerRegistr
     )
 
 
-def _log_refusal(hello: worker_pb2.Hello, context: grpc.aio.ServicerContext, reason: str, exc: Exception) -> None:
+# A refusal that stands (the same worker, for the same reason) is logged as a WARNING once in
+# this many seconds, at DEBUG in between: a refused worker retries every few seconds for ever.
+REFUSAL_LOG_INTERVAL = 60.0
+# Refusals remembered for that at most; past it, the oldest are forgotten (and told again).
+_REFUSALS_REMEMBERED = 1024
+
+
+class _RefusalLog:
     """Says in the server's log which worker was refused and why: a worker of an older release
     logs only the status code, and retries for ever, so this is where an operator upgrading one
-    side first learns what stands in the way. Once per Hello; a refused worker retries at most
-    every 10 s."""
-    worker_id = bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES)
-    log.warning("worker %s from %s refused (%s): %s", worker_id or "(no id)", context.peer(), reason,
-                bounded(str(exc), MAX_MESSAGE_BYTES), extra=log_context.ids(worker_id=worker_id))
+    side first learns what stands in the way. Once a minute for the same worker and reason."""
+
+    def __init__(self) -> None:
+        self._told: dict[tuple[str, str], float] = {}
+
+    def __call__(self, hello: worker_pb2.Hello, context: grpc.aio.ServicerContext, reason: str,
+                 exc: Exception) -> None:
+        worker_id = bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES)
+        key, now = (worker_id, reason), time.monotonic()
+        told_at = self._told.get(key)
+        lately = told_at is not None and now - told_at < REFUSAL_LOG_INTERVAL
+        if not lately:
+            self._told.pop(key, None)
+            self._told[key] = now  # last in the order: the oldest go first
+            while len(self._told) > _REFUSALS_REMEMBERED:
+                del self._told[next(iter(self._told))]
+        log.log(logging.DEBUG if lately else logging.WARNING, "worker %s from %s refused (%s): %s",
+                worker_id or "(no id)", context.peer(), reason, bounded(str(exc), MAX_MESSAGE_BYTES),
+                extra=log_context.ids(worker_id=worker_id))
 
 
 async def _connection_closed(context: grpc.aio.ServicerContext, link: _StreamLink) -> bool:
@@ -236,6 +258,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
     def __init__(self, pool: WorkerPool, content: worker_pb2.ContentSource | None = None) -> None:
         self._pool = pool
         self._content = content or worker_pb2.ContentSource()
+        self._log_refusal = _RefusalLog()
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         try:
@@ -253,17 +276,17 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             reg = registration_from_hello(first.hello, context.peer())
             reconnect_token = self._pool.register(reg, link)
         except InvalidRegistration as exc:
-            _log_refusal(first.hello, context, "INVALID_HELLO", exc)
+            self._log_refusal(first.hello, context, "INVALID_HELLO", exc)
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
         except WorkerIdTaken as exc:
-            _log_refusal(first.hello, context, "WORKER_ID_TAKEN", exc)
+            self._log_refusal(first.hello, context, "WORKER_ID_TAKEN", exc)
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
         except ToolSpecConflict as exc:
-            _log_refusal(first.hello, context, "TOOL_SPEC_CONFLICT", exc)
+            self._log_refusal(first.hello, context, "TOOL_SPEC_CONFLICT", exc)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
                         tool_name=exc.tool_name, worker_id=exc.holder_id)
         except TooManyTools as exc:
-            _log_refusal(first.hello, context, "AT_CAPACITY", exc)
+            self._log_refusal(first.hello, context, "AT_CAPACITY", exc)
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "AT_CAPACITY", limit="max_tools",
                         value=str(exc.limit))
         except PoolClosed as exc:

@@ -195,6 +195,20 @@ async def test_a_worker_refused_at_hello_is_logged_by_the_server_with_why(make_s
     message = record.getMessage()
     assert "older" in message and "TOOL_SPEC_CONFLICT" in message and "drain the workers with the old spec" in message
 
+    # It retries for ever: the same refusal is a WARNING once a minute, not at every attempt.
+    caplog.set_level("DEBUG", logger="session_server.api.hub")
+    for _ in range(3):
+        again = RawWorker(client, "older", echo_spec("Echo the text, louder."))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await again.read()
+    refusals = [r for r in caplog.records if r.name == "session_server.api.hub" and "refused" in r.getMessage()]
+    assert [r.levelname for r in refusals] == ["WARNING", "DEBUG", "DEBUG", "DEBUG"]
+    # Another worker, or another reason, is news.
+    third = RawWorker(client, "third", echo_spec("Echo the text, louder."))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await third.read()
+    assert caplog.records[-1].levelname == "WARNING" and "third" in caplog.records[-1].getMessage()
+
 
 def named(spec: tools_pb2.ToolSpec, name: str) -> tools_pb2.ToolSpec:
     renamed = tools_pb2.ToolSpec()
