@@ -591,10 +591,13 @@ class CodelaneServer:
         # Before the gRPC servers stop: their stop cancels the streams still open, so a worker
         # would hear "Cancelling all calls" instead of SHUTTING_DOWN (worker.proto, Connect).
         await self.pool.close()
+        # RPC_STOP_GRACE whatever the turns' grace was: the interrupted turns' streams still have
+        # their last events (TurnFinished) to write, and a grace of 0 cut them before, under load,
+        # with a bare "Cancelling all calls". The stop ends as soon as nothing is open.
         if self._server is not None:
-            await self._server.stop(min(grace, RPC_STOP_GRACE))
+            await self._server.stop(RPC_STOP_GRACE)
         if self._local_hub is not None:
-            await self._local_hub.stop(min(grace, RPC_STOP_GRACE))
+            await self._local_hub.stop(RPC_STOP_GRACE)
         self.snapshots.close()
         if self.external_cas is not None:
             await self.external_cas.close()
