@@ -280,24 +280,17 @@ async def test_a_codelane_worker_logs_a_stopping_hub_at_info(make_server, proces
     await server.client.wait_workers("w-stop")
     await server.server.stop(grace=5)
 
-    def ended_line() -> str:
+    def next_line_with(text: str) -> str:
         while line := proc.stderr.readline().decode():
-            if "ended our stream" in line:
+            if text in line:
                 return line
         raise AssertionError("the worker's stderr ended")
 
-    line = await asyncio.wait_for(asyncio.to_thread(ended_line), 20)
+    line = await asyncio.wait_for(asyncio.to_thread(next_line_with, "ended our stream"), 20)
     assert " worker INFO hub at " in line and "(UNAVAILABLE SHUTTING_DOWN: " in line and line.endswith(
         "): retrying\n"), line
-
-    def next_attempt_line() -> str:
-        while line := proc.stderr.readline().decode():
-            if "retrying" in line:
-                return line
-        raise AssertionError("the worker's stderr ended")
-
     # Nothing listens while it restarts: told as part of the stop it heard of, not a WARNING.
-    line = await asyncio.wait_for(asyncio.to_thread(next_attempt_line), 20)
+    line = await asyncio.wait_for(asyncio.to_thread(next_line_with, "retrying"), 20)
     assert " worker INFO " in line and "said it was shutting down" in line, line
 
 

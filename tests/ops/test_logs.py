@@ -193,15 +193,20 @@ async def test_json_logs_stay_json_when_a_server_or_worker_cannot_start(
     assert refused["message"].startswith("the hub refused our token (UNAUTHENTICATED)")
 
 
+def _run_logging(program: str) -> tuple[int, list[dict]]:
+    """`program` run by a new Python; its exit code and the JSON objects it wrote to stderr."""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    return out.returncode, _lines(out.stderr)
+
+
 def test_json_logs_carry_an_uncaught_error_as_one_object(tmp_path: Path) -> None:
     # Python's own hook printed the traceback of an error no code caught as lines of text.
     program = ("from tool_worker.telemetry.logs import configure_logging\n"
                "configure_logging('INFO', 'json', '')\n"
                "raise RuntimeError('no code caught this')\n")
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
-                         stdin=subprocess.DEVNULL)
-    assert out.returncode == 1
-    [said] = _lines(out.stderr)
+    returncode, [said] = _run_logging(program)
+    assert returncode == 1
     assert said["level"] == "CRITICAL" and said["message"] == "uncaught RuntimeError: no code caught this"
     assert "Traceback" in said["exc_info"]
 
@@ -216,10 +221,8 @@ def test_json_logs_carry_an_error_uncaught_in_a_thread_as_one_object() -> None:
                "thread = threading.Thread(target=fail, name='checkpoints')\n"
                "thread.start()\n"
                "thread.join()\n")
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
-                         stdin=subprocess.DEVNULL)
-    assert out.returncode == 0
-    [said] = _lines(out.stderr)
+    returncode, [said] = _run_logging(program)
+    assert returncode == 0
     assert said["level"] == "CRITICAL", said
     assert said["message"] == "uncaught RuntimeError in checkpoints: no code caught this"
     assert "Traceback" in said["exc_info"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -417,38 +418,39 @@ async def test_a_local_worker_leaves_when_its_server_process_dies(tmp_path: Path
     await wait_for(lambda: not pid_alive(worker_pid), within=10, what="the orphaned worker to exit")
 
 
-async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, tmp_path: Path) -> None:
-    import signal
-
-    server = await make_server()
+async def _draining_during_a_call(server, workers, tmp_path: Path, ms: int):
+    """A worker w1 running a `sleep` of `ms` when it is sent SIGTERM, once the hub has heard that
+    it drains: its process, the call's events and the task awaiting the call's result."""
     proc = workers.spawn(server.port, "w1", slots=1)
     await connected(server, "w1")
     events: list = []
+    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": ms}, events=events)))
+    try:
+        await wait_for(lambda: bool(events), what="the call to start")
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
+    except BaseException:
+        running.cancel()
+        raise
+    return proc, events, running
+
+
+async def test_sigterm_drains_the_worker_then_it_exits_0(make_server, workers, tmp_path: Path) -> None:
+    server = await make_server()
     # The call outlasts the way from its start to the hub hearing that the worker drains (with
     # 700 ms a loaded machine could end it first, and the worker then left before it was seen).
-    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 3000}, events=events)))
-    await wait_for(lambda: bool(events), what="the call to start")
-    proc.send_signal(signal.SIGTERM)
-    await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
+    proc, _, running = await _draining_during_a_call(server, workers, tmp_path, 3000)
     result = await running
     assert not result.is_error and result.worker_id == "w1"
     assert await asyncio.to_thread(proc.wait, 10) == 0
 
 
 async def test_a_second_signal_stops_a_draining_worker_at_once(make_server, workers, tmp_path: Path) -> None:
-    import signal
-
     # A drain waits for the running calls however long they take: the operator is told so, and a
     # second signal (Ctrl-C twice) stops the worker as a kill would, its call left to the hub.
     server = await make_server()
-    proc = workers.spawn(server.port, "w1", slots=1)
-    await connected(server, "w1")
-    events: list = []
-    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 600_000}, events=events)))
+    proc, events, running = await _draining_during_a_call(server, workers, tmp_path, 600_000)
     try:
-        await wait_for(lambda: bool(events), what="the call to start")
-        proc.send_signal(signal.SIGTERM)
-        await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
         proc.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 10) == 128 + signal.SIGINT
         await wait_for(lambda: any(isinstance(e, WorkerLost) for e in events), what="the hub to lose the worker")
@@ -461,20 +463,12 @@ async def test_a_second_signal_stops_a_draining_worker_at_once(make_server, work
 
 
 async def test_a_draining_worker_whose_hub_stops_exits_without_a_retry(make_server, workers, tmp_path: Path) -> None:
-    import signal
-
     # A server that stops its local workers (SIGTERM: drain), then ends their streams: each
     # worker logged a WARNING "ended our stream (...): retrying" on its way out (grpc.aio often
     # reports INTERNAL "Internal error from Core" there), though it retried nothing.
     server = await make_server()
-    proc = workers.spawn(server.port, "w1", slots=1)
-    await connected(server, "w1")
-    events: list = []
-    running = asyncio.create_task(server.pool.dispatch(call(tmp_path, "sleep", {"ms": 600_000}, events=events)))
+    proc, _, running = await _draining_during_a_call(server, workers, tmp_path, 600_000)
     try:
-        await wait_for(lambda: bool(events), what="the call to start")
-        proc.send_signal(signal.SIGTERM)
-        await wait_for(lambda: server.pool.workers()[0].draining, what="the worker to say it drains")
         await server.stop(grace=1)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
@@ -485,8 +479,6 @@ async def test_a_draining_worker_whose_hub_stops_exits_without_a_retry(make_serv
 
 
 async def test_a_silent_worker_is_lost_and_its_calls_move(make_server, workers, tmp_path: Path) -> None:
-    import signal
-
     # The call outlasts the test's way from its start to the SIGSTOP (300 ms once did not, on a
     # loaded machine: the call ended on its first worker); the other worker must outlast a
     # loaded machine's pauses too, hence a timeout of 10 heartbeats.
