@@ -209,8 +209,8 @@ class ToolWorker:
         self._reader: asyncio.Task[None] | None = None
         # Given by the hub's Welcome: proves it is us when we reconnect after a broken stream.
         self._reconnect_token = ""
-        # Why the hub could not be reached, and when that was logged (once a minute while it lasts).
-        self._unreachable_told = ("", 0.0)
+        # Why the hub could not be reached (or refused us), logged once a minute while it lasts.
+        self._told = log_context.Repeats(UNREACHABLE_LOG_INTERVAL)
         # When the hub last said it was shutting down (None once connected again): while it
         # restarts, nothing listens, which is then no news.
         self._hub_stopped_at: float | None = None
@@ -292,7 +292,7 @@ class ToolWorker:
                             return EXIT_REJECTED
                         # Said once a minute, as a refusal that stands, not at every attempt.
                         why = str(exc)
-                        log.log(logging.DEBUG if self._told_lately(why) else logging.WARNING, "%s; retrying", why)
+                        log.log(logging.DEBUG if self._told.lately(why) else logging.WARNING, "%s; retrying", why)
                     else:
                         say(PROG, f"the hub rejected this worker ({exc.code.name}): {exc}")
                         return EXIT_REJECTED
@@ -327,7 +327,7 @@ class ToolWorker:
                         # No stream at all (nothing listens, say): why, in the CLI's words, and once a
                         # minute while it stays so, not at every attempt.
                         why = unreachable(self.config.address, exc.details() or "", self.config.tls_ca is not None)
-                        quiet = closed_in_handshake or self._told_lately(why)
+                        quiet = closed_in_handshake or self._told.lately(why)
                         # Within a minute of the hub saying it stops, a restart is the likely
                         # reason: said at INFO; past that, or unheard of, it is a WARNING.
                         restarting = (self._hub_stopped_at is not None
@@ -352,7 +352,7 @@ class ToolWorker:
                         if stopping:
                             self._hub_stopped_at = time.monotonic()
                         why = f"hub at {self.config.address} ended our stream ({status_line(exc)})"
-                        quiet = closed_in_handshake or self._told_lately(why)
+                        quiet = closed_in_handshake or self._told.lately(why)
                         log.log(logging.DEBUG if quiet else logging.INFO if stopping else logging.WARNING,
                                 "%s: retrying", why)
                 if time.monotonic() - started > BACKOFF_MAX:
@@ -373,15 +373,6 @@ class ToolWorker:
     def _count_connection(self, result: str) -> None:
         if self.telemetry is not None:
             self.telemetry.metrics.connections.labels(result).inc()
-
-    def _told_lately(self, why: str) -> bool:
-        """Whether `why` was logged less than UNREACHABLE_LOG_INTERVAL ago (a hub unreachable, or
-        a refusal that stands, is said once a minute, not at every attempt); if not, it is now."""
-        told, told_at = self._unreachable_told
-        if why == told and time.monotonic() - told_at < UNREACHABLE_LOG_INTERVAL:
-            return True
-        self._unreachable_told = (why, time.monotonic())
-        return False
 
     def _closed_in_handshake(self, exc: grpc.aio.AioRpcError) -> bool:
         details = (exc.details() or "").lower()
@@ -424,7 +415,7 @@ class ToolWorker:
             return
         interval = heartbeat_interval(first.welcome)
         self._reconnect_token = first.welcome.reconnect_token
-        self._unreachable_told = ("", 0.0)  # connected: the next outage is told at once
+        self._told.forget()  # connected: the next outage is told at once
         self._hub_stopped_at = None
         try:
             self._use_content(first.welcome.content, channel)

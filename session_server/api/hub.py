@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import grpc
 
@@ -219,28 +218,15 @@ REFUSAL_LOG_INTERVAL = 60.0
 _REFUSALS_REMEMBERED = 1024
 
 
-class _RefusalLog:
+def _log_refusal(refusals: log_context.Repeats, hello: worker_pb2.Hello, context: grpc.aio.ServicerContext,
+                 reason: str, exc: Exception) -> None:
     """Says in the server's log which worker was refused and why: a worker of an older release
     logs only the status code, and retries for ever, so this is where an operator upgrading one
     side first learns what stands in the way. Once a minute for the same worker and reason."""
-
-    def __init__(self) -> None:
-        self._told: dict[tuple[str, str], float] = {}
-
-    def __call__(self, hello: worker_pb2.Hello, context: grpc.aio.ServicerContext, reason: str,
-                 exc: Exception) -> None:
-        worker_id = bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES)
-        key, now = (worker_id, reason), time.monotonic()
-        told_at = self._told.get(key)
-        lately = told_at is not None and now - told_at < REFUSAL_LOG_INTERVAL
-        if not lately:
-            self._told.pop(key, None)
-            self._told[key] = now  # last in the order: the oldest go first
-            while len(self._told) > _REFUSALS_REMEMBERED:
-                del self._told[next(iter(self._told))]
-        log.log(logging.DEBUG if lately else logging.WARNING, "worker %s from %s refused (%s): %s",
-                worker_id or "(no id)", context.peer(), reason, bounded(str(exc), MAX_MESSAGE_BYTES),
-                extra=log_context.ids(worker_id=worker_id))
+    worker_id = bounded(hello.worker_id, MAX_METADATA_VALUE_BYTES)
+    log.log(logging.DEBUG if refusals.lately((worker_id, reason)) else logging.WARNING,
+            "worker %s from %s refused (%s): %s", worker_id or "(no id)", context.peer(), reason,
+            bounded(str(exc), MAX_MESSAGE_BYTES), extra=log_context.ids(worker_id=worker_id))
 
 
 async def _connection_closed(context: grpc.aio.ServicerContext, link: _StreamLink) -> bool:
@@ -258,7 +244,7 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
     def __init__(self, pool: WorkerPool, content: worker_pb2.ContentSource | None = None) -> None:
         self._pool = pool
         self._content = content or worker_pb2.ContentSource()
-        self._log_refusal = _RefusalLog()
+        self._refusals = log_context.Repeats(REFUSAL_LOG_INTERVAL, _REFUSALS_REMEMBERED)
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         try:
@@ -276,17 +262,17 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
             reg = registration_from_hello(first.hello, context.peer())
             reconnect_token = self._pool.register(reg, link)
         except InvalidRegistration as exc:
-            self._log_refusal(first.hello, context, "INVALID_HELLO", exc)
+            _log_refusal(self._refusals, first.hello, context, "INVALID_HELLO", exc)
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_HELLO")
         except WorkerIdTaken as exc:
-            self._log_refusal(first.hello, context, "WORKER_ID_TAKEN", exc)
+            _log_refusal(self._refusals, first.hello, context, "WORKER_ID_TAKEN", exc)
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), "WORKER_ID_TAKEN", worker_id=exc.worker_id)
         except ToolSpecConflict as exc:
-            self._log_refusal(first.hello, context, "TOOL_SPEC_CONFLICT", exc)
+            _log_refusal(self._refusals, first.hello, context, "TOOL_SPEC_CONFLICT", exc)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOOL_SPEC_CONFLICT",
                         tool_name=exc.tool_name, worker_id=exc.holder_id)
         except TooManyTools as exc:
-            self._log_refusal(first.hello, context, "AT_CAPACITY", exc)
+            _log_refusal(self._refusals, first.hello, context, "AT_CAPACITY", exc)
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "AT_CAPACITY", limit="max_tools",
                         value=str(exc.limit))
         except PoolClosed as exc:

@@ -34,6 +34,7 @@ from tests.session.conftest import (
     scripted,
     write_script,
 )
+from tool_worker.telemetry import logs as log_context
 from tool_worker.worker import EXIT_UNAUTHENTICATED
 
 make_server = session_fixtures.make_server
@@ -313,3 +314,16 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     except OSError:  # gone meanwhile
         return ""
+
+
+def test_repeats_tells_a_standing_condition_once_and_anything_new_at_once() -> None:
+    # One thing remembered (the worker's): returning to an earlier one is news again.
+    last = log_context.Repeats(60.0)
+    assert [last.lately(k) for k in ("a", "a", "b", "a")] == [False, True, False, False]
+    last.forget()
+    assert last.lately("a") is False
+    # Several remembered (the hub's refusals): past the capacity, the oldest is news again.
+    several = log_context.Repeats(60.0, capacity=2)
+    assert [several.lately(k) for k in ("a", "b", "a", "c", "b", "a")] == [False, False, True, False, True, False]
+    # A zero interval remembers nothing.
+    assert [log_context.Repeats(0.0).lately("a") for _ in range(2)] == [False, False]

@@ -13,6 +13,8 @@ import copy
 import logging
 import sys
 import threading
+import time
+from collections.abc import Hashable
 from contextvars import ContextVar
 from types import TracebackType
 
@@ -134,3 +136,30 @@ def say(prog: str, message: str, level: int = logging.ERROR) -> None:
         logging.getLogger("codelane").log(level, "%s", message, extra={"prog": prog})
     else:
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
+class Repeats:
+    """What was logged lately, so that a condition that stands (a hub unreachable, a worker
+    refused for good and retrying for ever) is logged once in `interval` seconds, not at every
+    attempt. It remembers the last `capacity` things said; one forgotten is news again."""
+
+    def __init__(self, interval: float, capacity: int = 1) -> None:
+        self._interval = interval
+        self._capacity = capacity
+        self._said: dict[Hashable, float] = {}  # oldest first
+
+    def lately(self, key: Hashable) -> bool:
+        """Whether `key` was said less than `interval` seconds ago; if not, it counts as said now."""
+        now = time.monotonic()
+        said_at = self._said.get(key)
+        if said_at is not None and now - said_at < self._interval:
+            return True
+        self._said.pop(key, None)
+        self._said[key] = now
+        while len(self._said) > self._capacity:
+            del self._said[next(iter(self._said))]
+        return False
+
+    def forget(self) -> None:
+        """Everything is news again (the condition ended: a worker connected, say)."""
+        self._said.clear()
