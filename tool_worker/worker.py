@@ -875,7 +875,7 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
     worker = ToolWorker(config, registry, telemetry)
     metrics.in_flight.set_function(lambda: worker.active_calls)
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
+    running = asyncio.current_task()
     stopped_by: list[signal.Signals] = []
 
     def on_signal(sig: signal.Signals) -> None:
@@ -887,9 +887,9 @@ async def _run_until_stopped(config: WorkerConfig, registry: ToolRegistry) -> in
             log.info("%s: draining: no new calls; exiting once the %d running call(s) end (a second SIGTERM or "
                      "SIGINT stops at once)", sig.name, worker.active_calls)
             worker.request_drain()
-        elif len(stopped_by) == 2 and main is not None:
+        elif len(stopped_by) == 2 and running is not None:
             log.warning("%s again: stopping now, leaving %d running call(s) to the hub", sig.name, worker.active_calls)
-            main.cancel()
+            running.cancel()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
