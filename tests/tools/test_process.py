@@ -148,7 +148,7 @@ async def test_a_planted_git_redirect_is_removed_off_the_event_loop(
 
 
 async def test_the_paths_a_sandbox_guards_are_found_off_the_event_loop(
-    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch
+    call: Any, registry: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A command may make .git/modules hold 500,000 directories: each is a submodule whose hooks and
     # config the next sandbox protects, and finding them on the event loop stalled the server
@@ -158,6 +158,10 @@ async def test_the_paths_a_sandbox_guards_are_found_off_the_event_loop(
     (workspace / ".git" / "hooks").mkdir(parents=True)
     (workspace / ".git" / "config").write_text("[core]\n")
     (workspace / ".git" / "modules" / "sub").mkdir(parents=True)
+    # The host is probed once per process (a trial sandbox in a directory of its own), by
+    # whichever test first uses the shared registry's sandbox: done before the spies, which are
+    # about each call's work (in a random order, this test was sometimes the first).
+    registry.sandbox.support()
     on_loop: list[str] = []
 
     def spied(module: Any, name: str) -> None:
