@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from codelane.reapi import bytestream_pb2, remote_execution_pb2
 from codelane.v1 import admin_pb2, admin_pb2_grpc, session_pb2, session_pb2_grpc, tools_pb2, worker_pb2
 from tests.polling import wait_until
-from tests.session.conftest import free_port
+from tests.session.conftest import listening_port
 from tool_worker import wire
 from tool_worker.tools.read import TOOL as READ
 
@@ -93,25 +93,24 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
     (workspace / "src").mkdir(parents=True)
     (workspace / "src" / "a.py").write_text("print('a')\n")
     (base / "script.yaml").write_text(json.dumps({"responses": [{"text": "ok"}] * 50}))
-    port = free_port()
     out, err = base / "server.out", base / "server.err"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "CODELANE_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    argv = [sys.executable, "-m", "codelane.cli", "server", "--listen", f"127.0.0.1:{port}",
+    argv = [sys.executable, "-m", "codelane.cli", "server", "--listen", "127.0.0.1:0",
             "--data-dir", str(base / "data"), "--local-workers", "0", "--scripts-dir", str(base),
             "--model", f"scripted:{base / 'script.yaml'}", "--worker-token", WORKER_TOKEN,
             "--log-level", "WARNING"]
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-    honest = None
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    honest = channel = None
     try:
-        def listening() -> bool:
+        def listening() -> int | None:
             assert proc.poll() is None, err.read_text(errors="replace")
-            return "codelane server listening on" in out.read_text(errors="replace")
+            return listening_port(out.read_text(errors="replace"))
 
-        wait_until(listening, within=20.0, what="the server to listen")
+        port = wait_until(listening, within=20.0, what="the server to listen")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = session_pb2_grpc.SessionServiceStub(channel)
         ids = []
         for _ in range(3):
@@ -133,7 +132,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
         wait_until(lambda: _honest_ready(server), within=20.0, what="the honest worker")
         yield server
     finally:
-        channel.close()
+        if channel is not None:
+            channel.close()
         if honest is not None:
             _kill_group(honest.pid)
             honest.wait(10)

@@ -15,7 +15,7 @@ import pytest
 from codelane.v1 import admin_pb2, tools_pb2
 from tests.polling import poll_until
 from tests.semantic import EXTRA_MISSING
-from tests.session.conftest import Client, InProcess, call, free_port, kind, scripted
+from tests.session.conftest import Client, InProcess, call, kind, listening_port, scripted
 from tool_worker.semantic import START_HINT
 
 # A worker imports torch and loads the model before it dials the hub: seconds on a loaded machine.
@@ -143,21 +143,22 @@ async def test_the_server_alone_says_what_to_start(make_server, workspace: Path,
 async def test_a_server_process_given_the_module_never_maps_torch(workspace: Path, tmp_path: Path) -> None:
     pytest.importorskip("torch", reason=EXTRA_MISSING)
     script = scripted(tmp_path, [{"tool_calls": [call("semantic_search", "c1", query="backoff")]}, {"text": "ok"}])
-    port = free_port()
     out, err = tmp_path / "server.out", tmp_path / "server.err"
     argv = [
-        sys.executable, "-m", "codelane.cli", "server", "--listen", f"127.0.0.1:{port}",
+        sys.executable, "-m", "codelane.cli", "server", "--listen", "127.0.0.1:0",
         "--data-dir", str(tmp_path / "data"), "--local-workers", "0", "--model", script,
         "--tools", "tool_worker.semantic",
     ]  # fmt: skip
     proc = await asyncio.to_thread(subprocess.Popen, argv, stdout=out.open("wb"), stderr=err.open("wb"))
-    client = Client(f"127.0.0.1:{port}")
+    client = None
     try:
-        def listening() -> bool:
+        def listening() -> int | None:
             assert proc.poll() is None, err.read_text()
-            return "listening on" in out.read_text()
+            return listening_port(out.read_text())
 
-        await poll_until(listening, what=lambda: f"the server to listen; its stderr:\n{err.read_text()}", within=30)
+        port = await poll_until(listening, what=lambda: f"the server to listen; its stderr:\n{err.read_text()}",
+                                within=30)
+        client = Client(f"127.0.0.1:{port}")
         session = await client.create(workspace)
         (finished,) = _finished(await client.send(session.session_id, "find the backoff"))
         assert finished.result.error_kind == tools_pb2.ERROR_KIND_NO_WORKER
@@ -165,7 +166,8 @@ async def test_a_server_process_given_the_module_never_maps_torch(workspace: Pat
         maps = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
         assert "libtorch" not in maps
     finally:
-        await client.close()
+        if client is not None:
+            await client.close()
         proc.kill()
         await asyncio.to_thread(proc.wait, 10)
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -358,9 +359,22 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def free_port() -> int:
+    """A port free now, for a listener that cannot say which port it bound (another process may
+    take it before that listener binds it: a server is started on port 0 instead, see
+    `listening_port`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LISTENING = re.compile(r"^codelane server listening on 127\.0\.0\.1:(\d+)$", re.MULTILINE)
+
+
+def listening_port(out: str) -> int | None:
+    """The port a server started with `--listen 127.0.0.1:0` says it bound, from its stdout; None
+    before it says so."""
+    found = _LISTENING.search(out)
+    return int(found.group(1)) if found else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -431,7 +445,6 @@ class Processes:
     ) -> ServerProcess:
         """`args`: more `codelane server` flags; `wrapper`: a command that runs the server (e.g.
         setpriv, to take capabilities from it)."""
-        port = free_port()
         n = len(self.servers)
         out, err = self.tmp_path / f"server-{n}.out", self.tmp_path / f"server-{n}.err"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "CODELANE_"))}
@@ -439,7 +452,7 @@ class Processes:
         child_env["PYTHONUNBUFFERED"] = "1"
         argv = [
             *wrapper, sys.executable, "-m", "codelane.cli", "server",
-            "--listen", f"127.0.0.1:{port}",
+            "--listen", "127.0.0.1:0",  # the server takes a free port itself: no race for one
             "--data-dir", str(data_dir),
             "--local-workers", str(local_workers),
             "--model", model,
@@ -448,20 +461,19 @@ class Processes:
             *args,
         ]  # fmt: skip
         proc = _spawn(argv, child_env, out, err)
-        server = ServerProcess(proc, port, out, err)
-        self.servers.append(server)
         self.groups.append(proc.pid)
 
-        def listening() -> bool:
+        def listening() -> int | None:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-            return "codelane server listening on" in out.read_text(errors="replace")
+                raise AssertionError(f"server exited with {proc.returncode}:\n{err.read_text(errors='replace')}")
+            return listening_port(out.read_text(errors="replace"))
 
         try:
-            await poll_until(listening, within=START_TIMEOUT, what="the server to listen")
+            port = await poll_until(listening, within=START_TIMEOUT, what="the server to listen")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}:\n{server.log()}") from None
-        assert f"127.0.0.1:{port}" in out.read_text()
+            raise AssertionError(f"{exc}:\n{err.read_text(errors='replace')[-4000:]}") from None
+        server = ServerProcess(proc, port, out, err)
+        self.servers.append(server)
         server.client = Client(f"127.0.0.1:{port}")
         return server
 
