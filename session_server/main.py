@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
         say(PROG, str(exc))
         return 2
     try:
-        asyncio.run(_serve(config, args.shutdown_grace))
+        second_signal = asyncio.run(_serve(config, args.shutdown_grace))
     except ServerConfigError as exc:  # an open hub, a default model that cannot work, a TLS file
         say(PROG, str(exc))
         return 2
@@ -323,15 +323,18 @@ def main(argv: list[str]) -> int:
     except (OSError, sqlite3.Error, StoreError) as exc:
         say(PROG, str(exc))
         return 1
-    return 0
+    # Stopped in order either way; 128 + the signal says the grace was cut short, as a worker says it.
+    return 0 if second_signal is None else 128 + second_signal
 
 
-async def _serve(config: ServerConfig, grace: float) -> None:
+async def _serve(config: ServerConfig, grace: float) -> signal.Signals | None:
     with pidfd_child_watcher():
-        await _serve_until_stopped(config, grace)
+        return await _serve_until_stopped(config, grace)
 
 
-async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
+async def _serve_until_stopped(config: ServerConfig, grace: float) -> signal.Signals | None:
+    """Serves until SIGTERM or SIGINT, then stops; returns the second signal when one cut the stop's
+    grace short."""
     try:
         server = CodelaneServer(config)
     except (ImportError, ValueError) as exc:  # a --tools module that does not load
@@ -345,17 +348,42 @@ async def _serve_until_stopped(config: ServerConfig, grace: float) -> None:
         logging.disable(logging.WARNING)
         await server.stop(0)
         raise
+    signals = _Signals(grace)
     try:
-        await _announce_and_wait(server, config)
+        await _announce_and_wait(server, config, signals)
     finally:
         # Also when the task is cancelled instead: a Ctrl-C in the moment before the handlers
         # below are in place reaches us as asyncio.run's cancellation of this task, and left the
         # server running (its gRPC threads, local workers and data directory lock) and the
         # process hung on its way out.
-        await server.stop(grace)
+        await server.stop(grace, hurry=signals.hurry)
+    return signals.second
 
 
-async def _announce_and_wait(server: CodelaneServer, config: ServerConfig) -> None:
+class _Signals:
+    """The operator's SIGTERMs and SIGINTs: the first stops the server, giving running turns their
+    grace; a second (a second Ctrl-C) ends that grace at once. The stop is still orderly: those
+    turns end interrupted, with their events stored."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.second: signal.Signals | None = None
+
+    def received(self, sig: signal.Signals) -> None:
+        log = logging.getLogger("codelane.server")
+        if not self.stop.is_set():
+            log.info("%s: stopping: running turns get %gs to finish (a second SIGTERM or SIGINT interrupts them "
+                     "now)", sig.name, self.grace)
+            self.stop.set()
+        elif not self.hurry.is_set():
+            log.warning("%s again: interrupting the running turns now", sig.name)
+            self.second = sig
+            self.hurry.set()
+
+
+async def _announce_and_wait(server: CodelaneServer, config: ServerConfig, signals: _Signals) -> None:
     freeze_startup_heap()
     # stdout holds the one "listening" line that scripts wait for; what the sandbox enforces is
     # logged (stderr, in the chosen --log-format), as a warning when commands cannot be confined.
@@ -377,8 +405,7 @@ async def _announce_and_wait(server: CodelaneServer, config: ServerConfig) -> No
         print(f"codelane server metrics on port {server.metrics_port}", flush=True)
     if server.health_port:
         print(f"codelane server health on port {server.health_port}", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signals.received, sig)
+    await signals.stop.wait()

@@ -567,12 +567,13 @@ class CodelaneServer:
         """The process id of each local worker running now."""
         return {worker_id: proc.pid for worker_id, proc in self._local.items() if proc is not None}
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, hurry: asyncio.Event | None = None) -> None:
         """Graceful, shutdown first: health goes NOT_SERVING and nothing new is admitted (new
         sessions, turns and event streams are refused with UNAVAILABLE, while calls on running work
         are still served); running turns get `grace` seconds to finish, the rest are interrupted
         (marked so, and their streams close); the event streams that follow and the claims that
-        wait end (ShuttingDown); then the workers are stopped and the store closed."""
+        wait end (ShuttingDown); then the workers are stopped and the store closed. Setting `hurry`
+        (an operator's second signal) ends the grace at once, for the turns and the local workers."""
         self._stopping = True
         if self.admission is not None:
             self.admission.close()
@@ -583,7 +584,7 @@ class CodelaneServer:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
         if self.sessions is not None:
-            await self.sessions.shutdown(grace)
+            await self.sessions.shutdown(grace, hurry)
         workers = [proc for proc in self._local.values() if proc is not None]
         for proc in workers:
             with contextlib.suppress(ProcessLookupError):
@@ -603,7 +604,7 @@ class CodelaneServer:
             await self.external_cas.close()
         for proc in workers:
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                await asyncio.wait_for(proc.wait(), 0 if hurry is not None and hurry.is_set() else grace)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from session_server.admission import Admission
 from session_server.agent import Turn, TurnContext, directory_identity
@@ -307,12 +308,12 @@ class SessionManager:
     def running_turns(self) -> int:
         return len(self._turns)
 
-    async def shutdown(self, grace: float = 0.0) -> None:
-        """Gives running turns `grace` seconds to finish, ends the others (marked interrupted),
-        ends the event streams and the claims that would wait on (ShuttingDown, once a turn's
-        stream has its TurnFinished), and closes the model providers."""
+    async def shutdown(self, grace: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """Gives running turns `grace` seconds to finish (cut short once `hurry` is set), ends the
+        others (marked interrupted), ends the event streams and the claims that would wait on
+        (ShuttingDown, once a turn's stream has its TurnFinished), and closes the model providers."""
         if grace > 0 and self._turns:
-            await asyncio.wait([task for _, task in self._turns.values()], timeout=grace)
+            await _until_done_or(hurry, [task for _, task in self._turns.values()], grace)
         self.external.interrupting()
         for turn, task in list(self._turns.values()):
             turn.cancel_reason = "interrupted"
@@ -711,3 +712,19 @@ def _checked_lease(lease: float | None) -> float:
     if not MIN_LEASE <= lease <= MAX_LEASE:
         raise InvalidArgument("lease", f"{lease:g}s is out of range [{MIN_LEASE:g}s, {MAX_LEASE:g}s]")
     return lease
+
+
+async def _until_done_or(hurry: asyncio.Event | None, tasks: list[asyncio.Task[Any]], grace: float) -> None:
+    """Waits until every task is done, `hurry` is set or `grace` seconds pass; cancels none of
+    the tasks."""
+    if hurry is None:
+        await asyncio.wait(tasks, timeout=grace)
+        return
+    done = asyncio.ensure_future(asyncio.wait(tasks))
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        await asyncio.wait([done, hurried], timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Cancelling asyncio.wait leaves the turns' tasks running: only the waits end.
+        done.cancel()
+        hurried.cancel()

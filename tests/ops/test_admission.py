@@ -6,6 +6,7 @@ and lets running turns finish (or interrupts them); health follows the store and
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.ops.conftest import HealthWatch, free_port, health_status, scrape_unt
 from tests.polling import poll_until
 from tests.session.conftest import (
     ErrorDetails,
+    Processes,
     call,
     collect,
     error_details,
@@ -240,6 +242,28 @@ async def test_a_stopping_server_interrupts_a_turn_that_outlives_the_grace(
     await server.server.stop(grace=0.2)
     rest = [item.event for item in await collect(stream)]
     assert rest[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+
+
+async def test_a_second_signal_ends_the_grace_and_the_turn_is_interrupted_at_once(
+    processes: Processes, workspace, tmp_path
+) -> None:
+    # A grace far longer than the test may wait: the server stops within it only if the second
+    # signal cuts it short (it was ignored, and a second Ctrl-C did nothing for the whole grace).
+    server = await processes.start_server(tmp_path / "data", model=_waiting_write(tmp_path), local_workers=0,
+                                          args=("--shutdown-grace", "3600", "--log-level", "INFO"))
+    assert server.client is not None
+    session = await server.client.create(workspace, permissions=ASK_WRITE)
+    stream = server.client.send_stream(session.session_id, "write it")
+    seen: list = []
+    await read_until(stream, lambda r: kind(r.event) == "confirmation_required", seen)
+    server.proc.send_signal(signal.SIGTERM)
+    await poll_until(lambda: "SIGTERM: stopping" in server.log(), what="the server to start stopping")
+    server.proc.send_signal(signal.SIGINT)
+    rest = [item.event for item in await collect(stream)]
+    assert rest[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_INTERRUPTED
+    assert await asyncio.to_thread(server.proc.wait, 30) == 128 + signal.SIGINT
+    assert "SIGINT again: interrupting the running turns now" in server.log()
+    assert not (workspace / "out.txt").exists()
 
 
 async def test_a_stopping_server_ends_follow_streams_and_claims_saying_so(make_server, workspace, tmp_path) -> None:
