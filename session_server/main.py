@@ -231,6 +231,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"--listen gives {twice} twice")
     try:
         configure_logging(args.log_level, args.log_format, "%(asctime)s %(name)s %(levelname)s %(message)s")
+        for notice in types.renamed_notices(args):
+            say(PROG, notice, logging.WARNING)
         limits = admission.Limits(
             max_sessions=args.max_sessions,
             max_running_turns=args.max_running_turns,

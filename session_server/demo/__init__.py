@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    types.say_renamed(parser, args)
     view = EventView.choose(json=args.json, plain=args.plain, live=args.live)
     try:
         return asyncio.run(_demo(args.local_workers, view))

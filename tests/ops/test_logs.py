@@ -194,6 +194,16 @@ async def test_json_logs_stay_json_when_a_server_or_worker_cannot_start(
     assert refused["message"].startswith("the hub refused our token (UNAUTHENTICATED)")
 
 
+def test_a_renamed_option_is_said_in_the_log_format(tmp_path: Path) -> None:
+    # Said as a plain line while the arguments were parsed, before the format was known.
+    out = cli("server", "--workers", "0", "--scripts-dir", str(tmp_path / "missing"), "--log-format", "json",
+              "--data-dir", str(tmp_path / "data"), timeout=60)
+    assert out.returncode == 2, out
+    said = _lines(out.stderr)
+    assert [(e["level"], e["prog"]) for e in said] == [("WARNING", "codelane server"), ("ERROR", "codelane server")]
+    assert said[0]["message"] == "--workers is deprecated: use --local-workers"
+
+
 def _run_logging(program: str) -> tuple[int, list[dict]]:
     """`program` run by a new Python; its exit code and the JSON objects it wrote to stderr."""
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,

@@ -259,9 +259,27 @@ def _lane_mode(text: str) -> tuple[str, str]:
 lane_mode = _type("lane_mode", _lane_mode)
 
 
+# Where `Renamed` leaves its notices in the parsed arguments (see `renamed_notices`).
+_RENAMED_NOTICES = "_renamed_notices"
+
+
+def renamed_notices(args: argparse.Namespace) -> list[str]:
+    """What the old spellings used on a command line should tell the user, e.g. "--workers is
+    deprecated: use --local-workers"."""
+    return list(getattr(args, _RENAMED_NOTICES, ()))
+
+
+def say_renamed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each of `renamed_notices(args)` as a line on stderr, for commands that only write text."""
+    for notice in renamed_notices(args):
+        print(f"{parser.prog}: {notice}", file=sys.stderr)
+
+
 class Renamed(argparse.Action):
-    """An old spelling of an option that still works, with a line on stderr naming the new one.
-    Add it after the new option, with the same `dest` (`append=True` for a repeatable one)."""
+    """An old spelling of an option that still works. Add it after the new option, with the same
+    `dest` (`append=True` for a repeatable one). It prints nothing while parsing, when the command's
+    log format is not known yet (a plain line in `--log-format json` broke a reader of objects):
+    the command says `renamed_notices(args)` once it is."""
 
     def __init__(self, option_strings: list[str], dest: str, *, new: str, append: bool = False,
                  **kwargs: Any) -> None:
@@ -273,7 +291,8 @@ class Renamed(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"{parser.prog}: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        notice = f"{option_string} is deprecated: use {self.new}"
+        setattr(namespace, _RENAMED_NOTICES, [*renamed_notices(namespace), notice])
         if self.append:
             values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)

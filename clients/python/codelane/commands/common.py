@@ -47,6 +47,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
     """Parses a client command's arguments and resolves its connection settings into
     `args.connection` (and `args.server`); a setting that cannot be used is a usage error."""
     args = parser.parse_args(argv)
+    types.say_renamed(parser, args)
     flags = {setting: getattr(args, setting, None) for setting in ENV_VARS}
     try:
         args.connection = resolve(flags, getattr(args, "profile", None))
