@@ -338,13 +338,24 @@ class ExternalTasks:
     def _time_out(self, task: _Task, lifetime: float) -> None:
         if self._tasks.get(task.info.task_id) is not task:
             return
-        call = task.info.call
+        call, attempt = task.info.call, task.info.attempt
+        # What to look at depends on where the task was: "check that a client claims" sent the
+        # reader after claims when a client held the task and its handler ran past the deadline.
+        if task.client_id is not None:
+            what = (f"client {task.client_id!r} claimed it (attempt {attempt}) but did not complete it within "
+                    f"{lifetime:g}s; make its handler finish sooner")
+        elif attempt > 1:
+            what = (f"none completed it within {lifetime:g}s: its lease expired {attempt - 1} time(s) and nobody "
+                    "claimed it again; check that the clients complete or renew what they claim "
+                    "(RenewExternalTaskLease)")
+        else:
+            what = (f"none completed it within {lifetime:g}s (nobody claimed it); check that a client claims this "
+                    "session's tasks (ClaimExternalTasks)")
         self._end(task, ToolResult.error(
             ErrorKind.TIMEOUT,
-            f"{call.tool_name} was offered to clients as an external task, but none completed it within "
-            f"{lifetime:g}s ({task.info.attempt} claim attempt(s)); check that a client claims this session's "
-            "tasks (ClaimExternalTasks), or raise config.queue.external_task_timeout",
-            attempt=task.info.attempt,
+            f"{call.tool_name} was offered to clients as an external task, but {what}, "
+            "or raise config.queue.external_task_timeout",
+            attempt=attempt,
         ), "")
 
     def _expire(self, task: _Task, attempt: int) -> None:

@@ -148,6 +148,37 @@ async def test_deadline_ends_the_task_with_a_timeout() -> None:
     assert _empty(board)
 
 
+async def test_a_timeout_says_whether_a_client_held_the_task_or_none_claimed_it() -> None:
+    # A task its client held at the deadline (its handler ran too long) was told "check that a
+    # client claims this session's tasks", which sent the reader after a client that did claim it.
+    board, events = _board()
+    held = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
+    await _offered(events)
+    await board.claim("s1", "client-a", 1, 60.0, 0.0)
+    board.time.advance(10.0)
+    outcome = await asyncio.wait_for(held, BOUND)
+    assert outcome.error_kind is ErrorKind.TIMEOUT
+    assert "client-a" in outcome.output and "within 10s" in outcome.output, outcome.output
+    assert "check that a client claims" not in outcome.output
+    assert "external_task_timeout" in outcome.output
+
+    board, events = _board()
+    expired = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
+    await _offered(events)
+    await board.claim("s1", "client-a", 1, 2.0, 0.0)
+    board.time.advance(10.0)  # the lease expired at 2 s, and nobody claimed the task again
+    outcome = await asyncio.wait_for(expired, BOUND)
+    assert "lease expired" in outcome.output and "client-a" not in outcome.output, outcome.output
+
+    board, events = _board()
+    unclaimed = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
+    await _offered(events)
+    board.time.advance(10.0)
+    outcome = await asyncio.wait_for(unclaimed, BOUND)
+    assert "check that a client claims" in outcome.output, outcome.output
+    assert _empty(board)
+
+
 async def test_cancelling_the_call_withdraws_the_task() -> None:
     board, events = _board()
     run = asyncio.create_task(board.run("s1", CALL, "/ws", 10.0, events.append, _owner(events)))
