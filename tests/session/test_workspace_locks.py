@@ -7,7 +7,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from google.protobuf import duration_pb2
 
+from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.workspace_locks import WorkspaceLocks
 from tests.polling import poll_until
 from tests.session.conftest import InProcess, call, kind, scripted
@@ -95,5 +97,36 @@ async def test_another_sessions_calls_wait_for_a_running_command(
     events = await client.send(reader.session_id, "go")
     [read] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
     assert read.output.endswith("after"), read.output  # run once the command had ended
+    [command_result] = [e.tool_call_finished.result for e in await running if kind(e) == "tool_call_finished"]
+    assert not command_result.is_error, command_result.output
+
+
+async def test_a_call_waits_for_another_sessions_command_no_longer_than_its_lane_timeout(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # The wait for the hold was outside every deadline: a read of a session whose Query calls
+    # time out after 0.5 s waited as long as the other session's command ran (up to its own
+    # Execute timeout: 10 min by default, 24 h at most), its turn with it.
+    server: InProcess = await make_server()
+    client = server.client
+    command = "touch started; while [ ! -e release ]; do sleep 0.05; done"
+    writer = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_cmd", command=command)]}, {"text": "done"}], name="w.yaml"))
+    queue = session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(
+        lane=tools_pb2.LANE_QUERY, timeout=duration_pb2.Duration(nanos=500_000_000))])
+    reader = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("read", "c_read", file_path="README.md")]}, {"text": "done"}],
+        name="r.yaml"), queue=queue)
+    running = asyncio.create_task(client.send(writer.session_id, "go"))
+    try:
+        await poll_until(lambda: (workspace / "started").exists(), what="the command to start")
+        events = await client.send(reader.session_id, "go")
+        [read] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+        assert read.error_kind == tools_pb2.ERROR_KIND_TIMEOUT, read.output
+        assert "0.5s" in read.output and "another session" in read.output, read.output
+        assert events[-1].turn_finished.stop_reason == events_pb2.STOP_REASON_END_TURN
+        assert not running.done()  # the command runs on, unaffected
+    finally:
+        (workspace / "release").touch()
     [command_result] = [e.tool_call_finished.result for e in await running if kind(e) == "tool_call_finished"]
     assert not command_result.is_error, command_result.output
