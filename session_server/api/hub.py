@@ -247,14 +247,21 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         self._refusals = log_context.Repeats(REFUSAL_LOG_INTERVAL, _REFUSALS_REMEMBERED)
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        # Each way of sending no Hello is told apart: "must be a Hello" sent a worker that sent
+        # nothing in time (a slow start, a proxy holding the stream) after a message it never sent.
         try:
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
-        except (TimeoutError, StopAsyncIteration):
-            first = None
+        except TimeoutError:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"no Hello within {HELLO_TIMEOUT:g}s of opening the stream: a worker sends its Hello first, "
+                        "at once", "INVALID_HELLO")
+        except StopAsyncIteration:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        "the stream ended before its Hello: a worker sends its Hello first", "INVALID_HELLO")
         except UndecodableMessage as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                         f"the first message of Connect must be a Hello: {exc}", "INVALID_HELLO")
-        if first is None or first.WhichOneof("message") != "hello":
+        if first.WhichOneof("message") != "hello":
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of Connect must be a Hello",
                         "INVALID_HELLO")
         link = _StreamLink(write_timeout=self._pool.heartbeat_timeout)

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health
 
 from codelane.v1 import admin_pb2, admin_pb2_grpc, tools_pb2, worker_pb2, worker_pb2_grpc, workspace_pb2
+from session_server.api import hub
 from session_server.pool import QueryCall
 from session_server.pool.workers import MAX_ROOT_BYTES, MAX_WORKSPACE_ROOTS
 from tests.polling import poll_until
@@ -343,6 +344,24 @@ async def test_bad_hello_is_invalid_argument(make_server, request_message, expec
             await stream.read()
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert expected in error.value.details()
+    assert server.pool.workers() == []
+
+
+@pytest.mark.parametrize("half_close", [False, True], ids=["silent", "half-closed"])
+async def test_a_stream_without_a_hello_is_told_why(make_server, monkeypatch, half_close: bool) -> None:
+    # A stream that sent nothing for the Hello deadline, or half-closed without a message, was
+    # told "the first message of Connect must be a Hello", as if it had sent something else.
+    monkeypatch.setattr(hub, "HELLO_TIMEOUT", 0.2)
+    server = await make_server()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stream = worker_pb2_grpc.WorkerHubServiceStub(channel).Connect()
+        if half_close:
+            await stream.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(stream.read(), 10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        expected = "ended before its Hello" if half_close else "no Hello within 0.2s"
+        assert expected in error.value.details(), error.value.details()
     assert server.pool.workers() == []
 
 
