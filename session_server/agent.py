@@ -65,7 +65,7 @@ from session_server.snapshots import WorkspaceSnapshots
 from session_server.stats import LaneStats
 from session_server.store import StoredMessage, store_unavailable
 from session_server.telemetry import Telemetry, TurnObservation
-from session_server.workspace_locks import WorkspaceLocks
+from session_server.workspace_locks import WaitedTooLong, WorkspaceLocks
 from tool_worker.confinement.protected import operator_denied_globs
 from tool_worker.effects import EVERYTHING, Effects, EffectsFunction, in_workspace
 from tool_worker.merkle import SnapshotRef
@@ -588,31 +588,27 @@ class Turn:
         # A command may swap any path of the workspace (a directory for a symlink out of it)
         # between another call's check of a path and its open: it runs alone, across sessions.
         alone = call.lane is Lane.EXECUTE and call.effects is EVERYTHING
-        holding = self.ctx.workspace_locks.hold(str(self.ctx.workspace), alone=alone, waiting=call.wait_for)
         # The wait is bounded by the call's lane timeout: a Query call (60 s) otherwise waited for
         # another session's command as long as that ran (its Execute timeout, up to 24 h).
         timeout = self.ctx.settings.lane_timeout(call.lane)
         try:
-            async with asyncio.timeout(timeout):
-                await holding.__aenter__()
-        except TimeoutError:
+            async with self.ctx.workspace_locks.hold(str(self.ctx.workspace), alone=alone, within=timeout,
+                                                     waiting=call.wait_for):
+                # Checked under the hold: the commands that could swap it wait for the call to end.
+                identity = self.ctx.workspace_identity
+                if identity is not None and directory_identity(self.ctx.workspace) != identity:
+                    return ToolResult.error(
+                        ErrorKind.PATH_ESCAPE, f"{call.tool_name} was not run: the workspace {self.ctx.workspace} is "
+                        "no longer the directory this turn began in (it, or a directory above it, was replaced while "
+                        "the turn ran); the next turn checks it again",
+                    )
+                return await self._run_placed(call)
+        except WaitedTooLong as waited:
             return ToolResult.error(
-                ErrorKind.TIMEOUT, f"{call.tool_name} was not run: it waited {timeout:g}s, the session's time limit "
-                f"for a call of its lane, for {call.waiting_for or 'its workspace'} (a command runs alone on its "
-                "workspace, across sessions); try again once it has ended",
+                ErrorKind.TIMEOUT, f"{call.tool_name} was not run: it waited {waited.within:g}s, the session's time "
+                f"limit for a call of its lane, for {waited.what} (a command runs alone on its workspace, across "
+                "sessions); try again once it has ended",
             )
-        try:
-            # Checked under the hold: the commands that could swap it wait for the call to end.
-            identity = self.ctx.workspace_identity
-            if identity is not None and directory_identity(self.ctx.workspace) != identity:
-                return ToolResult.error(
-                    ErrorKind.PATH_ESCAPE, f"{call.tool_name} was not run: the workspace {self.ctx.workspace} is no "
-                    "longer the directory this turn began in (it, or a directory above it, was replaced while the "
-                    "turn ran); the next turn checks it again",
-                )
-            return await self._run_placed(call)
-        finally:
-            await holding.__aexit__(None, None, None)
 
     async def _run_placed(self, call: ToolCall) -> ToolResult:
         ctx = self.ctx

@@ -22,6 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+class WaitedTooLong(Exception):
+    """A hold was not granted within the wait allowed; `what` says what held the workspace."""
+
+    def __init__(self, what: str, within: float) -> None:
+        super().__init__(f"waited {within:g}s for {what}")
+        self.what, self.within = what, within
+
+
 @dataclass(eq=False)
 class _Hold:
     workspace: str
@@ -40,13 +48,14 @@ class _Holding:
     """One call's hold, as an async context manager (a class: a generator-based one costs a few
     microseconds per call, on every call)."""
 
-    __slots__ = ("_hold", "_locks", "_waiting")
+    __slots__ = ("_hold", "_locks", "_waiting", "_within")
 
-    def __init__(self, locks: WorkspaceLocks, hold: _Hold, waiting: Callable[[str | None], None]) -> None:
-        self._locks, self._hold, self._waiting = locks, hold, waiting
+    def __init__(self, locks: WorkspaceLocks, hold: _Hold, waiting: Callable[[str | None], None],
+                 within: float) -> None:
+        self._locks, self._hold, self._waiting, self._within = locks, hold, waiting, within
 
     async def __aenter__(self) -> None:
-        await self._locks._acquire(self._hold, self._waiting)
+        await self._locks._acquire(self._hold, self._waiting, self._within)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._locks._release(self._hold)
@@ -59,28 +68,36 @@ class WorkspaceLocks:
         self._held: list[_Hold] = []
         self._waiting: list[_Hold] = []
 
-    def hold(self, workspace: str, *, alone: bool,
+    def hold(self, workspace: str, *, alone: bool, within: float | None = None,
              waiting: Callable[[str | None], None] = lambda what: None) -> _Holding:
         """`async with locks.hold(...)`: holds `workspace` for one call, `alone` for a command and
-        shared otherwise. If it must wait, `waiting` hears what for, then None once it holds it."""
-        return _Holding(self, _Hold(workspace, alone), waiting)
+        shared otherwise. If it must wait, `waiting` hears what for, then None once it holds it;
+        after `within` seconds of waiting it raises WaitedTooLong instead (a call's own time limit:
+        the other session's command may run for hours)."""
+        return _Holding(self, _Hold(workspace, alone), waiting, within)
 
-    async def _acquire(self, hold: _Hold, waiting: Callable[[str | None], None]) -> None:
+    async def _acquire(self, hold: _Hold, waiting: Callable[[str | None], None], within: float | None) -> None:
         if not self._blocked(hold, len(self._waiting)):
             self._held.append(hold)
             return
         hold.granted = asyncio.get_running_loop().create_future()
         self._waiting.append(hold)
-        waiting("the calls of other sessions on its workspace to end" if hold.alone
+        what = ("the calls of other sessions on its workspace to end" if hold.alone
                 else "a command of another session on its workspace to end")
+        waiting(what)
         try:
-            await hold.granted
-        except asyncio.CancelledError:
+            # Only a call that must wait pays for the timer.
+            async with asyncio.timeout(within):
+                await hold.granted
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if hold in self._waiting:
                 self._waiting.remove(hold)
             elif hold in self._held:
                 self._held.remove(hold)  # granted in the same loop turn as the cancellation
             self._grant()
+            if isinstance(exc, TimeoutError):
+                assert within is not None
+                raise WaitedTooLong(what, within) from None
             raise
         waiting(None)
 

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
-from session_server.workspace_locks import WorkspaceLocks
+from session_server.workspace_locks import WaitedTooLong, WorkspaceLocks
 from tests.polling import poll_until
 from tests.session.conftest import InProcess, call, kind, scripted
 
@@ -71,6 +71,21 @@ async def test_a_waiter_cancelled_leaves_no_trace() -> None:
     async with locks.hold("/ws", alone=True):  # nothing held or waiting is left behind
         pass
     assert heard == ["a command of another session on its workspace to end"]
+
+
+async def test_a_waiter_past_its_time_limit_is_told_what_held_it_and_leaves_no_trace() -> None:
+    locks = WorkspaceLocks()
+    entered, leave = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(_holding(locks, "/ws", True, entered, leave, [], "command"))
+    await entered.wait()
+    with pytest.raises(WaitedTooLong) as waited:
+        async with locks.hold("/ws/sub", alone=False, within=0.01):
+            raise AssertionError("granted while the command held the workspace")
+    assert (waited.value.what, waited.value.within) == ("a command of another session on its workspace to end", 0.01)
+    leave.set()
+    await holder
+    async with locks.hold("/ws", alone=True, within=0.01):  # nothing held or waiting is left behind
+        pass
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
