@@ -577,6 +577,47 @@ async def test_sdk_renews_the_lease_of_a_handler_that_outlasts_it(
     assert leases == [1]  # never offered again: the lease was renewed while the handler ran
 
 
+async def test_sdk_cancels_a_handler_whose_task_is_gone_and_claims_the_next(
+    make_server, workspace: Path, tmp_path: Path
+) -> None:
+    # The handler of a task that had timed out ran on to its end, and with max_tasks=1 the loop
+    # claimed nothing meanwhile: the turn's next task timed out unclaimed too.
+    server: InProcess = await make_server()
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_stuck", command="x")]},
+        {"text": "", "tool_calls": [call("bash", "c_next", command="y")]},
+        {"text": "."},
+    ])
+    cancelled = asyncio.Event()
+
+    async def handler(task: Any) -> Any:
+        if task.call.call_id == "c_next":
+            return SdkToolResult(output="next ran")
+        try:
+            await asyncio.Event().wait()  # stuck for good
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with SdkClient(server.client.address, timeout=10) as sdk:
+        session = await sdk.create_session(workspace, model=model, lanes={"execute": "external"},
+                                           external_task_timeout=1)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(session.run_external_tasks("sdk-client", handler, stop=stop, lease=0.5, wait=5))
+
+        async def turn() -> list:
+            return [e async for e in session.send("go")]
+
+        events = await asyncio.wait_for(turn(), 30)
+        assert cancelled.is_set()
+        stop.set()
+        assert await asyncio.wait_for(runner, 10) == 1
+        results = {m.tool_call_id: m.tool_result for m in await session.messages() if m.role == "tool"}
+    assert isinstance(events[-1], SdkTurnFinished) and events[-1].stop_reason == "end_turn"
+    assert results["c_stuck"].error_kind == "timeout"
+    assert results["c_next"].output == "next ran"
+
+
 async def _turn_run_by_sdk_handler(
     server: InProcess, workspace: Path, tmp_path: Path, calls: list[dict[str, Any]], handler: Any
 ) -> dict[str, Any]:

@@ -653,6 +653,9 @@ class ResumingIterator {
 // ---------------------------------------------------------------------------------------------
 // The client
 
+/** What a runExternalTasks handler's race ends with when its task is gone first. */
+const GONE = Symbol('the task is gone');
+
 /** Calls runExternalTasks' onError hook; an exception of the hook itself is ignored. */
 function report(onError, err, task) {
   try {
@@ -1112,8 +1115,11 @@ export class CodelaneClient {
    * and completed, then the promise resolves to the number of tasks this loop completed. While
    * a handler runs, its task's lease (`leaseSeconds`, default 30) is renewed every half lease,
    * so a handler may run as long as the task's deadline allows; the lease is how soon another
-   * client gets the task if this one dies. A result refused all the same (the lease was lost,
-   * or the task is gone: FAILED_PRECONDITION, NOT_FOUND) is skipped and the loop goes on.
+   * client gets the task if this one dies. When a renewal finds the task gone (it timed out,
+   * its turn was cancelled, or the lease was lost: FAILED_PRECONDITION, NOT_FOUND), the
+   * handler's `signal` aborts (it is also aborted with the loop's), the loop stops waiting for
+   * it and goes on claiming; its result would be refused. A result refused all the same is
+   * skipped and the loop goes on.
    * `onError(err, task)`, if given, hears of handler exceptions, failed renewals and refused
    * results. Other errors (server gone, session deleted, bad arguments) reject the promise.
    */
@@ -1142,10 +1148,18 @@ export class CodelaneClient {
 
   async _serveExternalTask(sessionId, clientId, handler, task, { signal, leaseSeconds, onError }) {
     const started = performance.now();
-    const stopRenewing = this._keepLease(sessionId, clientId, task, leaseSeconds, onError);
+    // Aborted when the task is gone: a handler that ran on to its end held one of maxTasks (with
+    // the default of 1, every task after it timed out unclaimed).
+    const gone = new AbortController();
+    const taskSignal = signal ? AbortSignal.any([signal, gone.signal]) : gone.signal;
+    const stopRenewing = this._keepLease(sessionId, clientId, task, leaseSeconds, onError, () => gone.abort());
+    const goneWhile = new Promise((resolve) => {
+      gone.signal.addEventListener('abort', () => resolve(GONE), { once: true });
+    });
     let result;
     try {
-      const returned = await handler(task, { signal });
+      const returned = await Promise.race([handler(task, { signal: taskSignal }), goneWhile]);
+      if (returned === GONE) return false;
       if (typeof returned === 'string') result = { output: returned };
       else if (typeof returned === 'object' && returned !== null && !Array.isArray(returned)) result = { ...returned };
       else throw new TypeError(`the handler returned ${String(returned)}, not a ToolResult object or a string`);
@@ -1172,8 +1186,11 @@ export class CodelaneClient {
     return true;
   }
 
-  /** Renews a task's lease every half lease until the returned function is called. */
-  _keepLease(sessionId, clientId, task, leaseSeconds, onError) {
+  /**
+   * Renews a task's lease every half lease until the returned function is called; calls
+   * `onGone` when the task is gone (the lease lost, the task timed out or withdrawn).
+   */
+  _keepLease(sessionId, clientId, task, leaseSeconds, onError, onGone) {
     let stopped = false;
     let timer;
     const renew = async () => {
@@ -1184,7 +1201,10 @@ export class CodelaneClient {
         report(onError, err, task);
         // The lease is lost: the result will be refused. Anything else (the server unreachable
         // for a moment) may pass before the lease runs out, so keep trying.
-        if (err?.code === grpc.status.FAILED_PRECONDITION || err?.code === grpc.status.NOT_FOUND) return;
+        if (err?.code === grpc.status.FAILED_PRECONDITION || err?.code === grpc.status.NOT_FOUND) {
+          onGone();
+          return;
+        }
       }
       if (!stopped) timer = setTimeout(renew, leaseSeconds * 500);
     };

@@ -76,6 +76,14 @@ const LEASE_SCRIPT = {
     { text: 'Done.' },
   ],
 };
+// A call whose handler gets stuck, then one that must still be claimed and run.
+const GONE_SCRIPT = {
+  responses: [
+    { text: '', tool_calls: [{ name: 'bash', arguments: { command: 'stuck' } }] },
+    { text: '', tool_calls: [{ name: 'bash', arguments: { command: 'next' } }] },
+    { text: 'Done.' },
+  ],
+};
 const scriptModels = {}; // name -> 'scripted:<path>'
 
 let tmp;
@@ -189,7 +197,7 @@ before(async () => {
   const scriptPath = path.join(tmp, 'script.yaml');
   fs.writeFileSync(scriptPath, SCRIPT);
   for (const [name, script] of Object.entries({
-    approve: APPROVE_SCRIPT, reject: REJECT_SCRIPT, external: EXTERNAL_SCRIPT, lease: LEASE_SCRIPT,
+    approve: APPROVE_SCRIPT, reject: REJECT_SCRIPT, external: EXTERNAL_SCRIPT, lease: LEASE_SCRIPT, gone: GONE_SCRIPT,
   })) {
     const file = path.join(tmp, `script-${name}.json`);
     fs.writeFileSync(file, JSON.stringify(script));
@@ -809,6 +817,36 @@ describe('external tasks', { timeout: TEST_TIMEOUT_MS }, () => {
     await assert.rejects(
       client.renewExternalTaskLease(session.sessionId, 'task_unknown', CLIENT_ID, { leaseSeconds: 5 }),
       (err) => err.code === grpc.status.NOT_FOUND);
+  });
+
+  test('runExternalTasks aborts the handler of a task that is gone and claims the next', async () => {
+    // A handler stuck on a task that had timed out held the loop's one slot: the next task
+    // timed out unclaimed too.
+    const session = await client.createSession({
+      workspace, model: scriptModels.gone, lanes: { execute: 'external' }, externalTaskTimeout: 1,
+    });
+    const controller = new AbortController();
+    let stuckAborted = false;
+    const runner = client.runExternalTasks(session.sessionId, CLIENT_ID, async (task, { signal }) => {
+      const { command } = JSON.parse(task.call.argumentsJson);
+      if (command === 'next') return 'next ran';
+      await new Promise((resolve) => { signal.addEventListener('abort', resolve, { once: true }); });
+      stuckAborted = true;
+      return 'too late';
+    }, { signal: controller.signal, waitSeconds: 10, leaseSeconds: 0.5 });
+
+    let events;
+    try {
+      events = await collect(client.sendMessage(session.sessionId, 'Go.', { timeoutMs: STREAM_TIMEOUT_MS }));
+    } finally {
+      controller.abort();
+    }
+    assert.equal(await runner, 1);
+    assert.ok(stuckAborted, "the stuck handler's signal was aborted once its task was gone");
+    assert.equal(events.at(-1).turnFinished.stopReason, 'STOP_REASON_END_TURN');
+    const results = events.filter((e) => e.kind === 'tool_call_finished').map((e) => e.toolCallFinished.result);
+    assert.deepEqual(results.map((r) => [r.errorKind, r.output]).slice(1), [['ERROR_KIND_UNSPECIFIED', 'next ran']]);
+    assert.equal(results[0].errorKind, 'ERROR_KIND_TIMEOUT');
   });
 
   test('claim and complete by hand: only the lease holder may complete, once', async () => {

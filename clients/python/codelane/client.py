@@ -775,9 +775,11 @@ class Session:
 
         While a handler runs, its task's lease is renewed every `lease / 2` seconds, so a handler
         may run for as long as the task's deadline allows; `lease` is how soon another client gets
-        the task if this one dies. A task whose lease is lost all the same (the server was
-        unreachable for a whole lease) is offered again and this client's result is refused
-        (logged, then the loop goes on). Returns how many tasks this loop completed. Errors of
+        the task if this one dies. When a renewal finds the task gone (it timed out, its turn was
+        cancelled, or its lease was lost while the server was unreachable for a whole lease), the
+        handler is cancelled: its result would be refused, and the loop goes on claiming (a plain
+        function run by the sync client's thread cannot be stopped; its result is dropped). Setting
+        `stop` lets running handlers finish. Returns how many tasks this loop completed. Errors of
         the claim itself (server gone, session deleted) raise.
         """
         completed = 0
@@ -810,15 +812,15 @@ class Session:
         return completed
 
     async def _keep_lease(self, task: ExternalTask, client_id: str, lease: float) -> None:
-        """Renews a task's lease every `lease / 2` seconds until cancelled (its handler is done)."""
+        """Renews a task's lease every `lease / 2` seconds until cancelled (its handler is done);
+        returns when the task is gone (its result would be refused)."""
         while True:
             await asyncio.sleep(lease / 2)
             try:
                 await self.renew_external_task_lease(task.task_id, client_id, lease)
             except CodelaneError as exc:
                 if exc.code in ("FAILED_PRECONDITION", "NOT_FOUND"):
-                    log.warning("external task %s: lease lost, its result will be refused: %s", task.task_id,
-                                exc.message)
+                    log.warning("external task %s: gone, its handler is cancelled: %s", task.task_id, exc.message)
                     return
                 # The server may be back before the lease runs out: keep trying.
                 log.warning("external task %s: could not renew the lease: %s", task.task_id, exc.message)
@@ -830,22 +832,19 @@ class Session:
         task: ExternalTask,
         lease: float,
     ) -> bool:
+        handling = asyncio.ensure_future(self._handle_external_task(client_id, handler, task))
         renewing = asyncio.create_task(self._keep_lease(task, client_id, lease))
         try:
-            result = await handler(task)
-            if not isinstance(result, ToolResult):
-                # The handler's mistake (a forgotten return, the output alone), reported as its
-                # error: completing with it would fail, ending the loop and leaving the task held.
-                raise TypeError(f"the handler returned {result!r:.200}, not a ToolResult")
-        except Exception as exc:
-            log.exception("external task %s (%s): the handler raised", task.task_id, task.call.tool_name)
-            result = ToolResult(
-                output=f"{task.call.tool_name} failed in client {client_id}: {type(exc).__name__}: {exc}",
-                is_error=True, error_kind="tool_error",
-            )
+            # A handler whose task is gone ran on to its end, holding one of max_tasks (with the
+            # default of 1, every task after it timed out unclaimed).
+            await asyncio.wait({handling, renewing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            handling.cancel()
             renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            await asyncio.gather(handling, renewing, return_exceptions=True)
+        if handling.cancelled():
+            return False
+        result = handling.result()
         try:
             await self.complete_external_task(task.task_id, client_id, result)
         except CodelaneError as exc:
@@ -854,6 +853,25 @@ class Session:
             log.warning("external task %s: result not taken: %s", task.task_id, exc.message)
             return False
         return True
+
+    @staticmethod
+    async def _handle_external_task(
+        client_id: str, handler: Callable[[ExternalTask], Awaitable[ToolResult]], task: ExternalTask
+    ) -> ToolResult:
+        """The handler's result, or an error result saying what it raised or wrongly returned."""
+        try:
+            result = await handler(task)
+            if not isinstance(result, ToolResult):
+                # The handler's mistake (a forgotten return, the output alone), reported as its
+                # error: completing with it would fail, ending the loop and leaving the task held.
+                raise TypeError(f"the handler returned {result!r:.200}, not a ToolResult")
+        except Exception as exc:
+            log.exception("external task %s (%s): the handler raised", task.task_id, task.call.tool_name)
+            return ToolResult(
+                output=f"{task.call.tool_name} failed in client {client_id}: {type(exc).__name__}: {exc}",
+                is_error=True, error_kind="tool_error",
+            )
+        return result
 
 
 def _workspace_held(msg: admin_pb2.WorkspaceVisibility) -> WorkspaceHeld:
