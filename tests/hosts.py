@@ -5,6 +5,8 @@ a veth link, in a mount namespace where the server's workspace does not exist.
         server listens on host.server_address       # 10.231.N.1, the root namespace's end
         proc = host.spawn_worker(argv, hide=ws.parent)  # a tmpfs over ws.parent, in there only
         host.link_down(); host.link_up(); host.netem("delay 20ms loss 1%")
+        host.blackhole(); host.clear()                  # up, but every packet dropped silently
+        host.throttle("16kbit")                         # slow, nothing lost
 
 Needs root and iproute2 (`ip`, `tc`, `nsenter`); `unavailable()` says why not, for a skip. Each
 host takes a free 10.231.N.0/30 and names its namespace and links after this process and N, so
@@ -122,6 +124,24 @@ class TestHost:
 
     def link_up(self) -> None:
         _run("ip", "link", "set", self.outer, "up")
+
+    def blackhole(self) -> None:
+        """The link stays up and carries nothing: every packet either way is dropped in silence (no
+        FIN, no RST, no ICMP, ARP included), by a queue with no room (pfifo, limit 0) on both ends,
+        which needs no netem."""
+        self.exec("tc", "qdisc", "replace", "dev", self.inner, "root", "pfifo", "limit", "0")
+        _run("tc", "qdisc", "replace", "dev", self.outer, "root", "pfifo", "limit", "0")
+
+    def throttle(self, rate: str) -> None:
+        """Caps what the host sends at `rate` (e.g. "16kbit"): a slow link that loses nothing (a token
+        bucket whose burst passes a whole packet and whose queue holds a minute; needs no netem)."""
+        self.exec("tc", "qdisc", "replace", "dev", self.inner, "root", "tbf", "rate", rate, "burst", "16kbit",
+                  "latency", "60s")
+
+    def clear(self) -> None:
+        """Undoes blackhole(), throttle() and netem(): the link carries everything again."""
+        self.exec("tc", "qdisc", "del", "dev", self.inner, "root", check=False)
+        _run("tc", "qdisc", "del", "dev", self.outer, "root", check=False)
 
     def netem(self, spec: str) -> str | None:
         """Adds latency/loss to the host's side of the link; the reason when the kernel cannot."""
