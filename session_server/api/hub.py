@@ -252,9 +252,12 @@ class WorkerHubServicer(worker_pb2_grpc.WorkerHubServiceServicer):
         try:
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
         except TimeoutError:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+            # Not INVALID_ARGUMENT, which a worker takes for a refusal that stands and exits: a
+            # Hello still on its way (a slow or lossy link, or one that went down just after the
+            # stream opened) is no fault of the worker's, and the next attempt may get through.
+            await abort(context, grpc.StatusCode.UNAVAILABLE,
                         f"no Hello within {HELLO_TIMEOUT:g}s of opening the stream: a worker sends its Hello first, "
-                        "at once", "INVALID_HELLO")
+                        "at once (reconnect: a slow link may have held it)", "HELLO_TIMEOUT")
         except StopAsyncIteration:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                         "the stream ended before its Hello: a worker sends its Hello first", "INVALID_HELLO")

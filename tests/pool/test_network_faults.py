@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from session_server.api import hub
 from session_server.pool import QueryCall
 from tests.hosts import TestHost, test_host
 from tests.pool.conftest import wait_for
@@ -202,6 +203,25 @@ async def test_a_connection_that_times_out_under_a_long_heartbeat_timeout_comes_
     probe = await asyncio.wait_for(server.pool.dispatch(sleep_call(tmp_path, 10, "probe", [])), 30)
     assert probe.worker_id == "remote" and probe.metadata["concurrent"] == 2, probe
     again.cancel()
+
+
+async def test_a_hello_the_link_delays_past_the_hello_deadline_is_retried_not_fatal(
+    make_server, monkeypatch: pytest.MonkeyPatch, test_host: TestHost, tmp_path: Path
+) -> None:
+    # The worker's Hello (kilobytes of tool specs) takes seconds over a 16 kbit/s link: past the
+    # hub's deadline, here 1 s rather than 10 to keep the link fast enough to connect at all.
+    monkeypatch.setattr(hub, "HELLO_TIMEOUT", 1.0)
+    server = await remote_server(make_server, test_host)
+    test_host.throttle("16kbit")
+    worker = spawn_remote(test_host, server, tmp_path)
+    try:
+        # A link, not the worker, was at fault: it must try again (it exited 2, "the hub rejected
+        # this worker (INVALID_ARGUMENT)", a worker gone for good over a slow minute).
+        line = await asyncio.wait_for(asyncio.to_thread(read_until, worker, b"HELLO_TIMEOUT"), 60)
+        assert b"retrying" in line and worker.poll() is None, line
+    finally:
+        test_host.clear()
+    await wait_for(lambda: "remote" in listed(server), within=60, what="the worker once the link is fast again")
 
 
 def read_until(process, marker: bytes) -> bytes:

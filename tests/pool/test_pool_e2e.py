@@ -359,7 +359,8 @@ async def test_a_stream_without_a_hello_is_told_why(make_server, monkeypatch, ha
             await stream.done_writing()
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(stream.read(), 10)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A Hello late on a slow link is worth another attempt; a stream that ended without one is not.
+        assert error.value.code() == (grpc.StatusCode.INVALID_ARGUMENT if half_close else grpc.StatusCode.UNAVAILABLE)
         expected = "ended before its Hello" if half_close else "no Hello within 0.2s"
         assert expected in error.value.details(), error.value.details()
     assert server.pool.workers() == []

@@ -109,7 +109,10 @@ class WorkerHubServiceStub:
     Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
     Hello over 1 MiB, empty worker_id, a worker_id,
     version, hostname, label key or label value over 256 characters or holding a control
-    character, or a first message that is not a Hello, or does not parse (or none within 10 s);
+    character, or a first message that is not a Hello, or does not parse, or a stream that ends
+    before its Hello;
+    UNAVAILABLE (HELLO_TIMEOUT) when no Hello came within 10 s of the stream's start (a slow or
+    lossy link may hold a Hello that long: reconnect with backoff);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
     string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
@@ -211,7 +214,10 @@ class WorkerHubServiceAsyncStub(WorkerHubServiceStub):
     Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
     Hello over 1 MiB, empty worker_id, a worker_id,
     version, hostname, label key or label value over 256 characters or holding a control
-    character, or a first message that is not a Hello, or does not parse (or none within 10 s);
+    character, or a first message that is not a Hello, or does not parse, or a stream that ends
+    before its Hello;
+    UNAVAILABLE (HELLO_TIMEOUT) when no Hello came within 10 s of the stream's start (a slow or
+    lossy link may hold a Hello that long: reconnect with backoff);
     INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
     string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
     ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
@@ -316,7 +322,10 @@ class WorkerHubServiceServicer(metaclass=_abc_1.ABCMeta):
         Hello.tools), more than 256 tools, a tool whose ToolSpec is over 16,384 bytes encoded, or a
         Hello over 1 MiB, empty worker_id, a worker_id,
         version, hostname, label key or label value over 256 characters or holding a control
-        character, or a first message that is not a Hello, or does not parse (or none within 10 s);
+        character, or a first message that is not a Hello, or does not parse, or a stream that ends
+        before its Hello;
+        UNAVAILABLE (HELLO_TIMEOUT) when no Hello came within 10 s of the stream's start (a slow or
+        lossy link may hold a Hello that long: reconnect with backoff);
         INVALID_ARGUMENT (INVALID_ARGUMENT) for a later message that does not parse (corrupt bytes, a
         string field of bad UTF-8): the worker's calls are then handled as a lost worker's;
         ALREADY_EXISTS (WORKER_ID_TAKEN) when a live stream holds the worker id (see above);
