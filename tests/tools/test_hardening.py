@@ -142,6 +142,20 @@ async def test_a_component_too_long_is_a_plain_error(call: Any) -> None:
     assert "unexpectedly" not in result.output
 
 
+async def test_a_deep_chain_of_directories_is_copied_whole(call: Any, workspace: Path) -> None:
+    # shutil.copytree calls itself per level: 500 levels (a 1 KB path) passed Python's
+    # recursion limit, an internal error with half the tree copied.
+    leaf = workspace / "chain" / Path(*["d"] * 600)
+    leaf.mkdir(parents=True)
+    (leaf / "leaf.txt").write_text("deep\n")
+    (leaf.parent / "link").symlink_to("d")
+    result = await call("copy", source="chain", destination="chain2")
+    assert not result.is_error, result.output
+    copied = workspace / "chain2" / Path(*["d"] * 600)
+    assert (copied / "leaf.txt").read_text() == "deep\n"
+    assert os.readlink(copied.parent / "link") == "d"
+
+
 async def test_grep_says_when_there_is_no_file_to_search(call: Any, workspace: Path) -> None:
     # rg searched nothing and said nothing (--no-messages): the model read "grep failed ... rg gave
     # no reason" for a directory of symlinks.

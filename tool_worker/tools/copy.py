@@ -7,6 +7,7 @@ import posixpath
 import shutil
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,57 @@ def _copy_file(source: str | Path, destination: str | Path, stop: threading.Even
     shutil.copystat(source, destination)
 
 
+def _copy_tree(
+    source: Path,
+    destination: Path,
+    ignore: Callable[[str, list[str]], set[str]],
+    copy_file: Callable[[str, str], object],
+) -> None:
+    """shutil.copytree(symlinks=True) without its recursion: copytree calls itself once per
+    level, so a chain of about 500 directories (a 1 KB path) passed Python's
+    recursion limit, and the call failed with an internal error, half the tree copied. The same
+    rules: `ignore` sees each directory's names before it is made, links are copied as links,
+    a directory's mode and times are set once its content is in, and errors below the top are
+    collected and raised together (shutil.Error)."""
+    errors: list[tuple[str, str, str]] = []
+    made: list[tuple[str, str]] = []
+    pending = [(os.fspath(source), os.fspath(destination))]
+    while pending:
+        from_dir, to_dir = pending.pop()
+        try:
+            with os.scandir(from_dir) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            if not made:
+                raise
+            errors.append((from_dir, to_dir, str(exc)))
+            continue
+        left_out = ignore(from_dir, [entry.name for entry in entries])
+        os.makedirs(to_dir)
+        made.append((from_dir, to_dir))
+        for entry in entries:
+            if entry.name in left_out:
+                continue
+            target = os.path.join(to_dir, entry.name)
+            try:
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), target)
+                    shutil.copystat(entry.path, target, follow_symlinks=False)
+                elif entry.is_dir():
+                    pending.append((entry.path, target))
+                else:
+                    copy_file(entry.path, target)
+            except OSError as exc:
+                errors.append((entry.path, target, str(exc)))
+    for from_dir, to_dir in reversed(made):
+        try:
+            shutil.copystat(from_dir, to_dir)
+        except OSError as exc:
+            errors.append((from_dir, to_dir, str(exc)))
+    if errors:
+        raise shutil.Error(errors)
+
+
 def _copy(
     ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, stop: threading.Event
 ) -> ToolResult:
@@ -89,7 +141,7 @@ def _copy(
             return dst
 
         # Links inside the tree are copied as links: following them could read outside the workspace.
-        shutil.copytree(source, destination, symlinks=True, ignore=ignore, copy_function=copy_file)
+        _copy_tree(source, destination, ignore, copy_file)
         notice = (
             f"\n[{left_out} entries were not copied: special files (FIFOs, sockets, devices) and paths this "
             "session's permission policy denies reading]" if left_out else ""
