@@ -41,6 +41,20 @@ async def test_write_on_the_loop_and_in_a_thread_alike(call: Any, workspace: Pat
     assert not [name for name in os.listdir(workspace / "big") if name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("content", ["small\n", "big" + "x" * INLINE_WRITE_CHARS])
+async def test_write_and_edit_a_file_whose_name_is_255_bytes(call: Any, workspace: Path, content: str) -> None:
+    # The temporary file was named ".NAME.XXXXXXXX.tmp", 14 bytes past a name the file system
+    # takes at most: every write or edit of such a file failed with "File name too long".
+    name = "é" * 127 + "x"  # 255 bytes in UTF-8
+    (workspace / name).write_text("old\n")
+    written = await call("write", file_path=name, content=content)
+    assert not written.is_error, written.output
+    edited = await call("edit", file_path=name, old_string=content[:3], new_string="new")
+    assert not edited.is_error, edited.output
+    assert (workspace / name).read_text() == "new" + content[3:]
+    assert sorted(os.listdir(workspace)) == sorted([".gitignore", "README.md", "build", "debug.log", "src", name])
+
+
 async def test_a_lone_surrogate_is_the_callers_mistake_and_changes_nothing(call: Any, workspace: Path) -> None:
     # JSON's "\\ud800" decodes to a lone surrogate, which UTF-8 cannot encode.
     before = (workspace / "src" / "app.py").read_bytes()

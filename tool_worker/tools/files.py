@@ -152,6 +152,9 @@ def make_parents(path: Path, shown: str) -> None:
         raise ToolFailure(f"cannot create the directories {shown} needs: {what}") from None
 
 
+_TEMP_NAME_BYTES = 200
+
+
 def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -> None:
     """Replace `path` with `data` so readers see the old file or the new one, never a partial one.
 
@@ -165,7 +168,11 @@ def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = _NEW_FILE_MODE
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name holds at most the first 200 bytes of the file's: a name near the
+    # 255-byte limit, and 14 bytes more, made every write and edit of that file fail with "File
+    # name too long". Cut bytes decode back to themselves (surrogateescape).
+    stem = os.fsencode(path.name)[:_TEMP_NAME_BYTES].decode("utf-8", "surrogateescape")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
