@@ -317,6 +317,20 @@ def test_a_stopped_recursive_delete_leaves_the_rest(workspace: Path) -> None:
     assert _entries(workspace / "big") == total - 20  # 20 files went, and nothing after them
 
 
+async def test_a_deep_chain_of_directories_is_deleted(call: Any, workspace: Path) -> None:
+    # os.fwalk recurses once per level: 1,200 levels (a 2.4 KB path, which a command makes in
+    # one go) failed with an internal RecursionError, the tree left in place.
+    leaf = workspace / "chain"
+    leaf.mkdir()
+    for _ in range(1200):
+        leaf = leaf / "d"
+        leaf.mkdir()
+    (leaf / "leaf.txt").write_text("deep\n")
+    result = await call("delete", path="chain", recursive=True)
+    assert not result.is_error, result.output
+    assert not (workspace / "chain").exists()
+
+
 def test_a_recursive_delete_removes_links_not_what_they_point_to(workspace: Path, tmp_path: Path) -> None:
     _tree(workspace / "big", files_per_directory=3)
     outside = tmp_path / "outside"

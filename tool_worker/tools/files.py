@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import stat
@@ -204,26 +205,52 @@ def remove_tree(path: Path, stop: threading.Event) -> None:
     rest in place instead of deleting on, a tree of a million files, after its call has ended.
 
     As rmtree's own, it never follows a symlink: directories are opened relative to their
-    parent's descriptor, and one that is no longer the directory that was listed (a command
-    swapped a symlink in) is not entered (os.fwalk checks that); a symlink is removed, not
-    what it points to. The first error ends it, as rmtree's does.
+    parent's descriptor and with O_NOFOLLOW, so one that is no longer the directory that was
+    listed (a command swapped a symlink in) is not entered; a symlink is removed, not what it
+    points to. The first error ends it, as rmtree's does. The walk keeps its own stack (one
+    descriptor per level, as os.fwalk's): os.fwalk recurses once per level, and a chain of about
+    a thousand directories failed the call with an internal RecursionError.
     """
-
-    def fail(error: OSError) -> None:
-        raise error
-
-    for _, directories, files, directory_fd in os.fwalk(path, topdown=False, onerror=fail):
-        for name in files:
-            check_stop(stop)
-            os.unlink(name, dir_fd=directory_fd)
-        for name in directories:
-            check_stop(stop)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # (descriptor, entries still to remove: (name, is a directory), its name in its parent)
+    stack: list[tuple[int, list[tuple[str, bool]], str]] = []
+    try:
+        top = os.open(path, flags)
+        stack.append((top, _entries(top), ""))
+        while stack:
+            directory_fd, entries, name = stack[-1]
+            if not entries:
+                stack.pop()
+                os.close(directory_fd)
+                if stack:
+                    check_stop(stop)
+                    os.rmdir(name, dir_fd=stack[-1][0])
+                continue
+            entry, is_dir = entries.pop()
+            if not is_dir:
+                check_stop(stop)
+                os.unlink(entry, dir_fd=directory_fd)
+                continue
             try:
-                os.rmdir(name, dir_fd=directory_fd)
-            except NotADirectoryError:  # a symlink to a directory: fwalk lists it there
-                os.unlink(name, dir_fd=directory_fd)
+                child = os.open(entry, flags, dir_fd=directory_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                check_stop(stop)
+                os.unlink(entry, dir_fd=directory_fd)  # a symlink or file swapped in: removed, not followed
+                continue
+            stack.append((child, _entries(child), entry))
+    finally:
+        for directory_fd, _, _ in stack:
+            os.close(directory_fd)
     check_stop(stop)
     os.rmdir(path)
+
+
+def _entries(directory_fd: int) -> list[tuple[str, bool]]:
+    """(name, is a directory, not a link to one) of each entry of the directory open at `directory_fd`."""
+    with os.scandir(directory_fd) as listing:
+        return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
 
 
 def check_destination(source: Path, destination: Path, shown: str, overwrite: bool) -> None:
