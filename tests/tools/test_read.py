@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tool_worker.tools import read
 from tool_worker.tools.base import ErrorKind, ToolFailure
@@ -124,3 +127,36 @@ def test_the_in_memory_answer_is_the_line_by_line_answer() -> None:
             fast = _answer_of(lambda d, o, n: read._show_in_memory(d, "f.txt", o, n), data, offset, limit)
             slow = _answer_of(lambda d, o, n: read._show(read._lines_in(d), "f.txt", o, n), data, offset, limit)
             assert fast == slow, (data[:80], offset, limit)
+
+
+def _streamed(path: Path, offset: int, limit: int) -> tuple[str, str]:
+    return _answer_of(lambda d, o, n: read._stream(path.open("rb"), "f.txt", o, n, threading.Event()), b"",
+                      offset, limit)
+
+
+def test_a_streamed_read_counts_the_lines_after_its_window_as_it_shows_them(tmp_path: Path) -> None:
+    # Past its window a streamed read counts the file's lines a megabyte at a time (it read
+    # every line, at seconds of CPU for a log of gigabytes): the totals must be the same.
+    pieces = [b"a", b"\n", b"\r\n", b"\xff", b"\0", b"y" * 9000, "\U0001f600".encode(), b"\n" * 40]
+    rng = random.Random(8)
+    contents = [b"w\n" * 20_000, b"w\n" * 20_000 + b"tail"] + [
+        b"".join(rng.choices(pieces, k=rng.randrange(0, 80))) for _ in range(150)
+    ]
+    path = tmp_path / "f.txt"
+    for data in contents:
+        path.write_bytes(data)
+        for offset, limit in [(1, 1), (1, 5), (3, 2), (rng.randrange(1, 50), rng.randrange(1, 9))]:
+            whole = _answer_of(lambda d, o, n: read._show(read._lines_in(d), "f.txt", o, n), data, offset, limit)
+            assert _streamed(path, offset, limit) == whole, (data[:80], offset, limit)
+
+
+@pytest.mark.parametrize("tail", [b"", b"last\n", b"last"], ids=["hole-last", "line-feed-last", "text-last"])
+def test_a_sparse_file_counts_its_holes_as_the_bytes_they_read_as(tmp_path: Path, tail: bytes) -> None:
+    path = tmp_path / "sparse.log"
+    with path.open("wb") as f:
+        f.write(b"one\ntwo\nthree\n")
+        f.truncate(64 * 1024 * 1024)  # a hole of zeros
+        f.seek(0, 2)
+        f.write(tail)
+    # Counted as the bytes read: 3 lines, then the zeros and the tail after them are one more.
+    assert _streamed(path, 1, 2)[0].endswith("[showing lines 1-2 of 4; use offset=3 to continue]")

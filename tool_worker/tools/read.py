@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import operator
 import os
@@ -25,6 +26,8 @@ BINARY_SNIFF_BYTES = 8192
 # The file is read this much at a time: a line of any length costs at most this, plus the part
 # of it that is kept (a UTF-8 character is at most 4 bytes).
 READ_CHUNK = 64 * 1024
+# Past the window, lines are only counted, this many bytes at a time.
+_COUNT_CHUNK = 1024 * 1024
 _KEPT_LINE_BYTES = 4 * MAX_LINE_CHARS + 4
 # A file of at most this many bytes (most source files) is read and shown on the event loop: one
 # read() of it costs less than the hop to a thread and back, and a thread reading beside the loop
@@ -74,22 +77,57 @@ def _binary(shown: str, size: int) -> ToolResult:
 
 
 def _stream(handle: BinaryIO, shown: str, offset: int, limit: int, stop: threading.Event) -> ToolResult:
-    """The answer for a file too big to read on the loop, line by line from its start; closes
-    `handle`, which this thread owns."""
+    """The answer for a file too big to read on the loop, line by line from its start up to the
+    window's end, then only counted; closes `handle`, which this thread owns."""
     with handle:
         handle.seek(0)
-        return _show(_lines(handle, stop), shown, offset, limit)
+        return _show(_lines(handle, stop), shown, offset, limit, lambda: _lines_after(handle, stop))
 
 
-def _show(lines_read, shown: str, offset: int, limit: int) -> ToolResult:
-    """The answer for a file whose lines (kept bytes, was cut) `lines_read` yields."""
+def _lines_after(handle: BinaryIO, stop: threading.Event) -> int:
+    """The lines from `handle`'s position to the end of its file, as _lines would count them,
+    counted a megabyte at a time: line by line, the count of a log of gigabytes behind a window
+    of its first lines cost seconds of CPU. The holes of a sparse file (zeros: no line feed) are
+    skipped."""
+    descriptor = handle.fileno()
+    position, end = handle.tell(), os.fstat(descriptor).st_size
+    if position >= end:
+        return 0
+    feeds = 0
+    while position < end:
+        try:
+            position = os.lseek(descriptor, position, os.SEEK_DATA)
+            data_end = min(os.lseek(descriptor, position, os.SEEK_HOLE), end)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # only a hole is left
+            data_end = end  # a filesystem that cannot tell: all of it is read
+        while position < data_end:
+            check_stop(stop)
+            chunk = os.pread(descriptor, min(_COUNT_CHUNK, data_end - position), position)
+            if not chunk:  # the file shrank meanwhile
+                return feeds + 1
+            feeds += chunk.count(b"\n")
+            position += len(chunk)
+    # What follows the last line feed (bytes, or zeros of a hole) is a line of its own.
+    return feeds + (os.pread(descriptor, 1, end - 1) != b"\n")
+
+
+def _show(lines_read, shown: str, offset: int, limit: int, count_rest=None) -> ToolResult:
+    """The answer for a file whose lines (kept bytes, was cut) `lines_read` yields; `count_rest()`,
+    if given, counts the lines after the one last yielded without yielding them."""
     lines: list[str] = []
     size = 0
     cut_lines = 0
     number = 0
     last_shown = offset - 1
     for number, (raw, cut) in enumerate(lines_read, start=1):
-        if number < offset or number >= offset + limit or size >= MAX_OUTPUT_CHARS:
+        if number < offset:
+            continue
+        if number >= offset + limit or size >= MAX_OUTPUT_CHARS:
+            if count_rest is not None:
+                number += count_rest()
+                break
             # Keep counting so the notice can say how long the file is.
             continue
         text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
