@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from tests.polling import poll_until
 from tool_worker.confinement.readonly import ReadOnlyLauncher
 from tool_worker.tools import grep
 from tool_worker.tools.base import ErrorKind
-from tool_worker.tools.rg import RgOutput, run_rg
+from tool_worker.tools.rg import ANSWER_ON_LOOP_BYTES, RgOutput, answer_of, run_rg
 
 
 async def test_files_with_matches_sorted_and_gitignored(call: Any) -> None:
@@ -276,3 +277,26 @@ def test_content_lines_not_shown_are_counted_without_a_copy_each() -> None:
         tracemalloc.stop()
     assert (shown, total, hidden) == (["big.txt:800001:x", "big.txt:800002:x"], 900_000, 0)
     assert peak < len(data) // 10
+
+
+async def test_a_big_output_is_answered_off_the_event_loop() -> None:
+    # Up to rg's 64 MiB of matches were parsed on the event loop: seconds in which the worker (or
+    # the server, for the calls it runs) answered nothing else.
+    loop_thread = threading.get_ident()
+    small = RgOutput(0, b"x" * ANSWER_ON_LOOP_BYTES, "", overflowed=False)
+    big = RgOutput(0, b"x" * (ANSWER_ON_LOOP_BYTES + 1), "", overflowed=False)
+    assert await answer_of(small, threading.get_ident) == loop_thread
+    assert await answer_of(big, threading.get_ident) != loop_thread
+
+
+@pytest.mark.parametrize("mode", ["files_with_matches", "count", "content"])
+async def test_a_big_output_answers_as_a_small_one(call: Any, workspace: Path, mode: str) -> None:
+    lines = [f"needle {n:07}" for n in range(40_000)]
+    (workspace / "many.txt").write_text("\n".join(lines) + "\n")
+    for n in range(3_000):
+        (workspace / f"f{n:05}-{'x' * 80}.txt").write_text("needle\n")
+    result = await call("grep", pattern="needle", output_mode=mode, head_limit=3, offset=1)
+    assert not result.is_error, result.output
+    total = 43_000 if mode == "content" else 3_001
+    assert f"[showing {'lines' if mode == 'content' else 'files'} 2-4 of {total}; use offset=4 for more]" \
+        in result.output, result.output

@@ -131,3 +131,13 @@ async def test_list_files_limit(call: Any, workspace: Path) -> None:
     lines = result.output.splitlines()
     assert result.truncated and lines[0] == "many/00000.txt" and len(lines) == list_files.MAX_ENTRIES + 1
     assert lines[-1].startswith(f"[showing the first {list_files.MAX_ENTRIES} of {list_files.MAX_ENTRIES + 1}")
+
+
+async def test_list_files_of_a_big_listing_answers_as_a_small_one(call: Any, workspace: Path) -> None:
+    # rg's listing past ANSWER_ON_LOOP_BYTES is sorted and cut in a thread.
+    for n in range(3_000):
+        (workspace / f"f{n:05}-{'x' * 80}.txt").write_text("")
+    result = await call("list_files")
+    assert not result.is_error and result.truncated, result.output
+    assert result.output.splitlines()[0] == "README.md" and result.metadata["files"] >= 3_000
+    assert result.output.splitlines()[-1].startswith(f"[showing the first {list_files.MAX_ENTRIES} of ")

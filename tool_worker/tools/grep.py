@@ -15,7 +15,7 @@ from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import describe_file_type, hidden_notice
 from tool_worker.tools.globs import dot_slash_anchored
-from tool_worker.tools.rg import RgOutput, run_rg, search_location
+from tool_worker.tools.rg import RgOutput, answer_of, run_rg, search_location
 
 # Whether a path (relative to the workspace root) must be left out; None when nothing is denied.
 Hides = Callable[[str], bool] | None
@@ -256,16 +256,22 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if not out.stdout:
         return ToolResult(output=f"No matches for {args['pattern']!r} in {shown_path}")
 
-    mode = args.get("output_mode", "files_with_matches")
-    if mode == "content" and b"\0" not in out.stdout:
+    if args.get("output_mode") == "content" and b"\0" not in out.stdout:
         # rg searches a binary file it is given by name, and prints `PATH: binary file matches
         # (found "\0" byte around offset N)` instead of its lines: no block of lines, which read
         # as "no match" where files_with_matches and count find one.
         notice = out.stdout.decode("utf-8", "replace").strip()
         return ToolResult(output=f"{notice}; the lines of a binary file are not shown", metadata={"total": 0})
+    hides = ctx.hides if ctx.denied else None
+    return await answer_of(out, lambda: _answer(out, args, prefix, hides, shown_path))
+
+
+def _answer(out: RgOutput, args: dict[str, Any], prefix: str, hides: Hides,
+            shown_path: str) -> ToolResult:
+    """The answer from rg's matches: the window of entries asked for, with what was left out."""
+    mode = args.get("output_mode", "files_with_matches")
     offset = args.get("offset", 0)
     limit = args.get("head_limit", DEFAULT_HEAD_LIMIT)
-    hides = ctx.hides if ctx.denied else None
     if mode == "content":
         lines, total, hidden = _content_lines(out, prefix, args.get("-n", True), offset, offset + limit, hides)
         unit = "lines"

@@ -8,7 +8,7 @@ from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
 from tool_worker.tools.files import hidden_notice
-from tool_worker.tools.rg import run_rg, search_location
+from tool_worker.tools.rg import RgOutput, answer_of, run_rg, search_location
 
 MAX_ENTRIES = 1000
 # rg refuses numbers past its integers; no path is nested this deep (PATH_MAX is 4096 bytes).
@@ -27,6 +27,11 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         rg_args += ["--max-depth", str(args["max_depth"])]
     out = await run_rg(rg_args, cwd, ctx.sandbox.read_only)
     out.check(f"listing {shown}")
+    return await answer_of(out, lambda: _answer(ctx, out, prefix, shown))
+
+
+def _answer(ctx: ToolContext, out: RgOutput, prefix: str, shown: str) -> ToolResult:
+    """The sorted listing from rg's, with what was left out."""
     paths = [prefix + name.decode("utf-8", "replace") for name in sorted(out.stdout.split(b"\0")[:-1])]
     hidden = 0
     if ctx.denied:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tool_worker.confinement.readonly import ConfinementUnavailable, ReadOnlyLauncher, ReadOnlyProcess
 from tool_worker.tools.base import ErrorKind, ToolFailure
@@ -22,8 +23,13 @@ from tool_worker.tools.base import ErrorKind, ToolFailure
 # Read at most this much of rg's stdout; past it rg is stopped, so memory stays bounded even for
 # a pattern that matches every line of a huge tree.
 MAX_RG_OUTPUT_BYTES = 64 * 1024 * 1024
+T = TypeVar("T")
 _MAX_STDERR_BYTES = 16 * 1024
 _READ_CHUNK = 256 * 1024
+# rg's output past this is made into an answer in a thread: that costs about a microsecond a
+# line, and the 64 MiB rg may print stood the event loop (the worker's, or the server's for the
+# calls it runs) still for seconds. A smaller output, the usual one, costs less than the hop.
+ANSWER_ON_LOOP_BYTES = 256 * 1024
 
 # --no-config: a user's RIPGREP_CONFIG_PATH must not change what tools return.
 # --no-require-git: honour .gitignore even when the workspace is not a git checkout.
@@ -40,6 +46,13 @@ def rg_binary() -> str:
             ErrorKind.INTERNAL,
         )
     return found
+
+
+async def answer_of(out: RgOutput, answer: Callable[[], T]) -> T:
+    """`answer()`, which reads `out`: on the event loop when the output is small, else in a thread."""
+    if len(out.stdout) <= ANSWER_ON_LOOP_BYTES:
+        return answer()
+    return await asyncio.to_thread(answer)
 
 
 @dataclass(frozen=True)
