@@ -1,5 +1,6 @@
 """A stand-in for ripgrep that fails the way a real one can: killed halfway through its listing
-(the OOM killer, an operator), or exiting 2 with nothing listed (its root unreadable)."""
+(the OOM killer, an operator), exiting 2 with nothing listed (its root unreadable), or exiting 2
+after its whole answer (a file or directory in the tree it could not read)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ PARTIAL_NAME = "partial-listing-before-the-kill.py"
 
 
 def install_failing_rg(monkeypatch: pytest.MonkeyPatch, directory: Path, how: str) -> None:
-    """Makes every tool run `how` ("killed" or "failed") instead of rg, until the test ends."""
+    """Makes every tool run `how` ("killed", "failed" or "partial") instead of rg, until the test
+    ends."""
     scripts = {
         "killed": f"#!/bin/sh\nprintf '{PARTIAL_NAME}\\0'\nkill -9 $$\n",
         "failed": "#!/bin/sh\necho 'rg: .: Permission denied (os error 13)' >&2\nexit 2\n",
+        "partial": f"#!/bin/sh\n'{rg.rg_binary()}' \"$@\"\nexit 2\n",
     }
     fake = directory / f"rg-{how}"
     fake.write_text(scripts[how])

@@ -46,8 +46,21 @@ async def test_an_rg_that_listed_nothing_and_failed_says_why(
     assert "failed" in result.output and "Permission denied (os error 13)" in result.output
 
 
+@pytest.mark.parametrize(("tool", "arguments"), RG_TOOLS, ids=[tool for tool, _ in RG_TOOLS])
+async def test_an_answer_says_when_rg_could_not_read_part_of_the_tree(
+    call: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, arguments: dict
+) -> None:
+    # rg exits 2 after its answer when a file or directory could not be read, and --no-messages
+    # keeps which to itself: the answer read as the whole tree's.
+    install_failing_rg(monkeypatch, tmp_path, "partial")
+    result = await call(tool, **arguments)
+    assert not result.is_error, result.output
+    assert "some files or directories could not be read" in result.output, result.output
+
+
 async def test_a_healthy_rg_still_answers(call: Any) -> None:
     # The same calls with the real rg: the checks above fail on failure only.
     for tool, arguments in RG_TOOLS:
         result = await call(tool, **arguments)
         assert not result.is_error, (tool, result.output)
+        assert "could not be read" not in result.output, (tool, result.output)

@@ -11,9 +11,8 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import hidden_notice
 from tool_worker.tools.globs import glob_to_regex
-from tool_worker.tools.rg import run_rg, search_location
+from tool_worker.tools.rg import left_out, run_rg, search_location
 
 MAX_RESULTS = 100
 # rg walks with one thread fewer than there are cores: the stats of the paths it prints run
@@ -97,7 +96,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     if ctx.denied:
         kept = [(stamp, name) for stamp, name in stamped if not ctx.hides(prefix + name)]
         hidden, stamped = len(stamped) - len(kept), kept
-    notice = [hidden_notice(hidden)] if hidden else []
+    notice = left_out(out, hidden)
     if not stamped:
         return ToolResult(output="\n".join([f"No files match {args['pattern']!r} in {shown_dir}", *notice]))
     lines = [prefix + _printable(name) for _, name in stamped[:MAX_RESULTS]]

@@ -13,9 +13,9 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import describe_file_type, hidden_notice
+from tool_worker.tools.files import describe_file_type
 from tool_worker.tools.globs import dot_slash_anchored
-from tool_worker.tools.rg import RgOutput, answer_of, run_rg, search_location
+from tool_worker.tools.rg import RgOutput, answer_of, left_out, run_rg, search_location
 
 # Whether a path (relative to the workspace root) must be left out; None when nothing is denied.
 Hides = Callable[[str], bool] | None
@@ -283,11 +283,11 @@ def _answer(out: RgOutput, args: dict[str, Any], prefix: str, hides: Hides,
         lines, total = entries[offset : offset + limit], len(entries)
         unit = "files"
     if not lines and total == 0:
-        notice = [hidden_notice(hidden)] if hidden else []
-        return ToolResult(output="\n".join([f"No matches for {args['pattern']!r} in {shown_path}", *notice]))
+        return ToolResult(output="\n".join([f"No matches for {args['pattern']!r} in {shown_path}",
+                                            *left_out(out, hidden)]))
     if not lines:
         raise ToolFailure(f"offset {offset} is past the end of the results ({total} {unit})")
-    notices = [hidden_notice(hidden)] if hidden else []
+    notices = left_out(out, hidden)
     if offset + len(lines) < total:
         notices.append(
             f"[showing {unit} {offset + 1}-{offset + len(lines)} of {total}; use offset={offset + len(lines)} for more]"

@@ -7,8 +7,7 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import hidden_notice
-from tool_worker.tools.rg import RgOutput, answer_of, run_rg, search_location
+from tool_worker.tools.rg import RgOutput, answer_of, left_out, run_rg, search_location
 
 MAX_ENTRIES = 1000
 # rg refuses numbers past its integers; no path is nested this deep (PATH_MAX is 4096 bytes).
@@ -37,7 +36,7 @@ def _answer(ctx: ToolContext, out: RgOutput, prefix: str, shown: str) -> ToolRes
     if ctx.denied:
         kept = [path for path in paths if not ctx.hides(path)]
         hidden, paths = len(paths) - len(kept), kept
-    notice = [hidden_notice(hidden)] if hidden else []
+    notice = left_out(out, hidden)
     if not paths:
         return ToolResult(output="\n".join([f"No files under {shown} (after .gitignore)", *notice]))
     lines = paths[:MAX_ENTRIES]

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from tool_worker.confinement.readonly import ConfinementUnavailable, ReadOnlyLauncher, ReadOnlyProcess
 from tool_worker.tools.base import ErrorKind, ToolFailure
+from tool_worker.tools.files import hidden_notice
 
 # Read at most this much of rg's stdout; past it rg is stopped, so memory stays bounded even for
 # a pattern that matches every line of a huge tree.
@@ -76,6 +77,17 @@ class RgOutput:
         read as "nothing here" would be a wrong one."""
         if self.failed_outright:
             raise ToolFailure(f"{what} failed: {self.stderr or 'rg gave no reason'}")
+
+
+def left_out(out: RgOutput, hidden: int) -> list[str]:
+    """What an answer from `out` says it left out: the `hidden` entries the session's policy
+    denies, and whatever rg could not read (it exits 2 then, and --no-messages keeps which to
+    itself: an answer that said nothing read as the whole tree's)."""
+    notices = [hidden_notice(hidden)] if hidden else []
+    if out.returncode == 2:
+        notices.append("[some files or directories could not be read (no permission, or removed meanwhile): "
+                       "what they hold is not in this answer]")
+    return notices
 
 
 async def run_rg(

@@ -18,8 +18,8 @@ from typing import Any
 from tool_worker import effects
 from tool_worker.sandbox import resolve_in_workspace, workspace_root
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import hidden_notice, is_binary, open_regular, run_stoppable
-from tool_worker.tools.rg import run_rg, search_location
+from tool_worker.tools.files import is_binary, open_regular, run_stoppable
+from tool_worker.tools.rg import left_out, run_rg, search_location
 
 DEFAULT_RESULTS = 10
 MAX_RESULTS = 50
@@ -173,14 +173,14 @@ def query_terms(query: str) -> frozenset[str]:
 
 
 def _search(
-    directory: Path, prefix: str, names: list[str], query: str, limit: int, hidden: int, stop: threading.Event
+    directory: Path, prefix: str, names: list[str], query: str, limit: int, notices: list[str],
+    stop: threading.Event,
 ) -> ToolResult:
     terms = query_terms(query)
     if not terms:
         raise ToolFailure(f"query {query!r} has no searchable words", ErrorKind.INVALID_ARGUMENTS)
     scan = _scan(directory, sorted(names), terms, stop)
     ranked, idf = _rank(scan)
-    notices = [hidden_notice(hidden)] if hidden else []
     if scan.skipped_large:
         notices.append(f"[{scan.skipped_large} files over {MAX_FILE_BYTES} bytes were not searched]")
     if scan.hit_total_cap:
@@ -215,7 +215,7 @@ async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
         hidden, names = len(names) - len(kept), kept
     # A cancelled call must not leave its thread reading the whole tree: run_stoppable stops it.
     return await run_stoppable(
-        _search, directory, prefix, names, args["query"], args.get("limit", DEFAULT_RESULTS), hidden
+        _search, directory, prefix, names, args["query"], args.get("limit", DEFAULT_RESULTS), left_out(listing, hidden)
     )
 
 
