@@ -269,7 +269,14 @@ async def test_bytes_that_are_not_http_on_the_metrics_port_are_no_error(
                     b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n"):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
-        assert (await reader.read()).split(b" ")[1].startswith(b"4")  # answered only once logged
+        try:
+            assert (await reader.read()).split(b" ")[1].startswith(b"4")  # answered only once logged
+        except ConnectionResetError:
+            # On Python 3.12+ aiohttp answers within the read that found the error (an eagerly
+            # started task) and closes with the rest of the oversized header still unread: the
+            # kernel then resets the connection, which may discard the answer. A reset comes from
+            # that close, after the log line too.
+            assert len(request) > 65_536  # only the oversized header leaves bytes unread
         writer.close()
     assert "codelane_serving" in (await scrape(port)).text
     logs = _lines(server.err.read_text(errors="replace"))
