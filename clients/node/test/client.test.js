@@ -103,8 +103,10 @@ function freePort() {
   });
 }
 
-function startServer(address, dataDir, scriptPath, extraArgs = []) {
-  const args = ['-m', 'codelane.cli', 'server', '--listen', address, '--data-dir', dataDir,
+// The server takes a free port itself (port 0) and says which: a port found free beforehand could
+// be taken by another process before the server bound it.
+function startServer(dataDir, scriptPath, extraArgs = []) {
+  const args = ['-m', 'codelane.cli', 'server', '--listen', `${HOST}:0`, '--data-dir', dataDir,
     '--local-workers', '1', '--model', `scripted:${scriptPath}`, '--token', TOKEN,
     // The sessions of the tests name scripts of their own, written beside the default one.
     '--scripts-dir', path.dirname(scriptPath), ...extraArgs];
@@ -115,7 +117,9 @@ function startServer(address, dataDir, scriptPath, extraArgs = []) {
       `server not ready after ${SERVER_START_MS} ms:\n${output}`)), SERVER_START_MS);
     const onData = (chunk) => {
       output += chunk.toString();
-      if (output.includes(`codelane server listening on ${address}`)) {
+      const listening = /^codelane server listening on (\S+)$/m.exec(output);
+      if (listening) {
+        handle.address = listening[1];
         clearTimeout(timer);
         resolve();
       }
@@ -131,7 +135,7 @@ function startServer(address, dataDir, scriptPath, extraArgs = []) {
       reject(new Error(`server exited early (code ${code}, signal ${signal}):\n${output}`));
     });
   });
-  const handle = { child, address, ready, output: () => output };
+  const handle = { child, address: undefined, ready, output: () => output }; // address: once ready
   started.push(handle);
   return handle;
 }
@@ -203,8 +207,7 @@ before(async () => {
     fs.writeFileSync(file, JSON.stringify(script));
     scriptModels[name] = `scripted:${file}`;
   }
-  const port = await freePort();
-  server = startServer(`${HOST}:${port}`, path.join(tmp, 'data'), scriptPath);
+  server = startServer(path.join(tmp, 'data'), scriptPath);
   await server.ready;
   client = connect(server.address, { token: TOKEN, callTimeoutMs: 10_000 });
 }, { timeout: SERVER_START_MS + 5_000 });
@@ -910,8 +913,7 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
       tool_calls: Array.from({ length: CALLS }, (_, i) => ({ id: `c_${i}`, name: 'read', arguments: { file_path: 'README.md' } })),
     };
     fs.writeFileSync(script, JSON.stringify({ responses: [step, { text: 'Done.' }] }));
-    const port = await freePort();
-    tiny = startServer(`${HOST}:${port}`, path.join(tmp, 'data-tiny'), script,
+    tiny = startServer(path.join(tmp, 'data-tiny'), script,
       ['--local-workers', '0', '--subscriber-buffer', '1']);
     await tiny.ready;
     tinyClient = connect(tiny.address, { token: TOKEN, callTimeoutMs: 10_000 });
