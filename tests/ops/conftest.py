@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -221,14 +222,28 @@ class Workers:
               slots: int = 1) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "tool_worker", "--connect", address, "--id", worker_id,
                 "--slots", str(slots), "--tools", PLUGIN, *extra]
-        err = (self._tmp / f"worker-{worker_id}.err").open("wb")
-        proc = subprocess.Popen(argv, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-        err.close()
+        with (self._tmp / f"worker-{worker_id}.out").open("wb") as out, \
+                (self._tmp / f"worker-{worker_id}.err").open("wb") as err:
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc
 
     def log(self, worker_id: str) -> str:
         return (self._tmp / f"worker-{worker_id}.err").read_text(errors="replace")
+
+    async def port(self, worker_id: str, what: str) -> int:
+        """The port a worker started with `--metrics-listen` or `--health-listen` HOST:0 (`what`:
+        metrics or health) says it bound: the kernel picks a free one, where a port found free
+        beforehand could be taken by another process before the worker bound it."""
+        said = re.compile(rf"^codelane worker {what} on port (\d+)$", re.MULTILINE)
+        out = self._tmp / f"worker-{worker_id}.out"
+
+        def bound() -> int | None:
+            found = said.search(out.read_text(errors="replace"))
+            return int(found.group(1)) if found else None
+
+        return await poll_until(bound, what=lambda: f"worker {worker_id}'s {what} port:\n{self.log(worker_id)}")
 
     def stop(self, proc: subprocess.Popen[bytes], within: float = 15.0) -> int:
         """SIGTERM (the worker drains and exits), then wait for it."""

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from codelane.v1 import events_pb2, session_pb2, session_pb2_grpc, tools_pb2
 from session_server.admission import Admission, AtCapacity, Limits, ShuttingDown
-from tests.ops.conftest import HealthWatch, free_port, health_status, scrape_until
+from tests.ops.conftest import HealthWatch, health_status, scrape_until
 from tests.polling import poll_until
 from tests.session.conftest import (
     ErrorDetails,
@@ -336,8 +336,8 @@ async def test_the_health_only_port_serves_health_and_nothing_else(make_server, 
 
 async def test_a_workers_health_follows_its_connection(make_server, workspace, tmp_path, worker_procs) -> None:
     server = await make_server()
-    port = free_port()
-    worker_procs.spawn(server.server.address, "w1", "--health-listen", f"127.0.0.1:{port}")
+    worker_procs.spawn(server.server.address, "w1", "--health-listen", "127.0.0.1:0")
+    port = await worker_procs.port("w1", "health")
     await server.client.wait_workers("w1")
     watch = HealthWatch(f"127.0.0.1:{port}")
     await watch.until("SERVING")

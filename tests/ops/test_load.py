@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from pathlib import Path
 
 import grpc
@@ -24,13 +25,13 @@ import grpc
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
 from session_server.mock_llm import start_mock_llm
 from tests.ops.conftest import PLUGIN, rss_bytes, scrape_until
+from tests.polling import poll_until
 from tests.session.conftest import (
     Client,
     Processes,
     assert_gap_free,
     call,
     error_details,
-    free_port,
     kind,
     write_script,
 )
@@ -151,15 +152,18 @@ async def test_two_hundred_sessions_against_lower_limits(processes: Processes, w
 
 async def _load(processes: Processes, workspace: Path, tmp_path: Path, url: str) -> None:
     model = "openai:mock"
-    metrics_port = free_port()
     env = {"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": "test"}
     server = await processes.start_server(tmp_path / "data", model=model, env=env, local_workers=2, args=(
-        "--tools", PLUGIN, "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--tools", PLUGIN, "--metrics-listen", "127.0.0.1:0",
         "--max-llm-requests", str(MAX_RUNNING_TURNS),
         "--max-sessions", str(MAX_SESSIONS), "--max-subscribers", str(MAX_SUBSCRIBERS),
         "--max-running-turns", str(MAX_RUNNING_TURNS), "--max-pending-query-calls", str(MAX_PENDING_QUERY_CALLS),
     ))
     client = server.client
+    # Printed after the listening line the start waited for: the kernel picked a free port.
+    said = await poll_until(lambda: re.search(r"^codelane server metrics on port (\d+)$", server.out.read_text(),
+                                              re.MULTILINE), what="the server's metrics port")
+    metrics_port = int(said.group(1))
     await client.wait_workers("local-1", "local-2")
 
     started = rss_bytes(server.pid)

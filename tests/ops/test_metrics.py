@@ -40,8 +40,8 @@ async def test_a_turns_figures_match_its_events_during_and_after_it(
     # Both calls on the worker, the small read too: its metrics are half of what is checked.
     server = await make_server(metrics_listen="127.0.0.1:0", local_cheap_calls=False)
     port = server.server.metrics_port
-    worker_metrics = free_port()
-    worker_procs.spawn(server.server.address, "w1", "--metrics-listen", f"127.0.0.1:{worker_metrics}")
+    worker_procs.spawn(server.server.address, "w1", "--metrics-listen", "127.0.0.1:0")
+    worker_metrics = await worker_procs.port("w1", "metrics")
     await server.client.wait_workers("w1")
     model = scripted(tmp_path, [
         {"text": "Looking.", "tool_calls": [call("grep", "g1", pattern="needle"), call("read", "r1", file_path="a.txt"),
@@ -257,8 +257,8 @@ async def test_a_real_prometheus_scrapes_the_server_and_a_worker(
 ) -> None:
     prometheus_binary, promtool = prometheus_tool("prometheus"), prometheus_tool("promtool")
     server = await make_server(metrics_listen="127.0.0.1:0", local_cheap_calls=False)  # every call on the worker
-    worker_metrics = free_port()
-    worker_procs.spawn(server.server.address, "w1", "--metrics-listen", f"127.0.0.1:{worker_metrics}")
+    worker_procs.spawn(server.server.address, "w1", "--metrics-listen", "127.0.0.1:0")
+    worker_metrics = await worker_procs.port("w1", "metrics")
     await server.client.wait_workers("w1")
     web = free_port()
     prometheus = _start_prometheus(
