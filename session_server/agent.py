@@ -588,9 +588,12 @@ class Turn:
         # A command may swap any path of the workspace (a directory for a symlink out of it)
         # between another call's check of a path and its open: it runs alone, across sessions.
         alone = call.lane is Lane.EXECUTE and call.effects is EVERYTHING
-        # The wait is bounded by the call's lane timeout: a Query call (60 s) otherwise waited for
-        # another session's command as long as that ran (its Execute timeout, up to 24 h).
+        # The lane's timeout is one deadline for the whole call, set here: the wait for another
+        # session's command (a Query call otherwise waited as long as that ran, up to 24 h), the
+        # local run, the snapshot and each dispatch all count against it. Each stage given the
+        # whole timeout afresh let one call take several times its limit.
         timeout = self.ctx.settings.lane_timeout(call.lane)
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
             async with self.ctx.workspace_locks.hold(str(self.ctx.workspace), alone=alone, within=timeout,
                                                      waiting=call.wait_for):
@@ -602,7 +605,7 @@ class Turn:
                         "no longer the directory this turn began in (it, or a directory above it, was replaced while "
                         "the turn ran); the next turn checks it again",
                     )
-                return await self._run_placed(call)
+                return await self._run_placed(call, deadline, timeout)
         except WaitedTooLong as waited:
             return ToolResult.error(
                 ErrorKind.TIMEOUT, f"{call.tool_name} was not run: it waited {waited.within:g}s, the session's time "
@@ -610,14 +613,16 @@ class Turn:
                 "sessions); try again once it has ended",
             )
 
-    async def _run_placed(self, call: ToolCall) -> ToolResult:
+    async def _run_placed(self, call: ToolCall, deadline: float, limit: float) -> ToolResult:
+        """Runs a call where it belongs by `deadline` (event loop time); `limit` is its whole
+        time limit, which a TIMEOUT result names."""
         ctx = self.ctx
         denied_paths = ctx.denied_paths if call.confirmed else ctx.unconfirmed_denied_paths
         problem = f"no worker offers {call.tool_name} any more"
         if call.lane is Lane.QUERY and call.tool_name not in ctx.local_query_tools:
             if ctx.pool.offers(call.tool_name):
                 if not self._cheaper_here(call):
-                    result = await self._dispatch(call, denied_paths)
+                    result = await self._dispatch(call, denied_paths, deadline, limit)
                     if result.error_kind is not ErrorKind.NO_WORKER:
                         return result
                     if not ctx.local_fallback:
@@ -637,20 +642,19 @@ class Turn:
         call.running(LOCAL_WORKER_ID)
         if call.lane is not Lane.QUERY:
             self._no_write_running.clear()  # set again by _execute, once the rescan is asked for
-        timeout = ctx.settings.lane_timeout(call.lane)
         try:
-            async with asyncio.timeout(timeout):
-                deadline = call_deadline.set(asyncio.get_running_loop().time() + timeout)
+            async with asyncio.timeout_at(deadline):
+                token = call_deadline.set(deadline)
                 try:
                     result = await ctx.registry.execute(
                         call.tool_name, ctx.workspace, call.info.arguments_json, denied_paths,
                         policy=ctx.settings.sandbox,
                     )
                 finally:
-                    call_deadline.reset(deadline)
+                    call_deadline.reset(token)
         except TimeoutError:
             result = ToolResult.error(
-                ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {timeout:g}s on the session server",
+                ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {limit:g}s on the session server",
             )
         return dataclasses.replace(result, worker_id=LOCAL_WORKER_ID)
 
@@ -662,29 +666,39 @@ class Turn:
         )
 
 
-    async def _dispatch(self, call: ToolCall, denied_paths: tuple[str, ...]) -> ToolResult:
-        """Runs a Query call on a worker, on a snapshot of the workspace as of now. The workspace
-        may change before the worker fetches it (an Execute call on other files runs beside Query
-        calls): the call is then sent again, on a newer snapshot."""
+    async def _dispatch(self, call: ToolCall, denied_paths: tuple[str, ...], deadline: float,
+                        limit: float) -> ToolResult:
+        """Runs a Query call on a worker, on a snapshot of the workspace as of now, by `deadline`
+        (event loop time; `limit` is the call's whole time limit). The workspace may change before
+        the worker fetches it (an Execute call on other files runs beside Query calls): the call
+        is then sent again, on a newer snapshot, in what is left of its time."""
         ctx = self.ctx
+        loop = asyncio.get_running_loop()
         traceparent, tracestate = call.trace_context
         first_attempt = snapshots_sent = 1
         while True:
             try:
                 # The call's deadline bounds the wait too: a first scan hashes every file, and a
                 # huge workspace must not hold the call (and its turn) past it.
-                async with asyncio.timeout(ctx.settings.query_timeout):
+                async with asyncio.timeout_at(deadline):
                     snapshot = await self._snapshot()
             except TimeoutError:  # before OSError, of which it is a subclass
                 return ToolResult.error(
                     ErrorKind.TIMEOUT, f"{call.tool_name} was not run: the workspace's snapshot for a worker was "
-                    f"not ready within the call's {ctx.settings.query_timeout:g}s (the server hashes every file "
+                    f"not ready within the call's {limit:g}s (the server hashes every file "
                     "of a workspace it has not scanned before; a smaller workspace, or a longer Query timeout, helps)",
                 )
             except OSError as exc:
                 return ToolResult.error(
                     ErrorKind.TOOL_ERROR, f"{call.tool_name} was not run: the workspace cannot be read "
                     f"to snapshot it for a worker ({exc.strerror or exc})",
+                )
+            left = deadline - loop.time()
+            if left <= 0:
+                # Its time went waiting (for another session's command, or on earlier snapshots).
+                return ToolResult.error(
+                    ErrorKind.TIMEOUT, f"{call.tool_name} timed out after {limit:g}s before it was sent to a worker",
+                    attempt=first_attempt,
                 )
             result = await ctx.pool.dispatch(
                 QueryCall(
@@ -694,7 +708,8 @@ class Turn:
                     arguments_json=call.info.arguments_json,
                     workspace=str(ctx.workspace),
                     idempotent=call.spec.idempotent if call.spec else False,
-                    timeout=ctx.settings.query_timeout,
+                    timeout=left,
+                    limit=limit,
                     # The attempts of earlier snapshots leave the lost-worker retries whole.
                     max_attempts=ctx.settings.max_attempts + first_attempt - 1,
                     observer=call,

@@ -430,11 +430,11 @@ class WorkerPool:
         where = f"on worker {pending.worker.id}" if pending.worker else "waiting for a free worker"
         result = ToolResult.error(
             ErrorKind.TIMEOUT,
-            f"{call.tool_name} timed out after {call.timeout:g}s {where}",
+            f"{call.tool_name} timed out after {call.whole_limit:g}s {where}",
             worker_id=pending.worker.id if pending.worker else "",
             attempt=pending.attempt,
         )
-        self._withdraw(pending, f"deadline of {call.timeout:g}s exceeded")
+        self._withdraw(pending, f"deadline of {call.whole_limit:g}s exceeded")
         self._finish(pending, result)
 
     def _finish(self, pending: Pending, result: ToolResult) -> None:

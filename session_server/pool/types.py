@@ -156,7 +156,11 @@ class QueryCall:
     workspace: str
     idempotent: bool = True
     required_labels: Mapping[str, str] = field(default_factory=dict)
+    # Seconds it may take from now, its queue wait included (Assign.deadline is what is left).
     timeout: float = 60.0
+    # The call's whole time limit, which a TIMEOUT result names: its owner may dispatch it with
+    # only what is left of that (`timeout`). None: `timeout` is the whole limit.
+    limit: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     observer: PlacementObserver | None = None
     # Globs of the paths the session's policy denies reading (worker.proto, Assign.denied_paths).
@@ -169,6 +173,11 @@ class QueryCall:
     # The number of its first attempt here: above 1 when the caller dispatches the call again
     # (with a newer snapshot), so attempts keep counting up in the call's events.
     first_attempt: int = 1
+
+    @property
+    def whole_limit(self) -> float:
+        """The call's whole time limit, as its TIMEOUT result names it."""
+        return self.timeout if self.limit is None else self.limit
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,19 @@ lock itself, then two sessions of a real server."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2
 
 from codelane.v1 import events_pb2, session_pb2, tools_pb2
+from session_server.pool.types import QueryCall
 from session_server.workspace_locks import WaitedTooLong, WorkspaceLocks
 from tests.polling import poll_until
 from tests.session.conftest import InProcess, call, kind, scripted
+from tool_worker.tools.base import ToolResult
 
 
 async def _holding(locks: WorkspaceLocks, workspace: str, alone: bool, entered: asyncio.Event,
@@ -143,5 +147,68 @@ async def test_a_call_waits_for_another_sessions_command_no_longer_than_its_lane
         assert not running.done()  # the command runs on, unaffected
     finally:
         (workspace / "release").touch()
+    [command_result] = [e.tool_call_finished.result for e in await running if kind(e) == "tool_call_finished"]
+    assert not command_result.is_error, command_result.output
+
+
+# The lane's timeout was given afresh to each stage of a call: the wait for another session's
+# command, then the run (in the server, or each dispatch to a worker, or the fallback), so one
+# Query call could take several times its limit. It is one deadline now, from the wait's start.
+@pytest.mark.parametrize("where", ["server", "worker"])
+async def test_a_call_that_waited_for_another_sessions_command_keeps_its_one_deadline(
+    make_server, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    on_worker = where == "worker"
+    server: InProcess = await make_server(local_workers=1 if on_worker else 0,
+                                          local_worker_tools=["tests.stalling_plugin"], local_fallback=not on_worker)
+    client = server.client
+    if on_worker:
+        await client.wait_workers("local-1")
+    pool = server.server.pool
+    dispatched: list[tuple[float, float]] = []  # (when, the time it was given)
+
+    async def dispatch(query_call: QueryCall) -> ToolResult:
+        dispatched.append((time.monotonic(), query_call.timeout))
+        return await pool_dispatch(query_call)
+
+    pool_dispatch = pool.dispatch
+    monkeypatch.setattr(pool, "dispatch", dispatch)
+    limit = 2.0
+    command = "touch started; while [ ! -e release ]; do sleep 0.05; done"
+    writer = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_cmd", command=command)]}, {"text": "done"}], name="w.yaml"))
+    queue = session_pb2.QueueConfig(lanes=[session_pb2.LaneConfig(
+        lane=tools_pb2.LANE_QUERY, timeout=duration_pb2.Duration(seconds=int(limit)))])
+    record, never = tmp_path / "record.json", tmp_path / "never"
+    reader = await client.create(workspace, scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("stall", "c_stall", record=str(record), until=str(never))]},
+        {"text": "done"}], name="r.yaml"), queue=queue)
+    locks = server.server.sessions.workspace_locks
+    running = asyncio.create_task(client.send(writer.session_id, "go"))
+    try:
+        await poll_until(lambda: (workspace / "started").exists(), what="the command to start")
+        reading = asyncio.create_task(client.send(reader.session_id, "go"))
+        await poll_until(lambda: locks._waiting or reading.done(), what="the read to wait for the command",
+                         interval=0.01)
+        # The read waited for part of its time; what is left of it bounds the rest.
+        released = time.monotonic()
+        (workspace / "release").touch()
+        events = await reading
+    finally:
+        (workspace / "release").touch()
+        never.touch()
+    [stalled] = [e.tool_call_finished.result for e in events if kind(e) == "tool_call_finished"]
+    assert stalled.error_kind == tools_pb2.ERROR_KIND_TIMEOUT, stalled.output
+    # Its message names the call's whole limit, not what was left of it.
+    place = "on worker local-1" if on_worker else "on the session server"
+    assert stalled.output == f"stall timed out after {limit:g}s {place}", stalled.output
+    # It ran against the deadline set before the command ended; given the whole limit again
+    # once the command ended, it would have ended past `released + limit`.
+    if on_worker:
+        [(when, given)] = dispatched
+        assert when + given < released + limit, (when, given, released)
+    else:
+        deadline = json.loads(record.read_text(encoding="utf-8"))["deadline"]
+        assert deadline < released + limit, (deadline, released)
     [command_result] = [e.tool_call_finished.result for e in await running if kind(e) == "tool_call_finished"]
     assert not command_result.is_error, command_result.output
