@@ -222,15 +222,20 @@ def test_a_stopped_copy_copies_nothing(workspace: Path) -> None:
     assert not (workspace / "src_copy").exists()
 
 
-class _StopOnceExists(threading.Event):
-    """A stop flag that is set once `path` exists: the call ended as soon as a copy began."""
+class _StopOnceCopying(threading.Event):
+    """A stop flag that is set once the copy to `name` has begun: its hidden temporary exists."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, directory: Path, name: str) -> None:
         super().__init__()
-        self._path = path
+        self._directory, self._name = directory, name
 
     def is_set(self) -> bool:
-        return self._path.exists()
+        return any(entry.startswith(f".{self._name}.") for entry in os.listdir(self._directory))
+
+
+def _temporaries(directory: Path) -> list[str]:
+    """The temporary files and trees the tools make beside their target (.NAME.XXXXXXXX.tmp)."""
+    return [name for name in os.listdir(directory) if name.startswith(".") and name.endswith(".tmp")]
 
 
 def test_a_copy_of_one_big_file_stops_mid_way(workspace: Path) -> None:
@@ -240,10 +245,11 @@ def test_a_copy_of_one_big_file_stops_mid_way(workspace: Path) -> None:
     with big.open("wb") as handle:
         handle.truncate(256 * 1024 * 1024)
     ctx = ToolContext(workspace=workspace)
-    stop = _StopOnceExists(workspace / "copy.bin")
+    stop = _StopOnceCopying(workspace, "copy.bin")
     with pytest.raises(Stopped):
         copy._copy(ctx, big, workspace / "copy.bin", ("big.bin", "copy.bin"), False, stop)
     assert not (workspace / "copy.bin").exists()
+    assert not _temporaries(workspace)
 
 
 def test_stopped_read_and_ls_end(workspace: Path) -> None:
@@ -377,6 +383,102 @@ def test_a_stopped_overwrite_by_move_keeps_the_destination(workspace: Path) -> N
         move._move(ToolContext(workspace=workspace), workspace / "src", workspace / "target", ("src", "target"),
                    True, _StopAfter(10))
     assert (workspace / "src").is_dir() and total - 10 <= _entries(workspace / "target") < total
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+@pytest.mark.parametrize("failure", ["stopped", "disk full"])
+def test_a_copy_over_a_destination_that_fails_part_way_keeps_the_old_one(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, kind: str, failure: str
+) -> None:
+    # copy with overwrite=true deleted the old destination before copying: a copy that failed
+    # part way (a full disk) or was stopped left the old one gone and the new one partial.
+    source, target = workspace / "source", workspace / "target"
+    if kind == "file":
+        source.write_bytes(b"new" * 100_000)
+        target.write_text("old\n")
+        monkeypatch.setattr(copy, "_CHUNK_BYTES", 4096)
+    else:
+        _tree(source, files_per_directory=10)
+        _tree(target, files_per_directory=3)
+    before = sorted(os.walk(target))
+    stop: threading.Event = _StopAfter(5) if failure == "stopped" else threading.Event()
+    if failure == "disk full":
+        real = os.fdopen
+        written = []
+
+        def filling(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            handle = real(fd, mode, *args, **kwargs)
+            if "w" in mode:
+                written.append(fd)
+                if len(written) > 3 or kind == "file":
+                    handle.raw.write = _no_space  # the disk is full from the fourth file on
+            return handle
+
+        monkeypatch.setattr(copy.os, "fdopen", filling)
+    with pytest.raises((Stopped, ToolFailure, OSError)) as raised:
+        copy._copy(ToolContext(workspace=workspace), source, target, ("source", "target"), True, stop)
+    monkeypatch.undo()
+    if kind == "file":
+        assert target.read_text() == "old\n"
+    else:
+        assert sorted(os.walk(target)) == before
+    if isinstance(raised.value, ToolFailure):
+        assert "target was left as it was" in str(raised.value)
+    assert not _temporaries(workspace)
+
+
+def _no_space(data: Any) -> int:
+    raise OSError(28, os.strerror(28))
+
+
+def test_a_copy_to_a_new_path_that_fails_part_way_says_what_it_copied(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no destination to keep, what could be copied is put in place, and the result says so.
+    _tree(workspace / "source", files_per_directory=2)
+    real = copy._copy_file
+
+    def failing(source: str, destination: str, stop: threading.Event, shown: str) -> None:
+        if source.endswith("a/f1"):
+            raise OSError(28, os.strerror(28))
+        real(source, destination, stop, shown)
+
+    monkeypatch.setattr(copy, "_copy_file", failing)
+    with pytest.raises(ToolFailure, match=r"1 entries could not be copied.*the rest was copied"):
+        copy._copy(ToolContext(workspace=workspace), workspace / "source", workspace / "target",
+                   ("source", "target"), False, threading.Event())
+    assert _entries(workspace / "target") == _entries(workspace / "source") - 1
+    assert not _temporaries(workspace)
+
+
+@pytest.mark.parametrize("tool", ["copy"])
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_destination_that_appears_meanwhile_is_left_alone(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, tool: str, kind: str
+) -> None:
+    # A command beside the call (a background job) makes the destination after it was checked:
+    # copy wrote over that file, and move wrote over it or moved the source inside it.
+    target = workspace / "target"
+    real = files.make_parents
+
+    def appearing(path: Path, shown: str) -> None:
+        real(path, shown)
+        if kind == "file":
+            target.write_text("theirs\n")
+        else:
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs\n")
+
+    monkeypatch.setattr(copy if tool == "copy" else move, "make_parents", appearing)
+    run = copy._copy if tool == "copy" else move._move
+    with pytest.raises(ToolFailure, match="already exists"):
+        run(ToolContext(workspace=workspace), workspace / "src", target, ("src", "target"), False, threading.Event())
+    if kind == "file":
+        assert target.read_text() == "theirs\n"
+    else:
+        assert os.listdir(target) == ["theirs.txt"]
+    assert (workspace / "src" / "app.py").is_file()
+    assert not _temporaries(workspace)
 
 
 def test_a_stopped_write_leaves_the_file_as_it_was(workspace: Path) -> None:

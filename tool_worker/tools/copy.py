@@ -6,6 +6,7 @@ import os
 import posixpath
 import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,13 @@ from tool_worker.tools.files import (
     check_destination,
     check_stop,
     describe_file_type,
+    discard,
     make_parents,
     open_regular,
-    remove_existing,
+    put_in_place,
     run_stoppable,
     source_destination_schema,
+    temp_prefix,
 )
 
 # Files are copied a chunk at a time, so that a call stopped mid-way stops copying: one copy2 of
@@ -40,17 +43,18 @@ def _copy_file(source: str | Path, destination: str | Path, stop: threading.Even
     and an open() waiting for a FIFO's other end is out of reach of `stop`."""
     with open_regular(source, shown) as src:
         descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
-        with os.fdopen(descriptor, "wb") as dst:
-            try:
+        try:
+            # The close too: the last chunk's bytes are written then, and a full disk refuses them.
+            with os.fdopen(descriptor, "wb") as dst:
                 while True:
                     check_stop(stop)
                     chunk = src.read(_CHUNK_BYTES)
                     if not chunk:
                         break
                     dst.write(chunk)
-            except BaseException:
-                os.unlink(destination)
-                raise
+        except BaseException:
+            os.unlink(destination)
+            raise
     shutil.copystat(source, destination)
 
 
@@ -68,7 +72,8 @@ def _copy_tree(
     left out and returned, (source path, error) each, the rest copied."""
     errors: list[tuple[str, OSError]] = []
     made: list[tuple[str, str]] = []
-    pending = [(os.fspath(source), os.fspath(destination))]
+    top = os.fspath(destination)  # made by the caller (the hidden name the copy is made under)
+    pending = [(os.fspath(source), top)]
     while pending:
         from_dir, to_dir = pending.pop()
         try:
@@ -80,7 +85,7 @@ def _copy_tree(
             errors.append((from_dir, exc))
             continue
         left_out = ignore(from_dir, [entry.name for entry in entries])
-        os.makedirs(to_dir)
+        os.makedirs(to_dir, exist_ok=to_dir == top)
         made.append((from_dir, to_dir))
         for entry in entries:
             if entry.name in left_out:
@@ -115,9 +120,42 @@ def _copy(
         raise ToolFailure(f"{shown[0]} is {describe_file_type(mode)}: copy only copies files and directories")
     check_destination(source, destination, shown[1], overwrite)
     check_stop(stop)
-    if destination.exists() or destination.is_symlink():
-        remove_existing(destination, stop)
     make_parents(destination, shown[1])
+    replacing = os.path.lexists(destination)
+    # The copy is made under a hidden name beside the destination and renamed into place once
+    # whole. The old destination was removed first: a copy that failed part way (a full disk) or
+    # was stopped left it gone and the new one partial, and one that appeared meanwhile was
+    # written over.
+    if stat.S_ISDIR(mode):
+        temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp"))
+    else:
+        descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp")
+        os.close(descriptor)
+        temp = Path(name)
+    try:
+        result = _copy_to(ctx, source, temp, shown, replacing, stop)
+        check_stop(stop)  # the last moment a stopped call can still leave the destination as it was
+    except BaseException:
+        discard(temp)
+        raise
+    try:
+        put_in_place(temp, destination, overwrite, shown[1])
+    except OSError as exc:
+        discard(temp)
+        if isinstance(exc, FileExistsError) and not overwrite:
+            raise ToolFailure(f"destination {shown[1]} already exists (it appeared during the copy); "
+                              "set overwrite=true to replace it") from None
+        raise
+    if isinstance(result, ToolFailure):
+        raise result
+    return result
+
+
+def _copy_to(
+    ctx: ToolContext, source: Path, temp: Path, shown: tuple[str, str], replacing: bool, stop: threading.Event
+) -> ToolResult | ToolFailure:
+    """Copies `source` to `temp`; the result to give once it is in place (a failure to raise, when
+    part of a tree could not be copied)."""
     if source.is_dir():
         left_out = 0
 
@@ -140,21 +178,23 @@ def _copy(
             return dst
 
         # Links inside the tree are copied as links: following them could read outside the workspace.
-        errors = _copy_tree(source, destination, ignore, copy_file)
+        errors = _copy_tree(source, temp, ignore, copy_file)
         if errors:
             # One example and a count: shutil.Error's text listed every failure with its absolute
             # paths, 2.7 MB for 20,000 unreadable directories, all of it the call's output.
             path, exc = errors[0]
-            raise ToolFailure(
-                f"cannot copy {shown[0]} to {shown[1]} whole: {len(errors)} entries could not be copied, "
-                f"such as {relative_to_root(ctx.root, path) or path} ({exc.strerror or exc}); the rest was copied"
-            )
+            failed = (f"cannot copy {shown[0]} to {shown[1]} whole: {len(errors)} entries could not be copied, "
+                      f"such as {relative_to_root(ctx.root, path) or path} ({exc.strerror or exc})")
+            if replacing:
+                # A partial copy does not replace a whole directory: the user keeps the old one.
+                raise ToolFailure(f"{failed}; {shown[1]} was left as it was")
+            return ToolFailure(f"{failed}; the rest was copied")
         notice = (
             f"\n[{left_out} entries were not copied: special files (FIFOs, sockets, devices) and paths this "
             "session's permission policy denies reading]" if left_out else ""
         )
         return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
-    _copy_file(source, destination, stop, shown[0])
+    _copy_file(source, temp, stop, shown[0])
     return ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -156,6 +157,15 @@ def make_parents(path: Path, shown: str) -> None:
 _TEMP_NAME_BYTES = 200
 
 
+def temp_prefix(path: Path) -> str:
+    """The start of the hidden name of a temporary file or directory made beside `path`: its name
+    after a dot, so that listings (glob, list_files: hidden files are skipped) never show one a
+    killed process left. It holds at most the first 200 bytes of the name: a name near the
+    255-byte limit, and 14 bytes more, made every write and edit of that file fail with "File
+    name too long". Cut bytes decode back to themselves (surrogateescape)."""
+    return "." + os.fsencode(path.name)[:_TEMP_NAME_BYTES].decode("utf-8", "surrogateescape") + "."
+
+
 def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -> None:
     """Replace `path` with `data` so readers see the old file or the new one, never a partial one.
 
@@ -169,11 +179,7 @@ def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = _NEW_FILE_MODE
-    # The temporary name holds at most the first 200 bytes of the file's: a name near the
-    # 255-byte limit, and 14 bytes more, made every write and edit of that file fail with "File
-    # name too long". Cut bytes decode back to themselves (surrogateescape).
-    stem = os.fsencode(path.name)[:_TEMP_NAME_BYTES].decode("utf-8", "surrogateescape")
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -184,6 +190,92 @@ def atomic_write(path: Path, data: bytes, stop: threading.Event | None = None) -
     except BaseException:
         os.unlink(temp)
         raise
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+try:
+    _renameat2_call: Any = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):  # not glibc 2.28+, or not Linux
+    _renameat2_call = None
+# What a file system (or a kernel) without renameat2's flags answers: rename another way.
+_UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    if _renameat2_call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    if _renameat2_call(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), os.fspath(old), None, os.fspath(new))
+
+
+def discard(path: Path | str) -> None:
+    """Removes a temporary file or tree the call made (or an old destination it swapped out),
+    whatever the call's stop says: left half-removed, it would stay in the workspace."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            remove_tree(Path(path), threading.Event())
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def put_in_place(new: Path, destination: Path, overwrite: bool, shown: str) -> None:
+    """Renames `new` (a file, a link or a tree) to `destination` (shown as `shown`) in one step.
+
+    Without `overwrite`, a destination that appeared since it was checked is kept and
+    FileExistsError raised: a rename would replace a file, or put a directory inside one. With
+    it, the old destination is swapped out in the same step (renameat2's RENAME_EXCHANGE), so
+    that at every moment the destination is the old entry or the new one, never missing, and
+    only then removed. A file system without the flags gets a plain rename (atomic for a file
+    over a file), else the old destination is moved aside first.
+    """
+    if not overwrite:
+        try:
+            _renameat2(new, destination, _RENAME_NOREPLACE)
+            return
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+        if os.path.lexists(destination):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(destination))
+        os.rename(new, destination)
+        return
+    new_is_dir = new.is_dir() and not new.is_symlink()
+    old_is_dir = destination.is_dir() and not destination.is_symlink()
+    if not os.path.lexists(destination) or not (new_is_dir or old_is_dir):
+        os.replace(new, destination)
+        return
+    try:
+        _renameat2(new, destination, _RENAME_EXCHANGE)
+        old = new
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        aside = Path(tempfile.mkdtemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp"))
+        os.rename(destination, aside / "old")
+        try:
+            os.rename(new, destination)
+        except BaseException:
+            os.rename(aside / "old", destination)
+            os.rmdir(aside)
+            raise
+        old = aside
+    try:
+        discard(old)
+    except OSError as exc:
+        raise ToolFailure(
+            f"{shown} was replaced, but what it held before could not all be removed ({exc.strerror or exc}): "
+            f"the rest is in {relative_name(old, destination, shown)}"
+        ) from exc
+
+
+def relative_name(path: Path, beside: Path, shown: str) -> str:
+    """`path`, a name in the directory of `beside`, as the caller would name it (`shown` names `beside`)."""
+    return os.path.join(os.path.dirname(shown), path.name) if path.parent == beside.parent else os.fspath(path)
 
 
 def is_binary(head: bytes) -> bool:
