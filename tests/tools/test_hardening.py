@@ -377,12 +377,21 @@ def test_a_recursive_delete_removes_links_not_what_they_point_to(workspace: Path
     assert (outside / "keep.txt").read_text() == "keep"
 
 
-def test_a_stopped_overwrite_by_move_keeps_the_destination(workspace: Path) -> None:
+@pytest.mark.parametrize("checks", [0, 1, 10])
+def test_a_stopped_overwrite_by_move_keeps_the_destination(workspace: Path, checks: int) -> None:
+    # The old destination was deleted first, a stop flag checked before each entry: a move stopped
+    # then left it half deleted, and the source where it was. Now the move is whole or not at all.
     total = _tree(workspace / "target")
-    with pytest.raises(Stopped):
+    source = _entries(workspace / "src")
+    try:
         move._move(ToolContext(workspace=workspace), workspace / "src", workspace / "target", ("src", "target"),
-                   True, _StopAfter(10))
-    assert (workspace / "src").is_dir() and total - 10 <= _entries(workspace / "target") < total
+                   True, _StopAfter(checks))
+    except Stopped:
+        assert (workspace / "src").is_dir() and _entries(workspace / "target") == total
+    else:
+        assert not (workspace / "src").exists() and _entries(workspace / "target") == source
+        assert (workspace / "target" / "app.py").is_file()
+    assert not _temporaries(workspace)
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])
@@ -451,7 +460,7 @@ def test_a_copy_to_a_new_path_that_fails_part_way_says_what_it_copied(
     assert not _temporaries(workspace)
 
 
-@pytest.mark.parametrize("tool", ["copy"])
+@pytest.mark.parametrize("tool", ["copy", "move"])
 @pytest.mark.parametrize("kind", ["file", "directory"])
 def test_a_destination_that_appears_meanwhile_is_left_alone(
     workspace: Path, monkeypatch: pytest.MonkeyPatch, tool: str, kind: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -17,6 +18,7 @@ from tool_worker.tools.files import (
     check_destination,
     check_stop,
     make_parents,
+    put_in_place,
     remove_existing,
     run_stoppable,
     source_destination_schema,
@@ -31,11 +33,26 @@ def _move(
     if ctx.denied and source.is_dir() and not source.is_symlink():
         _refuse_denied_inside(ctx, source, shown[0])
     check_destination(source, destination, shown[1], overwrite)
-    if destination.exists() or destination.is_symlink():
-        remove_existing(destination, stop)
     make_parents(destination, shown[1])
     check_stop(stop)
-    shutil.move(source, destination)
+    try:
+        # One rename, the old destination swapped out in the same step: it was removed first, so
+        # a move stopped (or failing) after that left it half deleted or gone and the source
+        # where it was; and shutil.move put the source inside a directory that appeared since the
+        # check, or wrote over a file.
+        put_in_place(source, destination, overwrite, shown[1])
+    except FileExistsError:
+        if overwrite:
+            raise
+        raise ToolFailure(f"destination {shown[1]} already exists (it appeared meanwhile); "
+                          "set overwrite=true to replace it") from None
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Another file system (one mounted inside the workspace): copied and removed, as mv does.
+        if destination.exists() or destination.is_symlink():
+            remove_existing(destination, stop)
+        shutil.move(source, destination)
     return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
 
 
