@@ -349,6 +349,29 @@ def test_a_stopped_recursive_delete_leaves_the_rest(workspace: Path) -> None:
     assert _entries(workspace / "big") == total - 20  # 20 files went, and nothing after them
 
 
+def test_a_recursive_delete_that_fails_part_way_says_what_it_deleted(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An entry that cannot go (immutable, a mount, a read-only directory) ended it with "cannot
+    # delete big: Operation not permitted", read as if nothing had gone, after 9 files had.
+    total = _tree(workspace / "big")
+    real, calls = os.unlink, [0]
+
+    def refusing(path: Any, *args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 10:
+            raise PermissionError(1, os.strerror(1), path)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing)
+    with pytest.raises(ToolFailure) as raised:
+        delete._delete(workspace / "big", "big", True, threading.Event())
+    monkeypatch.undo()
+    assert str(raised.value) == ("cannot delete big whole: Operation not permitted; 9 entries inside it were "
+                                 "deleted before that, the rest is still there")
+    assert _entries(workspace / "big") == total - 9
+
+
 async def test_a_deep_chain_of_directories_is_deleted(call: Any, workspace: Path) -> None:
     # os.fwalk recurses once per level: 1,200 levels (a 2.4 KB path, which a command makes in
     # one go) failed with an internal RecursionError, the tree left in place.

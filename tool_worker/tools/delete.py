@@ -20,7 +20,17 @@ def _delete(target: Path, shown: str, recursive: bool, stop: threading.Event) ->
     if target.is_dir():
         if not recursive:
             raise ToolFailure(f"{shown} is a directory; set recursive=true to delete it with everything inside")
-        remove_tree(target, stop)
+        removed = [0]
+        try:
+            remove_tree(target, stop, removed)
+        except OSError as exc:
+            if not removed[0]:
+                raise
+            # "cannot delete" alone read as if nothing had gone.
+            raise ToolFailure(
+                f"cannot delete {shown} whole: {exc.strerror or exc}; {removed[0]} entries inside it were deleted "
+                "before that, the rest is still there"
+            ) from exc
         return ToolResult(output=f"Deleted directory {shown} and its contents")
     if not target.exists():
         raise ToolFailure(f"nothing to delete: {shown} does not exist")

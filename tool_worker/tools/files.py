@@ -292,9 +292,10 @@ def remove_existing(path: Path, stop: threading.Event) -> None:
         path.unlink()
 
 
-def remove_tree(path: Path, stop: threading.Event) -> None:
+def remove_tree(path: Path, stop: threading.Event, removed: list[int] | None = None) -> None:
     """shutil.rmtree, checking `stop` before each entry it removes: a stopped removal leaves the
     rest in place instead of deleting on, a tree of a million files, after its call has ended.
+    `removed[0]`, if given, counts the entries removed: what one that failed part way did.
 
     As rmtree's own, it never follows a symlink: directories are opened relative to their
     parent's descriptor and with O_NOFOLLOW, so one that is no longer the directory that was
@@ -304,6 +305,7 @@ def remove_tree(path: Path, stop: threading.Event) -> None:
     a thousand directories failed the call with an internal RecursionError.
     """
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    count = removed if removed is not None else [0]
     # (descriptor, entries still to remove: (name, is a directory), its name in its parent)
     stack: list[tuple[int, list[tuple[str, bool]], str]] = []
     try:
@@ -317,11 +319,13 @@ def remove_tree(path: Path, stop: threading.Event) -> None:
                 if stack:
                     check_stop(stop)
                     os.rmdir(name, dir_fd=stack[-1][0])
+                    count[0] += 1
                 continue
             entry, is_dir = entries.pop()
             if not is_dir:
                 check_stop(stop)
                 os.unlink(entry, dir_fd=directory_fd)
+                count[0] += 1
                 continue
             try:
                 child = os.open(entry, flags, dir_fd=directory_fd)
@@ -330,6 +334,7 @@ def remove_tree(path: Path, stop: threading.Event) -> None:
                     raise
                 check_stop(stop)
                 os.unlink(entry, dir_fd=directory_fd)  # a symlink or file swapped in: removed, not followed
+                count[0] += 1
                 continue
             stack.append((child, _entries(child), entry))
     finally:
