@@ -459,6 +459,31 @@ def test_a_copy_over_a_destination_that_fails_part_way_keeps_the_old_one(
     assert not _temporaries(workspace)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+async def test_a_cancelled_copy_leaves_the_workspace_as_it_was(
+    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+) -> None:
+    # Through the registry, as the Execute lane runs it: cancelled while it copies a file.
+    _tree(workspace / "target", files_per_directory=2)
+    before = sorted(os.walk(workspace))
+    entered = threading.Event()
+    real = copy._copy_file
+
+    def waiting(source: str, destination: str, stop: threading.Event, shown: str) -> None:
+        entered.set()
+        stop.wait(30)
+        real(source, destination, stop, shown)
+
+    monkeypatch.setattr(copy, "_copy_file", waiting)
+    destination = "target" if overwrite else "new"
+    task = asyncio.create_task(call("copy", source="src", destination=destination, overwrite=overwrite))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(os.walk(workspace)) == before
+
+
 def _no_space(data: Any) -> int:
     raise OSError(28, os.strerror(28))
 
