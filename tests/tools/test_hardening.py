@@ -484,6 +484,29 @@ async def test_a_cancelled_copy_leaves_the_workspace_as_it_was(
     assert sorted(os.walk(workspace)) == before
 
 
+@pytest.mark.parametrize("tool", ["write", "copy", "move"])
+async def test_a_change_that_fails_removes_the_directories_it_made(
+    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    # A write to new/deep/file.txt on a full disk failed, and left new/deep behind, empty.
+    before = sorted(os.walk(workspace))
+
+    def no_space(*args: Any) -> None:
+        raise OSError(28, os.strerror(28))
+
+    if tool == "write":
+        monkeypatch.setattr(write, "atomic_write", no_space)
+        result = await call("write", file_path="new/deep/file.txt", content="x")
+    elif tool == "copy":
+        monkeypatch.setattr(copy, "_copy_file", no_space)
+        result = await call("copy", source="README.md", destination="new/deep/README.md")
+    else:
+        monkeypatch.setattr(move, "put_in_place", no_space)
+        result = await call("move", source="README.md", destination="new/deep/README.md")
+    assert result.is_error and "No space left on device" in result.output, result.output
+    assert sorted(os.walk(workspace)) == before
+
+
 def _no_space(data: Any) -> int:
     raise OSError(28, os.strerror(28))
 
@@ -526,7 +549,7 @@ def test_a_destination_that_appears_meanwhile_is_left_alone(
             target.mkdir()
             (target / "theirs.txt").write_text("theirs\n")
 
-    monkeypatch.setattr(copy if tool == "copy" else move, "make_parents", appearing)
+    monkeypatch.setattr(files, "make_parents", appearing)
     run = copy._copy if tool == "copy" else move._move
     with pytest.raises(ToolFailure, match="already exists"):
         run(ToolContext(workspace=workspace), workspace / "src", target, ("src", "target"), False, threading.Event())

@@ -22,7 +22,7 @@ from tool_worker.tools.files import (
     check_stop,
     describe_file_type,
     discard,
-    make_parents,
+    new_parents,
     open_regular,
     put_in_place,
     run_stoppable,
@@ -120,13 +120,23 @@ def _copy(
         raise ToolFailure(f"{shown[0]} is {describe_file_type(mode)}: copy only copies files and directories")
     check_destination(source, destination, shown[1], overwrite)
     check_stop(stop)
-    make_parents(destination, shown[1])
+    with new_parents(destination, shown[1]):
+        result = _copy_into_place(ctx, source, destination, shown, overwrite, stat.S_ISDIR(mode), stop)
+    if isinstance(result, ToolFailure):
+        raise result
+    return result
+
+
+def _copy_into_place(
+    ctx: ToolContext, source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, is_dir: bool,
+    stop: threading.Event,
+) -> ToolResult | ToolFailure:
     replacing = os.path.lexists(destination)
     # The copy is made under a hidden name beside the destination and renamed into place once
     # whole. The old destination was removed first: a copy that failed part way (a full disk) or
     # was stopped left it gone and the new one partial, and one that appeared meanwhile was
     # written over.
-    if stat.S_ISDIR(mode):
+    if is_dir:
         temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp"))
     else:
         descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp")
@@ -146,8 +156,6 @@ def _copy(
             raise ToolFailure(f"destination {shown[1]} already exists (it appeared during the copy); "
                               "set overwrite=true to replace it") from None
         raise
-    if isinstance(result, ToolFailure):
-        raise result
     return result
 
 

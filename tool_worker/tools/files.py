@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -152,6 +154,23 @@ def make_parents(path: Path, shown: str) -> None:
         in_the_way = named[up] if up is not None and up < len(named) else None
         what = f"{in_the_way} is a file, not a directory" if in_the_way else "a file is in the way"
         raise ToolFailure(f"cannot create the directories {shown} needs: {what}") from None
+
+
+@contextlib.contextmanager
+def new_parents(path: Path, shown: str) -> Iterator[None]:
+    """make_parents for a change made in the block: if it fails (a full disk) or is stopped, the
+    directories made for it are removed again, instead of staying, empty, in the workspace."""
+    missing = list(itertools.takewhile(lambda parent: not os.path.lexists(parent), path.parents))
+    make_parents(path, shown)
+    try:
+        yield
+    except BaseException:
+        for directory in missing:  # the deepest first
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # something else put an entry there meanwhile: it stays
+        raise
 
 
 _TEMP_NAME_BYTES = 200

@@ -17,7 +17,7 @@ from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailu
 from tool_worker.tools.files import (
     check_destination,
     check_stop,
-    make_parents,
+    new_parents,
     put_in_place,
     remove_existing,
     run_stoppable,
@@ -33,7 +33,14 @@ def _move(
     if ctx.denied and source.is_dir() and not source.is_symlink():
         _refuse_denied_inside(ctx, source, shown[0])
     check_destination(source, destination, shown[1], overwrite)
-    make_parents(destination, shown[1])
+    with new_parents(destination, shown[1]):
+        _move_into_place(source, destination, shown, overwrite, stop)
+    return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
+
+
+def _move_into_place(
+    source: Path, destination: Path, shown: tuple[str, str], overwrite: bool, stop: threading.Event
+) -> None:
     check_stop(stop)
     try:
         # One rename, the old destination swapped out in the same step: it was removed first, so
@@ -53,7 +60,6 @@ def _move(
         if destination.exists() or destination.is_symlink():
             remove_existing(destination, stop)
         shutil.move(source, destination)
-    return ToolResult(output=f"Moved {shown[0]} to {shown[1]}")
 
 
 def _refuse_denied_inside(ctx: ToolContext, directory: Path, shown: str) -> None:

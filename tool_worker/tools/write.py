@@ -10,7 +10,7 @@ from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
 from tool_worker.sandbox import resolve_in_workspace
 from tool_worker.tools.base import ErrorKind, Lane, Tool, ToolContext, ToolFailure, ToolResult, ToolSpec
-from tool_worker.tools.files import atomic_write, encode_text, make_parents, run_stoppable
+from tool_worker.tools.files import atomic_write, encode_text, new_parents, run_stoppable
 
 # Content of at most this many characters (most source files) is written on the event loop.
 INLINE_WRITE_CHARS = 64 * 1024
@@ -19,9 +19,9 @@ INLINE_WRITE_CHARS = 64 * 1024
 def _write(target: Path, shown: str, content: str, stop: threading.Event | None = None) -> ToolResult:
     existed = target.exists()
     data = encode_text(content, "content")
-    make_parents(target, shown)
     try:
-        atomic_write(target, data, stop)
+        with new_parents(target, shown):
+            atomic_write(target, data, stop)
     except OSError as exc:
         raise ToolFailure(f"cannot write {shown}: {exc.strerror or exc}") from exc
     verb = "Overwrote" if existed else "Created"
