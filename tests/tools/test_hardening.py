@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from pathlib import Path
@@ -222,15 +223,19 @@ def test_a_stopped_copy_copies_nothing(workspace: Path) -> None:
     assert not (workspace / "src_copy").exists()
 
 
-class _StopOnceCopying(threading.Event):
-    """A stop flag that is set once the copy to `name` has begun: its hidden temporary exists."""
+class _StopMidCopy(threading.Event):
+    """A stop flag set at its `checks`th look (one per chunk of a file copied), which notes what
+    temporary files the directory held at each look."""
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, checks: int) -> None:
         super().__init__()
-        self._directory, self._name = directory, name
+        self._directory, self.left = directory, checks
+        self.seen: list[str] = []
 
     def is_set(self) -> bool:
-        return any(entry.startswith(f".{self._name}.") for entry in os.listdir(self._directory))
+        self.seen += _temporaries(self._directory)
+        self.left -= 1
+        return self.left < 0
 
 
 def _temporaries(directory: Path) -> list[str]:
@@ -245,11 +250,14 @@ def test_a_copy_of_one_big_file_stops_mid_way(workspace: Path) -> None:
     with big.open("wb") as handle:
         handle.truncate(256 * 1024 * 1024)
     ctx = ToolContext(workspace=workspace)
-    stop = _StopOnceCopying(workspace, "copy.bin")
+    stop = _StopMidCopy(workspace, checks=20)  # 20 of its 256 chunks
     with pytest.raises(Stopped):
         copy._copy(ctx, big, workspace / "copy.bin", ("big.bin", "copy.bin"), False, stop)
+    assert stop.left < 0  # stopped at a chunk, not after the copy
     assert not (workspace / "copy.bin").exists()
     assert not _temporaries(workspace)
+    # Unnamed while it is written: a server killed meanwhile left a partial .copy.bin.XXXXXXXX.tmp.
+    assert stop.seen == []
 
 
 def test_stopped_read_and_ls_end(workspace: Path) -> None:
@@ -498,7 +506,11 @@ async def test_a_change_that_fails_removes_the_directories_it_made(
         monkeypatch.setattr(write, "atomic_write", no_space)
         result = await call("write", file_path="new/deep/file.txt", content="x")
     elif tool == "copy":
-        monkeypatch.setattr(copy, "_copy_file", no_space)
+        def no_space_for_content(source: Any, descriptor: int, stop: Any) -> None:
+            os.close(descriptor)  # as the copy's own would, on its way out
+            no_space()
+
+        monkeypatch.setattr(copy, "_copy_content", no_space_for_content)
         result = await call("copy", source="README.md", destination="new/deep/README.md")
     else:
         monkeypatch.setattr(move, "put_in_place", no_space)
@@ -575,3 +587,29 @@ async def test_a_search_query_longer_than_the_maximum_is_refused_before_it_runs(
     result = await call("search", query=" ".join(f"w{i}" for i in range(100_000)))
     assert result.error_kind is ErrorKind.INVALID_ARGUMENTS, result.output[:200]
     assert "is too long" in result.output, result.output[:200]
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "no-O_TMPFILE"])
+async def test_a_file_copy_has_the_content_and_mode_of_its_source(
+    call: Any, workspace: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    # A file system without unnamed files (O_TMPFILE) gets a named temporary file instead.
+    source = workspace / "tool.sh"
+    source.write_bytes(b"#!/bin/sh\necho hi\n" * 100_000)
+    source.chmod(0o750)
+    if not unnamed:
+        real_open = os.open
+
+        def no_unnamed_files(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", no_unnamed_files)
+    result = await call("copy", source="tool.sh", destination="bin/tool.sh")
+    assert not result.is_error, result.output
+    copied = workspace / "bin" / "tool.sh"
+    assert copied.read_bytes() == source.read_bytes()
+    assert copied.stat().st_mode & 0o7777 == 0o750
+    assert copied.stat().st_mtime_ns == source.stat().st_mtime_ns
+    assert not _temporaries(workspace / "bin")

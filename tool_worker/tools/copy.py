@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import secrets
 import shutil
 import stat
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tool_worker import effects
 from tool_worker.confinement.protected import refuse_protected
@@ -44,18 +46,79 @@ def _copy_file(source: str | Path, destination: str | Path, stop: threading.Even
     with open_regular(source, shown) as src:
         descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         try:
-            # The close too: the last chunk's bytes are written then, and a full disk refuses them.
-            with os.fdopen(descriptor, "wb") as dst:
-                while True:
-                    check_stop(stop)
-                    chunk = src.read(_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    dst.write(chunk)
+            _copy_content(src, descriptor, stop)
         except BaseException:
             os.unlink(destination)
             raise
     shutil.copystat(source, destination)
+
+
+def _copy_content(src: BinaryIO, descriptor: int, stop: threading.Event) -> None:
+    """Copies what is left of `src` into `descriptor`, a chunk at a time, and closes it."""
+    # The close too: the last chunk's bytes are written then, and a full disk refuses them.
+    with os.fdopen(descriptor, "wb") as dst:
+        while True:
+            check_stop(stop)
+            chunk = src.read(_CHUNK_BYTES)
+            if not chunk:
+                break
+            dst.write(chunk)
+
+
+def _copy_file_unnamed(source: Path, destination: Path, stop: threading.Event, shown: str) -> Path:
+    """A copy of `source` beside `destination` (as `_copy_file` makes one) that has no name until
+    it is whole (O_TMPFILE), then a hidden one, returned: a server killed during a big copy left a
+    partial `.NAME.XXXXXXXX.tmp` in the workspace. A file system without unnamed files gets a
+    named temporary file from the start."""
+    try:
+        descriptor = os.open(destination.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        descriptor = None
+    if descriptor is None or not os.path.isdir("/proc/self/fd"):  # nothing could name it: named now
+        if descriptor is not None:
+            os.close(descriptor)
+        handle, name = tempfile.mkstemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp")
+        os.close(handle)
+        try:
+            _copy_file(source, name, stop, shown)
+        except BaseException:
+            discard(name)
+            raise
+        return Path(name)
+    with open_regular(source, shown) as src:
+        # Named through /proc while it is still open: the descriptor _copy_content closes is a duplicate.
+        named = os.dup(descriptor)
+        try:
+            _copy_content(src, descriptor, stop)
+            temp = _link_hidden(named, destination)
+        finally:
+            os.close(named)
+    try:
+        shutil.copystat(source, temp)
+    except BaseException:
+        discard(temp)
+        raise
+    return temp
+
+
+def _link_hidden(descriptor: int, beside: Path) -> Path:
+    """Gives the unnamed file open at `descriptor` a new hidden name beside `beside`."""
+    directory = os.open(beside.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while True:
+            name = f"{temp_prefix(beside)}{secrets.token_hex(4)}.tmp"
+            try:
+                # linkat(AT_SYMLINK_FOLLOW) of the /proc link, as open(2) says for O_TMPFILE (a
+                # directory descriptor makes Python call linkat rather than link, which would
+                # link the /proc symlink itself).
+                os.link(f"/proc/self/fd/{descriptor}", name, dst_dir_fd=directory, follow_symlinks=True)
+                return beside.parent / name
+            except FileExistsError:
+                continue
+    finally:
+        os.close(directory)
 
 
 def _copy_tree(
@@ -138,12 +201,15 @@ def _copy_into_place(
     # written over.
     if is_dir:
         temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp"))
+        try:
+            result = _copy_tree_to(ctx, source, temp, shown, replacing, stop)
+        except BaseException:
+            discard(temp)
+            raise
     else:
-        descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=temp_prefix(destination), suffix=".tmp")
-        os.close(descriptor)
-        temp = Path(name)
+        temp = _copy_file_unnamed(source, destination, stop, shown[0])
+        result = ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
     try:
-        result = _copy_to(ctx, source, temp, shown, replacing, stop)
         check_stop(stop)  # the last moment a stopped call can still leave the destination as it was
     except BaseException:
         discard(temp)
@@ -159,51 +225,48 @@ def _copy_into_place(
     return result
 
 
-def _copy_to(
+def _copy_tree_to(
     ctx: ToolContext, source: Path, temp: Path, shown: tuple[str, str], replacing: bool, stop: threading.Event
 ) -> ToolResult | ToolFailure:
-    """Copies `source` to `temp`; the result to give once it is in place (a failure to raise, when
-    part of a tree could not be copied)."""
-    if source.is_dir():
-        left_out = 0
+    """Copies the directory `source` into `temp` (made already); the result to give once it is in
+    place (a failure to raise, when part of the tree could not be copied)."""
+    left_out = 0
 
-        def ignore(directory: str, names: list[str]) -> set[str]:
-            # Entries the policy denies reading, and anything but files, directories and links.
-            nonlocal left_out
-            check_stop(stop)
-            base = relative_to_root(ctx.root, directory) or "."
-            skipped = set()
-            for name in names:
-                entry = os.lstat(os.path.join(directory, name)).st_mode
-                special = not (stat.S_ISDIR(entry) or stat.S_ISREG(entry) or stat.S_ISLNK(entry))
-                if special or ctx.hides(posixpath.join(base, name)):
-                    skipped.add(name)
-            left_out += len(skipped)
-            return skipped
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        # Entries the policy denies reading, and anything but files, directories and links.
+        nonlocal left_out
+        check_stop(stop)
+        base = relative_to_root(ctx.root, directory) or "."
+        skipped = set()
+        for name in names:
+            entry = os.lstat(os.path.join(directory, name)).st_mode
+            special = not (stat.S_ISDIR(entry) or stat.S_ISREG(entry) or stat.S_ISLNK(entry))
+            if special or ctx.hides(posixpath.join(base, name)):
+                skipped.add(name)
+        left_out += len(skipped)
+        return skipped
 
-        def copy_file(src: str, dst: str) -> str:
-            _copy_file(src, dst, stop, relative_to_root(ctx.root, src) or src)
-            return dst
+    def copy_file(src: str, dst: str) -> str:
+        _copy_file(src, dst, stop, relative_to_root(ctx.root, src) or src)
+        return dst
 
-        # Links inside the tree are copied as links: following them could read outside the workspace.
-        errors = _copy_tree(source, temp, ignore, copy_file)
-        if errors:
-            # One example and a count: shutil.Error's text listed every failure with its absolute
-            # paths, 2.7 MB for 20,000 unreadable directories, all of it the call's output.
-            path, exc = errors[0]
-            failed = (f"cannot copy {shown[0]} to {shown[1]} whole: {len(errors)} entries could not be copied, "
-                      f"such as {relative_to_root(ctx.root, path) or path} ({exc.strerror or exc})")
-            if replacing:
-                # A partial copy does not replace a whole directory: the user keeps the old one.
-                raise ToolFailure(f"{failed}; {shown[1]} was left as it was")
-            return ToolFailure(f"{failed}; the rest was copied")
-        notice = (
-            f"\n[{left_out} entries were not copied: special files (FIFOs, sockets, devices) and paths this "
-            "session's permission policy denies reading]" if left_out else ""
-        )
-        return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
-    _copy_file(source, temp, stop, shown[0])
-    return ToolResult(output=f"Copied {shown[0]} to {shown[1]}")
+    # Links inside the tree are copied as links: following them could read outside the workspace.
+    errors = _copy_tree(source, temp, ignore, copy_file)
+    if errors:
+        # One example and a count: shutil.Error's text listed every failure with its absolute
+        # paths, 2.7 MB for 20,000 unreadable directories, all of it the call's output.
+        path, exc = errors[0]
+        failed = (f"cannot copy {shown[0]} to {shown[1]} whole: {len(errors)} entries could not be copied, "
+                  f"such as {relative_to_root(ctx.root, path) or path} ({exc.strerror or exc})")
+        if replacing:
+            # A partial copy does not replace a whole directory: the user keeps the old one.
+            raise ToolFailure(f"{failed}; {shown[1]} was left as it was")
+        return ToolFailure(f"{failed}; the rest was copied")
+    notice = (
+        f"\n[{left_out} entries were not copied: special files (FIFOs, sockets, devices) and paths this "
+        "session's permission policy denies reading]" if left_out else ""
+    )
+    return ToolResult(output=f"Copied directory {shown[0]} to {shown[1]}{notice}", truncated=bool(left_out))
 
 
 async def _run(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
