@@ -532,6 +532,21 @@ class Turn:
         # This runs in the call's own task: what it logs names the call.
         log_context.call_id.set(call.call_id)
         decision = asks.pop(call, None)
+        if call.arguments is not None:
+            # Decided again now, as it is about to run: it was decided when the model's response
+            # came, before the calls ahead of it in that response ran, and one of them may have
+            # made a path it names a symlink to a denied one (`ln -s secret out`, then a write to
+            # out/key). The stricter of the two decisions holds.
+            now = ctx.settings.permissions.decide(call.tool_name, call.arguments, str(ctx.workspace))
+            if now.action is Action.DENY:
+                return ToolResult.error(
+                    ErrorKind.PERMISSION_DENIED,
+                    f"{call.tool_name} was not run: this session's permission policy denies this call "
+                    f"({now.describe()}), as the workspace stood when it was about to run. Do not retry it; "
+                    "choose another way or ask the user.",
+                )
+            if now.action is Action.ASK and decision is None:
+                decision = now
         if decision is not None:
             call.wait_for("its confirmation")
             refusal = await self._confirm(call, decision)

@@ -200,6 +200,29 @@ async def test_an_absolute_write_deny_inside_the_workspace_holds(
     assert not (workspace / "secret" / "planted").exists() and not (workspace / "secret" / "planted2").exists()
 
 
+async def test_a_write_deny_holds_through_a_link_an_earlier_call_of_the_response_made(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # Every call of a response was decided when the response came, before `ln` ran: out/key was
+    # then no link, matched no rule, and the write and delete went through it into secret/.
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "key").write_text("ORIGINAL\n")
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_ln", command="ln -s secret out"),
+                                    call("write", "c_w", file_path="out/key", content="pwned\n"),
+                                    call("delete", "c_d", path="out/key")]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=_policy(deny=["write(secret/**)"]))
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    assert not results["c_ln"].is_error
+    for call_id in ("c_w", "c_d"):
+        assert results[call_id].error_kind == DENIED, results[call_id]
+        assert "deny[0] `write(secret/**)`" in results[call_id].output
+    assert (workspace / "secret" / "key").read_text() == "ORIGINAL\n"
+
+
 async def test_a_deny_of_a_directory_written_with_a_slash_holds(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
