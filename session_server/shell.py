@@ -184,6 +184,9 @@ def _is_assignment(word: str) -> bool:
 # Commands split at control operators, for deny rules when the parser gives up (the old way:
 # stricter for deny, since quotes are ignored).
 _SEPARATOR = re.compile(r"&&|\|\||[;&|\n]|\$\(|`|\)")
+# What in a here-document's body runs a command when it is expanded: `$(...)`, `` `...` ``
+# (also within `${...}` or `$((...))`).
+_RUNS_A_COMMAND = re.compile(r"\$\(|`")
 
 
 def _fallback_commands(raw: str) -> tuple[SimpleCommand, ...]:
@@ -267,6 +270,15 @@ class _Walker:
             # A here-document or here-string, or a duplicated descriptor (2>&1): no file.
             if not isinstance(target, int) and target is not None:
                 self._nested(target)
+            heredoc = getattr(node, "heredoc", None)
+            if heredoc is not None and _RUNS_A_COMMAND.search(heredoc.value):
+                # The body of a here-document with an unquoted delimiter is expanded, and its
+                # substitutions run (`cat <<EOF` then `$(rm x)`), but the parser keeps it as
+                # text: what runs is split out the old way, for deny rules, and no allow rule
+                # vouches for the line. (A quoted delimiter, whose body is literal, is unreadable
+                # to the parser: opaque anyway.)
+                self.commands += _fallback_commands(heredoc.value)
+                self.opaque = self.opaque or "a here-document's body holds a command substitution"
             return
         self._nested(target)
         expansion = _expansion(self._source(target))

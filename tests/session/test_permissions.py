@@ -183,6 +183,25 @@ async def test_denied_calls_never_run(client: Client, workspace: Path, tmp_path:
     assert not _of_kind(events, "confirmation_required")
 
 
+async def test_an_allow_rule_does_not_vouch_for_a_substitution_in_a_here_document(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # bash expands the body of a here-document with an unquoted delimiter, and runs its
+    # substitutions; the parser kept the body as text, so `bash(cat *)` vouched for the `rm`.
+    commands = ["cat -n <<EOF\n$(rm a.txt)\nEOF", "cat -n <<EOF\n`rm a.txt`\nEOF"]
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    policy = _policy(default_action=session_pb2.PERMISSION_ACTION_DENY, allow=["bash(cat *)"])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    for i, command in enumerate(commands):
+        assert results[f"c{i}"].error_kind == DENIED, command
+    assert (workspace / "a.txt").exists()
+
+
 async def test_an_absolute_write_deny_inside_the_workspace_holds(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
