@@ -243,7 +243,9 @@ class _Walker:
             if part.kind in ("word", "assignment"):
                 # An assignment's value is neither globbed nor brace-expanded; a word holding a
                 # substitution is a run-time value (`_has_expansion`) as a whole.
-                source = self._source(part) if part.kind == "word" and not part.parts else None
+                source = self._source(part) if part.kind == "word" else None
+                if part.parts and not (source is not None and _only_quoting(source)):
+                    source = None
                 expansion = _expansion(source) if source is not None else None
                 words.append(part.word)
                 expanded.append(_has_expansion(part) or expansion is not None)
@@ -304,6 +306,12 @@ _Chars = list[tuple[str, bool]]
 _SEQUENCE = re.compile(r"(?P<first>-?\d+|[A-Za-z])\.\.(?P<last>-?\d+|[A-Za-z])(?:\.\.(?P<step>-?\d+))?")
 # Characters escaped in a glob of tool_worker.denied's syntax to stand for themselves.
 _GLOB_SPECIAL = frozenset("\\*?[]{}")
+# A `$'...'` (ANSI-C) quote, or the start of a `$"..."` (translated) one.
+_DOLLAR_QUOTE = re.compile(r"\$'(?:[^'\\]|\\.)*'|\$\"")
+# The escapes of a `$'...'` quote's body, and those that stand for one character.
+_ANSI_C_ESCAPE = re.compile(r"\\(?:x[0-9A-Fa-f]{0,2}|u[0-9A-Fa-f]{0,4}|U[0-9A-Fa-f]{0,8}|[0-7]{1,3}|c.?|.)", re.DOTALL)
+_ANSI_C_SIMPLE = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+                  "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?"}
 
 
 def _path_expansion(source: str) -> Expansion | None:
@@ -321,13 +329,13 @@ def _expansion(source: str) -> Expansion | None:
     """What the word written `source` may expand to as a path, when it holds an unquoted glob
     character or brace expansion; None when it holds none (or a `$` or backquote: a value known
     only at run time, which `_has_expansion` reports)."""
-    if "$" in source or "`" in source:
+    if not _only_quoting(source):
         return None
     chars = _read_quotes(source)
     words = _expand_braces(chars)
     if words is None:
         return Expansion((), ("**",))
-    if len(words) == 1 and not _has_glob(words[0]):
+    if len(words) == 1 and not _has_glob(words[0]) and "$" not in source:
         return None  # no brace expansion and no glob: the word is what it says
     paths: list[str] = []
     globs: list[str] = []
@@ -340,13 +348,29 @@ def _expansion(source: str) -> Expansion | None:
     return Expansion(tuple(dict.fromkeys(paths)), tuple(dict.fromkeys(globs)))
 
 
+def _only_quoting(source: str) -> bool:
+    """Whether every `$` of the word written `source` starts a `$'...'` or `$"..."` quote, and it
+    holds no backquote: its value is known now, though the parser reads `$'secret/key'` as a
+    parameter (`$secret/key`)."""
+    return "`" not in source and "$" not in _DOLLAR_QUOTE.sub("", source)
+
+
 def _read_quotes(source: str) -> _Chars:
     """The word's characters after quote removal, each with whether it was quoted."""
     chars: _Chars = []
     i = 0
     while i < len(source):
         char = source[i]
-        if char == "\\":
+        if source.startswith("$'", i):
+            # ANSI-C quoting: `$'secret/k\x65y'` is secret/key.
+            end = i + 2
+            while end < len(source) and source[end] != "'":
+                end += 2 if source[end] == "\\" else 1
+            chars += [(c, True) for c in _ansi_c(source[i + 2 : end])]
+            i = end + 1
+        elif source.startswith('$"', i):
+            i += 1  # a translated string: as a double-quoted one (no catalog translates it)
+        elif char == "\\":
             if i + 1 < len(source) and source[i + 1] != "\n":
                 chars.append((source[i + 1], True))
             i += 2
@@ -370,6 +394,26 @@ def _read_quotes(source: str) -> _Chars:
             chars.append((char, False))
             i += 1
     return chars
+
+
+def _ansi_c(body: str) -> str:
+    """The text of a `$'...'` quote's body, its backslash escapes decoded as bash decodes them."""
+    return _ANSI_C_ESCAPE.sub(_ansi_c_escape, body)
+
+
+def _ansi_c_escape(match: re.Match[str]) -> str:
+    escape = match[0][1:]
+    if escape[0] in "xuU":
+        if len(escape) == 1:
+            return match[0]
+        point = int(escape[1:], 16)
+        # No path holds a lone surrogate or a point past Unicode (nor could it be encoded).
+        return chr(point) if point <= 0x10FFFF and not 0xD800 <= point <= 0xDFFF else "\ufffd"
+    if escape[0].isdigit():
+        return chr(int(escape, 8) & 0xFF)
+    if escape[0] == "c":
+        return chr(ord(escape[1]) & 0x1F) if len(escape) > 1 else match[0]
+    return _ANSI_C_SIMPLE.get(escape, match[0])
 
 
 def _expand_braces(chars: _Chars) -> list[_Chars] | None:

@@ -282,6 +282,28 @@ async def test_a_glob_word_does_not_read_past_a_read_deny(
         assert results[f"c{i}"].error_kind == DENIED, command
 
 
+async def test_an_ansi_c_quoted_word_does_not_read_past_a_read_deny(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # bash reads `$'secret/key'` as secret/key; the parser saw a parameter (`$secret/key`), a
+    # value known only at run time, which no path rule matched.
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
+    commands = ["cat $'secret/key'", "cat <$'secret/key'", "cat $'\\x73ecret'/key", "echo x >$'secret/key'"]
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    policy = _policy(deny=["read(secret/**)", "write(secret/**)"])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    for i, command in enumerate(commands):
+        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
+        assert results[f"c{i}"].error_kind == DENIED, command
+    assert (workspace / "secret" / "key").read_text() == "TOP-SECRET-KEY\n"
+
+
 async def test_a_crafted_rule_on_a_crafted_path_does_not_hold_the_server(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
