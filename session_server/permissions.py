@@ -497,15 +497,24 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
         if argument.kind is SubjectKind.COMMAND:
             shell = argv_line(value) if isinstance(value, list) else parse_shell(str(value))
             subjects.append(_Subject(SubjectKind.COMMAND, (shell.raw,), shell))
+            # A relative path is also checked from each directory the line's `cd`s lead to.
+            directories = shell.directories()
+            if directories is None:
+                globs += [(Access.READ, ("**",)), (Access.WRITE, ("**",))]
+                directories = ()
             for redirection in shell.redirections:
                 if redirection.target is not None:
-                    accesses.append((redirection.access, _path_forms(redirection.target, workspace)))
+                    accesses += [(redirection.access, _path_forms(p, workspace))
+                                 for p in _from_each(redirection.target, directories)]
                 if redirection.expansion is not None:
-                    accesses += [(redirection.access, _path_forms(p, workspace)) for p in redirection.expansion.paths]
+                    accesses += [(redirection.access, _path_forms(p, workspace))
+                                 for path in redirection.expansion.paths for p in _from_each(path, directories)]
                     globs += [(redirection.access, _glob_forms(g, workspace, starts))
-                              for g in redirection.expansion.globs]
-            accesses += [(Access.READ, _path_forms(word, workspace)) for word in shell.mentioned_paths()]
-            globs += [(Access.READ, _glob_forms(glob, workspace, starts)) for glob in shell.mentioned_globs()]
+                              for glob in redirection.expansion.globs for g in _from_each(glob, directories, True)]
+            accesses += [(Access.READ, _path_forms(p, workspace))
+                         for word in shell.mentioned_paths() for p in _from_each(word, directories)]
+            globs += [(Access.READ, _glob_forms(g, workspace, starts))
+                      for glob in shell.mentioned_globs() for g in _from_each(glob, directories, True)]
         elif argument.kind is SubjectKind.PATH:
             forms = _path_forms(str(value), workspace)
             kinds = _ACCESSES.get(tool, ((),))[position]
@@ -517,6 +526,14 @@ def _describe_call(tool: str, arguments: Mapping[str, Any], workspace: str | Non
         directory = arguments.get("path") or "."
         accesses.append((Access.READ, _path_forms(str(directory), workspace)))
     return _Call(tool, tuple(subjects), tuple(accesses), tuple(globs))
+
+
+def _from_each(path: str, directories: Sequence[str], glob: bool = False) -> list[str]:
+    """`path` as named, and, when relative, from each of `directories` (a glob's directory
+    escaped to stand for itself)."""
+    if path.startswith("/"):
+        return [path]
+    return [path, *(posixpath.join(literal_glob(d) if glob else d, path) for d in directories)]
 
 
 def _path_forms(path: str, workspace: str | None) -> tuple[str, ...]:
@@ -661,13 +678,17 @@ def _vouch_for_shell(
         if rule is None:
             return None
         first = first or rule
+    directories = shell.directories()
+    if directories is None:
+        return None
     for redirection in shell.redirections:
         if redirection.target is None:
             return None
         path_rules = [r for r in rules if r.glob is not None and ACCESS_RULES.get(r.tool) is redirection.access]
-        for form in _path_forms(redirection.target, workspace):
-            if not any(r.matches_path(form) for r in path_rules):
-                return None
+        for path in _from_each(redirection.target, directories):
+            for form in _path_forms(path, workspace):
+                if not any(r.matches_path(form) for r in path_rules):
+                    return None
     return first
 
 

@@ -58,6 +58,9 @@ WRITING_OPTIONS: dict[str, tuple[str, ...]] = {
 
 # Alternatives a word's braces may stand for, at most: past it, the word may name any path.
 MAX_BRACE_WORDS = 256
+# Working directories a line's `cd`s may lead to that its relative paths are checked below, at
+# most (`ShellLine.directories`); past it, they may be anywhere.
+MAX_DIRECTORIES = 32
 
 
 class Access(enum.StrEnum):
@@ -140,6 +143,29 @@ class ShellLine:
         for command in self.commands:
             for expansion in self._expansions(command):
                 yield from expansion.globs
+
+    def directories(self) -> tuple[str, ...] | None:
+        """The working directories its `cd` and `pushd` commands may move to, as written from where
+        the line starts (each from every directory before it: `cd src && cd lib`): a relative
+        path the line names may be below any of them (`cd src && cat ../secret/key` reads
+        secret/key). A target known only at run time (`cd $D`, `cd ~`) is left out, as any such
+        value is. None past MAX_DIRECTORIES: anywhere."""
+        found: list[str] = []
+        for command in self.commands:
+            if command.program not in ("cd", "pushd"):
+                continue
+            targets = [(word, expanded) for word, expanded in zip(command.words[1:], command.expanded[1:], strict=False)
+                       if not word.startswith("-") and not word.startswith("+")]
+            if not targets or targets[0][1]:
+                continue
+            target = targets[0][0]
+            for base in ["", *found]:
+                joined = posixpath.join(base, target)
+                if joined not in found:
+                    found.append(joined)
+            if len(found) > MAX_DIRECTORIES:
+                return None
+        return tuple(found)
 
     @staticmethod
     def _expansions(command: SimpleCommand) -> Iterator[Expansion]:

@@ -304,6 +304,28 @@ async def test_an_ansi_c_quoted_word_does_not_read_past_a_read_deny(
     assert (workspace / "secret" / "key").read_text() == "TOP-SECRET-KEY\n"
 
 
+async def test_a_path_named_from_where_a_cd_leads_does_not_read_past_a_read_deny(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # `../secret/key` after `cd src` is secret/key; it was matched as named, from the workspace
+    # (a path outside it, which no rule named), and the README's allow list ran it.
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
+    commands = ["cd src && cat ../secret/key", "cd src && cd .. && cat secret/key", "cd src && cat ../s*/key"]
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    policy = _policy(default_action=session_pb2.PERMISSION_ACTION_DENY, allow=["bash(cat *)", "bash(cd *)"],
+                     deny=["read(secret/**)"])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    for i, command in enumerate(commands):
+        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
+        assert results[f"c{i}"].error_kind == DENIED, command
+
+
 async def test_a_crafted_rule_on_a_crafted_path_does_not_hold_the_server(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
