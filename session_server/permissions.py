@@ -212,6 +212,15 @@ class Rule:
         assert self.glob is not None
         return compile_path_glob(self.glob).fullmatch(path) is not None
 
+    def allows_path(self, path: str) -> bool:
+        """What an allow rule vouches for: a relative glob names paths of the workspace only, where
+        `**/*.log` (whose `**` matches `..` and a leading `/` too) also matched /etc/x.log and
+        ../../x.log."""
+        assert self.glob is not None
+        if not self.glob.startswith("/") and (path.startswith("/") or path == ".." or path.startswith("../")):
+            return False
+        return self.matches_path(path)
+
     def denies_path(self, path: str) -> bool:
         """The path, or a directory above it, matches: what a deny or ask rule protects."""
         return any(self.matches_path(candidate) for candidate in ancestors_and_self(path))
@@ -657,7 +666,7 @@ def _every_match(rules: Sequence[Rule], call: _Call, workspace: str | None) -> R
             continue
         for form in subject.forms:
             if subject.kind is SubjectKind.PATH:
-                rule = next((r for r in mine if r.matches_path(form)), None)
+                rule = next((r for r in mine if r.allows_path(form)), None)
             else:
                 rule = next((r for r in mine if r.matches_text(form)), None)
             if rule is None:
@@ -687,7 +696,7 @@ def _vouch_for_shell(
         path_rules = [r for r in rules if r.glob is not None and ACCESS_RULES.get(r.tool) is redirection.access]
         for path in _from_each(redirection.target, directories):
             for form in _path_forms(path, workspace):
-                if not any(r.matches_path(form) for r in path_rules):
+                if not any(r.allows_path(form) for r in path_rules):
                     return None
     return first
 

@@ -242,6 +242,27 @@ async def test_a_write_deny_holds_through_a_link_an_earlier_call_of_the_response
     assert (workspace / "secret" / "key").read_text() == "ORIGINAL\n"
 
 
+async def test_a_relative_allow_glob_vouches_for_no_path_outside_the_workspace(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # `**` matches `..` and a leading `/` as well: `write(**/*.log)` vouched for ../x.log and
+    # for an absolute path anywhere, where a relative glob names the workspace's paths.
+    outside = tmp_path / "outside.log"
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", "c_up", command="echo x > ../outside.log"),
+                                    call("bash", "c_abs", command=f"echo x > {outside}"),
+                                    call("bash", "c_in", command="echo x > in.log")]},
+        {"text": "Done."},
+    ])
+    policy = _policy(default_action=session_pb2.PERMISSION_ACTION_DENY, allow=["bash(echo *)", "write(**/*.log)"])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    assert results["c_up"].error_kind == DENIED and results["c_abs"].error_kind == DENIED
+    assert not results["c_in"].is_error and (workspace / "in.log").exists()
+    assert not outside.exists()
+
+
 async def test_a_deny_of_a_directory_written_with_a_slash_holds(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
