@@ -152,10 +152,12 @@ class ShellLine:
         value is. None past MAX_DIRECTORIES: anywhere."""
         found: list[str] = []
         for command in self.commands:
-            if command.program not in ("cd", "pushd"):
+            words = list(zip(command.words, command.expanded, strict=False))
+            while words and (_is_assignment(words[0][0]) or words[0][0] in ("builtin", "command")):
+                words.pop(0)  # `builtin cd src` is `cd src`
+            if not words or words[0][0] not in ("cd", "pushd"):
                 continue
-            targets = [(word, expanded) for word, expanded in zip(command.words[1:], command.expanded[1:], strict=False)
-                       if not word.startswith("-") and not word.startswith("+")]
+            targets = [(word, expanded) for word, expanded in words[1:] if not word.startswith(("-", "+"))]
             if not targets or targets[0][1]:
                 continue
             target = targets[0][0]

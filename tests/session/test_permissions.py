@@ -332,7 +332,8 @@ async def test_a_path_named_from_where_a_cd_leads_does_not_read_past_a_read_deny
     # (a path outside it, which no rule named), and the README's allow list ran it.
     (workspace / "secret").mkdir()
     (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
-    commands = ["cd src && cat ../secret/key", "cd src && cd .. && cat secret/key", "cd src && cat ../s*/key"]
+    commands = ["cd src && cat ../secret/key", "cd src && cd .. && cat secret/key", "cd src && cat ../s*/key",
+                "builtin cd src && cat ../secret/key"]
     model = scripted(tmp_path, [
         {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
         {"text": "Done."},
