@@ -260,6 +260,11 @@ class _Walker:
         for part in getattr(node, "parts", None) or ():
             if part.kind in ("commandsubstitution", "processsubstitution"):
                 self.visit(part.command)
+            elif part.kind == "parameter" and _RUNS_A_COMMAND.search(getattr(part, "value", "")):
+                # `${x:-$(rm x)}`, `${a[$(rm x)]}`: the parser keeps a parameter's text whole, so
+                # what its substitutions run is split out the old way, and the line is opaque.
+                self.commands += _fallback_commands(part.value)
+                self.opaque = self.opaque or "a parameter expansion holds a command substitution"
             else:
                 self._nested(part)
 

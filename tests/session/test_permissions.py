@@ -202,6 +202,23 @@ async def test_an_allow_rule_does_not_vouch_for_a_substitution_in_a_here_documen
     assert (workspace / "a.txt").exists()
 
 
+async def test_a_deny_rule_matches_a_substitution_inside_a_parameter_expansion(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    # The parser keeps `${x:-...}` as text: the `rm` its default runs was no piece of the line.
+    commands = ["echo ${x:-$(rm a.txt)}", 'echo "${x:-`rm a.txt`}"', "echo ${x[$(rm a.txt)]}"]
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=_policy(deny=["bash(rm *)"]))
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    for i, command in enumerate(commands):
+        assert results[f"c{i}"].error_kind == DENIED, command
+    assert (workspace / "a.txt").exists()
+
+
 async def test_an_absolute_write_deny_inside_the_workspace_holds(
     client: Client, workspace: Path, tmp_path: Path
 ) -> None:
