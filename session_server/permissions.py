@@ -634,18 +634,56 @@ def _any_match(rules: Iterable[Rule], call: _Call, inside: _Inside) -> Rule | No
     return None
 
 
+# Programs that run the rest of their words as a command, with the options of their own that
+# take a value: `time rm x`, `env rm x` or `nice -n 5 rm x` was no way around deny bash(rm *).
+# (Any program may run another one; these are the ones written in front of a command as a matter
+# of course. An allow list, not a deny list, is what bounds a shell: README.)
+_WRAPPERS: dict[str, frozenset[str]] = {
+    "builtin": frozenset(), "command": frozenset(), "exec": frozenset({"-a"}), "time": frozenset(),
+    "nohup": frozenset(), "setsid": frozenset(), "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S"}),
+    "nice": frozenset({"-n", "--adjustment"}), "ionice": frozenset({"-c", "-n", "-p"}),
+    "timeout": frozenset({"-s", "--signal", "-k", "--kill-after"}),
+}
+
+
 def _command_texts(subject: _Subject) -> Iterable[str]:
     """What deny and ask command globs are matched against: the whole line, and each command as
-    written and with its program named without its directory (`/bin/rm` is `rm`)."""
+    written and with its program named without its directory (`/bin/rm` is `rm`), and what a
+    wrapper in front of it runs (`time rm x` is also `rm x`)."""
     yield subject.forms[0]
     assert subject.shell is not None
     for command in subject.shell.commands:
         yield command.text
-        words = list(command.words)
-        while words and "=" in words[0] and words[0].partition("=")[0].isidentifier():
+        words = _without_assignments(list(command.words))
+        while words:
+            program = posixpath.basename(words[0])
+            yield " ".join([program, *words[1:]])
+            if program not in _WRAPPERS:
+                break
+            words = _wrapped(program, words[1:])
+
+
+def _without_assignments(words: list[str]) -> list[str]:
+    while words and "=" in words[0] and words[0].partition("=")[0].isidentifier():
+        words.pop(0)
+    return words
+
+
+def _wrapped(wrapper: str, words: list[str]) -> list[str]:
+    """The command `wrapper` runs, from the words after it: its own options (and their values),
+    env's assignments and timeout's duration skipped."""
+    with_value = _WRAPPERS[wrapper]
+    while words and words[0].startswith("-") and words[0] != "-":
+        option = words.pop(0)
+        if option == "--":
+            break
+        if option in with_value and words:
             words.pop(0)
-        if words:
-            yield " ".join([posixpath.basename(words[0]), *words[1:]])
+    if wrapper == "env":
+        words = _without_assignments(words)
+    elif wrapper == "timeout" and words:
+        words.pop(0)  # the duration
+    return words
 
 
 def _every_match(rules: Sequence[Rule], call: _Call, workspace: str | None) -> Rule | None:

@@ -111,6 +111,19 @@ def test_deny_matches_any_segment_of_a_command() -> None:
     assert decide(policy, "bash", command="ls; echo rm") is Action.ALLOW
 
 
+@pytest.mark.parametrize("line", [
+    "time rm a", "time -p rm a", "command rm a", "builtin rm a", "exec rm a", "exec -a x rm a", "nohup rm a",
+    "env rm a", "env -i FOO=1 rm a", "env -u HOME rm a", "/usr/bin/env rm a", "nice -n 5 rm a", "nice -5 rm a",
+    "timeout 5 rm a", "timeout -s KILL 5s rm a", "env nice time rm a", "sudo=1 time rm a",
+])
+def test_deny_sees_the_command_a_wrapper_runs(line: str) -> None:
+    # Spelled with `time` (shell syntax) or a program that runs the rest, rm ran under deny bash(rm *).
+    policy = PermissionPolicy.parse(deny=["bash(rm *)"], ask=["bash(git push *)"])
+    assert decide(policy, "bash", command=line) is Action.DENY
+    assert decide(policy, "bash", command=line.replace("rm a", "git push origin")) is Action.ASK
+    assert decide(policy, "bash", command=line.replace("rm a", "ls a")) is Action.ALLOW
+
+
 def test_execute_argv_is_matched_as_a_command_line() -> None:
     policy = PermissionPolicy.parse(allow=["execute(pytest *)"], default_action="deny")
     assert decide(policy, "execute", argv=["pytest", "-q", "tests/a b.py"]) is Action.ALLOW
