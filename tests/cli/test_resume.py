@@ -302,18 +302,20 @@ async def test_watch_of_an_idle_session_resumes_a_break(waiting_server: Threaded
 
 class _Stream:
     """A scripted event stream: yields `replies`, then `then()` runs (the test moves its clock) and
-    the stream breaks with UNAVAILABLE, as a lost connection does."""
+    the stream breaks with `code` (UNAVAILABLE, as a lost connection does)."""
 
-    def __init__(self, replies: list[session_pb2.WatchEventsResponse], then: Callable[[], None]) -> None:
+    def __init__(self, replies: list[session_pb2.WatchEventsResponse], then: Callable[[], None],
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, details: str = "Socket closed") -> None:
         self._replies = replies
         self._then = then
+        self._code = code
+        self._details = details
 
     async def _items(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
         for reply in self._replies:
             yield reply
         self._then()
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   details="Socket closed")
+        raise grpc.aio.AioRpcError(self._code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=self._details)
 
     def __aiter__(self) -> AsyncIterator[session_pb2.WatchEventsResponse]:
         return self._items()
@@ -408,6 +410,24 @@ async def test_resumes_that_fail_spend_the_budget_counted_from_the_break(clock: 
     assert raised.value.code == "UNAVAILABLE"
     assert [e.sequence for e in seen] == [1]
     assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]  # two resumes; the second broke past the budget
+
+
+async def test_a_resume_cancelled_by_a_stopping_server_is_resumed_again(no_backoff: None) -> None:
+    # A server stopping (SIGTERM) ends its following streams with UNAVAILABLE SHUTTING_DOWN; a
+    # resume made at once reached it while its gRPC server stopped, which cancels the calls it
+    # has not started (CANCELLED, from the server: a call this client cancels raises
+    # asyncio.CancelledError instead). That error was raised, where the restarted server was
+    # there to resume on.
+    session, sessions = _scripted_session([
+        _Stream([_event(1)], lambda: None, details="the server is shutting down"),
+        _Stream([], lambda: None, grpc.StatusCode.CANCELLED, "CANCELLED"),
+        _Stream([_caught_up(1), _event(2)], lambda: None),
+    ])  # fmt: skip
+    watch = session.watch(follow=True)
+    seen = [await anext(watch), await anext(watch), await anext(watch)]
+    await watch.aclose()
+    assert [getattr(item, "sequence", None) for item in seen] == [1, None, 2]
+    assert [r.after_sequence for r in sessions.requests] == [0, 1, 1]
 
 
 async def test_a_resumed_stream_that_never_answers_is_given_up_once_the_budget_is_spent(

@@ -345,10 +345,13 @@ def _rpc(fn):
 
 def _resumable(error: CodelaneError) -> bool:
     """Whether a broken event stream is mended by a new one: the server cut a reader that fell
-    behind, the connection was lost, or the stream was reset."""
+    behind, the connection was lost, the stream was reset, or the server cancelled it. A stopping
+    server cancels the calls it has not started (a resume made at once after its SHUTTING_DOWN
+    reaches it then); a call this client cancels, or closes, raises asyncio.CancelledError instead
+    (see `_resuming`), never this."""
     if error.code == "RESOURCE_EXHAUSTED":
         return error.reason == SUBSCRIBER_TOO_SLOW
-    return error.code in ("UNAVAILABLE", "INTERNAL")
+    return error.code in ("UNAVAILABLE", "INTERNAL", "CANCELLED")
 
 
 def _stream_items(
