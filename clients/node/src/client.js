@@ -503,15 +503,18 @@ export const _resumeTiming = {
 // The ErrorInfo reason of the RESOURCE_EXHAUSTED that cuts a subscriber which fell behind.
 const SUBSCRIBER_TOO_SLOW = 'SUBSCRIBER_TOO_SLOW';
 
-/** Whether a broken event stream is mended by a new one: the server cut a reader that fell
- * behind, the connection was lost, or the stream was reset. */
 /** A gRPC status code's name (UNAVAILABLE), as the Python client writes it. */
 function codeName(code) {
   return Object.keys(grpc.status).find((name) => grpc.status[name] === code) ?? String(code);
 }
 
-function resumable(err) {
+/** Whether a broken event stream is mended by a new one: the server cut a reader that fell
+ * behind, the connection was lost, the stream was reset, or the server cancelled it (a stopping
+ * server cancels the calls it has not started: a resume made at once after its SHUTTING_DOWN
+ * reaches it then). `closed`: the client was closed, which cancels its calls itself. */
+function resumable(err, closed) {
   if (err?.code === grpc.status.RESOURCE_EXHAUSTED) return err.errorInfo?.reason === SUBSCRIBER_TOO_SLOW;
+  if (err?.code === grpc.status.CANCELLED) return !closed;
   return err?.code === grpc.status.UNAVAILABLE || err?.code === grpc.status.INTERNAL;
 }
 
@@ -524,9 +527,10 @@ function resumable(err) {
  * leaving a `for await` loop end it as a single stream's iteration does.
  */
 class ResumingIterator {
-  constructor(first, reopen, { afterSequence, follow, turn, signal, onResume }) {
+  constructor(first, reopen, { afterSequence, follow, turn, signal, onResume, closed }) {
     this._call = first;
     this._reopen = reopen; // (afterSequence) => a CallIterator of WatchEvents
+    this._closed = closed; // () => whether the client was closed (its calls cancelled by it)
     this._signal = signal;
     this._onResume = onResume;
     this._stopped = false;
@@ -609,7 +613,7 @@ class ResumingIterator {
           brokenAt = now; // the budget starts now, however long the stream had been quiet
           broke = error;
         }
-        if (silent || !resumable(error) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) {
+        if (silent || !resumable(error, this._closed()) || (turn && last === after) || now - brokenAt > _resumeTiming.withinMs) {
           throw error;
         }
         try {
@@ -971,7 +975,7 @@ export class CodelaneClient {
     const first = this._stream('SendMessage', 'SendMessageRequest', { sessionId, text }, 'SendMessageResponse',
       { signal, timeoutMs }, (response) => response.events ?? []);
     return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, true, { signal, timeoutMs }),
-      { afterSequence: 0n, follow: true, turn: true, signal, onResume });
+      { afterSequence: 0n, follow: true, turn: true, signal, onResume, closed: () => this._closed });
   }
 
   /**
@@ -986,7 +990,7 @@ export class CodelaneClient {
     const { afterSequence = 0n, follow = true, signal, timeoutMs, onResume } = options;
     const first = this._watchStream(sessionId, afterSequence, follow, { signal, timeoutMs });
     return new ResumingIterator(first, (after) => this._watchStream(sessionId, after, follow, { signal, timeoutMs }),
-      { afterSequence, follow, turn: false, signal, onResume });
+      { afterSequence, follow, turn: false, signal, onResume, closed: () => this._closed });
   }
 
   _watchStream(sessionId, afterSequence, follow, streamOptions) {

@@ -1128,6 +1128,30 @@ describe('streams that break are resumed', { timeout: TEST_TIMEOUT_MS }, () => {
     }
   });
 
+  test('a resume cancelled by a stopping server is resumed again', async () => {
+    // A server stopping (SIGTERM) ends its following streams with UNAVAILABLE SHUTTING_DOWN; a
+    // resume made at once reached it while its gRPC server stopped, which cancels the calls it
+    // has not started (CANCELLED from the server), and that error was thrown, where the
+    // restarted server was there to resume on.
+    Object.assign(_resumeTiming, { backoffInitialMs: 0, backoffMaxMs: 0 });
+    const scripted = await scriptedWatches([
+      { replies: [event(1)] }, { code: grpc.status.CANCELLED }, { replies: [caughtUp, event(2)] },
+    ]);
+    const viaScripted = connect(scripted.address, { callTimeoutMs: 10_000 });
+    try {
+      const items = [];
+      for await (const item of viaScripted.watchEvents('s_scripted', { timeoutMs: STREAM_TIMEOUT_MS })) {
+        items.push(item);
+        if (items.length === 3) break;
+      }
+      assert.deepEqual(items.map((item) => item.sequence), [1n, undefined, 2n]);
+      assert.deepEqual(scripted.requests.map((r) => r.afterSequence), ['0', '1', '1']);
+    } finally {
+      viaScripted.close();
+      scripted.close();
+    }
+  });
+
   test('a resumed stream that never answers is given up once the budget is spent', async () => {
     // grpc-js waits for ever on a server that takes the connection and says nothing (one
     // stopped, or hung): the iteration waited with it, past any budget.
@@ -1263,7 +1287,8 @@ describe('close() and the calls still running', { timeout: TEST_TIMEOUT_MS }, ()
 /**
  * A SessionService in this process whose WatchEvents plays `streams` in turn: each writes its
  * `replies` (WatchEventsResponse objects), runs its `then()` (where a test moves the clock on),
- * then ends UNAVAILABLE, as a lost connection does; a `silent` one says nothing and never ends.
+ * then ends with its `code` (UNAVAILABLE, as a lost connection does); a `silent` one says nothing
+ * and never ends.
  * `requests` are the WatchEventsRequests seen.
  */
 async function scriptedWatches(streams) {
@@ -1275,11 +1300,11 @@ async function scriptedWatches(streams) {
   server.addService(service, {
     WatchEvents(call) {
       requests.push(call.request);
-      const { replies = [], then, silent } = streams[requests.length - 1] ?? {};
+      const { replies = [], then, silent, code = grpc.status.UNAVAILABLE } = streams[requests.length - 1] ?? {};
       if (silent) return; // says nothing, and never ends
       for (const reply of replies) call.write(reply);
       then?.();
-      call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'scripted break' });
+      call.emit('error', { code, details: 'scripted break' });
     },
   });
   const port = await new Promise((resolve, reject) => {
