@@ -273,7 +273,8 @@ class SessionServiceServicer:
         deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
         when the server has as many WatchEvents streams open as it allows. A following stream ends
         with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
-        or after the restart.
+        or after the restart (a resume that reaches the stopping server may end CANCELLED, gRPC's
+        own: resume it too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

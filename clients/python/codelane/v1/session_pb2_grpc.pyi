@@ -129,7 +129,8 @@ class SessionServiceStub:
     deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
     when the server has as many WatchEvents streams open as it allows. A following stream ends
     with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
-    or after the restart.
+    or after the restart (a resume that reaches the stopping server may end CANCELLED, gRPC's
+    own: resume it too).
     """
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -264,7 +265,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
     when the server has as many WatchEvents streams open as it allows. A following stream ends
     with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
-    or after the restart.
+    or after the restart (a resume that reaches the stopping server may end CANCELLED, gRPC's
+    own: resume it too).
     """
     CancelTurn: _aio.UnaryUnaryMultiCallable[_session_pb2.CancelTurnRequest, _session_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Cancels the running turn: the model request and the tool calls stop, every call gets a
@@ -432,7 +434,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         deleted while the stream is open. RESOURCE_EXHAUSTED (AT_CAPACITY, limit max_subscribers)
         when the server has as many WatchEvents streams open as it allows. A following stream ends
         with UNAVAILABLE (SHUTTING_DOWN) when the server stops: resume with after_sequence elsewhere
-        or after the restart.
+        or after the restart (a resume that reaches the stopping server may end CANCELLED, gRPC's
+        own: resume it too).
         """
 
     @_abc_1.abstractmethod
