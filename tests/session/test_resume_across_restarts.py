@@ -30,9 +30,9 @@ FOLLOWERS_PER_SESSION = 10
 STEPS = 6
 
 
-def _model(tmp_path: Path) -> str:
+def _model(tmp_path: Path, read: str = "a.txt") -> str:
     step = {"text": "Looking.", "tool_calls": [
-        call("read" if i % 2 else "grep", **({"file_path": "a.txt"} if i % 2 else {"pattern": "needle"}))
+        call("read" if i % 2 else "grep", **({"file_path": read} if i % 2 else {"pattern": "needle"}))
         for i in range(10)
     ]}
     waiting = {"text": "Waiting.", "tool_calls": [call("bash", command="sleep 1000")]}
@@ -272,3 +272,32 @@ async def test_node_followers_see_every_event_once_across_a_restart(
         assert [e[0] for e in follower["events"]] == [e.sequence for e in replay]
         assert [e[2] for e in follower["events"]] == [e.turn_id for e in replay]
         assert [e[1] for e in follower["events"]] == [kind(e) for e in replay]
+
+
+async def test_a_follower_that_reads_nothing_through_a_stop_resumes_with_every_event(
+    processes: Processes, workspace: Path, tmp_path: Path
+) -> None:
+    # A follower that stops reading (its connection's windows fill) while a busy turn runs, then
+    # the server is stopped: whether its stream ends with SHUTTING_DOWN or is cut, a resume after
+    # the last event it read gives it the rest, each once.
+    (workspace / "big.txt").write_text("".join(f"line {i} {'x' * 200}\n" for i in range(1500)), encoding="utf-8")
+    servers = Servers(processes, tmp_path / "data", _model(tmp_path, read="big.txt"))
+    server = await servers.start()
+    sid = (await server.client.create(workspace)).session_id
+    slow = servers.stub.WatchEvents(session_pb2.WatchEventsRequest(session_id=sid, follow=True))
+    first = await asyncio.wait_for(slow.read(), 10)
+    assert first.HasField("caught_up")
+    ends = await _cut_and_restart(servers, [sid], signal.SIGTERM)
+    seen: list[events_pb2.Event] = []
+    with pytest.raises(grpc.aio.AioRpcError) as broke:
+        while (reply := await asyncio.wait_for(slow.read(), 10)) is not grpc.aio.EOF:
+            seen.extend(reply.events.events)
+    assert broke.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    after = seen[-1].sequence if seen else 0
+    rest = servers.stub.WatchEvents(session_pb2.WatchEventsRequest(session_id=sid, after_sequence=after))
+    async for reply in rest:
+        if reply.HasField("events"):
+            seen.extend(reply.events.events)
+    await servers.channel.close()
+    replay = await _stored(servers, sid)
+    assert seen == replay and seen[-1].sequence == ends[sid]
