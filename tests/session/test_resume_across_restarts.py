@@ -102,7 +102,9 @@ class Follower:
 
 
 class SdkFollower:
-    """A follower through the Python SDK's `Session.watch`, which resumes on its own."""
+    """A follower through the Python SDK's `Session.watch`, which resumes on its own. All share one
+    client (one channel), as the followers of one process do: each resumes at once after its
+    stream's SHUTTING_DOWN, and some of those resumes reach the server while it stops."""
 
     def __init__(self, session_id: str, servers: Servers) -> None:
         self.session_id = session_id
@@ -118,15 +120,14 @@ class SdkFollower:
     run = Follower.run
 
     async def _run(self) -> None:
-        async with codelane.Client(f"127.0.0.1:{self.servers.port}") as client:
-            session = await client.get_session(self.session_id)
-            async for item in session.watch(0, follow=True):
-                if isinstance(item, CaughtUp):
-                    self.caught_ups.append(item.last_sequence)
-                    self.watching.set()
-                    continue
-                self.events.append(item)
-                self._progress.set()
+        session = await self.servers.sdk.get_session(self.session_id)
+        async for item in session.watch(0, follow=True):
+            if isinstance(item, CaughtUp):
+                self.caught_ups.append(item.last_sequence)
+                self.watching.set()
+                continue
+            self.events.append(item)
+            self._progress.set()
 
 
 class Servers:
@@ -142,6 +143,7 @@ class Servers:
         self.generation = 0
         self.server: Any = None
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.sdk = codelane.Client(f"127.0.0.1:{self.port}")
         self.stub = session_pb2_grpc.SessionServiceStub(self.channel)
 
     async def start(self) -> Any:
@@ -225,6 +227,7 @@ async def test_followers_see_every_event_once_across_a_restart(
         for task in tasks:
             task.cancel()
         await servers.channel.close()
+        await servers.sdk.close()
 
     for sid in sessions:
         replay = await _stored(servers, sid)
