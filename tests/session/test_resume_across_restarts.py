@@ -81,7 +81,8 @@ class Follower:
             await self.servers.up.wait()
             after = self.events[-1].sequence if self.events else 0
             stream = self.servers.stub.WatchEvents(
-                session_pb2.WatchEventsRequest(session_id=self.session_id, after_sequence=after, follow=True))
+                session_pb2.WatchEventsRequest(session_id=self.session_id, after_sequence=after, follow=True),
+                wait_for_ready=True)
             try:
                 async for reply in stream:
                     if reply.HasField("caught_up"):
@@ -94,8 +95,10 @@ class Follower:
                 # SHUTTING_DOWN from a stopping server, or the connection lost to a killed one.
                 self.errors.append((exc.code(), exc.details()))
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, (exc.code(), exc.details())
-                # Waits for the next server (each restart sets `changed`): resumed on it.
-                while self.servers.generation == generation:
+                # Waits for the next server (each stop sets `changed`, each start `up`): resumed
+                # on it. A resume that failed while a server is up (the channel had not yet
+                # reconnected) goes again at once: it waits for the connection (wait_for_ready).
+                while self.servers.generation == generation and not self.servers.up.is_set():
                     await self.servers.changed.wait()
                 continue
             raise AssertionError("a following stream ended without an error")
@@ -304,3 +307,43 @@ async def test_a_follower_that_reads_nothing_through_a_stop_resumes_with_every_e
     await servers.channel.close()
     replay = await _stored(servers, sid)
     assert seen == replay and seen[-1].sequence == ends[sid]
+
+
+@pytest.mark.parametrize("flavour", [Follower, SdkFollower], ids=["raw", "sdk"])
+async def test_followers_resuming_into_another_stop_still_see_every_event_once(
+    processes: Processes, workspace: Path, tmp_path: Path, flavour: Any
+) -> None:
+    # The restarted server is stopped again at once, while its followers replay what they missed.
+    servers = Servers(processes, tmp_path / "data", _model(tmp_path))
+    await servers.start()
+    sessions = await _sessions(servers, workspace, tmp_path)
+    followers = [flavour(sid, servers) for sid in sessions for _ in range(FOLLOWERS_PER_SESSION)]
+    tasks = [asyncio.create_task(f.run()) for f in followers]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(f.watching.wait() for f in followers)), 20)
+        client = servers.server.client
+        turns = [client.send_stream(sid, "go") for sid in sessions]
+        for turn in turns:
+            responses = 0
+            while responses < STEPS + 1:
+                item = await asyncio.wait_for(turn.read(), 20)
+                assert item is not grpc.aio.EOF
+                responses += kind(item.event) == "model_responded"
+        servers.stop(signal.SIGKILL)
+        await servers.start()
+        servers.stop(signal.SIGTERM)
+        client = (await servers.start()).client
+        ends = {}
+        for sid in sessions:
+            events = await client.send(sid, "again")
+            ends[sid] = events[-1].sequence
+        await asyncio.wait_for(asyncio.gather(*(f.reach(ends[f.session_id]) for f in followers)), 20)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await servers.channel.close()
+        await servers.sdk.close()
+    for sid in sessions:
+        replay = await _stored(servers, sid)
+        for follower in (f for f in followers if f.session_id == sid):
+            assert [e.sequence for e in follower.events] == list(range(1, len(replay) + 1)), follower.errors
