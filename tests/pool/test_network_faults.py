@@ -7,9 +7,12 @@ and the worker comes back by itself. Needs root and iproute2; skipped with the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,15 +140,19 @@ async def test_the_server_restarting_while_the_link_is_down_gets_the_worker_back
     assert not result.is_error and result.worker_id == "remote", result
 
 
-async def test_a_turn_whose_worker_goes_silent_ends_with_turn_finished_and_list_workers_follows(
-    make_server, test_host: TestHost, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _two_sleeps_on_the_remote_worker(
+    make_server, test_host: TestHost, tmp_path: Path, ms: int, no_worker_wait: float
+) -> AsyncIterator[tuple[Any, Client, Any]]:
+    """A server whose turn's two sleep calls (a, b) both run on the test host's worker: the
+    server, a client of it, and the turn's SendMessage stream."""
     model = scripted(tmp_path, [
-        {"tool_calls": [call("sleep", ms=60_000), call("sleep", ms=60_000)]},
+        {"tool_calls": [call("sleep", "a", ms=ms), call("sleep", "b", ms=ms)]},
         {"text": "done"},
     ])
     server = await remote_server(make_server, test_host, heartbeat_interval=0.3, heartbeat_timeout=3.0,
-                                 no_worker_wait=2.0, model=model, local_fallback=False, data_dir=tmp_path / "data")
+                                 no_worker_wait=no_worker_wait, model=model, local_fallback=False,
+                                 data_dir=tmp_path / "data")
     client = Client(f"127.0.0.1:{server.port}")
     try:
         spawn_remote(test_host, server, tmp_path)
@@ -153,6 +160,15 @@ async def test_a_turn_whose_worker_goes_silent_ends_with_turn_finished_and_list_
         session = await client.create(tmp_path)
         stream = client.send_stream(session.session_id, "sleep twice")
         await wait_for(lambda: server.pool.in_flight("remote") == 2, what="both calls on the remote worker")
+        yield server, client, stream
+    finally:
+        await client.close()
+
+
+async def test_a_turn_whose_worker_goes_silent_ends_with_turn_finished_and_list_workers_follows(
+    make_server, test_host: TestHost, tmp_path: Path
+) -> None:
+    async with _two_sleeps_on_the_remote_worker(make_server, test_host, tmp_path, 60_000, 2.0) as (_, client, stream):
         test_host.link_down()
         events = [item.event for item in await collect(stream, 60)]
         kinds = [kind(e) for e in events]
@@ -164,8 +180,6 @@ async def test_a_turn_whose_worker_goes_silent_ends_with_turn_finished_and_list_
         assert await client.worker_ids() == set()
         test_host.link_up()
         await client.wait_workers("remote", within=90)
-    finally:
-        await client.close()
 
 
 async def test_a_connection_that_times_out_under_a_long_heartbeat_timeout_comes_back_and_runs_nothing_twice(
@@ -237,19 +251,8 @@ def read_until(process, marker: bytes) -> bytes:
 async def test_a_turn_whose_worker_goes_silent_has_its_calls_retried_on_another_in_event_order(
     make_server, workers, test_host: TestHost, tmp_path: Path
 ) -> None:
-    model = scripted(tmp_path, [
-        {"tool_calls": [call("sleep", "a", ms=3000), call("sleep", "b", ms=3000)]},
-        {"text": "done"},
-    ])
-    server = await remote_server(make_server, test_host, heartbeat_interval=0.3, heartbeat_timeout=3.0,
-                                 no_worker_wait=5.0, model=model, local_fallback=False, data_dir=tmp_path / "data")
-    client = Client(f"127.0.0.1:{server.port}")
-    try:
-        spawn_remote(test_host, server, tmp_path)
-        await client.wait_workers("remote", within=30)
-        session = await client.create(tmp_path)
-        stream = client.send_stream(session.session_id, "sleep twice")
-        await wait_for(lambda: server.pool.in_flight("remote") == 2, what="both calls on the remote worker")
+    async with _two_sleeps_on_the_remote_worker(make_server, test_host, tmp_path, 3000, 5.0) as (server, client,
+                                                                                                 stream):
         workers.spawn(server.port, "local", slots=2, token=TOKEN)
         await client.wait_workers("local")
         test_host.link_down()
@@ -266,8 +269,6 @@ async def test_a_turn_whose_worker_goes_silent_has_its_calls_retried_on_another_
             assert seen[0][1:] == ("remote", 1) and seen[2][1:] == ("remote", 2) and seen[3][1:] == ("local", 2), seen
             finished = mine[-1][1].result
             assert not finished.is_error and finished.worker_id == "local" and finished.attempt == 2, finished
-    finally:
-        await client.close()
 
 
 def concerns(event, call_id: str) -> bool:

@@ -45,6 +45,20 @@ async def _tool_results(client: Client, session_id: str) -> dict[str, tools_pb2.
     return {m.tool_call_id: m.tool_result for m in history if m.role == session_pb2.MESSAGE_ROLE_TOOL}
 
 
+async def _bash_results(client: Client, workspace: Path, tmp_path: Path, commands: list[str],
+                        policy: session_pb2.PermissionPolicy) -> list[tools_pb2.ToolResult]:
+    """The results of `commands`, run as the bash calls of one model response in a session under
+    `policy`, in their order."""
+    model = scripted(tmp_path, [
+        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
+        {"text": "Done."},
+    ])
+    session = await client.create(workspace, model, permissions=policy)
+    await client.send(session.session_id, "go")
+    results = await _tool_results(client, session.session_id)
+    return [results[f"c{i}"] for i in range(len(commands))]
+
+
 async def _confirm(client: Client, session_id: str, call_id: str, approve: bool, reason: str = "") -> None:
     request = session_pb2.ConfirmToolCallRequest(session_id=session_id, call_id=call_id, approve=approve, reason=reason)
     await client.sessions.ConfirmToolCall(request, timeout=10)
@@ -189,16 +203,10 @@ async def test_an_allow_rule_does_not_vouch_for_a_substitution_in_a_here_documen
     # bash expands the body of a here-document with an unquoted delimiter, and runs its
     # substitutions; the parser kept the body as text, so `bash(cat *)` vouched for the `rm`.
     commands = ["cat -n <<EOF\n$(rm a.txt)\nEOF", "cat -n <<EOF\n`rm a.txt`\nEOF"]
-    model = scripted(tmp_path, [
-        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
-        {"text": "Done."},
-    ])
     policy = _policy(default_action=session_pb2.PERMISSION_ACTION_DENY, allow=["bash(cat *)"])
-    session = await client.create(workspace, model, permissions=policy)
-    await client.send(session.session_id, "go")
-    results = await _tool_results(client, session.session_id)
-    for i, command in enumerate(commands):
-        assert results[f"c{i}"].error_kind == DENIED, command
+    results = await _bash_results(client, workspace, tmp_path, commands, policy)
+    for command, result in zip(commands, results, strict=True):
+        assert result.error_kind == DENIED, command
     assert (workspace / "a.txt").exists()
 
 
@@ -207,15 +215,9 @@ async def test_a_deny_rule_matches_a_substitution_inside_a_parameter_expansion(
 ) -> None:
     # The parser keeps `${x:-...}` as text: the `rm` its default runs was no piece of the line.
     commands = ["echo ${x:-$(rm a.txt)}", 'echo "${x:-`rm a.txt`}"', "echo ${x[$(rm a.txt)]}"]
-    model = scripted(tmp_path, [
-        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
-        {"text": "Done."},
-    ])
-    session = await client.create(workspace, model, permissions=_policy(deny=["bash(rm *)"]))
-    await client.send(session.session_id, "go")
-    results = await _tool_results(client, session.session_id)
-    for i, command in enumerate(commands):
-        assert results[f"c{i}"].error_kind == DENIED, command
+    results = await _bash_results(client, workspace, tmp_path, commands, _policy(deny=["bash(rm *)"]))
+    for command, result in zip(commands, results, strict=True):
+        assert result.error_kind == DENIED, command
     assert (workspace / "a.txt").exists()
 
 
@@ -305,19 +307,13 @@ async def test_a_glob_word_does_not_read_past_a_read_deny(
     (workspace / "secret").mkdir()
     (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
     commands = ["cat s*/key", "cat [s]ecret/key", "cat {s,}ecret/key", "grep -r . s*"]
-    model = scripted(tmp_path, [
-        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
-        {"text": "Done."},
-    ])
     actions = {"deny": session_pb2.PERMISSION_ACTION_DENY, "allow": session_pb2.PERMISSION_ACTION_ALLOW}
     policy = _policy(default_action=actions[default_action], allow=["bash(cat *)", "bash(grep *)"],
                      deny=["read(secret/**)"])
-    session = await client.create(workspace, model, permissions=policy)
-    await client.send(session.session_id, "go")
-    results = await _tool_results(client, session.session_id)
-    for i, command in enumerate(commands):
-        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
-        assert results[f"c{i}"].error_kind == DENIED, command
+    results = await _bash_results(client, workspace, tmp_path, commands, policy)
+    for command, result in zip(commands, results, strict=True):
+        assert "TOP-SECRET-KEY" not in result.output, command
+        assert result.error_kind == DENIED, command
 
 
 async def test_an_ansi_c_quoted_word_does_not_read_past_a_read_deny(
@@ -328,17 +324,11 @@ async def test_an_ansi_c_quoted_word_does_not_read_past_a_read_deny(
     (workspace / "secret").mkdir()
     (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
     commands = ["cat $'secret/key'", "cat <$'secret/key'", "cat $'\\x73ecret'/key", "echo x >$'secret/key'"]
-    model = scripted(tmp_path, [
-        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
-        {"text": "Done."},
-    ])
     policy = _policy(deny=["read(secret/**)", "write(secret/**)"])
-    session = await client.create(workspace, model, permissions=policy)
-    await client.send(session.session_id, "go")
-    results = await _tool_results(client, session.session_id)
-    for i, command in enumerate(commands):
-        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
-        assert results[f"c{i}"].error_kind == DENIED, command
+    results = await _bash_results(client, workspace, tmp_path, commands, policy)
+    for command, result in zip(commands, results, strict=True):
+        assert "TOP-SECRET-KEY" not in result.output, command
+        assert result.error_kind == DENIED, command
     assert (workspace / "secret" / "key").read_text() == "TOP-SECRET-KEY\n"
 
 
@@ -351,18 +341,12 @@ async def test_a_path_named_from_where_a_cd_leads_does_not_read_past_a_read_deny
     (workspace / "secret" / "key").write_text("TOP-SECRET-KEY\n")
     commands = ["cd src && cat ../secret/key", "cd src && cd .. && cat secret/key", "cd src && cat ../s*/key",
                 "builtin cd src && cat ../secret/key"]
-    model = scripted(tmp_path, [
-        {"text": "", "tool_calls": [call("bash", f"c{i}", command=c) for i, c in enumerate(commands)]},
-        {"text": "Done."},
-    ])
     policy = _policy(default_action=session_pb2.PERMISSION_ACTION_DENY, allow=["bash(cat *)", "bash(cd *)"],
                      deny=["read(secret/**)"])
-    session = await client.create(workspace, model, permissions=policy)
-    await client.send(session.session_id, "go")
-    results = await _tool_results(client, session.session_id)
-    for i, command in enumerate(commands):
-        assert "TOP-SECRET-KEY" not in results[f"c{i}"].output, command
-        assert results[f"c{i}"].error_kind == DENIED, command
+    results = await _bash_results(client, workspace, tmp_path, commands, policy)
+    for command, result in zip(commands, results, strict=True):
+        assert "TOP-SECRET-KEY" not in result.output, command
+        assert result.error_kind == DENIED, command
 
 
 async def test_a_crafted_rule_on_a_crafted_path_does_not_hold_the_server(

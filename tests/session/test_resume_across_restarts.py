@@ -11,9 +11,11 @@ Each test runs real `codelane server` processes on a loopback port (see `Process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -218,28 +220,47 @@ async def test_followers_see_every_event_once_across_a_restart(
     processes: Processes, workspace: Path, tmp_path: Path, how: signal.Signals, flavour: Any
 ) -> None:
     servers = Servers(processes, tmp_path / "data", _model(tmp_path))
+    async with _following(servers, workspace, tmp_path, flavour) as (sessions, followers):
+        ends = await _cut_and_restart(servers, sessions, how)
+        await asyncio.wait_for(asyncio.gather(*(f.reach(ends[f.session_id]) for f in followers)), 20)
+
+    for follower, replay in await _each_saw_every_event_once(servers, sessions, followers):
+        if flavour is SdkFollower:
+            assert len(follower.caught_ups) <= 1  # once (the test may end before it is read)
+        else:
+            assert follower.events == replay
+
+
+@contextlib.asynccontextmanager
+async def _following(servers: Servers, workspace: Path, tmp_path: Path,
+                     flavour: Any) -> AsyncIterator[tuple[list[str], list[Any]]]:
+    """The server started, its sessions, and FOLLOWERS_PER_SESSION followers of each (of class
+    `flavour`) watching them; the followers stopped and the clients closed on the way out."""
     await servers.start()
     sessions = await _sessions(servers, workspace, tmp_path)
     followers = [flavour(sid, servers) for sid in sessions for _ in range(FOLLOWERS_PER_SESSION)]
     tasks = [asyncio.create_task(f.run()) for f in followers]
     try:
         await asyncio.wait_for(asyncio.gather(*(f.watching.wait() for f in followers)), 20)
-        ends = await _cut_and_restart(servers, sessions, how)
-        await asyncio.wait_for(asyncio.gather(*(f.reach(ends[f.session_id]) for f in followers)), 20)
+        yield sessions, followers
     finally:
         for task in tasks:
             task.cancel()
         await servers.channel.close()
         await servers.sdk.close()
 
+
+async def _each_saw_every_event_once(servers: Servers, sessions: list[str],
+                                     followers: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """Checks that each follower saw its session's events 1..last once each, in order; each
+    follower with its session's stored events."""
+    checked = []
     for sid in sessions:
         replay = await _stored(servers, sid)
         for follower in (f for f in followers if f.session_id == sid):
             assert [e.sequence for e in follower.events] == list(range(1, len(replay) + 1)), follower.errors
-            if flavour is SdkFollower:
-                assert len(follower.caught_ups) <= 1  # once (the test may end before it is read)
-            else:
-                assert follower.events == replay
+            checked.append((follower, replay))
+    return checked
 
 
 NODE = shutil.which("node")
@@ -315,12 +336,7 @@ async def test_followers_resuming_into_another_stop_still_see_every_event_once(
 ) -> None:
     # The restarted server is stopped again at once, while its followers replay what they missed.
     servers = Servers(processes, tmp_path / "data", _model(tmp_path))
-    await servers.start()
-    sessions = await _sessions(servers, workspace, tmp_path)
-    followers = [flavour(sid, servers) for sid in sessions for _ in range(FOLLOWERS_PER_SESSION)]
-    tasks = [asyncio.create_task(f.run()) for f in followers]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(f.watching.wait() for f in followers)), 20)
+    async with _following(servers, workspace, tmp_path, flavour) as (sessions, followers):
         client = servers.server.client
         turns = [client.send_stream(sid, "go") for sid in sessions]
         for turn in turns:
@@ -338,12 +354,4 @@ async def test_followers_resuming_into_another_stop_still_see_every_event_once(
             events = await client.send(sid, "again")
             ends[sid] = events[-1].sequence
         await asyncio.wait_for(asyncio.gather(*(f.reach(ends[f.session_id]) for f in followers)), 20)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await servers.channel.close()
-        await servers.sdk.close()
-    for sid in sessions:
-        replay = await _stored(servers, sid)
-        for follower in (f for f in followers if f.session_id == sid):
-            assert [e.sequence for e in follower.events] == list(range(1, len(replay) + 1)), follower.errors
+    await _each_saw_every_event_once(servers, sessions, followers)
